@@ -1,0 +1,1 @@
+"""The FastAPI app: OpenAI-compatible paid inference, receipts, quotes, channels."""

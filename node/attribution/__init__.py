@@ -1,0 +1,1 @@
+"""Lineage and evidence: which datasets an answer owes, and how much."""

@@ -1,0 +1,1 @@
+"""The dApp SDK: vouchers, lanes, quotes and the OpenAI-client hook."""

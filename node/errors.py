@@ -1,0 +1,137 @@
+"""Typed errors. Each carries the facts of what went wrong; the API maps them to HTTP in one table.
+
+Every error a user can cause (a request, an adapter file, a config value, a chain event) is a
+`NodeError` subclass. `code` is a stable machine-readable name; `status` the HTTP status the API
+answers with. Subclasses add fields, never behaviour.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class NodeError(Exception):
+    """Base of every error loranode raises on purpose."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, **facts: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.facts = facts
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, **_jsonable(self.facts)}
+
+
+def _jsonable(facts: dict[str, Any]) -> dict[str, Any]:
+    return {k: v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v)
+            for k, v in facts.items()}
+
+
+# --- configuration -------------------------------------------------------------------------------
+class ConfigError(NodeError):
+    code = "config_error"
+
+
+# --- requests ------------------------------------------------------------------------------------
+class BadRequest(NodeError):
+    status = 400
+    code = "invalid_request"
+
+
+class PromptTooLong(NodeError):
+    status = 413
+    code = "prompt_too_long"
+
+
+class Overloaded(NodeError):
+    status = 429
+    code = "overloaded"
+
+
+# --- payment -------------------------------------------------------------------------------------
+class PaymentError(NodeError):
+    status = 402
+    code = "payment_error"
+
+
+class BadSignature(PaymentError):
+    status = 401
+    code = "bad_signature"
+
+
+class InsufficientEscrow(PaymentError):
+    status = 402
+    code = "insufficient_escrow"
+
+
+class VoucherConflict(PaymentError):
+    """A replayed, stale or out-of-order voucher on a lane."""
+
+    status = 409
+    code = "voucher_conflict"
+
+
+# --- adapters ------------------------------------------------------------------------------------
+class AdapterError(NodeError):
+    status = 422
+    code = "adapter_error"
+
+
+class AdapterNotFound(AdapterError):
+    status = 404
+    code = "adapter_not_found"
+
+
+class AdapterFormatError(AdapterError):
+    """An adapter folder that is not a PEFT LoRA we can serve (pickles, shapes, modules, rank)."""
+
+    code = "adapter_format"
+
+
+class AdapterIntegrityError(AdapterError):
+    """The adapter's bytes do not hash to what the registry says."""
+
+    code = "adapter_integrity"
+
+
+class AdapterTooLarge(AdapterError):
+    code = "adapter_too_large"
+
+
+class AdapterSourceError(AdapterError):
+    """The adapter's URI could not be fetched (missing file, HTTP error, timeout, size limit)."""
+
+    code = "adapter_source"
+
+
+class ModelFormatError(NodeError):
+    code = "model_format"
+
+
+# --- chain, mirror, storage ----------------------------------------------------------------------
+class Unavailable(NodeError):
+    status = 503
+    code = "unavailable"
+
+
+class MirrorUnavailable(Unavailable):
+    code = "mirror_unavailable"
+
+
+class DatabaseUnavailable(Unavailable):
+    code = "database_unavailable"
+
+
+class ChainError(NodeError):
+    code = "chain_error"
+
+
+class ReorgTooDeep(ChainError):
+    code = "reorg_too_deep"
+
+
+class ContractBuildError(ChainError):
+    code = "contract_build"

@@ -1,0 +1,49 @@
+"""The port between the engine and wherever adapters come from.
+
+The engine asks a provider for an adapter's parsed host-memory weights by id. The simplest provider
+holds adapters added from local folders; the tiered store (`node.lora.store`) fetches them from
+their registered URI, verifies the sha256, caches them on disk and in host memory, and loads in the
+background so that the scheduler never waits on a load.
+"""
+
+from __future__ import annotations
+
+import enum
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+W_co = TypeVar("W_co", covariant=True)
+
+
+class LoadState(enum.Enum):
+    UNKNOWN = "unknown"  # never registered with this provider
+    COLD = "cold"  # registered, not in host memory
+    LOADING = "loading"  # a background load is running
+    READY = "ready"  # in host memory: `get` returns at once
+    FAILED = "failed"  # the last load failed; `error` says why
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    """Where an adapter comes from, as plain values the service hands to the engine."""
+
+    uri: str  # a local path, file://..., or http(s)://...
+    sha256: str  # the registered weights hash (0x-hex or bare hex), checked before parsing
+    is_pinned: bool = False  # keep in host memory and device slots whatever the traffic
+
+
+class AdapterProvider(Protocol[W_co]):
+    def register(self, adapter_id: str, source: AdapterSource) -> None: ...
+
+    def unregister(self, adapter_id: str) -> None: ...
+
+    def get(self, adapter_id: str) -> W_co:
+        """The parsed weights, loading them now if needed. Raises an AdapterError subclass."""
+        ...
+
+    def prefetch(self, adapter_id: str) -> Future[object]:
+        """Start loading in the background (deduplicated); the future holds the weights or the error."""
+        ...
+
+    def state(self, adapter_id: str) -> LoadState: ...

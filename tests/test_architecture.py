@@ -1,0 +1,51 @@
+"""The dependency rule of STYLE.md, read from the source: the engine side never imports the service."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+NODE = Path(__file__).resolve().parent.parent / "node"
+ENGINE_SIDE = ("engine", "lora", "models")
+FORBIDDEN_THIRD_PARTY = {"fastapi", "starlette", "sqlalchemy", "alembic", "web3", "eth_account", "celery"}
+FORBIDDEN_NODE = {"node.api", "node.db", "node.chain", "node.settlement"}
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for n in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(n, ast.Import):
+            names.update(a.name for a in n.names)
+        elif isinstance(n, ast.ImportFrom) and n.module and n.level == 0:
+            names.add(n.module)
+    return names
+
+
+def _violations(files: list[Path], forbidden_roots: set[str], forbidden_node: set[str]) -> list[str]:
+    bad = []
+    for f in files:
+        for name in _imports(f):
+            root = name.split(".")[0]
+            if root in forbidden_roots or any(name == m or name.startswith(m + ".") for m in forbidden_node):
+                bad.append(f"{f.relative_to(NODE.parent)} imports {name}")
+    return bad
+
+
+def test_engine_side_imports_nothing_of_the_service() -> None:
+    files = [p for d in ENGINE_SIDE for p in (NODE / d).rglob("*.py")]
+    assert files, "engine packages are missing"
+    assert _violations(files, FORBIDDEN_THIRD_PARTY, FORBIDDEN_NODE) == []
+
+
+def test_nothing_imports_the_api() -> None:
+    files = [p for p in NODE.rglob("*.py") if "api" not in p.relative_to(NODE).parts[:1]]
+    assert _violations(files, set(), {"node.api"}) == []
+
+
+def test_the_rule_catches_a_violation(tmp_path: Path) -> None:
+    bad = NODE / "engine" / "_probe_violation.py"
+    bad.write_text("import sqlalchemy\nfrom node.db import session\n")
+    try:
+        assert len(_violations([bad], FORBIDDEN_THIRD_PARTY, FORBIDDEN_NODE)) == 2
+    finally:
+        bad.unlink()
