@@ -1,0 +1,126 @@
+"""One Settings for every process, from the environment (LORANODE_*) and an optional TOML file.
+
+Embedded defaults need no service: SQLite in the data folder, an anvil chain the node starts
+itself, Celery on an embedded broker. Production values (a PostgreSQL URL, a Redis URL, an RPC URL,
+keys from a file or the environment) override them. Insecure combinations fail at start.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from node.errors import ConfigError
+
+DEV_CHAIN_ID = 31337
+# anvil's first development account: public knowledge, so only ever valid on the dev chain.
+DEV_OPERATOR_KEY = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
+CONFIG_ENV = "LORANODE_CONFIG"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORANODE_", extra="forbid", frozen=True)
+
+    # where an embedded node keeps its state
+    data_dir: Path = Path(".loranode")
+
+    # storage and broker; None means the embedded default in data_dir
+    database_url: str | None = None
+    broker_url: str | None = None
+
+    # chain; rpc_url None means "start a local anvil" (dev only)
+    rpc_url: str | None = None
+    chain_id: int = DEV_CHAIN_ID
+    deployment_file: Path | None = None
+    operator_key: SecretStr | None = None
+    operator_key_file: Path | None = None
+    confirmations: int = Field(default=2, ge=0)
+    finality_depth: int = Field(default=64, ge=1)
+
+    # engine
+    model_path: Path | None = None
+    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_num_seqs: int = Field(default=64, ge=1)
+    max_num_batched_tokens: int = Field(default=2048, ge=16)
+    max_lora_rank: int = Field(default=64, ge=1)
+    max_adapter_slots: int = Field(default=32, ge=1)
+
+    # API
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_path = os.environ.get(CONFIG_ENV)
+        if toml_path:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_path)))
+        return tuple(sources)
+
+    @model_validator(mode="after")
+    def _refuse_insecure(self) -> Settings:
+        if self.operator_key and self.operator_key_file:
+            raise ValueError("set operator_key or operator_key_file, not both")
+        key = self.resolved_operator_key()
+        if self.chain_id != DEV_CHAIN_ID and key is not None and key.lower() == DEV_OPERATOR_KEY:
+            raise ValueError(f"the public development key cannot be used on chain id {self.chain_id}")
+        if self.chain_id != DEV_CHAIN_ID and self.rpc_url is None:
+            raise ValueError(f"chain id {self.chain_id} needs an rpc_url (only the dev chain is started locally)")
+        return self
+
+    # --- derived values -------------------------------------------------------------------------
+    @property
+    def is_dev(self) -> bool:
+        return self.chain_id == DEV_CHAIN_ID
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'loranode.db').resolve()}"
+
+    def resolved_broker_url(self) -> str:
+        if self.broker_url:
+            return self.broker_url
+        return f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+
+    def resolved_deployment_file(self) -> Path:
+        return self.deployment_file or Path("deployments") / f"{self.chain_id}.json"
+
+    def resolved_operator_key(self) -> str | None:
+        """The operator's private key (0x-hex): from the file, the environment, or the dev default."""
+        if self.operator_key_file is not None:
+            try:
+                return self.operator_key_file.read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"cannot read operator_key_file {self.operator_key_file}: {exc}") from exc
+        if self.operator_key is not None:
+            return self.operator_key.get_secret_value()
+        return DEV_OPERATOR_KEY if self.is_dev else None
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment and LORANODE_CONFIG, with a ConfigError naming every bad value."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}", errors=len(exc.errors())) from exc

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from node.config import DEV_OPERATOR_KEY, load_settings
+from node.errors import ConfigError
+
+
+def test_embedded_defaults_need_no_service(tmp_path: Path) -> None:
+    s = load_settings(data_dir=tmp_path)
+    assert s.resolved_database_url() == f"sqlite:///{tmp_path / 'loranode.db'}"
+    assert s.resolved_broker_url().startswith("sqla+sqlite:///")
+    assert s.rpc_url is None and s.is_dev
+    assert s.resolved_operator_key() == DEV_OPERATOR_KEY
+
+
+def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORANODE_DATABASE_URL", "postgresql+psycopg://u@db/loranode")
+    monkeypatch.setenv("LORANODE_MAX_NUM_SEQS", "7")
+    s = load_settings()
+    assert s.resolved_database_url() == "postgresql+psycopg://u@db/loranode"
+    assert s.max_num_seqs == 7
+
+
+def test_toml_file_is_read_and_env_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text('port = 9001\nmax_lora_rank = 8\n')
+    monkeypatch.setenv("LORANODE_CONFIG", str(cfg))
+    monkeypatch.setenv("LORANODE_PORT", "9002")
+    s = load_settings()
+    assert (s.port, s.max_lora_rank) == (9002, 8)
+
+
+def test_key_from_file(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("0x" + "11" * 32 + "\n")
+    s = load_settings(chain_id=8453, rpc_url="http://127.0.0.1:1", operator_key_file=key_file)
+    assert s.resolved_operator_key() == "0x" + "11" * 32
+
+
+def test_dev_key_on_a_real_chain_is_refused() -> None:
+    with pytest.raises(ConfigError, match="development key cannot be used on chain id 1"):
+        load_settings(chain_id=1, rpc_url="http://127.0.0.1:1", operator_key=DEV_OPERATOR_KEY)
+
+
+def test_real_chain_without_rpc_is_refused() -> None:
+    with pytest.raises(ConfigError, match="needs an rpc_url"):
+        load_settings(chain_id=1)
+
+
+def test_bad_values_are_named() -> None:
+    with pytest.raises(ConfigError, match="max_num_seqs") as err:
+        load_settings(max_num_seqs=0, unknown_setting=1)
+    assert err.value.facts["errors"] == 2
