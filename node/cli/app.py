@@ -1,0 +1,59 @@
+"""The root Typer app: global options, error reporting, and the command groups."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+import typer
+from rich.console import Console
+from typer.core import TyperGroup
+
+from node import __version__
+from node.config import load_settings
+from node.errors import NodeError
+from node.logs import configure_logging
+
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+class _Group(TyperGroup):
+    """The root group: a NodeError from any command becomes one clear line on stderr and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except NodeError as exc:
+            facts = ", ".join(f"{k}={v}" for k, v in exc.facts.items())
+            err_console.print(f"[bold red]error[/] ({exc.code}): {exc.message}" + (f" [{facts}]" if facts else ""))
+            raise typer.Exit(2) from exc
+
+
+app = typer.Typer(name="loranode", cls=_Group, no_args_is_help=True, pretty_exceptions_enable=False,
+                  add_completion=False)
+app.info.help = ("Serve thousands of LoRA adapters on one base model, sign a receipt for every paid "
+                 "inference, and settle the fees on chain to the node, adapter owners and data contributors.")
+config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@app.callback()
+def _main(log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO, WARNING or ERROR.")) -> None:
+    configure_logging(log_level.upper())
+
+
+@app.command()
+def version() -> None:
+    """Print loranode's version."""
+    console.print(__version__)
+
+
+@config_app.command("show")
+def config_show() -> None:
+    """Print the settings this process would run with (from LORANODE_* and LORANODE_CONFIG), keys hidden."""
+    settings = load_settings()
+    for name, value in settings.model_dump().items():
+        shown = "********" if "key" in name and value is not None and not name.endswith("_file") else value
+        console.print(f"{name} = {shown}")
+    console.print(f"database (resolved) = {settings.resolved_database_url()}")
