@@ -1,0 +1,60 @@
+"""The one table that turns errors into HTTP answers with OpenAI-style bodies.
+
+Every NodeError carries its status; this module only shapes the body, so a new error class needs no
+new handler. Malformed JSON and schema violations are 400 (OpenAI's convention), not FastAPI's 422.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from node.errors import NodeError
+
+log = logging.getLogger(__name__)
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "insufficient_quota",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
+
+
+def error_response(status: int, code: str, message: str, param: str | None = None,
+                   extra: dict[str, object] | None = None) -> JSONResponse:
+    body: dict[str, object] = {"message": message, "type": ERROR_TYPES.get(status, "server_error"),
+                               "code": code, "param": param}
+    if extra:
+        body.update(extra)
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+async def _node_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, NodeError)
+    if exc.status >= 500:
+        log.warning("request failed: %s %s", exc.code, exc.message)
+    return error_response(exc.status, exc.code, exc.message, extra={"details": exc.to_dict()})
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+    message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}"
+                        for e in exc.errors()[:5])
+    return error_response(400, "invalid_request", message or "invalid request", param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(NodeError, _node_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)

@@ -1,0 +1,154 @@
+"""OpenAI request and response shapes (the subset a node serves), plus loranode's receipt field.
+
+Requests accept the fields OpenAI clients send; anything we cannot honour (n > 1, logprobs, tools)
+is refused with a 400 naming the field rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_STOP_STRINGS = 8
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, max_length=128)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=-1, ge=-1)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: int = 1
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v: str | list[str] | None) -> list[str] | None:
+        stops = [v] if isinstance(v, str) else v
+        if stops is not None and (len(stops) > MAX_STOP_STRINGS or any(not s for s in stops)):
+            raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
+        return stops
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> _Request:
+        if self.n != 1:
+            raise ValueError("n must be 1 (send one request per choice)")
+        for name in ("logprobs", "tools", "functions", "best_of", "echo", "suffix", "logit_bias"):
+            value = (self.model_extra or {}).get(name)
+            if value not in (None, False, 0, [], {}):
+                raise ValueError(f"{name} is not supported by this node")
+        return self
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return list(self.stop or [])  # type: ignore[arg-type]  # normalised to a list by the validator
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[int] = Field(min_length=1)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError("only text content parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    @property
+    def completion_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class SignedReceipt(BaseModel):
+    """The node's EIP-712 Receipt (all integers as decimal strings, hashes as 0x-hex) and its signature."""
+
+    id: str
+    voucherHash: str
+    adapterId: str
+    registryBlock: int
+    lineageHash: str
+    promptTokens: int
+    completionTokens: int
+    fee: str
+    outputHash: str
+    method: int
+    signature: str
+    node: str
+    chargedTotal: str
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    receipt: SignedReceipt
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    receipt: SignedReceipt
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    code: str
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

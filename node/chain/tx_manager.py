@@ -1,0 +1,257 @@
+"""A transaction manager that never pays twice: durable intents, one nonce each, fee bumps, reorgs.
+
+Each transaction is an *intent* with a caller-chosen key (e.g. "settle:<node>:<epoch>"). `send`
+assigns the nonce, signs, and persists the record through the `TxStore` port BEFORE broadcasting,
+so a process killed at any point finds the intent again and `poll` carries it on:
+- not known to the chain (killed before broadcast, or dropped): the signed bytes are re-broadcast;
+- pending past `bump_after_s`: re-signed with the SAME nonce and fees raised by `bump_percent`
+  (at least the 10 % nodes require for a replacement), never above `max_fee_cap`;
+- mined: MINED, then FINAL after `confirmations` blocks; a reverted one is FAILED;
+- mined then reorged out: back to PENDING and re-broadcast (same nonce, same bytes).
+Any of the attempts may be the one that lands; they share a nonce, so at most one ever does.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from eth_account import Account
+from web3 import Web3
+from web3.exceptions import TransactionNotFound, Web3RPCError
+
+from node.errors import ChainError
+
+log = logging.getLogger(__name__)
+
+
+_UNDERPRICED = ("underpriced", "less than block base fee", "fee too low", "max fee per gas less than")
+
+
+class TxState(enum.StrEnum):
+    PENDING = "pending"
+    MINED = "mined"
+    FINAL = "final"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class TxAttempt:
+    tx_hash: str
+    max_fee_per_gas: int
+    max_priority_fee_per_gas: int
+    raw: str  # the signed bytes, 0x-hex, so a restart can re-broadcast exactly what was signed
+    sent_at: float  # wall-clock seconds
+
+
+@dataclass(frozen=True)
+class TxRecord:
+    key: str
+    sender: str
+    nonce: int
+    to: str
+    data: str
+    value: int
+    gas: int
+    state: TxState = TxState.PENDING
+    attempts: tuple[TxAttempt, ...] = ()
+    mined_hash: str | None = None
+    mined_block: int | None = None
+    error: str | None = None
+
+    @property
+    def latest(self) -> TxAttempt:
+        return self.attempts[-1]
+
+
+class TxStore(Protocol):
+    """Durable records of intents. `save` must be durable when it returns."""
+
+    def load(self, key: str) -> TxRecord | None: ...
+
+    def save(self, record: TxRecord) -> None: ...
+
+    def max_nonce(self, sender: str) -> int | None: ...
+
+    def writer_lock(self, sender: str) -> AbstractContextManager[None]:
+        """Held while assigning nonces: one writer per operator key across processes."""
+        ...
+
+
+@dataclass(frozen=True)
+class FeePolicy:
+    bump_after_s: float = 30.0
+    bump_percent: int = 15
+    max_fee_cap: int = 500 * 10**9
+    priority_fee: int | None = None  # None: ask the node (eth_maxPriorityFeePerGas)
+    gas_margin_percent: int = 25
+    confirmations: int = 2
+
+    def __post_init__(self) -> None:
+        if self.bump_percent < 10:
+            raise ValueError("bump_percent must be at least 10: nodes refuse smaller replacements")
+
+
+@dataclass
+class TxManager:
+    w3: Web3
+    private_key: str
+    store: TxStore
+    policy: FeePolicy = field(default_factory=FeePolicy)
+    clock: Callable[[], float] = time.time
+
+    def __post_init__(self) -> None:
+        self.account = Account.from_key(self.private_key)
+        self.chain_id = self.w3.eth.chain_id
+
+    @property
+    def sender(self) -> str:
+        return str(self.account.address)
+
+    # --- sending ----------------------------------------------------------------------------------
+    def send(self, key: str, to: str, data: str, value: int = 0, gas: int | None = None) -> TxRecord:
+        """Create and broadcast the intent `key`, or return it as it stands if it exists already."""
+        existing = self.store.load(key)
+        if existing is not None:
+            return existing
+        with self.store.writer_lock(self.sender):
+            existing = self.store.load(key)
+            if existing is not None:
+                return existing
+            gas = gas or self._estimate_gas(to, data, value)
+            record = TxRecord(key=key, sender=self.sender, nonce=self._next_nonce(), to=Web3.to_checksum_address(to),
+                              data=data, value=value, gas=gas)
+            max_fee, tip = self._initial_fees()
+            record = replace(record, attempts=(self._sign(record, max_fee, tip),))
+            self.store.save(record)
+        log.info("tx %s: nonce %d signed, broadcasting", key, record.nonce)
+        self._broadcast(record.latest)
+        return record
+
+    def _next_nonce(self) -> int:
+        chain_nonce = self.w3.eth.get_transaction_count(self.account.address, "pending")
+        stored = self.store.max_nonce(self.sender)
+        return max(chain_nonce, -1 if stored is None else stored + 1)
+
+    def _estimate_gas(self, to: str, data: str, value: int) -> int:
+        try:
+            estimate = self.w3.eth.estimate_gas({"from": self.account.address, "to": Web3.to_checksum_address(to),
+                                                 "data": data, "value": value})  # type: ignore[typeddict-item]
+        except Web3RPCError as exc:
+            raise ChainError("the transaction would revert", to=to, reason=str(exc)) from exc
+        return int(estimate) * (100 + self.policy.gas_margin_percent) // 100
+
+    def _initial_fees(self) -> tuple[int, int]:
+        base_fee = int(self.w3.eth.get_block("latest")["baseFeePerGas"])  # type: ignore[typeddict-item]
+        tip = self.policy.priority_fee if self.policy.priority_fee is not None else int(self.w3.eth.max_priority_fee)
+        return min(2 * base_fee + tip, self.policy.max_fee_cap), min(tip, self.policy.max_fee_cap)
+
+    def _sign(self, record: TxRecord, max_fee: int, tip: int) -> TxAttempt:
+        tx: dict[str, Any] = {"type": 2, "chainId": self.chain_id, "nonce": record.nonce, "to": record.to,
+                              "data": record.data, "value": record.value, "gas": record.gas,
+                              "maxFeePerGas": max_fee, "maxPriorityFeePerGas": tip}
+        signed = self.account.sign_transaction(tx)
+        return TxAttempt(tx_hash=signed.hash.to_0x_hex(), max_fee_per_gas=max_fee, max_priority_fee_per_gas=tip,
+                         raw=signed.raw_transaction.to_0x_hex(), sent_at=self.clock())
+
+    def _broadcast(self, attempt: TxAttempt) -> None:
+        try:
+            self.w3.eth.send_raw_transaction(attempt.raw)
+        except Web3RPCError as exc:
+            text = str(exc).lower()
+            if "already known" in text or "nonce too low" in text or "already imported" in text:
+                log.info("tx %s: node already has it or a sibling was mined (%s)", attempt.tx_hash, text[:80])
+                return
+            if any(m in text for m in _UNDERPRICED):
+                log.warning("tx %s: refused as underpriced, the next poll bumps it (%s)", attempt.tx_hash, text[:80])
+                return
+            raise ChainError("broadcast refused", tx_hash=attempt.tx_hash, reason=str(exc)) from exc
+
+    # --- following --------------------------------------------------------------------------------
+    def poll(self, key: str) -> TxRecord:
+        """Advance the intent one step (confirm, bump, re-broadcast); returns the saved record."""
+        record = self.store.load(key)
+        if record is None:
+            raise ChainError("unknown transaction intent", key=key)
+        if record.state in (TxState.FINAL, TxState.FAILED):
+            return record
+        updated = self._advance(record)
+        if updated != record:
+            self.store.save(updated)
+        return updated
+
+    def _advance(self, record: TxRecord) -> TxRecord:
+        receipt = self._find_receipt(record)
+        if receipt is not None:
+            if receipt["status"] != 1:
+                return replace(record, state=TxState.FAILED, mined_hash=receipt["transactionHash"].to_0x_hex(),
+                               mined_block=receipt["blockNumber"], error="reverted on chain")
+            depth = self.w3.eth.block_number - receipt["blockNumber"] + 1
+            state = TxState.FINAL if depth >= self.policy.confirmations else TxState.MINED
+            return replace(record, state=state, mined_hash=receipt["transactionHash"].to_0x_hex(),
+                           mined_block=receipt["blockNumber"])
+        if record.state is TxState.MINED:
+            log.warning("tx %s: mined transaction reorged out, re-broadcasting nonce %d", record.key, record.nonce)
+            record = replace(record, state=TxState.PENDING, mined_hash=None, mined_block=None)
+            self._broadcast(record.latest)
+            return record
+        if self.w3.eth.get_transaction_count(self.account.address, "latest") > record.nonce:
+            if self._find_receipt(record) is None:  # not mined between the two reads: the nonce went elsewhere
+                return replace(record, state=TxState.FAILED, error=f"nonce {record.nonce} used by another transaction")
+            return self._advance(record)
+        if not self._known(record.latest.tx_hash):
+            self._broadcast(record.latest)
+        if self.clock() - record.latest.sent_at >= self.policy.bump_after_s:
+            return self._bump(record)
+        return record
+
+    def _find_receipt(self, record: TxRecord) -> Any:
+        for attempt in reversed(record.attempts):
+            try:
+                return self.w3.eth.get_transaction_receipt(attempt.tx_hash)  # type: ignore[arg-type]
+            except TransactionNotFound:
+                continue
+        return None
+
+    def _known(self, tx_hash: str) -> bool:
+        try:
+            self.w3.eth.get_transaction(tx_hash)  # type: ignore[arg-type]
+            return True
+        except TransactionNotFound:
+            return False
+
+    def _bump(self, record: TxRecord) -> TxRecord:
+        last = record.latest
+        factor = 100 + self.policy.bump_percent
+        max_fee = min(-(-last.max_fee_per_gas * factor // 100), self.policy.max_fee_cap)
+        tip = min(-(-last.max_priority_fee_per_gas * factor // 100), max_fee)
+        if max_fee <= last.max_fee_per_gas or tip <= last.max_priority_fee_per_gas:
+            log.warning("tx %s: fee cap %d reached, waiting", record.key, self.policy.max_fee_cap)
+            return record
+        attempt = self._sign(record, max_fee, tip)
+        bumped = replace(record, attempts=(*record.attempts, attempt))
+        self.store.save(bumped)  # durable before broadcast, like the first attempt
+        log.info("tx %s: bumped to max fee %d (attempt %d)", record.key, max_fee, len(bumped.attempts))
+        self._broadcast(attempt)
+        return bumped
+
+    def wait(self, key: str, timeout_s: float = 60.0, interval_s: float = 0.2,
+             until: TxState = TxState.FINAL) -> TxRecord:
+        """Poll until the intent reaches `until` (or FINAL/FAILED); for CLIs, tests and the demo."""
+        deadline = time.monotonic() + timeout_s
+        for record in self._polls(key, interval_s):
+            if record.state in (until, TxState.FINAL, TxState.FAILED):
+                return record
+            if time.monotonic() > deadline:
+                raise ChainError("transaction not confirmed in time", key=key, state=record.state.value)
+        raise AssertionError("unreachable")
+
+    def _polls(self, key: str, interval_s: float) -> Iterator[TxRecord]:
+        while True:
+            yield self.poll(key)
+            time.sleep(interval_s)
