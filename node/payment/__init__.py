@@ -1,0 +1,1 @@
+"""Paying per request: the X-Payment wire format, prices, voucher checks and the lane ledger."""
