@@ -117,6 +117,7 @@ class Indexer:
         self.contracts = contracts
         self.mirror = Mirror(config.chain_id)
         self.range = config.initial_range
+        self.range_cap = config.max_range  # lowered to what the provider says it accepts
         self._roles = contracts.roles()
         self._topics = sorted({s.topic0 for s in SPECS})
         self._sleep = sleep
@@ -142,6 +143,7 @@ class Indexer:
         to = min(target, last + self.range)
         try:
             headers, events = self._read(t, last + 1, to, final, last_hash)
+            to = headers[-1].number  # the log range may have shrunk
         except ChainMoved as e:
             log.warning("chain moved while reading blocks %d..%d: %s", last + 1, to, e.facts)
             return self._reorg(t, head, last)
@@ -202,8 +204,11 @@ class Indexer:
                 logs = self.rpc.logs(start, to, addresses, self._topics)
             except RpcTransient as e:
                 attempt += 1
-                hint = e.facts.get("suggested_blocks") if isinstance(e, RangeTooLarge) else None
-                self.range = max(self.config.min_range, min(hint or self.range // 2, self.range // 2 or 1))
+                width = to - start + 1
+                if isinstance(e, RangeTooLarge):
+                    hint = e.facts.get("suggested_blocks")
+                    self.range_cap = max(self.config.min_range, min(hint or width // 2, width - 1))
+                self.range = max(self.config.min_range, min(self.range_cap, width // 2))
                 log.info("getLogs %d..%d failed (%s); range now %d", start, to, e.code, self.range)
                 if attempt >= self.config.max_attempts:
                     raise
@@ -217,7 +222,7 @@ class Indexer:
         if num_logs > c.target_logs:
             self.range = max(c.min_range, self.range * c.target_logs // num_logs)
         else:
-            self.range = min(c.max_range, self.range * 2)
+            self.range = min(self.range_cap, self.range * 2)
 
     def _retry(self, read: Callable[[], T]) -> T:
         for attempt in range(1, self.config.max_attempts + 1):

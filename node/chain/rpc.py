@@ -116,8 +116,8 @@ def _rpc_error(method: str, err: dict[str, Any]) -> Exception:
     message = str(err.get("message", ""))
     code = err.get("code")
     if method == "eth_getLogs" and (code == -32005 or _RANGE_TOO_LARGE.search(message)):
-        return RangeTooLarge("provider refused the log range", message=message[:300],
+        return RangeTooLarge("provider refused the log range", provider_message=message[:300],
                              suggested_blocks=range_hint(message))
     if code == 429 or "rate limit" in message.lower():
-        return RpcUnreachable("RPC rate limited", message=message[:300])
-    return RpcError("RPC error", method=method, rpc_code=code, message=message[:300])
+        return RpcUnreachable("RPC rate limited", provider_message=message[:300])
+    return RpcError("RPC error", method=method, rpc_code=code, provider_message=message[:300])
