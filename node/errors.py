@@ -135,3 +135,39 @@ class ReorgTooDeep(ChainError):
 
 class ContractBuildError(ChainError):
     code = "contract_build"
+
+
+# --- chain RPC (indexer) -------------------------------------------------------------------------
+class RpcError(ChainError):
+    """The RPC answered with an error that retrying will not fix."""
+
+    code = "rpc_error"
+
+
+class RpcTransient(ChainError):
+    """An RPC failure worth retrying (the indexer retries these, with a smaller range for logs)."""
+
+    status = 503
+    code = "rpc_transient"
+
+
+class RpcTimeout(RpcTransient):
+    code = "rpc_timeout"
+
+
+class RpcUnreachable(RpcTransient):
+    """Connection refused, dropped or reset; or an HTTP 429/5xx from the provider."""
+
+    code = "rpc_unreachable"
+
+
+class RangeTooLarge(RpcTransient):
+    """The provider refused an `eth_getLogs` range (facts: `suggested_blocks` when it said one)."""
+
+    code = "rpc_range_too_large"
+
+
+class ChainMoved(RpcTransient):
+    """The chain changed between two reads of one range (a log's block hash is not the header's)."""
+
+    code = "chain_moved"

@@ -1,0 +1,136 @@
+"""A web3 connection that signs and sends contract transactions and decodes custom-error reverts.
+
+A `ContractClient` holds a web3 connection and (for writes) one signing key. Every write builds the
+transaction (its gas estimate is where a revert shows up first), signs it locally, sends it and waits
+for the receipt; a revert raises `ChainError` whose `error` fact is the decoded custom error name and
+`args` its arguments, e.g. `ChainError(error="EpochOutOfOrder", args={"expected": 2, ...})`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from eth_abi import decode
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from eth_utils import function_abi_to_4byte_selector
+from web3 import Web3
+from web3.contract import Contract
+from web3.contract.contract import ContractFunction
+from web3.exceptions import ContractLogicError
+from web3.types import TxReceipt
+
+from node.chain.artifacts import Artifact, load_artifacts
+from node.errors import ChainError
+
+log = logging.getLogger(__name__)
+RECEIPT_TIMEOUT_S = 120.0
+
+
+def web3_for(w3_or_rpc_url: Web3 | str) -> Web3:
+    if isinstance(w3_or_rpc_url, Web3):
+        return w3_or_rpc_url
+    return Web3(Web3.HTTPProvider(w3_or_rpc_url, request_kwargs={"timeout": 30}))
+
+
+class RevertDecoder:
+    """Maps revert data to (custom error name, arguments) using every ABI in the build."""
+
+    def __init__(self, artifacts: dict[str, Artifact]) -> None:
+        self._errors: dict[bytes, tuple[str, list[str], list[str]]] = {}
+        for art in artifacts.values():
+            for item in art.abi:
+                if item.get("type") == "error":
+                    sel = function_abi_to_4byte_selector(item)
+                    self._errors[sel] = (item["name"], [i["name"] for i in item["inputs"]],
+                                         [_abi_type(i) for i in item["inputs"]])
+
+    def decode(self, data: str | bytes | None) -> tuple[str, dict[str, Any]]:
+        raw = bytes.fromhex(data.removeprefix("0x")) if isinstance(data, str) else (data or b"")
+        if raw[:4] == bytes.fromhex("08c379a0"):
+            return "Error", {"message": decode(["string"], raw[4:])[0]}
+        known = self._errors.get(raw[:4])
+        if known is None:
+            return "unknown", {"data": "0x" + raw.hex()}
+        name, names, types = known
+        values = decode(types, raw[4:]) if types else ()
+        return name, {n or f"arg{i}": _plain(v) for i, (n, v) in enumerate(zip(names, values, strict=True))}
+
+
+def _abi_type(item: dict[str, Any]) -> str:
+    if item["type"].startswith("tuple"):
+        return "(" + ",".join(_abi_type(c) for c in item["components"]) + ")" + item["type"][5:]
+    return str(item["type"])
+
+
+def _plain(v: Any) -> Any:
+    return "0x" + v.hex() if isinstance(v, bytes) else v
+
+
+class ContractClient:
+    """A web3 connection, the build's ABIs, and optionally the key that signs every write."""
+
+    def __init__(self, w3_or_rpc_url: Web3 | str, key: str | None = None,
+                 artifacts: dict[str, Artifact] | None = None) -> None:
+        self.w3 = web3_for(w3_or_rpc_url)
+        self.artifacts = artifacts or load_artifacts()
+        self.account: LocalAccount | None = Account.from_key(key) if key else None
+        self.decoder = RevertDecoder(self.artifacts)
+        self.chain_id = int(self.w3.eth.chain_id)
+
+    @property
+    def address(self) -> str:
+        if self.account is None:
+            raise ChainError("this client has no signing key")
+        return str(self.account.address)
+
+    def contract(self, name: str, address: str) -> Contract:
+        abi = list(self.artifacts[name].abi)
+        return self.w3.eth.contract(address=Web3.to_checksum_address(address), abi=abi)
+
+    def call(self, fn: ContractFunction) -> Any:
+        try:
+            return fn.call()
+        except ContractLogicError as exc:
+            raise self._revert(exc, fn.fn_name) from exc
+
+    def transact(self, fn: ContractFunction) -> TxReceipt:
+        return self._send(fn.fn_name, lambda tx: fn.build_transaction(tx))
+
+    def deploy(self, name: str, *args: Any) -> tuple[str, TxReceipt]:
+        art = self.artifacts[name]
+        factory = self.w3.eth.contract(abi=list(art.abi), bytecode=art.bytecode)
+        receipt = self._send(f"deploy {name}", lambda tx: factory.constructor(*args).build_transaction(tx))
+        address = receipt["contractAddress"]
+        log.info("deployed %s at %s (block %d)", name, address, receipt["blockNumber"])
+        return str(address), receipt
+
+    def _send(self, what: str, build: Any) -> TxReceipt:
+        sender = self.address
+        try:
+            tx = build({"from": sender, "nonce": self.w3.eth.get_transaction_count(sender, "pending"),
+                        "chainId": self.chain_id})
+        except ContractLogicError as exc:
+            raise self._revert(exc, what) from exc
+        assert self.account is not None
+        signed = self.account.sign_transaction(tx)
+        tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
+        receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=RECEIPT_TIMEOUT_S)
+        if receipt["status"] != 1:
+            raise ChainError(f"{what}: transaction reverted", tx=tx_hash.to_0x_hex(),
+                             block=receipt["blockNumber"])
+        return receipt
+
+    def _revert(self, exc: ContractLogicError, what: str) -> ChainError:
+        data = exc.data if isinstance(exc.data, str) else None
+        name, args = self.decoder.decode(data)
+        return ChainError(f"{what} reverted: {name}", error=name, args=args)
+
+
+def event_args(contract: Contract, receipt: TxReceipt, event: str) -> list[dict[str, Any]]:
+    """Decoded arguments of every `event` that `contract` emitted in `receipt`."""
+    ev = getattr(contract.events, event)
+    topic = bytes.fromhex(ev.topic.removeprefix("0x"))
+    return [dict(ev().process_log(lg)["args"]) for lg in receipt["logs"]
+            if lg["address"] == contract.address and lg["topics"] and bytes(lg["topics"][0]) == topic]

@@ -1,0 +1,167 @@
+"""EIP-712 types of the protocol: the Voucher a payer signs and the Receipt a node signs.
+
+Domain: name "loranode", version "1", the chain id and the Settlement contract. Hashing is done here
+directly (typehash, abi.encode, the 0x1901 prefix) because the API checks a voucher on every request;
+`*_typed_data` gives the same message as a wallet-ready JSON dict, and the tests hold the two against
+eth-account and against the contract's own `voucherDigest`.
+
+Signatures are 65 bytes r||s||v with v in {27, 28} and s in the lower half of the curve order, which
+is what OpenZeppelin's ECDSA accepts on chain; anything else is refused as `BadSignature`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import astuple, dataclass
+from typing import Any
+
+from eth_abi import encode
+from eth_hash.auto import keccak
+from eth_keys import keys
+from eth_keys.exceptions import BadSignature as _KeysBadSignature
+from eth_utils import to_checksum_address
+
+from node.errors import BadSignature
+
+SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+
+VOUCHER_FIELDS = (("payer", "address"), ("node", "address"), ("lane", "uint32"), ("cumulative", "uint256"),
+                  ("requestHash", "bytes32"), ("deadline", "uint64"))
+RECEIPT_FIELDS = (("voucherHash", "bytes32"), ("adapterId", "bytes32"), ("registryBlock", "uint64"),
+                  ("lineageHash", "bytes32"), ("promptTokens", "uint32"), ("completionTokens", "uint32"),
+                  ("fee", "uint256"), ("outputHash", "bytes32"), ("method", "uint32"))
+DOMAIN_FIELDS = (("name", "string"), ("version", "string"), ("chainId", "uint256"),
+                 ("verifyingContract", "address"))
+# The abi types of one receipts-tree leaf, in `receipt_leaf_values` order.
+RECEIPT_LEAF_TYPES = tuple(t for _, t in RECEIPT_FIELDS)
+
+
+def _type_string(name: str, fields: tuple[tuple[str, str], ...]) -> str:
+    return f"{name}(" + ",".join(f"{t} {n}" for n, t in fields) + ")"
+
+
+VOUCHER_TYPEHASH = keccak(_type_string("Voucher", VOUCHER_FIELDS).encode())
+RECEIPT_TYPEHASH = keccak(_type_string("Receipt", RECEIPT_FIELDS).encode())
+DOMAIN_TYPEHASH = keccak(_type_string("EIP712Domain", DOMAIN_FIELDS).encode())
+
+
+@dataclass(frozen=True)
+class Domain:
+    chain_id: int
+    verifying_contract: str  # the Settlement contract
+    name: str = "loranode"
+    version: str = "1"
+
+    def separator(self) -> bytes:
+        return keccak(encode(["bytes32", "bytes32", "bytes32", "uint256", "address"],
+                             [DOMAIN_TYPEHASH, keccak(self.name.encode()), keccak(self.version.encode()),
+                              self.chain_id, self.verifying_contract]))
+
+
+@dataclass(frozen=True)
+class Voucher:
+    payer: str
+    node: str
+    lane: int
+    cumulative: int
+    request_hash: bytes  # keccak256 of the exact HTTP request body
+    deadline: int  # unix seconds
+
+
+@dataclass(frozen=True)
+class Receipt:
+    voucher_hash: bytes  # voucher_digest of the voucher that paid
+    adapter_id: bytes  # bytes32(uint256(adapterId))
+    registry_block: int
+    lineage_hash: bytes
+    prompt_tokens: int
+    completion_tokens: int
+    fee: int
+    output_hash: bytes
+    method: int
+
+
+def _struct_hash(typehash: bytes, fields: tuple[tuple[str, str], ...], values: tuple[Any, ...]) -> bytes:
+    return keccak(encode(["bytes32", *(t for _, t in fields)], [typehash, *values]))
+
+
+def _digest(domain: Domain, struct_hash: bytes) -> bytes:
+    return keccak(b"\x19\x01" + domain.separator() + struct_hash)
+
+
+def _typed_data(primary: str, fields: tuple[tuple[str, str], ...], values: tuple[Any, ...],
+                domain: Domain) -> dict[str, Any]:
+    def jsonable(v: Any) -> Any:
+        return "0x" + v.hex() if isinstance(v, bytes) else v
+
+    return {
+        "types": {"EIP712Domain": [{"name": n, "type": t} for n, t in DOMAIN_FIELDS],
+                  primary: [{"name": n, "type": t} for n, t in fields]},
+        "primaryType": primary,
+        "domain": {"name": domain.name, "version": domain.version, "chainId": domain.chain_id,
+                   "verifyingContract": domain.verifying_contract},
+        "message": {n: jsonable(v) for (n, _), v in zip(fields, values, strict=True)},
+    }
+
+
+def _sign(key: str | bytes, digest: bytes) -> bytes:
+    raw = bytes.fromhex(key.removeprefix("0x")) if isinstance(key, str) else key
+    sig = keys.PrivateKey(raw).sign_msg_hash(digest)
+    return sig.r.to_bytes(32, "big") + sig.s.to_bytes(32, "big") + bytes([sig.v + 27])
+
+
+def recover(digest: bytes, signature: bytes) -> str:
+    """The checksummed signer of `digest`; BadSignature unless it is a canonical 65-byte signature."""
+    if len(signature) != 65:
+        raise BadSignature("signature must be 65 bytes r||s||v", length=len(signature))
+    r, s, v = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:64], "big"), signature[64]
+    if v not in (27, 28) or not 0 < r < SECP256K1_N or not 0 < s <= SECP256K1_N // 2:
+        raise BadSignature("non-canonical signature (v must be 27/28, s in the lower half order)", v=v)
+    try:
+        public = keys.Signature(vrs=(v - 27, r, s)).recover_public_key_from_msg_hash(digest)
+    except _KeysBadSignature as exc:
+        raise BadSignature("signature does not recover", reason=str(exc)) from exc
+    return to_checksum_address(public.to_canonical_address())
+
+
+# --- Voucher -------------------------------------------------------------------------------------
+def _voucher_values(v: Voucher) -> tuple[Any, ...]:
+    return (v.payer, v.node, v.lane, v.cumulative, v.request_hash, v.deadline)
+
+
+def voucher_typed_data(voucher: Voucher, domain: Domain) -> dict[str, Any]:
+    return _typed_data("Voucher", VOUCHER_FIELDS, _voucher_values(voucher), domain)
+
+
+def voucher_digest(voucher: Voucher, domain: Domain) -> bytes:
+    """The 32 bytes the payer signs; also the `voucherHash` a receipt carries."""
+    return _digest(domain, _struct_hash(VOUCHER_TYPEHASH, VOUCHER_FIELDS, _voucher_values(voucher)))
+
+
+def sign_voucher(key: str | bytes, voucher: Voucher, domain: Domain) -> bytes:
+    return _sign(key, voucher_digest(voucher, domain))
+
+
+def recover_voucher_signer(voucher: Voucher, domain: Domain, signature: bytes) -> str:
+    return recover(voucher_digest(voucher, domain), signature)
+
+
+# --- Receipt -------------------------------------------------------------------------------------
+def receipt_leaf_values(receipt: Receipt) -> list[Any]:
+    """The receipt's fields in type order: one leaf of the epoch's receipts tree (RECEIPT_LEAF_TYPES)."""
+    return list(astuple(receipt))
+
+
+def receipt_typed_data(receipt: Receipt, domain: Domain) -> dict[str, Any]:
+    return _typed_data("Receipt", RECEIPT_FIELDS, tuple(astuple(receipt)), domain)
+
+
+def receipt_digest(receipt: Receipt, domain: Domain) -> bytes:
+    return _digest(domain, _struct_hash(RECEIPT_TYPEHASH, RECEIPT_FIELDS, tuple(astuple(receipt))))
+
+
+def sign_receipt(key: str | bytes, receipt: Receipt, domain: Domain) -> bytes:
+    return _sign(key, receipt_digest(receipt, domain))
+
+
+def recover_receipt_signer(receipt: Receipt, domain: Domain, signature: bytes) -> str:
+    return recover(receipt_digest(receipt, domain), signature)

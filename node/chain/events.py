@@ -1,0 +1,185 @@
+"""The events the indexer mirrors, decoded straight from raw logs.
+
+The signatures are the contracts' fixed interface (docs/contracts.md); a test checks them against
+the compiled ABIs. Decoding skips web3's contract machinery: topics by hand, data with eth_abi.
+Decoded values are plain Python: ints, lower-case 0x-hex addresses and bytes32, str, tuples.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from eth_abi import decode as abi_decode
+from eth_utils import keccak
+
+from node.errors import ChainError
+
+
+class Role(StrEnum):
+    DATASET_REGISTRY = "dataset_registry"
+    ADAPTER_REGISTRY = "adapter_registry"
+    ESCROW = "escrow"
+    SETTLEMENT = "settlement"
+
+
+SIGNATURES: dict[Role, tuple[str, ...]] = {
+    Role.DATASET_REGISTRY: (
+        "DatasetRegistered(uint256 indexed datasetId, address indexed owner, bytes32 contentHash, "
+        "string uri, address payout)",
+        "DatasetUpdated(uint256 indexed datasetId, string uri, address payout)",
+    ),
+    Role.ADAPTER_REGISTRY: (
+        "AdapterRegistered(uint256 indexed adapterId, address indexed owner, bytes32 baseModel, "
+        "bytes32 weightsSha256, string uri, uint256[] datasetIds, uint16[] weightsBps, uint16 ownerShareBps, "
+        "bytes32 lineageHash)",
+        "AdapterDeprecated(uint256 indexed adapterId)",
+    ),
+    Role.ESCROW: (
+        "Deposited(address indexed payer, address indexed node, uint256 amount)",
+        "ThawStarted(address indexed payer, address indexed node, uint256 amount, uint64 thawEndAt)",
+        "Withdrawn(address indexed payer, address indexed node, uint256 amount)",
+        "Collected(address indexed payer, address indexed node, uint256 amount)",
+    ),
+    Role.SETTLEMENT: (
+        "EpochSettled(address indexed node, uint64 indexed epochId, bytes32 rewardsRoot, "
+        "uint256 rewardsTotal, bytes32 receiptsRoot, uint64 receiptCount, uint256 collected, "
+        "uint64 unlockAt)",
+        "VoucherCollected(address indexed node, address indexed payer, uint32 indexed lane, "
+        "uint256 cumulative, uint256 amount)",
+        "EpochVetoed(address indexed node, uint64 indexed epochId)",
+        "Claimed(address indexed node, address indexed account, uint64 indexed epochId, uint256 amount, "
+        "uint256 cumulativeAmount)",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: str
+    indexed: bool
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    name: str
+    role: Role
+    params: tuple[Param, ...]
+
+    @property
+    def canonical(self) -> str:
+        return f"{self.name}({','.join(p.type for p in self.params)})"
+
+    @property
+    def topic0(self) -> str:
+        return "0x" + keccak(text=self.canonical).hex()
+
+
+def parse_signature(signature: str, role: Role) -> EventSpec:
+    m = re.fullmatch(r"(\w+)\((.*)\)", signature.strip())
+    if not m:
+        raise ValueError(f"not an event signature: {signature!r}")
+    params = []
+    for part in m.group(2).split(","):
+        words = part.split()
+        params.append(Param(name=words[-1], type=words[0], indexed="indexed" in words[1:-1]))
+    return EventSpec(m.group(1), role, tuple(params))
+
+
+SPECS: tuple[EventSpec, ...] = tuple(
+    parse_signature(s, role) for role, sigs in SIGNATURES.items() for s in sigs)
+BY_TOPIC: dict[str, EventSpec] = {spec.topic0: spec for spec in SPECS}
+BY_NAME: dict[str, EventSpec] = {spec.name: spec for spec in SPECS}
+
+
+@dataclass(frozen=True)
+class ChainEvent:
+    """One decoded log. `(chain_id, tx_hash, log_index)` identifies it."""
+
+    chain_id: int
+    block_number: int
+    block_hash: str
+    tx_hash: str
+    log_index: int
+    address: str
+    name: str
+    args: Mapping[str, Any]
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return (self.block_number, self.log_index)
+
+
+def _hex(value: object) -> str:
+    if isinstance(value, bytes | bytearray):
+        return "0x" + bytes(value).hex()
+    text = str(value)
+    return text.lower() if text.startswith("0x") else "0x" + text.lower()
+
+
+def _from_topic(topic: str, typ: str) -> Any:
+    if typ == "address":
+        return "0x" + topic[-40:].lower()
+    if typ.startswith(("uint", "int")):
+        return int(topic, 16)
+    return topic.lower()
+
+
+def _normalise(value: Any, typ: str) -> Any:
+    if typ.endswith("[]"):
+        return tuple(_normalise(v, typ[:-2]) for v in value)
+    if typ == "address":
+        return value.lower()
+    if typ.startswith("bytes"):
+        return "0x" + bytes(value).hex()
+    return value
+
+
+def decode_log(log: Mapping[str, Any], chain_id: int) -> ChainEvent | None:
+    """Decode a raw `eth_getLogs` entry; None for a log that is not one of ours."""
+    topics = [_hex(t) for t in log["topics"]]
+    spec = BY_TOPIC.get(topics[0]) if topics else None
+    if spec is None:
+        return None
+    indexed = [p for p in spec.params if p.indexed]
+    plain = [p for p in spec.params if not p.indexed]
+    if len(topics) != len(indexed) + 1:
+        raise ChainError("log topics do not match the event", event=spec.name, topics=len(topics))
+    args: dict[str, Any] = {p.name: _from_topic(t, p.type) for p, t in zip(indexed, topics[1:], strict=True)}
+    data = bytes.fromhex(_hex(log["data"])[2:])
+    for p, v in zip(plain, abi_decode([p.type for p in plain], data), strict=True):
+        args[p.name] = _normalise(v, p.type)
+    return ChainEvent(chain_id=chain_id, block_number=_int(log["blockNumber"]),
+                      block_hash=_hex(log["blockHash"]), tx_hash=_hex(log["transactionHash"]),
+                      log_index=_int(log["logIndex"]),
+                      address=_hex(log["address"]), name=spec.name, args=args)
+
+
+def _int(value: int | str) -> int:
+    return value if isinstance(value, int) else int(value, 16)
+
+
+def args_to_json(args: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON-safe args: ints as decimal strings (uint256 exceeds JSON numbers), tuples as lists."""
+    return {k: _jsonable(v) for k, v in args.items()}
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, tuple | list):
+        return [_jsonable(x) for x in v]
+    return str(v) if isinstance(v, int) else v
+
+
+def args_from_json(name: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    types = {p.name: p.type for p in BY_NAME[name].params}
+    return {k: _typed(v, types[k]) for k, v in data.items()}
+
+
+def _typed(v: Any, typ: str) -> Any:
+    if typ.endswith("[]"):
+        return tuple(_typed(x, typ[:-2]) for x in v)
+    return int(v) if typ.startswith(("uint", "int")) else v

@@ -1,0 +1,321 @@
+"""The chain indexer: follows the registries, the escrow and the settlement contract into the mirror.
+
+Each step reads one block range `[cursor + 1, to]` (at most `head - confirmations`):
+- headers: the first block's (its parent must be the cursor's hash), the last one's, and every
+  block above the finalized one (their hashes are stored to find a fork point later);
+- logs by address and topics, in a range that grows on success and shrinks on provider errors;
+- one database transaction: raw events, derived rows, block hashes, the cursor, finality marks.
+A hash mismatch rolls back every derived row above the fork point in one transaction, then the
+next step re-scans; a fork at or below the finalized block halts with ReorgTooDeep.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.chain.events import BY_NAME, SPECS, Role, decode_log
+from node.chain.mirror import Mirror
+from node.chain.rpc import BlockHeader, Rpc
+from node.db.models import ChainBlock, IndexerCursor
+from node.db.types import utc_now
+from node.db.upsert import upsert
+from node.errors import ChainMoved, ConfigError, RangeTooLarge, ReorgTooDeep, RpcTransient
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class IndexerConfig:
+    chain_id: int
+    confirmations: int = 2
+    finality_depth: int = 64
+    start_block: int = 0
+    initial_range: int = 1_000
+    min_range: int = 1
+    max_range: int = 10_000
+    target_logs: int = 10_000  # per range; a denser range shrinks the next one
+    poll_interval_s: float = 1.0
+    max_attempts: int = 8  # per RPC read, before the step gives up (run_forever then retries)
+    backoff_s: float = 0.1
+    max_backoff_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.confirmations < self.finality_depth:
+            raise ConfigError("need 0 <= confirmations < finality_depth",
+                              confirmations=self.confirmations, finality_depth=self.finality_depth)
+        if not 1 <= self.min_range <= self.initial_range <= self.max_range:
+            raise ConfigError("need 1 <= min_range <= initial_range <= max_range")
+
+
+@dataclass(frozen=True)
+class IndexedContracts:
+    dataset_registry: str
+    adapter_registry: str
+    escrow: str
+    settlement: str
+
+    @classmethod
+    def from_deployment(cls, dep: Any) -> IndexedContracts:
+        """From node.chain.deploy's Deployment (its attribute names)."""
+        return cls(dep.dataset_registry, dep.adapter_registry, dep.escrow, dep.settlement)
+
+    def roles(self) -> dict[str, Role]:
+        return {self.dataset_registry.lower(): Role.DATASET_REGISTRY,
+                self.adapter_registry.lower(): Role.ADAPTER_REGISTRY,
+                self.escrow.lower(): Role.ESCROW, self.settlement.lower(): Role.SETTLEMENT}
+
+    def fingerprint(self) -> str:
+        return json.dumps({str(r): a for a, r in sorted(self.roles().items())}, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Progress:
+    head: int
+    last_block: int
+    final_block: int
+    from_block: int | None = None
+    to_block: int | None = None
+    num_events: int = 0
+    rolled_back_to: int | None = None
+    num_rolled_back: int = 0
+    rpc_s: float = 0.0
+    db_s: float = 0.0
+
+    @property
+    def is_caught_up(self) -> bool:
+        return self.to_block is None and self.rolled_back_to is None
+
+
+@dataclass
+class _Timer:
+    rpc_s: float = 0.0
+    db_s: float = 0.0
+    marks: dict[str, float] = field(default_factory=dict)
+
+
+class Indexer:
+    """`Indexer(config, rpc, session_factory, contracts)`; `rpc` is an `Rpc`, a URL, or a Web3."""
+
+    def __init__(self, config: IndexerConfig, rpc: Rpc | str | Any, session_factory: sessionmaker[Session],
+                 contracts: IndexedContracts, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.config = config
+        if not isinstance(rpc, Rpc):
+            rpc = Rpc(rpc if isinstance(rpc, str) else rpc.provider.endpoint_uri)
+        self.rpc = rpc
+        self.sessions = session_factory
+        self.contracts = contracts
+        self.mirror = Mirror(config.chain_id)
+        self.range = config.initial_range
+        self.range_cap = config.max_range  # lowered to what the provider says it accepts
+        self._roles = contracts.roles()
+        self._topics = sorted({s.topic0 for s in SPECS})
+        self._sleep = sleep
+
+    # --- one step -------------------------------------------------------------------------------
+
+    def run_once(self) -> Progress:
+        """Index the next range (or roll back a reorg). Transient RPC errors are retried here up to
+        `max_attempts` each, then raised (RpcTransient) for the caller to retry later."""
+        t = _Timer()
+        head = self._timed(t, "rpc", lambda: self._retry(self.rpc.block_number))
+        with self.sessions() as session:
+            cursor = self._cursor(session)
+            last, last_hash, final_mark = cursor.last_block, cursor.last_block_hash, cursor.final_block
+        final = max(final_mark, head - self.config.finality_depth)
+        if last_hash is not None:
+            tip = self._timed(t, "rpc", lambda: self._retry(lambda: self.rpc.headers([last])[0]))
+            if tip is None or tip.hash != last_hash:
+                return self._reorg(t, head, last)
+        target = head - self.config.confirmations
+        if target <= last:
+            return self._finalize_only(t, head, last, min(final, last))
+        to = min(target, last + self.range)
+        try:
+            headers, events = self._read(t, last + 1, to, final, last_hash)
+            to = headers[-1].number  # the log range may have shrunk
+        except ChainMoved as e:
+            log.warning("chain moved while reading blocks %d..%d: %s", last + 1, to, e.facts)
+            return self._reorg(t, head, last)
+        num = self._timed(t, "db", lambda: self._write(headers, events, last, to, min(final, to)))
+        return Progress(head, to, min(final, to), last + 1, to, num, rpc_s=t.rpc_s, db_s=t.db_s)
+
+    def run_forever(self, stop: threading.Event) -> None:
+        """Follow the chain until `stop` is set. Transient RPC and database errors are logged and
+        retried; ReorgTooDeep and any other error stop the process (fail closed)."""
+        delay = self.config.backoff_s
+        while not stop.is_set():
+            try:
+                progress = self.run_once()
+            except (RpcTransient, OperationalError) as e:
+                log.warning("indexer step failed, retrying in %.1fs: %s", delay, e)
+                stop.wait(delay)
+                delay = min(delay * 2, self.config.max_backoff_s)
+                continue
+            delay = self.config.backoff_s
+            if progress.is_caught_up:
+                stop.wait(self.config.poll_interval_s)
+
+    # --- reading --------------------------------------------------------------------------------
+
+    def _read(self, t: _Timer, start: int, to: int, final: int,
+              parent_hash: str | None) -> tuple[list[BlockHeader], list[Any]]:
+        """Headers and decoded events of `[start, to]`; `to` may shrink (the range adapts)."""
+        logs, to = self._timed(t, "rpc", lambda: self._logs(start, to))
+        wanted = sorted({start, to, *range(max(start, final + 1), to + 1)})
+        headers = self._timed(t, "rpc", lambda: self._retry(lambda: self.rpc.headers(wanted)))
+        known = {h.number: h for h in headers if h is not None}
+        if len(known) != len(wanted):
+            raise ChainMoved("a block disappeared while reading", start=start, to=to)
+        if parent_hash is not None and known[start].parent_hash != parent_hash:
+            raise ChainMoved("the next block does not extend the cursor", block=start)
+        for n in wanted[1:]:
+            if n - 1 in known and known[n].parent_hash != known[n - 1].hash:
+                raise ChainMoved("headers do not chain", block=n)
+        events = []
+        for raw in logs:
+            ev = decode_log(raw, self.config.chain_id)
+            if ev is None or self._roles.get(ev.address) is not BY_NAME[ev.name].role:
+                continue
+            h = known.get(ev.block_number)
+            if h is not None and h.hash != ev.block_hash:
+                raise ChainMoved("a log's block is not the canonical one", block=ev.block_number)
+            events.append(ev)
+        events.sort(key=lambda e: e.position)
+        return [known[n] for n in wanted], events
+
+    def _logs(self, start: int, to: int) -> tuple[list[dict[str, Any]], int]:
+        """`eth_getLogs` over `[start, to]`, shrinking the range on named transient errors."""
+        addresses = sorted(self._roles)
+        attempt = 0
+        while True:
+            to = min(to, start + self.range - 1)
+            try:
+                logs = self.rpc.logs(start, to, addresses, self._topics)
+            except RpcTransient as e:
+                attempt += 1
+                width = to - start + 1
+                if isinstance(e, RangeTooLarge):
+                    hint = e.facts.get("suggested_blocks")
+                    self.range_cap = max(self.config.min_range, min(hint or width // 2, width - 1))
+                self.range = max(self.config.min_range, min(self.range_cap, width // 2))
+                log.info("getLogs %d..%d failed (%s); range now %d", start, to, e.code, self.range)
+                if attempt >= self.config.max_attempts:
+                    raise
+                self._sleep(min(self.config.backoff_s * 2 ** (attempt - 1), self.config.max_backoff_s))
+                continue
+            self._adapt(len(logs))
+            return logs, to
+
+    def _adapt(self, num_logs: int) -> None:
+        c = self.config
+        if num_logs > c.target_logs:
+            self.range = max(c.min_range, self.range * c.target_logs // num_logs)
+        else:
+            self.range = min(self.range_cap, self.range * 2)
+
+    def _retry(self, read: Callable[[], T]) -> T:
+        for attempt in range(1, self.config.max_attempts + 1):
+            try:
+                return read()
+            except RpcTransient as e:
+                if attempt == self.config.max_attempts:
+                    raise
+                log.info("RPC read failed (%s), attempt %d", e.code, attempt)
+                self._sleep(min(self.config.backoff_s * 2 ** (attempt - 1), self.config.max_backoff_s))
+        raise AssertionError("unreachable")
+
+    # --- writing --------------------------------------------------------------------------------
+
+    def _cursor(self, session: Session, lock: bool = False) -> IndexerCursor:
+        cur = session.get(IndexerCursor, self.config.chain_id, with_for_update=lock)
+        fingerprint = self.contracts.fingerprint()
+        if cur is None:
+            cur = IndexerCursor(chain_id=self.config.chain_id, last_block=self.config.start_block - 1,
+                                last_block_hash=None, final_block=-1, contracts=fingerprint)
+        elif cur.contracts != fingerprint:
+            raise ConfigError("the database mirrors other contracts on this chain",
+                              stored=cur.contracts, configured=fingerprint)
+        return cur
+
+    def _write(self, headers: Sequence[BlockHeader], events: Sequence[Any], last: int, to: int,
+               final: int) -> int:
+        with self.sessions() as session, session.begin():
+            cursor = self._cursor(session, lock=True)
+            if cursor.last_block != last:
+                raise ChainMoved("another indexer moved the cursor", expected=last, found=cursor.last_block)
+            num = self.mirror.ingest(session, events, final)
+            upsert(session, ChainBlock.__table__, [
+                {"chain_id": self.config.chain_id, "number": h.number, "hash": h.hash,
+                 "parent_hash": h.parent_hash} for h in headers if h.number > final or h.number == to])
+            cursor.last_block, cursor.last_block_hash = to, headers[-1].hash
+            self._mark_final(session, cursor, final)
+            session.add(cursor)
+        return num
+
+    def _mark_final(self, session: Session, cursor: IndexerCursor, final: int) -> None:
+        if final > cursor.final_block:
+            self.mirror.finalize(session, final)
+            cursor.final_block = final
+        cursor.updated_at = utc_now()
+
+    def _finalize_only(self, t: _Timer, head: int, last: int, final: int) -> Progress:
+        def write() -> None:
+            with self.sessions() as session, session.begin():
+                cursor = self._cursor(session, lock=True)
+                if final > cursor.final_block:
+                    self._mark_final(session, cursor, final)
+                    session.add(cursor)
+        self._timed(t, "db", write)
+        return Progress(head, last, final, rpc_s=t.rpc_s, db_s=t.db_s)
+
+    def _reorg(self, t: _Timer, head: int, last: int) -> Progress:
+        """Find the highest stored block the chain still has; roll everything above it back."""
+        with self.sessions() as session:
+            stored = list(session.scalars(select(ChainBlock).where(
+                ChainBlock.chain_id == self.config.chain_id, ChainBlock.number <= last)
+                .order_by(ChainBlock.number.desc())))
+            final_mark = self._cursor(session).final_block
+        numbers = [b.number for b in stored]
+        canonical = self._timed(t, "rpc", lambda: self._retry(lambda: self.rpc.headers(numbers)))
+        match = [b for b, h in zip(stored, canonical, strict=True) if h is not None and h.hash == b.hash]
+        fork_block = match[0].number if match else self.config.start_block - 1
+        fork_hash = match[0].hash if match else None
+        if (match and fork_block < final_mark) or (not match and final_mark >= 0):
+            raise ReorgTooDeep("reorg reaches below the finalized block; halting instead of rewriting it",
+                               last_block=last, final_block=final_mark,
+                               oldest_checked=numbers[-1] if numbers else None)
+
+        def write() -> int:
+            with self.sessions() as session, session.begin():
+                cursor = self._cursor(session, lock=True)
+                num = self.mirror.rollback(session, fork_block, cursor.final_block)
+                cursor.last_block, cursor.last_block_hash = fork_block, fork_hash
+                cursor.updated_at = utc_now()
+                session.add(cursor)
+                return num
+        num = self._timed(t, "db", write)
+        log.warning("reorg: rolled back from block %d to %d (%d events)", last, fork_block, num)
+        return Progress(head, fork_block, final_mark, rolled_back_to=fork_block, num_rolled_back=num,
+                        rpc_s=t.rpc_s, db_s=t.db_s)
+
+    def _timed(self, t: _Timer, kind: str, fn: Callable[[], T]) -> T:
+        start = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            elapsed = time.perf_counter() - start
+            if kind == "rpc":
+                t.rpc_s += elapsed
+            else:
+                t.db_s += elapsed

@@ -1,0 +1,191 @@
+"""The chain mirror's writes: ingest decoded events, roll back above a fork, mark rows final.
+
+Every write happens inside the caller's transaction, so a range of logs, its derived rows and the
+indexer cursor commit together or not at all. Rows are rebuilt with `projection.apply`, the same
+function forward and on rollback, which makes a rollback exact by construction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Table, and_, delete, exists, select, tuple_, update
+from sqlalchemy.orm import Session
+
+from node.chain.events import ChainEvent, args_from_json, args_to_json
+from node.chain.projection import CREATING, KINDS, Row, entity_of, kind_of, replay
+from node.db.models import (
+    Adapter,
+    AdapterLineage,
+    ChainBlock,
+    Claim,
+    Dataset,
+    EpochState,
+    EscrowAccount,
+    LaneCollection,
+    RawEvent,
+    SettledEpoch,
+    SettlementEpoch,
+)
+from node.db.upsert import insert_new, upsert
+
+log = logging.getLogger(__name__)
+
+TABLES: dict[str, Table] = {
+    "dataset": Dataset.__table__, "adapter": Adapter.__table__, "escrow": EscrowAccount.__table__,
+    "lane": LaneCollection.__table__, "epoch": SettledEpoch.__table__, "claim": Claim.__table__,
+}
+INT_KEYS = frozenset({"dataset_id", "adapter_id", "lane", "epoch_id"})
+CHUNK = 500
+RAW = RawEvent.__table__
+LINEAGE = AdapterLineage.__table__
+
+
+def _keys(kind: str) -> list[str]:
+    return [c.name for c in TABLES[kind].primary_key.columns]
+
+
+def _pk(entity: str) -> tuple[Any, ...]:
+    kind, *parts = entity.split(":")
+    return tuple(int(p) if k in INT_KEYS else p for k, p in zip(_keys(kind), parts, strict=True))
+
+
+def _entity(kind: str, row: Row) -> str:
+    return ":".join([kind, *(str(row[k]) for k in _keys(kind))])
+
+
+class Mirror:
+    """The indexer's port to the mirror tables, for one chain."""
+
+    def __init__(self, chain_id: int) -> None:
+        self.chain_id = chain_id
+
+    def ingest(self, session: Session, events: Sequence[ChainEvent], final_block: int) -> int:
+        """Store `events` (in chain order) and apply those not stored before; returns how many."""
+        rows = [self._raw_row(ev, final_block) for ev in events]
+        key = ("chain_id", "tx_hash", "log_index")
+        stored = set(insert_new(session, RAW, rows, key, ("tx_hash", "log_index")))
+        fresh = [ev for ev in events if (ev.tx_hash, ev.log_index) in stored]
+        by_entity: dict[str, list[ChainEvent]] = defaultdict(list)
+        for ev in fresh:
+            by_entity[entity_of(ev)].append(ev)
+        need = [e for e, evs in by_entity.items() if evs[0].name not in CREATING]
+        current = self._load(session, need)
+        states = {e: replay(current.get(e), evs) for e, evs in by_entity.items()}
+        self._save(session, states, final_block)
+        self._sync_outbox(session)
+        return len(fresh)
+
+    def rollback(self, session: Session, to_block: int, final_block: int) -> int:
+        """Delete every event above `to_block` and rebuild the rows they touched; returns how many."""
+        above = RAW.c.block_number > to_block
+        where = and_(RAW.c.chain_id == self.chain_id, above)
+        entities = list(session.scalars(select(RAW.c.entity).where(where).distinct()))
+        removed = session.execute(delete(RAW).where(where)).rowcount
+        remaining: dict[str, list[ChainEvent]] = {e: [] for e in entities}
+        for chunk in _chunks(entities):
+            q = (select(RAW).where(RAW.c.chain_id == self.chain_id, RAW.c.entity.in_(chunk))
+                 .order_by(RAW.c.block_number, RAW.c.log_index))
+            for r in session.execute(q).mappings():
+                remaining[r["entity"]].append(self._event(r))
+        self._save(session, {e: replay(None, evs) for e, evs in remaining.items()}, final_block)
+        session.execute(delete(ChainBlock).where(ChainBlock.chain_id == self.chain_id,
+                                                 ChainBlock.number > to_block))
+        self._sync_outbox(session)
+        log.warning("rolled back %d events above block %d (%d rows rebuilt)",
+                    removed, to_block, len(entities))
+        return int(removed)
+
+    def finalize(self, session: Session, final_block: int) -> None:
+        """Mark rows at or below `final_block` final and forget block hashes below it."""
+        session.execute(update(RAW).where(RAW.c.is_final.is_(False), RAW.c.chain_id == self.chain_id,
+                                          RAW.c.block_number <= final_block).values(is_final=True))
+        for table in TABLES.values():
+            not_final = and_(table.c.is_final.is_(False), table.c.updated_block <= final_block)
+            session.execute(update(table).where(not_final).values(is_final=True))
+        session.execute(delete(ChainBlock).where(ChainBlock.chain_id == self.chain_id,
+                                                 ChainBlock.number < final_block))
+        self._sync_outbox(session)
+
+    # --- rows ----------------------------------------------------------------------------------
+
+    def _raw_row(self, ev: ChainEvent, final_block: int) -> Row:
+        return {"chain_id": self.chain_id, "block_number": ev.block_number, "block_hash": ev.block_hash,
+                "tx_hash": ev.tx_hash, "log_index": ev.log_index, "address": ev.address, "event": ev.name,
+                "entity": entity_of(ev), "args": args_to_json(ev.args),
+                "is_final": ev.block_number <= final_block}
+
+    def _event(self, r: Any) -> ChainEvent:
+        return ChainEvent(chain_id=r["chain_id"], block_number=r["block_number"],
+                          block_hash=r["block_hash"], tx_hash=r["tx_hash"], log_index=r["log_index"],
+                          address=r["address"], name=r["event"], args=args_from_json(r["event"], r["args"]))
+
+    def _load(self, session: Session, entities: Iterable[str]) -> dict[str, Row]:
+        by_kind: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
+        for e in entities:
+            by_kind[kind_of(e)].append(_pk(e))
+        out: dict[str, Row] = {}
+        for kind, pks in by_kind.items():
+            table, cols = TABLES[kind], [TABLES[kind].c[k] for k in _keys(kind)]
+            for chunk in _chunks(pks):
+                cond = cols[0].in_([p[0] for p in chunk]) if len(cols) == 1 else tuple_(*cols).in_(chunk)
+                for r in session.execute(select(table).where(cond)).mappings():
+                    out[_entity(kind, dict(r))] = dict(r)
+        return out
+
+    def _save(self, session: Session, states: dict[str, Row | None], final_block: int) -> None:
+        gone: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
+        kept: dict[str, list[Row]] = defaultdict(list)
+        for e, row in states.items():
+            if row is None:
+                gone[kind_of(e)].append(_pk(e))
+            else:
+                kept[kind_of(e)].append(row)
+        for kind in reversed(KINDS):
+            for chunk in _chunks(gone.get(kind, [])):
+                self._delete(session, kind, chunk)
+        for kind in KINDS:
+            rows = kept.get(kind, [])
+            upsert(session, TABLES[kind], [self._table_row(r, final_block) for r in rows])
+            if kind == "adapter":
+                self._insert_lineage(session, rows)
+
+    def _table_row(self, row: Row, final_block: int) -> Row:
+        cols = {k: v for k, v in row.items() if not k.startswith("_")}
+        return {**cols, "is_final": row["updated_block"] <= final_block}
+
+    def _delete(self, session: Session, kind: str, pks: list[tuple[Any, ...]]) -> None:
+        table, cols = TABLES[kind], [TABLES[kind].c[k] for k in _keys(kind)]
+        if kind == "adapter":
+            session.execute(delete(LINEAGE).where(LINEAGE.c.adapter_id.in_([p[0] for p in pks])))
+        cond = cols[0].in_([p[0] for p in pks]) if len(cols) == 1 else tuple_(*cols).in_(pks)
+        session.execute(delete(table).where(cond))
+
+    def _insert_lineage(self, session: Session, rows: list[Row]) -> None:
+        lineage = [{"adapter_id": r["adapter_id"], "position": i, "dataset_id": d, "weight_bps": w,
+                    "block_number": r["block_number"]}
+                   for r in rows if "_lineage" in r for i, (d, w) in enumerate(r["_lineage"])]
+        insert_new(session, LINEAGE, lineage, ("adapter_id", "position"), ("adapter_id",))
+
+    def _sync_outbox(self, session: Session) -> None:
+        """Move settlement epochs the chain has settled to `confirmed`, then `final`; back to
+        `submitted` when a reorg removed their `EpochSettled`."""
+        s, o = SettledEpoch.__table__, SettlementEpoch.__table__
+        same = and_(s.c.node == o.c.node, s.c.epoch_id == o.c.epoch_id)
+        now = datetime.now(UTC)
+        sent = o.c.state.in_([EpochState.BUILT, EpochState.SUBMITTED])
+        session.execute(update(o).where(sent, exists().where(same))
+                        .values(state=EpochState.CONFIRMED, confirmed_at=now))
+        session.execute(update(o).where(o.c.state == EpochState.CONFIRMED, ~exists().where(same))
+                        .values(state=EpochState.SUBMITTED, confirmed_at=None))
+        session.execute(update(o).where(o.c.state == EpochState.CONFIRMED, exists().where(same, s.c.is_final))
+                        .values(state=EpochState.FINAL, finalized_at=now))
+
+
+def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), CHUNK):
+        yield items[i:i + CHUNK]

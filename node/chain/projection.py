@@ -1,0 +1,123 @@
+"""How each event changes the mirror row it belongs to: pure functions, no database.
+
+An event belongs to one entity (`entity_of`), e.g. `escrow:<payer>:<node>`. A row is a dict of the
+mirror table's columns. Replaying an entity's events from `None` in chain order gives its row: the
+indexer applies new events to the stored row, a rollback replays what is left after the fork.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from node.chain.events import ChainEvent
+from node.errors import ChainError
+
+Row = dict[str, Any]
+KINDS = ("dataset", "adapter", "escrow", "lane", "epoch", "claim")  # parents before children
+CREATING = frozenset({"DatasetRegistered", "AdapterRegistered", "EpochSettled", "Claimed"})
+
+
+def entity_of(ev: ChainEvent) -> str:
+    a = ev.args
+    match ev.name:
+        case "DatasetRegistered" | "DatasetUpdated":
+            return f"dataset:{a['datasetId']}"
+        case "AdapterRegistered" | "AdapterDeprecated":
+            return f"adapter:{a['adapterId']}"
+        case "Deposited" | "ThawStarted" | "Withdrawn" | "Collected":
+            return f"escrow:{a['payer']}:{a['node']}"
+        case "VoucherCollected":
+            return f"lane:{a['payer']}:{a['node']}:{a['lane']}"
+        case "EpochSettled" | "EpochVetoed":
+            return f"epoch:{a['node']}:{a['epochId']}"
+        case "Claimed":
+            return f"claim:{a['node']}:{a['account']}:{a['epochId']}"
+    raise ChainError("event has no mirror entity", event=ev.name)
+
+
+def kind_of(entity: str) -> str:
+    return entity.split(":", 1)[0]
+
+
+def _created(ev: ChainEvent, **cols: Any) -> Row:
+    return {**cols, "block_number": ev.block_number, "updated_block": ev.block_number}
+
+
+def _changed(row: Row | None, ev: ChainEvent, **cols: Any) -> Row:
+    if row is None:
+        raise ChainError("event changes a row the mirror does not have", event=ev.name, tx_hash=ev.tx_hash,
+                         block=ev.block_number, entity=entity_of(ev))
+    return {**row, **cols, "updated_block": ev.block_number}
+
+
+def _time(seconds: int) -> datetime | None:
+    return datetime.fromtimestamp(seconds, UTC) if seconds else None
+
+
+def _escrow(row: Row | None, ev: ChainEvent) -> Row:
+    a = ev.args
+    if row is None:
+        row = _created(ev, payer=a["payer"], node=a["node"], balance=0, thawing=0, thaw_end_at=None,
+                       deposited=0, withdrawn=0, collected=0)
+    amount = a["amount"]
+    match ev.name:
+        case "Deposited":
+            return _changed(row, ev, balance=row["balance"] + amount, deposited=row["deposited"] + amount)
+        case "ThawStarted":
+            return _changed(row, ev, thawing=amount, thaw_end_at=_time(a["thawEndAt"]))
+        case "Withdrawn":
+            return _changed(row, ev, balance=row["balance"] - amount, withdrawn=row["withdrawn"] + amount,
+                            thawing=0, thaw_end_at=None)
+        case "Collected":
+            balance = row["balance"] - amount
+            return _changed(row, ev, balance=balance, collected=row["collected"] + amount,
+                            thawing=min(row["thawing"], balance))
+    raise ChainError("not an escrow event", event=ev.name)
+
+
+def apply(row: Row | None, ev: ChainEvent) -> Row:
+    """The row after `ev`, given the row before it (None if the entity has no row yet)."""
+    a = ev.args
+    match ev.name:
+        case "DatasetRegistered":
+            return _created(ev, dataset_id=a["datasetId"], owner=a["owner"], content_hash=a["contentHash"],
+                            uri=a["uri"], payout=a["payout"], tx_hash=ev.tx_hash)
+        case "DatasetUpdated":
+            return _changed(row, ev, uri=a["uri"], payout=a["payout"])
+        case "AdapterRegistered":
+            lineage = list(zip(a["datasetIds"], a["weightsBps"], strict=True))
+            return _created(ev, adapter_id=a["adapterId"], owner=a["owner"], base_model=a["baseModel"],
+                            weights_sha256=a["weightsSha256"], uri=a["uri"],
+                            owner_share_bps=a["ownerShareBps"],
+                            lineage_hash=a["lineageHash"], deprecated_block=None, tx_hash=ev.tx_hash,
+                            _lineage=lineage)
+        case "AdapterDeprecated":
+            return _changed(row, ev, deprecated_block=ev.block_number)
+        case "VoucherCollected":
+            base = row or _created(ev, payer=a["payer"], node=a["node"], lane=a["lane"], collected=0,
+                                   last_cumulative=0)
+            return _changed(base, ev, collected=base["collected"] + a["amount"],
+                            last_cumulative=max(base["last_cumulative"], a["cumulative"]))
+        case "EpochSettled":
+            return _created(ev, node=a["node"], epoch_id=a["epochId"], rewards_root=a["rewardsRoot"],
+                            rewards_total=a["rewardsTotal"], receipts_root=a["receiptsRoot"],
+                            receipt_count=a["receiptCount"], collected=a["collected"],
+                            unlock_at=_time(a["unlockAt"]) or datetime.fromtimestamp(0, UTC),
+                            tx_hash=ev.tx_hash, vetoed_block=None)
+        case "EpochVetoed":
+            return _changed(row, ev, vetoed_block=ev.block_number)
+        case "Claimed":
+            return _created(ev, node=a["node"], account=a["account"], epoch_id=a["epochId"],
+                            amount=a["amount"], cumulative_amount=a["cumulativeAmount"], tx_hash=ev.tx_hash)
+    return _escrow(row, ev)
+
+
+def replay(row: Row | None, events: Iterable[ChainEvent]) -> Row | None:
+    for ev in events:
+        row = apply(row, ev)
+    return row
+
+
+Applier = Callable[[Row | None, ChainEvent], Row]

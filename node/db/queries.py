@@ -1,0 +1,168 @@
+"""The reads the other parts share, written once. Every function takes a Session and returns plain
+values (frozen dataclasses, ints for money); none calls the chain.
+
+The escrow and lane figures read the mirror at the indexer's confirmation depth (`is_final` says
+whether a row is past the finality depth too); settlement pays only from `is_final` rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from node.db.models import (
+    Adapter,
+    AdapterLineage,
+    Dataset,
+    EscrowAccount,
+    IndexerCursor,
+    Lane,
+    LaneCollection,
+    Receipt,
+)
+
+
+@dataclass(frozen=True)
+class LaneState:
+    payer: str
+    node: str
+    lane: int
+    charged_total: int
+    last_cumulative: int
+    last_voucher_hash: str | None
+    collected: int
+
+    @property
+    def uncollected(self) -> int:
+        """Charged by the node on this lane but not yet collected on chain."""
+        return max(self.charged_total - self.collected, 0)
+
+
+@dataclass(frozen=True)
+class Escrow:
+    payer: str
+    node: str
+    balance: int
+    thawing: int
+    thaw_end_at: datetime | None
+    uncollected: int
+    updated_block: int | None
+    is_final: bool
+
+    @property
+    def spendable(self) -> int:
+        return max(self.balance - self.thawing - self.uncollected, 0)
+
+
+@dataclass(frozen=True)
+class LineageEntry:
+    dataset_id: int
+    weight_bps: int
+    payout: str
+
+
+@dataclass(frozen=True)
+class AdapterLineageView:
+    adapter_id: int
+    owner: str
+    base_model: str
+    weights_sha256: str
+    uri: str
+    owner_share_bps: int
+    lineage_hash: str
+    registered_block: int
+    is_deprecated: bool
+    is_final: bool
+    datasets: tuple[LineageEntry, ...]
+
+
+@dataclass(frozen=True)
+class ReceiptRecord:
+    id: int
+    receipt_hash: str
+    voucher_hash: str
+    node: str
+    adapter_id: int
+    registry_block: int
+    lineage_hash: str
+    prompt_tokens: int
+    completion_tokens: int
+    fee: int
+    output_hash: str
+    method: int
+    signature: str
+    created_at: datetime
+    epoch_id: int | None
+
+
+@dataclass(frozen=True)
+class MirrorHead:
+    chain_id: int
+    last_block: int
+    final_block: int
+
+
+def payer_lanes(session: Session, payer: str, node: str | None = None) -> list[LaneState]:
+    """The payer's lanes (with one node, or all), with what the chain has collected on each."""
+    payer = payer.lower()
+    q = select(Lane).where(Lane.payer == payer).order_by(Lane.node, Lane.lane)
+    c = select(LaneCollection).where(LaneCollection.payer == payer)
+    if node is not None:
+        q, c = q.where(Lane.node == node.lower()), c.where(LaneCollection.node == node.lower())
+    collected = {(r.node, r.lane): r.collected for r in session.scalars(c)}
+    return [LaneState(payer=r.payer, node=r.node, lane=r.lane, charged_total=r.charged_total,
+                      last_cumulative=r.last_cumulative, last_voucher_hash=r.last_voucher_hash,
+                      collected=collected.get((r.node, r.lane), 0))
+            for r in session.scalars(q)]
+
+
+def escrow(session: Session, payer: str, node: str) -> Escrow:
+    """The (payer, node) escrow account as mirrored, with the node's uncollected charges."""
+    payer, node = payer.lower(), node.lower()
+    acct = session.get(EscrowAccount, (payer, node))
+    uncollected = sum(lane.uncollected for lane in payer_lanes(session, payer, node))
+    if acct is None:
+        return Escrow(payer, node, 0, 0, None, uncollected, None, False)
+    return Escrow(payer, node, acct.balance, acct.thawing, acct.thaw_end_at, uncollected,
+                  acct.updated_block, acct.is_final)
+
+
+def spendable_escrow(session: Session, payer: str, node: str) -> int:
+    """balance - thawing - (charged on all lanes but not yet collected), never below zero."""
+    return escrow(session, payer, node).spendable
+
+
+def adapter_lineage(session: Session, adapter_id: int,
+                    at_block: int | None = None) -> AdapterLineageView | None:
+    """The adapter as registered at `at_block` (default: the mirror's head), None if it was not
+    registered by then. Lineage is immutable; deprecation counts from its own block."""
+    adapter = session.get(Adapter, adapter_id)
+    if adapter is None or (at_block is not None and adapter.block_number > at_block):
+        return None
+    rows = session.execute(
+        select(AdapterLineage.dataset_id, AdapterLineage.weight_bps, Dataset.payout)
+        .join(Dataset, Dataset.dataset_id == AdapterLineage.dataset_id)
+        .where(AdapterLineage.adapter_id == adapter_id).order_by(AdapterLineage.position)).all()
+    dep = adapter.deprecated_block
+    deprecated = dep is not None and (at_block is None or dep <= at_block)
+    return AdapterLineageView(
+        adapter_id=adapter.adapter_id, owner=adapter.owner, base_model=adapter.base_model,
+        weights_sha256=adapter.weights_sha256, uri=adapter.uri, owner_share_bps=adapter.owner_share_bps,
+        lineage_hash=adapter.lineage_hash, registered_block=adapter.block_number, is_deprecated=deprecated,
+        is_final=adapter.is_final, datasets=tuple(LineageEntry(d, w, p) for d, w, p in rows))
+
+
+def epoch_receipts(session: Session, node: str, epoch_id: int) -> list[ReceiptRecord]:
+    """The receipts assigned to `node`'s epoch, in the order they were written."""
+    q = select(Receipt).where(Receipt.node == node.lower(), Receipt.epoch_id == epoch_id).order_by(Receipt.id)
+    return [ReceiptRecord(**{c.key: getattr(r, c.key) for c in Receipt.__table__.columns})
+            for r in session.scalars(q)]
+
+
+def mirror_head(session: Session) -> MirrorHead | None:
+    """How far the mirror has indexed (None before the indexer's first range)."""
+    cur = session.scalars(select(IndexerCursor)).first()
+    return None if cur is None else MirrorHead(cur.chain_id, cur.last_block, cur.final_block)

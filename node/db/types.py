@@ -1,0 +1,101 @@
+"""Column types that keep chain values exact and normalised on both SQLite and PostgreSQL.
+
+`Amount` is `Numeric(78, 0)` on PostgreSQL. SQLite's NUMERIC affinity turns integers above 2**63 into
+floats, so there it is a 78-digit zero-padded string: equality and ordering still work in SQL, sums
+are done in Python (`queries.py`). Both read back as `int`.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import DateTime, Dialect, Numeric, String
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+AMOUNT_DIGITS = 78
+_ADDRESS = re.compile(r"^0x[0-9a-f]{40}$")
+_HASH32 = re.compile(r"^0x[0-9a-f]{64}$")
+
+
+class Amount(TypeDecorator[int]):
+    """A uint256 as a Python int (never a float, never a Decimal)."""
+
+    impl = Numeric(AMOUNT_DIGITS, 0)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(String(AMOUNT_DIGITS))
+        return dialect.type_descriptor(Numeric(AMOUNT_DIGITS, 0, asdecimal=True))
+
+    def process_bind_param(self, value: int | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 10**AMOUNT_DIGITS:
+            raise ValueError(f"amount must be a non-negative int below 10**78, got {value!r}")
+        return f"{value:0{AMOUNT_DIGITS}d}" if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> int | None:
+        return None if value is None else int(value)
+
+
+class _HexString(TypeDecorator[str]):
+    impl = String
+    cache_ok = True
+    _pattern: re.Pattern[str]
+    _what: str
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        if value is None:
+            return None
+        low = value.lower()
+        if not self._pattern.match(low):
+            raise ValueError(f"not a {self._what}: {value!r}")
+        return low
+
+
+class Address(_HexString):
+    """An EVM address, stored lower-case 0x-hex (42 chars)."""
+
+    _pattern = _ADDRESS
+    _what = "0x-hex address"
+    cache_ok = True
+
+    def __init__(self, length: int = 42) -> None:
+        super().__init__(length)
+
+
+class Hash32(_HexString):
+    """A 32-byte hash, stored lower-case 0x-hex (66 chars)."""
+
+    _pattern = _HASH32
+    _what = "0x-hex 32-byte hash"
+    cache_ok = True
+
+    def __init__(self, length: int = 66) -> None:
+        super().__init__(length)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime (SQLite forgets the zone; this puts it back)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: use an aware UTC datetime")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)

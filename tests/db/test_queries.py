@@ -1,0 +1,94 @@
+"""The shared reads: spendable escrow, lineage at a block, a payer's lanes, an epoch's receipts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.chain.events import ChainEvent
+from node.chain.mirror import Mirror
+from node.db.models import Lane, Receipt, SettlementEpoch, Voucher
+from node.db.queries import adapter_lineage, epoch_receipts, payer_lanes, spendable_escrow
+from node.db.session import make_engine, session_factory, upgrade
+
+PAYER, NODE, OTHER = "0x" + "aA" * 20, "0x" + "bb" * 20, "0x" + "cc" * 20
+H = "0x" + "ee" * 32
+ETH = 10**18
+
+
+def _ev(block: int, name: str, **args: Any) -> ChainEvent:
+    return ChainEvent(31337, block, f"0x{block:064x}", f"0x{block * 1000 + len(args):064x}", 0,
+                      "0x" + "01" * 20, name, args)
+
+
+def _db(db_url: str) -> sessionmaker[Session]:
+    upgrade(db_url)
+    return session_factory(make_engine(db_url))
+
+
+def test_spendable_escrow_subtracts_thawing_and_uncollected_charges(db_url: str) -> None:
+    factory, mirror = _db(db_url), Mirror(31337)
+    payer = PAYER.lower()
+    with factory.begin() as s:
+        mirror.ingest(s, [_ev(1, "Deposited", payer=payer, node=NODE, amount=10 * ETH),
+                          _ev(2, "ThawStarted", payer=payer, node=NODE, amount=3 * ETH,
+                              thawEndAt=2_000_000_000),
+                          _ev(3, "Deposited", payer=payer, node=OTHER, amount=99 * ETH)], final_block=0)
+        s.add_all([Lane(payer=payer, node=NODE, lane=0, charged_total=2 * ETH, last_cumulative=2 * ETH),
+                   Lane(payer=payer, node=NODE, lane=1, charged_total=ETH, last_cumulative=ETH)])
+    with factory() as s:
+        assert spendable_escrow(s, PAYER, NODE) == 10 * ETH - 3 * ETH - 3 * ETH
+    # the chain collects lane 0 (2 ETH): balance and uncollected both drop, spendable is unchanged
+    with factory.begin() as s:
+        mirror.ingest(s, [_ev(4, "VoucherCollected", node=NODE, payer=payer, lane=0, cumulative=2 * ETH,
+                              amount=2 * ETH),
+                          _ev(5, "Collected", payer=payer, node=NODE, amount=2 * ETH)], final_block=0)
+    with factory() as s:
+        assert spendable_escrow(s, PAYER, NODE) == 4 * ETH
+        lanes = payer_lanes(s, PAYER, NODE)
+        assert [(la.lane, la.collected, la.uncollected) for la in lanes] == [(0, 2 * ETH, 0), (1, 0, ETH)]
+        assert {la.node for la in payer_lanes(s, PAYER)} == {NODE}
+        assert spendable_escrow(s, OTHER, NODE) == 0
+
+
+def test_adapter_lineage_is_as_registered_at_the_block(db_url: str) -> None:
+    factory, mirror = _db(db_url), Mirror(31337)
+    with factory.begin() as s:
+        mirror.ingest(s, [
+            _ev(1, "DatasetRegistered", datasetId=1, owner=OTHER, contentHash=H, uri="a", payout=OTHER),
+            _ev(2, "DatasetRegistered", datasetId=2, owner=NODE, contentHash=H, uri="b", payout=NODE),
+            _ev(3, "AdapterRegistered", adapterId=7, owner=PAYER.lower(), baseModel=H, weightsSha256=H,
+                uri="file:///a", datasetIds=(2, 1), weightsBps=(2500, 7500), ownerShareBps=1000,
+                lineageHash=H),
+            _ev(6, "AdapterDeprecated", adapterId=7)], final_block=3)
+    with factory() as s:
+        assert adapter_lineage(s, 7, at_block=2) is None
+        at4 = adapter_lineage(s, 7, at_block=4)
+        assert at4 is not None and not at4.is_deprecated and at4.registered_block == 3
+        got = [(d.dataset_id, d.weight_bps, d.payout) for d in at4.datasets]
+        assert got == [(2, 2500, NODE), (1, 7500, OTHER)]
+        head = adapter_lineage(s, 7)
+        assert head is not None and head.is_deprecated and not head.is_final
+        assert adapter_lineage(s, 8) is None
+
+
+def test_epoch_receipts_are_the_epochs_own_in_write_order(db_url: str) -> None:
+    factory = _db(db_url)
+    with factory.begin() as s:
+        s.add(SettlementEpoch(node=NODE, epoch_id=1))
+        s.flush()
+        for i, epoch in enumerate([1, None, 1]):
+            vh = f"0x{i + 1:064x}"
+            s.add(Voucher(voucher_hash=vh, payer=PAYER, node=NODE, lane=0, cumulative=i, request_hash=H,
+                          deadline=0, signature="0x" + "00" * 65, charged_total=i))
+            s.flush()
+            s.add(Receipt(receipt_hash=f"0x{i + 100:064x}", voucher_hash=vh, node=NODE, adapter_id=7,
+                          registry_block=3, lineage_hash=H, prompt_tokens=5, completion_tokens=9,
+                          fee=10**20 + i, output_hash=H, method=1, signature="0x" + "00" * 65,
+                          epoch_id=epoch))
+            s.flush()
+    with factory() as s:
+        got = epoch_receipts(s, NODE.upper().replace("0X", "0x"), 1)
+    assert [r.fee for r in got] == [10**20, 10**20 + 2]
+    assert all(r.epoch_id == 1 and r.created_at.tzinfo is not None for r in got)
