@@ -199,6 +199,10 @@ class Lane(Base):
     charged_total: Mapped[int] = mapped_column(Amount(), nullable=False, default=0)
     last_cumulative: Mapped[int] = mapped_column(Amount(), nullable=False, default=0)
     last_voucher_hash: Mapped[str | None] = mapped_column(Hash32())
+    # the hold of the request in flight on this lane (its max fee), if any; see node/payment/ledger.py
+    reserved: Mapped[int] = mapped_column(Amount(), nullable=False, default=0)
+    reserved_voucher_hash: Mapped[str | None] = mapped_column(Hash32())
+    reserved_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utc_now)
 
 
@@ -215,6 +219,8 @@ class Voucher(Base):
     deadline: Mapped[int] = mapped_column(BigInteger, nullable=False)
     signature: Mapped[str] = mapped_column(String(132), nullable=False)
     charged_total: Mapped[int] = mapped_column(Amount(), nullable=False)
+    # the response body sent, kept for idempotent retries of the same voucher for a window
+    response: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utc_now)
 
 

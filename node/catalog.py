@@ -1,0 +1,77 @@
+"""Which adapters this node serves: the registry mirror, filtered to this node's base model.
+
+`model` in an OpenAI request is the adapter's registry id (a decimal string). The catalog reads the
+mirror (never the chain), refuses adapters for another base model or deprecated ones, and hands the
+engine's adapter provider plain values: the URI and the registered sha256.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.db import queries
+from node.db.models import Adapter
+from node.errors import AdapterNotFound, MirrorUnavailable
+from node.lora.provider import AdapterProvider, AdapterSource, LoadState
+
+
+@dataclass(frozen=True)
+class ServedAdapter:
+    adapter_id: int
+    model: str  # the name clients use
+    registry_block: int  # the mirror head when it was resolved: the lineage as indexed there
+    lineage: queries.AdapterLineageView
+
+
+class AdapterCatalog:
+    def __init__(self, factory: sessionmaker[Session], provider: AdapterProvider[object], base_model_id: str) -> None:
+        self.factory = factory
+        self.provider = provider
+        self.base_model_id = base_model_id.lower()
+        self._registered: set[int] = set()
+        self._lock = threading.Lock()
+
+    def resolve(self, model: str) -> ServedAdapter:
+        adapter_id = self._parse(model)
+        with self.factory() as session:
+            head = queries.mirror_head(session)
+            if head is None:
+                raise MirrorUnavailable("the chain mirror has not indexed anything yet")
+            view = queries.adapter_lineage(session, adapter_id, at_block=head.last_block)
+        if view is None:
+            raise AdapterNotFound(f"adapter {model} is not registered", model=model)
+        if view.base_model.lower() != self.base_model_id:
+            raise AdapterNotFound(f"adapter {model} is for another base model", model=model,
+                                  adapter_base_model=view.base_model, node_base_model=self.base_model_id)
+        if view.is_deprecated:
+            raise AdapterNotFound(f"adapter {model} is deprecated by its owner", model=model)
+        self._ensure_registered(view)
+        return ServedAdapter(adapter_id, str(adapter_id), head.last_block, view)
+
+    def _ensure_registered(self, view: queries.AdapterLineageView) -> None:
+        with self._lock:
+            if view.adapter_id in self._registered and \
+                    self.provider.state(str(view.adapter_id)) is not LoadState.UNKNOWN:
+                return
+            self.provider.register(str(view.adapter_id), AdapterSource(uri=view.uri, sha256=view.weights_sha256))
+            self._registered.add(view.adapter_id)
+
+    def served(self) -> list[queries.AdapterLineageView]:
+        """Every adapter registered for this base model and not deprecated, per the mirror."""
+        with self.factory() as session:
+            ids = session.scalars(select(Adapter.adapter_id).where(Adapter.base_model == self.base_model_id,
+                                                                   Adapter.deprecated_block.is_(None))
+                                  .order_by(Adapter.adapter_id)).all()
+            views = [queries.adapter_lineage(session, i) for i in ids]
+        return [v for v in views if v is not None]
+
+    @staticmethod
+    def _parse(model: str) -> int:
+        text = model.removeprefix("adapter-")
+        if not text.isdigit() or len(text) > 30 or int(text) == 0:
+            raise AdapterNotFound(f"unknown model {model!r}: use an adapter id from GET /v1/models", model=model)
+        return int(text)

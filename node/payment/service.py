@@ -1,0 +1,110 @@
+"""Paying for one request, start to finish: check the voucher, hold the max fee, charge and sign.
+
+    begin(header, body, max_fee)  -> a Hold, or the stored response when the voucher was used before
+    finish(hold, usage, output)   -> (charged_total, response body with the signed receipt), committed
+    cancel(hold)                  -> nothing charged
+
+The receipt is the node's EIP-712 `Receipt`; its id is its digest. It is committed with the charge
+and the response in one transaction: no receipt, no response; no response, no charge.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from eth_account import Account
+from eth_hash.auto import keccak
+
+from node.catalog import ServedAdapter
+from node.chain.eip712 import Domain, Receipt, receipt_digest, sign_receipt
+from node.errors import BadSignature
+from node.payment.header import decode_payment_header
+from node.payment.ledger import Ledger, ReceiptRow, Reservation
+from node.payment.pricing import Pricing
+from node.payment.voucher_check import CheckedVoucher, check_voucher
+
+METHOD_LINEAGE = 1
+
+
+@dataclass(frozen=True)
+class Hold:
+    checked: CheckedVoucher
+    reservation: Reservation
+
+
+@dataclass(frozen=True)
+class Replay:
+    """The voucher was used before: here is the response it bought."""
+
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class PaymentService:
+    def __init__(self, ledger: Ledger, domain: Domain, operator_key: str, pricing: Pricing, *,
+                 min_validity_s: int = 30, clock: Callable[[], float] = time.time) -> None:
+        self.ledger = ledger
+        self.domain = domain
+        self.operator_key = operator_key
+        self.node = Account.from_key(operator_key).address
+        self.pricing = pricing
+        self.min_validity_s = min_validity_s
+        self.clock = clock
+
+    def check(self, header_value: str | None, body: bytes) -> CheckedVoucher | Replay:
+        """Stateless checks, then the idempotent-retry lookup."""
+        header = decode_payment_header(header_value)
+        now = int(self.clock())
+        checked = check_voucher(header, body, domain=self.domain, node=self.node)
+        stored = self.ledger.stored_response(checked.digest_hex)
+        if stored is not None:  # a retry of a request already served: the same answer, no new charge
+            return Replay(stored)
+        if header.deadline < now + self.min_validity_s:
+            raise BadSignature("the voucher expires too soon", deadline=header.deadline, now=now,
+                               min_validity_s=self.min_validity_s)
+        return checked
+
+    def hold(self, checked: CheckedVoucher, max_fee: int) -> Hold:
+        return Hold(checked, self.ledger.reserve(checked, max_fee))
+
+    def finish(self, hold: Hold, adapter: ServedAdapter, usage: Usage, output_text: str,
+               build: Callable[[dict[str, Any]], dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+        """Charge for `usage`, sign the receipt, and commit it with `build(receipt)` as the response."""
+        fee = min(self.pricing.fee(usage.prompt_tokens, usage.completion_tokens), hold.reservation.max_fee)
+        receipt = Receipt(voucher_hash=hold.checked.digest, adapter_id=adapter.adapter_id.to_bytes(32, "big"),
+                          registry_block=adapter.registry_block,
+                          lineage_hash=bytes.fromhex(adapter.lineage.lineage_hash.removeprefix("0x")),
+                          prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, fee=fee,
+                          output_hash=keccak(output_text.encode()), method=METHOD_LINEAGE)
+        signature = sign_receipt(self.operator_key, receipt, self.domain)
+        row = ReceiptRow(receipt_hash="0x" + receipt_digest(receipt, self.domain).hex(),
+                         adapter_id=adapter.adapter_id, registry_block=receipt.registry_block,
+                         lineage_hash=adapter.lineage.lineage_hash.lower(), prompt_tokens=usage.prompt_tokens,
+                         completion_tokens=usage.completion_tokens, fee=fee,
+                         output_hash="0x" + receipt.output_hash.hex(), method=receipt.method,
+                         signature="0x" + signature.hex())
+
+        def respond(charged_total: int) -> dict[str, Any]:
+            return build(receipt_json(row, hold.checked.digest_hex, self.node, charged_total))
+
+        return self.ledger.commit(hold.reservation, hold.checked, fee, row, respond)
+
+    def cancel(self, hold: Hold) -> None:
+        self.ledger.release(hold.reservation)
+
+
+def receipt_json(row: ReceiptRow, voucher_hash: str, node: str, charged_total: int) -> dict[str, Any]:
+    """The receipt as it appears in a response body: EIP-712 fields, signature, id, node, total."""
+    return {"id": row.receipt_hash, "voucherHash": voucher_hash,
+            "adapterId": "0x" + row.adapter_id.to_bytes(32, "big").hex(), "registryBlock": row.registry_block,
+            "lineageHash": row.lineage_hash, "promptTokens": row.prompt_tokens,
+            "completionTokens": row.completion_tokens, "fee": str(row.fee), "outputHash": row.output_hash,
+            "method": row.method, "signature": row.signature, "node": node, "chargedTotal": str(charged_total)}

@@ -1,0 +1,160 @@
+"""Lanes, holds, charges and receipts in the database (SQLite, and PostgreSQL in CI)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.chain.eip712 import Domain, Voucher, sign_voucher
+from node.chain.events import ChainEvent
+from node.chain.mirror import Mirror
+from node.db.models import Lane, Receipt
+from node.db.models import Voucher as VoucherRow
+from node.db.session import make_engine, session_factory, upgrade
+from node.errors import InsufficientEscrow, VoucherConflict
+from node.payment.header import PaymentHeader, request_hash
+from node.payment.ledger import Ledger, ReceiptRow
+from node.payment.voucher_check import CheckedVoucher, check_voucher
+
+PAYER_KEY = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d"
+PAYER = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
+NODE = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"
+DOMAIN = Domain(chain_id=31337, verifying_contract="0x5FbDB2315678afecb367f032d93F642f64180aa3")
+DEADLINE = 4_000_000_000
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _voucher(lane: int, cumulative: int, body: bytes = b"{}") -> CheckedVoucher:
+    v = Voucher(PAYER, NODE, lane, cumulative, request_hash(body), DEADLINE)
+    header = PaymentHeader(PAYER, NODE, lane, cumulative, v.request_hash, DEADLINE, sign_voucher(PAYER_KEY, v, DOMAIN))
+    return check_voucher(header, body, domain=DOMAIN, node=NODE)
+
+
+def _setup(db_url: str, deposit: int) -> sessionmaker[Session]:
+    upgrade(db_url)
+    factory = session_factory(make_engine(db_url))
+    ev = ChainEvent(31337, 1, "0x" + "01" * 32, "0x" + "02" * 32, 0, "0x" + "03" * 20, "Deposited",
+                    {"payer": PAYER.lower(), "node": NODE.lower(), "amount": deposit})
+    with factory.begin() as s:
+        Mirror(31337).ingest(s, [ev], final_block=0)
+    return factory
+
+
+def _receipt(n: int, fee: int) -> ReceiptRow:
+    return ReceiptRow(receipt_hash=f"0x{n:064x}", adapter_id=1, registry_block=1, lineage_hash="0x" + "ab" * 32,
+                      prompt_tokens=3, completion_tokens=4, fee=fee, output_hash="0x" + "cd" * 32, method=1,
+                      signature="0x" + "11" * 65)
+
+
+def _body(total: int) -> dict[str, Any]:
+    return {"charged": total}
+
+
+def test_hold_charge_and_receipt_in_one_go(db_url: str) -> None:
+    factory = _setup(db_url, deposit=1_000)
+    ledger = Ledger(factory, NODE)
+    checked = _voucher(lane=0, cumulative=100)
+    hold = ledger.reserve(checked, max_fee=100)
+    total, body = ledger.commit(hold, checked, 60, _receipt(1, 60), _body)
+    assert (total, body) == (60, {"charged": 60})
+    assert ledger.stored_response(checked.digest_hex) == {"charged": 60}
+    channel = ledger.channel(PAYER, 0)
+    assert (channel.charged_total, channel.last_cumulative, channel.spendable) == (60, 100, 940)
+    with factory() as s:
+        receipt = s.scalars(select(Receipt)).one()
+        assert receipt.voucher_hash == checked.digest_hex and receipt.fee == 60
+        assert s.get(VoucherRow, checked.digest_hex).charged_total == 60
+
+
+def test_the_next_voucher_signs_on_top_of_the_charged_total(db_url: str) -> None:
+    ledger = Ledger(_setup(db_url, deposit=1_000), NODE)
+    first = _voucher(0, 100)
+    ledger.commit(ledger.reserve(first, 100), first, 60, _receipt(1, 60), _body)
+    with pytest.raises(InsufficientEscrow, match="does not cover") as err:
+        ledger.reserve(_voucher(0, 150, b"2"), max_fee=100)  # 60 charged + 100 max fee > 150
+    assert err.value.facts["needed"] == "160"
+    ledger.reserve(_voucher(0, 160, b"3"), max_fee=100)
+
+
+def test_replays_stale_vouchers_and_busy_lanes_are_409(db_url: str) -> None:
+    ledger = Ledger(_setup(db_url, deposit=1_000), NODE)
+    first = _voucher(0, 100)
+    ledger.commit(ledger.reserve(first, 100), first, 100, _receipt(1, 100), _body)
+    with pytest.raises(VoucherConflict, match="already used"):
+        ledger.reserve(first, 100)
+    with pytest.raises(VoucherConflict, match="stale"):
+        ledger.reserve(_voucher(0, 99, b"x"), 0)
+    ledger.reserve(_voucher(0, 300, b"y"), 100)
+    with pytest.raises(VoucherConflict, match="in flight"):
+        ledger.reserve(_voucher(0, 400, b"z"), 100)
+
+
+def test_holds_on_other_lanes_count_against_the_escrow(db_url: str) -> None:
+    ledger = Ledger(_setup(db_url, deposit=250), NODE)
+    ledger.reserve(_voucher(0, 200), 200)
+    with pytest.raises(InsufficientEscrow, match="not enough escrow") as err:
+        ledger.reserve(_voucher(1, 200), 200)
+    assert err.value.facts["spendable"] == 50
+    ledger.reserve(_voucher(2, 50), 50)
+
+
+def test_a_released_hold_charges_nothing(db_url: str) -> None:
+    factory = _setup(db_url, deposit=100)
+    ledger = Ledger(factory, NODE)
+    checked = _voucher(0, 100)
+    ledger.release(ledger.reserve(checked, 100))
+    assert ledger.channel(PAYER, 0).charged_total == 0
+    again = _voucher(0, 100, b"again")
+    ledger.reserve(again, 100)  # the lane is free and the escrow whole again
+    with factory() as s:
+        assert s.scalars(select(Receipt)).all() == []
+
+
+def test_an_expired_hold_is_taken_over_and_cannot_be_charged(db_url: str) -> None:
+    clock = Clock()
+    ledger = Ledger(_setup(db_url, deposit=1_000), NODE, reservation_ttl_s=60, clock=clock)
+    crashed = _voucher(0, 100)
+    stale_hold = ledger.reserve(crashed, 100)
+    clock.now += 61
+    fresh = _voucher(0, 100, b"fresh")
+    ledger.reserve(fresh, 100)
+    with pytest.raises(VoucherConflict, match="taken over"):
+        ledger.commit(stale_hold, crashed, 100, _receipt(1, 100), _body)
+
+
+def test_concurrent_lanes_never_spend_more_than_the_escrow(db_url: str) -> None:
+    factory = _setup(db_url, deposit=1_000)
+    ledger = Ledger(factory, NODE)
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def one(lane: int) -> None:
+        checked = _voucher(lane, 300, f"{lane}".encode())
+        try:
+            hold = ledger.reserve(checked, 300)
+            ledger.commit(hold, checked, 300, _receipt(lane + 1, 300), _body)
+            result = "ok"
+        except InsufficientEscrow:
+            result = "402"
+        with lock:
+            outcomes.append(result)
+
+    threads = [threading.Thread(target=one, args=(lane,)) for lane in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes.count("ok") == 3 and outcomes.count("402") == 5
+    with factory() as s:
+        assert sum(r.charged_total for r in s.scalars(select(Lane))) == 900
