@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import torch
 
 from node.engine.config import EngineConfig
 from node.engine.sampling import sample
 from node.engine.scheduler import ScheduledSeq
+from node.engine.sequence import Sequence
 from node.lora.adapter import LoRATargetSpec, LoRAWeights
 from node.lora.mapping import build_plan
 from node.lora.provider import AdapterProvider
@@ -35,6 +36,8 @@ class ModelRunner:
         target = LoRATargetSpec.of(model_config.num_layers, model_config.module_shapes())
         self.slots = LoRASlots(target, config.max_adapter_slots, config.max_lora_rank,
                                config.torch_dtype, self.device)
+        # Sees each step's logits [num_sampled, vocab] with their sequences (tests, logprobs later).
+        self.logits_observer: Callable[[list[Sequence], torch.Tensor], None] | None = None
         log.info("KV cache: %d blocks of %d tokens", self.num_blocks, config.block_size)
 
     def _block_bytes(self) -> int:
@@ -89,6 +92,8 @@ class ModelRunner:
         if not sampled:
             return []
         logits = self.model.logits(hidden[self._long(ends)])
+        if self.logits_observer is not None:
+            self.logits_observer([s.seq for s in sampled], logits)
         tokens = sample(logits, [s.seq.params for s in sampled], [s.seq.generator for s in sampled])
         by_seq = {id(s.seq): t for s, t in zip(sampled, tokens, strict=True)}
         return [by_seq[id(s.seq)] for s in scheduled if s.is_sampled]
