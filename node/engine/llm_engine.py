@@ -226,8 +226,15 @@ class LLMEngine:
         self.start()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[StreamDelta] = asyncio.Queue()
-        rid = self.add_request(prompt, params or SamplingParams(), adapter_id, request_id,
-                               listener=lambda d: loop.call_soon_threadsafe(queue.put_nowait, d))
+        rid = request_id or f"stream-{next(self._ids)}"
+
+        def push(delta: StreamDelta) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, delta)
+            except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
+                self.abort(rid)
+
+        self.add_request(prompt, params or SamplingParams(), adapter_id, rid, listener=push)
         finished = False
         try:
             while not finished:

@@ -52,6 +52,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._loads: dict[str, Future[object]] = {}
+        self._num_preempted = 0
 
     @property
     def has_unfinished(self) -> bool:
@@ -78,6 +79,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.max_tokens
         scheduled: list[ScheduledSeq] = []
+        num_preempted = self._num_preempted
         for seq in list(self.running):
             if seq not in self.running or budget == 0:
                 continue  # preempted earlier in this loop, or no budget left this step
@@ -90,7 +92,8 @@ class Scheduler:
             self.blocks.grow(seq, n)
             scheduled.append(ScheduledSeq(seq, n))
             budget -= n
-        failed = self._admit(scheduled, budget)
+        # after a preemption, admitting would only take the blocks back and thrash (vLLM does the same)
+        failed = self._admit(scheduled, budget) if num_preempted == self._num_preempted else []
         return SchedulerOutput(scheduled=tuple(scheduled), failed=tuple(failed))
 
     def _admit(self, scheduled: list[ScheduledSeq], budget: int) -> list[Sequence]:
@@ -153,4 +156,5 @@ class Scheduler:
         self.blocks.release(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
+        self._num_preempted += 1
         self.waiting.appendleft(seq)

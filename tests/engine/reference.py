@@ -22,7 +22,7 @@ class PeftReference:
             else:
                 self.model.load_adapter(path, adapter_name=name)
 
-    def _use(self, adapter_id: str | None):  # noqa: ANN202 - a context manager
+    def _use(self, adapter_id: str | None):
         if adapter_id is None:
             return self.model.disable_adapter() if isinstance(self.model, PeftModel) else nullcontext()
         self.model.set_adapter(adapter_id)

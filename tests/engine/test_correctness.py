@@ -32,7 +32,7 @@ def _engine(tiny_model: Path, tiny_adapters: TinyAdapters, **overrides: int) -> 
     return engine
 
 
-def _run_and_record(engine: LLMEngine, prompts: list[str], adapters: list[str | None]):  # noqa: ANN202
+def _run_and_record(engine: LLMEngine, prompts: list[str], adapters: list[str | None]):
     steps: dict[str, list[torch.Tensor]] = {}
 
     def observe(seqs: list[Sequence], logits: torch.Tensor) -> None:
@@ -45,7 +45,7 @@ def _run_and_record(engine: LLMEngine, prompts: list[str], adapters: list[str | 
     return outputs, steps
 
 
-def _check(reference: PeftReference, outputs, steps, adapters: list[str | None]) -> None:  # noqa: ANN001
+def _check(reference: PeftReference, outputs, steps, adapters: list[str | None]) -> None:
     for out, adapter in zip(outputs, adapters, strict=True):
         full = out.prompt_token_ids + out.token_ids
         expected = reference.logits(full[:-1], adapter)[len(out.prompt_token_ids) - 1:]  # [MAX_TOKENS, V]
