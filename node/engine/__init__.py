@@ -2,3 +2,10 @@
 
 Imports torch and nothing of the service.
 """
+
+from node.engine.config import EngineConfig
+from node.engine.llm_engine import LLMEngine
+from node.engine.sampling import SamplingParams
+from node.engine.sequence import RequestOutput, StreamDelta
+
+__all__ = ["EngineConfig", "LLMEngine", "RequestOutput", "SamplingParams", "StreamDelta"]

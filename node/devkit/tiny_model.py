@@ -1,0 +1,100 @@
+"""Tiny random Llama-family checkpoints with a real tokenizer, saved like a Hugging Face folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+from transformers.utils import logging as hf_logging
+
+from node.devkit.corpus import STYLES, TEXT
+
+Arch = Literal["llama", "mistral", "qwen2"]
+_CLASSES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+}
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
+
+
+def train_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on the built-in corpus (ids 0..2 are <unk>, <s>, </s>)."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator([TEXT, *STYLES.values()], trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>",
+    )
+
+
+def make_tiny_model(
+    folder: str | Path,
+    *,
+    arch: Arch = "llama",
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    vocab_size: int = 512,
+    intermediate_size: int | None = None,
+    tie_embeddings: bool = False,
+    rope_scaling: dict[str, Any] | None = None,
+    max_position_embeddings: int = 2048,
+    initializer_range: float = 0.1,
+    shards: int = 1,
+    seed: int = 0,
+) -> Path:
+    """Write a random `arch` checkpoint (config.json, safetensors, tokenizer) into `folder`.
+
+    The weights come from transformers' own model class, so the folder loads with
+    `AutoModelForCausalLM.from_pretrained` and is the reference our forward pass is tested against.
+    A larger than usual `initializer_range` makes greedy choices clear-cut instead of near ties.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(vocab_size)
+    config_cls, model_cls = _CLASSES[arch]
+    extra: dict[str, Any] = {}
+    if rope_scaling is not None:
+        extra["rope_scaling"] = {"rope_theta": 10000.0, **rope_scaling}
+    config = config_cls(
+        vocab_size=vocab_size, hidden_size=hidden_size,
+        intermediate_size=intermediate_size or _intermediate(hidden_size),
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_embeddings,
+        initializer_range=initializer_range, rms_norm_eps=1e-6,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **extra,
+    )
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    nbytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    shard_bytes = max(1, nbytes // shards + 1) if shards > 1 else nbytes * 2 + (1 << 20)
+    model.save_pretrained(folder, max_shard_size=shard_bytes)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _intermediate(hidden_size: int) -> int:
+    """The Llama rule: 8/3 of hidden, rounded up to a multiple of 32."""
+    return (hidden_size * 8 // 3 + 31) // 32 * 32

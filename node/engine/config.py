@@ -1,0 +1,43 @@
+"""The engine's frozen configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from node.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_path: str | Path
+    device: str = "cpu"  # "cpu" or "cuda" (or "cuda:N")
+    dtype: str = "float32"  # "float32", "bfloat16" or "float16"
+    max_num_seqs: int = 256  # running sequences at once
+    max_num_batched_tokens: int = 4096  # tokens through the model per step
+    block_size: int = 16  # tokens per KV cache block
+    num_kv_blocks: int | None = None  # None: sized from memory
+    max_lora_rank: int = 16
+    max_adapter_slots: int = 32  # adapters resident on the device at once (distinct adapters per step)
+    max_model_len: int | None = None  # None: the model's max positions, at most 4096
+    kv_cache_memory_fraction: float = 0.85  # on CUDA, of the free memory after loading the model
+    max_cpu_kv_cache_bytes: int = 2 << 30  # on CPU, the cap on the KV cache
+    seed: int = 0  # for requests that sample without a seed of their own
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}", dtype=self.dtype)
+        if not self.device.startswith(("cpu", "cuda")):
+            raise ConfigError("device must be cpu or cuda", device=self.device)
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_lora_rank",
+                     "max_adapter_slots"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1", **{name: getattr(self, name)})
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]

@@ -1,0 +1,283 @@
+"""LLMEngine: the public API (generate, stream, abort, adapters) over the scheduler and model runner.
+
+The step loop runs either in the caller's thread (`generate` with no background loop) or on one
+background thread started by `start()` (what `stream()` callers and the API use). Requests and
+aborts from other threads go through an inbox that the loop drains at the start of each step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from node.engine.block_manager import BlockManager
+from node.engine.config import EngineConfig
+from node.engine.model_runner import ModelRunner
+from node.engine.output import OutputProcessor
+from node.engine.sampling import SamplingParams
+from node.engine.scheduler import Scheduler
+from node.engine.sequence import RequestOutput, Sequence, StreamDelta
+from node.errors import AdapterNotFound, BadRequest, ConfigError, PromptTooLong
+from node.lora.adapter import LoRATargetSpec, LoRAWeights, load_lora_adapter
+from node.lora.memory_provider import InMemoryAdapterProvider
+from node.lora.provider import AdapterProvider, AdapterSource, LoadState
+from node.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+Listener = Callable[[StreamDelta], None]
+Waiter = Callable[[RequestOutput], None]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, provider: AdapterProvider[LoRAWeights] | None = None):
+        self.config = config
+        self.model_config = ModelConfig.from_folder(config.model_path)
+        self.max_model_len = self._max_model_len()
+        self.lora_target = LoRATargetSpec.of(self.model_config.num_layers, self.model_config.module_shapes())
+        self.provider: AdapterProvider[LoRAWeights] = provider or InMemoryAdapterProvider(self.parse_adapter)
+        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(config.model_path))
+        self.runner = ModelRunner(config, self.model_config, self.max_model_len, self.provider)
+        if self.runner.num_blocks * config.block_size < self.max_model_len:
+            raise ConfigError("the KV cache cannot hold one max_model_len sequence",
+                              num_kv_blocks=self.runner.num_blocks, max_model_len=self.max_model_len)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, self.provider, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens,
+                                   max_adapter_slots=config.max_adapter_slots)
+        eos = set(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.outputs = OutputProcessor(self.tokenizer, frozenset(eos), self.max_model_len)
+        self._inbox: list[Sequence | str] = []  # new sequences and request ids to abort
+        self._listeners: dict[str, Listener] = {}  # stream callers: every delta
+        self._waiters: dict[str, Waiter] = {}  # generate callers: the final output only
+        self._wake = threading.Condition()
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+
+    def _max_model_len(self) -> int:
+        limit = self.model_config.max_position_embeddings
+        if self.model_config.sliding_window:
+            limit = min(limit, self.model_config.sliding_window)  # no windowed attention: stay inside it
+        wanted = self.config.max_model_len or min(limit, 4096)
+        if wanted > limit:
+            raise ConfigError(f"max_model_len {wanted} exceeds the model's {limit}", max_model_len=wanted)
+        return wanted
+
+    # --- adapters -------------------------------------------------------------------------------
+    def parse_adapter(self, folder: Path) -> LoRAWeights:
+        """The `parse` function for adapter providers: a validated PEFT folder for this base model."""
+        return load_lora_adapter(folder, self.lora_target, self.config.max_lora_rank)
+
+    def add_adapter(self, adapter_id: str, path: str | Path) -> None:
+        """Register a local PEFT folder and parse it now, so that a bad adapter fails here."""
+        self.provider.register(adapter_id, AdapterSource(uri=str(path), sha256=""))
+        self.provider.get(adapter_id)
+
+    def remove_adapter(self, adapter_id: str) -> None:
+        """Unregister an adapter; its requests still waiting or running finish with "abort"."""
+        with self._wake:
+            self._inbox.append(f"adapter:{adapter_id}")
+            self._wake.notify()
+        if self._thread is None:
+            self._drain_inbox()
+
+    # --- requests -------------------------------------------------------------------------------
+    def count_tokens(self, prompt: str | list[int]) -> int:
+        return len(self._encode(prompt))
+
+    def _encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt).input_ids)
+        if not all(isinstance(t, int) and 0 <= t < self.model_config.vocab_size for t in prompt):
+            raise BadRequest("prompt token ids must be ints in the vocabulary")
+        return list(prompt)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams, adapter_id: str | None = None,
+                    request_id: str | None = None, listener: Listener | None = None,
+                    waiter: Waiter | None = None) -> str:
+        ids = self._encode(prompt)
+        if not ids:
+            raise BadRequest("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLong(f"prompt of {len(ids)} tokens, max_model_len is {self.max_model_len}",
+                                num_prompt_tokens=len(ids), max_model_len=self.max_model_len)
+        if adapter_id is not None and self.provider.state(adapter_id) is LoadState.UNKNOWN:
+            raise AdapterNotFound(f"adapter {adapter_id} is not registered", adapter=adapter_id)
+        request_id = request_id or f"req-{next(self._ids)}"
+        seq = Sequence(request_id=request_id, prompt_token_ids=ids, params=params, adapter_id=adapter_id,
+                       arrival=next(self._ids))
+        seed = params.seed if params.seed is not None else self.config.seed * 1_000_003 + seq.arrival
+        seq.generator = torch.Generator(device=self.config.device).manual_seed(seed)
+        with self._wake:
+            if listener is not None:
+                self._listeners[request_id] = listener
+            if waiter is not None:
+                self._waiters[request_id] = waiter
+            self._inbox.append(seq)
+            self._wake.notify()
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        with self._wake:
+            self._inbox.append(request_id)
+            self._wake.notify()
+
+    def _drain_inbox(self) -> list[Sequence]:
+        with self._wake:
+            inbox, self._inbox = self._inbox, []
+        finished = []
+        for item in inbox:
+            if isinstance(item, Sequence):
+                self.scheduler.add(item)
+            elif item.startswith("adapter:"):
+                adapter_id = item.removeprefix("adapter:")
+                for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+                    if seq.adapter_id == adapter_id:
+                        finished.append(self.scheduler.abort(seq.request_id))
+                self.provider.unregister(adapter_id)
+                self.runner.slots.remove(adapter_id)
+            else:
+                seq = self.scheduler.abort(item)
+                if seq is not None:
+                    finished.append(seq)
+        return [s for s in finished if s is not None]
+
+    # --- the step loop --------------------------------------------------------------------------
+    def has_unfinished(self) -> bool:
+        with self._wake:
+            return bool(self._inbox) or self.scheduler.has_unfinished
+
+    def step(self) -> list[RequestOutput]:
+        """One scheduling step and forward pass; returns the requests that finished in it."""
+        finished = self._drain_inbox()
+        out = self.scheduler.schedule()
+        finished.extend(out.failed)
+        if not out.is_empty:
+            in_use = {s.adapter_id for s in self.scheduler.running if s.adapter_id is not None}
+            tokens = self.runner.run(list(out.scheduled), in_use)
+            sampled = iter(tokens)
+            for item in out.scheduled:
+                item.seq.num_computed_tokens += item.num_new_tokens
+                if item.seq.num_computed_tokens == item.seq.num_tokens:
+                    item.seq.output_token_ids.append(next(sampled))
+                    if self.outputs.check_stop(item.seq, is_streamed=item.seq.request_id in self._listeners):
+                        self.scheduler.finish(item.seq)
+                        finished.append(item.seq)
+                    elif item.seq.request_id in self._listeners:
+                        self._notify(item.seq)
+        for seq in finished:
+            self._notify(seq)
+        return [s.to_output() for s in finished]
+
+    def _notify(self, seq: Sequence) -> None:
+        listener = self._listeners.get(seq.request_id)
+        if listener is not None:
+            delta = self.outputs.delta(seq)
+            if delta is not None:
+                listener(delta)
+        if seq.is_finished:
+            with self._wake:
+                self._listeners.pop(seq.request_id, None)
+                waiter = self._waiters.pop(seq.request_id, None)
+            self.outputs.forget(seq)
+            if waiter is not None:
+                waiter(seq.to_output())
+
+    def generate(self, prompts: list[str | list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None,
+                 adapter_ids: list[str | None] | None = None) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs in prompt order."""
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        adapters = adapter_ids if adapter_ids is not None else [None] * len(prompts)
+        if not len(prompts) == len(params_list) == len(adapters):
+            raise BadRequest("prompts, params and adapter_ids must have the same length")
+        done: dict[str, RequestOutput] = {}
+        event = threading.Event()
+        ids: list[str] = []
+
+        def collect(output: RequestOutput) -> None:
+            done[output.request_id] = output
+            if len(done) == len(ids):
+                event.set()
+
+        ids.extend(f"gen-{next(self._ids)}" for _ in prompts)
+        for rid, prompt, p, a in zip(ids, prompts, params_list, adapters, strict=True):
+            self.add_request(prompt, p, a, request_id=rid, waiter=collect)
+        if self._thread is not None:
+            event.wait()
+        else:
+            while len(done) < len(ids):
+                self.step()
+        return [done[rid] for rid in ids]
+
+    async def stream(self, prompt: str | list[int], params: SamplingParams | None = None,
+                     adapter_id: str | None = None, request_id: str | None = None,
+                     ) -> AsyncIterator[StreamDelta]:
+        """Deltas of new token ids and text as they are produced; the last one has finish_reason."""
+        self.start()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[StreamDelta] = asyncio.Queue()
+        rid = request_id or f"stream-{next(self._ids)}"
+
+        def push(delta: StreamDelta) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, delta)
+            except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
+                self.abort(rid)
+
+        self.add_request(prompt, params or SamplingParams(), adapter_id, rid, listener=push)
+        finished = False
+        try:
+            while not finished:
+                delta = await queue.get()
+                finished = delta.finish_reason is not None
+                yield delta
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    def start(self) -> None:
+        """Run the step loop on a background thread (idempotent)."""
+        with self._wake:
+            if self._thread is not None:
+                return
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        with self._wake:
+            thread, self._thread, self._stop = self._thread, None, True
+            self._wake.notify_all()
+        if thread is not None:
+            thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stop and not self._inbox and not self.scheduler.has_unfinished:
+                    self._wake.wait()
+                if self._stop:
+                    return
+            try:
+                self.step()
+            except Exception:
+                log.exception("engine step failed; failing the running requests")
+                self._fail_all()
+
+    def _fail_all(self) -> None:
+        from node.errors import NodeError
+
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            self.scheduler.abort(seq.request_id)
+            seq.finish("error", NodeError("engine step failed"))
+            self._notify(seq)

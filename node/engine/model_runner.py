@@ -1,0 +1,109 @@
+"""Turns a scheduled step into flat model inputs, runs the forward and samples the next tokens."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection
+
+import torch
+
+from node.engine.config import EngineConfig
+from node.engine.sampling import sample
+from node.engine.scheduler import ScheduledSeq
+from node.engine.sequence import Sequence
+from node.lora.adapter import LoRATargetSpec, LoRAWeights
+from node.lora.mapping import build_plan
+from node.lora.provider import AdapterProvider
+from node.lora.slots import LoRABatch, LoRASlots
+from node.models.attention import AttentionBatch, AttentionGroup, build_group
+from node.models.config import ModelConfig
+from node.models.loader import load_model
+
+log = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int,
+                 provider: AdapterProvider[LoRAWeights]):
+        self.config, self.model_config, self.provider = config, model_config, provider
+        self.device = torch.device(config.device)
+        self.model = load_model(config.model_path, config.torch_dtype, self.device, max_model_len)
+        self.num_blocks = config.num_kv_blocks or self._fit_kv_blocks(max_model_len)
+        shape = (self.num_blocks, config.block_size, model_config.num_kv_heads, model_config.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=config.torch_dtype, device=self.device),
+                           torch.zeros(shape, dtype=config.torch_dtype, device=self.device))
+                          for _ in range(model_config.num_layers)]
+        target = LoRATargetSpec.of(model_config.num_layers, model_config.module_shapes())
+        self.slots = LoRASlots(target, config.max_adapter_slots, config.max_lora_rank,
+                               config.torch_dtype, self.device)
+        # Sees each step's logits [num_sampled, vocab] with their sequences (tests, logprobs later).
+        self.logits_observer: Callable[[list[Sequence], torch.Tensor], None] | None = None
+        log.info("KV cache: %d blocks of %d tokens", self.num_blocks, config.block_size)
+
+    def _block_bytes(self) -> int:
+        c = self.model_config
+        elem = torch.tensor([], dtype=self.config.torch_dtype).element_size()
+        return 2 * c.num_layers * self.config.block_size * c.num_kv_heads * c.head_dim * elem
+
+    def _fit_kv_blocks(self, max_model_len: int) -> int:
+        wanted = self.config.max_num_seqs * -(-max_model_len // self.config.block_size)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * self.config.kv_cache_memory_fraction)
+        else:
+            budget = self.config.max_cpu_kv_cache_bytes
+        return max(1, min(wanted, budget // self._block_bytes()))
+
+    @torch.inference_mode()
+    def run(self, scheduled: list[ScheduledSeq], adapters_in_use: Collection[str]) -> list[int]:
+        """Run one step; returns the sampled token of each `is_sampled` item, in `scheduled` order."""
+        prefills = [s for s in scheduled if s.num_new_tokens > 1]
+        decodes = [s for s in scheduled if s.num_new_tokens == 1]
+        ordered = prefills + decodes
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        token_slots: list[int] = []
+        bs = self.config.block_size
+        for item in ordered:
+            seq, start = item.seq, item.seq.num_computed_tokens
+            end = start + item.num_new_tokens
+            token_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slot_mapping.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
+            slot = -1
+            if seq.adapter_id is not None:
+                weights = self.provider.get(seq.adapter_id)
+                slot = self.slots.activate(seq.adapter_id, weights, adapters_in_use)
+            token_slots.extend([slot] * item.num_new_tokens)
+        groups = [g for g in (self._group(prefills, 0), self._group(decodes, len(token_ids) - len(decodes)))
+                  if g is not None]
+        batch = AttentionBatch(slot_mapping=self._long(slot_mapping), groups=tuple(groups))
+        plan = build_plan(token_slots, self.device)
+        lora = LoRABatch(self.slots, plan) if plan is not None else None
+        hidden = self.model(self._long(token_ids), self._long(positions), batch, self.kv_caches, lora)
+        ends, sampled = [], []
+        offset = 0
+        for item in ordered:
+            offset += item.num_new_tokens
+            if item.is_sampled:
+                ends.append(offset - 1)
+                sampled.append(item)
+        if not sampled:
+            return []
+        logits = self.model.logits(hidden[self._long(ends)])
+        if self.logits_observer is not None:
+            self.logits_observer([s.seq for s in sampled], logits)
+        tokens = sample(logits, [s.seq.params for s in sampled], [s.seq.generator for s in sampled])
+        by_seq = {id(s.seq): t for s, t in zip(sampled, tokens, strict=True)}
+        return [by_seq[id(s.seq)] for s in scheduled if s.is_sampled]
+
+    def _group(self, items: list[ScheduledSeq], first_token: int) -> AttentionGroup | None:
+        if not items:
+            return None
+        context = [s.seq.num_computed_tokens + s.num_new_tokens for s in items]
+        return build_group([s.num_new_tokens for s in items], context, [s.seq.block_table for s in items],
+                           first_token, self.device)
+
+    def _long(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long).to(self.device)

@@ -1,0 +1,68 @@
+"""Stop conditions, detokenisation and stream deltas for finished and running sequences."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from node.engine.sequence import Sequence, StreamDelta
+
+
+@dataclass
+class _Sent:
+    num_tokens: int = 0
+    num_chars: int = 0
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, eos_token_ids: frozenset[int], max_model_len: int):
+        self.tokenizer, self.eos, self.max_model_len = tokenizer, eos_token_ids, max_model_len
+        self._sent: dict[str, _Sent] = {}
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def check_stop(self, seq: Sequence, is_streamed: bool) -> bool:
+        """After a token was appended: finish the sequence if a stop condition holds; True if it did."""
+        p, token = seq.params, seq.output_token_ids[-1]
+        if (token in self.eos and not p.ignore_eos) or token in p.stop_token_ids:
+            seq.text = self._decode(seq.output_token_ids[:-1])
+            seq.finish("stop")
+            return True
+        if p.stop or is_streamed:
+            seq.text = self._decode(seq.output_token_ids)
+            cut = self._stop_string_at(seq.text, p.stop)
+            if cut is not None:
+                seq.text = seq.text[:cut]
+                seq.finish("stop")
+                return True
+        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.text = self._decode(seq.output_token_ids)
+            seq.finish("length")
+            return True
+        return False
+
+    @staticmethod
+    def _stop_string_at(text: str, stops: tuple[str, ...]) -> int | None:
+        found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+        return min(found) if found else None
+
+    def delta(self, seq: Sequence) -> StreamDelta | None:
+        """What the stream has not seen yet; None when there is nothing new and it is not finished."""
+        sent = self._sent.setdefault(seq.request_id, _Sent())
+        text = seq.text
+        if not seq.is_finished:
+            text = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence: wait for the next token
+        new_tokens = seq.output_token_ids[sent.num_tokens:]
+        new_text = text[sent.num_chars:] if len(text) > sent.num_chars else ""
+        if not new_tokens and not new_text and not seq.is_finished:
+            return None
+        sent.num_tokens = len(seq.output_token_ids)
+        sent.num_chars = max(sent.num_chars, len(text))
+        return StreamDelta(request_id=seq.request_id, token_ids=new_tokens, text=new_text,
+                           finish_reason=seq.finish_reason, num_prompt_tokens=len(seq.prompt_token_ids),
+                           num_completion_tokens=len(seq.output_token_ids), error=seq.error)
+
+    def forget(self, seq: Sequence) -> None:
+        self._sent.pop(seq.request_id, None)

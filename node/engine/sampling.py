@@ -1,0 +1,65 @@
+"""Sampling parameters and the batched sampler (per-request params within one batch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from node.errors import BadRequest
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0 or less: no top-k cut
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings, excluded from the text
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if self.max_tokens < 1:
+            raise BadRequest("max_tokens must be at least 1", max_tokens=self.max_tokens)
+        if self.temperature < 0:
+            raise BadRequest("temperature must be >= 0", temperature=self.temperature)
+        if not 0 < self.top_p <= 1:
+            raise BadRequest("top_p must be in (0, 1]", top_p=self.top_p)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           ) -> list[int]:
+    """logits: [N, vocab] float32 -> one token id per row, each row with its own params."""
+    next_ids = logits.argmax(dim=-1)
+    rows = [i for i, p in enumerate(params) if not p.is_greedy]
+    if rows:
+        index = torch.tensor(rows, device=logits.device)
+        probs = _probabilities(logits.index_select(0, index), [params[i] for i in rows])
+        for j, i in enumerate(rows):
+            next_ids[i] = torch.multinomial(probs[j], 1, generator=generators[i]).squeeze(0)
+    return next_ids.tolist()
+
+
+def _probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """[M, vocab] logits -> probabilities after temperature, top-k and top-p, row by row params."""
+    temps = torch.tensor([p.temperature for p in params], device=logits.device)
+    logits = logits / temps[:, None]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+    top_k = torch.tensor([p.top_k if p.top_k > 0 else logits.shape[-1] for p in params], device=logits.device)
+    cut = ranks >= top_k[:, None]
+    top_p = torch.tensor([p.top_p for p in params], device=logits.device)
+    probs_sorted = sorted_logits.masked_fill(cut, float("-inf")).softmax(dim=-1)
+    before = probs_sorted.cumsum(dim=-1) - probs_sorted  # mass strictly above each token
+    cut = cut | (before >= top_p[:, None])
+    sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
+    filtered = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    return filtered.softmax(dim=-1)

@@ -1,0 +1,160 @@
+"""Continuous batching: waiting and running queues, a token budget and a sequence cap per step.
+
+Each step first gives every running sequence its pending tokens (one for a decode, a chunk for a
+prefill not yet done), preempting the most recent running sequences (recompute: their blocks are
+freed and they re-enter the waiting queue at the front) when the cache runs out of blocks. Then it
+admits waiting sequences, FCFS, skipping (never blocking on) those whose adapter is not loaded yet or
+would exceed the distinct-adapter cap of the device slots.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from node.engine.block_manager import BlockManager
+from node.engine.sequence import Sequence, SequenceStatus
+from node.errors import AdapterError, NodeError
+from node.lora.provider import AdapterProvider, LoadState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def is_sampled(self) -> bool:
+        """Whether this step reaches the sequence's last token, so a next token is sampled."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    scheduled: tuple[ScheduledSeq, ...]
+    failed: tuple[Sequence, ...]  # finished with "error" this step (their adapter failed to load)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, provider: AdapterProvider[object], *, max_num_seqs: int,
+                 max_num_batched_tokens: int, max_adapter_slots: int):
+        self.blocks, self.provider = block_manager, provider
+        self.max_num_seqs, self.max_tokens = max_num_seqs, max_num_batched_tokens
+        self.max_adapters = max_adapter_slots
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._loads: dict[str, Future[object]] = {}
+        self._num_preempted = 0
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        for queue in (self.running, self.waiting):
+            for seq in queue:
+                if seq.request_id == request_id:
+                    queue.remove(seq)
+                    self.blocks.release(seq)
+                    seq.finish("abort")
+                    return seq
+        return None
+
+    def finish(self, seq: Sequence) -> None:
+        """Called by the engine once a running sequence hit a stop condition."""
+        self.running.remove(seq)
+        self.blocks.release(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_tokens
+        scheduled: list[ScheduledSeq] = []
+        num_preempted = self._num_preempted
+        for seq in list(self.running):
+            if seq not in self.running or budget == 0:
+                continue  # preempted earlier in this loop, or no budget left this step
+            n = min(seq.num_pending, budget)
+            while not self.blocks.can_grow(seq, n) and self.running[-1] is not seq:
+                self._preempt(self.running[-1])
+            if not self.blocks.can_grow(seq, n):
+                self._preempt(seq)
+                continue
+            self.blocks.grow(seq, n)
+            scheduled.append(ScheduledSeq(seq, n))
+            budget -= n
+        # after a preemption, admitting would only take the blocks back and thrash (vLLM does the same)
+        failed = self._admit(scheduled, budget) if num_preempted == self._num_preempted else []
+        return SchedulerOutput(scheduled=tuple(scheduled), failed=tuple(failed))
+
+    def _admit(self, scheduled: list[ScheduledSeq], budget: int) -> list[Sequence]:
+        failed: list[Sequence] = []
+        active = {s.adapter_id for s in self.running if s.adapter_id is not None}
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.max_num_seqs:
+                break
+            error = self._adapter_error(seq)
+            if error is not None:
+                self.waiting.remove(seq)
+                seq.finish("error", error)
+                failed.append(seq)
+                continue
+            if not self._adapter_ready(seq):
+                continue  # loading in the background; later requests may go first
+            is_new_adapter = seq.adapter_id is not None and seq.adapter_id not in active
+            if is_new_adapter and len(active) >= self.max_adapters:
+                continue  # every slot is taken by running sequences of other adapters
+            n = min(seq.num_pending, budget)
+            if not self.blocks.can_grow(seq, n):
+                break  # FCFS on memory: do not let later, smaller requests starve this one
+            self.waiting.remove(seq)
+            self.blocks.grow(seq, n)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            if seq.adapter_id is not None:
+                active.add(seq.adapter_id)
+            scheduled.append(ScheduledSeq(seq, n))
+            budget -= n
+        return failed
+
+    def _adapter_ready(self, seq: Sequence) -> bool:
+        if seq.adapter_id is None:
+            return True
+        if self.provider.state(seq.adapter_id) is LoadState.READY:
+            self._loads.pop(seq.adapter_id, None)
+            return True
+        if seq.adapter_id not in self._loads:
+            self._loads[seq.adapter_id] = self.provider.prefetch(seq.adapter_id)
+        return False
+
+    def _adapter_error(self, seq: Sequence) -> NodeError | None:
+        if seq.adapter_id is None:
+            return None
+        state = self.provider.state(seq.adapter_id)
+        if state is LoadState.UNKNOWN:
+            return AdapterError(f"adapter {seq.adapter_id} was removed", adapter=seq.adapter_id)
+        if state is not LoadState.FAILED:
+            return None
+        future = self._loads.get(seq.adapter_id)
+        error = future.exception() if future is not None and future.done() else None
+        if isinstance(error, NodeError):
+            return error
+        return AdapterError(f"adapter {seq.adapter_id} failed to load", adapter=seq.adapter_id)
+
+    def _preempt(self, seq: Sequence) -> None:
+        log.debug("preempting %s (recompute)", seq.request_id)
+        self.running.remove(seq)
+        self.blocks.release(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self._num_preempted += 1
+        self.waiting.appendleft(seq)

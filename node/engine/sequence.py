@@ -1,0 +1,87 @@
+"""A request's state inside the engine, and what the engine hands back."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from node.engine.sampling import SamplingParams
+from node.errors import NodeError
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None  # "stop", "length", "abort", "error"; None while running
+    num_prompt_tokens: int
+    num_completion_tokens: int
+    adapter_id: str | None = None
+    error: NodeError | None = None
+
+
+@dataclass(frozen=True)
+class StreamDelta:
+    request_id: str
+    token_ids: list[int]  # new since the previous delta
+    text: str  # new text since the previous delta
+    finish_reason: str | None  # set on the last delta only
+    num_prompt_tokens: int
+    num_completion_tokens: int
+    error: NodeError | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    adapter_id: str | None
+    arrival: int  # admission order, for FCFS
+    status: SequenceStatus = SequenceStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose keys/values are in the cache
+    block_table: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: NodeError | None = None
+    generator: torch.Generator | None = None
+    text: str = ""  # completion text so far (stop strings cut)
+    num_preemptions: int = 0
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens still to run through the model before the next token can be sampled."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def finish(self, reason: str, error: NodeError | None = None) -> None:
+        self.status, self.finish_reason, self.error = SequenceStatus.FINISHED, reason, error
+
+    def to_output(self) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id, prompt_token_ids=list(self.prompt_token_ids),
+            token_ids=list(self.output_token_ids), text=self.text, finish_reason=self.finish_reason,
+            num_prompt_tokens=len(self.prompt_token_ids), num_completion_tokens=len(self.output_token_ids),
+            adapter_id=self.adapter_id, error=self.error,
+        )

@@ -1,0 +1,87 @@
+"""Attention over a paged KV cache through `scaled_dot_product_attention`.
+
+The tokens of one step are flattened ([num_tokens, ...]). Sequences are attended in groups of
+similar query length (the prefill group and the decode group) so that padding stays small: each
+group gathers its sequences' KV blocks into a padded [batch, max_len] view and runs one SDPA call.
+The metadata is built once per step by the engine and reused in every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AttentionGroup:
+    token_index: torch.Tensor  # [B, Q] long: flat token index of each query (pads point at token 0)
+    is_real: torch.Tensor  # [B, Q] bool: False on padded query rows
+    block_tables: torch.Tensor  # [B, max_blocks] long: KV cache block ids (pads: any valid id)
+    mask: torch.Tensor  # [B, 1, Q, K] bool: True where a query may attend a cached position
+    num_keys: int  # K: positions to gather per sequence
+
+
+@dataclass(frozen=True)
+class AttentionBatch:
+    slot_mapping: torch.Tensor  # [num_tokens] long: cache slot (block * block_size + offset) per token
+    groups: tuple[AttentionGroup, ...]
+
+
+def build_group(
+    query_lens: list[int], context_lens: list[int], block_tables: list[list[int]], first_token: int,
+    device: torch.device,
+) -> AttentionGroup:
+    """A group of sequences whose new tokens are consecutive in the flat batch from `first_token`.
+
+    Sequence b has `context_lens[b]` tokens in the cache once this step's keys are written, the last
+    `query_lens[b]` of them being this step's queries (causal within them).
+    """
+    num_seqs, max_q, max_k = len(query_lens), max(query_lens), max(context_lens)
+    max_blocks = max(len(t) for t in block_tables)
+    q_lens = torch.tensor(query_lens, device=device)
+    k_lens = torch.tensor(context_lens, device=device)
+    starts = torch.tensor([0, *query_lens[:-1]], device=device).cumsum(0) + first_token
+    q_pos = torch.arange(max_q, device=device)
+    is_real = q_pos[None, :] < q_lens[:, None]  # [B, Q]
+    token_index = torch.where(is_real, starts[:, None] + q_pos[None, :], 0)
+    k_pos = torch.arange(max_k, device=device)
+    last_visible = (k_lens - q_lens)[:, None] + q_pos[None, :]  # [B, Q]: query i sees keys <= this
+    mask = k_pos[None, None, :] <= last_visible[:, :, None]  # [B, Q, K]
+    mask = mask | ~is_real[:, :, None]  # padded rows see everything: no NaN, results dropped
+    tables = torch.zeros((num_seqs, max_blocks), dtype=torch.long)
+    for b, table in enumerate(block_tables):
+        tables[b, : len(table)] = torch.tensor(table, dtype=torch.long)
+    return AttentionGroup(token_index=token_index, is_real=is_real, block_tables=tables.to(device),
+                          mask=mask.unsqueeze(1), num_keys=max_k)
+
+
+def paged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    batch: AttentionBatch, scale: float,
+) -> torch.Tensor:
+    """q: [T, H, D], k/v: [T, KVH, D], caches: [num_blocks, block_size, KVH, D] -> [T, H * D].
+
+    Writes this step's keys and values into the cache, then attends every group.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, batch.slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, batch.slot_mapping, v)
+    out = q.new_empty((num_tokens, num_heads * head_dim))
+    for group in batch.groups:
+        qg = q[group.token_index].transpose(1, 2)  # [B, H, Q, D]
+        kg = _gather(k_cache, group).transpose(1, 2)  # [B, KVH, K, D]
+        vg = _gather(v_cache, group).transpose(1, 2)
+        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=group.mask, scale=scale,
+                                            enable_gqa=num_heads != num_kv_heads)
+        og = og.transpose(1, 2).flatten(2)  # [B, Q, H * D]
+        out[group.token_index[group.is_real]] = og[group.is_real]
+    return out
+
+
+def _gather(cache: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
+    """[B, K, KVH, D]: each sequence's cached positions 0..K-1, read through its block table."""
+    blocks = cache[group.block_tables]  # [B, max_blocks, block_size, KVH, D]
+    return blocks.flatten(1, 2)[:, : group.num_keys]

@@ -1,0 +1,182 @@
+"""Continuous batching on its own: budgets, preemption, abort, out of blocks, adapters vs slots."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+from node.engine.block_manager import BlockManager
+from node.engine.sampling import SamplingParams
+from node.engine.scheduler import Scheduler, SchedulerOutput
+from node.engine.sequence import Sequence, SequenceStatus
+from node.errors import AdapterFormatError
+from node.lora.memory_provider import InMemoryAdapterProvider
+from node.lora.provider import AdapterSource, LoadState
+
+
+class ManualProvider:
+    """An AdapterProvider whose background loads finish when the test says so."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, LoadState] = {}
+        self.futures: dict[str, Future[object]] = {}
+        self.prefetched: list[str] = []
+
+    def register(self, adapter_id: str, source: AdapterSource) -> None:
+        self.states[adapter_id] = LoadState.COLD
+
+    def unregister(self, adapter_id: str) -> None:
+        self.states.pop(adapter_id, None)
+
+    def get(self, adapter_id: str) -> object:
+        return adapter_id
+
+    def prefetch(self, adapter_id: str) -> Future[object]:
+        self.prefetched.append(adapter_id)
+        self.states[adapter_id] = LoadState.LOADING
+        return self.futures.setdefault(adapter_id, Future())
+
+    def state(self, adapter_id: str) -> LoadState:
+        return self.states.get(adapter_id, LoadState.UNKNOWN)
+
+    def finish(self, adapter_id: str, error: Exception | None = None) -> None:
+        if error is None:
+            self.futures[adapter_id].set_result(adapter_id)
+        else:
+            self.futures[adapter_id].set_exception(error)
+        self.states[adapter_id] = LoadState.FAILED if error else LoadState.READY
+
+
+def _ready_provider(*names: str) -> InMemoryAdapterProvider[str]:
+    provider: InMemoryAdapterProvider[str] = InMemoryAdapterProvider(parse=lambda p: p.name)
+    for name in names:
+        provider.register(name, AdapterSource(uri=f"/adapters/{name}", sha256=""))
+        provider.get(name)
+    return provider
+
+
+_arrivals = iter(range(10**6))
+
+
+def _seq(name: str, num_prompt: int, adapter: str | None = None) -> Sequence:
+    return Sequence(request_id=name, prompt_token_ids=[1] * num_prompt, params=SamplingParams(),
+                    adapter_id=adapter, arrival=next(_arrivals))
+
+
+def _scheduler(provider: object = None, *, blocks: int = 64, block_size: int = 4, seqs: int = 8,
+               tokens: int = 64, slots: int = 4) -> Scheduler:
+    return Scheduler(BlockManager(blocks, block_size), provider or _ready_provider(),  # type: ignore[arg-type]
+                     max_num_seqs=seqs, max_num_batched_tokens=tokens, max_adapter_slots=slots)
+
+
+def _run(out: SchedulerOutput, sampled_token: int = 7) -> None:
+    """What the engine does after the forward: advance and append a token where one is sampled."""
+    for item in out.scheduled:
+        item.seq.num_computed_tokens += item.num_new_tokens
+        if item.seq.num_computed_tokens == item.seq.num_tokens:
+            item.seq.output_token_ids.append(sampled_token)
+
+
+def test_token_budget_and_sequence_cap_bound_each_step() -> None:
+    sched = _scheduler(tokens=10, seqs=2)
+    for i in range(3):
+        sched.add(_seq(f"r{i}", 6))
+    out = sched.schedule()
+    assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("r0", 6), ("r1", 4)]
+    assert not out.scheduled[1].is_sampled  # r1's prefill is cut into chunks
+    _run(out)
+    out = sched.schedule()  # r0 decodes, r1 finishes its prefill, r2 waits for a sequence slot
+    assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("r0", 1), ("r1", 2)]
+    assert [s.request_id for s in sched.waiting] == ["r2"]
+
+
+def test_running_out_of_blocks_preempts_the_newest_sequence_for_recompute() -> None:
+    sched = _scheduler(blocks=4, block_size=4, tokens=64)
+    old, new = _seq("old", 8), _seq("new", 8)
+    sched.add(old)
+    sched.add(new)
+    _run(sched.schedule())  # both prefilled: all 4 blocks used, each has 9 tokens now
+    out = sched.schedule()  # old needs a 3rd block for its 9th token: new is preempted
+    assert [s.seq.request_id for s in out.scheduled] == ["old"]
+    assert new.status is SequenceStatus.WAITING and new.block_table == [] and new.num_preemptions == 1
+    assert new.num_computed_tokens == 0 and new.output_token_ids == [7]  # recompute keeps its output
+    assert list(sched.waiting) == [new]
+    _run(out)
+    sched.finish(old)
+    out = sched.schedule()  # the preempted sequence comes back with prompt + output to recompute
+    assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("new", 9)]
+
+
+def test_a_request_larger_than_the_free_blocks_waits_without_starving() -> None:
+    sched = _scheduler(blocks=3, block_size=4)
+    sched.add(_seq("big", 10))
+    sched.add(_seq("huge", 13))
+    sched.add(_seq("small", 2))
+    out = sched.schedule()
+    assert [s.seq.request_id for s in out.scheduled] == ["big"]  # FCFS: small does not overtake huge
+    assert [s.request_id for s in sched.waiting] == ["huge", "small"]
+
+
+def test_abort_frees_blocks_of_running_and_drops_waiting_requests() -> None:
+    sched = _scheduler(blocks=4)
+    a, b = _seq("a", 8), _seq("b", 4)
+    sched.add(a)
+    sched.add(b)
+    sched.add(_seq("c", 40))  # cannot fit: stays waiting
+    sched.schedule()
+    assert sched.blocks.num_free == 1
+    assert sched.abort("a") is a and a.finish_reason == "abort"
+    assert sched.blocks.num_free == 3
+    assert sched.abort("c") is not None and sched.abort("nope") is None
+    assert [s.request_id for s in sched.running] == ["b"] and not sched.waiting
+
+
+def test_more_distinct_adapters_than_slots_never_exceed_the_slots() -> None:
+    names = [f"ad{i}" for i in range(5)]
+    sched = _scheduler(_ready_provider(*names), slots=2, seqs=8)
+    for i in range(10):
+        sched.add(_seq(f"r{i}", 3, names[i % 5]))
+    finished = []
+    for _ in range(40):
+        out = sched.schedule()
+        if out.is_empty:
+            break
+        assert len({s.adapter_id for s in sched.running}) <= 2
+        _run(out)
+        for seq in list(sched.running):
+            if len(seq.output_token_ids) >= 2:
+                sched.finish(seq)
+                finished.append(seq.request_id)
+    assert sorted(finished) == sorted(f"r{i}" for i in range(10))
+
+
+def test_requests_wait_for_their_adapter_without_blocking_others() -> None:
+    provider = ManualProvider()
+    provider.register("slow", AdapterSource(uri="x", sha256=""))
+    sched = _scheduler(provider)
+    sched.add(_seq("cold", 4, "slow"))
+    sched.add(_seq("base", 4))
+    out = sched.schedule()
+    assert [s.seq.request_id for s in out.scheduled] == ["base"]
+    assert provider.prefetched == ["slow"]
+    sched.schedule()
+    assert provider.prefetched == ["slow"]  # one load, not one per step
+    provider.finish("slow")
+    out = sched.schedule()
+    assert "cold" in [s.seq.request_id for s in out.scheduled]
+
+
+def test_a_failed_adapter_load_fails_only_its_own_requests() -> None:
+    provider = ManualProvider()
+    provider.register("broken", AdapterSource(uri="x", sha256=""))
+    sched = _scheduler(provider)
+    sched.add(_seq("bad", 4, "broken"))
+    sched.add(_seq("good", 4))
+    sched.schedule()
+    provider.finish("broken", AdapterFormatError("rank 64 exceeds max_lora_rank 16", adapter="broken"))
+    out = sched.schedule()
+    assert [s.request_id for s in out.failed] == ["bad"]
+    bad = out.failed[0]
+    assert bad.finish_reason == "error" and isinstance(bad.error, AdapterFormatError)
+    assert [s.request_id for s in sched.running] == ["good"]
+
+

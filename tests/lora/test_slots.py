@@ -1,0 +1,72 @@
+"""Device slots: copy-in, LRU eviction of idle adapters only, rank padding, and the LoRA hook."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from node.errors import Overloaded
+from node.lora.adapter import LoRATargetSpec, LoRAWeights
+from node.lora.mapping import build_plan
+from node.lora.slots import LoRABatch, LoRASlots
+
+TARGET = LoRATargetSpec.of(1, {"q_proj": (8, 8), "k_proj": (8, 4), "v_proj": (8, 4), "o_proj": (8, 8),
+                               "gate_proj": (8, 12), "up_proj": (8, 12), "down_proj": (12, 8)})
+
+
+def _adapter(rank: int, seed: int, modules: tuple[str, ...] = ("q_proj", "v_proj", "down_proj"),
+             ) -> LoRAWeights:
+    g = torch.Generator().manual_seed(seed)
+    shapes = dict(TARGET.module_shapes)
+    return LoRAWeights(rank=rank, modules={
+        (0, m): (torch.randn(rank, shapes[m][0], generator=g), torch.randn(shapes[m][1], rank, generator=g))
+        for m in modules})
+
+
+def _slots(num_slots: int = 2) -> LoRASlots:
+    return LoRASlots(TARGET, num_slots=num_slots, max_rank=4, dtype=torch.float32, device=torch.device("cpu"))
+
+
+def test_least_recently_used_idle_adapter_is_evicted() -> None:
+    slots = _slots()
+    s_a = slots.activate("a", _adapter(2, 1), in_use=())
+    s_b = slots.activate("b", _adapter(4, 2), in_use=())
+    assert slots.activate("a", _adapter(2, 1), in_use=()) == s_a  # resident: no copy, now most recent
+    assert slots.activate("c", _adapter(2, 3), in_use={"a"}) == s_b  # b was least recent and idle
+    assert set(slots.slot_of) == {"a", "c"}
+
+
+def test_adapters_in_use_are_never_evicted() -> None:
+    slots = _slots()
+    slots.activate("a", _adapter(2, 1), in_use=())
+    slots.activate("b", _adapter(2, 2), in_use=())
+    with pytest.raises(Overloaded):
+        slots.activate("c", _adapter(2, 3), in_use={"a", "b"})
+
+
+def test_the_hook_adds_each_projection_delta_with_rank_padding() -> None:
+    slots = _slots()
+    low, high = _adapter(2, 1), _adapter(4, 2)
+    slot_low = slots.activate("low", low, in_use=())
+    slot_high = slots.activate("high", high, in_use=())
+    x = torch.randn(3, 8)
+    qkv = torch.zeros(3, 16)  # q 8 + k 4 + v 4, fused
+    plan = build_plan([slot_low, -1, slot_high], torch.device("cpu"))
+    assert plan is not None
+    LoRABatch(slots, plan).apply(0, "qkv", x, qkv)
+    for row, w in ((0, low), (2, high)):
+        a_q, b_q = w.modules[(0, "q_proj")]
+        a_v, b_v = w.modules[(0, "v_proj")]
+        assert torch.allclose(qkv[row, :8], b_q @ (a_q @ x[row]), atol=1e-5)
+        assert torch.equal(qkv[row, 8:12], torch.zeros(4))  # k_proj not targeted
+        assert torch.allclose(qkv[row, 12:], b_v @ (a_v @ x[row]), atol=1e-5)
+    assert torch.equal(qkv[1], torch.zeros(16))  # the base-only token
+
+
+def test_a_reused_slot_holds_no_trace_of_its_previous_adapter() -> None:
+    slots = _slots(num_slots=1)
+    slots.activate("full", _adapter(4, 1, modules=("q_proj", "k_proj", "v_proj")), in_use=())
+    slot = slots.activate("small", _adapter(2, 2, modules=("v_proj",)), in_use=())
+    assert torch.equal(slots.a[0]["qkv"][slot, :8], torch.zeros(8, 8))  # q and k parts cleared
+    assert torch.equal(slots.b[0]["q_proj"][slot], torch.zeros(8, 4))
+    assert torch.equal(slots.a[0]["qkv"][slot, 10:], torch.zeros(2, 8))  # v beyond rank 2
