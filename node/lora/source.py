@@ -160,7 +160,7 @@ def _download(client: httpx.Client, url: str, path: Path, budget: int, deadline:
     timeout = httpx.Timeout(limits.read_timeout_s, connect=limits.connect_timeout_s)
     try:
         with client.stream("GET", url, timeout=timeout) as response, open(path, "wb") as out:
-            _check_response(response, url, budget)
+            _check_response(response, url, budget, limits.max_bytes)
             for chunk in response.iter_bytes():
                 size += len(chunk)
                 if size > budget:
@@ -180,12 +180,13 @@ def _download(client: httpx.Client, url: str, path: Path, budget: int, deadline:
     return digest.digest(), size
 
 
-def _check_response(response: httpx.Response, url: str, budget: int) -> None:
+def _check_response(response: httpx.Response, url: str, budget: int, max_bytes: int) -> None:
     if response.status_code != 200:
         raise AdapterSourceError(f"GET {url} answered {response.status_code}", uri=url,
                                  http_status=response.status_code)
     declared = response.headers.get("content-length")
     is_plain = "content-encoding" not in response.headers
     if declared and declared.isdigit() and is_plain and int(declared) > budget:
-        raise AdapterTooLarge(f"{url} is {declared} bytes, over the remaining {budget}-byte adapter limit",
-                              uri=url, nbytes=int(declared), max_bytes=budget)
+        raise AdapterTooLarge(f"{url} is {declared} bytes, over what is left ({budget}) of the "
+                              f"{max_bytes}-byte adapter limit", uri=url, nbytes=int(declared),
+                              max_bytes=max_bytes)

@@ -53,8 +53,8 @@ class StoreConfig:
     cache_dir: Path
     max_disk_bytes: int
     max_host_bytes: int
-    num_load_workers: int = 2  # disk -> host: hash check + parse
-    num_fetch_workers: int = 4  # source -> disk: network or copy
+    num_load_workers: int = 2  # disk -> host (hash check + parse), and copies from local sources
+    num_fetch_workers: int = 4  # http(s) -> disk
     http_timeout_s: float = 30.0  # the longest silence between two chunks of a download
     http_connect_timeout_s: float = 10.0
     fetch_deadline_s: float = 600.0  # one whole adapter, however fast each chunk comes
@@ -152,7 +152,8 @@ class AdapterStore(Generic[W]):
                 return _done(error=failure.error)
             self._failures.pop(adapter_id, None)
             leased = self._disk.lease(reg.key)
-            pool = self._load_pool if leased is not None else self._fetch_pool
+            is_remote = reg.source.uri.startswith(("http://", "https://"))
+            pool = self._fetch_pool if leased is None and is_remote else self._load_pool
             future = pool.submit(self._load, adapter_id, reg, leased)
             self._inflight[adapter_id] = future
             return future
