@@ -54,10 +54,12 @@ class DiskCache:
                 return None
             self._entries.move_to_end(key)
             self._leases[key] += 1
-        path = self.root / key
+        return self.root / key
+
+    def touch(self, key: str) -> None:
+        """Record the use on disk (the folder's mtime), so that the LRU order survives a restart."""
         with contextlib.suppress(FileNotFoundError):  # deleted behind our back: the reader fetches again
-            os.utime(path)
-        return path
+            os.utime(self.root / key)
 
     def release(self, key: str) -> None:
         with self._lock:

@@ -64,12 +64,12 @@ class StoreConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_disk_bytes", "max_host_bytes", "num_load_workers", "num_fetch_workers",
-                     "max_download_bytes", "num_recent_samples"):
+                     "max_download_bytes", "num_recent_samples", "http_timeout_s",
+                     "http_connect_timeout_s", "fetch_deadline_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"store {name} must be positive", **{name: getattr(self, name)})
-        for name in ("http_timeout_s", "http_connect_timeout_s", "fetch_deadline_s"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"store {name} must be positive", **{name: getattr(self, name)})
+        if self.retry_after_s < 0:
+            raise ConfigError("store retry_after_s must not be negative", retry_after_s=self.retry_after_s)
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ class AdapterStore(Generic[W]):
 
     # --- the provider port ---------------------------------------------------------------------
     def register(self, adapter_id: str, source: AdapterSource) -> None:
-        """Register (or re-register) an adapter; a changed source drops what was loaded from the old one."""
+        """Register (or re-register) an adapter; a changed URI or hash drops what was loaded before."""
         try:
             reg = _Registration(source, from_hex(source.sha256))
         except ValueError as e:
@@ -120,12 +120,14 @@ class AdapterStore(Generic[W]):
                                      adapter=adapter_id, sha256=source.sha256) from e
         with self._lock:
             old = self._registered.get(adapter_id)
-            if old is not None and old.source == source:
-                return
-            self._forget(adapter_id)
-            self._registered[adapter_id] = reg
+            is_same = old is not None and (old.source.uri, old.digest) == (source.uri, reg.digest)
+            if not is_same:
+                self._forget(adapter_id)
+                self._registered[adapter_id] = reg
         if source.is_pinned:
             self.pin(adapter_id)
+        elif is_same:
+            self.unpin(adapter_id)
 
     def unregister(self, adapter_id: str) -> None:
         """Forget an adapter and drop it from host memory (its disk copy ages out with the LRU)."""
@@ -257,10 +259,11 @@ class AdapterStore(Generic[W]):
         if leased is not None:
             try:
                 actual = adapter_weights_sha256(leased)
-            except (FileNotFoundError, AdapterFormatError):
+            except (OSError, AdapterFormatError):  # deleted or unreadable: as good as corrupted
                 actual = b""
             if actual == reg.digest:
                 self._metrics.count("disk", "hits")
+                self._disk.touch(reg.key)
                 return leased, False
             logger.warning("disk copy of adapter %s hashes to %s, not %s: deleting and fetching again",
                            adapter_id, to_hex(actual) if actual else "(missing)", to_hex(reg.digest))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -110,15 +111,22 @@ def test_disk_cache_evicts_least_recently_used_and_keeps_its_budget(tmp_path: Pa
         assert store.metrics().source.hits == 4
 
 
-def test_disk_cache_survives_a_restart(tmp_path: Path) -> None:
+def test_disk_cache_survives_a_restart_in_lru_order(tmp_path: Path) -> None:
+    with _store(tmp_path, num_host=1) as store:
+        folders = {name: _add(store, tmp_path, name, seed=i) for i, name in enumerate("abc")}
+        keys = {name: store._registered[name].key for name in "abc"}
+        for name in "abca":  # a's last use is the latest; b's the oldest
+            store.get(name)
+            time.sleep(0.02)  # apart by more than the file system's timestamp tick
     with _store(tmp_path) as store:
-        folder = _add(store, tmp_path, "a")
-        store.get("a")
-    with _store(tmp_path) as store:
-        _add(store, tmp_path, "a")
-        assert _same(store.get("a"), folder)
+        for name, folder in folders.items():
+            store.register(name, AdapterSource(str(folder), "0x" + keys[name]))
+        assert store.disk_keys() == [keys["b"], keys["c"], keys["a"]]
+        assert _same(store.get("a"), folders["a"])
         m = store.metrics()
         assert (m.disk.hits, m.source.hits) == (1, 0)
+    with _store(tmp_path, num_disk=2) as store:  # a smaller budget: the oldest goes at start
+        assert store.disk_keys() == [keys["c"], keys["a"]]
 
 
 def test_pinned_adapters_stay_in_host_memory_and_on_disk(tmp_path: Path) -> None:
