@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -128,6 +129,7 @@ def time_peft_loads(work: Path, cached: Listed, num_samples: int) -> list[float]
     from peft import PeftModel
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notices
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=HIDDEN, num_hidden_layers=NUM_LAYERS, num_attention_heads=NUM_HEADS,
                          num_key_value_heads=NUM_HEADS, intermediate_size=INTERMEDIATE, vocab_size=VOCAB)
