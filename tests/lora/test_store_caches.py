@@ -83,6 +83,6 @@ def test_a_burst_of_cold_loads_does_not_delay_hot_adapters(tmp_path: Path) -> No
         burst = [store.prefetch(f"a{i}") for i in range(1, 31)]  # 1.5 s of loads on 2 workers
         store.get("a0")
         still_loading = sum(store.state(f"a{i}") is LoadState.LOADING for i in range(1, 31))
-        assert still_loading >= 20
+        assert still_loading >= 10  # 0 if the hot get had waited for the burst
         for future in burst:
             future.result()
