@@ -1,0 +1,256 @@
+"""Adapter store benchmark: disk->host load time against peft's `load_adapter`, and host hit rates.
+
+    python bench/adapters.py                    # 5,000 adapters, host cache for 500
+    python bench/adapters.py --quick            # 600 adapters, host cache for 60, fewer requests
+
+The adapters are rank 8 on q, k, v, o of the engine benchmark's model (Llama, hidden 512, 8 layers,
+MHA), float32, about 1 MiB each, written straight into the store's disk cache. Measured in one run:
+- store disk->host: `AdapterStore.get` of an adapter on disk but not in host memory (hash check,
+  header check, parse into per-module stacked tensors), timed around the call;
+- store source->host: the same from a local registry folder not yet in the disk cache;
+- peft: `PeftModel.load_adapter` of the same folders into a randomly initialised base model;
+- traffic: Zipf(1.1) and uniform requests over all adapters through `get`, host cache for 500.
+Prints a table and writes bench/results/adapters.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from node.lora.content_hash import adapter_weights_sha256, to_hex
+from node.lora.provider import AdapterSource, LoadState
+from node.lora.store import AdapterStore, StoreConfig
+
+HIDDEN, NUM_LAYERS, NUM_HEADS, INTERMEDIATE, VOCAB = 512, 8, 8, 1376, 4096
+RANK, MODULES = 8, ("q_proj", "k_proj", "v_proj", "o_proj")
+ADAPTER_BYTES = NUM_LAYERS * len(MODULES) * 2 * RANK * HIDDEN * 4  # A [r, 512] + B [512, r], f32
+RESULTS = Path(__file__).resolve().parent / "results" / "adapters.json"
+
+Stacked = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def write_adapter(folder: Path, seed: int) -> str:
+    """A PEFT LoRA folder; returns its registered weights hash."""
+    folder.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(NUM_LAYERS):
+        for module in MODULES:
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(RANK, HIDDEN, generator=gen) * 0.01
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(HIDDEN, RANK, generator=gen) * 0.01
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": RANK, "lora_alpha": 2 * RANK,
+              "lora_dropout": 0.0, "bias": "none", "target_modules": list(MODULES),
+              "base_model_name_or_path": "bench-llama-512x8"}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return to_hex(adapter_weights_sha256(folder))
+
+
+def parse_stacked(folder: Path) -> Stacked:
+    """What a serving parse does: per module, A as [layers, r, in] and B as [layers, out, r]."""
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    out: Stacked = {}
+    for module in MODULES:
+        names = [f"base_model.model.model.layers.{i}.self_attn.{module}" for i in range(NUM_LAYERS)]
+        a = torch.stack([tensors[f"{n}.lora_A.weight"] for n in names])  # [layers, r, in]
+        b = torch.stack([tensors[f"{n}.lora_B.weight"] for n in names])  # [layers, out, r]
+        out[module] = (a, b)
+    return out
+
+
+def stacked_nbytes(weights: Stacked) -> int:
+    return sum(t.numel() * t.element_size() for pair in weights.values() for t in pair)
+
+
+Listed = list[tuple[str, str]]  # (adapter id or URI, registered hash)
+
+
+def populate(work: Path, num_adapters: int, num_registry: int) -> tuple[Listed, Listed]:
+    """Adapters written into the disk cache (as if fetched before), plus some only in a registry folder."""
+    cache, registry = work / "cache", work / "registry"
+    cache.mkdir(parents=True)
+    cached = []
+    for i in range(num_adapters):
+        temp = work / "tmp"
+        digest = write_adapter(temp, seed=i)
+        temp.rename(cache / digest[2:])
+        cached.append((f"a{i}", digest))
+    remote = [(str(registry / f"r{i}"), write_adapter(registry / f"r{i}", seed=10**6 + i))
+              for i in range(num_registry)]
+    return cached, remote
+
+
+def new_store(work: Path, num_host: int, num_disk: int) -> AdapterStore[Stacked]:
+    config = StoreConfig(cache_dir=work / "cache", max_host_bytes=num_host * ADAPTER_BYTES,
+                         max_disk_bytes=int(num_disk * ADAPTER_BYTES * 1.1))
+    return AdapterStore(config, parse_stacked, stacked_nbytes)
+
+
+def time_store_loads(work: Path, cached: Listed, remote: Listed,
+                     num_samples: int) -> dict[str, list[float]]:
+    """Seconds per `get` that misses host memory: from the disk cache, and from a local registry."""
+    with new_store(work, num_host=1, num_disk=len(cached) + len(remote)) as store:
+        for adapter_id, digest in cached:
+            store.register(adapter_id, AdapterSource(str(work / "nowhere" / adapter_id), digest))
+        for uri, digest in remote:
+            store.register(uri, AdapterSource(uri, digest))
+        disk, source = [], []
+        for adapter_id, _ in random.Random(1).sample(cached, num_samples):
+            started = time.perf_counter()
+            store.get(adapter_id)
+            disk.append(time.perf_counter() - started)
+        for uri, _ in remote:
+            started = time.perf_counter()
+            store.get(uri)
+            source.append(time.perf_counter() - started)
+        internal = list(store.metrics().disk.recent_load_seconds)
+    return {"disk": disk, "source": source, "disk_internal": internal}
+
+
+def time_peft_loads(work: Path, cached: Listed, num_samples: int) -> list[float]:
+    from peft import PeftModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notices
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=HIDDEN, num_hidden_layers=NUM_LAYERS, num_attention_heads=NUM_HEADS,
+                         num_key_value_heads=NUM_HEADS, intermediate_size=INTERMEDIATE, vocab_size=VOCAB)
+    base = LlamaForCausalLM(config).eval()
+    folders = [work / "cache" / digest[2:] for _, digest in random.Random(2).sample(cached, num_samples + 1)]
+    model = PeftModel.from_pretrained(base, str(folders[0]), adapter_name="warm")
+    seconds = []
+    for i, folder in enumerate(folders[1:]):
+        started = time.perf_counter()
+        model.load_adapter(str(folder), adapter_name=f"s{i}")
+        seconds.append(time.perf_counter() - started)
+        model.delete_adapter(f"s{i}")
+    return seconds
+
+
+def run_traffic(work: Path, cached: Listed, num_host: int, num_requests: int,
+                alpha: float | None) -> dict[str, float]:
+    """`get` for each request of a Zipf(alpha) (or uniform when None) stream over all adapters."""
+    rng = random.Random(3)
+    ids = [adapter_id for adapter_id, _ in cached]
+    rng.shuffle(ids)  # popularity rank -> adapter, unrelated to disk order
+    weights = [1.0 / (k ** alpha) for k in range(1, len(ids) + 1)] if alpha else [1.0] * len(ids)
+    requests = rng.choices(ids, weights=weights, k=num_requests)
+    hits, misses, is_hit = [], [], []
+    with new_store(work, num_host=num_host, num_disk=len(cached)) as store:
+        for adapter_id, digest in cached:
+            store.register(adapter_id, AdapterSource(str(work / "nowhere" / adapter_id), digest))
+        for adapter_id in requests:
+            is_hit.append(store.state(adapter_id) is LoadState.READY)
+            started = time.perf_counter()
+            store.get(adapter_id)
+            (hits if is_hit[-1] else misses).append(time.perf_counter() - started)
+        m = store.metrics()
+    steady = is_hit[num_requests // 2:]
+    return {"requests": num_requests, "host_hit_rate": m.host.hit_rate or 0.0,
+            "steady_host_hit_rate": sum(steady) / len(steady), "disk_hit_rate": m.disk.hit_rate or 0.0,
+            "host_evictions": m.host.evictions, "source_fetches": m.source.hits,
+            "p50_get_ms": _p50(hits + misses), "p99_get_ms": 1e3 * _p99(hits + misses),
+            "p50_hit_ms": _p50(hits) if hits else 0.0, "p50_miss_ms": _p50(misses) if misses else 0.0}
+
+
+def _p50(xs: list[float]) -> float:
+    return 1e3 * statistics.median(xs)
+
+
+def _p99(xs: list[float]) -> float:
+    return sorted(xs)[min(len(xs) - 1, int(0.99 * len(xs)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-adapters", type=int, default=5000)
+    parser.add_argument("--num-host", type=int, default=500, help="host cache size, in adapters")
+    parser.add_argument("--num-requests", type=int, default=20000)
+    parser.add_argument("--num-samples", type=int, default=200, help="timed loads for the store")
+    parser.add_argument("--num-peft-samples", type=int, default=50)
+    parser.add_argument("--quick", action="store_true", help="600 adapters, host for 60, 3,000 requests")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.quick:
+        args.num_adapters, args.num_host, args.num_requests = 600, 60, 3000
+        args.num_samples, args.num_peft_samples = 100, 20
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    work = Path(tempfile.mkdtemp(prefix="bench-adapters-"))
+    try:
+        report = run(work, args)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print_table(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+def run(work: Path, args: argparse.Namespace) -> dict[str, object]:
+    started = time.perf_counter()
+    cached, remote = populate(work, args.num_adapters, num_registry=min(50, args.num_samples))
+    generate_s = time.perf_counter() - started
+    store = time_store_loads(work, cached, remote, min(args.num_samples, len(cached)))
+    peft = time_peft_loads(work, cached, min(args.num_peft_samples, len(cached) - 1))
+    traffic = {name: run_traffic(work, cached, args.num_host, args.num_requests, alpha)
+               for name, alpha in (("zipf1.1", 1.1), ("uniform", None))}
+    loads = {"store_disk_to_host_p50_ms": _p50(store["disk"]),
+             "store_disk_to_host_p99_ms": 1e3 * _p99(store["disk"]),
+             "store_disk_to_host_worker_p50_ms": _p50(store["disk_internal"]),
+             "store_source_to_host_p50_ms": _p50(store["source"]),
+             "peft_load_adapter_p50_ms": _p50(peft),
+             "peft_load_adapter_p99_ms": 1e3 * _p99(peft)}
+    loads["peft_over_store_disk_to_host"] = (loads["peft_load_adapter_p50_ms"]
+                                             / loads["store_disk_to_host_p50_ms"])
+    return {"config": {"num_adapters": args.num_adapters, "num_host": args.num_host,
+                       "num_requests": args.num_requests, "num_store_samples": len(store["disk"]),
+                       "num_peft_samples": len(peft), "adapter_bytes": ADAPTER_BYTES,
+                       "model": {"hidden": HIDDEN, "layers": NUM_LAYERS, "heads": NUM_HEADS, "rank": RANK,
+                                 "modules": list(MODULES), "dtype": "float32"}},
+            "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                        "platform": platform.platform()},
+            "generate_seconds": generate_s, "loads": loads, "traffic": traffic}
+
+
+def print_table(report: dict[str, object]) -> None:
+    loads: dict[str, float] = report["loads"]  # type: ignore[assignment]
+    config: dict[str, object] = report["config"]  # type: ignore[assignment]
+    print(f"adapters: {config['num_adapters']} x {config['adapter_bytes'] / 2**20:.2f} MiB, "
+          f"host cache for {config['num_host']}")
+    print(f"{'load (miss in host memory)':<40}{'p50 ms':>10}{'p99 ms':>10}")
+    print(f"{'store: disk cache -> host':<40}{loads['store_disk_to_host_p50_ms']:>10.2f}"
+          f"{loads['store_disk_to_host_p99_ms']:>10.2f}")
+    print(f"{'store: local source -> disk -> host':<40}{loads['store_source_to_host_p50_ms']:>10.2f}{'':>10}")
+    print(f"{'peft: PeftModel.load_adapter':<40}{loads['peft_load_adapter_p50_ms']:>10.2f}"
+          f"{loads['peft_load_adapter_p99_ms']:>10.2f}")
+    print(f"peft / store (disk -> host, p50): {loads['peft_over_store_disk_to_host']:.1f}x\n")
+    print(f"{'traffic':<10}{'host hit':>10}{'2nd half':>10}{'disk hit':>10}{'get p50':>10}{'get p99':>10}"
+          f"{'hit p50':>10}{'miss p50':>10}   (ms)")
+    for name, t in report["traffic"].items():  # type: ignore[attr-defined]
+        print(f"{name:<10}{t['host_hit_rate']:>10.3f}{t['steady_host_hit_rate']:>10.3f}"
+              f"{t['disk_hit_rate']:>10.3f}{t['p50_get_ms']:>10.3f}{t['p99_get_ms']:>10.3f}"
+              f"{t['p50_hit_ms']:>10.4f}{t['p50_miss_ms']:>10.3f}")
+
+
+if __name__ == "__main__":
+    main()

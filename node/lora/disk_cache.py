@@ -1,0 +1,156 @@
+"""The disk tier: verified adapter folders under `cache_dir/<sha256 hex>/`, an LRU bounded in bytes.
+
+Entries are content-addressed by the registered weights hash, so two adapter ids with the same
+bytes share one copy. A copy is written under `.tmp/` and renamed into place (atomic: a reader never
+sees half a folder); an evicted or bad copy is renamed under `.trash/` and deleted outside the lock.
+Last use is kept in the folder's mtime so the LRU order survives a restart. Entries being read
+(leased) and entries of pinned adapters (protected) are never evicted. In-flight downloads under
+`.tmp/` are not counted against the budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import threading
+import uuid
+from collections import Counter, OrderedDict
+from pathlib import Path
+
+from node.lora.content_hash import ADAPTER_FILES
+
+logger = logging.getLogger(__name__)
+_ENTRY_NAME = re.compile(r"^[0-9a-f]{64}$")
+_TMP, _TRASH = ".tmp", ".trash"
+
+
+class DiskCache:
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, int] = OrderedDict()  # sha hex -> bytes, least recently used first
+        self._leases: Counter[str] = Counter()
+        self._protected: Counter[str] = Counter()
+        self._nbytes = 0
+        self._scan()
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    def keys(self) -> list[str]:
+        """Cached hashes, least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
+    def lease(self, key: str) -> Path | None:
+        """The cached folder, marked most recently used and held against eviction; None if absent."""
+        with self._lock:
+            if key not in self._entries:
+                return None
+            self._entries.move_to_end(key)
+            self._leases[key] += 1
+        return self.root / key
+
+    def touch(self, key: str) -> None:
+        """Record the use on disk (the folder's mtime), so that the LRU order survives a restart."""
+        with contextlib.suppress(FileNotFoundError):  # deleted behind our back: the reader fetches again
+            os.utime(self.root / key)
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            self._leases[key] -= 1
+            if self._leases[key] <= 0:
+                del self._leases[key]
+
+    def protect(self, key: str) -> None:
+        with self._lock:
+            self._protected[key] += 1
+
+    def unprotect(self, key: str) -> None:
+        with self._lock:
+            self._protected[key] -= 1
+            if self._protected[key] <= 0:
+                del self._protected[key]
+
+    def new_temp(self) -> Path:
+        path = self.root / _TMP / uuid.uuid4().hex
+        path.mkdir(parents=True)
+        return path
+
+    def commit(self, temp: Path, key: str) -> tuple[Path, int]:
+        """Move a verified temp folder into place, leased; returns it and the number of evictions."""
+        size = sum((temp / name).stat().st_size for name in ADAPTER_FILES)
+        with self._lock:
+            if key not in self._entries:
+                if (self.root / key).exists():  # an unindexed leftover (a failed eviction)
+                    shutil.rmtree(self.root / key)
+                os.rename(temp, self.root / key)  # atomic; `temp` is gone afterwards
+                self._entries[key] = size
+                self._nbytes += size
+            self._entries.move_to_end(key)
+            self._leases[key] += 1
+            victims = self._take_victims()
+        self._delete(victims)
+        return self.root / key, len(victims)
+
+    def discard(self, key: str) -> None:
+        """Delete a copy that turned out bad (it no longer hashes to its name), even if leased."""
+        with self._lock:
+            size = self._entries.pop(key, None)
+            if size is None:
+                return
+            self._nbytes -= size
+            trash = self._to_trash(key)
+        self._delete([trash])
+
+    def _take_victims(self) -> list[Path]:
+        victims: list[Path] = []
+        for key in list(self._entries):
+            if self._nbytes <= self.max_bytes:
+                break
+            if self._leases[key] or self._protected[key]:
+                continue
+            self._nbytes -= self._entries.pop(key)
+            victims.append(self._to_trash(key))
+        return victims
+
+    def _to_trash(self, key: str) -> Path:
+        trash = self.root / _TRASH / uuid.uuid4().hex
+        trash.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(self.root / key, trash)
+        except FileNotFoundError:
+            logger.warning("disk cache entry %s vanished before eviction", key)
+        return trash
+
+    def _delete(self, paths: list[Path]) -> None:
+        for path in paths:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _scan(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        for leftover in (_TMP, _TRASH):
+            shutil.rmtree(self.root / leftover, ignore_errors=True)
+        found: list[tuple[float, str, int]] = []
+        for path in self.root.iterdir():
+            if not (_ENTRY_NAME.match(path.name) and path.is_dir()):
+                logger.warning("ignoring %s in the adapter disk cache", path.name)
+                continue
+            if not all((path / name).is_file() for name in ADAPTER_FILES):
+                shutil.rmtree(path, ignore_errors=True)
+                continue
+            size = sum((path / name).stat().st_size for name in ADAPTER_FILES)
+            found.append((path.stat().st_mtime, path.name, size))
+        for _mtime, key, size in sorted(found):
+            self._entries[key] = size
+            self._nbytes += size
+        with self._lock:
+            victims = self._take_victims()
+        self._delete(victims)
+        logger.info("adapter disk cache %s: %d entries, %d bytes", self.root, len(self._entries),
+                    self._nbytes)

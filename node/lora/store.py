@@ -1,0 +1,341 @@
+"""The tiered adapter store: host memory <- disk cache <- registered URI, verified before parsing.
+
+`get` answers from host memory at once or loads; `prefetch` starts a background load (one per
+adapter however often it is asked) and returns its future; `state` tells the scheduler, without
+blocking, whether an adapter is ready. Loads from the disk cache and fetches from the source run on
+separate worker pools, so a slow or stuck HTTP source never delays an adapter that is already on
+disk, and a host-memory hit never waits on any load (the lock is held only for dictionary updates).
+
+Integrity: the bytes of `adapter_config.json` + `adapter_model.safetensors` must hash (the folder
+rule of `content_hash`) to the registered sha256 before `parse` ever sees them, on every load from
+disk as well as after every fetch. A fetched copy that does not is deleted and the load fails with
+AdapterIntegrityError naming both hashes; a disk copy that has gone bad is deleted and fetched again.
+
+Failures are per adapter: the state turns FAILED with the error, other adapters are untouched, and
+a later get/prefetch (after `retry_after_s`) tries again.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Generic, TypeVar
+
+import httpx
+
+from node.errors import (
+    AdapterFormatError,
+    AdapterIntegrityError,
+    AdapterNotFound,
+    AdapterTooLarge,
+    ConfigError,
+)
+from node.lora.content_hash import adapter_weights_sha256, from_hex, to_hex
+from node.lora.disk_cache import DiskCache
+from node.lora.host_cache import HostCache
+from node.lora.provider import AdapterSource, LoadState
+from node.lora.source import FetchLimits, check_adapter_files, fetch_adapter
+from node.lora.store_metrics import MetricsRecorder, StoreMetrics
+
+W = TypeVar("W")
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    cache_dir: Path
+    max_disk_bytes: int
+    max_host_bytes: int
+    num_load_workers: int = 2  # disk -> host (hash check + parse), and copies from local sources
+    num_fetch_workers: int = 4  # http(s) -> disk
+    http_timeout_s: float = 30.0  # the longest silence between two chunks of a download
+    http_connect_timeout_s: float = 10.0
+    fetch_deadline_s: float = 600.0  # one whole adapter, however fast each chunk comes
+    max_download_bytes: int = 1 << 30  # one adapter's two files together, from any source
+    retry_after_s: float = 1.0  # a failed adapter answers its error this long before a new try
+    num_recent_samples: int = 1024  # load times kept per tier for percentiles
+
+    def __post_init__(self) -> None:
+        for name in ("max_disk_bytes", "max_host_bytes", "num_load_workers", "num_fetch_workers",
+                     "max_download_bytes", "num_recent_samples", "http_timeout_s",
+                     "http_connect_timeout_s", "fetch_deadline_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"store {name} must be positive", **{name: getattr(self, name)})
+        if self.retry_after_s < 0:
+            raise ConfigError("store retry_after_s must not be negative", retry_after_s=self.retry_after_s)
+
+
+@dataclass(frozen=True)
+class _Registration:
+    source: AdapterSource
+    digest: bytes  # the registered sha256
+    key: str = field(init=False)  # its hex: the disk cache entry
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", self.digest.hex())
+
+
+@dataclass(frozen=True)
+class _Failure:
+    error: Exception
+    at: float  # time.monotonic()
+
+
+class AdapterStore(Generic[W]):
+    """Implements `AdapterProvider[W]` over a host LRU, a disk cache and the registered URIs."""
+
+    def __init__(self, config: StoreConfig, parse: Callable[[Path], W], nbytes: Callable[[W], int]) -> None:
+        self.config = config
+        self._parse, self._nbytes = parse, nbytes
+        self._lock = threading.Lock()
+        self._registered: dict[str, _Registration] = {}
+        self._pinned: set[str] = set()
+        self._inflight: dict[str, Future[W]] = {}
+        self._failures: dict[str, _Failure] = {}
+        self._host: HostCache[W] = HostCache(config.max_host_bytes)
+        self._disk = DiskCache(Path(config.cache_dir), config.max_disk_bytes)
+        self._metrics = MetricsRecorder(config.num_recent_samples)
+        self._limits = FetchLimits(max_bytes=min(config.max_download_bytes, config.max_disk_bytes),
+                                   connect_timeout_s=config.http_connect_timeout_s,
+                                   read_timeout_s=config.http_timeout_s, deadline_s=config.fetch_deadline_s)
+        self._client = httpx.Client(follow_redirects=True,
+                                    limits=httpx.Limits(max_connections=config.num_fetch_workers))
+        self._load_pool = ThreadPoolExecutor(config.num_load_workers, thread_name_prefix="adapter-load")
+        self._fetch_pool = ThreadPoolExecutor(config.num_fetch_workers, thread_name_prefix="adapter-fetch")
+
+    # --- the provider port ---------------------------------------------------------------------
+    def register(self, adapter_id: str, source: AdapterSource) -> None:
+        """Register (or re-register) an adapter; a changed URI or hash drops what was loaded before."""
+        try:
+            reg = _Registration(source, from_hex(source.sha256))
+        except ValueError as e:
+            raise AdapterFormatError(f"registered sha256 of {adapter_id} is not 32 bytes of hex: {e}",
+                                     adapter=adapter_id, sha256=source.sha256) from e
+        with self._lock:
+            old = self._registered.get(adapter_id)
+            is_same = old is not None and (old.source.uri, old.digest) == (source.uri, reg.digest)
+            if not is_same:
+                self._forget(adapter_id)
+                self._registered[adapter_id] = reg
+        if source.is_pinned:
+            self.pin(adapter_id)
+        elif is_same:
+            self.unpin(adapter_id)
+
+    def unregister(self, adapter_id: str) -> None:
+        """Forget an adapter and drop it from host memory (its disk copy ages out with the LRU)."""
+        with self._lock:
+            self._forget(adapter_id)
+
+    def get(self, adapter_id: str) -> W:
+        """The parsed weights, from host memory at once or after a load. Raises an AdapterError."""
+        return self.prefetch(adapter_id).result()
+
+    def prefetch(self, adapter_id: str) -> Future[W]:
+        """Start loading in the background (deduplicated); the future holds the weights or the error."""
+        with self._lock:
+            reg = self._registration(adapter_id)
+            weights = self._host.get(adapter_id)
+            if weights is not None:
+                self._metrics.count("host", "hits")
+                return _done(weights)
+            self._metrics.count("host", "misses")
+            if adapter_id in self._inflight:
+                return self._inflight[adapter_id]
+            failure = self._failures.get(adapter_id)
+            if failure is not None and time.monotonic() - failure.at < self.config.retry_after_s:
+                return _done(error=failure.error)
+            self._failures.pop(adapter_id, None)
+            leased = self._disk.lease(reg.key)
+            is_remote = reg.source.uri.startswith(("http://", "https://"))
+            pool = self._fetch_pool if leased is None and is_remote else self._load_pool
+            future = pool.submit(self._load, adapter_id, reg, leased)
+            self._inflight[adapter_id] = future
+            return future
+
+    def state(self, adapter_id: str) -> LoadState:
+        with self._lock:
+            if adapter_id not in self._registered:
+                return LoadState.UNKNOWN
+            if adapter_id in self._host:
+                return LoadState.READY
+            if adapter_id in self._inflight:
+                return LoadState.LOADING
+            if adapter_id in self._failures:
+                return LoadState.FAILED
+            return LoadState.COLD
+
+    # --- beyond the port -------------------------------------------------------------------------
+    def error(self, adapter_id: str) -> Exception | None:
+        """Why the last load of this adapter failed, while its state is FAILED."""
+        with self._lock:
+            failure = self._failures.get(adapter_id)
+            return failure.error if failure is not None else None
+
+    def pin(self, adapter_id: str) -> Future[W]:
+        """Keep an adapter in host memory and on disk whatever the traffic; loads it now."""
+        with self._lock:
+            reg = self._registration(adapter_id)
+            if adapter_id not in self._pinned:
+                self._pinned.add(adapter_id)
+                self._host.pin(adapter_id)
+                self._disk.protect(reg.key)
+        return self.prefetch(adapter_id)
+
+    def unpin(self, adapter_id: str) -> None:
+        with self._lock:
+            reg = self._registration(adapter_id)
+            if adapter_id in self._pinned:
+                self._pinned.discard(adapter_id)
+                self._metrics.count("host", "evictions", len(self._host.unpin(adapter_id)))
+                self._disk.unprotect(reg.key)
+
+    def metrics(self) -> StoreMetrics:
+        with self._lock:
+            counts = (len(self._registered), len(self._pinned), len(self._inflight), len(self._failures))
+            host_bytes = self._host.nbytes
+        return StoreMetrics(host=self._metrics.tier("host", host_bytes),
+                            disk=self._metrics.tier("disk", self._disk.nbytes),
+                            source=self._metrics.tier("source"), num_registered=counts[0],
+                            num_pinned=counts[1], num_loading=counts[2], num_failed=counts[3])
+
+    def host_ids(self) -> list[str]:
+        """Adapters in host memory, least recently used first."""
+        with self._lock:
+            return self._host.keys()
+
+    def disk_keys(self) -> list[str]:
+        """Weights hashes (hex) in the disk cache, least recently used first."""
+        return self._disk.keys()
+
+    def close(self) -> None:
+        """Stop the workers (queued loads are cancelled) and close the HTTP client."""
+        self._fetch_pool.shutdown(wait=True, cancel_futures=True)
+        self._load_pool.shutdown(wait=True, cancel_futures=True)
+        self._client.close()
+
+    def __enter__(self) -> AdapterStore[W]:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # --- loading (worker threads) ----------------------------------------------------------------
+    def _load(self, adapter_id: str, reg: _Registration, leased: Path | None) -> W:
+        try:
+            started = time.monotonic()
+            folder, is_fetched = self._good_copy(adapter_id, reg, leased)
+            try:
+                if is_fetched:  # hashed and checked while it was written; the disk step starts now
+                    started = time.monotonic()
+                else:
+                    check_adapter_files(folder)
+                weights = self._parse(folder)
+                size = self._nbytes(weights)
+                self._metrics.loaded("disk", time.monotonic() - started)
+            finally:
+                self._disk.release(reg.key)
+            if size > self.config.max_host_bytes:
+                raise AdapterTooLarge(f"adapter {adapter_id} takes {size} bytes in host memory, over the "
+                                      f"{self.config.max_host_bytes}-byte budget",
+                                      adapter=adapter_id, nbytes=size, max_bytes=self.config.max_host_bytes)
+        except Exception as e:  # a worker boundary: record it for this adapter, re-raise to its waiters
+            self._settle(adapter_id, reg, error=e)
+            raise
+        self._settle(adapter_id, reg, weights=weights, size=size)
+        return weights
+
+    def _good_copy(self, adapter_id: str, reg: _Registration, leased: Path | None) -> tuple[Path, bool]:
+        """A leased disk folder with the registered bytes (the cached one if still good, else fetched),
+        and whether it was fetched now."""
+        if leased is not None:
+            try:
+                actual = adapter_weights_sha256(leased)
+            except (OSError, AdapterFormatError):  # deleted or unreadable: as good as corrupted
+                actual = b""
+            if actual == reg.digest:
+                self._metrics.count("disk", "hits")
+                self._disk.touch(reg.key)
+                return leased, False
+            logger.warning("disk copy of adapter %s hashes to %s, not %s: deleting and fetching again",
+                           adapter_id, to_hex(actual) if actual else "(missing)", to_hex(reg.digest))
+            self._disk.release(reg.key)
+            self._disk.discard(reg.key)
+        self._metrics.count("disk", "misses")
+        return self._fetch(adapter_id, reg), True
+
+    def _fetch(self, adapter_id: str, reg: _Registration) -> Path:
+        started = time.monotonic()
+        temp = self._disk.new_temp()
+        try:
+            actual = fetch_adapter(reg.source.uri, temp, self._limits, self._client)
+            if actual != reg.digest:
+                raise AdapterIntegrityError(
+                    f"adapter {adapter_id} at {reg.source.uri} hashes to {to_hex(actual)}, "
+                    f"registered {to_hex(reg.digest)}: refused",
+                    adapter=adapter_id, expected=to_hex(reg.digest), actual=to_hex(actual),
+                    uri=reg.source.uri)
+            check_adapter_files(temp)
+            folder, num_evicted = self._disk.commit(temp, reg.key)
+        except Exception:
+            self._metrics.count("source", "misses")
+            raise
+        finally:
+            shutil.rmtree(temp, ignore_errors=True)  # the bad copy; gone already after a commit
+        self._metrics.count("source", "hits")
+        self._metrics.count("disk", "evictions", num_evicted)
+        self._metrics.loaded("source", time.monotonic() - started, self._disk_size(folder))
+        logger.info("fetched adapter %s from %s in %.3fs", adapter_id, reg.source.uri,
+                    time.monotonic() - started)
+        return folder
+
+    def _settle(self, adapter_id: str, reg: _Registration, weights: W | None = None, size: int = 0,
+                error: Exception | None = None) -> None:
+        with self._lock:
+            if self._registered.get(adapter_id) is not reg:
+                return  # unregistered or re-registered meanwhile: the result belongs to no one
+            self._inflight.pop(adapter_id, None)
+            if error is not None:
+                logger.warning("adapter %s failed to load: %s", adapter_id, error)
+                self._failures[adapter_id] = _Failure(error, time.monotonic())
+                return
+            assert weights is not None
+            self._metrics.count("host", "evictions", len(self._host.put(adapter_id, weights, size)))
+
+    # --- under the lock --------------------------------------------------------------------------
+    def _registration(self, adapter_id: str) -> _Registration:
+        reg = self._registered.get(adapter_id)
+        if reg is None:
+            raise AdapterNotFound(f"adapter {adapter_id} is not registered", adapter=adapter_id)
+        return reg
+
+    def _forget(self, adapter_id: str) -> None:
+        reg = self._registered.pop(adapter_id, None)
+        self._inflight.pop(adapter_id, None)  # a load still running settles into nothing
+        self._host.pop(adapter_id)
+        self._failures.pop(adapter_id, None)
+        if adapter_id in self._pinned and reg is not None:
+            self._pinned.discard(adapter_id)
+            self._host.unpin(adapter_id)
+            self._disk.unprotect(reg.key)
+
+    @staticmethod
+    def _disk_size(folder: Path) -> int:
+        return sum(p.stat().st_size for p in folder.iterdir())
+
+
+def _done(weights: W | None = None, error: Exception | None = None) -> Future[W]:
+    future: Future[W] = Future()
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(weights)  # type: ignore[arg-type]
+    return future
