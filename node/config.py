@@ -55,9 +55,25 @@ class Settings(BaseSettings):
     max_lora_rank: int = Field(default=64, ge=1)
     max_adapter_slots: int = Field(default=32, ge=1)
 
-    # API
+    max_model_len: int | None = Field(default=None, ge=16)
+
+    # adapters: device slots above; host memory and disk caches in bytes
+    adapter_cache_dir: Path | None = None  # default: data_dir/adapters
+    max_adapter_host_bytes: int = Field(default=4 << 30, ge=1)
+    max_adapter_disk_bytes: int = Field(default=64 << 30, ge=1)
+
+    # API and pricing (token units, integers)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    prompt_token_price: int = Field(default=10**12, ge=0)
+    completion_token_price: int = Field(default=2 * 10**12, ge=0)
+    min_fee: int = Field(default=0, ge=0)
+    default_max_tokens: int = Field(default=256, ge=1)
+    min_voucher_validity_s: int = Field(default=300, ge=0)
+    max_in_flight: int = Field(default=256, ge=1)
+    max_mirror_lag_s: float = Field(default=120.0, gt=0)
+    idempotency_window_s: int = Field(default=86_400, ge=0)
+    reservation_ttl_s: float = Field(default=600.0, gt=0)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -99,6 +115,9 @@ class Settings(BaseSettings):
         if self.broker_url:
             return self.broker_url
         return f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+
+    def resolved_adapter_cache_dir(self) -> Path:
+        return self.adapter_cache_dir or self.data_dir / "adapters"
 
     def resolved_deployment_file(self) -> Path:
         return self.deployment_file or Path("deployments") / f"{self.chain_id}.json"

@@ -3,4 +3,6 @@
 pytest_plugins = [
     "tests.fixtures.chain",
     "tests.fixtures.database",
+    "tests.fixtures.models",
+    "tests.fixtures.paid_node",
 ]

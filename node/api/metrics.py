@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -21,7 +21,6 @@ class APIMetrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("loranode_time_to_first_token_seconds", "Time to the first streamed token",
                               buckets=LATENCY_BUCKETS, registry=r)
-        self.in_flight = Gauge("loranode_requests_in_flight", "Requests admitted and not finished", registry=r)
         self.receipts = Counter("loranode_receipts", "Receipts signed and committed", registry=r)
         self.fees = Counter("loranode_fees", "Fees charged, in token units", registry=r)
 

@@ -1,0 +1,33 @@
+"""The services a running API holds, and the dependency that hands them to routes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.api.engine_client import EngineClient
+from node.api.generation import GenerationService
+from node.api.metrics import APIMetrics
+from node.catalog import AdapterCatalog
+from node.payment.service import PaymentService
+
+
+@dataclass
+class NodeServices:
+    engine: EngineClient
+    payments: PaymentService
+    catalog: AdapterCatalog
+    db: sessionmaker[Session]
+    metrics: APIMetrics
+    generation: GenerationService
+    chain_id: int
+    settlement_address: str
+    max_mirror_lag_s: float = 120.0
+    on_shutdown: list[Callable[[], None]] = field(default_factory=list)
+
+
+def services(request: Request) -> NodeServices:
+    return request.app.state.services  # type: ignore[no-any-return]

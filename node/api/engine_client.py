@@ -1,0 +1,89 @@
+"""The only bridge from the API to the engine: prompts to token ids, bounded admission, streaming.
+
+The engine runs its step loop on its own thread; `stream` hands the API an async iterator of
+deltas and aborts the request in the engine when the consumer goes away.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+
+from node.engine import LLMEngine, SamplingParams
+from node.engine.sequence import StreamDelta
+from node.errors import BadRequest, Overloaded, PromptTooLong
+
+CHAT_FALLBACK_TEMPLATE = "<|{role}|>\n{content}\n"
+
+
+class EngineClient:
+    def __init__(self, engine: LLMEngine, max_in_flight: int) -> None:
+        self.engine = engine
+        self.max_in_flight = max_in_flight
+        self._in_flight = 0
+        self._lock = threading.Lock()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    # --- prompts ----------------------------------------------------------------------------------
+    def encode_completion(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, list):
+            vocab = self.engine.model_config.vocab_size
+            if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
+                raise BadRequest(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+            return list(prompt)
+        return self._encode(prompt)
+
+    def encode_chat(self, messages: list[tuple[str, str]]) -> list[int]:
+        tok = self.engine.tokenizer
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template([{"role": r, "content": c} for r, c in messages], tokenize=False,
+                                           add_generation_prompt=True)
+        else:
+            text = "".join(CHAT_FALLBACK_TEMPLATE.format(role=r, content=c) for r, c in messages) + "<|assistant|>\n"
+        return self._encode(str(text))
+
+    def _encode(self, text: str) -> list[int]:
+        ids = list(self.engine.tokenizer(text).input_ids)
+        if not ids:
+            raise BadRequest("the prompt is empty", param="prompt")
+        return ids
+
+    def completion_budget(self, num_prompt_tokens: int, max_tokens: int | None, default: int) -> int:
+        """max_tokens for this prompt: what was asked, or the default, within the context window."""
+        room = self.max_model_len - num_prompt_tokens
+        if room < 1:
+            raise PromptTooLong(f"the prompt has {num_prompt_tokens} tokens; this model takes at most "
+                                f"{self.max_model_len - 1}", num_prompt_tokens=num_prompt_tokens,
+                                max_model_len=self.max_model_len)
+        if max_tokens is not None and max_tokens > room:
+            raise BadRequest(f"max_tokens {max_tokens} + {num_prompt_tokens} prompt tokens exceed the context of "
+                             f"{self.max_model_len}", param="max_tokens", room=room)
+        return max_tokens if max_tokens is not None else min(default, room)
+
+    # --- running ----------------------------------------------------------------------------------
+    @contextmanager
+    def admission(self) -> Iterator[None]:
+        """A place among the requests in flight, or 429 when the queue is full."""
+        with self._lock:
+            if self._in_flight >= self.max_in_flight:
+                raise Overloaded("the node is at capacity; retry shortly", in_flight=self._in_flight,
+                                 max_in_flight=self.max_in_flight)
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams, adapter_id: str | None,
+                     request_id: str) -> AsyncIterator[StreamDelta]:
+        async for delta in self.engine.stream(prompt_ids, params, adapter_id, request_id):
+            yield delta

@@ -1,0 +1,63 @@
+"""POST /v1/completions and /v1/chat/completions: the paid OpenAI endpoints."""
+
+from __future__ import annotations
+
+from typing import Annotated, TypeVar
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from node.api.deps import NodeServices, services
+from node.api.schemas import ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse
+from node.errors import BadRequest
+
+router = APIRouter(prefix="/v1", tags=["inference"])
+M = TypeVar("M", bound=BaseModel)
+PaymentHeader = Annotated[str | None, Header(alias="X-Payment", description="base64url JSON of a signed voucher")]
+MAX_BODY_BYTES = 1 << 20
+
+
+async def _parse(request: Request, model: type[M]) -> tuple[M, bytes]:
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise BadRequest("request body too large", size=len(body), max_size=MAX_BODY_BYTES)
+    try:
+        return model.model_validate_json(body), body
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise BadRequest(f"{where}: {first['msg']}", param=where, errors=exc.error_count()) from exc
+
+
+def _openapi(model: type[BaseModel]) -> dict[str, object]:
+    """The request body's schema for the OpenAPI document (the route reads the raw bytes itself)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: object) -> object:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
+@router.post("/completions", response_model=CompletionResponse, openapi_extra=_openapi(CompletionRequest))
+async def completions(request: Request, payment: PaymentHeader = None,
+                      svc: NodeServices = Depends(services)) -> JSONResponse | StreamingResponse:
+    req, body = await _parse(request, CompletionRequest)
+    return await svc.generation.handle("completion", req, body, payment, request)
+
+
+@router.post("/chat/completions", response_model=ChatCompletionResponse,
+             openapi_extra=_openapi(ChatCompletionRequest))
+async def chat_completions(request: Request, payment: PaymentHeader = None,
+                           svc: NodeServices = Depends(services)) -> JSONResponse | StreamingResponse:
+    req, body = await _parse(request, ChatCompletionRequest)
+    return await svc.generation.handle("chat", req, body, payment, request)

@@ -1,0 +1,89 @@
+"""Read-only endpoints: the node, its adapters, quotes, lanes and receipts."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from fastapi import APIRouter, Depends, Path, Query
+
+from node.api.deps import NodeServices, services
+from node.db.models import Receipt
+from node.errors import BadRequest, NodeError
+
+router = APIRouter(prefix="/v1", tags=["info"])
+ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+HASH = re.compile(r"^0x[0-9a-fA-F]{64}$")
+
+
+class NotFound(NodeError):
+    status = 404
+    code = "not_found"
+
+
+@router.get("/node")
+def node_info(svc: NodeServices = Depends(services)) -> dict[str, Any]:
+    """Who this node is and what a client needs to sign vouchers for it."""
+    p = svc.payments
+    return {"node": p.node, "chainId": svc.chain_id, "settlement": svc.settlement_address,
+            "domain": {"name": p.domain.name, "version": p.domain.version, "chainId": p.domain.chain_id,
+                       "verifyingContract": p.domain.verifying_contract},
+            "baseModel": svc.catalog.base_model_id, "maxModelLen": svc.engine.max_model_len,
+            "prices": _prices(svc)}
+
+
+@router.get("/models")
+def models(svc: NodeServices = Depends(services)) -> dict[str, Any]:
+    data = [{"id": str(v.adapter_id), "object": "model", "owned_by": v.owner, "created": v.registered_block,
+             "lineage": {"hash": v.lineage_hash, "ownerShareBps": v.owner_share_bps,
+                         "datasets": [{"id": d.dataset_id, "weightBps": d.weight_bps} for d in v.datasets]},
+             "weightsSha256": v.weights_sha256, "uri": v.uri}
+            for v in svc.catalog.served()]
+    return {"object": "list", "data": data}
+
+
+@router.get("/quote")
+def quote(prompt_tokens: int = Query(..., ge=1, le=10**7), max_tokens: int = Query(256, ge=1, le=10**7),
+          svc: NodeServices = Depends(services)) -> dict[str, Any]:
+    return {**_prices(svc), "promptTokens": prompt_tokens, "maxTokens": max_tokens,
+            "maxFee": str(svc.payments.pricing.max_fee(prompt_tokens, max_tokens))}
+
+
+@router.get("/channels/{payer}/{lane}")
+def channel(payer: str = Path(...), lane: int = Path(..., ge=0, lt=2**32),
+            max_tokens: int = Query(256, ge=1, le=10**7), svc: NodeServices = Depends(services)) -> dict[str, Any]:
+    """The lane's charged total (sign on top of it) and a quote for a request of up to the whole context."""
+    if not ADDRESS.match(payer):
+        raise BadRequest("payer must be a 0x address", param="payer")
+    ch = svc.payments.ledger.channel(payer, lane)
+    prompt_tokens = max(svc.engine.max_model_len - max_tokens, 1)
+    return {"payer": payer, "node": svc.payments.node, "lane": lane, "chargedTotal": str(ch.charged_total),
+            "lastCumulative": str(ch.last_cumulative), "spendable": str(ch.spendable),
+            "quote": {**_prices(svc), "promptTokens": prompt_tokens, "maxTokens": max_tokens,
+                      "maxFee": str(svc.payments.pricing.max_fee(prompt_tokens, max_tokens))}}
+
+
+@router.get("/receipts/{receipt_id}")
+def receipt(receipt_id: str, svc: NodeServices = Depends(services)) -> dict[str, Any]:
+    if not HASH.match(receipt_id):
+        raise BadRequest("a receipt id is its 0x-hex EIP-712 digest", param="receipt_id")
+    with svc.db() as session:
+        row = session.query(Receipt).filter(Receipt.receipt_hash == receipt_id.lower()).one_or_none()
+        if row is None:
+            raise NotFound(f"no receipt {receipt_id}", receipt_id=receipt_id)
+        stored = svc.payments.ledger.stored_response(row.voucher_hash)
+        body = {"id": row.receipt_hash, "voucherHash": row.voucher_hash,
+                "adapterId": "0x" + row.adapter_id.to_bytes(32, "big").hex(), "registryBlock": row.registry_block,
+                "lineageHash": row.lineage_hash, "promptTokens": row.prompt_tokens,
+                "completionTokens": row.completion_tokens, "fee": str(row.fee), "outputHash": row.output_hash,
+                "method": row.method, "signature": row.signature, "node": svc.payments.node,
+                "createdAt": row.created_at.isoformat(), "epochId": row.epoch_id}
+    if stored is not None:
+        body["chargedTotal"] = stored["receipt"]["chargedTotal"]
+    return body
+
+
+def _prices(svc: NodeServices) -> dict[str, str]:
+    p = svc.payments.pricing
+    return {"promptTokenPrice": str(p.prompt_token_price), "completionTokenPrice": str(p.completion_token_price),
+            "minFee": str(p.min_fee)}

@@ -1,0 +1,89 @@
+"""Build a running API's services from Settings: engine, adapter store, database, payments, catalog."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+from eth_account import Account
+
+from node.api.deps import NodeServices
+from node.api.engine_client import EngineClient
+from node.api.generation import GenerationService
+from node.api.metrics import APIMetrics
+from node.catalog import AdapterCatalog
+from node.chain.deploy import Deployment
+from node.chain.eip712 import Domain
+from node.config import Settings
+from node.db.session import make_engine, session_factory
+from node.engine import EngineConfig, LLMEngine
+from node.errors import ConfigError
+from node.lora.adapter import LoRATargetSpec, LoRAWeights, load_lora_adapter
+from node.lora.content_hash import base_model_id, to_hex
+from node.lora.store import AdapterStore, StoreConfig
+from node.models.config import ModelConfig
+from node.payment.ledger import Ledger
+from node.payment.pricing import Pricing
+from node.payment.service import PaymentService
+
+log = logging.getLogger(__name__)
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    if settings.model_path is None:
+        raise ConfigError("set LORANODE_MODEL_PATH to the base model folder (config.json + safetensors)")
+    return EngineConfig(model_path=settings.model_path, device=settings.device, dtype=settings.dtype,
+                        max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
+                        max_lora_rank=settings.max_lora_rank, max_adapter_slots=settings.max_adapter_slots,
+                        max_model_len=settings.max_model_len)
+
+
+def adapter_store(settings: Settings, config: EngineConfig) -> AdapterStore[LoRAWeights]:
+    model = ModelConfig.from_folder(config.model_path)
+    target = LoRATargetSpec.of(model.num_layers, model.module_shapes())
+    parse = functools.partial(load_lora_adapter, target=target, max_rank=config.max_lora_rank)
+    store_config = StoreConfig(cache_dir=settings.resolved_adapter_cache_dir(),
+                               max_disk_bytes=settings.max_adapter_disk_bytes,
+                               max_host_bytes=settings.max_adapter_host_bytes)
+    return AdapterStore(store_config, parse, lambda w: w.nbytes)
+
+
+def build_services(settings: Settings, deployment: Deployment) -> NodeServices:
+    key = settings.resolved_operator_key()
+    if key is None:
+        raise ConfigError("the API signs receipts: set LORANODE_OPERATOR_KEY or LORANODE_OPERATOR_KEY_FILE")
+    config = engine_config(settings)
+    store = adapter_store(settings, config)
+    engine = LLMEngine(config, provider=store)
+    db = session_factory(make_engine(settings.resolved_database_url()))
+    node = Account.from_key(key).address
+    ledger = Ledger(db, node, reservation_ttl_s=settings.reservation_ttl_s)
+    pricing = Pricing(settings.prompt_token_price, settings.completion_token_price, settings.min_fee)
+    domain = Domain(chain_id=deployment.chain_id, verifying_contract=deployment.settlement)
+    payments = PaymentService(ledger, domain, key, pricing, min_validity_s=settings.min_voucher_validity_s)
+    catalog = AdapterCatalog(db, store, to_hex(base_model_id(config.model_path)))
+    metrics = APIMetrics()
+    client = EngineClient(engine, settings.max_in_flight)
+    generation = GenerationService(client, payments, catalog, metrics, settings.default_max_tokens)
+    _register_gauges(metrics, store, client)
+    log.info("api for node %s on chain %d, base model %s", node, deployment.chain_id, catalog.base_model_id)
+    return NodeServices(engine=client, payments=payments, catalog=catalog, db=db, metrics=metrics,
+                        generation=generation, chain_id=deployment.chain_id,
+                        settlement_address=deployment.settlement, max_mirror_lag_s=settings.max_mirror_lag_s,
+                        on_shutdown=[engine.shutdown, store.close])
+
+
+def _register_gauges(metrics: APIMetrics, store: AdapterStore[LoRAWeights], client: EngineClient) -> None:
+    def tiers() -> dict[tuple[str, ...], float]:
+        snap = store.metrics().as_dict()
+        out: dict[tuple[str, ...], float] = {}
+        for tier in ("host", "disk", "source"):
+            for name in ("hits", "misses", "evictions", "nbytes"):
+                value = snap[tier].get(name)  # type: ignore[union-attr]
+                if isinstance(value, int | float):
+                    out[(tier, name)] = float(value)
+        return out
+
+    metrics.add_gauges("loranode_adapter_tier", "Adapter store counters per tier", tiers, ["tier", "stat"])
+    metrics.add_gauges("loranode_in_flight", "Requests admitted and not finished",
+                       lambda: {(): float(client.in_flight)}, [])

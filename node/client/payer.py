@@ -1,0 +1,145 @@
+"""The dApp side: sign a voucher for each request's exact bytes, keep lanes, plug into OpenAI clients.
+
+    payer = Payer(key, "http://node:8000")
+    client = payer.openai(lane=0)            # the official `openai` client, paying on lane 0
+    client.chat.completions.create(model="1", messages=[...])
+
+A lane is sequential: use one client per lane, and more lanes for parallel work. The hook signs
+`cumulative = chargedTotal + budget` (the budget defaults to the node's quote for a request that
+fills the whole context), so a request never needs a quote of its own; what it does not spend
+carries over. Retries re-send the same bytes and get the same signature, so a retry of a request
+that was served returns the same answer and receipt without a second charge.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from eth_account import Account
+
+from node.chain.eip712 import Domain, Voucher, recover_receipt_signer, sign_voucher
+from node.chain.eip712 import Receipt as ReceiptType
+from node.errors import PaymentError
+from node.payment.header import PaymentHeader, request_hash
+
+PAID_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    node: str
+    chain_id: int
+    domain: Domain
+    max_model_len: int
+
+
+class Payer:
+    def __init__(self, key: str, base_url: str, *, budget: int | None = None, validity_s: int = 3_600,
+                 timeout_s: float = 60.0) -> None:
+        self.key = key
+        self.address = str(Account.from_key(key).address)
+        self.base_url = base_url.rstrip("/")
+        self.budget = budget
+        self.validity_s = validity_s
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s)
+        self._info: NodeInfo | None = None
+        self._charged: dict[int, int] = {}  # lane -> charged total as last seen
+        self._lock = threading.Lock()
+
+    # --- the node ---------------------------------------------------------------------------------
+    @property
+    def info(self) -> NodeInfo:
+        if self._info is None:
+            data = self._get("/v1/node")
+            d = data["domain"]
+            self._info = NodeInfo(node=data["node"], chain_id=data["chainId"], max_model_len=data["maxModelLen"],
+                                  domain=Domain(chain_id=d["chainId"], verifying_contract=d["verifyingContract"],
+                                                name=d["name"], version=d["version"]))
+        return self._info
+
+    def channel(self, lane: int) -> dict[str, Any]:
+        data = self._get(f"/v1/channels/{self.address}/{lane}")
+        with self._lock:
+            self._charged[lane] = int(data["chargedTotal"])
+        return data
+
+    def _get(self, path: str) -> dict[str, Any]:
+        resp = self._http.get(path)
+        if resp.status_code != 200:
+            raise PaymentError(f"GET {path} answered {resp.status_code}", body=resp.text[:500])
+        return resp.json()  # type: ignore[no-any-return]
+
+    # --- signing ----------------------------------------------------------------------------------
+    def payment_header(self, body: bytes, lane: int) -> str:
+        """The X-Payment value for `body` on `lane`: signed on top of the lane's charged total."""
+        with self._lock:
+            charged = self._charged.get(lane)
+        if charged is None or self.budget is None:
+            quote = self.channel(lane)
+            charged = int(quote["chargedTotal"])
+            budget = self.budget if self.budget is not None else int(quote["quote"]["maxFee"])
+        else:
+            budget = self.budget
+        info = self.info
+        deadline = int(time.time()) + self.validity_s
+        deadline -= deadline % 60  # a retry within the minute signs the same voucher
+        voucher = Voucher(payer=self.address, node=info.node, lane=lane, cumulative=charged + budget,
+                          request_hash=request_hash(body), deadline=deadline)
+        signature = sign_voucher(self.key, voucher, info.domain)
+        return PaymentHeader(voucher.payer, voucher.node, lane, voucher.cumulative, voucher.request_hash,
+                             deadline, signature).encode()
+
+    def observe(self, lane: int, charged_total: int) -> None:
+        """Record the lane's new charged total (from X-Charged-Total or a receipt)."""
+        with self._lock:
+            self._charged[lane] = max(self._charged.get(lane, 0), charged_total)
+
+    def forget(self, lane: int) -> None:
+        with self._lock:
+            self._charged.pop(lane, None)
+
+    # --- HTTP clients -----------------------------------------------------------------------------
+    def http_client(self, lane: int, **kwargs: Any) -> httpx.Client:
+        """An httpx client that pays for every POST to the paid endpoints on `lane`."""
+
+        def sign(request: httpx.Request) -> None:
+            if request.method == "POST" and request.url.path.endswith(PAID_PATHS):
+                request.headers["X-Payment"] = self.payment_header(request.read(), lane)
+
+        def learn(response: httpx.Response) -> None:
+            if response.request.url.path.endswith(PAID_PATHS):
+                total = response.headers.get("X-Charged-Total")
+                if total is not None:
+                    self.observe(lane, int(total))
+                else:
+                    self.forget(lane)  # streamed or refused: ask the node next time
+
+        hooks = {"request": [sign], "response": [learn]}
+        return httpx.Client(event_hooks=hooks, timeout=kwargs.pop("timeout", 120.0), **kwargs)
+
+    def openai(self, lane: int = 0, **kwargs: Any) -> Any:
+        """The official OpenAI client, pointed at the node and paying on `lane`."""
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.base_url + "/v1", api_key="unused", http_client=self.http_client(lane),
+                      **kwargs)
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def verify_receipt(receipt: dict[str, Any], domain: Domain) -> str:
+    """Recover the signer of a receipt as returned by the API (compare it with the node's address)."""
+    r = ReceiptType(voucher_hash=_b(receipt["voucherHash"]), adapter_id=_b(receipt["adapterId"]),
+                    registry_block=int(receipt["registryBlock"]), lineage_hash=_b(receipt["lineageHash"]),
+                    prompt_tokens=int(receipt["promptTokens"]), completion_tokens=int(receipt["completionTokens"]),
+                    fee=int(receipt["fee"]), output_hash=_b(receipt["outputHash"]), method=int(receipt["method"]))
+    return recover_receipt_signer(r, domain, _b(receipt["signature"]))
+
+
+def _b(hex_text: str) -> bytes:
+    return bytes.fromhex(hex_text.removeprefix("0x"))

@@ -1,0 +1,147 @@
+"""A whole node on this machine: anvil, the contracts, a SQLite or PostgreSQL mirror kept by the
+indexer, and the API on a loopback port. `loranode dev`, the demo and the end-to-end tests use it.
+
+Everything it starts it stops: `with LocalNode.start(...) as node: ...`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from node.api.app import create_app
+from node.api.deps import NodeServices
+from node.api.wiring import build_services
+from node.chain.anvil import Anvil, free_port
+from node.chain.contracts import Contracts
+from node.chain.deploy import Deployment, deploy_all, write_deployment
+from node.chain.indexer import IndexedContracts, Indexer, IndexerConfig
+from node.config import Settings, load_settings
+from node.db.session import make_engine, session_factory, upgrade
+from node.errors import ChainError
+
+log = logging.getLogger(__name__)
+
+# Roles among anvil's funded dev accounts.
+OPERATOR, GUARDIAN, TREASURY, FIRST_USER = 0, 1, 2, 3
+
+
+@dataclass
+class LocalNode:
+    settings: Settings
+    anvil: Anvil
+    deployment: Deployment
+    services: NodeServices | None = None
+    _server: uvicorn.Server | None = None
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    @classmethod
+    def start_chain(cls, data_dir: Path, *, database_url: str | None = None, protocol_bps: int = 500,
+                    node_bps: int = 1_500, challenge_period_s: int = 0, thaw_period_s: int = 3_600,
+                    **overrides: Any) -> LocalNode:
+        """Anvil, the contracts and a migrated database: everything but the engine."""
+        data_dir.mkdir(parents=True, exist_ok=True)
+        anvil = Anvil().start()
+        try:
+            keys = anvil.keys
+            dep = deploy_all(anvil.rpc_url, keys[OPERATOR], guardian=_address(keys[GUARDIAN]),
+                             treasury=_address(keys[TREASURY]), protocol_bps=protocol_bps, node_bps=node_bps,
+                             thaw_period_s=thaw_period_s, challenge_period_s=challenge_period_s)
+            write_deployment(dep, data_dir / "deployments")
+            settings = load_settings(data_dir=data_dir, rpc_url=anvil.rpc_url, operator_key=keys[OPERATOR],
+                                     database_url=database_url, confirmations=0, finality_depth=2,
+                                     deployment_file=data_dir / "deployments" / f"{dep.chain_id}.json", **overrides)
+            upgrade(settings.resolved_database_url())
+        except BaseException:
+            anvil.stop()
+            raise
+        node = cls(settings=settings, anvil=anvil, deployment=dep)
+        node._spawn("miner", node._mine)
+        node._spawn("indexer", node._index)
+        return node
+
+    def contracts(self, key_index: int) -> Contracts:
+        """The deployment's bindings, signing with dev account `key_index`."""
+        return Contracts.connect(self.anvil.rpc_url, self.deployment, self.anvil.keys[key_index])
+
+    def serve(self, model_path: Path, **overrides: Any) -> str:
+        """Start the API (engine included) on a free loopback port; returns its base URL."""
+        settings = self.settings.model_copy(update={"model_path": model_path, "port": free_port(), **overrides})
+        self.settings = settings
+        self.services = build_services(settings, self.deployment)
+        config = uvicorn.Config(create_app(self.services), host="127.0.0.1", port=settings.port,
+                                log_level="warning", lifespan="on")
+        self._server = uvicorn.Server(config)
+        self._spawn("api", self._server.run)
+        deadline = time.monotonic() + 60
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._threads[-1].is_alive():
+                raise ChainError("the API did not start", port=settings.port)
+            time.sleep(0.05)
+        return self.base_url
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.port}"
+
+    def wait_for_mirror(self, timeout_s: float = 30.0) -> None:
+        """Block until the indexer has caught up with the chain head (after the txs just sent)."""
+        from node.db import queries
+
+        factory = session_factory(make_engine(self.settings.resolved_database_url(), pooled=False))
+        target = int(self.anvil.rpc("eth_blockNumber"), 16)  # type: ignore[arg-type]
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with factory() as session:
+                head = queries.mirror_head(session)
+            if head is not None and head.last_block >= target:
+                return
+            time.sleep(0.05)
+        raise ChainError("the indexer did not catch up in time", target_block=target)
+
+    # --- background work ----------------------------------------------------------------------------
+    def _spawn(self, name: str, target: Any) -> None:
+        thread = threading.Thread(target=target, name=f"local-{name}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _mine(self) -> None:
+        """An empty block a second, so that confirmations and finality advance on an idle dev chain."""
+        while not self._stop.wait(1.0):
+            self.anvil.rpc("evm_mine")
+
+    def _index(self) -> None:
+        s = self.settings
+        config = IndexerConfig(chain_id=self.deployment.chain_id, confirmations=s.confirmations,
+                               finality_depth=s.finality_depth, start_block=self.deployment.from_block,
+                               poll_interval_s=0.1)
+        factory = session_factory(make_engine(s.resolved_database_url()))
+        indexer = Indexer(config, self.anvil.rpc_url, factory, IndexedContracts.from_deployment(self.deployment))
+        indexer.run_forever(self._stop)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._server is not None:
+            self._server.should_exit = True
+        for thread in self._threads:
+            thread.join(timeout=15)
+        self.anvil.stop()
+
+    def __enter__(self) -> LocalNode:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _address(key: str) -> str:
+    from eth_account import Account
+
+    return str(Account.from_key(key).address)
