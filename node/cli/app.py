@@ -6,16 +6,14 @@ from typing import Any
 
 import click
 import typer
-from rich.console import Console
 from typer.core import TyperGroup
 
 from node import __version__
+from node.cli import adapter, chain, dataset, escrow, model, processes, request, status
+from node.cli.console import console, err_console
 from node.config import load_settings
 from node.errors import NodeError
 from node.logs import configure_logging
-
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
 
 
 class _Group(TyperGroup):
@@ -36,6 +34,16 @@ app.info.help = ("Serve thousands of LoRA adapters on one base model, sign a rec
                  "inference, and settle the fees on chain to the node, adapter owners and data contributors.")
 config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+app.add_typer(chain.app, name="chain")
+app.add_typer(model.app, name="model")
+app.add_typer(dataset.app, name="dataset")
+app.add_typer(adapter.app, name="adapter")
+app.add_typer(escrow.app, name="escrow")
+app.add_typer(processes.db_app, name="db")
+app.command()(request.request)
+app.command()(status.status)
+app.command()(processes.api)
+app.command()(processes.indexer)
 
 
 @app.callback()

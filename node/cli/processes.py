@@ -1,0 +1,66 @@
+"""The long-running processes: `loranode api`, `indexer`, and `db upgrade` (worker and beat: see settle.py)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import typer
+
+from node.cli.console import console
+from node.config import load_settings
+from node.errors import ConfigError
+
+db_app = typer.Typer(help="The node's database.", no_args_is_help=True)
+
+
+def _deployment():  # type: ignore[no-untyped-def]
+    from node.chain.deploy import read_deployment
+
+    settings = load_settings()
+    path = settings.resolved_deployment_file()
+    if not path.exists():
+        raise ConfigError(f"no deployment file at {path}: run `loranode chain deploy`", path=str(path))
+    return settings, read_deployment(path)
+
+
+def api(host: str = typer.Option(None, help="Bind address (default LORANODE_HOST)."),
+        port: int = typer.Option(None, help="Port (default LORANODE_PORT).")) -> None:
+    """Serve the paid OpenAI-compatible API with the engine in this process."""
+    import uvicorn
+
+    from node.api.app import create_app
+    from node.api.wiring import build_services
+
+    settings, dep = _deployment()
+    services = build_services(settings, dep)
+    uvicorn.run(create_app(services), host=host or settings.host, port=port or settings.port, log_level="info")
+
+
+def indexer() -> None:
+    """Follow the chain and keep the database mirror of registries, escrow and settlements."""
+    from node.chain.indexer import IndexedContracts, Indexer, IndexerConfig
+    from node.db.session import make_engine, session_factory
+
+    settings, dep = _deployment()
+    if settings.rpc_url is None:
+        raise ConfigError("set LORANODE_RPC_URL for the indexer")
+    config = IndexerConfig(chain_id=dep.chain_id, confirmations=settings.confirmations,
+                           finality_depth=settings.finality_depth, start_block=dep.from_block)
+    factory = session_factory(make_engine(settings.resolved_database_url()))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    console.print(f"indexing chain {dep.chain_id} from block {dep.from_block}")
+    Indexer(config, settings.rpc_url, factory, IndexedContracts.from_deployment(dep)).run_forever(stop)
+
+
+@db_app.command()
+def upgrade() -> None:
+    """Create or migrate the database schema to the latest version (idempotent)."""
+    from node.db.session import upgrade as run_upgrade
+
+    settings = load_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    run_upgrade(settings.resolved_database_url())
+    console.print("database at the latest schema")
