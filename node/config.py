@@ -117,7 +117,7 @@ class Settings(BaseSettings):
         return f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
 
     def resolved_adapter_cache_dir(self) -> Path:
-        return self.adapter_cache_dir or self.data_dir / "adapters"
+        return self.adapter_cache_dir or self.data_dir / "adapter-cache"
 
     def resolved_deployment_file(self) -> Path:
         return self.deployment_file or Path("deployments") / f"{self.chain_id}.json"

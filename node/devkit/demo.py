@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,8 +58,10 @@ def build_world(node: LocalNode, data_dir: Path, say: Say) -> tuple[DemoResult, 
         say(f"{who} registered dataset {result.dataset_ids[who]} ({style} texts)")
     for owner, lineage in ADAPTERS.items():
         texts = [STYLES[DATASETS[who]] for who, _ in lineage]
-        out = data_dir / "adapters" / owner
-        trained = train_tiny_adapter(model, out, texts, rank=8, alpha=16, steps=8, lr=5e-3, seed=len(owner))
+        out = data_dir / "trained-adapters" / owner
+        with warnings.catch_warnings():  # transformers' deprecation chatter from inside peft
+            warnings.simplefilter("ignore", FutureWarning)
+            trained = train_tiny_adapter(model, out, texts, rank=8, alpha=16, steps=8, lr=5e-3, seed=len(owner))
         c = node.contracts(OWNERS[owner])
         ids = [result.dataset_ids[who] for who, _ in lineage]
         result.adapter_ids[owner] = c.adapters.register(base_model_id(model), adapter_weights_sha256(out),
@@ -99,3 +102,20 @@ def send_requests(result: DemoResult, num_per_lane: int, say: Say) -> None:
     total = sum(int(r["fee"]) for r in result.receipts)
     say(f"{len(result.receipts)} paid requests through the OpenAI client on 2 lanes in "
         f"{time.monotonic() - started:.1f}s; every receipt verified; fees {total / TOKEN:.6f} tokens")
+
+
+def run_demo(data_dir: Path, say: Say, num_per_lane: int = 12) -> DemoResult:
+    """The demo from an empty data folder to paid, receipted requests (and, with settlement, claims)."""
+    started = time.monotonic()
+    node = LocalNode.start_chain(data_dir, prompt_token_price=10**12, completion_token_price=2 * 10**12,
+                                 default_max_tokens=12)
+    try:
+        say(f"anvil on {node.anvil.rpc_url}; contracts deployed (settlement {node.deployment.settlement})")
+        result, model = build_world(node, data_dir, say)
+        node.wait_for_mirror()
+        say(f"the indexer mirrored the registries; the node serves at {node.serve(model)}")
+        send_requests(result, num_per_lane, say)
+        say(f"done in {time.monotonic() - started:.0f}s")
+        return result
+    finally:
+        node.stop()
