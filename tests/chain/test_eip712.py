@@ -21,7 +21,7 @@ from node.chain.eip712 import (
     voucher_digest,
     voucher_typed_data,
 )
-from node.errors import BadSignature
+from node.errors import BadRequest, BadSignature
 
 KEY = "0x" + "ab" * 32
 ADDRESS = Account.from_key(KEY).address
@@ -70,3 +70,13 @@ def test_non_canonical_signatures_are_refused() -> None:
     for bad in (malleable, sig[:64] + bytes([v - 27]), sig[:64], b"\0" * 65):
         with pytest.raises(BadSignature):
             recover_voucher_signer(voucher, DOMAIN, bad)
+
+
+@pytest.mark.parametrize("field,value", [("payer", "0x1234"), ("lane", 2**32), ("cumulative", -1),
+                                         ("request_hash", b"\x01" * 31), ("deadline", "soon")])
+def test_a_malformed_voucher_is_a_bad_request(field: str, value: object) -> None:
+    good = {"payer": ADDRESS, "node": "0x" + "90" * 20, "lane": 0, "cumulative": 1,
+            "request_hash": b"\x01" * 32, "deadline": 1}
+    with pytest.raises(BadRequest) as bad:
+        Voucher(**{**good, field: value})  # type: ignore[arg-type]
+    assert bad.value.facts["field"] in (field, "requestHash")
