@@ -10,7 +10,7 @@ from eth_account import Account
 
 from node.chain.anvil import Anvil
 from node.chain.contracts import ClaimRequest, Contracts, SignedVoucher, adapter_id_bytes, lineage_hash
-from node.chain.deploy import Deployment, read_deployment, write_deployment
+from node.chain.deploy import Deployment, deploy_all, read_deployment, write_deployment
 from node.chain.eip712 import (
     RECEIPT_LEAF_TYPES,
     Receipt,
@@ -177,3 +177,26 @@ def test_thaw_then_withdraw_after_the_thawing_period(anvil: Anvil, chain_contrac
     assert payer.token.balance_of(payer.client.address) == 400
     account = payer.escrow.account(payer.client.address, node_address)
     assert (account.balance, account.thawing, account.thaw_end_at) == (600, 0, 0)
+
+
+def test_deploy_on_an_existing_token_and_guardian_veto(anvil: Anvil, chain_contracts: Contracts,
+                                                       roles: Roles) -> None:
+    dep = deploy_all(anvil.rpc_url, roles.deployer, guardian=roles.address(roles.guardian),
+                     treasury=roles.address(roles.treasury), protocol_bps=0, node_bps=0, thaw_period_s=60,
+                     challenge_period_s=600, token=chain_contracts.deployment.token)
+    assert dep.token == chain_contracts.deployment.token and "DemoToken" not in dep.blocks
+    c = Contracts.connect(anvil.rpc_url, dep, roles.deployer)
+    _fund(c, roles, 100)
+    node = c.as_signer(roles.node)
+    node.settlement.settle(1, [_signed_voucher(node, roles, 0, 100)], [100], b"\x01" * 32, 100, b"\0" * 32, 1)
+    with pytest.raises(ChainError) as not_guardian:
+        node.settlement.veto(node.client.address, 1)
+    assert not_guardian.value.facts["error"] == "NotGuardian"
+    c.as_signer(roles.guardian).settlement.veto(node.client.address, 1)
+    assert node.settlement.epoch(node.client.address, 1).is_vetoed
+    assert node.settlement.first_vetoed_epoch(node.client.address) == 1
+    _travel(anvil, CHALLENGE_PERIOD_S)
+    assert not node.settlement.is_claimable(node.client.address, 1)
+    with pytest.raises(ChainError) as blocked:
+        node.settlement.settle(2, [], [], b"\x02" * 32, 100, b"\0" * 32, 0)
+    assert blocked.value.facts["error"] == "NodeVetoed"
