@@ -14,6 +14,7 @@ from typing import Any
 from eth_abi import encode
 from eth_hash.auto import keccak
 from web3 import Web3
+from web3.contract.contract import ContractFunction
 from web3.types import TxReceipt
 
 from node.chain.contract_client import ContractClient, event_args
@@ -198,11 +199,18 @@ class Settlement(_Binding):
     def domain(self) -> Domain:
         return Domain(self.client.chain_id, self.address)
 
+    def settle_function(self, epoch_id: int, vouchers: Sequence[SignedVoucher], amounts: Sequence[int],
+                        rewards_root: bytes, rewards_total: int, receipts_root: bytes,
+                        receipt_count: int) -> ContractFunction:
+        """The unsent call, for a transaction manager that signs, prices and tracks it itself."""
+        return self.contract.functions.settle(epoch_id, [v.as_abi() for v in vouchers], list(amounts),
+                                              rewards_root, rewards_total, receipts_root, receipt_count)
+
     def settle(self, epoch_id: int, vouchers: Sequence[SignedVoucher], amounts: Sequence[int],
                rewards_root: bytes, rewards_total: int, receipts_root: bytes,
                receipt_count: int) -> TxReceipt:
-        return self._send("settle", epoch_id, [v.as_abi() for v in vouchers], list(amounts), rewards_root,
-                          rewards_total, receipts_root, receipt_count)
+        return self.client.transact(self.settle_function(epoch_id, vouchers, amounts, rewards_root,
+                                                         rewards_total, receipts_root, receipt_count))
 
     def claim(self, node: str, epoch_id: int, account: str, cumulative_amount: int,
               proof: Sequence[bytes]) -> TxReceipt:

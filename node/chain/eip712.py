@@ -11,7 +11,7 @@ is what OpenZeppelin's ECDSA accepts on chain; anything else is refused as `BadS
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from eth_abi import encode
@@ -20,7 +20,7 @@ from eth_keys import keys
 from eth_keys.exceptions import BadSignature as _KeysBadSignature
 from eth_utils import to_checksum_address
 
-from node.errors import BadSignature
+from node.errors import BadRequest, BadSignature
 
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
@@ -57,6 +57,24 @@ class Domain:
                               self.chain_id, self.verifying_contract]))
 
 
+def _check(name: str, abi_type: str, value: Any) -> None:
+    """Refuses a field its abi type cannot hold, so hashing never fails on malformed input."""
+    if abi_type == "address":
+        ok = isinstance(value, str) and len(value) == 42 and value[:2] in ("0x", "0X")
+        ok = ok and all(c in "0123456789abcdefABCDEF" for c in value[2:])
+    elif abi_type == "bytes32":
+        ok = isinstance(value, bytes) and len(value) == 32
+    else:  # uintN
+        ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << int(abi_type[4:])
+    if not ok:
+        raise BadRequest(f"{name} is not a valid {abi_type}", field=name, value=repr(value)[:100])
+
+
+def _check_all(fields: tuple[tuple[str, str], ...], values: tuple[Any, ...]) -> None:
+    for (name, abi_type), value in zip(fields, values, strict=True):
+        _check(name, abi_type, value)
+
+
 @dataclass(frozen=True)
 class Voucher:
     payer: str
@@ -65,6 +83,9 @@ class Voucher:
     cumulative: int
     request_hash: bytes  # keccak256 of the exact HTTP request body
     deadline: int  # unix seconds
+
+    def __post_init__(self) -> None:
+        _check_all(VOUCHER_FIELDS, _voucher_values(self))
 
 
 @dataclass(frozen=True)
@@ -78,6 +99,9 @@ class Receipt:
     fee: int
     output_hash: bytes
     method: int
+
+    def __post_init__(self) -> None:
+        _check_all(RECEIPT_FIELDS, _receipt_values(self))
 
 
 def _struct_hash(typehash: bytes, fields: tuple[tuple[str, str], ...], values: tuple[Any, ...]) -> bytes:
@@ -146,17 +170,22 @@ def recover_voucher_signer(voucher: Voucher, domain: Domain, signature: bytes) -
 
 
 # --- Receipt -------------------------------------------------------------------------------------
+def _receipt_values(r: Receipt) -> tuple[Any, ...]:
+    return (r.voucher_hash, r.adapter_id, r.registry_block, r.lineage_hash, r.prompt_tokens,
+            r.completion_tokens, r.fee, r.output_hash, r.method)
+
+
 def receipt_leaf_values(receipt: Receipt) -> list[Any]:
     """The receipt's fields in type order: one leaf of the epoch's receipts tree (RECEIPT_LEAF_TYPES)."""
-    return list(astuple(receipt))
+    return list(_receipt_values(receipt))
 
 
 def receipt_typed_data(receipt: Receipt, domain: Domain) -> dict[str, Any]:
-    return _typed_data("Receipt", RECEIPT_FIELDS, tuple(astuple(receipt)), domain)
+    return _typed_data("Receipt", RECEIPT_FIELDS, _receipt_values(receipt), domain)
 
 
 def receipt_digest(receipt: Receipt, domain: Domain) -> bytes:
-    return _digest(domain, _struct_hash(RECEIPT_TYPEHASH, RECEIPT_FIELDS, tuple(astuple(receipt))))
+    return _digest(domain, _struct_hash(RECEIPT_TYPEHASH, RECEIPT_FIELDS, _receipt_values(receipt)))
 
 
 def sign_receipt(key: str | bytes, receipt: Receipt, domain: Domain) -> bytes:

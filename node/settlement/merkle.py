@@ -139,7 +139,7 @@ def process_proof(leaf: bytes, proof: Sequence[bytes]) -> bytes:
     return node
 
 
-def _jsonable(value: Any) -> Any:
+def json_value(value: Any) -> Any:
     if isinstance(value, bytes):
         return "0x" + value.hex()
     if isinstance(value, bool):
@@ -147,7 +147,7 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, int):
         return str(value)  # the npm library refuses JS numbers: big integers travel as strings
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [json_value(v) for v in value]
     return value
 
 
@@ -208,7 +208,7 @@ class MerkleTree:
             "format": "standard-v1",
             "leafEncoding": list(self.types),
             "tree": ["0x" + h.hex() for h in self.tree],
-            "values": [{"value": _jsonable(list(v)), "treeIndex": i}
+            "values": [{"value": json_value(list(v)), "treeIndex": i}
                        for v, i in zip(self.values, self.tree_indices, strict=True)],
         }
 
