@@ -3,6 +3,7 @@
 pytest_plugins = [
     "tests.fixtures.chain",
     "tests.fixtures.database",
+    "tests.fixtures.contracts",
     "tests.fixtures.models",
     "tests.fixtures.paid_node",
 ]
