@@ -122,6 +122,15 @@ class Indexer:
         self._topics = sorted({s.topic0 for s in SPECS})
         self._sleep = sleep
 
+    @classmethod
+    def for_deployment(cls, deployment: Any, rpc: Rpc | str | Any, session_factory: sessionmaker[Session], *,
+                       confirmations: int = 2, finality_depth: int = 64) -> Indexer:
+        """The indexer of a `node.chain.deploy.Deployment`, starting at its first block (what
+        `loranode indexer` runs, after `node.db.session.upgrade(url)`)."""
+        cfg = IndexerConfig(chain_id=deployment.chain_id, confirmations=confirmations,
+                            finality_depth=finality_depth, start_block=deployment.from_block)
+        return cls(cfg, rpc, session_factory, IndexedContracts.from_deployment(deployment))
+
     # --- one step -------------------------------------------------------------------------------
 
     def run_once(self) -> Progress:

@@ -73,3 +73,29 @@ def test_a_rollback_equals_never_having_seen_the_events(db_url: str, tmp_path: A
         mirror.ingest(s, [e for e in events if e.block_number <= fork], final_block=20)
     assert removed == sum(e.block_number > fork for e in events)
     assert _dump(rolled) == _dump(fresh)
+
+
+def test_the_outbox_follows_the_chain_to_final_and_back_on_a_reorg(db_url: str) -> None:
+    from node.db.models import EpochState, SettlementEpoch
+
+    factory, mirror = _db(db_url), Mirror(31337)
+    settled = ChainEvent(31337, 30, f"0x{30:064x}", f"0x{99:064x}", 0, "0x" + "02" * 20, "EpochSettled",
+                         {"node": NODE, "epochId": 1, "rewardsRoot": f"0x{5:064x}", "rewardsTotal": 10**20,
+                          "receiptsRoot": f"0x{6:064x}", "receiptCount": 3, "collected": 10**20,
+                          "unlockAt": 1_900_000_000})
+
+    def state() -> EpochState:
+        with factory() as s:
+            return s.scalars(select(SettlementEpoch.state)).one()
+    with factory.begin() as s:
+        s.add(SettlementEpoch(node=NODE, epoch_id=1, state=EpochState.SUBMITTED))
+    with factory.begin() as s:
+        mirror.ingest(s, [settled], final_block=20)
+    assert state() is EpochState.CONFIRMED
+    with factory.begin() as s:
+        mirror.rollback(s, 29, final_block=20)
+    assert state() is EpochState.SUBMITTED
+    with factory.begin() as s:
+        mirror.ingest(s, [settled], final_block=20)
+        mirror.finalize(s, 30)
+    assert state() is EpochState.FINAL
