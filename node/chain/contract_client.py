@@ -55,7 +55,8 @@ class RevertDecoder:
             return "unknown", {"data": "0x" + raw.hex()}
         name, names, types = known
         values = decode(types, raw[4:]) if types else ()
-        return name, {n or f"arg{i}": _plain(v) for i, (n, v) in enumerate(zip(names, values, strict=True))}
+        return name, {n or f"arg{i}": _plain(t, v)
+                      for i, (n, t, v) in enumerate(zip(names, types, values, strict=True))}
 
 
 def _abi_type(item: dict[str, Any]) -> str:
@@ -64,7 +65,9 @@ def _abi_type(item: dict[str, Any]) -> str:
     return str(item["type"])
 
 
-def _plain(v: Any) -> Any:
+def _plain(abi_type: str, v: Any) -> Any:
+    if abi_type == "address":
+        return Web3.to_checksum_address(v)
     return "0x" + v.hex() if isinstance(v, bytes) else v
 
 

@@ -1,0 +1,72 @@
+"""EIP-712 vouchers and receipts: the same digest as eth-account, and only canonical signatures."""
+
+from __future__ import annotations
+
+import pytest
+from eth_account import Account
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from node.chain.eip712 import (
+    SECP256K1_N,
+    Domain,
+    Receipt,
+    Voucher,
+    receipt_digest,
+    receipt_typed_data,
+    recover_receipt_signer,
+    recover_voucher_signer,
+    sign_receipt,
+    sign_voucher,
+    voucher_digest,
+    voucher_typed_data,
+)
+from node.errors import BadSignature
+
+KEY = "0x" + "ab" * 32
+ADDRESS = Account.from_key(KEY).address
+DOMAIN = Domain(chain_id=31337, verifying_contract="0x" + "5e" * 20)
+
+hashes = st.binary(min_size=32, max_size=32)
+vouchers = st.builds(Voucher, payer=st.just(ADDRESS), node=st.just("0x" + "90" * 20),
+                     lane=st.integers(0, 2**32 - 1), cumulative=st.integers(0, 2**256 - 1),
+                     request_hash=hashes, deadline=st.integers(0, 2**64 - 1))
+receipts = st.builds(Receipt, voucher_hash=hashes,
+                     adapter_id=st.integers(1, 2**64).map(lambda i: i.to_bytes(32, "big")),
+                     registry_block=st.integers(0, 2**64 - 1), lineage_hash=hashes,
+                     prompt_tokens=st.integers(0, 2**32 - 1), completion_tokens=st.integers(0, 2**32 - 1),
+                     fee=st.integers(0, 2**256 - 1), output_hash=hashes, method=st.integers(0, 2**32 - 1))
+
+
+@settings(max_examples=25, deadline=None)
+@given(vouchers)
+def test_voucher_digest_and_signature_match_eth_account(voucher: Voucher) -> None:
+    signed = Account.sign_typed_data(KEY, full_message=voucher_typed_data(voucher, DOMAIN))
+    assert voucher_digest(voucher, DOMAIN) == signed.message_hash
+    assert sign_voucher(KEY, voucher, DOMAIN) == signed.signature
+    assert recover_voucher_signer(voucher, DOMAIN, bytes(signed.signature)) == ADDRESS
+
+
+@settings(max_examples=25, deadline=None)
+@given(receipts)
+def test_receipt_digest_and_signature_match_eth_account(receipt: Receipt) -> None:
+    signed = Account.sign_typed_data(KEY, full_message=receipt_typed_data(receipt, DOMAIN))
+    assert receipt_digest(receipt, DOMAIN) == signed.message_hash
+    assert recover_receipt_signer(receipt, DOMAIN, sign_receipt(KEY, receipt, DOMAIN)) == ADDRESS
+
+
+def test_another_chain_or_contract_recovers_someone_else() -> None:
+    voucher = Voucher(ADDRESS, "0x" + "90" * 20, 0, 100, b"\x01" * 32, 2**40)
+    sig = sign_voucher(KEY, voucher, DOMAIN)
+    for other in (Domain(1, DOMAIN.verifying_contract), Domain(31337, "0x" + "5f" * 20)):
+        assert recover_voucher_signer(voucher, other, sig) != ADDRESS
+
+
+def test_non_canonical_signatures_are_refused() -> None:
+    voucher = Voucher(ADDRESS, "0x" + "90" * 20, 0, 100, b"\x01" * 32, 2**40)
+    sig = sign_voucher(KEY, voucher, DOMAIN)
+    r, s, v = sig[:32], int.from_bytes(sig[32:64], "big"), sig[64]
+    malleable = r + (SECP256K1_N - s).to_bytes(32, "big") + bytes([55 - v])  # 27 <-> 28
+    for bad in (malleable, sig[:64] + bytes([v - 27]), sig[:64], b"\0" * 65):
+        with pytest.raises(BadSignature):
+            recover_voucher_signer(voucher, DOMAIN, bad)
