@@ -193,6 +193,8 @@ class Indexer:
                 raise ChainMoved("headers do not chain", block=n)
         events = []
         for raw in logs:
+            if raw.get("removed"):
+                continue
             ev = decode_log(raw, self.config.chain_id)
             if ev is None or self._roles.get(ev.address) is not BY_NAME[ev.name].role:
                 continue

@@ -66,6 +66,7 @@ class Mirror:
 
     def ingest(self, session: Session, events: Sequence[ChainEvent], final_block: int) -> int:
         """Store `events` (in chain order) and apply those not stored before; returns how many."""
+        events = list({(ev.tx_hash, ev.log_index): ev for ev in reversed(events)}.values())[::-1]
         rows = [self._raw_row(ev, final_block) for ev in events]
         key = ("chain_id", "tx_hash", "log_index")
         stored = set(insert_new(session, RAW, rows, key, ("tx_hash", "log_index")))

@@ -59,7 +59,17 @@ def test_one_big_batch_equals_many_small_ones_and_replays_are_no_ops(db_url: str
     assert _dump(big) == _dump(small)
     with big.begin() as s:
         assert mirror.ingest(s, events, final_block=40) == 0
+        assert mirror.ingest(s, events[-3:] + events[-3:], final_block=40) == 0
     assert _dump(big) == _dump(small)
+
+
+def test_a_log_given_twice_in_one_batch_counts_once(db_url: str) -> None:
+    factory, mirror = _db(db_url), Mirror(31337)
+    deposit = [e for e in _events(3) if e.name == "Deposited"][:1]
+    with factory.begin() as s:
+        assert mirror.ingest(s, deposit * 3, final_block=0) == 1
+    with factory() as s:
+        assert s.scalars(select(EscrowAccount.balance)).one() == deposit[0].args["amount"]
 
 
 def test_a_rollback_equals_never_having_seen_the_events(db_url: str, tmp_path: Any) -> None:
