@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.chain.events import BY_NAME, SPECS, Role, decode_log
 from node.chain.mirror import Mirror
 from node.chain.rpc import BlockHeader, Rpc
+from node.db.base import table_of
 from node.db.models import ChainBlock, IndexerCursor
 from node.db.types import utc_now
 from node.db.upsert import upsert
@@ -266,7 +267,7 @@ class Indexer:
             if cursor.last_block != last:
                 raise ChainMoved("another indexer moved the cursor", expected=last, found=cursor.last_block)
             num = self.mirror.ingest(session, events, final)
-            upsert(session, ChainBlock.__table__, [
+            upsert(session, table_of(ChainBlock), [
                 {"chain_id": self.config.chain_id, "number": h.number, "hash": h.hash,
                  "parent_hash": h.parent_hash} for h in headers if h.number > final or h.number == to])
             cursor.last_block, cursor.last_block_hash = to, headers[-1].hash
