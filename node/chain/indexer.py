@@ -30,7 +30,7 @@ from node.db.base import table_of
 from node.db.models import ChainBlock, IndexerCursor
 from node.db.types import utc_now
 from node.db.upsert import upsert
-from node.errors import ChainMoved, ConfigError, RangeTooLarge, ReorgTooDeep, RpcTransient
+from node.errors import ChainMoved, ConfigError, RangeTooLarge, ReorgTooDeep, RpcBehind, RpcTransient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -145,7 +145,9 @@ class Indexer:
         final = max(final_mark, head - self.config.finality_depth)
         if last_hash is not None:
             tip = self._timed(t, "rpc", lambda: self._retry(lambda: self.rpc.headers([last])[0]))
-            if tip is None or tip.hash != last_hash:
+            if tip is None:
+                raise RpcBehind("the RPC lacks the mirror's last block", last_block=last, rpc_head=head)
+            if tip.hash != last_hash:
                 return self._reorg(t, head, last)
         target = head - self.config.confirmations
         if target <= last:
@@ -186,7 +188,7 @@ class Indexer:
         headers = self._timed(t, "rpc", lambda: self._retry(lambda: self.rpc.headers(wanted)))
         known = {h.number: h for h in headers if h is not None}
         if len(known) != len(wanted):
-            raise ChainMoved("a block disappeared while reading", start=start, to=to)
+            raise RpcBehind("a block disappeared while reading", start=start, to=to)
         if parent_hash is not None and known[start].parent_hash != parent_hash:
             raise ChainMoved("the next block does not extend the cursor", block=start)
         for n in wanted[1:]:
