@@ -171,3 +171,10 @@ class ChainMoved(RpcTransient):
     """The chain changed between two reads of one range (a log's block hash is not the header's)."""
 
     code = "chain_moved"
+
+
+class RpcBehind(RpcTransient):
+    """The RPC does not have a block the mirror already has: a lagging or syncing node (or a chain
+    that got shorter). The indexer waits rather than roll back on its word."""
+
+    code = "rpc_behind"

@@ -26,10 +26,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.chain.events import BY_NAME, SPECS, Role, decode_log
 from node.chain.mirror import Mirror
 from node.chain.rpc import BlockHeader, Rpc
+from node.db.base import table_of
 from node.db.models import ChainBlock, IndexerCursor
 from node.db.types import utc_now
 from node.db.upsert import upsert
-from node.errors import ChainMoved, ConfigError, RangeTooLarge, ReorgTooDeep, RpcTransient
+from node.errors import ChainMoved, ConfigError, RangeTooLarge, ReorgTooDeep, RpcBehind, RpcTransient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -122,6 +123,15 @@ class Indexer:
         self._topics = sorted({s.topic0 for s in SPECS})
         self._sleep = sleep
 
+    @classmethod
+    def for_deployment(cls, deployment: Any, rpc: Rpc | str | Any, session_factory: sessionmaker[Session], *,
+                       confirmations: int = 2, finality_depth: int = 64) -> Indexer:
+        """The indexer of a `node.chain.deploy.Deployment`, starting at its first block (what
+        `loranode indexer` runs, after `node.db.session.upgrade(url)`)."""
+        cfg = IndexerConfig(chain_id=deployment.chain_id, confirmations=confirmations,
+                            finality_depth=finality_depth, start_block=deployment.from_block)
+        return cls(cfg, rpc, session_factory, IndexedContracts.from_deployment(deployment))
+
     # --- one step -------------------------------------------------------------------------------
 
     def run_once(self) -> Progress:
@@ -135,7 +145,9 @@ class Indexer:
         final = max(final_mark, head - self.config.finality_depth)
         if last_hash is not None:
             tip = self._timed(t, "rpc", lambda: self._retry(lambda: self.rpc.headers([last])[0]))
-            if tip is None or tip.hash != last_hash:
+            if tip is None:
+                raise RpcBehind("the RPC lacks the mirror's last block", last_block=last, rpc_head=head)
+            if tip.hash != last_hash:
                 return self._reorg(t, head, last)
         target = head - self.config.confirmations
         if target <= last:
@@ -176,7 +188,7 @@ class Indexer:
         headers = self._timed(t, "rpc", lambda: self._retry(lambda: self.rpc.headers(wanted)))
         known = {h.number: h for h in headers if h is not None}
         if len(known) != len(wanted):
-            raise ChainMoved("a block disappeared while reading", start=start, to=to)
+            raise RpcBehind("a block disappeared while reading", start=start, to=to)
         if parent_hash is not None and known[start].parent_hash != parent_hash:
             raise ChainMoved("the next block does not extend the cursor", block=start)
         for n in wanted[1:]:
@@ -184,6 +196,8 @@ class Indexer:
                 raise ChainMoved("headers do not chain", block=n)
         events = []
         for raw in logs:
+            if raw.get("removed"):
+                continue
             ev = decode_log(raw, self.config.chain_id)
             if ev is None or self._roles.get(ev.address) is not BY_NAME[ev.name].role:
                 continue
@@ -255,7 +269,7 @@ class Indexer:
             if cursor.last_block != last:
                 raise ChainMoved("another indexer moved the cursor", expected=last, found=cursor.last_block)
             num = self.mirror.ingest(session, events, final)
-            upsert(session, ChainBlock.__table__, [
+            upsert(session, table_of(ChainBlock), [
                 {"chain_id": self.config.chain_id, "number": h.number, "hash": h.hash,
                  "parent_hash": h.parent_hash} for h in headers if h.number > final or h.number == to])
             cursor.last_block, cursor.last_block_hash = to, headers[-1].hash

@@ -11,13 +11,14 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Table, and_, delete, exists, select, tuple_, update
+from sqlalchemy import CursorResult, Table, and_, delete, exists, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from node.chain.events import ChainEvent, args_from_json, args_to_json
 from node.chain.projection import CREATING, KINDS, Row, entity_of, kind_of, replay
+from node.db.base import table_of
 from node.db.models import (
     Adapter,
     AdapterLineage,
@@ -36,13 +37,13 @@ from node.db.upsert import insert_new, upsert
 log = logging.getLogger(__name__)
 
 TABLES: dict[str, Table] = {
-    "dataset": Dataset.__table__, "adapter": Adapter.__table__, "escrow": EscrowAccount.__table__,
-    "lane": LaneCollection.__table__, "epoch": SettledEpoch.__table__, "claim": Claim.__table__,
+    "dataset": table_of(Dataset), "adapter": table_of(Adapter), "escrow": table_of(EscrowAccount),
+    "lane": table_of(LaneCollection), "epoch": table_of(SettledEpoch), "claim": table_of(Claim),
 }
 INT_KEYS = frozenset({"dataset_id", "adapter_id", "lane", "epoch_id"})
 CHUNK = 500
-RAW = RawEvent.__table__
-LINEAGE = AdapterLineage.__table__
+RAW = table_of(RawEvent)
+LINEAGE = table_of(AdapterLineage)
 
 
 def _keys(kind: str) -> list[str]:
@@ -66,6 +67,7 @@ class Mirror:
 
     def ingest(self, session: Session, events: Sequence[ChainEvent], final_block: int) -> int:
         """Store `events` (in chain order) and apply those not stored before; returns how many."""
+        events = list({(ev.tx_hash, ev.log_index): ev for ev in reversed(events)}.values())[::-1]
         rows = [self._raw_row(ev, final_block) for ev in events]
         key = ("chain_id", "tx_hash", "log_index")
         stored = set(insert_new(session, RAW, rows, key, ("tx_hash", "log_index")))
@@ -85,7 +87,7 @@ class Mirror:
         above = RAW.c.block_number > to_block
         where = and_(RAW.c.chain_id == self.chain_id, above)
         entities = list(session.scalars(select(RAW.c.entity).where(where).distinct()))
-        removed = session.execute(delete(RAW).where(where)).rowcount
+        removed = cast(CursorResult[Any], session.execute(delete(RAW).where(where))).rowcount
         remaining: dict[str, list[ChainEvent]] = {e: [] for e in entities}
         for chunk in _chunks(entities):
             q = (select(RAW).where(RAW.c.chain_id == self.chain_id, RAW.c.entity.in_(chunk))
@@ -158,7 +160,7 @@ class Mirror:
         cols = {k: v for k, v in row.items() if not k.startswith("_")}
         return {**cols, "is_final": row["updated_block"] <= final_block}
 
-    def _delete(self, session: Session, kind: str, pks: list[tuple[Any, ...]]) -> None:
+    def _delete(self, session: Session, kind: str, pks: Sequence[tuple[Any, ...]]) -> None:
         table, cols = TABLES[kind], [TABLES[kind].c[k] for k in _keys(kind)]
         if kind == "adapter":
             session.execute(delete(LINEAGE).where(LINEAGE.c.adapter_id.in_([p[0] for p in pks])))
@@ -174,7 +176,7 @@ class Mirror:
     def _sync_outbox(self, session: Session) -> None:
         """Move settlement epochs the chain has settled to `confirmed`, then `final`; back to
         `submitted` when a reorg removed their `EpochSettled`."""
-        s, o = SettledEpoch.__table__, SettlementEpoch.__table__
+        s, o = table_of(SettledEpoch), table_of(SettlementEpoch)
         same = and_(s.c.node == o.c.node, s.c.epoch_id == o.c.epoch_id)
         now = datetime.now(UTC)
         sent = o.c.state.in_([EpochState.BUILT, EpochState.SUBMITTED])

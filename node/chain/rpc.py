@@ -71,7 +71,7 @@ class Rpc:
             if ans is None:
                 raise RpcError("the RPC answer lacks a request", method=req["method"])
             if "error" in ans:
-                raise _rpc_error(req["method"], ans["error"])
+                raise _rpc_error(str(req["method"]), ans["error"])
             out.append(ans.get("result"))
         return out
 

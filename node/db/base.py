@@ -3,9 +3,9 @@ on SQLite and PostgreSQL and migrations can drop them by name."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import BigInteger, Boolean, Index, Integer, MetaData
+from sqlalchemy import BigInteger, Boolean, Index, Integer, MetaData, Table
 from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column
 
 NAMING_CONVENTION = {
@@ -40,3 +40,8 @@ class ChainRow:
     def __table_args__(cls) -> tuple[Any, ...]:
         # the finaliser's `UPDATE ... WHERE NOT is_final AND updated_block <= :final` reads this
         return (Index(None, "is_final", "updated_block"),)
+
+
+def table_of(model: type[Base]) -> Table:
+    """A mapped class's Table, typed as one."""
+    return cast(Table, model.__table__)

@@ -51,6 +51,7 @@ def _cursor(factory: object) -> int:
         return -1 if cur is None else int(cur.last_block)
 
 
+@pytest.mark.slow
 def test_killed_mid_backfill_resumes_to_the_same_state(world: ChainWorld, db_url: str,
                                                        tmp_path: Path) -> None:
     _activity(world)

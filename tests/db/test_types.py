@@ -51,3 +51,12 @@ def test_malformed_addresses_are_refused(db_url: str) -> None:
     with pytest.raises(StatementError, match="address"), factory.begin() as s:
         s.add(_account(1, payer="0x1234"))
         s.flush()
+
+
+def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path: object) -> None:
+    from sqlalchemy import text
+
+    engine = make_engine(f"sqlite:///{tmp_path}/wal.db")
+    with engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
