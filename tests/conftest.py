@@ -4,6 +4,8 @@ pytest_plugins = [
     "tests.fixtures.chain",
     "tests.fixtures.database",
     "tests.fixtures.contracts",
+    "tests.fixtures.indexer",
+    "tests.fixtures.flaky_rpc",
     "tests.fixtures.models",
     "tests.fixtures.paid_node",
 ]

@@ -9,11 +9,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.db.models import Dataset, RawEvent
 from node.db.queries import spendable_escrow
 from node.errors import ReorgTooDeep, RpcBehind
-from tests.fixtures import indexer as fixtures
 from tests.fixtures.indexer import TOKEN, ChainWorld, drain, make_indexer, mirror_dump
 
 pytestmark = pytest.mark.chain
-world = fixtures.world  # until tests/conftest.py lists tests.fixtures.indexer
 
 
 def _uris(factory: sessionmaker[Session]) -> dict[int, str]:

@@ -14,11 +14,9 @@ import pytest
 from sqlalchemy import select
 
 from node.db.models import IndexerCursor
-from tests.fixtures import indexer as fixtures
 from tests.fixtures.indexer import TOKEN, ChainWorld, drain, make_indexer, mirror_dump
 
 pytestmark = pytest.mark.chain
-world = fixtures.world  # until tests/conftest.py lists tests.fixtures.indexer
 REPO = Path(__file__).resolve().parents[2]
 
 # A separate process that follows the chain in two-block steps until it is killed.

@@ -12,14 +12,10 @@ from sqlalchemy import select
 
 from node.chain.rpc import Rpc
 from node.db.models import IndexerCursor
-from tests.fixtures import flaky_rpc as flaky_fixtures
-from tests.fixtures import indexer as fixtures
 from tests.fixtures.flaky_rpc import FlakyRpc
 from tests.fixtures.indexer import TOKEN, ChainWorld, drain, make_indexer, mirror_dump
 
 pytestmark = pytest.mark.chain
-world = fixtures.world  # until tests/conftest.py lists the fixture modules
-flaky_rpc = flaky_fixtures.flaky_rpc
 
 
 def _activity(world: ChainWorld) -> None:
