@@ -8,6 +8,7 @@ engine's adapter provider plain values: the URI and the registered sha256.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -28,15 +29,29 @@ class ServedAdapter:
 
 
 class AdapterCatalog:
-    def __init__(self, factory: sessionmaker[Session], provider: AdapterProvider[object], base_model_id: str) -> None:
+    def __init__(self, factory: sessionmaker[Session], provider: AdapterProvider[object], base_model_id: str,
+                 cache_ttl_s: float = 2.0) -> None:
         self.factory = factory
         self.provider = provider
         self.base_model_id = base_model_id.lower()
+        self.cache_ttl_s = cache_ttl_s
         self._registered: set[int] = set()
+        self._cache: dict[int, tuple[float, ServedAdapter]] = {}
         self._lock = threading.Lock()
 
     def resolve(self, model: str) -> ServedAdapter:
+        """The adapter as the mirror has it (cached for `cache_ttl_s`: lineage is immutable, and a
+        deprecation or the registry block may lag by that much)."""
         adapter_id = self._parse(model)
+        now = time.monotonic()
+        hit = self._cache.get(adapter_id)
+        if hit is not None and now - hit[0] < self.cache_ttl_s:
+            return hit[1]
+        served = self._lookup(adapter_id, model)
+        self._cache[adapter_id] = (now, served)
+        return served
+
+    def _lookup(self, adapter_id: int, model: str) -> ServedAdapter:
         with self.factory() as session:
             head = queries.mirror_head(session)
             if head is None:

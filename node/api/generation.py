@@ -53,9 +53,7 @@ class GenerationService:
     async def handle(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest, body: bytes,
                      payment: str | None, http: Request) -> JSONResponse | StreamingResponse:
         checked = self.payments.check(payment, body)
-        if isinstance(checked, Replay):
-            return self._replay(kind, req, checked.body)
-        adapter = self.catalog.resolve(req.model)
+        adapter = await asyncio.to_thread(self.catalog.resolve, req.model)
         prompt_ids = self._prompt_ids(kind, req)
         limit = req.completion_limit if isinstance(req, ChatCompletionRequest) else req.max_tokens
         max_tokens = self.engine.completion_budget(len(prompt_ids), limit, self.default_max_tokens)
@@ -65,12 +63,15 @@ class GenerationService:
         admission = self.engine.admission()
         admission.__enter__()
         try:
-            hold = await asyncio.to_thread(self.payments.hold, checked, max_fee)
+            held = await asyncio.to_thread(self.payments.hold, checked, max_fee)
         except BaseException:
             admission.__exit__(None, None, None)
             raise
+        if isinstance(held, Replay):
+            admission.__exit__(None, None, None)
+            return self._replay(kind, req, held.body)
         job = Job(kind, req, f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{checked.digest.hex()[:24]}",
-                  int(time.time()), adapter, prompt_ids, params, hold)
+                  int(time.time()), adapter, prompt_ids, params, held)
         if req.stream:
             return StreamingResponse(self._sse(job, admission), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})

@@ -26,7 +26,7 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import queries
-from node.db.models import Lane, Receipt, Voucher
+from node.db.models import EscrowAccount, Lane, LaneCollection, Receipt, Voucher
 from node.errors import InsufficientEscrow, VoucherConflict
 from node.payment.voucher_check import CheckedVoucher
 
@@ -110,25 +110,41 @@ class Ledger:
         return Channel(payer, self.node, lane, charged, last, spendable)
 
     # --- writes -----------------------------------------------------------------------------------
-    def reserve(self, checked: CheckedVoucher, max_fee: int) -> Reservation:
+    def reserve(self, checked: CheckedVoucher, max_fee: int,
+                before_new: Callable[[], None] | None = None) -> Reservation | dict[str, Any]:
+        """Hold `max_fee` on the voucher's lane; or, for a voucher already served, its stored response.
+        `before_new` runs (and may raise) only for a voucher never seen before."""
         v = checked.voucher
         payer, now = v.payer.lower(), self._now()
         with self._locked(payer) as (session, lanes):
-            if session.get(Voucher, checked.digest_hex) is not None:
+            used = session.get(Voucher, checked.digest_hex)
+            if used is not None:
+                if used.response is not None:
+                    return used.response
                 raise VoucherConflict("this voucher was already used", voucher_hash=checked.digest_hex)
+            if before_new is not None:
+                before_new()
             row = lanes.get(v.lane)
             if row is None:
                 row = Lane(payer=payer, node=self.node, lane=v.lane, charged_total=0, last_cumulative=0, reserved=0)
                 session.add(row)
             self._check_order(row, checked, max_fee, now)
-            escrow = queries.escrow(session, payer, self.node)
-            spendable = escrow.spendable - self._holds(lanes, now, but=v.lane)
+            balance, thawing, uncollected = self._escrow(session, payer, lanes)
+            spendable = max(balance - thawing - uncollected, 0) - self._holds(lanes, now, but=v.lane)
             if spendable < max_fee:
                 raise InsufficientEscrow("not enough escrow for this request", spendable=spendable, max_fee=max_fee,
-                                         balance=escrow.balance, thawing=escrow.thawing)
+                                         balance=balance, thawing=thawing)
             row.reserved, row.reserved_voucher_hash, row.reserved_at = max_fee, checked.digest_hex, now
             row.updated_at = now
             return Reservation(payer, self.node, v.lane, checked.digest_hex, v.cumulative, max_fee, row.charged_total)
+
+    def _escrow(self, session: Session, payer: str, lanes: dict[int, Lane]) -> tuple[int, int, int]:
+        """(balance, thawing, charged but uncollected on all lanes) from the mirror and the loaded lanes."""
+        acct = session.get(EscrowAccount, (payer, self.node))
+        collected = {r.lane: r.collected for r in session.scalars(
+            select(LaneCollection).where(LaneCollection.payer == payer, LaneCollection.node == self.node))}
+        uncollected = sum(max(r.charged_total - collected.get(r.lane, 0), 0) for r in lanes.values())
+        return (acct.balance, acct.thawing, uncollected) if acct else (0, 0, uncollected)
 
     def _check_order(self, row: Lane, checked: CheckedVoucher, max_fee: int, now: datetime) -> None:
         v = checked.voucher

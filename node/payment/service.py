@@ -59,21 +59,22 @@ class PaymentService:
         self.min_validity_s = min_validity_s
         self.clock = clock
 
-    def check(self, header_value: str | None, body: bytes) -> CheckedVoucher | Replay:
-        """Stateless checks, then the idempotent-retry lookup."""
-        header = decode_payment_header(header_value)
-        now = int(self.clock())
-        checked = check_voucher(header, body, domain=self.domain, node=self.node)
-        stored = self.ledger.stored_response(checked.digest_hex)
-        if stored is not None:  # a retry of a request already served: the same answer, no new charge
-            return Replay(stored)
-        if header.deadline < now + self.min_validity_s:
-            raise BadSignature("the voucher expires too soon", deadline=header.deadline, now=now,
-                               min_validity_s=self.min_validity_s)
-        return checked
+    def check(self, header_value: str | None, body: bytes) -> CheckedVoucher:
+        """The stateless checks: header format, node, request hash, signature (no database)."""
+        return check_voucher(decode_payment_header(header_value), body, domain=self.domain, node=self.node)
 
-    def hold(self, checked: CheckedVoucher, max_fee: int) -> Hold:
-        return Hold(checked, self.ledger.reserve(checked, max_fee))
+    def hold(self, checked: CheckedVoucher, max_fee: int) -> Hold | Replay:
+        """Hold `max_fee` on the lane; a voucher already served gets its stored response instead (an
+        idempotent retry: the same answer, no new charge). Only new vouchers need time left to run."""
+        deadline, now = checked.voucher.deadline, int(self.clock())
+
+        def fresh_enough() -> None:
+            if deadline < now + self.min_validity_s:
+                raise BadSignature("the voucher expires too soon", deadline=deadline, now=now,
+                                   min_validity_s=self.min_validity_s)
+
+        held = self.ledger.reserve(checked, max_fee, before_new=fresh_enough)
+        return Replay(held) if isinstance(held, dict) else Hold(checked, held)
 
     def finish(self, hold: Hold, adapter: ServedAdapter, usage: Usage, output_text: str,
                build: Callable[[dict[str, Any]], dict[str, Any]]) -> tuple[int, dict[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -88,10 +89,14 @@ def test_the_next_voucher_signs_on_top_of_the_charged_total(db_url: str) -> None
 
 
 def test_replays_stale_vouchers_and_busy_lanes_are_409(db_url: str) -> None:
-    ledger = Ledger(_setup(db_url, deposit=1_000), NODE)
+    clock = Clock()
+    ledger = Ledger(_setup(db_url, deposit=1_000), NODE, clock=clock)
     first = _voucher(0, 100)
     ledger.commit(ledger.reserve(first, 100), first, 100, _receipt(1, 100), _body)
-    with pytest.raises(VoucherConflict, match="already used"):
+    assert ledger.reserve(first, 100) == {"charged": 100}  # served before: its response, no new hold
+    clock.now += 3_600
+    assert ledger.forget_responses(timedelta(seconds=1_800)) == 1
+    with pytest.raises(VoucherConflict, match="already used"):  # past the window: refused, never re-served
         ledger.reserve(first, 100)
     with pytest.raises(VoucherConflict, match="stale"):
         ledger.reserve(_voucher(0, 99, b"x"), 0)
