@@ -7,7 +7,8 @@ The adapters are rank 8 on q, k, v, o of the engine benchmark's model (Llama, hi
 MHA), float32, about 1 MiB each, written straight into the store's disk cache. Measured in one run:
 - store disk->host: `AdapterStore.get` of an adapter on disk but not in host memory (hash check,
   header check, parse into per-module stacked tensors), timed around the call;
-- store source->host: the same from a local registry folder not yet in the disk cache;
+- store source->host: the same from a local registry folder not yet in the disk cache, and from
+  the same folder served over HTTP on 127.0.0.1;
 - peft: `PeftModel.load_adapter` of the same folders into a randomly initialised base model;
 - traffic: Zipf(1.1) and uniform requests over all adapters through `get`, host cache for 500.
 Prints a table and writes bench/results/adapters.json.
@@ -16,6 +17,7 @@ Prints a table and writes bench/results/adapters.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -25,8 +27,10 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import warnings
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
@@ -98,8 +102,8 @@ def populate(work: Path, num_adapters: int, num_registry: int) -> tuple[Listed, 
     return cached, remote
 
 
-def new_store(work: Path, num_host: int, num_disk: int) -> AdapterStore[Stacked]:
-    config = StoreConfig(cache_dir=work / "cache", max_host_bytes=num_host * ADAPTER_BYTES,
+def new_store(work: Path, num_host: int, num_disk: int, cache: str = "cache") -> AdapterStore[Stacked]:
+    config = StoreConfig(cache_dir=work / cache, max_host_bytes=num_host * ADAPTER_BYTES,
                          max_disk_bytes=int(num_disk * ADAPTER_BYTES * 1.1))
     return AdapterStore(config, parse_stacked, stacked_nbytes)
 
@@ -123,6 +127,32 @@ def time_store_loads(work: Path, cached: Listed, remote: Listed,
             source.append(time.perf_counter() - started)
         internal = list(store.metrics().disk.recent_load_seconds)
     return {"disk": disk, "source": source, "disk_internal": internal}
+
+
+def time_http_loads(work: Path, remote: Listed) -> list[float]:
+    """Seconds per `get` of an adapter served over HTTP by a local server (a fresh disk cache)."""
+    handler = functools.partial(_QuietHandler, directory=str(work / "registry"))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    seconds = []
+    try:
+        with new_store(work, num_host=1, num_disk=len(remote), cache="cache-http") as store:
+            for uri, digest in remote:
+                store.register(uri, AdapterSource(f"{url}/{Path(uri).name}", digest))
+            for uri, _ in remote:
+                started = time.perf_counter()
+                store.get(uri)
+                seconds.append(time.perf_counter() - started)
+    finally:
+        server.shutdown()
+        server.server_close()
+    return seconds
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        return
 
 
 def time_peft_loads(work: Path, cached: Listed, num_samples: int) -> list[float]:
@@ -210,6 +240,7 @@ def run(work: Path, args: argparse.Namespace) -> dict[str, object]:
     cached, remote = populate(work, args.num_adapters, num_registry=min(50, args.num_samples))
     generate_s = time.perf_counter() - started
     store = time_store_loads(work, cached, remote, min(args.num_samples, len(cached)))
+    http = time_http_loads(work, remote)
     peft = time_peft_loads(work, cached, min(args.num_peft_samples, len(cached) - 1))
     traffic = {name: run_traffic(work, cached, args.num_host, args.num_requests, alpha)
                for name, alpha in (("zipf1.1", 1.1), ("uniform", None))}
@@ -217,6 +248,7 @@ def run(work: Path, args: argparse.Namespace) -> dict[str, object]:
              "store_disk_to_host_p99_ms": 1e3 * _p99(store["disk"]),
              "store_disk_to_host_worker_p50_ms": _p50(store["disk_internal"]),
              "store_source_to_host_p50_ms": _p50(store["source"]),
+             "store_http_to_host_p50_ms": _p50(http),
              "peft_load_adapter_p50_ms": _p50(peft),
              "peft_load_adapter_p99_ms": 1e3 * _p99(peft)}
     loads["peft_over_store_disk_to_host"] = (loads["peft_load_adapter_p50_ms"]
@@ -238,11 +270,13 @@ def print_table(report: dict[str, object]) -> None:
     print(f"adapters: {config['num_adapters']} x {config['adapter_bytes'] / 2**20:.2f} MiB, "
           f"host cache for {config['num_host']}")
     print(f"{'load (miss in host memory)':<40}{'p50 ms':>10}{'p99 ms':>10}")
-    print(f"{'store: disk cache -> host':<40}{loads['store_disk_to_host_p50_ms']:>10.2f}"
-          f"{loads['store_disk_to_host_p99_ms']:>10.2f}")
-    print(f"{'store: local source -> disk -> host':<40}{loads['store_source_to_host_p50_ms']:>10.2f}{'':>10}")
-    print(f"{'peft: PeftModel.load_adapter':<40}{loads['peft_load_adapter_p50_ms']:>10.2f}"
-          f"{loads['peft_load_adapter_p99_ms']:>10.2f}")
+    rows = (("store: disk cache -> host", "store_disk_to_host"),
+            ("store: local source -> disk -> host", "store_source_to_host"),
+            ("store: http (127.0.0.1) -> disk -> host", "store_http_to_host"),
+            ("peft: PeftModel.load_adapter", "peft_load_adapter"))
+    for label, key in rows:
+        p99 = loads.get(f"{key}_p99_ms")
+        print(f"{label:<40}{loads[f'{key}_p50_ms']:>10.2f}" + (f"{p99:>10.2f}" if p99 is not None else ""))
     print(f"peft / store (disk -> host, p50): {loads['peft_over_store_disk_to_host']:.1f}x\n")
     print(f"{'traffic':<10}{'host hit':>10}{'2nd half':>10}{'disk hit':>10}{'get p50':>10}{'get p99':>10}"
           f"{'hit p50':>10}{'miss p50':>10}   (ms)")
