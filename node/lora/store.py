@@ -41,7 +41,7 @@ from node.lora.content_hash import adapter_weights_sha256, from_hex, to_hex
 from node.lora.disk_cache import DiskCache
 from node.lora.host_cache import HostCache
 from node.lora.provider import AdapterSource, LoadState
-from node.lora.source import FetchLimits, check_adapter_files, fetch_adapter
+from node.lora.source import FetchLimits, check_adapter_files, fetch_adapter, shown_uri
 from node.lora.store_metrics import MetricsRecorder, StoreMetrics
 
 W = TypeVar("W")
@@ -279,10 +279,10 @@ class AdapterStore(Generic[W]):
             actual = fetch_adapter(reg.source.uri, temp, self._limits, self._client)
             if actual != reg.digest:
                 raise AdapterIntegrityError(
-                    f"adapter {adapter_id} at {reg.source.uri} hashes to {to_hex(actual)}, "
+                    f"adapter {adapter_id} at {shown_uri(reg.source.uri)} hashes to {to_hex(actual)}, "
                     f"registered {to_hex(reg.digest)}: refused",
                     adapter=adapter_id, expected=to_hex(reg.digest), actual=to_hex(actual),
-                    uri=reg.source.uri)
+                    uri=shown_uri(reg.source.uri))
             check_adapter_files(temp)
             folder, num_evicted = self._disk.commit(temp, reg.key)
         except Exception:
@@ -293,7 +293,7 @@ class AdapterStore(Generic[W]):
         self._metrics.count("source", "hits")
         self._metrics.count("disk", "evictions", num_evicted)
         self._metrics.loaded("source", time.monotonic() - started, self._disk_size(folder))
-        logger.info("fetched adapter %s from %s in %.3fs", adapter_id, reg.source.uri,
+        logger.info("fetched adapter %s from %s in %.3fs", adapter_id, shown_uri(reg.source.uri),
                     time.monotonic() - started)
         return folder
 
