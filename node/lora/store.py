@@ -83,6 +83,13 @@ class _Registration:
 
 
 @dataclass(frozen=True)
+class _Job:
+    adapter_id: str
+    reg: _Registration
+    leased: Path | None  # the disk cache copy, held against eviction until the load ends
+
+
+@dataclass(frozen=True)
 class _Failure:
     error: Exception
     at: float  # time.monotonic()
@@ -135,30 +142,23 @@ class AdapterStore(Generic[W]):
             self._forget(adapter_id)
 
     def get(self, adapter_id: str) -> W:
-        """The parsed weights, from host memory at once or after a load. Raises an AdapterError."""
-        return self.prefetch(adapter_id).result()
+        """The parsed weights, from host memory at once or after a load. Raises an AdapterError.
+
+        A load that nobody has started yet runs on the calling thread (it blocks anyway, and a hop
+        to a worker and back costs two wake-ups); one already running is joined.
+        """
+        future, job = self._request(adapter_id, is_inline=True)
+        if job is not None:
+            self._run(future, job)
+        return future.result()
 
     def prefetch(self, adapter_id: str) -> Future[W]:
-        """Start loading in the background (deduplicated); the future holds the weights or the error."""
-        with self._lock:
-            reg = self._registration(adapter_id)
-            weights = self._host.get(adapter_id)
-            if weights is not None:
-                self._metrics.count("host", "hits")
-                return _done(weights)
-            self._metrics.count("host", "misses")
-            if adapter_id in self._inflight:
-                return self._inflight[adapter_id]
-            failure = self._failures.get(adapter_id)
-            if failure is not None and time.monotonic() - failure.at < self.config.retry_after_s:
-                return _done(error=failure.error)
-            self._failures.pop(adapter_id, None)
-            leased = self._disk.lease(reg.key)
-            is_remote = reg.source.uri.startswith(("http://", "https://"))
-            pool = self._fetch_pool if leased is None and is_remote else self._load_pool
-            future = pool.submit(self._load, adapter_id, reg, leased)
-            self._inflight[adapter_id] = future
-            return future
+        """Start loading in the background (deduplicated); the future holds the weights or the error.
+
+        Every caller asking for the same adapter gets the same future: cancelling it (possible only
+        while queued) cancels the load for all of them, and the next request starts a new one.
+        """
+        return self._request(adapter_id, is_inline=False)[0]
 
     def state(self, adapter_id: str) -> LoadState:
         with self._lock:
@@ -216,7 +216,11 @@ class AdapterStore(Generic[W]):
         return self._disk.keys()
 
     def close(self) -> None:
-        """Stop the workers (queued loads are cancelled) and close the HTTP client."""
+        """Stop the workers and close the HTTP client; loads still queued fail with CancelledError."""
+        with self._lock:
+            queued = list(self._inflight.values())
+        for future in queued:
+            future.cancel()  # only those no worker has started
         self._fetch_pool.shutdown(wait=True, cancel_futures=True)
         self._load_pool.shutdown(wait=True, cancel_futures=True)
         self._client.close()
@@ -229,29 +233,67 @@ class AdapterStore(Generic[W]):
         self.close()
 
     # --- loading (worker threads) ----------------------------------------------------------------
-    def _load(self, adapter_id: str, reg: _Registration, leased: Path | None) -> W:
+    def _request(self, adapter_id: str, is_inline: bool) -> tuple[Future[W], _Job | None]:
+        """The future for this adapter: done (host hit, recent failure), joined, or new with its job.
+
+        A new job goes to a worker pool unless the caller runs it inline: local sources and disk copies
+        to the load pool, HTTP fetches to the fetch pool.
+        """
+        with self._lock:
+            reg = self._registration(adapter_id)
+            weights = self._host.get(adapter_id)
+            if weights is not None:
+                self._metrics.count("host", "hits")
+                return _done(weights), None
+            self._metrics.count("host", "misses")
+            if adapter_id in self._inflight:
+                return self._inflight[adapter_id], None
+            failure = self._failures.get(adapter_id)
+            if failure is not None and time.monotonic() - failure.at < self.config.retry_after_s:
+                return _done(error=failure.error), None
+            self._failures.pop(adapter_id, None)
+            future: Future[W] = Future()
+            job = _Job(adapter_id, reg, self._disk.lease(reg.key))
+            self._inflight[adapter_id] = future
+            future.add_done_callback(lambda f: self._on_cancel(f, job) if f.cancelled() else None)
+            if is_inline:
+                return future, job
+            is_remote = reg.source.uri.startswith(("http://", "https://"))
+            pool = self._fetch_pool if job.leased is None and is_remote else self._load_pool
+            pool.submit(self._run, future, job)
+            return future, None
+
+    def _run(self, future: Future[W], job: _Job) -> None:
+        if not future.set_running_or_notify_cancel():
+            return  # cancelled while queued: `_on_cancel` has cleaned up
         try:
-            started = time.monotonic()
-            folder, is_fetched = self._good_copy(adapter_id, reg, leased)
-            try:
-                if is_fetched:  # hashed and checked while it was written; the disk step starts now
-                    started = time.monotonic()
-                else:
-                    check_adapter_files(folder)
-                weights = self._parse(folder)
-                size = self._nbytes(weights)
-                self._metrics.loaded("disk", time.monotonic() - started)
-            finally:
-                self._disk.release(reg.key)
-            if size > self.config.max_host_bytes:
-                raise AdapterTooLarge(f"adapter {adapter_id} takes {size} bytes in host memory, over the "
-                                      f"{self.config.max_host_bytes}-byte budget",
-                                      adapter=adapter_id, nbytes=size, max_bytes=self.config.max_host_bytes)
-        except Exception as e:  # a worker boundary: record it for this adapter, re-raise to its waiters
-            self._settle(adapter_id, reg, error=e)
-            raise
-        self._settle(adapter_id, reg, weights=weights, size=size)
-        return weights
+            weights, size = self._load(job)
+        except Exception as e:  # a worker boundary: the error belongs to this adapter and its waiters
+            self._settle(future, job, error=e)
+            future.set_exception(e)
+            return
+        self._settle(future, job, weights=weights, size=size)
+        future.set_result(weights)
+
+    def _load(self, job: _Job) -> tuple[W, int]:
+        adapter_id, reg = job.adapter_id, job.reg
+        started = time.monotonic()
+        folder, is_fetched = self._good_copy(adapter_id, reg, job.leased)
+        try:
+            if is_fetched:  # hashed and checked while it was written; the disk step starts now
+                started = time.monotonic()
+            else:
+                check_adapter_files(folder)
+            weights = self._parse(folder)
+            size = self._nbytes(weights)
+            self._metrics.loaded("disk", time.monotonic() - started)
+        finally:
+            self._disk.release(reg.key)
+        if size > self.config.max_host_bytes:
+            raise AdapterTooLarge(f"adapter {adapter_id} takes {size} bytes in host memory, over the "
+                                  f"{self.config.max_host_bytes}-byte budget",
+                                  adapter=adapter_id, nbytes=size, max_bytes=self.config.max_host_bytes)
+        return weights, size
 
     def _good_copy(self, adapter_id: str, reg: _Registration, leased: Path | None) -> tuple[Path, bool]:
         """A leased disk folder with the registered bytes (the cached one if still good, else fetched),
@@ -297,18 +339,24 @@ class AdapterStore(Generic[W]):
                     time.monotonic() - started)
         return folder
 
-    def _settle(self, adapter_id: str, reg: _Registration, weights: W | None = None, size: int = 0,
+    def _on_cancel(self, future: Future[W], job: _Job) -> None:
+        """A waiter (or `close`) cancelled a load no worker had started: forget it at once."""
+        if job.leased is not None:
+            self._disk.release(job.reg.key)
+        self._settle(future, job)
+
+    def _settle(self, future: Future[W], job: _Job, weights: W | None = None, size: int = 0,
                 error: Exception | None = None) -> None:
         with self._lock:
-            if self._registered.get(adapter_id) is not reg:
+            if self._inflight.get(job.adapter_id) is not future:
                 return  # unregistered or re-registered meanwhile: the result belongs to no one
-            self._inflight.pop(adapter_id, None)
+            del self._inflight[job.adapter_id]
             if error is not None:
-                logger.warning("adapter %s failed to load: %s", adapter_id, error)
-                self._failures[adapter_id] = _Failure(error, time.monotonic())
-                return
-            assert weights is not None
-            self._metrics.count("host", "evictions", len(self._host.put(adapter_id, weights, size)))
+                logger.warning("adapter %s failed to load: %s", job.adapter_id, error)
+                self._failures[job.adapter_id] = _Failure(error, time.monotonic())
+            elif weights is not None:
+                evicted = self._host.put(job.adapter_id, weights, size)
+                self._metrics.count("host", "evictions", len(evicted))
 
     # --- under the lock --------------------------------------------------------------------------
     def _registration(self, adapter_id: str) -> _Registration:
