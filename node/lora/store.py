@@ -245,13 +245,13 @@ class AdapterStore(Generic[W]):
             if weights is not None:
                 self._metrics.count("host", "hits")
                 return _done(weights), None
-            self._metrics.count("host", "misses")
             if adapter_id in self._inflight:
                 return self._inflight[adapter_id], None
             failure = self._failures.get(adapter_id)
             if failure is not None and time.monotonic() - failure.at < self.config.retry_after_s:
                 return _done(error=failure.error), None
             self._failures.pop(adapter_id, None)
+            self._metrics.count("host", "misses")
             future: Future[W] = Future()
             job = _Job(adapter_id, reg, self._disk.lease(reg.key))
             self._inflight[adapter_id] = future

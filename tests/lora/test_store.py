@@ -329,7 +329,8 @@ def test_concurrent_readers_see_correct_weights_within_budget(tmp_path: Path) ->
         assert errors == []
         m = store.metrics()
         assert m.host.nbytes <= store.config.max_host_bytes and m.disk.nbytes <= store.config.max_disk_bytes
-        assert m.num_loading == 0 and m.host.hits + m.host.misses == 360
+        assert m.num_loading == 0 and m.host.hits + m.host.misses <= 360
+        assert m.host.misses == m.disk.hits + m.disk.misses  # one disk lookup per load started
 
 
 def test_config_rejects_nonsense(tmp_path: Path) -> None:
