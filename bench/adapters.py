@@ -7,8 +7,10 @@ The adapters are rank 8 on q, k, v, o of the engine benchmark's model (Llama, hi
 MHA), float32, about 1 MiB each, written straight into the store's disk cache. Measured in one run:
 - store disk->host: `AdapterStore.get` of an adapter on disk but not in host memory (hash check,
   header check, parse into per-module stacked tensors), timed around the call;
-- store source->host: the same from a local registry folder not yet in the disk cache;
-- peft: `PeftModel.load_adapter` of the same folders into a randomly initialised base model;
+- store source->host: the same from a local registry folder not yet in the disk cache, and from
+  the same folder served over HTTP on 127.0.0.1;
+- peft: `PeftModel.load_adapter` of the same folders into a randomly initialised base model,
+  each paired with the store's load of the same adapter (alternating which goes first);
 - traffic: Zipf(1.1) and uniform requests over all adapters through `get`, host cache for 500.
 Prints a table and writes bench/results/adapters.json.
 """
@@ -16,6 +18,7 @@ Prints a table and writes bench/results/adapters.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -25,8 +28,11 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import warnings
+from collections.abc import Callable
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
@@ -98,34 +104,69 @@ def populate(work: Path, num_adapters: int, num_registry: int) -> tuple[Listed, 
     return cached, remote
 
 
-def new_store(work: Path, num_host: int, num_disk: int) -> AdapterStore[Stacked]:
-    config = StoreConfig(cache_dir=work / "cache", max_host_bytes=num_host * ADAPTER_BYTES,
+def new_store(work: Path, num_host: int, num_disk: int, cache: str = "cache") -> AdapterStore[Stacked]:
+    config = StoreConfig(cache_dir=work / cache, max_host_bytes=num_host * ADAPTER_BYTES,
                          max_disk_bytes=int(num_disk * ADAPTER_BYTES * 1.1))
     return AdapterStore(config, parse_stacked, stacked_nbytes)
 
 
-def time_store_loads(work: Path, cached: Listed, remote: Listed,
-                     num_samples: int) -> dict[str, list[float]]:
-    """Seconds per `get` that misses host memory: from the disk cache, and from a local registry."""
+def time_paired_loads(work: Path, cached: Listed, remote: Listed, num_samples: int,
+                      peft_load: Callable[[Path, str], float]) -> dict[str, list[float]]:
+    """Seconds per `get` that misses host memory, each paired with peft loading the same folder.
+
+    Pairs alternate which goes first, so that neither always finds the file in the page cache and
+    both see the same background load on a shared machine. Also: `get` from a local registry.
+    """
     with new_store(work, num_host=1, num_disk=len(cached) + len(remote)) as store:
         for adapter_id, digest in cached:
             store.register(adapter_id, AdapterSource(str(work / "nowhere" / adapter_id), digest))
         for uri, digest in remote:
             store.register(uri, AdapterSource(uri, digest))
-        disk, source = [], []
-        for adapter_id, _ in random.Random(1).sample(cached, num_samples):
+        disk, peft, source = [], [], []
+        for i, (adapter_id, digest) in enumerate(random.Random(1).sample(cached, num_samples)):
+            if i % 2:
+                peft.append(peft_load(work / "cache" / digest[2:], f"s{i}"))
             started = time.perf_counter()
             store.get(adapter_id)
             disk.append(time.perf_counter() - started)
+            if not i % 2:
+                peft.append(peft_load(work / "cache" / digest[2:], f"s{i}"))
         for uri, _ in remote:
             started = time.perf_counter()
             store.get(uri)
             source.append(time.perf_counter() - started)
         internal = list(store.metrics().disk.recent_load_seconds)
-    return {"disk": disk, "source": source, "disk_internal": internal}
+    return {"disk": disk, "peft": peft, "source": source, "disk_internal": internal}
 
 
-def time_peft_loads(work: Path, cached: Listed, num_samples: int) -> list[float]:
+def time_http_loads(work: Path, remote: Listed) -> list[float]:
+    """Seconds per `get` of an adapter served over HTTP by a local server (a fresh disk cache)."""
+    handler = functools.partial(_QuietHandler, directory=str(work / "registry"))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    seconds = []
+    try:
+        with new_store(work, num_host=1, num_disk=len(remote), cache="cache-http") as store:
+            for uri, digest in remote:
+                store.register(uri, AdapterSource(f"{url}/{Path(uri).name}", digest))
+            for uri, _ in remote:
+                started = time.perf_counter()
+                store.get(uri)
+                seconds.append(time.perf_counter() - started)
+    finally:
+        server.shutdown()
+        server.server_close()
+    return seconds
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        return
+
+
+def peft_loader(work: Path, first: Path) -> Callable[[Path, str], float]:
+    """A peft model over a random hidden-512 Llama; the function times one `load_adapter` (then deletes)."""
     from peft import PeftModel
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -133,16 +174,16 @@ def time_peft_loads(work: Path, cached: Listed, num_samples: int) -> list[float]
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=HIDDEN, num_hidden_layers=NUM_LAYERS, num_attention_heads=NUM_HEADS,
                          num_key_value_heads=NUM_HEADS, intermediate_size=INTERMEDIATE, vocab_size=VOCAB)
-    base = LlamaForCausalLM(config).eval()
-    folders = [work / "cache" / digest[2:] for _, digest in random.Random(2).sample(cached, num_samples + 1)]
-    model = PeftModel.from_pretrained(base, str(folders[0]), adapter_name="warm")
-    seconds = []
-    for i, folder in enumerate(folders[1:]):
+    model = PeftModel.from_pretrained(LlamaForCausalLM(config).eval(), str(first), adapter_name="warm")
+
+    def load(folder: Path, name: str) -> float:
         started = time.perf_counter()
-        model.load_adapter(str(folder), adapter_name=f"s{i}")
-        seconds.append(time.perf_counter() - started)
-        model.delete_adapter(f"s{i}")
-    return seconds
+        model.load_adapter(str(folder), adapter_name=name)
+        seconds = time.perf_counter() - started
+        model.delete_adapter(name)
+        return seconds
+
+    return load
 
 
 def run_traffic(work: Path, cached: Listed, num_host: int, num_requests: int,
@@ -184,16 +225,15 @@ def main() -> None:
     parser.add_argument("--num-adapters", type=int, default=5000)
     parser.add_argument("--num-host", type=int, default=500, help="host cache size, in adapters")
     parser.add_argument("--num-requests", type=int, default=20000)
-    parser.add_argument("--num-samples", type=int, default=200, help="timed loads for the store")
-    parser.add_argument("--num-peft-samples", type=int, default=50)
+    parser.add_argument("--num-samples", type=int, default=100, help="timed loads, store and peft each")
     parser.add_argument("--quick", action="store_true", help="600 adapters, host for 60, 3,000 requests")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.quick:
         args.num_adapters, args.num_host, args.num_requests = 600, 60, 3000
-        args.num_samples, args.num_peft_samples = 100, 20
+        args.num_samples = 30
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    torch.set_num_threads(1)  # 1 MiB copies gain nothing from intra-op threads; peft gets the same
     work = Path(tempfile.mkdtemp(prefix="bench-adapters-"))
     try:
         report = run(work, args)
@@ -209,26 +249,31 @@ def run(work: Path, args: argparse.Namespace) -> dict[str, object]:
     started = time.perf_counter()
     cached, remote = populate(work, args.num_adapters, num_registry=min(50, args.num_samples))
     generate_s = time.perf_counter() - started
-    store = time_store_loads(work, cached, remote, min(args.num_samples, len(cached)))
-    peft = time_peft_loads(work, cached, min(args.num_peft_samples, len(cached) - 1))
+    peft_load = peft_loader(work, work / "registry" / "r0")
+    store = time_paired_loads(work, cached, remote, min(args.num_samples, len(cached)), peft_load)
+    http = time_http_loads(work, remote)
+    peft = store["peft"]
     traffic = {name: run_traffic(work, cached, args.num_host, args.num_requests, alpha)
                for name, alpha in (("zipf1.1", 1.1), ("uniform", None))}
     loads = {"store_disk_to_host_p50_ms": _p50(store["disk"]),
              "store_disk_to_host_p99_ms": 1e3 * _p99(store["disk"]),
              "store_disk_to_host_worker_p50_ms": _p50(store["disk_internal"]),
              "store_source_to_host_p50_ms": _p50(store["source"]),
+             "store_http_to_host_p50_ms": _p50(http),
              "peft_load_adapter_p50_ms": _p50(peft),
              "peft_load_adapter_p99_ms": 1e3 * _p99(peft)}
     loads["peft_over_store_disk_to_host"] = (loads["peft_load_adapter_p50_ms"]
                                              / loads["store_disk_to_host_p50_ms"])
+    loads["peft_over_store_paired_median"] = statistics.median(p / d for p, d in zip(peft, store["disk"],
+                                                                                    strict=True))
     return {"config": {"num_adapters": args.num_adapters, "num_host": args.num_host,
                        "num_requests": args.num_requests, "num_store_samples": len(store["disk"]),
-                       "num_peft_samples": len(peft), "adapter_bytes": ADAPTER_BYTES,
+                       "adapter_bytes": ADAPTER_BYTES,
                        "model": {"hidden": HIDDEN, "layers": NUM_LAYERS, "heads": NUM_HEADS, "rank": RANK,
                                  "modules": list(MODULES), "dtype": "float32"}},
             "machine": {"python": platform.python_version(), "torch": torch.__version__,
                         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                        "platform": platform.platform()},
+                        "platform": platform.platform(), "load_average": os.getloadavg()},
             "generate_seconds": generate_s, "loads": loads, "traffic": traffic}
 
 
@@ -238,12 +283,15 @@ def print_table(report: dict[str, object]) -> None:
     print(f"adapters: {config['num_adapters']} x {config['adapter_bytes'] / 2**20:.2f} MiB, "
           f"host cache for {config['num_host']}")
     print(f"{'load (miss in host memory)':<40}{'p50 ms':>10}{'p99 ms':>10}")
-    print(f"{'store: disk cache -> host':<40}{loads['store_disk_to_host_p50_ms']:>10.2f}"
-          f"{loads['store_disk_to_host_p99_ms']:>10.2f}")
-    print(f"{'store: local source -> disk -> host':<40}{loads['store_source_to_host_p50_ms']:>10.2f}{'':>10}")
-    print(f"{'peft: PeftModel.load_adapter':<40}{loads['peft_load_adapter_p50_ms']:>10.2f}"
-          f"{loads['peft_load_adapter_p99_ms']:>10.2f}")
-    print(f"peft / store (disk -> host, p50): {loads['peft_over_store_disk_to_host']:.1f}x\n")
+    rows = (("store: disk cache -> host", "store_disk_to_host"),
+            ("store: local source -> disk -> host", "store_source_to_host"),
+            ("store: http (127.0.0.1) -> disk -> host", "store_http_to_host"),
+            ("peft: PeftModel.load_adapter", "peft_load_adapter"))
+    for label, key in rows:
+        p99 = loads.get(f"{key}_p99_ms")
+        print(f"{label:<40}{loads[f'{key}_p50_ms']:>10.2f}" + (f"{p99:>10.2f}" if p99 is not None else ""))
+    print(f"peft / store (disk -> host): {loads['peft_over_store_disk_to_host']:.1f}x on p50s, "
+          f"{loads['peft_over_store_paired_median']:.1f}x median of paired ratios\n")
     print(f"{'traffic':<10}{'host hit':>10}{'2nd half':>10}{'disk hit':>10}{'get p50':>10}{'get p99':>10}"
           f"{'hit p50':>10}{'miss p50':>10}   (ms)")
     for name, t in report["traffic"].items():  # type: ignore[attr-defined]

@@ -17,7 +17,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urlparse, urlunparse
 
 import httpx
 
@@ -47,14 +47,22 @@ def fetch_adapter(uri: str, dest: Path, limits: FetchLimits, client: httpx.Clien
     parsed = urlparse(uri)
     deadline = time.monotonic() + limits.deadline_s
     if parsed.scheme in ("http", "https"):
-        base = uri.rstrip("/")
         budget, digests = limits.max_bytes, []
         for name in ADAPTER_FILES:
-            digest, size = _download(client, f"{base}/{name}", dest / name, budget, deadline, limits)
+            url = urlunparse(parsed._replace(path=f"{parsed.path.rstrip('/')}/{name}"))  # keeps a ?query
+            digest, size = _download(client, url, dest / name, budget, deadline, limits)
             digests.append((name, digest))
             budget -= size
         return folder_digest(digests)
     return _copy_local(local_path(uri), dest, limits.max_bytes)
+
+
+def shown_uri(uri: str) -> str:
+    """The URI as errors and logs may show it: without user:password@ or a ?query (tokens live there)."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return uri
+    return urlunparse(parsed._replace(netloc=parsed.netloc.rpartition("@")[2], query="", fragment=""))
 
 
 def local_path(uri: str) -> Path:
@@ -156,10 +164,11 @@ def _copy_local(src: Path, dest: Path, max_bytes: int) -> bytes:
 
 def _download(client: httpx.Client, url: str, path: Path, budget: int, deadline: float,
               limits: FetchLimits) -> tuple[bytes, int]:
-    digest, size = hashlib.sha256(), 0
+    digest, size, url_or_token = hashlib.sha256(), 0, url
+    url = shown_uri(url_or_token)
     timeout = httpx.Timeout(limits.read_timeout_s, connect=limits.connect_timeout_s)
     try:
-        with client.stream("GET", url, timeout=timeout) as response, open(path, "wb") as out:
+        with client.stream("GET", url_or_token, timeout=timeout) as response, open(path, "wb") as out:
             _check_response(response, url, budget, limits.max_bytes)
             for chunk in response.iter_bytes():
                 size += len(chunk)

@@ -30,46 +30,18 @@ from typing import Generic, TypeVar
 
 import httpx
 
-from node.errors import (
-    AdapterFormatError,
-    AdapterIntegrityError,
-    AdapterNotFound,
-    AdapterTooLarge,
-    ConfigError,
-)
+from node.errors import AdapterFormatError, AdapterIntegrityError, AdapterNotFound, AdapterTooLarge
 from node.lora.content_hash import adapter_weights_sha256, from_hex, to_hex
 from node.lora.disk_cache import DiskCache
 from node.lora.host_cache import HostCache
 from node.lora.provider import AdapterSource, LoadState
-from node.lora.source import FetchLimits, check_adapter_files, fetch_adapter
+from node.lora.source import FetchLimits, check_adapter_files, fetch_adapter, shown_uri
+from node.lora.store_config import StoreConfig
 from node.lora.store_metrics import MetricsRecorder, StoreMetrics
 
 W = TypeVar("W")
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StoreConfig:
-    cache_dir: Path
-    max_disk_bytes: int
-    max_host_bytes: int
-    num_load_workers: int = 2  # disk -> host (hash check + parse), and copies from local sources
-    num_fetch_workers: int = 4  # http(s) -> disk
-    http_timeout_s: float = 30.0  # the longest silence between two chunks of a download
-    http_connect_timeout_s: float = 10.0
-    fetch_deadline_s: float = 600.0  # one whole adapter, however fast each chunk comes
-    max_download_bytes: int = 1 << 30  # one adapter's two files together, from any source
-    retry_after_s: float = 1.0  # a failed adapter answers its error this long before a new try
-    num_recent_samples: int = 1024  # load times kept per tier for percentiles
-
-    def __post_init__(self) -> None:
-        for name in ("max_disk_bytes", "max_host_bytes", "num_load_workers", "num_fetch_workers",
-                     "max_download_bytes", "num_recent_samples", "http_timeout_s",
-                     "http_connect_timeout_s", "fetch_deadline_s"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"store {name} must be positive", **{name: getattr(self, name)})
-        if self.retry_after_s < 0:
-            raise ConfigError("store retry_after_s must not be negative", retry_after_s=self.retry_after_s)
+__all__ = ["AdapterStore", "StoreConfig"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +52,13 @@ class _Registration:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", self.digest.hex())
+
+
+@dataclass(frozen=True)
+class _Job:
+    adapter_id: str
+    reg: _Registration
+    leased: Path | None  # the disk cache copy, held against eviction until the load ends
 
 
 @dataclass(frozen=True)
@@ -135,30 +114,23 @@ class AdapterStore(Generic[W]):
             self._forget(adapter_id)
 
     def get(self, adapter_id: str) -> W:
-        """The parsed weights, from host memory at once or after a load. Raises an AdapterError."""
-        return self.prefetch(adapter_id).result()
+        """The parsed weights, from host memory at once or after a load. Raises an AdapterError.
+
+        A load that nobody has started yet runs on the calling thread (it blocks anyway, and a hop
+        to a worker and back costs two wake-ups); one already running is joined.
+        """
+        future, job = self._request(adapter_id, is_inline=True)
+        if job is not None:
+            self._run(future, job)
+        return future.result()
 
     def prefetch(self, adapter_id: str) -> Future[W]:
-        """Start loading in the background (deduplicated); the future holds the weights or the error."""
-        with self._lock:
-            reg = self._registration(adapter_id)
-            weights = self._host.get(adapter_id)
-            if weights is not None:
-                self._metrics.count("host", "hits")
-                return _done(weights)
-            self._metrics.count("host", "misses")
-            if adapter_id in self._inflight:
-                return self._inflight[adapter_id]
-            failure = self._failures.get(adapter_id)
-            if failure is not None and time.monotonic() - failure.at < self.config.retry_after_s:
-                return _done(error=failure.error)
-            self._failures.pop(adapter_id, None)
-            leased = self._disk.lease(reg.key)
-            is_remote = reg.source.uri.startswith(("http://", "https://"))
-            pool = self._fetch_pool if leased is None and is_remote else self._load_pool
-            future = pool.submit(self._load, adapter_id, reg, leased)
-            self._inflight[adapter_id] = future
-            return future
+        """Start loading in the background (deduplicated); the future holds the weights or the error.
+
+        Every caller asking for the same adapter gets the same future: cancelling it (possible only
+        while queued) cancels the load for all of them, and the next request starts a new one.
+        """
+        return self._request(adapter_id, is_inline=False)[0]
 
     def state(self, adapter_id: str) -> LoadState:
         with self._lock:
@@ -216,7 +188,11 @@ class AdapterStore(Generic[W]):
         return self._disk.keys()
 
     def close(self) -> None:
-        """Stop the workers (queued loads are cancelled) and close the HTTP client."""
+        """Stop the workers and close the HTTP client; loads still queued fail with CancelledError."""
+        with self._lock:
+            queued = list(self._inflight.values())
+        for future in queued:
+            future.cancel()  # only those no worker has started
         self._fetch_pool.shutdown(wait=True, cancel_futures=True)
         self._load_pool.shutdown(wait=True, cancel_futures=True)
         self._client.close()
@@ -229,29 +205,67 @@ class AdapterStore(Generic[W]):
         self.close()
 
     # --- loading (worker threads) ----------------------------------------------------------------
-    def _load(self, adapter_id: str, reg: _Registration, leased: Path | None) -> W:
+    def _request(self, adapter_id: str, is_inline: bool) -> tuple[Future[W], _Job | None]:
+        """The future for this adapter: done (host hit, recent failure), joined, or new with its job.
+
+        A new job goes to a worker pool unless the caller runs it inline: local sources and disk copies
+        to the load pool, HTTP fetches to the fetch pool.
+        """
+        with self._lock:
+            reg = self._registration(adapter_id)
+            weights = self._host.get(adapter_id)
+            if weights is not None:
+                self._metrics.count("host", "hits")
+                return _done(weights), None
+            if adapter_id in self._inflight:
+                return self._inflight[adapter_id], None
+            failure = self._failures.get(adapter_id)
+            if failure is not None and time.monotonic() - failure.at < self.config.retry_after_s:
+                return _done(error=failure.error), None
+            self._failures.pop(adapter_id, None)
+            self._metrics.count("host", "misses")
+            future: Future[W] = Future()
+            job = _Job(adapter_id, reg, self._disk.lease(reg.key))
+            self._inflight[adapter_id] = future
+            future.add_done_callback(lambda f: self._on_cancel(f, job) if f.cancelled() else None)
+            if is_inline:
+                return future, job
+            is_remote = reg.source.uri.startswith(("http://", "https://"))
+            pool = self._fetch_pool if job.leased is None and is_remote else self._load_pool
+            pool.submit(self._run, future, job)
+            return future, None
+
+    def _run(self, future: Future[W], job: _Job) -> None:
+        if not future.set_running_or_notify_cancel():
+            return  # cancelled while queued: `_on_cancel` has cleaned up
         try:
-            started = time.monotonic()
-            folder, is_fetched = self._good_copy(adapter_id, reg, leased)
-            try:
-                if is_fetched:  # hashed and checked while it was written; the disk step starts now
-                    started = time.monotonic()
-                else:
-                    check_adapter_files(folder)
-                weights = self._parse(folder)
-                size = self._nbytes(weights)
-                self._metrics.loaded("disk", time.monotonic() - started)
-            finally:
-                self._disk.release(reg.key)
-            if size > self.config.max_host_bytes:
-                raise AdapterTooLarge(f"adapter {adapter_id} takes {size} bytes in host memory, over the "
-                                      f"{self.config.max_host_bytes}-byte budget",
-                                      adapter=adapter_id, nbytes=size, max_bytes=self.config.max_host_bytes)
-        except Exception as e:  # a worker boundary: record it for this adapter, re-raise to its waiters
-            self._settle(adapter_id, reg, error=e)
-            raise
-        self._settle(adapter_id, reg, weights=weights, size=size)
-        return weights
+            weights, size = self._load(job)
+        except Exception as e:  # a worker boundary: the error belongs to this adapter and its waiters
+            self._settle(future, job, error=e)
+            future.set_exception(e)
+            return
+        self._settle(future, job, weights=weights, size=size)
+        future.set_result(weights)
+
+    def _load(self, job: _Job) -> tuple[W, int]:
+        adapter_id, reg = job.adapter_id, job.reg
+        started = time.monotonic()
+        folder, is_fetched = self._good_copy(adapter_id, reg, job.leased)
+        try:
+            if is_fetched:  # hashed and checked while it was written; the disk step starts now
+                started = time.monotonic()
+            else:
+                check_adapter_files(folder)
+            weights = self._parse(folder)
+            size = self._nbytes(weights)
+            self._metrics.loaded("disk", time.monotonic() - started)
+        finally:
+            self._disk.release(reg.key)
+        if size > self.config.max_host_bytes:
+            raise AdapterTooLarge(f"adapter {adapter_id} takes {size} bytes in host memory, over the "
+                                  f"{self.config.max_host_bytes}-byte budget",
+                                  adapter=adapter_id, nbytes=size, max_bytes=self.config.max_host_bytes)
+        return weights, size
 
     def _good_copy(self, adapter_id: str, reg: _Registration, leased: Path | None) -> tuple[Path, bool]:
         """A leased disk folder with the registered bytes (the cached one if still good, else fetched),
@@ -279,10 +293,10 @@ class AdapterStore(Generic[W]):
             actual = fetch_adapter(reg.source.uri, temp, self._limits, self._client)
             if actual != reg.digest:
                 raise AdapterIntegrityError(
-                    f"adapter {adapter_id} at {reg.source.uri} hashes to {to_hex(actual)}, "
+                    f"adapter {adapter_id} at {shown_uri(reg.source.uri)} hashes to {to_hex(actual)}, "
                     f"registered {to_hex(reg.digest)}: refused",
                     adapter=adapter_id, expected=to_hex(reg.digest), actual=to_hex(actual),
-                    uri=reg.source.uri)
+                    uri=shown_uri(reg.source.uri))
             check_adapter_files(temp)
             folder, num_evicted = self._disk.commit(temp, reg.key)
         except Exception:
@@ -293,22 +307,28 @@ class AdapterStore(Generic[W]):
         self._metrics.count("source", "hits")
         self._metrics.count("disk", "evictions", num_evicted)
         self._metrics.loaded("source", time.monotonic() - started, self._disk_size(folder))
-        logger.info("fetched adapter %s from %s in %.3fs", adapter_id, reg.source.uri,
+        logger.info("fetched adapter %s from %s in %.3fs", adapter_id, shown_uri(reg.source.uri),
                     time.monotonic() - started)
         return folder
 
-    def _settle(self, adapter_id: str, reg: _Registration, weights: W | None = None, size: int = 0,
+    def _on_cancel(self, future: Future[W], job: _Job) -> None:
+        """A waiter (or `close`) cancelled a load no worker had started: forget it at once."""
+        if job.leased is not None:
+            self._disk.release(job.reg.key)
+        self._settle(future, job)
+
+    def _settle(self, future: Future[W], job: _Job, weights: W | None = None, size: int = 0,
                 error: Exception | None = None) -> None:
         with self._lock:
-            if self._registered.get(adapter_id) is not reg:
+            if self._inflight.get(job.adapter_id) is not future:
                 return  # unregistered or re-registered meanwhile: the result belongs to no one
-            self._inflight.pop(adapter_id, None)
+            del self._inflight[job.adapter_id]
             if error is not None:
-                logger.warning("adapter %s failed to load: %s", adapter_id, error)
-                self._failures[adapter_id] = _Failure(error, time.monotonic())
-                return
-            assert weights is not None
-            self._metrics.count("host", "evictions", len(self._host.put(adapter_id, weights, size)))
+                logger.warning("adapter %s failed to load: %s", job.adapter_id, error)
+                self._failures[job.adapter_id] = _Failure(error, time.monotonic())
+            elif weights is not None:
+                evicted = self._host.put(job.adapter_id, weights, size)
+                self._metrics.count("host", "evictions", len(evicted))
 
     # --- under the lock --------------------------------------------------------------------------
     def _registration(self, adapter_id: str) -> _Registration:

@@ -1,8 +1,9 @@
 """What the store reports per tier: hits and misses, load times, bytes, evictions (a frozen snapshot).
 
 Per tier:
-- host: a hit is a get/prefetch answered from host memory, a miss one that was not; `nbytes` is the
-  bytes resident now; no loads of its own.
+- host: a hit is a get/prefetch answered from host memory, a miss one that started a load (joining
+  a load already running, or getting a recent failure back, counts as neither; poll with `state`,
+  which counts nothing); `nbytes` is the bytes resident now; no loads of its own.
 - disk: a hit is a load that found a good copy in the disk cache, a miss one that had to go to the
   source (a copy that no longer hashes right counts as a miss and is deleted); loads time the step
   from the disk copy to parsed weights in host memory (hash check + parse); `nbytes` is the bytes

@@ -68,6 +68,22 @@ def test_an_http_error_names_the_status(tmp_path: Path, server: AdapterHTTPServe
         assert caught.value.facts["http_status"] == 404
 
 
+def test_credentials_in_a_uri_reach_the_server_but_never_an_error(
+        tmp_path: Path, server: AdapterHTTPServer) -> None:
+    with _store(tmp_path) as store:
+        folder = server.root / "a"
+        digest = make_adapter(folder)
+        port = server.url.rsplit(":", 1)[1]
+        base = f"http://me:pw-secret@127.0.0.1:{port}"
+        store.register("a", AdapterSource(f"{base}/a/?token=q-secret", digest))
+        assert _same(store.get("a"), folder)
+        assert server.requests["/a/adapter_model.safetensors?token=q-secret"] == 1
+        store.register("b", AdapterSource(f"{base}/b?token=q-secret", "22" * 32))
+        with pytest.raises(AdapterSourceError, match="404") as caught:
+            store.get("b")
+        assert "secret" not in str(caught.value) and "secret" not in json.dumps(caught.value.to_dict())
+
+
 def test_a_stalled_server_times_out(tmp_path: Path, server: AdapterHTTPServer) -> None:
     server.header_delay_s = 30
     with _store(tmp_path, http_timeout_s=0.3) as store:

@@ -86,3 +86,24 @@ def test_a_burst_of_cold_loads_does_not_delay_hot_adapters(tmp_path: Path) -> No
         assert still_loading >= 10  # 0 if the hot get had waited for the burst
         for future in burst:
             future.result()
+
+
+def test_a_cancelled_or_abandoned_load_never_wedges_its_adapter(tmp_path: Path) -> None:
+    def slow_parse(folder: Path) -> dict[str, torch.Tensor]:
+        time.sleep(0.1)
+        return parse_adapter(folder)
+
+    config = StoreConfig(cache_dir=tmp_path / "cache", max_host_bytes=1 << 20, max_disk_bytes=1 << 22,
+                         num_load_workers=1)
+    store = AdapterStore(config, slow_parse, adapter_nbytes)
+    for name in "abc":
+        folder = tmp_path / "src" / name
+        store.register(name, AdapterSource(str(folder), make_adapter(folder, seed=ord(name))))
+    running, queued = store.prefetch("a"), store.prefetch("b")
+    assert queued.cancel()  # the caller gave up before a worker took it
+    assert store.state("b") is LoadState.COLD
+    assert set(store.get("b")) == set(running.result())  # a new load, not the cancelled future
+    left_queued = [store.prefetch("c")] if store.state("c") is LoadState.COLD else []
+    store.prefetch("a")
+    store.close()
+    assert all(f.done() for f in left_queued)  # closing never leaves a waiter hanging

@@ -35,7 +35,9 @@ def test_ten_thousand_load_evict_cycles_keep_memory_flat(tmp_path: Path) -> None
 
         def cycles(n: int) -> None:
             for i in range(n):
-                weights = store.get(f"a{i % NUM_ADAPTERS}")  # never resident: 2 fit, 8 rotate
+                adapter_id = f"a{i % NUM_ADAPTERS}"  # never resident: 2 fit, 8 rotate
+                # half on the calling thread (get), half on the load workers (prefetch)
+                weights = store.get(adapter_id) if i % 2 else store.prefetch(adapter_id).result()
                 assert adapter_nbytes(weights) == ADAPTER_BYTES
                 del weights
 
