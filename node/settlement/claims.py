@@ -1,0 +1,101 @@
+"""Claiming rewards: for one payee (anyone may send it for them), or in bulk for relayers.
+
+The proof comes from a published epoch: the node's API (`GET /v1/epochs/{node}/latest`) or a JSON
+file written by `export_epoch`. The tree is never trusted: its root must equal the root the chain
+holds for that epoch, and the contract checks each proof again. Both functions return what was paid;
+an account with nothing due is not sent a transaction (the contract would revert).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from eth_utils import to_checksum_address
+
+from node.chain.contract_client import event_args
+from node.chain.contracts import ClaimRequest, Contracts
+from node.errors import ChainError
+from node.settlement.merkle import MerkleTree
+from node.settlement.publication import tree_of
+
+log = logging.getLogger(__name__)
+MAX_CLAIMS_PER_TX = 100
+
+
+@dataclass(frozen=True)
+class PublishedRewards:
+    node: str
+    epoch_id: int
+    tree: MerkleTree
+
+    def entry(self, account: str) -> tuple[int, list[bytes]] | None:
+        """(cumulative amount, proof) of `account`, None if it is not a payee."""
+        wanted = to_checksum_address(account)
+        for i, value in enumerate(self.tree.values):
+            if to_checksum_address(value[0]) == wanted:
+                return int(value[1]), self.tree.proof(i)
+        return None
+
+
+def load_rewards(contracts: Contracts, node: str, proof_source: str | Path) -> PublishedRewards:
+    """The latest published epoch from an API base URL or an exported file, checked against the chain."""
+    doc = _fetch(node, proof_source)
+    epoch_id, tree = int(doc["epochId"]), tree_of(doc["rewards"])
+    on_chain = contracts.settlement.epoch(node, epoch_id).rewards_root
+    if tree.root != on_chain or not MerkleTree.verify(on_chain, tree.types, tree.values[0], tree.proof(0)):
+        raise ChainError("the published rewards tree does not match the chain", node=node, epoch_id=epoch_id,
+                         published="0x" + tree.root.hex(), on_chain="0x" + on_chain.hex())
+    if not contracts.settlement.is_claimable(node, epoch_id):
+        raise ChainError("the epoch is not claimable (still locked, or vetoed)", node=node, epoch_id=epoch_id)
+    return PublishedRewards(to_checksum_address(node), epoch_id, tree)
+
+
+def _fetch(node: str, source: str | Path) -> dict[str, Any]:
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        url = f"{source.rstrip('/')}/v1/epochs/{to_checksum_address(node)}/latest"
+        resp = httpx.get(url, timeout=60)
+        if resp.status_code != 200:
+            raise ChainError("cannot fetch the published epoch", url=url, status=resp.status_code)
+        return resp.json()  # type: ignore[no-any-return]
+    doc: dict[str, Any] = json.loads(Path(source).read_text())
+    if doc["node"].lower() != node.lower():
+        raise ChainError("the export is for another node", node=node, export_node=doc["node"])
+    return doc
+
+
+def claim(contracts: Contracts, node: str, account: str, proof_source: str | Path) -> int:
+    """Pay `account` everything due from `node`'s pot (sent by `contracts`' key); returns the amount."""
+    rewards = load_rewards(contracts, node, proof_source)
+    entry = rewards.entry(account)
+    if entry is None:
+        return 0
+    cumulative, proof = entry
+    if cumulative <= contracts.settlement.claimed(node, account):
+        return 0
+    receipt = contracts.settlement.claim(node, rewards.epoch_id, account, cumulative, proof)
+    paid = sum(int(e["amount"]) for e in event_args(contracts.settlement.contract, receipt, "Claimed"))
+    log.info("claimed %d for %s from node %s epoch %d", paid, account, node, rewards.epoch_id)
+    return paid
+
+
+def claim_all(contracts: Contracts, node: str, proof_source: str | Path,
+              accounts: list[str] | None = None) -> dict[str, int]:
+    """claimMany for every payee with something due (or only `accounts`); returns account -> paid."""
+    rewards = load_rewards(contracts, node, proof_source)
+    wanted = None if accounts is None else {to_checksum_address(a) for a in accounts}
+    requests = []
+    for i, (account, amount) in enumerate(rewards.tree.values):
+        account = to_checksum_address(account)
+        if (wanted is None or account in wanted) and int(amount) > contracts.settlement.claimed(node, account):
+            requests.append(ClaimRequest(node, rewards.epoch_id, account, int(amount), tuple(rewards.tree.proof(i))))
+    paid: dict[str, int] = {}
+    for start in range(0, len(requests), MAX_CLAIMS_PER_TX):
+        receipt = contracts.settlement.claim_many(requests[start:start + MAX_CLAIMS_PER_TX])
+        for e in event_args(contracts.settlement.contract, receipt, "Claimed"):
+            paid[to_checksum_address(e["account"])] = int(e["amount"])
+    return paid
