@@ -81,7 +81,7 @@ def epoch_receipts(session: Session, node: str, epoch_id: int) -> list[EpochRece
     q = (select(Receipt, Voucher).join(Voucher, Voucher.voucher_hash == Receipt.voucher_hash)
          .where(Receipt.node == node.lower(), Receipt.epoch_id == epoch_id).order_by(Receipt.id))
     out = []
-    for r, v in session.execute(q).tuples():
+    for r, v in session.execute(q).all():
         paid = PaidVoucher(v.payer, v.node, v.lane, v.cumulative, v.request_hash, v.deadline, v.signature)
         out.append(EpochReceipt(r.id, r.voucher_hash, r.adapter_id, r.registry_block, r.lineage_hash,
                                 r.prompt_tokens, r.completion_tokens, r.fee, r.output_hash, r.method, paid))
