@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy.orm import Session, sessionmaker
+from web3.exceptions import ContractLogicError
 
 from node.chain.contracts import Contracts
 from node.chain.tx_manager import TxManager, TxState
@@ -38,7 +39,7 @@ from node.db.models import EpochState, SettlementEpoch
 from node.errors import ChainError
 from node.settlement import outbox
 from node.settlement.epoch_builder import build_epoch, cumulative_of
-from node.settlement.settle_call import epoch_matches, settle_calldata
+from node.settlement.settle_call import epoch_matches, preflight, settle_calldata
 from node.settlement.split import SplitParams
 
 log = logging.getLogger(__name__)
@@ -176,11 +177,14 @@ class SettlementService:
             if epoch_matches(self.contracts.settlement, self.node, row):
                 log.warning("epoch %d is already on chain with our roots: nothing to send", row.epoch_id)
                 return self._save(row.epoch_id, EpochState.CONFIRMED)
+            refusal = preflight(self.contracts.settlement, self.node, row)
+            if refusal is not None:
+                return self._refused(row, refusal)
             data = settle_calldata(self.contracts.settlement, row)
             try:
                 record = self.tx.send(key, self.contracts.settlement.address, data)
-            except ChainError as exc:
-                return self._refused(row, exc)
+            except (ChainError, ContractLogicError) as exc:  # the chain moved since the preflight
+                return self._refused(row, exc if isinstance(exc, ChainError) else ChainError(str(exc)))
         return self._save(row.epoch_id, EpochState.SUBMITTED, tx_hash=record.latest.tx_hash, nonce=record.nonce)
 
     def _refused(self, row: SettlementEpoch, exc: ChainError) -> EpochState:
