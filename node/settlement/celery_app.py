@@ -1,8 +1,9 @@
 """The Celery app of the settlement worker, its beat schedule, and the entry points the CLI calls.
 
 Broker: `Settings.resolved_broker_url()` (Redis in production; `sqla+sqlite:///<data>/broker.db` for an
-embedded node). Tasks ack late and are requeued if a worker dies mid-task; they are idempotent, so a
-task run twice does no harm. No result backend: the outbox in the database is the state.
+embedded node). Tasks ack late and are requeued if a worker dies mid-task (Redis: after the visibility
+timeout; the embedded broker may drop a tick a SIGKILLed worker held, and beat sends the next one);
+they are idempotent, so a task run twice does no harm. No result backend: the outbox is the state.
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ CLOSE_TASK = "loranode.settlement.close_epoch"
 
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery("loranode", broker=settings.resolved_broker_url(), include=["node.settlement.tasks"])
+    broker = settings.resolved_broker_url()
+    app = Celery("loranode", broker=broker, include=["node.settlement.tasks"])
+    if broker.startswith(("redis://", "rediss://")):  # a task unacked this long is delivered again
+        app.conf.broker_transport_options = {"visibility_timeout": 600}
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_ignore_result=True,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": 600},
         timezone="UTC",
         beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),
         beat_schedule={"settlement-tick": {"task": TICK_TASK, "schedule": settlement_interval_s(),

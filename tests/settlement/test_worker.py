@@ -34,13 +34,14 @@ def _env(world: SettlementWorld, tmp_path: Path, broker_url: str) -> dict[str, s
             "LORANODE_SETTLEMENT_INTERVAL_S": "0.3", "LORANODE_LOG_LEVEL": "INFO"}
 
 
+def start(kind: str, env: dict[str, str], log_dir: Path) -> subprocess.Popen[bytes]:
+    log = open(log_dir / f"{kind}.log", "ab")  # noqa: SIM115 - the child keeps it
+    return subprocess.Popen([sys.executable, "-c", ENTRY.format(kind)], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
 @contextmanager
 def processes(env: dict[str, str], log_dir: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
-    procs = []
-    for kind in ("worker", "beat"):
-        log = open(log_dir / f"{kind}.log", "wb")  # noqa: SIM115 - closed with the process
-        procs.append(subprocess.Popen([sys.executable, "-c", ENTRY.format(kind)], env=env, stdout=log,
-                                      stderr=subprocess.STDOUT))
+    procs = [start("worker", env, log_dir), start("beat", env, log_dir)]
     try:
         yield procs
     finally:
@@ -129,3 +130,22 @@ def test_redis_restarted_mid_epoch_changes_nothing(sqlite_world: SettlementWorld
             wait_for(world, 1, (EpochState.FINAL,), logs=tmp_path)
             wait_for(world, 2, (EpochState.FINAL,), logs=tmp_path)
     check_settled(world)
+
+
+def test_a_worker_killed_mid_epoch_on_the_embedded_broker(sqlite_world: SettlementWorld, tmp_path: Path) -> None:
+    """`loranode dev`'s broker (sqla+sqlite in the data folder); the worker gets SIGKILL mid-epoch."""
+    world = sqlite_world
+    a, b = world.adapter_ids
+    env = _env(world, tmp_path, f"sqla+sqlite:///{tmp_path / 'broker.db'}")
+    world.pay(0, 0, a, 6_000_001)
+    world.pay(2, 9, b, 8_000_009)
+    with processes(env, tmp_path) as procs:
+        wait_for(world, 1, (EpochState.SUBMITTED, EpochState.CONFIRMED), mine=False, logs=tmp_path)
+        procs[0].kill()  # SIGKILL: no cleanup, a task may be half done
+        procs[0].wait()
+        world.pay(1, 0, b, 9_000_019)
+        procs[0] = start("worker", env, tmp_path)
+        wait_for(world, 1, (EpochState.FINAL,), logs=tmp_path)
+        wait_for(world, 2, (EpochState.FINAL,), logs=tmp_path)
+    check_settled(world)
+    assert world.contracts(OPERATOR).settlement.last_epoch(world.node) == 2
