@@ -118,7 +118,8 @@ def build_epoch(receipts: Sequence[EpochReceipt], lineages: Mapping[int, Lineage
         raise ValueError("an epoch needs at least one receipt")
     lanes = lane_charges(receipts)
     collected = sum(c.amount for c in lanes)
-    shares = split_receipts(((r.fee, r.adapter_id) for r in receipts), lineages, params)  # type: ignore[misc]
+    by_id = {str(adapter_id): lineage for adapter_id, lineage in lineages.items()}
+    shares = split_receipts(((r.fee, str(r.adapter_id)) for r in receipts), by_id, params)
     cumulative: Counter[str] = Counter({to_checksum_address(a): v for a, v in previous.items()})
     for account, amount in shares.items():
         cumulative[to_checksum_address(account)] += amount
