@@ -38,8 +38,15 @@ class PublishedRewards:
         wanted = to_checksum_address(account)
         for i, value in enumerate(self.tree.values):
             if to_checksum_address(value[0]) == wanted:
-                return int(value[1]), self.tree.proof(i)
+                return self.at(i)
         return None
+
+    def at(self, index: int) -> tuple[int, list[bytes]]:
+        """Leaf `index`'s amount and proof, checked against the root (a bad tree costs no gas)."""
+        value, proof = self.tree.values[index], self.tree.proof(index)
+        if not MerkleTree.verify(self.tree.root, self.tree.types, value, proof):
+            raise ChainError("a published proof does not verify", node=self.node, account=value[0])
+        return int(value[1]), proof
 
 
 def load_rewards(contracts: Contracts, node: str, proof_source: str | Path) -> PublishedRewards:
@@ -47,7 +54,7 @@ def load_rewards(contracts: Contracts, node: str, proof_source: str | Path) -> P
     doc = _fetch(node, proof_source)
     epoch_id, tree = int(doc["epochId"]), tree_of(doc["rewards"])
     on_chain = contracts.settlement.epoch(node, epoch_id).rewards_root
-    if tree.root != on_chain or not MerkleTree.verify(on_chain, tree.types, tree.values[0], tree.proof(0)):
+    if tree.root != on_chain:
         raise ChainError("the published rewards tree does not match the chain", node=node, epoch_id=epoch_id,
                          published="0x" + tree.root.hex(), on_chain="0x" + on_chain.hex())
     if not contracts.settlement.is_claimable(node, epoch_id):
@@ -89,10 +96,13 @@ def claim_all(contracts: Contracts, node: str, proof_source: str | Path,
     rewards = load_rewards(contracts, node, proof_source)
     wanted = None if accounts is None else {to_checksum_address(a) for a in accounts}
     requests = []
-    for i, (account, amount) in enumerate(rewards.tree.values):
+    for i, (account, _) in enumerate(rewards.tree.values):
         account = to_checksum_address(account)
-        if (wanted is None or account in wanted) and int(amount) > contracts.settlement.claimed(node, account):
-            requests.append(ClaimRequest(node, rewards.epoch_id, account, int(amount), tuple(rewards.tree.proof(i))))
+        if wanted is not None and account not in wanted:
+            continue
+        amount, proof = rewards.at(i)
+        if amount > contracts.settlement.claimed(node, account):
+            requests.append(ClaimRequest(node, rewards.epoch_id, account, amount, tuple(proof)))
     paid: dict[str, int] = {}
     for start in range(0, len(requests), MAX_CLAIMS_PER_TX):
         receipt = contracts.settlement.claim_many(requests[start:start + MAX_CLAIMS_PER_TX])
