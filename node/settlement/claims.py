@@ -1,9 +1,10 @@
 """Claiming rewards: for one payee (anyone may send it for them), or in bulk for relayers.
 
-The proof comes from a published epoch: the node's API (`GET /v1/epochs/{node}/latest`) or a JSON
-file written by `export_epoch`. The tree is never trusted: its root must equal the root the chain
-holds for that epoch, and the contract checks each proof again. Both functions return what was paid;
-an account with nothing due is not sent a transaction (the contract would revert).
+The proof comes from a published epoch: the node's API (`GET /v1/epochs/{node}/latest`, or the
+newest one past its challenge period) or a JSON file written by `export_epoch`. The tree is never
+trusted: its root must equal the root the chain holds for that epoch, each proof is checked against
+it before sending, and the contract checks it again. Both functions return what was paid; an account
+with nothing due is not sent a transaction (the contract would revert).
 """
 
 from __future__ import annotations
@@ -50,21 +51,30 @@ class PublishedRewards:
 
 
 def load_rewards(contracts: Contracts, node: str, proof_source: str | Path) -> PublishedRewards:
-    """The latest published epoch from an API base URL or an exported file, checked against the chain."""
+    """The newest claimable published epoch, from an API base URL (walking back past epochs still in
+    their challenge period) or an exported file; its root must be the one the chain holds."""
     doc = _fetch(node, proof_source)
-    epoch_id, tree = int(doc["epochId"]), tree_of(doc["rewards"])
+    epoch_id = int(doc["epochId"])
+    while not contracts.settlement.is_claimable(node, epoch_id):
+        if not _is_url(proof_source) or epoch_id <= 1:
+            raise ChainError("the epoch is not claimable (still locked, or vetoed)", node=node, epoch_id=epoch_id)
+        epoch_id -= 1
+        doc = _fetch(node, proof_source, epoch_id)
+    tree = tree_of(doc["rewards"])
     on_chain = contracts.settlement.epoch(node, epoch_id).rewards_root
     if tree.root != on_chain:
         raise ChainError("the published rewards tree does not match the chain", node=node, epoch_id=epoch_id,
                          published="0x" + tree.root.hex(), on_chain="0x" + on_chain.hex())
-    if not contracts.settlement.is_claimable(node, epoch_id):
-        raise ChainError("the epoch is not claimable (still locked, or vetoed)", node=node, epoch_id=epoch_id)
     return PublishedRewards(to_checksum_address(node), epoch_id, tree)
 
 
-def _fetch(node: str, source: str | Path) -> dict[str, Any]:
-    if isinstance(source, str) and source.startswith(("http://", "https://")):
-        url = f"{source.rstrip('/')}/v1/epochs/{to_checksum_address(node)}/latest"
+def _is_url(source: str | Path) -> bool:
+    return isinstance(source, str) and source.startswith(("http://", "https://"))
+
+
+def _fetch(node: str, source: str | Path, epoch_id: int | None = None) -> dict[str, Any]:
+    if _is_url(source):
+        url = f"{str(source).rstrip('/')}/v1/epochs/{to_checksum_address(node)}/{epoch_id or 'latest'}"
         resp = httpx.get(url, timeout=60)
         if resp.status_code != 200:
             raise ChainError("cannot fetch the published epoch", url=url, status=resp.status_code)
