@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from node import __version__
 from node.api.deps import NodeServices
 from node.api.error_handlers import install_error_handlers
-from node.api.routes import inference, info, ops
+from node.api.routes import epochs, inference, info, ops
 
 
 def create_app(svc: NodeServices) -> FastAPI:
@@ -27,6 +27,6 @@ def create_app(svc: NodeServices) -> FastAPI:
                   description="Paid multi-adapter inference with signed attribution receipts.")
     app.state.services = svc
     install_error_handlers(app)
-    for router in (inference.router, info.router, ops.router):
+    for router in (inference.router, info.router, ops.router, epochs.router):
         app.include_router(router)
     return app

@@ -3,7 +3,7 @@
 - the chain mirror, written only by the indexer (`ChainRow`s, `raw_events`, `chain_blocks`,
   `indexer_cursor`): every row carries the block it came from, so a reorg rolls it back exactly;
 - the node's own records, written by the API and the settlement worker: lanes, vouchers, receipts,
-  the settlement outbox and its transaction attempts.
+  the settlement outbox and the transaction manager's intents.
 
 Addresses are lower-case 0x-hex (42), hashes 0x-hex (66), amounts `Amount` (uint256 as int).
 A database mirrors one chain; raw events still carry the chain id in their key.
@@ -251,6 +251,8 @@ class SettlementEpoch(Base):
     receipt_count: Mapped[int | None] = mapped_column(BigInteger)
     collected_total: Mapped[int | None] = mapped_column(Amount())
     trees: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # the settle call's vouchers and amounts, fixed before any broadcast (see node/settlement/service.py)
+    batch: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     tx_hash: Mapped[str | None] = mapped_column(Hash32())
     nonce: Mapped[int | None] = mapped_column(BigInteger)
     error: Mapped[str | None] = mapped_column(Text)
@@ -261,21 +263,27 @@ class SettlementEpoch(Base):
     finalized_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
-class SettlementAttempt(Base):
-    """One signed `settle` transaction sent for an epoch (re-sends and fee bumps are new rows)."""
+class TxIntent(Base):
+    """A transaction intent of the transaction manager (node/chain/tx_store.py): one nonce, and every
+    signed attempt at it (fee bumps share the nonce), saved before each broadcast."""
 
-    __tablename__ = "settlement_attempts"
+    __tablename__ = "tx_intents"
+    __table_args__ = (Index(None, "sender", "nonce"),)
 
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    epoch_row_id: Mapped[int] = mapped_column(
-        ForeignKey("settlement_epochs.id", ondelete="CASCADE"), nullable=False, index=True)
-    tx_hash: Mapped[str] = mapped_column(Hash32(), nullable=False, unique=True)
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    sender: Mapped[str] = mapped_column(Address(), nullable=False)
     nonce: Mapped[int] = mapped_column(BigInteger, nullable=False)
-    max_fee_per_gas: Mapped[int] = mapped_column(Amount(), nullable=False)
-    max_priority_fee_per_gas: Mapped[int] = mapped_column(Amount(), nullable=False)
-    status: Mapped[str] = mapped_column(String(16), nullable=False, default="sent")
+    to: Mapped[str] = mapped_column(Address(), nullable=False)
+    data: Mapped[str] = mapped_column(Text, nullable=False)
+    value: Mapped[int] = mapped_column(Amount(), nullable=False)
+    gas: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False)
+    # [{"tx_hash", "max_fee_per_gas", "max_priority_fee_per_gas", "raw", "sent_at"}], uints as strings
+    attempts: Mapped[list[dict[str, Any]]] = mapped_column(JSON, nullable=False)
+    mined_hash: Mapped[str | None] = mapped_column(Hash32())
+    mined_block: Mapped[int | None] = mapped_column(BigInteger)
     error: Mapped[str | None] = mapped_column(Text)
-    sent_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utc_now)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utc_now)
 
 
 class Receipt(Base):

@@ -1,0 +1,169 @@
+"""Settlement benchmark: gas of `settle` and `claim` on anvil, and the time to build an epoch's trees.
+
+    python bench/settlement.py            # trees for 1,000,000 receipts
+    python bench/settlement.py --quick    # trees for 100,000 receipts
+
+- settle gas: one `settle` per (vouchers, receipts) with 1, 10 and 100 vouchers (lanes of 10 funded
+  payers) and the roots of real trees over 1,000 and 100,000 synthetic receipts; the receipts and
+  payees only enter as two roots and a count, so the gas must not depend on them;
+- claim gas: `claim` of one payee, and `claimMany` of every payee, against the last epoch;
+- tree build: `build_epoch` (lanes, the exact split of every fee, the cumulative rewards tree, the
+  receipts tree) over N receipts from 1,000 payers x 4 lanes, 50 adapters, 200 datasets; baseline in
+  the same run: the same N receipts' leaves hashed with eth_abi + eth_hash (what a naive build costs).
+Prints a table and writes bench/results/settlement.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+from eth_abi import encode
+from eth_account import Account
+from eth_hash.auto import keccak
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from node.chain.anvil import Anvil
+from node.chain.contracts import ClaimRequest, Contracts, SignedVoucher
+from node.chain.deploy import deploy_all
+from node.chain.eip712 import RECEIPT_LEAF_TYPES, Voucher, sign_voucher
+from node.settlement.epoch_builder import EpochReceipt, PaidVoucher, build_epoch, rewards_tree
+from node.settlement.split import Lineage, SplitParams
+
+RESULTS = Path(__file__).resolve().parent / "results" / "settlement.json"
+NUM_PAYERS = 10
+
+
+def synthetic_receipts(n: int, node: str, seed: int = 0) -> tuple[list[EpochReceipt], dict[int, Lineage]]:
+    rng = random.Random(seed)
+    datasets = ["0x" + rng.randbytes(20).hex() for _ in range(200)]
+    lineages = {}
+    for a in range(50):
+        picks = rng.sample(datasets, 3)
+        lineages[a + 1] = Lineage("0x" + rng.randbytes(20).hex(), 1_000 + 10 * a,
+                                  ((picks[0], 5_000), (picks[1], 3_000), (picks[2], 2_000)))
+    payers = ["0x" + rng.randbytes(20).hex() for _ in range(1_000)]
+    charged: dict[tuple[int, int], int] = {}
+    out = []
+    for i in range(n):
+        p, lane, fee = rng.randrange(1_000), rng.randrange(4), rng.randrange(10**12, 10**15)
+        charged[(p, lane)] = charged.get((p, lane), 0) + fee
+        v = PaidVoucher(payers[p], node, lane, charged[(p, lane)], "0x" + "ab" * 32, 4_000_000_000, "0x")
+        out.append(EpochReceipt(i, "0x" + rng.randbytes(32).hex(), rng.randrange(1, 51), 1_000, "0x" + "ee" * 32,
+                                rng.randrange(1, 4_000), rng.randrange(1, 1_000), fee, "0x" + "cd" * 32, 1, v))
+    return out, lineages
+
+
+def time_build(n: int, params: SplitParams) -> dict[str, float]:
+    receipts, lineages = synthetic_receipts(n, params.node)
+    started = time.perf_counter()
+    build = build_epoch(receipts, lineages, params, {}, 0)
+    build_s = time.perf_counter() - started
+    sample = receipts[: min(n, 100_000)]
+    started = time.perf_counter()
+    for r in sample:
+        keccak(keccak(encode(list(RECEIPT_LEAF_TYPES), [bytes.fromhex(x[2:]) if isinstance(x, str) else x
+                                                       for x in r.leaf()])))
+    naive_s = (time.perf_counter() - started) * n / len(sample)
+    return {"receipts": n, "payees": len(build.rewards), "lanes": len(build.lanes), "build_s": round(build_s, 2),
+            "naive_receipt_leaves_s": round(naive_s, 2), "speedup_vs_naive_leaves": round(naive_s / build_s, 2)}
+
+
+def funded_payers(anvil: Anvil, ops: Contracts) -> list[Contracts]:
+    payers = []
+    for key in anvil.keys[3:3 + NUM_PAYERS]:
+        c = ops.as_signer(key)
+        c.token.mint(c.client.address, 10**24)
+        c.escrow.deposit(ops.client.address, 10**24, c.token)
+        payers.append(c)
+    return payers
+
+
+def settle_gas(ops: Contracts, payers: list[Contracts], epoch_id: int, num_vouchers: int, rewards_root: bytes,
+               receipts_root: bytes, receipt_count: int, total: int) -> tuple[int, int]:
+    """Settle `num_vouchers` fresh lanes of 1,000 each with the given roots; returns (gas, new total)."""
+    node, domain, vouchers = ops.client.address, ops.settlement.domain(), []
+    deadline = int(ops.client.w3.eth.get_block("latest")["timestamp"]) + 3_600  # type: ignore[typeddict-item]
+    for i in range(num_vouchers):
+        payer = payers[i % len(payers)]
+        v = Voucher(payer.client.address, node, 1_000 * epoch_id + i, 1_000, keccak(b"%d" % i), deadline)
+        vouchers.append(SignedVoucher(v, sign_voucher(payer.client.account.key, v, domain)))  # type: ignore[union-attr]
+    total += 1_000 * num_vouchers
+    receipt = ops.settlement.settle(epoch_id, vouchers, [1_000] * num_vouchers, rewards_root, total,
+                                    receipts_root, receipt_count)
+    return int(receipt["gasUsed"]), total
+
+
+def scaled(cumulative: dict[str, int], total: int, node: str) -> dict[str, int]:
+    """The same payees with amounts scaled to add up to `total` exactly (floors, dust to the node)."""
+    weight = sum(cumulative.values())
+    out = {a: v * total // weight for a, v in cumulative.items()}
+    out[node] = out.get(node, 0) + total - sum(out.values())
+    return out
+
+
+def chain_part(params_bps: tuple[int, int]) -> dict[str, object]:
+    rows: list[dict[str, int]] = []
+    with Anvil(num_accounts=3 + NUM_PAYERS) as anvil:
+        keys = anvil.keys
+        node, treasury = Account.from_key(keys[0]).address, Account.from_key(keys[2]).address
+        dep = deploy_all(anvil.rpc_url, keys[0], guardian=Account.from_key(keys[1]).address, treasury=treasury,
+                         protocol_bps=params_bps[0], node_bps=params_bps[1], thaw_period_s=3_600,
+                         challenge_period_s=0)
+        ops = Contracts.connect(anvil.rpc_url, dep, keys[0])
+        payers = funded_payers(anvil, ops)
+        params = SplitParams(treasury, node, *params_bps)
+        epoch_id, total, build = 1, 0, None
+        first = rewards_tree({node: 1_000}, node)  # a warm-up epoch: first writes of the pot's slots
+        _, total = settle_gas(ops, payers, epoch_id, 1, first.root, first.root, 1, total)
+        for num_receipts in (1_000, 100_000):
+            receipts, lineages = synthetic_receipts(num_receipts, node, seed=num_receipts)
+            build = build_epoch(receipts, lineages, params, {}, 0)
+            for num_vouchers in (1, 10, 100):  # every voucher opens a new lane (a cold `collected` slot)
+                epoch_id += 1
+                gas, total = settle_gas(ops, payers, epoch_id, num_vouchers, build.rewards.root, build.receipts.root,
+                                        build.receipt_count, total)
+                rows.append({"receipts": num_receipts, "vouchers": num_vouchers, "settle_gas": gas})
+        assert build is not None
+        # a last epoch whose tree holds the 100,000-receipt epoch's payees with what the pot really has
+        epoch_id += 1
+        tree = rewards_tree(scaled(build.cumulative, total + 1_000, node), node)
+        settle_gas(ops, payers, epoch_id, 1, tree.root, build.receipts.root, build.receipt_count, total)
+        account, amount = tree.values[0]
+        one = ops.settlement.claim(node, epoch_id, account, int(amount), tree.proof(0))
+        claims = [ClaimRequest(node, epoch_id, a, int(v), tuple(tree.proof(i)))
+                  for i, (a, v) in enumerate(tree.values) if i > 0 and int(v) > 0]
+        many = ops.settlement.claim_many(claims)
+        return {"settle": rows, "claim_gas": int(one["gasUsed"]), "claim_many_gas": int(many["gasUsed"]),
+                "claim_many_payees": len(claims), "payees_in_tree": len(tree)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    n = 100_000 if args.quick else 1_000_000
+    chain = chain_part((500, 1_500))
+    tree = time_build(n, SplitParams("0x" + "11" * 20, "0x" + "22" * 20, 500, 1_500))
+    print(f"{'receipts':>9} {'vouchers':>8} {'settle gas':>11}")
+    for r in chain["settle"]:  # type: ignore[attr-defined]
+        print(f"{r['receipts']:>9,} {r['vouchers']:>8} {r['settle_gas']:>11,}")
+    print(f"claim gas (one payee, {chain['payees_in_tree']} in the tree): {chain['claim_gas']:,}")
+    print(f"claimMany gas ({chain['claim_many_payees']} payees): {chain['claim_many_gas']:,}")
+    print(f"build trees for {tree['receipts']:,} receipts ({tree['payees']} payees, {tree['lanes']} lanes): "
+          f"{tree['build_s']} s (target < 60 s); naive receipt leaves alone: {tree['naive_receipt_leaves_s']} s "
+          f"(x{tree['speedup_vs_naive_leaves']})")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "quick": args.quick,
+                                   "chain": chain, "trees": tree}, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Claiming rewards: for one payee (anyone may send it for them), or in bulk for relayers.
+
+The proof comes from a published epoch: the node's API (`GET /v1/epochs/{node}/latest`, or the
+newest one past its challenge period) or a JSON file written by `export_epoch`. The tree is never
+trusted: its root must equal the root the chain holds for that epoch, each proof is checked against
+it before sending, and the contract checks it again. Both functions return what was paid; an account
+with nothing due is not sent a transaction (the contract would revert).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from eth_utils import to_checksum_address
+
+from node.chain.contract_client import event_args
+from node.chain.contracts import ClaimRequest, Contracts
+from node.errors import ChainError
+from node.settlement.merkle import MerkleTree
+from node.settlement.publication import tree_of
+
+log = logging.getLogger(__name__)
+MAX_CLAIMS_PER_TX = 100
+
+
+@dataclass(frozen=True)
+class PublishedRewards:
+    node: str
+    epoch_id: int
+    tree: MerkleTree
+
+    def entry(self, account: str) -> tuple[int, list[bytes]] | None:
+        """(cumulative amount, proof) of `account`, None if it is not a payee."""
+        wanted = to_checksum_address(account)
+        for i, value in enumerate(self.tree.values):
+            if to_checksum_address(value[0]) == wanted:
+                return self.at(i)
+        return None
+
+    def at(self, index: int) -> tuple[int, list[bytes]]:
+        """Leaf `index`'s amount and proof, checked against the root (a bad tree costs no gas)."""
+        value, proof = self.tree.values[index], self.tree.proof(index)
+        if not MerkleTree.verify(self.tree.root, self.tree.types, value, proof):
+            raise ChainError("a published proof does not verify", node=self.node, account=value[0])
+        return int(value[1]), proof
+
+
+def load_rewards(contracts: Contracts, node: str, proof_source: str | Path) -> PublishedRewards:
+    """The newest claimable published epoch, from an API base URL (walking back past epochs still in
+    their challenge period) or an exported file; its root must be the one the chain holds."""
+    doc = _fetch(node, proof_source)
+    epoch_id = int(doc["epochId"])
+    while not contracts.settlement.is_claimable(node, epoch_id):
+        if not _is_url(proof_source) or epoch_id <= 1:
+            raise ChainError("the epoch is not claimable (still locked, or vetoed)", node=node, epoch_id=epoch_id)
+        epoch_id -= 1
+        doc = _fetch(node, proof_source, epoch_id)
+    tree = tree_of(doc["rewards"])
+    on_chain = contracts.settlement.epoch(node, epoch_id).rewards_root
+    if tree.root != on_chain:
+        raise ChainError("the published rewards tree does not match the chain", node=node, epoch_id=epoch_id,
+                         published="0x" + tree.root.hex(), on_chain="0x" + on_chain.hex())
+    return PublishedRewards(to_checksum_address(node), epoch_id, tree)
+
+
+def _is_url(source: str | Path) -> bool:
+    return isinstance(source, str) and source.startswith(("http://", "https://"))
+
+
+def _fetch(node: str, source: str | Path, epoch_id: int | None = None) -> dict[str, Any]:
+    if _is_url(source):
+        url = f"{str(source).rstrip('/')}/v1/epochs/{to_checksum_address(node)}/{epoch_id or 'latest'}"
+        resp = httpx.get(url, timeout=60)
+        if resp.status_code != 200:
+            raise ChainError("cannot fetch the published epoch", url=url, status=resp.status_code)
+        return resp.json()  # type: ignore[no-any-return]
+    doc: dict[str, Any] = json.loads(Path(source).read_text())
+    if doc["node"].lower() != node.lower():
+        raise ChainError("the export is for another node", node=node, export_node=doc["node"])
+    return doc
+
+
+def claim(contracts: Contracts, node: str, account: str, proof_source: str | Path) -> int:
+    """Pay `account` everything due from `node`'s pot (sent by `contracts`' key); returns the amount."""
+    rewards = load_rewards(contracts, node, proof_source)
+    entry = rewards.entry(account)
+    if entry is None:
+        return 0
+    cumulative, proof = entry
+    if cumulative <= contracts.settlement.claimed(node, account):
+        return 0
+    receipt = contracts.settlement.claim(node, rewards.epoch_id, account, cumulative, proof)
+    paid = sum(int(e["amount"]) for e in event_args(contracts.settlement.contract, receipt, "Claimed"))
+    log.info("claimed %d for %s from node %s epoch %d", paid, account, node, rewards.epoch_id)
+    return paid
+
+
+def claim_all(contracts: Contracts, node: str, proof_source: str | Path,
+              accounts: list[str] | None = None) -> dict[str, int]:
+    """claimMany for every payee with something due (or only `accounts`); returns account -> paid."""
+    rewards = load_rewards(contracts, node, proof_source)
+    wanted = None if accounts is None else {to_checksum_address(a) for a in accounts}
+    requests = []
+    for i, (account, _) in enumerate(rewards.tree.values):
+        account = to_checksum_address(account)
+        if wanted is not None and account not in wanted:
+            continue
+        amount, proof = rewards.at(i)
+        if amount > contracts.settlement.claimed(node, account):
+            requests.append(ClaimRequest(node, rewards.epoch_id, account, amount, tuple(proof)))
+    paid: dict[str, int] = {}
+    for start in range(0, len(requests), MAX_CLAIMS_PER_TX):
+        receipt = contracts.settlement.claim_many(requests[start:start + MAX_CLAIMS_PER_TX])
+        for e in event_args(contracts.settlement.contract, receipt, "Claimed"):
+            paid[to_checksum_address(e["account"])] = int(e["amount"])
+    return paid

@@ -1,0 +1,138 @@
+"""One epoch's settlement, computed from plain values (no database, no chain).
+
+Given the epoch's receipts (each with the voucher that paid it), the adapters' lineages, the split
+parameters and the node's cumulative amounts after the previous epoch, `build_epoch` gives:
+- per lane: the amount to collect (the sum of the lane's fees in this epoch) and the voucher to
+  collect it with (the lane's highest-cumulative voucher in this epoch, which covers everything
+  collected before plus this amount, because a node only accepts `cumulative >= chargedTotal + maxFee`);
+- the rewards tree: every payee's CUMULATIVE amount over all epochs so far, leaves `(address, uint256)`;
+- the receipts tree over this epoch's receipts (leaves = the EIP-712 Receipt fields, in id order);
+- `rewards_total = previous_total + collected`, and the invariant sum(leaves) == rewards_total.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from eth_utils import to_checksum_address
+
+from node.chain.eip712 import RECEIPT_LEAF_TYPES
+from node.settlement.merkle import MerkleTree
+from node.settlement.split import Lineage, SplitParams, split_receipts
+
+REWARD_LEAF_TYPES = ("address", "uint256")
+
+
+@dataclass(frozen=True)
+class PaidVoucher:
+    """A voucher as signed by the payer (hex strings as stored)."""
+
+    payer: str
+    node: str
+    lane: int
+    cumulative: int
+    request_hash: str
+    deadline: int
+    signature: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"payer": self.payer, "node": self.node, "lane": self.lane, "cumulative": str(self.cumulative),
+                "requestHash": self.request_hash, "deadline": self.deadline, "signature": self.signature}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> PaidVoucher:
+        return cls(d["payer"], d["node"], int(d["lane"]), int(d["cumulative"]), d["requestHash"],
+                   int(d["deadline"]), d["signature"])
+
+
+@dataclass(frozen=True)
+class EpochReceipt:
+    """A receipt of the epoch with the voucher that paid it. Hashes are 0x-hex."""
+
+    receipt_id: int
+    voucher_hash: str
+    adapter_id: int
+    registry_block: int
+    lineage_hash: str
+    prompt_tokens: int
+    completion_tokens: int
+    fee: int
+    output_hash: str
+    method: int
+    voucher: PaidVoucher
+
+    def leaf(self) -> list[Any]:
+        """The receipts-tree leaf: the EIP-712 Receipt fields in RECEIPT_LEAF_TYPES order."""
+        return [self.voucher_hash, "0x" + self.adapter_id.to_bytes(32, "big").hex(), self.registry_block,
+                self.lineage_hash, self.prompt_tokens, self.completion_tokens, self.fee, self.output_hash,
+                self.method]
+
+
+@dataclass(frozen=True)
+class LaneCharge:
+    payer: str
+    lane: int
+    amount: int
+    voucher: PaidVoucher
+
+
+@dataclass(frozen=True)
+class EpochBuild:
+    lanes: tuple[LaneCharge, ...]
+    collected: int
+    rewards_total: int
+    cumulative: dict[str, int]  # checksummed payee -> cumulative amount over all epochs
+    rewards: MerkleTree
+    receipts: MerkleTree
+
+    @property
+    def receipt_count(self) -> int:
+        return len(self.receipts)
+
+
+def lane_charges(receipts: Sequence[EpochReceipt]) -> tuple[LaneCharge, ...]:
+    """Per (payer, lane): the sum of fees and the highest-cumulative voucher; zero amounts dropped."""
+    amounts: Counter[tuple[str, int]] = Counter()
+    best: dict[tuple[str, int], PaidVoucher] = {}
+    for r in receipts:
+        key = (r.voucher.payer.lower(), r.voucher.lane)
+        amounts[key] += r.fee
+        if key not in best or r.voucher.cumulative > best[key].cumulative:
+            best[key] = r.voucher
+    return tuple(LaneCharge(payer, lane, amounts[(payer, lane)], best[(payer, lane)])
+                 for payer, lane in sorted(best) if amounts[(payer, lane)] > 0)
+
+
+def rewards_tree(cumulative: Mapping[str, int], node: str) -> MerkleTree:
+    """The cumulative rewards tree; a node with nothing earned yet publishes one zero leaf for itself."""
+    leaves = [[account, amount] for account, amount in sorted(cumulative.items())] or [[node, 0]]
+    return MerkleTree.of(leaves, REWARD_LEAF_TYPES)
+
+
+def build_epoch(receipts: Sequence[EpochReceipt], lineages: Mapping[int, Lineage], params: SplitParams,
+                previous: Mapping[str, int], previous_total: int) -> EpochBuild:
+    if not receipts:
+        raise ValueError("an epoch needs at least one receipt")
+    lanes = lane_charges(receipts)
+    collected = sum(c.amount for c in lanes)
+    by_id = {str(adapter_id): lineage for adapter_id, lineage in lineages.items()}
+    shares = split_receipts(((r.fee, str(r.adapter_id)) for r in receipts), by_id, params)
+    cumulative: Counter[str] = Counter({to_checksum_address(a): v for a, v in previous.items()})
+    for account, amount in shares.items():
+        cumulative[to_checksum_address(account)] += amount
+    rewards_total = previous_total + collected
+    assert sum(cumulative.values()) == rewards_total, "the split must add up to what is collected"
+    receipts_tree = MerkleTree.of([r.leaf() for r in receipts], RECEIPT_LEAF_TYPES)
+    return EpochBuild(lanes, collected, rewards_total, dict(cumulative), rewards_tree(cumulative, params.node),
+                      receipts_tree)
+
+
+def cumulative_of(rewards_dump: Mapping[str, Any] | None) -> dict[str, int]:
+    """The payees' cumulative amounts from a published rewards tree (`standard-v1` dump)."""
+    if not rewards_dump:
+        return {}
+    out = {to_checksum_address(v["value"][0]): int(v["value"][1]) for v in rewards_dump["values"]}
+    return {a: v for a, v in out.items() if v}

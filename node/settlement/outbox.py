@@ -1,0 +1,110 @@
+"""The settlement outbox in the database: what is waiting, opening an epoch, and its inputs.
+
+Every function takes a Session (the caller owns the transaction) and returns plain values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from node.db import queries
+from node.db.models import EpochState, Receipt, SettledEpoch, SettlementEpoch, Voucher
+from node.errors import MirrorUnavailable
+from node.settlement.epoch_builder import EpochReceipt, PaidVoucher
+from node.settlement.split import Lineage
+
+IN_FLIGHT = (EpochState.OPEN, EpochState.BUILT, EpochState.SUBMITTED, EpochState.CONFIRMED)
+
+
+@dataclass(frozen=True)
+class Pending:
+    """Receipts of a node not yet in any epoch."""
+
+    num_receipts: int
+    total_fee: int
+    max_receipt_id: int | None
+    oldest_at: datetime | None
+    earliest_deadline: int | None  # unix seconds: the soonest-expiring voucher among them
+
+
+def pending(session: Session, node: str) -> Pending:
+    q = (select(Receipt.id, Receipt.fee, Receipt.created_at, Voucher.deadline)
+         .join(Voucher, Voucher.voucher_hash == Receipt.voucher_hash)
+         .where(Receipt.node == node.lower(), Receipt.epoch_id.is_(None)))
+    rows = session.execute(q).all()
+    if not rows:
+        return Pending(0, 0, None, None, None)
+    return Pending(len(rows), sum(r.fee for r in rows), max(r.id for r in rows), min(r.created_at for r in rows),
+                   min(r.deadline for r in rows))
+
+
+def unfinished(session: Session, node: str) -> SettlementEpoch | None:
+    """The node's oldest epoch that is neither final nor failed."""
+    q = (select(SettlementEpoch).where(SettlementEpoch.node == node.lower(), SettlementEpoch.state.in_(IN_FLIGHT))
+         .order_by(SettlementEpoch.epoch_id).limit(1))
+    return session.scalars(q).first()
+
+
+def failed(session: Session, node: str) -> SettlementEpoch | None:
+    q = select(SettlementEpoch).where(SettlementEpoch.node == node.lower(),
+                                      SettlementEpoch.state == EpochState.FAILED)
+    return session.scalars(q.order_by(SettlementEpoch.epoch_id).limit(1)).first()
+
+
+def epoch_row(session: Session, node: str, epoch_id: int) -> SettlementEpoch | None:
+    q = select(SettlementEpoch).where(SettlementEpoch.node == node.lower(), SettlementEpoch.epoch_id == epoch_id)
+    return session.scalars(q).first()
+
+
+def last_epoch_id(session: Session, node: str) -> int:
+    q = select(func.max(SettlementEpoch.epoch_id)).where(SettlementEpoch.node == node.lower())
+    return int(session.scalar(q) or 0)
+
+
+def open_epoch(session: Session, node: str, epoch_id: int, max_receipt_id: int) -> int:
+    """Insert epoch `epoch_id` (OPEN) and give it every unassigned receipt up to `max_receipt_id`."""
+    session.add(SettlementEpoch(node=node.lower(), epoch_id=epoch_id, state=EpochState.OPEN))
+    session.flush()
+    result = session.execute(update(Receipt)
+                             .where(Receipt.node == node.lower(), Receipt.epoch_id.is_(None),
+                                    Receipt.id <= max_receipt_id)
+                             .values(epoch_id=epoch_id).execution_options(synchronize_session=False))
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def epoch_receipts(session: Session, node: str, epoch_id: int) -> list[EpochReceipt]:
+    """The epoch's receipts with their vouchers, in id order (the receipts tree's value order)."""
+    q = (select(Receipt, Voucher).join(Voucher, Voucher.voucher_hash == Receipt.voucher_hash)
+         .where(Receipt.node == node.lower(), Receipt.epoch_id == epoch_id).order_by(Receipt.id))
+    out = []
+    for r, v in session.execute(q).all():
+        paid = PaidVoucher(v.payer, v.node, v.lane, v.cumulative, v.request_hash, v.deadline, v.signature)
+        out.append(EpochReceipt(r.id, r.voucher_hash, r.adapter_id, r.registry_block, r.lineage_hash,
+                                r.prompt_tokens, r.completion_tokens, r.fee, r.output_hash, r.method, paid))
+    return out
+
+
+def lineages(session: Session, receipts: list[EpochReceipt]) -> dict[int, Lineage]:
+    """Each adapter's payees as the mirror has them (lineage is immutable once registered)."""
+    out: dict[int, Lineage] = {}
+    for r in receipts:
+        if r.adapter_id in out:
+            continue
+        view = queries.adapter_lineage(session, r.adapter_id, at_block=r.registry_block)
+        if view is None:
+            raise MirrorUnavailable("the mirror lacks an adapter a receipt names", adapter_id=r.adapter_id,
+                                    registry_block=r.registry_block)
+        out[r.adapter_id] = Lineage(view.owner, view.owner_share_bps,
+                                    tuple((d.payout, d.weight_bps) for d in view.datasets))
+    return out
+
+
+def is_final_on_mirror(session: Session, node: str, row: SettlementEpoch) -> bool:
+    """The indexer has seen this epoch settled with our roots, past its finality depth."""
+    settled = session.get(SettledEpoch, (node.lower(), row.epoch_id))
+    return (settled is not None and settled.is_final and settled.rewards_root == row.rewards_root
+            and settled.receipts_root == row.receipts_root)

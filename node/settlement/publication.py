@@ -1,0 +1,74 @@
+"""The published form of a settled epoch: its trees as JSON (the API serves it, `export_epoch`
+writes it to a file), and one receipt's proof in the epoch's receipts tree.
+
+An epoch is published once its `settle` is mined (CONFIRMED or FINAL): a tree the chain does not
+hold yet would only mislead a claimant.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.db.models import EpochState, Receipt, SettlementEpoch
+from node.settlement.merkle import MerkleTree
+
+PUBLISHED = (EpochState.CONFIRMED, EpochState.FINAL)
+
+
+def epoch_document(row: SettlementEpoch) -> dict[str, Any]:
+    assert row.trees is not None
+    return {"node": row.node, "epochId": row.epoch_id, "state": row.state.value,
+            "rewardsRoot": row.rewards_root, "rewardsTotal": str(row.rewards_total),
+            "receiptsRoot": row.receipts_root, "receiptCount": row.receipt_count,
+            "collected": str(row.collected_total), "txHash": row.tx_hash,
+            "rewards": row.trees["rewards"], "receipts": row.trees["receipts"]}
+
+
+def published_epoch(session: Session, node: str, epoch_id: int | None = None) -> SettlementEpoch | None:
+    """Epoch `epoch_id` of `node` (the latest published one when None), if published."""
+    q = select(SettlementEpoch).where(SettlementEpoch.node == node.lower(), SettlementEpoch.state.in_(PUBLISHED))
+    if epoch_id is not None:
+        q = q.where(SettlementEpoch.epoch_id == epoch_id)
+    return session.scalars(q.order_by(SettlementEpoch.epoch_id.desc()).limit(1)).first()
+
+
+def tree_of(dump: dict[str, Any]) -> MerkleTree:
+    """A published tree as a MerkleTree, without re-hashing it (callers check the root on chain)."""
+    return MerkleTree(tuple(dump["leafEncoding"]), tuple(tuple(v["value"]) for v in dump["values"]),
+                      tuple(bytes.fromhex(h[2:]) for h in dump["tree"]),
+                      tuple(int(v["treeIndex"]) for v in dump["values"]))
+
+
+def receipt_proof(session: Session, receipt_hash: str) -> dict[str, Any] | None:
+    """The receipt's epoch, its leaf and its proof in the receipts tree; None if unknown or unsettled."""
+    receipt = session.scalars(select(Receipt).where(Receipt.receipt_hash == receipt_hash.lower())).first()
+    if receipt is None or receipt.epoch_id is None:
+        return None
+    row = published_epoch(session, receipt.node, receipt.epoch_id)
+    if row is None or row.trees is None:
+        return None
+    index = session.scalar(select(func.count()).where(Receipt.node == receipt.node,
+                                                     Receipt.epoch_id == receipt.epoch_id,
+                                                     Receipt.id < receipt.id))
+    tree = tree_of(row.trees["receipts"])
+    return {"receiptId": receipt.receipt_hash, "node": row.node, "epochId": row.epoch_id,
+            "receiptsRoot": row.receipts_root, "leafEncoding": list(tree.types),
+            "leaf": list(tree.values[int(index or 0)]), "leafHash": "0x" + tree.leaf(int(index or 0)).hex(),
+            "proof": ["0x" + p.hex() for p in tree.proof(int(index or 0))]}
+
+
+def export_epoch(factory: sessionmaker[Session], node: str, path: Path, epoch_id: int | None = None) -> Path:
+    """Write the published epoch (the latest when None) as JSON, the file `claim` accepts."""
+    with factory() as session:
+        row = published_epoch(session, node, epoch_id)
+        if row is None:
+            raise LookupError(f"no published epoch {epoch_id or 'yet'} for node {node}")
+        doc = epoch_document(row)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc))
+    return path

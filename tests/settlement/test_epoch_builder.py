@@ -1,0 +1,70 @@
+"""The epoch computation on plain values: lanes, cumulative rewards across epochs, exact totals."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from node.chain.eip712 import RECEIPT_LEAF_TYPES
+from node.settlement.epoch_builder import (
+    REWARD_LEAF_TYPES,
+    EpochReceipt,
+    PaidVoucher,
+    build_epoch,
+    cumulative_of,
+    lane_charges,
+)
+from node.settlement.merkle import MerkleTree
+from node.settlement.split import Lineage, SplitParams
+
+TREASURY, NODE = "0x" + "11" * 20, "0x" + "22" * 20
+OWNER, D1, D2 = "0x" + "33" * 20, "0x" + "44" * 20, "0x" + "55" * 20
+PAYERS = ("0x" + "66" * 20, "0x" + "77" * 20)
+PARAMS = SplitParams(TREASURY, NODE, 500, 1_500)
+LINEAGES = {1: Lineage(OWNER, 2_000, ((D1, 6_000), (D2, 4_000))), 2: Lineage(D1, 0, ())}
+
+
+def receipt(n: int, payer: int, lane: int, fee: int, cumulative: int, adapter: int = 1) -> EpochReceipt:
+    voucher = PaidVoucher(PAYERS[payer], NODE, lane, cumulative, "0x" + "ab" * 32, 4_000_000_000, "0x" + "cd" * 65)
+    return EpochReceipt(n, f"0x{n:064x}", adapter, 7, "0x" + "ee" * 32, 3, 4, fee, "0x" + "ff" * 32, 1, voucher)
+
+
+def test_each_lane_collects_its_fees_with_its_highest_voucher() -> None:
+    rs = [receipt(1, 0, 0, 100, 150), receipt(2, 0, 0, 40, 190), receipt(3, 0, 1, 7, 7), receipt(4, 1, 0, 0, 5),
+          receipt(5, 1, 0, 9, 30)]
+    lanes = {(c.payer, c.lane): (c.amount, c.voucher.cumulative) for c in lane_charges(rs)}
+    assert lanes == {(PAYERS[0], 0): (140, 190), (PAYERS[0], 1): (7, 7), (PAYERS[1], 0): (9, 30)}
+
+
+def test_two_epochs_give_cumulative_leaves_and_totals() -> None:
+    first = build_epoch([receipt(1, 0, 0, 1_000_003, 1_000_003), receipt(2, 1, 0, 77, 100, adapter=2)],
+                        LINEAGES, PARAMS, {}, 0)
+    assert first.collected == first.rewards_total == 1_000_080
+    assert sum(first.cumulative.values()) == first.rewards_total
+    previous = cumulative_of(first.rewards.to_json())
+    assert previous == {a: v for a, v in first.cumulative.items() if v}
+    second = build_epoch([receipt(3, 0, 0, 500, 2_000_000)], LINEAGES, PARAMS, previous, first.rewards_total)
+    assert second.collected == 500 and second.rewards_total == 1_000_580
+    assert sum(second.cumulative.values()) == 1_000_580
+    assert all(second.cumulative[a] >= v for a, v in first.cumulative.items())  # cumulative never shrinks
+    leaves = dict(second.rewards.values)
+    assert leaves == second.cumulative
+    assert second.receipt_count == 1 and second.receipts.types == RECEIPT_LEAF_TYPES
+    i = 0
+    assert MerkleTree.verify(second.rewards.root, REWARD_LEAF_TYPES, second.rewards.values[i], second.rewards.proof(i))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1), st.integers(0, 2), st.integers(0, 10**24), st.integers(1, 2)),
+                min_size=1, max_size=25))
+def test_rewards_total_equals_collected_and_leaves_add_up(items: list[tuple[int, int, int, int]]) -> None:
+    charged: dict[tuple[int, int], int] = {}
+    rs = []
+    for n, (payer, lane, fee, adapter) in enumerate(items):
+        charged[(payer, lane)] = charged.get((payer, lane), 0) + fee
+        rs.append(receipt(n, payer, lane, fee, charged[(payer, lane)], adapter))
+    build = build_epoch(rs, LINEAGES, PARAMS, {}, 0)
+    assert build.collected == sum(fee for _, _, fee, _ in items) == build.rewards_total
+    assert sum(v for _, v in build.rewards.values) == build.rewards_total
+    for c in build.lanes:  # the voucher always covers what the lane collects
+        assert c.voucher.cumulative >= c.amount > 0
