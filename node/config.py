@@ -75,6 +75,13 @@ class Settings(BaseSettings):
     idempotency_window_s: int = Field(default=86_400, ge=0)
     reservation_ttl_s: float = Field(default=600.0, gt=0)
 
+    # settlement: an epoch closes when its oldest receipt is this old, its fees reach max_value, or a
+    # voucher in it expires within the margin; the beat ticks every settlement_interval_s
+    epoch_max_age_s: float = Field(default=3_600.0, ge=0)
+    epoch_max_value: int | None = Field(default=None, ge=1)
+    epoch_expiry_margin_s: float = Field(default=120.0, ge=0)
+    settlement_interval_s: float = Field(default=15.0, gt=0)
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @classmethod
@@ -99,6 +106,9 @@ class Settings(BaseSettings):
         key = self.resolved_operator_key()
         if self.chain_id != DEV_CHAIN_ID and key is not None and key.lower() == DEV_OPERATOR_KEY:
             raise ValueError(f"the public development key cannot be used on chain id {self.chain_id}")
+        if self.min_voucher_validity_s <= self.epoch_expiry_margin_s + self.settlement_interval_s:
+            raise ValueError("min_voucher_validity_s must exceed epoch_expiry_margin_s + settlement_interval_s, "
+                             "or an accepted voucher may expire before its epoch settles")
         if self.chain_id != DEV_CHAIN_ID and self.rpc_url is None:
             raise ValueError(f"chain id {self.chain_id} needs an rpc_url (only the dev chain is started locally)")
         return self

@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.fixtures.flaky_rpc",
     "tests.fixtures.models",
     "tests.fixtures.paid_node",
+    "tests.fixtures.settlement",
 ]

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from eth_account import Account
 from web3 import Web3
-from web3.exceptions import TransactionNotFound, Web3RPCError
+from web3.exceptions import ContractLogicError, TransactionNotFound, Web3RPCError
 
 from node.errors import ChainError
 
@@ -142,7 +142,7 @@ class TxManager:
         try:
             estimate = self.w3.eth.estimate_gas({"from": self.account.address, "to": Web3.to_checksum_address(to),
                                                  "data": data, "value": value})  # type: ignore[typeddict-item]
-        except Web3RPCError as exc:
+        except (Web3RPCError, ContractLogicError) as exc:  # a revert in estimation is ContractLogicError in web3 8
             raise ChainError("the transaction would revert", to=to, reason=str(exc)) from exc
         return int(estimate) * (100 + self.policy.gas_margin_percent) // 100
 

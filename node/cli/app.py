@@ -9,7 +9,7 @@ import typer
 from typer.core import TyperGroup
 
 from node import __version__
-from node.cli import adapter, chain, dataset, dev, escrow, model, processes, request, status
+from node.cli import adapter, chain, dataset, dev, escrow, model, processes, request, settle, status
 from node.cli.console import console, err_console
 from node.config import load_settings
 from node.errors import NodeError
@@ -45,6 +45,10 @@ app.command()(status.status)
 app.command()(processes.api)
 app.command()(processes.indexer)
 app.command()(dev.dev)
+app.command()(settle.worker)
+app.command()(settle.beat)
+app.command()(settle.claim)
+app.add_typer(settle.epoch_app, name="epoch")
 
 
 @app.callback()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from celery import Celery
 
 from node.config import Settings
-from node.settlement.runtime import operator_address, settlement_interval_s
+from node.settlement.runtime import operator_address
 
 TICK_TASK = "loranode.settlement.tick"
 CLOSE_TASK = "loranode.settlement.close_epoch"
@@ -30,9 +30,9 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         timezone="UTC",
         beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),
-        beat_schedule={"settlement-tick": {"task": TICK_TASK, "schedule": settlement_interval_s(),
+        beat_schedule={"settlement-tick": {"task": TICK_TASK, "schedule": settings.settlement_interval_s,
                                            "args": (operator_address(settings),),
-                                           "options": {"expires": 2 * settlement_interval_s()}}},
+                                           "options": {"expires": 2 * settings.settlement_interval_s}}},
     )
     app.conf.loranode_settings = settings
     return app

@@ -2,14 +2,12 @@
 
 `SettlementRuntime.from_settings(settings)` reads the deployment file, opens the database, and
 builds the TxManager (SQL TxStore, finality = `finality_depth` blocks) and the SettlementService of
-the operator key. The epoch policy and the beat interval come from the environment
-(LORANODE_EPOCH_MAX_AGE_S, LORANODE_EPOCH_MAX_VALUE, LORANODE_EPOCH_EXPIRY_MARGIN_S,
-LORANODE_SETTLEMENT_INTERVAL_S) until Settings grows those fields.
+the operator key. The epoch policy and the beat interval are Settings fields (epoch_max_age_s,
+epoch_max_value, epoch_expiry_margin_s, settlement_interval_s).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from eth_account import Account
@@ -24,25 +22,10 @@ from node.db.session import make_engine, session_factory
 from node.errors import ConfigError
 from node.settlement.service import EpochPolicy, SettlementService
 
-DEFAULT_INTERVAL_S = 15.0
 
-
-def epoch_policy_from_env() -> EpochPolicy:
-    def number(name: str, default: float) -> float:
-        raw = os.environ.get(name)
-        try:
-            return default if raw is None else float(raw)
-        except ValueError as exc:
-            raise ConfigError(f"{name} must be a number", value=raw) from exc
-
-    max_value = os.environ.get("LORANODE_EPOCH_MAX_VALUE")
-    return EpochPolicy(max_age_s=number("LORANODE_EPOCH_MAX_AGE_S", EpochPolicy.max_age_s),
-                       max_value=int(max_value) if max_value else None,
-                       expiry_margin_s=number("LORANODE_EPOCH_EXPIRY_MARGIN_S", EpochPolicy.expiry_margin_s))
-
-
-def settlement_interval_s() -> float:
-    return float(os.environ.get("LORANODE_SETTLEMENT_INTERVAL_S", DEFAULT_INTERVAL_S))
+def epoch_policy(settings: Settings) -> EpochPolicy:
+    return EpochPolicy(max_age_s=settings.epoch_max_age_s, max_value=settings.epoch_max_value,
+                       expiry_margin_s=settings.epoch_expiry_margin_s)
 
 
 def operator_address(settings: Settings) -> str:
@@ -66,4 +49,4 @@ class SettlementRuntime:
         factory = session_factory(make_engine(settings.resolved_database_url()))
         tx = TxManager(w3, key, SqlTxStore(factory), FeePolicy(confirmations=settings.finality_depth))
         contracts = Contracts.connect(w3, deployment, key)
-        return cls(SettlementService(factory, contracts, tx, policy or epoch_policy_from_env()))
+        return cls(SettlementService(factory, contracts, tx, policy or epoch_policy(settings)))
