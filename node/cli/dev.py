@@ -21,7 +21,8 @@ def dev(demo: bool = typer.Option(False, "--demo", help="Run the scripted demo e
     folder = data_dir or Path(tempfile.mkdtemp(prefix="loranode-dev-"))
     try:
         if demo:
-            run_demo(folder, lambda line: console.print(f"[bold green]>[/] {line}"))
+            if not run_demo(folder, lambda line: console.print(f"[bold green]>[/] {line}")):
+                raise typer.Exit(1)
             return
         _serve_forever(folder)
     finally:

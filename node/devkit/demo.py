@@ -8,19 +8,30 @@ chain paid with the receipts to the wei.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+from rich.console import Console
+from rich.table import Table
+
 from node.client.payer import Payer, verify_receipt
+from node.db import queries
+from node.db.session import make_engine, session_factory
 from node.devkit import make_tiny_model, train_tiny_adapter
 from node.devkit.corpus import STYLES
 from node.devkit.local_node import FIRST_USER, OPERATOR, TREASURY, LocalNode
+from node.errors import ChainError
 from node.lora.content_hash import adapter_weights_sha256, base_model_id, dataset_content_hash
+from node.settlement.claims import claim
+from node.settlement.split import Lineage, SplitParams, split_receipts
 
 TOKEN = 10**18
 CONTRIBUTORS = {"alice": FIRST_USER, "bob": FIRST_USER + 1, "carol": FIRST_USER + 2}
@@ -104,8 +115,84 @@ def send_requests(result: DemoResult, num_per_lane: int, say: Say) -> None:
         f"{time.monotonic() - started:.1f}s; every receipt verified; fees {total / TOKEN:.6f} tokens")
 
 
-def run_demo(data_dir: Path, say: Say, num_per_lane: int = 12) -> DemoResult:
-    """The demo from an empty data folder to paid, receipted requests (and, with settlement, claims)."""
+def settle_and_claim(result: DemoResult, log_dir: Path, say: Say, timeout_s: float = 120.0) -> dict[str, int]:
+    """The Celery worker and beat settle an epoch; then every payee claims with its own key."""
+    node = result.node
+    node.start_settlement(log_dir, epoch_max_age_s=1.0, settlement_interval_s=1.0)
+    say("started `loranode worker` and `loranode beat` (Celery on the embedded SQLite broker)")
+    operator = node.contracts(OPERATOR)
+    me = operator.client.address
+    deadline = time.monotonic() + timeout_s
+    while operator.settlement.last_epoch(me) < 1 or not operator.settlement.is_claimable(me, 1) \
+            or not _published(node):
+        if time.monotonic() > deadline:
+            raise ChainError("no epoch settled in time", logs=str(log_dir))
+        time.sleep(0.5)
+    epoch = operator.settlement.epoch(me, 1)
+    say(f"epoch 1 settled on chain: {epoch.receipt_count} receipts, rewards total "
+        f"{epoch.rewards_total / TOKEN:.6f} tokens, rewards root 0x{epoch.rewards_root.hex()[:16]}...")
+    paid = {}
+    for index in (*CONTRIBUTORS.values(), *OWNERS.values(), OPERATOR, TREASURY):
+        c = node.contracts(index)
+        before = c.token.balance_of(c.client.address)
+        claim(c, me, c.client.address, node.base_url)
+        paid[c.client.address.lower()] = c.token.balance_of(c.client.address) - before
+    say(f"{len(paid)} payees claimed with proofs from GET /v1/epochs (each sent its own claim)")
+    return paid
+
+
+def _published(node: LocalNode) -> bool:
+    with httpx.Client(base_url=node.base_url, timeout=10) as http:
+        me = node.contracts(OPERATOR).client.address
+        return http.get(f"/v1/epochs/{me}/latest").status_code == 200
+
+
+def expected_split(result: DemoResult) -> Counter[str]:
+    """Every payee's share of the receipts, recomputed from the registry mirror and the deployment."""
+    node = result.node
+    dep = node.deployment
+    factory = session_factory(make_engine(node.settings.resolved_database_url(), pooled=False))
+    lineages: dict[str, Lineage] = {}
+    with factory() as session:
+        for adapter_id in result.adapter_ids.values():
+            view = queries.adapter_lineage(session, adapter_id)
+            assert view is not None
+            lineages[str(adapter_id)] = Lineage(view.owner, view.owner_share_bps,
+                                                tuple((d.payout, d.weight_bps) for d in view.datasets))
+    params = SplitParams(treasury=dep.treasury.lower(), node=node.contracts(OPERATOR).client.address.lower(),
+                         protocol_bps=dep.protocol_bps, node_bps=dep.node_bps)
+    fees = ((int(r["fee"]), str(int(r["adapterId"], 16))) for r in result.receipts)
+    return Counter({k.lower(): v for k, v in split_receipts(fees, lineages, params).items()})
+
+
+def report(result: DemoResult, paid: dict[str, int], say: Say) -> bool:
+    expected = expected_split(result)
+    table = Table(title="who earned what (claimed on chain vs. recomputed from the receipts)")
+    for col in ("payee", "address", "claimed (wei)", "from receipts (wei)", ""):
+        table.add_column(col, justify="right" if "wei" in col else "left")
+    ok = True
+    for address in sorted(set(expected) | set(paid), key=lambda a: result.names.get(a, a)):
+        same = expected.get(address, 0) == paid.get(address, 0)
+        ok &= same
+        table.add_row(result.names.get(address, "?"), address[:10] + "...", str(paid.get(address, 0)),
+                      str(expected.get(address, 0)), "ok" if same else "MISMATCH")
+    fees = sum(int(r["fee"]) for r in result.receipts)
+    table.add_row("total", "", str(sum(paid.values())), str(fees), "ok" if sum(paid.values()) == fees else "MISMATCH")
+    Console(soft_wrap=True).print(table)
+    say("reconciled to the wei" if ok and sum(paid.values()) == fees else "RECONCILIATION FAILED")
+    return ok and sum(paid.values()) == fees
+
+
+def show_receipt(result: DemoResult, say: Say) -> None:
+    receipt = result.receipts[0]
+    with httpx.Client(base_url=result.node.base_url, timeout=10) as http:
+        proof = http.get(f"/v1/receipts/{receipt['id']}/proof").json()
+    say("one receipt, as the dApp got it, and its proof in the epoch's receipts tree:")
+    Console(soft_wrap=True).print_json(json.dumps({"receipt": receipt, "proof": proof}))
+
+
+def run_demo(data_dir: Path, say: Say, num_per_lane: int = 12) -> bool:
+    """The whole loop from an empty data folder; True when the chain and the receipts agree."""
     started = time.monotonic()
     node = LocalNode.start_chain(data_dir, prompt_token_price=10**12, completion_token_price=2 * 10**12,
                                  default_max_tokens=12)
@@ -115,7 +202,11 @@ def run_demo(data_dir: Path, say: Say, num_per_lane: int = 12) -> DemoResult:
         node.wait_for_mirror()
         say(f"the indexer mirrored the registries; the node serves at {node.serve(model)}")
         send_requests(result, num_per_lane, say)
-        say(f"done in {time.monotonic() - started:.0f}s")
-        return result
+        paid = settle_and_claim(result, data_dir / "logs", say)
+        ok = report(result, paid, say)
+        show_receipt(result, say)
+        say(f"done in {time.monotonic() - started:.0f}s. Next: `loranode dev` keeps a node running; "
+            "README.md has the guides for contributors, adapter owners, operators and dApps.")
+        return ok
     finally:
         node.stop()

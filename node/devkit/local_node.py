@@ -7,6 +7,9 @@ Everything it starts it stops: `with LocalNode.start(...) as node: ...`.
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -14,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from pydantic import SecretStr
 
 from node.api.app import create_app
 from node.api.deps import NodeServices
@@ -41,6 +45,7 @@ class LocalNode:
     _server: uvicorn.Server | None = None
     _threads: list[threading.Thread] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @classmethod
     def start_chain(cls, data_dir: Path, *, database_url: str | None = None, protocol_bps: int = 500,
@@ -91,6 +96,16 @@ class LocalNode:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.settings.port}"
 
+    def start_settlement(self, log_dir: Path, **overrides: Any) -> None:
+        """`loranode worker` and `loranode beat` as processes of their own, on the embedded broker."""
+        self.settings = self.settings.model_copy(update=overrides)
+        env = {**os.environ, **settings_env(self.settings)}
+        log_dir.mkdir(parents=True, exist_ok=True)
+        for kind in ("worker", "beat"):
+            log = open(log_dir / f"{kind}.log", "ab")  # noqa: SIM115 - the child keeps it
+            self._procs.append(subprocess.Popen([sys.executable, "-m", "node", kind], env=env, stdout=log,
+                                                stderr=subprocess.STDOUT))
+
     def wait_for_mirror(self, timeout_s: float = 30.0) -> None:
         """Block until the indexer has caught up with the chain head (after the txs just sent)."""
         from node.db import queries
@@ -127,6 +142,14 @@ class LocalNode:
         indexer.run_forever(self._stop)
 
     def stop(self) -> None:
+        for proc in self._procs:
+            proc.terminate()
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         self._stop.set()
         if self._server is not None:
             self._server.should_exit = True
@@ -139,6 +162,18 @@ class LocalNode:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The LORANODE_* environment that gives another process these settings."""
+    env = {}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        env[f"LORANODE_{name.upper()}"] = str(value)
+    return env
 
 
 def _address(key: str) -> str:

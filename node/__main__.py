@@ -1,0 +1,5 @@
+"""`python -m node ...` is `loranode ...`."""
+
+from node.cli import app
+
+app()
