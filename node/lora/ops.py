@@ -2,52 +2,62 @@
 
 Semantics, for every token t that has an adapter in slot s(t):
     shrink:  h[t]  = A[s(t)] @ x[t]          A: [num_slots, r, in],  x: [T, in]  -> h: [r]
-    expand:  y[t] += B[s(t)] @ h[t]          B: [num_slots, out, r]             -> y: [T, out]
-Tokens without an adapter are simply absent from the plan: their rows of y are untouched.
+    expand:  y[t]  = B[s(t)] @ h[t]          B: [num_slots, out, r]             -> y: [out]
+    add:     out[t] += y[t]
+Tokens without an adapter are absent from the plan: their rows of `out` are untouched.
 
-Two forms share one plan (`LoRAPlan`): tokens are cut into chunks of `chunk_size` tokens that all use
-one slot; each chunk gathers its slot's A and B once and runs a small batched matmul.
-  - gather form (BGMV): chunk_size 1, one chunk per token, no sorting or padding;
-  - segmented form (SGMV): tokens grouped by slot, chunks of up to chunk_size rows (padded).
-`node.lora.mapping` picks the chunk size per step. The float32 loop `reference_delta` is the truth.
+Two forms share one plan (`LoRAPlan`), which lists the adapter tokens sorted by slot:
+  - gather (BGMV): every token gathers its own slot's weights, one batched matmul for the whole
+    batch. No Python loop; copies the weights once per token: best on a GPU with many distinct adapters.
+  - segment (SGMV): one matmul per run of tokens sharing a slot, reading the slot's weights in place.
+    One call per segment; no weight copies: best with few segments, and on a CPU throughout.
+`node.lora.mapping` picks the form per step. The float32 loop `reference_delta` is the truth.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+
+Form = Literal["gather", "segment"]
 
 
 @dataclass(frozen=True)
 class LoRAPlan:
-    chunk_tokens: torch.Tensor  # [num_chunks, chunk_size] long: flat token index (pads repeat a real one)
-    chunk_slots: torch.Tensor  # [num_chunks] long: the slot every token of the chunk uses
-    real_rows: torch.Tensor  # [num_real] long: positions in the flattened [num_chunks * chunk_size] rows
-    real_tokens: torch.Tensor  # [num_real] long: the token each real row belongs to
-
-    @property
-    def chunk_size(self) -> int:
-        return self.chunk_tokens.shape[1]
+    tokens: torch.Tensor  # [N] long: the batch tokens that have an adapter, sorted by slot
+    slots: torch.Tensor  # [N] long: the slot of each of them
+    segments: tuple[tuple[int, int, int], ...]  # (slot, start, end): runs of one slot in `tokens`
+    form: Form
 
 
 def shrink(x: torch.Tensor, a: torch.Tensor, plan: LoRAPlan) -> torch.Tensor:
-    """x: [T, in], a: [num_slots, r, in] -> [num_chunks, chunk_size, r]."""
-    xs = x[plan.chunk_tokens]  # [N, C, in]
-    a_sel = a.index_select(0, plan.chunk_slots)  # [N, r, in]
-    return torch.bmm(xs, a_sel.transpose(1, 2))
+    """x: [T, in], a: [num_slots, r, in] -> h: [N, r] for the plan's tokens."""
+    xs = x.index_select(0, plan.tokens)  # [N, in]
+    if plan.form == "gather":
+        a_sel = a.index_select(0, plan.slots)  # [N, r, in]
+        return torch.bmm(a_sel, xs.unsqueeze(-1)).squeeze(-1)
+    h = xs.new_empty((xs.shape[0], a.shape[1]))
+    for slot, start, end in plan.segments:
+        torch.mm(xs[start:end], a[slot].t(), out=h[start:end])
+    return h
 
 
 def expand(h: torch.Tensor, b: torch.Tensor, plan: LoRAPlan) -> torch.Tensor:
-    """h: [N, C, r], b: [num_slots, out, r] -> rows [num_real, out] for `plan.real_tokens`."""
-    b_sel = b.index_select(0, plan.chunk_slots)  # [N, out, r]
-    y = torch.bmm(h, b_sel.transpose(1, 2))  # [N, C, out]
-    return y.flatten(0, 1).index_select(0, plan.real_rows)  # [num_real, out]
+    """h: [N, r], b: [num_slots, out, r] -> y: [N, out]."""
+    if plan.form == "gather":
+        b_sel = b.index_select(0, plan.slots)  # [N, out, r]
+        return torch.bmm(b_sel, h.unsqueeze(-1)).squeeze(-1)
+    y = h.new_empty((h.shape[0], b.shape[1]))
+    for slot, start, end in plan.segments:
+        torch.mm(h[start:end], b[slot].t(), out=y[start:end])
+    return y
 
 
-def add_delta(out: torch.Tensor, rows: torch.Tensor, plan: LoRAPlan) -> None:
-    """out[t] += rows[i] for the i-th real token t (each token appears once)."""
-    out.index_add_(0, plan.real_tokens, rows.to(out.dtype))
+def add_delta(out: torch.Tensor, y: torch.Tensor, plan: LoRAPlan) -> None:
+    """out[t] += y[i] for the i-th plan token t (each token appears once). `out` may be a column slice."""
+    out.index_add_(0, plan.tokens, y.to(out.dtype))
 
 
 def reference_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, token_slots: list[int],

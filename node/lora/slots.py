@@ -90,8 +90,10 @@ class LoRABatch:
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """out: [T, sum of the group's out features], the fused output of the group's projections."""
         r = self.slots.max_rank
-        h = shrink(x, self.slots.a[layer][group], self.plan)  # [N, C, len(group) * r]
-        modules = GROUPS[group]
-        rows = [expand(h[..., g * r:(g + 1) * r], self.slots.b[layer][m], self.plan)
-                for g, m in enumerate(modules)]
-        add_delta(out, rows[0] if len(rows) == 1 else torch.cat(rows, dim=-1), self.plan)
+        h = shrink(x, self.slots.a[layer][group], self.plan)  # [N, len(group) * r]
+        offset = 0
+        for g, m in enumerate(GROUPS[group]):
+            b = self.slots.b[layer][m]  # [S, out_m, r]
+            y = expand(h[:, g * r:(g + 1) * r], b, self.plan)  # [N, out_m]
+            add_delta(out[:, offset:offset + b.shape[1]], y, self.plan)
+            offset += b.shape[1]
