@@ -157,8 +157,11 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=128)
     parser.add_argument("--max-batched-tokens", type=int, default=2048)
     parser.add_argument("--no-peft", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (both systems)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     num_requests = args.requests or (64 if args.quick else 256)
     peft_requests = min(num_requests, args.peft_requests or (num_requests if args.quick else 128))
     counts = [1, 8, 100] if args.quick else [1, 8, 32, 100, 1000]
@@ -205,8 +208,10 @@ def main() -> None:
 def summarize(rows: list[dict[str, object]]) -> None:
     """The issue's targets as ratios within this run."""
     def tps(system: str, adapters: int, dist: str) -> float | None:
-        return next((float(r["tokens_per_s"]) for r in rows  # type: ignore[arg-type]
-                     if r["system"] == system and r["adapters"] == adapters and r["distribution"] == dist), None)
+        for r in rows:
+            if (r["system"], r["adapters"], r["distribution"]) == (system, adapters, dist):
+                return float(r["tokens_per_s"])  # type: ignore[arg-type]
+        return None
 
     base = tps("loranode", 0, "-")
     checks = [("1 adapter / base-only", tps("loranode", 1, "-"), base, 0.9),
