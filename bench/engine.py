@@ -151,7 +151,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="64 requests, fewer systems")
     parser.add_argument("--requests", type=int, default=None)
     parser.add_argument("--peft-requests", type=int, default=None,
-                        help="requests the peft baselines run (default: all in --quick, 128 otherwise)")
+                        help="requests the peft baselines run (default 64: static batches of 32)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--slots", type=int, default=128)
@@ -163,7 +163,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     num_requests = args.requests or (64 if args.quick else 256)
-    peft_requests = min(num_requests, args.peft_requests or (num_requests if args.quick else 128))
+    peft_requests = min(num_requests, args.peft_requests or 64)
     counts = [1, 8, 100] if args.quick else [1, 8, 32, 100, 1000]
     distributions = ["uniform"] if args.quick else ["uniform", "zipf"]
     torch.manual_seed(0)
@@ -190,14 +190,13 @@ def main() -> None:
                        num_requests)
         if not args.no_peft:
             n = 100
+            peft_model = build_peft(model, n)
             for dist in distributions:
                 adapters = draw_adapters(num_requests, n, dist, seed=n)[:peft_requests]
-                peft_model = build_peft(model, n)
                 record("peft-mixed-generate", n, dist, run_peft(peft_model, prompts, adapters, False),
                        peft_requests)
                 tps = run_peft(peft_model, prompts, adapters, True)
                 record("peft-set-adapter", n, dist, tps, peft_requests)
-                del peft_model
     summarize(rows)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"device": args.device, "dtype": args.dtype, "prompt_len": PROMPT_LEN,

@@ -24,7 +24,7 @@ from node.engine.output import OutputProcessor
 from node.engine.sampling import SamplingParams
 from node.engine.scheduler import Scheduler
 from node.engine.sequence import RequestOutput, Sequence, StreamDelta
-from node.errors import AdapterNotFound, BadRequest, ConfigError, PromptTooLong
+from node.errors import AdapterNotFound, BadRequest, ConfigError, NodeError, PromptTooLong
 from node.lora.adapter import LoRATargetSpec, LoRAWeights, load_lora_adapter
 from node.lora.memory_provider import InMemoryAdapterProvider
 from node.lora.provider import AdapterProvider, AdapterSource, LoadState
@@ -275,8 +275,6 @@ class LLMEngine:
                 self._fail_all()
 
     def _fail_all(self) -> None:
-        from node.errors import NodeError
-
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
             self.scheduler.abort(seq.request_id)
             seq.finish("error", NodeError("engine step failed"))

@@ -15,7 +15,7 @@ import torch
 
 from node.errors import Overloaded
 from node.lora.adapter import LoRATargetSpec, LoRAWeights
-from node.lora.ops import LoRAPlan, add_delta, expand, shrink
+from node.lora.ops import LoRAPlan, apply_lora
 
 log = logging.getLogger(__name__)
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -89,11 +89,5 @@ class LoRABatch:
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """out: [T, sum of the group's out features], the fused output of the group's projections."""
-        r = self.slots.max_rank
-        h = shrink(x, self.slots.a[layer][group], self.plan)  # [N, len(group) * r]
-        offset = 0
-        for g, m in enumerate(GROUPS[group]):
-            b = self.slots.b[layer][m]  # [S, out_m, r]
-            y = expand(h[:, g * r:(g + 1) * r], b, self.plan)  # [N, out_m]
-            add_delta(out[:, offset:offset + b.shape[1]], y, self.plan)
-            offset += b.shape[1]
+        bs = [self.slots.b[layer][m] for m in GROUPS[group]]
+        apply_lora(x, out, self.slots.a[layer][group], bs, self.plan)
