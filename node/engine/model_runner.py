@@ -97,6 +97,10 @@ class ModelRunner:
         by_seq = {id(s.seq): t for s, t in zip(sampled, tokens, strict=True)}
         return [by_seq[id(s.seq)] for s in scheduled if s.is_sampled]
 
+    def prepare_adapter(self, adapter_id: str | None, adapters_in_use: Collection[str]) -> None:
+        """Make sure the adapter is in a device slot before the step (raises AdapterError)."""
+        self._slot(adapter_id, adapters_in_use)
+
     def _slot(self, adapter_id: str | None, adapters_in_use: Collection[str]) -> int:
         if adapter_id is None:
             return -1
