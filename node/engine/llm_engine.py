@@ -218,8 +218,15 @@ class LLMEngine:
                 event.set()
 
         ids.extend(f"gen-{next(self._ids)}" for _ in prompts)
-        for rid, prompt, p, a in zip(ids, prompts, params_list, adapters, strict=True):
-            self.add_request(prompt, p, a, request_id=rid, waiter=collect)
+        try:
+            for rid, prompt, p, a in zip(ids, prompts, params_list, adapters, strict=True):
+                self.add_request(prompt, p, a, request_id=rid, waiter=collect)
+        except NodeError:
+            for rid in ids:  # all or nothing: drop the ones already queued
+                self.abort(rid)
+            if self._thread is None:
+                self._drain_inbox()
+            raise
         if self._thread is not None:
             event.wait()
         else:

@@ -98,7 +98,8 @@ def test_a_broken_adapter_fails_only_its_request(engine: LLMEngine, tiny_adapter
 
 def test_unknown_removed_adapters_and_long_prompts_are_refused(engine: LLMEngine) -> None:
     with pytest.raises(AdapterNotFound):
-        engine.generate(["hi"], GREEDY, ["nope"])
+        engine.generate(["hi", "there"], GREEDY, [None, "nope"])
+    assert not engine.has_unfinished()  # all or nothing: the first prompt was dropped too
     engine.remove_adapter("sea-r8")
     with pytest.raises(AdapterNotFound):
         engine.generate(["hi"], GREEDY, ["sea-r8"])
