@@ -7,6 +7,7 @@ bench/results/engine.json with rows {"system", "adapters", "distribution", "toke
 
     python bench/engine.py            # the full run (256 requests)
     python bench/engine.py --quick    # fewer requests and systems, a quick look
+    python bench/engine.py --targets-only --rounds 2   # the three target ratios, interleaved, best of 2
 """
 
 from __future__ import annotations
@@ -157,6 +158,9 @@ def main() -> None:
     parser.add_argument("--max-batched-tokens", type=int, default=2048)
     parser.add_argument("--no-peft", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (both systems)")
+    parser.add_argument("--targets-only", action="store_true",
+                        help="only base-only, 1 adapter, 100 uniform and peft mixed: the issue's targets")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of the systems")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
@@ -182,24 +186,24 @@ def main() -> None:
                   f"{rates[1]:>10.1f}", flush=True)
 
         print(f"{'system':<24} {'adapt.':>6} {'dist':<8} {'reqs':>5} {'tokens/s':>10} {'tok/cpu-s':>10}")
-        record("loranode", 0, "-", run_loranode(model, prompts, [None] * num_requests, args), num_requests)
-        for dist in distributions:
-            for n in counts:
-                adapters = draw_adapters(num_requests, n, dist, seed=n)
-                if n == 1 and dist != distributions[0]:
-                    continue  # one adapter is the same under every distribution
-                record("loranode", n, dist if n > 1 else "-", run_loranode(model, prompts, adapters, args),
-                       num_requests)
-        record("loranode", 0, "-", run_loranode(model, prompts, [None] * num_requests, args), num_requests)
+        systems = [(0, "-")] + [(n, d if n > 1 else "-") for d in distributions for n in counts
+                                if n > 1 or d == distributions[0]]
+        if args.targets_only:
+            systems = [(0, "-"), (1, "-"), (100, "uniform")]
+        for _ in range(args.rounds):  # rounds interleave the systems; the summary takes each one's best
+            for n, dist in [*systems, (0, "-")] if args.rounds == 1 else systems:
+                adapters = draw_adapters(num_requests, n, dist if dist != "-" else "uniform", seed=n)
+                record("loranode", n, dist, run_loranode(model, prompts, adapters, args), num_requests)
         if not args.no_peft:
             n = 100
             peft_model = build_peft(model, n)
-            for dist in distributions:
+            for dist in ["uniform"] if args.targets_only else distributions:
                 adapters = draw_adapters(num_requests, n, dist, seed=n)[:peft_requests]
                 record("peft-mixed-generate", n, dist, run_peft(peft_model, prompts, adapters, False),
                        peft_requests)
-                tps = run_peft(peft_model, prompts, adapters, True)
-                record("peft-set-adapter", n, dist, tps, peft_requests)
+                if not args.targets_only:
+                    tps = run_peft(peft_model, prompts, adapters, True)
+                    record("peft-set-adapter", n, dist, tps, peft_requests)
     summarize(rows)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"device": args.device, "dtype": args.dtype, "prompt_len": PROMPT_LEN,
