@@ -123,6 +123,7 @@ def build_peft(model: Path, num_adapters: int):
 def run_peft(peft_model, prompts: list[list[int]], adapters: list[str | None], grouped: bool,
              ) -> float:
     """Static batches of 32: mixed-adapter generate(adapter_names=...) or set_adapter per adapter group."""
+    prompts = prompts[:len(adapters)]
     names = [a or "__base__" for a in adapters]
     order = sorted(range(len(prompts)), key=lambda i: names[i]) if grouped else list(range(len(prompts)))
     batches: list[list[int]] = []
@@ -161,6 +162,7 @@ def main() -> None:
     parser.add_argument("--targets-only", action="store_true",
                         help="only base-only, 1 adapter, 100 uniform and peft mixed: the issue's targets")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of the systems")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the JSON file to write")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
@@ -205,10 +207,10 @@ def main() -> None:
                     tps = run_peft(peft_model, prompts, adapters, True)
                     record("peft-set-adapter", n, dist, tps, peft_requests)
     summarize(rows)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"device": args.device, "dtype": args.dtype, "prompt_len": PROMPT_LEN,
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"device": args.device, "dtype": args.dtype, "prompt_len": PROMPT_LEN,
                                    "new_tokens": NEW_TOKENS, "rank": RANK, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    print(f"wrote {args.out}")
 
 
 def summarize(rows: list[dict[str, object]]) -> None:
