@@ -186,6 +186,7 @@ def main() -> None:
                          "requests": requests})
             print(f"{system:<24} {adapters:>6} {distribution:<8} {requests:>5} {rates[0]:>10.1f} "
                   f"{rates[1]:>10.1f}", flush=True)
+            write(args, rows)  # after every row: a long run that dies still leaves its results
 
         print(f"{'system':<24} {'adapt.':>6} {'dist':<8} {'reqs':>5} {'tokens/s':>10} {'tok/cpu-s':>10}")
         systems = [(0, "-")] + [(n, d if n > 1 else "-") for d in distributions for n in counts
@@ -207,10 +208,14 @@ def main() -> None:
                     tps = run_peft(peft_model, prompts, adapters, True)
                     record("peft-set-adapter", n, dist, tps, peft_requests)
     summarize(rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"device": args.device, "dtype": args.dtype, "prompt_len": PROMPT_LEN,
-                                   "new_tokens": NEW_TOKENS, "rank": RANK, "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
+
+
+def write(args: argparse.Namespace, rows: list[dict[str, object]]) -> None:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"device": args.device, "dtype": args.dtype, "threads": args.threads,
+                                    "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS, "rank": RANK,
+                                    "rows": rows}, indent=2) + "\n")
 
 
 def summarize(rows: list[dict[str, object]]) -> None:
