@@ -24,7 +24,7 @@ from node.engine.output import OutputProcessor
 from node.engine.sampling import SamplingParams
 from node.engine.scheduler import Scheduler
 from node.engine.sequence import RequestOutput, Sequence, StreamDelta
-from node.errors import AdapterNotFound, BadRequest, ConfigError, PromptTooLong
+from node.errors import AdapterError, AdapterNotFound, BadRequest, ConfigError, NodeError, PromptTooLong
 from node.lora.adapter import LoRATargetSpec, LoRAWeights, load_lora_adapter
 from node.lora.memory_provider import InMemoryAdapterProvider
 from node.lora.provider import AdapterProvider, AdapterSource, LoadState
@@ -161,11 +161,19 @@ class LLMEngine:
         finished = self._drain_inbox()
         out = self.scheduler.schedule()
         finished.extend(out.failed)
-        if not out.is_empty:
-            in_use = {s.adapter_id for s in self.scheduler.running if s.adapter_id is not None}
-            tokens = self.runner.run(list(out.scheduled), in_use)
+        in_use = {s.adapter_id for s in self.scheduler.running if s.adapter_id is not None}
+        scheduled = []
+        for item in out.scheduled:
+            try:
+                self.runner.prepare_adapter(item.seq.adapter_id, in_use)
+                scheduled.append(item)
+            except AdapterError as e:  # this request alone fails, not the batch
+                self.scheduler.fail(item.seq, e)
+                finished.append(item.seq)
+        if scheduled:
+            tokens = self.runner.run(scheduled, in_use)
             sampled = iter(tokens)
-            for item in out.scheduled:
+            for item in scheduled:
                 item.seq.num_computed_tokens += item.num_new_tokens
                 if item.seq.num_computed_tokens == item.seq.num_tokens:
                     item.seq.output_token_ids.append(next(sampled))
@@ -210,8 +218,15 @@ class LLMEngine:
                 event.set()
 
         ids.extend(f"gen-{next(self._ids)}" for _ in prompts)
-        for rid, prompt, p, a in zip(ids, prompts, params_list, adapters, strict=True):
-            self.add_request(prompt, p, a, request_id=rid, waiter=collect)
+        try:
+            for rid, prompt, p, a in zip(ids, prompts, params_list, adapters, strict=True):
+                self.add_request(prompt, p, a, request_id=rid, waiter=collect)
+        except NodeError:
+            for rid in ids:  # all or nothing: drop the ones already queued
+                self.abort(rid)
+            if self._thread is None:
+                self._drain_inbox()
+            raise
         if self._thread is not None:
             event.wait()
         else:
@@ -275,8 +290,6 @@ class LLMEngine:
                 self._fail_all()
 
     def _fail_all(self) -> None:
-        from node.errors import NodeError
-
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
             self.scheduler.abort(seq.request_id)
             seq.finish("error", NodeError("engine step failed"))

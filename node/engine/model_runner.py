@@ -57,8 +57,11 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSeq], adapters_in_use: Collection[str]) -> list[int]:
         """Run one step; returns the sampled token of each `is_sampled` item, in `scheduled` order."""
-        prefills = [s for s in scheduled if s.num_new_tokens > 1]
-        decodes = [s for s in scheduled if s.num_new_tokens == 1]
+        slot_of = {id(s.seq): self._slot(s.seq.adapter_id, adapters_in_use) for s in scheduled}
+        # prefills then decodes, each sorted by adapter slot: LoRA segments become long runs
+        by_slot = sorted(scheduled, key=lambda s: (s.num_new_tokens == 1, slot_of[id(s.seq)]))
+        prefills = [s for s in by_slot if s.num_new_tokens > 1]
+        decodes = [s for s in by_slot if s.num_new_tokens == 1]
         ordered = prefills + decodes
         token_ids: list[int] = []
         positions: list[int] = []
@@ -71,11 +74,7 @@ class ModelRunner:
             token_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             slot_mapping.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
-            slot = -1
-            if seq.adapter_id is not None:
-                weights = self.provider.get(seq.adapter_id)
-                slot = self.slots.activate(seq.adapter_id, weights, adapters_in_use)
-            token_slots.extend([slot] * item.num_new_tokens)
+            token_slots.extend([slot_of[id(seq)]] * item.num_new_tokens)
         groups = [g for g in (self._group(prefills, 0), self._group(decodes, len(token_ids) - len(decodes)))
                   if g is not None]
         batch = AttentionBatch(slot_mapping=self._long(slot_mapping), groups=tuple(groups))
@@ -97,6 +96,15 @@ class ModelRunner:
         tokens = sample(logits, [s.seq.params for s in sampled], [s.seq.generator for s in sampled])
         by_seq = {id(s.seq): t for s, t in zip(sampled, tokens, strict=True)}
         return [by_seq[id(s.seq)] for s in scheduled if s.is_sampled]
+
+    def prepare_adapter(self, adapter_id: str | None, adapters_in_use: Collection[str]) -> None:
+        """Make sure the adapter is in a device slot before the step (raises AdapterError)."""
+        self._slot(adapter_id, adapters_in_use)
+
+    def _slot(self, adapter_id: str | None, adapters_in_use: Collection[str]) -> int:
+        if adapter_id is None:
+            return -1
+        return self.slots.activate(adapter_id, self.provider.get(adapter_id), adapters_in_use)
 
     def _group(self, items: list[ScheduledSeq], first_token: int) -> AttentionGroup | None:
         if not items:

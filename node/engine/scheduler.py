@@ -71,6 +71,11 @@ class Scheduler:
                     return seq
         return None
 
+    def fail(self, seq: Sequence, error: NodeError) -> None:
+        """A running sequence that cannot go on (its adapter vanished from every tier, say)."""
+        self.finish(seq)
+        seq.finish("error", error)
+
     def finish(self, seq: Sequence) -> None:
         """Called by the engine once a running sequence hit a stop condition."""
         self.running.remove(seq)

@@ -15,7 +15,7 @@ import torch
 
 from node.errors import Overloaded
 from node.lora.adapter import LoRATargetSpec, LoRAWeights
-from node.lora.ops import LoRAPlan, add_delta, expand, shrink
+from node.lora.ops import LoRAPlan, apply_lora
 
 log = logging.getLogger(__name__)
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -89,9 +89,5 @@ class LoRABatch:
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """out: [T, sum of the group's out features], the fused output of the group's projections."""
-        r = self.slots.max_rank
-        h = shrink(x, self.slots.a[layer][group], self.plan)  # [N, C, len(group) * r]
-        modules = GROUPS[group]
-        rows = [expand(h[..., g * r:(g + 1) * r], self.slots.b[layer][m], self.plan)
-                for g, m in enumerate(modules)]
-        add_delta(out, rows[0] if len(rows) == 1 else torch.cat(rows, dim=-1), self.plan)
+        bs = [self.slots.b[layer][m] for m in GROUPS[group]]
+        apply_lora(x, out, self.slots.a[layer][group], bs, self.plan)

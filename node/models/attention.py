@@ -83,5 +83,6 @@ def paged_attention(
 
 def _gather(cache: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
     """[B, K, KVH, D]: each sequence's cached positions 0..K-1, read through its block table."""
-    blocks = cache[group.block_tables]  # [B, max_blocks, block_size, KVH, D]
-    return blocks.flatten(1, 2)[:, : group.num_keys]
+    num_seqs, max_blocks = group.block_tables.shape
+    blocks = cache.index_select(0, group.block_tables.flatten())  # [B * max_blocks, block_size, KVH, D]
+    return blocks.view(num_seqs, max_blocks * cache.shape[1], *cache.shape[2:])[:, : group.num_keys]

@@ -10,8 +10,10 @@ import pytest
 
 from node.engine import EngineConfig, LLMEngine, SamplingParams, StreamDelta
 from node.engine.sequence import Sequence
-from node.errors import AdapterFormatError, AdapterNotFound, PromptTooLong
-from node.lora.provider import AdapterSource
+from node.errors import AdapterFormatError, AdapterNotFound, AdapterSourceError, PromptTooLong
+from node.lora.adapter import LoRAWeights
+from node.lora.memory_provider import InMemoryAdapterProvider
+from node.lora.provider import AdapterSource, LoadState
 from tests.fixtures.models import TinyAdapters
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
@@ -96,7 +98,8 @@ def test_a_broken_adapter_fails_only_its_request(engine: LLMEngine, tiny_adapter
 
 def test_unknown_removed_adapters_and_long_prompts_are_refused(engine: LLMEngine) -> None:
     with pytest.raises(AdapterNotFound):
-        engine.generate(["hi"], GREEDY, ["nope"])
+        engine.generate(["hi", "there"], GREEDY, [None, "nope"])
+    assert not engine.has_unfinished()  # all or nothing: the first prompt was dropped too
     engine.remove_adapter("sea-r8")
     with pytest.raises(AdapterNotFound):
         engine.generate(["hi"], GREEDY, ["sea-r8"])
@@ -148,3 +151,30 @@ def test_generate_while_the_background_loop_runs(engine: LLMEngine) -> None:
         assert engine.generate(["Green hills"], GREEDY, ["food-r16"])[0].token_ids == expected
     finally:
         engine.shutdown()
+
+
+class VanishingStore(InMemoryAdapterProvider[LoRAWeights]):
+    """A store that says READY, then cannot produce the weights (its host copy and file are gone)."""
+
+    vanished: frozenset[str] = frozenset()
+
+    def get(self, adapter_id: str) -> LoRAWeights:
+        if adapter_id in self.vanished:
+            raise AdapterSourceError("the adapter file is gone", adapter=adapter_id)
+        return super().get(adapter_id)
+
+    def state(self, adapter_id: str) -> LoadState:
+        return LoadState.READY if adapter_id in self._sources else LoadState.UNKNOWN
+
+
+def test_an_adapter_lost_after_admission_fails_only_its_request(tiny_model: Path,
+                                                               tiny_adapters: TinyAdapters) -> None:
+    config = EngineConfig(model_path=tiny_model, max_model_len=64, max_adapter_slots=2)
+    store = VanishingStore(parse=lambda folder: engine.parse_adapter(folder))
+    engine = LLMEngine(config, provider=store)
+    for name in ("sea-r8", "count-r4"):
+        engine.add_adapter(name, tiny_adapters.paths[name])
+    store.vanished = frozenset({"count-r4"})
+    lost, kept, base = engine.generate(["Rain"] * 3, GREEDY, ["count-r4", "sea-r8", None])
+    assert lost.finish_reason == "error" and isinstance(lost.error, AdapterSourceError)
+    assert kept.finish_reason == base.finish_reason == "length"

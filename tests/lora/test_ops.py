@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from node.lora.mapping import build_plan, choose_chunk_size
-from node.lora.ops import add_delta, expand, reference_delta, shrink
+from node.lora.mapping import build_plan, choose_form
+from node.lora.ops import apply_lora, reference_delta
 
 NUM_SLOTS, RANK, D_IN, D_OUT = 6, 8, 32, 24
 
@@ -33,39 +33,49 @@ def _traffic(kind: str, num_tokens: int, rng: random.Random) -> list[int]:
 
 
 @pytest.mark.parametrize("kind", ["distinct", "identical", "skewed", "uniform"])
-@pytest.mark.parametrize("chunk_size", [None, 1, 4, 64])
-def test_ops_match_the_float32_loop(kind: str, chunk_size: int | None) -> None:
+@pytest.mark.parametrize("form", [None, "gather", "segment"])
+def test_ops_match_the_float32_loop(kind: str, form: str | None) -> None:
+    """Two projections share the input (like gate/up): their deltas land in their own columns."""
     rng = random.Random(7)
-    a, b = _weights(1)
+    a1, b1 = _weights(1)
+    a2, b2 = _weights(5)
     x = torch.randn(37, D_IN, generator=torch.Generator().manual_seed(2))
     token_slots = _traffic(kind, 37, rng)
-    plan = build_plan(token_slots, torch.device("cpu"), chunk_size)
+    plan = build_plan(token_slots, torch.device("cpu"), form)  # type: ignore[arg-type]
     assert plan is not None
-    out = torch.full((37, D_OUT), 0.5)
-    add_delta(out, expand(shrink(x, a, plan), b, plan), plan)
-    expected = 0.5 + reference_delta(x, a, b, token_slots)
-    assert torch.allclose(out, expected, atol=1e-4)
+    out = torch.full((37, 2 * D_OUT), 0.5)
+    apply_lora(x, out, torch.cat([a1, a2], dim=1), [b1, b2], plan)
+    assert torch.allclose(out[:, :D_OUT], 0.5 + reference_delta(x, a1, b1, token_slots), atol=1e-4)
+    assert torch.allclose(out[:, D_OUT:], 0.5 + reference_delta(x, a2, b2, token_slots), atol=1e-4)
     untouched = [t for t, s in enumerate(token_slots) if s < 0]
-    assert torch.equal(out[untouched], torch.full((len(untouched), D_OUT), 0.5))
+    assert torch.equal(out[untouched], torch.full((len(untouched), 2 * D_OUT), 0.5))
 
 
 def test_no_plan_when_no_token_has_an_adapter() -> None:
     assert build_plan([-1, -1, -1], torch.device("cpu")) is None
 
 
-def test_chunk_size_follows_the_traffic() -> None:
-    assert choose_chunk_size([1] * 64, "cpu") == 1  # every token its own adapter: gather form
-    assert choose_chunk_size([256], "cpu") == 128  # one adapter for all: segmented form
-    assert choose_chunk_size([200, 1, 1, 1, 1], "cpu") > 1
+def test_runs_are_consecutive_tokens_of_one_slot() -> None:
+    plan = build_plan([2, 2, -1, 0, 0, 2], torch.device("cpu"))
+    assert plan is not None
+    assert plan.tokens.tolist() == [0, 1, 3, 4, 5] and plan.slots.tolist() == [2, 2, 0, 0, 2]
+    assert plan.runs == ((2, 0, 2), (0, 3, 5), (2, 5, 6))
+
+
+def test_the_form_follows_the_traffic_and_the_device() -> None:
+    assert choose_form(num_tokens=256, num_runs=1, device_type="cuda") == "segment"  # one adapter
+    assert choose_form(num_tokens=256, num_runs=100, device_type="cuda") == "gather"  # many
+    assert choose_form(num_tokens=256, num_runs=200, device_type="cpu") == "segment"
 
 
 def test_bfloat16_ops_stay_close_to_float32() -> None:
     a, b = _weights(3)
     x = torch.randn(16, D_IN, generator=torch.Generator().manual_seed(4))
     token_slots = [s % NUM_SLOTS for s in range(16)]
-    plan = build_plan(token_slots, torch.device("cpu"))
-    assert plan is not None
-    out = torch.zeros(16, D_OUT, dtype=torch.bfloat16)
-    add_delta(out, expand(shrink(x.bfloat16(), a.bfloat16(), plan), b.bfloat16(), plan), plan)
     expected = reference_delta(x, a, b, token_slots)
-    assert (out.float() - expected).abs().max() < 0.05 * expected.abs().max()
+    for form in ("gather", "segment"):
+        plan = build_plan(token_slots, torch.device("cpu"), form)  # type: ignore[arg-type]
+        assert plan is not None
+        out = torch.zeros(16, D_OUT, dtype=torch.bfloat16)
+        apply_lora(x.bfloat16(), out, a.bfloat16(), [b.bfloat16()], plan)
+        assert (out.float() - expected).abs().max() < 0.05 * expected.abs().max()
