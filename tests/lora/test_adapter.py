@@ -13,11 +13,11 @@ from safetensors.torch import load_file, save_file
 from node.errors import AdapterFormatError
 from node.lora.adapter import LoRATargetSpec, load_lora_adapter
 from node.models.config import ModelConfig
-from tests.fixtures.models import TinyAdapters, tiny_adapters, tiny_model  # noqa: F401
+from tests.fixtures.models import TinyAdapters
 
 
 @pytest.fixture
-def target(tiny_model: Path) -> LoRATargetSpec:  # noqa: F811
+def target(tiny_model: Path) -> LoRATargetSpec:
     cfg = ModelConfig.from_folder(tiny_model)
     return LoRATargetSpec.of(cfg.num_layers, cfg.module_shapes())
 
@@ -27,7 +27,7 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_scaling_is_folded_into_b(tiny_adapters: TinyAdapters, target: LoRATargetSpec) -> None:  # noqa: F811
+def test_scaling_is_folded_into_b(tiny_adapters: TinyAdapters, target: LoRATargetSpec) -> None:
     path = tiny_adapters.paths["sea-r8"]  # alpha 16, r 8: scale 2
     raw = load_file(path / "adapter_model.safetensors")
     weights = load_lora_adapter(path, target, max_rank=16)
@@ -39,7 +39,7 @@ def test_scaling_is_folded_into_b(tiny_adapters: TinyAdapters, target: LoRATarge
     assert weights.nbytes == sum(t.numel() * 4 for t in raw.values())
 
 
-def test_rslora_scales_by_the_square_root_of_the_rank(tiny_adapters: TinyAdapters,  # noqa: F811
+def test_rslora_scales_by_the_square_root_of_the_rank(tiny_adapters: TinyAdapters,
                                                       target: LoRATargetSpec) -> None:
     path = tiny_adapters.paths["food-r16"]  # alpha 16, r 16, rsLoRA: scale 16 / 4 = 4
     raw = load_file(path / "adapter_model.safetensors")
@@ -47,12 +47,12 @@ def test_rslora_scales_by_the_square_root_of_the_rank(tiny_adapters: TinyAdapter
     assert torch.allclose(b, raw["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"] * 4.0)
 
 
-def test_rank_above_the_limit_is_refused(tiny_adapters: TinyAdapters, target: LoRATargetSpec) -> None:  # noqa: F811
+def test_rank_above_the_limit_is_refused(tiny_adapters: TinyAdapters, target: LoRATargetSpec) -> None:
     with pytest.raises(AdapterFormatError, match="rank 16 exceeds max_lora_rank 8"):
         load_lora_adapter(tiny_adapters.paths["food-r16"], target, max_rank=8)
 
 
-def test_pickled_weights_are_refused(tiny_adapters: TinyAdapters, target: LoRATargetSpec,  # noqa: F811
+def test_pickled_weights_are_refused(tiny_adapters: TinyAdapters, target: LoRATargetSpec,
                                      tmp_path: Path) -> None:
     folder = _copy(tiny_adapters.paths["sea-r8"], tmp_path / "a")
     (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
@@ -60,7 +60,7 @@ def test_pickled_weights_are_refused(tiny_adapters: TinyAdapters, target: LoRATa
         load_lora_adapter(folder, target, max_rank=16)
 
 
-def test_every_problem_is_named_in_one_error(tiny_adapters: TinyAdapters, target: LoRATargetSpec,  # noqa: F811
+def test_every_problem_is_named_in_one_error(tiny_adapters: TinyAdapters, target: LoRATargetSpec,
                                              tmp_path: Path) -> None:
     folder = _copy(tiny_adapters.paths["sea-r8"], tmp_path / "a")
     config = json.loads((folder / "adapter_config.json").read_text())
