@@ -165,8 +165,11 @@ class Ledger:
         """Charge `fee`, store voucher, receipt and the response body built for the new charged total."""
         assert 0 <= fee <= res.max_fee, "a fee above the quote the voucher covers"
         now = self._now()
-        with self._locked(res.payer) as (session, lanes):
-            row = lanes.get(res.lane)
+        # Only this lane's row is locked: a concurrent `reserve` of another lane reads this one either
+        # with its hold or with its charge (<= the hold), both of which it counts against the escrow.
+        with self._sqlite_lock or _NoLock(), self.factory() as session, session.begin():
+            row = session.scalars(select(Lane).where(Lane.payer == res.payer, Lane.node == self.node,
+                                                     Lane.lane == res.lane).with_for_update()).first()
             if row is None or row.reserved_voucher_hash != res.voucher_hash:
                 raise VoucherConflict("the lane's hold expired and was taken over; nothing was charged",
                                       lane=res.lane)
