@@ -14,7 +14,7 @@ from node.errors import ConfigError
 db_app = typer.Typer(help="The node's database.", no_args_is_help=True)
 
 
-def _deployment():  # type: ignore[no-untyped-def]
+def require_deployment():  # type: ignore[no-untyped-def]
     from node.chain.deploy import read_deployment
 
     settings = load_settings()
@@ -32,7 +32,7 @@ def api(host: str = typer.Option(None, help="Bind address (default LORANODE_HOST
     from node.api.app import create_app
     from node.api.wiring import build_services
 
-    settings, dep = _deployment()
+    settings, dep = require_deployment()
     services = build_services(settings, dep)
     uvicorn.run(create_app(services), host=host or settings.host, port=port or settings.port, log_level="info")
 
@@ -42,7 +42,7 @@ def indexer() -> None:
     from node.chain.indexer import IndexedContracts, Indexer, IndexerConfig
     from node.db.session import make_engine, session_factory
 
-    settings, dep = _deployment()
+    settings, dep = require_deployment()
     if settings.rpc_url is None:
         raise ConfigError("set LORANODE_RPC_URL for the indexer")
     config = IndexerConfig(chain_id=dep.chain_id, confirmations=settings.confirmations,

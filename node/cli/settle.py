@@ -17,16 +17,20 @@ epoch_app = typer.Typer(help="Published settlement epochs.", no_args_is_help=Tru
 
 def worker() -> None:
     """Run the Celery settlement worker: close epochs, build trees, send and confirm `settle`."""
+    from node.cli.processes import require_deployment
     from node.settlement.celery_app import run_worker
 
-    run_worker(load_settings())
+    settings, _ = require_deployment()
+    run_worker(settings)
 
 
 def beat() -> None:
     """Run the Celery beat that ticks the settlement worker every settlement_interval_s."""
+    from node.cli.processes import require_deployment
     from node.settlement.celery_app import run_beat
 
-    run_beat(load_settings())
+    settings, _ = require_deployment()  # fail now, not on the worker's first tick
+    run_beat(settings)
 
 
 def claim(

@@ -84,6 +84,11 @@ def test_adapter_train_then_register(deployed: tuple[Anvil, dict[str, str]], tmp
     assert sum(lineage["weightsBps"]) == 10_000 and lineage["datasets"] == [int(i) for i in ids]
     code, out = _run(env, "adapter", "register", str(out_dir), "--dev-account", "5", "--owner-share", "1500")
     assert code == 0 and "registered" in out, out
+    adapter_id = out.split("adapter ")[1].split(" ")[0]
+    code, out = _run(env, "adapter", "show", adapter_id)
+    assert code == 0 and "owner_share_bps: 1500" in out and "is_deprecated: False" in out, out
+    code, out = _run(env, "adapter", "show", "0")
+    assert code == 2
     code, out = _run(env, "adapter", "register", str(tmp_path), "--dev-account", "5")
     assert code == 2 and "lineage.json" in out
     code, out = _run(env, "adapter", "train", "--base", str(tiny_model), "--dataset", "999", "--out",
@@ -100,6 +105,11 @@ def test_escrow_deposit_thaw_withdraw(deployed: tuple[Anvil, dict[str, str]]) ->
     assert code == 0 and "thawing 1" in out, out
     code, out = _run(env, "escrow", "withdraw", "--node", node, "--dev-account", "6")
     assert code == 0 and "balance 1.5" in out, out
+    payer = deployed[0].keys[6]
+    from eth_account import Account
+
+    code, out = _run(env, "escrow", "show", "--node", node, "--payer", Account.from_key(payer).address)
+    assert code == 0 and "balance 1.5" in out and "thawing 0" in out, out
     code, out = _run(env, "escrow", "deposit", "abc", "--node", node, "--dev-account", "6")
     assert code == 2 and "not an amount" in out
     code, out = _run(env, "escrow", "deposit", "1000", "--node", node, "--dev-account", "7")
