@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import tempfile
 import threading
 from pathlib import Path
@@ -34,12 +35,20 @@ def _serve_forever(folder: Path) -> None:
     from node.devkit import make_tiny_model
     from node.devkit.local_node import LocalNode
 
+    def stop(*_: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM stops everything as Ctrl-C does
+
+    signal.signal(signal.SIGTERM, stop)
     node = LocalNode.start_chain(folder)
     try:
         model = make_tiny_model(folder / "base-model")
         url = node.serve(model)
-        console.print(f"anvil {node.anvil.rpc_url}; API {url}; deployment {node.settings.deployment_file}")
-        console.print("dev accounts: loranode ... --dev-account N (N = 3.. are free for you); Ctrl-C stops")
+        node.start_settlement(folder / "logs", epoch_max_age_s=60.0)
+        console.print(f"anvil {node.anvil.rpc_url}; API {url}; settlement worker and beat logs in {folder / 'logs'}")
+        console.print(f"export LORANODE_RPC_URL={node.anvil.rpc_url} "
+                      f"LORANODE_DEPLOYMENT_FILE={node.settings.deployment_file}")
+        console.print(f"base model {model}: register datasets and adapters with --dev-account N (N >= 3), "
+                      "deposit with `loranode escrow deposit ... --mint`, then `loranode request`. Ctrl-C stops.")
         threading.Event().wait()
     except KeyboardInterrupt:
         pass
