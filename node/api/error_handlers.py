@@ -11,6 +11,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from node.errors import NodeError
 
@@ -55,6 +56,14 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(400, "invalid_request", message or "invalid request", param=param)
 
 
+async def _database_error(_: Request, exc: Exception) -> JSONResponse:
+    """The database is down or unreachable: 503, and nothing was charged (the transaction did not commit)."""
+    log.warning("database unavailable: %s", type(exc).__name__)
+    return error_response(503, "database_unavailable", "the node's database is not available; retry shortly")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(NodeError, _node_error)
+    app.add_exception_handler(OperationalError, _database_error)
+    app.add_exception_handler(InterfaceError, _database_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

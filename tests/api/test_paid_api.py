@@ -214,3 +214,28 @@ def test_models_quote_and_health(paid_node: PaidNode) -> None:
     assert httpx.get(f"{paid_node.base_url}/ready").status_code == 200
     metrics = httpx.get(f"{paid_node.base_url}/metrics").text
     assert "loranode_receipts_total" in metrics and "loranode_adapter_tier" in metrics
+
+
+def test_database_and_mirror_outages_are_503_and_charge_nothing(paid_node: PaidNode) -> None:
+    from node.db.session import make_engine, session_factory
+
+    svc = paid_node.local.services
+    assert svc is not None
+    payer = _payer(paid_node)
+    before = _charged(paid_node, payer, 60)
+    body = json.dumps({"model": str(paid_node.adapter_id), "prompt": "sea", "max_tokens": 2}).encode()
+    header = payer.payment_header(body, 60)
+    dead = session_factory(make_engine("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=1"))
+    saved = (svc.payments.ledger.factory, svc.catalog.factory, svc.catalog.cache_ttl_s, svc.db)
+    svc.payments.ledger.factory, svc.catalog.factory, svc.catalog.cache_ttl_s, svc.db = dead, dead, 0.0, dead
+    try:
+        resp = _post(paid_node, body, header)
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "database_unavailable"
+        assert resp.headers["Retry-After"] == "1"
+        ready = httpx.get(f"{paid_node.base_url}/ready")
+        assert ready.status_code == 503 and ready.json()["database"] is False
+    finally:
+        svc.payments.ledger.factory, svc.catalog.factory, svc.catalog.cache_ttl_s, svc.db = saved
+    assert httpx.get(f"{paid_node.base_url}/ready").status_code == 200
+    assert _post(paid_node, body, header).status_code == 200  # the same voucher works once the database is back
+    assert _charged(paid_node, payer, 60) > before
