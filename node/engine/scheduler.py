@@ -137,7 +137,8 @@ class Scheduler:
         if self.provider.state(seq.adapter_id) is LoadState.READY:
             self._loads.pop(seq.adapter_id, None)
             return True
-        if seq.adapter_id not in self._loads:
+        load = self._loads.get(seq.adapter_id)
+        if load is None or load.done():  # a load that finished but was evicted before it was used
             self._loads[seq.adapter_id] = self.provider.prefetch(seq.adapter_id)
         return False
 
