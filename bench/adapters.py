@@ -237,10 +237,11 @@ def main() -> None:
     parser.add_argument("--section", choices=("all", "store", "engine"), default="all")
     parser.add_argument("--engine-requests", type=int, default=512, help="requests per engine run")
     parser.add_argument("--engine-clients", type=int, default=32, help="closed-loop clients (in flight)")
+    parser.add_argument("--engine-rounds", type=int, default=2, help="interleaved rounds, best of each")
     args = parser.parse_args()
     if args.quick:
         args.num_adapters, args.num_host, args.num_requests = 600, 60, 3000
-        args.num_samples, args.engine_requests = 30, 192
+        args.num_samples, args.engine_requests, args.engine_rounds = 30, 192, 1
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)  # 1 MiB copies gain nothing from intra-op threads; peft gets the same
     work = Path(tempfile.mkdtemp(prefix="bench-adapters-"))
@@ -252,7 +253,7 @@ def main() -> None:
         if args.section != "store":
             cached, _ = populate(work / "engine", args.num_adapters, num_registry=0)
             report["engine"] = run_engine(work / "engine", cached, args.num_host, args.engine_requests,
-                                          args.engine_clients)
+                                          args.engine_clients, args.engine_rounds)
             print_engine(report["engine"])  # type: ignore[arg-type]
     finally:
         shutil.rmtree(work, ignore_errors=True)

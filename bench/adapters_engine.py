@@ -18,6 +18,7 @@ loading, disk), p50 disk->host (store worker: hash check + parse) and host->devi
 from __future__ import annotations
 
 import functools
+import os
 import random
 import statistics
 import threading
@@ -52,6 +53,7 @@ class _Run:
     num_done: int = 0
     slot_writes: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    ends: list[tuple[float, int]] = field(default_factory=list)  # (finished at, completion tokens)
     finished: threading.Event = field(default_factory=threading.Event)
 
     def submit(self) -> None:
@@ -74,6 +76,7 @@ class _Run:
             self.ttft.append(time.perf_counter() - self.submitted[delta.request_id])
         if delta.finish_reason is not None:
             self.num_tokens += delta.num_completion_tokens
+            self.ends.append((time.perf_counter(), delta.num_completion_tokens))
             self.num_done += 1
             if delta.finish_reason != "length":
                 self.errors.append(f"{delta.request_id}: {delta.finish_reason} {delta.error}")
@@ -135,7 +138,9 @@ def _run(work: Path, cached: Listed, requests: list[tuple[list[int], str]], host
         raise RuntimeError(f"{len(run.errors)} requests failed, first: {run.errors[0]}")
     disk_p50 = m.disk.p50_load_seconds
     write_p50 = statistics.median(run.slot_writes) if run.slot_writes else None
+    half = run.ends[len(run.ends) // 2:]  # steady state: the second half of the requests to finish
     return {"seconds": seconds, "tokens_per_s": run.num_tokens / seconds,
+            "second_half_tokens_per_s": sum(n for _, n in half[1:]) / (half[-1][0] - half[0][0]),
             "ttft_p50_ms": 1e3 * statistics.median(run.ttft), "ttft_p99_ms": 1e3 * _p99(run.ttft),
             "tier_at_submit": {k: run.tiers[k] / len(requests) for k in ("device", "host", "loading", "disk")},
             "disk_loads": m.disk.num_loads, "host_evictions": m.host.evictions,
@@ -144,6 +149,10 @@ def _run(work: Path, cached: Listed, requests: list[tuple[list[int], str]], host
             "host_to_device_p50_ms": 1e3 * write_p50 if write_p50 is not None else None,
             "disk_to_device_p50_ms": (1e3 * (disk_p50 + write_p50)
                                       if disk_p50 is not None and write_p50 is not None else None)}
+
+
+def _rate(run: dict[str, object]) -> float:
+    return run["tokens_per_s"]  # type: ignore[return-value]
 
 
 def _p99(xs: list[float]) -> float:
@@ -160,23 +169,31 @@ def _requests(ids: list[str], num_requests: int, alpha: float | None, seed: int)
 
 
 def run_engine(work: Path, cached: Listed, num_host: int, num_requests: int,
-               num_clients: int) -> dict[str, object]:
-    """Both distributions, tiered then all-resident each; the ratios are within this one run."""
+               num_clients: int, rounds: int = 1) -> dict[str, object]:
+    """Both distributions, tiered then all-resident each (`rounds` times, best of each); the ratios
+    are within this one run."""
     make_tiny_model(work / "model", hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8,
                     vocab_size=VOCAB, initializer_range=0.02)
     ids = [adapter_id for adapter_id, _ in cached]
     host_bytes = int(num_host * (1 << 20) * 1.02)
     out: dict[str, object] = {"config": {"num_adapters": len(ids), "num_host": num_host, "num_slots": NUM_SLOTS,
-                                         "num_requests": num_requests, "num_clients": num_clients,
+                                         "num_requests": num_requests, "num_clients": num_clients, "rounds": rounds,
+                                         "load_average_at_start": os.getloadavg(),
                                          "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS, "rank": RANK,
                                          "model": "llama hidden 512, 8 layers, 8 heads, vocab 8000, f32"}}
     for name, alpha in (("zipf1.1", 1.1), ("uniform", None)):
         requests = _requests(ids, num_requests, alpha, seed=7)
-        tiered = _run(work, cached, requests, host_bytes, num_clients, resident=False)
         distinct = len({a for _, a in requests})
-        resident = _run(work, cached, requests, int(distinct * (1 << 20) * 1.1), num_clients, resident=True)
+        tiered_runs, resident_runs = [], []
+        for _ in range(rounds):  # interleaved, best of each: other load on a shared machine hits both alike
+            tiered_runs.append(_run(work, cached, requests, host_bytes, num_clients, resident=False))
+            resident_runs.append(_run(work, cached, requests, int(distinct * (1 << 20) * 1.1), num_clients,
+                                      resident=True))
+        tiered, resident = max(tiered_runs, key=_rate), max(resident_runs, key=_rate)
         out[name] = {"distinct_adapters": distinct, "tiered": tiered, "all_resident": resident,
-                     "throughput_vs_all_resident": tiered["tokens_per_s"] / resident["tokens_per_s"]}
+                     "throughput_vs_all_resident": tiered["tokens_per_s"] / resident["tokens_per_s"],
+                     "second_half_vs_all_resident": (tiered["second_half_tokens_per_s"]
+                                                     / resident["second_half_tokens_per_s"])}
     return out
 
 
@@ -184,7 +201,7 @@ def print_engine(report: dict[str, object]) -> None:
     c: dict[str, object] = report["config"]  # type: ignore[assignment]
     print(f"\nengine: {c['num_adapters']} adapters on disk, host for {c['num_host']}, {c['num_slots']} slots, "
           f"{c['num_requests']} requests x {c['new_tokens']} tokens, {c['num_clients']} clients")
-    print(f"{'traffic':<9}{'run':<10}{'tok/s':>8}{'ratio':>7}{'ttft p50':>10}{'p99':>8}"
+    print(f"{'traffic':<9}{'run':<13}{'tok/s':>7}{'ratio':>6}{'2nd half':>9}{'ratio':>6}{'ttft p50':>9}{'p99':>6}"
           f"{'device':>8}{'host':>7}{'loading':>8}{'disk':>7}{'disk>host':>10}{'host>dev':>9}  (ms)")
     for name in ("zipf1.1", "uniform"):
         d: dict[str, object] = report[name]  # type: ignore[assignment]
@@ -192,8 +209,9 @@ def print_engine(report: dict[str, object]) -> None:
             r: dict[str, object] = d[run]  # type: ignore[assignment]
             t: dict[str, float] = r["tier_at_submit"]  # type: ignore[assignment]
             ratio = f"{d['throughput_vs_all_resident']:.2f}" if run == "tiered" else "1.00"
-            print(f"{name:<9}{run:<10}{r['tokens_per_s']:>8.1f}{ratio:>7}{r['ttft_p50_ms']:>10.0f}"
-                  f"{r['ttft_p99_ms']:>8.0f}{t['device']:>8.2f}{t['host']:>7.2f}{t['loading']:>8.2f}"
+            ratio2 = f"{d['second_half_vs_all_resident']:.2f}" if run == "tiered" else "1.00"
+            print(f"{name:<9}{run:<13}{r['tokens_per_s']:>7.1f}{ratio:>6}{r['second_half_tokens_per_s']:>9.1f}"
+                  f"{ratio2:>6}{r['ttft_p50_ms']:>9.0f}{r['ttft_p99_ms']:>6.0f}{t['device']:>8.2f}{t['host']:>7.2f}{t['loading']:>8.2f}"
                   f"{t['disk']:>7.2f}{_ms(r['disk_to_host_p50_ms']):>10}{_ms(r['host_to_device_p50_ms']):>9}")
 
 

@@ -110,7 +110,7 @@ def test_a_slow_http_load_does_not_stall_requests_for_resident_adapters(
     slow_src = tiny_adapters.paths["sea-r8"]
     shutil.copytree(slow_src, tmp_path / "www" / "slow")
     with AdapterHTTPServer(tmp_path / "www") as server:
-        server.trickle_bytes, server.trickle_sleep_s = 2048, 0.1  # ~25 kB: 1+ s on the wire
+        server.trickle_bytes, server.trickle_sleep_s = 4096, 0.1  # ~90 kB: 2 s on the wire
         _register(store, "slow", f"{server.url}/slow", folder=slow_src)
         _register(store, "slow-local", slow_src)
         for name in ("count-r4", "food-r16"):
@@ -221,3 +221,27 @@ def test_more_adapters_than_slots_give_the_outputs_of_one_adapter_at_a_time(
         assert store.metrics().host.evictions > 0
     same_prompt = {tuple(o.token_ids) for o, p in zip(outs, prompts, strict=True) if p == PROMPTS[0]}
     assert len(same_prompt) > 2  # the adapters really differ
+
+
+def test_an_engine_waiting_only_on_a_load_does_not_spin(
+        tiny_model: Path, tiny_adapters: TinyAdapters, store: AdapterStore[LoRAWeights], tmp_path: Path) -> None:
+    src = tiny_adapters.paths["count-r4"]
+    shutil.copytree(src, tmp_path / "www" / "slow")
+    with AdapterHTTPServer(tmp_path / "www") as server:
+        server.header_delay_s = 1.0
+        _register(store, "slow", f"{server.url}/slow", folder=src)
+        engine = _engine(tiny_model, store)
+        steps = 0
+        schedule = engine.scheduler.schedule
+
+        def counted() -> object:
+            nonlocal steps
+            steps += 1
+            return schedule()
+
+        engine.scheduler.schedule = counted  # type: ignore[method-assign]
+        started = time.monotonic()
+        out = engine.generate([PROMPTS[0]], GREEDY, ["slow"])[0]
+    assert out.finish_reason == "length" and time.monotonic() - started >= 1.0
+    # a step every ~10 ms while the load runs (a spinning loop makes tens of thousands), plus 8 tokens
+    assert steps < 250, steps
