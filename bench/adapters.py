@@ -2,6 +2,10 @@
 
     python bench/adapters.py                    # 5,000 adapters, host cache for 500
     python bench/adapters.py --quick            # 600 adapters, host cache for 60, fewer requests
+    python bench/adapters.py --section engine --num-adapters 1000   # the engine section only
+
+The engine section (bench/adapters_engine.py) serves the same adapters through LLMEngine over the
+store, against all-adapters-resident; `--section engine` keeps the store rows already in the JSON.
 
 The adapters are rank 8 on q, k, v, o of the engine benchmark's model (Llama, hidden 512, 8 layers,
 MHA), float32, about 1 MiB each, written straight into the store's disk cache. Measured in one run:
@@ -39,6 +43,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from adapters_engine import print_engine, run_engine
 
 from node.lora.content_hash import adapter_weights_sha256, to_hex
 from node.lora.provider import AdapterSource, LoadState
@@ -228,18 +234,29 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=100, help="timed loads, store and peft each")
     parser.add_argument("--quick", action="store_true", help="600 adapters, host for 60, 3,000 requests")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--section", choices=("all", "store", "engine"), default="all")
+    parser.add_argument("--engine-requests", type=int, default=512, help="requests per engine run")
+    parser.add_argument("--engine-clients", type=int, default=32, help="closed-loop clients (in flight)")
+    parser.add_argument("--engine-rounds", type=int, default=2, help="interleaved rounds, best of each")
     args = parser.parse_args()
     if args.quick:
         args.num_adapters, args.num_host, args.num_requests = 600, 60, 3000
-        args.num_samples = 30
+        args.num_samples, args.engine_requests, args.engine_rounds = 30, 192, 1
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)  # 1 MiB copies gain nothing from intra-op threads; peft gets the same
     work = Path(tempfile.mkdtemp(prefix="bench-adapters-"))
+    report: dict[str, object] = json.loads(args.out.read_text()) if args.section == "engine" else {}
     try:
-        report = run(work, args)
+        if args.section != "engine":
+            report = run(work, args)
+            print_table(report)
+        if args.section != "store":
+            cached, _ = populate(work / "engine", args.num_adapters, num_registry=0)
+            report["engine"] = run_engine(work / "engine", cached, args.num_host, args.engine_requests,
+                                          args.engine_clients, args.engine_rounds)
+            print_engine(report["engine"])  # type: ignore[arg-type]
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print_table(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.out}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 
 from node.engine.block_manager import BlockManager
@@ -20,6 +20,7 @@ from node.errors import AdapterError, NodeError
 from node.lora.provider import AdapterProvider, LoadState
 
 log = logging.getLogger(__name__)
+LOAD_WAIT_S = 0.01  # the longest an idle step waits on adapter loads (bounds the delay of new requests)
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,16 @@ class Scheduler:
             budget -= n
         # after a preemption, admitting would only take the blocks back and thrash (vLLM does the same)
         failed = self._admit(scheduled, budget) if num_preempted == self._num_preempted else []
+        if not scheduled and not failed:
+            self._await_load()
         return SchedulerOutput(scheduled=tuple(scheduled), failed=tuple(failed))
+
+    def _await_load(self) -> None:
+        """Nothing can run until an adapter load ends: wait for one briefly rather than spin the step
+        loop (a spinning loop takes the CPU and the GIL from the very loads it waits for)."""
+        pending = [f for f in self._loads.values() if not f.done()]
+        if pending:
+            wait(pending, timeout=LOAD_WAIT_S, return_when=FIRST_COMPLETED)
 
     def _admit(self, scheduled: list[ScheduledSeq], budget: int) -> list[Sequence]:
         failed: list[Sequence] = []
@@ -137,7 +147,8 @@ class Scheduler:
         if self.provider.state(seq.adapter_id) is LoadState.READY:
             self._loads.pop(seq.adapter_id, None)
             return True
-        if seq.adapter_id not in self._loads:
+        load = self._loads.get(seq.adapter_id)
+        if load is None or load.done():  # a load that finished but was evicted before it was used
             self._loads[seq.adapter_id] = self.provider.prefetch(seq.adapter_id)
         return False
 
