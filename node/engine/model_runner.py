@@ -104,6 +104,9 @@ class ModelRunner:
     def _slot(self, adapter_id: str | None, adapters_in_use: Collection[str]) -> int:
         if adapter_id is None:
             return -1
+        slot = self.slots.lookup(adapter_id)  # on the device already: no host-tier lookup, no hit counted
+        if slot is not None:
+            return slot
         return self.slots.activate(adapter_id, self.provider.get(adapter_id), adapters_in_use)
 
     def _group(self, items: list[ScheduledSeq], first_token: int) -> AttentionGroup | None:

@@ -44,6 +44,13 @@ class LoRASlots:
             self.a.append(a_layer)
             self.b.append(b_layer)
 
+    def lookup(self, adapter_id: str) -> int | None:
+        """The slot of a resident adapter (now the most recently used), None if it is not on the device."""
+        slot = self.slot_of.get(adapter_id)
+        if slot is not None:
+            self.slot_of.move_to_end(adapter_id)
+        return slot
+
     def activate(self, adapter_id: str, weights: LoRAWeights, in_use: Collection[str]) -> int:
         """The slot holding `adapter_id`, copying it in (evicting an idle one) if it is not resident."""
         if adapter_id in self.slot_of:

@@ -178,3 +178,16 @@ def test_an_adapter_lost_after_admission_fails_only_its_request(tiny_model: Path
     lost, kept, base = engine.generate(["Rain"] * 3, GREEDY, ["count-r4", "sea-r8", None])
     assert lost.finish_reason == "error" and isinstance(lost.error, AdapterSourceError)
     assert kept.finish_reason == base.finish_reason == "length"
+
+
+def test_a_resident_adapter_is_not_fetched_from_the_host_tier_every_step(engine: LLMEngine) -> None:
+    calls: list[str] = []
+    get = engine.provider.get
+
+    def counting_get(adapter_id: str) -> LoRAWeights:
+        calls.append(adapter_id)
+        return get(adapter_id)
+
+    engine.provider.get = counting_get  # type: ignore[method-assign]
+    engine.generate(["The river runs"], GREEDY, ["sea-r8"])  # 10 decode steps
+    assert calls.count("sea-r8") <= 1  # copied to a device slot once (or already there), then used from it
