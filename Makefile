@@ -27,8 +27,16 @@ node_modules/.installed: package.json package-lock.json
 demo: setup
 	$(BIN)/loranode dev --demo
 
+# The database and broker tests use the local PostgreSQL and Redis when they answer (as on this
+# project's machines and in CI); set LORANODE_TEST_POSTGRES_URL / LORANODE_TEST_REDIS_URL to point elsewhere.
+LOCAL_PG    := postgresql+psycopg://postgres@127.0.0.1:5432/test
+LOCAL_REDIS := redis://127.0.0.1:6379/15
+
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@pg="$${LORANODE_TEST_POSTGRES_URL:-$$(pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null && echo '$(LOCAL_PG)')}"; \
+	 rd="$${LORANODE_TEST_REDIS_URL:-$$(redis-cli -h 127.0.0.1 ping 2>/dev/null | grep -q PONG && echo '$(LOCAL_REDIS)')}"; \
+	 echo "PostgreSQL tests: $${pg:-off}; Redis tests: $${rd:-off}"; \
+	 LORANODE_TEST_POSTGRES_URL="$$pg" LORANODE_TEST_REDIS_URL="$$rd" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check node tests bench scripts
