@@ -1,20 +1,28 @@
-"""`make demo`'s flow, as a test: the whole loop reconciles to the wei."""
+"""`make demo`, as a test: `loranode dev --demo` runs the whole loop and reconciles to the wei."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-from node.devkit.demo import run_demo
+from node.cli import app
 
 pytestmark = [pytest.mark.chain, pytest.mark.slow]
 
 
 def test_the_demo_loop_reconciles_to_the_wei(tmp_path: Path) -> None:
-    lines: list[str] = []
-    assert run_demo(tmp_path, lines.append, num_per_lane=4)
-    assert any("8 paid requests" in line for line in lines)
-    assert any("epoch 1 settled on chain: 8 receipts" in line for line in lines)
-    assert "reconciled to the wei" in lines
-    assert any("7 payees claimed" in line for line in lines)
+    result = CliRunner().invoke(app, ["dev", "--demo", "--data-dir", str(tmp_path)])
+    out = result.output
+    assert result.exit_code == 0, out
+    assert "24 paid requests through the OpenAI client on 2 lanes" in out
+    assert "epoch 1 settled on chain: 24 receipts" in out
+    assert "7 payees claimed" in out
+    assert "reconciled to the wei" in out and "MISMATCH" not in out
+    assert '"receiptsRoot"' in out  # one receipt with its proof
+
+
+def test_dev_refuses_unknown_options() -> None:
+    result = CliRunner().invoke(app, ["dev", "--demo", "--fast"])
+    assert result.exit_code == 2 and "No such option" in result.output

@@ -48,6 +48,8 @@ def test_model_id_and_make_tiny(tmp_path: Path, tiny_model: Path) -> None:
     assert code == 2 and "no config.json" in out
     code, out = _run({}, "model", "make-tiny", str(tmp_path / "m"), "--arch", "gpt2")
     assert code == 2 and "llama, mistral or qwen2" in out
+    code, out = _run({}, "model", "make-tiny", str(tmp_path / "q"), "--arch", "qwen2")
+    assert code == 0 and (tmp_path / "q" / "config.json").is_file() and "base model id 0x" in out, out
 
 
 def test_dataset_register_and_show(deployed: tuple[Anvil, dict[str, str]], tmp_path: Path) -> None:
