@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 import typer
+from sqlalchemy.exc import OperationalError
 from typer.core import TyperGroup
 
 from node import __version__
@@ -25,6 +26,10 @@ class _Group(TyperGroup):
         except NodeError as exc:
             facts = ", ".join(f"{k}={v}" for k, v in exc.facts.items())
             err_console.print(f"[bold red]error[/] ({exc.code}): {exc.message}" + (f" [{facts}]" if facts else ""))
+            raise typer.Exit(2) from exc
+        except OperationalError as exc:  # database down or URL wrong (the URL is never printed: passwords)
+            reason = str(exc.orig).splitlines()[0] if exc.orig else type(exc).__name__
+            err_console.print(f"[bold red]error[/] (database_unavailable): cannot use the database: {reason}")
             raise typer.Exit(2) from exc
 
 

@@ -139,3 +139,6 @@ def test_db_upgrade_is_idempotent(tmp_path: Path) -> None:
     for _ in range(2):
         code, out = _run(env, "db", "upgrade")
         assert code == 0 and "latest schema" in out, out
+    bad = {"LORANODE_DATABASE_URL": "postgresql+psycopg://someone:s3cret@127.0.0.1:1/none?connect_timeout=2"}
+    code, out = _run(bad, "db", "upgrade")
+    assert code == 2 and "cannot use the database" in out and "s3cret" not in out, out
