@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     max_num_batched_tokens: int = Field(default=2048, ge=16)
     max_lora_rank: int = Field(default=64, ge=1)
     max_adapter_slots: int = Field(default=32, ge=1)
+    max_adapter_device_bytes: int | None = Field(default=None, ge=1)  # caps the slots; KV gets the rest
 
     max_model_len: int | None = Field(default=None, ge=16)
 

@@ -35,6 +35,7 @@ def engine_config(settings: Settings) -> EngineConfig:
     return EngineConfig(model_path=settings.model_path, device=settings.device, dtype=settings.dtype,
                         max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
                         max_lora_rank=settings.max_lora_rank, max_adapter_slots=settings.max_adapter_slots,
+                        max_adapter_memory_bytes=settings.max_adapter_device_bytes,
                         max_model_len=settings.max_model_len)
 
 

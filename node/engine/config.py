@@ -23,6 +23,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # None: sized from memory
     max_lora_rank: int = 16
     max_adapter_slots: int = 32  # adapters resident on the device at once (distinct adapters per step)
+    max_adapter_memory_bytes: int | None = None  # device bytes for adapter slots; caps the slot count
     max_model_len: int | None = None  # None: the model's max positions, at most 4096
     kv_cache_memory_fraction: float = 0.85  # on CUDA, of the free memory after loading the model
     max_cpu_kv_cache_bytes: int = 2 << 30  # on CPU, the cap on the KV cache

@@ -11,6 +11,7 @@ from node.engine.config import EngineConfig
 from node.engine.sampling import sample
 from node.engine.scheduler import ScheduledSeq
 from node.engine.sequence import Sequence
+from node.errors import ConfigError
 from node.lora.adapter import LoRATargetSpec, LoRAWeights
 from node.lora.mapping import build_plan
 from node.lora.provider import AdapterProvider
@@ -28,17 +29,31 @@ class ModelRunner:
         self.config, self.model_config, self.provider = config, model_config, provider
         self.device = torch.device(config.device)
         self.model = load_model(config.model_path, config.torch_dtype, self.device, max_model_len)
+        # adapter slots first, so that the KV cache is sized from the memory they leave
+        target = LoRATargetSpec.of(model_config.num_layers, model_config.module_shapes())
+        self.slots = LoRASlots(target, self._num_slots(target), config.max_lora_rank, config.torch_dtype,
+                               self.device)
         self.num_blocks = config.num_kv_blocks or self._fit_kv_blocks(max_model_len)
         shape = (self.num_blocks, config.block_size, model_config.num_kv_heads, model_config.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=config.torch_dtype, device=self.device),
                            torch.zeros(shape, dtype=config.torch_dtype, device=self.device))
                           for _ in range(model_config.num_layers)]
-        target = LoRATargetSpec.of(model_config.num_layers, model_config.module_shapes())
-        self.slots = LoRASlots(target, config.max_adapter_slots, config.max_lora_rank,
-                               config.torch_dtype, self.device)
         # Sees each step's logits [num_sampled, vocab] with their sequences (tests, logprobs later).
         self.logits_observer: Callable[[list[Sequence], torch.Tensor], None] | None = None
         log.info("KV cache: %d blocks of %d tokens", self.num_blocks, config.block_size)
+
+    def _num_slots(self, target: LoRATargetSpec) -> int:
+        """`max_adapter_slots`, or fewer if `max_adapter_memory_bytes` holds fewer slots."""
+        budget = self.config.max_adapter_memory_bytes
+        if budget is None:
+            return self.config.max_adapter_slots
+        per_slot = LoRASlots.slot_nbytes(target, self.config.max_lora_rank, self.config.torch_dtype)
+        if budget < per_slot:
+            raise ConfigError("max_adapter_memory_bytes holds no adapter slot", budget=budget,
+                              slot_bytes=per_slot, max_lora_rank=self.config.max_lora_rank)
+        num = min(self.config.max_adapter_slots, budget // per_slot)
+        log.info("adapter slots: %d of %d bytes each", num, per_slot)
+        return num
 
     def _block_bytes(self) -> int:
         c = self.model_config

@@ -25,6 +25,16 @@ GROUPS: dict[str, tuple[str, ...]] = {
 
 
 class LoRASlots:
+    @staticmethod
+    def slot_nbytes(target: LoRATargetSpec, max_rank: int, dtype: torch.dtype) -> int:
+        """Device bytes of one slot: every layer's stacked A and B at `max_rank`."""
+        elem = torch.tensor([], dtype=dtype).element_size()
+        per_layer = 0
+        for modules in GROUPS.values():
+            per_layer += len(modules) * max_rank * target.shape(modules[0])[0]  # A: [len * r, in]
+            per_layer += sum(target.shape(m)[1] * max_rank for m in modules)  # B: [out, r] each
+        return per_layer * target.num_layers * elem
+
     def __init__(self, target: LoRATargetSpec, num_slots: int, max_rank: int, dtype: torch.dtype,
                  device: torch.device):
         self.num_slots, self.max_rank = num_slots, max_rank

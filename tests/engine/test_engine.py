@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from node.engine import EngineConfig, LLMEngine, SamplingParams, StreamDelta
 from node.engine.sequence import Sequence
@@ -191,3 +192,22 @@ def test_a_resident_adapter_is_not_fetched_from_the_host_tier_every_step(engine:
     engine.provider.get = counting_get  # type: ignore[method-assign]
     engine.generate(["The river runs"], GREEDY, ["sea-r8"])  # 10 decode steps
     assert calls.count("sea-r8") <= 1  # copied to a device slot once (or already there), then used from it
+
+
+def test_adapter_slots_fit_a_device_byte_budget(tiny_model: Path) -> None:
+    from node.errors import ConfigError
+    from node.lora.adapter import LoRATargetSpec
+    from node.lora.slots import LoRASlots
+    from node.models.config import ModelConfig
+
+    cfg = ModelConfig.from_folder(tiny_model)
+    target = LoRATargetSpec.of(cfg.num_layers, cfg.module_shapes())
+    per_slot = LoRASlots.slot_nbytes(target, 16, torch.float32)
+    base = dict(model_path=tiny_model, max_model_len=64, max_lora_rank=16, max_adapter_slots=8)
+    engine = LLMEngine(EngineConfig(**base, max_adapter_memory_bytes=3 * per_slot + per_slot // 2))
+    slots = engine.runner.slots
+    assert slots.num_slots == 3
+    assert sum(t.numel() * t.element_size() for layer in (*slots.a, *slots.b) for t in layer.values()) == 3 * per_slot
+    assert LLMEngine(EngineConfig(**base, max_adapter_memory_bytes=100 * per_slot)).runner.slots.num_slots == 8
+    with pytest.raises(ConfigError, match="holds no adapter slot"):
+        LLMEngine(EngineConfig(**base, max_adapter_memory_bytes=per_slot - 1))
