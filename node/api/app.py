@@ -2,24 +2,46 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 
 from fastapi import FastAPI
+from sqlalchemy.exc import OperationalError
 
 from node import __version__
 from node.api.deps import NodeServices
 from node.api.error_handlers import install_error_handlers
 from node.api.routes import epochs, inference, info, ops
 
+log = logging.getLogger(__name__)
+
+
+async def prune_responses(svc: NodeServices) -> None:
+    """Forget stored response bodies past the idempotency window, every `prune_interval_s`. The
+    vouchers and receipts stay; a voucher older than the window is refused, never served again."""
+    window = timedelta(seconds=svc.idempotency_window_s)
+    while True:
+        try:
+            forgotten = await asyncio.to_thread(svc.payments.ledger.forget_responses, window)
+            if forgotten:
+                log.info("forgot %d response bodies past the idempotency window", forgotten)
+        except OperationalError as exc:  # the database is down: try again next time
+            log.warning("pruning responses failed: %s", type(exc).__name__)
+        await asyncio.sleep(svc.prune_interval_s)
+
 
 def create_app(svc: NodeServices) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         svc.engine.engine.start()
+        pruner = asyncio.create_task(prune_responses(svc))
         try:
             yield
         finally:
+            pruner.cancel()
             for stop in svc.on_shutdown:
                 stop()
 

@@ -26,6 +26,8 @@ class NodeServices:
     chain_id: int
     settlement_address: str
     max_mirror_lag_s: float = 120.0
+    idempotency_window_s: float = 86_400.0  # how long a served voucher's response is kept for retries
+    prune_interval_s: float = 600.0
     on_shutdown: list[Callable[[], None]] = field(default_factory=list)
 
 

@@ -71,6 +71,7 @@ def build_services(settings: Settings, deployment: Deployment) -> NodeServices:
     return NodeServices(engine=client, payments=payments, catalog=catalog, db=db, metrics=metrics,
                         generation=generation, chain_id=deployment.chain_id,
                         settlement_address=deployment.settlement, max_mirror_lag_s=settings.max_mirror_lag_s,
+                        idempotency_window_s=settings.idempotency_window_s,
                         on_shutdown=[engine.shutdown, store.close])
 
 

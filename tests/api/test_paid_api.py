@@ -239,3 +239,25 @@ def test_database_and_mirror_outages_are_503_and_charge_nothing(paid_node: PaidN
     assert httpx.get(f"{paid_node.base_url}/ready").status_code == 200
     assert _post(paid_node, body, header).status_code == 200  # the same voucher works once the database is back
     assert _charged(paid_node, payer, 60) > before
+
+
+def test_responses_past_the_idempotency_window_are_forgotten_and_their_vouchers_refused(
+        paid_node: PaidNode) -> None:
+    import asyncio
+    import dataclasses
+
+    from node.api.app import prune_responses
+
+    svc = paid_node.local.services
+    assert svc is not None
+    payer = _payer(paid_node)
+    body = json.dumps({"model": str(paid_node.adapter_id), "prompt": "old", "max_tokens": 2}).encode()
+    header = payer.payment_header(body, 61)
+    assert _post(paid_node, body, header).status_code == 200
+    assert _post(paid_node, body, header).headers.get("X-Idempotent-Replay") == "true"
+    time.sleep(0.01)
+    expired = dataclasses.replace(svc, idempotency_window_s=0.0, prune_interval_s=3600.0)
+    with pytest.raises(TimeoutError):  # one pass, then it sleeps until the next one
+        asyncio.run(asyncio.wait_for(prune_responses(expired), timeout=2.0))
+    resp = _post(paid_node, body, header)
+    assert resp.status_code == 409 and "already used" in resp.json()["error"]["message"]
