@@ -80,11 +80,10 @@ class AdapterLineageView:
 
 
 @dataclass(frozen=True)
-class ReceiptRecord:
-    id: int
+class ReceiptFields:
+    """A signed receipt as the node computed it (the EIP-712 fields, its digest and signature)."""
+
     receipt_hash: str
-    voucher_hash: str
-    node: str
     adapter_id: int
     registry_block: int
     lineage_hash: str
@@ -94,6 +93,15 @@ class ReceiptRecord:
     output_hash: str
     method: int
     signature: str
+
+
+@dataclass(frozen=True)
+class ReceiptRecord(ReceiptFields):
+    """A stored receipt: its fields, the voucher that paid it, and its epoch once assigned."""
+
+    id: int
+    voucher_hash: str
+    node: str
     created_at: datetime
     epoch_id: int | None
 

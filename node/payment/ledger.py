@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import queries
 from node.db.models import EscrowAccount, Lane, LaneCollection, Receipt, Voucher
+from node.db.queries import ReceiptFields as ReceiptRow  # what the ledger stores, as given
 from node.errors import InsufficientEscrow, VoucherConflict
 from node.payment.voucher_check import CheckedVoucher
 
@@ -40,22 +41,6 @@ class Reservation:
     cumulative: int
     max_fee: int
     charged_before: int
-
-
-@dataclass(frozen=True)
-class ReceiptRow:
-    """What the service computed and signed; the ledger stores it as given."""
-
-    receipt_hash: str
-    adapter_id: int
-    registry_block: int
-    lineage_hash: str
-    prompt_tokens: int
-    completion_tokens: int
-    fee: int
-    output_hash: str
-    method: int
-    signature: str
 
 
 @dataclass(frozen=True)
