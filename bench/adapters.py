@@ -44,8 +44,6 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from adapters_engine import print_engine, run_engine
-
 from node.lora.adapter import LoRATargetSpec, LoRAWeights, load_lora_adapter
 from node.lora.content_hash import adapter_weights_sha256, to_hex
 from node.lora.provider import AdapterSource, LoadState
@@ -269,6 +267,8 @@ def main() -> None:
             report = run(work, args)
             print_table(report)
         if args.section != "store":
+            from adapters_engine import print_engine, run_engine  # the engine and its devkit, only when asked
+
             cached, _ = populate(work / "engine", args.num_adapters, num_registry=0)
             report["engine"] = run_engine(work / "engine", cached, args.num_host, args.engine_requests,
                                           args.engine_clients, args.engine_rounds, args.device)
@@ -319,7 +319,8 @@ def run(work: Path, args: argparse.Namespace) -> dict[str, object]:
                                  "modules": list(MODULES), "dtype": "float32"}},
             "machine": {"python": platform.python_version(), "torch": torch.__version__,
                         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                        "platform": platform.platform(), "load_average": os.getloadavg()},
+                        "platform": platform.platform(), "load_average": os.getloadavg(),
+                        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
             "generate_seconds": generate_s, "loads": loads, "traffic": traffic}
 
 
