@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from node.errors import AdapterFormatError
-from node.lora.adapter_files import DTYPE_BYTES, FLOAT_DTYPES, AdapterFiles
+from node.lora.adapter_files import DTYPE_BYTES, FLOAT_DTYPES, AdapterFiles, TensorEntry
 from node.lora.weights import GROUPS, MODULES, LoRAWeights, scale_stack
 
 __all__ = ["GROUPS", "LoRATargetSpec", "LoRAWeights", "load_lora_adapter"]
@@ -44,11 +44,60 @@ class LoRATargetSpec:
         return self._shapes[module]
 
 
+@dataclass(frozen=True)
+class _Stack:
+    """One host stack, built by joining byte ranges of the file: a group's A or a module's B."""
+
+    name: str
+    parts: tuple[tuple[int, int] | int, ...]  # (begin, end) in the file, or a run of zero bytes
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What an adapter's config and header say: its problems, or how to build its weights."""
+
+    problems: tuple[str, ...]
+    names: dict[tuple[int, str], tuple[str, str]]  # (layer, module) -> (A key, B key)
+    scales: dict[tuple[int, str], float]
+    stacks: tuple[_Stack, ...] | None  # None: not one dtype and one rank (LoRAWeights.from_modules)
+
+
+MAX_CACHED_PLANS = 64
+_PLANS: dict[tuple[object, ...], _Plan] = {}
+
+
 def load_lora_adapter(source: str | Path | AdapterFiles, target: LoRATargetSpec,
                       max_rank: int) -> LoRAWeights:
     """Parse and validate a PEFT LoRA folder (or its files already read and verified by the store);
-    raises AdapterFormatError naming every problem."""
+    raises AdapterFormatError naming every problem.
+
+    Everything but the tensor bytes is decided by the config, the safetensors header, the file size
+    and the base model, and adapters of one shape share all of them: that plan is kept (64 at most),
+    so a load is mostly joining byte ranges."""
     files = source if isinstance(source, AdapterFiles) else AdapterFiles.read(source)
+    key = (files.config_bytes, files.header_bytes, len(files.weights), target, max_rank)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _make_plan(files, target, max_rank)
+        if len(_PLANS) >= MAX_CACHED_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    if plan.problems:
+        raise AdapterFormatError(f"adapter {files.folder.name} is not servable: " + "; ".join(plan.problems),
+                                 folder=str(files.folder), problems=list(plan.problems))
+    if plan.stacks is None:
+        return LoRAWeights.from_modules({k: (files.tensor(a), files.tensor(b)) for k, (a, b) in plan.names.items()},
+                                        plan.scales)
+    dtype = FLOAT_DTYPES[files.header[next(iter(plan.names.values()))[0]].dtype]
+    stacks = {s.name: torch.frombuffer(files.join(s.parts), dtype=dtype).float().view(s.shape) for s in plan.stacks}
+    rank = plan.stacks[0].shape[1] // len(GROUPS[plan.stacks[0].name])
+    a = {g: stacks[g] for g in GROUPS if g in stacks}
+    b = {m: scale_stack(stacks[m], m, plan.scales) for m in MODULES if m in stacks}
+    return LoRAWeights(rank=rank, a=a, b=b, ranks=dict.fromkeys(plan.names, rank))
+
+
+def _make_plan(files: AdapterFiles, target: LoRATargetSpec, max_rank: int) -> _Plan:
     problems = _config_problems(files.config)
     pairs: dict[tuple[int, str], dict[str, str]] = {}
     for key in files.header:
@@ -57,7 +106,7 @@ def load_lora_adapter(source: str | Path | AdapterFiles, target: LoRATargetSpec,
             problems.append(f"unsupported tensor {key}")
             continue
         pairs.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = key
-    names: dict[tuple[int, str], tuple[str, str]] = {}  # (layer, module) -> (A key, B key)
+    names: dict[tuple[int, str], tuple[str, str]] = {}
     scales: dict[tuple[int, str], float] = {}
     for (layer, module), ab in sorted(pairs.items()):
         if _pair_fits(layer, module, ab, files, target, max_rank, problems):
@@ -65,48 +114,40 @@ def load_lora_adapter(source: str | Path | AdapterFiles, target: LoRATargetSpec,
             scales[(layer, module)] = _scaling(files.config, layer, module, files.header[ab["A"]].shape[0])
     if not names and not problems:
         problems.append("the adapter has no LoRA weights")
-    if problems:
-        raise AdapterFormatError(f"adapter {files.folder.name} is not servable: " + "; ".join(problems),
-                                 folder=str(files.folder), problems=problems)
-    stacked = _stack_file_bytes(files, names, scales)
-    if stacked is not None:
-        return stacked
-    return LoRAWeights.from_modules({k: (files.tensor(a), files.tensor(b)) for k, (a, b) in names.items()},
-                                    scales)
+    stacks = _stacks(files, names) if names and not problems else None
+    return _Plan(tuple(problems), names, scales, stacks)
 
 
-def _stack_file_bytes(files: AdapterFiles, names: dict[tuple[int, str], tuple[str, str]],
-                      scales: dict[tuple[int, str], float]) -> LoRAWeights | None:
-    """The stacks built by joining byte ranges of the file (no tensor per (layer, module)): the common
-    case of one dtype and one rank throughout. None otherwise (`LoRAWeights.from_modules` does it)."""
-    entries = [files.header[key] for ab in names.values() for key in ab]
+def _stacks(files: AdapterFiles, names: dict[tuple[int, str], tuple[str, str]]) -> tuple[_Stack, ...] | None:
+    """How to join the file's byte ranges into the host stacks, in the common case of one dtype and
+    one rank throughout; None otherwise."""
+    header = files.header
+    entries = [header[key] for ab in names.values() for key in ab]
     rank = entries[0].shape[0]
-    if len({e.dtype for e in entries}) != 1 or any(files.header[a].shape[0] != rank for a, _ in names.values()):
+    if len({e.dtype for e in entries}) != 1 or any(header[a].shape[0] != rank for a, _ in names.values()):
         return None
-    dtype, elem = FLOAT_DTYPES[entries[0].dtype], DTYPE_BYTES[entries[0].dtype]
+    elem = DTYPE_BYTES[entries[0].dtype]
     num_layers = max(layer for layer, _ in names) + 1
-    a_stacks, b_stacks = {}, {}
+    stacks = []
     for group, modules in GROUPS.items():
         present = [m for m in modules if any(k[1] == m for k in names)]
         if not present:
             continue
-        d_in = files.header[next(a for (_, m), (a, _) in names.items() if m in present)].shape[1]
-        parts: list[str | int] = [names[(layer, m)][0] if (layer, m) in names else rank * d_in * elem
-                                  for layer in range(num_layers) for m in modules]
+        d_in = header[next(a for (_, m), (a, _) in names.items() if m in present)].shape[1]
+        parts = tuple(_range(header[names[(layer, m)][0]]) if (layer, m) in names else rank * d_in * elem
+                      for layer in range(num_layers) for m in modules)
         # [num_layers * len(group) * rank * in] -> [num_layers, len(group) * rank, in]
-        a_stacks[group] = _tensor(files.join(parts), dtype).view(num_layers, len(modules) * rank, d_in)
+        stacks.append(_Stack(group, parts, (num_layers, len(modules) * rank, d_in)))
         for m in present:
-            d_out = files.header[next(b for (_, n), (_, b) in names.items() if n == m)].shape[0]
-            parts = [names[(layer, m)][1] if (layer, m) in names else d_out * rank * elem
-                     for layer in range(num_layers)]
-            b_stacks[m] = scale_stack(_tensor(files.join(parts), dtype).view(num_layers, d_out, rank), m, scales)
-    return LoRAWeights(rank=rank, a=a_stacks, b=b_stacks,
-                       ranks={key: rank for key in names})
+            d_out = header[next(b for (_, n), (_, b) in names.items() if n == m)].shape[0]
+            parts = tuple(_range(header[names[(layer, m)][1]]) if (layer, m) in names else d_out * rank * elem
+                          for layer in range(num_layers))
+            stacks.append(_Stack(m, parts, (num_layers, d_out, rank)))  # [num_layers, out, rank]
+    return tuple(stacks)
 
 
-def _tensor(data: bytearray, dtype: torch.dtype) -> torch.Tensor:
-    """A float32 tensor over bytes joined for it (no copy when they are float32 already)."""
-    return torch.frombuffer(data, dtype=dtype).float()
+def _range(entry: TensorEntry) -> tuple[int, int]:
+    return entry.begin, entry.end
 
 
 def _config_problems(config: dict[str, Any]) -> list[str]:

@@ -28,6 +28,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+MAX_CACHED_LAYOUTS = 64
+_LAYOUTS: dict[tuple[bytes, int], dict[str, TensorEntry]] = {}  # (header bytes, file size) -> layout
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
@@ -77,9 +79,24 @@ class AdapterFiles:
         return config
 
     @cached_property
+    def header_bytes(self) -> bytes:
+        """The safetensors header's JSON bytes (AdapterFormatError if the file cannot be safetensors)."""
+        return _header_bytes(WEIGHTS_FILE, self.weights)
+
+    @cached_property
     def header(self) -> dict[str, TensorEntry]:
-        """The tensors of the safetensors file, checked to tile its data exactly (no gaps, no overlap)."""
-        return parse_safetensors_header(WEIGHTS_FILE, self.weights)
+        """The tensors of the safetensors file, checked to tile its data exactly (no gaps, no overlap).
+
+        Adapters of one shape share their header byte for byte, so the checked layout is kept per
+        (header bytes, file size): what it says depends on nothing else. Treat it as read-only."""
+        key = (self.header_bytes, len(self.weights))
+        layout = _LAYOUTS.get(key)
+        if layout is None:
+            layout = _parse_header(WEIGHTS_FILE, self.header_bytes, len(self.weights))
+            if len(_LAYOUTS) >= MAX_CACHED_LAYOUTS:
+                _LAYOUTS.clear()
+            _LAYOUTS[key] = layout
+        return layout
 
     def tensor(self, name: str) -> torch.Tensor:
         """A view of one tensor's bytes (a copy only if they are misaligned for their dtype)."""
@@ -98,33 +115,35 @@ class AdapterFiles:
         return torch.frombuffer(buffer, dtype=dtype, count=count, offset=offset).view(entry.shape)
 
 
-    def join(self, parts: list[str | int]) -> bytearray:
-        """The bytes of the named tensors and runs of zero bytes (an int: how many), concatenated."""
+    def join(self, parts: tuple[tuple[int, int] | int, ...]) -> bytearray:
+        """Byte ranges of the file ((begin, end)) and runs of zero bytes (an int: how many), concatenated."""
         view = memoryview(self.weights)
-        chunks: list[bytes | memoryview] = []
-        for part in parts:
-            if isinstance(part, int):
-                chunks.append(bytes(part))
-            else:
-                entry = self.header[part]
-                chunks.append(view[entry.begin:entry.end])
-        return bytearray().join(chunks)
+        return bytearray().join([bytes(part) if isinstance(part, int) else view[part[0]:part[1]]
+                                 for part in parts])
 
 
 def parse_safetensors_header(name: str, data: bytes | bytearray) -> dict[str, TensorEntry]:
     """The header of a safetensors file held in `data`; AdapterFormatError unless it tiles the file."""
+    return _parse_header(name, _header_bytes(name, data), len(data))
+
+
+def _header_bytes(name: str, data: bytes | bytearray) -> bytes:
     size = len(data)
     head = bytes(data[:8])
     header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
     if not 0 < header_len <= min(MAX_HEADER_BYTES, size - 8):
         raise AdapterFormatError(_not_safetensors(head), file=name, size=size)
+    return bytes(data[8:8 + header_len])
+
+
+def _parse_header(name: str, raw: bytes, size: int) -> dict[str, TensorEntry]:
     try:
-        header = json.loads(bytes(data[8:8 + header_len]))
+        header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AdapterFormatError(f"{name}: corrupted safetensors header ({e})", file=name) from e
     if not isinstance(header, dict):
         raise AdapterFormatError(f"{name}: corrupted safetensors header", file=name)
-    return _tensor_layout(name, header, 8 + header_len, size)
+    return _tensor_layout(name, header, 8 + len(raw), size)
 
 
 def _tensor_layout(name: str, header: dict[str, Any], start: int, size: int) -> dict[str, TensorEntry]:
