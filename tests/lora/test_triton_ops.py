@@ -83,13 +83,16 @@ def _traffic(kind: str, num_tokens: int, rng: random.Random) -> list[int]:
 
 def _run(kernels: ModuleType, form: str, x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
          widths: tuple[int, ...], token_slots: list[int]) -> None:
-    plan = build_plan(token_slots, torch.device("cpu"), form)  # type: ignore[arg-type]
+    """Run one form on DEVICE, updating `out` (a CPU tensor) in place."""
+    plan = build_plan(token_slots, DEVICE, form)  # type: ignore[arg-type]
     assert plan is not None
-    ranks = torch.tensor(RANKS, dtype=torch.int32)
+    ranks = torch.tensor(RANKS, dtype=torch.int32, device=DEVICE)
+    x, a, b, result = x.to(DEVICE), a.to(DEVICE), b.to(DEVICE), out.to(DEVICE)
     if form == "gather":
-        kernels.lora_gather(x, out, a, b, widths, ranks, plan.token_slots)
+        kernels.lora_gather(x, result, a, b, widths, ranks, plan.token_slots)
     else:
-        kernels.lora_segment(x, out, a, b, widths, ranks, plan.run_table, plan.max_run_len)
+        kernels.lora_segment(x, result, a, b, widths, ranks, plan.run_table, plan.max_run_len)
+    out.copy_(result.cpu())
 
 
 @pytest.mark.parametrize("kind", ["distinct", "uniform", "zipf", "identical"])
