@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     max_adapter_device_bytes: int | None = Field(default=None, ge=1)  # caps the slots; KV gets the rest
 
     max_model_len: int | None = Field(default=None, ge=16)
+    cuda_graphs: bool = True  # on CUDA: decode steps replayed from graphs per batch-size bucket
+    weight_quantization: Literal["none", "int8"] = "none"  # int8: weight-only, per output channel
 
     # adapters: device slots above; host memory and disk caches in bytes
     adapter_cache_dir: Path | None = None  # default: data_dir/adapters

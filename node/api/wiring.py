@@ -36,7 +36,8 @@ def engine_config(settings: Settings) -> EngineConfig:
                         max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
                         max_lora_rank=settings.max_lora_rank, max_adapter_slots=settings.max_adapter_slots,
                         max_adapter_memory_bytes=settings.max_adapter_device_bytes,
-                        max_model_len=settings.max_model_len)
+                        max_model_len=settings.max_model_len, cuda_graphs=settings.cuda_graphs,
+                        weight_quantization=settings.weight_quantization)
 
 
 def adapter_store(settings: Settings, config: EngineConfig) -> AdapterStore[LoRAWeights]:

@@ -1,8 +1,10 @@
 """Device-resident adapter slots: per layer, stacked [num_slots, ...] A and B tensors, LRU-assigned.
 
 Loading an adapter is a `copy_` into a free (or least recently used, idle) slot: no allocation, fixed
-shapes. Every slot is sized to `max_rank`; lower ranks are zero-padded. The projections are grouped by
-their shared input (qkv, o, gate_up, down) so that one shrink covers a whole group.
+shapes. Every slot is sized to `max_rank`; lower ranks are zero-padded, and `ranks` [num_slots] int32
+keeps each slot's true rank so that the Triton kernels skip the padding. The projections are grouped
+by their shared input (qkv, o, gate_up, down): one shrink and one expand cover a whole group, with A
+stacked as [S, G * r, in] and B as [S, sum of out, r] (per-module B tensors are views into it).
 """
 
 from __future__ import annotations
@@ -40,18 +42,21 @@ class LoRASlots:
         self.num_slots, self.max_rank = num_slots, max_rank
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # adapter id -> slot, least recent first
         self.free = list(range(num_slots - 1, -1, -1))
+        self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)  # true rank per slot
+        self.widths = {group: tuple(target.shape(m)[1] for m in modules) for group, modules in GROUPS.items()}
         self.a: list[dict[str, torch.Tensor]] = []  # per layer: group -> [S, len(group) * r, in]
-        self.b: list[dict[str, torch.Tensor]] = []  # per layer: module -> [S, out, r]
+        self.b_group: list[dict[str, torch.Tensor]] = []  # per layer: group -> [S, sum of out, r]
+        self.b: list[dict[str, torch.Tensor]] = []  # per layer: module -> [S, out, r], a view of b_group
         for _ in range(target.num_layers):
-            a_layer, b_layer = {}, {}
+            a_layer, b_group, b_layer = {}, {}, {}
             for group, modules in GROUPS.items():
                 d_in = target.shape(modules[0])[0]
-                width = len(modules) * max_rank
-                a_layer[group] = torch.zeros(num_slots, width, d_in, dtype=dtype, device=device)
-                for m in modules:
-                    d_out = target.shape(m)[1]
-                    b_layer[m] = torch.zeros(num_slots, d_out, max_rank, dtype=dtype, device=device)
+                a_layer[group] = torch.zeros(num_slots, len(modules) * max_rank, d_in, dtype=dtype, device=device)
+                widths = self.widths[group]
+                b_group[group] = torch.zeros(num_slots, sum(widths), max_rank, dtype=dtype, device=device)
+                b_layer.update(zip(modules, b_group[group].split(list(widths), dim=1), strict=True))
             self.a.append(a_layer)
+            self.b_group.append(b_group)
             self.b.append(b_layer)
 
     def lookup(self, adapter_id: str) -> int | None:
@@ -84,6 +89,7 @@ class LoRASlots:
 
     def _write(self, slot: int, weights: LoRAWeights) -> None:
         r_max = self.max_rank
+        self.ranks[slot] = max((a.shape[0] for a, _ in weights.modules.values()), default=0)
         for layer, (a_layer, b_layer) in enumerate(zip(self.a, self.b, strict=True)):
             for group, modules in GROUPS.items():
                 a_layer[group][slot].zero_()
@@ -106,5 +112,6 @@ class LoRABatch:
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """out: [T, sum of the group's out features], the fused output of the group's projections."""
-        bs = [self.slots.b[layer][m] for m in GROUPS[group]]
-        apply_lora(x, out, self.slots.a[layer][group], bs, self.plan)
+        slots = self.slots
+        apply_lora(x, out, slots.a[layer][group], slots.b_group[layer][group], slots.widths[group], slots.ranks,
+                   self.plan)
