@@ -8,11 +8,11 @@ import logging
 from eth_account import Account
 
 from node.api.deps import NodeServices
-from node.attribution.attributor import Attributor
-from node.attribution.index_store import IndexStore
 from node.api.engine_client import EngineClient
 from node.api.generation import GenerationService
 from node.api.metrics import APIMetrics
+from node.attribution.attributor import Attributor
+from node.attribution.index_store import IndexStore
 from node.catalog import AdapterCatalog
 from node.chain.deploy import Deployment
 from node.chain.eip712 import Domain

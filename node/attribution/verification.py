@@ -86,8 +86,8 @@ def _verify_evidence(rid: str, signed: Receipt, attribution: Any, output_text: s
                      registry: Registry, store: IndexStore) -> Verdict:
     stated = stated_weights(attribution)
     if stated.lineage_hash != signed.lineage_hash:
-        return Verdict(False, f"MISMATCH receipt {rid} (method 2): the stated weights {list(stated.weights_bps)} "
-                              f"hash to {_hex(stated.lineage_hash)}, not to its lineageHash {_hex(signed.lineage_hash)}")
+        return Verdict(False, f"MISMATCH receipt {rid} (method 2): the stated weights {list(stated.weights_bps)} hash "
+                              f"to {_hex(stated.lineage_hash)}, not to its lineageHash {_hex(signed.lineage_hash)}")
     if lineage_hash(stated.dataset_ids, stated.lineage_bps) != registered:
         return Verdict(False, f"MISMATCH receipt {rid} (method 2): the stated lineage is not the adapter's "
                               f"registered one {_hex(registered)}")

@@ -36,7 +36,7 @@ def world(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[I
     return IndexStore(root / "indexes", AutoTokenizer.from_pretrained(str(tiny_model))), refs
 
 
-def _attribute(store: IndexStore, refs: list[DatasetRef], text: str, lineage: list[int]):  # noqa: ANN202
+def _attribute(store: IndexStore, refs: list[DatasetRef], text: str, lineage: list[int]):
     indexes = {r.dataset_id: store.get(r) for r in refs}
     return attribute(text, [r.dataset_id for r in refs], lineage, indexes, store.tokenizer, store.tokenizer_id,
                      CURRENT_RULE)

@@ -5,6 +5,7 @@ and a receipt whose stored weights do not hash to its lineageHash stops the buil
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.chain
 
 
 def test_a_method_2_epoch_pays_each_contributor_by_the_receipts_weights(settlement_world: SettlementWorld,
-                                                                         tmp_path) -> None:  # noqa: ANN001
+                                                                         tmp_path: Path) -> None:
     world = settlement_world
     a, b = world.adapter_ids  # a: datasets 0, 1 at 60/40 %; b: datasets 1, 2 at 33.33/66.67 %
     world.pay(0, 0, a, 1_000_003)  # method 1: the lineage weights
