@@ -82,6 +82,8 @@ def in_process(node: LocalNode, ids: list[int], n: int, prompt: list[int], new: 
 
 async def over_http(node: LocalNode, payer: Payer, ids: list[int], n: int, prompt: list[int], new: int,
                     lanes: int) -> tuple[float, int]:
+    """`n` paid requests on `lanes` lanes in parallel (the payer knows each lane's charged total, as a
+    client in steady state does: see `know_lanes`)."""
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(n):
         queue.put_nowait(i)
@@ -100,10 +102,18 @@ async def over_http(node: LocalNode, payer: Payer, ids: list[int], n: int, promp
             payer.observe(lane, int(resp.headers["X-Charged-Total"]))
             tokens += resp.json()["usage"]["completion_tokens"]
 
-    async with httpx.AsyncClient(base_url=node.base_url, timeout=600) as client:
+    limits = httpx.Limits(max_connections=lanes, max_keepalive_connections=lanes)  # one connection per lane
+    async with httpx.AsyncClient(base_url=node.base_url, timeout=600, limits=limits) as client:
         t = time.perf_counter()
         await asyncio.gather(*(lane_worker(lane, client) for lane in range(lanes)))
         return time.perf_counter() - t, tokens
+
+
+def know_lanes(payer: Payer, lanes: int) -> None:
+    """Ask the node once for each lane's charged total (outside the timed runs: a client does it once
+    per lane, then signs on top of the X-Charged-Total each answer brings)."""
+    for lane in range(lanes):
+        payer.channel(lane)
 
 
 def payment_path(node: LocalNode, ids: list[int], payer_key: str, k: int) -> dict[str, float]:
