@@ -51,6 +51,12 @@ class AdapterCatalog:
         self._cache[adapter_id] = (now, served)
         return served
 
+    def cached(self, model: str) -> ServedAdapter | None:
+        """`resolve` without touching the database: the cached adapter, or None (then call `resolve`,
+        off the event loop)."""
+        hit = self._cache.get(self._parse(model))
+        return hit[1] if hit is not None and time.monotonic() - hit[0] < self.cache_ttl_s else None
+
     def _lookup(self, adapter_id: int, model: str) -> ServedAdapter:
         with self.factory() as session:
             head = queries.mirror_head(session)

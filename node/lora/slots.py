@@ -1,11 +1,13 @@
-"""Device-resident adapter slots: stacked [num_slots, ...] A and B tensors per layer, LRU-assigned.
+"""Device-resident adapter slots: per layer, stacked [num_slots, ...] A and B tensors, LRU-assigned.
 
 Loading an adapter is a `copy_` into a free (or least recently used, idle) slot: no allocation, fixed
-shapes. Every slot is sized to `max_rank`; lower ranks are zero-padded. The projections are grouped by
-their shared input (qkv, o, gate_up, down) so that one shrink covers a whole group. Each group's A and
-each module's B is one tensor over all layers ([num_layers, num_slots, ...]; `a[layer][group]` and
-`b[layer][module]` are views of it), and the host weights have the same layout, so copying an adapter
-in is one copy per group and per module for all layers at once. A slot remembers which parts its last
+shapes. Every slot is sized to `max_rank`; lower ranks are zero-padded, and `ranks` [num_slots] int32
+keeps each slot's true rank so that the Triton kernels skip the padding. The projections are grouped
+by their shared input (qkv, o, gate_up, down): one shrink and one expand cover a whole group, with A
+stacked as [S, G * r, in] and B as [S, sum of out, r] (per-module B tensors are views into it).
+Each group's A and B is one tensor over all layers ([num_layers, S, ...]; the per-layer `a`, `b_group`
+and `b` are views of it), and the host weights have the same layout, so copying an adapter in is one
+copy per group (A) and per module (B) for all layers at once. A slot remembers which parts its last
 adapter wrote, and only those the new one does not overwrite are zeroed.
 """
 
@@ -41,18 +43,24 @@ class LoRASlots:
         self.num_slots, self.max_rank = num_slots, max_rank
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # adapter id -> slot, least recent first
         self.free = list(range(num_slots - 1, -1, -1))
+        self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)  # true rank per slot
+        self.widths = {group: tuple(target.shape(m)[1] for m in modules) for group, modules in GROUPS.items()}
         num_layers = target.num_layers
         self.a_all: dict[str, torch.Tensor] = {}  # group -> [L, S, len(group) * r, in]
-        self.b_all: dict[str, torch.Tensor] = {}  # module -> [L, S, out, r]
+        self.b_all: dict[str, torch.Tensor] = {}  # group -> [L, S, sum of out, r]
         for group, modules in GROUPS.items():
             d_in = target.shape(modules[0])[0]
-            self.a_all[group] = torch.zeros(num_layers, num_slots, len(modules) * max_rank, d_in,
-                                            dtype=dtype, device=device)
-            for m in modules:
-                self.b_all[m] = torch.zeros(num_layers, num_slots, target.shape(m)[1], max_rank,
-                                            dtype=dtype, device=device)
+            self.a_all[group] = torch.zeros(num_layers, num_slots, len(modules) * max_rank, d_in, dtype=dtype,
+                                            device=device)
+            self.b_all[group] = torch.zeros(num_layers, num_slots, sum(self.widths[group]), max_rank, dtype=dtype,
+                                            device=device)
         self.a = [{g: t[layer] for g, t in self.a_all.items()} for layer in range(num_layers)]  # [S, G * r, in]
-        self.b = [{m: t[layer] for m, t in self.b_all.items()} for layer in range(num_layers)]  # [S, out, r]
+        self.b_group = [{g: t[layer] for g, t in self.b_all.items()} for layer in range(num_layers)]
+        self.b: list[dict[str, torch.Tensor]] = []  # per layer: module -> [S, out, r], a view of b_group
+        for b_group in self.b_group:
+            self.b.append({m: view for group, modules in GROUPS.items()
+                           for m, view in zip(modules, b_group[group].split(list(self.widths[group]), dim=1),
+                                              strict=True)})
         self._extents: list[dict[str, _Extent]] = [{} for _ in range(num_slots)]
 
     def lookup(self, adapter_id: str) -> int | None:
@@ -87,6 +95,7 @@ class LoRASlots:
         """Copy the host stacks in: one copy per group's A and per module's B, all layers at once."""
         r, r_max = weights.rank, self.max_rank
         assert r <= r_max, "the parser refuses ranks above max_lora_rank"
+        self.ranks[slot] = r
         extents = self._extents[slot]
         for group, modules in GROUPS.items():
             dst, src = self.a_all[group][:, slot], weights.a.get(group)  # [L, G * r_max, in] <- [Lw, G * r, in]
@@ -95,10 +104,13 @@ class LoRASlots:
                 # [Lw, G, r_max, in] <- [Lw, G, r, in]
                 dst[:num_layers].view(num_layers, len(modules), r_max, d_in)[:, :, :r].copy_(
                     src.view(num_layers, len(modules), r, d_in))
-            for m in modules:
-                b_dst, b_src = self.b_all[m][:, slot], weights.b.get(m)  # [L, out, r_max] <- [Lw, out, r]
+            offset = 0
+            for m, width in zip(modules, self.widths[group], strict=True):
+                b_dst = self.b_all[group][:, slot, offset:offset + width]  # [L, out, r_max] <- [Lw, out, r]
+                b_src = weights.b.get(m)
                 if self._clear(b_dst, extents, m, b_src, r):
                     b_dst[:b_src.shape[0], :, :r].copy_(b_src)
+                offset += width
 
     @staticmethod
     def _clear(dst: torch.Tensor, extents: dict[str, _Extent], name: str, src: torch.Tensor | None,
@@ -122,5 +134,6 @@ class LoRABatch:
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """out: [T, sum of the group's out features], the fused output of the group's projections."""
-        bs = [self.slots.b[layer][m] for m in GROUPS[group]]
-        apply_lora(x, out, self.slots.a[layer][group], bs, self.plan)
+        slots = self.slots
+        apply_lora(x, out, slots.a[layer][group], slots.b_group[layer][group], slots.widths[group], slots.ranks,
+                   self.plan)

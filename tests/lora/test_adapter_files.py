@@ -101,4 +101,4 @@ def test_a_reused_slot_is_cleared_beyond_the_layers_of_its_new_adapter() -> None
     first = LoRAWeights.from_modules({(0, "q_proj"): (torch.full((4, 64), 2.0), torch.full((64, 4), 2.0))})
     slot = slots.activate("first-layer-only", first, in_use=())
     assert torch.equal(slots.a[0]["qkv"][slot, :4], torch.full((4, 64), 2.0))
-    assert not slots.a_all["qkv"][1:, slot].any() and not slots.b_all["q_proj"][1:, slot].any()
+    assert not slots.a_all["qkv"][1:, slot].any() and not slots.b_all["qkv"][1:, slot].any()
