@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
+from typing import cast
 
 import torch
 
@@ -16,7 +17,7 @@ from node.errors import ConfigError
 from node.lora.adapter import LoRATargetSpec, LoRAWeights
 from node.lora.mapping import build_plan
 from node.lora.ops import uses_triton
-from node.lora.provider import AdapterProvider
+from node.lora.provider import AdapterProvider, LoadState
 from node.lora.slots import LoRABatch, LoRASlots
 from node.models.attention import AttentionBatch, AttentionGroup, build_group
 from node.models.config import ModelConfig
@@ -139,6 +140,21 @@ class ModelRunner:
     def prepare_adapter(self, adapter_id: str | None, adapters_in_use: Collection[str]) -> None:
         """Make sure the adapter is in a device slot before the step (raises AdapterError)."""
         self._slot(adapter_id, adapters_in_use)
+
+    def stage_adapters(self, adapter_ids: Iterable[str]) -> list[str]:
+        """Copy adapters already in host memory into free device slots (never evicting one), so that
+        their requests find them there when admitted. Never waits on a load; returns those copied."""
+        staged = []
+        for adapter_id in adapter_ids:
+            if not self.slots.free:
+                break
+            if self.slots.lookup(adapter_id) is not None or self.provider.state(adapter_id) is not LoadState.READY:
+                continue
+            load = self.provider.prefetch(adapter_id)  # done at once on a host hit (evicted since: queued)
+            if load.done() and load.exception() is None:
+                self.slots.activate(adapter_id, cast(LoRAWeights, load.result()), in_use=())
+                staged.append(adapter_id)
+        return staged
 
     def _slot(self, adapter_id: str | None, adapters_in_use: Collection[str]) -> int:
         if adapter_id is None:
