@@ -62,7 +62,8 @@ def build_services(settings: Settings, deployment: Deployment) -> NodeServices:
     pricing = Pricing(settings.prompt_token_price, settings.completion_token_price, settings.min_fee)
     domain = Domain(chain_id=deployment.chain_id, verifying_contract=deployment.settlement)
     payments = PaymentService(ledger, domain, key, pricing, min_validity_s=settings.min_voucher_validity_s)
-    catalog = AdapterCatalog(db, store, to_hex(base_model_id(config.model_path)))
+    catalog = AdapterCatalog(db, store, to_hex(base_model_id(config.model_path)),
+                             max_mirror_lag_s=settings.max_mirror_lag_s)
     metrics = APIMetrics()
     client = EngineClient(engine, settings.max_in_flight)
     generation = GenerationService(client, payments, catalog, metrics, settings.default_max_tokens)
