@@ -110,6 +110,7 @@ class Cluster:
         self.w3 = Web3(Web3.HTTPProvider(self.anvil.rpc_url))
         self.factory: sessionmaker[Session] = session_factory(make_engine(self.settings.resolved_database_url()))
         self.node = self.world.node
+        self.base_nonce = self.operator_nonce()  # before any settle: each epoch adds exactly one transaction
 
     # --- processes ------------------------------------------------------------------------------
     def env(self, **overrides: Any) -> dict[str, str]:

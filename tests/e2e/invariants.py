@@ -96,6 +96,7 @@ def _check_rewards(cluster: Cluster, receipts: list[Receipt], collected: int) ->
                                                                SettlementEpoch.state == EpochState.FINAL)
                                  .order_by(SettlementEpoch.epoch_id)).all()
     assert settlement.last_epoch(cluster.node) == len(finals) == (finals[-1].epoch_id if finals else 0)
+    assert cluster.operator_nonce() - cluster.base_nonce == len(finals), "a settle sent other than once per epoch"
     assert settlement.rewards_total(cluster.node) == collected
     if not finals:
         return 0

@@ -9,6 +9,7 @@ each call is one HTTP request, so the log is exactly what went over the wire.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -134,3 +135,35 @@ def burst(payers: list[Payer], lanes: Iterable[tuple[int, int]], models: list[st
     """`per_lane` requests on each lane, concurrently across lanes; returns when all are answered."""
     with Traffic(payers, lanes, models, log, max_per_lane=per_lane) as traffic:
         traffic.wait()
+
+
+def sse_payloads(lines: Iterable[str]) -> list[dict[str, Any]]:
+    """The JSON payloads of a server-sent event stream (`[DONE]` left out)."""
+    out = []
+    for line in lines:
+        if line.startswith("data: ") and line != "data: [DONE]":
+            out.append(json.loads(line.removeprefix("data: ")))
+    return out
+
+
+def send_raw(base_url: str, body: bytes, header: str, payer: str, lane: int) -> Outcome:
+    """POST exactly these bytes with this X-Payment (what a client's retry sends); streamed or not, as the
+    body says. A stream that breaks, or ends in an error event, is not a complete answer (status 0)."""
+    request = json.loads(body)
+    stream, model = bool(request.get("stream")), str(request["model"])
+    headers = {"X-Payment": header, "Content-Type": "application/json"}
+    payloads: list[dict[str, Any]] = []
+    status, error = 0, ""
+    try:
+        with httpx.stream("POST", f"{base_url}/v1/completions", content=body, headers=headers, timeout=60) as resp:
+            if resp.status_code != 200:
+                resp.read()
+                return Outcome(payer, lane, model, stream, resp.status_code, (), resp.json()["error"]["code"])
+            for line in resp.iter_lines() if stream else [f"data: {resp.read().decode()}"]:
+                payloads.extend(sse_payloads([line]))
+        errors = [p["error"] for p in payloads if "error" in p]
+        status, error = (0, str(errors[0].get("code"))) if errors else (200, "")
+    except httpx.HTTPError as exc:
+        error = type(exc).__name__
+    receipts = tuple(p["receipt"] for p in payloads if "receipt" in p)
+    return Outcome(payer, lane, model, stream, status, receipts, error)
