@@ -9,6 +9,7 @@ the test can cut. Any process can be SIGKILLed and started again (`cluster.procs
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ from tests.e2e.processes import NodeProcess, child_env, node_command
 from tests.e2e.servers import PrivateRedis
 from tests.fixtures.flaky_rpc import FlakyRpc
 
+log = logging.getLogger(__name__)
 TOKEN = 10**18
 OPERATOR, GUARDIAN, TREASURY, RELAYER = 0, 1, 2, 11
 CONTRIBUTORS = (3, 4, 5)
@@ -206,8 +208,11 @@ class Cluster:
         return int(self.w3.eth.get_transaction_count(self.node))
 
     def stop(self) -> None:
+        for proc in self.procs.values():  # SIGTERM to all first, so they wind down together
+            if proc.is_alive and proc.proc is not None:
+                proc.proc.terminate()
         for proc in self.procs.values():
-            proc.stop()
+            proc.stop(timeout_s=10)
         self.miner.stop()
         self.rpc_proxy.stop()
         self.redis.stop()
@@ -248,6 +253,7 @@ def register_world(anvil: Anvil, deployment: Deployment, tiny_model: Path, adapt
 def running_cluster(root: Path, tiny_model: Path, adapters: dict[str, Path], database_url: str,
                     **overrides: Any) -> Iterator[Cluster]:
     """Start everything (about half a minute on two shared cores); stop everything after."""
+    started = time.monotonic()
     anvil = Anvil().start()
     parts: list[Any] = [anvil]
     try:
@@ -270,10 +276,13 @@ def running_cluster(root: Path, tiny_model: Path, adapters: dict[str, Path], dat
         settings = load_settings(**{**values, **overrides})
         cluster = Cluster(anvil, dep, settings, world, proxy, redis, Miner(anvil), root / "logs")
         parts = [cluster]
+        log.info("cluster: chain, contracts and registrations in %.1fs", time.monotonic() - started)
         for name in PROCESSES:
             cluster.start(name)
         cluster.wait_mirror(int(anvil.rpc("eth_blockNumber"), 16))  # type: ignore[arg-type]
+        log.info("cluster: mirror caught up after %.1fs", time.monotonic() - started)
         cluster.wait_ready()
+        log.info("cluster: API ready after %.1fs", time.monotonic() - started)
         yield cluster
     finally:
         for part in reversed(parts):

@@ -5,6 +5,7 @@ while the requests keep coming, then every payee claiming. Processes: `loranode 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -17,25 +18,26 @@ from tests.e2e.traffic import ClientLog, Traffic
 from tests.fixtures.models import TinyAdapters
 
 pytestmark = [pytest.mark.chain, pytest.mark.slow]
+log = logging.getLogger(__name__)
 
 
 def test_paid_traffic_settles_while_it_flows_and_every_payee_claims(
         tiny_model: Path, tiny_adapters: TinyAdapters, postgres_url: str, tmp_path: Path) -> None:
     with running_cluster(tmp_path, tiny_model, tiny_adapters.paths, postgres_url) as cluster:
-        log = ClientLog()
+        calls = ClientLog()
         payers = [cluster.payer(i) for i in range(3)]
         lanes = [(p, lane) for p in range(3) for lane in (0, 1, 7)]
 
         def settled_twice_under_load() -> bool:
             finals = sum(s is EpochState.FINAL for s in cluster.epochs().values())
-            return finals >= 2 and len(log.outcomes) >= 80
+            return finals >= 2 and len(calls.outcomes) >= 80
 
-        with Traffic(payers, lanes, cluster.world.models, log):
+        with Traffic(payers, lanes, cluster.world.models, calls):
             cluster.wait_for(settled_twice_under_load, "two final epochs and 80 answers under load", 240)
         cluster.check_alive()
-        assert log.statuses() == {200: len(log.outcomes)}, log.statuses()
+        assert calls.statuses() == {200: len(calls.outcomes)}, calls.statuses()
         cluster.wait_settled()
-        summary = check_invariants(cluster, log)
+        summary = check_invariants(cluster, calls)
         assert summary.num_lanes == 9 and summary.num_receipts == summary.num_served >= 80
         assert summary.num_final_epochs >= 3
         with cluster.factory() as session:
@@ -45,4 +47,5 @@ def test_paid_traffic_settles_while_it_flows_and_every_payee_claims(
         assert first_final < last_receipt, "no epoch was final while requests were still being served"
         assert adapters == set(cluster.world.lineages)
         paid = claim_everything(cluster)
+        log.info("e2e: %s; %d payees claimed %d", summary, len(paid), sum(paid.values()))
         assert len(paid) == 2 + 2 + 3  # treasury, node, two adapter owners, three contributors

@@ -5,23 +5,27 @@ and after each fault the invariants are checked over everything that happened so
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.e2e.cluster import Cluster, running_cluster
-from tests.e2e.invariants import Summary, check_invariants
 from tests.e2e.servers import PrivatePostgres
-from tests.e2e.traffic import ClientLog, burst
+from tests.e2e.traffic import ClientLog
+from tests.faults.steps import MAX_MIRROR_LAG_S
 from tests.fixtures.models import TinyAdapters
 
-LANES = [(payer, lane) for payer in range(3) for lane in (0, 1)]
-MAX_MIRROR_LAG_S = 10.0  # the API refuses paid work once the mirror is this old (the RPC test waits it out)
+log = logging.getLogger(__name__)
 
 
 @pytest.fixture(scope="package")
 def postgres() -> Iterator[PrivatePostgres]:
+    started = time.monotonic()
     pg = PrivatePostgres().init()
+    log.info("private postgres up in %.1fs", time.monotonic() - started)
     try:
         yield pg
     finally:
@@ -29,29 +33,15 @@ def postgres() -> Iterator[PrivatePostgres]:
 
 
 @pytest.fixture(scope="package")
-def cluster(postgres: PrivatePostgres, tiny_model: object, tiny_adapters: TinyAdapters,
+def cluster(postgres: PrivatePostgres, tiny_model: Path, tiny_adapters: TinyAdapters,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("faults")
-    with running_cluster(root, tiny_model, tiny_adapters.paths, postgres.url,  # type: ignore[arg-type]
+    with running_cluster(root, tiny_model, tiny_adapters.paths, postgres.url,
                          max_mirror_lag_s=MAX_MIRROR_LAG_S) as node:
         yield node
 
 
 @pytest.fixture(scope="package")
 def client_log() -> ClientLog:
+    """Every paid call of the package, for the invariants after each fault."""
     return ClientLog()
-
-
-def traffic(cluster: Cluster, log: ClientLog, per_lane: int = 2) -> None:
-    """A burst of paid calls on every lane of LANES; each must be answered."""
-    before = len(log.outcomes)
-    burst([cluster.payer(i) for i in range(3)], LANES, cluster.world.models, log, per_lane)
-    new = log.outcomes[before:]
-    assert all(o.is_served for o in new), [(o.status, o.error) for o in new if not o.is_served]
-
-
-def settled_and_whole(cluster: Cluster, log: ClientLog) -> Summary:
-    """Every process alive, every receipt in a final epoch, and every invariant over the whole log."""
-    cluster.check_alive()
-    cluster.wait_settled()
-    return check_invariants(cluster, log)

@@ -14,7 +14,7 @@ from node.db.models import Lane, Voucher
 from node.payment.header import decode_payment_header
 from tests.e2e.cluster import Cluster
 from tests.e2e.traffic import ClientLog, Outcome, send_raw
-from tests.faults.conftest import settled_and_whole, traffic
+from tests.faults.steps import settled_and_whole, traffic
 
 pytestmark = [pytest.mark.chain, pytest.mark.slow]
 LANE = 40  # a lane of its own

@@ -11,7 +11,7 @@ import pytest
 from tests.e2e.cluster import Cluster
 from tests.e2e.servers import PrivatePostgres
 from tests.e2e.traffic import ClientLog, send_raw
-from tests.faults.conftest import LANES, settled_and_whole, traffic
+from tests.faults.steps import LANES, settled_and_whole, traffic
 
 pytestmark = [pytest.mark.chain, pytest.mark.slow]
 

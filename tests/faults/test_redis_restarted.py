@@ -10,7 +10,7 @@ import pytest
 
 from tests.e2e.cluster import Cluster
 from tests.e2e.traffic import ClientLog
-from tests.faults.conftest import settled_and_whole, traffic
+from tests.faults.steps import settled_and_whole, traffic
 
 pytestmark = [pytest.mark.chain, pytest.mark.slow]
 

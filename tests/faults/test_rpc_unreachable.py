@@ -11,13 +11,14 @@ import pytest
 
 from tests.e2e.cluster import Cluster
 from tests.e2e.traffic import ClientLog, paid_call
-from tests.faults.conftest import MAX_MIRROR_LAG_S, settled_and_whole, traffic
+from tests.faults.steps import MAX_MIRROR_LAG_S, settled_and_whole, traffic
 
 pytestmark = [pytest.mark.chain, pytest.mark.slow]
 
 
 def test_the_api_serves_from_its_mirror_until_it_is_stale_then_refuses(
         cluster: Cluster, client_log: ClientLog) -> None:
+    cluster.wait_ready()  # a fresh mirror to start from
     payer = cluster.payer(1)
     client = payer.openai(lane=3, max_retries=0)
     model = cluster.world.models[1]

@@ -17,7 +17,7 @@ from node.db.models import EpochState
 from tests.e2e.cluster import OPERATOR, Cluster
 from tests.e2e.processes import NodeProcess
 from tests.e2e.traffic import ClientLog
-from tests.faults.conftest import settled_and_whole, traffic
+from tests.faults.steps import settled_and_whole, traffic
 
 pytestmark = [pytest.mark.chain, pytest.mark.slow]
 
