@@ -1,12 +1,13 @@
 """The steps every fault test repeats: a burst of paid traffic that must be answered, and the check
-that the node is whole again (processes alive, every receipt settled, every invariant)."""
+that the node is whole again (processes alive, every receipt settled, every invariant, every payee
+paid exactly what it is due)."""
 
 from __future__ import annotations
 
 import logging
 
 from tests.e2e.cluster import Cluster
-from tests.e2e.invariants import Summary, check_invariants
+from tests.e2e.invariants import Summary, check_invariants, claim_everything
 from tests.e2e.traffic import ClientLog, burst
 
 log = logging.getLogger(__name__)
@@ -23,9 +24,11 @@ def traffic(cluster: Cluster, client_log: ClientLog, per_lane: int = 2) -> None:
 
 
 def settled_and_whole(cluster: Cluster, client_log: ClientLog) -> Summary:
-    """Every process alive, every receipt in a final epoch, and every invariant over the whole log."""
+    """Every process alive, every receipt in a final epoch, every invariant over the whole log, and a
+    relayer's claim for every payee paying each exactly what it is due."""
     cluster.check_alive()
     cluster.wait_settled()
     summary = check_invariants(cluster, client_log)
-    log.info("invariants hold: %s", summary)
+    paid = claim_everything(cluster)
+    log.info("invariants hold: %s; claims paid %d to %d payees", summary, sum(paid.values()), len(paid))
     return summary
