@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(default=256, ge=1)
     min_voucher_validity_s: int = Field(default=300, ge=0)
     max_in_flight: int = Field(default=256, ge=1)
-    max_mirror_lag_s: float = Field(default=120.0, gt=0)
+    max_mirror_lag_s: float = Field(default=120.0, gt=0)  # past this without the indexer moving: 503 and not ready
     idempotency_window_s: int = Field(default=86_400, ge=0)
     reservation_ttl_s: float = Field(default=600.0, gt=0)
 

@@ -69,7 +69,8 @@ def build_services(settings: Settings, deployment: Deployment) -> NodeServices:
         attributor = Attributor(IndexStore(settings.resolved_attribution_dir(), engine.tokenizer))
     payments = PaymentService(ledger, domain, key, pricing, min_validity_s=settings.min_voucher_validity_s,
                               attributor=attributor)
-    catalog = AdapterCatalog(db, store, to_hex(base_model_id(config.model_path)))
+    catalog = AdapterCatalog(db, store, to_hex(base_model_id(config.model_path)),
+                             max_mirror_lag_s=settings.max_mirror_lag_s)
     if attributor is not None:  # build the served adapters' indexes in the background from the start
         for view in catalog.served():
             attributor.prepare(dataset_refs(view))

@@ -115,6 +115,7 @@ class MirrorHead:
     chain_id: int
     last_block: int
     final_block: int
+    updated_at: datetime  # when the indexer last moved the mirror forward (UTC)
 
 
 def payer_lanes(session: Session, payer: str, node: str | None = None) -> list[LaneState]:
@@ -178,4 +179,4 @@ def epoch_receipts(session: Session, node: str, epoch_id: int) -> list[ReceiptRe
 def mirror_head(session: Session) -> MirrorHead | None:
     """How far the mirror has indexed (None before the indexer's first range)."""
     cur = session.scalars(select(IndexerCursor)).first()
-    return None if cur is None else MirrorHead(cur.chain_id, cur.last_block, cur.final_block)
+    return None if cur is None else MirrorHead(cur.chain_id, cur.last_block, cur.final_block, cur.updated_at)

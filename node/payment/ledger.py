@@ -120,7 +120,11 @@ class Ledger:
 
     def _check_order(self, lane: LaneRow, checked: CheckedVoucher, max_fee: int, now: datetime) -> None:
         v = checked.voucher
-        if lane.reserved_voucher_hash and lane.reserved_at and now - lane.reserved_at < self.ttl:
+        # A hold on this lane blocks every other voucher until it ends or expires; the same voucher sent
+        # again takes its hold over (its first request died with its process, or its client retried):
+        # at most one of the two can commit, so it is still charged at most once.
+        held = lane.reserved_voucher_hash
+        if held and held != checked.digest_hex and lane.reserved_at and now - lane.reserved_at < self.ttl:
             raise VoucherConflict("a request is already in flight on this lane: use another lane",
                                   lane=v.lane, in_flight=lane.reserved_voucher_hash)
         if v.cumulative < lane.last_cumulative:
