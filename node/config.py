@@ -80,7 +80,7 @@ class Settings(BaseSettings):
 
     # attribution: the method this node signs receipts with (1: lineage weights; 2: lineage blended with
     # span evidence from the datasets, see docs/attribution.md) and where its span indexes live
-    attribution_method: Literal[1, 2] = 1
+    attribution_method: int = Field(default=1, ge=1, le=2)  # an int field: "2" from the environment parses
     attribution_dir: Path | None = None  # default: data_dir/attribution
 
     # settlement: an epoch closes when its oldest receipt is this old, its fees reach max_value, or a

@@ -54,3 +54,11 @@ def test_bad_values_are_named() -> None:
     with pytest.raises(ConfigError, match="max_num_seqs") as err:
         load_settings(max_num_seqs=0, unknown_setting=1)
     assert err.value.facts["errors"] == 2
+
+
+def test_attribution_method_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORANODE_ATTRIBUTION_METHOD", "2")
+    assert load_settings().attribution_method == 2
+    monkeypatch.setenv("LORANODE_ATTRIBUTION_METHOD", "3")
+    with pytest.raises(ConfigError, match="attribution_method"):
+        load_settings()
