@@ -280,3 +280,30 @@ def test_responses_past_the_idempotency_window_are_forgotten_and_their_vouchers_
         asyncio.run(asyncio.wait_for(prune_responses(expired), timeout=2.0))
     resp = _post(paid_node, body, header)
     assert resp.status_code == 409 and "already used" in resp.json()["error"]["message"]
+
+
+def test_a_stale_mirror_refuses_paid_work_even_for_a_cached_adapter(paid_node: PaidNode) -> None:
+    svc = paid_node.local.services
+    assert svc is not None
+    payer = _payer(paid_node)
+
+    def ask() -> httpx.Response:
+        body = json.dumps({"model": str(paid_node.adapter_id), "prompt": "sea", "max_tokens": 2}).encode()
+        return _post(paid_node, body, payer.payment_header(body, 61))
+
+    first = ask()
+    assert first.status_code == 200  # the adapter is now in the catalog's cache
+    payer.observe(61, int(first.headers["X-Charged-Total"]))
+    before = _charged(paid_node, payer, 61)
+    saved = svc.catalog.max_mirror_lag_s, svc.catalog.cache_ttl_s
+    svc.catalog.max_mirror_lag_s = 0.001  # the mirror has not moved for longer than that
+    try:
+        for cache_ttl_s in (saved[1], 0.0):  # served from the cache, then looked up
+            svc.catalog.cache_ttl_s = cache_ttl_s
+            resp = ask()
+            assert resp.status_code == 503, resp.text
+            assert resp.json()["error"]["code"] == "mirror_unavailable"
+    finally:
+        svc.catalog.max_mirror_lag_s, svc.catalog.cache_ttl_s = saved
+    assert _charged(paid_node, payer, 61) == before
+    assert ask().status_code == 200
