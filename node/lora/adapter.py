@@ -61,7 +61,8 @@ def load_lora_adapter(folder: str | Path, target: LoRATargetSpec, max_rank: int)
         pickles = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
         why = f"; pickled files are refused: {pickles}" if pickles else ""
         raise AdapterFormatError(f"{WEIGHTS_FILE} is missing{why}", folder=str(folder))
-    problems = _config_problems(config)
+    config_problems = _config_problems(config)
+    problems = list(config_problems)
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     with safe_open(str(weights_path), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
@@ -74,15 +75,17 @@ def load_lora_adapter(folder: str | Path, target: LoRATargetSpec, max_rank: int)
     for (layer, module), ab in sorted(pairs.items()):
         pair = _check_pair(layer, module, ab, target, max_rank, problems)
         if pair is not None:
-            a, b = pair
-            scale = _scaling(config, layer, module, a.shape[0])
-            modules[(layer, module)] = (a.float().contiguous(), (b.float() * scale).contiguous())
+            modules[(layer, module)] = pair
     if not modules and not problems:
         problems.append("the adapter has no LoRA weights")
+    if not config_problems:  # the rules below read the config's r, alpha and patterns
+        problems += _declared_problems(config, modules)
     if problems:
         raise AdapterFormatError(f"adapter {folder.name} is not servable: " + "; ".join(problems),
                                  folder=str(folder), problems=problems)
-    return LoRAWeights(rank=max(a.shape[0] for a, _ in modules.values()), modules=modules)
+    scaled = {(layer, module): (a.float().contiguous(), (b.float() * _scaling(config, layer, module, a.shape[0]))
+                                .contiguous()) for (layer, module), (a, b) in modules.items()}
+    return LoRAWeights(rank=max(a.shape[0] for a, _ in scaled.values()), modules=scaled)
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -110,9 +113,44 @@ def _config_problems(config: dict[str, Any]) -> list[str]:
         problems.append("LoRA bias terms are not supported")
     if config.get("fan_in_fan_out"):
         problems.append("fan_in_fan_out adapters are not supported")
-    if not isinstance(config.get("r"), int) or not isinstance(config.get("lora_alpha"), (int, float)):
-        problems.append("r and lora_alpha must be numbers")
+    if not _is_rank(config.get("r")) or not _is_finite(config.get("lora_alpha")):
+        problems.append("r must be a positive integer and lora_alpha a finite number")
+    problems += _pattern_problems(config)
     return problems
+
+
+def _pattern_problems(config: dict[str, Any]) -> list[str]:
+    """rank_pattern, alpha_pattern and a string target_modules are regexes from the file: each must
+    compile, and each pattern's value must be a rank or a finite number."""
+    problems = []
+    for name, valid in (("rank_pattern", _is_rank), ("alpha_pattern", _is_finite)):
+        patterns = config.get(name) or {}
+        if not isinstance(patterns, dict):
+            problems.append(f"{name} must be an object")
+            continue
+        problems += [f"{name}[{key!r}] = {value!r} is invalid" for key, value in patterns.items()
+                     if not (_compiles(key) and valid(value))]
+    targets = config.get("target_modules")
+    if not (isinstance(targets, str) and _compiles(targets)) and not (
+            isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        problems.append(f"target_modules {targets!r} must be a regex or a list of module names")
+    return problems
+
+
+def _is_rank(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _compiles(pattern: str) -> bool:
+    try:
+        re.compile(rf"(.*\.)?({pattern})$")
+    except re.error:
+        return False
+    return True
 
 
 def _check_pair(layer: int, module: str, ab: dict[str, torch.Tensor], target: LoRATargetSpec,
@@ -126,8 +164,8 @@ def _check_pair(layer: int, module: str, ab: dict[str, torch.Tensor], target: Lo
         return None
     a, b = ab["A"], ab["B"]
     d_in, d_out = target.shape(module)
-    rank = a.shape[0]
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != d_in or b.shape != (d_out, rank):
+    rank = a.shape[0] if a.ndim == 2 else -1
+    if rank < 1 or b.ndim != 2 or a.shape[1] != d_in or b.shape != (d_out, rank):
         problems.append(f"{name}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit "
                         f"in={d_in} out={d_out}")
         return None
@@ -137,16 +175,58 @@ def _check_pair(layer: int, module: str, ab: dict[str, torch.Tensor], target: Lo
     if not (a.is_floating_point() and b.is_floating_point()):
         problems.append(f"{name}: weights must be floating point")
         return None
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        problems.append(f"{name}: weights contain NaN or Inf")
+        return None
     return a, b
+
+
+def _declared_problems(config: dict[str, Any], modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+                       ) -> list[str]:
+    """The config must tell the truth about the weights: peft scales by the declared rank and only
+    wraps the declared target modules, so a lying config would be served unlike peft serves it."""
+    problems = []
+    targets = config.get("target_modules")
+    for (layer, module), (a, _) in modules.items():
+        full_name = _full_name(layer, module)
+        declared = _pattern_value(config.get("rank_pattern"), full_name, config["r"])
+        if a.shape[0] != declared:
+            problems.append(f"layers.{layer}.{module}: rank {a.shape[0]} but the config declares r={declared}")
+        if not _is_target(targets, module, full_name):
+            problems.append(f"layers.{layer}.{module}: has weights but is not in target_modules {targets!r}")
+    if isinstance(targets, list):
+        missing = sorted(t for t in targets if t in MODULES and t not in {m for _, m in modules})
+        if missing:
+            problems.append(f"target_modules {missing} declared but the file has no weights for them")
+    return problems
+
+
+def _is_target(targets: object, module: str, full_name: str) -> bool:
+    """peft's rule: a string is a regex over the full name ("all-linear": every projection); a list
+    names modules by their last dotted parts."""
+    if targets == "all-linear":
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, full_name) is not None
+    if isinstance(targets, list):
+        return any(full_name == t or full_name.endswith(f".{t}") for t in targets if isinstance(t, str))
+    return False
+
+
+def _full_name(layer: int, module: str) -> str:
+    parent = "self_attn" if module in MODULES[:4] else "mlp"
+    return f"model.layers.{layer}.{parent}.{module}"
+
+
+def _pattern_value(patterns: object, full_name: str, default: Any) -> Any:
+    """peft's `rank_pattern` / `alpha_pattern`: the first key matching the end of the module's name."""
+    for key, value in (patterns if isinstance(patterns, dict) else {}).items():
+        if re.match(rf"(.*\.)?({key})$", full_name):
+            return value
+    return default
 
 
 def _scaling(config: dict[str, Any], layer: int, module: str, rank: int) -> float:
     """alpha / r (alpha / sqrt(r) with rsLoRA), honouring PEFT's alpha_pattern."""
-    alpha = float(config["lora_alpha"])
-    parent = "self_attn" if module in MODULES[:4] else "mlp"
-    full_name = f"model.layers.{layer}.{parent}.{module}"
-    for key, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({key})$", full_name):
-            alpha = float(value)
-            break
+    alpha = float(_pattern_value(config.get("alpha_pattern"), _full_name(layer, module), config["lora_alpha"]))
     return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
