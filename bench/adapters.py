@@ -40,14 +40,14 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from adapters_engine import print_engine, run_engine
-
+from node.lora.adapter import LoRATargetSpec, LoRAWeights, load_lora_adapter
 from node.lora.content_hash import adapter_weights_sha256, to_hex
 from node.lora.provider import AdapterSource, LoadState
+from node.lora.slots import LoRASlots
 from node.lora.store import AdapterStore, StoreConfig
 
 HIDDEN, NUM_LAYERS, NUM_HEADS, INTERMEDIATE, VOCAB = 512, 8, 8, 1376, 4096
@@ -55,7 +55,6 @@ RANK, MODULES = 8, ("q_proj", "k_proj", "v_proj", "o_proj")
 ADAPTER_BYTES = NUM_LAYERS * len(MODULES) * 2 * RANK * HIDDEN * 4  # A [r, 512] + B [512, r], f32
 RESULTS = Path(__file__).resolve().parent / "results" / "adapters.json"
 
-Stacked = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def write_adapter(folder: Path, seed: int) -> str:
@@ -76,20 +75,14 @@ def write_adapter(folder: Path, seed: int) -> str:
     return to_hex(adapter_weights_sha256(folder))
 
 
-def parse_stacked(folder: Path) -> Stacked:
-    """What a serving parse does: per module, A as [layers, r, in] and B as [layers, out, r]."""
-    tensors = load_file(str(folder / "adapter_model.safetensors"))
-    out: Stacked = {}
-    for module in MODULES:
-        names = [f"base_model.model.model.layers.{i}.self_attn.{module}" for i in range(NUM_LAYERS)]
-        a = torch.stack([tensors[f"{n}.lora_A.weight"] for n in names])  # [layers, r, in]
-        b = torch.stack([tensors[f"{n}.lora_B.weight"] for n in names])  # [layers, out, r]
-        out[module] = (a, b)
-    return out
+TARGET = LoRATargetSpec.of(NUM_LAYERS, {**{m: (HIDDEN, HIDDEN) for m in MODULES}, "gate_proj": (HIDDEN, INTERMEDIATE),
+                                         "up_proj": (HIDDEN, INTERMEDIATE), "down_proj": (INTERMEDIATE, HIDDEN)})
+parse_adapter = functools.partial(load_lora_adapter, target=TARGET, max_rank=RANK)  # the engine's own parse
 
 
-def stacked_nbytes(weights: Stacked) -> int:
-    return sum(t.numel() * t.element_size() for pair in weights.values() for t in pair)
+def new_slots(device: torch.device, num_slots: int = 64) -> LoRASlots:
+    """The engine's device slots for the bench model."""
+    return LoRASlots(TARGET, num_slots, max_rank=RANK, dtype=torch.float32, device=device)
 
 
 Listed = list[tuple[str, str]]  # (adapter id or URI, registered hash)
@@ -110,39 +103,57 @@ def populate(work: Path, num_adapters: int, num_registry: int) -> tuple[Listed, 
     return cached, remote
 
 
-def new_store(work: Path, num_host: int, num_disk: int, cache: str = "cache") -> AdapterStore[Stacked]:
+def new_store(work: Path, num_host: int, num_disk: int, cache: str = "cache") -> AdapterStore[LoRAWeights]:
     config = StoreConfig(cache_dir=work / cache, max_host_bytes=num_host * ADAPTER_BYTES,
                          max_disk_bytes=int(num_disk * ADAPTER_BYTES * 1.1))
-    return AdapterStore(config, parse_stacked, stacked_nbytes)
+    return AdapterStore(config, parse_adapter, lambda w: w.nbytes)
 
 
 def time_paired_loads(work: Path, cached: Listed, remote: Listed, num_samples: int,
-                      peft_load: Callable[[Path, str], float]) -> dict[str, list[float]]:
-    """Seconds per `get` that misses host memory, each paired with peft loading the same folder.
+                      peft_load: Callable[[Path, str], tuple[float, float]],
+                      device: torch.device) -> dict[str, list[float]]:
+    """Seconds per disk -> device load (`get` that misses host memory, then the copy into a slot of
+    64, evicting the least recently used), each paired with peft loading the same folder; wall time
+    and the calling thread's CPU time (on a shared machine, wall time of a few-ms step also counts
+    the other processes' time slices; CPU time does not).
 
     Pairs alternate which goes first, so that neither always finds the file in the page cache and
     both see the same background load on a shared machine. Also: `get` from a local registry.
     """
+    slots = new_slots(device)
+    out: dict[str, list[float]] = {k: [] for k in ("disk", "device", "disk_to_device", "disk_to_device_cpu",
+                                                 "peft", "peft_cpu", "source")}
     with new_store(work, num_host=1, num_disk=len(cached) + len(remote)) as store:
         for adapter_id, digest in cached:
             store.register(adapter_id, AdapterSource(str(work / "nowhere" / adapter_id), digest))
         for uri, digest in remote:
             store.register(uri, AdapterSource(uri, digest))
-        disk, peft, source = [], [], []
         for i, (adapter_id, digest) in enumerate(random.Random(1).sample(cached, num_samples)):
-            if i % 2:
-                peft.append(peft_load(work / "cache" / digest[2:], f"s{i}"))
-            started = time.perf_counter()
-            store.get(adapter_id)
-            disk.append(time.perf_counter() - started)
-            if not i % 2:
-                peft.append(peft_load(work / "cache" / digest[2:], f"s{i}"))
+            peft_first = bool(i % 2)
+            if peft_first:
+                _append(out, ("peft", "peft_cpu"), peft_load(work / "cache" / digest[2:], f"s{i}"))
+            started, cpu = time.perf_counter(), time.thread_time()
+            weights = store.get(adapter_id)
+            loaded = time.perf_counter()
+            slots.activate(adapter_id, weights, in_use=())
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            done = time.perf_counter()
+            _append(out, ("disk", "device", "disk_to_device", "disk_to_device_cpu"),
+                    (loaded - started, done - loaded, done - started, time.thread_time() - cpu))
+            if not peft_first:
+                _append(out, ("peft", "peft_cpu"), peft_load(work / "cache" / digest[2:], f"s{i}"))
         for uri, _ in remote:
             started = time.perf_counter()
             store.get(uri)
-            source.append(time.perf_counter() - started)
-        internal = list(store.metrics().disk.recent_load_seconds)
-    return {"disk": disk, "peft": peft, "source": source, "disk_internal": internal}
+            out["source"].append(time.perf_counter() - started)
+        out["disk_internal"] = list(store.metrics().disk.recent_load_seconds)
+    return out
+
+
+def _append(out: dict[str, list[float]], keys: tuple[str, ...], values: tuple[float, ...]) -> None:
+    for key, value in zip(keys, values, strict=True):
+        out[key].append(value)
 
 
 def time_http_loads(work: Path, remote: Listed) -> list[float]:
@@ -171,8 +182,9 @@ class _QuietHandler(SimpleHTTPRequestHandler):
         return
 
 
-def peft_loader(work: Path, first: Path) -> Callable[[Path, str], float]:
-    """A peft model over a random hidden-512 Llama; the function times one `load_adapter` (then deletes)."""
+def peft_loader(work: Path, first: Path, device: torch.device) -> Callable[[Path, str], tuple[float, float]]:
+    """A peft model over a random hidden-512 Llama on `device`; the function times one `load_adapter`
+    (wall and CPU seconds; then deletes it)."""
     from peft import PeftModel
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -180,12 +192,15 @@ def peft_loader(work: Path, first: Path) -> Callable[[Path, str], float]:
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=HIDDEN, num_hidden_layers=NUM_LAYERS, num_attention_heads=NUM_HEADS,
                          num_key_value_heads=NUM_HEADS, intermediate_size=INTERMEDIATE, vocab_size=VOCAB)
-    model = PeftModel.from_pretrained(LlamaForCausalLM(config).eval(), str(first), adapter_name="warm")
+    base = LlamaForCausalLM(config).eval().to(device)
+    model = PeftModel.from_pretrained(base, str(first), adapter_name="warm")
 
-    def load(folder: Path, name: str) -> float:
-        started = time.perf_counter()
+    def load(folder: Path, name: str) -> tuple[float, float]:
+        started, cpu = time.perf_counter(), time.thread_time()
         model.load_adapter(str(folder), adapter_name=name)
-        seconds = time.perf_counter() - started
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - started, time.thread_time() - cpu
         model.delete_adapter(name)
         return seconds
 
@@ -235,6 +250,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="600 adapters, host for 60, 3,000 requests")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--section", choices=("all", "store", "engine"), default="all")
+    parser.add_argument("--device", default="cpu", help="device of the slots and of peft's model (cpu, cuda)")
     parser.add_argument("--engine-requests", type=int, default=512, help="requests per engine run")
     parser.add_argument("--engine-clients", type=int, default=32, help="closed-loop clients (in flight)")
     parser.add_argument("--engine-rounds", type=int, default=2, help="interleaved rounds, best of each")
@@ -251,9 +267,11 @@ def main() -> None:
             report = run(work, args)
             print_table(report)
         if args.section != "store":
+            from adapters_engine import print_engine, run_engine  # the engine and its devkit, only when asked
+
             cached, _ = populate(work / "engine", args.num_adapters, num_registry=0)
             report["engine"] = run_engine(work / "engine", cached, args.num_host, args.engine_requests,
-                                          args.engine_clients, args.engine_rounds)
+                                          args.engine_clients, args.engine_rounds, args.device)
             print_engine(report["engine"])  # type: ignore[arg-type]
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -266,8 +284,9 @@ def run(work: Path, args: argparse.Namespace) -> dict[str, object]:
     started = time.perf_counter()
     cached, remote = populate(work, args.num_adapters, num_registry=min(50, args.num_samples))
     generate_s = time.perf_counter() - started
-    peft_load = peft_loader(work, work / "registry" / "r0")
-    store = time_paired_loads(work, cached, remote, min(args.num_samples, len(cached)), peft_load)
+    device = torch.device(args.device)
+    peft_load = peft_loader(work, work / "registry" / "r0", device)
+    store = time_paired_loads(work, cached, remote, min(args.num_samples, len(cached)), peft_load, device)
     http = time_http_loads(work, remote)
     peft = store["peft"]
     traffic = {name: run_traffic(work, cached, args.num_host, args.num_requests, alpha)
@@ -275,22 +294,33 @@ def run(work: Path, args: argparse.Namespace) -> dict[str, object]:
     loads = {"store_disk_to_host_p50_ms": _p50(store["disk"]),
              "store_disk_to_host_p99_ms": 1e3 * _p99(store["disk"]),
              "store_disk_to_host_worker_p50_ms": _p50(store["disk_internal"]),
+             "store_host_to_device_p50_ms": _p50(store["device"]),
+             "store_host_to_device_p99_ms": 1e3 * _p99(store["device"]),
+             "store_disk_to_device_p50_ms": _p50(store["disk_to_device"]),
+             "store_disk_to_device_p99_ms": 1e3 * _p99(store["disk_to_device"]),
              "store_source_to_host_p50_ms": _p50(store["source"]),
              "store_http_to_host_p50_ms": _p50(http),
              "peft_load_adapter_p50_ms": _p50(peft),
-             "peft_load_adapter_p99_ms": 1e3 * _p99(peft)}
+             "peft_load_adapter_p99_ms": 1e3 * _p99(peft),
+             "store_disk_to_device_cpu_p50_ms": _p50(store["disk_to_device_cpu"]),
+             "peft_load_adapter_cpu_p50_ms": _p50(store["peft_cpu"])}
+    loads["peft_over_store_disk_to_device_cpu"] = (loads["peft_load_adapter_cpu_p50_ms"]
+                                                   / loads["store_disk_to_device_cpu_p50_ms"])
+    loads["peft_over_store_disk_to_device"] = (loads["peft_load_adapter_p50_ms"]
+                                               / loads["store_disk_to_device_p50_ms"])
     loads["peft_over_store_disk_to_host"] = (loads["peft_load_adapter_p50_ms"]
                                              / loads["store_disk_to_host_p50_ms"])
-    loads["peft_over_store_paired_median"] = statistics.median(p / d for p, d in zip(peft, store["disk"],
-                                                                                    strict=True))
+    loads["peft_over_store_paired_median"] = statistics.median(
+        p / d for p, d in zip(peft, store["disk_to_device"], strict=True))
     return {"config": {"num_adapters": args.num_adapters, "num_host": args.num_host,
                        "num_requests": args.num_requests, "num_store_samples": len(store["disk"]),
-                       "adapter_bytes": ADAPTER_BYTES,
+                       "adapter_bytes": ADAPTER_BYTES, "device": args.device,
                        "model": {"hidden": HIDDEN, "layers": NUM_LAYERS, "heads": NUM_HEADS, "rank": RANK,
                                  "modules": list(MODULES), "dtype": "float32"}},
             "machine": {"python": platform.python_version(), "torch": torch.__version__,
                         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                        "platform": platform.platform(), "load_average": os.getloadavg()},
+                        "platform": platform.platform(), "load_average": os.getloadavg(),
+                        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
             "generate_seconds": generate_s, "loads": loads, "traffic": traffic}
 
 
@@ -300,15 +330,20 @@ def print_table(report: dict[str, object]) -> None:
     print(f"adapters: {config['num_adapters']} x {config['adapter_bytes'] / 2**20:.2f} MiB, "
           f"host cache for {config['num_host']}")
     print(f"{'load (miss in host memory)':<40}{'p50 ms':>10}{'p99 ms':>10}")
-    rows = (("store: disk cache -> host", "store_disk_to_host"),
+    rows = (("store: disk cache -> device slot", "store_disk_to_device"),
+            ("  of which disk cache -> host", "store_disk_to_host"),
+            ("  of which host -> device slot", "store_host_to_device"),
             ("store: local source -> disk -> host", "store_source_to_host"),
             ("store: http (127.0.0.1) -> disk -> host", "store_http_to_host"),
             ("peft: PeftModel.load_adapter", "peft_load_adapter"))
     for label, key in rows:
         p99 = loads.get(f"{key}_p99_ms")
         print(f"{label:<40}{loads[f'{key}_p50_ms']:>10.2f}" + (f"{p99:>10.2f}" if p99 is not None else ""))
-    print(f"peft / store (disk -> host): {loads['peft_over_store_disk_to_host']:.1f}x on p50s, "
-          f"{loads['peft_over_store_paired_median']:.1f}x median of paired ratios\n")
+    print(f"peft / store (disk -> device): {loads['peft_over_store_disk_to_device']:.1f}x on p50s, "
+          f"{loads['peft_over_store_paired_median']:.1f}x median of paired ratios "
+          f"(disk -> host alone: {loads['peft_over_store_disk_to_host']:.1f}x); on CPU time "
+          f"{loads['peft_load_adapter_cpu_p50_ms']:.2f} / {loads['store_disk_to_device_cpu_p50_ms']:.2f} ms = "
+          f"{loads['peft_over_store_disk_to_device_cpu']:.1f}x\n")
     print(f"{'traffic':<10}{'host hit':>10}{'2nd half':>10}{'disk hit':>10}{'get p50':>10}{'get p99':>10}"
           f"{'hit p50':>10}{'miss p50':>10}   (ms)")
     for name, t in report["traffic"].items():  # type: ignore[attr-defined]

@@ -27,6 +27,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from node.devkit import make_tiny_model
 from node.engine import EngineConfig, LLMEngine, SamplingParams
 from node.engine.sequence import StreamDelta
@@ -91,9 +93,13 @@ def _timed_slot_writes(engine: LLMEngine, sink: list[float]) -> None:
     slots = engine.runner.slots
     write = slots._write
 
+    is_cuda = slots.a_all["qkv"].is_cuda
+
     def timed(slot: int, weights: LoRAWeights) -> None:
         started = time.perf_counter()
         write(slot, weights)
+        if is_cuda:
+            torch.cuda.synchronize()
         sink.append(time.perf_counter() - started)
 
     slots._write = timed  # type: ignore[method-assign]
@@ -112,12 +118,13 @@ def _store(work: Path, cached: Listed, host_bytes: int) -> AdapterStore[LoRAWeig
 
 
 def _run(work: Path, cached: Listed, requests: list[tuple[list[int], str]], host_bytes: int,
-         num_clients: int, resident: bool) -> dict[str, object]:
+         num_clients: int, resident: bool, device: str) -> dict[str, object]:
     with _store(work, cached, host_bytes) as store:
         if resident:
             for adapter in {a for _, a in requests}:
                 store.get(adapter)
-        config = EngineConfig(model_path=work / "model", max_num_seqs=num_clients, max_adapter_slots=NUM_SLOTS,
+        config = EngineConfig(model_path=work / "model", device=device, max_num_seqs=num_clients,
+                              max_adapter_slots=NUM_SLOTS,
                               max_lora_rank=RANK, max_model_len=PROMPT_LEN + NEW_TOKENS + 8,
                               max_num_batched_tokens=num_clients * PROMPT_LEN)
         engine = LLMEngine(config, provider=store)
@@ -169,7 +176,7 @@ def _requests(ids: list[str], num_requests: int, alpha: float | None, seed: int)
 
 
 def run_engine(work: Path, cached: Listed, num_host: int, num_requests: int,
-               num_clients: int, rounds: int = 1) -> dict[str, object]:
+               num_clients: int, rounds: int = 1, device: str = "cpu") -> dict[str, object]:
     """Both distributions, tiered then all-resident each (`rounds` times, best of each); the ratios
     are within this one run."""
     make_tiny_model(work / "model", hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8,
@@ -178,7 +185,7 @@ def run_engine(work: Path, cached: Listed, num_host: int, num_requests: int,
     host_bytes = int(num_host * (1 << 20) * 1.02)
     out: dict[str, object] = {"config": {"num_adapters": len(ids), "num_host": num_host, "num_slots": NUM_SLOTS,
                                          "num_requests": num_requests, "num_clients": num_clients, "rounds": rounds,
-                                         "load_average_at_start": os.getloadavg(),
+                                         "load_average_at_start": os.getloadavg(), "device": device,
                                          "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS, "rank": RANK,
                                          "model": "llama hidden 512, 8 layers, 8 heads, vocab 8000, f32"}}
     for name, alpha in (("zipf1.1", 1.1), ("uniform", None)):
@@ -186,9 +193,9 @@ def run_engine(work: Path, cached: Listed, num_host: int, num_requests: int,
         distinct = len({a for _, a in requests})
         tiered_runs, resident_runs = [], []
         for _ in range(rounds):  # interleaved, best of each: other load on a shared machine hits both alike
-            tiered_runs.append(_run(work, cached, requests, host_bytes, num_clients, resident=False))
+            tiered_runs.append(_run(work, cached, requests, host_bytes, num_clients, False, device))
             resident_runs.append(_run(work, cached, requests, int(distinct * (1 << 20) * 1.1), num_clients,
-                                      resident=True))
+                                      True, device))
         tiered, resident = max(tiered_runs, key=_rate), max(resident_runs, key=_rate)
         out[name] = {"distinct_adapters": distinct, "tiered": tiered, "all_resident": resident,
                      "throughput_vs_all_resident": tiered["tokens_per_s"] / resident["tokens_per_s"],

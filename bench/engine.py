@@ -77,7 +77,7 @@ def synthetic_weights(target: LoRATargetSpec, seed: int) -> LoRAWeights:
             a = torch.randn(RANK, d_in, generator=g) / d_in ** 0.5
             b = torch.randn(d_out, RANK, generator=g) * (0.02 / RANK ** 0.5)
             modules[(layer, name)] = (a, b)
-    return LoRAWeights(rank=RANK, modules=modules)
+    return LoRAWeights.from_modules(modules)
 
 
 def draw_adapters(num_requests: int, num_adapters: int, distribution: str, seed: int) -> list[str | None]:

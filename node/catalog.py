@@ -2,7 +2,10 @@
 
 `model` in an OpenAI request is the adapter's registry id (a decimal string). The catalog reads the
 mirror (never the chain), refuses adapters for another base model or deprecated ones, and hands the
-engine's adapter provider plain values: the URI and the registered sha256.
+engine's adapter provider plain values: the URI and the registered sha256. Every paid request goes
+through `resolve`, so it is also where a stale mirror stops paid work: past `max_mirror_lag_s` without
+the indexer moving it (the RPC unreachable, the indexer down), escrow and lineage may be out of date,
+and requests are refused with 503 (MirrorUnavailable) until it moves again.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,11 +34,13 @@ class ServedAdapter:
 
 class AdapterCatalog:
     def __init__(self, factory: sessionmaker[Session], provider: AdapterProvider[object], base_model_id: str,
-                 cache_ttl_s: float = 2.0) -> None:
+                 cache_ttl_s: float = 2.0, max_mirror_lag_s: float | None = None) -> None:
         self.factory = factory
         self.provider = provider
         self.base_model_id = base_model_id.lower()
         self.cache_ttl_s = cache_ttl_s
+        self.max_mirror_lag_s = max_mirror_lag_s
+        self._mirror_updated_at: datetime | None = None  # as of the last lookup (at most cache_ttl_s old)
         self._registered: set[int] = set()
         self._cache: dict[int, tuple[float, ServedAdapter]] = {}
         self._lock = threading.Lock()
@@ -45,17 +51,35 @@ class AdapterCatalog:
         adapter_id = self._parse(model)
         now = time.monotonic()
         hit = self._cache.get(adapter_id)
-        if hit is not None and now - hit[0] < self.cache_ttl_s:
-            return hit[1]
-        served = self._lookup(adapter_id, model)
-        self._cache[adapter_id] = (now, served)
-        return served
+        if hit is None or now - hit[0] >= self.cache_ttl_s:
+            hit = self._cache[adapter_id] = (now, self._lookup(adapter_id, model))
+        self._check_fresh()
+        return hit[1]
+
+    def _check_fresh(self) -> None:
+        updated_at = self._mirror_updated_at
+        if self.max_mirror_lag_s is None or updated_at is None:
+            return
+        lag_s = (datetime.now(UTC) - updated_at).total_seconds()
+        if lag_s > self.max_mirror_lag_s:
+            raise MirrorUnavailable("the chain mirror is stale: escrow and lineage may be out of date",
+                                    mirror_lag_s=round(lag_s, 1), max_mirror_lag_s=self.max_mirror_lag_s)
+
+    def cached(self, model: str) -> ServedAdapter | None:
+        """`resolve` without touching the database: the cached adapter, or None (then call `resolve`,
+        off the event loop)."""
+        hit = self._cache.get(self._parse(model))
+        if hit is None or time.monotonic() - hit[0] >= self.cache_ttl_s:
+            return None
+        self._check_fresh()  # a cache hit is no way around a stale mirror
+        return hit[1]
 
     def _lookup(self, adapter_id: int, model: str) -> ServedAdapter:
         with self.factory() as session:
             head = queries.mirror_head(session)
             if head is None:
                 raise MirrorUnavailable("the chain mirror has not indexed anything yet")
+            self._mirror_updated_at = head.updated_at
             view = queries.adapter_lineage(session, adapter_id, at_block=head.last_block)
         if view is None:
             raise AdapterNotFound(f"adapter {model} is not registered", model=model)

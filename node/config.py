@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     max_adapter_device_bytes: int | None = Field(default=None, ge=1)  # caps the slots; KV gets the rest
 
     max_model_len: int | None = Field(default=None, ge=16)
+    cuda_graphs: bool = True  # on CUDA: decode steps replayed from graphs per batch-size bucket
+    weight_quantization: Literal["none", "int8"] = "none"  # int8: weight-only, per output channel
 
     # adapters: device slots above; host memory and disk caches in bytes
     adapter_cache_dir: Path | None = None  # default: data_dir/adapters
@@ -72,9 +74,14 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(default=256, ge=1)
     min_voucher_validity_s: int = Field(default=300, ge=0)
     max_in_flight: int = Field(default=256, ge=1)
-    max_mirror_lag_s: float = Field(default=120.0, gt=0)
+    max_mirror_lag_s: float = Field(default=120.0, gt=0)  # past this without the indexer moving: 503 and not ready
     idempotency_window_s: int = Field(default=86_400, ge=0)
     reservation_ttl_s: float = Field(default=600.0, gt=0)
+
+    # attribution: the method this node signs receipts with (1: lineage weights; 2: lineage blended with
+    # span evidence from the datasets, see docs/attribution.md) and where its span indexes live
+    attribution_method: Literal[1, 2] = 1
+    attribution_dir: Path | None = None  # default: data_dir/attribution
 
     # settlement: an epoch closes when its oldest receipt is this old, its fees reach max_value, or a
     # voucher in it expires within the margin; the beat ticks every settlement_interval_s
@@ -129,6 +136,9 @@ class Settings(BaseSettings):
 
     def resolved_adapter_cache_dir(self) -> Path:
         return self.adapter_cache_dir or self.data_dir / "adapter-cache"
+
+    def resolved_attribution_dir(self) -> Path:
+        return self.attribution_dir or self.data_dir / "attribution"
 
     def resolved_deployment_file(self) -> Path:
         return self.deployment_file or Path("deployments") / f"{self.chain_id}.json"

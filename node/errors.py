@@ -118,6 +118,14 @@ class ModelFormatError(NodeError):
     code = "model_format"
 
 
+# --- attribution ---------------------------------------------------------------------------------
+class AttributionError(NodeError):
+    """Evidence or weights that do not follow the attribution rule, or that cannot be recomputed."""
+
+    status = 422
+    code = "attribution_error"
+
+
 # --- chain, mirror, storage ----------------------------------------------------------------------
 class Unavailable(NodeError):
     status = 503

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter (tests/lora/test_triton_ops.py). Triton
+# reads this when it is first imported, so it is set here, before any test module can import it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest_plugins = [
     "tests.fixtures.chain",

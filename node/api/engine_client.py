@@ -1,17 +1,21 @@
 """The only bridge from the API to the engine: prompts to token ids, bounded admission, streaming.
 
-The engine runs its step loop on its own thread; `stream` hands the API an async iterator of
-deltas and aborts the request in the engine when the consumer goes away.
+The engine runs its step loop on its own thread. `stream` hands the API an async iterator of
+deltas (one event-loop wake-up per token); `complete` awaits the finished request only (one wake-up
+per request: what a plain, unstreamed answer needs). Both abort the request in the engine when the
+caller goes away.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
 from node.engine import LLMEngine, SamplingParams
-from node.engine.sequence import StreamDelta
+from node.engine.sequence import RequestOutput, StreamDelta
 from node.errors import BadRequest, Overloaded, PromptTooLong
 
 CHAT_FALLBACK_TEMPLATE = "<|{role}|>\n{content}\n"
@@ -87,3 +91,26 @@ class EngineClient:
                      request_id: str) -> AsyncIterator[StreamDelta]:
         async for delta in self.engine.stream(prompt_ids, params, adapter_id, request_id):
             yield delta
+
+    async def complete(self, prompt_ids: list[int], params: SamplingParams, adapter_id: str | None,
+                       request_id: str) -> RequestOutput:
+        """The request once finished (or aborted, or failed: see its finish_reason)."""
+        self.engine.start()
+        loop = asyncio.get_running_loop()
+        finished: asyncio.Future[RequestOutput] = loop.create_future()
+
+        def on_finish(output: RequestOutput) -> None:  # on the engine thread
+            with contextlib.suppress(RuntimeError):  # the caller's event loop is closed: nobody waits
+                loop.call_soon_threadsafe(_settle, finished, output)
+
+        self.engine.add_request(prompt_ids, params, adapter_id, request_id, waiter=on_finish)
+        try:
+            return await finished
+        except asyncio.CancelledError:
+            self.engine.abort(request_id)
+            raise
+
+
+def _settle(future: asyncio.Future[RequestOutput], output: RequestOutput) -> None:
+    if not future.done():
+        future.set_result(output)

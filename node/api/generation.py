@@ -24,12 +24,13 @@ from node.api.metrics import APIMetrics
 from node.api.schemas import ChatCompletionRequest, CompletionRequest
 from node.catalog import AdapterCatalog, ServedAdapter
 from node.engine import SamplingParams
-from node.engine.sequence import StreamDelta
+from node.engine.sequence import RequestOutput, StreamDelta
 from node.errors import NodeError, Unavailable
 from node.payment.service import Hold, PaymentService, Replay, Usage
 
 log = logging.getLogger(__name__)
 Kind = Literal["completion", "chat"]
+Finished = StreamDelta | RequestOutput  # a request's end: the last delta of a stream, or the whole output
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class GenerationService:
     async def handle(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest, body: bytes,
                      payment: str | None, http: Request) -> JSONResponse | StreamingResponse:
         checked = self.payments.check(payment, body)
-        adapter = await asyncio.to_thread(self.catalog.resolve, req.model)
+        adapter = self.catalog.cached(req.model) or await asyncio.to_thread(self.catalog.resolve, req.model)
         prompt_ids = self._prompt_ids(kind, req)
         limit = req.completion_limit if isinstance(req, ChatCompletionRequest) else req.max_tokens
         max_tokens = self.engine.completion_budget(len(prompt_ids), limit, self.default_max_tokens)
@@ -97,17 +98,12 @@ class GenerationService:
         self._observe(job, final, time.monotonic() - started)
         return JSONResponse(body, headers={"X-Charged-Total": str(total)})
 
-    async def _generate(self, job: Job) -> tuple[StreamDelta, str]:
-        parts: list[str] = []
-        async for delta in self.engine.stream(job.prompt_ids, job.params, str(job.adapter.adapter_id),
-                                              job.response_id):
-            parts.append(delta.text)
-            if delta.finish_reason is not None:
-                _raise_if_failed(delta)
-                return delta, "".join(parts)
-        raise Unavailable("the engine ended the request without finishing it")
+    async def _generate(self, job: Job) -> tuple[RequestOutput, str]:
+        final = await self.engine.complete(job.prompt_ids, job.params, str(job.adapter.adapter_id), job.response_id)
+        _raise_if_failed(final)
+        return final, final.text
 
-    def _charge(self, job: Job, final: StreamDelta, text: str) -> tuple[int, dict[str, Any]]:
+    def _charge(self, job: Job, final: Finished, text: str) -> tuple[int, dict[str, Any]]:
         usage = Usage(final.num_prompt_tokens, final.num_completion_tokens)
         return self.payments.finish(job.hold, job.adapter, usage, text,
                                     lambda receipt: _body(job, text, final.finish_reason, usage, receipt))
@@ -163,14 +159,14 @@ class GenerationService:
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
-    def _observe(self, job: Job, final: StreamDelta, seconds: float) -> None:
+    def _observe(self, job: Job, final: Finished, seconds: float) -> None:
         self.metrics.latency.labels(route=job.kind).observe(seconds)
         self.metrics.tokens.labels(kind="prompt").inc(final.num_prompt_tokens)
         self.metrics.tokens.labels(kind="completion").inc(final.num_completion_tokens)
         self.metrics.receipts.inc()
 
 
-def _raise_if_failed(delta: StreamDelta) -> None:
+def _raise_if_failed(delta: Finished) -> None:
     if delta.finish_reason == "error":
         raise delta.error or Unavailable("the engine failed this request")
     if delta.finish_reason == "abort":

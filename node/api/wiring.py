@@ -11,6 +11,8 @@ from node.api.deps import NodeServices
 from node.api.engine_client import EngineClient
 from node.api.generation import GenerationService
 from node.api.metrics import APIMetrics
+from node.attribution.attributor import Attributor
+from node.attribution.index_store import IndexStore
 from node.catalog import AdapterCatalog
 from node.chain.deploy import Deployment
 from node.chain.eip712 import Domain
@@ -24,7 +26,7 @@ from node.lora.store import AdapterStore, StoreConfig
 from node.models.config import ModelConfig
 from node.payment.ledger import Ledger
 from node.payment.pricing import Pricing
-from node.payment.service import PaymentService
+from node.payment.service import PaymentService, dataset_refs
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,8 @@ def engine_config(settings: Settings) -> EngineConfig:
                         max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
                         max_lora_rank=settings.max_lora_rank, max_adapter_slots=settings.max_adapter_slots,
                         max_adapter_memory_bytes=settings.max_adapter_device_bytes,
-                        max_model_len=settings.max_model_len)
+                        max_model_len=settings.max_model_len, cuda_graphs=settings.cuda_graphs,
+                        weight_quantization=settings.weight_quantization)
 
 
 def adapter_store(settings: Settings, config: EngineConfig) -> AdapterStore[LoRAWeights]:
@@ -61,8 +64,16 @@ def build_services(settings: Settings, deployment: Deployment) -> NodeServices:
     ledger = Ledger(db, node, reservation_ttl_s=settings.reservation_ttl_s)
     pricing = Pricing(settings.prompt_token_price, settings.completion_token_price, settings.min_fee)
     domain = Domain(chain_id=deployment.chain_id, verifying_contract=deployment.settlement)
-    payments = PaymentService(ledger, domain, key, pricing, min_validity_s=settings.min_voucher_validity_s)
-    catalog = AdapterCatalog(db, store, to_hex(base_model_id(config.model_path)))
+    attributor = None
+    if settings.attribution_method == 2:
+        attributor = Attributor(IndexStore(settings.resolved_attribution_dir(), engine.tokenizer))
+    payments = PaymentService(ledger, domain, key, pricing, min_validity_s=settings.min_voucher_validity_s,
+                              attributor=attributor)
+    catalog = AdapterCatalog(db, store, to_hex(base_model_id(config.model_path)),
+                             max_mirror_lag_s=settings.max_mirror_lag_s)
+    if attributor is not None:  # build the served adapters' indexes in the background from the start
+        for view in catalog.served():
+            attributor.prepare(dataset_refs(view))
     metrics = APIMetrics()
     client = EngineClient(engine, settings.max_in_flight)
     generation = GenerationService(client, payments, catalog, metrics, settings.default_max_tokens)
@@ -72,7 +83,7 @@ def build_services(settings: Settings, deployment: Deployment) -> NodeServices:
                         generation=generation, chain_id=deployment.chain_id,
                         settlement_address=deployment.settlement, max_mirror_lag_s=settings.max_mirror_lag_s,
                         idempotency_window_s=settings.idempotency_window_s,
-                        on_shutdown=[engine.shutdown, store.close])
+                        on_shutdown=[engine.shutdown, store.close, *([attributor.close] if attributor else [])])
 
 
 def _register_gauges(metrics: APIMetrics, store: AdapterStore[LoRAWeights], client: EngineClient) -> None:

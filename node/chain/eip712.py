@@ -1,9 +1,12 @@
 """EIP-712 types of the protocol: the Voucher a payer signs and the Receipt a node signs.
 
 Domain: name "loranode", version "1", the chain id and the Settlement contract. Hashing is done here
-directly (typehash, abi.encode, the 0x1901 prefix) because the API checks a voucher on every request;
-`*_typed_data` gives the same message as a wallet-ready JSON dict, and the tests hold the two against
-eth-account and against the contract's own `voucherDigest`.
+directly because the API checks a voucher and signs a receipt on every request: every field of these
+structs is a static abi type, so `abi.encode` is each value as one 32-byte word (checked by the
+dataclasses before), behind the precomputed type hash; the domain separator is computed once per
+domain. Signing and recovery call libsecp256k1 (coincurve) directly. `*_typed_data` gives the same
+message as a wallet-ready JSON dict, and the tests hold the two against eth-account (byte for byte)
+and against the contract's own `voucherDigest`.
 
 Signatures are 65 bytes r||s||v with v in {27, 28} and s in the lower half of the curve order, which
 is what OpenZeppelin's ECDSA accepts on chain; anything else is refused as `BadSignature`.
@@ -11,15 +14,15 @@ is what OpenZeppelin's ECDSA accepts on chain; anything else is refused as `BadS
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
+from coincurve import PrivateKey, PublicKey
 from eth_abi import encode
 from eth_hash.auto import keccak
-from eth_keys import keys
-from eth_keys.exceptions import BadSignature as _KeysBadSignature
-from eth_utils import to_checksum_address
 
+from node.chain.address import checksum_from_bytes
 from node.errors import BadRequest, BadSignature
 
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
@@ -52,9 +55,14 @@ class Domain:
     version: str = "1"
 
     def separator(self) -> bytes:
-        return keccak(encode(["bytes32", "bytes32", "bytes32", "uint256", "address"],
-                             [DOMAIN_TYPEHASH, keccak(self.name.encode()), keccak(self.version.encode()),
-                              self.chain_id, self.verifying_contract]))
+        return _separator(self)
+
+
+@functools.lru_cache(maxsize=64)
+def _separator(domain: Domain) -> bytes:
+    return keccak(encode(["bytes32", "bytes32", "bytes32", "uint256", "address"],
+                         [DOMAIN_TYPEHASH, keccak(domain.name.encode()), keccak(domain.version.encode()),
+                          domain.chain_id, domain.verifying_contract]))
 
 
 def _check(name: str, abi_type: str, value: Any) -> None:
@@ -104,8 +112,18 @@ class Receipt:
         _check_all(RECEIPT_FIELDS, _receipt_values(self))
 
 
+def _word(abi_type: str, value: Any) -> bytes:
+    """`abi.encode` of one static value (already checked by `_check`): one 32-byte word."""
+    if abi_type == "bytes32":
+        return value
+    if abi_type == "address":
+        return bytes(12) + bytes.fromhex(value[2:])
+    return value.to_bytes(32, "big")  # uintN
+
+
 def _struct_hash(typehash: bytes, fields: tuple[tuple[str, str], ...], values: tuple[Any, ...]) -> bytes:
-    return keccak(encode(["bytes32", *(t for _, t in fields)], [typehash, *values]))
+    """keccak256(typehash || abi.encode(values)): the EIP-712 hashStruct of a struct of static fields."""
+    return keccak(b"".join([typehash, *(_word(t, v) for (_, t), v in zip(fields, values, strict=True))]))
 
 
 def _digest(domain: Domain, struct_hash: bytes) -> bytes:
@@ -127,10 +145,15 @@ def _typed_data(primary: str, fields: tuple[tuple[str, str], ...], values: tuple
     }
 
 
+@functools.lru_cache(maxsize=16)
+def _private_key(key: str | bytes) -> PrivateKey:
+    return PrivateKey(bytes.fromhex(key.removeprefix("0x")) if isinstance(key, str) else key)
+
+
 def _sign(key: str | bytes, digest: bytes) -> bytes:
-    raw = bytes.fromhex(key.removeprefix("0x")) if isinstance(key, str) else key
-    sig = keys.PrivateKey(raw).sign_msg_hash(digest)
-    return sig.r.to_bytes(32, "big") + sig.s.to_bytes(32, "big") + bytes([sig.v + 27])
+    """RFC 6979 deterministic, low-s (libsecp256k1 normalises s), as r||s||v with v = 27 + recovery id."""
+    sig = _private_key(key).sign_recoverable(digest, hasher=None)  # r || s || recovery id
+    return sig[:64] + bytes([sig[64] + 27])
 
 
 def recover(digest: bytes, signature: bytes) -> str:
@@ -141,10 +164,10 @@ def recover(digest: bytes, signature: bytes) -> str:
     if v not in (27, 28) or not 0 < r < SECP256K1_N or not 0 < s <= SECP256K1_N // 2:
         raise BadSignature("non-canonical signature (v must be 27/28, s in the lower half order)", v=v)
     try:
-        public = keys.Signature(vrs=(v - 27, r, s)).recover_public_key_from_msg_hash(digest)
-    except _KeysBadSignature as exc:
+        public = PublicKey.from_signature_and_message(signature[:64] + bytes([v - 27]), digest, hasher=None)
+    except ValueError as exc:  # libsecp256k1 found no point for this (r, s, v)
         raise BadSignature("signature does not recover", reason=str(exc)) from exc
-    return to_checksum_address(public.to_canonical_address())
+    return checksum_from_bytes(keccak(public.format(compressed=False)[1:])[-20:])
 
 
 # --- Voucher -------------------------------------------------------------------------------------

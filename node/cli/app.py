@@ -10,7 +10,7 @@ from sqlalchemy.exc import OperationalError
 from typer.core import TyperGroup
 
 from node import __version__
-from node.cli import adapter, chain, dataset, dev, escrow, model, processes, request, settle, status
+from node.cli import adapter, attribution, chain, dataset, dev, escrow, model, processes, request, settle, status
 from node.cli.console import console, err_console
 from node.config import load_settings
 from node.errors import NodeError
@@ -44,6 +44,7 @@ app.add_typer(model.app, name="model")
 app.add_typer(dataset.app, name="dataset")
 app.add_typer(adapter.app, name="adapter")
 app.add_typer(escrow.app, name="escrow")
+app.add_typer(attribution.app, name="attribution")
 app.add_typer(processes.db_app, name="db")
 app.command()(request.request)
 app.command()(status.status)

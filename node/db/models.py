@@ -309,5 +309,8 @@ class Receipt(Base):
     output_hash: Mapped[str] = mapped_column(Hash32(), nullable=False)
     method: Mapped[int] = mapped_column(Integer, nullable=False)
     signature: Mapped[str] = mapped_column(String(132), nullable=False)
+    # method 2: the evidence and the weights the lineageHash commits to (node/attribution/evidence.py);
+    # settlement splits this receipt's dataset share by them. None for method 1 (the lineage weights).
+    attribution: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utc_now)
     epoch_id: Mapped[int | None] = mapped_column(BigInteger)

@@ -7,8 +7,9 @@ whether a row is past the finality depth too); settlement pays only from `is_fin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -62,6 +63,8 @@ class LineageEntry:
     dataset_id: int
     weight_bps: int
     payout: str
+    content_hash: str
+    uri: str
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ class ReceiptFields:
     output_hash: str
     method: int
     signature: str
+    attribution: dict[str, Any] | None = field(default=None, kw_only=True)  # method 2's evidence and weights
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,7 @@ class MirrorHead:
     chain_id: int
     last_block: int
     final_block: int
+    updated_at: datetime  # when the indexer last moved the mirror forward (UTC)
 
 
 def payer_lanes(session: Session, payer: str, node: str | None = None) -> list[LaneState]:
@@ -151,7 +156,8 @@ def adapter_lineage(session: Session, adapter_id: int,
     if adapter is None or (at_block is not None and adapter.block_number > at_block):
         return None
     rows = session.execute(
-        select(AdapterLineage.dataset_id, AdapterLineage.weight_bps, Dataset.payout)
+        select(AdapterLineage.dataset_id, AdapterLineage.weight_bps, Dataset.payout, Dataset.content_hash,
+               Dataset.uri)
         .join(Dataset, Dataset.dataset_id == AdapterLineage.dataset_id)
         .where(AdapterLineage.adapter_id == adapter_id).order_by(AdapterLineage.position)).all()
     dep = adapter.deprecated_block
@@ -160,7 +166,7 @@ def adapter_lineage(session: Session, adapter_id: int,
         adapter_id=adapter.adapter_id, owner=adapter.owner, base_model=adapter.base_model,
         weights_sha256=adapter.weights_sha256, uri=adapter.uri, owner_share_bps=adapter.owner_share_bps,
         lineage_hash=adapter.lineage_hash, registered_block=adapter.block_number, is_deprecated=deprecated,
-        is_final=adapter.is_final, datasets=tuple(LineageEntry(d, w, p) for d, w, p in rows))
+        is_final=adapter.is_final, datasets=tuple(LineageEntry(*row) for row in rows))
 
 
 def epoch_receipts(session: Session, node: str, epoch_id: int) -> list[ReceiptRecord]:
@@ -173,4 +179,4 @@ def epoch_receipts(session: Session, node: str, epoch_id: int) -> list[ReceiptRe
 def mirror_head(session: Session) -> MirrorHead | None:
     """How far the mirror has indexed (None before the indexer's first range)."""
     cur = session.scalars(select(IndexerCursor)).first()
-    return None if cur is None else MirrorHead(cur.chain_id, cur.last_block, cur.final_block)
+    return None if cur is None else MirrorHead(cur.chain_id, cur.last_block, cur.final_block, cur.updated_at)

@@ -1,26 +1,31 @@
 """Engines, sessions and schema migration.
 
 `make_engine(url)` gives SQLite WAL mode, foreign keys and a busy timeout (the API, the indexer and
-the worker share one file in `loranode dev`), or a pre-pinged PostgreSQL pool. `upgrade(url)` runs
-the Alembic migrations in `migrations/` up to head.
+the worker share one file in `loranode dev`), or a PostgreSQL pool that pings a connection idle for
+more than `PING_AFTER_IDLE_S` before handing it out (a ping is a round trip, and the paid path checks
+out a connection twice per request: pinging busy connections would double its round trips).
+`upgrade(url)` runs the Alembic migrations in `migrations/` up to head.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import ConnectionPoolEntry, NullPool, PoolProxiedConnection
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+PING_AFTER_IDLE_S = 1.0
 
 
 def make_engine(url: str, *, echo: bool = False, pool_size: int = 10, pooled: bool = True) -> Engine:
@@ -33,7 +38,32 @@ def make_engine(url: str, *, echo: bool = False, pool_size: int = 10, pooled: bo
         return engine
     if not pooled:
         return create_engine(url, echo=echo, poolclass=NullPool)
-    return create_engine(url, echo=echo, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    engine = create_engine(url, echo=echo, pool_size=pool_size, max_overflow=pool_size)
+    _ping_idle_connections(engine)
+    return engine
+
+
+def _ping_idle_connections(engine: Engine) -> None:
+    """`pool_pre_ping`, for connections idle longer than PING_AFTER_IDLE_S only. A dead one is
+    replaced before use (the pool retries on DisconnectionError); a server restart within the last
+    second is met by the statement instead, which fails as a disconnect (503) and resets the pool."""
+    dialect = engine.dialect
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_conn: Any, record: ConnectionPoolEntry) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_conn: Any, record: ConnectionPoolEntry, _proxy: PoolProxiedConnection) -> None:
+        idle_since = record.info.get("idle_since")
+        if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE_S:
+            return  # a new connection, or one that answered a moment ago
+        try:
+            dialect.do_ping(dbapi_conn)
+        except dialect.loaded_dbapi.Error as exc:
+            if dialect.is_disconnect(exc, dbapi_conn, None):
+                raise DisconnectionError(str(exc)) from exc
+            raise
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

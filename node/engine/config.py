@@ -9,6 +9,7 @@ import torch
 
 from node.errors import ConfigError
 
+QUANTIZATIONS = ("none", "int8")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -28,10 +29,15 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.85  # on CUDA, of the free memory after loading the model
     max_cpu_kv_cache_bytes: int = 2 << 30  # on CPU, the cap on the KV cache
     seed: int = 0  # for requests that sample without a seed of their own
+    cuda_graphs: bool = True  # on CUDA (with Triton), replay decode steps from graphs per batch-size bucket
+    weight_quantization: str = "none"  # "none" or "int8" (weight-only, per output channel)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}", dtype=self.dtype)
+        if self.weight_quantization not in QUANTIZATIONS:
+            raise ConfigError(f"weight_quantization must be one of {QUANTIZATIONS}",
+                              weight_quantization=self.weight_quantization)
         if not self.device.startswith(("cpu", "cuda")):
             raise ConfigError("device must be cpu or cuda", device=self.device)
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_lora_rank",

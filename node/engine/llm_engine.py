@@ -184,6 +184,8 @@ class LLMEngine:
                         self._notify(item.seq)
         for seq in finished:
             self._notify(seq)
+        if out.upcoming:  # after this step's outputs went out: the copies delay only the next step
+            self.runner.stage_adapters(out.upcoming)
         return [s.to_output() for s in finished]
 
     def _notify(self, seq: Sequence) -> None:

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
+from typing import cast
 
 import torch
 
 from node.engine.config import EngineConfig
+from node.engine.cuda_graph import DecodeBatch, DecodeGraphs
 from node.engine.sampling import sample
 from node.engine.scheduler import ScheduledSeq
 from node.engine.sequence import Sequence
 from node.errors import ConfigError
 from node.lora.adapter import LoRATargetSpec, LoRAWeights
 from node.lora.mapping import build_plan
-from node.lora.provider import AdapterProvider
+from node.lora.ops import uses_triton
+from node.lora.provider import AdapterProvider, LoadState
 from node.lora.slots import LoRABatch, LoRASlots
 from node.models.attention import AttentionBatch, AttentionGroup, build_group
 from node.models.config import ModelConfig
 from node.models.loader import load_model
+from node.models.quant import quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +33,19 @@ class ModelRunner:
         self.config, self.model_config, self.provider = config, model_config, provider
         self.device = torch.device(config.device)
         self.model = load_model(config.model_path, config.torch_dtype, self.device, max_model_len)
+        if config.weight_quantization == "int8":
+            quantize_int8(self.model)
         # adapter slots first, so that the KV cache is sized from the memory they leave
         target = LoRATargetSpec.of(model_config.num_layers, model_config.module_shapes())
         self.slots = LoRASlots(target, self._num_slots(target), config.max_lora_rank, config.torch_dtype,
                                self.device)
         self.num_blocks = config.num_kv_blocks or self._fit_kv_blocks(max_model_len)
-        shape = (self.num_blocks, config.block_size, model_config.num_kv_heads, model_config.head_dim)
+        # one block more than the block manager hands out: padded graph rows write their keys there
+        shape = (self.num_blocks + 1, config.block_size, model_config.num_kv_heads, model_config.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=config.torch_dtype, device=self.device),
                            torch.zeros(shape, dtype=config.torch_dtype, device=self.device))
                           for _ in range(model_config.num_layers)]
+        self.graphs = self._decode_graphs(max_model_len)
         # Sees each step's logits [num_sampled, vocab] with their sequences (tests, logprobs later).
         self.logits_observer: Callable[[list[Sequence], torch.Tensor], None] | None = None
         log.info("KV cache: %d blocks of %d tokens", self.num_blocks, config.block_size)
@@ -54,6 +62,14 @@ class ModelRunner:
         num = min(self.config.max_adapter_slots, budget // per_slot)
         log.info("adapter slots: %d of %d bytes each", num, per_slot)
         return num
+
+    def _decode_graphs(self, max_model_len: int) -> DecodeGraphs | None:
+        """CUDA graphs for decode steps: on CUDA, with Triton (the graph-safe LoRA kernels), if enabled."""
+        if not (self.config.cuda_graphs and uses_triton(self.device)):
+            return None
+        bs = self.config.block_size
+        return DecodeGraphs(self.model, self.kv_caches, self.slots, max_batch=self.config.max_num_seqs,
+                            max_blocks=-(-max_model_len // bs), block_size=bs, scratch_slot=self.num_blocks * bs)
 
     def _block_bytes(self) -> int:
         c = self.model_config
@@ -90,12 +106,12 @@ class ModelRunner:
             positions.extend(range(start, end))
             slot_mapping.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
             token_slots.extend([slot_of[id(seq)]] * item.num_new_tokens)
-        groups = [g for g in (self._group(prefills, 0), self._group(decodes, len(token_ids) - len(decodes)))
-                  if g is not None]
-        batch = AttentionBatch(slot_mapping=self._long(slot_mapping), groups=tuple(groups))
-        plan = build_plan(token_slots, self.device)
-        lora = LoRABatch(self.slots, plan) if plan is not None else None
-        hidden = self.model(self._long(token_ids), self._long(positions), batch, self.kv_caches, lora)
+        if not prefills and self.graphs is not None and self.graphs.bucket(len(decodes)) is not None:
+            context = [s.seq.num_computed_tokens + 1 for s in decodes]
+            hidden = self.graphs.run(DecodeBatch(token_ids, positions, slot_mapping,
+                                                 [s.seq.block_table for s in decodes], context, token_slots))
+        else:
+            hidden = self._eager(prefills, decodes, token_ids, positions, slot_mapping, token_slots)
         ends, sampled = [], []
         offset = 0
         for item in ordered:
@@ -112,9 +128,33 @@ class ModelRunner:
         by_seq = {id(s.seq): t for s, t in zip(sampled, tokens, strict=True)}
         return [by_seq[id(s.seq)] for s in scheduled if s.is_sampled]
 
+    def _eager(self, prefills: list[ScheduledSeq], decodes: list[ScheduledSeq], token_ids: list[int],
+               positions: list[int], slot_mapping: list[int], token_slots: list[int]) -> torch.Tensor:
+        groups = [g for g in (self._group(prefills, 0), self._group(decodes, len(token_ids) - len(decodes)))
+                  if g is not None]
+        batch = AttentionBatch(slot_mapping=self._long(slot_mapping), groups=tuple(groups))
+        plan = build_plan(token_slots, self.device)
+        lora = LoRABatch(self.slots, plan) if plan is not None else None
+        return self.model(self._long(token_ids), self._long(positions), batch, self.kv_caches, lora)
+
     def prepare_adapter(self, adapter_id: str | None, adapters_in_use: Collection[str]) -> None:
         """Make sure the adapter is in a device slot before the step (raises AdapterError)."""
         self._slot(adapter_id, adapters_in_use)
+
+    def stage_adapters(self, adapter_ids: Iterable[str]) -> list[str]:
+        """Copy adapters already in host memory into free device slots (never evicting one), so that
+        their requests find them there when admitted. Never waits on a load; returns those copied."""
+        staged = []
+        for adapter_id in adapter_ids:
+            if not self.slots.free:
+                break
+            if self.slots.lookup(adapter_id) is not None or self.provider.state(adapter_id) is not LoadState.READY:
+                continue
+            load = self.provider.prefetch(adapter_id)  # done at once on a host hit (evicted since: queued)
+            if load.done() and load.exception() is None:
+                self.slots.activate(adapter_id, cast(LoRAWeights, load.result()), in_use=())
+                staged.append(adapter_id)
+        return staged
 
     def _slot(self, adapter_id: str | None, adapters_in_use: Collection[str]) -> int:
         if adapter_id is None:

@@ -4,11 +4,16 @@ Each step first gives every running sequence its pending tokens (one for a decod
 prefill not yet done), preempting the most recent running sequences (recompute: their blocks are
 freed and they re-enter the waiting queue at the front) when the cache runs out of blocks. Then it
 admits waiting sequences, FCFS, skipping (never blocking on) those whose adapter is not loaded yet or
-would exceed the distinct-adapter cap of the device slots.
+would exceed the distinct-adapter cap of the device slots. Last, it looks ahead in the waiting queue
+(the next `max_num_seqs` requests, also those not admitted because the batch is full or a preemption
+happened) and starts background loads of their adapters, so that they are in host memory when their
+turn comes; `SchedulerOutput.upcoming` names those adapters, in queue order, for the engine to copy
+into free device slots.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, wait
@@ -38,6 +43,7 @@ class ScheduledSeq:
 class SchedulerOutput:
     scheduled: tuple[ScheduledSeq, ...]
     failed: tuple[Sequence, ...]  # finished with "error" this step (their adapter failed to load)
+    upcoming: tuple[str, ...] = ()  # adapters of the requests still waiting, first in line first
 
     @property
     def is_empty(self) -> bool:
@@ -100,9 +106,31 @@ class Scheduler:
             budget -= n
         # after a preemption, admitting would only take the blocks back and thrash (vLLM does the same)
         failed = self._admit(scheduled, budget) if num_preempted == self._num_preempted else []
+        upcoming = self._look_ahead()
         if not scheduled and not failed:
             self._await_load()
-        return SchedulerOutput(scheduled=tuple(scheduled), failed=tuple(failed))
+        return SchedulerOutput(scheduled=tuple(scheduled), failed=tuple(failed), upcoming=upcoming)
+
+    def _look_ahead(self) -> tuple[str, ...]:
+        """Start loading the adapters of the next `max_num_seqs` waiting requests (at most
+        `max_adapter_slots` distinct ones, so that a long queue of cold adapters cannot flush host
+        memory); returns them in queue order. Never blocks: a prefetch only queues a load."""
+        upcoming: dict[str, None] = {}
+        for seq in itertools.islice(self.waiting, self.max_num_seqs):
+            if seq.adapter_id is None or seq.adapter_id in upcoming:
+                continue
+            if len(upcoming) >= self.max_adapters:
+                break
+            upcoming[seq.adapter_id] = None
+            load = self._loads.get(seq.adapter_id)
+            if load is not None and not load.done():
+                continue  # loading already: no lock taken, nothing asked of the provider
+            state = self.provider.state(seq.adapter_id)
+            if state is LoadState.READY:
+                self._loads.pop(seq.adapter_id, None)
+            elif state is LoadState.COLD or (state is LoadState.LOADING and load is None):
+                self._loads[seq.adapter_id] = self.provider.prefetch(seq.adapter_id)
+        return tuple(upcoming)
 
     def _await_load(self) -> None:
         """Nothing can run until an adapter load ends: wait for one briefly rather than spin the step

@@ -91,6 +91,16 @@ def adapter_weights_sha256(folder: Path | str) -> bytes:
     return folder_sha256(root, ADAPTER_FILES)
 
 
+def adapter_files_sha256(config: bytes | bytearray, weights: bytes | bytearray) -> bytes:
+    """`adapter_weights_sha256` of a folder whose two files hold these bytes (already in memory).
+
+    The store hashes what it has read once for parsing, so the bytes it checks are the bytes it parses.
+    """
+    digests = [(name, hashlib.sha256(memoryview(data)).digest())
+               for name, data in zip(ADAPTER_FILES, (config, weights), strict=True)]
+    return folder_digest(digests)
+
+
 def base_model_names(folder: Path | str) -> list[str]:
     """The files a base model id covers: config.json, the safetensors shards and their index."""
     root = Path(folder)

@@ -1,28 +1,34 @@
-"""Batched LoRA ops over stacked adapter slots (Punica's BGMV and SGMV, in torch).
+"""Batched LoRA ops over stacked adapter slots (Punica's BGMV and SGMV): torch reference, Triton on CUDA.
 
-Semantics, for every token t that has an adapter in slot s(t), and each projection m of a group
+Semantics, for every token t that has an adapter in slot s(t), and each projection g of a group
 sharing the input x (q/k/v, or gate/up, or o, or down):
-    shrink:  h[t]       = A[s(t)] @ x[t]            A: [num_slots, G * r, in]   (G projections stacked)
-    expand:  out_m[t]  += B_m[s(t)] @ h[t, m-th r]  B_m: [num_slots, out_m, r]
-`out` is the group's fused base output [T, sum of out_m]. Tokens without an adapter are absent from the
-plan and their rows are untouched.
+    shrink:  h[t]            = A[s(t)] @ x[t]                A: [num_slots, G * R, in]
+    expand:  out[t, cols_g] += B[s(t), cols_g] @ h[t, g-th R] B: [num_slots, sum of out_g, R]
+`out` is the group's fused base output [T, sum of out_g]; `widths` are the out_g; R = max_lora_rank
+(lower ranks are zero-padded). Tokens without an adapter (slot -1) are untouched.
 
 Two forms (`LoRAPlan.form`), picked per step by `node.lora.mapping`:
-  - gather (BGMV): each token gathers its slot's weights; one batched matmul for the whole batch, no
-    Python loop, weights copied once per token. Best on a GPU with many distinct adapters.
-  - segment (SGMV): one matmul per run of consecutive batch tokens sharing a slot, reading inputs,
-    weights and outputs in place (no copies). The model runner orders tokens by slot so runs are long.
-The float32 loop `reference_delta` is the truth both are tested against.
+  - gather (BGMV): each token gathers its slot's weights. Best with many distinct adapters, and the
+    only form a CUDA graph captures (its shapes depend on the batch size alone).
+  - segment (SGMV): one matmul per run of consecutive batch tokens sharing a slot, weights read in
+    place. The model runner orders tokens by slot so runs are long.
+On a CUDA device, when Triton imports, both run as Triton kernels (`node.lora.triton_ops`: one launch
+per group and form, work proportional to each slot's true rank); otherwise as the torch code below.
+The float32 loop `reference_delta` is the truth all of them are tested against.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from dataclasses import dataclass
+from functools import cache
 from typing import Literal
 
 import torch
 
 Form = Literal["gather", "segment"]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -31,12 +37,34 @@ class LoRAPlan:
     slots: torch.Tensor  # [N] long: the slot of each of them
     runs: tuple[tuple[int, int, int], ...]  # (slot, start, end): consecutive batch tokens of one slot
     form: Form
+    token_slots: torch.Tensor  # [T] int32: every batch token's slot, -1 without an adapter (gather kernels)
+    run_table: torch.Tensor  # [len(runs), 3] int32: `runs` on the device (segment kernels)
+    max_run_len: int
 
 
-def apply_lora(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor],
-               plan: LoRAPlan) -> None:
-    """out[:, m-th columns] += B_m[s] @ (A[s] @ x) for every plan token; x: [T, in], out: [T, sum out_m]."""
-    rank = a.shape[1] // len(bs)
+@cache
+def triton_available() -> bool:
+    """Whether the Triton kernels can be used (Triton is installed); they run on CUDA devices only."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def uses_triton(device: torch.device) -> bool:
+    return device.type == "cuda" and triton_available()
+
+
+def apply_lora(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, widths: tuple[int, ...],
+               ranks: torch.Tensor, plan: LoRAPlan) -> None:
+    """out[:, cols_g] += B[s][cols_g] @ (A[s] @ x)[g] for every plan token; x: [T, in], out: [T, sum widths]."""
+    if uses_triton(x.device):
+        from node.lora import triton_ops  # imported on CUDA only: its kernels are compiled for the device
+
+        if plan.form == "gather":
+            triton_ops.lora_gather(x, out, a, b, widths, ranks, plan.token_slots)
+        else:
+            triton_ops.lora_segment(x, out, a, b, widths, ranks, plan.run_table, plan.max_run_len)
+        return
+    rank = b.shape[2]
+    bs = list(b.split(list(widths), dim=1))  # [S, out_g, R] views
     if plan.form == "segment":
         _segment(x, out, a, bs, plan.runs, rank)
     else:

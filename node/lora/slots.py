@@ -1,8 +1,14 @@
 """Device-resident adapter slots: per layer, stacked [num_slots, ...] A and B tensors, LRU-assigned.
 
 Loading an adapter is a `copy_` into a free (or least recently used, idle) slot: no allocation, fixed
-shapes. Every slot is sized to `max_rank`; lower ranks are zero-padded. The projections are grouped by
-their shared input (qkv, o, gate_up, down) so that one shrink covers a whole group.
+shapes. Every slot is sized to `max_rank`; lower ranks are zero-padded, and `ranks` [num_slots] int32
+keeps each slot's true rank so that the Triton kernels skip the padding. The projections are grouped
+by their shared input (qkv, o, gate_up, down): one shrink and one expand cover a whole group, with A
+stacked as [S, G * r, in] and B as [S, sum of out, r] (per-module B tensors are views into it).
+Each group's A and B is one tensor over all layers ([num_layers, S, ...]; the per-layer `a`, `b_group`
+and `b` are views of it), and the host weights have the same layout, so copying an adapter in is one
+copy per group (A) and per module (B) for all layers at once. A slot remembers which parts its last
+adapter wrote, and only those the new one does not overwrite are zeroed.
 """
 
 from __future__ import annotations
@@ -14,14 +20,11 @@ from collections.abc import Collection
 import torch
 
 from node.errors import Overloaded
-from node.lora.adapter import LoRATargetSpec, LoRAWeights
+from node.lora.adapter import GROUPS, LoRATargetSpec, LoRAWeights
 from node.lora.ops import LoRAPlan, apply_lora
 
 log = logging.getLogger(__name__)
-GROUPS: dict[str, tuple[str, ...]] = {
-    "qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",),
-    "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",),
-}
+_Extent = tuple[int, int]  # (num_layers, rank) of the nonzero part a slot holds for one group or module
 
 
 class LoRASlots:
@@ -40,19 +43,25 @@ class LoRASlots:
         self.num_slots, self.max_rank = num_slots, max_rank
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # adapter id -> slot, least recent first
         self.free = list(range(num_slots - 1, -1, -1))
-        self.a: list[dict[str, torch.Tensor]] = []  # per layer: group -> [S, len(group) * r, in]
-        self.b: list[dict[str, torch.Tensor]] = []  # per layer: module -> [S, out, r]
-        for _ in range(target.num_layers):
-            a_layer, b_layer = {}, {}
-            for group, modules in GROUPS.items():
-                d_in = target.shape(modules[0])[0]
-                width = len(modules) * max_rank
-                a_layer[group] = torch.zeros(num_slots, width, d_in, dtype=dtype, device=device)
-                for m in modules:
-                    d_out = target.shape(m)[1]
-                    b_layer[m] = torch.zeros(num_slots, d_out, max_rank, dtype=dtype, device=device)
-            self.a.append(a_layer)
-            self.b.append(b_layer)
+        self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)  # true rank per slot
+        self.widths = {group: tuple(target.shape(m)[1] for m in modules) for group, modules in GROUPS.items()}
+        num_layers = target.num_layers
+        self.a_all: dict[str, torch.Tensor] = {}  # group -> [L, S, len(group) * r, in]
+        self.b_all: dict[str, torch.Tensor] = {}  # group -> [L, S, sum of out, r]
+        for group, modules in GROUPS.items():
+            d_in = target.shape(modules[0])[0]
+            self.a_all[group] = torch.zeros(num_layers, num_slots, len(modules) * max_rank, d_in, dtype=dtype,
+                                            device=device)
+            self.b_all[group] = torch.zeros(num_layers, num_slots, sum(self.widths[group]), max_rank, dtype=dtype,
+                                            device=device)
+        self.a = [{g: t[layer] for g, t in self.a_all.items()} for layer in range(num_layers)]  # [S, G * r, in]
+        self.b_group = [{g: t[layer] for g, t in self.b_all.items()} for layer in range(num_layers)]
+        self.b: list[dict[str, torch.Tensor]] = []  # per layer: module -> [S, out, r], a view of b_group
+        for b_group in self.b_group:
+            self.b.append({m: view for group, modules in GROUPS.items()
+                           for m, view in zip(modules, b_group[group].split(list(self.widths[group]), dim=1),
+                                              strict=True)})
+        self._extents: list[dict[str, _Extent]] = [{} for _ in range(num_slots)]
 
     def lookup(self, adapter_id: str) -> int | None:
         """The slot of a resident adapter (now the most recently used), None if it is not on the device."""
@@ -83,19 +92,38 @@ class LoRASlots:
             self.free.append(slot)
 
     def _write(self, slot: int, weights: LoRAWeights) -> None:
-        r_max = self.max_rank
-        for layer, (a_layer, b_layer) in enumerate(zip(self.a, self.b, strict=True)):
-            for group, modules in GROUPS.items():
-                a_layer[group][slot].zero_()
-                for g, m in enumerate(modules):
-                    b_layer[m][slot].zero_()
-                    pair = weights.modules.get((layer, m))
-                    if pair is None:
-                        continue
-                    a, b = pair
-                    rank = a.shape[0]
-                    a_layer[group][slot, g * r_max: g * r_max + rank].copy_(a)
-                    b_layer[m][slot, :, :rank].copy_(b)
+        """Copy the host stacks in: one copy per group's A and per module's B, all layers at once."""
+        r, r_max = weights.rank, self.max_rank
+        assert r <= r_max, "the parser refuses ranks above max_lora_rank"
+        self.ranks[slot] = r
+        extents = self._extents[slot]
+        for group, modules in GROUPS.items():
+            dst, src = self.a_all[group][:, slot], weights.a.get(group)  # [L, G * r_max, in] <- [Lw, G * r, in]
+            if self._clear(dst, extents, group, src, r):
+                num_layers, d_in = src.shape[0], src.shape[2]
+                # [Lw, G, r_max, in] <- [Lw, G, r, in]
+                dst[:num_layers].view(num_layers, len(modules), r_max, d_in)[:, :, :r].copy_(
+                    src.view(num_layers, len(modules), r, d_in))
+            offset = 0
+            for m, width in zip(modules, self.widths[group], strict=True):
+                b_dst = self.b_all[group][:, slot, offset:offset + width]  # [L, out, r_max] <- [Lw, out, r]
+                b_src = weights.b.get(m)
+                if self._clear(b_dst, extents, m, b_src, r):
+                    b_dst[:b_src.shape[0], :, :r].copy_(b_src)
+                offset += width
+
+    @staticmethod
+    def _clear(dst: torch.Tensor, extents: dict[str, _Extent], name: str, src: torch.Tensor | None,
+               rank: int) -> bool:
+        """Zero the slot's part `dst` if its last adapter wrote more of it than `src` will overwrite;
+        record what is written now. Returns whether there is anything to copy."""
+        old = extents.pop(name, None)
+        new = (src.shape[0], rank) if src is not None else None
+        if old is not None and (new is None or old[0] > new[0] or old[1] > new[1]):
+            dst.zero_()
+        if new is not None:
+            extents[name] = new
+        return src is not None
 
 
 class LoRABatch:
@@ -106,5 +134,6 @@ class LoRABatch:
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """out: [T, sum of the group's out features], the fused output of the group's projections."""
-        bs = [self.slots.b[layer][m] for m in GROUPS[group]]
-        apply_lora(x, out, self.slots.a[layer][group], bs, self.plan)
+        slots = self.slots
+        apply_lora(x, out, slots.a[layer][group], slots.b_group[layer][group], slots.widths[group], slots.ranks,
+                   self.plan)

@@ -13,8 +13,6 @@ and a deadline for the whole adapter (a server that trickles a byte per second n
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +21,8 @@ from urllib.parse import unquote, urlparse, urlunparse
 import httpx
 
 from node.errors import AdapterFormatError, AdapterSourceError, AdapterTooLarge
+from node.lora.adapter_files import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE, AdapterFiles, parse_safetensors_header
 from node.lora.content_hash import ADAPTER_FILES, CHUNK_BYTES, folder_digest
-
-CONFIG_FILE, WEIGHTS_FILE = ADAPTER_FILES
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
-                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
 @dataclass(frozen=True)
@@ -80,61 +73,12 @@ def local_path(uri: str) -> Path:
 
 def check_adapter_files(folder: Path) -> None:
     """Refuse a folder whose config is not a JSON object or whose weights are not safetensors."""
-    try:
-        config = json.loads((folder / CONFIG_FILE).read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterFormatError(f"{CONFIG_FILE} is not JSON: {e}", file=CONFIG_FILE) from e
-    if not isinstance(config, dict):
-        raise AdapterFormatError(f"{CONFIG_FILE} is not a JSON object", file=CONFIG_FILE)
-    check_safetensors(folder / WEIGHTS_FILE)
+    AdapterFiles.read(folder).check()
 
 
 def check_safetensors(path: Path) -> None:
-    """Read only the header: it must be a safetensors header whose tensors tile the file exactly."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 0 < header_len <= min(MAX_HEADER_BYTES, size - 8):
-            raise AdapterFormatError(_not_safetensors(head), file=path.name, size=size)
-        raw = f.read(header_len)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterFormatError(f"{path.name}: corrupted safetensors header ({e})", file=path.name) from e
-    if not isinstance(header, dict):
-        raise AdapterFormatError(f"{path.name}: corrupted safetensors header", file=path.name)
-    _check_tensor_layout(path.name, header, size - 8 - header_len)
-
-
-def _check_tensor_layout(name: str, header: dict[str, object], data_bytes: int) -> None:
-    end_max = 0
-    for tensor, info in header.items():
-        if tensor == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]  # type: ignore[index]
-            dims = [int(d) for d in shape]
-            ok = (min(dims, default=0) >= 0 and 0 <= begin <= end <= data_bytes
-                  and end - begin == math.prod(dims) * _DTYPE_BYTES[dtype])
-        except (TypeError, KeyError, ValueError) as e:
-            raise AdapterFormatError(f"{name}: bad entry for tensor {tensor}", file=name,
-                                     tensor=tensor) from e
-        if not ok:
-            raise AdapterFormatError(f"{name}: tensor {tensor} does not fit the file (truncated or "
-                                     "corrupted)", file=name, tensor=tensor, data_bytes=data_bytes)
-        end_max = max(end_max, end)
-    if end_max != data_bytes:
-        raise AdapterFormatError(f"{name}: {data_bytes - end_max} bytes after the last tensor",
-                                 file=name, data_bytes=data_bytes)
-
-
-def _not_safetensors(head: bytes) -> str:
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        return f"{WEIGHTS_FILE} is a Python pickle; only safetensors are read"
-    if head[:4] == b"PK\x03\x04":
-        return f"{WEIGHTS_FILE} is a torch.save zip (pickle inside); only safetensors are read"
-    return f"{WEIGHTS_FILE} is not a safetensors file (corrupted or truncated header)"
+    """The file must be a safetensors file whose tensors tile its data exactly."""
+    parse_safetensors_header(path.name, path.read_bytes())
 
 
 def _copy_local(src: Path, dest: Path, max_bytes: int) -> bytes:

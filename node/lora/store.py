@@ -31,7 +31,8 @@ from typing import Generic, TypeVar
 import httpx
 
 from node.errors import AdapterFormatError, AdapterIntegrityError, AdapterNotFound, AdapterTooLarge
-from node.lora.content_hash import adapter_weights_sha256, from_hex, to_hex
+from node.lora.adapter_files import AdapterFiles
+from node.lora.content_hash import from_hex, to_hex
 from node.lora.disk_cache import DiskCache
 from node.lora.host_cache import HostCache
 from node.lora.provider import AdapterSource, LoadState
@@ -70,7 +71,8 @@ class _Failure:
 class AdapterStore(Generic[W]):
     """Implements `AdapterProvider[W]` over a host LRU, a disk cache and the registered URIs."""
 
-    def __init__(self, config: StoreConfig, parse: Callable[[Path], W], nbytes: Callable[[W], int]) -> None:
+    def __init__(self, config: StoreConfig, parse: Callable[[AdapterFiles], W],
+                 nbytes: Callable[[W], int]) -> None:
         self.config = config
         self._parse, self._nbytes = parse, nbytes
         self._lock = threading.Lock()
@@ -249,14 +251,10 @@ class AdapterStore(Generic[W]):
 
     def _load(self, job: _Job) -> tuple[W, int]:
         adapter_id, reg = job.adapter_id, job.reg
-        started = time.monotonic()
-        folder, is_fetched = self._good_copy(adapter_id, reg, job.leased)
+        files, started = self._good_copy(adapter_id, reg, job.leased)
         try:
-            if is_fetched:  # hashed and checked while it was written; the disk step starts now
-                started = time.monotonic()
-            else:
-                check_adapter_files(folder)
-            weights = self._parse(folder)
+            files.check()
+            weights = self._parse(files)
             size = self._nbytes(weights)
             self._metrics.loaded("disk", time.monotonic() - started)
         finally:
@@ -267,24 +265,38 @@ class AdapterStore(Generic[W]):
                                   adapter=adapter_id, nbytes=size, max_bytes=self.config.max_host_bytes)
         return weights, size
 
-    def _good_copy(self, adapter_id: str, reg: _Registration, leased: Path | None) -> tuple[Path, bool]:
-        """A leased disk folder with the registered bytes (the cached one if still good, else fetched),
-        and whether it was fetched now."""
+    def _good_copy(self, adapter_id: str, reg: _Registration, leased: Path | None,
+                   ) -> tuple[AdapterFiles, float]:
+        """The registered bytes, read once from a leased disk folder (the cached one if still good, else
+        fetched now), and when the disk step began. The hash is checked on the very bytes returned."""
+        started = time.monotonic()
         if leased is not None:
             try:
-                actual = adapter_weights_sha256(leased)
+                files = AdapterFiles.read(leased)
+                actual = files.sha256()
             except (OSError, AdapterFormatError):  # deleted or unreadable: as good as corrupted
                 actual = b""
             if actual == reg.digest:
                 self._metrics.count("disk", "hits")
                 self._disk.touch(reg.key)
-                return leased, False
+                return files, started
             logger.warning("disk copy of adapter %s hashes to %s, not %s: deleting and fetching again",
                            adapter_id, to_hex(actual) if actual else "(missing)", to_hex(reg.digest))
             self._disk.release(reg.key)
             self._disk.discard(reg.key)
         self._metrics.count("disk", "misses")
-        return self._fetch(adapter_id, reg), True
+        folder = self._fetch(adapter_id, reg)
+        started = time.monotonic()  # the fetch is timed on its own; the disk step starts now
+        try:
+            files = AdapterFiles.read(folder)
+            actual = files.sha256()
+        except (OSError, AdapterFormatError):
+            self._disk.release(reg.key)
+            raise
+        if actual != reg.digest:  # changed on disk since the fetch checked it
+            self._disk.release(reg.key)
+            raise self._mismatch(adapter_id, reg, actual)
+        return files, started
 
     def _fetch(self, adapter_id: str, reg: _Registration) -> Path:
         started = time.monotonic()
@@ -292,11 +304,7 @@ class AdapterStore(Generic[W]):
         try:
             actual = fetch_adapter(reg.source.uri, temp, self._limits, self._client)
             if actual != reg.digest:
-                raise AdapterIntegrityError(
-                    f"adapter {adapter_id} at {shown_uri(reg.source.uri)} hashes to {to_hex(actual)}, "
-                    f"registered {to_hex(reg.digest)}: refused",
-                    adapter=adapter_id, expected=to_hex(reg.digest), actual=to_hex(actual),
-                    uri=shown_uri(reg.source.uri))
+                raise self._mismatch(adapter_id, reg, actual)
             check_adapter_files(temp)
             folder, num_evicted = self._disk.commit(temp, reg.key)
         except Exception:
@@ -346,6 +354,13 @@ class AdapterStore(Generic[W]):
             self._pinned.discard(adapter_id)
             self._host.unpin(adapter_id)
             self._disk.unprotect(reg.key)
+
+    @staticmethod
+    def _mismatch(adapter_id: str, reg: _Registration, actual: bytes) -> AdapterIntegrityError:
+        return AdapterIntegrityError(
+            f"adapter {adapter_id} at {shown_uri(reg.source.uri)} hashes to {to_hex(actual)}, "
+            f"registered {to_hex(reg.digest)}: refused",
+            adapter=adapter_id, expected=to_hex(reg.digest), actual=to_hex(actual), uri=shown_uri(reg.source.uri))
 
     @staticmethod
     def _disk_size(folder: Path) -> int:

@@ -4,14 +4,23 @@ The tokens of one step are flattened ([num_tokens, ...]). Sequences are attended
 similar query length (the prefill group and the decode group) so that padding stays small: each
 group gathers its sequences' KV blocks into a padded [batch, max_len] view and runs one SDPA call.
 The metadata is built once per step by the engine and reused in every layer.
+
+A dense decode group (one query per sequence, every row real, the batch in order: what a CUDA graph
+replays) has fixed shapes end to end. On CUDA, when flash-attn is installed and the block size is a
+multiple of its page size (256), it attends the paged cache in place (`flash_attn_with_kvcache`,
+no gather); otherwise SDPA over the gathered blocks.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
+
+FLASH_PAGE_SIZE = 256  # flash-attn's paged KV needs blocks of a multiple of this many tokens
 
 
 @dataclass(frozen=True)
@@ -21,6 +30,34 @@ class AttentionGroup:
     block_tables: torch.Tensor  # [B, max_blocks] long: KV cache block ids (pads: any valid id)
     mask: torch.Tensor  # [B, 1, Q, K] bool: True where a query may attend a cached position
     num_keys: int  # K: positions to gather per sequence
+    context_lens: torch.Tensor | None = None  # [B] int32 cached positions per sequence (dense groups)
+    is_dense: bool = False  # one query per sequence, token b is sequence b: no scatter, fixed shapes
+
+
+@cache
+def flash_attn_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def decode_backend(device: torch.device, block_size: int) -> str:
+    """"flash" (flash-attn's paged KV path) where it can run, else "sdpa"."""
+    if device.type == "cuda" and flash_attn_installed() and block_size % FLASH_PAGE_SIZE == 0:
+        return "flash"
+    return "sdpa"
+
+
+def dense_decode_group(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
+                       ) -> AttentionGroup:
+    """The decode group of a padded batch from device tensors alone (block_tables [B, max_blocks] long,
+    context_lens [B] int32): no host data, so a CUDA graph can capture it."""
+    num_seqs, max_blocks = block_tables.shape
+    num_keys = max_blocks * block_size
+    k_pos = torch.arange(num_keys, device=block_tables.device)
+    mask = (k_pos[None, :] < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, K]
+    token_index = torch.arange(num_seqs, device=block_tables.device)[:, None]  # [B, 1]
+    return AttentionGroup(token_index=token_index, is_real=torch.ones_like(token_index, dtype=torch.bool),
+                          block_tables=block_tables, mask=mask, num_keys=num_keys, context_lens=context_lens,
+                          is_dense=True)
 
 
 @dataclass(frozen=True)
@@ -71,14 +108,28 @@ def paged_attention(
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, batch.slot_mapping, v)
     out = q.new_empty((num_tokens, num_heads * head_dim))
     for group in batch.groups:
+        if group.is_dense and decode_backend(q.device, k_cache.shape[1]) == "flash":
+            return _flash_decode(q, k_cache, v_cache, group, scale)
         qg = q[group.token_index].transpose(1, 2)  # [B, H, Q, D]
         kg = _gather(k_cache, group).transpose(1, 2)  # [B, KVH, K, D]
         vg = _gather(v_cache, group).transpose(1, 2)
         og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=group.mask, scale=scale,
                                             enable_gqa=num_heads != num_kv_heads)
         og = og.transpose(1, 2).flatten(2)  # [B, Q, H * D]
+        if group.is_dense:
+            return og.reshape(num_tokens, num_heads * head_dim)
         out[group.token_index[group.is_real]] = og[group.is_real]
     return out
+
+
+def _flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: AttentionGroup,
+                  scale: float) -> torch.Tensor:
+    from flash_attn import flash_attn_with_kvcache
+
+    out = flash_attn_with_kvcache(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=group.context_lens,
+                                  block_table=group.block_tables.to(torch.int32), softmax_scale=scale,
+                                  causal=True)  # [B, 1, H, D]
+    return out.reshape(q.shape[0], -1)
 
 
 def _gather(cache: torch.Tensor, group: AttentionGroup) -> torch.Tensor:

@@ -14,6 +14,7 @@ from torch import nn
 
 from node.models.attention import AttentionBatch, paged_attention
 from node.models.config import ModelConfig
+from node.models.quant import linear
 from node.models.rotary import RotaryEmbedding
 
 
@@ -58,7 +59,7 @@ class DecoderLayer(nn.Module):
                 ) -> torch.Tensor:
         cfg, i = self.cfg, self.index
         h = self.input_norm(x)
-        qkv = F.linear(h, self.qkv_weight, self.qkv_bias)  # [T, q + 2 kv]
+        qkv = linear(h, self.qkv_weight, self.qkv_bias)  # [T, q + 2 kv]
         if lora is not None:
             lora.apply(i, "qkv", h, qkv)
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
@@ -67,17 +68,17 @@ class DecoderLayer(nn.Module):
         v = v.reshape(-1, cfg.num_kv_heads, cfg.head_dim)
         q, k = rotary(positions, q, k)
         attn = paged_attention(q, k, v, kv[0], kv[1], batch, cfg.head_dim ** -0.5)  # [T, H * D]
-        o = F.linear(attn, self.o_weight, self.o_bias)
+        o = linear(attn, self.o_weight, self.o_bias)
         if lora is not None:
             lora.apply(i, "o", attn, o)
         x = x + o
         h = self.post_attention_norm(x)
-        gate_up = F.linear(h, self.gate_up_weight)  # [T, 2 I]
+        gate_up = linear(h, self.gate_up_weight)  # [T, 2 I]
         if lora is not None:
             lora.apply(i, "gate_up", h, gate_up)
         gate, up = gate_up.split(cfg.intermediate_size, dim=-1)
         act = F.silu(gate) * up
-        down = F.linear(act, self.down_weight)
+        down = linear(act, self.down_weight)
         if lora is not None:
             lora.apply(i, "down", act, down)
         return x + down

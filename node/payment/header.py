@@ -16,8 +16,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from eth_utils import keccak, to_checksum_address
+from eth_hash.auto import keccak
 
+from node.chain.address import checksum_address
 from node.errors import BadRequest
 
 MAX_HEADER_BYTES = 4096
@@ -84,7 +85,7 @@ def _parse(data: dict[str, Any]) -> PaymentHeader:
     bad = [name for name, ok in checks.items() if not ok]
     if bad:
         raise BadRequest("bad X-Payment voucher field(s): " + ", ".join(bad), fields=bad)
-    return PaymentHeader(payer=to_checksum_address(data["payer"]), node=to_checksum_address(data["node"]),
+    return PaymentHeader(payer=checksum_address(data["payer"]), node=checksum_address(data["node"]),
                          lane=data["lane"], cumulative=int(data["cumulative"]),
                          request_hash=bytes.fromhex(data["requestHash"][2:]), deadline=data["deadline"],
                          signature=bytes.fromhex(data["signature"][2:]))

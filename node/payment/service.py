@@ -5,7 +5,9 @@
     cancel(hold)                  -> nothing charged
 
 The receipt is the node's EIP-712 `Receipt`; its id is its digest. It is committed with the charge
-and the response in one transaction: no receipt, no response; no response, no charge.
+and the response in one transaction: no receipt, no response; no response, no charge. On a node with
+an `Attributor` (method 2) the output's evidence is computed before that commit, and the receipt's
+lineageHash commits to the blended weights (stored with the receipt); else to the adapter's lineage.
 """
 
 from __future__ import annotations
@@ -18,15 +20,20 @@ from typing import Any
 from eth_account import Account
 from eth_hash.auto import keccak
 
+from node.attribution.attributor import Attributor
+from node.attribution.evidence import Attribution
+from node.attribution.index_store import DatasetRef
+from node.attribution.rule import METHOD_EVIDENCE, METHOD_LINEAGE
 from node.catalog import ServedAdapter
 from node.chain.eip712 import Domain, Receipt, receipt_digest, sign_receipt
+from node.db.queries import AdapterLineageView
 from node.errors import BadSignature
 from node.payment.header import decode_payment_header
 from node.payment.ledger import Ledger, ReceiptRow, Reservation
 from node.payment.pricing import Pricing
 from node.payment.voucher_check import CheckedVoucher, check_voucher
 
-METHOD_LINEAGE = 1
+__all__ = ["METHOD_EVIDENCE", "METHOD_LINEAGE", "PaymentService"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,8 @@ class Usage:
 
 class PaymentService:
     def __init__(self, ledger: Ledger, domain: Domain, operator_key: str, pricing: Pricing, *,
-                 min_validity_s: int = 30, clock: Callable[[], float] = time.time) -> None:
+                 min_validity_s: int = 30, clock: Callable[[], float] = time.time,
+                 attributor: Attributor | None = None) -> None:
         self.ledger = ledger
         self.domain = domain
         self.operator_key = operator_key
@@ -58,6 +66,7 @@ class PaymentService:
         self.pricing = pricing
         self.min_validity_s = min_validity_s
         self.clock = clock
+        self.attributor = attributor
 
     def check(self, header_value: str | None, body: bytes) -> CheckedVoucher:
         """The stateless checks: header format, node, request hash, signature (no database)."""
@@ -80,18 +89,22 @@ class PaymentService:
                build: Callable[[dict[str, Any]], dict[str, Any]]) -> tuple[int, dict[str, Any]]:
         """Charge for `usage`, sign the receipt, and commit it with `build(receipt)` as the response."""
         fee = min(self.pricing.fee(usage.prompt_tokens, usage.completion_tokens), hold.reservation.max_fee)
+        attribution = self._attribute(adapter.lineage, output_text)
+        lineage = bytes.fromhex(adapter.lineage.lineage_hash.removeprefix("0x"))
         receipt = Receipt(voucher_hash=hold.checked.digest, adapter_id=adapter.adapter_id.to_bytes(32, "big"),
                           registry_block=adapter.registry_block,
-                          lineage_hash=bytes.fromhex(adapter.lineage.lineage_hash.removeprefix("0x")),
+                          lineage_hash=lineage if attribution is None else attribution.lineage_hash,
                           prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, fee=fee,
-                          output_hash=keccak(output_text.encode()), method=METHOD_LINEAGE)
+                          output_hash=keccak(output_text.encode()),
+                          method=METHOD_LINEAGE if attribution is None else METHOD_EVIDENCE)
         signature = sign_receipt(self.operator_key, receipt, self.domain)
         row = ReceiptRow(receipt_hash="0x" + receipt_digest(receipt, self.domain).hex(),
                          adapter_id=adapter.adapter_id, registry_block=receipt.registry_block,
-                         lineage_hash=adapter.lineage.lineage_hash.lower(), prompt_tokens=usage.prompt_tokens,
+                         lineage_hash="0x" + receipt.lineage_hash.hex(), prompt_tokens=usage.prompt_tokens,
                          completion_tokens=usage.completion_tokens, fee=fee,
                          output_hash="0x" + receipt.output_hash.hex(), method=receipt.method,
-                         signature="0x" + signature.hex())
+                         signature="0x" + signature.hex(),
+                         attribution=None if attribution is None else attribution.to_json())
 
         def respond(charged_total: int) -> dict[str, Any]:
             return build(receipt_json(row, hold.checked.digest_hex, self.node, charged_total))
@@ -101,6 +114,17 @@ class PaymentService:
     def cancel(self, hold: Hold) -> None:
         self.ledger.release(hold.reservation)
 
+    def _attribute(self, lineage: AdapterLineageView, output_text: str) -> Attribution | None:
+        """Method 2's attribution of the output; None on a method 1 node or while an index is building."""
+        if self.attributor is None:
+            return None
+        return self.attributor.attribute(dataset_refs(lineage), [d.weight_bps for d in lineage.datasets],
+                                         output_text)
+
+
+def dataset_refs(lineage: AdapterLineageView) -> list[DatasetRef]:
+    return [DatasetRef(d.dataset_id, d.content_hash, d.uri) for d in lineage.datasets]
+
 
 def receipt_json(row: ReceiptRow, voucher_hash: str, node: str, charged_total: int) -> dict[str, Any]:
     """The receipt as it appears in a response body: EIP-712 fields, signature, id, node, total."""
@@ -108,4 +132,14 @@ def receipt_json(row: ReceiptRow, voucher_hash: str, node: str, charged_total: i
             "adapterId": "0x" + row.adapter_id.to_bytes(32, "big").hex(), "registryBlock": row.registry_block,
             "lineageHash": row.lineage_hash, "promptTokens": row.prompt_tokens,
             "completionTokens": row.completion_tokens, "fee": str(row.fee), "outputHash": row.output_hash,
-            "method": row.method, "signature": row.signature, "node": node, "chargedTotal": str(charged_total)}
+            "method": row.method, "signature": row.signature, "node": node, "chargedTotal": str(charged_total),
+            **attribution_summary(row.attribution)}
+
+
+def attribution_summary(attribution: dict[str, Any] | None) -> dict[str, Any]:
+    """A method 2 receipt also says which weights its lineageHash commits to (the evidence is served by
+    GET /v1/receipts/{id})."""
+    if attribution is None:
+        return {}
+    keys = ("rule", "minSpan", "alphaBps", "tokenizer", "datasetIds", "lineageBps", "weightsBps")
+    return {"attribution": {k: attribution[k] for k in keys}}

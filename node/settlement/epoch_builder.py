@@ -63,6 +63,7 @@ class EpochReceipt:
     output_hash: str
     method: int
     voucher: PaidVoucher
+    weights_bps: tuple[int, ...] | None = None  # method 2: this receipt's dataset weights (lineage order)
 
     def leaf(self) -> list[Any]:
         """The receipts-tree leaf: the EIP-712 Receipt fields in RECEIPT_LEAF_TYPES order."""
@@ -118,8 +119,16 @@ def build_epoch(receipts: Sequence[EpochReceipt], lineages: Mapping[int, Lineage
         raise ValueError("an epoch needs at least one receipt")
     lanes = lane_charges(receipts)
     collected = sum(c.amount for c in lanes)
-    by_id = {str(adapter_id): lineage for adapter_id, lineage in lineages.items()}
-    shares = split_receipts(((r.fee, str(r.adapter_id)) for r in receipts), by_id, params)
+    payees = {str(adapter_id): lineage for adapter_id, lineage in lineages.items()}
+    keys = []
+    for r in receipts:
+        key = str(r.adapter_id)
+        if r.weights_bps is not None:  # its own weights: one payee set per distinct weighting
+            key = f"{r.adapter_id}:{','.join(map(str, r.weights_bps))}"
+            if key not in payees:
+                payees[key] = lineages[r.adapter_id].with_weights(r.weights_bps)
+        keys.append((r.fee, key))
+    shares = split_receipts(keys, payees, params)
     cumulative: Counter[str] = Counter({to_checksum_address(a): v for a, v in previous.items()})
     for account, amount in shares.items():
         cumulative[to_checksum_address(account)] += amount

@@ -11,9 +11,12 @@ from datetime import datetime
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from node.attribution.evidence import stated_weights
+from node.attribution.rule import METHOD_EVIDENCE
+from node.chain.contracts import lineage_hash
 from node.db import queries
 from node.db.models import EpochState, Receipt, SettledEpoch, SettlementEpoch, Voucher
-from node.errors import MirrorUnavailable
+from node.errors import AttributionError, MirrorUnavailable
 from node.settlement.epoch_builder import EpochReceipt, PaidVoucher
 from node.settlement.split import Lineage
 
@@ -83,23 +86,31 @@ def epoch_receipts(session: Session, node: str, epoch_id: int) -> list[EpochRece
     out = []
     for r, v in session.execute(q).all():
         paid = PaidVoucher(v.payer, v.node, v.lane, v.cumulative, v.request_hash, v.deadline, v.signature)
+        weights = stated_weights(r.attribution).weights_bps if r.method == METHOD_EVIDENCE else None
         out.append(EpochReceipt(r.id, r.voucher_hash, r.adapter_id, r.registry_block, r.lineage_hash,
-                                r.prompt_tokens, r.completion_tokens, r.fee, r.output_hash, r.method, paid))
+                                r.prompt_tokens, r.completion_tokens, r.fee, r.output_hash, r.method, paid,
+                                weights))
     return out
 
 
 def lineages(session: Session, receipts: list[EpochReceipt]) -> dict[int, Lineage]:
-    """Each adapter's payees as the mirror has them (lineage is immutable once registered)."""
+    """Each adapter's payees as the mirror has them (lineage is immutable once registered). A method 2
+    receipt's weights must be for its adapter's datasets and hash to its lineageHash."""
     out: dict[int, Lineage] = {}
+    dataset_ids: dict[int, list[int]] = {}
     for r in receipts:
-        if r.adapter_id in out:
-            continue
-        view = queries.adapter_lineage(session, r.adapter_id, at_block=r.registry_block)
-        if view is None:
-            raise MirrorUnavailable("the mirror lacks an adapter a receipt names", adapter_id=r.adapter_id,
-                                    registry_block=r.registry_block)
-        out[r.adapter_id] = Lineage(view.owner, view.owner_share_bps,
-                                    tuple((d.payout, d.weight_bps) for d in view.datasets))
+        if r.adapter_id not in out:
+            view = queries.adapter_lineage(session, r.adapter_id, at_block=r.registry_block)
+            if view is None:
+                raise MirrorUnavailable("the mirror lacks an adapter a receipt names", adapter_id=r.adapter_id,
+                                        registry_block=r.registry_block)
+            out[r.adapter_id] = Lineage(view.owner, view.owner_share_bps,
+                                        tuple((d.payout, d.weight_bps) for d in view.datasets))
+            dataset_ids[r.adapter_id] = [d.dataset_id for d in view.datasets]
+        if r.weights_bps is not None and \
+                "0x" + lineage_hash(dataset_ids[r.adapter_id], r.weights_bps).hex() != r.lineage_hash.lower():
+            raise AttributionError("a receipt's stored weights do not hash to its lineageHash",
+                                   receipt_id=r.receipt_id, weights_bps=list(r.weights_bps))
     return out
 
 

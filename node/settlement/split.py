@@ -1,6 +1,7 @@
 """The money split: integers only, floors everywhere, the dust to the node.
 
-For each receipt's fee, in this order (DESIGN.md, "Money split"):
+For each receipt's fee, in this order (DESIGN.md, "Money split"), with the dataset weights the receipt
+commits to (its adapter's lineage for method 1, the receipt's own blended weights for method 2):
     protocol = fee * protocol_bps // 10_000                       -> treasury
     node     = fee * node_bps // 10_000                           -> node
     rest     = fee - protocol - node
@@ -49,6 +50,13 @@ class Lineage:
             raise ValueError(f"dataset weights sum to {total}, not {BPS}")
         if any(w < 0 for _, w in self.datasets):
             raise ValueError("negative dataset weight")
+
+    def with_weights(self, weights_bps: tuple[int, ...]) -> Lineage:
+        """The same payees with one receipt's weights (method 2: the blended weights it commits to)."""
+        if len(weights_bps) != len(self.datasets):
+            raise ValueError(f"{len(weights_bps)} weights for {len(self.datasets)} datasets")
+        return Lineage(self.owner, self.owner_share_bps,
+                       tuple((payout, w) for (payout, _), w in zip(self.datasets, weights_bps, strict=True)))
 
 
 def split_fee(fee: int, params: SplitParams, lineage: Lineage) -> Counter[str]:

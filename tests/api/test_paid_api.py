@@ -159,6 +159,25 @@ def test_a_dropped_stream_is_not_charged_and_frees_the_lane(paid_node: PaidNode)
     assert _charged(paid_node, payer, 5) == before + int(resp.json()["receipt"]["fee"])
 
 
+def test_a_plain_request_whose_client_hangs_up_is_aborted_uncharged_and_frees_the_lane(paid_node: PaidNode) -> None:
+    payer = _payer(paid_node)
+    body = json.dumps({"model": str(paid_node.adapter_id), "prompt": "sea", "max_tokens": 400,
+                       "stop": ["@@never@@"]}).encode()
+    before = _charged(paid_node, payer, 6)
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up mid-generation and closes the connection
+        httpx.post(f"{paid_node.base_url}/v1/completions", content=body, timeout=httpx.Timeout(10, read=0.3),
+                   headers={"X-Payment": payer.payment_header(body, 6), "Content-Type": "application/json"})
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        again = json.dumps({"model": str(paid_node.adapter_id), "prompt": "sea", "max_tokens": 2}).encode()
+        resp = _post(paid_node, again, payer.payment_header(again, 6))
+        if resp.status_code != 409:  # the hold is released once the server notices the hang-up
+            break
+        time.sleep(0.2)
+    assert resp.status_code == 200, resp.text
+    assert _charged(paid_node, payer, 6) == before + int(resp.json()["receipt"]["fee"])
+
+
 def test_concurrent_clients_on_many_lanes_pay_exactly_their_receipts(paid_node: PaidNode) -> None:
     payer = _payer(paid_node, 1)
     lanes, per_lane = range(10, 14), 3

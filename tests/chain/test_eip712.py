@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 from eth_account import Account
+from eth_utils import to_checksum_address
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from node.chain.address import checksum_address
 from node.chain.eip712 import (
     SECP256K1_N,
     Domain,
@@ -53,6 +55,30 @@ def test_receipt_digest_and_signature_match_eth_account(receipt: Receipt) -> Non
     signed = Account.sign_typed_data(KEY, full_message=receipt_typed_data(receipt, DOMAIN))
     assert receipt_digest(receipt, DOMAIN) == signed.message_hash
     assert recover_receipt_signer(receipt, DOMAIN, sign_receipt(KEY, receipt, DOMAIN)) == ADDRESS
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, SECP256K1_N - 1), receipts, st.integers(1, 2**64), st.binary(min_size=20, max_size=20))
+def test_any_key_signs_byte_for_byte_as_eth_account(key: int, receipt: Receipt, chain_id: int,
+                                                     contract: bytes) -> None:
+    """libsecp256k1 called directly gives eth-account's exact signature (RFC 6979, low s, v 27/28)."""
+    hex_key, domain = "0x" + key.to_bytes(32, "big").hex(), Domain(chain_id, "0x" + contract.hex())
+    signed = Account.sign_typed_data(hex_key, full_message=receipt_typed_data(receipt, domain))
+    assert receipt_digest(receipt, domain) == signed.message_hash
+    assert sign_receipt(hex_key, receipt, domain) == signed.signature
+    assert recover_receipt_signer(receipt, domain, bytes(signed.signature)) == Account.from_key(hex_key).address
+
+
+@given(st.binary(min_size=20, max_size=20))
+def test_checksummed_addresses_are_eip55(raw: bytes) -> None:
+    assert checksum_address("0x" + raw.hex().upper()) == to_checksum_address(raw)
+
+
+def test_a_signature_with_no_curve_point_is_refused() -> None:
+    voucher = Voucher(ADDRESS, "0x" + "90" * 20, 0, 100, b"\x01" * 32, 2**40)
+    no_point = (5).to_bytes(32, "big") + (7).to_bytes(32, "big") + bytes([27])  # x = 5 is not on secp256k1
+    with pytest.raises(BadSignature, match="does not recover"):
+        recover_voucher_signer(voucher, DOMAIN, no_point)
 
 
 def test_another_chain_or_contract_recovers_someone_else() -> None:

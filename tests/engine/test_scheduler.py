@@ -180,3 +180,36 @@ def test_a_failed_adapter_load_fails_only_its_own_requests() -> None:
     assert [s.request_id for s in sched.running] == ["good"]
 
 
+
+
+def test_adapters_of_requests_behind_a_full_batch_load_before_admission() -> None:
+    provider = ManualProvider()
+    for name in ("first", "second", "third"):
+        provider.register(name, AdapterSource(uri="x", sha256=""))
+    provider.states["first"] = LoadState.READY
+    sched = _scheduler(provider, seqs=1)
+    for name in ("first", "second", "third"):
+        sched.add(_seq(name, 4, name))
+    out = sched.schedule()
+    assert [s.seq.request_id for s in out.scheduled] == ["first"]  # the batch is full now
+    assert provider.prefetched == ["second"]  # the next max_num_seqs (1) waiting request, not admitted
+    assert out.upcoming == ("second",)
+    provider.finish("second")
+    _run(out)
+    sched.finish(sched.running[0])
+    out = sched.schedule()  # admitted at once: its adapter was loaded while it waited
+    assert [s.seq.request_id for s in out.scheduled] == ["second"]
+    assert provider.prefetched == ["second", "third"]
+
+
+def test_look_ahead_continues_through_a_preemption() -> None:
+    provider = ManualProvider()
+    provider.register("cold", AdapterSource(uri="x", sha256=""))
+    sched = _scheduler(provider, blocks=2, block_size=4, seqs=4)
+    sched.add(_seq("a", 4))
+    sched.add(_seq("b", 4))
+    _run(sched.schedule())  # both prefills fill both blocks
+    sched.add(_seq("c", 2, "cold"))
+    out = sched.schedule()  # decodes need new blocks: b is preempted, nothing is admitted
+    assert [s.seq.request_id for s in out.scheduled] == ["a"]
+    assert provider.prefetched == ["cold"] and "cold" in out.upcoming

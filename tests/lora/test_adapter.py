@@ -86,9 +86,11 @@ def test_every_problem_is_named_in_one_error(tiny_adapters: TinyAdapters, target
     assert len(problems) == 6
 
 
-def test_missing_config_and_bad_json(tmp_path: Path, target: LoRATargetSpec) -> None:
+def test_missing_config_and_bad_json(tiny_adapters: TinyAdapters, tmp_path: Path,
+                                     target: LoRATargetSpec) -> None:
     with pytest.raises(AdapterFormatError, match=r"adapter_config\.json is missing"):
         load_lora_adapter(tmp_path, target, max_rank=16)
-    (tmp_path / "adapter_config.json").write_text("{not json")
+    folder = _copy(tiny_adapters.paths["sea-r8"], tmp_path / "a")
+    (folder / "adapter_config.json").write_text("{not json")
     with pytest.raises(AdapterFormatError, match="not valid JSON"):
-        load_lora_adapter(tmp_path, target, max_rank=16)
+        load_lora_adapter(folder, target, max_rank=16)

@@ -245,3 +245,25 @@ def test_an_engine_waiting_only_on_a_load_does_not_spin(
     assert out.finish_reason == "length" and time.monotonic() - started >= 1.0
     # a step every ~10 ms while the load runs (a spinning loop makes tens of thousands), plus 8 tokens
     assert steps < 250, steps
+
+
+def test_a_request_behind_a_full_batch_finds_its_adapter_loaded_and_on_the_device(
+        tiny_model: Path, tiny_adapters: TinyAdapters, store: AdapterStore[LoRAWeights]) -> None:
+    for name in ("hot", "cold"):
+        _register(store, name, tiny_adapters.paths["sea-r8" if name == "hot" else "count-r4"])
+    store.get("hot")
+    engine = LLMEngine(EngineConfig(model_path=tiny_model, max_num_seqs=1, max_model_len=128,
+                                    max_adapter_slots=4, max_lora_rank=16), provider=store)
+    first = engine.add_request(PROMPTS[0], GREEDY, "hot")
+    waiting = engine.add_request(PROMPTS[1], GREEDY, "cold")
+    engine.step()  # "first" runs alone; "waiting" cannot be admitted (max_num_seqs 1)
+    assert store.state("cold") in (LoadState.LOADING, LoadState.READY)  # its load started meanwhile
+    store.prefetch("cold").result(timeout=10)
+    engine.step()  # the step copies it into a free device slot, still before admission
+    assert [s.request_id for s in engine.scheduler.waiting] == [waiting]
+    assert "cold" in engine.runner.slots.slot_of
+    outputs = {}
+    while engine.has_unfinished():
+        outputs.update({o.request_id: o for o in engine.step()})
+    assert outputs[first].finish_reason == outputs[waiting].finish_reason == "length"
+    assert outputs[waiting].token_ids == engine.generate([PROMPTS[1]], GREEDY, ["cold"])[0].token_ids

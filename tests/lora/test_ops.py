@@ -11,6 +11,7 @@ from node.lora.mapping import build_plan, choose_form
 from node.lora.ops import apply_lora, reference_delta
 
 NUM_SLOTS, RANK, D_IN, D_OUT = 6, 8, 32, 24
+RANKS = torch.tensor([RANK, RANK, RANK, 4, RANK, RANK], dtype=torch.int32)
 
 
 def _weights(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,7 +45,7 @@ def test_ops_match_the_float32_loop(kind: str, form: str | None) -> None:
     plan = build_plan(token_slots, torch.device("cpu"), form)  # type: ignore[arg-type]
     assert plan is not None
     out = torch.full((37, 2 * D_OUT), 0.5)
-    apply_lora(x, out, torch.cat([a1, a2], dim=1), [b1, b2], plan)
+    apply_lora(x, out, torch.cat([a1, a2], dim=1), torch.cat([b1, b2], dim=1), (D_OUT, D_OUT), RANKS, plan)
     assert torch.allclose(out[:, :D_OUT], 0.5 + reference_delta(x, a1, b1, token_slots), atol=1e-4)
     assert torch.allclose(out[:, D_OUT:], 0.5 + reference_delta(x, a2, b2, token_slots), atol=1e-4)
     untouched = [t for t, s in enumerate(token_slots) if s < 0]
@@ -60,12 +61,16 @@ def test_runs_are_consecutive_tokens_of_one_slot() -> None:
     assert plan is not None
     assert plan.tokens.tolist() == [0, 1, 3, 4, 5] and plan.slots.tolist() == [2, 2, 0, 0, 2]
     assert plan.runs == ((2, 0, 2), (0, 3, 5), (2, 5, 6))
+    assert plan.run_table.tolist() == [[2, 0, 2], [0, 3, 5], [2, 5, 6]] and plan.max_run_len == 2
+    assert plan.token_slots.tolist() == [2, 2, -1, 0, 0, 2]
 
 
 def test_the_form_follows_the_traffic_and_the_device() -> None:
     assert choose_form(num_tokens=256, num_runs=1, device_type="cuda") == "segment"  # one adapter
     assert choose_form(num_tokens=256, num_runs=100, device_type="cuda") == "gather"  # many
     assert choose_form(num_tokens=256, num_runs=200, device_type="cpu") == "segment"
+    assert choose_form(num_tokens=512, num_runs=2, device_type="cuda", is_triton=True) == "segment"  # prefill
+    assert choose_form(num_tokens=256, num_runs=64, device_type="cuda", is_triton=True) == "gather"  # decode
 
 
 def test_bfloat16_ops_stay_close_to_float32() -> None:
@@ -77,5 +82,5 @@ def test_bfloat16_ops_stay_close_to_float32() -> None:
         plan = build_plan(token_slots, torch.device("cpu"), form)  # type: ignore[arg-type]
         assert plan is not None
         out = torch.zeros(16, D_OUT, dtype=torch.bfloat16)
-        apply_lora(x.bfloat16(), out, a.bfloat16(), [b.bfloat16()], plan)
+        apply_lora(x.bfloat16(), out, a.bfloat16(), b.bfloat16(), (D_OUT,), RANKS, plan)
         assert (out.float() - expected).abs().max() < 0.05 * expected.abs().max()

@@ -18,7 +18,7 @@ def _adapter(rank: int, seed: int, modules: tuple[str, ...] = ("q_proj", "v_proj
              ) -> LoRAWeights:
     g = torch.Generator().manual_seed(seed)
     shapes = dict(TARGET.module_shapes)
-    return LoRAWeights(rank=rank, modules={
+    return LoRAWeights.from_modules({
         (0, m): (torch.randn(rank, shapes[m][0], generator=g), torch.randn(shapes[m][1], rank, generator=g))
         for m in modules})
 

@@ -21,6 +21,7 @@ from node.errors import (
     AdapterTooLarge,
     ConfigError,
 )
+from node.lora.adapter_files import AdapterFiles
 from node.lora.content_hash import ADAPTER_FILES, adapter_weights_sha256, to_hex
 from node.lora.provider import AdapterSource, LoadState
 from node.lora.store import AdapterStore, StoreConfig
@@ -30,7 +31,7 @@ HOST_BYTES = 8192  # one default test adapter in host memory: 2 layers x (q, v) 
 
 
 def _store(tmp_path: Path, *, num_host: float = 100, num_disk: float = 100,
-           parse: Callable[[Path], Any] = parse_adapter, **overrides: Any) -> AdapterStore[Any]:
+           parse: Callable[[AdapterFiles], Any] = parse_adapter, **overrides: Any) -> AdapterStore[Any]:
     disk_size = _disk_size(tmp_path)
     config = StoreConfig(cache_dir=tmp_path / "cache", max_host_bytes=int(num_host * HOST_BYTES),
                          max_disk_bytes=int(num_disk * disk_size), **{"retry_after_s": 0.0, **overrides})
@@ -157,9 +158,9 @@ def test_pinned_adapters_stay_in_host_memory_and_on_disk(tmp_path: Path) -> None
 def test_a_wrong_hash_is_refused_before_parse_and_the_copy_deleted(tmp_path: Path) -> None:
     parsed: list[Path] = []
 
-    def counting_parse(folder: Path) -> dict[str, torch.Tensor]:
-        parsed.append(folder)
-        return parse_adapter(folder)
+    def counting_parse(files: AdapterFiles) -> dict[str, torch.Tensor]:
+        parsed.append(files.folder)
+        return parse_adapter(files)
 
     with _store(tmp_path, parse=counting_parse) as store:
         folder = tmp_path / "src" / "a"
@@ -246,8 +247,8 @@ def test_an_oversized_adapter_is_refused_per_tier(tmp_path: Path) -> None:
 
 
 def test_an_oversized_rank_fails_alone_with_the_reason(tmp_path: Path) -> None:
-    def parse_max_rank_8(folder: Path) -> dict[str, torch.Tensor]:
-        weights = parse_adapter(folder)
+    def parse_max_rank_8(files: AdapterFiles) -> dict[str, torch.Tensor]:
+        weights = parse_adapter(files)
         rank = max(t.shape[0] for k, t in weights.items() if "lora_A" in k)
         if rank > 8:
             raise AdapterFormatError(f"rank {rank} exceeds max_lora_rank 8", rank=rank)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from node.lora.adapter_files import AdapterFiles
 from node.lora.disk_cache import DiskCache
 from node.lora.host_cache import HostCache
 from node.lora.provider import AdapterSource, LoadState
@@ -70,9 +71,9 @@ def test_disk_cache_start_cleans_its_own_leftovers_only(tmp_path: Path) -> None:
 
 
 def test_a_burst_of_cold_loads_does_not_delay_hot_adapters(tmp_path: Path) -> None:
-    def slow_parse(folder: Path) -> dict[str, torch.Tensor]:
+    def slow_parse(files: AdapterFiles) -> dict[str, torch.Tensor]:
         time.sleep(0.05)
-        return parse_adapter(folder)
+        return parse_adapter(files)
 
     config = StoreConfig(cache_dir=tmp_path / "cache", max_host_bytes=1 << 20, max_disk_bytes=1 << 22)
     with AdapterStore(config, slow_parse, adapter_nbytes) as store:
@@ -89,9 +90,9 @@ def test_a_burst_of_cold_loads_does_not_delay_hot_adapters(tmp_path: Path) -> No
 
 
 def test_a_cancelled_or_abandoned_load_never_wedges_its_adapter(tmp_path: Path) -> None:
-    def slow_parse(folder: Path) -> dict[str, torch.Tensor]:
+    def slow_parse(files: AdapterFiles) -> dict[str, torch.Tensor]:
         time.sleep(0.1)
-        return parse_adapter(folder)
+        return parse_adapter(files)
 
     config = StoreConfig(cache_dir=tmp_path / "cache", max_host_bytes=1 << 20, max_disk_bytes=1 << 22,
                          num_load_workers=1)

@@ -138,6 +138,21 @@ def test_an_expired_hold_is_taken_over_and_cannot_be_charged(db_url: str) -> Non
         ledger.commit(stale_hold, crashed, 100, _receipt(1, 100), _body)
 
 
+
+def test_the_same_voucher_sent_again_takes_its_hold_over_and_is_charged_once(db_url: str) -> None:
+    """Its first request died with the API process (SIGKILL): the retry needs no reservation_ttl_s wait."""
+    ledger = Ledger(_setup(db_url, deposit=1_000), NODE)
+    checked = _voucher(0, 100)
+    orphan = ledger.reserve(checked, 100)  # the process that placed it is gone
+    with pytest.raises(VoucherConflict, match="in flight"):
+        ledger.reserve(_voucher(0, 200, b"other"), 100)  # another voucher still waits for the hold to end
+    retry = ledger.reserve(checked, 100)
+    assert ledger.commit(retry, checked, 70, _receipt(1, 70), _body) == (70, {"charged": 70})
+    with pytest.raises(VoucherConflict, match="taken over"):  # had the first one lived on: nothing charged
+        ledger.commit(orphan, checked, 70, _receipt(2, 70), _body)
+    assert ledger.channel(PAYER, 0).charged_total == 70
+    assert ledger.reserve(checked, 100) == {"charged": 70}
+
 def test_concurrent_lanes_never_spend_more_than_the_escrow(db_url: str) -> None:
     factory = _setup(db_url, deposit=1_000)
     ledger = Ledger(factory, NODE)

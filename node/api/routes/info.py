@@ -64,6 +64,8 @@ def channel(payer: str = Path(..., pattern=ADDRESS.pattern), lane: int = Path(..
 
 @router.get("/receipts/{receipt_id}", responses=error_responses(400, 404, 503))
 def receipt(receipt_id: str = Path(..., pattern=HASH.pattern), svc: NodeServices = Depends(services)) -> dict[str, Any]:
+    """A receipt with its attribution (method 2: the spans of the output each dataset contains, the
+    weights used, the rule version) and, while the node keeps the response, the output text."""
     with svc.db() as session:
         row = session.query(Receipt).filter(Receipt.receipt_hash == receipt_id.lower()).one_or_none()
         if row is None:
@@ -74,10 +76,17 @@ def receipt(receipt_id: str = Path(..., pattern=HASH.pattern), svc: NodeServices
                 "lineageHash": row.lineage_hash, "promptTokens": row.prompt_tokens,
                 "completionTokens": row.completion_tokens, "fee": str(row.fee), "outputHash": row.output_hash,
                 "method": row.method, "signature": row.signature, "node": svc.payments.node,
-                "createdAt": row.created_at.isoformat(), "epochId": row.epoch_id}
+                "createdAt": row.created_at.isoformat(), "epochId": row.epoch_id, "attribution": row.attribution}
     if stored is not None:
         body["chargedTotal"] = stored["receipt"]["chargedTotal"]
+        body["output"] = _output_text(stored)
     return body
+
+
+def _output_text(response: dict[str, Any]) -> str | None:
+    choice = (response.get("choices") or [{}])[0]
+    text = choice.get("message", {}).get("content") if "message" in choice else choice.get("text")
+    return text if isinstance(text, str) else None
 
 
 def _prices(svc: NodeServices) -> dict[str, str]:

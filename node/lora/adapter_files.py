@@ -1,0 +1,202 @@
+"""An adapter's two files read once into memory: hashed, header-checked and sliced from the same bytes.
+
+A load from disk reads `adapter_config.json` and `adapter_model.safetensors` exactly once. The
+registry hash (`content_hash.adapter_files_sha256`, the same folder rule the CLI registers with) is
+computed on those bytes, the safetensors header is checked against them (the tensors must tile the
+data exactly), and the tensors the parser asks for are views of them (`torch.frombuffer`, no copy).
+So what was hashed is what is parsed: a file changed on disk between the check and the parse cannot
+slip through. Nothing here ever unpickles: a pickle or a torch.save zip is refused by its first bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from node.errors import AdapterFormatError
+from node.lora.content_hash import ADAPTER_FILES, adapter_files_sha256
+
+CONFIG_FILE, WEIGHTS_FILE = ADAPTER_FILES
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
+               "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+MAX_CACHED_LAYOUTS = 64
+_LAYOUTS: dict[tuple[bytes, int], dict[str, TensorEntry]] = {}  # (header bytes, file size) -> layout
+FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+class TensorEntry(NamedTuple):  # a NamedTuple: a header has a few hundred of them, built on every load
+    dtype: str  # the safetensors name: "F32", "BF16", ...
+    shape: tuple[int, ...]
+    begin: int  # byte offsets in the whole file (header included)
+    end: int
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    folder: Path
+    config_bytes: bytes
+    weights: bytearray  # the whole safetensors file
+
+    @classmethod
+    def read(cls, folder: str | Path) -> AdapterFiles:
+        """Read both files (one read each). AdapterFormatError names a missing or pickled file."""
+        folder = Path(folder)
+        if not (folder / CONFIG_FILE).is_file():
+            raise AdapterFormatError(f"{CONFIG_FILE} is missing", folder=str(folder))
+        if not (folder / WEIGHTS_FILE).is_file():
+            pickles = sorted(p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES)
+            why = f"; pickled files are refused: {pickles}" if pickles else ""
+            raise AdapterFormatError(f"{WEIGHTS_FILE} is missing{why}", folder=str(folder))
+        return cls(folder, (folder / CONFIG_FILE).read_bytes(), _read_whole(folder / WEIGHTS_FILE))
+
+    def sha256(self) -> bytes:
+        """The registry's weightsSha256 of exactly these bytes."""
+        return adapter_files_sha256(self.config_bytes, self.weights)
+
+    def check(self) -> None:
+        """Refuse a config that is not a JSON object or weights that are not well-formed safetensors."""
+        _ = self.config, self.header
+
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        try:
+            config = json.loads(self.config_bytes)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise AdapterFormatError(f"{CONFIG_FILE} is not valid JSON: {e}", file=CONFIG_FILE,
+                                     folder=str(self.folder)) from e
+        if not isinstance(config, dict):
+            raise AdapterFormatError(f"{CONFIG_FILE} is not a JSON object", file=CONFIG_FILE,
+                                     folder=str(self.folder))
+        return config
+
+    @cached_property
+    def header_bytes(self) -> bytes:
+        """The safetensors header's JSON bytes (AdapterFormatError if the file cannot be safetensors)."""
+        return _header_bytes(WEIGHTS_FILE, self.weights)
+
+    @cached_property
+    def header(self) -> dict[str, TensorEntry]:
+        """The tensors of the safetensors file, checked to tile its data exactly (no gaps, no overlap).
+
+        Adapters of one shape share their header byte for byte, so the checked layout is kept per
+        (header bytes, file size): what it says depends on nothing else. Treat it as read-only."""
+        key = (self.header_bytes, len(self.weights))
+        layout = _LAYOUTS.get(key)
+        if layout is None:
+            layout = _parse_header(WEIGHTS_FILE, self.header_bytes, len(self.weights))
+            if len(_LAYOUTS) >= MAX_CACHED_LAYOUTS:
+                _LAYOUTS.clear()
+            _LAYOUTS[key] = layout
+        return layout
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A view of one tensor's bytes (a copy only if they are misaligned for their dtype)."""
+        entry = self.header[name]
+        dtype = FLOAT_DTYPES.get(entry.dtype)
+        if dtype is None:
+            raise AdapterFormatError(f"tensor {name} is {entry.dtype}; LoRA weights must be floating point",
+                                     tensor=name, dtype=entry.dtype)
+        count = math.prod(entry.shape)
+        if count == 0:
+            return torch.empty(entry.shape, dtype=dtype)
+        buffer: bytes | bytearray = self.weights
+        offset = entry.begin
+        if offset % DTYPE_BYTES[entry.dtype]:
+            buffer, offset = bytes(self.weights[entry.begin:entry.end]), 0
+        return torch.frombuffer(buffer, dtype=dtype, count=count, offset=offset).view(entry.shape)
+
+
+    def join(self, parts: tuple[tuple[int, int] | int, ...]) -> bytearray:
+        """Byte ranges of the file ((begin, end)) and runs of zero bytes (an int: how many), concatenated."""
+        view = memoryview(self.weights)
+        return bytearray().join([bytes(part) if isinstance(part, int) else view[part[0]:part[1]]
+                                 for part in parts])
+
+
+def parse_safetensors_header(name: str, data: bytes | bytearray) -> dict[str, TensorEntry]:
+    """The header of a safetensors file held in `data`; AdapterFormatError unless it tiles the file."""
+    return _parse_header(name, _header_bytes(name, data), len(data))
+
+
+def _header_bytes(name: str, data: bytes | bytearray) -> bytes:
+    size = len(data)
+    head = bytes(data[:8])
+    header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if not 0 < header_len <= min(MAX_HEADER_BYTES, size - 8):
+        raise AdapterFormatError(_not_safetensors(head), file=name, size=size)
+    return bytes(data[8:8 + header_len])
+
+
+def _parse_header(name: str, raw: bytes, size: int) -> dict[str, TensorEntry]:
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterFormatError(f"{name}: corrupted safetensors header ({e})", file=name) from e
+    if not isinstance(header, dict):
+        raise AdapterFormatError(f"{name}: corrupted safetensors header", file=name)
+    return _tensor_layout(name, header, 8 + len(raw), size)
+
+
+def _tensor_layout(name: str, header: dict[str, Any], start: int, size: int) -> dict[str, TensorEntry]:
+    data_bytes = size - start
+    entries: dict[str, TensorEntry] = {}
+    for tensor, info in header.items():
+        if tensor == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            dims = tuple(int(d) for d in shape)
+            ok = (min(dims, default=0) >= 0 and 0 <= begin <= end <= data_bytes
+                  and end - begin == math.prod(dims) * DTYPE_BYTES[dtype])
+        except (TypeError, KeyError, ValueError) as e:
+            raise AdapterFormatError(f"{name}: bad entry for tensor {tensor}", file=name,
+                                     tensor=tensor) from e
+        if not ok:
+            raise AdapterFormatError(f"{name}: tensor {tensor} does not fit the file (truncated or "
+                                     "corrupted)", file=name, tensor=tensor, data_bytes=data_bytes)
+        entries[tensor] = TensorEntry(dtype, dims, start + int(begin), start + int(end))
+    covered = sorted((e.begin, e.end) for e in entries.values())
+    position = start
+    for begin, end in covered:
+        if begin != position:
+            raise AdapterFormatError(f"{name}: tensors overlap or leave a gap at byte {position}",
+                                     file=name, data_bytes=data_bytes)
+        position = end
+    if position != size:
+        raise AdapterFormatError(f"{name}: {size - position} bytes after the last tensor",
+                                 file=name, data_bytes=data_bytes)
+    return entries
+
+
+def _not_safetensors(head: bytes) -> str:
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return f"{WEIGHTS_FILE} is a Python pickle; only safetensors are read"
+    if head[:4] == b"PK\x03\x04":
+        return f"{WEIGHTS_FILE} is a torch.save zip (pickle inside); only safetensors are read"
+    return f"{WEIGHTS_FILE} is not a safetensors file (corrupted or truncated header)"
+
+
+def _read_whole(path: Path) -> bytearray:
+    """The file in one preallocated buffer (one `readinto` for a file in the page cache)."""
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        filled = 0
+        while filled < size:
+            n = f.readinto(view[filled:])
+            if not n:
+                raise AdapterFormatError(f"{path.name} shrank while it was read", file=path.name)
+            filled += n
+        if f.read(1):
+            raise AdapterFormatError(f"{path.name} grew while it was read", file=path.name)
+    return buffer

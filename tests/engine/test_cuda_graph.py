@@ -1,0 +1,64 @@
+"""Decode graphs: bucket choice, padding rows, the attention fallback, and the padded static-buffer
+forward (what a CUDA graph replays) giving the same hidden states as the eager step, on the CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from node.engine import EngineConfig, LLMEngine
+from node.engine.cuda_graph import DecodeBatch, DecodeGraphs, bucket_for, buckets_up_to, pad_decode
+from node.lora.mapping import build_plan
+from node.lora.slots import LoRABatch
+from node.models.attention import AttentionBatch, build_group, decode_backend
+from tests.fixtures.models import TinyAdapters
+
+
+def test_buckets_end_at_the_batch_limit_and_batches_take_the_smallest_that_fits() -> None:
+    buckets = buckets_up_to(100)
+    assert buckets[0] == 1 and buckets[-1] == 100 and list(buckets) == sorted(set(buckets))
+    assert bucket_for(1, buckets) == 1 and bucket_for(3, buckets) == 4 and bucket_for(64, buckets) == 64
+    assert bucket_for(97, buckets) == 100
+    assert bucket_for(101, buckets) is None  # larger than every graph: the step runs eagerly
+
+
+def test_padding_rows_write_the_scratch_slot_attend_one_position_and_use_no_adapter() -> None:
+    batch = DecodeBatch(token_ids=[5, 6], positions=[9, 3], slot_mapping=[41, 50], block_tables=[[2, 3], [4]],
+                        context_lens=[10, 4], token_slots=[1, -1])
+    padded = pad_decode(batch, bucket=4, max_blocks=3, scratch_slot=999)
+    assert padded.token_ids == [5, 6, 0, 0] and padded.positions == [9, 3, 0, 0]
+    assert padded.slot_mapping == [41, 50, 999, 999]
+    assert padded.block_tables == [[2, 3, 0], [4, 0, 0], [0, 0, 0], [0, 0, 0]]
+    assert padded.context_lens == [10, 4, 1, 1] and padded.token_slots == [1, -1, -1, -1]
+
+
+def test_decode_attention_falls_back_to_sdpa() -> None:
+    assert decode_backend(torch.device("cpu"), 256) == "sdpa"  # no CUDA
+    assert decode_backend(torch.device("cuda"), 16) == "sdpa"  # flash-attn pages are multiples of 256
+
+
+def test_the_padded_graph_forward_matches_the_eager_decode_step(tiny_model: Path, tiny_adapters: TinyAdapters,
+                                                                 ) -> None:
+    engine = LLMEngine(EngineConfig(model_path=tiny_model, max_num_seqs=8, max_model_len=64, block_size=4))
+    runner = engine.runner
+    assert runner.graphs is None  # CPU: no graphs, the eager path
+    slot = runner.slots.activate("sea", engine.parse_adapter(tiny_adapters.paths["sea-r8"]), in_use=())
+    for k_cache, v_cache in runner.kv_caches:  # some cached context to attend
+        k_cache.normal_()
+        v_cache.normal_()
+    tables, context = [[0, 1, 2], [3, 4], [5]], [11, 6, 2]
+    batch = DecodeBatch(token_ids=[7, 8, 9], positions=[c - 1 for c in context],
+                        slot_mapping=[t[(c - 1) // 4] * 4 + (c - 1) % 4 for t, c in zip(tables, context, strict=True)],
+                        block_tables=tables, context_lens=context, token_slots=[slot, -1, slot])
+    group = build_group([1, 1, 1], context, tables, 0, torch.device("cpu"))
+    plan = build_plan(batch.token_slots, torch.device("cpu"))
+    with torch.inference_mode():
+        eager = runner.model(torch.tensor(batch.token_ids), torch.tensor(batch.positions),
+                             AttentionBatch(torch.tensor(batch.slot_mapping), (group,)), runner.kv_caches,
+                             LoRABatch(runner.slots, plan) if plan is not None else None)
+        graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.slots, max_batch=8, max_blocks=16,
+                              block_size=4, scratch_slot=runner.num_blocks * 4, use_graphs=False)
+        padded = graphs.run(batch)  # bucket 4: one padding row
+    assert padded.shape == eager.shape
+    assert torch.allclose(padded, eager, atol=1e-5)

@@ -1,0 +1,48 @@
+"""The settlement worker SIGKILLed at each gap between the outbox's durable steps, one epoch per gap:
+the worker started after it continues the epoch, which settles exactly once (one settle transaction
+per epoch), and every invariant holds after each.
+
+The points run latest first, and the worker started after each death is the one that dies at the
+next point: continuing an epoch from a later state never passes an earlier point again, so every
+epoch is killed exactly once, and the cluster starts one worker per point instead of two.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from node.db.models import EpochState
+from tests.e2e.cluster import OPERATOR, Cluster
+from tests.e2e.processes import NodeProcess
+from tests.e2e.traffic import ClientLog
+from tests.faults.steps import settled_and_whole, traffic
+
+pytestmark = [pytest.mark.chain, pytest.mark.slow]
+
+# kill point (see tests/faults/dying_worker.py), the outbox state it leaves, is the settle on chain
+POINTS = [("confirmed", EpochState.CONFIRMED, True), ("submitted", EpochState.SUBMITTED, True),
+          ("broadcast", EpochState.BUILT, True), ("signed", EpochState.BUILT, False),
+          ("built", EpochState.BUILT, False), ("opened", EpochState.OPEN, False)]
+
+
+def _dying_worker(cluster: Cluster, point: str | None) -> NodeProcess:
+    return cluster.start("worker", ("-m", "tests.faults.dying_worker", point) if point else None)
+
+
+def test_a_worker_killed_at_every_settlement_state_is_continued_by_the_next(
+        cluster: Cluster, client_log: ClientLog) -> None:
+    cluster.wait_settled()
+    cluster.procs["worker"].stop()
+    worker = _dying_worker(cluster, POINTS[0][0])
+    settlement = cluster.contracts(OPERATOR).settlement
+    for i, (point, left_at, on_chain) in enumerate(POINTS):
+        epoch_id = max(cluster.epochs(), default=0) + 1
+        traffic(cluster, client_log, per_lane=1)
+        assert worker.wait_exit(120) == -signal.SIGKILL, worker.log_tail()
+        assert cluster.epochs()[epoch_id] is left_at, point
+        assert settlement.last_epoch(cluster.node) == epoch_id - (0 if on_chain else 1), point
+        worker = _dying_worker(cluster, POINTS[i + 1][0] if i + 1 < len(POINTS) else None)
+        summary = settled_and_whole(cluster, client_log)
+        assert summary.num_final_epochs == epoch_id, point
