@@ -181,6 +181,10 @@ def test_huge_and_unicode_headers_are_refused_as_bad_requests(paid_node: PaidNod
     body = _body(paid_node)
     _refused(_post(paid_node, body, "A" * 5000), 400, "invalid_request")  # over the voucher's 4 KiB
     _refused(_post(paid_node, body, base64.urlsafe_b64encode("ünïcødé ☃".encode()).decode()), 400, "invalid_request")
-    resp = httpx.post(f"{paid_node.base_url}/v1/completions", content=body, timeout=60,
-                      headers={"X-Payment": "x" * 200_000})  # over the HTTP server's header limit
-    assert 400 <= resp.status_code < 500
+    try:  # over the HTTP server's own header limit: uvicorn answers 4xx or drops the connection
+        resp = httpx.post(f"{paid_node.base_url}/v1/completions", content=body, timeout=60,
+                          headers={"X-Payment": "x" * 200_000})
+        assert 400 <= resp.status_code < 500
+    except (httpx.ReadError, httpx.RemoteProtocolError):
+        pass
+    assert httpx.get(f"{paid_node.base_url}/health").status_code == 200
