@@ -54,7 +54,7 @@ def start_api(node: LocalNode, model: Path, log: Path) -> tuple[subprocess.Popen
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"the API exited: see {log}")
+            raise SystemExit("the API exited:\n" + "\n".join(log.read_text().splitlines()[-15:]))
         try:
             if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
                 return proc, url

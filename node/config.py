@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -81,6 +81,13 @@ class Settings(BaseSettings):
     # attribution: the method this node signs receipts with (1: lineage weights; 2: lineage blended with
     # span evidence from the datasets, see docs/attribution.md) and where its span indexes live
     attribution_method: Literal[1, 2] = 1
+
+    @field_validator("attribution_method", mode="before")
+    @classmethod
+    def _method_from_text(cls, v: object) -> object:
+        """LORANODE_ATTRIBUTION_METHOD=2 arrives as the text "2": a Literal does not coerce it."""
+        return int(v) if isinstance(v, str) and v.strip().isdigit() else v
+
     attribution_dir: Path | None = None  # default: data_dir/attribution
 
     # settlement: an epoch closes when its oldest receipt is this old, its fees reach max_value, or a
