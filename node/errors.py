@@ -46,6 +46,13 @@ class PromptTooLong(NodeError):
     code = "prompt_too_long"
 
 
+class RequestTooLarge(NodeError):
+    """The request body is over the API's size limit (it is not read past the limit)."""
+
+    status = 413
+    code = "request_too_large"
+
+
 class Overloaded(NodeError):
     status = 429
     code = "overloaded"

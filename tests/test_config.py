@@ -62,3 +62,15 @@ def test_attribution_method_comes_from_the_environment(monkeypatch: pytest.Monke
     monkeypatch.setenv("LORANODE_ATTRIBUTION_METHOD", "3")
     with pytest.raises(ConfigError, match="attribution_method"):
         load_settings()
+
+
+def test_every_setting_survives_the_environment_a_child_process_gets(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`settings_env` is how `loranode dev`, the e2e cluster and bench/load.py hand settings to a child:
+    each value must read back as itself (LORANODE_ATTRIBUTION_METHOD=2 was refused: a Literal[1, 2])."""
+    from node.devkit.local_node import settings_env
+
+    settings = load_settings(data_dir=tmp_path, attribution_method=2, max_in_flight=7)
+    for name, value in settings_env(settings).items():
+        monkeypatch.setenv(name, value)
+    assert load_settings() == settings

@@ -7,12 +7,14 @@ new handler. Malformed JSON and schema violations are 400 (OpenAI's convention),
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from node.api.schemas import ErrorResponse
 from node.errors import NodeError
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,11 @@ ERROR_TYPES = {
     429: "rate_limit_error",
     503: "service_unavailable",
 }
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` of a route that can answer these error statuses (one body shape)."""
+    return {status: {"model": ErrorResponse, "description": ERROR_TYPES[status]} for status in statuses}
 
 
 def error_response(status: int, code: str, message: str, param: str | None = None,
@@ -67,3 +74,21 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(OperationalError, _database_error)
     app.add_exception_handler(InterfaceError, _database_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    _document_validation_as_400(app)
+
+
+def _document_validation_as_400(app: FastAPI) -> None:
+    """FastAPI documents a 422 for every route with parameters; this table answers those with 400
+    (declared on each route), so the schema drops FastAPI's 422 and its validation-error models."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build()  # built once and cached by FastAPI; trimming it again changes nothing
+        for operation in (op for path in schema["paths"].values() for op in path.values()):
+            if "HTTPValidationError" in str(operation["responses"].get("422", {}).get("content", {})):
+                del operation["responses"]["422"]
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -6,11 +6,12 @@ is refused with a 400 naming the field rather than silently ignored.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_STRINGS = 8
+StopString = Annotated[str, Field(min_length=1)]
 
 
 class _Request(BaseModel):
@@ -22,24 +23,19 @@ class _Request(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=-1, ge=-1)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=1, description="one choice per request")
     user: str | None = None
 
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, v: str | list[str] | None) -> list[str] | None:
-        stops = [v] if isinstance(v, str) else v
-        if stops is not None and (len(stops) > MAX_STOP_STRINGS or any(not s for s in stops)):
-            raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
-        return stops
+        return [v] if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _unsupported(self) -> _Request:
-        if self.n != 1:
-            raise ValueError("n must be 1 (send one request per choice)")
         for name in ("logprobs", "tools", "functions", "best_of", "echo", "suffix", "logit_bias"):
             value = (self.model_extra or {}).get(name)
             if value not in (None, False, 0, [], {}):
@@ -55,21 +51,23 @@ class CompletionRequest(_Request):
     prompt: str | list[int] = Field(min_length=1)
 
 
+class TextPart(BaseModel):
+    """A content part: only text is served."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]]
+    content: str | list[TextPart]
 
     def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError("only text content parts are supported")
-            parts.append(part["text"])
-        return "".join(parts)
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
 class ChatCompletionRequest(_Request):
@@ -148,6 +146,7 @@ class ErrorBody(BaseModel):
     type: str
     code: str
     param: str | None = None
+    details: dict[str, Any] | None = None  # the error's facts (NodeError.to_dict)
 
 
 class ErrorResponse(BaseModel):

@@ -8,6 +8,8 @@ import torch
 
 from node.errors import BadRequest
 
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -25,14 +27,15 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         if self.max_tokens < 1:
             raise BadRequest("max_tokens must be at least 1", max_tokens=self.max_tokens)
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # NaN too
             raise BadRequest("temperature must be >= 0", temperature=self.temperature)
         if not 0 < self.top_p <= 1:
             raise BadRequest("top_p must be in (0, 1]", top_p=self.top_p)
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        """A temperature below MIN_TEMPERATURE is greedy: dividing logits by it overflows to inf."""
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
@@ -60,6 +63,7 @@ def _probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
     probs_sorted = sorted_logits.masked_fill(cut, float("-inf")).softmax(dim=-1)
     before = probs_sorted.cumsum(dim=-1) - probs_sorted  # mass strictly above each token
     cut = cut | (before >= top_p[:, None])
+    cut[:, 0] = False  # the most likely token always stays (a top_p that rounds to 0 in float32 kept none)
     sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
     filtered = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
     return filtered.softmax(dim=-1)

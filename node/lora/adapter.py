@@ -6,16 +6,15 @@ refused). Every problem found is reported at once in one `AdapterFormatError`.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from node.errors import AdapterFormatError
+from node.lora.adapter_config import config_problems, declared_problems, scaling
 from node.lora.adapter_files import DTYPE_BYTES, FLOAT_DTYPES, AdapterFiles, TensorEntry
 from node.lora.weights import GROUPS, MODULES, LoRAWeights, scale_stack
 
@@ -87,18 +86,41 @@ def load_lora_adapter(source: str | Path | AdapterFiles, target: LoRATargetSpec,
         raise AdapterFormatError(f"adapter {files.folder.name} is not servable: " + "; ".join(plan.problems),
                                  folder=str(files.folder), problems=list(plan.problems))
     if plan.stacks is None:
-        return LoRAWeights.from_modules({k: (files.tensor(a), files.tensor(b)) for k, (a, b) in plan.names.items()},
-                                        plan.scales)
+        modules = {k: (files.tensor(a), files.tensor(b)) for k, (a, b) in plan.names.items()}
+        _refuse_non_finite(files, sorted(k for k, pair in modules.items() if not all(t.isfinite().all() for t in pair)))
+        return LoRAWeights.from_modules(modules, plan.scales)
     dtype = FLOAT_DTYPES[files.header[next(iter(plan.names.values()))[0]].dtype]
     stacks = {s.name: torch.frombuffer(files.join(s.parts), dtype=dtype).float().view(s.shape) for s in plan.stacks}
     rank = plan.stacks[0].shape[1] // len(GROUPS[plan.stacks[0].name])
+    _refuse_non_finite(files, _non_finite(stacks, rank))  # the bytes, not the plan: checked on every load
     a = {g: stacks[g] for g in GROUPS if g in stacks}
     b = {m: scale_stack(stacks[m], m, plan.scales) for m in MODULES if m in stacks}
     return LoRAWeights(rank=rank, a=a, b=b, ranks=dict.fromkeys(plan.names, rank))
 
 
+def _non_finite(stacks: dict[str, torch.Tensor], rank: int) -> list[tuple[int, str]]:
+    """(layer, module) of every NaN or Inf in the host stacks: an A stack is [layers, modules * rank, in]
+    (see GROUPS), a B stack [layers, out, rank]."""
+    bad = set()
+    for name, stack in stacks.items():
+        if stack.isfinite().all():
+            continue
+        rows = ~stack.isfinite().all(dim=-1)  # [layers, modules * rank] or [layers, out]
+        bad |= {(layer, GROUPS[name][row // rank] if name in GROUPS else name)
+                for layer, row in rows.nonzero().tolist()}
+    return sorted(bad)
+
+
+def _refuse_non_finite(files: AdapterFiles, bad: list[tuple[int, str]]) -> None:
+    if bad:
+        problems = [f"layers.{layer}.{module}: weights contain NaN or Inf" for layer, module in bad]
+        raise AdapterFormatError(f"adapter {files.folder.name} is not servable: " + "; ".join(problems),
+                                 folder=str(files.folder), problems=problems)
+
+
 def _make_plan(files: AdapterFiles, target: LoRATargetSpec, max_rank: int) -> _Plan:
-    problems = _config_problems(files.config)
+    config_problems_found = config_problems(files.config)
+    problems = list(config_problems_found)
     pairs: dict[tuple[int, str], dict[str, str]] = {}
     for key in files.header:
         m = _KEY.fullmatch(key)
@@ -111,9 +133,12 @@ def _make_plan(files: AdapterFiles, target: LoRATargetSpec, max_rank: int) -> _P
     for (layer, module), ab in sorted(pairs.items()):
         if _pair_fits(layer, module, ab, files, target, max_rank, problems):
             names[(layer, module)] = (ab["A"], ab["B"])
-            scales[(layer, module)] = _scaling(files.config, layer, module, files.header[ab["A"]].shape[0])
     if not names and not problems:
         problems.append("the adapter has no LoRA weights")
+    if not config_problems_found:  # r, alpha and the patterns are valid: hold the weights to them
+        ranks = {k: files.header[a].shape[0] for k, (a, _) in names.items()}
+        problems += declared_problems(files.config, ranks)
+        scales = {k: scaling(files.config, *k, rank) for k, rank in ranks.items()}
     stacks = _stacks(files, names) if names and not problems else None
     return _Plan(tuple(problems), names, scales, stacks)
 
@@ -150,23 +175,6 @@ def _range(entry: TensorEntry) -> tuple[int, int]:
     return entry.begin, entry.end
 
 
-def _config_problems(config: dict[str, Any]) -> list[str]:
-    problems = []
-    if config.get("peft_type", "LORA") != "LORA":
-        problems.append(f"peft_type is {config.get('peft_type')!r}, only LORA is served")
-    if config.get("use_dora"):
-        problems.append("DoRA adapters are not supported")
-    if config.get("modules_to_save"):
-        problems.append(f"modules_to_save {config['modules_to_save']} is not supported")
-    if config.get("bias", "none") != "none" or config.get("lora_bias"):
-        problems.append("LoRA bias terms are not supported")
-    if config.get("fan_in_fan_out"):
-        problems.append("fan_in_fan_out adapters are not supported")
-    if not isinstance(config.get("r"), int) or not isinstance(config.get("lora_alpha"), (int, float)):
-        problems.append("r and lora_alpha must be numbers")
-    return problems
-
-
 def _pair_fits(layer: int, module: str, names: dict[str, str], files: AdapterFiles,
                target: LoRATargetSpec, max_rank: int, problems: list[str]) -> bool:
     name = f"layers.{layer}.{module}"
@@ -189,15 +197,3 @@ def _pair_fits(layer: int, module: str, names: dict[str, str], files: AdapterFil
         problems.append(f"{name}: weights must be floating point")
         return False
     return True
-
-
-def _scaling(config: dict[str, Any], layer: int, module: str, rank: int) -> float:
-    """alpha / r (alpha / sqrt(r) with rsLoRA), honouring PEFT's alpha_pattern."""
-    alpha = float(config["lora_alpha"])
-    parent = "self_attn" if module in MODULES[:4] else "mlp"
-    full_name = f"model.layers.{layer}.{parent}.{module}"
-    for key, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({key})$", full_name):
-            alpha = float(value)
-            break
-    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)

@@ -4,7 +4,8 @@ The adapter at a URI is a PEFT folder; only two files of it are ever read: `adap
 and `adapter_model.safetensors` (for http(s), `<uri>/adapter_config.json` and
 `<uri>/adapter_model.safetensors`). Pickled weights (`adapter_model.bin`, `*.pt`, ...) are refused,
 and so is a "safetensors" file whose bytes are a pickle or a torch.save zip: nothing here or later
-ever unpickles. Downloads are streamed in chunks, hashed while written, bounded in bytes, and bounded
+ever unpickles. Downloads ask for identity bytes and refuse a compressed answer (no decompression
+bomb can expand here). They are streamed in chunks, hashed while written, bounded in bytes, and bounded
 in time three ways: the connect timeout, the read timeout (the longest silence between two chunks),
 and a deadline for the whole adapter (a server that trickles a byte per second never finishes).
 """
@@ -112,9 +113,10 @@ def _download(client: httpx.Client, url: str, path: Path, budget: int, deadline:
     url = shown_uri(url_or_token)
     timeout = httpx.Timeout(limits.read_timeout_s, connect=limits.connect_timeout_s)
     try:
-        with client.stream("GET", url_or_token, timeout=timeout) as response, open(path, "wb") as out:
+        with client.stream("GET", url_or_token, timeout=timeout, headers={"Accept-Encoding": "identity"}
+                           ) as response, open(path, "wb") as out:
             _check_response(response, url, budget, limits.max_bytes)
-            for chunk in response.iter_bytes():
+            for chunk in response.iter_raw():
                 size += len(chunk)
                 if size > budget:
                     raise AdapterTooLarge(f"{url} passed the {limits.max_bytes}-byte adapter limit",
@@ -137,9 +139,12 @@ def _check_response(response: httpx.Response, url: str, budget: int, max_bytes: 
     if response.status_code != 200:
         raise AdapterSourceError(f"GET {url} answered {response.status_code}", uri=url,
                                  http_status=response.status_code)
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":  # never decompressed here: a gzip bomb expands 1000x per network read
+        raise AdapterSourceError(f"GET {url} answered with Content-Encoding {encoding!r}; adapters are "
+                                 "fetched as identity bytes (Accept-Encoding: identity)", uri=url, encoding=encoding)
     declared = response.headers.get("content-length")
-    is_plain = "content-encoding" not in response.headers
-    if declared and declared.isdigit() and is_plain and int(declared) > budget:
+    if declared and declared.isdigit() and int(declared) > budget:
         raise AdapterTooLarge(f"{url} is {declared} bytes, over what is left ({budget}) of the "
                               f"{max_bytes}-byte adapter limit", uri=url, nbytes=int(declared),
                               max_bytes=max_bytes)

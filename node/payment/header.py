@@ -73,14 +73,14 @@ def _parse(data: dict[str, Any]) -> PaymentHeader:
     if problems:
         raise BadRequest("bad X-Payment voucher: " + ", ".join(problems))
     checks = {
-        "payer": isinstance(data["payer"], str) and _ADDRESS.match(data["payer"]),
-        "node": isinstance(data["node"], str) and _ADDRESS.match(data["node"]),
+        "payer": isinstance(data["payer"], str) and _ADDRESS.fullmatch(data["payer"]),
+        "node": isinstance(data["node"], str) and _ADDRESS.fullmatch(data["node"]),
         "lane": _is_int(data["lane"]) and 0 <= data["lane"] < 2**32,
-        "cumulative": isinstance(data["cumulative"], str) and _DECIMAL.match(data["cumulative"])
+        "cumulative": isinstance(data["cumulative"], str) and _DECIMAL.fullmatch(data["cumulative"])
         and int(data["cumulative"]) <= UINT256_MAX,
-        "requestHash": isinstance(data["requestHash"], str) and _HASH.match(data["requestHash"]),
+        "requestHash": isinstance(data["requestHash"], str) and _HASH.fullmatch(data["requestHash"]),
         "deadline": _is_int(data["deadline"]) and 0 <= data["deadline"] < 2**64,
-        "signature": isinstance(data["signature"], str) and _SIGNATURE.match(data["signature"]),
+        "signature": isinstance(data["signature"], str) and _SIGNATURE.fullmatch(data["signature"]),
     }
     bad = [name for name, ok in checks.items() if not ok]
     if bad:

@@ -67,6 +67,9 @@ def test_mixed_ranks_take_the_per_tensor_path_with_the_same_result(tmp_path: Pat
     tensors[f"{prefix}.lora_A.weight"] = torch.randn(2, 64)
     tensors[f"{prefix}.lora_B.weight"] = torch.randn(64, 2)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
+    config = json.loads((folder / "adapter_config.json").read_text())  # as peft saves a mixed rank
+    config["rank_pattern"] = {"model.layers.1.self_attn.v_proj": 2}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
     weights = load_lora_adapter(folder, TARGET, max_rank=8)
     assert weights.rank == 4 and weights.ranks[(1, "v_proj")] == 2
     a, b = weights.modules[(1, "v_proj")]

@@ -7,22 +7,22 @@ from typing import Any
 from fastapi import APIRouter, Depends, Path
 
 from node.api.deps import NodeServices, services
+from node.api.error_handlers import error_responses
 from node.api.routes.info import ADDRESS, HASH, NotFound
-from node.errors import BadRequest
 from node.settlement.publication import epoch_document, published_epoch, receipt_proof
 
 router = APIRouter(prefix="/v1", tags=["settlement"])
+MAX_EPOCH_ID = 2**63  # epochs are stored as BIGINT; a larger id names no epoch
 
 
-@router.get("/epochs/{node}/{epoch_id}")
-def epoch(node: str = Path(...), epoch_id: str = Path(..., description="an epoch id, or `latest`"),
+@router.get("/epochs/{node}/{epoch_id}", responses=error_responses(400, 404, 503))
+def epoch(node: str = Path(..., pattern=ADDRESS.pattern),
+          epoch_id: str = Path(..., pattern=r"^([0-9]{1,20}|latest)$", description="an epoch id, or `latest`"),
           svc: NodeServices = Depends(services)) -> dict[str, Any]:
     """A settled epoch of `node` with its published trees (OpenZeppelin `standard-v1` dumps)."""
-    if not ADDRESS.match(node):
-        raise BadRequest("node must be a 0x address", param="node")
-    if epoch_id != "latest" and not epoch_id.isdigit():
-        raise BadRequest("epoch_id must be a positive integer or `latest`", param="epoch_id")
     wanted = None if epoch_id == "latest" else int(epoch_id)
+    if wanted is not None and wanted >= MAX_EPOCH_ID:
+        raise NotFound("no such settled epoch", node=node, epoch_id=epoch_id)
     with svc.db() as session:
         row = published_epoch(session, node, wanted)
         if row is None:
@@ -30,11 +30,9 @@ def epoch(node: str = Path(...), epoch_id: str = Path(..., description="an epoch
         return epoch_document(row)
 
 
-@router.get("/receipts/{receipt_id}/proof")
-def proof(receipt_id: str = Path(...), svc: NodeServices = Depends(services)) -> dict[str, Any]:
+@router.get("/receipts/{receipt_id}/proof", responses=error_responses(400, 404, 503))
+def proof(receipt_id: str = Path(..., pattern=HASH.pattern), svc: NodeServices = Depends(services)) -> dict[str, Any]:
     """The receipt's epoch, its leaf and its proof against the epoch's receipts root."""
-    if not HASH.match(receipt_id):
-        raise BadRequest("receipt_id must be a 0x-hex hash", param="receipt_id")
     with svc.db() as session:
         found = receipt_proof(session, receipt_id)
     if found is None:

@@ -9,8 +9,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from node.api.deps import NodeServices, services
+from node.api.error_handlers import error_responses
 from node.api.schemas import ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse
-from node.errors import BadRequest
+from node.errors import BadRequest, RequestTooLarge
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 M = TypeVar("M", bound=BaseModel)
@@ -18,10 +19,22 @@ PaymentHeader = Annotated[str | None, Header(alias="X-Payment", description="bas
 MAX_BODY_BYTES = 1 << 20
 
 
+async def _read_body(request: Request) -> bytes:
+    """The body as sent, refused with 413 as soon as it passes MAX_BODY_BYTES (never read further)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise RequestTooLarge("request body too large", size=int(declared), max_size=MAX_BODY_BYTES)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise RequestTooLarge("request body too large", max_size=MAX_BODY_BYTES)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _parse(request: Request, model: type[M]) -> tuple[M, bytes]:
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise BadRequest("request body too large", size=len(body), max_size=MAX_BODY_BYTES)
+    body = await _read_body(request)
     try:
         return model.model_validate_json(body), body
     except ValidationError as exc:
@@ -48,14 +61,26 @@ def _openapi(model: type[BaseModel]) -> dict[str, object]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
-@router.post("/completions", response_model=CompletionResponse, openapi_extra=_openapi(CompletionRequest))
+# One server-sent event of a streamed answer: a JSON chunk (the last one carries usage and receipt),
+# an error that ended the stream, or the final `[DONE]`.
+_CHUNK = {"type": "object", "anyOf": [{"required": ["id", "object", "choices"]}, {"required": ["error"]}]}
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [
+    {"const": "[DONE]"}, {"type": "string", "contentMediaType": "application/json", "contentSchema": _CHUNK}]}}}
+# Every refusal of a paid request (see node/api/generation.py), and the streamed answer's media type.
+PAID_RESPONSES = {**error_responses(400, 401, 402, 404, 409, 413, 422, 429, 503),
+                  200: {"content": {"text/event-stream": {"schema": SSE_EVENT}},
+                        "description": "the answer; server-sent events when `stream` is true"}}
+
+
+@router.post("/completions", response_model=CompletionResponse, responses=PAID_RESPONSES,
+             openapi_extra=_openapi(CompletionRequest))
 async def completions(request: Request, payment: PaymentHeader = None,
                       svc: NodeServices = Depends(services)) -> JSONResponse | StreamingResponse:
     req, body = await _parse(request, CompletionRequest)
     return await svc.generation.handle("completion", req, body, payment, request)
 
 
-@router.post("/chat/completions", response_model=ChatCompletionResponse,
+@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=PAID_RESPONSES,
              openapi_extra=_openapi(ChatCompletionRequest))
 async def chat_completions(request: Request, payment: PaymentHeader = None,
                            svc: NodeServices = Depends(services)) -> JSONResponse | StreamingResponse:

@@ -8,8 +8,9 @@ from typing import Any
 from fastapi import APIRouter, Depends, Path, Query
 
 from node.api.deps import NodeServices, services
+from node.api.error_handlers import error_responses
 from node.db.models import Receipt
-from node.errors import BadRequest, NodeError
+from node.errors import NodeError
 
 router = APIRouter(prefix="/v1", tags=["info"])
 ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
@@ -21,7 +22,7 @@ class NotFound(NodeError):
     code = "not_found"
 
 
-@router.get("/node")
+@router.get("/node", responses=error_responses(503))
 def node_info(svc: NodeServices = Depends(services)) -> dict[str, Any]:
     """Who this node is and what a client needs to sign vouchers for it."""
     p = svc.payments
@@ -32,7 +33,7 @@ def node_info(svc: NodeServices = Depends(services)) -> dict[str, Any]:
             "prices": _prices(svc)}
 
 
-@router.get("/models")
+@router.get("/models", responses=error_responses(503))
 def models(svc: NodeServices = Depends(services)) -> dict[str, Any]:
     data = [{"id": str(v.adapter_id), "object": "model", "owned_by": v.owner, "created": v.registered_block,
              "lineage": {"hash": v.lineage_hash, "ownerShareBps": v.owner_share_bps,
@@ -42,19 +43,17 @@ def models(svc: NodeServices = Depends(services)) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
-@router.get("/quote")
+@router.get("/quote", responses=error_responses(400))
 def quote(prompt_tokens: int = Query(..., ge=1, le=10**7), max_tokens: int = Query(256, ge=1, le=10**7),
           svc: NodeServices = Depends(services)) -> dict[str, Any]:
     return {**_prices(svc), "promptTokens": prompt_tokens, "maxTokens": max_tokens,
             "maxFee": str(svc.payments.pricing.max_fee(prompt_tokens, max_tokens))}
 
 
-@router.get("/channels/{payer}/{lane}")
-def channel(payer: str = Path(...), lane: int = Path(..., ge=0, lt=2**32),
+@router.get("/channels/{payer}/{lane}", responses=error_responses(400, 503))
+def channel(payer: str = Path(..., pattern=ADDRESS.pattern), lane: int = Path(..., ge=0, lt=2**32),
             max_tokens: int = Query(256, ge=1, le=10**7), svc: NodeServices = Depends(services)) -> dict[str, Any]:
     """The lane's charged total (sign on top of it) and a quote for a request of up to the whole context."""
-    if not ADDRESS.match(payer):
-        raise BadRequest("payer must be a 0x address", param="payer")
     ch = svc.payments.ledger.channel(payer, lane)
     prompt_tokens = max(svc.engine.max_model_len - max_tokens, 1)
     return {"payer": payer, "node": svc.payments.node, "lane": lane, "chargedTotal": str(ch.charged_total),
@@ -63,12 +62,10 @@ def channel(payer: str = Path(...), lane: int = Path(..., ge=0, lt=2**32),
                       "maxFee": str(svc.payments.pricing.max_fee(prompt_tokens, max_tokens))}}
 
 
-@router.get("/receipts/{receipt_id}")
-def receipt(receipt_id: str, svc: NodeServices = Depends(services)) -> dict[str, Any]:
+@router.get("/receipts/{receipt_id}", responses=error_responses(400, 404, 503))
+def receipt(receipt_id: str = Path(..., pattern=HASH.pattern), svc: NodeServices = Depends(services)) -> dict[str, Any]:
     """A receipt with its attribution (method 2: the spans of the output each dataset contains, the
     weights used, the rule version) and, while the node keeps the response, the output text."""
-    if not HASH.match(receipt_id):
-        raise BadRequest("a receipt id is its 0x-hex EIP-712 digest", param="receipt_id")
     with svc.db() as session:
         row = session.query(Receipt).filter(Receipt.receipt_hash == receipt_id.lower()).one_or_none()
         if row is None:

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -23,7 +23,7 @@ def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.get("/ready", responses={503: {"description": "not ready: the same body, saying which check failed"}})
 def ready(svc: NodeServices = Depends(services)) -> JSONResponse:
     checks: dict[str, Any] = {"engine": True}
     try:
@@ -43,6 +43,6 @@ def ready(svc: NodeServices = Depends(services)) -> JSONResponse:
     return JSONResponse({"ready": ok, **checks}, status_code=200 if ok else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 def metrics(svc: NodeServices = Depends(services)) -> Response:
     return Response(svc.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -1,0 +1,31 @@
+"""Any sampling parameters the API lets through give a token for every row, and never fail the batch
+(a failing step fails every request in it, so one hostile request must not be able to cause one)."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from node.engine.sampling import SamplingParams, sample
+
+VOCAB = 50
+
+params = st.builds(SamplingParams, temperature=st.floats(0.0, 2.0), top_k=st.integers(-1, 10**9),
+                   top_p=st.floats(0.0, 1.0, exclude_min=True), seed=st.none() | st.integers(0, 2**63 - 1))
+logits = st.lists(st.floats(-1e4, 1e4, width=32), min_size=VOCAB, max_size=VOCAB)
+
+
+@settings(max_examples=150, deadline=None)
+@given(rows=st.lists(st.tuples(params, logits), min_size=1, max_size=4))
+def test_any_api_sampling_params_give_a_token_per_row(rows: list[tuple[SamplingParams, list[float]]]) -> None:
+    batch = torch.tensor([row for _, row in rows], dtype=torch.float32)  # [N, vocab]
+    ids = sample(batch, [p for p, _ in rows], [None] * len(rows))
+    assert len(ids) == len(rows) and all(0 <= i < VOCAB for i in ids)
+
+
+def test_a_vanishing_temperature_is_greedy_not_a_failed_step() -> None:
+    batch = torch.tensor([[0.5, 3.0, -1.0], [2.0, 0.0, 1.0]])
+    tiny = SamplingParams(temperature=3.7e-86)  # the fuzzer's case: logits / t overflowed to inf -> NaN
+    assert tiny.is_greedy
+    assert sample(batch, [tiny, SamplingParams(temperature=1e-300)], [None, None]) == [1, 0]
