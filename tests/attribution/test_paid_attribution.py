@@ -172,3 +172,16 @@ def test_verify_catches_a_node_that_signed_other_weights(attributed: AttributedN
     code, out = _verify(attributed, tmp_path, str(path))
     assert code == 1 and "does not hash to its outputHash" in out
     assert receipt["outputHash"] == "0x" + keccak(text.encode()).hex()
+
+
+def test_a_streamed_answer_carries_the_same_evidence_and_verifies(attributed: AttributedNode, tmp_path: Path) -> None:
+    client = Payer(attributed.paid.payer_keys[0], attributed.paid.base_url).openai(lane=7)
+    chunks = list(client.completions.create(model=str(attributed.copied_adapter), prompt=PROMPT, max_tokens=40,
+                                            temperature=0, stream=True))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    receipt = chunks[-1].model_extra["receipt"]
+    assert text == attributed.answer and receipt["outputHash"] == "0x" + keccak(text.encode()).hex()
+    weights = receipt["attribution"]["weightsBps"]
+    assert receipt["method"] == 2 and weights[0] > COPIED_WEIGHTS[0] and sum(weights) == 10_000
+    code, out = _verify(attributed, tmp_path, receipt["id"])
+    assert code == 0 and out.startswith("truthful"), out
