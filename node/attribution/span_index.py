@@ -119,33 +119,31 @@ class SpanIndex:
             active = active[lo[active] < hi[active]]
         return lo
 
+    def _stream_at(self, at: np.ndarray) -> np.ndarray:
+        """The stream's tokens at `at` (any shape), STREAM_END past its end."""
+        return np.where(at < self.num_tokens, self.tokens[np.minimum(at, self.num_tokens - 1)], STREAM_END
+                        ).astype(np.int64)
+
+    @staticmethod
+    def _query_at(query: np.ndarray, at: np.ndarray) -> np.ndarray:
+        """The output's tokens at `at` (any shape), QUERY_END past its end."""
+        return np.where(at < query.shape[0], query[np.minimum(at, query.shape[0] - 1)], QUERY_END)
+
     def _columns(self, positions: np.ndarray, query: np.ndarray, starts: np.ndarray, offset: int
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Columns [offset, offset + CHUNK) of the stream at `positions` and of the output at `starts`."""
         cols = np.arange(offset, offset + CHUNK_COLUMNS, dtype=np.int64)
-        at = positions[:, None] + cols  # [rows, CHUNK]
-        stream = np.where(at < self.num_tokens, self.tokens[np.minimum(at, self.num_tokens - 1)], STREAM_END)
-        qat = starts[:, None] + cols  # [rows, CHUNK]
-        out = np.where(qat < query.shape[0], query[np.minimum(qat, query.shape[0] - 1)], QUERY_END)
-        return cols, stream.astype(np.int64), out
+        stream = self._stream_at(positions[:, None] + cols)  # [rows, CHUNK]
+        out = self._query_at(query, starts[:, None] + cols)  # [rows, CHUNK]
+        return cols, stream, out
 
     def _compare(self, positions: np.ndarray, query: np.ndarray, starts: np.ndarray, lengths: np.ndarray
                  ) -> np.ndarray:
-        """sign(stream[position:][:length] - query[start:][:length]) lexicographically, per row."""
-        sign = np.zeros(positions.shape[0], dtype=np.int8)
-        rows = np.arange(positions.shape[0])
-        offset = 0
-        while rows.size:
-            cols, stream, out = self._columns(positions[rows], query, starts[rows], offset)
-            differs = (stream != out) & (cols < lengths[rows, None])  # [rows, CHUNK]
-            decided = differs.any(axis=1)
-            first = differs.argmax(axis=1)
-            hit = np.flatnonzero(decided)
-            a, b = stream[hit, first[hit]], out[hit, first[hit]]
-            sign[rows[hit]] = np.where(a < b, -1, 1)
-            offset += CHUNK_COLUMNS
-            rows = rows[~decided & (lengths[rows] > offset)]
-        return sign
+        """sign(stream[position:][:length] - query[start:][:length]) lexicographically, per row: the
+        order of the first token where they differ within `length`, 0 where they agree that far."""
+        common = self._common_prefix(positions, query, starts, lengths)
+        a, b = self._stream_at(positions + common), self._query_at(query, starts + common)
+        return np.where(common < lengths, np.where(a < b, -1, 1), 0).astype(np.int8)
 
     def _common_prefix(self, positions: np.ndarray, query: np.ndarray, starts: np.ndarray, lengths: np.ndarray
                        ) -> np.ndarray:
