@@ -150,7 +150,7 @@ def _private_key(key: str | bytes) -> PrivateKey:
     return PrivateKey(bytes.fromhex(key.removeprefix("0x")) if isinstance(key, str) else key)
 
 
-def _sign(key: str | bytes, digest: bytes) -> bytes:
+def sign_digest(key: str | bytes, digest: bytes) -> bytes:
     """RFC 6979 deterministic, low-s (libsecp256k1 normalises s), as r||s||v with v = 27 + recovery id."""
     sig = _private_key(key).sign_recoverable(digest, hasher=None)  # r || s || recovery id
     return sig[:64] + bytes([sig[64] + 27])
@@ -185,7 +185,7 @@ def voucher_digest(voucher: Voucher, domain: Domain) -> bytes:
 
 
 def sign_voucher(key: str | bytes, voucher: Voucher, domain: Domain) -> bytes:
-    return _sign(key, voucher_digest(voucher, domain))
+    return sign_digest(key, voucher_digest(voucher, domain))
 
 
 def recover_voucher_signer(voucher: Voucher, domain: Domain, signature: bytes) -> str:
@@ -212,7 +212,7 @@ def receipt_digest(receipt: Receipt, domain: Domain) -> bytes:
 
 
 def sign_receipt(key: str | bytes, receipt: Receipt, domain: Domain) -> bytes:
-    return _sign(key, receipt_digest(receipt, domain))
+    return sign_digest(key, receipt_digest(receipt, domain))
 
 
 def recover_receipt_signer(receipt: Receipt, domain: Domain, signature: bytes) -> str:

@@ -25,7 +25,7 @@ from node.attribution.evidence import Attribution
 from node.attribution.index_store import DatasetRef
 from node.attribution.rule import METHOD_EVIDENCE, METHOD_LINEAGE
 from node.catalog import ServedAdapter
-from node.chain.eip712 import Domain, Receipt, receipt_digest, sign_receipt
+from node.chain.eip712 import Domain, Receipt, receipt_digest, sign_digest
 from node.db.queries import AdapterLineageView
 from node.errors import BadSignature
 from node.payment.header import decode_payment_header
@@ -97,8 +97,9 @@ class PaymentService:
                           prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, fee=fee,
                           output_hash=keccak(output_text.encode()),
                           method=METHOD_LINEAGE if attribution is None else METHOD_EVIDENCE)
-        signature = sign_receipt(self.operator_key, receipt, self.domain)
-        row = ReceiptRow(receipt_hash="0x" + receipt_digest(receipt, self.domain).hex(),
+        digest = receipt_digest(receipt, self.domain)  # hashed once: the receipt's id and what is signed
+        signature = sign_digest(self.operator_key, digest)
+        row = ReceiptRow(receipt_hash="0x" + digest.hex(),
                          adapter_id=adapter.adapter_id, registry_block=receipt.registry_block,
                          lineage_hash="0x" + receipt.lineage_hash.hex(), prompt_tokens=usage.prompt_tokens,
                          completion_tokens=usage.completion_tokens, fee=fee,
