@@ -38,6 +38,25 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
+def declare_broker_queue(app: Celery, attempts: int = 3) -> None:
+    """The embedded SQL broker creates a queue's row (and its tables) on first use, so a worker and a
+    beat starting together can both insert it and one dies on the UNIQUE constraint. Declare the queue
+    before starting, retrying the race's named errors: the loser then finds the row the winner wrote."""
+    if not str(app.conf.broker_url).startswith("sqla+"):
+        return
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    queue = app.amqp.queues[app.conf.task_default_queue]
+    for attempt in range(1, attempts + 1):
+        try:
+            with app.connection_for_write() as conn:
+                queue(conn.default_channel).declare()
+            return
+        except (IntegrityError, OperationalError):  # another process created the row or table meanwhile
+            if attempt == attempts:
+                raise
+
+
 def run_worker(settings: Settings, *, loglevel: str | None = None) -> None:
     """`loranode worker`: reconcile the operator's open transactions, then consume settlement tasks."""
     from node.settlement.tasks import runtime
@@ -45,6 +64,7 @@ def run_worker(settings: Settings, *, loglevel: str | None = None) -> None:
     app = make_celery(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     runtime(app).service.reconcile()
+    declare_broker_queue(app)
     app.worker_main(["worker", "--pool=solo", "--concurrency=1", "--without-gossip", "--without-mingle",
                      "--without-heartbeat", f"--loglevel={loglevel or settings.log_level}",
                      "--hostname=settlement@%h"])
@@ -54,4 +74,5 @@ def run_beat(settings: Settings, *, loglevel: str | None = None) -> None:
     """`loranode beat`: send a settlement tick for the operator's node every interval."""
     app = make_celery(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    declare_broker_queue(app)
     app.start(["beat", f"--loglevel={loglevel or settings.log_level}"])
