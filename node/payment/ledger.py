@@ -10,28 +10,28 @@ charge or a release writes only its own lane's row, where the hold is (see `comm
     release:  the generation failed or the client left: the hold goes, nothing is charged
 
 A hold older than `reservation_ttl_s` (a crashed process) no longer counts and can be taken over.
-Each step is three SQL statements in one transaction (node/payment/lane_sql.py).
+Each step is one transaction of `Lanes` (node/payment/lane.py): on PostgreSQL a hold costs two round
+trips and a charge one (lane_pg.py), on SQLite a few Core statements (lane_sqlite.py).
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Engine, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import queries
 from node.db.models import Lane, Voucher
 from node.db.queries import ReceiptFields as ReceiptRow  # what the ledger stores, as given
 from node.errors import InsufficientEscrow, VoucherConflict
-from node.payment import lane_sql
-from node.payment.lane_sql import LaneRow
+from node.payment.lane import LaneRow, Lanes
+from node.payment.lane_pg import PipelinedLanes
+from node.payment.lane_sqlite import SQLiteLanes
 from node.payment.voucher_check import CheckedVoucher
 
 
@@ -63,7 +63,8 @@ class Ledger:
         self.node = node.lower()
         self.ttl = timedelta(seconds=reservation_ttl_s)
         self.clock = clock
-        self._sqlite_lock = threading.Lock() if self._engine().dialect.name == "sqlite" else None
+        engine = self._engine()
+        self.lanes: Lanes = SQLiteLanes(engine) if engine.dialect.name == "sqlite" else PipelinedLanes(engine)
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)
@@ -72,14 +73,6 @@ class Ledger:
         bind = self.factory.kw["bind"]
         assert isinstance(bind, Engine), "the ledger's sessions are bound to one engine"
         return bind
-
-    @contextmanager
-    def _transaction(self, lock_payer: str | None = None) -> Iterator[Connection]:
-        """A transaction; with `lock_payer`, a hold's: holding the lock on every lane of (payer, this node)."""
-        with self._sqlite_lock or _NoLock(), self._engine().begin() as conn:
-            if lock_payer is not None and self._sqlite_lock is None:
-                lane_sql.lock_for_hold(conn, lock_payer, self.node)
-            yield conn
 
     # --- reads ------------------------------------------------------------------------------------
     def stored_response(self, voucher_hash: str) -> dict[str, Any] | None:
@@ -102,8 +95,8 @@ class Ledger:
         `before_new` runs (and may raise) only for a voucher never seen before."""
         v, digest = checked.voucher, checked.digest_hex
         payer, now = v.payer.lower(), self._now()
-        with self._transaction(lock_payer=payer) as conn:
-            view = lane_sql.read_hold_view(conn, payer, self.node, v.lane, digest, now - self.ttl)
+        with self.lanes.transaction(lock_payer=payer, node=self.node) as tx:
+            view = tx.hold_view(payer, self.node, v.lane, digest, now - self.ttl)
             if view.is_used:
                 if view.response is not None:
                     return view.response
@@ -115,7 +108,7 @@ class Ledger:
             if spendable < max_fee:
                 raise InsufficientEscrow("not enough escrow for this request", spendable=spendable, max_fee=max_fee,
                                          balance=view.balance, thawing=view.thawing)
-            lane_sql.put_hold(conn, payer, self.node, v.lane, max_fee, digest, now)
+            tx.put_hold(payer, self.node, v.lane, max_fee, digest, now)
             return Reservation(payer, self.node, v.lane, digest, v.cumulative, max_fee, view.lane.charged_total)
 
     def _check_order(self, lane: LaneRow, checked: CheckedVoucher, max_fee: int, now: datetime) -> None:
@@ -144,36 +137,27 @@ class Ledger:
         # Only this lane's row is written (no payer lock): a concurrent `reserve` of another lane reads
         # this one either with its hold or with its charge (<= the hold), and counts either against the
         # escrow. While the hold is ours nobody else charges the lane, so the new total is known here.
-        with self._transaction() as conn:
-            if not lane_sql.charge_lane(conn, res.payer, self.node, res.lane, res.voucher_hash, res.charged_before,
-                                        total, res.cumulative, now):
+        body = response(total)
+        voucher = {"voucher_hash": res.voucher_hash, "payer": res.payer, "node": self.node, "lane": res.lane,
+                   "cumulative": v.cumulative, "request_hash": "0x" + v.request_hash.hex(), "deadline": v.deadline,
+                   "signature": "0x" + checked.signature.hex(), "charged_total": total, "response": body,
+                   "created_at": now}
+        row = {**receipt.__dict__, "voucher_hash": res.voucher_hash, "node": self.node, "created_at": now}
+        with self.lanes.transaction() as tx:
+            if not tx.charge(voucher, row, res.charged_before):
                 raise VoucherConflict("the lane's hold expired and was taken over; nothing was charged",
                                       lane=res.lane)
-            body = response(total)
-            lane_sql.insert_voucher(conn, {
-                "voucher_hash": res.voucher_hash, "payer": res.payer, "node": self.node, "lane": res.lane,
-                "cumulative": v.cumulative, "request_hash": "0x" + v.request_hash.hex(), "deadline": v.deadline,
-                "signature": "0x" + checked.signature.hex(), "charged_total": total, "response": body,
-                "created_at": now})
-            lane_sql.insert_receipt(conn, {**receipt.__dict__, "voucher_hash": res.voucher_hash, "node": self.node,
-                                           "created_at": now})
-            return total, body
+        return total, body
 
     def release(self, res: Reservation) -> None:
         """Drop the hold (if still ours): nothing is charged. No payer lock is needed: a concurrent
         `reserve` reads the hold either still there (and counts it) or gone."""
-        with self._transaction() as conn:
-            lane_sql.drop_hold(conn, res.payer, self.node, res.lane, res.voucher_hash)
+        with self.lanes.transaction() as tx:
+            tx.drop_hold(res.payer, self.node, res.lane, res.voucher_hash)
 
     def forget_responses(self, older_than: timedelta) -> int:
         """Drop stored response bodies past the idempotency window (vouchers and receipts stay)."""
-        with self._transaction() as conn:
-            return lane_sql.forget_responses(conn, self._now() - older_than)
-
-
-class _NoLock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+        with self.factory.begin() as session:
+            result = session.execute(update(Voucher).where(Voucher.created_at < self._now() - older_than,
+                                                           Voucher.response.is_not(None)).values(response=None))
+            return result.rowcount  # type: ignore[attr-defined]

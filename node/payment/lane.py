@@ -1,0 +1,62 @@
+"""What the ledger reads and writes per lane, and the transaction port its two SQL backends implement:
+
+    lane_sqlite.SQLiteLanes    SQLAlchemy Core, one statement per step, a process-wide lock per hold
+    lane_pg.PipelinedLanes     PostgreSQL: written-out SQL, psycopg pipeline, an advisory lock per hold
+
+A transaction is opened by `transaction(lock_payer, node)`; with `lock_payer` it is a hold's, taken
+under the (payer, node) lock that every API process of the node shares.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class LaneRow:
+    charged_total: int
+    last_cumulative: int
+    reserved_voucher_hash: str | None
+    reserved_at: datetime | None
+
+
+NEW_LANE = LaneRow(0, 0, None, None)
+
+
+@dataclass(frozen=True)
+class HoldView:
+    """What `reserve` decides on, read under the (payer, node) lock."""
+
+    is_used: bool  # the voucher was accepted before
+    response: dict[str, Any] | None  # the response it bought, while within the idempotency window
+    lane: LaneRow  # the voucher's lane (NEW_LANE if never used)
+    balance: int  # escrow, as mirrored
+    thawing: int
+    uncollected: int  # charged on all lanes of (payer, node), not yet collected on chain
+    other_holds: int  # the live holds on the other lanes
+
+
+class LaneTransaction(Protocol):
+    def hold_view(self, payer: str, node: str, lane: int, voucher_hash: str, live_since: datetime) -> HoldView:
+        """The voucher's use, the lane, the escrow, and the totals over the payer's lanes."""
+
+    def put_hold(self, payer: str, node: str, lane: int, max_fee: int, voucher_hash: str, now: datetime) -> None:
+        """Hold `max_fee` on the lane for `voucher_hash`, creating the lane on first use."""
+
+    def charge(self, voucher: dict[str, Any], receipt: dict[str, Any], charged_before: int) -> bool:
+        """Turn the lane's hold into its charge and store the voucher (with its response) and the
+        receipt, all or nothing: False (nothing written) if the hold is no longer this voucher's or the
+        lane was charged since. (PostgreSQL commits here, to learn the outcome in the same round trip;
+        nothing else may follow in that transaction.)"""
+
+    def drop_hold(self, payer: str, node: str, lane: int, voucher_hash: str) -> None:
+        """Release the lane's hold if it is still `voucher_hash`'s."""
+
+
+class Lanes(Protocol):
+    def transaction(self, lock_payer: str | None = None,
+                    node: str = "") -> AbstractContextManager[LaneTransaction]:
+        """A transaction, committed when the block ends; rolled back if it raises."""

@@ -1,0 +1,145 @@
+"""The ledger's lanes on SQLite: SQLAlchemy Core, one statement per step, holds serialised by a
+process-wide lock (one API process per SQLite file: `loranode dev`, the demo, the tests).
+
+    hold:    hold view (+ the payer's lane rows, summed here)  ->  INSERT .. ON CONFLICT
+    charge:  UPDATE the lane WHERE the hold is still ours  ->  INSERT voucher  ->  INSERT receipt
+
+Money columns are `Amount`, a zero-padded string on SQLite (node/db/types.py), so amounts are added
+up in Python, never in SQL. PostgreSQL runs the same steps as written-out SQL in lane_pg.py.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    String,
+    Table,
+    and_,
+    bindparam,
+    exists,
+    insert,
+    literal_column,
+    select,
+    update,
+)
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.sql import Select
+
+from node.db.models import EscrowAccount, Lane, LaneCollection, Receipt, Voucher
+from node.payment.lane import NEW_LANE, HoldView, LaneRow
+
+LANES = cast(Table, Lane.__table__)
+COLLECTIONS = cast(Table, LaneCollection.__table__)
+ESCROW = cast(Table, EscrowAccount.__table__)
+VOUCHERS = cast(Table, Voucher.__table__)
+RECEIPTS = cast(Table, Receipt.__table__)
+
+
+class SQLiteLaneTransaction:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def hold_view(self, payer: str, node: str, lane: int, voucher_hash: str, live_since: datetime) -> HoldView:
+        params = {"payer": payer, "node": node, "lane": lane, "voucher_hash": voucher_hash}
+        row = self.conn.execute(_HOLD_VIEW, params).one()
+        uncollected, other_holds = 0, 0
+        for r in self.conn.execute(_LANE_ROWS, params):
+            uncollected += max(r.charged_total - (r.collected or 0), 0)
+            if r.lane != lane and r.reserved_voucher_hash and r.reserved_at and r.reserved_at > live_since:
+                other_holds += r.reserved
+        this = NEW_LANE if row.charged_total is None else LaneRow(row.charged_total, row.last_cumulative,
+                                                                  row.reserved_voucher_hash, row.reserved_at)
+        return HoldView(is_used=row.is_used, response=row.response, lane=this, balance=row.balance or 0,
+                        thawing=row.thawing or 0, uncollected=uncollected, other_holds=other_holds)
+
+    def put_hold(self, payer: str, node: str, lane: int, max_fee: int, voucher_hash: str, now: datetime) -> None:
+        self.conn.execute(_PUT_HOLD, {"payer": payer, "node": node, "lane": lane, "charged_total": 0,
+                                      "last_cumulative": 0, "reserved": max_fee, "reserved_voucher_hash": voucher_hash,
+                                      "reserved_at": now, "updated_at": now})
+
+    def charge(self, voucher: dict[str, Any], receipt: dict[str, Any], charged_before: int) -> bool:
+        result = self.conn.execute(_CHARGE, {
+            "k_payer": voucher["payer"], "k_node": voucher["node"], "k_lane": voucher["lane"],
+            "k_hash": voucher["voucher_hash"], "k_before": charged_before, "charged_total": voucher["charged_total"],
+            "last_cumulative": voucher["cumulative"], "last_voucher_hash": voucher["voucher_hash"],
+            "updated_at": voucher["created_at"]})
+        if result.rowcount != 1:
+            return False
+        self.conn.execute(insert(VOUCHERS), voucher)
+        self.conn.execute(insert(RECEIPTS), receipt)
+        return True
+
+    def drop_hold(self, payer: str, node: str, lane: int, voucher_hash: str) -> None:
+        self.conn.execute(_DROP_HOLD, {"k_payer": payer, "k_node": node, "k_lane": lane, "k_hash": voucher_hash})
+
+
+class SQLiteLanes:
+    def __init__(self, engine: Engine) -> None:
+        assert engine.dialect.name == "sqlite"
+        self.engine = engine
+        self._hold_lock = threading.Lock()
+
+    @contextmanager
+    def transaction(self, lock_payer: str | None = None, node: str = "") -> Iterator[SQLiteLaneTransaction]:
+        """One SQLite transaction; a hold's (`lock_payer`) also holds the process's hold lock."""
+        with self._hold_lock if lock_payer is not None else _NO_LOCK, self.engine.begin() as conn:
+            yield SQLiteLaneTransaction(conn)
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_LOCK = _NoLock()
+
+
+# --- the statements, built once (named parameters; SQLAlchemy caches their compiled form) ----------
+def _hold_view() -> Select[Any]:
+    """One row, left-joined from a one-row anchor: the voucher's use, the escrow account, this lane."""
+    payer, node, voucher_hash = (bindparam(name, type_=String) for name in ("payer", "node", "voucher_hash"))
+    anchor = select(literal_column("1").label("one")).subquery("anchor")
+    this = LANES.alias("this_lane")
+    return (select(exists().where(VOUCHERS.c.voucher_hash == voucher_hash).label("is_used"),
+                   select(VOUCHERS.c.response).where(VOUCHERS.c.voucher_hash == voucher_hash)
+                   .scalar_subquery().label("response"),
+                   ESCROW.c.balance, ESCROW.c.thawing, this.c.charged_total, this.c.last_cumulative,
+                   this.c.reserved_voucher_hash, this.c.reserved_at)
+            .select_from(anchor.outerjoin(ESCROW, and_(ESCROW.c.payer == payer, ESCROW.c.node == node))
+                         .outerjoin(this, and_(this.c.payer == payer, this.c.node == node,
+                                               this.c.lane == bindparam("lane")))))
+
+
+def _put_hold() -> Any:
+    stmt = sqlite.insert(LANES)
+    held = ("reserved", "reserved_voucher_hash", "reserved_at", "updated_at")
+    return stmt.on_conflict_do_update(index_elements=[LANES.c.payer, LANES.c.node, LANES.c.lane],
+                                      set_={c: stmt.excluded[c] for c in held})
+
+
+def _lane_key() -> Any:
+    return and_(LANES.c.payer == bindparam("k_payer"), LANES.c.node == bindparam("k_node"),
+                LANES.c.lane == bindparam("k_lane"), LANES.c.reserved_voucher_hash == bindparam("k_hash"))
+
+
+_HOLD_VIEW = _hold_view()
+_LANE_ROWS = (select(LANES.c.lane, LANES.c.charged_total, LANES.c.reserved, LANES.c.reserved_voucher_hash,
+                     LANES.c.reserved_at, COLLECTIONS.c.collected)
+              .select_from(LANES.outerjoin(COLLECTIONS, and_(COLLECTIONS.c.payer == LANES.c.payer,
+                                                             COLLECTIONS.c.node == LANES.c.node,
+                                                             COLLECTIONS.c.lane == LANES.c.lane)))
+              .where(LANES.c.payer == bindparam("payer"), LANES.c.node == bindparam("node")))
+_PUT_HOLD = _put_hold()
+_CHARGE = (update(LANES).where(_lane_key(), LANES.c.charged_total == bindparam("k_before"))
+           .values(reserved=0, reserved_voucher_hash=None, reserved_at=None))
+_DROP_HOLD = update(LANES).where(_lane_key()).values(reserved=0, reserved_voucher_hash=None, reserved_at=None)
