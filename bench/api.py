@@ -219,6 +219,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=None, help="alternating rounds per arm (default 3; --quick 1)")
+    ap.add_argument("--requests", type=int, default=None,
+                    help="requests per arm (default 128; --quick 32); 128 lanes at most, one per request in flight")
     ap.add_argument("--database-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test",
                     help="a PostgreSQL server URL (a fresh database is made on it); 'sqlite' for SQLite")
     ap.add_argument("--client", help=argparse.SUPPRESS)  # the HTTP client process (see over_http_from_...)
@@ -227,8 +229,9 @@ def main() -> None:
         client_main(args.client)
         return
     n, new, k, num_adapters = (32, 16, 100, 4) if args.quick else (128, 32, 500, 8)
+    n = args.requests or n
     rounds = args.rounds or (1 if args.quick else 3)
-    lanes = n  # one lane per request in flight: the same concurrency the in-process run gets
+    lanes = min(n, 128)  # one lane per request in flight: twice the engine's 64 sequences, so it never idles
     db_url = None if args.database_url == "sqlite" else _fresh_postgres(args.database_url)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:

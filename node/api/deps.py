@@ -31,5 +31,7 @@ class NodeServices:
     on_shutdown: list[Callable[[], None]] = field(default_factory=list)
 
 
-def services(request: Request) -> NodeServices:
+async def services(request: Request) -> NodeServices:
+    """Async on purpose: FastAPI runs a plain `def` dependency on its thread pool, one thread hop
+    (and the GIL handed over twice) per request for a single attribute read."""
     return request.app.state.services  # type: ignore[no-any-return]

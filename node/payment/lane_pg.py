@@ -104,10 +104,19 @@ def hold_lock_key(payer: str, node: str) -> int:
 
 class PipelinedLaneTransaction:
     """One transaction on a psycopg connection in pipeline mode: statements are queued and sent
-    together; a read (`hold_view`) is the only point that waits for the server before COMMIT."""
+    together; a read (`hold_view`) is the only point that waits for the server before COMMIT.
+    BEGIN and COMMIT are statements of the pipeline too (the connection is in autocommit mode while
+    it runs this transaction: psycopg's own BEGIN would wait for its answer, one more round trip)."""
 
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], pipeline: psycopg.Pipeline) -> None:
         self.conn = conn
+        self.pipeline = pipeline
+        self.is_committed = False
+
+    def commit(self) -> None:
+        self.conn.execute("COMMIT")
+        self.pipeline.sync()
+        self.is_committed = True
 
     def lock(self, payer: str, node: str) -> None:
         self.conn.execute(_LOCK, {"key": hold_lock_key(payer, node)})
@@ -132,7 +141,7 @@ class PipelinedLaneTransaction:
                   "response": Json(voucher["response"]) if voucher["response"] is not None else None,
                   "attribution": Json(receipt["attribution"]) if receipt["attribution"] is not None else None}
         cur = self.conn.execute(_CHARGE, params)
-        self.conn.commit()  # queued behind the statement; rowcount is read after the commit's sync
+        self.commit()  # queued behind the statement: its rowcount is known after this one sync
         return cur.rowcount == 1
 
     def drop_hold(self, payer: str, node: str, lane: int, voucher_hash: str) -> None:
@@ -153,21 +162,26 @@ class PipelinedLanes:
         pooled = self.engine.raw_connection()
         conn: psycopg.Connection[Any] = pooled.driver_connection  # type: ignore[assignment]
         try:
-            with conn.pipeline():
-                tx = PipelinedLaneTransaction(conn)
+            conn.autocommit = True
+            with conn.pipeline() as pipeline:
+                conn.execute("BEGIN")
+                tx = PipelinedLaneTransaction(conn, pipeline)
                 if lock_payer is not None:
                     tx.lock(lock_payer, node)
                 yield tx
-                conn.commit()
+                if not tx.is_committed:
+                    tx.commit()
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             self._lost(pooled, exc)
             raise DatabaseUnavailable("the node's database is not available; retry shortly",
                                       error=type(exc).__name__) from exc
         except BaseException:
-            if not conn.closed:
-                conn.rollback()
+            if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                conn.execute("ROLLBACK")
             raise
         finally:
+            if not conn.closed:
+                conn.autocommit = False  # as the pool hands its connections out
             pooled.close()
 
     def _lost(self, pooled: Any, exc: psycopg.Error) -> None:

@@ -22,6 +22,7 @@ import httpx
 from eth_account import Account
 from eth_hash.auto import keccak
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from web3 import Web3
 
@@ -167,8 +168,11 @@ class Cluster:
 
     def wait_mirror(self, block: int, timeout_s: float = 60.0) -> None:
         def caught_up() -> bool:
-            with self.factory() as session:
-                cursor = session.scalars(select(IndexerCursor)).first()
+            try:
+                with self.factory() as session:
+                    cursor = session.scalars(select(IndexerCursor)).first()
+            except OperationalError:  # a pooled connection from before a database restart: dropped, retry
+                return False
             return cursor is not None and cursor.last_block >= block
         self.wait_for(caught_up, f"the mirror at block {block}", timeout_s)
 
