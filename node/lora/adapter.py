@@ -87,23 +87,30 @@ def load_lora_adapter(source: str | Path | AdapterFiles, target: LoRATargetSpec,
                                  folder=str(files.folder), problems=list(plan.problems))
     if plan.stacks is None:
         modules = {k: (files.tensor(a), files.tensor(b)) for k, (a, b) in plan.names.items()}
-        _refuse_non_finite(files, sorted(k for k, pair in modules.items() if not all(t.isfinite().all() for t in pair)))
-        return LoRAWeights.from_modules(modules, plan.scales)
+        weights = LoRAWeights.from_modules(modules, plan.scales)
+        _refuse_non_finite(files, _non_finite({**weights.a, **weights.b}, weights.rank))
+        return weights
     dtype = FLOAT_DTYPES[files.header[next(iter(plan.names.values()))[0]].dtype]
     stacks = {s.name: torch.frombuffer(files.join(s.parts), dtype=dtype).float().view(s.shape) for s in plan.stacks}
     rank = plan.stacks[0].shape[1] // len(GROUPS[plan.stacks[0].name])
-    _refuse_non_finite(files, _non_finite(stacks, rank))  # the bytes, not the plan: checked on every load
     a = {g: stacks[g] for g in GROUPS if g in stacks}
     b = {m: scale_stack(stacks[m], m, plan.scales) for m in MODULES if m in stacks}
+    # the bytes, not the plan, checked on every load; after scaling, which can overflow a huge weight
+    _refuse_non_finite(files, _non_finite(stacks, rank))
     return LoRAWeights(rank=rank, a=a, b=b, ranks=dict.fromkeys(plan.names, rank))
 
 
 def _non_finite(stacks: dict[str, torch.Tensor], rank: int) -> list[tuple[int, str]]:
     """(layer, module) of every NaN or Inf in the host stacks: an A stack is [layers, modules * rank, in]
-    (see GROUPS), a B stack [layers, out, rank]."""
+    (see GROUPS), a B stack [layers, out, rank].
+
+    A stack whose sum is finite holds no NaN or Inf (either makes the sum NaN or Inf): one reduction
+    instead of a boolean tensor as big as the stack (about 0.1 ms for 1 MiB of weights instead of
+    0.57). A stack whose sum is not finite is searched element by element, which names the layers,
+    or finds nothing if the sum only overflowed."""
     bad = set()
     for name, stack in stacks.items():
-        if stack.isfinite().all():
+        if torch.isfinite(stack.sum()):
             continue
         rows = ~stack.isfinite().all(dim=-1)  # [layers, modules * rank] or [layers, out]
         bad |= {(layer, GROUPS[name][row // rank] if name in GROUPS else name)

@@ -50,6 +50,25 @@ def test_weights_with_nan_or_inf_are_refused(tmp_path: Path, value: float) -> No
     assert _problems(tmp_path) == ["layers.1.v_proj: weights contain NaN or Inf"]
 
 
+def test_huge_finite_weights_whose_sum_overflows_are_not_mistaken_for_inf(tmp_path: Path) -> None:
+    make_adapter(tmp_path)  # the check sums each stack first; an overflowing sum is searched exactly
+    tensors = load_file(tmp_path / WEIGHTS)
+    b = tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"]
+    b[:4, 0] = 1.0e38  # four of them sum past float32's largest value (3.4e38)
+    save_file(tensors, tmp_path / WEIGHTS)
+    weights = load_lora_adapter(tmp_path, TARGET, max_rank=16)
+    assert torch.isfinite(weights.modules[(1, "v_proj")][1]).all()
+
+
+def test_a_weight_that_the_lora_scaling_overflows_is_refused(tmp_path: Path) -> None:
+    make_adapter(tmp_path, rank=4)
+    _rewrite_config(tmp_path, lora_alpha=16)  # scale 16 / 4 = 4
+    tensors = load_file(tmp_path / WEIGHTS)
+    tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"][0, 0] = 1.0e38
+    save_file(tensors, tmp_path / WEIGHTS)
+    assert _problems(tmp_path) == ["layers.0.q_proj: weights contain NaN or Inf"]
+
+
 def test_a_config_that_lies_about_the_rank_is_refused(tmp_path: Path) -> None:
     make_adapter(tmp_path, rank=4)
     _rewrite_config(tmp_path, r=8, lora_alpha=16)  # peft would scale by 16 / 8, the weights are rank 4
