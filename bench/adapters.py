@@ -261,10 +261,14 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)  # 1 MiB copies gain nothing from intra-op threads; peft gets the same
     work = Path(tempfile.mkdtemp(prefix="bench-adapters-"))
-    report: dict[str, object] = json.loads(args.out.read_text()) if args.section == "engine" else {}
+    # one section run alone keeps the other section's results already in the JSON
+    kept: dict[str, object] = json.loads(args.out.read_text()) if args.section != "all" and args.out.exists() else {}
+    report = kept
     try:
         if args.section != "engine":
             report = run(work, args)
+            if "engine" in kept:
+                report["engine"] = kept["engine"]
             print_table(report)
         if args.section != "store":
             from adapters_engine import print_engine, run_engine  # the engine and its devkit, only when asked

@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -87,6 +88,30 @@ def in_process(node: LocalNode, ids: list[int], n: int, prompt: list[int], new: 
     outs = engine.generate([prompt] * n, params, [str(ids[i % len(ids)]) for i in range(n)])
     wall = time.perf_counter() - t
     return wall, sum(o.num_completion_tokens for o in outs)
+
+
+def in_process_beside_python(node: LocalNode, ids: list[int], n: int, prompt: list[int], new: int,
+                             busy_ms: float = 1.0, every_ms: float = 5.0) -> float:
+    """In-process tokens/s while another thread of the process runs `busy_ms` of pure Python every
+    `every_ms` (what the API's loop and thread pool add per request, in kind): how much of the
+    engine's step waits for the GIL. Compare with `in_process` in the same run."""
+    stop = threading.Event()
+
+    def neighbour() -> None:
+        while not stop.is_set():
+            end = time.perf_counter() + busy_ms / 1000
+            while time.perf_counter() < end:
+                pass
+            time.sleep((every_ms - busy_ms) / 1000)
+
+    thread = threading.Thread(target=neighbour, daemon=True)
+    thread.start()
+    try:
+        wall, tokens = in_process(node, ids, n, prompt, new)
+    finally:
+        stop.set()
+        thread.join()
+    return tokens / wall
 
 
 async def over_http(base_url: str, payer: Payer, ids: list[int], n: int, prompt: list[int], new: int,
@@ -239,6 +264,8 @@ def main() -> None:
         try:
             node.serve(model)
             rows = best_of_rounds(node, ids, n, new, lanes, rounds)
+            prompt = list(range(10, 42))
+            beside = max(in_process_beside_python(node, ids, n, prompt, new) for _ in range(rounds))
             pay = payment_path(node, ids, node.anvil.keys[FIRST_USER + 3 - 1], k)
             pay["durable_commit_floor_p50_ms"] = durable_commit_floor(db_url, k)
         finally:
@@ -247,6 +274,8 @@ def main() -> None:
     result = {"requests": n, "new_tokens": new, "lanes": lanes, "adapters": num_adapters, "rounds": rounds,
               "database": "sqlite" if db_url is None else "postgresql", "rows": rows,
               "http_over_in_process": ratio, "payment": pay,
+              "gil_probe": {"busy_ms": 1.0, "every_ms": 5.0, "in_process_tokens_per_s": beside,
+                            "over_in_process": beside / rows[0]["tokens_per_s"]},
               "load_average_1m": {"before": load_before[0], "after": os.getloadavg()[0]}, "cpus": os.cpu_count()}
     print_table(result)
     out = ROOT / "bench" / "results" / "api.json"
@@ -259,6 +288,9 @@ def print_table(result: dict[str, Any]) -> None:
     for r in result["rows"]:
         print(f"{r['system']:<30}{r['tokens_per_s']:>12.1f}{r['tokens']:>10}{r['wall_s']:>10.2f}")
     print(f"HTTP / in-process: {result['http_over_in_process']:.3f} (target >= 0.9)")
+    probe = result["gil_probe"]
+    print(f"in-process beside a thread running Python {probe['busy_ms']:.0f} ms in every {probe['every_ms']:.0f} ms: "
+          f"{probe['in_process_tokens_per_s']:.1f} tokens/s, {probe['over_in_process']:.3f} of in-process")
     pay = result["payment"]
     print(f"payment p50 on {result['database']}: check {pay['check_p50_ms']:.2f} ms + hold {pay['hold_p50_ms']:.2f} ms "
           f"+ commit {pay['commit_p50_ms']:.2f} ms = {pay['payment_total_p50_ms']:.2f} ms (target < 2 ms), "
