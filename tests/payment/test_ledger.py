@@ -16,7 +16,7 @@ from node.chain.mirror import Mirror
 from node.db.models import Lane, Receipt
 from node.db.models import Voucher as VoucherRow
 from node.db.session import make_engine, session_factory, upgrade
-from node.errors import InsufficientEscrow, VoucherConflict
+from node.errors import DatabaseUnavailable, InsufficientEscrow, VoucherConflict
 from node.payment.header import PaymentHeader, request_hash
 from node.payment.ledger import Ledger, ReceiptRow
 from node.payment.voucher_check import CheckedVoucher, check_voucher
@@ -178,3 +178,44 @@ def test_concurrent_lanes_never_spend_more_than_the_escrow(db_url: str) -> None:
     assert outcomes.count("ok") == 3 and outcomes.count("402") == 5
     with factory() as s:
         assert sum(r.charged_total for r in s.scalars(select(Lane))) == 900
+
+
+# --- PostgreSQL only: the pipelined transactions of lane_pg.py, under failure -----------------------
+def _backends(postgres_url: str, where: str) -> list[Any]:
+    import psycopg
+
+    dsn = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute("SELECT pid, state FROM pg_stat_activity WHERE datname = current_database() "
+                            f"AND pid <> pg_backend_pid() AND {where}").fetchall()
+
+
+def test_a_refused_hold_leaves_no_transaction_or_lock_behind(postgres_url: str) -> None:
+    ledger = Ledger(_setup(postgres_url, deposit=100), NODE)
+    with pytest.raises(InsufficientEscrow):
+        ledger.reserve(_voucher(0, 500), 500)  # refused after the lock and the read, inside the pipeline
+    with pytest.raises(InsufficientEscrow, match="does not cover"):
+        ledger.reserve(_voucher(0, 50, b"x"), 100)  # cumulative below chargedTotal + maxFee
+    assert _backends(postgres_url, "state <> 'idle'") == []
+    import psycopg
+
+    with psycopg.connect(postgres_url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone() == (0,)
+    other = Ledger(session_factory(make_engine(postgres_url)), NODE)  # another API process: not blocked
+    other.reserve(_voucher(1, 100), 100)
+
+
+def test_a_killed_connection_is_a_503_and_the_next_request_is_served(postgres_url: str) -> None:
+    ledger = Ledger(_setup(postgres_url, deposit=1_000), NODE)
+    first = _voucher(0, 100)
+    ledger.commit(ledger.reserve(first, 100), first, 10, _receipt(1, 10), _body)
+    import psycopg
+
+    with psycopg.connect(postgres_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                     "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    second = _voucher(0, 200, b"2")
+    with pytest.raises(DatabaseUnavailable):
+        ledger.reserve(second, 100)  # the pooled connection died under it: nothing was held
+    hold = ledger.reserve(second, 100)  # the pool was rebuilt
+    assert ledger.commit(hold, second, 20, _receipt(2, 20), _body)[0] == 30
