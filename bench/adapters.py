@@ -45,6 +45,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from node.lora.adapter import LoRATargetSpec, LoRAWeights, load_lora_adapter
+from node.lora.adapter_files import AdapterFiles
 from node.lora.content_hash import adapter_weights_sha256, to_hex
 from node.lora.provider import AdapterSource, LoadState
 from node.lora.slots import LoRASlots
@@ -149,6 +150,30 @@ def time_paired_loads(work: Path, cached: Listed, remote: Listed, num_samples: i
             out["source"].append(time.perf_counter() - started)
         out["disk_internal"] = list(store.metrics().disk.recent_load_seconds)
     return out
+
+
+def time_stages(work: Path, cached: Listed, num_samples: int, device: torch.device) -> dict[str, float]:
+    """p50 ms of each step of a disk -> device load, run one after the other on this thread: read both
+    files, sha256 (the registry rule), header check, the engine's parse, the copy into a slot."""
+    slots, steps = new_slots(device), ("read", "sha256", "header check", "parse", "slot copy")
+    seconds: dict[str, list[float]] = {step: [] for step in steps}
+    for adapter_id, digest in random.Random(2).sample(cached, num_samples):
+        marks = [time.perf_counter()]
+        files = AdapterFiles.read(work / "cache" / digest[2:])
+        marks.append(time.perf_counter())
+        assert files.sha256().hex() == digest[2:]
+        marks.append(time.perf_counter())
+        files.check()
+        marks.append(time.perf_counter())
+        weights = parse_adapter(files)
+        marks.append(time.perf_counter())
+        slots.activate(adapter_id, weights, in_use=())
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        marks.append(time.perf_counter())
+        for step, begin, end in zip(steps, marks[:-1], marks[1:], strict=True):
+            seconds[step].append(end - begin)
+    return {step: _p50(xs) for step, xs in seconds.items()}
 
 
 def _append(out: dict[str, list[float]], keys: tuple[str, ...], values: tuple[float, ...]) -> None:
@@ -292,6 +317,7 @@ def run(work: Path, args: argparse.Namespace) -> dict[str, object]:
     peft_load = peft_loader(work, work / "registry" / "r0", device)
     store = time_paired_loads(work, cached, remote, min(args.num_samples, len(cached)), peft_load, device)
     http = time_http_loads(work, remote)
+    stages = time_stages(work, cached, min(args.num_samples, len(cached)), device)
     peft = store["peft"]
     traffic = {name: run_traffic(work, cached, args.num_host, args.num_requests, alpha)
                for name, alpha in (("zipf1.1", 1.1), ("uniform", None))}
@@ -307,7 +333,8 @@ def run(work: Path, args: argparse.Namespace) -> dict[str, object]:
              "peft_load_adapter_p50_ms": _p50(peft),
              "peft_load_adapter_p99_ms": 1e3 * _p99(peft),
              "store_disk_to_device_cpu_p50_ms": _p50(store["disk_to_device_cpu"]),
-             "peft_load_adapter_cpu_p50_ms": _p50(store["peft_cpu"])}
+             "peft_load_adapter_cpu_p50_ms": _p50(store["peft_cpu"]),
+             "stages_p50_ms": stages}
     loads["peft_over_store_disk_to_device_cpu"] = (loads["peft_load_adapter_cpu_p50_ms"]
                                                    / loads["store_disk_to_device_cpu_p50_ms"])
     loads["peft_over_store_disk_to_device"] = (loads["peft_load_adapter_p50_ms"]
@@ -347,7 +374,9 @@ def print_table(report: dict[str, object]) -> None:
           f"{loads['peft_over_store_paired_median']:.1f}x median of paired ratios "
           f"(disk -> host alone: {loads['peft_over_store_disk_to_host']:.1f}x); on CPU time "
           f"{loads['peft_load_adapter_cpu_p50_ms']:.2f} / {loads['store_disk_to_device_cpu_p50_ms']:.2f} ms = "
-          f"{loads['peft_over_store_disk_to_device_cpu']:.1f}x\n")
+          f"{loads['peft_over_store_disk_to_device_cpu']:.1f}x")
+    print("one load step by step, p50 ms: " + ", ".join(f"{k} {v:.3f}" for k, v in loads["stages_p50_ms"].items())
+          + "\n")  # type: ignore[attr-defined]
     print(f"{'traffic':<10}{'host hit':>10}{'2nd half':>10}{'disk hit':>10}{'get p50':>10}{'get p99':>10}"
           f"{'hit p50':>10}{'miss p50':>10}   (ms)")
     for name, t in report["traffic"].items():  # type: ignore[attr-defined]
