@@ -26,6 +26,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -90,19 +91,16 @@ class _Run:
 
 def _timed_slot_writes(engine: LLMEngine, sink: list[float]) -> None:
     """Record the seconds of every host->device copy into a slot (the bench's own instrumentation)."""
-    slots = engine.runner.slots
-    write = slots._write
+    is_cuda = engine.runner.slots.device.type == "cuda"
+    for pool in engine.runner.slots.pools:
+        def timed(slot: int, weights: LoRAWeights, write: Any = pool._write) -> None:
+            started = time.perf_counter()
+            write(slot, weights)
+            if is_cuda:
+                torch.cuda.synchronize()
+            sink.append(time.perf_counter() - started)
 
-    is_cuda = slots.a_all["qkv"].is_cuda
-
-    def timed(slot: int, weights: LoRAWeights) -> None:
-        started = time.perf_counter()
-        write(slot, weights)
-        if is_cuda:
-            torch.cuda.synchronize()
-        sink.append(time.perf_counter() - started)
-
-    slots._write = timed  # type: ignore[method-assign]
+        pool._write = timed  # type: ignore[method-assign]
 
 
 def _store(work: Path, cached: Listed, host_bytes: int) -> AdapterStore[LoRAWeights]:

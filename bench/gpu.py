@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from node.engine.cuda_graph import DecodeBatch, DecodeGraphs
 from node.lora.adapter import LoRATargetSpec
 from node.lora.ops import apply_lora, uses_triton
-from node.lora.slots import GROUPS, LoRASlots
+from node.lora.slots import GROUPS, LoRASlotPools, LoRASlots
 from node.models.config import ModelConfig
 from node.models.llama import LlamaForCausalLM
 from node.models.quant import has_int8_kernel, quantize_int8
@@ -162,7 +162,8 @@ def run_cases(args: argparse.Namespace, cfg: ModelConfig, device: torch.device) 
     num_blocks = args.big_batch * max_blocks
     model, kv, slots = build(cfg, max(args.big_batch, 64), num_blocks, max_len, device)
     errors = check_kernels(slots, device) if uses_triton(device) else {}
-    graphs = DecodeGraphs(model, kv, slots, max_batch=args.big_batch, max_blocks=max_blocks, block_size=BLOCK,
+    pools = LoRASlotPools([slots])
+    graphs = DecodeGraphs(model, kv, pools, max_batch=args.big_batch, max_blocks=max_blocks, block_size=BLOCK,
                           scratch_slot=num_blocks * BLOCK, use_graphs=device.type == "cuda")
     best: dict[Case, float] = {}
     for _ in range(args.rounds):  # interleaved rounds, best of each
@@ -172,7 +173,7 @@ def run_cases(args: argparse.Namespace, cfg: ModelConfig, device: torch.device) 
     nbytes = {case: step_bytes(model, slots, case, args.ctx) for case in cases}  # bf16, before int8
     if args.int8:
         quantize_int8(model)
-        graphs = DecodeGraphs(model, kv, slots, max_batch=args.big_batch, max_blocks=max_blocks, block_size=BLOCK,
+        graphs = DecodeGraphs(model, kv, pools, max_batch=args.big_batch, max_blocks=max_blocks, block_size=BLOCK,
                               scratch_slot=num_blocks * BLOCK, use_graphs=device.type == "cuda")
         for a in (0, 64):
             case = Case(args.batch, min(a, args.batch), int8=True)

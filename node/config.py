@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     max_lora_rank: int = Field(default=64, ge=1)
     max_adapter_slots: int = Field(default=32, ge=1)
     max_adapter_device_bytes: int | None = Field(default=None, ge=1)  # caps the slots; KV gets the rest
+    # device slots in pools by rank, "rank:slots,..." (e.g. "8:48,16:16,64:8", the largest rank =
+    # max_lora_rank): an adapter takes a slot of its own rank's size. Empty: max_adapter_slots slots,
+    # each sized for max_lora_rank.
+    adapter_rank_pools: str = Field(default="", pattern=r"^(\d+:\d+(,\d+:\d+)*)?$")
 
     max_model_len: int | None = Field(default=None, ge=16)
     cuda_graphs: bool = True  # on CUDA: decode steps replayed from graphs per batch-size bucket
@@ -133,6 +137,11 @@ class Settings(BaseSettings):
         if self.broker_url:
             return self.broker_url
         return f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+
+    def rank_pools(self) -> tuple[tuple[int, int], ...]:
+        """`adapter_rank_pools` as (rank, num_slots) pairs."""
+        pairs = (part.split(":") for part in self.adapter_rank_pools.split(",") if part)
+        return tuple((int(rank), int(num)) for rank, num in pairs)
 
     def resolved_adapter_cache_dir(self) -> Path:
         return self.adapter_cache_dir or self.data_dir / "adapter-cache"

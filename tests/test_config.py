@@ -74,3 +74,15 @@ def test_every_setting_survives_the_environment_a_child_process_gets(tmp_path: P
     for name, value in settings_env(settings).items():
         monkeypatch.setenv(name, value)
     assert load_settings() == settings
+
+
+def test_rank_pools_come_from_the_environment_into_the_engine(monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path) -> None:
+    from node.api.wiring import engine_config
+
+    monkeypatch.setenv("LORANODE_ADAPTER_RANK_POOLS", "8:48,16:16,64:8")
+    settings = load_settings(model_path=tmp_path)
+    assert engine_config(settings).adapter_rank_pools == ((8, 48), (16, 16), (64, 8))
+    monkeypatch.setenv("LORANODE_ADAPTER_RANK_POOLS", "8x48")
+    with pytest.raises(ConfigError, match="adapter_rank_pools"):
+        load_settings()

@@ -38,6 +38,7 @@ def engine_config(settings: Settings) -> EngineConfig:
                         max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
                         max_lora_rank=settings.max_lora_rank, max_adapter_slots=settings.max_adapter_slots,
                         max_adapter_memory_bytes=settings.max_adapter_device_bytes,
+                        adapter_rank_pools=settings.rank_pools(),
                         max_model_len=settings.max_model_len, cuda_graphs=settings.cuda_graphs,
                         weight_quantization=settings.weight_quantization)
 

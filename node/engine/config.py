@@ -25,6 +25,9 @@ class EngineConfig:
     max_lora_rank: int = 16
     max_adapter_slots: int = 32  # adapters resident on the device at once (distinct adapters per step)
     max_adapter_memory_bytes: int | None = None  # device bytes for adapter slots; caps the slot count
+    # (rank, num_slots) pools, so that an adapter pays for its own rank; () = one pool at max_lora_rank.
+    # The largest rank must be max_lora_rank; max_adapter_slots does not apply.
+    adapter_rank_pools: tuple[tuple[int, int], ...] = ()
     max_model_len: int | None = None  # None: the model's max positions, at most 4096
     kv_cache_memory_fraction: float = 0.85  # on CUDA, of the free memory after loading the model
     max_cpu_kv_cache_bytes: int = 2 << 30  # on CPU, the cap on the KV cache
@@ -44,6 +47,14 @@ class EngineConfig:
                      "max_adapter_slots"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1", **{name: getattr(self, name)})
+        pools = self.adapter_rank_pools
+        if pools:
+            ranks = [rank for rank, _ in pools]
+            if min(min(p) for p in pools) < 1 or len(set(ranks)) != len(ranks):
+                raise ConfigError("adapter_rank_pools: distinct ranks, each with at least 1 slot", pools=str(pools))
+            if max(ranks) != self.max_lora_rank:
+                raise ConfigError("adapter_rank_pools: the largest pool's rank must be max_lora_rank",
+                                  pools=str(pools), max_lora_rank=self.max_lora_rank)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -20,9 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from node.lora.mapping import build_plan
-from node.lora.ops import LoRAPlan
-from node.lora.slots import LoRABatch, LoRASlots
+from node.lora.slots import LoRABatch, LoRASlotPools
 from node.models.attention import AttentionBatch, dense_decode_group
 from node.models.llama import LlamaForCausalLM
 
@@ -80,7 +78,7 @@ class DecodeGraphs:
     """Captures and replays the model's decode forward per (bucket, uses LoRA)."""
 
     def __init__(self, model: LlamaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                 slots: LoRASlots, max_batch: int, max_blocks: int, block_size: int, scratch_slot: int,
+                 slots: LoRASlotPools, max_batch: int, max_blocks: int, block_size: int, scratch_slot: int,
                  use_graphs: bool = True):
         self.model, self.kv_caches, self.slots, self.use_graphs = model, kv_caches, slots, use_graphs
         self.buckets = buckets_up_to(max_batch)
@@ -114,35 +112,33 @@ class DecodeGraphs:
             buf[:bucket].copy_(values, non_blocking=True)
         key = (bucket, any(s >= 0 for s in batch.token_slots))
         if not self.use_graphs:
-            plan = build_plan(padded.token_slots, self.token_ids.device, "gather")
-            return self._forward(bucket, plan)[:n]
+            return self._forward(bucket, self.slots.batch(padded.token_slots, "gather"))[:n]
         if key not in self.graphs:
             self.graphs[key] = self._capture(*key)
         graph, hidden = self.graphs[key]
         graph.replay()
         return hidden[:n]
 
-    def _forward(self, bucket: int, plan: LoRAPlan | None) -> torch.Tensor:
+    def _forward(self, bucket: int, lora: LoRABatch | None) -> torch.Tensor:
         group = dense_decode_group(self.block_tables[:bucket], self.context_lens[:bucket], self.block_size)
         batch = AttentionBatch(slot_mapping=self.slot_mapping[:bucket], groups=(group,))
-        lora = LoRABatch(self.slots, plan) if plan is not None else None
         return self.model(self.token_ids[:bucket], self.positions[:bucket], batch, self.kv_caches, lora)
 
-    def _static_plan(self, bucket: int) -> LoRAPlan:
-        """The gather plan over the static slot buffer: the Triton kernels read only `token_slots`."""
-        empty = self.token_slots[:0]
-        return LoRAPlan(tokens=empty.long(), slots=empty.long(), runs=(), form="gather",
-                        token_slots=self.token_slots[:bucket], run_table=empty.reshape(0, 3), max_run_len=0)
+    def _static_forward(self, bucket: int, with_lora: bool) -> torch.Tensor:
+        """The forward over the static buffers; with LoRA, the gather plans over the static slot buffer
+        (the Triton kernels read only `token_slots`; with several rank pools, each pool's own ids are
+        computed from it by tensor ops, inside the graph)."""
+        lora = self.slots.static_batch(self.token_slots[:bucket]) if with_lora else None
+        return self._forward(bucket, lora)
 
     def _capture(self, bucket: int, with_lora: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        plan = self._static_plan(bucket) if with_lora else None
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._forward(bucket, plan)  # warm-up: Triton compiles and cuBLAS picks its kernels here
+            self._static_forward(bucket, with_lora)  # warm-up: Triton compiles and cuBLAS picks its kernels
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            hidden = self._forward(bucket, plan)
+            hidden = self._static_forward(bucket, with_lora)
         log.info("captured the decode graph of %d sequences (LoRA: %s)", bucket, with_lora)
         return graph, hidden

@@ -24,7 +24,7 @@ from node.engine.output import OutputProcessor
 from node.engine.sampling import SamplingParams
 from node.engine.scheduler import Scheduler
 from node.engine.sequence import RequestOutput, Sequence, StreamDelta
-from node.errors import AdapterError, AdapterNotFound, BadRequest, ConfigError, NodeError, PromptTooLong
+from node.errors import AdapterError, AdapterNotFound, BadRequest, ConfigError, NodeError, Overloaded, PromptTooLong
 from node.lora.adapter import LoRATargetSpec, LoRAWeights, load_lora_adapter
 from node.lora.memory_provider import InMemoryAdapterProvider
 from node.lora.provider import AdapterProvider, AdapterSource, LoadState
@@ -50,7 +50,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, self.provider, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
-                                   max_adapter_slots=config.max_adapter_slots)
+                                   max_adapter_slots=self.runner.slots.num_slots)
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -167,6 +167,8 @@ class LLMEngine:
             try:
                 self.runner.prepare_adapter(item.seq.adapter_id, in_use)
                 scheduled.append(item)
+            except Overloaded:  # every slot of its rank holds a running sequence's adapter: next steps
+                self.scheduler.defer(item.seq)
             except AdapterError as e:  # this request alone fails, not the batch
                 self.scheduler.fail(item.seq, e)
                 finished.append(item.seq)

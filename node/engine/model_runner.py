@@ -15,10 +15,9 @@ from node.engine.scheduler import ScheduledSeq
 from node.engine.sequence import Sequence
 from node.errors import ConfigError
 from node.lora.adapter import LoRATargetSpec, LoRAWeights
-from node.lora.mapping import build_plan
 from node.lora.ops import uses_triton
 from node.lora.provider import AdapterProvider, LoadState
-from node.lora.slots import LoRABatch, LoRASlots
+from node.lora.slots import LoRASlotPools, LoRASlots
 from node.models.attention import AttentionBatch, AttentionGroup, build_group
 from node.models.config import ModelConfig
 from node.models.loader import load_model
@@ -37,8 +36,7 @@ class ModelRunner:
             quantize_int8(self.model)
         # adapter slots first, so that the KV cache is sized from the memory they leave
         target = LoRATargetSpec.of(model_config.num_layers, model_config.module_shapes())
-        self.slots = LoRASlots(target, self._num_slots(target), config.max_lora_rank, config.torch_dtype,
-                               self.device)
+        self.slots = LoRASlotPools.build(target, self._rank_pools(target), config.torch_dtype, self.device)
         self.num_blocks = config.num_kv_blocks or self._fit_kv_blocks(max_model_len)
         # one block more than the block manager hands out: padded graph rows write their keys there
         shape = (self.num_blocks + 1, config.block_size, model_config.num_kv_heads, model_config.head_dim)
@@ -50,18 +48,27 @@ class ModelRunner:
         self.logits_observer: Callable[[list[Sequence], torch.Tensor], None] | None = None
         log.info("KV cache: %d blocks of %d tokens", self.num_blocks, config.block_size)
 
-    def _num_slots(self, target: LoRATargetSpec) -> int:
-        """`max_adapter_slots`, or fewer if `max_adapter_memory_bytes` holds fewer slots."""
-        budget = self.config.max_adapter_memory_bytes
-        if budget is None:
-            return self.config.max_adapter_slots
-        per_slot = LoRASlots.slot_nbytes(target, self.config.max_lora_rank, self.config.torch_dtype)
-        if budget < per_slot:
-            raise ConfigError("max_adapter_memory_bytes holds no adapter slot", budget=budget,
-                              slot_bytes=per_slot, max_lora_rank=self.config.max_lora_rank)
-        num = min(self.config.max_adapter_slots, budget // per_slot)
+    def _rank_pools(self, target: LoRATargetSpec) -> tuple[tuple[int, int], ...]:
+        """(rank, num_slots) of each pool: `adapter_rank_pools` as configured (within the byte budget),
+        or one pool of `max_adapter_slots` at `max_lora_rank`, fewer if `max_adapter_memory_bytes`
+        holds fewer."""
+        config, budget = self.config, self.config.max_adapter_memory_bytes
+        if config.adapter_rank_pools:
+            nbytes = LoRASlotPools.pools_nbytes(target, config.adapter_rank_pools, config.torch_dtype)
+            if budget is not None and nbytes > budget:
+                raise ConfigError("adapter_rank_pools take more than max_adapter_memory_bytes", budget=budget,
+                                  pools_bytes=nbytes, pools=str(config.adapter_rank_pools))
+            log.info("adapter slots: %s (rank, slots), %d bytes", config.adapter_rank_pools, nbytes)
+            return config.adapter_rank_pools
+        per_slot = LoRASlots.slot_nbytes(target, config.max_lora_rank, config.torch_dtype)
+        num = config.max_adapter_slots
+        if budget is not None:
+            if budget < per_slot:
+                raise ConfigError("max_adapter_memory_bytes holds no adapter slot", budget=budget,
+                                  slot_bytes=per_slot, max_lora_rank=config.max_lora_rank)
+            num = min(num, budget // per_slot)
         log.info("adapter slots: %d of %d bytes each", num, per_slot)
-        return num
+        return ((config.max_lora_rank, num),)
 
     def _decode_graphs(self, max_model_len: int) -> DecodeGraphs | None:
         """CUDA graphs for decode steps: on CUDA, with Triton (the graph-safe LoRA kernels), if enabled."""
@@ -133,8 +140,7 @@ class ModelRunner:
         groups = [g for g in (self._group(prefills, 0), self._group(decodes, len(token_ids) - len(decodes)))
                   if g is not None]
         batch = AttentionBatch(slot_mapping=self._long(slot_mapping), groups=tuple(groups))
-        plan = build_plan(token_slots, self.device)
-        lora = LoRABatch(self.slots, plan) if plan is not None else None
+        lora = self.slots.batch(token_slots)
         return self.model(self._long(token_ids), self._long(positions), batch, self.kv_caches, lora)
 
     def prepare_adapter(self, adapter_id: str | None, adapters_in_use: Collection[str]) -> None:
@@ -146,14 +152,16 @@ class ModelRunner:
         their requests find them there when admitted. Never waits on a load; returns those copied."""
         staged = []
         for adapter_id in adapter_ids:
-            if not self.slots.free:
+            if not self.slots.has_free_slot(1):
                 break
             if self.slots.lookup(adapter_id) is not None or self.provider.state(adapter_id) is not LoadState.READY:
                 continue
             load = self.provider.prefetch(adapter_id)  # done at once on a host hit (evicted since: queued)
             if load.done() and load.exception() is None:
-                self.slots.activate(adapter_id, cast(LoRAWeights, load.result()), in_use=())
-                staged.append(adapter_id)
+                weights = cast(LoRAWeights, load.result())
+                if self.slots.has_free_slot(weights.rank):
+                    self.slots.activate(adapter_id, weights, in_use=())
+                    staged.append(adapter_id)
         return staged
 
     def _slot(self, adapter_id: str | None, adapters_in_use: Collection[str]) -> int:

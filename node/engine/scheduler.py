@@ -194,6 +194,16 @@ class Scheduler:
             return error
         return AdapterError(f"adapter {seq.adapter_id} failed to load", adapter=seq.adapter_id)
 
+    def defer(self, seq: Sequence) -> None:
+        """Send a sequence admitted this step back to the front of the queue, its blocks released:
+        its adapter found no device slot (every slot its rank fits holds an adapter of a running
+        sequence). It is admitted again once one of them finishes. Not counted as a preemption."""
+        assert seq.num_computed_tokens == 0, "only a sequence admitted this step is deferred"
+        self.running.remove(seq)
+        self.blocks.release(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
     def _preempt(self, seq: Sequence) -> None:
         log.debug("preempting %s (recompute)", seq.request_id)
         self.running.remove(seq)

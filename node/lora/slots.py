@@ -21,7 +21,8 @@ import torch
 
 from node.errors import Overloaded
 from node.lora.adapter import GROUPS, LoRATargetSpec, LoRAWeights
-from node.lora.ops import LoRAPlan, apply_lora
+from node.lora.mapping import build_plan
+from node.lora.ops import Form, LoRAPlan, apply_lora
 
 log = logging.getLogger(__name__)
 _Extent = tuple[int, int]  # (num_layers, rank) of the nonzero part a slot holds for one group or module
@@ -126,14 +127,107 @@ class LoRASlots:
         return src is not None
 
 
-class LoRABatch:
-    """The `LoRAHook` the model calls: this step's plan over the slots."""
+class LoRASlotPools:
+    """The engine's device slots: one `LoRASlots` pool per rank, so that an adapter pays for its own
+    rank, not the node's largest (S-LoRA pages adapters by rank for the same reason).
 
-    def __init__(self, slots: LoRASlots, plan: LoRAPlan):
-        self.slots, self.plan = slots, plan
+    Pools are (rank, num_slots), smallest rank first; global slot ids run through the pools in that
+    order (pool p holds ids base_p .. base_p + n_p - 1). An adapter goes to the smallest pool whose
+    rank holds it, taking a free slot there, else a free slot of a larger pool, else evicting the
+    least recently used idle adapter of the smallest pool that has one. Each pool is one LoRA call
+    per group and layer, over the tokens whose adapter it holds. One pool (the default: every slot
+    at `max_lora_rank`) is exactly the single stacked layout of `LoRASlots`.
+    """
+
+    def __init__(self, pools: list[LoRASlots]):
+        ranks = [pool.max_rank for pool in pools]
+        if not pools or len(set(ranks)) != len(ranks):
+            raise ValueError(f"rank pools need distinct ranks: {ranks}")
+        self.pools = sorted(pools, key=lambda pool: pool.max_rank)
+        self.bases = [sum(pool.num_slots for pool in self.pools[:i]) for i in range(len(self.pools))]
+        self.num_slots = sum(pool.num_slots for pool in self.pools)
+        self.max_rank = self.pools[-1].max_rank
+        self.device = self.pools[0].ranks.device
+
+    @classmethod
+    def build(cls, target: LoRATargetSpec, pools: tuple[tuple[int, int], ...], dtype: torch.dtype,
+              device: torch.device) -> LoRASlotPools:
+        """Pools of (rank, num_slots), allocated on `device`."""
+        return cls([LoRASlots(target, num, rank, dtype, device) for rank, num in pools])
+
+    @staticmethod
+    def pools_nbytes(target: LoRATargetSpec, pools: tuple[tuple[int, int], ...], dtype: torch.dtype) -> int:
+        return sum(num * LoRASlots.slot_nbytes(target, rank, dtype) for rank, num in pools)
+
+    @property
+    def slot_of(self) -> dict[str, int]:
+        """Resident adapter -> global slot (a snapshot)."""
+        return {a: base + s for pool, base in zip(self.pools, self.bases, strict=True) for a, s in pool.slot_of.items()}
+
+    def lookup(self, adapter_id: str) -> int | None:
+        for pool, base in zip(self.pools, self.bases, strict=True):
+            slot = pool.lookup(adapter_id)
+            if slot is not None:
+                return base + slot
+        return None
+
+    def has_free_slot(self, rank: int) -> bool:
+        """Whether an adapter of `rank` can be copied in without evicting anyone."""
+        return any(pool.free for pool in self.pools if pool.max_rank >= rank)
+
+    def activate(self, adapter_id: str, weights: LoRAWeights, in_use: Collection[str]) -> int:
+        """The global slot holding `adapter_id`, copying it in (evicting an idle one) if needed."""
+        slot = self.lookup(adapter_id)
+        if slot is not None:
+            return slot
+        fitting = [(pool, base) for pool, base in zip(self.pools, self.bases, strict=True)
+                   if pool.max_rank >= weights.rank]
+        assert fitting, "the parser refuses ranks above max_lora_rank, the largest pool's rank"
+        pool, base = next(((p, b) for p, b in fitting if p.free), (None, 0))
+        if pool is None:
+            pool, base = next(((p, b) for p, b in fitting if any(a not in in_use for a in p.slot_of)),
+                              fitting[0])
+        return base + pool.activate(adapter_id, weights, in_use)
+
+    def remove(self, adapter_id: str) -> None:
+        for pool in self.pools:
+            pool.remove(adapter_id)
+
+    def batch(self, token_slots: list[int], form: Form | None = None) -> LoRABatch | None:
+        """This step's LoRA hook: a plan per pool over the tokens whose adapter it holds (global slot
+        ids in, each pool's own ids in its plan); None when no token has an adapter."""
+        parts = []
+        for pool, base in zip(self.pools, self.bases, strict=True):
+            end = base + pool.num_slots
+            plan = build_plan([s - base if base <= s < end else -1 for s in token_slots], self.device, form)
+            if plan is not None:
+                parts.append((pool, plan))
+        return LoRABatch(parts) if parts else None
+
+    def static_batch(self, token_slots: torch.Tensor) -> LoRABatch:
+        """The gather plans over a device buffer of global slot ids, as tensor ops (a CUDA graph
+        captures them: the buffer is refilled before each replay). One pool reads the buffer as is."""
+        empty = token_slots[:0].long()
+        parts = []
+        for pool, base in zip(self.pools, self.bases, strict=True):
+            local = token_slots
+            if len(self.pools) > 1:
+                inside = (token_slots >= base) & (token_slots < base + pool.num_slots)
+                local = torch.where(inside, token_slots - base, torch.full_like(token_slots, -1))
+            parts.append((pool, LoRAPlan(tokens=empty, slots=empty, runs=(), form="gather", token_slots=local,
+                                         run_table=empty.int().reshape(0, 3), max_run_len=0)))
+        return LoRABatch(parts)
+
+
+class LoRABatch:
+    """The `LoRAHook` the model calls: this step's plan over each pool of slots that holds a token's
+    adapter (one LoRA call per pool)."""
+
+    def __init__(self, parts: list[tuple[LoRASlots, LoRAPlan]]):
+        self.parts = parts
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """out: [T, sum of the group's out features], the fused output of the group's projections."""
-        slots = self.slots
-        apply_lora(x, out, slots.a[layer][group], slots.b_group[layer][group], slots.widths[group], slots.ranks,
-                   self.plan)
+        for slots, plan in self.parts:
+            apply_lora(x, out, slots.a[layer][group], slots.b_group[layer][group], slots.widths[group], slots.ranks,
+                       plan)

@@ -9,8 +9,6 @@ import torch
 
 from node.engine import EngineConfig, LLMEngine
 from node.engine.cuda_graph import DecodeBatch, DecodeGraphs, bucket_for, buckets_up_to, pad_decode
-from node.lora.mapping import build_plan
-from node.lora.slots import LoRABatch
 from node.models.attention import AttentionBatch, build_group, decode_backend
 from tests.fixtures.models import TinyAdapters
 
@@ -52,11 +50,10 @@ def test_the_padded_graph_forward_matches_the_eager_decode_step(tiny_model: Path
                         slot_mapping=[t[(c - 1) // 4] * 4 + (c - 1) % 4 for t, c in zip(tables, context, strict=True)],
                         block_tables=tables, context_lens=context, token_slots=[slot, -1, slot])
     group = build_group([1, 1, 1], context, tables, 0, torch.device("cpu"))
-    plan = build_plan(batch.token_slots, torch.device("cpu"))
     with torch.inference_mode():
         eager = runner.model(torch.tensor(batch.token_ids), torch.tensor(batch.positions),
                              AttentionBatch(torch.tensor(batch.slot_mapping), (group,)), runner.kv_caches,
-                             LoRABatch(runner.slots, plan) if plan is not None else None)
+                             runner.slots.batch(batch.token_slots))
         graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.slots, max_batch=8, max_blocks=16,
                               block_size=4, scratch_slot=runner.num_blocks * 4, use_graphs=False)
         padded = graphs.run(batch)  # bucket 4: one padding row

@@ -206,8 +206,9 @@ def test_adapter_slots_fit_a_device_byte_budget(tiny_model: Path) -> None:
     base = dict(model_path=tiny_model, max_model_len=64, max_lora_rank=16, max_adapter_slots=8)
     engine = LLMEngine(EngineConfig(**base, max_adapter_memory_bytes=3 * per_slot + per_slot // 2))
     slots = engine.runner.slots
-    assert slots.num_slots == 3
-    assert sum(t.numel() * t.element_size() for layer in (*slots.a, *slots.b) for t in layer.values()) == 3 * per_slot
+    assert slots.num_slots == 3 and len(slots.pools) == 1
+    pool = slots.pools[0]
+    assert sum(t.numel() * t.element_size() for layer in (*pool.a, *pool.b) for t in layer.values()) == 3 * per_slot
     assert LLMEngine(EngineConfig(**base, max_adapter_memory_bytes=100 * per_slot)).runner.slots.num_slots == 8
     with pytest.raises(ConfigError, match="holds no adapter slot"):
         LLMEngine(EngineConfig(**base, max_adapter_memory_bytes=per_slot - 1))

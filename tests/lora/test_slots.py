@@ -53,7 +53,7 @@ def test_the_hook_adds_each_projection_delta_with_rank_padding() -> None:
     qkv = torch.zeros(3, 16)  # q 8 + k 4 + v 4, fused
     plan = build_plan([slot_low, -1, slot_high], torch.device("cpu"))
     assert plan is not None
-    LoRABatch(slots, plan).apply(0, "qkv", x, qkv)
+    LoRABatch([(slots, plan)]).apply(0, "qkv", x, qkv)
     for row, w in ((0, low), (2, high)):
         a_q, b_q = w.modules[(0, "q_proj")]
         a_v, b_v = w.modules[(0, "v_proj")]
