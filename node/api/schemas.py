@@ -48,7 +48,16 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[int] = Field(min_length=1)
+    # the schema states the bound on each branch: on the union, `minLength` would say nothing of a list
+    prompt: str | list[int] = Field(json_schema_extra={"anyOf": [
+        {"type": "string", "minLength": 1}, {"type": "array", "items": {"type": "integer"}, "minItems": 1}]})
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, v: str | list[int]) -> str | list[int]:
+        if not v:
+            raise ValueError("the prompt is empty")
+        return v
 
 
 class TextPart(BaseModel):

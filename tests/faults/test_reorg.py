@@ -10,6 +10,7 @@ from hexbytes import HexBytes
 from sqlalchemy import select
 
 from node.db.models import EpochState, TxIntent
+from node.settlement.service import intent_key
 from tests.e2e.cluster import OPERATOR, Cluster
 from tests.e2e.traffic import ClientLog
 from tests.faults.steps import settled_and_whole, traffic
@@ -27,8 +28,13 @@ def test_a_settle_reorged_out_is_sent_again_and_the_epoch_settles_once(
     with cluster.miner.paused():  # no block but the settle's: the epoch stays CONFIRMED, short of final
         cluster.start("worker")
         cluster.wait_for(lambda: cluster.epochs().get(epoch_id) is EpochState.CONFIRMED, "the settle mined")
-        with cluster.factory() as session:
-            tx_hash = session.scalars(select(TxIntent.mined_hash).where(TxIntent.key.like(f"%:{epoch_id}"))).one()
+
+        def mined_hash() -> str | None:  # the mirror confirms the epoch from the chain's event, maybe
+            with cluster.factory() as session:  # before the worker's next poll records its receipt
+                return session.scalars(select(TxIntent.mined_hash)
+                                       .where(TxIntent.key == intent_key(cluster.node, epoch_id))).one()
+        cluster.wait_for(lambda: mined_hash() is not None, "the worker saw its settle mined")
+        tx_hash = mined_hash()
         mined = cluster.w3.eth.get_transaction_receipt(HexBytes(tx_hash))
         head = cluster.w3.eth.block_number
         assert mined["blockNumber"] == head and settlement.last_epoch(cluster.node) == epoch_id

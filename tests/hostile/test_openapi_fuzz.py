@@ -4,7 +4,8 @@ exact bytes sent (so the paid paths are reached, and served). No answer is a 5xx
 documented status, media type and shape, invalid data is refused, and a paid request is charged
 exactly its receipt's fee when served and nothing when refused.
 
-`LORANODE_FUZZ_EXAMPLES` sets the cases per operation (default 40; the report's run used more).
+`LORANODE_FUZZ_EXAMPLES` sets the cases per operation (default 40; the report's run used more);
+the cases are the same on every run unless `LORANODE_FUZZ_SEED` picks others.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import httpx
 import pytest
 import requests
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode, checks
 from schemathesis.core import NOT_SET
@@ -34,6 +35,7 @@ OPERATIONS = (*PAID, "GET /v1/node", "GET /v1/models", "GET /v1/quote", "GET /v1
               "GET /v1/receipts/{receipt_id}", "GET /v1/receipts/{receipt_id}/proof",
               "GET /v1/epochs/{node}/{epoch_id}", "GET /health", "GET /ready", "GET /metrics")
 MAX_EXAMPLES = int(os.environ.get("LORANODE_FUZZ_EXAMPLES", "40"))
+SEED = os.environ.get("LORANODE_FUZZ_SEED")  # unset: derandomized (the same cases every run)
 CHECKS = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
           checks.response_schema_conformance, checks.response_headers_conformance, checks.negative_data_rejection]
 # How a paid case is sent: as generated (its own X-Payment, if any), signed for its bytes, or signed
@@ -65,7 +67,10 @@ def test_no_server_error_and_every_answer_as_documented(label: str, schema: Any,
 
     cases = st.one_of(operation.as_strategy(), operation.as_strategy(GenerationMode.NEGATIVE))
 
-    @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    # derandomized: the same cases on every run, so that CI never fails on a draw that happened to send
+    # no servable request (it did: 40 cases hold 2 or 3 positive "served" ones); LORANODE_FUZZ_SEED varies it
+    @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck),
+              derandomize=SEED is None)
     @given(case=cases, mode=st.sampled_from(modes))
     def fuzz(case: Any, mode: str) -> None:
         if mode == "served" and case.meta.generation.mode is GenerationMode.NEGATIVE:
@@ -82,7 +87,7 @@ def test_no_server_error_and_every_answer_as_documented(label: str, schema: Any,
         statuses[response.status_code] += 1
         case.validate_response(response, checks=CHECKS)
 
-    fuzz()
+    (fuzz if SEED is None else seed(int(SEED))(fuzz))()
     print(f"{label}: {sum(statuses.values())} cases, statuses {dict(sorted(statuses.items()))}")
     if label in PAID:
         assert statuses[200] > 0, "the fuzzer never reached a served paid request"
@@ -96,6 +101,9 @@ def _send_paid(http: httpx.Client, case: Any, mode: str, node: PaidNode, payer: 
             if isinstance(body_obj.get(field), (int, float)):
                 body_obj[field] = min(int(body_obj[field]), 8)
         body_obj.setdefault("max_tokens", 8)
+        prompt = body_obj.get("prompt")
+        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            body_obj["prompt"] = [abs(t) % 256 for t in prompt]  # token ids the tiny model's vocabulary has
     body = _wire_bytes(body_obj)
     lane = next(_lanes)
     headers = {"Content-Type": "application/json", "X-Payment": payer.payment_header(body, lane)}
