@@ -196,6 +196,9 @@ class LoRASlotPools:
     def batch(self, token_slots: list[int], form: Form | None = None) -> LoRABatch | None:
         """This step's LoRA hook: a plan per pool over the tokens whose adapter it holds (global slot
         ids in, each pool's own ids in its plan); None when no token has an adapter."""
+        if len(self.pools) == 1:  # the default: global ids are the pool's own, no per-step copy
+            plan = build_plan(token_slots, self.device, form)
+            return LoRABatch([(self.pools[0], plan)]) if plan is not None else None
         parts = []
         for pool, base in zip(self.pools, self.bases, strict=True):
             end = base + pool.num_slots

@@ -172,7 +172,7 @@ class PipelinedLanes:
                 if not tx.is_committed:
                     tx.commit()
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-            self._lost(pooled, exc)
+            self._lost(pooled, conn, exc)
             raise DatabaseUnavailable("the node's database is not available; retry shortly",
                                       error=type(exc).__name__) from exc
         except BaseException:
@@ -184,8 +184,9 @@ class PipelinedLanes:
                 conn.autocommit = False  # as the pool hands its connections out
             pooled.close()
 
-    def _lost(self, pooled: Any, exc: psycopg.Error) -> None:
+    def _lost(self, pooled: Any, conn: psycopg.Connection[Any], exc: psycopg.Error) -> None:
         """Drop this connection; on a disconnect, every pooled one (the server went away)."""
-        pooled.invalidate(exc)
-        if self.engine.dialect.is_disconnect(exc, pooled.driver_connection, None):  # type: ignore[arg-type]
+        is_disconnect = self.engine.dialect.is_disconnect(exc, conn, None)  # type: ignore[arg-type]
+        pooled.invalidate(exc)  # (asked first: invalidating detaches the driver connection)
+        if is_disconnect:
             self.engine.dispose()

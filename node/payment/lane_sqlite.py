@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from typing import Any, cast
 
@@ -89,19 +89,8 @@ class SQLiteLanes:
     @contextmanager
     def transaction(self, lock_payer: str | None = None, node: str = "") -> Iterator[SQLiteLaneTransaction]:
         """One SQLite transaction; a hold's (`lock_payer`) also holds the process's hold lock."""
-        with self._hold_lock if lock_payer is not None else _NO_LOCK, self.engine.begin() as conn:
+        with self._hold_lock if lock_payer is not None else nullcontext(), self.engine.begin() as conn:
             yield SQLiteLaneTransaction(conn)
-
-
-class _NoLock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-_NO_LOCK = _NoLock()
 
 
 # --- the statements, built once (named parameters; SQLAlchemy caches their compiled form) ----------
