@@ -314,3 +314,22 @@ class Receipt(Base):
     attribution: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utc_now)
     epoch_id: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class Loss(Base):
+    """Money the node served but will not collect, with its reason (node/db/loss.py): a charge that
+    could not be committed after tokens left the node, or a lane that settlement had to drop."""
+
+    __tablename__ = "losses"
+    __table_args__ = (Index(None, "node", "payer"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    node: Mapped[str] = mapped_column(Address(), nullable=False)
+    payer: Mapped[str] = mapped_column(Address(), nullable=False)
+    lane: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    amount: Mapped[int] = mapped_column(Amount(), nullable=False)
+    reason: Mapped[str] = mapped_column(String(32), nullable=False)
+    voucher_hash: Mapped[str | None] = mapped_column(Hash32())
+    epoch_id: Mapped[int | None] = mapped_column(BigInteger)
+    detail: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utc_now)
