@@ -22,6 +22,7 @@ from eth_account.messages import encode_typed_data
 
 from node.client.payer import Payer
 from node.db.models import EpochState
+from node.payment.header import PaymentHeader, request_hash
 from node.settlement.runtime import SettlementRuntime
 from node.settlement.service import EpochPolicy
 from tests.attribution import test_paid_attribution
@@ -37,6 +38,7 @@ STRANGER_KEY = "0x" + "5a" * 32
 class Paid:
     receipt: dict[str, Any]
     text: str
+    body: bytes = b""  # the request's exact bytes, when the test sent them itself
 
 
 def _pay(node: AttributedNode, lane: int, prompt: str = SECRET_PROMPT) -> Paid:
@@ -155,7 +157,11 @@ def test_expired_far_off_foreign_and_malformed_reads_are_refused(attributed: Att
 @pytest.fixture(scope="module")
 def settled(attributed: AttributedNode) -> Iterator[Paid]:
     """A paid answer to a distinctive prompt whose receipt is in a FINAL, published epoch."""
-    paid = _pay(attributed, lane=25, prompt=DISTINCT_PROMPT)
+    body = json.dumps({"model": str(attributed.copied_adapter), "prompt": DISTINCT_PROMPT, "max_tokens": 40,
+                       "temperature": 0}).encode()
+    header = Payer(attributed.paid.payer_keys[0], attributed.paid.base_url).payment_header(body, lane=25)
+    answer = _post(attributed, body, header).json()
+    paid = Paid(answer["receipt"], answer["choices"][0]["text"], body)
     service = SettlementRuntime.from_settings(attributed.paid.local.settings, EpochPolicy(max_age_s=0)).service
     service.reconcile()
     epoch_id = service.close_epoch()
@@ -164,6 +170,11 @@ def settled(attributed: AttributedNode) -> Iterator[Paid]:
 
 
 DISTINCT_PROMPT = "zebra quartz lantern: the sea is"
+
+
+def _post(node: AttributedNode, body: bytes, header: str) -> httpx.Response:
+    return httpx.post(f"{node.paid.base_url}/v1/completions", content=body,
+                      headers={"X-Payment": header, "Content-Type": "application/json"}, timeout=60)
 
 
 def _public_urls(node: AttributedNode, paid: Paid) -> list[str]:
@@ -196,3 +207,28 @@ def test_no_public_endpoint_returns_a_paid_output_or_its_prompt(attributed: Attr
         _assert_no_text(resp, settled, DISTINCT_PROMPT)
     epoch = httpx.get(f"{attributed.paid.base_url}/v1/epochs/{settled.receipt['node']}/latest").json()
     assert any(settled.receipt["outputHash"] in json.dumps(v) for v in epoch["receipts"]["values"])
+
+
+def _header_from_the_chain(node: AttributedNode, paid: Paid) -> str:
+    """What a stranger rebuilds from the published settle transaction: the voucher and signature whose
+    requestHash is keccak256 of a body it guessed, as an X-Payment header."""
+    epoch = httpx.get(f"{node.paid.base_url}/v1/epochs/{paid.receipt['node']}/latest").json()
+    settlement = node.paid.local.contracts(0).settlement
+    tx = settlement.client.w3.eth.get_transaction(epoch["txHash"])
+    _, args = settlement.contract.decode_function_input(tx["input"])
+    for signed in args["vouchers"]:
+        v = signed["voucher"]
+        if bytes(v["requestHash"]) == request_hash(paid.body):  # the guess is confirmed offline
+            return PaymentHeader(v["payer"], v["node"], v["lane"], v["cumulative"], bytes(v["requestHash"]),
+                                 v["deadline"], bytes(signed["signature"])).encode()
+    raise AssertionError("the settled voucher is not in the settle transaction")
+
+
+def test_a_voucher_published_on_chain_does_not_replay_its_answer(attributed: AttributedNode, settled: Paid) -> None:
+    """The settle transaction publishes every voucher with its signature; with a guess of the request's
+    bytes, a stranger could send the payer's own X-Payment again and get its stored answer."""
+    replay = _post(attributed, settled.body, _header_from_the_chain(attributed, settled))
+    assert replay.status_code == 409 and "X-Receipt-Read" in replay.json()["error"]["message"]
+    _assert_no_text(replay, settled, DISTINCT_PROMPT)
+    payer = Payer(attributed.paid.payer_keys[0], attributed.paid.base_url)
+    assert payer.receipt(settled.receipt["id"])["output"] == settled.text
