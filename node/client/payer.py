@@ -8,8 +8,9 @@ A lane is sequential: use one client per lane, and more lanes for parallel work.
 `cumulative = chargedTotal + budget` (the budget defaults to the node's quote for a request that
 fills the whole context), so a request never needs a quote of its own; what it does not spend
 carries over. Retries re-send the same bytes and get the same signature, so a retry of a request
-that was served returns the same answer and receipt without a second charge. `payer.receipt(id)` reads one of its own
-receipts with its text, which the node shows to nobody else.
+that was served returns the same answer and receipt without a second charge (until the voucher is
+settled). `payer.receipt(id)` reads one of its own receipts with its text, which the node shows to
+nobody else.
 """
 
 from __future__ import annotations
