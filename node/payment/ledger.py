@@ -84,9 +84,10 @@ class Ledger:
         """(receipt id, epoch id) of a voucher whose receipt is in an epoch: the voucher, with its
         signature, is then in a settle transaction, public."""
         with self.factory() as session:
-            row = session.execute(select(Receipt.receipt_hash, Receipt.epoch_id).where(
-                Receipt.voucher_hash == voucher_hash, Receipt.epoch_id.is_not(None))).first()
-        return None if row is None else (str(row[0]), int(row[1]))
+            row = session.scalars(select(Receipt).where(Receipt.voucher_hash == voucher_hash)).first()
+            if row is None or row.epoch_id is None:
+                return None
+            return row.receipt_hash, row.epoch_id
 
     def channel(self, payer: str, lane: int) -> Channel:
         payer = payer.lower()
