@@ -81,6 +81,22 @@ class VoucherConflict(PaymentError):
     code = "voucher_conflict"
 
 
+# --- reading a receipt's text -------------------------------------------------------------------
+class ReadUnauthorized(NodeError):
+    """An X-Receipt-Read that is malformed, expired, valid for too long, for another receipt, or whose
+    signature does not recover to the payer it names."""
+
+    status = 401
+    code = "read_unauthorized"
+
+
+class NotThePayer(NodeError):
+    """A valid read authorization from someone who did not pay for this receipt."""
+
+    status = 403
+    code = "not_the_payer"
+
+
 # --- adapters ------------------------------------------------------------------------------------
 class AdapterError(NodeError):
     status = 422

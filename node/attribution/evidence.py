@@ -2,7 +2,8 @@
 rule gives (rule.py). A pure function of the output text, the datasets' indexes and the tokenizer, so
 the node and a verifier compute the same thing.
 
-`Attribution.to_json()` is what a receipt row stores and `GET /v1/receipts/{id}` shows:
+`Attribution.to_json()` is what a receipt row stores and `GET /v1/receipts/{id}` shows its payer (to
+anyone else without the spans' `text`, which is output text):
     {"rule": 1, "minSpan": 8, "alphaBps": 5000, "tokenizer": "0x..", "outputTokens": 37,
      "datasetIds": [..], "lineageBps": [..], "weightsBps": [..],
      "evidence": [{"datasetId": 7, "score": 21, "spans": [{"start": 3, "end": 24, "count": 2, "text": ".."}]}]}

@@ -1,11 +1,13 @@
-"""Did the node tell the truth? A receipt's attribution recomputed from public data only: the output
-text (checked against outputHash), the registry (the adapter's lineage hash, the datasets' URIs and
-content hashes) and the datasets themselves, fetched and checked against those hashes.
+"""Did the node tell the truth? A receipt's attribution recomputed from the output text (checked
+against outputHash; its payer's alone) and public data only: the registry (the adapter's lineage
+hash, the datasets' URIs and content hashes) and the datasets themselves, fetched and checked
+against those hashes.
 
     method 1  lineageHash must be the adapter's registered lineage hash
     method 2  the stated lineage must be the registered one, the stated weights must hash to
               lineageHash, and the weights recomputed by the stated rule version must be those weights
-Every receipt must also be signed by the node it names (EIP-712, the deployment's domain).
+Every receipt must also be signed by the node it names (EIP-712, the deployment's domain). The output
+text is its payer's alone: anyone else checks everything but the outputHash and the recomputation.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, Protocol
 
 from eth_hash.auto import keccak
 
-from node.attribution.evidence import attribute, stated_weights
+from node.attribution.evidence import StatedWeights, attribute, stated_weights
 from node.attribution.index_store import DatasetRef, IndexStore
 from node.attribution.rule import METHOD_EVIDENCE, METHOD_LINEAGE, rule_of
 from node.chain.contracts import lineage_hash
@@ -59,11 +61,13 @@ def signed_receipt(receipt: Mapping[str, Any]) -> Receipt:
         raise BadRequest("the receipt lacks an EIP-712 field", reason=repr(exc)[:200]) from exc
 
 
-def verify(receipt: Mapping[str, Any], output_text: str, registry: Registry, store: IndexStore,
+def verify(receipt: Mapping[str, Any], output_text: str | None, registry: Registry, store: IndexStore,
            domain: Domain) -> Verdict:
+    """The whole check with the output text; without it (it is the payer's alone) everything that
+    does not need it: the signature, the lineage, and method 2's stated weights against lineageHash."""
     signed = signed_receipt(receipt)
     rid = str(receipt.get("id", "?"))
-    if keccak(output_text.encode()) != signed.output_hash:
+    if output_text is not None and keccak(output_text.encode()) != signed.output_hash:
         return Verdict(False, f"MISMATCH receipt {rid}: the output text does not hash to its outputHash")
     try:
         signer = recover_receipt_signer(signed, domain, _b(receipt, "signature"))
@@ -73,24 +77,45 @@ def verify(receipt: Mapping[str, Any], output_text: str, registry: Registry, sto
         return Verdict(False, f"MISMATCH receipt {rid}: signed by {signer}, not by the node {receipt.get('node')}")
     registered = registry.adapter_lineage_hash(int.from_bytes(signed.adapter_id, "big"))
     if signed.method == METHOD_LINEAGE:
-        if signed.lineage_hash != registered:
-            return Verdict(False, f"MISMATCH receipt {rid} (method 1): lineageHash {_hex(signed.lineage_hash)} is "
-                                  f"not the adapter's registered lineage {_hex(registered)}")
-        return Verdict(True, f"truthful: receipt {rid} (method 1) commits to the adapter's registered lineage")
+        return _verify_lineage(rid, signed, registered, is_text_checked=output_text is not None)
     if signed.method != METHOD_EVIDENCE:
         raise AttributionError(f"unknown attribution method {signed.method}", method=signed.method)
-    return _verify_evidence(rid, signed, receipt.get("attribution"), output_text, registered, registry, store)
+    stated = stated_weights(receipt.get("attribution"))
+    lie = _stated_lie(rid, signed, stated, registered)
+    if lie is not None:
+        return lie
+    if output_text is None:
+        return Verdict(True, f"consistent: receipt {rid} (method 2, rule {stated.rule}) is signed by its node, its "
+                             f"stated weights {list(stated.weights_bps)} hash to its lineageHash and its lineage is "
+                             f"the registered one; {WITHOUT_TEXT}: the evidence was not recomputed")
+    return _verify_evidence(rid, signed, stated, output_text, registry, store)
 
 
-def _verify_evidence(rid: str, signed: Receipt, attribution: Any, output_text: str, registered: bytes,
-                     registry: Registry, store: IndexStore) -> Verdict:
-    stated = stated_weights(attribution)
+WITHOUT_TEXT = "without the output text (its payer's: --key-file or --output-file)"
+
+
+def _verify_lineage(rid: str, signed: Receipt, registered: bytes, *, is_text_checked: bool) -> Verdict:
+    if signed.lineage_hash != registered:
+        return Verdict(False, f"MISMATCH receipt {rid} (method 1): lineageHash {_hex(signed.lineage_hash)} is "
+                              f"not the adapter's registered lineage {_hex(registered)}")
+    unchecked = "" if is_text_checked else f"; {WITHOUT_TEXT}: its outputHash was not checked"
+    return Verdict(True, f"truthful: receipt {rid} (method 1) commits to the adapter's registered lineage{unchecked}")
+
+
+def _stated_lie(rid: str, signed: Receipt, stated: StatedWeights, registered: bytes) -> Verdict | None:
+    """A MISMATCH if the stated weights or lineage are not what the receipt and the registry say."""
     if stated.lineage_hash != signed.lineage_hash:
         return Verdict(False, f"MISMATCH receipt {rid} (method 2): the stated weights {list(stated.weights_bps)} hash "
                               f"to {_hex(stated.lineage_hash)}, not to its lineageHash {_hex(signed.lineage_hash)}")
     if lineage_hash(stated.dataset_ids, stated.lineage_bps) != registered:
         return Verdict(False, f"MISMATCH receipt {rid} (method 2): the stated lineage is not the adapter's "
                               f"registered one {_hex(registered)}")
+    return None
+
+
+def _verify_evidence(rid: str, signed: Receipt, stated: StatedWeights, output_text: str, registry: Registry,
+                     store: IndexStore) -> Verdict:
+    """Recompute the evidence from the datasets and the output text; the weights must be the stated ones."""
     if stated.tokenizer != store.tokenizer_id:
         raise AttributionError("the verifier's tokenizer is not the one the evidence was computed with: pass the "
                                "node's base model folder", receipt=stated.tokenizer, verifier=store.tokenizer_id)

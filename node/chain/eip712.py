@@ -1,4 +1,5 @@
-"""EIP-712 types of the protocol: the Voucher a payer signs and the Receipt a node signs.
+"""EIP-712 types of the protocol: the Voucher a payer signs, the Receipt a node signs, and the
+ReceiptRead a payer signs to read its own receipt's text.
 
 Domain: name "loranode", version "1", the chain id and the Settlement contract. Hashing is done here
 directly because the API checks a voucher and signs a receipt on every request: every field of these
@@ -32,6 +33,7 @@ VOUCHER_FIELDS = (("payer", "address"), ("node", "address"), ("lane", "uint32"),
 RECEIPT_FIELDS = (("voucherHash", "bytes32"), ("adapterId", "bytes32"), ("registryBlock", "uint64"),
                   ("lineageHash", "bytes32"), ("promptTokens", "uint32"), ("completionTokens", "uint32"),
                   ("fee", "uint256"), ("outputHash", "bytes32"), ("method", "uint32"))
+RECEIPT_READ_FIELDS = (("receiptId", "bytes32"), ("payer", "address"), ("deadline", "uint64"))
 DOMAIN_FIELDS = (("name", "string"), ("version", "string"), ("chainId", "uint256"),
                  ("verifyingContract", "address"))
 # The abi types of one receipts-tree leaf, in `receipt_leaf_values` order.
@@ -44,6 +46,7 @@ def _type_string(name: str, fields: tuple[tuple[str, str], ...]) -> str:
 
 VOUCHER_TYPEHASH = keccak(_type_string("Voucher", VOUCHER_FIELDS).encode())
 RECEIPT_TYPEHASH = keccak(_type_string("Receipt", RECEIPT_FIELDS).encode())
+RECEIPT_READ_TYPEHASH = keccak(_type_string("ReceiptRead", RECEIPT_READ_FIELDS).encode())
 DOMAIN_TYPEHASH = keccak(_type_string("EIP712Domain", DOMAIN_FIELDS).encode())
 
 
@@ -110,6 +113,18 @@ class Receipt:
 
     def __post_init__(self) -> None:
         _check_all(RECEIPT_FIELDS, _receipt_values(self))
+
+
+@dataclass(frozen=True)
+class ReceiptRead:
+    """A payer's request to read the text of one of its receipts (GET /v1/receipts/{id})."""
+
+    receipt_id: bytes  # the receipt's EIP-712 digest
+    payer: str
+    deadline: int  # unix seconds; the node accepts only a short validity
+
+    def __post_init__(self) -> None:
+        _check_all(RECEIPT_READ_FIELDS, (self.receipt_id, self.payer, self.deadline))
 
 
 def _word(abi_type: str, value: Any) -> bytes:
@@ -217,3 +232,24 @@ def sign_receipt(key: str | bytes, receipt: Receipt, domain: Domain) -> bytes:
 
 def recover_receipt_signer(receipt: Receipt, domain: Domain, signature: bytes) -> str:
     return recover(receipt_digest(receipt, domain), signature)
+
+
+# --- ReceiptRead ---------------------------------------------------------------------------------
+def _read_values(r: ReceiptRead) -> tuple[Any, ...]:
+    return (r.receipt_id, r.payer, r.deadline)
+
+
+def receipt_read_typed_data(read: ReceiptRead, domain: Domain) -> dict[str, Any]:
+    return _typed_data("ReceiptRead", RECEIPT_READ_FIELDS, _read_values(read), domain)
+
+
+def receipt_read_digest(read: ReceiptRead, domain: Domain) -> bytes:
+    return _digest(domain, _struct_hash(RECEIPT_READ_TYPEHASH, RECEIPT_READ_FIELDS, _read_values(read)))
+
+
+def sign_receipt_read(key: str | bytes, read: ReceiptRead, domain: Domain) -> bytes:
+    return sign_digest(key, receipt_read_digest(read, domain))
+
+
+def recover_receipt_read_signer(read: ReceiptRead, domain: Domain, signature: bytes) -> str:
+    return recover(receipt_read_digest(read, domain), signature)

@@ -1,5 +1,7 @@
-"""`loranode attribution verify`: recompute a receipt's attribution from public data and say whether
-the node told the truth (exit 0), or not (exit 1, one line saying what differs); 2 on errors."""
+"""`loranode attribution verify`: recompute a receipt's attribution from public data and the output
+text, and say whether the node told the truth (exit 0), or not (exit 1, one line saying what
+differs); 2 on errors. The text is its payer's: `--key-file` signs the read, `--output-file` gives a
+copy; anyone else checks the signature, the hashes and the lineage."""
 
 from __future__ import annotations
 
@@ -8,13 +10,16 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from node.cli.console import console, err_console
 from node.cli.context import DeploymentOption, RpcOption, chain_context
 from node.errors import BadRequest, ConfigError
+
+if TYPE_CHECKING:
+    from node.chain.eip712 import Domain
 
 app = typer.Typer(help="Attribution evidence: check what a receipt says about the datasets.", no_args_is_help=True)
 RECEIPT_ID = re.compile(r"^0x[0-9a-fA-F]{64}$")
@@ -36,23 +41,49 @@ class ChainRegistry:
         return DatasetRef(dataset_id, "0x" + info.content_hash.hex(), info.uri)
 
 
-def _fetch(receipt: str, node_url: str) -> dict[str, Any]:
+def _fetch(receipt: str, node_url: str, read: str | None) -> dict[str, Any]:
     import httpx
 
+    from node.chain.receipt_read import HEADER
+
+    headers = {} if read is None else {HEADER: read}
     try:
-        resp = httpx.get(f"{node_url.rstrip('/')}/v1/receipts/{receipt}", timeout=30.0)
+        resp = httpx.get(f"{node_url.rstrip('/')}/v1/receipts/{receipt}", headers=headers, timeout=30.0)
     except httpx.HTTPError as exc:
         raise BadRequest(f"cannot reach the node at {node_url}", reason=str(exc)) from exc
     if resp.status_code != 200:
-        raise BadRequest(f"the node answered {resp.status_code} for receipt {receipt}", body=resp.text[:300])
+        raise BadRequest(f"the node answered {resp.status_code} for receipt {receipt}: {_error_message(resp)}")
     return dict(resp.json())
 
 
-def load_receipt(receipt: str, node_url: str) -> tuple[dict[str, Any], str | None]:
-    """The receipt (a node's GET /v1/receipts/{id}, a saved copy of it, or a saved response body) and
-    the output text it carries, if any."""
+def _error_message(resp: Any) -> str:
+    try:
+        return str(resp.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return str(resp.text[:300])
+
+
+def read_authorization(key_file: Path | None, receipt: str, domain: Domain) -> str | None:
+    """The X-Receipt-Read the payer's key (in `key_file`) signs for `receipt`; None without a key."""
+    if key_file is None or not RECEIPT_ID.match(receipt):
+        return None
+    from eth_account import Account
+
+    from node.chain.receipt_read import sign_read
+
+    try:
+        key = key_file.read_text(encoding="utf-8").strip()
+        payer = str(Account.from_key(key).address)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{key_file} does not hold a private key (0x and 64 hex digits)") from exc
+    return sign_read(key, payer, receipt, domain)
+
+
+def load_receipt(receipt: str, node_url: str, read: str | None = None) -> tuple[dict[str, Any], str | None]:
+    """The receipt (a node's GET /v1/receipts/{id}, with its text when `read` is its payer's signed
+    X-Receipt-Read; a saved copy of it; or a saved response body) and the output text it carries, if any."""
     if RECEIPT_ID.match(receipt):
-        data = _fetch(receipt, node_url)
+        data = _fetch(receipt, node_url, read)
     else:
         try:
             data = json.loads(Path(receipt).read_text())
@@ -71,14 +102,17 @@ def load_receipt(receipt: str, node_url: str) -> tuple[dict[str, Any], str | Non
 def verify(
     receipt: str = typer.Argument(..., help="A receipt id (0x..., fetched from --node-url) or a receipt JSON file."),
     node_url: str = typer.Option("http://127.0.0.1:8000", "--node-url", help="The node that signed it."),
-    output_file: Path = typer.Option(None, "--output-file", help="The output text, if the receipt lacks it."),
+    output_file: Path = typer.Option(None, "--output-file", help="The output text (the payer's own copy)."),
+    key_file: Path = typer.Option(None, "--key-file", help="The payer's private key: signs the read of a receipt "
+                                                           "id's text (only its payer may read it)."),
     model: Path = typer.Option(None, "--model", help="The node's base model folder, for its tokenizer "
                                                      "(default: LORANODE_MODEL_PATH)."),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Where datasets and their indexes are kept."),
     rpc_url: str = RpcOption, deployment: Path = DeploymentOption,
 ) -> None:
     """Recompute the receipt's evidence and weights from the registered datasets; exit 0 if its
-    method and lineageHash are what the node should have signed, 1 if not."""
+    method and lineageHash are what the node should have signed, 1 if not. Without the output text
+    (the payer's: --key-file or --output-file) it checks the signature, the hashes and the lineage."""
     from transformers import AutoTokenizer
 
     from node.attribution.index_store import IndexStore
@@ -86,18 +120,16 @@ def verify(
     from node.chain.eip712 import Domain
     from node.config import load_settings
 
-    data, text = load_receipt(receipt, node_url)
+    ctx = chain_context(rpc_url, deployment)
+    domain = Domain(ctx.deployment.chain_id, ctx.deployment.settlement)
+    data, text = load_receipt(receipt, node_url, read_authorization(key_file, receipt, domain))
     if output_file is not None:
         text = output_file.read_text(encoding="utf-8")
-    if text is None:
-        raise BadRequest("the receipt does not carry its output text: pass --output-file")
     model = model or load_settings().model_path
     if model is None:
         raise ConfigError("pass --model (the node's base model folder) or set LORANODE_MODEL_PATH")
-    ctx = chain_context(rpc_url, deployment)
     root = cache_dir or Path(tempfile.gettempdir()) / "loranode-verify"
     store = IndexStore(root, AutoTokenizer.from_pretrained(str(model)))
-    domain = Domain(ctx.deployment.chain_id, ctx.deployment.settlement)
     verdict = verify_receipt(data, text, ChainRegistry(ctx.contracts()), store, domain)
     (console if verdict.is_truthful else err_console).print(verdict.line, highlight=False, soft_wrap=True)
     if not verdict.is_truthful:

@@ -8,7 +8,9 @@ A lane is sequential: use one client per lane, and more lanes for parallel work.
 `cumulative = chargedTotal + budget` (the budget defaults to the node's quote for a request that
 fills the whole context), so a request never needs a quote of its own; what it does not spend
 carries over. Retries re-send the same bytes and get the same signature, so a retry of a request
-that was served returns the same answer and receipt without a second charge.
+that was served returns the same answer and receipt without a second charge (until the voucher is
+settled). `payer.receipt(id)` reads one of its own receipts with its text, which the node shows to
+nobody else.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from eth_account import Account
 
 from node.chain.eip712 import Domain, Voucher, recover_receipt_signer, sign_voucher
 from node.chain.eip712 import Receipt as ReceiptType
+from node.chain.receipt_read import HEADER, sign_read
 from node.errors import PaymentError
 from node.payment.header import PaymentHeader, request_hash
 
@@ -67,8 +70,14 @@ class Payer:
             self._charged[lane] = int(data["chargedTotal"])
         return data
 
-    def _get(self, path: str) -> dict[str, Any]:
-        resp = self._http.get(path)
+    def receipt(self, receipt_id: str) -> dict[str, Any]:
+        """One of this payer's receipts with its text (the output while the node keeps it, and the
+        evidence spans), fetched with a freshly signed, short-lived `X-Receipt-Read`."""
+        header = sign_read(self.key, self.address, receipt_id, self.info.domain)
+        return self._get(f"/v1/receipts/{receipt_id}", headers={HEADER: header})
+
+    def _get(self, path: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
+        resp = self._http.get(path, headers=headers)
         if resp.status_code != 200:
             raise PaymentError(f"GET {path} answered {resp.status_code}", body=resp.text[:500])
         return resp.json()  # type: ignore[no-any-return]

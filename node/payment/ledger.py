@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import queries
-from node.db.models import Lane, Voucher
+from node.db.models import Lane, Receipt, Voucher
 from node.db.queries import ReceiptFields as ReceiptRow  # what the ledger stores, as given
 from node.errors import InsufficientEscrow, VoucherConflict
 from node.payment.lane import LaneRow, Lanes
@@ -79,6 +79,15 @@ class Ledger:
         with self.factory() as session:
             row = session.get(Voucher, voucher_hash)
             return None if row is None else row.response
+
+    def epoch_receipt(self, voucher_hash: str) -> tuple[str, int] | None:
+        """(receipt id, epoch id) of a voucher whose receipt is in an epoch: the voucher, with its
+        signature, is then in a settle transaction, public."""
+        with self.factory() as session:
+            row = session.scalars(select(Receipt).where(Receipt.voucher_hash == voucher_hash)).first()
+            if row is None or row.epoch_id is None:
+                return None
+            return row.receipt_hash, row.epoch_id
 
     def channel(self, payer: str, lane: int) -> Channel:
         payer = payer.lower()

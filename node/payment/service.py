@@ -27,7 +27,7 @@ from node.attribution.rule import METHOD_EVIDENCE, METHOD_LINEAGE
 from node.catalog import ServedAdapter
 from node.chain.eip712 import Domain, Receipt, receipt_digest, sign_digest
 from node.db.queries import AdapterLineageView
-from node.errors import BadSignature
+from node.errors import BadSignature, VoucherConflict
 from node.payment.header import decode_payment_header
 from node.payment.ledger import Ledger, ReceiptRow, Reservation
 from node.payment.pricing import Pricing
@@ -83,7 +83,20 @@ class PaymentService:
                                    min_validity_s=self.min_validity_s)
 
         held = self.ledger.reserve(checked, max_fee, before_new=fresh_enough)
-        return Replay(held) if isinstance(held, dict) else Hold(checked, held)
+        if isinstance(held, dict):
+            self._refuse_public_replay(checked)
+            return Replay(held)
+        return Hold(checked, held)
+
+    def _refuse_public_replay(self, checked: CheckedVoucher) -> None:
+        """A voucher in an epoch is published with its signature (the settle transaction): sent again,
+        it proves nothing of who sends it, so its stored answer is no longer replayed; the payer reads
+        it with a signed X-Receipt-Read instead."""
+        settled = self.ledger.epoch_receipt(checked.digest_hex)
+        if settled is not None:
+            raise VoucherConflict("this voucher was already used and is settled on chain: its payer reads the "
+                                  "answer with GET /v1/receipts/{id} and a signed X-Receipt-Read",
+                                  receipt_id=settled[0], epoch_id=settled[1])
 
     def finish(self, hold: Hold, adapter: ServedAdapter, usage: Usage, output_text: str,
                build: Callable[[dict[str, Any]], dict[str, Any]]) -> tuple[int, dict[str, Any]]:

@@ -1,8 +1,10 @@
-"""The published form of a settled epoch: its trees as JSON (the API serves it, `export_epoch`
-writes it to a file), and one receipt's proof in the epoch's receipts tree.
+"""What is public: a settled epoch's trees as JSON (the API serves it, `export_epoch` writes it to
+a file), one receipt's proof in the epoch's receipts tree, and a receipt as anyone may see it.
 
 An epoch is published once its `settle` is mined (CONFIRMED or FINAL): a tree the chain does not
-hold yet would only mislead a claimant.
+hold yet would only mislead a claimant. Everything here carries hashes, token counts, offsets and
+weights only, never a payer's prompt or output text (nor method 2's span texts, which are output
+text): those go to the payer alone, through `payer_view` behind a signed read.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.db.models import EpochState, Receipt, SettlementEpoch
+from node.db.models import EpochState, Receipt, SettlementEpoch, Voucher
 from node.settlement.merkle import MerkleTree
 
 PUBLISHED = (EpochState.CONFIRMED, EpochState.FINAL)
@@ -60,6 +62,50 @@ def receipt_proof(session: Session, receipt_hash: str) -> dict[str, Any] | None:
             "receiptsRoot": row.receipts_root, "leafEncoding": list(tree.types),
             "leaf": list(tree.values[int(index or 0)]), "leafHash": "0x" + tree.leaf(int(index or 0)).hex(),
             "proof": ["0x" + p.hex() for p in tree.proof(int(index or 0))]}
+
+
+def receipt_with_payer(session: Session, receipt_hash: str) -> tuple[Receipt, Voucher] | None:
+    """The receipt and the voucher that paid for it; None if unknown."""
+    q = select(Receipt, Voucher).join(Voucher, Voucher.voucher_hash == Receipt.voucher_hash)
+    found = session.execute(q.where(Receipt.receipt_hash == receipt_hash.lower())).first()
+    return None if found is None else (found[0], found[1])
+
+
+def receipt_document(row: Receipt, node: str) -> dict[str, Any]:
+    """A receipt as anyone may see it: its signed fields and signature, its epoch, and its attribution
+    with the spans' offsets and counts but not their text."""
+    return {"id": row.receipt_hash, "voucherHash": row.voucher_hash,
+            "adapterId": "0x" + row.adapter_id.to_bytes(32, "big").hex(), "registryBlock": row.registry_block,
+            "lineageHash": row.lineage_hash, "promptTokens": row.prompt_tokens,
+            "completionTokens": row.completion_tokens, "fee": str(row.fee), "outputHash": row.output_hash,
+            "method": row.method, "signature": row.signature, "node": node,
+            "createdAt": row.created_at.isoformat(), "epochId": row.epoch_id,
+            "attribution": public_attribution(row.attribution)}
+
+
+def public_attribution(attribution: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Method 2's attribution without the span texts (they are pieces of the output)."""
+    if attribution is None:
+        return None
+    evidence = [{**e, "spans": [{k: v for k, v in s.items() if k != "text"} for s in e.get("spans", [])]}
+                for e in attribution.get("evidence", [])]
+    return {**attribution, "evidence": evidence}
+
+
+def payer_view(row: Receipt, voucher: Voucher) -> dict[str, Any]:
+    """What only the payer may read: the full attribution, the lane and, while the node keeps the
+    response (its idempotency window), the lane's charged total and the output text."""
+    view: dict[str, Any] = {"attribution": row.attribution, "payer": voucher.payer, "lane": voucher.lane}
+    if voucher.response is not None:
+        view["chargedTotal"] = voucher.response["receipt"]["chargedTotal"]
+        view["output"] = _output_text(voucher.response)
+    return view
+
+
+def _output_text(response: dict[str, Any]) -> str | None:
+    choice = (response.get("choices") or [{}])[0]
+    text = choice.get("message", {}).get("content") if "message" in choice else choice.get("text")
+    return text if isinstance(text, str) else None
 
 
 def export_epoch(factory: sessionmaker[Session], node: str, path: Path, epoch_id: int | None = None) -> Path:

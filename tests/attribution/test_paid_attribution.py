@@ -1,6 +1,7 @@
 """Method 2 end to end on a live node (anvil, indexed mirror, the engine, the OpenAI client): the
-receipt commits to evidence-blended weights, GET /v1/receipts/{id} shows the spans, and
-`loranode attribution verify` agrees with the node and catches tampered or lying receipts.
+receipt commits to evidence-blended weights, GET /v1/receipts/{id} shows the spans to the payer, and
+`loranode attribution verify` agrees with the node and catches tampered or lying receipts (anyone
+checks what needs no output text; the payer, with its key, everything).
 
 The engine's answer is made to be in a dataset: a first adapter's greedy answer is written into a
 new dataset, and a second adapter with the same weights file (so the same answer) is registered with
@@ -112,7 +113,7 @@ def test_an_answer_copied_from_a_dataset_gets_its_evidence_in_the_receipt(attrib
     assert receipt["method"] == 2 and weights[0] > COPIED_WEIGHTS[0] and sum(weights) == 10_000
     assert receipt["lineageHash"] == "0x" + lineage_hash(attributed.copied_datasets, weights).hex()
 
-    shown = httpx.get(f"{attributed.paid.base_url}/v1/receipts/{receipt['id']}").json()
+    shown = payer.receipt(receipt["id"])  # its text is the payer's: the read is signed
     assert shown["output"] == text and shown["method"] == 2
     evidence = {e["datasetId"]: e for e in shown["attribution"]["evidence"]}
     holder, unrelated = (evidence[d] for d in attributed.copied_datasets)
@@ -128,11 +129,27 @@ def test_an_answer_in_no_dataset_keeps_the_lineage_weights(attributed: Attribute
     assert receipt["lineageHash"] == "0x" + lineage_hash(attributed.paid.dataset_ids, LINEAGE_WEIGHTS).hex()
 
 
+def _key_file(tmp_path: Path, key: str) -> str:
+    path = tmp_path / "payer.key"
+    path.write_text(key + "\n")
+    return str(path)
+
+
 def test_verify_agrees_with_the_node(attributed: AttributedNode, tmp_path: Path) -> None:
     _, receipt = _complete(attributed.paid, attributed.copied_adapter, lane=3)
-    code, out = _verify(attributed, tmp_path, receipt["id"])
+    code, out = _verify(attributed, tmp_path, receipt["id"], "--key-file",
+                        _key_file(tmp_path, attributed.paid.payer_keys[0]))
     assert code == 0, out
     assert out.startswith("truthful") and "method 2" in out
+
+
+def test_anyone_else_verifies_all_but_the_text_and_cannot_read_it(attributed: AttributedNode, tmp_path: Path) -> None:
+    _, receipt = _complete(attributed.paid, attributed.copied_adapter, lane=8)
+    code, out = _verify(attributed, tmp_path, receipt["id"])
+    assert code == 0 and out.startswith("consistent") and "evidence was not recomputed" in out, out
+    code, out = _verify(attributed, tmp_path, receipt["id"], "--key-file",
+                        _key_file(tmp_path, attributed.paid.poor_payer_key))
+    assert code == 2 and "403" in out and "only the payer" in out, out
 
 
 def test_verify_catches_a_tampered_receipt(attributed: AttributedNode, tmp_path: Path) -> None:
@@ -183,5 +200,6 @@ def test_a_streamed_answer_carries_the_same_evidence_and_verifies(attributed: At
     assert text == attributed.answer and receipt["outputHash"] == "0x" + keccak(text.encode()).hex()
     weights = receipt["attribution"]["weightsBps"]
     assert receipt["method"] == 2 and weights[0] > COPIED_WEIGHTS[0] and sum(weights) == 10_000
-    code, out = _verify(attributed, tmp_path, receipt["id"])
+    code, out = _verify(attributed, tmp_path, receipt["id"], "--key-file",
+                        _key_file(tmp_path, attributed.paid.payer_keys[0]))
     assert code == 0 and out.startswith("truthful"), out

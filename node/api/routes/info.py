@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Header, Path, Query
 
 from node.api.deps import NodeServices, services
 from node.api.error_handlers import error_responses
-from node.db.models import Receipt
+from node.chain.receipt_read import HEADER, authorize_read
 from node.errors import NodeError
+from node.settlement.publication import payer_view, receipt_document, receipt_with_payer
 
 router = APIRouter(prefix="/v1", tags=["info"])
 ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 HASH = re.compile(r"^0x[0-9a-fA-F]{64}$")
+ReadHeader = Annotated[str | None, Header(alias=HEADER, description="base64url JSON of the payer's signed "
+                                          "EIP-712 ReceiptRead: required to see the receipt's text")]
 
 
 class NotFound(NodeError):
@@ -62,31 +65,21 @@ def channel(payer: str = Path(..., pattern=ADDRESS.pattern), lane: int = Path(..
                       "maxFee": str(svc.payments.pricing.max_fee(prompt_tokens, max_tokens))}}
 
 
-@router.get("/receipts/{receipt_id}", responses=error_responses(400, 404, 503))
-def receipt(receipt_id: str = Path(..., pattern=HASH.pattern), svc: NodeServices = Depends(services)) -> dict[str, Any]:
-    """A receipt with its attribution (method 2: the spans of the output each dataset contains, the
-    weights used, the rule version) and, while the node keeps the response, the output text."""
+@router.get("/receipts/{receipt_id}", responses=error_responses(400, 401, 403, 404, 503))
+def receipt(receipt_id: str = Path(..., pattern=HASH.pattern), read: ReadHeader = None,
+            svc: NodeServices = Depends(services)) -> dict[str, Any]:
+    """A receipt with hashes, token counts, offsets and weights only; with an `X-Receipt-Read` signed
+    by its payer, also its text: the output (while the node keeps the response) and the evidence spans."""
     with svc.db() as session:
-        row = session.query(Receipt).filter(Receipt.receipt_hash == receipt_id.lower()).one_or_none()
-        if row is None:
+        found = receipt_with_payer(session, receipt_id)
+        if found is None:
             raise NotFound(f"no receipt {receipt_id}", receipt_id=receipt_id)
-        stored = svc.payments.ledger.stored_response(row.voucher_hash)
-        body = {"id": row.receipt_hash, "voucherHash": row.voucher_hash,
-                "adapterId": "0x" + row.adapter_id.to_bytes(32, "big").hex(), "registryBlock": row.registry_block,
-                "lineageHash": row.lineage_hash, "promptTokens": row.prompt_tokens,
-                "completionTokens": row.completion_tokens, "fee": str(row.fee), "outputHash": row.output_hash,
-                "method": row.method, "signature": row.signature, "node": svc.payments.node,
-                "createdAt": row.created_at.isoformat(), "epochId": row.epoch_id, "attribution": row.attribution}
-    if stored is not None:
-        body["chargedTotal"] = stored["receipt"]["chargedTotal"]
-        body["output"] = _output_text(stored)
-    return body
-
-
-def _output_text(response: dict[str, Any]) -> str | None:
-    choice = (response.get("choices") or [{}])[0]
-    text = choice.get("message", {}).get("content") if "message" in choice else choice.get("text")
-    return text if isinstance(text, str) else None
+        row, voucher = found
+        body = receipt_document(row, svc.payments.node)
+        if read is None:
+            return body
+        authorize_read(read, receipt_id, voucher.payer, svc.payments.domain, svc.payments.clock())
+        return {**body, **payer_view(row, voucher)}
 
 
 def _prices(svc: NodeServices) -> dict[str, str]:
