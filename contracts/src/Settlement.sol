@@ -73,7 +73,7 @@ contract Settlement is EIP712, ReentrancyGuardTransient {
     error EpochIsVetoed(address node, uint64 epochId);
     error InvalidProof(address node, uint64 epochId, address account, uint256 cumulativeAmount);
     error NothingToClaim(address node, address account, uint256 cumulativeAmount, uint256 claimed);
-    error ExceedsPot(address node, uint256 paid, uint256 amount, uint256 rewardsTotal);
+    error ExceedsEpochTotal(address node, uint64 epochId, uint256 paidOut, uint256 amount, uint256 rewardsTotal);
 
     event EpochSettled(
         address indexed node,
@@ -163,18 +163,19 @@ contract Settlement is EIP712, ReentrancyGuardTransient {
         nonReentrant
         returns (uint256 amount)
     {
-        amount = _due(node, epochId, account, cumulativeAmount, proof);
+        uint256 cap;
+        (amount, cap) = _due(node, epochId, account, cumulativeAmount, proof);
         if (amount == 0) revert NothingToClaim(node, account, cumulativeAmount, claimed[node][account]);
-        _pay(node, epochId, account, cumulativeAmount, amount);
+        _pay(node, epochId, account, cumulativeAmount, amount, cap);
     }
 
     /// @notice Claims in bulk (for relayers). Entries with nothing due are skipped; a bad proof reverts.
     function claimMany(Claim[] calldata claims) external nonReentrant returns (uint256 total) {
         for (uint256 i; i < claims.length; ++i) {
             Claim calldata c = claims[i];
-            uint256 amount = _due(c.node, c.epochId, c.account, c.cumulativeAmount, c.proof);
+            (uint256 amount, uint256 cap) = _due(c.node, c.epochId, c.account, c.cumulativeAmount, c.proof);
             if (amount == 0) continue;
-            _pay(c.node, c.epochId, c.account, c.cumulativeAmount, amount);
+            _pay(c.node, c.epochId, c.account, c.cumulativeAmount, amount, cap);
             total += amount;
         }
     }
@@ -240,10 +241,12 @@ contract Settlement is EIP712, ReentrancyGuardTransient {
         );
     }
 
+    /// @dev What `account` is due against `epochId` (0 when nothing), and that epoch's rewardsTotal: the
+    /// most the node's pot may have paid out once this claim is paid.
     function _due(address node, uint64 epochId, address account, uint256 cumulativeAmount, bytes32[] calldata proof)
         private
         view
-        returns (uint256)
+        returns (uint256 amount, uint256 cap)
     {
         Epoch storage e = _epoch(node, epochId);
         if (block.timestamp < e.unlockAt) revert EpochLocked(node, epochId, e.unlockAt);
@@ -254,12 +257,16 @@ contract Settlement is EIP712, ReentrancyGuardTransient {
             revert InvalidProof(node, epochId, account, cumulativeAmount);
         }
         uint256 done = claimed[node][account];
-        return cumulativeAmount > done ? cumulativeAmount - done : 0;
+        return (cumulativeAmount > done ? cumulativeAmount - done : 0, e.rewardsTotal);
     }
 
-    function _pay(address node, uint64 epochId, address account, uint256 cumulativeAmount, uint256 amount) private {
+    /// @dev Pays `amount` out of `node`'s pot, never above `cap`, the rewardsTotal of the epoch claimed
+    /// against: a root that over-promises can never spend what later (maybe vetoed) epochs collected.
+    function _pay(address node, uint64 epochId, address account, uint256 cumulativeAmount, uint256 amount, uint256 cap)
+        private
+    {
         uint256 paid = paidOut[node];
-        if (paid + amount > rewardsTotal[node]) revert ExceedsPot(node, paid, amount, rewardsTotal[node]);
+        if (paid + amount > cap) revert ExceedsEpochTotal(node, epochId, paid, amount, cap);
         paidOut[node] = paid + amount;
         claimed[node][account] = cumulativeAmount;
         token.safeTransfer(account, amount);
