@@ -13,8 +13,9 @@ import {PaymentEscrow} from "./PaymentEscrow.sol";
 /// @notice One rewards pot per node (its operator address). Each `settle` is an epoch: it collects
 /// signed vouchers from escrow into the pot and records the node's cumulative rewards root, which
 /// unlocks after `challengePeriod`. Payees claim `cumulativeAmount - claimed` against any unlocked
-/// epoch. A guardian may veto a locked epoch: it and every later epoch of that node stay unclaimable
-/// and the node cannot settle again.
+/// epoch, each claim capped by that epoch's `rewardsTotal`. A guardian may veto a locked epoch: it and
+/// every later epoch of that node stay unclaimable and the node cannot settle again, until the guardian
+/// amends: a corrected root over everything the pot collected replaces the first vetoed epoch.
 contract Settlement is EIP712, ReentrancyGuardTransient {
     using SafeERC20 for IERC20;
 
@@ -59,6 +60,7 @@ contract Settlement is EIP712, ReentrancyGuardTransient {
     error TokenMismatch(address token, address escrowToken);
     error NotGuardian(address caller);
     error NodeVetoed(address node, uint64 firstVetoedEpoch);
+    error NodeNotVetoed(address node);
     error EpochOutOfOrder(address node, uint64 expected, uint64 epochId);
     error LengthMismatch(uint256 numVouchers, uint256 numAmounts);
     error VoucherNodeMismatch(uint256 index, address voucherNode);
@@ -73,7 +75,7 @@ contract Settlement is EIP712, ReentrancyGuardTransient {
     error EpochIsVetoed(address node, uint64 epochId);
     error InvalidProof(address node, uint64 epochId, address account, uint256 cumulativeAmount);
     error NothingToClaim(address node, address account, uint256 cumulativeAmount, uint256 claimed);
-    error ExceedsPot(address node, uint256 paid, uint256 amount, uint256 rewardsTotal);
+    error ExceedsEpochTotal(address node, uint64 epochId, uint256 paidOut, uint256 amount, uint256 rewardsTotal);
 
     event EpochSettled(
         address indexed node,
@@ -89,6 +91,18 @@ contract Settlement is EIP712, ReentrancyGuardTransient {
         address indexed node, address indexed payer, uint32 indexed lane, uint256 cumulative, uint256 amount
     );
     event EpochVetoed(address indexed node, uint64 indexed epochId);
+    /// @notice `epochId` (the node's first vetoed epoch) now holds the guardian's corrected roots;
+    /// epochs `epochId + 1 ..= droppedThrough` are forgotten and the node settles again from `epochId + 1`.
+    event EpochAmended(
+        address indexed node,
+        uint64 indexed epochId,
+        bytes32 rewardsRoot,
+        uint256 rewardsTotal,
+        bytes32 receiptsRoot,
+        uint64 receiptCount,
+        uint64 unlockAt,
+        uint64 droppedThrough
+    );
     event Claimed(
         address indexed node, address indexed account, uint64 indexed epochId, uint256 amount, uint256 cumulativeAmount
     );
@@ -163,23 +177,25 @@ contract Settlement is EIP712, ReentrancyGuardTransient {
         nonReentrant
         returns (uint256 amount)
     {
-        amount = _due(node, epochId, account, cumulativeAmount, proof);
+        uint256 cap;
+        (amount, cap) = _due(node, epochId, account, cumulativeAmount, proof);
         if (amount == 0) revert NothingToClaim(node, account, cumulativeAmount, claimed[node][account]);
-        _pay(node, epochId, account, cumulativeAmount, amount);
+        _pay(node, epochId, account, cumulativeAmount, amount, cap);
     }
 
     /// @notice Claims in bulk (for relayers). Entries with nothing due are skipped; a bad proof reverts.
     function claimMany(Claim[] calldata claims) external nonReentrant returns (uint256 total) {
         for (uint256 i; i < claims.length; ++i) {
             Claim calldata c = claims[i];
-            uint256 amount = _due(c.node, c.epochId, c.account, c.cumulativeAmount, c.proof);
+            (uint256 amount, uint256 cap) = _due(c.node, c.epochId, c.account, c.cumulativeAmount, c.proof);
             if (amount == 0) continue;
-            _pay(c.node, c.epochId, c.account, c.cumulativeAmount, amount);
+            _pay(c.node, c.epochId, c.account, c.cumulativeAmount, amount, cap);
             total += amount;
         }
     }
 
-    /// @notice The guardian vetoes a still-locked epoch: it and all later epochs of `node` are void.
+    /// @notice The guardian vetoes a still-locked epoch: it and all later epochs of `node` are void, and
+    /// the node cannot settle, until the guardian `amend`s.
     function veto(address node, uint64 epochId) external {
         if (msg.sender != guardian) revert NotGuardian(msg.sender);
         Epoch storage e = _epoch(node, epochId);
@@ -189,6 +205,29 @@ contract Settlement is EIP712, ReentrancyGuardTransient {
         e.vetoed = true;
         firstVetoedEpoch[node] = epochId;
         emit EpochVetoed(node, epochId);
+    }
+
+    /// @notice The guardian's answer to a veto (the governance act that lets a vetoed node go on). The
+    /// node's first vetoed epoch is replaced by a corrected epoch whose `rewardsTotal_` must be all the pot
+    /// ever collected (`rewardsTotal(node)`), so its leaves can pay out the vetoed epochs' funds and never
+    /// more. It is locked for a fresh `challengePeriod` (and may be vetoed again in that time). Every
+    /// later epoch is forgotten (unknown: never claimable; the public `epochs` getter may still show its
+    /// old values until the node settles that id again), the veto is cleared and the node settles again
+    /// from `epochId + 1`. `claimed` is kept: leaves are cumulative, so a leaf pays only what its account
+    /// was not paid yet, and a claim already paid is never paid twice.
+    function amend(address node, bytes32 rewardsRoot, uint256 rewardsTotal_, bytes32 receiptsRoot, uint64 receiptCount)
+        external
+    {
+        if (msg.sender != guardian) revert NotGuardian(msg.sender);
+        uint64 epochId = firstVetoedEpoch[node];
+        if (epochId == 0) revert NodeNotVetoed(node);
+        if (rewardsTotal_ != rewardsTotal[node]) revert RewardsTotalMismatch(rewardsTotal[node], rewardsTotal_);
+        uint64 unlockAt = uint64(block.timestamp) + challengePeriod;
+        uint64 dropped = lastEpoch[node];
+        epochs[node][epochId] = Epoch(rewardsRoot, rewardsTotal_, receiptsRoot, receiptCount, unlockAt, false);
+        lastEpoch[node] = epochId;
+        firstVetoedEpoch[node] = 0;
+        emit EpochAmended(node, epochId, rewardsRoot, rewardsTotal_, receiptsRoot, receiptCount, unlockAt, dropped);
     }
 
     /// @notice True when `epochId` of `node` can be claimed against now.
@@ -240,10 +279,12 @@ contract Settlement is EIP712, ReentrancyGuardTransient {
         );
     }
 
+    /// @dev What `account` is due against `epochId` (0 when nothing), and that epoch's rewardsTotal: the
+    /// most the node's pot may have paid out once this claim is paid.
     function _due(address node, uint64 epochId, address account, uint256 cumulativeAmount, bytes32[] calldata proof)
         private
         view
-        returns (uint256)
+        returns (uint256 amount, uint256 cap)
     {
         Epoch storage e = _epoch(node, epochId);
         if (block.timestamp < e.unlockAt) revert EpochLocked(node, epochId, e.unlockAt);
@@ -254,12 +295,16 @@ contract Settlement is EIP712, ReentrancyGuardTransient {
             revert InvalidProof(node, epochId, account, cumulativeAmount);
         }
         uint256 done = claimed[node][account];
-        return cumulativeAmount > done ? cumulativeAmount - done : 0;
+        return (cumulativeAmount > done ? cumulativeAmount - done : 0, e.rewardsTotal);
     }
 
-    function _pay(address node, uint64 epochId, address account, uint256 cumulativeAmount, uint256 amount) private {
+    /// @dev Pays `amount` out of `node`'s pot, never above `cap`, the rewardsTotal of the epoch claimed
+    /// against: a root that over-promises can never spend what later (maybe vetoed) epochs collected.
+    function _pay(address node, uint64 epochId, address account, uint256 cumulativeAmount, uint256 amount, uint256 cap)
+        private
+    {
         uint256 paid = paidOut[node];
-        if (paid + amount > rewardsTotal[node]) revert ExceedsPot(node, paid, amount, rewardsTotal[node]);
+        if (paid + amount > cap) revert ExceedsEpochTotal(node, epochId, paid, amount, cap);
         paidOut[node] = paid + amount;
         claimed[node][account] = cumulativeAmount;
         token.safeTransfer(account, amount);

@@ -108,4 +108,25 @@ contract GasTest is Fixture {
     function test_gas_claim_proof_depth_20() public {
         _claimGas(20, "Settlement.claim (1M payees, proof 20)");
     }
+
+    function test_gas_veto() public {
+        _fund(payer, node, 1e18);
+        _settleOne(1, 1e15, 1e15, bytes32("root"), 1e15);
+        vm.prank(guardian);
+        settlement.veto(node, 1);
+        _report("Settlement.veto");
+    }
+
+    /// The guardian's corrected root after a veto of epoch 1 of 3 (epochs 2 and 3 are forgotten).
+    function test_gas_amend() public {
+        _fund(payer, node, 1e18);
+        _settleOne(1, 1e15, 1e15, bytes32("root"), 1e15);
+        _settleOne(2, 2e15, 1e15, bytes32("root"), 2e15);
+        _settleOne(3, 3e15, 1e15, bytes32("root"), 3e15);
+        vm.prank(guardian);
+        settlement.veto(node, 1);
+        vm.prank(guardian);
+        settlement.amend(node, bytes32("corrected"), 3e15, bytes32("receipts"), 3);
+        _report("Settlement.amend");
+    }
 }

@@ -8,7 +8,9 @@ import {Fixture} from "./Fixture.sol";
 import {TestBase} from "./TestBase.sol";
 
 /// @notice Drives escrow and settlement with random deposits, thaws, withdrawals, settles (some with
-/// trees whose leaves sum above the pot), claims, vetoes and time jumps, and keeps ghost totals.
+/// trees whose leaves sum above the pot), claims, vetoes, the guardian's amends and time jumps, and keeps
+/// ghost totals: the handler's own view of each node's pot, epochs and vetoes, and a count of every
+/// outcome the contract must never allow.
 contract Handler is TestBase {
     Settlement internal immutable s;
     PaymentEscrow internal immutable e;
@@ -26,6 +28,19 @@ contract Handler is TestBase {
     mapping(address node => mapping(address account => uint256)) public maxLeaf;
     mapping(address node => mapping(address account => uint256)) public claimedGhost;
     mapping(address payer => mapping(address node => mapping(uint32 lane => uint256))) public maxSigned;
+
+    mapping(address node => uint256) public pot; // collected into the node's pot
+    mapping(address node => uint64) public lastLive; // the node's latest epoch that was not forgotten
+    mapping(address node => uint64) public maxEpoch; // the highest epoch id it ever settled
+    mapping(address node => uint64) public vetoedFrom; // its first vetoed epoch, 0 when none
+    mapping(address node => mapping(uint64 epochId => uint256)) internal epochTotal;
+    mapping(address node => mapping(uint64 epochId => bool)) internal overPromises;
+    // Outcomes that must stay 0.
+    uint256 public claimsOnVoidEpochs; // paid against a vetoed or forgotten epoch
+    uint256 public claimsAboveEpochTotal; // left the pot's paidOut above the claimed epoch's total
+    uint256 public settlesWhileVetoed;
+    uint256 public badAmends; // an amend went through with a total off the pot, or with no veto to answer
+    uint256 public stuckAfterDrain; // wei left in a pot after every leaf of its honest latest epoch claimed
 
     constructor(Settlement s_, DemoToken t_, address guardian_) {
         (s, e, t, guardian) = (s_, s_.escrow(), t_, guardian_);
@@ -60,7 +75,7 @@ contract Handler is TestBase {
     }
 
     function warp(uint256 dt) external {
-        vm.warp(block.timestamp + bound(dt, 30 minutes, 3 hours));
+        vm.warp(block.timestamp + bound(dt, 5 minutes, 3 hours));
     }
 
     function settle(uint256 p, uint256 n, uint256 lane, uint256 amount, uint256 extra, uint8 cheat) external {
@@ -68,7 +83,7 @@ contract Handler is TestBase {
         address node = nodes[n];
         address from = payer(p);
         (uint256 balance,,) = e.accounts(from, node);
-        if (balance == 0 || s.firstVetoedEpoch(node) != 0) return;
+        if (balance == 0) return;
         amount = bound(amount, 1, balance);
         uint32 ln = uint32(lane % 3);
         uint256 cumulative = s.collected(from, node, ln) + amount + bound(extra, 0, 1e18); // may sign more
@@ -81,9 +96,14 @@ contract Handler is TestBase {
         uint256 b = cheat % 8 == 0 ? 2 * total : total - a; // 1 in 8: a tree promising more than the pot
         uint64 epochId = s.lastEpoch(node) + 1;
         vm.prank(node);
-        s.settle(epochId, vs, amounts, _root(a, b), total, bytes32(0), 1);
-        _record(node, epochId, a, b);
+        try s.settle(epochId, vs, amounts, _root(a, b), total, bytes32(0), 1) {
+            if (vetoedFrom[node] != 0) ++settlesWhileVetoed;
+        } catch {
+            return;
+        }
+        _record(node, epochId, a, b, total, b != total - a);
         collectedSum += amount;
+        pot[node] = total;
     }
 
     /// @dev The first (payer, node) account from the fuzzed one on that has a balance to collect.
@@ -108,8 +128,10 @@ contract Handler is TestBase {
         vs[0] = Settlement.SignedVoucher(v, abi.encodePacked(r, ss, sv));
     }
 
-    function _record(address node, uint64 epochId, uint256 a, uint256 b) internal {
+    function _record(address node, uint64 epochId, uint256 a, uint256 b, uint256 total, bool cheat) internal {
         leaves[node][epochId] = [a, b];
+        (epochTotal[node][epochId], overPromises[node][epochId], lastLive[node]) = (total, cheat, epochId);
+        if (epochId > maxEpoch[node]) maxEpoch[node] = epochId;
         if (a > maxLeaf[node][payees[0]]) maxLeaf[node][payees[0]] = a;
         if (b > maxLeaf[node][payees[1]]) maxLeaf[node][payees[1]] = b;
     }
@@ -118,26 +140,74 @@ contract Handler is TestBase {
         address node = nodes[n % 2];
         uint64 last = s.lastEpoch(node);
         if (last == 0) return;
-        // Mostly the latest epoch that can pay; one time in four any epoch, claimable or not.
-        uint64 epochId = epochSel % 4 == 0 ? uint64(1 + (epochSel / 4) % last) : last;
+        // Mostly the latest epoch that can pay; one time in four any epoch ever settled: claimable or
+        // not, vetoed, or forgotten by an amend.
+        uint64 epochId = epochSel % 4 == 0 ? uint64(1 + (epochSel / 4) % maxEpoch[node]) : last;
         while (epochSel % 4 != 0 && epochId > 1 && !s.isClaimable(node, epochId)) --epochId;
         uint256[2] memory l = leaves[node][epochId];
         uint256 i = who % 2;
-        bytes32[] memory proof = new bytes32[](1);
-        proof[0] = _leaf(payees[1 - i], l[1 - i]);
-        try s.claim(node, epochId, payees[i], l[i], proof) returns (uint256 paid) {
+        bytes32[] memory proof = _proof(payees[1 - i], l[1 - i]);
+        _claim(node, epochId, i, l[i], proof);
+    }
+
+    function _claim(address node, uint64 epochId, uint256 i, uint256 cumulative, bytes32[] memory proof) internal {
+        try s.claim(node, epochId, payees[i], cumulative, proof) returns (uint256 paid) {
             claimedSum += paid;
             claimedGhost[node][payees[i]] += paid;
+            uint64 first = vetoedFrom[node];
+            if (epochId > lastLive[node] || (first != 0 && epochId >= first)) ++claimsOnVoidEpochs;
+            if (s.paidOut(node) > epochTotal[node][epochId]) ++claimsAboveEpochTotal;
         } catch {}
     }
 
-    function veto(uint256 n) external {
-        if (n % 8 != 0) return; // rare: a veto freezes the node for the rest of the run
-        address node = nodes[(n / 8) % 2];
+    /// @dev The guardian vetoes some epoch of the node (it only works while that epoch is locked).
+    function veto(uint256 n, uint256 epochSel) external {
+        address node = nodes[n % 2];
         uint64 last = s.lastEpoch(node);
         if (last == 0) return;
+        uint64 epochId = last - uint64(epochSel % 3 % last); // the latest, or one of the two before
         vm.prank(guardian);
-        try s.veto(node, last) {} catch {}
+        try s.veto(node, epochId) {
+            if (vetoedFrom[node] == 0 || epochId < vetoedFrom[node]) vetoedFrom[node] = epochId;
+        } catch {}
+    }
+
+    /// @dev The guardian's corrected root over the whole pot (1 in 8 over-promising), on a vetoed node if
+    /// there is one; 1 in 8 it first tries a total one wei above the pot, which must never go through.
+    function amend(uint256 n, uint8 cheat) external {
+        address node = vetoedFrom[nodes[n % 2]] != 0 ? nodes[n % 2] : nodes[1 - n % 2]; // a vetoed one if any
+        uint256 total = pot[node];
+        vm.startPrank(guardian);
+        if (cheat % 8 == 1) {
+            try s.amend(node, _root(total, 1), total + 1, bytes32(0), 0) {
+                ++badAmends;
+            } catch {}
+        }
+        uint256 a = total * 3 / 10;
+        uint256 b = cheat % 8 == 0 ? 2 * total : total - a;
+        try s.amend(node, _root(a, b), total, bytes32("amended"), 2) {
+            if (vetoedFrom[node] == 0) ++badAmends;
+            else _record(node, vetoedFrom[node], a, b, total, cheat % 8 == 0);
+            vetoedFrom[node] = 0;
+        } catch {}
+        vm.stopPrank();
+    }
+
+    /// @dev Once the node's latest epoch is honest and claimable, both of its leaves are claimed:
+    /// that must pay out every wei the pot collected (amended epochs included).
+    function drain(uint256 n) external {
+        address node = nodes[n % 2];
+        uint64 epochId = lastLive[node];
+        if (epochId == 0 || overPromises[node][epochId] || !s.isClaimable(node, epochId)) return;
+        uint256[2] memory l = leaves[node][epochId];
+        _claim(node, epochId, 0, l[0], _proof(payees[1], l[1]));
+        _claim(node, epochId, 1, l[1], _proof(payees[0], l[0]));
+        if (s.paidOut(node) < pot[node]) stuckAfterDrain += pot[node] - s.paidOut(node);
+    }
+
+    function _proof(address account, uint256 amount) internal pure returns (bytes32[] memory proof) {
+        proof = new bytes32[](1);
+        proof[0] = _leaf(account, amount);
     }
 
     function _leaf(address account, uint256 amount) internal pure returns (bytes32) {
@@ -211,6 +281,41 @@ contract InvariantTest is Fixture {
                     (address payer_, address node) = (handler.payer(p), handler.nodes(n));
                     assertLe(settlement.collected(payer_, node, lane), handler.maxSigned(payer_, node, lane), "lane");
                 }
+            }
+        }
+    }
+
+    /// The contract always holds what every pot still owes: sum over nodes of rewardsTotal - paidOut.
+    function invariant_balance_backs_every_pot() public view {
+        uint256 owed = settlement.rewardsTotal(node) - settlement.paidOut(node);
+        for (uint256 n; n < 2; ++n) {
+            address nd = handler.nodes(n);
+            assertEq(settlement.rewardsTotal(nd), handler.pot(nd), "rewardsTotal = collected");
+            owed += settlement.rewardsTotal(nd) - settlement.paidOut(nd);
+        }
+        assertLe(owed, token.balanceOf(address(settlement)), "balance >= owed");
+    }
+
+    /// No claim leaves a node's paidOut above the rewardsTotal of the epoch it claimed against; and once
+    /// a node's honest latest epoch (an amended one included) is claimable, its leaves pay out every
+    /// collected wei.
+    function invariant_claims_capped_per_epoch_and_nothing_stuck() public view {
+        assertEq(handler.claimsAboveEpochTotal(), 0, "claims above the epoch's total");
+        assertEq(handler.stuckAfterDrain(), 0, "wei stuck after the honest leaves were claimed");
+    }
+
+    /// Nothing is ever paid against a vetoed (or forgotten) epoch, a vetoed node never settles, and the
+    /// guardian amends only a vetoed node, to its whole pot; the contract forgets what the amend forgot.
+    function invariant_vetoed_epochs_never_pay() public view {
+        assertEq(handler.claimsOnVoidEpochs(), 0, "claims on vetoed or forgotten epochs");
+        assertEq(handler.settlesWhileVetoed(), 0, "settles on top of a veto");
+        assertEq(handler.badAmends(), 0, "amends off the pot or without a veto");
+        for (uint256 n; n < 2; ++n) {
+            address nd = handler.nodes(n);
+            (uint64 live, uint64 first) = (handler.lastLive(nd), handler.vetoedFrom(nd));
+            assertEq(settlement.lastEpoch(nd), live, "forgotten epochs are gone");
+            for (uint64 e = 1; e <= handler.maxEpoch(nd); ++e) {
+                if (e > live || (first != 0 && e >= first)) assertTrue(!settlement.isClaimable(nd, e), "void");
             }
         }
     }

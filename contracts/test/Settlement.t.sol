@@ -216,7 +216,7 @@ contract SettlementTest is Fixture {
         assertEq(token.balanceOf(address(settlement)), 600, "two pots");
         vm.warp(block.timestamp + CHALLENGE);
         settlement.claim(node, 1, alice, 100, _proof1(lb));
-        vm.expectRevert(abi.encodeWithSelector(Settlement.ExceedsPot.selector, node, 100, 100, 100));
+        vm.expectRevert(abi.encodeWithSelector(Settlement.ExceedsEpochTotal.selector, node, 1, 100, 100, 100));
         settlement.claim(node, 1, bob, 100, _proof1(_leaf(alice, 100)));
     }
 

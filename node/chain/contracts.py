@@ -223,6 +223,12 @@ class Settlement(_Binding):
     def veto(self, node: str, epoch_id: int) -> TxReceipt:
         return self._send("veto", _a(node), epoch_id)
 
+    def amend(self, node: str, rewards_root: bytes, rewards_total: int, receipts_root: bytes,
+              receipt_count: int) -> TxReceipt:
+        """Guardian only: replaces `node`'s first vetoed epoch with a corrected root over its whole pot
+        (`rewards_total` must equal `rewards_total(node)`), forgets its later epochs and lifts the veto."""
+        return self._send("amend", _a(node), rewards_root, rewards_total, receipts_root, receipt_count)
+
     def last_epoch(self, node: str) -> int:
         return int(self._call("lastEpoch", _a(node)))
 

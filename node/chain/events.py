@@ -51,6 +51,8 @@ SIGNATURES: dict[Role, tuple[str, ...]] = {
         "VoucherCollected(address indexed node, address indexed payer, uint32 indexed lane, "
         "uint256 cumulative, uint256 amount)",
         "EpochVetoed(address indexed node, uint64 indexed epochId)",
+        "EpochAmended(address indexed node, uint64 indexed epochId, bytes32 rewardsRoot, uint256 rewardsTotal, "
+        "bytes32 receiptsRoot, uint64 receiptCount, uint64 unlockAt, uint64 droppedThrough)",
         "Claimed(address indexed node, address indexed account, uint64 indexed epochId, uint256 amount, "
         "uint256 cumulativeAmount)",
     ),

@@ -30,7 +30,7 @@ def entity_of(ev: ChainEvent) -> str:
             return f"escrow:{a['payer']}:{a['node']}"
         case "VoucherCollected":
             return f"lane:{a['payer']}:{a['node']}:{a['lane']}"
-        case "EpochSettled" | "EpochVetoed":
+        case "EpochSettled" | "EpochVetoed" | "EpochAmended":
             return f"epoch:{a['node']}:{a['epochId']}"
         case "Claimed":
             return f"claim:{a['node']}:{a['account']}:{a['epochId']}"
@@ -108,6 +108,10 @@ def apply(row: Row | None, ev: ChainEvent) -> Row:
                             tx_hash=ev.tx_hash, vetoed_block=None)
         case "EpochVetoed":
             return _changed(row, ev, vetoed_block=ev.block_number)
+        case "EpochAmended":  # the guardian's corrected roots replace the vetoed epoch's
+            return _changed(row, ev, rewards_root=a["rewardsRoot"], rewards_total=a["rewardsTotal"],
+                            receipts_root=a["receiptsRoot"], receipt_count=a["receiptCount"],
+                            unlock_at=_time(a["unlockAt"]), vetoed_block=None)
         case "Claimed":
             return _created(ev, node=a["node"], account=a["account"], epoch_id=a["epochId"],
                             amount=a["amount"], cumulative_amount=a["cumulativeAmount"], tx_hash=ev.tx_hash)
