@@ -148,6 +148,19 @@ class ReorgTooDeep(ChainError):
     code = "reorg_too_deep"
 
 
+class ChainMismatch(ChainError):
+    """The RPC's chain is not the one the mirror was written from (chain id, genesis hash or the
+    contracts differ, or a contract has no code): the indexer halts, the API refuses paid work."""
+
+    code = "chain_mismatch"
+
+
+class MirrorHalted(ChainError):
+    """The indexer halted this mirror for good (its reason is on the cursor); it refuses to run on."""
+
+    code = "mirror_halted"
+
+
 class ContractBuildError(ChainError):
     code = "contract_build"
 

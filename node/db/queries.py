@@ -116,6 +116,28 @@ class MirrorHead:
     last_block: int
     final_block: int
     updated_at: datetime  # when the indexer last moved the mirror forward (UTC)
+    genesis_hash: str | None = None  # the chain the mirror is bound to
+    head_block: int | None = None  # the chain head the indexer last saw
+    checked_at: datetime | None = None  # when the indexer last reached the chain (UTC)
+    stalled_reason: str | None = None
+    halted_reason: str | None = None
+
+    def problem(self, now: datetime, max_lag_s: float, max_lag_blocks: int) -> str | None:
+        """Why paid work must not rely on this mirror now, or None: the indexer halted it (another
+        chain, a deep reorg), its last step failed, it has not reached the chain for `max_lag_s`, or
+        it is more than `max_lag_blocks` behind the head it saw."""
+        if self.halted_reason:
+            return self.halted_reason
+        if self.stalled_reason:
+            return f"the indexer cannot follow the chain: {self.stalled_reason}"
+        seen_at = self.checked_at or self.updated_at
+        lag_s = (now - seen_at).total_seconds()
+        if lag_s > max_lag_s:
+            return f"the indexer has not reached the chain for {lag_s:.0f} s (limit {max_lag_s:g} s)"
+        behind = 0 if self.head_block is None else self.head_block - self.last_block
+        if behind > max_lag_blocks:
+            return f"the mirror is {behind} blocks behind the chain head (limit {max_lag_blocks})"
+        return None
 
 
 def payer_lanes(session: Session, payer: str, node: str | None = None) -> list[LaneState]:
@@ -179,4 +201,7 @@ def epoch_receipts(session: Session, node: str, epoch_id: int) -> list[ReceiptRe
 def mirror_head(session: Session) -> MirrorHead | None:
     """How far the mirror has indexed (None before the indexer's first range)."""
     cur = session.scalars(select(IndexerCursor)).first()
-    return None if cur is None else MirrorHead(cur.chain_id, cur.last_block, cur.final_block, cur.updated_at)
+    if cur is None:
+        return None
+    return MirrorHead(cur.chain_id, cur.last_block, cur.final_block, cur.updated_at, cur.genesis_hash,
+                      cur.head_block, cur.checked_at, cur.stalled_reason, cur.halted_reason)

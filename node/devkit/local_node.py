@@ -28,7 +28,7 @@ from node.chain.deploy import Deployment, deploy_all, write_deployment
 from node.chain.indexer import IndexedContracts, Indexer, IndexerConfig
 from node.config import Settings, load_settings
 from node.db.session import make_engine, session_factory, upgrade
-from node.errors import ChainError
+from node.errors import ChainError, ChainMismatch, MirrorHalted, ReorgTooDeep
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,10 @@ class LocalNode:
                                poll_interval_s=0.1)
         factory = session_factory(make_engine(s.resolved_database_url()))
         indexer = Indexer(config, self.anvil.rpc_url, factory, IndexedContracts.from_deployment(self.deployment))
-        indexer.run_forever(self._stop)
+        try:
+            indexer.run_forever(self._stop)
+        except (ChainMismatch, MirrorHalted, ReorgTooDeep) as e:  # on the cursor: the API refuses paid work
+            log.error("the indexer stopped: %s", e.message)
 
     def stop(self) -> None:
         for proc in self._procs:
