@@ -74,6 +74,13 @@ class InsufficientEscrow(PaymentError):
     code = "insufficient_escrow"
 
 
+class DepositNotFinal(InsufficientEscrow):
+    """The escrow covers the request only with deposits that are not final yet (facts: how much, and
+    the chain head at which it counts)."""
+
+    code = "deposit_not_final"
+
+
 class VoucherConflict(PaymentError):
     """A replayed, stale or out-of-order voucher on a lane."""
 

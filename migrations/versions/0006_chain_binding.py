@@ -1,4 +1,5 @@
-"""the mirror is bound to one chain (genesis hash with the cursor) and says how healthy it is
+"""the mirror is bound to one chain (genesis hash with the cursor) and says how healthy it is;
+escrow accounts carry their deposits that are not final yet
 
 Revision ID: 0006
 Revises: 0004
@@ -28,9 +29,16 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("checked_at", node.db.types.UTCDateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("stalled_reason", sa.Text(), nullable=True))
         batch_op.add_column(sa.Column("halted_reason", sa.Text(), nullable=True))
+    with op.batch_alter_table("escrow_accounts", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("pending_deposits", node.db.types.Amount(precision=78, scale=0),
+                                      nullable=False, server_default="0"))
+        batch_op.add_column(sa.Column("pending_until_block", sa.BigInteger(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("escrow_accounts", schema=None) as batch_op:
+        batch_op.drop_column("pending_until_block")
+        batch_op.drop_column("pending_deposits")
     with op.batch_alter_table("indexer_cursor", schema=None) as batch_op:
         for name in reversed(CURSOR_COLUMNS):
             batch_op.drop_column(name)

@@ -112,7 +112,7 @@ class Indexer:
         self.sessions = session_factory
         self.contracts = contracts
         self.cursors = Cursors(session_factory, config.chain_id, config.start_block, contracts)
-        self.mirror = Mirror(config.chain_id)
+        self.mirror = Mirror(config.chain_id, config.finality_depth)
         self.range = config.initial_range
         self.range_cap = config.max_range  # lowered to what the provider says it accepts
         self._roles = contracts.roles()

@@ -87,6 +87,10 @@ class EscrowAccount(ChainRow, Base):
     deposited: Mapped[int] = mapped_column(Amount(), nullable=False)
     withdrawn: Mapped[int] = mapped_column(Amount(), nullable=False)
     collected: Mapped[int] = mapped_column(Amount(), nullable=False)
+    # deposits in `balance` not final yet (a payer may not spend them), and the chain head at which the
+    # latest of them is finality_depth deep (None: nothing pending)
+    pending_deposits: Mapped[int] = mapped_column(Amount(), nullable=False, default=0)
+    pending_until_block: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class LaneCollection(ChainRow, Base):

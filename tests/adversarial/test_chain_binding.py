@@ -18,9 +18,10 @@ from sqlalchemy import func, select
 
 from node.catalog import MIRROR_TTL_S
 from node.client.payer import Payer
+from node.db import queries
 from node.db.models import Receipt, Voucher
 from node.db.session import make_engine, session_factory
-from node.devkit.local_node import LocalNode
+from node.devkit.local_node import FIRST_USER, LocalNode
 from tests.fixtures.paid_node import build_paid_node
 
 pytestmark = pytest.mark.chain
@@ -102,5 +103,44 @@ def test_a_running_node_whose_chain_goes_away_then_comes_back_empty_refuses_paid
         resp = _paid_request(paid.base_url, paid.payer_keys[0], paid.adapter_id, 2)
         assert resp.status_code == 503 and "another chain" in resp.json()["error"]["message"], resp.text
         assert _num_charged(local) == before
+    finally:
+        local.stop()
+
+
+def _wait_indexed(local: LocalNode, block: int) -> queries.MirrorHead:
+    factory = session_factory(make_engine(local.settings.resolved_database_url(), pooled=False))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with factory() as session:
+            head = queries.mirror_head(session)
+        if head is not None and head.last_block >= block:
+            return head
+        time.sleep(0.05)
+    raise AssertionError(f"the mirror did not reach block {block}")
+
+
+def test_a_deposit_funds_paid_work_only_once_it_is_final(
+        tiny_model: Path, tiny_adapters: object, tmp_path: Path) -> None:
+    depth = 30  # blocks; the dev chain mines one a second, so a fresh deposit stays not final for a while
+    local = LocalNode.start_chain(tmp_path / "node", finality_depth=depth, **PRICES)
+    try:
+        paid = build_paid_node(local, tiny_model, tiny_adapters.paths["sea-r8"], tmp_path)  # type: ignore[attr-defined]
+        newcomer = local.contracts(FIRST_USER + 6)
+        newcomer.token.mint(newcomer.client.address, 10**21)
+        newcomer.escrow.deposit(local.contracts(0).client.address, 10**21, newcomer.token)
+        deposit_block = int(local.anvil.rpc("eth_blockNumber"), 16)  # type: ignore[arg-type]
+        head = _wait_indexed(local, deposit_block)
+        assert head.final_block < deposit_block  # mirrored (0 confirmations) but not final
+        key, before = local.anvil.keys[FIRST_USER + 6], _num_charged(local)
+        resp = _paid_request(paid.base_url, key, paid.adapter_id, 0)
+        assert resp.status_code == 402, resp.text
+        error = resp.json()["error"]
+        assert error["code"] == "deposit_not_final" and "not final yet" in error["message"], error
+        assert f"block {deposit_block + depth}" in error["message"], error  # when it will count
+        assert _num_charged(local) == before
+        local.wait_for_mirror()  # the dev chain mines `depth` blocks: the deposit is final
+        resp = _paid_request(paid.base_url, key, paid.adapter_id, 0)
+        assert resp.status_code == 200, resp.text
+        assert int(resp.json()["receipt"]["fee"]) > 0
     finally:
         local.stop()
