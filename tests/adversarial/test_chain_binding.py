@@ -45,15 +45,15 @@ def _num_charged(local: LocalNode) -> tuple[int, int]:
 
 
 def test_a_dev_node_restarted_on_a_fresh_chain_refuses_paid_work_at_once(
-        tiny_model: Path, tiny_adapters: object, tmp_path: Path) -> None:
+        tiny_model: Path, tiny_adapters: object, tmp_path: Path, db_url: str) -> None:
     data_dir = tmp_path / "node"
-    first = LocalNode.start_chain(data_dir, **PRICES)
+    first = LocalNode.start_chain(data_dir, database_url=db_url, **PRICES)
     try:
         paid = build_paid_node(first, tiny_model, tiny_adapters.paths["sea-r8"], tmp_path)  # type: ignore[attr-defined]
         assert _paid_request(paid.base_url, paid.payer_keys[0], paid.adapter_id, 0).status_code == 200
     finally:
         first.stop()
-    second = LocalNode.start_chain(data_dir, **PRICES)  # a fresh anvil: same chain id, same addresses
+    second = LocalNode.start_chain(data_dir, database_url=db_url, **PRICES)  # a fresh anvil, same chain id
     try:
         assert second.deployment.settlement == first.deployment.settlement
         url = second.serve(tiny_model)
@@ -81,8 +81,8 @@ def _wait_not_ready(base_url: str, timeout_s: float) -> dict[str, object]:
 
 
 def test_a_running_node_whose_chain_goes_away_then_comes_back_empty_refuses_paid_work(
-        tiny_model: Path, tiny_adapters: object, tmp_path: Path) -> None:
-    local = LocalNode.start_chain(tmp_path / "node", **PRICES)
+        tiny_model: Path, tiny_adapters: object, tmp_path: Path, db_url: str) -> None:
+    local = LocalNode.start_chain(tmp_path / "node", database_url=db_url, **PRICES)
     try:
         paid = build_paid_node(local, tiny_model, tiny_adapters.paths["sea-r8"], tmp_path)  # type: ignore[attr-defined]
         assert _paid_request(paid.base_url, paid.payer_keys[0], paid.adapter_id, 0).status_code == 200
@@ -120,9 +120,9 @@ def _wait_indexed(local: LocalNode, block: int) -> queries.MirrorHead:
 
 
 def test_a_deposit_funds_paid_work_only_once_it_is_final(
-        tiny_model: Path, tiny_adapters: object, tmp_path: Path) -> None:
+        tiny_model: Path, tiny_adapters: object, tmp_path: Path, db_url: str) -> None:
     depth = 30  # blocks; the dev chain mines one a second, so a fresh deposit stays not final for a while
-    local = LocalNode.start_chain(tmp_path / "node", finality_depth=depth, **PRICES)
+    local = LocalNode.start_chain(tmp_path / "node", database_url=db_url, finality_depth=depth, **PRICES)
     try:
         paid = build_paid_node(local, tiny_model, tiny_adapters.paths["sea-r8"], tmp_path)  # type: ignore[attr-defined]
         newcomer = local.contracts(FIRST_USER + 6)
