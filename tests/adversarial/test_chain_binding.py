@@ -2,8 +2,9 @@
 
 A mirror written from one chain must never fund paid work on another: `loranode dev` restarted on the
 same data folder starts a fresh anvil (same chain id 31337, the contracts redeployed at the same
-deterministic addresses), and the node must refuse paid work at once, with the reason, charging and
-signing nothing.
+deterministic addresses), or a running node's chain goes away and comes back empty, and the node
+must refuse paid work at once, with the reason, charging and signing nothing. And a deposit funds paid
+work only once it is final (a reorg can remove one that is not): before, 402 saying when it counts.
 """
 
 from __future__ import annotations
