@@ -3,13 +3,16 @@
 `model` in an OpenAI request is the adapter's registry id (a decimal string). The catalog reads the
 mirror (never the chain), refuses adapters for another base model or deprecated ones, and hands the
 engine's adapter provider plain values: the URI and the registered sha256. Every paid request goes
-through `resolve`, so it is also where a stale mirror stops paid work: past `max_mirror_lag_s` without
-the indexer moving it (the RPC unreachable, the indexer down), escrow and lineage may be out of date,
-and requests are refused with 503 (MirrorUnavailable) until it moves again.
+through `resolve`, so it is also where a mirror that cannot be trusted stops paid work, with its reason
+in the 503 (MirrorUnavailable): one written from another chain (`binding_fault`, checked when the API
+starts, or the indexer's halt), one whose indexer cannot follow the chain, has not reached it for
+`max_mirror_lag_s`, or is more than `max_mirror_lag_blocks` behind (`MirrorHead.problem`). The cursor
+is read again once it is `MIRROR_TTL_S` old, so the indexer's verdict reaches requests within that.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +26,8 @@ from node.db.models import Adapter
 from node.errors import AdapterNotFound, MirrorUnavailable
 from node.lora.provider import AdapterProvider, AdapterSource, LoadState
 
+MIRROR_TTL_S = 0.25  # how stale the indexer's verdict on the mirror may be when a request is admitted
+
 
 @dataclass(frozen=True)
 class ServedAdapter:
@@ -34,13 +39,18 @@ class ServedAdapter:
 
 class AdapterCatalog:
     def __init__(self, factory: sessionmaker[Session], provider: AdapterProvider[object], base_model_id: str,
-                 cache_ttl_s: float = 2.0, max_mirror_lag_s: float | None = None) -> None:
+                 cache_ttl_s: float = 2.0, max_mirror_lag_s: float | None = None,
+                 max_mirror_lag_blocks: int = 32) -> None:
         self.factory = factory
         self.provider = provider
         self.base_model_id = base_model_id.lower()
         self.cache_ttl_s = cache_ttl_s
         self.max_mirror_lag_s = max_mirror_lag_s
-        self._mirror_updated_at: datetime | None = None  # as of the last lookup (at most cache_ttl_s old)
+        self.max_mirror_lag_blocks = max_mirror_lag_blocks
+        self.binding_fault: str | None = None  # the API's chain is not the mirror's (checked at start)
+        self.mirror_ttl_s = min(cache_ttl_s, MIRROR_TTL_S)
+        self._mirror: queries.MirrorHead | None = None  # the cursor as last read
+        self._mirror_read_at = -math.inf  # time.monotonic() of that read
         self._registered: set[int] = set()
         self._cache: dict[int, tuple[float, ServedAdapter]] = {}
         self._lock = threading.Lock()
@@ -53,33 +63,47 @@ class AdapterCatalog:
         hit = self._cache.get(adapter_id)
         if hit is None or now - hit[0] >= self.cache_ttl_s:
             hit = self._cache[adapter_id] = (now, self._lookup(adapter_id, model))
+        elif now - self._mirror_read_at >= self.mirror_ttl_s:
+            with self.factory() as session:
+                self._read_mirror(session)
         self._check_fresh()
         return hit[1]
 
+    def _read_mirror(self, session: Session) -> queries.MirrorHead | None:
+        self._mirror_read_at = time.monotonic()
+        self._mirror = queries.mirror_head(session)
+        return self._mirror
+
+    def mirror_problem(self, head: queries.MirrorHead | None) -> str | None:
+        """Why paid work must not rely on the mirror `head` (None: it may)."""
+        if self.binding_fault:
+            return self.binding_fault
+        if head is None:
+            return "the chain mirror has not indexed anything yet"
+        if self.max_mirror_lag_s is None:
+            return head.halted_reason
+        return head.problem(datetime.now(UTC), self.max_mirror_lag_s, self.max_mirror_lag_blocks)
+
     def _check_fresh(self) -> None:
-        updated_at = self._mirror_updated_at
-        if self.max_mirror_lag_s is None or updated_at is None:
-            return
-        lag_s = (datetime.now(UTC) - updated_at).total_seconds()
-        if lag_s > self.max_mirror_lag_s:
-            raise MirrorUnavailable("the chain mirror is stale: escrow and lineage may be out of date",
-                                    mirror_lag_s=round(lag_s, 1), max_mirror_lag_s=self.max_mirror_lag_s)
+        """Refuse (503) while the mirror as of the last lookup cannot be trusted."""
+        problem = self.mirror_problem(self._mirror)
+        if problem:
+            raise MirrorUnavailable(f"the chain mirror cannot be trusted for paid work: {problem}")
 
     def cached(self, model: str) -> ServedAdapter | None:
         """`resolve` without touching the database: the cached adapter, or None (then call `resolve`,
         off the event loop)."""
-        hit = self._cache.get(self._parse(model))
-        if hit is None or time.monotonic() - hit[0] >= self.cache_ttl_s:
+        hit, now = self._cache.get(self._parse(model)), time.monotonic()
+        if hit is None or now - hit[0] >= self.cache_ttl_s or now - self._mirror_read_at >= self.mirror_ttl_s:
             return None
         self._check_fresh()  # a cache hit is no way around a stale mirror
         return hit[1]
 
     def _lookup(self, adapter_id: int, model: str) -> ServedAdapter:
         with self.factory() as session:
-            head = queries.mirror_head(session)
-            if head is None:
-                raise MirrorUnavailable("the chain mirror has not indexed anything yet")
-            self._mirror_updated_at = head.updated_at
+            head = self._read_mirror(session)
+            self._check_fresh()
+            assert head is not None, "a mirror that has indexed nothing is refused"
             view = queries.adapter_lineage(session, adapter_id, at_block=head.last_block)
         if view is None:
             raise AdapterNotFound(f"adapter {model} is not registered", model=model)

@@ -78,7 +78,10 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(default=256, ge=1)
     min_voucher_validity_s: int = Field(default=300, ge=0)
     max_in_flight: int = Field(default=256, ge=1)
-    max_mirror_lag_s: float = Field(default=120.0, gt=0)  # past this without the indexer moving: 503 and not ready
+    # paid work stops (503, not ready) while the indexer has not reached the chain for max_mirror_lag_s, or
+    # the mirror is more than max_mirror_lag_blocks behind the head it saw (it must exceed confirmations)
+    max_mirror_lag_s: float = Field(default=120.0, gt=0)
+    max_mirror_lag_blocks: int = Field(default=32, ge=1)
     idempotency_window_s: int = Field(default=86_400, ge=0)
     reservation_ttl_s: float = Field(default=600.0, gt=0)
 
@@ -123,6 +126,13 @@ class Settings(BaseSettings):
                              "or an accepted voucher may expire before its epoch settles")
         if self.chain_id != DEV_CHAIN_ID and self.rpc_url is None:
             raise ValueError(f"chain id {self.chain_id} needs an rpc_url (only the dev chain is started locally)")
+        return self
+
+    @model_validator(mode="after")
+    def _mirror_lag_above_confirmations(self) -> Settings:
+        if self.max_mirror_lag_blocks <= self.confirmations:
+            raise ValueError("max_mirror_lag_blocks must exceed confirmations (the mirror is always that far "
+                             "behind the head), or the node is never ready")
         return self
 
     # --- derived values -------------------------------------------------------------------------

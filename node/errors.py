@@ -74,6 +74,13 @@ class InsufficientEscrow(PaymentError):
     code = "insufficient_escrow"
 
 
+class DepositNotFinal(InsufficientEscrow):
+    """The escrow covers the request only with deposits that are not final yet (facts: how much, and
+    the chain head at which it counts)."""
+
+    code = "deposit_not_final"
+
+
 class VoucherConflict(PaymentError):
     """A replayed, stale or out-of-order voucher on a lane."""
 
@@ -162,6 +169,19 @@ class ChainError(NodeError):
 
 class ReorgTooDeep(ChainError):
     code = "reorg_too_deep"
+
+
+class ChainMismatch(ChainError):
+    """The RPC's chain is not the one the mirror was written from (chain id, genesis hash or the
+    contracts differ, or a contract has no code): the indexer halts, the API refuses paid work."""
+
+    code = "chain_mismatch"
+
+
+class MirrorHalted(ChainError):
+    """The indexer halted this mirror for good (its reason is on the cursor); it refuses to run on."""
+
+    code = "mirror_halted"
 
 
 class ContractBuildError(ChainError):

@@ -6,6 +6,7 @@ import functools
 import logging
 
 from eth_account import Account
+from sqlalchemy.orm import Session, sessionmaker
 
 from node.api.deps import NodeServices
 from node.api.engine_client import EngineClient
@@ -14,12 +15,14 @@ from node.api.metrics import APIMetrics
 from node.attribution.attributor import Attributor
 from node.attribution.index_store import IndexStore
 from node.catalog import AdapterCatalog
+from node.chain.binding import IndexedContracts, mirror_binding_fault
 from node.chain.deploy import Deployment
 from node.chain.eip712 import Domain
+from node.chain.rpc import Rpc
 from node.config import Settings
 from node.db.session import make_engine, session_factory
 from node.engine import EngineConfig, LLMEngine
-from node.errors import ConfigError
+from node.errors import ConfigError, RpcTransient
 from node.lora.adapter import LoRATargetSpec, LoRAWeights, load_lora_adapter
 from node.lora.content_hash import base_model_id, to_hex
 from node.lora.store import AdapterStore, StoreConfig
@@ -71,7 +74,9 @@ def build_services(settings: Settings, deployment: Deployment) -> NodeServices:
     payments = PaymentService(ledger, domain, key, pricing, min_validity_s=settings.min_voucher_validity_s,
                               attributor=attributor)
     catalog = AdapterCatalog(db, store, to_hex(base_model_id(config.model_path)),
-                             max_mirror_lag_s=settings.max_mirror_lag_s)
+                             max_mirror_lag_s=settings.max_mirror_lag_s,
+                             max_mirror_lag_blocks=settings.max_mirror_lag_blocks)
+    catalog.binding_fault = binding_fault(settings, deployment, db)
     if attributor is not None:  # build the served adapters' indexes in the background from the start
         for view in catalog.served():
             attributor.prepare(dataset_refs(view))
@@ -85,6 +90,26 @@ def build_services(settings: Settings, deployment: Deployment) -> NodeServices:
                         settlement_address=deployment.settlement, max_mirror_lag_s=settings.max_mirror_lag_s,
                         idempotency_window_s=settings.idempotency_window_s,
                         on_shutdown=[engine.shutdown, store.close, *([attributor.close] if attributor else [])])
+
+
+def binding_fault(settings: Settings, deployment: Deployment, db: sessionmaker[Session]) -> str | None:
+    """Whether the configured chain is the one the mirror was written from, asked once at start (a dev
+    chain restarted under an old data folder is another chain): the reason paid work is refused, or
+    None. Without an RPC, or while it is unreachable, the indexer's checks on the cursor decide."""
+    if settings.rpc_url is None:
+        return None
+    rpc = Rpc(settings.rpc_url, timeout_s=5.0)
+    try:
+        with db() as session:
+            fault = mirror_binding_fault(rpc, IndexedContracts.from_deployment(deployment), session)
+    except RpcTransient as e:
+        log.warning("could not check the chain binding at start (%s); the indexer will", e.message)
+        return None
+    finally:
+        rpc.close()
+    if fault:
+        log.error("refusing paid work: %s", fault)
+    return fault
 
 
 def _register_gauges(metrics: APIMetrics, store: AdapterStore[LoRAWeights], client: EngineClient) -> None:

@@ -7,11 +7,16 @@ Each step reads one block range `[cursor + 1, to]` (at most `head - confirmation
 - one database transaction: raw events, derived rows, block hashes, the cursor, finality marks.
 A hash mismatch rolls back every derived row above the fork point in one transaction, then the
 next step re-scans; a fork at or below the finalized block halts with ReorgTooDeep.
+
+The mirror is bound to one chain (node/chain/binding.py): the first step stores the chain's genesis
+hash with the cursor, every later one reads block 0 with the cursor's block and compares. Another
+chain (ChainMismatch) or a deep reorg halts the indexer for good and writes the reason on the cursor,
+where the API reads it and refuses paid work at once; a step that fails (RPC unreachable, behind)
+writes its reason too, cleared by the next good step, and every good step writes the head it saw.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -23,14 +28,25 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.chain.events import BY_NAME, SPECS, Role, decode_log
+from node.chain.binding import ChainBinding, IndexedContracts, mismatch_message
+from node.chain.cursor import Cursors
+from node.chain.events import BY_NAME, SPECS, decode_log
 from node.chain.mirror import Mirror
 from node.chain.rpc import BlockHeader, Rpc
 from node.db.base import table_of
 from node.db.models import ChainBlock, IndexerCursor
 from node.db.types import utc_now
 from node.db.upsert import upsert
-from node.errors import ChainMoved, ConfigError, RangeTooLarge, ReorgTooDeep, RpcBehind, RpcTransient
+from node.errors import (
+    ChainMismatch,
+    ChainMoved,
+    ConfigError,
+    MirrorHalted,
+    RangeTooLarge,
+    ReorgTooDeep,
+    RpcBehind,
+    RpcTransient,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -57,27 +73,6 @@ class IndexerConfig:
                               confirmations=self.confirmations, finality_depth=self.finality_depth)
         if not 1 <= self.min_range <= self.initial_range <= self.max_range:
             raise ConfigError("need 1 <= min_range <= initial_range <= max_range")
-
-
-@dataclass(frozen=True)
-class IndexedContracts:
-    dataset_registry: str
-    adapter_registry: str
-    escrow: str
-    settlement: str
-
-    @classmethod
-    def from_deployment(cls, dep: Any) -> IndexedContracts:
-        """From node.chain.deploy's Deployment (its attribute names)."""
-        return cls(dep.dataset_registry, dep.adapter_registry, dep.escrow, dep.settlement)
-
-    def roles(self) -> dict[str, Role]:
-        return {self.dataset_registry.lower(): Role.DATASET_REGISTRY,
-                self.adapter_registry.lower(): Role.ADAPTER_REGISTRY,
-                self.escrow.lower(): Role.ESCROW, self.settlement.lower(): Role.SETTLEMENT}
-
-    def fingerprint(self) -> str:
-        return json.dumps({str(r): a for a, r in sorted(self.roles().items())}, sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -116,12 +111,14 @@ class Indexer:
         self.rpc = rpc
         self.sessions = session_factory
         self.contracts = contracts
-        self.mirror = Mirror(config.chain_id)
+        self.cursors = Cursors(session_factory, config.chain_id, config.start_block, contracts)
+        self.mirror = Mirror(config.chain_id, config.finality_depth)
         self.range = config.initial_range
         self.range_cap = config.max_range  # lowered to what the provider says it accepts
         self._roles = contracts.roles()
         self._topics = sorted({s.topic0 for s in SPECS})
         self._sleep = sleep
+        self._bound: ChainBinding | None = None  # checked against the chain by this process
 
     @classmethod
     def for_deployment(cls, deployment: Any, rpc: Rpc | str | Any, session_factory: sessionmaker[Session], *,
@@ -138,16 +135,24 @@ class Indexer:
         """Index the next range (or roll back a reorg). Transient RPC errors are retried here up to
         `max_attempts` each, then raised (RpcTransient) for the caller to retry later."""
         t = _Timer()
-        head = self._timed(t, "rpc", lambda: self._retry(self.rpc.block_number))
+        bound = self._bound or self.bind()
+        # the head is the liveness probe: the API stops paid work at its first failure, not after the retries
+        head = self._timed(t, "rpc", lambda: self._retry(self.rpc.block_number, self.cursors.note_stall))
         with self.sessions() as session:
-            cursor = self._cursor(session)
+            cursor = self.cursors.get(session)
+            if cursor.halted_reason:
+                raise MirrorHalted(f"the mirror is halted: {cursor.halted_reason}")
             last, last_hash, final_mark = cursor.last_block, cursor.last_block_hash, cursor.final_block
         final = max(final_mark, head - self.config.finality_depth)
+        wanted = [0, last] if last_hash is not None else [0]
+        tips = self._timed(t, "rpc", lambda: self._retry(lambda: self.rpc.headers(wanted)))
+        if tips[0] is None or tips[0].hash != bound.genesis_hash:  # the chain was replaced under us
+            diff = {"genesis_hash": {"stored": bound.genesis_hash, "live": tips[0] and tips[0].hash}}
+            self.cursors.halt(ChainMismatch(mismatch_message(diff), differences=diff))
         if last_hash is not None:
-            tip = self._timed(t, "rpc", lambda: self._retry(lambda: self.rpc.headers([last])[0]))
-            if tip is None:
+            if tips[1] is None:
                 raise RpcBehind("the RPC lacks the mirror's last block", last_block=last, rpc_head=head)
-            if tip.hash != last_hash:
+            if tips[1].hash != last_hash:
                 return self._reorg(t, head, last)
         target = head - self.config.confirmations
         if target <= last:
@@ -159,24 +164,63 @@ class Indexer:
         except ChainMoved as e:
             log.warning("chain moved while reading blocks %d..%d: %s", last + 1, to, e.facts)
             return self._reorg(t, head, last)
-        num = self._timed(t, "db", lambda: self._write(headers, events, last, to, min(final, to)))
+        num = self._timed(t, "db", lambda: self._write(headers, events, last, to, min(final, to), head))
         return Progress(head, to, min(final, to), last + 1, to, num, rpc_s=t.rpc_s, db_s=t.db_s)
 
     def run_forever(self, stop: threading.Event) -> None:
-        """Follow the chain until `stop` is set. Transient RPC and database errors are logged and
-        retried; ReorgTooDeep and any other error stop the process (fail closed)."""
+        """Follow the chain until `stop` is set. Transient RPC and database errors are logged, noted
+        on the cursor (the API is not ready meanwhile) and retried; another chain, a deep reorg and
+        any other error stop the process (fail closed)."""
         delay = self.config.backoff_s
         while not stop.is_set():
             try:
                 progress = self.run_once()
             except (RpcTransient, OperationalError) as e:
                 log.warning("indexer step failed, retrying in %.1fs: %s", delay, e)
+                self.cursors.note_stall(e)
                 stop.wait(delay)
                 delay = min(delay * 2, self.config.max_backoff_s)
                 continue
             delay = self.config.backoff_s
             if progress.is_caught_up:
                 stop.wait(self.config.poll_interval_s)
+
+    # --- the chain this mirror is bound to --------------------------------------------------------
+
+    def bind(self) -> ChainBinding:
+        """Hold the RPC's chain against the one the mirror was written from, storing it on the first
+        write. Another chain halts the mirror (ChainMismatch, its reason on the cursor); a mirror halted
+        only for another chain resumes once the RPC is its chain again."""
+        try:
+            live = self._retry(lambda: ChainBinding.read(self.rpc, self.contracts), self.cursors.note_stall)
+        except ChainMismatch as e:  # an indexed contract has no code there
+            self.cursors.halt(e)
+        with self.sessions() as session:
+            cursor = self.cursors.get(session)
+            halted, stored = cursor.halted_reason, self._stored_binding(cursor, live)
+        if halted and not halted.startswith(ChainMismatch.code):
+            raise MirrorHalted(f"the mirror is halted: {halted}", fix="start on a fresh database")
+        diff = stored.differences(live)
+        if diff:
+            self.cursors.halt(ChainMismatch(mismatch_message(diff), differences=diff))
+        self.cursors.genesis_hash = live.genesis_hash  # a new cursor is written with it
+        with self.sessions() as session, session.begin():
+            cursor = self.cursors.get(session, lock=True)
+            if cursor in session:  # the mirror exists: bind it (a new one is, at its first write)
+                cursor.genesis_hash, cursor.halted_reason = live.genesis_hash, None
+        self._bound = live
+        return live
+
+    def _stored_binding(self, cursor: IndexerCursor, live: ChainBinding) -> ChainBinding:
+        """The cursor's binding; a mirror with none yet (new, or written before bindings were stored)
+        takes the live chain's genesis only if that chain still has the mirror's last block."""
+        genesis = cursor.genesis_hash
+        if genesis is None:
+            tip = None if cursor.last_block_hash is None else self._retry(
+                lambda: self.rpc.headers([cursor.last_block])[0])
+            kept = cursor.last_block_hash is None or (tip is not None and tip.hash == cursor.last_block_hash)
+            genesis = live.genesis_hash if kept else "unknown: the chain lacks the mirror's last block"
+        return ChainBinding(cursor.chain_id, genesis, cursor.contracts)
 
     # --- reading --------------------------------------------------------------------------------
 
@@ -238,11 +282,14 @@ class Indexer:
         else:
             self.range = min(self.range_cap, self.range * 2)
 
-    def _retry(self, read: Callable[[], T]) -> T:
+    def _retry(self, read: Callable[[], T], on_failure: Callable[[Exception], None] | None = None) -> T:
+        """`read()`, retried on RpcTransient; `on_failure` is told of the first failure at once."""
         for attempt in range(1, self.config.max_attempts + 1):
             try:
                 return read()
             except RpcTransient as e:
+                if attempt == 1 and on_failure is not None:
+                    on_failure(e)
                 if attempt == self.config.max_attempts:
                     raise
                 log.info("RPC read failed (%s), attempt %d", e.code, attempt)
@@ -251,21 +298,10 @@ class Indexer:
 
     # --- writing --------------------------------------------------------------------------------
 
-    def _cursor(self, session: Session, lock: bool = False) -> IndexerCursor:
-        cur = session.get(IndexerCursor, self.config.chain_id, with_for_update=lock)
-        fingerprint = self.contracts.fingerprint()
-        if cur is None:
-            cur = IndexerCursor(chain_id=self.config.chain_id, last_block=self.config.start_block - 1,
-                                last_block_hash=None, final_block=-1, contracts=fingerprint)
-        elif cur.contracts != fingerprint:
-            raise ConfigError("the database mirrors other contracts on this chain",
-                              stored=cur.contracts, configured=fingerprint)
-        return cur
-
     def _write(self, headers: Sequence[BlockHeader], events: Sequence[Any], last: int, to: int,
-               final: int) -> int:
+               final: int, head: int) -> int:
         with self.sessions() as session, session.begin():
-            cursor = self._cursor(session, lock=True)
+            cursor = self.cursors.get(session, lock=True)
             if cursor.last_block != last:
                 raise ChainMoved("another indexer moved the cursor", expected=last, found=cursor.last_block)
             num = self.mirror.ingest(session, events, final)
@@ -274,6 +310,7 @@ class Indexer:
                  "parent_hash": h.parent_hash} for h in headers if h.number > final or h.number == to])
             cursor.last_block, cursor.last_block_hash = to, headers[-1].hash
             self._mark_final(session, cursor, final)
+            self.cursors.mark_checked(cursor, head)
             session.add(cursor)
         return num
 
@@ -286,10 +323,11 @@ class Indexer:
     def _finalize_only(self, t: _Timer, head: int, last: int, final: int) -> Progress:
         def write() -> None:
             with self.sessions() as session, session.begin():
-                cursor = self._cursor(session, lock=True)
+                cursor = self.cursors.get(session, lock=True)
                 if final > cursor.final_block:
                     self._mark_final(session, cursor, final)
-                    session.add(cursor)
+                self.cursors.mark_checked(cursor, head)
+                session.add(cursor)
         self._timed(t, "db", write)
         return Progress(head, last, final, rpc_s=t.rpc_s, db_s=t.db_s)
 
@@ -299,23 +337,25 @@ class Indexer:
             stored = list(session.scalars(select(ChainBlock).where(
                 ChainBlock.chain_id == self.config.chain_id, ChainBlock.number <= last)
                 .order_by(ChainBlock.number.desc())))
-            final_mark = self._cursor(session).final_block
+            final_mark = self.cursors.get(session).final_block
         numbers = [b.number for b in stored]
         canonical = self._timed(t, "rpc", lambda: self._retry(lambda: self.rpc.headers(numbers)))
         match = [b for b, h in zip(stored, canonical, strict=True) if h is not None and h.hash == b.hash]
         fork_block = match[0].number if match else self.config.start_block - 1
         fork_hash = match[0].hash if match else None
         if (match and fork_block < final_mark) or (not match and final_mark >= 0):
-            raise ReorgTooDeep("reorg reaches below the finalized block; halting instead of rewriting it",
-                               last_block=last, final_block=final_mark,
-                               oldest_checked=numbers[-1] if numbers else None)
+            self.cursors.halt(ReorgTooDeep("reorg reaches below the finalized block (or this is another chain); "
+                                    "halting instead of rewriting it: start on a fresh database",
+                                    last_block=last, final_block=final_mark,
+                                    oldest_checked=numbers[-1] if numbers else None))
 
         def write() -> int:
             with self.sessions() as session, session.begin():
-                cursor = self._cursor(session, lock=True)
+                cursor = self.cursors.get(session, lock=True)
                 num = self.mirror.rollback(session, fork_block, cursor.final_block)
                 cursor.last_block, cursor.last_block_hash = fork_block, fork_hash
                 cursor.updated_at = utc_now()
+                self.cursors.mark_checked(cursor, head)
                 session.add(cursor)
                 return num
         num = self._timed(t, "db", write)

@@ -3,6 +3,12 @@
 Every write happens inside the caller's transaction, so a range of logs, its derived rows and the
 indexer cursor commit together or not at all. Rows are rebuilt with `projection.apply`, the same
 function forward and on rollback, which makes a rollback exact by construction.
+
+An escrow row also carries its deposits that are not final yet (`pending_deposits`, and
+`pending_until_block`: the chain head at which the latest of them is `finality_depth` deep). A payer
+may spend only what is final (docs/indexer.md): a reorg above the finalized block can remove a deposit,
+never a debit the mirror has not counted yet. They are summed from the raw events above the finalized
+block whenever an escrow row is written, rolled back or finalized.
 """
 
 from __future__ import annotations
@@ -62,8 +68,9 @@ def _entity(kind: str, row: Row) -> str:
 class Mirror:
     """The indexer's port to the mirror tables, for one chain."""
 
-    def __init__(self, chain_id: int) -> None:
+    def __init__(self, chain_id: int, finality_depth: int = 0) -> None:
         self.chain_id = chain_id
+        self.finality_depth = finality_depth
 
     def ingest(self, session: Session, events: Sequence[ChainEvent], final_block: int) -> int:
         """Store `events` (in chain order) and apply those not stored before; returns how many."""
@@ -78,6 +85,7 @@ class Mirror:
         need = [e for e, evs in by_entity.items() if evs[0].name not in CREATING]
         current = self._load(session, need)
         states = {e: replay(current.get(e), evs) for e, evs in by_entity.items()}
+        self._set_pending(session, states, final_block)
         self._save(session, states, final_block)
         self._sync_outbox(session)
         return len(fresh)
@@ -94,7 +102,9 @@ class Mirror:
                  .order_by(RAW.c.block_number, RAW.c.log_index))
             for r in session.execute(q).mappings():
                 remaining[r["entity"]].append(self._event(r))
-        self._save(session, {e: replay(None, evs) for e, evs in remaining.items()}, final_block)
+        states = {e: replay(None, evs) for e, evs in remaining.items()}
+        self._set_pending(session, states, final_block)
+        self._save(session, states, final_block)
         session.execute(delete(ChainBlock).where(ChainBlock.chain_id == self.chain_id,
                                                  ChainBlock.number > to_block))
         self._sync_outbox(session)
@@ -104,6 +114,7 @@ class Mirror:
 
     def finalize(self, session: Session, final_block: int) -> None:
         """Mark rows at or below `final_block` final and forget block hashes below it."""
+        self._finalize_pending(session, final_block)
         session.execute(update(RAW).where(RAW.c.is_final.is_(False), RAW.c.chain_id == self.chain_id,
                                           RAW.c.block_number <= final_block).values(is_final=True))
         for table in TABLES.values():
@@ -112,6 +123,47 @@ class Mirror:
         session.execute(delete(ChainBlock).where(ChainBlock.chain_id == self.chain_id,
                                                  ChainBlock.number < final_block))
         self._sync_outbox(session)
+
+    # --- deposits not final yet -------------------------------------------------------------------
+
+    def _set_pending(self, session: Session, states: dict[str, Row | None], final_block: int) -> None:
+        """Give each escrow row in `states` its deposits above `final_block` (from the raw events)."""
+        escrows = [e for e, row in states.items() if row is not None and kind_of(e) == "escrow"]
+        pending = self._pending_deposits(session, escrows, final_block)
+        for e in escrows:
+            amount, last_block = pending.get(e, (0, None))
+            row = states[e]
+            assert row is not None
+            row["pending_deposits"] = amount
+            row["pending_until_block"] = None if last_block is None else last_block + self.finality_depth
+
+    def _finalize_pending(self, session: Session, final_block: int) -> None:
+        """Escrow rows final now have no pending deposits; rows that stay not final keep those above
+        `final_block` only (their latest deposit's `pending_until_block` stands)."""
+        table = TABLES["escrow"]
+        pending, not_final = table.c.pending_until_block.is_not(None), table.c.is_final.is_(False)
+        session.execute(update(table).where(pending, not_final, table.c.updated_block <= final_block)
+                        .values(pending_deposits=0, pending_until_block=None))
+        rows = session.execute(select(table.c.payer, table.c.node).where(
+            pending, not_final, table.c.updated_block > final_block)).all()
+        entities = [_entity("escrow", {"payer": p, "node": n}) for p, n in rows]
+        amounts = self._pending_deposits(session, entities, final_block)
+        for (payer, node), e in zip(rows, entities, strict=True):
+            session.execute(update(table).where(table.c.payer == payer, table.c.node == node)
+                            .values(pending_deposits=amounts.get(e, (0, None))[0]))
+
+    def _pending_deposits(self, session: Session, entities: Sequence[str],
+                          final_block: int) -> dict[str, tuple[int, int]]:
+        """{escrow entity: (sum of its deposits above `final_block`, the latest one's block)}."""
+        out: dict[str, tuple[int, int]] = {}
+        for chunk in _chunks(entities):
+            q = select(RAW.c.entity, RAW.c.block_number, RAW.c.args).where(
+                RAW.c.chain_id == self.chain_id, RAW.c.event == "Deposited", RAW.c.block_number > final_block,
+                RAW.c.entity.in_(chunk))
+            for entity, block, args in session.execute(q):
+                total, last = out.get(entity, (0, block))
+                out[entity] = (total + args_from_json("Deposited", args)["amount"], max(last, block))
+        return out
 
     # --- rows ----------------------------------------------------------------------------------
 

@@ -43,6 +43,9 @@ def _serve_forever(folder: Path) -> None:
     try:
         model = make_tiny_model(folder / "base-model")
         url = node.serve(model)
+        fault = node.services.catalog.binding_fault if node.services else None
+        if fault:  # an old --data-dir: its mirror is of the anvil that ran last time
+            console.print(f"[bold red]paid work is refused[/]: {fault}")
         node.start_settlement(folder / "logs", epoch_max_age_s=60.0)
         console.print(f"anvil {node.anvil.rpc_url}; API {url}; settlement worker and beat logs in {folder / 'logs'}")
         console.print(f"export LORANODE_RPC_URL={node.anvil.rpc_url} "

@@ -87,6 +87,10 @@ class EscrowAccount(ChainRow, Base):
     deposited: Mapped[int] = mapped_column(Amount(), nullable=False)
     withdrawn: Mapped[int] = mapped_column(Amount(), nullable=False)
     collected: Mapped[int] = mapped_column(Amount(), nullable=False)
+    # deposits in `balance` not final yet (a payer may not spend them), and the chain head at which the
+    # latest of them is finality_depth deep (None: nothing pending)
+    pending_deposits: Mapped[int] = mapped_column(Amount(), nullable=False, default=0)
+    pending_until_block: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class LaneCollection(ChainRow, Base):
@@ -163,7 +167,8 @@ class ChainBlock(Base):
 
 
 class IndexerCursor(Base):
-    """The last block whose logs are all in the mirror (and its hash), per chain."""
+    """The last block whose logs are all in the mirror (and its hash), per chain; the chain it is
+    bound to (genesis hash, contracts); and the indexer's health as of its last step."""
 
     __tablename__ = "indexer_cursor"
 
@@ -173,6 +178,11 @@ class IndexerCursor(Base):
     final_block: Mapped[int] = mapped_column(BigInteger, nullable=False)
     contracts: Mapped[str] = mapped_column(Text, nullable=False)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utc_now)
+    genesis_hash: Mapped[str | None] = mapped_column(Hash32())  # None only on mirrors written before 0006
+    head_block: Mapped[int | None] = mapped_column(BigInteger)  # the chain head at the last step
+    checked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # the last step that reached the chain
+    stalled_reason: Mapped[str | None] = mapped_column(Text)  # the last step failed (cleared by the next good one)
+    halted_reason: Mapped[str | None] = mapped_column(Text)  # the indexer stopped for good (another chain, deep reorg)
 
 
 # --- the node's own records ----------------------------------------------------------------------

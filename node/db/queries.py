@@ -2,7 +2,8 @@
 values (frozen dataclasses, ints for money); none calls the chain.
 
 The escrow and lane figures read the mirror at the indexer's confirmation depth (`is_final` says
-whether a row is past the finality depth too); settlement pays only from `is_final` rows.
+whether a row is past the finality depth too); settlement pays only from `is_final` rows. What a payer
+may spend counts only deposits that are final (`Escrow.spendable`); debits count at once.
 """
 
 from __future__ import annotations
@@ -52,10 +53,14 @@ class Escrow:
     uncollected: int
     updated_block: int | None
     is_final: bool
+    pending_deposits: int = 0  # in `balance`, not final yet
+    pending_until_block: int | None = None  # the chain head at which they all are
 
     @property
     def spendable(self) -> int:
-        return max(self.balance - self.thawing - self.uncollected, 0)
+        """What the payer may spend: final deposits, less withdrawals, collections and thawing seen at
+        the confirmation depth, less what the node charged and the chain has not collected."""
+        return max(self.balance - self.pending_deposits - self.thawing - self.uncollected, 0)
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,28 @@ class MirrorHead:
     last_block: int
     final_block: int
     updated_at: datetime  # when the indexer last moved the mirror forward (UTC)
+    genesis_hash: str | None = None  # the chain the mirror is bound to
+    head_block: int | None = None  # the chain head the indexer last saw
+    checked_at: datetime | None = None  # when the indexer last reached the chain (UTC)
+    stalled_reason: str | None = None
+    halted_reason: str | None = None
+
+    def problem(self, now: datetime, max_lag_s: float, max_lag_blocks: int) -> str | None:
+        """Why paid work must not rely on this mirror now, or None: the indexer halted it (another
+        chain, a deep reorg), its last step failed, it has not reached the chain for `max_lag_s`, or
+        it is more than `max_lag_blocks` behind the head it saw."""
+        if self.halted_reason:
+            return self.halted_reason
+        if self.stalled_reason:
+            return f"the indexer cannot follow the chain: {self.stalled_reason}"
+        seen_at = self.checked_at or self.updated_at
+        lag_s = (now - seen_at).total_seconds()
+        if lag_s > max_lag_s:
+            return f"the indexer has not reached the chain for {lag_s:.0f} s (limit {max_lag_s:g} s)"
+        behind = 0 if self.head_block is None else self.head_block - self.last_block
+        if behind > max_lag_blocks:
+            return f"the mirror is {behind} blocks behind the chain head (limit {max_lag_blocks})"
+        return None
 
 
 def payer_lanes(session: Session, payer: str, node: str | None = None) -> list[LaneState]:
@@ -140,11 +167,12 @@ def escrow(session: Session, payer: str, node: str) -> Escrow:
     if acct is None:
         return Escrow(payer, node, 0, 0, None, uncollected, None, False)
     return Escrow(payer, node, acct.balance, acct.thawing, acct.thaw_end_at, uncollected,
-                  acct.updated_block, acct.is_final)
+                  acct.updated_block, acct.is_final, acct.pending_deposits, acct.pending_until_block)
 
 
 def spendable_escrow(session: Session, payer: str, node: str) -> int:
-    """balance - thawing - (charged on all lanes but not yet collected), never below zero."""
+    """balance - deposits not final yet - thawing - (charged on all lanes but not yet collected),
+    never below zero."""
     return escrow(session, payer, node).spendable
 
 
@@ -179,4 +207,7 @@ def epoch_receipts(session: Session, node: str, epoch_id: int) -> list[ReceiptRe
 def mirror_head(session: Session) -> MirrorHead | None:
     """How far the mirror has indexed (None before the indexer's first range)."""
     cur = session.scalars(select(IndexerCursor)).first()
-    return None if cur is None else MirrorHead(cur.chain_id, cur.last_block, cur.final_block, cur.updated_at)
+    if cur is None:
+        return None
+    return MirrorHead(cur.chain_id, cur.last_block, cur.final_block, cur.updated_at, cur.genesis_hash,
+                      cur.head_block, cur.checked_at, cur.stalled_reason, cur.halted_reason)

@@ -28,7 +28,7 @@ from node.chain.deploy import Deployment, deploy_all, write_deployment
 from node.chain.indexer import IndexedContracts, Indexer, IndexerConfig
 from node.config import Settings, load_settings
 from node.db.session import make_engine, session_factory, upgrade
-from node.errors import ChainError
+from node.errors import ChainError, ChainMismatch, MirrorHalted, ReorgTooDeep
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,9 @@ class LocalNode:
                              thaw_period_s=thaw_period_s, challenge_period_s=challenge_period_s)
             write_deployment(dep, data_dir / "deployments")
             settings = load_settings(data_dir=data_dir, rpc_url=anvil.rpc_url, operator_key=keys[OPERATOR],
-                                     database_url=database_url, confirmations=0, finality_depth=2,
-                                     deployment_file=data_dir / "deployments" / f"{dep.chain_id}.json", **overrides)
+                                     database_url=database_url,
+                                     deployment_file=data_dir / "deployments" / f"{dep.chain_id}.json",
+                                     **{"confirmations": 0, "finality_depth": 2, **overrides})
             upgrade(settings.resolved_database_url())
         except BaseException:
             anvil.stop()
@@ -107,16 +108,18 @@ class LocalNode:
                                                 stderr=subprocess.STDOUT))
 
     def wait_for_mirror(self, timeout_s: float = 30.0) -> None:
-        """Block until the indexer has caught up with the chain head (after the txs just sent)."""
+        """Block until the indexer has mirrored the chain head (after the txs just sent) and it is final
+        (deposits fund paid requests only then): the dev chain mines `finality_depth` blocks at once."""
         from node.db import queries
 
         factory = session_factory(make_engine(self.settings.resolved_database_url(), pooled=False))
         target = int(self.anvil.rpc("eth_blockNumber"), 16)  # type: ignore[arg-type]
+        self.anvil.rpc("anvil_mine", hex(self.settings.finality_depth))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with factory() as session:
                 head = queries.mirror_head(session)
-            if head is not None and head.last_block >= target:
+            if head is not None and head.final_block >= target:
                 return
             time.sleep(0.05)
         raise ChainError("the indexer did not catch up in time", target_block=target)
@@ -139,7 +142,10 @@ class LocalNode:
                                poll_interval_s=0.1)
         factory = session_factory(make_engine(s.resolved_database_url()))
         indexer = Indexer(config, self.anvil.rpc_url, factory, IndexedContracts.from_deployment(self.deployment))
-        indexer.run_forever(self._stop)
+        try:
+            indexer.run_forever(self._stop)
+        except (ChainMismatch, MirrorHalted, ReorgTooDeep) as e:  # on the cursor: the API refuses paid work
+            log.error("the indexer stopped: %s", e.message)
 
     def stop(self) -> None:
         for proc in self._procs:

@@ -37,6 +37,8 @@ class HoldView:
     thawing: int
     uncollected: int  # charged on all lanes of (payer, node), not yet collected on chain
     other_holds: int  # the live holds on the other lanes
+    pending_deposits: int = 0  # deposits in `balance` that are not final yet: not spendable
+    pending_until_block: int | None = None  # the chain head at which they are
 
 
 class LaneTransaction(Protocol):

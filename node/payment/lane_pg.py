@@ -38,7 +38,7 @@ _LOCK = "SELECT set_config('synchronous_commit', 'off', true), pg_advisory_xact_
 _HOLD_VIEW = """
 SELECT EXISTS (SELECT 1 FROM vouchers WHERE voucher_hash = %(voucher_hash)s) AS is_used,
        (SELECT response FROM vouchers WHERE voucher_hash = %(voucher_hash)s) AS response,
-       e.balance, e.thawing,
+       e.balance, e.thawing, e.pending_deposits, e.pending_until_block,
        l.charged_total, l.last_cumulative, l.reserved_voucher_hash, l.reserved_at,
        t.uncollected, t.other_holds
 FROM (SELECT 1) AS anchor
@@ -125,12 +125,13 @@ class PipelinedLaneTransaction:
         row = self.conn.execute(_HOLD_VIEW, {"payer": payer, "node": node, "lane": lane,
                                              "voucher_hash": voucher_hash, "live_since": live_since}).fetchone()
         assert row is not None, "the hold view has one row (a one-row anchor, left joins)"
-        (is_used, response, balance, thawing, charged_total, last_cumulative, reserved_hash, reserved_at,
-         uncollected, other_holds) = row
+        (is_used, response, balance, thawing, pending, pending_until, charged_total, last_cumulative,
+         reserved_hash, reserved_at, uncollected, other_holds) = row
         this = NEW_LANE if charged_total is None else LaneRow(int(charged_total), int(last_cumulative),
                                                               reserved_hash, reserved_at)
         return HoldView(is_used=is_used, response=response, lane=this, balance=int(balance or 0),
-                        thawing=int(thawing or 0), uncollected=int(uncollected), other_holds=int(other_holds))
+                        thawing=int(thawing or 0), uncollected=int(uncollected), other_holds=int(other_holds),
+                        pending_deposits=int(pending or 0), pending_until_block=pending_until)
 
     def put_hold(self, payer: str, node: str, lane: int, max_fee: int, voucher_hash: str, now: datetime) -> None:
         self.conn.execute(_PUT_HOLD, {"payer": payer, "node": node, "lane": lane, "max_fee": max_fee,

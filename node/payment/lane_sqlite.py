@@ -57,7 +57,8 @@ class SQLiteLaneTransaction:
         this = NEW_LANE if row.charged_total is None else LaneRow(row.charged_total, row.last_cumulative,
                                                                   row.reserved_voucher_hash, row.reserved_at)
         return HoldView(is_used=row.is_used, response=row.response, lane=this, balance=row.balance or 0,
-                        thawing=row.thawing or 0, uncollected=uncollected, other_holds=other_holds)
+                        thawing=row.thawing or 0, uncollected=uncollected, other_holds=other_holds,
+                        pending_deposits=row.pending_deposits or 0, pending_until_block=row.pending_until_block)
 
     def put_hold(self, payer: str, node: str, lane: int, max_fee: int, voucher_hash: str, now: datetime) -> None:
         self.conn.execute(_PUT_HOLD, {"payer": payer, "node": node, "lane": lane, "charged_total": 0,
@@ -102,7 +103,8 @@ def _hold_view() -> Select[Any]:
     return (select(exists().where(VOUCHERS.c.voucher_hash == voucher_hash).label("is_used"),
                    select(VOUCHERS.c.response).where(VOUCHERS.c.voucher_hash == voucher_hash)
                    .scalar_subquery().label("response"),
-                   ESCROW.c.balance, ESCROW.c.thawing, this.c.charged_total, this.c.last_cumulative,
+                   ESCROW.c.balance, ESCROW.c.thawing, ESCROW.c.pending_deposits, ESCROW.c.pending_until_block,
+                   this.c.charged_total, this.c.last_cumulative,
                    this.c.reserved_voucher_hash, this.c.reserved_at)
             .select_from(anchor.outerjoin(ESCROW, and_(ESCROW.c.payer == payer, ESCROW.c.node == node))
                          .outerjoin(this, and_(this.c.payer == payer, this.c.node == node,

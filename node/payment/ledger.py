@@ -28,8 +28,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.db import queries
 from node.db.models import Lane, Receipt, Voucher
 from node.db.queries import ReceiptFields as ReceiptRow  # what the ledger stores, as given
-from node.errors import InsufficientEscrow, VoucherConflict
-from node.payment.lane import LaneRow, Lanes
+from node.errors import DepositNotFinal, InsufficientEscrow, VoucherConflict
+from node.payment.lane import HoldView, LaneRow, Lanes
 from node.payment.lane_pg import PipelinedLanes
 from node.payment.lane_sqlite import SQLiteLanes
 from node.payment.voucher_check import CheckedVoucher
@@ -113,12 +113,24 @@ class Ledger:
             if before_new is not None:
                 before_new()
             self._check_order(view.lane, checked, max_fee, now)
-            spendable = max(view.balance - view.thawing - view.uncollected, 0) - view.other_holds
-            if spendable < max_fee:
-                raise InsufficientEscrow("not enough escrow for this request", spendable=spendable, max_fee=max_fee,
-                                         balance=view.balance, thawing=view.thawing)
+            self._check_funds(view, max_fee)
             tx.put_hold(payer, self.node, v.lane, max_fee, digest, now)
             return Reservation(payer, self.node, v.lane, digest, v.cumulative, max_fee, view.lane.charged_total)
+
+    @staticmethod
+    def _check_funds(view: HoldView, max_fee: int) -> None:
+        """Only final deposits are spent (a reorg can remove a deposit the node served against)."""
+        final = view.balance - view.pending_deposits
+        spendable = max(final - view.thawing - view.uncollected, 0) - view.other_holds
+        if spendable >= max_fee:
+            return
+        if spendable + view.pending_deposits >= max_fee:
+            raise DepositNotFinal(
+                f"the deposit is not final yet: {view.pending_deposits} of this escrow counts once the chain "
+                f"reaches block {view.pending_until_block}", spendable=spendable, max_fee=max_fee,
+                pending_deposits=str(view.pending_deposits), final_at_block=view.pending_until_block)
+        raise InsufficientEscrow("not enough escrow for this request", spendable=spendable, max_fee=max_fee,
+                                 balance=view.balance, thawing=view.thawing)
 
     def _check_order(self, lane: LaneRow, checked: CheckedVoucher, max_fee: int, now: datetime) -> None:
         v = checked.voucher

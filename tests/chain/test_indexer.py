@@ -6,8 +6,9 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from node.db import queries
 from node.db.models import Dataset, RawEvent
-from node.db.queries import spendable_escrow
+from node.db.queries import Escrow
 from node.errors import ReorgTooDeep, RpcBehind
 from tests.fixtures.indexer import TOKEN, ChainWorld, drain, make_indexer, mirror_dump
 
@@ -55,22 +56,27 @@ def test_a_transaction_re_included_in_another_block_leaves_one_row(world: ChainW
     assert [(d.dataset_id, d.block_number) for d in datasets] == [(1, new_block)]
 
 
-def test_a_deposit_reorged_out_lowers_the_spendable_escrow(world: ChainWorld, db_url: str) -> None:
+def test_a_deposit_counts_once_final_so_a_reorg_never_removes_a_spent_one(world: ChainWorld, db_url: str) -> None:
     payer, node = 3, 4
     world.fund(payer, 100 * TOKEN)
     world.deposit(payer, node, 10 * TOKEN)
     world.thaw(payer, node, 2 * TOKEN)
     world.deposit(payer, node, 7 * TOKEN)
-    indexer, factory = make_indexer(world, db_url)
-    drain(indexer)
-    with factory() as s:
-        assert spendable_escrow(s, world.addresses[payer], world.addresses[node]) == 15 * TOKEN
-
-    world.reorg(1)
+    indexer, factory = make_indexer(world, db_url)  # finality_depth 16
     drain(indexer)
 
-    with factory() as s:
-        assert spendable_escrow(s, world.addresses[payer], world.addresses[node]) == 8 * TOKEN
+    def escrow() -> Escrow:
+        with factory() as s:
+            return queries.escrow(s, world.addresses[payer], world.addresses[node])
+    assert (escrow().balance, escrow().pending_deposits, escrow().spendable) == (17 * TOKEN, 17 * TOKEN, 0)
+
+    world.reorg(1)  # the second deposit is gone: nobody could have spent it
+    drain(indexer)
+    assert (escrow().balance, escrow().pending_deposits, escrow().spendable) == (10 * TOKEN, 10 * TOKEN, 0)
+
+    world.mine(16)
+    drain(indexer)
+    assert (escrow().pending_deposits, escrow().pending_until_block, escrow().spendable) == (0, None, 8 * TOKEN)
 
 
 def test_a_reverted_chain_is_rolled_back_and_rescanned(world: ChainWorld, db_url: str) -> None:

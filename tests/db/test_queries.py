@@ -1,4 +1,4 @@
-"""The shared reads: spendable escrow, lineage at a block, a payer's lanes, an epoch's receipts."""
+"""The shared reads: spendable escrow (final deposits only), lineage at a block, lanes, epoch receipts."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.chain.events import ChainEvent
 from node.chain.mirror import Mirror
+from node.db import queries
 from node.db.models import Lane, Receipt, SettlementEpoch, Voucher
-from node.db.queries import adapter_lineage, epoch_receipts, payer_lanes, spendable_escrow
+from node.db.queries import Escrow, adapter_lineage, epoch_receipts, payer_lanes, spendable_escrow
 from node.db.session import make_engine, session_factory, upgrade
 
 PAYER, NODE, OTHER = "0x" + "aA" * 20, "0x" + "bb" * 20, "0x" + "cc" * 20
@@ -34,7 +35,7 @@ def test_spendable_escrow_subtracts_thawing_and_uncollected_charges(db_url: str)
         mirror.ingest(s, [_ev(1, "Deposited", payer=payer, node=NODE, amount=10 * ETH),
                           _ev(2, "ThawStarted", payer=payer, node=NODE, amount=3 * ETH,
                               thawEndAt=2_000_000_000),
-                          _ev(3, "Deposited", payer=payer, node=OTHER, amount=99 * ETH)], final_block=0)
+                          _ev(3, "Deposited", payer=payer, node=OTHER, amount=99 * ETH)], final_block=3)
         s.add_all([Lane(payer=payer, node=NODE, lane=0, charged_total=2 * ETH, last_cumulative=2 * ETH),
                    Lane(payer=payer, node=NODE, lane=1, charged_total=ETH, last_cumulative=ETH)])
     with factory() as s:
@@ -43,13 +44,41 @@ def test_spendable_escrow_subtracts_thawing_and_uncollected_charges(db_url: str)
     with factory.begin() as s:
         mirror.ingest(s, [_ev(4, "VoucherCollected", node=NODE, payer=payer, lane=0, cumulative=2 * ETH,
                               amount=2 * ETH),
-                          _ev(5, "Collected", payer=payer, node=NODE, amount=2 * ETH)], final_block=0)
+                          _ev(5, "Collected", payer=payer, node=NODE, amount=2 * ETH)], final_block=3)
     with factory() as s:
         assert spendable_escrow(s, PAYER, NODE) == 4 * ETH
         lanes = payer_lanes(s, PAYER, NODE)
         assert [(la.lane, la.collected, la.uncollected) for la in lanes] == [(0, 2 * ETH, 0), (1, 0, ETH)]
         assert {la.node for la in payer_lanes(s, PAYER)} == {NODE}
         assert spendable_escrow(s, OTHER, NODE) == 0
+
+
+def test_deposits_are_spendable_only_once_final_and_debits_count_at_once(db_url: str) -> None:
+    factory, mirror = _db(db_url), Mirror(31337, finality_depth=10)
+    payer = PAYER.lower()
+
+    def escrow() -> Escrow:
+        with factory() as s:
+            return queries.escrow(s, PAYER, NODE)
+    with factory.begin() as s:
+        mirror.ingest(s, [_ev(1, "Deposited", payer=payer, node=NODE, amount=10 * ETH)], final_block=1)
+        mirror.ingest(s, [_ev(4, "Deposited", payer=payer, node=NODE, amount=5 * ETH),
+                          _ev(6, "Deposited", payer=payer, node=NODE, amount=2 * ETH),
+                          _ev(7, "Withdrawn", payer=payer, node=NODE, amount=ETH)], final_block=1)
+    acct = escrow()
+    assert (acct.balance, acct.pending_deposits, acct.pending_until_block) == (16 * ETH, 7 * ETH, 16)
+    assert acct.spendable == 9 * ETH  # the final 10, less the withdrawal the mirror has seen
+    with factory.begin() as s:
+        mirror.finalize(s, 4)
+    assert (escrow().pending_deposits, escrow().pending_until_block, escrow().spendable) == (2 * ETH, 16, 14 * ETH)
+    with factory.begin() as s:
+        mirror.rollback(s, 5, final_block=4)  # the deposit at block 6 and the withdrawal are gone
+    assert (escrow().balance, escrow().pending_deposits, escrow().pending_until_block) == (15 * ETH, 0, None)
+    with factory.begin() as s:
+        mirror.ingest(s, [_ev(8, "Deposited", payer=payer, node=NODE, amount=ETH)], final_block=4)
+        mirror.finalize(s, 8)
+    acct = escrow()
+    assert (acct.spendable, acct.pending_deposits, acct.pending_until_block, acct.is_final) == (16 * ETH, 0, None, True)
 
 
 def test_adapter_lineage_is_as_registered_at_the_block(db_url: str) -> None:

@@ -12,7 +12,7 @@ from tests.e2e.traffic import ClientLog, burst
 
 log = logging.getLogger(__name__)
 LANES = [(payer, lane) for payer in range(3) for lane in (0, 1)]
-MAX_MIRROR_LAG_S = 10.0  # the API refuses paid work once the mirror is this old (the RPC test waits it out)
+MAX_MIRROR_LAG_S = 10.0  # the API refuses paid work once the indexer has not reached the chain this long
 
 
 def traffic(cluster: Cluster, client_log: ClientLog, per_lane: int = 2) -> None:

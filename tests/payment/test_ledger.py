@@ -48,7 +48,7 @@ def _setup(db_url: str, deposit: int) -> sessionmaker[Session]:
     ev = ChainEvent(31337, 1, "0x" + "01" * 32, "0x" + "02" * 32, 0, "0x" + "03" * 20, "Deposited",
                     {"payer": PAYER.lower(), "node": NODE.lower(), "amount": deposit})
     with factory.begin() as s:
-        Mirror(31337).ingest(s, [ev], final_block=0)
+        Mirror(31337).ingest(s, [ev], final_block=1)  # a final deposit: spendable
     return factory
 
 

@@ -12,7 +12,6 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from node.api.deps import NodeServices, services
 from node.db import queries
-from node.db.models import IndexerCursor
 
 router = APIRouter(tags=["ops"])
 
@@ -25,20 +24,26 @@ def health() -> dict[str, str]:
 
 @router.get("/ready", responses={503: {"description": "not ready: the same body, saying which check failed"}})
 def ready(svc: NodeServices = Depends(services)) -> JSONResponse:
+    """Ready for paid work: the database answers and the chain mirror can be trusted (else 503, with
+    `reason` saying why: another chain, the indexer stalled or halted, the mirror too far behind)."""
     checks: dict[str, Any] = {"engine": True}
     try:
         with svc.db() as session:
             session.execute(text("SELECT 1"))
             head = queries.mirror_head(session)
-            cursor = session.get(IndexerCursor, svc.chain_id)
         checks["database"] = True
-        lag = None if cursor is None else (datetime.now(UTC) - cursor.updated_at).total_seconds()
-        checks["mirror"] = head is not None and lag is not None and lag <= svc.max_mirror_lag_s
+        problem = svc.catalog.mirror_problem(head)
+        checks["mirror"] = problem is None
         checks["mirrorBlock"] = None if head is None else head.last_block
-        checks["mirrorLagSeconds"] = lag
+        checks["headBlock"] = None if head is None else head.head_block
+        seen_at = None if head is None else head.checked_at or head.updated_at
+        checks["mirrorLagSeconds"] = None if seen_at is None else (datetime.now(UTC) - seen_at).total_seconds()
+        if problem:
+            checks["reason"] = problem
     except SQLAlchemyError:
         checks["database"] = False
         checks["mirror"] = False
+        checks["reason"] = "the database is unavailable"
     ok = checks["engine"] and checks["database"] and checks["mirror"]
     return JSONResponse({"ready": ok, **checks}, status_code=200 if ok else 503)
 
