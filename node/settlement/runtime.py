@@ -43,7 +43,8 @@ def check_chain_parameters(settings: Settings, deployment: Deployment) -> None:
     thaw_period_s = deployment.thaw_period_s
     if settings.rpc_url is not None:
         try:
-            escrow = web3_for(settings.rpc_url).eth.contract(address=deployment.escrow, abi=THAW_PERIOD_ABI)
+            w3 = web3_for(settings.rpc_url)
+            escrow = w3.eth.contract(address=w3.to_checksum_address(deployment.escrow), abi=THAW_PERIOD_ABI)
             thaw_period_s = int(escrow.functions.thawPeriod().call())
         except (requests.ConnectionError, requests.Timeout) as exc:
             log.warning("chain unreachable at start (%s): checking the deployment file's thaw period", exc)

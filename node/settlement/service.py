@@ -196,6 +196,8 @@ class SettlementService:
         with self.factory() as session:
             row = outbox.epoch_row(session, self.node, epoch_id)
             earlier = [r.state for r in outbox.in_flight(session, self.node) if r.epoch_id < epoch_id]
+            if outbox.failed(session, self.node) is not None:
+                earlier.append(EpochState.FAILED)  # nothing is sent past a failed epoch
         if row is None:
             return None
         if row.state is EpochState.OPEN:
@@ -328,6 +330,7 @@ class SettlementService:
                 outbox.dissolve(session, self.node, epoch_id)
             attempt = self._fresh_attempt(row.epoch_id, attempt_of(row) + 1)
             row.state, row.batch, row.trees = EpochState.OPEN, {"attempt": attempt}, None
+            row.tx_hash = row.nonce = row.submitted_at = row.confirmed_at = None
         log.warning("epoch %d of %s failed: rebuilding it (attempt %d), %d later epoch(s) dissolved",
                     failed.epoch_id, self.node, attempt, len(after))
 
