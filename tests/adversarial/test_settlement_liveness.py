@@ -99,8 +99,8 @@ def test_the_next_epoch_is_settled_while_the_previous_awaits_finality(settlement
         assert cumulative_of(row.trees["rewards"]) == world.expected_split()
 
 
-def test_a_reorg_under_two_pipelined_epochs_sends_both_again_in_order(sqlite_world: SettlementWorld) -> None:
-    world = sqlite_world
+def test_a_reorg_under_two_pipelined_epochs_sends_both_again_in_order(settlement_world: SettlementWorld) -> None:
+    world = settlement_world
     a, b = world.adapter_ids
     service = deep_finality_service(world)
     nonce = world.w3.eth.get_transaction_count(world.node)
@@ -159,8 +159,9 @@ def test_a_payer_short_of_escrow_is_a_loss_and_every_other_payer_is_collected(
     assert lost(world) == [(payer(world, 0), 0, 1_000, LossReason.ESCROW_SHORT)]
 
 
-def test_an_epoch_the_chain_refuses_after_its_preflight_recovers_by_itself(sqlite_world: SettlementWorld) -> None:
-    world = sqlite_world
+def test_an_epoch_the_chain_refuses_after_its_preflight_recovers_by_itself(
+        settlement_world: SettlementWorld) -> None:
+    world = settlement_world
     a, b = world.adapter_ids
     world.pay(0, 0, a, 1_000, validity_s=LONG)
     world.pay(1, 0, b, 2_000, validity_s=LONG)
