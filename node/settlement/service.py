@@ -319,6 +319,12 @@ class SettlementService:
             if failed is None or attempt_of(failed) + 1 >= MAX_ATTEMPTS:
                 return
             after = [(r.epoch_id, attempt_of(r)) for r in outbox.later(session, self.node, failed.epoch_id)]
+        if epoch_matches(self.contracts.settlement, self.node, failed):  # it landed after all
+            self._save(failed.epoch_id, EpochState.CONFIRMED)
+            return
+        if self.contracts.settlement.last_epoch(self.node) >= failed.epoch_id:  # never forget what landed
+            raise ChainError("the chain holds an epoch this database marks failed", node=self.node,
+                             epoch_id=failed.epoch_id)
         for epoch_id, attempt in after:
             key = intent_key(self.node, epoch_id, attempt)
             if self.tx.store.load(key) is not None and self.tx.poll(key).state is TxState.PENDING:
