@@ -20,6 +20,7 @@ from pydantic_settings import (
 )
 
 from node.errors import ConfigError
+from node.settlement.latency import SettleLatency
 
 DEV_CHAIN_ID = 31337
 # anvil's first development account: public knowledge, so only ever valid on the dev chain.
@@ -76,7 +77,7 @@ class Settings(BaseSettings):
     completion_token_price: int = Field(default=2 * 10**12, ge=0)
     min_fee: int = Field(default=0, ge=0)
     default_max_tokens: int = Field(default=256, ge=1)
-    min_voucher_validity_s: int = Field(default=300, ge=0)
+    min_voucher_validity_s: int = Field(default=900, ge=0)  # at least settle_latency().worst_case_s
     max_in_flight: int = Field(default=256, ge=1)
     # paid work stops (503, not ready) while the indexer has not reached the chain for max_mirror_lag_s, or
     # the mirror is more than max_mirror_lag_blocks behind the head it saw (it must exceed confirmations)
@@ -91,11 +92,15 @@ class Settings(BaseSettings):
     attribution_dir: Path | None = None  # default: data_dir/attribution
 
     # settlement: an epoch closes when its oldest receipt is this old, its fees reach max_value, or a
-    # voucher in it expires within the margin; the beat ticks every settlement_interval_s
-    epoch_max_age_s: float = Field(default=3_600.0, ge=0)
+    # voucher in it expires within the margin; the beat ticks every settlement_interval_s. A settle is
+    # mined within settle_max_mine_s (fee bumps included); reorgs up to `confirmations` blocks of
+    # block_time_s are hedged. These make the worst-case settle latency (node/settlement/latency.py).
+    epoch_max_age_s: float = Field(default=1_800.0, ge=0)
     epoch_max_value: int | None = Field(default=None, ge=1)
-    epoch_expiry_margin_s: float = Field(default=120.0, ge=0)
+    epoch_expiry_margin_s: float = Field(default=600.0, ge=0)
     settlement_interval_s: float = Field(default=15.0, gt=0)
+    settle_max_mine_s: float = Field(default=120.0, gt=0)
+    block_time_s: float = Field(default=12.0, gt=0)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -121,9 +126,11 @@ class Settings(BaseSettings):
         key = self.resolved_operator_key()
         if self.chain_id != DEV_CHAIN_ID and key is not None and key.lower() == DEV_OPERATOR_KEY:
             raise ValueError(f"the public development key cannot be used on chain id {self.chain_id}")
-        if self.min_voucher_validity_s <= self.epoch_expiry_margin_s + self.settlement_interval_s:
-            raise ValueError("min_voucher_validity_s must exceed epoch_expiry_margin_s + settlement_interval_s, "
-                             "or an accepted voucher may expire before its epoch settles")
+        worst = self.settle_latency().worst_case_s
+        if self.epoch_expiry_margin_s < worst or self.min_voucher_validity_s < worst:
+            raise ValueError(f"epoch_expiry_margin_s ({self.epoch_expiry_margin_s:g}) and min_voucher_validity_s "
+                             f"({self.min_voucher_validity_s}) must be at least the worst-case settle latency "
+                             f"({worst:g} s), or an accepted voucher may expire before its epoch settles")
         if self.chain_id != DEV_CHAIN_ID and self.rpc_url is None:
             raise ValueError(f"chain id {self.chain_id} needs an rpc_url (only the dev chain is started locally)")
         return self
@@ -139,6 +146,11 @@ class Settings(BaseSettings):
     @property
     def is_dev(self) -> bool:
         return self.chain_id == DEV_CHAIN_ID
+
+    def settle_latency(self) -> SettleLatency:
+        """The worst-case settle latency these settings give (the one formula: node/settlement/latency.py)."""
+        return SettleLatency(beat_s=self.settlement_interval_s, mine_s=self.settle_max_mine_s,
+                             reorg_s=self.confirmations * self.block_time_s, max_age_s=self.epoch_max_age_s)
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'loranode.db').resolve()}"

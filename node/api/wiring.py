@@ -30,6 +30,7 @@ from node.models.config import ModelConfig
 from node.payment.ledger import Ledger
 from node.payment.pricing import Pricing
 from node.payment.service import PaymentService, dataset_refs
+from node.settlement.runtime import check_chain_parameters
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ def build_services(settings: Settings, deployment: Deployment) -> NodeServices:
     key = settings.resolved_operator_key()
     if key is None:
         raise ConfigError("the API signs receipts: set LORANODE_OPERATOR_KEY or LORANODE_OPERATOR_KEY_FILE")
+    check_chain_parameters(settings, deployment)
     config = engine_config(settings)
     store = adapter_store(settings, config)
     engine = LLMEngine(config, provider=store)

@@ -64,6 +64,10 @@ def deploy_all(w3_or_rpc_url: Web3 | str, deployer_key: str, *, guardian: str, t
     if protocol_bps < 0 or node_bps < 0 or protocol_bps + node_bps > 10_000:
         raise ConfigError("protocol_bps + node_bps must be within 0..10000",
                           protocol_bps=protocol_bps, node_bps=node_bps)
+    if thaw_period_s <= 0:
+        raise ConfigError("a thaw period of 0 lets a payer withdraw what a node charged before it settles; "
+                          "give the seconds a node needs to collect (loranode chain deploy checks them)",
+                          thaw_period_s=thaw_period_s)
     client = ContractClient(w3_or_rpc_url, deployer_key)
     blocks: dict[str, int] = {}
 

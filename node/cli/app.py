@@ -55,6 +55,7 @@ app.command()(settle.worker)
 app.command()(settle.beat)
 app.command()(settle.claim)
 app.add_typer(settle.epoch_app, name="epoch")
+app.add_typer(settle.settle_app, name="settle")
 
 
 @app.callback()

@@ -24,7 +24,8 @@ def deploy(
     treasury: str = typer.Option(None, help="Address of the protocol's share (default: the deployer)."),
     protocol_bps: int = typer.Option(500, min=0, max=10_000, help="Protocol share of each fee, in bps."),
     node_bps: int = typer.Option(1_500, min=0, max=10_000, help="Node share of each fee, in bps."),
-    thaw_period_s: int = typer.Option(86_400, min=0, help="Seconds a payer waits to withdraw."),
+    thaw_period_s: int = typer.Option(86_400, min=1, help="Seconds a payer waits to withdraw (longer than the "
+                                      "node's epoch max age plus its worst-case settle latency)."),
     challenge_period_s: int = typer.Option(3_600, min=0, help="Seconds an epoch stays locked (vetoable)."),
     token: str = typer.Option(None, help="ERC-20 to pay in (default: deploy the demo token)."),
     key_file: Path = KeyFileOption,
@@ -38,6 +39,7 @@ def deploy(
         chain_id = Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": 10})).eth.chain_id
     except (RequestsConnectionError, OSError) as exc:
         raise Unavailable(f"no chain answers at {rpc_url}", reason=str(exc)[:200]) from exc
+    load_settings().settle_latency().check_thaw_period(thaw_period_s)  # before any gas is spent
     key = signing_key(key_file, dev_account if dev_account is not None else _dev_default(chain_id), chain_id)
     me = Account.from_key(key).address
     with console.status("deploying (the first run compiles the contracts, about a minute)..."):

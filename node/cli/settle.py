@@ -1,4 +1,5 @@
-"""Settlement from the command line: the `worker` and `beat` processes, `claim`, and `epoch export`."""
+"""Settlement from the command line: the `worker` and `beat` processes, `claim`, `epoch export`, and
+`settle losses`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from node.config import load_settings
 from node.errors import BadRequest
 
 epoch_app = typer.Typer(help="Published settlement epochs.", no_args_is_help=True)
+settle_app = typer.Typer(help="What settlement collected, and what it could not.", no_args_is_help=True)
 
 
 def worker() -> None:
@@ -74,3 +76,27 @@ def export(node: str = typer.Option(..., "--node"), out: Path = typer.Option(...
     except LookupError as exc:
         raise BadRequest(str(exc)) from exc
     console.print(f"wrote {path}")
+
+
+@settle_app.command("losses")
+def losses(node: str = typer.Option(None, "--node", help="Default: the operator key's node."),
+           payer: str = typer.Option(None, "--payer", help="Only this payer's losses.")) -> None:
+    """Every loss (served but never collected), per payer, with its lane, epoch, reason and amount."""
+    from node.db.loss import losses as all_losses
+    from node.db.session import make_engine, session_factory
+    from node.settlement.runtime import operator_address
+
+    settings = load_settings()
+    node = node or operator_address(settings)
+    with session_factory(make_engine(settings.resolved_database_url()))() as session:
+        records = all_losses(session, node, payer)
+    if not records:
+        console.print(f"no losses for node {node}")
+        return
+    for who in sorted({r.payer for r in records}):
+        mine = [r for r in records if r.payer == who]
+        console.print(f"payer {who}: {sum(r.amount for r in mine)} lost in {len(mine)} record(s)")
+        for r in mine:
+            epoch = "-" if r.epoch_id is None else str(r.epoch_id)
+            console.print(f"  lane {r.lane}  epoch {epoch}  {r.reason.value}  {r.amount}  {r.detail or ''}".rstrip())
+    console.print(f"total {sum(r.amount for r in records)} lost by node {node}")

@@ -3,8 +3,9 @@
 Given the epoch's receipts (each with the voucher that paid it), the adapters' lineages, the split
 parameters and the node's cumulative amounts after the previous epoch, `build_epoch` gives:
 - per lane: the amount to collect (the sum of the lane's fees in this epoch) and the voucher to
-  collect it with (the lane's highest-cumulative voucher in this epoch, which covers everything
-  collected before plus this amount, because a node only accepts `cumulative >= chargedTotal + maxFee`);
+  collect it with (the lane's highest-cumulative voucher in this epoch that is still valid when the
+  settle lands, which covers everything collected before plus this amount, because a node only
+  accepts `cumulative >= chargedTotal + maxFee`; `collectible` first drops what no such voucher covers);
 - the rewards tree: every payee's CUMULATIVE amount over all epochs so far, leaves `(address, uint256)`;
 - the receipts tree over this epoch's receipts (leaves = the EIP-712 Receipt fields, in id order);
 - `rewards_total = previous_total + collected`, and the invariant sum(leaves) == rewards_total.
@@ -64,6 +65,11 @@ class EpochReceipt:
     method: int
     voucher: PaidVoucher
     weights_bps: tuple[int, ...] | None = None  # method 2: this receipt's dataset weights (lineage order)
+    charged_total: int = 0  # the lane's charged total once this receipt was charged
+
+    @property
+    def lane_key(self) -> tuple[str, int]:
+        return self.voucher.payer.lower(), self.voucher.lane
 
     def leaf(self) -> list[Any]:
         """The receipts-tree leaf: the EIP-712 Receipt fields in RECEIPT_LEAF_TYPES order."""
@@ -94,14 +100,33 @@ class EpochBuild:
         return len(self.receipts)
 
 
-def lane_charges(receipts: Sequence[EpochReceipt]) -> tuple[LaneCharge, ...]:
-    """Per (payer, lane): the sum of fees and the highest-cumulative voucher; zero amounts dropped."""
+def collectible(receipts: Sequence[EpochReceipt], valid_until: int) -> tuple[list[EpochReceipt], list[EpochReceipt]]:
+    """(covered, uncovered): per lane, the best voucher still valid at `valid_until` (the highest
+    cumulative with `deadline >= valid_until`) covers every receipt whose lane total after it is at
+    most that cumulative (receipts on a lane are strictly ordered, vouchers cumulative); the rest of the
+    lane, or all of it when no voucher stays valid, is uncovered."""
+    best: dict[tuple[str, int], int] = {}
+    for r in receipts:
+        if r.voucher.deadline >= valid_until:
+            best[r.lane_key] = max(best.get(r.lane_key, 0), r.voucher.cumulative)
+    covered: list[EpochReceipt] = []
+    uncovered: list[EpochReceipt] = []
+    for r in receipts:
+        is_covered = r.lane_key in best and r.charged_total <= best[r.lane_key]
+        (covered if is_covered else uncovered).append(r)
+    return covered, uncovered
+
+
+def lane_charges(receipts: Sequence[EpochReceipt], valid_until: int = 0) -> tuple[LaneCharge, ...]:
+    """Per (payer, lane): the sum of fees and the highest-cumulative voucher valid at `valid_until`
+    (any voucher when none is); zero amounts dropped."""
     amounts: Counter[tuple[str, int]] = Counter()
     best: dict[tuple[str, int], PaidVoucher] = {}
     for r in receipts:
-        key = (r.voucher.payer.lower(), r.voucher.lane)
+        key = r.lane_key
         amounts[key] += r.fee
-        if key not in best or r.voucher.cumulative > best[key].cumulative:
+        rank = (r.voucher.deadline >= valid_until, r.voucher.cumulative)
+        if key not in best or rank > (best[key].deadline >= valid_until, best[key].cumulative):
             best[key] = r.voucher
     return tuple(LaneCharge(payer, lane, amounts[(payer, lane)], best[(payer, lane)])
                  for payer, lane in sorted(best) if amounts[(payer, lane)] > 0)
@@ -114,10 +139,10 @@ def rewards_tree(cumulative: Mapping[str, int], node: str) -> MerkleTree:
 
 
 def build_epoch(receipts: Sequence[EpochReceipt], lineages: Mapping[int, Lineage], params: SplitParams,
-                previous: Mapping[str, int], previous_total: int) -> EpochBuild:
+                previous: Mapping[str, int], previous_total: int, valid_until: int = 0) -> EpochBuild:
     if not receipts:
         raise ValueError("an epoch needs at least one receipt")
-    lanes = lane_charges(receipts)
+    lanes = lane_charges(receipts, valid_until)
     collected = sum(c.amount for c in lanes)
     payees = {str(adapter_id): lineage for adapter_id, lineage in lineages.items()}
     keys = []

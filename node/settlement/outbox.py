@@ -8,14 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, delete, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from node.attribution.evidence import stated_weights
 from node.attribution.rule import METHOD_EVIDENCE
 from node.chain.contracts import lineage_hash
 from node.db import queries
-from node.db.models import EpochState, Receipt, SettledEpoch, SettlementEpoch, Voucher
+from node.db.models import EpochState, Loss, Receipt, SettledEpoch, SettlementEpoch, Voucher
 from node.errors import AttributionError, MirrorUnavailable
 from node.settlement.epoch_builder import EpochReceipt, PaidVoucher
 from node.settlement.split import Lineage
@@ -34,10 +34,16 @@ class Pending:
     earliest_deadline: int | None  # unix seconds: the soonest-expiring voucher among them
 
 
+def _not_lost() -> ColumnElement[bool]:
+    """A receipt settlement has not recorded as a loss (a lost receipt never enters an epoch again)."""
+    return ~exists().where(Loss.node == Receipt.node, Loss.voucher_hash == Receipt.voucher_hash,
+                           Loss.epoch_id.is_not(None))
+
+
 def pending(session: Session, node: str) -> Pending:
     q = (select(Receipt.id, Receipt.fee, Receipt.created_at, Voucher.deadline)
          .join(Voucher, Voucher.voucher_hash == Receipt.voucher_hash)
-         .where(Receipt.node == node.lower(), Receipt.epoch_id.is_(None)))
+         .where(Receipt.node == node.lower(), Receipt.epoch_id.is_(None), _not_lost()))
     rows = session.execute(q).all()
     if not rows:
         return Pending(0, 0, None, None, None)
@@ -50,6 +56,24 @@ def unfinished(session: Session, node: str) -> SettlementEpoch | None:
     q = (select(SettlementEpoch).where(SettlementEpoch.node == node.lower(), SettlementEpoch.state.in_(IN_FLIGHT))
          .order_by(SettlementEpoch.epoch_id).limit(1))
     return session.scalars(q).first()
+
+
+def in_flight(session: Session, node: str) -> list[SettlementEpoch]:
+    """The node's epochs that are neither final nor failed, oldest first."""
+    q = select(SettlementEpoch).where(SettlementEpoch.node == node.lower(), SettlementEpoch.state.in_(IN_FLIGHT))
+    return list(session.scalars(q.order_by(SettlementEpoch.epoch_id)))
+
+
+def later(session: Session, node: str, epoch_id: int) -> list[SettlementEpoch]:
+    """The node's epochs after `epoch_id`, oldest first."""
+    q = select(SettlementEpoch).where(SettlementEpoch.node == node.lower(), SettlementEpoch.epoch_id > epoch_id)
+    return list(session.scalars(q.order_by(SettlementEpoch.epoch_id)))
+
+
+def last_final_epoch_id(session: Session, node: str) -> int:
+    q = select(func.max(SettlementEpoch.epoch_id)).where(SettlementEpoch.node == node.lower(),
+                                                         SettlementEpoch.state == EpochState.FINAL)
+    return int(session.scalar(q) or 0)
 
 
 def failed(session: Session, node: str) -> SettlementEpoch | None:
@@ -74,9 +98,25 @@ def open_epoch(session: Session, node: str, epoch_id: int, max_receipt_id: int) 
     session.flush()
     result = session.execute(update(Receipt)
                              .where(Receipt.node == node.lower(), Receipt.epoch_id.is_(None),
-                                    Receipt.id <= max_receipt_id)
+                                    Receipt.id <= max_receipt_id, _not_lost())
                              .values(epoch_id=epoch_id).execution_options(synchronize_session=False))
     return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def detach(session: Session, node: str, epoch_id: int, receipt_ids: list[int] | None = None) -> None:
+    """Take receipts out of epoch `epoch_id` (all of them when `receipt_ids` is None): lost ones stay out
+    for good, the others wait for a later epoch."""
+    q = update(Receipt).where(Receipt.node == node.lower(), Receipt.epoch_id == epoch_id)
+    if receipt_ids is not None:
+        q = q.where(Receipt.id.in_(receipt_ids))
+    session.execute(q.values(epoch_id=None).execution_options(synchronize_session=False))
+
+
+def dissolve(session: Session, node: str, epoch_id: int) -> None:
+    """Delete epoch `epoch_id` (never sent, or refused for good): its receipts wait for a later epoch."""
+    detach(session, node, epoch_id)
+    session.execute(delete(SettlementEpoch).where(SettlementEpoch.node == node.lower(),
+                                                  SettlementEpoch.epoch_id == epoch_id))
 
 
 def epoch_receipts(session: Session, node: str, epoch_id: int) -> list[EpochReceipt]:
@@ -89,7 +129,7 @@ def epoch_receipts(session: Session, node: str, epoch_id: int) -> list[EpochRece
         weights = stated_weights(r.attribution).weights_bps if r.method == METHOD_EVIDENCE else None
         out.append(EpochReceipt(r.id, r.voucher_hash, r.adapter_id, r.registry_block, r.lineage_hash,
                                 r.prompt_tokens, r.completion_tokens, r.fee, r.output_hash, r.method, paid,
-                                weights))
+                                weights, v.charged_total))
     return out
 
 

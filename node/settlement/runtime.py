@@ -3,18 +3,21 @@
 `SettlementRuntime.from_settings(settings)` reads the deployment file, opens the database, and
 builds the TxManager (SQL TxStore, finality = `finality_depth` blocks) and the SettlementService of
 the operator key. The epoch policy and the beat interval are Settings fields (epoch_max_age_s,
-epoch_max_value, epoch_expiry_margin_s, settlement_interval_s).
+epoch_max_value, epoch_expiry_margin_s, settlement_interval_s); the vouchers' horizon comes from the
+worst-case settle latency, and a chain whose escrow thaws faster than that latency is refused.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
+import requests
 from eth_account import Account
 
 from node.chain.contract_client import web3_for
 from node.chain.contracts import Contracts
-from node.chain.deploy import read_deployment
+from node.chain.deploy import Deployment, read_deployment
 from node.chain.tx_manager import FeePolicy, TxManager
 from node.chain.tx_store import SqlTxStore
 from node.config import Settings
@@ -22,10 +25,30 @@ from node.db.session import make_engine, session_factory
 from node.errors import ConfigError
 from node.settlement.service import EpochPolicy, SettlementService
 
+log = logging.getLogger(__name__)
+THAW_PERIOD_ABI = [{"type": "function", "name": "thawPeriod", "stateMutability": "view", "inputs": [],
+                    "outputs": [{"name": "", "type": "uint64"}]}]
+
 
 def epoch_policy(settings: Settings) -> EpochPolicy:
     return EpochPolicy(max_age_s=settings.epoch_max_age_s, max_value=settings.epoch_max_value,
-                       expiry_margin_s=settings.epoch_expiry_margin_s)
+                       expiry_margin_s=settings.epoch_expiry_margin_s,
+                       land_within_s=settings.settle_latency().build_to_land_s)
+
+
+def check_chain_parameters(settings: Settings, deployment: Deployment) -> None:
+    """Refuse to run (ConfigError) where the escrow's thaw period lets a payer withdraw a charge before
+    this node's worst-case settle latency has passed. Read on chain (it is immutable there); the
+    deployment file's record stands in when the chain does not answer at start."""
+    thaw_period_s = deployment.thaw_period_s
+    if settings.rpc_url is not None:
+        try:
+            w3 = web3_for(settings.rpc_url)
+            escrow = w3.eth.contract(address=w3.to_checksum_address(deployment.escrow), abi=THAW_PERIOD_ABI)
+            thaw_period_s = int(escrow.functions.thawPeriod().call())
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            log.warning("chain unreachable at start (%s): checking the deployment file's thaw period", exc)
+    settings.settle_latency().check_thaw_period(thaw_period_s)
 
 
 def operator_address(settings: Settings) -> str:
@@ -49,4 +72,5 @@ class SettlementRuntime:
         factory = session_factory(make_engine(settings.resolved_database_url()))
         tx = TxManager(w3, key, SqlTxStore(factory), FeePolicy(confirmations=settings.finality_depth))
         contracts = Contracts.connect(w3, deployment, key)
+        settings.settle_latency().check_thaw_period(contracts.escrow.thaw_period_s())  # immutable on chain
         return cls(SettlementService(factory, contracts, tx, policy or epoch_policy(settings)))

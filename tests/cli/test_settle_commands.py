@@ -62,3 +62,24 @@ def test_processes_refuse_to_start_without_a_deployment(command: str, tmp_path: 
            "LORANODE_RPC_URL": "http://127.0.0.1:1", "LORANODE_MODEL_PATH": str(tmp_path)}
     code, out = _run(env, command)
     assert code == 2 and "deployment" in out, out
+
+
+def test_settle_losses_shows_every_loss_per_payer_with_its_reason(sqlite_world: SettlementWorld) -> None:
+    world = sqlite_world
+    a, _ = world.adapter_ids
+    world.pay(0, 0, a, 1_000, validity_s=60)  # expires before any settle can land
+    world.pay(0, 1, a, 2_000, validity_s=60)
+    world.pay(1, 0, a, 4_000, validity_s=60)
+    world.pay(2, 0, a, 8_000)  # collected: not a loss
+    world.anvil.rpc("evm_increaseTime", 120)
+    world.mine()
+    settle_now(world, world.service())
+    env = {"LORANODE_DATABASE_URL": world.db_url}
+    code, out = _run(env, "settle", "losses", "--node", world.node)
+    assert code == 0, out
+    first, second = (world.contracts(PAYERS[i]).client.address.lower() for i in (0, 1))
+    assert f"payer {first}: 3000 lost in 2 record(s)" in out and f"payer {second}: 4000 lost in 1" in out
+    assert out.count("voucher_expired") == 3 and "total 7000 lost" in out
+    assert world.contracts(PAYERS[2]).client.address.lower() not in out
+    code, out = _run(env, "settle", "losses", "--node", world.node, "--payer", second)
+    assert code == 0 and first not in out and "total 4000 lost" in out, out

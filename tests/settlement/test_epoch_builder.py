@@ -11,6 +11,7 @@ from node.settlement.epoch_builder import (
     EpochReceipt,
     PaidVoucher,
     build_epoch,
+    collectible,
     cumulative_of,
     lane_charges,
 )
@@ -34,6 +35,24 @@ def test_each_lane_collects_its_fees_with_its_highest_voucher() -> None:
           receipt(5, 1, 0, 9, 30)]
     lanes = {(c.payer, c.lane): (c.amount, c.voucher.cumulative) for c in lane_charges(rs)}
     assert lanes == {(PAYERS[0], 0): (140, 190), (PAYERS[0], 1): (7, 7), (PAYERS[1], 0): (9, 30)}
+
+
+def paid(n: int, lane: int, fee: int, charged_total: int, cumulative: int, deadline: int) -> EpochReceipt:
+    voucher = PaidVoucher(PAYERS[0], NODE, lane, cumulative, "0x" + "ab" * 32, deadline, "0x" + "cd" * 65)
+    return EpochReceipt(n, f"0x{n:064x}", 1, 7, "0x" + "ee" * 32, 3, 4, fee, "0x" + "ff" * 32, 1, voucher,
+                        charged_total=charged_total)
+
+
+def test_a_lane_collects_what_its_best_voucher_still_valid_covers() -> None:
+    rs = [paid(1, 0, 100, 100, 1_000, deadline=500),  # a budget: it covers up to 1,000
+          paid(2, 0, 300, 400, 1_050, deadline=90),  # higher but expired; covered by the first
+          paid(3, 0, 700, 1_100, 1_200, deadline=90),  # beyond every valid voucher: lost
+          paid(4, 1, 5, 5, 5, deadline=99)]  # a lane with no voucher valid at 100: lost
+    covered, lost = collectible(rs, valid_until=100)
+    assert [r.receipt_id for r in covered] == [1, 2] and [r.receipt_id for r in lost] == [3, 4]
+    build = build_epoch(covered, LINEAGES, PARAMS, {}, 0, valid_until=100)
+    assert [(c.amount, c.voucher.cumulative) for c in build.lanes] == [(400, 1_000)]  # the valid voucher
+    assert build.collected == build.rewards_total == sum(build.cumulative.values()) == 400
 
 
 def test_two_epochs_give_cumulative_leaves_and_totals() -> None:

@@ -38,7 +38,7 @@ def test_an_epoch_closes_by_age_value_or_voucher_expiry(sqlite_world: Settlement
     clock.now += 290
     assert by_age.is_due()
     assert by_age.tick() is EpochState.BUILT  # closed and built in one beat
-    world.pay(2, 0, a, 5, validity_s=30)
+    world.pay(2, 0, a, 5, validity_s=400)  # outlives the build's horizon
     assert by_age.is_due() and by_age.close_epoch() is None  # epoch 1 is still in flight
     for _ in range(10):
         by_age.step()

@@ -1,0 +1,59 @@
+"""The node's worst-case settle latency, and the limits it puts on vouchers, epochs and the escrow.
+
+One formula, written once. A receipt's money lands on chain at the latest after
+
+    notice_s  = beat_s                 a tick sees its epoch due at most one beat late
+    queue_s   = mine_s + beat_s        an epoch already built (never more than one) waits for its
+                                       predecessor to be mined and a tick to send it, then ours closes
+    send_s    = mine_s + beat_s        ours is built; its predecessor (just sent) is mined, a tick sends ours
+    land_s    = mine_s + reorg_s       ours is mined, fee bumps included, and mined again after a reorg
+
+    worst_case_s = notice_s + queue_s + send_s + land_s      (from "due" to "on chain")
+    build_to_land_s = send_s + land_s                        (the voucher horizon used when building)
+
+where beat_s is `settlement_interval_s`, mine_s is `settle_max_mine_s` (broadcast to mined, fee bumps
+included), and reorg_s = `confirmations` x `block_time_s` (the depth of reorg the node hedges against).
+
+What follows from it:
+- an epoch closes while its soonest voucher still has `expiry_margin_s >= worst_case_s` to live;
+- the API accepts a voucher only with `min_voucher_validity_s >= worst_case_s` left;
+- the escrow's `thawPeriod` must exceed `epoch_max_age_s + worst_case_s`: a payer that thaws right
+  after being charged cannot withdraw before the node has collected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from node.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SettleLatency:
+    beat_s: float = 15.0
+    mine_s: float = 120.0
+    reorg_s: float = 24.0
+    max_age_s: float = 3_600.0
+
+    @property
+    def build_to_land_s(self) -> float:
+        """From building an epoch to its settle landing: the horizon its vouchers must outlive."""
+        return (self.mine_s + self.beat_s) + (self.mine_s + self.reorg_s)
+
+    @property
+    def worst_case_s(self) -> float:
+        """From an epoch being due (by age, value or a voucher's expiry) to its settle landing."""
+        return self.beat_s + (self.mine_s + self.beat_s) + self.build_to_land_s
+
+    @property
+    def min_thaw_period_s(self) -> float:
+        """The shortest escrow thaw period under which no charge can be withdrawn before it is collected."""
+        return self.max_age_s + self.worst_case_s
+
+    def check_thaw_period(self, thaw_period_s: int) -> None:
+        """Refuse an escrow whose payers could withdraw what they were charged before it is collected."""
+        if thaw_period_s <= self.min_thaw_period_s:
+            raise ConfigError("the escrow's thaw period is too short for this node's settle latency: a payer "
+                              "could withdraw what it was charged before the node collects it",
+                              thaw_period_s=thaw_period_s, required_above_s=self.min_thaw_period_s,
+                              epoch_max_age_s=self.max_age_s, worst_case_settle_s=self.worst_case_s)
