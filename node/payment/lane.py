@@ -46,11 +46,12 @@ class LaneTransaction(Protocol):
     def put_hold(self, payer: str, node: str, lane: int, max_fee: int, voucher_hash: str, now: datetime) -> None:
         """Hold `max_fee` on the lane for `voucher_hash`, creating the lane on first use."""
 
-    def charge(self, voucher: dict[str, Any], receipt: dict[str, Any], charged_before: int) -> bool:
+    def charge(self, voucher: dict[str, Any], receipt: dict[str, Any], charged_before: int,
+               held_since: datetime) -> bool:
         """Turn the lane's hold into its charge and store the voucher (with its response) and the
-        receipt, all or nothing: False (nothing written) if the hold is no longer this voucher's or the
-        lane was charged since. (PostgreSQL commits here, to learn the outcome in the same round trip;
-        nothing else may follow in that transaction.)"""
+        receipt, all or nothing: False (nothing written) if the hold is no longer this voucher's, was
+        placed before `held_since` (expired), or the lane was charged since. (PostgreSQL commits here,
+        to learn the outcome in the same round trip; nothing else may follow in that transaction.)"""
 
     def drop_hold(self, payer: str, node: str, lane: int, voucher_hash: str) -> None:
         """Release the lane's hold if it is still `voucher_hash`'s."""

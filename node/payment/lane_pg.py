@@ -75,6 +75,7 @@ WITH charged AS (
         updated_at = %(created_at)s
     WHERE payer = %(payer)s AND node = %(node)s AND lane = %(lane)s
       AND reserved_voucher_hash = %(voucher_hash)s AND charged_total = %(charged_before)s::numeric
+      AND reserved_at > %(held_since)s
     RETURNING 1
 ), voucher AS (
     INSERT INTO vouchers (voucher_hash, payer, node, lane, cumulative, request_hash, deadline, signature,
@@ -136,8 +137,10 @@ class PipelinedLaneTransaction:
         self.conn.execute(_PUT_HOLD, {"payer": payer, "node": node, "lane": lane, "max_fee": max_fee,
                                       "voucher_hash": voucher_hash, "now": now})
 
-    def charge(self, voucher: dict[str, Any], receipt: dict[str, Any], charged_before: int) -> bool:
+    def charge(self, voucher: dict[str, Any], receipt: dict[str, Any], charged_before: int,
+               held_since: datetime) -> bool:
         params = {**receipt, **voucher, "receipt_signature": receipt["signature"], "charged_before": charged_before,
+                  "held_since": held_since,
                   "response": Json(voucher["response"]) if voucher["response"] is not None else None,
                   "attribution": Json(receipt["attribution"]) if receipt["attribution"] is not None else None}
         cur = self.conn.execute(_CHARGE, params)

@@ -64,10 +64,12 @@ class SQLiteLaneTransaction:
                                       "last_cumulative": 0, "reserved": max_fee, "reserved_voucher_hash": voucher_hash,
                                       "reserved_at": now, "updated_at": now})
 
-    def charge(self, voucher: dict[str, Any], receipt: dict[str, Any], charged_before: int) -> bool:
+    def charge(self, voucher: dict[str, Any], receipt: dict[str, Any], charged_before: int,
+               held_since: datetime) -> bool:
         result = self.conn.execute(_CHARGE, {
             "k_payer": voucher["payer"], "k_node": voucher["node"], "k_lane": voucher["lane"],
-            "k_hash": voucher["voucher_hash"], "k_before": charged_before, "charged_total": voucher["charged_total"],
+            "k_hash": voucher["voucher_hash"], "k_before": charged_before, "k_held_since": held_since,
+            "charged_total": voucher["charged_total"],
             "last_cumulative": voucher["cumulative"], "last_voucher_hash": voucher["voucher_hash"],
             "updated_at": voucher["created_at"]})
         if result.rowcount != 1:
@@ -129,6 +131,7 @@ _LANE_ROWS = (select(LANES.c.lane, LANES.c.charged_total, LANES.c.reserved, LANE
                                                              COLLECTIONS.c.lane == LANES.c.lane)))
               .where(LANES.c.payer == bindparam("payer"), LANES.c.node == bindparam("node")))
 _PUT_HOLD = _put_hold()
-_CHARGE = (update(LANES).where(_lane_key(), LANES.c.charged_total == bindparam("k_before"))
+_CHARGE = (update(LANES).where(_lane_key(), LANES.c.charged_total == bindparam("k_before"),
+                               LANES.c.reserved_at > bindparam("k_held_since", type_=LANES.c.reserved_at.type))
            .values(reserved=0, reserved_voucher_hash=None, reserved_at=None))
 _DROP_HOLD = update(LANES).where(_lane_key()).values(reserved=0, reserved_voucher_hash=None, reserved_at=None)

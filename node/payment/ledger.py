@@ -9,7 +9,15 @@ charge or a release writes only its own lane's row, where the hold is (see `comm
     commit:   charge fee <= maxFee, new chargedTotal, voucher + signed receipt + response, one transaction
     release:  the generation failed or the client left: the hold goes, nothing is charged
 
-A hold older than `reservation_ttl_s` (a crashed process) no longer counts and can be taken over.
+A hold counts against the escrow until it is charged or released, or until it expires: a hold older
+than `reservation_ttl_s` (its process crashed) no longer counts and its lane can be taken over. So
+that an expired hold can never be charged as well (two charges against one escrow), the charge
+refuses a hold older than `max_hold` (the TTL less `max_clock_skew_s`, the most two API processes'
+clocks may differ), and the API ends every generation before that (GenerationService's time limit,
+charged like a hang-up). A hold that is refused after tokens left the node is a recorded loss
+(`write_off`). The alternative, holds that never expire and a liveness rule for crashed processes,
+needs every process to heartbeat; a TTL needs nothing but agreeing clocks.
+
 Each step is one transaction of `Lanes` (node/payment/lane.py): on PostgreSQL a hold costs two round
 trips and a charge one (lane_pg.py), on SQLite a few Core statements (lane_sqlite.py).
 """
@@ -26,6 +34,7 @@ from sqlalchemy import Engine, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import queries
+from node.db.loss import LossReason, LossRecord, record_loss
 from node.db.models import Lane, Voucher
 from node.db.queries import ReceiptFields as ReceiptRow  # what the ledger stores, as given
 from node.errors import InsufficientEscrow, VoucherConflict
@@ -58,10 +67,12 @@ class Channel:
 
 class Ledger:
     def __init__(self, factory: sessionmaker[Session], node: str, *, reservation_ttl_s: float = 600.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 max_clock_skew_s: float = 5.0, clock: Callable[[], float] = time.time) -> None:
         self.factory = factory
         self.node = node.lower()
         self.ttl = timedelta(seconds=reservation_ttl_s)
+        # a hold may be charged this long after it was placed (never past the TTL on any process's clock)
+        self.max_hold = self.ttl - timedelta(seconds=min(max_clock_skew_s, reservation_ttl_s / 10))
         self.clock = clock
         engine = self._engine()
         self.lanes: Lanes = SQLiteLanes(engine) if engine.dialect.name == "sqlite" else PipelinedLanes(engine)
@@ -144,10 +155,29 @@ class Ledger:
                    "created_at": now}
         row = {**receipt.__dict__, "voucher_hash": res.voucher_hash, "node": self.node, "created_at": now}
         with self.lanes.transaction() as tx:
-            if not tx.charge(voucher, row, res.charged_before):
-                raise VoucherConflict("the lane's hold expired and was taken over; nothing was charged",
-                                      lane=res.lane)
+            if not tx.charge(voucher, row, res.charged_before, now - self.max_hold):
+                raise VoucherConflict("the lane's hold expired or was taken over; nothing was charged",
+                                      lane=res.lane, max_hold_s=self.max_hold.total_seconds())
         return total, body
+
+    def write_off(self, res: Reservation, checked: CheckedVoucher, amount: int, reason: LossReason,
+                  detail: str) -> None:
+        """Spend the voucher without a charge and record `amount` as lost, in one transaction: tokens
+        left the node and will never be paid (a node fault, or a charge that could not be committed).
+        The hold goes (if still ours); the voucher is stored without a response, so it never buys
+        another generation (a retry is 409)."""
+        v = checked.voucher
+        with self.factory.begin() as session:
+            session.execute(update(Lane).where(Lane.payer == res.payer, Lane.node == self.node, Lane.lane == res.lane,
+                                               Lane.reserved_voucher_hash == res.voucher_hash)
+                            .values(reserved=0, reserved_voucher_hash=None, reserved_at=None))
+            if session.get(Voucher, res.voucher_hash) is None:
+                session.add(Voucher(voucher_hash=res.voucher_hash, payer=res.payer, node=self.node, lane=res.lane,
+                                    cumulative=v.cumulative, request_hash="0x" + v.request_hash.hex(),
+                                    deadline=v.deadline, signature="0x" + checked.signature.hex(),
+                                    charged_total=res.charged_before, response=None, created_at=self._now()))
+            record_loss(session, LossRecord(self.node, res.payer, res.lane, amount, reason, res.voucher_hash,
+                                            detail=detail))
 
     def release(self, res: Reservation) -> None:
         """Drop the hold (if still ours): nothing is charged. No payer lock is needed: a concurrent
