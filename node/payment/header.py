@@ -91,7 +91,7 @@ def _parse(data: dict[str, Any]) -> PaymentHeader:
         raise BadRequest("bad X-Payment voucher field(s): " + ", ".join(bad), fields=bad)
     if data["deadline"] > MAX_DEADLINE:
         raise BadRequest(f"bad X-Payment voucher: deadline {data['deadline']} is past what the node can store "
-                         f"({MAX_DEADLINE}); sign a real expiry time", param="deadline", max_deadline=MAX_DEADLINE)
+                         f"({MAX_DEADLINE}); sign a real expiry time", fields=["deadline"], max_deadline=MAX_DEADLINE)
     return PaymentHeader(payer=checksum_address(data["payer"]), node=checksum_address(data["node"]),
                          lane=data["lane"], cumulative=int(data["cumulative"]),
                          request_hash=bytes.fromhex(data["requestHash"][2:]), deadline=data["deadline"],
