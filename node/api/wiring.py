@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import socket
 
 from eth_account import Account
 
@@ -78,7 +79,8 @@ def _build_services(settings: Settings, deployment: Deployment, key: str) -> Nod
     engine = LLMEngine(config, provider=store)
     db = session_factory(make_engine(settings.resolved_database_url()))
     node = Account.from_key(key).address
-    ledger = Ledger(db, node, reservation_ttl_s=settings.reservation_ttl_s)
+    ledger = Ledger(db, node, reservation_ttl_s=settings.reservation_ttl_s,
+                    instance=f"{socket.gethostname()}:{settings.port}")
     pricing = Pricing(settings.prompt_token_price, settings.completion_token_price, settings.min_fee)
     domain = Domain(chain_id=deployment.chain_id, verifying_contract=deployment.settlement)
     attributor = None

@@ -24,6 +24,7 @@ trips and a charge one (lane_pg.py), on SQLite a few Core statements (lane_sqlit
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,9 +68,11 @@ class Channel:
 
 class Ledger:
     def __init__(self, factory: sessionmaker[Session], node: str, *, reservation_ttl_s: float = 600.0,
-                 max_clock_skew_s: float = 5.0, clock: Callable[[], float] = time.time) -> None:
+                 max_clock_skew_s: float = 5.0, instance: str | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.factory = factory
         self.node = node.lower()
+        self.instance = instance or socket.gethostname()  # this API process, as its holds name it
         self.ttl = timedelta(seconds=reservation_ttl_s)
         # a hold may be charged this long after it was placed (never past the TTL on any process's clock)
         self.max_hold = self.ttl - timedelta(seconds=min(max_clock_skew_s, reservation_ttl_s / 10))
@@ -119,18 +122,23 @@ class Ledger:
             if spendable < max_fee:
                 raise InsufficientEscrow("not enough escrow for this request", spendable=spendable, max_fee=max_fee,
                                          balance=view.balance, thawing=view.thawing)
-            tx.put_hold(payer, self.node, v.lane, max_fee, digest, now)
+            tx.put_hold(payer, self.node, v.lane, max_fee, digest, now, self.instance)
             return Reservation(payer, self.node, v.lane, digest, v.cumulative, max_fee, view.lane.charged_total)
 
     def _check_order(self, lane: LaneRow, checked: CheckedVoucher, max_fee: int, now: datetime) -> None:
         v = checked.voucher
-        # A hold on this lane blocks every other voucher until it ends or expires; the same voucher sent
-        # again takes its hold over (its first request died with its process, or its client retried):
-        # at most one of the two can commit, so it is still charged at most once.
+        # A live hold on this lane blocks every other voucher until it ends or expires. The same voucher
+        # sent again is in flight on the process that holds it (409: one voucher, one generation), unless
+        # that process is this one's earlier life (PaymentService refuses it while it lives here): then
+        # its first request died with that process, and the retry takes the hold over.
         held = lane.reserved_voucher_hash
-        if held and held != checked.digest_hex and lane.reserved_at and now - lane.reserved_at < self.ttl:
-            raise VoucherConflict("a request is already in flight on this lane: use another lane",
-                                  lane=v.lane, in_flight=lane.reserved_voucher_hash)
+        if held and lane.reserved_at and now - lane.reserved_at < self.ttl:
+            if held != checked.digest_hex:
+                raise VoucherConflict("a request is already in flight on this lane: use another lane",
+                                      lane=v.lane, in_flight=held)
+            if lane.reserved_by != self.instance:
+                raise VoucherConflict("this voucher's request is in flight on another API process: wait for its "
+                                      "answer", lane=v.lane, in_flight_on=lane.reserved_by)
         if v.cumulative < lane.last_cumulative:
             raise VoucherConflict("stale voucher: cumulative is below one already accepted on this lane",
                                   lane=v.lane, cumulative=str(v.cumulative), last_cumulative=str(lane.last_cumulative))
@@ -155,7 +163,7 @@ class Ledger:
                    "created_at": now}
         row = {**receipt.__dict__, "voucher_hash": res.voucher_hash, "node": self.node, "created_at": now}
         with self.lanes.transaction() as tx:
-            if not tx.charge(voucher, row, res.charged_before, now - self.max_hold):
+            if not tx.charge(voucher, row, res.charged_before, now - self.max_hold, self.instance):
                 raise VoucherConflict("the lane's hold expired or was taken over; nothing was charged",
                                       lane=res.lane, max_hold_s=self.max_hold.total_seconds())
         return total, body
@@ -169,8 +177,9 @@ class Ledger:
         v = checked.voucher
         with self.factory.begin() as session:
             session.execute(update(Lane).where(Lane.payer == res.payer, Lane.node == self.node, Lane.lane == res.lane,
-                                               Lane.reserved_voucher_hash == res.voucher_hash)
-                            .values(reserved=0, reserved_voucher_hash=None, reserved_at=None))
+                                               Lane.reserved_voucher_hash == res.voucher_hash,
+                                               Lane.reserved_by == self.instance)
+                            .values(reserved=0, reserved_voucher_hash=None, reserved_at=None, reserved_by=None))
             if session.get(Voucher, res.voucher_hash) is None:
                 session.add(Voucher(voucher_hash=res.voucher_hash, payer=res.payer, node=self.node, lane=res.lane,
                                     cumulative=v.cumulative, request_hash="0x" + v.request_hash.hex(),
@@ -183,7 +192,7 @@ class Ledger:
         """Drop the hold (if still ours): nothing is charged. No payer lock is needed: a concurrent
         `reserve` reads the hold either still there (and counts it) or gone."""
         with self.lanes.transaction() as tx:
-            tx.drop_hold(res.payer, self.node, res.lane, res.voucher_hash)
+            tx.drop_hold(res.payer, self.node, res.lane, res.voucher_hash, self.instance)
 
     def forget_responses(self, older_than: timedelta) -> int:
         """Drop stored response bodies past the idempotency window (vouchers and receipts stay)."""

@@ -125,3 +125,21 @@ def test_a_hold_is_chargeable_until_its_ttl_less_the_clock_skew(db_url: str) -> 
     clock.now += ledger.max_hold.total_seconds() - 1
     assert ledger.max_hold < timedelta(seconds=60)
     assert ledger.commit(hold, checked, 70, _receipt(1, 70), lambda t: {"t": t})[0] == 70
+
+
+def test_the_same_voucher_held_by_another_api_process_is_409_until_that_hold_expires(db_url: str) -> None:
+    """Two API processes on one PostgreSQL (or two lives of one on SQLite): a voucher in flight on one is
+    never generated a second time by the other; only its own process, restarted, may take it over."""
+    clock = Clock()
+    ledger_a, factory = _ledger(db_url, deposit=1_000, reservation_ttl_s=60, clock=clock, instance="host-a:8000")
+    ledger_b = Ledger(factory, NODE, reservation_ttl_s=60, clock=clock, instance="host-b:8000")
+    checked = _checked(0, 100, b"twice")
+    ledger_a.reserve(checked, 100)
+    with pytest.raises(VoucherConflict, match="in flight"):
+        ledger_b.reserve(checked, 100)
+    restarted_a = Ledger(factory, NODE, reservation_ttl_s=60, clock=clock, instance="host-a:8000")
+    hold = restarted_a.reserve(checked, 100)  # its first life died: the retry needs no TTL wait
+    clock.now += 61
+    ledger_b.reserve(checked, 100)  # past the TTL, any process may take it over
+    with pytest.raises(VoucherConflict, match="expired or was taken over"):
+        restarted_a.commit(hold, checked, 50, _receipt(1, 50), lambda t: {"t": t})
