@@ -232,7 +232,8 @@ class GenerationService:
 
     def _charge_stream(self, job: Job, sent: Sent, ending: str) -> dict[str, Any]:
         with sent.lock:
-            assert not sent.is_settled, "a stream's hold ends once"
+            if sent.is_settled:  # the hang-up's settling came first (its thread may start before this one)
+                raise Unavailable("the stream ended while it was being charged")
             _total, body = self._charge(job, sent.usage, sent.text, ending)
             sent.is_settled = True
             return body
@@ -249,20 +250,23 @@ class GenerationService:
                 self.payments.write_off(job.hold, sent.usage, reason, f"{exc.code}: {exc.message}")
 
     def _settle_hang_up(self, job: Job, sent: Sent) -> None:
-        """The client left mid-stream: charge what was generated and sent, and store it as the answer."""
+        """The client left mid-stream: charge what was generated and sent, and store it as the answer
+        (a loss if that charge cannot be committed); release the hold if nothing was sent."""
         with sent.lock:
             if sent.is_settled:
                 return
+            sent.is_settled = True
             if not sent.parts:
-                sent.is_settled = True
                 self.payments.cancel(job.hold)
                 return
-        try:
-            self._charge_stream(job, sent, CLIENT_LEFT)
-            log.info("stream %s: the client left after %d tokens, charged for them", job.response_id,
-                     sent.num_completion_tokens)
-        except NodeError as exc:
-            self._end_unpaid(job, sent, LossReason.DELIVERED_UNCHARGED, exc)
+            try:
+                self._charge(job, sent.usage, sent.text, CLIENT_LEFT)
+            except NodeError as exc:
+                self.payments.write_off(job.hold, sent.usage, LossReason.DELIVERED_UNCHARGED,
+                                        f"{exc.code}: {exc.message}")
+                return
+        log.info("stream %s: the client left after %d tokens, charged for them", job.response_id,
+                 sent.num_completion_tokens)
 
     def _replay(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest,
                 body: dict[str, Any]) -> JSONResponse | StreamingResponse:
