@@ -96,13 +96,15 @@ def test_a_stream_hung_up_mid_answer_is_charged_and_its_header_buys_no_second_an
     body = att.body(stream=True)
     header = att.header(body, lane)
     before = att.charged(lane)
-    seen = "".join(e["choices"][0]["text"] for e in att.hang_up_after(body, header, chunks=4))
+    read = [e["choices"][0]["text"] for e in att.hang_up_after(body, header, chunks=4)]
+    seen = "".join(read)
     after = att.charged_once_settled(lane, before)
     assert after > before, "the tokens the attacker read were not charged"
     status, replayed, events = att.stream_text(body, header)  # the same header, the same bytes, again
     assert status == 200
     receipt = events[-1]["receipt"]
     assert replayed.startswith(seen) and 0 < receipt["completionTokens"] < 1_000  # the stored partial answer
+    assert receipt["completionTokens"] >= sum(1 for text in read if text)  # every token it read is paid for
     assert int(receipt["fee"]) == after - before == _fee(receipt["promptTokens"], receipt["completionTokens"])
     assert att.charged(lane) == after  # the replay is free, and there was no second generation
 
@@ -208,6 +210,22 @@ def test_no_generation_outlives_its_hold_and_the_cut_answer_is_charged(paid: Pai
     usage = resp.json()["usage"]
     assert 0 < usage["completion_tokens"] < 1_000 and resp.json()["choices"][0]["finish_reason"] == "length"
     assert att.charged(lane) == int(resp.json()["receipt"]["fee"])
+
+
+def test_no_stream_outlives_its_hold_and_the_cut_stream_is_charged(paid: PaidNode) -> None:
+    att, lane = _attacker(paid), 108
+    svc = paid.local.services
+    assert svc is not None
+    saved, svc.generation.max_generation_s = getattr(svc.generation, "max_generation_s", None), 0.3
+    try:
+        body = att.body(stream=True)
+        status, text, events = att.stream_text(body, att.header(body, lane))
+    finally:
+        svc.generation.max_generation_s = saved
+    assert status == 200 and text
+    last = events[-1]
+    assert last["choices"][0]["finish_reason"] == "length" and 0 < last["receipt"]["completionTokens"] < 1_000
+    assert att.charged(lane) == int(last["receipt"]["fee"])
 
 
 # --- 7. one voucher, one generation at a time ----------------------------------------------------
