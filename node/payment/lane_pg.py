@@ -25,6 +25,7 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+import sqlalchemy.exc
 from eth_hash.auto import keccak
 from psycopg.types.json import Json
 from sqlalchemy import Engine
@@ -165,7 +166,11 @@ class PipelinedLanes:
     def transaction(self, lock_payer: str | None = None, node: str = "") -> Iterator[PipelinedLaneTransaction]:
         """A transaction; with `lock_payer`, a hold's: under the (payer, node) lock, without waiting
         for its commit's WAL flush. Commits when the block ends (if `charge` has not already)."""
-        pooled = self.engine.raw_connection()
+        try:
+            pooled = self.engine.raw_connection()
+        except (psycopg.OperationalError, sqlalchemy.exc.OperationalError) as exc:  # the server is not there
+            raise DatabaseUnavailable("the node's database is not available; retry shortly",
+                                      error=type(exc).__name__) from exc
         conn: psycopg.Connection[Any] = pooled.driver_connection  # type: ignore[assignment]
         try:
             conn.autocommit = True

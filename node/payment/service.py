@@ -25,7 +25,7 @@ from typing import Any
 
 from eth_account import Account
 from eth_hash.auto import keccak
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
 from node.attribution.attributor import Attributor
 from node.attribution.evidence import Attribution
@@ -146,8 +146,12 @@ class PaymentService:
         def respond(charged_total: int) -> dict[str, Any]:
             return build(receipt_json(row, hold.checked.digest_hex, self.node, charged_total))
 
-        charged = self.ledger.commit(hold.reservation, hold.checked, fee, row, respond)
-        self._unclaim(hold.checked.digest_hex)  # (on failure the caller cancels or writes off)
+        try:
+            charged = self.ledger.commit(hold.reservation, hold.checked, fee, row, respond)
+        except (OperationalError, InterfaceError) as exc:  # (on failure the caller cancels or writes off)
+            raise DatabaseUnavailable("the node's database is not available; retry shortly",
+                                      error=type(exc).__name__) from exc
+        self._unclaim(hold.checked.digest_hex)
         return charged
 
     def cancel(self, hold: Hold) -> None:
@@ -159,17 +163,18 @@ class PaymentService:
 
     def write_off(self, hold: Hold, usage: Usage, reason: LossReason, detail: str) -> None:
         """Tokens left the node and will not be charged: spend the voucher and record what they were worth
-        as a loss. If even that cannot be written (the database is down), the loss is logged."""
+        as a loss. If even that cannot be written (the database is down), the loss is logged, and the
+        voucher stays in flight here (409) for this process's life: it never buys a second generation."""
         amount = min(self.pricing.fee(usage.prompt_tokens, usage.completion_tokens), hold.reservation.max_fee)
         voucher_hash = hold.checked.digest_hex
         try:
             self.ledger.write_off(hold.reservation, hold.checked, amount, reason, detail)
-            log.warning("loss of %d on voucher %s: %s (%s)", amount, voucher_hash, reason.value, detail)
         except (SQLAlchemyError, DatabaseUnavailable) as exc:
             log.error("loss of %d on voucher %s (%s) NOT recorded, the database refused it: %s", amount,
                       voucher_hash, reason.value, type(exc).__name__)
-        finally:
-            self._unclaim(voucher_hash)
+            return
+        self._unclaim(voucher_hash)
+        log.warning("loss of %d on voucher %s: %s (%s)", amount, voucher_hash, reason.value, detail)
 
     def _attribute(self, lineage: AdapterLineageView, output_text: str) -> Attribution | None:
         """Method 2's attribution of the output; None on a method 1 node or while an index is building."""

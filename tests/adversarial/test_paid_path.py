@@ -20,8 +20,11 @@ from node.chain.eip712 import Voucher, sign_voucher, voucher_digest
 from node.client.payer import Payer
 from node.db.loss import LossReason, losses
 from node.db.models import Lane
+from node.db.session import make_engine, session_factory
 from node.devkit.local_node import LocalNode, settings_env
 from node.payment.header import PaymentHeader, decode_payment_header
+from node.payment.lane_pg import PipelinedLanes
+from node.payment.lane_sqlite import SQLiteLanes
 from tests.adversarial.attacker import Attacker
 from tests.fixtures.database import POSTGRES_ENV, _backends
 from tests.fixtures.paid_node import PaidNode, _fresh_postgres, build_paid_node
@@ -162,7 +165,7 @@ def test_a_node_fault_before_any_token_left_charges_nothing_and_the_voucher_may_
 
 def test_a_charge_that_cannot_be_committed_after_tokens_left_is_a_recorded_loss(paid: PaidNode) -> None:
     att, lane = _attacker(paid), 104
-    body = att.body(max_tokens=60, stream=True)
+    body = att.body(max_tokens=200, stream=True)
     header = att.header(body, lane)
     svc = paid.local.services
     assert svc is not None
@@ -179,6 +182,39 @@ def test_a_charge_that_cannot_be_committed_after_tokens_left_is_a_recorded_loss(
     assert [r for r, amount, v in _losses(paid, att) if v == _voucher_hash(paid, header) and amount > 0] == [
         LossReason.DELIVERED_UNCHARGED]
     assert att.post(body, header).status_code == 409  # it bought its one generation
+
+
+def _dead_database(paid: PaidNode) -> tuple[object, object]:
+    """The ledger's lanes and sessions on the same backend at an address where nothing answers."""
+    svc = paid.local.services
+    assert svc is not None
+    if isinstance(svc.payments.ledger.lanes, SQLiteLanes):
+        engine = make_engine("sqlite:////nonexistent-folder/loranode.db")
+        return SQLiteLanes(engine), session_factory(engine)
+    engine = make_engine("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=1")
+    return PipelinedLanes(engine), session_factory(engine)
+
+
+def test_a_charge_the_database_cannot_take_after_tokens_left_is_logged_and_the_voucher_buys_nothing_more(
+        paid: PaidNode, caplog: pytest.LogCaptureFixture) -> None:
+    att, lane = _attacker(paid), 109
+    body = att.body(max_tokens=200, stream=True)
+    header = att.header(body, lane)
+    ledger = paid.local.services.payments.ledger  # type: ignore[union-attr]
+    with httpx.stream("POST", f"{paid.base_url}/v1/completions", content=body, timeout=30,
+                      headers={"X-Payment": header, "Content-Type": "application/json"}) as resp:
+        lines = resp.iter_lines()
+        assert next(line for line in lines if line.startswith("data: {"))
+        saved, (ledger.lanes, ledger.factory) = (ledger.lanes, ledger.factory), _dead_database(paid)
+        try:  # the database goes away before the charge
+            rest = list(lines)
+        finally:
+            ledger.lanes, ledger.factory = saved
+    assert any("database_unavailable" in line for line in rest), rest[-2:]
+    assert att.charged(lane) == 0
+    voucher = _voucher_hash(paid, header)
+    assert any("NOT recorded" in r.getMessage() and voucher in r.getMessage() for r in caplog.records)
+    assert att.post(body, header).status_code == 409  # and never a second generation
 
 
 # --- 2. every accepted value fits the database ---------------------------------------------------
