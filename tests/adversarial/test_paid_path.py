@@ -69,6 +69,20 @@ def _voucher_hash(paid: PaidNode, header: str) -> str:
     return "0x" + voucher_digest(v, svc.payments.domain).hex()
 
 
+def _wait_held(paid: PaidNode, attacker: Attacker, lane: int, timeout_s: float = 10.0) -> None:
+    """Until the lane holds a request in flight (its hold is in the database)."""
+    svc = paid.local.services
+    assert svc is not None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with svc.db() as session:
+            row = session.get(Lane, (attacker.payer.address.lower(), svc.payments.node.lower(), lane))
+            if row is not None and row.reserved_voucher_hash is not None:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"lane {lane} was never held")
+
+
 def _fee(prompt_tokens: int, completion_tokens: int) -> int:
     return PROMPT_PRICE * prompt_tokens + COMPLETION_PRICE * completion_tokens
 
@@ -154,6 +168,7 @@ def test_a_node_fault_before_any_token_left_charges_nothing_and_the_voucher_may_
     header = att.header(body, lane)
     before = att.charged(lane)
     join = att.in_background(lambda: att.post(body, header))
+    _wait_held(paid, att, lane)
     time.sleep(0.2)  # generating, nothing sent yet
     with _NodeAborts(paid):
         failed = join()
@@ -270,7 +285,7 @@ def test_the_same_voucher_in_flight_twice_is_409_at_once_and_the_first_answer_co
     body = att.body(max_tokens=200, stream=True)
     header = att.header(body, lane)
     first = att.in_background(lambda: att.stream_text(body, header, timeout=15))
-    time.sleep(0.3)
+    _wait_held(paid, att, lane)
     started = time.monotonic()
     second = att.post(body, header, timeout=15)
     assert second.status_code == 409 and time.monotonic() - started < 2, second.text
