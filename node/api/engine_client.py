@@ -1,9 +1,9 @@
 """The only bridge from the API to the engine: prompts to token ids, bounded admission, streaming.
 
 The engine runs its step loop on its own thread. `stream` hands the API an async iterator of
-deltas (one event-loop wake-up per token); `complete` awaits the finished request only (one wake-up
-per request: what a plain, unstreamed answer needs). Both abort the request in the engine when the
-caller goes away.
+deltas (one event-loop wake-up per token); `submit` a future of the finished request only (one
+wake-up per request: what a plain, unstreamed answer needs). `abort` ends a request early; it then
+finishes with what it had generated, which is what a client that left is charged for.
 """
 
 from __future__ import annotations
@@ -92,9 +92,10 @@ class EngineClient:
         async for delta in self.engine.stream(prompt_ids, params, adapter_id, request_id):
             yield delta
 
-    async def complete(self, prompt_ids: list[int], params: SamplingParams, adapter_id: str | None,
-                       request_id: str) -> RequestOutput:
-        """The request once finished (or aborted, or failed: see its finish_reason)."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter_id: str | None,
+               request_id: str) -> asyncio.Future[RequestOutput]:
+        """Queue the request; the future gets its output once it finished, failed, or was aborted (then
+        with what it had generated: see `abort`). `request_id` must be unique among requests in flight."""
         self.engine.start()
         loop = asyncio.get_running_loop()
         finished: asyncio.Future[RequestOutput] = loop.create_future()
@@ -104,11 +105,11 @@ class EngineClient:
                 loop.call_soon_threadsafe(_settle, finished, output)
 
         self.engine.add_request(prompt_ids, params, adapter_id, request_id, waiter=on_finish)
-        try:
-            return await finished
-        except asyncio.CancelledError:
-            self.engine.abort(request_id)
-            raise
+        return finished
+
+    def abort(self, request_id: str) -> None:
+        """End the request at the next step; it finishes with "abort" and the tokens it had generated."""
+        self.engine.abort(request_id)
 
 
 def _settle(future: asyncio.Future[RequestOutput], output: RequestOutput) -> None:

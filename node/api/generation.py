@@ -1,9 +1,17 @@
 """One paid generation, plain or streamed: check, hold, generate, charge with a receipt, answer.
 
 The order of checks makes every refusal cheap and leaves nothing behind: header and body (400),
-signature (401), adapter (404), prompt size (413), capacity (429), then the lane and the escrow
-(409, 402) which place a hold. From the hold on, the request either ends with a committed charge,
-receipt and response together, or the hold is released and nothing is charged.
+signature (401), adapter (404), prompt size (413), capacity (429), then the voucher in flight here
+(409), the lane and the escrow (409, 402) which place a hold. From the hold on, every completion
+token that leaves the node is paid for or recorded as a loss:
+
+    the answer is complete                    -> charged; the charge, receipt and response committed
+    the client left (hung up, gave up)        -> charged for what was generated; the partial answer is
+                                                 stored, so a replay of the voucher gets it for free
+    the time limit (the hold would expire)    -> the same, and the client gets the cut answer
+    a node fault before any token left        -> the hold is released; the voucher may be sent again
+    a node fault after tokens left            -> nothing charged, the voucher spent, a NODE_FAULT loss
+    the charge fails after tokens left        -> the voucher spent, a DELIVERED_UNCHARGED loss
 """
 
 from __future__ import annotations
@@ -11,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
+import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastapi import Request
@@ -23,6 +33,7 @@ from node.api.engine_client import EngineClient
 from node.api.metrics import APIMetrics
 from node.api.schemas import ChatCompletionRequest, CompletionRequest
 from node.catalog import AdapterCatalog, ServedAdapter
+from node.db.loss import LossReason
 from node.engine import SamplingParams
 from node.engine.sequence import RequestOutput, StreamDelta
 from node.errors import NodeError, Unavailable
@@ -31,13 +42,15 @@ from node.payment.service import Hold, PaymentService, Replay, Usage
 log = logging.getLogger(__name__)
 Kind = Literal["completion", "chat"]
 Finished = StreamDelta | RequestOutput  # a request's end: the last delta of a stream, or the whole output
+CLIENT_LEFT, TIME_LIMIT = "abort", "length"  # the finish reasons of an answer the node cut short
 
 
 @dataclass(frozen=True)
 class Job:
     kind: Kind
     request: CompletionRequest | ChatCompletionRequest
-    response_id: str
+    response_id: str  # derived from the voucher: a replay answers with the same id
+    request_id: str  # the engine's: unique per request, so two requests never share a listener
     created: int
     adapter: ServedAdapter
     prompt_ids: list[int]
@@ -45,11 +58,58 @@ class Job:
     hold: Hold
 
 
+class Cut:
+    """Ends a request early on the node's side, remembering why (the client left, or the time limit):
+    the engine then reports the request as aborted with what it had generated."""
+
+    def __init__(self, engine: EngineClient, request_id: str) -> None:
+        self.engine, self.request_id = engine, request_id
+        self.reason: str | None = None
+
+    def __call__(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            self.engine.abort(self.request_id)
+
+    def ending(self, final: Finished) -> str:
+        """How the request ended: its finish reason, or why it was cut; a node fault raises."""
+        if final.finish_reason == "abort" and self.reason is not None:
+            return self.reason
+        _raise_if_failed(final)
+        return final.finish_reason or "stop"
+
+
+@dataclass
+class Sent:
+    """What a stream has produced so far, and whether its hold has ended (charged, released, lost). The
+    hold ends once: every ending takes `lock` and checks `is_settled` (a hang-up can race the charge)."""
+
+    num_prompt_tokens: int
+    num_completion_tokens: int = 0
+    parts: list[str] = field(default_factory=list)
+    is_settled: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, delta: StreamDelta) -> None:
+        self.num_completion_tokens = delta.num_completion_tokens
+        if delta.text:
+            self.parts.append(delta.text)
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(self.num_prompt_tokens, self.num_completion_tokens)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
 class GenerationService:
     def __init__(self, engine: EngineClient, payments: PaymentService, catalog: AdapterCatalog,
                  metrics: APIMetrics, default_max_tokens: int = 256) -> None:
         self.engine, self.payments, self.catalog, self.metrics = engine, payments, catalog, metrics
         self.default_max_tokens = default_max_tokens
+        self.max_generation_s = payments.max_generation_s
 
     async def handle(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest, body: bytes,
                      payment: str | None, http: Request) -> JSONResponse | StreamingResponse:
@@ -71,8 +131,9 @@ class GenerationService:
         if isinstance(held, Replay):
             admission.__exit__(None, None, None)
             return self._replay(kind, req, held.body)
-        job = Job(kind, req, f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{checked.digest.hex()[:24]}",
-                  int(time.time()), adapter, prompt_ids, params, held)
+        response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{checked.digest.hex()[:24]}"
+        job = Job(kind, req, response_id, f"{response_id}-{secrets.token_hex(6)}", int(time.time()), adapter,
+                  prompt_ids, params, held)
         if req.stream:
             return StreamingResponse(self._sse(job, admission), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -88,57 +149,124 @@ class GenerationService:
 
     # --- plain --------------------------------------------------------------------------------------
     async def _complete(self, job: Job, http: Request) -> JSONResponse:
+        """Nothing leaves the node before the charge commits: whatever fails first releases the hold."""
         started = time.monotonic()
         try:
-            final, text = await _race_disconnect(self._generate(job), http)
-            total, body = await asyncio.to_thread(self._charge, job, final, text)
+            final, ending = await self._generate(job, http)
+            if final.num_completion_tokens == 0 and ending in (CLIENT_LEFT, TIME_LIMIT):
+                raise Unavailable("the request was cut before it produced a token; nothing was charged")
+            usage = Usage(final.num_prompt_tokens, final.num_completion_tokens)
+            total, body = await asyncio.to_thread(self._charge, job, usage, final.text, ending)
         except BaseException:
-            await asyncio.to_thread(self.payments.cancel, job.hold)
+            await asyncio.shield(asyncio.to_thread(self.payments.cancel, job.hold))
             raise
-        self._observe(job, final, time.monotonic() - started)
+        self._observe(job, usage, time.monotonic() - started)
         return JSONResponse(body, headers={"X-Charged-Total": str(total)})
 
-    async def _generate(self, job: Job) -> tuple[RequestOutput, str]:
-        final = await self.engine.complete(job.prompt_ids, job.params, str(job.adapter.adapter_id), job.response_id)
-        _raise_if_failed(final)
-        return final, final.text
+    async def _generate(self, job: Job, http: Request) -> tuple[RequestOutput, str]:
+        """The request's output and how it ended; a client that leaves, or the time limit, cuts it short
+        (the engine then reports what it had generated)."""
+        finished = self.engine.submit(job.prompt_ids, job.params, str(job.adapter.adapter_id), job.request_id)
+        cut = Cut(self.engine, job.request_id)
+        timer = asyncio.get_running_loop().call_later(self.max_generation_s, cut, TIME_LIMIT)
+        watcher = asyncio.ensure_future(_wait_disconnect(http))
+        watcher.add_done_callback(lambda w: None if w.cancelled() or w.exception() else cut(CLIENT_LEFT))
+        try:
+            final = await finished
+        except asyncio.CancelledError:  # the server is stopping: a node fault, nothing charged
+            self.engine.abort(job.request_id)
+            raise
+        finally:
+            timer.cancel()
+            watcher.cancel()
+        return final, cut.ending(final)
 
-    def _charge(self, job: Job, final: Finished, text: str) -> tuple[int, dict[str, Any]]:
-        usage = Usage(final.num_prompt_tokens, final.num_completion_tokens)
+    def _charge(self, job: Job, usage: Usage, text: str, finish: str) -> tuple[int, dict[str, Any]]:
         return self.payments.finish(job.hold, job.adapter, usage, text,
-                                    lambda receipt: _body(job, text, final.finish_reason, usage, receipt))
+                                    lambda receipt: _body(job, text, finish, usage, receipt))
 
     # --- streamed -----------------------------------------------------------------------------------
     async def _sse(self, job: Job, admission: Any) -> AsyncIterator[bytes]:
-        started, committed, parts = time.monotonic(), False, []
+        started, sent = time.monotonic(), Sent(len(job.prompt_ids))
         try:
             if job.kind == "chat":
                 yield _event(_chunk(job, {"role": "assistant", "content": ""}, None))
-            async for delta in self.engine.stream(job.prompt_ids, job.params, str(job.adapter.adapter_id),
-                                                  job.response_id):
-                if delta.finish_reason is not None:
-                    _raise_if_failed(delta)
-                parts.append(delta.text)
-                if delta.text:
-                    if len(parts) == 1:
-                        self.metrics.ttft.observe(time.monotonic() - started)
-                    yield _event(_chunk(job, delta.text, None))
-                if delta.finish_reason is not None:
-                    text = "".join(parts)
-                    _total, body = await asyncio.to_thread(self._charge, job, delta, text)
-                    committed = True
-                    self._observe(job, delta, time.monotonic() - started)
-                    last = _chunk(job, "", delta.finish_reason)
-                    last.update(usage=body["usage"], receipt=body["receipt"])
-                    yield _event(last)
-                    yield b"data: [DONE]\n\n"
-                    return
+            cut = Cut(self.engine, job.request_id)
+            timer = asyncio.get_running_loop().call_later(self.max_generation_s, cut, TIME_LIMIT)
+            try:
+                async for delta in self.engine.stream(job.prompt_ids, job.params, str(job.adapter.adapter_id),
+                                                      job.request_id):
+                    ending = cut.ending(delta) if delta.finish_reason is not None else None
+                    sent.add(delta)
+                    if delta.text:
+                        if len(sent.parts) == 1:
+                            self.metrics.ttft.observe(time.monotonic() - started)
+                        yield _event(_chunk(job, delta.text, None))
+                    if ending is not None:
+                        yield await self._last_event(job, sent, ending, started)
+                        yield b"data: [DONE]\n\n"
+                        return
+            finally:
+                timer.cancel()
         except NodeError as exc:
+            await asyncio.to_thread(self._end_unpaid, job, sent, LossReason.NODE_FAULT, exc)
             yield _event({"error": {"message": exc.message, "code": exc.code, "type": "server_error"}})
         finally:
-            if not committed:
-                await asyncio.shield(asyncio.to_thread(self.payments.cancel, job.hold))
+            if not sent.is_settled:  # the client hung up (or the server is stopping) mid-stream
+                self.engine.abort(job.request_id)
+                await asyncio.shield(asyncio.to_thread(self._settle_hang_up, job, sent))
             admission.__exit__(None, None, None)
+
+    async def _last_event(self, job: Job, sent: Sent, ending: str, started: float) -> bytes:
+        """Charge for the stream; the last chunk carries usage and receipt. A charge that cannot be
+        committed after tokens left is a loss (raised on as the stream's error)."""
+        try:
+            body = await asyncio.to_thread(self._charge_stream, job, sent, ending)
+        except NodeError as exc:
+            await asyncio.to_thread(self._end_unpaid, job, sent, LossReason.DELIVERED_UNCHARGED, exc)
+            raise
+        self._observe(job, sent.usage, time.monotonic() - started)
+        last = _chunk(job, "", ending)
+        last.update(usage=body["usage"], receipt=body["receipt"])
+        return _event(last)
+
+    def _charge_stream(self, job: Job, sent: Sent, ending: str) -> dict[str, Any]:
+        with sent.lock:
+            if sent.is_settled:  # the hang-up's settling came first (its thread may start before this one)
+                raise Unavailable("the stream ended while it was being charged")
+            _total, body = self._charge(job, sent.usage, sent.text, ending)
+            sent.is_settled = True
+            return body
+
+    def _end_unpaid(self, job: Job, sent: Sent, reason: LossReason, exc: NodeError) -> None:
+        """No charge: release the hold if no token left the node, else spend the voucher with a loss."""
+        with sent.lock:
+            if sent.is_settled:
+                return
+            sent.is_settled = True
+            if not sent.parts:
+                self.payments.cancel(job.hold)
+            else:
+                self.payments.write_off(job.hold, sent.usage, reason, f"{exc.code}: {exc.message}")
+
+    def _settle_hang_up(self, job: Job, sent: Sent) -> None:
+        """The client left mid-stream: charge what was generated and sent, and store it as the answer
+        (a loss if that charge cannot be committed); release the hold if nothing was sent."""
+        with sent.lock:
+            if sent.is_settled:
+                return
+            sent.is_settled = True
+            if not sent.parts:
+                self.payments.cancel(job.hold)
+                return
+            try:
+                self._charge(job, sent.usage, sent.text, CLIENT_LEFT)
+            except NodeError as exc:
+                self.payments.write_off(job.hold, sent.usage, LossReason.DELIVERED_UNCHARGED,
+                                        f"{exc.code}: {exc.message}")
+                return
+        log.info("stream %s: the client left after %d tokens, charged for them", job.response_id,
+                 sent.num_completion_tokens)
 
     def _replay(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest,
                 body: dict[str, Any]) -> JSONResponse | StreamingResponse:
@@ -159,10 +287,10 @@ class GenerationService:
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
-    def _observe(self, job: Job, final: Finished, seconds: float) -> None:
+    def _observe(self, job: Job, usage: Usage, seconds: float) -> None:
         self.metrics.latency.labels(route=job.kind).observe(seconds)
-        self.metrics.tokens.labels(kind="prompt").inc(final.num_prompt_tokens)
-        self.metrics.tokens.labels(kind="completion").inc(final.num_completion_tokens)
+        self.metrics.tokens.labels(kind="prompt").inc(usage.prompt_tokens)
+        self.metrics.tokens.labels(kind="completion").inc(usage.completion_tokens)
         self.metrics.receipts.inc()
 
 
@@ -171,18 +299,6 @@ def _raise_if_failed(delta: Finished) -> None:
         raise delta.error or Unavailable("the engine failed this request")
     if delta.finish_reason == "abort":
         raise Unavailable("the request was aborted (its adapter was removed or the engine stopped)")
-
-
-async def _race_disconnect(work: Any, http: Request) -> Any:
-    """Run `work`; if the client goes away first, cancel it (the engine aborts, nothing is charged)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(http))
-    done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        watcher.cancel()
-        return task.result()
-    task.cancel()
-    raise asyncio.CancelledError("client disconnected")
 
 
 async def _wait_disconnect(http: Request) -> None:

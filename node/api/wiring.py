@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import socket
 
 from eth_account import Account
 from sqlalchemy.orm import Session, sessionmaker
@@ -12,6 +13,7 @@ from node.api.deps import NodeServices
 from node.api.engine_client import EngineClient
 from node.api.generation import GenerationService
 from node.api.metrics import APIMetrics
+from node.api.sqlite_lock import SQLiteLock
 from node.attribution.attributor import Attributor
 from node.attribution.index_store import IndexStore
 from node.catalog import AdapterCatalog
@@ -58,16 +60,32 @@ def adapter_store(settings: Settings, config: EngineConfig) -> AdapterStore[LoRA
 
 
 def build_services(settings: Settings, deployment: Deployment) -> NodeServices:
+    """The API's services; on SQLite, only while no other API process serves the same file."""
     key = settings.resolved_operator_key()
     if key is None:
         raise ConfigError("the API signs receipts: set LORANODE_OPERATOR_KEY or LORANODE_OPERATOR_KEY_FILE")
     check_chain_parameters(settings, deployment)
+    lock = SQLiteLock.for_database(settings.resolved_database_url())
+    if lock is None:
+        return _build_services(settings, deployment, key)
+    lock.acquire()
+    try:
+        services = _build_services(settings, deployment, key)
+    except BaseException:
+        lock.release()
+        raise
+    services.on_shutdown.append(lock.release)
+    return services
+
+
+def _build_services(settings: Settings, deployment: Deployment, key: str) -> NodeServices:
     config = engine_config(settings)
     store = adapter_store(settings, config)
     engine = LLMEngine(config, provider=store)
     db = session_factory(make_engine(settings.resolved_database_url()))
     node = Account.from_key(key).address
-    ledger = Ledger(db, node, reservation_ttl_s=settings.reservation_ttl_s)
+    ledger = Ledger(db, node, reservation_ttl_s=settings.reservation_ttl_s,
+                    instance=f"{socket.gethostname()}:{settings.port}")
     pricing = Pricing(settings.prompt_token_price, settings.completion_token_price, settings.min_fee)
     domain = Domain(chain_id=deployment.chain_id, verifying_contract=deployment.settlement)
     attributor = None

@@ -21,6 +21,7 @@ from node.db.models import Loss
 
 class LossReason(enum.StrEnum):
     DELIVERED_UNCHARGED = "delivered_uncharged"  # tokens left the node; the charge could not be committed
+    NODE_FAULT = "node_fault"  # tokens left the node, then the node failed the request: it charges nothing
     VOUCHER_EXPIRED = "voucher_expired"  # no voucher of the lane is still valid when the settle lands
     ESCROW_SHORT = "escrow_short"  # the payer's escrow no longer covers the lane's amount
     SETTLE_REFUSED = "settle_refused"  # the contract refuses the lane's voucher for another reason

@@ -213,6 +213,7 @@ class Lane(Base):
     reserved: Mapped[int] = mapped_column(Amount(), nullable=False, default=0)
     reserved_voucher_hash: Mapped[str | None] = mapped_column(Hash32())
     reserved_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    reserved_by: Mapped[str | None] = mapped_column(String(128))  # the API process that placed the hold
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utc_now)
 
 

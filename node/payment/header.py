@@ -23,6 +23,10 @@ from node.errors import BadRequest
 
 MAX_HEADER_BYTES = 4096
 UINT256_MAX = 2**256 - 1
+# The voucher's deadline is a uint64 on chain but a signed BIGINT in the database (both backends): a
+# deadline past 2^63 - 1 (the year 292 billion) can only be an attack on the column, so it is refused
+# here, before any work, rather than widening the column for values no honest client signs.
+MAX_DEADLINE = 2**63 - 1
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 _HASH = re.compile(r"^0x[0-9a-fA-F]{64}$")
 _SIGNATURE = re.compile(r"^0x[0-9a-fA-F]{130}$")
@@ -37,7 +41,7 @@ class PaymentHeader:
     lane: int  # uint32
     cumulative: int  # uint256
     request_hash: bytes  # 32 bytes
-    deadline: int  # uint64, unix seconds
+    deadline: int  # unix seconds, at most MAX_DEADLINE
     signature: bytes  # 65 bytes
 
     def encode(self) -> str:
@@ -79,12 +83,15 @@ def _parse(data: dict[str, Any]) -> PaymentHeader:
         "cumulative": isinstance(data["cumulative"], str) and _DECIMAL.fullmatch(data["cumulative"])
         and int(data["cumulative"]) <= UINT256_MAX,
         "requestHash": isinstance(data["requestHash"], str) and _HASH.fullmatch(data["requestHash"]),
-        "deadline": _is_int(data["deadline"]) and 0 <= data["deadline"] < 2**64,
+        "deadline": _is_int(data["deadline"]) and data["deadline"] >= 0,
         "signature": isinstance(data["signature"], str) and _SIGNATURE.fullmatch(data["signature"]),
     }
     bad = [name for name, ok in checks.items() if not ok]
     if bad:
         raise BadRequest("bad X-Payment voucher field(s): " + ", ".join(bad), fields=bad)
+    if data["deadline"] > MAX_DEADLINE:
+        raise BadRequest(f"bad X-Payment voucher: deadline {data['deadline']} is past what the node can store "
+                         f"({MAX_DEADLINE}); sign a real expiry time", fields=["deadline"], max_deadline=MAX_DEADLINE)
     return PaymentHeader(payer=checksum_address(data["payer"]), node=checksum_address(data["node"]),
                          lane=data["lane"], cumulative=int(data["cumulative"]),
                          request_hash=bytes.fromhex(data["requestHash"][2:]), deadline=data["deadline"],

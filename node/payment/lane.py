@@ -21,9 +21,10 @@ class LaneRow:
     last_cumulative: int
     reserved_voucher_hash: str | None
     reserved_at: datetime | None
+    reserved_by: str | None  # the API process that placed the hold
 
 
-NEW_LANE = LaneRow(0, 0, None, None)
+NEW_LANE = LaneRow(0, 0, None, None, None)
 
 
 @dataclass(frozen=True)
@@ -45,17 +46,20 @@ class LaneTransaction(Protocol):
     def hold_view(self, payer: str, node: str, lane: int, voucher_hash: str, live_since: datetime) -> HoldView:
         """The voucher's use, the lane, the escrow, and the totals over the payer's lanes."""
 
-    def put_hold(self, payer: str, node: str, lane: int, max_fee: int, voucher_hash: str, now: datetime) -> None:
-        """Hold `max_fee` on the lane for `voucher_hash`, creating the lane on first use."""
+    def put_hold(self, payer: str, node: str, lane: int, max_fee: int, voucher_hash: str, now: datetime,
+                 owner: str) -> None:
+        """Hold `max_fee` on the lane for `voucher_hash`, placed by API process `owner`, creating the
+        lane on first use."""
 
-    def charge(self, voucher: dict[str, Any], receipt: dict[str, Any], charged_before: int) -> bool:
+    def charge(self, voucher: dict[str, Any], receipt: dict[str, Any], charged_before: int,
+               held_since: datetime, owner: str) -> bool:
         """Turn the lane's hold into its charge and store the voucher (with its response) and the
-        receipt, all or nothing: False (nothing written) if the hold is no longer this voucher's or the
-        lane was charged since. (PostgreSQL commits here, to learn the outcome in the same round trip;
-        nothing else may follow in that transaction.)"""
+        receipt, all or nothing: False (nothing written) if the hold is no longer this voucher's placed
+        by `owner`, was placed before `held_since` (expired), or the lane was charged since. (PostgreSQL commits here,
+        to learn the outcome in the same round trip; nothing else may follow in that transaction.)"""
 
-    def drop_hold(self, payer: str, node: str, lane: int, voucher_hash: str) -> None:
-        """Release the lane's hold if it is still `voucher_hash`'s."""
+    def drop_hold(self, payer: str, node: str, lane: int, voucher_hash: str, owner: str) -> None:
+        """Release the lane's hold if it is still `voucher_hash`'s, placed by `owner`."""
 
 
 class Lanes(Protocol):

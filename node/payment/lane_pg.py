@@ -25,6 +25,7 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+import sqlalchemy.exc
 from eth_hash.auto import keccak
 from psycopg.types.json import Json
 from sqlalchemy import Engine
@@ -39,7 +40,7 @@ _HOLD_VIEW = """
 SELECT EXISTS (SELECT 1 FROM vouchers WHERE voucher_hash = %(voucher_hash)s) AS is_used,
        (SELECT response FROM vouchers WHERE voucher_hash = %(voucher_hash)s) AS response,
        e.balance, e.thawing, e.pending_deposits, e.pending_until_block,
-       l.charged_total, l.last_cumulative, l.reserved_voucher_hash, l.reserved_at,
+       l.charged_total, l.last_cumulative, l.reserved_voucher_hash, l.reserved_at, l.reserved_by,
        t.uncollected, t.other_holds
 FROM (SELECT 1) AS anchor
 LEFT JOIN escrow_accounts e ON e.payer = %(payer)s AND e.node = %(node)s
@@ -57,11 +58,11 @@ CROSS JOIN (
 
 _PUT_HOLD = """
 INSERT INTO lanes (payer, node, lane, charged_total, last_cumulative, reserved, reserved_voucher_hash,
-                   reserved_at, updated_at)
-VALUES (%(payer)s, %(node)s, %(lane)s, 0, 0, %(max_fee)s::numeric, %(voucher_hash)s, %(now)s, %(now)s)
+                   reserved_at, reserved_by, updated_at)
+VALUES (%(payer)s, %(node)s, %(lane)s, 0, 0, %(max_fee)s::numeric, %(voucher_hash)s, %(now)s, %(owner)s, %(now)s)
 ON CONFLICT (payer, node, lane) DO UPDATE
 SET reserved = excluded.reserved, reserved_voucher_hash = excluded.reserved_voucher_hash,
-    reserved_at = excluded.reserved_at, updated_at = excluded.updated_at
+    reserved_at = excluded.reserved_at, reserved_by = excluded.reserved_by, updated_at = excluded.updated_at
 """
 
 # The charge: nothing is written unless the lane's UPDATE finds the hold still ours and the lane not
@@ -72,9 +73,10 @@ WITH charged AS (
     UPDATE lanes
     SET charged_total = %(charged_total)s::numeric, last_cumulative = %(cumulative)s::numeric,
         last_voucher_hash = %(voucher_hash)s, reserved = 0, reserved_voucher_hash = NULL, reserved_at = NULL,
-        updated_at = %(created_at)s
+        reserved_by = NULL, updated_at = %(created_at)s
     WHERE payer = %(payer)s AND node = %(node)s AND lane = %(lane)s
-      AND reserved_voucher_hash = %(voucher_hash)s AND charged_total = %(charged_before)s::numeric
+      AND reserved_voucher_hash = %(voucher_hash)s AND reserved_by = %(owner)s
+      AND charged_total = %(charged_before)s::numeric AND reserved_at > %(held_since)s
     RETURNING 1
 ), voucher AS (
     INSERT INTO vouchers (voucher_hash, payer, node, lane, cumulative, request_hash, deadline, signature,
@@ -92,8 +94,9 @@ FROM charged
 """
 
 _DROP_HOLD = """
-UPDATE lanes SET reserved = 0, reserved_voucher_hash = NULL, reserved_at = NULL
+UPDATE lanes SET reserved = 0, reserved_voucher_hash = NULL, reserved_at = NULL, reserved_by = NULL
 WHERE payer = %(payer)s AND node = %(node)s AND lane = %(lane)s AND reserved_voucher_hash = %(voucher_hash)s
+  AND reserved_by = %(owner)s
 """
 
 
@@ -126,27 +129,31 @@ class PipelinedLaneTransaction:
                                              "voucher_hash": voucher_hash, "live_since": live_since}).fetchone()
         assert row is not None, "the hold view has one row (a one-row anchor, left joins)"
         (is_used, response, balance, thawing, pending, pending_until, charged_total, last_cumulative,
-         reserved_hash, reserved_at, uncollected, other_holds) = row
+         reserved_hash, reserved_at, reserved_by, uncollected, other_holds) = row
         this = NEW_LANE if charged_total is None else LaneRow(int(charged_total), int(last_cumulative),
-                                                              reserved_hash, reserved_at)
+                                                              reserved_hash, reserved_at, reserved_by)
         return HoldView(is_used=is_used, response=response, lane=this, balance=int(balance or 0),
                         thawing=int(thawing or 0), uncollected=int(uncollected), other_holds=int(other_holds),
                         pending_deposits=int(pending or 0), pending_until_block=pending_until)
 
-    def put_hold(self, payer: str, node: str, lane: int, max_fee: int, voucher_hash: str, now: datetime) -> None:
+    def put_hold(self, payer: str, node: str, lane: int, max_fee: int, voucher_hash: str, now: datetime,
+                 owner: str) -> None:
         self.conn.execute(_PUT_HOLD, {"payer": payer, "node": node, "lane": lane, "max_fee": max_fee,
-                                      "voucher_hash": voucher_hash, "now": now})
+                                      "voucher_hash": voucher_hash, "now": now, "owner": owner})
 
-    def charge(self, voucher: dict[str, Any], receipt: dict[str, Any], charged_before: int) -> bool:
+    def charge(self, voucher: dict[str, Any], receipt: dict[str, Any], charged_before: int,
+               held_since: datetime, owner: str) -> bool:
         params = {**receipt, **voucher, "receipt_signature": receipt["signature"], "charged_before": charged_before,
+                  "held_since": held_since, "owner": owner,
                   "response": Json(voucher["response"]) if voucher["response"] is not None else None,
                   "attribution": Json(receipt["attribution"]) if receipt["attribution"] is not None else None}
         cur = self.conn.execute(_CHARGE, params)
         self.commit()  # queued behind the statement: its rowcount is known after this one sync
         return cur.rowcount == 1
 
-    def drop_hold(self, payer: str, node: str, lane: int, voucher_hash: str) -> None:
-        self.conn.execute(_DROP_HOLD, {"payer": payer, "node": node, "lane": lane, "voucher_hash": voucher_hash})
+    def drop_hold(self, payer: str, node: str, lane: int, voucher_hash: str, owner: str) -> None:
+        self.conn.execute(_DROP_HOLD, {"payer": payer, "node": node, "lane": lane, "voucher_hash": voucher_hash,
+                                       "owner": owner})
 
 
 class PipelinedLanes:
@@ -160,7 +167,11 @@ class PipelinedLanes:
     def transaction(self, lock_payer: str | None = None, node: str = "") -> Iterator[PipelinedLaneTransaction]:
         """A transaction; with `lock_payer`, a hold's: under the (payer, node) lock, without waiting
         for its commit's WAL flush. Commits when the block ends (if `charge` has not already)."""
-        pooled = self.engine.raw_connection()
+        try:
+            pooled = self.engine.raw_connection()
+        except (psycopg.OperationalError, sqlalchemy.exc.OperationalError) as exc:  # the server is not there
+            raise DatabaseUnavailable("the node's database is not available; retry shortly",
+                                      error=type(exc).__name__) from exc
         conn: psycopg.Connection[Any] = pooled.driver_connection  # type: ignore[assignment]
         try:
             conn.autocommit = True

@@ -55,20 +55,25 @@ class SQLiteLaneTransaction:
             if r.lane != lane and r.reserved_voucher_hash and r.reserved_at and r.reserved_at > live_since:
                 other_holds += r.reserved
         this = NEW_LANE if row.charged_total is None else LaneRow(row.charged_total, row.last_cumulative,
-                                                                  row.reserved_voucher_hash, row.reserved_at)
+                                                                  row.reserved_voucher_hash, row.reserved_at,
+                                                                  row.reserved_by)
         return HoldView(is_used=row.is_used, response=row.response, lane=this, balance=row.balance or 0,
                         thawing=row.thawing or 0, uncollected=uncollected, other_holds=other_holds,
                         pending_deposits=row.pending_deposits or 0, pending_until_block=row.pending_until_block)
 
-    def put_hold(self, payer: str, node: str, lane: int, max_fee: int, voucher_hash: str, now: datetime) -> None:
+    def put_hold(self, payer: str, node: str, lane: int, max_fee: int, voucher_hash: str, now: datetime,
+                 owner: str) -> None:
         self.conn.execute(_PUT_HOLD, {"payer": payer, "node": node, "lane": lane, "charged_total": 0,
                                       "last_cumulative": 0, "reserved": max_fee, "reserved_voucher_hash": voucher_hash,
-                                      "reserved_at": now, "updated_at": now})
+                                      "reserved_at": now, "reserved_by": owner, "updated_at": now})
 
-    def charge(self, voucher: dict[str, Any], receipt: dict[str, Any], charged_before: int) -> bool:
+    def charge(self, voucher: dict[str, Any], receipt: dict[str, Any], charged_before: int,
+               held_since: datetime, owner: str) -> bool:
         result = self.conn.execute(_CHARGE, {
             "k_payer": voucher["payer"], "k_node": voucher["node"], "k_lane": voucher["lane"],
-            "k_hash": voucher["voucher_hash"], "k_before": charged_before, "charged_total": voucher["charged_total"],
+            "k_hash": voucher["voucher_hash"], "k_owner": owner, "k_before": charged_before,
+            "k_held_since": held_since,
+            "charged_total": voucher["charged_total"],
             "last_cumulative": voucher["cumulative"], "last_voucher_hash": voucher["voucher_hash"],
             "updated_at": voucher["created_at"]})
         if result.rowcount != 1:
@@ -77,8 +82,9 @@ class SQLiteLaneTransaction:
         self.conn.execute(insert(RECEIPTS), receipt)
         return True
 
-    def drop_hold(self, payer: str, node: str, lane: int, voucher_hash: str) -> None:
-        self.conn.execute(_DROP_HOLD, {"k_payer": payer, "k_node": node, "k_lane": lane, "k_hash": voucher_hash})
+    def drop_hold(self, payer: str, node: str, lane: int, voucher_hash: str, owner: str) -> None:
+        self.conn.execute(_DROP_HOLD, {"k_payer": payer, "k_node": node, "k_lane": lane, "k_hash": voucher_hash,
+                                       "k_owner": owner})
 
 
 class SQLiteLanes:
@@ -105,7 +111,7 @@ def _hold_view() -> Select[Any]:
                    .scalar_subquery().label("response"),
                    ESCROW.c.balance, ESCROW.c.thawing, ESCROW.c.pending_deposits, ESCROW.c.pending_until_block,
                    this.c.charged_total, this.c.last_cumulative,
-                   this.c.reserved_voucher_hash, this.c.reserved_at)
+                   this.c.reserved_voucher_hash, this.c.reserved_at, this.c.reserved_by)
             .select_from(anchor.outerjoin(ESCROW, and_(ESCROW.c.payer == payer, ESCROW.c.node == node))
                          .outerjoin(this, and_(this.c.payer == payer, this.c.node == node,
                                                this.c.lane == bindparam("lane")))))
@@ -113,14 +119,15 @@ def _hold_view() -> Select[Any]:
 
 def _put_hold() -> Any:
     stmt = sqlite.insert(LANES)
-    held = ("reserved", "reserved_voucher_hash", "reserved_at", "updated_at")
+    held = ("reserved", "reserved_voucher_hash", "reserved_at", "reserved_by", "updated_at")
     return stmt.on_conflict_do_update(index_elements=[LANES.c.payer, LANES.c.node, LANES.c.lane],
                                       set_={c: stmt.excluded[c] for c in held})
 
 
 def _lane_key() -> Any:
     return and_(LANES.c.payer == bindparam("k_payer"), LANES.c.node == bindparam("k_node"),
-                LANES.c.lane == bindparam("k_lane"), LANES.c.reserved_voucher_hash == bindparam("k_hash"))
+                LANES.c.lane == bindparam("k_lane"), LANES.c.reserved_voucher_hash == bindparam("k_hash"),
+                LANES.c.reserved_by == bindparam("k_owner"))
 
 
 _HOLD_VIEW = _hold_view()
@@ -131,6 +138,8 @@ _LANE_ROWS = (select(LANES.c.lane, LANES.c.charged_total, LANES.c.reserved, LANE
                                                              COLLECTIONS.c.lane == LANES.c.lane)))
               .where(LANES.c.payer == bindparam("payer"), LANES.c.node == bindparam("node")))
 _PUT_HOLD = _put_hold()
-_CHARGE = (update(LANES).where(_lane_key(), LANES.c.charged_total == bindparam("k_before"))
-           .values(reserved=0, reserved_voucher_hash=None, reserved_at=None))
-_DROP_HOLD = update(LANES).where(_lane_key()).values(reserved=0, reserved_voucher_hash=None, reserved_at=None)
+_CHARGE = (update(LANES).where(_lane_key(), LANES.c.charged_total == bindparam("k_before"),
+                               LANES.c.reserved_at > bindparam("k_held_since", type_=LANES.c.reserved_at.type))
+           .values(reserved=0, reserved_voucher_hash=None, reserved_at=None, reserved_by=None))
+_DROP_HOLD = (update(LANES).where(_lane_key())
+              .values(reserved=0, reserved_voucher_hash=None, reserved_at=None, reserved_by=None))

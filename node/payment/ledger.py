@@ -9,13 +9,22 @@ charge or a release writes only its own lane's row, where the hold is (see `comm
     commit:   charge fee <= maxFee, new chargedTotal, voucher + signed receipt + response, one transaction
     release:  the generation failed or the client left: the hold goes, nothing is charged
 
-A hold older than `reservation_ttl_s` (a crashed process) no longer counts and can be taken over.
+A hold counts against the escrow until it is charged or released, or until it expires: a hold older
+than `reservation_ttl_s` (its process crashed) no longer counts and its lane can be taken over. So
+that an expired hold can never be charged as well (two charges against one escrow), the charge
+refuses a hold older than `max_hold` (the TTL less `max_clock_skew_s`, the most two API processes'
+clocks may differ), and the API ends every generation before that (GenerationService's time limit,
+charged like a hang-up). A hold that is refused after tokens left the node is a recorded loss
+(`write_off`). The alternative, holds that never expire and a liveness rule for crashed processes,
+needs every process to heartbeat; a TTL needs nothing but agreeing clocks.
+
 Each step is one transaction of `Lanes` (node/payment/lane.py): on PostgreSQL a hold costs two round
 trips and a charge one (lane_pg.py), on SQLite a few Core statements (lane_sqlite.py).
 """
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +35,7 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import queries
+from node.db.loss import LossReason, LossRecord, record_loss
 from node.db.models import Lane, Receipt, Voucher
 from node.db.queries import ReceiptFields as ReceiptRow  # what the ledger stores, as given
 from node.errors import DepositNotFinal, InsufficientEscrow, VoucherConflict
@@ -58,10 +68,14 @@ class Channel:
 
 class Ledger:
     def __init__(self, factory: sessionmaker[Session], node: str, *, reservation_ttl_s: float = 600.0,
+                 max_clock_skew_s: float = 5.0, instance: str | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.factory = factory
         self.node = node.lower()
+        self.instance = instance or socket.gethostname()  # this API process, as its holds name it
         self.ttl = timedelta(seconds=reservation_ttl_s)
+        # a hold may be charged this long after it was placed (never past the TTL on any process's clock)
+        self.max_hold = self.ttl - timedelta(seconds=min(max_clock_skew_s, reservation_ttl_s / 10))
         self.clock = clock
         engine = self._engine()
         self.lanes: Lanes = SQLiteLanes(engine) if engine.dialect.name == "sqlite" else PipelinedLanes(engine)
@@ -114,7 +128,7 @@ class Ledger:
                 before_new()
             self._check_order(view.lane, checked, max_fee, now)
             self._check_funds(view, max_fee)
-            tx.put_hold(payer, self.node, v.lane, max_fee, digest, now)
+            tx.put_hold(payer, self.node, v.lane, max_fee, digest, now, self.instance)
             return Reservation(payer, self.node, v.lane, digest, v.cumulative, max_fee, view.lane.charged_total)
 
     @staticmethod
@@ -134,13 +148,18 @@ class Ledger:
 
     def _check_order(self, lane: LaneRow, checked: CheckedVoucher, max_fee: int, now: datetime) -> None:
         v = checked.voucher
-        # A hold on this lane blocks every other voucher until it ends or expires; the same voucher sent
-        # again takes its hold over (its first request died with its process, or its client retried):
-        # at most one of the two can commit, so it is still charged at most once.
+        # A live hold on this lane blocks every other voucher until it ends or expires. The same voucher
+        # sent again is in flight on the process that holds it (409: one voucher, one generation), unless
+        # that process is this one's earlier life (PaymentService refuses it while it lives here): then
+        # its first request died with that process, and the retry takes the hold over.
         held = lane.reserved_voucher_hash
-        if held and held != checked.digest_hex and lane.reserved_at and now - lane.reserved_at < self.ttl:
-            raise VoucherConflict("a request is already in flight on this lane: use another lane",
-                                  lane=v.lane, in_flight=lane.reserved_voucher_hash)
+        if held and lane.reserved_at and now - lane.reserved_at < self.ttl:
+            if held != checked.digest_hex:
+                raise VoucherConflict("a request is already in flight on this lane: use another lane",
+                                      lane=v.lane, in_flight=held)
+            if lane.reserved_by != self.instance:
+                raise VoucherConflict("this voucher's request is in flight on another API process: wait for its "
+                                      "answer", lane=v.lane, in_flight_on=lane.reserved_by)
         if v.cumulative < lane.last_cumulative:
             raise VoucherConflict("stale voucher: cumulative is below one already accepted on this lane",
                                   lane=v.lane, cumulative=str(v.cumulative), last_cumulative=str(lane.last_cumulative))
@@ -165,16 +184,36 @@ class Ledger:
                    "created_at": now}
         row = {**receipt.__dict__, "voucher_hash": res.voucher_hash, "node": self.node, "created_at": now}
         with self.lanes.transaction() as tx:
-            if not tx.charge(voucher, row, res.charged_before):
-                raise VoucherConflict("the lane's hold expired and was taken over; nothing was charged",
-                                      lane=res.lane)
+            if not tx.charge(voucher, row, res.charged_before, now - self.max_hold, self.instance):
+                raise VoucherConflict("the lane's hold expired or was taken over; nothing was charged",
+                                      lane=res.lane, max_hold_s=self.max_hold.total_seconds())
         return total, body
+
+    def write_off(self, res: Reservation, checked: CheckedVoucher, amount: int, reason: LossReason,
+                  detail: str) -> None:
+        """Spend the voucher without a charge and record `amount` as lost, in one transaction: tokens
+        left the node and will never be paid (a node fault, or a charge that could not be committed).
+        The hold goes (if still ours); the voucher is stored without a response, so it never buys
+        another generation (a retry is 409)."""
+        v = checked.voucher
+        with self.factory.begin() as session:
+            session.execute(update(Lane).where(Lane.payer == res.payer, Lane.node == self.node, Lane.lane == res.lane,
+                                               Lane.reserved_voucher_hash == res.voucher_hash,
+                                               Lane.reserved_by == self.instance)
+                            .values(reserved=0, reserved_voucher_hash=None, reserved_at=None, reserved_by=None))
+            if session.get(Voucher, res.voucher_hash) is None:
+                session.add(Voucher(voucher_hash=res.voucher_hash, payer=res.payer, node=self.node, lane=res.lane,
+                                    cumulative=v.cumulative, request_hash="0x" + v.request_hash.hex(),
+                                    deadline=v.deadline, signature="0x" + checked.signature.hex(),
+                                    charged_total=res.charged_before, response=None, created_at=self._now()))
+            record_loss(session, LossRecord(self.node, res.payer, res.lane, amount, reason, res.voucher_hash,
+                                            detail=detail))
 
     def release(self, res: Reservation) -> None:
         """Drop the hold (if still ours): nothing is charged. No payer lock is needed: a concurrent
         `reserve` reads the hold either still there (and counts it) or gone."""
         with self.lanes.transaction() as tx:
-            tx.drop_hold(res.payer, self.node, res.lane, res.voucher_hash)
+            tx.drop_hold(res.payer, self.node, res.lane, res.voucher_hash, self.instance)
 
     def forget_responses(self, older_than: timedelta) -> int:
         """Drop stored response bodies past the idempotency window (vouchers and receipts stay)."""

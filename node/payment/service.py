@@ -1,8 +1,12 @@
 """Paying for one request, start to finish: check the voucher, hold the max fee, charge and sign.
 
-    begin(header, body, max_fee)  -> a Hold, or the stored response when the voucher was used before
+    hold(checked, max_fee)        -> a Hold, or the stored response when the voucher was used before
     finish(hold, usage, output)   -> (charged_total, response body with the signed receipt), committed
-    cancel(hold)                  -> nothing charged
+    cancel(hold)                  -> nothing charged (no token left the node)
+    write_off(hold, usage, why)   -> nothing charged, the voucher spent, the tokens sent a recorded loss
+
+Every hold ends in exactly one of a successful `finish`, `cancel` or `write_off`. While it lasts, its
+voucher is in flight: the same voucher sent again is refused (409) at once, never generated twice.
 
 The receipt is the node's EIP-712 `Receipt`; its id is its digest. It is committed with the charge
 and the response in one transaction: no receipt, no response; no response, no charge. On a node with
@@ -12,6 +16,8 @@ lineageHash commits to the blended weights (stored with the receipt); else to th
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +25,7 @@ from typing import Any
 
 from eth_account import Account
 from eth_hash.auto import keccak
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
 from node.attribution.attributor import Attributor
 from node.attribution.evidence import Attribution
@@ -26,14 +33,17 @@ from node.attribution.index_store import DatasetRef
 from node.attribution.rule import METHOD_EVIDENCE, METHOD_LINEAGE
 from node.catalog import ServedAdapter
 from node.chain.eip712 import Domain, Receipt, receipt_digest, sign_digest
+from node.db.loss import LossReason
 from node.db.queries import AdapterLineageView
-from node.errors import BadSignature, VoucherConflict
+from node.errors import BadSignature, DatabaseUnavailable, VoucherConflict
 from node.payment.header import decode_payment_header
 from node.payment.ledger import Ledger, ReceiptRow, Reservation
 from node.payment.pricing import Pricing
 from node.payment.voucher_check import CheckedVoucher, check_voucher
 
 __all__ = ["METHOD_EVIDENCE", "METHOD_LINEAGE", "PaymentService"]
+log = logging.getLogger(__name__)
+GENERATION_SHARE_OF_HOLD = 0.9  # a generation ends by this share of the hold's life: the charge fits in the rest
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,13 @@ class PaymentService:
         self.min_validity_s = min_validity_s
         self.clock = clock
         self.attributor = attributor
+        self._in_flight: set[str] = set()  # vouchers holding a lane in this process
+        self._in_flight_lock = threading.Lock()
+
+    @property
+    def max_generation_s(self) -> float:
+        """How long a generation may run: it must be charged before its hold expires."""
+        return self.ledger.max_hold.total_seconds() * GENERATION_SHARE_OF_HOLD
 
     def check(self, header_value: str | None, body: bytes) -> CheckedVoucher:
         """The stateless checks: header format, node, request hash, signature (no database)."""
@@ -82,11 +99,28 @@ class PaymentService:
                 raise BadSignature("the voucher expires too soon", deadline=deadline, now=now,
                                    min_validity_s=self.min_validity_s)
 
-        held = self.ledger.reserve(checked, max_fee, before_new=fresh_enough)
+        self._claim(checked.digest_hex)
+        try:
+            held = self.ledger.reserve(checked, max_fee, before_new=fresh_enough)
+        except BaseException:
+            self._unclaim(checked.digest_hex)
+            raise
         if isinstance(held, dict):
+            self._unclaim(checked.digest_hex)
             self._refuse_public_replay(checked)
             return Replay(held)
         return Hold(checked, held)
+
+    def _claim(self, voucher_hash: str) -> None:
+        with self._in_flight_lock:
+            if voucher_hash in self._in_flight:
+                raise VoucherConflict("this voucher's request is in flight: wait for its answer (a voucher buys "
+                                      "one generation)", voucher_hash=voucher_hash)
+            self._in_flight.add(voucher_hash)
+
+    def _unclaim(self, voucher_hash: str) -> None:
+        with self._in_flight_lock:
+            self._in_flight.discard(voucher_hash)
 
     def _refuse_public_replay(self, checked: CheckedVoucher) -> None:
         """A voucher in an epoch is published with its signature (the settle transaction): sent again,
@@ -123,10 +157,35 @@ class PaymentService:
         def respond(charged_total: int) -> dict[str, Any]:
             return build(receipt_json(row, hold.checked.digest_hex, self.node, charged_total))
 
-        return self.ledger.commit(hold.reservation, hold.checked, fee, row, respond)
+        try:
+            charged = self.ledger.commit(hold.reservation, hold.checked, fee, row, respond)
+        except (OperationalError, InterfaceError) as exc:  # (on failure the caller cancels or writes off)
+            raise DatabaseUnavailable("the node's database is not available; retry shortly",
+                                      error=type(exc).__name__) from exc
+        self._unclaim(hold.checked.digest_hex)
+        return charged
 
     def cancel(self, hold: Hold) -> None:
-        self.ledger.release(hold.reservation)
+        """Nothing left the node: release the hold; the same voucher may be sent again."""
+        try:
+            self.ledger.release(hold.reservation)
+        finally:
+            self._unclaim(hold.checked.digest_hex)
+
+    def write_off(self, hold: Hold, usage: Usage, reason: LossReason, detail: str) -> None:
+        """Tokens left the node and will not be charged: spend the voucher and record what they were worth
+        as a loss. If even that cannot be written (the database is down), the loss is logged, and the
+        voucher stays in flight here (409) for this process's life: it never buys a second generation."""
+        amount = min(self.pricing.fee(usage.prompt_tokens, usage.completion_tokens), hold.reservation.max_fee)
+        voucher_hash = hold.checked.digest_hex
+        try:
+            self.ledger.write_off(hold.reservation, hold.checked, amount, reason, detail)
+        except (SQLAlchemyError, DatabaseUnavailable) as exc:
+            log.error("loss of %d on voucher %s (%s) NOT recorded, the database refused it: %s", amount,
+                      voucher_hash, reason.value, type(exc).__name__)
+            return
+        self._unclaim(voucher_hash)
+        log.warning("loss of %d on voucher %s: %s (%s)", amount, voucher_hash, reason.value, detail)
 
     def _attribute(self, lineage: AdapterLineageView, output_text: str) -> Attribution | None:
         """Method 2's attribution of the output; None on a method 1 node or while an index is building."""

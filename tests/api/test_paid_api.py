@@ -151,7 +151,7 @@ def _served_once_the_hold_is_released(node: PaidNode, payer: Payer, lane: int) -
         time.sleep(0.2)
 
 
-def test_a_dropped_stream_is_not_charged_and_frees_the_lane(paid_node: PaidNode) -> None:
+def test_a_dropped_stream_is_charged_for_what_was_generated_and_frees_the_lane(paid_node: PaidNode) -> None:
     payer = _payer(paid_node)
     body = json.dumps({"model": str(paid_node.adapter_id), "prompt": "sea", "max_tokens": 400,
                        "stream": True, "stop": ["@@never@@"]}).encode()
@@ -159,23 +159,26 @@ def test_a_dropped_stream_is_not_charged_and_frees_the_lane(paid_node: PaidNode)
     with httpx.stream("POST", f"{paid_node.base_url}/v1/completions", content=body, timeout=60,
                       headers={"X-Payment": payer.payment_header(body, 5), "Content-Type": "application/json"}) as r:
         assert r.status_code == 200
-        next(r.iter_lines())  # one chunk, then hang up
+        next(line for line in r.iter_lines() if line.startswith("data: {"))  # one chunk, then hang up
     resp = _served_once_the_hold_is_released(paid_node, payer, 5)
     assert resp.status_code == 200, resp.text
-    assert _charged(paid_node, payer, 5) == before + int(resp.json()["receipt"]["fee"])
+    dropped = _charged(paid_node, payer, 5) - before - int(resp.json()["receipt"]["fee"])
+    assert 0 < dropped <= 10**9 * 2 + 2 * 10**9 * 400  # the chunks generated before the hang-up, no more
 
 
-def test_a_plain_request_whose_client_hangs_up_is_aborted_uncharged_and_frees_the_lane(paid_node: PaidNode) -> None:
+def test_a_plain_request_whose_client_hangs_up_is_charged_for_its_partial_answer_and_frees_the_lane(
+        paid_node: PaidNode) -> None:
     payer = _payer(paid_node)
-    body = json.dumps({"model": str(paid_node.adapter_id), "prompt": "sea", "max_tokens": 400,
-                       "stop": ["@@never@@"]}).encode()
+    body = json.dumps({"model": str(paid_node.adapter_id), "prompt": "the sea", "max_tokens": 1000,
+                       "temperature": 0, "stop": ["@@never@@"]}).encode()
     before = _charged(paid_node, payer, 6)
     with pytest.raises(httpx.ReadTimeout):  # the client gives up mid-generation and closes the connection
         httpx.post(f"{paid_node.base_url}/v1/completions", content=body, timeout=httpx.Timeout(10, read=0.3),
                    headers={"X-Payment": payer.payment_header(body, 6), "Content-Type": "application/json"})
     resp = _served_once_the_hold_is_released(paid_node, payer, 6)
     assert resp.status_code == 200, resp.text
-    assert _charged(paid_node, payer, 6) == before + int(resp.json()["receipt"]["fee"])
+    dropped = _charged(paid_node, payer, 6) - before - int(resp.json()["receipt"]["fee"])
+    assert 0 <= dropped < 10**9 * 3 + 2 * 10**9 * 1000  # what it had generated when it left: never the whole
 
 
 def test_concurrent_clients_on_many_lanes_pay_exactly_their_receipts(paid_node: PaidNode) -> None:

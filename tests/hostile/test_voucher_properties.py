@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from node.chain.eip712 import SECP256K1_N, Domain, Voucher, sign_voucher
 from node.errors import BadRequest, BadSignature
-from node.payment.header import FIELDS, UINT256_MAX, PaymentHeader, decode_payment_header, request_hash
+from node.payment.header import FIELDS, MAX_DEADLINE, UINT256_MAX, PaymentHeader, decode_payment_header, request_hash
 from node.payment.voucher_check import check_voucher
 
 DOMAIN = Domain(chain_id=31337, verifying_contract="0x5FbDB2315678afecb367f032d93F642f64180aa3")
@@ -50,7 +50,7 @@ def _check(header: str) -> object:
 
 @settings(max_examples=60, deadline=None)
 @given(key=keys, lane=st.integers(0, 2**32 - 1), cumulative=st.integers(0, UINT256_MAX),
-       deadline=st.integers(0, 2**64 - 1))
+       deadline=st.integers(0, MAX_DEADLINE))
 def test_a_voucher_signed_by_its_payer_is_accepted_whatever_its_in_range_values(
         key: str, lane: int, cumulative: int, deadline: int) -> None:
     v = _voucher(key, lane, cumulative, deadline)
@@ -138,9 +138,10 @@ def test_cumulative_is_a_canonical_uint256_decimal_string_or_a_bad_request(cumul
 
 @settings(max_examples=200, deadline=None)
 @given(field=st.sampled_from(("lane", "deadline")), value=json_values | st.integers(-2**70, 2**70))
-def test_lane_and_deadline_are_uint32_and_uint64_integers_or_a_bad_request(field: str, value: object) -> None:
+def test_lane_and_deadline_are_uint32_and_storable_integers_or_a_bad_request(field: str, value: object) -> None:
+    """The lane is a uint32; the deadline a uint64 the database can store (a signed BIGINT: < 2^63)."""
     header = _header(_voucher("0x" + "11" * 32), b"\x01" * 65, **{field: value})
-    bound = 2**32 if field == "lane" else 2**64
+    bound = 2**32 if field == "lane" else MAX_DEADLINE + 1
     in_range = type(value) is int and 0 <= value < bound
     if in_range:
         assert getattr(decode_payment_header(header), field) == value

@@ -54,7 +54,7 @@ def test_malformed_headers_are_named(value: str | None, match: str) -> None:
 
 @pytest.mark.parametrize("field, bad", [
     ("lane", -1), ("lane", 2**32), ("lane", True), ("cumulative", 5), ("cumulative", "01"),
-    ("cumulative", str(2**256)), ("deadline", 2**64), ("signature", "0x" + "00" * 64),
+    ("cumulative", str(2**256)), ("deadline", 2**64), ("deadline", 2**63), ("signature", "0x" + "00" * 64),
     ("payer", "0x1234"), ("requestHash", "0x" + "zz" * 32),
 ])
 def test_each_bad_field_is_refused(field: str, bad: object) -> None:
