@@ -24,13 +24,16 @@ from sqlalchemy import select
 from web3 import Web3
 
 from node.client.payer import verify_receipt
-from node.db.models import EpochState, Lane, Receipt, SettlementEpoch, Voucher
+from node.db.loss import LossReason
+from node.db.models import EpochState, Lane, Loss, Receipt, SettlementEpoch, Voucher
 from node.settlement.claims import claim_all
 from node.settlement.split import split_fee
 from tests.e2e.cluster import OPERATOR, RELAYER, TOKEN, Cluster
 from tests.e2e.traffic import ClientLog, Outcome
 
 LaneKey = tuple[str, int]  # (payer lower-case, lane)
+# Losses of answers the node served but did not charge (no receipt), and of charges settlement could not collect.
+UNCHARGED = {LossReason.DELIVERED_UNCHARGED.value, LossReason.NODE_FAULT.value}
 
 
 @dataclass(frozen=True)
@@ -63,21 +66,25 @@ def _client_receipts(outcomes: list[Outcome]) -> dict[str, tuple[dict[str, Any],
 
 
 def _check_lanes(cluster: Cluster, lanes: list[Lane], db: dict[str, tuple[Receipt, Voucher]],
-                 seen: dict[str, tuple[dict[str, Any], LaneKey]], settled: bool) -> int:
+                 seen: dict[str, tuple[dict[str, Any], LaneKey]], lost: Counter[LaneKey], settled: bool) -> int:
     fees: Counter[LaneKey] = Counter()
     for r, v in db.values():
         fees[(v.payer, v.lane)] += r.fee
     last_seen: dict[LaneKey, int] = {}
     for receipt, lane in seen.values():
         last_seen[lane] = max(last_seen.get(lane, 0), int(receipt["chargedTotal"]))
+    hung_up = {(v.payer, v.lane) for r, v in db.values() if r.receipt_hash not in seen}
     settlement = cluster.contracts(OPERATOR).settlement
     for lane in lanes:
         key = (lane.payer, lane.lane)
         assert lane.reserved_voucher_hash is None, f"lane {key} is still held by {lane.reserved_voucher_hash}"
-        assert lane.charged_total == fees[key] == last_seen.get(key, 0), (key, lane.charged_total, fees[key])
+        assert lane.charged_total == fees[key], (key, lane.charged_total, fees[key])
+        # a hang-up's charge is the lane's last the node made but no client saw
+        assert lane.charged_total == last_seen.get(key, 0) or key in hung_up, (key, lane.charged_total, last_seen)
         if settled:
             on_chain = settlement.collected(Web3.to_checksum_address(lane.payer), cluster.node, lane.lane)
-            assert on_chain == lane.charged_total, f"lane {key}: collected {on_chain} != charged {lane.charged_total}"
+            assert on_chain + lost[key] == lane.charged_total, \
+                f"lane {key}: collected {on_chain} + lost {lost[key]} != charged {lane.charged_total}"
     assert set(fees) <= {(lane.payer, lane.lane) for lane in lanes}
     return sum(lane.charged_total for lane in lanes)
 
@@ -111,6 +118,24 @@ def _check_rewards(cluster: Cluster, receipts: list[Receipt], collected: int) ->
     return len(finals)
 
 
+def _check_economics(outcomes: list[Outcome], db: dict[str, tuple[Receipt, Voucher]], unanswered: set[str],
+                     losses: list[Loss], vouchers: list[Voucher]) -> None:
+    """Every accepted voucher is charged once (a receipt) or is an uncharged loss, never both, never neither;
+    a charge no client saw is a hang-up's, and there are no more of those than calls that broke."""
+    charged = {v.voucher_hash for _, v in db.values()}
+    uncharged = [loss.voucher_hash for loss in losses if loss.reason in UNCHARGED]
+    assert len(uncharged) == len(set(uncharged)), "one voucher recorded as lost twice"
+    assert not charged & set(uncharged), "a voucher both charged and recorded as an uncharged loss"
+    neither = {v.voucher_hash for v in vouchers} - charged - set(uncharged)
+    assert not neither, f"{len(neither)} accepted vouchers are neither charged nor a recorded loss"
+    broken = sum(o.status == 0 for o in outcomes)
+    assert len(unanswered) <= broken, f"{len(unanswered)} receipts no client was handed, but {broken} broken calls"
+    for receipt_id in unanswered:
+        response = db[receipt_id][1].response
+        assert response is None or response["choices"][0]["finish_reason"] == "abort", \
+            f"receipt {receipt_id} of a complete answer was never handed to its client"
+
+
 def check_invariants(cluster: Cluster, log: ClientLog, *, settled: bool = True) -> Summary:
     """Everything above; `settled=False` skips the chain side (receipts may still wait for an epoch)."""
     outcomes = log.outcomes
@@ -120,10 +145,16 @@ def check_invariants(cluster: Cluster, log: ClientLog, *, settled: bool = True) 
         rows = session.execute(select(Receipt, Voucher).join(Voucher, Voucher.voucher_hash == Receipt.voucher_hash)
                                .where(Receipt.node == node)).all()
         lanes = list(session.scalars(select(Lane).where(Lane.node == node)))
+        losses = list(session.scalars(select(Loss).where(Loss.node == node)))
+        vouchers = list(session.scalars(select(Voucher).where(Voucher.node == node)))
     db = {r.receipt_hash: (r, v) for r, v in rows}
-    lost, unanswered = set(seen) - set(db), set(db) - set(seen)
-    assert not lost, f"{len(lost)} receipts handed to clients are not in the database: {sorted(lost)[:3]}"
-    assert not unanswered, f"{len(unanswered)} receipts in the database no client was handed: {sorted(unanswered)[:3]}"
+    missing, unanswered = set(seen) - set(db), set(db) - set(seen)
+    assert not missing, f"{len(missing)} receipts handed to clients are not in the database: {sorted(missing)[:3]}"
+    _check_economics(outcomes, db, unanswered, losses, vouchers)
+    lost: Counter[LaneKey] = Counter()
+    for loss in losses:
+        if loss.reason not in UNCHARGED:
+            lost[(loss.payer, loss.lane)] += loss.amount
     domain = cluster.payer(0).info.domain
     for receipt_id, (r, v) in db.items():
         client, lane = seen[receipt_id]
@@ -131,7 +162,7 @@ def check_invariants(cluster: Cluster, log: ClientLog, *, settled: bool = True) 
         assert int(client["fee"]) == r.fee and client["voucherHash"] == r.voucher_hash
         assert client["signature"] == r.signature
         assert verify_receipt(client, domain).lower() == node
-    collected = _check_lanes(cluster, lanes, db, seen, settled)
+    collected = _check_lanes(cluster, lanes, db, seen, lost, settled)
     num_final = _check_rewards(cluster, [r for r, _ in db.values()], collected) if settled else 0
     return Summary(len(outcomes), sum(o.is_served for o in outcomes), len(db), len(lanes), num_final, collected)
 
