@@ -11,6 +11,7 @@ from node.api.deps import NodeServices, services
 from node.api.error_handlers import error_responses
 from node.chain.receipt_read import HEADER, authorize_read
 from node.errors import NodeError
+from node.payment.pricing import Pricing
 from node.settlement.publication import payer_view, receipt_document, receipt_with_payer
 
 router = APIRouter(prefix="/v1", tags=["info"])
@@ -55,14 +56,26 @@ def quote(prompt_tokens: int = Query(..., ge=1, le=10**7), max_tokens: int = Que
 
 @router.get("/channels/{payer}/{lane}", responses=error_responses(400, 503))
 def channel(payer: str = Path(..., pattern=ADDRESS.pattern), lane: int = Path(..., ge=0, lt=2**32),
-            max_tokens: int = Query(256, ge=1, le=10**7), svc: NodeServices = Depends(services)) -> dict[str, Any]:
-    """The lane's charged total (sign on top of it) and a quote for a request of up to the whole context."""
+            max_tokens: int | None = Query(None, ge=1, le=10**7, description="the most the requests will ask "
+                                           "for; default: any request that fits the context"),
+            svc: NodeServices = Depends(services)) -> dict[str, Any]:
+    """The lane's charged total (sign on top of it) and a quote that covers every request of up to
+    `max_tokens` (default: any) that fits the context, so `chargedTotal + quote.maxFee` is never refused."""
     ch = svc.payments.ledger.channel(payer, lane)
-    prompt_tokens = max(svc.engine.max_model_len - max_tokens, 1)
+    prompt_tokens, completion_tokens = costliest_request(svc.payments.pricing, svc.engine.max_model_len, max_tokens)
     return {"payer": payer, "node": svc.payments.node, "lane": lane, "chargedTotal": str(ch.charged_total),
             "lastCumulative": str(ch.last_cumulative), "spendable": str(ch.spendable),
-            "quote": {**_prices(svc), "promptTokens": prompt_tokens, "maxTokens": max_tokens,
-                      "maxFee": str(svc.payments.pricing.max_fee(prompt_tokens, max_tokens))}}
+            "quote": {**_prices(svc), "promptTokens": prompt_tokens, "maxTokens": completion_tokens,
+                      "maxFee": str(svc.payments.pricing.max_fee(prompt_tokens, completion_tokens))}}
+
+
+def costliest_request(pricing: Pricing, max_model_len: int, max_tokens: int | None) -> tuple[int, int]:
+    """(prompt tokens, max tokens) of the costliest request the node accepts with at most `max_tokens`:
+    the fee is linear in both and prompt + max_tokens <= max_model_len, so it is one of the two ends
+    (the longest prompt, or the longest answer), whichever token is priced higher."""
+    longest_answer = max(min(max_tokens or max_model_len, max_model_len - 1), 1)
+    ends = ((max(max_model_len - 1, 1), 1), (max(max_model_len - longest_answer, 1), longest_answer))
+    return max(ends, key=lambda end: pricing.max_fee(*end))
 
 
 @router.get("/receipts/{receipt_id}", responses=error_responses(400, 401, 403, 404, 503))
