@@ -30,6 +30,7 @@ from node.errors import PaymentError
 from node.payment.header import PaymentHeader, request_hash
 
 PAID_PATHS = ("/v1/completions", "/v1/chat/completions")
+CLOCK_MARGIN_S = 60  # on top of the node's minimum validity: clock skew and the request's way there
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class NodeInfo:
     chain_id: int
     domain: Domain
     max_model_len: int
+    min_validity_s: int = 0  # the node refuses a new voucher with less time left
 
 
 class Payer:
@@ -60,6 +62,7 @@ class Payer:
             data = self._get("/v1/node")
             d = data["domain"]
             self._info = NodeInfo(node=data["node"], chain_id=data["chainId"], max_model_len=data["maxModelLen"],
+                                  min_validity_s=int(data.get("minVoucherValiditySeconds", 0)),
                                   domain=Domain(chain_id=d["chainId"], verifying_contract=d["verifyingContract"],
                                                 name=d["name"], version=d["version"]))
         return self._info
@@ -94,8 +97,8 @@ class Payer:
         else:
             budget = self.budget
         info = self.info
-        deadline = int(time.time()) + self.validity_s
-        deadline -= deadline % 60  # a retry within the minute signs the same voucher
+        deadline = int(time.time()) + max(self.validity_s, info.min_validity_s + CLOCK_MARGIN_S)
+        deadline += -deadline % 60  # up to the minute: a retry within it signs the same voucher
         voucher = Voucher(payer=self.address, node=info.node, lane=lane, cumulative=charged + budget,
                           request_hash=request_hash(body), deadline=deadline)
         signature = sign_voucher(self.key, voucher, info.domain)

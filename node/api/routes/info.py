@@ -34,7 +34,7 @@ def node_info(svc: NodeServices = Depends(services)) -> dict[str, Any]:
             "domain": {"name": p.domain.name, "version": p.domain.version, "chainId": p.domain.chain_id,
                        "verifyingContract": p.domain.verifying_contract},
             "baseModel": svc.catalog.base_model_id, "maxModelLen": svc.engine.max_model_len,
-            "prices": _prices(svc)}
+            "minVoucherValiditySeconds": p.min_validity_s, "prices": _prices(svc)}
 
 
 @router.get("/models", responses=error_responses(503))
