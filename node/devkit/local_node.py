@@ -60,9 +60,10 @@ class LocalNode:
                              treasury=_address(keys[TREASURY]), protocol_bps=protocol_bps, node_bps=node_bps,
                              thaw_period_s=thaw_period_s, challenge_period_s=challenge_period_s)
             write_deployment(dep, data_dir / "deployments")
+            chain = {"confirmations": 0, "finality_depth": 2, **overrides}
             settings = load_settings(data_dir=data_dir, rpc_url=anvil.rpc_url, operator_key=keys[OPERATOR],
-                                     database_url=database_url, confirmations=0, finality_depth=2,
-                                     deployment_file=data_dir / "deployments" / f"{dep.chain_id}.json", **overrides)
+                                     database_url=database_url,
+                                     deployment_file=data_dir / "deployments" / f"{dep.chain_id}.json", **chain)
             upgrade(settings.resolved_database_url())
         except BaseException:
             anvil.stop()
@@ -106,8 +107,9 @@ class LocalNode:
             self._procs.append(subprocess.Popen([sys.executable, "-m", "node", kind], env=env, stdout=log,
                                                 stderr=subprocess.STDOUT))
 
-    def wait_for_mirror(self, timeout_s: float = 30.0) -> None:
-        """Block until the indexer has caught up with the chain head (after the txs just sent)."""
+    def wait_for_mirror(self, timeout_s: float = 30.0, final: bool = True) -> None:
+        """Block until the indexer has caught up with the chain head (after the txs just sent), and
+        with `final`, until that block is final too (the node serves final registrations only)."""
         from node.db import queries
 
         factory = session_factory(make_engine(self.settings.resolved_database_url(), pooled=False))
@@ -116,7 +118,7 @@ class LocalNode:
         while time.monotonic() < deadline:
             with factory() as session:
                 head = queries.mirror_head(session)
-            if head is not None and head.last_block >= target:
+            if head is not None and (head.final_block if final else head.last_block) >= target:
                 return
             time.sleep(0.05)
         raise ChainError("the indexer did not catch up in time", target_block=target)
