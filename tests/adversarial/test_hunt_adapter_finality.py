@@ -10,6 +10,7 @@ finality depth is far away, then the chain mined past it. Real anvil, contracts,
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,8 @@ import pytest
 from node.client.payer import Payer
 from node.devkit.local_node import LocalNode
 from node.lora.content_hash import adapter_weights_sha256, base_model_id, dataset_content_hash
-from tests.fixtures.paid_node import ADAPTER_OWNER, CONTRIBUTORS, PAYERS, TOKEN
+from tests.fixtures.database import POSTGRES_ENV
+from tests.fixtures.paid_node import ADAPTER_OWNER, CONTRIBUTORS, PAYERS, TOKEN, _fresh_postgres
 
 pytestmark = pytest.mark.chain
 FINALITY_DEPTH = 1_000
@@ -30,7 +32,9 @@ def unfinal(tiny_model: Path, tiny_adapters: object, tmp_path_factory: pytest.Te
             ) -> Iterator[tuple[LocalNode, int]]:
     """A node with one adapter registered and indexed but `FINALITY_DEPTH` blocks short of final."""
     data_dir = tmp_path_factory.mktemp("unfinal")
-    local = LocalNode.start_chain(data_dir, finality_depth=FINALITY_DEPTH, prompt_token_price=10**9,
+    db_url = os.environ.get(POSTGRES_ENV)
+    local = LocalNode.start_chain(data_dir, database_url=_fresh_postgres(db_url) if db_url else None,
+                                  finality_depth=FINALITY_DEPTH, prompt_token_price=10**9,
                                   completion_token_price=2 * 10**9, default_max_tokens=4)
     try:
         text = data_dir / "dataset.txt"
