@@ -62,20 +62,23 @@ def channel(payer: str = Path(..., pattern=ADDRESS.pattern), lane: int = Path(..
     """The lane's charged total (sign on top of it) and a quote that covers every request of up to
     `max_tokens` (default: any) that fits the context, so `chargedTotal + quote.maxFee` is never refused."""
     ch = svc.payments.ledger.channel(payer, lane)
-    prompt_tokens, completion_tokens = costliest_request(svc.payments.pricing, svc.engine.max_model_len, max_tokens)
+    longest_prompt, longest_answer, max_fee = context_quote(svc.payments.pricing, svc.engine.max_model_len,
+                                                            max_tokens)
     return {"payer": payer, "node": svc.payments.node, "lane": lane, "chargedTotal": str(ch.charged_total),
             "lastCumulative": str(ch.last_cumulative), "spendable": str(ch.spendable),
-            "quote": {**_prices(svc), "promptTokens": prompt_tokens, "maxTokens": completion_tokens,
-                      "maxFee": str(svc.payments.pricing.max_fee(prompt_tokens, completion_tokens))}}
+            "quote": {**_prices(svc), "promptTokens": longest_prompt, "maxTokens": longest_answer,
+                      "maxFee": str(max_fee)}}
 
 
-def costliest_request(pricing: Pricing, max_model_len: int, max_tokens: int | None) -> tuple[int, int]:
-    """(prompt tokens, max tokens) of the costliest request the node accepts with at most `max_tokens`:
-    the fee is linear in both and prompt + max_tokens <= max_model_len, so it is one of the two ends
-    (the longest prompt, or the longest answer), whichever token is priced higher."""
+def context_quote(pricing: Pricing, max_model_len: int, max_tokens: int | None) -> tuple[int, int, int]:
+    """(longest prompt, longest answer, the most any request within both that fits the context can
+    cost). The fee is linear in prompt and answer tokens, and prompt + answer <= max_model_len, so the
+    costliest request is the longest prompt with one token or the longest answer with the rest."""
+    longest_prompt = max(max_model_len - 1, 1)
     longest_answer = max(min(max_tokens or max_model_len, max_model_len - 1), 1)
-    ends = ((max(max_model_len - 1, 1), 1), (max(max_model_len - longest_answer, 1), longest_answer))
-    return max(ends, key=lambda end: pricing.max_fee(*end))
+    max_fee = max(pricing.max_fee(longest_prompt, 1),
+                  pricing.max_fee(max(max_model_len - longest_answer, 1), longest_answer))
+    return longest_prompt, longest_answer, max_fee
 
 
 @router.get("/receipts/{receipt_id}", responses=error_responses(400, 401, 403, 404, 503))
