@@ -8,6 +8,10 @@ in the 503 (MirrorUnavailable): one written from another chain (`binding_fault`,
 starts, or the indexer's halt), one whose indexer cannot follow the chain, has not reached it for
 `max_mirror_lag_s`, or is more than `max_mirror_lag_blocks` behind (`MirrorHead.problem`). The cursor
 is read again once it is `MIRROR_TTL_S` old, so the indexer's verdict reaches requests within that.
+
+Only a registration past the finality depth is served: adapter ids are sequential, so a reorg that
+drops a registration gives its id to the next one, and the fees of receipts signed for the first
+adapter would be split by the newcomer's owner share and lineage.
 """
 
 from __future__ import annotations
@@ -112,6 +116,10 @@ class AdapterCatalog:
                                   adapter_base_model=view.base_model, node_base_model=self.base_model_id)
         if view.is_deprecated:
             raise AdapterNotFound(f"adapter {model} is deprecated by its owner", model=model)
+        if view.registered_block > head.final_block:
+            raise AdapterNotFound(f"adapter {model} is registered but not final yet: it is served once block "
+                                  f"{view.registered_block} is final", model=model,
+                                  registered_block=view.registered_block, final_block=head.final_block)
         self._ensure_registered(view)
         return ServedAdapter(adapter_id, str(adapter_id), head.last_block, view)
 
@@ -124,10 +132,14 @@ class AdapterCatalog:
             self._registered.add(view.adapter_id)
 
     def served(self) -> list[queries.AdapterLineageView]:
-        """Every adapter registered for this base model and not deprecated, per the mirror."""
+        """Every adapter registered (final) for this base model and not deprecated, per the mirror."""
         with self.factory() as session:
+            head = queries.mirror_head(session)
+            if head is None:
+                return []
             ids = session.scalars(select(Adapter.adapter_id).where(Adapter.base_model == self.base_model_id,
-                                                                   Adapter.deprecated_block.is_(None))
+                                                                   Adapter.deprecated_block.is_(None),
+                                                                   Adapter.block_number <= head.final_block)
                                   .order_by(Adapter.adapter_id)).all()
             views = [queries.adapter_lineage(session, i) for i in ids]
         return [v for v in views if v is not None]

@@ -7,9 +7,10 @@
 A lane is sequential: use one client per lane, and more lanes for parallel work. The hook signs
 `cumulative = chargedTotal + budget` (the budget defaults to the node's quote for a request that
 fills the whole context), so a request never needs a quote of its own; what it does not spend
-carries over. Retries re-send the same bytes and get the same signature, so a retry of a request
-that was served returns the same answer and receipt without a second charge (until the voucher is
-settled). `payer.receipt(id)` reads one of its own receipts with its text, which the node shows to
+carries over. Its HTTP clients keep a lane's last voucher until its request is answered, so a retry
+of the same bytes (the OpenAI client retries on connection errors, 408, 409, 429 and 5xx) sends the same voucher:
+a request that was served but whose answer was lost is replayed, not charged twice (until the voucher
+is settled). `payer.receipt(id)` reads one of its own receipts with its text, which the node shows to
 nobody else.
 """
 
@@ -30,6 +31,19 @@ from node.errors import PaymentError
 from node.payment.header import PaymentHeader, request_hash
 
 PAID_PATHS = ("/v1/completions", "/v1/chat/completions")
+CLOCK_MARGIN_S = 60  # on top of the node's minimum validity: clock skew and the request's way there
+RETRIED_STATUSES = frozenset({408, 409, 429})  # and 5xx: what OpenAI clients send again, bytes unchanged
+RETRY_WINDOW_S = 600  # how long an unanswered voucher is sent again for the same bytes
+
+
+@dataclass(frozen=True)
+class SignedVoucher:
+    """A lane's last voucher, for the request whose body hashes to `request_hash`."""
+
+    request_hash: bytes
+    deadline: int
+    header: str
+    signed_at: float
 
 
 @dataclass(frozen=True)
@@ -38,6 +52,7 @@ class NodeInfo:
     chain_id: int
     domain: Domain
     max_model_len: int
+    min_validity_s: int = 0  # the node refuses a new voucher with less time left
 
 
 class Payer:
@@ -51,6 +66,7 @@ class Payer:
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s)
         self._info: NodeInfo | None = None
         self._charged: dict[int, int] = {}  # lane -> charged total as last seen
+        self._unanswered: dict[int, SignedVoucher] = {}  # lane -> its last voucher, until answered
         self._lock = threading.Lock()
 
     # --- the node ---------------------------------------------------------------------------------
@@ -60,6 +76,7 @@ class Payer:
             data = self._get("/v1/node")
             d = data["domain"]
             self._info = NodeInfo(node=data["node"], chain_id=data["chainId"], max_model_len=data["maxModelLen"],
+                                  min_validity_s=int(data.get("minVoucherValiditySeconds", 0)),
                                   domain=Domain(chain_id=d["chainId"], verifying_contract=d["verifyingContract"],
                                                 name=d["name"], version=d["version"]))
         return self._info
@@ -84,7 +101,32 @@ class Payer:
 
     # --- signing ----------------------------------------------------------------------------------
     def payment_header(self, body: bytes, lane: int) -> str:
-        """The X-Payment value for `body` on `lane`: signed on top of the lane's charged total."""
+        """The X-Payment value for `body` on `lane`: a new voucher on top of the lane's charged total."""
+        return self._sign(request_hash(body), lane).header
+
+    def retry_safe_header(self, body: bytes, lane: int) -> str:
+        """`payment_header`, except that the lane's unanswered voucher is sent again if it is for these
+        bytes (a retry) and still valid long enough: what the HTTP clients below send."""
+        digest = request_hash(body)
+        with self._lock:
+            last = self._unanswered.get(lane)
+        now = time.time()
+        if last is not None and last.request_hash == digest and now - last.signed_at < RETRY_WINDOW_S and \
+                last.deadline >= now + self.info.min_validity_s + CLOCK_MARGIN_S:
+            return last.header
+        signed = self._sign(digest, lane)
+        with self._lock:
+            self._unanswered[lane] = signed
+        return signed.header
+
+    def answered(self, lane: int, status: int) -> None:
+        """The lane's request got an answer its client does not retry: the next request signs anew."""
+        if status in RETRIED_STATUSES or status >= 500:
+            return
+        with self._lock:
+            self._unanswered.pop(lane, None)
+
+    def _sign(self, digest: bytes, lane: int) -> SignedVoucher:
         with self._lock:
             charged = self._charged.get(lane)
         if charged is None or self.budget is None:
@@ -94,13 +136,14 @@ class Payer:
         else:
             budget = self.budget
         info = self.info
-        deadline = int(time.time()) + self.validity_s
-        deadline -= deadline % 60  # a retry within the minute signs the same voucher
+        deadline = int(time.time()) + max(self.validity_s, info.min_validity_s + CLOCK_MARGIN_S)
+        deadline += -deadline % 60  # up to the minute: a retry within it signs the same voucher
         voucher = Voucher(payer=self.address, node=info.node, lane=lane, cumulative=charged + budget,
-                          request_hash=request_hash(body), deadline=deadline)
+                          request_hash=digest, deadline=deadline)
         signature = sign_voucher(self.key, voucher, info.domain)
-        return PaymentHeader(voucher.payer, voucher.node, lane, voucher.cumulative, voucher.request_hash,
-                             deadline, signature).encode()
+        header = PaymentHeader(voucher.payer, voucher.node, lane, voucher.cumulative, voucher.request_hash,
+                               deadline, signature).encode()
+        return SignedVoucher(digest, deadline, header, time.time())
 
     def observe(self, lane: int, charged_total: int) -> None:
         """Record the lane's new charged total (from X-Charged-Total or a receipt)."""
@@ -117,10 +160,11 @@ class Payer:
 
         def sign(request: httpx.Request) -> None:
             if request.method == "POST" and request.url.path.endswith(PAID_PATHS):
-                request.headers["X-Payment"] = self.payment_header(request.read(), lane)
+                request.headers["X-Payment"] = self.retry_safe_header(request.read(), lane)
 
         def learn(response: httpx.Response) -> None:
             if response.request.url.path.endswith(PAID_PATHS):
+                self.answered(lane, response.status_code)
                 total = response.headers.get("X-Charged-Total")
                 if total is not None:
                     self.observe(lane, int(total))

@@ -60,10 +60,10 @@ class LocalNode:
                              treasury=_address(keys[TREASURY]), protocol_bps=protocol_bps, node_bps=node_bps,
                              thaw_period_s=thaw_period_s, challenge_period_s=challenge_period_s)
             write_deployment(dep, data_dir / "deployments")
+            chain = {"confirmations": 0, "finality_depth": 2, **overrides}
             settings = load_settings(data_dir=data_dir, rpc_url=anvil.rpc_url, operator_key=keys[OPERATOR],
                                      database_url=database_url,
-                                     deployment_file=data_dir / "deployments" / f"{dep.chain_id}.json",
-                                     **{"confirmations": 0, "finality_depth": 2, **overrides})
+                                     deployment_file=data_dir / "deployments" / f"{dep.chain_id}.json", **chain)
             upgrade(settings.resolved_database_url())
         except BaseException:
             anvil.stop()
@@ -107,19 +107,21 @@ class LocalNode:
             self._procs.append(subprocess.Popen([sys.executable, "-m", "node", kind], env=env, stdout=log,
                                                 stderr=subprocess.STDOUT))
 
-    def wait_for_mirror(self, timeout_s: float = 30.0) -> None:
-        """Block until the indexer has mirrored the chain head (after the txs just sent) and it is final
-        (deposits fund paid requests only then): the dev chain mines `finality_depth` blocks at once."""
+    def wait_for_mirror(self, timeout_s: float = 30.0, final: bool = True) -> None:
+        """Block until the indexer has caught up with the chain head (after the txs just sent), and
+        with `final`, until that block is final too: the dev chain mines `finality_depth` blocks at once
+        (deposits fund paid requests, and registrations are served, only once final)."""
         from node.db import queries
 
         factory = session_factory(make_engine(self.settings.resolved_database_url(), pooled=False))
         target = int(self.anvil.rpc("eth_blockNumber"), 16)  # type: ignore[arg-type]
-        self.anvil.rpc("anvil_mine", hex(self.settings.finality_depth))
+        if final:
+            self.anvil.rpc("anvil_mine", hex(self.settings.finality_depth))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with factory() as session:
                 head = queries.mirror_head(session)
-            if head is not None and head.final_block >= target:
+            if head is not None and (head.final_block if final else head.last_block) >= target:
                 return
             time.sleep(0.05)
         raise ChainError("the indexer did not catch up in time", target_block=target)

@@ -166,15 +166,15 @@ class Cluster:
     def payer(self, i: int) -> Payer:
         return Payer(self.world.payer_keys[i], self.base_url, timeout_s=30.0)
 
-    def wait_mirror(self, block: int, timeout_s: float = 60.0) -> None:
+    def wait_mirror(self, block: int, timeout_s: float = 60.0, final: bool = False) -> None:
         def caught_up() -> bool:
             try:
                 with self.factory() as session:
                     cursor = session.scalars(select(IndexerCursor)).first()
             except OperationalError:  # a pooled connection from before a database restart: dropped, retry
                 return False
-            return cursor is not None and cursor.last_block >= block
-        self.wait_for(caught_up, f"the mirror at block {block}", timeout_s)
+            return cursor is not None and (cursor.final_block if final else cursor.last_block) >= block
+        self.wait_for(caught_up, f"the mirror at block {block}{' (final)' if final else ''}", timeout_s)
 
     def wait_for(self, check: Any, what: str, timeout_s: float = 90.0, interval_s: float = 0.2) -> None:
         deadline = time.monotonic() + timeout_s
@@ -283,7 +283,8 @@ def running_cluster(root: Path, tiny_model: Path, adapters: dict[str, Path], dat
         log.info("cluster: chain, contracts and registrations in %.1fs", time.monotonic() - started)
         for name in PROCESSES:
             cluster.start(name)
-        cluster.wait_mirror(int(anvil.rpc("eth_blockNumber"), 16))  # type: ignore[arg-type]
+        # final too: the node serves an adapter once its registration is final
+        cluster.wait_mirror(int(anvil.rpc("eth_blockNumber"), 16), final=True)  # type: ignore[arg-type]
         log.info("cluster: mirror caught up after %.1fs", time.monotonic() - started)
         cluster.wait_ready()
         log.info("cluster: API ready after %.1fs", time.monotonic() - started)

@@ -11,6 +11,7 @@ from node.api.deps import NodeServices, services
 from node.api.error_handlers import error_responses
 from node.chain.receipt_read import HEADER, authorize_read
 from node.errors import NodeError
+from node.payment.pricing import Pricing
 from node.settlement.publication import payer_view, receipt_document, receipt_with_payer
 
 router = APIRouter(prefix="/v1", tags=["info"])
@@ -33,7 +34,7 @@ def node_info(svc: NodeServices = Depends(services)) -> dict[str, Any]:
             "domain": {"name": p.domain.name, "version": p.domain.version, "chainId": p.domain.chain_id,
                        "verifyingContract": p.domain.verifying_contract},
             "baseModel": svc.catalog.base_model_id, "maxModelLen": svc.engine.max_model_len,
-            "prices": _prices(svc)}
+            "minVoucherValiditySeconds": p.min_validity_s, "prices": _prices(svc)}
 
 
 @router.get("/models", responses=error_responses(503))
@@ -55,14 +56,29 @@ def quote(prompt_tokens: int = Query(..., ge=1, le=10**7), max_tokens: int = Que
 
 @router.get("/channels/{payer}/{lane}", responses=error_responses(400, 503))
 def channel(payer: str = Path(..., pattern=ADDRESS.pattern), lane: int = Path(..., ge=0, lt=2**32),
-            max_tokens: int = Query(256, ge=1, le=10**7), svc: NodeServices = Depends(services)) -> dict[str, Any]:
-    """The lane's charged total (sign on top of it) and a quote for a request of up to the whole context."""
+            max_tokens: int | None = Query(None, ge=1, le=10**7, description="the most the requests will ask "
+                                           "for; default: any request that fits the context"),
+            svc: NodeServices = Depends(services)) -> dict[str, Any]:
+    """The lane's charged total (sign on top of it) and a quote that covers every request of up to
+    `max_tokens` (default: any) that fits the context, so `chargedTotal + quote.maxFee` is never refused."""
     ch = svc.payments.ledger.channel(payer, lane)
-    prompt_tokens = max(svc.engine.max_model_len - max_tokens, 1)
+    longest_prompt, longest_answer, max_fee = context_quote(svc.payments.pricing, svc.engine.max_model_len,
+                                                            max_tokens)
     return {"payer": payer, "node": svc.payments.node, "lane": lane, "chargedTotal": str(ch.charged_total),
             "lastCumulative": str(ch.last_cumulative), "spendable": str(ch.spendable),
-            "quote": {**_prices(svc), "promptTokens": prompt_tokens, "maxTokens": max_tokens,
-                      "maxFee": str(svc.payments.pricing.max_fee(prompt_tokens, max_tokens))}}
+            "quote": {**_prices(svc), "promptTokens": longest_prompt, "maxTokens": longest_answer,
+                      "maxFee": str(max_fee)}}
+
+
+def context_quote(pricing: Pricing, max_model_len: int, max_tokens: int | None) -> tuple[int, int, int]:
+    """(longest prompt, longest answer, the most any request within both that fits the context can
+    cost). The fee is linear in prompt and answer tokens, and prompt + answer <= max_model_len, so the
+    costliest request is the longest prompt with one token or the longest answer with the rest."""
+    longest_prompt = max(max_model_len - 1, 1)
+    longest_answer = max(min(max_tokens or max_model_len, max_model_len - 1), 1)
+    max_fee = max(pricing.max_fee(longest_prompt, 1),
+                  pricing.max_fee(max(max_model_len - longest_answer, 1), longest_answer))
+    return longest_prompt, longest_answer, max_fee
 
 
 @router.get("/receipts/{receipt_id}", responses=error_responses(400, 401, 403, 404, 503))

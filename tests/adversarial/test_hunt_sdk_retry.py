@@ -1,0 +1,84 @@
+"""Hunt (issue #17): an SDK retry of a request that was served is not charged a second time.
+
+The node answers the same signed request again from its store, free (an idempotent replay). But the
+SDK (`Payer.http_client`, the hook under `Payer.openai`) signs each attempt anew on top of the lane's
+charged total as the node reports it at that moment: once the first attempt was charged, the retry
+is a new voucher for a new generation, charged again, although the payer asked once and got one
+answer. Here a hop between client and node (a load balancer, a flaky network) loses the first answer
+after the node committed it; the official `openai` client retries, as it does on any connection error.
+Live node on anvil; the lossy hop is a plain HTTP relay."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+from node.client.payer import Payer
+from tests.fixtures.paid_node import PaidNode
+
+pytestmark = pytest.mark.chain
+
+
+class LossyHop:
+    """Relays HTTP to `upstream`; the first paid POST reaches the node, whose answer is then lost."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream, self.num_lost = upstream, 0
+        hop = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self._relay(None)
+
+            def do_POST(self) -> None:
+                self._relay(self.rfile.read(int(self.headers["Content-Length"])))
+
+            def _relay(self, body: bytes | None) -> None:
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                resp = httpx.request(self.command, hop.upstream + self.path, content=body, headers=headers, timeout=60)
+                if body is not None and self.path.endswith("/completions") and hop.num_lost == 0:
+                    hop.num_lost += 1  # the node answered (and charged); the client never hears of it
+                    self.close_connection = True
+                    return
+                self.send_response(resp.status_code)
+                for k, v in resp.headers.items():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(resp.content)))
+                self.end_headers()
+                self.wfile.write(resp.content)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+@pytest.fixture
+def lossy(paid_node: PaidNode) -> Iterator[LossyHop]:
+    hop = LossyHop(paid_node.base_url)
+    yield hop
+    hop.server.shutdown()
+
+
+@pytest.mark.parametrize("budget", [None, 10**15], ids=["quote budget", "fixed budget"])
+def test_a_retried_request_is_charged_once(paid_node: PaidNode, lossy: LossyHop, budget: int | None) -> None:
+    lane = 120 if budget is None else 121
+    payer = Payer(paid_node.payer_keys[1], lossy.url, budget=budget)
+    out = payer.openai(lane=lane, max_retries=2).completions.create(
+        model=str(paid_node.adapter_id), prompt="the sea", max_tokens=4, temperature=0)
+    assert lossy.num_lost == 1  # the first answer was lost, the retry answered
+    fee = int(out.model_extra["receipt"]["fee"])
+    charged = int(Payer(paid_node.payer_keys[1], paid_node.base_url).channel(lane)["chargedTotal"])
+    assert charged == fee, f"charged {charged} for one answer of fee {fee}"
