@@ -130,7 +130,7 @@ class GenerationService:
             raise
         if isinstance(held, Replay):
             admission.__exit__(None, None, None)
-            return self._replay(kind, req, held.body)
+            return self._replay(req, held.body)
         response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{checked.digest.hex()[:24]}"
         job = Job(kind, req, response_id, f"{response_id}-{secrets.token_hex(6)}", int(time.time()), adapter,
                   prompt_ids, params, held)
@@ -268,9 +268,12 @@ class GenerationService:
         log.info("stream %s: the client left after %d tokens, charged for them", job.response_id,
                  sent.num_completion_tokens)
 
-    def _replay(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest,
+    def _replay(self, req: CompletionRequest | ChatCompletionRequest,
                 body: dict[str, Any]) -> JSONResponse | StreamingResponse:
+        """The stored answer again, free, in the shape it was bought in: a body both endpoints accept may
+        be retried on the other one (the voucher covers the body, not the path)."""
         headers = {"X-Charged-Total": body["receipt"]["chargedTotal"], "X-Idempotent-Replay": "true"}
+        kind: Kind = "chat" if body["object"] == "chat.completion" else "completion"
         if not req.stream:
             return JSONResponse(body, headers=headers)
 
