@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -54,7 +55,19 @@ class EngineClient:
             text = "".join(CHAT_FALLBACK_TEMPLATE.format(role=r, content=c) for r, c in messages) + "<|assistant|>\n"
         return self._encode(str(text))
 
+    @functools.cached_property
+    def max_prompt_chars(self) -> int:
+        """No text longer than this can fit the context: each token stands for at most as many characters
+        as its longest vocabulary entry (a byte-level or byte-fallback entry spells at least one
+        character per byte), so a longer prompt is refused before anyone spends time tokenizing it."""
+        longest = max((len(token) for token in self.engine.tokenizer.get_vocab()), default=1)
+        return self.max_model_len * max(longest, 1)
+
     def _encode(self, text: str) -> list[int]:
+        if len(text) > self.max_prompt_chars:
+            raise PromptTooLong(f"the prompt has {len(text)} characters; no prompt over {self.max_prompt_chars} "
+                                f"fits this model's {self.max_model_len} tokens", num_chars=len(text),
+                                max_chars=self.max_prompt_chars, max_model_len=self.max_model_len)
         ids = list(self.engine.tokenizer(text).input_ids)
         if not ids:
             raise BadRequest("the prompt is empty", param="prompt")

@@ -40,6 +40,7 @@ from node.errors import NodeError, Unavailable
 from node.payment.service import Hold, PaymentService, Replay, Usage
 
 log = logging.getLogger(__name__)
+INLINE_TOKENIZE_CHARS = 8_192  # shorter prompts are tokenized on the event loop
 Kind = Literal["completion", "chat"]
 Finished = StreamDelta | RequestOutput  # a request's end: the last delta of a stream, or the whole output
 CLIENT_LEFT, TIME_LIMIT = "abort", "length"  # the finish reasons of an answer the node cut short
@@ -115,7 +116,7 @@ class GenerationService:
                      payment: str | None, http: Request) -> JSONResponse | StreamingResponse:
         checked = self.payments.check(payment, body)
         adapter = self.catalog.cached(req.model) or await asyncio.to_thread(self.catalog.resolve, req.model)
-        prompt_ids = self._prompt_ids(kind, req)
+        prompt_ids = await self._tokenize(kind, req)
         limit = req.completion_limit if isinstance(req, ChatCompletionRequest) else req.max_tokens
         max_tokens = self.engine.completion_budget(len(prompt_ids), limit, self.default_max_tokens)
         params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=max(req.top_k, 0),
@@ -141,6 +142,13 @@ class GenerationService:
             return await self._complete(job, http)
         finally:
             admission.__exit__(None, None, None)
+
+    async def _tokenize(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest) -> list[int]:
+        """The prompt's ids; a long prompt is tokenized off the event loop (a short one costs less than
+        the thread hop), so nobody's huge prompt stalls everyone else's requests."""
+        if _prompt_chars(req) <= INLINE_TOKENIZE_CHARS:
+            return self._prompt_ids(kind, req)
+        return await asyncio.to_thread(self._prompt_ids, kind, req)
 
     def _prompt_ids(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest) -> list[int]:
         if isinstance(req, ChatCompletionRequest):
@@ -295,6 +303,12 @@ class GenerationService:
         self.metrics.tokens.labels(kind="prompt").inc(usage.prompt_tokens)
         self.metrics.tokens.labels(kind="completion").inc(usage.completion_tokens)
         self.metrics.receipts.inc()
+
+
+def _prompt_chars(req: CompletionRequest | ChatCompletionRequest) -> int:
+    if isinstance(req, ChatCompletionRequest):
+        return sum(len(m.text()) for m in req.messages)
+    return len(req.prompt)
 
 
 def _raise_if_failed(delta: Finished) -> None:
