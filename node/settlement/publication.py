@@ -83,13 +83,17 @@ def receipt_document(row: Receipt, node: str) -> dict[str, Any]:
             "attribution": public_attribution(row.attribution)}
 
 
+PUBLIC_ATTRIBUTION = ("rule", "minSpan", "alphaBps", "tokenizer", "datasetIds", "lineageBps", "weightsBps")
+
+
 def public_attribution(attribution: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Method 2's attribution without the span texts (they are pieces of the output)."""
+    """Method 2's attribution as anyone sees it: the rule and the weights its lineageHash commits to.
+    The evidence stays the payer's: the span texts are pieces of the output, and even the span
+    offsets, counts and the output's length would let a stranger rebuild a copied answer from the
+    public datasets (hash each window of a dataset against the public outputHash)."""
     if attribution is None:
         return None
-    evidence = [{**e, "spans": [{k: v for k, v in s.items() if k != "text"} for s in e.get("spans", [])]}
-                for e in attribution.get("evidence", [])]
-    return {**attribution, "evidence": evidence}
+    return {k: attribution[k] for k in PUBLIC_ATTRIBUTION if k in attribution}
 
 
 def payer_view(row: Receipt, voucher: Voucher) -> dict[str, Any]:

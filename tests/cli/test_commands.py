@@ -16,6 +16,7 @@ from tests.fixtures.paid_node import PaidNode
 
 pytestmark = pytest.mark.chain
 runner = CliRunner()
+THAW_PERIOD_S = 3_600  # above the node's epoch max age plus its worst-case settle latency, as deploy requires
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,8 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Anvil, 
     out = tmp_path_factory.mktemp("deployments")
     with Anvil() as chain:
         result = runner.invoke(app, ["chain", "deploy", "--rpc-url", chain.rpc_url, "--out", str(out),
-                                     "--dev-account", "0", "--challenge-period-s", "0", "--thaw-period-s", "0"])
+                                     "--dev-account", "0", "--challenge-period-s", "0", "--thaw-period-s",
+                                     str(THAW_PERIOD_S)])
         assert result.exit_code == 0, result.output
         env = {"LORANODE_RPC_URL": chain.rpc_url, "LORANODE_DEPLOYMENT_FILE": str(out / "31337.json")}
         yield chain, env
@@ -105,6 +107,8 @@ def test_escrow_deposit_thaw_withdraw(deployed: tuple[Anvil, dict[str, str]]) ->
     assert code == 0 and "balance 2.5" in out, out
     code, out = _run(env, "escrow", "thaw", "1", "--node", node, "--dev-account", "6")
     assert code == 0 and "thawing 1" in out, out
+    deployed[0].rpc("evm_increaseTime", THAW_PERIOD_S)
+    deployed[0].rpc("evm_mine")
     code, out = _run(env, "escrow", "withdraw", "--node", node, "--dev-account", "6")
     assert code == 0 and "balance 1.5" in out, out
     payer = deployed[0].keys[6]
