@@ -98,6 +98,8 @@ class Settings(BaseSettings):
     epoch_max_age_s: float = Field(default=1_800.0, ge=0)
     epoch_max_value: int | None = Field(default=None, ge=1)
     epoch_expiry_margin_s: float = Field(default=600.0, ge=0)
+    # vouchers per settle transaction (one per lane, ~53k gas each); more lanes wait for the next epoch
+    epoch_max_lanes: int = Field(default=200, ge=1, le=400)
     settlement_interval_s: float = Field(default=15.0, gt=0)
     settle_max_mine_s: float = Field(default=120.0, gt=0)
     block_time_s: float = Field(default=12.0, gt=0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, delete, exists, func, select, update
+from sqlalchemy import ColumnElement, delete, exists, func, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from node.attribution.evidence import stated_weights
@@ -92,13 +92,19 @@ def last_epoch_id(session: Session, node: str) -> int:
     return int(session.scalar(q) or 0)
 
 
-def open_epoch(session: Session, node: str, epoch_id: int, max_receipt_id: int) -> int:
-    """Insert epoch `epoch_id` (OPEN) and give it every unassigned receipt up to `max_receipt_id`."""
+def open_epoch(session: Session, node: str, epoch_id: int, max_receipt_id: int, max_lanes: int) -> int:
+    """Insert epoch `epoch_id` (OPEN) and give it the unassigned receipts up to `max_receipt_id` of at most
+    `max_lanes` lanes, those waiting longest first: `settle` collects one voucher per lane, and a batch
+    no block can hold would stop every payee's settlement. The other lanes wait for the next epoch."""
     session.add(SettlementEpoch(node=node.lower(), epoch_id=epoch_id, state=EpochState.OPEN))
     session.flush()
-    result = session.execute(update(Receipt)
-                             .where(Receipt.node == node.lower(), Receipt.epoch_id.is_(None),
-                                    Receipt.id <= max_receipt_id, _not_lost())
+    waiting = (Receipt.node == node.lower(), Receipt.epoch_id.is_(None), Receipt.id <= max_receipt_id, _not_lost())
+    lanes = session.execute(select(Voucher.payer, Voucher.lane)
+                            .join(Receipt, Receipt.voucher_hash == Voucher.voucher_hash).where(*waiting)
+                            .group_by(Voucher.payer, Voucher.lane).order_by(func.min(Receipt.id))
+                            .limit(max_lanes)).all()
+    chosen = select(Voucher.voucher_hash).where(tuple_(Voucher.payer, Voucher.lane).in_([tuple(r) for r in lanes]))
+    result = session.execute(update(Receipt).where(*waiting, Receipt.voucher_hash.in_(chosen))
                              .values(epoch_id=epoch_id).execution_options(synchronize_session=False))
     return int(result.rowcount)  # type: ignore[attr-defined]
 

@@ -33,7 +33,8 @@ THAW_PERIOD_ABI = [{"type": "function", "name": "thawPeriod", "stateMutability":
 def epoch_policy(settings: Settings) -> EpochPolicy:
     return EpochPolicy(max_age_s=settings.epoch_max_age_s, max_value=settings.epoch_max_value,
                        expiry_margin_s=settings.epoch_expiry_margin_s,
-                       land_within_s=settings.settle_latency().build_to_land_s)
+                       land_within_s=settings.settle_latency().build_to_land_s,
+                       max_lanes=settings.epoch_max_lanes)
 
 
 def check_chain_parameters(settings: Settings, deployment: Deployment) -> None:

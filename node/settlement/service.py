@@ -65,6 +65,7 @@ class EpochPolicy:
     max_value: int | None = None
     expiry_margin_s: float = 120.0
     land_within_s: float = SettleLatency().build_to_land_s  # a voucher must outlive the build by this
+    max_lanes: int = 200  # vouchers per settle (~53k gas each): far below a 30M-gas block
 
 
 def intent_key(node: str, epoch_id: int, attempt: int = 0) -> str:
@@ -177,7 +178,7 @@ class SettlementService:
             if not final <= on_chain < epoch_id:
                 raise ChainError("the chain's epochs do not follow this database's", node=self.node,
                                  chain_last_epoch=on_chain, db_last_epoch=epoch_id - 1, db_last_final=final)
-            count = outbox.open_epoch(session, self.node, epoch_id, p.max_receipt_id)
+            count = outbox.open_epoch(session, self.node, epoch_id, p.max_receipt_id, self.policy.max_lanes)
             row = outbox.epoch_row(session, self.node, epoch_id)
             assert row is not None
             row.batch = {"attempt": self._fresh_attempt(epoch_id, 0)}
