@@ -24,6 +24,7 @@ class LossReason(enum.StrEnum):
     NODE_FAULT = "node_fault"  # tokens left the node, then the node failed the request: it charges nothing
     VOUCHER_EXPIRED = "voucher_expired"  # no voucher of the lane is still valid when the settle lands
     ESCROW_SHORT = "escrow_short"  # the payer's escrow no longer covers the lane's amount
+    LINEAGE_MISMATCH = "lineage_mismatch"  # the receipt's lineageHash is not its adapter's registered lineage
     SETTLE_REFUSED = "settle_refused"  # the contract refuses the lane's voucher for another reason
 
 

@@ -16,7 +16,7 @@ from node.attribution.rule import METHOD_EVIDENCE
 from node.chain.contracts import lineage_hash
 from node.db import queries
 from node.db.models import EpochState, Loss, Receipt, SettledEpoch, SettlementEpoch, Voucher
-from node.errors import AttributionError, MirrorUnavailable
+from node.errors import MirrorUnavailable
 from node.settlement.epoch_builder import EpochReceipt, PaidVoucher
 from node.settlement.split import Lineage
 
@@ -140,24 +140,40 @@ def epoch_receipts(session: Session, node: str, epoch_id: int) -> list[EpochRece
 
 
 def lineages(session: Session, receipts: list[EpochReceipt]) -> dict[int, Lineage]:
-    """Each adapter's payees as the mirror has them (lineage is immutable once registered). A method 2
-    receipt's weights must be for its adapter's datasets and hash to its lineageHash."""
+    """Each adapter's payees as the mirror has them (lineage is immutable once registered)."""
     out: dict[int, Lineage] = {}
-    dataset_ids: dict[int, list[int]] = {}
     for r in receipts:
         if r.adapter_id not in out:
-            view = queries.adapter_lineage(session, r.adapter_id, at_block=r.registry_block)
-            if view is None:
-                raise MirrorUnavailable("the mirror lacks an adapter a receipt names", adapter_id=r.adapter_id,
-                                        registry_block=r.registry_block)
+            view = _lineage_view(session, r)
             out[r.adapter_id] = Lineage(view.owner, view.owner_share_bps,
                                         tuple((d.payout, d.weight_bps) for d in view.datasets))
-            dataset_ids[r.adapter_id] = [d.dataset_id for d in view.datasets]
-        if r.weights_bps is not None and \
-                "0x" + lineage_hash(dataset_ids[r.adapter_id], r.weights_bps).hex() != r.lineage_hash.lower():
-            raise AttributionError("a receipt's stored weights do not hash to its lineageHash",
-                                   receipt_id=r.receipt_id, weights_bps=list(r.weights_bps))
     return out
+
+
+def misattributed(session: Session, receipts: list[EpochReceipt]) -> list[EpochReceipt]:
+    """The receipts whose signed lineageHash is not their adapter's as the mirror has it: a method 1
+    receipt's must be the registered lineage's, a method 2 receipt's stored weights must be for its
+    adapter's datasets and hash to it. (A registration reorged out can hand its adapter id to another
+    adapter: its fees must not go to the newcomer's payees.)"""
+    views: dict[int, queries.AdapterLineageView] = {}
+    wrong = []
+    for r in receipts:
+        if r.adapter_id not in views:
+            views[r.adapter_id] = _lineage_view(session, r)
+        view = views[r.adapter_id]
+        expected = view.lineage_hash if r.weights_bps is None else \
+            "0x" + lineage_hash([d.dataset_id for d in view.datasets], r.weights_bps).hex()
+        if expected.lower() != r.lineage_hash.lower():
+            wrong.append(r)
+    return wrong
+
+
+def _lineage_view(session: Session, r: EpochReceipt) -> queries.AdapterLineageView:
+    view = queries.adapter_lineage(session, r.adapter_id, at_block=r.registry_block)
+    if view is None:
+        raise MirrorUnavailable("the mirror lacks an adapter a receipt names", adapter_id=r.adapter_id,
+                                registry_block=r.registry_block)
+    return view
 
 
 def is_final_on_mirror(session: Session, node: str, row: SettlementEpoch) -> bool:

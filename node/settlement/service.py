@@ -216,7 +216,11 @@ class SettlementService:
         with self.factory() as session, session.begin():
             row = outbox.epoch_row(session, self.node, epoch_id)
             assert row is not None and row.state is EpochState.OPEN
-            covered, uncovered = collectible(outbox.epoch_receipts(session, self.node, epoch_id), valid_until)
+            receipts = outbox.epoch_receipts(session, self.node, epoch_id)
+            wrong = outbox.misattributed(session, receipts)
+            self._lose(session, epoch_id, wrong, LossReason.LINEAGE_MISMATCH, "its lineageHash is not its adapter's")
+            wrong_ids = {r.receipt_id for r in wrong}
+            covered, uncovered = collectible([r for r in receipts if r.receipt_id not in wrong_ids], valid_until)
             self._lose(session, epoch_id, uncovered, LossReason.VOUCHER_EXPIRED, f"no voucher valid at {valid_until}")
             if not covered:
                 outbox.dissolve(session, self.node, epoch_id)

@@ -1,6 +1,7 @@
 """Method 2 receipts settle by their own weights: an epoch mixing lineage and evidence receipts pays
 each contributor by the weights each receipt committed to, sum of leaves == collected to the wei,
-and a receipt whose stored weights do not hash to its lineageHash stops the build."""
+and a receipt whose stored weights do not hash to its lineageHash is a recorded loss, out of the split,
+while every other receipt settles."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 from sqlalchemy import select
 from web3 import Web3
 
-from node.db.models import EpochState, Receipt
-from node.errors import AttributionError
+from node.db.loss import LossReason, losses
+from node.db.models import Receipt
 from node.settlement.claims import claim_all
 from node.settlement.publication import export_epoch, published_epoch
 from node.settlement.split import SplitParams, split_fee
@@ -56,16 +57,20 @@ def test_a_method_2_epoch_pays_each_contributor_by_the_receipts_weights(settleme
         assert token.balance_of(acct) - balances[acct] == amount
 
 
-def test_stored_weights_that_do_not_match_the_lineage_hash_stop_the_build(settlement_world: SettlementWorld) -> None:
+def test_stored_weights_that_do_not_match_the_lineage_hash_are_a_loss_and_the_rest_settles(
+        settlement_world: SettlementWorld) -> None:
     world = settlement_world
     a = world.adapter_ids[0]
-    receipt_id = world.pay(0, 0, a, 5_000_000, weights=(7_000, 3_000))
+    tampered = world.pay(0, 0, a, 5_000_000, weights=(7_000, 3_000))
+    world.pay(1, 0, a, 3_000_000, weights=(7_000, 3_000))
     with world.factory() as session, session.begin():  # the stored weights altered after signing
-        row = session.scalars(select(Receipt).where(Receipt.receipt_hash == receipt_id)).one()
+        row = session.scalars(select(Receipt).where(Receipt.receipt_hash == tampered)).one()
         row.attribution = {**row.attribution, "weightsBps": [3_000, 7_000]}
-    service = world.service()
-    epoch_id = service.close_epoch()
-    assert epoch_id is not None
-    with pytest.raises(AttributionError, match="do not hash to its lineageHash"):
-        service.step()
-    assert service.state(epoch_id) is EpochState.OPEN  # nothing built, nothing sent
+        voucher_hash = row.voucher_hash
+    settle(world, world.service())
+    settlement = world.contracts(OPERATOR).settlement
+    assert settlement.rewards_total(world.node) == 3_000_000  # the honest receipt only
+    with world.factory() as session:
+        lost = losses(session, world.node)
+    assert [(x.voucher_hash, x.reason, x.amount) for x in lost] == [(voucher_hash, LossReason.LINEAGE_MISMATCH,
+                                                                     5_000_000)]
