@@ -1,7 +1,7 @@
 """Fees earned by an adapter go to that adapter's payees, even across a reorg.
 
 Adapter ids are sequential: a reorg that drops a registration lets the next registration take its id.
-The API serves only final registrations (tests/adversarial/test_hunt_adapter_finality.py); behind it,
+The API serves only final registrations (tests/adversarial/test_adapter_finality.py); behind it,
 settlement compares each receipt's signed lineageHash with the adapter it would split by, and a
 receipt signed for another lineage is a recorded loss, never paid to the newcomer's owner and
 datasets. The receipt is written through the Ledger, as the settlement fixtures do. Real anvil

@@ -1,4 +1,4 @@
-"""Hunt (issue #17): the node signs receipts only for adapter registrations that can no longer change.
+"""The node signs receipts only for adapter registrations that can no longer change.
 
 Adapter ids are sequential. A registration the node serves while it is short of final can be dropped
 by a reorg, and the next registration then takes its id: the settlement splits the fees of receipts

@@ -1,4 +1,4 @@
-"""Hunt (issue #17): an SDK retry of a request that was served is not charged a second time.
+"""An SDK retry of a request that was served is not charged a second time.
 
 The node answers the same signed request again from its store, free (an idempotent replay). But the
 SDK (`Payer.http_client`, the hook under `Payer.openai`) signs each attempt anew on top of the lane's

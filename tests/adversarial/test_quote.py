@@ -1,4 +1,4 @@
-"""Hunt (issue #17): the lane quote must cover every request the node then accepts.
+"""The lane quote must cover every request the node then accepts.
 
 `GET /v1/channels/{payer}/{lane}` answers a quote "for a request of up to the whole context", and the
 SDK (and the viem example in docs/api.md) signs `chargedTotal + quote.maxFee`. A quote lower than

@@ -1,4 +1,4 @@
-"""Hunt (issue #17): a client that signs vouchers as long-lived as the node asks is never refused.
+"""A client that signs vouchers as long-lived as the node asks is never refused.
 
 The node refuses a new voucher with less than `min_voucher_validity_s` left. It must say so where a
 client reads its parameters (`GET /v1/node`), and the SDK must never sign a shorter deadline than it
