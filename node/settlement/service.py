@@ -215,7 +215,7 @@ class SettlementService:
         with self.factory() as session, session.begin():
             row = outbox.epoch_row(session, self.node, epoch_id)
             assert row is not None and row.state is EpochState.OPEN
-            covered, uncovered = collectible(outbox.epoch_receipts(session, self.node, epoch_id), valid_until)
+            covered, uncovered = self._collectible(session, epoch_id, valid_until)
             self._lose(session, epoch_id, uncovered, LossReason.VOUCHER_EXPIRED, f"no voucher valid at {valid_until}")
             if not covered:
                 outbox.dissolve(session, self.node, epoch_id)
@@ -237,10 +237,31 @@ class SettlementService:
                  build.collected, build.rewards_total)
         return EpochState.BUILT
 
+    def _collectible(self, session: Session, epoch_id: int,
+                     valid_until: int) -> tuple[list[EpochReceipt], list[EpochReceipt]]:
+        """(covered, uncovered) receipts of the epoch, in id order. The lost receipts of its lanes that
+        the lane's best voucher valid at `valid_until` covers are recovered into it (that voucher signs
+        over them: cumulative >= chargedTotal + maxFee); those it does not cover stay lost as they are."""
+        receipts = outbox.epoch_receipts(session, self.node, epoch_id)
+        lost = outbox.lost_receipts(session, self.node, {r.lane_key for r in receipts})
+        covered, uncovered = collectible(receipts + lost, valid_until)
+        was_lost = {r.receipt_id for r in lost}
+        recovered = [r for r in covered if r.receipt_id in was_lost]
+        outbox.recover(session, self.node, epoch_id, recovered)
+        if recovered:
+            log.info("epoch %d recovers %d lost receipt(s), %d in fees", epoch_id, len(recovered),
+                     sum(r.fee for r in recovered))
+        return (sorted(covered, key=lambda r: r.receipt_id),
+                [r for r in uncovered if r.receipt_id not in was_lost])
+
     def _lose(self, session: Session, epoch_id: int, receipts: list[EpochReceipt], reason: LossReason,
               detail: str) -> None:
-        """Record each receipt as a loss and take it out of the epoch for good."""
+        """Record each receipt as a loss and take it out of the epoch for good (a receipt the epoch
+        recovered is lost again: its loss is already recorded)."""
+        recorded = outbox.recovered_in(session, self.node, epoch_id)
         for r in receipts:
+            if r.voucher_hash in recorded:
+                continue
             record_loss(session, LossRecord(self.node, r.voucher.payer, r.voucher.lane, r.fee, reason,
                                             r.voucher_hash, epoch_id, detail))
         if receipts:
