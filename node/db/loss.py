@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, and_, select
+from sqlalchemy import ColumnElement, Connection, and_, select
 from sqlalchemy.orm import Session
 
 from node.db.models import Loss
@@ -83,7 +83,7 @@ def is_written_off() -> ColumnElement[bool]:
     return and_(is_settlement_loss(), Loss.reason.in_([r.value for r in WRITTEN_OFF]))
 
 
-def written_off(session: Session, payer: str, node: str) -> dict[int, int]:
+def written_off(session: Session | Connection, payer: str, node: str) -> dict[int, int]:
     """Per lane of (payer, node): what settlement wrote off for good (part of the lane's charged total
     that the chain will never collect)."""
     q = select(Loss.lane, Loss.amount).where(Loss.node == node.lower(), Loss.payer == payer.lower(), is_written_off())

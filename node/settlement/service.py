@@ -3,8 +3,9 @@
 Each node's epochs move through the outbox, and every step is persisted before the next one starts:
 
     OPEN       receipts up to a cutoff are assigned to the epoch (one transaction)
-    BUILT      per lane, the best voucher still valid when the settle lands and what it covers; what no
-               such voucher covers is a recorded loss; the rewards and receipts trees and their roots
+    BUILT      per lane, the best voucher still valid when the settle lands and what it covers, the
+               lane's earlier lost receipts included (recovered); what no such voucher covers is a
+               recorded loss; the rewards and receipts trees and their roots
     SUBMITTED  the `settle` was simulated (a lane that would revert, e.g. an escrow short of funds,
                becomes a recorded loss and the batch is rebuilt without it) and its intent is in the
                TxManager's store (saved before its broadcast); fee bumps and re-broadcasts after a crash

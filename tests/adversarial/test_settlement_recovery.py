@@ -128,11 +128,13 @@ def test_a_loss_the_contract_refuses_for_good_stops_counting_against_the_escrow(
     assert [r[3] for r in lost(world)] == [LossReason.SETTLE_REFUSED]
     world.sync()
     assert world.ledger.channel(payer(world, 0), 0).spendable == 1_000 * TOKEN  # not locked by it
-    world.pay(0, 0, a, 4_000, validity_s=LONG)  # the lane goes on; the written-off 1_000 is not collected
+    world.pay(0, 1, a, 1_000, budget=1_000 * TOKEN - 1_000, validity_s=LONG)  # a quote of the whole escrow
+    world.pay(0, 0, a, 4_000, validity_s=LONG)  # the lane goes on; the written-off 1_000 is never collected
     tick_until(world, service, service.close_epoch() or 0, EpochState.FINAL)
-    assert on_chain(world) == (2, 6_000, 6_000)
+    assert on_chain(world) == (2, 7_000, 7_000)
+    assert lost(world) == [(payer(world, 0), 0, 1_000, LossReason.SETTLE_REFUSED)]
     world.sync()
-    assert world.ledger.channel(payer(world, 0), 0).spendable == 1_000 * TOKEN - 4_000
+    assert world.ledger.channel(payer(world, 0), 0).spendable == 1_000 * TOKEN - 5_000
 
 
 def test_settle_losses_shows_only_what_is_still_lost_and_what_was_recovered(sqlite_world: SettlementWorld) -> None:
