@@ -36,7 +36,8 @@ class Pending:
 
 
 def _not_lost() -> ColumnElement[bool]:
-    """A receipt settlement has not recorded as a loss (a lost receipt never enters an epoch again)."""
+    """A receipt settlement has not recorded as a loss: a lost receipt never waits for an epoch again;
+    only its lane's next valid voucher brings it back (`lost_receipts`, `recover`)."""
     return ~exists().where(Loss.node == Receipt.node, Loss.voucher_hash == Receipt.voucher_hash,
                            Loss.epoch_id.is_not(None))
 

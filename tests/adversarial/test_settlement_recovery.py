@@ -95,6 +95,35 @@ def test_a_recovery_the_chain_refuses_leaves_each_receipt_lost_once(settlement_w
                                           (payer(world, 0), 0, 4_000, LossReason.ESCROW_SHORT)])
 
 
+def test_a_recovery_the_chain_refuses_after_its_preflight_is_rebuilt_and_each_receipt_lost_once(
+        settlement_world: SettlementWorld) -> None:
+    world = settlement_world
+    a, b = world.adapter_ids
+    expire_and_settle(world, 1_000, 2_000)
+    world.pay(0, 0, a, 4_000, validity_s=LONG)
+    world.pay(1, 0, b, 8_000, validity_s=LONG)
+    empty_escrow(world, 0)
+    service = world.service(EpochPolicy(max_age_s=0, land_within_s=1_000))
+    second = service.close_epoch()
+    assert service.tick() is EpochState.BUILT
+    assert lost(world) == []  # the lost 1_000 is in the epoch: recovered, for now
+    world.anvil.rpc("evm_setAutomine", False)
+    assert service.tick() is EpochState.SUBMITTED  # the preflight passed: the escrow is still there
+    escrow = world.contracts(PAYERS[0]).escrow  # the payer front-runs the settle with a higher tip
+    world.w3.eth.send_transaction({"from": escrow.client.address, "to": escrow.address, "gas": 200_000,
+                                   "data": escrow.contract.encode_abi("withdraw", args=[world.node]),
+                                   "maxPriorityFeePerGas": 500 * 10**9, "maxFeePerGas": 1_000 * 10**9})
+    world.mine()
+    world.anvil.rpc("evm_setAutomine", True)
+    service.tick()
+    assert service.state(second) is EpochState.FAILED
+    tick_until(world, service, second, EpochState.FINAL)
+    assert on_chain(world) == (2, 10_000, 10_000)
+    assert leaves_total(world, second) == 10_000
+    assert sorted(lost(world)) == sorted([(payer(world, 0), 0, 1_000, LossReason.VOUCHER_EXPIRED),
+                                          (payer(world, 0), 0, 4_000, LossReason.ESCROW_SHORT)])
+
+
 def test_a_recoverable_loss_still_counts_against_the_escrow_until_it_is_collected(
         settlement_world: SettlementWorld) -> None:
     world = settlement_world
