@@ -81,7 +81,8 @@ def export(node: str = typer.Option(..., "--node"), out: Path = typer.Option(...
 @settle_app.command("losses")
 def losses(node: str = typer.Option(None, "--node", help="Default: the operator key's node."),
            payer: str = typer.Option(None, "--payer", help="Only this payer's losses.")) -> None:
-    """Every loss (served but never collected), per payer, with its lane, epoch, reason and amount."""
+    """Every loss still lost (served but not collected), per payer, with its lane, epoch, reason and
+    amount; then what later epochs recovered with the lane's next valid voucher."""
     from node.db.loss import losses as all_losses
     from node.db.session import make_engine, session_factory
     from node.settlement.runtime import operator_address
@@ -89,14 +90,20 @@ def losses(node: str = typer.Option(None, "--node", help="Default: the operator 
     settings = load_settings()
     node = node or operator_address(settings)
     with session_factory(make_engine(settings.resolved_database_url()))() as session:
-        records = all_losses(session, node, payer)
-    if not records:
+        records = all_losses(session, node, payer, include_recovered=True)
+    lost = [r for r in records if r.recovered_epoch_id is None]
+    recovered = [r for r in records if r.recovered_epoch_id is not None]
+    if not lost:
         console.print(f"no losses for node {node}")
-        return
-    for who in sorted({r.payer for r in records}):
-        mine = [r for r in records if r.payer == who]
+    for who in sorted({r.payer for r in lost}):
+        mine = [r for r in lost if r.payer == who]
         console.print(f"payer {who}: {sum(r.amount for r in mine)} lost in {len(mine)} record(s)")
         for r in mine:
             epoch = "-" if r.epoch_id is None else str(r.epoch_id)
             console.print(f"  lane {r.lane}  epoch {epoch}  {r.reason.value}  {r.amount}  {r.detail or ''}".rstrip())
-    console.print(f"total {sum(r.amount for r in records)} lost by node {node}")
+    if lost:
+        console.print(f"total {sum(r.amount for r in lost)} lost by node {node}")
+    if recovered:
+        epochs = ", ".join(str(e) for e in sorted({r.recovered_epoch_id for r in recovered if r.recovered_epoch_id}))
+        console.print(f"recovered {sum(r.amount for r in recovered)} in {len(recovered)} record(s) "
+                      f"(collected in epoch {epochs})")

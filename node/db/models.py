@@ -344,3 +344,5 @@ class Loss(Base):
     epoch_id: Mapped[int | None] = mapped_column(BigInteger)
     detail: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utc_now)
+    # the epoch that collected this receipt later, with its lane's next valid voucher (no longer lost)
+    recovered_epoch_id: Mapped[int | None] = mapped_column(BigInteger)

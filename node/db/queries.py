@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from node.db.loss import written_off
 from node.db.models import (
     Adapter,
     AdapterLineage,
@@ -36,11 +37,12 @@ class LaneState:
     last_cumulative: int
     last_voucher_hash: str | None
     collected: int
+    written_off: int = 0  # settlement losses on this lane that can never be collected (node/db/loss.py)
 
     @property
     def uncollected(self) -> int:
-        """Charged by the node on this lane but not yet collected on chain."""
-        return max(self.charged_total - self.collected, 0)
+        """Charged by the node on this lane, not yet collected on chain, and still collectible."""
+        return max(self.charged_total - self.collected - self.written_off, 0)
 
 
 @dataclass(frozen=True)
@@ -153,10 +155,12 @@ def payer_lanes(session: Session, payer: str, node: str | None = None) -> list[L
     if node is not None:
         q, c = q.where(Lane.node == node.lower()), c.where(LaneCollection.node == node.lower())
     collected = {(r.node, r.lane): r.collected for r in session.scalars(c)}
+    rows = list(session.scalars(q))
+    lost = {n: written_off(session, payer, n) for n in {r.node for r in rows}}
     return [LaneState(payer=r.payer, node=r.node, lane=r.lane, charged_total=r.charged_total,
                       last_cumulative=r.last_cumulative, last_voucher_hash=r.last_voucher_hash,
-                      collected=collected.get((r.node, r.lane), 0))
-            for r in session.scalars(q)]
+                      collected=collected.get((r.node, r.lane), 0), written_off=lost[r.node].get(r.lane, 0))
+            for r in rows]
 
 
 def escrow(session: Session, payer: str, node: str) -> Escrow:

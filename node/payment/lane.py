@@ -36,7 +36,7 @@ class HoldView:
     lane: LaneRow  # the voucher's lane (NEW_LANE if never used)
     balance: int  # escrow, as mirrored
     thawing: int
-    uncollected: int  # charged on all lanes of (payer, node), not yet collected on chain
+    uncollected: int  # charged on all lanes of (payer, node), not yet collected, and not written off for good
     other_holds: int  # the live holds on the other lanes
     pending_deposits: int = 0  # deposits in `balance` that are not final yet: not spendable
     pending_until_block: int | None = None  # the chain head at which they are

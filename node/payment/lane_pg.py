@@ -30,9 +30,11 @@ from eth_hash.auto import keccak
 from psycopg.types.json import Json
 from sqlalchemy import Engine
 
+from node.db.loss import WRITTEN_OFF
 from node.errors import DatabaseUnavailable
 from node.payment.lane import NEW_LANE, HoldView, LaneRow
 
+_WRITTEN_OFF = [r.value for r in WRITTEN_OFF]
 _LOCK = "SELECT set_config('synchronous_commit', 'off', true), pg_advisory_xact_lock(%(key)s)"
 
 # One row: the voucher's use, the escrow account, this lane, and the payer's lane totals.
@@ -46,12 +48,19 @@ FROM (SELECT 1) AS anchor
 LEFT JOIN escrow_accounts e ON e.payer = %(payer)s AND e.node = %(node)s
 LEFT JOIN lanes l ON l.payer = %(payer)s AND l.node = %(node)s AND l.lane = %(lane)s
 CROSS JOIN (
-    SELECT coalesce(sum(greatest(x.charged_total - coalesce(c.collected, 0), 0)), 0) AS uncollected,
+    SELECT coalesce(sum(greatest(x.charged_total - coalesce(c.collected, 0) - coalesce(w.amount, 0), 0)), 0)
+               AS uncollected,
            coalesce(sum(CASE WHEN x.lane <> %(lane)s AND x.reserved_voucher_hash IS NOT NULL
                                   AND x.reserved_at > %(live_since)s
                              THEN x.reserved ELSE 0 END), 0) AS other_holds
     FROM lanes x
     LEFT JOIN lane_collections c ON c.payer = x.payer AND c.node = x.node AND c.lane = x.lane
+    LEFT JOIN (  -- settlement losses that can never be collected (node/db/loss.py: WRITTEN_OFF)
+        SELECT lane, sum(amount) AS amount FROM losses
+        WHERE payer = %(payer)s AND node = %(node)s AND epoch_id IS NOT NULL AND recovered_epoch_id IS NULL
+          AND reason = ANY(%(written_off)s)
+        GROUP BY lane
+    ) AS w ON w.lane = x.lane
     WHERE x.payer = %(payer)s AND x.node = %(node)s
 ) AS t
 """
@@ -126,7 +135,8 @@ class PipelinedLaneTransaction:
 
     def hold_view(self, payer: str, node: str, lane: int, voucher_hash: str, live_since: datetime) -> HoldView:
         row = self.conn.execute(_HOLD_VIEW, {"payer": payer, "node": node, "lane": lane,
-                                             "voucher_hash": voucher_hash, "live_since": live_since}).fetchone()
+                                             "voucher_hash": voucher_hash, "live_since": live_since,
+                                             "written_off": _WRITTEN_OFF}).fetchone()
         assert row is not None, "the hold view has one row (a one-row anchor, left joins)"
         (is_used, response, balance, thawing, pending, pending_until, charged_total, last_cumulative,
          reserved_hash, reserved_at, reserved_by, uncollected, other_holds) = row

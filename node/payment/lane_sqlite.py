@@ -32,6 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.sql import Select
 
+from node.db.loss import written_off
 from node.db.models import EscrowAccount, Lane, LaneCollection, Receipt, Voucher
 from node.payment.lane import NEW_LANE, HoldView, LaneRow
 
@@ -50,8 +51,9 @@ class SQLiteLaneTransaction:
         params = {"payer": payer, "node": node, "lane": lane, "voucher_hash": voucher_hash}
         row = self.conn.execute(_HOLD_VIEW, params).one()
         uncollected, other_holds = 0, 0
+        lost = written_off(self.conn, payer, node)  # never collectible: no longer owed from the escrow
         for r in self.conn.execute(_LANE_ROWS, params):
-            uncollected += max(r.charged_total - (r.collected or 0), 0)
+            uncollected += max(r.charged_total - (r.collected or 0) - lost.get(r.lane, 0), 0)
             if r.lane != lane and r.reserved_voucher_hash and r.reserved_at and r.reserved_at > live_since:
                 other_holds += r.reserved
         this = NEW_LANE if row.charged_total is None else LaneRow(row.charged_total, row.last_cumulative,

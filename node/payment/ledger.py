@@ -133,7 +133,9 @@ class Ledger:
 
     @staticmethod
     def _check_funds(view: HoldView, max_fee: int) -> None:
-        """Only final deposits are spent (a reorg can remove a deposit the node served against)."""
+        """Only final deposits are spent (a reorg can remove a deposit the node served against). What
+        the node charged and has not collected counts, settlement losses included until they are
+        recovered or written off (node/db/loss.py): the lane's next voucher still collects them."""
         final = view.balance - view.pending_deposits
         spendable = max(final - view.thawing - view.uncollected, 0) - view.other_holds
         if spendable >= max_fee:

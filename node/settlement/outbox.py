@@ -15,6 +15,7 @@ from node.attribution.evidence import stated_weights
 from node.attribution.rule import METHOD_EVIDENCE
 from node.chain.contracts import lineage_hash
 from node.db import queries
+from node.db.loss import RECOVERABLE, is_settlement_loss
 from node.db.models import EpochState, Loss, Receipt, SettledEpoch, SettlementEpoch, Voucher
 from node.errors import MirrorUnavailable
 from node.settlement.epoch_builder import EpochReceipt, PaidVoucher
@@ -35,7 +36,8 @@ class Pending:
 
 
 def _not_lost() -> ColumnElement[bool]:
-    """A receipt settlement has not recorded as a loss (a lost receipt never enters an epoch again)."""
+    """A receipt settlement has not recorded as a loss: a lost receipt never waits for an epoch again;
+    only its lane's next valid voucher brings it back (`lost_receipts`, `recover`)."""
     return ~exists().where(Loss.node == Receipt.node, Loss.voucher_hash == Receipt.voucher_hash,
                            Loss.epoch_id.is_not(None))
 
@@ -111,10 +113,14 @@ def open_epoch(session: Session, node: str, epoch_id: int, max_receipt_id: int, 
 
 def detach(session: Session, node: str, epoch_id: int, receipt_ids: list[int] | None = None) -> None:
     """Take receipts out of epoch `epoch_id` (all of them when `receipt_ids` is None): lost ones stay out
-    for good, the others wait for a later epoch."""
+    for good (a receipt this epoch recovered is lost again), the others wait for a later epoch."""
     q = update(Receipt).where(Receipt.node == node.lower(), Receipt.epoch_id == epoch_id)
+    hashes = select(Receipt.voucher_hash).where(Receipt.node == node.lower(), Receipt.epoch_id == epoch_id)
     if receipt_ids is not None:
-        q = q.where(Receipt.id.in_(receipt_ids))
+        q, hashes = q.where(Receipt.id.in_(receipt_ids)), hashes.where(Receipt.id.in_(receipt_ids))
+    session.execute(update(Loss).where(Loss.node == node.lower(), Loss.recovered_epoch_id == epoch_id,
+                                       Loss.voucher_hash.in_(hashes))
+                    .values(recovered_epoch_id=None).execution_options(synchronize_session=False))
     session.execute(q.values(epoch_id=None).execution_options(synchronize_session=False))
 
 
@@ -129,14 +135,45 @@ def epoch_receipts(session: Session, node: str, epoch_id: int) -> list[EpochRece
     """The epoch's receipts with their vouchers, in id order (the receipts tree's value order)."""
     q = (select(Receipt, Voucher).join(Voucher, Voucher.voucher_hash == Receipt.voucher_hash)
          .where(Receipt.node == node.lower(), Receipt.epoch_id == epoch_id).order_by(Receipt.id))
-    out = []
-    for r, v in session.execute(q).all():
-        paid = PaidVoucher(v.payer, v.node, v.lane, v.cumulative, v.request_hash, v.deadline, v.signature)
-        weights = stated_weights(r.attribution).weights_bps if r.method == METHOD_EVIDENCE else None
-        out.append(EpochReceipt(r.id, r.voucher_hash, r.adapter_id, r.registry_block, r.lineage_hash,
-                                r.prompt_tokens, r.completion_tokens, r.fee, r.output_hash, r.method, paid,
-                                weights, v.charged_total))
-    return out
+    return [_epoch_receipt(r, v) for r, v in session.execute(q).all()]
+
+
+def lost_receipts(session: Session, node: str, lanes: set[tuple[str, int]]) -> list[EpochReceipt]:
+    """The receipts of `lanes` (payer, lane) that settlement lost but the lane's next valid voucher can
+    still collect (expired, escrow short), in id order."""
+    if not lanes:
+        return []
+    q = (select(Receipt, Voucher).join(Voucher, Voucher.voucher_hash == Receipt.voucher_hash)
+         .join(Loss, (Loss.node == Receipt.node) & (Loss.voucher_hash == Receipt.voucher_hash))
+         .where(Receipt.node == node.lower(), Receipt.epoch_id.is_(None), is_settlement_loss(),
+                Loss.reason.in_([r.value for r in RECOVERABLE]),
+                tuple_(Voucher.payer, Voucher.lane).in_(sorted(lanes)))
+         .order_by(Receipt.id))
+    return [_epoch_receipt(r, v) for r, v in session.execute(q).all()]
+
+
+def recover(session: Session, node: str, epoch_id: int, receipts: list[EpochReceipt]) -> None:
+    """Put lost `receipts` into epoch `epoch_id`, which collects them: their losses are recovered."""
+    if not receipts:
+        return
+    ids, hashes = [r.receipt_id for r in receipts], [r.voucher_hash for r in receipts]
+    session.execute(update(Receipt).where(Receipt.node == node.lower(), Receipt.id.in_(ids))
+                    .values(epoch_id=epoch_id).execution_options(synchronize_session=False))
+    session.execute(update(Loss).where(Loss.node == node.lower(), Loss.voucher_hash.in_(hashes), is_settlement_loss())
+                    .values(recovered_epoch_id=epoch_id).execution_options(synchronize_session=False))
+
+
+def recovered_in(session: Session, node: str, epoch_id: int) -> set[str]:
+    """The voucher hashes of the lost receipts epoch `epoch_id` recovered (their loss is already recorded)."""
+    q = select(Loss.voucher_hash).where(Loss.node == node.lower(), Loss.recovered_epoch_id == epoch_id)
+    return {h for h in session.scalars(q) if h is not None}
+
+
+def _epoch_receipt(r: Receipt, v: Voucher) -> EpochReceipt:
+    paid = PaidVoucher(v.payer, v.node, v.lane, v.cumulative, v.request_hash, v.deadline, v.signature)
+    weights = stated_weights(r.attribution).weights_bps if r.method == METHOD_EVIDENCE else None
+    return EpochReceipt(r.id, r.voucher_hash, r.adapter_id, r.registry_block, r.lineage_hash, r.prompt_tokens,
+                        r.completion_tokens, r.fee, r.output_hash, r.method, paid, weights, v.charged_total)
 
 
 def lineages(session: Session, receipts: list[EpochReceipt]) -> dict[int, Lineage]:

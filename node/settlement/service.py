@@ -3,8 +3,9 @@
 Each node's epochs move through the outbox, and every step is persisted before the next one starts:
 
     OPEN       receipts up to a cutoff are assigned to the epoch (one transaction)
-    BUILT      per lane, the best voucher still valid when the settle lands and what it covers; what no
-               such voucher covers is a recorded loss; the rewards and receipts trees and their roots
+    BUILT      per lane, the best voucher still valid when the settle lands and what it covers, the
+               lane's earlier lost receipts included (recovered); what no such voucher covers is a
+               recorded loss; the rewards and receipts trees and their roots
     SUBMITTED  the `settle` was simulated (a lane that would revert, e.g. an escrow short of funds,
                becomes a recorded loss and the batch is rebuilt without it) and its intent is in the
                TxManager's store (saved before its broadcast); fee bumps and re-broadcasts after a crash
@@ -216,11 +217,7 @@ class SettlementService:
         with self.factory() as session, session.begin():
             row = outbox.epoch_row(session, self.node, epoch_id)
             assert row is not None and row.state is EpochState.OPEN
-            receipts = outbox.epoch_receipts(session, self.node, epoch_id)
-            wrong = outbox.misattributed(session, receipts)
-            self._lose(session, epoch_id, wrong, LossReason.LINEAGE_MISMATCH, "its lineageHash is not its adapter's")
-            wrong_ids = {r.receipt_id for r in wrong}
-            covered, uncovered = collectible([r for r in receipts if r.receipt_id not in wrong_ids], valid_until)
+            covered, uncovered = self._collectible(session, epoch_id, valid_until)
             self._lose(session, epoch_id, uncovered, LossReason.VOUCHER_EXPIRED, f"no voucher valid at {valid_until}")
             if not covered:
                 outbox.dissolve(session, self.node, epoch_id)
@@ -242,10 +239,34 @@ class SettlementService:
                  build.collected, build.rewards_total)
         return EpochState.BUILT
 
+    def _collectible(self, session: Session, epoch_id: int,
+                     valid_until: int) -> tuple[list[EpochReceipt], list[EpochReceipt]]:
+        """(covered, uncovered) receipts of the epoch, in id order. The lost receipts of its lanes that
+        the lane's best voucher valid at `valid_until` covers are recovered into it (that voucher signs
+        over them: cumulative >= chargedTotal + maxFee); those it does not cover stay lost as they are."""
+        receipts = outbox.epoch_receipts(session, self.node, epoch_id)
+        wrong = outbox.misattributed(session, receipts)
+        self._lose(session, epoch_id, wrong, LossReason.LINEAGE_MISMATCH, "its lineageHash is not its adapter's")
+        receipts = [r for r in receipts if r not in wrong]
+        lost = outbox.lost_receipts(session, self.node, {r.lane_key for r in receipts})
+        covered, uncovered = collectible(receipts + lost, valid_until)
+        was_lost = {r.receipt_id for r in lost}
+        recovered = [r for r in covered if r.receipt_id in was_lost]
+        outbox.recover(session, self.node, epoch_id, recovered)
+        if recovered:
+            log.info("epoch %d recovers %d lost receipt(s), %d in fees", epoch_id, len(recovered),
+                     sum(r.fee for r in recovered))
+        return (sorted(covered, key=lambda r: r.receipt_id),
+                [r for r in uncovered if r.receipt_id not in was_lost])
+
     def _lose(self, session: Session, epoch_id: int, receipts: list[EpochReceipt], reason: LossReason,
               detail: str) -> None:
-        """Record each receipt as a loss and take it out of the epoch for good."""
+        """Record each receipt as a loss and take it out of the epoch for good (a receipt the epoch
+        recovered is lost again: its loss is already recorded)."""
+        recorded = outbox.recovered_in(session, self.node, epoch_id)
         for r in receipts:
+            if r.voucher_hash in recorded:
+                continue
             record_loss(session, LossRecord(self.node, r.voucher.payer, r.voucher.lane, r.fee, reason,
                                             r.voucher_hash, epoch_id, detail))
         if receipts:

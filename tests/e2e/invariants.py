@@ -153,7 +153,7 @@ def check_invariants(cluster: Cluster, log: ClientLog, *, settled: bool = True) 
     _check_economics(outcomes, db, unanswered, losses, vouchers)
     lost: Counter[LaneKey] = Counter()
     for loss in losses:
-        if loss.reason not in UNCHARGED:
+        if loss.reason not in UNCHARGED and loss.recovered_epoch_id is None:  # a recovered loss was collected
             lost[(loss.payer, loss.lane)] += loss.amount
     domain = cluster.payer(0).info.domain
     for receipt_id, (r, v) in db.items():
