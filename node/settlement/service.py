@@ -45,11 +45,11 @@ from web3.exceptions import ContractLogicError
 from node.chain.contracts import Contracts
 from node.chain.tx_manager import TxManager, TxState
 from node.chain.tx_store import db_lock
-from node.db.loss import LossReason, LossRecord, record_loss
+from node.db.loss import LossReason
 from node.db.models import EpochState, SettlementEpoch
 from node.errors import ChainError
-from node.settlement import outbox
-from node.settlement.epoch_builder import EpochReceipt, PaidVoucher, build_epoch, collectible, cumulative_of
+from node.settlement import collection, outbox
+from node.settlement.epoch_builder import PaidVoucher, build_epoch, cumulative_of
 from node.settlement.latency import SettleLatency
 from node.settlement.refusal import LaneRefusal, refused_lane
 from node.settlement.settle_call import epoch_matches, preflight, settle_calldata
@@ -217,8 +217,9 @@ class SettlementService:
         with self.factory() as session, session.begin():
             row = outbox.epoch_row(session, self.node, epoch_id)
             assert row is not None and row.state is EpochState.OPEN
-            covered, uncovered = self._collectible(session, epoch_id, valid_until)
-            self._lose(session, epoch_id, uncovered, LossReason.VOUCHER_EXPIRED, f"no voucher valid at {valid_until}")
+            covered, uncovered = collection.collectible(session, self.node, epoch_id, valid_until)
+            collection.lose(session, self.node, epoch_id, uncovered, LossReason.VOUCHER_EXPIRED,
+                            f"no voucher valid at {valid_until}")
             if not covered:
                 outbox.dissolve(session, self.node, epoch_id)
                 log.warning("epoch %d of %s dissolved: nothing left to collect", epoch_id, self.node)
@@ -238,41 +239,6 @@ class SettlementService:
         log.info("epoch %d built: %d lanes, collected %d, rewards total %d", epoch_id, len(build.lanes),
                  build.collected, build.rewards_total)
         return EpochState.BUILT
-
-    def _collectible(self, session: Session, epoch_id: int,
-                     valid_until: int) -> tuple[list[EpochReceipt], list[EpochReceipt]]:
-        """(covered, uncovered) receipts of the epoch, in id order. The lost receipts of its lanes that
-        the lane's best voucher valid at `valid_until` covers are recovered into it (that voucher signs
-        over them: cumulative >= chargedTotal + maxFee); those it does not cover stay lost as they are."""
-        receipts = outbox.epoch_receipts(session, self.node, epoch_id)
-        wrong = outbox.misattributed(session, receipts)
-        self._lose(session, epoch_id, wrong, LossReason.LINEAGE_MISMATCH, "its lineageHash is not its adapter's")
-        receipts = [r for r in receipts if r not in wrong]
-        lost = outbox.lost_receipts(session, self.node, {r.lane_key for r in receipts})
-        covered, uncovered = collectible(receipts + lost, valid_until)
-        was_lost = {r.receipt_id for r in lost}
-        recovered = [r for r in covered if r.receipt_id in was_lost]
-        outbox.recover(session, self.node, epoch_id, recovered)
-        if recovered:
-            log.info("epoch %d recovers %d lost receipt(s), %d in fees", epoch_id, len(recovered),
-                     sum(r.fee for r in recovered))
-        return (sorted(covered, key=lambda r: r.receipt_id),
-                [r for r in uncovered if r.receipt_id not in was_lost])
-
-    def _lose(self, session: Session, epoch_id: int, receipts: list[EpochReceipt], reason: LossReason,
-              detail: str) -> None:
-        """Record each receipt as a loss and take it out of the epoch for good (a receipt the epoch
-        recovered is lost again: its loss is already recorded)."""
-        recorded = outbox.recovered_in(session, self.node, epoch_id)
-        for r in receipts:
-            if r.voucher_hash in recorded:
-                continue
-            record_loss(session, LossRecord(self.node, r.voucher.payer, r.voucher.lane, r.fee, reason,
-                                            r.voucher_hash, epoch_id, detail))
-        if receipts:
-            outbox.detach(session, self.node, epoch_id, [r.receipt_id for r in receipts])
-            log.warning("epoch %d: %d receipt(s), %d in fees, lost: %s", epoch_id, len(receipts),
-                        sum(r.fee for r in receipts), reason.value)
 
     def _chain_time(self) -> int:
         """The latest block's timestamp: what the contract compares voucher deadlines with."""
@@ -324,7 +290,7 @@ class SettlementService:
             assert row is not None
             receipts = [r for r in outbox.epoch_receipts(session, self.node, epoch_id)
                         if r.lane_key == (lane.payer, lane.lane)]
-            self._lose(session, epoch_id, receipts, lane.reason, lane.detail)
+            collection.lose(session, self.node, epoch_id, receipts, lane.reason, lane.detail)
             row.state, row.batch, row.trees = EpochState.OPEN, {"attempt": attempt_of(row)}, None
         return self._build(epoch_id)
 
