@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from node.chain.anvil import Anvil
 from node.chain.contracts import ClaimRequest, Contracts, SignedVoucher
 from node.chain.deploy import deploy_all
-from node.chain.eip712 import RECEIPT_LEAF_TYPES, Voucher, sign_voucher
+from node.protocol.eip712 import Voucher, sign_voucher
+from node.protocol.receipt import LEAF_TYPES, Receipt, adapter_id_bytes
 from node.settlement.epoch_builder import EpochReceipt, PaidVoucher, build_epoch, rewards_tree
 from node.settlement.split import Lineage, SplitParams
 
@@ -55,8 +56,9 @@ def synthetic_receipts(n: int, node: str, seed: int = 0) -> tuple[list[EpochRece
         p, lane, fee = rng.randrange(1_000), rng.randrange(4), rng.randrange(10**12, 10**15)
         charged[(p, lane)] = charged.get((p, lane), 0) + fee
         v = PaidVoucher(payers[p], node, lane, charged[(p, lane)], "0x" + "ab" * 32, 4_000_000_000, "0x")
-        out.append(EpochReceipt(i, "0x" + rng.randbytes(32).hex(), rng.randrange(1, 51), 1_000, "0x" + "ee" * 32,
-                                rng.randrange(1, 4_000), rng.randrange(1, 1_000), fee, "0x" + "cd" * 32, 1, v))
+        signed = Receipt(rng.randbytes(32), adapter_id_bytes(rng.randrange(1, 51)), 1_000, b"\xee" * 32,
+                         rng.randrange(1, 4_000), rng.randrange(1, 1_000), fee, b"\xcd" * 32, 1)
+        out.append(EpochReceipt(i, signed, v))
     return out, lineages
 
 
@@ -68,8 +70,7 @@ def time_build(n: int, params: SplitParams) -> dict[str, float]:
     sample = receipts[: min(n, 100_000)]
     started = time.perf_counter()
     for r in sample:
-        keccak(keccak(encode(list(RECEIPT_LEAF_TYPES), [bytes.fromhex(x[2:]) if isinstance(x, str) else x
-                                                       for x in r.leaf()])))
+        keccak(keccak(encode(list(LEAF_TYPES), list(r.receipt.values()))))
     naive_s = (time.perf_counter() - started) * n / len(sample)
     return {"receipts": n, "payees": len(build.rewards), "lanes": len(build.lanes), "build_s": round(build_s, 2),
             "naive_receipt_leaves_s": round(naive_s, 2), "speedup_vs_naive_leaves": round(naive_s / build_s, 2)}

@@ -48,6 +48,34 @@ def test_nothing_imports_the_api() -> None:
     assert _violations(files, set(), {"node.api"}) == []
 
 
+# The typed objects of DESIGN.md (node/protocol/): pure values and hashing that every layer imports,
+# so they import nothing of the service but its errors, and none of its frameworks.
+PROTOCOL_MAY_IMPORT = ("node.errors", "node.protocol")
+
+
+def _protocol_violations(files: list[Path]) -> list[str]:
+    bad = _violations(files, FORBIDDEN_THIRD_PARTY, set())
+    for f in files:
+        bad += [f"{f.relative_to(NODE.parent)} imports {name}" for name in _imports(f)
+                if name.split(".")[0] == "node" and not name.startswith(PROTOCOL_MAY_IMPORT)]
+    return bad
+
+
+def test_protocol_imports_nothing_of_the_service() -> None:
+    files = list((NODE / "protocol").rglob("*.py"))
+    assert files, "node/protocol is missing"
+    assert _protocol_violations(files) == []
+
+
+def test_the_protocol_rule_catches_a_violation() -> None:
+    bad = NODE / "protocol" / "_probe_violation.py"
+    bad.write_text("import web3\nfrom node.db import models\nfrom node.errors import BadRequest\n")
+    try:
+        assert len(_protocol_violations([bad])) == 2
+    finally:
+        bad.unlink()
+
+
 def test_the_rule_catches_a_violation(tmp_path: Path) -> None:
     bad = NODE / "engine" / "_probe_violation.py"
     bad.write_text("import sqlalchemy\nfrom node.db import session\n")

@@ -19,7 +19,6 @@ from node.attribution.index_store import IndexStore
 from node.catalog import AdapterCatalog
 from node.chain.binding import IndexedContracts, mirror_binding_fault
 from node.chain.deploy import Deployment
-from node.chain.eip712 import Domain
 from node.chain.rpc import Rpc
 from node.config import Settings
 from node.db.session import make_engine, session_factory
@@ -32,6 +31,7 @@ from node.models.config import ModelConfig
 from node.payment.ledger import Ledger
 from node.payment.pricing import Pricing
 from node.payment.service import PaymentService, dataset_refs
+from node.protocol.eip712 import Domain
 from node.settlement.runtime import check_chain_parameters
 
 log = logging.getLogger(__name__)

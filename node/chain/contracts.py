@@ -19,7 +19,7 @@ from web3.types import TxReceipt
 
 from node.chain.contract_client import ContractClient, event_args
 from node.chain.deploy import Deployment
-from node.chain.eip712 import Domain, Voucher
+from node.protocol.eip712 import Domain, Voucher
 
 
 def _a(address: str) -> str:
@@ -29,11 +29,6 @@ def _a(address: str) -> str:
 def lineage_hash(dataset_ids: Sequence[int], weights_bps: Sequence[int]) -> bytes:
     """keccak256(abi.encode(uint256[] datasetIds, uint16[] weightsBps)), as the AdapterRegistry stores it."""
     return keccak(encode(["uint256[]", "uint16[]"], [list(dataset_ids), list(weights_bps)]))
-
-
-def adapter_id_bytes(adapter_id: int) -> bytes:
-    """The Receipt type's `adapterId`: bytes32(uint256(adapterId))."""
-    return adapter_id.to_bytes(32, "big")
 
 
 @dataclass(frozen=True)

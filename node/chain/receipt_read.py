@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from node.chain.address import checksum_address
-from node.chain.eip712 import Domain, ReceiptRead, recover_receipt_read_signer, sign_receipt_read
 from node.errors import BadSignature, NotThePayer, ReadUnauthorized
+from node.protocol.address import checksum_address
+from node.protocol.eip712 import Domain, ReceiptRead, recover_receipt_read_signer, sign_receipt_read
 
 HEADER = "X-Receipt-Read"
 MAX_READ_VALIDITY_S = 300

@@ -19,7 +19,7 @@ from node.cli.context import DeploymentOption, RpcOption, chain_context
 from node.errors import BadRequest, ConfigError
 
 if TYPE_CHECKING:
-    from node.chain.eip712 import Domain
+    from node.protocol.eip712 import Domain
 
 app = typer.Typer(help="Attribution evidence: check what a receipt says about the datasets.", no_args_is_help=True)
 RECEIPT_ID = re.compile(r"^0x[0-9a-fA-F]{64}$")
@@ -117,8 +117,8 @@ def verify(
 
     from node.attribution.index_store import IndexStore
     from node.attribution.verification import verify as verify_receipt
-    from node.chain.eip712 import Domain
     from node.config import load_settings
+    from node.protocol.eip712 import Domain
 
     ctx = chain_context(rpc_url, deployment)
     domain = Domain(ctx.deployment.chain_id, ctx.deployment.settlement)

@@ -23,11 +23,11 @@ from typing import Any
 import httpx
 from eth_account import Account
 
-from node.chain.eip712 import Domain, Voucher, recover_receipt_signer, sign_voucher
-from node.chain.eip712 import Receipt as ReceiptType
 from node.chain.receipt_read import HEADER, sign_read
 from node.errors import PaymentError
 from node.payment.header import PaymentHeader, request_hash
+from node.protocol.eip712 import Domain, Voucher, sign_voucher
+from node.protocol.receipt import SignedReceipt, recover_receipt_signer
 
 PAID_PATHS = ("/v1/completions", "/v1/chat/completions")
 
@@ -143,12 +143,5 @@ class Payer:
 
 def verify_receipt(receipt: dict[str, Any], domain: Domain) -> str:
     """Recover the signer of a receipt as returned by the API (compare it with the node's address)."""
-    r = ReceiptType(voucher_hash=_b(receipt["voucherHash"]), adapter_id=_b(receipt["adapterId"]),
-                    registry_block=int(receipt["registryBlock"]), lineage_hash=_b(receipt["lineageHash"]),
-                    prompt_tokens=int(receipt["promptTokens"]), completion_tokens=int(receipt["completionTokens"]),
-                    fee=int(receipt["fee"]), output_hash=_b(receipt["outputHash"]), method=int(receipt["method"]))
-    return recover_receipt_signer(r, domain, _b(receipt["signature"]))
-
-
-def _b(hex_text: str) -> bytes:
-    return bytes.fromhex(hex_text.removeprefix("0x"))
+    signed = SignedReceipt.from_json(receipt)
+    return recover_receipt_signer(signed.receipt, domain, signed.signature)

@@ -18,8 +18,8 @@ from typing import Any
 
 from eth_hash.auto import keccak
 
-from node.chain.address import checksum_address
 from node.errors import BadRequest
+from node.protocol.address import checksum_address
 
 MAX_HEADER_BYTES = 4096
 UINT256_MAX = 2**256 - 1

@@ -37,12 +37,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.db import queries
 from node.db.loss import LossReason, LossRecord, record_loss
 from node.db.models import Lane, Receipt, Voucher
-from node.db.queries import ReceiptFields as ReceiptRow  # what the ledger stores, as given
 from node.errors import DepositNotFinal, InsufficientEscrow, VoucherConflict
 from node.payment.lane import HoldView, LaneRow, Lanes
 from node.payment.lane_pg import PipelinedLanes
 from node.payment.lane_sqlite import SQLiteLanes
 from node.payment.voucher_check import CheckedVoucher
+from node.protocol.receipt import SignedReceipt
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ class Ledger:
                                      lane=v.lane, cumulative=str(v.cumulative), charged_total=str(lane.charged_total),
                                      max_fee=str(max_fee), needed=str(needed))
 
-    def commit(self, res: Reservation, checked: CheckedVoucher, fee: int, receipt: ReceiptRow,
+    def commit(self, res: Reservation, checked: CheckedVoucher, fee: int, receipt: SignedReceipt,
                response: Callable[[int], dict[str, Any]]) -> tuple[int, dict[str, Any]]:
         """Charge `fee`, store voucher, receipt and the response body built for the new charged total."""
         assert 0 <= fee <= res.max_fee, "a fee above the quote the voucher covers"
@@ -182,7 +182,7 @@ class Ledger:
                    "cumulative": v.cumulative, "request_hash": "0x" + v.request_hash.hex(), "deadline": v.deadline,
                    "signature": "0x" + checked.signature.hex(), "charged_total": total, "response": body,
                    "created_at": now}
-        row = {**receipt.__dict__, "voucher_hash": res.voucher_hash, "node": self.node, "created_at": now}
+        row = {**receipt.columns(), "voucher_hash": res.voucher_hash, "node": self.node, "created_at": now}
         with self.lanes.transaction() as tx:
             if not tx.charge(voucher, row, res.charged_before, now - self.max_hold, self.instance):
                 raise VoucherConflict("the lane's hold expired or was taken over; nothing was charged",

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from node.chain.eip712 import Domain, Voucher, recover, voucher_digest
 from node.errors import BadSignature
 from node.payment.header import PaymentHeader, request_hash
+from node.protocol.eip712 import Domain, Voucher, recover, voucher_digest
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from node.chain.contracts import lineage_hash
 from node.db import queries
 from node.db.models import EpochState, Loss, Receipt, SettledEpoch, SettlementEpoch, Voucher
 from node.errors import AttributionError, MirrorUnavailable
+from node.protocol.receipt import receipt_of_row
 from node.settlement.epoch_builder import EpochReceipt, PaidVoucher
 from node.settlement.split import Lineage
 
@@ -127,9 +128,7 @@ def epoch_receipts(session: Session, node: str, epoch_id: int) -> list[EpochRece
     for r, v in session.execute(q).all():
         paid = PaidVoucher(v.payer, v.node, v.lane, v.cumulative, v.request_hash, v.deadline, v.signature)
         weights = stated_weights(r.attribution).weights_bps if r.method == METHOD_EVIDENCE else None
-        out.append(EpochReceipt(r.id, r.voucher_hash, r.adapter_id, r.registry_block, r.lineage_hash,
-                                r.prompt_tokens, r.completion_tokens, r.fee, r.output_hash, r.method, paid,
-                                weights, v.charged_total))
+        out.append(EpochReceipt(r.id, receipt_of_row(r), paid, weights, v.charged_total))
     return out
 
 

@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.models import EpochState, Receipt, SettlementEpoch, Voucher
+from node.protocol.receipt import SignedReceipt
 from node.settlement.merkle import MerkleTree
 
 PUBLISHED = (EpochState.CONFIRMED, EpochState.FINAL)
@@ -74,13 +75,8 @@ def receipt_with_payer(session: Session, receipt_hash: str) -> tuple[Receipt, Vo
 def receipt_document(row: Receipt, node: str) -> dict[str, Any]:
     """A receipt as anyone may see it: its signed fields and signature, its epoch, and its attribution
     with the spans' offsets and counts but not their text."""
-    return {"id": row.receipt_hash, "voucherHash": row.voucher_hash,
-            "adapterId": "0x" + row.adapter_id.to_bytes(32, "big").hex(), "registryBlock": row.registry_block,
-            "lineageHash": row.lineage_hash, "promptTokens": row.prompt_tokens,
-            "completionTokens": row.completion_tokens, "fee": str(row.fee), "outputHash": row.output_hash,
-            "method": row.method, "signature": row.signature, "node": node,
-            "createdAt": row.created_at.isoformat(), "epochId": row.epoch_id,
-            "attribution": public_attribution(row.attribution)}
+    return {**SignedReceipt.from_row(row, node).to_json(), "createdAt": row.created_at.isoformat(),
+            "epochId": row.epoch_id, "attribution": public_attribution(row.attribution)}
 
 
 def public_attribution(attribution: dict[str, Any] | None) -> dict[str, Any] | None:

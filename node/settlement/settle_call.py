@@ -7,9 +7,9 @@ from typing import Any
 from web3.exceptions import ContractLogicError
 
 from node.chain.contracts import Settlement, SignedVoucher
-from node.chain.eip712 import Voucher
 from node.db.models import SettlementEpoch
 from node.errors import ChainError
+from node.protocol.eip712 import Voucher
 from node.settlement.epoch_builder import PaidVoucher
 
 

@@ -8,8 +8,8 @@ from eth_account import Account
 
 from node.chain.anvil import Anvil
 from node.chain.contracts import ClaimRequest, Contracts, SignedVoucher
-from node.chain.eip712 import Voucher, voucher_typed_data
 from node.errors import ChainError
+from node.protocol.eip712 import Voucher, voucher_typed_data
 from node.settlement.merkle import MerkleTree
 from tests.fixtures.contracts import CHALLENGE_PERIOD_S, Roles
 

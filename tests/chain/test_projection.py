@@ -7,9 +7,9 @@ from eth_account import Account
 from web3.types import TxReceipt
 
 from node.chain.contracts import Contracts, SignedVoucher
-from node.chain.eip712 import Voucher, voucher_typed_data
 from node.chain.events import ChainEvent, decode_log
 from node.chain.projection import entity_of, replay
+from node.protocol.eip712 import Voucher, voucher_typed_data
 from tests.fixtures.contracts import CHALLENGE_PERIOD_S, Roles
 
 pytestmark = pytest.mark.chain
