@@ -25,9 +25,9 @@ from eth_account import Account
 
 from node.chain.receipt_read import HEADER, sign_read
 from node.errors import PaymentError
-from node.payment.header import PaymentHeader, request_hash
-from node.protocol.eip712 import Domain, Voucher, sign_voucher
+from node.protocol.eip712 import Domain
 from node.protocol.receipt import SignedReceipt, recover_receipt_signer
+from node.protocol.voucher import SignedVoucher, Voucher, request_hash, sign_voucher
 
 PAID_PATHS = ("/v1/completions", "/v1/chat/completions")
 
@@ -99,8 +99,7 @@ class Payer:
         voucher = Voucher(payer=self.address, node=info.node, lane=lane, cumulative=charged + budget,
                           request_hash=request_hash(body), deadline=deadline)
         signature = sign_voucher(self.key, voucher, info.domain)
-        return PaymentHeader(voucher.payer, voucher.node, lane, voucher.cumulative, voucher.request_hash,
-                             deadline, signature).encode()
+        return SignedVoucher.of(voucher, signature).encode()
 
     def observe(self, lane: int, charged_total: int) -> None:
         """Record the lane's new charged total (from X-Charged-Total or a receipt)."""

@@ -35,13 +35,13 @@ from node.catalog import ServedAdapter
 from node.db.loss import LossReason
 from node.db.queries import AdapterLineageView
 from node.errors import BadSignature, DatabaseUnavailable, VoucherConflict
-from node.payment.header import decode_payment_header
 from node.payment.ledger import Ledger, Reservation
 from node.payment.pricing import Pricing
 from node.payment.voucher_check import CheckedVoucher, check_voucher
 from node.protocol.eip712 import Domain
 from node.protocol.hexstr import from_hex
 from node.protocol.receipt import Receipt, SignedReceipt, adapter_id_bytes
+from node.protocol.voucher import decode_payment_header
 
 __all__ = ["METHOD_EVIDENCE", "METHOD_LINEAGE", "PaymentService"]
 log = logging.getLogger(__name__)

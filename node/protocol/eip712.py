@@ -1,5 +1,5 @@
-"""EIP-712 types of the protocol: the Voucher a payer signs, the Receipt a node signs, and the
-ReceiptRead a payer signs to read its own receipt's text.
+"""EIP-712 hashing of the protocol's structs (the Voucher in `voucher.py`, the Receipt in `receipt.py`),
+and the ReceiptRead a payer signs to read its own receipt's text.
 
 Domain: name "loranode", version "1", the chain id and the Settlement contract. Hashing is done here
 directly because the API checks a voucher and signs a receipt on every request: every field of these
@@ -28,8 +28,6 @@ from node.protocol.address import checksum_from_bytes
 
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
-VOUCHER_FIELDS = (("payer", "address"), ("node", "address"), ("lane", "uint32"), ("cumulative", "uint256"),
-                  ("requestHash", "bytes32"), ("deadline", "uint64"))
 RECEIPT_READ_FIELDS = (("receiptId", "bytes32"), ("payer", "address"), ("deadline", "uint64"))
 DOMAIN_FIELDS = (("name", "string"), ("version", "string"), ("chainId", "uint256"),
                  ("verifyingContract", "address"))
@@ -43,7 +41,6 @@ def type_hash(name: str, fields: Fields) -> bytes:
     return keccak((f"{name}(" + ",".join(f"{t} {n}" for n, t in fields) + ")").encode())
 
 
-VOUCHER_TYPEHASH = type_hash("Voucher", VOUCHER_FIELDS)
 RECEIPT_READ_TYPEHASH = type_hash("ReceiptRead", RECEIPT_READ_FIELDS)
 DOMAIN_TYPEHASH = type_hash("EIP712Domain", DOMAIN_FIELDS)
 
@@ -83,19 +80,6 @@ def check_fields(fields: Fields, values: tuple[Any, ...]) -> None:
     """BadRequest naming the first field its abi type cannot hold."""
     for (name, abi_type), value in zip(fields, values, strict=True):
         _check(name, abi_type, value)
-
-
-@dataclass(frozen=True)
-class Voucher:
-    payer: str
-    node: str
-    lane: int
-    cumulative: int
-    request_hash: bytes  # keccak256 of the exact HTTP request body
-    deadline: int  # unix seconds
-
-    def __post_init__(self) -> None:
-        check_fields(VOUCHER_FIELDS, _voucher_values(self))
 
 
 @dataclass(frozen=True)
@@ -167,28 +151,6 @@ def recover(digest: bytes, signature: bytes) -> str:
     except ValueError as exc:  # libsecp256k1 found no point for this (r, s, v)
         raise BadSignature("signature does not recover", reason=str(exc)) from exc
     return checksum_from_bytes(keccak(public.format(compressed=False)[1:])[-20:])
-
-
-# --- Voucher -------------------------------------------------------------------------------------
-def _voucher_values(v: Voucher) -> tuple[Any, ...]:
-    return (v.payer, v.node, v.lane, v.cumulative, v.request_hash, v.deadline)
-
-
-def voucher_typed_data(voucher: Voucher, domain: Domain) -> dict[str, Any]:
-    return typed_data("Voucher", VOUCHER_FIELDS, _voucher_values(voucher), domain)
-
-
-def voucher_digest(voucher: Voucher, domain: Domain) -> bytes:
-    """The 32 bytes the payer signs; also the `voucherHash` a receipt carries."""
-    return digest(domain, struct_hash(VOUCHER_TYPEHASH, VOUCHER_FIELDS, _voucher_values(voucher)))
-
-
-def sign_voucher(key: str | bytes, voucher: Voucher, domain: Domain) -> bytes:
-    return sign_digest(key, voucher_digest(voucher, domain))
-
-
-def recover_voucher_signer(voucher: Voucher, domain: Domain, signature: bytes) -> str:
-    return recover(voucher_digest(voucher, domain), signature)
 
 
 # --- ReceiptRead ---------------------------------------------------------------------------------

@@ -22,32 +22,11 @@ from eth_utils import to_checksum_address
 
 from node.protocol.hexstr import to_hex
 from node.protocol.receipt import LEAF_TYPES, Receipt
+from node.protocol.voucher import SignedVoucher
 from node.settlement.merkle import MerkleTree
 from node.settlement.split import Lineage, SplitParams, split_receipts
 
 REWARD_LEAF_TYPES = ("address", "uint256")
-
-
-@dataclass(frozen=True)
-class PaidVoucher:
-    """A voucher as signed by the payer (hex strings as stored)."""
-
-    payer: str
-    node: str
-    lane: int
-    cumulative: int
-    request_hash: str
-    deadline: int
-    signature: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"payer": self.payer, "node": self.node, "lane": self.lane, "cumulative": str(self.cumulative),
-                "requestHash": self.request_hash, "deadline": self.deadline, "signature": self.signature}
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> PaidVoucher:
-        return cls(d["payer"], d["node"], int(d["lane"]), int(d["cumulative"]), d["requestHash"],
-                   int(d["deadline"]), d["signature"])
 
 
 @dataclass(frozen=True)
@@ -56,7 +35,7 @@ class EpochReceipt:
 
     receipt_id: int
     receipt: Receipt
-    voucher: PaidVoucher
+    voucher: SignedVoucher
     weights_bps: tuple[int, ...] | None = None  # method 2: this receipt's dataset weights (lineage order)
     charged_total: int = 0  # the lane's charged total once this receipt was charged
 
@@ -90,7 +69,7 @@ class LaneCharge:
     payer: str
     lane: int
     amount: int
-    voucher: PaidVoucher
+    voucher: SignedVoucher
 
 
 @dataclass(frozen=True)
@@ -128,7 +107,7 @@ def lane_charges(receipts: Sequence[EpochReceipt], valid_until: int = 0) -> tupl
     """Per (payer, lane): the sum of fees and the highest-cumulative voucher valid at `valid_until`
     (any voucher when none is); zero amounts dropped."""
     amounts: Counter[tuple[str, int]] = Counter()
-    best: dict[tuple[str, int], PaidVoucher] = {}
+    best: dict[tuple[str, int], SignedVoucher] = {}
     for r in receipts:
         key = r.lane_key
         amounts[key] += r.fee

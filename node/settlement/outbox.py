@@ -18,7 +18,8 @@ from node.db import queries
 from node.db.models import EpochState, Loss, Receipt, SettledEpoch, SettlementEpoch, Voucher
 from node.errors import AttributionError, MirrorUnavailable
 from node.protocol.receipt import receipt_of_row
-from node.settlement.epoch_builder import EpochReceipt, PaidVoucher
+from node.protocol.voucher import SignedVoucher
+from node.settlement.epoch_builder import EpochReceipt
 from node.settlement.split import Lineage
 
 IN_FLIGHT = (EpochState.OPEN, EpochState.BUILT, EpochState.SUBMITTED, EpochState.CONFIRMED)
@@ -126,7 +127,7 @@ def epoch_receipts(session: Session, node: str, epoch_id: int) -> list[EpochRece
          .where(Receipt.node == node.lower(), Receipt.epoch_id == epoch_id).order_by(Receipt.id))
     out = []
     for r, v in session.execute(q).all():
-        paid = PaidVoucher(v.payer, v.node, v.lane, v.cumulative, v.request_hash, v.deadline, v.signature)
+        paid = SignedVoucher.from_row(v)
         weights = stated_weights(r.attribution).weights_bps if r.method == METHOD_EVIDENCE else None
         out.append(EpochReceipt(r.id, receipt_of_row(r), paid, weights, v.charged_total))
     return out

@@ -21,12 +21,12 @@ from node.db.models import Lane, Receipt
 from node.db.models import Voucher as VoucherRow
 from node.db.session import make_engine, session_factory, upgrade
 from node.errors import BadRequest, VoucherConflict
-from node.payment.header import UINT256_MAX, decode_payment_header, request_hash
 from node.payment.ledger import Ledger
 from node.payment.voucher_check import check_voucher
-from node.protocol.eip712 import SECP256K1_N, Domain, Voucher, sign_voucher
+from node.protocol.eip712 import SECP256K1_N, Domain
 from node.protocol.receipt import Receipt as ReceiptFields
 from node.protocol.receipt import SignedReceipt, adapter_id_bytes
+from node.protocol.voucher import UINT256_MAX, Voucher, decode_payment_header, request_hash, sign_voucher
 
 NODE = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"
 DOMAIN = Domain(chain_id=31337, verifying_contract="0x5FbDB2315678afecb367f032d93F642f64180aa3")

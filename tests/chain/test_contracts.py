@@ -9,11 +9,11 @@ import pytest
 from eth_account import Account
 
 from node.chain.anvil import Anvil
-from node.chain.contracts import ClaimRequest, Contracts, SignedVoucher, lineage_hash
+from node.chain.contracts import ClaimRequest, Contracts, lineage_hash
 from node.chain.deploy import Deployment, deploy_all, read_deployment, write_deployment
 from node.errors import ChainError
-from node.protocol.eip712 import Voucher, recover_voucher_signer, voucher_digest, voucher_typed_data
 from node.protocol.receipt import LEAF_TYPES, Receipt, adapter_id_bytes
+from node.protocol.voucher import SignedVoucher, Voucher, recover_voucher_signer, voucher_digest, voucher_typed_data
 from node.settlement.merkle import MerkleTree
 from tests.fixtures.contracts import CHALLENGE_PERIOD_S, NODE_BPS, PROTOCOL_BPS, THAW_PERIOD_S, Roles
 
@@ -36,7 +36,7 @@ def _signed_voucher(c: Contracts, roles: Roles, lane: int, cumulative: int) -> S
                       cumulative=cumulative, request_hash=b"\x42" * 32, deadline=_now(c) + 3600)
     typed = voucher_typed_data(voucher, c.settlement.domain())
     signed = Account.sign_typed_data(roles.payer, full_message=typed)
-    return SignedVoucher(voucher, bytes(signed.signature))
+    return SignedVoucher.of(voucher, bytes(signed.signature))
 
 
 def _fund(c: Contracts, roles: Roles, amount: int) -> Contracts:

@@ -16,12 +16,12 @@ from node.db.models import Lane, Receipt
 from node.db.models import Voucher as VoucherRow
 from node.db.session import make_engine, session_factory, upgrade
 from node.errors import DatabaseUnavailable, InsufficientEscrow, VoucherConflict
-from node.payment.header import PaymentHeader, request_hash
 from node.payment.ledger import Ledger
 from node.payment.voucher_check import CheckedVoucher, check_voucher
-from node.protocol.eip712 import Domain, Voucher, sign_voucher
+from node.protocol.eip712 import Domain
 from node.protocol.receipt import Receipt as ReceiptFields
 from node.protocol.receipt import SignedReceipt, adapter_id_bytes
+from node.protocol.voucher import PaymentHeader, Voucher, request_hash, sign_voucher
 
 PAYER_KEY = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d"
 PAYER = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"

@@ -18,7 +18,8 @@ from node.errors import BadRequest
 from node.protocol.eip712 import Domain
 from node.protocol.hexstr import to_hex
 from node.protocol.receipt import LEAF_TYPES, Receipt, SignedReceipt, adapter_id_bytes, recover_receipt_signer
-from node.settlement.epoch_builder import EpochBuild, EpochReceipt, PaidVoucher, build_epoch
+from node.protocol.voucher import SignedVoucher
+from node.settlement.epoch_builder import EpochBuild, EpochReceipt, build_epoch
 from node.settlement.split import Lineage, SplitParams
 from node.toolchain import REPO_ROOT, node_script_env, solc_binary
 
@@ -68,7 +69,7 @@ def _shipped_epoch(n: int, seed: int = 11) -> tuple[list[EpochReceipt], EpochBui
     receipts = []
     for i in range(n):
         receipt = _receipt(rng)
-        voucher = PaidVoucher("0x" + "66" * 20, NODE, i % 3, 2**200, "0x" + "ab" * 32, 2**40, "0x" + "cd" * 65)
+        voucher = SignedVoucher("0x" + "66" * 20, NODE, i % 3, 2**200, b"\xab" * 32, 2**40, b"\xcd" * 65)
         receipts.append(EpochReceipt(i + 1, receipt, voucher))
     return receipts, build_epoch(receipts, LINEAGES, PARAMS, {}, 0)
 

@@ -6,10 +6,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from node.protocol.receipt import LEAF_TYPES, Receipt, adapter_id_bytes
+from node.protocol.voucher import SignedVoucher
 from node.settlement.epoch_builder import (
     REWARD_LEAF_TYPES,
     EpochReceipt,
-    PaidVoucher,
     build_epoch,
     collectible,
     cumulative_of,
@@ -30,7 +30,7 @@ def _signed(n: int, adapter: int, fee: int) -> Receipt:
 
 
 def receipt(n: int, payer: int, lane: int, fee: int, cumulative: int, adapter: int = 1) -> EpochReceipt:
-    voucher = PaidVoucher(PAYERS[payer], NODE, lane, cumulative, "0x" + "ab" * 32, 4_000_000_000, "0x" + "cd" * 65)
+    voucher = SignedVoucher(PAYERS[payer], NODE, lane, cumulative, b"\xab" * 32, 4_000_000_000, b"\xcd" * 65)
     return EpochReceipt(n, _signed(n, adapter, fee), voucher)
 
 
@@ -42,7 +42,7 @@ def test_each_lane_collects_its_fees_with_its_highest_voucher() -> None:
 
 
 def paid(n: int, lane: int, fee: int, charged_total: int, cumulative: int, deadline: int) -> EpochReceipt:
-    voucher = PaidVoucher(PAYERS[0], NODE, lane, cumulative, "0x" + "ab" * 32, deadline, "0x" + "cd" * 65)
+    voucher = SignedVoucher(PAYERS[0], NODE, lane, cumulative, b"\xab" * 32, deadline, b"\xcd" * 65)
     return EpochReceipt(n, _signed(n, 1, fee), voucher, charged_total=charged_total)
 
 
