@@ -67,6 +67,15 @@ def test_protocol_imports_nothing_of_the_service() -> None:
     assert _protocol_violations(files) == []
 
 
+def test_engine_side_takes_only_the_pure_hex_helpers_of_the_protocol() -> None:
+    """lora/ spells digests as 0x-hex with node/protocol/hexstr.py; the protocol's hashing and signing
+    (eth_abi, coincurve) stay out of the engine's processes."""
+    files = [p for d in ENGINE_SIDE for p in (NODE / d).rglob("*.py")]
+    used = {name for f in files for name in _imports(f) if name.startswith("node.protocol")}
+    assert used <= {"node.protocol.hexstr"}
+    assert _protocol_violations([NODE / "protocol" / "hexstr.py"]) == []
+
+
 def test_the_protocol_rule_catches_a_violation() -> None:
     bad = NODE / "protocol" / "_probe_violation.py"
     bad.write_text("import web3\nfrom node.db import models\nfrom node.errors import BadRequest\n")

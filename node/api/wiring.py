@@ -25,13 +25,14 @@ from node.db.session import make_engine, session_factory
 from node.engine import EngineConfig, LLMEngine
 from node.errors import ConfigError, RpcTransient
 from node.lora.adapter import LoRATargetSpec, LoRAWeights, load_lora_adapter
-from node.lora.content_hash import base_model_id, to_hex
+from node.lora.content_hash import base_model_id
 from node.lora.store import AdapterStore, StoreConfig
 from node.models.config import ModelConfig
 from node.payment.ledger import Ledger
 from node.payment.pricing import Pricing
 from node.payment.service import PaymentService, dataset_refs
 from node.protocol.eip712 import Domain
+from node.protocol.hexstr import to_hex
 from node.settlement.runtime import check_chain_parameters
 
 log = logging.getLogger(__name__)

@@ -17,6 +17,7 @@ import typer
 from node.cli.console import console, err_console
 from node.cli.context import DeploymentOption, RpcOption, chain_context
 from node.errors import BadRequest, ConfigError
+from node.protocol.hexstr import to_hex
 
 if TYPE_CHECKING:
     from node.protocol.eip712 import Domain
@@ -38,7 +39,7 @@ class ChainRegistry:
         from node.attribution.index_store import DatasetRef
 
         info = self.contracts.datasets.get(dataset_id)
-        return DatasetRef(dataset_id, "0x" + info.content_hash.hex(), info.uri)
+        return DatasetRef(dataset_id, to_hex(info.content_hash), info.uri)
 
 
 def _fetch(receipt: str, node_url: str, read: str | None) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """0x-hex strings, the one form bytes take in JSON, the database and the API.
 
     to_hex(b"\x12\x34")            -> "0x1234" (lowercase)
+    normalize("0xABCD" | "abcd")   -> "0xabcd"
     from_hex("0x1234")             -> b"\x12\x34" (bare hex accepted, any case)
     parse_hash(text, name)         -> 32 bytes, or BadRequest naming `name`
 """
@@ -17,6 +18,13 @@ _HEX = re.compile(r"^(0[xX])?([0-9a-fA-F]{2})*$")
 def to_hex(value: bytes) -> str:
     """"0x" + lowercase hex digits."""
     return "0x" + value.hex()
+
+
+def normalize(value: bytes | bytearray | str) -> str:
+    """Lowercase 0x-hex of bytes, or of a hex string with or without its 0x (as RPC nodes send them)."""
+    if isinstance(value, bytes | bytearray):
+        return to_hex(bytes(value))
+    return value.lower() if value.startswith("0x") else "0x" + value.lower()
 
 
 def from_hex(text: str) -> bytes:

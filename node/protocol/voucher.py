@@ -16,9 +16,6 @@ request and no other. Decoding the header checks every field's type and range an
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,6 +28,7 @@ from node.protocol.address import checksum_address
 from node.protocol.eip712 import Domain, Fields, check_fields, digest, recover, sign_digest, struct_hash, type_hash
 from node.protocol.eip712 import typed_data as _typed_data
 from node.protocol.hexstr import from_hex, to_hex
+from node.protocol.wire_header import decode_header, encode_header
 
 VOUCHER_FIELDS: Fields = (("payer", "address"), ("node", "address"), ("lane", "uint32"), ("cumulative", "uint256"),
                           ("requestHash", "bytes32"), ("deadline", "uint64"))
@@ -139,8 +137,7 @@ class SignedVoucher:
 
     def encode(self) -> str:
         """The `X-Payment` header value."""
-        raw = json.dumps(self.to_json(), separators=(",", ":")).encode()
-        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+        return encode_header(self.to_json())
 
     def as_abi(self) -> tuple[Any, ...]:
         """`(Voucher, signature)` as Settlement's `settle` takes each voucher."""
@@ -170,9 +167,8 @@ def decode_payment_header(value: str | None) -> SignedVoucher:
     if len(value) > MAX_HEADER_BYTES:
         raise BadRequest("X-Payment header too long", length=len(value), max_length=MAX_HEADER_BYTES)
     try:
-        raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
-        data = json.loads(raw.decode("utf-8"))
-    except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
+        data = decode_header(value)
+    except ValueError as exc:
         raise BadRequest("X-Payment is not base64url JSON", reason=str(exc)) from exc
     if not isinstance(data, dict):
         raise BadRequest("X-Payment JSON must be an object")
@@ -202,8 +198,8 @@ def _parse(data: dict[str, Any]) -> SignedVoucher:
                          f"({MAX_DEADLINE}); sign a real expiry time", fields=["deadline"], max_deadline=MAX_DEADLINE)
     return SignedVoucher(payer=checksum_address(data["payer"]), node=checksum_address(data["node"]),
                          lane=data["lane"], cumulative=int(data["cumulative"]),
-                         request_hash=bytes.fromhex(data["requestHash"][2:]), deadline=data["deadline"],
-                         signature=bytes.fromhex(data["signature"][2:]))
+                         request_hash=from_hex(data["requestHash"]), deadline=data["deadline"],
+                         signature=from_hex(data["signature"]))
 
 
 def _is_int(v: object) -> bool:

@@ -9,7 +9,7 @@ from web3.exceptions import ContractLogicError
 from node.chain.contracts import Settlement
 from node.db.models import SettlementEpoch
 from node.errors import ChainError
-from node.protocol.hexstr import from_hex
+from node.protocol.hexstr import from_hex, to_hex
 from node.protocol.voucher import SignedVoucher
 
 
@@ -45,5 +45,5 @@ def epoch_matches(settlement: Settlement, node: str, row: SettlementEpoch) -> bo
     if settlement.last_epoch(node) < row.epoch_id:
         return False
     info = settlement.epoch(node, row.epoch_id)
-    return ("0x" + info.rewards_root.hex() == row.rewards_root and "0x" + info.receipts_root.hex() == row.receipts_root
+    return (to_hex(info.rewards_root) == row.rewards_root and to_hex(info.receipts_root) == row.receipts_root
             and info.rewards_total == row.rewards_total and info.receipt_count == row.receipt_count)
