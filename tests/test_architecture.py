@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 NODE = Path(__file__).resolve().parent.parent / "node"
@@ -83,6 +84,14 @@ def test_the_protocol_rule_catches_a_violation() -> None:
         assert len(_protocol_violations([bad])) == 2
     finally:
         bad.unlink()
+
+
+def test_routes_take_typed_dependencies_instead_of_reaching_through_services() -> None:
+    """A route names what it uses (`ledger: LedgerDep`, node/api/deps.py), never `svc.payments.ledger`."""
+    reaching = re.compile(r"\bsvc\.\w+\.")
+    bad = [f"{p.relative_to(NODE.parent)}:{i}" for p in (NODE / "api" / "routes").glob("*.py")
+           for i, line in enumerate(p.read_text().splitlines(), 1) if reaching.search(line)]
+    assert bad == []
 
 
 def test_the_rule_catches_a_violation(tmp_path: Path) -> None:
