@@ -153,3 +153,12 @@ def test_a_malformed_receipt_is_refused_naming_the_field() -> None:
     assert short.value.facts["field"] == "outputHash"
     with pytest.raises(BadRequest):
         SignedReceipt.from_json({k: v for k, v in body.items() if k != "fee"})
+
+
+def test_the_documented_response_schema_is_the_receipts_json() -> None:
+    """The OpenAPI schema of a response's `receipt` (api/schemas.py) names exactly the fields it carries."""
+    from node.api.schemas import SignedReceipt as ReceiptSchema
+
+    body = SignedReceipt.sign(_receipt(random.Random(5)), KEY, NODE, DOMAIN).response_json(charged_total=7)
+    assert set(ReceiptSchema.model_fields) == set(body)
+    assert ReceiptSchema.model_validate(body).model_dump() == body
