@@ -46,10 +46,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from node.lora.adapter import LoRATargetSpec, LoRAWeights, load_lora_adapter
 from node.lora.adapter_files import AdapterFiles
-from node.lora.content_hash import adapter_weights_sha256, to_hex
+from node.lora.content_hash import adapter_weights_sha256
 from node.lora.provider import AdapterSource, LoadState
 from node.lora.slots import LoRASlots
 from node.lora.store import AdapterStore, StoreConfig
+from node.protocol.hexstr import to_hex
 
 HIDDEN, NUM_LAYERS, NUM_HEADS, INTERMEDIATE, VOCAB = 512, 8, 8, 1376, 4096
 RANK, MODULES = 8, ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -39,7 +39,8 @@ from node.attribution.token_rule import output_ids
 from node.devkit import make_tiny_model
 from node.devkit.corpus import STYLES, TEXT
 from node.engine import EngineConfig, LLMEngine, SamplingParams
-from node.lora.content_hash import dataset_content_hash, to_hex
+from node.lora.content_hash import dataset_content_hash
+from node.protocol.hexstr import to_hex
 
 RESULTS = Path(__file__).resolve().parent / "results" / "attribution.json"
 ANSWER_TOKENS, PROMPT_TOKENS, NUM_DATASETS = 256, 64, 10

@@ -30,10 +30,11 @@ from eth_hash.auto import keccak
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from node.chain.anvil import Anvil
-from node.chain.contracts import ClaimRequest, Contracts, SignedVoucher
+from node.chain.contracts import ClaimRequest, Contracts
 from node.chain.deploy import deploy_all
-from node.chain.eip712 import RECEIPT_LEAF_TYPES, Voucher, sign_voucher
-from node.settlement.epoch_builder import EpochReceipt, PaidVoucher, build_epoch, rewards_tree
+from node.protocol.receipt import LEAF_TYPES, Receipt, adapter_id_bytes
+from node.protocol.voucher import SignedVoucher, Voucher, sign_voucher
+from node.settlement.epoch_builder import EpochReceipt, build_epoch, rewards_tree
 from node.settlement.split import Lineage, SplitParams
 
 RESULTS = Path(__file__).resolve().parent / "results" / "settlement.json"
@@ -54,9 +55,10 @@ def synthetic_receipts(n: int, node: str, seed: int = 0) -> tuple[list[EpochRece
     for i in range(n):
         p, lane, fee = rng.randrange(1_000), rng.randrange(4), rng.randrange(10**12, 10**15)
         charged[(p, lane)] = charged.get((p, lane), 0) + fee
-        v = PaidVoucher(payers[p], node, lane, charged[(p, lane)], "0x" + "ab" * 32, 4_000_000_000, "0x")
-        out.append(EpochReceipt(i, "0x" + rng.randbytes(32).hex(), rng.randrange(1, 51), 1_000, "0x" + "ee" * 32,
-                                rng.randrange(1, 4_000), rng.randrange(1, 1_000), fee, "0x" + "cd" * 32, 1, v))
+        v = SignedVoucher(payers[p], node, lane, charged[(p, lane)], b"\xab" * 32, 4_000_000_000, b"")
+        signed = Receipt(rng.randbytes(32), adapter_id_bytes(rng.randrange(1, 51)), 1_000, b"\xee" * 32,
+                         rng.randrange(1, 4_000), rng.randrange(1, 1_000), fee, b"\xcd" * 32, 1)
+        out.append(EpochReceipt(i, signed, v))
     return out, lineages
 
 
@@ -68,8 +70,7 @@ def time_build(n: int, params: SplitParams) -> dict[str, float]:
     sample = receipts[: min(n, 100_000)]
     started = time.perf_counter()
     for r in sample:
-        keccak(keccak(encode(list(RECEIPT_LEAF_TYPES), [bytes.fromhex(x[2:]) if isinstance(x, str) else x
-                                                       for x in r.leaf()])))
+        keccak(keccak(encode(list(LEAF_TYPES), list(r.receipt.values()))))
     naive_s = (time.perf_counter() - started) * n / len(sample)
     return {"receipts": n, "payees": len(build.rewards), "lanes": len(build.lanes), "build_s": round(build_s, 2),
             "naive_receipt_leaves_s": round(naive_s, 2), "speedup_vs_naive_leaves": round(naive_s / build_s, 2)}
@@ -93,7 +94,7 @@ def settle_gas(ops: Contracts, payers: list[Contracts], epoch_id: int, num_vouch
     for i in range(num_vouchers):
         payer = payers[i % len(payers)]
         v = Voucher(payer.client.address, node, 1_000 * epoch_id + i, 1_000, keccak(b"%d" % i), deadline)
-        vouchers.append(SignedVoucher(v, sign_voucher(payer.client.account.key, v, domain)))  # type: ignore[union-attr]
+        vouchers.append(SignedVoucher.of(v, sign_voucher(payer.client.account.key, v, domain)))  # type: ignore[union-attr]
     total += 1_000 * num_vouchers
     receipt = ops.settlement.settle(epoch_id, vouchers, [1_000] * num_vouchers, rewards_root, total,
                                     receipts_root, receipt_count)

@@ -1,17 +1,23 @@
-"""The services a running API holds, and the dependency that hands them to routes."""
+"""The services a running API holds, and the typed dependencies that hand routes what they use.
+
+    def channel(ledger: LedgerDep, pricing: PricingDep, ...)   # not `svc.payments.ledger`
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.api.engine_client import EngineClient
 from node.api.generation import GenerationService
 from node.api.metrics import APIMetrics
 from node.catalog import AdapterCatalog
+from node.payment.ledger import Ledger
+from node.payment.pricing import Pricing
 from node.payment.service import PaymentService
 
 
@@ -35,3 +41,52 @@ async def services(request: Request) -> NodeServices:
     """Async on purpose: FastAPI runs a plain `def` dependency on its thread pool, one thread hop
     (and the GIL handed over twice) per request for a single attribute read."""
     return request.app.state.services  # type: ignore[no-any-return]
+
+
+# Async like `services`: each is one attribute read, not worth a thread-pool hop.
+async def _payments(svc: Annotated[NodeServices, Depends(services)]) -> PaymentService:
+    return svc.payments
+
+
+async def _node_address(svc: Annotated[NodeServices, Depends(services)]) -> str:
+    return svc.payments.node
+
+
+async def _ledger(svc: Annotated[NodeServices, Depends(services)]) -> Ledger:
+    return svc.payments.ledger
+
+
+async def _pricing(svc: Annotated[NodeServices, Depends(services)]) -> Pricing:
+    return svc.payments.pricing
+
+
+async def _database(svc: Annotated[NodeServices, Depends(services)]) -> sessionmaker[Session]:
+    return svc.db
+
+
+async def _catalog(svc: Annotated[NodeServices, Depends(services)]) -> AdapterCatalog:
+    return svc.catalog
+
+
+async def _engine(svc: Annotated[NodeServices, Depends(services)]) -> EngineClient:
+    return svc.engine
+
+
+async def _generation(svc: Annotated[NodeServices, Depends(services)]) -> GenerationService:
+    return svc.generation
+
+
+async def _metrics(svc: Annotated[NodeServices, Depends(services)]) -> APIMetrics:
+    return svc.metrics
+
+
+ServicesDep = Annotated[NodeServices, Depends(services)]
+PaymentsDep = Annotated[PaymentService, Depends(_payments)]
+NodeAddress = Annotated[str, Depends(_node_address)]  # the operator's checksummed address
+LedgerDep = Annotated[Ledger, Depends(_ledger)]
+PricingDep = Annotated[Pricing, Depends(_pricing)]
+DatabaseDep = Annotated[sessionmaker[Session], Depends(_database)]
+CatalogDep = Annotated[AdapterCatalog, Depends(_catalog)]
+EngineDep = Annotated[EngineClient, Depends(_engine)]
+GenerationDep = Annotated[GenerationService, Depends(_generation)]
+MetricsDep = Annotated[APIMetrics, Depends(_metrics)]

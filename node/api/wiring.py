@@ -19,19 +19,20 @@ from node.attribution.index_store import IndexStore
 from node.catalog import AdapterCatalog
 from node.chain.binding import IndexedContracts, mirror_binding_fault
 from node.chain.deploy import Deployment
-from node.chain.eip712 import Domain
 from node.chain.rpc import Rpc
 from node.config import Settings
 from node.db.session import make_engine, session_factory
 from node.engine import EngineConfig, LLMEngine
 from node.errors import ConfigError, RpcTransient
 from node.lora.adapter import LoRATargetSpec, LoRAWeights, load_lora_adapter
-from node.lora.content_hash import base_model_id, to_hex
+from node.lora.content_hash import base_model_id
 from node.lora.store import AdapterStore, StoreConfig
 from node.models.config import ModelConfig
 from node.payment.ledger import Ledger
 from node.payment.pricing import Pricing
 from node.payment.service import PaymentService, dataset_refs
+from node.protocol.eip712 import Domain
+from node.protocol.hexstr import to_hex
 from node.settlement.runtime import check_chain_parameters
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,8 @@ from urllib.parse import unquote, urlparse
 import httpx
 
 from node.errors import AdapterSourceError, BadRequest
-from node.lora.content_hash import dataset_content_hash, to_hex
+from node.lora.content_hash import dataset_content_hash
+from node.protocol.hexstr import to_hex
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".csv")
 MAX_DATASET_BYTES = 1 << 30

@@ -28,6 +28,7 @@ import numpy as np
 from node.attribution.dataset_files import fetch_dataset, read_texts
 from node.attribution.span_index import SpanIndex, build_suffix_array, separator_for
 from node.attribution.token_rule import Tokenizer, text_ids, tokenizer_id
+from node.protocol.hexstr import from_hex
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -97,7 +98,7 @@ class IndexStore:
     def build(self, dataset: DatasetRef) -> IndexInfo:
         """Fetch the dataset, check its content hash, tokenize it and write its index."""
         started = time.perf_counter()
-        path = fetch_dataset(dataset.uri, bytes.fromhex(dataset.content_hash.removeprefix("0x")),
+        path = fetch_dataset(dataset.uri, from_hex(dataset.content_hash),
                              self.root / "datasets")
         texts = read_texts(path)
         tokenizing = time.perf_counter()

@@ -22,8 +22,10 @@ from node.attribution.evidence import StatedWeights, attribute, stated_weights
 from node.attribution.index_store import DatasetRef, IndexStore
 from node.attribution.rule import METHOD_EVIDENCE, METHOD_LINEAGE, rule_of
 from node.chain.contracts import lineage_hash
-from node.chain.eip712 import Domain, Receipt, recover_receipt_signer
-from node.errors import AttributionError, BadRequest, BadSignature
+from node.errors import AttributionError, BadSignature
+from node.protocol.eip712 import Domain
+from node.protocol.hexstr import to_hex
+from node.protocol.receipt import Receipt, SignedReceipt, recover_receipt_signer
 
 
 class Registry(Protocol):
@@ -40,42 +42,22 @@ class Verdict:
     line: str
 
 
-def _hex(value: bytes) -> str:
-    return "0x" + value.hex()
-
-
-def _b(receipt: Mapping[str, Any], name: str) -> bytes:
-    try:
-        return bytes.fromhex(str(receipt[name]).removeprefix("0x"))
-    except (KeyError, ValueError) as exc:
-        raise BadRequest(f"the receipt's {name} is missing or not hex", field=name) from exc
-
-
-def signed_receipt(receipt: Mapping[str, Any]) -> Receipt:
-    try:
-        return Receipt(voucher_hash=_b(receipt, "voucherHash"), adapter_id=_b(receipt, "adapterId"),
-                       registry_block=int(receipt["registryBlock"]), lineage_hash=_b(receipt, "lineageHash"),
-                       prompt_tokens=int(receipt["promptTokens"]), completion_tokens=int(receipt["completionTokens"]),
-                       fee=int(receipt["fee"]), output_hash=_b(receipt, "outputHash"), method=int(receipt["method"]))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BadRequest("the receipt lacks an EIP-712 field", reason=repr(exc)[:200]) from exc
-
-
 def verify(receipt: Mapping[str, Any], output_text: str | None, registry: Registry, store: IndexStore,
            domain: Domain) -> Verdict:
     """The whole check with the output text; without it (it is the payer's alone) everything that
     does not need it: the signature, the lineage, and method 2's stated weights against lineageHash."""
-    signed = signed_receipt(receipt)
+    stated_receipt = SignedReceipt.from_json(receipt)
+    signed = stated_receipt.receipt
     rid = str(receipt.get("id", "?"))
     if output_text is not None and keccak(output_text.encode()) != signed.output_hash:
         return Verdict(False, f"MISMATCH receipt {rid}: the output text does not hash to its outputHash")
     try:
-        signer = recover_receipt_signer(signed, domain, _b(receipt, "signature"))
+        signer = recover_receipt_signer(signed, domain, stated_receipt.signature)
     except BadSignature as exc:
         return Verdict(False, f"MISMATCH receipt {rid}: its signature is invalid ({exc.message})")
     if signer.lower() != str(receipt.get("node", "")).lower():
         return Verdict(False, f"MISMATCH receipt {rid}: signed by {signer}, not by the node {receipt.get('node')}")
-    registered = registry.adapter_lineage_hash(int.from_bytes(signed.adapter_id, "big"))
+    registered = registry.adapter_lineage_hash(signed.adapter_number)
     if signed.method == METHOD_LINEAGE:
         return _verify_lineage(rid, signed, registered, is_text_checked=output_text is not None)
     if signed.method != METHOD_EVIDENCE:
@@ -96,8 +78,8 @@ WITHOUT_TEXT = "without the output text (its payer's: --key-file or --output-fil
 
 def _verify_lineage(rid: str, signed: Receipt, registered: bytes, *, is_text_checked: bool) -> Verdict:
     if signed.lineage_hash != registered:
-        return Verdict(False, f"MISMATCH receipt {rid} (method 1): lineageHash {_hex(signed.lineage_hash)} is "
-                              f"not the adapter's registered lineage {_hex(registered)}")
+        return Verdict(False, f"MISMATCH receipt {rid} (method 1): lineageHash {to_hex(signed.lineage_hash)} is "
+                              f"not the adapter's registered lineage {to_hex(registered)}")
     unchecked = "" if is_text_checked else f"; {WITHOUT_TEXT}: its outputHash was not checked"
     return Verdict(True, f"truthful: receipt {rid} (method 1) commits to the adapter's registered lineage{unchecked}")
 
@@ -106,10 +88,10 @@ def _stated_lie(rid: str, signed: Receipt, stated: StatedWeights, registered: by
     """A MISMATCH if the stated weights or lineage are not what the receipt and the registry say."""
     if stated.lineage_hash != signed.lineage_hash:
         return Verdict(False, f"MISMATCH receipt {rid} (method 2): the stated weights {list(stated.weights_bps)} hash "
-                              f"to {_hex(stated.lineage_hash)}, not to its lineageHash {_hex(signed.lineage_hash)}")
+                              f"to {to_hex(stated.lineage_hash)}, not to its lineageHash {to_hex(signed.lineage_hash)}")
     if lineage_hash(stated.dataset_ids, stated.lineage_bps) != registered:
         return Verdict(False, f"MISMATCH receipt {rid} (method 2): the stated lineage is not the adapter's "
-                              f"registered one {_hex(registered)}")
+                              f"registered one {to_hex(registered)}")
     return None
 
 
@@ -124,8 +106,8 @@ def _verify_evidence(rid: str, signed: Receipt, stated: StatedWeights, output_te
                       store.tokenizer_id, rule_of(stated.rule))
     if again.lineage_hash != signed.lineage_hash:
         return Verdict(False, f"MISMATCH receipt {rid} (method 2, rule {stated.rule}): recomputed weights "
-                              f"{list(again.weights_bps)} hash to {_hex(again.lineage_hash)}; the node signed "
-                              f"{list(stated.weights_bps)} ({_hex(signed.lineage_hash)})")
+                              f"{list(again.weights_bps)} hash to {to_hex(again.lineage_hash)}; the node signed "
+                              f"{list(stated.weights_bps)} ({to_hex(signed.lineage_hash)})")
     scores = ", ".join(f"{e.dataset_id}:{e.score}" for e in again.evidence)
     return Verdict(True, f"truthful: receipt {rid} (method 2, rule {stated.rule}): weights "
                          f"{list(again.weights_bps)} recomputed from {len(indexes)} datasets (scores {scores}) "

@@ -23,6 +23,7 @@ from web3.types import TxReceipt
 
 from node.chain.artifacts import Artifact, load_artifacts
 from node.errors import ChainError
+from node.protocol.hexstr import from_hex, to_hex
 
 log = logging.getLogger(__name__)
 RECEIPT_TIMEOUT_S = 120.0
@@ -47,12 +48,12 @@ class RevertDecoder:
                                          [_abi_type(i) for i in item["inputs"]])
 
     def decode(self, data: str | bytes | None) -> tuple[str, dict[str, Any]]:
-        raw = bytes.fromhex(data.removeprefix("0x")) if isinstance(data, str) else (data or b"")
+        raw = from_hex(data) if isinstance(data, str) else (data or b"")
         if raw[:4] == bytes.fromhex("08c379a0"):
             return "Error", {"message": decode(["string"], raw[4:])[0]}
         known = self._errors.get(raw[:4])
         if known is None:
-            return "unknown", {"data": "0x" + raw.hex()}
+            return "unknown", {"data": to_hex(raw)}
         name, names, types = known
         values = decode(types, raw[4:]) if types else ()
         return name, {n or f"arg{i}": _plain(t, v)
@@ -68,7 +69,7 @@ def _abi_type(item: dict[str, Any]) -> str:
 def _plain(abi_type: str, v: Any) -> Any:
     if abi_type == "address":
         return Web3.to_checksum_address(v)
-    return "0x" + v.hex() if isinstance(v, bytes) else v
+    return to_hex(v) if isinstance(v, bytes) else v
 
 
 class ContractClient:
@@ -134,6 +135,6 @@ class ContractClient:
 def event_args(contract: Contract, receipt: TxReceipt, event: str) -> list[dict[str, Any]]:
     """Decoded arguments of every `event` that `contract` emitted in `receipt`."""
     ev = getattr(contract.events, event)
-    topic = bytes.fromhex(ev.topic.removeprefix("0x"))
+    topic = from_hex(ev.topic)
     return [dict(ev().process_log(lg)["args"]) for lg in receipt["logs"]
             if lg["address"] == contract.address and lg["topics"] and bytes(lg["topics"][0]) == topic]

@@ -19,7 +19,8 @@ from web3.types import TxReceipt
 
 from node.chain.contract_client import ContractClient, event_args
 from node.chain.deploy import Deployment
-from node.chain.eip712 import Domain, Voucher
+from node.protocol.eip712 import Domain
+from node.protocol.voucher import SignedVoucher, Voucher
 
 
 def _a(address: str) -> str:
@@ -29,11 +30,6 @@ def _a(address: str) -> str:
 def lineage_hash(dataset_ids: Sequence[int], weights_bps: Sequence[int]) -> bytes:
     """keccak256(abi.encode(uint256[] datasetIds, uint16[] weightsBps)), as the AdapterRegistry stores it."""
     return keccak(encode(["uint256[]", "uint16[]"], [list(dataset_ids), list(weights_bps)]))
-
-
-def adapter_id_bytes(adapter_id: int) -> bytes:
-    """The Receipt type's `adapterId`: bytes32(uint256(adapterId))."""
-    return adapter_id.to_bytes(32, "big")
 
 
 @dataclass(frozen=True)
@@ -72,17 +68,6 @@ class EpochInfo:
     receipt_count: int
     unlock_at: int
     is_vetoed: bool
-
-
-@dataclass(frozen=True)
-class SignedVoucher:
-    voucher: Voucher
-    signature: bytes  # 65 bytes r||s||v
-
-    def as_abi(self) -> tuple[Any, ...]:
-        v = self.voucher
-        return ((_a(v.payer), _a(v.node), v.lane, v.cumulative,
-                 v.request_hash, v.deadline), self.signature)
 
 
 @dataclass(frozen=True)
@@ -264,7 +249,7 @@ class Settlement(_Binding):
         return str(self._call("treasury"))
 
     def voucher_digest(self, voucher: Voucher) -> bytes:
-        return bytes(self._call("voucherDigest", SignedVoucher(voucher, b"").as_abi()[0]))
+        return bytes(self._call("voucherDigest", voucher.as_abi()))
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from web3 import Web3
 
 from node.chain.contract_client import ContractClient
 from node.errors import ChainError, ConfigError
+from node.protocol.hexstr import from_hex
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class Deployment:
 
 def create_address(sender: str, nonce: int) -> str:
     """The address a CREATE from `sender` at `nonce` lands on."""
-    raw = keccak(rlp.encode([bytes.fromhex(sender.removeprefix("0x")), nonce]))[12:]
+    raw = keccak(rlp.encode([from_hex(sender), nonce]))[12:]
     return Web3.to_checksum_address(raw)
 
 

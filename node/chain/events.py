@@ -17,6 +17,7 @@ from eth_abi import decode as abi_decode
 from eth_utils import keccak
 
 from node.errors import ChainError
+from node.protocol.hexstr import from_hex, normalize, to_hex
 
 
 class Role(StrEnum):
@@ -78,7 +79,7 @@ class EventSpec:
 
     @property
     def topic0(self) -> str:
-        return "0x" + keccak(text=self.canonical).hex()
+        return to_hex(keccak(text=self.canonical))
 
 
 def parse_signature(signature: str, role: Role) -> EventSpec:
@@ -118,13 +119,6 @@ class ChainEvent:
         return (self.block_number, self.log_index)
 
 
-def _hex(value: object) -> str:
-    if isinstance(value, bytes | bytearray):
-        return "0x" + bytes(value).hex()
-    text = str(value)
-    return text.lower() if text.startswith("0x") else "0x" + text.lower()
-
-
 def _from_topic(topic: str, typ: str) -> Any:
     if typ == "address":
         return "0x" + topic[-40:].lower()
@@ -139,7 +133,7 @@ def _normalise(value: Any, typ: str) -> Any:
     if typ == "address":
         return value.lower()
     if typ.startswith("bytes"):
-        return "0x" + bytes(value).hex()
+        return to_hex(bytes(value))
     return value
 
 
@@ -157,7 +151,7 @@ def decode_data(types: Sequence[str], data: bytes) -> list[Any]:
         if t == "address":
             out.append("0x" + word[12:].hex())
         elif t == "bytes32":
-            out.append("0x" + word.hex())
+            out.append(to_hex(word))
         elif t == "string":
             start, size = _dynamic(data, word, 1)
             out.append(data[start:start + size].decode("utf-8", errors="replace"))
@@ -180,7 +174,7 @@ def _dynamic(data: bytes, head: bytes, width: int) -> tuple[int, int]:
 
 def decode_log(log: Mapping[str, Any], chain_id: int) -> ChainEvent | None:
     """Decode a raw `eth_getLogs` entry; None for a log that is not one of ours."""
-    topics = [_hex(t) for t in log["topics"]]
+    topics = [normalize(t) for t in log["topics"]]
     spec = BY_TOPIC.get(topics[0]) if topics else None
     if spec is None:
         return None
@@ -189,7 +183,7 @@ def decode_log(log: Mapping[str, Any], chain_id: int) -> ChainEvent | None:
     if len(topics) != len(indexed) + 1:
         raise ChainError("log topics do not match the event", event=spec.name, topics=len(topics))
     args: dict[str, Any] = {p.name: _from_topic(t, p.type) for p, t in zip(indexed, topics[1:], strict=True)}
-    data = bytes.fromhex(_hex(log["data"])[2:])
+    data = from_hex(normalize(log["data"]))
     types = [p.type for p in plain]
     try:
         values = decode_data(types, data)
@@ -198,9 +192,9 @@ def decode_log(log: Mapping[str, Any], chain_id: int) -> ChainEvent | None:
     for p, v in zip(plain, values, strict=True):
         args[p.name] = v
     return ChainEvent(chain_id=chain_id, block_number=_int(log["blockNumber"]),
-                      block_hash=_hex(log["blockHash"]), tx_hash=_hex(log["transactionHash"]),
+                      block_hash=normalize(log["blockHash"]), tx_hash=normalize(log["transactionHash"]),
                       log_index=_int(log["logIndex"]),
-                      address=_hex(log["address"]), name=spec.name, args=args)
+                      address=normalize(log["address"]), name=spec.name, args=args)
 
 
 def _int(value: int | str) -> int:

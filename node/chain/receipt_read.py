@@ -10,17 +10,16 @@ most MAX_READ_VALIDITY_S ahead, so a leaked header opens one receipt for a few m
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from node.chain.address import checksum_address
-from node.chain.eip712 import Domain, ReceiptRead, recover_receipt_read_signer, sign_receipt_read
 from node.errors import BadSignature, NotThePayer, ReadUnauthorized
+from node.protocol.address import checksum_address
+from node.protocol.eip712 import Domain, ReceiptRead, recover_receipt_read_signer, sign_receipt_read
+from node.protocol.hexstr import from_hex, to_hex
+from node.protocol.wire_header import decode_header, encode_header
 
 HEADER = "X-Receipt-Read"
 MAX_READ_VALIDITY_S = 300
@@ -38,12 +37,11 @@ class SignedRead:
 
 def sign_read(key: str, payer: str, receipt_id: str, domain: Domain, validity_s: int = 60) -> str:
     """The header value with which `payer` (whose key is `key`) reads receipt `receipt_id`."""
-    read = ReceiptRead(bytes.fromhex(receipt_id.removeprefix("0x")), checksum_address(payer),
-                       int(time.time()) + validity_s)
+    read = ReceiptRead(from_hex(receipt_id), checksum_address(payer), int(time.time()) + validity_s)
     signature = sign_receipt_read(key, read, domain)
     body = {"receiptId": receipt_id.lower(), "payer": read.payer, "deadline": read.deadline,
-            "signature": "0x" + signature.hex()}
-    return base64.urlsafe_b64encode(json.dumps(body, separators=(",", ":")).encode()).rstrip(b"=").decode()
+            "signature": to_hex(signature)}
+    return encode_header(body)
 
 
 def decode_read(value: str) -> SignedRead:
@@ -51,14 +49,14 @@ def decode_read(value: str) -> SignedRead:
     if len(value) > MAX_HEADER_BYTES:
         raise ReadUnauthorized(f"{HEADER} is too long", length=len(value), max_length=MAX_HEADER_BYTES)
     try:
-        data = json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode("utf-8"))
-    except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
+        data = decode_header(value)
+    except ValueError as exc:
         raise ReadUnauthorized(f"{HEADER} is not base64url JSON", reason=str(exc)[:200]) from exc
     if not isinstance(data, dict) or not _well_formed(data):
         raise ReadUnauthorized(f"{HEADER} must be a JSON object of receiptId (0x 32 bytes), payer (0x address), "
                                "deadline (integer unix seconds) and signature (0x 65 bytes)")
-    read = ReceiptRead(bytes.fromhex(data["receiptId"][2:]), checksum_address(data["payer"]), data["deadline"])
-    return SignedRead(read, bytes.fromhex(data["signature"][2:]))
+    read = ReceiptRead(from_hex(data["receiptId"]), checksum_address(data["payer"]), data["deadline"])
+    return SignedRead(read, from_hex(data["signature"]))
 
 
 def _well_formed(data: dict[str, Any]) -> bool:
@@ -75,7 +73,7 @@ def authorize_read(value: str, receipt_id: str, payer: str, domain: Domain, now:
     ReadUnauthorized (401) if it is not a valid authorization, NotThePayer (403) if it is someone else's."""
     signed = decode_read(value)
     read, now_s = signed.read, int(now)
-    if "0x" + read.receipt_id.hex() != receipt_id.lower():
+    if to_hex(read.receipt_id) != receipt_id.lower():
         raise ReadUnauthorized("the read authorization is for another receipt", receipt_id=receipt_id)
     if read.deadline <= now_s:
         raise ReadUnauthorized("the read authorization expired: sign a new one", deadline=read.deadline, now=now_s)

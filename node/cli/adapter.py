@@ -43,7 +43,8 @@ def train(
     """Fetch the datasets, check their registered hashes, fine-tune a LoRA with peft, write its lineage."""
     from node.attribution.dataset_files import fetch_dataset, read_texts
     from node.devkit import train_tiny_adapter
-    from node.lora.content_hash import base_model_id, to_hex
+    from node.lora.content_hash import base_model_id
+    from node.protocol.hexstr import to_hex
 
     contracts = chain_context(rpc_url, deployment).contracts()
     texts: list[list[str]] = []
@@ -71,7 +72,8 @@ def register(
     dev_account: int = DevAccountOption,
 ) -> None:
     """Register the adapter: base model, weights sha256 (adapter hash rule), URI, lineage, owner share."""
-    from node.lora.content_hash import adapter_weights_sha256, from_hex, to_hex
+    from node.lora.content_hash import adapter_weights_sha256, sha256_from_hex
+    from node.protocol.hexstr import to_hex
 
     lineage_path = folder / LINEAGE_FILE
     if not lineage_path.is_file():
@@ -81,7 +83,7 @@ def register(
     digest = adapter_weights_sha256(folder)
     ctx = chain_context(rpc_url, deployment)
     key = signing_key(key_file, dev_account, ctx.deployment.chain_id)
-    adapter_id = ctx.contracts(key).adapters.register(from_hex(lineage["baseModel"]), digest,
+    adapter_id = ctx.contracts(key).adapters.register(sha256_from_hex(lineage["baseModel"]), digest,
                                                       uri or folder.resolve().as_uri(), lineage["datasets"],
                                                       lineage["weightsBps"], owner_share_bps)
     pairs = dict(zip(lineage["datasets"], lineage["weightsBps"], strict=True))

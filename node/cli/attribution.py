@@ -17,9 +17,10 @@ import typer
 from node.cli.console import console, err_console
 from node.cli.context import DeploymentOption, RpcOption, chain_context
 from node.errors import BadRequest, ConfigError
+from node.protocol.hexstr import to_hex
 
 if TYPE_CHECKING:
-    from node.chain.eip712 import Domain
+    from node.protocol.eip712 import Domain
 
 app = typer.Typer(help="Attribution evidence: check what a receipt says about the datasets.", no_args_is_help=True)
 RECEIPT_ID = re.compile(r"^0x[0-9a-fA-F]{64}$")
@@ -38,7 +39,7 @@ class ChainRegistry:
         from node.attribution.index_store import DatasetRef
 
         info = self.contracts.datasets.get(dataset_id)
-        return DatasetRef(dataset_id, "0x" + info.content_hash.hex(), info.uri)
+        return DatasetRef(dataset_id, to_hex(info.content_hash), info.uri)
 
 
 def _fetch(receipt: str, node_url: str, read: str | None) -> dict[str, Any]:
@@ -117,8 +118,8 @@ def verify(
 
     from node.attribution.index_store import IndexStore
     from node.attribution.verification import verify as verify_receipt
-    from node.chain.eip712 import Domain
     from node.config import load_settings
+    from node.protocol.eip712 import Domain
 
     ctx = chain_context(rpc_url, deployment)
     domain = Domain(ctx.deployment.chain_id, ctx.deployment.settlement)

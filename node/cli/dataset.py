@@ -24,7 +24,8 @@ def register(
     """Hash the dataset (sha256; folders by the folder rule) and register it with its URI and payout."""
     from eth_account import Account
 
-    from node.lora.content_hash import dataset_content_hash, to_hex
+    from node.lora.content_hash import dataset_content_hash
+    from node.protocol.hexstr import to_hex
 
     if not path.exists():
         raise BadRequest(f"no such file or folder: {path}", path=str(path))

@@ -16,7 +16,8 @@ app = typer.Typer(help="Base models: their registry id, and a tiny one for tryin
 def model_id(folder: Path = typer.Argument(..., help="A Hugging Face model folder (config.json + safetensors)."),
              ) -> None:
     """Print the base model id adapters register against (sha256 folder rule over config and weights)."""
-    from node.lora.content_hash import base_model_id, base_model_names, to_hex
+    from node.lora.content_hash import base_model_id, base_model_names
+    from node.protocol.hexstr import to_hex
 
     if not (folder / "config.json").is_file():
         raise ModelFormatError(f"{folder} has no config.json: not a Hugging Face model folder", folder=str(folder))
@@ -31,7 +32,8 @@ def make_tiny(folder: Path = typer.Argument(..., help="Where to write the model.
               seed: int = typer.Option(0, help="Random seed of the weights.")) -> None:
     """Write a tiny random Llama-family model with a trained tokenizer (for the demo and tests)."""
     from node.devkit import make_tiny_model
-    from node.lora.content_hash import base_model_id, to_hex
+    from node.lora.content_hash import base_model_id
+    from node.protocol.hexstr import to_hex
 
     if arch not in ("llama", "mistral", "qwen2"):
         raise typer.BadParameter("arch must be llama, mistral or qwen2", param_hint="--arch")

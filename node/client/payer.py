@@ -24,11 +24,11 @@ from typing import Any
 import httpx
 from eth_account import Account
 
-from node.chain.eip712 import Domain, Voucher, recover_receipt_signer, sign_voucher
-from node.chain.eip712 import Receipt as ReceiptType
 from node.chain.receipt_read import HEADER, sign_read
 from node.errors import PaymentError
-from node.payment.header import PaymentHeader, request_hash
+from node.protocol.eip712 import Domain
+from node.protocol.receipt import SignedReceipt, recover_receipt_signer
+from node.protocol.voucher import SignedVoucher, Voucher, request_hash, sign_voucher
 
 PAID_PATHS = ("/v1/completions", "/v1/chat/completions")
 CLOCK_MARGIN_S = 60  # on top of the node's minimum validity: clock skew and the request's way there
@@ -37,7 +37,7 @@ RETRY_WINDOW_S = 600  # how long an unanswered voucher is sent again for the sam
 
 
 @dataclass(frozen=True)
-class SignedVoucher:
+class LaneVoucher:
     """A lane's last voucher, for the request whose body hashes to `request_hash`."""
 
     request_hash: bytes
@@ -66,7 +66,7 @@ class Payer:
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s)
         self._info: NodeInfo | None = None
         self._charged: dict[int, int] = {}  # lane -> charged total as last seen
-        self._unanswered: dict[int, SignedVoucher] = {}  # lane -> its last voucher, until answered
+        self._unanswered: dict[int, LaneVoucher] = {}  # lane -> its last voucher, until answered
         self._lock = threading.Lock()
 
     # --- the node ---------------------------------------------------------------------------------
@@ -126,7 +126,7 @@ class Payer:
         with self._lock:
             self._unanswered.pop(lane, None)
 
-    def _sign(self, digest: bytes, lane: int) -> SignedVoucher:
+    def _sign(self, digest: bytes, lane: int) -> LaneVoucher:
         with self._lock:
             charged = self._charged.get(lane)
         if charged is None or self.budget is None:
@@ -141,9 +141,8 @@ class Payer:
         voucher = Voucher(payer=self.address, node=info.node, lane=lane, cumulative=charged + budget,
                           request_hash=digest, deadline=deadline)
         signature = sign_voucher(self.key, voucher, info.domain)
-        header = PaymentHeader(voucher.payer, voucher.node, lane, voucher.cumulative, voucher.request_hash,
-                               deadline, signature).encode()
-        return SignedVoucher(digest, deadline, header, time.time())
+        header = SignedVoucher.of(voucher, signature).encode()
+        return LaneVoucher(digest, deadline, header, time.time())
 
     def observe(self, lane: int, charged_total: int) -> None:
         """Record the lane's new charged total (from X-Charged-Total or a receipt)."""
@@ -187,12 +186,5 @@ class Payer:
 
 def verify_receipt(receipt: dict[str, Any], domain: Domain) -> str:
     """Recover the signer of a receipt as returned by the API (compare it with the node's address)."""
-    r = ReceiptType(voucher_hash=_b(receipt["voucherHash"]), adapter_id=_b(receipt["adapterId"]),
-                    registry_block=int(receipt["registryBlock"]), lineage_hash=_b(receipt["lineageHash"]),
-                    prompt_tokens=int(receipt["promptTokens"]), completion_tokens=int(receipt["completionTokens"]),
-                    fee=int(receipt["fee"]), output_hash=_b(receipt["outputHash"]), method=int(receipt["method"]))
-    return recover_receipt_signer(r, domain, _b(receipt["signature"]))
-
-
-def _b(hex_text: str) -> bytes:
-    return bytes.fromhex(hex_text.removeprefix("0x"))
+    signed = SignedReceipt.from_json(receipt)
+    return recover_receipt_signer(signed.receipt, domain, signed.signature)

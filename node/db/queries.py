@@ -8,9 +8,8 @@ may spend counts only deposits that are final (`Escrow.spendable`); debits count
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -87,34 +86,6 @@ class AdapterLineageView:
     is_deprecated: bool
     is_final: bool
     datasets: tuple[LineageEntry, ...]
-
-
-@dataclass(frozen=True)
-class ReceiptFields:
-    """A signed receipt as the node computed it (the EIP-712 fields, its digest and signature)."""
-
-    receipt_hash: str
-    adapter_id: int
-    registry_block: int
-    lineage_hash: str
-    prompt_tokens: int
-    completion_tokens: int
-    fee: int
-    output_hash: str
-    method: int
-    signature: str
-    attribution: dict[str, Any] | None = field(default=None, kw_only=True)  # method 2's evidence and weights
-
-
-@dataclass(frozen=True)
-class ReceiptRecord(ReceiptFields):
-    """A stored receipt: its fields, the voucher that paid it, and its epoch once assigned."""
-
-    id: int
-    voucher_hash: str
-    node: str
-    created_at: datetime
-    epoch_id: int | None
 
 
 @dataclass(frozen=True)
@@ -201,11 +172,10 @@ def adapter_lineage(session: Session, adapter_id: int,
         is_final=adapter.is_final, datasets=tuple(LineageEntry(*row) for row in rows))
 
 
-def epoch_receipts(session: Session, node: str, epoch_id: int) -> list[ReceiptRecord]:
+def epoch_receipts(session: Session, node: str, epoch_id: int) -> list[Receipt]:
     """The receipts assigned to `node`'s epoch, in the order they were written."""
     q = select(Receipt).where(Receipt.node == node.lower(), Receipt.epoch_id == epoch_id).order_by(Receipt.id)
-    return [ReceiptRecord(**{c.key: getattr(r, c.key) for c in Receipt.__table__.columns})
-            for r in session.scalars(q)]
+    return list(session.scalars(q))
 
 
 def mirror_head(session: Session) -> MirrorHead | None:

@@ -30,6 +30,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from node.errors import AdapterFormatError, ModelFormatError
+from node.protocol.hexstr import from_hex
 
 CHUNK_BYTES = 1 << 20
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -119,17 +120,12 @@ def base_model_id(folder: Path | str) -> bytes:
     return folder_sha256(folder, base_model_names(folder))
 
 
-def to_hex(digest: bytes) -> str:
-    """"0x" + 64 lowercase hex digits, the form the registries and the API use."""
-    return "0x" + digest.hex()
-
-
-def from_hex(text: str) -> bytes:
+def sha256_from_hex(text: str) -> bytes:
     """A 32-byte digest from 0x-hex or bare hex (any case); ValueError otherwise."""
-    raw = text[2:] if text[:2].lower() == "0x" else text
-    if len(raw) != 64:
-        raise ValueError(f"a sha256 is 64 hex digits, got {len(raw)}: {text!r}")
-    return bytes.fromhex(raw)
+    raw = from_hex(text)
+    if len(raw) != 32:
+        raise ValueError(f"a sha256 is 64 hex digits, got {2 * len(raw)}: {text!r}")
+    return raw
 
 
 def _all_files(root: Path) -> list[str]:

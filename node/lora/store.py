@@ -32,13 +32,14 @@ import httpx
 
 from node.errors import AdapterFormatError, AdapterIntegrityError, AdapterNotFound, AdapterTooLarge
 from node.lora.adapter_files import AdapterFiles
-from node.lora.content_hash import from_hex, to_hex
+from node.lora.content_hash import sha256_from_hex
 from node.lora.disk_cache import DiskCache
 from node.lora.host_cache import HostCache
 from node.lora.provider import AdapterSource, LoadState
 from node.lora.source import FetchLimits, check_adapter_files, fetch_adapter, shown_uri
 from node.lora.store_config import StoreConfig
 from node.lora.store_metrics import MetricsRecorder, StoreMetrics
+from node.protocol.hexstr import to_hex
 
 W = TypeVar("W")
 logger = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class AdapterStore(Generic[W]):
     def register(self, adapter_id: str, source: AdapterSource) -> None:
         """Register (or re-register) an adapter; a changed URI or hash drops what was loaded before."""
         try:
-            reg = _Registration(source, from_hex(source.sha256))
+            reg = _Registration(source, sha256_from_hex(source.sha256))
         except ValueError as e:
             raise AdapterFormatError(f"registered sha256 of {adapter_id} is not 32 bytes of hex: {e}",
                                      adapter=adapter_id, sha256=source.sha256) from e

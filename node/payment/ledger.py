@@ -37,12 +37,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.db import queries
 from node.db.loss import LossReason, LossRecord, record_loss
 from node.db.models import Lane, Receipt, Voucher
-from node.db.queries import ReceiptFields as ReceiptRow  # what the ledger stores, as given
 from node.errors import DepositNotFinal, InsufficientEscrow, VoucherConflict
 from node.payment.lane import HoldView, LaneRow, Lanes
 from node.payment.lane_pg import PipelinedLanes
 from node.payment.lane_sqlite import SQLiteLanes
 from node.payment.voucher_check import CheckedVoucher
+from node.protocol.receipt import SignedReceipt
 
 
 @dataclass(frozen=True)
@@ -171,20 +171,18 @@ class Ledger:
                                      lane=v.lane, cumulative=str(v.cumulative), charged_total=str(lane.charged_total),
                                      max_fee=str(max_fee), needed=str(needed))
 
-    def commit(self, res: Reservation, checked: CheckedVoucher, fee: int, receipt: ReceiptRow,
+    def commit(self, res: Reservation, checked: CheckedVoucher, fee: int, receipt: SignedReceipt,
                response: Callable[[int], dict[str, Any]]) -> tuple[int, dict[str, Any]]:
         """Charge `fee`, store voucher, receipt and the response body built for the new charged total."""
         assert 0 <= fee <= res.max_fee, "a fee above the quote the voucher covers"
-        now, total, v = self._now(), res.charged_before + fee, checked.voucher
+        now, total = self._now(), res.charged_before + fee
         # Only this lane's row is written (no payer lock): a concurrent `reserve` of another lane reads
         # this one either with its hold or with its charge (<= the hold), and counts either against the
         # escrow. While the hold is ours nobody else charges the lane, so the new total is known here.
         body = response(total)
-        voucher = {"voucher_hash": res.voucher_hash, "payer": res.payer, "node": self.node, "lane": res.lane,
-                   "cumulative": v.cumulative, "request_hash": "0x" + v.request_hash.hex(), "deadline": v.deadline,
-                   "signature": "0x" + checked.signature.hex(), "charged_total": total, "response": body,
-                   "created_at": now}
-        row = {**receipt.__dict__, "voucher_hash": res.voucher_hash, "node": self.node, "created_at": now}
+        voucher = {**checked.columns(), "voucher_hash": res.voucher_hash, "payer": res.payer, "node": self.node,
+                   "lane": res.lane, "charged_total": total, "response": body, "created_at": now}
+        row = {**receipt.columns(), "voucher_hash": res.voucher_hash, "node": self.node, "created_at": now}
         with self.lanes.transaction() as tx:
             if not tx.charge(voucher, row, res.charged_before, now - self.max_hold, self.instance):
                 raise VoucherConflict("the lane's hold expired or was taken over; nothing was charged",
@@ -197,17 +195,15 @@ class Ledger:
         left the node and will never be paid (a node fault, or a charge that could not be committed).
         The hold goes (if still ours); the voucher is stored without a response, so it never buys
         another generation (a retry is 409)."""
-        v = checked.voucher
         with self.factory.begin() as session:
             session.execute(update(Lane).where(Lane.payer == res.payer, Lane.node == self.node, Lane.lane == res.lane,
                                                Lane.reserved_voucher_hash == res.voucher_hash,
                                                Lane.reserved_by == self.instance)
                             .values(reserved=0, reserved_voucher_hash=None, reserved_at=None, reserved_by=None))
             if session.get(Voucher, res.voucher_hash) is None:
-                session.add(Voucher(voucher_hash=res.voucher_hash, payer=res.payer, node=self.node, lane=res.lane,
-                                    cumulative=v.cumulative, request_hash="0x" + v.request_hash.hex(),
-                                    deadline=v.deadline, signature="0x" + checked.signature.hex(),
-                                    charged_total=res.charged_before, response=None, created_at=self._now()))
+                session.add(Voucher(**{**checked.columns(), "voucher_hash": res.voucher_hash, "payer": res.payer,
+                                       "node": self.node, "lane": res.lane, "charged_total": res.charged_before,
+                                       "response": None, "created_at": self._now()}))
             record_loss(session, LossRecord(self.node, res.payer, res.lane, amount, reason, res.voucher_hash,
                                             detail=detail))
 

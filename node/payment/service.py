@@ -32,14 +32,16 @@ from node.attribution.evidence import Attribution
 from node.attribution.index_store import DatasetRef
 from node.attribution.rule import METHOD_EVIDENCE, METHOD_LINEAGE
 from node.catalog import ServedAdapter
-from node.chain.eip712 import Domain, Receipt, receipt_digest, sign_digest
 from node.db.loss import LossReason
 from node.db.queries import AdapterLineageView
 from node.errors import BadSignature, DatabaseUnavailable, VoucherConflict
-from node.payment.header import decode_payment_header
-from node.payment.ledger import Ledger, ReceiptRow, Reservation
+from node.payment.ledger import Ledger, Reservation
 from node.payment.pricing import Pricing
 from node.payment.voucher_check import CheckedVoucher, check_voucher
+from node.protocol.eip712 import Domain
+from node.protocol.hexstr import from_hex
+from node.protocol.receipt import Receipt, SignedReceipt, adapter_id_bytes
+from node.protocol.voucher import decode_payment_header
 
 __all__ = ["METHOD_EVIDENCE", "METHOD_LINEAGE", "PaymentService"]
 log = logging.getLogger(__name__)
@@ -137,28 +139,21 @@ class PaymentService:
         """Charge for `usage`, sign the receipt, and commit it with `build(receipt)` as the response."""
         fee = min(self.pricing.fee(usage.prompt_tokens, usage.completion_tokens), hold.reservation.max_fee)
         attribution = self._attribute(adapter.lineage, output_text)
-        lineage = bytes.fromhex(adapter.lineage.lineage_hash.removeprefix("0x"))
-        receipt = Receipt(voucher_hash=hold.checked.digest, adapter_id=adapter.adapter_id.to_bytes(32, "big"),
+        lineage = from_hex(adapter.lineage.lineage_hash)
+        receipt = Receipt(voucher_hash=hold.checked.digest, adapter_id=adapter_id_bytes(adapter.adapter_id),
                           registry_block=adapter.registry_block,
                           lineage_hash=lineage if attribution is None else attribution.lineage_hash,
                           prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, fee=fee,
                           output_hash=keccak(output_text.encode()),
                           method=METHOD_LINEAGE if attribution is None else METHOD_EVIDENCE)
-        digest = receipt_digest(receipt, self.domain)  # hashed once: the receipt's id and what is signed
-        signature = sign_digest(self.operator_key, digest)
-        row = ReceiptRow(receipt_hash="0x" + digest.hex(),
-                         adapter_id=adapter.adapter_id, registry_block=receipt.registry_block,
-                         lineage_hash="0x" + receipt.lineage_hash.hex(), prompt_tokens=usage.prompt_tokens,
-                         completion_tokens=usage.completion_tokens, fee=fee,
-                         output_hash="0x" + receipt.output_hash.hex(), method=receipt.method,
-                         signature="0x" + signature.hex(),
-                         attribution=None if attribution is None else attribution.to_json())
+        signed = SignedReceipt.sign(receipt, self.operator_key, self.node, self.domain,
+                                    None if attribution is None else attribution.to_json())
 
         def respond(charged_total: int) -> dict[str, Any]:
-            return build(receipt_json(row, hold.checked.digest_hex, self.node, charged_total))
+            return build(signed.response_json(charged_total))
 
         try:
-            charged = self.ledger.commit(hold.reservation, hold.checked, fee, row, respond)
+            charged = self.ledger.commit(hold.reservation, hold.checked, fee, signed, respond)
         except (OperationalError, InterfaceError) as exc:  # (on failure the caller cancels or writes off)
             raise DatabaseUnavailable("the node's database is not available; retry shortly",
                                       error=type(exc).__name__) from exc
@@ -198,21 +193,3 @@ class PaymentService:
 def dataset_refs(lineage: AdapterLineageView) -> list[DatasetRef]:
     return [DatasetRef(d.dataset_id, d.content_hash, d.uri) for d in lineage.datasets]
 
-
-def receipt_json(row: ReceiptRow, voucher_hash: str, node: str, charged_total: int) -> dict[str, Any]:
-    """The receipt as it appears in a response body: EIP-712 fields, signature, id, node, total."""
-    return {"id": row.receipt_hash, "voucherHash": voucher_hash,
-            "adapterId": "0x" + row.adapter_id.to_bytes(32, "big").hex(), "registryBlock": row.registry_block,
-            "lineageHash": row.lineage_hash, "promptTokens": row.prompt_tokens,
-            "completionTokens": row.completion_tokens, "fee": str(row.fee), "outputHash": row.output_hash,
-            "method": row.method, "signature": row.signature, "node": node, "chargedTotal": str(charged_total),
-            **attribution_summary(row.attribution)}
-
-
-def attribution_summary(attribution: dict[str, Any] | None) -> dict[str, Any]:
-    """A method 2 receipt also says which weights its lineageHash commits to (the evidence is served by
-    GET /v1/receipts/{id})."""
-    if attribution is None:
-        return {}
-    keys = ("rule", "minSpan", "alphaBps", "tokenizer", "datasetIds", "lineageBps", "weightsBps")
-    return {"attribution": {k: attribution[k] for k in keys}}

@@ -7,23 +7,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from node.chain.eip712 import Domain, Voucher, recover, voucher_digest
 from node.errors import BadSignature
-from node.payment.header import PaymentHeader, request_hash
+from node.protocol.eip712 import Domain, recover
+from node.protocol.hexstr import to_hex
+from node.protocol.voucher import SignedVoucher, request_hash, voucher_digest
 
 
 @dataclass(frozen=True)
-class CheckedVoucher:
-    voucher: Voucher
-    signature: bytes
+class CheckedVoucher(SignedVoucher):
+    """A signed voucher whose signature recovers to its payer, for this node and request."""
+
     digest: bytes  # the EIP-712 digest: the voucher's id and the receipt's voucherHash
 
     @property
     def digest_hex(self) -> str:
-        return "0x" + self.digest.hex()
+        return to_hex(self.digest)
 
 
-def check_voucher(header: PaymentHeader, body: bytes, *, domain: Domain, node: str) -> CheckedVoucher:
+def check_voucher(header: SignedVoucher, body: bytes, *, domain: Domain, node: str) -> CheckedVoucher:
     """Raise BadSignature (401) unless the voucher is signed by its payer, for this node and this
     exact request body. (Its deadline is checked by the caller: a retry of a used voucher may be late.)"""
     if header.node.lower() != node.lower():
@@ -31,11 +32,10 @@ def check_voucher(header: PaymentHeader, body: bytes, *, domain: Domain, node: s
     body_hash = request_hash(body)
     if header.request_hash != body_hash:
         raise BadSignature("requestHash is not keccak256 of the request body as sent",
-                           request_hash="0x" + header.request_hash.hex(), body_hash="0x" + body_hash.hex())
-    voucher = Voucher(payer=header.payer, node=header.node, lane=header.lane, cumulative=header.cumulative,
-                      request_hash=header.request_hash, deadline=header.deadline)
-    digest = voucher_digest(voucher, domain)
+                           request_hash=to_hex(header.request_hash), body_hash=to_hex(body_hash))
+    digest = voucher_digest(header.voucher, domain)
     signer = recover(digest, header.signature)
     if signer.lower() != header.payer.lower():
         raise BadSignature("the signature does not recover to the payer", payer=header.payer, signer=signer)
-    return CheckedVoucher(voucher=voucher, signature=header.signature, digest=digest)
+    return CheckedVoucher(header.payer, header.node, header.lane, header.cumulative, header.request_hash,
+                          header.deadline, header.signature, digest)

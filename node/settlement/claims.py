@@ -21,6 +21,7 @@ from eth_utils import to_checksum_address
 from node.chain.contract_client import event_args
 from node.chain.contracts import ClaimRequest, Contracts
 from node.errors import ChainError
+from node.protocol.hexstr import to_hex
 from node.settlement.merkle import MerkleTree
 from node.settlement.publication import tree_of
 
@@ -64,7 +65,7 @@ def load_rewards(contracts: Contracts, node: str, proof_source: str | Path) -> P
     on_chain = contracts.settlement.epoch(node, epoch_id).rewards_root
     if tree.root != on_chain:
         raise ChainError("the published rewards tree does not match the chain", node=node, epoch_id=epoch_id,
-                         published="0x" + tree.root.hex(), on_chain="0x" + on_chain.hex())
+                         published=to_hex(tree.root), on_chain=to_hex(on_chain))
     return PublishedRewards(to_checksum_address(node), epoch_id, tree)
 
 

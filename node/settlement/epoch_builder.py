@@ -20,7 +20,9 @@ from typing import Any
 
 from eth_utils import to_checksum_address
 
-from node.chain.eip712 import RECEIPT_LEAF_TYPES
+from node.protocol.hexstr import to_hex
+from node.protocol.receipt import LEAF_TYPES, Receipt
+from node.protocol.voucher import SignedVoucher
 from node.settlement.merkle import MerkleTree
 from node.settlement.split import Lineage, SplitParams, split_receipts
 
@@ -28,42 +30,12 @@ REWARD_LEAF_TYPES = ("address", "uint256")
 
 
 @dataclass(frozen=True)
-class PaidVoucher:
-    """A voucher as signed by the payer (hex strings as stored)."""
-
-    payer: str
-    node: str
-    lane: int
-    cumulative: int
-    request_hash: str
-    deadline: int
-    signature: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"payer": self.payer, "node": self.node, "lane": self.lane, "cumulative": str(self.cumulative),
-                "requestHash": self.request_hash, "deadline": self.deadline, "signature": self.signature}
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> PaidVoucher:
-        return cls(d["payer"], d["node"], int(d["lane"]), int(d["cumulative"]), d["requestHash"],
-                   int(d["deadline"]), d["signature"])
-
-
-@dataclass(frozen=True)
 class EpochReceipt:
-    """A receipt of the epoch with the voucher that paid it. Hashes are 0x-hex."""
+    """A receipt of the epoch (its row id and signed fields) with the voucher that paid it."""
 
     receipt_id: int
-    voucher_hash: str
-    adapter_id: int
-    registry_block: int
-    lineage_hash: str
-    prompt_tokens: int
-    completion_tokens: int
-    fee: int
-    output_hash: str
-    method: int
-    voucher: PaidVoucher
+    receipt: Receipt
+    voucher: SignedVoucher
     weights_bps: tuple[int, ...] | None = None  # method 2: this receipt's dataset weights (lineage order)
     charged_total: int = 0  # the lane's charged total once this receipt was charged
 
@@ -71,11 +43,25 @@ class EpochReceipt:
     def lane_key(self) -> tuple[str, int]:
         return self.voucher.payer.lower(), self.voucher.lane
 
-    def leaf(self) -> list[Any]:
-        """The receipts-tree leaf: the EIP-712 Receipt fields in RECEIPT_LEAF_TYPES order."""
-        return [self.voucher_hash, "0x" + self.adapter_id.to_bytes(32, "big").hex(), self.registry_block,
-                self.lineage_hash, self.prompt_tokens, self.completion_tokens, self.fee, self.output_hash,
-                self.method]
+    @property
+    def adapter_id(self) -> int:
+        return self.receipt.adapter_number
+
+    @property
+    def registry_block(self) -> int:
+        return self.receipt.registry_block
+
+    @property
+    def fee(self) -> int:
+        return self.receipt.fee
+
+    @property
+    def voucher_hash(self) -> str:
+        return to_hex(self.receipt.voucher_hash)
+
+    @property
+    def lineage_hash(self) -> str:
+        return to_hex(self.receipt.lineage_hash)
 
 
 @dataclass(frozen=True)
@@ -83,7 +69,7 @@ class LaneCharge:
     payer: str
     lane: int
     amount: int
-    voucher: PaidVoucher
+    voucher: SignedVoucher
 
 
 @dataclass(frozen=True)
@@ -121,7 +107,7 @@ def lane_charges(receipts: Sequence[EpochReceipt], valid_until: int = 0) -> tupl
     """Per (payer, lane): the sum of fees and the highest-cumulative voucher valid at `valid_until`
     (any voucher when none is); zero amounts dropped."""
     amounts: Counter[tuple[str, int]] = Counter()
-    best: dict[tuple[str, int], PaidVoucher] = {}
+    best: dict[tuple[str, int], SignedVoucher] = {}
     for r in receipts:
         key = r.lane_key
         amounts[key] += r.fee
@@ -159,7 +145,7 @@ def build_epoch(receipts: Sequence[EpochReceipt], lineages: Mapping[int, Lineage
         cumulative[to_checksum_address(account)] += amount
     rewards_total = previous_total + collected
     assert sum(cumulative.values()) == rewards_total, "the split must add up to what is collected"
-    receipts_tree = MerkleTree.of([r.leaf() for r in receipts], RECEIPT_LEAF_TYPES)
+    receipts_tree = MerkleTree.of([r.receipt.leaf() for r in receipts], LEAF_TYPES)
     return EpochBuild(lanes, collected, rewards_total, dict(cumulative), rewards_tree(cumulative, params.node),
                       receipts_tree)
 

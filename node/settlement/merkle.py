@@ -21,6 +21,8 @@ from typing import Any
 from eth_abi import encode
 from eth_hash.auto import keccak as keccak256
 
+from node.protocol.hexstr import from_hex, to_hex
+
 _STATIC = re.compile(r"^(address|bool|u?int(\d{1,3})?|bytes([1-9]|[12]\d|3[0-2]))$")
 
 
@@ -85,7 +87,7 @@ def _word_encoder(abi_type: str) -> Callable[[Any], bytes]:
         size = int(abi_type[5:])
 
         def fixed_bytes(v: Any) -> bytes:
-            raw = bytes.fromhex(v.removeprefix("0x")) if isinstance(v, str) else bytes(v)
+            raw = from_hex(v) if isinstance(v, str) else bytes(v)
             if len(raw) != size:
                 raise ValueError(f"{abi_type} needs {size} bytes, got {len(raw)}")
             return raw.ljust(32, b"\0")
@@ -110,7 +112,7 @@ def _abi_value(abi_type: str, value: Any) -> Any:
     if isinstance(value, str) and re.match(r"^u?int", abi_type):
         return int(value, 0)
     if isinstance(value, str) and abi_type.startswith("bytes"):
-        return bytes.fromhex(value.removeprefix("0x"))
+        return from_hex(value)
     return value
 
 
@@ -141,7 +143,7 @@ def process_proof(leaf: bytes, proof: Sequence[bytes]) -> bytes:
 
 def json_value(value: Any) -> Any:
     if isinstance(value, bytes):
-        return "0x" + value.hex()
+        return to_hex(value)
     if isinstance(value, bool):
         return value
     if isinstance(value, int):
@@ -207,7 +209,7 @@ class MerkleTree:
         return {
             "format": "standard-v1",
             "leafEncoding": list(self.types),
-            "tree": ["0x" + h.hex() for h in self.tree],
+            "tree": [to_hex(h) for h in self.tree],
             "values": [{"value": json_value(list(v)), "treeIndex": i}
                        for v, i in zip(self.values, self.tree_indices, strict=True)],
         }
@@ -218,7 +220,7 @@ class MerkleTree:
         if data.get("format") != "standard-v1":
             raise ValueError(f"unknown Merkle tree format {data.get('format')!r}")
         types = tuple(data["leafEncoding"])
-        tree = tuple(bytes.fromhex(h.removeprefix("0x")) for h in data["tree"])
+        tree = tuple(from_hex(h) for h in data["tree"])
         values = tuple(tuple(v["value"]) for v in data["values"])
         indices = tuple(int(v["treeIndex"]) for v in data["values"])
         loaded = cls(types, values, tree, indices)

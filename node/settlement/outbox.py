@@ -18,7 +18,9 @@ from node.db import queries
 from node.db.loss import RECOVERABLE, is_settlement_loss
 from node.db.models import EpochState, Loss, Receipt, SettledEpoch, SettlementEpoch, Voucher
 from node.errors import MirrorUnavailable
-from node.settlement.epoch_builder import EpochReceipt, PaidVoucher
+from node.protocol.receipt import receipt_of_row
+from node.protocol.voucher import SignedVoucher
+from node.settlement.epoch_builder import EpochReceipt
 from node.settlement.split import Lineage
 
 IN_FLIGHT = (EpochState.OPEN, EpochState.BUILT, EpochState.SUBMITTED, EpochState.CONFIRMED)
@@ -170,10 +172,8 @@ def recovered_in(session: Session, node: str, epoch_id: int) -> set[str]:
 
 
 def _epoch_receipt(r: Receipt, v: Voucher) -> EpochReceipt:
-    paid = PaidVoucher(v.payer, v.node, v.lane, v.cumulative, v.request_hash, v.deadline, v.signature)
     weights = stated_weights(r.attribution).weights_bps if r.method == METHOD_EVIDENCE else None
-    return EpochReceipt(r.id, r.voucher_hash, r.adapter_id, r.registry_block, r.lineage_hash, r.prompt_tokens,
-                        r.completion_tokens, r.fee, r.output_hash, r.method, paid, weights, v.charged_total)
+    return EpochReceipt(r.id, receipt_of_row(r), SignedVoucher.from_row(v), weights, v.charged_total)
 
 
 def lineages(session: Session, receipts: list[EpochReceipt]) -> dict[int, Lineage]:

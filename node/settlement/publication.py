@@ -17,6 +17,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.models import EpochState, Receipt, SettlementEpoch, Voucher
+from node.protocol.hexstr import from_hex, to_hex
+from node.protocol.receipt import SignedReceipt
 from node.settlement.merkle import MerkleTree
 
 PUBLISHED = (EpochState.CONFIRMED, EpochState.FINAL)
@@ -42,7 +44,7 @@ def published_epoch(session: Session, node: str, epoch_id: int | None = None) ->
 def tree_of(dump: dict[str, Any]) -> MerkleTree:
     """A published tree as a MerkleTree, without re-hashing it (callers check the root on chain)."""
     return MerkleTree(tuple(dump["leafEncoding"]), tuple(tuple(v["value"]) for v in dump["values"]),
-                      tuple(bytes.fromhex(h[2:]) for h in dump["tree"]),
+                      tuple(from_hex(h) for h in dump["tree"]),
                       tuple(int(v["treeIndex"]) for v in dump["values"]))
 
 
@@ -61,7 +63,7 @@ def receipt_proof(session: Session, receipt_hash: str) -> dict[str, Any] | None:
     return {"receiptId": receipt.receipt_hash, "node": row.node, "epochId": row.epoch_id,
             "receiptsRoot": row.receipts_root, "leafEncoding": list(tree.types),
             "leaf": list(tree.values[int(index or 0)]), "leafHash": "0x" + tree.leaf(int(index or 0)).hex(),
-            "proof": ["0x" + p.hex() for p in tree.proof(int(index or 0))]}
+            "proof": [to_hex(p) for p in tree.proof(int(index or 0))]}
 
 
 def receipt_with_payer(session: Session, receipt_hash: str) -> tuple[Receipt, Voucher] | None:
@@ -74,13 +76,8 @@ def receipt_with_payer(session: Session, receipt_hash: str) -> tuple[Receipt, Vo
 def receipt_document(row: Receipt, node: str) -> dict[str, Any]:
     """A receipt as anyone may see it: its signed fields and signature, its epoch, and its attribution
     with the spans' offsets and counts but not their text."""
-    return {"id": row.receipt_hash, "voucherHash": row.voucher_hash,
-            "adapterId": "0x" + row.adapter_id.to_bytes(32, "big").hex(), "registryBlock": row.registry_block,
-            "lineageHash": row.lineage_hash, "promptTokens": row.prompt_tokens,
-            "completionTokens": row.completion_tokens, "fee": str(row.fee), "outputHash": row.output_hash,
-            "method": row.method, "signature": row.signature, "node": node,
-            "createdAt": row.created_at.isoformat(), "epochId": row.epoch_id,
-            "attribution": public_attribution(row.attribution)}
+    return {**SignedReceipt.from_row(row, node).to_json(), "createdAt": row.created_at.isoformat(),
+            "epochId": row.epoch_id, "attribution": public_attribution(row.attribution)}
 
 
 PUBLIC_ATTRIBUTION = ("rule", "minSpan", "alphaBps", "tokenizer", "datasetIds", "lineageBps", "weightsBps")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from node.db.loss import LossReason
 from node.errors import ChainError
-from node.settlement.epoch_builder import PaidVoucher
+from node.protocol.voucher import SignedVoucher
 
 BY_INDEX = {
     "VoucherExpired": LossReason.VOUCHER_EXPIRED,
@@ -32,7 +32,7 @@ class LaneRefusal:
     detail: str
 
 
-def refused_lane(refusal: ChainError, vouchers: Sequence[PaidVoucher], amounts: Sequence[int]) -> LaneRefusal | None:
+def refused_lane(refusal: ChainError, vouchers: Sequence[SignedVoucher], amounts: Sequence[int]) -> LaneRefusal | None:
     """The lane the refusal names, or None when it names none."""
     name, args = refusal.facts.get("error"), refusal.facts.get("args") or {}
     detail = f"{name} {args}"

@@ -48,8 +48,9 @@ from node.chain.tx_store import db_lock
 from node.db.loss import LossReason
 from node.db.models import EpochState, SettlementEpoch
 from node.errors import ChainError
+from node.protocol.voucher import SignedVoucher
 from node.settlement import collection, outbox
-from node.settlement.epoch_builder import PaidVoucher, build_epoch, cumulative_of
+from node.settlement.epoch_builder import build_epoch, cumulative_of
 from node.settlement.latency import SettleLatency
 from node.settlement.refusal import LaneRefusal, refused_lane
 from node.settlement.settle_call import epoch_matches, preflight, settle_calldata
@@ -271,7 +272,7 @@ class SettlementService:
             if refusal is None:
                 return row
             assert row.batch is not None
-            vouchers = [PaidVoucher.from_json(v) for v in row.batch["vouchers"]]
+            vouchers = [SignedVoucher.from_json(v) for v in row.batch["vouchers"]]
             lane = refused_lane(refusal, vouchers, [int(a) for a in row.batch["amounts"]])
             if lane is None:
                 return self._refused(row, refusal)

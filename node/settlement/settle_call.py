@@ -6,31 +6,22 @@ from typing import Any
 
 from web3.exceptions import ContractLogicError
 
-from node.chain.contracts import Settlement, SignedVoucher
-from node.chain.eip712 import Voucher
+from node.chain.contracts import Settlement
 from node.db.models import SettlementEpoch
 from node.errors import ChainError
-from node.settlement.epoch_builder import PaidVoucher
-
-
-def _hex(value: str) -> bytes:
-    return bytes.fromhex(value.removeprefix("0x"))
+from node.protocol.hexstr import from_hex, to_hex
+from node.protocol.voucher import SignedVoucher
 
 
 def signed_vouchers(batch: dict[str, Any]) -> list[SignedVoucher]:
-    out = []
-    for raw in batch["vouchers"]:
-        v = PaidVoucher.from_json(raw)
-        voucher = Voucher(v.payer, v.node, v.lane, v.cumulative, _hex(v.request_hash), v.deadline)
-        out.append(SignedVoucher(voucher, _hex(v.signature)))
-    return out
+    return [SignedVoucher.from_json(raw) for raw in batch["vouchers"]]
 
 
 def _settle_args(row: SettlementEpoch) -> list[Any]:
     assert row.batch is not None and row.rewards_root and row.receipts_root
     vouchers = [v.as_abi() for v in signed_vouchers(row.batch)]
     amounts = [int(a) for a in row.batch["amounts"]]
-    return [row.epoch_id, vouchers, amounts, _hex(row.rewards_root), row.rewards_total, _hex(row.receipts_root),
+    return [row.epoch_id, vouchers, amounts, from_hex(row.rewards_root), row.rewards_total, from_hex(row.receipts_root),
             row.receipt_count]
 
 
@@ -54,5 +45,5 @@ def epoch_matches(settlement: Settlement, node: str, row: SettlementEpoch) -> bo
     if settlement.last_epoch(node) < row.epoch_id:
         return False
     info = settlement.epoch(node, row.epoch_id)
-    return ("0x" + info.rewards_root.hex() == row.rewards_root and "0x" + info.receipts_root.hex() == row.receipts_root
+    return (to_hex(info.rewards_root) == row.rewards_root and to_hex(info.receipts_root) == row.receipts_root
             and info.rewards_total == row.rewards_total and info.receipt_count == row.receipt_count)

@@ -7,9 +7,9 @@ import pytest
 from eth_account import Account
 
 from node.chain.anvil import Anvil
-from node.chain.contracts import ClaimRequest, Contracts, SignedVoucher
-from node.chain.eip712 import Voucher, voucher_typed_data
+from node.chain.contracts import ClaimRequest, Contracts
 from node.errors import ChainError
+from node.protocol.voucher import SignedVoucher, Voucher, voucher_typed_data
 from node.settlement.merkle import MerkleTree
 from tests.fixtures.contracts import CHALLENGE_PERIOD_S, Roles
 
@@ -28,7 +28,7 @@ def _voucher(c: Contracts, roles: Roles, cumulative: int) -> SignedVoucher:
     voucher = Voucher(payer=roles.address(roles.payer), node=roles.address(roles.node), lane=0,
                       cumulative=cumulative, request_hash=b"\x42" * 32, deadline=now + 3600)
     signed = Account.sign_typed_data(roles.payer, full_message=voucher_typed_data(voucher, c.settlement.domain()))
-    return SignedVoucher(voucher, bytes(signed.signature))
+    return SignedVoucher.of(voucher, bytes(signed.signature))
 
 
 def _claims(node: str, epoch_id: int, tree: MerkleTree, leaves: list[tuple[str, int]]) -> list[ClaimRequest]:

@@ -16,15 +16,14 @@ import pytest
 from sqlalchemy import update
 
 from node.chain.anvil import free_port
-from node.chain.eip712 import Voucher, sign_voucher, voucher_digest
 from node.client.payer import Payer
 from node.db.loss import LossReason, losses
 from node.db.models import Lane
 from node.db.session import make_engine, session_factory
 from node.devkit.local_node import LocalNode, settings_env
-from node.payment.header import PaymentHeader, decode_payment_header
 from node.payment.lane_pg import PipelinedLanes
 from node.payment.lane_sqlite import SQLiteLanes
+from node.protocol.voucher import PaymentHeader, Voucher, decode_payment_header, sign_voucher, voucher_digest
 from tests.adversarial.attacker import Attacker
 from tests.fixtures.database import POSTGRES_ENV, _backends
 from tests.fixtures.paid_node import PaidNode, _fresh_postgres, build_paid_node

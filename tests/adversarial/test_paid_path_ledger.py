@@ -15,16 +15,18 @@ from hypothesis import strategies as st
 from sqlalchemy import delete
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.chain.eip712 import SECP256K1_N, Domain, Voucher, sign_voucher
 from node.chain.events import ChainEvent
 from node.chain.mirror import Mirror
 from node.db.models import Lane, Receipt
 from node.db.models import Voucher as VoucherRow
 from node.db.session import make_engine, session_factory, upgrade
 from node.errors import BadRequest, VoucherConflict
-from node.payment.header import UINT256_MAX, decode_payment_header, request_hash
-from node.payment.ledger import Ledger, ReceiptRow
+from node.payment.ledger import Ledger
 from node.payment.voucher_check import check_voucher
+from node.protocol.eip712 import SECP256K1_N, Domain
+from node.protocol.receipt import Receipt as ReceiptFields
+from node.protocol.receipt import SignedReceipt, adapter_id_bytes
+from node.protocol.voucher import UINT256_MAX, Voucher, decode_payment_header, request_hash, sign_voucher
 
 NODE = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"
 DOMAIN = Domain(chain_id=31337, verifying_contract="0x5FbDB2315678afecb367f032d93F642f64180aa3")
@@ -59,10 +61,9 @@ def _wire(key: str, lane: int, cumulative: int, deadline: int, body: bytes) -> s
     return base64.urlsafe_b64encode(json.dumps(fields).encode()).rstrip(b"=").decode()
 
 
-def _receipt(n: int, fee: int) -> ReceiptRow:
-    return ReceiptRow(receipt_hash=f"0x{n:064x}", adapter_id=1, registry_block=1, lineage_hash="0x" + "ab" * 32,
-                      prompt_tokens=3, completion_tokens=4, fee=fee, output_hash="0x" + "cd" * 32, method=1,
-                      signature="0x" + "11" * 65)
+def _receipt(n: int, fee: int) -> SignedReceipt:
+    receipt = ReceiptFields(bytes(32), adapter_id_bytes(1), 1, b"\xab" * 32, 3, 4, fee, b"\xcd" * 32, 1)
+    return SignedReceipt(receipt, n.to_bytes(32, "big"), b"\x11" * 65, NODE)
 
 
 _ledgers: dict[str, tuple[Ledger, sessionmaker[Session]]] = {}

@@ -13,7 +13,7 @@ import pytest
 
 from node.chain.contracts import lineage_hash
 from node.client.payer import Payer, verify_receipt
-from node.payment.header import PaymentHeader, decode_payment_header
+from node.protocol.voucher import PaymentHeader, decode_payment_header
 from tests.fixtures.paid_node import LINEAGE_WEIGHTS, PaidNode
 
 pytestmark = pytest.mark.chain
@@ -133,7 +133,7 @@ def test_stale_short_and_unfunded_vouchers(paid_node: PaidNode) -> None:
 
 
 def _resign(payer: Payer, h: PaymentHeader) -> str:
-    from node.chain.eip712 import Voucher, sign_voucher
+    from node.protocol.voucher import Voucher, sign_voucher
 
     v = Voucher(h.payer, h.node, h.lane, h.cumulative, h.request_hash, h.deadline)
     return PaymentHeader(**{**h.__dict__, "signature": sign_voucher(payer.key, v, payer.info.domain)}).encode()

@@ -16,7 +16,8 @@ from node.attribution.index_store import DatasetRef, IndexStore
 from node.attribution.rule import CURRENT_RULE
 from node.devkit.corpus import TEXT
 from node.errors import BadRequest
-from node.lora.content_hash import dataset_content_hash, to_hex
+from node.lora.content_hash import dataset_content_hash
+from node.protocol.hexstr import to_hex
 
 LINES = TEXT.splitlines()
 SHIPS = "\n".join(LINES[0:8])  # dataset 1

@@ -20,15 +20,14 @@ import pytest
 from eth_hash.auto import keccak
 from typer.testing import CliRunner
 
-from node.attribution.verification import signed_receipt
 from node.chain.contracts import lineage_hash
-from node.chain.eip712 import receipt_digest, sign_receipt
 from node.cli import app
 from node.client.payer import Payer, verify_receipt
 from node.devkit.corpus import TEXT
 from node.devkit.local_node import LocalNode
 from node.lora.content_hash import adapter_weights_sha256, base_model_id, dataset_content_hash
 from node.payment.service import dataset_refs
+from node.protocol.receipt import SignedReceipt, receipt_digest, sign_receipt
 from tests.fixtures.database import POSTGRES_ENV
 from tests.fixtures.paid_node import (
     ADAPTER_OWNER,
@@ -176,7 +175,7 @@ def test_verify_catches_a_node_that_signed_other_weights(attributed: AttributedN
     lie = [0, 10_000]
     forged = {**receipt, "attribution": {**receipt["attribution"], "weightsBps": lie},
               "lineageHash": "0x" + lineage_hash(attributed.copied_datasets, lie).hex(), "output": text}
-    signed = signed_receipt(forged)
+    signed = SignedReceipt.from_json(forged).receipt
     key = services.payments.operator_key
     forged["signature"] = "0x" + sign_receipt(key, signed, services.payments.domain).hex()
     forged["id"] = "0x" + receipt_digest(signed, services.payments.domain).hex()

@@ -9,18 +9,11 @@ import pytest
 from eth_account import Account
 
 from node.chain.anvil import Anvil
-from node.chain.contracts import ClaimRequest, Contracts, SignedVoucher, adapter_id_bytes, lineage_hash
+from node.chain.contracts import ClaimRequest, Contracts, lineage_hash
 from node.chain.deploy import Deployment, deploy_all, read_deployment, write_deployment
-from node.chain.eip712 import (
-    RECEIPT_LEAF_TYPES,
-    Receipt,
-    Voucher,
-    receipt_leaf_values,
-    recover_voucher_signer,
-    voucher_digest,
-    voucher_typed_data,
-)
 from node.errors import ChainError
+from node.protocol.receipt import LEAF_TYPES, Receipt, adapter_id_bytes
+from node.protocol.voucher import SignedVoucher, Voucher, recover_voucher_signer, voucher_digest, voucher_typed_data
 from node.settlement.merkle import MerkleTree
 from tests.fixtures.contracts import CHALLENGE_PERIOD_S, NODE_BPS, PROTOCOL_BPS, THAW_PERIOD_S, Roles
 
@@ -43,7 +36,7 @@ def _signed_voucher(c: Contracts, roles: Roles, lane: int, cumulative: int) -> S
                       cumulative=cumulative, request_hash=b"\x42" * 32, deadline=_now(c) + 3600)
     typed = voucher_typed_data(voucher, c.settlement.domain())
     signed = Account.sign_typed_data(roles.payer, full_message=typed)
-    return SignedVoucher(voucher, bytes(signed.signature))
+    return SignedVoucher.of(voucher, bytes(signed.signature))
 
 
 def _fund(c: Contracts, roles: Roles, amount: int) -> Contracts:
@@ -114,7 +107,7 @@ def test_pay_settle_and_claim_with_python_proofs(anvil: Anvil, chain_contracts: 
     rewards = MerkleTree.of(payees, REWARD_TYPES)
     receipt = Receipt(voucher_digest(sv.voucher, domain), adapter_id_bytes(1), 5, b"\x11" * 32, 12, 34, fee,
                       b"\x22" * 32, 1)
-    receipts = MerkleTree.of([receipt_leaf_values(receipt)], RECEIPT_LEAF_TYPES)
+    receipts = MerkleTree.of([receipt.leaf()], LEAF_TYPES)
     node.settlement.settle(1, [sv], [fee], rewards.root, fee, receipts.root, 1)
 
     epoch = node.settlement.epoch(node_address, 1)

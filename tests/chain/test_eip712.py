@@ -8,22 +8,11 @@ from eth_utils import to_checksum_address
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.chain.address import checksum_address
-from node.chain.eip712 import (
-    SECP256K1_N,
-    Domain,
-    Receipt,
-    Voucher,
-    receipt_digest,
-    receipt_typed_data,
-    recover_receipt_signer,
-    recover_voucher_signer,
-    sign_receipt,
-    sign_voucher,
-    voucher_digest,
-    voucher_typed_data,
-)
 from node.errors import BadRequest, BadSignature
+from node.protocol.address import checksum_address
+from node.protocol.eip712 import SECP256K1_N, Domain
+from node.protocol.receipt import Receipt, receipt_digest, receipt_typed_data, recover_receipt_signer, sign_receipt
+from node.protocol.voucher import Voucher, recover_voucher_signer, sign_voucher, voucher_digest, voucher_typed_data
 
 KEY = "0x" + "ab" * 32
 ADDRESS = Account.from_key(KEY).address

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from node.chain.eip712 import RECEIPT_LEAF_TYPES
+from node.protocol.receipt import LEAF_TYPES, Receipt
 from node.settlement.merkle import MerkleTree, json_value
 from node.toolchain import REPO_ROOT, node_script_env
 
@@ -44,9 +44,10 @@ def _rewards(rng: random.Random, n: int) -> list[tuple[str, int]]:
 
 
 def _receipts(rng: random.Random, n: int) -> list[list[Any]]:
-    return [[rng.randbytes(32), rng.randbytes(32), rng.getrandbits(64), rng.randbytes(32),
-             rng.getrandbits(32), rng.getrandbits(32), rng.getrandbits(256), rng.randbytes(32),
-             rng.getrandbits(32)] for _ in range(n)]
+    """Random receipts' leaves, as the settlement worker ships them (`Receipt.leaf()`)."""
+    return [Receipt(rng.randbytes(32), rng.randbytes(32), rng.getrandbits(64), rng.randbytes(32), rng.getrandbits(32),
+                    rng.getrandbits(32), rng.getrandbits(256), rng.randbytes(32), rng.getrandbits(32)).leaf()
+            for _ in range(n)]
 
 
 def _dynamic(rng: random.Random, n: int) -> list[list[Any]]:
@@ -58,7 +59,7 @@ def test_root_proofs_and_dump_equal_the_npm_library() -> None:
     rng = random.Random(7)
     cases: list[tuple[list[str], list[Any]]] = [(["address", "uint256"], _rewards(rng, n))
                                                  for n in (1, 2, 3, 4, 5, 7, 8, 9, 33, 100, 257)]
-    cases += [(list(RECEIPT_LEAF_TYPES), _receipts(rng, n)) for n in (1, 6, 31)]
+    cases += [(list(LEAF_TYPES), _receipts(rng, n)) for n in (1, 6, 31)]
     cases += [(["string", "uint256[]", "bytes", "bool"], _dynamic(rng, n)) for n in (1, 5, 12)]
     npm = _npm_trees([{"types": t, "values": json_value([list(v) for v in vs])} for t, vs in cases])
     for (types, values), theirs in zip(cases, npm, strict=True):

@@ -6,10 +6,10 @@ import pytest
 from eth_account import Account
 from web3.types import TxReceipt
 
-from node.chain.contracts import Contracts, SignedVoucher
-from node.chain.eip712 import Voucher, voucher_typed_data
+from node.chain.contracts import Contracts
 from node.chain.events import ChainEvent, decode_log
 from node.chain.projection import entity_of, replay
+from node.protocol.voucher import SignedVoucher, Voucher, voucher_typed_data
 from tests.fixtures.contracts import CHALLENGE_PERIOD_S, Roles
 
 pytestmark = pytest.mark.chain
@@ -25,7 +25,7 @@ def _settle(c: Contracts, roles: Roles, epoch_id: int, total: int) -> TxReceipt:
     voucher = Voucher(payer=roles.address(roles.payer), node=roles.address(roles.node), lane=0, cumulative=total,
                       request_hash=b"\x42" * 32, deadline=now + 3600)
     signed = Account.sign_typed_data(roles.payer, full_message=voucher_typed_data(voucher, c.settlement.domain()))
-    sv = SignedVoucher(voucher, bytes(signed.signature))
+    sv = SignedVoucher.of(voucher, bytes(signed.signature))
     return c.settlement.settle(epoch_id, [sv], [100], b"\x01" * 32, total, b"\x02" * 32, 1)
 
 

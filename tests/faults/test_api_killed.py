@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import select
 
 from node.db.models import Lane, Voucher
-from node.payment.header import decode_payment_header
+from node.protocol.voucher import decode_payment_header
 from tests.e2e.cluster import Cluster
 from tests.e2e.traffic import ClientLog, Outcome, send_raw
 from tests.faults.steps import settled_and_whole, traffic

@@ -20,9 +20,9 @@ from safetensors.torch import load_file, save_file
 
 from node.errors import AdapterFormatError, AdapterSourceError, AdapterTooLarge
 from node.lora.adapter import LoRATargetSpec, load_lora_adapter
-from node.lora.content_hash import to_hex
 from node.lora.provider import AdapterSource
 from node.lora.store import AdapterStore, StoreConfig
+from node.protocol.hexstr import to_hex
 from tests.fixtures.adapters import adapter_nbytes, make_adapter, parse_adapter
 
 TARGET = LoRATargetSpec.of(2, {m: (64, 64) for m in ("q_proj", "k_proj", "v_proj", "o_proj")})

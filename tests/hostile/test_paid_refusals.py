@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 from node.api.routes.inference import MAX_BODY_BYTES
-from node.chain.eip712 import SECP256K1_N, Domain, Voucher, sign_voucher
 from node.db.models import Lane, Receipt
-from node.payment.header import UINT256_MAX, request_hash
+from node.protocol.eip712 import SECP256K1_N, Domain
+from node.protocol.voucher import UINT256_MAX, Voucher, request_hash, sign_voucher
 from tests.fixtures.paid_node import PaidNode
 
 pytestmark = pytest.mark.chain

@@ -14,10 +14,19 @@ from eth_account import Account
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from node.chain.eip712 import SECP256K1_N, Domain, Voucher, sign_voucher
 from node.errors import BadRequest, BadSignature
-from node.payment.header import FIELDS, MAX_DEADLINE, UINT256_MAX, PaymentHeader, decode_payment_header, request_hash
 from node.payment.voucher_check import check_voucher
+from node.protocol.eip712 import SECP256K1_N, Domain
+from node.protocol.voucher import (
+    FIELDS,
+    MAX_DEADLINE,
+    UINT256_MAX,
+    PaymentHeader,
+    Voucher,
+    decode_payment_header,
+    request_hash,
+    sign_voucher,
+)
 
 DOMAIN = Domain(chain_id=31337, verifying_contract="0x5FbDB2315678afecb367f032d93F642f64180aa3")
 NODE = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"

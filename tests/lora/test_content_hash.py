@@ -15,9 +15,9 @@ from node.lora.content_hash import (
     dataset_content_hash,
     file_sha256,
     folder_sha256,
-    from_hex,
-    to_hex,
+    sha256_from_hex,
 )
+from node.protocol.hexstr import to_hex
 
 
 def _write(root: Path, files: dict[str, bytes]) -> Path:
@@ -125,7 +125,7 @@ def test_symlinked_files_count_like_files(tmp_path: Path) -> None:
 
 def test_hex_round_trip() -> None:
     digest = hashlib.sha256(b"x").digest()
-    assert from_hex(to_hex(digest)) == digest
-    assert from_hex(digest.hex().upper()) == digest
+    assert sha256_from_hex(to_hex(digest)) == digest
+    assert sha256_from_hex(digest.hex().upper()) == digest
     with pytest.raises(ValueError):
-        from_hex("0x1234")
+        sha256_from_hex("0x1234")

@@ -20,10 +20,11 @@ from node.engine import EngineConfig, LLMEngine, SamplingParams
 from node.engine.sequence import RequestOutput
 from node.errors import AdapterFormatError, AdapterIntegrityError, AdapterSourceError
 from node.lora.adapter import LoRATargetSpec, LoRAWeights, load_lora_adapter
-from node.lora.content_hash import adapter_weights_sha256, to_hex
+from node.lora.content_hash import adapter_weights_sha256
 from node.lora.provider import AdapterSource, LoadState
 from node.lora.store import AdapterStore, StoreConfig
 from node.models.config import ModelConfig
+from node.protocol.hexstr import to_hex
 from tests.fixtures.adapters import AdapterHTTPServer
 from tests.fixtures.models import TinyAdapters
 

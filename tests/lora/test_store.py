@@ -22,9 +22,10 @@ from node.errors import (
     ConfigError,
 )
 from node.lora.adapter_files import AdapterFiles
-from node.lora.content_hash import ADAPTER_FILES, adapter_weights_sha256, to_hex
+from node.lora.content_hash import ADAPTER_FILES, adapter_weights_sha256
 from node.lora.provider import AdapterSource, LoadState
 from node.lora.store import AdapterStore, StoreConfig
+from node.protocol.hexstr import to_hex
 from tests.fixtures.adapters import adapter_nbytes, make_adapter, parse_adapter
 
 HOST_BYTES = 8192  # one default test adapter in host memory: 2 layers x (q, v) x (A + B), rank 4, f32

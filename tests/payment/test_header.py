@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from node.errors import BadRequest
-from node.payment.header import PaymentHeader, decode_payment_header, request_hash
+from node.protocol.voucher import PaymentHeader, decode_payment_header, request_hash
 
 PAYER = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"
 NODE = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"

@@ -10,16 +10,18 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.chain.eip712 import Domain, Voucher, sign_voucher
 from node.chain.events import ChainEvent
 from node.chain.mirror import Mirror
 from node.db.models import Lane, Receipt
 from node.db.models import Voucher as VoucherRow
 from node.db.session import make_engine, session_factory, upgrade
 from node.errors import DatabaseUnavailable, InsufficientEscrow, VoucherConflict
-from node.payment.header import PaymentHeader, request_hash
-from node.payment.ledger import Ledger, ReceiptRow
+from node.payment.ledger import Ledger
 from node.payment.voucher_check import CheckedVoucher, check_voucher
+from node.protocol.eip712 import Domain
+from node.protocol.receipt import Receipt as ReceiptFields
+from node.protocol.receipt import SignedReceipt, adapter_id_bytes
+from node.protocol.voucher import PaymentHeader, Voucher, request_hash, sign_voucher
 
 PAYER_KEY = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d"
 PAYER = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
@@ -52,10 +54,9 @@ def _setup(db_url: str, deposit: int) -> sessionmaker[Session]:
     return factory
 
 
-def _receipt(n: int, fee: int) -> ReceiptRow:
-    return ReceiptRow(receipt_hash=f"0x{n:064x}", adapter_id=1, registry_block=1, lineage_hash="0x" + "ab" * 32,
-                      prompt_tokens=3, completion_tokens=4, fee=fee, output_hash="0x" + "cd" * 32, method=1,
-                      signature="0x" + "11" * 65)
+def _receipt(n: int, fee: int) -> SignedReceipt:
+    receipt = ReceiptFields(bytes(32), adapter_id_bytes(1), 1, b"\xab" * 32, 3, 4, fee, b"\xcd" * 32, 1)
+    return SignedReceipt(receipt, n.to_bytes(32, "big"), b"\x11" * 65, NODE)
 
 
 def _body(total: int) -> dict[str, Any]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.chain.eip712 import RECEIPT_LEAF_TYPES
+from node.protocol.receipt import LEAF_TYPES, Receipt, adapter_id_bytes
+from node.protocol.voucher import SignedVoucher
 from node.settlement.epoch_builder import (
     REWARD_LEAF_TYPES,
     EpochReceipt,
-    PaidVoucher,
     build_epoch,
     collectible,
     cumulative_of,
@@ -25,9 +25,13 @@ PARAMS = SplitParams(TREASURY, NODE, 500, 1_500)
 LINEAGES = {1: Lineage(OWNER, 2_000, ((D1, 6_000), (D2, 4_000))), 2: Lineage(D1, 0, ())}
 
 
+def _signed(n: int, adapter: int, fee: int) -> Receipt:
+    return Receipt(n.to_bytes(32, "big"), adapter_id_bytes(adapter), 7, b"\xee" * 32, 3, 4, fee, b"\xff" * 32, 1)
+
+
 def receipt(n: int, payer: int, lane: int, fee: int, cumulative: int, adapter: int = 1) -> EpochReceipt:
-    voucher = PaidVoucher(PAYERS[payer], NODE, lane, cumulative, "0x" + "ab" * 32, 4_000_000_000, "0x" + "cd" * 65)
-    return EpochReceipt(n, f"0x{n:064x}", adapter, 7, "0x" + "ee" * 32, 3, 4, fee, "0x" + "ff" * 32, 1, voucher)
+    voucher = SignedVoucher(PAYERS[payer], NODE, lane, cumulative, b"\xab" * 32, 4_000_000_000, b"\xcd" * 65)
+    return EpochReceipt(n, _signed(n, adapter, fee), voucher)
 
 
 def test_each_lane_collects_its_fees_with_its_highest_voucher() -> None:
@@ -38,9 +42,8 @@ def test_each_lane_collects_its_fees_with_its_highest_voucher() -> None:
 
 
 def paid(n: int, lane: int, fee: int, charged_total: int, cumulative: int, deadline: int) -> EpochReceipt:
-    voucher = PaidVoucher(PAYERS[0], NODE, lane, cumulative, "0x" + "ab" * 32, deadline, "0x" + "cd" * 65)
-    return EpochReceipt(n, f"0x{n:064x}", 1, 7, "0x" + "ee" * 32, 3, 4, fee, "0x" + "ff" * 32, 1, voucher,
-                        charged_total=charged_total)
+    voucher = SignedVoucher(PAYERS[0], NODE, lane, cumulative, b"\xab" * 32, deadline, b"\xcd" * 65)
+    return EpochReceipt(n, _signed(n, 1, fee), voucher, charged_total=charged_total)
 
 
 def test_a_lane_collects_what_its_best_voucher_still_valid_covers() -> None:
@@ -68,7 +71,7 @@ def test_two_epochs_give_cumulative_leaves_and_totals() -> None:
     assert all(second.cumulative[a] >= v for a, v in first.cumulative.items())  # cumulative never shrinks
     leaves = dict(second.rewards.values)
     assert leaves == second.cumulative
-    assert second.receipt_count == 1 and second.receipts.types == RECEIPT_LEAF_TYPES
+    assert second.receipt_count == 1 and second.receipts.types == LEAF_TYPES
     i = 0
     assert MerkleTree.verify(second.rewards.root, REWARD_LEAF_TYPES, second.rewards.values[i], second.rewards.proof(i))
 

@@ -8,9 +8,9 @@ import httpx
 import pytest
 from web3 import Web3
 
-from node.chain.eip712 import RECEIPT_LEAF_TYPES
 from node.client.payer import Payer
 from node.db.models import EpochState
+from node.protocol.receipt import LEAF_TYPES
 from node.settlement.claims import claim
 from node.settlement.merkle import MerkleTree
 from node.settlement.runtime import SettlementRuntime
@@ -52,5 +52,5 @@ def test_paid_requests_settle_and_a_contributor_claims_its_exact_share(paid_node
     on_chain = ops.settlement.epoch(ops.client.address, epoch_id)
     proof = httpx.get(f"{paid_node.base_url}/v1/receipts/{receipts[2]['id']}/proof").json()
     assert proof["epochId"] == epoch_id and Web3.to_checksum_address(proof["node"]) == ops.client.address
-    assert MerkleTree.verify(on_chain.receipts_root, RECEIPT_LEAF_TYPES, proof["leaf"],
+    assert MerkleTree.verify(on_chain.receipts_root, LEAF_TYPES, proof["leaf"],
                              [bytes.fromhex(p[2:]) for p in proof["proof"]])

@@ -18,8 +18,8 @@ from fastapi import FastAPI
 from node.api.error_handlers import install_error_handlers
 from node.api.routes import epochs
 from node.chain.anvil import Anvil, free_port
-from node.chain.eip712 import RECEIPT_LEAF_TYPES
 from node.db.models import EpochState
+from node.protocol.receipt import LEAF_TYPES
 from node.settlement.claims import claim
 from node.settlement.merkle import MerkleTree
 from node.settlement.service import SettlementService
@@ -82,8 +82,8 @@ def test_trees_and_receipt_proofs_are_served_and_verify_on_chain_roots(sqlite_wo
     assert MerkleTree.load(doc["receipts"]).root == on_chain.receipts_root
     for receipt_id in receipt_ids:
         proof = httpx.get(f"{api}/v1/receipts/{receipt_id}/proof").json()
-        assert proof["epochId"] == epoch_id and proof["leafEncoding"] == list(RECEIPT_LEAF_TYPES)
-        assert MerkleTree.verify(on_chain.receipts_root, RECEIPT_LEAF_TYPES, proof["leaf"],
+        assert proof["epochId"] == epoch_id and proof["leafEncoding"] == list(LEAF_TYPES)
+        assert MerkleTree.verify(on_chain.receipts_root, LEAF_TYPES, proof["leaf"],
                                  [bytes.fromhex(p[2:]) for p in proof["proof"]])
     assert httpx.get(f"{api}/v1/epochs/{node}/{epoch_id + 1}").status_code == 404
     assert httpx.get(f"{api}/v1/epochs/{node}/nope").status_code == 400

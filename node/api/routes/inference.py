@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from node.api.deps import NodeServices, services
+from node.api.deps import GenerationDep
 from node.api.error_handlers import error_responses
 from node.api.schemas import ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse
 from node.errors import BadRequest, RequestTooLarge
@@ -74,15 +74,15 @@ PAID_RESPONSES = {**error_responses(400, 401, 402, 404, 409, 413, 422, 429, 503)
 
 @router.post("/completions", response_model=CompletionResponse, responses=PAID_RESPONSES,
              openapi_extra=_openapi(CompletionRequest))
-async def completions(request: Request, payment: PaymentHeader = None,
-                      svc: NodeServices = Depends(services)) -> JSONResponse | StreamingResponse:
+async def completions(request: Request, generation: GenerationDep,
+                      payment: PaymentHeader = None) -> JSONResponse | StreamingResponse:
     req, body = await _parse(request, CompletionRequest)
-    return await svc.generation.handle("completion", req, body, payment, request)
+    return await generation.handle("completion", req, body, payment, request)
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=PAID_RESPONSES,
              openapi_extra=_openapi(ChatCompletionRequest))
-async def chat_completions(request: Request, payment: PaymentHeader = None,
-                           svc: NodeServices = Depends(services)) -> JSONResponse | StreamingResponse:
+async def chat_completions(request: Request, generation: GenerationDep,
+                           payment: PaymentHeader = None) -> JSONResponse | StreamingResponse:
     req, body = await _parse(request, ChatCompletionRequest)
-    return await svc.generation.handle("chat", req, body, payment, request)
+    return await generation.handle("chat", req, body, payment, request)

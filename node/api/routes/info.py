@@ -5,9 +5,18 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Path, Query
+from fastapi import APIRouter, Header, Path, Query
 
-from node.api.deps import NodeServices, services
+from node.api.deps import (
+    CatalogDep,
+    DatabaseDep,
+    EngineDep,
+    LedgerDep,
+    NodeAddress,
+    PaymentsDep,
+    PricingDep,
+    ServicesDep,
+)
 from node.api.error_handlers import error_responses
 from node.chain.receipt_read import HEADER, authorize_read
 from node.errors import NodeError
@@ -27,46 +36,45 @@ class NotFound(NodeError):
 
 
 @router.get("/node", responses=error_responses(503))
-def node_info(svc: NodeServices = Depends(services)) -> dict[str, Any]:
+def node_info(svc: ServicesDep, payments: PaymentsDep, catalog: CatalogDep, engine: EngineDep) -> dict[str, Any]:
     """Who this node is and what a client needs to sign vouchers for it."""
-    p = svc.payments
-    return {"node": p.node, "chainId": svc.chain_id, "settlement": svc.settlement_address,
-            "domain": {"name": p.domain.name, "version": p.domain.version, "chainId": p.domain.chain_id,
-                       "verifyingContract": p.domain.verifying_contract},
-            "baseModel": svc.catalog.base_model_id, "maxModelLen": svc.engine.max_model_len,
-            "minVoucherValiditySeconds": p.min_validity_s, "prices": _prices(svc)}
+    domain = payments.domain
+    return {"node": payments.node, "chainId": svc.chain_id, "settlement": svc.settlement_address,
+            "domain": {"name": domain.name, "version": domain.version, "chainId": domain.chain_id,
+                       "verifyingContract": domain.verifying_contract},
+            "baseModel": catalog.base_model_id, "maxModelLen": engine.max_model_len,
+            "minVoucherValiditySeconds": payments.min_validity_s, "prices": _prices(payments.pricing)}
 
 
 @router.get("/models", responses=error_responses(503))
-def models(svc: NodeServices = Depends(services)) -> dict[str, Any]:
+def models(catalog: CatalogDep) -> dict[str, Any]:
     data = [{"id": str(v.adapter_id), "object": "model", "owned_by": v.owner, "created": v.registered_block,
              "lineage": {"hash": v.lineage_hash, "ownerShareBps": v.owner_share_bps,
                          "datasets": [{"id": d.dataset_id, "weightBps": d.weight_bps} for d in v.datasets]},
              "weightsSha256": v.weights_sha256, "uri": v.uri}
-            for v in svc.catalog.served()]
+            for v in catalog.served()]
     return {"object": "list", "data": data}
 
 
 @router.get("/quote", responses=error_responses(400))
-def quote(prompt_tokens: int = Query(..., ge=1, le=10**7), max_tokens: int = Query(256, ge=1, le=10**7),
-          svc: NodeServices = Depends(services)) -> dict[str, Any]:
-    return {**_prices(svc), "promptTokens": prompt_tokens, "maxTokens": max_tokens,
-            "maxFee": str(svc.payments.pricing.max_fee(prompt_tokens, max_tokens))}
+def quote(pricing: PricingDep, prompt_tokens: int = Query(..., ge=1, le=10**7),
+          max_tokens: int = Query(256, ge=1, le=10**7)) -> dict[str, Any]:
+    return {**_prices(pricing), "promptTokens": prompt_tokens, "maxTokens": max_tokens,
+            "maxFee": str(pricing.max_fee(prompt_tokens, max_tokens))}
 
 
 @router.get("/channels/{payer}/{lane}", responses=error_responses(400, 503))
-def channel(payer: str = Path(..., pattern=ADDRESS.pattern), lane: int = Path(..., ge=0, lt=2**32),
+def channel(ledger: LedgerDep, pricing: PricingDep, engine: EngineDep, node: NodeAddress,
+            payer: str = Path(..., pattern=ADDRESS.pattern), lane: int = Path(..., ge=0, lt=2**32),
             max_tokens: int | None = Query(None, ge=1, le=10**7, description="the most the requests will ask "
-                                           "for; default: any request that fits the context"),
-            svc: NodeServices = Depends(services)) -> dict[str, Any]:
+                                           "for; default: any request that fits the context")) -> dict[str, Any]:
     """The lane's charged total (sign on top of it) and a quote that covers every request of up to
     `max_tokens` (default: any) that fits the context, so `chargedTotal + quote.maxFee` is never refused."""
-    ch = svc.payments.ledger.channel(payer, lane)
-    longest_prompt, longest_answer, max_fee = context_quote(svc.payments.pricing, svc.engine.max_model_len,
-                                                            max_tokens)
-    return {"payer": payer, "node": svc.payments.node, "lane": lane, "chargedTotal": str(ch.charged_total),
+    ch = ledger.channel(payer, lane)
+    longest_prompt, longest_answer, max_fee = context_quote(pricing, engine.max_model_len, max_tokens)
+    return {"payer": payer, "node": node, "lane": lane, "chargedTotal": str(ch.charged_total),
             "lastCumulative": str(ch.last_cumulative), "spendable": str(ch.spendable),
-            "quote": {**_prices(svc), "promptTokens": longest_prompt, "maxTokens": longest_answer,
+            "quote": {**_prices(pricing), "promptTokens": longest_prompt, "maxTokens": longest_answer,
                       "maxFee": str(max_fee)}}
 
 
@@ -82,23 +90,22 @@ def context_quote(pricing: Pricing, max_model_len: int, max_tokens: int | None) 
 
 
 @router.get("/receipts/{receipt_id}", responses=error_responses(400, 401, 403, 404, 503))
-def receipt(receipt_id: str = Path(..., pattern=HASH.pattern), read: ReadHeader = None,
-            svc: NodeServices = Depends(services)) -> dict[str, Any]:
+def receipt(db: DatabaseDep, payments: PaymentsDep, receipt_id: str = Path(..., pattern=HASH.pattern),
+            read: ReadHeader = None) -> dict[str, Any]:
     """A receipt with hashes, token counts, offsets and weights only; with an `X-Receipt-Read` signed
     by its payer, also its text: the output (while the node keeps the response) and the evidence spans."""
-    with svc.db() as session:
+    with db() as session:
         found = receipt_with_payer(session, receipt_id)
         if found is None:
             raise NotFound(f"no receipt {receipt_id}", receipt_id=receipt_id)
         row, voucher = found
-        body = receipt_document(row, svc.payments.node)
+        body = receipt_document(row, payments.node)
         if read is None:
             return body
-        authorize_read(read, receipt_id, voucher.payer, svc.payments.domain, svc.payments.clock())
+        authorize_read(read, receipt_id, voucher.payer, payments.domain, payments.clock())
         return {**body, **payer_view(row, voucher)}
 
 
-def _prices(svc: NodeServices) -> dict[str, str]:
-    p = svc.payments.pricing
+def _prices(p: Pricing) -> dict[str, str]:
     return {"promptTokenPrice": str(p.prompt_token_price), "completionTokenPrice": str(p.completion_token_price),
             "minFee": str(p.min_fee)}

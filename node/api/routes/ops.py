@@ -5,12 +5,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from node.api.deps import NodeServices, services
+from node.api.deps import CatalogDep, DatabaseDep, MetricsDep
 from node.db import queries
 
 router = APIRouter(tags=["ops"])
@@ -23,16 +23,16 @@ def health() -> dict[str, str]:
 
 
 @router.get("/ready", responses={503: {"description": "not ready: the same body, saying which check failed"}})
-def ready(svc: NodeServices = Depends(services)) -> JSONResponse:
+def ready(db: DatabaseDep, catalog: CatalogDep) -> JSONResponse:
     """Ready for paid work: the database answers and the chain mirror can be trusted (else 503, with
     `reason` saying why: another chain, the indexer stalled or halted, the mirror too far behind)."""
     checks: dict[str, Any] = {"engine": True}
     try:
-        with svc.db() as session:
+        with db() as session:
             session.execute(text("SELECT 1"))
             head = queries.mirror_head(session)
         checks["database"] = True
-        problem = svc.catalog.mirror_problem(head)
+        problem = catalog.mirror_problem(head)
         checks["mirror"] = problem is None
         checks["mirrorBlock"] = None if head is None else head.last_block
         checks["headBlock"] = None if head is None else head.head_block
@@ -49,5 +49,5 @@ def ready(svc: NodeServices = Depends(services)) -> JSONResponse:
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
-def metrics(svc: NodeServices = Depends(services)) -> Response:
-    return Response(svc.metrics.render(), media_type="text/plain; version=0.0.4")
+def metrics(api_metrics: MetricsDep) -> Response:
+    return Response(api_metrics.render(), media_type="text/plain; version=0.0.4")

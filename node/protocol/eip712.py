@@ -1,5 +1,5 @@
-"""EIP-712 types of the protocol: the Voucher a payer signs, the Receipt a node signs, and the
-ReceiptRead a payer signs to read its own receipt's text.
+"""EIP-712 hashing of the protocol's structs (the Voucher in `voucher.py`, the Receipt in `receipt.py`),
+and the ReceiptRead a payer signs to read its own receipt's text.
 
 Domain: name "loranode", version "1", the chain id and the Settlement contract. Hashing is done here
 directly because the API checks a voucher and signs a receipt on every request: every field of these
@@ -23,31 +23,26 @@ from coincurve import PrivateKey, PublicKey
 from eth_abi import encode
 from eth_hash.auto import keccak
 
-from node.chain.address import checksum_from_bytes
 from node.errors import BadRequest, BadSignature
+from node.protocol.address import checksum_from_bytes
 
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
-VOUCHER_FIELDS = (("payer", "address"), ("node", "address"), ("lane", "uint32"), ("cumulative", "uint256"),
-                  ("requestHash", "bytes32"), ("deadline", "uint64"))
-RECEIPT_FIELDS = (("voucherHash", "bytes32"), ("adapterId", "bytes32"), ("registryBlock", "uint64"),
-                  ("lineageHash", "bytes32"), ("promptTokens", "uint32"), ("completionTokens", "uint32"),
-                  ("fee", "uint256"), ("outputHash", "bytes32"), ("method", "uint32"))
 RECEIPT_READ_FIELDS = (("receiptId", "bytes32"), ("payer", "address"), ("deadline", "uint64"))
 DOMAIN_FIELDS = (("name", "string"), ("version", "string"), ("chainId", "uint256"),
                  ("verifyingContract", "address"))
-# The abi types of one receipts-tree leaf, in `receipt_leaf_values` order.
-RECEIPT_LEAF_TYPES = tuple(t for _, t in RECEIPT_FIELDS)
 
 
-def _type_string(name: str, fields: tuple[tuple[str, str], ...]) -> str:
-    return f"{name}(" + ",".join(f"{t} {n}" for n, t in fields) + ")"
+Fields = tuple[tuple[str, str], ...]  # (name, abi type) of a struct's fields, in type order
 
 
-VOUCHER_TYPEHASH = keccak(_type_string("Voucher", VOUCHER_FIELDS).encode())
-RECEIPT_TYPEHASH = keccak(_type_string("Receipt", RECEIPT_FIELDS).encode())
-RECEIPT_READ_TYPEHASH = keccak(_type_string("ReceiptRead", RECEIPT_READ_FIELDS).encode())
-DOMAIN_TYPEHASH = keccak(_type_string("EIP712Domain", DOMAIN_FIELDS).encode())
+def type_hash(name: str, fields: Fields) -> bytes:
+    """keccak256 of the EIP-712 type string `Name(type1 name1,...)`."""
+    return keccak((f"{name}(" + ",".join(f"{t} {n}" for n, t in fields) + ")").encode())
+
+
+RECEIPT_READ_TYPEHASH = type_hash("ReceiptRead", RECEIPT_READ_FIELDS)
+DOMAIN_TYPEHASH = type_hash("EIP712Domain", DOMAIN_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -81,38 +76,10 @@ def _check(name: str, abi_type: str, value: Any) -> None:
         raise BadRequest(f"{name} is not a valid {abi_type}", field=name, value=repr(value)[:100])
 
 
-def _check_all(fields: tuple[tuple[str, str], ...], values: tuple[Any, ...]) -> None:
+def check_fields(fields: Fields, values: tuple[Any, ...]) -> None:
+    """BadRequest naming the first field its abi type cannot hold."""
     for (name, abi_type), value in zip(fields, values, strict=True):
         _check(name, abi_type, value)
-
-
-@dataclass(frozen=True)
-class Voucher:
-    payer: str
-    node: str
-    lane: int
-    cumulative: int
-    request_hash: bytes  # keccak256 of the exact HTTP request body
-    deadline: int  # unix seconds
-
-    def __post_init__(self) -> None:
-        _check_all(VOUCHER_FIELDS, _voucher_values(self))
-
-
-@dataclass(frozen=True)
-class Receipt:
-    voucher_hash: bytes  # voucher_digest of the voucher that paid
-    adapter_id: bytes  # bytes32(uint256(adapterId))
-    registry_block: int
-    lineage_hash: bytes
-    prompt_tokens: int
-    completion_tokens: int
-    fee: int
-    output_hash: bytes
-    method: int
-
-    def __post_init__(self) -> None:
-        _check_all(RECEIPT_FIELDS, _receipt_values(self))
 
 
 @dataclass(frozen=True)
@@ -124,7 +91,7 @@ class ReceiptRead:
     deadline: int  # unix seconds; the node accepts only a short validity
 
     def __post_init__(self) -> None:
-        _check_all(RECEIPT_READ_FIELDS, (self.receipt_id, self.payer, self.deadline))
+        check_fields(RECEIPT_READ_FIELDS, (self.receipt_id, self.payer, self.deadline))
 
 
 def _word(abi_type: str, value: Any) -> bytes:
@@ -136,17 +103,18 @@ def _word(abi_type: str, value: Any) -> bytes:
     return value.to_bytes(32, "big")  # uintN
 
 
-def _struct_hash(typehash: bytes, fields: tuple[tuple[str, str], ...], values: tuple[Any, ...]) -> bytes:
+def struct_hash(typehash: bytes, fields: Fields, values: tuple[Any, ...]) -> bytes:
     """keccak256(typehash || abi.encode(values)): the EIP-712 hashStruct of a struct of static fields."""
     return keccak(b"".join([typehash, *(_word(t, v) for (_, t), v in zip(fields, values, strict=True))]))
 
 
-def _digest(domain: Domain, struct_hash: bytes) -> bytes:
-    return keccak(b"\x19\x01" + domain.separator() + struct_hash)
+def digest(domain: Domain, hashed: bytes) -> bytes:
+    """The EIP-712 digest of a struct hash under `domain`: what is signed."""
+    return keccak(b"\x19\x01" + domain.separator() + hashed)
 
 
-def _typed_data(primary: str, fields: tuple[tuple[str, str], ...], values: tuple[Any, ...],
-                domain: Domain) -> dict[str, Any]:
+def typed_data(primary: str, fields: Fields, values: tuple[Any, ...], domain: Domain) -> dict[str, Any]:
+    """The struct as a wallet-ready EIP-712 JSON dict (eth_signTypedData_v4)."""
     def jsonable(v: Any) -> Any:
         return "0x" + v.hex() if isinstance(v, bytes) else v
 
@@ -185,66 +153,17 @@ def recover(digest: bytes, signature: bytes) -> str:
     return checksum_from_bytes(keccak(public.format(compressed=False)[1:])[-20:])
 
 
-# --- Voucher -------------------------------------------------------------------------------------
-def _voucher_values(v: Voucher) -> tuple[Any, ...]:
-    return (v.payer, v.node, v.lane, v.cumulative, v.request_hash, v.deadline)
-
-
-def voucher_typed_data(voucher: Voucher, domain: Domain) -> dict[str, Any]:
-    return _typed_data("Voucher", VOUCHER_FIELDS, _voucher_values(voucher), domain)
-
-
-def voucher_digest(voucher: Voucher, domain: Domain) -> bytes:
-    """The 32 bytes the payer signs; also the `voucherHash` a receipt carries."""
-    return _digest(domain, _struct_hash(VOUCHER_TYPEHASH, VOUCHER_FIELDS, _voucher_values(voucher)))
-
-
-def sign_voucher(key: str | bytes, voucher: Voucher, domain: Domain) -> bytes:
-    return sign_digest(key, voucher_digest(voucher, domain))
-
-
-def recover_voucher_signer(voucher: Voucher, domain: Domain, signature: bytes) -> str:
-    return recover(voucher_digest(voucher, domain), signature)
-
-
-# --- Receipt -------------------------------------------------------------------------------------
-def _receipt_values(r: Receipt) -> tuple[Any, ...]:
-    return (r.voucher_hash, r.adapter_id, r.registry_block, r.lineage_hash, r.prompt_tokens,
-            r.completion_tokens, r.fee, r.output_hash, r.method)
-
-
-def receipt_leaf_values(receipt: Receipt) -> list[Any]:
-    """The receipt's fields in type order: one leaf of the epoch's receipts tree (RECEIPT_LEAF_TYPES)."""
-    return list(_receipt_values(receipt))
-
-
-def receipt_typed_data(receipt: Receipt, domain: Domain) -> dict[str, Any]:
-    return _typed_data("Receipt", RECEIPT_FIELDS, _receipt_values(receipt), domain)
-
-
-def receipt_digest(receipt: Receipt, domain: Domain) -> bytes:
-    return _digest(domain, _struct_hash(RECEIPT_TYPEHASH, RECEIPT_FIELDS, _receipt_values(receipt)))
-
-
-def sign_receipt(key: str | bytes, receipt: Receipt, domain: Domain) -> bytes:
-    return sign_digest(key, receipt_digest(receipt, domain))
-
-
-def recover_receipt_signer(receipt: Receipt, domain: Domain, signature: bytes) -> str:
-    return recover(receipt_digest(receipt, domain), signature)
-
-
 # --- ReceiptRead ---------------------------------------------------------------------------------
 def _read_values(r: ReceiptRead) -> tuple[Any, ...]:
     return (r.receipt_id, r.payer, r.deadline)
 
 
 def receipt_read_typed_data(read: ReceiptRead, domain: Domain) -> dict[str, Any]:
-    return _typed_data("ReceiptRead", RECEIPT_READ_FIELDS, _read_values(read), domain)
+    return typed_data("ReceiptRead", RECEIPT_READ_FIELDS, _read_values(read), domain)
 
 
 def receipt_read_digest(read: ReceiptRead, domain: Domain) -> bytes:
-    return _digest(domain, _struct_hash(RECEIPT_READ_TYPEHASH, RECEIPT_READ_FIELDS, _read_values(read)))
+    return digest(domain, struct_hash(RECEIPT_READ_TYPEHASH, RECEIPT_READ_FIELDS, _read_values(read)))
 
 
 def sign_receipt_read(key: str | bytes, read: ReceiptRead, domain: Domain) -> bytes:
