@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import statistics
@@ -170,6 +171,10 @@ def know_lanes(payer: Payer, lanes: int) -> None:
         payer.channel(lane)
 
 
+def _issue_out(issue: Any, fee: int) -> Any:
+    return issue(fee, "out")
+
+
 def payment_path(node: LocalNode, ids: list[int], payer_key: str, k: int) -> dict[str, float]:
     """Voucher check, hold, and charge + receipt commit, per request, without the engine (p50s in ms)."""
     from node.payment.service import Usage
@@ -187,7 +192,10 @@ def payment_path(node: LocalNode, ids: list[int], payer_key: str, k: int) -> dic
         t1 = time.perf_counter()
         hold = svc.payments.hold(checked, 10**10)
         t2 = time.perf_counter()
-        total, _ = svc.payments.finish(hold, adapter, Usage(4, 8), "out", lambda r: {"receipt": r})  # type: ignore[arg-type]
+        usage = Usage(4, 8)
+        issue = functools.partial(svc.generation.issuer.issue, checked.digest, adapter, usage)
+        total, _ = svc.payments.finish(hold, usage, functools.partial(_issue_out, issue),  # type: ignore[arg-type]
+                                       lambda r: {"receipt": r})
         t3 = time.perf_counter()
         payer.observe(9_000, total)
         checks.append((t1 - t0) * 1000)

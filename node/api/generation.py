@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from node.api.engine_client import EngineClient
 from node.api.metrics import APIMetrics
+from node.api.receipt_issuer import ReceiptIssuer
 from node.api.schemas import ChatCompletionRequest, CompletionRequest
 from node.catalog import AdapterCatalog, ServedAdapter
 from node.db.loss import LossReason
@@ -106,9 +107,10 @@ class Sent:
 
 
 class GenerationService:
-    def __init__(self, engine: EngineClient, payments: PaymentService, catalog: AdapterCatalog,
+    def __init__(self, engine: EngineClient, payments: PaymentService, issuer: ReceiptIssuer, catalog: AdapterCatalog,
                  metrics: APIMetrics, default_max_tokens: int = 256) -> None:
         self.engine, self.payments, self.catalog, self.metrics = engine, payments, catalog, metrics
+        self.issuer = issuer
         self.default_max_tokens = default_max_tokens
         self.max_generation_s = payments.max_generation_s
 
@@ -190,7 +192,9 @@ class GenerationService:
         return final, cut.ending(final)
 
     def _charge(self, job: Job, usage: Usage, text: str, finish: str) -> tuple[int, dict[str, Any]]:
-        return self.payments.finish(job.hold, job.adapter, usage, text,
+        digest = job.hold.checked.digest
+        return self.payments.finish(job.hold, usage,
+                                    lambda fee: self.issuer.issue(digest, job.adapter, usage, fee, text),
                                     lambda receipt: _body(job, text, finish, usage, receipt))
 
     # --- streamed -----------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from node.api.deps import NodeServices
 from node.api.engine_client import EngineClient
 from node.api.generation import GenerationService
 from node.api.metrics import APIMetrics
+from node.api.receipt_issuer import ReceiptIssuer, dataset_refs
 from node.api.sqlite_lock import SQLiteLock
 from node.attribution.attributor import Attributor
 from node.attribution.index_store import IndexStore
@@ -30,7 +31,7 @@ from node.lora.store import AdapterStore, StoreConfig
 from node.models.config import ModelConfig
 from node.payment.ledger import Ledger
 from node.payment.pricing import Pricing
-from node.payment.service import PaymentService, dataset_refs
+from node.payment.service import PaymentService
 from node.protocol.eip712 import Domain
 from node.protocol.hexstr import to_hex
 from node.settlement.runtime import check_chain_parameters
@@ -92,8 +93,8 @@ def _build_services(settings: Settings, deployment: Deployment, key: str) -> Nod
     attributor = None
     if settings.attribution_method == 2:
         attributor = Attributor(IndexStore(settings.resolved_attribution_dir(), engine.tokenizer))
-    payments = PaymentService(ledger, domain, key, pricing, min_validity_s=settings.min_voucher_validity_s,
-                              attributor=attributor)
+    payments = PaymentService(ledger, domain, node, pricing, min_validity_s=settings.min_voucher_validity_s)
+    issuer = ReceiptIssuer(key, domain, attributor)
     catalog = AdapterCatalog(db, store, to_hex(base_model_id(config.model_path)),
                              max_mirror_lag_s=settings.max_mirror_lag_s,
                              max_mirror_lag_blocks=settings.max_mirror_lag_blocks)
@@ -103,7 +104,7 @@ def _build_services(settings: Settings, deployment: Deployment, key: str) -> Nod
             attributor.prepare(dataset_refs(view))
     metrics = APIMetrics()
     client = EngineClient(engine, settings.max_in_flight)
-    generation = GenerationService(client, payments, catalog, metrics, settings.default_max_tokens)
+    generation = GenerationService(client, payments, issuer, catalog, metrics, settings.default_max_tokens)
     _register_gauges(metrics, store, client)
     log.info("api for node %s on chain %d, base model %s", node, deployment.chain_id, catalog.base_model_id)
     return NodeServices(engine=client, payments=payments, catalog=catalog, db=db, metrics=metrics,

@@ -1,7 +1,8 @@
-"""Paying for one request, start to finish: check the voucher, hold the max fee, charge and sign.
+"""Paying for one request, start to finish: check the voucher, hold the max fee, charge. Money only:
+the receipt is issued by the caller (node/api/receipt_issuer.py) for the fee decided here.
 
     hold(checked, max_fee)        -> a Hold, or the stored response when the voucher was used before
-    finish(hold, usage, output)   -> (charged_total, response body with the signed receipt), committed
+    finish(hold, usage, issue, build) -> (charged_total, response body with the signed receipt), committed
     cancel(hold)                  -> nothing charged (no token left the node)
     write_off(hold, usage, why)   -> nothing charged, the voucher spent, the tokens sent a recorded loss
 
@@ -9,9 +10,7 @@ Every hold ends in exactly one of a successful `finish`, `cancel` or `write_off`
 voucher is in flight: the same voucher sent again is refused (409) at once, never generated twice.
 
 The receipt is the node's EIP-712 `Receipt`; its id is its digest. It is committed with the charge
-and the response in one transaction: no receipt, no response; no response, no charge. On a node with
-an `Attributor` (method 2) the output's evidence is computed before that commit, and the receipt's
-lineageHash commits to the blended weights (stored with the receipt); else to the adapter's lineage.
+and the response in one transaction: no receipt, no response; no response, no charge.
 """
 
 from __future__ import annotations
@@ -23,27 +22,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from eth_account import Account
-from eth_hash.auto import keccak
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
-from node.attribution.attributor import Attributor
-from node.attribution.evidence import Attribution
-from node.attribution.index_store import DatasetRef
-from node.attribution.rule import METHOD_EVIDENCE, METHOD_LINEAGE
-from node.catalog import ServedAdapter
 from node.db.loss import LossReason
-from node.db.queries import AdapterLineageView
 from node.errors import BadSignature, DatabaseUnavailable, VoucherConflict
 from node.payment.ledger import Ledger, Reservation
 from node.payment.pricing import Pricing
 from node.payment.voucher_check import CheckedVoucher, check_voucher
 from node.protocol.eip712 import Domain
-from node.protocol.hexstr import from_hex
-from node.protocol.receipt import Receipt, SignedReceipt, adapter_id_bytes
+from node.protocol.receipt import SignedReceipt
 from node.protocol.voucher import decode_payment_header
 
-__all__ = ["METHOD_EVIDENCE", "METHOD_LINEAGE", "PaymentService"]
 log = logging.getLogger(__name__)
 GENERATION_SHARE_OF_HOLD = 0.9  # a generation ends by this share of the hold's life: the charge fits in the rest
 
@@ -68,17 +57,14 @@ class Usage:
 
 
 class PaymentService:
-    def __init__(self, ledger: Ledger, domain: Domain, operator_key: str, pricing: Pricing, *,
-                 min_validity_s: int = 30, clock: Callable[[], float] = time.time,
-                 attributor: Attributor | None = None) -> None:
+    def __init__(self, ledger: Ledger, domain: Domain, node: str, pricing: Pricing, *,
+                 min_validity_s: int = 30, clock: Callable[[], float] = time.time) -> None:
         self.ledger = ledger
         self.domain = domain
-        self.operator_key = operator_key
-        self.node = Account.from_key(operator_key).address
+        self.node = node  # checksummed: the address vouchers must name
         self.pricing = pricing
         self.min_validity_s = min_validity_s
         self.clock = clock
-        self.attributor = attributor
         self._in_flight: set[str] = set()  # vouchers holding a lane in this process
         self._in_flight_lock = threading.Lock()
 
@@ -134,20 +120,12 @@ class PaymentService:
                                   "answer with GET /v1/receipts/{id} and a signed X-Receipt-Read",
                                   receipt_id=settled[0], epoch_id=settled[1])
 
-    def finish(self, hold: Hold, adapter: ServedAdapter, usage: Usage, output_text: str,
+    def finish(self, hold: Hold, usage: Usage, issue: Callable[[int], SignedReceipt],
                build: Callable[[dict[str, Any]], dict[str, Any]]) -> tuple[int, dict[str, Any]]:
-        """Charge for `usage`, sign the receipt, and commit it with `build(receipt)` as the response."""
+        """Charge for `usage` (at most the hold), and commit the receipt `issue(fee)` gives with
+        `build(receipt json)` as the response."""
         fee = min(self.pricing.fee(usage.prompt_tokens, usage.completion_tokens), hold.reservation.max_fee)
-        attribution = self._attribute(adapter.lineage, output_text)
-        lineage = from_hex(adapter.lineage.lineage_hash)
-        receipt = Receipt(voucher_hash=hold.checked.digest, adapter_id=adapter_id_bytes(adapter.adapter_id),
-                          registry_block=adapter.registry_block,
-                          lineage_hash=lineage if attribution is None else attribution.lineage_hash,
-                          prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, fee=fee,
-                          output_hash=keccak(output_text.encode()),
-                          method=METHOD_LINEAGE if attribution is None else METHOD_EVIDENCE)
-        signed = SignedReceipt.sign(receipt, self.operator_key, self.node, self.domain,
-                                    None if attribution is None else attribution.to_json())
+        signed = issue(fee)
 
         def respond(charged_total: int) -> dict[str, Any]:
             return build(signed.response_json(charged_total))
@@ -181,15 +159,3 @@ class PaymentService:
             return
         self._unclaim(voucher_hash)
         log.warning("loss of %d on voucher %s: %s (%s)", amount, voucher_hash, reason.value, detail)
-
-    def _attribute(self, lineage: AdapterLineageView, output_text: str) -> Attribution | None:
-        """Method 2's attribution of the output; None on a method 1 node or while an index is building."""
-        if self.attributor is None:
-            return None
-        return self.attributor.attribute(dataset_refs(lineage), [d.weight_bps for d in lineage.datasets],
-                                         output_text)
-
-
-def dataset_refs(lineage: AdapterLineageView) -> list[DatasetRef]:
-    return [DatasetRef(d.dataset_id, d.content_hash, d.uri) for d in lineage.datasets]
-

@@ -20,13 +20,13 @@ import pytest
 from eth_hash.auto import keccak
 from typer.testing import CliRunner
 
+from node.api.receipt_issuer import dataset_refs
 from node.chain.contracts import lineage_hash
 from node.cli import app
 from node.client.payer import Payer, verify_receipt
 from node.devkit.corpus import TEXT
 from node.devkit.local_node import LocalNode
 from node.lora.content_hash import adapter_weights_sha256, base_model_id, dataset_content_hash
-from node.payment.service import dataset_refs
 from node.protocol.receipt import SignedReceipt, receipt_digest, sign_receipt
 from tests.fixtures.database import POSTGRES_ENV
 from tests.fixtures.paid_node import (
@@ -61,9 +61,9 @@ def _complete(node: PaidNode, adapter_id: int, lane: int) -> tuple[str, dict]:  
 
 def _wait_for_indexes(node: PaidNode, adapter_id: int) -> None:
     services = node.local.services
-    assert services is not None and services.payments.attributor is not None
+    assert services is not None and services.generation.issuer.attributor is not None
     view = services.catalog.resolve(str(adapter_id)).lineage
-    assert services.payments.attributor.wait(dataset_refs(view), timeout_s=120)
+    assert services.generation.issuer.attributor.wait(dataset_refs(view), timeout_s=120)
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +176,7 @@ def test_verify_catches_a_node_that_signed_other_weights(attributed: AttributedN
     forged = {**receipt, "attribution": {**receipt["attribution"], "weightsBps": lie},
               "lineageHash": "0x" + lineage_hash(attributed.copied_datasets, lie).hex(), "output": text}
     signed = SignedReceipt.from_json(forged).receipt
-    key = services.payments.operator_key
+    key = services.generation.issuer.operator_key
     forged["signature"] = "0x" + sign_receipt(key, signed, services.payments.domain).hex()
     forged["id"] = "0x" + receipt_digest(signed, services.payments.domain).hex()
     path = tmp_path / "lying.json"
