@@ -253,23 +253,26 @@ class GenerationService:
     def _end_unpaid(self, job: Job, sent: Sent, reason: LossReason, exc: NodeError) -> None:
         """No charge: release the hold if no token left the node, else spend the voucher with a loss."""
         with sent.lock:
-            if sent.is_settled:
+            if not self._settling(job, sent):
                 return
-            sent.is_settled = True
-            if not sent.parts:
-                self.payments.cancel(job.hold)
-            else:
-                self.payments.write_off(job.hold, sent.usage, reason, f"{exc.code}: {exc.message}")
+            self.payments.write_off(job.hold, sent.usage, reason, f"{exc.code}: {exc.message}")
+
+    def _settling(self, job: Job, sent: Sent) -> bool:
+        """Under `sent.lock`: take the stream's one settling. False when there is nothing left to do: it
+        was settled already, or no token left the node (then the hold is released here)."""
+        if sent.is_settled:
+            return False
+        sent.is_settled = True
+        if not sent.parts:
+            self.payments.cancel(job.hold)
+            return False
+        return True
 
     def _settle_hang_up(self, job: Job, sent: Sent) -> None:
         """The client left mid-stream: charge what was generated and sent, and store it as the answer
         (a loss if that charge cannot be committed); release the hold if nothing was sent."""
         with sent.lock:
-            if sent.is_settled:
-                return
-            sent.is_settled = True
-            if not sent.parts:
-                self.payments.cancel(job.hold)
+            if not self._settling(job, sent):
                 return
             try:
                 self._charge(job, sent.usage, sent.text, CLIENT_LEFT)
