@@ -17,64 +17,22 @@ from node.chain.deploy import write_deployment
 from node.chain.tx_manager import FeePolicy, TxManager
 from node.chain.tx_store import SqlTxStore
 from node.config import load_settings
-from node.db.loss import LossReason, losses
+from node.db.loss import LossReason
 from node.db.models import EpochState, SettlementEpoch
 from node.errors import ConfigError
 from node.settlement.epoch_builder import cumulative_of
 from node.settlement.runtime import SettlementRuntime
 from node.settlement.service import EpochPolicy, SettlementService
-from tests.fixtures.settlement import OPERATOR, PAYERS, TOKEN, SettlementWorld
+from tests.adversarial.settlement_steps import LONG, empty_escrow, leaves_total, lost, on_chain, payer, tick_until
+from tests.fixtures.settlement import OPERATOR, PAYERS, SettlementWorld
 
 pytestmark = pytest.mark.chain
-LONG = 10_000  # seconds of validity that outlive every time jump below
 
 
 def deep_finality_service(world: SettlementWorld, policy: EpochPolicy = EpochPolicy(max_age_s=0)) -> SettlementService:
     """A service whose settles need 64 confirmations to be final, as in production; closes on every tick."""
     tx = TxManager(world.w3, world.key(OPERATOR), SqlTxStore(world.factory), FeePolicy(confirmations=64))
     return SettlementService(world.factory, world.contracts(OPERATOR), tx, policy)
-
-
-def tick_until(world: SettlementWorld, service: SettlementService, epoch_id: int, wanted: EpochState,
-               mine: bool = True) -> None:
-    for _ in range(30):
-        service.tick()
-        if service.state(epoch_id) is wanted:
-            return
-        if mine:
-            world.mine()
-            world.sync()
-    raise AssertionError(f"epoch {epoch_id} is {service.state(epoch_id)}, not {wanted}")
-
-
-def on_chain(world: SettlementWorld) -> tuple[int, int, int]:
-    """(last epoch, rewards total, tokens held by the Settlement) of the node, as the chain has them."""
-    c = world.contracts(OPERATOR)
-    return (c.settlement.last_epoch(world.node), c.settlement.rewards_total(world.node),
-            c.token.balance_of(c.settlement.address))
-
-
-def lost(world: SettlementWorld) -> list[tuple[str, int, int, LossReason]]:
-    with world.factory() as session:
-        return [(r.payer, r.lane, r.amount, r.reason) for r in losses(session, world.node)]
-
-
-def payer(world: SettlementWorld, index: int) -> str:
-    return world.contracts(PAYERS[index]).client.address.lower()
-
-
-def leaves_total(world: SettlementWorld, epoch_id: int) -> int:
-    with world.factory() as session:
-        row = session.query(SettlementEpoch).filter_by(epoch_id=epoch_id).one()
-        return sum(cumulative_of(row.trees["rewards"]).values())
-
-
-def empty_escrow(world: SettlementWorld, index: int) -> None:
-    """Payer `index` thaws its whole escrow and waits out the thaw period (chain time)."""
-    escrow = world.contracts(PAYERS[index]).escrow
-    escrow.thaw(world.node, 1_000 * TOKEN)
-    world.anvil.rpc("evm_increaseTime", 3_601)
-    world.mine()
 
 
 def test_the_next_epoch_is_settled_while_the_previous_awaits_finality(settlement_world: SettlementWorld) -> None:

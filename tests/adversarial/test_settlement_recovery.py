@@ -15,7 +15,7 @@ from node.db.loss import LossReason
 from node.db.models import EpochState, Receipt, SettlementEpoch, Voucher
 from node.settlement.epoch_builder import cumulative_of
 from node.settlement.service import EpochPolicy
-from tests.adversarial.test_settlement_liveness import (
+from tests.adversarial.settlement_steps import (
     LONG,
     empty_escrow,
     leaves_total,
