@@ -92,7 +92,8 @@ def register(
 
 
 @app.command()
-def show(adapter_id: int = typer.Argument(..., min=1), rpc_url: str = RpcOption,
+def show(adapter_id: int = typer.Argument(..., min=1, help="The adapter id (from `adapter register`)."),
+         rpc_url: str = RpcOption,
          deployment: Path = DeploymentOption) -> None:
     """Print a registered adapter as the chain has it."""
     info = chain_context(rpc_url, deployment).contracts().adapters.get(adapter_id)

@@ -8,11 +8,19 @@ from pathlib import Path
 import typer
 
 from node.cli.console import console
-from node.cli.context import DeploymentOption, DevAccountOption, KeyFileOption, RpcOption, chain_context, signing_key
+from node.cli.context import (
+    DeploymentOption,
+    DevAccountOption,
+    KeyFileOption,
+    RpcOption,
+    address,
+    chain_context,
+    signing_key,
+)
 from node.errors import BadRequest
 
 app = typer.Typer(help="Deposit to a node's escrow, thaw, withdraw, and see balances.", no_args_is_help=True)
-NodeArg = typer.Option(..., "--node", help="The node's operator address.")
+NodeArg = typer.Option(..., "--node", callback=address, help="The node's operator address (GET /v1/node: `node`).")
 AmountArg = typer.Argument(..., help="Amount in tokens (e.g. 12.5), or in base units with --base-units.")
 
 
@@ -53,7 +61,8 @@ def deposit(amount: str = AmountArg, node: str = NodeArg,
 
 
 @app.command()
-def thaw(amount: str = AmountArg, node: str = NodeArg, base_units: bool = typer.Option(False, "--base-units"),
+def thaw(amount: str = AmountArg, node: str = NodeArg,
+         base_units: bool = typer.Option(False, "--base-units", help="The amount is in base units."),
          rpc_url: str = RpcOption, deployment: Path = DeploymentOption, key_file: Path = KeyFileOption,
          dev_account: int = DevAccountOption) -> None:
     """Start thawing `amount` (0 cancels); withdraw it after the thawing period."""
@@ -72,7 +81,8 @@ def withdraw(node: str = NodeArg, rpc_url: str = RpcOption, deployment: Path = D
 
 
 @app.command()
-def show(node: str = NodeArg, payer: str = typer.Option(None, help="Payer address (default: the signer)."),
+def show(node: str = NodeArg,
+         payer: str = typer.Option(None, callback=address, help="Payer address (default: the signer)."),
          rpc_url: str = RpcOption, deployment: Path = DeploymentOption, key_file: Path = KeyFileOption,
          dev_account: int = DevAccountOption) -> None:
     """Print the escrow account of (payer, node)."""
