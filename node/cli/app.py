@@ -7,6 +7,7 @@ from typing import Any
 import click
 import typer
 from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
 from node import __version__
 from node.cli import adapter, attribution, chain, dataset, dev, escrow, model, processes, request, settle, status
@@ -23,7 +24,7 @@ class _Group(TyperGroup):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        except (TyperException, typer.Exit, typer.Abort, click.ClickException, click.exceptions.Exit):
             raise
         except Exception as exc:  # the one place every error of every command is reported
             if ctx.params.get("debug"):

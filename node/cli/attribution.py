@@ -113,17 +113,17 @@ def verify(
     from node.config import load_settings
     from node.protocol.eip712 import Domain
 
-    ctx = chain_context(rpc_url, deployment)
-    domain = Domain(ctx.deployment.chain_id, ctx.deployment.settlement)
-    data, text = load_receipt(receipt, node_url, read_authorization(key_file, receipt, domain))
-    if output_file is not None:
-        text = output_file.read_text(encoding="utf-8")
     model = base_model or model or load_settings().model_path
     if model is None:
         raise ConfigError("pass --base-model (the node's base model folder) or set LORANODE_MODEL_PATH")
     if not (model / "config.json").is_file():
         raise ConfigError(f"{model} is not a model folder (no config.json): pass the node's base model folder "
                           "as --base-model", path=str(model))
+    ctx = chain_context(rpc_url, deployment)
+    domain = Domain(ctx.deployment.chain_id, ctx.deployment.settlement)
+    data, text = load_receipt(receipt, node_url, read_authorization(key_file, receipt, domain))
+    if output_file is not None:
+        text = output_file.read_text(encoding="utf-8")
     root = cache_dir or Path(tempfile.gettempdir()) / "loranode-verify"
     store = IndexStore(root, AutoTokenizer.from_pretrained(str(model)))
     verdict = verify_receipt(data, text, ChainRegistry(ctx.contracts()), store, domain)

@@ -15,7 +15,7 @@ from node.chain.anvil import DEV_MNEMONIC
 from node.chain.contracts import Contracts
 from node.chain.deploy import Deployment, read_deployment
 from node.config import DEV_CHAIN_ID, load_settings
-from node.errors import ConfigError
+from node.errors import BadRequest, ConfigError
 
 KEY_ENV = "LORANODE_ACCOUNT_KEY"
 NODE_URL_ENV = "LORANODE_NODE_URL"
@@ -23,17 +23,20 @@ DEFAULT_NODE_URL = "http://127.0.0.1:8000"  # `loranode dev` listens there when 
 ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 
 
-def address(value: str | None) -> str | None:
-    """An address option's value, checked: 0x and 40 hex digits (a mixed-case one must be a valid checksum)."""
+def address(param: typer.CallbackParam, value: str | None) -> str | None:
+    """An address option's value, checked before the command runs: 0x and 40 hex digits (a mixed-case
+    one must be a valid checksum)."""
     if value is None:
         return None
     from eth_utils import is_checksum_address, to_checksum_address
 
+    option = param.opts[0] if param.opts else param.name
     if not ADDRESS.match(value):
-        raise typer.BadParameter(f"{value!r} is not an address (0x and 40 hex digits)")
-    if value[2:] != value[2:].lower() and value[2:] != value[2:].upper() and not is_checksum_address(value):
-        raise typer.BadParameter(f"{value} has a wrong checksum (a typo?); its checksummed form is "
-                                 f"{to_checksum_address(value)}, lower case skips the check")
+        raise BadRequest(f"{option} {value!r} is not an address (0x and 40 hex digits)", param=option)
+    digits = value[2:]
+    if digits not in (digits.lower(), digits.upper()) and not is_checksum_address(value):
+        raise BadRequest(f"{option} {value} has a wrong checksum (a typo?): its checksummed form is "
+                         f"{to_checksum_address(value)}; all lower case skips the check", param=option)
     return value
 
 RpcOption = typer.Option(None, "--rpc-url", help="JSON-RPC URL (default: LORANODE_RPC_URL or a local anvil).")

@@ -12,8 +12,8 @@ funded payer is never refused and never signs for more than the request can cost
 over; a request that may cost more than N is refused with 402). Its HTTP clients keep a lane's
 last voucher until its request is answered, so a retry of the same bytes (the OpenAI client retries
 on connection errors, 408, 409, 429 and 5xx) sends the same voucher: a request that was served but
-whose answer was lost is replayed, not charged twice (until the voucher is settled). `payer.receipt(id)` reads one of its own receipts with its text, which the node shows to
-nobody else.
+whose answer was lost is replayed, not charged twice (until the voucher is settled).
+`payer.receipt(id)` reads one of its own receipts with its text, which the node shows to nobody else.
 """
 
 from __future__ import annotations
