@@ -4,6 +4,7 @@ or node is needed to make these mistakes; the refusals of a live node are in tes
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ from typer.testing import CliRunner, Result
 
 from node.chain.deploy import Deployment, write_deployment
 from node.cli import app
+from node.cli.console import describe
+from node.client.refusal import refusal
 
 runner = CliRunner()
 NOWHERE = "http://127.0.0.1:1"  # nothing listens on port 1
@@ -158,3 +161,19 @@ def test_a_mistake_has_no_traceback_unless_asked_with_debug() -> None:
     debug = _cli("--debug", "request", "the sea", "--adapter", "1", "--node-url", NOWHERE, "--dev-account", "3")
     assert debug.returncode == 2 and "Traceback (most recent call last)" in debug.stderr
     assert f"no node answers at {NOWHERE}" in debug.stderr
+
+
+@pytest.mark.parametrize(("status", "code"),
+                         [(429, "overloaded"), (503, "database_unavailable"), (500, "internal_error")])
+def test_a_busy_or_broken_node_is_a_failure_with_its_own_code(status: int, code: str) -> None:
+    body = json.dumps({"error": {"message": f"[{code}] as the node said", "type": "x", "code": code, "param": None,
+                                 "details": {"code": code, "message": "m", "retry_after_s": 1}}})
+    failure = describe(refusal(status, body, NOWHERE))
+    assert (failure.code, failure.message, failure.exit_code) == (code, f"[{code}] as the node said", 1)
+    assert failure.facts == {"retry_after_s": 1} and "payment" not in failure.source
+    assert ("retry" in (failure.hint or "")) == (status != 500)
+
+
+def test_a_bug_is_a_failure_that_points_at_debug() -> None:
+    failure = describe(KeyError("lineage"))
+    assert failure.exit_code == 1 and failure.code == "internal_error" and "--debug" in (failure.hint or "")
