@@ -109,6 +109,7 @@ def _refusal(exc: NodeRefusal) -> Failure:
 
 def _other(exc: BaseException) -> Failure:
     """Errors that are not ours: a file the user named, a database or chain URL, or a bug."""
+    import httpx
     from requests.exceptions import ConnectionError as RequestsConnectionError
     from sqlalchemy.exc import OperationalError
 
@@ -120,6 +121,10 @@ def _other(exc: BaseException) -> Failure:
         reason = str(exc.orig).splitlines()[0] if exc.orig else type(exc).__name__
         return Failure("database_unavailable", f"cannot use the database: {reason}",
                        hint="check LORANODE_DATABASE_URL, or LORANODE_DATA_DIR for the embedded SQLite")
+    if isinstance(exc, httpx.TransportError):
+        where = exc.request.url if exc._request is not None else "the URL given"
+        return Failure("unreachable", f"no answer from {where}: {type(exc).__name__}: {exc}",
+                       hint="check the URL (`loranode dev` prints its API's and its anvil's)")
     if isinstance(exc, RequestsConnectionError):
         return Failure("rpc_unreachable", f"the chain's JSON-RPC does not answer: {str(exc)[:200]}", hint=RPC_HINT)
     return Failure("internal_error", f"{type(exc).__name__}: {exc}",

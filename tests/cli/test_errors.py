@@ -177,3 +177,10 @@ def test_a_busy_or_broken_node_is_a_failure_with_its_own_code(status: int, code:
 def test_a_bug_is_a_failure_that_points_at_debug() -> None:
     failure = describe(KeyError("lineage"))
     assert failure.exit_code == 1 and failure.code == "internal_error" and "--debug" in (failure.hint or "")
+
+
+@pytest.mark.parametrize("text", ["abc", "inf", "NaN", "1e999999999999999999"])
+def test_an_amount_that_is_not_one_is_refused_before_anything_is_sent(text: str, deployment: dict[str, str]) -> None:
+    for command in ("deposit", "thaw"):
+        out = _mistake("escrow", command, text, "--node", ADDRESS, "--dev-account", "3", env=deployment)
+        assert f"not an amount: {text!r}" in out
