@@ -74,6 +74,14 @@ class InsufficientEscrow(PaymentError):
     code = "insufficient_escrow"
 
 
+class VoucherExpiresTooSoon(PaymentError):
+    """A new voucher with less time left than the node's minimum validity (`minVoucherValiditySeconds`
+    of GET /v1/node): the node could not settle it before its deadline."""
+
+    status = 401
+    code = "voucher_expires_too_soon"
+
+
 class DepositNotFinal(InsufficientEscrow):
     """The escrow covers the request only with deposits that are not final yet (facts: how much, and
     the chain head at which it counts)."""
@@ -102,6 +110,29 @@ class NotThePayer(NodeError):
 
     status = 403
     code = "not_the_payer"
+
+
+# --- a node's answer, as its clients see it --------------------------------------------------------
+class NodeRefusal(NodeError):
+    """A node answered with an error: its HTTP status, error code and message as it sent them (facts:
+    its details). Raised by clients (the SDK, the CLI), never by the node itself."""
+
+    code = "node_refusal"
+
+    def __init__(self, http_status: int, node_code: str, message: str, url: str, **facts: Any) -> None:
+        super().__init__(message, **facts)
+        self.http_status, self.node_code, self.url = http_status, node_code, url
+
+
+class NodeUnreachable(NodeError):
+    """Nothing answers at a node's URL: connection refused or reset, a timeout, or not its API."""
+
+    status = 503
+    code = "node_unreachable"
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"no node answers at {url}", reason=reason)
+        self.url = url
 
 
 # --- adapters ------------------------------------------------------------------------------------

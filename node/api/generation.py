@@ -119,11 +119,9 @@ class GenerationService:
         checked = self.payments.check(payment, body)
         adapter = self.catalog.cached(req.model) or await asyncio.to_thread(self.catalog.resolve, req.model)
         prompt_ids = await self._tokenize(kind, req)
-        limit = req.completion_limit if isinstance(req, ChatCompletionRequest) else req.max_tokens
-        max_tokens = self.engine.completion_budget(len(prompt_ids), limit, self.default_max_tokens)
+        max_tokens, max_fee = self._ceiling(req, len(prompt_ids))
         params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=max(req.top_k, 0),
                                 top_p=req.top_p, seed=req.seed, stop=tuple(req.stop_strings))
-        max_fee = self.payments.pricing.max_fee(len(prompt_ids), max_tokens)
         admission = self.engine.admission()
         admission.__enter__()
         try:
@@ -144,6 +142,18 @@ class GenerationService:
             return await self._complete(job, http)
         finally:
             admission.__exit__(None, None, None)
+
+    async def quote(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest) -> tuple[int, int, int]:
+        """(prompt tokens, max_tokens, max fee) of this request: exactly what `handle` would hold, so a
+        voucher for `chargedTotal + max fee` covers it (POST /v1/quote/...)."""
+        num_prompt_tokens = len(await self._tokenize(kind, req))
+        return (num_prompt_tokens, *self._ceiling(req, num_prompt_tokens))
+
+    def _ceiling(self, req: CompletionRequest | ChatCompletionRequest, num_prompt_tokens: int) -> tuple[int, int]:
+        """(max_tokens, the most the request can cost): what the hold is sized by."""
+        limit = req.completion_limit if isinstance(req, ChatCompletionRequest) else req.max_tokens
+        max_tokens = self.engine.completion_budget(num_prompt_tokens, limit, self.default_max_tokens)
+        return max_tokens, self.payments.pricing.max_fee(num_prompt_tokens, max_tokens)
 
     async def _tokenize(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest) -> list[int]:
         """The prompt's ids; a long prompt is tokenized off the event loop (a short one costs less than

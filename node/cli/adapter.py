@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -79,7 +80,7 @@ def register(
     if not lineage_path.is_file():
         raise BadRequest(f"{lineage_path} not found: train with `loranode adapter train` or write it",
                          path=str(lineage_path))
-    lineage = json.loads(lineage_path.read_text())
+    lineage = _read_lineage(lineage_path)
     digest = adapter_weights_sha256(folder)
     ctx = chain_context(rpc_url, deployment)
     key = signing_key(key_file, dev_account, ctx.deployment.chain_id)
@@ -91,8 +92,20 @@ def register(
                   f"owner share {owner_share_bps}")
 
 
+def _read_lineage(path: Path) -> dict[str, Any]:
+    try:
+        lineage = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"{path} is not valid JSON: {exc}", path=str(path)) from exc
+    missing = [k for k in ("baseModel", "datasets", "weightsBps") if not isinstance(lineage, dict) or k not in lineage]
+    if missing:
+        raise BadRequest(f"{path} lacks {', '.join(missing)} (write it with `loranode adapter train`)", path=str(path))
+    return dict(lineage)
+
+
 @app.command()
-def show(adapter_id: int = typer.Argument(..., min=1), rpc_url: str = RpcOption,
+def show(adapter_id: int = typer.Argument(..., min=1, help="The adapter id (from `adapter register`)."),
+         rpc_url: str = RpcOption,
          deployment: Path = DeploymentOption) -> None:
     """Print a registered adapter as the chain has it."""
     info = chain_context(rpc_url, deployment).contracts().adapters.get(adapter_id)

@@ -6,31 +6,32 @@ from typing import Any
 
 import click
 import typer
-from sqlalchemy.exc import OperationalError
 from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
 from node import __version__
 from node.cli import adapter, attribution, chain, dataset, dev, escrow, model, processes, request, settle, status
-from node.cli.console import console, err_console
+from node.cli.console import console, describe, print_failure, print_traceback
 from node.config import load_settings
-from node.errors import NodeError
 from node.logs import configure_logging
 
 
 class _Group(TyperGroup):
-    """The root group: a NodeError from any command becomes one clear line on stderr and exit code 2."""
+    """The root group: whatever a command ends with becomes one clear line on stderr (console.py's
+    printer) and exit code 2 (the command cannot be done as given) or 1 (it failed); `--debug` adds
+    the traceback. Click's own usage errors, exits and aborts pass through."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except NodeError as exc:
-            facts = ", ".join(f"{k}={v}" for k, v in exc.facts.items())
-            err_console.print(f"[bold red]error[/] ({exc.code}): {exc.message}" + (f" [{facts}]" if facts else ""))
-            raise typer.Exit(2) from exc
-        except OperationalError as exc:  # database down or URL wrong (the URL is never printed: passwords)
-            reason = str(exc.orig).splitlines()[0] if exc.orig else type(exc).__name__
-            err_console.print(f"[bold red]error[/] (database_unavailable): cannot use the database: {reason}")
-            raise typer.Exit(2) from exc
+        except (TyperException, typer.Exit, typer.Abort, click.ClickException, click.exceptions.Exit):
+            raise
+        except Exception as exc:  # the one place every error of every command is reported
+            if ctx.params.get("debug"):
+                print_traceback(exc)
+            failure = describe(exc)
+            print_failure(failure)
+            raise typer.Exit(failure.exit_code) from exc
 
 
 app = typer.Typer(name="loranode", cls=_Group, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -59,7 +60,8 @@ app.add_typer(settle.settle_app, name="settle")
 
 
 @app.callback()
-def _main(log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO, WARNING or ERROR.")) -> None:
+def _main(log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
+          debug: bool = typer.Option(False, "--debug", help="On an error, print its Python traceback too.")) -> None:
     configure_logging(log_level.upper())
 
 

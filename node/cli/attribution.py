@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from node.cli.console import console, err_console
-from node.cli.context import DeploymentOption, RpcOption, chain_context
+from node.cli.context import DeploymentOption, NodeUrlOption, RpcOption, chain_context
 from node.errors import BadRequest, ConfigError
 from node.protocol.hexstr import to_hex
 
@@ -46,22 +46,13 @@ def _fetch(receipt: str, node_url: str, read: str | None) -> dict[str, Any]:
     import httpx
 
     from node.chain.receipt_read import HEADER
+    from node.client.refusal import check, reaching
 
     headers = {} if read is None else {HEADER: read}
-    try:
-        resp = httpx.get(f"{node_url.rstrip('/')}/v1/receipts/{receipt}", headers=headers, timeout=30.0)
-    except httpx.HTTPError as exc:
-        raise BadRequest(f"cannot reach the node at {node_url}", reason=str(exc)) from exc
-    if resp.status_code != 200:
-        raise BadRequest(f"the node answered {resp.status_code} for receipt {receipt}: {_error_message(resp)}")
-    return dict(resp.json())
-
-
-def _error_message(resp: Any) -> str:
-    try:
-        return str(resp.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return str(resp.text[:300])
+    node_url = node_url.rstrip("/")
+    with reaching(node_url):
+        resp = httpx.get(f"{node_url}/v1/receipts/{receipt}", headers=headers, timeout=30.0)
+    return dict(check(resp, node_url).json())
 
 
 def read_authorization(key_file: Path | None, receipt: str, domain: Domain) -> str | None:
@@ -102,12 +93,13 @@ def load_receipt(receipt: str, node_url: str, read: str | None = None) -> tuple[
 @app.command()
 def verify(
     receipt: str = typer.Argument(..., help="A receipt id (0x..., fetched from --node-url) or a receipt JSON file."),
-    node_url: str = typer.Option("http://127.0.0.1:8000", "--node-url", help="The node that signed it."),
+    node_url: str = NodeUrlOption,
     output_file: Path = typer.Option(None, "--output-file", help="The output text (the payer's own copy)."),
     key_file: Path = typer.Option(None, "--key-file", help="The payer's private key: signs the read of a receipt "
                                                            "id's text (only its payer may read it)."),
-    model: Path = typer.Option(None, "--model", help="The node's base model folder, for its tokenizer "
-                                                     "(default: LORANODE_MODEL_PATH)."),
+    base_model: Path = typer.Option(None, "--base-model", help="The node's base model folder, for its tokenizer "
+                                                               "(default: LORANODE_MODEL_PATH)."),
+    model: Path = typer.Option(None, "--model", hidden=True, help="The old spelling of --base-model."),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Where datasets and their indexes are kept."),
     rpc_url: str = RpcOption, deployment: Path = DeploymentOption,
 ) -> None:
@@ -121,14 +113,17 @@ def verify(
     from node.config import load_settings
     from node.protocol.eip712 import Domain
 
+    model = base_model or model or load_settings().model_path
+    if model is None:
+        raise ConfigError("pass --base-model (the node's base model folder) or set LORANODE_MODEL_PATH")
+    if not (model / "config.json").is_file():
+        raise ConfigError(f"{model} is not a model folder (no config.json): pass the node's base model folder "
+                          "as --base-model", path=str(model))
     ctx = chain_context(rpc_url, deployment)
     domain = Domain(ctx.deployment.chain_id, ctx.deployment.settlement)
     data, text = load_receipt(receipt, node_url, read_authorization(key_file, receipt, domain))
     if output_file is not None:
         text = output_file.read_text(encoding="utf-8")
-    model = model or load_settings().model_path
-    if model is None:
-        raise ConfigError("pass --model (the node's base model folder) or set LORANODE_MODEL_PATH")
     root = cache_dir or Path(tempfile.gettempdir()) / "loranode-verify"
     store = IndexStore(root, AutoTokenizer.from_pretrained(str(model)))
     verdict = verify_receipt(data, text, ChainRegistry(ctx.contracts()), store, domain)

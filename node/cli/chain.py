@@ -9,7 +9,7 @@ from eth_account import Account
 
 from node.chain.deploy import deploy_all, write_deployment
 from node.cli.console import console
-from node.cli.context import DevAccountOption, KeyFileOption, signing_key
+from node.cli.context import DevAccountOption, KeyFileOption, address, signing_key
 from node.config import load_settings
 from node.errors import Unavailable
 
@@ -20,14 +20,16 @@ app = typer.Typer(help="Deploy and inspect the loranode contracts.", no_args_is_
 def deploy(
     rpc_url: str = typer.Option(..., "--rpc-url", help="JSON-RPC URL of the chain to deploy to."),
     out: Path = typer.Option(Path("deployments"), "--out", help="Folder for deployments/<chainId>.json."),
-    guardian: str = typer.Option(None, help="Address that may veto locked epochs (default: the deployer)."),
-    treasury: str = typer.Option(None, help="Address of the protocol's share (default: the deployer)."),
+    guardian: str = typer.Option(None, callback=address,
+                                 help="Address that may veto locked epochs (default: the deployer)."),
+    treasury: str = typer.Option(None, callback=address,
+                                 help="Address of the protocol's share (default: the deployer)."),
     protocol_bps: int = typer.Option(500, min=0, max=10_000, help="Protocol share of each fee, in bps."),
     node_bps: int = typer.Option(1_500, min=0, max=10_000, help="Node share of each fee, in bps."),
     thaw_period_s: int = typer.Option(86_400, min=1, help="Seconds a payer waits to withdraw (longer than the "
                                       "node's epoch max age plus its worst-case settle latency)."),
     challenge_period_s: int = typer.Option(3_600, min=0, help="Seconds an epoch stays locked (vetoable)."),
-    token: str = typer.Option(None, help="ERC-20 to pay in (default: deploy the demo token)."),
+    token: str = typer.Option(None, callback=address, help="ERC-20 to pay in (default: deploy the demo token)."),
     key_file: Path = KeyFileOption,
     dev_account: int = DevAccountOption,
 ) -> None:

@@ -7,7 +7,15 @@ from pathlib import Path
 import typer
 
 from node.cli.console import console
-from node.cli.context import DeploymentOption, DevAccountOption, KeyFileOption, RpcOption, chain_context, signing_key
+from node.cli.context import (
+    DeploymentOption,
+    DevAccountOption,
+    KeyFileOption,
+    RpcOption,
+    address,
+    chain_context,
+    signing_key,
+)
 from node.errors import BadRequest
 
 app = typer.Typer(help="Register datasets and look them up.", no_args_is_help=True)
@@ -17,7 +25,7 @@ app = typer.Typer(help="Register datasets and look them up.", no_args_is_help=Tr
 def register(
     path: Path = typer.Argument(..., help="The dataset: a file, or a folder of files."),
     uri: str = typer.Option(None, help="Where nodes fetch it (default: its file:// URI)."),
-    payout: str = typer.Option(None, help="Address that earns its share (default: the signer)."),
+    payout: str = typer.Option(None, callback=address, help="Address that earns its share (default: the signer)."),
     rpc_url: str = RpcOption, deployment: Path = DeploymentOption, key_file: Path = KeyFileOption,
     dev_account: int = DevAccountOption,
 ) -> None:
@@ -39,7 +47,8 @@ def register(
 
 
 @app.command()
-def show(dataset_id: int = typer.Argument(..., min=1), rpc_url: str = RpcOption,
+def show(dataset_id: int = typer.Argument(..., min=1, help="The dataset id (from `dataset register`)."),
+         rpc_url: str = RpcOption,
          deployment: Path = DeploymentOption) -> None:
     """Print a registered dataset as the chain has it."""
     info = chain_context(rpc_url, deployment).contracts().datasets.get(dataset_id)

@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from node.cli.console import console
+from node.cli.context import DEFAULT_NODE_URL, NODE_URL_ENV
+
+DEFAULT_PORT = int(DEFAULT_NODE_URL.rsplit(":", 1)[1])
 
 
 def dev(demo: bool = typer.Option(False, "--demo", help="Run the scripted demo end to end, then exit."),
-        data_dir: Path = typer.Option(None, "--data-dir", help="Where to keep state (default: a fresh temp folder).")
+        data_dir: Path = typer.Option(None, "--data-dir", help="Where to keep state (default: a fresh temp folder)."),
+        port: int = typer.Option(DEFAULT_PORT, "--port", min=0, max=65_535,
+                                 help=f"The API's port on 127.0.0.1, the one `loranode request` asks by default "
+                                      f"(taken: a free one; the URL is printed with an `export {NODE_URL_ENV}=` "
+                                      "line)."),
         ) -> None:
     """Start anvil, deploy, index, and serve a tiny model locally (Ctrl-C stops everything)."""
     from node.devkit.demo import run_demo
@@ -25,13 +34,23 @@ def dev(demo: bool = typer.Option(False, "--demo", help="Run the scripted demo e
             if not run_demo(folder, lambda line: console.print(f"[bold green]>[/] {line}")):
                 raise typer.Exit(1)
             return
-        _serve_forever(folder)
+        _serve_forever(folder, port)
     finally:
         if data_dir is None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _serve_forever(folder: Path) -> None:
+def _port_or_free(port: int) -> int:
+    """`port` if nothing listens on it yet, else a free one."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return 0
+    return port
+
+
+def _serve_forever(folder: Path, port: int) -> None:
     from node.devkit import make_tiny_model
     from node.devkit.local_node import LocalNode
 
@@ -42,16 +61,17 @@ def _serve_forever(folder: Path) -> None:
     node = LocalNode.start_chain(folder)
     try:
         model = make_tiny_model(folder / "base-model")
-        url = node.serve(model)
+        url = node.serve(model, **({"port": chosen} if (chosen := _port_or_free(port)) else {}))
         fault = node.services.catalog.binding_fault if node.services else None
         if fault:  # an old --data-dir: its mirror is of the anvil that ran last time
-            console.print(f"[bold red]paid work is refused[/]: {fault}")
+            console.print(f"[bold red]paid work is refused[/]: {escape(fault)}")
         node.start_settlement(folder / "logs", epoch_max_age_s=60.0)
         console.print(f"anvil {node.anvil.rpc_url}; API {url}; settlement worker and beat logs in {folder / 'logs'}")
         console.print(f"export LORANODE_RPC_URL={node.anvil.rpc_url} "
-                      f"LORANODE_DEPLOYMENT_FILE={node.settings.deployment_file}")
+                      f"LORANODE_DEPLOYMENT_FILE={node.settings.deployment_file} {NODE_URL_ENV}={url}")
         console.print(f"base model {model}: register datasets and adapters with --dev-account N (N >= 3), "
-                      "deposit with `loranode escrow deposit ... --mint`, then `loranode request`. Ctrl-C stops.")
+                      "deposit with `loranode escrow deposit ... --mint`, then `loranode request`. Ctrl-C stops.",
+                      markup=False)
         threading.Event().wait()
     except KeyboardInterrupt:
         pass

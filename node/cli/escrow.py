@@ -8,19 +8,35 @@ from pathlib import Path
 import typer
 
 from node.cli.console import console
-from node.cli.context import DeploymentOption, DevAccountOption, KeyFileOption, RpcOption, chain_context, signing_key
+from node.cli.context import (
+    DeploymentOption,
+    DevAccountOption,
+    KeyFileOption,
+    RpcOption,
+    address,
+    chain_context,
+    signing_key,
+)
 from node.errors import BadRequest
 
 app = typer.Typer(help="Deposit to a node's escrow, thaw, withdraw, and see balances.", no_args_is_help=True)
-NodeArg = typer.Option(..., "--node", help="The node's operator address.")
+NodeArg = typer.Option(..., "--node", callback=address, help="The node's operator address (GET /v1/node: `node`).")
 AmountArg = typer.Argument(..., help="Amount in tokens (e.g. 12.5), or in base units with --base-units.")
 
 
-def parse_amount(text: str, decimals: int, base_units: bool) -> int:
+def checked_amount(text: str) -> Decimal:
+    """An amount as typed: a finite number, not negative (checked before anything is sent)."""
     try:
         value = Decimal(text)
     except InvalidOperation as exc:
         raise BadRequest(f"not an amount: {text!r}") from exc
+    if not value.is_finite() or value < 0 or value.adjusted() > 80:  # 2**256 has 78 digits
+        raise BadRequest(f"not an amount: {text!r} (a number of tokens, 0 or more, below 2**256)")
+    return value
+
+
+def parse_amount(text: str, decimals: int, base_units: bool) -> int:
+    value = checked_amount(text)
     scaled = value if base_units else value * (Decimal(10) ** decimals)
     if scaled != scaled.to_integral_value() or scaled < 0:
         raise BadRequest(f"{text} is not a whole number of base units", decimals=decimals)
@@ -41,6 +57,7 @@ def deposit(amount: str = AmountArg, node: str = NodeArg,
             rpc_url: str = RpcOption, deployment: Path = DeploymentOption, key_file: Path = KeyFileOption,
             dev_account: int = DevAccountOption) -> None:
     """Approve and deposit `amount` for `node` (approval is sent only when needed)."""
+    checked_amount(amount)  # before anything is sent
     c, decimals = _setup(rpc_url, deployment, key_file, dev_account)
     value = parse_amount(amount, decimals, base_units)
     if mint:
@@ -53,10 +70,12 @@ def deposit(amount: str = AmountArg, node: str = NodeArg,
 
 
 @app.command()
-def thaw(amount: str = AmountArg, node: str = NodeArg, base_units: bool = typer.Option(False, "--base-units"),
+def thaw(amount: str = AmountArg, node: str = NodeArg,
+         base_units: bool = typer.Option(False, "--base-units", help="The amount is in base units."),
          rpc_url: str = RpcOption, deployment: Path = DeploymentOption, key_file: Path = KeyFileOption,
          dev_account: int = DevAccountOption) -> None:
     """Start thawing `amount` (0 cancels); withdraw it after the thawing period."""
+    checked_amount(amount)
     c, decimals = _setup(rpc_url, deployment, key_file, dev_account)
     c.escrow.thaw(node, parse_amount(amount, decimals, base_units))
     _print_account(c, node, decimals)
@@ -72,7 +91,8 @@ def withdraw(node: str = NodeArg, rpc_url: str = RpcOption, deployment: Path = D
 
 
 @app.command()
-def show(node: str = NodeArg, payer: str = typer.Option(None, help="Payer address (default: the signer)."),
+def show(node: str = NodeArg,
+         payer: str = typer.Option(None, callback=address, help="Payer address (default: the signer)."),
          rpc_url: str = RpcOption, deployment: Path = DeploymentOption, key_file: Path = KeyFileOption,
          dev_account: int = DevAccountOption) -> None:
     """Print the escrow account of (payer, node)."""

@@ -9,7 +9,15 @@ from pathlib import Path
 import typer
 
 from node.cli.console import console
-from node.cli.context import DeploymentOption, DevAccountOption, KeyFileOption, RpcOption, chain_context, signing_key
+from node.cli.context import (
+    DeploymentOption,
+    DevAccountOption,
+    KeyFileOption,
+    RpcOption,
+    address,
+    chain_context,
+    signing_key,
+)
 from node.config import load_settings
 from node.errors import BadRequest
 
@@ -36,8 +44,9 @@ def beat() -> None:
 
 
 def claim(
-    node: str = typer.Option(..., "--node", help="The node whose pot pays."),
-    account: str = typer.Option(None, "--account", help="Who is paid (default: the signer). Anyone may claim."),
+    node: str = typer.Option(..., "--node", callback=address, help="The node whose pot pays."),
+    account: str = typer.Option(None, "--account", callback=address,
+                                 help="Who is paid (default: the signer). Anyone may claim."),
     proofs: str = typer.Option(..., "--proofs", help="The node's API URL, or an exported epoch JSON file."),
     all_payees: bool = typer.Option(False, "--all", help="Relayer mode: claim for every payee with something due."),
     rpc_url: str = RpcOption, deployment: Path = DeploymentOption, key_file: Path = KeyFileOption,
@@ -64,7 +73,8 @@ def claim(
 
 
 @epoch_app.command("export")
-def export(node: str = typer.Option(..., "--node"), out: Path = typer.Option(..., "--out"),
+def export(node: str = typer.Option(..., "--node", callback=address, help="The node's operator address."),
+           out: Path = typer.Option(..., "--out", help="Where to write the epoch JSON."),
            epoch_id: int = typer.Option(None, "--epoch", min=1, help="Default: the latest published.")) -> None:
     """Write a published epoch (rewards and receipts trees) as JSON, for claims without the API."""
     from node.db.session import make_engine, session_factory
@@ -79,8 +89,8 @@ def export(node: str = typer.Option(..., "--node"), out: Path = typer.Option(...
 
 
 @settle_app.command("losses")
-def losses(node: str = typer.Option(None, "--node", help="Default: the operator key's node."),
-           payer: str = typer.Option(None, "--payer", help="Only this payer's losses.")) -> None:
+def losses(node: str = typer.Option(None, "--node", callback=address, help="Default: the operator key's node."),
+           payer: str = typer.Option(None, "--payer", callback=address, help="Only this payer's losses.")) -> None:
     """Every loss still lost (served but not collected), per payer, with its lane, epoch, reason and
     amount; then what later epochs recovered with the lane's next valid voucher."""
     from node.db.loss import losses as all_losses

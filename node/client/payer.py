@@ -5,13 +5,15 @@
     client.chat.completions.create(model="1", messages=[...])
 
 A lane is sequential: use one client per lane, and more lanes for parallel work. The hook signs
-`cumulative = chargedTotal + budget` (the budget defaults to the node's quote for a request that
-fills the whole context), so a request never needs a quote of its own; what it does not spend
-carries over. Its HTTP clients keep a lane's last voucher until its request is answered, so a retry
-of the same bytes (the OpenAI client retries on connection errors, 408, 409, 429 and 5xx) sends the same voucher:
-a request that was served but whose answer was lost is replayed, not charged twice (until the voucher
-is settled). `payer.receipt(id)` reads one of its own receipts with its text, which the node shows to
-nobody else.
+`cumulative = chargedTotal + maxFee`, where the node's quote of the exact body it sends (POST
+/v1/quote/...: its prompt tokens and max_tokens priced as the node holds them) gives both, so a
+funded payer is never refused and never signs for more than the request can cost. With
+`budget=N` it signs `chargedTotal + N` instead, without a quote (what it does not spend carries
+over; a request that may cost more than N is refused with 402). Its HTTP clients keep a lane's
+last voucher until its request is answered, so a retry of the same bytes (the OpenAI client retries
+on connection errors, 408, 409, 429 and 5xx) sends the same voucher: a request that was served but
+whose answer was lost is replayed, not charged twice (until the voucher is settled).
+`payer.receipt(id)` reads one of its own receipts with its text, which the node shows to nobody else.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import httpx
 from eth_account import Account
 
 from node.chain.receipt_read import HEADER, sign_read
-from node.errors import PaymentError
+from node.client.refusal import check, reaching
+from node.errors import NodeRefusal
 from node.protocol.eip712 import Domain
 from node.protocol.receipt import SignedReceipt, recover_receipt_signer
 from node.protocol.voucher import SignedVoucher, Voucher, request_hash, sign_voucher
@@ -93,18 +96,38 @@ class Payer:
         header = sign_read(self.key, self.address, receipt_id, self.info.domain)
         return self._get(f"/v1/receipts/{receipt_id}", headers={HEADER: header})
 
+    def quote(self, path: str, body: bytes, lane: int) -> tuple[int, int]:
+        """(the lane's charged total, the most the request `body` sent to `path` can cost), as the node
+        computes its hold. A node that refuses to quote the body (it will refuse the request the same
+        way, before any payment) or predates the quote gets the lane's quote for any request instead."""
+        kind = path[path.rindex("/v1/") + len("/v1/"):]
+        try:
+            data = self._request("POST", f"/v1/quote/{kind}", params={"payer": self.address, "lane": lane},
+                                 content=body, headers={"Content-Type": "application/json"})
+        except NodeRefusal:
+            quote = self.channel(lane)
+            return int(quote["chargedTotal"]), int(quote["quote"]["maxFee"])
+        with self._lock:
+            self._charged[lane] = int(data["chargedTotal"])
+        return int(data["chargedTotal"]), int(data["maxFee"])
+
     def _get(self, path: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
-        resp = self._http.get(path, headers=headers)
-        if resp.status_code != 200:
-            raise PaymentError(f"GET {path} answered {resp.status_code}", body=resp.text[:500])
-        return resp.json()  # type: ignore[no-any-return]
+        return self._request("GET", path, headers=headers)
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        """The node's JSON answer; NodeRefusal (its code and message) or NodeUnreachable otherwise."""
+        with reaching(self.base_url):
+            resp = self._http.request(method, path, **kwargs)
+        return check(resp, self.base_url).json()  # type: ignore[no-any-return]
 
     # --- signing ----------------------------------------------------------------------------------
-    def payment_header(self, body: bytes, lane: int) -> str:
-        """The X-Payment value for `body` on `lane`: a new voucher on top of the lane's charged total."""
-        return self._sign(request_hash(body), lane).header
+    def payment_header(self, body: bytes, lane: int, path: str | None = None) -> str:
+        """The X-Payment value for `body` on `lane`: a new voucher on top of the lane's charged total,
+        covering exactly what `body` sent to `path` (/v1/completions or /v1/chat/completions) can cost;
+        without `path`, any request that fits the context."""
+        return self._sign(request_hash(body), lane, body, path).header
 
-    def retry_safe_header(self, body: bytes, lane: int) -> str:
+    def retry_safe_header(self, body: bytes, lane: int, path: str | None = None) -> str:
         """`payment_header`, except that the lane's unanswered voucher is sent again if it is for these
         bytes (a retry) and still valid long enough: what the HTTP clients below send."""
         digest = request_hash(body)
@@ -114,7 +137,7 @@ class Payer:
         if last is not None and last.request_hash == digest and now - last.signed_at < RETRY_WINDOW_S and \
                 last.deadline >= now + self.info.min_validity_s + CLOCK_MARGIN_S:
             return last.header
-        signed = self._sign(digest, lane)
+        signed = self._sign(digest, lane, body, path)
         with self._lock:
             self._unanswered[lane] = signed
         return signed.header
@@ -126,15 +149,20 @@ class Payer:
         with self._lock:
             self._unanswered.pop(lane, None)
 
-    def _sign(self, digest: bytes, lane: int) -> LaneVoucher:
+    def _ceiling(self, lane: int, body: bytes, path: str | None) -> tuple[int, int]:
+        """(charged total, what to sign on top of it): the budget the caller set, else the request's
+        quote (`path` given), else the lane's quote for any request."""
         with self._lock:
             charged = self._charged.get(lane)
-        if charged is None or self.budget is None:
-            quote = self.channel(lane)
-            charged = int(quote["chargedTotal"])
-            budget = self.budget if self.budget is not None else int(quote["quote"]["maxFee"])
-        else:
-            budget = self.budget
+        if self.budget is not None:
+            return (charged if charged is not None else int(self.channel(lane)["chargedTotal"])), self.budget
+        if path is not None:
+            return self.quote(path, body, lane)
+        quote = self.channel(lane)
+        return int(quote["chargedTotal"]), int(quote["quote"]["maxFee"])
+
+    def _sign(self, digest: bytes, lane: int, body: bytes = b"", path: str | None = None) -> LaneVoucher:
+        charged, budget = self._ceiling(lane, body, path)
         info = self.info
         deadline = int(time.time()) + max(self.validity_s, info.min_validity_s + CLOCK_MARGIN_S)
         deadline += -deadline % 60  # up to the minute: a retry within it signs the same voucher
@@ -159,7 +187,7 @@ class Payer:
 
         def sign(request: httpx.Request) -> None:
             if request.method == "POST" and request.url.path.endswith(PAID_PATHS):
-                request.headers["X-Payment"] = self.retry_safe_header(request.read(), lane)
+                request.headers["X-Payment"] = self.retry_safe_header(request.read(), lane, request.url.path)
 
         def learn(response: httpx.Response) -> None:
             if response.request.url.path.endswith(PAID_PATHS):

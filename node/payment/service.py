@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
 from node.db.loss import LossReason
-from node.errors import BadSignature, DatabaseUnavailable, VoucherConflict
+from node.errors import DatabaseUnavailable, VoucherConflict, VoucherExpiresTooSoon
 from node.payment.ledger import Ledger, Reservation
 from node.payment.pricing import Pricing
 from node.payment.voucher_check import CheckedVoucher, check_voucher
@@ -84,8 +84,9 @@ class PaymentService:
 
         def fresh_enough() -> None:
             if deadline < now + self.min_validity_s:
-                raise BadSignature("the voucher expires too soon", deadline=deadline, now=now,
-                                   min_validity_s=self.min_validity_s)
+                raise VoucherExpiresTooSoon(
+                    f"the voucher expires in {deadline - now} s; this node needs at least {self.min_validity_s} s "
+                    "left to settle it", deadline=deadline, now=now, min_validity_s=self.min_validity_s)
 
         self._claim(checked.digest_hex)
         try:

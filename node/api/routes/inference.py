@@ -1,15 +1,18 @@
-"""POST /v1/completions and /v1/chat/completions: the paid OpenAI endpoints."""
+"""POST /v1/completions and /v1/chat/completions: the paid OpenAI endpoints; and the exact quote of a
+request body for either (POST /v1/quote/completions, /v1/quote/chat/completions)."""
 
 from __future__ import annotations
 
-from typing import Annotated, TypeVar
+import asyncio
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from node.api.deps import GenerationDep
+from node.api.deps import GenerationDep, LedgerDep
 from node.api.error_handlers import error_responses
+from node.api.generation import Kind
 from node.api.schemas import ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse
 from node.errors import BadRequest, RequestTooLarge
 
@@ -86,3 +89,35 @@ async def chat_completions(request: Request, generation: GenerationDep,
                            payment: PaymentHeader = None) -> JSONResponse | StreamingResponse:
     req, body = await _parse(request, ChatCompletionRequest)
     return await generation.handle("chat", req, body, payment, request)
+
+
+QuotePayer = Annotated[str | None, Query(pattern=r"^0x[0-9a-fA-F]{40}$",
+                                         description="with `lane`: the answer adds that lane's chargedTotal")]
+QuoteLane = Annotated[int, Query(ge=0, lt=2**32)]
+
+
+async def _quote(kind: Kind, model: type[CompletionRequest] | type[ChatCompletionRequest], request: Request,
+                 generation: GenerationDep, ledger: LedgerDep, payer: str | None, lane: int) -> dict[str, Any]:
+    req, _ = await _parse(request, model)
+    prompt_tokens, max_tokens, max_fee = await generation.quote(kind, req)
+    out: dict[str, Any] = {"promptTokens": prompt_tokens, "maxTokens": max_tokens, "maxFee": str(max_fee)}
+    if payer is not None:
+        channel = await asyncio.to_thread(ledger.channel, payer, lane)
+        out |= {"payer": payer, "lane": lane, "chargedTotal": str(channel.charged_total)}
+    return out
+
+
+@router.post("/quote/completions", responses=error_responses(400, 413, 503), openapi_extra=_openapi(CompletionRequest))
+async def quote_completion(request: Request, generation: GenerationDep, ledger: LedgerDep,
+                           payer: QuotePayer = None, lane: QuoteLane = 0) -> dict[str, Any]:
+    """What the node would hold for this exact /v1/completions body: its prompt tokens, max_tokens and
+    `maxFee`; a voucher for `chargedTotal + maxFee` pays for it (nothing is held or charged here)."""
+    return await _quote("completion", CompletionRequest, request, generation, ledger, payer, lane)
+
+
+@router.post("/quote/chat/completions", responses=error_responses(400, 413, 503),
+             openapi_extra=_openapi(ChatCompletionRequest))
+async def quote_chat_completion(request: Request, generation: GenerationDep, ledger: LedgerDep,
+                                payer: QuotePayer = None, lane: QuoteLane = 0) -> dict[str, Any]:
+    """The same as POST /v1/quote/completions for a /v1/chat/completions body."""
+    return await _quote("chat", ChatCompletionRequest, request, generation, ledger, payer, lane)
