@@ -1,11 +1,7 @@
-"""LoRA training on registered datasets that scales with them: tokenized once to a memory-mapped file,
-packed into model-length sequences, trained in mini-batches with gradient accumulation, checkpointed
-and resumable. `loranode adapter train` only wires it."""
+"""LoRA training on registered datasets that scales with them: tokenized once to a memory-mapped file
+(`token_file`), packed into model-length sequences (`packing`), trained in mini-batches with gradient
+accumulation (`lora_trainer`), checkpointed and resumable (`checkpoint`). `loranode adapter train` only
+wires it. The package itself imports nothing heavy, so the CLI can name its defaults without torch."""
 
-from node.training.checkpoint import CHECKPOINT_DIR
-from node.training.lora_trainer import LoRATrainer, StepReport, TrainingConfig, TrainingObserver, TrainingResult
-from node.training.packing import PackedSequences
-from node.training.token_file import TokenFile, tokenize_datasets
-
-__all__ = ["CHECKPOINT_DIR", "LoRATrainer", "PackedSequences", "StepReport", "TokenFile", "TrainingConfig",
-           "TrainingObserver", "TrainingResult", "tokenize_datasets"]
+CHECKPOINT_DIR = "checkpoint"  # under the output folder
+MAX_DEFAULT_SEQ_LEN = 2048  # the model's length up to this, unless a sequence length is given

@@ -16,8 +16,8 @@ from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from node.errors import BadRequest
+from node.training import CHECKPOINT_DIR
 
-CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "trainer_state.pt"
 WEIGHTS_FILE = "adapter_model.safetensors"
 

@@ -22,13 +22,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from node.errors import BadRequest
+from node.training import MAX_DEFAULT_SEQ_LEN
 from node.training.checkpoint import DataPosition, TrainerState, load_checkpoint, remove_checkpoint, save_checkpoint
 from node.training.packing import MicroBatch, PackedSequences
 from node.training.token_file import TokenFile
 
 log = logging.getLogger(__name__)
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-MAX_DEFAULT_SEQ_LEN = 2048  # the model's length up to this, unless a seq_len is given
 
 
 @dataclass(frozen=True)
