@@ -44,5 +44,6 @@ def test_a_log_shows_a_line_per_step_with_tokens_per_second_loss_and_eta(tiny_mo
 
 def test_a_terminal_shows_a_live_bar_with_the_same_figures(tiny_model: Path, tokens: TokenFile,
                                                            tmp_path: Path) -> None:
-    out = _train(tiny_model, tokens, tmp_path, Console(file=io.StringIO(), force_terminal=True, color_system=None, width=200))
+    terminal = Console(file=io.StringIO(), force_terminal=True, color_system=None, width=200)
+    out = _train(tiny_model, tokens, tmp_path, terminal)
     assert re.search(r"step 3/3 .* [\d,]+ tok/s loss \d+\.\d{3} ETA", out), out[-400:]
