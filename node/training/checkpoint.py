@@ -42,7 +42,7 @@ def save_checkpoint(model: PeftModel, state: TrainerState, out: Path) -> Path:
     """Write the checkpoint under `out` (replacing the previous one) and return its folder."""
     final, tmp = out / CHECKPOINT_DIR, out / f"{CHECKPOINT_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(str(tmp))
     torch.save({"step": state.step, "epoch": state.position.epoch, "offset": state.position.offset,
                 "fingerprint": state.fingerprint, "optimizer": state.optimizer,
                 "rng": torch.get_rng_state()}, tmp / STATE_FILE)

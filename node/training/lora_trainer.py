@@ -114,7 +114,7 @@ class LoRATrainer:
             raise BadRequest("the checkpoint's data position does not match its step", step=state.step)
         losses, num_tokens, elapsed = self._loop(model, optimizer, packed, plan, out, fingerprint, observer)
         out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out)
+        model.save_pretrained(str(out))
         remove_checkpoint(out)
         return TrainingResult(out, plan, tuple(losses), num_tokens, elapsed)
 
@@ -179,7 +179,7 @@ class LoRATrainer:
         base.config.use_cache = False
         config = LoraConfig(r=self.config.rank, lora_alpha=self.config.alpha,
                             target_modules=list(self.config.target_modules), lora_dropout=0.0, task_type="CAUSAL_LM")
-        return get_peft_model(base, config).to(self.device)  # type: ignore[return-value]
+        return get_peft_model(base, config).to(self.device)
 
     def _seq_len(self, model: PeftModel) -> int:
         limit = int(getattr(model.config, "max_position_embeddings", MAX_DEFAULT_SEQ_LEN))
