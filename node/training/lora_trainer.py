@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
@@ -93,11 +94,13 @@ class LoRATrainer:
         self.base_folder = Path(base_folder)
         self.config = config
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its sequence order), drawn once per epoch
 
     def train(self, tokens: TokenFile, out: Path, *, resume: bool = False,
               observer: TrainingObserver | None = None) -> TrainingResult:
         """Train on `tokens`, checkpointing under `out`, and save the adapter to `out` (a PEFT folder)."""
         torch.manual_seed(self.config.seed)
+        self._order = None
         model = self._model()
         packed = PackedSequences(tokens.tokens(), self._seq_len(model), pad_id=_pad_id(model))
         if len(packed) == 0:
@@ -143,24 +146,26 @@ class LoRATrainer:
     def _step(self, model: PeftModel, optimizer: torch.optim.Optimizer, batches: Sequence[MicroBatch]) -> float:
         """One optimizer step over `batches`; the mean loss over all of their predicted tokens."""
         num_targets = sum(b.num_targets for b in batches)
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for b in batches:
             if b.num_targets == 0:
                 continue  # only one-token sequences: nothing to predict
             mask = None if b.attention_mask is None else b.attention_mask.to(self.device)
             loss = model(input_ids=b.input_ids.to(self.device), attention_mask=mask,
-                         labels=b.labels.to(self.device)).loss
-            (loss * (b.num_targets / num_targets)).backward()
-            total += float(loss.detach()) * b.num_targets
+                         labels=b.labels.to(self.device)).loss * (b.num_targets / num_targets)
+            loss.backward()
+            total += loss.detach()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return total / max(num_targets, 1)
+        return float(total)  # one device sync per step
 
     def _step_batches(self, packed: PackedSequences, step: int) -> list[MicroBatch]:
         """The micro-batches of optimizer step `step` (0-based): its slice of its epoch's order."""
         position = self._position(step, packed)
+        if self._order is None or self._order[0] != position.epoch:
+            self._order = (position.epoch, packed.order(self.config.seed, position.epoch))
         per_step = self.config.batch_size * self.config.grad_accum
-        indices = packed.order(self.config.seed, position.epoch)[position.offset:position.offset + per_step]
+        indices = self._order[1][position.offset:position.offset + per_step]
         size = self.config.batch_size
         return [packed.batch(indices[i:i + size]) for i in range(0, len(indices), size)]
 
