@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 NODE = Path(__file__).resolve().parent.parent / "node"
-ENGINE_SIDE = ("engine", "lora", "models")
+ENGINE_SIDE = ("engine", "lora", "models", "training")
 FORBIDDEN_THIRD_PARTY = {"fastapi", "starlette", "sqlalchemy", "alembic", "web3", "eth_account", "celery"}
 FORBIDDEN_NODE = {"node.api", "node.db", "node.chain", "node.settlement"}
 

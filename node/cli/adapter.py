@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from node.cli.console import console
 from node.cli.context import DeploymentOption, DevAccountOption, KeyFileOption, RpcOption, chain_context, signing_key
+from node.cli.training_progress import TrainingProgress
 from node.errors import BadRequest
+from node.training import CHECKPOINT_DIR, MAX_DEFAULT_SEQ_LEN
+
+if TYPE_CHECKING:
+    from node.training.token_file import TokenFile
 
 app = typer.Typer(help="Train adapters on registered datasets and register them with their lineage.",
                   no_args_is_help=True)
@@ -36,32 +41,72 @@ def weights_from_sizes(sizes: list[int]) -> list[int]:
 def train(
     base: Path = typer.Option(..., "--base", help="The base model folder."),
     dataset: list[int] = typer.Option(..., "--dataset", help="Registered dataset id (repeat for each)."),
-    out: Path = typer.Option(..., "--out", help="Where to write the PEFT adapter folder."),
+    out: Path = typer.Option(..., "--out", help="Where to write the PEFT adapter folder (and its checkpoints)."),
     weights: str = typer.Option(None, help="Comma-separated bps per dataset (default: by text size)."),
-    rank: int = typer.Option(8, min=1, max=256), steps: int = typer.Option(20, min=1),
-    lr: float = typer.Option(5e-3), rpc_url: str = RpcOption, deployment: Path = DeploymentOption,
+    rank: int = typer.Option(8, min=1, max=256, help="The LoRA rank (alpha is twice it)."),
+    lr: float = typer.Option(5e-3, help="AdamW learning rate."),
+    max_steps: int = typer.Option(None, "--max-steps", "--steps", min=1,
+                                  help="Stop after this many optimizer steps (default: --epochs passes)."),
+    epochs: int = typer.Option(1, min=1, help="Passes over the data when --max-steps is not given."),
+    seq_len: int = typer.Option(None, "--seq-len", min=2, help="Tokens per packed sequence "
+                                f"(default: the model's length, at most {MAX_DEFAULT_SEQ_LEN})."),
+    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Sequences per micro-batch."),
+    grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Micro-batches per optimizer step."),
+    checkpoint_every: int = typer.Option(100, "--checkpoint-every", min=0,
+                                         help="Steps between checkpoints in OUT/checkpoint (0: none)."),
+    resume: bool = typer.Option(False, "--resume", help="Go on from OUT/checkpoint (same datasets and options)."),
+    seed: int = typer.Option(0, help="Seeds the LoRA init and the data order."),
+    rpc_url: str = RpcOption, deployment: Path = DeploymentOption,
 ) -> None:
-    """Fetch the datasets, check their registered hashes, fine-tune a LoRA with peft, write its lineage."""
-    from node.attribution.dataset_files import fetch_dataset, read_texts
-    from node.devkit import train_tiny_adapter
+    """Fetch the datasets, check their registered hashes, fine-tune a LoRA on them, write its lineage.
+
+    Tokenized once to a file beside OUT, packed, trained in mini-batches: memory stays flat in data size.
+    """
     from node.lora.content_hash import base_model_id
     from node.protocol.hexstr import to_hex
+    from node.training.lora_trainer import LoRATrainer, TrainingConfig
 
-    contracts = chain_context(rpc_url, deployment).contracts()
-    texts: list[list[str]] = []
-    for ds in dataset:
-        info = contracts.datasets.get(ds)  # an unregistered id reverts: ChainError "UnknownDataset"
-        texts.append(read_texts(fetch_dataset(info.uri, info.content_hash, out.parent / ".datasets")))
-        console.print(f"dataset {ds}: {len(texts[-1])} text(s), hash verified")
-    bps = [int(w) for w in weights.split(",")] if weights else weights_from_sizes([sum(map(len, t)) for t in texts])
+    base_id = base_model_id(base)  # a folder that is not a model fails here, before any download
+    tokens = _tokenized_datasets(base, dataset, out, rpc_url, deployment)
+    sizes = [d.num_chars for d in tokens.datasets]
+    bps = [int(w) for w in weights.split(",")] if weights else weights_from_sizes(sizes)
     if len(bps) != len(dataset) or sum(bps) != BPS:
         raise BadRequest("--weights needs one value per dataset summing to 10000", weights=bps)
-    with console.status(f"training rank-{rank} LoRA for {steps} steps..."):
-        trained = train_tiny_adapter(base, out, [t for group in texts for t in group], rank=rank, alpha=2 * rank,
-                                     steps=steps, lr=lr)
-    lineage = {"baseModel": to_hex(base_model_id(base)), "datasets": dataset, "weightsBps": bps}
+    config = TrainingConfig(rank=rank, alpha=2 * rank, lr=lr, seq_len=seq_len, batch_size=batch_size,
+                            grad_accum=grad_accum, max_steps=max_steps, epochs=epochs,
+                            checkpoint_every=checkpoint_every, seed=seed)
+    try:
+        with TrainingProgress(console) as progress:
+            result = LoRATrainer(base, config).train(tokens, out, resume=resume, observer=progress)
+    except KeyboardInterrupt:
+        console.print(f"interrupted: run the same command with --resume to go on from {out / CHECKPOINT_DIR}",
+                      markup=False)
+        raise typer.Exit(130) from None
+    lineage = {"baseModel": to_hex(base_id), "datasets": dataset, "weightsBps": bps}
     (out / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
-    console.print(f"loss {trained.losses[0]:.3f} -> {trained.losses[-1]:.3f}; wrote {out} and {out / LINEAGE_FILE}")
+    rate = result.num_tokens / result.elapsed_s if result.elapsed_s else 0.0
+    console.print(f"{len(result.losses)} steps, {result.num_tokens:,} tokens at {rate:,.0f} tok/s; "
+                  f"loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}; wrote {out} and {out / LINEAGE_FILE}",
+                  markup=False)
+
+
+def _tokenized_datasets(base: Path, dataset: list[int], out: Path, rpc_url: str, deployment: Path) -> TokenFile:
+    """The registered datasets fetched, checked against their registered hashes and tokenized (once)."""
+    from transformers import AutoTokenizer
+
+    from node.attribution.dataset_files import fetch_dataset
+    from node.training.token_file import tokenize_datasets
+
+    contracts = chain_context(rpc_url, deployment).contracts()
+    cache = out.parent / ".datasets"
+    sources = []
+    for ds in dataset:
+        info = contracts.datasets.get(ds)  # an unregistered id reverts: ChainError "UnknownDataset"
+        sources.append((fetch_dataset(info.uri, info.content_hash, cache), info.content_hash))
+    tokens = tokenize_datasets(AutoTokenizer.from_pretrained(base), sources, cache / "tokens")
+    for ds, stats in zip(dataset, tokens.datasets, strict=True):
+        console.print(f"dataset {ds}: {stats.num_documents} text(s), {stats.num_tokens:,} tokens, hash verified")
+    return tokens
 
 
 @app.command()

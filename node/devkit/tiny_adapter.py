@@ -1,4 +1,8 @@
-"""Tiny PEFT LoRA adapters trained for a few steps on a tiny base model."""
+"""Tiny PEFT LoRA adapters trained for a few steps on a tiny base model.
+
+For the tests, the demo and the benchmarks: a handful of short texts in one padded batch. Real
+datasets are trained by `node/training/` (`loranode adapter train`), which streams and packs them.
+"""
 
 from __future__ import annotations
 

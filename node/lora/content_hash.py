@@ -128,6 +128,11 @@ def sha256_from_hex(text: str) -> bytes:
     return raw
 
 
+def dataset_files(folder: Path | str) -> list[str]:
+    """The files a folder dataset's `contentHash` covers: every regular file, as sorted relative paths."""
+    return sorted(_all_files(Path(folder)), key=lambda name: name.encode("utf-8"))
+
+
 def _all_files(root: Path) -> list[str]:
     names: list[str] = []
     for dirpath, _dirnames, filenames in os.walk(root, followlinks=False):

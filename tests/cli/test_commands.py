@@ -100,6 +100,28 @@ def test_adapter_train_then_register(deployed: tuple[Anvil, dict[str, str]], tmp
     assert code == 2 and "UnknownDataset" in out
 
 
+def test_adapter_train_streams_shows_progress_and_refuses_a_changed_dataset(
+        deployed: tuple[Anvil, dict[str, str]], tmp_path: Path, tiny_model: Path) -> None:
+    env = deployed[1]
+    data = tmp_path / "corpus.txt"
+    data.write_text("\n".join(STYLES.values()) * 20)
+    code, out = _run(env, "dataset", "register", str(data), "--dev-account", "3")
+    assert code == 0, out
+    dataset_id = out.split("dataset ")[1].split(" ")[0]
+    args = ("adapter", "train", "--base", str(tiny_model), "--dataset", dataset_id, "--seq-len", "32",
+            "--batch-size", "2", "--grad-accum", "2", "--max-steps", "3", "--checkpoint-every", "2")
+    code, out = _run(env, *args, "--out", str(tmp_path / "adapter"))
+    assert code == 0, out
+    assert "tokens, hash verified" in out and "sequences of 32 tokens, 3 steps" in out
+    assert "step 3/3" in out and "tok/s" in out and "loss" in out and "ETA" in out
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "adapter" / "checkpoint").exists()
+    data.write_text(data.read_text().replace("sea", "see"))  # no longer what was registered
+    code, out = _run(env, *args, "--out", str(tmp_path / "other"))
+    assert code == 2 and "does not match its registered hash" in out, out
+    assert not (tmp_path / "other" / "adapter_model.safetensors").exists()
+
+
 def test_escrow_deposit_thaw_withdraw(deployed: tuple[Anvil, dict[str, str]]) -> None:
     env = deployed[1]
     node = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
