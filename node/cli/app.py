@@ -10,7 +10,21 @@ from sqlalchemy.exc import OperationalError
 from typer.core import TyperGroup
 
 from node import __version__
-from node.cli import adapter, attribution, chain, dataset, dev, escrow, model, processes, request, settle, status
+from node.cli import (
+    adapter,
+    attribution,
+    chain,
+    dataset,
+    dev,
+    earnings,
+    epoch,
+    escrow,
+    model,
+    processes,
+    request,
+    settle,
+    status,
+)
 from node.cli.console import console, err_console
 from node.config import load_settings
 from node.errors import NodeError
@@ -54,7 +68,8 @@ app.command()(dev.dev)
 app.command()(settle.worker)
 app.command()(settle.beat)
 app.command()(settle.claim)
-app.add_typer(settle.epoch_app, name="epoch")
+app.add_typer(epoch.app, name="epoch")
+app.command()(earnings.earnings)
 app.add_typer(settle.settle_app, name="settle")
 
 
