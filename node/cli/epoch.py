@@ -19,7 +19,8 @@ from node.cli.node_api import (
     plain,
     print_table,
 )
-from node.errors import BadRequest, ChainError
+from node.config import load_settings
+from node.errors import BadRequest, ChainError, ConfigError
 
 app = typer.Typer(help="Watch a node's settlement epochs (from its API, on any machine).", no_args_is_help=True)
 DONE = ("final", "failed")
@@ -95,13 +96,38 @@ def _print_epoch(doc: dict[str, Any]) -> None:
 
 @app.command("export")
 def export(out: Path = typer.Option(..., "--out", help="The JSON file to write (what `claim --proofs` takes)."),
-           node_url: str = NodeUrlOption, node: str = NodeAddressOption,
+           node_url: str = typer.Option(None, "--node-url", help="Read it from this node's API (from any machine); "
+                                        "default: this machine's node database."),
+           node: str = NodeAddressOption,
            epoch_id: int = typer.Option(None, "--epoch", min=1, help="Default: the latest published.")) -> None:
     """Write a published epoch (rewards and receipts trees) as JSON, for claims without the API."""
-    node = node_address(node_url, node)
-    doc = get_json(node_url, f"/v1/epochs/{node}/{epoch_id or 'latest'}")
-    if doc.get("node", "").lower() != node.lower():
-        raise ChainError("the node answered for another node", asked=node, answered=doc.get("node"))
+    if node_url is not None:
+        node = node_address(node_url, node)
+        doc = get_json(node_url, f"/v1/epochs/{node}/{epoch_id or 'latest'}")
+        if str(doc.get("node", "")).lower() != node.lower():
+            raise ChainError("the node answered for another node", asked=node, answered=doc.get("node"))
+    else:
+        doc = _from_database(node, epoch_id)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc))
     plain(f"wrote epoch {doc['epochId']} of node {doc['node']} to {out}")
+
+
+def _from_database(node: str | None, epoch_id: int | None) -> dict[str, Any]:
+    from node.db.session import make_engine, session_factory
+    from node.settlement.publication import epoch_document, published_epoch
+    from node.settlement.runtime import operator_address
+
+    settings = load_settings()
+    sqlite = settings.database_url is None
+    if sqlite and not (settings.data_dir / "loranode.db").is_file():
+        raise ConfigError(f"no node database in {settings.data_dir.resolve()}: pass --node-url URL to read the "
+                          "epoch from the node's API, or set LORANODE_DATA_DIR (or LORANODE_DATABASE_URL) to the "
+                          "node's", data_dir=str(settings.data_dir))
+    if node is None:
+        node = operator_address(settings)
+    with session_factory(make_engine(settings.resolved_database_url()))() as session:
+        row = published_epoch(session, node, epoch_id)
+        if row is None:
+            raise BadRequest(f"no published epoch {epoch_id or 'yet'} for node {node}", node=node)
+        return epoch_document(row)

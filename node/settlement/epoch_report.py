@@ -13,6 +13,7 @@ from collections import defaultdict
 from datetime import datetime
 from typing import Any
 
+from eth_utils import to_checksum_address
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -34,7 +35,7 @@ def _iso(at: datetime | None) -> str | None:
 def summary(row: SettlementEpoch, settled: SettledEpoch | None) -> dict[str, Any]:
     """One epoch: its state and times; once sent, its roots, totals, count and transaction; once the
     chain mirror has it, when it unlocks for claims and whether it was vetoed."""
-    out: dict[str, Any] = {"node": row.node, "epochId": row.epoch_id, "state": row.state.value,
+    out: dict[str, Any] = {"node": to_checksum_address(row.node), "epochId": row.epoch_id, "state": row.state.value,
                            "openedAt": _iso(row.opened_at), "submittedAt": _iso(row.submitted_at),
                            "confirmedAt": _iso(row.confirmed_at), "finalizedAt": _iso(row.finalized_at)}
     if row.state in SENT:
