@@ -19,13 +19,9 @@ JsonOption = typer.Option(False, "--json", help="Print the node's JSON answer in
 
 
 class NodeAnswered(NodeError):
-    """The node answered with an error; its code and message are the node's own."""
+    """The node answered with an error: its message verbatim, its code and HTTP status as facts."""
 
-    code = "node_error"
-
-    def __init__(self, code: str, message: str, **facts: Any) -> None:
-        super().__init__(message, **facts)
-        self.code = code
+    code = "node_refused"
 
 
 def get_json(node_url: str, path: str, params: dict[str, Any] | None = None) -> Any:
@@ -41,8 +37,8 @@ def get_json(node_url: str, path: str, params: dict[str, Any] | None = None) -> 
         body = None
     if resp.status_code != 200:
         error = body.get("error", {}) if isinstance(body, dict) else {}
-        raise NodeAnswered(str(error.get("code", f"http_{resp.status_code}")),
-                           str(error.get("message", resp.text[:200])), status=resp.status_code, url=url)
+        raise NodeAnswered(str(error.get("message", resp.text[:200])), node_code=error.get("code"),
+                           status=resp.status_code, url=url)
     return body
 
 
