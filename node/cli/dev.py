@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from node.devkit.local_node import LocalNode
 
 ENV_FILE = Path(".loranode") / "dev.env"
-DEV_BEAT_S = 2.0  # the settlement beat on the dev node: epochs settle seconds after they close
+DEV_BEAT_S = 1.0  # the settlement beat on the dev node: epochs settle seconds after they close
 
 
 def dev(demo: bool = typer.Option(False, "--demo", help="Run the scripted demo end to end, then exit."),
