@@ -41,6 +41,13 @@ class ServedAdapter:
     lineage: queries.AdapterLineageView
 
 
+@dataclass(frozen=True)
+class AdapterStatus:
+    adapter_id: int
+    state: str  # serving | not_final | deprecated | cannot_load
+    detail: str
+
+
 class AdapterCatalog:
     def __init__(self, factory: sessionmaker[Session], provider: AdapterProvider[object], base_model_id: str,
                  cache_ttl_s: float = 2.0, max_mirror_lag_s: float | None = None,
@@ -143,6 +150,35 @@ class AdapterCatalog:
                                   .order_by(Adapter.adapter_id)).all()
             views = [queries.adapter_lineage(session, i) for i in ids]
         return [v for v in views if v is not None]
+
+    def statuses(self) -> list[AdapterStatus]:
+        """Every adapter registered for this base model, with what a request for it meets now: served,
+        not final yet, deprecated, or refused by its last load (a sha256 mismatch, a URI that does not
+        answer); one never requested is not fetched yet, so whether it loads is not known."""
+        with self.factory() as session:
+            head = queries.mirror_head(session)
+            ids = session.scalars(select(Adapter.adapter_id).where(Adapter.base_model == self.base_model_id)
+                                  .order_by(Adapter.adapter_id)).all()
+            views = [v for v in (queries.adapter_lineage(session, i) for i in ids) if v is not None]
+        final_block = head.final_block if head is not None else -1
+        return [self._status(v, final_block) for v in views]
+
+    def _status(self, view: queries.AdapterLineageView, final_block: int) -> AdapterStatus:
+        if view.is_deprecated:
+            return AdapterStatus(view.adapter_id, "deprecated", "deprecated by its owner")
+        if view.registered_block > final_block:
+            return AdapterStatus(view.adapter_id, "not_final", f"served once block {view.registered_block} is "
+                                 f"final (final block now {final_block})")
+        name = str(view.adapter_id)
+        state = self.provider.state(name)
+        if state is LoadState.FAILED:
+            error = self.provider.error(name)
+            reason = getattr(error, "message", None) or str(error) or type(error).__name__
+            return AdapterStatus(view.adapter_id, "cannot_load", f"cannot load: {reason}")
+        detail = {LoadState.READY: "in host memory", LoadState.LOADING: "loading",
+                  LoadState.COLD: "not in host memory: loads on its next request"}.get(
+            state, "not fetched yet: fetched and checked against its sha256 on its first request")
+        return AdapterStatus(view.adapter_id, "serving", detail)
 
     @staticmethod
     def _parse(model: str) -> int:

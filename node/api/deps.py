@@ -16,9 +16,11 @@ from node.api.engine_client import EngineClient
 from node.api.generation import GenerationService
 from node.api.metrics import APIMetrics
 from node.catalog import AdapterCatalog
+from node.errors import Unavailable
 from node.payment.ledger import Ledger
 from node.payment.pricing import Pricing
 from node.payment.service import PaymentService
+from node.settlement.split import SplitParams
 
 
 @dataclass
@@ -31,6 +33,7 @@ class NodeServices:
     generation: GenerationService
     chain_id: int
     settlement_address: str
+    split: SplitParams | None = None  # the deployment's split, for the earnings it reports
     max_mirror_lag_s: float = 120.0
     idempotency_window_s: float = 86_400.0  # how long a served voucher's response is kept for retries
     prune_interval_s: float = 600.0
@@ -80,6 +83,12 @@ async def _metrics(svc: Annotated[NodeServices, Depends(services)]) -> APIMetric
     return svc.metrics
 
 
+async def _split(svc: Annotated[NodeServices, Depends(services)]) -> SplitParams:
+    if svc.split is None:
+        raise Unavailable("this node was started without its deployment's split parameters")
+    return svc.split
+
+
 ServicesDep = Annotated[NodeServices, Depends(services)]
 PaymentsDep = Annotated[PaymentService, Depends(_payments)]
 NodeAddress = Annotated[str, Depends(_node_address)]  # the operator's checksummed address
@@ -90,3 +99,4 @@ CatalogDep = Annotated[AdapterCatalog, Depends(_catalog)]
 EngineDep = Annotated[EngineClient, Depends(_engine)]
 GenerationDep = Annotated[GenerationService, Depends(_generation)]
 MetricsDep = Annotated[APIMetrics, Depends(_metrics)]
+SplitDep = Annotated[SplitParams, Depends(_split)]

@@ -35,6 +35,7 @@ from node.payment.service import PaymentService
 from node.protocol.eip712 import Domain
 from node.protocol.hexstr import to_hex
 from node.settlement.runtime import check_chain_parameters
+from node.settlement.split import SplitParams
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,9 @@ def _build_services(settings: Settings, deployment: Deployment, key: str) -> Nod
     log.info("api for node %s on chain %d, base model %s", node, deployment.chain_id, catalog.base_model_id)
     return NodeServices(engine=client, payments=payments, catalog=catalog, db=db, metrics=metrics,
                         generation=generation, chain_id=deployment.chain_id,
-                        settlement_address=deployment.settlement, max_mirror_lag_s=settings.max_mirror_lag_s,
+                        settlement_address=deployment.settlement,
+                        split=SplitParams(deployment.treasury, node, deployment.protocol_bps, deployment.node_bps),
+                        max_mirror_lag_s=settings.max_mirror_lag_s,
                         idempotency_window_s=settings.idempotency_window_s,
                         on_shutdown=[engine.shutdown, store.close, *([attributor.close] if attributor else [])])
 

@@ -10,7 +10,21 @@ from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from node import __version__
-from node.cli import adapter, attribution, chain, dataset, dev, escrow, model, processes, request, settle, status
+from node.cli import (
+    adapter,
+    attribution,
+    chain,
+    dataset,
+    dev,
+    earnings,
+    epoch,
+    escrow,
+    model,
+    processes,
+    request,
+    settle,
+    status,
+)
 from node.cli.console import console, describe, print_failure, print_traceback
 from node.config import load_settings
 from node.logs import configure_logging
@@ -55,7 +69,8 @@ app.command()(dev.dev)
 app.command()(settle.worker)
 app.command()(settle.beat)
 app.command()(settle.claim)
-app.add_typer(settle.epoch_app, name="epoch")
+app.add_typer(epoch.app, name="epoch")
+app.command()(earnings.earnings)
 app.add_typer(settle.settle_app, name="settle")
 
 

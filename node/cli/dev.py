@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import signal
 import socket
 import tempfile
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
@@ -17,6 +19,12 @@ from node.cli.context import DEFAULT_NODE_URL, NODE_URL_ENV
 
 DEFAULT_PORT = int(DEFAULT_NODE_URL.rsplit(":", 1)[1])
 
+if TYPE_CHECKING:
+    from node.devkit.local_node import LocalNode
+
+ENV_FILE = Path(".loranode") / "dev.env"
+DEV_BEAT_S = 1.0  # the settlement beat on the dev node: epochs settle seconds after they close
+
 
 def dev(demo: bool = typer.Option(False, "--demo", help="Run the scripted demo end to end, then exit."),
         data_dir: Path = typer.Option(None, "--data-dir", help="Where to keep state (default: a fresh temp folder)."),
@@ -24,6 +32,8 @@ def dev(demo: bool = typer.Option(False, "--demo", help="Run the scripted demo e
                                  help=f"The API's port on 127.0.0.1, the one `loranode request` asks by default "
                                       f"(taken: a free one; the URL is printed with an `export {NODE_URL_ENV}=` "
                                       "line)."),
+        epoch_max_age_s: float = typer.Option(60.0, "--epoch-max-age", min=0,
+                                              help="Close an epoch once its oldest receipt is this many seconds old.")
         ) -> None:
     """Start anvil, deploy, index, and serve a tiny model locally (Ctrl-C stops everything)."""
     from node.devkit.demo import run_demo
@@ -34,7 +44,7 @@ def dev(demo: bool = typer.Option(False, "--demo", help="Run the scripted demo e
             if not run_demo(folder, lambda line: console.print(f"[bold green]>[/] {line}")):
                 raise typer.Exit(1)
             return
-        _serve_forever(folder, port)
+        _serve_forever(folder, port, epoch_max_age_s)
     finally:
         if data_dir is None:
             shutil.rmtree(folder, ignore_errors=True)
@@ -50,9 +60,9 @@ def _port_or_free(port: int) -> int:
     return port
 
 
-def _serve_forever(folder: Path, port: int) -> None:
+def _serve_forever(folder: Path, port: int, epoch_max_age_s: float) -> None:
     from node.devkit import make_tiny_model
-    from node.devkit.local_node import LocalNode
+    from node.devkit.local_node import OPERATOR, LocalNode
 
     def stop(*_: object) -> None:
         raise KeyboardInterrupt  # SIGTERM stops everything as Ctrl-C does
@@ -65,8 +75,13 @@ def _serve_forever(folder: Path, port: int) -> None:
         fault = node.services.catalog.binding_fault if node.services else None
         if fault:  # an old --data-dir: its mirror is of the anvil that ran last time
             console.print(f"[bold red]paid work is refused[/]: {escape(fault)}")
-        node.start_settlement(folder / "logs", epoch_max_age_s=60.0)
-        console.print(f"anvil {node.anvil.rpc_url}; API {url}; settlement worker and beat logs in {folder / 'logs'}")
+        node.start_settlement(folder / "logs", epoch_max_age_s=epoch_max_age_s, settlement_interval_s=DEV_BEAT_S)
+        address = node.contracts(OPERATOR).client.address
+        env = write_env_file(node, url, model, address)
+        console.print(f"anvil {node.anvil.rpc_url}; API {url}; node {address}; "
+                      f"settlement worker and beat logs in {folder / 'logs'}")
+        console.print(f"in another shell: `. {env}` (it sets LORANODE_RPC_URL, LORANODE_DEPLOYMENT_FILE, "
+                      "NODE_URL, NODE and BASE_MODEL)")
         console.print(f"export LORANODE_RPC_URL={node.anvil.rpc_url} "
                       f"LORANODE_DEPLOYMENT_FILE={node.settings.deployment_file} {NODE_URL_ENV}={url}")
         console.print(f"base model {model}: register datasets and adapters with --dev-account N (N >= 3), "
@@ -77,3 +92,14 @@ def _serve_forever(folder: Path, port: int) -> None:
         pass
     finally:
         node.stop()
+        ENV_FILE.unlink(missing_ok=True)
+
+
+def write_env_file(node: LocalNode, url: str, model: Path, address: str) -> Path:
+    """The shell variables another shell needs to use this dev node, in .loranode/dev.env."""
+    ENV_FILE.parent.mkdir(parents=True, exist_ok=True)
+    values = {"LORANODE_RPC_URL": node.anvil.rpc_url, "LORANODE_DEPLOYMENT_FILE": node.settings.deployment_file,
+              NODE_URL_ENV: url, "NODE_URL": url, "NODE": address, "BASE_MODEL": model}
+    ENV_FILE.write_text("# written by `loranode dev`; removed when it stops\n"
+                        + "".join(f"export {k}={shlex.quote(str(v))}\n" for k, v in values.items()))
+    return ENV_FILE

@@ -1,5 +1,5 @@
-"""Settlement from the command line: the `worker` and `beat` processes, `claim`, `epoch export`, and
-`settle losses`."""
+"""Settlement from the command line: the `worker` and `beat` processes, `claim`, and `settle losses`
+(`epoch` and `earnings`, which read the API, are in epoch.py and earnings.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from node.cli.context import (
 from node.config import load_settings
 from node.errors import BadRequest
 
-epoch_app = typer.Typer(help="Published settlement epochs.", no_args_is_help=True)
 settle_app = typer.Typer(help="What settlement collected, and what it could not.", no_args_is_help=True)
 
 
@@ -70,22 +69,6 @@ def claim(
     who = account or contracts.client.address
     amount = claim_one(contracts, node, who, source)
     console.print(f"{who} received {Decimal(amount) / 10**18} tokens" if amount else f"nothing due to {who}")
-
-
-@epoch_app.command("export")
-def export(node: str = typer.Option(..., "--node", callback=address, help="The node's operator address."),
-           out: Path = typer.Option(..., "--out", help="Where to write the epoch JSON."),
-           epoch_id: int = typer.Option(None, "--epoch", min=1, help="Default: the latest published.")) -> None:
-    """Write a published epoch (rewards and receipts trees) as JSON, for claims without the API."""
-    from node.db.session import make_engine, session_factory
-    from node.settlement.publication import export_epoch
-
-    factory = session_factory(make_engine(load_settings().resolved_database_url()))
-    try:
-        path = export_epoch(factory, node, out, epoch_id)
-    except LookupError as exc:
-        raise BadRequest(str(exc)) from exc
-    console.print(f"wrote {path}")
 
 
 @settle_app.command("losses")

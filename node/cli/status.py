@@ -2,27 +2,46 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
-import typer
 
-from node.cli.console import console
-from node.errors import Unavailable
+from node.cli.node_api import NodeUrlOption, get_json, plain, print_table
 
 
-def status(node_url: str = typer.Option("http://127.0.0.1:8000", "--node-url", help="The node's API.")) -> None:
-    """Ask a running node's API what it serves and how it is doing."""
-    try:
-        info = httpx.get(f"{node_url}/v1/node", timeout=10).json()
-        models = httpx.get(f"{node_url}/v1/models", timeout=10).json()["data"]
-        ready = httpx.get(f"{node_url}/ready", timeout=10).json()
-        metrics = httpx.get(f"{node_url}/metrics", timeout=10).text
-    except httpx.HTTPError as exc:
-        raise Unavailable(f"no node answers at {node_url}", reason=str(exc)) from exc
-    console.print(f"node {info['node']} on chain {info['chainId']}, base model {info['baseModel']}")
-    console.print(f"ready: {ready['ready']} (database {ready.get('database')}, mirror {ready.get('mirror')}, "
-                  f"mirror block {ready.get('mirrorBlock')})")
-    console.print(f"serving {len(models)} adapter(s): " + ", ".join(m["id"] for m in models))
+def status(node_url: str = NodeUrlOption) -> None:
+    """Ask a running node's API what it serves and how it is doing: each registered adapter's real state
+    (serving, not final yet, deprecated, or cannot load and why)."""
+    info = get_json(node_url, "/v1/node")
+    ready = _ready(node_url)
+    adapters = get_json(node_url, "/v1/adapters")["data"]
+    metrics = _metrics(node_url)
+    plain(f"node {info['node']} on chain {info['chainId']}, base model {info['baseModel']}")
+    reason = f"; {ready['reason']}" if ready.get("reason") else ""
+    plain(f"ready: {ready['ready']}{reason} (database {ready.get('database')}, mirror {ready.get('mirror')}, "
+          f"mirror block {ready.get('mirrorBlock')})")
+    serving = [a for a in adapters if a["state"] == "serving"]
+    plain(f"serving {len(serving)} of {len(adapters)} registered adapter(s)")
+    if adapters:
+        print_table(("adapter", "state", "detail"), [(a["id"], a["state"], a["detail"]) for a in adapters])
     for line in metrics.splitlines():
         if line.startswith(("loranode_adapter_tier{", "loranode_receipts_total", "loranode_receipts_pending",
                             "loranode_in_flight")):
-            console.print("  " + line)
+            plain("  " + line)
+
+
+def _ready(node_url: str) -> dict[str, Any]:
+    """/ready's checks: its 503 (not ready) carries the same body, saying which check failed."""
+    try:
+        resp = httpx.get(f"{node_url.rstrip('/')}/ready", timeout=10)
+        body: dict[str, Any] = resp.json()
+        return body
+    except (httpx.HTTPError, ValueError):
+        return {"ready": False, "reason": "/ready did not answer"}
+
+
+def _metrics(node_url: str) -> str:
+    try:
+        return httpx.get(f"{node_url.rstrip('/')}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return ""  # the figures are extras: the node's state above is what status is for

@@ -69,3 +69,7 @@ class InMemoryAdapterProvider(Generic[W]):
             if adapter_id in self._weights:
                 return LoadState.READY
             return LoadState.FAILED if adapter_id in self._errors else LoadState.COLD
+
+    def error(self, adapter_id: str) -> Exception | None:
+        with self._lock:
+            return self._errors.get(adapter_id)

@@ -181,7 +181,7 @@ def lineages(session: Session, receipts: list[EpochReceipt]) -> dict[int, Lineag
     out: dict[int, Lineage] = {}
     for r in receipts:
         if r.adapter_id not in out:
-            view = _lineage_view(session, r)
+            view = lineage_view(session, r)
             out[r.adapter_id] = Lineage(view.owner, view.owner_share_bps,
                                         tuple((d.payout, d.weight_bps) for d in view.datasets))
     return out
@@ -196,7 +196,7 @@ def misattributed(session: Session, receipts: list[EpochReceipt]) -> list[EpochR
     wrong = []
     for r in receipts:
         if r.adapter_id not in views:
-            views[r.adapter_id] = _lineage_view(session, r)
+            views[r.adapter_id] = lineage_view(session, r)
         view = views[r.adapter_id]
         expected = view.lineage_hash if r.weights_bps is None else \
             "0x" + lineage_hash([d.dataset_id for d in view.datasets], r.weights_bps).hex()
@@ -205,7 +205,7 @@ def misattributed(session: Session, receipts: list[EpochReceipt]) -> list[EpochR
     return wrong
 
 
-def _lineage_view(session: Session, r: EpochReceipt) -> queries.AdapterLineageView:
+def lineage_view(session: Session, r: EpochReceipt) -> queries.AdapterLineageView:
     view = queries.adapter_lineage(session, r.adapter_id, at_block=r.registry_block)
     if view is None:
         raise MirrorUnavailable("the mirror lacks an adapter a receipt names", adapter_id=r.adapter_id,

@@ -59,24 +59,38 @@ class Lineage:
                        tuple((payout, w) for (payout, _), w in zip(self.datasets, weights_bps, strict=True)))
 
 
-def split_fee(fee: int, params: SplitParams, lineage: Lineage) -> Counter[str]:
-    """Every payee's share of one fee; the values add up to `fee` exactly."""
+@dataclass(frozen=True)
+class Share:
+    """One part of a fee: who gets it and in which role (`treasury`, `node`, `owner`, or `dataset` with
+    the dataset's position in the lineage)."""
+
+    role: str
+    payee: str
+    amount: int
+    position: int | None = None  # the dataset's index in `Lineage.datasets`, for role `dataset`
+
+
+def split_shares(fee: int, params: SplitParams, lineage: Lineage) -> list[Share]:
+    """The parts of one fee by role, in the order above; their amounts add up to `fee` exactly."""
     if fee < 0:
         raise ValueError(f"negative fee {fee}")
-    shares: Counter[str] = Counter()
     protocol = fee * params.protocol_bps // BPS
     node = fee * params.node_bps // BPS
     rest = fee - protocol - node
     owner = rest * lineage.owner_share_bps // BPS
     pool = rest - owner
-    paid = 0
-    for payout, weight in lineage.datasets:
-        share = pool * weight // BPS
-        shares[payout] += share
-        paid += share
-    shares[params.treasury] += protocol
-    shares[lineage.owner] += owner
-    shares[params.node] += node + (pool - paid)  # no datasets: the whole pool is dust
+    datasets = [Share("dataset", payout, pool * weight // BPS, i)
+                for i, (payout, weight) in enumerate(lineage.datasets)]
+    dust = pool - sum(s.amount for s in datasets)  # no datasets: the whole pool is dust
+    return [Share("treasury", params.treasury, protocol), Share("node", params.node, node + dust),
+            Share("owner", lineage.owner, owner), *datasets]
+
+
+def split_fee(fee: int, params: SplitParams, lineage: Lineage) -> Counter[str]:
+    """Every payee's share of one fee; the values add up to `fee` exactly."""
+    shares: Counter[str] = Counter()
+    for share in split_shares(fee, params, lineage):
+        shares[share.payee] += share.amount
     return shares
 
 

@@ -181,7 +181,8 @@ def _public_urls(node: AttributedNode, paid: Paid) -> list[str]:
     base = node.paid.base_url
     info = httpx.get(f"{base}/v1/node").json()
     payer = Account.from_key(node.paid.payer_keys[0]).address
-    values = {"receipt_id": paid.receipt["id"], "node": info["node"], "payer": payer, "lane": "25"}
+    values = {"receipt_id": paid.receipt["id"], "node": info["node"], "payer": payer, "lane": "25",
+              "account": payer}
     urls = []
     for path, ops in httpx.get(f"{base}/openapi.json").json()["paths"].items():
         if "get" not in ops:

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from node.settlement.split import BPS, Lineage, SplitParams, split_fee, split_receipts
+from node.settlement.split import BPS, Lineage, SplitParams, split_fee, split_receipts, split_shares
 
 TREASURY, NODE, OWNER = "0xtreasury", "0xnode", "0xowner"
 PARAMS = SplitParams(treasury=TREASURY, node=NODE, protocol_bps=100, node_bps=2_000)
@@ -21,6 +21,15 @@ def test_worked_example() -> None:
     assert shares["0xc"] == 553_003 * 1_667 // BPS == 92_185
     assert shares[NODE] == 200_000 + (553_003 - 276_501 - 184_315 - 92_185)
     assert sum(shares.values()) == 1_000_003
+
+
+def test_the_shares_by_role_name_each_part_of_the_worked_example() -> None:
+    """What `loranode earnings` reports per source: one role per part, the dust with the node's share."""
+    lineage = Lineage(OWNER, 3_000, (("0xa", 5_000), ("0xb", 3_333), ("0xc", 1_667)))
+    shares = split_shares(1_000_003, PARAMS, lineage)
+    assert [(s.role, s.payee, s.amount, s.position) for s in shares] == [
+        ("treasury", TREASURY, 10_000, None), ("node", NODE, 200_000 + 2, None), ("owner", OWNER, 237_000, None),
+        ("dataset", "0xa", 276_501, 0), ("dataset", "0xb", 184_315, 1), ("dataset", "0xc", 92_185, 2)]
 
 
 def test_one_address_in_several_roles_adds_up() -> None:

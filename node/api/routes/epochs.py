@@ -1,33 +1,73 @@
-"""Published settlements: an epoch's rewards and receipts trees, and one receipt's proof."""
+"""Settlement as anyone may watch it: a node's epochs, a settled epoch's trees, one receipt's proof,
+and what an address earned."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
-from fastapi import APIRouter, Path
+from eth_utils import to_checksum_address
+from fastapi import APIRouter, Path, Query
 
-from node.api.deps import DatabaseDep
+from node.api.deps import DatabaseDep, SplitDep
 from node.api.error_handlers import error_responses
 from node.api.routes.info import ADDRESS, HASH, NotFound
+from node.settlement.earnings import earnings as account_earnings
+from node.settlement.epoch_report import MAX_LISTED, epoch_report, list_epochs
 from node.settlement.publication import epoch_document, published_epoch, receipt_proof
 
 router = APIRouter(prefix="/v1", tags=["settlement"])
 MAX_EPOCH_ID = 2**63  # epochs are stored as BIGINT; a larger id names no epoch
+EPOCH_ID = r"^([0-9]{1,20}|latest)$"
+
+
+def _wanted(node: str, epoch_id: str) -> int | None:
+    wanted = None if epoch_id == "latest" else int(epoch_id)
+    if wanted is not None and wanted >= MAX_EPOCH_ID:
+        raise NotFound("no such epoch", node=node, epoch_id=epoch_id)
+    return wanted
+
+
+@router.get("/epochs/{node}", responses=error_responses(400, 503))
+def epochs(db: DatabaseDep, node: str = Path(..., pattern=ADDRESS.pattern),
+           limit: int = Query(50, ge=1, le=MAX_LISTED)) -> dict[str, Any]:
+    """The node's newest epochs, newest first: state and times; once sent, receipt count, totals, roots
+    and transaction."""
+    with db() as session:
+        return {"node": to_checksum_address(node), "epochs": list_epochs(session, node, limit)}
+
+
+@router.get("/epochs/{node}/{epoch_id}/summary", responses=error_responses(400, 404, 503))
+def epoch_summary(db: DatabaseDep, node: str = Path(..., pattern=ADDRESS.pattern),
+                  epoch_id: str = Path(..., pattern=EPOCH_ID, description="an epoch id, or `latest`")
+                  ) -> dict[str, Any]:
+    """One epoch in any state (`epochs` above), with its losses per reason."""
+    with db() as session:
+        found = epoch_report(session, node, _wanted(node, epoch_id))
+    if found is None:
+        raise NotFound("no such epoch", node=node, epoch_id=epoch_id)
+    return found
 
 
 @router.get("/epochs/{node}/{epoch_id}", responses=error_responses(400, 404, 503))
 def epoch(db: DatabaseDep, node: str = Path(..., pattern=ADDRESS.pattern),
-          epoch_id: str = Path(..., pattern=r"^([0-9]{1,20}|latest)$", description="an epoch id, or `latest`")
-          ) -> dict[str, Any]:
+          epoch_id: str = Path(..., pattern=EPOCH_ID, description="an epoch id, or `latest`")) -> dict[str, Any]:
     """A settled epoch of `node` with its published trees (OpenZeppelin `standard-v1` dumps)."""
-    wanted = None if epoch_id == "latest" else int(epoch_id)
-    if wanted is not None and wanted >= MAX_EPOCH_ID:
-        raise NotFound("no such settled epoch", node=node, epoch_id=epoch_id)
+    wanted = _wanted(node, epoch_id)
     with db() as session:
         row = published_epoch(session, node, wanted)
         if row is None:
             raise NotFound("no such settled epoch", node=node, epoch_id=epoch_id)
         return epoch_document(row)
+
+
+@router.get("/earnings/{node}/{account}", responses=error_responses(400, 503))
+def earnings(db: DatabaseDep, split: SplitDep, node: str = Path(..., pattern=ADDRESS.pattern),
+             account: str = Path(..., pattern=ADDRESS.pattern)) -> dict[str, Any]:
+    """What `account` earned from `node`'s settled epochs, per epoch and per source (dataset, adapter
+    owner, node, treasury), and how much of it is claimed."""
+    with db() as session:
+        return account_earnings(session, replace(split, node=node), account)
 
 
 @router.get("/receipts/{receipt_id}/proof", responses=error_responses(400, 404, 503))

@@ -56,6 +56,13 @@ def models(catalog: CatalogDep) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
+@router.get("/adapters", responses=error_responses(503))
+def adapters(catalog: CatalogDep) -> dict[str, Any]:
+    """Every adapter registered for this node's base model and what a request for it meets now:
+    `serving`, `not_final`, `deprecated`, or `cannot_load` with the reason of its last load."""
+    return {"data": [{"id": str(s.adapter_id), "state": s.state, "detail": s.detail} for s in catalog.statuses()]}
+
+
 @router.get("/quote", responses=error_responses(400))
 def quote(pricing: PricingDep, prompt_tokens: int = Query(..., ge=1, le=10**7),
           max_tokens: int = Query(256, ge=1, le=10**7)) -> dict[str, Any]:

@@ -1,0 +1,46 @@
+"""`loranode earnings ADDRESS`: what a contributor, an adapter owner (or the node, or the treasury)
+earned from a node, per source and per epoch, claimed and not; read from the node's API."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import typer
+
+from node.cli.node_api import JsonOption, NodeAddressOption, NodeUrlOption, get_json, node_address, plain, print_table
+from node.errors import BadRequest
+
+ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+
+
+def earnings(address: str = typer.Argument(..., help="The payee: a dataset's payout address, an adapter owner..."),
+             node_url: str = NodeUrlOption, node: str = NodeAddressOption, as_json: bool = JsonOption) -> None:
+    """What ADDRESS earned from the node's settled epochs: per source (dataset, adapter owner share),
+    per epoch, and how much is claimed, claimable now, or still locked."""
+    if not ADDRESS.match(address):
+        raise BadRequest(f"not an address: {address!r} (0x and 40 hex digits)")
+    node = node_address(node_url, node)
+    doc = get_json(node_url, f"/v1/earnings/{node}/{address}")
+    if as_json:
+        plain(json.dumps(doc, indent=2))
+        return
+    _print(doc)
+
+
+def _print(doc: dict[str, Any]) -> None:
+    plain(f"{doc['account']} from node {doc['node']} (amounts in token base units)")
+    plain(f"earned {doc['earned']}; claimed {doc['claimed']}; not claimed {doc['unclaimed']} "
+          f"(claimable now {doc['claimableNow']})")
+    if not doc["epochs"]:
+        plain("nothing earned in a settled epoch yet")
+        return
+    plain("by source:")
+    print_table(("source", "earned"), [(s["source"], s["amount"]) for s in doc["bySource"]])
+    plain("by epoch:")
+    rows = []
+    for e in doc["epochs"]:
+        sources = "; ".join(f"{s['source']} {s['amount']}" for s in e["sources"] or [])
+        rows.append((e["epochId"], e["state"], e["earned"], e["claimed"], e["status"], sources or "-"))
+    print_table(("epoch", "state", "earned", "claimed", "status", "sources"), rows)

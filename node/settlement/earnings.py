@@ -1,0 +1,121 @@
+"""What one address earned from a node, per epoch and per source, and how much of it is claimed
+(`GET /v1/earnings/{node}/{account}`, `loranode earnings ADDRESS`).
+
+The published rewards trees are the truth: an epoch's earning is the account's cumulative amount in
+that epoch's tree less the one before. Its sources (a dataset's payout, an adapter's owner share, the
+node's or the treasury's share) are recomputed from the epoch's receipts with the same split
+(`split_shares`); were they ever to differ from the tree, the difference is shown as `unexplained`.
+Claims are cumulative per account (the chain mirror's `Claimed` events): they pay the oldest epochs
+first. Everything here is public once the epoch is settled: the trees, the receipts' fees, adapters
+and weights, and the registries.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+from eth_utils import to_checksum_address
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from node.db import queries
+from node.db.models import Claim, SettledEpoch, SettlementEpoch
+from node.settlement import outbox
+from node.settlement.epoch_builder import EpochReceipt, cumulative_of
+from node.settlement.publication import PUBLISHED
+from node.settlement.split import Lineage, SplitParams, split_shares
+
+MAX_DETAILED_EPOCHS = 50  # epochs whose receipts are replayed for the sources, newest first
+
+
+def earnings(session: Session, params: SplitParams, account: str, now: datetime | None = None) -> dict[str, Any]:
+    """`account`'s earnings from node `params.node`: totals, then one entry per epoch it earned in."""
+    node, who = params.node.lower(), to_checksum_address(account)
+    now = now or datetime.now(UTC)
+    rows = list(session.scalars(select(SettlementEpoch).where(SettlementEpoch.node == node,
+                                                               SettlementEpoch.state.in_(PUBLISHED))
+                                .order_by(SettlementEpoch.epoch_id)))
+    claimed = int(session.scalar(select(func.max(Claim.cumulative_amount))
+                                 .where(Claim.node == node, Claim.account == who.lower())) or 0)
+    settled = {r.epoch_id: r for r in session.scalars(select(SettledEpoch).where(SettledEpoch.node == node))}
+    epochs: list[dict[str, Any]] = []
+    previous = claimable = 0
+    for row in rows:
+        cumulative = cumulative_of((row.trees or {}).get("rewards")).get(who, 0)
+        on_chain = settled.get(row.epoch_id)
+        if on_chain is not None and on_chain.vetoed_block is None and on_chain.unlock_at <= now:
+            claimable = cumulative
+        if cumulative > previous:
+            epochs.append(_epoch_entry(row, on_chain, previous, cumulative, claimed, now))
+        previous = cumulative
+    for entry in epochs[-MAX_DETAILED_EPOCHS:]:
+        entry["sources"] = _sources(session, params, who, entry["epochId"], int(entry["earned"]))
+    return {"node": to_checksum_address(node), "account": who, "earned": str(previous), "claimed": str(claimed),
+            "unclaimed": str(max(previous - claimed, 0)), "claimableNow": str(max(claimable - claimed, 0)),
+            "bySource": _by_source(epochs), "epochs": epochs}
+
+
+def _epoch_entry(row: SettlementEpoch, on_chain: SettledEpoch | None, previous: int, cumulative: int,
+                 claimed: int, now: datetime) -> dict[str, Any]:
+    earned = cumulative - previous
+    paid = min(max(claimed - previous, 0), earned)
+    if paid == earned:
+        status = "claimed"
+    elif on_chain is None:
+        status = "not in the chain mirror yet"
+    elif on_chain.vetoed_block is not None:
+        status = "vetoed"
+    elif on_chain.unlock_at > now:
+        status = f"locked until {on_chain.unlock_at.isoformat()}"
+    else:
+        status = "partly claimed" if paid else "claimable"
+    return {"epochId": row.epoch_id, "state": row.state.value, "earned": str(earned), "claimed": str(paid),
+            "cumulative": str(cumulative), "status": status, "txHash": row.tx_hash, "sources": None}
+
+
+def _sources(session: Session, params: SplitParams, who: str, epoch_id: int, earned: int) -> list[dict[str, Any]]:
+    """Where `who`'s earning of this epoch came from, by replaying the split over its receipts."""
+    receipts = outbox.epoch_receipts(session, params.node, epoch_id)
+    by_source: Counter[str] = Counter()
+    views: dict[tuple[int, int], queries.AdapterLineageView] = {}
+    for r in receipts:
+        key = (r.adapter_id, r.registry_block)
+        if key not in views:
+            views[key] = outbox.lineage_view(session, r)
+        for label, amount in _shares_of(r, views[key], params, who):
+            by_source[label] += amount
+    unexplained = earned - sum(by_source.values())
+    if unexplained:
+        by_source["unexplained"] += unexplained
+    return [{"source": label, "amount": str(amount)} for label, amount in sorted(by_source.items()) if amount]
+
+
+def _shares_of(r: EpochReceipt, view: queries.AdapterLineageView, params: SplitParams,
+               who: str) -> list[tuple[str, int]]:
+    lineage = Lineage(view.owner, view.owner_share_bps, tuple((d.payout, d.weight_bps) for d in view.datasets))
+    if r.weights_bps is not None:
+        lineage = lineage.with_weights(r.weights_bps)
+    out = []
+    for share in split_shares(r.fee, params, lineage):
+        if share.amount and share.payee.lower() == who.lower():
+            out.append((_label(share.role, share.position, view), share.amount))
+    return out
+
+
+def _label(role: str, position: int | None, view: queries.AdapterLineageView) -> str:
+    if role == "dataset":
+        assert position is not None
+        return f"dataset {view.datasets[position].dataset_id}"
+    if role == "owner":
+        return f"adapter {view.adapter_id} owner"
+    return role
+
+
+def _by_source(epochs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    total: Counter[str] = Counter()
+    for entry in epochs:
+        for s in entry["sources"] or []:
+            total[s["source"]] += int(s["amount"])
+    return [{"source": label, "amount": str(amount)} for label, amount in sorted(total.items())]
