@@ -9,18 +9,17 @@ from typing import Any
 
 import typer
 
+from node.cli.context import address as checked_address
 from node.cli.node_api import JsonOption, NodeAddressOption, NodeUrlOption, get_json, node_address, plain, print_table
-from node.errors import BadRequest
 
 ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 
 
-def earnings(address: str = typer.Argument(..., help="The payee: a dataset's payout address, an adapter owner..."),
+def earnings(address: str = typer.Argument(..., callback=checked_address,
+                                          help="The payee: a dataset's payout address, an adapter owner..."),
              node_url: str = NodeUrlOption, node: str = NodeAddressOption, as_json: bool = JsonOption) -> None:
     """What ADDRESS earned from the node's settled epochs: per source (dataset, adapter owner share),
     per epoch, and how much is claimed, claimable now, or still locked."""
-    if not ADDRESS.match(address):
-        raise BadRequest(f"not an address: {address!r} (0x and 40 hex digits)")
     node = node_address(node_url, node)
     doc = get_json(node_url, f"/v1/earnings/{node}/{address}")
     if as_json:

@@ -12,7 +12,6 @@ import typer
 from node.cli.node_api import (
     JsonOption,
     NodeAddressOption,
-    NodeAnswered,
     NodeUrlOption,
     get_json,
     node_address,
@@ -20,7 +19,7 @@ from node.cli.node_api import (
     print_table,
 )
 from node.config import load_settings
-from node.errors import BadRequest, ChainError, ConfigError
+from node.errors import BadRequest, ChainError, ConfigError, NodeRefusal
 
 app = typer.Typer(help="Watch a node's settlement epochs (from its API, on any machine).", no_args_is_help=True)
 DONE = ("final", "failed")
@@ -67,8 +66,8 @@ def _fetch(node_url: str, node: str, epoch_id: str, wait_s: float) -> dict[str, 
             doc: dict[str, Any] = get_json(node_url, f"/v1/epochs/{node}/{epoch_id}/summary")
             if doc["state"] in DONE or time.monotonic() >= deadline:
                 return doc
-        except NodeAnswered as exc:
-            if exc.facts.get("status") != 404 or time.monotonic() >= deadline:
+        except NodeRefusal as exc:
+            if exc.http_status != 404 or time.monotonic() >= deadline:
                 raise
         time.sleep(1.0)
 

@@ -10,36 +10,21 @@ import httpx
 import typer
 
 from node.cli.console import console
-from node.errors import NodeError, Unavailable
+from node.cli.context import NodeUrlOption, address
+from node.client.refusal import check, reaching
 
-DEFAULT_NODE_URL = "http://127.0.0.1:8000"
-NodeUrlOption = typer.Option(DEFAULT_NODE_URL, "--node-url", help="The node's API (`loranode dev` prints it).")
-NodeAddressOption = typer.Option(None, "--node", help="The node's operator address (default: the one at --node-url).")
+__all__ = ["JsonOption", "NodeAddressOption", "NodeUrlOption", "get_json", "node_address", "plain", "print_table"]
+NodeAddressOption = typer.Option(None, "--node", callback=address,
+                                 help="The node's operator address (default: the one at --node-url).")
 JsonOption = typer.Option(False, "--json", help="Print the node's JSON answer instead of a table.")
 
 
-class NodeAnswered(NodeError):
-    """The node answered with an error: its message verbatim, its code and HTTP status as facts."""
-
-    code = "node_refused"
-
-
 def get_json(node_url: str, path: str, params: dict[str, Any] | None = None) -> Any:
-    """GET `path` from the node's API; an error answer raises NodeAnswered with the node's words."""
+    """GET `path` from the node's API; an error answer raises NodeRefusal with the node's words."""
     url = node_url.rstrip("/") + path
-    try:
-        resp = httpx.get(url, params=params, timeout=30)
-    except httpx.HTTPError as exc:
-        raise Unavailable(f"no node answers at {node_url}", reason=str(exc) or type(exc).__name__) from exc
-    try:
-        body = resp.json()
-    except ValueError:
-        body = None
-    if resp.status_code != 200:
-        error = body.get("error", {}) if isinstance(body, dict) else {}
-        raise NodeAnswered(str(error.get("message", resp.text[:200])), node_code=error.get("code"),
-                           status=resp.status_code, url=url)
-    return body
+    with reaching(node_url):
+        resp = check(httpx.get(url, params=params, timeout=30), node_url)
+    return resp.json()
 
 
 def node_address(node_url: str, node: str | None) -> str:
