@@ -33,7 +33,8 @@ pytestmark = pytest.mark.chain
 PAID = ("POST /v1/completions", "POST /v1/chat/completions")
 OPERATIONS = (*PAID, "GET /v1/node", "GET /v1/models", "GET /v1/quote", "GET /v1/channels/{payer}/{lane}",
               "GET /v1/receipts/{receipt_id}", "GET /v1/receipts/{receipt_id}/proof",
-              "GET /v1/epochs/{node}/{epoch_id}", "GET /health", "GET /ready", "GET /metrics")
+              "GET /v1/epochs/{node}/{epoch_id}", "GET /v1/epochs/{node}", "GET /v1/epochs/{node}/{epoch_id}/summary",
+              "GET /v1/earnings/{node}/{account}", "GET /v1/adapters", "GET /health", "GET /ready", "GET /metrics")
 MAX_EXAMPLES = int(os.environ.get("LORANODE_FUZZ_EXAMPLES", "40"))
 SEED = os.environ.get("LORANODE_FUZZ_SEED")  # unset: derandomized (the same cases every run)
 CHECKS = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
