@@ -115,7 +115,8 @@ def _other(exc: BaseException) -> Failure:
 
     if isinstance(exc, OSError) and exc.filename is not None:
         what = {FileNotFoundError: "no such file or folder", IsADirectoryError: "a folder, not a file",
-                NotADirectoryError: "not a folder", PermissionError: "permission denied"}.get(type(exc), exc.strerror)
+                NotADirectoryError: "not a folder", PermissionError: "permission denied",
+                FileExistsError: "already exists (a file where a folder is needed?)"}.get(type(exc), exc.strerror)
         return Failure("file_error", f"{what}: {exc.filename}")
     if isinstance(exc, OperationalError):  # database down or URL wrong (the URL is never printed: passwords)
         reason = str(exc.orig).splitlines()[0] if exc.orig else type(exc).__name__

@@ -21,6 +21,10 @@ def require_deployment():  # type: ignore[no-untyped-def]
     path = settings.resolved_deployment_file()
     if not path.exists():
         raise ConfigError(f"no deployment file at {path}: run `loranode chain deploy`", path=str(path))
+    if settings.database_url is None and not (settings.data_dir / "loranode.db").is_file():
+        raise ConfigError(f"no database in {settings.data_dir}: run `loranode db upgrade` first (or set "
+                          "LORANODE_DATA_DIR to the node's data folder, or LORANODE_DATABASE_URL)",
+                          data_dir=str(settings.data_dir))
     return settings, read_deployment(path)
 
 

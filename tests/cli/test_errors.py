@@ -184,3 +184,10 @@ def test_an_amount_that_is_not_one_is_refused_before_anything_is_sent(text: str,
     for command in ("deposit", "thaw"):
         out = _mistake("escrow", command, text, "--node", ADDRESS, "--dev-account", "3", env=deployment)
         assert f"not an amount: {text!r}" in out
+
+
+@pytest.mark.parametrize("command", ["api"])
+def test_a_process_without_its_database_says_to_create_it(command: str, deployment: dict[str, str],
+                                                          tmp_path: Path) -> None:
+    out = _mistake(command, env={**deployment, "LORANODE_DATA_DIR": str(tmp_path / "data")})
+    assert f"no database in {tmp_path / 'data'}: run `loranode db upgrade` first" in out
