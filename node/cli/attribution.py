@@ -113,19 +113,19 @@ def verify(
     from node.config import load_settings
     from node.protocol.eip712 import Domain
 
-    model = base_model or model or load_settings().model_path
-    if model is None:
+    model_dir = base_model or model or load_settings().model_path
+    if model_dir is None:
         raise ConfigError("pass --base-model (the node's base model folder) or set LORANODE_MODEL_PATH")
-    if not (model / "config.json").is_file():
-        raise ConfigError(f"{model} is not a model folder (no config.json): pass the node's base model folder "
-                          "as --base-model", path=str(model))
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(f"{model_dir} is not a model folder (no config.json): pass the node's base model folder "
+                          "as --base-model", path=str(model_dir))
     ctx = chain_context(rpc_url, deployment)
     domain = Domain(ctx.deployment.chain_id, ctx.deployment.settlement)
     data, text = load_receipt(receipt, node_url, read_authorization(key_file, receipt, domain))
     if output_file is not None:
         text = output_file.read_text(encoding="utf-8")
     root = cache_dir or Path(tempfile.gettempdir()) / "loranode-verify"
-    store = IndexStore(root, AutoTokenizer.from_pretrained(str(model)))
+    store = IndexStore(root, AutoTokenizer.from_pretrained(str(model_dir)))
     verdict = verify_receipt(data, text, ChainRegistry(ctx.contracts()), store, domain)
     (console if verdict.is_truthful else err_console).print(verdict.line, highlight=False, soft_wrap=True)
     if not verdict.is_truthful:

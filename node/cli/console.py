@@ -95,13 +95,15 @@ def describe(exc: BaseException) -> Failure:
 
 
 def _refusal(exc: NodeRefusal) -> Failure:
-    status = exc.http_status
+    status, hint = exc.http_status, None
+    what: str
     if status in TRANSIENT:
         what, hint, code = "the node is busy or unavailable", "retry in a few seconds", FAILURE
     elif status >= 500:
         what, hint, code = "the node failed", "the node's operator can see why in its log", FAILURE
     else:
-        what, hint, code = f"the node refused {CATEGORIES.get(status, 'the request')}", STATUS_HINTS.get(status), USAGE
+        what, code = f"the node refused {CATEGORIES.get(status, 'the request')}", USAGE
+        hint = STATUS_HINTS.get(status)
     hint = REFUSAL_HINTS.get(exc.node_code, hint)
     return Failure(exc.node_code, exc.message, dict(exc.facts), hint and hint.format(url=exc.url), code,
                    f"{what}: {status}")

@@ -18,6 +18,7 @@ whose answer was lost is replayed, not charged twice (until the voucher is settl
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass
@@ -28,7 +29,8 @@ from eth_account import Account
 
 from node.chain.receipt_read import HEADER, sign_read
 from node.client.refusal import check, reaching
-from node.errors import NodeRefusal
+from node.errors import NodeRefusal, PaymentError
+from node.payment.pricing import Pricing
 from node.protocol.eip712 import Domain
 from node.protocol.receipt import SignedReceipt, recover_receipt_signer
 from node.protocol.voucher import SignedVoucher, Voucher, request_hash, sign_voucher
@@ -56,6 +58,7 @@ class NodeInfo:
     domain: Domain
     max_model_len: int
     min_validity_s: int = 0  # the node refuses a new voucher with less time left
+    pricing: Pricing | None = None  # the prices it publishes (a quote must agree with them)
 
 
 class Payer:
@@ -77,9 +80,11 @@ class Payer:
     def info(self) -> NodeInfo:
         if self._info is None:
             data = self._get("/v1/node")
-            d = data["domain"]
+            d, p = data["domain"], data.get("prices")
+            pricing = None if p is None else Pricing(int(p["promptTokenPrice"]), int(p["completionTokenPrice"]),
+                                                     int(p["minFee"]))
             self._info = NodeInfo(node=data["node"], chain_id=data["chainId"], max_model_len=data["maxModelLen"],
-                                  min_validity_s=int(data.get("minVoucherValiditySeconds", 0)),
+                                  pricing=pricing, min_validity_s=int(data.get("minVoucherValiditySeconds", 0)),
                                   domain=Domain(chain_id=d["chainId"], verifying_contract=d["verifyingContract"],
                                                 name=d["name"], version=d["version"]))
         return self._info
@@ -107,9 +112,25 @@ class Payer:
         except NodeRefusal:
             quote = self.channel(lane)
             return int(quote["chargedTotal"]), int(quote["quote"]["maxFee"])
+        self._check_quote(data, body)
         with self._lock:
             self._charged[lane] = int(data["chargedTotal"])
         return int(data["chargedTotal"]), int(data["maxFee"])
+
+    def _check_quote(self, quote: dict[str, Any], body: bytes) -> None:
+        """Sign nothing a request cannot cost: the quote's maxFee is its token counts at the node's
+        published prices, within the context, for no more than the max_tokens asked (if asked)."""
+        info, max_fee = self.info, int(quote["maxFee"])
+        prompt_tokens, max_tokens = int(quote["promptTokens"]), int(quote["maxTokens"])
+        try:
+            request = json.loads(body)
+            asked = request.get("max_completion_tokens") or request.get("max_tokens")
+        except (ValueError, AttributeError):
+            asked = None
+        fair = info.pricing is None or max_fee == info.pricing.max_fee(prompt_tokens, max_tokens)
+        if not fair or prompt_tokens + max_tokens > info.max_model_len or (asked and max_tokens > int(asked)):
+            raise PaymentError("the node quoted more than this request can cost at its published prices: "
+                               "nothing was signed", quote=quote, max_model_len=info.max_model_len)
 
     def _get(self, path: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
         return self._request("GET", path, headers=headers)

@@ -7,6 +7,7 @@ what the node then holds for a request refuses an honest client with 402. Live n
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -15,6 +16,8 @@ import openai
 import pytest
 
 from node.client.payer import Payer
+from node.errors import PaymentError
+from node.payment.pricing import Pricing
 from node.protocol.voucher import SignedVoucher, Voucher, request_hash, sign_voucher
 from tests.fixtures.paid_node import PaidNode
 
@@ -123,3 +126,18 @@ def test_a_budget_caps_what_the_sdk_signs(paid_node: PaidNode) -> None:
         client.completions.create(model=str(paid_node.adapter_id), prompt="the sea", max_tokens=100)
     assert refused.value.status_code == 402 and "does not cover" in refused.value.message
     assert int(payer.channel(77)["lastCumulative"]) == budget and int(payer.channel(77)["chargedTotal"]) == charged
+
+
+def test_the_sdk_signs_nothing_for_a_quote_above_the_published_prices(paid_node: PaidNode) -> None:
+    """A node whose quote disagrees with the prices it publishes (here the payer read them as half of
+    what the node charges) gets no voucher: the request fails before anything is signed or sent."""
+    payer = Payer(paid_node.payer_keys[1], paid_node.base_url)
+    published = payer.info
+    assert published.pricing is not None
+    halved = Pricing(published.pricing.prompt_token_price // 2, published.pricing.completion_token_price // 2)
+    payer._info = dataclasses.replace(published, pricing=halved)
+    before = payer.channel(78)
+    with pytest.raises(PaymentError, match="quoted more than this request can cost"):
+        payer.openai(lane=78, max_retries=0).completions.create(model=str(paid_node.adapter_id), prompt="the sea",
+                                                                max_tokens=2)
+    assert payer.channel(78) == before
