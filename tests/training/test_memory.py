@@ -14,7 +14,7 @@ from node.training.token_file import tokenize_datasets
 from tests.training.conftest import write_dataset
 
 CONFIG = TrainingConfig(rank=2, alpha=4, seq_len=64, batch_size=2, max_steps=2, checkpoint_every=1)
-BATCH_CHARS = 1 << 16  # text tokenized at a time (1 MiB by default: these datasets are kept small)
+BATCH_CHARS = 1 << 16  # text tokenized at a time (256 KiB by default: these datasets are kept small)
 
 
 def _peak_bytes(tiny_model: Path, folder: Path, num_bytes: int) -> tuple[int, int]:

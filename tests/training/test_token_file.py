@@ -36,9 +36,13 @@ def test_tokens_are_the_whole_text_tokenized_framed_by_bos_and_eos(tokenizer: Pr
 def test_a_second_run_reuses_the_token_file(tokenizer: PreTrainedTokenizerBase, tmp_path: Path) -> None:
     data = write_dataset(tmp_path / "d.txt", 5_000)
     first = tokenize_datasets(tokenizer, [(data, dataset_content_hash(data))], tmp_path / "tok")
-    written_at = first.path.stat().st_mtime_ns
+    written_at, ids = first.path.stat().st_mtime_ns, first.tokens().tolist()
     second = tokenize_datasets(tokenizer, [(data, dataset_content_hash(data))], tmp_path / "tok")
     assert second == first and second.path.stat().st_mtime_ns == written_at
+    with open(first.path, "r+b") as f:
+        f.truncate(10)  # cut short (a disk that filled up, a copy that stopped): tokenized again
+    third = tokenize_datasets(tokenizer, [(data, dataset_content_hash(data))], tmp_path / "tok")
+    assert third == first and third.tokens().tolist() == ids
 
 
 def test_a_folder_dataset_is_its_text_files_in_order_hashed_with_the_folder_rule(
