@@ -134,8 +134,9 @@ class ModelRunner:
         if self.logits_observer is not None:
             self.logits_observer([s.seq for s in sampled], logits)
         seqs = [s.seq for s in sampled]
-        out = self.sampler(logits, SamplingBatch([q.params for q in seqs], [q.generator for q in seqs],
-                                                 [q.prompt_token_ids for q in seqs], [q.output_token_ids for q in seqs]))
+        batch = SamplingBatch([q.params for q in seqs], [q.generator for q in seqs],
+                              [q.prompt_token_ids for q in seqs], [q.output_token_ids for q in seqs])
+        out = self.sampler(logits, batch)
         row = {id(q): i for i, q in enumerate(seqs)}
         order = [row[id(s.seq)] for s in scheduled if s.is_sampled]
         return SamplerOutput([out.token_ids[i] for i in order], [out.logprobs[i] for i in order])
