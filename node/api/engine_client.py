@@ -131,7 +131,7 @@ class EngineClient:
             try:
                 async for delta in self.stream(prompt_ids, params[index], adapter_id, request_ids[index]):
                     queue.put_nowait((index, delta))
-            except Exception as exc:  # handed to the reader below, which raises it
+            except Exception as exc:  # a failed stream: handed to the reader below, which raises it
                 queue.put_nowait((index, exc))
 
         pumps = [asyncio.ensure_future(pump(i)) for i in range(len(request_ids))]

@@ -33,7 +33,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from node.api.choice import ChoiceOutput, Kind, ResponseShape, event, replay_chunks
+from node.api.choice import ChoiceOutput, Kind, ResponseShape, TokenText, event, replay_chunks
 from node.api.engine_client import EngineClient
 from node.api.metrics import APIMetrics
 from node.api.receipt_issuer import ReceiptIssuer
@@ -80,7 +80,7 @@ class Job:
             return [self.params] * n
         return [dataclasses.replace(self.params, seed=(seed + i) % MAX_SEED) for i in range(n)]
 
-    def shape(self, token_text: Any) -> ResponseShape:
+    def shape(self, token_text: TokenText) -> ResponseShape:
         return ResponseShape(self.kind, {"id": self.response_id, "created": self.created,
                                          "model": self.request.model}, token_text)
 
