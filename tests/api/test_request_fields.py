@@ -249,3 +249,17 @@ def test_fields_nobody_published_are_refused_unless_this_node_applies_them(paid_
     forced = walker.ask(stop=[stop], extra_body={"min_tokens": 8})
     assert forced.usage.completion_tokens == 8  # the stop string waits until min_tokens
     assert text_of(walker.ask(extra_body={"repetition_penalty": 10.0})) != text_of(base)
+
+
+INERT = {"chat": {"response_format": {"type": "text"}, "tool_choice": "none", "tools": [], "store": False,
+                  "modalities": ["text"], "service_tier": "auto", "function_call": "none", "audio": None},
+         "completion": {"best_of": 1, "echo": False, "suffix": None, "n": None}}
+
+
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+def test_a_field_this_node_does_not_apply_is_accepted_when_its_value_asks_for_nothing(
+        paid_node: PaidNode, kind: str) -> None:
+    walker = Walker(paid_node, kind, 74 if kind == "chat" else 75)
+    base = walker.ask()
+    for name, value in INERT[kind].items():
+        assert text_of(walker.ask(extra_body={name: value})) == text_of(base), name
