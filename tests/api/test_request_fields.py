@@ -249,6 +249,12 @@ def test_fields_nobody_published_are_refused_unless_this_node_applies_them(paid_
     forced = walker.ask(stop=[stop], extra_body={"min_tokens": 8})
     assert forced.usage.completion_tokens == 8  # the stop string waits until min_tokens
     assert text_of(walker.ask(extra_body={"repetition_penalty": 10.0})) != text_of(base)
+    for name, extra in {"min_tokens": {"min_tokens": 9}, "logit_bias": {"logit_bias": {"999999": 1}},
+                        "repetition_penalty": {"repetition_penalty": 0.0}}.items():
+        before = walker.charged()  # values the node cannot honour: refused by name, before any hold
+        with pytest.raises(openai.BadRequestError) as err:
+            walker.ask(extra_body=extra)
+        assert err.value.param == name and walker.charged() == before
 
 
 INERT = {"chat": {"response_format": {"type": "text"}, "tool_choice": "none", "tools": [], "store": False,
