@@ -113,14 +113,15 @@ class EngineClient:
                 self._in_flight -= 1
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams, adapter_id: str | None,
-                     request_id: str) -> AsyncIterator[StreamDelta]:
-        async for delta in self.engine.stream(prompt_ids, params, adapter_id, request_id):
+                     request_id: str, prefix_key: str | None = None) -> AsyncIterator[StreamDelta]:
+        async for delta in self.engine.stream(prompt_ids, params, adapter_id, request_id, prefix_key):
             yield delta
 
     async def stream_choices(self, prompt_ids: list[int], params: list[SamplingParams], adapter_id: str | None,
                              request_ids: list[str]) -> AsyncGenerator[tuple[int, StreamDelta]]:
         """The deltas of n choices of one prompt as they come, each with its choice's index, until every
-        choice has finished. Closing the iterator early aborts the choices still running."""
+        choice has finished; they share their prompt's KV blocks. Closing the iterator early aborts the
+        choices still running."""
         if len(request_ids) == 1:  # one choice: no hop through a queue
             async for delta in self.stream(prompt_ids, params[0], adapter_id, request_ids[0]):
                 yield 0, delta
@@ -129,7 +130,8 @@ class EngineClient:
 
         async def pump(index: int) -> None:
             try:
-                async for delta in self.stream(prompt_ids, params[index], adapter_id, request_ids[index]):
+                async for delta in self.stream(prompt_ids, params[index], adapter_id, request_ids[index],
+                                               prefix_key=request_ids[0]):
                     queue.put_nowait((index, delta))
             except Exception as exc:  # a failed stream: handed to the reader below, which raises it
                 queue.put_nowait((index, exc))
@@ -151,7 +153,7 @@ class EngineClient:
                     self.engine.abort(request_id)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, adapter_id: str | None,
-               request_id: str) -> asyncio.Future[RequestOutput]:
+               request_id: str, prefix_key: str | None = None) -> asyncio.Future[RequestOutput]:
         """Queue the request; the future gets its output once it finished, failed, or was aborted (then
         with what it had generated: see `abort`). `request_id` must be unique among requests in flight."""
         self.engine.start()
@@ -162,7 +164,7 @@ class EngineClient:
             with contextlib.suppress(RuntimeError):  # the caller's event loop is closed: nobody waits
                 loop.call_soon_threadsafe(_settle, finished, output)
 
-        self.engine.add_request(prompt_ids, params, adapter_id, request_id, waiter=on_finish)
+        self.engine.add_request(prompt_ids, params, adapter_id, request_id, waiter=on_finish, prefix_key=prefix_key)
         return finished
 
     def abort(self, request_id: str) -> None:

@@ -226,7 +226,8 @@ class GenerationService:
         short (the engine then reports what each had generated)."""
         cut = Cut(self.engine, job.choice_ids)
         try:
-            waiting = [self.engine.submit(job.prompt_ids, params, str(job.adapter.adapter_id), request_id)
+            waiting = [self.engine.submit(job.prompt_ids, params, str(job.adapter.adapter_id), request_id,
+                                          job.request_id if len(job.choice_ids) > 1 else None)
                        for params, request_id in zip(job.choice_params, job.choice_ids, strict=True)]
         except BaseException:
             cut(CLIENT_LEFT)  # the choices already queued

@@ -110,7 +110,9 @@ class LLMEngine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, adapter_id: str | None = None,
                     request_id: str | None = None, listener: Listener | None = None,
-                    waiter: Waiter | None = None) -> str:
+                    waiter: Waiter | None = None, prefix_key: str | None = None) -> str:
+        """Queue a request. Requests given one `prefix_key` (the n choices of one prompt) share the KV
+        blocks of their prompt."""
         ids = self._encode(prompt)
         if not ids:
             raise BadRequest("the prompt is empty")
@@ -122,7 +124,7 @@ class LLMEngine:
             raise AdapterNotFound(f"adapter {adapter_id} is not registered", adapter=adapter_id)
         request_id = request_id or f"req-{next(self._ids)}"
         seq = Sequence(request_id=request_id, prompt_token_ids=ids, params=params, adapter_id=adapter_id,
-                       arrival=next(self._ids))
+                       arrival=next(self._ids), prefix_key=prefix_key)
         seed = params.seed if params.seed is not None else self.config.seed * 1_000_003 + seq.arrival
         seq.generator = torch.Generator(device=self.config.device).manual_seed(seed)
         with self._wake:
@@ -247,7 +249,7 @@ class LLMEngine:
         return [done[rid] for rid in ids]
 
     async def stream(self, prompt: str | list[int], params: SamplingParams | None = None,
-                     adapter_id: str | None = None, request_id: str | None = None,
+                     adapter_id: str | None = None, request_id: str | None = None, prefix_key: str | None = None,
                      ) -> AsyncIterator[StreamDelta]:
         """Deltas of new token ids and text as they are produced; the last one has finish_reason."""
         self.start()
@@ -261,7 +263,7 @@ class LLMEngine:
             except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
                 self.abort(rid)
 
-        self.add_request(prompt, params or SamplingParams(), adapter_id, rid, listener=push)
+        self.add_request(prompt, params or SamplingParams(), adapter_id, rid, listener=push, prefix_key=prefix_key)
         finished = False
         try:
             while not finished:

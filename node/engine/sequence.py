@@ -62,6 +62,7 @@ class Sequence:
     num_preemptions: int = 0
     output_logprobs: list[TokenLogprob] = field(default_factory=list)  # when params.logprobs is set
     stop_search_from: int = 0  # stop strings are looked for from this character (see min_tokens)
+    prefix_key: str | None = None  # sequences with one key have one prompt (n choices): its blocks are shared
 
     @property
     def token_ids(self) -> list[int]:

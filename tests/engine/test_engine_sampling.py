@@ -103,3 +103,32 @@ def test_token_ids_outside_the_vocabulary_are_refused(engine: LLMEngine) -> None
     with pytest.raises(BadRequest) as err:
         engine.generate([PROMPT], SamplingParams(logit_bias={engine.model_config.vocab_size: 1.0}))
     assert err.value.facts["param"] == "logit_bias"
+
+
+def _run(engine: LLMEngine, prompt: list[int], params: list[SamplingParams], key: str | None) -> tuple[
+        list[list[int]], int]:
+    """The choices' tokens, and the fewest free KV blocks seen while they ran."""
+    done: dict[str, list[int]] = {}
+    ids = [engine.add_request(prompt, p, request_id=f"{key}-{i}-{id(p)}", prefix_key=key,
+                              waiter=lambda o: done.__setitem__(o.request_id, o.token_ids))
+           for i, p in enumerate(params)]
+    fewest = engine.block_manager.num_free
+    while len(done) < len(ids):
+        engine.step()
+        fewest = min(fewest, engine.block_manager.num_free)
+    return [done[i] for i in ids], fewest
+
+
+@pytest.mark.parametrize("num_kv_blocks", [64, 14])  # 14: too few for all three, so choices are preempted
+def test_n_choices_share_their_prompt_blocks_and_answer_as_if_alone(tiny_model: Path, num_kv_blocks: int) -> None:
+    engine = LLMEngine(EngineConfig(model_path=tiny_model, block_size=4, num_kv_blocks=num_kv_blocks,
+                                    max_model_len=40))
+    prompt = engine.tokenizer("The lighthouse keeper climbed the stairs every night to light the lamp").input_ids
+    assert len(prompt) > 12
+    params = [SamplingParams(max_tokens=8, temperature=1.0, seed=s, ignore_eos=True, logprobs=1) for s in (1, 2, 3)]
+    alone, fewest_alone = _run(engine, prompt, params, None)
+    shared, fewest_shared = _run(engine, prompt, params, "req")
+    assert shared == alone and len({tuple(t) for t in shared}) == 3
+    if num_kv_blocks == 64:
+        assert fewest_shared >= fewest_alone + 2 * ((len(prompt) - 1) // 4)  # two choices took no prompt blocks
+    assert engine.block_manager.num_free == num_kv_blocks  # every shared block went back once
