@@ -49,7 +49,6 @@ from node.protocol.receipt import output_text
 
 log = logging.getLogger(__name__)
 INLINE_TOKENIZE_CHARS = 8_192  # shorter prompts are tokenized on the event loop
-MAX_SEED = 2**63
 Finished = StreamDelta | RequestOutput  # a request's end: the last delta of a stream, or the whole output
 CLIENT_LEFT, TIME_LIMIT = "abort", "length"  # the finish reasons of an answer the node cut short
 
@@ -78,7 +77,7 @@ class Job:
         n, seed = self.request.num_choices, self.params.seed
         if seed is None:
             return [self.params] * n
-        return [dataclasses.replace(self.params, seed=(seed + i) % MAX_SEED) for i in range(n)]
+        return [dataclasses.replace(self.params, seed=(seed + i) % 2**63) for i in range(n)]
 
     def shape(self, token_text: TokenText) -> ResponseShape:
         return ResponseShape(self.kind, {"id": self.response_id, "created": self.created,
@@ -117,6 +116,7 @@ class Sent:
     num_choices: int = 1
     tokens: list[int] = field(default_factory=list)  # completion tokens generated, per choice
     parts: list[list[str]] = field(default_factory=list)  # text sent, per choice
+    chars: list[int] = field(default_factory=list)  # its length
     logprobs: list[list[TokenLogprob]] = field(default_factory=list)
     endings: list[str | None] = field(default_factory=list)
     is_sent: bool = False  # some text (or logprobs) left the node
@@ -125,13 +125,13 @@ class Sent:
 
     def __post_init__(self) -> None:
         n = self.num_choices
-        self.tokens, self.parts, self.endings = [0] * n, [[] for _ in range(n)], [None] * n
+        self.tokens, self.chars, self.parts, self.endings = [0] * n, [0] * n, [[] for _ in range(n)], [None] * n
         self.logprobs = [[] for _ in range(n)]
 
     def add(self, index: int, delta: StreamDelta) -> int:
         """Record the choice's delta; returns the length of its text before it (the delta's text offset)."""
-        offset = sum(map(len, self.parts[index]))
-        self.tokens[index] = delta.num_completion_tokens
+        offset = self.chars[index]
+        self.tokens[index], self.chars[index] = delta.num_completion_tokens, offset + len(delta.text)
         if delta.text:
             self.parts[index].append(delta.text)
         self.logprobs[index].extend(delta.logprobs or [])
