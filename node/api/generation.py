@@ -351,8 +351,8 @@ class GenerationService:
 
     def _replay(self, req: CompletionRequest | ChatCompletionRequest,
                 body: dict[str, Any]) -> JSONResponse | StreamingResponse:
-        """The stored answer again, free, in the shape it was bought in: a body both endpoints accept may
-        be retried on the other one (the voucher covers the body, not the path)."""
+        """The stored answer again, free, in the shape it was bought in (no body is served by both
+        endpoints: each refuses the other's fields)."""
         headers = {"X-Charged-Total": body["receipt"]["chargedTotal"], "X-Idempotent-Replay": "true"}
         if not req.stream:
             return JSONResponse(body, headers=headers)
