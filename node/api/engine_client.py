@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import functools
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import contextmanager
 
 from node.engine import LLMEngine, SamplingParams
@@ -28,6 +28,7 @@ class EngineClient:
         self.max_in_flight = max_in_flight
         self._in_flight = 0
         self._lock = threading.Lock()
+        self._token_texts: dict[int, str] = {}
 
     @property
     def max_model_len(self) -> int:
@@ -85,6 +86,17 @@ class EngineClient:
                              f"{self.max_model_len}", param="max_tokens", room=room)
         return max_tokens if max_tokens is not None else min(default, room)
 
+    def token_text(self, token_id: int) -> str:
+        """A token's text alone (what logprobs name it by)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = str(self.engine.tokenizer.decode([token_id]))
+        return text
+
+    def check_vocabulary(self, params: SamplingParams) -> None:
+        """400 for token ids (logit_bias) outside the model's vocabulary: checked before any hold."""
+        self.engine.check_vocabulary(params)
+
     # --- running ----------------------------------------------------------------------------------
     @contextmanager
     def admission(self) -> Iterator[None]:
@@ -101,12 +113,47 @@ class EngineClient:
                 self._in_flight -= 1
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams, adapter_id: str | None,
-                     request_id: str) -> AsyncIterator[StreamDelta]:
-        async for delta in self.engine.stream(prompt_ids, params, adapter_id, request_id):
+                     request_id: str, prefix_key: str | None = None) -> AsyncIterator[StreamDelta]:
+        async for delta in self.engine.stream(prompt_ids, params, adapter_id, request_id, prefix_key):
             yield delta
 
+    async def stream_choices(self, prompt_ids: list[int], params: list[SamplingParams], adapter_id: str | None,
+                             request_ids: list[str]) -> AsyncGenerator[tuple[int, StreamDelta]]:
+        """The deltas of n choices of one prompt as they come, each with its choice's index, until every
+        choice has finished; they share their prompt's KV blocks. Closing the iterator early aborts the
+        choices still running."""
+        if len(request_ids) == 1:  # one choice: no hop through a queue
+            async for delta in self.stream(prompt_ids, params[0], adapter_id, request_ids[0]):
+                yield 0, delta
+            return
+        queue: asyncio.Queue[tuple[int, StreamDelta | BaseException]] = asyncio.Queue()
+
+        async def pump(index: int) -> None:
+            try:
+                async for delta in self.stream(prompt_ids, params[index], adapter_id, request_ids[index],
+                                               prefix_key=request_ids[0]):
+                    queue.put_nowait((index, delta))
+            except Exception as exc:  # a failed stream: handed to the reader below, which raises it
+                queue.put_nowait((index, exc))
+
+        pumps = [asyncio.ensure_future(pump(i)) for i in range(len(request_ids))]
+        running = len(pumps)
+        try:
+            while running:
+                index, item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                running -= item.finish_reason is not None
+                yield index, item
+        finally:
+            for task in pumps:
+                task.cancel()  # its engine.stream aborts its request if it has not finished
+            if running:  # and in case a pump had not started yet
+                for request_id in request_ids:
+                    self.engine.abort(request_id)
+
     def submit(self, prompt_ids: list[int], params: SamplingParams, adapter_id: str | None,
-               request_id: str) -> asyncio.Future[RequestOutput]:
+               request_id: str, prefix_key: str | None = None) -> asyncio.Future[RequestOutput]:
         """Queue the request; the future gets its output once it finished, failed, or was aborted (then
         with what it had generated: see `abort`). `request_id` must be unique among requests in flight."""
         self.engine.start()
@@ -117,7 +164,7 @@ class EngineClient:
             with contextlib.suppress(RuntimeError):  # the caller's event loop is closed: nobody waits
                 loop.call_soon_threadsafe(_settle, finished, output)
 
-        self.engine.add_request(prompt_ids, params, adapter_id, request_id, waiter=on_finish)
+        self.engine.add_request(prompt_ids, params, adapter_id, request_id, waiter=on_finish, prefix_key=prefix_key)
         return finished
 
     def abort(self, request_id: str) -> None:

@@ -12,23 +12,28 @@ token that leaves the node is paid for or recorded as a loss:
     a node fault before any token left        -> the hold is released; the voucher may be sent again
     a node fault after tokens left            -> nothing charged, the voucher spent, a NODE_FAULT loss
     the charge fails after tokens left        -> the voucher spent, a DELIVERED_UNCHARGED loss
+
+A request of n choices runs as n engine sequences of one prompt; its hold covers n x max_tokens, and
+every ending above counts the tokens of all its choices, under one receipt.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
+import dataclasses
 import logging
 import secrets
 import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from node.api.choice import ChoiceOutput, Kind, ResponseShape, TokenText, event, replay_chunks
 from node.api.engine_client import EngineClient
 from node.api.metrics import APIMetrics
 from node.api.receipt_issuer import ReceiptIssuer
@@ -36,13 +41,14 @@ from node.api.schemas import ChatCompletionRequest, CompletionRequest
 from node.catalog import AdapterCatalog, ServedAdapter
 from node.db.loss import LossReason
 from node.engine import SamplingParams
+from node.engine.logprob import TokenLogprob
 from node.engine.sequence import RequestOutput, StreamDelta
 from node.errors import NodeError, Unavailable
 from node.payment.service import Hold, PaymentService, Replay, Usage
+from node.protocol.receipt import output_text
 
 log = logging.getLogger(__name__)
 INLINE_TOKENIZE_CHARS = 8_192  # shorter prompts are tokenized on the event loop
-Kind = Literal["completion", "chat"]
 Finished = StreamDelta | RequestOutput  # a request's end: the last delta of a stream, or the whole output
 CLIENT_LEFT, TIME_LIMIT = "abort", "length"  # the finish reasons of an answer the node cut short
 
@@ -59,19 +65,38 @@ class Job:
     params: SamplingParams
     hold: Hold
 
+    @property
+    def choice_ids(self) -> list[str]:
+        """The engine's request id of each choice."""
+        n = self.request.num_choices
+        return [self.request_id] if n == 1 else [f"{self.request_id}-{i}" for i in range(n)]
+
+    @property
+    def choice_params(self) -> list[SamplingParams]:
+        """Each choice's params: with a seed, choice i draws with seed + i (else n equal answers)."""
+        n, seed = self.request.num_choices, self.params.seed
+        if seed is None:
+            return [self.params] * n
+        return [dataclasses.replace(self.params, seed=(seed + i) % 2**63) for i in range(n)]
+
+    def shape(self, token_text: TokenText) -> ResponseShape:
+        return ResponseShape(self.kind, {"id": self.response_id, "created": self.created,
+                                         "model": self.request.model}, token_text)
+
 
 class Cut:
     """Ends a request early on the node's side, remembering why (the client left, or the time limit):
-    the engine then reports the request as aborted with what it had generated."""
+    the engine then reports its choices as aborted with what they had generated."""
 
-    def __init__(self, engine: EngineClient, request_id: str) -> None:
-        self.engine, self.request_id = engine, request_id
+    def __init__(self, engine: EngineClient, request_ids: list[str]) -> None:
+        self.engine, self.request_ids = engine, request_ids
         self.reason: str | None = None
 
     def __call__(self, reason: str) -> None:
         if self.reason is None:
             self.reason = reason
-            self.engine.abort(self.request_id)
+            for request_id in self.request_ids:
+                self.engine.abort(request_id)
 
     def ending(self, final: Finished) -> str:
         """How the request ended: its finish reason, or why it was cut; a node fault raises."""
@@ -83,27 +108,48 @@ class Cut:
 
 @dataclass
 class Sent:
-    """What a stream has produced so far, and whether its hold has ended (charged, released, lost). The
-    hold ends once: every ending takes `lock` and checks `is_settled` (a hang-up can race the charge)."""
+    """What a stream has produced so far, choice by choice, and whether its hold has ended (charged,
+    released, lost). The hold ends once: every ending takes `lock` and checks `is_settled` (a hang-up
+    can race the charge)."""
 
     num_prompt_tokens: int
-    num_completion_tokens: int = 0
-    parts: list[str] = field(default_factory=list)
+    num_choices: int = 1
+    tokens: list[int] = field(default_factory=list)  # completion tokens generated, per choice
+    parts: list[list[str]] = field(default_factory=list)  # text sent, per choice
+    chars: list[int] = field(default_factory=list)  # its length
+    logprobs: list[list[TokenLogprob]] = field(default_factory=list)
+    endings: list[str | None] = field(default_factory=list)
+    is_sent: bool = False  # some text (or logprobs) left the node
     is_settled: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, delta: StreamDelta) -> None:
-        self.num_completion_tokens = delta.num_completion_tokens
+    def __post_init__(self) -> None:
+        n = self.num_choices
+        self.tokens, self.chars, self.parts, self.endings = [0] * n, [0] * n, [[] for _ in range(n)], [None] * n
+        self.logprobs = [[] for _ in range(n)]
+
+    def add(self, index: int, delta: StreamDelta) -> int:
+        """Record the choice's delta; returns the length of its text before it (the delta's text offset)."""
+        offset = self.chars[index]
+        self.tokens[index], self.chars[index] = delta.num_completion_tokens, offset + len(delta.text)
         if delta.text:
-            self.parts.append(delta.text)
+            self.parts[index].append(delta.text)
+        self.logprobs[index].extend(delta.logprobs or [])
+        self.is_sent = self.is_sent or bool(delta.text or delta.logprobs)
+        return offset
 
     @property
     def usage(self) -> Usage:
-        return Usage(self.num_prompt_tokens, self.num_completion_tokens)
+        return Usage(self.num_prompt_tokens, sum(self.tokens))
 
     @property
-    def text(self) -> str:
-        return "".join(self.parts)
+    def is_done(self) -> bool:
+        return all(e is not None for e in self.endings)
+
+    def choices(self, asked_logprobs: bool, unfinished: str) -> list[ChoiceOutput]:
+        """Every choice as sent; one still running ends with `unfinished`."""
+        return [ChoiceOutput("".join(p), e or unfinished, lp if asked_logprobs else None)
+                for p, e, lp in zip(self.parts, self.endings, self.logprobs, strict=True)]
 
 
 class GenerationService:
@@ -120,8 +166,8 @@ class GenerationService:
         adapter = self.catalog.cached(req.model) or await asyncio.to_thread(self.catalog.resolve, req.model)
         prompt_ids = await self._tokenize(kind, req)
         max_tokens, max_fee = self._ceiling(req, len(prompt_ids))
-        params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=max(req.top_k, 0),
-                                top_p=req.top_p, seed=req.seed, stop=tuple(req.stop_strings))
+        params = sampling_params(req, max_tokens)
+        self.engine.check_vocabulary(params)
         admission = self.engine.admission()
         admission.__enter__()
         try:
@@ -153,7 +199,7 @@ class GenerationService:
         """(max_tokens, the most the request can cost): what the hold is sized by."""
         limit = req.completion_limit if isinstance(req, ChatCompletionRequest) else req.max_tokens
         max_tokens = self.engine.completion_budget(num_prompt_tokens, limit, self.default_max_tokens)
-        return max_tokens, self.payments.pricing.max_fee(num_prompt_tokens, max_tokens)
+        return max_tokens, self.payments.pricing.max_fee(num_prompt_tokens, max_tokens, req.num_choices)
 
     async def _tokenize(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest) -> list[int]:
         """The prompt's ids; a long prompt is tokenized off the event loop (a short one costs less than
@@ -172,91 +218,111 @@ class GenerationService:
         """Nothing leaves the node before the charge commits: whatever fails first releases the hold."""
         started = time.monotonic()
         try:
-            final, ending = await self._generate(job, http)
-            if final.num_completion_tokens == 0 and ending in (CLIENT_LEFT, TIME_LIMIT):
+            finals, endings = await self._generate(job, http)
+            generated = sum(f.num_completion_tokens for f in finals)
+            if generated == 0 and any(e in (CLIENT_LEFT, TIME_LIMIT) for e in endings):
                 raise Unavailable("the request was cut before it produced a token; nothing was charged")
-            usage = Usage(final.num_prompt_tokens, final.num_completion_tokens)
-            total, body = await asyncio.to_thread(self._charge, job, usage, final.text, ending)
+            usage = Usage(len(job.prompt_ids), generated)
+            choices = [ChoiceOutput(f.text, e, f.logprobs) for f, e in zip(finals, endings, strict=True)]
+            total, body = await asyncio.to_thread(self._charge, job, usage, choices)
         except BaseException:
             await asyncio.shield(asyncio.to_thread(self.payments.cancel, job.hold))
             raise
         self._observe(job, usage, time.monotonic() - started)
         return JSONResponse(body, headers={"X-Charged-Total": str(total)})
 
-    async def _generate(self, job: Job, http: Request) -> tuple[RequestOutput, str]:
-        """The request's output and how it ended; a client that leaves, or the time limit, cuts it short
-        (the engine then reports what it had generated)."""
-        finished = self.engine.submit(job.prompt_ids, job.params, str(job.adapter.adapter_id), job.request_id)
-        cut = Cut(self.engine, job.request_id)
+    async def _generate(self, job: Job, http: Request) -> tuple[list[RequestOutput], list[str]]:
+        """Each choice's output and how it ended; a client that leaves, or the time limit, cuts them all
+        short (the engine then reports what each had generated)."""
+        cut = Cut(self.engine, job.choice_ids)
+        try:
+            waiting = [self.engine.submit(job.prompt_ids, params, str(job.adapter.adapter_id), request_id,
+                                          job.request_id if len(job.choice_ids) > 1 else None)
+                       for params, request_id in zip(job.choice_params, job.choice_ids, strict=True)]
+        except BaseException:
+            cut(CLIENT_LEFT)  # the choices already queued
+            raise
         timer = asyncio.get_running_loop().call_later(self.max_generation_s, cut, TIME_LIMIT)
         watcher = asyncio.ensure_future(_wait_disconnect(http))
         watcher.add_done_callback(lambda w: None if w.cancelled() or w.exception() else cut(CLIENT_LEFT))
         try:
-            final = await finished
+            finals = list(await asyncio.gather(*waiting))
         except asyncio.CancelledError:  # the server is stopping: a node fault, nothing charged
-            self.engine.abort(job.request_id)
+            for request_id in job.choice_ids:
+                self.engine.abort(request_id)
             raise
         finally:
             timer.cancel()
             watcher.cancel()
-        return final, cut.ending(final)
+        endings = [cut.ending(final) for final in finals]
+        return finals, endings
 
-    def _charge(self, job: Job, usage: Usage, text: str, finish: str) -> tuple[int, dict[str, Any]]:
-        digest = job.hold.checked.digest
+    def _charge(self, job: Job, usage: Usage, choices: list[ChoiceOutput]) -> tuple[int, dict[str, Any]]:
+        digest, text = job.hold.checked.digest, output_text([c.text for c in choices])
+        shape = job.shape(self.engine.token_text)
         return self.payments.finish(job.hold, usage,
                                     lambda fee: self.issuer.issue(digest, job.adapter, usage, fee, text),
-                                    lambda receipt: _body(job, text, finish, usage, receipt))
+                                    lambda receipt: shape.body(choices, usage, receipt))
 
     # --- streamed -----------------------------------------------------------------------------------
     async def _sse(self, job: Job, admission: Any) -> AsyncIterator[bytes]:
-        started, sent = time.monotonic(), Sent(len(job.prompt_ids))
+        started, sent = time.monotonic(), Sent(len(job.prompt_ids), job.request.num_choices)
+        shape = job.shape(self.engine.token_text)
         try:
             if job.kind == "chat":
-                yield _event(_chunk(job, {"role": "assistant", "content": ""}, None))
-            cut = Cut(self.engine, job.request_id)
+                yield event(shape.chunk([shape.delta(i, {"role": "assistant", "content": ""}, None)
+                                         for i in range(sent.num_choices)]))
+            cut = Cut(self.engine, job.choice_ids)
             timer = asyncio.get_running_loop().call_later(self.max_generation_s, cut, TIME_LIMIT)
+            deltas = self.engine.stream_choices(job.prompt_ids, job.choice_params, str(job.adapter.adapter_id),
+                                                job.choice_ids)
             try:
-                async for delta in self.engine.stream(job.prompt_ids, job.params, str(job.adapter.adapter_id),
-                                                      job.request_id):
-                    ending = cut.ending(delta) if delta.finish_reason is not None else None
-                    sent.add(delta)
-                    if delta.text:
-                        if len(sent.parts) == 1:
-                            self.metrics.ttft.observe(time.monotonic() - started)
-                        yield _event(_chunk(job, delta.text, None))
-                    if ending is not None:
-                        yield await self._last_event(job, sent, ending, started)
-                        yield b"data: [DONE]\n\n"
-                        return
+                async with contextlib.aclosing(deltas):
+                    async for index, delta in deltas:
+                        if delta.finish_reason is not None:
+                            sent.endings[index] = cut.ending(delta)
+                        was_sent, offset = sent.is_sent, sent.add(index, delta)
+                        if delta.text or delta.logprobs:
+                            if not was_sent:
+                                self.metrics.ttft.observe(time.monotonic() - started)
+                            yield event(shape.chunk([shape.delta(index, delta.text, None,
+                                                                 shape.logprobs(delta.logprobs, offset))]))
+                        if sent.is_done:
+                            yield await self._last_event(job, sent, shape, started)
+                            yield b"data: [DONE]\n\n"
+                            return
             finally:
                 timer.cancel()
         except NodeError as exc:
             await asyncio.to_thread(self._end_unpaid, job, sent, LossReason.NODE_FAULT, exc)
-            yield _event({"error": {"message": exc.message, "code": exc.code, "type": "server_error"}})
+            yield event({"error": {"message": exc.message, "code": exc.code, "type": "server_error"}})
         finally:
+            if not sent.is_done:  # a fault or a hang-up: the choices still running stop now
+                for request_id in job.choice_ids:
+                    self.engine.abort(request_id)
             if not sent.is_settled:  # the client hung up (or the server is stopping) mid-stream
-                self.engine.abort(job.request_id)
                 await asyncio.shield(asyncio.to_thread(self._settle_hang_up, job, sent))
             admission.__exit__(None, None, None)
 
-    async def _last_event(self, job: Job, sent: Sent, ending: str, started: float) -> bytes:
-        """Charge for the stream; the last chunk carries usage and receipt. A charge that cannot be
-        committed after tokens left is a loss (raised on as the stream's error)."""
+    async def _last_event(self, job: Job, sent: Sent, shape: ResponseShape, started: float) -> bytes:
+        """Charge for the stream; the last chunk carries every choice's finish reason, the usage and the
+        receipt. A charge that cannot be committed after tokens left is a loss (raised on as the stream's
+        error)."""
         try:
-            body = await asyncio.to_thread(self._charge_stream, job, sent, ending)
+            body = await asyncio.to_thread(self._charge_stream, job, sent)
         except NodeError as exc:
             await asyncio.to_thread(self._end_unpaid, job, sent, LossReason.DELIVERED_UNCHARGED, exc)
             raise
         self._observe(job, sent.usage, time.monotonic() - started)
-        last = _chunk(job, "", ending)
+        last = shape.chunk([shape.delta(i, "", ending) for i, ending in enumerate(sent.endings)])
         last.update(usage=body["usage"], receipt=body["receipt"])
-        return _event(last)
+        return event(last)
 
-    def _charge_stream(self, job: Job, sent: Sent, ending: str) -> dict[str, Any]:
+    def _charge_stream(self, job: Job, sent: Sent) -> dict[str, Any]:
         with sent.lock:
             if sent.is_settled:  # the hang-up's settling came first (its thread may start before this one)
                 raise Unavailable("the stream ended while it was being charged")
-            _total, body = self._charge(job, sent.usage, sent.text, ending)
+            _total, body = self._charge(job, sent.usage, sent.choices(job.params.logprobs is not None, CLIENT_LEFT))
             sent.is_settled = True
             return body
 
@@ -273,7 +339,7 @@ class GenerationService:
         if sent.is_settled:
             return False
         sent.is_settled = True
-        if not sent.parts:
+        if not sent.is_sent:
             self.payments.cancel(job.hold)
             return False
         return True
@@ -285,32 +351,25 @@ class GenerationService:
             if not self._settling(job, sent):
                 return
             try:
-                self._charge(job, sent.usage, sent.text, CLIENT_LEFT)
+                self._charge(job, sent.usage, sent.choices(job.params.logprobs is not None, CLIENT_LEFT))
             except NodeError as exc:
                 self.payments.write_off(job.hold, sent.usage, LossReason.DELIVERED_UNCHARGED,
                                         f"{exc.code}: {exc.message}")
                 return
         log.info("stream %s: the client left after %d tokens, charged for them", job.response_id,
-                 sent.num_completion_tokens)
+                 sent.usage.completion_tokens)
 
     def _replay(self, req: CompletionRequest | ChatCompletionRequest,
                 body: dict[str, Any]) -> JSONResponse | StreamingResponse:
-        """The stored answer again, free, in the shape it was bought in: a body both endpoints accept may
-        be retried on the other one (the voucher covers the body, not the path)."""
+        """The stored answer again, free, in the shape it was bought in (no body is served by both
+        endpoints: each refuses the other's fields)."""
         headers = {"X-Charged-Total": body["receipt"]["chargedTotal"], "X-Idempotent-Replay": "true"}
-        kind: Kind = "chat" if body["object"] == "chat.completion" else "completion"
         if not req.stream:
             return JSONResponse(body, headers=headers)
 
         async def events() -> AsyncIterator[bytes]:
-            choice = body["choices"][0]
-            text = choice["message"]["content"] if kind == "chat" else choice["text"]
-            base = {"id": body["id"], "created": body["created"], "model": body["model"]}
-            job_like = _ChunkBase(kind, base)
-            yield _event(job_like.chunk(text, None))
-            last = job_like.chunk("", choice["finish_reason"])
-            last.update(usage=body["usage"], receipt=body["receipt"])
-            yield _event(last)
+            for chunk in replay_chunks(body):
+                yield event(chunk)
             yield b"data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
@@ -342,37 +401,10 @@ async def _wait_disconnect(http: Request) -> None:
             return
 
 
-class _ChunkBase:
-    def __init__(self, kind: Kind, base: dict[str, Any]) -> None:
-        self.kind, self.base = kind, base
-
-    def chunk(self, text: str | dict[str, str], finish: str | None) -> dict[str, Any]:
-        if self.kind == "chat":
-            delta = text if isinstance(text, dict) else ({"content": text} if text else {})
-            return {**self.base, "object": "chat.completion.chunk",
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        return {**self.base, "object": "text_completion",
-                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
-
-
-def _chunk(job: Job, text: str | dict[str, str], finish: str | None) -> dict[str, Any]:
-    base = {"id": job.response_id, "created": job.created, "model": job.request.model}
-    return _ChunkBase(job.kind, base).chunk(text, finish)
-
-
-def _event(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
-
-
-def _body(job: Job, text: str, finish: str | None, usage: Usage, receipt: dict[str, Any]) -> dict[str, Any]:
-    usage_json = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-                  "total_tokens": usage.prompt_tokens + usage.completion_tokens}
-    if job.kind == "chat":
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                  "finish_reason": finish}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-        obj = "text_completion"
-    return {"id": job.response_id, "object": obj, "created": job.created, "model": job.request.model,
-            "choices": [choice], "usage": usage_json, "receipt": receipt}
+def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> SamplingParams:
+    """The engine's params for one choice of `req` (BadRequest, naming the field, when they conflict)."""
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=req.temperature, top_k=max(req.top_k, 0), top_p=req.top_p,
+        seed=req.seed, stop=tuple(req.stop_strings), repetition_penalty=req.repetition_penalty or 1.0,
+        frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
+        logit_bias=tuple(req.bias.items()), min_tokens=req.min_tokens or 0, logprobs=req.num_logprobs)

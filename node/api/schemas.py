@@ -1,21 +1,33 @@
 """OpenAI request and response shapes (the subset a node serves), plus loranode's receipt field.
 
-Requests accept the fields OpenAI clients send; anything we cannot honour (n > 1, logprobs, tools)
-is refused with a 400 naming the field rather than silently ignored.
+Every field declared on a request is honoured; the request fields this node does not apply are
+refused with a 400 naming them (node/api/request_fields.py), and so is any field it does not know.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from node.engine.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENALTY, REPETITION_PENALTY_RANGE
 
 MAX_STOP_STRINGS = 8
+MAX_CHOICES = 16  # n: the most choices one request may ask for (all of them paid for)
+MAX_LOGIT_BIAS_ENTRIES = 1024
 StopString = Annotated[str, Field(min_length=1)]
+Penalty = Annotated[float | None, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool | None = Field(default=None, description="usage is always in the last chunk")
+    include_obfuscation: Literal[False] | None = None  # not applied: refused when true
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow")  # what is left over is refused (request_fields.py)
 
     model: str = Field(min_length=1, max_length=128)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -25,32 +37,63 @@ class _Request(BaseModel):
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    n: int = Field(default=1, ge=1, le=1, description="one choice per request")
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(default=1, ge=1, le=MAX_CHOICES, description="choices, each paid for")
+    # penalties and bias (node/engine/penalty.py); repetition_penalty and min_tokens as vLLM names them
+    presence_penalty: Penalty = None
+    frequency_penalty: Penalty = None
+    repetition_penalty: float | None = Field(default=None, ge=REPETITION_PENALTY_RANGE[0],
+                                             le=REPETITION_PENALTY_RANGE[1])
+    logit_bias: dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = Field(
+        default=None, max_length=MAX_LOGIT_BIAS_ENTRIES, description="token id (decimal string) -> bias")
+    min_tokens: int | None = Field(default=None, ge=0)
+    # labels: accepted, they change nothing in the answer (a random `user` adds entropy to the body)
     user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    metadata: dict[str, str] | None = None
 
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, v: str | list[str] | None) -> list[str] | None:
         return [v] if isinstance(v, str) else v
 
-    @model_validator(mode="after")
-    def _unsupported(self) -> _Request:
-        for name in ("logprobs", "tools", "functions", "best_of", "echo", "suffix", "logit_bias"):
-            value = (self.model_extra or {}).get(name)
-            if value not in (None, False, 0, [], {}):
-                raise ValueError(f"{name} is not supported by this node")
-        return self
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key in v or {}:
+            if not (key.isascii() and key.isdigit() and len(key) <= 9):
+                raise ValueError(f"logit_bias keys are token ids as decimal strings, not {key[:20]!r}")
+        return v
 
     @property
     def stop_strings(self) -> list[str]:
         return list(self.stop or [])  # type: ignore[arg-type]  # normalised to a list by the validator
+
+    @property
+    def num_choices(self) -> int:
+        return self.n or 1
+
+    @property
+    def bias(self) -> dict[int, float]:
+        return {int(k): v for k, v in (self.logit_bias or {}).items()}
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """None: no logprobs; k: the sampled token's and the k most likely."""
+        return None
 
 
 class CompletionRequest(_Request):
     # the schema states the bound on each branch: on the union, `minLength` would say nothing of a list
     prompt: str | list[int] = Field(json_schema_extra={"anyOf": [
         {"type": "string", "minLength": 1}, {"type": "array", "items": {"type": "integer"}, "minItems": 1}]})
+
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description="the k most likely per token")
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -82,6 +125,19 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def completion_limit(self) -> int | None:
@@ -112,11 +168,18 @@ class SignedReceipt(BaseModel):
     chargedTotal: str
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -134,10 +197,26 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+    refusal: None = None
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str | None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):

@@ -18,6 +18,7 @@ from node.cli.console import console, err_console
 from node.cli.context import DeploymentOption, NodeUrlOption, RpcOption, chain_context
 from node.errors import BadRequest, ConfigError
 from node.protocol.hexstr import to_hex
+from node.protocol.receipt import response_output_text
 
 if TYPE_CHECKING:
     from node.protocol.eip712 import Domain
@@ -82,9 +83,7 @@ def load_receipt(receipt: str, node_url: str, read: str | None = None) -> tuple[
         except (OSError, ValueError) as exc:
             raise BadRequest(f"{receipt} is neither a receipt id nor a readable JSON file", reason=str(exc)) from exc
     if isinstance(data, dict) and isinstance(data.get("receipt"), dict):  # a whole response body
-        choice = (data.get("choices") or [{}])[0]
-        text = choice["message"].get("content") if "message" in choice else choice.get("text")
-        return data["receipt"], text
+        return data["receipt"], response_output_text(data)
     if not isinstance(data, dict):
         raise BadRequest("the receipt JSON is not an object")
     return data, data.get("output")

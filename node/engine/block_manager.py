@@ -38,6 +38,15 @@ class BlockManager:
             self.ref_counts[block] = 1
             seq.block_table.append(block)
 
+    def share(self, seq: Sequence, donor: Sequence, num_blocks: int) -> None:
+        """Start `seq` (nothing computed yet) on the first `num_blocks` full, computed blocks of `donor`
+        (the same prompt): their keys and values are read, never written again, so both reference them."""
+        assert not seq.block_table and donor.num_computed_tokens >= num_blocks * self.block_size
+        seq.block_table = donor.block_table[:num_blocks]
+        for block in seq.block_table:
+            self.ref_counts[block] += 1
+        seq.num_computed_tokens = num_blocks * self.block_size
+
     def release(self, seq: Sequence) -> None:
         """Drop the sequence's references; blocks nobody references go back to the free list."""
         for block in reversed(seq.block_table):

@@ -43,7 +43,10 @@ class LLMEngine:
         self.lora_target = LoRATargetSpec.of(self.model_config.num_layers, self.model_config.module_shapes())
         self.provider: AdapterProvider[LoRAWeights] = provider or InMemoryAdapterProvider(self.parse_adapter)
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(config.model_path))
-        self.runner = ModelRunner(config, self.model_config, self.max_model_len, self.provider)
+        eos = set(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.runner = ModelRunner(config, self.model_config, self.max_model_len, self.provider, frozenset(eos))
         if self.runner.num_blocks * config.block_size < self.max_model_len:
             raise ConfigError("the KV cache cannot hold one max_model_len sequence",
                               num_kv_blocks=self.runner.num_blocks, max_model_len=self.max_model_len)
@@ -51,9 +54,6 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, self.provider, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_adapter_slots=self.runner.slots.num_slots)
-        eos = set(self.model_config.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
         self.outputs = OutputProcessor(self.tokenizer, frozenset(eos), self.max_model_len)
         self._inbox: list[Sequence | str] = []  # new sequences and request ids to abort
         self._listeners: dict[str, Listener] = {}  # stream callers: every delta
@@ -101,20 +101,30 @@ class LLMEngine:
             raise BadRequest("prompt token ids must be ints in the vocabulary")
         return list(prompt)
 
+    def check_vocabulary(self, params: SamplingParams) -> None:
+        """Token ids in the params (logit_bias, stop_token_ids) must be in this model's vocabulary."""
+        vocab = self.model_config.vocab_size
+        for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids)):
+            if any(not 0 <= t < vocab for t in ids):
+                raise BadRequest(f"{name} names token ids outside the vocabulary [0, {vocab})", param=name)
+
     def add_request(self, prompt: str | list[int], params: SamplingParams, adapter_id: str | None = None,
                     request_id: str | None = None, listener: Listener | None = None,
-                    waiter: Waiter | None = None) -> str:
+                    waiter: Waiter | None = None, prefix_key: str | None = None) -> str:
+        """Queue a request. Requests given one `prefix_key` (the n choices of one prompt) share the KV
+        blocks of their prompt."""
         ids = self._encode(prompt)
         if not ids:
             raise BadRequest("the prompt is empty")
         if len(ids) >= self.max_model_len:
             raise PromptTooLong(f"prompt of {len(ids)} tokens, max_model_len is {self.max_model_len}",
                                 num_prompt_tokens=len(ids), max_model_len=self.max_model_len)
+        self.check_vocabulary(params)
         if adapter_id is not None and self.provider.state(adapter_id) is LoadState.UNKNOWN:
             raise AdapterNotFound(f"adapter {adapter_id} is not registered", adapter=adapter_id)
         request_id = request_id or f"req-{next(self._ids)}"
         seq = Sequence(request_id=request_id, prompt_token_ids=ids, params=params, adapter_id=adapter_id,
-                       arrival=next(self._ids))
+                       arrival=next(self._ids), prefix_key=prefix_key)
         seed = params.seed if params.seed is not None else self.config.seed * 1_000_003 + seq.arrival
         seq.generator = torch.Generator(device=self.config.device).manual_seed(seed)
         with self._wake:
@@ -173,12 +183,12 @@ class LLMEngine:
                 self.scheduler.fail(item.seq, e)
                 finished.append(item.seq)
         if scheduled:
-            tokens = self.runner.run(scheduled, in_use)
-            sampled = iter(tokens)
+            sampled_out = self.runner.run(scheduled, in_use)
+            sampled = iter(zip(sampled_out.token_ids, sampled_out.logprobs, strict=True))
             for item in scheduled:
                 item.seq.num_computed_tokens += item.num_new_tokens
                 if item.seq.num_computed_tokens == item.seq.num_tokens:
-                    item.seq.output_token_ids.append(next(sampled))
+                    item.seq.append(*next(sampled))
                     if self.outputs.check_stop(item.seq, is_streamed=item.seq.request_id in self._listeners):
                         self.scheduler.finish(item.seq)
                         finished.append(item.seq)
@@ -239,7 +249,7 @@ class LLMEngine:
         return [done[rid] for rid in ids]
 
     async def stream(self, prompt: str | list[int], params: SamplingParams | None = None,
-                     adapter_id: str | None = None, request_id: str | None = None,
+                     adapter_id: str | None = None, request_id: str | None = None, prefix_key: str | None = None,
                      ) -> AsyncIterator[StreamDelta]:
         """Deltas of new token ids and text as they are produced; the last one has finish_reason."""
         self.start()
@@ -253,7 +263,7 @@ class LLMEngine:
             except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
                 self.abort(rid)
 
-        self.add_request(prompt, params or SamplingParams(), adapter_id, rid, listener=push)
+        self.add_request(prompt, params or SamplingParams(), adapter_id, rid, listener=push, prefix_key=prefix_key)
         finished = False
         try:
             while not finished:

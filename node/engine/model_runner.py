@@ -10,7 +10,7 @@ import torch
 
 from node.engine.config import EngineConfig
 from node.engine.cuda_graph import DecodeBatch, DecodeGraphs
-from node.engine.sampling import sample
+from node.engine.sampler import Sampler, SamplerOutput, SamplingBatch
 from node.engine.scheduler import ScheduledSeq
 from node.engine.sequence import Sequence
 from node.errors import ConfigError
@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int,
-                 provider: AdapterProvider[LoRAWeights]):
+                 provider: AdapterProvider[LoRAWeights], eos_token_ids: frozenset[int] = frozenset()):
         self.config, self.model_config, self.provider = config, model_config, provider
+        self.sampler = Sampler(eos_token_ids)
         self.device = torch.device(config.device)
         self.model = load_model(config.model_path, config.torch_dtype, self.device, max_model_len)
         if config.weight_quantization == "int8":
@@ -93,8 +94,9 @@ class ModelRunner:
         return max(1, min(wanted, budget // self._block_bytes()))
 
     @torch.inference_mode()
-    def run(self, scheduled: list[ScheduledSeq], adapters_in_use: Collection[str]) -> list[int]:
-        """Run one step; returns the sampled token of each `is_sampled` item, in `scheduled` order."""
+    def run(self, scheduled: list[ScheduledSeq], adapters_in_use: Collection[str]) -> SamplerOutput:
+        """Run one step; returns the sampled token (and logprobs) of each `is_sampled` item, in
+        `scheduled` order."""
         slot_of = {id(s.seq): self._slot(s.seq.adapter_id, adapters_in_use) for s in scheduled}
         # prefills then decodes, each sorted by adapter slot: LoRA segments become long runs
         by_slot = sorted(scheduled, key=lambda s: (s.num_new_tokens == 1, slot_of[id(s.seq)]))
@@ -127,13 +129,17 @@ class ModelRunner:
                 ends.append(offset - 1)
                 sampled.append(item)
         if not sampled:
-            return []
+            return SamplerOutput([], [])
         logits = self.model.logits(hidden[self._long(ends)])
         if self.logits_observer is not None:
             self.logits_observer([s.seq for s in sampled], logits)
-        tokens = sample(logits, [s.seq.params for s in sampled], [s.seq.generator for s in sampled])
-        by_seq = {id(s.seq): t for s, t in zip(sampled, tokens, strict=True)}
-        return [by_seq[id(s.seq)] for s in scheduled if s.is_sampled]
+        seqs = [s.seq for s in sampled]
+        batch = SamplingBatch([q.params for q in seqs], [q.generator for q in seqs],
+                              [q.prompt_token_ids for q in seqs], [q.output_token_ids for q in seqs])
+        out = self.sampler(logits, batch)
+        row = {id(q): i for i, q in enumerate(seqs)}
+        order = [row[id(s.seq)] for s in scheduled if s.is_sampled]
+        return SamplerOutput([out.token_ids[i] for i in order], [out.logprobs[i] for i in order])
 
     def _eager(self, prefills: list[ScheduledSeq], decodes: list[ScheduledSeq], token_ids: list[int],
                positions: list[int], slot_mapping: list[int], token_slots: list[int]) -> torch.Tensor:

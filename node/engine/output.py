@@ -32,7 +32,10 @@ class OutputProcessor:
             return True
         if p.stop or is_streamed:
             seq.text = self._decode(seq.output_token_ids)
-            cut = self._stop_string_at(seq.text, p.stop)
+            cut = self._stop_string_at(seq.text, p.stop, seq.stop_search_from)
+            if len(seq.output_token_ids) < p.min_tokens:  # no stop before min_tokens: search after this text
+                seq.stop_search_from = max(0, len(seq.text) - max(map(len, p.stop), default=1) + 1)
+                cut = None
             if cut is not None:
                 seq.text = seq.text[:cut]
                 seq.finish("stop")
@@ -44,8 +47,8 @@ class OutputProcessor:
         return False
 
     @staticmethod
-    def _stop_string_at(text: str, stops: tuple[str, ...]) -> int | None:
-        found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    def _stop_string_at(text: str, stops: tuple[str, ...], start: int = 0) -> int | None:
+        found = [i for i in (text.find(s, start) for s in stops if s) if i >= 0]
         return min(found) if found else None
 
     def delta(self, seq: Sequence) -> StreamDelta | None:
@@ -55,6 +58,7 @@ class OutputProcessor:
         if not seq.is_finished:
             text = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence: wait for the next token
         new_tokens = seq.output_token_ids[sent.num_tokens:]
+        logprobs = seq.output_logprobs[sent.num_tokens:] if seq.params.logprobs is not None else None
         new_text = text[sent.num_chars:] if len(text) > sent.num_chars else ""
         if not new_tokens and not new_text and not seq.is_finished:
             return None
@@ -62,7 +66,7 @@ class OutputProcessor:
         sent.num_chars = max(sent.num_chars, len(text))
         return StreamDelta(request_id=seq.request_id, token_ids=new_tokens, text=new_text,
                            finish_reason=seq.finish_reason, num_prompt_tokens=len(seq.prompt_token_ids),
-                           num_completion_tokens=len(seq.output_token_ids), error=seq.error)
+                           num_completion_tokens=len(seq.output_token_ids), error=seq.error, logprobs=logprobs)
 
     def forget(self, seq: Sequence) -> None:
         self._sent.pop(seq.request_id, None)

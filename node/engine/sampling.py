@@ -1,7 +1,14 @@
-"""Sampling parameters and the batched sampler (per-request params within one batch)."""
+"""Sampling parameters and the batched sampler (per-request params within one batch).
+
+`sample()` is the last stage of the pipeline in node/engine/sampler.py: logits adjusted per row
+(penalties, bias, min_tokens: node/engine/penalty.py) -> a per-sequence mask -> here temperature,
+top-k, top-p and the draw.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -9,6 +16,10 @@ import torch
 from node.errors import BadRequest
 
 MIN_TEMPERATURE = 1e-5
+MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-MAX_PENALTY, MAX_PENALTY] (OpenAI's range)
+REPETITION_PENALTY_RANGE = (0.01, 10.0)  # logits divided by 0.01 stay finite in float32
+MAX_LOGIT_BIAS = 100.0  # each bias lies in [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS] (OpenAI's range)
+MAX_LOGPROBS = 20  # the most alternatives a token's logprobs may list
 
 
 @dataclass(frozen=True)
@@ -21,16 +32,49 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings, excluded from the text
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # --- adjustments of the logits, in this order (node/engine/penalty.py), and logprobs ---------------
+    repetition_penalty: float = 1.0  # over prompt + output: a seen token's logit / p if > 0, else * p (HF)
+    frequency_penalty: float = 0.0  # over the output: logit -= frequency * count (OpenAI)
+    presence_penalty: float = 0.0  # over the output: logit -= presence if count > 0 (OpenAI)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logit; a dict is taken
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until the output has this many tokens
+    logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob and the k most likely
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in bias)))
         if self.max_tokens < 1:
             raise BadRequest("max_tokens must be at least 1", max_tokens=self.max_tokens)
         if not self.temperature >= 0:  # NaN too
             raise BadRequest("temperature must be >= 0", temperature=self.temperature)
         if not 0 < self.top_p <= 1:
             raise BadRequest("top_p must be in (0, 1]", top_p=self.top_p)
+        self._check_adjustments()
+
+    def _check_adjustments(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:  # NaN too
+                raise BadRequest(f"{name} must be in [-{MAX_PENALTY}, {MAX_PENALTY}]", param=name)
+        low, high = REPETITION_PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:
+            raise BadRequest(f"repetition_penalty must be in [{low}, {high}]", param="repetition_penalty")
+        for token_id, bias in self.logit_bias:
+            if token_id < 0 or not (math.isfinite(bias) and abs(bias) <= MAX_LOGIT_BIAS):
+                raise BadRequest(f"logit_bias takes token ids >= 0 and biases in [-{MAX_LOGIT_BIAS}, "
+                                 f"{MAX_LOGIT_BIAS}]", param="logit_bias", token_id=token_id)
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise BadRequest("min_tokens must be in [0, max_tokens]", param="min_tokens",
+                             min_tokens=self.min_tokens, max_tokens=self.max_tokens)
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise BadRequest(f"logprobs must be in [0, {MAX_LOGPROBS}]", param="logprobs")
+
+    @property
+    def is_adjusted(self) -> bool:
+        """Whether any adjustment of the logits applies to this request (else its row is left alone)."""
+        return bool(self.repetition_penalty != 1.0 or self.frequency_penalty or self.presence_penalty
+                    or self.logit_bias or self.min_tokens)
 
     @property
     def is_greedy(self) -> bool:

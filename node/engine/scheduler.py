@@ -156,8 +156,11 @@ class Scheduler:
             is_new_adapter = seq.adapter_id is not None and seq.adapter_id not in active
             if is_new_adapter and len(active) >= self.max_adapters:
                 continue  # every slot is taken by running sequences of other adapters
+            if not self._share_prompt(seq):
+                continue  # a sibling is computing the prompt they share: take its blocks next step
             n = min(seq.num_pending, budget)
             if not self.blocks.can_grow(seq, n):
+                self.blocks.release(seq)  # the blocks it shared, if any
                 break  # FCFS on memory: do not let later, smaller requests starve this one
             self.waiting.remove(seq)
             self.blocks.grow(seq, n)
@@ -168,6 +171,22 @@ class Scheduler:
             scheduled.append(ScheduledSeq(seq, n))
             budget -= n
         return failed
+
+    def _share_prompt(self, seq: Sequence) -> bool:
+        """A choice of a request of n: start it on the full prompt blocks a running sibling computed (the
+        last prompt token is always run, for its logits). False while that sibling is still computing
+        them (then the choice waits a step rather than compute them again)."""
+        bs = self.blocks.block_size
+        shareable = (len(seq.prompt_token_ids) - 1) // bs
+        if seq.prefix_key is None or seq.num_computed_tokens or shareable == 0:
+            return True
+        for donor in self.running:
+            if donor.prefix_key == seq.prefix_key and donor.adapter_id == seq.adapter_id:
+                if donor.num_computed_tokens < shareable * bs:
+                    return False
+                self.blocks.share(seq, donor, shareable)
+                return True
+        return True
 
     def _adapter_ready(self, seq: Sequence) -> bool:
         if seq.adapter_id is None:
@@ -198,7 +217,7 @@ class Scheduler:
         """Send a sequence admitted this step back to the front of the queue, its blocks released:
         its adapter found no device slot (every slot its rank fits holds an adapter of a running
         sequence). It is admitted again once one of them finishes. Not counted as a preemption."""
-        assert seq.num_computed_tokens == 0, "only a sequence admitted this step is deferred"
+        assert seq.num_computed_tokens == 0 or seq.prefix_key is not None, "only one admitted this step is deferred"
         self.running.remove(seq)
         self.blocks.release(seq)
         seq.status = SequenceStatus.WAITING

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from node.engine.logprob import TokenLogprob
 from node.engine.sampling import SamplingParams
 from node.errors import NodeError
 
@@ -28,6 +29,7 @@ class RequestOutput:
     num_completion_tokens: int
     adapter_id: str | None = None
     error: NodeError | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when the request asked
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class StreamDelta:
     num_prompt_tokens: int
     num_completion_tokens: int
     error: NodeError | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per new token id, when the request asked
 
 
 @dataclass(eq=False)
@@ -57,6 +60,9 @@ class Sequence:
     generator: torch.Generator | None = None
     text: str = ""  # completion text so far (stop strings cut)
     num_preemptions: int = 0
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)  # when params.logprobs is set
+    stop_search_from: int = 0  # stop strings are looked for from this character (see min_tokens)
+    prefix_key: str | None = None  # sequences with one key have one prompt (n choices): its blocks are shared
 
     @property
     def token_ids(self) -> list[int]:
@@ -75,6 +81,11 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
+    def append(self, token_id: int, logprob: TokenLogprob | None = None) -> None:
+        self.output_token_ids.append(token_id)
+        if logprob is not None:
+            self.output_logprobs.append(logprob)
+
     def finish(self, reason: str, error: NodeError | None = None) -> None:
         self.status, self.finish_reason, self.error = SequenceStatus.FINISHED, reason, error
 
@@ -84,4 +95,5 @@ class Sequence:
             token_ids=list(self.output_token_ids), text=self.text, finish_reason=self.finish_reason,
             num_prompt_tokens=len(self.prompt_token_ids), num_completion_tokens=len(self.output_token_ids),
             adapter_id=self.adapter_id, error=self.error,
+            logprobs=list(self.output_logprobs) if self.params.logprobs is not None else None,
         )

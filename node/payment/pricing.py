@@ -21,6 +21,7 @@ class Pricing:
         return max(self.min_fee,
                    prompt_tokens * self.prompt_token_price + completion_tokens * self.completion_token_price)
 
-    def max_fee(self, prompt_tokens: int, max_tokens: int) -> int:
-        """The most a request can be charged: every allowed completion token produced."""
-        return self.fee(prompt_tokens, max_tokens)
+    def max_fee(self, prompt_tokens: int, max_tokens: int, num_choices: int = 1) -> int:
+        """The most a request can be charged: every allowed completion token of every choice produced
+        (the prompt is read once for all its choices)."""
+        return self.fee(prompt_tokens, max_tokens * num_choices)

@@ -10,11 +10,13 @@
                               response's `receipt` field (`response_json`) and of GET /v1/receipts/{id}
     SignedReceipt.from_json() / from_row(), receipt_of_row()    parse it from a response or a `receipts` row
     SignedReceipt.columns()   the `receipts` row it is stored as
+    output_text() / response_output_text()   the text its outputHash covers (one answer, or n choices)
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -183,3 +185,20 @@ def attribution_summary(attribution: dict[str, Any] | None) -> dict[str, Any]:
     if attribution is None:
         return {}
     return {"attribution": {k: attribution[k] for k in ATTRIBUTION_SUMMARY_KEYS}}
+
+
+def output_text(texts: Sequence[str]) -> str:
+    """The text a receipt's outputHash (and its attribution) covers: the answer's text, or for a request
+    of n > 1 choices the compact JSON array of their texts in choice order."""
+    return texts[0] if len(texts) == 1 else json.dumps(list(texts), separators=(",", ":"), ensure_ascii=False)
+
+
+def response_output_text(response: Mapping[str, Any]) -> str | None:
+    """`output_text` of an OpenAI response body (chat or completion); None if a choice has no text."""
+    texts = []
+    for choice in response.get("choices") or []:
+        text = choice.get("message", {}).get("content") if "message" in choice else choice.get("text")
+        if not isinstance(text, str):
+            return None
+        texts.append(text)
+    return output_text(texts) if texts else None

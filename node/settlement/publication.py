@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.models import EpochState, Receipt, SettlementEpoch, Voucher
 from node.protocol.hexstr import from_hex, to_hex
-from node.protocol.receipt import SignedReceipt
+from node.protocol.receipt import SignedReceipt, response_output_text
 from node.settlement.merkle import MerkleTree
 
 PUBLISHED = (EpochState.CONFIRMED, EpochState.FINAL)
@@ -99,14 +99,8 @@ def payer_view(row: Receipt, voucher: Voucher) -> dict[str, Any]:
     view: dict[str, Any] = {"attribution": row.attribution, "payer": voucher.payer, "lane": voucher.lane}
     if voucher.response is not None:
         view["chargedTotal"] = voucher.response["receipt"]["chargedTotal"]
-        view["output"] = _output_text(voucher.response)
+        view["output"] = response_output_text(voucher.response)
     return view
-
-
-def _output_text(response: dict[str, Any]) -> str | None:
-    choice = (response.get("choices") or [{}])[0]
-    text = choice.get("message", {}).get("content") if "message" in choice else choice.get("text")
-    return text if isinstance(text, str) else None
 
 
 def export_epoch(factory: sessionmaker[Session], node: str, path: Path, epoch_id: int | None = None) -> Path:

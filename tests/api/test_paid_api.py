@@ -103,7 +103,7 @@ def test_every_refusal_has_its_status_and_an_openai_error_body(paid_node: PaidNo
         "unknown adapter": (_post(paid_node, body.replace(model.encode(), b"999"),
                                   payer.payment_header(body.replace(model.encode(), b"999"), 3)), 404,
                             "adapter_not_found"),
-        "n > 1": (_post(paid_node, json.dumps({"model": model, "prompt": "x", "n": 2}).encode(), good), 400,
+        "n > 16": (_post(paid_node, json.dumps({"model": model, "prompt": "x", "n": 17}).encode(), good), 400,
                   "invalid_request"),
     }
     long_body = json.dumps({"model": model, "prompt": "sea " * 5000, "max_tokens": 2}).encode()

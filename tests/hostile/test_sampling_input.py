@@ -29,3 +29,30 @@ def test_a_vanishing_temperature_is_greedy_not_a_failed_step() -> None:
     tiny = SamplingParams(temperature=3.7e-86)  # the fuzzer's case: logits / t overflowed to inf -> NaN
     assert tiny.is_greedy
     assert sample(batch, [tiny, SamplingParams(temperature=1e-300)], [None, None]) == [1, 0]
+
+
+adjusted = st.builds(SamplingParams, max_tokens=st.just(8), temperature=st.floats(0.0, 2.0),
+                     top_p=st.floats(0.0, 1.0, exclude_min=True),
+                     repetition_penalty=st.floats(0.01, 10.0), frequency_penalty=st.floats(-2.0, 2.0),
+                     presence_penalty=st.floats(-2.0, 2.0), min_tokens=st.integers(0, 8),
+                     logit_bias=st.dictionaries(st.integers(0, VOCAB - 1), st.floats(-100.0, 100.0), max_size=VOCAB),
+                     stop_token_ids=st.lists(st.integers(0, VOCAB - 1), max_size=3).map(tuple),
+                     logprobs=st.none() | st.integers(0, 20))
+history = st.lists(st.integers(0, VOCAB - 1), max_size=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(rows=st.lists(st.tuples(adjusted, logits, history, history), min_size=1, max_size=4))
+def test_any_penalties_bias_min_tokens_and_logprobs_give_a_token_and_finite_logprobs(
+        rows: list[tuple[SamplingParams, list[float], list[int], list[int]]]) -> None:
+    from node.engine.sampler import Sampler, SamplingBatch
+
+    batch = torch.tensor([row for _, row, _, _ in rows], dtype=torch.float32)  # [N, vocab]
+    params = [p for p, _, _, _ in rows]
+    out = Sampler(frozenset({0}))(batch, SamplingBatch(params, [None] * len(rows), [r[2] for r in rows],
+                                                      [r[3] for r in rows]))
+    assert len(out.token_ids) == len(rows) and all(0 <= i < VOCAB for i in out.token_ids)
+    for p, lp in zip(params, out.logprobs, strict=True):
+        assert (lp is None) == (p.logprobs is None)
+        if lp is not None:
+            assert all(-1e4 <= x <= 0 for x in [lp.logprob, *(v for _, v in lp.top)])

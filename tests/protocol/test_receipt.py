@@ -162,3 +162,14 @@ def test_the_documented_response_schema_is_the_receipts_json() -> None:
     body = SignedReceipt.sign(_receipt(random.Random(5)), KEY, NODE, DOMAIN).response_json(charged_total=7)
     assert set(ReceiptSchema.model_fields) == set(body)
     assert ReceiptSchema.model_validate(body).model_dump() == body
+
+
+def test_the_output_a_receipt_covers_is_the_text_or_the_json_array_of_the_choices() -> None:
+    from node.protocol.receipt import output_text, response_output_text
+
+    assert output_text(["the sea"]) == "the sea"
+    assert output_text(["a", "é\"b"]) == '["a","é\\"b"]'
+    chat = {"choices": [{"index": 0, "message": {"content": "a"}}, {"index": 1, "message": {"content": "b"}}]}
+    assert response_output_text(chat) == '["a","b"]'
+    assert response_output_text({"choices": [{"index": 0, "text": "x"}]}) == "x"
+    assert response_output_text({"choices": [{"index": 0, "message": {"content": None}}]}) is None

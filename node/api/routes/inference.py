@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 from node.api.deps import GenerationDep, LedgerDep
 from node.api.error_handlers import error_responses
 from node.api.generation import Kind
+from node.api.request_fields import refuse_unapplied
 from node.api.schemas import ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse
 from node.errors import BadRequest, RequestTooLarge
 
@@ -39,11 +40,13 @@ async def _read_body(request: Request) -> bytes:
 async def _parse(request: Request, model: type[M]) -> tuple[M, bytes]:
     body = await _read_body(request)
     try:
-        return model.model_validate_json(body), body
+        req = model.model_validate_json(body)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
         raise BadRequest(f"{where}: {first['msg']}", param=where, errors=exc.error_count()) from exc
+    refuse_unapplied(req.model_extra or {})
+    return req, body
 
 
 def _openapi(model: type[BaseModel]) -> dict[str, object]:

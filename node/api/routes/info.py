@@ -18,6 +18,7 @@ from node.api.deps import (
     ServicesDep,
 )
 from node.api.error_handlers import error_responses
+from node.api.schemas import MAX_CHOICES
 from node.chain.receipt_read import HEADER, authorize_read
 from node.errors import NodeError
 from node.payment.pricing import Pricing
@@ -65,9 +66,10 @@ def adapters(catalog: CatalogDep) -> dict[str, Any]:
 
 @router.get("/quote", responses=error_responses(400))
 def quote(pricing: PricingDep, prompt_tokens: int = Query(..., ge=1, le=10**7),
-          max_tokens: int = Query(256, ge=1, le=10**7)) -> dict[str, Any]:
-    return {**_prices(pricing), "promptTokens": prompt_tokens, "maxTokens": max_tokens,
-            "maxFee": str(pricing.max_fee(prompt_tokens, max_tokens))}
+          max_tokens: int = Query(256, ge=1, le=10**7),
+          n: int = Query(1, ge=1, le=MAX_CHOICES, description="choices: each may run to max_tokens")) -> dict[str, Any]:
+    return {**_prices(pricing), "promptTokens": prompt_tokens, "maxTokens": max_tokens, "n": n,
+            "maxFee": str(pricing.max_fee(prompt_tokens, max_tokens, n))}
 
 
 @router.get("/channels/{payer}/{lane}", responses=error_responses(400, 503))
