@@ -8,6 +8,7 @@ import typer
 
 from node.cli import app
 
+
 # `adapter train` is being rewritten on the train branch (issue 18 item 3), which gives its options help:
 # drop it from here when that lands.
 def _commands(command: Any, path: str = "loranode") -> list[tuple[str, Any]]:
