@@ -123,11 +123,12 @@ class GenerationService:
         max_tokens = self.engine.completion_budget(len(prompt_ids), limit, self.default_max_tokens)
         params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=max(req.top_k, 0),
                                 top_p=req.top_p, seed=req.seed, stop=tuple(req.stop_strings))
-        max_fee = self.payments.pricing.max_fee(len(prompt_ids), max_tokens)
+        pricing = self.payments.pricing_for(adapter.is_base)
+        max_fee = pricing.max_fee(len(prompt_ids), max_tokens)
         admission = self.engine.admission()
         admission.__enter__()
         try:
-            held = await asyncio.to_thread(self.payments.hold, checked, max_fee)
+            held = await asyncio.to_thread(self.payments.hold, checked, max_fee, pricing)
         except BaseException:
             admission.__exit__(None, None, None)
             raise
@@ -176,7 +177,7 @@ class GenerationService:
     async def _generate(self, job: Job, http: Request) -> tuple[RequestOutput, str]:
         """The request's output and how it ended; a client that leaves, or the time limit, cuts it short
         (the engine then reports what it had generated)."""
-        finished = self.engine.submit(job.prompt_ids, job.params, str(job.adapter.adapter_id), job.request_id)
+        finished = self.engine.submit(job.prompt_ids, job.params, job.adapter.engine_adapter, job.request_id)
         cut = Cut(self.engine, job.request_id)
         timer = asyncio.get_running_loop().call_later(self.max_generation_s, cut, TIME_LIMIT)
         watcher = asyncio.ensure_future(_wait_disconnect(http))
@@ -206,7 +207,7 @@ class GenerationService:
             cut = Cut(self.engine, job.request_id)
             timer = asyncio.get_running_loop().call_later(self.max_generation_s, cut, TIME_LIMIT)
             try:
-                async for delta in self.engine.stream(job.prompt_ids, job.params, str(job.adapter.adapter_id),
+                async for delta in self.engine.stream(job.prompt_ids, job.params, job.adapter.engine_adapter,
                                                       job.request_id):
                     ending = cut.ending(delta) if delta.finish_reason is not None else None
                     sent.add(delta)

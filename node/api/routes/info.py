@@ -42,18 +42,9 @@ def node_info(svc: ServicesDep, payments: PaymentsDep, catalog: CatalogDep, engi
     return {"node": payments.node, "chainId": svc.chain_id, "settlement": svc.settlement_address,
             "domain": {"name": domain.name, "version": domain.version, "chainId": domain.chain_id,
                        "verifyingContract": domain.verifying_contract},
-            "baseModel": catalog.base_model_id, "maxModelLen": engine.max_model_len,
-            "minVoucherValiditySeconds": payments.min_validity_s, "prices": _prices(payments.pricing)}
-
-
-@router.get("/models", responses=error_responses(503))
-def models(catalog: CatalogDep) -> dict[str, Any]:
-    data = [{"id": str(v.adapter_id), "object": "model", "owned_by": v.owner, "created": v.registered_block,
-             "lineage": {"hash": v.lineage_hash, "ownerShareBps": v.owner_share_bps,
-                         "datasets": [{"id": d.dataset_id, "weightBps": d.weight_bps} for d in v.datasets]},
-             "weightsSha256": v.weights_sha256, "uri": v.uri}
-            for v in catalog.served()]
-    return {"object": "list", "data": data}
+            "baseModel": catalog.base_model_id, "baseModelName": catalog.base_model_name,
+            "maxModelLen": engine.max_model_len, "minVoucherValiditySeconds": payments.min_validity_s,
+            "prices": _prices(payments.pricing), "basePrices": _prices(payments.base_pricing)}
 
 
 @router.get("/quote", responses=error_responses(400))

@@ -1,0 +1,106 @@
+"""The models a request may name, with the official `openai` client against a live node: the base model
+alone is listed, callable by its served name at the base prices, receipted with adapter id 0 and the
+empty lineage (its settlement: tests/settlement/test_base_model_settlement.py)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from node.chain.contracts import EMPTY_LINEAGE_HASH
+from node.client.payer import Payer, verify_receipt
+from node.devkit.local_node import LocalNode
+from tests.fixtures.database import POSTGRES_ENV
+from tests.fixtures.paid_node import PaidNode, _fresh_postgres, build_paid_node
+
+pytestmark = [pytest.mark.chain]
+PROMPT_PRICE, COMPLETION_PRICE = 10**9, 2 * 10**9  # the adapters'
+BASE_PROMPT_PRICE, BASE_COMPLETION_PRICE = 3 * 10**8, 7 * 10**8
+
+
+def base_node(tiny_model: Path, tiny_adapters: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PaidNode]:
+    """A paid node whose base model is served as "tiny-base" at its own prices."""
+    data_dir = tmp_path_factory.mktemp("models-node")
+    db_url = os.environ.get(POSTGRES_ENV)
+    local = LocalNode.start_chain(data_dir, database_url=_fresh_postgres(db_url) if db_url else None,
+                                  prompt_token_price=PROMPT_PRICE, completion_token_price=COMPLETION_PRICE,
+                                  default_max_tokens=16)
+    try:
+        adapter = tiny_adapters.paths["sea-r8"]  # type: ignore[attr-defined]
+        yield build_paid_node(local, tiny_model, adapter, data_dir, served_model_name="tiny-base",
+                              base_prompt_token_price=BASE_PROMPT_PRICE,
+                              base_completion_token_price=BASE_COMPLETION_PRICE)
+    finally:
+        local.stop()
+
+
+@pytest.fixture(scope="module")
+def node(tiny_model: Path, tiny_adapters: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PaidNode]:
+    yield from base_node(tiny_model, tiny_adapters, tmp_path_factory)
+
+
+def _client(node: PaidNode, lane: int, i: int = 0) -> openai.OpenAI:
+    return Payer(node.payer_keys[i], node.base_url).openai(lane=lane)  # type: ignore[no-any-return]
+
+
+def test_the_models_list_the_base_first_and_each_adapter_as_its_child(node: PaidNode) -> None:
+    client = _client(node, 0)
+    listed = client.models.list().data
+    assert [m.id for m in listed] == ["tiny-base", str(node.adapter_id)]
+    base, adapter = listed
+    operator = node.local.contracts(0).client.address
+    assert base.object == "model" and base.owned_by == operator and base.model_extra["parent"] is None
+    assert base.model_extra["prices"]["promptTokenPrice"] == str(BASE_PROMPT_PRICE)
+    assert adapter.model_extra["parent"] == "tiny-base" and adapter.owned_by != operator
+    assert adapter.model_extra["prices"]["completionTokenPrice"] == str(COMPLETION_PRICE)
+    assert client.models.retrieve("tiny-base").id == "tiny-base"
+    assert client.models.retrieve(str(node.adapter_id)).model_extra["lineage"]["datasets"]
+    for unknown in ("999", "0", "adapter-0", "gpt-4o"):
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve(unknown)
+
+
+def test_the_base_model_answers_by_name_at_the_base_price_with_an_empty_lineage_receipt(node: PaidNode) -> None:
+    payer = Payer(node.payer_keys[0], node.base_url)
+    client = payer.openai(lane=1)
+    chat = client.chat.completions.create(model="tiny-base", max_tokens=6, temperature=0,
+                                          messages=[{"role": "user", "content": "the sea"}])
+    text = client.completions.create(model="tiny-base", prompt="the sea is", max_tokens=5, temperature=0)
+    for out in (chat, text):
+        receipt = out.model_extra["receipt"]
+        assert out.model == "tiny-base" and verify_receipt(receipt, payer.info.domain) == payer.info.node
+        assert receipt["adapterId"] == "0x" + "00" * 32 and receipt["method"] == 1
+        assert receipt["lineageHash"] == "0x" + EMPTY_LINEAGE_HASH.hex()
+        usage = out.usage
+        assert int(receipt["fee"]) == BASE_PROMPT_PRICE * usage.prompt_tokens + \
+            BASE_COMPLETION_PRICE * usage.completion_tokens
+    assert int(payer.channel(1)["chargedTotal"]) == sum(int(o.model_extra["receipt"]["fee"]) for o in (chat, text))
+
+
+def test_an_adapter_is_still_charged_at_the_adapter_price(node: PaidNode) -> None:
+    out = _client(node, 2).completions.create(model=str(node.adapter_id), prompt="the sea", max_tokens=3)
+    assert int(out.model_extra["receipt"]["fee"]) == PROMPT_PRICE * out.usage.prompt_tokens + \
+        COMPLETION_PRICE * out.usage.completion_tokens
+
+
+def test_a_model_without_a_chat_template_is_refused_for_chat_before_any_hold(node: PaidNode) -> None:
+    payer = Payer(node.payer_keys[1], node.base_url)
+    body = b'{"model":"tiny-base","max_tokens":4,"messages":[{"role":"user","content":"hi"}]}'
+    header = payer.payment_header(body, 3)
+    tokenizer = node.local.services.engine.engine.tokenizer  # type: ignore[union-attr]
+    template, tokenizer.chat_template = tokenizer.chat_template, None
+    try:
+        refused = httpx.post(f"{node.base_url}/v1/chat/completions", content=body, timeout=60,
+                             headers={"content-type": "application/json", "X-Payment": header})
+    finally:
+        tokenizer.chat_template = template
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "no_chat_template"
+    assert int(payer.channel(3)["chargedTotal"]) == 0
+    again = httpx.post(f"{node.base_url}/v1/chat/completions", content=body, timeout=60,
+                       headers={"content-type": "application/json", "X-Payment": header})
+    assert again.status_code == 200, again.text  # the voucher was never held nor spent
