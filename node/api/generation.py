@@ -118,7 +118,8 @@ class GenerationService:
                      payment: str | None, http: Request) -> JSONResponse | StreamingResponse:
         checked = self.payments.check(payment, body)
         adapter = self.catalog.cached(req.model) or await asyncio.to_thread(self.catalog.resolve, req.model)
-        prompt_ids = await self._tokenize(kind, req)
+        template = await self._chat_template(adapter) if kind == "chat" else None
+        prompt_ids = await self._tokenize(kind, req, template)
         limit = req.completion_limit if isinstance(req, ChatCompletionRequest) else req.max_tokens
         max_tokens = self.engine.completion_budget(len(prompt_ids), limit, self.default_max_tokens)
         params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=max(req.top_k, 0),
@@ -146,16 +147,27 @@ class GenerationService:
         finally:
             admission.__exit__(None, None, None)
 
-    async def _tokenize(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest) -> list[int]:
+    async def _chat_template(self, adapter: ServedAdapter) -> str | None:
+        """The adapter's own chat template, once its files are fetched and verified (a load that fails
+        refuses the request here, before any hold); None: the base model's template applies."""
+        name = adapter.engine_adapter
+        if name is None:
+            return None
+        await asyncio.wrap_future(self.catalog.provider.prefetch(name))
+        return self.catalog.provider.chat_template(name)
+
+    async def _tokenize(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest,
+                        template: str | None = None) -> list[int]:
         """The prompt's ids; a long prompt is tokenized off the event loop (a short one costs less than
         the thread hop), so nobody's huge prompt stalls everyone else's requests."""
         if _prompt_chars(req) <= INLINE_TOKENIZE_CHARS:
-            return self._prompt_ids(kind, req)
-        return await asyncio.to_thread(self._prompt_ids, kind, req)
+            return self._prompt_ids(kind, req, template)
+        return await asyncio.to_thread(self._prompt_ids, kind, req, template)
 
-    def _prompt_ids(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest) -> list[int]:
+    def _prompt_ids(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest,
+                    template: str | None = None) -> list[int]:
         if isinstance(req, ChatCompletionRequest):
-            return self.engine.encode_chat([(m.role, m.text()) for m in req.messages])
+            return self.engine.encode_chat([(m.role, m.text()) for m in req.messages], template)
         return self.engine.encode_completion(req.prompt)
 
     # --- plain --------------------------------------------------------------------------------------
