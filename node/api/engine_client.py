@@ -66,7 +66,7 @@ class EngineClient:
             text = self.engine.tokenizer.apply_chat_template(
                 [{"role": r, "content": c} for r, c in messages], chat_template=template, tokenize=False,
                 add_generation_prompt=True)
-        except TemplateError as exc:
+        except (TemplateError, OverflowError, RecursionError, TypeError, ValueError) as exc:  # the template's fault
             raise ChatTemplateError(f"the chat template refused these messages: {str(exc)[:300]}",
                                     param="messages") from exc
         return self._encode(str(text))

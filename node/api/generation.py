@@ -158,9 +158,10 @@ class GenerationService:
 
     async def _tokenize(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest,
                         template: str | None = None) -> list[int]:
-        """The prompt's ids; a long prompt is tokenized off the event loop (a short one costs less than
-        the thread hop), so nobody's huge prompt stalls everyone else's requests."""
-        if _prompt_chars(req) <= INLINE_TOKENIZE_CHARS:
+        """The prompt's ids; a long prompt, or one rendered with an adapter's own chat template (untrusted
+        code, however sandboxed), is tokenized off the event loop (a short one costs less than the thread
+        hop), so nobody's huge prompt or slow template stalls everyone else's requests."""
+        if template is None and _prompt_chars(req) <= INLINE_TOKENIZE_CHARS:
             return self._prompt_ids(kind, req, template)
         return await asyncio.to_thread(self._prompt_ids, kind, req, template)
 
