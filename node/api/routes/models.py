@@ -8,9 +8,10 @@ keeps no block times), the base model's the time the node started serving it (un
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Path
+from pydantic import BaseModel, Field
 
 from node.api.deps import CatalogDep, NodeAddress, PaymentsDep
 from node.api.error_handlers import error_responses
@@ -21,7 +22,46 @@ from node.payment.pricing import Pricing
 router = APIRouter(prefix="/v1", tags=["models"])
 
 
-@router.get("/models", responses=error_responses(503))
+class Prices(BaseModel):
+    promptTokenPrice: str
+    completionTokenPrice: str
+    minFee: str
+
+
+class DatasetShare(BaseModel):
+    id: int
+    weightBps: int
+
+
+class Lineage(BaseModel):
+    hash: str
+    ownerShareBps: int
+    datasets: list[DatasetShare]
+
+
+class ModelCard(BaseModel):
+    """OpenAI's Model, with what a paying client also needs: prices, and an adapter's lineage."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="an adapter's registration block; the base model's start (unix seconds)")
+    owned_by: str = Field(description="an adapter's owner; the base model's: the node's operator")
+    root: str | None
+    parent: str | None = Field(description="the base model's id for an adapter; null for the base model")
+    baseModelId: str
+    prices: Prices
+    registeredBlock: int | None = None
+    lineage: Lineage | None = None
+    weightsSha256: str | None = None
+    uri: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+@router.get("/models", response_model=ModelList, responses=error_responses(503))
 def models(catalog: CatalogDep, payments: PaymentsDep, node: NodeAddress) -> dict[str, Any]:
     """The base model first, then every servable adapter by id."""
     data = [] if catalog.base_model_name is None else [_base(catalog, payments.base_pricing, node)]
@@ -29,7 +69,7 @@ def models(catalog: CatalogDep, payments: PaymentsDep, node: NodeAddress) -> dic
     return {"object": "list", "data": data}
 
 
-@router.get("/models/{model}", responses=error_responses(404, 503))
+@router.get("/models/{model}", response_model=ModelCard, responses=error_responses(400, 404, 503))
 def model(catalog: CatalogDep, payments: PaymentsDep, node: NodeAddress,
           model: str = Path(..., min_length=1, max_length=160)) -> dict[str, Any]:
     """One model as GET /v1/models lists it; 404 for a model this node does not serve."""
