@@ -30,7 +30,7 @@ from tests.fixtures.paid_node import (
 
 pytestmark = [pytest.mark.chain]
 PROMPT_PRICE, COMPLETION_PRICE = 10**9, 2 * 10**9  # the adapters'
-BASE_PROMPT_PRICE, BASE_COMPLETION_PRICE = 3 * 10**8, 7 * 10**8
+BASE_PROMPT_PRICE, BASE_COMPLETION_PRICE = 3 * 10**9, 7 * 10**8  # one above, one below the adapters'
 ADAPTER_TEMPLATE = ("{% for m in messages %}### {{ m['role'] | upper }}: {{ m['content'] }}\n\n{% endfor %}"
                     "{% if add_generation_prompt %}### ASSISTANT: {% endif %}")
 HOSTILE_TEMPLATE = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
@@ -113,6 +113,16 @@ def test_the_base_model_answers_by_name_at_the_base_price_with_an_empty_lineage_
         assert int(receipt["fee"]) == BASE_PROMPT_PRICE * usage.prompt_tokens + \
             BASE_COMPLETION_PRICE * usage.completion_tokens
     assert int(payer.channel(1)["chargedTotal"]) == sum(int(o.model_extra["receipt"]["fee"]) for o in (chat, text))
+
+
+def test_quotes_are_per_model_and_cover_either_without_one(node: PaidNode) -> None:
+    def max_fee(**params: object) -> int:
+        got = httpx.get(f"{node.base_url}/v1/quote", params={"prompt_tokens": 10, "max_tokens": 5, **params})
+        return int(got.json()["maxFee"])
+
+    assert max_fee(model="tiny-base") == 10 * BASE_PROMPT_PRICE + 5 * BASE_COMPLETION_PRICE
+    assert max_fee(model=str(node.adapter_id)) == 10 * PROMPT_PRICE + 5 * COMPLETION_PRICE
+    assert max_fee() == 10 * max(PROMPT_PRICE, BASE_PROMPT_PRICE) + 5 * max(COMPLETION_PRICE, BASE_COMPLETION_PRICE)
 
 
 def test_an_adapter_is_still_charged_at_the_adapter_price(node: PaidNode) -> None:

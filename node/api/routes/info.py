@@ -48,8 +48,12 @@ def node_info(svc: ServicesDep, payments: PaymentsDep, catalog: CatalogDep, engi
 
 
 @router.get("/quote", responses=error_responses(400))
-def quote(pricing: PricingDep, prompt_tokens: int = Query(..., ge=1, le=10**7),
-          max_tokens: int = Query(256, ge=1, le=10**7)) -> dict[str, Any]:
+def quote(pricing: PricingDep, payments: PaymentsDep, catalog: CatalogDep,
+          prompt_tokens: int = Query(..., ge=1, le=10**7), max_tokens: int = Query(256, ge=1, le=10**7),
+          model: str | None = Query(None, max_length=160, description="the base model's name or an adapter id; "
+                                    "default: prices that cover either")) -> dict[str, Any]:
+    if model is not None:
+        pricing = payments.pricing_for(model == catalog.base_model_name)
     return {**_prices(pricing), "promptTokens": prompt_tokens, "maxTokens": max_tokens,
             "maxFee": str(pricing.max_fee(prompt_tokens, max_tokens))}
 
