@@ -1,6 +1,7 @@
 """Which adapters this node serves: the registry mirror, filtered to this node's base model.
 
-`model` in an OpenAI request is the adapter's registry id (a decimal string). The catalog reads the
+`model` in an OpenAI request is the adapter's registry id (a decimal string), or the base model's served
+name (`base_model_name`: the model alone, adapter id 0 in its receipts). The catalog reads the
 mirror (never the chain), refuses adapters for another base model or deprecated ones, and hands the
 engine's adapter provider plain values: the URI and the registered sha256. Every paid request goes
 through `resolve`, so it is also where a mirror that cannot be trusted stops paid work, with its reason
@@ -29,6 +30,7 @@ from node.db import queries
 from node.db.models import Adapter
 from node.errors import AdapterNotFound, MirrorUnavailable
 from node.lora.provider import AdapterProvider, AdapterSource, LoadState
+from node.protocol.receipt import BASE_ADAPTER_ID
 
 MIRROR_TTL_S = 0.25  # how stale the indexer's verdict on the mirror may be when a request is admitted
 
@@ -38,7 +40,16 @@ class ServedAdapter:
     adapter_id: int
     model: str  # the name clients use
     registry_block: int  # the mirror head when it was resolved: the lineage as indexed there
-    lineage: queries.AdapterLineageView
+    lineage: queries.AdapterLineageView | None  # None: the base model alone (no owner, no datasets)
+
+    @property
+    def is_base(self) -> bool:
+        return self.adapter_id == BASE_ADAPTER_ID
+
+    @property
+    def engine_adapter(self) -> str | None:
+        """The id the engine knows the adapter by; None for the base model alone."""
+        return None if self.is_base else str(self.adapter_id)
 
 
 @dataclass(frozen=True)
@@ -50,11 +61,15 @@ class AdapterStatus:
 
 class AdapterCatalog:
     def __init__(self, factory: sessionmaker[Session], provider: AdapterProvider[object], base_model_id: str,
-                 cache_ttl_s: float = 2.0, max_mirror_lag_s: float | None = None,
+                 base_model_name: str | None = None, cache_ttl_s: float = 2.0, max_mirror_lag_s: float | None = None,
                  max_mirror_lag_blocks: int = 32) -> None:
         self.factory = factory
         self.provider = provider
         self.base_model_id = base_model_id.lower()
+        self.base_model_name = base_model_name  # None: the base model alone is not served by name
+        self.started_at = int(time.time())  # when this catalog began serving the base model (unix seconds)
+        if base_model_name is not None and _adapter_number(base_model_name) is not None:
+            raise ValueError(f"the base model's name {base_model_name!r} reads as an adapter id")
         self.cache_ttl_s = cache_ttl_s
         self.max_mirror_lag_s = max_mirror_lag_s
         self.max_mirror_lag_blocks = max_mirror_lag_blocks
@@ -73,7 +88,8 @@ class AdapterCatalog:
         now = time.monotonic()
         hit = self._cache.get(adapter_id)
         if hit is None or now - hit[0] >= self.cache_ttl_s:
-            hit = self._cache[adapter_id] = (now, self._lookup(adapter_id, model))
+            found = self._base() if adapter_id == BASE_ADAPTER_ID else self._lookup(adapter_id, model)
+            hit = self._cache[adapter_id] = (now, found)
         elif now - self._mirror_read_at >= self.mirror_ttl_s:
             with self.factory() as session:
                 self._read_mirror(session)
@@ -130,6 +146,15 @@ class AdapterCatalog:
         self._ensure_registered(view)
         return ServedAdapter(adapter_id, str(adapter_id), head.last_block, view)
 
+    def _base(self) -> ServedAdapter:
+        """The base model alone: nothing to look up, but paid work needs a mirror it can trust (the
+        escrow and lanes come from it) and the receipt names the mirror's block."""
+        with self.factory() as session:
+            head = self._read_mirror(session)
+        self._check_fresh()
+        assert head is not None and self.base_model_name is not None
+        return ServedAdapter(BASE_ADAPTER_ID, self.base_model_name, head.last_block, None)
+
     def _ensure_registered(self, view: queries.AdapterLineageView) -> None:
         with self._lock:
             if view.adapter_id in self._registered and \
@@ -138,18 +163,22 @@ class AdapterCatalog:
             self.provider.register(str(view.adapter_id), AdapterSource(uri=view.uri, sha256=view.weights_sha256))
             self._registered.add(view.adapter_id)
 
-    def served(self) -> list[queries.AdapterLineageView]:
-        """Every adapter registered (final) for this base model and not deprecated, per the mirror."""
+    def served(self, adapter_id: int | None = None) -> list[queries.AdapterLineageView]:
+        """Every adapter registered (final) for this base model and not deprecated, per the mirror, less
+        those whose last load here failed (a file that does not match its registered hash, say); only
+        `adapter_id` when given."""
         with self.factory() as session:
             head = queries.mirror_head(session)
             if head is None:
                 return []
-            ids = session.scalars(select(Adapter.adapter_id).where(Adapter.base_model == self.base_model_id,
-                                                                   Adapter.deprecated_block.is_(None),
-                                                                   Adapter.block_number <= head.final_block)
-                                  .order_by(Adapter.adapter_id)).all()
+            query = select(Adapter.adapter_id).where(Adapter.base_model == self.base_model_id,
+                                                     Adapter.deprecated_block.is_(None),
+                                                     Adapter.block_number <= head.final_block)
+            if adapter_id is not None:
+                query = query.where(Adapter.adapter_id == adapter_id)
+            ids = session.scalars(query.order_by(Adapter.adapter_id)).all()
             views = [queries.adapter_lineage(session, i) for i in ids]
-        return [v for v in views if v is not None]
+        return [v for v in views if v is not None and self.provider.state(str(v.adapter_id)) is not LoadState.FAILED]
 
     def statuses(self) -> list[AdapterStatus]:
         """Every adapter registered for this base model, with what a request for it meets now: served,
@@ -180,9 +209,29 @@ class AdapterCatalog:
             state, "not fetched yet: fetched and checked against its sha256 on its first request")
         return AdapterStatus(view.adapter_id, "serving", detail)
 
-    @staticmethod
-    def _parse(model: str) -> int:
-        text = model.removeprefix("adapter-")
-        if not text.isdigit() or len(text) > 30 or int(text) == 0:
-            raise AdapterNotFound(f"unknown model {model!r}: use an adapter id from GET /v1/models", model=model)
-        return int(text)
+    def describe(self, model: str) -> queries.AdapterLineageView | None:
+        """The servable adapter `model` names (None: the base model alone); AdapterNotFound otherwise."""
+        adapter_id = self._parse(model)
+        if adapter_id == BASE_ADAPTER_ID:
+            return None
+        found = self.served(adapter_id)
+        if not found:
+            raise AdapterNotFound(f"model {model!r} is not served here: list them with GET /v1/models", model=model)
+        return found[0]
+
+    def _parse(self, model: str) -> int:
+        """The adapter id `model` names; BASE_ADAPTER_ID for the base model's name."""
+        if self.base_model_name is not None and model == self.base_model_name:
+            return BASE_ADAPTER_ID
+        number = _adapter_number(model)
+        if number is None:
+            raise AdapterNotFound(f"unknown model {model!r}: use a model id from GET /v1/models", model=model)
+        return number
+
+
+def _adapter_number(model: str) -> int | None:
+    """The registry id in `model` ("7" or "adapter-7"), or None when it names no adapter."""
+    text = model.removeprefix("adapter-")
+    if not text.isdigit() or len(text) > 30 or int(text) == 0:
+        return None
+    return int(text)

@@ -70,11 +70,15 @@ class Settings(BaseSettings):
     max_adapter_host_bytes: int = Field(default=4 << 30, ge=1)
     max_adapter_disk_bytes: int = Field(default=64 << 30, ge=1)
 
-    # API and pricing (token units, integers)
+    # API and pricing (token units, integers): adapters at the token prices; the base model alone, called
+    # by its served name (default: the model folder's name), at the base prices (default: the same)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    served_model_name: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[^\s]+$")
     prompt_token_price: int = Field(default=10**12, ge=0)
     completion_token_price: int = Field(default=2 * 10**12, ge=0)
+    base_prompt_token_price: int | None = Field(default=None, ge=0)
+    base_completion_token_price: int | None = Field(default=None, ge=0)
     min_fee: int = Field(default=0, ge=0)
     default_max_tokens: int = Field(default=256, ge=1)
     min_voucher_validity_s: int = Field(default=900, ge=0)  # at least settle_latency().worst_case_s
@@ -138,6 +142,13 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _base_name_is_no_adapter_id(self) -> Settings:
+        name = self.resolved_served_model_name()
+        if name.removeprefix("adapter-").isdigit():
+            raise ValueError(f"the base model's served name {name!r} reads as an adapter id: set served_model_name")
+        return self
+
+    @model_validator(mode="after")
     def _mirror_lag_above_confirmations(self) -> Settings:
         if self.max_mirror_lag_blocks <= self.confirmations:
             raise ValueError("max_mirror_lag_blocks must exceed confirmations (the mirror is always that far "
@@ -166,6 +177,12 @@ class Settings(BaseSettings):
         """`adapter_rank_pools` as (rank, num_slots) pairs."""
         pairs = (part.split(":") for part in self.adapter_rank_pools.split(",") if part)
         return tuple((int(rank), int(num)) for rank, num in pairs)
+
+    def resolved_served_model_name(self) -> str:
+        """The `model` that names the base model alone: served_model_name, or the model folder's name."""
+        if self.served_model_name:
+            return self.served_model_name
+        return self.model_path.resolve().name if self.model_path is not None else "base"
 
     def resolved_adapter_cache_dir(self) -> Path:
         return self.adapter_cache_dir or self.data_dir / "adapter-cache"

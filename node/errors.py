@@ -41,6 +41,18 @@ class BadRequest(NodeError):
     code = "invalid_request"
 
 
+class NoChatTemplate(BadRequest):
+    """Neither the adapter nor the base model has a chat template: chat is refused, never invented."""
+
+    code = "no_chat_template"
+
+
+class ChatTemplateError(BadRequest):
+    """The chat template refused the messages (it raised), or is not a template a node will render."""
+
+    code = "chat_template_error"
+
+
 class PromptTooLong(NodeError):
     status = 413
     code = "prompt_too_long"

@@ -86,3 +86,14 @@ def test_rank_pools_come_from_the_environment_into_the_engine(monkeypatch: pytes
     monkeypatch.setenv("LORANODE_ADAPTER_RANK_POOLS", "8x48")
     with pytest.raises(ConfigError, match="adapter_rank_pools"):
         load_settings()
+
+
+def test_the_base_model_is_served_by_its_folder_name_or_the_configured_one(tmp_path: Path) -> None:
+    assert load_settings(model_path=tmp_path / "Qwen2.5-0.5B").resolved_served_model_name() == "Qwen2.5-0.5B"
+    named = load_settings(model_path=tmp_path / "x", served_model_name="qwen-small")
+    assert named.resolved_served_model_name() == "qwen-small"
+    for bad in ({"model_path": tmp_path / "7"}, {"served_model_name": "adapter-12"}):
+        with pytest.raises(ConfigError, match="reads as an adapter id"):
+            load_settings(**bad)
+    with pytest.raises(ConfigError, match="served_model_name"):
+        load_settings(served_model_name="two words")

@@ -60,7 +60,8 @@ async def _ledger(svc: Annotated[NodeServices, Depends(services)]) -> Ledger:
 
 
 async def _pricing(svc: Annotated[NodeServices, Depends(services)]) -> Pricing:
-    return svc.payments.pricing
+    """Prices that cover any request, whichever model it names (what quotes are made of)."""
+    return svc.payments.quote_pricing
 
 
 async def _database(svc: Annotated[NodeServices, Depends(services)]) -> sessionmaker[Session]:

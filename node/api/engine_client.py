@@ -15,11 +15,13 @@ import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import contextmanager
 
+from jinja2 import TemplateError
+
 from node.engine import LLMEngine, SamplingParams
 from node.engine.sequence import RequestOutput, StreamDelta
-from node.errors import BadRequest, Overloaded, PromptTooLong
+from node.errors import BadRequest, ChatTemplateError, NoChatTemplate, Overloaded, PromptTooLong
 
-CHAT_FALLBACK_TEMPLATE = "<|{role}|>\n{content}\n"
+MAX_CHAT_TEMPLATE_CHARS = 64 << 10  # a chat template is untrusted input (an adapter's file): bounded
 
 
 class EngineClient:
@@ -47,13 +49,27 @@ class EngineClient:
             return list(prompt)
         return self._encode(prompt)
 
-    def encode_chat(self, messages: list[tuple[str, str]]) -> list[int]:
-        tok = self.engine.tokenizer
-        if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template([{"role": r, "content": c} for r, c in messages], tokenize=False,
-                                           add_generation_prompt=True)
-        else:
-            text = "".join(CHAT_FALLBACK_TEMPLATE.format(role=r, content=c) for r, c in messages) + "<|assistant|>\n"
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether the base model's tokenizer has a chat template (an adapter may bring its own)."""
+        return bool(getattr(self.engine.tokenizer, "chat_template", None))
+
+    def encode_chat(self, messages: list[tuple[str, str]], template: str | None = None) -> list[int]:
+        """The messages rendered with `template` (the adapter's own), else the base model's chat template,
+        in transformers' jinja sandbox; NoChatTemplate when there is neither (no format is invented)."""
+        if template is None and not self.has_chat_template:
+            raise NoChatTemplate("this model has no chat template: use /v1/completions with a prompt you format",
+                                 param="model")
+        if template is not None and len(template) > MAX_CHAT_TEMPLATE_CHARS:
+            raise ChatTemplateError(f"the adapter's chat template is over {MAX_CHAT_TEMPLATE_CHARS} characters",
+                                    param="model", num_chars=len(template))
+        try:
+            text = self.engine.tokenizer.apply_chat_template(
+                [{"role": r, "content": c} for r, c in messages], chat_template=template, tokenize=False,
+                add_generation_prompt=True)
+        except (TemplateError, OverflowError, RecursionError, TypeError, ValueError) as exc:  # the template's fault
+            raise ChatTemplateError(f"the chat template refused these messages: {str(exc)[:300]}",
+                                    param="messages") from exc
         return self._encode(str(text))
 
     @functools.cached_property

@@ -164,14 +164,16 @@ class GenerationService:
                      payment: str | None, http: Request) -> JSONResponse | StreamingResponse:
         checked = self.payments.check(payment, body)
         adapter = self.catalog.cached(req.model) or await asyncio.to_thread(self.catalog.resolve, req.model)
-        prompt_ids = await self._tokenize(kind, req)
-        max_tokens, max_fee = self._ceiling(req, len(prompt_ids))
+        template = await self._chat_template(adapter) if kind == "chat" else None
+        prompt_ids = await self._tokenize(kind, req, template)
+        max_tokens, max_fee = self._ceiling(req, len(prompt_ids), adapter)
         params = sampling_params(req, max_tokens)
         self.engine.check_vocabulary(params)
+        pricing = self.payments.pricing_for(adapter.is_base)
         admission = self.engine.admission()
         admission.__enter__()
         try:
-            held = await asyncio.to_thread(self.payments.hold, checked, max_fee)
+            held = await asyncio.to_thread(self.payments.hold, checked, max_fee, pricing)
         except BaseException:
             admission.__exit__(None, None, None)
             raise
@@ -192,25 +194,41 @@ class GenerationService:
     async def quote(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest) -> tuple[int, int, int]:
         """(prompt tokens, max_tokens, max fee) of this request: exactly what `handle` would hold, so a
         voucher for `chargedTotal + max fee` covers it (POST /v1/quote/...)."""
-        num_prompt_tokens = len(await self._tokenize(kind, req))
-        return (num_prompt_tokens, *self._ceiling(req, num_prompt_tokens))
+        adapter = self.catalog.cached(req.model) or await asyncio.to_thread(self.catalog.resolve, req.model)
+        template = await self._chat_template(adapter) if kind == "chat" else None
+        num_prompt_tokens = len(await self._tokenize(kind, req, template))
+        return (num_prompt_tokens, *self._ceiling(req, num_prompt_tokens, adapter))
 
-    def _ceiling(self, req: CompletionRequest | ChatCompletionRequest, num_prompt_tokens: int) -> tuple[int, int]:
+    def _ceiling(self, req: CompletionRequest | ChatCompletionRequest, num_prompt_tokens: int,
+                 adapter: ServedAdapter) -> tuple[int, int]:
         """(max_tokens, the most the request can cost): what the hold is sized by."""
         limit = req.completion_limit if isinstance(req, ChatCompletionRequest) else req.max_tokens
         max_tokens = self.engine.completion_budget(num_prompt_tokens, limit, self.default_max_tokens)
-        return max_tokens, self.payments.pricing.max_fee(num_prompt_tokens, max_tokens, req.num_choices)
+        pricing = self.payments.pricing_for(adapter.is_base)
+        return max_tokens, pricing.max_fee(num_prompt_tokens, max_tokens, req.num_choices)
 
-    async def _tokenize(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest) -> list[int]:
-        """The prompt's ids; a long prompt is tokenized off the event loop (a short one costs less than
-        the thread hop), so nobody's huge prompt stalls everyone else's requests."""
-        if _prompt_chars(req) <= INLINE_TOKENIZE_CHARS:
-            return self._prompt_ids(kind, req)
-        return await asyncio.to_thread(self._prompt_ids, kind, req)
+    async def _chat_template(self, adapter: ServedAdapter) -> str | None:
+        """The adapter's own chat template, once its files are fetched and verified (a load that fails
+        refuses the request here, before any hold); None: the base model's template applies."""
+        name = adapter.engine_adapter
+        if name is None:
+            return None
+        await asyncio.wrap_future(self.catalog.provider.prefetch(name))
+        return self.catalog.provider.chat_template(name)
 
-    def _prompt_ids(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest) -> list[int]:
+    async def _tokenize(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest,
+                        template: str | None = None) -> list[int]:
+        """The prompt's ids; a long prompt, or one rendered with an adapter's own chat template (untrusted
+        code, however sandboxed), is tokenized off the event loop (a short one costs less than the thread
+        hop), so nobody's huge prompt or slow template stalls everyone else's requests."""
+        if template is None and _prompt_chars(req) <= INLINE_TOKENIZE_CHARS:
+            return self._prompt_ids(kind, req, template)
+        return await asyncio.to_thread(self._prompt_ids, kind, req, template)
+
+    def _prompt_ids(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest,
+                    template: str | None = None) -> list[int]:
         if isinstance(req, ChatCompletionRequest):
-            return self.engine.encode_chat([(m.role, m.text()) for m in req.messages])
+            return self.engine.encode_chat([(m.role, m.text()) for m in req.messages], template)
         return self.engine.encode_completion(req.prompt)
 
     # --- plain --------------------------------------------------------------------------------------
@@ -236,7 +254,7 @@ class GenerationService:
         short (the engine then reports what each had generated)."""
         cut = Cut(self.engine, job.choice_ids)
         try:
-            waiting = [self.engine.submit(job.prompt_ids, params, str(job.adapter.adapter_id), request_id,
+            waiting = [self.engine.submit(job.prompt_ids, params, job.adapter.engine_adapter, request_id,
                                           job.request_id if len(job.choice_ids) > 1 else None)
                        for params, request_id in zip(job.choice_params, job.choice_ids, strict=True)]
         except BaseException:
@@ -274,7 +292,7 @@ class GenerationService:
                                          for i in range(sent.num_choices)]))
             cut = Cut(self.engine, job.choice_ids)
             timer = asyncio.get_running_loop().call_later(self.max_generation_s, cut, TIME_LIMIT)
-            deltas = self.engine.stream_choices(job.prompt_ids, job.choice_params, str(job.adapter.adapter_id),
+            deltas = self.engine.stream_choices(job.prompt_ids, job.choice_params, job.adapter.engine_adapter,
                                                 job.choice_ids)
             try:
                 async with contextlib.aclosing(deltas):

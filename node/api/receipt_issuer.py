@@ -4,6 +4,7 @@ output) into the `SignedReceipt` the ledger commits with that charge.
 
 On a node with an `Attributor` (method 2) the output's evidence is computed here, and the receipt's
 lineageHash commits to the blended weights (stored with the receipt); else to the adapter's lineage.
+The base model alone has no lineage: its receipt names adapter 0 and the empty lineage, method 1.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from node.attribution.evidence import Attribution
 from node.attribution.index_store import DatasetRef
 from node.attribution.rule import METHOD_EVIDENCE, METHOD_LINEAGE
 from node.catalog import ServedAdapter
+from node.chain.contracts import EMPTY_LINEAGE_HASH
 from node.db.queries import AdapterLineageView
 from node.payment.service import Usage
 from node.protocol.eip712 import Domain
@@ -33,11 +35,14 @@ class ReceiptIssuer:
     def issue(self, voucher_digest: bytes, adapter: ServedAdapter, usage: Usage, fee: int,
               output_text: str) -> SignedReceipt:
         """The signed receipt of `fee` for `usage` of `adapter`, paid by the voucher `voucher_digest`."""
-        attribution = self._attribute(adapter.lineage, output_text)
+        lineage = adapter.lineage
+        attribution = None if lineage is None else self._attribute(lineage, output_text)
+        if attribution is not None:
+            committed = attribution.lineage_hash
+        else:
+            committed = EMPTY_LINEAGE_HASH if lineage is None else from_hex(lineage.lineage_hash)
         receipt = Receipt(voucher_hash=voucher_digest, adapter_id=adapter_id_bytes(adapter.adapter_id),
-                          registry_block=adapter.registry_block,
-                          lineage_hash=from_hex(adapter.lineage.lineage_hash) if attribution is None
-                          else attribution.lineage_hash,
+                          registry_block=adapter.registry_block, lineage_hash=committed,
                           prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, fee=fee,
                           output_hash=keccak(output_text.encode()),
                           method=METHOD_LINEAGE if attribution is None else METHOD_EVIDENCE)

@@ -90,13 +90,17 @@ def _build_services(settings: Settings, deployment: Deployment, key: str) -> Nod
     ledger = Ledger(db, node, reservation_ttl_s=settings.reservation_ttl_s,
                     instance=f"{socket.gethostname()}:{settings.port}")
     pricing = Pricing(settings.prompt_token_price, settings.completion_token_price, settings.min_fee)
+    base_pricing = Pricing(_or(settings.base_prompt_token_price, settings.prompt_token_price),
+                           _or(settings.base_completion_token_price, settings.completion_token_price),
+                           settings.min_fee)
     domain = Domain(chain_id=deployment.chain_id, verifying_contract=deployment.settlement)
     attributor = None
     if settings.attribution_method == 2:
         attributor = Attributor(IndexStore(settings.resolved_attribution_dir(), engine.tokenizer))
-    payments = PaymentService(ledger, domain, node, pricing, min_validity_s=settings.min_voucher_validity_s)
+    payments = PaymentService(ledger, domain, node, pricing, min_validity_s=settings.min_voucher_validity_s,
+                              base_pricing=base_pricing)
     issuer = ReceiptIssuer(key, domain, attributor)
-    catalog = AdapterCatalog(db, store, to_hex(base_model_id(config.model_path)),
+    catalog = AdapterCatalog(db, store, to_hex(base_model_id(config.model_path)), settings.resolved_served_model_name(),
                              max_mirror_lag_s=settings.max_mirror_lag_s,
                              max_mirror_lag_blocks=settings.max_mirror_lag_blocks)
     catalog.binding_fault = binding_fault(settings, deployment, db)
@@ -115,6 +119,10 @@ def _build_services(settings: Settings, deployment: Deployment, key: str) -> Nod
                         max_mirror_lag_s=settings.max_mirror_lag_s,
                         idempotency_window_s=settings.idempotency_window_s,
                         on_shutdown=[engine.shutdown, store.close, *([attributor.close] if attributor else [])])
+
+
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value
 
 
 def binding_fault(settings: Settings, deployment: Deployment, db: sessionmaker[Session]) -> str | None:

@@ -3,7 +3,8 @@ against outputHash; its payer's alone) and public data only: the registry (the a
 hash, the datasets' URIs and content hashes) and the datasets themselves, fetched and checked
 against those hashes.
 
-    method 1  lineageHash must be the adapter's registered lineage hash
+    method 1  lineageHash must be the adapter's registered lineage hash (adapter 0, the base model
+              alone: the empty lineage's)
     method 2  the stated lineage must be the registered one, the stated weights must hash to
               lineageHash, and the weights recomputed by the stated rule version must be those weights
 Every receipt must also be signed by the node it names (EIP-712, the deployment's domain). The output
@@ -21,11 +22,11 @@ from eth_hash.auto import keccak
 from node.attribution.evidence import StatedWeights, attribute, stated_weights
 from node.attribution.index_store import DatasetRef, IndexStore
 from node.attribution.rule import METHOD_EVIDENCE, METHOD_LINEAGE, rule_of
-from node.chain.contracts import lineage_hash
+from node.chain.contracts import EMPTY_LINEAGE_HASH, lineage_hash
 from node.errors import AttributionError, BadSignature
 from node.protocol.eip712 import Domain
 from node.protocol.hexstr import to_hex
-from node.protocol.receipt import Receipt, SignedReceipt, recover_receipt_signer
+from node.protocol.receipt import BASE_ADAPTER_ID, Receipt, SignedReceipt, recover_receipt_signer
 
 
 class Registry(Protocol):
@@ -57,7 +58,8 @@ def verify(receipt: Mapping[str, Any], output_text: str | None, registry: Regist
         return Verdict(False, f"MISMATCH receipt {rid}: its signature is invalid ({exc.message})")
     if signer.lower() != str(receipt.get("node", "")).lower():
         return Verdict(False, f"MISMATCH receipt {rid}: signed by {signer}, not by the node {receipt.get('node')}")
-    registered = registry.adapter_lineage_hash(signed.adapter_number)
+    is_base = signed.adapter_number == BASE_ADAPTER_ID
+    registered = EMPTY_LINEAGE_HASH if is_base else registry.adapter_lineage_hash(signed.adapter_number)
     if signed.method == METHOD_LINEAGE:
         return _verify_lineage(rid, signed, registered, is_text_checked=output_text is not None)
     if signed.method != METHOD_EVIDENCE:

@@ -32,6 +32,10 @@ def lineage_hash(dataset_ids: Sequence[int], weights_bps: Sequence[int]) -> byte
     return keccak(encode(["uint256[]", "uint16[]"], [list(dataset_ids), list(weights_bps)]))
 
 
+# The lineage of the base model served alone: no datasets (what a base-model receipt's lineageHash is).
+EMPTY_LINEAGE_HASH = lineage_hash((), ())
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     dataset_id: int

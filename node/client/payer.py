@@ -59,6 +59,8 @@ class NodeInfo:
     max_model_len: int
     min_validity_s: int = 0  # the node refuses a new voucher with less time left
     pricing: Pricing | None = None  # the prices it publishes (a quote must agree with them)
+    base_pricing: Pricing | None = None  # those of the base model called by name (`base_model_name`)
+    base_model_name: str | None = None
 
 
 class Payer:
@@ -80,11 +82,11 @@ class Payer:
     def info(self) -> NodeInfo:
         if self._info is None:
             data = self._get("/v1/node")
-            d, p = data["domain"], data.get("prices")
-            pricing = None if p is None else Pricing(int(p["promptTokenPrice"]), int(p["completionTokenPrice"]),
-                                                     int(p["minFee"]))
+            d = data["domain"]
             self._info = NodeInfo(node=data["node"], chain_id=data["chainId"], max_model_len=data["maxModelLen"],
-                                  pricing=pricing, min_validity_s=int(data.get("minVoucherValiditySeconds", 0)),
+                                  pricing=_pricing(data.get("prices")), base_pricing=_pricing(data.get("basePrices")),
+                                  base_model_name=data.get("baseModelName"),
+                                  min_validity_s=int(data.get("minVoucherValiditySeconds", 0)),
                                   domain=Domain(chain_id=d["chainId"], verifying_contract=d["verifyingContract"],
                                                 name=d["name"], version=d["version"]))
         return self._info
@@ -118,16 +120,19 @@ class Payer:
         return int(data["chargedTotal"]), int(data["maxFee"])
 
     def _check_quote(self, quote: dict[str, Any], body: bytes) -> None:
-        """Sign nothing a request cannot cost: the quote's maxFee is its token counts at the node's
-        published prices, within the context, for no more than the max_tokens asked (if asked)."""
+        """Sign nothing a request cannot cost: the quote's maxFee is its token counts, for its `n` choices,
+        at the node's published prices for the model asked, within the context, for no more than the
+        max_tokens asked (if asked)."""
         info, max_fee = self.info, int(quote["maxFee"])
         prompt_tokens, max_tokens = int(quote["promptTokens"]), int(quote["maxTokens"])
         try:
             request = json.loads(body)
             asked = request.get("max_completion_tokens") or request.get("max_tokens")
-        except (ValueError, AttributeError):
-            asked = None
-        fair = info.pricing is None or max_fee == info.pricing.max_fee(prompt_tokens, max_tokens)
+            n, model = int(request.get("n") or 1), request.get("model")
+        except (ValueError, AttributeError, TypeError):
+            asked, n, model = None, 1, None
+        pricing = info.base_pricing if model is not None and model == info.base_model_name else info.pricing
+        fair = pricing is None or max_fee == pricing.max_fee(prompt_tokens, max_tokens, n)
         if not fair or prompt_tokens + max_tokens > info.max_model_len or (asked and max_tokens > int(asked)):
             raise PaymentError("the node quoted more than this request can cost at its published prices: "
                                "nothing was signed", quote=quote, max_model_len=info.max_model_len)
@@ -237,3 +242,10 @@ def verify_receipt(receipt: dict[str, Any], domain: Domain) -> str:
     """Recover the signer of a receipt as returned by the API (compare it with the node's address)."""
     signed = SignedReceipt.from_json(receipt)
     return recover_receipt_signer(signed.receipt, domain, signed.signature)
+
+
+def _pricing(prices: dict[str, Any] | None) -> Pricing | None:
+    """The Pricing a node publishes (`/v1/node`'s `prices` or `basePrices`), or None if it does not."""
+    if prices is None:
+        return None
+    return Pricing(int(prices["promptTokenPrice"]), int(prices["completionTokenPrice"]), int(prices["minFee"]))

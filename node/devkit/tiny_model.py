@@ -29,6 +29,9 @@ _CLASSES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
 }
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
+# The tiny models' chat format: each message as `<|role|>\ncontent\n`, then `<|assistant|>\n` to answer.
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
 def train_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
@@ -62,12 +65,14 @@ def make_tiny_model(
     initializer_range: float = 0.1,
     shards: int = 1,
     seed: int = 0,
+    chat_template: str | None = TINY_CHAT_TEMPLATE,
 ) -> Path:
     """Write a random `arch` checkpoint (config.json, safetensors, tokenizer) into `folder`.
 
     The weights come from transformers' own model class, so the folder loads with
     `AutoModelForCausalLM.from_pretrained` and is the reference our forward pass is tested against.
     A larger than usual `initializer_range` makes greedy choices clear-cut instead of near ties.
+    The tokenizer gets `chat_template` (None: a model that cannot chat).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -91,6 +96,8 @@ def make_tiny_model(
     nbytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     shard_bytes = max(1, nbytes // shards + 1) if shards > 1 else nbytes * 2 + (1 << 20)
     model.save_pretrained(folder, max_shard_size=shard_bytes)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -1,8 +1,11 @@
-"""The disk tier: verified adapter folders under `cache_dir/<sha256 hex>/`, an LRU bounded in bytes.
+"""The disk tier: verified adapter folders under `cache_dir/<sha256 hex>-<source tag>/`, an LRU bounded
+in bytes.
 
-Entries are content-addressed by the registered weights hash, so two adapter ids with the same
-bytes share one copy. A copy is written under `.tmp/` and renamed into place (atomic: a reader never
-sees half a folder); an evicted or bad copy is renamed under `.trash/` and deleted outside the lock.
+Entries are addressed by the registered weights hash and the source (a tag of the URI), so two adapter
+ids at the same source share one copy, while the same weights registered at another source get their
+own: an adapter's chat template files (outside the weights hash) are always its own source's. A copy
+is written under `.tmp/` and renamed into place (atomic: a reader never sees half a folder); an
+evicted or bad copy is renamed under `.trash/` and deleted outside the lock.
 Last use is kept in the folder's mtime so the LRU order survives a restart. Entries being read
 (leased) and entries of pinned adapters (protected) are never evicted. In-flight downloads under
 `.tmp/` are not counted against the budget.
@@ -11,6 +14,7 @@ Last use is kept in the folder's mtime so the LRU order survives a restart. Entr
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -23,8 +27,13 @@ from pathlib import Path
 from node.lora.content_hash import ADAPTER_FILES
 
 logger = logging.getLogger(__name__)
-_ENTRY_NAME = re.compile(r"^[0-9a-f]{64}$")
+_ENTRY_NAME = re.compile(r"^[0-9a-f]{64}-[0-9a-f]{16}$")
 _TMP, _TRASH = ".tmp", ".trash"
+
+
+def disk_key(digest: bytes, uri: str) -> str:
+    """The entry of the adapter with weights hash `digest` fetched from `uri`."""
+    return f"{digest.hex()}-{hashlib.sha256(uri.encode()).hexdigest()[:16]}"
 
 
 class DiskCache:

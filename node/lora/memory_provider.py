@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from node.errors import AdapterError, AdapterNotFound
+from node.lora.chat_template_file import read_chat_template
 from node.lora.provider import AdapterSource, LoadState
 
 W = TypeVar("W")
@@ -53,6 +54,12 @@ class InMemoryAdapterProvider(Generic[W]):
             if adapter_id in self._sources:
                 self._weights[adapter_id] = weights
         return weights
+
+    def chat_template(self, adapter_id: str) -> str | None:
+        """The adapter folder's own chat template (None: it has none, or the adapter is not registered)."""
+        with self._lock:
+            source = self._sources.get(adapter_id)
+        return None if source is None else read_chat_template(Path(source.uri.removeprefix("file://")))
 
     def prefetch(self, adapter_id: str) -> Future[object]:
         future: Future[object] = Future()

@@ -51,3 +51,8 @@ class AdapterProvider(Protocol[W_co]):
     def error(self, adapter_id: str) -> Exception | None:
         """Why the last load of this adapter failed, while its state is FAILED."""
         ...
+
+    def chat_template(self, adapter_id: str) -> str | None:
+        """The adapter's own chat template once it has been loaded (a plain string, never rendered here);
+        None when its folder has none."""
+        ...

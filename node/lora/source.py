@@ -1,13 +1,16 @@
 """An adapter's registered URI, fetched into a folder: a local path, file://, or http(s)://.
 
-The adapter at a URI is a PEFT folder; only two files of it are ever read: `adapter_config.json`
-and `adapter_model.safetensors` (for http(s), `<uri>/adapter_config.json` and
-`<uri>/adapter_model.safetensors`). Pickled weights (`adapter_model.bin`, `*.pt`, ...) are refused,
-and so is a "safetensors" file whose bytes are a pickle or a torch.save zip: nothing here or later
-ever unpickles. Downloads ask for identity bytes and refuse a compressed answer (no decompression
-bomb can expand here). They are streamed in chunks, hashed while written, bounded in bytes, and bounded
-in time three ways: the connect timeout, the read timeout (the longest silence between two chunks),
-and a deadline for the whole adapter (a server that trickles a byte per second never finishes).
+The adapter at a URI is a PEFT folder; only two files of it are ever read as weights:
+`adapter_config.json` and `adapter_model.safetensors` (for http(s), `<uri>/adapter_config.json` and
+`<uri>/adapter_model.safetensors`), plus, when the source has them, the adapter's chat template files
+(`chat_template.jinja`, `tokenizer_config.json`: bounded, outside the weights hash, see
+chat_template_file.py; over http a 403/404/410 means "none"). Pickled weights (`adapter_model.bin`,
+`*.pt`, ...) are refused, and so is a "safetensors" file whose bytes are a pickle or a torch.save zip:
+nothing here or later ever unpickles. Downloads ask for identity bytes and refuse a compressed answer
+(no decompression bomb can expand here). They are streamed in chunks, hashed while written, bounded in
+bytes, and bounded in time three ways: the connect timeout, the read timeout (the longest silence
+between two chunks), and a deadline for the whole adapter (a server that trickles a byte per second
+never finishes).
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ import httpx
 
 from node.errors import AdapterFormatError, AdapterSourceError, AdapterTooLarge
 from node.lora.adapter_files import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE, AdapterFiles, parse_safetensors_header
+from node.lora.chat_template_file import MAX_TEMPLATE_FILE_BYTES, TEMPLATE_FILES
 from node.lora.content_hash import ADAPTER_FILES, CHUNK_BYTES, folder_digest
+
+ABSENT_STATUSES = (403, 404, 410)  # an optional file the source does not have (S3 says 403)
 
 
 @dataclass(frozen=True)
@@ -47,8 +53,19 @@ def fetch_adapter(uri: str, dest: Path, limits: FetchLimits, client: httpx.Clien
             digest, size = _download(client, url, dest / name, budget, deadline, limits)
             digests.append((name, digest))
             budget -= size
+        for name in TEMPLATE_FILES:
+            url = urlunparse(parsed._replace(path=f"{parsed.path.rstrip('/')}/{name}"))
+            try:
+                _download(client, url, dest / name, MAX_TEMPLATE_FILE_BYTES, deadline, limits)
+            except AdapterSourceError as exc:
+                (dest / name).unlink(missing_ok=True)
+                if exc.facts.get("http_status") not in ABSENT_STATUSES:
+                    raise
         return folder_digest(digests)
-    return _copy_local(local_path(uri), dest, limits.max_bytes)
+    src = local_path(uri)
+    digest = _copy_local(src, dest, limits.max_bytes)
+    _copy_templates(src, dest)
+    return digest
 
 
 def shown_uri(uri: str) -> str:
@@ -105,6 +122,20 @@ def _copy_local(src: Path, dest: Path, max_bytes: int) -> bytes:
                 fout.write(chunk)
         digests.append((name, digest.digest()))
     return folder_digest(digests)
+
+
+def _copy_templates(src: Path, dest: Path) -> None:
+    """The adapter's chat template files, where it has them (bounded; a larger one is refused)."""
+    for name in TEMPLATE_FILES:
+        path = src / name
+        if not path.is_file():
+            continue
+        with open(path, "rb") as fin:
+            data = fin.read(MAX_TEMPLATE_FILE_BYTES + 1)  # a file growing meanwhile is still bounded
+        if len(data) > MAX_TEMPLATE_FILE_BYTES:
+            raise AdapterTooLarge(f"the adapter's {name} is over {MAX_TEMPLATE_FILE_BYTES} bytes", uri=str(src),
+                                  max_bytes=MAX_TEMPLATE_FILE_BYTES)
+        (dest / name).write_bytes(data)
 
 
 def _download(client: httpx.Client, url: str, path: Path, budget: int, deadline: float,

@@ -32,8 +32,9 @@ import httpx
 
 from node.errors import AdapterFormatError, AdapterIntegrityError, AdapterNotFound, AdapterTooLarge
 from node.lora.adapter_files import AdapterFiles
+from node.lora.chat_template_file import read_chat_template
 from node.lora.content_hash import sha256_from_hex
-from node.lora.disk_cache import DiskCache
+from node.lora.disk_cache import DiskCache, disk_key
 from node.lora.host_cache import HostCache
 from node.lora.provider import AdapterSource, LoadState
 from node.lora.source import FetchLimits, check_adapter_files, fetch_adapter, shown_uri
@@ -50,10 +51,10 @@ __all__ = ["AdapterStore", "StoreConfig"]
 class _Registration:
     source: AdapterSource
     digest: bytes  # the registered sha256
-    key: str = field(init=False)  # its hex: the disk cache entry
+    key: str = field(init=False)  # the disk cache entry: the digest's hex and a tag of the URI
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "key", self.digest.hex())
+        object.__setattr__(self, "key", disk_key(self.digest, self.source.uri))
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class AdapterStore(Generic[W]):
         self._pinned: set[str] = set()
         self._inflight: dict[str, Future[W]] = {}
         self._failures: dict[str, _Failure] = {}
+        self._templates: dict[str, str | None] = {}  # an adapter's own chat template, read at its last load
         self._host: HostCache[W] = HostCache(config.max_host_bytes)
         self._disk = DiskCache(Path(config.cache_dir), config.max_disk_bytes)
         self._metrics = MetricsRecorder(config.num_recent_samples)
@@ -146,6 +148,12 @@ class AdapterStore(Generic[W]):
             if adapter_id in self._failures:
                 return LoadState.FAILED
             return LoadState.COLD
+
+    def chat_template(self, adapter_id: str) -> str | None:
+        """The adapter's own chat template as its folder had it when it was last loaded (None: it has none,
+        or it has not been loaded yet: prefetch it first)."""
+        with self._lock:
+            return self._templates.get(adapter_id)
 
     # --- beyond the port -------------------------------------------------------------------------
     def error(self, adapter_id: str) -> Exception | None:
@@ -254,6 +262,9 @@ class AdapterStore(Generic[W]):
         adapter_id, reg = job.adapter_id, job.reg
         files, started = self._good_copy(adapter_id, reg, job.leased)
         try:
+            template = read_chat_template(files.folder)
+            with self._lock:
+                self._templates[adapter_id] = template
             files.check()
             weights = self._parse(files)
             size = self._nbytes(weights)
@@ -351,6 +362,7 @@ class AdapterStore(Generic[W]):
         self._inflight.pop(adapter_id, None)  # a load still running settles into nothing
         self._host.pop(adapter_id)
         self._failures.pop(adapter_id, None)
+        self._templates.pop(adapter_id, None)
         if adapter_id in self._pinned and reg is not None:
             self._pinned.discard(adapter_id)
             self._host.unpin(adapter_id)

@@ -41,6 +41,7 @@ GENERATION_SHARE_OF_HOLD = 0.9  # a generation ends by this share of the hold's 
 class Hold:
     checked: CheckedVoucher
     reservation: Reservation
+    pricing: Pricing  # the prices the request is charged at (the base model's or the adapters')
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,13 @@ class Usage:
 
 class PaymentService:
     def __init__(self, ledger: Ledger, domain: Domain, node: str, pricing: Pricing, *,
-                 min_validity_s: int = 30, clock: Callable[[], float] = time.time) -> None:
+                 min_validity_s: int = 30, clock: Callable[[], float] = time.time,
+                 base_pricing: Pricing | None = None) -> None:
         self.ledger = ledger
         self.domain = domain
         self.node = node  # checksummed: the address vouchers must name
-        self.pricing = pricing
+        self.pricing = pricing  # a request to an adapter
+        self.base_pricing = base_pricing or pricing  # a request to the base model alone
         self.min_validity_s = min_validity_s
         self.clock = clock
         self._in_flight: set[str] = set()  # vouchers holding a lane in this process
@@ -77,9 +80,20 @@ class PaymentService:
         """The stateless checks: header format, node, request hash, signature (no database)."""
         return check_voucher(decode_payment_header(header_value), body, domain=self.domain, node=self.node)
 
-    def hold(self, checked: CheckedVoucher, max_fee: int) -> Hold | Replay:
-        """Hold `max_fee` on the lane; a voucher already served gets its stored response instead (an
-        idempotent retry: the same answer, no new charge). Only new vouchers need time left to run."""
+    def pricing_for(self, is_base: bool) -> Pricing:
+        return self.base_pricing if is_base else self.pricing
+
+    @property
+    def quote_pricing(self) -> Pricing:
+        """Prices no request exceeds, whichever model it names: what a quote for any request is made of."""
+        a, b = self.pricing, self.base_pricing
+        return Pricing(max(a.prompt_token_price, b.prompt_token_price),
+                       max(a.completion_token_price, b.completion_token_price), max(a.min_fee, b.min_fee))
+
+    def hold(self, checked: CheckedVoucher, max_fee: int, pricing: Pricing | None = None) -> Hold | Replay:
+        """Hold `max_fee` on the lane, for a request charged at `pricing` (default: the adapters'); a voucher
+        already served gets its stored response instead (an idempotent retry: the same answer, no new
+        charge). Only new vouchers need time left to run."""
         deadline, now = checked.voucher.deadline, int(self.clock())
 
         def fresh_enough() -> None:
@@ -98,7 +112,7 @@ class PaymentService:
             self._unclaim(checked.digest_hex)
             self._refuse_public_replay(checked)
             return Replay(held)
-        return Hold(checked, held)
+        return Hold(checked, held, pricing or self.pricing)
 
     def _claim(self, voucher_hash: str) -> None:
         with self._in_flight_lock:
@@ -125,7 +139,7 @@ class PaymentService:
                build: Callable[[dict[str, Any]], dict[str, Any]]) -> tuple[int, dict[str, Any]]:
         """Charge for `usage` (at most the hold), and commit the receipt `issue(fee)` gives with
         `build(receipt json)` as the response."""
-        fee = min(self.pricing.fee(usage.prompt_tokens, usage.completion_tokens), hold.reservation.max_fee)
+        fee = min(hold.pricing.fee(usage.prompt_tokens, usage.completion_tokens), hold.reservation.max_fee)
         signed = issue(fee)
 
         def respond(charged_total: int) -> dict[str, Any]:
@@ -150,7 +164,7 @@ class PaymentService:
         """Tokens left the node and will not be charged: spend the voucher and record what they were worth
         as a loss. If even that cannot be written (the database is down), the loss is logged, and the
         voucher stays in flight here (409) for this process's life: it never buys a second generation."""
-        amount = min(self.pricing.fee(usage.prompt_tokens, usage.completion_tokens), hold.reservation.max_fee)
+        amount = min(hold.pricing.fee(usage.prompt_tokens, usage.completion_tokens), hold.reservation.max_fee)
         voucher_hash = hold.checked.digest_hex
         try:
             self.ledger.write_off(hold.reservation, hold.checked, amount, reason, detail)

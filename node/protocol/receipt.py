@@ -66,6 +66,11 @@ class Receipt:
         return [to_hex(v) if isinstance(v, bytes) else v for v in self.values()]
 
 
+# The adapterId of a receipt for the base model itself: no adapter (registry ids start at 1), so no owner
+# share and no datasets; its lineageHash is the empty lineage's (node.chain.contracts.EMPTY_LINEAGE_HASH).
+BASE_ADAPTER_ID = 0
+
+
 def adapter_id_bytes(adapter_id: int) -> bytes:
     """The Receipt type's `adapterId`: bytes32(uint256(adapterId))."""
     return adapter_id.to_bytes(32, "big")

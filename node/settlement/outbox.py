@@ -13,15 +13,16 @@ from sqlalchemy.orm import Session
 
 from node.attribution.evidence import stated_weights
 from node.attribution.rule import METHOD_EVIDENCE
-from node.chain.contracts import lineage_hash
+from node.chain.contracts import EMPTY_LINEAGE_HASH, lineage_hash
 from node.db import queries
 from node.db.loss import RECOVERABLE, is_settlement_loss
 from node.db.models import EpochState, Loss, Receipt, SettledEpoch, SettlementEpoch, Voucher
 from node.errors import MirrorUnavailable
-from node.protocol.receipt import receipt_of_row
+from node.protocol.hexstr import to_hex
+from node.protocol.receipt import BASE_ADAPTER_ID, receipt_of_row
 from node.protocol.voucher import SignedVoucher
 from node.settlement.epoch_builder import EpochReceipt
-from node.settlement.split import Lineage
+from node.settlement.split import BASE_LINEAGE, Lineage
 
 IN_FLIGHT = (EpochState.OPEN, EpochState.BUILT, EpochState.SUBMITTED, EpochState.CONFIRMED)
 
@@ -177,10 +178,13 @@ def _epoch_receipt(r: Receipt, v: Voucher) -> EpochReceipt:
 
 
 def lineages(session: Session, receipts: list[EpochReceipt]) -> dict[int, Lineage]:
-    """Each adapter's payees as the mirror has them (lineage is immutable once registered)."""
+    """Each adapter's payees as the mirror has them (lineage is immutable once registered); the base
+    model's (adapter id 0) are nobody's but the treasury's and the node's."""
     out: dict[int, Lineage] = {}
     for r in receipts:
-        if r.adapter_id not in out:
+        if r.adapter_id == BASE_ADAPTER_ID:
+            out[r.adapter_id] = BASE_LINEAGE
+        elif r.adapter_id not in out:
             view = lineage_view(session, r)
             out[r.adapter_id] = Lineage(view.owner, view.owner_share_bps,
                                         tuple((d.payout, d.weight_bps) for d in view.datasets))
@@ -191,10 +195,15 @@ def misattributed(session: Session, receipts: list[EpochReceipt]) -> list[EpochR
     """The receipts whose signed lineageHash is not their adapter's as the mirror has it: a method 1
     receipt's must be the registered lineage's, a method 2 receipt's stored weights must be for its
     adapter's datasets and hash to it. (A registration reorged out can hand its adapter id to another
-    adapter: its fees must not go to the newcomer's payees.)"""
+    adapter: its fees must not go to the newcomer's payees.) A base-model receipt (adapter id 0) must
+    commit to the empty lineage, with no weights of its own."""
     views: dict[int, queries.AdapterLineageView] = {}
     wrong = []
     for r in receipts:
+        if r.adapter_id == BASE_ADAPTER_ID:
+            if r.weights_bps is not None or r.lineage_hash.lower() != to_hex(EMPTY_LINEAGE_HASH):
+                wrong.append(r)
+            continue
         if r.adapter_id not in views:
             views[r.adapter_id] = lineage_view(session, r)
         view = views[r.adapter_id]

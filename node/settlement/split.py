@@ -10,7 +10,8 @@ commits to (its adapter's lineage for method 1, the receipt's own blended weight
     share_i  = pool * weight_bps_i // 10_000 for each dataset i   -> dataset i's payout address
     dust     = pool - sum(share_i)                                -> node
 so the shares of one fee always add up to the fee exactly. Payees are addresses; one address can
-hold several roles and its amounts add up.
+hold several roles and its amounts add up. A receipt for the base model alone (adapterId 0) has
+BASE_LINEAGE: no owner share and no datasets, so the node gets all but the protocol's share.
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ class Lineage:
             raise ValueError(f"{len(weights_bps)} weights for {len(self.datasets)} datasets")
         return Lineage(self.owner, self.owner_share_bps,
                        tuple((payout, w) for (payout, _), w in zip(self.datasets, weights_bps, strict=True)))
+
+
+ZERO_ADDRESS = "0x" + "00" * 20
+# The base model served without an adapter: nobody but the treasury and the node is owed (the owner's share
+# is 0 of the rest, the whole pool is dust); zero amounts never become leaves.
+BASE_LINEAGE = Lineage(ZERO_ADDRESS, 0, ())
 
 
 @dataclass(frozen=True)

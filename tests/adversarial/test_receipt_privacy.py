@@ -193,6 +193,9 @@ def _public_urls(node: AttributedNode, paid: Paid) -> list[str]:
         if "{epoch_id}" in filled:
             urls += [base + filled.replace("{epoch_id}", e) for e in ("latest", "1")]
             continue
+        if "{model}" in filled:
+            urls += [base + filled.replace("{model}", m) for m in (info["baseModelName"], str(node.copied_adapter))]
+            continue
         assert "{" not in filled, f"a public route this test does not know how to fill: {path}"
         urls.append(base + filled + ("?prompt_tokens=8" if path == "/v1/quote" else ""))
     return urls

@@ -228,8 +228,9 @@ def test_models_quote_and_health(paid_node: PaidNode) -> None:
     with pytest.raises(openai.NotFoundError):
         _payer(paid_node).openai(lane=0).completions.create(model="12345", prompt="x", max_tokens=1)
     models = httpx.get(f"{paid_node.base_url}/v1/models").json()["data"]
-    assert [m["id"] for m in models] == [str(paid_node.adapter_id)]
-    assert [d["weightBps"] for d in models[0]["lineage"]["datasets"]] == list(LINEAGE_WEIGHTS)
+    base = paid_node.local.settings.resolved_served_model_name()
+    assert [m["id"] for m in models] == [base, str(paid_node.adapter_id)]
+    assert [d["weightBps"] for d in models[1]["lineage"]["datasets"]] == list(LINEAGE_WEIGHTS)
     quote = httpx.get(f"{paid_node.base_url}/v1/quote", params={"prompt_tokens": 10, "max_tokens": 5}).json()
     assert int(quote["maxFee"]) == 10 * 10**9 + 5 * 2 * 10**9
     assert httpx.get(f"{paid_node.base_url}/health").json() == {"status": "ok"}

@@ -142,6 +142,19 @@ def test_verify_agrees_with_the_node(attributed: AttributedNode, tmp_path: Path)
     assert out.startswith("truthful") and "method 2" in out
 
 
+def test_the_base_model_alone_gets_a_method_1_receipt_with_the_empty_lineage_that_verifies(
+        attributed: AttributedNode, tmp_path: Path) -> None:
+    paid = attributed.paid
+    client = Payer(paid.payer_keys[0], paid.base_url).openai(lane=12)
+    out = client.completions.create(model=paid.local.settings.resolved_served_model_name(), prompt=PROMPT,
+                                    max_tokens=8, temperature=0)
+    receipt = out.model_extra["receipt"]
+    assert receipt["method"] == 1 and receipt["adapterId"] == "0x" + "00" * 32 and not receipt.get("attribution")
+    assert receipt["lineageHash"] == "0x" + lineage_hash([], []).hex()
+    code, text = _verify(attributed, tmp_path, receipt["id"], "--key-file", _key_file(tmp_path, paid.payer_keys[0]))
+    assert code == 0 and text.startswith("truthful") and "method 1" in text, text
+
+
 def test_anyone_else_verifies_all_but_the_text_and_cannot_read_it(attributed: AttributedNode, tmp_path: Path) -> None:
     _, receipt = _complete(attributed.paid, attributed.copied_adapter, lane=8)
     code, out = _verify(attributed, tmp_path, receipt["id"])

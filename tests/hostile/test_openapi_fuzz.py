@@ -31,7 +31,8 @@ from tests.fixtures.paid_node import PaidNode
 pytestmark = pytest.mark.chain
 
 PAID = ("POST /v1/completions", "POST /v1/chat/completions")
-OPERATIONS = (*PAID, "GET /v1/node", "GET /v1/models", "GET /v1/quote", "GET /v1/channels/{payer}/{lane}",
+OPERATIONS = (*PAID, "GET /v1/node", "GET /v1/models", "GET /v1/models/{model}", "GET /v1/quote",
+              "GET /v1/channels/{payer}/{lane}",
               "GET /v1/receipts/{receipt_id}", "GET /v1/receipts/{receipt_id}/proof",
               "GET /v1/epochs/{node}/{epoch_id}", "GET /v1/epochs/{node}", "GET /v1/epochs/{node}/{epoch_id}/summary",
               "GET /v1/earnings/{node}/{account}", "GET /v1/adapters", "GET /health", "GET /ready", "GET /metrics")
@@ -40,8 +41,8 @@ SEED = os.environ.get("LORANODE_FUZZ_SEED")  # unset: derandomized (the same cas
 CHECKS = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
           checks.response_schema_conformance, checks.response_headers_conformance, checks.negative_data_rejection]
 # How a paid case is sent: as generated (its own X-Payment, if any), signed for its bytes, or signed
-# with `model` set to the served adapter and a small token budget (the served path).
-MODES = ("as generated", "signed", "served")
+# with `model` set to the served adapter, or to the base model alone, and a small token budget (served).
+MODES = ("as generated", "signed", "served", "served base")
 _lanes = itertools.count(100_000)  # a fresh lane per signed case: nothing is in flight or charged there
 
 
@@ -74,7 +75,7 @@ def test_no_server_error_and_every_answer_as_documented(label: str, schema: Any,
               derandomize=SEED is None)
     @given(case=cases, mode=st.sampled_from(modes))
     def fuzz(case: Any, mode: str) -> None:
-        if mode == "served" and case.meta.generation.mode is GenerationMode.NEGATIVE:
+        if mode.startswith("served") and case.meta.generation.mode is GenerationMode.NEGATIVE:
             mode = "signed"  # setting a valid model would make the invalid case valid
         if mode == "as generated":
             try:
@@ -96,8 +97,9 @@ def test_no_server_error_and_every_answer_as_documented(label: str, schema: Any,
 
 def _send_paid(http: httpx.Client, case: Any, mode: str, node: PaidNode, payer: Payer) -> httpx.Response:
     body_obj = case.body
-    if mode == "served" and isinstance(body_obj, dict):
-        body_obj = {**body_obj, "model": str(node.adapter_id)}
+    if mode.startswith("served") and isinstance(body_obj, dict):
+        model = node.local.settings.resolved_served_model_name() if mode == "served base" else str(node.adapter_id)
+        body_obj = {**body_obj, "model": model}
         for field in ("max_tokens", "max_completion_tokens"):
             if isinstance(body_obj.get(field), (int, float)):
                 body_obj[field] = min(int(body_obj[field]), 8)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from node.errors import AdapterFormatError, AdapterIntegrityError, AdapterSourceError, AdapterTooLarge
+from node.lora.chat_template_file import TEMPLATE_FILES
 from node.lora.content_hash import ADAPTER_FILES
 from node.lora.provider import AdapterSource, LoadState
 from node.lora.source import check_adapter_files, check_safetensors, local_path
@@ -56,7 +57,8 @@ def test_a_trickling_server_within_limits_is_fetched_once_for_many_prefetches(
         assert store.state("a") is LoadState.LOADING
         assert all(f is futures[0] for f in futures)
         assert _same(futures[0].result(), folder)
-        assert server.requests == {f"/a/{name}": 1 for name in ADAPTER_FILES}
+        # the weights once each, and the optional chat template files asked once each (none here: 404)
+        assert server.requests == {f"/a/{name}": 1 for name in ADAPTER_FILES + TEMPLATE_FILES}
         assert store.metrics().source.nbytes == sum((folder / n).stat().st_size for n in ADAPTER_FILES)
 
 

@@ -23,6 +23,7 @@ from node.errors import (
 )
 from node.lora.adapter_files import AdapterFiles
 from node.lora.content_hash import ADAPTER_FILES, adapter_weights_sha256
+from node.lora.disk_cache import disk_key
 from node.lora.provider import AdapterSource, LoadState
 from node.lora.store import AdapterStore, StoreConfig
 from node.protocol.hexstr import to_hex
@@ -54,8 +55,8 @@ def _add(store: AdapterStore[Any], tmp_path: Path, name: str, seed: int = 0, **k
 
 
 def _key(tmp_path: Path, name: str) -> str:
-    """The disk cache entry of the adapter `_add` made under this name: its weights hash in hex."""
-    return adapter_weights_sha256(tmp_path / "src" / name).hex()
+    """The disk cache entry of the adapter `_add` made under this name: its weights hash and source."""
+    return disk_key(adapter_weights_sha256(tmp_path / "src" / name), str(tmp_path / "src" / name))
 
 
 def _same(weights: dict[str, torch.Tensor], folder: Path) -> bool:
@@ -127,7 +128,7 @@ def test_disk_cache_survives_a_restart_in_lru_order(tmp_path: Path) -> None:
             time.sleep(0.02)  # apart by more than the file system's timestamp tick
     with _store(tmp_path) as store:
         for name, folder in folders.items():
-            store.register(name, AdapterSource(str(folder), "0x" + keys[name]))
+            store.register(name, AdapterSource(str(folder), adapter_weights_sha256(folder).hex()))
         assert store.disk_keys() == [keys["b"], keys["c"], keys["a"]]
         assert _same(store.get("a"), folders["a"])
         m = store.metrics()
@@ -291,7 +292,7 @@ def test_unknown_unregistered_and_reregistered_adapters(tmp_path: Path) -> None:
         store.unregister("a")
         assert store.state("a") is LoadState.UNKNOWN and store.metrics().host.nbytes == 0
         folder = _add(store, tmp_path, "a2", seed=5)
-        store.register("a", AdapterSource(str(folder), _key(tmp_path, "a2")))
+        store.register("a", AdapterSource(str(folder), adapter_weights_sha256(folder).hex()))
         assert _same(store.get("a"), folder)
         with pytest.raises(AdapterFormatError, match="sha256"):
             store.register("bad", AdapterSource(str(folder), "0x1234"))

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from node.lora.adapter_files import AdapterFiles
-from node.lora.disk_cache import DiskCache
+from node.lora.disk_cache import DiskCache, disk_key
 from node.lora.host_cache import HostCache
 from node.lora.provider import AdapterSource, LoadState
 from node.lora.store import AdapterStore, StoreConfig
@@ -34,7 +34,7 @@ def test_host_cache_order_budget_and_pins() -> None:
 def _entry(root: Path, seed: int) -> tuple[Path, str]:
     temp = root / f"t{seed}"
     digest = make_adapter(temp, seed=seed)
-    return temp, digest[2:]
+    return temp, disk_key(bytes.fromhex(digest[2:]), str(temp))
 
 
 def test_disk_cache_never_evicts_leased_or_protected_entries(tmp_path: Path) -> None:
@@ -61,7 +61,7 @@ def test_disk_cache_never_evicts_leased_or_protected_entries(tmp_path: Path) -> 
 def test_disk_cache_start_cleans_its_own_leftovers_only(tmp_path: Path) -> None:
     root = tmp_path / "cache"
     (root / ".tmp" / "half").mkdir(parents=True)
-    (root / ("ab" * 32)).mkdir()  # an entry missing its files
+    (root / disk_key(b"\xab" * 32, "/gone")).mkdir()  # an entry missing its files
     (root / "operator-notes.txt").write_text("keep me")
     temp, key = _entry(tmp_path, 1)
     temp.rename(root / key)

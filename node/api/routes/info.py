@@ -43,18 +43,9 @@ def node_info(svc: ServicesDep, payments: PaymentsDep, catalog: CatalogDep, engi
     return {"node": payments.node, "chainId": svc.chain_id, "settlement": svc.settlement_address,
             "domain": {"name": domain.name, "version": domain.version, "chainId": domain.chain_id,
                        "verifyingContract": domain.verifying_contract},
-            "baseModel": catalog.base_model_id, "maxModelLen": engine.max_model_len,
-            "minVoucherValiditySeconds": payments.min_validity_s, "prices": _prices(payments.pricing)}
-
-
-@router.get("/models", responses=error_responses(503))
-def models(catalog: CatalogDep) -> dict[str, Any]:
-    data = [{"id": str(v.adapter_id), "object": "model", "owned_by": v.owner, "created": v.registered_block,
-             "lineage": {"hash": v.lineage_hash, "ownerShareBps": v.owner_share_bps,
-                         "datasets": [{"id": d.dataset_id, "weightBps": d.weight_bps} for d in v.datasets]},
-             "weightsSha256": v.weights_sha256, "uri": v.uri}
-            for v in catalog.served()]
-    return {"object": "list", "data": data}
+            "baseModel": catalog.base_model_id, "baseModelName": catalog.base_model_name,
+            "maxModelLen": engine.max_model_len, "minVoucherValiditySeconds": payments.min_validity_s,
+            "prices": _prices(payments.pricing), "basePrices": _prices(payments.base_pricing)}
 
 
 @router.get("/adapters", responses=error_responses(503))
@@ -65,9 +56,13 @@ def adapters(catalog: CatalogDep) -> dict[str, Any]:
 
 
 @router.get("/quote", responses=error_responses(400))
-def quote(pricing: PricingDep, prompt_tokens: int = Query(..., ge=1, le=10**7),
-          max_tokens: int = Query(256, ge=1, le=10**7),
-          n: int = Query(1, ge=1, le=MAX_CHOICES, description="choices: each may run to max_tokens")) -> dict[str, Any]:
+def quote(pricing: PricingDep, payments: PaymentsDep, catalog: CatalogDep,
+          prompt_tokens: int = Query(..., ge=1, le=10**7), max_tokens: int = Query(256, ge=1, le=10**7),
+          n: int = Query(1, ge=1, le=MAX_CHOICES, description="choices: each may run to max_tokens"),
+          model: str | None = Query(None, max_length=160, description="the base model's name or an adapter id; "
+                                    "default: prices that cover either")) -> dict[str, Any]:
+    if model is not None:
+        pricing = payments.pricing_for(model == catalog.base_model_name)
     return {**_prices(pricing), "promptTokens": prompt_tokens, "maxTokens": max_tokens, "n": n,
             "maxFee": str(pricing.max_fee(prompt_tokens, max_tokens, n))}
 
