@@ -45,7 +45,10 @@ def test_the_replicas_profile_puts_haproxy_with_the_shipped_config_in_front_of_e
     for name in ("api", "replica"):  # every API process of the stack is behind the balancer
         assert f" {name}:8000 check" in servers
         assert services[name]["command"][:1] == ["api"]
-    assert replica["environment"] == services["api"]["environment"]  # the same ledger, broker and chain
+    shared = {k: v for k, v in replica["environment"].items() if k != "LORANODE_ADAPTER_CACHE_DIR"}
+    assert shared == services["api"]["environment"]  # the same ledger, broker and chain
+    cache = replica["environment"]["LORANODE_ADAPTER_CACHE_DIR"]  # but an adapter cache of each container's own
+    assert any(v["type"] == "volume" and not v.get("source") and v["target"] == cache for v in replica["volumes"])
     check = subprocess.run([haproxy_binary(), "-c", *[a for f in files for a in ("-f", str(f))]],
                            capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stdout + check.stderr

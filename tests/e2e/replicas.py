@@ -58,9 +58,11 @@ def wait_ready(cluster: Cluster, name: str, url: str, timeout_s: float = 120.0) 
 @contextmanager
 def second_replica_behind_balancer(cluster: Cluster, workdir: Path) -> Iterator[tuple[Balancer, dict[str, str]]]:
     """Replica "b" as an operator starts it on the same host: the same settings (LORANODE_PORT
-    included) and `loranode api --port` of its own. Yields the balancer and each replica's URL."""
+    included) and `loranode api --port` of its own, with an adapter cache of its own. Yields the
+    balancer and each replica's URL."""
     port = free_port()
-    cluster.start("api-b", (*node_command("api"), "--port", str(port)))
+    # the same settings as replica a but its adapter cache: a disk cache belongs to one process
+    cluster.start("api-b", (*node_command("api"), "--port", str(port)), adapter_cache_dir=workdir / "adapter-cache-b")
     urls = {"a": cluster.base_url, "b": f"http://127.0.0.1:{port}"}
     wait_ready(cluster, "api-b", urls["b"])
     servers = {name: url.removeprefix("http://") for name, url in urls.items()}
