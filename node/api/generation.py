@@ -397,6 +397,7 @@ class GenerationService:
         self.metrics.tokens.labels(kind="prompt").inc(usage.prompt_tokens)
         self.metrics.tokens.labels(kind="completion").inc(usage.completion_tokens)
         self.metrics.receipts.inc()
+        self.metrics.adapter_requests.labels(adapter=job.adapter.model).inc()
 
 
 def _prompt_chars(req: CompletionRequest | ChatCompletionRequest) -> int:

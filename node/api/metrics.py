@@ -23,6 +23,10 @@ class APIMetrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         self.receipts = Counter("loranode_receipts", "Receipts signed and committed", registry=r)
         self.fees = Counter("loranode_fees", "Fees charged, in token units", registry=r)
+        # One series per adapter this process served: behind the balancer, an adapter's traffic should
+        # show on one replica (docs/replicas.md). Its cardinality is the adapters served here.
+        self.adapter_requests = Counter("loranode_adapter_requests", "Paid requests answered, by adapter",
+                                        ["adapter"], registry=r)
 
     def add_gauges(self, name: str, doc: str, read: Callable[[], dict[tuple[str, ...], float]],
                    labels: list[str]) -> None:

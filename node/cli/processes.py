@@ -37,8 +37,11 @@ def api(host: str = typer.Option(None, help="Bind address (default LORANODE_HOST
     from node.api.wiring import build_services
 
     settings, dep = require_deployment()
+    # the port it serves on is part of the process's name in the ledger's holds (two replicas on one
+    # host must not share it): --port goes into the settings, not only to uvicorn
+    settings = settings.model_copy(update={"host": host or settings.host, "port": port or settings.port})
     services = build_services(settings, dep)
-    uvicorn.run(create_app(services), host=host or settings.host, port=port or settings.port, log_level="info")
+    uvicorn.run(create_app(services), host=settings.host, port=settings.port, log_level="info")
 
 
 def indexer() -> None:

@@ -146,6 +146,14 @@ def sse_payloads(lines: Iterable[str]) -> list[dict[str, Any]]:
     return out
 
 
+def _error_code(resp: httpx.Response) -> str:
+    """The node's error code; a proxy's own error page (a 502 from the balancer) has none."""
+    try:
+        return str(resp.json()["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return resp.reason_phrase
+
+
 def send_raw(base_url: str, body: bytes, header: str, payer: str, lane: int) -> Outcome:
     """POST exactly these bytes with this X-Payment (what a client's retry sends); streamed or not, as the
     body says. A stream that breaks, or ends in an error event, is not a complete answer (status 0)."""
@@ -158,7 +166,7 @@ def send_raw(base_url: str, body: bytes, header: str, payer: str, lane: int) -> 
         with httpx.stream("POST", f"{base_url}/v1/completions", content=body, headers=headers, timeout=60) as resp:
             if resp.status_code != 200:
                 resp.read()
-                return Outcome(payer, lane, model, stream, resp.status_code, (), resp.json()["error"]["code"])
+                return Outcome(payer, lane, model, stream, resp.status_code, (), _error_code(resp))
             for line in resp.iter_lines() if stream else [f"data: {resp.read().decode()}"]:
                 payloads.extend(sse_payloads([line]))
         errors = [p["error"] for p in payloads if "error" in p]

@@ -1,0 +1,289 @@
+"""API replicas behind HAProxy (the shipped deploy/haproxy config): two replicas against one, and
+adapter-affinity hashing against round robin, for the same Zipf traffic over many adapters.
+
+Setup: anvil with the contracts, a tiny model, `--adapters` adapters (rank 8 on q and v, each its own
+weights, about 64 KiB) registered on chain, a funded dApp, PostgreSQL, and two `loranode api`
+processes (`python -m node api --port P`) on the same database, each with a host cache for
+`--host-adapters` adapters and a disk cache of its own. Three balancers in front of them at once:
+
+    one      HAProxy -> replica a only              (hash on the adapter)
+    hash     HAProxy -> replicas a and b            (hash on the adapter, bounded load: the shipped config)
+    rr       HAProxy -> replicas a and b            (`balance roundrobin`, all else the same)
+
+Each arm runs `--lanes` lanes of streamed paid completions back to back, the adapter of each request
+drawn from Zipf(`--zipf`) over all adapters, for `--seconds` after `--warmup` seconds; the arms
+alternate for `--rounds` rounds and each keeps its best round. Per arm: completion tokens/s, requests/s,
+p50/p99 time to first token (first streamed chunk, as the client sees it), and the adapter hit rate:
+1 - (adapter loads into host memory, read from each replica's /metrics) / requests served.
+
+    python bench/replicas.py [--adapters 1000] [--lanes 8] [--seconds 20] [--rounds 2]
+Prints a table (with `uptime` beside it: the machine is shared) and writes bench/results/replicas.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.api import _fresh_postgres  # noqa: E402
+from node.chain.anvil import free_port  # noqa: E402
+from node.client.payer import Payer  # noqa: E402
+from node.devkit import make_tiny_model, train_tiny_adapter  # noqa: E402
+from node.devkit.balancer import Balancer  # noqa: E402
+from node.devkit.corpus import STYLES  # noqa: E402
+from node.devkit.local_node import FIRST_USER, LocalNode, settings_env  # noqa: E402
+from node.lora.adapter import LoRATargetSpec, load_lora_adapter  # noqa: E402
+from node.lora.adapter_files import AdapterFiles  # noqa: E402
+from node.lora.content_hash import adapter_weights_sha256, base_model_id, dataset_content_hash  # noqa: E402
+from node.models.config import ModelConfig  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "replicas.json"
+PROMPTS = ("the sea is", "waves on the shore", "a ship sails", "the lighthouse keeper said")
+
+
+@dataclass
+class Arm:
+    name: str
+    balancer: Balancer
+    replicas: list[str]  # base URLs behind it
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+
+def make_adapters(work: Path, model: Path, n: int) -> list[Path]:
+    """One trained adapter, then `n` of its shape with weights of their own (seeded noise)."""
+    first = train_tiny_adapter(model, work / "adapter-0", [STYLES["sea"]], rank=8, steps=1,
+                               target_modules=("q_proj", "v_proj")).path
+    tensors = load_file(str(first / "adapter_model.safetensors"))
+    out = [first]
+    for i in range(1, n):
+        folder = work / f"adapter-{i}"
+        folder.mkdir()
+        gen = torch.Generator().manual_seed(i)
+        save_file({k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in tensors.items()},
+                  str(folder / "adapter_model.safetensors"))
+        (folder / "adapter_config.json").write_bytes((first / "adapter_config.json").read_bytes())
+        out.append(folder)
+    return out
+
+
+def setup(work: Path, db_url: str, n: int) -> tuple[LocalNode, list[int], Path, int]:
+    node = LocalNode.start_chain(work / "node", database_url=db_url, prompt_token_price=10**9,
+                                 completion_token_price=10**9, max_num_seqs=64, max_in_flight=1024)
+    model = make_tiny_model(work / "model", hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4,
+                            vocab_size=2000)
+    text = work / "data.txt"
+    text.write_text(STYLES["sea"])
+    c = node.contracts(FIRST_USER)
+    ds = c.datasets.register(dataset_content_hash(text), text.as_uri(), c.client.address)
+    owner, base = node.contracts(FIRST_USER + 1), base_model_id(model)
+    folders = make_adapters(work / "adapters", model, n)
+    ids = [owner.adapters.register(base, adapter_weights_sha256(f), f.as_uri(), [ds], [10_000], 1_000)
+           for f in folders]
+    payer = node.contracts(FIRST_USER + 2)
+    payer.token.mint(payer.client.address, 10**24)
+    payer.escrow.deposit(node.contracts(0).client.address, 10**24, payer.token)
+    node.wait_for_mirror()
+    return node, ids, model, host_nbytes(model, folders[0], node.settings.max_lora_rank)
+
+
+def host_nbytes(model: Path, folder: Path, max_rank: int) -> int:
+    """What one adapter takes in a replica's host cache (parsed as the API parses it)."""
+    config = ModelConfig.from_folder(model)
+    target = LoRATargetSpec.of(config.num_layers, config.module_shapes())
+    return load_lora_adapter(AdapterFiles.read(folder), target=target, max_rank=max_rank).nbytes
+
+
+def start_replica(node: LocalNode, model: Path, work: Path, name: str, host_bytes: int,
+                  slots: int) -> tuple[subprocess.Popen[bytes], str]:
+    settings = node.settings.model_copy(update={
+        "model_path": model, "port": free_port(), "adapter_cache_dir": work / f"cache-{name}",
+        "max_adapter_host_bytes": host_bytes, "max_adapter_slots": slots})
+    env = {**os.environ, **settings_env(settings)}
+    log = (work / f"api-{name}.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "node", "api"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{settings.port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"replica {name} exited:\n{(work / f'api-{name}.log').read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"replica {name} was not ready")
+
+
+def host_loads(url: str) -> int:
+    """Adapters this replica loaded into host memory (misses of its host tier)."""
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        if family.name == "loranode_adapter_tier":
+            for s in family.samples:
+                if s.labels == {"tier": "host", "stat": "misses"}:
+                    return int(s.value)
+    return 0
+
+
+class ZipfTraffic:
+    def __init__(self, ids: list[int], s: float, payer: Payer, max_tokens: int) -> None:
+        weights = [1 / (k + 1) ** s for k in range(len(ids))]
+        self.cum = [sum(weights[: k + 1]) for k in range(len(weights))]
+        self.ids, self.payer, self.max_tokens = ids, payer, max_tokens
+        self.rng = random.Random(0)
+
+    def pick(self) -> int:
+        return self.ids[bisect.bisect(self.cum, self.rng.random() * self.cum[-1])]
+
+    async def run(self, url: str, lanes: list[int], seconds: float) -> list[tuple[int, float, float, int]]:
+        """(status, ttft_s, latency_s, completion tokens) per request."""
+        out: list[tuple[int, float, float, int]] = []
+        deadline = time.monotonic() + seconds
+        limits = httpx.Limits(max_connections=len(lanes) + 2, max_keepalive_connections=len(lanes) + 2)
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+            await asyncio.gather(*(self._lane(http, lane, deadline, out) for lane in lanes))
+        return out
+
+    async def _lane(self, http: httpx.AsyncClient, lane: int, deadline: float, out: list[Any]) -> None:
+        while time.monotonic() < deadline:
+            body = json.dumps({"model": str(self.pick()), "prompt": self.rng.choice(PROMPTS),
+                               "max_tokens": self.max_tokens, "stream": True, "stop": ["@@never@@"]}).encode()
+            header = await asyncio.to_thread(self.payer.payment_header, body, lane)
+            started, ttft, last = time.monotonic(), float("nan"), None
+            async with http.stream("POST", "/v1/completions", content=body,
+                                   headers={"X-Payment": header, "Content-Type": "application/json"}) as resp:
+                async for line in resp.aiter_lines():
+                    if line.startswith("data: {"):
+                        if ttft != ttft:
+                            ttft = time.monotonic() - started
+                        last = json.loads(line.removeprefix("data: "))
+            if resp.status_code == 200 and last is not None and "receipt" in last:
+                self.payer.observe(lane, int(last["receipt"]["chargedTotal"]))
+                out.append((200, ttft, time.monotonic() - started, last["usage"]["completion_tokens"]))
+            else:
+                self.payer.forget(lane)
+                out.append((resp.status_code, ttft, time.monotonic() - started, 0))
+                await asyncio.sleep(0.2)
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return 1000 * xs[int(q * (len(xs) - 1))] if xs else float("nan")
+
+
+def measure(arm: Arm, traffic: ZipfTraffic, lanes: list[int], warmup: float, seconds: float) -> dict[str, Any]:
+    asyncio.run(traffic.run(arm.balancer.url, lanes, warmup))
+    loads_before = sum(host_loads(u) for u in arm.replicas)
+    started = time.monotonic()
+    results = asyncio.run(traffic.run(arm.balancer.url, lanes, seconds))
+    wall = time.monotonic() - started
+    loads = sum(host_loads(u) for u in arm.replicas) - loads_before
+    ok = [r for r in results if r[0] == 200]
+    return {"requests": len(results), "served": len(ok), "wall_s": wall,
+            "tokens_per_s": sum(r[3] for r in ok) / wall, "requests_per_s": len(ok) / wall,
+            "ttft_p50_ms": _pct([r[1] for r in ok], 0.5), "ttft_p99_ms": _pct([r[1] for r in ok], 0.99),
+            "latency_p50_ms": 1000 * statistics.median([r[2] for r in ok]) if ok else float("nan"),
+            "host_loads": loads, "hit_rate": 1 - loads / max(len(ok), 1),
+            "statuses": {str(s): sum(r[0] == s for r in results) for s in sorted({r[0] for r in results})}}
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    db_url = _fresh_postgres(args.database_url)
+    node, ids, model, nbytes = setup(work, db_url, args.adapters)
+    procs: list[subprocess.Popen[bytes]] = []
+    arms: list[Arm] = []
+    try:
+        urls = []
+        for name in ("a", "b"):
+            proc, url = start_replica(node, model, work, name, args.host_adapters * nbytes, args.slots)
+            procs.append(proc)
+            urls.append(url)
+        servers = {n: u.removeprefix("http://") for n, u in zip(("a", "b"), urls, strict=True)}
+        arms = [Arm("one", Balancer({"a": servers["a"]}, work / "lb-one").start(), urls[:1]),
+                Arm("hash", Balancer(servers, work / "lb-hash").start(), urls),
+                Arm("rr", Balancer(servers, work / "lb-rr", balance="roundrobin").start(), urls)]
+        for arm in arms:
+            arm.balancer.wait_states({n: "UP" for n in arm.balancer.servers})
+        payer = Payer(node.anvil.keys[FIRST_USER + 2], urls[0], budget=10**15)
+        traffic = ZipfTraffic(ids, args.zipf, payer, args.max_tokens)
+        lanes = list(range(args.lanes))
+        loads = [uptime()]
+        for _ in range(args.rounds):
+            for arm in arms:
+                arm.rounds.append(measure(arm, traffic, lanes, args.warmup, args.seconds))
+            loads.append(uptime())
+        best = {arm.name: max(arm.rounds, key=lambda r: r["tokens_per_s"]) for arm in arms}
+        return {"config": vars(args), "adapter_bytes": nbytes, "uptime": loads, "best": best,
+                "rounds": {arm.name: arm.rounds for arm in arms},
+                "two_over_one": best["hash"]["tokens_per_s"] / best["one"]["tokens_per_s"],
+                "hash_over_rr": best["hash"]["tokens_per_s"] / best["rr"]["tokens_per_s"]}
+    finally:
+        for arm in arms:
+            arm.balancer.stop()
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=30)
+        node.stop()
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(f"{'arm':<34}{'tokens/s':>10}{'req/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'hit rate':>10}"
+          f"{'loads':>7}  statuses")
+    names = {"one": "1 replica (hash)", "hash": "2 replicas, hash on adapter", "rr": "2 replicas, round robin"}
+    for key, label in names.items():
+        r = result["best"][key]
+        print(f"{label:<34}{r['tokens_per_s']:>10.1f}{r['requests_per_s']:>8.2f}{r['ttft_p50_ms']:>8.0f}ms"
+              f"{r['ttft_p99_ms']:>8.0f}ms{r['hit_rate']:>10.1%}{r['host_loads']:>7}  {r['statuses']}")
+    print(f"two replicas / one: {result['two_over_one']:.2f}x tokens/s; hash / round robin: "
+          f"{result['hash_over_rr']:.2f}x tokens/s")
+    for line in result["uptime"]:
+        print(f"uptime: {line}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--adapters", type=int, default=1000)
+    ap.add_argument("--host-adapters", type=int, default=100, help="adapters each replica's host cache holds")
+    ap.add_argument("--slots", type=int, default=16, help="adapter slots on each replica's device")
+    ap.add_argument("--zipf", type=float, default=1.1)
+    ap.add_argument("--lanes", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--warmup", type=float, default=5.0)
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--database-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run(args, Path(tmp))
+    print_table(result)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""A second `loranode api` replica beside a running cluster's, HAProxy in front of both (the shipped
+deploy/haproxy/haproxy.cfg), and what each replica's /metrics says it served."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from node.chain.anvil import free_port
+from node.client.payer import Payer
+from node.devkit.balancer import Balancer
+from tests.e2e.cluster import Cluster
+from tests.e2e.processes import node_command
+from tests.e2e.traffic import ClientLog, Outcome, send_raw
+
+
+def adapter_requests(base_url: str) -> Counter[str]:
+    """Paid requests this replica answered, by adapter (its `loranode_adapter_requests` counter)."""
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    counts: Counter[str] = Counter()
+    for family in text_string_to_metric_families(text):
+        if family.name == "loranode_adapter_requests":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    counts[sample.labels["adapter"]] += int(sample.value)
+    return counts
+
+
+def affinity(per_replica: dict[str, Counter[str]]) -> float:
+    """The share of requests that landed on their adapter's home: the replica that served it most."""
+    adapters = {a for counts in per_replica.values() for a in counts}
+    home = sum(max(counts[a] for counts in per_replica.values()) for a in adapters)
+    total = sum(sum(counts.values()) for counts in per_replica.values())
+    return home / total if total else 0.0
+
+
+def wait_ready(cluster: Cluster, name: str, url: str, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        cluster.check_alive(name)
+        try:
+            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"replica {name} was not ready in {timeout_s}s\n{cluster.logs()}")
+
+
+@contextmanager
+def second_replica_behind_balancer(cluster: Cluster, workdir: Path) -> Iterator[tuple[Balancer, dict[str, str]]]:
+    """Replica "b" as an operator starts it on the same host: the same settings (LORANODE_PORT
+    included) and `loranode api --port` of its own, with an adapter cache of its own. Yields the
+    balancer and each replica's URL."""
+    port = free_port()
+    # the same settings as replica a but its adapter cache: a disk cache belongs to one process
+    cluster.start("api-b", (*node_command("api"), "--port", str(port)), adapter_cache_dir=workdir / "adapter-cache-b")
+    urls = {"a": cluster.base_url, "b": f"http://127.0.0.1:{port}"}
+    wait_ready(cluster, "api-b", urls["b"])
+    servers = {name: url.removeprefix("http://") for name, url in urls.items()}
+    with Balancer(servers, workdir) as balancer:
+        balancer.wait_states({"a": "UP", "b": "UP"})
+        yield balancer, urls
+
+
+def _signed(payer: Payer, body: bytes, lane: int, tries: int = 20) -> str:
+    """A voucher for `body` (asking the node for the lane's total if need be, again if that GET broke)."""
+    for _ in range(tries - 1):
+        try:
+            return payer.payment_header(body, lane)
+        except httpx.TransportError:
+            time.sleep(0.5)
+    return payer.payment_header(body, lane)
+
+
+class RetryingTraffic:
+    """Paid completions back to back on each lane (every third streamed), from a client that does what
+    a careful one does when a connection breaks: it sends the same bytes with the same voucher again
+    until it gets an answer (the stored one if the first request was charged; 409 while the voucher
+    is held by a replica that died, until that hold expires). Every try is an Outcome in `log`."""
+
+    BROKEN = (0, 502, 503, 504)
+
+    def __init__(self, payers: list[Payer], lanes: list[tuple[int, int]], models: list[str], url: str,
+                 log: ClientLog, retry_for_s: float = 60.0) -> None:
+        self.payers, self.lanes, self.models, self.url, self.log = payers, lanes, models, url, log
+        self.retry_for_s = retry_for_s
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._drive, args=lane, daemon=True) for lane in lanes]
+
+    def _drive(self, payer_index: int, lane: int) -> None:
+        payer, i = self.payers[payer_index], 0
+        while not self._stop.is_set():
+            body = json.dumps({"model": self.models[(i + lane) % len(self.models)], "prompt": "the sea is",
+                               "max_tokens": 3 + i % 6, "stream": i % 3 == 2}).encode()
+            header = _signed(payer, body, lane)
+            outcome = self._until_answered(payer, lane, body, header)
+            if outcome.is_served:
+                payer.observe(lane, int(outcome.receipts[-1]["chargedTotal"]))
+            else:
+                payer.forget(lane)
+            i += 1
+
+    def _until_answered(self, payer: Payer, lane: int, body: bytes, header: str) -> Outcome:
+        outcome = self.log.add(send_raw(self.url, body, header, payer.address, lane))
+        deadline = time.monotonic() + self.retry_for_s
+        is_broken = outcome.status in self.BROKEN
+        # after a break, 409 says the voucher is still held by the replica that died: wait for its hold
+        while (outcome.status in self.BROKEN or (is_broken and outcome.status == 409)) \
+                and time.monotonic() < deadline:
+            time.sleep(0.5)
+            outcome = self.log.add(send_raw(self.url, body, header, payer.address, lane))
+        return outcome
+
+    def __enter__(self) -> RetryingTraffic:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=self.retry_for_s + 60)
+            assert not t.is_alive(), "a traffic lane did not finish"
