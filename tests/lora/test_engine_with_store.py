@@ -243,9 +243,11 @@ def test_an_engine_waiting_only_on_a_load_does_not_spin(
         engine.scheduler.schedule = counted  # type: ignore[method-assign]
         started = time.monotonic()
         out = engine.generate([PROMPTS[0]], GREEDY, ["slow"])[0]
-    assert out.finish_reason == "length" and time.monotonic() - started >= 1.0
-    # a step every ~10 ms while the load runs (a spinning loop makes tens of thousands), plus 8 tokens
-    assert steps < 250, steps
+        elapsed = time.monotonic() - started
+    assert out.finish_reason == "length" and elapsed >= 1.0
+    # at most a step every ~10 ms while the load runs, however long a busy machine makes it take (a
+    # spinning loop makes tens of thousands a second), plus 8 tokens
+    assert steps < 50 + 150 * elapsed, (steps, elapsed)
 
 
 def test_a_request_behind_a_full_batch_finds_its_adapter_loaded_and_on_the_device(
