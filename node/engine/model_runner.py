@@ -10,7 +10,8 @@ import torch
 
 from node.engine.config import EngineConfig
 from node.engine.cuda_graph import DecodeBatch, DecodeGraphs
-from node.engine.sampling import sample
+from node.engine.grammar import GrammarState
+from node.engine.sampling import apply_token_bitmask, sample
 from node.engine.scheduler import ScheduledSeq
 from node.engine.sequence import Sequence
 from node.errors import ConfigError
@@ -131,6 +132,7 @@ class ModelRunner:
         logits = self.model.logits(hidden[self._long(ends)])
         if self.logits_observer is not None:
             self.logits_observer([s.seq for s in sampled], logits)
+        _mask_grammars(logits, [s.seq for s in sampled])
         tokens = sample(logits, [s.seq.params for s in sampled], [s.seq.generator for s in sampled])
         by_seq = {id(s.seq): t for s, t in zip(sampled, tokens, strict=True)}
         return [by_seq[id(s.seq)] for s in scheduled if s.is_sampled]
@@ -181,3 +183,14 @@ class ModelRunner:
 
     def _long(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device)
+
+
+def _mask_grammars(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """Rows of logits [len(seqs), vocab] whose sequence has a grammar keep only the tokens it allows."""
+    rows = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
+    if not rows:
+        return
+    bitmask = torch.full((len(rows), -(-logits.shape[-1] // 32)), -1, dtype=torch.int32)
+    for j, i in enumerate(rows):
+        cast("GrammarState", seqs[i].grammar).fill(bitmask, j)
+    apply_token_bitmask(logits, bitmask, rows)

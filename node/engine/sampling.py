@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from node.engine.grammar import GrammarSpec
 from node.errors import BadRequest
 
 MIN_TEMPERATURE = 1e-5
@@ -21,6 +22,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings, excluded from the text
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    grammar: GrammarSpec | None = None  # the output must match it (JSON, a JSON schema, tool calls)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -49,6 +51,16 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         for j, i in enumerate(rows):
             next_ids[i] = torch.multinomial(probs[j], 1, generator=generators[i]).squeeze(0)
     return next_ids.tolist()
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """In place: in each of `rows` of logits [N, vocab], every token whose bit is 0 in the matching row
+    of bitmask [len(rows), ceil(vocab / 32)] int32 (bit j of word w is token 32 * w + j) gets -inf."""
+    bits = torch.arange(32, dtype=torch.int32, device=logits.device)
+    words = bitmask.to(logits.device, non_blocking=True)
+    allowed = ((words[:, :, None] >> bits) & 1).bool().flatten(1)[:, :logits.shape[-1]]  # [len(rows), vocab]
+    index = torch.tensor(rows, device=logits.device)
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
 
 
 def _probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

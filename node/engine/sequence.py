@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from node.engine.grammar import GrammarState
 from node.engine.sampling import SamplingParams
 from node.errors import NodeError
 
@@ -57,6 +58,7 @@ class Sequence:
     generator: torch.Generator | None = None
     text: str = ""  # completion text so far (stop strings cut)
     num_preemptions: int = 0
+    grammar: GrammarState | None = None  # where its output stands in params.grammar
 
     @property
     def token_ids(self) -> list[int]:
