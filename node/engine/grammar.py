@@ -66,8 +66,12 @@ class GrammarSpec:
 class GrammarState:
     """One sequence's place in its grammar."""
 
-    def __init__(self, compiled: xgr.CompiledGrammar) -> None:
-        self.matcher = xgr.GrammarMatcher(compiled)
+    def __init__(self, matcher: xgr.GrammarMatcher) -> None:
+        self.matcher = matcher
+
+    def fork(self) -> GrammarState:
+        """An independent copy at the same place."""
+        return GrammarState(self.matcher.fork())
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         self.matcher.fill_next_token_bitmask(bitmask, row)
@@ -111,7 +115,7 @@ class GrammarCompiler:
             return spec in self._cache
 
     def state(self, spec: GrammarSpec) -> GrammarState:
-        return GrammarState(self.compile(spec))
+        return GrammarState(xgr.GrammarMatcher(self.compile(spec)))
 
     def allocate_bitmask(self, num_rows: int) -> torch.Tensor:
         """[num_rows, ceil(vocab / 32)] int32, every token allowed."""
