@@ -11,15 +11,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import threading
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import Any
 
+from node.api.structured import tools_prompt
 from node.engine import LLMEngine, SamplingParams
+from node.engine.grammar import TOOL_CALL_BEGIN, TOOL_CALL_END, GrammarSpec
 from node.engine.sequence import RequestOutput, StreamDelta
 from node.errors import BadRequest, Overloaded, PromptTooLong
 
 CHAT_FALLBACK_TEMPLATE = "<|{role}|>\n{content}\n"
+GRAMMAR_COMPILE_TIMEOUT_S = 5.0  # a schema that takes longer is refused (its compile ends in the background)
+GRAMMAR_COMPILE_THREADS = 2  # compiles never run on the event loop nor hold more than these threads
 
 
 class EngineClient:
@@ -28,6 +35,7 @@ class EngineClient:
         self.max_in_flight = max_in_flight
         self._in_flight = 0
         self._lock = threading.Lock()
+        self._compiles = ThreadPoolExecutor(GRAMMAR_COMPILE_THREADS, thread_name_prefix="grammar")
 
     @property
     def max_model_len(self) -> int:
@@ -46,14 +54,35 @@ class EngineClient:
             return list(prompt)
         return self._encode(prompt)
 
-    def encode_chat(self, messages: list[tuple[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """The prompt of a chat: the tokenizer's chat template, tools passed to it when it renders them;
+        otherwise the tools are offered in a first system message (structured.tools_prompt) and earlier
+        calls are written in the text the model is asked to answer with."""
         tok = self.engine.tokenizer
-        if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template([{"role": r, "content": c} for r, c in messages], tokenize=False,
-                                           add_generation_prompt=True)
+        template = getattr(tok, "chat_template", None)
+        if tools and not (isinstance(template, str) and "tools" in template):
+            messages = [{"role": "system", "content": tools_prompt(tools)}, *map(_calls_as_text, messages)]
+            tools = None
+        if template:
+            text = tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
         else:
-            text = "".join(CHAT_FALLBACK_TEMPLATE.format(role=r, content=c) for r, c in messages) + "<|assistant|>\n"
+            text = "".join(CHAT_FALLBACK_TEMPLATE.format(role=m["role"], content=_calls_as_text(m)["content"])
+                           for m in messages) + "<|assistant|>\n"
         return self._encode(str(text))
+
+    async def compile_grammar(self, spec: GrammarSpec, param: str) -> None:
+        """Compile (or find cached) the grammar before the request is admitted: 400 naming `param` when
+        it cannot compile, or takes longer than GRAMMAR_COMPILE_TIMEOUT_S."""
+        if self.engine.grammars.is_cached(spec):
+            return
+        job = self._compiles.submit(self.engine.grammars.compile, spec)
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(job), GRAMMAR_COMPILE_TIMEOUT_S)
+        except TimeoutError as exc:
+            raise BadRequest(f"{param}: the grammar took more than {GRAMMAR_COMPILE_TIMEOUT_S} s to compile",
+                             param=param, timeout_s=GRAMMAR_COMPILE_TIMEOUT_S) from exc
+        except BadRequest as exc:
+            raise BadRequest(f"{param}: {exc.message}", **{**exc.facts, "param": param}) from exc
 
     @functools.cached_property
     def max_prompt_chars(self) -> int:
@@ -128,3 +157,13 @@ class EngineClient:
 def _settle(future: asyncio.Future[RequestOutput], output: RequestOutput) -> None:
     if not future.done():
         future.set_result(output)
+
+
+def _calls_as_text(message: dict[str, Any]) -> dict[str, Any]:
+    """A message whose tool calls are written into its content, as the model is asked to write them."""
+    calls = message.get("tool_calls") or []
+    if not calls:
+        return message
+    text = "".join(f"{TOOL_CALL_BEGIN}{json.dumps({'name': c['function']['name'], 'arguments': c['function']['arguments']})}"
+                   f"{TOOL_CALL_END}" for c in calls)
+    return {"role": message["role"], "content": (message.get("content") or "") + text}

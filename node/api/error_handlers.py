@@ -52,7 +52,9 @@ async def _node_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, NodeError)
     if exc.status >= 500:
         log.warning("request failed: %s %s", exc.code, exc.message)
-    return error_response(exc.status, exc.code, exc.message, extra={"details": exc.to_dict()})
+    param = exc.facts.get("param")
+    return error_response(exc.status, exc.code, exc.message, param=param if isinstance(param, str) else None,
+                          extra={"details": exc.to_dict()})
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:

@@ -33,6 +33,7 @@ from node.api.engine_client import EngineClient
 from node.api.metrics import APIMetrics
 from node.api.receipt_issuer import ReceiptIssuer
 from node.api.schemas import ChatCompletionRequest, CompletionRequest
+from node.api.structured import ChatAnswer, constraint_of, read_answer, render_messages
 from node.catalog import AdapterCatalog, ServedAdapter
 from node.db.loss import LossReason
 from node.engine import SamplingParams
@@ -58,6 +59,13 @@ class Job:
     prompt_ids: list[int]
     params: SamplingParams
     hold: Hold
+
+    @property
+    def calls_tools(self) -> bool:
+        return isinstance(self.request, ChatCompletionRequest) and self.request.calls_tools
+
+    def answer(self, text: str) -> ChatAnswer:
+        return read_answer(text, self.calls_tools, self.response_id.rsplit("-", 1)[-1][:16])
 
 
 class Cut:
@@ -121,8 +129,12 @@ class GenerationService:
         prompt_ids = await self._tokenize(kind, req)
         limit = req.completion_limit if isinstance(req, ChatCompletionRequest) else req.max_tokens
         max_tokens = self.engine.completion_budget(len(prompt_ids), limit, self.default_max_tokens)
+        constraint = constraint_of(req) if isinstance(req, ChatCompletionRequest) else None
+        if constraint is not None:  # refused here, before any hold, if it cannot compile
+            await self.engine.compile_grammar(constraint.spec, constraint.param)
         params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=max(req.top_k, 0),
-                                top_p=req.top_p, seed=req.seed, stop=tuple(req.stop_strings))
+                                top_p=req.top_p, seed=req.seed, stop=tuple(req.stop_strings),
+                                grammar=constraint.spec if constraint else None)
         max_fee = self.payments.pricing.max_fee(len(prompt_ids), max_tokens)
         admission = self.engine.admission()
         admission.__enter__()
@@ -154,7 +166,8 @@ class GenerationService:
 
     def _prompt_ids(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest) -> list[int]:
         if isinstance(req, ChatCompletionRequest):
-            return self.engine.encode_chat([(m.role, m.text()) for m in req.messages])
+            tools = [t.model_dump(exclude_none=True) for t in req.tools or []] if req.calls_tools else None
+            return self.engine.encode_chat(render_messages(req.messages), tools)
         return self.engine.encode_completion(req.prompt)
 
     # --- plain --------------------------------------------------------------------------------------
@@ -210,7 +223,7 @@ class GenerationService:
                                                       job.request_id):
                     ending = cut.ending(delta) if delta.finish_reason is not None else None
                     sent.add(delta)
-                    if delta.text:
+                    if delta.text and not job.calls_tools:  # tool calls go out whole, at the end
                         if len(sent.parts) == 1:
                             self.metrics.ttft.observe(time.monotonic() - started)
                         yield _event(_chunk(job, delta.text, None))
@@ -238,7 +251,11 @@ class GenerationService:
             await asyncio.to_thread(self._end_unpaid, job, sent, LossReason.DELIVERED_UNCHARGED, exc)
             raise
         self._observe(job, sent.usage, time.monotonic() - started)
-        last = _chunk(job, "", ending)
+        choice = body["choices"][0]
+        last = _chunk(job, "", choice["finish_reason"])
+        if job.calls_tools:
+            last["choices"][0]["delta"] = ChatAnswer(choice["message"]["content"],
+                                                     choice["message"].get("tool_calls", [])).delta()
         last.update(usage=body["usage"], receipt=body["receipt"])
         return _event(last)
 
@@ -294,7 +311,9 @@ class GenerationService:
 
         async def events() -> AsyncIterator[bytes]:
             choice = body["choices"][0]
-            text = choice["message"]["content"] if kind == "chat" else choice["text"]
+            text: str | dict[str, Any] = choice["text"]
+            if kind == "chat":
+                text = ChatAnswer(choice["message"]["content"], choice["message"].get("tool_calls", [])).delta()
             base = {"id": body["id"], "created": body["created"], "model": body["model"]}
             job_like = _ChunkBase(kind, base)
             yield _event(job_like.chunk(text, None))
@@ -336,7 +355,7 @@ class _ChunkBase:
     def __init__(self, kind: Kind, base: dict[str, Any]) -> None:
         self.kind, self.base = kind, base
 
-    def chunk(self, text: str | dict[str, str], finish: str | None) -> dict[str, Any]:
+    def chunk(self, text: str | dict[str, Any], finish: str | None) -> dict[str, Any]:
         if self.kind == "chat":
             delta = text if isinstance(text, dict) else ({"content": text} if text else {})
             return {**self.base, "object": "chat.completion.chunk",
@@ -345,7 +364,7 @@ class _ChunkBase:
                 "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
 
 
-def _chunk(job: Job, text: str | dict[str, str], finish: str | None) -> dict[str, Any]:
+def _chunk(job: Job, text: str | dict[str, Any], finish: str | None) -> dict[str, Any]:
     base = {"id": job.response_id, "created": job.created, "model": job.request.model}
     return _ChunkBase(job.kind, base).chunk(text, finish)
 
@@ -358,8 +377,9 @@ def _body(job: Job, text: str, finish: str | None, usage: Usage, receipt: dict[s
     usage_json = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
                   "total_tokens": usage.prompt_tokens + usage.completion_tokens}
     if job.kind == "chat":
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                  "finish_reason": finish}
+        answer = job.answer(text)
+        choice: dict[str, Any] = {"index": 0, "message": answer.message(),
+                                  "finish_reason": answer.finish_reason(finish or "stop")}
         obj = "chat.completion"
     else:
         choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}

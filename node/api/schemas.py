@@ -1,7 +1,8 @@
 """OpenAI request and response shapes (the subset a node serves), plus loranode's receipt field.
 
-Requests accept the fields OpenAI clients send; anything we cannot honour (n > 1, logprobs, tools)
-is refused with a 400 naming the field rather than silently ignored.
+Requests accept the fields OpenAI clients send; anything we cannot honour (n > 1, logprobs) is refused
+with a 400 naming the field rather than silently ignored. `response_format`, `tools` and `tool_choice`
+are chat fields (node/api/structured.py turns them into the grammar the answer must match).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class _Request(BaseModel):
 
     @model_validator(mode="after")
     def _unsupported(self) -> _Request:
-        for name in ("logprobs", "tools", "functions", "best_of", "echo", "suffix", "logit_bias"):
+        for name in ("logprobs", "functions", "function_call", "best_of", "echo", "suffix", "logit_bias"):
             value = (self.model_extra or {}).get(name)
             if value not in (None, False, 0, [], {}):
                 raise ValueError(f"{name} is not supported by this node")
@@ -48,6 +49,13 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
+    @model_validator(mode="after")
+    def _chat_only(self) -> CompletionRequest:
+        for name in ("response_format", "tools", "tool_choice", "parallel_tool_calls"):
+            if (self.model_extra or {}).get(name) is not None:
+                raise ValueError(f"{name} is a chat field: send it to /v1/chat/completions")
+        return self
+
     # the schema states the bound on each branch: on the union, `minLength` would say nothing of a list
     prompt: str | list[int] = Field(json_schema_extra={"anyOf": [
         {"type": "string", "minLength": 1}, {"type": "array", "items": {"type": "integer"}, "minItems": 1}]})
@@ -69,19 +77,118 @@ class TextPart(BaseModel):
     text: str
 
 
+FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+JSONSchemaObject = dict[str, Any]
+
+
+class FunctionCall(BaseModel):
+    name: FunctionName
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = Field(min_length=1, max_length=128)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = Field(default=None, min_length=1, max_length=128)  # a tool's answer to one
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> ChatMessage:
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (only an assistant message with tool_calls may omit it)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: FunctionName
+    description: str | None = None
+    schema_: JSONSchemaObject = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only with it")
+        return self
+
+
+class FunctionDefinition(BaseModel):
+    name: FunctionName
+    description: str | None = None
+    parameters: JSONSchemaObject = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: FunctionName
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+MAX_TOOLS = 128
 
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    response_format: ResponseFormat | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    @model_validator(mode="after")
+    def _tools_agree(self) -> ChatCompletionRequest:
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: two tools have the same name")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ValueError(f"tool_choice: no tool is named {self.tool_choice.function.name}")
+        if self.tool_choice not in (None, "none", "auto") and not names:
+            raise ValueError("tool_choice: it asks for a tool call but no tools are given")
+        if self.calls_tools and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("response_format: a JSON answer and tool calls cannot both be required; "
+                             "send tool_choice none, or no response_format")
+        return self
+
+    @property
+    def calls_tools(self) -> bool:
+        """The answer may (or must) be tool calls."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     @property
     def completion_limit(self) -> int | None:
@@ -131,7 +238,8 @@ class CompletionResponse(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):

@@ -14,6 +14,8 @@ about 8 ms with llguidance, and xgrammar releases the GIL while it compiles.
 from __future__ import annotations
 
 import json
+import math
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from node.errors import BadRequest
 GrammarKind = Literal["json_object", "json_schema", "tool_calls"]
 MAX_SCHEMA_CHARS = 65_536  # a schema's JSON text
 MAX_SCHEMA_DEPTH = 32  # JSON containers nested in a schema (2 per object level) (compile time grows fast with depth)
+MAX_PATTERN_REPEAT = 1024  # the product of a `pattern`'s repetition counts ([a-z]{1,3000} takes 5 s to compile)
 MAX_CACHED_GRAMMARS = 512
 # Tool calls are written as Hermes / Qwen2 chat templates expect them:
 #   <tool_call>\n{"name": "NAME", "arguments": {...}}\n</tool_call>
@@ -66,15 +69,24 @@ class GrammarSpec:
 class GrammarState:
     """One sequence's place in its grammar."""
 
-    def __init__(self, matcher: xgr.GrammarMatcher) -> None:
+    def __init__(self, matcher: xgr.GrammarMatcher, only: torch.Tensor | None = None) -> None:
         self.matcher = matcher
+        self.only = only  # [ceil(vocab / 32)] int32: tokens allowed at all (None: every token)
 
     def fork(self) -> GrammarState:
         """An independent copy at the same place."""
-        return GrammarState(self.matcher.fork())
+        return GrammarState(self.matcher.fork(), self.only)
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         self.matcher.fill_next_token_bitmask(bitmask, row)
+        if self.only is not None:
+            bitmask[row] &= self.only
+
+    def allows(self, token_id: int) -> bool:
+        """Whether `token_id` may come next (on a copy: nothing changes)."""
+        if self.only is not None and not (int(self.only[token_id // 32]) >> (token_id % 32)) & 1:
+            return False
+        return bool(self.matcher.fork().accept_token(token_id))
 
     def accept(self, token_id: int) -> bool:
         """Advance by one sampled token; False if the grammar does not allow it (nothing changes)."""
@@ -93,6 +105,7 @@ class GrammarCompiler:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, stop_token_ids: list[int]) -> None:
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
         self.vocab_size = vocab_size
+        self._no_control = _tokens_without_control_bytes(info, vocab_size, stop_token_ids)
         self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         self._cache: OrderedDict[GrammarSpec, xgr.CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()
@@ -115,7 +128,10 @@ class GrammarCompiler:
             return spec in self._cache
 
     def state(self, spec: GrammarSpec) -> GrammarState:
-        return GrammarState(xgr.GrammarMatcher(self.compile(spec)))
+        # compact JSON never holds a raw control character (xgrammar 0.2.9 lets some into strings
+        # with a maxLength); tool calls keep their newlines, and their arguments are read leniently
+        only = self._no_control if spec.kind in ("json_object", "json_schema") else None
+        return GrammarState(xgr.GrammarMatcher(self.compile(spec)), only)
 
     def allocate_bitmask(self, num_rows: int) -> torch.Tensor:
         """[num_rows, ceil(vocab / 32)] int32, every token allowed."""
@@ -135,6 +151,18 @@ class GrammarCompiler:
             return self._compiler.compile_structural_tag(_tool_call_tag(spec))
         except (RuntimeError, ValueError, xgr.InvalidJSONError, xgr.InvalidStructuralTagError) as exc:
             raise BadRequest(f"the schema cannot be compiled: {str(exc).strip()[-300:]}") from exc
+
+
+def _tokens_without_control_bytes(info: xgr.TokenizerInfo, vocab_size: int, stop_token_ids: list[int],
+                                  ) -> torch.Tensor:
+    """[ceil(vocab / 32)] int32 bitmask of the tokens that spell no byte below 0x20, and the stop tokens."""
+    allowed = torch.zeros(-(-vocab_size // 32) * 32, dtype=torch.bool)
+    for token_id, spelled in enumerate(info.decoded_vocab[:vocab_size]):
+        allowed[token_id] = all(b >= 0x20 for b in spelled)
+    allowed[stop_token_ids] = True
+    weights = (torch.ones(32, dtype=torch.int64) << torch.arange(32))  # bit j of a word is token 32 * w + j
+    words = (allowed.view(-1, 32).long() * weights).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def _tool_call_tag(spec: GrammarSpec) -> st.StructuralTag:
@@ -160,18 +188,29 @@ def _check_size(schema: str, what: str) -> None:
     if len(schema) > MAX_SCHEMA_CHARS:
         raise BadRequest(f"the {what} has {len(schema)} characters; at most {MAX_SCHEMA_CHARS} are compiled",
                          num_chars=len(schema), max_chars=MAX_SCHEMA_CHARS)
-    depth = _depth(json.loads(schema))
+    depth, patterns = _walk(json.loads(schema))
     if depth > MAX_SCHEMA_DEPTH:
         raise BadRequest(f"the {what} nests {depth} levels deep; at most {MAX_SCHEMA_DEPTH} are compiled",
                          depth=depth, max_depth=MAX_SCHEMA_DEPTH)
+    for pattern in patterns:
+        repeat = math.prod(int(hi or lo) for lo, hi in _REPEAT.findall(pattern))
+        if repeat > MAX_PATTERN_REPEAT:
+            raise BadRequest(f"the {what} has a pattern whose repetition counts multiply to {repeat}; at most "
+                             f"{MAX_PATTERN_REPEAT} are compiled", repeat=repeat, max_repeat=MAX_PATTERN_REPEAT)
 
 
-def _depth(node: object) -> int:
-    """Nesting of JSON containers, iteratively (a hostile schema must not exhaust the Python stack)."""
-    deepest, stack = 0, [(node, 1)]
+_REPEAT = re.compile(r"\{(\d+)(?:,(\d*))?\}")  # {n}, {n,m}, {n,}
+
+
+def _walk(node: object) -> tuple[int, list[str]]:
+    """Nesting of JSON containers and every `pattern` string, iteratively (a hostile schema must not
+    exhaust the Python stack)."""
+    deepest, patterns, stack = 0, [], [(node, 1)]
     while stack:
         item, level = stack.pop()
         if isinstance(item, dict | list):
             deepest = max(deepest, level)
             stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
-    return deepest
+            if isinstance(item, dict) and isinstance(item.get("pattern"), str):
+                patterns.append(item["pattern"])
+    return deepest, patterns

@@ -99,7 +99,7 @@ def test_greedy_tokens_are_the_argmax_among_the_tokens_the_grammar_allows(engine
     reference = engine.grammars.state(spec)
     eos = engine.tokenizer.eos_token_id
     for (_, logits), token in zip(seen, out.token_ids, strict=True):
-        allowed = [t for t in range(logits.shape[-1]) if reference.fork().accept(t)]
+        allowed = [t for t in range(logits.shape[-1]) if reference.allows(t)]
         assert (eos in allowed) == reference.is_complete  # the stop token only once the answer is whole
         best = max(allowed, key=lambda t: logits[t].item())
         assert token == best
@@ -117,6 +117,16 @@ def test_the_bitmask_keeps_exactly_the_allowed_tokens_of_its_rows() -> None:
     assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [5]
     assert torch.isfinite(logits[1]).all()
     assert torch.isfinite(logits[2]).nonzero().flatten().tolist() == [63, 67]
+
+
+def test_bounded_strings_hold_no_raw_control_characters(engine: LLMEngine) -> None:
+    """xgrammar 0.2.9 lets raw control bytes into strings with a maxLength; JSON forbids them."""
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}}, "required": ["name"]}
+    outs = engine.generate(["The sea"] * 8, [SamplingParams(max_tokens=100, temperature=1.5, seed=s,
+                                                             grammar=GrammarSpec.json_schema(schema))
+                                              for s in range(8)])
+    for out in outs:
+        jsonschema.validate(json.loads(out.text), schema)  # json.loads refuses a raw control character
 
 
 def test_json_object_and_a_cut_answer(engine: LLMEngine) -> None:
@@ -157,6 +167,8 @@ def _nested(levels: int) -> dict[str, Any]:
     ({"type": "string", "pattern": "(unclosed"}, "cannot be compiled"),
     (_nested(40), "levels deep"),
     ({"enum": ["x" * 70_000]}, "characters"),
+    ({"type": "string", "pattern": "[a-z]{1,3000}"}, "repetition counts multiply to 3000"),
+    ({"type": "string", "pattern": "([a-z]{1,60}){2,60}"}, "repetition counts multiply to 3600"),
 ])
 def test_a_schema_that_cannot_compile_is_refused_before_the_engine_queues_it(
         engine: LLMEngine, schema: dict[str, Any], message: str) -> None:
