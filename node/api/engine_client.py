@@ -164,6 +164,6 @@ def _calls_as_text(message: dict[str, Any]) -> dict[str, Any]:
     calls = message.get("tool_calls") or []
     if not calls:
         return message
-    text = "".join(f"{TOOL_CALL_BEGIN}{json.dumps({'name': c['function']['name'], 'arguments': c['function']['arguments']})}"
-                   f"{TOOL_CALL_END}" for c in calls)
+    written = (json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]}) for c in calls)
+    text = "".join(f"{TOOL_CALL_BEGIN}{call}{TOOL_CALL_END}" for call in written)
     return {"role": message["role"], "content": (message.get("content") or "") + text}
