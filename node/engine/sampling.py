@@ -56,11 +56,16 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
     """In place: in each of `rows` of logits [N, vocab], every token whose bit is 0 in the matching row
     of bitmask [len(rows), ceil(vocab / 32)] int32 (bit j of word w is token 32 * w + j) gets -inf."""
-    bits = torch.arange(32, dtype=torch.int32, device=logits.device)
-    words = bitmask.to(logits.device, non_blocking=True)
-    allowed = ((words[:, :, None] >> bits) & 1).bool().flatten(1)[:, :logits.shape[-1]]  # [len(rows), vocab]
-    index = torch.tensor(rows, device=logits.device)
-    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+    table = _BITS.to(logits.device)
+    # little-endian: byte b of word w holds tokens 32 * w + 8 * b .. + 7, lowest bit first
+    words = bitmask.to(logits.device, non_blocking=True).contiguous()
+    allowed = table[words.view(torch.uint8).long()].flatten(1)[:, :logits.shape[-1]]  # [len(rows), vocab]
+    blocked = torch.zeros_like(logits, dtype=torch.bool)
+    blocked[torch.tensor(rows, device=logits.device)] = ~allowed
+    logits.masked_fill_(blocked, float("-inf"))
+
+
+_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool()  # [256, 8]: the bits of each byte value
 
 
 def _probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
