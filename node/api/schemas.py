@@ -94,29 +94,42 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
-class ChatMessage(BaseModel):
+class _Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[TextPart] | None = None
-    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
-    tool_call_id: str | None = Field(default=None, min_length=1, max_length=128)  # a tool's answer to one
+    content: str | list[TextPart]
     name: str | None = None
-
-    @model_validator(mode="after")
-    def _shape(self) -> ChatMessage:
-        if self.role == "tool" and self.tool_call_id is None:
-            raise ValueError("a tool message needs the tool_call_id it answers")
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError("content is required (only an assistant message with tool_calls may omit it)")
-        if self.tool_calls and self.role != "assistant":
-            raise ValueError("only assistant messages carry tool_calls")
-        return self
 
     def text(self) -> str:
         if self.content is None:
             return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class SystemMessage(_Message):
+    role: Literal["system", "developer"]
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+
+
+class AssistantTurn(_Message):
+    """An earlier assistant answer: text, tool calls, or both."""
+
+    role: Literal["assistant"]
+    content: str | list[TextPart] | None = None  # type: ignore[assignment]  # null beside tool_calls
+    tool_calls: list[ToolCall] | None = None
+
+
+class ToolMessage(_Message):
+    """A tool's answer to one of the assistant's calls."""
+
+    role: Literal["tool"]
+    tool_call_id: str = Field(min_length=1, max_length=128)
+
+
+ChatMessage = Annotated[SystemMessage | UserMessage | AssistantTurn | ToolMessage, Field(discriminator="role")]
 
 
 class JSONSchemaFormat(BaseModel):
@@ -128,15 +141,16 @@ class JSONSchemaFormat(BaseModel):
     strict: bool | None = None
 
 
-class ResponseFormat(BaseModel):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JSONSchemaFormat | None = None
+class TextFormat(BaseModel):
+    type: Literal["text", "json_object"]
 
-    @model_validator(mode="after")
-    def _schema_given(self) -> ResponseFormat:
-        if (self.type == "json_schema") != (self.json_schema is not None):
-            raise ValueError("json_schema is required with type json_schema, and only with it")
-        return self
+
+class SchemaFormat(BaseModel):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaFormat
+
+
+ResponseFormat = Annotated[TextFormat | SchemaFormat, Field(discriminator="type")]
 
 
 class FunctionDefinition(BaseModel):

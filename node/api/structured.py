@@ -20,7 +20,14 @@ from typing import Any
 from jsonschema import SchemaError
 from jsonschema.validators import validator_for
 
-from node.api.schemas import ChatCompletionRequest, ChatMessage, NamedToolChoice
+from node.api.schemas import (
+    AssistantTurn,
+    ChatCompletionRequest,
+    ChatMessage,
+    NamedToolChoice,
+    SchemaFormat,
+    ToolMessage,
+)
 from node.engine.grammar import TOOL_CALL_BEGIN, TOOL_CALL_END, GrammarSpec
 from node.errors import BadRequest
 
@@ -53,7 +60,7 @@ def constraint_of(req: ChatCompletionRequest) -> Constraint | None:
         return None
     if fmt.type == "json_object":
         return Constraint(GrammarSpec("json_object"), "response_format")
-    assert fmt.json_schema is not None  # the schema's validator requires it
+    assert isinstance(fmt, SchemaFormat)
     param = "response_format.json_schema.schema"
     _check_schema(fmt.json_schema.schema_, param)
     return Constraint(GrammarSpec.json_schema(fmt.json_schema.schema_, is_strict=bool(fmt.json_schema.strict)),
@@ -115,10 +122,10 @@ def render_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     rendered = []
     for m in messages:
         item: dict[str, Any] = {"role": m.role, "content": m.text()}
-        if m.tool_calls:
+        if isinstance(m, AssistantTurn) and m.tool_calls:
             item["tool_calls"] = [{"id": c.id, "type": "function", "function": {
                 "name": c.function.name, "arguments": _arguments(c.function.arguments)}} for c in m.tool_calls]
-        if m.tool_call_id is not None:
+        if isinstance(m, ToolMessage):
             item["tool_call_id"] = m.tool_call_id
         if m.name is not None:
             item["name"] = m.name
