@@ -10,9 +10,12 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 
 from node.client.payer import Payer, verify_receipt
+from tests.fixtures.json_schemas import SCHEMAS
 from tests.fixtures.paid_node import PaidNode
 
 pytestmark = pytest.mark.chain
@@ -70,6 +73,25 @@ def test_a_streamed_json_schema_answer_validates(paid_node: PaidNode, seed: int)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert chunks[-1].choices[0].finish_reason == "stop" and chunks[-1].model_extra["receipt"]
     jsonschema.validate(json.loads(text), CITY)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@given(schema=SCHEMAS, stream=st.booleans(), seed=st.integers(0, 1000))
+def test_every_paid_answer_validates_against_its_schema_streamed_or_not(paid_node: PaidNode, schema: dict[str, Any],
+                                                                         stream: bool, seed: int) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "any", "schema": schema, "strict": True}}
+    args = {"model": str(paid_node.adapter_id), "messages": [{"role": "user", "content": "answer"}],
+            "response_format": fmt, "max_tokens": 300, "temperature": 1.0, "seed": seed}
+    client = _client(paid_node, 18)
+    if stream:
+        chunks = list(client.chat.completions.create(stream=True, **args))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        finish = chunks[-1].choices[0].finish_reason
+    else:
+        out = client.chat.completions.create(**args)
+        text, finish = out.choices[0].message.content, out.choices[0].finish_reason
+    assert finish == "stop", text
+    jsonschema.validate(json.loads(text), schema)
 
 
 def test_json_object_answers_one_object(paid_node: PaidNode) -> None:

@@ -22,30 +22,7 @@ from node.engine.grammar import TOOL_CALL_BEGIN, TOOL_CALL_END, GrammarSpec
 from node.engine.sampling import apply_token_bitmask
 from node.engine.sequence import Sequence
 from node.errors import BadRequest
-
-NAMES = st.sampled_from(["id", "name", "city", "size", "tags", "kind", "note", "items", "ok"])
-WORDS = st.sampled_from(["red", "blue", "sea", "boat", "seven", "a b", 'q"x'])
-
-
-def _leaf() -> st.SearchStrategy[dict[str, Any]]:
-    return st.one_of(
-        st.lists(WORDS, min_size=1, max_size=4, unique=True).map(lambda e: {"enum": e}),
-        st.integers(-50, 50).map(lambda lo: {"type": "integer", "minimum": lo, "maximum": lo + 99}),
-        st.just({"type": "boolean"}),
-        st.integers(0, 6).map(lambda n: {"type": "string", "maxLength": n}),
-    )
-
-
-def _schema(children: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict[str, Any]]:
-    array = children.flatmap(lambda item: st.integers(0, 3).map(
-        lambda n: {"type": "array", "items": item, "maxItems": n}))
-    obj = st.dictionaries(NAMES, children, min_size=1, max_size=4).flatmap(lambda props: st.lists(
-        st.sampled_from(sorted(props)), unique=True).map(lambda req: {
-            "type": "object", "properties": props, "required": req, "additionalProperties": False}))
-    return st.one_of(array, obj)
-
-
-SCHEMAS = st.recursive(_leaf(), _schema, max_leaves=6).filter(lambda s: s.get("type") == "object")
+from tests.fixtures.json_schemas import SCHEMAS
 
 
 @pytest.fixture(scope="module")
