@@ -104,7 +104,7 @@ def read_answer(text: str, calls_tools: bool, id_prefix: str) -> ChatAnswer:
     """The tool calls in `text` (when tools were offered) and the text around them."""
     if not calls_tools:
         return ChatAnswer(text)
-    calls = []
+    calls: list[dict[str, Any]] = []
     for match in _CALL.finditer(text):
         try:
             call = json.loads(match.group(1), strict=False)  # a raw control character in a string: escaped below
