@@ -311,9 +311,9 @@ class GenerationService:
 
         async def events() -> AsyncIterator[bytes]:
             choice = body["choices"][0]
-            text: str | dict[str, Any] = choice["text"]
-            if kind == "chat":
-                text = ChatAnswer(choice["message"]["content"], choice["message"].get("tool_calls", [])).delta()
+            message = choice.get("message", {})
+            text: str | dict[str, Any] = (ChatAnswer(message["content"], message.get("tool_calls", [])).delta()
+                                          if kind == "chat" else choice["text"])
             base = {"id": body["id"], "created": body["created"], "model": body["model"]}
             job_like = _ChunkBase(kind, base)
             yield _event(job_like.chunk(text, None))
