@@ -177,3 +177,24 @@ def test_a_refused_client_side_error_is_an_openai_bad_request(paid_node: PaidNod
         _client(paid_node, 17).chat.completions.create(
             model=str(paid_node.adapter_id), messages=[{"role": "user", "content": "x"}], max_tokens=4,
             response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"minimum": "no"}}})
+
+
+def test_a_streamed_tool_call_answer_replays_the_same_calls_for_free(paid_node: PaidNode) -> None:
+    body = json.dumps({"model": str(paid_node.adapter_id), "messages": [{"role": "user", "content": "add"}],
+                       "tools": TOOLS, "tool_choice": "required", "max_tokens": 300, "seed": 8,
+                       "stream": True}).encode()
+    header = _payer(paid_node).payment_header(body, 19)
+
+    def calls() -> tuple[list[Any], dict[str, Any]]:
+        resp = httpx.post(f"{paid_node.base_url}/v1/chat/completions", content=body, timeout=60,
+                          headers={"X-Payment": header, "Content-Type": "application/json"})
+        assert resp.status_code == 200, resp.text
+        events = [json.loads(line[6:]) for line in resp.text.splitlines()
+                  if line.startswith("data: {")]
+        found = [c for e in events for c in e["choices"][0]["delta"].get("tool_calls", [])]
+        return found, events[-1]
+
+    first, last = calls()
+    again, last_again = calls()
+    assert first and again == first and last_again["choices"][0]["finish_reason"] == "tool_calls"
+    assert _charged(paid_node, 19) == int(last["receipt"]["fee"])  # charged once
