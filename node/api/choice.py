@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from node.api.structured import ChatAnswer, read_answer
 from node.engine.logprob import TokenLogprob
 from node.payment.service import Usage
 
@@ -29,8 +30,10 @@ class ChoiceOutput:
 class ResponseShape:
     """The JSON of one response (`base`: its id, created and model) for `kind`."""
 
-    def __init__(self, kind: Kind, base: dict[str, Any], token_text: TokenText | None = None) -> None:
+    def __init__(self, kind: Kind, base: dict[str, Any], token_text: TokenText | None = None, *,
+                 calls_tools: bool = False, call_id_prefix: str = "") -> None:
         self.kind, self.base, self.token_text = kind, base, token_text
+        self.calls_tools, self.call_id_prefix = calls_tools, call_id_prefix  # tools offered: calls are read back
 
     # --- plain -----------------------------------------------------------------------------------
     def body(self, choices: list[ChoiceOutput], usage: Usage, receipt: dict[str, Any]) -> dict[str, Any]:
@@ -41,8 +44,9 @@ class ResponseShape:
     def _choice(self, index: int, choice: ChoiceOutput) -> dict[str, Any]:
         logprobs = self.logprobs(choice.logprobs, 0)
         if self.kind == "chat":
-            return {"index": index, "message": {"role": "assistant", "content": choice.text},
-                    "logprobs": logprobs, "finish_reason": choice.finish_reason}
+            answer = read_answer(choice.text, self.calls_tools, f"{self.call_id_prefix}{index}")
+            finish = answer.finish_reason(choice.finish_reason) if choice.finish_reason else None
+            return {"index": index, "message": answer.message(), "logprobs": logprobs, "finish_reason": finish}
         return {"index": index, "text": choice.text, "logprobs": logprobs, "finish_reason": choice.finish_reason}
 
     # --- streamed --------------------------------------------------------------------------------
@@ -57,6 +61,13 @@ class ResponseShape:
             delta = text if isinstance(text, dict) else ({"content": text} if text else {})
             return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+    def final_delta(self, choice: dict[str, Any]) -> str | dict[str, Any]:
+        """What the last chunk adds to a choice of the charged body: its tool calls (and the text around
+        them), which go out whole at the end; nothing when its text was streamed token by token."""
+        if not self.calls_tools:
+            return ""
+        return _answer_of(choice).delta()
 
     # --- logprobs --------------------------------------------------------------------------------
     def logprobs(self, found: list[TokenLogprob] | None, text_offset: int) -> dict[str, Any] | None:
@@ -92,11 +103,16 @@ def replay_chunks(body: dict[str, Any]) -> list[dict[str, Any]]:
     kind: Kind = "chat" if body["object"] == "chat.completion" else "completion"
     shape = ResponseShape(kind, {"id": body["id"], "created": body["created"], "model": body["model"]})
     choices = body["choices"]
-    chunks = [shape.chunk([shape.delta(c["index"], c["message"]["content"] if kind == "chat" else c["text"],
+    chunks = [shape.chunk([shape.delta(c["index"], _answer_of(c).delta() if kind == "chat" else c["text"],
                                        None, c.get("logprobs"))]) for c in choices]
     last = shape.chunk([shape.delta(c["index"], "", c["finish_reason"]) for c in choices])
     last.update(usage=body["usage"], receipt=body["receipt"])
     return [*chunks, last]
+
+
+def _answer_of(choice: dict[str, Any]) -> ChatAnswer:
+    message = choice["message"]
+    return ChatAnswer(message.get("content"), message.get("tool_calls") or [])
 
 
 def event(payload: dict[str, Any]) -> bytes:

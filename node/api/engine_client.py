@@ -11,17 +11,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import Any
 
 from jinja2 import TemplateError
 
+from node.api.structured import tools_prompt
 from node.engine import LLMEngine, SamplingParams
+from node.engine.grammar import TOOL_CALL_BEGIN, TOOL_CALL_END, GrammarSpec
 from node.engine.sequence import RequestOutput, StreamDelta
 from node.errors import BadRequest, ChatTemplateError, NoChatTemplate, Overloaded, PromptTooLong
 
 MAX_CHAT_TEMPLATE_CHARS = 64 << 10  # a chat template is untrusted input (an adapter's file): bounded
+GRAMMAR_COMPILE_TIMEOUT_S = 5.0  # a schema that takes longer is refused (its compile ends in the background)
+GRAMMAR_COMPILE_THREADS = 2  # compiles never run on the event loop nor hold more than these threads
 
 
 class EngineClient:
@@ -31,6 +38,7 @@ class EngineClient:
         self._in_flight = 0
         self._lock = threading.Lock()
         self._token_texts: dict[int, str] = {}
+        self._compiles = ThreadPoolExecutor(GRAMMAR_COMPILE_THREADS, thread_name_prefix="grammar")
 
     @property
     def max_model_len(self) -> int:
@@ -54,23 +62,43 @@ class EngineClient:
         """Whether the base model's tokenizer has a chat template (an adapter may bring its own)."""
         return bool(getattr(self.engine.tokenizer, "chat_template", None))
 
-    def encode_chat(self, messages: list[tuple[str, str]], template: str | None = None) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], template: str | None = None,
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
         """The messages rendered with `template` (the adapter's own), else the base model's chat template,
-        in transformers' jinja sandbox; NoChatTemplate when there is neither (no format is invented)."""
+        in transformers' jinja sandbox; NoChatTemplate when there is neither (no format is invented).
+        Tools go to the template when it renders them; otherwise they are offered in a first system
+        message (structured.tools_prompt) and earlier calls are written as the text the model answers with."""
         if template is None and not self.has_chat_template:
             raise NoChatTemplate("this model has no chat template: use /v1/completions with a prompt you format",
                                  param="model")
         if template is not None and len(template) > MAX_CHAT_TEMPLATE_CHARS:
             raise ChatTemplateError(f"the adapter's chat template is over {MAX_CHAT_TEMPLATE_CHARS} characters",
                                     param="model", num_chars=len(template))
+        active = template if template is not None else self.engine.tokenizer.chat_template
+        if tools and not (isinstance(active, str) and "tools" in active):
+            messages = [{"role": "system", "content": tools_prompt(tools)}, *map(_calls_as_text, messages)]
+            tools = None
         try:
-            text = self.engine.tokenizer.apply_chat_template(
-                [{"role": r, "content": c} for r, c in messages], chat_template=template, tokenize=False,
-                add_generation_prompt=True)
+            text = self.engine.tokenizer.apply_chat_template(messages, chat_template=template, tools=tools,
+                                                             tokenize=False, add_generation_prompt=True)
         except (TemplateError, OverflowError, RecursionError, TypeError, ValueError) as exc:  # the template's fault
             raise ChatTemplateError(f"the chat template refused these messages: {str(exc)[:300]}",
                                     param="messages") from exc
         return self._encode(str(text))
+
+    async def compile_grammar(self, spec: GrammarSpec, param: str) -> None:
+        """Compile (or find cached) the grammar before the request is admitted: 400 naming `param` when
+        it cannot compile, or takes longer than GRAMMAR_COMPILE_TIMEOUT_S."""
+        if self.engine.grammars.is_cached(spec):
+            return
+        job = self._compiles.submit(self.engine.grammars.compile, spec)
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(job), GRAMMAR_COMPILE_TIMEOUT_S)
+        except TimeoutError as exc:
+            raise BadRequest(f"{param}: the grammar took more than {GRAMMAR_COMPILE_TIMEOUT_S} s to compile",
+                             param=param, timeout_s=GRAMMAR_COMPILE_TIMEOUT_S) from exc
+        except BadRequest as exc:
+            raise BadRequest(f"{param}: {exc.message}", **{**exc.facts, "param": param}) from exc
 
     @functools.cached_property
     def max_prompt_chars(self) -> int:
@@ -191,3 +219,13 @@ class EngineClient:
 def _settle(future: asyncio.Future[RequestOutput], output: RequestOutput) -> None:
     if not future.done():
         future.set_result(output)
+
+
+def _calls_as_text(message: dict[str, Any]) -> dict[str, Any]:
+    """A message whose tool calls are written into its content, as the model is asked to write them."""
+    calls = message.get("tool_calls") or []
+    if not calls:
+        return message
+    written = (json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]}) for c in calls)
+    text = "".join(f"{TOOL_CALL_BEGIN}{call}{TOOL_CALL_END}" for call in written)
+    return {"role": message["role"], "content": (message.get("content") or "") + text}

@@ -38,9 +38,11 @@ from node.api.engine_client import EngineClient
 from node.api.metrics import APIMetrics
 from node.api.receipt_issuer import ReceiptIssuer
 from node.api.schemas import ChatCompletionRequest, CompletionRequest
+from node.api.structured import constraint_of, render_messages
 from node.catalog import AdapterCatalog, ServedAdapter
 from node.db.loss import LossReason
 from node.engine import SamplingParams
+from node.engine.grammar import GrammarSpec
 from node.engine.logprob import TokenLogprob
 from node.engine.sequence import RequestOutput, StreamDelta
 from node.errors import NodeError, Unavailable
@@ -81,7 +83,12 @@ class Job:
 
     def shape(self, token_text: TokenText) -> ResponseShape:
         return ResponseShape(self.kind, {"id": self.response_id, "created": self.created,
-                                         "model": self.request.model}, token_text)
+                                         "model": self.request.model}, token_text,
+                             calls_tools=self.calls_tools, call_id_prefix=self.response_id.rsplit("-", 1)[-1][:16])
+
+    @property
+    def calls_tools(self) -> bool:
+        return isinstance(self.request, ChatCompletionRequest) and self.request.calls_tools
 
 
 class Cut:
@@ -167,7 +174,10 @@ class GenerationService:
         template = await self._chat_template(adapter) if kind == "chat" else None
         prompt_ids = await self._tokenize(kind, req, template)
         max_tokens, max_fee = self._ceiling(req, len(prompt_ids), adapter)
-        params = sampling_params(req, max_tokens)
+        constraint = constraint_of(req) if isinstance(req, ChatCompletionRequest) else None
+        if constraint is not None:  # refused here, before any hold, if it cannot compile
+            await self.engine.compile_grammar(constraint.spec, constraint.param)
+        params = sampling_params(req, max_tokens, constraint.spec if constraint else None)
         self.engine.check_vocabulary(params)
         pricing = self.payments.pricing_for(adapter.is_base)
         admission = self.engine.admission()
@@ -228,7 +238,8 @@ class GenerationService:
     def _prompt_ids(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest,
                     template: str | None = None) -> list[int]:
         if isinstance(req, ChatCompletionRequest):
-            return self.engine.encode_chat([(m.role, m.text()) for m in req.messages], template)
+            tools = [t.model_dump(exclude_none=True) for t in req.tools or []] if req.calls_tools else None
+            return self.engine.encode_chat(render_messages(req.messages), template, tools)
         return self.engine.encode_completion(req.prompt)
 
     # --- plain --------------------------------------------------------------------------------------
@@ -300,7 +311,7 @@ class GenerationService:
                         if delta.finish_reason is not None:
                             sent.endings[index] = cut.ending(delta)
                         was_sent, offset = sent.is_sent, sent.add(index, delta)
-                        if delta.text or delta.logprobs:
+                        if (delta.text or delta.logprobs) and not job.calls_tools:  # calls go out whole, at the end
                             if not was_sent:
                                 self.metrics.ttft.observe(time.monotonic() - started)
                             yield event(shape.chunk([shape.delta(index, delta.text, None,
@@ -332,7 +343,7 @@ class GenerationService:
             await asyncio.to_thread(self._end_unpaid, job, sent, LossReason.DELIVERED_UNCHARGED, exc)
             raise
         self._observe(job, sent.usage, time.monotonic() - started)
-        last = shape.chunk([shape.delta(i, "", ending) for i, ending in enumerate(sent.endings)])
+        last = shape.chunk([shape.delta(c["index"], shape.final_delta(c), c["finish_reason"]) for c in body["choices"]])
         last.update(usage=body["usage"], receipt=body["receipt"])
         return event(last)
 
@@ -420,10 +431,12 @@ async def _wait_disconnect(http: Request) -> None:
             return
 
 
-def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> SamplingParams:
+def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int,
+                    grammar: GrammarSpec | None = None) -> SamplingParams:
     """The engine's params for one choice of `req` (BadRequest, naming the field, when they conflict)."""
     return SamplingParams(
         max_tokens=max_tokens, temperature=req.temperature, top_k=max(req.top_k, 0), top_p=req.top_p,
         seed=req.seed, stop=tuple(req.stop_strings), repetition_penalty=req.repetition_penalty or 1.0,
         frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
-        logit_bias=tuple(req.bias.items()), min_tokens=req.min_tokens or 0, logprobs=req.num_logprobs)
+        logit_bias=tuple(req.bias.items()), min_tokens=req.min_tokens or 0, logprobs=req.num_logprobs,
+        grammar=grammar)

@@ -33,15 +33,15 @@ class NotApplied:
     asks_nothing: Callable[[Any], bool] = _is_empty  # the values that leave the answer as it would be
 
 
-STRUCTURED_OUTPUT, TOOLS = "structured output is not served yet", "tools are not served yet"
+CHAT_ONLY, FUNCTIONS = "it is a chat field: send it to /v1/chat/completions", "the deprecated functions API: use tools"
 NOT_APPLIED: dict[str, NotApplied] = {
-    # structured output and tools (the grammar engine turns these on)
-    "response_format": NotApplied(STRUCTURED_OUTPUT, _one_of({"type": "text"})),
-    "tools": NotApplied(TOOLS),
-    "tool_choice": NotApplied(TOOLS, _one_of("none")),
-    "parallel_tool_calls": NotApplied(TOOLS),
-    "functions": NotApplied(TOOLS),
-    "function_call": NotApplied(TOOLS, _one_of("none")),
+    # structured output and tools: applied on chat, where they are declared (schemas.ChatCompletionRequest)
+    "response_format": NotApplied(CHAT_ONLY, _one_of({"type": "text"})),
+    "tools": NotApplied(CHAT_ONLY),
+    "tool_choice": NotApplied(CHAT_ONLY, _one_of("none")),
+    "parallel_tool_calls": NotApplied(CHAT_ONLY),
+    "functions": NotApplied(FUNCTIONS),
+    "function_call": NotApplied(FUNCTIONS, _one_of("none")),
     # what this node does not serve
     "audio": NotApplied("audio output is not served"),
     "modalities": NotApplied("only text is served", _one_of(["text"])),

@@ -2,13 +2,15 @@
 
 Every field declared on a request is honoured; the request fields this node does not apply are
 refused with a 400 naming them (node/api/request_fields.py), and so is any field it does not know.
+`response_format`, `tools` and `tool_choice` are chat fields (node/api/structured.py turns them into
+the grammar the answer must match).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from node.engine.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENALTY, REPETITION_PENALTY_RANGE
 
@@ -112,14 +114,104 @@ class TextPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
+FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+JSONSchemaObject = dict[str, Any]
+
+
+class FunctionCall(BaseModel):
+    name: FunctionName
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "user", "assistant", "developer", "tool"]
+    id: str = Field(min_length=1, max_length=128)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
     content: str | list[TextPart]
+    name: str | None = None
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class SystemMessage(_Message):
+    role: Literal["system", "developer"]
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+
+
+class AssistantTurn(_Message):
+    """An earlier assistant answer: text, tool calls, or both."""
+
+    role: Literal["assistant"]
+    content: str | list[TextPart] | None = None  # type: ignore[assignment]  # null beside tool_calls
+    tool_calls: list[ToolCall] | None = None
+
+
+class ToolMessage(_Message):
+    """A tool's answer to one of the assistant's calls."""
+
+    role: Literal["tool"]
+    tool_call_id: str = Field(min_length=1, max_length=128)
+
+
+ChatMessage = Annotated[SystemMessage | UserMessage | AssistantTurn | ToolMessage, Field(discriminator="role")]
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: FunctionName
+    description: str | None = None
+    schema_: JSONSchemaObject = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: bool | None = None
+
+
+class TextFormat(BaseModel):
+    type: Literal["text", "json_object"]
+
+
+class SchemaFormat(BaseModel):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaFormat
+
+
+ResponseFormat = Annotated[TextFormat | SchemaFormat, Field(discriminator="type")]
+
+
+class FunctionDefinition(BaseModel):
+    name: FunctionName
+    description: str | None = None
+    parameters: JSONSchemaObject = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: FunctionName
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+MAX_TOOLS = 128
 
 
 class ChatCompletionRequest(_Request):
@@ -138,6 +230,30 @@ class ChatCompletionRequest(_Request):
     @property
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    response_format: ResponseFormat | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    @model_validator(mode="after")
+    def _tools_agree(self) -> ChatCompletionRequest:
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: two tools have the same name")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ValueError(f"tool_choice: no tool is named {self.tool_choice.function.name}")
+        if self.tool_choice not in (None, "none", "auto") and not names:
+            raise ValueError("tool_choice: it asks for a tool call but no tools are given")
+        if self.calls_tools and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("response_format: a JSON answer and tool calls cannot both be required; "
+                             "send tool_choice none, or no response_format")
+        return self
+
+    @property
+    def calls_tools(self) -> bool:
+        """The answer may (or must) be tool calls."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     @property
     def completion_limit(self) -> int | None:
@@ -194,7 +310,8 @@ class CompletionResponse(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class TopLogprob(BaseModel):

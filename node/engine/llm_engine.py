@@ -19,6 +19,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from node.engine.block_manager import BlockManager
 from node.engine.config import EngineConfig
+from node.engine.grammar import GrammarCompiler
+from node.engine.logprob import TokenLogprob
 from node.engine.model_runner import ModelRunner
 from node.engine.output import OutputProcessor
 from node.engine.sampling import SamplingParams
@@ -55,6 +57,7 @@ class LLMEngine:
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_adapter_slots=self.runner.slots.num_slots)
         self.outputs = OutputProcessor(self.tokenizer, frozenset(eos), self.max_model_len)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, sorted(eos))
         self._inbox: list[Sequence | str] = []  # new sequences and request ids to abort
         self._listeners: dict[str, Listener] = {}  # stream callers: every delta
         self._waiters: dict[str, Waiter] = {}  # generate callers: the final output only
@@ -125,6 +128,8 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         seq = Sequence(request_id=request_id, prompt_token_ids=ids, params=params, adapter_id=adapter_id,
                        arrival=next(self._ids), prefix_key=prefix_key)
+        if params.grammar is not None:
+            seq.grammar = self.grammars.state(params.grammar)  # BadRequest if it cannot compile
         seed = params.seed if params.seed is not None else self.config.seed * 1_000_003 + seq.arrival
         seq.generator = torch.Generator(device=self.config.device).manual_seed(seed)
         with self._wake:
@@ -188,7 +193,7 @@ class LLMEngine:
             for item in scheduled:
                 item.seq.num_computed_tokens += item.num_new_tokens
                 if item.seq.num_computed_tokens == item.seq.num_tokens:
-                    item.seq.append(*next(sampled))
+                    self._append(item.seq, *next(sampled))
                     if self.outputs.check_stop(item.seq, is_streamed=item.seq.request_id in self._listeners):
                         self.scheduler.finish(item.seq)
                         finished.append(item.seq)
@@ -199,6 +204,12 @@ class LLMEngine:
         if out.upcoming:  # after this step's outputs went out: the copies delay only the next step
             self.runner.stage_adapters(out.upcoming)
         return [s.to_output() for s in finished]
+
+    @staticmethod
+    def _append(seq: Sequence, token_id: int, logprob: TokenLogprob | None) -> None:
+        if seq.grammar is not None and not seq.grammar.accept(token_id):  # the mask allowed it: a bug
+            log.error("request %s: token %d is outside its grammar", seq.request_id, token_id)
+        seq.append(token_id, logprob)
 
     def _notify(self, seq: Sequence) -> None:
         listener = self._listeners.get(seq.request_id)

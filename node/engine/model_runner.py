@@ -135,7 +135,8 @@ class ModelRunner:
             self.logits_observer([s.seq for s in sampled], logits)
         seqs = [s.seq for s in sampled]
         batch = SamplingBatch([q.params for q in seqs], [q.generator for q in seqs],
-                              [q.prompt_token_ids for q in seqs], [q.output_token_ids for q in seqs])
+                              [q.prompt_token_ids for q in seqs], [q.output_token_ids for q in seqs],
+                              [q.grammar for q in seqs])
         out = self.sampler(logits, batch)
         row = {id(q): i for i, q in enumerate(seqs)}
         order = [row[id(s.seq)] for s in scheduled if s.is_sampled]

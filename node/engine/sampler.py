@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from node.engine.grammar import GrammarState
 from node.engine.logprob import TokenLogprob, token_logprobs
 from node.engine.penalty import adjust_logits
-from node.engine.sampling import SamplingParams, sample
+from node.engine.sampling import SamplingParams, apply_token_bitmask, sample
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class SamplingBatch:
     generators: list[torch.Generator | None]
     prompt_token_ids: Sequence[Sequence[int]]
     output_token_ids: Sequence[Sequence[int]]
+    grammars: Sequence[GrammarState | None] = ()  # empty: no row has one
 
 
 @dataclass(frozen=True)
@@ -40,8 +42,30 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """logits [N, vocab] float32 -> one token per row (and its logprobs where asked)."""
+        rows = [i for i, g in enumerate(batch.grammars) if g is not None]
+        raw = logits[rows].clone() if rows else None
         logits = adjust_logits(logits, batch.params, batch.prompt_token_ids, batch.output_token_ids,
                                self.eos_token_ids)
-        # a per-sequence allowed-token mask (structured output) applies here, on the adjusted logits
+        if raw is not None:
+            _mask_grammars(logits, raw, rows, batch.grammars)
         token_ids = sample(logits, batch.params, batch.generators)
         return SamplerOutput(token_ids, token_logprobs(logits, token_ids, batch.params))
+
+
+def _mask_grammars(logits: torch.Tensor, raw: torch.Tensor, rows: list[int],
+                   grammars: Sequence[GrammarState | None]) -> None:
+    """In place: each of `rows` of the adjusted logits [N, vocab] keeps only the tokens its grammar allows.
+    A row left with none (min_tokens or a -100 bias hid every token the grammar allows, e.g. the end of a
+    complete answer) takes its raw logits (`raw`: [len(rows), vocab], before adjustments) under the
+    grammar's mask instead: the grammar, which the answer must match, wins over the adjustments."""
+    bitmask = torch.full((len(rows), -(-logits.shape[-1] // 32)), -1, dtype=torch.int32)
+    for j, i in enumerate(rows):
+        grammar = grammars[i]
+        assert grammar is not None
+        grammar.fill(bitmask, j)
+    apply_token_bitmask(logits, bitmask, rows)
+    dead = torch.isinf(logits[rows]).all(dim=-1).nonzero().flatten().tolist()  # positions within `rows`
+    if dead:
+        apply_token_bitmask(raw, bitmask, list(range(len(rows))))
+        for j in dead:
+            logits[rows[j]] = raw[j]

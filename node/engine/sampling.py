@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from node.engine.grammar import GrammarSpec
 from node.errors import BadRequest
 
 MIN_TEMPERATURE = 1e-5
@@ -39,6 +40,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logit; a dict is taken
     min_tokens: int = 0  # EOS and stop_token_ids are masked until the output has this many tokens
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob and the k most likely
+    grammar: GrammarSpec | None = None  # the output must match it (JSON, a JSON schema, tool calls)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -93,6 +95,21 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         for j, i in enumerate(rows):
             next_ids[i] = torch.multinomial(probs[j], 1, generator=generators[i]).squeeze(0)
     return next_ids.tolist()
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """In place: in each of `rows` of logits [N, vocab], every token whose bit is 0 in the matching row
+    of bitmask [len(rows), ceil(vocab / 32)] int32 (bit j of word w is token 32 * w + j) gets -inf."""
+    table = _BITS.to(logits.device)
+    # little-endian: byte b of word w holds tokens 32 * w + 8 * b .. + 7, lowest bit first
+    words = bitmask.to(logits.device, non_blocking=True).contiguous()
+    allowed = table[words.view(torch.uint8).long()].flatten(1)[:, :logits.shape[-1]]  # [len(rows), vocab]
+    blocked = torch.zeros_like(logits, dtype=torch.bool)
+    blocked[torch.tensor(rows, device=logits.device)] = ~allowed
+    logits.masked_fill_(blocked, float("-inf"))
+
+
+_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool()  # [256, 8]: the bits of each byte value
 
 
 def _probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

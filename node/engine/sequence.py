@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from node.engine.grammar import GrammarState
 from node.engine.logprob import TokenLogprob
 from node.engine.sampling import SamplingParams
 from node.errors import NodeError
@@ -63,6 +64,7 @@ class Sequence:
     output_logprobs: list[TokenLogprob] = field(default_factory=list)  # when params.logprobs is set
     stop_search_from: int = 0  # stop strings are looked for from this character (see min_tokens)
     prefix_key: str | None = None  # sequences with one key have one prompt (n choices): its blocks are shared
+    grammar: GrammarState | None = None  # where its output stands in params.grammar
 
     @property
     def token_ids(self) -> list[int]:

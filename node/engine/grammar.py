@@ -1,0 +1,219 @@
+"""Grammars that constrain a sequence's tokens: JSON, a JSON schema, or tool calls (xgrammar).
+
+The service hands the engine a `GrammarSpec` (a plain, hashable value in `SamplingParams`); the
+engine compiles it once per spec for its tokenizer (`GrammarCompiler`, an LRU over compiled
+grammars), gives each sequence its own `GrammarState`, fills that sequence's row of the step's
+token bitmask before sampling and advances the state with every accepted token. The stop tokens
+(EOS) are allowed only once the grammar is complete.
+
+xgrammar was picked over llguidance by measurement on this CPU (outlines-core was not tried: no
+structural tags for tool calls). Compiling a new schema: p50 2.4 ms / p99 53 ms (llguidance 1.3 / 72 ms,
+bench/structured.py, vocab 8,000); filling a 16-row bitmask: 0.27 ms against 0.22 ms at vocab 8,000
+and 0.17 ms against 8 ms at vocab 512 (the test tokenizer). Beyond speed: it releases the GIL while it
+compiles (the event loop and engine go on), its structural tags express tool calls that are optional
+in free text (`auto`) or forced (`required`, a named function), and it ships CUDA bitmask kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import xgrammar as xgr
+from transformers import PreTrainedTokenizerBase
+from xgrammar import structural_tag as st
+
+from node.errors import BadRequest
+
+GrammarKind = Literal["json_object", "json_schema", "tool_calls"]
+MAX_SCHEMA_CHARS = 65_536  # a schema's JSON text
+MAX_SCHEMA_DEPTH = 32  # JSON containers nested in a schema (2 per object level) (compile time grows fast with depth)
+MAX_PATTERN_REPEAT = 1024  # the product of a `pattern`'s repetition counts ([a-z]{1,3000} takes 5 s to compile)
+MAX_CACHED_GRAMMARS = 512
+# Tool calls are written as Hermes / Qwen2 chat templates expect them:
+#   <tool_call>\n{"name": "NAME", "arguments": {...}}\n</tool_call>
+TOOL_CALL_BEGIN, TOOL_CALL_END = "<tool_call>\n", "\n</tool_call>"
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    name: str
+    parameters: str  # the JSON schema of its arguments, as JSON text
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What a sequence's output must match. `schema` is JSON text (json_schema); `tools`, `is_forced`
+    (at least one call and no free text) and `is_parallel` (more than one call) are for tool_calls."""
+
+    kind: GrammarKind
+    schema: str = ""
+    is_strict: bool = True  # json_schema: no properties beyond those listed unless the schema allows them
+    tools: tuple[ToolSpec, ...] = ()
+    is_forced: bool = False
+    is_parallel: bool = True
+
+    @classmethod
+    def json_schema(cls, schema: dict[str, Any], is_strict: bool = True) -> GrammarSpec:
+        return cls("json_schema", schema=_canonical(schema), is_strict=is_strict)
+
+    @classmethod
+    def tool_calls(cls, tools: list[tuple[str, dict[str, Any]]], is_forced: bool, is_parallel: bool) -> GrammarSpec:
+        specs = tuple(ToolSpec(name, _canonical(params)) for name, params in tools)
+        return cls("tool_calls", tools=specs, is_forced=is_forced, is_parallel=is_parallel)
+
+
+class GrammarState:
+    """One sequence's place in its grammar."""
+
+    def __init__(self, matcher: xgr.GrammarMatcher, only: torch.Tensor | None = None) -> None:
+        self.matcher = matcher
+        self.only = only  # [ceil(vocab / 32)] int32: tokens allowed at all (None: every token)
+
+    def fork(self) -> GrammarState:
+        """An independent copy at the same place."""
+        return GrammarState(self.matcher.fork(), self.only)
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        self.matcher.fill_next_token_bitmask(bitmask, row)
+        if self.only is not None:
+            bitmask[row] &= self.only
+
+    def allows(self, token_id: int) -> bool:
+        """Whether `token_id` may come next (on a copy: nothing changes)."""
+        if self.only is not None and not (int(self.only[token_id // 32]) >> (token_id % 32)) & 1:
+            return False
+        return bool(self.matcher.fork().accept_token(token_id))
+
+    def accept(self, token_id: int) -> bool:
+        """Advance by one sampled token; False if the grammar does not allow it (nothing changes)."""
+        return bool(self.matcher.accept_token(token_id))
+
+    @property
+    def is_complete(self) -> bool:
+        """The output so far is a whole answer (a stop token may end it now)."""
+        return bool(self.matcher.is_completed())
+
+
+class GrammarCompiler:
+    """Compiles grammars for one tokenizer (its token table is built once, here) and keeps the last
+    MAX_CACHED_GRAMMARS compiled. Thread-safe: the API compiles before admission, the engine looks up."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, stop_token_ids: list[int]) -> None:
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+        self.vocab_size = vocab_size
+        self._no_control = _tokens_without_control_bytes(info, vocab_size, stop_token_ids)
+        self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+        self._cache: OrderedDict[GrammarSpec, xgr.CompiledGrammar] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def compile(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
+        """The compiled grammar of `spec`; BadRequest when the schema is invalid or too large."""
+        with self._lock:
+            if spec in self._cache:
+                self._cache.move_to_end(spec)
+                return self._cache[spec]
+        compiled = self._compile(spec)  # outside the lock: other specs compile meanwhile
+        with self._lock:
+            self._cache[spec] = compiled
+            while len(self._cache) > MAX_CACHED_GRAMMARS:
+                self._cache.popitem(last=False)
+        return compiled
+
+    def is_cached(self, spec: GrammarSpec) -> bool:
+        with self._lock:
+            return spec in self._cache
+
+    def state(self, spec: GrammarSpec) -> GrammarState:
+        # compact JSON never holds a raw control character (xgrammar 0.2.9 lets some into strings
+        # with a maxLength); tool calls keep their newlines, and their arguments are read leniently
+        only = self._no_control if spec.kind in ("json_object", "json_schema") else None
+        return GrammarState(xgr.GrammarMatcher(self.compile(spec)), only)
+
+    def allocate_bitmask(self, num_rows: int) -> torch.Tensor:
+        """[num_rows, ceil(vocab / 32)] int32, every token allowed."""
+        return xgr.allocate_token_bitmask(num_rows, self.vocab_size)
+
+    def _compile(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
+        try:
+            if spec.kind == "json_object":
+                return self._compiler.compile_json_schema('{"type": "object"}', any_whitespace=False,
+                                                          strict_mode=False)
+            if spec.kind == "json_schema":
+                _check_size(spec.schema, "schema")
+                return self._compiler.compile_json_schema(spec.schema, any_whitespace=False,
+                                                          strict_mode=spec.is_strict)
+            for tool in spec.tools:
+                _check_size(tool.parameters, f"tool {tool.name}")
+            return self._compiler.compile_structural_tag(_tool_call_tag(spec))
+        except (RuntimeError, ValueError, xgr.InvalidJSONError, xgr.InvalidStructuralTagError) as exc:
+            raise BadRequest(f"the schema cannot be compiled: {str(exc).strip()[-300:]}") from exc
+
+
+def _tokens_without_control_bytes(info: xgr.TokenizerInfo, vocab_size: int, stop_token_ids: list[int],
+                                  ) -> torch.Tensor:
+    """[ceil(vocab / 32)] int32 bitmask of the tokens that spell no byte below 0x20, and the stop tokens."""
+    allowed = torch.zeros(-(-vocab_size // 32) * 32, dtype=torch.bool)
+    for token_id, spelled in enumerate(info.decoded_vocab[:vocab_size]):
+        allowed[token_id] = all(b >= 0x20 for b in spelled)
+    allowed[stop_token_ids] = True
+    weights = (torch.ones(32, dtype=torch.int64) << torch.arange(32))  # bit j of a word is token 32 * w + j
+    words = (allowed.view(-1, 32).long() * weights).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _tool_call_tag(spec: GrammarSpec) -> st.StructuralTag:
+    tags = [st.TagFormat(begin=f'{TOOL_CALL_BEGIN}{{"name": {json.dumps(t.name)}, "arguments": ',
+                         content=st.JSONSchemaFormat(json_schema=json.loads(t.parameters), max_whitespace_cnt=1),
+                         end="}" + TOOL_CALL_END) for t in spec.tools]
+    fmt: st.Format
+    if spec.is_forced:
+        fmt = st.TagsWithSeparatorFormat(tags=tags, separator="\n", at_least_one=True,
+                                         stop_after_first=not spec.is_parallel)
+    else:
+        fmt = st.TriggeredTagsFormat(triggers=[TOOL_CALL_BEGIN.strip()], tags=tags, at_least_one=False,
+                                     stop_after_first=not spec.is_parallel)
+    return st.StructuralTag(format=fmt)
+
+
+def _canonical(schema: dict[str, Any]) -> str:
+    """The schema's compact JSON text, its keys in the order given (the order properties are written in)."""
+    return json.dumps(schema, separators=(",", ":"))
+
+
+def _check_size(schema: str, what: str) -> None:
+    if len(schema) > MAX_SCHEMA_CHARS:
+        raise BadRequest(f"the {what} has {len(schema)} characters; at most {MAX_SCHEMA_CHARS} are compiled",
+                         num_chars=len(schema), max_chars=MAX_SCHEMA_CHARS)
+    depth, patterns = _walk(json.loads(schema))
+    if depth > MAX_SCHEMA_DEPTH:
+        raise BadRequest(f"the {what} nests {depth} levels deep; at most {MAX_SCHEMA_DEPTH} are compiled",
+                         depth=depth, max_depth=MAX_SCHEMA_DEPTH)
+    for pattern in patterns:
+        repeat = math.prod(int(hi or lo) for lo, hi in _REPEAT.findall(pattern))
+        if repeat > MAX_PATTERN_REPEAT:
+            raise BadRequest(f"the {what} has a pattern whose repetition counts multiply to {repeat}; at most "
+                             f"{MAX_PATTERN_REPEAT} are compiled", repeat=repeat, max_repeat=MAX_PATTERN_REPEAT)
+
+
+_REPEAT = re.compile(r"\{(\d+)(?:,(\d*))?\}")  # {n}, {n,m}, {n,}
+
+
+def _walk(node: object) -> tuple[int, list[str]]:
+    """Nesting of JSON containers and every `pattern` string, iteratively (a hostile schema must not
+    exhaust the Python stack)."""
+    deepest, patterns, stack = 0, [], [(node, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+            if isinstance(item, dict) and isinstance(item.get("pattern"), str):
+                patterns.append(item["pattern"])
+    return deepest, patterns
