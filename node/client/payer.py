@@ -104,20 +104,27 @@ class Payer:
         return self._get(f"/v1/receipts/{receipt_id}", headers={HEADER: header})
 
     def quote(self, path: str, body: bytes, lane: int) -> tuple[int, int]:
-        """(the lane's charged total, the most the request `body` sent to `path` can cost), as the node
-        computes its hold. A node that refuses to quote the body (it will refuse the request the same
-        way, before any payment) or predates the quote gets the lane's quote for any request instead."""
+        """(the lane's charged total, what to sign on top of it for the request `body` sent to `path`): the
+        most it can cost, as the node computes its hold, or more only up to 1 above the cumulative this
+        payer already signed on the lane (the node refuses a voucher below one it accepted, and signing
+        that again authorizes nothing new). A node that refuses to quote the body (it will refuse the request
+        the same way, before any payment) or predates the quote gets the lane's quote for any request."""
         kind = path[path.rindex("/v1/") + len("/v1/"):]
         try:
             data = self._request("POST", f"/v1/quote/{kind}", params={"payer": self.address, "lane": lane},
                                  content=body, headers={"Content-Type": "application/json"})
         except NodeRefusal:
-            quote = self.channel(lane)
-            return int(quote["chargedTotal"]), int(quote["quote"]["maxFee"])
-        self._check_quote(data, body)
+            data = self.channel(lane)
+            charged, max_fee = int(data["chargedTotal"]), int(data["quote"]["maxFee"])
+        else:
+            self._check_quote(data, body)
+            charged, max_fee = int(data["chargedTotal"]), int(data["maxFee"])
         with self._lock:
-            self._charged[lane] = int(data["chargedTotal"])
-        return int(data["chargedTotal"]), int(data["maxFee"])
+            self._charged[lane] = charged
+        last = int(data.get("lastCumulative", 0))
+        # above the last accepted voucher: equal to it, the same body would sign the very same voucher,
+        # which the node answers as a replay of the first request
+        return charged, max_fee if charged + max_fee > last else last + 1 - charged
 
     def _check_quote(self, quote: dict[str, Any], body: bytes) -> None:
         """Sign nothing a request cannot cost: the quote's maxFee is its token counts, for its `n` choices,

@@ -141,3 +141,19 @@ def test_the_sdk_signs_nothing_for_a_quote_above_the_published_prices(paid_node:
         payer.openai(lane=78, max_retries=0).completions.create(model=str(paid_node.adapter_id), prompt="the sea",
                                                                 max_tokens=2)
     assert payer.channel(78) == before
+
+
+def test_a_small_request_after_a_large_one_on_a_lane_is_served_and_charged_every_time(paid_node: PaidNode) -> None:
+    """The node refuses a voucher below one it accepted on the lane; the SDK signs exactly what a request
+    can cost, so after a large request it signs just above the lane's last voucher instead, and the same
+    small body sent twice is two paid requests, not a replay of one."""
+    payer, client = _client(paid_node, 77)
+    model = str(paid_node.adapter_id)
+    client.completions.create(model=model, prompt="the sea is", max_tokens=300, stop=["."])  # type: ignore[attr-defined]
+    charged = int(payer.channel(77)["chargedTotal"])
+    fees = []
+    for _ in range(2):
+        out = client.completions.create(model=model, prompt="the sea", max_tokens=2)  # type: ignore[attr-defined]
+        assert out.usage.completion_tokens == 2
+        fees.append(int(out.model_extra["receipt"]["fee"]))
+    assert int(payer.channel(77)["chargedTotal"]) == charged + sum(fees)

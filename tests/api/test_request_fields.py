@@ -5,6 +5,7 @@ nothing and leaves the lane free. The official client against a live paid node."
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -151,6 +152,39 @@ def _prompt(ask: Ask, base: Any) -> None:
     assert ask(prompt="the sea is long and").usage.prompt_tokens > base.usage.prompt_tokens
 
 
+FLAG = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": name, "parameters": FLAG}} for name in ("f", "g")]
+
+
+def _response_format(ask: Ask, base: Any) -> None:
+    out = ask(response_format={"type": "json_schema", "json_schema": {"name": "flag", "schema": FLAG, "strict": True}},
+              max_tokens=200, temperature=1.0, seed=3)
+    assert out.choices[0].finish_reason == "stop"
+    assert set(json.loads(text_of(out))) == {"ok"}  # the tiny model writes no JSON by itself
+
+
+def _calls(out: Any) -> list[tuple[str, dict[str, Any]]]:
+    assert out.choices[0].finish_reason == "tool_calls", out.choices[0]
+    return [(c.function.name, json.loads(c.function.arguments)) for c in out.choices[0].message.tool_calls]
+
+
+def _tools(ask: Ask, base: Any) -> None:
+    calls = _calls(ask(tools=TOOLS[:1], tool_choice="required", max_tokens=300, temperature=1.0, seed=4))
+    assert calls and all(name == "f" and set(args) == {"ok"} for name, args in calls)
+
+
+def _tool_choice(ask: Ask, base: Any) -> None:
+    named = {"type": "function", "function": {"name": "g"}}
+    calls = _calls(ask(tools=TOOLS, tool_choice=named, max_tokens=300, temperature=1.0, seed=5))
+    assert calls and all(name == "g" for name, _ in calls)
+
+
+def _parallel_tool_calls(ask: Ask, base: Any) -> None:
+    calls = _calls(ask(tools=TOOLS, tool_choice="required", parallel_tool_calls=False, max_tokens=300,
+                       temperature=1.0, seed=6))
+    assert len(calls) == 1
+
+
 COMMON = {
     "model": Case(_model), "max_tokens": Case(_max_tokens("max_tokens")), "n": Case(_n),
     "frequency_penalty": Case(_penalty("frequency_penalty")), "presence_penalty": Case(_penalty("presence_penalty")),
@@ -167,11 +201,12 @@ CHAT = {
     "audio": Case(refused={"voice": "alloy", "format": "mp3"}), "function_call": Case(refused="auto"),
     "functions": Case(refused=[{"name": "f", "parameters": {"type": "object"}}]),
     "modalities": Case(refused=["text", "audio"]), "moderation": Case(refused={"model": "omni-moderation-latest"}),
-    "parallel_tool_calls": Case(refused=True), "prediction": Case(refused={"type": "content", "content": "sea"}),
+    "parallel_tool_calls": Case(_parallel_tool_calls),
+    "prediction": Case(refused={"type": "content", "content": "sea"}),
     "prompt_cache_options": Case(refused={"ttl": "30m"}), "prompt_cache_retention": Case(refused="24h"),
-    "reasoning_effort": Case(refused="low"), "response_format": Case(refused={"type": "json_object"}),
-    "service_tier": Case(refused="flex"), "store": Case(refused=True), "tool_choice": Case(refused="auto"),
-    "tools": Case(refused=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+    "reasoning_effort": Case(refused="low"), "response_format": Case(_response_format),
+    "service_tier": Case(refused="flex"), "store": Case(refused=True), "tool_choice": Case(_tool_choice),
+    "tools": Case(_tools),
     "verbosity": Case(refused="low"), "web_search_options": Case(refused={"search_context_size": "low"}),
 }
 COMPLETION = {

@@ -106,7 +106,8 @@ async def _quote(kind: Kind, model: type[CompletionRequest] | type[ChatCompletio
     out: dict[str, Any] = {"promptTokens": prompt_tokens, "maxTokens": max_tokens, "maxFee": str(max_fee)}
     if payer is not None:
         channel = await asyncio.to_thread(ledger.channel, payer, lane)
-        out |= {"payer": payer, "lane": lane, "chargedTotal": str(channel.charged_total)}
+        out |= {"payer": payer, "lane": lane, "chargedTotal": str(channel.charged_total),
+                "lastCumulative": str(channel.last_cumulative)}
     return out
 
 
