@@ -25,14 +25,22 @@ def require_deployment():  # type: ignore[no-untyped-def]
 
 
 def api(host: str = typer.Option(None, help="Bind address (default LORANODE_HOST)."),
-        port: int = typer.Option(None, help="Port (default LORANODE_PORT).")) -> None:
-    """Serve the paid OpenAI-compatible API with the engine in this process."""
+        port: int = typer.Option(None, help="Port (default LORANODE_PORT)."),
+        engine_process: bool = typer.Option(None, "--engine-process/--in-process",
+                                            help="The engine in core processes of its own (default "
+                                                 "LORANODE_ENGINE_PROCESS, true) or in the API's."),
+        data_parallel_size: int = typer.Option(None, "--data-parallel-size", min=1,
+                                               help="Engine cores, one per device on CUDA (default "
+                                                    "LORANODE_DATA_PARALLEL_SIZE, 1).")) -> None:
+    """Serve the paid OpenAI-compatible API; its engine runs in core processes it starts and restarts."""
     import uvicorn
 
     from node.api.app import create_app
     from node.api.wiring import build_services
 
     settings, dep = require_deployment()
+    chosen = {"engine_process": engine_process, "data_parallel_size": data_parallel_size}
+    settings = load_settings(**{k: v for k, v in chosen.items() if v is not None})  # checked again
     services = build_services(settings, dep)
     uvicorn.run(create_app(services), host=host or settings.host, port=port or settings.port, log_level="info")
 

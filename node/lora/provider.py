@@ -33,6 +33,16 @@ class AdapterSource:
     is_pinned: bool = False  # keep in host memory and device slots whatever the traffic
 
 
+class AdapterRegistrar(Protocol):
+    """Where the service registers adapters (the engine's provider, or the engine cores' registrations)."""
+
+    def register(self, adapter_id: str, source: AdapterSource) -> None: ...
+
+    def unregister(self, adapter_id: str) -> None: ...
+
+    def state(self, adapter_id: str) -> LoadState: ...
+
+
 class AdapterProvider(Protocol[W_co]):
     def register(self, adapter_id: str, source: AdapterSource) -> None: ...
 
