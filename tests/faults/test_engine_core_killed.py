@@ -22,6 +22,7 @@ from tests.adversarial.attacker import Attacker
 from tests.fixtures.paid_node import PaidNode, build_paid_node
 
 pytestmark = pytest.mark.chain
+ANSWER_TOKENS = 300  # long enough to be under way when the core is killed
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +65,14 @@ def test_a_core_killed_under_load_charges_nothing_and_the_next_requests_are_serv
     att, cores = _attacker(paid), _cores(paid)
     plain_lanes, stream_lanes = range(10, 14), range(20, 22)
     before = {lane: att.charged(lane) for lane in (*plain_lanes, *stream_lanes)}
-    plain = {lane: att.body(max_tokens=2_000) for lane in plain_lanes}
+    plain = {lane: att.body(max_tokens=ANSWER_TOKENS) for lane in plain_lanes}
     headers = {lane: att.header(body, lane) for lane, body in plain.items()}
     joins = {lane: att.in_background(lambda b=plain[lane], h=headers[lane]: att.post(b, h)) for lane in plain_lanes}
     streams = {lane: att.body(max_tokens=2_000, stream=True) for lane in stream_lanes}
     stream_headers = {lane: att.header(body, lane) for lane, body in streams.items()}
     stream_joins = {lane: att.in_background(lambda b=streams[lane], h=stream_headers[lane]: att.stream_text(b, h))
                     for lane in stream_lanes}
-    _wait("the requests never reached the engine", lambda: paid.local.services.engine.in_flight == 6)  # type: ignore[union-attr]
-    time.sleep(0.5)  # generating
+    _wait("the requests were never admitted", lambda: paid.local.services.engine.in_flight == 6)  # type: ignore[union-attr]
     victim = cores.pids()[0]
     assert victim is not None
     os.kill(victim, signal.SIGKILL)
@@ -97,8 +97,10 @@ def test_a_core_killed_under_load_charges_nothing_and_the_next_requests_are_serv
 
     _wait("the core was not started again", lambda: cores.num_up == 1 and cores.pids()[0] not in (None, victim))
     _wait("the node never came back to ready", lambda: httpx.get(f"{paid.base_url}/ready").status_code == 200)
-    for lane in plain_lanes:  # the same voucher again: never served, so it buys its answer now, once
-        retry = att.post(att.body(max_tokens=2_000), headers[lane])
+    retries = {lane: att.in_background(lambda b=plain[lane], h=headers[lane]: att.post(b, h, timeout=300))
+               for lane in plain_lanes}  # the same voucher again: never served, so it buys its answer now, once
+    for lane, join in retries.items():
+        retry = join(timeout=300)
         assert retry.status_code == 200 and "X-Idempotent-Replay" not in retry.headers, retry.text
         assert att.charged(lane) == before[lane] + int(retry.json()["receipt"]["fee"])
 
