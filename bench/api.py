@@ -1,17 +1,24 @@
-"""The paid HTTP path against the engine in-process, and the cost of paying per request.
+"""The paid HTTP path against the engine in-process, data-parallel engine cores, and the cost of paying.
 
 Same engine, same load: N requests (P-token prompts, M new tokens, one of A adapters each) through
-(1) `LLMEngine.generate` in-process and (2) the live API over loopback HTTP with a signed voucher per
-request and a receipt committed per response (L lanes in parallel). The HTTP client runs in a process
+(1) `LLMEngine.generate` in this process and (2) the live API over loopback HTTP with a signed voucher
+per request and a receipt committed per response (L lanes in parallel), its engine in a core process
+of its own (`engine_process`, the default of `loranode api`; `--in-process` puts it in the API's
+process instead), with the same torch threads as (1). The HTTP client runs in a process
 of its own, as a dApp does (it would otherwise take the API process's GIL from the engine thread);
 it learns each lane's charged total once before the clock starts. The two arms alternate for
 `--rounds` rounds and each keeps its best (the machine is shared).
+
+Then data parallelism: the same load through `CoreClient.generate` on one engine core and on two
+(`--threads-per-core` torch threads each, 1 by default), alternated. Time to first token (p50/p99)
+is measured on streamed requests for the engine in-process, over HTTP, and on one and two cores.
 
 Then the payment path alone, per request on the configured database: voucher check (stateless),
 hold, and charge + receipt commit; next to it, in the same run, the floor a durable commit puts
 under any charge: one bare INSERT + COMMIT (the WAL flush) on the same database.
 
-    python bench/api.py [--quick] [--rounds 3] [--database-url postgresql+psycopg://postgres@127.0.0.1:5432/test]
+    python bench/api.py [--quick] [--rounds 3] [--in-process] [--threads-per-core 1]
+                        [--database-url postgresql+psycopg://postgres@127.0.0.1:5432/test]
 Prints a table and writes bench/results/api.json.
 """
 
@@ -36,15 +43,23 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+import engine_cores  # noqa: E402  (bench/engine_cores.py, beside this file)
+
+from node.api.wiring import engine_config, store_config  # noqa: E402
 from node.client.payer import Payer  # noqa: E402
 from node.devkit import make_tiny_model, train_tiny_adapter  # noqa: E402
 from node.devkit.corpus import STYLES  # noqa: E402
 from node.devkit.local_node import FIRST_USER, LocalNode  # noqa: E402
-from node.engine import SamplingParams  # noqa: E402
+from node.engine import LLMEngine, SamplingParams  # noqa: E402
+from node.engine.core_client import CoreClient  # noqa: E402
+from node.engine.core_process import adapter_store  # noqa: E402
 from node.lora.content_hash import adapter_weights_sha256, base_model_id, dataset_content_hash  # noqa: E402
+from node.lora.provider import AdapterSource  # noqa: E402
 
 STOP_NEVER = "@@never@@"
+TTFT_CONCURRENCY = 16  # streamed requests in flight while time to first token is measured
 
 
 def _fresh_postgres(url: str) -> str:
@@ -78,12 +93,28 @@ def setup(work: Path, db_url: str | None, num_adapters: int) -> tuple[LocalNode,
     return node, ids, model
 
 
-def in_process(node: LocalNode, ids: list[int], n: int, prompt: list[int], new: int) -> tuple[float, int]:
+Engine = LLMEngine | CoreClient
+
+
+def local_engine(node: LocalNode, ids: list[int]) -> LLMEngine:
+    """An engine in this process with the API's config, its adapters registered as the API does."""
     svc = node.services
     assert svc is not None
-    for adapter_id in ids:  # what the API does on a request's first sight of an adapter
-        svc.catalog.resolve(str(adapter_id))
-    engine = svc.engine.engine
+    config = engine_config(node.settings)
+    engine = LLMEngine(config, provider=adapter_store(store_config(node.settings), config))
+    register(engine, node, ids)
+    return engine
+
+
+def register(engine: Engine, node: LocalNode, ids: list[int]) -> None:
+    svc = node.services
+    assert svc is not None
+    for adapter_id in ids:
+        view = svc.catalog.resolve(str(adapter_id)).lineage
+        engine.provider.register(str(adapter_id), AdapterSource(view.uri, view.weights_sha256))
+
+
+def in_process(engine: Engine, ids: list[int], n: int, prompt: list[int], new: int) -> tuple[float, int]:
     params = SamplingParams(max_tokens=new, temperature=0, stop=(STOP_NEVER,))
     t = time.perf_counter()
     outs = engine.generate([prompt] * n, params, [str(ids[i % len(ids)]) for i in range(n)])
@@ -91,7 +122,7 @@ def in_process(node: LocalNode, ids: list[int], n: int, prompt: list[int], new: 
     return wall, sum(o.num_completion_tokens for o in outs)
 
 
-def in_process_beside_python(node: LocalNode, ids: list[int], n: int, prompt: list[int], new: int,
+def in_process_beside_python(engine: Engine, ids: list[int], n: int, prompt: list[int], new: int,
                              busy_ms: float = 1.0, every_ms: float = 5.0) -> float:
     """In-process tokens/s while another thread of the process runs `busy_ms` of pure Python every
     `every_ms` (what the API's loop and thread pool add per request, in kind): how much of the
@@ -108,7 +139,7 @@ def in_process_beside_python(node: LocalNode, ids: list[int], n: int, prompt: li
     thread = threading.Thread(target=neighbour, daemon=True)
     thread.start()
     try:
-        wall, tokens = in_process(node, ids, n, prompt, new)
+        wall, tokens = in_process(engine, ids, n, prompt, new)
     finally:
         stop.set()
         thread.join()
@@ -158,10 +189,54 @@ def client_main(spec_json: str) -> None:
     spec = json.loads(spec_json)
     payer = Payer(spec["key"], spec["base_url"], budget=10**15)
     know_lanes(payer, spec["lanes"])
+    if spec.get("ttft"):
+        times = asyncio.run(ttft_over_http(spec["base_url"], payer, spec["ids"], spec["n"], spec["prompt"],
+                                           spec["new"], spec["lanes"]))
+        print(json.dumps({"ttft_ms": times}))
+        return
     cpu = time.process_time()
     wall, tokens = asyncio.run(over_http(spec["base_url"], payer, spec["ids"], spec["n"], spec["prompt"], spec["new"],
                                          spec["lanes"]))
     print(json.dumps({"wall_s": wall, "tokens": tokens, "cpu_s": time.process_time() - cpu}))
+
+
+async def ttft_over_http(base_url: str, payer: Payer, ids: list[int], n: int, prompt: list[int], new: int,
+                         lanes: int) -> list[float]:
+    """Time to the first text chunk (ms) of `n` paid streamed requests, `lanes` in flight."""
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(n):
+        queue.put_nowait(i)
+    times: list[float] = []
+
+    async def lane_worker(lane: int, client: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            i = queue.get_nowait()
+            body = json.dumps({"model": str(ids[i % len(ids)]), "prompt": prompt, "max_tokens": new, "stream": True,
+                               "temperature": 0, "stop": [STOP_NEVER]}).encode()
+            header = payer.payment_header(body, lane)
+            started, first = time.perf_counter(), None
+            async with client.stream("POST", "/v1/completions", content=body,
+                                     headers={"X-Payment": header, "Content-Type": "application/json"}) as resp:
+                resp.raise_for_status()
+                async for line in resp.aiter_lines():
+                    if first is None and line.startswith("data: {") and '"text":""' not in line:
+                        first = time.perf_counter()
+                    if line.startswith("data: {") and '"receipt"' in line:
+                        payer.observe(lane, int(json.loads(line[6:])["receipt"]["chargedTotal"]))
+            times.append(((first or time.perf_counter()) - started) * 1000)
+
+    async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
+        await asyncio.gather(*(lane_worker(lane, client) for lane in range(lanes)))
+    return times
+
+
+def ttft_over_http_from_a_client_process(node: LocalNode, ids: list[int], n: int, prompt: list[int],
+                                         new: int) -> dict[str, float]:
+    spec = {"base_url": node.base_url, "key": node.anvil.keys[FIRST_USER + 2], "ids": ids, "n": n, "prompt": prompt,
+            "new": new, "lanes": TTFT_CONCURRENCY, "ttft": True}
+    out = subprocess.run([sys.executable, __file__, "--client", json.dumps(spec)], capture_output=True, text=True,
+                         check=True, timeout=1200)
+    return engine_cores.percentiles(json.loads(out.stdout.strip().splitlines()[-1])["ttft_ms"])
 
 
 def know_lanes(payer: Payer, lanes: int) -> None:
@@ -229,15 +304,15 @@ def durable_commit_floor(db_url: str | None, k: int) -> float:
     return statistics.median(times)
 
 
-def best_of_rounds(node: LocalNode, ids: list[int], n: int, new: int, lanes: int,
+def best_of_rounds(node: LocalNode, engine: LLMEngine, ids: list[int], n: int, new: int, lanes: int,
                    rounds: int) -> list[dict[str, float]]:
     """The two arms alternated for `rounds` rounds; each row keeps its best round."""
     prompt = list(range(10, 42))  # 32 tokens
-    in_process(node, ids, 8, prompt, 4)  # warm up
+    in_process(engine, ids, 8, prompt, 4)  # warm up
     key = node.anvil.keys[FIRST_USER + 2]
     best: dict[str, dict[str, float]] = {}
     for _ in range(rounds):
-        wall, tokens = in_process(node, ids, n, prompt, new)
+        wall, tokens = in_process(engine, ids, n, prompt, new)
         runs = {"engine in-process": {"wall_s": wall, "tokens": tokens}}
         wall, tokens, client_cpu = over_http_from_a_client_process(node, key, ids, n, prompt, new, lanes)
         runs["HTTP + vouchers + receipts"] = {"wall_s": wall, "tokens": tokens, "client_cpu_s": client_cpu}
@@ -256,6 +331,8 @@ def main() -> None:
                     help="requests per arm (default 128; --quick 32); 128 lanes at most, one per request in flight")
     ap.add_argument("--database-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test",
                     help="a PostgreSQL server URL (a fresh database is made on it); 'sqlite' for SQLite")
+    ap.add_argument("--in-process", action="store_true", help="the API's engine in its own process (the old way)")
+    ap.add_argument("--threads-per-core", type=int, default=1, help="torch threads per core in the two-core run")
     ap.add_argument("--client", help=argparse.SUPPRESS)  # the HTTP client process (see over_http_from_...)
     args = ap.parse_args()
     if args.client:
@@ -267,24 +344,31 @@ def main() -> None:
     lanes = min(n, 128)  # one lane per request in flight: twice the engine's 64 sequences, so it never idles
     db_url = None if args.database_url == "sqlite" else _fresh_postgres(args.database_url)
     load_before = os.getloadavg()
+    prompt = list(range(10, 42))
     with tempfile.TemporaryDirectory() as tmp:
         node, ids, model = setup(Path(tmp), db_url, num_adapters)
         try:
-            node.serve(model)
-            rows = best_of_rounds(node, ids, n, new, lanes, rounds)
-            prompt = list(range(10, 42))
-            beside = max(in_process_beside_python(node, ids, n, prompt, new) for _ in range(rounds))
+            node.serve(model, engine_process=not args.in_process)
+            engine = local_engine(node, ids)
+            rows = best_of_rounds(node, engine, ids, n, new, lanes, rounds)
+            ttft = {"engine in-process": engine_cores.ttft(engine, ids, n, prompt, new, TTFT_CONCURRENCY),
+                    "HTTP + vouchers + receipts": ttft_over_http_from_a_client_process(node, ids, n, prompt, new)}
+            beside = max(in_process_beside_python(engine, ids, n, prompt, new) for _ in range(rounds))
+            engine.shutdown()
+            cores = engine_cores.one_vs_two(node.settings, lambda e: register(e, node, ids), ids, n, prompt, new,
+                                            rounds, args.threads_per_core)
             pay = payment_path(node, ids, node.anvil.keys[FIRST_USER + 3 - 1], k)
             pay["durable_commit_floor_p50_ms"] = durable_commit_floor(db_url, k)
         finally:
             node.stop()
     ratio = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
     result = {"requests": n, "new_tokens": new, "lanes": lanes, "adapters": num_adapters, "rounds": rounds,
-              "database": "sqlite" if db_url is None else "postgresql", "rows": rows,
-              "http_over_in_process": ratio, "payment": pay,
+              "database": "sqlite" if db_url is None else "postgresql", "engine_process": not args.in_process,
+              "rows": rows, "http_over_in_process": ratio, "ttft_ms": ttft, "data_parallel": cores, "payment": pay,
               "gil_probe": {"busy_ms": 1.0, "every_ms": 5.0, "in_process_tokens_per_s": beside,
                             "over_in_process": beside / rows[0]["tokens_per_s"]},
-              "load_average_1m": {"before": load_before[0], "after": os.getloadavg()[0]}, "cpus": os.cpu_count()}
+              "load_average_1m": {"before": load_before[0], "after": os.getloadavg()[0]}, "cpus": os.cpu_count(),
+              "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
     print_table(result)
     out = ROOT / "bench" / "results" / "api.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -295,7 +379,11 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"{'system':<30}{'tokens/s':>12}{'tokens':>10}{'wall s':>10}   (best of {result['rounds']} rounds)")
     for r in result["rows"]:
         print(f"{r['system']:<30}{r['tokens_per_s']:>12.1f}{r['tokens']:>10}{r['wall_s']:>10.2f}")
-    print(f"HTTP / in-process: {result['http_over_in_process']:.3f} (target >= 0.9)")
+    where = "its own process" if result["engine_process"] else "the API's process"
+    print(f"HTTP / in-process: {result['http_over_in_process']:.3f} (target >= 0.95; the API's engine in {where})")
+    for system, t in result["ttft_ms"].items():
+        print(f"  time to first token, {system}: p50 {t['p50']:.1f} ms, p99 {t['p99']:.1f} ms")
+    engine_cores.print_table(result["data_parallel"])
     probe = result["gil_probe"]
     print(f"in-process beside a thread running Python {probe['busy_ms']:.0f} ms in every {probe['every_ms']:.0f} ms: "
           f"{probe['in_process_tokens_per_s']:.1f} tokens/s, {probe['over_in_process']:.3f} of in-process")
@@ -305,7 +393,8 @@ def print_table(result: dict[str, Any]) -> None:
           f"p99 {pay['payment_total_p99_ms']:.2f} ms; a bare durable commit: "
           f"{pay['durable_commit_floor_p50_ms']:.2f} ms")
     load = result["load_average_1m"]
-    print(f"load average (1 min) {load['before']:.1f} -> {load['after']:.1f} on {result['cpus']} CPUs")
+    print(f"load average (1 min) {load['before']:.1f} -> {load['after']:.1f} on {result['cpus']} CPUs; "
+          f"uptime at the end: {result['uptime']}")
 
 
 if __name__ == "__main__":

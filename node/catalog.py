@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.db import queries
 from node.db.models import Adapter
 from node.errors import AdapterNotFound, MirrorUnavailable
-from node.lora.provider import AdapterProvider, AdapterSource, LoadState
+from node.lora.provider import AdapterRegistrar, AdapterSource, LoadState
 from node.protocol.receipt import BASE_ADAPTER_ID
 
 MIRROR_TTL_S = 0.25  # how stale the indexer's verdict on the mirror may be when a request is admitted
@@ -60,7 +60,7 @@ class AdapterStatus:
 
 
 class AdapterCatalog:
-    def __init__(self, factory: sessionmaker[Session], provider: AdapterProvider[object], base_model_id: str,
+    def __init__(self, factory: sessionmaker[Session], provider: AdapterRegistrar, base_model_id: str,
                  base_model_name: str | None = None, cache_ttl_s: float = 2.0, max_mirror_lag_s: float | None = None,
                  max_mirror_lag_blocks: int = 32) -> None:
         self.factory = factory

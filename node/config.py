@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(default=None, ge=16)
     cuda_graphs: bool = True  # on CUDA: decode steps replayed from graphs per batch-size bucket
     weight_quantization: Literal["none", "int8"] = "none"  # int8: weight-only, per output channel
+    # the engine's step loop in processes of its own (over ZeroMQ, restarted if one dies), or in the API's
+    engine_process: bool = True
+    data_parallel_size: int = Field(default=1, ge=1, le=64)  # engine cores (one per device on CUDA)
+    engine_threads: int | None = Field(default=None, ge=1)  # torch threads per core; None: CPUs / cores
 
     # adapters: device slots above; host memory and disk caches in bytes
     adapter_cache_dir: Path | None = None  # default: data_dir/adapters
@@ -153,6 +157,12 @@ class Settings(BaseSettings):
         if self.max_mirror_lag_blocks <= self.confirmations:
             raise ValueError("max_mirror_lag_blocks must exceed confirmations (the mirror is always that far "
                              "behind the head), or the node is never ready")
+        return self
+
+    @model_validator(mode="after")
+    def _data_parallel_out_of_process(self) -> Settings:
+        if self.data_parallel_size > 1 and not self.engine_process:
+            raise ValueError("data_parallel_size > 1 needs engine_process (one engine core process per device)")
         return self
 
     # --- derived values -------------------------------------------------------------------------

@@ -12,6 +12,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The nodes tests start run their engine in the API's process (fast to start), unless the run says
+# otherwise: `LORANODE_ENGINE_PROCESS=1 pytest tests/api tests/adversarial` runs them with the engine
+# in a core process of its own, as `loranode api` does by default. Tests of the core process itself
+# ask for it whatever the run says.
+os.environ.setdefault("LORANODE_ENGINE_PROCESS", "0")
+
 pytest_plugins = [
     "tests.fixtures.chain",
     "tests.fixtures.database",

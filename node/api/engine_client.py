@@ -1,9 +1,12 @@
 """The only bridge from the API to the engine: prompts to token ids, bounded admission, streaming.
 
-The engine runs its step loop on its own thread. `stream` hands the API an async iterator of
-deltas (one event-loop wake-up per token); `submit` a future of the finished request only (one
-wake-up per request: what a plain, unstreamed answer needs). `abort` ends a request early; it then
-finishes with what it had generated, which is what a client that left is charged for.
+The engine is either `LLMEngine` in this process (its step loop on a thread of its own) or a
+`CoreClient` over engine core processes (`loranode api`'s default: `engine_process`); both take
+requests and hand back outputs the same way, so nothing past this module knows which it is.
+`stream` hands the API an async iterator of deltas (one event-loop wake-up per token); `submit` a
+future of the finished request only (one wake-up per request: what a plain, unstreamed answer
+needs). `abort` ends a request early; it then finishes with what it had generated, which is what a
+client that left is charged for.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from jinja2 import TemplateError
 
 from node.api.structured import tools_prompt
 from node.engine import LLMEngine, SamplingParams
+from node.engine.core_client import CoreClient
 from node.engine.grammar import TOOL_CALL_BEGIN, TOOL_CALL_END, GrammarSpec
 from node.engine.sequence import RequestOutput, StreamDelta
 from node.errors import BadRequest, ChatTemplateError, NoChatTemplate, Overloaded, PromptTooLong
@@ -32,7 +36,7 @@ GRAMMAR_COMPILE_THREADS = 2  # compiles never run on the event loop nor hold mor
 
 
 class EngineClient:
-    def __init__(self, engine: LLMEngine, max_in_flight: int) -> None:
+    def __init__(self, engine: LLMEngine | CoreClient, max_in_flight: int) -> None:
         self.engine = engine
         self.max_in_flight = max_in_flight
         self._in_flight = 0
@@ -47,6 +51,11 @@ class EngineClient:
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    @property
+    def is_serving(self) -> bool:
+        """An engine core is up to take requests (always, in process)."""
+        return not isinstance(self.engine, CoreClient) or self.engine.num_up > 0
 
     # --- prompts ----------------------------------------------------------------------------------
     def encode_completion(self, prompt: str | list[int]) -> list[int]:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 import logging
+import os
 import socket
+from collections.abc import Callable
 
 from eth_account import Account
 from sqlalchemy.orm import Session, sessionmaker
@@ -24,11 +25,12 @@ from node.chain.rpc import Rpc
 from node.config import Settings
 from node.db.session import make_engine, session_factory
 from node.engine import EngineConfig, LLMEngine
+from node.engine.core_client import CoreClient
+from node.engine.core_process import adapter_store as core_adapter_store
 from node.errors import ConfigError, RpcTransient
-from node.lora.adapter import LoRATargetSpec, LoRAWeights, load_lora_adapter
 from node.lora.content_hash import base_model_id
+from node.lora.provider import AdapterRegistrar
 from node.lora.store import AdapterStore, StoreConfig
-from node.models.config import ModelConfig
 from node.payment.ledger import Ledger
 from node.payment.pricing import Pricing
 from node.payment.service import PaymentService
@@ -38,6 +40,8 @@ from node.settlement.runtime import check_chain_parameters
 from node.settlement.split import SplitParams
 
 log = logging.getLogger(__name__)
+Engine = LLMEngine | CoreClient
+StoreSnapshot = Callable[[], dict[str, dict[str, float]]]
 
 
 def engine_config(settings: Settings) -> EngineConfig:
@@ -52,14 +56,32 @@ def engine_config(settings: Settings) -> EngineConfig:
                         weight_quantization=settings.weight_quantization)
 
 
-def adapter_store(settings: Settings, config: EngineConfig) -> AdapterStore[LoRAWeights]:
-    model = ModelConfig.from_folder(config.model_path)
-    target = LoRATargetSpec.of(model.num_layers, model.module_shapes())
-    parse = functools.partial(load_lora_adapter, target=target, max_rank=config.max_lora_rank)
-    store_config = StoreConfig(cache_dir=settings.resolved_adapter_cache_dir(),
-                               max_disk_bytes=settings.max_adapter_disk_bytes,
-                               max_host_bytes=settings.max_adapter_host_bytes)
-    return AdapterStore(store_config, parse, lambda w: w.nbytes)
+def store_config(settings: Settings) -> StoreConfig:
+    return StoreConfig(cache_dir=settings.resolved_adapter_cache_dir(), max_disk_bytes=settings.max_adapter_disk_bytes,
+                       max_host_bytes=settings.max_adapter_host_bytes)
+
+
+def start_engine(settings: Settings, config: EngineConfig) -> tuple[Engine, AdapterRegistrar, StoreSnapshot]:
+    """The engine (its core processes started and ready, or in this process), where adapters are
+    registered, and the adapter store's metrics (tier -> stat -> value)."""
+    if settings.engine_process:
+        threads = settings.engine_threads
+        if threads is None and settings.data_parallel_size > 1:
+            threads = max(1, (os.cpu_count() or 1) // settings.data_parallel_size)
+        client = CoreClient(config, settings.data_parallel_size, store=store_config(settings), num_threads=threads)
+        try:
+            client.start()
+        except BaseException:
+            client.shutdown()
+            raise
+        return client, client.adapters, client.store_metrics
+    store = core_adapter_store(store_config(settings), config)
+    return LLMEngine(config, provider=store), store, lambda: _tiers(store.metrics().as_dict())
+
+
+def _tiers(snapshot: dict[str, object]) -> dict[str, dict[str, float]]:
+    return {tier: {k: float(v) for k, v in stats.items() if isinstance(v, int | float)}
+            for tier, stats in snapshot.items() if isinstance(stats, dict)}
 
 
 def build_services(settings: Settings, deployment: Deployment) -> NodeServices:
@@ -83,8 +105,16 @@ def build_services(settings: Settings, deployment: Deployment) -> NodeServices:
 
 def _build_services(settings: Settings, deployment: Deployment, key: str) -> NodeServices:
     config = engine_config(settings)
-    store = adapter_store(settings, config)
-    engine = LLMEngine(config, provider=store)
+    engine, adapters, store_metrics = start_engine(settings, config)
+    try:
+        return _wire(settings, deployment, key, config, engine, adapters, store_metrics)
+    except BaseException:
+        engine.shutdown()
+        raise
+
+
+def _wire(settings: Settings, deployment: Deployment, key: str, config: EngineConfig, engine: Engine,
+          adapters: AdapterRegistrar, store_metrics: StoreSnapshot) -> NodeServices:
     db = session_factory(make_engine(settings.resolved_database_url()))
     node = Account.from_key(key).address
     ledger = Ledger(db, node, reservation_ttl_s=settings.reservation_ttl_s,
@@ -100,7 +130,8 @@ def _build_services(settings: Settings, deployment: Deployment, key: str) -> Nod
     payments = PaymentService(ledger, domain, node, pricing, min_validity_s=settings.min_voucher_validity_s,
                               base_pricing=base_pricing)
     issuer = ReceiptIssuer(key, domain, attributor)
-    catalog = AdapterCatalog(db, store, to_hex(base_model_id(config.model_path)), settings.resolved_served_model_name(),
+    catalog = AdapterCatalog(db, adapters, to_hex(base_model_id(config.model_path)),
+                             settings.resolved_served_model_name(),
                              max_mirror_lag_s=settings.max_mirror_lag_s,
                              max_mirror_lag_blocks=settings.max_mirror_lag_blocks)
     catalog.binding_fault = binding_fault(settings, deployment, db)
@@ -110,7 +141,7 @@ def _build_services(settings: Settings, deployment: Deployment, key: str) -> Nod
     metrics = APIMetrics()
     client = EngineClient(engine, settings.max_in_flight)
     generation = GenerationService(client, payments, issuer, catalog, metrics, settings.default_max_tokens)
-    _register_gauges(metrics, store, client)
+    _register_gauges(metrics, store_metrics, client)
     log.info("api for node %s on chain %d, base model %s", node, deployment.chain_id, catalog.base_model_id)
     return NodeServices(engine=client, payments=payments, catalog=catalog, db=db, metrics=metrics,
                         generation=generation, chain_id=deployment.chain_id,
@@ -118,7 +149,11 @@ def _build_services(settings: Settings, deployment: Deployment, key: str) -> Nod
                         split=SplitParams(deployment.treasury, node, deployment.protocol_bps, deployment.node_bps),
                         max_mirror_lag_s=settings.max_mirror_lag_s,
                         idempotency_window_s=settings.idempotency_window_s,
-                        on_shutdown=[engine.shutdown, store.close, *([attributor.close] if attributor else [])])
+                        on_shutdown=[engine.shutdown, *_closers(adapters), *([attributor.close] if attributor else [])])
+
+
+def _closers(adapters: AdapterRegistrar) -> list[Callable[[], None]]:
+    return [adapters.close] if isinstance(adapters, AdapterStore) else []
 
 
 def _or(value: int | None, default: int) -> int:
@@ -145,15 +180,15 @@ def binding_fault(settings: Settings, deployment: Deployment, db: sessionmaker[S
     return fault
 
 
-def _register_gauges(metrics: APIMetrics, store: AdapterStore[LoRAWeights], client: EngineClient) -> None:
+def _register_gauges(metrics: APIMetrics, store_metrics: StoreSnapshot, client: EngineClient) -> None:
     def tiers() -> dict[tuple[str, ...], float]:
-        snap = store.metrics().as_dict()
+        snap = store_metrics()
         out: dict[tuple[str, ...], float] = {}
         for tier in ("host", "disk", "source"):
             for name in ("hits", "misses", "evictions", "nbytes"):
-                value = snap[tier].get(name)  # type: ignore[union-attr]
-                if isinstance(value, int | float):
-                    out[(tier, name)] = float(value)
+                value = snap.get(tier, {}).get(name)
+                if value is not None:
+                    out[(tier, name)] = value
         return out
 
     metrics.add_gauges("loranode_adapter_tier", "Adapter store counters per tier", tiers, ["tier", "stat"])

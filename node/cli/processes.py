@@ -29,8 +29,14 @@ def require_deployment():  # type: ignore[no-untyped-def]
 
 
 def api(host: str = typer.Option(None, help="Bind address (default LORANODE_HOST)."),
-        port: int = typer.Option(None, help="Port (default LORANODE_PORT).")) -> None:
-    """Serve the paid OpenAI-compatible API with the engine in this process."""
+        port: int = typer.Option(None, help="Port (default LORANODE_PORT)."),
+        engine_process: bool = typer.Option(None, "--engine-process/--in-process",
+                                            help="The engine in core processes of its own (default "
+                                                 "LORANODE_ENGINE_PROCESS, true) or in the API's."),
+        data_parallel_size: int = typer.Option(None, "--data-parallel-size", min=1,
+                                               help="Engine cores, one per device on CUDA (default "
+                                                    "LORANODE_DATA_PARALLEL_SIZE, 1).")) -> None:
+    """Serve the paid OpenAI-compatible API; its engine runs in core processes it starts and restarts."""
     import uvicorn
 
     from node.api.app import create_app
@@ -39,7 +45,8 @@ def api(host: str = typer.Option(None, help="Bind address (default LORANODE_HOST
     settings, dep = require_deployment()
     # the port it serves on is part of the process's name in the ledger's holds (two replicas on one
     # host must not share it): --port goes into the settings, not only to uvicorn
-    settings = settings.model_copy(update={"host": host or settings.host, "port": port or settings.port})
+    chosen = {"engine_process": engine_process, "data_parallel_size": data_parallel_size, "host": host, "port": port}
+    settings = load_settings(**{k: v for k, v in chosen.items() if v is not None})  # checked again
     services = build_services(settings, dep)
     uvicorn.run(create_app(services), host=settings.host, port=settings.port, log_level="info")
 

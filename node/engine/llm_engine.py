@@ -12,6 +12,7 @@ import itertools
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from node.engine.grammar import GrammarCompiler
 from node.engine.logprob import TokenLogprob
 from node.engine.model_runner import ModelRunner
 from node.engine.output import OutputProcessor
-from node.engine.sampling import SamplingParams
+from node.engine.sampling import SamplingParams, check_vocabulary
 from node.engine.scheduler import Scheduler
 from node.engine.sequence import RequestOutput, Sequence, StreamDelta
 from node.errors import AdapterError, AdapterNotFound, BadRequest, ConfigError, NodeError, Overloaded, PromptTooLong
@@ -37,17 +38,43 @@ Listener = Callable[[StreamDelta], None]
 Waiter = Callable[[RequestOutput], None]
 
 
+@dataclass(frozen=True)
+class Abort:
+    """Inbox message: end a request at the next step (it finishes with "abort")."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
+class DropAdapter:
+    """Inbox message: abort the adapter's requests, then unregister it and free its device slot."""
+
+    adapter_id: str
+
+
+InboxMessage = Sequence | Abort | DropAdapter
+
+
+def max_model_len(config: EngineConfig, model: ModelConfig) -> int:
+    """The longest sequence (prompt + completion) the engine takes for this model and config."""
+    limit = model.max_position_embeddings
+    if model.sliding_window:
+        limit = min(limit, model.sliding_window)  # no windowed attention: stay inside it
+    wanted = config.max_model_len or min(limit, 4096)
+    if wanted > limit:
+        raise ConfigError(f"max_model_len {wanted} exceeds the model's {limit}", max_model_len=wanted)
+    return wanted
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, provider: AdapterProvider[LoRAWeights] | None = None):
         self.config = config
         self.model_config = ModelConfig.from_folder(config.model_path)
-        self.max_model_len = self._max_model_len()
+        self.max_model_len = max_model_len(config, self.model_config)
         self.lora_target = LoRATargetSpec.of(self.model_config.num_layers, self.model_config.module_shapes())
         self.provider: AdapterProvider[LoRAWeights] = provider or InMemoryAdapterProvider(self.parse_adapter)
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(config.model_path))
-        eos = set(self.model_config.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
+        eos = eos_token_ids(self.model_config, self.tokenizer)
         self.runner = ModelRunner(config, self.model_config, self.max_model_len, self.provider, frozenset(eos))
         if self.runner.num_blocks * config.block_size < self.max_model_len:
             raise ConfigError("the KV cache cannot hold one max_model_len sequence",
@@ -58,22 +85,13 @@ class LLMEngine:
                                    max_adapter_slots=self.runner.slots.num_slots)
         self.outputs = OutputProcessor(self.tokenizer, frozenset(eos), self.max_model_len)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, sorted(eos))
-        self._inbox: list[Sequence | str] = []  # new sequences and request ids to abort
+        self._inbox: list[InboxMessage] = []  # from other threads, drained at the start of each step
         self._listeners: dict[str, Listener] = {}  # stream callers: every delta
         self._waiters: dict[str, Waiter] = {}  # generate callers: the final output only
         self._wake = threading.Condition()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stop = False
-
-    def _max_model_len(self) -> int:
-        limit = self.model_config.max_position_embeddings
-        if self.model_config.sliding_window:
-            limit = min(limit, self.model_config.sliding_window)  # no windowed attention: stay inside it
-        wanted = self.config.max_model_len or min(limit, 4096)
-        if wanted > limit:
-            raise ConfigError(f"max_model_len {wanted} exceeds the model's {limit}", max_model_len=wanted)
-        return wanted
 
     # --- adapters -------------------------------------------------------------------------------
     def parse_adapter(self, folder: Path) -> LoRAWeights:
@@ -87,11 +105,10 @@ class LLMEngine:
 
     def remove_adapter(self, adapter_id: str) -> None:
         """Unregister an adapter; its requests still waiting or running finish with "abort"."""
-        with self._wake:
-            self._inbox.append(f"adapter:{adapter_id}")
-            self._wake.notify()
+        self._post(DropAdapter(adapter_id))
         if self._thread is None:
-            self._drain_inbox()
+            for seq in self._drain_inbox():
+                self._notify(seq)
 
     # --- requests -------------------------------------------------------------------------------
     def count_tokens(self, prompt: str | list[int]) -> int:
@@ -105,11 +122,7 @@ class LLMEngine:
         return list(prompt)
 
     def check_vocabulary(self, params: SamplingParams) -> None:
-        """Token ids in the params (logit_bias, stop_token_ids) must be in this model's vocabulary."""
-        vocab = self.model_config.vocab_size
-        for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids)):
-            if any(not 0 <= t < vocab for t in ids):
-                raise BadRequest(f"{name} names token ids outside the vocabulary [0, {vocab})", param=name)
+        check_vocabulary(params, self.model_config.vocab_size)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, adapter_id: str | None = None,
                     request_id: str | None = None, listener: Listener | None = None,
@@ -142,28 +155,30 @@ class LLMEngine:
         return request_id
 
     def abort(self, request_id: str) -> None:
+        self._post(Abort(request_id))
+
+    def _post(self, message: InboxMessage) -> None:
         with self._wake:
-            self._inbox.append(request_id)
+            self._inbox.append(message)
             self._wake.notify()
 
     def _drain_inbox(self) -> list[Sequence]:
+        """Apply the inbox's messages in order; returns the sequences they ended."""
         with self._wake:
             inbox, self._inbox = self._inbox, []
-        finished = []
-        for item in inbox:
-            if isinstance(item, Sequence):
-                self.scheduler.add(item)
-            elif item.startswith("adapter:"):
-                adapter_id = item.removeprefix("adapter:")
-                for seq in [*self.scheduler.running, *self.scheduler.waiting]:
-                    if seq.adapter_id == adapter_id:
-                        finished.append(self.scheduler.abort(seq.request_id))
-                self.provider.unregister(adapter_id)
-                self.runner.slots.remove(adapter_id)
-            else:
-                seq = self.scheduler.abort(item)
-                if seq is not None:
-                    finished.append(seq)
+        finished: list[Sequence | None] = []
+        for message in inbox:
+            match message:
+                case Sequence():
+                    self.scheduler.add(message)
+                case Abort(request_id):
+                    finished.append(self.scheduler.abort(request_id))
+                case DropAdapter(adapter_id):
+                    for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+                        if seq.adapter_id == adapter_id:
+                            finished.append(self.scheduler.abort(seq.request_id))
+                    self.provider.unregister(adapter_id)
+                    self.runner.slots.remove(adapter_id)
         return [s for s in finished if s is not None]
 
     # --- the step loop --------------------------------------------------------------------------
@@ -312,10 +327,19 @@ class LLMEngine:
                 self.step()
             except Exception:
                 log.exception("engine step failed; failing the running requests")
-                self._fail_all()
+                self.fail_all()
 
-    def _fail_all(self) -> None:
+    def fail_all(self) -> None:
+        """End every request in the engine with "error" (after a step raised)."""
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
             self.scheduler.abort(seq.request_id)
             seq.finish("error", NodeError("engine step failed"))
             self._notify(seq)
+
+
+def eos_token_ids(model_config: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """The tokens that end an answer: the model's and its tokenizer's."""
+    eos = set(model_config.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    return frozenset(eos)

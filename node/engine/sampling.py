@@ -128,3 +128,10 @@ def _probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
     sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
     filtered = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
     return filtered.softmax(dim=-1)
+
+
+def check_vocabulary(params: SamplingParams, vocab_size: int) -> None:
+    """Token ids in the params (logit_bias, stop_token_ids) must be in the model's vocabulary."""
+    for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids)):
+        if any(not 0 <= t < vocab_size for t in ids):
+            raise BadRequest(f"{name} names token ids outside the vocabulary [0, {vocab_size})", param=name)

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from node.api.deps import CatalogDep, DatabaseDep, MetricsDep
+from node.api.deps import CatalogDep, DatabaseDep, EngineDep, MetricsDep
 from node.db import queries
 
 router = APIRouter(tags=["ops"])
@@ -23,10 +23,11 @@ def health() -> dict[str, str]:
 
 
 @router.get("/ready", responses={503: {"description": "not ready: the same body, saying which check failed"}})
-def ready(db: DatabaseDep, catalog: CatalogDep) -> JSONResponse:
-    """Ready for paid work: the database answers and the chain mirror can be trusted (else 503, with
-    `reason` saying why: another chain, the indexer stalled or halted, the mirror too far behind)."""
-    checks: dict[str, Any] = {"engine": True}
+def ready(db: DatabaseDep, catalog: CatalogDep, engine: EngineDep) -> JSONResponse:
+    """Ready for paid work: an engine core is up, the database answers and the chain mirror can be trusted
+    (else 503, with `reason` saying why: the engine restarting, another chain, the indexer stalled or
+    halted, the mirror too far behind). It never waits on the engine: a stalled step does not stall it."""
+    checks: dict[str, Any] = {"engine": engine.is_serving}
     try:
         with db() as session:
             session.execute(text("SELECT 1"))
@@ -40,6 +41,8 @@ def ready(db: DatabaseDep, catalog: CatalogDep) -> JSONResponse:
         checks["mirrorLagSeconds"] = None if seen_at is None else (datetime.now(UTC) - seen_at).total_seconds()
         if problem:
             checks["reason"] = problem
+        elif not checks["engine"]:
+            checks["reason"] = "no engine core is running (it is being started again)"
     except SQLAlchemyError:
         checks["database"] = False
         checks["mirror"] = False

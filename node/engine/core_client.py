@@ -1,0 +1,362 @@
+"""The engine in other processes, with the request API of `LLMEngine` (add_request, abort, stream, generate).
+
+`CoreClient` starts `num_cores` engine cores (`core_process.py`, watched by `CoreSupervisor`), sends
+each request to one of them (`CoreRouter`: adapter affinity bounded by load) and hands the outputs
+back to the request's listener or waiter from one receiver thread, as the in-process engine does from
+its step thread. Adapters are registered with every core (`adapters`); a core that starts again gets
+them all again before it serves.
+
+A core that dies fails its requests in flight with `Unavailable` (finish reason "error": a node
+fault, for the API's money rules); while no core is up, new requests fail at once the same way. A
+core that stops reading (a stalled step) never blocks the caller: frames queue in ZeroMQ up to
+`MAX_QUEUED_FRAMES`, then requests are refused with `Overloaded`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import shutil
+import tempfile
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import zmq
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from node.engine import wire
+from node.engine.config import EngineConfig
+from node.engine.core_adapters import CoreAdapters
+from node.engine.core_process import CoreSpec, core_engine_config, input_endpoint, output_endpoint
+from node.engine.core_router import CoreRouter
+from node.engine.core_supervisor import CoreSupervisor
+from node.engine.grammar import GrammarCompiler
+from node.engine.llm_engine import Listener, Waiter, eos_token_ids, max_model_len
+from node.engine.sampling import SamplingParams, check_vocabulary
+from node.engine.sequence import RequestOutput, StreamDelta
+from node.errors import BadRequest, NodeError, Overloaded, Unavailable
+from node.lora.store_config import StoreConfig
+from node.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+MAX_QUEUED_FRAMES = 100_000  # per core, waiting for it to read them
+
+
+@dataclass
+class _Pending:
+    core: int
+    num_prompt_tokens: int
+    adapter_id: str | None
+    listener: Listener | None
+    waiter: Waiter | None
+    prefix_key: str | None = None
+    num_completion_tokens: int = 0
+
+
+class CoreClient:
+    def __init__(self, config: EngineConfig, num_cores: int = 1, store: StoreConfig | None = None,
+                 num_threads: int | None = None, load_factor: float = 1.25, start_timeout_s: float = 600.0) -> None:
+        self.config = config
+        self.model_config = ModelConfig.from_folder(config.model_path)
+        self.max_model_len = max_model_len(config, self.model_config)
+        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(config.model_path))
+        # the API checks a grammar compiles before it holds any money (the cores compile their own)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size,
+                                        sorted(eos_token_ids(self.model_config, self.tokenizer)))
+        self.num_cores, self.start_timeout_s = num_cores, start_timeout_s
+        self.run_dir = tempfile.mkdtemp(prefix="loranode-engine-")
+        specs = [CoreSpec(core_engine_config(config, i, num_cores), self.run_dir, store, num_threads)
+                 for i in range(num_cores)]
+        self.supervisor = CoreSupervisor(specs, self._on_exit)
+        self.router = CoreRouter(num_cores, load_factor)
+        for core in range(num_cores):
+            self.router.set_up(core, False)
+        self.adapters = CoreAdapters(self, validates_hash=store is not None)
+        self.metrics: dict[int, wire.Metrics] = {}
+        self.num_refused = 0  # malformed frames the receiver dropped
+        self._codec = wire.api_codec()
+        self._context = zmq.Context()
+        self._inbox = self._context.socket(zmq.PULL)
+        self._inbox.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME_BYTES)
+        self._inbox.bind(output_endpoint(self.run_dir))
+        self._outboxes = []
+        for core in range(num_cores):
+            out = self._context.socket(zmq.PUSH)
+            out.setsockopt(zmq.SNDHWM, MAX_QUEUED_FRAMES)
+            out.setsockopt(zmq.LINGER, 0)
+            out.connect(input_endpoint(self.run_dir, core))
+            self._outboxes.append(out)
+        self._send_locks = [threading.Lock() for _ in range(num_cores)]
+        self._lock = threading.Lock()  # router, pending
+        self._pending: dict[str, _Pending] = {}
+        self._ids = itertools.count()
+        self._receiver: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._started = False
+
+    @property
+    def provider(self) -> CoreAdapters:
+        return self.adapters
+
+    # --- processes ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the cores and wait until each is ready (idempotent)."""
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+        self._receiver = threading.Thread(target=self._receive_loop, name="engine-core-receiver", daemon=True)
+        self._receiver.start()
+        self.supervisor.start(self.start_timeout_s)
+
+    def shutdown(self) -> None:
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        for core in range(self.num_cores):
+            with contextlib.suppress(zmq.ZMQError):
+                self._send(core, wire.Shutdown())
+        self.supervisor.stop()
+        self._fail_pending(None, "the engine is shutting down")
+        if self._receiver is not None:
+            self._receiver.join(timeout=5)
+        for out in self._outboxes:
+            out.close(linger=0)
+        self._inbox.close(linger=0)
+        self._context.term()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def pids(self) -> list[int | None]:
+        """Each core's process id (None while it is being started again)."""
+        return self.supervisor.pids()
+
+    def store_metrics(self) -> dict[str, dict[str, float]]:
+        """The adapter stores' counters (tier -> stat), summed over the cores, as last reported."""
+        total: dict[str, dict[str, float]] = {}
+        for report in list(self.metrics.values()):
+            for tier, stats in report.adapter_store.items():
+                into = total.setdefault(tier, {})
+                for name, value in stats.items():
+                    into[name] = into.get(name, 0.0) + value
+        return total
+
+    @property
+    def num_up(self) -> int:
+        with self._lock:
+            return sum(self.router.is_up)
+
+    def _on_exit(self, core: int, code: int) -> None:
+        self.metrics.pop(core, None)
+        self._fail_pending(core, f"the engine core stopped (exit {code}) during the request")
+
+    def _fail_pending(self, core: int | None, why: str) -> None:
+        with self._lock:
+            if core is not None:
+                self.router.set_up(core, False)
+            gone = [(rid, p) for rid, p in self._pending.items() if core is None or p.core == core]
+            for rid, _ in gone:
+                del self._pending[rid]
+        for rid, p in gone:
+            self._deliver_failure(rid, p, Unavailable(why))
+
+    def _deliver_failure(self, rid: str, p: _Pending, error: NodeError) -> None:
+        if p.listener is not None:
+            p.listener(StreamDelta(rid, [], "", "error", p.num_prompt_tokens, p.num_completion_tokens, error))
+        if p.waiter is not None:
+            p.waiter(RequestOutput(rid, [], [], "", "error", p.num_prompt_tokens, p.num_completion_tokens,
+                                   p.adapter_id, error))
+
+    # --- requests ----------------------------------------------------------------------------------
+    def check_vocabulary(self, params: SamplingParams) -> None:
+        check_vocabulary(params, self.model_config.vocab_size)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams, adapter_id: str | None = None,
+                    request_id: str | None = None, listener: Listener | None = None,
+                    waiter: Waiter | None = None, prefix_key: str | None = None) -> str:
+        """Queue a request on a core (its adapter's home, within the load bound; the choices of one prompt,
+        given one `prefix_key`, on the core of the first, where they share its KV blocks)."""
+        ids = list(self.tokenizer(prompt).input_ids) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise BadRequest("the prompt is empty")
+        request_id = request_id or f"req-{next(self._ids)}"
+        with self._lock:
+            if request_id in self._pending:
+                raise BadRequest("a request with this id is in flight", request_id=request_id)
+            sibling = next((p.core for p in self._pending.values() if prefix_key and p.prefix_key == prefix_key), None)
+            core = sibling if sibling is not None else self.router.pick(adapter_id)
+            incarnation = self.supervisor.cores[core].incarnation
+            self.router.acquire(core)
+            self._pending[request_id] = _Pending(core, len(ids), adapter_id, listener, waiter, prefix_key)
+        try:
+            self._send(core, wire.AddRequest(request_id, ids, params, adapter_id, listener is not None, incarnation,
+                                             prefix_key))
+        except zmq.Again:
+            self._forget(request_id)
+            raise Overloaded("the engine core is not taking requests (its queue is full); retry shortly",
+                             core=core) from None
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            p = self._pending.get(request_id)
+        if p is not None:
+            with contextlib.suppress(zmq.Again):  # a core that reads nothing fails with its requests
+                self._send(p.core, wire.AbortRequest(request_id))
+
+    def add_adapter(self, adapter_id: str, path: str) -> None:
+        """Register a local PEFT folder with every core (an engine without an adapter store)."""
+        from node.lora.provider import AdapterSource
+
+        self.adapters.register(adapter_id, AdapterSource(uri=str(path), sha256=""))
+
+    def remove_adapter(self, adapter_id: str) -> None:
+        """Unregister an adapter everywhere; its requests still waiting or running finish with "abort"."""
+        self.adapters.unregister(adapter_id)
+
+    def _send(self, core: int, message: wire.ToCore) -> None:
+        frame = self._codec.encode(message)
+        with self._send_locks[core]:
+            self._outboxes[core].send(frame, zmq.NOBLOCK, copy=False)
+
+    def broadcast(self, message: wire.ToCore) -> None:
+        """To every core that is up (one being started again gets the adapters when it is ready)."""
+        with self._lock:
+            up = [core for core in range(self.num_cores) if self.router.is_up[core]]
+        for core in up:
+            with contextlib.suppress(zmq.Again):
+                self._send(core, message)
+
+    def send_to_home(self, adapter_id: str, message: wire.ToCore) -> None:
+        """To the core an adapter's requests go to first (if it is up)."""
+        core = self.router.home(adapter_id)
+        with self._lock:
+            is_up = self.router.is_up[core]
+        if is_up:
+            with contextlib.suppress(zmq.Again):
+                self._send(core, message)
+
+    def _forget(self, request_id: str) -> _Pending | None:
+        with self._lock:
+            p = self._pending.pop(request_id, None)
+            if p is not None and self.router.is_up[p.core]:
+                self.router.release(p.core)
+        return p
+
+    # --- outputs -----------------------------------------------------------------------------------
+    def _receive_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._inbox, zmq.POLLIN)
+        while not self._stopping.is_set():
+            if not poller.poll(100):
+                continue
+            while True:
+                try:
+                    frame = self._inbox.recv(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                try:
+                    message = self._codec.decode(frame.buffer)
+                except wire.MalformedMessage as e:
+                    self.num_refused += 1
+                    log.warning("refused a malformed frame of %d bytes from the engine socket (%s)",
+                                len(frame.buffer), e)
+                    continue
+                self._handle(message)
+
+    def _handle(self, message: wire.FromCore) -> None:
+        match message:
+            case wire.Ready(core, incarnation, pid, _):
+                self._ready(core, incarnation, pid)
+            case wire.Outputs(core, incarnation, deltas, finished):
+                if not self._is_current(core, incarnation):
+                    return
+                for delta in deltas:
+                    self._on_delta(delta)
+                for output in finished:
+                    self._on_finished(output)
+            case wire.Metrics(core, incarnation):
+                if self._is_current(core, incarnation):
+                    self.metrics[core] = message
+
+    def _is_current(self, core: int, incarnation: int) -> bool:
+        return 0 <= core < self.num_cores and self.supervisor.cores[core].incarnation == incarnation
+
+    def _ready(self, core: int, incarnation: int, pid: int) -> None:
+        if not 0 <= core < self.num_cores:
+            return
+        for adapter in self.adapters.registrations():  # before any request reaches it
+            with contextlib.suppress(zmq.Again):
+                self._send(core, adapter)
+        with self._lock:
+            if self.supervisor.ready(core, incarnation):
+                self.router.set_up(core, True)
+                log.info("engine core %d ready (pid %d)", core, pid)
+
+    def _on_delta(self, delta: StreamDelta) -> None:
+        if delta.finish_reason is not None:
+            p = self._forget(delta.request_id)
+        else:
+            with self._lock:
+                p = self._pending.get(delta.request_id)
+        if p is None or p.listener is None:
+            return
+        p.num_completion_tokens = delta.num_completion_tokens
+        p.listener(delta)
+
+    def _on_finished(self, output: RequestOutput) -> None:
+        p = self._forget(output.request_id)
+        if p is None:
+            return
+        if p.waiter is not None:
+            p.waiter(output)
+        if p.listener is not None:  # a streamed request refused by the core before its first step
+            p.listener(StreamDelta(output.request_id, [], "", output.finish_reason, output.num_prompt_tokens,
+                                   output.num_completion_tokens, output.error))
+
+    # --- conveniences with LLMEngine's signatures ---------------------------------------------------
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 adapter_ids: list[str | None] | None = None) -> list[RequestOutput]:
+        """Run every prompt to completion on the cores; outputs in prompt order."""
+        self.start()
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        adapters = adapter_ids if adapter_ids is not None else [None] * len(prompts)
+        done: dict[str, RequestOutput] = {}
+        event, lock = threading.Event(), threading.Lock()
+        ids = [f"gen-{next(self._ids)}" for _ in prompts]
+
+        def collect(output: RequestOutput) -> None:
+            with lock:
+                done[output.request_id] = output
+                if len(done) == len(ids):
+                    event.set()
+
+        for rid, prompt, p, a in zip(ids, prompts, params_list, adapters, strict=True):
+            self.add_request(prompt, p, a, request_id=rid, waiter=collect)
+        event.wait()
+        return [done[rid] for rid in ids]
+
+    async def stream(self, prompt: str | list[int], params: SamplingParams | None = None,
+                     adapter_id: str | None = None, request_id: str | None = None,
+                     prefix_key: str | None = None) -> AsyncIterator[StreamDelta]:
+        """Deltas as the core produces them; the last one has finish_reason."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[StreamDelta] = asyncio.Queue()
+        rid = request_id or f"stream-{next(self._ids)}"
+
+        def push(delta: StreamDelta) -> None:
+            with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody listens
+                loop.call_soon_threadsafe(queue.put_nowait, delta)
+
+        self.add_request(prompt, params or SamplingParams(), adapter_id, rid, listener=push, prefix_key=prefix_key)
+        finished = False
+        try:
+            while not finished:
+                delta = await queue.get()
+                finished = delta.finish_reason is not None
+                yield delta
+        finally:
+            if not finished:
+                self.abort(rid)

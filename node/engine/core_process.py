@@ -1,0 +1,214 @@
+"""The engine core: `LLMEngine`'s step loop in a process of its own, talking msgpack over ZeroMQ.
+
+    API process                                   engine core i  (python -m node.engine.core_process)
+    PUSH --connect--> ipc://RUN/core-i.in  (PULL, bound by the core)   AddRequest, AbortRequest, adapters
+    PULL <--connect-- ipc://RUN/engine.out (bound by the API; every core PUSHes to it)  Ready, Outputs, Metrics
+
+One thread does everything, in the order nano-vllm's loop does: take every message waiting on the
+socket, run one engine step, send that step's outputs as one frame. An idle core blocks on the socket
+(it wakes at least every `metrics_interval_s` to report its metrics and to notice that the API that
+started it is gone, then it exits). Detokenization and stop strings stay in the core (the API only
+turns token ids of prompts into text of answers it already has). A frame that is not a message is
+logged and dropped. The spec (engine and store configs) comes once, on stdin, at start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import pickle
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import zmq
+
+from node.engine import wire
+from node.engine.config import EngineConfig
+from node.engine.llm_engine import LLMEngine
+from node.engine.sequence import RequestOutput
+from node.errors import NodeError
+from node.lora.adapter import LoRATargetSpec, LoRAWeights, load_lora_adapter
+from node.lora.provider import AdapterSource
+from node.lora.store import AdapterStore, StoreConfig
+from node.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CoreSpec:
+    """Everything a core needs to start, as plain values."""
+
+    engine: EngineConfig
+    run_dir: str  # the folder of the ipc sockets
+    store: StoreConfig | None = None  # None: adapters are local folders registered by path (tests)
+    num_threads: int | None = None  # torch intra-op threads; None: torch's default
+    metrics_interval_s: float = 1.0
+
+
+def input_endpoint(run_dir: str, core: int) -> str:
+    return f"ipc://{run_dir}/core-{core}.in"
+
+
+def output_endpoint(run_dir: str) -> str:
+    return f"ipc://{run_dir}/engine.out"
+
+
+def core_engine_config(config: EngineConfig, core: int, num_cores: int) -> EngineConfig:
+    """Core `core`'s engine config: with data parallelism on CUDA, one device per core."""
+    if num_cores > 1 and config.device == "cuda":
+        return dataclasses.replace(config, device=f"cuda:{core}")
+    return config
+
+
+def adapter_store(store: StoreConfig, config: EngineConfig) -> AdapterStore[LoRAWeights]:
+    """The tiered adapter store for this base model (parse: a validated PEFT folder)."""
+    model = ModelConfig.from_folder(config.model_path)
+    target = LoRATargetSpec.of(model.num_layers, model.module_shapes())
+    parse = functools.partial(load_lora_adapter, target=target, max_rank=config.max_lora_rank)
+    return AdapterStore(store, parse, lambda w: w.nbytes)
+
+
+class EngineCore:
+    def __init__(self, spec: CoreSpec, core: int, incarnation: int) -> None:
+        self.spec, self.core, self.incarnation = spec, core, incarnation
+        if spec.num_threads:
+            torch.set_num_threads(spec.num_threads)
+        self.store = adapter_store(spec.store, spec.engine) if spec.store is not None else None
+        self.engine = LLMEngine(spec.engine, provider=self.store)
+        self.codec = wire.core_codec()
+        self.context = zmq.Context()
+        self.inbox = self.context.socket(zmq.PULL)
+        self.inbox.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME_BYTES)
+        self.inbox.bind(input_endpoint(spec.run_dir, core))
+        self.outbox = self.context.socket(zmq.PUSH)
+        self.outbox.setsockopt(zmq.LINGER, 1000)
+        self.outbox.connect(output_endpoint(spec.run_dir))
+        self.deltas: list[object] = []
+        self.finished: list[RequestOutput] = []
+        self.num_refused = 0  # malformed frames dropped
+        self._parent = os.getppid()
+        self._stop = False
+
+    def run(self) -> None:
+        self._send(wire.Ready(self.core, self.incarnation, os.getpid(), self.engine.max_model_len))
+        next_metrics = time.monotonic()
+        while not self._stop:
+            busy = self.engine.has_unfinished()
+            wait_ms = 0 if busy else max(0, int((next_metrics - time.monotonic()) * 1000))
+            if self.inbox.poll(wait_ms):
+                self._receive_all()
+            if self.engine.has_unfinished():
+                self._step()
+            self._flush()
+            if time.monotonic() >= next_metrics:
+                if os.getppid() != self._parent:
+                    log.warning("engine core %d: the API process is gone; exiting", self.core)
+                    return
+                self._send_metrics()
+                next_metrics = time.monotonic() + self.spec.metrics_interval_s
+
+    def _step(self) -> None:
+        try:
+            self.engine.step()
+        except Exception:  # the batch fails, the core goes on (as the in-process loop does)
+            log.exception("engine core %d: step failed; failing its requests", self.core)
+            self.engine.fail_all()
+
+    def _flush(self) -> None:
+        """Send what the step (or a refused request) produced, as one frame."""
+        if self.deltas or self.finished:  # the engine's callbacks hold these lists: copy, then clear
+            deltas, finished = self.deltas[:], self.finished[:]
+            self.deltas.clear()
+            self.finished.clear()
+            self._send(wire.Outputs(self.core, self.incarnation, deltas, finished))  # type: ignore[arg-type]
+
+    def _receive_all(self) -> None:
+        while True:
+            try:
+                frame = self.inbox.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                message = self.codec.decode(frame.buffer)
+            except wire.MalformedMessage as e:
+                self.num_refused += 1
+                log.warning("engine core %d: refused a malformed frame of %d bytes (%s)", self.core,
+                            len(frame.buffer), e)
+                continue
+            self._handle(message)
+
+    def _handle(self, message: wire.ToCore) -> None:
+        match message:
+            case wire.AddRequest():
+                self._add(message)
+            case wire.AbortRequest(request_id):
+                self.engine.abort(request_id)
+            case wire.RegisterAdapter(adapter_id, uri, sha256, is_pinned):
+                self.engine.provider.register(adapter_id, AdapterSource(uri, sha256, is_pinned))
+            case wire.RemoveAdapter(adapter_id):
+                self.engine.remove_adapter(adapter_id)
+            case wire.PrefetchAdapter(adapter_id):
+                try:
+                    self.engine.provider.prefetch(adapter_id)
+                except NodeError as e:
+                    log.info("engine core %d: prefetch of %s refused: %s", self.core, adapter_id, e.message)
+            case wire.Shutdown():
+                self._stop = True
+
+    def _add(self, m: wire.AddRequest) -> None:
+        if m.incarnation != self.incarnation:  # meant for the core this one replaces: already failed there
+            return
+        try:
+            if m.is_streamed:
+                self.engine.add_request(m.prompt_token_ids, m.params, m.adapter_id, m.request_id,
+                                        listener=self.deltas.append, prefix_key=m.prefix_key)
+            else:
+                self.engine.add_request(m.prompt_token_ids, m.params, m.adapter_id, m.request_id,
+                                        waiter=self.finished.append, prefix_key=m.prefix_key)
+        except NodeError as e:
+            n = len(m.prompt_token_ids)
+            self.finished.append(RequestOutput(m.request_id, [], [], "", "error", n, 0, m.adapter_id, e))
+
+    def _send_metrics(self) -> None:
+        tiers: dict[str, dict[str, float]] = {}
+        if self.store is not None:
+            for tier, stats in self.store.metrics().as_dict().items():
+                if isinstance(stats, dict):
+                    tiers[tier] = {k: float(v) for k, v in stats.items() if isinstance(v, int | float)}
+        scheduler = self.engine.scheduler
+        self._send(wire.Metrics(self.core, self.incarnation, len(scheduler.running), len(scheduler.waiting), tiers))
+
+    def _send(self, message: wire.FromCore) -> None:
+        self.outbox.send(self.codec.encode(message), copy=False)
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+        self.inbox.close(linger=0)
+        self.outbox.close()
+        self.context.term()
+
+
+def main() -> None:
+    """`python -m node.engine.core_process CORE INCARNATION` with the pickled CoreSpec on stdin (from the
+    API process that starts it, never from a socket)."""
+    core, incarnation = int(sys.argv[1]), int(sys.argv[2])
+    spec: CoreSpec = pickle.loads(sys.stdin.buffer.read())
+    logging.basicConfig(level=os.environ.get("LORANODE_LOG_LEVEL", "INFO"),
+                        format=f"%(asctime)s core-{core} %(levelname)s %(name)s: %(message)s")
+    Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
+    engine_core = EngineCore(spec, core, incarnation)
+    try:
+        engine_core.run()
+    finally:
+        engine_core.close()
+
+
+if __name__ == "__main__":
+    main()

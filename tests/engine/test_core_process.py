@@ -1,0 +1,156 @@
+"""The engine in core processes of its own, through `CoreClient`: the same answers as in-process,
+streams and aborts across the socket, a core killed mid-request, and garbage on both sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from node.engine import EngineConfig, LLMEngine, SamplingParams
+from node.engine.core_client import CoreClient
+from node.engine.core_process import input_endpoint, output_endpoint
+from node.errors import AdapterNotFound, Unavailable
+from tests.fixtures.models import TinyAdapters
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+LONG = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)
+
+
+def _config(tiny_model: Path) -> EngineConfig:
+    return EngineConfig(model_path=tiny_model, max_num_seqs=8, max_model_len=128, max_adapter_slots=2,
+                        max_lora_rank=16)
+
+
+@pytest.fixture(scope="module")
+def cores(tiny_model: Path, tiny_adapters: TinyAdapters) -> Iterator[CoreClient]:
+    client = CoreClient(_config(tiny_model), num_cores=2, num_threads=1)
+    client.start()
+    for name, path in tiny_adapters.paths.items():
+        client.add_adapter(name, str(path))
+    yield client
+    client.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local(tiny_model: Path, tiny_adapters: TinyAdapters) -> LLMEngine:
+    engine = LLMEngine(_config(tiny_model))
+    for name, path in tiny_adapters.paths.items():
+        engine.add_adapter(name, path)
+    return engine
+
+
+def _wait_up(client: CoreClient, n: int, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while client.num_up < n:
+        assert time.monotonic() < deadline, "the core was not started again"
+        time.sleep(0.1)
+
+
+def test_two_cores_answer_what_the_engine_in_process_answers(cores: CoreClient, local: LLMEngine) -> None:
+    prompts: list[str | list[int]] = ["The river runs", "Seven small boats", "hello", [5, 6, 7, 8]]
+    adapters = ["sea-r8", "count-r4", None, "food-r16"]
+    remote = cores.generate(prompts, GREEDY, adapters)
+    here = local.generate(prompts, GREEDY, adapters)
+    assert [(o.token_ids, o.text, o.finish_reason) for o in remote] == [
+        (o.token_ids, o.text, o.finish_reason) for o in here]
+
+
+def test_a_stream_crosses_delta_by_delta_and_an_abort_ends_it(cores: CoreClient, local: LLMEngine) -> None:
+    expected = local.generate(["The river runs"], GREEDY, ["sea-r8"])[0]
+
+    async def read(params: SamplingParams, stop_after: int | None) -> list[object]:
+        out = []
+        stream = cores.stream("The river runs", params, "sea-r8", request_id=f"s-{stop_after}")
+        async for delta in stream:
+            out.append(delta)
+            if stop_after is not None and len(out) == stop_after:
+                cores.abort(f"s-{stop_after}")
+        return out
+
+    deltas = asyncio.run(read(GREEDY, None))
+    assert "".join(d.text for d in deltas) == expected.text and deltas[-1].finish_reason == "length"  # type: ignore[attr-defined]
+    assert len(deltas) > 1
+    cut = asyncio.run(read(LONG, 2))
+    assert cut[-1].finish_reason == "abort" and cut[-1].num_completion_tokens < 100  # type: ignore[attr-defined]
+
+
+def test_an_unknown_adapter_fails_with_the_engines_own_error(cores: CoreClient) -> None:
+    out = cores.generate(["The river runs"], GREEDY, ["nobody"])[0]
+    assert out.finish_reason == "error" and isinstance(out.error, AdapterNotFound)
+
+
+def test_a_removed_adapter_is_refused_by_every_core(cores: CoreClient, tiny_adapters: TinyAdapters) -> None:
+    cores.remove_adapter("stars-attn-r2")
+    try:
+        time.sleep(0.3)
+        outs = cores.generate(["a", "b", "c", "d"], GREEDY, ["stars-attn-r2"] * 4)
+        assert all(isinstance(o.error, AdapterNotFound) for o in outs)
+    finally:
+        cores.add_adapter("stars-attn-r2", str(tiny_adapters.paths["stars-attn-r2"]))
+
+
+def test_garbage_on_both_sockets_is_refused_and_both_sides_go_on(cores: CoreClient, local: LLMEngine) -> None:
+    pids = cores.pids()
+    context = zmq.Context.instance()
+    to_core = context.socket(zmq.PUSH)
+    to_core.connect(input_endpoint(cores.run_dir, 0))
+    to_api = context.socket(zmq.PUSH)
+    to_api.connect(output_endpoint(cores.run_dir))
+    junk = [b"", b"\xff" * 100, b"\x93\x01\x02\x03", b'{"type":"AddRequest"}', os.urandom(4096),
+            b"\x82\xa4type\xaaAddRequest\xaarequest_id\x01"]
+    try:
+        for frame in junk:
+            to_core.send(frame)
+            to_api.send(frame)
+        deadline = time.monotonic() + 10
+        while cores.num_refused < len(junk) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        to_core.close(linger=1000)
+        to_api.close(linger=1000)
+    assert cores.num_refused == len(junk)
+    here = local.generate(["The river runs"] * 2, GREEDY, ["sea-r8", "count-r4"])
+    there = cores.generate(["The river runs"] * 2, GREEDY, ["sea-r8", "count-r4"])
+    assert [o.token_ids for o in there] == [o.token_ids for o in here]
+    assert cores.pids() == pids, "a core died of a malformed frame"
+
+
+def test_a_core_killed_mid_request_fails_its_requests_and_comes_back(cores: CoreClient, local: LLMEngine) -> None:
+    victim = cores.pids()[0]
+    assert victim is not None
+    results: list[object] = []
+    for i in range(6):
+        cores.add_request("The river runs", LONG, f"adapter-{i}" if False else "sea-r8", f"kill-{i}",
+                          waiter=results.append)
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while len(results) < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(results) == 6, "a request on the killed core never ended"
+    failed = [r for r in results if r.finish_reason == "error"]  # type: ignore[attr-defined]
+    assert failed and all(isinstance(r.error, Unavailable) for r in failed)  # type: ignore[attr-defined]
+    _wait_up(cores, 2)
+    assert cores.pids()[0] not in (None, victim)
+    here = local.generate(["Seven small boats"], GREEDY, ["sea-r8"])[0]
+    again = cores.generate(["Seven small boats"] * 4, GREEDY, ["sea-r8"] * 4)  # adapters registered again
+    assert all(o.token_ids == here.token_ids for o in again)
+
+
+def test_a_stalled_core_does_not_block_the_caller(cores: CoreClient) -> None:
+    pid = cores.pids()[1]
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        for i in range(50):
+            cores.add_request([5, 6, 7], GREEDY, None, f"stalled-{i}", waiter=lambda _: None)
+        assert time.monotonic() - started < 1.0
+    finally:
+        os.kill(pid, signal.SIGCONT)
