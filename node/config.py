@@ -65,7 +65,8 @@ class Settings(BaseSettings):
     cuda_graphs: bool = True  # on CUDA: decode steps replayed from graphs per batch-size bucket
     weight_quantization: Literal["none", "int8"] = "none"  # int8: weight-only, per output channel
     # the engine's step loop in processes of its own (over ZeroMQ, restarted if one dies), or in the API's
-    engine_process: bool = True
+    # (the default until the core process carries adapters' own chat templates: docs/engine.md)
+    engine_process: bool = False
     data_parallel_size: int = Field(default=1, ge=1, le=64)  # engine cores (one per device on CUDA)
     engine_threads: int | None = Field(default=None, ge=1)  # torch threads per core; None: CPUs / cores
 

@@ -51,7 +51,9 @@ def test_chat_n_choices_with_logprobs_plain_and_streamed_agree(paid_node: PaidNo
     assert streamed == texts  # the same seeds, the same answers
     streamed_lp = [[t.logprob for ch in chunks for c in ch.choices if c.index == i and c.logprobs
                     for t in c.logprobs.content] for i in range(3)]
-    assert streamed_lp == [[t.logprob for t in c.logprobs.content] for c in out.choices]
+    plain_lp = [[t.logprob for t in c.logprobs.content] for c in out.choices]
+    # equal up to float32 rounding: a batch of another shape may sum in another order
+    assert [pytest.approx(lp, abs=1e-4) for lp in plain_lp] == streamed_lp
     last = chunks[-1]
     assert sorted(c.finish_reason for c in last.choices) == ["length"] * 3
     _check_receipt(payer, last.model_extra["receipt"], last.usage, texts)

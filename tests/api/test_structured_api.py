@@ -159,7 +159,7 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     ("chat/completions", {**CHAT, "tool_choice": "required"}, "body"),
     ("chat/completions", {**CHAT, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "g"}}},
      "body"),
-    ("completions", {"prompt": "hi", "max_tokens": 4, "response_format": {"type": "json_object"}}, "body"),
+    ("completions", {"prompt": "hi", "max_tokens": 4, "response_format": {"type": "json_object"}}, "response_format"),
 ])
 def test_a_constraint_that_cannot_be_applied_is_refused_before_any_charge(
         paid_node: PaidNode, path: str, payload: dict[str, Any], param: str) -> None:
