@@ -85,6 +85,13 @@ def test_a_schema_within_bounds_that_compiles_too_slowly_is_refused_and_the_loop
         client: EngineClient, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine_client, "GRAMMAR_COMPILE_TIMEOUT_S", 0.1)
     slow = GrammarSpec.json_schema({"type": "string", "pattern": "([a-z]{1,30}){1,30}"})  # 900: in bounds
+    compile_now = client.engine.grammars.compile
+
+    def compile_slowly(spec: GrammarSpec) -> object:  # however fast this machine compiles it
+        time.sleep(0.5)
+        return compile_now(spec)
+
+    monkeypatch.setattr(client.engine.grammars, "compile", compile_slowly)
 
     async def attempt() -> tuple[BadRequest, int]:
         ticks = 0

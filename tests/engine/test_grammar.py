@@ -35,7 +35,7 @@ def _constrained(schema: dict[str, Any], temperature: float, seed: int = 0) -> S
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                 HealthCheck.too_slow])
+                                                                 HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(schemas=st.lists(SCHEMAS, min_size=1, max_size=3), seed=st.integers(0, 1000))
 def test_every_answer_parses_and_validates_against_its_schema(engine: LLMEngine, schemas: list[dict[str, Any]],
                                                              seed: int) -> None:

@@ -35,7 +35,9 @@ OPERATIONS = (*PAID, "GET /v1/node", "GET /v1/models", "GET /v1/models/{model}",
               "GET /v1/channels/{payer}/{lane}",
               "GET /v1/receipts/{receipt_id}", "GET /v1/receipts/{receipt_id}/proof",
               "GET /v1/epochs/{node}/{epoch_id}", "GET /v1/epochs/{node}", "GET /v1/epochs/{node}/{epoch_id}/summary",
-              "GET /v1/earnings/{node}/{account}", "GET /v1/adapters", "GET /health", "GET /ready", "GET /metrics")
+              "GET /v1/earnings/{node}/{account}", "GET /v1/adapters", "GET /health", "GET /ready", "GET /metrics",
+              "POST /v1/quote/completions", "POST /v1/quote/chat/completions")
+CONSTRAINTS = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
 MAX_EXAMPLES = int(os.environ.get("LORANODE_FUZZ_EXAMPLES", "40"))
 SEED = os.environ.get("LORANODE_FUZZ_SEED")  # unset: derandomized (the same cases every run)
 CHECKS = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
@@ -104,6 +106,8 @@ def _send_paid(http: httpx.Client, case: Any, mode: str, node: PaidNode, payer: 
             if isinstance(body_obj.get(field), (int, float)):
                 body_obj[field] = min(int(body_obj[field]), 8)
         body_obj.setdefault("max_tokens", 8)
+        for field in CONSTRAINTS:  # random schemas and tool choices are fuzzed in the other modes
+            body_obj.pop(field, None)
         prompt = body_obj.get("prompt")
         if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             body_obj["prompt"] = [abs(t) % 256 for t in prompt]  # token ids the tiny model's vocabulary has

@@ -111,7 +111,8 @@ async def _quote(kind: Kind, model: type[CompletionRequest] | type[ChatCompletio
     return out
 
 
-@router.post("/quote/completions", responses=error_responses(400, 413, 503), openapi_extra=_openapi(CompletionRequest))
+@router.post("/quote/completions", responses=error_responses(400, 404, 413, 422, 503),
+             openapi_extra=_openapi(CompletionRequest))
 async def quote_completion(request: Request, generation: GenerationDep, ledger: LedgerDep,
                            payer: QuotePayer = None, lane: QuoteLane = 0) -> dict[str, Any]:
     """What the node would hold for this exact /v1/completions body: its prompt tokens, max_tokens and
@@ -119,7 +120,7 @@ async def quote_completion(request: Request, generation: GenerationDep, ledger: 
     return await _quote("completion", CompletionRequest, request, generation, ledger, payer, lane)
 
 
-@router.post("/quote/chat/completions", responses=error_responses(400, 413, 503),
+@router.post("/quote/chat/completions", responses=error_responses(400, 404, 413, 422, 503),
              openapi_extra=_openapi(ChatCompletionRequest))
 async def quote_chat_completion(request: Request, generation: GenerationDep, ledger: LedgerDep,
                                 payer: QuotePayer = None, lane: QuoteLane = 0) -> dict[str, Any]:
