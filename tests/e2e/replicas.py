@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from node.chain.anvil import free_port
 from node.client.payer import Payer
 from node.devkit.balancer import Balancer
+from node.errors import NodeRefusal, NodeUnreachable
 from tests.e2e.cluster import Cluster
 from tests.e2e.processes import node_command
 from tests.e2e.traffic import ClientLog, Outcome, send_raw
@@ -72,11 +73,16 @@ def second_replica_behind_balancer(cluster: Cluster, workdir: Path) -> Iterator[
 
 
 def _signed(payer: Payer, body: bytes, lane: int, tries: int = 20) -> str:
-    """A voucher for `body` (asking the node for the lane's total if need be, again if that GET broke)."""
+    """A voucher for `body` (asking the node for its quote and the lane's total, again if that call broke:
+    no answer, or the balancer's 5xx while a replica dies)."""
     for _ in range(tries - 1):
         try:
             return payer.payment_header(body, lane)
-        except httpx.TransportError:
+        except (httpx.TransportError, NodeUnreachable):
+            time.sleep(0.5)
+        except NodeRefusal as refused:
+            if refused.http_status < 500:
+                raise
             time.sleep(0.5)
     return payer.payment_header(body, lane)
 

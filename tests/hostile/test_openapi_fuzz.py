@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode, checks
 from schemathesis.core import NOT_SET
 
+from node.api.schemas import ChatCompletionRequest, CompletionRequest
 from node.client.payer import Payer
 from tests.fixtures.paid_node import PaidNode
 
@@ -108,6 +109,16 @@ def _send_paid(http: httpx.Client, case: Any, mode: str, node: PaidNode, payer: 
         body_obj.setdefault("max_tokens", 8)
         for field in CONSTRAINTS:  # random schemas and tool choices are fuzzed in the other modes
             body_obj.pop(field, None)
+        # fields this node does not know are refused by name: fuzzed in the other modes
+        declared = (ChatCompletionRequest if case.path.endswith("chat/completions") else CompletionRequest).model_fields
+        body_obj = {k: v for k, v in body_obj.items() if k in declared}
+        bias = body_obj.get("logit_bias")
+        if isinstance(bias, dict) and not all(k.isascii() and k.isdigit() and len(k) <= 9 for k in bias):
+            body_obj.pop("logit_bias")
+        messages = body_obj.get("messages")
+        if isinstance(messages, list):  # tool turns need the calls they answer: fuzzed in the other modes
+            plain = [m for m in messages if isinstance(m, dict) and m.get("role") in ("system", "developer", "user")]
+            body_obj["messages"] = plain or [{"role": "user", "content": "the sea"}]
         prompt = body_obj.get("prompt")
         if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             body_obj["prompt"] = [abs(t) % 256 for t in prompt]  # token ids the tiny model's vocabulary has
