@@ -21,142 +21,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import secrets
-import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from node.api.choice import ChoiceOutput, Kind, ResponseShape, TokenText, event, replay_chunks
+from node.api.choice import ChoiceOutput, Kind, ResponseShape, event, replay_chunks
 from node.api.engine_client import EngineClient
+from node.api.job import CLIENT_LEFT, TIME_LIMIT, Cut, Job, Sent, sampling_params
 from node.api.metrics import APIMetrics
 from node.api.receipt_issuer import ReceiptIssuer
 from node.api.schemas import ChatCompletionRequest, CompletionRequest
 from node.api.structured import constraint_of, render_messages
 from node.catalog import AdapterCatalog, ServedAdapter
 from node.db.loss import LossReason
-from node.engine import SamplingParams
-from node.engine.grammar import GrammarSpec
-from node.engine.logprob import TokenLogprob
-from node.engine.sequence import RequestOutput, StreamDelta
+from node.engine.sequence import RequestOutput
 from node.errors import NodeError, Unavailable
-from node.payment.service import Hold, PaymentService, Replay, Usage
+from node.payment.service import PaymentService, Replay, Usage
 from node.protocol.receipt import output_text
 
 log = logging.getLogger(__name__)
 INLINE_TOKENIZE_CHARS = 8_192  # shorter prompts are tokenized on the event loop
-Finished = StreamDelta | RequestOutput  # a request's end: the last delta of a stream, or the whole output
-CLIENT_LEFT, TIME_LIMIT = "abort", "length"  # the finish reasons of an answer the node cut short
-
-
-@dataclass(frozen=True)
-class Job:
-    kind: Kind
-    request: CompletionRequest | ChatCompletionRequest
-    response_id: str  # derived from the voucher: a replay answers with the same id
-    request_id: str  # the engine's: unique per request, so two requests never share a listener
-    created: int
-    adapter: ServedAdapter
-    prompt_ids: list[int]
-    params: SamplingParams
-    hold: Hold
-
-    @property
-    def choice_ids(self) -> list[str]:
-        """The engine's request id of each choice."""
-        n = self.request.num_choices
-        return [self.request_id] if n == 1 else [f"{self.request_id}-{i}" for i in range(n)]
-
-    @property
-    def choice_params(self) -> list[SamplingParams]:
-        """Each choice's params: with a seed, choice i draws with seed + i (else n equal answers)."""
-        n, seed = self.request.num_choices, self.params.seed
-        if seed is None:
-            return [self.params] * n
-        return [dataclasses.replace(self.params, seed=(seed + i) % 2**63) for i in range(n)]
-
-    def shape(self, token_text: TokenText) -> ResponseShape:
-        return ResponseShape(self.kind, {"id": self.response_id, "created": self.created,
-                                         "model": self.request.model}, token_text,
-                             calls_tools=self.calls_tools, call_id_prefix=self.response_id.rsplit("-", 1)[-1][:16])
-
-    @property
-    def calls_tools(self) -> bool:
-        return isinstance(self.request, ChatCompletionRequest) and self.request.calls_tools
-
-
-class Cut:
-    """Ends a request early on the node's side, remembering why (the client left, or the time limit):
-    the engine then reports its choices as aborted with what they had generated."""
-
-    def __init__(self, engine: EngineClient, request_ids: list[str]) -> None:
-        self.engine, self.request_ids = engine, request_ids
-        self.reason: str | None = None
-
-    def __call__(self, reason: str) -> None:
-        if self.reason is None:
-            self.reason = reason
-            for request_id in self.request_ids:
-                self.engine.abort(request_id)
-
-    def ending(self, final: Finished) -> str:
-        """How the request ended: its finish reason, or why it was cut; a node fault raises."""
-        if final.finish_reason == "abort" and self.reason is not None:
-            return self.reason
-        _raise_if_failed(final)
-        return final.finish_reason or "stop"
-
-
-@dataclass
-class Sent:
-    """What a stream has produced so far, choice by choice, and whether its hold has ended (charged,
-    released, lost). The hold ends once: every ending takes `lock` and checks `is_settled` (a hang-up
-    can race the charge)."""
-
-    num_prompt_tokens: int
-    num_choices: int = 1
-    tokens: list[int] = field(default_factory=list)  # completion tokens generated, per choice
-    parts: list[list[str]] = field(default_factory=list)  # text sent, per choice
-    chars: list[int] = field(default_factory=list)  # its length
-    logprobs: list[list[TokenLogprob]] = field(default_factory=list)
-    endings: list[str | None] = field(default_factory=list)
-    is_sent: bool = False  # some text (or logprobs) left the node
-    is_settled: bool = False
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def __post_init__(self) -> None:
-        n = self.num_choices
-        self.tokens, self.chars, self.parts, self.endings = [0] * n, [0] * n, [[] for _ in range(n)], [None] * n
-        self.logprobs = [[] for _ in range(n)]
-
-    def add(self, index: int, delta: StreamDelta) -> int:
-        """Record the choice's delta; returns the length of its text before it (the delta's text offset)."""
-        offset = self.chars[index]
-        self.tokens[index], self.chars[index] = delta.num_completion_tokens, offset + len(delta.text)
-        if delta.text:
-            self.parts[index].append(delta.text)
-        self.logprobs[index].extend(delta.logprobs or [])
-        self.is_sent = self.is_sent or bool(delta.text or delta.logprobs)
-        return offset
-
-    @property
-    def usage(self) -> Usage:
-        return Usage(self.num_prompt_tokens, sum(self.tokens))
-
-    @property
-    def is_done(self) -> bool:
-        return all(e is not None for e in self.endings)
-
-    def choices(self, asked_logprobs: bool, unfinished: str) -> list[ChoiceOutput]:
-        """Every choice as sent; one still running ends with `unfinished`."""
-        return [ChoiceOutput("".join(p), e or unfinished, lp if asked_logprobs else None)
-                for p, e, lp in zip(self.parts, self.endings, self.logprobs, strict=True)]
 
 
 class GenerationService:
@@ -417,26 +306,8 @@ def _prompt_chars(req: CompletionRequest | ChatCompletionRequest) -> int:
     return len(req.prompt)
 
 
-def _raise_if_failed(delta: Finished) -> None:
-    if delta.finish_reason == "error":
-        raise delta.error or Unavailable("the engine failed this request")
-    if delta.finish_reason == "abort":
-        raise Unavailable("the request was aborted (its adapter was removed or the engine stopped)")
-
-
 async def _wait_disconnect(http: Request) -> None:
     while True:
         message = await http.receive()
         if message["type"] == "http.disconnect":
             return
-
-
-def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int,
-                    grammar: GrammarSpec | None = None) -> SamplingParams:
-    """The engine's params for one choice of `req` (BadRequest, naming the field, when they conflict)."""
-    return SamplingParams(
-        max_tokens=max_tokens, temperature=req.temperature, top_k=max(req.top_k, 0), top_p=req.top_p,
-        seed=req.seed, stop=tuple(req.stop_strings), repetition_penalty=req.repetition_penalty or 1.0,
-        frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
-        logit_bias=tuple(req.bias.items()), min_tokens=req.min_tokens or 0, logprobs=req.num_logprobs,
-        grammar=grammar)

@@ -110,6 +110,8 @@ def _error_types() -> dict[str, type[NodeError]]:
 def _enc_hook(obj: object) -> Any:
     if isinstance(obj, NodeError):
         return {"kind": type(obj).__name__, "message": obj.message, "facts": obj.to_dict()}
+    # msgspec's hook protocol: NotImplementedError says "a type this wire does not carry", and the
+    # encoder reports it as an encode error (never a missing feature)
     raise NotImplementedError(f"{type(obj).__name__} does not cross the engine's wire")
 
 
@@ -121,7 +123,7 @@ def _dec_hook(kind: type, obj: Any) -> Any:
         facts = obj.get("facts") if isinstance(obj.get("facts"), dict) else {}
         facts = {k: v for k, v in facts.items() if k not in ("code", "message") and isinstance(k, str)}
         return cls(obj["message"], **facts)
-    raise NotImplementedError(f"{kind} does not cross the engine's wire")
+    raise NotImplementedError(f"{kind} does not cross the engine's wire")  # msgspec's hook protocol, as above
 
 
 class Codec:
