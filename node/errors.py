@@ -184,6 +184,14 @@ class ModelFormatError(NodeError):
     code = "model_format"
 
 
+class TensorParallelError(NodeError):
+    """A tensor-parallel rank died or its collectives broke: the step's requests fail, and the group
+    cannot step again (the engine core exits, and its supervisor starts it again)."""
+
+    status = 503
+    code = "tensor_parallel"
+
+
 # --- attribution ---------------------------------------------------------------------------------
 class AttributionError(NodeError):
     """Evidence or weights that do not follow the attribution rule, or that cannot be recomputed."""

@@ -34,6 +34,9 @@ class EngineConfig:
     seed: int = 0  # for requests that sample without a seed of their own
     cuda_graphs: bool = True  # on CUDA (with Triton), replay decode steps from graphs per batch-size bucket
     weight_quantization: str = "none"  # "none" or "int8" (weight-only, per output channel)
+    # ranks the model is split across (Megatron-style, node/models/parallel.py): one device each on
+    # CUDA (device, device + 1, ...), processes sharing the cores on the CPU
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -44,7 +47,7 @@ class EngineConfig:
         if not self.device.startswith(("cpu", "cuda")):
             raise ConfigError("device must be cpu or cuda", device=self.device)
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_lora_rank",
-                     "max_adapter_slots"):
+                     "max_adapter_slots", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1", **{name: getattr(self, name)})
         pools = self.adapter_rank_pools

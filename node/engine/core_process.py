@@ -31,13 +31,14 @@ from node.engine import wire
 from node.engine.config import EngineConfig
 from node.engine.llm_engine import LLMEngine
 from node.engine.sequence import RequestOutput
-from node.errors import NodeError
+from node.errors import NodeError, TensorParallelError
 from node.lora.adapter import LoRATargetSpec, LoRAWeights, load_lora_adapter
 from node.lora.provider import AdapterSource
 from node.lora.store import AdapterStore, StoreConfig
 from node.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
+TENSOR_PARALLEL_EXIT = 75  # a tensor-parallel rank died: the supervisor starts the core (and its group) again
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class EngineCore:
         self.num_refused = 0  # malformed frames dropped
         self._parent = os.getppid()
         self._stop = False
+        self.exit_code = 0
 
     def run(self) -> None:
         self._send(wire.Ready(self.core, self.incarnation, os.getpid(), self.engine.max_model_len))
@@ -116,6 +118,10 @@ class EngineCore:
     def _step(self) -> None:
         try:
             self.engine.step()
+        except TensorParallelError as e:  # a rank died: fail the batch, then exit to be started again
+            log.error("engine core %d: %s; exiting so that the supervisor starts it again", self.core, e.message)
+            self.engine.fail_all(e)
+            self._stop, self.exit_code = True, TENSOR_PARALLEL_EXIT
         except Exception:  # the batch fails, the core goes on (as the in-process loop does)
             log.exception("engine core %d: step failed; failing its requests", self.core)
             self.engine.fail_all()
@@ -188,6 +194,7 @@ class EngineCore:
         self.outbox.send(self.codec.encode(message), copy=False)
 
     def close(self) -> None:
+        self.engine.runner.close()
         if self.store is not None:
             self.store.close()
         self.inbox.close(linger=0)
@@ -208,6 +215,7 @@ def main() -> None:
         engine_core.run()
     finally:
         engine_core.close()
+    sys.exit(engine_core.exit_code)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,8 @@ class LLMEngine:
         self.provider: AdapterProvider[LoRAWeights] = provider or InMemoryAdapterProvider(self.parse_adapter)
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(config.model_path))
         eos = eos_token_ids(self.model_config, self.tokenizer)
-        self.runner = ModelRunner(config, self.model_config, self.max_model_len, self.provider, frozenset(eos))
+        self.runner = runner_class(config)(config, self.model_config, self.max_model_len, self.provider,
+                                           frozenset(eos))
         if self.runner.num_blocks * config.block_size < self.max_model_len:
             raise ConfigError("the KV cache cannot hold one max_model_len sequence",
                               num_kv_blocks=self.runner.num_blocks, max_model_len=self.max_model_len)
@@ -315,6 +316,7 @@ class LLMEngine:
             self._wake.notify_all()
         if thread is not None:
             thread.join()
+        self.runner.close()
 
     def _loop(self) -> None:
         while True:
@@ -325,16 +327,25 @@ class LLMEngine:
                     return
             try:
                 self.step()
-            except Exception:
+            except Exception as e:
                 log.exception("engine step failed; failing the running requests")
-                self.fail_all()
+                self.fail_all(e if isinstance(e, NodeError) else None)
 
-    def fail_all(self) -> None:
-        """End every request in the engine with "error" (after a step raised)."""
+    def fail_all(self, error: NodeError | None = None) -> None:
+        """End every request in the engine with "error" (after a step raised `error`, if it is typed)."""
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
             self.scheduler.abort(seq.request_id)
-            seq.finish("error", NodeError("engine step failed"))
+            seq.finish("error", error or NodeError("engine step failed"))
             self._notify(seq)
+
+
+def runner_class(config: EngineConfig) -> type[ModelRunner]:
+    """`ModelRunner`, or its tensor-parallel form (rank 0 of a group it starts)."""
+    if config.tensor_parallel_size == 1:
+        return ModelRunner
+    from node.engine.tp_runner import TPModelRunner  # torch.distributed only where it is used
+
+    return TPModelRunner
 
 
 def eos_token_ids(model_config: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:

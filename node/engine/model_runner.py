@@ -20,6 +20,7 @@ from node.lora.provider import AdapterProvider, LoadState
 from node.lora.slots import LoRASlotPools, LoRASlots
 from node.models.attention import AttentionBatch, AttentionGroup, build_group
 from node.models.config import ModelConfig
+from node.models.llama import LlamaForCausalLM
 from node.models.loader import load_model
 from node.models.quant import quantize_int8
 
@@ -32,12 +33,12 @@ class ModelRunner:
         self.config, self.model_config, self.provider = config, model_config, provider
         self.sampler = Sampler(eos_token_ids)
         self.device = torch.device(config.device)
-        self.model = load_model(config.model_path, config.torch_dtype, self.device, max_model_len)
+        self.model = self._load_model(max_model_len)
         if config.weight_quantization == "int8":
             quantize_int8(self.model)
         # adapter slots first, so that the KV cache is sized from the memory they leave
         target = LoRATargetSpec.of(model_config.num_layers, model_config.module_shapes())
-        self.slots = LoRASlotPools.build(target, self._rank_pools(target), config.torch_dtype, self.device)
+        self.slots = self._slot_pools(target)
         self.num_blocks = config.num_kv_blocks or self._fit_kv_blocks(max_model_len)
         # one block more than the block manager hands out: padded graph rows write their keys there
         shape = (self.num_blocks + 1, config.block_size, model_config.num_kv_heads, model_config.head_dim)
@@ -48,6 +49,15 @@ class ModelRunner:
         # Sees each step's logits [num_sampled, vocab] with their sequences (tests, logprobs later).
         self.logits_observer: Callable[[list[Sequence], torch.Tensor], None] | None = None
         log.info("KV cache: %d blocks of %d tokens", self.num_blocks, config.block_size)
+
+    def _load_model(self, max_model_len: int) -> LlamaForCausalLM:
+        return load_model(self.config.model_path, self.config.torch_dtype, self.device, max_model_len)
+
+    def _slot_pools(self, target: LoRATargetSpec) -> LoRASlotPools:
+        return LoRASlotPools.build(target, self._rank_pools(target), self.config.torch_dtype, self.device)
+
+    def close(self) -> None:
+        """Release what the runner started (tensor-parallel workers); nothing for one device."""
 
     def _rank_pools(self, target: LoRATargetSpec) -> tuple[tuple[int, int], ...]:
         """(rank, num_slots) of each pool: `adapter_rank_pools` as configured (within the byte budget),

@@ -193,6 +193,15 @@ class LoRASlotPools:
         for pool in self.pools:
             pool.remove(adapter_id)
 
+    def write(self, slot: int, weights: LoRAWeights) -> None:
+        """Copy an adapter into global slot `slot`, chosen elsewhere (a tensor-parallel worker follows
+        rank 0's choices, so its slots hold the same adapters in the same places)."""
+        for pool, base in zip(self.pools, self.bases, strict=True):
+            if base <= slot < base + pool.num_slots:
+                pool._write(slot - base, weights)
+                return
+        raise IndexError(f"no slot {slot} in {self.num_slots} slots")
+
     def batch(self, token_slots: list[int], form: Form | None = None) -> LoRABatch | None:
         """This step's LoRA hook: a plan per pool over the tokens whose adapter it holds (global slot
         ids in, each pool's own ids in its plan); None when no token has an adapter."""

@@ -1,0 +1,109 @@
+"""The model runner of a tensor-parallel engine: rank 0, in the engine's process.
+
+It is `ModelRunner` with the model, the adapter slots and the KV cache split across the group
+(`node.models.parallel`, `node.lora.sharding`): it schedules, keeps adapter residency for every
+rank, and before each forward broadcasts the step's inputs (`node.engine.tp_step`) and scatters the
+parts of adapters it copied into slots since the last step. The logits of the sampled rows are
+gathered here, sampled here, and the sampled ids broadcast back. A rank that dies or a collective
+that breaks ends the step with `TensorParallelError`; the group is then broken for good.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Collection
+
+import torch
+
+from node.engine.config import EngineConfig
+from node.engine.cuda_graph import DecodeGraphs
+from node.engine.model_runner import ModelRunner
+from node.engine.sampler import SamplerOutput
+from node.engine.scheduler import ScheduledSeq
+from node.engine.tp_group import TensorParallelGroup
+from node.engine.tp_step import GroupInputs, StepInputs, WorkerSetup, run_step
+from node.lora.adapter import LoRATargetSpec, LoRAWeights
+from node.lora.provider import AdapterProvider
+from node.lora.sharding import LoRAShard, ShardedLoRASlotPools
+from node.lora.slots import LoRASlotPools, LoRASlots
+from node.models.config import ModelConfig
+from node.models.llama import LlamaForCausalLM
+from node.models.parallel import ShardPlan
+from node.models.shard_loader import load_shard
+
+log = logging.getLogger(__name__)
+
+
+def lora_shard(plan: ShardPlan) -> LoRAShard:
+    """The part of every adapter that matches the rank's part of the base model."""
+    q, kv, inter = plan.q_rows(), plan.kv_rows(), plan.intermediate_rows()
+    return LoRAShard(out_rows=(("q_proj", q), ("k_proj", kv), ("v_proj", kv), ("gate_proj", inter),
+                               ("up_proj", inter)),
+                     in_cols=(("o", q), ("down", inter)))
+
+
+def worker_threads(size: int) -> int:
+    """torch threads per worker on the CPU: the cores shared among the ranks."""
+    return max(1, (os.cpu_count() or 1) // size)
+
+
+class TPModelRunner(ModelRunner):
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int,
+                 provider: AdapterProvider[LoRAWeights], eos_token_ids: frozenset[int] = frozenset()):
+        size = config.tensor_parallel_size
+        self.plan = ShardPlan.of(model_config, 0, size)  # refuses a model that does not split, before spawning
+        self.shards = tuple(lora_shard(ShardPlan.of(model_config, rank, size)) for rank in range(size))
+        self.group = TensorParallelGroup.launch(config, max_model_len, worker_threads(size))
+        try:
+            super().__init__(config, self.plan.local_config(), max_model_len, provider, eos_token_ids)
+            pools = tuple((pool.max_rank, pool.num_slots) for pool in self.slots.pools)
+            self.group.broadcast_object(WorkerSetup(rank_pools=pools, num_blocks=self.num_blocks))
+        except BaseException:
+            self.group.close()
+            raise
+
+    def _load_model(self, max_model_len: int) -> LlamaForCausalLM:
+        return load_shard(self.config.model_path, self.plan, self.config.torch_dtype, self.device, max_model_len,
+                          self.group)
+
+    def _slot_pools(self, target: LoRATargetSpec) -> LoRASlotPools:
+        pools = [LoRASlots(target, num, rank, self.config.torch_dtype, self.device)
+                 for rank, num in self._rank_pools(target)]
+        return ShardedLoRASlotPools(pools, self.shards)
+
+    def _decode_graphs(self, max_model_len: int) -> DecodeGraphs | None:
+        return None  # not captured across ranks yet: decode steps run eagerly
+
+    @torch.inference_mode()
+    def run(self, scheduled: list[ScheduledSeq], adapters_in_use: Collection[str]) -> SamplerOutput:
+        self.group.check_alive()
+        try:
+            out = super().run(scheduled, adapters_in_use)
+            if out.token_ids:
+                self.group.broadcast_tokens(out.token_ids)
+        except RuntimeError as e:  # a collective failed: a rank died or hangs
+            raise self.group.failure(e) from e
+        return out
+
+    def _eager(self, prefills: list[ScheduledSeq], decodes: list[ScheduledSeq], token_ids: list[int],
+               positions: list[int], slot_mapping: list[int], token_slots: list[int]) -> torch.Tensor:
+        assert isinstance(self.slots, ShardedLoRASlotPools)
+        groups = [GroupInputs([s.num_new_tokens for s in items],
+                              [s.seq.num_computed_tokens + s.num_new_tokens for s in items],
+                              [list(s.seq.block_table) for s in items], first)
+                  for items, first in ((prefills, 0), (decodes, len(token_ids) - len(decodes))) if items]
+        rows, offset = [], 0
+        for item in prefills + decodes:
+            offset += item.num_new_tokens
+            if item.is_sampled:
+                rows.append(offset - 1)
+        step = StepInputs(token_ids, positions, slot_mapping, token_slots, tuple(groups), rows,
+                          self.slots.num_pending)
+        self.group.broadcast_object(step)
+        if step.num_adapter_writes:
+            self.group.scatter_objects(self.slots.take_writes())
+        return run_step(self.model, self.kv_caches, self.slots, step, self.group, self.device)
+
+    def close(self) -> None:
+        self.group.close()

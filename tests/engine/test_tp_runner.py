@@ -1,0 +1,149 @@
+"""The engine split across 2 tensor-parallel ranks (gloo, 2 processes, on the CPU): greedy answers
+token-identical to one rank and to transformers + peft, for mixed adapters, ranks and the base model
+in one batch; streams and aborts; a rank that dies ends its step with a clear error. The Mistral,
+Qwen2 and 1-KV-head shapes, and the engine core started again after a rank died, are `slow`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from node.devkit import make_tiny_model, train_tiny_adapter
+from node.devkit.corpus import STYLES
+from node.engine import EngineConfig, LLMEngine, SamplingParams
+from node.engine.sequence import RequestOutput, Sequence
+from node.errors import TensorParallelError
+from tests.engine.reference import PeftReference
+from tests.fixtures.models import TinyAdapters
+
+PROMPTS = ["The river runs past", "Seven small boats", "A node serves many adapters over one shared base",
+           "Rain", "one two three four five six seven"]
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+LONG = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+# pools of rank 4 (1 slot) and 16 (2 slots) for 4 adapters of ranks 2..16: slots are reused mid-run
+CONFIG = dict(max_num_seqs=8, max_num_batched_tokens=256, max_lora_rank=16, adapter_rank_pools=((4, 1), (16, 2)),
+              block_size=4, max_model_len=256)
+
+
+def _engine(folder: Path, adapters: dict[str, Path], size: int) -> LLMEngine:
+    engine = LLMEngine(EngineConfig(model_path=folder, tensor_parallel_size=size, **CONFIG))  # type: ignore[arg-type]
+    for name, path in adapters.items():
+        engine.add_adapter(name, path)
+    return engine
+
+
+def _generate(engine: LLMEngine, prompts: list[str], adapters: list[str | None],
+              ) -> tuple[list[RequestOutput], dict[str, torch.Tensor]]:
+    rows: dict[str, list[torch.Tensor]] = {}
+
+    def observe(seqs: list[Sequence], logits: torch.Tensor) -> None:
+        for seq, row in zip(seqs, logits, strict=True):
+            rows.setdefault(seq.request_id, []).append(row.clone())
+
+    engine.runner.logits_observer = observe
+    outputs = engine.generate(list(prompts), GREEDY, adapters)
+    engine.runner.logits_observer = None
+    return outputs, {rid: torch.stack(r) for rid, r in rows.items()}
+
+
+def _check_same_answers(folder: Path, adapters: dict[str, Path], split: LLMEngine, one: LLMEngine) -> None:
+    names: list[str | None] = [None, *adapters]
+    chosen = [names[i % len(names)] for i in range(len(PROMPTS) * 2)]
+    prompts = PROMPTS * 2
+    ours, our_logits = _generate(split, prompts, chosen)
+    theirs, their_logits = _generate(one, prompts, chosen)
+    assert [o.token_ids for o in ours] == [o.token_ids for o in theirs]
+    for a, b in zip(ours, theirs, strict=True):
+        assert (our_logits[a.request_id] - their_logits[b.request_id]).abs().max().item() < 1e-4
+    reference = PeftReference(folder, adapters)
+    for out, adapter in zip(ours[: len(names) + 1], chosen, strict=False):
+        assert out.token_ids == reference.greedy(out.prompt_token_ids, GREEDY.max_tokens, adapter), adapter
+
+
+@pytest.fixture(scope="module")
+def one_rank(tiny_model: Path, tiny_adapters: TinyAdapters) -> LLMEngine:
+    return _engine(tiny_model, tiny_adapters.paths, 1)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_model: Path, tiny_adapters: TinyAdapters) -> Iterator[LLMEngine]:
+    engine = _engine(tiny_model, tiny_adapters.paths, 2)
+    yield engine
+    engine.shutdown()
+
+
+def test_mixed_adapters_and_base_over_two_ranks_answer_as_one_rank_and_peft(
+        tiny_model: Path, tiny_adapters: TinyAdapters, two_ranks: LLMEngine, one_rank: LLMEngine) -> None:
+    """Llama, GQA with 2 KV heads: adapters of ranks 2, 4, 8 and 16, on all seven projections or on
+    q, v and o alone, mixed with the base model in one batch."""
+    _check_same_answers(tiny_model, tiny_adapters.paths, two_ranks, one_rank)
+    assert two_ranks.runner.group.calls["scatter_object"] > 0  # adapters reached rank 1 as scattered parts
+
+
+def test_a_stream_arrives_delta_by_delta_and_an_abort_ends_it(two_ranks: LLMEngine, one_rank: LLMEngine) -> None:
+    expected = one_rank.generate(["The river runs"], GREEDY, ["sea-r8"])[0]
+
+    async def read(params: SamplingParams, stop_after: int | None) -> list[object]:
+        out: list[object] = []
+        async for delta in two_ranks.stream("The river runs", params, "sea-r8", request_id=f"s-{stop_after}"):
+            out.append(delta)
+            if stop_after is not None and len(out) == stop_after:
+                two_ranks.abort(f"s-{stop_after}")
+        return out
+
+    deltas = asyncio.run(read(GREEDY, None))
+    assert len(deltas) > 1 and [t for d in deltas for t in d.token_ids] == expected.token_ids  # type: ignore[attr-defined]
+    cut = asyncio.run(read(LONG, 2))
+    assert cut[-1].finish_reason == "abort" and len(cut) < LONG.max_tokens  # type: ignore[attr-defined]
+    assert two_ranks.generate(["Rain"], GREEDY)[0].token_ids == one_rank.generate(["Rain"], GREEDY)[0].token_ids
+
+
+def test_a_rank_that_dies_mid_request_ends_the_step_with_a_clear_error(two_ranks: LLMEngine) -> None:
+    """Rank 1 is killed while a long answer streams: the request ends with TensorParallelError naming the
+    rank; later steps are refused the same way (the group is broken: its core is started again)."""
+    worker = two_ranks.runner.group.procs[0]
+
+    async def read() -> list[object]:
+        out: list[object] = []
+        async for delta in two_ranks.stream("The river runs", LONG, None, request_id="doomed"):
+            out.append(delta)
+            if len(out) == 2:
+                os.kill(worker.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        return out
+
+    deltas = asyncio.run(asyncio.wait_for(read(), timeout=120))
+    assert deltas[-1].finish_reason == "error"  # type: ignore[attr-defined]
+    after = two_ranks.generate(["Rain"], GREEDY)[0]
+    assert after.finish_reason == "error" and isinstance(after.error, TensorParallelError)
+    assert "rank 1 exited with code -9" in after.error.message
+
+
+def _shape_model(tmp_path: Path, shape: str) -> tuple[Path, dict[str, Path]]:
+    kwargs = {"mistral-gqa-8kv": dict(arch="mistral", hidden_size=128, num_heads=16, num_kv_heads=8),
+              "qwen2-bias-tied": dict(arch="qwen2", num_kv_heads=2, tie_embeddings=True, vocab_size=511),
+              "llama-1kv-replicated": dict(arch="llama", num_kv_heads=1)}[shape]
+    folder = make_tiny_model(tmp_path / "model", **kwargs, seed=3)  # type: ignore[arg-type]
+    adapters = {
+        "all7-r4": train_tiny_adapter(folder, tmp_path / "a", [STYLES["sea"]], rank=4, steps=1, seed=1).path,
+        "qvo-r16": train_tiny_adapter(folder, tmp_path / "b", [STYLES["food"]], rank=16, steps=1, seed=2,
+                                      target_modules=("q_proj", "v_proj", "o_proj")).path,
+    }
+    return folder, adapters
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["mistral-gqa-8kv", "qwen2-bias-tied", "llama-1kv-replicated"])
+def test_other_shapes_over_two_ranks_answer_as_one_rank_and_peft(shape: str, tmp_path: Path) -> None:
+    folder, adapters = _shape_model(tmp_path, shape)
+    one = _engine(folder, adapters, 1)
+    split = _engine(folder, adapters, 2)
+    try:
+        _check_same_answers(folder, adapters, split, one)
+    finally:
+        split.shutdown()

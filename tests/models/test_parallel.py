@@ -1,0 +1,74 @@
+"""How a model is split across tensor-parallel ranks: what each rank reads of the checkpoint, and
+which models are refused before any process starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from node.devkit import make_tiny_model
+from node.engine.tp_group import TensorParallelGroup
+from node.errors import ConfigError
+from node.models.config import ModelConfig
+from node.models.loader import load_model
+from node.models.parallel import ShardPlan
+from node.models.shard_loader import load_shard
+
+CPU = torch.device("cpu")
+
+
+def _shards(folder: Path, size: int) -> list[torch.nn.Module]:
+    cfg = ModelConfig.from_folder(folder)
+    return [load_shard(folder, ShardPlan.of(cfg, rank, size), torch.float32, CPU, 64,
+                       TensorParallelGroup(rank, size, CPU)) for rank in range(size)]
+
+
+def test_the_ranks_slices_put_back_together_are_the_checkpoint(tmp_path: Path) -> None:
+    """Qwen2 (q/k/v bias, tied embeddings) with one KV head over 2 ranks (replicated) and a vocabulary
+    of 511 (padded to 512): every weight is read exactly where it belongs."""
+    folder = make_tiny_model(tmp_path, arch="qwen2", num_kv_heads=1, vocab_size=511, tie_embeddings=True)
+    whole = load_model(folder, torch.float32, CPU, 64)
+    ranks = _shards(folder, 2)
+    cfg = whole.cfg
+    q, kv, i = cfg.q_size // 2, cfg.kv_size, cfg.intermediate_size // 2
+    for layer, parts in zip(whole.layers, zip(*(r.layers for r in ranks), strict=True), strict=True):
+        qs, ks, vs = zip(*(p.qkv_weight.split([q, kv, kv]) for p in parts), strict=True)
+        assert torch.equal(torch.cat(qs), layer.qkv_weight[: cfg.q_size])
+        assert all(torch.equal(k, layer.qkv_weight[cfg.q_size: cfg.q_size + kv]) for k in ks)  # replicated
+        assert all(torch.equal(v, layer.qkv_weight[cfg.q_size + kv:]) for v in vs)
+        assert torch.equal(torch.cat([p.qkv_bias.split([q, kv, kv])[0] for p in parts]), layer.qkv_bias[: cfg.q_size])
+        assert torch.equal(torch.cat([p.o_weight for p in parts], dim=1), layer.o_weight)
+        gate_up = [p.gate_up_weight.split(i) for p in parts]
+        assert torch.equal(torch.cat([g for g, _ in gate_up]), layer.gate_up_weight[: cfg.intermediate_size])
+        assert torch.equal(torch.cat([p.down_weight for p in parts], dim=1), layer.down_weight)
+    embed = torch.cat([r.embed for r in ranks])  # [512, hidden]
+    assert torch.equal(embed[:511], whole.embed) and embed[511].abs().sum() == 0
+    assert all(r.lm_head is r.embed for r in ranks)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "inter", "problem"), [
+    (4, 2, 96, "attention heads do not split 3 ways"),
+    (6, 4, 96, "KV heads neither split 3 ways nor divide 3"),
+    (6, 3, 100, "intermediate size 100 does not split 3 ways"),
+])
+def test_a_model_that_does_not_split_is_refused_with_the_reason(heads: int, kv_heads: int, inter: int,
+                                                               problem: str) -> None:
+    cfg = ModelConfig.from_dict({"model_type": "llama", "vocab_size": 32, "hidden_size": 48, "intermediate_size": inter,
+                                 "num_hidden_layers": 1, "num_attention_heads": heads,
+                                 "num_key_value_heads": kv_heads})
+    with pytest.raises(ConfigError, match=problem):
+        ShardPlan.of(cfg, 0, 3)
+
+
+def test_kv_heads_split_or_replicate_along_the_query_heads_that_use_them() -> None:
+    def kv_rows(kv_heads: int, size: int) -> list[tuple[int, int]]:
+        cfg = ModelConfig.from_dict({"model_type": "llama", "vocab_size": 32, "hidden_size": 64,
+                                     "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 8,
+                                     "num_key_value_heads": kv_heads})
+        return [ShardPlan.of(cfg, rank, size).kv_rows() for rank in range(size)]
+
+    assert kv_rows(8, 2) == [(0, 32), (32, 64)]  # head_dim 8: 4 KV heads each
+    assert kv_rows(2, 4) == [(0, 8), (0, 8), (8, 16), (8, 16)]  # query heads 0-3 use KV head 0
+    assert kv_rows(1, 2) == [(0, 8), (0, 8)]
