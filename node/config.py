@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     # (the default until the core process carries adapters' own chat templates: docs/engine.md)
     engine_process: bool = False
     data_parallel_size: int = Field(default=1, ge=1, le=64)  # engine cores (one per device on CUDA)
+    # devices (ranks) each engine core splits the model across: its workers are processes under it
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
     engine_threads: int | None = Field(default=None, ge=1)  # torch threads per core; None: CPUs / cores
 
     # adapters: device slots above; host memory and disk caches in bytes

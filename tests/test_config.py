@@ -88,6 +88,17 @@ def test_rank_pools_come_from_the_environment_into_the_engine(monkeypatch: pytes
         load_settings()
 
 
+def test_tensor_parallel_size_comes_from_the_environment_into_the_engine(monkeypatch: pytest.MonkeyPatch,
+                                                                         tmp_path: Path) -> None:
+    from node.api.wiring import engine_config
+
+    monkeypatch.setenv("LORANODE_TENSOR_PARALLEL_SIZE", "2")
+    assert engine_config(load_settings(model_path=tmp_path)).tensor_parallel_size == 2
+    monkeypatch.setenv("LORANODE_TENSOR_PARALLEL_SIZE", "0")
+    with pytest.raises(ConfigError, match="tensor_parallel_size"):
+        load_settings()
+
+
 def test_the_base_model_is_served_by_its_folder_name_or_the_configured_one(tmp_path: Path) -> None:
     assert load_settings(model_path=tmp_path / "Qwen2.5-0.5B").resolved_served_model_name() == "Qwen2.5-0.5B"
     named = load_settings(model_path=tmp_path / "x", served_model_name="qwen-small")

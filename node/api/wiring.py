@@ -53,7 +53,8 @@ def engine_config(settings: Settings) -> EngineConfig:
                         max_adapter_memory_bytes=settings.max_adapter_device_bytes,
                         adapter_rank_pools=settings.rank_pools(),
                         max_model_len=settings.max_model_len, cuda_graphs=settings.cuda_graphs,
-                        weight_quantization=settings.weight_quantization)
+                        weight_quantization=settings.weight_quantization,
+                        tensor_parallel_size=settings.tensor_parallel_size)
 
 
 def store_config(settings: Settings) -> StoreConfig:

@@ -61,9 +61,10 @@ def output_endpoint(run_dir: str) -> str:
 
 
 def core_engine_config(config: EngineConfig, core: int, num_cores: int) -> EngineConfig:
-    """Core `core`'s engine config: with data parallelism on CUDA, one device per core."""
+    """Core `core`'s engine config: with data parallelism on CUDA, its own devices (one per
+    tensor-parallel rank, from cuda:core * tensor_parallel_size)."""
     if num_cores > 1 and config.device == "cuda":
-        return dataclasses.replace(config, device=f"cuda:{core}")
+        return dataclasses.replace(config, device=f"cuda:{core * config.tensor_parallel_size}")
     return config
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import logging
 import multiprocessing
+import pickle
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,7 @@ class TensorParallelGroup:
         self.calls: Counter[str] = Counter()
         self.bytes: Counter[str] = Counter()
         self.broken: TensorParallelError | None = None
+        self.is_counting_object_bytes = False  # pickles each step's inputs twice (the bench turns it on)
 
     @classmethod
     def launch(cls, config: EngineConfig, max_model_len: int, worker_threads: int | None) -> TensorParallelGroup:
@@ -132,6 +134,8 @@ class TensorParallelGroup:
         objects = [obj]
         dist.broadcast_object_list(objects, src=0, device=self.device)
         self.calls["broadcast_object"] += 1
+        if self.rank == 0 and self.is_counting_object_bytes:
+            self.bytes["broadcast_object"] += len(pickle.dumps(obj))  # what the broadcast carried
         return objects[0]
 
     def scatter_objects(self, objs: list[Any] | None) -> Any:

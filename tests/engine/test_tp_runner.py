@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -147,3 +148,40 @@ def test_other_shapes_over_two_ranks_answer_as_one_rank_and_peft(shape: str, tmp
         _check_same_answers(folder, adapters, split, one)
     finally:
         split.shutdown()
+
+
+def _tp_workers(pid: int) -> list[int]:
+    """The tensor-parallel worker processes under an engine core (spawned by multiprocessing)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+@pytest.mark.slow
+def test_an_engine_core_whose_rank_dies_fails_its_requests_and_is_started_again(
+        tiny_model: Path, tiny_adapters: TinyAdapters, one_rank: LLMEngine) -> None:
+    from node.engine.core_client import CoreClient
+
+    config = EngineConfig(model_path=tiny_model, tensor_parallel_size=2, **CONFIG)  # type: ignore[arg-type]
+    client = CoreClient(config, num_cores=1, num_threads=1)
+    client.start()
+    try:
+        client.add_adapter("sea-r8", str(tiny_adapters.paths["sea-r8"]))
+        core = client.pids()[0]
+        assert core is not None
+        (worker,) = _tp_workers(core)
+        results: list[RequestOutput] = []
+        for i in range(3):
+            client.add_request("The river runs", LONG, "sea-r8", f"doomed-{i}", waiter=results.append)
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while (len(results) < 3 or client.num_up < 1 or client.pids()[0] in (None, core)) \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [r.finish_reason for r in results] == ["error"] * 3
+        assert client.num_up == 1 and client.pids()[0] not in (None, core), "the core was not started again"
+        expected = one_rank.generate(["Seven small boats"], GREEDY, ["sea-r8"])[0]
+        again = client.generate(["Seven small boats"] * 2, GREEDY, ["sea-r8"] * 2)
+        assert all(o.token_ids == expected.token_ids for o in again)
+        assert len(_tp_workers(client.pids()[0])) == 1  # type: ignore[arg-type]
+    finally:
+        client.shutdown()

@@ -1,0 +1,173 @@
+"""Tensor parallelism on this machine: what each decode step communicates, and what it costs in time.
+
+    python bench/tensor_parallel.py [--batch 8] [--steps 12] [--rounds 3]
+
+Model: Llama-shaped, hidden 512, 8 layers, 8 query heads, 2 KV heads, intermediate 1408, vocab 2048,
+float32, on the CPU with gloo. Adapters: 4 synthetic ones on all seven projections (ranks 8 and 16),
+held in host memory. A decode batch of `--batch` sequences (16-token prompts), every sequence with
+an adapter (the "LoRA" batch) or none (the "base" batch).
+
+Measured (the group counts every collective's payload): the all-reduce bytes per decode step per
+layer, against the Megatron minimum (two all-reduces of [batch, hidden] per layer: after o and after
+down); what else a step moves (the embedding's all-reduce, the logits gathered on rank 0, the
+sampled ids broadcast, the pickled step inputs); and the collectives LoRA adds (LoRA batch minus base
+batch). Time: the best decode step of TP=2 (2 processes, 1 torch thread each) against TP=1 (1
+process, 2 threads), rounds interleaved. This machine has 2 cores: both configurations get the same
+2 cores and the same memory bandwidth, so TP=2 cannot be faster here; the ratio is the price of the
+split itself (collectives over loopback TCP, the step inputs' pickling, one process waiting on the
+other), which a multi-GPU machine pays over NVLink instead. Writes bench/results/tensor_parallel.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from node.devkit import make_tiny_model
+from node.engine import EngineConfig, LLMEngine, SamplingParams
+from node.lora.adapter import LoRATargetSpec, LoRAWeights
+from node.lora.provider import AdapterSource, LoadState
+from node.models.config import ModelConfig
+
+SHAPE = dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, intermediate_size=1408, vocab_size=2048)
+ADAPTERS = {"a-r8": 8, "b-r8": 8, "c-r16": 16, "d-r16": 16}
+PROMPT_LEN = 16
+RESULTS = Path(__file__).resolve().parent / "results" / "tensor_parallel.json"
+
+
+class HostAdapters:
+    """Every adapter in host memory already (the provider port, without tiers)."""
+
+    def __init__(self, weights: dict[str, LoRAWeights]):
+        self.weights = weights
+
+    def register(self, adapter_id: str, source: AdapterSource) -> None: ...
+
+    def unregister(self, adapter_id: str) -> None: ...
+
+    def get(self, adapter_id: str) -> LoRAWeights:
+        return self.weights[adapter_id]
+
+    def prefetch(self, adapter_id: str) -> Future[object]:
+        future: Future[object] = Future()
+        future.set_result(self.weights[adapter_id])
+        return future
+
+    def state(self, adapter_id: str) -> LoadState:
+        return LoadState.READY if adapter_id in self.weights else LoadState.UNKNOWN
+
+
+def synthetic(target: LoRATargetSpec, rank: int, seed: int) -> LoRAWeights:
+    g = torch.Generator().manual_seed(seed)
+    return LoRAWeights.from_modules({
+        (layer, name): (torch.randn(rank, d_in, generator=g) / d_in ** 0.5,
+                        torch.randn(d_out, rank, generator=g) * (0.02 / rank ** 0.5))
+        for layer in range(target.num_layers) for name, (d_in, d_out) in target.module_shapes})
+
+
+def decode_steps(engine: LLMEngine, batch: int, steps: int, adapters: list[str | None], tag: str,
+                 ) -> tuple[list[float], list[tuple[Counter[str], Counter[str]]]]:
+    """Seconds of each decode step after one prefill step, and the collectives (calls, bytes) of each."""
+    params = SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request([5 + (i + j) % 200 for j in range(PROMPT_LEN)], params, adapters[i % len(adapters)],
+                           request_id=f"{tag}-{i}")
+    engine.step()  # every prompt in one prefill step (and its first token)
+    group = getattr(engine.runner, "group", None)
+    times, comms = [], []
+    while engine.has_unfinished():
+        calls, nbytes = (Counter(group.calls), Counter(group.bytes)) if group else (Counter(), Counter())
+        started = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - started)
+        if group:
+            comms.append((group.calls - calls, group.bytes - nbytes))
+    return times, comms
+
+
+def per_step(comms: list[tuple[Counter[str], Counter[str]]]) -> dict[str, dict[str, float]]:
+    """Mean calls and bytes per decode step, by collective."""
+    kinds = sorted({k for calls, _ in comms for k in calls})
+    return {k: {"calls": statistics.mean(c[k] for c, _ in comms), "bytes": statistics.mean(b[k] for _, b in comms)}
+            for k in kinds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    folder = make_tiny_model(Path(tempfile.mkdtemp()) / "model", **SHAPE)  # type: ignore[arg-type]
+    cfg = ModelConfig.from_folder(folder)
+    target = LoRATargetSpec.of(cfg.num_layers, cfg.module_shapes())
+    weights = {name: synthetic(target, rank, seed) for seed, (name, rank) in enumerate(ADAPTERS.items())}
+    engines = {}
+    for size in (1, 2):
+        config = EngineConfig(model_path=folder, max_num_seqs=args.batch, max_lora_rank=16, max_adapter_slots=4,
+                              max_model_len=128, tensor_parallel_size=size)
+        engines[size] = LLMEngine(config, provider=HostAdapters(weights))  # type: ignore[arg-type]
+    with_lora: list[str | None] = list(ADAPTERS)
+    best: dict[int, float] = {1: float("inf"), 2: float("inf")}
+    medians: dict[int, list[float]] = {1: [], 2: []}
+    comms: dict[str, list[tuple[Counter[str], Counter[str]]]] = {"lora": [], "base": []}
+    engines[2].runner.group.is_counting_object_bytes = True  # type: ignore[attr-defined]
+    for r in range(args.rounds):
+        for size in (1, 2):
+            torch.set_num_threads(2 if size == 1 else 1)
+            times, counted = decode_steps(engines[size], args.batch, args.steps, with_lora, f"lora-{size}-{r}")
+            best[size] = min(best[size], min(times))
+            medians[size].append(statistics.median(times))
+            comms["lora"] += counted
+        _, counted = decode_steps(engines[2], args.batch, 2, [None], f"base-{r}")
+        comms["base"] += counted
+    report(cfg, args.batch, best, medians, {k: per_step(v) for k, v in comms.items()})
+    engines[2].shutdown()
+
+
+def report(cfg: ModelConfig, batch: int, best: dict[int, float], medians: dict[int, list[float]],
+           comms: dict[str, dict[str, dict[str, float]]]) -> None:
+    lora, base = comms["lora"], comms["base"]
+    per_layer = (lora["all_reduce"]["bytes"] - batch * cfg.hidden_size * 4) / cfg.num_layers  # less the embedding's
+    megatron = 2 * batch * cfg.hidden_size * 4
+    extra = {k: {"calls": lora[k]["calls"] - base.get(k, {"calls": 0})["calls"],
+                 "bytes": lora[k]["bytes"] - base.get(k, {"bytes": 0})["bytes"]} for k in lora
+             if k != "broadcast_object"}
+    result: dict[str, Any] = {
+        "model": {**SHAPE, "dtype": "float32"}, "batch": batch, "tensor_parallel_size": 2, "device": "cpu (gloo)",
+        "all_reduce_bytes_per_layer": per_layer, "megatron_min_bytes_per_layer": megatron,
+        "ratio_to_megatron": per_layer / megatron,
+        "ring_wire_bytes_per_rank_per_layer": per_layer * 2 * (2 - 1) / 2,
+        "collectives_per_step_lora_batch": lora, "collectives_per_step_base_batch": base,
+        "extra_from_lora": extra,
+        "decode_step_s": {"tp1_best": best[1], "tp2_best": best[2], "tp1_median": min(medians[1]),
+                          "tp2_median": min(medians[2])},
+        "tp2_over_tp1_best": best[2] / best[1],
+    }
+    print(f"decode batch {batch}, model hidden {cfg.hidden_size} x {cfg.num_layers} layers, TP=2 on gloo (CPU)")
+    print(f"{'per decode step':44} {'calls':>7} {'bytes':>10}")
+    for kind, v in lora.items():
+        print(f"  {kind:42} {v['calls']:7.1f} {v['bytes']:10.0f}")
+    print(f"all-reduce bytes per layer (measured)         {per_layer:10.0f}")
+    print(f"Megatron minimum per layer (2 x [B, hidden])  {megatron:10.0f}  ratio {per_layer / megatron:.2f}")
+    print("extra collectives from LoRA (LoRA - base)    "
+          + ", ".join(f"{k}: {v['calls']:+.0f} calls {v['bytes']:+.0f} B" for k, v in extra.items()))
+    print(f"decode step, best: TP=1 {best[1] * 1e3:.2f} ms   TP=2 {best[2] * 1e3:.2f} ms   "
+          f"TP=2/TP=1 {best[2] / best[1]:.2f}x (same 2 cores: the price of the split, not a speed-up)")
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
