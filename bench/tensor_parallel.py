@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -44,6 +45,8 @@ from node.models.config import ModelConfig
 SHAPE = dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, intermediate_size=1408, vocab_size=2048)
 ADAPTERS = {"a-r8": 8, "b-r8": 8, "c-r16": 16, "d-r16": 16}
 PROMPT_LEN = 16
+# (tensor_parallel_size, torch threads of this process): TP=2's worker gets 1 thread (2 cores / 2 ranks)
+RUNS = {"TP=1, 2 threads": (1, 2), "TP=1, 1 thread": (1, 1), "TP=2, 1 thread per rank": (2, 1)}
 RESULTS = Path(__file__).resolve().parent / "results" / "tensor_parallel.json"
 
 
@@ -78,8 +81,9 @@ def synthetic(target: LoRATargetSpec, rank: int, seed: int) -> LoRAWeights:
 
 
 def decode_steps(engine: LLMEngine, batch: int, steps: int, adapters: list[str | None], tag: str,
-                 ) -> tuple[list[float], list[tuple[Counter[str], Counter[str]]]]:
-    """Seconds of each decode step after one prefill step, and the collectives (calls, bytes) of each."""
+                 ) -> tuple[list[float], list[tuple[Counter[str], Counter[str]]], float]:
+    """Seconds of each decode step after one prefill step, the collectives (calls, bytes) of each, and
+    the CPU seconds per decode step of every rank together."""
     params = SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True)
     for i in range(batch):
         engine.add_request([5 + (i + j) % 200 for j in range(PROMPT_LEN)], params, adapters[i % len(adapters)],
@@ -87,6 +91,7 @@ def decode_steps(engine: LLMEngine, batch: int, steps: int, adapters: list[str |
     engine.step()  # every prompt in one prefill step (and its first token)
     group = getattr(engine.runner, "group", None)
     times, comms = [], []
+    cpu_started = cpu_seconds(group)
     while engine.has_unfinished():
         calls, nbytes = (Counter(group.calls), Counter(group.bytes)) if group else (Counter(), Counter())
         started = time.perf_counter()
@@ -94,7 +99,17 @@ def decode_steps(engine: LLMEngine, batch: int, steps: int, adapters: list[str |
         times.append(time.perf_counter() - started)
         if group:
             comms.append((group.calls - calls, group.bytes - nbytes))
-    return times, comms
+    return times, comms, (cpu_seconds(group) - cpu_started) / len(times)
+
+
+def cpu_seconds(group: Any) -> float:
+    """CPU seconds used so far by this process and the group's worker processes (all their threads)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    workers = 0.0
+    for proc in getattr(group, "procs", []):
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        workers += (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+    return time.process_time() + workers
 
 
 def per_step(comms: list[tuple[Counter[str], Counter[str]]]) -> dict[str, dict[str, float]]:
@@ -120,24 +135,26 @@ def main() -> None:
                               max_model_len=128, tensor_parallel_size=size)
         engines[size] = LLMEngine(config, provider=HostAdapters(weights))  # type: ignore[arg-type]
     with_lora: list[str | None] = list(ADAPTERS)
-    best: dict[int, float] = {1: float("inf"), 2: float("inf")}
-    medians: dict[int, list[float]] = {1: [], 2: []}
+    best = dict.fromkeys(RUNS, float("inf"))
+    cpu_best = dict.fromkeys(RUNS, float("inf"))
+    medians: dict[str, list[float]] = {run: [] for run in RUNS}
     comms: dict[str, list[tuple[Counter[str], Counter[str]]]] = {"lora": [], "base": []}
     engines[2].runner.group.is_counting_object_bytes = True  # type: ignore[attr-defined]
     for r in range(args.rounds):
-        for size in (1, 2):
-            torch.set_num_threads(2 if size == 1 else 1)
-            times, counted = decode_steps(engines[size], args.batch, args.steps, with_lora, f"lora-{size}-{r}")
-            best[size] = min(best[size], min(times))
-            medians[size].append(statistics.median(times))
+        for run, (size, threads) in RUNS.items():
+            torch.set_num_threads(threads)
+            times, counted, cpu = decode_steps(engines[size], args.batch, args.steps, with_lora, f"{run}-{r}")
+            best[run] = min(best[run], min(times))
+            cpu_best[run] = min(cpu_best[run], cpu)
+            medians[run].append(statistics.median(times))
             comms["lora"] += counted
-        _, counted = decode_steps(engines[2], args.batch, 2, [None], f"base-{r}")
+        _, counted, _ = decode_steps(engines[2], args.batch, 2, [None], f"base-{r}")
         comms["base"] += counted
-    report(cfg, args.batch, best, medians, {k: per_step(v) for k, v in comms.items()})
+    report(cfg, args.batch, {"wall": best, "cpu": cpu_best}, medians, {k: per_step(v) for k, v in comms.items()})
     engines[2].shutdown()
 
 
-def report(cfg: ModelConfig, batch: int, best: dict[int, float], medians: dict[int, list[float]],
+def report(cfg: ModelConfig, batch: int, times: dict[str, dict[str, float]], medians: dict[str, list[float]],
            comms: dict[str, dict[str, dict[str, float]]]) -> None:
     lora, base = comms["lora"], comms["base"]
     per_layer = (lora["all_reduce"]["bytes"] - batch * cfg.hidden_size * 4) / cfg.num_layers  # less the embedding's
@@ -145,6 +162,7 @@ def report(cfg: ModelConfig, batch: int, best: dict[int, float], medians: dict[i
     extra = {k: {"calls": lora[k]["calls"] - base.get(k, {"calls": 0})["calls"],
                  "bytes": lora[k]["bytes"] - base.get(k, {"bytes": 0})["bytes"]} for k in lora
              if k != "broadcast_object"}
+    best, cpu, tp1 = times["wall"], times["cpu"], "TP=1, 1 thread"
     result: dict[str, Any] = {
         "model": {**SHAPE, "dtype": "float32"}, "batch": batch, "tensor_parallel_size": 2, "device": "cpu (gloo)",
         "all_reduce_bytes_per_layer": per_layer, "megatron_min_bytes_per_layer": megatron,
@@ -152,20 +170,23 @@ def report(cfg: ModelConfig, batch: int, best: dict[int, float], medians: dict[i
         "ring_wire_bytes_per_rank_per_layer": per_layer * 2 * (2 - 1) / 2,
         "collectives_per_step_lora_batch": lora, "collectives_per_step_base_batch": base,
         "extra_from_lora": extra,
-        "decode_step_s": {"tp1_best": best[1], "tp2_best": best[2], "tp1_median": min(medians[1]),
-                          "tp2_median": min(medians[2])},
-        "tp2_over_tp1_best": best[2] / best[1],
+        "decode_step_best_wall_s": best, "decode_step_best_median_wall_s": {k: min(v) for k, v in medians.items()},
+        "decode_step_best_cpu_s_all_ranks": cpu,
+        "wall_vs_tp1_1thread": {k: v / best[tp1] for k, v in best.items()},
+        "cpu_vs_tp1_1thread": {k: v / cpu[tp1] for k, v in cpu.items()},
     }
     print(f"decode batch {batch}, model hidden {cfg.hidden_size} x {cfg.num_layers} layers, TP=2 on gloo (CPU)")
-    print(f"{'per decode step':44} {'calls':>7} {'bytes':>10}")
+    print(f"{'per decode step (LoRA batch)':44} {'calls':>7} {'bytes':>10}")
     for kind, v in lora.items():
         print(f"  {kind:42} {v['calls']:7.1f} {v['bytes']:10.0f}")
     print(f"all-reduce bytes per layer (measured)         {per_layer:10.0f}")
     print(f"Megatron minimum per layer (2 x [B, hidden])  {megatron:10.0f}  ratio {per_layer / megatron:.2f}")
     print("extra collectives from LoRA (LoRA - base)    "
           + ", ".join(f"{k}: {v['calls']:+.0f} calls {v['bytes']:+.0f} B" for k, v in extra.items()))
-    print(f"decode step, best: TP=1 {best[1] * 1e3:.2f} ms   TP=2 {best[2] * 1e3:.2f} ms   "
-          f"TP=2/TP=1 {best[2] / best[1]:.2f}x (same 2 cores: the price of the split, not a speed-up)")
+    print(f"{'decode step':26} {'best wall ms':>12} {'vs TP=1/1t':>10} {'CPU ms (all ranks)':>19} {'vs TP=1/1t':>10}")
+    for run in best:
+        print(f"{run:26} {best[run] * 1e3:12.2f} {best[run] / best[tp1]:9.2f}x {cpu[run] * 1e3:19.2f} "
+              f"{cpu[run] / cpu[tp1]:9.2f}x")
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
 
 
