@@ -13,12 +13,14 @@ import logging
 import multiprocessing
 import pickle
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed import Store, TCPStore  # type: ignore[attr-defined]
 
 from node.engine.config import EngineConfig
 from node.errors import ConfigError, TensorParallelError
@@ -51,9 +53,9 @@ class TensorParallelGroup:
     """This process's rank in the group, and the collectives the sharded step uses (counted)."""
 
     def __init__(self, rank: int, size: int, device: torch.device,
-                 procs: list[multiprocessing.process.BaseProcess] | None = None):
+                 procs: Sequence[multiprocessing.process.BaseProcess] = ()):
         self.rank, self.size, self.device = rank, size, device
-        self.procs = procs or []  # rank 0: the workers, procs[i] is rank i + 1
+        self.procs = list(procs)  # rank 0: the workers, procs[i] is rank i + 1
         self.calls: Counter[str] = Counter()
         self.bytes: Counter[str] = Counter()
         self.broken: TensorParallelError | None = None
@@ -69,8 +71,8 @@ class TensorParallelGroup:
         if device.type == "cuda" and torch.cuda.device_count() < device.index + size:
             raise ConfigError(f"tensor_parallel_size {size} needs {size} CUDA devices from {device}",
                               num_devices=torch.cuda.device_count())
-        store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, wait_for_workers=False,
-                              timeout=datetime.timedelta(seconds=TIMEOUT_S))
+        store = TCPStore("127.0.0.1", 0, size, is_master=True, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=TIMEOUT_S))
         context = mp.get_context("spawn")
         from node.engine.tp_worker import worker_main  # the worker's entry point imports this module
 
@@ -88,13 +90,13 @@ class TensorParallelGroup:
     @classmethod
     def join(cls, spec: WorkerSpec) -> TensorParallelGroup:
         """A worker: connect to rank 0's store and join the group."""
-        store = dist.TCPStore("127.0.0.1", spec.port, spec.size, is_master=False,
-                              timeout=datetime.timedelta(seconds=TIMEOUT_S))
+        store = TCPStore("127.0.0.1", spec.port, spec.size, is_master=False,
+                         timeout=datetime.timedelta(seconds=TIMEOUT_S))
         group = cls(spec.rank, spec.size, rank_device(spec.config, spec.rank))
         group._join(store)
         return group
 
-    def _join(self, store: dist.Store) -> None:
+    def _join(self, store: Store) -> None:
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -166,6 +168,13 @@ class TensorParallelGroup:
         except TensorParallelError as e:
             return e
         self.broken = TensorParallelError(f"a tensor-parallel collective failed: {cause}", rank=self.rank)
+        return self.broken
+
+    def desynchronized(self, cause: BaseException) -> TensorParallelError:
+        """Rank 0 failed a step after its inputs went out: the workers wait for collectives that will not
+        come, so the group is broken."""
+        self.broken = TensorParallelError(f"rank 0 failed a step the other ranks had started: {cause!r}",
+                                          rank=self.rank)
         return self.broken
 
     def close(self) -> None:

@@ -55,6 +55,7 @@ class TPModelRunner(ModelRunner):
         self.plan = ShardPlan.of(model_config, 0, size)  # refuses a model that does not split, before spawning
         self.shards = tuple(lora_shard(ShardPlan.of(model_config, rank, size)) for rank in range(size))
         self.group = TensorParallelGroup.launch(config, max_model_len, worker_threads(size))
+        self._is_step_sent = False
         try:
             super().__init__(config, self.plan.local_config(), max_model_len, provider, eos_token_ids)
             pools = tuple((pool.max_rank, pool.num_slots) for pool in self.slots.pools)
@@ -78,12 +79,17 @@ class TPModelRunner(ModelRunner):
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSeq], adapters_in_use: Collection[str]) -> SamplerOutput:
         self.group.check_alive()
+        self._is_step_sent = False
         try:
             out = super().run(scheduled, adapters_in_use)
             if out.token_ids:
                 self.group.broadcast_tokens(out.token_ids)
         except RuntimeError as e:  # a collective failed: a rank died or hangs
             raise self.group.failure(e) from e
+        except Exception as e:
+            if self._is_step_sent:  # the workers wait for the rest of this step: the group is out of step
+                raise self.group.desynchronized(e) from e
+            raise  # before any collective (an adapter that cannot load): the group is fine
         return out
 
     def _eager(self, prefills: list[ScheduledSeq], decodes: list[ScheduledSeq], token_ids: list[int],
@@ -101,6 +107,7 @@ class TPModelRunner(ModelRunner):
         step = StepInputs(token_ids, positions, slot_mapping, token_slots, tuple(groups), rows,
                           self.slots.num_pending)
         self.group.broadcast_object(step)
+        self._is_step_sent = True
         if step.num_adapter_writes:
             self.group.scatter_objects(self.slots.take_writes())
         return run_step(self.model, self.kv_caches, self.slots, step, self.group, self.device)

@@ -69,7 +69,8 @@ def run_step(model: LlamaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.
                    for g in step.groups)
     batch = AttentionBatch(slot_mapping=_long(step.slot_mapping, device), groups=groups)
     hook = ProjectionHook(slots.batch(step.token_slots), comm)
-    return model(_long(step.token_ids, device), _long(step.positions, device), batch, kv_caches, hook)
+    hidden: torch.Tensor = model(_long(step.token_ids, device), _long(step.positions, device), batch, kv_caches, hook)
+    return hidden
 
 
 def _long(values: list[int], device: torch.device) -> torch.Tensor:

@@ -135,7 +135,8 @@ class ParallelLlamaForCausalLM(LlamaForCausalLM):
         self.comm.all_reduce(x)
         for layer, kv in zip(self.layers, kv_caches, strict=True):
             x = layer(x, positions, batch, kv, self.rotary, lora)
-        return self.norm(x)
+        normed: torch.Tensor = self.norm(x)
+        return normed
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> float32 logits [N, vocab] on rank 0 (gathered); [0, vocab] elsewhere."""
@@ -143,4 +144,5 @@ class ParallelLlamaForCausalLM(LlamaForCausalLM):
         full = self.comm.gather_logits(local)
         if full is None:
             return local.new_empty((0, self.plan.cfg.vocab_size))
-        return full[:, : self.plan.cfg.vocab_size]  # [N, vocab]: the padding ids dropped
+        logits: torch.Tensor = full[:, : self.plan.cfg.vocab_size]  # [N, vocab]: the padding ids dropped
+        return logits
