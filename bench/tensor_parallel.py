@@ -119,6 +119,36 @@ def per_step(comms: list[tuple[Counter[str], Counter[str]]]) -> dict[str, dict[s
             for k in kinds}
 
 
+# The GPU model's assumptions (a model, not a measurement): the TP=1 step times are bench/gpu.py's, measured
+# on one H200 (bench/results/gpu.json: Llama-3-8B shape, bf16, 32 layers, hidden 4096, vocab 128256);
+# NVLink 4 moves 450 GB/s per direction per GPU (900 GB/s both ways, as published for H100/H200 SXM);
+# each all-reduce or gather also pays a fixed latency; the base work splits evenly over the ranks, and
+# LoRA's (the step time above the base's) half splits, half is duplicated (shrinks of column-parallel
+# and expands of row-parallel projections run on every rank).
+GPU_MODEL = dict(hidden=4096, layers=32, vocab=128256, elem_bytes=2, nvlink_bytes_per_s=450e9, latency_s=10e-6)
+
+
+def gpu_model(gpu_json: Path) -> list[dict[str, Any]]:
+    """Modelled decode step time at TP = 2, 4, 8 from the measured TP=1 rows of bench/gpu.py."""
+    m = GPU_MODEL
+    rows = [r for r in json.loads(gpu_json.read_text())["rows"] if not r["int8"]]
+    base = {r["batch"]: r["step_ms"] / 1e3 for r in rows if r["adapters"] == 0}
+    out = []
+    for r in rows:
+        batch, step = r["batch"], r["step_ms"] / 1e3
+        lora = step - base[batch]
+        for p in (2, 4, 8):
+            ring = 2 * (p - 1) / p * batch * m["hidden"] * m["elem_bytes"] / m["nvlink_bytes_per_s"]
+            all_reduces = (2 * m["layers"] + 1) * (m["latency_s"] + ring)  # o and down per layer, the embedding
+            gather = m["latency_s"] + (p - 1) * batch * m["vocab"] / p * 4 / m["nvlink_bytes_per_s"]
+            compute = base[batch] / p + lora * (0.5 + 0.5 / p)
+            total = compute + all_reduces + gather
+            out.append({"batch": batch, "adapters": r["adapters"], "tp": p, "tp1_measured_ms": step * 1e3,
+                        "compute_ms": compute * 1e3, "communication_ms": (all_reduces + gather) * 1e3,
+                        "step_ms": total * 1e3, "speedup_vs_tp1": step / total})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=8)
@@ -150,12 +180,13 @@ def main() -> None:
             comms["lora"] += counted
         _, counted, _ = decode_steps(engines[2], args.batch, 2, [None], f"base-{r}")
         comms["base"] += counted
-    report(cfg, args.batch, {"wall": best, "cpu": cpu_best}, medians, {k: per_step(v) for k, v in comms.items()})
+    report(cfg, args.batch, {"wall": best, "cpu": cpu_best}, medians, {k: per_step(v) for k, v in comms.items()},
+           gpu_model(RESULTS.parent / "gpu.json"))
     engines[2].shutdown()
 
 
 def report(cfg: ModelConfig, batch: int, times: dict[str, dict[str, float]], medians: dict[str, list[float]],
-           comms: dict[str, dict[str, dict[str, float]]]) -> None:
+           comms: dict[str, dict[str, dict[str, float]]], modelled: list[dict[str, Any]]) -> None:
     lora, base = comms["lora"], comms["base"]
     per_layer = (lora["all_reduce"]["bytes"] - batch * cfg.hidden_size * 4) / cfg.num_layers  # less the embedding's
     megatron = 2 * batch * cfg.hidden_size * 4
@@ -174,6 +205,9 @@ def report(cfg: ModelConfig, batch: int, times: dict[str, dict[str, float]], med
         "decode_step_best_cpu_s_all_ranks": cpu,
         "wall_vs_tp1_1thread": {k: v / best[tp1] for k, v in best.items()},
         "cpu_vs_tp1_1thread": {k: v / cpu[tp1] for k, v in cpu.items()},
+        "gpu_model": {"label": "MODEL, not a measurement: TP=1 measured on one H200 (bench/results/gpu.json), "
+                               "NVLink bandwidth as published, latency assumed", "assumptions": GPU_MODEL,
+                      "rows": modelled},
     }
     print(f"decode batch {batch}, model hidden {cfg.hidden_size} x {cfg.num_layers} layers, TP=2 on gloo (CPU)")
     print(f"{'per decode step (LoRA batch)':44} {'calls':>7} {'bytes':>10}")
@@ -187,6 +221,13 @@ def report(cfg: ModelConfig, batch: int, times: dict[str, dict[str, float]], med
     for run in best:
         print(f"{run:26} {best[run] * 1e3:12.2f} {best[run] / best[tp1]:9.2f}x {cpu[run] * 1e3:19.2f} "
               f"{cpu[run] / cpu[tp1]:9.2f}x")
+    print("GPU MODEL (not measured): Llama-3-8B shape, bf16; TP=1 as measured on one H200 by bench/gpu.py")
+    print(f"{'batch':>6} {'adapters':>8} {'TP':>3} {'TP=1 ms':>8} {'compute':>8} {'comm':>7} {'step ms':>8} "
+          f"{'speed-up':>9}")
+    for row in modelled:
+        print(f"{row['batch']:6} {row['adapters']:8} {row['tp']:3} {row['tp1_measured_ms']:8.2f} "
+              f"{row['compute_ms']:8.2f} {row['communication_ms']:7.2f} {row['step_ms']:8.2f} "
+              f"{row['speedup_vs_tp1']:8.2f}x")
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
 
 
