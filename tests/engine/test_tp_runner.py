@@ -1,11 +1,12 @@
 """The engine split across 2 tensor-parallel ranks (gloo, 2 processes, on the CPU): greedy answers
 token-identical to one rank and to transformers + peft, for mixed adapters, ranks and the base model
-in one batch; streams and aborts; a rank that dies ends its step with a clear error. The Mistral,
+in one batch, adapters loaded once through the tiered store; streams and aborts; a rank that dies ends its step with a clear error. The Mistral,
 Qwen2 and 1-KV-head shapes, and the engine core started again after a rank died, are `slow`."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import time
@@ -20,6 +21,12 @@ from node.devkit.corpus import STYLES
 from node.engine import EngineConfig, LLMEngine, SamplingParams
 from node.engine.sequence import RequestOutput, Sequence
 from node.errors import TensorParallelError
+from node.lora.adapter import LoRATargetSpec, load_lora_adapter
+from node.lora.content_hash import adapter_weights_sha256
+from node.lora.provider import AdapterSource
+from node.lora.store import AdapterStore, StoreConfig
+from node.models.config import ModelConfig
+from node.protocol.hexstr import to_hex
 from tests.engine.reference import PeftReference
 from tests.fixtures.models import TinyAdapters
 
@@ -73,10 +80,21 @@ def one_rank(tiny_model: Path, tiny_adapters: TinyAdapters) -> LLMEngine:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tiny_model: Path, tiny_adapters: TinyAdapters) -> Iterator[LLMEngine]:
-    engine = _engine(tiny_model, tiny_adapters.paths, 2)
-    yield engine
-    engine.shutdown()
+def two_ranks(tiny_model: Path, tiny_adapters: TinyAdapters, tmp_path_factory: pytest.TempPathFactory,
+              ) -> Iterator[LLMEngine]:
+    """Over the tiered store (disk and host tiers, content hashes checked): rank 0 loads each adapter
+    once, and scatters its parts."""
+    model = ModelConfig.from_folder(tiny_model)
+    parse = functools.partial(load_lora_adapter, target=LoRATargetSpec.of(model.num_layers, model.module_shapes()),
+                              max_rank=16)
+    config = StoreConfig(cache_dir=tmp_path_factory.mktemp("tp-store"), max_disk_bytes=1 << 30, max_host_bytes=64 << 20)
+    with AdapterStore(config, parse, lambda w: w.nbytes) as store:
+        engine = LLMEngine(EngineConfig(model_path=tiny_model, tensor_parallel_size=2, **CONFIG),  # type: ignore[arg-type]
+                           provider=store)
+        for name, path in tiny_adapters.paths.items():
+            store.register(name, AdapterSource(str(path), to_hex(adapter_weights_sha256(path))))
+        yield engine
+        engine.shutdown()
 
 
 def test_mixed_adapters_and_base_over_two_ranks_answer_as_one_rank_and_peft(
@@ -85,6 +103,7 @@ def test_mixed_adapters_and_base_over_two_ranks_answer_as_one_rank_and_peft(
     q, v and o alone, mixed with the base model in one batch."""
     _check_same_answers(tiny_model, tiny_adapters.paths, two_ranks, one_rank)
     assert two_ranks.runner.group.calls["scatter_object"] > 0  # adapters reached rank 1 as scattered parts
+    assert two_ranks.provider.metrics().as_dict()["disk"]["misses"] == len(tiny_adapters.paths)  # type: ignore[attr-defined]
 
 
 def test_a_stream_arrives_delta_by_delta_and_an_abort_ends_it(two_ranks: LLMEngine, one_rank: LLMEngine) -> None:
