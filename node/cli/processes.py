@@ -35,7 +35,10 @@ def api(host: str = typer.Option(None, help="Bind address (default LORANODE_HOST
                                                  "LORANODE_ENGINE_PROCESS, false) or in the API's."),
         data_parallel_size: int = typer.Option(None, "--data-parallel-size", min=1,
                                                help="Engine cores, one per device on CUDA (default "
-                                                    "LORANODE_DATA_PARALLEL_SIZE, 1).")) -> None:
+                                                    "LORANODE_DATA_PARALLEL_SIZE, 1)."),
+        tensor_parallel_size: int = typer.Option(None, "--tensor-parallel-size", min=1,
+                                                 help="Devices each engine splits the model across (default "
+                                                      "LORANODE_TENSOR_PARALLEL_SIZE, 1).")) -> None:
     """Serve the paid OpenAI-compatible API; its engine runs in it, or in core processes it starts and restarts."""
     import uvicorn
 
@@ -45,7 +48,8 @@ def api(host: str = typer.Option(None, help="Bind address (default LORANODE_HOST
     settings, dep = require_deployment()
     # the port it serves on is part of the process's name in the ledger's holds (two replicas on one
     # host must not share it): --port goes into the settings, not only to uvicorn
-    chosen = {"engine_process": engine_process, "data_parallel_size": data_parallel_size, "host": host, "port": port}
+    chosen = {"engine_process": engine_process, "data_parallel_size": data_parallel_size,
+              "tensor_parallel_size": tensor_parallel_size, "host": host, "port": port}
     settings = load_settings(**{k: v for k, v in chosen.items() if v is not None})  # checked again
     services = build_services(settings, dep)
     uvicorn.run(create_app(services), host=settings.host, port=settings.port, log_level="info")

@@ -1,7 +1,8 @@
 """The engine split across 2 tensor-parallel ranks (gloo, 2 processes, on the CPU): greedy answers
 token-identical to one rank and to transformers + peft, for mixed adapters, ranks and the base model
-in one batch, adapters loaded once through the tiered store; streams and aborts; a rank that dies ends its step with a clear error. The Mistral,
-Qwen2 and 1-KV-head shapes, and the engine core started again after a rank died, are `slow`."""
+in one batch, adapters loaded once through the tiered store; streams and aborts; a rank that dies
+ends its step with a clear error. The Mistral, Qwen2 and 1-KV-head shapes, and the engine core
+started again after a rank died, are `slow`."""
 
 from __future__ import annotations
 
