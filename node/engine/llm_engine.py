@@ -78,6 +78,7 @@ class LLMEngine:
         self.runner = runner_class(config)(config, self.model_config, self.max_model_len, self.provider,
                                            frozenset(eos))
         if self.runner.num_blocks * config.block_size < self.max_model_len:
+            self.runner.close()
             raise ConfigError("the KV cache cannot hold one max_model_len sequence",
                               num_kv_blocks=self.runner.num_blocks, max_model_len=self.max_model_len)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)

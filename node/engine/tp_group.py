@@ -162,7 +162,7 @@ class TensorParallelGroup:
     def failure(self, cause: BaseException) -> TensorParallelError:
         """Rank 0, after a collective raised: the typed error naming the rank that died (if one did)."""
         for proc in self.procs:
-            proc.join(timeout=1.0)  # a worker killed mid-step has usually exited by now
+            proc.join(timeout=5.0)  # a worker killed mid-step has exited by now (or hangs: then it is not dead)
         try:
             self.check_alive()
         except TensorParallelError as e:

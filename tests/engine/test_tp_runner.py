@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import multiprocessing
 import os
 import signal
 import time
@@ -21,7 +22,7 @@ from node.devkit import make_tiny_model, train_tiny_adapter
 from node.devkit.corpus import STYLES
 from node.engine import EngineConfig, LLMEngine, SamplingParams
 from node.engine.sequence import RequestOutput, Sequence
-from node.errors import TensorParallelError
+from node.errors import ConfigError, TensorParallelError
 from node.lora.adapter import LoRATargetSpec, load_lora_adapter
 from node.lora.content_hash import adapter_weights_sha256
 from node.lora.provider import AdapterSource
@@ -123,6 +124,15 @@ def test_a_stream_arrives_delta_by_delta_and_an_abort_ends_it(two_ranks: LLMEngi
     cut = asyncio.run(read(LONG, 2))
     assert cut[-1].finish_reason == "abort" and len(cut) < LONG.max_tokens  # type: ignore[attr-defined]
     assert two_ranks.generate(["Rain"], GREEDY)[0].token_ids == one_rank.generate(["Rain"], GREEDY)[0].token_ids
+
+
+def test_a_model_that_does_not_split_or_a_second_group_is_refused_before_any_process_starts(
+        tiny_model: Path, two_ranks: LLMEngine) -> None:
+    with pytest.raises(ConfigError, match="4 attention heads do not split 3 ways"):
+        LLMEngine(EngineConfig(model_path=tiny_model, tensor_parallel_size=3))
+    with pytest.raises(ConfigError, match="one tensor-parallel engine per process"):
+        LLMEngine(EngineConfig(model_path=tiny_model, tensor_parallel_size=2))
+    assert len(multiprocessing.active_children()) == 1  # two_ranks' worker alone
 
 
 def test_a_rank_that_dies_mid_request_ends_the_step_with_a_clear_error(two_ranks: LLMEngine) -> None:
