@@ -184,6 +184,12 @@ class ModelFormatError(NodeError):
     code = "model_format"
 
 
+class UnsupportedArchitecture(ModelFormatError):
+    """A base model whose architecture (config.json `model_type`) no family here serves."""
+
+    code = "unsupported_architecture"
+
+
 # --- attribution ---------------------------------------------------------------------------------
 class AttributionError(NodeError):
     """Evidence or weights that do not follow the attribution rule, or that cannot be recomputed."""
