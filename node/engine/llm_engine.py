@@ -69,7 +69,8 @@ class LLMEngine:
         self.config = config
         self.model_config = ModelConfig.from_folder(config.model_path)
         self.max_model_len = max_model_len(config, self.model_config)
-        self.lora_target = LoRATargetSpec.of(self.model_config.num_layers, self.model_config.module_shapes())
+        self.lora_target = LoRATargetSpec.of(self.model_config.num_layers, self.model_config.module_shapes(),
+                                               self.model_config.fused_modules())
         self.provider: AdapterProvider[LoRAWeights] = provider or InMemoryAdapterProvider(self.parse_adapter)
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(config.model_path))
         eos = eos_token_ids(self.model_config, self.tokenizer)
