@@ -121,8 +121,8 @@ class ModelConfig:
         model_type = raw.get("model_type")
         if model_type not in FAMILY_OF:
             raise UnsupportedArchitecture(
-                f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_TYPES)}",
-                model_type=model_type, architectures=raw.get("architectures"), supported=list(SUPPORTED_TYPES))
+                f"architecture {model_type!r} ({', '.join(raw.get('architectures') or ['no architectures'])}) "
+                f"is not supported; supported: {', '.join(SUPPORTED_TYPES)}", model_type=model_type)
         _refuse_unsupported(raw, model_type)
         is_gemma = FAMILY_OF[model_type] == "gemma"
         num_heads = raw["num_attention_heads"]
