@@ -17,7 +17,7 @@ from node.devkit import make_tiny_model
 from node.devkit.tiny_adapter import ALL_TARGETS
 from node.models.config import ModelConfig
 from node.models.rotary import inverse_frequencies
-from tests.models.parity import assert_matches_peft, train_adapters
+from tests.models.parity import PROMPTS, assert_matches_peft, train_adapters
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
 DYNAMIC = {"rope_type": "dynamic", "factor": 3.0}
@@ -59,5 +59,6 @@ def test_scaled_rope_models_match_peft(variant: str, tmp_path: Path) -> None:
     model = make_tiny_model(tmp_path / "model", arch="llama", rope_scaling=spec["rope"], seed=17,
                             max_position_embeddings=spec["max_position_embeddings"])
     # prompts of 2 to 14 tokens (inside the trained length) and 14 more: up to 28 positions
-    assert_matches_peft(model, train_adapters(model, tmp_path, ALL_TARGETS), max_tokens=14,
+    prompts = PROMPTS[:2] if spec["stepwise"] else PROMPTS  # the 14-token one and a 1-token one
+    assert_matches_peft(model, train_adapters(model, tmp_path, ALL_TARGETS), max_tokens=14, prompts=prompts,
                         stepwise_rope=spec["stepwise"], max_model_len=32)
