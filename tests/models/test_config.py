@@ -31,3 +31,33 @@ def test_gemma3_multimodal_checkpoints_are_refused_text_ones_served() -> None:
     assert "gemma3_text" in SUPPORTED_TYPES
     with pytest.raises(UnsupportedArchitecture, match="'gemma3'"):
         ModelConfig.from_dict({"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"]})
+
+
+BASE = {"vocab_size": 64, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 6,
+        "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+def test_older_gemma_configs_are_read_as_transformers_reads_them() -> None:
+    """Checkpoints saved before `layer_types` and nested rope parameters existed."""
+    gemma2 = ModelConfig.from_dict(BASE | {"model_type": "gemma2", "sliding_window": 8, "rope_theta": 1e4})
+    assert [layer.window for layer in gemma2.layers] == [8, None] * 3
+    gemma3 = ModelConfig.from_dict(BASE | {"model_type": "gemma3_text", "sliding_window": 8, "rope_theta": 1e6,
+                                           "rope_local_base_freq": 1e4,
+                                           "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
+    assert [layer.window for layer in gemma3.layers] == [8] * 5 + [None]
+    local, global_ = gemma3.layers[0].rope, gemma3.layers[5].rope
+    assert (local.kind, local.theta) == ("default", 1e4)
+    assert (global_.kind, global_.theta, global_.param("factor")) == ("linear", 1e6, 8.0)
+    assert gemma3.qk_norm and gemma3.tie_embeddings and gemma3.attn_scale == 256 ** -0.5
+
+
+def test_windows_apply_where_the_config_turns_them_on() -> None:
+    mistral = ModelConfig.from_dict(BASE | {"model_type": "mistral", "sliding_window": None})
+    assert {layer.window for layer in mistral.layers} == {None}
+    qwen2_off = ModelConfig.from_dict(BASE | {"model_type": "qwen2", "sliding_window": 32, "use_sliding_window": False})
+    assert {layer.window for layer in qwen2_off.layers} == {None}
+    qwen2_on = ModelConfig.from_dict(BASE | {"model_type": "qwen2", "sliding_window": 32, "use_sliding_window": True,
+                                             "max_window_layers": 4})
+    assert [layer.window for layer in qwen2_on.layers] == [None] * 4 + [32] * 2
+    phi3 = ModelConfig.from_dict(BASE | {"model_type": "phi3", "sliding_window": 16})
+    assert {layer.window for layer in phi3.layers} == {16}
