@@ -14,7 +14,8 @@ Per layer, two options (`LayerAttention`): a sliding window (query i sees keys i
 transformers' rule; keys that fell out of the window stay in the cache and are masked) and
 attention-logit soft-capping (scores -> cap * tanh(scores / cap), Gemma 2). SDPA has no soft-cap, so
 soft-capped layers attend through `_softcapped` (the same mask, in plain tensor ops: CUDA graphs
-capture it); flash-attn takes both as arguments.
+capture it); flash-attn takes both as arguments (soft-capping from flash-attn 2.6; before it, those
+layers take the gather path).
 """
 
 from __future__ import annotations
@@ -44,6 +45,16 @@ class AttentionGroup:
 @cache
 def flash_attn_installed() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
+
+
+@cache
+def flash_has_softcap() -> bool:
+    """flash-attn >= 2.6 soft-caps scores itself; an older one leaves soft-capped layers to SDPA's gather path."""
+    import inspect
+
+    from flash_attn import flash_attn_with_kvcache
+
+    return "softcap" in inspect.signature(flash_attn_with_kvcache).parameters
 
 
 def decode_backend(device: torch.device, block_size: int) -> str:
@@ -132,7 +143,8 @@ def paged_attention(
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, batch.slot_mapping, v)
     out = q.new_empty((num_tokens, num_heads * head_dim))
     for group in batch.groups:
-        if group.is_dense and decode_backend(q.device, k_cache.shape[1]) == "flash":
+        if group.is_dense and decode_backend(q.device, k_cache.shape[1]) == "flash" and (
+                layer.softcap is None or flash_has_softcap()):
             return _flash_decode(q, k_cache, v_cache, group, layer)
         qg = q[group.token_index].transpose(1, 2)  # [B, H, Q, D]
         kg = _gather(k_cache, group).transpose(1, 2)  # [B, KVH, K, D]
