@@ -192,6 +192,12 @@ class TensorParallelError(NodeError):
     code = "tensor_parallel"
 
 
+class UnsupportedArchitecture(ModelFormatError):
+    """A base model whose architecture (config.json `model_type`) no family here serves."""
+
+    code = "unsupported_architecture"
+
+
 # --- attribution ---------------------------------------------------------------------------------
 class AttributionError(NodeError):
     """Evidence or weights that do not follow the attribution rule, or that cannot be recomputed."""

@@ -1,4 +1,4 @@
-"""Tiny random Llama-family checkpoints with a real tokenizer, saved like a Hugging Face folder."""
+"""Tiny random checkpoints of every family we serve, with a real tokenizer, saved like a Hugging Face folder."""
 
 from __future__ import annotations
 
@@ -8,25 +8,37 @@ from typing import Any, Literal
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 from transformers.utils import logging as hf_logging
 
 from node.devkit.corpus import STYLES, TEXT
 
-Arch = Literal["llama", "mistral", "qwen2"]
+Arch = Literal["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"]
 _CLASSES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+    "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
+    "phi3": (Phi3Config, Phi3ForCausalLM),
 }
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 # The tiny models' chat format: each message as `<|role|>\ncontent\n`, then `<|assistant|>\n` to answer.
@@ -66,19 +78,25 @@ def make_tiny_model(
     shards: int = 1,
     seed: int = 0,
     chat_template: str | None = TINY_CHAT_TEMPLATE,
+    random_norms: bool = False,
+    **config_fields: Any,
 ) -> Path:
     """Write a random `arch` checkpoint (config.json, safetensors, tokenizer) into `folder`.
 
     The weights come from transformers' own model class, so the folder loads with
     `AutoModelForCausalLM.from_pretrained` and is the reference our forward pass is tested against.
     A larger than usual `initializer_range` makes greedy choices clear-cut instead of near ties.
-    The tokenizer gets `chat_template` (None: a model that cannot chat).
+    The tokenizer gets `chat_template` (None: a model that cannot chat). `config_fields` go to the
+    config class as they are (a sliding window, soft-caps, layer types); `random_norms` adds noise to
+    every norm weight, which transformers initialises to a constant that would hide a misplaced norm.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(vocab_size)
     config_cls, model_cls = _CLASSES[arch]
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = dict(config_fields)
+    if arch.startswith("gemma"):
+        extra.setdefault("head_dim", hidden_size // num_heads)  # Gemma's default is 256, not hidden / heads
     if rope_scaling is not None:
         extra["rope_scaling"] = {"rope_theta": 10000.0, **rope_scaling}
     config = config_cls(
@@ -93,6 +111,11 @@ def make_tiny_model(
     hf_logging.disable_progress_bar()
     torch.manual_seed(seed)
     model = model_cls(config).eval()
+    if random_norms:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.add_(torch.randn_like(p) * 0.2)
     nbytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     shard_bytes = max(1, nbytes // shards + 1) if shards > 1 else nbytes * 2 + (1 << 20)
     model.save_pretrained(folder, max_shard_size=shard_bytes)

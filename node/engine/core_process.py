@@ -71,7 +71,7 @@ def core_engine_config(config: EngineConfig, core: int, num_cores: int) -> Engin
 def adapter_store(store: StoreConfig, config: EngineConfig) -> AdapterStore[LoRAWeights]:
     """The tiered adapter store for this base model (parse: a validated PEFT folder)."""
     model = ModelConfig.from_folder(config.model_path)
-    target = LoRATargetSpec.of(model.num_layers, model.module_shapes())
+    target = LoRATargetSpec.of(model.num_layers, model.module_shapes(), model.fused_modules())
     parse = functools.partial(load_lora_adapter, target=target, max_rank=config.max_lora_rank)
     return AdapterStore(store, parse, lambda w: w.nbytes)
 

@@ -57,9 +57,7 @@ InboxMessage = Sequence | Abort | DropAdapter
 
 def max_model_len(config: EngineConfig, model: ModelConfig) -> int:
     """The longest sequence (prompt + completion) the engine takes for this model and config."""
-    limit = model.max_position_embeddings
-    if model.sliding_window:
-        limit = min(limit, model.sliding_window)  # no windowed attention: stay inside it
+    limit = model.max_positions  # sliding windows are masked per layer: no limit of their own
     wanted = config.max_model_len or min(limit, 4096)
     if wanted > limit:
         raise ConfigError(f"max_model_len {wanted} exceeds the model's {limit}", max_model_len=wanted)
@@ -71,7 +69,8 @@ class LLMEngine:
         self.config = config
         self.model_config = ModelConfig.from_folder(config.model_path)
         self.max_model_len = max_model_len(config, self.model_config)
-        self.lora_target = LoRATargetSpec.of(self.model_config.num_layers, self.model_config.module_shapes())
+        self.lora_target = LoRATargetSpec.of(self.model_config.num_layers, self.model_config.module_shapes(),
+                                               self.model_config.fused_modules())
         self.provider: AdapterProvider[LoRAWeights] = provider or InMemoryAdapterProvider(self.parse_adapter)
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(config.model_path))
         eos = eos_token_ids(self.model_config, self.tokenizer)

@@ -37,7 +37,7 @@ class ModelRunner:
         if config.weight_quantization == "int8":
             quantize_int8(self.model)
         # adapter slots first, so that the KV cache is sized from the memory they leave
-        target = LoRATargetSpec.of(model_config.num_layers, model_config.module_shapes())
+        target = LoRATargetSpec.of(model_config.num_layers, model_config.module_shapes(), model_config.fused_modules())
         self.slots = self._slot_pools(target)
         self.num_blocks = config.num_kv_blocks or self._fit_kv_blocks(max_model_len)
         # one block more than the block manager hands out: padded graph rows write their keys there

@@ -30,10 +30,15 @@ class LoRATargetSpec:
 
     num_layers: int
     module_shapes: tuple[tuple[str, tuple[int, int]], ...]
+    # checkpoint projections that hold several of ours (Phi-3's qkv_proj, gate_up_proj), with the
+    # rows of each: an adapter trained on one is served as its parts, A shared and B split by rows
+    fused: tuple[tuple[str, tuple[tuple[str, int, int], ...]], ...] = ()
 
     @classmethod
-    def of(cls, num_layers: int, shapes: dict[str, tuple[int, int]]) -> LoRATargetSpec:
-        return cls(num_layers=num_layers, module_shapes=tuple(sorted(shapes.items())))
+    def of(cls, num_layers: int, shapes: dict[str, tuple[int, int]],
+           fused: dict[str, tuple[tuple[str, int, int], ...]] | None = None) -> LoRATargetSpec:
+        return cls(num_layers=num_layers, module_shapes=tuple(sorted(shapes.items())),
+                   fused=tuple(sorted((fused or {}).items())))
 
     @cached_property
     def _shapes(self) -> dict[str, tuple[int, int]]:
@@ -87,7 +92,7 @@ def load_lora_adapter(source: str | Path | AdapterFiles, target: LoRATargetSpec,
                                  folder=str(files.folder), problems=list(plan.problems))
     if plan.stacks is None:
         modules = {k: (files.tensor(a), files.tensor(b)) for k, (a, b) in plan.names.items()}
-        weights = LoRAWeights.from_modules(modules, plan.scales)
+        weights = LoRAWeights.from_modules(*_unfuse(modules, plan.scales, dict(target.fused)))
         _refuse_non_finite(files, _non_finite({**weights.a, **weights.b}, weights.rank))
         return weights
     dtype = FLOAT_DTYPES[files.header[next(iter(plan.names.values()))[0]].dtype]
@@ -98,6 +103,20 @@ def load_lora_adapter(source: str | Path | AdapterFiles, target: LoRATargetSpec,
     # the bytes, not the plan, checked on every load; after scaling, which can overflow a huge weight
     _refuse_non_finite(files, _non_finite(stacks, rank))
     return LoRAWeights(rank=rank, a=a, b=b, ranks=dict.fromkeys(plan.names, rank))
+
+
+def _unfuse(modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], scales: dict[tuple[int, str], float],
+            fused: dict[str, tuple[tuple[str, int, int], ...]],
+            ) -> tuple[dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], dict[tuple[int, str], float]]:
+    """A LoRA on a fused projection as LoRAs on its parts: B @ A @ x has rows [start, end) of part m
+    exactly when part m's LoRA is (A, B[start:end])."""
+    out_modules, out_scales = {}, {}
+    for (layer, module), (a, b) in modules.items():
+        parts = fused.get(module, ((module, 0, b.shape[0]),))
+        for part, start, end in parts:
+            out_modules[(layer, part)] = (a, b[start:end])  # A [r, in], B rows [end - start, r]
+            out_scales[(layer, part)] = scales[(layer, module)]
+    return out_modules, out_scales
 
 
 def _non_finite(stacks: dict[str, torch.Tensor], rank: int) -> list[tuple[int, str]]:
@@ -131,7 +150,7 @@ def _make_plan(files: AdapterFiles, target: LoRATargetSpec, max_rank: int) -> _P
     pairs: dict[tuple[int, str], dict[str, str]] = {}
     for key in files.header:
         m = _KEY.fullmatch(key)
-        if m is None or m.group(2) not in MODULES:
+        if m is None or m.group(2) not in (*MODULES, *dict(target.fused)):
             problems.append(f"unsupported tensor {key}")
             continue
         pairs.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = key
@@ -146,7 +165,8 @@ def _make_plan(files: AdapterFiles, target: LoRATargetSpec, max_rank: int) -> _P
         ranks = {k: files.header[a].shape[0] for k, (a, _) in names.items()}
         problems += declared_problems(files.config, ranks)
         scales = {k: scaling(files.config, *k, rank) for k, rank in ranks.items()}
-    stacks = _stacks(files, names) if names and not problems else None
+    is_fused = any(module in dict(target.fused) for _, module in names)  # Phi-3: split in `_unfuse`
+    stacks = _stacks(files, names) if names and not problems and not is_fused else None
     return _Plan(tuple(problems), names, scales, stacks)
 
 

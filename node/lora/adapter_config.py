@@ -58,7 +58,7 @@ def scaling(config: dict[str, Any], layer: int, module: str, rank: int) -> float
 
 
 def full_name(layer: int, module: str) -> str:
-    parent = "self_attn" if module in MODULES[:4] else "mlp"
+    parent = "self_attn" if module in (*MODULES[:4], "qkv_proj") else "mlp"
     return f"model.layers.{layer}.{parent}.{module}"
 
 

@@ -1,1 +1,1 @@
-"""Llama-family decoders (Llama, Mistral, Qwen2) and the safetensors loader."""
+"""Decoder families (Llama, Mistral, Qwen2/3, Phi-3 in llama.py; Gemma 2/3 in gemma.py) and the safetensors loader."""

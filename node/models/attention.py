@@ -9,6 +9,13 @@ A dense decode group (one query per sequence, every row real, the batch in order
 replays) has fixed shapes end to end. On CUDA, when flash-attn is installed and the block size is a
 multiple of its page size (256), it attends the paged cache in place (`flash_attn_with_kvcache`,
 no gather); otherwise SDPA over the gathered blocks.
+
+Per layer, two options (`LayerAttention`): a sliding window (query i sees keys i - window < j <= i,
+transformers' rule; keys that fell out of the window stay in the cache and are masked) and
+attention-logit soft-capping (scores -> cap * tanh(scores / cap), Gemma 2). SDPA has no soft-cap, so
+soft-capped layers attend through `_softcapped` (the same mask, in plain tensor ops: CUDA graphs
+capture it); flash-attn takes both as arguments (soft-capping from flash-attn 2.6; before it, those
+layers take the gather path).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ class AttentionGroup:
     block_tables: torch.Tensor  # [B, max_blocks] long: KV cache block ids (pads: any valid id)
     mask: torch.Tensor  # [B, 1, Q, K] bool: True where a query may attend a cached position
     num_keys: int  # K: positions to gather per sequence
+    query_pos: torch.Tensor  # [B, Q] long: each query's position in its sequence (the last key it sees)
     context_lens: torch.Tensor | None = None  # [B] int32 cached positions per sequence (dense groups)
     is_dense: bool = False  # one query per sequence, token b is sequence b: no scatter, fixed shapes
 
@@ -37,6 +45,16 @@ class AttentionGroup:
 @cache
 def flash_attn_installed() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
+
+
+@cache
+def flash_has_softcap() -> bool:
+    """flash-attn >= 2.6 soft-caps scores itself; an older one leaves soft-capped layers to SDPA's gather path."""
+    import inspect
+
+    from flash_attn import flash_attn_with_kvcache
+
+    return "softcap" in inspect.signature(flash_attn_with_kvcache).parameters
 
 
 def decode_backend(device: torch.device, block_size: int) -> str:
@@ -56,8 +74,8 @@ def dense_decode_group(block_tables: torch.Tensor, context_lens: torch.Tensor, b
     mask = (k_pos[None, :] < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, K]
     token_index = torch.arange(num_seqs, device=block_tables.device)[:, None]  # [B, 1]
     return AttentionGroup(token_index=token_index, is_real=torch.ones_like(token_index, dtype=torch.bool),
-                          block_tables=block_tables, mask=mask, num_keys=num_keys, context_lens=context_lens,
-                          is_dense=True)
+                          block_tables=block_tables, mask=mask, num_keys=num_keys,
+                          query_pos=(context_lens.long() - 1)[:, None], context_lens=context_lens, is_dense=True)
 
 
 @dataclass(frozen=True)
@@ -91,12 +109,29 @@ def build_group(
     for b, table in enumerate(block_tables):
         tables[b, : len(table)] = torch.tensor(table, dtype=torch.long)
     return AttentionGroup(token_index=token_index, is_real=is_real, block_tables=tables.to(device),
-                          mask=mask.unsqueeze(1), num_keys=max_k)
+                          mask=mask.unsqueeze(1), num_keys=max_k, query_pos=last_visible)
+
+
+@dataclass(frozen=True)
+class LayerAttention:
+    """What one layer's attention does beyond causal softmax attention."""
+
+    scale: float
+    window: int | None = None  # sliding window: query i sees keys i - window < j <= i
+    softcap: float | None = None  # scores -> softcap * tanh(scores / softcap)
+
+
+def window_mask(group: AttentionGroup, window: int) -> torch.Tensor:
+    """[B, 1, Q, K] bool: the group's causal mask, limited to each query's last `window` keys
+    (padded query rows keep seeing everything, as in the causal mask)."""
+    k_pos = torch.arange(group.mask.shape[-1], device=group.mask.device)
+    inside = k_pos[None, None, :] > group.query_pos[:, :, None] - window  # [B, Q, K]
+    return group.mask & (inside | ~group.is_real[:, :, None]).unsqueeze(1)
 
 
 def paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    batch: AttentionBatch, scale: float,
+    batch: AttentionBatch, layer: LayerAttention,
 ) -> torch.Tensor:
     """q: [T, H, D], k/v: [T, KVH, D], caches: [num_blocks, block_size, KVH, D] -> [T, H * D].
 
@@ -108,13 +143,18 @@ def paged_attention(
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, batch.slot_mapping, v)
     out = q.new_empty((num_tokens, num_heads * head_dim))
     for group in batch.groups:
-        if group.is_dense and decode_backend(q.device, k_cache.shape[1]) == "flash":
-            return _flash_decode(q, k_cache, v_cache, group, scale)
+        if group.is_dense and decode_backend(q.device, k_cache.shape[1]) == "flash" and (
+                layer.softcap is None or flash_has_softcap()):
+            return _flash_decode(q, k_cache, v_cache, group, layer)
         qg = q[group.token_index].transpose(1, 2)  # [B, H, Q, D]
         kg = _gather(k_cache, group).transpose(1, 2)  # [B, KVH, K, D]
         vg = _gather(v_cache, group).transpose(1, 2)
-        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=group.mask, scale=scale,
-                                            enable_gqa=num_heads != num_kv_heads)
+        mask = group.mask if layer.window is None else window_mask(group, layer.window)
+        if layer.softcap is None:
+            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=layer.scale,
+                                                enable_gqa=num_heads != num_kv_heads)
+        else:
+            og = _softcapped(qg, kg, vg, mask, layer.scale, layer.softcap)
         og = og.transpose(1, 2).flatten(2)  # [B, Q, H * D]
         if group.is_dense:
             return og.reshape(num_tokens, num_heads * head_dim)
@@ -122,13 +162,30 @@ def paged_attention(
     return out
 
 
+def _softcapped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                softcap: float) -> torch.Tensor:
+    """q: [B, H, Q, D], k/v: [B, KVH, K, D], mask: [B, 1, Q, K] -> [B, H, Q, D]: attention whose scaled
+    scores are soft-capped before the mask and the float32 softmax (transformers' eager order)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [B, H, K, D]
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale  # [B, H, Q, K]
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
 def _flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: AttentionGroup,
-                  scale: float) -> torch.Tensor:
+                  layer: LayerAttention) -> torch.Tensor:
     from flash_attn import flash_attn_with_kvcache
 
+    extra: dict[str, object] = {}
+    if layer.window is not None:
+        extra["window_size"] = (layer.window - 1, 0)  # keys i - (window - 1) .. i
+    if layer.softcap is not None:
+        extra["softcap"] = layer.softcap  # flash-attn >= 2.6
     out = flash_attn_with_kvcache(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=group.context_lens,
-                                  block_table=group.block_tables.to(torch.int32), softmax_scale=scale,
-                                  causal=True)  # [B, 1, H, D]
+                                  block_table=group.block_tables.to(torch.int32), softmax_scale=layer.scale,
+                                  causal=True, **extra)  # [B, 1, H, D]
     return out.reshape(q.shape[0], -1)
 
 

@@ -1,7 +1,11 @@
-"""The Llama-family decoder (Llama, Mistral, Qwen2): one readable forward over a paged KV cache.
+"""The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3): one readable forward over a paged KV cache.
 
 q/k/v and gate/up are fused into one matmul each; LoRA deltas are added by a hook on the output
-slice of each of the seven projections, so the base matmul runs once for the whole batch.
+slice of each of the seven projections, so the base matmul runs once for the whole batch. The
+family's variants are options of the same layer: q/k/v bias (Qwen2), a per-head RMSNorm of q and k
+before the rotation (Qwen3), a sliding window per layer (Mistral, Qwen2/3's upper layers), rope
+scalings per layer (`rotary.py`). Gemma (`gemma.py`) reuses the attention and the MLP; Phi-3
+(`phi3.py`) only names its checkpoint differently.
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from node.models.attention import AttentionBatch, paged_attention
-from node.models.config import ModelConfig
+from node.models.attention import AttentionBatch, LayerAttention, paged_attention
+from node.models.config import ModelConfig, Rope
 from node.models.quant import linear
 from node.models.rotary import RotaryEmbedding
 
@@ -40,13 +44,23 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
 class DecoderLayer(nn.Module):
+    norm_class: type[RMSNorm] = RMSNorm
+
     def __init__(self, cfg: ModelConfig, index: int, dtype: torch.dtype):
         super().__init__()
         self.cfg, self.index = cfg, index
-        h = cfg.hidden_size
-        self.input_norm = RMSNorm(h, cfg.rms_norm_eps, dtype)
-        self.post_attention_norm = RMSNorm(h, cfg.rms_norm_eps, dtype)
+        spec = cfg.layers[index]
+        self.attention_options = LayerAttention(cfg.attn_scale, spec.window, cfg.attn_softcap)
+        self.act = ACTIVATIONS[cfg.activation]
+        h, norm = cfg.hidden_size, self.norm_class
+        self.input_norm = norm(h, cfg.rms_norm_eps, dtype)
+        self.post_attention_norm = norm(h, cfg.rms_norm_eps, dtype)
+        self.q_norm = norm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        self.k_norm = norm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.qkv_weight = _param(cfg.q_size + 2 * cfg.kv_size, h, dtype=dtype)
         self.qkv_bias = _param(cfg.q_size + 2 * cfg.kv_size, dtype=dtype) if cfg.qkv_bias else None
         self.o_weight = _param(h, cfg.q_size, dtype=dtype)
@@ -54,11 +68,11 @@ class DecoderLayer(nn.Module):
         self.gate_up_weight = _param(2 * cfg.intermediate_size, h, dtype=dtype)
         self.down_weight = _param(h, cfg.intermediate_size, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
-                kv: tuple[torch.Tensor, torch.Tensor], rotary: RotaryEmbedding, lora: LoRAHook | None,
-                ) -> torch.Tensor:
+    def attention(self, h: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
+                  kv: tuple[torch.Tensor, torch.Tensor], rotary: RotaryEmbedding, lora: LoRAHook | None,
+                  ) -> torch.Tensor:
+        """h: [T, hidden] (normed) -> the attention block's output [T, hidden], o_proj included."""
         cfg, i = self.cfg, self.index
-        h = self.input_norm(x)
         qkv = linear(h, self.qkv_weight, self.qkv_bias)  # [T, q + 2 kv]
         if lora is not None:
             lora.apply(i, "qkv", h, qkv)
@@ -66,43 +80,61 @@ class DecoderLayer(nn.Module):
         q = q.reshape(-1, cfg.num_heads, cfg.head_dim)  # [T, H, D]
         k = k.reshape(-1, cfg.num_kv_heads, cfg.head_dim)  # [T, KVH, D]
         v = v.reshape(-1, cfg.num_kv_heads, cfg.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(positions, q, k)
-        attn = paged_attention(q, k, v, kv[0], kv[1], batch, cfg.head_dim ** -0.5)  # [T, H * D]
+        attn = paged_attention(q, k, v, kv[0], kv[1], batch, self.attention_options)  # [T, H * D]
         o = linear(attn, self.o_weight, self.o_bias)
         if lora is not None:
             lora.apply(i, "o", attn, o)
-        x = x + o
-        h = self.post_attention_norm(x)
+        return o
+
+    def mlp(self, h: torch.Tensor, lora: LoRAHook | None) -> torch.Tensor:
+        """h: [T, hidden] (normed) -> down_proj(act(gate_proj h) * up_proj h) [T, hidden]."""
         gate_up = linear(h, self.gate_up_weight)  # [T, 2 I]
         if lora is not None:
-            lora.apply(i, "gate_up", h, gate_up)
-        gate, up = gate_up.split(cfg.intermediate_size, dim=-1)
-        act = F.silu(gate) * up
+            lora.apply(self.index, "gate_up", h, gate_up)
+        gate, up = gate_up.split(self.cfg.intermediate_size, dim=-1)
+        act = self.act(gate) * up
         down = linear(act, self.down_weight)
         if lora is not None:
-            lora.apply(i, "down", act, down)
-        return x + down
+            lora.apply(self.index, "down", act, down)
+        return down
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
+                kv: tuple[torch.Tensor, torch.Tensor], rotary: RotaryEmbedding, lora: LoRAHook | None,
+                ) -> torch.Tensor:
+        x = x + self.attention(self.input_norm(x), positions, batch, kv, rotary, lora)
+        return x + self.mlp(self.post_attention_norm(x), lora)
 
 
 class LlamaForCausalLM(nn.Module):
+    layer_class: type[DecoderLayer] = DecoderLayer
+
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int):
         super().__init__()
         self.cfg = cfg
         self.embed = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.layers = nn.ModuleList(self.layer_class(cfg, i, dtype) for i in range(cfg.num_layers))
+        self.norm = self.layer_class.norm_class(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         tied = cfg.tie_embeddings
         self.lm_head = self.embed if tied else _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
-        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, scaling)
+        ropes: dict[Rope, int] = {}
+        for spec in cfg.layers:
+            ropes.setdefault(spec.rope, len(ropes))
+        self.rotaries = nn.ModuleList(RotaryEmbedding(cfg.head_dim, max_positions, rope) for rope in ropes)
+        self.rotary_of = [ropes[spec.rope] for spec in cfg.layers]  # layer -> its table in `rotaries`
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.embed)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], lora: LoRAHook | None = None,
                 ) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden] (normed)."""
-        x = F.embedding(input_ids, self.embed)
-        for layer, kv in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, positions, batch, kv, self.rotary, lora)
+        x = self.embed_tokens(input_ids)
+        for layer, kv, rotary in zip(self.layers, kv_caches, self.rotary_of, strict=True):
+            x = layer(x, positions, batch, kv, self.rotaries[rotary], lora)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,9 @@
-"""Load a Hugging Face Llama-family folder (config.json + safetensors, single or sharded) into our model."""
+"""Load a Hugging Face folder (config.json + safetensors, single or sharded) into the model of its family.
+
+Checkpoint names map onto our parameters in one table for every family: q/k/v and gate/up land in
+row ranges of the fused matrices, and Phi-3's checkpoint, fused already (qkv_proj, gate_up_proj),
+in the same layout whole.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +17,20 @@ import torch
 from safetensors import safe_open
 
 from node.errors import ModelFormatError
-from node.models.config import ModelConfig
+from node.models.config import FAMILY_OF, ModelConfig
+from node.models.gemma import GemmaForCausalLM
 from node.models.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+FAMILIES: dict[str, type[LlamaForCausalLM]] = {"llama": LlamaForCausalLM, "gemma": GemmaForCausalLM}
+assert set(FAMILY_OF.values()) == set(FAMILIES), "every supported model_type has a model class"
+# checkpoint module -> our parameter prefix, for the tensors that land whole
+_WHOLE = {"o_proj": "o_", "down_proj": "down_", "qkv_proj": "qkv_", "gate_up_proj": "gate_up_",
+          "input_layernorm": "input_norm.", "post_attention_layernorm": "post_attention_norm.",
+          "pre_feedforward_layernorm": "pre_feedforward_norm.", "post_feedforward_layernorm": "post_feedforward_norm.",
+          "q_norm": "q_norm.", "k_norm": "k_norm."}
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -45,7 +58,7 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
     folder = Path(folder)
     cfg = ModelConfig.from_folder(folder)
     with torch.device(device):
-        model = LlamaForCausalLM(cfg, dtype, max_positions)  # uninitialised until copied below
+        model = FAMILIES[cfg.family](cfg, dtype, max_positions)  # uninitialised until copied below
     params = dict(model.named_parameters())
     loaded = dict.fromkeys(params, 0)
     for name, tensor in _tensors(weight_files(folder)):
@@ -85,10 +98,8 @@ def _place(cfg: ModelConfig, name: str) -> tuple[str | None, tuple[int, int] | N
         start = (0, cfg.q_size, cfg.q_size + cfg.kv_size)[_QKV[short]]
         size = cfg.q_size if short == "q_proj" else cfg.kv_size
         return layer + ("qkv_weight" if kind == "weight" else "qkv_bias"), (start, start + size)
-    simple = {"o_proj": "o_", "down_proj": "down_", "input_layernorm": "input_norm.",
-              "post_attention_layernorm": "post_attention_norm."}
-    if short in simple:
-        return layer + simple[short] + kind, None
+    if short in _WHOLE:
+        return layer + _WHOLE[short] + kind, None
     if short in ("gate_proj", "up_proj"):
         start = 0 if short == "gate_proj" else cfg.intermediate_size
         return layer + "gate_up_weight", (start, start + cfg.intermediate_size)

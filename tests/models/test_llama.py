@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +48,14 @@ def test_prefill_and_decode_logits_match_transformers(variant: str, tmp_path: Pa
         assert (torch.stack(rows[out.request_id]) - expected).abs().max().item() < 1e-4, variant
 
 
-def test_unsupported_architectures_are_refused() -> None:
-    with pytest.raises(ModelFormatError, match="gpt2"):
-        ModelConfig.from_dict({"model_type": "gpt2"})
-    with pytest.raises(ModelFormatError, match="yarn"):
-        ModelConfig.from_dict({"model_type": "llama", "num_attention_heads": 4,
-                               "rope_scaling": {"rope_type": "yarn"}})
+def test_unsupported_rope_types_and_options_are_refused(tmp_path: Path) -> None:
+    raw = json.loads((make_tiny_model(tmp_path) / "config.json").read_text())
+    with pytest.raises(ModelFormatError, match="proportional"):
+        ModelConfig.from_dict(raw | {"rope_parameters": {"rope_type": "proportional", "rope_theta": 1e4}})
+    with pytest.raises(ModelFormatError, match="partial rotary"):
+        ModelConfig.from_dict(raw | {"partial_rotary_factor": 0.5})
+    with pytest.raises(ModelFormatError, match="gelu_new"):
+        ModelConfig.from_dict(raw | {"hidden_act": "gelu_new"})
 
 
 def test_a_folder_without_safetensors_is_refused(tmp_path: Path) -> None:
