@@ -61,6 +61,8 @@ class ShardPlan:
         problems = []
         if cfg.model_type not in PARALLEL_TYPES:
             problems.append(f"model_type {cfg.model_type!r} is not one of {PARALLEL_TYPES}")
+        if cfg.o_bias:
+            problems.append("o_proj has a bias (each rank would add it to its partial sum)")
         if cfg.num_heads % size:
             problems.append(f"{cfg.num_heads} attention heads do not split {size} ways")
         if cfg.num_kv_heads % size and size % cfg.num_kv_heads:
@@ -133,8 +135,8 @@ class ParallelLlamaForCausalLM(LlamaForCausalLM):
         local_ids = torch.where(is_mine, input_ids - start, torch.zeros_like(input_ids))
         x = F.embedding(local_ids, self.embed) * is_mine.unsqueeze(-1).to(self.embed.dtype)  # [T, hidden]
         self.comm.all_reduce(x)
-        for layer, kv in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, positions, batch, kv, self.rotary, lora)
+        for layer, kv, rotary in zip(self.layers, kv_caches, self.rotary_of, strict=True):
+            x = layer(x, positions, batch, kv, self.rotaries[rotary], lora)
         normed: torch.Tensor = self.norm(x)
         return normed
 
