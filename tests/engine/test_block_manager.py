@@ -58,15 +58,15 @@ def _compute(bm: BlockManager, seq: Sequence) -> None:
 def test_one_prefix_under_one_adapter_is_computed_once_and_under_two_never_shared() -> None:
     bm = BlockManager(num_blocks=16, block_size=4, enable_caching=True)
     system = list(range(100, 112))  # three full blocks
-    first = _prompt(system + [1, 2], "sea")
+    first = _prompt([*system, 1, 2], "sea")
     assert bm.acquire_prefix(first) == 0
     _compute(bm, first)
     bm.commit(first)
-    again = _prompt(system + [3], "sea")
+    again = _prompt([*system, 3], "sea")
     assert bm.acquire_prefix(again) == 12 and again.block_table == first.block_table[:3]
     assert again.block_hashes == first.block_hashes[:3]
-    other = _prompt(system + [3], "count")
-    base = _prompt(system + [3])
+    other = _prompt([*system, 3], "count")
+    base = _prompt([*system, 3])
     assert bm.acquire_prefix(other) == 0 == bm.acquire_prefix(base)
     _compute(bm, other)
     _compute(bm, base)
@@ -85,7 +85,7 @@ def test_the_last_token_and_partial_blocks_are_never_taken_from_the_cache() -> N
     assert bm.stats().num_cached_blocks == 2  # the partial block went back empty
     exact = _prompt(list(range(8)))  # two full blocks: the second holds its last token, so is recomputed
     assert bm.acquire_prefix(exact) == 4 and exact.num_pending == 4
-    longer = _prompt(list(range(10)) + [77])
+    longer = _prompt([*range(10), 77])
     assert bm.acquire_prefix(longer) == 8 and longer.num_pending == 3
 
 
