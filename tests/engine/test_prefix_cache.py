@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from node.engine import EngineConfig, LLMEngine, SamplingParams
+from node.engine.model_runner import prefill_length_groups
+from node.engine.scheduler import ScheduledSeq
 from node.engine.sequence import Sequence
 from tests.engine.reference import PeftReference
 from tests.fixtures.models import TinyAdapters
@@ -152,3 +154,12 @@ def test_an_adapter_registered_again_under_its_id_never_reads_the_old_ones_block
     engine.remove_adapter("sea-r8")
     engine.add_adapter("sea-r8", tiny_adapters.paths["count-r4"])  # the same id, other weights
     assert engine.generate([prompt], GREEDY, ["sea-r8"])[0].token_ids == count_answer
+
+
+def test_prefills_past_a_cached_prefix_are_not_padded_to_a_long_chunk() -> None:
+    def item(name: str, num_new: int) -> ScheduledSeq:
+        return ScheduledSeq(Sequence(request_id=name, prompt_token_ids=[1] * 600, params=GREEDY, adapter_id=None,
+                                     arrival=0), num_new)
+
+    groups = prefill_length_groups([item("hit", 64), item("chunk", 2000), item("cold", 1200), item("tail", 40)])
+    assert [[s.seq.request_id for s in g] for g in groups] == [["chunk", "cold"], ["hit", "tail"]]
