@@ -214,7 +214,7 @@ def main() -> None:
                 record("loranode", n, dist, run_loranode(model, prompts, adapters, args), num_requests)
             if args.prefix_cache:
                 for caching in (False, True):
-                    record(f"loranode-prefix-cache-{'on' if caching else 'off'}", 16, "chat",
+                    record("loranode+prefix-cache" if caching else "loranode-no-prefix-cache", 16, "chat",
                            run_chat(model, num_requests, caching, args), num_requests)
         if not args.no_peft:
             n = 100
@@ -254,8 +254,8 @@ def summarize(rows: list[dict[str, object]]) -> None:
                   ("100 uniform / base-only", tps(key, "loranode", 100, "uniform"), base, 0.6),
                   ("100 uniform / peft mixed generate", tps(key, "loranode", 100, "uniform"),
                    tps(key, "peft-mixed-generate", 100, "uniform"), 5.0),
-                  ("chat: prefix cache on / off", tps(key, "loranode-prefix-cache-on", 16, "chat"),
-                   tps(key, "loranode-prefix-cache-off", 16, "chat"), 2.0)]
+                  ("chat: prefix cache on / off", tps(key, "loranode+prefix-cache", 16, "chat"),
+                   tps(key, "loranode-no-prefix-cache", 16, "chat"), 2.0)]
         for name, num, den, target in checks:
             if num and den:
                 ratio = num / den
