@@ -218,6 +218,7 @@ class Scheduler:
         its adapter found no device slot (every slot its rank fits holds an adapter of a running
         sequence). It is admitted again once one of them finishes. Not counted as a preemption."""
         self.running.remove(seq)
+        self.blocks.count_lookup(-seq.num_tokens, -seq.num_computed_tokens)  # counted when it runs
         self.blocks.release(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
