@@ -8,6 +8,7 @@ bench/results/engine.json with rows {"system", "adapters", "distribution", "toke
     python bench/engine.py            # the full run (256 requests)
     python bench/engine.py --quick    # fewer requests and systems, a quick look
     python bench/engine.py --targets-only --rounds 2   # the three target ratios, interleaved, best of 2
+    python bench/engine.py --targets-only --prefix-cache --no-peft   # with chat rows, prefix cache off and on
 """
 
 from __future__ import annotations
@@ -107,6 +108,17 @@ def run_loranode(model: Path, prompts: list[list[int]], adapters: list[str | Non
     return clock.rates(sum(len(o.token_ids) for o in outputs))
 
 
+def run_chat(model: Path, num_requests: int, caching: bool, args: argparse.Namespace) -> tuple[float, float]:
+    """bench/prefix_cache.py's chat traffic on this model: every request arrives at once."""
+    from bench.prefix_cache import Traffic, build_engine, run
+
+    traffic = Traffic(num_requests=num_requests)
+    engine = build_engine(model, traffic, caching, device=args.device, dtype=args.dtype)
+    clock = Clock()
+    result = run(engine, "cache on" if caching else "cache off", 0, traffic)
+    return clock.rates(round(result.tokens_per_s * result.wall_s))
+
+
 def build_peft(model: Path, num_adapters: int):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -162,6 +174,9 @@ def main() -> None:
     parser.add_argument("--targets-only", action="store_true",
                         help="only base-only, 1 adapter, 100 uniform and peft mixed: the issue's targets")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of the systems")
+    parser.add_argument("--prefix-cache", action="store_true",
+                        help="add chat traffic rows (bench/prefix_cache.py's: 16 adapters, each with its own "
+                             "512-token system prompt) with the prefix cache off and on")
     parser.add_argument("--out", type=Path, default=RESULTS, help="the JSON file to write")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -197,6 +212,10 @@ def main() -> None:
             for n, dist in [*systems, (0, "-")] if args.rounds == 1 else systems:
                 adapters = draw_adapters(num_requests, n, dist if dist != "-" else "uniform", seed=n)
                 record("loranode", n, dist, run_loranode(model, prompts, adapters, args), num_requests)
+            if args.prefix_cache:
+                for caching in (False, True):
+                    record("loranode+prefix-cache" if caching else "loranode-no-prefix-cache", 16, "chat",
+                           run_chat(model, num_requests, caching, args), num_requests)
         if not args.no_peft:
             n = 100
             peft_model = build_peft(model, n)
@@ -234,7 +253,9 @@ def summarize(rows: list[dict[str, object]]) -> None:
         checks = [("1 adapter / base-only", tps(key, "loranode", 1, "-"), base, 0.9),
                   ("100 uniform / base-only", tps(key, "loranode", 100, "uniform"), base, 0.6),
                   ("100 uniform / peft mixed generate", tps(key, "loranode", 100, "uniform"),
-                   tps(key, "peft-mixed-generate", 100, "uniform"), 5.0)]
+                   tps(key, "peft-mixed-generate", 100, "uniform"), 5.0),
+                  ("chat: prefix cache on / off", tps(key, "loranode+prefix-cache", 16, "chat"),
+                   tps(key, "loranode-no-prefix-cache", 16, "chat"), 2.0)]
         for name, num, den, target in checks:
             if num and den:
                 ratio = num / den

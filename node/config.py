@@ -63,6 +63,7 @@ class Settings(BaseSettings):
 
     max_model_len: int | None = Field(default=None, ge=16)
     cuda_graphs: bool = True  # on CUDA: decode steps replayed from graphs per batch-size bucket
+    prefix_caching: bool = True  # LORANODE_PREFIX_CACHING: full KV blocks cached by (adapter, tokens)
     weight_quantization: Literal["none", "int8"] = "none"  # int8: weight-only, per output channel
     # the engine's step loop in processes of its own (over ZeroMQ, restarted if one dies), or in the API's
     # (the default until the core process carries adapters' own chat templates: docs/engine.md)

@@ -25,6 +25,7 @@ from node.chain.rpc import Rpc
 from node.config import Settings
 from node.db.session import make_engine, session_factory
 from node.engine import EngineConfig, LLMEngine
+from node.engine.block_manager import KV_CACHE
 from node.engine.core_client import CoreClient
 from node.engine.core_process import adapter_store as core_adapter_store
 from node.errors import ConfigError, RpcTransient
@@ -53,7 +54,7 @@ def engine_config(settings: Settings) -> EngineConfig:
                         max_adapter_memory_bytes=settings.max_adapter_device_bytes,
                         adapter_rank_pools=settings.rank_pools(),
                         max_model_len=settings.max_model_len, cuda_graphs=settings.cuda_graphs,
-                        weight_quantization=settings.weight_quantization,
+                        weight_quantization=settings.weight_quantization, prefix_caching=settings.prefix_caching,
                         tensor_parallel_size=settings.tensor_parallel_size)
 
 
@@ -64,7 +65,8 @@ def store_config(settings: Settings) -> StoreConfig:
 
 def start_engine(settings: Settings, config: EngineConfig) -> tuple[Engine, AdapterRegistrar, StoreSnapshot]:
     """The engine (its core processes started and ready, or in this process), where adapters are
-    registered, and the adapter store's metrics (tier -> stat -> value)."""
+    registered, and the adapter store's metrics (tier -> stat -> value, with the KV cache's stats as
+    the tier KV_CACHE: both reach the API by one path, summed over the cores)."""
     if settings.engine_process:
         threads = settings.engine_threads
         if threads is None and settings.data_parallel_size > 1:
@@ -77,7 +79,8 @@ def start_engine(settings: Settings, config: EngineConfig) -> tuple[Engine, Adap
             raise
         return client, client.adapters, client.store_metrics
     store = core_adapter_store(store_config(settings), config)
-    return LLMEngine(config, provider=store), store, lambda: _tiers(store.metrics().as_dict())
+    engine = LLMEngine(config, provider=store)
+    return engine, store, lambda: {**_tiers(store.metrics().as_dict()), KV_CACHE: engine.kv_cache_stats().as_dict()}
 
 
 def _tiers(snapshot: dict[str, object]) -> dict[str, dict[str, float]]:
@@ -193,5 +196,17 @@ def _register_gauges(metrics: APIMetrics, store_metrics: StoreSnapshot, client: 
         return out
 
     metrics.add_gauges("loranode_adapter_tier", "Adapter store counters per tier", tiers, ["tier", "stat"])
+    metrics.add_gauges("loranode_kv_cache", "KV cache blocks and prefix-cache counters (hit_rate: hit tokens "
+                       "per prompt token looked up)", lambda: kv_cache_gauges(store_metrics().get(KV_CACHE, {})),
+                       ["stat"])
     metrics.add_gauges("loranode_in_flight", "Requests admitted and not finished",
                        lambda: {(): float(client.in_flight)}, [])
+
+
+def kv_cache_gauges(stats: dict[str, float]) -> dict[tuple[str, ...], float]:
+    """The KV cache's stats (summed over the cores) and the prefix cache's hit rate they give."""
+    out = {(name,): value for name, value in stats.items()}
+    if stats:
+        queried = stats.get("num_queried_tokens", 0.0)
+        out[("hit_rate",)] = stats.get("num_hit_tokens", 0.0) / queried if queried else 0.0
+    return out

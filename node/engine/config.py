@@ -21,6 +21,7 @@ class EngineConfig:
     max_num_seqs: int = 256  # running sequences at once
     max_num_batched_tokens: int = 4096  # tokens through the model per step
     block_size: int = 16  # tokens per KV cache block
+    prefix_caching: bool = True  # full KV blocks stay cached by content (adapter + tokens) for later prompts
     num_kv_blocks: int | None = None  # None: sized from memory
     max_lora_rank: int = 16
     max_adapter_slots: int = 32  # adapters resident on the device at once (distinct adapters per step)

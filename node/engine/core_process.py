@@ -28,6 +28,7 @@ import torch
 import zmq
 
 from node.engine import wire
+from node.engine.block_manager import KV_CACHE
 from node.engine.config import EngineConfig
 from node.engine.llm_engine import LLMEngine
 from node.engine.sequence import RequestOutput
@@ -188,6 +189,7 @@ class EngineCore:
             for tier, stats in self.store.metrics().as_dict().items():
                 if isinstance(stats, dict):
                     tiers[tier] = {k: float(v) for k, v in stats.items() if isinstance(v, int | float)}
+        tiers[KV_CACHE] = self.engine.kv_cache_stats().as_dict()
         scheduler = self.engine.scheduler
         self._send(wire.Metrics(self.core, self.incarnation, len(scheduler.running), len(scheduler.waiting), tiers))
 

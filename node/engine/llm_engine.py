@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from node.engine.block_manager import BlockManager
+from node.engine.block_manager import BlockManager, KVCacheStats
 from node.engine.config import EngineConfig
 from node.engine.grammar import GrammarCompiler
 from node.engine.logprob import TokenLogprob
@@ -80,7 +80,8 @@ class LLMEngine:
             self.runner.close()
             raise ConfigError("the KV cache cannot hold one max_model_len sequence",
                               num_kv_blocks=self.runner.num_blocks, max_model_len=self.max_model_len)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
+                                          enable_caching=config.prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.provider, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_adapter_slots=self.runner.slots.num_slots)
@@ -128,8 +129,9 @@ class LLMEngine:
     def add_request(self, prompt: str | list[int], params: SamplingParams, adapter_id: str | None = None,
                     request_id: str | None = None, listener: Listener | None = None,
                     waiter: Waiter | None = None, prefix_key: str | None = None) -> str:
-        """Queue a request. Requests given one `prefix_key` (the n choices of one prompt) share the KV
-        blocks of their prompt."""
+        """Queue a request. Requests given one `prefix_key` are the n choices of one prompt: the prefix
+        cache shares their prompt's KV blocks as it does any common prefix (the key matters to a router
+        of several engines, which sends them to one)."""
         ids = self._encode(prompt)
         if not ids:
             raise BadRequest("the prompt is empty")
@@ -141,7 +143,7 @@ class LLMEngine:
             raise AdapterNotFound(f"adapter {adapter_id} is not registered", adapter=adapter_id)
         request_id = request_id or f"req-{next(self._ids)}"
         seq = Sequence(request_id=request_id, prompt_token_ids=ids, params=params, adapter_id=adapter_id,
-                       arrival=next(self._ids), prefix_key=prefix_key)
+                       arrival=next(self._ids))
         if params.grammar is not None:
             seq.grammar = self.grammars.state(params.grammar)  # BadRequest if it cannot compile
         seed = params.seed if params.seed is not None else self.config.seed * 1_000_003 + seq.arrival
@@ -180,7 +182,12 @@ class LLMEngine:
                             finished.append(self.scheduler.abort(seq.request_id))
                     self.provider.unregister(adapter_id)
                     self.runner.slots.remove(adapter_id)
+                    self.block_manager.forget_adapter(adapter_id)
         return [s for s in finished if s is not None]
+
+    def kv_cache_stats(self) -> KVCacheStats:
+        """The KV cache's use and the prefix cache's hits, evictions and cached blocks (a snapshot)."""
+        return self.block_manager.stats()
 
     # --- the step loop --------------------------------------------------------------------------
     def has_unfinished(self) -> bool:

@@ -108,10 +108,13 @@ class ModelRunner:
         """Run one step; returns the sampled token (and logprobs) of each `is_sampled` item, in
         `scheduled` order."""
         slot_of = {id(s.seq): self._slot(s.seq.adapter_id, adapters_in_use) for s in scheduled}
-        # prefills then decodes, each sorted by adapter slot: LoRA segments become long runs
-        by_slot = sorted(scheduled, key=lambda s: (s.num_new_tokens == 1, slot_of[id(s.seq)]))
-        prefills = [s for s in by_slot if s.num_new_tokens > 1]
-        decodes = [s for s in by_slot if s.num_new_tokens == 1]
+        # prefills (in groups of similar length) then decodes, each sorted by adapter slot: LoRA
+        # segments become long runs
+        prefill_groups = prefill_length_groups([s for s in scheduled if s.num_new_tokens > 1])
+        for group in prefill_groups:
+            group.sort(key=lambda s: slot_of[id(s.seq)])
+        prefills = [s for group in prefill_groups for s in group]
+        decodes = sorted((s for s in scheduled if s.num_new_tokens == 1), key=lambda s: slot_of[id(s.seq)])
         ordered = prefills + decodes
         token_ids: list[int] = []
         positions: list[int] = []
@@ -130,7 +133,7 @@ class ModelRunner:
             hidden = self.graphs.run(DecodeBatch(token_ids, positions, slot_mapping,
                                                  [s.seq.block_table for s in decodes], context, token_slots))
         else:
-            hidden = self._eager(prefills, decodes, token_ids, positions, slot_mapping, token_slots)
+            hidden = self._eager(prefill_groups, decodes, token_ids, positions, slot_mapping, token_slots)
         ends, sampled = [], []
         offset = 0
         for item in ordered:
@@ -152,10 +155,14 @@ class ModelRunner:
         order = [row[id(s.seq)] for s in scheduled if s.is_sampled]
         return SamplerOutput([out.token_ids[i] for i in order], [out.logprobs[i] for i in order])
 
-    def _eager(self, prefills: list[ScheduledSeq], decodes: list[ScheduledSeq], token_ids: list[int],
+    def _eager(self, prefill_groups: list[list[ScheduledSeq]], decodes: list[ScheduledSeq], token_ids: list[int],
                positions: list[int], slot_mapping: list[int], token_slots: list[int]) -> torch.Tensor:
-        groups = [g for g in (self._group(prefills, 0), self._group(decodes, len(token_ids) - len(decodes)))
-                  if g is not None]
+        groups, first = [], 0
+        for items in [*prefill_groups, decodes]:
+            group = self._group(items, first)
+            if group is not None:
+                groups.append(group)
+            first += sum(s.num_new_tokens for s in items)
         batch = AttentionBatch(slot_mapping=self._long(slot_mapping), groups=tuple(groups))
         lora = self.slots.batch(token_slots)
         return self.model(self._long(token_ids), self._long(positions), batch, self.kv_caches, lora)
@@ -198,3 +205,16 @@ class ModelRunner:
 
     def _long(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device)
+
+
+def prefill_length_groups(prefills: list[ScheduledSeq]) -> list[list[ScheduledSeq]]:
+    """Prefills in groups of similar query length, longest first: attention pads a group to its longest
+    query, so a 64-token prefill past a cached prefix must not be padded to a 2,000-token chunk. A group
+    takes queries down to half its longest."""
+    groups: list[list[ScheduledSeq]] = []
+    for item in sorted(prefills, key=lambda s: -s.num_new_tokens):
+        if groups and 2 * item.num_new_tokens >= groups[-1][0].num_new_tokens:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return groups

@@ -4,7 +4,10 @@ Each step first gives every running sequence its pending tokens (one for a decod
 prefill not yet done), preempting the most recent running sequences (recompute: their blocks are
 freed and they re-enter the waiting queue at the front) when the cache runs out of blocks. Then it
 admits waiting sequences, FCFS, skipping (never blocking on) those whose adapter is not loaded yet or
-would exceed the distinct-adapter cap of the device slots. Last, it looks ahead in the waiting queue
+would exceed the distinct-adapter cap of the device slots. An admitted sequence starts on the cached
+blocks of its prefix (the block manager's prefix cache); one whose next block a running sequence is
+computing (the n choices of one prompt, or two requests with one system prompt) waits a step and takes
+that block from the cache instead. Last, it looks ahead in the waiting queue
 (the next `max_num_seqs` requests, also those not admitted because the batch is full or a preemption
 happened) and starts background loads of their adapters, so that they are in host memory when their
 turn comes; `SchedulerOutput.upcoming` names those adapters, in queue order, for the engine to copy
@@ -89,6 +92,8 @@ class Scheduler:
         self.blocks.release(seq)
 
     def schedule(self) -> SchedulerOutput:
+        for seq in self.running:  # the blocks the last step filled join the prefix cache
+            self.blocks.commit(seq)
         budget = self.max_tokens
         scheduled: list[ScheduledSeq] = []
         num_preempted = self._num_preempted
@@ -142,6 +147,7 @@ class Scheduler:
     def _admit(self, scheduled: list[ScheduledSeq], budget: int) -> list[Sequence]:
         failed: list[Sequence] = []
         active = {s.adapter_id for s in self.running if s.adapter_id is not None}
+        computing = self._computing() if self.waiting and self.blocks.enable_caching else set()
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
@@ -156,14 +162,19 @@ class Scheduler:
             is_new_adapter = seq.adapter_id is not None and seq.adapter_id not in active
             if is_new_adapter and len(active) >= self.max_adapters:
                 continue  # every slot is taken by running sequences of other adapters
-            if not self._share_prompt(seq):
-                continue  # a sibling is computing the prompt they share: take its blocks next step
+            num_hit = self.blocks.acquire_prefix(seq)
+            next_block = self.blocks.next_block_hash(seq)
+            if next_block is not None and next_block in computing:
+                self.blocks.release(seq)
+                continue  # a running sequence computes its next block (n choices, say): hit it next step
             n = min(seq.num_pending, budget)
             if not self.blocks.can_grow(seq, n):
-                self.blocks.release(seq)  # the blocks it shared, if any
+                self.blocks.release(seq)  # the cached blocks it took
                 break  # FCFS on memory: do not let later, smaller requests starve this one
             self.waiting.remove(seq)
             self.blocks.grow(seq, n)
+            self.blocks.count_lookup(seq.num_tokens, num_hit)
+            computing.update(self.blocks.pending_hashes(seq))
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             if seq.adapter_id is not None:
@@ -172,21 +183,10 @@ class Scheduler:
             budget -= n
         return failed
 
-    def _share_prompt(self, seq: Sequence) -> bool:
-        """A choice of a request of n: start it on the full prompt blocks a running sibling computed (the
-        last prompt token is always run, for its logits). False while that sibling is still computing
-        them (then the choice waits a step rather than compute them again)."""
-        bs = self.blocks.block_size
-        shareable = (len(seq.prompt_token_ids) - 1) // bs
-        if seq.prefix_key is None or seq.num_computed_tokens or shareable == 0:
-            return True
-        for donor in self.running:
-            if donor.prefix_key == seq.prefix_key and donor.adapter_id == seq.adapter_id:
-                if donor.num_computed_tokens < shareable * bs:
-                    return False
-                self.blocks.share(seq, donor, shareable)
-                return True
-        return True
+    def _computing(self) -> set[bytes]:
+        """Hashes of the full blocks running sequences have yet to compute: a waiting sequence whose
+        next block is among them waits for it rather than compute it again."""
+        return {h for seq in self.running for h in self.blocks.pending_hashes(seq)}
 
     def _adapter_ready(self, seq: Sequence) -> bool:
         if seq.adapter_id is None:
@@ -217,8 +217,8 @@ class Scheduler:
         """Send a sequence admitted this step back to the front of the queue, its blocks released:
         its adapter found no device slot (every slot its rank fits holds an adapter of a running
         sequence). It is admitted again once one of them finishes. Not counted as a preemption."""
-        assert seq.num_computed_tokens == 0 or seq.prefix_key is not None, "only one admitted this step is deferred"
         self.running.remove(seq)
+        self.blocks.count_lookup(-seq.num_tokens, -seq.num_computed_tokens)  # counted when it runs
         self.blocks.release(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)

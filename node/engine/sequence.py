@@ -56,6 +56,8 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose keys/values are in the cache
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # content hashes of its first full blocks (block_hash)
+    num_committed_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
     finish_reason: str | None = None
     error: NodeError | None = None
     generator: torch.Generator | None = None
@@ -63,7 +65,6 @@ class Sequence:
     num_preemptions: int = 0
     output_logprobs: list[TokenLogprob] = field(default_factory=list)  # when params.logprobs is set
     stop_search_from: int = 0  # stop strings are looked for from this character (see min_tokens)
-    prefix_key: str | None = None  # sequences with one key have one prompt (n choices): its blocks are shared
     grammar: GrammarState | None = None  # where its output stands in params.grammar
 
     @property

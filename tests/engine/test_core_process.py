@@ -154,3 +154,15 @@ def test_a_stalled_core_does_not_block_the_caller(cores: CoreClient) -> None:
         assert time.monotonic() - started < 1.0
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def test_the_cores_report_their_kv_cache_and_prefix_cache_hits(cores: CoreClient) -> None:
+    prompt = "The harbour master rings the bell at dawn, and the boats go out"
+    cores.generate([prompt, prompt], GREEDY, ["sea-r8", "sea-r8"])  # one core: the second finds the first's blocks
+    cores.generate([prompt], GREEDY, ["sea-r8"])
+    deadline = time.monotonic() + 60
+    while (stats := cores.store_metrics().get("kv_cache", {})).get("num_hit_tokens", 0) == 0:
+        assert time.monotonic() < deadline, f"no prefix-cache hit reported: {stats}"
+        time.sleep(0.1)
+    assert stats["num_cached_blocks"] > 0 and stats["num_queried_tokens"] >= stats["num_hit_tokens"]
+    assert stats["num_free_blocks"] <= stats["num_blocks"]

@@ -121,14 +121,15 @@ def _run(engine: LLMEngine, prompt: list[int], params: list[SamplingParams], key
 
 @pytest.mark.parametrize("num_kv_blocks", [64, 14])  # 14: too few for all three, so choices are preempted
 def test_n_choices_share_their_prompt_blocks_and_answer_as_if_alone(tiny_model: Path, num_kv_blocks: int) -> None:
-    engine = LLMEngine(EngineConfig(model_path=tiny_model, block_size=4, num_kv_blocks=num_kv_blocks,
-                                    max_model_len=40))
-    prompt = engine.tokenizer("The lighthouse keeper climbed the stairs every night to light the lamp").input_ids
+    engines = [LLMEngine(EngineConfig(model_path=tiny_model, block_size=4, num_kv_blocks=num_kv_blocks,
+                                      max_model_len=40, prefix_caching=caching)) for caching in (False, True)]
+    prompt = engines[0].tokenizer("The lighthouse keeper climbed the stairs every night to light the lamp").input_ids
     assert len(prompt) > 12
     params = [SamplingParams(max_tokens=8, temperature=1.0, seed=s, ignore_eos=True, logprobs=1) for s in (1, 2, 3)]
-    alone, fewest_alone = _run(engine, prompt, params, None)
-    shared, fewest_shared = _run(engine, prompt, params, "req")
+    alone, fewest_alone = _run(engines[0], prompt, params, None)
+    shared, fewest_shared = _run(engines[1], prompt, params, "req")
     assert shared == alone and len({tuple(t) for t in shared}) == 3
     if num_kv_blocks == 64:
         assert fewest_shared >= fewest_alone + 2 * ((len(prompt) - 1) // 4)  # two choices took no prompt blocks
-    assert engine.block_manager.num_free == num_kv_blocks  # every shared block went back once
+    for engine in engines:
+        assert engine.block_manager.num_free == num_kv_blocks  # every shared block went back once

@@ -213,3 +213,42 @@ def test_look_ahead_continues_through_a_preemption() -> None:
     out = sched.schedule()  # decodes need new blocks: b is preempted, nothing is admitted
     assert [s.seq.request_id for s in out.scheduled] == ["a"]
     assert provider.prefetched == ["cold"] and "cold" in out.upcoming
+
+
+def _caching_scheduler(blocks: int) -> Scheduler:
+    return Scheduler(BlockManager(blocks, 4, enable_caching=True), _ready_provider(),  # type: ignore[arg-type]
+                     max_num_seqs=8, max_num_batched_tokens=64, max_adapter_slots=4)
+
+
+def _prompt_seq(name: str, tokens: list[int]) -> Sequence:
+    return Sequence(request_id=name, prompt_token_ids=tokens, params=SamplingParams(), adapter_id=None,
+                    arrival=next(_arrivals))
+
+
+def test_a_request_waits_a_step_for_the_prefix_a_running_one_computes_then_skips_it() -> None:
+    sched = _caching_scheduler(blocks=16)
+    first, second = _prompt_seq("first", [3] * 10), _prompt_seq("second", [3] * 10)
+    sched.add(first)
+    sched.add(second)
+    out = sched.schedule()
+    assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("first", 10)]
+    _run(out)
+    out = sched.schedule()  # two full blocks of "first" are cached now: "second" computes its last 2 tokens
+    assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("first", 1), ("second", 2)]
+    assert second.block_table[:2] == first.block_table[:2] and second.block_table[2] != first.block_table[2]
+    assert sched.blocks.stats().num_hit_tokens == 8
+
+
+def test_a_preempted_request_recomputes_only_past_its_cached_blocks() -> None:
+    sched = _caching_scheduler(blocks=5)
+    old, new = _prompt_seq("old", [1] * 8), _prompt_seq("new", [2] * 8)
+    sched.add(old)
+    sched.add(new)
+    _run(sched.schedule())  # both prefilled: 4 of 5 blocks
+    out = sched.schedule()  # old takes the last block for its 9th token; new finds none and is preempted
+    assert [s.seq.request_id for s in out.scheduled] == ["old"] and new.num_preemptions == 1
+    _run(out)
+    sched.finish(old)
+    out = sched.schedule()  # its two prompt blocks were kept cached: only its sampled token is run
+    assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("new", 1)]
+    assert new.num_computed_tokens == 8
