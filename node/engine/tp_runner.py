@@ -92,15 +92,18 @@ class TPModelRunner(ModelRunner):
             raise  # before any collective (an adapter that cannot load): the group is fine
         return out
 
-    def _eager(self, prefills: list[ScheduledSeq], decodes: list[ScheduledSeq], token_ids: list[int],
+    def _eager(self, prefill_groups: list[list[ScheduledSeq]], decodes: list[ScheduledSeq], token_ids: list[int],
                positions: list[int], slot_mapping: list[int], token_slots: list[int]) -> torch.Tensor:
         assert isinstance(self.slots, ShardedLoRASlotPools)
-        groups = [GroupInputs([s.num_new_tokens for s in items],
-                              [s.seq.num_computed_tokens + s.num_new_tokens for s in items],
-                              [list(s.seq.block_table) for s in items], first)
-                  for items, first in ((prefills, 0), (decodes, len(token_ids) - len(decodes))) if items]
+        groups, first = [], 0
+        for items in [*prefill_groups, decodes]:
+            if items:
+                groups.append(GroupInputs([s.num_new_tokens for s in items],
+                                          [s.seq.num_computed_tokens + s.num_new_tokens for s in items],
+                                          [list(s.seq.block_table) for s in items], first))
+            first += sum(s.num_new_tokens for s in items)
         rows, offset = [], 0
-        for item in prefills + decodes:
+        for item in [s for items in prefill_groups for s in items] + decodes:
             offset += item.num_new_tokens
             if item.is_sampled:
                 rows.append(offset - 1)
