@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     adapter_cache_dir: Path | None = None  # default: data_dir/adapters
     max_adapter_host_bytes: int = Field(default=4 << 30, ge=1)
     max_adapter_disk_bytes: int = Field(default=64 << 30, ge=1)
+    # the registered sha256 is checked when an adapter enters the disk cache; true: on every load too
+    adapter_verify_every_load: bool = False
 
     # API and pricing (token units, integers): adapters at the token prices; the base model alone, called
     # by its served name (default: the model folder's name), at the base prices (default: the same)
