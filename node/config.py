@@ -63,7 +63,8 @@ class Settings(BaseSettings):
 
     max_model_len: int | None = Field(default=None, ge=16)
     cuda_graphs: bool = True  # on CUDA: decode steps replayed from graphs per batch-size bucket
-    weight_quantization: Literal["none", "int8"] = "none"  # int8: weight-only, per output channel
+    # weight-only int8 (per output channel) or int4 (groups of 128), on torchao; fp8 on Ada/Hopper GPUs
+    weight_quantization: Literal["none", "int8", "int4", "fp8"] = "none"
     # the engine's step loop in processes of its own (over ZeroMQ, restarted if one dies), or in the API's
     # (the default until the core process carries adapters' own chat templates: docs/engine.md)
     engine_process: bool = False

@@ -21,7 +21,7 @@ from node.lora.slots import LoRASlotPools, LoRASlots
 from node.models.attention import AttentionBatch, AttentionGroup, build_group
 from node.models.config import ModelConfig
 from node.models.loader import load_model
-from node.models.quant import quantize_int8
+from node.models.quant import check_scheme, quantize_weights
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +32,9 @@ class ModelRunner:
         self.config, self.model_config, self.provider = config, model_config, provider
         self.sampler = Sampler(eos_token_ids)
         self.device = torch.device(config.device)
+        check_scheme(config.weight_quantization, self.device, config.torch_dtype)  # before the load
         self.model = load_model(config.model_path, config.torch_dtype, self.device, max_model_len)
-        if config.weight_quantization == "int8":
-            quantize_int8(self.model)
+        quantize_weights(self.model, config.weight_quantization, self.device)
         # adapter slots first, so that the KV cache is sized from the memory they leave
         target = LoRATargetSpec.of(model_config.num_layers, model_config.module_shapes())
         self.slots = LoRASlotPools.build(target, self._rank_pools(target), config.torch_dtype, self.device)
