@@ -3,8 +3,8 @@
 Schemes (`quantize_weights(model, scheme)`, after the checkpoint is loaded):
 - int8: torchao's `Int8WeightOnlyConfig` (symmetric, one scale per output channel, an `Int8Tensor`).
   On the CPU the matmul reads the int8 weights in torch's fused kernel (`_weight_int8pack_mm`, on the
-  tensor's own qdata and scale: torchao 0.18's eager weight-only path dequantizes the whole weight per
-  call, 3x slower than fp32); elsewhere torchao's own dispatch (which torch.compile fuses).
+  tensor's own qdata and scale, bf16 activations: torchao 0.18's eager weight-only path dequantizes the
+  whole weight per call, 3x slower than fp32); elsewhere torchao's own dispatch (torch.compile fuses it).
 - int4: weight-only, asymmetric, groups of 128 input columns (narrower layers: 64 or 32, the
   largest that divides them). On CUDA, torchao's `Int4WeightOnlyConfig` packed for the tinygemm kernel
   (bf16 models). On the CPU, torchao 0.18 has no int4 layout (`Int4WeightOnlyConfig` packs for CUDA's
@@ -35,6 +35,10 @@ QUANTIZED = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")  # what 
 INT4_GROUP_SIZES = (128, 64, 32)  # the first that divides a layer's in_features
 FP8_MIN_CAPABILITY = (8, 9)
 _PLAIN = (torch.Tensor, nn.Parameter)
+# torch's CPU int8 and int4 kernels are fast with bf16 activations (a [1, 512] x [512, 1536] matmul: 0.19
+# and 0.23 ms, fp32's F.linear 0.46 ms) and slow with fp32 ones (2.1 and 28 ms): the CPU paths round
+# the activations to bf16 and return the model dtype
+CPU_ACT = torch.bfloat16
 
 
 class Int4CPUWeight(nn.Module):
@@ -54,7 +58,7 @@ class Int4CPUWeight(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x: [..., in] -> [..., out] in x's dtype (computed with bf16 activations)."""
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()  # [T, in]
+        flat = x.reshape(-1, x.shape[-1]).to(CPU_ACT).contiguous()  # [T, in]
         y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scales_and_zeros).to(x.dtype)
         if bias is not None:
             y = y + bias
@@ -70,10 +74,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor | nn.Module, bias: torch.Tensor
     """F.linear for plain weights and quantized ones alike."""
     if isinstance(weight, nn.Module):
         return weight(x, bias)  # type: ignore[no-any-return]
-    if type(weight) not in _PLAIN and x.device.type == "cpu" and _is_int8(weight) and has_int8_kernel("cpu", x.dtype):
-        flat = x.reshape(-1, x.shape[-1]).contiguous()  # [T, in]
+    if type(weight) not in _PLAIN and x.device.type == "cpu" and _is_int8(weight) and has_int8_kernel("cpu", CPU_ACT):
+        flat = x.reshape(-1, x.shape[-1]).to(CPU_ACT).contiguous()  # [T, in]
         qdata, scale = weight.qdata, weight.scale  # type: ignore[attr-defined]  # torchao's Int8Tensor
-        y = torch._weight_int8pack_mm(flat, qdata, scale.view(-1).to(x.dtype))
+        y = torch._weight_int8pack_mm(flat, qdata, scale.view(-1).to(CPU_ACT)).to(x.dtype)
         if bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], -1)
