@@ -15,6 +15,7 @@ from node.engine.scheduler import ScheduledSeq
 from node.engine.sequence import Sequence
 from node.errors import ConfigError
 from node.lora.adapter import LoRATargetSpec, LoRAWeights
+from node.lora.copy_stream import AdapterCopyStream
 from node.lora.ops import uses_triton
 from node.lora.provider import AdapterProvider, LoadState
 from node.lora.slots import LoRASlotPools, LoRASlots
@@ -38,6 +39,7 @@ class ModelRunner:
         # adapter slots first, so that the KV cache is sized from the memory they leave
         target = LoRATargetSpec.of(model_config.num_layers, model_config.module_shapes())
         self.slots = LoRASlotPools.build(target, self._rank_pools(target), config.torch_dtype, self.device)
+        self.copies = AdapterCopyStream(self.device)  # adapter copies on a side stream (CUDA), per-adapter events
         self.num_blocks = config.num_kv_blocks or self._fit_kv_blocks(max_model_len)
         # one block more than the block manager hands out: padded graph rows write their keys there
         shape = (self.num_blocks + 1, config.block_size, model_config.num_kv_heads, model_config.head_dim)
@@ -98,6 +100,7 @@ class ModelRunner:
         """Run one step; returns the sampled token (and logprobs) of each `is_sampled` item, in
         `scheduled` order."""
         slot_of = {id(s.seq): self._slot(s.seq.adapter_id, adapters_in_use) for s in scheduled}
+        self.copies.wait_for({s.seq.adapter_id for s in scheduled if s.seq.adapter_id is not None})
         # prefills then decodes, each sorted by adapter slot: LoRA segments become long runs
         by_slot = sorted(scheduled, key=lambda s: (s.num_new_tokens == 1, slot_of[id(s.seq)]))
         prefills = [s for s in by_slot if s.num_new_tokens > 1]
@@ -121,6 +124,7 @@ class ModelRunner:
                                                  [s.seq.block_table for s in decodes], context, token_slots))
         else:
             hidden = self._eager(prefills, decodes, token_ids, positions, slot_mapping, token_slots)
+        self.copies.record_use(set(slot_of.values()) - {-1})  # their slots are read until here
         ends, sampled = [], []
         offset = 0
         for item in ordered:
@@ -167,7 +171,7 @@ class ModelRunner:
             if load.done() and load.exception() is None:
                 weights = cast(LoRAWeights, load.result())
                 if self.slots.has_free_slot(weights.rank):
-                    self.slots.activate(adapter_id, weights, in_use=())
+                    self.slots.activate(adapter_id, weights, in_use=(), copies=self.copies)
                     staged.append(adapter_id)
         return staged
 
@@ -177,7 +181,7 @@ class ModelRunner:
         slot = self.slots.lookup(adapter_id)  # on the device already: no host-tier lookup, no hit counted
         if slot is not None:
             return slot
-        return self.slots.activate(adapter_id, self.provider.get(adapter_id), adapters_in_use)
+        return self.slots.activate(adapter_id, self.provider.get(adapter_id), adapters_in_use, self.copies)
 
     def _group(self, items: list[ScheduledSeq], first_token: int) -> AttentionGroup | None:
         if not items:
