@@ -94,7 +94,9 @@ def quantize_weights(model: nn.Module, scheme: str, device: torch.device | None 
     before = weight_nbytes(model)
     for layer in model.layers:  # type: ignore[union-attr]
         for name in getattr(layer, "quantized_weights", QUANTIZED):
-            weight = getattr(layer, name)
+            weight = getattr(layer, name, None)
+            if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+                continue  # a family without this projection (or with it fused elsewhere)
             quantized = quantize_tensor(weight.detach(), scheme)
             delattr(layer, name)
             if isinstance(quantized, nn.Module):
