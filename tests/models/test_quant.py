@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from node.devkit import make_tiny_model
 from node.engine import EngineConfig, LLMEngine, SamplingParams
 from node.engine.sequence import Sequence
 from node.errors import ConfigError
@@ -133,9 +134,11 @@ def test_fp8_is_refused_off_a_hopper_gpu_with_the_reason(tiny_model: Path) -> No
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
-def test_quantized_schemes_on_cuda_agree_with_bf16(tiny_model: Path, scheme: str) -> None:
+def test_quantized_schemes_on_cuda_agree_with_bf16(tmp_path: Path, scheme: str) -> None:
     """Run by `pytest -m gpu` on a CUDA machine (CI deselects it): bf16 reference, the tinygemm int4
-    kernel, torchao's int8 dispatch, fp8 matmuls on Ada/Hopper (refused with the reason before them)."""
+    kernel, torchao's int8 dispatch, fp8 matmuls on Ada/Hopper (refused with the reason before them).
+    Hidden 256 and intermediate 512: tinygemm packs in_features in tiles of 128."""
+    tiny_model = make_tiny_model(tmp_path / "model", hidden_size=256, intermediate_size=512)
     if scheme == "fp8" and torch.cuda.get_device_capability() < (8, 9):
         with pytest.raises(ConfigError, match=r"compute capability 8\.9 or newer"):
             LLMEngine(EngineConfig(model_path=tiny_model, device="cuda", dtype="bfloat16", weight_quantization="fp8"))
