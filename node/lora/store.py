@@ -6,16 +6,13 @@ blocking, whether an adapter is ready. Loads from the disk cache and fetches fro
 separate worker pools, so a slow or stuck HTTP source never delays an adapter that is already on
 disk, and a host-memory hit never waits on any load (the lock is held only for dictionary updates).
 
-Integrity: the registered sha256 is checked when an adapter enters the disk cache, and the cache is
-trusted afterwards. A fetch (download or local copy) hashes the bytes as it writes them into a temp
-folder under the cache; only a copy that hashes (the folder rule of `content_hash`) to the registered
-sha256 and parses as a config + safetensors is flushed and renamed, atomically, into its content
-address. A copy that does not is deleted, never served, counted as a source miss, and the load fails
-with AdapterIntegrityError naming both hashes. So the cache only ever holds verified bytes, and a
-load from it (`AdapterFiles.open` + `gather`) reads the header and the tensors without hashing them:
-a copy whose header no longer parses is deleted and fetched again. `verify_every_load` restores
-hashing on every load from disk (for a cache directory others can write to): a copy that no longer
-hashes right is deleted and fetched again.
+Integrity: the registered sha256 is checked when an adapter enters the disk cache, which is trusted
+afterwards. A fetch hashes the bytes as it writes them into a temp folder; only a copy that hashes to
+the registered sha256 (the folder rule of `content_hash`) and parses is flushed and renamed into its
+content address. Any other is deleted, never served, counted as a source miss, and the load fails
+with AdapterIntegrityError naming both hashes. A load from the cache reads the header and gathers the
+tensors unhashed (a copy whose header broke is fetched again); `verify_every_load` hashes every load
+(a copy that no longer hashes right is fetched again).
 
 Failures are per adapter: the state turns FAILED with the error, other adapters are untouched, and
 a later get/prefetch (after `retry_after_s`) tries again.
