@@ -265,12 +265,9 @@ class AdapterStore(Generic[W]):
         adapter_id, reg = job.adapter_id, job.reg
         files, started = self._good_copy(adapter_id, reg, job.leased)
         try:
+            template = read_chat_template(files.folder)
             with self._lock:
-                is_known = adapter_id in self._templates  # a cache entry never changes: read it once
-            if not is_known:
-                template = read_chat_template(files.folder)
-                with self._lock:
-                    self._templates[adapter_id] = template
+                self._templates[adapter_id] = template
             files.check()
             weights = self._parse(files)
             size = self._nbytes(weights)
@@ -325,8 +322,6 @@ class AdapterStore(Generic[W]):
 
     def _fetch(self, adapter_id: str, reg: _Registration) -> Path:
         started = time.monotonic()
-        with self._lock:
-            self._templates.pop(adapter_id, None)  # a new copy: its template is read again
         temp = self._disk.new_temp()
         try:
             actual = fetch_adapter(reg.source.uri, temp, self._limits, self._client)
