@@ -9,8 +9,9 @@ store, against all-adapters-resident; `--section engine` keeps the store rows al
 
 The adapters are rank 8 on q, k, v, o of the engine benchmark's model (Llama, hidden 512, 8 layers,
 MHA), float32, about 1 MiB each, written straight into the store's disk cache. Measured in one run:
-- store disk->host: `AdapterStore.get` of an adapter on disk but not in host memory (hash check,
-  header check, parse into per-module stacked tensors), timed around the call;
+- store disk->host: `AdapterStore.get` of an adapter on disk but not in host memory (the cache is
+  trusted: header check, one preadv into the per-group stacks, no hash), timed around the call;
+- the same with `verify_every_load` (every load hashes the files again), paired with peft the same way;
 - store source->host: the same from a local registry folder not yet in the disk cache, and from
   the same folder served over HTTP on 127.0.0.1;
 - peft: `PeftModel.load_adapter` of the same folders into a randomly initialised base model,
@@ -47,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from node.lora.adapter import LoRATargetSpec, LoRAWeights, load_lora_adapter
 from node.lora.adapter_files import AdapterFiles
 from node.lora.content_hash import adapter_weights_sha256
+from node.lora.disk_cache import disk_key
 from node.lora.provider import AdapterSource, LoadState
 from node.lora.slots import LoRASlots
 from node.lora.store import AdapterStore, StoreConfig
@@ -90,6 +92,16 @@ def new_slots(device: torch.device, num_slots: int = 64) -> LoRASlots:
 Listed = list[tuple[str, str]]  # (adapter id or URI, registered hash)
 
 
+def cached_uri(work: Path, adapter_id: str) -> str:
+    """The (absent) source of an adapter written straight into the disk cache."""
+    return str(work / "nowhere" / adapter_id)
+
+
+def cached_folder(work: Path, adapter_id: str, digest: str) -> Path:
+    """Where an adapter written straight into the disk cache lies."""
+    return work / "cache" / disk_key(bytes.fromhex(digest[2:]), cached_uri(work, adapter_id))
+
+
 def populate(work: Path, num_adapters: int, num_registry: int) -> tuple[Listed, Listed]:
     """Adapters written into the disk cache (as if fetched before), plus some only in a registry folder."""
     cache, registry = work / "cache", work / "registry"
@@ -98,16 +110,17 @@ def populate(work: Path, num_adapters: int, num_registry: int) -> tuple[Listed, 
     for i in range(num_adapters):
         temp = work / "tmp"
         digest = write_adapter(temp, seed=i)
-        temp.rename(cache / digest[2:])
+        temp.rename(cache / disk_key(bytes.fromhex(digest[2:]), cached_uri(work, f"a{i}")))
         cached.append((f"a{i}", digest))
     remote = [(str(registry / f"r{i}"), write_adapter(registry / f"r{i}", seed=10**6 + i))
               for i in range(num_registry)]
     return cached, remote
 
 
-def new_store(work: Path, num_host: int, num_disk: int, cache: str = "cache") -> AdapterStore[LoRAWeights]:
+def new_store(work: Path, num_host: int, num_disk: int, cache: str = "cache",
+              verify_every_load: bool = False) -> AdapterStore[LoRAWeights]:
     config = StoreConfig(cache_dir=work / cache, max_host_bytes=num_host * ADAPTER_BYTES,
-                         max_disk_bytes=int(num_disk * ADAPTER_BYTES * 1.1))
+                         max_disk_bytes=int(num_disk * ADAPTER_BYTES * 1.1), verify_every_load=verify_every_load)
     return AdapterStore(config, parse_adapter, lambda w: w.nbytes)
 
 
@@ -127,13 +140,13 @@ def time_paired_loads(work: Path, cached: Listed, remote: Listed, num_samples: i
                                                  "peft", "peft_cpu", "source")}
     with new_store(work, num_host=1, num_disk=len(cached) + len(remote)) as store:
         for adapter_id, digest in cached:
-            store.register(adapter_id, AdapterSource(str(work / "nowhere" / adapter_id), digest))
+            store.register(adapter_id, AdapterSource(cached_uri(work, adapter_id), digest))
         for uri, digest in remote:
             store.register(uri, AdapterSource(uri, digest))
         for i, (adapter_id, digest) in enumerate(random.Random(1).sample(cached, num_samples)):
             peft_first = bool(i % 2)
             if peft_first:
-                _append(out, ("peft", "peft_cpu"), peft_load(work / "cache" / digest[2:], f"s{i}"))
+                _append(out, ("peft", "peft_cpu"), peft_load(cached_folder(work, adapter_id, digest), f"s{i}"))
             started, cpu = time.perf_counter(), time.thread_time()
             weights = store.get(adapter_id)
             loaded = time.perf_counter()
@@ -144,7 +157,7 @@ def time_paired_loads(work: Path, cached: Listed, remote: Listed, num_samples: i
             _append(out, ("disk", "device", "disk_to_device", "disk_to_device_cpu"),
                     (loaded - started, done - loaded, done - started, time.thread_time() - cpu))
             if not peft_first:
-                _append(out, ("peft", "peft_cpu"), peft_load(work / "cache" / digest[2:], f"s{i}"))
+                _append(out, ("peft", "peft_cpu"), peft_load(cached_folder(work, adapter_id, digest), f"s{i}"))
         for uri, _ in remote:
             started = time.perf_counter()
             store.get(uri)
@@ -153,16 +166,38 @@ def time_paired_loads(work: Path, cached: Listed, remote: Listed, num_samples: i
     return out
 
 
+def time_verified_loads(work: Path, cached: Listed, num_samples: int,
+                        peft_load: Callable[[Path, str], tuple[float, float]], device: torch.device,
+                        ) -> dict[str, list[float]]:
+    """The same paired disk -> device loads with `verify_every_load` (every load hashes the files
+    again: the behaviour before the cache was trusted), for a baseline in the same run."""
+    slots = new_slots(device)
+    out: dict[str, list[float]] = {"disk_to_device": [], "disk_to_device_cpu": [], "peft": [], "peft_cpu": []}
+    with new_store(work, num_host=1, num_disk=len(cached), verify_every_load=True) as store:
+        for adapter_id, digest in cached:
+            store.register(adapter_id, AdapterSource(cached_uri(work, adapter_id), digest))
+        for i, (adapter_id, digest) in enumerate(random.Random(4).sample(cached, num_samples)):
+            _append(out, ("peft", "peft_cpu"), peft_load(cached_folder(work, adapter_id, digest), f"v{i}"))
+            started, cpu = time.perf_counter(), time.thread_time()
+            slots.activate(adapter_id, store.get(adapter_id), in_use=())
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            _append(out, ("disk_to_device", "disk_to_device_cpu"),
+                    (time.perf_counter() - started, time.thread_time() - cpu))
+    return out
+
+
 def time_stages(work: Path, cached: Listed, num_samples: int, device: torch.device) -> dict[str, float]:
-    """p50 ms of each step of a disk -> device load, run one after the other on this thread: read both
-    files, sha256 (the registry rule), header check, the engine's parse, the copy into a slot."""
-    slots, steps = new_slots(device), ("read", "sha256", "header check", "parse", "slot copy")
+    """p50 ms of each step of a disk -> device load, run one after the other on this thread: open the
+    cached copy (config + safetensors header), header check, the engine's parse (one preadv into the
+    stacks), the copy into a slot; and, apart, what `verify_every_load` adds: read the whole file and
+    hash it (the registry rule)."""
+    slots, steps = new_slots(device), ("open", "header check", "parse", "slot copy", "verify: read + sha256")
     seconds: dict[str, list[float]] = {step: [] for step in steps}
     for adapter_id, digest in random.Random(2).sample(cached, num_samples):
+        folder = cached_folder(work, adapter_id, digest)
         marks = [time.perf_counter()]
-        files = AdapterFiles.read(work / "cache" / digest[2:])
-        marks.append(time.perf_counter())
-        assert files.sha256().hex() == digest[2:]
+        files = AdapterFiles.open(folder)
         marks.append(time.perf_counter())
         files.check()
         marks.append(time.perf_counter())
@@ -171,6 +206,8 @@ def time_stages(work: Path, cached: Listed, num_samples: int, device: torch.devi
         slots.activate(adapter_id, weights, in_use=())
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        marks.append(time.perf_counter())
+        assert AdapterFiles.read(folder).sha256().hex() == digest[2:]
         marks.append(time.perf_counter())
         for step, begin, end in zip(steps, marks[:-1], marks[1:], strict=True):
             seconds[step].append(end - begin)
@@ -244,7 +281,7 @@ def run_traffic(work: Path, cached: Listed, num_host: int, num_requests: int,
     hits, misses, is_hit = [], [], []
     with new_store(work, num_host=num_host, num_disk=len(cached)) as store:
         for adapter_id, digest in cached:
-            store.register(adapter_id, AdapterSource(str(work / "nowhere" / adapter_id), digest))
+            store.register(adapter_id, AdapterSource(cached_uri(work, adapter_id), digest))
         for adapter_id in requests:
             is_hit.append(store.state(adapter_id) is LoadState.READY)
             started = time.perf_counter()
@@ -317,6 +354,7 @@ def run(work: Path, args: argparse.Namespace) -> dict[str, object]:
     device = torch.device(args.device)
     peft_load = peft_loader(work, work / "registry" / "r0", device)
     store = time_paired_loads(work, cached, remote, min(args.num_samples, len(cached)), peft_load, device)
+    verified = time_verified_loads(work, cached, min(args.num_samples, len(cached)), peft_load, device)
     http = time_http_loads(work, remote)
     stages = time_stages(work, cached, min(args.num_samples, len(cached)), device)
     peft = store["peft"]
@@ -335,7 +373,14 @@ def run(work: Path, args: argparse.Namespace) -> dict[str, object]:
              "peft_load_adapter_p99_ms": 1e3 * _p99(peft),
              "store_disk_to_device_cpu_p50_ms": _p50(store["disk_to_device_cpu"]),
              "peft_load_adapter_cpu_p50_ms": _p50(store["peft_cpu"]),
-             "stages_p50_ms": stages}
+             "stages_p50_ms": stages,
+             "verified_disk_to_device_p50_ms": _p50(verified["disk_to_device"]),
+             "verified_disk_to_device_cpu_p50_ms": _p50(verified["disk_to_device_cpu"]),
+             "verified_peft_cpu_p50_ms": _p50(verified["peft_cpu"])}
+    loads["trusted_over_verified_cpu"] = (loads["verified_disk_to_device_cpu_p50_ms"]
+                                          / loads["store_disk_to_device_cpu_p50_ms"])
+    loads["peft_over_verified_disk_to_device_cpu"] = (loads["verified_peft_cpu_p50_ms"]
+                                                      / loads["verified_disk_to_device_cpu_p50_ms"])
     loads["peft_over_store_disk_to_device_cpu"] = (loads["peft_load_adapter_cpu_p50_ms"]
                                                    / loads["store_disk_to_device_cpu_p50_ms"])
     loads["peft_over_store_disk_to_device"] = (loads["peft_load_adapter_p50_ms"]
@@ -376,6 +421,9 @@ def print_table(report: dict[str, object]) -> None:
           f"(disk -> host alone: {loads['peft_over_store_disk_to_host']:.1f}x); on CPU time "
           f"{loads['peft_load_adapter_cpu_p50_ms']:.2f} / {loads['store_disk_to_device_cpu_p50_ms']:.2f} ms = "
           f"{loads['peft_over_store_disk_to_device_cpu']:.1f}x")
+    print(f"verify_every_load (hash every load), same run: {loads['verified_disk_to_device_cpu_p50_ms']:.2f} ms CPU "
+          f"disk -> device, peft {loads['peft_over_verified_disk_to_device_cpu']:.1f}x of it; the trusted cache is "
+          f"{loads['trusted_over_verified_cpu']:.2f}x faster")
     print("one load step by step, p50 ms: " + ", ".join(f"{k} {v:.3f}" for k, v in loads["stages_p50_ms"].items())
           + "\n")  # type: ignore[attr-defined]
     print(f"{'traffic':<10}{'host hit':>10}{'2nd half':>10}{'disk hit':>10}{'get p50':>10}{'get p99':>10}"

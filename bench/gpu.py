@@ -33,7 +33,7 @@ from node.lora.ops import apply_lora, uses_triton
 from node.lora.slots import GROUPS, LoRASlotPools, LoRASlots
 from node.models.config import ModelConfig
 from node.models.llama import LlamaForCausalLM
-from node.models.quant import has_int8_kernel, quantize_int8
+from node.models.quant import has_int8_kernel, quantize_weights
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu.json"
 RANK, BLOCK = 16, 16
@@ -172,7 +172,7 @@ def run_cases(args: argparse.Namespace, cfg: ModelConfig, device: torch.device) 
             best[case] = min(best.get(case, t), t)
     nbytes = {case: step_bytes(model, slots, case, args.ctx) for case in cases}  # bf16, before int8
     if args.int8:
-        quantize_int8(model)
+        quantize_weights(model, "int8")
         graphs = DecodeGraphs(model, kv, pools, max_batch=args.big_batch, max_blocks=max_blocks, block_size=BLOCK,
                               scratch_slot=num_blocks * BLOCK, use_graphs=device.type == "cuda")
         for a in (0, 64):

@@ -64,7 +64,8 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(default=None, ge=16)
     cuda_graphs: bool = True  # on CUDA: decode steps replayed from graphs per batch-size bucket
     prefix_caching: bool = True  # LORANODE_PREFIX_CACHING: full KV blocks cached by (adapter, tokens)
-    weight_quantization: Literal["none", "int8"] = "none"  # int8: weight-only, per output channel
+    # weight-only int8 (per output channel) or int4 (groups of 128), on torchao; fp8 on Ada/Hopper GPUs
+    weight_quantization: Literal["none", "int8", "int4", "fp8"] = "none"
     # the engine's step loop in processes of its own (over ZeroMQ, restarted if one dies), or in the API's
     # (the default until the core process carries adapters' own chat templates: docs/engine.md)
     engine_process: bool = False
@@ -77,6 +78,8 @@ class Settings(BaseSettings):
     adapter_cache_dir: Path | None = None  # default: data_dir/adapters
     max_adapter_host_bytes: int = Field(default=4 << 30, ge=1)
     max_adapter_disk_bytes: int = Field(default=64 << 30, ge=1)
+    # the registered sha256 is checked when an adapter enters the disk cache; true: on every load too
+    adapter_verify_every_load: bool = False
 
     # API and pricing (token units, integers): adapters at the token prices; the base model alone, called
     # by its served name (default: the model folder's name), at the base prices (default: the same)

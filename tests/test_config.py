@@ -108,3 +108,18 @@ def test_the_base_model_is_served_by_its_folder_name_or_the_configured_one(tmp_p
             load_settings(**bad)
     with pytest.raises(ConfigError, match="served_model_name"):
         load_settings(served_model_name="two words")
+
+
+def test_the_load_path_and_quantization_come_from_the_environment(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    from node.api.wiring import engine_config, store_config
+
+    assert store_config(load_settings()).verify_every_load is False  # verified once, entering the cache
+    monkeypatch.setenv("LORANODE_ADAPTER_VERIFY_EVERY_LOAD", "true")
+    monkeypatch.setenv("LORANODE_WEIGHT_QUANTIZATION", "int4")
+    settings = load_settings(model_path=tmp_path)
+    assert store_config(settings).verify_every_load is True
+    assert engine_config(settings).weight_quantization == "int4"
+    monkeypatch.setenv("LORANODE_WEIGHT_QUANTIZATION", "int3")
+    with pytest.raises(ConfigError, match="weight_quantization"):
+        load_settings()

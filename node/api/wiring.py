@@ -60,7 +60,8 @@ def engine_config(settings: Settings) -> EngineConfig:
 
 def store_config(settings: Settings) -> StoreConfig:
     return StoreConfig(cache_dir=settings.resolved_adapter_cache_dir(), max_disk_bytes=settings.max_adapter_disk_bytes,
-                       max_host_bytes=settings.max_adapter_host_bytes)
+                       max_host_bytes=settings.max_adapter_host_bytes,
+                       verify_every_load=settings.adapter_verify_every_load)
 
 
 def start_engine(settings: Settings, config: EngineConfig) -> tuple[Engine, AdapterRegistrar, StoreSnapshot]:

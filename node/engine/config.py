@@ -9,7 +9,7 @@ import torch
 
 from node.errors import ConfigError
 
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", "int8", "int4", "fp8")  # node/models/quant.py
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -34,7 +34,7 @@ class EngineConfig:
     max_cpu_kv_cache_bytes: int = 2 << 30  # on CPU, the cap on the KV cache
     seed: int = 0  # for requests that sample without a seed of their own
     cuda_graphs: bool = True  # on CUDA (with Triton), replay decode steps from graphs per batch-size bucket
-    weight_quantization: str = "none"  # "none" or "int8" (weight-only, per output channel)
+    weight_quantization: str = "none"  # "none", "int8", "int4" (weight-only) or "fp8" (node/models/quant.py)
     # ranks the model is split across (Megatron-style, node/models/parallel.py): one device each on
     # CUDA (device, device + 1, ...), processes sharing the cores on the CPU
     tensor_parallel_size: int = 1

@@ -15,6 +15,7 @@ from node.engine.scheduler import ScheduledSeq
 from node.engine.sequence import Sequence
 from node.errors import ConfigError
 from node.lora.adapter import LoRATargetSpec, LoRAWeights
+from node.lora.copy_stream import AdapterCopyStream
 from node.lora.ops import uses_triton
 from node.lora.provider import AdapterProvider, LoadState
 from node.lora.slots import LoRASlotPools, LoRASlots
@@ -22,7 +23,7 @@ from node.models.attention import AttentionBatch, AttentionGroup, build_group
 from node.models.config import ModelConfig
 from node.models.llama import LlamaForCausalLM
 from node.models.loader import load_model
-from node.models.quant import quantize_int8
+from node.models.quant import check_scheme, quantize_weights
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +34,13 @@ class ModelRunner:
         self.config, self.model_config, self.provider = config, model_config, provider
         self.sampler = Sampler(eos_token_ids)
         self.device = torch.device(config.device)
+        check_scheme(config.weight_quantization, self.device, config.torch_dtype)  # before the load
         self.model = self._load_model(max_model_len)
-        if config.weight_quantization == "int8":
-            quantize_int8(self.model)
+        quantize_weights(self.model, config.weight_quantization, self.device)
         # adapter slots first, so that the KV cache is sized from the memory they leave
         target = LoRATargetSpec.of(model_config.num_layers, model_config.module_shapes(), model_config.fused_modules())
         self.slots = self._slot_pools(target)
+        self.copies = AdapterCopyStream(self.device)  # adapter copies on a side stream (CUDA), per-adapter events
         self.num_blocks = config.num_kv_blocks or self._fit_kv_blocks(max_model_len)
         # one block more than the block manager hands out: padded graph rows write their keys there
         shape = (self.num_blocks + 1, config.block_size, model_config.num_kv_heads, model_config.head_dim)
@@ -108,6 +110,7 @@ class ModelRunner:
         """Run one step; returns the sampled token (and logprobs) of each `is_sampled` item, in
         `scheduled` order."""
         slot_of = {id(s.seq): self._slot(s.seq.adapter_id, adapters_in_use) for s in scheduled}
+        self.copies.wait_for({s.seq.adapter_id for s in scheduled if s.seq.adapter_id is not None})
         # prefills (in groups of similar length) then decodes, each sorted by adapter slot: LoRA
         # segments become long runs
         prefill_groups = prefill_length_groups([s for s in scheduled if s.num_new_tokens > 1])
@@ -134,6 +137,7 @@ class ModelRunner:
                                                  [s.seq.block_table for s in decodes], context, token_slots))
         else:
             hidden = self._eager(prefill_groups, decodes, token_ids, positions, slot_mapping, token_slots)
+        self.copies.record_use(set(slot_of.values()) - {-1})  # their slots are read until here
         ends, sampled = [], []
         offset = 0
         for item in ordered:
@@ -184,7 +188,7 @@ class ModelRunner:
             if load.done() and load.exception() is None:
                 weights = cast(LoRAWeights, load.result())
                 if self.slots.has_free_slot(weights.rank):
-                    self.slots.activate(adapter_id, weights, in_use=())
+                    self.slots.activate(adapter_id, weights, in_use=(), copies=self.copies)
                     staged.append(adapter_id)
         return staged
 
@@ -194,7 +198,7 @@ class ModelRunner:
         slot = self.slots.lookup(adapter_id)  # on the device already: no host-tier lookup, no hit counted
         if slot is not None:
             return slot
-        return self.slots.activate(adapter_id, self.provider.get(adapter_id), adapters_in_use)
+        return self.slots.activate(adapter_id, self.provider.get(adapter_id), adapters_in_use, self.copies)
 
     def _group(self, items: list[ScheduledSeq], first_token: int) -> AttentionGroup | None:
         if not items:

@@ -15,7 +15,7 @@ import torch
 
 from node.errors import AdapterFormatError
 from node.lora.adapter_config import config_problems, declared_problems, scaling
-from node.lora.adapter_files import DTYPE_BYTES, FLOAT_DTYPES, AdapterFiles, TensorEntry
+from node.lora.adapter_files import DTYPE_BYTES, FLOAT_DTYPES, AdapterFiles, GatherPlan, TensorEntry
 from node.lora.weights import GROUPS, MODULES, LoRAWeights, scale_stack
 
 __all__ = ["GROUPS", "LoRATargetSpec", "LoRAWeights", "load_lora_adapter"]
@@ -65,6 +65,7 @@ class _Plan:
     names: dict[tuple[int, str], tuple[str, str]]  # (layer, module) -> (A key, B key)
     scales: dict[tuple[int, str], float]
     stacks: tuple[_Stack, ...] | None  # None: not one dtype and one rank (LoRAWeights.from_modules)
+    gather: GatherPlan | None  # where the stacks' bytes come from in the file
 
 
 MAX_CACHED_PLANS = 64
@@ -80,7 +81,7 @@ def load_lora_adapter(source: str | Path | AdapterFiles, target: LoRATargetSpec,
     and the base model, and adapters of one shape share all of them: that plan is kept (64 at most),
     so a load is mostly joining byte ranges."""
     files = source if isinstance(source, AdapterFiles) else AdapterFiles.read(source)
-    key = (files.config_bytes, files.header_bytes, len(files.weights), target, max_rank)
+    key = (files.config_bytes, files.header_bytes, files.size, target, max_rank)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _make_plan(files, target, max_rank)
@@ -96,12 +97,17 @@ def load_lora_adapter(source: str | Path | AdapterFiles, target: LoRATargetSpec,
         _refuse_non_finite(files, _non_finite({**weights.a, **weights.b}, weights.rank))
         return weights
     dtype = FLOAT_DTYPES[files.header[next(iter(plan.names.values()))[0]].dtype]
-    stacks = {s.name: torch.frombuffer(files.join(s.parts), dtype=dtype).float().view(s.shape) for s in plan.stacks}
+    assert plan.gather is not None
+    raw = files.gather(plan.gather).view(dtype)  # one buffer: one preadv for a disk cache copy
+    elem, raw = raw.element_size(), raw.float()
+    stacks = {s.name: raw[begin // elem:end // elem].view(s.shape)  # bounds in the file's dtype, then float32
+              for s, (begin, end) in zip(plan.stacks, plan.gather.bounds, strict=True)}
     rank = plan.stacks[0].shape[1] // len(GROUPS[plan.stacks[0].name])
     a = {g: stacks[g] for g in GROUPS if g in stacks}
     b = {m: scale_stack(stacks[m], m, plan.scales) for m in MODULES if m in stacks}
     # the bytes, not the plan, checked on every load; after scaling, which can overflow a huge weight
-    _refuse_non_finite(files, _non_finite(stacks, rank))
+    if not torch.isfinite(raw.sum()):  # one reduction over all stacks; searched only if it fails
+        _refuse_non_finite(files, _non_finite(stacks, rank))
     return LoRAWeights(rank=rank, a=a, b=b, ranks=dict.fromkeys(plan.names, rank))
 
 
@@ -167,7 +173,8 @@ def _make_plan(files: AdapterFiles, target: LoRATargetSpec, max_rank: int) -> _P
         scales = {k: scaling(files.config, *k, rank) for k, rank in ranks.items()}
     is_fused = any(module in dict(target.fused) for _, module in names)  # Phi-3: split in `_unfuse`
     stacks = _stacks(files, names) if names and not problems and not is_fused else None
-    return _Plan(tuple(problems), names, scales, stacks)
+    gather = GatherPlan.of([s.parts for s in stacks]) if stacks is not None else None
+    return _Plan(tuple(problems), names, scales, stacks, gather)
 
 
 def _stacks(files: AdapterFiles, names: dict[tuple[int, str], tuple[str, str]]) -> tuple[_Stack, ...] | None:

@@ -1,11 +1,15 @@
-"""An adapter's two files read once into memory: hashed, header-checked and sliced from the same bytes.
+"""An adapter's two files: hashed, header-checked and sliced from the same bytes, or gathered unhashed.
 
-A load from disk reads `adapter_config.json` and `adapter_model.safetensors` exactly once. The
-registry hash (`content_hash.adapter_files_sha256`, the same folder rule the CLI registers with) is
-computed on those bytes, the safetensors header is checked against them (the tensors must tile the
-data exactly), and the tensors the parser asks for are views of them (`torch.frombuffer`, no copy).
-So what was hashed is what is parsed: a file changed on disk between the check and the parse cannot
-slip through. Nothing here ever unpickles: a pickle or a torch.save zip is refused by its first bytes.
+Two ways in:
+- `read` (a copy not yet trusted): both files are read exactly once into memory. The registry hash
+  (`content_hash.adapter_files_sha256`, the folder rule the CLI registers with) is computed on those
+  bytes, the safetensors header is checked against them (the tensors must tile the data exactly), and
+  the tensors the parser asks for are sliced from them. What was hashed is what is parsed: a file
+  changed on disk between the check and the parse cannot slip through.
+- `open` (a disk cache copy, verified when it entered the cache): only the config and the header are
+  read; `gather` then reads the tensor bytes with one `preadv` straight into the stacks the parser
+  lays out (no whole-file buffer, no second copy). The header is checked exactly as above.
+Nothing here ever unpickles: a pickle or a torch.save zip is refused by its first bytes.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -30,6 +35,8 @@ DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2
                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 MAX_CACHED_LAYOUTS = 64
 _LAYOUTS: dict[tuple[bytes, int], dict[str, TensorEntry]] = {}  # (header bytes, file size) -> layout
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024  # buffers per preadv
+Parts = tuple[tuple[int, int] | int, ...]  # byte ranges of the file ((begin, end)) and runs of zero bytes
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
@@ -44,7 +51,9 @@ class TensorEntry(NamedTuple):  # a NamedTuple: a header has a few hundred of th
 class AdapterFiles:
     folder: Path
     config_bytes: bytes
-    weights: bytearray  # the whole safetensors file
+    weights: bytearray | None  # the whole safetensors file; None when `open`ed (read on demand)
+    size: int  # bytes of the safetensors file
+    head: bytes = b""  # its header's JSON bytes, when `open`ed
 
     @classmethod
     def read(cls, folder: str | Path) -> AdapterFiles:
@@ -56,11 +65,40 @@ class AdapterFiles:
             pickles = sorted(p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES)
             why = f"; pickled files are refused: {pickles}" if pickles else ""
             raise AdapterFormatError(f"{WEIGHTS_FILE} is missing{why}", folder=str(folder))
-        return cls(folder, (folder / CONFIG_FILE).read_bytes(), _read_whole(folder / WEIGHTS_FILE))
+        weights = _read_whole(folder / WEIGHTS_FILE)
+        return cls(folder, (folder / CONFIG_FILE).read_bytes(), weights, len(weights))
+
+    @classmethod
+    def open(cls, folder: str | Path) -> AdapterFiles:
+        """The config and the safetensors header only (two small reads); `gather` reads the tensors.
+
+        For copies verified before they entered the disk cache: nothing here hashes them."""
+        folder = Path(folder)
+        config_bytes = _read_small(os.path.join(folder, CONFIG_FILE))
+        fd = os.open(os.path.join(folder, WEIGHTS_FILE), os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            header_len = _header_length(os.pread(fd, 8, 0), size)
+            head = os.pread(fd, header_len, 8)
+        finally:
+            os.close(fd)
+        if len(head) != header_len:
+            raise AdapterFormatError(f"{WEIGHTS_FILE} shrank while it was read", file=WEIGHTS_FILE)
+        return cls(folder, config_bytes, None, size, head)
+
+    @cached_property
+    def data(self) -> bytearray:
+        """The whole safetensors file (read now if `open`ed: the parser's rare mixed-dtype path)."""
+        if self.weights is not None:
+            return self.weights
+        data = _read_whole(self.folder / WEIGHTS_FILE)
+        if len(data) != self.size or bytes(data[8:8 + len(self.head)]) != self.head:
+            raise AdapterFormatError(f"{WEIGHTS_FILE} changed since it was opened", file=WEIGHTS_FILE)
+        return data
 
     def sha256(self) -> bytes:
         """The registry's weightsSha256 of exactly these bytes."""
-        return adapter_files_sha256(self.config_bytes, self.weights)
+        return adapter_files_sha256(self.config_bytes, self.data)
 
     def check(self) -> None:
         """Refuse a config that is not a JSON object or weights that are not well-formed safetensors."""
@@ -81,6 +119,8 @@ class AdapterFiles:
     @cached_property
     def header_bytes(self) -> bytes:
         """The safetensors header's JSON bytes (AdapterFormatError if the file cannot be safetensors)."""
+        if self.weights is None:
+            return self.head
         return _header_bytes(WEIGHTS_FILE, self.weights)
 
     @cached_property
@@ -89,10 +129,10 @@ class AdapterFiles:
 
         Adapters of one shape share their header byte for byte, so the checked layout is kept per
         (header bytes, file size): what it says depends on nothing else. Treat it as read-only."""
-        key = (self.header_bytes, len(self.weights))
+        key = (self.header_bytes, self.size)
         layout = _LAYOUTS.get(key)
         if layout is None:
-            layout = _parse_header(WEIGHTS_FILE, self.header_bytes, len(self.weights))
+            layout = _parse_header(WEIGHTS_FILE, self.header_bytes, self.size)
             if len(_LAYOUTS) >= MAX_CACHED_LAYOUTS:
                 _LAYOUTS.clear()
             _LAYOUTS[key] = layout
@@ -108,18 +148,75 @@ class AdapterFiles:
         count = math.prod(entry.shape)
         if count == 0:
             return torch.empty(entry.shape, dtype=dtype)
-        buffer: bytes | bytearray = self.weights
+        buffer: bytes | bytearray = self.data
         offset = entry.begin
         if offset % DTYPE_BYTES[entry.dtype]:
-            buffer, offset = bytes(self.weights[entry.begin:entry.end]), 0
+            buffer, offset = bytes(self.data[entry.begin:entry.end]), 0
         return torch.frombuffer(buffer, dtype=dtype, count=count, offset=offset).view(entry.shape)
 
+    def gather(self, plan: GatherPlan) -> torch.Tensor:
+        """The plan's byte ranges of the file and runs of zero bytes, concatenated into one new uint8
+        tensor [plan.nbytes]. Copied from memory if the file is there, else one `preadv` per
+        contiguous run of the file straight into place (one run for a whole adapter)."""
+        out = torch.empty(plan.nbytes, dtype=torch.uint8)
+        for begin, end in plan.zeros:
+            out[begin:end].zero_()
+        dest = out.numpy().data  # a writable memoryview of the tensor
+        if self.weights is not None:
+            source = memoryview(self.weights)
+            for offset, pieces in plan.runs:
+                for begin, end in pieces:
+                    dest[begin:end] = source[offset:offset + end - begin]
+                    offset += end - begin
+            return out
+        fd = os.open(self.folder / WEIGHTS_FILE, os.O_RDONLY)
+        try:
+            if os.fstat(fd).st_size != self.size:
+                raise AdapterFormatError(f"{WEIGHTS_FILE} changed since it was opened", file=WEIGHTS_FILE)
+            for offset, pieces in plan.runs:
+                n = os.preadv(fd, [dest[begin:end] for begin, end in pieces], offset)
+                if n != sum(end - begin for begin, end in pieces):
+                    raise AdapterFormatError(f"{WEIGHTS_FILE} shrank while it was read", file=WEIGHTS_FILE)
+        finally:
+            os.close(fd)
+        return out
 
-    def join(self, parts: tuple[tuple[int, int] | int, ...]) -> bytearray:
-        """Byte ranges of the file ((begin, end)) and runs of zero bytes (an int: how many), concatenated."""
-        view = memoryview(self.weights)
-        return bytearray().join([bytes(part) if isinstance(part, int) else view[part[0]:part[1]]
-                                 for part in parts])
+
+@dataclass(frozen=True)
+class GatherPlan:
+    """Where each byte range of the file goes in a gathered buffer, worked out once per layout.
+
+    runs: (file offset, ((begin, end) in the buffer, ...)): the file's bytes from the offset on fill
+    those buffer ranges in order (at most IOV_MAX of them); zeros: buffer ranges of zero bytes;
+    bounds: each layout's (begin, end) in the buffer."""
+
+    nbytes: int
+    runs: tuple[tuple[int, tuple[tuple[int, int], ...]], ...]
+    zeros: tuple[tuple[int, int], ...]
+    bounds: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def of(cls, layouts: Sequence[Parts]) -> GatherPlan:
+        """For layouts of byte ranges of the file ((begin, end)) and runs of zero bytes (an int)."""
+        pieces, zeros, bounds, position = [], [], [], 0
+        for parts in layouts:
+            start = position
+            for part in parts:
+                n = part if isinstance(part, int) else part[1] - part[0]
+                if isinstance(part, int):
+                    zeros.append((position, position + n))
+                else:
+                    pieces.append((part[0], position, position + n))
+                position += n
+            bounds.append((start, position))
+        runs: list[tuple[int, list[tuple[int, int]]]] = []
+        next_offset = -1
+        for offset, begin, end in sorted(pieces):
+            if offset != next_offset or len(runs[-1][1]) >= IOV_MAX:
+                runs.append((offset, []))
+            runs[-1][1].append((begin, end))
+            next_offset = offset + end - begin
+        return cls(position, tuple((offset, tuple(ranges)) for offset, ranges in runs), tuple(zeros), tuple(bounds))
 
 
 def parse_safetensors_header(name: str, data: bytes | bytearray) -> dict[str, TensorEntry]:
@@ -128,12 +225,16 @@ def parse_safetensors_header(name: str, data: bytes | bytearray) -> dict[str, Te
 
 
 def _header_bytes(name: str, data: bytes | bytearray) -> bytes:
-    size = len(data)
-    head = bytes(data[:8])
+    header_len = _header_length(bytes(data[:8]), len(data), name)
+    return bytes(data[8:8 + header_len])
+
+
+def _header_length(head: bytes, size: int, name: str = WEIGHTS_FILE) -> int:
+    """The header's length from the file's first 8 bytes; AdapterFormatError unless it fits the file."""
     header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
     if not 0 < header_len <= min(MAX_HEADER_BYTES, size - 8):
         raise AdapterFormatError(_not_safetensors(head), file=name, size=size)
-    return bytes(data[8:8 + header_len])
+    return header_len
 
 
 def _parse_header(name: str, raw: bytes, size: int) -> dict[str, TensorEntry]:
@@ -183,6 +284,19 @@ def _not_safetensors(head: bytes) -> str:
     if head[:4] == b"PK\x03\x04":
         return f"{WEIGHTS_FILE} is a torch.save zip (pickle inside); only safetensors are read"
     return f"{WEIGHTS_FILE} is not a safetensors file (corrupted or truncated header)"
+
+
+def _read_small(path: str) -> bytes:
+    """A small file in one read (no buffered file object)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        data = os.read(fd, size + 1)
+        while len(data) <= size and (more := os.read(fd, size + 1 - len(data))):
+            data += more
+    finally:
+        os.close(fd)
+    return data
 
 
 def _read_whole(path: Path) -> bytearray:

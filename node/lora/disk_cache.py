@@ -4,8 +4,10 @@ in bytes.
 Entries are addressed by the registered weights hash and the source (a tag of the URI), so two adapter
 ids at the same source share one copy, while the same weights registered at another source get their
 own: an adapter's chat template files (outside the weights hash) are always its own source's. A copy
-is written under `.tmp/` and renamed into place (atomic: a reader never sees half a folder); an
-evicted or bad copy is renamed under `.trash/` and deleted outside the lock.
+is written under `.tmp/`, verified by the store, flushed to disk (fsync: after a crash an entry is
+whole or absent, never a verified name over truncated bytes) and renamed into place (atomic: a reader
+never sees half a folder); `.tmp/` is emptied at start. So every entry holds verified bytes, and
+loads trust it. An evicted or bad copy is renamed under `.trash/` and deleted outside the lock.
 Last use is kept in the folder's mtime so the LRU order survives a restart. Entries being read
 (leased) and entries of pinned adapters (protected) are never evicted. In-flight downloads under
 `.tmp/` are not counted against the budget.
@@ -20,6 +22,7 @@ import os
 import re
 import shutil
 import threading
+import time
 import uuid
 from collections import Counter, OrderedDict
 from pathlib import Path
@@ -29,6 +32,7 @@ from node.lora.content_hash import ADAPTER_FILES
 logger = logging.getLogger(__name__)
 _ENTRY_NAME = re.compile(r"^[0-9a-f]{64}-[0-9a-f]{16}$")
 _TMP, _TRASH = ".tmp", ".trash"
+TOUCH_INTERVAL_S = 60.0
 
 
 def disk_key(digest: bytes, uri: str) -> str:
@@ -45,6 +49,7 @@ class DiskCache:
         self._leases: Counter[str] = Counter()
         self._protected: Counter[str] = Counter()
         self._nbytes = 0
+        self._touched: dict[str, float] = {}  # key -> when its mtime was last set (time.monotonic())
         self._scan()
 
     @property
@@ -66,7 +71,12 @@ class DiskCache:
         return self.root / key
 
     def touch(self, key: str) -> None:
-        """Record the use on disk (the folder's mtime), so that the LRU order survives a restart."""
+        """Record the use on disk (the folder's mtime), so that the LRU order survives a restart; at most
+        once a minute per entry (the order in memory is exact; a restart keeps it to the minute)."""
+        now = time.monotonic()
+        if now - self._touched.get(key, -TOUCH_INTERVAL_S) < TOUCH_INTERVAL_S:
+            return
+        self._touched[key] = now
         with contextlib.suppress(FileNotFoundError):  # deleted behind our back: the reader fetches again
             os.utime(self.root / key)
 
@@ -94,6 +104,8 @@ class DiskCache:
     def commit(self, temp: Path, key: str) -> tuple[Path, int]:
         """Move a verified temp folder into place, leased; returns it and the number of evictions."""
         size = sum((temp / name).stat().st_size for name in ADAPTER_FILES)
+        for path in (*temp.iterdir(), temp):
+            _fsync(path)
         with self._lock:
             if key not in self._entries:
                 if (self.root / key).exists():  # an unindexed leftover (a failed eviction)
@@ -104,6 +116,7 @@ class DiskCache:
             self._entries.move_to_end(key)
             self._leases[key] += 1
             victims = self._take_victims()
+        _fsync(self.root)  # the rename itself
         self._delete(victims)
         return self.root / key, len(victims)
 
@@ -129,6 +142,7 @@ class DiskCache:
         return victims
 
     def _to_trash(self, key: str) -> Path:
+        self._touched.pop(key, None)
         trash = self.root / _TRASH / uuid.uuid4().hex
         trash.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -163,3 +177,12 @@ class DiskCache:
         self._delete(victims)
         logger.info("adapter disk cache %s: %d entries, %d bytes", self.root, len(self._entries),
                     self._nbytes)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's bytes (or a folder's entries) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -21,6 +21,7 @@ import torch
 
 from node.errors import Overloaded
 from node.lora.adapter import GROUPS, LoRATargetSpec, LoRAWeights
+from node.lora.copy_stream import AdapterCopyStream
 from node.lora.mapping import build_plan
 from node.lora.ops import Form, LoRAPlan, apply_lora
 
@@ -71,8 +72,10 @@ class LoRASlots:
             self.slot_of.move_to_end(adapter_id)
         return slot
 
-    def activate(self, adapter_id: str, weights: LoRAWeights, in_use: Collection[str]) -> int:
-        """The slot holding `adapter_id`, copying it in (evicting an idle one) if it is not resident."""
+    def activate(self, adapter_id: str, weights: LoRAWeights, in_use: Collection[str],
+                 copies: AdapterCopyStream | None = None, base: int = 0) -> int:
+        """The slot holding `adapter_id`, copying it in (evicting an idle one) if it is not resident.
+        With `copies`, the copy is ordered by its events (global slot id: `base` + the pool's own)."""
         if adapter_id in self.slot_of:
             self.slot_of.move_to_end(adapter_id)
             return self.slot_of[adapter_id]
@@ -83,7 +86,11 @@ class LoRASlots:
             self.free.append(self.slot_of.pop(victim))
             log.debug("evicted adapter %s from its slot", victim)
         slot = self.free.pop()
-        self._write(slot, weights)
+        if copies is None:
+            self._write(slot, weights)
+        else:
+            with copies.writing(adapter_id, base + slot) as is_async:
+                self._write(slot, weights, is_async)
         self.slot_of[adapter_id] = slot
         return slot
 
@@ -92,8 +99,9 @@ class LoRASlots:
         if slot is not None:
             self.free.append(slot)
 
-    def _write(self, slot: int, weights: LoRAWeights) -> None:
-        """Copy the host stacks in: one copy per group's A and per module's B, all layers at once."""
+    def _write(self, slot: int, weights: LoRAWeights, is_async: bool = False) -> None:
+        """Copy the host stacks in: one copy per group's A and per module's B, all layers at once
+        (`is_async`: non-blocking, each from a pinned staging copy that torch keeps until it is done)."""
         r, r_max = weights.rank, self.max_rank
         assert r <= r_max, "the parser refuses ranks above max_lora_rank"
         self.ranks[slot] = r
@@ -104,13 +112,13 @@ class LoRASlots:
                 num_layers, d_in = src.shape[0], src.shape[2]
                 # [Lw, G, r_max, in] <- [Lw, G, r, in]
                 dst[:num_layers].view(num_layers, len(modules), r_max, d_in)[:, :, :r].copy_(
-                    src.view(num_layers, len(modules), r, d_in))
+                    _staged(src, is_async).view(num_layers, len(modules), r, d_in), non_blocking=is_async)
             offset = 0
             for m, width in zip(modules, self.widths[group], strict=True):
                 b_dst = self.b_all[group][:, slot, offset:offset + width]  # [L, out, r_max] <- [Lw, out, r]
                 b_src = weights.b.get(m)
                 if self._clear(b_dst, extents, m, b_src, r):
-                    b_dst[:b_src.shape[0], :, :r].copy_(b_src)
+                    b_dst[:b_src.shape[0], :, :r].copy_(_staged(b_src, is_async), non_blocking=is_async)
                 offset += width
 
     @staticmethod
@@ -125,6 +133,12 @@ class LoRASlots:
         if new is not None:
             extents[name] = new
         return src is not None
+
+
+def _staged(src: torch.Tensor, is_async: bool) -> torch.Tensor:
+    """The host tensor to copy from: pinned for a non-blocking copy (the caching host allocator keeps
+    the staging block until the copy that reads it is done)."""
+    return src.pin_memory() if is_async and not src.is_pinned() else src
 
 
 class LoRASlotPools:
@@ -175,7 +189,8 @@ class LoRASlotPools:
         """Whether an adapter of `rank` can be copied in without evicting anyone."""
         return any(pool.free for pool in self.pools if pool.max_rank >= rank)
 
-    def activate(self, adapter_id: str, weights: LoRAWeights, in_use: Collection[str]) -> int:
+    def activate(self, adapter_id: str, weights: LoRAWeights, in_use: Collection[str],
+                 copies: AdapterCopyStream | None = None) -> int:
         """The global slot holding `adapter_id`, copying it in (evicting an idle one) if needed."""
         slot = self.lookup(adapter_id)
         if slot is not None:
@@ -187,7 +202,7 @@ class LoRASlotPools:
         if pool is None:
             pool, base = next(((p, b) for p, b in fitting if any(a not in in_use for a in p.slot_of)),
                               fitting[0])
-        return base + pool.activate(adapter_id, weights, in_use)
+        return base + pool.activate(adapter_id, weights, in_use, copies, base)
 
     def remove(self, adapter_id: str) -> None:
         for pool in self.pools:

@@ -6,10 +6,13 @@ blocking, whether an adapter is ready. Loads from the disk cache and fetches fro
 separate worker pools, so a slow or stuck HTTP source never delays an adapter that is already on
 disk, and a host-memory hit never waits on any load (the lock is held only for dictionary updates).
 
-Integrity: the bytes of `adapter_config.json` + `adapter_model.safetensors` must hash (the folder
-rule of `content_hash`) to the registered sha256 before `parse` ever sees them, on every load from
-disk as well as after every fetch. A fetched copy that does not is deleted and the load fails with
-AdapterIntegrityError naming both hashes; a disk copy that has gone bad is deleted and fetched again.
+Integrity: the registered sha256 is checked when an adapter enters the disk cache, which is trusted
+afterwards. A fetch hashes the bytes as it writes them into a temp folder; only a copy that hashes to
+the registered sha256 (the folder rule of `content_hash`) and parses is flushed and renamed into its
+content address. Any other is deleted, never served, counted as a source miss, and the load fails
+with AdapterIntegrityError naming both hashes. A load from the cache reads the header and gathers the
+tensors unhashed (a copy whose header broke is fetched again); `verify_every_load` hashes every load
+(a copy that no longer hashes right is fetched again).
 
 Failures are per adapter: the state turns FAILED with the error, other adapters are untouched, and
 a later get/prefetch (after `retry_after_s`) tries again.
@@ -283,32 +286,39 @@ class AdapterStore(Generic[W]):
         fetched now), and when the disk step began. The hash is checked on the very bytes returned."""
         started = time.monotonic()
         if leased is not None:
-            try:
-                files = AdapterFiles.read(leased)
-                actual = files.sha256()
-            except (OSError, AdapterFormatError):  # deleted or unreadable: as good as corrupted
-                actual = b""
-            if actual == reg.digest:
+            files, why = self._cached_copy(leased, reg.digest)
+            if files is not None:
                 self._metrics.count("disk", "hits")
                 self._disk.touch(reg.key)
                 return files, started
-            logger.warning("disk copy of adapter %s hashes to %s, not %s: deleting and fetching again",
-                           adapter_id, to_hex(actual) if actual else "(missing)", to_hex(reg.digest))
+            logger.warning("disk copy of adapter %s is bad (%s): deleting and fetching again", adapter_id, why)
             self._disk.release(reg.key)
             self._disk.discard(reg.key)
         self._metrics.count("disk", "misses")
         folder = self._fetch(adapter_id, reg)
         started = time.monotonic()  # the fetch is timed on its own; the disk step starts now
+        files, why = self._cached_copy(folder, reg.digest)
+        if files is None:  # changed on disk since the fetch checked it
+            self._disk.release(reg.key)
+            raise AdapterIntegrityError(f"adapter {adapter_id}: its fresh disk copy is bad ({why}): refused",
+                                        adapter=adapter_id, expected=to_hex(reg.digest), why=why)
+        return files, started
+
+    def _cached_copy(self, folder: Path, digest: bytes) -> tuple[AdapterFiles | None, str]:
+        """A disk cache copy ready to parse, or None and why not. Verified when it entered the cache,
+        it is trusted (header checked, not hashed) unless `verify_every_load` asks to hash it again."""
         try:
+            if not self.config.verify_every_load:
+                files = AdapterFiles.open(folder)
+                files.check()
+                return files, ""
             files = AdapterFiles.read(folder)
             actual = files.sha256()
-        except (OSError, AdapterFormatError):
-            self._disk.release(reg.key)
-            raise
-        if actual != reg.digest:  # changed on disk since the fetch checked it
-            self._disk.release(reg.key)
-            raise self._mismatch(adapter_id, reg, actual)
-        return files, started
+        except (OSError, AdapterFormatError) as e:  # deleted or unreadable: as good as corrupted
+            return None, str(e) or type(e).__name__
+        if actual != digest:
+            return None, f"hashes to {to_hex(actual)}, not {to_hex(digest)}"
+        return files, ""
 
     def _fetch(self, adapter_id: str, reg: _Registration) -> Path:
         started = time.monotonic()

@@ -21,6 +21,8 @@ class StoreConfig:
     max_download_bytes: int = 1 << 30  # one adapter's two files together, from any source
     retry_after_s: float = 1.0  # a failed adapter answers its error this long before a new try
     num_recent_samples: int = 1024  # load times kept per tier for percentiles
+    # hash every load from the disk cache, not only what enters it (a cache directory others can write)
+    verify_every_load: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_disk_bytes", "max_host_bytes", "num_load_workers", "num_fetch_workers",

@@ -179,21 +179,6 @@ def test_a_wrong_hash_is_refused_before_parse_and_the_copy_deleted(tmp_path: Pat
         assert _same(store.get("good"), good)  # the failure stays with its adapter
 
 
-def test_a_disk_copy_gone_bad_is_deleted_and_fetched_again(tmp_path: Path) -> None:
-    with _store(tmp_path, num_host=1) as store:
-        folder = _add(store, tmp_path, "a")
-        _add(store, tmp_path, "b", seed=1)
-        store.get("a")
-        store.get("b")  # pushes a out of host memory
-        cached = tmp_path / "cache" / _key(tmp_path, "a") / "adapter_model.safetensors"
-        data = bytearray(cached.read_bytes())
-        data[-1] ^= 0xFF
-        cached.write_bytes(bytes(data))
-        assert _same(store.get("a"), folder)
-        m = store.metrics()
-        assert (m.source.hits, m.disk.hits) == (3, 0)
-
-
 def test_a_corrupted_file_fails_with_a_format_error_not_a_crash(tmp_path: Path) -> None:
     with _store(tmp_path) as store:
         folder = tmp_path / "src" / "a"
