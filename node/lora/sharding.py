@@ -22,6 +22,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from node.lora.adapter import LoRAWeights
+from node.lora.copy_stream import AdapterCopyStream
 from node.lora.slots import LoRASlotPools, LoRASlots
 
 _Range = tuple[int, int]
@@ -53,11 +54,12 @@ class ShardedLoRASlotPools(LoRASlotPools):
         self.shards = shards
         self._pending: list[tuple[int, LoRAWeights]] = []  # (global slot, whole adapter)
 
-    def activate(self, adapter_id: str, weights: LoRAWeights, in_use: Collection[str]) -> int:
+    def activate(self, adapter_id: str, weights: LoRAWeights, in_use: Collection[str],
+                 copies: AdapterCopyStream | None = None) -> int:
         slot = self.lookup(adapter_id)
         if slot is not None:
             return slot
-        slot = super().activate(adapter_id, self.shards[0].of(weights), in_use)
+        slot = super().activate(adapter_id, self.shards[0].of(weights), in_use, copies)
         self._pending.append((slot, weights))
         return slot
 
