@@ -141,3 +141,14 @@ def _deposit(raw: dict[str, Any]) -> Deposit:
     return Deposit(_uint(raw.get("amount"), "deposit.amount"), _uint(auth.get("validAfter"), "validAfter"),
                    _uint(auth.get("validBefore"), "validBefore"), salt,
                    _hex(auth.get("signature"), "erc3009Authorization.signature"))
+
+
+def payment_response(network: str, payer: str, charged: int | None, channel_state: dict[str, Any], *,
+                     transaction: str = "", amount: str = "") -> dict[str, Any]:
+    """The `PAYMENT-RESPONSE` of a paid answer: `chargedAmount` (omitted for a refund) and the channel
+    snapshot with `chargedCumulativeAmount`; `transaction`/`amount` only when tokens moved on chain."""
+    extra: dict[str, Any] = {"channelState": channel_state}
+    if charged is not None:
+        extra["chargedAmount"] = str(charged)
+    return {"success": True, "transaction": transaction, "network": network, "payer": payer, "amount": amount,
+            "extra": extra}
