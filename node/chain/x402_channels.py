@@ -17,10 +17,14 @@ from web3.types import TxReceipt
 
 from node.chain.contract_client import ContractClient
 from node.errors import ChainError
-from node.payment.x402.typed import CHANNELS_ADDRESS, ERC3009_COLLECTOR_ADDRESS, ChannelConfig
+from node.payment.x402.typed import CHANNELS_ADDRESS, ERC3009_COLLECTOR_ADDRESS, ChannelConfig, deposit_nonce
 from node.payment.x402.wire import Payment
 
 log = logging.getLogger(__name__)
+_AUTHORIZATION_STATE_ABI = [{"type": "function", "name": "authorizationState", "stateMutability": "view",
+                             "inputs": [{"name": "authorizer", "type": "address"},
+                                        {"name": "nonce", "type": "bytes32"}],
+                             "outputs": [{"name": "", "type": "bool"}]}]
 
 
 @dataclass(frozen=True)
@@ -94,11 +98,16 @@ class X402Chain:
         pending, at = self.client.call(fns.pendingWithdrawals(channel_id))
         return OnChainChannel(balance, claimed, pending, at, self.client.call(fns.refundNonce(channel_id)))
 
-    def deposit(self, payment: Payment) -> TxReceipt:
-        """Submits the payer's ERC-3009 deposit (the node pays the gas)."""
+    def deposit(self, payment: Payment) -> TxReceipt | None:
+        """Submits the payer's ERC-3009 deposit (the node pays the gas); None when this authorization
+        was used already (the same payment sent again: its deposit is in the channel)."""
         d = payment.deposit
         if d is None:
             raise ChainError("not a deposit payment")
+        token = self.client.w3.eth.contract(address=payment.config.token, abi=_AUTHORIZATION_STATE_ABI)
+        nonce = deposit_nonce(payment.voucher.channel_id, d.salt)
+        if self.client.call(token.functions.authorizationState(payment.config.payer, nonce)):
+            return None
         data = encode(["uint256", "uint256", "uint256", "bytes"], [d.valid_after, d.valid_before, d.salt, d.signature])
         fn = self.channels.functions.deposit(payment.config.as_tuple(), d.amount, ERC3009_COLLECTOR_ADDRESS, data)
         return self.client.transact(fn)
