@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from node.errors import PaymentError
 from node.payment.x402.typed import MAX_WITHDRAW_DELAY_S, MIN_WITHDRAW_DELAY_S, SCHEME
 from node.protocol.address import checksum_address
 
@@ -74,3 +75,34 @@ def payment_required(url: str, accepts: list[dict[str, Any]], error: str | None 
     if error is not None:
         out["error"] = error
     return out
+
+
+class PaymentChallenge(PaymentError):
+    """402 with x402 v2 `PaymentRequired` (the API sends `required` as the PAYMENT-REQUIRED header):
+    the request was not paid, or its x402 payment was refused (`reason`, the spec's code)."""
+
+    code = "payment_required"
+
+    def __init__(self, message: str, required: dict[str, Any], **facts: Any) -> None:
+        super().__init__(message, **facts)
+        self.required = required
+
+
+@dataclass(frozen=True)
+class Offer:
+    """Both schemes, priced per request: what a 402 lists."""
+
+    lanes: LaneTerms
+    x402: X402Terms | None = None
+
+    def challenge(self, url: str, max_fee: int, refusal: Any = None) -> PaymentChallenge:
+        """The 402 for a request costing at most `max_fee`; with `refusal` (an X402Refused) the spec's
+        error and, on a cumulative mismatch, the corrective channel and voucher states."""
+        accepts = [self.lanes.requirements(max_fee)]
+        if self.x402 is not None:
+            states = {"channel_state": refusal.channel_state, "voucher_state": refusal.voucher_state} if refusal else {}
+            accepts.append(self.x402.requirements(max_fee, **states))
+        reason = refusal.reason if refusal is not None else None
+        message = refusal.message if refusal is not None else "payment required: pay with a lane voucher (X-Payment) " \
+            "or x402 batch-settlement (PAYMENT-SIGNATURE)"
+        return PaymentChallenge(message, payment_required(url, accepts, reason), reason=reason, max_fee=str(max_fee))

@@ -1,0 +1,90 @@
+"""A live node paid by the stock x402 SDK (its `requests` adapter: 402 -> pay -> retry -> PAYMENT-RESPONSE)
+with batch-settlement on anvil, next to our lanes (docs/x402.md): the 402 lists both schemes, the SDK
+deposits through the node, pays chat completions on the running total, each answer carries our signed
+receipt and a PAYMENT-RESPONSE whose charge is the receipt's fee."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from eth_account import Account
+from x402 import x402ClientSync
+from x402.http.clients.requests import x402HTTPAdapter
+from x402.mechanisms.evm.batch_settlement.client import BatchSettlementEvmScheme
+from x402.mechanisms.evm.signers import EthAccountSignerWithRPC
+
+from node.chain.contract_client import ContractClient
+from node.chain.x402_channels import deploy_router, ensure_channel_contracts
+from node.devkit.local_node import OPERATOR, LocalNode
+from tests.fixtures.paid_node import PaidNode, build_paid_node
+
+pytestmark = [pytest.mark.chain, pytest.mark.slow]
+X402_PAYER = 9  # an anvil dev key no other role of the paid node uses
+
+
+@pytest.fixture(scope="module")
+def x402_node(tiny_model: Path, tiny_adapters: object, tmp_path_factory: pytest.TempPathFactory
+              ) -> Iterator[PaidNode]:
+    data_dir = tmp_path_factory.mktemp("x402-node")
+    local = LocalNode.start_chain(data_dir, prompt_token_price=10**9, completion_token_price=2 * 10**9,
+                                  default_max_tokens=16)
+    try:
+        operator = ContractClient(local.anvil.rpc_url, local.anvil.keys[OPERATOR])
+        ensure_channel_contracts(operator)
+        router = deploy_router(operator, operator.address, local.deployment.escrow)
+        payer = Account.from_key(local.anvil.keys[X402_PAYER]).address
+        local.contracts(OPERATOR).token.mint(payer, 10**21)
+        adapter = tiny_adapters.paths["sea-r8"]  # type: ignore[attr-defined]
+        yield build_paid_node(local, tiny_model, adapter, data_dir, max_in_flight=6, x402_router=router)
+    finally:
+        local.stop()
+
+
+def _decode(header: str) -> dict:
+    return json.loads(base64.b64decode(header))
+
+
+def _sdk_session(node: PaidNode) -> requests.Session:
+    key = node.local.anvil.keys[X402_PAYER]
+    scheme = BatchSettlementEvmScheme(EthAccountSignerWithRPC(Account.from_key(key), node.local.anvil.rpc_url))
+    client = x402ClientSync().register(f"eip155:{node.local.deployment.chain_id}", scheme)
+    client.set_spend_controls({"allowed_assets": True, "max_amount_per_payment": str(10**18)})
+    session = requests.Session()
+    session.mount("http://", x402HTTPAdapter(client))
+    return session
+
+
+def test_an_unpaid_request_gets_402_with_both_schemes(x402_node: PaidNode) -> None:
+    body = {"model": str(x402_node.adapter_id), "messages": [{"role": "user", "content": "sea"}], "max_tokens": 4}
+    resp = requests.post(f"{x402_node.base_url}/v1/chat/completions", json=body, timeout=30)
+    assert resp.status_code == 402, resp.text
+    required = _decode(resp.headers["PAYMENT-REQUIRED"])
+    assert required["x402Version"] == 2
+    schemes = {a["scheme"]: a for a in required["accepts"]}
+    assert set(schemes) == {"loranode-lane", "batch-settlement"}
+    offer = schemes["batch-settlement"]
+    assert offer["network"] == f"eip155:{x402_node.local.deployment.chain_id}" and int(offer["amount"]) > 0
+    assert offer["extra"]["name"] == "loranode demo token" and offer["extra"]["version"] == "1"
+    assert offer["extra"]["withdrawDelay"] == 86_400
+    assert resp.json()["error"]["code"] == "payment_required"
+
+
+def test_the_sdk_pays_chat_completions_and_gets_receipts(x402_node: PaidNode) -> None:
+    session = _sdk_session(x402_node)
+    charged = 0
+    for prompt in ("the sea", "calm and blue"):
+        body = {"model": str(x402_node.adapter_id), "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": 4}
+        resp = session.post(f"{x402_node.base_url}/v1/chat/completions", json=body, timeout=120)
+        assert resp.status_code == 200, resp.text
+        receipt = resp.json()["receipt"]
+        settle = _decode(resp.headers["PAYMENT-RESPONSE"])
+        assert settle["success"] and settle["extra"]["chargedAmount"] == receipt["fee"]
+        charged += int(receipt["fee"])
+        assert settle["extra"]["channelState"]["chargedCumulativeAmount"] == str(charged)
+        assert receipt["chargedTotal"] == str(charged)
