@@ -22,6 +22,7 @@ from node.chain.contract_client import ContractClient
 from node.chain.x402_channels import deploy_router, ensure_channel_contracts
 from node.devkit.local_node import OPERATOR, LocalNode
 from tests.fixtures.paid_node import PaidNode, build_paid_node
+from tests.payment.x402.sdk import Payer
 
 pytestmark = [pytest.mark.chain, pytest.mark.slow]
 X402_PAYER = 9  # an anvil dev key no other role of the paid node uses
@@ -88,3 +89,53 @@ def test_the_sdk_pays_chat_completions_and_gets_receipts(x402_node: PaidNode) ->
         charged += int(receipt["fee"])
         assert settle["extra"]["channelState"]["chargedCumulativeAmount"] == str(charged)
         assert receipt["chargedTotal"] == str(charged)
+
+
+def _chat(node: PaidNode, prompt: str) -> dict:
+    return {"model": str(node.adapter_id), "messages": [{"role": "user", "content": prompt}], "max_tokens": 4}
+
+
+def _required(node: PaidNode, body: dict) -> dict:
+    resp = requests.post(f"{node.base_url}/v1/chat/completions", json=body, timeout=30)
+    assert resp.status_code == 402
+    return _decode(resp.headers["PAYMENT-REQUIRED"])
+
+
+def _paid(node: PaidNode, body: dict, header: str) -> requests.Response:
+    return requests.post(f"{node.base_url}/v1/chat/completions", json=body, headers={"PAYMENT-SIGNATURE": header},
+                         timeout=120)
+
+
+def test_a_replayed_voucher_is_never_served_twice(x402_node: PaidNode) -> None:
+    key = payer_key(x402_node, 1)  # a channel of its own
+    x402_node.local.contracts(OPERATOR).token.mint(Account.from_key(key).address, 10**21)
+    payer = Payer(key, x402_node.local.anvil.rpc_url, x402_node.local.deployment.chain_id)
+    body = _chat(x402_node, "the sea")
+    header, _ = payer.pay(_required(x402_node, body))
+    first = _paid(x402_node, body, header)
+    assert first.status_code == 200, first.text
+    charged = first.json()["receipt"]["chargedTotal"]
+    for _ in range(2):  # a loop of stale vouchers costs the node nothing and serves nothing
+        again = _paid(x402_node, body, header)
+        assert again.status_code == 402, again.text
+        corrective = _decode(again.headers["PAYMENT-REQUIRED"])
+        assert corrective["error"] == "invalid_batch_settlement_evm_cumulative_amount_mismatch"
+        offer = next(a for a in corrective["accepts"] if a["scheme"] == "batch-settlement")
+        assert offer["extra"]["channelState"]["chargedCumulativeAmount"] == charged
+        assert offer["extra"]["voucherState"]["signedMaxClaimable"]
+
+
+def test_a_channel_paying_someone_else_is_refused(x402_node: PaidNode) -> None:
+    payer = Payer(payer_key(x402_node, 0), x402_node.local.anvil.rpc_url, x402_node.local.deployment.chain_id)
+    body = _chat(x402_node, "blue")
+    required = _required(x402_node, body)
+    for offer in required["accepts"]:
+        offer["payTo"] = "0x" + "ee" * 20  # the client's channel pays another receiver
+    header, _ = payer.pay(required)
+    resp = _paid(x402_node, body, header)
+    assert resp.status_code == 402
+    assert _decode(resp.headers["PAYMENT-REQUIRED"])["error"] == "invalid_batch_settlement_evm_receiver_mismatch"
+
+
+def payer_key(node: PaidNode, offset: int) -> str:
+    return node.local.anvil.keys[X402_PAYER + offset]

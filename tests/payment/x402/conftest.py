@@ -1,5 +1,5 @@
 """An x402 world on the session anvil: the loranode contracts on an ERC-3009 token, the channel
-contracts at their canonical addresses, the node's router, a funded payer; and the SDK as that payer."""
+contracts at their canonical addresses, the node's router and a funded payer."""
 
 from __future__ import annotations
 
@@ -7,22 +7,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from eth_account import Account
-from x402 import x402ClientSync
-from x402.http.utils import encode_payment_signature_header
-from x402.mechanisms.evm.batch_settlement.client import BatchSettlementEvmScheme, process_payment_response
-from x402.mechanisms.evm.signers import EthAccountSignerWithRPC
-from x402.schemas import PaymentRequired
 
 from node.chain.anvil import Anvil
 from node.chain.contract_client import ContractClient
 from node.chain.deploy import Deployment, deploy_all
 from node.chain.x402_channels import X402Chain, deploy_router, ensure_channel_contracts, token_domain
 from node.payment.x402.terms import X402Terms, payment_required
-from node.payment.x402.wire import Payment, decode_payment, encode_header
 from tests.fixtures.contracts import Roles
-
-PRICE = 3_000  # the request's ceiling (accepted.amount)
+from tests.payment.x402.sdk import PRICE
 
 
 @dataclass(frozen=True)
@@ -40,30 +32,6 @@ class X402World:
         if error is not None:
             out["error"] = error.reason
         return out
-
-
-class Payer:
-    """The SDK, as an app would use it: the scheme on the node's network, reading the chain by RPC."""
-
-    def __init__(self, key: str, rpc_url: str, chain_id: int) -> None:
-        self.scheme = BatchSettlementEvmScheme(EthAccountSignerWithRPC(Account.from_key(key), rpc_url))
-        self.client = x402ClientSync().register(f"eip155:{chain_id}", self.scheme)
-        self.client.set_spend_controls({"allowed_assets": True, "max_amount_per_payment": "1000000000000000000"})
-
-    def pay(self, required: dict[str, Any]) -> tuple[str, Payment]:
-        payload = self.client.create_payment_payload(PaymentRequired.model_validate(required))
-        header = encode_payment_signature_header(payload)
-        return header, decode_payment(header)
-
-    def answered(self, payment: Payment, response: dict[str, Any], amount: int = PRICE) -> None:
-        """What the SDK does with the answer's PAYMENT-RESPONSE."""
-        local = {"channel_id": "0x" + payment.voucher.channel_id.hex(), "request_amount": str(amount)}
-        if payment.deposit is not None:
-            local["deposit_amount"] = str(payment.deposit.amount)
-        process_payment_response(self.scheme._storage, {"PAYMENT-RESPONSE": encode_header(response)}.get, local)
-
-    def recover(self, required: dict[str, Any]) -> bool:
-        return bool(self.scheme.process_corrective_payment_required(PaymentRequired.model_validate(required)))
 
 
 @pytest.fixture

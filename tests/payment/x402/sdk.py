@@ -7,16 +7,19 @@ from typing import Any
 from eth_account import Account
 from x402 import x402ClientSync
 from x402.http.utils import encode_payment_signature_header
-from x402.mechanisms.evm.batch_settlement.client import BatchSettlementEvmScheme
+from x402.mechanisms.evm.batch_settlement.client import BatchSettlementEvmScheme, process_payment_response
+from x402.mechanisms.evm.signers import EthAccountSignerWithRPC
 from x402.schemas import PaymentRequired
 
 from node.payment.x402.terms import LaneTerms, X402Terms, payment_required
 from node.payment.x402.typed import CHANNELS_ADDRESS
+from node.payment.x402.wire import Payment, decode_payment, encode_header
 
 PAYER_KEY = "0x" + "5a" * 32
 NODE_KEY = "0x" + "b0" * 32
 ROUTER = "0x" + "ab" * 20
 TOKEN = "0x" + "70" * 20
+PRICE = 3_000  # a request's ceiling (accepted.amount) in the chain tests
 
 
 def node_terms(chain_id: int = 31337, **overrides: Any) -> X402Terms:
@@ -50,3 +53,27 @@ class SdkPayer:
 def required_for(terms: X402Terms, amount: int, **states: Any) -> dict[str, Any]:
     accepts = [lane_terms(terms.chain_id).requirements(amount), terms.requirements(amount, **states)]
     return payment_required("http://node.test/v1/chat/completions", accepts)
+
+
+class Payer:
+    """The SDK, as an app would use it: the scheme on the node's network, reading the chain by RPC."""
+
+    def __init__(self, key: str, rpc_url: str, chain_id: int) -> None:
+        self.scheme = BatchSettlementEvmScheme(EthAccountSignerWithRPC(Account.from_key(key), rpc_url))
+        self.client = x402ClientSync().register(f"eip155:{chain_id}", self.scheme)
+        self.client.set_spend_controls({"allowed_assets": True, "max_amount_per_payment": "1000000000000000000"})
+
+    def pay(self, required: dict[str, Any]) -> tuple[str, Payment]:
+        payload = self.client.create_payment_payload(PaymentRequired.model_validate(required))
+        header = encode_payment_signature_header(payload)
+        return header, decode_payment(header)
+
+    def answered(self, payment: Payment, response: dict[str, Any], amount: int = PRICE) -> None:
+        """What the SDK does with the answer's PAYMENT-RESPONSE."""
+        local = {"channel_id": "0x" + payment.voucher.channel_id.hex(), "request_amount": str(amount)}
+        if payment.deposit is not None:
+            local["deposit_amount"] = str(payment.deposit.amount)
+        process_payment_response(self.scheme._storage, {"PAYMENT-RESPONSE": encode_header(response)}.get, local)
+
+    def recover(self, required: dict[str, Any]) -> bool:
+        return bool(self.scheme.process_corrective_payment_required(PaymentRequired.model_validate(required)))

@@ -24,7 +24,8 @@ from node.payment.x402.wire import decode_payment, payment_response
 from node.protocol.eip712 import Domain
 from node.protocol.voucher import Voucher, sign_voucher
 from tests.fixtures.contracts import Roles
-from tests.payment.x402.conftest import PRICE, Payer, X402World
+from tests.payment.x402.conftest import X402World
+from tests.payment.x402.sdk import PRICE, Payer
 
 pytestmark = pytest.mark.chain
 

@@ -26,7 +26,8 @@ from node.protocol.receipt import Receipt as ReceiptFields
 from node.protocol.receipt import SignedReceipt, adapter_id_bytes
 from node.protocol.voucher import SignedVoucher
 from tests.fixtures.contracts import Roles
-from tests.payment.x402.conftest import PRICE, Payer, X402World
+from tests.payment.x402.conftest import X402World
+from tests.payment.x402.sdk import PRICE, Payer
 
 pytestmark = pytest.mark.chain
 PRICING = Pricing(prompt_token_price=10, completion_token_price=100, min_fee=0)
