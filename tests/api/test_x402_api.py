@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 from eth_account import Account
+from sqlalchemy import select
 from x402 import x402ClientSync
 from x402.http.clients.requests import x402HTTPAdapter
 from x402.mechanisms.evm.batch_settlement.client import BatchSettlementEvmScheme
@@ -20,7 +21,11 @@ from x402.mechanisms.evm.signers import EthAccountSignerWithRPC
 
 from node.chain.contract_client import ContractClient
 from node.chain.x402_channels import deploy_router, ensure_channel_contracts
+from node.client.payer import Payer as LanePayer
+from node.db.models import EpochState, Loss, Receipt
 from node.devkit.local_node import OPERATOR, LocalNode
+from node.settlement.runtime import SettlementRuntime
+from node.settlement.service import EpochPolicy
 from tests.fixtures.paid_node import PaidNode, build_paid_node
 from tests.payment.x402.sdk import Payer
 
@@ -139,3 +144,35 @@ def test_a_channel_paying_someone_else_is_refused(x402_node: PaidNode) -> None:
 
 def payer_key(node: PaidNode, offset: int) -> str:
     return node.local.anvil.keys[X402_PAYER + offset]
+
+
+def test_one_epoch_settles_both_schemes_and_a_contributor_claims_its_share(x402_node: PaidNode) -> None:
+    """x402 and lane payers in one epoch: the worker sweeps the channels into the router's escrow, settle
+    collects the router lane with the lanes, and the pot and the split reconcile to the wei."""
+    local = x402_node.local
+    ops = local.contracts(OPERATOR)
+    node = ops.client.address
+    before_total = ops.settlement.rewards_total(node)
+    fees = []
+    session = _sdk_session(x402_node)
+    for prompt in ("the sea is", "blue"):
+        resp = session.post(f"{x402_node.base_url}/v1/chat/completions", json=_chat(x402_node, prompt), timeout=120)
+        assert resp.status_code == 200, resp.text
+        fees.append(int(resp.json()["receipt"]["fee"]))
+    lane_client = LanePayer(x402_node.payer_keys[0], x402_node.base_url).openai(lane=7)
+    out = lane_client.completions.create(model=str(x402_node.adapter_id), prompt="the sea", max_tokens=4)
+    fees.append(int(out.model_extra["receipt"]["fee"]))
+
+    service = SettlementRuntime.from_settings(local.settings, EpochPolicy(max_age_s=0)).service
+    service.reconcile()
+    epoch_id = service.close_epoch()
+    assert epoch_id is not None and service.run_until_final(epoch_id, timeout_s=90) is EpochState.FINAL
+    with local.services.db() as db:  # type: ignore[union-attr]
+        in_epoch = db.scalars(select(Receipt).where(Receipt.epoch_id == epoch_id)).all()
+        assert not db.scalars(select(Loss)).all(), "no x402 receipt became a loss"
+    assert set(fees) <= {r.fee for r in in_epoch} and len(in_epoch) >= len(fees)  # this module's earlier ones too
+    assert ops.settlement.rewards_total(node) - before_total == sum(r.fee for r in in_epoch), "all collected"
+    router = local.settings.x402_router
+    assert router is not None
+    swept = ops.escrow.account(router, node)
+    assert swept.balance == 0, "the router's escrow account was collected to the wei"
