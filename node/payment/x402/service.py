@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from node.errors import BadRequest
 from node.payment.lane import HoldView
 from node.payment.ledger import Reservation
 from node.payment.pricing import Pricing
@@ -81,6 +82,9 @@ class X402Payments:
 
     def check(self, header: str) -> X402Checked:
         payment = decode_payment(header)
+        if payment.kind == "refund":
+            raise BadRequest("cooperative refunds are not served yet: a payer leaves by initiateWithdraw "
+                             "(docs/x402.md)", type="refund")
         channel = check_terms(payment, self.terms)
         return X402Checked(payment, channel, check_signature(payment, self.terms, channel))
 

@@ -5,6 +5,8 @@ and the stored router lane voucher is what Settlement collects once the router s
 
 from __future__ import annotations
 
+import base64
+import json
 from typing import Any
 
 import pytest
@@ -13,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.chain.x402_channels import ClaimRow
 from node.db.models import Voucher as VoucherRow
 from node.db.session import make_engine, session_factory, upgrade
-from node.errors import ChainError
+from node.errors import BadRequest, ChainError
 from node.payment.ledger import Ledger
 from node.payment.pricing import Pricing
 from node.payment.service import PaymentService, Usage
@@ -124,3 +126,12 @@ def test_a_voucher_for_a_smaller_ceiling_is_refused(db_url: str, x402_world: X40
         x402.hold(x402.check(header), PRICE)
     assert refused.value.reason.endswith("amount_below_price")
 
+
+
+def test_a_refund_request_is_refused_plainly_not_looped(db_url: str, x402_world: X402World, roles: Roles) -> None:
+    x402, _ = _services(db_url, x402_world, roles)
+    header, _ = Payer(roles.payer, x402_world.rpc_url, x402_world.dep.chain_id).pay(x402_world.required())
+    payload = json.loads(base64.b64decode(header))
+    payload["payload"]["type"] = "refund"
+    with pytest.raises(BadRequest, match="refunds are not served yet"):
+        x402.check(base64.b64encode(json.dumps(payload).encode()).decode())
