@@ -24,6 +24,7 @@ from node.chain.x402_channels import deploy_router, ensure_channel_contracts
 from node.client.payer import Payer as LanePayer
 from node.db.models import EpochState, Loss, Receipt
 from node.devkit.local_node import OPERATOR, LocalNode
+from node.payment.x402.typed import CHANNELS_ADDRESS
 from node.settlement.runtime import SettlementRuntime
 from node.settlement.service import EpochPolicy
 from tests.fixtures.paid_node import PaidNode, build_paid_node
@@ -176,3 +177,40 @@ def test_one_epoch_settles_both_schemes_and_a_contributor_claims_its_share(x402_
     assert router is not None
     swept = ops.escrow.account(router, node)
     assert swept.balance == 0, "the router's escrow account was collected to the wei"
+
+
+def test_a_payer_who_withdraws_after_being_served_cannot_stop_the_others_being_paid(x402_node: PaidNode) -> None:
+    """Two x402 payers served in one epoch; one withdraws everything before the node claims (the delay
+    passes before the epoch settles). Its receipts become a loss of its own lane; the other's are
+    collected, and the epoch settles."""
+    local = x402_node.local
+    ops = local.contracts(OPERATOR)
+    node = ops.client.address
+    keys = [payer_key(x402_node, 2), payer_key(x402_node, 3)]
+    served: list[dict] = []
+    for key in keys:
+        ops.token.mint(Account.from_key(key).address, 10**21)
+        payer = Payer(key, local.anvil.rpc_url, local.deployment.chain_id)
+        body = _chat(x402_node, "calm")
+        header, payment = payer.pay(_required(x402_node, body))
+        resp = _paid(x402_node, body, header)
+        assert resp.status_code == 200, resp.text
+        served.append({"payment": payment, "fee": int(resp.json()["receipt"]["fee"]), "key": key})
+    leaver = served[0]
+    client = ContractClient(local.anvil.rpc_url, leaver["key"])
+    channels = client.contract("X402Channels", CHANNELS_ADDRESS)
+    config = leaver["payment"].config.as_tuple()
+    client.transact(channels.functions.initiateWithdraw(config, leaver["payment"].deposit.amount))
+    local.anvil.rpc("evm_increaseTime", 86_401)
+    local.anvil.rpc("evm_mine")
+    client.transact(channels.functions.finalizeWithdraw(config))
+
+    before = ops.settlement.rewards_total(node)
+    service = SettlementRuntime.from_settings(local.settings, EpochPolicy(max_age_s=0)).service
+    service.reconcile()
+    epoch_id = service.close_epoch()
+    assert epoch_id is not None and service.run_until_final(epoch_id, timeout_s=90) is EpochState.FINAL
+    assert ops.settlement.rewards_total(node) - before == served[1]["fee"], "the other payer's fee collected"
+    with local.services.db() as db:  # type: ignore[union-attr]
+        losses = db.scalars(select(Loss)).all()
+    assert [(loss.amount, loss.reason) for loss in losses] == [(leaver["fee"], "escrow_short")]
