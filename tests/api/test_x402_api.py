@@ -97,6 +97,22 @@ def test_the_sdk_pays_chat_completions_and_gets_receipts(x402_node: PaidNode) ->
         assert receipt["chargedTotal"] == str(charged)
 
 
+
+def test_a_streamed_answer_and_a_client_that_lost_its_state_recover(x402_node: PaidNode) -> None:
+    """A streamed answer ends with our receipt (its PAYMENT-RESPONSE cannot precede the charge); the SDK's
+    next request then resynchronises through the corrective 402, as does a fresh client (state lost)."""
+    session = _sdk_session(x402_node)
+    body = {**_chat(x402_node, "the sea"), "stream": True}
+    with session.post(f"{x402_node.base_url}/v1/chat/completions", json=body, timeout=120, stream=True) as resp:
+        assert resp.status_code == 200, resp.text
+        events = [line for line in resp.iter_lines() if line.startswith(b"data: ")]
+    assert events[-1] == b"data: [DONE]" and "receipt" in json.loads(events[-2][6:])
+    for client in (session, _sdk_session(x402_node)):  # the same client, then one that lost its state
+        resp = client.post(f"{x402_node.base_url}/v1/chat/completions", json=_chat(x402_node, "blue"), timeout=120)
+        assert resp.status_code == 200, resp.text
+        assert _decode(resp.headers["PAYMENT-RESPONSE"])["extra"]["chargedAmount"] == resp.json()["receipt"]["fee"]
+
+
 def _chat(node: PaidNode, prompt: str) -> dict:
     return {"model": str(node.adapter_id), "messages": [{"role": "user", "content": prompt}], "max_tokens": 4}
 
