@@ -165,6 +165,11 @@ def _x402(settings: Settings, deployment: Deployment, key: str, payments: Paymen
     lanes = LaneTerms(deployment.chain_id, deployment.token, payments.node, deployment.settlement, deployment.escrow)
     if settings.x402_router is None or settings.rpc_url is None:
         return Offer(lanes), None
+    latency = settings.settle_latency()
+    if settings.x402_withdraw_delay_s <= latency.min_thaw_period_s:  # channels are claimed when their epoch settles
+        raise ConfigError("x402_withdraw_delay_s is too short for this node's settle latency: a payer could "
+                          "withdraw what it was charged before the node claims it",
+                          withdraw_delay_s=settings.x402_withdraw_delay_s, required_above_s=latency.min_thaw_period_s)
     client = ContractClient(settings.rpc_url, key)
     name, version = token_domain(client, deployment.token)
     terms = X402Terms(deployment.chain_id, deployment.token, name, version, settings.x402_router, payments.node,
