@@ -29,6 +29,13 @@ class ChannelBook:
     def __init__(self, factory: sessionmaker[Session], node: str) -> None:
         self.factory = factory
         self.node = node.lower()
+        self._lanes: dict[bytes, int] = {}  # a channel's lane never changes: kept once read
+
+    def lane_of(self, channel_id: bytes, config: ChannelConfig) -> int:
+        lane = self._lanes.get(channel_id)
+        if lane is None:
+            lane = self._lanes[channel_id] = self.entry(channel_id, config).lane
+        return lane
 
     def entry(self, channel_id: bytes, config: ChannelConfig) -> ChannelEntry:
         """The channel's lane and latest voucher, creating its row on first sight."""
@@ -47,7 +54,7 @@ class ChannelBook:
 
     def record_voucher(self, channel_id: bytes, max_claimable: int, signature: bytes) -> None:
         """Keep the voucher if its ceiling is the highest seen (a checked voucher only)."""
-        with self.factory.begin() as session:
-            session.execute(update(X402Channel)
-                            .where(X402Channel.channel_id == to_hex(channel_id), X402Channel.signed_max < max_claimable)
-                            .values(signed_max=max_claimable, signature=to_hex(signature)))
+        with self.factory.kw["bind"].begin() as conn:  # one Core statement: no ORM session per request
+            conn.execute(update(X402Channel)
+                         .where(X402Channel.channel_id == to_hex(channel_id), X402Channel.signed_max < max_claimable)
+                         .values(signed_max=max_claimable, signature=to_hex(signature)))

@@ -14,6 +14,7 @@ and swept the channel (the router's ERC-1271 signature is the node's).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -25,7 +26,7 @@ from node.payment.ledger import Reservation
 from node.payment.pricing import Pricing
 from node.payment.service import Hold, PaymentService
 from node.payment.voucher_check import CheckedVoucher
-from node.payment.x402.book import ChannelBook, ChannelEntry
+from node.payment.x402.book import ChannelBook
 from node.payment.x402.channel_check import (
     PREFIX,
     ChannelView,
@@ -73,10 +74,15 @@ class X402Voucher(CheckedVoucher):
 
 class X402Payments:
     def __init__(self, payments: PaymentService, book: ChannelBook, terms: X402Terms, node_key: str,
-                 read_channel: ReadChannel, submit_deposit: SubmitDeposit) -> None:
+                 read_channel: ReadChannel, submit_deposit: SubmitDeposit, channel_ttl_s: float = 2.0) -> None:
         self.payments, self.book, self.terms = payments, book, terms
         self.node_key = node_key
         self.read_channel, self.submit_deposit = read_channel, submit_deposit
+        # A channel's chain state is read at most every `channel_ttl_s` (the spec's "fresh mirror"): a
+        # withdrawal seen that much later still finishes only after the delay, which the node's settle
+        # latency is checked to beat (node/api/wiring.py); a deposit is always read again.
+        self.channel_ttl_s = channel_ttl_s
+        self._chain_cache: dict[bytes, tuple[float, OnChain]] = {}
         self.ledger = payments.ledger
         self.router = terms.router.lower()
 
@@ -93,47 +99,66 @@ class X402Payments:
         this request on top of what the channel was charged and its deposit covers it. A deposit is
         submitted on chain first (the node pays the gas)."""
         payment = checked.payment
-        entry = self.book.entry(checked.channel_id, payment.config)
-        lane_voucher = Voucher(self.terms.router, self.payments.node, entry.lane, payment.voucher.max_claimable,
+        lane_id = self.book.lane_of(checked.channel_id, payment.config)
+        lane_voucher = Voucher(self.terms.router, self.payments.node, lane_id, payment.voucher.max_claimable,
                                checked.digest, NEVER)
         digest = voucher_digest(lane_voucher, self.payments.domain)
         now = datetime.fromtimestamp(self.ledger.clock(), UTC)
         with self.ledger.lanes.transaction(lock_payer=self.router, node=self.ledger.node) as tx:
-            seen = tx.hold_view(self.router, self.ledger.node, entry.lane, to_hex(digest), now - self.ledger.ttl)
-            view = self._accept(checked, seen, entry, max_fee, now)
-            tx.put_hold(self.router, self.ledger.node, entry.lane, max_fee, to_hex(digest), now, self.ledger.instance)
+            seen = tx.hold_view(self.router, self.ledger.node, lane_id, to_hex(digest), now - self.ledger.ttl)
+            view = self._accept(checked, seen, max_fee, now)
+            tx.put_hold(self.router, self.ledger.node, lane_id, max_fee, to_hex(digest), now, self.ledger.instance)
         self.book.record_voucher(checked.channel_id, payment.voucher.max_claimable, payment.voucher.signature)
         signature = sign_voucher(self.node_key, lane_voucher, self.payments.domain)
         v = lane_voucher
         signed = X402Voucher(v.payer, v.node, v.lane, v.cumulative, v.request_hash, v.deadline, signature, digest,
                              checked, view)
-        reservation = Reservation(self.router, self.ledger.node, entry.lane, signed.digest_hex,
+        reservation = Reservation(self.router, self.ledger.node, lane_id, signed.digest_hex,
                                   lane_voucher.cumulative, max_fee, seen.lane.charged_total)
         return Hold(signed, reservation, pricing or self.payments.pricing)
 
-    def _accept(self, checked: X402Checked, seen: HoldView, entry: ChannelEntry, max_fee: int,
-                now: datetime) -> ChannelView:
+    def _accept(self, checked: X402Checked, seen: HoldView, max_fee: int, now: datetime) -> ChannelView:
         """The channel's state once the voucher may hold it (a deposit submitted and seen on chain)."""
         lane, payment = seen.lane, checked.payment
-        view = self._view(checked, lane.charged_total, entry)
+        view = self._view(checked, lane.charged_total)
         if seen.is_used:  # served already: its charge moved the total on (never a second generation)
-            raise X402Refused("this voucher was already used", CUMULATIVE_MISMATCH,
-                              channel_state=view.channel_state(checked.channel_id),
-                              voucher_state=view.voucher_state())
+            raise self._corrective(checked, view, "this voucher was already used")
         if lane.reserved_voucher_hash and lane.reserved_at and now - lane.reserved_at < self.ledger.ttl:
             raise X402Refused("another request holds this channel: retry shortly", PREFIX + "channel_busy")
-        check_payment(payment, self.terms, view, ceiling=max_fee)
+        try:
+            check_payment(payment, self.terms, view, ceiling=max_fee)
+        except X402Refused as exc:
+            if exc.reason != CUMULATIVE_MISMATCH:
+                raise
+            raise self._corrective(checked, view, exc.message) from exc
         if payment.deposit is None:
             return view
         self.submit_deposit(payment)
-        view = self._view(checked, lane.charged_total, entry)
+        self._chain_cache.pop(checked.channel_id, None)
+        view = self._view(checked, lane.charged_total)
         check_payment(replace(payment, deposit=None), self.terms, view, ceiling=max_fee)
         return view
 
-    def _view(self, checked: X402Checked, charged: int, entry: ChannelEntry) -> ChannelView:
-        chain = self.read_channel(checked.channel_id)
-        return ChannelView(charged, entry.signed_max, entry.signature, chain.balance, chain.total_claimed,
-                           chain.pending_withdrawal, chain.withdraw_requested_at, chain.refund_nonce)
+    def _corrective(self, checked: X402Checked, view: ChannelView, message: str) -> X402Refused:
+        """The corrective 402: the channel's state with the last voucher its payer signed (read only here)."""
+        entry = self.book.entry(checked.channel_id, checked.payment.config)
+        latest = replace(view, signed_max=entry.signed_max, signature=entry.signature)
+        return X402Refused(message, CUMULATIVE_MISMATCH, channel_state=latest.channel_state(checked.channel_id),
+                           voucher_state=latest.voucher_state())
+
+    def _view(self, checked: X402Checked, charged: int) -> ChannelView:
+        chain = self._chain(checked.channel_id)
+        return ChannelView(charged, 0, None, chain.balance, chain.total_claimed, chain.pending_withdrawal,
+                           chain.withdraw_requested_at, chain.refund_nonce)
+
+    def _chain(self, channel: bytes) -> OnChain:
+        now = time.monotonic()
+        cached = self._chain_cache.get(channel)
+        if cached is not None and now - cached[0] < self.channel_ttl_s:
+            return cached[1]
+        state = self.read_channel(channel)
+        self._chain_cache[channel] = (now, state)
+        return state
 
     def payment_response(self, hold: Hold, charged_total: int) -> dict[str, Any]:
         """`PAYMENT-RESPONSE` after the charge: this request's charge and the channel's new state."""
