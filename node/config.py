@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     operator_key_file: Path | None = None
     confirmations: int = Field(default=2, ge=0)
     finality_depth: int = Field(default=64, ge=1)
+    # x402 batch-settlement (docs/x402.md): the node's X402Router (payTo); None serves lanes only
+    x402_router: str | None = None
+    x402_withdraw_delay_s: int = Field(default=86_400, ge=900, le=2_592_000)
 
     # engine
     model_path: Path | None = None

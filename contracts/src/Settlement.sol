@@ -6,6 +6,7 @@ import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol
 import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 import {MerkleProof} from "@openzeppelin/contracts/utils/cryptography/MerkleProof.sol";
+import {SignatureChecker} from "@openzeppelin/contracts/utils/cryptography/SignatureChecker.sol";
 import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
 import {PaymentEscrow} from "./PaymentEscrow.sol";
 
@@ -255,8 +256,7 @@ contract Settlement is EIP712, ReentrancyGuardTransient {
         Voucher calldata v = sv.voucher;
         if (v.node != node) revert VoucherNodeMismatch(i, v.node);
         if (block.timestamp > v.deadline) revert VoucherExpired(i, v.deadline);
-        (address signer, ECDSA.RecoverError err,) = ECDSA.tryRecover(voucherDigest(v), sv.signature);
-        if (err != ECDSA.RecoverError.NoError || signer != v.payer) revert InvalidVoucherSignature(i, v.payer);
+        if (!_signedByPayer(v, sv.signature)) revert InvalidVoucherSignature(i, v.payer);
         if (amount == 0) revert ZeroCollect(i);
         uint256 done = collected[v.payer][node][v.lane];
         uint256 uncollected = v.cumulative > done ? v.cumulative - done : 0;
@@ -265,6 +265,16 @@ contract Settlement is EIP712, ReentrancyGuardTransient {
         escrow.collect(v.payer, node, amount);
         emit VoucherCollected(node, v.payer, v.lane, v.cumulative, amount);
         return amount;
+    }
+
+    /// @dev ECDSA first, so an EOA payer's voucher never depends on code at its address (an EIP-7702
+    /// delegation cannot turn a voucher that simulated fine into a revert); then ERC-1271 for a contract
+    /// payer: a node's X402Router, whose signature is its node's (docs/x402.md).
+    function _signedByPayer(Voucher calldata v, bytes calldata signature) private view returns (bool) {
+        bytes32 digest = voucherDigest(v);
+        (address signer, ECDSA.RecoverError err,) = ECDSA.tryRecover(digest, signature);
+        if (err == ECDSA.RecoverError.NoError && signer == v.payer) return true;
+        return v.payer.code.length != 0 && SignatureChecker.isValidERC1271SignatureNow(v.payer, digest, signature);
     }
 
     function _close(address node, uint64 epochId, Epoch memory e, uint256 sum) private {

@@ -26,4 +26,5 @@ interface Vm {
     function computeCreateAddress(address deployer, uint256 nonce) external pure returns (address);
     function lastCallGas() external view returns (Gas memory);
     function label(address account, string calldata name) external;
+    function etch(address target, bytes calldata newRuntimeBytecode) external;
 }

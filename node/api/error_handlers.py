@@ -16,6 +16,8 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from node.api.schemas import ErrorResponse
 from node.errors import NodeError
+from node.payment.x402.terms import PaymentChallenge
+from node.payment.x402.wire import PAYMENT_REQUIRED_HEADER, encode_header
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,16 @@ async def _node_error(_: Request, exc: Exception) -> JSONResponse:
                           extra={"details": exc.to_dict()})
 
 
+async def _payment_challenge(_: Request, exc: Exception) -> JSONResponse:
+    """402 with x402 v2 `PaymentRequired` in the PAYMENT-REQUIRED header (what x402 clients read), and
+    in the body's error as `x402` (docs/x402.md)."""
+    assert isinstance(exc, PaymentChallenge)
+    body = {"message": exc.message, "type": ERROR_TYPES[402], "code": exc.code, "param": None,
+            "details": exc.to_dict(), "x402": exc.required}
+    return JSONResponse({"error": body}, status_code=exc.status,
+                        headers={PAYMENT_REQUIRED_HEADER: encode_header(exc.required)})
+
+
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
@@ -74,6 +86,7 @@ async def _database_error(_: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(NodeError, _node_error)
+    app.add_exception_handler(PaymentChallenge, _payment_challenge)
     app.add_exception_handler(OperationalError, _database_error)
     app.add_exception_handler(InterfaceError, _database_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -41,7 +41,13 @@ from node.catalog import AdapterCatalog, ServedAdapter
 from node.db.loss import LossReason
 from node.engine.sequence import RequestOutput
 from node.errors import NodeError, Unavailable
-from node.payment.service import PaymentService, Replay, Usage
+from node.payment.pricing import Pricing
+from node.payment.service import Hold, PaymentService, Replay, Usage
+from node.payment.voucher_check import CheckedVoucher
+from node.payment.x402.channel_check import X402Refused
+from node.payment.x402.service import X402Checked, X402Payments, X402Voucher
+from node.payment.x402.terms import Offer
+from node.payment.x402.wire import PAYMENT_RESPONSE_HEADER, encode_header
 from node.protocol.receipt import output_text
 
 log = logging.getLogger(__name__)
@@ -50,15 +56,17 @@ INLINE_TOKENIZE_CHARS = 8_192  # shorter prompts are tokenized on the event loop
 
 class GenerationService:
     def __init__(self, engine: EngineClient, payments: PaymentService, issuer: ReceiptIssuer, catalog: AdapterCatalog,
-                 metrics: APIMetrics, default_max_tokens: int = 256) -> None:
+                 metrics: APIMetrics, default_max_tokens: int = 256, offer: Offer | None = None,
+                 x402: X402Payments | None = None) -> None:
         self.engine, self.payments, self.catalog, self.metrics = engine, payments, catalog, metrics
+        self.offer, self.x402 = offer, x402  # with an offer, an unpaid request gets a 402 naming both schemes
         self.issuer = issuer
         self.default_max_tokens = default_max_tokens
         self.max_generation_s = payments.max_generation_s
 
     async def handle(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest, body: bytes,
-                     payment: str | None, http: Request) -> JSONResponse | StreamingResponse:
-        checked = self.payments.check(payment, body)
+                     payment: str | None, http: Request, x402: str | None = None) -> JSONResponse | StreamingResponse:
+        checked = self.payments.check(payment, body) if payment or self.offer is None else None
         adapter = self.catalog.cached(req.model) or await asyncio.to_thread(self.catalog.resolve, req.model)
         template = await self._chat_template(adapter) if kind == "chat" else None
         prompt_ids = await self._tokenize(kind, req, template)
@@ -69,17 +77,18 @@ class GenerationService:
         params = sampling_params(req, max_tokens, constraint.spec if constraint else None)
         self.engine.check_vocabulary(params)
         pricing = self.payments.pricing_for(adapter.is_base)
+        x402_checked = self._x402_check(x402, str(http.url), max_fee) if checked is None else None
         admission = self.engine.admission()
         admission.__enter__()
         try:
-            held = await asyncio.to_thread(self.payments.hold, checked, max_fee, pricing)
+            held = await asyncio.to_thread(self._hold, checked, x402_checked, max_fee, pricing, str(http.url))
         except BaseException:
             admission.__exit__(None, None, None)
             raise
         if isinstance(held, Replay):
             admission.__exit__(None, None, None)
             return self._replay(req, held.body)
-        response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{checked.digest.hex()[:24]}"
+        response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{held.checked.digest.hex()[:24]}"
         job = Job(kind, req, response_id, f"{response_id}-{secrets.token_hex(6)}", int(time.time()), adapter,
                   prompt_ids, params, held)
         if req.stream:
@@ -89,6 +98,32 @@ class GenerationService:
             return await self._complete(job, http)
         finally:
             admission.__exit__(None, None, None)
+
+    def _x402_check(self, header: str | None, url: str, max_fee: int) -> X402Checked:
+        """The stateless x402 checks; a missing or refused payment is the 402 that offers both schemes."""
+        assert self.offer is not None
+        if header is None or self.x402 is None:
+            raise self.offer.challenge(url, max_fee)
+        try:
+            return self.x402.check(header)
+        except X402Refused as exc:
+            raise self.offer.challenge(url, max_fee, exc) from exc
+
+    def _hold(self, checked: CheckedVoucher | None, x402: X402Checked | None, max_fee: int, pricing: Pricing,
+              url: str) -> Hold | Replay:
+        if checked is not None:
+            return self.payments.hold(checked, max_fee, pricing)
+        assert self.x402 is not None and self.offer is not None and x402 is not None
+        try:
+            return self.x402.hold(x402, max_fee, pricing)
+        except X402Refused as exc:  # the corrective 402 carries the channel's state
+            raise self.offer.challenge(url, max_fee, exc) from exc
+
+    def _x402_headers(self, hold: Hold, charged_total: int) -> dict[str, str]:
+        """PAYMENT-RESPONSE of an x402-paid answer (`chargedAmount`, `channelState`)."""
+        if self.x402 is None or not isinstance(hold.checked, X402Voucher):
+            return {}
+        return {PAYMENT_RESPONSE_HEADER: encode_header(self.x402.payment_response(hold, charged_total))}
 
     async def quote(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest) -> tuple[int, int, int]:
         """(prompt tokens, max_tokens, max fee) of this request: exactly what `handle` would hold, so a
@@ -147,7 +182,7 @@ class GenerationService:
             await asyncio.shield(asyncio.to_thread(self.payments.cancel, job.hold))
             raise
         self._observe(job, usage, time.monotonic() - started)
-        return JSONResponse(body, headers={"X-Charged-Total": str(total)})
+        return JSONResponse(body, headers={"X-Charged-Total": str(total), **self._x402_headers(job.hold, total)})
 
     async def _generate(self, job: Job, http: Request) -> tuple[list[RequestOutput], list[str]]:
         """Each choice's output and how it ended; a client that leaves, or the time limit, cuts them all

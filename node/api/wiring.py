@@ -20,8 +20,10 @@ from node.attribution.attributor import Attributor
 from node.attribution.index_store import IndexStore
 from node.catalog import AdapterCatalog
 from node.chain.binding import IndexedContracts, mirror_binding_fault
+from node.chain.contract_client import ContractClient
 from node.chain.deploy import Deployment
 from node.chain.rpc import Rpc
+from node.chain.x402_channels import X402Chain, token_domain
 from node.config import Settings
 from node.db.session import make_engine, session_factory
 from node.engine import EngineConfig, LLMEngine
@@ -35,6 +37,9 @@ from node.lora.store import AdapterStore, StoreConfig
 from node.payment.ledger import Ledger
 from node.payment.pricing import Pricing
 from node.payment.service import PaymentService
+from node.payment.x402.book import ChannelBook
+from node.payment.x402.service import X402Payments
+from node.payment.x402.terms import LaneTerms, Offer, X402Terms
 from node.protocol.eip712 import Domain
 from node.protocol.hexstr import to_hex
 from node.settlement.runtime import check_chain_parameters
@@ -145,7 +150,9 @@ def _wire(settings: Settings, deployment: Deployment, key: str, config: EngineCo
             attributor.prepare(dataset_refs(view))
     metrics = APIMetrics()
     client = EngineClient(engine, settings.max_in_flight)
-    generation = GenerationService(client, payments, issuer, catalog, metrics, settings.default_max_tokens)
+    offer, x402 = _x402(settings, deployment, key, payments, db)
+    generation = GenerationService(client, payments, issuer, catalog, metrics, settings.default_max_tokens,
+                                   offer=offer, x402=x402)
     _register_gauges(metrics, store_metrics, client)
     log.info("api for node %s on chain %d, base model %s", node, deployment.chain_id, catalog.base_model_id)
     return NodeServices(engine=client, payments=payments, catalog=catalog, db=db, metrics=metrics,
@@ -155,6 +162,26 @@ def _wire(settings: Settings, deployment: Deployment, key: str, config: EngineCo
                         max_mirror_lag_s=settings.max_mirror_lag_s,
                         idempotency_window_s=settings.idempotency_window_s,
                         on_shutdown=[engine.shutdown, *_closers(adapters), *([attributor.close] if attributor else [])])
+
+
+def _x402(settings: Settings, deployment: Deployment, key: str, payments: PaymentService,
+          db: sessionmaker[Session]) -> tuple[Offer, X402Payments | None]:
+    """What a 402 offers: our lanes always, x402 batch-settlement once the node has a router (docs/x402.md)."""
+    lanes = LaneTerms(deployment.chain_id, deployment.token, payments.node, deployment.settlement, deployment.escrow)
+    if settings.x402_router is None or settings.rpc_url is None:
+        return Offer(lanes), None
+    latency = settings.settle_latency()
+    if settings.x402_withdraw_delay_s <= latency.min_thaw_period_s:  # channels are claimed when their epoch settles
+        raise ConfigError("x402_withdraw_delay_s is too short for this node's settle latency: a payer could "
+                          "withdraw what it was charged before the node claims it",
+                          withdraw_delay_s=settings.x402_withdraw_delay_s, required_above_s=latency.min_thaw_period_s)
+    client = ContractClient(settings.rpc_url, key)
+    name, version = token_domain(client, deployment.token)
+    terms = X402Terms(deployment.chain_id, deployment.token, name, version, settings.x402_router, payments.node,
+                      settings.x402_withdraw_delay_s)
+    chain = X402Chain(client, settings.x402_router)
+    return Offer(lanes, terms), X402Payments(payments, ChannelBook(db, payments.node), terms, key, chain.channel,
+                                             chain.deposit)
 
 
 def _closers(adapters: AdapterRegistrar) -> list[Callable[[], None]]:

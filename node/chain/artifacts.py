@@ -94,8 +94,10 @@ def _dump(artifacts: dict[str, Artifact]) -> str:
 
 
 def _parse(text: str) -> dict[str, Artifact]:
+    """The cached build, less interfaces (nothing to deploy)."""
     raw = json.loads(text)
-    return {n: Artifact(n, tuple(a["abi"]), a["bytecode"], a["deployedBytecode"]) for n, a in raw.items()}
+    return {n: Artifact(n, tuple(a["abi"]), a["bytecode"], a["deployedBytecode"]) for n, a in raw.items()
+            if a["bytecode"] != "0x"}
 
 
 _memo: dict[tuple[Path, str], dict[str, Artifact]] = {}
@@ -109,14 +111,12 @@ def load_artifacts(root: Path = REPO_ROOT, cache_dir: Path | None = None) -> dic
         return _memo[key]
     folder = cache_dir or root / "build" / "contracts"
     cached = folder / f"{digest}.json"
-    if cached.exists():
-        artifacts = _parse(cached.read_text())
-    else:
-        artifacts = _compile(root)
+    if not cached.exists():
         folder.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(_dump(artifacts))
+        tmp.write_text(_dump(_compile(root)))
         os.replace(tmp, cached)  # atomic: parallel test workers never read half a file
         log.info("cached contract artifacts at %s", cached)
+    artifacts = _parse(cached.read_text())
     _memo[key] = artifacts
     return artifacts

@@ -1,8 +1,8 @@
 """Deploy the whole system to one chain and record where it lives: deployments/<chainId>.json.
 
-Order: token (a DemoToken unless one is given), DatasetRegistry, AdapterRegistry, PaymentEscrow,
-Settlement. The escrow's `settlement` is immutable, so its address is computed from the deployer's
-nonce before the escrow goes out and checked after the Settlement lands.
+Order: token (a DemoToken3009 unless one is given: an ERC-20 with ERC-3009, for x402 deposits, docs/x402.md),
+DatasetRegistry, AdapterRegistry, PaymentEscrow, Settlement. The escrow's `settlement` is immutable, so its
+address is computed from the deployer's nonce before the escrow goes out and checked after the Settlement lands.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def deploy_all(w3_or_rpc_url: Web3 | str, deployer_key: str, *, guardian: str, t
         blocks[name] = int(receipt["blockNumber"])
         return address
 
-    token_address = Web3.to_checksum_address(token) if token else deploy("DemoToken")
+    token_address = Web3.to_checksum_address(token) if token else deploy("DemoToken3009")  # x402 deposits: ERC-3009
     datasets = deploy("DatasetRegistry")
     adapters = deploy("AdapterRegistry", datasets)
     nonce = client.w3.eth.get_transaction_count(client.address, "pending")

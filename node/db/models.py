@@ -346,3 +346,20 @@ class Loss(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utc_now)
     # the epoch that collected this receipt later, with its lane's next valid voucher (no longer lost)
     recovered_epoch_id: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class X402Channel(Base):
+    """An x402 batch-settlement channel paying this node (docs/x402.md): its id is also its lane of the
+    node's router (`vouchers.payer` = the router), and the latest voucher its payer signed, which is
+    what the router claims with."""
+
+    __tablename__ = "x402_channels"
+
+    lane: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    channel_id: Mapped[str] = mapped_column(Hash32(), nullable=False, unique=True)
+    node: Mapped[str] = mapped_column(Address(), nullable=False)
+    payer: Mapped[str] = mapped_column(Address(), nullable=False)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON(), nullable=False)
+    signed_max: Mapped[int] = mapped_column(Amount(), nullable=False, default=0)
+    signature: Mapped[str | None] = mapped_column(String(132))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utc_now)

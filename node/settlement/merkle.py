@@ -53,13 +53,14 @@ class _BulkKeccak:
         return self._out.raw
 
     def __del__(self) -> None:
-        self._lib.keccak_destroy(self._state)
+        if hasattr(self, "_state"):  # (an __init__ that raised has none)
+            self._lib.keccak_destroy(self._state)
 
 
 def hasher() -> Hasher:
     try:
         fast = _BulkKeccak()
-    except (ImportError, AttributeError, OSError, RuntimeError):
+    except (ImportError, AttributeError, OSError, RuntimeError, TypeError):  # TypeError: pycryptodome on cffi
         return keccak256
     return fast if fast(b"") == keccak256(b"") else keccak256
 

@@ -15,15 +15,17 @@ from dataclasses import dataclass
 import requests
 from eth_account import Account
 
-from node.chain.contract_client import web3_for
+from node.chain.contract_client import ContractClient, web3_for
 from node.chain.contracts import Contracts
 from node.chain.deploy import Deployment, read_deployment
 from node.chain.tx_manager import FeePolicy, TxManager
 from node.chain.tx_store import SqlTxStore
+from node.chain.x402_channels import X402Chain
 from node.config import Settings
 from node.db.session import make_engine, session_factory
 from node.errors import ConfigError
 from node.settlement.service import EpochPolicy, SettlementService
+from node.settlement.x402_sweep import X402Sweep
 
 log = logging.getLogger(__name__)
 THAW_PERIOD_ABI = [{"type": "function", "name": "thawPeriod", "stateMutability": "view", "inputs": [],
@@ -74,4 +76,8 @@ class SettlementRuntime:
         tx = TxManager(w3, key, SqlTxStore(factory), FeePolicy(confirmations=settings.finality_depth))
         contracts = Contracts.connect(w3, deployment, key)
         settings.settle_latency().check_thaw_period(contracts.escrow.thaw_period_s())  # immutable on chain
-        return cls(SettlementService(factory, contracts, tx, policy or epoch_policy(settings)))
+        sweep = None
+        if settings.x402_router is not None:  # x402 channels are claimed into the router's escrow first
+            chain = X402Chain(ContractClient(w3, key), settings.x402_router)
+            sweep = X402Sweep(factory, chain, deployment.settlement, tx.sender)
+        return cls(SettlementService(factory, contracts, tx, policy or epoch_policy(settings), before_send=sweep))

@@ -80,8 +80,10 @@ def attempt_of(row: SettlementEpoch) -> int:
 
 class SettlementService:
     def __init__(self, factory: sessionmaker[Session], contracts: Contracts, tx: TxManager,
-                 policy: EpochPolicy = EpochPolicy(), clock: Callable[[], float] = time.time) -> None:
+                 policy: EpochPolicy = EpochPolicy(), clock: Callable[[], float] = time.time,
+                 before_send: Callable[[SettlementEpoch], LaneRefusal | None] | None = None) -> None:
         self.factory = factory
+        self.before_send = before_send  # x402: sweep the router's channels first (node/settlement/x402_sweep.py)
         self.contracts = contracts
         self.tx = tx
         self.node = tx.sender
@@ -253,7 +255,9 @@ class SettlementService:
             if epoch_matches(self.contracts.settlement, self.node, row):
                 log.warning("epoch %d is already on chain with our roots: nothing to send", row.epoch_id)
                 return self._save(row.epoch_id, EpochState.CONFIRMED)
-            checked = self._preflight(row)
+            checked = self._swept(row)
+            if isinstance(checked, SettlementEpoch):
+                checked = self._preflight(checked)
             if not isinstance(checked, SettlementEpoch):
                 return checked
             row = checked
@@ -263,6 +267,21 @@ class SettlementService:
             except (ChainError, ContractLogicError) as exc:  # the chain moved since the preflight
                 return self._refused(row, exc if isinstance(exc, ChainError) else ChainError(str(exc)))
         return self._save(row.epoch_id, EpochState.SUBMITTED, tx_hash=record.latest.tx_hash, nonce=record.nonce)
+
+    def _swept(self, row: SettlementEpoch) -> SettlementEpoch | EpochState | None:
+        """`before_send` done (x402 channels claimed into the router's escrow); a lane it refuses becomes a
+        loss and the epoch is rebuilt without it."""
+        for _ in range(len((row.batch or {}).get("vouchers", [])) + 1):
+            refused = self.before_send(row) if self.before_send is not None else None
+            if refused is None:
+                return row
+            if self._drop_lane(row.epoch_id, refused) is None:
+                return None
+            with self.factory() as session:
+                rebuilt = outbox.epoch_row(session, self.node, row.epoch_id)
+            assert rebuilt is not None
+            row = rebuilt
+        raise AssertionError("a batch cannot be refused more times than it has lanes")
 
     def _preflight(self, row: SettlementEpoch) -> SettlementEpoch | EpochState | None:
         """Simulate the settle; each lane that would revert becomes a loss and the epoch is rebuilt

@@ -96,7 +96,7 @@ def test_every_refusal_has_its_status_and_an_openai_error_body(paid_node: PaidNo
     good = payer.payment_header(body, lane=3)
     cases = {
         "malformed body": (_post(paid_node, b"{not json", good), 400, "invalid_request"),
-        "no header": (_post(paid_node, body, None), 400, "invalid_request"),
+        "no header": (_post(paid_node, body, None), 402, "payment_required"),  # x402 PaymentRequired
         "body changed": (_post(paid_node, body.replace(b'"x"', b'"y"'), good), 401, "bad_signature"),
         "forged signature": (_post(paid_node, body, _reheader(good, signature=b"\x11" * 64 + b"\x1b").encode()),
                              401, "bad_signature"),

@@ -20,6 +20,8 @@ from node.errors import BadRequest, RequestTooLarge
 router = APIRouter(prefix="/v1", tags=["inference"])
 M = TypeVar("M", bound=BaseModel)
 PaymentHeader = Annotated[str | None, Header(alias="X-Payment", description="base64url JSON of a signed voucher")]
+X402Header = Annotated[str | None, Header(alias="PAYMENT-SIGNATURE",
+                                          description="x402 v2 batch-settlement payment (base64 JSON), docs/x402.md")]
 MAX_BODY_BYTES = 1 << 20
 
 
@@ -81,17 +83,17 @@ PAID_RESPONSES = {**error_responses(400, 401, 402, 404, 409, 413, 422, 429, 503)
 @router.post("/completions", response_model=CompletionResponse, responses=PAID_RESPONSES,
              openapi_extra=_openapi(CompletionRequest))
 async def completions(request: Request, generation: GenerationDep,
-                      payment: PaymentHeader = None) -> JSONResponse | StreamingResponse:
+                      payment: PaymentHeader = None, x402: X402Header = None) -> JSONResponse | StreamingResponse:
     req, body = await _parse(request, CompletionRequest)
-    return await generation.handle("completion", req, body, payment, request)
+    return await generation.handle("completion", req, body, payment, request, x402)
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=PAID_RESPONSES,
              openapi_extra=_openapi(ChatCompletionRequest))
 async def chat_completions(request: Request, generation: GenerationDep,
-                           payment: PaymentHeader = None) -> JSONResponse | StreamingResponse:
+                           payment: PaymentHeader = None, x402: X402Header = None) -> JSONResponse | StreamingResponse:
     req, body = await _parse(request, ChatCompletionRequest)
-    return await generation.handle("chat", req, body, payment, request)
+    return await generation.handle("chat", req, body, payment, request, x402)
 
 
 QuotePayer = Annotated[str | None, Query(pattern=r"^0x[0-9a-fA-F]{40}$",

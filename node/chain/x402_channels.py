@@ -1,0 +1,119 @@
+"""The x402 channel contract on chain, as the node uses it (docs/x402.md): code at the canonical
+addresses the SDKs expect, the node's router, channel reads, deposits the node submits for payers
+(gasless for them) and the router's claim-and-sweep.
+
+On anvil our `X402Channels` and `ERC3009Collector` are deployed anywhere and their runtime code copied
+to the canonical addresses (`anvil_setCode`); on a chain where code is already there (the reference
+deployment has the same interface) it is used as is.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from eth_abi import encode
+from web3.types import TxReceipt
+
+from node.chain.contract_client import ContractClient
+from node.errors import ChainError
+from node.payment.x402.typed import CHANNELS_ADDRESS, ERC3009_COLLECTOR_ADDRESS, ChannelConfig, deposit_nonce
+from node.payment.x402.wire import Payment
+
+log = logging.getLogger(__name__)
+_AUTHORIZATION_STATE_ABI = [{"type": "function", "name": "authorizationState", "stateMutability": "view",
+                             "inputs": [{"name": "authorizer", "type": "address"},
+                                        {"name": "nonce", "type": "bytes32"}],
+                             "outputs": [{"name": "", "type": "bool"}]}]
+
+
+@dataclass(frozen=True)
+class OnChainChannel:
+    balance: int
+    total_claimed: int
+    pending_withdrawal: int
+    withdraw_requested_at: int
+    refund_nonce: int
+
+
+@dataclass(frozen=True)
+class ClaimRow:
+    """One channel of a claim: its config, the payer's latest voucher, and the new cumulative claimed total."""
+
+    config: ChannelConfig
+    max_claimable: int
+    signature: bytes
+    total_claimed: int
+
+    def as_tuple(self) -> tuple[object, ...]:
+        return ((self.config.as_tuple(), self.max_claimable), self.signature, self.total_claimed)
+
+
+def ensure_channel_contracts(client: ContractClient) -> bool:
+    """Code at both canonical addresses; True when it had to be set (anvil), ChainError when it cannot."""
+    w3 = client.w3
+    if w3.eth.get_code(CHANNELS_ADDRESS) and w3.eth.get_code(ERC3009_COLLECTOR_ADDRESS):
+        return False
+    channels, _ = client.deploy("X402Channels")
+    collector, _ = client.deploy("ERC3009Collector", CHANNELS_ADDRESS)
+    for target, source in ((CHANNELS_ADDRESS, channels), (ERC3009_COLLECTOR_ADDRESS, collector)):
+        answer = w3.provider.make_request("anvil_setCode", [target, w3.eth.get_code(source).to_0x_hex()])
+        if "error" in answer:
+            raise ChainError("no x402 channel contract at its canonical address, and this chain cannot set code "
+                             "there: x402 payments need the reference deployment", address=target,
+                             error=str(answer["error"])[:200])
+    log.info("x402 channel contracts copied to their canonical addresses")
+    return True
+
+
+def deploy_router(client: ContractClient, node: str, escrow: str) -> str:
+    """The node's X402Router: its channels' receiver, sweeping into the node's escrow account."""
+    address, _ = client.deploy("X402Router", node, CHANNELS_ADDRESS, escrow)
+    return address
+
+
+def token_domain(client: ContractClient, token: str) -> tuple[str, str]:
+    """The token's EIP-712 (name, version), from its ERC-5267 `eip712Domain()`."""
+    abi = [{"type": "function", "name": "eip712Domain", "inputs": [], "stateMutability": "view",
+            "outputs": [{"name": "fields", "type": "bytes1"}, {"name": "name", "type": "string"},
+                        {"name": "version", "type": "string"}, {"name": "chainId", "type": "uint256"},
+                        {"name": "verifyingContract", "type": "address"}, {"name": "salt", "type": "bytes32"},
+                        {"name": "extensions", "type": "uint256[]"}]}]
+    out = client.call(client.w3.eth.contract(address=client.w3.to_checksum_address(token), abi=abi)
+                      .functions.eip712Domain())
+    return str(out[1]), str(out[2])
+
+
+class X402Chain:
+    """The canonical channel contract and (optionally) the node's router, through one client."""
+
+    def __init__(self, client: ContractClient, router: str | None = None) -> None:
+        self.client = client
+        self.channels = client.contract("X402Channels", CHANNELS_ADDRESS)
+        self.router = client.contract("X402Router", router) if router else None
+
+    def channel(self, channel_id: bytes) -> OnChainChannel:
+        fns = self.channels.functions
+        balance, claimed = self.client.call(fns.channels(channel_id))
+        pending, at = self.client.call(fns.pendingWithdrawals(channel_id))
+        return OnChainChannel(balance, claimed, pending, at, self.client.call(fns.refundNonce(channel_id)))
+
+    def deposit(self, payment: Payment) -> TxReceipt | None:
+        """Submits the payer's ERC-3009 deposit (the node pays the gas); None when this authorization
+        was used already (the same payment sent again: its deposit is in the channel)."""
+        d = payment.deposit
+        if d is None:
+            raise ChainError("not a deposit payment")
+        token = self.client.w3.eth.contract(address=payment.config.token, abi=_AUTHORIZATION_STATE_ABI)
+        nonce = deposit_nonce(payment.voucher.channel_id, d.salt)
+        if self.client.call(token.functions.authorizationState(payment.config.payer, nonce)):
+            return None
+        data = encode(["uint256", "uint256", "uint256", "bytes"], [d.valid_after, d.valid_before, d.salt, d.signature])
+        fn = self.channels.functions.deposit(payment.config.as_tuple(), d.amount, ERC3009_COLLECTOR_ADDRESS, data)
+        return self.client.transact(fn)
+
+    def collect(self, rows: list[ClaimRow]) -> TxReceipt:
+        """The router claims `rows` and sweeps into the node's escrow account (sent by the node's key)."""
+        if self.router is None:
+            raise ChainError("no router configured")
+        return self.client.transact(self.router.functions.collect([r.as_tuple() for r in rows]))

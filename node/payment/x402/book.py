@@ -1,0 +1,60 @@
+"""The node's books of its x402 channels: each channel's lane of the router (its id in
+`x402_channels`) and the highest voucher its payer signed (what the router claims with).
+
+A voucher is recorded once it passed every check, before the generation: its ceiling covers every
+charge the node makes on it, so keeping the highest one seen is always safe to claim with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.db.models import X402Channel
+from node.payment.x402.typed import ChannelConfig
+from node.protocol.hexstr import from_hex, to_hex
+
+
+@dataclass(frozen=True)
+class ChannelEntry:
+    lane: int
+    signed_max: int
+    signature: bytes | None
+
+
+class ChannelBook:
+    def __init__(self, factory: sessionmaker[Session], node: str) -> None:
+        self.factory = factory
+        self.node = node.lower()
+        self._lanes: dict[bytes, int] = {}  # a channel's lane never changes: kept once read
+
+    def lane_of(self, channel_id: bytes, config: ChannelConfig) -> int:
+        lane = self._lanes.get(channel_id)
+        if lane is None:
+            lane = self._lanes[channel_id] = self.entry(channel_id, config).lane
+        return lane
+
+    def entry(self, channel_id: bytes, config: ChannelConfig) -> ChannelEntry:
+        """The channel's lane and latest voucher, creating its row on first sight."""
+        key = to_hex(channel_id)
+        with self.factory() as session:
+            row = session.scalars(select(X402Channel).where(X402Channel.channel_id == key)).first()
+            if row is None:
+                session.add(X402Channel(channel_id=key, node=self.node, payer=config.payer.lower(),
+                                        config=config.to_json(), signed_max=0, signature=None))
+                try:
+                    session.commit()
+                except IntegrityError:  # another process created it first
+                    session.rollback()
+                row = session.scalars(select(X402Channel).where(X402Channel.channel_id == key)).one()
+            return ChannelEntry(row.lane, row.signed_max, from_hex(row.signature) if row.signature else None)
+
+    def record_voucher(self, channel_id: bytes, max_claimable: int, signature: bytes) -> None:
+        """Keep the voucher if its ceiling is the highest seen (a checked voucher only)."""
+        with self.factory.kw["bind"].begin() as conn:  # one Core statement: no ORM session per request
+            conn.execute(update(X402Channel)
+                         .where(X402Channel.channel_id == to_hex(channel_id), X402Channel.signed_max < max_claimable)
+                         .values(signed_max=max_claimable, signature=to_hex(signature)))

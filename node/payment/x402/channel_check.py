@@ -1,0 +1,124 @@
+"""The checks a batch-settlement voucher passes before any hold, with no chain read: the channel's
+config binds its id and carries the node's terms, the voucher recovers to the committed payer
+authorizer, it pays this request at the node's running total, and the mirrored deposit covers it
+(docs/x402.md, "Verification"). A refusal names the spec's error code; the cumulative mismatch carries
+what the client needs to resynchronise (the corrective 402)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from node.errors import BadSignature, PaymentError
+from node.payment.x402.terms import CUMULATIVE_MISMATCH, X402Terms
+from node.payment.x402.typed import ZERO_ADDRESS, channel_id, voucher_digest
+from node.payment.x402.wire import Payment
+from node.protocol.eip712 import recover
+
+PREFIX = "invalid_batch_settlement_evm_"
+
+
+class X402Refused(PaymentError):
+    """A batch-settlement payment the node will not take: a 402 whose `error` is `reason`, the spec's
+    code; `channel_state` / `voucher_state` are set on the corrective 402."""
+
+    code: ClassVar[str] = "x402_refused"
+
+    def __init__(self, message: str, reason: str, *, channel_state: dict[str, Any] | None = None,
+                 voucher_state: dict[str, Any] | None = None, **facts: Any) -> None:
+        super().__init__(message, reason=reason, **facts)
+        self.reason = reason
+        self.channel_state = channel_state
+        self.voucher_state = voucher_state
+
+
+@dataclass(frozen=True)
+class ChannelView:
+    """What the node knows of one channel: its own books and the indexer's mirror of the contract."""
+
+    charged: int = 0  # chargedCumulativeAmount
+    signed_max: int = 0  # the last accepted voucher's ceiling
+    signature: bytes | None = None  # and its signature
+    balance: int = 0
+    total_claimed: int = 0
+    pending_withdrawal: int = 0
+    withdraw_requested_at: int = 0
+    refund_nonce: int = 0
+
+    def channel_state(self, channel: bytes) -> dict[str, Any]:
+        return {"channelId": "0x" + channel.hex(), "balance": str(self.balance),
+                "totalClaimed": str(self.total_claimed), "withdrawRequestedAt": self.withdraw_requested_at,
+                "refundNonce": str(self.refund_nonce), "chargedCumulativeAmount": str(self.charged)}
+
+    def voucher_state(self) -> dict[str, Any] | None:
+        if self.signature is None:
+            return None
+        return {"signedMaxClaimable": str(self.signed_max), "signature": "0x" + self.signature.hex()}
+
+
+@dataclass(frozen=True)
+class CheckedPayment:
+    payment: Payment
+    channel_id: bytes
+    digest: bytes  # the voucher's EIP-712 digest: the receipt's voucherHash
+    amount: int  # what this request may be charged at most (the client's accepted amount)
+
+
+def check_terms(payment: Payment, terms: X402Terms) -> bytes:
+    """The channel id, once the config binds it and carries exactly the node's terms."""
+    accepted = payment.accepted
+    if accepted.get("network") != terms.network:
+        raise X402Refused("another network", PREFIX + "network_mismatch", network=str(accepted.get("network"))[:40])
+    config = payment.config
+    channel = channel_id(config, terms.chain_id)
+    if channel != payment.voucher.channel_id:
+        raise X402Refused("the channel config does not hash to the voucher's channel id",
+                          PREFIX + "channel_id_mismatch")
+    for reason, got, want in (("token_mismatch", config.token, terms.token),
+                              ("receiver_mismatch", config.receiver, terms.router),
+                              ("receiver_authorizer_mismatch", config.receiver_authorizer, terms.authorizer),
+                              ("withdraw_delay_mismatch", config.withdraw_delay, terms.withdraw_delay_s)):
+        if got != want:
+            raise X402Refused(f"the channel's {reason.removesuffix('_mismatch')} is not this node's",
+                              PREFIX + reason, got=str(got), expected=str(want))
+    return channel
+
+
+def check_signature(payment: Payment, terms: X402Terms, channel: bytes) -> bytes:
+    """The voucher digest, once it recovers to the committed payer authorizer (ECDSA only)."""
+    authorizer = payment.config.payer_authorizer
+    if authorizer == ZERO_ADDRESS:
+        raise X402Refused("vouchers must be signed by a payer authorizer key (ERC-1271 payers are not served)",
+                          PREFIX + "voucher_signature")
+    digest = voucher_digest(channel, payment.voucher.max_claimable, terms.chain_id)
+    try:
+        signer = recover(digest, payment.voucher.signature)
+    except BadSignature as exc:
+        raise X402Refused("the voucher signature does not recover", PREFIX + "voucher_signature") from exc
+    if signer != authorizer:
+        raise X402Refused("the voucher is not signed by the channel's payer authorizer", PREFIX + "voucher_signature",
+                          signer=signer)
+    return digest
+
+
+def check_payment(payment: Payment, terms: X402Terms, view: ChannelView, ceiling: int) -> CheckedPayment:
+    """Everything before the hold, for a `voucher` or `deposit` payment of a request costing at most
+    `ceiling`. A deposit counts its own amount as balance (it is submitted before the hold)."""
+    channel = check_terms(payment, terms)
+    digest = check_signature(payment, terms, channel)
+    amount, ceiling_signed = payment.accepted_amount, payment.voucher.max_claimable
+    if amount < ceiling:
+        raise X402Refused("the accepted amount is below this request's price ceiling", PREFIX + "amount_below_price",
+                          amount=str(amount), ceiling=str(ceiling))
+    if ceiling_signed != view.charged + amount:
+        raise X402Refused("the voucher's cumulative amount does not match the channel's charged total",
+                          CUMULATIVE_MISMATCH, channel_state=view.channel_state(channel),
+                          voucher_state=view.voucher_state())
+    deposit = payment.deposit.amount if payment.deposit is not None else 0
+    spendable = view.balance + deposit - view.pending_withdrawal
+    if ceiling_signed > spendable:
+        raise X402Refused("the voucher exceeds the channel's deposit", PREFIX + "cumulative_exceeds_balance",
+                          spendable=str(spendable), max_claimable=str(ceiling_signed))
+    if ceiling_signed <= view.total_claimed:
+        raise X402Refused("the voucher is below what was claimed on chain", PREFIX + "cumulative_below_claimed")
+    return CheckedPayment(payment, channel, digest, amount)

@@ -1,0 +1,232 @@
+"""A live node paid by the stock x402 SDK (its `requests` adapter: 402 -> pay -> retry -> PAYMENT-RESPONSE)
+with batch-settlement on anvil, next to our lanes (docs/x402.md): the 402 lists both schemes, the SDK
+deposits through the node, pays chat completions on the running total, each answer carries our signed
+receipt and a PAYMENT-RESPONSE whose charge is the receipt's fee."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from eth_account import Account
+from sqlalchemy import select
+from x402 import x402ClientSync
+from x402.http.clients.requests import x402HTTPAdapter
+from x402.mechanisms.evm.batch_settlement.client import BatchSettlementEvmScheme
+from x402.mechanisms.evm.signers import EthAccountSignerWithRPC
+
+from node.chain.contract_client import ContractClient
+from node.chain.x402_channels import deploy_router, ensure_channel_contracts
+from node.client.payer import Payer as LanePayer
+from node.db.models import EpochState, Loss, Receipt
+from node.devkit.local_node import OPERATOR, LocalNode
+from node.payment.x402.typed import CHANNELS_ADDRESS
+from node.settlement.runtime import SettlementRuntime
+from node.settlement.service import EpochPolicy
+from tests.fixtures.paid_node import PaidNode, build_paid_node
+from tests.payment.x402.sdk import Payer
+
+pytestmark = [pytest.mark.chain, pytest.mark.slow]
+X402_PAYER = 9  # an anvil dev key no other role of the paid node uses
+
+
+@pytest.fixture(scope="module")
+def x402_node(tiny_model: Path, tiny_adapters: object, tmp_path_factory: pytest.TempPathFactory
+              ) -> Iterator[PaidNode]:
+    data_dir = tmp_path_factory.mktemp("x402-node")
+    local = LocalNode.start_chain(data_dir, prompt_token_price=10**9, completion_token_price=2 * 10**9,
+                                  default_max_tokens=16)
+    try:
+        operator = ContractClient(local.anvil.rpc_url, local.anvil.keys[OPERATOR])
+        ensure_channel_contracts(operator)
+        router = deploy_router(operator, operator.address, local.deployment.escrow)
+        payer = Account.from_key(local.anvil.keys[X402_PAYER]).address
+        local.contracts(OPERATOR).token.mint(payer, 10**21)
+        adapter = tiny_adapters.paths["sea-r8"]  # type: ignore[attr-defined]
+        yield build_paid_node(local, tiny_model, adapter, data_dir, max_in_flight=6, x402_router=router)
+    finally:
+        local.stop()
+
+
+def _decode(header: str) -> dict:
+    return json.loads(base64.b64decode(header))
+
+
+def _sdk_session(node: PaidNode) -> requests.Session:
+    key = node.local.anvil.keys[X402_PAYER]
+    scheme = BatchSettlementEvmScheme(EthAccountSignerWithRPC(Account.from_key(key), node.local.anvil.rpc_url))
+    client = x402ClientSync().register(f"eip155:{node.local.deployment.chain_id}", scheme)
+    client.set_spend_controls({"allowed_assets": True, "max_amount_per_payment": str(10**18)})
+    session = requests.Session()
+    session.mount("http://", x402HTTPAdapter(client))
+    return session
+
+
+def test_an_unpaid_request_gets_402_with_both_schemes(x402_node: PaidNode) -> None:
+    body = {"model": str(x402_node.adapter_id), "messages": [{"role": "user", "content": "sea"}], "max_tokens": 4}
+    resp = requests.post(f"{x402_node.base_url}/v1/chat/completions", json=body, timeout=30)
+    assert resp.status_code == 402, resp.text
+    required = _decode(resp.headers["PAYMENT-REQUIRED"])
+    assert required["x402Version"] == 2
+    schemes = {a["scheme"]: a for a in required["accepts"]}
+    assert set(schemes) == {"loranode-lane", "batch-settlement"}
+    offer = schemes["batch-settlement"]
+    assert offer["network"] == f"eip155:{x402_node.local.deployment.chain_id}" and int(offer["amount"]) > 0
+    assert offer["extra"]["name"] == "loranode demo token" and offer["extra"]["version"] == "1"
+    assert offer["extra"]["withdrawDelay"] == 86_400
+    assert resp.json()["error"]["code"] == "payment_required"
+
+
+def test_the_sdk_pays_chat_completions_and_gets_receipts(x402_node: PaidNode) -> None:
+    session = _sdk_session(x402_node)
+    charged = 0
+    for prompt in ("the sea", "calm and blue"):
+        body = {"model": str(x402_node.adapter_id), "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": 4}
+        resp = session.post(f"{x402_node.base_url}/v1/chat/completions", json=body, timeout=120)
+        assert resp.status_code == 200, resp.text
+        receipt = resp.json()["receipt"]
+        settle = _decode(resp.headers["PAYMENT-RESPONSE"])
+        assert settle["success"] and settle["extra"]["chargedAmount"] == receipt["fee"]
+        charged += int(receipt["fee"])
+        assert settle["extra"]["channelState"]["chargedCumulativeAmount"] == str(charged)
+        assert receipt["chargedTotal"] == str(charged)
+
+
+
+def test_a_streamed_answer_and_a_client_that_lost_its_state_recover(x402_node: PaidNode) -> None:
+    """A streamed answer ends with our receipt (its PAYMENT-RESPONSE cannot precede the charge); the SDK's
+    next request then resynchronises through the corrective 402, as does a fresh client (state lost)."""
+    session = _sdk_session(x402_node)
+    body = {**_chat(x402_node, "the sea"), "stream": True}
+    with session.post(f"{x402_node.base_url}/v1/chat/completions", json=body, timeout=120, stream=True) as resp:
+        assert resp.status_code == 200, resp.text
+        events = [line for line in resp.iter_lines() if line.startswith(b"data: ")]
+    assert events[-1] == b"data: [DONE]" and "receipt" in json.loads(events[-2][6:])
+    for client in (session, _sdk_session(x402_node)):  # the same client, then one that lost its state
+        resp = client.post(f"{x402_node.base_url}/v1/chat/completions", json=_chat(x402_node, "blue"), timeout=120)
+        assert resp.status_code == 200, resp.text
+        assert _decode(resp.headers["PAYMENT-RESPONSE"])["extra"]["chargedAmount"] == resp.json()["receipt"]["fee"]
+
+
+def _chat(node: PaidNode, prompt: str) -> dict:
+    return {"model": str(node.adapter_id), "messages": [{"role": "user", "content": prompt}], "max_tokens": 4}
+
+
+def _required(node: PaidNode, body: dict) -> dict:
+    resp = requests.post(f"{node.base_url}/v1/chat/completions", json=body, timeout=30)
+    assert resp.status_code == 402
+    return _decode(resp.headers["PAYMENT-REQUIRED"])
+
+
+def _paid(node: PaidNode, body: dict, header: str) -> requests.Response:
+    return requests.post(f"{node.base_url}/v1/chat/completions", json=body, headers={"PAYMENT-SIGNATURE": header},
+                         timeout=120)
+
+
+def test_a_replayed_voucher_is_never_served_twice(x402_node: PaidNode) -> None:
+    key = payer_key(x402_node, 1)  # a channel of its own
+    x402_node.local.contracts(OPERATOR).token.mint(Account.from_key(key).address, 10**21)
+    payer = Payer(key, x402_node.local.anvil.rpc_url, x402_node.local.deployment.chain_id)
+    body = _chat(x402_node, "the sea")
+    header, _ = payer.pay(_required(x402_node, body))
+    first = _paid(x402_node, body, header)
+    assert first.status_code == 200, first.text
+    charged = first.json()["receipt"]["chargedTotal"]
+    for _ in range(2):  # a loop of stale vouchers costs the node nothing and serves nothing
+        again = _paid(x402_node, body, header)
+        assert again.status_code == 402, again.text
+        corrective = _decode(again.headers["PAYMENT-REQUIRED"])
+        assert corrective["error"] == "invalid_batch_settlement_evm_cumulative_amount_mismatch"
+        offer = next(a for a in corrective["accepts"] if a["scheme"] == "batch-settlement")
+        assert offer["extra"]["channelState"]["chargedCumulativeAmount"] == charged
+        assert offer["extra"]["voucherState"]["signedMaxClaimable"]
+
+
+def test_a_channel_paying_someone_else_is_refused(x402_node: PaidNode) -> None:
+    payer = Payer(payer_key(x402_node, 0), x402_node.local.anvil.rpc_url, x402_node.local.deployment.chain_id)
+    body = _chat(x402_node, "blue")
+    required = _required(x402_node, body)
+    for offer in required["accepts"]:
+        offer["payTo"] = "0x" + "ee" * 20  # the client's channel pays another receiver
+    header, _ = payer.pay(required)
+    resp = _paid(x402_node, body, header)
+    assert resp.status_code == 402
+    assert _decode(resp.headers["PAYMENT-REQUIRED"])["error"] == "invalid_batch_settlement_evm_receiver_mismatch"
+
+
+def payer_key(node: PaidNode, offset: int) -> str:
+    return node.local.anvil.keys[X402_PAYER + offset]
+
+
+def test_one_epoch_settles_both_schemes_and_a_contributor_claims_its_share(x402_node: PaidNode) -> None:
+    """x402 and lane payers in one epoch: the worker sweeps the channels into the router's escrow, settle
+    collects the router lane with the lanes, and the pot and the split reconcile to the wei."""
+    local = x402_node.local
+    ops = local.contracts(OPERATOR)
+    node = ops.client.address
+    before_total = ops.settlement.rewards_total(node)
+    fees = []
+    session = _sdk_session(x402_node)
+    for prompt in ("the sea is", "blue"):
+        resp = session.post(f"{x402_node.base_url}/v1/chat/completions", json=_chat(x402_node, prompt), timeout=120)
+        assert resp.status_code == 200, resp.text
+        fees.append(int(resp.json()["receipt"]["fee"]))
+    lane_client = LanePayer(x402_node.payer_keys[0], x402_node.base_url).openai(lane=7)
+    out = lane_client.completions.create(model=str(x402_node.adapter_id), prompt="the sea", max_tokens=4)
+    fees.append(int(out.model_extra["receipt"]["fee"]))
+
+    service = SettlementRuntime.from_settings(local.settings, EpochPolicy(max_age_s=0)).service
+    service.reconcile()
+    epoch_id = service.close_epoch()
+    assert epoch_id is not None and service.run_until_final(epoch_id, timeout_s=90) is EpochState.FINAL
+    with local.services.db() as db:  # type: ignore[union-attr]
+        in_epoch = db.scalars(select(Receipt).where(Receipt.epoch_id == epoch_id)).all()
+        assert not db.scalars(select(Loss)).all(), "no x402 receipt became a loss"
+    assert set(fees) <= {r.fee for r in in_epoch} and len(in_epoch) >= len(fees)  # this module's earlier ones too
+    assert ops.settlement.rewards_total(node) - before_total == sum(r.fee for r in in_epoch), "all collected"
+    router = local.settings.x402_router
+    assert router is not None
+    swept = ops.escrow.account(router, node)
+    assert swept.balance == 0, "the router's escrow account was collected to the wei"
+
+
+def test_a_payer_who_withdraws_after_being_served_cannot_stop_the_others_being_paid(x402_node: PaidNode) -> None:
+    """Two x402 payers served in one epoch; one withdraws everything before the node claims (the delay
+    passes before the epoch settles). Its receipts become a loss of its own lane; the other's are
+    collected, and the epoch settles."""
+    local = x402_node.local
+    ops = local.contracts(OPERATOR)
+    node = ops.client.address
+    keys = [payer_key(x402_node, 2), payer_key(x402_node, 3)]
+    served: list[dict] = []
+    for key in keys:
+        ops.token.mint(Account.from_key(key).address, 10**21)
+        payer = Payer(key, local.anvil.rpc_url, local.deployment.chain_id)
+        body = _chat(x402_node, "calm")
+        header, payment = payer.pay(_required(x402_node, body))
+        resp = _paid(x402_node, body, header)
+        assert resp.status_code == 200, resp.text
+        served.append({"payment": payment, "fee": int(resp.json()["receipt"]["fee"]), "key": key})
+    leaver = served[0]
+    client = ContractClient(local.anvil.rpc_url, leaver["key"])
+    channels = client.contract("X402Channels", CHANNELS_ADDRESS)
+    config = leaver["payment"].config.as_tuple()
+    client.transact(channels.functions.initiateWithdraw(config, leaver["payment"].deposit.amount))
+    local.anvil.rpc("evm_increaseTime", 86_401)
+    local.anvil.rpc("evm_mine")
+    client.transact(channels.functions.finalizeWithdraw(config))
+
+    before = ops.settlement.rewards_total(node)
+    service = SettlementRuntime.from_settings(local.settings, EpochPolicy(max_age_s=0)).service
+    service.reconcile()
+    epoch_id = service.close_epoch()
+    assert epoch_id is not None and service.run_until_final(epoch_id, timeout_s=90) is EpochState.FINAL
+    assert ops.settlement.rewards_total(node) - before == served[1]["fee"], "the other payer's fee collected"
+    with local.services.db() as db:  # type: ignore[union-attr]
+        losses = db.scalars(select(Loss)).all()
+    assert [(loss.amount, loss.reason) for loss in losses] == [(leaver["fee"], "escrow_short")]

@@ -1,0 +1,50 @@
+"""An x402 world on the session anvil: the loranode contracts on an ERC-3009 token, the channel
+contracts at their canonical addresses, the node's router and a funded payer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from node.chain.anvil import Anvil
+from node.chain.contract_client import ContractClient
+from node.chain.deploy import Deployment, deploy_all
+from node.chain.x402_channels import X402Chain, deploy_router, ensure_channel_contracts, token_domain
+from node.payment.x402.terms import X402Terms, payment_required
+from tests.fixtures.contracts import Roles
+from tests.payment.x402.sdk import PRICE
+
+
+@dataclass(frozen=True)
+class X402World:
+    terms: X402Terms
+    chain: X402Chain  # as the node
+    deployer: ContractClient
+    dep: Deployment
+    rpc_url: str
+
+    def required(self, error: Any = None, amount: int = PRICE) -> dict[str, Any]:
+        """The node's 402 for a request of ceiling `amount` (corrective when `error` is an X402Refused)."""
+        states = {"channel_state": error.channel_state, "voucher_state": error.voucher_state} if error else {}
+        out = payment_required("http://node.test/v1/chat/completions", [self.terms.requirements(amount, **states)])
+        if error is not None:
+            out["error"] = error.reason
+        return out
+
+
+@pytest.fixture
+def x402_world(anvil: Anvil, roles: Roles) -> X402World:
+    deployer = ContractClient(anvil.rpc_url, roles.deployer)
+    token, _ = deployer.deploy("DemoToken3009")
+    dep = deploy_all(anvil.rpc_url, roles.deployer, guardian=roles.address(roles.guardian),
+                     treasury=roles.address(roles.treasury), protocol_bps=500, node_bps=1000, thaw_period_s=3600,
+                     challenge_period_s=0, token=token)
+    ensure_channel_contracts(deployer)
+    node = roles.address(roles.node)
+    router = deploy_router(deployer, node, dep.escrow)
+    name, version = token_domain(deployer, token)
+    deployer.transact(deployer.contract("DemoToken3009", token).functions.mint(roles.address(roles.payer), 10**18))
+    terms = X402Terms(dep.chain_id, token, name, version, router, node, 86_400)
+    return X402World(terms, X402Chain(ContractClient(anvil.rpc_url, roles.node), router), deployer, dep, anvil.rpc_url)
