@@ -13,6 +13,9 @@ token that leaves the node is paid for or recorded as a loss:
     a node fault after tokens left            -> nothing charged, the voucher spent, a NODE_FAULT loss
     the charge fails after tokens left        -> the voucher spent, a DELIVERED_UNCHARGED loss
 
+A stream with tools holds its text back (the calls go out whole, with the charge): a node fault before
+its end is one before any token left; a client that hangs up before it is charged for what was generated.
+
 A request of n choices runs as n engine sequences of one prompt; its hold covers n x max_tokens, and
 every ending above counts the tokens of all its choices, under one receipt.
 """
@@ -184,7 +187,8 @@ class GenerationService:
 
     # --- streamed -----------------------------------------------------------------------------------
     async def _sse(self, job: Job, admission: Any) -> AsyncIterator[bytes]:
-        started, sent = time.monotonic(), Sent(len(job.prompt_ids), job.request.num_choices)
+        started = time.monotonic()
+        sent = Sent(len(job.prompt_ids), job.request.num_choices, holds_back=job.calls_tools)
         shape = job.shape(self.engine.token_text)
         try:
             if job.kind == "chat":
@@ -247,17 +251,17 @@ class GenerationService:
     def _end_unpaid(self, job: Job, sent: Sent, reason: LossReason, exc: NodeError) -> None:
         """No charge: release the hold if no token left the node, else spend the voucher with a loss."""
         with sent.lock:
-            if not self._settling(job, sent):
+            if not self._settling(job, sent, sent.is_sent):
                 return
             self.payments.write_off(job.hold, sent.usage, reason, f"{exc.code}: {exc.message}")
 
-    def _settling(self, job: Job, sent: Sent) -> bool:
+    def _settling(self, job: Job, sent: Sent, is_owed: bool) -> bool:
         """Under `sent.lock`: take the stream's one settling. False when there is nothing left to do: it
-        was settled already, or no token left the node (then the hold is released here)."""
+        was settled already, or nothing is owed (then the hold is released here)."""
         if sent.is_settled:
             return False
         sent.is_settled = True
-        if not sent.is_sent:
+        if not is_owed:
             self.payments.cancel(job.hold)
             return False
         return True
@@ -266,7 +270,7 @@ class GenerationService:
         """The client left mid-stream: charge what was generated and sent, and store it as the answer
         (a loss if that charge cannot be committed); release the hold if nothing was sent."""
         with sent.lock:
-            if not self._settling(job, sent):
+            if not self._settling(job, sent, sent.is_owed):
                 return
             try:
                 self._charge(job, sent.usage, sent.choices(job.params.logprobs is not None, CLIENT_LEFT))

@@ -24,7 +24,7 @@ from node.devkit.local_node import LocalNode, settings_env
 from node.payment.lane_pg import PipelinedLanes
 from node.payment.lane_sqlite import SQLiteLanes
 from node.protocol.voucher import PaymentHeader, Voucher, decode_payment_header, sign_voucher, voucher_digest
-from tests.adversarial.attacker import Attacker
+from tests.adversarial.attacker import Attacker, NodeAborts
 from tests.fixtures.database import POSTGRES_ENV, _backends
 from tests.fixtures.paid_node import PaidNode, _fresh_postgres, build_paid_node
 
@@ -86,26 +86,6 @@ def _fee(prompt_tokens: int, completion_tokens: int) -> int:
     return PROMPT_PRICE * prompt_tokens + COMPLETION_PRICE * completion_tokens
 
 
-class _NodeAborts:
-    """The node itself ends the adapter's requests (its adapter is removed from the engine), then serves
-    it again: a node fault, as the engine reports it."""
-
-    def __init__(self, paid: PaidNode) -> None:
-        self.svc, self.model = paid.local.services, str(paid.adapter_id)
-        assert self.svc is not None
-
-    def __enter__(self) -> None:
-        self.svc.engine.engine.remove_adapter(self.model)
-
-    def __exit__(self, *exc: object) -> None:
-        saved, self.svc.catalog.cache_ttl_s = self.svc.catalog.cache_ttl_s, 0.0
-        try:
-            time.sleep(0.2)  # the engine drains its inbox, then the catalog registers the adapter again
-            self.svc.catalog.resolve(self.model)
-        finally:
-            self.svc.catalog.cache_ttl_s = saved
-
-
 # --- 1. no free answers --------------------------------------------------------------------------
 def test_a_stream_hung_up_mid_answer_is_charged_and_its_header_buys_no_second_answer(paid: PaidNode) -> None:
     att, lane = _attacker(paid), 100
@@ -151,7 +131,7 @@ def test_a_node_fault_after_tokens_left_charges_nothing_records_a_loss_and_spend
         lines = resp.iter_lines()
         for _ in range(3):
             assert next(line for line in lines if line.startswith("data: {"))
-        with _NodeAborts(paid):
+        with NodeAborts(paid):
             rest = list(lines)
     assert any('"error"' in line for line in rest), rest[-3:]
     assert att.charged(lane) == before  # a node fault charges nothing
@@ -169,7 +149,7 @@ def test_a_node_fault_before_any_token_left_charges_nothing_and_the_voucher_may_
     join = att.in_background(lambda: att.post(body, header))
     _wait_held(paid, att, lane)
     time.sleep(0.2)  # generating, nothing sent yet
-    with _NodeAborts(paid):
+    with NodeAborts(paid):
         failed = join()
     assert failed.status_code == 503 and att.charged(lane) == before
     retry = att.post(body, header)
