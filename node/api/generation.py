@@ -9,6 +9,7 @@ token that leaves the node is paid for or recorded as a loss:
     the client left (hung up, gave up)        -> charged for what was generated; the partial answer is
                                                  stored, so a replay of the voucher gets it for free
     the time limit (the hold would expire)    -> the same, and the client gets the cut answer
+    a stream read past the hold's time        -> charged for what was sent so far; nothing more is sent
     a node fault before any token left        -> the hold is released; the voucher may be sent again
     a node fault after tokens left            -> nothing charged, the voucher spent, a NODE_FAULT loss
     the charge fails after tokens left        -> the voucher spent, a DELIVERED_UNCHARGED loss
@@ -58,6 +59,7 @@ class GenerationService:
         self.issuer = issuer
         self.default_max_tokens = default_max_tokens
         self.max_generation_s = payments.max_generation_s
+        self._closing: set[asyncio.Future[None]] = set()  # charges of streams read too slowly, running
 
     async def handle(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest, body: bytes,
                      payment: str | None, http: Request) -> JSONResponse | StreamingResponse:
@@ -195,12 +197,16 @@ class GenerationService:
                 yield event(shape.chunk([shape.delta(i, {"role": "assistant", "content": ""}, None)
                                          for i in range(sent.num_choices)]))
             cut = Cut(self.engine, job.choice_ids)
-            timer = asyncio.get_running_loop().call_later(self.max_generation_s, cut, TIME_LIMIT)
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(self.max_generation_s, cut, TIME_LIMIT)
+            closer = loop.call_later(self.payments.max_delivery_s, self._close, job, sent)
             deltas = self.engine.stream_choices(job.prompt_ids, job.choice_params, job.adapter.engine_adapter,
                                                 job.choice_ids)
             try:
                 async with contextlib.aclosing(deltas):
                     async for index, delta in deltas:
+                        if sent.is_closed:
+                            break
                         if delta.finish_reason is not None:
                             sent.endings[index] = cut.ending(delta)
                         was_sent, offset = sent.is_sent, sent.add(index, delta)
@@ -215,6 +221,11 @@ class GenerationService:
                             return
             finally:
                 timer.cancel()
+                closer.cancel()
+            if sent.is_closed:
+                yield event({"error": {"message": "the stream was read too slowly: it ends where the hold's time ran "
+                                                  "out, charged for what was sent", "code": "stream_read_too_slowly",
+                                       "type": "server_error"}})
         except NodeError as exc:
             await asyncio.to_thread(self._end_unpaid, job, sent, LossReason.NODE_FAULT, exc)
             yield event({"error": {"message": exc.message, "code": exc.code, "type": "server_error"}})
@@ -239,6 +250,17 @@ class GenerationService:
         last = shape.chunk([shape.delta(c["index"], shape.final_delta(c), c["finish_reason"]) for c in body["choices"]])
         last.update(usage=body["usage"], receipt=body["receipt"])
         return event(last)
+
+    def _close(self, job: Job, sent: Sent) -> None:
+        """The hold's time is nearly up and the stream is still being read (a slow reader, the tokens
+        queued for it): charge now, while the hold still can be, for what was handed to the client; the
+        stream sends nothing more."""
+        if sent.is_settled:
+            return
+        sent.is_closed = True
+        task = asyncio.ensure_future(asyncio.to_thread(self._settle_hang_up, job, sent))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def _charge_stream(self, job: Job, sent: Sent) -> dict[str, Any]:
         with sent.lock:
@@ -278,8 +300,8 @@ class GenerationService:
                 self.payments.write_off(job.hold, sent.usage, LossReason.DELIVERED_UNCHARGED,
                                         f"{exc.code}: {exc.message}")
                 return
-        log.info("stream %s: the client left after %d tokens, charged for them", job.response_id,
-                 sent.usage.completion_tokens)
+        log.info("stream %s: ended early (the client left, or read past the hold) after %d tokens, charged for "
+                 "them", job.response_id, sent.usage.completion_tokens)
 
     def _replay(self, req: CompletionRequest | ChatCompletionRequest,
                 body: dict[str, Any]) -> JSONResponse | StreamingResponse:

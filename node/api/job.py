@@ -96,6 +96,7 @@ class Sent:
     endings: list[str | None] = field(default_factory=list)
     is_sent: bool = False  # some text (or logprobs) left the node (never, before the end, when it holds back)
     is_settled: bool = False
+    is_closed: bool = False  # the hold's time ran out while it was being read: nothing more is added or sent
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
