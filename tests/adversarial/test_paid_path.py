@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -271,6 +272,31 @@ def test_the_same_voucher_in_flight_twice_is_409_at_once_and_the_first_answer_co
     status, _text, events = first()
     assert status == 200 and events[-1]["receipt"]["completionTokens"] == 200
     assert att.charged(lane) == int(events[-1]["receipt"]["fee"])
+
+
+def test_two_vouchers_raced_on_one_lane_over_the_same_charged_total_never_both_buy_an_answer(paid: PaidNode) -> None:
+    """Both signed for `chargedTotal + maxFee`: if both were served, the chain would collect one voucher's
+    cumulative for two answers. One is served; the other is refused (409 in flight, or 402 once the first
+    was charged), on every backend, whichever lands first."""
+    att, lane = _attacker(paid), 109
+    for attempt in range(6):
+        bodies = [att.body(prompt=f"the sea {attempt} {i}", max_tokens=8) for i in range(2)]
+        # each for exactly what its body can cost, on the same charged total
+        headers = [att.payer.payment_header(body, lane, "/v1/completions") for body in bodies]
+        before, gate = att.charged(lane), threading.Barrier(2)
+        joins = [att.in_background(lambda b=b, h=h, g=gate: _at_once(att, b, h, g))
+                 for b, h in zip(bodies, headers, strict=True)]
+        answers = [join() for join in joins]
+        served = [a for a in answers if a.status_code == 200]
+        assert len(served) == 1, [(a.status_code, a.text[:200]) for a in answers]
+        refused = next(a for a in answers if a.status_code != 200)
+        assert refused.status_code in (402, 409), refused.text
+        assert att.charged(lane) == before + int(served[0].json()["receipt"]["fee"])
+
+
+def _at_once(att: Attacker, body: bytes, header: str, gate: threading.Barrier) -> httpx.Response:
+    gate.wait()
+    return att.post(body, header)
 
 
 # --- 5. one API process per SQLite file ----------------------------------------------------------
