@@ -6,6 +6,7 @@ its prices nor an adapter under another name, never a charge. Live node on anvil
 from __future__ import annotations
 
 import json
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -40,3 +41,9 @@ def test_a_model_named_in_a_crafted_form_is_404_and_charges_nothing(paid_node: P
         assert resp.status_code == 404, (name, resp.status_code, resp.text[:300])
         assert resp.json()["error"]["code"] == "adapter_not_found", (name, resp.text[:300])
     assert payer.channel(lane)["chargedTotal"] == before
+
+
+def test_a_model_looked_up_by_a_crafted_name_is_404(paid_node: PaidNode) -> None:
+    for name in _crafted(paid_node):
+        resp = httpx.get(f"{paid_node.base_url}/v1/models/{quote(name, safe='')}", timeout=30)
+        assert resp.status_code == 404, (name, resp.status_code, resp.text[:300])
