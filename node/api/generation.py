@@ -28,7 +28,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request
@@ -88,7 +88,8 @@ class GenerationService:
         job = Job(kind, req, response_id, f"{response_id}-{secrets.token_hex(6)}", int(time.time()), adapter,
                   prompt_ids, params, held)
         if req.stream:
-            return StreamingResponse(self._sse(job, admission), media_type="text/event-stream",
+            leave = _once(lambda: admission.__exit__(None, None, None))
+            return StreamingResponse(self._sse(job, leave), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
             return await self._complete(job, http)
@@ -188,7 +189,8 @@ class GenerationService:
                                     lambda receipt: shape.body(choices, usage, receipt))
 
     # --- streamed -----------------------------------------------------------------------------------
-    async def _sse(self, job: Job, admission: Any) -> AsyncIterator[bytes]:
+    async def _sse(self, job: Job, leave: Callable[[], None]) -> AsyncIterator[bytes]:
+        """The streamed answer; `leave` gives its place among the requests in flight back (once)."""
         started = time.monotonic()
         sent = Sent(len(job.prompt_ids), job.request.num_choices, holds_back=job.calls_tools)
         shape = job.shape(self.engine.token_text)
@@ -199,7 +201,7 @@ class GenerationService:
             cut = Cut(self.engine, job.choice_ids)
             loop = asyncio.get_running_loop()
             timer = loop.call_later(self.max_generation_s, cut, TIME_LIMIT)
-            closer = loop.call_later(self.payments.max_delivery_s, self._close, job, sent)
+            closer = loop.call_later(self.payments.max_delivery_s, self._close, job, sent, leave)
             deltas = self.engine.stream_choices(job.prompt_ids, job.choice_params, job.adapter.engine_adapter,
                                                 job.choice_ids)
             try:
@@ -235,7 +237,7 @@ class GenerationService:
                     self.engine.abort(request_id)
             if not sent.is_settled:  # the client hung up (or the server is stopping) mid-stream
                 await asyncio.shield(asyncio.to_thread(self._settle_hang_up, job, sent))
-            admission.__exit__(None, None, None)
+            leave()
 
     async def _last_event(self, job: Job, sent: Sent, shape: ResponseShape, started: float) -> bytes:
         """Charge for the stream; the last chunk carries every choice's finish reason, the usage and the
@@ -251,16 +253,19 @@ class GenerationService:
         last.update(usage=body["usage"], receipt=body["receipt"])
         return event(last)
 
-    def _close(self, job: Job, sent: Sent) -> None:
+    def _close(self, job: Job, sent: Sent, leave: Callable[[], None]) -> None:
         """The hold's time is nearly up and the stream is still being read (a slow reader, the tokens
         queued for it): charge now, while the hold still can be, for what was handed to the client; the
-        stream sends nothing more."""
+        stream sends nothing more, and its place in flight goes to others (its reader may never read)."""
         if sent.is_settled:
             return
         sent.is_closed = True
+        for request_id in job.choice_ids:
+            self.engine.abort(request_id)
         task = asyncio.ensure_future(asyncio.to_thread(self._settle_hang_up, job, sent))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+        task.add_done_callback(lambda _: leave())
 
     def _charge_stream(self, job: Job, sent: Sent) -> dict[str, Any]:
         with sent.lock:
@@ -324,6 +329,20 @@ class GenerationService:
         self.metrics.tokens.labels(kind="completion").inc(usage.completion_tokens)
         self.metrics.receipts.inc()
         self.metrics.adapter_requests.labels(adapter=job.adapter.model).inc()
+
+
+def _once(action: Callable[[], object]) -> Callable[[], None]:
+    """`action` run by the first call only (a stream leaves its admission at its end or at its closing,
+    whichever comes first: both on the event loop)."""
+    left = False
+
+    def leave() -> None:
+        nonlocal left
+        if not left:
+            left = True
+            action()
+
+    return leave
 
 
 def _prompt_chars(req: CompletionRequest | ChatCompletionRequest) -> int:

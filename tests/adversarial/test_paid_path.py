@@ -278,7 +278,7 @@ def test_two_vouchers_raced_on_one_lane_over_the_same_charged_total_never_both_b
     """Both signed for `chargedTotal + maxFee`: if both were served, the chain would collect one voucher's
     cumulative for two answers. One is served; the other is refused (409 in flight, or 402 once the first
     was charged), on every backend, whichever lands first."""
-    att, lane = _attacker(paid), 109
+    att, lane = _attacker(paid), 110
     for attempt in range(6):
         bodies = [att.body(prompt=f"the sea {attempt} {i}", max_tokens=8) for i in range(2)]
         # each for exactly what its body can cost, on the same charged total
