@@ -256,8 +256,10 @@ class GenerationService:
     def _close(self, job: Job, sent: Sent, leave: Callable[[], None]) -> None:
         """The hold's time is nearly up and the stream is still being read (a slow reader, the tokens
         queued for it): charge now, while the hold still can be, for what was handed to the client; the
-        stream sends nothing more, and its place in flight goes to others (its reader may never read)."""
+        stream sends nothing more, and its place in flight goes to others (its reader may never read). A
+        stream charged already and stuck on a reader that stopped gives its place back too."""
         if sent.is_settled:
+            leave()
             return
         sent.is_closed = True
         for request_id in job.choice_ids:
