@@ -228,9 +228,10 @@ class GenerationService:
                 yield event({"error": {"message": "the stream was read too slowly: it ends where the hold's time ran "
                                                   "out, charged for what was sent", "code": "stream_read_too_slowly",
                                        "type": "server_error"}})
-        except NodeError as exc:
-            await asyncio.to_thread(self._end_unpaid, job, sent, LossReason.NODE_FAULT, exc)
-            yield event({"error": {"message": exc.message, "code": exc.code, "type": "server_error"}})
+        except Exception as exc:  # the node's fault, whatever it raised (a hang-up is GeneratorExit or a cancel)
+            fault = _as_fault(exc, job.response_id)
+            await asyncio.to_thread(self._end_unpaid, job, sent, LossReason.NODE_FAULT, fault)
+            yield event({"error": {"message": fault.message, "code": fault.code, "type": "server_error"}})
         finally:
             if not sent.is_done:  # a fault or a hang-up: the choices still running stop now
                 for request_id in job.choice_ids:
@@ -264,10 +265,10 @@ class GenerationService:
         sent.is_closed = True
         for request_id in job.choice_ids:
             self.engine.abort(request_id)
+        leave()  # the engine's part is over; the charge is the database's
         task = asyncio.ensure_future(asyncio.to_thread(self._settle_hang_up, job, sent))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
-        task.add_done_callback(lambda _: leave())
 
     def _charge_stream(self, job: Job, sent: Sent) -> dict[str, Any]:
         with sent.lock:
@@ -331,6 +332,15 @@ class GenerationService:
         self.metrics.tokens.labels(kind="completion").inc(usage.completion_tokens)
         self.metrics.receipts.inc()
         self.metrics.adapter_requests.labels(adapter=job.adapter.model).inc()
+
+
+def _as_fault(exc: Exception, response_id: str) -> NodeError:
+    """A stream's failure as the node fault it is (an unexpected exception is a bug: logged, and still
+    the node's, never charged as if the client had left)."""
+    if isinstance(exc, NodeError):
+        return exc
+    log.exception("stream %s failed", response_id)
+    return Unavailable(f"the node failed this stream ({type(exc).__name__})")
 
 
 def _once(action: Callable[[], object]) -> Callable[[], None]:

@@ -26,7 +26,7 @@ from tests.fixtures.paid_node import PaidNode, _fresh_postgres, build_paid_node
 
 pytestmark = [pytest.mark.chain, pytest.mark.slow]
 HOLD_TTL_S = 3.0  # the hold expires this soon: the generation's time limit is 90% of it (less clock skew)
-STALL_S = 5.0  # the reader stops reading this long: past the hold's life
+STALL_S = 6.0  # the reader stops reading this long: past the hold's life
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def _read_stalled(base_url: str, body: bytes, header: str, meanwhile: Callable[[
     sock.sendall(head + body)
     got = [sock.recv(1024)]
     stalled = time.monotonic()
-    time.sleep(HOLD_TTL_S + 0.3)
+    time.sleep(HOLD_TTL_S + 1.0)
     meanwhile()
     time.sleep(max(stalled + STALL_S - time.monotonic(), 0))
     sock.settimeout(30)
