@@ -230,8 +230,9 @@ class AdapterCatalog:
 
 
 def _adapter_number(model: str) -> int | None:
-    """The registry id in `model` ("7" or "adapter-7"), or None when it names no adapter."""
+    """The registry id in `model` ("7" or "adapter-7"), or None when it names no adapter. ASCII digits only:
+    str.isdigit also takes "²" (which int() refuses) and other scripts' digits (another name for the id)."""
     text = model.removeprefix("adapter-")
-    if not text.isdigit() or len(text) > 30 or int(text) == 0:
+    if not (text.isascii() and text.isdigit()) or len(text) > 30 or int(text) == 0:
         return None
     return int(text)

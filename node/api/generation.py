@@ -9,9 +9,13 @@ token that leaves the node is paid for or recorded as a loss:
     the client left (hung up, gave up)        -> charged for what was generated; the partial answer is
                                                  stored, so a replay of the voucher gets it for free
     the time limit (the hold would expire)    -> the same, and the client gets the cut answer
+    a stream read past the hold's time        -> charged for what was sent so far; nothing more is sent
     a node fault before any token left        -> the hold is released; the voucher may be sent again
     a node fault after tokens left            -> nothing charged, the voucher spent, a NODE_FAULT loss
     the charge fails after tokens left        -> the voucher spent, a DELIVERED_UNCHARGED loss
+
+A stream with tools holds its text back (the calls go out whole, with the charge): a node fault before
+its end is one before any token left; a client that hangs up before it is charged for what was generated.
 
 A request of n choices runs as n engine sequences of one prompt; its hold covers n x max_tokens, and
 every ending above counts the tokens of all its choices, under one receipt.
@@ -24,7 +28,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request
@@ -63,6 +67,7 @@ class GenerationService:
         self.issuer = issuer
         self.default_max_tokens = default_max_tokens
         self.max_generation_s = payments.max_generation_s
+        self._closing: set[asyncio.Future[None]] = set()  # charges of streams read too slowly, running
 
     async def handle(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest, body: bytes,
                      payment: str | None, http: Request, x402: str | None = None) -> JSONResponse | StreamingResponse:
@@ -92,7 +97,8 @@ class GenerationService:
         job = Job(kind, req, response_id, f"{response_id}-{secrets.token_hex(6)}", int(time.time()), adapter,
                   prompt_ids, params, held)
         if req.stream:
-            return StreamingResponse(self._sse(job, admission), media_type="text/event-stream",
+            leave = _once(lambda: admission.__exit__(None, None, None))
+            return StreamingResponse(self._sse(job, leave), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
             return await self._complete(job, http)
@@ -218,20 +224,26 @@ class GenerationService:
                                     lambda receipt: shape.body(choices, usage, receipt))
 
     # --- streamed -----------------------------------------------------------------------------------
-    async def _sse(self, job: Job, admission: Any) -> AsyncIterator[bytes]:
-        started, sent = time.monotonic(), Sent(len(job.prompt_ids), job.request.num_choices)
+    async def _sse(self, job: Job, leave: Callable[[], None]) -> AsyncIterator[bytes]:
+        """The streamed answer; `leave` gives its place among the requests in flight back (once)."""
+        started = time.monotonic()
+        sent = Sent(len(job.prompt_ids), job.request.num_choices, holds_back=job.calls_tools)
         shape = job.shape(self.engine.token_text)
         try:
             if job.kind == "chat":
                 yield event(shape.chunk([shape.delta(i, {"role": "assistant", "content": ""}, None)
                                          for i in range(sent.num_choices)]))
             cut = Cut(self.engine, job.choice_ids)
-            timer = asyncio.get_running_loop().call_later(self.max_generation_s, cut, TIME_LIMIT)
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(self.max_generation_s, cut, TIME_LIMIT)
+            closer = loop.call_later(self.payments.max_delivery_s, self._close, job, sent, leave)
             deltas = self.engine.stream_choices(job.prompt_ids, job.choice_params, job.adapter.engine_adapter,
                                                 job.choice_ids)
             try:
                 async with contextlib.aclosing(deltas):
                     async for index, delta in deltas:
+                        if sent.is_closed:
+                            break
                         if delta.finish_reason is not None:
                             sent.endings[index] = cut.ending(delta)
                         was_sent, offset = sent.is_sent, sent.add(index, delta)
@@ -246,16 +258,22 @@ class GenerationService:
                             return
             finally:
                 timer.cancel()
-        except NodeError as exc:
-            await asyncio.to_thread(self._end_unpaid, job, sent, LossReason.NODE_FAULT, exc)
-            yield event({"error": {"message": exc.message, "code": exc.code, "type": "server_error"}})
+                closer.cancel()
+            if sent.is_closed:
+                yield event({"error": {"message": "the stream was read too slowly: it ends where the hold's time ran "
+                                                  "out, charged for what was sent", "code": "stream_read_too_slowly",
+                                       "type": "server_error"}})
+        except Exception as exc:  # the node's fault, whatever it raised (a hang-up is GeneratorExit or a cancel)
+            fault = _as_fault(exc, job.response_id)
+            await asyncio.to_thread(self._end_unpaid, job, sent, LossReason.NODE_FAULT, fault)
+            yield event({"error": {"message": fault.message, "code": fault.code, "type": "server_error"}})
         finally:
             if not sent.is_done:  # a fault or a hang-up: the choices still running stop now
                 for request_id in job.choice_ids:
                     self.engine.abort(request_id)
             if not sent.is_settled:  # the client hung up (or the server is stopping) mid-stream
                 await asyncio.shield(asyncio.to_thread(self._settle_hang_up, job, sent))
-            admission.__exit__(None, None, None)
+            leave()
 
     async def _last_event(self, job: Job, sent: Sent, shape: ResponseShape, started: float) -> bytes:
         """Charge for the stream; the last chunk carries every choice's finish reason, the usage and the
@@ -271,6 +289,22 @@ class GenerationService:
         last.update(usage=body["usage"], receipt=body["receipt"])
         return event(last)
 
+    def _close(self, job: Job, sent: Sent, leave: Callable[[], None]) -> None:
+        """The hold's time is nearly up and the stream is still being read (a slow reader, the tokens
+        queued for it): charge now, while the hold still can be, for what was handed to the client; the
+        stream sends nothing more, and its place in flight goes to others (its reader may never read). A
+        stream charged already and stuck on a reader that stopped gives its place back too."""
+        if sent.is_settled:
+            leave()
+            return
+        sent.is_closed = True
+        for request_id in job.choice_ids:
+            self.engine.abort(request_id)
+        leave()  # the engine's part is over; the charge is the database's
+        task = asyncio.ensure_future(asyncio.to_thread(self._settle_hang_up, job, sent))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     def _charge_stream(self, job: Job, sent: Sent) -> dict[str, Any]:
         with sent.lock:
             if sent.is_settled:  # the hang-up's settling came first (its thread may start before this one)
@@ -282,17 +316,17 @@ class GenerationService:
     def _end_unpaid(self, job: Job, sent: Sent, reason: LossReason, exc: NodeError) -> None:
         """No charge: release the hold if no token left the node, else spend the voucher with a loss."""
         with sent.lock:
-            if not self._settling(job, sent):
+            if not self._settling(job, sent, sent.is_sent):
                 return
             self.payments.write_off(job.hold, sent.usage, reason, f"{exc.code}: {exc.message}")
 
-    def _settling(self, job: Job, sent: Sent) -> bool:
+    def _settling(self, job: Job, sent: Sent, is_owed: bool) -> bool:
         """Under `sent.lock`: take the stream's one settling. False when there is nothing left to do: it
-        was settled already, or no token left the node (then the hold is released here)."""
+        was settled already, or nothing is owed (then the hold is released here)."""
         if sent.is_settled:
             return False
         sent.is_settled = True
-        if not sent.is_sent:
+        if not is_owed:
             self.payments.cancel(job.hold)
             return False
         return True
@@ -301,7 +335,7 @@ class GenerationService:
         """The client left mid-stream: charge what was generated and sent, and store it as the answer
         (a loss if that charge cannot be committed); release the hold if nothing was sent."""
         with sent.lock:
-            if not self._settling(job, sent):
+            if not self._settling(job, sent, sent.is_owed):
                 return
             try:
                 self._charge(job, sent.usage, sent.choices(job.params.logprobs is not None, CLIENT_LEFT))
@@ -309,8 +343,8 @@ class GenerationService:
                 self.payments.write_off(job.hold, sent.usage, LossReason.DELIVERED_UNCHARGED,
                                         f"{exc.code}: {exc.message}")
                 return
-        log.info("stream %s: the client left after %d tokens, charged for them", job.response_id,
-                 sent.usage.completion_tokens)
+        log.info("stream %s: ended early (the client left, or read past the hold) after %d tokens, charged for "
+                 "them", job.response_id, sent.usage.completion_tokens)
 
     def _replay(self, req: CompletionRequest | ChatCompletionRequest,
                 body: dict[str, Any]) -> JSONResponse | StreamingResponse:
@@ -333,6 +367,29 @@ class GenerationService:
         self.metrics.tokens.labels(kind="completion").inc(usage.completion_tokens)
         self.metrics.receipts.inc()
         self.metrics.adapter_requests.labels(adapter=job.adapter.model).inc()
+
+
+def _as_fault(exc: Exception, response_id: str) -> NodeError:
+    """A stream's failure as the node fault it is (an unexpected exception is a bug: logged, and still
+    the node's, never charged as if the client had left)."""
+    if isinstance(exc, NodeError):
+        return exc
+    log.exception("stream %s failed", response_id)
+    return Unavailable(f"the node failed this stream ({type(exc).__name__})")
+
+
+def _once(action: Callable[[], object]) -> Callable[[], None]:
+    """`action` run by the first call only (a stream leaves its admission at its end or at its closing,
+    whichever comes first: both on the event loop)."""
+    left = False
+
+    def leave() -> None:
+        nonlocal left
+        if not left:
+            left = True
+            action()
+
+    return leave
 
 
 def _prompt_chars(req: CompletionRequest | ChatCompletionRequest) -> int:

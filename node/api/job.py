@@ -88,13 +88,15 @@ class Sent:
 
     num_prompt_tokens: int
     num_choices: int = 1
+    holds_back: bool = False  # the text goes out whole in the last chunk (tool calls), not token by token
     tokens: list[int] = field(default_factory=list)  # completion tokens generated, per choice
     parts: list[list[str]] = field(default_factory=list)  # text sent, per choice
     chars: list[int] = field(default_factory=list)  # its length
     logprobs: list[list[TokenLogprob]] = field(default_factory=list)
     endings: list[str | None] = field(default_factory=list)
-    is_sent: bool = False  # some text (or logprobs) left the node
+    is_sent: bool = False  # some text (or logprobs) left the node (never, before the end, when it holds back)
     is_settled: bool = False
+    is_closed: bool = False  # the hold's time ran out while it was being read: nothing more is added or sent
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -109,8 +111,13 @@ class Sent:
         if delta.text:
             self.parts[index].append(delta.text)
         self.logprobs[index].extend(delta.logprobs or [])
-        self.is_sent = self.is_sent or bool(delta.text or delta.logprobs)
+        self.is_sent = self.is_sent or (not self.holds_back and bool(delta.text or delta.logprobs))
         return offset
+
+    @property
+    def is_owed(self) -> bool:
+        """A client that leaves now pays: some text left the node, or was generated for it to take whole."""
+        return self.is_sent or (self.holds_back and any(self.tokens))
 
     @property
     def usage(self) -> Usage:

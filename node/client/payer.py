@@ -14,6 +14,11 @@ last voucher until its request is answered, so a retry of the same bytes (the Op
 on connection errors, 408, 409, 429 and 5xx) sends the same voucher: a request that was served but
 whose answer was lost is replayed, not charged twice (until the voucher is settled).
 `payer.receipt(id)` reads one of its own receipts with its text, which the node shows to nobody else.
+
+The voucher's cumulative is what the escrow lets the node collect on the lane, and the lane's charged
+total and last voucher come from the node: a `Payer` remembers the most it signed on each lane and
+refuses (PaymentError, nothing signed) a node that reports either above it. A new `Payer` on a lane
+used before has no such memory and takes the node's word for the lane's charged total.
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ class Payer:
         self._info: NodeInfo | None = None
         self._charged: dict[int, int] = {}  # lane -> charged total as last seen
         self._unanswered: dict[int, LaneVoucher] = {}  # lane -> its last voucher, until answered
+        self._signed: dict[int, int] = {}  # lane -> the highest cumulative this payer signed there
         self._lock = threading.Lock()
 
     # --- the node ---------------------------------------------------------------------------------
@@ -93,6 +99,7 @@ class Payer:
 
     def channel(self, lane: int) -> dict[str, Any]:
         data = self._get(f"/v1/channels/{self.address}/{lane}")
+        self._check_lane(lane, int(data["chargedTotal"]), int(data.get("lastCumulative", 0)))
         with self._lock:
             self._charged[lane] = int(data["chargedTotal"])
         return data
@@ -119,9 +126,10 @@ class Payer:
         else:
             self._check_quote(data, body)
             charged, max_fee = int(data["chargedTotal"]), int(data["maxFee"])
+        last = int(data.get("lastCumulative", 0))
+        self._check_lane(lane, charged, last)
         with self._lock:
             self._charged[lane] = charged
-        last = int(data.get("lastCumulative", 0))
         # above the last accepted voucher: equal to it, the same body would sign the very same voucher,
         # which the node answers as a replay of the first request
         return charged, max_fee if charged + max_fee > last else last + 1 - charged
@@ -143,6 +151,17 @@ class Payer:
         if not fair or prompt_tokens + max_tokens > info.max_model_len or (asked and max_tokens > int(asked)):
             raise PaymentError("the node quoted more than this request can cost at its published prices: "
                                "nothing was signed", quote=quote, max_model_len=info.max_model_len)
+
+    def _check_lane(self, lane: int, charged: int, last: int) -> None:
+        """Refuse a lane whose charged total or last voucher, as the node reports them, is above the most
+        this payer signed there: no node can have charged, or been given, more than that, and signing on
+        top of it would authorize the difference."""
+        with self._lock:
+            signed = self._signed.get(lane)
+        if signed is not None and max(charged, last) > signed:
+            raise PaymentError("the node reports a charge or a voucher on this lane above any this payer signed: "
+                               "nothing was signed (use one Payer per lane)", lane=lane, charged_total=str(charged),
+                               last_cumulative=str(last), signed=str(signed))
 
     def _get(self, path: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
         return self._request("GET", path, headers=headers)
@@ -201,13 +220,19 @@ class Payer:
         deadline += -deadline % 60  # up to the minute: a retry within it signs the same voucher
         voucher = Voucher(payer=self.address, node=info.node, lane=lane, cumulative=charged + budget,
                           request_hash=digest, deadline=deadline)
+        with self._lock:
+            self._signed[lane] = max(self._signed.get(lane, 0), voucher.cumulative)
         signature = sign_voucher(self.key, voucher, info.domain)
         header = SignedVoucher.of(voucher, signature).encode()
         return LaneVoucher(digest, deadline, header, time.time())
 
     def observe(self, lane: int, charged_total: int) -> None:
-        """Record the lane's new charged total (from X-Charged-Total or a receipt)."""
+        """Record the lane's new charged total (from X-Charged-Total or a receipt); one above what this payer
+        signed there is no charge a node can have made: the lane is asked again before the next voucher."""
         with self._lock:
+            if charged_total > self._signed.get(lane, charged_total):
+                self._charged.pop(lane, None)
+                return
             self._charged[lane] = max(self._charged.get(lane, 0), charged_total)
 
     def forget(self, lane: int) -> None:

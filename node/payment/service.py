@@ -35,6 +35,7 @@ from node.protocol.voucher import decode_payment_header
 
 log = logging.getLogger(__name__)
 GENERATION_SHARE_OF_HOLD = 0.9  # a generation ends by this share of the hold's life: the charge fits in the rest
+DELIVERY_SHARE_OF_HOLD = 0.95  # a stream still being read by then is charged for what was sent, and ends
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,12 @@ class PaymentService:
     def max_generation_s(self) -> float:
         """How long a generation may run: it must be charged before its hold expires."""
         return self.ledger.max_hold.total_seconds() * GENERATION_SHARE_OF_HOLD
+
+    @property
+    def max_delivery_s(self) -> float:
+        """How long a stream may take to be read: a client that reads slower is charged for what it was
+        sent while the hold can still be charged (past it, the charge would be refused: a free answer)."""
+        return self.ledger.max_hold.total_seconds() * DELIVERY_SHARE_OF_HOLD
 
     def check(self, header_value: str | None, body: bytes) -> CheckedVoucher:
         """The stateless checks: header format, node, request hash, signature (no database)."""

@@ -12,7 +12,7 @@ million-leaf rewards tree to a few seconds; anything else goes through eth_abi.
 
 from __future__ import annotations
 
-import ctypes
+import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +22,8 @@ from eth_abi import encode
 from eth_hash.auto import keccak as keccak256
 
 from node.protocol.hexstr import from_hex, to_hex
+
+log = logging.getLogger(__name__)
 
 _STATIC = re.compile(r"^(address|bool|u?int(\d{1,3})?|bytes([1-9]|[12]\d|3[0-2]))$")
 
@@ -35,34 +37,44 @@ class _BulkKeccak:
     (the state is not shared between threads); `hasher()` falls back to eth_hash if the library moves."""
 
     def __init__(self) -> None:
+        # the raw API's own argument types: pycryptodome calls its C library through cffi when cffi is
+        # installed, else through ctypes, and each backend takes only its own
         from Crypto.Hash.keccak import _raw_keccak_lib as lib
-        from Crypto.Util._raw_api import VoidPointer
+        from Crypto.Util._raw_api import VoidPointer, c_size_t, c_ubyte, create_string_buffer, get_raw_buffer
 
         self._lib = lib
         state = VoidPointer()
-        if lib.keccak_init(state.address_of(), ctypes.c_size_t(64), ctypes.c_ubyte(24)):
+        if lib.keccak_init(state.address_of(), c_size_t(64), c_ubyte(24)):
             raise RuntimeError("keccak_init failed")
         self._state = state.get()
-        self._out = ctypes.create_string_buffer(32)
+        self._out = create_string_buffer(32)
+        self._raw = get_raw_buffer
+        self._size, self._rounds = c_size_t(32), c_ubyte(1)
         self._reset, self._absorb, self._digest = lib.keccak_reset, lib.keccak_absorb, lib.keccak_digest
 
     def __call__(self, data: bytes) -> bytes:
         self._reset(self._state)
         self._absorb(self._state, data, len(data))
-        self._digest(self._state, self._out, 32, 1)
-        return self._out.raw
+        self._digest(self._state, self._out, self._size, self._rounds)
+        return bytes(self._raw(self._out))
 
     def __del__(self) -> None:
-        if hasattr(self, "_state"):  # (an __init__ that raised has none)
-            self._lib.keccak_destroy(self._state)
+        state = getattr(self, "_state", None)
+        if state is not None:
+            self._lib.keccak_destroy(state)
 
 
 def hasher() -> Hasher:
+    """The fast keccak when it works here and hashes as keccak256; else keccak256. Any failure of the
+    fast path (a library that moved or changed backend) falls back: it must never stop settlement."""
     try:
         fast = _BulkKeccak()
-    except (ImportError, AttributeError, OSError, RuntimeError, TypeError):  # TypeError: pycryptodome on cffi
-        return keccak256
-    return fast if fast(b"") == keccak256(b"") else keccak256
+        probes = (b"", b"\x01" * 200)
+        if all(fast(p) == keccak256(p) for p in probes):
+            return fast
+    except Exception:  # whatever it is, the slower hash is correct
+        log.warning("the fast keccak is unavailable here; trees are hashed with eth_hash", exc_info=True)
+    return keccak256
 
 
 def node_hash(a: bytes, b: bytes, h: Hasher = keccak256) -> bytes:

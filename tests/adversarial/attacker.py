@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from node.client.payer import Payer
+from tests.fixtures.paid_node import PaidNode
 
 NEVER = "@@never@@"  # a stop string no tiny model writes: the answer runs to max_tokens
 
@@ -96,6 +97,26 @@ class Attacker:
         while (now := self.charged(lane)) == before and time.monotonic() < deadline:
             time.sleep(0.1)
         return now
+
+
+class NodeAborts:
+    """The node itself ends the adapter's requests (its adapter is removed from the engine), then serves
+    it again: a node fault, as the engine reports it."""
+
+    def __init__(self, paid: PaidNode) -> None:
+        self.svc, self.model = paid.local.services, str(paid.adapter_id)
+        assert self.svc is not None
+
+    def __enter__(self) -> None:
+        self.svc.engine.engine.remove_adapter(self.model)
+
+    def __exit__(self, *exc: object) -> None:
+        saved, self.svc.catalog.cache_ttl_s = self.svc.catalog.cache_ttl_s, 0.0
+        try:
+            time.sleep(0.2)  # the engine drains its inbox, then the catalog registers the adapter again
+            self.svc.catalog.resolve(self.model)
+        finally:
+            self.svc.catalog.cache_ttl_s = saved
 
 
 def _outcome(work: Callable[[], Any]) -> Any:

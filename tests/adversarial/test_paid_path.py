@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from node.devkit.local_node import LocalNode, settings_env
 from node.payment.lane_pg import PipelinedLanes
 from node.payment.lane_sqlite import SQLiteLanes
 from node.protocol.voucher import PaymentHeader, Voucher, decode_payment_header, sign_voucher, voucher_digest
-from tests.adversarial.attacker import Attacker
+from tests.adversarial.attacker import Attacker, NodeAborts
 from tests.fixtures.database import POSTGRES_ENV, _backends
 from tests.fixtures.paid_node import PaidNode, _fresh_postgres, build_paid_node
 
@@ -86,26 +87,6 @@ def _fee(prompt_tokens: int, completion_tokens: int) -> int:
     return PROMPT_PRICE * prompt_tokens + COMPLETION_PRICE * completion_tokens
 
 
-class _NodeAborts:
-    """The node itself ends the adapter's requests (its adapter is removed from the engine), then serves
-    it again: a node fault, as the engine reports it."""
-
-    def __init__(self, paid: PaidNode) -> None:
-        self.svc, self.model = paid.local.services, str(paid.adapter_id)
-        assert self.svc is not None
-
-    def __enter__(self) -> None:
-        self.svc.engine.engine.remove_adapter(self.model)
-
-    def __exit__(self, *exc: object) -> None:
-        saved, self.svc.catalog.cache_ttl_s = self.svc.catalog.cache_ttl_s, 0.0
-        try:
-            time.sleep(0.2)  # the engine drains its inbox, then the catalog registers the adapter again
-            self.svc.catalog.resolve(self.model)
-        finally:
-            self.svc.catalog.cache_ttl_s = saved
-
-
 # --- 1. no free answers --------------------------------------------------------------------------
 def test_a_stream_hung_up_mid_answer_is_charged_and_its_header_buys_no_second_answer(paid: PaidNode) -> None:
     att, lane = _attacker(paid), 100
@@ -151,7 +132,7 @@ def test_a_node_fault_after_tokens_left_charges_nothing_records_a_loss_and_spend
         lines = resp.iter_lines()
         for _ in range(3):
             assert next(line for line in lines if line.startswith("data: {"))
-        with _NodeAborts(paid):
+        with NodeAborts(paid):
             rest = list(lines)
     assert any('"error"' in line for line in rest), rest[-3:]
     assert att.charged(lane) == before  # a node fault charges nothing
@@ -169,7 +150,7 @@ def test_a_node_fault_before_any_token_left_charges_nothing_and_the_voucher_may_
     join = att.in_background(lambda: att.post(body, header))
     _wait_held(paid, att, lane)
     time.sleep(0.2)  # generating, nothing sent yet
-    with _NodeAborts(paid):
+    with NodeAborts(paid):
         failed = join()
     assert failed.status_code == 503 and att.charged(lane) == before
     retry = att.post(body, header)
@@ -291,6 +272,31 @@ def test_the_same_voucher_in_flight_twice_is_409_at_once_and_the_first_answer_co
     status, _text, events = first()
     assert status == 200 and events[-1]["receipt"]["completionTokens"] == 200
     assert att.charged(lane) == int(events[-1]["receipt"]["fee"])
+
+
+def test_two_vouchers_raced_on_one_lane_over_the_same_charged_total_never_both_buy_an_answer(paid: PaidNode) -> None:
+    """Both signed for `chargedTotal + maxFee`: if both were served, the chain would collect one voucher's
+    cumulative for two answers. One is served; the other is refused (409 in flight, or 402 once the first
+    was charged), on every backend, whichever lands first."""
+    att, lane = _attacker(paid), 110
+    for attempt in range(6):
+        bodies = [att.body(prompt=f"the sea {attempt} {i}", max_tokens=8) for i in range(2)]
+        # each for exactly what its body can cost, on the same charged total
+        headers = [att.payer.payment_header(body, lane, "/v1/completions") for body in bodies]
+        before, gate = att.charged(lane), threading.Barrier(2)
+        joins = [att.in_background(lambda b=b, h=h, g=gate: _at_once(att, b, h, g))
+                 for b, h in zip(bodies, headers, strict=True)]
+        answers = [join() for join in joins]
+        served = [a for a in answers if a.status_code == 200]
+        assert len(served) == 1, [(a.status_code, a.text[:200]) for a in answers]
+        refused = next(a for a in answers if a.status_code != 200)
+        assert refused.status_code in (402, 409), refused.text
+        assert att.charged(lane) == before + int(served[0].json()["receipt"]["fee"])
+
+
+def _at_once(att: Attacker, body: bytes, header: str, gate: threading.Barrier) -> httpx.Response:
+    gate.wait()
+    return att.post(body, header)
 
 
 # --- 5. one API process per SQLite file ----------------------------------------------------------
