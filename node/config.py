@@ -88,6 +88,7 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(default=256, ge=1)
     min_voucher_validity_s: int = Field(default=900, ge=0)  # at least settle_latency().worst_case_s
     max_in_flight: int = Field(default=256, ge=1)
+    metrics_max_adapters: int = Field(default=20, ge=1)  # adapters with series of their own; the rest: "other"
     # paid work stops (503, not ready) while the indexer has not reached the chain for max_mirror_lag_s, or
     # the mirror is more than max_mirror_lag_blocks behind the head it saw (it must exceed confirmations)
     max_mirror_lag_s: float = Field(default=120.0, gt=0)

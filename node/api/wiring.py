@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.api.deps import NodeServices
 from node.api.engine_client import EngineClient
 from node.api.generation import GenerationService
+from node.api.metric_sources import backlog_families, engine_families, gauge, tier_families
 from node.api.metrics import APIMetrics
 from node.api.receipt_issuer import ReceiptIssuer, dataset_refs
 from node.api.sqlite_lock import SQLiteLock
@@ -27,6 +28,7 @@ from node.db.session import make_engine, session_factory
 from node.engine import EngineConfig, LLMEngine
 from node.engine.core_client import CoreClient
 from node.engine.core_process import adapter_store as core_adapter_store
+from node.engine.stats import device_tier, engine_stats
 from node.errors import ConfigError, RpcTransient
 from node.lora.content_hash import base_model_id
 from node.lora.provider import AdapterRegistrar
@@ -138,10 +140,10 @@ def _wire(settings: Settings, deployment: Deployment, key: str, config: EngineCo
     if attributor is not None:  # build the served adapters' indexes in the background from the start
         for view in catalog.served():
             attributor.prepare(dataset_refs(view))
-    metrics = APIMetrics()
+    metrics = APIMetrics(settings.metrics_max_adapters)
     client = EngineClient(engine, settings.max_in_flight)
     generation = GenerationService(client, payments, issuer, catalog, metrics, settings.default_max_tokens)
-    _register_gauges(metrics, store_metrics, client)
+    _register_metrics(metrics, store_metrics, client, db, node)
     log.info("api for node %s on chain %d, base model %s", node, deployment.chain_id, catalog.base_model_id)
     return NodeServices(engine=client, payments=payments, catalog=catalog, db=db, metrics=metrics,
                         generation=generation, chain_id=deployment.chain_id,
@@ -180,17 +182,20 @@ def binding_fault(settings: Settings, deployment: Deployment, db: sessionmaker[S
     return fault
 
 
-def _register_gauges(metrics: APIMetrics, store_metrics: StoreSnapshot, client: EngineClient) -> None:
-    def tiers() -> dict[tuple[str, ...], float]:
-        snap = store_metrics()
-        out: dict[tuple[str, ...], float] = {}
-        for tier in ("host", "disk", "source"):
-            for name in ("hits", "misses", "evictions", "nbytes"):
-                value = snap.get(tier, {}).get(name)
-                if value is not None:
-                    out[(tier, name)] = value
-        return out
+def _register_metrics(metrics: APIMetrics, store_metrics: StoreSnapshot, client: EngineClient,
+                      db: sessionmaker[Session], node: str) -> None:
+    engine = client.engine
+    if isinstance(engine, CoreClient):
+        figures, tiers = engine.engine_stats, store_metrics  # the cores report their device tier
+    else:
+        def figures() -> dict[str, float]:
+            return engine_stats(engine)
 
-    metrics.add_gauges("loranode_adapter_tier", "Adapter store counters per tier", tiers, ["tier", "stat"])
-    metrics.add_gauges("loranode_in_flight", "Requests admitted and not finished",
-                       lambda: {(): float(client.in_flight)}, [])
+        def tiers() -> dict[str, dict[str, float]]:
+            return {**store_metrics(), "device": device_tier(engine)}
+
+    metrics.add_source(lambda: engine_families(figures))
+    metrics.add_source(lambda: tier_families(tiers))
+    metrics.add_source(lambda: backlog_families(db, node))
+    metrics.add_source(gauge("loranode_in_flight_requests", "Requests admitted and not finished",
+                             lambda: float(client.in_flight)))

@@ -143,6 +143,14 @@ class CoreClient:
                     into[name] = into.get(name, 0.0) + value
         return total
 
+    def engine_stats(self) -> dict[str, float]:
+        """The cores' `engine_stats`, summed, as last reported (about once a second)."""
+        total: dict[str, float] = {}
+        for report in list(self.metrics.values()):
+            for name, value in report.engine.items():
+                total[name] = total.get(name, 0.0) + value
+        return total
+
     @property
     def num_up(self) -> int:
         with self._lock:

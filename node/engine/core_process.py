@@ -31,6 +31,7 @@ from node.engine import wire
 from node.engine.config import EngineConfig
 from node.engine.llm_engine import LLMEngine
 from node.engine.sequence import RequestOutput
+from node.engine.stats import device_tier, engine_stats
 from node.errors import NodeError
 from node.lora.adapter import LoRATargetSpec, LoRAWeights, load_lora_adapter
 from node.lora.provider import AdapterSource
@@ -181,8 +182,10 @@ class EngineCore:
             for tier, stats in self.store.metrics().as_dict().items():
                 if isinstance(stats, dict):
                     tiers[tier] = {k: float(v) for k, v in stats.items() if isinstance(v, int | float)}
+        tiers["device"] = device_tier(self.engine)
         scheduler = self.engine.scheduler
-        self._send(wire.Metrics(self.core, self.incarnation, len(scheduler.running), len(scheduler.waiting), tiers))
+        self._send(wire.Metrics(self.core, self.incarnation, len(scheduler.running), len(scheduler.waiting), tiers,
+                                engine_stats(self.engine)))
 
     def _send(self, message: wire.FromCore) -> None:
         self.outbox.send(self.codec.encode(message), copy=False)

@@ -195,7 +195,7 @@ class LLMEngine:
         scheduled = []
         for item in out.scheduled:
             try:
-                self.runner.prepare_adapter(item.seq.adapter_id, in_use)
+                self.runner.prepare_adapter(item.seq.adapter_id, in_use, is_first=item.seq.num_computed_tokens == 0)
                 scheduled.append(item)
             except Overloaded:  # every slot of its rank holds a running sequence's adapter: next steps
                 self.scheduler.defer(item.seq)

@@ -90,7 +90,8 @@ class Metrics(_Message):
     incarnation: int
     num_running: int
     num_waiting: int
-    adapter_store: dict[str, dict[str, float]]  # tier -> stat -> value (AdapterStore.metrics)
+    adapter_store: dict[str, dict[str, float]]  # tier -> stat -> value (AdapterStore.metrics, and "device")
+    engine: dict[str, float] = {}  # node/engine/stats.py: engine_stats
 
 
 ToCore = AddRequest | AbortRequest | RegisterAdapter | RemoveAdapter | PrefetchAdapter | Shutdown
