@@ -19,6 +19,7 @@ from node.cli import (
     earnings,
     epoch,
     escrow,
+    health,
     model,
     processes,
     request,
@@ -61,6 +62,7 @@ app.add_typer(adapter.app, name="adapter")
 app.add_typer(escrow.app, name="escrow")
 app.add_typer(attribution.app, name="attribution")
 app.add_typer(processes.db_app, name="db")
+app.add_typer(health.app, name="health")
 app.command()(request.request)
 app.command()(status.status)
 app.command()(processes.api)
