@@ -30,6 +30,7 @@ import zmq
 from node.engine import wire
 from node.engine.config import EngineConfig
 from node.engine.llm_engine import LLMEngine
+from node.engine.residency import AdapterAction
 from node.engine.sequence import RequestOutput
 from node.engine.stats import device_tier, engine_stats
 from node.errors import NodeError
@@ -159,6 +160,8 @@ class EngineCore:
                     self.engine.provider.prefetch(adapter_id)
                 except NodeError as e:
                     log.info("engine core %d: prefetch of %s refused: %s", self.core, adapter_id, e.message)
+            case wire.ControlAdapter(adapter_id, action):
+                self.engine.control_adapter(adapter_id, AdapterAction(action))
             case wire.Shutdown():
                 self._stop = True
 

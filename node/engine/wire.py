@@ -64,6 +64,11 @@ class PrefetchAdapter(_Message):
     adapter_id: str
 
 
+class ControlAdapter(_Message):
+    adapter_id: str
+    action: str  # node/engine/residency.py: AdapterAction
+
+
 class Shutdown(_Message):
     pass
 
@@ -94,7 +99,7 @@ class Metrics(_Message):
     engine: dict[str, float] = {}  # node/engine/stats.py: engine_stats
 
 
-ToCore = AddRequest | AbortRequest | RegisterAdapter | RemoveAdapter | PrefetchAdapter | Shutdown
+ToCore = AddRequest | AbortRequest | RegisterAdapter | RemoveAdapter | PrefetchAdapter | ControlAdapter | Shutdown
 FromCore = Ready | Outputs | Metrics
 
 
