@@ -15,6 +15,7 @@ from node.cli import (
     adapter_admin,
     attribution,
     chain,
+    cost,
     dataset,
     dev,
     earnings,
@@ -68,6 +69,7 @@ app.add_typer(processes.db_app, name="db")
 app.add_typer(health.app, name="health")
 app.command()(request.request)
 app.command()(status.status)
+app.command()(cost.cost)
 app.command()(processes.api)
 app.command()(processes.indexer)
 app.command()(dev.dev)
