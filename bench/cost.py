@@ -1,6 +1,11 @@
-"""The cost model's measured input (node/cost.py): how much longer a decode step over many adapters
-takes than the same batch on the base model alone, on this machine; then `loranode cost` for a
-named GPU with it.
+"""The cost model's measured inputs (node/cost.py), then `loranode cost` for named GPUs with them:
+- from the GPU bench (bench/results/gpu.json, `bench/gpu.py` on a lent GPU), when it is there: the
+  fraction of the GPU's datasheet bandwidth a base-model step reaches (batch 64) and the multi-adapter
+  overhead per byte (the base step's bytes/s over the bytes/s of the step with 64 distinct adapters);
+- else from this machine's CPU: bandwidth efficiency 1 (the datasheet's), and the overhead as the
+  time of a step over NUM_ADAPTERS adapters over the same batch on the base model (a CPU figure:
+  LoRA compute weighs far more here than on a GPU, where decoding is bound by memory).
+The CPU measurement always runs and is kept in the JSON beside whichever figures the model uses.
 
 Model: Llama, hidden 256, 4 layers, 4 heads, float32 on the CPU. A batch
 of BATCH sequences, NEW_TOKENS greedy tokens each; base: no adapter; multi: NUM_ADAPTERS rank-16
@@ -21,12 +26,28 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from node.cli import app
+from node.cost import GPUS
 from node.devkit import make_tiny_model
 from node.engine import EngineConfig, LLMEngine, SamplingParams
 
 HIDDEN, LAYERS, HEADS, RANK, MODULES = 256, 4, 4, 16, ("q_proj", "k_proj", "v_proj", "o_proj")
 BATCH, NEW_TOKENS, NUM_ADAPTERS, ROUNDS = 8, 16, 8, 5
 RESULTS = Path(__file__).resolve().parent / "results" / "cost.json"
+GPU_RESULTS = Path(__file__).resolve().parent / "results" / "gpu.json"
+
+
+def gpu_figures(path: Path) -> dict[str, object] | None:
+    """Bandwidth efficiency and per-byte adapter overhead from the GPU bench's batch-64 rows."""
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    rows = {r["adapters"]: r for r in data["rows"] if r["batch"] == 64 and not r["int8"]}
+    if 0 not in rows or 64 not in rows:
+        return None
+    datasheet = next(g.bandwidth_bytes_s for k, g in GPUS.items() if k in str(data["device"]).lower())
+    base, many = rows[0]["achieved_bytes_per_s"], rows[64]["achieved_bytes_per_s"]
+    return {"bandwidth_efficiency": base / datasheet, "adapter_overhead": base / many,
+            "source": f"bench/gpu.py on {data['device']}: batch 64, 0 vs 64 adapters of rank {data['rank']}"}
 
 
 def write_adapter(folder: Path, seed: int) -> Path:
@@ -73,12 +94,18 @@ def measure(root: Path) -> dict[str, float]:
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         figures = measure(Path(tmp))
-    result = {**figures, "measured_on": f"{platform.machine()} CPU, torch {torch.__version__}, "
-                                       f"{torch.get_num_threads()} threads",
-              "batch": BATCH, "new_tokens": NEW_TOKENS, "num_adapters": NUM_ADAPTERS, "rank": RANK}
+    cpu = {**figures, "measured_on": f"{platform.machine()} CPU, torch {torch.__version__}, "
+                                    f"{torch.get_num_threads()} threads",
+           "batch": BATCH, "new_tokens": NEW_TOKENS, "num_adapters": NUM_ADAPTERS, "rank": RANK}
+    used = gpu_figures(GPU_RESULTS) or {
+        "bandwidth_efficiency": 1.0, "adapter_overhead": figures["multi_adapter_overhead"],
+        "source": f"bench/cost.py on this machine's CPU ({cpu['measured_on']})"}
+    result = {**used, "cpu": cpu}
     print(f"{'case':<8}{'best s':>10}")
     print(f"{'base':<8}{figures['base_s']:>10.3f}\n{'multi':<8}{figures['multi_s']:>10.3f}")
-    print(f"multi-adapter overhead: x{figures['multi_adapter_overhead']:.3f} ({NUM_ADAPTERS} adapters, batch {BATCH})")
+    print(f"CPU multi-adapter overhead: x{figures['multi_adapter_overhead']:.3f} "
+          f"({NUM_ADAPTERS} adapters, batch {BATCH})")
+    print(f"the cost model uses: {used['source']}")
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     for gpu in ("h100", "h200"):

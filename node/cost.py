@@ -3,11 +3,12 @@ against N dedicated copies of the base model (one per customer, the alternative 
 
 Decoding is bound by memory bandwidth: a step reads the weights once for the whole batch, and each
 sequence's KV cache. So a step takes (weights + adapters in the batch + KV read) / bandwidth, and a
-copy's tokens/s is its batch over that. loranode's step is that time times the multi-adapter
-overhead measured on this machine (bench/cost.py: a step over N adapters against the same batch on
-the base model). A dedicated copy serves only its adapter's share of the traffic, yet holds a whole
-GPU (or more, when its share outgrows one copy's KV memory). $ per million tokens is GPU-hours over
-tokens. Every input is printed with the figures (`loranode cost`).
+copy's tokens/s is its batch over that, at the fraction of datasheet bandwidth a real step reaches.
+loranode's step is that time times the multi-adapter overhead per byte. Both come from measurement
+(bench/cost.py: from the GPU bench's base and 64-adapter steps when bench/results/gpu.json holds
+them, else a step over N adapters against the same batch on the base model on this machine's CPU).
+A dedicated copy serves only its adapter's share of the traffic, yet holds a whole GPU (or more,
+when its share outgrows one copy's KV memory). $ per million tokens is GPU-hours over tokens. Every input is printed with the figures (`loranode cost`).
 """
 
 from __future__ import annotations
@@ -76,8 +77,19 @@ def mix(num_adapters: int, spec: str) -> tuple[float, ...]:
     return tuple(w / total for w in weights)
 
 
-def _step_s(gpu: GPU, weights_bytes: float, batch: float, context: int, kv_per_token: int) -> float:
-    return (weights_bytes + batch * context * kv_per_token) / gpu.bandwidth_bytes_s
+@dataclass(frozen=True)
+class Measured:
+    """What the model takes from measurement: the fraction of datasheet bandwidth a base-model step
+    reaches, and how much slower per byte a step over many adapters runs than one on the base model."""
+
+    bandwidth_efficiency: float
+    adapter_overhead: float
+    source: str
+
+
+def _step_s(gpu: GPU, weights_bytes: float, batch: float, context: int, kv_per_token: int,
+            efficiency: float) -> float:
+    return (weights_bytes + batch * context * kv_per_token) / (gpu.bandwidth_bytes_s * efficiency)
 
 
 def _max_batch(gpu: GPU, resident_bytes: int, w: Workload, m: ModelBytes) -> float:
@@ -88,26 +100,27 @@ def _max_batch(gpu: GPU, resident_bytes: int, w: Workload, m: ModelBytes) -> flo
     return free / (w.context_tokens * m.kv_per_token)
 
 
-def loranode(gpu: GPU, w: Workload, m: ModelBytes, overhead: float) -> Deployment:
+def loranode(gpu: GPU, w: Workload, m: ModelBytes, measured: Measured) -> Deployment:
     resident = m.weights + w.num_adapters * m.adapter
     per_gpu = _max_batch(gpu, resident, w, m)
     num_gpus = max(1, math.ceil(w.concurrency / per_gpu))
     batch = w.concurrency / num_gpus
     active_adapters = min(w.num_adapters, math.ceil(batch))
-    step = _step_s(gpu, m.weights + active_adapters * m.adapter, batch, w.context_tokens, m.kv_per_token) * overhead
+    step = _step_s(gpu, m.weights + active_adapters * m.adapter, batch, w.context_tokens, m.kv_per_token,
+                   measured.bandwidth_efficiency) * measured.adapter_overhead
     tokens_s = num_gpus * batch / step
     memory = num_gpus * (resident + batch * w.context_tokens * m.kv_per_token)
     return Deployment(num_gpus, int(memory), tokens_s, step * 1000, _usd_per_million(gpu, num_gpus, tokens_s))
 
 
-def dedicated(gpu: GPU, w: Workload, m: ModelBytes) -> Deployment:
+def dedicated(gpu: GPU, w: Workload, m: ModelBytes, measured: Measured) -> Deployment:
     per_copy = _max_batch(gpu, m.weights, w, m)
     num_gpus, tokens_s, memory, weighted_step = 0, 0.0, 0.0, 0.0
     for share in w.shares:
         concurrency = w.concurrency * share
         copies = max(1, math.ceil(concurrency / per_copy))
         batch = concurrency / copies
-        step = _step_s(gpu, m.weights, batch, w.context_tokens, m.kv_per_token)
+        step = _step_s(gpu, m.weights, batch, w.context_tokens, m.kv_per_token, measured.bandwidth_efficiency)
         num_gpus += copies
         tokens_s += copies * batch / step
         weighted_step += share * step
@@ -120,10 +133,10 @@ def _usd_per_million(gpu: GPU, num_gpus: int, tokens_s: float) -> float:
     return num_gpus * gpu.price_per_hour / (tokens_s * 3600) * 1e6 if tokens_s > 0 else math.inf
 
 
-def inputs(gpu: GPU, w: Workload, m: ModelBytes, overhead: float) -> dict[str, object]:
+def inputs(gpu: GPU, w: Workload, m: ModelBytes, measured: Measured) -> dict[str, object]:
     """Every figure the model used, for printing beside its answer."""
     return {"gpu": asdict(gpu), "memory_use": MEMORY_USE, "workload": asdict(w), "model_bytes": asdict(m),
-            "multi_adapter_overhead": overhead}
+            "measured": asdict(measured)}
 
 
 # Llama 3 8B in bfloat16 (its config.json): 8.03e9 parameters; KV 2 x 32 layers x 8 heads x 128 x 2

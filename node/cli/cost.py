@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from node.cli.node_api import plain, print_table
-from node.cost import GPUS, ModelBytes, Workload, dedicated, inputs, llama_3_8b, loranode, mix
+from node.cost import GPUS, Measured, ModelBytes, Workload, dedicated, inputs, llama_3_8b, loranode, mix
 from node.errors import ConfigError
 
 MEASURED = Path(__file__).resolve().parents[2] / "bench" / "results" / "cost.json"
@@ -33,17 +33,19 @@ def cost(
         raise ConfigError(f"unknown GPU {gpu!r}: one of {', '.join(GPUS)}", gpu=gpu)
     chosen = GPUS[gpu] if price_per_hour is None else replace(GPUS[gpu], price_per_hour=price_per_hour)
     sizes = llama_3_8b(rank) if model is None else _model_bytes(model, rank)
-    overhead, source = _overhead(measured)
+    figures = _measured(measured)
     work = Workload(adapters, concurrency, mix(adapters, traffic), context)
-    one, many = loranode(chosen, work, sizes, overhead), dedicated(chosen, work, sizes)
+    one, many = loranode(chosen, work, sizes, figures), dedicated(chosen, work, sizes, figures)
     if as_json:
-        plain(json.dumps({"inputs": inputs(chosen, work, sizes, overhead), "overhead_from": source,
-                          "loranode": asdict(one), "dedicated": asdict(many)}, indent=2))
+        plain(json.dumps({"inputs": inputs(chosen, work, sizes, figures), "loranode": asdict(one),
+                          "dedicated": asdict(many)}, indent=2))
         return
     plain(f"{adapters} adapters, {concurrency:g} sequences at once ({traffic}), {context} tokens of context, "
           f"on {chosen.name} ({chosen.bandwidth_bytes_s / 1e12:.2f} TB/s, ${chosen.price_per_hour:.2f}/h)")
     plain(f"model: weights {sizes.weights / 1e9:.2f} GB, adapter (rank {rank}) {sizes.adapter / 1e6:.1f} MB, "
-          f"KV {sizes.kv_per_token} B/token; multi-adapter overhead x{overhead:.3f} ({source})")
+          f"KV {sizes.kv_per_token} B/token")
+    plain(f"measured: {figures.bandwidth_efficiency:.0%} of datasheet bandwidth per step, multi-adapter "
+          f"overhead x{figures.adapter_overhead:.3f} per byte ({figures.source})")
     rows = [(name, d.num_gpus, f"{d.memory_bytes / 1e9:.1f}", f"{d.tokens_per_s:,.0f}", f"{d.ms_per_token:.1f}",
              f"{d.usd_per_million_tokens:.3f}") for name, d in (("loranode", one), ("dedicated copies", many))]
     print_table(("deployment", "GPUs", "memory GB", "tokens/s", "ms/token", "$ per M tokens"), rows)
@@ -65,8 +67,8 @@ def _model_bytes(folder: Path, rank: int) -> ModelBytes:
     return ModelBytes(weights, adapter, 2 * config.num_layers * config.kv_size * 2)
 
 
-def _overhead(path: Path) -> tuple[float, str]:
+def _measured(path: Path) -> Measured:
     if not path.is_file():
-        return 1.0, "not measured: run bench/cost.py"
+        return Measured(1.0, 1.0, "not measured: run bench/cost.py; the datasheet bandwidth, no overhead")
     data = json.loads(path.read_text())
-    return float(data["multi_adapter_overhead"]), f"measured by bench/cost.py, {data['measured_on']}"
+    return Measured(float(data["bandwidth_efficiency"]), float(data["adapter_overhead"]), str(data["source"]))
