@@ -8,7 +8,8 @@ loranode's step is that time times the multi-adapter overhead per byte. Both com
 (bench/cost.py: from the GPU bench's base and 64-adapter steps when bench/results/gpu.json holds
 them, else a step over N adapters against the same batch on the base model on this machine's CPU).
 A dedicated copy serves only its adapter's share of the traffic, yet holds a whole GPU (or more,
-when its share outgrows one copy's KV memory). $ per million tokens is GPU-hours over tokens. Every input is printed with the figures (`loranode cost`).
+when its share outgrows one copy's KV memory). $ per million tokens is GPU-hours over tokens.
+Every input is printed with the figures (`loranode cost`).
 """
 
 from __future__ import annotations
