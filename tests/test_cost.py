@@ -63,7 +63,8 @@ def test_the_cli_prints_the_model_with_its_inputs(tmp_path: Path, tiny_model: Pa
     out = runner.invoke(app, ["cost", "--adapters", "20", "--concurrency", "16", "--gpu", "h200",
                               "--price-per-hour", "5", "--measured", str(measured)])
     assert out.exit_code == 0, out.output
-    for fact in ("20 adapters", "16 sequences", "H200", "4.80 TB/s", "$5.00/h", "x1.250", "40% of datasheet", "this test",
+    for fact in ("20 adapters", "16 sequences", "H200", "4.80 TB/s", "$5.00/h", "x1.250", "40% of datasheet",
+                 "this test",
                  "loranode", "dedicated copies", "$ per M tokens"):
         assert fact in out.output, fact
     data = json.loads(runner.invoke(app, ["cost", "--json", "--model", str(tiny_model), "--rank", "4",
