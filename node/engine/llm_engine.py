@@ -111,7 +111,8 @@ class LLMEngine:
         done: Future[None] = Future()
         self._post(ControlAdapter(adapter_id, action, done))
         if self._thread is None:
-            self._drain_inbox()
+            for seq in self._drain_inbox():
+                self._notify(seq)
         return done
 
     def remove_adapter(self, adapter_id: str) -> None:
