@@ -12,7 +12,6 @@ million-leaf rewards tree to a few seconds; anything else goes through eth_abi.
 
 from __future__ import annotations
 
-import ctypes
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,21 +35,22 @@ class _BulkKeccak:
 
     def __init__(self) -> None:
         from Crypto.Hash.keccak import _raw_keccak_lib as lib
-        from Crypto.Util._raw_api import VoidPointer
+        from Crypto.Util import _raw_api as raw  # ctypes, or cffi where cffi is installed: its helpers fit both
 
-        self._lib = lib
-        state = VoidPointer()
-        if lib.keccak_init(state.address_of(), ctypes.c_size_t(64), ctypes.c_ubyte(24)):
+        self._lib, self._raw = lib, raw
+        state = raw.VoidPointer()
+        if lib.keccak_init(state.address_of(), raw.c_size_t(64), raw.c_ubyte(24)):
             raise RuntimeError("keccak_init failed")
         self._state = state.get()
-        self._out = ctypes.create_string_buffer(32)
+        self._out = raw.create_string_buffer(32)
+        self._size, self._padding = raw.c_size_t(32), raw.c_ubyte(1)
         self._reset, self._absorb, self._digest = lib.keccak_reset, lib.keccak_absorb, lib.keccak_digest
 
     def __call__(self, data: bytes) -> bytes:
         self._reset(self._state)
-        self._absorb(self._state, data, len(data))
-        self._digest(self._state, self._out, 32, 1)
-        return self._out.raw
+        self._absorb(self._state, self._raw.c_uint8_ptr(data), self._raw.c_size_t(len(data)))
+        self._digest(self._state, self._out, self._size, self._padding)
+        return bytes(self._raw.get_raw_buffer(self._out))
 
     def __del__(self) -> None:
         self._lib.keccak_destroy(self._state)
@@ -59,7 +59,7 @@ class _BulkKeccak:
 def hasher() -> Hasher:
     try:
         fast = _BulkKeccak()
-    except (ImportError, AttributeError, OSError, RuntimeError):
+    except (ImportError, AttributeError, OSError, RuntimeError, TypeError):
         return keccak256
     return fast if fast(b"") == keccak256(b"") else keccak256
 
