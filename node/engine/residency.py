@@ -88,7 +88,7 @@ class Residency:
             load.add_done_callback(lambda _: self.post(m))
             return
         if load.exception() is not None:
-            m.done.set_exception(load.exception())  # type: ignore[arg-type]
+            m.done.set_exception(load.exception())
             return
         self.slots.activate(m.adapter_id, self.provider.get(m.adapter_id), in_use)
         m.done.set_result(None)

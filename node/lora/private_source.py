@@ -41,9 +41,9 @@ def file_request(uri: str, name: str) -> SignedGet:
 
 
 def _s3_get(bucket: str, prefix: str, name: str, uri: str) -> SignedGet:
-    from botocore.auth import S3SigV4Auth
-    from botocore.awsrequest import AWSRequest
-    from botocore.session import get_session
+    from botocore.auth import S3SigV4Auth  # type: ignore[import-untyped]
+    from botocore.awsrequest import AWSRequest  # type: ignore[import-untyped]
+    from botocore.session import get_session  # type: ignore[import-untyped]
 
     if not bucket:
         raise AdapterSourceError(f"no bucket in {uri} (s3://bucket/prefix)", uri=uri)
