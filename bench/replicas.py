@@ -138,9 +138,9 @@ def start_replica(node: LocalNode, model: Path, work: Path, name: str, host_byte
 def host_loads(url: str) -> int:
     """Adapters this replica loaded into host memory (misses of its host tier)."""
     for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
-        if family.name == "loranode_adapter_tier":
+        if family.name == "loranode_adapter_tier_misses":
             for s in family.samples:
-                if s.labels == {"tier": "host", "stat": "misses"}:
+                if s.labels == {"tier": "host"}:
                     return int(s.value)
     return 0
 

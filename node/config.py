@@ -36,7 +36,13 @@ class Settings(BaseSettings):
 
     # storage and broker; None means the embedded default in data_dir
     database_url: str | None = None
+    database_password_file: Path | None = None  # the password database_url leaves out (a compose secret)
     broker_url: str | None = None
+    # the operator's admin endpoints (node/api/admin.py): their own port, loopback unless set otherwise;
+    # off without a token file
+    admin_token_file: Path | None = None
+    admin_host: str = "127.0.0.1"
+    admin_port: int = Field(default=8001, ge=1, le=65535)
 
     # chain; rpc_url None means "start a local anvil" (dev only)
     rpc_url: str | None = None
@@ -97,6 +103,7 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(default=256, ge=1)
     min_voucher_validity_s: int = Field(default=900, ge=0)  # at least settle_latency().worst_case_s
     max_in_flight: int = Field(default=256, ge=1)
+    metrics_max_adapters: int = Field(default=20, ge=1)  # adapters with series of their own; the rest: "other"
     # paid work stops (503, not ready) while the indexer has not reached the chain for max_mirror_lag_s, or
     # the mirror is more than max_mirror_lag_blocks behind the head it saw (it must exceed confirmations)
     max_mirror_lag_s: float = Field(default=120.0, gt=0)
@@ -186,6 +193,11 @@ class Settings(BaseSettings):
                              reorg_s=self.confirmations * self.block_time_s, max_age_s=self.epoch_max_age_s)
 
     def resolved_database_url(self) -> str:
+        if self.database_url and self.database_password_file is not None:
+            from sqlalchemy.engine import make_url
+
+            password = read_secret(self.database_password_file, "database_password_file")
+            return make_url(self.database_url).set(password=password).render_as_string(hide_password=False)
         return self.database_url or f"sqlite:///{(self.data_dir / 'loranode.db').resolve()}"
 
     def resolved_broker_url(self) -> str:
@@ -216,10 +228,7 @@ class Settings(BaseSettings):
     def resolved_operator_key(self) -> str | None:
         """The operator's private key (0x-hex): from the file, the environment, or the dev default."""
         if self.operator_key_file is not None:
-            try:
-                return self.operator_key_file.read_text().strip()
-            except OSError as exc:
-                raise ValueError(f"cannot read operator_key_file {self.operator_key_file}: {exc}") from exc
+            return read_secret(self.operator_key_file, "operator_key_file")
         if self.operator_key is not None:
             return self.operator_key.get_secret_value()
         return DEV_OPERATOR_KEY if self.is_dev else None
@@ -234,3 +243,11 @@ def load_settings(**overrides: Any) -> Settings:
             f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
         )
         raise ConfigError(f"invalid configuration: {problems}", errors=len(exc.errors())) from exc
+
+
+def read_secret(path: Path, setting: str) -> str:
+    """A secret from its file (a compose or Kubernetes secret), stripped of surrounding whitespace."""
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read {setting} {path}: {exc}") from exc

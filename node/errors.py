@@ -117,6 +117,13 @@ class ReadUnauthorized(NodeError):
     code = "read_unauthorized"
 
 
+class AdminUnauthorized(NodeError):
+    """A call to the admin port without the operator's admin token (or with another one)."""
+
+    status = 401
+    code = "admin_unauthorized"
+
+
 class NotThePayer(NodeError):
     """A valid read authorization from someone who did not pay for this receipt."""
 

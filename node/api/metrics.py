@@ -1,49 +1,93 @@
-"""Prometheus metrics of one API process, on a registry of its own (tests build many apps)."""
+"""Prometheus metrics of one API process, on a registry of its own (tests build many apps).
+
+Names follow prometheus-client's conventions: units in the name (`_seconds`, `_bytes`, `_blocks`,
+`_units` for the payment token's base units), `_total` on counters, and label sets that stay
+bounded: a per-adapter series for the first `max_adapters` adapters this process serves, `other` for
+the rest. docs/metrics.md lists every metric (tests/api/test_metrics.py reads that list).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+OTHER = "other"
+DEFAULT_MAX_ADAPTERS = 20
+
+
+class AdapterLabels:
+    """The label an adapter's figures go under: its own for the first `max_adapters` adapters served
+    (kept for the life of the process, so every series stays monotonic), `other` after that."""
+
+    def __init__(self, max_adapters: int) -> None:
+        self.max_adapters = max_adapters
+        self._named: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, adapter: str) -> str:
+        with self._lock:
+            if adapter in self._named:
+                return adapter
+            if len(self._named) < self.max_adapters:
+                self._named.add(adapter)
+                return adapter
+        return OTHER
 
 
 class APIMetrics:
-    def __init__(self) -> None:
+    def __init__(self, max_adapters: int = DEFAULT_MAX_ADAPTERS) -> None:
         self.registry = CollectorRegistry()
+        self.adapter_label = AdapterLabels(max_adapters)
         r = self.registry
-        self.requests = Counter("loranode_requests", "Requests by route and status", ["route", "status"], registry=r)
-        self.tokens = Counter("loranode_tokens", "Tokens served by kind", ["kind"], registry=r)
-        self.latency = Histogram("loranode_request_seconds", "End-to-end latency of paid requests", ["route"],
-                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter("loranode_requests", "Paid requests answered, by adapter and outcome "
+                                "(charged: a receipt; lost: tokens left the node uncharged)",
+                                ["adapter", "outcome"], registry=r)
+        self.tokens = Counter("loranode_tokens", "Tokens of answered requests, by adapter and kind",
+                              ["adapter", "kind"], registry=r)
+        self.fees = Counter("loranode_fee_units", "Fees charged, in the payment token's base units",
+                            ["adapter"], registry=r)
+        self.losses = Counter("loranode_loss_units", "Value served and not charged, in base units",
+                              ["adapter", "reason"], registry=r)
+        self.receipts = Counter("loranode_receipts", "Receipts signed and committed", registry=r)
+        self.latency = Histogram("loranode_request_duration_seconds", "End-to-end latency of paid requests",
+                                 ["route"], buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("loranode_time_to_first_token_seconds", "Time to the first streamed token",
                               buckets=LATENCY_BUCKETS, registry=r)
-        self.receipts = Counter("loranode_receipts", "Receipts signed and committed", registry=r)
-        self.fees = Counter("loranode_fees", "Fees charged, in token units", registry=r)
-        # One series per adapter this process served: behind the balancer, an adapter's traffic should
-        # show on one replica (docs/replicas.md). Its cardinality is the adapters served here.
-        self.adapter_requests = Counter("loranode_adapter_requests", "Paid requests answered, by adapter",
-                                        ["adapter"], registry=r)
+        self.inter_token = Histogram("loranode_inter_token_latency_seconds",
+                                     "Time between streamed chunks of one choice", buckets=TOKEN_GAP_BUCKETS,
+                                     registry=r)
 
-    def add_gauges(self, name: str, doc: str, read: Callable[[], dict[tuple[str, ...], float]],
-                   labels: list[str]) -> None:
-        """A gauge family read at scrape time (adapter tiers, pending receipts, queue depth)."""
-        self.registry.register(_Callback(name, doc, read, labels))
+    def answered(self, adapter: str, prompt_tokens: int, completion_tokens: int, fee: int) -> None:
+        label = self.adapter_label(adapter)
+        self.requests.labels(adapter=label, outcome="charged").inc()
+        self.tokens.labels(adapter=label, kind="prompt").inc(prompt_tokens)
+        self.tokens.labels(adapter=label, kind="completion").inc(completion_tokens)
+        self.fees.labels(adapter=label).inc(fee)
+        self.receipts.inc()
+
+    def lost(self, adapter: str, completion_tokens: int, amount: int, reason: str) -> None:
+        label = self.adapter_label(adapter)
+        self.requests.labels(adapter=label, outcome="lost").inc()
+        self.tokens.labels(adapter=label, kind="completion").inc(completion_tokens)
+        self.losses.labels(adapter=label, reason=reason).inc(amount)
+
+    def add_source(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        """Families read at scrape time (engine, adapter tiers, the database's backlog)."""
+        self.registry.register(_Source(collect))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
-class _Callback(Collector):
-    def __init__(self, name: str, doc: str, read: Callable[[], dict[tuple[str, ...], float]],
-                 labels: list[str]) -> None:
-        self.name, self.doc, self.read, self.labels = name, doc, read, labels
+class _Source(Collector):
+    def __init__(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        self._collect = collect
 
-    def collect(self):  # type: ignore[no-untyped-def]
-        family = GaugeMetricFamily(self.name, self.doc, labels=self.labels)
-        for values, number in self.read().items():
-            family.add_metric(list(values), number)
-        yield family
+    def collect(self) -> Iterable[Metric]:
+        return self._collect()

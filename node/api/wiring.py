@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.api.deps import NodeServices
 from node.api.engine_client import EngineClient
 from node.api.generation import GenerationService
+from node.api.metric_sources import backlog_families, engine_families, gauge, tier_families
 from node.api.metrics import APIMetrics
 from node.api.receipt_issuer import ReceiptIssuer, dataset_refs
 from node.api.sqlite_lock import SQLiteLock
@@ -30,6 +31,7 @@ from node.engine import EngineConfig, LLMEngine
 from node.engine.block_manager import KV_CACHE
 from node.engine.core_client import CoreClient
 from node.engine.core_process import adapter_store as core_adapter_store
+from node.engine.stats import device_tier, engine_stats
 from node.errors import ConfigError, RpcTransient
 from node.lora.content_hash import base_model_id
 from node.lora.provider import AdapterRegistrar
@@ -148,12 +150,12 @@ def _wire(settings: Settings, deployment: Deployment, key: str, config: EngineCo
     if attributor is not None:  # build the served adapters' indexes in the background from the start
         for view in catalog.served():
             attributor.prepare(dataset_refs(view))
-    metrics = APIMetrics()
+    metrics = APIMetrics(settings.metrics_max_adapters)
     client = EngineClient(engine, settings.max_in_flight)
     offer, x402 = _x402(settings, deployment, key, payments, db)
     generation = GenerationService(client, payments, issuer, catalog, metrics, settings.default_max_tokens,
                                    offer=offer, x402=x402)
-    _register_gauges(metrics, store_metrics, client)
+    _register_metrics(metrics, store_metrics, client, db, node)
     log.info("api for node %s on chain %d, base model %s", node, deployment.chain_id, catalog.base_model_id)
     return NodeServices(engine=client, payments=payments, catalog=catalog, db=db, metrics=metrics,
                         generation=generation, chain_id=deployment.chain_id,
@@ -212,29 +214,20 @@ def binding_fault(settings: Settings, deployment: Deployment, db: sessionmaker[S
     return fault
 
 
-def _register_gauges(metrics: APIMetrics, store_metrics: StoreSnapshot, client: EngineClient) -> None:
-    def tiers() -> dict[tuple[str, ...], float]:
-        snap = store_metrics()
-        out: dict[tuple[str, ...], float] = {}
-        for tier in ("host", "disk", "source"):
-            for name in ("hits", "misses", "evictions", "nbytes"):
-                value = snap.get(tier, {}).get(name)
-                if value is not None:
-                    out[(tier, name)] = value
-        return out
+def _register_metrics(metrics: APIMetrics, store_metrics: StoreSnapshot, client: EngineClient,
+                      db: sessionmaker[Session], node: str) -> None:
+    engine = client.engine
+    if isinstance(engine, CoreClient):
+        figures, tiers = engine.engine_stats, store_metrics  # the cores report their device tier
+    else:
+        def figures() -> dict[str, float]:
+            return engine_stats(engine)
 
-    metrics.add_gauges("loranode_adapter_tier", "Adapter store counters per tier", tiers, ["tier", "stat"])
-    metrics.add_gauges("loranode_kv_cache", "KV cache blocks and prefix-cache counters (hit_rate: hit tokens "
-                       "per prompt token looked up)", lambda: kv_cache_gauges(store_metrics().get(KV_CACHE, {})),
-                       ["stat"])
-    metrics.add_gauges("loranode_in_flight", "Requests admitted and not finished",
-                       lambda: {(): float(client.in_flight)}, [])
+        def tiers() -> dict[str, dict[str, float]]:
+            return {**store_metrics(), "device": device_tier(engine)}
 
-
-def kv_cache_gauges(stats: dict[str, float]) -> dict[tuple[str, ...], float]:
-    """The KV cache's stats (summed over the cores) and the prefix cache's hit rate they give."""
-    out = {(name,): value for name, value in stats.items()}
-    if stats:
-        queried = stats.get("num_queried_tokens", 0.0)
-        out[("hit_rate",)] = stats.get("num_hit_tokens", 0.0) / queried if queried else 0.0
-    return out
+    metrics.add_source(lambda: engine_families(figures))
+    metrics.add_source(lambda: tier_families(tiers))
+    metrics.add_source(lambda: backlog_families(db, node))
+    metrics.add_source(gauge("loranode_in_flight_requests", "Requests admitted and not finished",
+                             lambda: float(client.in_flight)))

@@ -12,13 +12,16 @@ from typer.exceptions import TyperException
 from node import __version__
 from node.cli import (
     adapter,
+    adapter_admin,
     attribution,
     chain,
+    cost,
     dataset,
     dev,
     earnings,
     epoch,
     escrow,
+    health,
     model,
     processes,
     request,
@@ -57,12 +60,16 @@ app.add_typer(config_app, name="config")
 app.add_typer(chain.app, name="chain")
 app.add_typer(model.app, name="model")
 app.add_typer(dataset.app, name="dataset")
+for _admin in (adapter_admin.pin, adapter_admin.unpin, adapter_admin.preload, adapter_admin.evict):
+    adapter.app.command()(_admin)
 app.add_typer(adapter.app, name="adapter")
 app.add_typer(escrow.app, name="escrow")
 app.add_typer(attribution.app, name="attribution")
 app.add_typer(processes.db_app, name="db")
+app.add_typer(health.app, name="health")
 app.command()(request.request)
 app.command()(status.status)
+app.command()(cost.cost)
 app.command()(processes.api)
 app.command()(processes.indexer)
 app.command()(dev.dev)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
+from typing import Any
 
 import typer
 
@@ -51,8 +53,29 @@ def api(host: str = typer.Option(None, help="Bind address (default LORANODE_HOST
     chosen = {"engine_process": engine_process, "data_parallel_size": data_parallel_size,
               "tensor_parallel_size": tensor_parallel_size, "host": host, "port": port}
     settings = load_settings(**{k: v for k, v in chosen.items() if v is not None})  # checked again
+    if settings.admin_token_file is not None and settings.admin_port == settings.port:
+        raise ConfigError("the admin port must not be the public API's port", port=settings.port)
     services = build_services(settings, dep)
-    uvicorn.run(create_app(services), host=settings.host, port=settings.port, log_level="info")
+    public = uvicorn.Server(uvicorn.Config(create_app(services), host=settings.host, port=settings.port,
+                                           log_level="info"))
+    servers = [public]
+    if settings.admin_token_file is not None:  # the operator's endpoints, on their own port only
+        from node.api.admin import create_admin_app, read_admin_token
+
+        admin = create_admin_app(services, read_admin_token(settings.admin_token_file))
+        servers.append(uvicorn.Server(uvicorn.Config(admin, host=settings.admin_host, port=settings.admin_port,
+                                                     log_level="info", lifespan="off")))
+        console.print(f"admin endpoints on {settings.admin_host}:{settings.admin_port}")
+    asyncio.run(_serve(servers))
+
+
+async def _serve(servers: list[Any]) -> None:
+    """Every server until the first one stops (a signal stops them all: uvicorn's handlers)."""
+    tasks = [asyncio.create_task(server.serve()) for server in servers]
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for server in servers:
+        server.should_exit = True
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def indexer() -> None:

@@ -8,6 +8,10 @@ import httpx
 
 from node.cli.node_api import NodeUrlOption, get_json, plain, print_table
 
+# what `status` prints from /metrics (docs/metrics.md); every name here is one the node emits
+STATUS_METRICS = ("loranode_adapter_tier_", "loranode_receipts_total", "loranode_settlement_pending_receipts",
+                  "loranode_settlement_epoch_lag", "loranode_in_flight_requests", "loranode_engine_num_waiting")
+
 
 def status(node_url: str = NodeUrlOption) -> None:
     """Ask a running node's API what it serves and how it is doing: each registered adapter's real state
@@ -25,8 +29,7 @@ def status(node_url: str = NodeUrlOption) -> None:
     if adapters:
         print_table(("adapter", "state", "detail"), [(a["id"], a["state"], a["detail"]) for a in adapters])
     for line in metrics.splitlines():
-        if line.startswith(("loranode_adapter_tier{", "loranode_receipts_total", "loranode_receipts_pending",
-                            "loranode_in_flight")):
+        if line.startswith(STATUS_METRICS):
             plain("  " + line)
 
 

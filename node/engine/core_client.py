@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import zmq
@@ -35,6 +36,7 @@ from node.engine.core_router import CoreRouter
 from node.engine.core_supervisor import CoreSupervisor
 from node.engine.grammar import GrammarCompiler
 from node.engine.llm_engine import Listener, Waiter, eos_token_ids, max_model_len
+from node.engine.residency import AdapterAction
 from node.engine.sampling import SamplingParams, check_vocabulary
 from node.engine.sequence import RequestOutput, StreamDelta
 from node.errors import BadRequest, NodeError, Overloaded, Unavailable
@@ -143,6 +145,14 @@ class CoreClient:
                     into[name] = into.get(name, 0.0) + value
         return total
 
+    def engine_stats(self) -> dict[str, float]:
+        """The cores' `engine_stats`, summed, as last reported (about once a second)."""
+        total: dict[str, float] = {}
+        for report in list(self.metrics.values()):
+            for name, value in report.engine.items():
+                total[name] = total.get(name, 0.0) + value
+        return total
+
     @property
     def num_up(self) -> int:
         with self._lock:
@@ -228,6 +238,13 @@ class CoreClient:
         for core in up:
             with contextlib.suppress(zmq.Again):
                 self._send(core, message)
+
+    def control_adapter(self, adapter_id: str, action: AdapterAction) -> Future[None]:
+        """Sent to every core that is up; done once sent (each core applies it on its next step)."""
+        self.broadcast(wire.ControlAdapter(adapter_id, action.value))
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
 
     def send_to_home(self, adapter_id: str, message: wire.ToCore) -> None:
         """To the core an adapter's requests go to first (if it is up)."""

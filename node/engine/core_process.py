@@ -31,7 +31,9 @@ from node.engine import wire
 from node.engine.block_manager import KV_CACHE
 from node.engine.config import EngineConfig
 from node.engine.llm_engine import LLMEngine
+from node.engine.residency import AdapterAction
 from node.engine.sequence import RequestOutput
+from node.engine.stats import device_tier, engine_stats
 from node.errors import NodeError, TensorParallelError
 from node.lora.adapter import LoRATargetSpec, LoRAWeights, load_lora_adapter
 from node.lora.provider import AdapterSource
@@ -166,6 +168,8 @@ class EngineCore:
                     self.engine.provider.prefetch(adapter_id)
                 except NodeError as e:
                     log.info("engine core %d: prefetch of %s refused: %s", self.core, adapter_id, e.message)
+            case wire.ControlAdapter(adapter_id, action):
+                self.engine.control_adapter(adapter_id, AdapterAction(action))
             case wire.Shutdown():
                 self._stop = True
 
@@ -189,9 +193,10 @@ class EngineCore:
             for tier, stats in self.store.metrics().as_dict().items():
                 if isinstance(stats, dict):
                     tiers[tier] = {k: float(v) for k, v in stats.items() if isinstance(v, int | float)}
-        tiers[KV_CACHE] = self.engine.kv_cache_stats().as_dict()
+        tiers["device"] = device_tier(self.engine)
         scheduler = self.engine.scheduler
-        self._send(wire.Metrics(self.core, self.incarnation, len(scheduler.running), len(scheduler.waiting), tiers))
+        self._send(wire.Metrics(self.core, self.incarnation, len(scheduler.running), len(scheduler.waiting), tiers,
+                                engine_stats(self.engine)))
 
     def _send(self, message: wire.FromCore) -> None:
         self.outbox.send(self.codec.encode(message), copy=False)

@@ -12,6 +12,7 @@ import itertools
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from node.engine.grammar import GrammarCompiler
 from node.engine.logprob import TokenLogprob
 from node.engine.model_runner import ModelRunner
 from node.engine.output import OutputProcessor
+from node.engine.residency import AdapterAction, ControlAdapter, Residency
 from node.engine.sampling import SamplingParams, check_vocabulary
 from node.engine.scheduler import Scheduler
 from node.engine.sequence import RequestOutput, Sequence, StreamDelta
@@ -52,7 +54,7 @@ class DropAdapter:
     adapter_id: str
 
 
-InboxMessage = Sequence | Abort | DropAdapter
+InboxMessage = Sequence | Abort | DropAdapter | ControlAdapter
 
 
 def max_model_len(config: EngineConfig, model: ModelConfig) -> int:
@@ -86,6 +88,7 @@ class LLMEngine:
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_adapter_slots=self.runner.slots.num_slots)
         self.outputs = OutputProcessor(self.tokenizer, frozenset(eos), self.max_model_len)
+        self.residency = Residency(self.provider, self.runner.slots, self._post)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, sorted(eos))
         self._inbox: list[InboxMessage] = []  # from other threads, drained at the start of each step
         self._listeners: dict[str, Listener] = {}  # stream callers: every delta
@@ -104,6 +107,15 @@ class LLMEngine:
         """Register a local PEFT folder and parse it now, so that a bad adapter fails here."""
         self.provider.register(adapter_id, AdapterSource(uri=str(path), sha256=""))
         self.provider.get(adapter_id)
+
+    def control_adapter(self, adapter_id: str, action: AdapterAction) -> Future[None]:
+        """Pin, unpin, preload or evict an adapter (node/engine/residency.py); done once it took effect."""
+        done: Future[None] = Future()
+        self._post(ControlAdapter(adapter_id, action, done))
+        if self._thread is None:
+            for seq in self._drain_inbox():
+                self._notify(seq)
+        return done
 
     def remove_adapter(self, adapter_id: str) -> None:
         """Unregister an adapter; its requests still waiting or running finish with "abort"."""
@@ -176,6 +188,9 @@ class LLMEngine:
                     self.scheduler.add(message)
                 case Abort(request_id):
                     finished.append(self.scheduler.abort(request_id))
+                case ControlAdapter():
+                    running = {s.adapter_id for s in self.scheduler.running if s.adapter_id is not None}
+                    self.residency.apply(message, running)
                 case DropAdapter(adapter_id):
                     for seq in [*self.scheduler.running, *self.scheduler.waiting]:
                         if seq.adapter_id == adapter_id:
@@ -203,7 +218,7 @@ class LLMEngine:
         scheduled = []
         for item in out.scheduled:
             try:
-                self.runner.prepare_adapter(item.seq.adapter_id, in_use)
+                self.runner.prepare_adapter(item.seq.adapter_id, in_use, is_first=item.seq.num_computed_tokens == 0)
                 scheduled.append(item)
             except Overloaded:  # every slot of its rank holds a running sequence's adapter: next steps
                 self.scheduler.defer(item.seq)

@@ -171,8 +171,15 @@ class ModelRunner:
         lora = self.slots.batch(token_slots)
         return self.model(self._long(token_ids), self._long(positions), batch, self.kv_caches, lora)
 
-    def prepare_adapter(self, adapter_id: str | None, adapters_in_use: Collection[str]) -> None:
-        """Make sure the adapter is in a device slot before the step (raises AdapterError)."""
+    def prepare_adapter(self, adapter_id: str | None, adapters_in_use: Collection[str],
+                        is_first: bool = False) -> None:
+        """Make sure the adapter is in a device slot before the step (raises AdapterError); a request's
+        `is_first` step counts a device-tier hit or miss."""
+        if is_first and adapter_id is not None:
+            if self.slots.lookup(adapter_id) is not None:
+                self.slots.num_hits += 1
+            else:
+                self.slots.num_misses += 1
         self._slot(adapter_id, adapters_in_use)
 
     def stage_adapters(self, adapter_ids: Iterable[str]) -> list[str]:

@@ -64,6 +64,11 @@ class PrefetchAdapter(_Message):
     adapter_id: str
 
 
+class ControlAdapter(_Message):
+    adapter_id: str
+    action: str  # node/engine/residency.py: AdapterAction
+
+
 class Shutdown(_Message):
     pass
 
@@ -90,10 +95,11 @@ class Metrics(_Message):
     incarnation: int
     num_running: int
     num_waiting: int
-    adapter_store: dict[str, dict[str, float]]  # tier -> stat -> value (AdapterStore.metrics)
+    adapter_store: dict[str, dict[str, float]]  # tier -> stat -> value (AdapterStore.metrics, and "device")
+    engine: dict[str, float] = {}  # node/engine/stats.py: engine_stats
 
 
-ToCore = AddRequest | AbortRequest | RegisterAdapter | RemoveAdapter | PrefetchAdapter | Shutdown
+ToCore = AddRequest | AbortRequest | RegisterAdapter | RemoveAdapter | PrefetchAdapter | ControlAdapter | Shutdown
 FromCore = Ready | Outputs | Metrics
 
 

@@ -43,6 +43,8 @@ class LoRASlots:
     def __init__(self, target: LoRATargetSpec, num_slots: int, max_rank: int, dtype: torch.dtype,
                  device: torch.device):
         self.num_slots, self.max_rank = num_slots, max_rank
+        self.slot_bytes = self.slot_nbytes(target, max_rank, dtype)
+        self.num_loads = self.num_evictions = 0  # copies in, and idle adapters pushed out for them
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # adapter id -> slot, least recent first
         self.free = list(range(num_slots - 1, -1, -1))
         self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)  # true rank per slot
@@ -84,6 +86,7 @@ class LoRASlots:
             if victim is None:
                 raise Overloaded("every adapter slot is in use", num_slots=self.num_slots)
             self.free.append(self.slot_of.pop(victim))
+            self.num_evictions += 1
             log.debug("evicted adapter %s from its slot", victim)
         slot = self.free.pop()
         if copies is None:
@@ -91,6 +94,7 @@ class LoRASlots:
         else:
             with copies.writing(adapter_id, base + slot) as is_async:
                 self._write(slot, weights, is_async)
+        self.num_loads += 1
         self.slot_of[adapter_id] = slot
         return slot
 
@@ -162,6 +166,16 @@ class LoRASlotPools:
         self.num_slots = sum(pool.num_slots for pool in self.pools)
         self.max_rank = self.pools[-1].max_rank
         self.device = self.pools[0].ranks.device
+        self.num_hits = self.num_misses = 0  # requests that found their adapter on the device, or not
+        self.pinned: set[str] = set()  # never evicted for another adapter (node/engine/residency.py)
+
+    def stats(self) -> dict[str, float]:
+        """The device tier's counters, as the adapter store reports its own tiers (tier -> stat)."""
+        return {"hits": self.num_hits, "misses": self.num_misses,
+                "num_loads": sum(p.num_loads for p in self.pools),
+                "evictions": sum(p.num_evictions for p in self.pools),
+                "nbytes": sum(p.slot_bytes * len(p.slot_of) for p in self.pools),
+                "num_slots": self.num_slots, "num_resident": sum(len(p.slot_of) for p in self.pools)}
 
     @classmethod
     def build(cls, target: LoRATargetSpec, pools: tuple[tuple[int, int], ...], dtype: torch.dtype,
@@ -191,10 +205,11 @@ class LoRASlotPools:
 
     def activate(self, adapter_id: str, weights: LoRAWeights, in_use: Collection[str],
                  copies: AdapterCopyStream | None = None) -> int:
-        """The global slot holding `adapter_id`, copying it in (evicting an idle one) if needed."""
+        """The global slot holding `adapter_id`, copying it in (evicting an idle, unpinned one) if needed."""
         slot = self.lookup(adapter_id)
         if slot is not None:
             return slot
+        in_use = {*in_use, *self.pinned}
         fitting = [(pool, base) for pool, base in zip(self.pools, self.bases, strict=True)
                    if pool.max_rank >= weights.rank]
         assert fitting, "the parser refuses ranks above max_lora_rank, the largest pool's rank"

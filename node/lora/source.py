@@ -1,4 +1,5 @@
-"""An adapter's registered URI, fetched into a folder: a local path, file://, or http(s)://.
+"""An adapter's registered URI, fetched into a folder: a local path, file://, http(s)://, or a private
+source, s3:// or hf:// (private_source.py: credentials from the node's environment, never the URI).
 
 The adapter at a URI is a PEFT folder; only two files of it are ever read as weights:
 `adapter_config.json` and `adapter_model.safetensors` (for http(s), `<uri>/adapter_config.json` and
@@ -27,6 +28,7 @@ from node.errors import AdapterFormatError, AdapterSourceError, AdapterTooLarge
 from node.lora.adapter_files import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE, AdapterFiles, parse_safetensors_header
 from node.lora.chat_template_file import MAX_TEMPLATE_FILE_BYTES, TEMPLATE_FILES
 from node.lora.content_hash import ADAPTER_FILES, CHUNK_BYTES, folder_digest
+from node.lora.private_source import PRIVATE_SCHEMES, SignedGet, file_request
 
 ABSENT_STATUSES = (403, 404, 410)  # an optional file the source does not have (S3 says 403)
 
@@ -46,17 +48,17 @@ def fetch_adapter(uri: str, dest: Path, limits: FetchLimits, client: httpx.Clien
     """
     parsed = urlparse(uri)
     deadline = time.monotonic() + limits.deadline_s
-    if parsed.scheme in ("http", "https"):
+    if parsed.scheme in ("http", "https", *PRIVATE_SCHEMES):
         budget, digests = limits.max_bytes, []
         for name in ADAPTER_FILES:
-            url = urlunparse(parsed._replace(path=f"{parsed.path.rstrip('/')}/{name}"))  # keeps a ?query
-            digest, size = _download(client, url, dest / name, budget, deadline, limits)
+            get = _file_get(uri, name)
+            digest, size = _download(client, get.url, dest / name, budget, deadline, limits, get.headers)
             digests.append((name, digest))
             budget -= size
         for name in TEMPLATE_FILES:
-            url = urlunparse(parsed._replace(path=f"{parsed.path.rstrip('/')}/{name}"))
+            get = _file_get(uri, name)
             try:
-                _download(client, url, dest / name, MAX_TEMPLATE_FILE_BYTES, deadline, limits)
+                _download(client, get.url, dest / name, MAX_TEMPLATE_FILE_BYTES, deadline, limits, get.headers)
             except AdapterSourceError as exc:
                 (dest / name).unlink(missing_ok=True)
                 if exc.facts.get("http_status") not in ABSENT_STATUSES:
@@ -66,6 +68,14 @@ def fetch_adapter(uri: str, dest: Path, limits: FetchLimits, client: httpx.Clien
     digest = _copy_local(src, dest, limits.max_bytes)
     _copy_templates(src, dest)
     return digest
+
+
+def _file_get(uri: str, name: str) -> SignedGet:
+    """The GET of one file of the adapter at `uri` (signed or with a token for a private source)."""
+    parsed = urlparse(uri)
+    if parsed.scheme in PRIVATE_SCHEMES:
+        return file_request(uri, name)
+    return SignedGet(urlunparse(parsed._replace(path=f"{parsed.path.rstrip('/')}/{name}")), {})  # keeps a ?query
 
 
 def shown_uri(uri: str) -> str:
@@ -139,12 +149,13 @@ def _copy_templates(src: Path, dest: Path) -> None:
 
 
 def _download(client: httpx.Client, url: str, path: Path, budget: int, deadline: float,
-              limits: FetchLimits) -> tuple[bytes, int]:
+              limits: FetchLimits, headers: dict[str, str] | None = None) -> tuple[bytes, int]:
     digest, size, url_or_token = hashlib.sha256(), 0, url
     url = shown_uri(url_or_token)
     timeout = httpx.Timeout(limits.read_timeout_s, connect=limits.connect_timeout_s)
     try:
-        with client.stream("GET", url_or_token, timeout=timeout, headers={"Accept-Encoding": "identity"}
+        with client.stream("GET", url_or_token, timeout=timeout,
+                           headers={**(headers or {}), "Accept-Encoding": "identity"}
                            ) as response, open(path, "wb") as out:
             _check_response(response, url, budget, limits.max_bytes)
             for chunk in response.iter_raw():

@@ -49,9 +49,8 @@ def _header_for(att: Attacker, body: bytes, lane: int, budget: int) -> str:
 
 def _completion_tokens_served(node: PaidNode) -> float:
     metrics = httpx.get(f"{node.base_url}/metrics").text
-    found = re.search(r'^loranode_tokens_total\{kind="completion"\} (\S+)$', metrics, re.M)
-    assert found is not None
-    return float(found.group(1))
+    found = re.findall(r'^loranode_tokens_total\{adapter="[^"]*",kind="completion"\} (\S+)$', metrics, re.M)
+    return sum(float(value) for value in found)  # every adapter's series (none before the first answer)
 
 
 def _prompt_tokens(att: Attacker) -> int:

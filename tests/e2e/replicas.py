@@ -24,11 +24,11 @@ from tests.e2e.traffic import ClientLog, Outcome, send_raw
 
 
 def adapter_requests(base_url: str) -> Counter[str]:
-    """Paid requests this replica answered, by adapter (its `loranode_adapter_requests` counter)."""
+    """Paid requests this replica answered, by adapter (its `loranode_requests` counter)."""
     text = httpx.get(f"{base_url}/metrics", timeout=10).text
     counts: Counter[str] = Counter()
     for family in text_string_to_metric_families(text):
-        if family.name == "loranode_adapter_requests":
+        if family.name == "loranode_requests":
             for sample in family.samples:
                 if sample.name.endswith("_total"):
                     counts[sample.labels["adapter"]] += int(sample.value)
