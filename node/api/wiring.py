@@ -28,7 +28,6 @@ from node.chain.x402_channels import X402Chain, token_domain
 from node.config import Settings
 from node.db.session import make_engine, session_factory
 from node.engine import EngineConfig, LLMEngine
-from node.engine.block_manager import KV_CACHE
 from node.engine.core_client import CoreClient
 from node.engine.core_process import adapter_store as core_adapter_store
 from node.engine.stats import device_tier, engine_stats
@@ -73,8 +72,7 @@ def store_config(settings: Settings) -> StoreConfig:
 
 def start_engine(settings: Settings, config: EngineConfig) -> tuple[Engine, AdapterRegistrar, StoreSnapshot]:
     """The engine (its core processes started and ready, or in this process), where adapters are
-    registered, and the adapter store's metrics (tier -> stat -> value, with the KV cache's stats as
-    the tier KV_CACHE: both reach the API by one path, summed over the cores)."""
+    registered, and the adapter store's metrics (tier -> stat -> value, summed over the cores)."""
     if settings.engine_process:
         threads = settings.engine_threads
         if threads is None and settings.data_parallel_size > 1:
@@ -88,7 +86,7 @@ def start_engine(settings: Settings, config: EngineConfig) -> tuple[Engine, Adap
         return client, client.adapters, client.store_metrics
     store = core_adapter_store(store_config(settings), config)
     engine = LLMEngine(config, provider=store)
-    return engine, store, lambda: {**_tiers(store.metrics().as_dict()), KV_CACHE: engine.kv_cache_stats().as_dict()}
+    return engine, store, lambda: _tiers(store.metrics().as_dict())
 
 
 def _tiers(snapshot: dict[str, object]) -> dict[str, dict[str, float]]:

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from node.engine.block_hash import BlockHash, extend_chain
 from node.engine.sequence import Sequence
 
-KV_CACHE = "kv_cache"  # the name its stats go by beside the adapter store's tiers (core process, API metrics)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,6 @@ import torch
 import zmq
 
 from node.engine import wire
-from node.engine.block_manager import KV_CACHE
 from node.engine.config import EngineConfig
 from node.engine.llm_engine import LLMEngine
 from node.engine.residency import AdapterAction

@@ -15,10 +15,14 @@ if TYPE_CHECKING:
 
 
 def engine_stats(engine: LLMEngine) -> dict[str, float]:
-    """Queue and KV-cache figures, read from the step thread's structures (a moment's snapshot)."""
-    scheduler, blocks = engine.scheduler, engine.block_manager
+    """Queue, KV-cache and prefix-cache figures, read from the step thread's structures (a moment's snapshot)."""
+    scheduler, blocks, cache = engine.scheduler, engine.block_manager, engine.kv_cache_stats()
     return {"num_running": float(len(scheduler.running)), "num_waiting": float(len(scheduler.waiting)),
-            "kv_blocks": float(blocks.num_blocks), "kv_blocks_used": float(blocks.num_blocks - blocks.num_free)}
+            "kv_blocks": float(blocks.num_blocks), "kv_blocks_used": float(blocks.num_blocks - blocks.num_free),
+            "prefix_cache_hit_tokens_total": float(cache.num_hit_tokens),
+            "prefix_cache_query_tokens_total": float(cache.num_queried_tokens),
+            "prefix_cache_blocks": float(cache.num_cached_blocks),
+            "prefix_cache_evictions_total": float(cache.num_evictions)}
 
 
 def device_tier(engine: LLMEngine) -> dict[str, float]:

@@ -237,7 +237,8 @@ def test_models_quote_and_health(paid_node: PaidNode) -> None:
     assert httpx.get(f"{paid_node.base_url}/ready").status_code == 200
     metrics = httpx.get(f"{paid_node.base_url}/metrics").text
     assert "loranode_receipts_total" in metrics and "loranode_adapter_tier" in metrics
-    assert 'loranode_kv_cache{stat="hit_rate"}' in metrics and 'loranode_kv_cache{stat="num_evictions"}' in metrics
+    assert "loranode_engine_prefix_cache_hit_tokens_total" in metrics
+    assert "loranode_engine_prefix_cache_evictions_total" in metrics
 
 
 def test_database_and_mirror_outages_are_503_and_charge_nothing(paid_node: PaidNode) -> None:

@@ -161,8 +161,9 @@ def test_the_cores_report_their_kv_cache_and_prefix_cache_hits(cores: CoreClient
     cores.generate([prompt, prompt], GREEDY, ["sea-r8", "sea-r8"])  # one core: the second finds the first's blocks
     cores.generate([prompt], GREEDY, ["sea-r8"])
     deadline = time.monotonic() + 60
-    while (stats := cores.store_metrics().get("kv_cache", {})).get("num_hit_tokens", 0) == 0:
+    while (stats := cores.engine_stats()).get("prefix_cache_hit_tokens_total", 0) == 0:
         assert time.monotonic() < deadline, f"no prefix-cache hit reported: {stats}"
         time.sleep(0.1)
-    assert stats["num_cached_blocks"] > 0 and stats["num_queried_tokens"] >= stats["num_hit_tokens"]
-    assert stats["num_free_blocks"] <= stats["num_blocks"]
+    assert stats["prefix_cache_blocks"] > 0
+    assert stats["prefix_cache_query_tokens_total"] >= stats["prefix_cache_hit_tokens_total"]
+    assert stats["kv_blocks_used"] <= stats["kv_blocks"]
