@@ -19,7 +19,6 @@ from node.engine.block_hash import BlockHash, extend_chain
 from node.engine.sequence import Sequence
 
 
-
 @dataclass(frozen=True)
 class KVCacheStats:
     """What the KV cache holds and how often a prompt found its prefix there (counters since start)."""
