@@ -74,7 +74,8 @@ class CoreClient:
         self.router = CoreRouter(num_cores, load_factor)
         for core in range(num_cores):
             self.router.set_up(core, False)
-        self.adapters = CoreAdapters(self, validates_hash=store is not None)
+        self.adapters = CoreAdapters(self, validates_hash=store is not None,
+                                     retry_after_s=store.retry_after_s if store is not None else 0.0)
         self.metrics: dict[int, wire.Metrics] = {}
         self.num_refused = 0  # malformed frames the receiver dropped
         self._codec = wire.api_codec()
@@ -151,6 +152,7 @@ class CoreClient:
     def _on_exit(self, core: int, code: int) -> None:
         self.metrics.pop(core, None)
         self._fail_pending(core, f"the engine core stopped (exit {code}) during the request")
+        self.adapters.core_exited(core)
 
     def _fail_pending(self, core: int | None, why: str) -> None:
         with self._lock:
@@ -229,14 +231,18 @@ class CoreClient:
             with contextlib.suppress(zmq.Again):
                 self._send(core, message)
 
-    def send_to_home(self, adapter_id: str, message: wire.ToCore) -> None:
-        """To the core an adapter's requests go to first (if it is up)."""
-        core = self.router.home(adapter_id)
+    def send_prefetch(self, adapter_id: str) -> int:
+        """Ask the core an adapter's requests go to first (another one up if that one is down) to load it;
+        returns that core. Unavailable if no core is up, Overloaded if its queue is full."""
         with self._lock:
-            is_up = self.router.is_up[core]
-        if is_up:
-            with contextlib.suppress(zmq.Again):
-                self._send(core, message)
+            home = self.router.home(adapter_id)
+            core = home if self.router.is_up[home] else self.router.pick(adapter_id)
+        try:
+            self._send(core, wire.PrefetchAdapter(adapter_id))
+        except zmq.Again:
+            raise Overloaded("the engine core is not taking requests (its queue is full); retry shortly",
+                             core=core) from None
+        return core
 
     def _forget(self, request_id: str) -> _Pending | None:
         with self._lock:
@@ -277,6 +283,9 @@ class CoreClient:
                     self._on_delta(delta)
                 for output in finished:
                     self._on_finished(output)
+            case wire.AdapterLoaded(core, incarnation):
+                if self._is_current(core, incarnation):
+                    self.adapters.loaded(message)
             case wire.Metrics(core, incarnation):
                 if self._is_current(core, incarnation):
                     self.metrics[core] = message

@@ -14,6 +14,7 @@ logged and dropped. The spec (engine and store configs) comes once, on stdin, at
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
@@ -21,6 +22,7 @@ import os
 import pickle
 import sys
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,13 +33,14 @@ from node.engine import wire
 from node.engine.config import EngineConfig
 from node.engine.llm_engine import LLMEngine
 from node.engine.sequence import RequestOutput
-from node.errors import NodeError
+from node.errors import AdapterError, AdapterSourceError, NodeError
 from node.lora.adapter import LoRATargetSpec, LoRAWeights, load_lora_adapter
 from node.lora.provider import AdapterSource
 from node.lora.store import AdapterStore, StoreConfig
 from node.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
+LOAD_POLL_MS = 5  # how often an idle core looks for finished adapter loads
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,8 @@ class EngineCore:
         self.outbox.connect(output_endpoint(spec.run_dir))
         self.deltas: list[object] = []
         self.finished: list[RequestOutput] = []
+        self.loads: collections.deque[wire.AdapterLoaded] = collections.deque()  # appended by store threads
+        self.num_loading = 0  # prefetches asked for and not answered yet
         self.num_refused = 0  # malformed frames dropped
         self._parent = os.getppid()
         self._stop = False
@@ -101,6 +106,8 @@ class EngineCore:
         while not self._stop:
             busy = self.engine.has_unfinished()
             wait_ms = 0 if busy else max(0, int((next_metrics - time.monotonic()) * 1000))
+            if self.num_loading:  # a load finishes on a store thread: look for its answer often
+                wait_ms = min(wait_ms, LOAD_POLL_MS)
             if self.inbox.poll(wait_ms):
                 self._receive_all()
             if self.engine.has_unfinished():
@@ -121,7 +128,10 @@ class EngineCore:
             self.engine.fail_all()
 
     def _flush(self) -> None:
-        """Send what the step (or a refused request) produced, as one frame."""
+        """Send what the step (or a refused request) produced, as one frame; and the loads finished."""
+        while self.loads:
+            self.num_loading -= 1
+            self._send(self.loads.popleft())
         if self.deltas or self.finished:  # the engine's callbacks hold these lists: copy, then clear
             deltas, finished = self.deltas[:], self.finished[:]
             self.deltas.clear()
@@ -154,12 +164,28 @@ class EngineCore:
             case wire.RemoveAdapter(adapter_id):
                 self.engine.remove_adapter(adapter_id)
             case wire.PrefetchAdapter(adapter_id):
-                try:
-                    self.engine.provider.prefetch(adapter_id)
-                except NodeError as e:
-                    log.info("engine core %d: prefetch of %s refused: %s", self.core, adapter_id, e.message)
+                self._prefetch(adapter_id)
             case wire.Shutdown():
                 self._stop = True
+
+    def _prefetch(self, adapter_id: str) -> None:
+        """Load an adapter into host memory and answer with its chat template or its error."""
+        self.num_loading += 1
+        try:
+            future = self.engine.provider.prefetch(adapter_id)
+        except NodeError as e:
+            self.loads.append(wire.AdapterLoaded(self.core, self.incarnation, adapter_id, None, e))
+            return
+        future.add_done_callback(lambda f: self.loads.append(self._loaded(adapter_id, f)))
+
+    def _loaded(self, adapter_id: str, future: Future[object]) -> wire.AdapterLoaded:
+        """The answer to a prefetch (on the store's thread: it only builds the message)."""
+        error = None if not future.cancelled() else AdapterSourceError("the load was cancelled", adapter=adapter_id)
+        if error is None and future.exception() is not None:
+            e = future.exception()
+            error = e if isinstance(e, NodeError) else AdapterError(f"{type(e).__name__}: {e}", adapter=adapter_id)
+        template = self.engine.provider.chat_template(adapter_id) if error is None else None
+        return wire.AdapterLoaded(self.core, self.incarnation, adapter_id, template, error)
 
     def _add(self, m: wire.AddRequest) -> None:
         if m.incarnation != self.incarnation:  # meant for the core this one replaces: already failed there

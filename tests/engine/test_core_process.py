@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -16,11 +17,13 @@ import zmq
 from node.engine import EngineConfig, LLMEngine, SamplingParams
 from node.engine.core_client import CoreClient
 from node.engine.core_process import input_endpoint, output_endpoint
-from node.errors import AdapterNotFound, Unavailable
+from node.errors import AdapterError, AdapterNotFound, Unavailable
+from node.lora.provider import LoadState
 from tests.fixtures.models import TinyAdapters
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 LONG = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)
+TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
 
 
 def _config(tiny_model: Path) -> EngineConfig:
@@ -94,6 +97,29 @@ def test_a_removed_adapter_is_refused_by_every_core(cores: CoreClient, tiny_adap
         assert all(isinstance(o.error, AdapterNotFound) for o in outs)
     finally:
         cores.add_adapter("stars-attn-r2", str(tiny_adapters.paths["stars-attn-r2"]))
+
+
+def test_an_adapters_own_chat_template_and_its_load_error_cross_from_the_core(
+        cores: CoreClient, tiny_adapters: TinyAdapters, tmp_path: Path) -> None:
+    templated = tmp_path / "templated"
+    shutil.copytree(tiny_adapters.paths["sea-r8"], templated)
+    (templated / "chat_template.jinja").write_text(TEMPLATE)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{not json")
+    cores.add_adapter("templated", str(templated))
+    cores.add_adapter("broken", str(broken))
+    adapters = cores.adapters
+    assert adapters.chat_template("templated") is None  # not loaded by any core yet
+    assert adapters.prefetch("templated").result(timeout=30) is None
+    assert adapters.chat_template("templated") == TEMPLATE and adapters.state("templated") is LoadState.READY
+    assert adapters.prefetch("sea-r8").result(timeout=30) is None
+    assert adapters.chat_template("sea-r8") is None  # none of its own: the base model's applies
+    with pytest.raises(AdapterError):
+        adapters.prefetch("broken").result(timeout=30)
+    assert adapters.state("broken") is LoadState.FAILED and isinstance(adapters.error("broken"), AdapterError)
+    cores.remove_adapter("templated")
+    assert adapters.chat_template("templated") is None and adapters.state("templated") is LoadState.UNKNOWN
 
 
 def test_garbage_on_both_sockets_is_refused_and_both_sides_go_on(cores: CoreClient, local: LLMEngine) -> None:
