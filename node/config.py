@@ -64,11 +64,14 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(default=None, ge=16)
     cuda_graphs: bool = True  # on CUDA: decode steps replayed from graphs per batch-size bucket
     weight_quantization: Literal["none", "int8"] = "none"  # int8: weight-only, per output channel
-    # the engine's step loop in processes of its own (over ZeroMQ, restarted if one dies), or in the API's
-    # (the default until the core process carries adapters' own chat templates: docs/engine.md)
-    engine_process: bool = False
+    # the engine's step loop in processes of its own (over ZeroMQ, restarted if one dies; the default of
+    # `loranode api`), or in the API's (`loranode dev`, the demo and tests: LocalNode; docs/engine.md)
+    engine_process: bool = True
     data_parallel_size: int = Field(default=1, ge=1, le=64)  # engine cores (one per device on CUDA)
     engine_threads: int | None = Field(default=None, ge=1)  # torch threads per core; None: CPUs / cores
+    # a core silent this long (a step that hangs; it reports every second) is killed and started again,
+    # its requests in flight ending with 503 (a node fault)
+    engine_stall_timeout_s: float = Field(default=60.0, gt=2.0)
 
     # adapters: device slots above; host memory and disk caches in bytes
     adapter_cache_dir: Path | None = None  # default: data_dir/adapters

@@ -6,10 +6,12 @@
 
 One thread does everything, in the order nano-vllm's loop does: take every message waiting on the
 socket, run one engine step, send that step's outputs as one frame. An idle core blocks on the socket
-(it wakes at least every `metrics_interval_s` to report its metrics and to notice that the API that
-started it is gone, then it exits). Detokenization and stop strings stay in the core (the API only
-turns token ids of prompts into text of answers it already has). A frame that is not a message is
-logged and dropped. The spec (engine and store configs) comes once, on stdin, at start.
+(it wakes at least every `metrics_interval_s` to report its metrics, which are its heartbeat, and to
+notice that the API that started it is gone, then it exits). A frame that is not a message, or a
+message that cannot be applied (a second AddRequest for a request running here, an adapter the store
+refuses), is refused alone and counted (`Metrics.num_refused`); the core goes on. Detokenization and
+stop strings stay in the core (the API only turns token ids of prompts into text of answers it
+already has). The spec (engine and store configs) comes once, on stdin, at start.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from node.engine import wire
 from node.engine.config import EngineConfig
 from node.engine.llm_engine import LLMEngine
 from node.engine.sequence import RequestOutput
-from node.errors import AdapterError, AdapterSourceError, NodeError
+from node.errors import AdapterError, AdapterSourceError, BadRequest, NodeError
 from node.lora.adapter import LoRATargetSpec, LoRAWeights, load_lora_adapter
 from node.lora.provider import AdapterSource
 from node.lora.store import AdapterStore, StoreConfig
@@ -96,7 +98,8 @@ class EngineCore:
         self.finished: list[RequestOutput] = []
         self.loads: collections.deque[wire.AdapterLoaded] = collections.deque()  # appended by store threads
         self.num_loading = 0  # prefetches asked for and not answered yet
-        self.num_refused = 0  # malformed frames dropped
+        self.num_refused = 0  # frames dropped: malformed, or messages that could not be applied
+        self.live: set[str] = set()  # request ids running here
         self._parent = os.getppid()
         self._stop = False
 
@@ -136,6 +139,9 @@ class EngineCore:
             deltas, finished = self.deltas[:], self.finished[:]
             self.deltas.clear()
             self.finished.clear()
+            for output in (*deltas, *finished):
+                if output.finish_reason is not None:  # type: ignore[attr-defined]
+                    self.live.discard(output.request_id)  # type: ignore[attr-defined]
             self._send(wire.Outputs(self.core, self.incarnation, deltas, finished))  # type: ignore[arg-type]
 
     def _receive_all(self) -> None:
@@ -147,14 +153,21 @@ class EngineCore:
             try:
                 message = self.codec.decode(frame.buffer)
             except wire.MalformedMessage as e:
-                self.num_refused += 1
-                log.warning("engine core %d: refused a malformed frame of %d bytes (%s)", self.core,
-                            len(frame.buffer), e)
+                self._refuse(f"a malformed frame of {len(frame.buffer)} bytes ({e})")
                 continue
-            self._handle(message)
+            try:
+                self._handle(message)
+            except Exception as e:  # a message that decodes but cannot be applied: it alone is refused
+                self._refuse(f"{type(message).__name__}: {type(e).__name__}: {e}"[:300])
+
+    def _refuse(self, what: str) -> None:
+        self.num_refused += 1
+        log.warning("engine core %d: refused %s", self.core, what)
 
     def _handle(self, message: wire.ToCore) -> None:
         match message:
+            case wire.AddRequest(request_id) if request_id in self.live:
+                self._refuse(f"a second AddRequest for {request_id}, which is running here")
             case wire.AddRequest():
                 self._add(message)
             case wire.AbortRequest(request_id):
@@ -190,6 +203,7 @@ class EngineCore:
     def _add(self, m: wire.AddRequest) -> None:
         if m.incarnation != self.incarnation:  # meant for the core this one replaces: already failed there
             return
+        self.live.add(m.request_id)
         try:
             if m.is_streamed:
                 self.engine.add_request(m.prompt_token_ids, m.params, m.adapter_id, m.request_id,
@@ -197,9 +211,11 @@ class EngineCore:
             else:
                 self.engine.add_request(m.prompt_token_ids, m.params, m.adapter_id, m.request_id,
                                         waiter=self.finished.append, prefix_key=m.prefix_key)
-        except NodeError as e:
+        except Exception as e:  # refused before it ran: it ends here, with the engine's reason
+            error = e if isinstance(e, NodeError) else BadRequest(f"the engine core refused the request: "
+                                                                  f"{type(e).__name__}", request_id=m.request_id)
             n = len(m.prompt_token_ids)
-            self.finished.append(RequestOutput(m.request_id, [], [], "", "error", n, 0, m.adapter_id, e))
+            self.finished.append(RequestOutput(m.request_id, [], [], "", "error", n, 0, m.adapter_id, error))
 
     def _send_metrics(self) -> None:
         tiers: dict[str, dict[str, float]] = {}
@@ -208,7 +224,8 @@ class EngineCore:
                 if isinstance(stats, dict):
                     tiers[tier] = {k: float(v) for k, v in stats.items() if isinstance(v, int | float)}
         scheduler = self.engine.scheduler
-        self._send(wire.Metrics(self.core, self.incarnation, len(scheduler.running), len(scheduler.waiting), tiers))
+        self._send(wire.Metrics(self.core, self.incarnation, len(scheduler.running), len(scheduler.waiting), tiers,
+                                self.num_refused))
 
     def _send(self, message: wire.FromCore) -> None:
         self.outbox.send(self.codec.encode(message), copy=False)

@@ -103,6 +103,7 @@ class Metrics(_Message):
     num_running: int
     num_waiting: int
     adapter_store: dict[str, dict[str, float]]  # tier -> stat -> value (AdapterStore.metrics)
+    num_refused: int = 0  # frames the core refused since it started
 
 
 ToCore = AddRequest | AbortRequest | RegisterAdapter | RemoveAdapter | PrefetchAdapter | Shutdown
