@@ -153,7 +153,9 @@ def test_a_stalled_core_stalls_neither_health_nor_ready_and_its_requests_end_unp
         stop_polling.set()
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGKILL)
-    assert any(r["engine"] is False and r["ready"] is False for r in readies), "/ready never said the core was down"
+    assert any(r["engine"] is False and r["ready"] is False and r["engineCoresUp"] == 0 for r in readies), \
+        "/ready never said the core was down"
+    assert readies[0]["engineCores"] == 1
     again = att.post(body, header, timeout=120)  # the same voucher: it was never burned
     assert again.status_code == 200 and "X-Idempotent-Replay" not in again.headers, again.text
     assert att.charged(lane) == before + int(again.json()["receipt"]["fee"])
