@@ -75,13 +75,16 @@ class Settings(BaseSettings):
     prefix_caching: bool = True  # LORANODE_PREFIX_CACHING: full KV blocks cached by (adapter, tokens)
     # weight-only int8 (per output channel) or int4 (groups of 128), on torchao; fp8 on Ada/Hopper GPUs
     weight_quantization: Literal["none", "int8", "int4", "fp8"] = "none"
-    # the engine's step loop in processes of its own (over ZeroMQ, restarted if one dies), or in the API's
-    # (the default until the core process carries adapters' own chat templates: docs/engine.md)
-    engine_process: bool = False
+    # the engine's step loop in processes of its own (over ZeroMQ, restarted if one dies; the default of
+    # `loranode api`), or in the API's (`loranode dev`, the demo and tests: LocalNode; docs/engine.md)
+    engine_process: bool = True
     data_parallel_size: int = Field(default=1, ge=1, le=64)  # engine cores (one per device on CUDA)
     # devices (ranks) each engine core splits the model across: its workers are processes under it
     tensor_parallel_size: int = Field(default=1, ge=1, le=64)
     engine_threads: int | None = Field(default=None, ge=1)  # torch threads per core; None: CPUs / cores
+    # a core silent this long (a step that hangs; it reports every second) is killed and started again,
+    # its requests in flight ending with 503 (a node fault)
+    engine_stall_timeout_s: float = Field(default=60.0, gt=2.0)
 
     # adapters: device slots above; host memory and disk caches in bytes
     adapter_cache_dir: Path | None = None  # default: data_dir/adapters

@@ -57,6 +57,11 @@ class EngineClient:
         """An engine core is up to take requests (always, in process)."""
         return not isinstance(self.engine, CoreClient) or self.engine.num_up > 0
 
+    @property
+    def cores_up(self) -> tuple[int, int] | None:
+        """(engine cores up, engine cores) out of process; None with the engine in this process."""
+        return (self.engine.num_up, self.engine.num_cores) if isinstance(self.engine, CoreClient) else None
+
     # --- prompts ----------------------------------------------------------------------------------
     def encode_completion(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, list):

@@ -77,7 +77,8 @@ def start_engine(settings: Settings, config: EngineConfig) -> tuple[Engine, Adap
         threads = settings.engine_threads
         if threads is None and settings.data_parallel_size > 1:
             threads = max(1, (os.cpu_count() or 1) // settings.data_parallel_size)
-        client = CoreClient(config, settings.data_parallel_size, store=store_config(settings), num_threads=threads)
+        client = CoreClient(config, settings.data_parallel_size, store=store_config(settings), num_threads=threads,
+                            stall_timeout_s=settings.engine_stall_timeout_s)
         try:
             client.start()
         except BaseException:

@@ -34,7 +34,7 @@ def api(host: str = typer.Option(None, help="Bind address (default LORANODE_HOST
         port: int = typer.Option(None, help="Port (default LORANODE_PORT)."),
         engine_process: bool = typer.Option(None, "--engine-process/--in-process",
                                             help="The engine in core processes of its own (default "
-                                                 "LORANODE_ENGINE_PROCESS, false) or in the API's."),
+                                                 "LORANODE_ENGINE_PROCESS, true) or in the API's."),
         data_parallel_size: int = typer.Option(None, "--data-parallel-size", min=1,
                                                help="Engine cores, one per device on CUDA (default "
                                                     "LORANODE_DATA_PARALLEL_SIZE, 1)."),

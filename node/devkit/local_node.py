@@ -28,7 +28,7 @@ from node.chain.deploy import Deployment, deploy_all, write_deployment
 from node.chain.indexer import IndexedContracts, Indexer, IndexerConfig
 from node.config import Settings, load_settings
 from node.db.session import make_engine, session_factory, upgrade
-from node.errors import ChainError, ChainMismatch, MirrorHalted, ReorgTooDeep
+from node.errors import ChainError, ChainMismatch, ConfigError, MirrorHalted, ReorgTooDeep
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,11 @@ class LocalNode:
     def start_chain(cls, data_dir: Path, *, database_url: str | None = None, protocol_bps: int = 500,
                     node_bps: int = 1_500, challenge_period_s: int = 0, thaw_period_s: int = 3_600,
                     **overrides: Any) -> LocalNode:
-        """Anvil, the contracts and a migrated database: everything but the engine."""
+        """Anvil, the contracts and a migrated database: everything but the engine. The engine it serves
+        runs in the API's process (one process to debug, as `loranode dev`, the demo and tests want),
+        unless LORANODE_ENGINE_PROCESS says otherwise (`loranode api`'s default: core processes)."""
         data_dir.mkdir(parents=True, exist_ok=True)
+        overrides.setdefault("engine_process", engine_process_from_env())
         anvil = Anvil().start()
         try:
             keys = anvil.keys
@@ -170,6 +173,16 @@ class LocalNode:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def engine_process_from_env() -> bool:
+    """LORANODE_ENGINE_PROCESS as Settings reads it; unset: False (the engine in the API's process)."""
+    value = os.environ.get("LORANODE_ENGINE_PROCESS", "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"LORANODE_ENGINE_PROCESS must be true or false, not {value!r}")
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

@@ -9,7 +9,8 @@ them all again before it serves.
 A core that dies fails its requests in flight with `Unavailable` (finish reason "error": a node
 fault, for the API's money rules); while no core is up, new requests fail at once the same way. A
 core that stops reading (a stalled step) never blocks the caller: frames queue in ZeroMQ up to
-`MAX_QUEUED_FRAMES`, then requests are refused with `Overloaded`.
+`MAX_QUEUED_FRAMES`, then requests are refused with `Overloaded`; once it has been silent for
+`stall_timeout_s` the supervisor kills it, and it fails its requests and restarts as a core that died.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class _Pending:
 
 class CoreClient:
     def __init__(self, config: EngineConfig, num_cores: int = 1, store: StoreConfig | None = None,
-                 num_threads: int | None = None, load_factor: float = 1.25, start_timeout_s: float = 600.0) -> None:
+                 num_threads: int | None = None, load_factor: float = 1.25, start_timeout_s: float = 600.0,
+                 stall_timeout_s: float = 60.0) -> None:
         self.config = config
         self.model_config = ModelConfig.from_folder(config.model_path)
         self.max_model_len = max_model_len(config, self.model_config)
@@ -72,11 +74,12 @@ class CoreClient:
         self.run_dir = tempfile.mkdtemp(prefix="loranode-engine-")
         specs = [CoreSpec(core_engine_config(config, i, num_cores), self.run_dir, store, num_threads)
                  for i in range(num_cores)]
-        self.supervisor = CoreSupervisor(specs, self._on_exit)
+        self.supervisor = CoreSupervisor(specs, self._on_exit, stall_timeout_s)
         self.router = CoreRouter(num_cores, load_factor)
         for core in range(num_cores):
             self.router.set_up(core, False)
-        self.adapters = CoreAdapters(self, validates_hash=store is not None)
+        self.adapters = CoreAdapters(self, validates_hash=store is not None,
+                                     retry_after_s=store.retry_after_s if store is not None else 0.0)
         self.metrics: dict[int, wire.Metrics] = {}
         self.num_refused = 0  # malformed frames the receiver dropped
         self._codec = wire.api_codec()
@@ -154,13 +157,19 @@ class CoreClient:
         return total
 
     @property
+    def num_refused_by_cores(self) -> int:
+        """Frames the cores refused (malformed, or not applicable), as their last metrics said."""
+        return sum(report.num_refused for report in list(self.metrics.values()))
+
+    @property
     def num_up(self) -> int:
         with self._lock:
             return sum(self.router.is_up)
 
-    def _on_exit(self, core: int, code: int) -> None:
+    def _on_exit(self, core: int, why: str) -> None:
         self.metrics.pop(core, None)
-        self._fail_pending(core, f"the engine core stopped (exit {code}) during the request")
+        self._fail_pending(core, f"the engine core {why} during the request")
+        self.adapters.core_exited(core)
 
     def _fail_pending(self, core: int | None, why: str) -> None:
         with self._lock:
@@ -246,14 +255,18 @@ class CoreClient:
         done.set_result(None)
         return done
 
-    def send_to_home(self, adapter_id: str, message: wire.ToCore) -> None:
-        """To the core an adapter's requests go to first (if it is up)."""
-        core = self.router.home(adapter_id)
+    def send_prefetch(self, adapter_id: str) -> int:
+        """Ask the core an adapter's requests go to first (another one up if that one is down) to load it;
+        returns that core. Unavailable if no core is up, Overloaded if its queue is full."""
         with self._lock:
-            is_up = self.router.is_up[core]
-        if is_up:
-            with contextlib.suppress(zmq.Again):
-                self._send(core, message)
+            home = self.router.home(adapter_id)
+            core = home if self.router.is_up[home] else self.router.pick(adapter_id)
+        try:
+            self._send(core, wire.PrefetchAdapter(adapter_id))
+        except zmq.Again:
+            raise Overloaded("the engine core is not taking requests (its queue is full); retry shortly",
+                             core=core) from None
+        return core
 
     def _forget(self, request_id: str) -> _Pending | None:
         with self._lock:
@@ -281,9 +294,15 @@ class CoreClient:
                     log.warning("refused a malformed frame of %d bytes from the engine socket (%s)",
                                 len(frame.buffer), e)
                     continue
-                self._handle(message)
+                try:
+                    self._handle(message)
+                except Exception:  # one message that cannot be applied must not end the receiver
+                    self.num_refused += 1
+                    log.exception("refused a %s from the engine socket", type(message).__name__)
 
     def _handle(self, message: wire.FromCore) -> None:
+        if 0 <= message.core < self.num_cores:
+            self.supervisor.heard(message.core, message.incarnation)
         match message:
             case wire.Ready(core, incarnation, pid, _):
                 self._ready(core, incarnation, pid)
@@ -294,6 +313,9 @@ class CoreClient:
                     self._on_delta(delta)
                 for output in finished:
                     self._on_finished(output)
+            case wire.AdapterLoaded(core, incarnation):
+                if self._is_current(core, incarnation):
+                    self.adapters.loaded(message)
             case wire.Metrics(core, incarnation):
                 if self._is_current(core, incarnation):
                     self.metrics[core] = message

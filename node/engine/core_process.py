@@ -6,14 +6,17 @@
 
 One thread does everything, in the order nano-vllm's loop does: take every message waiting on the
 socket, run one engine step, send that step's outputs as one frame. An idle core blocks on the socket
-(it wakes at least every `metrics_interval_s` to report its metrics and to notice that the API that
-started it is gone, then it exits). Detokenization and stop strings stay in the core (the API only
-turns token ids of prompts into text of answers it already has). A frame that is not a message is
-logged and dropped. The spec (engine and store configs) comes once, on stdin, at start.
+(it wakes at least every `metrics_interval_s` to report its metrics, which are its heartbeat, and to
+notice that the API that started it is gone, then it exits). A frame that is not a message, or a
+message that cannot be applied (a second AddRequest for a request running here, an adapter the store
+refuses), is refused alone and counted (`Metrics.num_refused`); the core goes on. Detokenization and
+stop strings stay in the core (the API only turns token ids of prompts into text of answers it
+already has). The spec (engine and store configs) comes once, on stdin, at start.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
@@ -21,6 +24,7 @@ import os
 import pickle
 import sys
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +37,7 @@ from node.engine.llm_engine import LLMEngine
 from node.engine.residency import AdapterAction
 from node.engine.sequence import RequestOutput
 from node.engine.stats import device_tier, engine_stats
-from node.errors import NodeError, TensorParallelError
+from node.errors import AdapterError, AdapterSourceError, BadRequest, NodeError, TensorParallelError
 from node.lora.adapter import LoRATargetSpec, LoRAWeights, load_lora_adapter
 from node.lora.provider import AdapterSource
 from node.lora.store import AdapterStore, StoreConfig
@@ -41,6 +45,7 @@ from node.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 TENSOR_PARALLEL_EXIT = 75  # a tensor-parallel rank died: the supervisor starts the core (and its group) again
+LOAD_POLL_MS = 5  # how often an idle core looks for finished adapter loads
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,10 @@ class EngineCore:
         self.outbox.connect(output_endpoint(spec.run_dir))
         self.deltas: list[object] = []
         self.finished: list[RequestOutput] = []
-        self.num_refused = 0  # malformed frames dropped
+        self.loads: collections.deque[wire.AdapterLoaded] = collections.deque()  # appended by store threads
+        self.num_loading = 0  # prefetches asked for and not answered yet
+        self.num_refused = 0  # frames dropped: malformed, or messages that could not be applied
+        self.live: set[str] = set()  # request ids running here
         self._parent = os.getppid()
         self._stop = False
         self.exit_code = 0
@@ -106,6 +114,8 @@ class EngineCore:
         while not self._stop:
             busy = self.engine.has_unfinished()
             wait_ms = 0 if busy else max(0, int((next_metrics - time.monotonic()) * 1000))
+            if self.num_loading:  # a load finishes on a store thread: look for its answer often
+                wait_ms = min(wait_ms, LOAD_POLL_MS)
             if self.inbox.poll(wait_ms):
                 self._receive_all()
             if self.engine.has_unfinished():
@@ -130,11 +140,17 @@ class EngineCore:
             self.engine.fail_all()
 
     def _flush(self) -> None:
-        """Send what the step (or a refused request) produced, as one frame."""
+        """Send what the step (or a refused request) produced, as one frame; and the loads finished."""
+        while self.loads:
+            self.num_loading -= 1
+            self._send(self.loads.popleft())
         if self.deltas or self.finished:  # the engine's callbacks hold these lists: copy, then clear
             deltas, finished = self.deltas[:], self.finished[:]
             self.deltas.clear()
             self.finished.clear()
+            for output in (*deltas, *finished):
+                if output.finish_reason is not None:  # type: ignore[attr-defined]
+                    self.live.discard(output.request_id)  # type: ignore[attr-defined]
             self._send(wire.Outputs(self.core, self.incarnation, deltas, finished))  # type: ignore[arg-type]
 
     def _receive_all(self) -> None:
@@ -146,14 +162,21 @@ class EngineCore:
             try:
                 message = self.codec.decode(frame.buffer)
             except wire.MalformedMessage as e:
-                self.num_refused += 1
-                log.warning("engine core %d: refused a malformed frame of %d bytes (%s)", self.core,
-                            len(frame.buffer), e)
+                self._refuse(f"a malformed frame of {len(frame.buffer)} bytes ({e})")
                 continue
-            self._handle(message)
+            try:
+                self._handle(message)
+            except Exception as e:  # a message that decodes but cannot be applied: it alone is refused
+                self._refuse(f"{type(message).__name__}: {type(e).__name__}: {e}"[:300])
+
+    def _refuse(self, what: str) -> None:
+        self.num_refused += 1
+        log.warning("engine core %d: refused %s", self.core, what)
 
     def _handle(self, message: wire.ToCore) -> None:
         match message:
+            case wire.AddRequest(request_id) if request_id in self.live:
+                self._refuse(f"a second AddRequest for {request_id}, which is running here")
             case wire.AddRequest():
                 self._add(message)
             case wire.AbortRequest(request_id):
@@ -163,18 +186,35 @@ class EngineCore:
             case wire.RemoveAdapter(adapter_id):
                 self.engine.remove_adapter(adapter_id)
             case wire.PrefetchAdapter(adapter_id):
-                try:
-                    self.engine.provider.prefetch(adapter_id)
-                except NodeError as e:
-                    log.info("engine core %d: prefetch of %s refused: %s", self.core, adapter_id, e.message)
+                self._prefetch(adapter_id)
             case wire.ControlAdapter(adapter_id, action):
                 self.engine.control_adapter(adapter_id, AdapterAction(action))
             case wire.Shutdown():
                 self._stop = True
 
+    def _prefetch(self, adapter_id: str) -> None:
+        """Load an adapter into host memory and answer with its chat template or its error."""
+        self.num_loading += 1
+        try:
+            future = self.engine.provider.prefetch(adapter_id)
+        except NodeError as e:
+            self.loads.append(wire.AdapterLoaded(self.core, self.incarnation, adapter_id, None, e))
+            return
+        future.add_done_callback(lambda f: self.loads.append(self._loaded(adapter_id, f)))
+
+    def _loaded(self, adapter_id: str, future: Future[object]) -> wire.AdapterLoaded:
+        """The answer to a prefetch (on the store's thread: it only builds the message)."""
+        error = None if not future.cancelled() else AdapterSourceError("the load was cancelled", adapter=adapter_id)
+        if error is None and future.exception() is not None:
+            e = future.exception()
+            error = e if isinstance(e, NodeError) else AdapterError(f"{type(e).__name__}: {e}", adapter=adapter_id)
+        template = self.engine.provider.chat_template(adapter_id) if error is None else None
+        return wire.AdapterLoaded(self.core, self.incarnation, adapter_id, template, error)
+
     def _add(self, m: wire.AddRequest) -> None:
         if m.incarnation != self.incarnation:  # meant for the core this one replaces: already failed there
             return
+        self.live.add(m.request_id)
         try:
             if m.is_streamed:
                 self.engine.add_request(m.prompt_token_ids, m.params, m.adapter_id, m.request_id,
@@ -182,9 +222,11 @@ class EngineCore:
             else:
                 self.engine.add_request(m.prompt_token_ids, m.params, m.adapter_id, m.request_id,
                                         waiter=self.finished.append, prefix_key=m.prefix_key)
-        except NodeError as e:
+        except Exception as e:  # refused before it ran: it ends here, with the engine's reason
+            error = e if isinstance(e, NodeError) else BadRequest(f"the engine core refused the request: "
+                                                                  f"{type(e).__name__}", request_id=m.request_id)
             n = len(m.prompt_token_ids)
-            self.finished.append(RequestOutput(m.request_id, [], [], "", "error", n, 0, m.adapter_id, e))
+            self.finished.append(RequestOutput(m.request_id, [], [], "", "error", n, 0, m.adapter_id, error))
 
     def _send_metrics(self) -> None:
         tiers: dict[str, dict[str, float]] = {}
@@ -195,7 +237,7 @@ class EngineCore:
         tiers["device"] = device_tier(self.engine)
         scheduler = self.engine.scheduler
         self._send(wire.Metrics(self.core, self.incarnation, len(scheduler.running), len(scheduler.waiting), tiers,
-                                engine_stats(self.engine)))
+                                engine_stats(self.engine), self.num_refused))
 
     def _send(self, message: wire.FromCore) -> None:
         self.outbox.send(self.codec.encode(message), copy=False)

@@ -5,6 +5,10 @@ One watcher thread per core waits on its process. A core that exits while the no
 a back-off that doubles while it keeps dying (up to `MAX_BACKOFF_S`); it serves again once its Ready
 frame arrives (`CoreClient`). A core that dies before its first Ready fails `start` instead: a bad
 model folder or config is reported at start, not retried forever.
+
+A core that is up but silent for `stall_timeout_s` (a step that hangs: it sends a frame at least every
+`metrics_interval_s` while it runs, `heard` records them) is stalled: the watchdog kills it, and it is
+reported and started again as a core that died, so its requests in flight end instead of waiting on it.
 """
 
 from __future__ import annotations
@@ -38,12 +42,18 @@ class CoreProcess:
     ever_ready: threading.Event = field(default_factory=threading.Event)
     started_at: float = 0.0
     exited_incarnation: int = 0  # set (before `on_exit`) when that incarnation's process is gone
+    heard_at: float = 0.0  # the last frame from the running incarnation (monotonic)
+    stalled_incarnation: int = 0  # the incarnation the watchdog killed for its silence
 
 
 class CoreSupervisor:
-    def __init__(self, specs: list[CoreSpec], on_exit: Callable[[int, int], None]) -> None:
-        self.specs = specs
-        self.on_exit = on_exit  # (core, exit code): called on the watcher thread
+    def __init__(self, specs: list[CoreSpec], on_exit: Callable[[int, str], None],
+                 stall_timeout_s: float = 60.0) -> None:
+        if any(stall_timeout_s <= 2 * spec.metrics_interval_s for spec in specs):
+            raise ConfigError("the engine's stall timeout must exceed twice its heartbeat interval",
+                              stall_timeout_s=stall_timeout_s)
+        self.specs, self.stall_timeout_s = specs, stall_timeout_s
+        self.on_exit = on_exit  # (core, why it is gone): called on the watcher thread
         self.cores = [CoreProcess(i) for i in range(len(specs))]
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -56,6 +66,9 @@ class CoreSupervisor:
                                       daemon=True)
             self._threads.append(thread)
             thread.start()
+        watchdog = threading.Thread(target=self._watchdog, name="engine-core-watchdog", daemon=True)
+        self._threads.append(watchdog)
+        watchdog.start()
         deadline = time.monotonic() + timeout_s
         for core in self.cores:
             while not core.ever_ready.wait(0.1):
@@ -71,9 +84,27 @@ class CoreSupervisor:
         c = self.cores[core]
         if incarnation != c.incarnation or c.exited_incarnation == incarnation:
             return False
-        c.is_up = True
+        c.is_up, c.heard_at = True, time.monotonic()
         c.ever_ready.set()
         return True
+
+    def heard(self, core: int, incarnation: int) -> None:
+        """A frame arrived from this core (the client's receiver thread): it is not stalled."""
+        c = self.cores[core]
+        if c.incarnation == incarnation:
+            c.heard_at = time.monotonic()
+
+    def _watchdog(self) -> None:
+        while not self._stopping.wait(min(1.0, self.stall_timeout_s / 4)):
+            for core in self.cores:
+                proc, silent = core.proc, time.monotonic() - core.heard_at
+                if not core.is_up or proc is None or silent <= self.stall_timeout_s or proc.poll() is not None:
+                    continue
+                log.error("engine core %d (pid %d) sent nothing for %.1f s: stalled; killing it", core.core,
+                          proc.pid, silent)
+                core.stalled_incarnation = core.incarnation
+                core.is_up = False
+                proc.kill()
 
     def _spawn(self, core: CoreProcess) -> None:
         core.incarnation += 1
@@ -99,9 +130,11 @@ class CoreSupervisor:
             core.is_up = False
             if not core.ever_ready.is_set():
                 return  # `start` reports it
-            log.error("engine core %d (pid %d) exited with %d; its requests fail, starting it again",
-                      core.core, core.proc.pid, code)
-            self.on_exit(core.core, code)
+            why = (f"stalled (no frame for {self.stall_timeout_s:.0f} s) and was killed"
+                   if core.stalled_incarnation == core.incarnation else f"stopped (exit {code})")
+            log.error("engine core %d (pid %d) %s; its requests fail, starting it again", core.core,
+                      core.proc.pid, why)
+            self.on_exit(core.core, why)
             backoff = 0.0 if time.monotonic() - core.started_at > STABLE_S else min(max(backoff * 2, 0.5),
                                                                                      MAX_BACKOFF_S)
             if self._stopping.wait(backoff):

@@ -3,7 +3,8 @@
 Two directions, one ZeroMQ PUSH/PULL pair each (see `core_process.py`):
 
     API -> core   AddRequest, AbortRequest, RegisterAdapter, RemoveAdapter, PrefetchAdapter, Shutdown
-    core -> API   Ready (once, on start), Outputs (once per engine step), Metrics (about once a second)
+    core -> API   Ready (once, on start), Outputs (once per engine step), AdapterLoaded (per prefetch),
+                  Metrics (about once a second, also the core's heartbeat)
 
 Each frame is one msgpack message tagged with its type's name. `SamplingParams`, `StreamDelta` and
 `RequestOutput` cross as the engine's own dataclasses, field by field (msgspec encodes and decodes
@@ -90,6 +91,17 @@ class Outputs(_Message):
     finished: list[RequestOutput]
 
 
+class AdapterLoaded(_Message):
+    """A core's answer to PrefetchAdapter: the adapter is in its host memory (with the chat template its
+    folder has, None if none), or its load failed with `error`."""
+
+    core: int
+    incarnation: int
+    adapter_id: str
+    chat_template: str | None
+    error: NodeError | None = None
+
+
 class Metrics(_Message):
     core: int
     incarnation: int
@@ -97,10 +109,11 @@ class Metrics(_Message):
     num_waiting: int
     adapter_store: dict[str, dict[str, float]]  # tier -> stat -> value (AdapterStore.metrics, and "device")
     engine: dict[str, float] = {}  # node/engine/stats.py: engine_stats
+    num_refused: int = 0  # frames the core refused since it started
 
 
 ToCore = AddRequest | AbortRequest | RegisterAdapter | RemoveAdapter | PrefetchAdapter | ControlAdapter | Shutdown
-FromCore = Ready | Outputs | Metrics
+FromCore = Ready | Outputs | AdapterLoaded | Metrics
 
 
 def _error_types() -> dict[str, type[NodeError]]:

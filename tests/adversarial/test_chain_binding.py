@@ -131,8 +131,8 @@ def test_a_deposit_funds_paid_work_only_once_it_is_final(
         paid = build_paid_node(local, tiny_model, tiny_adapters.paths["sea-r8"], tmp_path)  # type: ignore[attr-defined]
         newcomer = local.contracts(FIRST_USER + 6)
         newcomer.token.mint(newcomer.client.address, 10**21)
-        newcomer.escrow.deposit(local.contracts(0).client.address, 10**21, newcomer.token)
-        deposit_block = int(local.anvil.rpc("eth_blockNumber"), 16)  # type: ignore[arg-type]
+        mined = newcomer.escrow.deposit(local.contracts(0).client.address, 10**21, newcomer.token)
+        deposit_block = int(mined["blockNumber"])  # not the head: the dev chain mines on while this runs
         head = _wait_indexed(local, deposit_block)
         assert head.final_block < deposit_block  # mirrored (0 confirmations) but not final
         key, before = local.anvil.keys[FIRST_USER + 6], _num_charged(local)

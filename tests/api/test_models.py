@@ -37,8 +37,9 @@ HOSTILE_TEMPLATE = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the sea"}]
 
 
-def base_node(tiny_model: Path, tiny_adapters: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PaidNode]:
-    """A paid node whose base model is served as "tiny-base" at its own prices."""
+def base_node(tiny_model: Path, tiny_adapters: object, tmp_path_factory: pytest.TempPathFactory,
+              **serve: object) -> Iterator[PaidNode]:
+    """A paid node whose base model is served as "tiny-base" at its own prices (`serve`: more settings)."""
     data_dir = tmp_path_factory.mktemp("models-node")
     db_url = os.environ.get(POSTGRES_ENV)
     local = LocalNode.start_chain(data_dir, database_url=_fresh_postgres(db_url) if db_url else None,
@@ -48,7 +49,7 @@ def base_node(tiny_model: Path, tiny_adapters: object, tmp_path_factory: pytest.
         adapter = tiny_adapters.paths["sea-r8"]  # type: ignore[attr-defined]
         yield build_paid_node(local, tiny_model, adapter, data_dir, served_model_name="tiny-base",
                               base_prompt_token_price=BASE_PROMPT_PRICE,
-                              base_completion_token_price=BASE_COMPLETION_PRICE)
+                              base_completion_token_price=BASE_COMPLETION_PRICE, **serve)
     finally:
         local.stop()
 

@@ -4,6 +4,7 @@ deploy/haproxy/haproxy.cfg), and what each replica's /metrics says it served."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import Counter
@@ -21,6 +22,8 @@ from node.errors import NodeRefusal, NodeUnreachable
 from tests.e2e.cluster import Cluster
 from tests.e2e.processes import node_command
 from tests.e2e.traffic import ClientLog, Outcome, send_raw
+
+log = logging.getLogger(__name__)
 
 
 def adapter_requests(base_url: str) -> Counter[str]:
@@ -94,6 +97,7 @@ class RetryingTraffic:
     is held by a replica that died, until that hold expires). Every try is an Outcome in `log`."""
 
     BROKEN = (0, 502, 503, 504)
+    AFTER_A_BREAK = (*BROKEN, 409, 429)  # what a retry after a break waits out
 
     def __init__(self, payers: list[Payer], lanes: list[tuple[int, int]], models: list[str], url: str,
                  log: ClientLog, retry_for_s: float = 60.0) -> None:
@@ -116,14 +120,25 @@ class RetryingTraffic:
             i += 1
 
     def _until_answered(self, payer: Payer, lane: int, body: bytes, header: str) -> Outcome:
+        """Send it, and after a break send the same bytes again until they are answered: served fresh (the
+        break came before any charge) or the stored answer replayed (it came after). Whatever a broken
+        call may leave behind for a while is waited out: 409 (the voucher still held by the replica that
+        died, until the hold expires), 429 and 5xx (the surviving replica taking every lane at once).
+        Why a retry stopped is logged: only the deadline stops one that was never answered."""
         outcome = self.log.add(send_raw(self.url, body, header, payer.address, lane))
-        deadline = time.monotonic() + self.retry_for_s
-        is_broken = outcome.status in self.BROKEN
-        # after a break, 409 says the voucher is still held by the replica that died: wait for its hold
-        while (outcome.status in self.BROKEN or (is_broken and outcome.status == 409)) \
-                and time.monotonic() < deadline:
+        if outcome.status not in self.BROKEN:
+            return outcome
+        deadline, tries = time.monotonic() + self.retry_for_s, 1
+        while outcome.status in self.AFTER_A_BREAK and time.monotonic() < deadline:
             time.sleep(0.5)
-            outcome = self.log.add(send_raw(self.url, body, header, payer.address, lane))
+            outcome, tries = self.log.add(send_raw(self.url, body, header, payer.address, lane)), tries + 1
+        if outcome.is_served:
+            log.info("lane %s/%d answered after %d tries (%s)", payer.address[:8], lane, tries,
+                     "fresh" if not outcome.receipts else f"receipt {outcome.receipts[-1]['id']}")
+        else:
+            log.warning("lane %s/%d: retries stopped after %d tries: status %d %s%s", payer.address[:8], lane,
+                        tries, outcome.status, outcome.error,
+                        " (deadline)" if outcome.status in self.AFTER_A_BREAK else " (a final refusal)")
         return outcome
 
     def __enter__(self) -> RetryingTraffic:

@@ -4,23 +4,28 @@ streams and aborts across the socket, a core killed mid-request, and garbage on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import zmq
 
-from node.engine import EngineConfig, LLMEngine, SamplingParams
+from node.engine import EngineConfig, LLMEngine, SamplingParams, wire
 from node.engine.core_client import CoreClient
 from node.engine.core_process import input_endpoint, output_endpoint
-from node.errors import AdapterNotFound, Unavailable
+from node.engine.sequence import RequestOutput, StreamDelta
+from node.errors import AdapterError, AdapterNotFound, Unavailable
+from node.lora.provider import LoadState
 from tests.fixtures.models import TinyAdapters
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 LONG = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)
+TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
 
 
 def _config(tiny_model: Path) -> EngineConfig:
@@ -96,6 +101,29 @@ def test_a_removed_adapter_is_refused_by_every_core(cores: CoreClient, tiny_adap
         cores.add_adapter("stars-attn-r2", str(tiny_adapters.paths["stars-attn-r2"]))
 
 
+def test_an_adapters_own_chat_template_and_its_load_error_cross_from_the_core(
+        cores: CoreClient, tiny_adapters: TinyAdapters, tmp_path: Path) -> None:
+    templated = tmp_path / "templated"
+    shutil.copytree(tiny_adapters.paths["sea-r8"], templated)
+    (templated / "chat_template.jinja").write_text(TEMPLATE)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{not json")
+    cores.add_adapter("templated", str(templated))
+    cores.add_adapter("broken", str(broken))
+    adapters = cores.adapters
+    assert adapters.chat_template("templated") is None  # not loaded by any core yet
+    assert adapters.prefetch("templated").result(timeout=30) is None
+    assert adapters.chat_template("templated") == TEMPLATE and adapters.state("templated") is LoadState.READY
+    assert adapters.prefetch("sea-r8").result(timeout=30) is None
+    assert adapters.chat_template("sea-r8") is None  # none of its own: the base model's applies
+    with pytest.raises(AdapterError):
+        adapters.prefetch("broken").result(timeout=30)
+    assert adapters.state("broken") is LoadState.FAILED and isinstance(adapters.error("broken"), AdapterError)
+    cores.remove_adapter("templated")
+    assert adapters.chat_template("templated") is None and adapters.state("templated") is LoadState.UNKNOWN
+
+
 def test_garbage_on_both_sockets_is_refused_and_both_sides_go_on(cores: CoreClient, local: LLMEngine) -> None:
     pids = cores.pids()
     context = zmq.Context.instance()
@@ -109,17 +137,73 @@ def test_garbage_on_both_sockets_is_refused_and_both_sides_go_on(cores: CoreClie
         for frame in junk:
             to_core.send(frame)
             to_api.send(frame)
-        deadline = time.monotonic() + 10
-        while cores.num_refused < len(junk) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _until(lambda: cores.num_refused == len(junk), "the API did not refuse them")
+        _until(lambda: cores.num_refused_by_cores == len(junk), "the core did not refuse them")
     finally:
         to_core.close(linger=1000)
         to_api.close(linger=1000)
-    assert cores.num_refused == len(junk)
     here = local.generate(["The river runs"] * 2, GREEDY, ["sea-r8", "count-r4"])
     there = cores.generate(["The river runs"] * 2, GREEDY, ["sea-r8", "count-r4"])
     assert [o.token_ids for o in there] == [o.token_ids for o in here]
     assert cores.pids() == pids, "a core died of a malformed frame"
+
+
+def test_wrong_truncated_and_unknown_messages_are_refused_and_both_sides_go_on(
+        cores: CoreClient, local: LLMEngine) -> None:
+    pids, incarnation = cores.pids(), cores.supervisor.cores[0].incarnation
+    api_refused, core_refused = cores.num_refused, cores.num_refused_by_cores
+    codec = wire.api_codec()  # encodes any message
+    add = codec.encode(wire.AddRequest("foreign-1", [5, 6, 7], LONG, None, False, incarnation))
+    outputs = codec.encode(wire.Outputs(0, incarnation, [StreamDelta("nobody", [1], "x", None, 3, 1)],
+                                        [RequestOutput("nobody", [1], [1], "x", "length", 3, 1)]))
+    to_core_refused = [codec.encode(wire.Ready(0, incarnation, 1, 128)),  # a message of the other direction
+                       add[: len(add) // 2], add[:-1],  # truncated
+                       add]  # the second one for a request running there
+    to_core_ignored = [add, codec.encode(wire.AbortRequest("nobody")), codec.encode(wire.RemoveAdapter("nobody")),
+                       codec.encode(wire.PrefetchAdapter("nobody")),  # answered with AdapterNotFound, dropped here
+                       codec.encode(wire.AddRequest("foreign-2", [10**9], GREEDY, None, False, incarnation))]
+    to_api_refused = [add, outputs[: len(outputs) // 2], outputs[:-3]]
+    to_api_ignored = [outputs,  # request ids nobody here asked for
+                      codec.encode(wire.Outputs(7, 1, [], [])), codec.encode(wire.Ready(9, 1, 1, 128)),
+                      codec.encode(wire.AdapterLoaded(0, incarnation, "nobody", "{{ x }}")),
+                      codec.encode(wire.Metrics(0, incarnation + 5, 0, 0, {}, 10**6))]
+    expected = local.generate(["The river runs"], LONG, ["sea-r8"])[0]
+    results: list[RequestOutput] = []
+    cores.add_request("The river runs", LONG, "sea-r8", "genuine", waiter=results.append)
+    with _pushers(cores) as (to_core, to_api):
+        for frame in to_core_ignored[:1] + to_core_refused + to_core_ignored[1:]:
+            to_core.send(frame)
+        for frame in to_api_refused + to_api_ignored:
+            to_api.send(frame)
+        _until(lambda: cores.num_refused == api_refused + len(to_api_refused), "the API did not refuse them")
+        _until(lambda: cores.num_refused_by_cores == core_refused + len(to_core_refused),
+               "the core did not refuse them")
+        _until(lambda: bool(results), "the genuine request never ended")
+    assert results[0].token_ids == expected.token_ids and results[0].finish_reason == "length"
+    assert cores.adapters.state("nobody") is LoadState.UNKNOWN
+    assert cores.num_refused == api_refused + len(to_api_refused)  # ignoring is not refusing
+    assert cores.pids() == pids, "a core died of a message"
+
+
+@contextlib.contextmanager
+def _pushers(cores: CoreClient) -> Iterator[tuple[zmq.Socket[bytes], zmq.Socket[bytes]]]:
+    """Sockets that write to core 0's inbox and to the API's, as a foreign process could."""
+    context = zmq.Context.instance()
+    to_core, to_api = context.socket(zmq.PUSH), context.socket(zmq.PUSH)
+    to_core.connect(input_endpoint(cores.run_dir, 0))
+    to_api.connect(output_endpoint(cores.run_dir))
+    try:
+        yield to_core, to_api
+    finally:
+        to_core.close(linger=1000)
+        to_api.close(linger=1000)
+
+
+def _until(ok: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ok():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
 
 
 def test_a_core_killed_mid_request_fails_its_requests_and_comes_back(cores: CoreClient, local: LLMEngine) -> None:

@@ -1,12 +1,16 @@
 """The engine core process SIGKILLed under paid load, and stalled: the API stays up and answers its
 health checks, every request in flight ends as a node fault (nothing charged; a plain answer's voucher
 may be sent again, a stream that had sent tokens is a recorded loss), the core is started again, and
-the next requests are served and charged once. Real anvil, contracts, API, HTTP and core process."""
+the next requests are served and charged once; a stalled core is killed after the stall timeout and
+treated the same way. Real anvil, contracts, API, HTTP and core process."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +26,9 @@ from tests.adversarial.attacker import Attacker
 from tests.fixtures.paid_node import PaidNode, build_paid_node
 
 pytestmark = pytest.mark.chain
+log = logging.getLogger(__name__)
 ANSWER_TOKENS = 300  # long enough to be under way when the core is killed
+STALL_TIMEOUT_S = 8.0  # the core reports every second; a busy box still does that well within this
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +37,7 @@ def paid(tiny_model: Path, tiny_adapters: object, tmp_path_factory: pytest.TempP
     local = LocalNode.start_chain(data_dir, prompt_token_price=10**9, completion_token_price=2 * 10**9)
     try:
         yield build_paid_node(local, tiny_model, tiny_adapters.paths["sea-r8"], data_dir,  # type: ignore[attr-defined]
-                              max_in_flight=16, engine_process=True)
+                              max_in_flight=16, engine_process=True, engine_stall_timeout_s=STALL_TIMEOUT_S)
     finally:
         local.stop()
 
@@ -105,19 +111,53 @@ def test_a_core_killed_under_load_charges_nothing_and_the_next_requests_are_serv
         assert att.charged(lane) == before[lane] + int(retry.json()["receipt"]["fee"])
 
 
-def test_a_stalled_core_stalls_neither_health_nor_ready(paid: PaidNode) -> None:
+def test_a_stalled_core_stalls_neither_health_nor_ready_and_its_requests_end_unpaid(paid: PaidNode) -> None:
+    """SIGSTOP: the core's step hangs (so does everything else in it). The API answers its health checks
+    at once throughout; after the stall timeout the core is killed, the request it held ends with 503
+    (nothing charged, its voucher not burned), /ready says the engine is down until the core is back,
+    and the same voucher then buys its answer."""
     cores = _cores(paid)
     _wait("no core up", lambda: cores.num_up == 1)
-    pid = cores.pids()[0]
-    assert pid is not None
-    att = _attacker(paid)
-    body = att.body(max_tokens=50)
-    os.kill(pid, signal.SIGSTOP)
+    victim = cores.pids()[0]
+    assert victim is not None
+    att, lane = _attacker(paid), 30
+    before = att.charged(lane)
+    body = att.body(max_tokens=40)  # in flight from its admission on: the core is stopped right after
+    header = att.header(body, lane)
+    readies: list[dict[str, object]] = []
+    stop_polling = threading.Event()
+
+    def poll_ready() -> None:
+        while not stop_polling.wait(0.05):
+            readies.append(httpx.get(f"{paid.base_url}/ready", timeout=5).json())
+
+    poller = threading.Thread(target=poll_ready, daemon=True)
+    started = time.monotonic()
+    waiting = att.in_background(lambda: att.post(body, header, timeout=120))
+    _wait("the request was never admitted", lambda: paid.local.services.engine.in_flight == 1)  # type: ignore[union-attr]
+    os.kill(victim, signal.SIGSTOP)
     try:
-        waiting = att.in_background(lambda: att.post(body, att.header(body, 30)))
-        time.sleep(0.5)
+        stalled_at = time.monotonic()
+        poller.start()
         for _ in range(3):
-            _health_within(paid, 10.0)  # it would wait forever if it waited on the core
+            _health_within(paid, 2.0)  # it would wait forever if it waited on the core
+        resp = waiting(timeout=STALL_TIMEOUT_S + 60)
+        ended_at = time.monotonic()
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "unavailable", resp.text
+        assert "stalled" in resp.json()["error"]["message"]
+        assert ended_at - stalled_at < STALL_TIMEOUT_S + 30  # bounded by the stall timeout
+        assert att.charged(lane) == before
+        _wait("the core was not started again", lambda: cores.num_up == 1 and cores.pids()[0] not in (None, victim))
+        _wait("the node never came back to ready", lambda: bool(readies) and readies[-1]["ready"] is True)
     finally:
-        os.kill(pid, signal.SIGCONT)
-    assert waiting().status_code == 200  # and the request it held is served once it runs again
+        stop_polling.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+    assert any(r["engine"] is False and r["ready"] is False and r["engineCoresUp"] == 0 for r in readies), \
+        "/ready never said the core was down"
+    assert readies[0]["engineCores"] == 1
+    again = att.post(body, header, timeout=120)  # the same voucher: it was never burned
+    assert again.status_code == 200 and "X-Idempotent-Replay" not in again.headers, again.text
+    assert att.charged(lane) == before + int(again.json()["receipt"]["fee"])
+    log.info("stall test: %.1f s in all, of which %.1f s to end the stalled request", time.monotonic() - started,
+             ended_at - stalled_at)

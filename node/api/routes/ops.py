@@ -28,6 +28,8 @@ def ready(db: DatabaseDep, catalog: CatalogDep, engine: EngineDep) -> JSONRespon
     (else 503, with `reason` saying why: the engine restarting, another chain, the indexer stalled or
     halted, the mirror too far behind). It never waits on the engine: a stalled step does not stall it."""
     checks: dict[str, Any] = {"engine": engine.is_serving}
+    if engine.cores_up is not None:  # a core stalled, dead or starting again is not up
+        checks["engineCoresUp"], checks["engineCores"] = engine.cores_up
     try:
         with db() as session:
             session.execute(text("SELECT 1"))
