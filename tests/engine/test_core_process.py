@@ -166,7 +166,7 @@ def test_wrong_truncated_and_unknown_messages_are_refused_and_both_sides_go_on(
     to_api_ignored = [outputs,  # request ids nobody here asked for
                       codec.encode(wire.Outputs(7, 1, [], [])), codec.encode(wire.Ready(9, 1, 1, 128)),
                       codec.encode(wire.AdapterLoaded(0, incarnation, "nobody", "{{ x }}")),
-                      codec.encode(wire.Metrics(0, incarnation + 5, 0, 0, {}, 10**6))]
+                      codec.encode(wire.Metrics(0, incarnation + 5, 0, 0, {}, num_refused=10**6))]
     expected = local.generate(["The river runs"], LONG, ["sea-r8"])[0]
     results: list[RequestOutput] = []
     cores.add_request("The river runs", LONG, "sea-r8", "genuine", waiter=results.append)
