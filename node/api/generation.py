@@ -1,7 +1,8 @@
 """One paid generation, plain or streamed: check, hold, generate, charge with a receipt, answer.
 
 The order of checks makes every refusal cheap and leaves nothing behind: header and body (400),
-signature (401), adapter (404), prompt size (413), capacity (429), then the voucher in flight here
+signature (401), adapter (404), a load of a chat adapter not in host memory by a caller without escrow
+beyond the free callers' bucket (429, node/api/cold_load.py), prompt size (413), capacity (429), then the voucher in flight here
 (409), the lane and the escrow (409, 402) which place a hold. From the hold on, every completion
 token that leaves the node is paid for or recorded as a loss:
 
@@ -35,6 +36,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from node.api.choice import ChoiceOutput, Kind, ResponseShape, event, replay_chunks
+from node.api.cold_load import ColdLoadGate
 from node.api.engine_client import EngineClient
 from node.api.job import CLIENT_LEFT, TIME_LIMIT, Cut, Job, Sent, sampling_params
 from node.api.metrics import APIMetrics
@@ -68,12 +70,14 @@ class GenerationService:
         self.default_max_tokens = default_max_tokens
         self.max_generation_s = payments.max_generation_s
         self._closing: set[asyncio.Future[None]] = set()  # charges of streams read too slowly, running
+        self.cold_loads = ColdLoadGate(catalog.provider, lambda payer: payments.ledger.channel(payer, 0).spendable)
 
     async def handle(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest, body: bytes,
                      payment: str | None, http: Request, x402: str | None = None) -> JSONResponse | StreamingResponse:
         checked = self.payments.check(payment, body) if payment or self.offer is None else None
         adapter = self.catalog.cached(req.model) or await asyncio.to_thread(self.catalog.resolve, req.model)
-        template = await self._chat_template(adapter) if kind == "chat" else None
+        payer = checked.voucher.payer if checked is not None else None
+        template = await self._chat_template(adapter, payer) if kind == "chat" else None
         prompt_ids = await self._tokenize(kind, req, template)
         max_tokens, max_fee = self._ceiling(req, len(prompt_ids), adapter)
         constraint = constraint_of(req) if isinstance(req, ChatCompletionRequest) else None
@@ -131,11 +135,12 @@ class GenerationService:
             return {}
         return {PAYMENT_RESPONSE_HEADER: encode_header(self.x402.payment_response(hold, charged_total))}
 
-    async def quote(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest) -> tuple[int, int, int]:
+    async def quote(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest,
+                    payer: str | None = None) -> tuple[int, int, int]:
         """(prompt tokens, max_tokens, max fee) of this request: exactly what `handle` would hold, so a
-        voucher for `chargedTotal + max fee` covers it (POST /v1/quote/...)."""
+        voucher for `chargedTotal + max fee` covers it (POST /v1/quote/...). `payer`: who asks, if said."""
         adapter = self.catalog.cached(req.model) or await asyncio.to_thread(self.catalog.resolve, req.model)
-        template = await self._chat_template(adapter) if kind == "chat" else None
+        template = await self._chat_template(adapter, payer) if kind == "chat" else None
         num_prompt_tokens = len(await self._tokenize(kind, req, template))
         return (num_prompt_tokens, *self._ceiling(req, num_prompt_tokens, adapter))
 
@@ -147,12 +152,14 @@ class GenerationService:
         pricing = self.payments.pricing_for(adapter.is_base)
         return max_tokens, pricing.max_fee(num_prompt_tokens, max_tokens, req.num_choices)
 
-    async def _chat_template(self, adapter: ServedAdapter) -> str | None:
+    async def _chat_template(self, adapter: ServedAdapter, payer: str | None) -> str | None:
         """The adapter's own chat template, once its files are fetched and verified (a load that fails
-        refuses the request here, before any hold); None: the base model's template applies."""
+        refuses the request here, before any hold); None: the base model's template applies. A load
+        not in host memory yet waits for `cold_loads` (node/api/cold_load.py)."""
         name = adapter.engine_adapter
         if name is None:
             return None
+        await self.cold_loads.admit(name, payer)
         await asyncio.wrap_future(self.catalog.provider.prefetch(name))
         return self.catalog.provider.chat_template(name)
 

@@ -104,7 +104,7 @@ QuoteLane = Annotated[int, Query(ge=0, lt=2**32)]
 async def _quote(kind: Kind, model: type[CompletionRequest] | type[ChatCompletionRequest], request: Request,
                  generation: GenerationDep, ledger: LedgerDep, payer: str | None, lane: int) -> dict[str, Any]:
     req, _ = await _parse(request, model)
-    prompt_tokens, max_tokens, max_fee = await generation.quote(kind, req)
+    prompt_tokens, max_tokens, max_fee = await generation.quote(kind, req, payer)
     out: dict[str, Any] = {"promptTokens": prompt_tokens, "maxTokens": max_tokens, "maxFee": str(max_fee)}
     if payer is not None:
         channel = await asyncio.to_thread(ledger.channel, payer, lane)
