@@ -3,8 +3,8 @@
 The order of checks makes every refusal cheap and leaves nothing behind: header and body (400),
 signature (401), adapter (404), a load of a chat adapter not in host memory by a caller without escrow
 beyond the free callers' bucket (429, node/api/cold_load.py), prompt size (413), capacity (429), then
-the voucher in flight here (409), the lane and the escrow (409, 402) which place a hold. From the hold on, every completion
-token that leaves the node is paid for or recorded as a loss:
+the voucher in flight here (409), the lane and the escrow (409, 402) which place a hold. From the hold
+on, every completion token that leaves the node is paid for or recorded as a loss:
 
     the answer is complete                    -> charged; the charge, receipt and response committed
     the client left (hung up, gave up)        -> charged for what was generated; the partial answer is
