@@ -118,7 +118,8 @@ def _probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
     logits = logits / temps[:, None]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else logits.shape[-1] for p in params], device=logits.device)
+    vocab = logits.shape[-1]
+    top_k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], device=logits.device)
     cut = ranks >= top_k[:, None]
     top_p = torch.tensor([p.top_p for p in params], device=logits.device)
     probs_sorted = sorted_logits.masked_fill(cut, float("-inf")).softmax(dim=-1)

@@ -11,7 +11,7 @@ from node.engine.sampling import SamplingParams, sample
 
 VOCAB = 50
 
-params = st.builds(SamplingParams, temperature=st.floats(0.0, 2.0), top_k=st.integers(-1, 10**9),
+params = st.builds(SamplingParams, temperature=st.floats(0.0, 2.0), top_k=st.integers(-1, 2**31 - 1),
                    top_p=st.floats(0.0, 1.0, exclude_min=True), seed=st.none() | st.integers(0, 2**63 - 1))
 logits = st.lists(st.floats(-1e4, 1e4, width=32), min_size=VOCAB, max_size=VOCAB)
 
@@ -22,6 +22,18 @@ def test_any_api_sampling_params_give_a_token_per_row(rows: list[tuple[SamplingP
     batch = torch.tensor([row for _, row in rows], dtype=torch.float32)  # [N, vocab]
     ids = sample(batch, [p for p, _ in rows], [None] * len(rows))
     assert len(ids) == len(rows) and all(0 <= i < VOCAB for i in ids)
+
+
+def test_a_top_k_past_what_the_engine_holds_is_refused_by_the_api_and_clamped_by_the_sampler() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    from node.api.schemas import CompletionRequest
+
+    with pytest.raises(ValidationError):  # the fuzzer's case: 9,557,782,413,140,389,888 failed the whole batch
+        CompletionRequest(model="1", prompt="x", top_k=2**63)
+    assert CompletionRequest(model="1", prompt="x", top_k=2**31 - 1).top_k == 2**31 - 1
+    assert sample(torch.tensor([[0.0, 5.0, 1.0]]), [SamplingParams(top_k=2**62)], [None])[0] in (0, 1, 2)
 
 
 def test_a_vanishing_temperature_is_greedy_not_a_failed_step() -> None:

@@ -1,8 +1,9 @@
-"""An x402 world on the session anvil: the loranode contracts on an ERC-3009 token, the channel
+"""An x402 world on a chain of its own (per module): the loranode contracts on an ERC-3009 token, the channel
 contracts at their canonical addresses, the node's router and a funded payer."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,19 @@ class X402World:
         if error is not None:
             out["error"] = error.reason
         return out
+
+
+@pytest.fixture(scope="module")
+def anvil() -> Iterator[Anvil]:
+    """Not the session chain: tests that wait out thaw periods move its clock ahead of the wall clock,
+    and the SDK dates its ERC-3009 authorizations by the wall clock (they would revert as expired)."""
+    with Anvil() as chain:
+        yield chain
+
+
+@pytest.fixture(scope="module")
+def roles(anvil: Anvil) -> Roles:
+    return Roles(*anvil.keys[:8])
 
 
 @pytest.fixture
