@@ -5,21 +5,11 @@ per epoch), and every invariant holds after each.
 The points run latest first, and the worker started after each death is the one that dies at the
 next point: continuing an epoch from a later state never passes an earlier point again, so every
 epoch is killed exactly once, and the cluster starts one worker per point instead of two.
-
-Each point's burst of traffic runs with the beat paused: a worker closes an epoch on a tick once its
-oldest receipt is `epoch_max_age_s` (1 s) old, and a burst on a busy machine takes longer than that,
-so a tick in the middle of it would split the burst over two epochs, the second one opened (and
-killed at its point) by the worker meant to continue the first. With no tick during the burst, each
-point's epoch holds the whole burst, opened by the first tick after it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
-import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -37,19 +27,6 @@ POINTS = [("confirmed", EpochState.CONFIRMED, True), ("submitted", EpochState.SU
           ("built", EpochState.BUILT, False), ("opened", EpochState.OPEN, False)]
 
 
-@contextlib.contextmanager
-def _beat_paused(cluster: Cluster) -> Iterator[None]:
-    """No settlement tick reaches the worker inside: the beat is stopped (SIGSTOP), and the ticks it sent
-    before expire unrun (each expires after two intervals)."""
-    beat = cluster.procs["beat"].pid
-    os.kill(beat, signal.SIGSTOP)
-    try:
-        time.sleep(2 * cluster.settings.settlement_interval_s + 0.5)
-        yield
-    finally:
-        os.kill(beat, signal.SIGCONT)
-
-
 def _dying_worker(cluster: Cluster, point: str | None) -> NodeProcess:
     return cluster.start("worker", ("-m", "tests.faults.dying_worker", point) if point else None)
 
@@ -62,8 +39,7 @@ def test_a_worker_killed_at_every_settlement_state_is_continued_by_the_next(
     settlement = cluster.contracts(OPERATOR).settlement
     for i, (point, left_at, on_chain) in enumerate(POINTS):
         epoch_id = max(cluster.epochs(), default=0) + 1
-        with _beat_paused(cluster):
-            traffic(cluster, client_log, per_lane=1)
+        traffic(cluster, client_log, per_lane=1)
         assert worker.wait_exit(120) == -signal.SIGKILL, worker.log_tail()
         assert cluster.epochs()[epoch_id] is left_at, point
         assert settlement.last_epoch(cluster.node) == epoch_id - (0 if on_chain else 1), point
