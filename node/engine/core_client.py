@@ -15,7 +15,6 @@ core that stops reading (a stalled step) never blocks the caller: frames queue i
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import logging
@@ -35,6 +34,7 @@ from node.engine.core_adapters import CoreAdapters
 from node.engine.core_process import CoreSpec, core_engine_config, input_endpoint, output_endpoint
 from node.engine.core_router import CoreRouter
 from node.engine.core_supervisor import CoreSupervisor
+from node.engine.delta_stream import stream_deltas
 from node.engine.grammar import GrammarCompiler
 from node.engine.llm_engine import Listener, Waiter, eos_token_ids, max_model_len
 from node.engine.residency import AdapterAction
@@ -381,21 +381,6 @@ class CoreClient:
                      adapter_id: str | None = None, request_id: str | None = None,
                      prefix_key: str | None = None) -> AsyncIterator[StreamDelta]:
         """Deltas as the core produces them; the last one has finish_reason."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[StreamDelta] = asyncio.Queue()
         rid = request_id or f"stream-{next(self._ids)}"
-
-        def push(delta: StreamDelta) -> None:
-            with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody listens
-                loop.call_soon_threadsafe(queue.put_nowait, delta)
-
-        self.add_request(prompt, params or SamplingParams(), adapter_id, rid, listener=push, prefix_key=prefix_key)
-        finished = False
-        try:
-            while not finished:
-                delta = await queue.get()
-                finished = delta.finish_reason is not None
-                yield delta
-        finally:
-            if not finished:
-                self.abort(rid)
+        async for delta in stream_deltas(self, prompt, params or SamplingParams(), adapter_id, rid, prefix_key):
+            yield delta

@@ -7,7 +7,6 @@ aborts from other threads go through an inbox that the loop drains at the start 
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import threading
@@ -21,6 +20,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from node.engine.block_manager import BlockManager, KVCacheStats
 from node.engine.config import EngineConfig
+from node.engine.delta_stream import stream_deltas
 from node.engine.grammar import GrammarCompiler
 from node.engine.logprob import TokenLogprob
 from node.engine.model_runner import ModelRunner
@@ -302,26 +302,9 @@ class LLMEngine:
                      ) -> AsyncIterator[StreamDelta]:
         """Deltas of new token ids and text as they are produced; the last one has finish_reason."""
         self.start()
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[StreamDelta] = asyncio.Queue()
         rid = request_id or f"stream-{next(self._ids)}"
-
-        def push(delta: StreamDelta) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, delta)
-            except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
-                self.abort(rid)
-
-        self.add_request(prompt, params or SamplingParams(), adapter_id, rid, listener=push, prefix_key=prefix_key)
-        finished = False
-        try:
-            while not finished:
-                delta = await queue.get()
-                finished = delta.finish_reason is not None
-                yield delta
-        finally:
-            if not finished:
-                self.abort(rid)
+        async for delta in stream_deltas(self, prompt, params or SamplingParams(), adapter_id, rid, prefix_key):
+            yield delta
 
     def start(self) -> None:
         """Run the step loop on a background thread (idempotent)."""
