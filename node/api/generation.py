@@ -38,7 +38,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from node.api.choice import ChoiceOutput, Kind, ResponseShape, event, replay_chunks
 from node.api.cold_load import ColdLoadGate
 from node.api.engine_client import EngineClient
-from node.api.job import CLIENT_LEFT, TIME_LIMIT, Cut, Job, Sent, sampling_params
+from node.api.job import CLIENT_LEFT, TIME_LIMIT, Cut, Job, Sent, as_fault, once, sampling_params
 from node.api.metrics import APIMetrics
 from node.api.receipt_issuer import ReceiptIssuer
 from node.api.schemas import ChatCompletionRequest, CompletionRequest
@@ -101,7 +101,7 @@ class GenerationService:
         job = Job(kind, req, response_id, f"{response_id}-{secrets.token_hex(6)}", int(time.time()), adapter,
                   prompt_ids, params, held)
         if req.stream:
-            leave = _once(lambda: admission.__exit__(None, None, None))
+            leave = once(lambda: admission.__exit__(None, None, None))
             return StreamingResponse(self._sse(job, leave), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
@@ -255,7 +255,7 @@ class GenerationService:
                             sent.endings[index] = cut.ending(delta)
                         was_sent, offset = sent.is_sent, sent.add(index, delta)
                         if (delta.text or delta.logprobs) and not job.calls_tools:  # calls go out whole, at the end
-                            self._observe_gap(started, was_sent, last_at, index)
+                            self.metrics.chunk_sent(started, was_sent, last_at, index)
                             yield event(shape.chunk([shape.delta(index, delta.text, None,
                                                                  shape.logprobs(delta.logprobs, offset))]))
                         if sent.is_done:
@@ -270,7 +270,7 @@ class GenerationService:
                                                   "out, charged for what was sent", "code": "stream_read_too_slowly",
                                        "type": "server_error"}})
         except Exception as exc:  # the node's fault, whatever it raised (a hang-up is GeneratorExit or a cancel)
-            fault = _as_fault(exc, job.response_id)
+            fault = as_fault(exc, job.response_id)
             await asyncio.to_thread(self._end_unpaid, job, sent, LossReason.NODE_FAULT, fault)
             yield event({"error": {"message": fault.message, "code": fault.code, "type": "server_error"}})
         finally:
@@ -374,43 +374,11 @@ class GenerationService:
         self.metrics.answered(job.adapter.model, usage.prompt_tokens, usage.completion_tokens,
                               int(body["receipt"]["fee"]))
 
-    def _observe_gap(self, started: float, was_sent: bool, last_at: dict[int, float], index: int) -> None:
-        """Time to the stream's first chunk, and between one choice's chunks."""
-        now = time.monotonic()
-        if not was_sent:
-            self.metrics.ttft.observe(now - started)
-        if index in last_at:
-            self.metrics.inter_token.observe(now - last_at[index])
-        last_at[index] = now
-
     def _observe_loss(self, job: Job, usage: Usage, reason: LossReason) -> None:
         """What `PaymentService.write_off` records as lost (counted even when the database refuses it)."""
         fee = job.hold.pricing.fee(usage.prompt_tokens, usage.completion_tokens)
         self.metrics.lost(job.adapter.model, usage.completion_tokens, min(fee, job.hold.reservation.max_fee),
                           reason.value)
-
-
-def _as_fault(exc: Exception, response_id: str) -> NodeError:
-    """A stream's failure as the node fault it is (an unexpected exception is a bug: logged, and still
-    the node's, never charged as if the client had left)."""
-    if isinstance(exc, NodeError):
-        return exc
-    log.exception("stream %s failed", response_id)
-    return Unavailable(f"the node failed this stream ({type(exc).__name__})")
-
-
-def _once(action: Callable[[], object]) -> Callable[[], None]:
-    """`action` run by the first call only (a stream leaves its admission at its end or at its closing,
-    whichever comes first: both on the event loop)."""
-    left = False
-
-    def leave() -> None:
-        nonlocal left
-        if not left:
-            left = True
-            action()
-
-    return leave
 
 
 def _prompt_chars(req: CompletionRequest | ChatCompletionRequest) -> int:

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from node.api.choice import ChoiceOutput, Kind, ResponseShape, TokenText
@@ -15,8 +17,10 @@ from node.engine import SamplingParams
 from node.engine.grammar import GrammarSpec
 from node.engine.logprob import TokenLogprob
 from node.engine.sequence import RequestOutput, StreamDelta
-from node.errors import Unavailable
+from node.errors import NodeError, Unavailable
 from node.payment.service import Hold, Usage
+
+log = logging.getLogger(__name__)
 
 Finished = StreamDelta | RequestOutput  # a request's end: the last delta of a stream, or the whole output
 CLIENT_LEFT, TIME_LIMIT = "abort", "length"  # the finish reasons of an answer the node cut short
@@ -149,3 +153,26 @@ def _raise_if_failed(delta: Finished) -> None:
         raise delta.error or Unavailable("the engine failed this request")
     if delta.finish_reason == "abort":
         raise Unavailable("the request was aborted (its adapter was removed or the engine stopped)")
+
+
+def as_fault(exc: Exception, response_id: str) -> NodeError:
+    """A stream's failure as the node fault it is (an unexpected exception is a bug: logged, and still
+    the node's, never charged as if the client had left)."""
+    if isinstance(exc, NodeError):
+        return exc
+    log.exception("stream %s failed", response_id)
+    return Unavailable(f"the node failed this stream ({type(exc).__name__})")
+
+
+def once(action: Callable[[], object]) -> Callable[[], None]:
+    """`action` run by the first call only (a stream leaves its admission at its end or at its closing,
+    whichever comes first: both on the event loop)."""
+    left = False
+
+    def leave() -> None:
+        nonlocal left
+        if not left:
+            left = True
+            action()
+
+    return leave

@@ -9,6 +9,7 @@ the rest. docs/metrics.md lists every metric (tests/api/test_metrics.py reads th
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -70,6 +71,15 @@ class APIMetrics:
         self.tokens.labels(adapter=label, kind="completion").inc(completion_tokens)
         self.fees.labels(adapter=label).inc(fee)
         self.receipts.inc()
+
+    def chunk_sent(self, started: float, was_sent: bool, last_at: dict[int, float], index: int) -> None:
+        """A stream's chunk of choice `index`: time to the stream's first chunk, and between one choice's chunks."""
+        now = time.monotonic()
+        if not was_sent:
+            self.ttft.observe(now - started)
+        if index in last_at:
+            self.inter_token.observe(now - last_at[index])
+        last_at[index] = now
 
     def lost(self, adapter: str, completion_tokens: int, amount: int, reason: str) -> None:
         label = self.adapter_label(adapter)
