@@ -112,17 +112,26 @@ def make_tiny_model(
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     if random_norms:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "norm" in name:
-                    p.add_(torch.randn_like(p) * 0.2)
-    nbytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
-    shard_bytes = max(1, nbytes // shards + 1) if shards > 1 else nbytes * 2 + (1 << 20)
-    model.save_pretrained(folder, max_shard_size=shard_bytes)
+        _add_norm_noise(model)
+    _save_sharded(model, folder, shards)
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def _add_norm_noise(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+
+
+def _save_sharded(model: Any, folder: Path, shards: int) -> None:
+    """save_pretrained in `shards` safetensors files (one when 1)."""
+    nbytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    shard_bytes = max(1, nbytes // shards + 1) if shards > 1 else nbytes * 2 + (1 << 20)
+    model.save_pretrained(folder, max_shard_size=shard_bytes)
 
 
 def _intermediate(hidden_size: int) -> int:
