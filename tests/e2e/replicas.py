@@ -93,8 +93,9 @@ def _signed(payer: Payer, body: bytes, lane: int, tries: int = 20) -> str:
 class RetryingTraffic:
     """Paid completions back to back on each lane (every third streamed), from a client that does what
     a careful one does when a connection breaks: it sends the same bytes with the same voucher again
-    until it gets an answer (the stored one if the first request was charged; 409 while the voucher
-    is held by a replica that died, until that hold expires). Every try is an Outcome in `log`."""
+    until it gets an answer (the stored one if the first request was charged, read back from its receipt
+    if that charge is already in an epoch; 409 while the voucher is held by a replica that died, until
+    that hold expires). Every try is an Outcome in `log`."""
 
     BROKEN = (0, 502, 503, 504)
     AFTER_A_BREAK = (*BROKEN, 409, 429)  # what a retry after a break waits out
@@ -132,6 +133,8 @@ class RetryingTraffic:
         while outcome.status in self.AFTER_A_BREAK and time.monotonic() < deadline:
             time.sleep(0.5)
             outcome, tries = self.log.add(send_raw(self.url, body, header, payer.address, lane)), tries + 1
+            if outcome.status == 409 and outcome.receipt_id:
+                outcome = self._read_settled(payer, lane, body, outcome)
         if outcome.is_served:
             log.info("lane %s/%d answered after %d tries (%s)", payer.address[:8], lane, tries,
                      "fresh" if not outcome.receipts else f"receipt {outcome.receipts[-1]['id']}")
@@ -140,6 +143,25 @@ class RetryingTraffic:
                         tries, outcome.status, outcome.error,
                         " (deadline)" if outcome.status in self.AFTER_A_BREAK else " (a final refusal)")
         return outcome
+
+    def _read_settled(self, payer: Payer, lane: int, body: bytes, refused: Outcome) -> Outcome:
+        """The answer to a voucher that was charged and is already in an epoch: the node no longer replays
+        it to whoever sends the voucher (the settle transaction makes it public) and names its receipt
+        instead, which the payer reads with a signed X-Receipt-Read, as its 409 says. While that read
+        breaks too (a replica dying), the 409 stands and the retry goes on."""
+        try:
+            doc = payer.receipt(refused.receipt_id)
+        except (httpx.TransportError, NodeUnreachable):
+            return refused
+        except NodeRefusal as error:
+            if error.http_status < 500:
+                raise
+            return refused
+        assert "output" in doc, f"the node no longer keeps the answer of receipt {refused.receipt_id}"
+        log.info("lane %s/%d: answer read from settled receipt %s", payer.address[:8], lane, refused.receipt_id)
+        request = json.loads(body)
+        return self.log.add(Outcome(payer.address, lane, str(request["model"]), bool(request.get("stream")), 200,
+                                    (doc,)))
 
     def __enter__(self) -> RetryingTraffic:
         for t in self._threads:

@@ -32,6 +32,7 @@ class Outcome:
     status: int  # 200: a complete answer; else the refusal's HTTP status; 0: the connection or stream broke
     receipts: tuple[dict[str, Any], ...]
     error: str = ""
+    receipt_id: str = ""  # a refusal that names the voucher's receipt (409: already used and settled)
 
     @property
     def is_served(self) -> bool:
@@ -146,12 +147,14 @@ def sse_payloads(lines: Iterable[str]) -> list[dict[str, Any]]:
     return out
 
 
-def _error_code(resp: httpx.Response) -> str:
-    """The node's error code; a proxy's own error page (a 502 from the balancer) has none."""
+def _error(resp: httpx.Response) -> tuple[str, str]:
+    """The node's error code and the receipt its details name, if any; a proxy's own error page (a 502
+    from the balancer) has neither."""
     try:
-        return str(resp.json()["error"]["code"])
-    except (ValueError, KeyError, TypeError):
-        return resp.reason_phrase
+        error = resp.json()["error"]
+        return str(error["code"]), str((error.get("details") or {}).get("receipt_id") or "")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return resp.reason_phrase, ""
 
 
 def send_raw(base_url: str, body: bytes, header: str, payer: str, lane: int) -> Outcome:
@@ -166,7 +169,7 @@ def send_raw(base_url: str, body: bytes, header: str, payer: str, lane: int) -> 
         with httpx.stream("POST", f"{base_url}/v1/completions", content=body, headers=headers, timeout=60) as resp:
             if resp.status_code != 200:
                 resp.read()
-                return Outcome(payer, lane, model, stream, resp.status_code, (), _error_code(resp))
+                return Outcome(payer, lane, model, stream, resp.status_code, (), *_error(resp))
             for line in resp.iter_lines() if stream else [f"data: {resp.read().decode()}"]:
                 payloads.extend(sse_payloads([line]))
         errors = [p["error"] for p in payloads if "error" in p]
