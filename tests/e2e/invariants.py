@@ -46,9 +46,15 @@ class Summary:
     collected: int
 
 
+# What a receipt signs and the lane total it was handed with: the same however the client got it (the
+# answer, its idempotent replay, or GET /v1/receipts/{id} once the voucher is settled).
+SIGNED = ("id", "voucherHash", "adapterId", "registryBlock", "lineageHash", "promptTokens", "completionTokens",
+          "fee", "outputHash", "method", "signature", "node", "chargedTotal")
+
+
 def _client_receipts(outcomes: list[Outcome]) -> dict[str, tuple[dict[str, Any], LaneKey]]:
-    """Receipt id -> (the receipt as handed to the client, its lane); an idempotent replay hands the
-    same receipt again, byte for byte."""
+    """Receipt id -> (the receipt as handed to the client, its lane); every time a receipt is handed
+    out again, its signed fields and charged total are the same."""
     seen: dict[str, tuple[dict[str, Any], LaneKey]] = {}
     for o in outcomes:
         if o.is_served:
@@ -59,9 +65,10 @@ def _client_receipts(outcomes: list[Outcome]) -> dict[str, tuple[dict[str, Any],
             assert len(o.receipts) <= 1, f"a broken stream with several receipts: {o}"
         for r in o.receipts:
             lane = (o.payer.lower(), o.lane)
+            signed = {k: r.get(k) for k in SIGNED}
             if r["id"] in seen:
-                assert seen[r["id"]] == (r, lane), f"receipt {r['id']} handed out twice, differently"
-            seen[r["id"]] = (r, lane)
+                assert seen[r["id"]] == (signed, lane), f"receipt {r['id']} handed out twice, differently"
+            seen[r["id"]] = (signed, lane)
     return seen
 
 
