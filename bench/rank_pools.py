@@ -20,7 +20,6 @@ import random
 import sys
 import tempfile
 import time
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from node.devkit import make_tiny_model
+from node.devkit.host_adapters import HostAdapters, random_lora
 from node.engine import EngineConfig, LLMEngine, SamplingParams
 from node.lora.adapter import LoRATargetSpec, LoRAWeights
-from node.lora.provider import AdapterSource, LoadState
 from node.lora.slots import LoRASlotPools
 from node.models.config import ModelConfig
 
@@ -41,57 +40,21 @@ CONFIGS = {"one pool (rank 64)": ((MAX_RANK, BUDGET_SLOTS),), "rank pools": ((8,
 RESULTS = Path(__file__).resolve().parent / "results" / "rank_pools.json"
 
 
-class HostAdapters:
-    """Every adapter in host memory already (the provider port, without tiers)."""
-
-    def __init__(self, weights: dict[str, LoRAWeights]):
-        self.weights = weights
-
-    def register(self, adapter_id: str, source: AdapterSource) -> None: ...
-
-    def unregister(self, adapter_id: str) -> None: ...
-
-    def get(self, adapter_id: str) -> LoRAWeights:
-        return self.weights[adapter_id]
-
-    def prefetch(self, adapter_id: str) -> Future[object]:
-        future: Future[object] = Future()
-        future.set_result(self.weights[adapter_id])
-        return future
-
-    def state(self, adapter_id: str) -> LoadState:
-        return LoadState.READY if adapter_id in self.weights else LoadState.UNKNOWN
-
-
-def synthetic(target: LoRATargetSpec, rank: int, seed: int) -> LoRAWeights:
-    g = torch.Generator().manual_seed(seed)
-    return LoRAWeights.from_modules({
-        (layer, name): (torch.randn(rank, d_in, generator=g) / d_in ** 0.5,
-                        torch.randn(d_out, rank, generator=g) * (0.02 / rank ** 0.5))
-        for layer in range(target.num_layers) for name, (d_in, d_out) in target.module_shapes})
-
-
 def run(model: Path, pools: tuple[tuple[int, int], ...], weights: dict[str, LoRAWeights],
         prompts: list[list[int]], adapters: list[str], device: str) -> dict[str, Any]:
     config = EngineConfig(model_path=model, device=device, dtype="float32" if device == "cpu" else "bfloat16",
                           max_num_seqs=64, max_lora_rank=MAX_RANK, adapter_rank_pools=pools,
                           max_model_len=PROMPT_LEN + NEW_TOKENS)
     engine = LLMEngine(config, provider=HostAdapters(weights))  # type: ignore[arg-type]
-    copies = 0
-    for pool in engine.runner.slots.pools:
-        def counted(slot: int, w: LoRAWeights, write: Any = pool._write) -> None:
-            nonlocal copies
-            copies += 1
-            write(slot, w)
-
-        pool._write = counted  # type: ignore[method-assign]
+    pools_of = engine.runner.slots.pools
     engine.generate(prompts[:4], SamplingParams(max_tokens=2, temperature=0), adapters[:4])  # warm-up
-    copies = 0
+    loads_before = sum(pool.num_loads for pool in pools_of)
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     started = time.perf_counter()
     outputs = engine.generate(prompts, params, adapters)  # type: ignore[arg-type]
     seconds = time.perf_counter() - started
     slots = engine.runner.slots
+    copies = sum(pool.num_loads for pool in pools_of) - loads_before
     return {"tokens_per_s": sum(len(o.token_ids) for o in outputs) / seconds, "seconds": seconds,
             "num_slots": slots.num_slots, "slot_bytes": LoRASlotPools.pools_nbytes(
                 engine.lora_target, pools, engine.config.torch_dtype), "slot_copies": copies}
@@ -111,7 +74,7 @@ def main() -> None:
                                 vocab_size=8000, initializer_range=0.02)
         cfg = ModelConfig.from_folder(model)
         target = LoRATargetSpec.of(cfg.num_layers, cfg.module_shapes())
-        weights = {f"ad-{i}": synthetic(target, rank, i) for i, rank in enumerate(RANKS)}
+        weights = {f"ad-{i}": random_lora(target, rank, i) for i, rank in enumerate(RANKS)}
         prompts = [[rng.randrange(3, 8000) for _ in range(PROMPT_LEN)] for _ in range(args.requests)]
         adapters = [f"ad-{rng.randrange(len(RANKS))}" for _ in range(args.requests)]
         for _ in range(args.rounds):

@@ -28,7 +28,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +36,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from node.devkit import make_tiny_model
+from node.devkit.host_adapters import HostAdapters, random_lora
 from node.engine import EngineConfig, LLMEngine, SamplingParams
-from node.lora.adapter import LoRATargetSpec, LoRAWeights
-from node.lora.provider import AdapterSource, LoadState
+from node.lora.adapter import LoRATargetSpec
 from node.models.config import ModelConfig
 
 SHAPE = dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, intermediate_size=1408, vocab_size=2048)
@@ -48,36 +47,6 @@ PROMPT_LEN = 16
 # (tensor_parallel_size, torch threads of this process): TP=2's worker gets 1 thread (2 cores / 2 ranks)
 RUNS = {"TP=1, 2 threads": (1, 2), "TP=1, 1 thread": (1, 1), "TP=2, 1 thread per rank": (2, 1)}
 RESULTS = Path(__file__).resolve().parent / "results" / "tensor_parallel.json"
-
-
-class HostAdapters:
-    """Every adapter in host memory already (the provider port, without tiers)."""
-
-    def __init__(self, weights: dict[str, LoRAWeights]):
-        self.weights = weights
-
-    def register(self, adapter_id: str, source: AdapterSource) -> None: ...
-
-    def unregister(self, adapter_id: str) -> None: ...
-
-    def get(self, adapter_id: str) -> LoRAWeights:
-        return self.weights[adapter_id]
-
-    def prefetch(self, adapter_id: str) -> Future[object]:
-        future: Future[object] = Future()
-        future.set_result(self.weights[adapter_id])
-        return future
-
-    def state(self, adapter_id: str) -> LoadState:
-        return LoadState.READY if adapter_id in self.weights else LoadState.UNKNOWN
-
-
-def synthetic(target: LoRATargetSpec, rank: int, seed: int) -> LoRAWeights:
-    g = torch.Generator().manual_seed(seed)
-    return LoRAWeights.from_modules({
-        (layer, name): (torch.randn(rank, d_in, generator=g) / d_in ** 0.5,
-                        torch.randn(d_out, rank, generator=g) * (0.02 / rank ** 0.5))
-        for layer in range(target.num_layers) for name, (d_in, d_out) in target.module_shapes})
 
 
 def decode_steps(engine: LLMEngine, batch: int, steps: int, adapters: list[str | None], tag: str,
@@ -158,7 +127,7 @@ def main() -> None:
     folder = make_tiny_model(Path(tempfile.mkdtemp()) / "model", **SHAPE)  # type: ignore[arg-type]
     cfg = ModelConfig.from_folder(folder)
     target = LoRATargetSpec.of(cfg.num_layers, cfg.module_shapes())
-    weights = {name: synthetic(target, rank, seed) for seed, (name, rank) in enumerate(ADAPTERS.items())}
+    weights = {name: random_lora(target, rank, seed) for seed, (name, rank) in enumerate(ADAPTERS.items())}
     engines = {}
     for size in (1, 2):
         config = EngineConfig(model_path=folder, max_num_seqs=args.batch, max_lora_rank=16, max_adapter_slots=4,
