@@ -108,6 +108,18 @@ class BlockManager:
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
         return seq.num_computed_tokens
 
+    def num_cached_blocks(self, seq: Sequence) -> int:
+        """The leading blocks `acquire_prefix` would find cached for `seq` now (a lookup: nothing is
+        taken). Hashes only up to the first block not cached."""
+        if not self.enable_caching:
+            return 0
+        wanted, token_ids = (seq.num_tokens - 1) // self.block_size, seq.token_ids
+        for i in range(wanted):
+            extend_chain(seq.block_hashes, seq.adapter_id, token_ids, self.block_size, i + 1)
+            if seq.block_hashes[i] not in self.by_hash:
+                return i
+        return wanted
+
     def count_lookup(self, num_queried_tokens: int, num_hit_tokens: int) -> None:
         """Count an admitted sequence's lookup (the scheduler calls it once the sequence runs)."""
         self._num_queried += num_queried_tokens
