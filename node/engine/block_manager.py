@@ -113,11 +113,14 @@ class BlockManager:
         taken). Hashes only up to the first block not cached."""
         if not self.enable_caching:
             return 0
-        wanted, token_ids = (seq.num_tokens - 1) // self.block_size, seq.token_ids
-        for i in range(wanted):
-            extend_chain(seq.block_hashes, seq.adapter_id, token_ids, self.block_size, i + 1)
-            if seq.block_hashes[i] not in self.by_hash:
-                return i
+        wanted, hashes, by_hash = (seq.num_tokens - 1) // self.block_size, seq.block_hashes, self.by_hash
+        n = 0  # the scheduler asks every step for a window of waiting requests: a tight loop
+        while n < wanted:
+            if n == len(hashes):
+                extend_chain(hashes, seq.adapter_id, seq.token_ids, self.block_size, n + 1)
+            if hashes[n] not in by_hash:
+                return n
+            n += 1
         return wanted
 
     def count_lookup(self, num_queried_tokens: int, num_hit_tokens: int) -> None:
