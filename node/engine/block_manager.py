@@ -108,6 +108,21 @@ class BlockManager:
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
         return seq.num_computed_tokens
 
+    def num_cached_blocks(self, seq: Sequence) -> int:
+        """The leading blocks `acquire_prefix` would find cached for `seq` now (a lookup: nothing is
+        taken). Hashes only up to the first block not cached."""
+        if not self.enable_caching:
+            return 0
+        wanted, hashes, by_hash = (seq.num_tokens - 1) // self.block_size, seq.block_hashes, self.by_hash
+        n = 0  # the scheduler asks every step for a window of waiting requests: a tight loop
+        while n < wanted:
+            if n == len(hashes):
+                extend_chain(hashes, seq.adapter_id, seq.token_ids, self.block_size, n + 1)
+            if hashes[n] not in by_hash:
+                return n
+            n += 1
+        return wanted
+
     def count_lookup(self, num_queried_tokens: int, num_hit_tokens: int) -> None:
         """Count an admitted sequence's lookup (the scheduler calls it once the sequence runs)."""
         self._num_queried += num_queried_tokens

@@ -3,12 +3,13 @@
 Each step first gives every running sequence its pending tokens (one for a decode, a chunk for a
 prefill not yet done), preempting the most recent running sequences (recompute: their blocks are
 freed and they re-enter the waiting queue at the front) when the cache runs out of blocks. Then it
-admits waiting sequences, FCFS, skipping (never blocking on) those whose adapter is not loaded yet or
-would exceed the distinct-adapter cap of the device slots. An admitted sequence starts on the cached
-blocks of its prefix (the block manager's prefix cache); one whose next block a running sequence is
-computing (the n choices of one prompt, or two requests with one system prompt) waits a step and takes
-that block from the cache instead. Last, it looks ahead in the waiting queue
-(the next `max_num_seqs` requests, also those not admitted because the batch is full or a preemption
+admits waiting sequences, FCFS (with the prefix cache: the oldest first, then those whose prompt starts
+on cached blocks, then the rest; see `_admission_order`), skipping (never blocking on) those whose
+adapter is not loaded yet or would exceed the distinct-adapter cap of the device slots. An admitted
+sequence starts on the cached blocks of its prefix (the block manager's prefix cache); one whose next
+block a running sequence is computing (the n choices of one prompt, or two requests with one system
+prompt) waits a step and takes that block from the cache instead. Last, it looks ahead in the waiting
+queue (the next `max_num_seqs` requests, also those not admitted because the batch is full or a preemption
 happened) and starts background loads of their adapters, so that they are in host memory when their
 turn comes; `SchedulerOutput.upcoming` names those adapters, in queue order, for the engine to copy
 into free device slots.
@@ -148,7 +149,7 @@ class Scheduler:
         failed: list[Sequence] = []
         active = {s.adapter_id for s in self.running if s.adapter_id is not None}
         computing = self._computing() if self.waiting and self.blocks.enable_caching else set()
-        for seq in list(self.waiting):
+        for seq in self._admission_order():
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
             error = self._adapter_error(seq)
@@ -182,6 +183,21 @@ class Scheduler:
             scheduled.append(ScheduledSeq(seq, n))
             budget -= n
         return failed
+
+    def _admission_order(self) -> list[Sequence]:
+        """The waiting requests in the order `_admit` takes them: FCFS without the prefix cache. With it,
+        the oldest first (no request waits more steps than there are requests ahead of it), then those of
+        the next `max_num_seqs` whose prompt starts on cached blocks, longest cached prefix first (SGLang's
+        longest-prefix-match), then the rest in order. A hit costs only its uncached suffix, so admitting
+        hits first turns a step's token budget into more first tokens (chat traffic: one system prompt
+        computed, then every request behind it a short user turn)."""
+        waiting = list(self.waiting)
+        if not self.blocks.enable_caching or len(waiting) < 3:
+            return waiting
+        head, window, rest = waiting[0], waiting[1:1 + self.max_num_seqs], waiting[1 + self.max_num_seqs:]
+        num_cached = {id(seq): self.blocks.num_cached_blocks(seq) for seq in window}
+        window.sort(key=lambda seq: -num_cached[id(seq)])  # stable: in order among equals
+        return [head, *window, *rest]
 
     def _computing(self) -> set[bytes]:
         """Hashes of the full blocks running sequences have yet to compute: a waiting sequence whose

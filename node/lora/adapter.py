@@ -6,6 +6,7 @@ refused). Every problem found is reported at once in one `AdapterFormatError`.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -66,6 +67,20 @@ class _Plan:
     scales: dict[tuple[int, str], float]
     stacks: tuple[_Stack, ...] | None  # None: not one dtype and one rank (LoRAWeights.from_modules)
     gather: GatherPlan | None  # where the stacks' bytes come from in the file
+    dtype: torch.dtype = torch.float32  # of the stacks in the file
+    b_scale: float | None = None  # one scaling for every B stack (they follow the A stacks), if there is one
+
+    @cached_property
+    def sizes(self) -> list[int]:
+        """Elements of each stack, in order: the gathered buffer split into the stacks."""
+        assert self.stacks is not None
+        return [math.prod(s.shape) for s in self.stacks]
+
+    @cached_property
+    def num_a(self) -> int:
+        """Elements of the A stacks, which come first in the gathered buffer."""
+        assert self.stacks is not None
+        return sum(size for s, size in zip(self.stacks, self.sizes, strict=True) if s.name in GROUPS)
 
 
 MAX_CACHED_PLANS = 64
@@ -96,17 +111,17 @@ def load_lora_adapter(source: str | Path | AdapterFiles, target: LoRATargetSpec,
         weights = LoRAWeights.from_modules(*_unfuse(modules, plan.scales, dict(target.fused)))
         _refuse_non_finite(files, _non_finite({**weights.a, **weights.b}, weights.rank))
         return weights
-    dtype = FLOAT_DTYPES[files.header[next(iter(plan.names.values()))[0]].dtype]
     assert plan.gather is not None
-    raw = files.gather(plan.gather).view(dtype)  # one buffer: one preadv for a disk cache copy
-    elem, raw = raw.element_size(), raw.float()
-    stacks = {s.name: raw[begin // elem:end // elem].view(s.shape)  # bounds in the file's dtype, then float32
-              for s, (begin, end) in zip(plan.stacks, plan.gather.bounds, strict=True)}
+    raw = files.gather(plan.gather).view(plan.dtype).float()  # one preadv for a disk cache copy; float32
+    stacks = {s.name: part.view(s.shape) for s, part in zip(plan.stacks, raw.split(plan.sizes), strict=True)}
     rank = plan.stacks[0].shape[1] // len(GROUPS[plan.stacks[0].name])
     a = {g: stacks[g] for g in GROUPS if g in stacks}
-    b = {m: scale_stack(stacks[m], m, plan.scales) for m in MODULES if m in stacks}
+    if plan.b_scale is not None:  # the usual adapter: one alpha / r for all, one pass over the B stacks
+        raw[plan.num_a:].mul_(plan.b_scale)
+    b = {m: stacks[m] if plan.b_scale is not None else scale_stack(stacks[m], m, plan.scales)
+         for m in MODULES if m in stacks}
     # the bytes, not the plan, checked on every load; after scaling, which can overflow a huge weight
-    if not torch.isfinite(raw.sum()):  # one reduction over all stacks; searched only if it fails
+    if not math.isfinite(raw.sum().item()):  # one reduction over all stacks; searched only if it fails
         _refuse_non_finite(files, _non_finite(stacks, rank))
     return LoRAWeights(rank=rank, a=a, b=b, ranks=dict.fromkeys(plan.names, rank))
 
@@ -173,8 +188,12 @@ def _make_plan(files: AdapterFiles, target: LoRATargetSpec, max_rank: int) -> _P
         scales = {k: scaling(files.config, *k, rank) for k, rank in ranks.items()}
     is_fused = any(module in dict(target.fused) for _, module in names)  # Phi-3: split in `_unfuse`
     stacks = _stacks(files, names) if names and not problems and not is_fused else None
-    gather = GatherPlan.of([s.parts for s in stacks]) if stacks is not None else None
-    return _Plan(tuple(problems), names, scales, stacks, gather)
+    if stacks is None:
+        return _Plan(tuple(problems), names, scales, None, None)
+    dtype = FLOAT_DTYPES[files.header[next(iter(names.values()))[0]].dtype]
+    b_scale = next(iter(scales.values())) if len(set(scales.values())) == 1 else None
+    return _Plan(tuple(problems), names, scales, stacks, GatherPlan.of([s.parts for s in stacks]), dtype,
+                 b_scale if b_scale != 1.0 else None)
 
 
 def _stacks(files: AdapterFiles, names: dict[tuple[int, str], tuple[str, str]]) -> tuple[_Stack, ...] | None:
@@ -187,7 +206,7 @@ def _stacks(files: AdapterFiles, names: dict[tuple[int, str], tuple[str, str]]) 
         return None
     elem = DTYPE_BYTES[entries[0].dtype]
     num_layers = max(layer for layer, _ in names) + 1
-    stacks = []
+    a_stacks, b_stacks = [], []  # the A stacks first: the B stacks are then one run of the buffer
     for group, modules in GROUPS.items():
         present = [m for m in modules if any(k[1] == m for k in names)]
         if not present:
@@ -196,13 +215,13 @@ def _stacks(files: AdapterFiles, names: dict[tuple[int, str], tuple[str, str]]) 
         parts = tuple(_range(header[names[(layer, m)][0]]) if (layer, m) in names else rank * d_in * elem
                       for layer in range(num_layers) for m in modules)
         # [num_layers * len(group) * rank * in] -> [num_layers, len(group) * rank, in]
-        stacks.append(_Stack(group, parts, (num_layers, len(modules) * rank, d_in)))
+        a_stacks.append(_Stack(group, parts, (num_layers, len(modules) * rank, d_in)))
         for m in present:
             d_out = header[next(b for (_, n), (_, b) in names.items() if n == m)].shape[0]
             parts = tuple(_range(header[names[(layer, m)][1]]) if (layer, m) in names else d_out * rank * elem
                           for layer in range(num_layers))
-            stacks.append(_Stack(m, parts, (num_layers, d_out, rank)))  # [num_layers, out, rank]
-    return tuple(stacks)
+            b_stacks.append(_Stack(m, parts, (num_layers, d_out, rank)))  # [num_layers, out, rank]
+    return (*a_stacks, *b_stacks)
 
 
 def _range(entry: TensorEntry) -> tuple[int, int]:

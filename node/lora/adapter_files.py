@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import torch
 
 from node.errors import AdapterFormatError
+from node.lora.chat_template_file import read_chat_template
 from node.lora.content_hash import ADAPTER_FILES, adapter_files_sha256
 
 CONFIG_FILE, WEIGHTS_FILE = ADAPTER_FILES
@@ -95,6 +96,22 @@ class AdapterFiles:
         if len(data) != self.size or bytes(data[8:8 + len(self.head)]) != self.head:
             raise AdapterFormatError(f"{WEIGHTS_FILE} changed since it was opened", file=WEIGHTS_FILE)
         return data
+
+    def again(self) -> AdapterFiles:
+        """A new handle on the same `open`ed files, with what was parsed of them (config, header, chat
+        template) but not the whole file if the parser read it: for a disk cache entry, whose files do
+        not change while it is cached, so that its next load reads only the tensor bytes."""
+        assert self.weights is None, "only an opened copy is kept for its next load"
+        files = AdapterFiles(self.folder, self.config_bytes, None, self.size, self.head)
+        for name in ("config", "header", "header_bytes", "chat_template"):
+            if name in self.__dict__:  # computed cached_property values
+                files.__dict__[name] = self.__dict__[name]
+        return files
+
+    @cached_property
+    def chat_template(self) -> str | None:
+        """The adapter's own chat template, from the files beside these two (node/lora/chat_template_file.py)."""
+        return read_chat_template(self.folder)
 
     def sha256(self) -> bytes:
         """The registry's weightsSha256 of exactly these bytes."""
@@ -169,13 +186,12 @@ class AdapterFiles:
                     dest[begin:end] = source[offset:offset + end - begin]
                     offset += end - begin
             return out
-        fd = os.open(self.folder / WEIGHTS_FILE, os.O_RDONLY)
+        fd = os.open(os.path.join(self.folder, WEIGHTS_FILE), os.O_RDONLY)
         try:
             if os.fstat(fd).st_size != self.size:
                 raise AdapterFormatError(f"{WEIGHTS_FILE} changed since it was opened", file=WEIGHTS_FILE)
-            for offset, pieces in plan.runs:
-                n = os.preadv(fd, [dest[begin:end] for begin, end in pieces], offset)
-                if n != sum(end - begin for begin, end in pieces):
+            for (offset, pieces), nbytes in zip(plan.runs, plan.run_nbytes, strict=True):
+                if os.preadv(fd, [dest[begin:end] for begin, end in pieces], offset) != nbytes:
                     raise AdapterFormatError(f"{WEIGHTS_FILE} shrank while it was read", file=WEIGHTS_FILE)
         finally:
             os.close(fd)
@@ -194,6 +210,11 @@ class GatherPlan:
     runs: tuple[tuple[int, tuple[tuple[int, int], ...]], ...]
     zeros: tuple[tuple[int, int], ...]
     bounds: tuple[tuple[int, int], ...]
+
+    @cached_property
+    def run_nbytes(self) -> tuple[int, ...]:
+        """Bytes of each run."""
+        return tuple(sum(end - begin for begin, end in pieces) for _, pieces in self.runs)
 
     @classmethod
     def of(cls, layouts: Sequence[Parts]) -> GatherPlan:

@@ -27,12 +27,14 @@ import uuid
 from collections import Counter, OrderedDict
 from pathlib import Path
 
+from node.lora.adapter_files import WEIGHTS_FILE, AdapterFiles
 from node.lora.content_hash import ADAPTER_FILES
 
 logger = logging.getLogger(__name__)
 _ENTRY_NAME = re.compile(r"^[0-9a-f]{64}-[0-9a-f]{16}$")
 _TMP, _TRASH = ".tmp", ".trash"
 TOUCH_INTERVAL_S = 60.0
+MAX_OPENED_BYTES = 64 << 20  # configs and safetensors headers kept for the next loads of their entries
 
 
 def disk_key(digest: bytes, uri: str) -> str:
@@ -50,6 +52,8 @@ class DiskCache:
         self._protected: Counter[str] = Counter()
         self._nbytes = 0
         self._touched: dict[str, float] = {}  # key -> when its mtime was last set (time.monotonic())
+        self._opened: OrderedDict[str, AdapterFiles] = OrderedDict()  # key -> its files, parsed (`recall`)
+        self._opened_bytes = 0
         self._scan()
 
     @property
@@ -80,6 +84,40 @@ class DiskCache:
         with contextlib.suppress(FileNotFoundError):  # deleted behind our back: the reader fetches again
             os.utime(self.root / key)
 
+    def remember(self, key: str, files: AdapterFiles) -> None:
+        """Keep an entry's opened files, parsed (config, header, chat template; `AdapterFiles.again`), for
+        its next loads: the entry's files never change while it is cached. Forgotten with the entry
+        (evicted, discarded or committed again); at most MAX_OPENED_BYTES of them, least recent first out."""
+        nbytes = len(files.config_bytes) + len(files.head)
+        with self._lock:
+            if key not in self._entries or nbytes > MAX_OPENED_BYTES:
+                return
+            self._forget_opened(key)
+            self._opened[key] = files.again()
+            self._opened_bytes += nbytes
+            while self._opened_bytes > MAX_OPENED_BYTES:
+                self._forget_opened(next(iter(self._opened)))
+
+    def recall(self, key: str) -> AdapterFiles | None:
+        """The entry's files as `remember` kept them (a new handle), if its weights file still has their
+        size (a truncated copy is opened again, found bad and fetched again)."""
+        with self._lock:
+            files = self._opened.get(key)
+            if files is None:
+                return None
+            self._opened.move_to_end(key)
+        try:
+            if os.stat(self.root / key / WEIGHTS_FILE).st_size == files.size:
+                return files.again()
+        except FileNotFoundError:
+            pass
+        return None
+
+    def _forget_opened(self, key: str) -> None:
+        files = self._opened.pop(key, None)
+        if files is not None:
+            self._opened_bytes -= len(files.config_bytes) + len(files.head)
+
     def release(self, key: str) -> None:
         with self._lock:
             self._leases[key] -= 1
@@ -107,6 +145,7 @@ class DiskCache:
         for path in (*temp.iterdir(), temp):
             _fsync(path)
         with self._lock:
+            self._forget_opened(key)  # its chat template may be another now
             if key not in self._entries:
                 if (self.root / key).exists():  # an unindexed leftover (a failed eviction)
                     shutil.rmtree(self.root / key)
@@ -143,6 +182,7 @@ class DiskCache:
 
     def _to_trash(self, key: str) -> Path:
         self._touched.pop(key, None)
+        self._forget_opened(key)
         trash = self.root / _TRASH / uuid.uuid4().hex
         trash.parent.mkdir(parents=True, exist_ok=True)
         try:

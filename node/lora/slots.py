@@ -111,18 +111,24 @@ class LoRASlots:
         self.ranks[slot] = r
         extents = self._extents[slot]
         for group, modules in GROUPS.items():
-            dst, src = self.a_all[group][:, slot], weights.a.get(group)  # [L, G * r_max, in] <- [Lw, G * r, in]
-            if self._clear(dst, extents, group, src, r):
-                num_layers, d_in = src.shape[0], src.shape[2]
-                # [Lw, G, r_max, in] <- [Lw, G, r, in]
-                dst[:num_layers].view(num_layers, len(modules), r_max, d_in)[:, :, :r].copy_(
-                    _staged(src, is_async).view(num_layers, len(modules), r, d_in), non_blocking=is_async)
+            src = weights.a.get(group)  # [Lw, G * r, in]; a group absent now and before is not touched
+            if src is not None or group in extents:
+                dst = self.a_all[group][:, slot]  # [L, G * r_max, in]
+                if self._clear(dst, extents, group, src, r) and src is not None:
+                    if src.shape != dst.shape:  # fewer layers or a lower rank: [Lw, G, r_max, in] <- [Lw, G, r, in]
+                        num_layers, d_in = src.shape[0], src.shape[2]
+                        dst = dst[:num_layers].view(num_layers, len(modules), r_max, d_in)[:, :, :r]
+                        src = src.view(num_layers, len(modules), r, d_in)
+                    dst.copy_(_staged(src, is_async), non_blocking=is_async)
             offset = 0
             for m, width in zip(modules, self.widths[group], strict=True):
-                b_dst = self.b_all[group][:, slot, offset:offset + width]  # [L, out, r_max] <- [Lw, out, r]
-                b_src = weights.b.get(m)
-                if self._clear(b_dst, extents, m, b_src, r):
-                    b_dst[:b_src.shape[0], :, :r].copy_(_staged(b_src, is_async), non_blocking=is_async)
+                b_src = weights.b.get(m)  # [Lw, out, r]
+                if b_src is not None or m in extents:
+                    b_dst = self.b_all[group][:, slot, offset:offset + width]  # [L, out, r_max]
+                    if self._clear(b_dst, extents, m, b_src, r) and b_src is not None:
+                        if b_src.shape != b_dst.shape:
+                            b_dst = b_dst[:b_src.shape[0], :, :r]
+                        b_dst.copy_(_staged(b_src, is_async), non_blocking=is_async)
                 offset += width
 
     @staticmethod

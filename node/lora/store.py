@@ -35,7 +35,6 @@ import httpx
 
 from node.errors import AdapterFormatError, AdapterIntegrityError, AdapterNotFound, AdapterTooLarge
 from node.lora.adapter_files import AdapterFiles
-from node.lora.chat_template_file import read_chat_template
 from node.lora.content_hash import sha256_from_hex
 from node.lora.disk_cache import DiskCache, disk_key
 from node.lora.host_cache import HostCache
@@ -265,12 +264,14 @@ class AdapterStore(Generic[W]):
         adapter_id, reg = job.adapter_id, job.reg
         files, started = self._good_copy(adapter_id, reg, job.leased)
         try:
-            template = read_chat_template(files.folder)
+            template = files.chat_template
             with self._lock:
                 self._templates[adapter_id] = template
             files.check()
             weights = self._parse(files)
             size = self._nbytes(weights)
+            if not self.config.verify_every_load:
+                self._disk.remember(reg.key, files)  # its next load reads only the tensor bytes
             self._metrics.loaded("disk", time.monotonic() - started)
         finally:
             self._disk.release(reg.key)
@@ -286,7 +287,7 @@ class AdapterStore(Generic[W]):
         fetched now), and when the disk step began. The hash is checked on the very bytes returned."""
         started = time.monotonic()
         if leased is not None:
-            files, why = self._cached_copy(leased, reg.digest)
+            files, why = self._cached_copy(reg.key, reg.digest)
             if files is not None:
                 self._metrics.count("disk", "hits")
                 self._disk.touch(reg.key)
@@ -295,21 +296,23 @@ class AdapterStore(Generic[W]):
             self._disk.release(reg.key)
             self._disk.discard(reg.key)
         self._metrics.count("disk", "misses")
-        folder = self._fetch(adapter_id, reg)
+        self._fetch(adapter_id, reg)  # into the entry reg.key
         started = time.monotonic()  # the fetch is timed on its own; the disk step starts now
-        files, why = self._cached_copy(folder, reg.digest)
+        files, why = self._cached_copy(reg.key, reg.digest)
         if files is None:  # changed on disk since the fetch checked it
             self._disk.release(reg.key)
             raise AdapterIntegrityError(f"adapter {adapter_id}: its fresh disk copy is bad ({why}): refused",
                                         adapter=adapter_id, expected=to_hex(reg.digest), why=why)
         return files, started
 
-    def _cached_copy(self, folder: Path, digest: bytes) -> tuple[AdapterFiles | None, str]:
+    def _cached_copy(self, key: str, digest: bytes) -> tuple[AdapterFiles | None, str]:
         """A disk cache copy ready to parse, or None and why not. Verified when it entered the cache,
-        it is trusted (header checked, not hashed) unless `verify_every_load` asks to hash it again."""
+        it is trusted (header checked, not hashed; after its first load, not even read again: `recall`)
+        unless `verify_every_load` asks to hash it again."""
+        folder = self._disk.root / key
         try:
             if not self.config.verify_every_load:
-                files = AdapterFiles.open(folder)
+                files = self._disk.recall(key) or AdapterFiles.open(folder)
                 files.check()
                 return files, ""
             files = AdapterFiles.read(folder)
@@ -336,7 +339,7 @@ class AdapterStore(Generic[W]):
             shutil.rmtree(temp, ignore_errors=True)  # the bad copy; gone already after a commit
         self._metrics.count("source", "hits")
         self._metrics.count("disk", "evictions", num_evicted)
-        self._metrics.loaded("source", time.monotonic() - started, self._disk_size(folder))
+        self._metrics.loaded("source", time.monotonic() - started, sum(p.stat().st_size for p in folder.iterdir()))
         logger.info("fetched adapter %s from %s in %.3fs", adapter_id, shown_uri(reg.source.uri),
                     time.monotonic() - started)
         return folder
@@ -384,10 +387,6 @@ class AdapterStore(Generic[W]):
             f"adapter {adapter_id} at {shown_uri(reg.source.uri)} hashes to {to_hex(actual)}, "
             f"registered {to_hex(reg.digest)}: refused",
             adapter=adapter_id, expected=to_hex(reg.digest), actual=to_hex(actual), uri=shown_uri(reg.source.uri))
-
-    @staticmethod
-    def _disk_size(folder: Path) -> int:
-        return sum(p.stat().st_size for p in folder.iterdir())
 
 
 def _done(weights: W | None = None, error: Exception | None = None) -> Future[W]:

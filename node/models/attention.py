@@ -192,5 +192,7 @@ def _flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 def _gather(cache: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
     """[B, K, KVH, D]: each sequence's cached positions 0..K-1, read through its block table."""
     num_seqs, max_blocks = group.block_tables.shape
-    blocks = cache.index_select(0, group.block_tables.flatten())  # [B * max_blocks, block_size, KVH, D]
-    return blocks.view(num_seqs, max_blocks * cache.shape[1], *cache.shape[2:])[:, : group.num_keys]
+    # rows of a 2-d view: torch copies each block as one row (index_select over the 4-d cache takes
+    # a per-element path, 5x slower on the CPU, where a step of cache hits gathers 64 x 576 positions)
+    rows = cache.view(cache.shape[0], -1).index_select(0, group.block_tables.flatten())  # [B * max_blocks, bs*KVH*D]
+    return rows.view(num_seqs, max_blocks * cache.shape[1], *cache.shape[2:])[:, : group.num_keys]

@@ -77,6 +77,20 @@ def test_one_prefix_under_one_adapter_is_computed_once_and_under_two_never_share
     assert len({h for chain in chains for h in chain}) == 9  # three namespaces, no hash in two of them
 
 
+def test_a_lookup_counts_the_cached_prefix_without_taking_it() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4, enable_caching=True)
+    first = _prompt([*range(100, 112), 1], "sea")
+    _compute(bm, first)
+    bm.commit(first)
+    bm.release(first)
+    free = bm.num_free
+    hit, diverging = _prompt([*range(100, 112), 2], "sea"), _prompt([*range(100, 108), 0, 0, 0, 0, 2], "sea")
+    assert bm.num_cached_blocks(hit) == 3 and bm.num_cached_blocks(diverging) == 2
+    assert bm.num_cached_blocks(_prompt([*range(100, 112), 2], "count")) == 0  # another adapter's namespace
+    assert bm.num_free == free and not hit.block_table  # nothing taken
+    assert bm.acquire_prefix(hit) == 3 * 4
+
+
 def test_the_last_token_and_partial_blocks_are_never_taken_from_the_cache() -> None:
     bm = BlockManager(num_blocks=8, block_size=4, enable_caching=True)
     seq = _prompt(list(range(10)))  # blocks [0..3] [4..7] and a partial [8, 9]

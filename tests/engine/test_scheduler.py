@@ -252,3 +252,26 @@ def test_a_preempted_request_recomputes_only_past_its_cached_blocks() -> None:
     out = sched.schedule()  # its two prompt blocks were kept cached: only its sampled token is run
     assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("new", 1)]
     assert new.num_computed_tokens == 8
+
+
+def test_cache_hits_are_admitted_first_but_never_ahead_of_the_oldest_request() -> None:
+    sched = Scheduler(BlockManager(64, 4, enable_caching=True), _ready_provider(),  # type: ignore[arg-type]
+                      max_num_seqs=8, max_num_batched_tokens=16, max_adapter_slots=4)
+    system = [5] * 12
+    sched.add(_prompt_seq("system", [*system, 1]))
+    _run(sched.schedule())  # 13 tokens: the system prompt's 3 blocks are cached from now on
+    for name, tokens in (("old", [7] * 13), ("miss", [8] * 13), ("hit-a", [*system, 2]), ("hit-b", [*system, 3])):
+        sched.add(_prompt_seq(name, tokens))
+    out = sched.schedule()  # 15 tokens after the decode: the oldest first, then the hits (1 token each)
+    assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [
+        ("system", 1), ("old", 13), ("hit-a", 1), ("hit-b", 1)]  # "miss" came before the hits, and waits
+    _run(out)
+    out = sched.schedule()
+    assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled][-1] == ("miss", 12)
+
+
+def test_without_the_cache_admission_is_first_come_first_served() -> None:
+    sched = _scheduler(tokens=16, block_size=4)
+    for name, n in (("a", 8), ("b", 8), ("c", 2)):
+        sched.add(_seq(name, n))
+    assert [s.seq.request_id for s in sched.schedule().scheduled] == ["a", "b"]

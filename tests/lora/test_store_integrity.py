@@ -100,3 +100,22 @@ def test_trusted_and_verified_loads_parse_the_same_weights(tmp_path: Path) -> No
     entry = next(iter(whole.header.values()))
     assert bytes(gathered[begin:end].numpy()) == (
         bytes(whole.data[entry.begin:entry.end]) + bytes(16) + bytes(whole.data[entry.begin:entry.end]))
+
+
+def test_a_disk_copy_loaded_once_is_loaded_again_reading_only_its_tensors(tmp_path: Path) -> None:
+    with _store(tmp_path, num_host=1) as store:
+        folder = _add(store, tmp_path, "a")
+        (folder / "chat_template.jinja").write_text("{{ first }}")
+        _add(store, tmp_path, "b", seed=1)
+        store.get("a")
+        store.get("b")  # pushes a out of host memory
+        with mock.patch.object(adapter_files.AdapterFiles, "open", side_effect=AssertionError("opened")), \
+                mock.patch.object(adapter_files, "read_chat_template", side_effect=AssertionError("read")):
+            assert _same(store.get("a"), folder)  # config, header and template as its first load read them
+        assert store.chat_template("a") == "{{ first }}"
+        (folder / "chat_template.jinja").write_text("{{ second }}")
+        store.get("b")
+        cached = _cached_weights(tmp_path, "a")
+        cached.write_bytes(cached.read_bytes()[:-5])  # gone bad: fetched again, with the source's template now
+        assert _same(store.get("a"), folder)
+        assert store.chat_template("a") == "{{ second }}" and store.metrics().source.hits == 3
