@@ -39,6 +39,7 @@ from node.payment.ledger import Ledger
 from node.payment.pricing import Pricing
 from node.payment.service import PaymentService
 from node.payment.x402.book import ChannelBook
+from node.payment.x402.channel_mirror import ChannelMirror
 from node.payment.x402.service import X402Payments
 from node.payment.x402.terms import LaneTerms, Offer, X402Terms
 from node.protocol.eip712 import Domain
@@ -169,7 +170,8 @@ def _x402(settings: Settings, deployment: Deployment, key: str, payments: Paymen
           db: sessionmaker[Session]) -> tuple[Offer, X402Payments | None]:
     """What a 402 offers: our lanes always, x402 batch-settlement once the node has a router (docs/x402.md)."""
     lanes = LaneTerms(deployment.chain_id, deployment.token, payments.node, deployment.settlement, deployment.escrow)
-    if settings.x402_router is None or settings.rpc_url is None:
+    router = settings.x402_router or deployment.x402_router  # `loranode chain deploy --x402` writes it
+    if router is None or settings.rpc_url is None:
         return Offer(lanes), None
     latency = settings.settle_latency()
     if settings.x402_withdraw_delay_s <= latency.min_thaw_period_s:  # channels are claimed when their epoch settles
@@ -178,11 +180,13 @@ def _x402(settings: Settings, deployment: Deployment, key: str, payments: Paymen
                           withdraw_delay_s=settings.x402_withdraw_delay_s, required_above_s=latency.min_thaw_period_s)
     client = ContractClient(settings.rpc_url, key)
     name, version = token_domain(client, deployment.token)
-    terms = X402Terms(deployment.chain_id, deployment.token, name, version, settings.x402_router, payments.node,
+    terms = X402Terms(deployment.chain_id, deployment.token, name, version, router, payments.node,
                       settings.x402_withdraw_delay_s)
-    chain = X402Chain(client, settings.x402_router)
+    chain = X402Chain(client, router)
+    # the indexer mirrors the channel contract when the deployment names it: the hold reads that
+    mirror = ChannelMirror(db, settings.x402_withdraw_delay_s) if deployment.x402_channels else None
     return Offer(lanes, terms), X402Payments(payments, ChannelBook(db, payments.node), terms, key, chain.channel,
-                                             chain.deposit)
+                                             chain.deposit, read_mirror=mirror)
 
 
 def _closers(adapters: AdapterRegistrar) -> list[Callable[[], None]]:

@@ -28,6 +28,7 @@ from node.payment.service import Hold, PaymentService
 from node.payment.voucher_check import CheckedVoucher
 from node.payment.x402.book import ChannelBook
 from node.payment.x402.channel_check import (
+    EXCEEDS_BALANCE,
     PREFIX,
     ChannelView,
     X402Refused,
@@ -74,13 +75,17 @@ class X402Voucher(CheckedVoucher):
 
 class X402Payments:
     def __init__(self, payments: PaymentService, book: ChannelBook, terms: X402Terms, node_key: str,
-                 read_channel: ReadChannel, submit_deposit: SubmitDeposit, channel_ttl_s: float = 2.0) -> None:
+                 read_channel: ReadChannel, submit_deposit: SubmitDeposit, channel_ttl_s: float = 2.0,
+                 read_mirror: ReadChannel | None = None) -> None:
         self.payments, self.book, self.terms = payments, book, terms
         self.node_key = node_key
         self.read_channel, self.submit_deposit = read_channel, submit_deposit
-        # A channel's chain state is read at most every `channel_ttl_s` (the spec's "fresh mirror"): a
-        # withdrawal seen that much later still finishes only after the delay, which the node's settle
-        # latency is checked to beat (node/api/wiring.py); a deposit is always read again.
+        # The hold reads the indexer's mirror (`read_mirror`, node/payment/x402/channel_mirror.py) and the
+        # chain (`read_channel`) only where the mirror's balance falls short (a deposit not indexed yet).
+        # Without a mirror the chain state is read at most every `channel_ttl_s`: a withdrawal seen that
+        # much later still finishes only after the delay, which the settlement worker's claim beats
+        # (node/settlement/x402_guard.py); a deposit is always read again.
+        self.read_mirror = read_mirror
         self.channel_ttl_s = channel_ttl_s
         self._chain_cache: dict[bytes, tuple[float, OnChain]] = {}
         self.ledger = payments.ledger
@@ -126,7 +131,7 @@ class X402Payments:
         if lane.reserved_voucher_hash and lane.reserved_at and now - lane.reserved_at < self.ledger.ttl:
             raise X402Refused("another request holds this channel: retry shortly", PREFIX + "channel_busy")
         try:
-            check_payment(payment, self.terms, view, ceiling=max_fee)
+            view = self._check(checked, view, max_fee)
         except X402Refused as exc:
             if exc.reason != CUMULATIVE_MISMATCH:
                 raise
@@ -135,7 +140,7 @@ class X402Payments:
             return view
         self.submit_deposit(payment)
         self._chain_cache.pop(checked.channel_id, None)
-        view = self._view(checked, lane.charged_total)
+        view = self._view(checked, lane.charged_total, live=True)
         check_payment(replace(payment, deposit=None), self.terms, view, ceiling=max_fee)
         return view
 
@@ -146,8 +151,21 @@ class X402Payments:
         return X402Refused(message, CUMULATIVE_MISMATCH, channel_state=latest.channel_state(checked.channel_id),
                            voucher_state=latest.voucher_state())
 
-    def _view(self, checked: X402Checked, charged: int) -> ChannelView:
-        chain = self._chain(checked.channel_id)
+    def _check(self, checked: X402Checked, view: ChannelView, max_fee: int) -> ChannelView:
+        """The view the voucher passes on: the mirror's, or the chain's where the mirror's balance falls short."""
+        try:
+            check_payment(checked.payment, self.terms, view, ceiling=max_fee)
+            return view
+        except X402Refused as exc:
+            if exc.reason != EXCEEDS_BALANCE or self.read_mirror is None:
+                raise
+        live = self._view(checked, view.charged, live=True)
+        check_payment(checked.payment, self.terms, live, ceiling=max_fee)
+        return live
+
+    def _view(self, checked: X402Checked, charged: int, live: bool = False) -> ChannelView:
+        mirror = self.read_mirror
+        chain = self._chain(checked.channel_id) if live or mirror is None else mirror(checked.channel_id)
         return ChannelView(charged, 0, None, chain.balance, chain.total_claimed, chain.pending_withdrawal,
                            chain.withdraw_requested_at, chain.refund_nonce)
 
