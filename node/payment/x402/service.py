@@ -159,7 +159,11 @@ class X402Payments:
         except X402Refused as exc:
             if exc.reason != EXCEEDS_BALANCE or self.read_mirror is None:
                 raise
-        live = self._view(checked, view.charged, live=True)
+        live = self._view(checked, view.charged, live=True)  # maybe up to `channel_ttl_s` old: what the
+        # mirror has seen since (a withdrawal, a claim) still counts
+        live = replace(live, pending_withdrawal=max(live.pending_withdrawal, view.pending_withdrawal),
+                       withdraw_requested_at=max(live.withdraw_requested_at, view.withdraw_requested_at),
+                       total_claimed=max(live.total_claimed, view.total_claimed))
         check_payment(checked.payment, self.terms, live, ceiling=max_fee)
         return live
 
