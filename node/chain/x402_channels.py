@@ -18,6 +18,7 @@ from web3.types import TxReceipt
 from node.chain.contract_client import ContractClient
 from node.chain.deploy import Deployment
 from node.errors import ChainError
+from node.payment.x402.refund import RefundOrder
 from node.payment.x402.typed import CHANNELS_ADDRESS, ERC3009_COLLECTOR_ADDRESS, ChannelConfig, deposit_nonce
 from node.payment.x402.wire import Payment
 
@@ -139,3 +140,14 @@ class X402Chain:
         if claimed == settled and held == 0:
             return None
         return self.client.transact(self.router.functions.sweep())
+
+    def refund(self, order: RefundOrder) -> str:
+        """The node, as receiver authorizer: claim what it charged with the payer's refund voucher, then
+        refund `order.amount`, in one `multicall` (the claim first, so the refund cannot take it)."""
+        config = order.config.as_tuple()
+        calls = [self.channels.encode_abi("refund", args=[config, order.amount])]
+        if order.claim_to is not None:
+            row = ClaimRow(order.config, order.voucher_ceiling, order.voucher_signature, order.claim_to)
+            calls.insert(0, self.channels.encode_abi("claim", args=[[row.as_tuple()]]))
+        receipt = self.client.transact(self.channels.functions.multicall(calls))
+        return str(receipt["transactionHash"].to_0x_hex())

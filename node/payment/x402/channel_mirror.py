@@ -51,3 +51,7 @@ class ChannelMirror:
         balance, claimed, pending, ready_at, nonce = row
         requested = int(ready_at.timestamp()) - self.withdraw_delay_s if ready_at is not None else 0
         return MirroredChannel(int(balance), int(claimed), int(pending), requested, int(nonce))
+
+    def has_refund(self, channel_id: bytes, nonce: int) -> bool:
+        """Whether the mirror has seen the channel's refund number `nonce` (its `refundNonce` reached it)."""
+        return self(channel_id).refund_nonce >= nonce
