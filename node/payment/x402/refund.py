@@ -23,8 +23,7 @@ from typing import Any
 from eth_utils import keccak
 
 from node.payment.x402.channel_check import PREFIX, ChannelView, X402Refused, check_signature, check_terms
-from node.payment.x402.service import OnChain, X402Payments
-from node.payment.x402.terms import CUMULATIVE_MISMATCH
+from node.payment.x402.service import OnChain, X402Checked, X402Payments
 from node.payment.x402.typed import ChannelConfig
 from node.payment.x402.wire import Payment, decode_payment, payment_response
 from node.protocol.hexstr import to_hex
@@ -62,8 +61,8 @@ class X402Refunds:
             raise X402Refused("not a refund payment", NOT_A_REFUND, type=payment.kind)
         terms = self.x402.terms
         channel = check_terms(payment, terms)
-        check_signature(payment, terms, channel)
-        lane, charged, hold_id = self._hold(payment, channel)
+        checked = X402Checked(payment, channel, check_signature(payment, terms, channel))
+        lane, charged, hold_id = self._hold(checked)
         tx_hash, mirrored = None, False
         try:
             order, state = self._order(payment, channel, charged)
@@ -78,10 +77,11 @@ class X402Refunds:
         return payment_response(terms.network, payment.config.payer, None, after.channel_state(channel),
                                 transaction=tx_hash, amount=str(order.amount))
 
-    def _hold(self, payment: Payment, channel: bytes) -> tuple[int, int, str]:
+    def _hold(self, checked: X402Checked) -> tuple[int, int, str]:
         """A hold of nothing on the channel's lane (no request is served during the refund), once the
-        voucher is exactly the charged total; (lane, charged total, the hold's id)."""
+        voucher is exactly the charged total (else the corrective 402); (lane, charged total, the hold's id)."""
         x402, ledger = self.x402, self.x402.ledger
+        payment, channel = checked.payment, checked.channel_id
         lane = x402.book.lane_of(channel, payment.config)
         hold_id = to_hex(keccak(b"x402 refund" + channel + payment.voucher.signature))
         now = datetime.fromtimestamp(ledger.clock(), UTC)
@@ -91,9 +91,8 @@ class X402Refunds:
             if row.reserved_voucher_hash and row.reserved_at and now - row.reserved_at < ledger.ttl:
                 raise X402Refused("another request holds this channel: retry shortly", PREFIX + "channel_busy")
             if payment.voucher.max_claimable != row.charged_total:
-                view = ChannelView(row.charged_total)
-                raise X402Refused("a refund voucher's ceiling must be the channel's charged total",
-                                  CUMULATIVE_MISMATCH, channel_state=view.channel_state(channel))
+                raise x402.corrective(checked, row.charged_total,
+                                      "a refund voucher's ceiling must be the channel's charged total")
             tx.put_hold(x402.router, ledger.node, lane, 0, hold_id, now, ledger.instance)
         return lane, row.charged_total, hold_id
 

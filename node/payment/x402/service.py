@@ -144,6 +144,10 @@ class X402Payments:
         check_payment(replace(payment, deposit=None), self.terms, view, ceiling=max_fee)
         return view
 
+    def corrective(self, checked: X402Checked, charged: int, message: str) -> X402Refused:
+        """The corrective 402 of a channel charged `charged` (for a refund voucher off the charged total)."""
+        return self._corrective(checked, self._view(checked, charged), message)
+
     def _corrective(self, checked: X402Checked, view: ChannelView, message: str) -> X402Refused:
         """The corrective 402: the channel's state with the last voucher its payer signed (read only here)."""
         entry = self.book.entry(checked.channel_id, checked.payment.config)
