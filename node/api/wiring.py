@@ -40,6 +40,7 @@ from node.payment.pricing import Pricing
 from node.payment.service import PaymentService
 from node.payment.x402.book import ChannelBook
 from node.payment.x402.channel_mirror import ChannelMirror
+from node.payment.x402.refund import X402Refunds
 from node.payment.x402.service import X402Payments
 from node.payment.x402.terms import LaneTerms, Offer, X402Terms
 from node.protocol.eip712 import Domain
@@ -153,6 +154,7 @@ def _wire(settings: Settings, deployment: Deployment, key: str, config: EngineCo
     metrics = APIMetrics(settings.metrics_max_adapters)
     client = EngineClient(engine, settings.max_in_flight)
     offer, x402 = _x402(settings, deployment, key, payments, db)
+    refunds = _x402_refunds(settings, deployment, key, x402, db)
     generation = GenerationService(client, payments, issuer, catalog, metrics, settings.default_max_tokens,
                                    offer=offer, x402=x402)
     _register_metrics(metrics, store_metrics, client, db, node)
@@ -163,6 +165,7 @@ def _wire(settings: Settings, deployment: Deployment, key: str, config: EngineCo
                         split=SplitParams(deployment.treasury, node, deployment.protocol_bps, deployment.node_bps),
                         max_mirror_lag_s=settings.max_mirror_lag_s,
                         idempotency_window_s=settings.idempotency_window_s,
+                        x402_refunds=refunds,
                         on_shutdown=[engine.shutdown, *_closers(adapters), *([attributor.close] if attributor else [])])
 
 
@@ -187,6 +190,17 @@ def _x402(settings: Settings, deployment: Deployment, key: str, payments: Paymen
     mirror = ChannelMirror(db, settings.x402_withdraw_delay_s) if deployment.x402_channels else None
     return Offer(lanes, terms), X402Payments(payments, ChannelBook(db, payments.node), terms, key, chain.channel,
                                              chain.deposit, read_mirror=mirror)
+
+
+def _x402_refunds(settings: Settings, deployment: Deployment, key: str, x402: X402Payments | None,
+                  db: sessionmaker[Session]) -> X402Refunds | None:
+    """The cooperative refund, where the indexer mirrors the channel contract: a refunded channel stays held
+    until the mirror shows the refund (node/payment/x402/refund.py)."""
+    if x402 is None or not deployment.x402_channels or settings.rpc_url is None:
+        return None
+    chain = X402Chain(ContractClient(settings.rpc_url, key), x402.terms.router)
+    mirror = ChannelMirror(db, settings.x402_withdraw_delay_s)
+    return X402Refunds(x402, chain.channel, chain.refund, mirror.has_refund)
 
 
 def _closers(adapters: AdapterRegistrar) -> list[Callable[[], None]]:

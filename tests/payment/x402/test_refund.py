@@ -8,10 +8,15 @@ hands its headers to the node's service (the route is the API's; docs/x402.md)."
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from x402.mechanisms.evm.batch_settlement.client.refund import RefundOptions, _RefundResponse
 
+from node.api.error_handlers import install_error_handlers
+from node.api.routes import x402_refund
 from node.payment.service import Usage
 from node.payment.x402.channel_check import X402Refused
 from node.payment.x402.channel_mirror import ChannelMirror
@@ -122,3 +127,24 @@ def test_no_refund_while_a_request_holds_the_channel_and_no_request_during_a_ref
     with pytest.raises(X402Refused) as busy:  # the mirror has not shown the refund: the channel stays held
         x402_node.x402.hold(x402_node.x402.check(header), PRICE)
     assert busy.value.reason.endswith("channel_busy")
+
+
+def test_the_sdk_refunds_through_the_nodes_route(x402_node: X402Node, roles: Roles) -> None:
+    """`GET /x402/refund` as the SDK calls it: the probe's 402 names the channel terms, the refund answers
+    200 with PAYMENT-RESPONSE."""
+    app = FastAPI()
+    app.state.services = SimpleNamespace(x402_refunds=_refunds(x402_node))
+    install_error_handlers(app)
+    app.include_router(x402_refund.router)
+    http = TestClient(app)
+
+    def fetch(url: str, headers: dict[str, str]) -> _RefundResponse:
+        resp = http.get("/x402/refund", headers=headers)
+        return _RefundResponse(resp.status_code, dict(resp.headers))
+    payer = Payer(roles.payer, x402_node.world.rpc_url, x402_node.world.dep.chain_id)
+    first, charged = x402_node.serve(payer, Usage(20, 10))
+    probe = http.get("/x402/refund")
+    assert probe.status_code == 402 and "PAYMENT-REQUIRED" in probe.headers
+    out = payer.scheme.refund("http://testserver/x402/refund", RefundOptions(fetch=fetch))
+    assert out.success and int(out.amount) == first.deposit.amount - charged
+    assert x402_node.world.chain.channel(first.voucher.channel_id).balance == charged
