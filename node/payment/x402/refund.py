@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from eth_utils import keccak
+from eth_hash.auto import keccak
 
 from node.payment.x402.channel_check import PREFIX, ChannelView, X402Refused, check_signature, check_terms
 from node.payment.x402.service import OnChain, X402Checked, X402Payments
