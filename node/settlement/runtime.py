@@ -82,6 +82,7 @@ class SettlementRuntime:
         if router is not None:  # x402 channels are claimed into the router's escrow first
             chain = X402Chain(ContractClient(w3, key), router)
             sweep = X402Sweep(factory, chain, deployment.settlement, tx.sender)
-            guard = X402Guard(factory, chain, tx.sender) if deployment.x402_channels else None  # reads the mirror
+            guard = (X402Guard(factory, chain, tx.sender, settings.max_mirror_lag_s)  # reads the channel mirror
+                     if deployment.x402_channels else None)
         return cls(SettlementService(factory, contracts, tx, policy or epoch_policy(settings), before_send=sweep,
                                      on_tick=guard))

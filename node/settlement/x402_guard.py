@@ -9,6 +9,10 @@ signed) and sweeps the claim into the router's escrow account, where the channel
 it as usual (`X402Sweep` then finds it claimed). The delay is at least 900 s and the worker ticks every
 few seconds, so one missed tick costs nothing.
 
+The mirror is trusted only while the indexer keeps up (its cursor checked within `max_mirror_lag_s`, not
+halted): otherwise the guard reads each charged, unclaimed channel's pending withdrawal from the chain
+itself, so a stalled indexer never lets a withdrawal run out unseen.
+
 One `router.collect` covers every channel; if the chain refuses it, the channels are claimed one by one
 and each that still cannot be (its withdrawal already finished, a voucher that does not recover) is
 recorded and skipped: no payer's channel can stop the others being claimed.
@@ -18,11 +22,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import and_, select
+from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.chain.x402_channels import ClaimRow, X402Chain
+from node.db import queries
 from node.db.models import ChannelAccount, Lane, X402Channel
 from node.errors import ChainError
 from node.payment.x402.typed import ChannelConfig
@@ -38,10 +44,12 @@ class GuardReport:
 
 
 class X402Guard:
-    def __init__(self, factory: sessionmaker[Session], chain: X402Chain, node: str) -> None:
+    def __init__(self, factory: sessionmaker[Session], chain: X402Chain, node: str,
+                 max_mirror_lag_s: float = 120.0) -> None:
         assert chain.router is not None, "the guard needs the node's router"
         self.factory, self.chain = factory, chain
         self.router, self.node = chain.router.address.lower(), node.lower()
+        self.max_mirror_lag = timedelta(seconds=max_mirror_lag_s)
 
     def __call__(self) -> GuardReport:
         claims = self.due()
@@ -66,15 +74,30 @@ class X402Guard:
     def due(self) -> list[tuple[int, ClaimRow]]:
         """(lane, claim) of each channel with a pending withdrawal that the node charged beyond its claim."""
         lanes = and_(Lane.payer == self.router, Lane.node == self.node, Lane.lane == X402Channel.lane)
-        q = (select(X402Channel, Lane.charged_total)
-             .join(ChannelAccount, ChannelAccount.channel_id == X402Channel.channel_id)
+        claimed = func.coalesce(ChannelAccount.total_claimed, 0)
+        q = (select(X402Channel, Lane.charged_total, ChannelAccount.pending_withdrawal)
              .join(Lane, lanes)
-             .where(X402Channel.node == self.node, ChannelAccount.pending_withdrawal > 0,
-                    Lane.charged_total > ChannelAccount.total_claimed)
+             .outerjoin(ChannelAccount, ChannelAccount.channel_id == X402Channel.channel_id)
+             .where(X402Channel.node == self.node, Lane.charged_total > claimed)
              .order_by(X402Channel.lane))
         with self.factory() as session:
+            fresh = self._mirror_is_fresh(session)
             rows = session.execute(q).all()
-        return [(ch.lane, claim_row(ch, int(charged))) for ch, charged in rows]
+        if fresh:
+            return [(ch.lane, claim_row(ch, int(charged))) for ch, charged, pending in rows if pending]
+        log.warning("the channel mirror is stale: reading %d charged channels' withdrawals from the chain", len(rows))
+        due = []
+        for ch, charged, _ in rows:
+            state = self.chain.channel(from_hex(ch.channel_id))
+            if state.pending_withdrawal and int(charged) > state.total_claimed:
+                due.append((ch.lane, claim_row(ch, int(charged))))
+        return due
+
+    def _mirror_is_fresh(self, session: Session) -> bool:
+        head = queries.mirror_head(session)
+        if head is None or head.halted_reason or head.checked_at is None:
+            return False
+        return datetime.now(UTC) - head.checked_at <= self.max_mirror_lag
 
 
 def claim_row(ch: X402Channel, total_claimed: int) -> ClaimRow:

@@ -76,3 +76,14 @@ def test_a_channel_whose_claim_reverts_does_not_stop_the_others(x402_node: X402N
     assert x402_node.world.chain.channel(kept.voucher.channel_id).total_claimed == kept_fee
     assert x402_node.world.chain.channel(gone.voucher.channel_id).total_claimed == 0
     assert x402_node.escrowed() == kept_fee
+
+
+def test_a_stale_mirror_makes_the_guard_read_the_chain(x402_node: X402Node, roles: Roles) -> None:
+    """The indexer has not run (as if stalled): the withdrawal is not in the mirror, and the guard still
+    claims the channel before its delay, from what the chain says."""
+    payer = Payer(roles.payer, x402_node.world.rpc_url, x402_node.world.dep.chain_id)
+    first, charged = x402_node.serve(payer, Usage(20, 10))
+    x402_node.payer_call(roles.payer, "initiateWithdraw", first, first.deposit.amount)
+    report = x402_node.guard()
+    assert len(report.claimed) == 1 and x402_node.world.chain.channel(first.voucher.channel_id).total_claimed == charged
+    assert x402_node.guard.due() == [], "claimed: nothing due any more, read from the chain"
