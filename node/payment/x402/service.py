@@ -94,8 +94,8 @@ class X402Payments:
     def check(self, header: str) -> X402Checked:
         payment = decode_payment(header)
         if payment.kind == "refund":
-            raise BadRequest("cooperative refunds are not served yet: a payer leaves by initiateWithdraw "
-                             "(docs/x402.md)", type="refund")
+            raise BadRequest("a refund buys no answer: ask for it at GET /x402/refund (docs/x402.md)",
+                             type="refund")
         channel = check_terms(payment, self.terms)
         return X402Checked(payment, channel, check_signature(payment, self.terms, channel))
 
