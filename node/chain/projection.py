@@ -79,13 +79,16 @@ def _escrow(row: Row | None, ev: ChainEvent) -> Row:
     raise ChainError("not an escrow event", event=ev.name)
 
 
-def _channel(row: Row | None, ev: ChainEvent) -> Row:
-    """An x402 channel: the contract's accounting, event by event (contracts/src/X402Channels.sol)."""
+def _channel(row: Row | None, ev: ChainEvent) -> Row | None:
+    """An x402 channel: the contract's accounting, event by event (contracts/src/X402Channels.sol). The
+    mirror follows every channel of the contract from the first deposit it sees; a channel funded before
+    the mirror's first block (only another receiver's can be) is exact from there on in `balance`
+    (absolute in `Deposited`) and from its next `Claimed` in `total_claimed`."""
     a = ev.args
     if row is None:
-        payer = a["config"][0] if ev.name == "ChannelCreated" else a.get("payer")
-        if payer is None:
-            raise ChainError("a channel event before the channel's first deposit", event=ev.name, tx_hash=ev.tx_hash)
+        if ev.name not in ("ChannelCreated", "ChannelDeposited"):
+            return None  # a channel funded before the mirror's first block (another receiver's): not followed
+        payer = a["config"][0] if ev.name == "ChannelCreated" else a["payer"]
         row = _created(ev, channel_id=a["channelId"], payer=payer, receiver=None, balance=0, total_claimed=0,
                        deposited=0, refunded=0, withdrawn=0, pending_withdrawal=0, withdraw_ready_at=None,
                        refund_nonce=0)
@@ -114,8 +117,8 @@ def _withdrawal(row: Row, pending: int) -> Row:
     return {"pending_withdrawal": 0, "withdraw_ready_at": None}
 
 
-def apply(row: Row | None, ev: ChainEvent) -> Row:
-    """The row after `ev`, given the row before it (None if the entity has no row yet)."""
+def apply(row: Row | None, ev: ChainEvent) -> Row | None:
+    """The row after `ev`, given the row before it (None if the entity has no row yet, or none to keep)."""
     a = ev.args
     if ev.name.startswith("Channel"):
         return _channel(row, ev)
@@ -163,4 +166,4 @@ def replay(row: Row | None, events: Iterable[ChainEvent]) -> Row | None:
     return row
 
 
-Applier = Callable[[Row | None, ChainEvent], Row]
+Applier = Callable[[Row | None, ChainEvent], Row | None]

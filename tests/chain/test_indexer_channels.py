@@ -12,6 +12,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.chain.binding import IndexedContracts
 from node.chain.contract_client import ContractClient
+from node.chain.events import ChainEvent
+from node.chain.projection import replay
 from node.chain.x402_channels import ClaimRow, X402Chain, deploy_router, ensure_channel_contracts, token_domain
 from node.db.models import ChannelAccount
 from node.payment.x402.terms import X402Terms, payment_required
@@ -121,3 +123,18 @@ def test_a_channel_deposit_counts_once_final(channels: Channels, db_url: str) ->
     drain(indexer)
     row = _row(factory, payment.voucher.channel_id)
     assert (row.pending_deposits, row.pending_until_block, row.is_final) == (0, None, True)
+
+
+def _event(name: str, block: int, **args: Any) -> ChainEvent:
+    return ChainEvent(31337, block, "0x" + "bb" * 32, "0x" + "cc" * 32, block, CHANNELS_ADDRESS.lower(), name,
+                      {"channelId": "0x" + "01" * 32, **args})
+
+
+def test_a_channel_funded_before_the_mirrors_first_block_is_followed_from_its_next_deposit() -> None:
+    """The reference contract on a shared chain holds channels older than this node's deployment: their
+    claims and withdrawals alone make no row (and never halt the indexer); their next deposit does."""
+    assert replay(None, [_event("ChannelClaimed", 1, receiver="0x" + "0e" * 20, totalClaimed=5, amount=5),
+                         _event("ChannelWithdrawInitiated", 2, amount=3, readyAt=10**9)]) is None
+    row = replay(None, [_event("ChannelRefunded", 3, amount=1, nextNonce=1),
+                        _event("ChannelDeposited", 4, payer="0x" + "0a" * 20, amount=7, balance=11)])
+    assert row is not None and (row["balance"], row["payer"], row["total_claimed"]) == (11, "0x" + "0a" * 20, 0)
