@@ -66,4 +66,44 @@ contract X402ChannelsFuzzTest is X402Fixture {
         assertEq(usd.balanceOf(address(channels)) + claimed, balance, "tokens held = unclaimed balance");
         assertEq(onChain, claimed, "claimed");
     }
+
+    function testFuzz_a_withdrawal_finishes_only_after_its_delay(uint128 deposited, uint128 amount, uint256 dt)
+        public
+    {
+        deposited = uint128(bound(deposited, 1, 1e30));
+        amount = uint128(bound(amount, 1, deposited));
+        dt = bound(dt, 0, 3 * uint256(DELAY));
+        _deposit(_cfg(), deposited);
+        vm.prank(xpayer);
+        channels.initiateWithdraw(_cfg(), amount);
+        vm.warp(block.timestamp + dt);
+        vm.prank(xpayer);
+        (bool ok,) = address(channels).call(abi.encodeCall(X402Channels.finalizeWithdraw, (_cfg())));
+        assertTrue(ok == (dt >= DELAY), "finalizes iff the delay has passed");
+        assertEq(usd.balanceOf(xpayer), ok ? amount : 0, "pays the pending amount, only then");
+    }
+
+    function testFuzz_a_refund_pays_the_unclaimed_part_up_to_the_amount(
+        uint128 deposited,
+        uint128 claimed,
+        uint128 amount
+    ) public {
+        deposited = uint128(bound(deposited, 1, 1e30));
+        claimed = uint128(bound(claimed, 0, deposited));
+        amount = uint128(bound(amount, 1, type(uint128).max));
+        _deposit(_cfg(), deposited);
+        X402Channels.VoucherClaim[] memory rows = _rows(_claimRow(_cfg(), claimed, claimed, X_PAYER_KEY));
+        vm.prank(receiver);
+        channels.claim(rows);
+        bytes32 id = channels.getChannelId(_cfg());
+        bytes memory sig = _sig(AUTHORIZER_KEY, channels.getRefundDigest(id, 0, amount));
+        vm.prank(address(0xBEEF)); // anyone relays the authorizer's signature
+        channels.refundWithSignature(_cfg(), amount, 0, sig);
+        uint128 available = deposited - claimed;
+        assertEq(usd.balanceOf(xpayer), amount < available ? amount : available, "min(amount, unclaimed)");
+        (uint128 balance, uint128 onChain) = _channel(_cfg());
+        assertEq(onChain, claimed, "the claim stands");
+        assertLe(claimed, balance, "never below what was claimed");
+        assertEq(channels.refundNonce(id), 1, "the nonce moved on");
+    }
 }

@@ -15,6 +15,10 @@ contract X402Handler is X402Fixture {
     uint256 public returnedToPayers;
     uint256 public paidToReceivers;
     uint256 public cheatsLanded; // claims above a voucher or a balance that went through: must stay 0
+    uint256 public earlyExits; // withdrawals finalized before their delay: must stay 0
+    uint256 public wrongExits; // withdrawals that paid other than min(pending, unclaimed): must stay 0
+    uint256 public wrongRefunds; // refunds that paid other than min(amount, unclaimed): must stay 0
+    uint256 public replayedRefunds; // a refund signature used twice: must stay 0
     mapping(bytes32 channelId => uint128) public maxSigned;
 
     constructor() {
@@ -79,10 +83,41 @@ contract X402Handler is X402Fixture {
     function refund(uint256 i, uint128 amount) external {
         X402Channels.ChannelConfig memory cfg = cfgOf(i % 4);
         amount = uint128(bound(amount, 1, type(uint128).max));
+        uint256 expected = _refundable(cfg, amount);
         uint256 before = usd.balanceOf(cfg.payer);
         vm.prank(cfg.receiver);
         channels.refund(cfg, amount);
-        returnedToPayers += usd.balanceOf(cfg.payer) - before;
+        _countRefund(cfg, before, expected);
+    }
+
+    /// The relayable refund: anyone submits the receiver authorizer's signature, once.
+    function refundWithSignature(uint256 i, uint128 amount, address relayer) external {
+        X402Channels.ChannelConfig memory cfg = cfgOf(i % 4);
+        amount = uint128(bound(amount, 1, type(uint128).max));
+        bytes32 id = channels.getChannelId(cfg);
+        uint256 nonce = channels.refundNonce(id);
+        bytes memory sig = _sig(AUTHORIZER_KEY, channels.getRefundDigest(id, nonce, amount));
+        uint256 expected = _refundable(cfg, amount);
+        uint256 before = usd.balanceOf(cfg.payer);
+        vm.prank(relayer);
+        channels.refundWithSignature(cfg, amount, nonce, sig);
+        _countRefund(cfg, before, expected);
+        vm.prank(relayer);
+        (bool replayed,) =
+            address(channels).call(abi.encodeCall(X402Channels.refundWithSignature, (cfg, amount, nonce, sig)));
+        if (replayed) ++replayedRefunds;
+    }
+
+    function _refundable(X402Channels.ChannelConfig memory cfg, uint128 amount) internal view returns (uint256) {
+        (uint128 balance, uint128 claimed) = channels.channels(channels.getChannelId(cfg));
+        uint256 available = balance - claimed;
+        return amount < available ? amount : available;
+    }
+
+    function _countRefund(X402Channels.ChannelConfig memory cfg, uint256 before, uint256 expected) internal {
+        uint256 got = usd.balanceOf(cfg.payer) - before;
+        if (got != expected) ++wrongRefunds;
+        returnedToPayers += got;
     }
 
     function initiateWithdraw(uint256 i, uint128 amount) external {
@@ -96,11 +131,16 @@ contract X402Handler is X402Fixture {
 
     function finalizeWithdraw(uint256 i) external {
         X402Channels.ChannelConfig memory cfg = cfgOf(i % 4);
+        bytes32 id = channels.getChannelId(cfg);
+        (uint128 pending, uint40 initiatedAt) = channels.pendingWithdrawals(id);
+        (uint128 balance, uint128 claimed) = channels.channels(id);
         uint256 before = usd.balanceOf(cfg.payer);
         vm.prank(cfg.payer);
         (bool ok,) = address(channels).call(abi.encodeCall(X402Channels.finalizeWithdraw, (cfg)));
-        ok;
-        returnedToPayers += usd.balanceOf(cfg.payer) - before;
+        uint256 got = usd.balanceOf(cfg.payer) - before;
+        if (ok && block.timestamp < uint256(initiatedAt) + DELAY) ++earlyExits;
+        if (ok && got != (pending < balance - claimed ? pending : balance - claimed)) ++wrongExits;
+        returnedToPayers += got;
     }
 
     function warp(uint256 dt) external {
@@ -162,5 +202,15 @@ contract X402InvariantTest is X402Fixture {
         assertLe(settled, receiverClaimed, "settled <= claimed");
         assertEq(handler.paidToReceivers(), settled, "paid = settled");
         assertEq(handler.cheatsLanded(), 0, "no claim over the line landed");
+        assertLe(claimedSum, handler.deposited() - handler.returnedToPayers(), "claimed <= deposits less exits");
+    }
+
+    /// A withdrawal finishes only after its delay and pays min(pending, unclaimed); a refund pays
+    /// min(amount, unclaimed); a refund signature works once.
+    function invariant_exits_follow_the_rules() public view {
+        assertEq(handler.earlyExits(), 0, "no withdrawal before its delay");
+        assertEq(handler.wrongExits(), 0, "a withdrawal pays min(pending, unclaimed)");
+        assertEq(handler.wrongRefunds(), 0, "a refund pays min(amount, unclaimed)");
+        assertEq(handler.replayedRefunds(), 0, "a refund signature works once");
     }
 }

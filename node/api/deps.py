@@ -20,6 +20,7 @@ from node.errors import Unavailable
 from node.payment.ledger import Ledger
 from node.payment.pricing import Pricing
 from node.payment.service import PaymentService
+from node.payment.x402.refund import X402Refunds
 from node.settlement.split import SplitParams
 
 
@@ -38,6 +39,7 @@ class NodeServices:
     idempotency_window_s: float = 86_400.0  # how long a served voucher's response is kept for retries
     prune_interval_s: float = 600.0
     on_shutdown: list[Callable[[], None]] = field(default_factory=list)
+    x402_refunds: X402Refunds | None = None  # the cooperative refund (GET /x402/refund), with the channel mirror
 
 
 async def services(request: Request) -> NodeServices:

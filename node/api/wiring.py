@@ -39,6 +39,8 @@ from node.payment.ledger import Ledger
 from node.payment.pricing import Pricing
 from node.payment.service import PaymentService
 from node.payment.x402.book import ChannelBook
+from node.payment.x402.channel_mirror import ChannelMirror
+from node.payment.x402.refund import X402Refunds
 from node.payment.x402.service import X402Payments
 from node.payment.x402.terms import LaneTerms, Offer, X402Terms
 from node.protocol.eip712 import Domain
@@ -152,6 +154,7 @@ def _wire(settings: Settings, deployment: Deployment, key: str, config: EngineCo
     metrics = APIMetrics(settings.metrics_max_adapters)
     client = EngineClient(engine, settings.max_in_flight)
     offer, x402 = _x402(settings, deployment, key, payments, db)
+    refunds = _x402_refunds(settings, deployment, key, x402, db)
     generation = GenerationService(client, payments, issuer, catalog, metrics, settings.default_max_tokens,
                                    offer=offer, x402=x402)
     _register_metrics(metrics, store_metrics, client, db, node)
@@ -162,6 +165,7 @@ def _wire(settings: Settings, deployment: Deployment, key: str, config: EngineCo
                         split=SplitParams(deployment.treasury, node, deployment.protocol_bps, deployment.node_bps),
                         max_mirror_lag_s=settings.max_mirror_lag_s,
                         idempotency_window_s=settings.idempotency_window_s,
+                        x402_refunds=refunds,
                         on_shutdown=[engine.shutdown, *_closers(adapters), *([attributor.close] if attributor else [])])
 
 
@@ -169,7 +173,8 @@ def _x402(settings: Settings, deployment: Deployment, key: str, payments: Paymen
           db: sessionmaker[Session]) -> tuple[Offer, X402Payments | None]:
     """What a 402 offers: our lanes always, x402 batch-settlement once the node has a router (docs/x402.md)."""
     lanes = LaneTerms(deployment.chain_id, deployment.token, payments.node, deployment.settlement, deployment.escrow)
-    if settings.x402_router is None or settings.rpc_url is None:
+    router = settings.x402_router or deployment.x402_router  # `loranode chain deploy --x402` writes it
+    if router is None or settings.rpc_url is None:
         return Offer(lanes), None
     latency = settings.settle_latency()
     if settings.x402_withdraw_delay_s <= latency.min_thaw_period_s:  # channels are claimed when their epoch settles
@@ -178,11 +183,24 @@ def _x402(settings: Settings, deployment: Deployment, key: str, payments: Paymen
                           withdraw_delay_s=settings.x402_withdraw_delay_s, required_above_s=latency.min_thaw_period_s)
     client = ContractClient(settings.rpc_url, key)
     name, version = token_domain(client, deployment.token)
-    terms = X402Terms(deployment.chain_id, deployment.token, name, version, settings.x402_router, payments.node,
+    terms = X402Terms(deployment.chain_id, deployment.token, name, version, router, payments.node,
                       settings.x402_withdraw_delay_s)
-    chain = X402Chain(client, settings.x402_router)
+    chain = X402Chain(client, router)
+    # the indexer mirrors the channel contract when the deployment names it: the hold reads that
+    mirror = ChannelMirror(db, settings.x402_withdraw_delay_s) if deployment.x402_channels else None
     return Offer(lanes, terms), X402Payments(payments, ChannelBook(db, payments.node), terms, key, chain.channel,
-                                             chain.deposit)
+                                             chain.deposit, read_mirror=mirror)
+
+
+def _x402_refunds(settings: Settings, deployment: Deployment, key: str, x402: X402Payments | None,
+                  db: sessionmaker[Session]) -> X402Refunds | None:
+    """The cooperative refund, where the indexer mirrors the channel contract: a refunded channel stays held
+    until the mirror shows the refund (node/payment/x402/refund.py)."""
+    if x402 is None or not deployment.x402_channels or settings.rpc_url is None:
+        return None
+    chain = X402Chain(ContractClient(settings.rpc_url, key), x402.terms.router)
+    mirror = ChannelMirror(db, settings.x402_withdraw_delay_s)
+    return X402Refunds(x402, chain.channel, chain.refund, mirror.has_refund)
 
 
 def _closers(adapters: AdapterRegistrar) -> list[Callable[[], None]]:

@@ -31,16 +31,21 @@ class IndexedContracts:
     adapter_registry: str
     escrow: str
     settlement: str
+    x402_channels: str | None = None  # the x402 channel contract, where the node takes x402 payments
 
     @classmethod
     def from_deployment(cls, dep: Any) -> IndexedContracts:
         """From node.chain.deploy's Deployment (its attribute names)."""
-        return cls(dep.dataset_registry, dep.adapter_registry, dep.escrow, dep.settlement)
+        return cls(dep.dataset_registry, dep.adapter_registry, dep.escrow, dep.settlement,
+                   getattr(dep, "x402_channels", None))
 
     def roles(self) -> dict[str, Role]:
-        return {self.dataset_registry.lower(): Role.DATASET_REGISTRY,
-                self.adapter_registry.lower(): Role.ADAPTER_REGISTRY,
-                self.escrow.lower(): Role.ESCROW, self.settlement.lower(): Role.SETTLEMENT}
+        roles = {self.dataset_registry.lower(): Role.DATASET_REGISTRY,
+                 self.adapter_registry.lower(): Role.ADAPTER_REGISTRY,
+                 self.escrow.lower(): Role.ESCROW, self.settlement.lower(): Role.SETTLEMENT}
+        if self.x402_channels:
+            roles[self.x402_channels.lower()] = Role.X402_CHANNELS
+        return roles
 
     def fingerprint(self) -> str:
         return json.dumps({str(r): a for a, r in sorted(self.roles().items())}, sort_keys=True)

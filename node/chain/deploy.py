@@ -44,6 +44,10 @@ class Deployment:
     challenge_period_s: int
     from_block: int
     blocks: dict[str, int] = field(default_factory=dict)
+    # x402 batch-settlement (docs/x402.md): the channel contract, its ERC-3009 collector, the node's router
+    x402_channels: str | None = None
+    x402_collector: str | None = None
+    x402_router: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -25,6 +25,7 @@ class Role(StrEnum):
     ADAPTER_REGISTRY = "adapter_registry"
     ESCROW = "escrow"
     SETTLEMENT = "settlement"
+    X402_CHANNELS = "x402_channels"
 
 
 SIGNATURES: dict[Role, tuple[str, ...]] = {
@@ -57,7 +58,18 @@ SIGNATURES: dict[Role, tuple[str, ...]] = {
         "Claimed(address indexed node, address indexed account, uint64 indexed epochId, uint256 amount, "
         "uint256 cumulativeAmount)",
     ),
+    # the x402 channel contract (docs/x402.md); its names that repeat ours get a `Channel` prefix here
+    Role.X402_CHANNELS: (
+        "ChannelCreated(bytes32 indexed channelId, "
+        "(address,address,address,address,address,uint40,bytes32) config)",
+        "Deposited(bytes32 indexed channelId, address indexed payer, uint128 amount, uint128 balance)",
+        "Claimed(bytes32 indexed channelId, address indexed receiver, uint128 totalClaimed, uint128 amount)",
+        "Refunded(bytes32 indexed channelId, uint128 amount, uint256 nextNonce)",
+        "WithdrawInitiated(bytes32 indexed channelId, uint128 amount, uint256 readyAt)",
+        "Withdrawn(bytes32 indexed channelId, uint128 amount)",
+    ),
 }
+PREFIXED = frozenset({Role.X402_CHANNELS})  # their events are named `Channel<Event>` in the mirror
 
 
 @dataclass(frozen=True)
@@ -69,13 +81,14 @@ class Param:
 
 @dataclass(frozen=True)
 class EventSpec:
-    name: str
+    name: str  # unique across roles: the mirror's name for it
     role: Role
     params: tuple[Param, ...]
+    event: str = ""  # the contract's name, when it differs from `name`
 
     @property
     def canonical(self) -> str:
-        return f"{self.name}({','.join(p.type for p in self.params)})"
+        return f"{self.event or self.name}({','.join(p.type for p in self.params)})"
 
     @property
     def topic0(self) -> str:
@@ -87,13 +100,28 @@ def parse_signature(signature: str, role: Role) -> EventSpec:
     if not m:
         raise ValueError(f"not an event signature: {signature!r}")
     params = []
-    for part in m.group(2).split(","):
+    for part in split_types(m.group(2)):
         words = part.split()
         params.append(Param(name=words[-1], type=words[0], indexed="indexed" in words[1:-1]))
-    return EventSpec(m.group(1), role, tuple(params))
+    event = m.group(1)
+    if role in PREFIXED and not event.startswith("Channel"):
+        return EventSpec("Channel" + event, role, tuple(params), event)
+    return EventSpec(event, role, tuple(params))
 
 
-_FAST_TYPES = frozenset({"address", "bytes32", "string", "uint16", "uint32", "uint64", "uint256",
+def split_types(text: str) -> list[str]:
+    """`text` split at its top-level commas (a tuple type keeps its own)."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:].strip())
+    return [p for p in parts if p]
+
+
+_FAST_TYPES = frozenset({"address", "bytes32", "string", "uint16", "uint32", "uint64", "uint128", "uint256",
                          "uint16[]", "uint256[]"})
 SPECS: tuple[EventSpec, ...] = tuple(
     parse_signature(s, role) for role, sigs in SIGNATURES.items() for s in sigs)
@@ -128,6 +156,8 @@ def _from_topic(topic: str, typ: str) -> Any:
 
 
 def _normalise(value: Any, typ: str) -> Any:
+    if typ.startswith("("):
+        return tuple(_normalise(v, t) for v, t in zip(value, split_types(typ[1:-1]), strict=True))
     if typ.endswith("[]"):
         return tuple(_normalise(v, typ[:-2]) for v in value)
     if typ == "address":
@@ -218,6 +248,8 @@ def args_from_json(name: str, data: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _typed(v: Any, typ: str) -> Any:
+    if typ.startswith("("):
+        return tuple(_typed(x, t) for x, t in zip(v, split_types(typ[1:-1]), strict=True))
     if typ.endswith("[]"):
         return tuple(_typed(x, typ[:-2]) for x in v)
     return int(v) if typ.startswith(("uint", "int")) else v

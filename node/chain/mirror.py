@@ -4,7 +4,7 @@ Every write happens inside the caller's transaction, so a range of logs, its der
 indexer cursor commit together or not at all. Rows are rebuilt with `projection.apply`, the same
 function forward and on rollback, which makes a rollback exact by construction.
 
-An escrow row also carries its deposits that are not final yet (`pending_deposits`, and
+An escrow row (and an x402 channel row) also carries its deposits that are not final yet (`pending_deposits`, and
 `pending_until_block`: the chain head at which the latest of them is `finality_depth` deep). A payer
 may spend only what is final (docs/indexer.md): a reorg above the finalized block can remove a deposit,
 never a debit the mirror has not counted yet. They are summed from the raw events above the finalized
@@ -29,6 +29,7 @@ from node.db.models import (
     Adapter,
     AdapterLineage,
     ChainBlock,
+    ChannelAccount,
     Claim,
     Dataset,
     EpochState,
@@ -45,7 +46,9 @@ log = logging.getLogger(__name__)
 TABLES: dict[str, Table] = {
     "dataset": table_of(Dataset), "adapter": table_of(Adapter), "escrow": table_of(EscrowAccount),
     "lane": table_of(LaneCollection), "epoch": table_of(SettledEpoch), "claim": table_of(Claim),
+    "channel": table_of(ChannelAccount),
 }
+DEPOSITS = {"escrow": "Deposited", "channel": "ChannelDeposited"}  # rows whose deposits count once final
 INT_KEYS = frozenset({"dataset_id", "adapter_id", "lane", "epoch_id"})
 CHUNK = 500
 RAW = table_of(RawEvent)
@@ -127,42 +130,45 @@ class Mirror:
     # --- deposits not final yet -------------------------------------------------------------------
 
     def _set_pending(self, session: Session, states: dict[str, Row | None], final_block: int) -> None:
-        """Give each escrow row in `states` its deposits above `final_block` (from the raw events)."""
-        escrows = [e for e, row in states.items() if row is not None and kind_of(e) == "escrow"]
-        pending = self._pending_deposits(session, escrows, final_block)
-        for e in escrows:
-            amount, last_block = pending.get(e, (0, None))
-            row = states[e]
-            assert row is not None
-            row["pending_deposits"] = amount
-            row["pending_until_block"] = None if last_block is None else last_block + self.finality_depth
+        """Give each escrow or channel row in `states` its deposits above `final_block` (from the raw events)."""
+        for kind in DEPOSITS:
+            rows = [e for e, row in states.items() if row is not None and kind_of(e) == kind]
+            pending = self._pending_deposits(session, kind, rows, final_block)
+            for e in rows:
+                amount, last_block = pending.get(e, (0, None))
+                row = states[e]
+                assert row is not None
+                row["pending_deposits"] = amount
+                row["pending_until_block"] = None if last_block is None else last_block + self.finality_depth
 
     def _finalize_pending(self, session: Session, final_block: int) -> None:
-        """Escrow rows final now have no pending deposits; rows that stay not final keep those above
+        """Rows final now have no pending deposits; rows that stay not final keep those above
         `final_block` only (their latest deposit's `pending_until_block` stands)."""
-        table = TABLES["escrow"]
-        pending, not_final = table.c.pending_until_block.is_not(None), table.c.is_final.is_(False)
-        session.execute(update(table).where(pending, not_final, table.c.updated_block <= final_block)
-                        .values(pending_deposits=0, pending_until_block=None))
-        rows = session.execute(select(table.c.payer, table.c.node).where(
-            pending, not_final, table.c.updated_block > final_block)).all()
-        entities = [_entity("escrow", {"payer": p, "node": n}) for p, n in rows]
-        amounts = self._pending_deposits(session, entities, final_block)
-        for (payer, node), e in zip(rows, entities, strict=True):
-            session.execute(update(table).where(table.c.payer == payer, table.c.node == node)
-                            .values(pending_deposits=amounts.get(e, (0, None))[0]))
+        for kind in DEPOSITS:
+            table, keys = TABLES[kind], _keys(kind)
+            pending, not_final = table.c.pending_until_block.is_not(None), table.c.is_final.is_(False)
+            session.execute(update(table).where(pending, not_final, table.c.updated_block <= final_block)
+                            .values(pending_deposits=0, pending_until_block=None))
+            rows = session.execute(select(*[table.c[k] for k in keys]).where(
+                pending, not_final, table.c.updated_block > final_block)).all()
+            entities = [_entity(kind, dict(zip(keys, r, strict=True))) for r in rows]
+            amounts = self._pending_deposits(session, kind, entities, final_block)
+            for r, e in zip(rows, entities, strict=True):
+                where = [table.c[k] == v for k, v in zip(keys, r, strict=True)]
+                session.execute(update(table).where(*where).values(pending_deposits=amounts.get(e, (0, None))[0]))
 
-    def _pending_deposits(self, session: Session, entities: Sequence[str],
+    def _pending_deposits(self, session: Session, kind: str, entities: Sequence[str],
                           final_block: int) -> dict[str, tuple[int, int]]:
-        """{escrow entity: (sum of its deposits above `final_block`, the latest one's block)}."""
+        """{entity: (sum of its deposits above `final_block`, the latest one's block)}."""
+        event = DEPOSITS[kind]
         out: dict[str, tuple[int, int]] = {}
         for chunk in _chunks(entities):
             q = select(RAW.c.entity, RAW.c.block_number, RAW.c.args).where(
-                RAW.c.chain_id == self.chain_id, RAW.c.event == "Deposited", RAW.c.block_number > final_block,
+                RAW.c.chain_id == self.chain_id, RAW.c.event == event, RAW.c.block_number > final_block,
                 RAW.c.entity.in_(chunk))
             for entity, block, args in session.execute(q):
                 total, last = out.get(entity, (0, block))
-                out[entity] = (total + args_from_json("Deposited", args)["amount"], max(last, block))
+                out[entity] = (total + args_from_json(event, args)["amount"], max(last, block))
         return out
 
     # --- rows ----------------------------------------------------------------------------------

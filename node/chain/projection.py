@@ -15,7 +15,7 @@ from node.chain.events import ChainEvent
 from node.errors import ChainError
 
 Row = dict[str, Any]
-KINDS = ("dataset", "adapter", "escrow", "lane", "epoch", "claim")  # parents before children
+KINDS = ("dataset", "adapter", "escrow", "lane", "epoch", "claim", "channel")  # parents before children
 CREATING = frozenset({"DatasetRegistered", "AdapterRegistered", "EpochSettled", "Claimed"})
 
 
@@ -34,6 +34,8 @@ def entity_of(ev: ChainEvent) -> str:
             return f"epoch:{a['node']}:{a['epochId']}"
         case "Claimed":
             return f"claim:{a['node']}:{a['account']}:{a['epochId']}"
+        case name if name.startswith("Channel"):
+            return f"channel:{a['channelId']}"
     raise ChainError("event has no mirror entity", event=ev.name)
 
 
@@ -77,9 +79,49 @@ def _escrow(row: Row | None, ev: ChainEvent) -> Row:
     raise ChainError("not an escrow event", event=ev.name)
 
 
-def apply(row: Row | None, ev: ChainEvent) -> Row:
-    """The row after `ev`, given the row before it (None if the entity has no row yet)."""
+def _channel(row: Row | None, ev: ChainEvent) -> Row | None:
+    """An x402 channel: the contract's accounting, event by event (contracts/src/X402Channels.sol). The
+    mirror follows every channel of the contract from the first deposit it sees; a channel funded before
+    the mirror's first block (only another receiver's can be) is exact from there on in `balance`
+    (absolute in `Deposited`) and from its next `Claimed` in `total_claimed`."""
     a = ev.args
+    if row is None:
+        if ev.name not in ("ChannelCreated", "ChannelDeposited"):
+            return None  # a channel funded before the mirror's first block (another receiver's): not followed
+        payer = a["config"][0] if ev.name == "ChannelCreated" else a["payer"]
+        row = _created(ev, channel_id=a["channelId"], payer=payer, receiver=None, balance=0, total_claimed=0,
+                       deposited=0, refunded=0, withdrawn=0, pending_withdrawal=0, withdraw_ready_at=None,
+                       refund_nonce=0)
+    match ev.name:
+        case "ChannelCreated":  # again after a channel emptied without a claim: same config
+            return _changed(row, ev, receiver=a["config"][2])
+        case "ChannelDeposited":
+            return _changed(row, ev, balance=a["balance"], deposited=row["deposited"] + a["amount"])
+        case "ChannelClaimed":
+            return _changed(row, ev, total_claimed=a["totalClaimed"], receiver=a["receiver"])
+        case "ChannelRefunded":
+            pending = row["pending_withdrawal"] - a["amount"] if row["pending_withdrawal"] > a["amount"] else 0
+            return _changed(row, ev, balance=row["balance"] - a["amount"], refunded=row["refunded"] + a["amount"],
+                            refund_nonce=a["nextNonce"], **_withdrawal(row, pending))
+        case "ChannelWithdrawInitiated":
+            return _changed(row, ev, pending_withdrawal=a["amount"], withdraw_ready_at=_time(a["readyAt"]))
+        case "ChannelWithdrawn":
+            return _changed(row, ev, balance=row["balance"] - a["amount"], withdrawn=row["withdrawn"] + a["amount"],
+                            **_withdrawal(row, 0))
+    raise ChainError("not a channel event", event=ev.name)
+
+
+def _withdrawal(row: Row, pending: int) -> Row:
+    if pending:
+        return {"pending_withdrawal": pending}
+    return {"pending_withdrawal": 0, "withdraw_ready_at": None}
+
+
+def apply(row: Row | None, ev: ChainEvent) -> Row | None:
+    """The row after `ev`, given the row before it (None if the entity has no row yet, or none to keep)."""
+    a = ev.args
+    if ev.name.startswith("Channel"):
+        return _channel(row, ev)
     match ev.name:
         case "DatasetRegistered":
             return _created(ev, dataset_id=a["datasetId"], owner=a["owner"], content_hash=a["contentHash"],
@@ -124,4 +166,4 @@ def replay(row: Row | None, events: Iterable[ChainEvent]) -> Row | None:
     return row
 
 
-Applier = Callable[[Row | None, ChainEvent], Row]
+Applier = Callable[[Row | None, ChainEvent], Row | None]

@@ -10,13 +10,15 @@ deployment has the same interface) it is used as is.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from eth_abi import encode
 from web3.types import TxReceipt
 
 from node.chain.contract_client import ContractClient
+from node.chain.deploy import Deployment
 from node.errors import ChainError
+from node.payment.x402.refund import RefundOrder
 from node.payment.x402.typed import CHANNELS_ADDRESS, ERC3009_COLLECTOR_ADDRESS, ChannelConfig, deposit_nonce
 from node.payment.x402.wire import Payment
 
@@ -72,6 +74,15 @@ def deploy_router(client: ContractClient, node: str, escrow: str) -> str:
     return address
 
 
+def deploy_x402(client: ContractClient, dep: Deployment, node: str) -> Deployment:
+    """`dep` with the x402 contracts: the channel contract and its collector where they are absent (see
+    `ensure_channel_contracts`), and `node`'s router unless the deployment has one. The token must have
+    ERC-3009 (`receiveWithAuthorization`): DemoToken3009 does, as USDC."""
+    ensure_channel_contracts(client)
+    router = dep.x402_router or deploy_router(client, node, dep.escrow)
+    return replace(dep, x402_channels=CHANNELS_ADDRESS, x402_collector=ERC3009_COLLECTOR_ADDRESS, x402_router=router)
+
+
 def token_domain(client: ContractClient, token: str) -> tuple[str, str]:
     """The token's EIP-712 (name, version), from its ERC-5267 `eip712Domain()`."""
     abi = [{"type": "function", "name": "eip712Domain", "inputs": [], "stateMutability": "view",
@@ -117,3 +128,26 @@ class X402Chain:
         if self.router is None:
             raise ChainError("no router configured")
         return self.client.transact(self.router.functions.collect([r.as_tuple() for r in rows]))
+
+    def sweep(self) -> TxReceipt | None:
+        """What the channel contract owes the router, and anything it holds, into the node's escrow account
+        (None: nothing to move, no transaction)."""
+        if self.router is None:
+            raise ChainError("no router configured")
+        router, token = self.router.address, self.client.call(self.router.functions.token())
+        claimed, settled = self.client.call(self.channels.functions.receivers(router, token))
+        held = self.client.call(self.client.contract("DemoToken", token).functions.balanceOf(router))
+        if claimed == settled and held == 0:
+            return None
+        return self.client.transact(self.router.functions.sweep())
+
+    def refund(self, order: RefundOrder) -> str:
+        """The node, as receiver authorizer: claim what it charged with the payer's refund voucher, then
+        refund `order.amount`, in one `multicall` (the claim first, so the refund cannot take it)."""
+        config = order.config.as_tuple()
+        calls = [self.channels.encode_abi("refund", args=[config, order.amount])]
+        if order.claim_to is not None:
+            row = ClaimRow(order.config, order.voucher_ceiling, order.voucher_signature, order.claim_to)
+            calls.insert(0, self.channels.encode_abi("claim", args=[[row.as_tuple()]]))
+        receipt = self.client.transact(self.channels.functions.multicall(calls))
+        return str(receipt["transactionHash"].to_0x_hex())

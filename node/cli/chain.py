@@ -7,11 +7,13 @@ from pathlib import Path
 import typer
 from eth_account import Account
 
-from node.chain.deploy import deploy_all, write_deployment
+from node.chain.contract_client import ContractClient
+from node.chain.deploy import deploy_all, read_deployment, write_deployment
+from node.chain.x402_channels import deploy_x402
 from node.cli.console import console
 from node.cli.context import DevAccountOption, KeyFileOption, address, signing_key
 from node.config import load_settings
-from node.errors import Unavailable
+from node.errors import ConfigError, Unavailable
 
 app = typer.Typer(help="Deploy and inspect the loranode contracts.", no_args_is_help=True)
 
@@ -30,17 +32,17 @@ def deploy(
                                       "node's epoch max age plus its worst-case settle latency)."),
     challenge_period_s: int = typer.Option(3_600, min=0, help="Seconds an epoch stays locked (vetoable)."),
     token: str = typer.Option(None, callback=address, help="ERC-20 to pay in (default: deploy the demo token)."),
+    x402: bool = typer.Option(True, "--x402/--no-x402", help="Also the x402 batch-settlement contracts (the "
+                              "channel contract and its collector where absent, the node's router); the token "
+                              "needs ERC-3009."),
+    node: str = typer.Option(None, "--node", callback=address,
+                             help="The node operator's address, whose router it is (default: the deployer)."),
     key_file: Path = KeyFileOption,
     dev_account: int = DevAccountOption,
 ) -> None:
-    """Deploy DatasetRegistry, AdapterRegistry, PaymentEscrow and Settlement; write the addresses."""
-    from requests.exceptions import ConnectionError as RequestsConnectionError
-    from web3 import Web3
-
-    try:
-        chain_id = Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": 10})).eth.chain_id
-    except (RequestsConnectionError, OSError) as exc:
-        raise Unavailable(f"no chain answers at {rpc_url}", reason=str(exc)[:200]) from exc
+    """Deploy DatasetRegistry, AdapterRegistry, PaymentEscrow and Settlement (and the x402 contracts);
+    write the addresses."""
+    chain_id = _chain_id(rpc_url)
     load_settings().settle_latency().check_thaw_period(thaw_period_s)  # before any gas is spent
     key = signing_key(key_file, dev_account if dev_account is not None else _dev_default(chain_id), chain_id)
     me = Account.from_key(key).address
@@ -48,10 +50,46 @@ def deploy(
         dep = deploy_all(rpc_url, key, guardian=guardian or me, treasury=treasury or me, protocol_bps=protocol_bps,
                          node_bps=node_bps, thaw_period_s=thaw_period_s, challenge_period_s=challenge_period_s,
                          token=token)
+        if x402:
+            dep = deploy_x402(ContractClient(rpc_url, key), dep, node or me)
     path = write_deployment(dep, out)
     console.print(f"deployed on chain {dep.chain_id}: settlement {dep.settlement}, escrow {dep.escrow}")
     console.print(f"datasets {dep.dataset_registry}, adapters {dep.adapter_registry}, token {dep.token}")
+    if dep.x402_router:
+        console.print(f"x402: channels {dep.x402_channels}, collector {dep.x402_collector}, router {dep.x402_router}")
     console.print(f"wrote {path}")
+
+
+@app.command("x402")
+def add_x402(
+    rpc_url: str = typer.Option(..., "--rpc-url", help="JSON-RPC URL of the deployment's chain."),
+    deployment: Path = typer.Option(..., "--deployment", help="The deployments/<chainId>.json to complete."),
+    node: str = typer.Option(None, "--node", callback=address,
+                             help="The node operator's address, whose router it is (default: the signer)."),
+    key_file: Path = KeyFileOption,
+    dev_account: int = DevAccountOption,
+) -> None:
+    """Add the x402 contracts to a deployment: the channel contract and its collector where absent, the
+    node's router unless the file names one; rewrites the file. A mirror written before must start again
+    (its indexer then reads the channel contract too)."""
+    dep = read_deployment(deployment)
+    if _chain_id(rpc_url) != dep.chain_id:
+        raise ConfigError("the RPC's chain is not the deployment's", deployment_chain_id=dep.chain_id)
+    key = signing_key(key_file, dev_account if dev_account is not None else _dev_default(dep.chain_id), dep.chain_id)
+    client = ContractClient(rpc_url, key)
+    dep = deploy_x402(client, dep, node or client.address)
+    write_deployment(dep, deployment.parent)
+    console.print(f"x402: channels {dep.x402_channels}, collector {dep.x402_collector}, router {dep.x402_router}")
+
+
+def _chain_id(rpc_url: str) -> int:
+    from requests.exceptions import ConnectionError as RequestsConnectionError
+    from web3 import Web3
+
+    try:
+        return int(Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": 10})).eth.chain_id)
+    except (RequestsConnectionError, OSError) as exc:
+        raise Unavailable(f"no chain answers at {rpc_url}", reason=str(exc)[:200]) from exc
 
 
 def _dev_default(chain_id: int) -> int | None:

@@ -93,6 +93,28 @@ class EscrowAccount(ChainRow, Base):
     pending_until_block: Mapped[int | None] = mapped_column(BigInteger)
 
 
+class ChannelAccount(ChainRow, Base):
+    """One x402 batch-settlement channel of the channel contract (`channels`, `pendingWithdrawals`,
+    `refundNonce` on chain), as of `updated_block` (docs/x402.md, "The channel mirror")."""
+
+    __tablename__ = "channel_accounts"
+
+    channel_id: Mapped[str] = mapped_column(Hash32(), primary_key=True)
+    payer: Mapped[str] = mapped_column(Address(), nullable=False)
+    receiver: Mapped[str | None] = mapped_column(Address())  # from ChannelCreated or the first claim
+    balance: Mapped[int] = mapped_column(Amount(), nullable=False)
+    total_claimed: Mapped[int] = mapped_column(Amount(), nullable=False)
+    deposited: Mapped[int] = mapped_column(Amount(), nullable=False)
+    refunded: Mapped[int] = mapped_column(Amount(), nullable=False)
+    withdrawn: Mapped[int] = mapped_column(Amount(), nullable=False)
+    pending_withdrawal: Mapped[int] = mapped_column(Amount(), nullable=False)
+    withdraw_ready_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    refund_nonce: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    # deposits in `balance` not final yet, and the head at which the latest is finality_depth deep
+    pending_deposits: Mapped[int] = mapped_column(Amount(), nullable=False, default=0)
+    pending_until_block: Mapped[int | None] = mapped_column(BigInteger)
+
+
 class LaneCollection(ChainRow, Base):
     """What Settlement has collected on one lane (`collected[payer][node][lane]` on chain)."""
 

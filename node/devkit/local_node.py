@@ -23,9 +23,11 @@ from node.api.app import create_app
 from node.api.deps import NodeServices
 from node.api.wiring import build_services
 from node.chain.anvil import Anvil, free_port
+from node.chain.contract_client import ContractClient
 from node.chain.contracts import Contracts
 from node.chain.deploy import Deployment, deploy_all, write_deployment
 from node.chain.indexer import IndexedContracts, Indexer, IndexerConfig
+from node.chain.x402_channels import deploy_x402
 from node.config import Settings, load_settings
 from node.db.session import make_engine, session_factory, upgrade
 from node.errors import ChainError, ChainMismatch, ConfigError, MirrorHalted, ReorgTooDeep
@@ -50,7 +52,7 @@ class LocalNode:
     @classmethod
     def start_chain(cls, data_dir: Path, *, database_url: str | None = None, protocol_bps: int = 500,
                     node_bps: int = 1_500, challenge_period_s: int = 0, thaw_period_s: int = 3_600,
-                    **overrides: Any) -> LocalNode:
+                    x402: bool = False, **overrides: Any) -> LocalNode:
         """Anvil, the contracts and a migrated database: everything but the engine. The engine it serves
         runs in the API's process (one process to debug, as `loranode dev`, the demo and tests want),
         unless LORANODE_ENGINE_PROCESS says otherwise (`loranode api`'s default: core processes)."""
@@ -62,6 +64,8 @@ class LocalNode:
             dep = deploy_all(anvil.rpc_url, keys[OPERATOR], guardian=_address(keys[GUARDIAN]),
                              treasury=_address(keys[TREASURY]), protocol_bps=protocol_bps, node_bps=node_bps,
                              thaw_period_s=thaw_period_s, challenge_period_s=challenge_period_s)
+            if x402:  # the channel contracts at their canonical addresses, the operator's router (docs/x402.md)
+                dep = deploy_x402(ContractClient(anvil.rpc_url, keys[OPERATOR]), dep, _address(keys[OPERATOR]))
             write_deployment(dep, data_dir / "deployments")
             chain = {"confirmations": 0, "finality_depth": 2, **overrides}
             settings = load_settings(data_dir=data_dir, rpc_url=anvil.rpc_url, operator_key=keys[OPERATOR],

@@ -25,6 +25,7 @@ from node.config import Settings
 from node.db.session import make_engine, session_factory
 from node.errors import ConfigError
 from node.settlement.service import EpochPolicy, SettlementService
+from node.settlement.x402_guard import X402Guard
 from node.settlement.x402_sweep import X402Sweep
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,12 @@ class SettlementRuntime:
         tx = TxManager(w3, key, SqlTxStore(factory), FeePolicy(confirmations=settings.finality_depth))
         contracts = Contracts.connect(w3, deployment, key)
         settings.settle_latency().check_thaw_period(contracts.escrow.thaw_period_s())  # immutable on chain
-        sweep = None
-        if settings.x402_router is not None:  # x402 channels are claimed into the router's escrow first
-            chain = X402Chain(ContractClient(w3, key), settings.x402_router)
+        sweep, guard = None, None
+        router = settings.x402_router or deployment.x402_router
+        if router is not None:  # x402 channels are claimed into the router's escrow first
+            chain = X402Chain(ContractClient(w3, key), router)
             sweep = X402Sweep(factory, chain, deployment.settlement, tx.sender)
-        return cls(SettlementService(factory, contracts, tx, policy or epoch_policy(settings), before_send=sweep))
+            guard = (X402Guard(factory, chain, tx.sender, settings.max_mirror_lag_s)  # reads the channel mirror
+                     if deployment.x402_channels else None)
+        return cls(SettlementService(factory, contracts, tx, policy or epoch_policy(settings), before_send=sweep,
+                                     on_tick=guard))

@@ -81,9 +81,11 @@ def attempt_of(row: SettlementEpoch) -> int:
 class SettlementService:
     def __init__(self, factory: sessionmaker[Session], contracts: Contracts, tx: TxManager,
                  policy: EpochPolicy = EpochPolicy(), clock: Callable[[], float] = time.time,
-                 before_send: Callable[[SettlementEpoch], LaneRefusal | None] | None = None) -> None:
+                 before_send: Callable[[SettlementEpoch], LaneRefusal | None] | None = None,
+                 on_tick: Callable[[], object] | None = None) -> None:
         self.factory = factory
         self.before_send = before_send  # x402: sweep the router's channels first (node/settlement/x402_sweep.py)
+        self.on_tick = on_tick  # x402: claim withdrawing channels at once (node/settlement/x402_guard.py)
         self.contracts = contracts
         self.tx = tx
         self.node = tx.sender
@@ -97,6 +99,8 @@ class SettlementService:
         """One beat: advance every epoch in flight, then close a new one when due. Idempotent.
         Returns the state of the newest epoch it moved."""
         with self._lock():
+            if self.on_tick is not None:
+                self.on_tick()
             state = self._advance()
             if self._may_close() and self.is_due():
                 epoch_id = self._close()

@@ -21,10 +21,10 @@ from node.chain.x402_channels import ClaimRow, X402Chain
 from node.db.loss import LossReason
 from node.db.models import SettlementEpoch, X402Channel
 from node.errors import ChainError
-from node.payment.x402.typed import ChannelConfig
 from node.protocol.hexstr import from_hex
 from node.protocol.voucher import SignedVoucher
 from node.settlement.refusal import LaneRefusal
+from node.settlement.x402_guard import claim_row
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,9 @@ class X402Sweep:
         lanes = {v.lane: int(a) for v, a in zip(vouchers, batch.get("amounts", []), strict=True)
                  if v.payer.lower() == self.router.lower()}
         claims = self._claims(lanes)
-        if not claims:
+        if not claims:  # claimed already (the guard, a refund): what the channel contract owes still moves
+            if lanes:
+                self.chain.sweep()
             return None
         try:
             self.chain.collect([c for _, c in claims])
@@ -66,10 +68,6 @@ class X402Sweep:
             target = collected + lanes[ch.lane]
             if self.chain.channel(from_hex(ch.channel_id)).total_claimed >= target:
                 continue
-            c = ch.config
-            config = ChannelConfig(c["payer"], c["payerAuthorizer"], c["receiver"], c["receiverAuthorizer"], c["token"],
-                                   int(c["withdrawDelay"]), from_hex(c["salt"]))
-            signature = from_hex(ch.signature) if ch.signature else b""  # none: the claim reverts, a loss
-            out.append((ch.lane, ClaimRow(config, ch.signed_max, signature, target)))
+            out.append((ch.lane, claim_row(ch, target)))  # no voucher recorded: the claim reverts, a loss
         return out
 

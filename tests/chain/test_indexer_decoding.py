@@ -7,11 +7,13 @@ import random
 import pytest
 from eth_abi import encode
 
-from node.chain.events import SPECS, decode_data
+from node.chain.events import SPECS, decode_data, split_types
 from node.errors import ChainError
 
 
 def _value(rng: random.Random, typ: str) -> object:
+    if typ.startswith("("):
+        return tuple(_value(rng, t) for t in split_types(typ[1:-1]))
     if typ.endswith("[]"):
         return [_value(rng, typ[:-2]) for _ in range(rng.randrange(0, 5))]
     if typ == "address":
@@ -30,9 +32,16 @@ def test_decoding_matches_eth_abi(spec: object) -> None:
     for _ in range(50):
         values = [_value(rng, t) for t in types]
         got = decode_data(types, encode(types, values))
-        want = [("0x" + v.hex()) if isinstance(v, bytes) else tuple(v) if isinstance(v, list) else v
-                for v in values]
-        assert got == want
+        assert got == [_expected(v) for v in values]
+
+
+def _expected(v: object) -> object:
+    """A value as the decoder gives it: bytes as 0x-hex, lists as tuples, all the way down."""
+    if isinstance(v, bytes):
+        return "0x" + v.hex()
+    if isinstance(v, list | tuple):
+        return tuple(_expected(x) for x in v)
+    return v
 
 
 def test_truncated_data_is_a_chain_error_not_a_crash() -> None:

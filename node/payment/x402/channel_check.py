@@ -16,6 +16,7 @@ from node.payment.x402.wire import Payment
 from node.protocol.eip712 import recover
 
 PREFIX = "invalid_batch_settlement_evm_"
+EXCEEDS_BALANCE = PREFIX + "cumulative_exceeds_balance"
 
 
 class X402Refused(PaymentError):
@@ -117,7 +118,7 @@ def check_payment(payment: Payment, terms: X402Terms, view: ChannelView, ceiling
     deposit = payment.deposit.amount if payment.deposit is not None else 0
     spendable = view.balance + deposit - view.pending_withdrawal
     if ceiling_signed > spendable:
-        raise X402Refused("the voucher exceeds the channel's deposit", PREFIX + "cumulative_exceeds_balance",
+        raise X402Refused("the voucher exceeds the channel's deposit", EXCEEDS_BALANCE,
                           spendable=str(spendable), max_claimable=str(ceiling_signed))
     if ceiling_signed <= view.total_claimed:
         raise X402Refused("the voucher is below what was claimed on chain", PREFIX + "cumulative_below_claimed")

@@ -28,6 +28,7 @@ from node.payment.service import Hold, PaymentService
 from node.payment.voucher_check import CheckedVoucher
 from node.payment.x402.book import ChannelBook
 from node.payment.x402.channel_check import (
+    EXCEEDS_BALANCE,
     PREFIX,
     ChannelView,
     X402Refused,
@@ -74,13 +75,17 @@ class X402Voucher(CheckedVoucher):
 
 class X402Payments:
     def __init__(self, payments: PaymentService, book: ChannelBook, terms: X402Terms, node_key: str,
-                 read_channel: ReadChannel, submit_deposit: SubmitDeposit, channel_ttl_s: float = 2.0) -> None:
+                 read_channel: ReadChannel, submit_deposit: SubmitDeposit, channel_ttl_s: float = 2.0,
+                 read_mirror: ReadChannel | None = None) -> None:
         self.payments, self.book, self.terms = payments, book, terms
         self.node_key = node_key
         self.read_channel, self.submit_deposit = read_channel, submit_deposit
-        # A channel's chain state is read at most every `channel_ttl_s` (the spec's "fresh mirror"): a
-        # withdrawal seen that much later still finishes only after the delay, which the node's settle
-        # latency is checked to beat (node/api/wiring.py); a deposit is always read again.
+        # The hold reads the indexer's mirror (`read_mirror`, node/payment/x402/channel_mirror.py) and the
+        # chain (`read_channel`) only where the mirror's balance falls short (a deposit not indexed yet).
+        # Without a mirror the chain state is read at most every `channel_ttl_s`: a withdrawal seen that
+        # much later still finishes only after the delay, which the settlement worker's claim beats
+        # (node/settlement/x402_guard.py); a deposit is always read again.
+        self.read_mirror = read_mirror
         self.channel_ttl_s = channel_ttl_s
         self._chain_cache: dict[bytes, tuple[float, OnChain]] = {}
         self.ledger = payments.ledger
@@ -89,8 +94,8 @@ class X402Payments:
     def check(self, header: str) -> X402Checked:
         payment = decode_payment(header)
         if payment.kind == "refund":
-            raise BadRequest("cooperative refunds are not served yet: a payer leaves by initiateWithdraw "
-                             "(docs/x402.md)", type="refund")
+            raise BadRequest("a refund buys no answer: ask for it at GET /x402/refund (docs/x402.md)",
+                             type="refund")
         channel = check_terms(payment, self.terms)
         return X402Checked(payment, channel, check_signature(payment, self.terms, channel))
 
@@ -126,7 +131,7 @@ class X402Payments:
         if lane.reserved_voucher_hash and lane.reserved_at and now - lane.reserved_at < self.ledger.ttl:
             raise X402Refused("another request holds this channel: retry shortly", PREFIX + "channel_busy")
         try:
-            check_payment(payment, self.terms, view, ceiling=max_fee)
+            view = self._check(checked, view, max_fee)
         except X402Refused as exc:
             if exc.reason != CUMULATIVE_MISMATCH:
                 raise
@@ -135,9 +140,13 @@ class X402Payments:
             return view
         self.submit_deposit(payment)
         self._chain_cache.pop(checked.channel_id, None)
-        view = self._view(checked, lane.charged_total)
+        view = self._view(checked, lane.charged_total, live=True)
         check_payment(replace(payment, deposit=None), self.terms, view, ceiling=max_fee)
         return view
+
+    def corrective(self, checked: X402Checked, charged: int, message: str) -> X402Refused:
+        """The corrective 402 of a channel charged `charged` (for a refund voucher off the charged total)."""
+        return self._corrective(checked, self._view(checked, charged), message)
 
     def _corrective(self, checked: X402Checked, view: ChannelView, message: str) -> X402Refused:
         """The corrective 402: the channel's state with the last voucher its payer signed (read only here)."""
@@ -146,8 +155,25 @@ class X402Payments:
         return X402Refused(message, CUMULATIVE_MISMATCH, channel_state=latest.channel_state(checked.channel_id),
                            voucher_state=latest.voucher_state())
 
-    def _view(self, checked: X402Checked, charged: int) -> ChannelView:
-        chain = self._chain(checked.channel_id)
+    def _check(self, checked: X402Checked, view: ChannelView, max_fee: int) -> ChannelView:
+        """The view the voucher passes on: the mirror's, or the chain's where the mirror's balance falls short."""
+        try:
+            check_payment(checked.payment, self.terms, view, ceiling=max_fee)
+            return view
+        except X402Refused as exc:
+            if exc.reason != EXCEEDS_BALANCE or self.read_mirror is None:
+                raise
+        live = self._view(checked, view.charged, live=True)  # maybe up to `channel_ttl_s` old: what the
+        # mirror has seen since (a withdrawal, a claim) still counts
+        live = replace(live, pending_withdrawal=max(live.pending_withdrawal, view.pending_withdrawal),
+                       withdraw_requested_at=max(live.withdraw_requested_at, view.withdraw_requested_at),
+                       total_claimed=max(live.total_claimed, view.total_claimed))
+        check_payment(checked.payment, self.terms, live, ceiling=max_fee)
+        return live
+
+    def _view(self, checked: X402Checked, charged: int, live: bool = False) -> ChannelView:
+        mirror = self.read_mirror
+        chain = self._chain(checked.channel_id) if live or mirror is None else mirror(checked.channel_id)
         return ChannelView(charged, 0, None, chain.balance, chain.total_claimed, chain.pending_withdrawal,
                            chain.withdraw_requested_at, chain.refund_nonce)
 

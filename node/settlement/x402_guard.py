@@ -1,0 +1,110 @@
+"""Every settlement tick: claim at once each x402 channel whose payer asked to withdraw, before the
+withdrawal can finish (docs/x402.md, "A payer who withdraws right after being served").
+
+`finalizeWithdraw` pays the payer `min(pending, balance - totalClaimed)` once `withdrawDelay` has passed,
+so whatever the node charged and has not claimed by then is gone. The indexer mirrors the channel's
+`WithdrawInitiated` (`channel_accounts.pending_withdrawal`); this guard claims every such channel up to
+what the node charged on it (its router lane's `charged_total`, within the highest voucher its payer
+signed) and sweeps the claim into the router's escrow account, where the channel's next epoch collects
+it as usual (`X402Sweep` then finds it claimed). The delay is at least 900 s and the worker ticks every
+few seconds, so one missed tick costs nothing.
+
+The mirror is trusted only while the indexer keeps up (its cursor checked within `max_mirror_lag_s`, not
+halted): otherwise the guard reads each charged, unclaimed channel's pending withdrawal from the chain
+itself, so a stalled indexer never lets a withdrawal run out unseen.
+
+One `router.collect` covers every channel; if the chain refuses it, the channels are claimed one by one
+and each that still cannot be (its withdrawal already finished, a voucher that does not recover) is
+recorded and skipped: no payer's channel can stop the others being claimed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import and_, func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.chain.x402_channels import ClaimRow, X402Chain
+from node.db import queries
+from node.db.models import ChannelAccount, Lane, X402Channel
+from node.errors import ChainError
+from node.payment.x402.typed import ChannelConfig
+from node.protocol.hexstr import from_hex
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GuardReport:
+    claimed: tuple[int, ...] = ()  # router lanes claimed this tick
+    refused: dict[int, str] = field(default_factory=dict)  # lane -> why the chain refused its claim
+
+
+class X402Guard:
+    def __init__(self, factory: sessionmaker[Session], chain: X402Chain, node: str,
+                 max_mirror_lag_s: float = 120.0) -> None:
+        assert chain.router is not None, "the guard needs the node's router"
+        self.factory, self.chain = factory, chain
+        self.router, self.node = chain.router.address.lower(), node.lower()
+        self.max_mirror_lag = timedelta(seconds=max_mirror_lag_s)
+
+    def __call__(self) -> GuardReport:
+        claims = self.due()
+        if not claims:
+            return GuardReport()
+        try:
+            self.chain.collect([c for _, c in claims])
+            log.info("claimed %d x402 channels with a pending withdrawal", len(claims))
+            return GuardReport(tuple(lane for lane, _ in claims))
+        except ChainError as exc:
+            log.warning("claim of %d withdrawing channels refused (%s): one by one", len(claims), exc.message)
+        claimed, refused = [], {}
+        for lane, claim in claims:
+            try:
+                self.chain.collect([claim])
+                claimed.append(lane)
+            except ChainError as exc:
+                log.error("x402 channel of lane %d cannot be claimed: %s", lane, exc.message)
+                refused[lane] = exc.message
+        return GuardReport(tuple(claimed), refused)
+
+    def due(self) -> list[tuple[int, ClaimRow]]:
+        """(lane, claim) of each channel with a pending withdrawal that the node charged beyond its claim."""
+        lanes = and_(Lane.payer == self.router, Lane.node == self.node, Lane.lane == X402Channel.lane)
+        claimed = func.coalesce(ChannelAccount.total_claimed, 0)
+        q = (select(X402Channel, Lane.charged_total, ChannelAccount.pending_withdrawal)
+             .join(Lane, lanes)
+             .outerjoin(ChannelAccount, ChannelAccount.channel_id == X402Channel.channel_id)
+             .where(X402Channel.node == self.node, Lane.charged_total > claimed)
+             .order_by(X402Channel.lane))
+        with self.factory() as session:
+            fresh = self._mirror_is_fresh(session)
+            rows = session.execute(q).all()
+        if fresh:
+            return [(ch.lane, claim_row(ch, int(charged))) for ch, charged, pending in rows if pending]
+        log.warning("the channel mirror is stale: reading %d charged channels' withdrawals from the chain", len(rows))
+        due = []
+        for ch, charged, _ in rows:
+            state = self.chain.channel(from_hex(ch.channel_id))
+            if state.pending_withdrawal and int(charged) > state.total_claimed:
+                due.append((ch.lane, claim_row(ch, int(charged))))
+        return due
+
+    def _mirror_is_fresh(self, session: Session) -> bool:
+        head = queries.mirror_head(session)
+        if head is None or head.halted_reason or head.checked_at is None:
+            return False
+        return datetime.now(UTC) - head.checked_at <= self.max_mirror_lag
+
+
+def claim_row(ch: X402Channel, total_claimed: int) -> ClaimRow:
+    """The claim of channel `ch` up to `total_claimed`, with the highest voucher its payer signed (none
+    recorded: an empty signature, which the chain refuses, so the channel is recorded as refused)."""
+    c = ch.config
+    config = ChannelConfig(c["payer"], c["payerAuthorizer"], c["receiver"], c["receiverAuthorizer"], c["token"],
+                           int(c["withdrawDelay"]), from_hex(c["salt"]))
+    signature = from_hex(ch.signature) if ch.signature else b""
+    return ClaimRow(config, ch.signed_max, signature, total_claimed)

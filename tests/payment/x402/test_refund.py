@@ -1,0 +1,150 @@
+"""The cooperative refund, asked by the `x402` SDK's own `refund()` (a client nobody here wrote) and served
+by the node as its facilitator: the charge is claimed with the refund voucher and the rest returned in one
+transaction, to the wei; a refund voucher below the charge is refused (the SDK resyncs through the
+corrective 402 and the refund then claims the whole charge); no refund runs while a request holds the
+channel, and no request is served while a refund runs. The SDK's HTTP is replaced by a function that
+hands its headers to the node's service (the route is the API's; docs/x402.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from x402.mechanisms.evm.batch_settlement.client.refund import RefundOptions, _RefundResponse
+
+from node.api.error_handlers import install_error_handlers
+from node.api.routes import x402_refund
+from node.payment.service import Usage
+from node.payment.x402.channel_check import X402Refused
+from node.payment.x402.channel_mirror import ChannelMirror
+from node.payment.x402.refund import X402Refunds
+from node.payment.x402.terms import payment_required
+from node.payment.x402.wire import PAYMENT_SIGNATURE_HEADER, encode_header
+from tests.fixtures import x402_node as fixtures
+from tests.fixtures.contracts import Roles
+from tests.fixtures.x402_node import DELAY, X402Node
+from tests.payment.x402.sdk import PRICE, Payer
+
+pytestmark = pytest.mark.chain
+anvil, roles, x402_node = fixtures.anvil, fixtures.roles, fixtures.x402_node
+URL = "http://node.test/x402/refund"
+
+
+def _refunds(node: X402Node) -> X402Refunds:
+    mirror = ChannelMirror(node.factory, DELAY)
+
+    def mirrored(channel: bytes, nonce: int) -> bool:
+        node.catch_up()
+        return mirror.has_refund(channel, nonce)
+    return X402Refunds(node.x402, node.world.chain.channel, node.world.chain.refund, mirrored, mirror_wait_s=10)
+
+
+def _http(node: X402Node, refunds: X402Refunds) -> Callable[[str, dict[str, str]], _RefundResponse]:
+    """The node's answers to the SDK's refund requests, as its HTTP would send them."""
+    def fetch(url: str, headers: dict[str, str]) -> _RefundResponse:
+        header = headers.get(PAYMENT_SIGNATURE_HEADER)
+        if header is None:
+            return _required(node, None)
+        try:
+            return _RefundResponse(200, {"PAYMENT-RESPONSE": encode_header(refunds.refund(header))})
+        except X402Refused as refused:
+            return _required(node, refused)
+    return fetch
+
+
+def _required(node: X402Node, refused: X402Refused | None) -> _RefundResponse:
+    states = {"channel_state": refused.channel_state, "voucher_state": refused.voucher_state} if refused else {}
+    required = payment_required(URL, [node.world.terms.requirements(PRICE, **states)],
+                                refused.reason if refused else None)
+    return _RefundResponse(402, {"PAYMENT-REQUIRED": encode_header(required)})
+
+
+def test_the_sdk_refunds_part_then_the_rest_and_the_charge_stays_claimed(x402_node: X402Node, roles: Roles) -> None:
+    payer = Payer(roles.payer, x402_node.world.rpc_url, x402_node.world.dep.chain_id)
+    first, _ = x402_node.serve(payer, Usage(20, 10))
+    _, charged = x402_node.serve(payer, Usage(10, 5))
+    channel, deposit, who = first.voucher.channel_id, first.deposit.amount, first.config.payer
+    fetch, start = _http(x402_node, _refunds(x402_node)), x402_node.balance_of(who)
+
+    part = payer.scheme.refund(URL, RefundOptions(amount="5000", fetch=fetch))
+    assert part.success and part.transaction and part.amount == "5000"
+    on_chain = x402_node.world.chain.channel(channel)
+    assert (on_chain.total_claimed, on_chain.balance, on_chain.refund_nonce) == (charged, deposit - 5_000, 1)
+    assert part.extra["channelState"]["balance"] == str(deposit - 5_000)
+
+    rest = payer.scheme.refund(URL, RefundOptions(fetch=fetch))
+    assert rest.success and int(rest.amount) == deposit - 5_000 - charged
+    on_chain = x402_node.world.chain.channel(channel)
+    assert on_chain.balance == on_chain.total_claimed == charged, "only the charge stays, claimed"
+    assert x402_node.balance_of(who) - start == deposit - charged, "the payer got everything else, to the wei"
+    with pytest.raises(RuntimeError, match="no remaining balance"):
+        payer.scheme.refund(URL, RefundOptions(fetch=fetch))
+
+    x402_node.world.chain.sweep()  # what the epoch's sweep does: the claimed charge reaches the node's pot
+    assert x402_node.escrowed() == charged
+
+
+def test_a_refund_voucher_below_the_charge_is_refused_and_the_sdk_resyncs(x402_node: X402Node,
+                                                                          roles: Roles) -> None:
+    payer = Payer(roles.payer, x402_node.world.rpc_url, x402_node.world.dep.chain_id)
+    first, charged = x402_node.serve(payer, Usage(20, 10))
+    key = "0x" + first.voucher.channel_id.hex()
+    state = payer.scheme._storage.get(key)
+    state.charged_cumulative_amount = "1"  # the client claims it was charged 1: it would refund the rest
+    payer.scheme._storage.set(key, state)
+    refunds = _refunds(x402_node)
+    seen: list[str] = []
+
+    def watching(url: str, headers: dict[str, str]) -> _RefundResponse:
+        answer = _http(x402_node, refunds)(url, headers)
+        seen.append(f"{answer.status}")
+        return answer
+    out = payer.scheme.refund(URL, RefundOptions(fetch=watching))
+    assert seen == ["402", "402", "200"], "probe, refused below the charge, then the resynced voucher"
+    assert out.success and x402_node.world.chain.channel(first.voucher.channel_id).total_claimed == charged
+
+
+def test_no_refund_while_a_request_holds_the_channel_and_no_request_during_a_refund(
+        x402_node: X402Node, roles: Roles) -> None:
+    payer = Payer(roles.payer, x402_node.world.rpc_url, x402_node.world.dep.chain_id)
+    first, _ = x402_node.serve(payer, Usage(20, 10))
+    header, _ = payer.pay(x402_node.world.required())
+    hold = x402_node.x402.hold(x402_node.x402.check(header), PRICE)
+    fetch = _http(x402_node, _refunds(x402_node))
+    with pytest.raises(RuntimeError, match="402"):
+        payer.scheme.refund(URL, RefundOptions(fetch=fetch))
+    assert x402_node.world.chain.channel(first.voucher.channel_id).refund_nonce == 0, "nothing refunded"
+    x402_node.x402.payments.cancel(hold)
+
+    def never_mirrored(channel: bytes, nonce: int) -> bool:
+        return False
+    stuck = X402Refunds(x402_node.x402, x402_node.world.chain.channel, x402_node.world.chain.refund, never_mirrored,
+                        mirror_wait_s=0.1)
+    assert payer.scheme.refund(URL, RefundOptions(fetch=_http(x402_node, stuck))).success
+    with pytest.raises(X402Refused) as busy:  # the mirror has not shown the refund: the channel stays held
+        x402_node.x402.hold(x402_node.x402.check(header), PRICE)
+    assert busy.value.reason.endswith("channel_busy")
+
+
+def test_the_sdk_refunds_through_the_nodes_route(x402_node: X402Node, roles: Roles) -> None:
+    """`GET /x402/refund` as the SDK calls it: the probe's 402 names the channel terms, the refund answers
+    200 with PAYMENT-RESPONSE."""
+    app = FastAPI()
+    app.state.services = SimpleNamespace(x402_refunds=_refunds(x402_node))
+    install_error_handlers(app)
+    app.include_router(x402_refund.router)
+    http = TestClient(app)
+
+    def fetch(url: str, headers: dict[str, str]) -> _RefundResponse:
+        resp = http.get("/x402/refund", headers=headers)
+        return _RefundResponse(resp.status_code, dict(resp.headers))
+    payer = Payer(roles.payer, x402_node.world.rpc_url, x402_node.world.dep.chain_id)
+    first, charged = x402_node.serve(payer, Usage(20, 10))
+    probe = http.get("/x402/refund")
+    assert probe.status_code == 402 and "PAYMENT-REQUIRED" in probe.headers
+    out = payer.scheme.refund("http://testserver/x402/refund", RefundOptions(fetch=fetch))
+    assert out.success and int(out.amount) == first.deposit.amount - charged
+    assert x402_node.world.chain.channel(first.voucher.channel_id).balance == charged

@@ -1,0 +1,89 @@
+"""A payer who starts a timed withdrawal right after being served still pays: the hold stops serving the
+channel beyond what the withdrawal leaves (read from the indexer's mirror), the worker's guard claims the
+charge before the delay ends, the withdrawal pays the payer the rest to the wei; a channel whose claim
+reverts is recorded and skipped, never stopping the others (docs/x402.md)."""
+
+from __future__ import annotations
+
+import pytest
+
+from node.chain.anvil import Anvil
+from node.chain.contract_client import ContractClient
+from node.payment.service import Usage
+from node.payment.x402.channel_check import EXCEEDS_BALANCE, X402Refused
+from tests.fixtures import x402_node as fixtures
+from tests.fixtures.contracts import Roles
+from tests.fixtures.indexer import drain
+from tests.fixtures.x402_node import X402Node
+from tests.payment.x402 import conftest
+from tests.payment.x402.sdk import PRICE, Payer
+
+pytestmark = pytest.mark.chain
+anvil, roles, x402_node, x402_world = fixtures.anvil, fixtures.roles, fixtures.x402_node, conftest.x402_world
+
+
+def test_a_payer_who_withdraws_right_after_being_served_pays_to_the_wei(x402_node: X402Node, roles: Roles) -> None:
+    payer = Payer(roles.payer, x402_node.world.rpc_url, x402_node.world.dep.chain_id)
+    first, _ = x402_node.serve(payer, Usage(20, 10))  # 200 + 1000
+    _, charged = x402_node.serve(payer, Usage(10, 5))  # + 600
+    assert charged == 1_800
+    deposit = first.deposit.amount
+    x402_node.payer_call(roles.payer, "initiateWithdraw", first, deposit)  # everything, the moment it was served
+    drain(x402_node.indexer)
+    assert x402_node.guard.due() and x402_node.world.chain.channel(first.voucher.channel_id).total_claimed == 0
+
+    header, _ = payer.pay(x402_node.world.required())
+    with pytest.raises(X402Refused) as refused:
+        x402_node.x402.hold(x402_node.x402.check(header), PRICE)
+    assert refused.value.reason == EXCEEDS_BALANCE, "nothing more is served on a withdrawing channel"
+
+    report = x402_node.guard()  # the worker's next tick
+    assert len(report.claimed) == 1 and not report.refused
+    assert x402_node.world.chain.channel(first.voucher.channel_id).total_claimed == charged
+    assert x402_node.escrowed() == charged, "claimed and swept into the router's escrow account"
+
+    x402_node.wait_out_the_delay()
+    before = x402_node.balance_of(first.config.payer)
+    x402_node.payer_call(roles.payer, "finalizeWithdraw", first)
+    assert x402_node.balance_of(first.config.payer) - before == deposit - charged, "the payer gets the rest, exactly"
+    drain(x402_node.indexer)
+    assert x402_node.guard.due() == [], "nothing left to claim"
+
+
+def test_a_channel_whose_claim_reverts_does_not_stop_the_others(x402_node: X402Node, roles: Roles,
+                                                                anvil: Anvil) -> None:
+    """The node missed one channel's delay: its payer took all but part of the charge, then asked to withdraw
+    again. That claim reverts (above the balance): recorded, and the other channel is claimed all the same."""
+    other_key, world = anvil.keys[9], x402_node.world
+    token = world.deployer.contract("DemoToken3009", world.dep.token)
+    world.deployer.transact(token.functions.mint(ContractClient(world.rpc_url, other_key).address, 10**18))
+    quick, slow = Payer(roles.payer, world.rpc_url, 31337), Payer(other_key, world.rpc_url, 31337)
+    gone, gone_fee = x402_node.serve(quick, Usage(20, 10))
+    kept, kept_fee = x402_node.serve(slow, Usage(10, 5))
+    x402_node.payer_call(roles.payer, "initiateWithdraw", gone, gone.deposit.amount - gone_fee + 1)
+    x402_node.wait_out_the_delay()
+    x402_node.payer_call(roles.payer, "finalizeWithdraw", gone)  # leaves gone_fee - 1: less than was charged
+    x402_node.payer_call(roles.payer, "initiateWithdraw", gone, 1)
+    x402_node.payer_call(other_key, "initiateWithdraw", kept, kept.deposit.amount)
+    drain(x402_node.indexer)
+    assert len(x402_node.guard.due()) == 2
+
+    report = x402_node.guard()
+    assert len(report.claimed) == 1 and len(report.refused) == 1, report
+    assert "ClaimAboveBalance" in next(iter(report.refused.values()))
+    drain(x402_node.indexer)
+    assert {lane for lane, _ in x402_node.guard.due()} == set(report.refused), "the refused one stays recorded as due"
+    assert x402_node.world.chain.channel(kept.voucher.channel_id).total_claimed == kept_fee
+    assert x402_node.world.chain.channel(gone.voucher.channel_id).total_claimed == 0
+    assert x402_node.escrowed() == kept_fee
+
+
+def test_a_stale_mirror_makes_the_guard_read_the_chain(x402_node: X402Node, roles: Roles) -> None:
+    """The indexer has not run (as if stalled): the withdrawal is not in the mirror, and the guard still
+    claims the channel before its delay, from what the chain says."""
+    payer = Payer(roles.payer, x402_node.world.rpc_url, x402_node.world.dep.chain_id)
+    first, charged = x402_node.serve(payer, Usage(20, 10))
+    x402_node.payer_call(roles.payer, "initiateWithdraw", first, first.deposit.amount)
+    report = x402_node.guard()
+    assert len(report.claimed) == 1 and x402_node.world.chain.channel(first.voucher.channel_id).total_claimed == charged
+    assert x402_node.guard.due() == [], "claimed: nothing due any more, read from the chain"
