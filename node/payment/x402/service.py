@@ -146,6 +146,12 @@ class X402Payments:
         return X402Refused(message, CUMULATIVE_MISMATCH, channel_state=latest.channel_state(checked.channel_id),
                            voucher_state=latest.voucher_state())
 
+    def unclaimed(self, checked: X402Checked) -> int:
+        """What the channel still holds for the node: its deposit less what was claimed or is being
+        withdrawn (a cached chain read; what lets a checked channel make the node load a cold adapter)."""
+        chain = self._chain(checked.channel_id)
+        return max(chain.balance - chain.total_claimed - chain.pending_withdrawal, 0)
+
     def _view(self, checked: X402Checked, charged: int) -> ChannelView:
         chain = self._chain(checked.channel_id)
         return ChannelView(charged, 0, None, chain.balance, chain.total_claimed, chain.pending_withdrawal,
