@@ -73,11 +73,14 @@ def channel(ledger: LedgerDep, pricing: PricingDep, engine: EngineDep, node: Nod
             max_tokens: int | None = Query(None, ge=1, le=10**7, description="the most the requests will ask "
                                            "for; default: any request that fits the context")) -> dict[str, Any]:
     """The lane's charged total (sign on top of it) and a quote that covers every request of up to
-    `max_tokens` (default: any) that fits the context, so `chargedTotal + quote.maxFee` is never refused."""
+    `max_tokens` (default: any) that fits the context, so `chargedTotal + quote.maxFee` is never refused.
+    `lastVoucher` is the payer's own signed voucher for `lastCumulative` (null on a new lane): how a client
+    with no memory of the lane checks that it authorized the charged total it is asked to sign on top of."""
     ch = ledger.channel(payer, lane)
     longest_prompt, longest_answer, max_fee = context_quote(pricing, engine.max_model_len, max_tokens)
     return {"payer": payer, "node": node, "lane": lane, "chargedTotal": str(ch.charged_total),
             "lastCumulative": str(ch.last_cumulative), "spendable": str(ch.spendable),
+            "lastVoucher": ch.last_voucher.to_json() if ch.last_voucher is not None else None,
             "quote": {**_prices(pricing), "promptTokens": longest_prompt, "maxTokens": longest_answer,
                       "maxFee": str(max_fee)}}
 
