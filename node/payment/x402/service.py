@@ -97,8 +97,13 @@ class X402Payments:
     def hold(self, checked: X402Checked, max_fee: int, pricing: Pricing | None = None) -> Hold:
         """Hold `max_fee` on the channel's lane: refused (402, the spec's codes) unless the voucher pays
         this request on top of what the channel was charged and its deposit covers it. A deposit is
-        submitted on chain first (the node pays the gas)."""
+        submitted on chain first (the node pays the gas), before the router's lock that every x402 hold
+        takes: no other payer waits for its block. A channel with nothing in it gets no row in the books."""
         payment = checked.payment
+        if payment.deposit is not None:
+            self._deposit(checked, max_fee)
+        else:
+            self._check_funded(checked)
         lane_id = self.book.lane_of(checked.channel_id, payment.config)
         lane_voucher = Voucher(self.terms.router, self.payments.node, lane_id, payment.voucher.max_claimable,
                                checked.digest, NEVER)
@@ -125,19 +130,34 @@ class X402Payments:
             raise self._corrective(checked, view, "this voucher was already used")
         if lane.reserved_voucher_hash and lane.reserved_at and now - lane.reserved_at < self.ledger.ttl:
             raise X402Refused("another request holds this channel: retry shortly", PREFIX + "channel_busy")
+        self._check(checked, replace(payment, deposit=None), view, max_fee)  # a deposit is on chain by now
+        return view
+
+    def _deposit(self, checked: X402Checked, max_fee: int) -> None:
+        """Submit the payment's deposit once it would pay this request at the channel's charged total as
+        read now (outside the lock: the hold checks again under it, on the chain's state after it)."""
+        lane = self.book.find_lane(checked.channel_id)  # written down once its deposit is in
+        charged = self.ledger.channel(self.router, lane).charged_total if lane is not None else 0
+        self._check(checked, checked.payment, self._view(checked, charged), max_fee)
+        self.submit_deposit(checked.payment)
+        self._chain_cache.pop(checked.channel_id, None)
+
+    def _check_funded(self, checked: X402Checked) -> None:
+        """A voucher above what its channel holds on chain is refused before the channel is written down
+        (anyone can sign vouchers for empty channels of fresh keys, as many as they like)."""
+        chain, ceiling = self._chain(checked.channel_id), checked.payment.voucher.max_claimable
+        if ceiling > chain.balance - chain.pending_withdrawal:
+            raise X402Refused("the voucher exceeds the channel's deposit", PREFIX + "cumulative_exceeds_balance",
+                              spendable=str(chain.balance - chain.pending_withdrawal), max_claimable=str(ceiling))
+
+    def _check(self, checked: X402Checked, payment: Payment, view: ChannelView, max_fee: int) -> None:
+        """check_payment, a cumulative mismatch answered with the corrective 402."""
         try:
             check_payment(payment, self.terms, view, ceiling=max_fee)
         except X402Refused as exc:
             if exc.reason != CUMULATIVE_MISMATCH:
                 raise
             raise self._corrective(checked, view, exc.message) from exc
-        if payment.deposit is None:
-            return view
-        self.submit_deposit(payment)
-        self._chain_cache.pop(checked.channel_id, None)
-        view = self._view(checked, lane.charged_total)
-        check_payment(replace(payment, deposit=None), self.terms, view, ceiling=max_fee)
-        return view
 
     def _corrective(self, checked: X402Checked, view: ChannelView, message: str) -> X402Refused:
         """The corrective 402: the channel's state with the last voucher its payer signed (read only here)."""

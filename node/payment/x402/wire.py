@@ -103,7 +103,7 @@ def _uint(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise BadRequest(f"{name} must be a decimal string", field=name)
     text = str(value)
-    if not text.isdigit() or len(text) > 78:
+    if not (text.isascii() and text.isdigit()) or len(text) > 78:  # '²' and '٣' are digits to isdigit
         raise BadRequest(f"{name} must be a decimal string", field=name, value=text[:80])
     return int(text)
 

@@ -1,0 +1,100 @@
+"""Attacks on the x402 path, each through the node's payment service on our channel contract (anvil) with
+the SDK as the honest payer: a header whose amounts are not ASCII decimals, strangers who sign vouchers
+for channels with nothing in them (each used to write a row of the node's books), and a payer whose
+deposit is slow to be mined (it used to hold every other x402 payer's hold until it was)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from node.db.models import X402Channel
+from node.errors import BadRequest, ChainError
+from node.payment.x402.channel_check import X402Refused
+from node.payment.x402.wire import decode_payment
+from tests.fixtures.contracts import Roles
+from tests.payment.x402.conftest import X402World
+from tests.payment.x402.sdk import PRICE, Payer, SdkPayer, node_terms, required_for
+from tests.payment.x402.test_service import _services
+
+pytestmark = pytest.mark.chain
+
+
+def _rewrite(header: str, change: Any) -> str:
+    value = json.loads(base64.b64decode(header))
+    change(value)
+    return base64.b64encode(json.dumps(value).encode()).decode()
+
+
+@pytest.mark.parametrize("amount", ["\u00b2", "\u0663", "1\u00b9"], ids=["superscript", "arabic-indic", "mixed"])
+def test_amounts_in_digits_other_than_ascii_are_a_bad_request_not_a_crash(amount: str) -> None:
+    """`str.isdigit` holds for '²', which `int` refuses (a 500), and for '٣', which it reads as 3."""
+    header = SdkPayer().pay(required_for(node_terms(), PRICE))
+    paths = (("accepted", "amount"), ("payload", "voucher", "maxClaimableAmount"), ("payload", "deposit", "amount"))
+    for path in paths:
+        def change(v: dict[str, Any], path: tuple[str, ...] = path) -> None:
+            inner = v
+            for key in path[:-1]:
+                inner = inner[key]
+            inner[path[-1]] = amount
+        with pytest.raises(BadRequest, match="decimal string"):
+            decode_payment(_rewrite(header, change)).accepted_amount  # noqa: B018
+
+
+def _voucher_only(header: str) -> str:
+    """The SDK's first payment (a deposit) as a bare voucher: a valid signature on a channel left empty."""
+    def change(v: dict[str, Any]) -> None:
+        v["payload"]["type"] = "voucher"
+        v["payload"].pop("deposit")
+    return _rewrite(header, change)
+
+
+def test_strangers_vouchers_on_empty_channels_leave_no_row_in_the_books(db_url: str, x402_world: X402World,
+                                                                        roles: Roles) -> None:
+    x402, factory = _services(db_url, x402_world, roles)
+    for i in range(3):  # any number of fresh keys, each signing for a channel it never funded
+        payer = Payer("0x" + f"{i + 1:02x}" * 32, x402_world.rpc_url, x402_world.dep.chain_id)
+        header, _ = payer.pay(x402_world.required())
+        with pytest.raises(X402Refused) as refused:
+            x402.hold(x402.check(_voucher_only(header)), PRICE)
+        assert refused.value.reason.endswith("cumulative_exceeds_balance")
+    broke = Payer("0x" + "42" * 32, x402_world.rpc_url, x402_world.dep.chain_id)  # a deposit it cannot make
+    header, _ = broke.pay(x402_world.required())
+    with pytest.raises(ChainError, match="deposit reverted"):
+        x402.hold(x402.check(header), PRICE)
+    with factory() as session:
+        assert session.scalar(select(func.count()).select_from(X402Channel)) == 0
+
+
+def test_a_deposit_waiting_to_be_mined_does_not_hold_up_other_payers(db_url: str, x402_world: X402World,
+                                                                     roles: Roles) -> None:
+    x402, _ = _services(db_url, x402_world, roles)
+    funded = Payer(roles.payer, x402_world.rpc_url, x402_world.dep.chain_id)
+    header, _ = funded.pay(x402_world.required())
+    x402.payments.cancel(x402.hold(x402.check(header), PRICE))  # its deposit is in; nothing charged
+    x402_world.deployer.transact(x402_world.deployer.contract("DemoToken3009", x402_world.terms.token)
+                                 .functions.mint(x402_world.deployer.address, 10**18))
+    slow = Payer(roles.deployer, x402_world.rpc_url, x402_world.dep.chain_id)
+    slow_header, _ = slow.pay(x402_world.required())
+    anvil = x402_world.chain.client.w3.provider
+    anvil.make_request("evm_setAutomine", [False])
+    anvil.make_request("evm_setIntervalMining", [4])
+    try:
+        waiting = threading.Thread(target=lambda: x402.hold(x402.check(slow_header), PRICE))
+        waiting.start()
+        time.sleep(0.5)  # the slow payer's deposit is sent and waits for its block
+        started = time.monotonic()
+        hold = x402.hold(x402.check(header), PRICE)  # the funded payer's voucher: no chain write
+        took = time.monotonic() - started
+        x402.payments.cancel(hold)
+        waiting.join(timeout=30)
+    finally:
+        anvil.make_request("evm_setIntervalMining", [0])
+        anvil.make_request("evm_setAutomine", [True])
+    assert took < 2.0, f"a funded payer's hold waited {took:.1f} s for another payer's deposit to be mined"
