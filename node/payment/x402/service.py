@@ -20,13 +20,14 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from node.db.models import Voucher as VoucherRow
 from node.errors import BadRequest
 from node.payment.lane import HoldView
 from node.payment.ledger import Reservation
 from node.payment.pricing import Pricing
 from node.payment.service import Hold, PaymentService
 from node.payment.voucher_check import CheckedVoucher
-from node.payment.x402.book import ChannelBook
+from node.payment.x402.book import ChannelBook, ChannelEntry
 from node.payment.x402.channel_check import (
     PREFIX,
     ChannelView,
@@ -36,6 +37,7 @@ from node.payment.x402.channel_check import (
     check_terms,
 )
 from node.payment.x402.terms import CUMULATIVE_MISMATCH, X402Terms
+from node.payment.x402.typed import voucher_digest as x402_voucher_digest
 from node.payment.x402.wire import Payment, decode_payment, payment_response
 from node.protocol.hexstr import to_hex
 from node.protocol.voucher import Voucher, sign_voucher, voucher_digest
@@ -162,9 +164,19 @@ class X402Payments:
     def _corrective(self, checked: X402Checked, view: ChannelView, message: str) -> X402Refused:
         """The corrective 402: the channel's state with the last voucher its payer signed (read only here)."""
         entry = self.book.entry(checked.channel_id, checked.payment.config)
-        latest = replace(view, signed_max=entry.signed_max, signature=entry.signature)
+        # an unspent voucher (its hold released, nothing charged) pays whoever presents it next: shown
+        # only once spent (a client that lost its state then resyncs from the chain, as the SDK does)
+        signature = entry.signature if entry.signature and self._is_spent(entry, checked.channel_id) else None
+        latest = replace(view, signed_max=entry.signed_max, signature=signature)
         return X402Refused(message, CUMULATIVE_MISMATCH, channel_state=latest.channel_state(checked.channel_id),
                            voucher_state=latest.voucher_state())
+
+    def _is_spent(self, entry: ChannelEntry, channel: bytes) -> bool:
+        """Whether the channel's latest voucher bought a generation (its router lane voucher is stored)."""
+        lane_voucher = Voucher(self.terms.router, self.payments.node, entry.lane, entry.signed_max,
+                               x402_voucher_digest(channel, entry.signed_max, self.terms.chain_id), NEVER)
+        with self.ledger.factory() as session:
+            return session.get(VoucherRow, to_hex(voucher_digest(lane_voucher, self.payments.domain))) is not None
 
     def unclaimed(self, checked: X402Checked) -> int:
         """What the channel still holds for the node: its deposit less what was claimed or is being

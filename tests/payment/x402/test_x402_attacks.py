@@ -16,12 +16,13 @@ from sqlalchemy import func, select
 
 from node.db.models import X402Channel
 from node.errors import BadRequest, ChainError
+from node.payment.service import Usage
 from node.payment.x402.channel_check import X402Refused
 from node.payment.x402.wire import decode_payment
 from tests.fixtures.contracts import Roles
 from tests.payment.x402.conftest import X402World
 from tests.payment.x402.sdk import PRICE, Payer, SdkPayer, node_terms, required_for
-from tests.payment.x402.test_service import _services
+from tests.payment.x402.test_service import _serve, _services
 
 pytestmark = pytest.mark.chain
 
@@ -98,3 +99,48 @@ def test_a_deposit_waiting_to_be_mined_does_not_hold_up_other_payers(db_url: str
         anvil.make_request("evm_setIntervalMining", [0])
         anvil.make_request("evm_setAutomine", [True])
     assert took < 2.0, f"a funded payer's hold waited {took:.1f} s for another payer's deposit to be mined"
+
+
+def _spend_as_someone_else(corrective: X402Refused, stale: str, charged: int) -> str:
+    """An attacker's header: the channel's latest voucher as the corrective 402 shows it, with the amount
+    that makes it match the channel's charged total (the amount is the client's to say)."""
+    state = corrective.voucher_state
+    assert state is not None
+    latest = int(state["signedMaxClaimable"])
+
+    def change(v: dict[str, Any]) -> None:
+        v["payload"]["type"] = "voucher"
+        v["payload"].pop("deposit", None)
+        v["payload"]["voucher"]["maxClaimableAmount"] = str(latest)
+        v["payload"]["voucher"]["signature"] = state["signature"]
+        v["accepted"]["amount"] = str(latest - charged)
+    return _rewrite(stale, change)
+
+
+def test_a_voucher_whose_hold_was_released_is_not_handed_to_whoever_asks(db_url: str, x402_world: X402World,
+                                                                         roles: Roles) -> None:
+    """The victim's second voucher is held, then released (a node fault before any token: nothing
+    charged, the voucher still good for its retry). Anyone holding an old voucher of the channel (they are
+    public once claimed on chain) gets a corrective 402; it must not carry that unspent voucher, which
+    would pay the stranger's next request from the victim's channel. Once spent, it may be shown."""
+    x402, _ = _services(db_url, x402_world, roles)
+    victim = Payer(roles.payer, x402_world.rpc_url, x402_world.dep.chain_id)
+    stale, first = victim.pay(x402_world.required())
+    total, _, response = _serve(x402, stale, Usage(20, 10))
+    victim.answered(first, response)
+    pending, _ = victim.pay(x402_world.required())
+    x402.payments.cancel(x402.hold(x402.check(pending), PRICE))  # a node fault before any token
+
+    with pytest.raises(X402Refused) as corrective:
+        x402.hold(x402.check(stale), PRICE)
+    state = corrective.value.voucher_state
+    if state is not None and state.get("signature"):
+        stolen = _spend_as_someone_else(corrective.value, stale, total)
+        hold = x402.hold(x402.check(stolen), PRICE)  # the stranger's request, on the victim's channel
+        x402.payments.cancel(hold)
+        pytest.fail("a stranger held the victim's unspent voucher for its own request")
+
+    _serve(x402, pending, Usage(1, 1))  # the victim's retry spends it
+    with pytest.raises(X402Refused) as after:
+        x402.hold(x402.check(stale), PRICE)
+    assert after.value.voucher_state is not None and after.value.voucher_state["signature"]
