@@ -179,10 +179,12 @@ class X402Payments:
             return session.get(VoucherRow, to_hex(voucher_digest(lane_voucher, self.payments.domain))) is not None
 
     def unclaimed(self, checked: X402Checked) -> int:
-        """What the channel still holds for the node: its deposit less what was claimed or is being
-        withdrawn (a cached chain read; what lets a checked channel make the node load a cold adapter)."""
-        chain = self._chain(checked.channel_id)
-        return max(chain.balance - chain.total_claimed - chain.pending_withdrawal, 0)
+        """What the channel could still pay: its deposit less what is being withdrawn and what the node
+        charged (or claimed). A cached chain read; what lets a checked channel make the node load a cold
+        adapter."""
+        chain, lane = self._chain(checked.channel_id), self.book.find_lane(checked.channel_id)
+        charged = self.ledger.channel(self.router, lane).charged_total if lane is not None else 0
+        return max(chain.balance - chain.pending_withdrawal - max(charged, chain.total_claimed), 0)
 
     def _view(self, checked: X402Checked, charged: int) -> ChannelView:
         chain = self._chain(checked.channel_id)

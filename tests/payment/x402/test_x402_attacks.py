@@ -144,3 +144,17 @@ def test_a_voucher_whose_hold_was_released_is_not_handed_to_whoever_asks(db_url:
     with pytest.raises(X402Refused) as after:
         x402.hold(x402.check(stale), PRICE)
     assert after.value.voucher_state is not None and after.value.voucher_state["signature"]
+
+
+def test_what_a_channel_could_still_pay_excludes_what_the_node_charged_before_claiming(
+        db_url: str, x402_world: X402World, roles: Roles) -> None:
+    """What lets a channel make the node load cold adapters: a channel charged to its deposit's end and not
+    yet claimed can pay nothing more."""
+    x402, _ = _services(db_url, x402_world, roles)
+    payer = Payer(roles.payer, x402_world.rpc_url, x402_world.dep.chain_id)
+    header, first = payer.pay(x402_world.required())
+    checked = x402.check(header)
+    assert first.deposit is not None
+    total, _, _ = _serve(x402, header, Usage(20, 10))
+    x402._chain_cache.clear()
+    assert x402.unclaimed(checked) == first.deposit.amount - total
