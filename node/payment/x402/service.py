@@ -14,6 +14,7 @@ and swept the channel (the router's ERC-1271 signature is the node's).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -85,6 +86,7 @@ class X402Payments:
         # latency is checked to beat (node/api/wiring.py); a deposit is always read again.
         self.channel_ttl_s = channel_ttl_s
         self._chain_cache: dict[bytes, tuple[float, OnChain]] = {}
+        self._deposit_lock = threading.Lock()
         self.ledger = payments.ledger
         self.router = terms.router.lower()
 
@@ -141,7 +143,8 @@ class X402Payments:
         lane = self.book.find_lane(checked.channel_id)  # written down once its deposit is in
         charged = self.ledger.channel(self.router, lane).charged_total if lane is not None else 0
         self._check(checked, checked.payment, self._view(checked, charged), max_fee)
-        self.submit_deposit(checked.payment)
+        with self._deposit_lock:  # one at a time: each is a transaction of the node's key (one nonce each)
+            self.submit_deposit(checked.payment)
         self._chain_cache.pop(checked.channel_id, None)
 
     def _check_funded(self, checked: X402Checked) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, select
+from web3.exceptions import Web3RPCError
 
 from node.db.models import X402Channel
 from node.errors import BadRequest, ChainError
@@ -91,7 +92,7 @@ def test_a_deposit_waiting_to_be_mined_does_not_hold_up_other_payers(db_url: str
         waiting.start()
         time.sleep(0.5)  # the slow payer's deposit is sent and waits for its block
         started = time.monotonic()
-        hold = x402.hold(x402.check(header), PRICE)  # the funded payer's voucher: no chain write
+        hold = x402.hold(x402.check(_voucher_only(header)), PRICE)  # the funded payer's voucher: no chain write
         took = time.monotonic() - started
         x402.payments.cancel(hold)
         waiting.join(timeout=30)
@@ -158,3 +159,37 @@ def test_what_a_channel_could_still_pay_excludes_what_the_node_charged_before_cl
     total, _, _ = _serve(x402, header, Usage(20, 10))
     x402._chain_cache.clear()
     assert x402.unclaimed(checked) == first.deposit.amount - total
+
+
+def test_the_same_deposit_sent_many_times_at_once_costs_the_node_one_transaction(
+        db_url: str, x402_world: X402World, roles: Roles) -> None:
+    """Every copy passes the checks before the first is mined. Sent at once from the node's key, they took
+    the same nonce: all but one failed with a 500 (a different payer's deposit too). Deposits go one at a
+    time (a voucher never waits for them: the test above)."""
+    x402, _ = _services(db_url, x402_world, roles)
+    header, _ = Payer(roles.payer, x402_world.rpc_url, x402_world.dep.chain_id).pay(x402_world.required())
+    w3 = x402_world.chain.client.w3
+    node = x402_world.chain.client.address
+    sent_before = w3.eth.get_transaction_count(node)
+    outcomes: list[str] = []
+
+    def pay() -> None:
+        try:
+            x402.payments.cancel(x402.hold(x402.check(header), PRICE))
+            outcomes.append("held")
+        except (X402Refused, ChainError, Web3RPCError) as exc:  # what each copy got, read below
+            outcomes.append(f"{type(exc).__name__}: {exc}")
+
+    w3.provider.make_request("evm_setAutomine", [False])
+    w3.provider.make_request("evm_setIntervalMining", [2])
+    try:
+        copies = [threading.Thread(target=pay) for _ in range(4)]
+        for t in copies:
+            t.start()
+        for t in copies:
+            t.join(timeout=60)
+    finally:
+        w3.provider.make_request("evm_setIntervalMining", [0])
+        w3.provider.make_request("evm_setAutomine", [True])
+    assert w3.eth.get_transaction_count(node) - sent_before == 1, outcomes
+    assert "held" in outcomes and all(o == "held" or o.startswith("X402Refused") for o in outcomes), outcomes
