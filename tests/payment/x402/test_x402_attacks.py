@@ -193,3 +193,19 @@ def test_the_same_deposit_sent_many_times_at_once_costs_the_node_one_transaction
         w3.provider.make_request("evm_setAutomine", [True])
     assert w3.eth.get_transaction_count(node) - sent_before == 1, outcomes
     assert "held" in outcomes and all(o == "held" or o.startswith("X402Refused") for o in outcomes), outcomes
+
+
+@pytest.mark.parametrize(("field", "value"), [("amount", str(2**128)), ("validBefore", "9" * 78)],
+                         ids=["deposit above uint128", "validBefore above uint256"])
+def test_a_deposit_whose_numbers_the_contract_cannot_take_is_a_bad_request(
+        db_url: str, x402_world: X402World, roles: Roles, field: str, value: str) -> None:
+    """Counted as balance before it is sent, a deposit of 2^128 passed every check and crashed the
+    transaction's encoding (a 500)."""
+    x402, _ = _services(db_url, x402_world, roles)
+    header, _ = Payer(roles.payer, x402_world.rpc_url, x402_world.dep.chain_id).pay(x402_world.required())
+
+    def change(v: dict[str, Any]) -> None:
+        deposit = v["payload"]["deposit"]
+        (deposit if field == "amount" else deposit["authorization"]["erc3009Authorization"])[field] = value
+    with pytest.raises(BadRequest, match=field):
+        x402.hold(x402.check(_rewrite(header, change)), PRICE)
