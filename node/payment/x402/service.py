@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from node.db.models import Voucher as VoucherRow
-from node.errors import BadRequest
+from node.errors import BadRequest, ChainError
 from node.payment.lane import HoldView
 from node.payment.ledger import Reservation
 from node.payment.pricing import Pricing
@@ -143,8 +143,13 @@ class X402Payments:
         lane = self.book.find_lane(checked.channel_id)  # written down once its deposit is in
         charged = self.ledger.channel(self.router, lane).charged_total if lane is not None else 0
         self._check(checked, checked.payment, self._view(checked, charged), max_fee)
-        with self._deposit_lock:  # one at a time: each is a transaction of the node's key (one nonce each)
-            self.submit_deposit(checked.payment)
+        try:
+            with self._deposit_lock:  # one at a time: each is a transaction of the node's key (one nonce each)
+                self.submit_deposit(checked.payment)
+        except ChainError as exc:  # the payer's authorization does not move its tokens (spent, expired, forged)
+            reason = "deposit_simulation_failed" if "error" in exc.facts else "deposit_transaction_failed"
+            raise X402Refused(f"the channel contract refused the deposit: {exc.message}", PREFIX + reason,
+                              **exc.facts) from exc
         self._chain_cache.pop(checked.channel_id, None)
 
     def _check_funded(self, checked: X402Checked) -> None:

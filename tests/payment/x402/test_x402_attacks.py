@@ -68,7 +68,7 @@ def test_strangers_vouchers_on_empty_channels_leave_no_row_in_the_books(db_url: 
         assert refused.value.reason.endswith("cumulative_exceeds_balance")
     broke = Payer("0x" + "42" * 32, x402_world.rpc_url, x402_world.dep.chain_id)  # a deposit it cannot make
     header, _ = broke.pay(x402_world.required())
-    with pytest.raises(ChainError, match="deposit reverted"):
+    with pytest.raises(X402Refused, match="deposit reverted"):
         x402.hold(x402.check(header), PRICE)
     with factory() as session:
         assert session.scalar(select(func.count()).select_from(X402Channel)) == 0
@@ -209,3 +209,15 @@ def test_a_deposit_whose_numbers_the_contract_cannot_take_is_a_bad_request(
         (deposit if field == "amount" else deposit["authorization"]["erc3009Authorization"])[field] = value
     with pytest.raises(BadRequest, match=field):
         x402.hold(x402.check(_rewrite(header, change)), PRICE)
+
+
+def test_a_deposit_the_chain_refuses_is_the_payers_402_not_a_node_fault(db_url: str, x402_world: X402World,
+                                                                       roles: Roles) -> None:
+    """A payer without the tokens it authorized (or an expired or forged authorization): its deposit's
+    simulation reverts. That is the payer's to fix (x402's deposit_simulation_failed), not a 500."""
+    x402, _ = _services(db_url, x402_world, roles)
+    header, _ = Payer("0x" + "43" * 32, x402_world.rpc_url, x402_world.dep.chain_id).pay(x402_world.required())
+    with pytest.raises(X402Refused) as refused:
+        x402.hold(x402.check(header), PRICE)
+    assert refused.value.reason == "invalid_batch_settlement_evm_deposit_simulation_failed"
+    assert refused.value.status == 402 and "reverted" in refused.value.message
