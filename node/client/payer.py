@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 from eth_account import Account
 
-from node.chain.receipt_read import HEADER, sign_read
+from node.chain.receipt_read import HEADER, lane_read_id, sign_read
 from node.client.refusal import check, reaching
 from node.errors import NodeError, NodeRefusal, PaymentError
 from node.payment.pricing import Pricing
@@ -101,7 +101,8 @@ class Payer:
         return self._info
 
     def channel(self, lane: int) -> dict[str, Any]:
-        data = self._get(f"/v1/channels/{self.address}/{lane}")
+        read = sign_read(self.key, self.address, lane_read_id(lane), self.info.domain)  # lastVoucher: ours only
+        data = self._get(f"/v1/channels/{self.address}/{lane}", headers={HEADER: read})
         self._learn(lane, data.get("lastVoucher"))
         self._check_lane(lane, int(data["chargedTotal"]), int(data.get("lastCumulative", 0)))
         with self._lock:

@@ -9,8 +9,10 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 
+from node.chain.receipt_read import HEADER, lane_read_id, sign_read
 from node.client.payer import Payer
 from node.errors import PaymentError
 from tests.adversarial.test_sdk_signing import INFLATED, LyingHop
@@ -66,3 +68,15 @@ def test_a_last_voucher_signed_by_someone_else_proves_nothing(paid_node: PaidNod
     hop.lie = "chargedTotal"
     with pytest.raises(PaymentError):
         fresh.payment_header(_body(paid_node), 143, "/v1/completions")
+
+
+def test_a_lanes_last_voucher_is_shown_to_its_payer_only(paid_node: PaidNode) -> None:
+    """With the request's bytes, a voucher replays its stored answer: nobody but the payer reads it."""
+    owner = Payer(paid_node.payer_keys[1], paid_node.base_url)
+    _ask(owner, paid_node, 144)
+    url = f"{paid_node.base_url}/v1/channels/{owner.address}/144"
+    assert "lastVoucher" not in httpx.get(url, timeout=30).json()
+    stranger = Payer(paid_node.payer_keys[0], paid_node.base_url)
+    forged = sign_read(stranger.key, stranger.address, lane_read_id(144), stranger.info.domain)
+    assert httpx.get(url, headers={HEADER: forged}, timeout=30).status_code == 403
+    assert owner.channel(144)["lastVoucher"]["payer"].lower() == owner.address.lower()
