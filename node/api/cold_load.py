@@ -9,7 +9,9 @@ deposit), and only `per_payer` times per `window_s` until that caller buys somet
 its count): a funded account that never buys cannot make the node fetch thousands of adapters.
 Everyone else, and a caller past its budget, shares one token bucket (`rate_per_s`, `burst`) and gets
 429 when it is empty. A quote names its payer without proving it, so a quote spends a budget of its
-own (`Caller.key` says whose): naming someone else's address cannot use up the real payer's budget.
+own (`Caller.key` says whose: naming someone else's address cannot use up the real payer's), and all
+such quotes share a bucket of their own too (`named_rate_per_s`, `named_burst`): naming every funded
+address in turn buys no more than that (the SDK quotes the lane instead when refused, then pays).
 The counts live in each API process (with more replicas, each bounds what it fetches).
 """
 
@@ -35,11 +37,12 @@ class Caller:
 
     key: str
     spendable: Callable[[], int]
+    is_proven: bool = True  # a voucher's signature or a checked x402 channel; False: a quote's `payer`
 
 
 def lane_caller(payer: str, spendable: Callable[[str], int], *, quote: bool = False) -> Caller:
     """A lane payer: proven by its voucher's signature, or only named by a quote (a budget of its own)."""
-    return Caller(f"{'quote' if quote else 'lane'}:{payer.lower()}", lambda: spendable(payer))
+    return Caller(f"{'quote' if quote else 'lane'}:{payer.lower()}", lambda: spendable(payer), is_proven=not quote)
 
 
 def caller_of(checked: CheckedVoucher | None, x402: X402Checked | X402Refused | None,
@@ -59,14 +62,30 @@ def buyer_keys(voucher: CheckedVoucher) -> tuple[str, ...]:
     return (f"lane:{voucher.payer.lower()}", f"quote:{voucher.payer.lower()}")
 
 
+class TokenBucket:
+    def __init__(self, rate_per_s: float, burst: int, clock: Callable[[], float]) -> None:
+        self.rate_per_s, self.burst, self.clock = rate_per_s, burst, clock
+        self.tokens, self._at = float(burst), clock()
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            now = self.clock()
+            self.tokens = min(float(self.burst), self.tokens + (now - self._at) * self.rate_per_s)
+            self._at = now
+            if self.tokens < 1.0:
+                return False
+            self.tokens -= 1.0
+            return True
+
+
 class ColdLoadGate:
     def __init__(self, provider: AdapterRegistrar, *, rate_per_s: float = 2.0, burst: int = 16,
-                 per_payer: int = 8, window_s: float = 600.0, max_payers: int = 100_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 named_rate_per_s: float = 1.0, named_burst: int = 8, per_payer: int = 8, window_s: float = 600.0,
+                 max_payers: int = 100_000, clock: Callable[[], float] = time.monotonic) -> None:
         self.provider, self.clock = provider, clock
-        self.rate_per_s, self.burst = rate_per_s, burst
+        self.free, self.named = TokenBucket(rate_per_s, burst, clock), TokenBucket(named_rate_per_s, named_burst, clock)
         self.per_payer, self.window_s, self.max_payers = per_payer, window_s, max_payers
-        self._tokens, self._at = float(burst), clock()
         self._unpaid: dict[str, tuple[int, float]] = {}  # key -> (cold loads since its last purchase, since when)
         self._lock = threading.Lock()
 
@@ -75,9 +94,9 @@ class ColdLoadGate:
         if self.provider.state(adapter) is LoadState.READY:
             return
         if caller is not None and self._budget(caller.key) and await asyncio.to_thread(caller.spendable) > 0 \
-                and self._spend(caller.key):
+                and (caller.is_proven or self.named.take()) and self._spend(caller.key):
             return
-        if not self._take():
+        if not self.free.take():
             raise Overloaded("too many requests for adapters that are not loaded, from callers without escrow "
                              "at this node or past their loads without a purchase; retry shortly, or buy",
                              adapter=adapter)
@@ -115,13 +134,3 @@ class ColdLoadGate:
         for key in [k for k, (_, since) in self._unpaid.items() if now - since >= self.window_s]:
             del self._unpaid[key]
         return len(self._unpaid) < self.max_payers
-
-    def _take(self) -> bool:
-        with self._lock:
-            now = self.clock()
-            self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.rate_per_s)
-            self._at = now
-            if self._tokens < 1.0:
-                return False
-            self._tokens -= 1.0
-            return True

@@ -60,10 +60,10 @@ def gate(node: tuple[PaidNode, list[int]]) -> Iterator[Any]:
     services = node[0].local.services
     assert services is not None
     gate = services.generation.cold_loads
-    saved = (gate.rate_per_s, gate._tokens, getattr(gate, "per_payer", None))
-    gate.rate_per_s, gate._tokens, gate.per_payer = 0.0, 0.0, 2
+    saved = (gate.free.rate_per_s, gate.free.tokens, gate.per_payer)
+    gate.free.rate_per_s, gate.free.tokens, gate.per_payer = 0.0, 0.0, 2
     yield gate
-    gate.rate_per_s, gate._tokens, gate.per_payer = saved
+    gate.free.rate_per_s, gate.free.tokens, gate.per_payer = saved
 
 
 def _body(model: int, prompt: str = "the sea") -> dict[str, Any]:
@@ -121,7 +121,7 @@ def test_an_x402_paid_request_is_a_paying_caller_not_a_free_one(node: tuple[Paid
     local = paid.local
     payer = X402Payer(local.anvil.keys[X402_PAYER], local.anvil.rpc_url, local.deployment.chain_id)
     warm = _body(paid.adapter_id)
-    gate._tokens = 1.0  # one free load: the unpaid request that asks the price loads this adapter
+    gate.free.tokens = 1.0  # one free load: the unpaid request that asks the price loads this adapter
     unpaid = httpx.post(f"{paid.base_url}/v1/chat/completions", json=warm, timeout=60)
     assert unpaid.status_code == 402, unpaid.text
     required = json.loads(base64.b64decode(unpaid.headers["PAYMENT-REQUIRED"]))

@@ -59,3 +59,14 @@ def test_a_full_table_of_callers_leaves_newcomers_the_free_bucket_until_a_window
     assert _admitted(gate, newcomer, 1) == 0
     now[0] += 60.0  # the others' windows are over: their entries make room
     assert _admitted(gate, newcomer, 1) == 1
+
+
+def test_quotes_naming_many_funded_payers_share_one_bucket() -> None:
+    """A quote's `payer` is a name, not a proof: naming every funded address in turn (8 loads each) buys no
+    more than the named callers' bucket, while a payer proven by its voucher keeps its own budget."""
+    now = [0.0]
+    gate = ColdLoadGate(Cold(), rate_per_s=0.0, burst=0, named_rate_per_s=0.0, named_burst=3,  # type: ignore[arg-type]
+                        clock=lambda: now[0])
+    named = sum(_admitted(gate, Caller(f"quote:0x{i:040x}", lambda: 1, is_proven=False), 8) for i in range(10))
+    assert named == 3
+    assert _admitted(gate, Caller("lane:0x01", lambda: 1), 8) == 8

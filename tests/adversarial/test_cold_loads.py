@@ -65,6 +65,6 @@ def test_the_free_callers_bucket_refills_at_its_rate() -> None:
             return LoadState.COLD
 
     gate = ColdLoadGate(Cold(), rate_per_s=2.0, burst=2, clock=lambda: now[0])  # type: ignore[arg-type]
-    assert gate._take() and gate._take() and not gate._take()
+    assert gate.free.take() and gate.free.take() and not gate.free.take()
     now[0] += 0.5  # one token back
-    assert gate._take() and not gate._take()
+    assert gate.free.take() and not gate.free.take()
