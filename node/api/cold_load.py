@@ -3,10 +3,16 @@
 A chat request needs its adapter's own chat template to count its prompt, so the adapter's files are
 fetched (from its registered source, verified, parsed) before the hold, and so does a chat quote. Left
 open, anyone could name every registered adapter in turn and keep the node downloading and evicting
-adapters for free. So a load that is not yet in host memory goes ahead at once only for a caller who
-names a payer with spendable escrow at this node (the voucher's payer, or a quote's `payer`); anyone
-else shares one token bucket (`rate_per_s`, `burst`) and gets 429 when it is empty. A caller with
-escrow can still ask for cold adapters without buying (docs/security.md): that costs a deposit, not nothing.
+adapters for free. So a load that is not yet in host memory goes ahead at once only for a `Caller`
+that can pay at this node (a lane payer with spendable escrow, an x402 channel with an unclaimed
+deposit), and only `per_payer` times per `window_s` until that caller buys something (a charge resets
+its count): a funded account that never buys cannot make the node fetch thousands of adapters.
+Everyone else, and a caller past its budget, shares one token bucket (`rate_per_s`, `burst`) and gets
+429 when it is empty. A quote names its payer without proving it, so a quote spends a budget of its
+own (`Caller.key` says whose: naming someone else's address cannot use up the real payer's), and all
+such quotes share a bucket of their own too (`named_rate_per_s`, `named_burst`): naming every funded
+address in turn buys no more than that (the SDK quotes the lane instead when refused, then pays).
+The counts live in each API process (with more replicas, each bounds what it fetches).
 """
 
 from __future__ import annotations
@@ -15,35 +21,116 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from node.errors import Overloaded
 from node.lora.provider import AdapterRegistrar, LoadState
+from node.payment.voucher_check import CheckedVoucher
+from node.payment.x402.channel_check import X402Refused
+from node.payment.x402.service import X402Checked, X402Payments, X402Voucher
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks: `key` names the budget a cold load spends (`lane:0x..`, `quote:0x..`, `x402:0x..`);
+    `spendable` reads what it could pay with here (read only while its budget lasts)."""
+
+    key: str
+    spendable: Callable[[], int]
+    is_proven: bool = True  # a voucher's signature or a checked x402 channel; False: a quote's `payer`
+
+
+def lane_caller(payer: str, spendable: Callable[[str], int], *, quote: bool = False) -> Caller:
+    """A lane payer: proven by its voucher's signature, or only named by a quote (a budget of its own)."""
+    return Caller(f"{'quote' if quote else 'lane'}:{payer.lower()}", lambda: spendable(payer), is_proven=not quote)
+
+
+def caller_of(checked: CheckedVoucher | None, x402: X402Checked | X402Refused | None,
+              spendable: Callable[[str], int], payments: X402Payments | None) -> Caller | None:
+    """Whose budget a paid request's cold load spends: its voucher's payer, or its checked x402 channel."""
+    if checked is not None:
+        return lane_caller(checked.payer, spendable)
+    if isinstance(x402, X402Checked) and payments is not None:
+        return Caller(f"x402:0x{x402.channel_id.hex()}", lambda: payments.unclaimed(x402))
+    return None
+
+
+def buyer_keys(voucher: CheckedVoucher) -> tuple[str, ...]:
+    """The budgets a purchase paid with `voucher` renews: its x402 channel's, or its payer's (both kinds)."""
+    if isinstance(voucher, X402Voucher):
+        return (f"x402:0x{voucher.x402.channel_id.hex()}",)
+    return (f"lane:{voucher.payer.lower()}", f"quote:{voucher.payer.lower()}")
+
+
+class TokenBucket:
+    def __init__(self, rate_per_s: float, burst: int, clock: Callable[[], float]) -> None:
+        self.rate_per_s, self.burst, self.clock = rate_per_s, burst, clock
+        self.tokens, self._at = float(burst), clock()
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            now = self.clock()
+            self.tokens = min(float(self.burst), self.tokens + (now - self._at) * self.rate_per_s)
+            self._at = now
+            if self.tokens < 1.0:
+                return False
+            self.tokens -= 1.0
+            return True
 
 
 class ColdLoadGate:
-    def __init__(self, provider: AdapterRegistrar, spendable: Callable[[str], int], *, rate_per_s: float = 2.0,
-                 burst: int = 16, clock: Callable[[], float] = time.monotonic) -> None:
-        self.provider, self.spendable = provider, spendable
-        self.rate_per_s, self.burst, self.clock = rate_per_s, burst, clock
-        self._tokens, self._at = float(burst), clock()
+    def __init__(self, provider: AdapterRegistrar, *, rate_per_s: float = 2.0, burst: int = 16,
+                 named_rate_per_s: float = 1.0, named_burst: int = 8, per_payer: int = 8, window_s: float = 600.0,
+                 max_payers: int = 100_000, clock: Callable[[], float] = time.monotonic) -> None:
+        self.provider, self.clock = provider, clock
+        self.free, self.named = TokenBucket(rate_per_s, burst, clock), TokenBucket(named_rate_per_s, named_burst, clock)
+        self.per_payer, self.window_s, self.max_payers = per_payer, window_s, max_payers
+        self._unpaid: dict[str, tuple[int, float]] = {}  # key -> (cold loads since its last purchase, since when)
         self._lock = threading.Lock()
 
-    async def admit(self, adapter: str, payer: str | None) -> None:
+    async def admit(self, adapter: str, caller: Caller | None) -> None:
         """Returns when `adapter` may be loaded for this caller; Overloaded (429) when not now."""
         if self.provider.state(adapter) is LoadState.READY:
             return
-        if payer is not None and await asyncio.to_thread(self.spendable, payer) > 0:
+        if caller is not None and self._budget(caller.key) and await asyncio.to_thread(caller.spendable) > 0 \
+                and (caller.is_proven or self.named.take()) and self._spend(caller.key):
             return
-        if not self._take():
+        if not self.free.take():
             raise Overloaded("too many requests for adapters that are not loaded, from callers without escrow "
-                             "at this node; retry shortly, or name a funded payer", adapter=adapter)
+                             "at this node or past their loads without a purchase; retry shortly, or buy",
+                             adapter=adapter)
 
-    def _take(self) -> bool:
+    def paid(self, *keys: str) -> None:
+        """These callers bought something: their cold loads since count for nothing."""
         with self._lock:
-            now = self.clock()
-            self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.rate_per_s)
-            self._at = now
-            if self._tokens < 1.0:
+            for key in keys:
+                self._unpaid.pop(key, None)
+
+    def _budget(self, key: str) -> bool:
+        with self._lock:
+            return self._count(key)[0] < self.per_payer and (key in self._unpaid or self._room())
+
+    def _spend(self, key: str) -> bool:
+        """Count one cold load against `key`, if its budget still allows (checked again: requests race)."""
+        with self._lock:
+            count, since = self._count(key)
+            if count >= self.per_payer or (key not in self._unpaid and not self._room()):
                 return False
-            self._tokens -= 1.0
+            self._unpaid[key] = (count + 1, since)
             return True
+
+    def _count(self, key: str) -> tuple[int, float]:
+        """Under the lock: the key's cold loads in its current window, and when that window began."""
+        now = self.clock()
+        count, since = self._unpaid.get(key, (0, now))
+        return (0, now) if now - since >= self.window_s else (count, since)
+
+    def _room(self) -> bool:
+        """Under the lock: room for one more caller's count (the stale ones are dropped when full)."""
+        if len(self._unpaid) < self.max_payers:
+            return True
+        now = self.clock()
+        for key in [k for k, (_, since) in self._unpaid.items() if now - since >= self.window_s]:
+            del self._unpaid[key]
+        return len(self._unpaid) < self.max_payers

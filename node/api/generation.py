@@ -36,7 +36,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from node.api.choice import ChoiceOutput, Kind, ResponseShape, event, replay_chunks
-from node.api.cold_load import ColdLoadGate
+from node.api.cold_load import Caller, ColdLoadGate, buyer_keys, caller_of, lane_caller
 from node.api.engine_client import EngineClient
 from node.api.job import CLIENT_LEFT, TIME_LIMIT, Cut, Job, Sent, as_fault, once, sampling_params
 from node.api.metrics import APIMetrics
@@ -66,18 +66,19 @@ class GenerationService:
                  x402: X402Payments | None = None) -> None:
         self.engine, self.payments, self.catalog, self.metrics = engine, payments, catalog, metrics
         self.offer, self.x402 = offer, x402  # with an offer, an unpaid request gets a 402 naming both schemes
-        self.issuer = issuer
-        self.default_max_tokens = default_max_tokens
+        self.issuer, self.default_max_tokens = issuer, default_max_tokens
         self.max_generation_s = payments.max_generation_s
         self._closing: set[asyncio.Future[None]] = set()  # charges of streams read too slowly, running
-        self.cold_loads = ColdLoadGate(catalog.provider, lambda payer: payments.ledger.channel(payer, 0).spendable)
+        self.cold_loads = ColdLoadGate(catalog.provider)
+        self.spendable: Callable[[str], int] = lambda payer: payments.ledger.channel(payer, 0).spendable
 
     async def handle(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest, body: bytes,
                      payment: str | None, http: Request, x402: str | None = None) -> JSONResponse | StreamingResponse:
         checked = self.payments.check(payment, body) if payment or self.offer is None else None
+        x402_early = self._x402_early(x402) if checked is None else None
         adapter = self.catalog.cached(req.model) or await asyncio.to_thread(self.catalog.resolve, req.model)
-        payer = checked.voucher.payer if checked is not None else None
-        template = await self._chat_template(adapter, payer) if kind == "chat" else None
+        caller = caller_of(checked, x402_early, self.spendable, self.x402)
+        template = await self._chat_template(adapter, caller) if kind == "chat" else None
         prompt_ids = await self._tokenize(kind, req, template)
         max_tokens, max_fee = self._ceiling(req, len(prompt_ids), adapter)
         constraint = constraint_of(req) if isinstance(req, ChatCompletionRequest) else None
@@ -86,7 +87,7 @@ class GenerationService:
         params = sampling_params(req, max_tokens, constraint.spec if constraint else None)
         self.engine.check_vocabulary(params)
         pricing = self.payments.pricing_for(adapter.is_base)
-        x402_checked = self._x402_check(x402, str(http.url), max_fee) if checked is None else None
+        x402_checked = self._x402_check(x402_early, str(http.url), max_fee) if checked is None else None
         admission = self.engine.admission()
         admission.__enter__()
         try:
@@ -109,15 +110,22 @@ class GenerationService:
         finally:
             admission.__exit__(None, None, None)
 
-    def _x402_check(self, header: str | None, url: str, max_fee: int) -> X402Checked:
-        """The stateless x402 checks; a missing or refused payment is the 402 that offers both schemes."""
-        assert self.offer is not None
+    def _x402_early(self, header: str | None) -> X402Checked | X402Refused | None:
+        """The stateless x402 checks, before the adapter is loaded (a checked channel pays for its own
+        cold loads); a refusal is kept for the 402, which needs the request's price."""
         if header is None or self.x402 is None:
-            raise self.offer.challenge(url, max_fee)
+            return None
         try:
             return self.x402.check(header)
         except X402Refused as exc:
-            raise self.offer.challenge(url, max_fee, exc) from exc
+            return exc
+
+    def _x402_check(self, early: X402Checked | X402Refused | None, url: str, max_fee: int) -> X402Checked:
+        """A missing or refused x402 payment is the 402 that offers both schemes."""
+        assert self.offer is not None
+        if isinstance(early, X402Checked):
+            return early
+        raise self.offer.challenge(url, max_fee, early) from early
 
     def _hold(self, checked: CheckedVoucher | None, x402: X402Checked | None, max_fee: int, pricing: Pricing,
               url: str) -> Hold | Replay:
@@ -140,7 +148,8 @@ class GenerationService:
         """(prompt tokens, max_tokens, max fee) of this request: exactly what `handle` would hold, so a
         voucher for `chargedTotal + max fee` covers it (POST /v1/quote/...). `payer`: who asks, if said."""
         adapter = self.catalog.cached(req.model) or await asyncio.to_thread(self.catalog.resolve, req.model)
-        template = await self._chat_template(adapter, payer) if kind == "chat" else None
+        caller = lane_caller(payer, self.spendable, quote=True) if payer is not None else None
+        template = await self._chat_template(adapter, caller) if kind == "chat" else None
         num_prompt_tokens = len(await self._tokenize(kind, req, template))
         return (num_prompt_tokens, *self._ceiling(req, num_prompt_tokens, adapter))
 
@@ -152,14 +161,14 @@ class GenerationService:
         pricing = self.payments.pricing_for(adapter.is_base)
         return max_tokens, pricing.max_fee(num_prompt_tokens, max_tokens, req.num_choices)
 
-    async def _chat_template(self, adapter: ServedAdapter, payer: str | None) -> str | None:
+    async def _chat_template(self, adapter: ServedAdapter, caller: Caller | None) -> str | None:
         """The adapter's own chat template, once its files are fetched and verified (a load that fails
         refuses the request here, before any hold); None: the base model's template applies. A load
         not in host memory yet waits for `cold_loads` (node/api/cold_load.py)."""
         name = adapter.engine_adapter
         if name is None:
             return None
-        await self.cold_loads.admit(name, payer)
+        await self.cold_loads.admit(name, caller)
         await asyncio.wrap_future(self.catalog.provider.prefetch(name))
         return self.catalog.provider.chat_template(name)
 
@@ -226,9 +235,11 @@ class GenerationService:
     def _charge(self, job: Job, usage: Usage, choices: list[ChoiceOutput]) -> tuple[int, dict[str, Any]]:
         digest, text = job.hold.checked.digest, output_text([c.text for c in choices])
         shape = job.shape(self.engine.token_text)
-        return self.payments.finish(job.hold, usage,
-                                    lambda fee: self.issuer.issue(digest, job.adapter, usage, fee, text),
-                                    lambda receipt: shape.body(choices, usage, receipt))
+        charged = self.payments.finish(job.hold, usage,
+                                       lambda fee: self.issuer.issue(digest, job.adapter, usage, fee, text),
+                                       lambda receipt: shape.body(choices, usage, receipt))
+        self.cold_loads.paid(*buyer_keys(job.hold.checked))  # a purchase: its cold loads were paid for
+        return charged
 
     # --- streamed -----------------------------------------------------------------------------------
     async def _sse(self, job: Job, leave: Callable[[], None]) -> AsyncIterator[bytes]:

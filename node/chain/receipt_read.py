@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from eth_hash.auto import keccak
+
 from node.errors import BadSignature, NotThePayer, ReadUnauthorized
 from node.protocol.address import checksum_address
 from node.protocol.eip712 import Domain, ReceiptRead, recover_receipt_read_signer, sign_receipt_read
@@ -42,6 +44,12 @@ def sign_read(key: str, payer: str, receipt_id: str, domain: Domain, validity_s:
     body = {"receiptId": receipt_id.lower(), "payer": read.payer, "deadline": read.deadline,
             "signature": to_hex(signature)}
     return encode_header(body)
+
+
+def lane_read_id(lane: int) -> str:
+    """The id a `ReceiptRead` names to read the payer's own last voucher on `lane` (GET /v1/channels):
+    a voucher with its signature replays its stored answer to whoever also has the request's bytes."""
+    return to_hex(keccak(b"loranode lane read" + lane.to_bytes(32, "big")))
 
 
 def decode_read(value: str) -> SignedRead:

@@ -18,7 +18,9 @@ whose answer was lost is replayed, not charged twice (until the voucher is settl
 The voucher's cumulative is what the escrow lets the node collect on the lane, and the lane's charged
 total and last voucher come from the node: a `Payer` remembers the most it signed on each lane and
 refuses (PaymentError, nothing signed) a node that reports either above it. A new `Payer` on a lane
-used before has no such memory and takes the node's word for the lane's charged total.
+used before has no such memory: it asks the node for the lane's last voucher, checks that this payer
+signed it (for this node and lane), and signs on top of the node's figures only up to it; a node that
+cannot show it is refused the same way (`trust_reported_total=True` takes the node's word instead).
 """
 
 from __future__ import annotations
@@ -32,13 +34,13 @@ from typing import Any
 import httpx
 from eth_account import Account
 
-from node.chain.receipt_read import HEADER, sign_read
+from node.chain.receipt_read import HEADER, lane_read_id, sign_read
 from node.client.refusal import check, reaching
-from node.errors import NodeRefusal, PaymentError
+from node.errors import NodeError, NodeRefusal, PaymentError
 from node.payment.pricing import Pricing
-from node.protocol.eip712 import Domain
+from node.protocol.eip712 import Domain, recover
 from node.protocol.receipt import SignedReceipt, recover_receipt_signer
-from node.protocol.voucher import SignedVoucher, Voucher, request_hash, sign_voucher
+from node.protocol.voucher import SignedVoucher, Voucher, request_hash, sign_voucher, voucher_digest
 
 PAID_PATHS = ("/v1/completions", "/v1/chat/completions")
 CLOCK_MARGIN_S = 60  # on top of the node's minimum validity: clock skew and the request's way there
@@ -70,8 +72,9 @@ class NodeInfo:
 
 class Payer:
     def __init__(self, key: str, base_url: str, *, budget: int | None = None, validity_s: int = 3_600,
-                 timeout_s: float = 60.0) -> None:
+                 timeout_s: float = 60.0, trust_reported_total: bool = False) -> None:
         self.key = key
+        self.trust_reported_total = trust_reported_total
         self.address = str(Account.from_key(key).address)
         self.base_url = base_url.rstrip("/")
         self.budget = budget
@@ -98,7 +101,9 @@ class Payer:
         return self._info
 
     def channel(self, lane: int) -> dict[str, Any]:
-        data = self._get(f"/v1/channels/{self.address}/{lane}")
+        read = sign_read(self.key, self.address, lane_read_id(lane), self.info.domain)  # lastVoucher: ours only
+        data = self._get(f"/v1/channels/{self.address}/{lane}", headers={HEADER: read})
+        self._learn(lane, data.get("lastVoucher"))
         self._check_lane(lane, int(data["chargedTotal"]), int(data.get("lastCumulative", 0)))
         with self._lock:
             self._charged[lane] = int(data["chargedTotal"])
@@ -127,6 +132,10 @@ class Payer:
             self._check_quote(data, body)
             charged, max_fee = int(data["chargedTotal"]), int(data["maxFee"])
         last = int(data.get("lastCumulative", 0))
+        with self._lock:
+            is_known = lane in self._signed
+        if not is_known and max(charged, last) > 0 and "lastVoucher" not in data:
+            self.channel(lane)  # a lane used before this Payer: learn what it signed there
         self._check_lane(lane, charged, last)
         with self._lock:
             self._charged[lane] = charged
@@ -152,15 +161,34 @@ class Payer:
             raise PaymentError("the node quoted more than this request can cost at its published prices: "
                                "nothing was signed", quote=quote, max_model_len=info.max_model_len)
 
+    def _learn(self, lane: int, last_voucher: Any) -> None:
+        """Remember the cumulative of the lane's last voucher as the node shows it, once it is checked to
+        be this payer's own signature for this node and lane (anything else proves nothing)."""
+        if not isinstance(last_voucher, dict):
+            return
+        info = self.info
+        try:
+            shown = SignedVoucher.from_json(last_voucher)
+            signer = recover(voucher_digest(shown.voucher, info.domain), shown.signature)
+        except (KeyError, TypeError, ValueError, NodeError):
+            return
+        if signer.lower() == self.address.lower() == shown.payer.lower() and shown.lane == lane \
+                and shown.node.lower() == info.node.lower():
+            with self._lock:
+                self._signed[lane] = max(self._signed.get(lane, 0), shown.cumulative)
+
     def _check_lane(self, lane: int, charged: int, last: int) -> None:
         """Refuse a lane whose charged total or last voucher, as the node reports them, is above the most
-        this payer signed there: no node can have charged, or been given, more than that, and signing on
-        top of it would authorize the difference."""
+        this payer signed there (as it remembers, or as the node showed it): no node can have charged, or
+        been given, more than that, and signing on top of it would authorize the difference."""
         with self._lock:
             signed = self._signed.get(lane)
+        if signed is None and not self.trust_reported_total:
+            signed = 0  # nothing signed that this payer knows of
         if signed is not None and max(charged, last) > signed:
-            raise PaymentError("the node reports a charge or a voucher on this lane above any this payer signed: "
-                               "nothing was signed (use one Payer per lane)", lane=lane, charged_total=str(charged),
+            raise PaymentError("the node reports a charge or a voucher on this lane above any this payer signed "
+                               "(as it remembers, or as the node can show with the lane's last voucher): nothing "
+                               "was signed (use one Payer per lane)", lane=lane, charged_total=str(charged),
                                last_cumulative=str(last), signed=str(signed))
 
     def _get(self, path: str, headers: dict[str, str] | None = None) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from node.payment.lane_pg import PipelinedLanes
 from node.payment.lane_sqlite import SQLiteLanes
 from node.payment.voucher_check import CheckedVoucher
 from node.protocol.receipt import SignedReceipt
+from node.protocol.voucher import SignedVoucher
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class Channel:
     charged_total: int
     last_cumulative: int
     spendable: int
+    last_voucher: SignedVoucher | None = None  # the payer's own signature on last_cumulative: what proves it
 
 
 class Ledger:
@@ -108,8 +110,10 @@ class Ledger:
         with self.factory() as session:
             row = session.get(Lane, (payer, self.node, lane))
             spendable = queries.spendable_escrow(session, payer, self.node)
+            voucher = session.get(Voucher, row.last_voucher_hash) if row and row.last_voucher_hash else None
         charged, last = (row.charged_total, row.last_cumulative) if row else (0, 0)
-        return Channel(payer, self.node, lane, charged, last, spendable)
+        return Channel(payer, self.node, lane, charged, last, spendable,
+                       SignedVoucher.from_row(voucher) if voucher is not None else None)
 
     # --- writes -----------------------------------------------------------------------------------
     def reserve(self, checked: CheckedVoucher, max_fee: int,

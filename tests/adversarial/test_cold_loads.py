@@ -31,7 +31,7 @@ def test_callers_without_escrow_cannot_make_the_node_fetch_adapters_for_free(pai
     name = str(paid_node.adapter_id)
     assert provider.state(name) is not LoadState.READY, "the adapter must start unloaded for this test"
     free = generation.cold_loads
-    generation.cold_loads = ColdLoadGate(provider, free.spendable, rate_per_s=0.0, burst=0)  # the bucket is empty
+    generation.cold_loads = ColdLoadGate(provider, rate_per_s=0.0, burst=0)  # the bucket is empty
     try:
         body, headers = _chat(paid_node.adapter_id), {"Content-Type": "application/json"}
         quote = httpx.post(f"{paid_node.base_url}/v1/quote/chat/completions", content=body, headers=headers,
@@ -64,7 +64,7 @@ def test_the_free_callers_bucket_refills_at_its_rate() -> None:
         def state(self, adapter_id: str) -> LoadState:
             return LoadState.COLD
 
-    gate = ColdLoadGate(Cold(), lambda payer: 0, rate_per_s=2.0, burst=2, clock=lambda: now[0])  # type: ignore[arg-type]
-    assert gate._take() and gate._take() and not gate._take()
+    gate = ColdLoadGate(Cold(), rate_per_s=2.0, burst=2, clock=lambda: now[0])  # type: ignore[arg-type]
+    assert gate.free.take() and gate.free.take() and not gate.free.take()
     now[0] += 0.5  # one token back
-    assert gate._take() and not gate._take()
+    assert gate.free.take() and not gate.free.take()

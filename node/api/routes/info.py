@@ -19,7 +19,7 @@ from node.api.deps import (
 )
 from node.api.error_handlers import error_responses
 from node.api.schemas import MAX_CHOICES
-from node.chain.receipt_read import HEADER, authorize_read
+from node.chain.receipt_read import HEADER, authorize_read, lane_read_id
 from node.errors import NodeError
 from node.payment.pricing import Pricing
 from node.settlement.publication import payer_view, receipt_document, receipt_with_payer
@@ -67,19 +67,28 @@ def quote(pricing: PricingDep, payments: PaymentsDep, catalog: CatalogDep,
             "maxFee": str(pricing.max_fee(prompt_tokens, max_tokens, n))}
 
 
-@router.get("/channels/{payer}/{lane}", responses=error_responses(400, 503))
-def channel(ledger: LedgerDep, pricing: PricingDep, engine: EngineDep, node: NodeAddress,
+@router.get("/channels/{payer}/{lane}", responses=error_responses(400, 401, 403, 503))
+def channel(ledger: LedgerDep, pricing: PricingDep, engine: EngineDep, node: NodeAddress, payments: PaymentsDep,
             payer: str = Path(..., pattern=ADDRESS.pattern), lane: int = Path(..., ge=0, lt=2**32),
             max_tokens: int | None = Query(None, ge=1, le=10**7, description="the most the requests will ask "
-                                           "for; default: any request that fits the context")) -> dict[str, Any]:
+                                           "for; default: any request that fits the context"),
+            read: ReadHeader = None) -> dict[str, Any]:
     """The lane's charged total (sign on top of it) and a quote that covers every request of up to
-    `max_tokens` (default: any) that fits the context, so `chargedTotal + quote.maxFee` is never refused."""
+    `max_tokens` (default: any) that fits the context, so `chargedTotal + quote.maxFee` is never refused.
+    With an `X-Receipt-Read` of the payer naming `lane_read_id(lane)`, also `lastVoucher`: its own signed
+    voucher for `lastCumulative` (null on a new lane), how a client with no memory of the lane checks that
+    it authorized the charged total it is asked to sign on top of (only to the payer: with the request's
+    bytes, a voucher replays its answer)."""
     ch = ledger.channel(payer, lane)
     longest_prompt, longest_answer, max_fee = context_quote(pricing, engine.max_model_len, max_tokens)
-    return {"payer": payer, "node": node, "lane": lane, "chargedTotal": str(ch.charged_total),
-            "lastCumulative": str(ch.last_cumulative), "spendable": str(ch.spendable),
-            "quote": {**_prices(pricing), "promptTokens": longest_prompt, "maxTokens": longest_answer,
-                      "maxFee": str(max_fee)}}
+    out = {"payer": payer, "node": node, "lane": lane, "chargedTotal": str(ch.charged_total),
+           "lastCumulative": str(ch.last_cumulative), "spendable": str(ch.spendable),
+           "quote": {**_prices(pricing), "promptTokens": longest_prompt, "maxTokens": longest_answer,
+                     "maxFee": str(max_fee)}}
+    if read is not None:
+        authorize_read(read, lane_read_id(lane), payer, payments.domain, payments.clock())
+        out["lastVoucher"] = ch.last_voucher.to_json() if ch.last_voucher is not None else None
+    return out
 
 
 def context_quote(pricing: Pricing, max_model_len: int, max_tokens: int | None) -> tuple[int, int, int]:

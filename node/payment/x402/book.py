@@ -37,6 +37,14 @@ class ChannelBook:
             lane = self._lanes[channel_id] = self.entry(channel_id, config).lane
         return lane
 
+    def find_lane(self, channel_id: bytes) -> int | None:
+        """The channel's lane if it is in the books already (nothing written)."""
+        lane = self._lanes.get(channel_id)
+        if lane is None:
+            with self.factory() as session:
+                lane = session.scalar(select(X402Channel.lane).where(X402Channel.channel_id == to_hex(channel_id)))
+        return lane
+
     def entry(self, channel_id: bytes, config: ChannelConfig) -> ChannelEntry:
         """The channel's lane and latest voucher, creating its row on first sight."""
         key = to_hex(channel_id)

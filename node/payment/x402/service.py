@@ -14,19 +14,21 @@ and swept the channel (the router's ERC-1271 signature is the node's).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from node.errors import BadRequest
+from node.db.models import Voucher as VoucherRow
+from node.errors import BadRequest, ChainError
 from node.payment.lane import HoldView
 from node.payment.ledger import Reservation
 from node.payment.pricing import Pricing
 from node.payment.service import Hold, PaymentService
 from node.payment.voucher_check import CheckedVoucher
-from node.payment.x402.book import ChannelBook
+from node.payment.x402.book import ChannelBook, ChannelEntry
 from node.payment.x402.channel_check import (
     EXCEEDS_BALANCE,
     PREFIX,
@@ -37,6 +39,7 @@ from node.payment.x402.channel_check import (
     check_terms,
 )
 from node.payment.x402.terms import CUMULATIVE_MISMATCH, X402Terms
+from node.payment.x402.typed import voucher_digest as x402_voucher_digest
 from node.payment.x402.wire import Payment, decode_payment, payment_response
 from node.protocol.hexstr import to_hex
 from node.protocol.voucher import Voucher, sign_voucher, voucher_digest
@@ -88,6 +91,7 @@ class X402Payments:
         self.read_mirror = read_mirror
         self.channel_ttl_s = channel_ttl_s
         self._chain_cache: dict[bytes, tuple[float, OnChain]] = {}
+        self._deposit_lock = threading.Lock()
         self.ledger = payments.ledger
         self.router = terms.router.lower()
 
@@ -102,8 +106,13 @@ class X402Payments:
     def hold(self, checked: X402Checked, max_fee: int, pricing: Pricing | None = None) -> Hold:
         """Hold `max_fee` on the channel's lane: refused (402, the spec's codes) unless the voucher pays
         this request on top of what the channel was charged and its deposit covers it. A deposit is
-        submitted on chain first (the node pays the gas)."""
+        submitted on chain first (the node pays the gas), before the router's lock that every x402 hold
+        takes: no other payer waits for its block. A channel with nothing in it gets no row in the books."""
         payment = checked.payment
+        if payment.deposit is not None:
+            self._deposit(checked, max_fee)
+        else:
+            self._check_funded(checked)
         lane_id = self.book.lane_of(checked.channel_id, payment.config)
         lane_voucher = Voucher(self.terms.router, self.payments.node, lane_id, payment.voucher.max_claimable,
                                checked.digest, NEVER)
@@ -130,19 +139,60 @@ class X402Payments:
             raise self._corrective(checked, view, "this voucher was already used")
         if lane.reserved_voucher_hash and lane.reserved_at and now - lane.reserved_at < self.ledger.ttl:
             raise X402Refused("another request holds this channel: retry shortly", PREFIX + "channel_busy")
+        return self._check(checked, replace(payment, deposit=None), view, max_fee)  # a deposit is on chain by now
+
+    def _deposit(self, checked: X402Checked, max_fee: int) -> None:
+        """Submit the payment's deposit once it would pay this request at the channel's charged total as
+        read now (outside the lock: the hold checks again under it, on the chain's state after it)."""
+        lane = self.book.find_lane(checked.channel_id)  # written down once its deposit is in
+        charged = self.ledger.channel(self.router, lane).charged_total if lane is not None else 0
+        self._check(checked, checked.payment, self._view(checked, charged), max_fee)
         try:
-            view = self._check(checked, view, max_fee)
+            with self._deposit_lock:  # one at a time: each is a transaction of the node's key (one nonce each)
+                self.submit_deposit(checked.payment)
+        except ChainError as exc:  # the payer's authorization does not move its tokens (spent, expired, forged)
+            reason = "deposit_simulation_failed" if "error" in exc.facts else "deposit_transaction_failed"
+            raise X402Refused(f"the channel contract refused the deposit: {exc.message}", PREFIX + reason,
+                              **exc.facts) from exc
+        self._chain_cache.pop(checked.channel_id, None)
+
+    def _check_funded(self, checked: X402Checked) -> None:
+        """A voucher above what its channel holds is refused before the channel is written down (anyone
+        can sign vouchers for empty channels of fresh keys, as many as they like): the mirror's balance,
+        or the chain's where the mirror's falls short."""
+        ceiling = checked.payment.voucher.max_claimable
+        view = self._view(checked, 0)
+        if ceiling > view.balance - view.pending_withdrawal and self.read_mirror is not None:
+            view = self._live(checked, view)
+        if ceiling > view.balance - view.pending_withdrawal:
+            raise X402Refused("the voucher exceeds the channel's deposit", PREFIX + "cumulative_exceeds_balance",
+                              spendable=str(view.balance - view.pending_withdrawal), max_claimable=str(ceiling))
+
+    def _check(self, checked: X402Checked, payment: Payment, view: ChannelView, max_fee: int) -> ChannelView:
+        """The view `payment` passes on: the mirror's, or the chain's where the mirror's balance falls
+        short; a cumulative mismatch is answered with the corrective 402."""
+        try:
+            try:
+                check_payment(payment, self.terms, view, ceiling=max_fee)
+                return view
+            except X402Refused as exc:
+                if exc.reason != EXCEEDS_BALANCE or self.read_mirror is None:
+                    raise
+            view = self._live(checked, view)
+            check_payment(payment, self.terms, view, ceiling=max_fee)
+            return view
         except X402Refused as exc:
             if exc.reason != CUMULATIVE_MISMATCH:
                 raise
             raise self._corrective(checked, view, exc.message) from exc
-        if payment.deposit is None:
-            return view
-        self.submit_deposit(payment)
-        self._chain_cache.pop(checked.channel_id, None)
-        view = self._view(checked, lane.charged_total, live=True)
-        check_payment(replace(payment, deposit=None), self.terms, view, ceiling=max_fee)
-        return view
+
+    def _live(self, checked: X402Checked, mirrored: ChannelView) -> ChannelView:
+        """The chain's view (maybe up to `channel_ttl_s` old), keeping what the mirror has seen since (a
+        withdrawal, a claim)."""
+        live = self._view(checked, mirrored.charged, live=True)
+        return replace(live, pending_withdrawal=max(live.pending_withdrawal, mirrored.pending_withdrawal),
+                       withdraw_requested_at=max(live.withdraw_requested_at, mirrored.withdraw_requested_at),
+                       total_claimed=max(live.total_claimed, mirrored.total_claimed))
 
     def corrective(self, checked: X402Checked, charged: int, message: str) -> X402Refused:
         """The corrective 402 of a channel charged `charged` (for a refund voucher off the charged total)."""
@@ -151,25 +201,28 @@ class X402Payments:
     def _corrective(self, checked: X402Checked, view: ChannelView, message: str) -> X402Refused:
         """The corrective 402: the channel's state with the last voucher its payer signed (read only here)."""
         entry = self.book.entry(checked.channel_id, checked.payment.config)
-        latest = replace(view, signed_max=entry.signed_max, signature=entry.signature)
+        # an unspent voucher (its hold released, nothing charged) pays whoever presents it next: shown
+        # only once spent (a client that lost its state then resyncs from the chain, as the SDK does)
+        signature = entry.signature if entry.signature and self._is_spent(entry, checked.channel_id) else None
+        latest = replace(view, signed_max=entry.signed_max, signature=signature)
         return X402Refused(message, CUMULATIVE_MISMATCH, channel_state=latest.channel_state(checked.channel_id),
                            voucher_state=latest.voucher_state())
 
-    def _check(self, checked: X402Checked, view: ChannelView, max_fee: int) -> ChannelView:
-        """The view the voucher passes on: the mirror's, or the chain's where the mirror's balance falls short."""
-        try:
-            check_payment(checked.payment, self.terms, view, ceiling=max_fee)
-            return view
-        except X402Refused as exc:
-            if exc.reason != EXCEEDS_BALANCE or self.read_mirror is None:
-                raise
-        live = self._view(checked, view.charged, live=True)  # maybe up to `channel_ttl_s` old: what the
-        # mirror has seen since (a withdrawal, a claim) still counts
-        live = replace(live, pending_withdrawal=max(live.pending_withdrawal, view.pending_withdrawal),
-                       withdraw_requested_at=max(live.withdraw_requested_at, view.withdraw_requested_at),
-                       total_claimed=max(live.total_claimed, view.total_claimed))
-        check_payment(checked.payment, self.terms, live, ceiling=max_fee)
-        return live
+    def _is_spent(self, entry: ChannelEntry, channel: bytes) -> bool:
+        """Whether the channel's latest voucher bought a generation (its router lane voucher is stored)."""
+        lane_voucher = Voucher(self.terms.router, self.payments.node, entry.lane, entry.signed_max,
+                               x402_voucher_digest(channel, entry.signed_max, self.terms.chain_id), NEVER)
+        with self.ledger.factory() as session:
+            return session.get(VoucherRow, to_hex(voucher_digest(lane_voucher, self.payments.domain))) is not None
+
+    def unclaimed(self, checked: X402Checked) -> int:
+        """What the channel could still pay: its deposit less what is being withdrawn and what the node
+        charged (or claimed). The mirror's (or a cached chain read); what lets a checked channel make the
+        node load a cold adapter."""
+        lane = self.book.find_lane(checked.channel_id)
+        charged = self.ledger.channel(self.router, lane).charged_total if lane is not None else 0
+        view = self._view(checked, charged)
+        return max(view.balance - view.pending_withdrawal - max(charged, view.total_claimed), 0)
 
     def _view(self, checked: X402Checked, charged: int, live: bool = False) -> ChannelView:
         mirror = self.read_mirror

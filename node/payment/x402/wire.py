@@ -98,13 +98,15 @@ def _object(value: dict[str, Any], name: str) -> dict[str, Any]:
     return inner
 
 
-def _uint(value: Any, name: str) -> int:
-    """A decimal string or integer, as x402 sends amounts."""
+def _uint(value: Any, name: str, bits: int | None = None) -> int:
+    """A decimal string or integer, as x402 sends amounts; with `bits`, one the contract's type can hold."""
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise BadRequest(f"{name} must be a decimal string", field=name)
     text = str(value)
-    if not text.isdigit() or len(text) > 78:
+    if not (text.isascii() and text.isdigit()) or len(text) > 78:  # '²' and '٣' are digits to isdigit
         raise BadRequest(f"{name} must be a decimal string", field=name, value=text[:80])
+    if bits is not None and int(text) >= 2**bits:
+        raise BadRequest(f"{name} must fit a uint{bits}", field=name, value=text[:80])
     return int(text)
 
 
@@ -138,8 +140,8 @@ def _voucher(raw: dict[str, Any]) -> SignedVoucher:
 def _deposit(raw: dict[str, Any]) -> Deposit:
     auth = _object(_object(raw, "authorization"), "erc3009Authorization")
     salt = int.from_bytes(_hex(auth.get("salt"), "salt", 32), "big")
-    return Deposit(_uint(raw.get("amount"), "deposit.amount"), _uint(auth.get("validAfter"), "validAfter"),
-                   _uint(auth.get("validBefore"), "validBefore"), salt,
+    return Deposit(_uint(raw.get("amount"), "deposit.amount", 128), _uint(auth.get("validAfter"), "validAfter", 256),
+                   _uint(auth.get("validBefore"), "validBefore", 256), salt,
                    _hex(auth.get("signature"), "erc3009Authorization.signature"))
 
 

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.chain.x402_channels import ClaimRow
 from node.db.models import Voucher as VoucherRow
 from node.db.session import make_engine, session_factory, upgrade
-from node.errors import BadRequest, ChainError
+from node.errors import BadRequest
 from node.payment.ledger import Ledger
 from node.payment.pricing import Pricing
 from node.payment.service import PaymentService, Usage
@@ -115,7 +115,7 @@ def test_a_deposit_the_chain_refuses_places_no_hold(db_url: str, x402_world: X40
     x402, _ = _services(db_url, x402_world, roles)
     broke = "0x" + "42" * 32  # a payer with no tokens: its authorization cannot move any
     header, _ = Payer(broke, x402_world.rpc_url, x402_world.dep.chain_id).pay(x402_world.required())
-    with pytest.raises(ChainError, match="deposit reverted"):
+    with pytest.raises(X402Refused, match="deposit reverted"):
         x402.hold(x402.check(header), PRICE)
 
 
