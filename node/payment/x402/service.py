@@ -35,6 +35,7 @@ from node.payment.x402.channel_check import (
     check_signature,
     check_terms,
 )
+from node.payment.x402.facilitator import Facilitator
 from node.payment.x402.terms import CUMULATIVE_MISMATCH, X402Terms
 from node.payment.x402.wire import Payment, decode_payment, payment_response
 from node.protocol.hexstr import to_hex
@@ -70,6 +71,7 @@ class X402Voucher(CheckedVoucher):
 
     x402: X402Checked
     view: ChannelView
+    deposit_tx: str = ""  # the deposit this payment carried, submitted by the node ("" for a voucher)
 
 
 class X402Payments:
@@ -85,6 +87,7 @@ class X402Payments:
         self._chain_cache: dict[bytes, tuple[float, OnChain]] = {}
         self.ledger = payments.ledger
         self.router = terms.router.lower()
+        self.facilitator: Facilitator | None = None  # /x402/verify, /settle, /supported (set by the wiring)
 
     def check(self, header: str) -> X402Checked:
         payment = decode_payment(header)
@@ -106,19 +109,20 @@ class X402Payments:
         now = datetime.fromtimestamp(self.ledger.clock(), UTC)
         with self.ledger.lanes.transaction(lock_payer=self.router, node=self.ledger.node) as tx:
             seen = tx.hold_view(self.router, self.ledger.node, lane_id, to_hex(digest), now - self.ledger.ttl)
-            view = self._accept(checked, seen, max_fee, now)
+            view, deposit_tx = self._accept(checked, seen, max_fee, now)
             tx.put_hold(self.router, self.ledger.node, lane_id, max_fee, to_hex(digest), now, self.ledger.instance)
         self.book.record_voucher(checked.channel_id, payment.voucher.max_claimable, payment.voucher.signature)
         signature = sign_voucher(self.node_key, lane_voucher, self.payments.domain)
         v = lane_voucher
         signed = X402Voucher(v.payer, v.node, v.lane, v.cumulative, v.request_hash, v.deadline, signature, digest,
-                             checked, view)
+                             checked, view, deposit_tx)
         reservation = Reservation(self.router, self.ledger.node, lane_id, signed.digest_hex,
                                   lane_voucher.cumulative, max_fee, seen.lane.charged_total)
         return Hold(signed, reservation, pricing or self.payments.pricing)
 
-    def _accept(self, checked: X402Checked, seen: HoldView, max_fee: int, now: datetime) -> ChannelView:
-        """The channel's state once the voucher may hold it (a deposit submitted and seen on chain)."""
+    def _accept(self, checked: X402Checked, seen: HoldView, max_fee: int, now: datetime) -> tuple[ChannelView, str]:
+        """The channel's state once the voucher may hold it (a deposit submitted and seen on chain), and
+        the deposit's transaction ("" when none was sent: a voucher, or a deposit sent before)."""
         lane, payment = seen.lane, checked.payment
         view = self._view(checked, lane.charged_total)
         if seen.is_used:  # served already: its charge moved the total on (never a second generation)
@@ -132,12 +136,12 @@ class X402Payments:
                 raise
             raise self._corrective(checked, view, exc.message) from exc
         if payment.deposit is None:
-            return view
-        self.submit_deposit(payment)
+            return view, ""
+        sent = self.submit_deposit(payment)
         self._chain_cache.pop(checked.channel_id, None)
         view = self._view(checked, lane.charged_total)
         check_payment(replace(payment, deposit=None), self.terms, view, ceiling=max_fee)
-        return view
+        return view, _tx_hash(sent)
 
     def _corrective(self, checked: X402Checked, view: ChannelView, message: str) -> X402Refused:
         """The corrective 402: the channel's state with the last voucher its payer signed (read only here)."""
@@ -166,4 +170,15 @@ class X402Payments:
         assert isinstance(voucher, X402Voucher), "not an x402 hold"
         fee = charged_total - hold.reservation.charged_before
         state = replace(voucher.view, charged=charged_total).channel_state(voucher.x402.channel_id)
-        return payment_response(self.terms.network, voucher.x402.payment.config.payer, fee, state)
+        deposit = voucher.x402.payment.deposit
+        moved = str(deposit.amount) if deposit is not None and voucher.deposit_tx else ""
+        return payment_response(self.terms.network, voucher.x402.payment.config.payer, fee, state,
+                                transaction=voucher.deposit_tx, amount=moved)
+
+
+def _tx_hash(receipt: Any) -> str:
+    """A submitted transaction's hash as 0x-hex ("" for none)."""
+    if not receipt:
+        return ""
+    value = receipt["transactionHash"]
+    return value if isinstance(value, str) else "0x" + bytes(value).hex()
