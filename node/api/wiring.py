@@ -39,6 +39,7 @@ from node.payment.ledger import Ledger
 from node.payment.pricing import Pricing
 from node.payment.service import PaymentService
 from node.payment.x402.book import ChannelBook
+from node.payment.x402.facilitator import Facilitator, erc20_balance_of
 from node.payment.x402.service import X402Payments
 from node.payment.x402.terms import LaneTerms, Offer, X402Terms
 from node.protocol.eip712 import Domain
@@ -181,8 +182,9 @@ def _x402(settings: Settings, deployment: Deployment, key: str, payments: Paymen
     terms = X402Terms(deployment.chain_id, deployment.token, name, version, settings.x402_router, payments.node,
                       settings.x402_withdraw_delay_s)
     chain = X402Chain(client, settings.x402_router)
-    return Offer(lanes, terms), X402Payments(payments, ChannelBook(db, payments.node), terms, key, chain.channel,
-                                             chain.deposit)
+    x402 = X402Payments(payments, ChannelBook(db, payments.node), terms, key, chain.channel, chain.deposit)
+    x402.facilitator = Facilitator(terms, chain, erc20_balance_of(client))
+    return Offer(lanes, terms), x402
 
 
 def _closers(adapters: AdapterRegistrar) -> list[Callable[[], None]]:

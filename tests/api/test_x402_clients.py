@@ -1,0 +1,209 @@
+"""The stock x402 Python SDK against a live node, beyond a plain paid answer (docs/x402.md): a streamed
+answer's PAYMENT-RESPONSE in its last chunk, a client that lost its channel state recovering through the
+corrective 402, and the node as its own facilitator under the SDK's facilitator client."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import requests
+from requests.adapters import HTTPAdapter
+from x402 import x402ClientSync
+from x402.http import FacilitatorConfig, HTTPFacilitatorClientSync
+from x402.http.clients.requests import x402HTTPAdapter
+from x402.schemas import PaymentPayload, PaymentRequirements
+
+from node.client.payer import Payer as LanePayer
+from node.client.payer import verify_receipt
+from node.payment.x402.typed import CHANNELS_ADDRESS, voucher_digest
+from node.protocol.eip712 import sign_digest
+from tests.fixtures.paid_node import PaidNode
+from tests.fixtures.x402_node import chat, decode, payer_key, sdk_scheme
+from tests.payment.x402.sdk import Payer
+
+pytestmark = [pytest.mark.chain, pytest.mark.slow]
+MISMATCH = "invalid_batch_settlement_evm_cumulative_amount_mismatch"
+
+
+class _Wire(HTTPAdapter):
+    """Below the SDK's adapter: every request it puts on the wire, with the answer's status."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[bool, int, requests.Response]] = []
+
+    def send(self, request: Any, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        response = super().send(request, *args, **kwargs)
+        self.seen.append(("PAYMENT-SIGNATURE" in request.headers, response.status_code, response))
+        return response
+
+
+class _Recorded(x402HTTPAdapter, _Wire):
+    def __init__(self, client: x402ClientSync) -> None:
+        x402HTTPAdapter.__init__(self, client)
+        _Wire.__init__(self)
+
+
+def _recorded_session(node: PaidNode, offset: int) -> tuple[requests.Session, _Recorded]:
+    client = x402ClientSync().register(f"eip155:{node.local.deployment.chain_id}", sdk_scheme(node, offset))
+    client.set_spend_controls({"allowed_assets": True, "max_amount_per_payment": str(10**18)})
+    adapter = _Recorded(client)
+    session = requests.Session()
+    session.mount("http://", adapter)
+    return session, adapter
+
+
+def _required(node: PaidNode, body: dict[str, Any]) -> dict[str, Any]:
+    resp = requests.post(f"{node.base_url}/v1/chat/completions", json=body, timeout=30)
+    assert resp.status_code == 402, resp.text
+    return decode(resp.headers["PAYMENT-REQUIRED"])
+
+
+def _domain(node: PaidNode) -> Any:
+    return LanePayer(node.payer_keys[0], node.base_url).info
+
+
+def _stream(node: PaidNode, body: dict[str, Any], header: str) -> dict[str, Any]:
+    """The streamed answer's last chunk (usage, receipt, payment_response)."""
+    with requests.post(f"{node.base_url}/v1/chat/completions", json=body, headers={"PAYMENT-SIGNATURE": header},
+                       timeout=120, stream=True) as resp:
+        assert resp.status_code == 200, resp.text
+        assert "PAYMENT-RESPONSE" not in resp.headers, "a stream's headers leave before its charge"
+        events = [line for line in resp.iter_lines() if line.startswith(b"data: ")]
+    assert events[-1] == b"data: [DONE]"
+    return dict(json.loads(events[-2][6:]))
+
+
+def test_a_streamed_answer_carries_its_payment_response_in_its_last_chunk(x402_node: PaidNode) -> None:
+    """The SDK takes the last chunk's PAYMENT-RESPONSE as it takes the header: its next voucher is on the
+    node's running total at once (no corrective 402), and every answer has a receipt the node signed."""
+    info = _domain(x402_node)
+    payer = Payer(payer_key(x402_node.local, 4), x402_node.local.anvil.rpc_url, x402_node.local.deployment.chain_id)
+    body = chat(x402_node, "the sea", stream=True, max_tokens=6)
+    required = _required(x402_node, body)
+    header, payment = payer.pay(required)
+    assert payment.kind == "deposit"
+    last = _stream(x402_node, body, header)
+    receipt, settled = last["receipt"], decode(last["payment_response"])
+    assert verify_receipt(receipt, info.domain) == info.node
+    assert settled["success"] and settled["extra"]["chargedAmount"] == receipt["fee"]
+    assert settled["extra"]["channelState"]["chargedCumulativeAmount"] == receipt["chargedTotal"] == receipt["fee"]
+    assert int(receipt["fee"]) <= payment.accepted_amount, "never charged above the price"
+    assert settled["transaction"].startswith("0x") and settled["amount"] == str(payment.deposit.amount)  # type: ignore[union-attr]
+    amount = int(next(a for a in required["accepts"] if a["scheme"] == "batch-settlement")["amount"])
+    payer.answered(payment, settled, amount)
+
+    plain = chat(x402_node, "calm and blue")
+    header, payment = payer.pay(_required(x402_node, plain))
+    assert payment.kind == "voucher" and payment.voucher.max_claimable == int(receipt["chargedTotal"]) + \
+        payment.accepted_amount
+    resp = requests.post(f"{x402_node.base_url}/v1/chat/completions", json=plain,
+                         headers={"PAYMENT-SIGNATURE": header}, timeout=120)
+    assert resp.status_code == 200, resp.text  # paid at the first try
+    second = resp.json()["receipt"]
+    assert verify_receipt(second, info.domain) == info.node
+    assert int(second["chargedTotal"]) == int(receipt["fee"]) + int(second["fee"])
+    settled = decode(resp.headers["PAYMENT-RESPONSE"])
+    assert settled["transaction"] == "" and settled["amount"] == "", "a voucher moves no token"
+
+
+def test_a_stock_client_that_lost_its_channel_state_pays_again_through_the_corrective_402(x402_node: PaidNode
+                                                                                          ) -> None:
+    """The SDK's own `requests` adapter, start to end: one client pays twice (a deposit, then a voucher);
+    a new client of the same payer (its channel state lost) reads the channel from the chain, signs on a
+    stale total, gets the corrective 402, checks the node's copy of its last voucher and pays at the next
+    try; it is charged once, on the node's running total."""
+    info = _domain(x402_node)
+    url = f"{x402_node.base_url}/v1/chat/completions"
+    first, _ = _recorded_session(x402_node, 5)
+    total = 0
+    for prompt in ("the sea", "blue"):
+        resp = first.post(url, json=chat(x402_node, prompt), timeout=120)
+        assert resp.status_code == 200, resp.text
+        total += int(resp.json()["receipt"]["fee"])
+
+    fresh, wire = _recorded_session(x402_node, 5)  # the same payer key, no local state
+    resp = fresh.post(url, json=chat(x402_node, "calm"), timeout=120)
+    assert resp.status_code == 200, resp.text
+    assert [(paid, status) for paid, status, _ in wire.seen] == [(False, 402), (True, 402), (True, 200)]
+    corrective = decode(wire.seen[1][2].headers["PAYMENT-REQUIRED"])
+    offer = next(a for a in corrective["accepts"] if a["scheme"] == "batch-settlement")
+    assert corrective["error"] == MISMATCH and offer["extra"]["channelState"]["chargedCumulativeAmount"] == str(total)
+    receipt = resp.json()["receipt"]
+    assert verify_receipt(receipt, info.domain) == info.node
+    assert int(receipt["chargedTotal"]) == total + int(receipt["fee"]), "charged once, on the running total"
+    assert decode(resp.headers["PAYMENT-RESPONSE"])["extra"]["chargedAmount"] == receipt["fee"]
+
+    wire.seen.clear()  # resynchronised: the next request is paid at the first try
+    resp = fresh.post(url, json=chat(x402_node, "the sea is"), timeout=120)
+    assert resp.status_code == 200 and [s for _, s, _ in wire.seen] == [402, 200]
+
+
+def _facilitator_request(node: PaidNode, payer: Payer, body: dict[str, Any]
+                         ) -> tuple[PaymentPayload, PaymentRequirements, Any]:
+    required = _required(node, body)
+    header, payment = payer.pay(required)
+    payload = PaymentPayload.model_validate(decode(header))
+    requirements = PaymentRequirements.model_validate(payload.accepted.model_dump(by_alias=True))
+    return payload, requirements, payment
+
+
+def test_the_node_is_its_own_facilitator_under_the_sdks_facilitator_client(x402_node: PaidNode) -> None:
+    """`<node>/x402` as the facilitator URL of the SDK's HTTPFacilitatorClientSync: /supported names the
+    node as receiver authorizer, /verify checks a deposit and a voucher against the chain, /settle puts
+    the deposit on chain once (a second settle of it is refused), and what the node will not facilitate
+    (another receiver, a voucher above the deposit, a claim) is refused with the spec's codes."""
+    local = x402_node.local
+    facilitator = HTTPFacilitatorClientSync(FacilitatorConfig(url=f"{x402_node.base_url}/x402"))
+    supported = facilitator.get_supported()
+    kind = supported.kinds[0]
+    assert (kind.scheme, kind.network, kind.x402_version) == ("batch-settlement", f"eip155:{local.deployment.chain_id}",
+                                                              2)
+    node = _domain(x402_node).node
+    assert kind.extra == {"receiverAuthorizer": node} and supported.signers == {"eip155:*": [node]}
+
+    payer = Payer(payer_key(local, 6), local.anvil.rpc_url, local.deployment.chain_id)
+    payload, requirements, payment = _facilitator_request(x402_node, payer, chat(x402_node, "the sea"))
+    verified = facilitator.verify(payload, requirements)
+    assert verified.is_valid and verified.payer == payment.config.payer, verified
+    assert verified.extra and verified.extra["balance"] == "0", "nothing deposited yet"
+
+    settled = facilitator.settle(payload, requirements)
+    assert settled.success and settled.transaction.startswith("0x") and settled.amount == str(payment.deposit.amount)
+    state = settled.model_dump(by_alias=True)["extra"]["channelState"]
+    assert state["balance"] == str(payment.deposit.amount)
+    assert state["channelId"] == "0x" + payment.voucher.channel_id.hex()
+    channels = local.contracts(0).client.contract("X402Channels", CHANNELS_ADDRESS)
+    assert channels.functions.channels(payment.voucher.channel_id).call()[0] == payment.deposit.amount
+    again = facilitator.settle(payload, requirements)
+    assert not again.success and again.error_reason == "invalid_batch_settlement_evm_deposit_payload"
+
+    # the SDK, told of the deposit, signs a voucher on it: valid; one above the deposit is not
+    told = {"success": True, "transaction": settled.transaction, "network": kind.network, "amount": settled.amount,
+            "extra": {"chargedAmount": "0", "channelState": {**state, "chargedCumulativeAmount": "0"}}}
+    payer.answered(payment, told, payment.accepted_amount)
+    voucher, requirements, payment = _facilitator_request(x402_node, payer, chat(x402_node, "blue"))
+    assert payment.kind == "voucher"
+    assert facilitator.verify(voucher, requirements).is_valid
+    refused = facilitator.verify(_with_ceiling(voucher, payer_key(local, 6), 10**20), requirements)
+    assert not refused.is_valid and refused.invalid_reason == "invalid_batch_settlement_evm_cumulative_exceeds_balance"
+
+    elsewhere = requirements.model_copy(update={"pay_to": "0x" + "ee" * 20})
+    refused = facilitator.verify(voucher, elsewhere)
+    assert not refused.is_valid and refused.invalid_reason == "invalid_batch_settlement_evm_receiver_mismatch"
+    claim = voucher.model_copy(update={"payload": {"type": "claim", "claims": []}})
+    refused_claim = facilitator.settle(claim, requirements)
+    assert not refused_claim.success
+    assert refused_claim.error_reason == "invalid_batch_settlement_evm_unknown_settle_action"
+
+
+def _with_ceiling(payload: PaymentPayload, key: str, ceiling: int) -> PaymentPayload:
+    """The payload's voucher re-signed by its payer for another ceiling (a payer asking for more)."""
+    raw = dict(payload.payload)
+    channel = bytes.fromhex(raw["voucher"]["channelId"][2:])
+    chain_id = int(str(payload.accepted.network).split(":")[1])
+    signature = sign_digest(key, voucher_digest(channel, ceiling, chain_id))
+    raw["voucher"] = {**raw["voucher"], "maxClaimableAmount": str(ceiling), "signature": "0x" + signature.hex()}
+    return payload.model_copy(update={"payload": raw})
