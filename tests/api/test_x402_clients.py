@@ -25,6 +25,7 @@ from tests.payment.x402.sdk import Payer
 
 pytestmark = [pytest.mark.chain, pytest.mark.slow]
 MISMATCH = "invalid_batch_settlement_evm_cumulative_amount_mismatch"
+FORGED = "invalid_batch_settlement_evm_receive_authorization_signature"
 
 
 class _Wire(HTTPAdapter):
@@ -170,6 +171,11 @@ def test_the_node_is_its_own_facilitator_under_the_sdks_facilitator_client(x402_
     assert verified.is_valid and verified.payer == payment.config.payer, verified
     assert verified.extra and verified.extra["balance"] == "0", "nothing deposited yet"
 
+    forged = _forged_deposit(payload)  # someone else's signature on the payer's deposit: no transaction
+    assert facilitator.verify(forged, requirements).invalid_reason == FORGED
+    refused = facilitator.settle(forged, requirements)
+    assert not refused.success and refused.error_reason == FORGED
+
     settled = facilitator.settle(payload, requirements)
     assert settled.success and settled.transaction.startswith("0x") and settled.amount == str(payment.deposit.amount)
     state = settled.model_dump(by_alias=True)["extra"]["channelState"]
@@ -206,4 +212,12 @@ def _with_ceiling(payload: PaymentPayload, key: str, ceiling: int) -> PaymentPay
     chain_id = int(str(payload.accepted.network).split(":")[1])
     signature = sign_digest(key, voucher_digest(channel, ceiling, chain_id))
     raw["voucher"] = {**raw["voucher"], "maxClaimableAmount": str(ceiling), "signature": "0x" + signature.hex()}
+    return payload.model_copy(update={"payload": raw})
+
+
+def _forged_deposit(payload: PaymentPayload) -> PaymentPayload:
+    """The payload's deposit with its ERC-3009 authorization signed by someone else than the payer."""
+    raw = json.loads(json.dumps(payload.payload))
+    auth = raw["deposit"]["authorization"]["erc3009Authorization"]
+    auth["signature"] = "0x" + sign_digest("0x" + "77" * 32, b"\x11" * 32).hex()
     return payload.model_copy(update={"payload": raw})

@@ -11,9 +11,9 @@ from typing import Any, ClassVar
 
 from node.errors import BadSignature, PaymentError
 from node.payment.x402.terms import CUMULATIVE_MISMATCH, X402Terms
-from node.payment.x402.typed import ZERO_ADDRESS, channel_id, voucher_digest
+from node.payment.x402.typed import ZERO_ADDRESS, channel_id, deposit_nonce, receive_digest, voucher_digest
 from node.payment.x402.wire import Payment
-from node.protocol.eip712 import recover
+from node.protocol.eip712 import Domain, recover
 
 PREFIX = "invalid_batch_settlement_evm_"
 
@@ -99,6 +99,25 @@ def check_signature(payment: Payment, terms: X402Terms, channel: bytes) -> bytes
         raise X402Refused("the voucher is not signed by the channel's payer authorizer", PREFIX + "voucher_signature",
                           signer=signer)
     return digest
+
+
+def check_deposit_signature(payment: Payment, terms: X402Terms) -> None:
+    """A deposit's ERC-3009 authorization recovers to its payer, before the node spends gas on it (the
+    contract checks it again; a smart-wallet payer's ERC-1271 authorization is not served)."""
+    deposit = payment.deposit
+    assert deposit is not None, "not a deposit"
+    domain = Domain(terms.chain_id, terms.token, name=terms.token_name, version=terms.token_version)
+    nonce = deposit_nonce(payment.voucher.channel_id, deposit.salt)
+    digest = receive_digest(domain, payment.config.payer, deposit.amount, deposit.valid_after, deposit.valid_before,
+                            nonce)
+    try:
+        signer = recover(digest, deposit.signature)
+    except BadSignature as exc:
+        raise X402Refused("the deposit authorization does not recover", PREFIX + "receive_authorization_signature"
+                          ) from exc
+    if signer != payment.config.payer:
+        raise X402Refused("the deposit authorization is not signed by the payer", PREFIX + "receive_authorization_"
+                          "signature", signer=signer)
 
 
 def check_payment(payment: Payment, terms: X402Terms, view: ChannelView, ceiling: int) -> CheckedPayment:

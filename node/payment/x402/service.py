@@ -31,6 +31,7 @@ from node.payment.x402.channel_check import (
     PREFIX,
     ChannelView,
     X402Refused,
+    check_deposit_signature,
     check_payment,
     check_signature,
     check_terms,
@@ -137,6 +138,7 @@ class X402Payments:
             raise self._corrective(checked, view, exc.message) from exc
         if payment.deposit is None:
             return view, ""
+        check_deposit_signature(payment, self.terms)
         sent = self.submit_deposit(payment)
         self._chain_cache.pop(checked.channel_id, None)
         view = self._view(checked, lane.charged_total)
