@@ -5,6 +5,7 @@ corrective 402, and the node as its own facilitator under the SDK's facilitator 
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -26,6 +27,7 @@ from tests.payment.x402.sdk import Payer
 pytestmark = [pytest.mark.chain, pytest.mark.slow]
 MISMATCH = "invalid_batch_settlement_evm_cumulative_amount_mismatch"
 FORGED = "invalid_batch_settlement_evm_receive_authorization_signature"
+BUSY = "invalid_batch_settlement_evm_channel_busy"
 
 
 class _Wire(HTTPAdapter):
@@ -221,3 +223,38 @@ def _forged_deposit(payload: PaymentPayload) -> PaymentPayload:
     auth = raw["deposit"]["authorization"]["erc3009Authorization"]
     auth["signature"] = "0x" + sign_digest("0x" + "77" * 32, b"\x11" * 32).hex()
     return payload.model_copy(update={"payload": raw})
+
+
+def test_an_x402_stream_the_client_hangs_up_on_is_charged_for_what_was_generated(x402_node: PaidNode) -> None:
+    """The lanes' rule for a dropped stream, on a channel: charged for what was generated before the
+    hang-up, never above the request's price; the client learns the new total from the corrective 402
+    (it never saw the last chunk) and pays on it."""
+    local = x402_node.local
+    payer = Payer(payer_key(local, 8), local.anvil.rpc_url, local.deployment.chain_id)
+    body = chat(x402_node, "the sea", stream=True, max_tokens=400, stop=["@@never@@"])
+    header, payment = payer.pay(_required(x402_node, body))
+    with requests.post(f"{x402_node.base_url}/v1/chat/completions", json=body, headers={"PAYMENT-SIGNATURE": header},
+                       timeout=60, stream=True) as resp:
+        assert resp.status_code == 200, resp.text
+        next(line for line in resp.iter_lines() if b'"content":"' in line and b'"content":""' not in line)
+    plain = chat(x402_node, "blue")
+    deadline, corrective = time.monotonic() + 10, None
+    while corrective is None or corrective["error"] == BUSY:  # the hold is released once the node notices
+        assert time.monotonic() < deadline, corrective
+        time.sleep(0.2)
+        stale, _ = payer.pay(_required(x402_node, plain))
+        resp = requests.post(f"{x402_node.base_url}/v1/chat/completions", json=plain,
+                             headers={"PAYMENT-SIGNATURE": stale}, timeout=60)
+        assert resp.status_code == 402, resp.text
+        corrective = decode(resp.headers["PAYMENT-REQUIRED"])
+    assert corrective["error"] == MISMATCH
+    offer = next(a for a in corrective["accepts"] if a["scheme"] == "batch-settlement")
+    dropped = int(offer["extra"]["channelState"]["chargedCumulativeAmount"])
+    assert 0 < dropped <= payment.accepted_amount, "charged for the tokens sent, never above the price"
+    assert payer.recover(corrective)
+    header, _ = payer.pay(_required(x402_node, plain))
+    resp = requests.post(f"{x402_node.base_url}/v1/chat/completions", json=plain,
+                         headers={"PAYMENT-SIGNATURE": header}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    receipt = resp.json()["receipt"]
+    assert int(receipt["chargedTotal"]) == dropped + int(receipt["fee"])
