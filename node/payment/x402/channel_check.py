@@ -125,6 +125,12 @@ def check_payment(payment: Payment, terms: X402Terms, view: ChannelView, ceiling
     `ceiling`. A deposit counts its own amount as balance (it is submitted before the hold)."""
     channel = check_terms(payment, terms)
     digest = check_signature(payment, terms, channel)
+    return CheckedPayment(payment, channel, digest, check_amounts(payment, view, ceiling, channel))
+
+
+def check_amounts(payment: Payment, view: ChannelView, ceiling: int, channel: bytes) -> int:
+    """The checks against the channel's state, of a payment whose terms and signature passed (the
+    stateless half, done once per request): the accepted amount this request may be charged at most."""
     amount, ceiling_signed = payment.accepted_amount, payment.voucher.max_claimable
     if amount < ceiling:
         raise X402Refused("the accepted amount is below this request's price ceiling", PREFIX + "amount_below_price",
@@ -140,4 +146,4 @@ def check_payment(payment: Payment, terms: X402Terms, view: ChannelView, ceiling
                           spendable=str(spendable), max_claimable=str(ceiling_signed))
     if ceiling_signed <= view.total_claimed:
         raise X402Refused("the voucher is below what was claimed on chain", PREFIX + "cumulative_below_claimed")
-    return CheckedPayment(payment, channel, digest, amount)
+    return amount

@@ -31,8 +31,8 @@ from node.payment.x402.channel_check import (
     PREFIX,
     ChannelView,
     X402Refused,
+    check_amounts,
     check_deposit_signature,
-    check_payment,
     check_signature,
     check_terms,
 )
@@ -112,7 +112,7 @@ class X402Payments:
             seen = tx.hold_view(self.router, self.ledger.node, lane_id, to_hex(digest), now - self.ledger.ttl)
             view, deposit_tx = self._accept(checked, seen, max_fee, now)
             tx.put_hold(self.router, self.ledger.node, lane_id, max_fee, to_hex(digest), now, self.ledger.instance)
-        self.book.record_voucher(checked.channel_id, payment.voucher.max_claimable, payment.voucher.signature)
+            self.book.record_voucher(checked.channel_id, payment.voucher.max_claimable, payment.voucher.signature, tx)
         signature = sign_voucher(self.node_key, lane_voucher, self.payments.domain)
         v = lane_voucher
         signed = X402Voucher(v.payer, v.node, v.lane, v.cumulative, v.request_hash, v.deadline, signature, digest,
@@ -131,7 +131,7 @@ class X402Payments:
         if lane.reserved_voucher_hash and lane.reserved_at and now - lane.reserved_at < self.ledger.ttl:
             raise X402Refused("another request holds this channel: retry shortly", PREFIX + "channel_busy")
         try:
-            check_payment(payment, self.terms, view, ceiling=max_fee)
+            check_amounts(payment, view, max_fee, checked.channel_id)  # terms and signature: in `check`
         except X402Refused as exc:
             if exc.reason != CUMULATIVE_MISMATCH:
                 raise
@@ -142,7 +142,7 @@ class X402Payments:
         sent = self.submit_deposit(payment)
         self._chain_cache.pop(checked.channel_id, None)
         view = self._view(checked, lane.charged_total)
-        check_payment(replace(payment, deposit=None), self.terms, view, ceiling=max_fee)
+        check_amounts(replace(payment, deposit=None), view, max_fee, checked.channel_id)
         return view, _tx_hash(sent)
 
     def _corrective(self, checked: X402Checked, view: ChannelView, message: str) -> X402Refused:

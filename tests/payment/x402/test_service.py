@@ -83,6 +83,8 @@ def test_sdk_pays_through_the_service_and_the_stored_lane_is_collectible(db_url:
     assert replay.value.reason == CUMULATIVE_MISMATCH, "a voucher buys one generation"
     assert replay.value.channel_state is not None and replay.value.channel_state["chargedCumulativeAmount"] == "1800"
 
+    entry = x402.book.entry(second.voucher.channel_id, second.config)  # written in the hold's transaction
+    assert (entry.signed_max, entry.signature) == (second.voucher.max_claimable, second.voucher.signature)
     with factory() as session:
         stored = session.get(VoucherRow, _last_hash(body))
         lane = SignedVoucher.from_row(stored) if stored is not None else None
