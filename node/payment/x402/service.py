@@ -39,8 +39,9 @@ from node.payment.x402.channel_check import (
 from node.payment.x402.facilitator import Facilitator
 from node.payment.x402.terms import CUMULATIVE_MISMATCH, X402Terms
 from node.payment.x402.wire import Payment, decode_payment, payment_response
+from node.protocol.eip712 import sign_digest
 from node.protocol.hexstr import to_hex
-from node.protocol.voucher import Voucher, sign_voucher, voucher_digest
+from node.protocol.voucher import Voucher, voucher_digest
 
 NEVER = 2**63 - 1  # the router lane voucher's deadline (the node's own, valid until collected; fits BIGINT)
 
@@ -113,7 +114,7 @@ class X402Payments:
             view, deposit_tx = self._accept(checked, seen, max_fee, now)
             tx.put_hold(self.router, self.ledger.node, lane_id, max_fee, to_hex(digest), now, self.ledger.instance)
             self.book.record_voucher(checked.channel_id, payment.voucher.max_claimable, payment.voucher.signature, tx)
-        signature = sign_voucher(self.node_key, lane_voucher, self.payments.domain)
+        signature = sign_digest(self.node_key, digest)  # the digest above: hashed once
         v = lane_voucher
         signed = X402Voucher(v.payer, v.node, v.lane, v.cumulative, v.request_hash, v.deadline, signature, digest,
                              checked, view, deposit_tx)
