@@ -7,7 +7,7 @@ three `eth_call`s at most every 2 s, until the indexer mirrors channels). The cl
 not timed. Each round interleaves the two paths request by request; each path keeps its best p50 over
 the rounds (the machine is shared).
 
-    python bench/payment_x402.py [--k 200] [--rounds 3] [--database-url postgresql+psycopg://...]
+    python bench/payment_x402.py [--k 200] [--rounds 3] [--channels 0] [--database-url postgresql+psycopg://...]
 Prints a table and writes bench/results/payment_x402.json.
 """
 
@@ -20,12 +20,14 @@ import statistics
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eth_account import Account
+from sqlalchemy import insert
 
 from node.chain.anvil import Anvil
 from node.chain.contract_client import ContractClient
@@ -33,6 +35,7 @@ from node.chain.deploy import deploy_all
 from node.chain.events import ChainEvent
 from node.chain.mirror import Mirror
 from node.chain.x402_channels import X402Chain, deploy_router, ensure_channel_contracts, token_domain
+from node.db.models import Lane
 from node.db.session import make_engine, session_factory, upgrade
 from node.payment.ledger import Ledger
 from node.payment.pricing import Pricing
@@ -74,6 +77,15 @@ def _setup(anvil: Anvil, db_url: str) -> tuple[PaymentService, X402Payments, X40
     chain = X402Chain(ContractClient(anvil.rpc_url, node_key), router)
     x402 = X402Payments(payments, ChannelBook(factory, node), terms, node_key, chain.channel, chain.deposit)
     return payments, x402, terms, payer_key
+
+
+def _other_channels(x402: X402Payments, count: int) -> None:
+    """`count` channels charged before, as lanes of the router (what a node with many payers holds)."""
+    if count:
+        rows = [{"payer": x402.router, "node": x402.payments.node.lower(), "lane": 10_000 + i, "charged_total": 1_000,
+                 "last_cumulative": 1_000, "reserved": 0, "updated_at": datetime.now(UTC)} for i in range(count)]
+        with x402.ledger.factory.begin() as s:
+            s.execute(insert(Lane), rows)
 
 
 def _receipt(digest: bytes, node: str) -> Any:
@@ -128,17 +140,20 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--database-url", default=None)
+    ap.add_argument("--channels", type=int, default=0, help="other x402 channels the node already serves")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp, Anvil() as anvil:
         db_url = args.database_url or f"sqlite:///{Path(tmp) / 'bench.db'}"
         payments, x402, terms, payer_key = _setup(anvil, db_url)
+        _other_channels(x402, args.channels)
         sdk = Payer(payer_key, anvil.rpc_url, terms.chain_id)
         charged: list[int] = [0]
         _round(payments, x402, terms, sdk, anvil.keys[6], 20, charged)  # the deposit and warm-up: not kept
         rounds = [_round(payments, x402, terms, sdk, anvil.keys[6], args.k, charged) for _ in range(args.rounds)]
     lane_p50, x402_p50 = [r[0] for r in rounds], [r[1] for r in rounds]
     lane, chan = min(lane_p50), min(x402_p50)
-    result = {"k": args.k, "rounds": args.rounds, "database": db_url.split(":")[0], "load": os.getloadavg()[0],
+    result = {"k": args.k, "rounds": args.rounds, "other_channels": args.channels, "database": db_url.split(":")[0],
+              "load": os.getloadavg()[0],
               "lane_check_hold_charge_p50_ms": lane, "x402_check_hold_charge_p50_ms": chan,
               "x402_over_lane": chan / lane, "per_round_ratios": [round(x / y, 3) for y, x in rounds],
               "target_ratio": 1.2}

@@ -109,8 +109,10 @@ class X402Payments:
                                checked.digest, NEVER)
         digest = voucher_digest(lane_voucher, self.payments.domain)
         now = datetime.fromtimestamp(self.ledger.clock(), UTC)
-        with self.ledger.lanes.transaction(lock_payer=self.router, node=self.ledger.node) as tx:
-            seen = tx.hold_view(self.router, self.ledger.node, lane_id, to_hex(digest), now - self.ledger.ttl)
+        # one channel's lock and lane: channels are separate accounts, so the router's other lanes (one
+        # per payer channel) are neither read nor waited for
+        with self.ledger.lanes.transaction(lock_payer=self.router, node=self.ledger.node, lock_lane=lane_id) as tx:
+            seen = tx.lane_view(self.router, self.ledger.node, lane_id, to_hex(digest))
             view, deposit_tx = self._accept(checked, seen, max_fee, now)
             tx.put_hold(self.router, self.ledger.node, lane_id, max_fee, to_hex(digest), now, self.ledger.instance)
             self.book.record_voucher(checked.channel_id, payment.voucher.max_claimable, payment.voucher.signature, tx)
