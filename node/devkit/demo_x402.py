@@ -63,7 +63,7 @@ def run_agent(node: LocalNode, info: NodeInfo, models: list[str], prompts: tuple
     session, run = _session(node), AgentRun()
     for i in range(count):
         stream = i % 3 == 2
-        body = {"model": models[i % len(models)], "max_tokens": 12, "stream": stream,
+        body: dict[str, Any] = {"model": models[i % len(models)], "max_tokens": 12, "stream": stream,
                 "messages": [{"role": "user", "content": prompts[i % len(prompts)]}]}
         with session.post(f"{node.base_url}/v1/chat/completions", json=body, timeout=120, stream=stream) as resp:
             resp.raise_for_status()

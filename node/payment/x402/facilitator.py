@@ -118,7 +118,8 @@ class Facilitator:
 
     def _check_requirements(self, req: dict[str, Any]) -> None:
         """The requirements are this node's: it authorizes claims for its own router only."""
-        extra = req.get("extra") if isinstance(req.get("extra"), dict) else {}
+        raw_extra = req.get("extra")
+        extra: dict[str, Any] = raw_extra if isinstance(raw_extra, dict) else {}
         if req.get("scheme") != SCHEME:
             raise X402Refused("only batch-settlement is facilitated", PREFIX + "scheme")
         if req.get("network") != self.terms.network:

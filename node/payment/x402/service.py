@@ -49,11 +49,16 @@ NEVER = 2**63 - 1  # the router lane voucher's deadline (the node's own, valid u
 class OnChain(Protocol):
     """The channel's contract state (node.chain.x402_channels.OnChainChannel)."""
 
-    balance: int
-    total_claimed: int
-    pending_withdrawal: int
-    withdraw_requested_at: int
-    refund_nonce: int
+    @property
+    def balance(self) -> int: ...
+    @property
+    def total_claimed(self) -> int: ...
+    @property
+    def pending_withdrawal(self) -> int: ...
+    @property
+    def withdraw_requested_at(self) -> int: ...
+    @property
+    def refund_nonce(self) -> int: ...
 
 
 ReadChannel = Callable[[bytes], OnChain]
