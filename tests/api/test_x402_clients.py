@@ -258,3 +258,21 @@ def test_an_x402_stream_the_client_hangs_up_on_is_charged_for_what_was_generated
     assert resp.status_code == 200, resp.text
     receipt = resp.json()["receipt"]
     assert int(receipt["chargedTotal"]) == dropped + int(receipt["fee"])
+
+
+def test_the_facilitator_refuses_malformed_requests_plainly(x402_node: PaidNode) -> None:
+    """Every malformed body is a 400 with the OpenAI error body (never a 5xx, never a transaction)."""
+    url = f"{x402_node.base_url}/x402"
+    good = {"x402Version": 2, "scheme": "batch-settlement"}
+    bodies: list[Any] = [b"{not json", b"[1, 2]", b"x" * 70_000, {"x402Version": 2},
+                         {"x402Version": 2, "paymentPayload": {"payload": 1}, "paymentRequirements": {}},
+                         {"x402Version": 2, "paymentPayload": {**good, "payload": {}}, "paymentRequirements": {}},
+                         {"x402Version": 2, "paymentRequirements": {},
+                          "paymentPayload": {"x402Version": 2, "accepted": {"scheme": "batch-settlement"},
+                                             "payload": {"type": "deposit", "channelConfig": {"salt": "0xzz"}}}}]
+    for body in bodies:
+        for path in ("verify", "settle"):
+            sent = {"data": body} if isinstance(body, bytes) else {"json": body}
+            resp = requests.post(f"{url}/{path}", timeout=30, headers={"Content-Type": "application/json"}, **sent)
+            assert resp.status_code == 400, (path, body, resp.text)
+            assert resp.json()["error"]["message"], resp.text

@@ -17,6 +17,10 @@ from node.payment.x402.facilitator import Facilitator
 
 router = APIRouter(prefix="/x402", tags=["x402"])
 MAX_BODY_BYTES = 64 * 1024
+_REQUEST = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["x402Version", "paymentPayload", "paymentRequirements"],
+    "properties": {"x402Version": {"type": "integer", "enum": [2]}, "paymentPayload": {"type": "object"},
+                   "paymentRequirements": {"type": "object"}}}}}}}
 
 
 class X402Off(NodeError):
@@ -46,14 +50,14 @@ def supported(generation: GenerationDep) -> dict[str, Any]:
     return _facilitator(generation).supported()
 
 
-@router.post("/verify", responses=error_responses(400, 404))
+@router.post("/verify", responses=error_responses(400, 404), openapi_extra=_REQUEST)
 async def verify(request: Request, generation: GenerationDep) -> dict[str, Any]:
     """`isValid` with the channel's on-chain snapshot in `extra`, or `invalidReason` (the spec's code)."""
     facilitator = _facilitator(generation)
     return await asyncio.to_thread(facilitator.verify, await _body(request))
 
 
-@router.post("/settle", responses=error_responses(400, 404))
+@router.post("/settle", responses=error_responses(400, 404), openapi_extra=_REQUEST)
 async def settle(request: Request, generation: GenerationDep) -> dict[str, Any]:
     """A deposit submitted on chain (the node pays the gas): its transaction and the channel's new state."""
     facilitator = _facilitator(generation)

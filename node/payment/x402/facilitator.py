@@ -70,6 +70,8 @@ class Facilitator:
         """A deposit goes on chain once verified; any other action is refused with the spec's code."""
         kind = _payload(body).get("type")
         network = self.terms.network
+        if kind not in ("deposit", "voucher", "refund", "claim", "settle"):
+            raise BadRequest("unknown batch-settlement payload type", type=repr(kind)[:40])
         if kind != "deposit":
             why = ("the node claims and sweeps its own channels in its epochs" if kind in ("claim", "settle")
                    else "a voucher is charged by the node that serves the request" if kind == "voucher"
