@@ -180,7 +180,7 @@ def _x402(settings: Settings, deployment: Deployment, key: str, payments: Paymen
     client = ContractClient(settings.rpc_url, key)
     name, version = token_domain(client, deployment.token)
     terms = X402Terms(deployment.chain_id, deployment.token, name, version, settings.x402_router, payments.node,
-                      settings.x402_withdraw_delay_s)
+                      settings.x402_withdraw_delay_s, min_deposit=settings.x402_min_deposit)
     chain = X402Chain(client, settings.x402_router)
     x402 = X402Payments(payments, ChannelBook(db, payments.node), terms, key, chain.channel, chain.deposit)
     x402.facilitator = Facilitator(terms, chain, erc20_balance_of(client))

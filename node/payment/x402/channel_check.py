@@ -120,6 +120,16 @@ def check_deposit_signature(payment: Payment, terms: X402Terms) -> None:
                           "signature", signer=signer)
 
 
+def check_min_deposit(payment: Payment, terms: X402Terms) -> None:
+    """A deposit is at least the node's announced minimum: each one costs the node a transaction's gas."""
+    deposit = payment.deposit
+    assert deposit is not None, "not a deposit"
+    if deposit.amount < terms.min_deposit:
+        raise X402Refused("the deposit is below the node's minimum (extra.minDeposit)",
+                          PREFIX + "deposit_below_min_deposit", amount=str(deposit.amount),
+                          min_deposit=str(terms.min_deposit))
+
+
 def check_payment(payment: Payment, terms: X402Terms, view: ChannelView, ceiling: int) -> CheckedPayment:
     """Everything before the hold, for a `voucher` or `deposit` payment of a request costing at most
     `ceiling`. A deposit counts its own amount as balance (it is submitted before the hold)."""

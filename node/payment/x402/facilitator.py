@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from node.errors import BadRequest, ChainError
-from node.payment.x402.channel_check import PREFIX, X402Refused, check_deposit_signature, check_signature, check_terms
+from node.payment.x402.channel_check import (
+    PREFIX,
+    X402Refused,
+    check_deposit_signature,
+    check_min_deposit,
+    check_signature,
+    check_terms,
+)
 from node.payment.x402.terms import X402Terms
 from node.payment.x402.typed import SCHEME
 from node.payment.x402.wire import Payment, parse_payment
@@ -145,6 +152,7 @@ class Facilitator:
         if deposit.valid_after > now:
             raise X402Refused("the deposit authorization is not valid yet",
                               PREFIX + "payload_authorization_valid_after")
+        check_min_deposit(payment, self.terms)
         check_deposit_signature(payment, self.terms)
         if self.balance_of(payment.config.token, payment.config.payer) < deposit.amount:
             raise X402Refused("the payer does not hold the deposit", PREFIX + "insufficient_balance")

@@ -33,6 +33,7 @@ from node.payment.x402.channel_check import (
     X402Refused,
     check_amounts,
     check_deposit_signature,
+    check_min_deposit,
     check_signature,
     check_terms,
 )
@@ -146,6 +147,7 @@ class X402Payments:
             raise self._corrective(checked, view, exc.message) from exc
         if payment.deposit is None:
             return view, ""
+        check_min_deposit(payment, self.terms)
         check_deposit_signature(payment, self.terms)
         sent = self.submit_deposit(payment)
         self._chain_cache.pop(checked.channel_id, None)

@@ -14,7 +14,13 @@ from x402.mechanisms.evm.batch_settlement.utils import compute_channel_id
 from x402.schemas import PaymentRequired
 
 from node.errors import BadRequest
-from node.payment.x402.channel_check import ChannelView, X402Refused, check_deposit_signature, check_payment
+from node.payment.x402.channel_check import (
+    ChannelView,
+    X402Refused,
+    check_deposit_signature,
+    check_min_deposit,
+    check_payment,
+)
 from node.payment.x402.terms import CUMULATIVE_MISMATCH
 from node.payment.x402.typed import channel_id, deposit_nonce, receive_digest
 from node.payment.x402.wire import decode_payment
@@ -151,3 +157,21 @@ def test_a_deposit_authorization_not_signed_by_its_payer_is_refused_before_any_g
         with pytest.raises(X402Refused) as err:
             check_deposit_signature(replace(payment, deposit=bad), terms)
         assert err.value.reason == "invalid_batch_settlement_evm_receive_authorization_signature"
+
+
+def test_a_deposit_below_the_announced_minimum_is_refused_before_any_gas() -> None:
+    """Each deposit costs the node a transaction's gas: a node announcing `extra.minDeposit` refuses dust
+    deposits (a payer topping up 1 wei at a time would have it pay gas for nothing). The SDK reads the
+    announcement and deposits at least that much."""
+    terms = node_terms(min_deposit=50_000)
+    required = required_for(terms, 300)
+    offer = next(a for a in required["accepts"] if a["scheme"] == "batch-settlement")
+    assert offer["extra"]["minDeposit"] == "50000"
+    payment = decode_payment(SdkPayer().pay(required))
+    assert payment.deposit is not None and payment.deposit.amount >= 50_000
+    check_min_deposit(payment, terms)
+    dust = replace(payment, deposit=replace(payment.deposit, amount=49_999))
+    with pytest.raises(X402Refused) as err:
+        check_min_deposit(dust, terms)
+    assert err.value.reason == "invalid_batch_settlement_evm_deposit_below_min_deposit"
+    assert "minDeposit" not in node_terms().requirements(300)["extra"], "no minimum: none announced"
