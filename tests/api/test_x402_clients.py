@@ -10,12 +10,14 @@ from typing import Any
 
 import pytest
 import requests
+from eth_account import Account
 from requests.adapters import HTTPAdapter
 from x402 import x402ClientSync
 from x402.http import FacilitatorConfig, HTTPFacilitatorClientSync
 from x402.http.clients.requests import x402HTTPAdapter
 from x402.schemas import PaymentPayload, PaymentRequirements
 
+from node.chain.receipt_read import HEADER, sign_read
 from node.client.payer import Payer as LanePayer
 from node.client.payer import verify_receipt
 from node.payment.x402.typed import CHANNELS_ADDRESS, voucher_digest
@@ -276,3 +278,27 @@ def test_the_facilitator_refuses_malformed_requests_plainly(x402_node: PaidNode)
             resp = requests.post(f"{url}/{path}", timeout=30, headers={"Content-Type": "application/json"}, **sent)
             assert resp.status_code == 400, (path, body, resp.text)
             assert resp.json()["error"]["message"], resp.text
+
+
+def test_an_x402_payer_reads_the_text_of_its_own_receipts_and_no_one_else_does(x402_node: PaidNode) -> None:
+    """An x402 receipt's voucher names the router as payer; the channel's payer signs the read
+    (`X-Receipt-Read`), as a lane payer does, and anyone else is refused."""
+    info = _domain(x402_node)
+    key = payer_key(x402_node.local, 9)
+    session = requests.Session()
+    client = x402ClientSync().register(f"eip155:{x402_node.local.deployment.chain_id}", sdk_scheme(x402_node, 9))
+    client.set_spend_controls({"allowed_assets": True, "max_amount_per_payment": str(10**18)})
+    session.mount("http://", x402HTTPAdapter(client))
+    resp = session.post(f"{x402_node.base_url}/v1/chat/completions", json=chat(x402_node, "the sea"), timeout=120)
+    assert resp.status_code == 200, resp.text
+    receipt_id, text = resp.json()["receipt"]["id"], resp.json()["choices"][0]["message"]["content"]
+    url = f"{x402_node.base_url}/v1/receipts/{receipt_id}"
+    payer = Account.from_key(key).address
+    mine = requests.get(url, headers={HEADER: sign_read(key, payer, receipt_id, info.domain)}, timeout=30)
+    assert mine.status_code == 200, mine.text
+    assert mine.json()["output"] == text and mine.json()["payer"].lower() == payer.lower()
+    other = payer_key(x402_node.local, 8)
+    theirs = requests.get(url, headers={HEADER: sign_read(other, Account.from_key(other).address, receipt_id,
+                                                          info.domain)}, timeout=30)
+    assert theirs.status_code == 403, theirs.text
+    assert "output" not in requests.get(url, timeout=30).json()

@@ -45,9 +45,13 @@ async def _body(request: Request) -> Any:
         raise BadRequest("the body must be JSON: {x402Version, paymentPayload, paymentRequirements}") from exc
 
 
-@router.get("/supported", responses=error_responses(404))
+@router.get("/supported")
 def supported(generation: GenerationDep) -> dict[str, Any]:
-    return _facilitator(generation).supported()
+    """The kinds this facilitator settles: none on a node that takes no x402 payments."""
+    x402 = generation.x402
+    if x402 is None or x402.facilitator is None:
+        return {"kinds": [], "extensions": [], "signers": {}}
+    return x402.facilitator.supported()
 
 
 @router.post("/verify", responses=error_responses(400, 404), openapi_extra=_REQUEST)

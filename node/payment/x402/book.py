@@ -53,6 +53,13 @@ class ChannelBook:
                 row = session.scalars(select(X402Channel).where(X402Channel.channel_id == key)).one()
             return ChannelEntry(row.lane, row.signed_max, from_hex(row.signature) if row.signature else None)
 
+    def payer_of(self, lane: int) -> str | None:
+        """The payer of the channel that is the router's `lane` (None: no such channel): who may read the
+        text of that lane's receipts."""
+        with self.factory() as session:
+            return session.scalars(select(X402Channel.payer).where(X402Channel.lane == lane,
+                                                                    X402Channel.node == self.node)).first()
+
     def record_voucher(self, channel_id: bytes, max_claimable: int, signature: bytes, tx: Any = None) -> None:
         """Keep the voucher if its ceiling is the highest seen (a checked voucher only). With `tx`, the
         hold's lane transaction (under the router's payer lock): written and committed with the hold."""
