@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     # x402 batch-settlement (docs/x402.md): the node's X402Router (payTo); None serves lanes only
     x402_router: str | None = None
     x402_withdraw_delay_s: int = Field(default=86_400, ge=900, le=2_592_000)
+    # the smallest deposit the node submits (announced as extra.minDeposit; 0: none): each costs it gas
+    x402_min_deposit: int = Field(default=0, ge=0)
 
     # engine
     model_path: Path | None = None

@@ -27,6 +27,7 @@ pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.paid_node",
     "tests.fixtures.settlement",
+    "tests.fixtures.x402_node",
 ]
 
 _SERVICES = {"postgres": "PostgreSQL", "redis": "Redis"}

@@ -17,7 +17,9 @@ def test_the_demo_loop_reconciles_to_the_wei(tmp_path: Path) -> None:
     out = result.output
     assert result.exit_code == 0, out
     assert "24 paid requests through the OpenAI client on 2 lanes" in out
-    assert "epoch 1 settled on chain: 24 receipts" in out
+    assert "the agent paid 6 requests with the stock x402 SDK (2 streamed)" in out
+    assert "deposited through the node; every receipt verified" in out
+    assert "epoch 1 settled on chain: 30 receipts" in out  # both payers' receipts in one epoch
     assert "7 payees claimed" in out
     assert "reconciled to the wei" in out and "MISMATCH" not in out
     assert '"receiptsRoot"' in out  # one receipt with its proof

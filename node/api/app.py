@@ -14,7 +14,7 @@ from sqlalchemy.exc import OperationalError
 from node import __version__
 from node.api.deps import NodeServices
 from node.api.error_handlers import install_error_handlers
-from node.api.routes import epochs, inference, info, models, ops, x402_refund
+from node.api.routes import epochs, inference, info, models, ops, x402, x402_refund
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ def create_app(svc: NodeServices) -> FastAPI:
                   description="Paid multi-adapter inference with signed attribution receipts.")
     app.state.services = svc
     install_error_handlers(app)
-    for router in (inference.router, info.router, models.router, ops.router, epochs.router, x402_refund.router):
+    for router in (inference.router, info.router, models.router, ops.router, epochs.router, x402.router,
+                   x402_refund.router):
         app.include_router(router)
     return app

@@ -138,7 +138,8 @@ class GenerationService:
             raise self.offer.challenge(url, max_fee, exc) from exc
 
     def _x402_headers(self, hold: Hold, charged_total: int) -> dict[str, str]:
-        """PAYMENT-RESPONSE of an x402-paid answer (`chargedAmount`, `channelState`)."""
+        """PAYMENT-RESPONSE of an x402-paid answer (`chargedAmount`, `channelState`). A stream's headers
+        leave before its charge: its last chunk carries the same base64 value as `payment_response`."""
         if self.x402 is None or not isinstance(hold.checked, X402Voucher):
             return {}
         return {PAYMENT_RESPONSE_HEADER: encode_header(self.x402.payment_response(hold, charged_total))}
@@ -304,6 +305,8 @@ class GenerationService:
         self._observe(job, sent.usage, time.monotonic() - started, body)
         last = shape.chunk([shape.delta(c["index"], shape.final_delta(c), c["finish_reason"]) for c in body["choices"]])
         last.update(usage=body["usage"], receipt=body["receipt"])
+        if x402 := self._x402_headers(job.hold, int(body["receipt"]["chargedTotal"])):
+            last["payment_response"] = x402[PAYMENT_RESPONSE_HEADER]
         return event(last)
 
     def _close(self, job: Job, sent: Sent, leave: Callable[[], None]) -> None:

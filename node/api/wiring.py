@@ -40,6 +40,7 @@ from node.payment.pricing import Pricing
 from node.payment.service import PaymentService
 from node.payment.x402.book import ChannelBook
 from node.payment.x402.channel_mirror import ChannelMirror
+from node.payment.x402.facilitator import Facilitator, erc20_balance_of
 from node.payment.x402.refund import X402Refunds
 from node.payment.x402.service import X402Payments
 from node.payment.x402.terms import LaneTerms, Offer, X402Terms
@@ -184,12 +185,14 @@ def _x402(settings: Settings, deployment: Deployment, key: str, payments: Paymen
     client = ContractClient(settings.rpc_url, key)
     name, version = token_domain(client, deployment.token)
     terms = X402Terms(deployment.chain_id, deployment.token, name, version, router, payments.node,
-                      settings.x402_withdraw_delay_s)
+                      settings.x402_withdraw_delay_s, min_deposit=settings.x402_min_deposit)
     chain = X402Chain(client, router)
     # the indexer mirrors the channel contract when the deployment names it: the hold reads that
     mirror = ChannelMirror(db, settings.x402_withdraw_delay_s) if deployment.x402_channels else None
-    return Offer(lanes, terms), X402Payments(payments, ChannelBook(db, payments.node), terms, key, chain.channel,
-                                             chain.deposit, read_mirror=mirror)
+    x402 = X402Payments(payments, ChannelBook(db, payments.node), terms, key, chain.channel, chain.deposit,
+                        read_mirror=mirror)
+    x402.facilitator = Facilitator(terms, chain, erc20_balance_of(client))
+    return Offer(lanes, terms), x402
 
 
 def _x402_refunds(settings: Settings, deployment: Deployment, key: str, x402: X402Payments | None,

@@ -2,8 +2,9 @@
 
 Three contributors register datasets, two adapter owners train adapters on them and register the
 lineage, the node serves them, a dApp deposits and sends paid requests through the official OpenAI
-client on two lanes, an epoch settles on chain, every payee claims, and the demo reconciles what the
-chain paid with the receipts to the wei.
+client on two lanes while an agent pays with the stock x402 SDK (batch-settlement), an epoch settles on
+chain, every payee claims, and the demo reconciles what the chain paid with the receipts of both payers
+to the wei.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from node.db import queries
 from node.db.session import make_engine, session_factory
 from node.devkit import make_tiny_model, train_tiny_adapter
 from node.devkit.corpus import STYLES
+from node.devkit.demo_x402 import AgentRun, agent_line, run_agent, x402_router
 from node.devkit.local_node import FIRST_USER, OPERATOR, TREASURY, LocalNode
 from node.errors import ChainError
 from node.lora.content_hash import adapter_weights_sha256, base_model_id, dataset_content_hash
@@ -104,15 +106,27 @@ def send_requests(result: DemoResult, num_per_lane: int, say: Say) -> None:
             with lock:
                 result.receipts.append(receipt)
 
+    agent: list[AgentRun] = []  # the x402 payer, at the same time
+
+    def agent_worker() -> None:
+        names = [str(a) for a in adapters]
+        agent.append(run_agent(node, payer.info, names, PROMPTS, max(num_per_lane // 2, 3), 100 * TOKEN))
+
     threads = [threading.Thread(target=lane_worker, args=(lane,)) for lane in (0, 1)]
+    threads.append(threading.Thread(target=agent_worker))
     started = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    seconds = time.monotonic() - started
     total = sum(int(r["fee"]) for r in result.receipts)
     say(f"{len(result.receipts)} paid requests through the OpenAI client on 2 lanes in "
-        f"{time.monotonic() - started:.1f}s; every receipt verified; fees {total / TOKEN:.6f} tokens")
+        f"{seconds:.1f}s; every receipt verified; fees {total / TOKEN:.6f} tokens")
+    if not agent:
+        raise ChainError("the x402 payer did not finish (see the error above)")
+    say(agent_line(agent[0], seconds, TOKEN))
+    result.receipts += agent[0].receipts
 
 
 def settle_and_claim(result: DemoResult, log_dir: Path, say: Say, timeout_s: float = 120.0) -> dict[str, int]:
@@ -199,8 +213,10 @@ def run_demo(data_dir: Path, say: Say, num_per_lane: int = 12) -> bool:
     try:
         say(f"anvil on {node.anvil.rpc_url}; contracts deployed (settlement {node.deployment.settlement})")
         result, model = build_world(node, data_dir, say)
+        router = x402_router(node)
         node.wait_for_mirror()
-        say(f"the indexer mirrored the registries; the node serves at {node.serve(model)}")
+        say(f"the indexer mirrored the registries; the node serves at {node.serve(model, x402_router=router)}, "
+            f"taking lane vouchers and x402 batch-settlement (router {router})")
         send_requests(result, num_per_lane, say)
         paid = settle_and_claim(result, data_dir / "logs", say)
         ok = report(result, paid, say)

@@ -4,7 +4,8 @@
     lane_pg.PipelinedLanes     PostgreSQL: written-out SQL, psycopg pipeline, an advisory lock per hold
 
 A transaction is opened by `transaction(lock_payer, node)`; with `lock_payer` it is a hold's, taken
-under the (payer, node) lock that every API process of the node shares.
+under the (payer, node) lock that every API process of the node shares; with `lock_lane` too, under
+that one lane's lock (for a payer whose lanes are separate accounts: the x402 router, docs/x402.md).
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ class LaneTransaction(Protocol):
     def hold_view(self, payer: str, node: str, lane: int, voucher_hash: str, live_since: datetime) -> HoldView:
         """The voucher's use, the lane, the escrow, and the totals over the payer's lanes."""
 
+    def lane_view(self, payer: str, node: str, lane: int, voucher_hash: str) -> HoldView:
+        """The voucher's use and its lane only (escrow and the payer's totals left at 0): for a payer whose
+        lanes are separate accounts, checked each against a deposit of its own (the x402 router's
+        channels), so one request reads one lane however many the payer has."""
+
     def put_hold(self, payer: str, node: str, lane: int, max_fee: int, voucher_hash: str, now: datetime,
                  owner: str) -> None:
         """Hold `max_fee` on the lane for `voucher_hash`, placed by API process `owner`, creating the
@@ -63,6 +69,6 @@ class LaneTransaction(Protocol):
 
 
 class Lanes(Protocol):
-    def transaction(self, lock_payer: str | None = None,
-                    node: str = "") -> AbstractContextManager[LaneTransaction]:
+    def transaction(self, lock_payer: str | None = None, node: str = "",
+                    lock_lane: int | None = None) -> AbstractContextManager[LaneTransaction]:
         """A transaction, committed when the block ends; rolled back if it raises."""

@@ -65,6 +65,14 @@ CROSS JOIN (
 ) AS t
 """
 
+# The same row without the payer's totals: one lane, however many the payer has (HoldView's lane_view).
+_LANE_VIEW = """
+SELECT EXISTS (SELECT 1 FROM vouchers WHERE voucher_hash = %(voucher_hash)s) AS is_used,
+       (SELECT response FROM vouchers WHERE voucher_hash = %(voucher_hash)s) AS response,
+       l.charged_total, l.last_cumulative, l.reserved_voucher_hash, l.reserved_at, l.reserved_by
+FROM (SELECT 1) AS anchor
+LEFT JOIN lanes l ON l.payer = %(payer)s AND l.node = %(node)s AND l.lane = %(lane)s
+"""
 _PUT_HOLD = """
 INSERT INTO lanes (payer, node, lane, charged_total, last_cumulative, reserved, reserved_voucher_hash,
                    reserved_at, reserved_by, updated_at)
@@ -109,9 +117,11 @@ WHERE payer = %(payer)s AND node = %(node)s AND lane = %(lane)s AND reserved_vou
 """
 
 
-def hold_lock_key(payer: str, node: str) -> int:
-    """The (payer, node) advisory lock's key: 8 bytes of keccak, as a signed bigint."""
-    return int.from_bytes(keccak(f"lanes:{payer}:{node}".encode())[:8], "big", signed=True)
+def hold_lock_key(payer: str, node: str, lane: int | None = None) -> int:
+    """The (payer, node) advisory lock's key, or with `lane` that lane's: 8 bytes of keccak, as a signed
+    bigint."""
+    name = f"lanes:{payer}:{node}" if lane is None else f"lane:{payer}:{node}:{lane}"
+    return int.from_bytes(keccak(name.encode())[:8], "big", signed=True)
 
 
 class PipelinedLaneTransaction:
@@ -130,8 +140,8 @@ class PipelinedLaneTransaction:
         self.pipeline.sync()
         self.is_committed = True
 
-    def lock(self, payer: str, node: str) -> None:
-        self.conn.execute(_LOCK, {"key": hold_lock_key(payer, node)})
+    def lock(self, payer: str, node: str, lane: int | None = None) -> None:
+        self.conn.execute(_LOCK, {"key": hold_lock_key(payer, node, lane)})
 
     def hold_view(self, payer: str, node: str, lane: int, voucher_hash: str, live_since: datetime) -> HoldView:
         row = self.conn.execute(_HOLD_VIEW, {"payer": payer, "node": node, "lane": lane,
@@ -145,6 +155,16 @@ class PipelinedLaneTransaction:
         return HoldView(is_used=is_used, response=response, lane=this, balance=int(balance or 0),
                         thawing=int(thawing or 0), uncollected=int(uncollected), other_holds=int(other_holds),
                         pending_deposits=int(pending or 0), pending_until_block=pending_until)
+
+    def lane_view(self, payer: str, node: str, lane: int, voucher_hash: str) -> HoldView:
+        row = self.conn.execute(_LANE_VIEW, {"payer": payer, "node": node, "lane": lane,
+                                             "voucher_hash": voucher_hash}).fetchone()
+        assert row is not None, "the lane view has one row (a one-row anchor, left joins)"
+        is_used, response, charged_total, last_cumulative, reserved_hash, reserved_at, reserved_by = row
+        this = NEW_LANE if charged_total is None else LaneRow(int(charged_total), int(last_cumulative),
+                                                              reserved_hash, reserved_at, reserved_by)
+        return HoldView(is_used=is_used, response=response, lane=this, balance=0, thawing=0, uncollected=0,
+                        other_holds=0)
 
     def put_hold(self, payer: str, node: str, lane: int, max_fee: int, voucher_hash: str, now: datetime,
                  owner: str) -> None:
@@ -174,7 +194,8 @@ class PipelinedLanes:
         self.engine = engine
 
     @contextmanager
-    def transaction(self, lock_payer: str | None = None, node: str = "") -> Iterator[PipelinedLaneTransaction]:
+    def transaction(self, lock_payer: str | None = None, node: str = "",
+                    lock_lane: int | None = None) -> Iterator[PipelinedLaneTransaction]:
         """A transaction; with `lock_payer`, a hold's: under the (payer, node) lock, without waiting
         for its commit's WAL flush. Commits when the block ends (if `charge` has not already)."""
         try:
@@ -189,7 +210,7 @@ class PipelinedLanes:
                 conn.execute("BEGIN")
                 tx = PipelinedLaneTransaction(conn, pipeline)
                 if lock_payer is not None:
-                    tx.lock(lock_payer, node)
+                    tx.lock(lock_payer, node, lock_lane)
                 yield tx
                 if not tx.is_committed:
                     tx.commit()

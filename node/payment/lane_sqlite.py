@@ -63,6 +63,15 @@ class SQLiteLaneTransaction:
                         thawing=row.thawing or 0, uncollected=uncollected, other_holds=other_holds,
                         pending_deposits=row.pending_deposits or 0, pending_until_block=row.pending_until_block)
 
+    def lane_view(self, payer: str, node: str, lane: int, voucher_hash: str) -> HoldView:
+        row = self.conn.execute(_HOLD_VIEW, {"payer": payer, "node": node, "lane": lane,
+                                             "voucher_hash": voucher_hash}).one()
+        this = NEW_LANE if row.charged_total is None else LaneRow(row.charged_total, row.last_cumulative,
+                                                                  row.reserved_voucher_hash, row.reserved_at,
+                                                                  row.reserved_by)
+        return HoldView(is_used=row.is_used, response=row.response, lane=this, balance=0, thawing=0,
+                        uncollected=0, other_holds=0)
+
     def put_hold(self, payer: str, node: str, lane: int, max_fee: int, voucher_hash: str, now: datetime,
                  owner: str) -> None:
         self.conn.execute(_PUT_HOLD, {"payer": payer, "node": node, "lane": lane, "charged_total": 0,
@@ -96,8 +105,10 @@ class SQLiteLanes:
         self._hold_lock = threading.Lock()
 
     @contextmanager
-    def transaction(self, lock_payer: str | None = None, node: str = "") -> Iterator[SQLiteLaneTransaction]:
-        """One SQLite transaction; a hold's (`lock_payer`) also holds the process's hold lock."""
+    def transaction(self, lock_payer: str | None = None, node: str = "",
+                    lock_lane: int | None = None) -> Iterator[SQLiteLaneTransaction]:
+        """One SQLite transaction; a hold's (`lock_payer`) also holds the process's hold lock (SQLite has
+        one writer: `lock_lane` narrows nothing here)."""
         with self._hold_lock if lock_payer is not None else nullcontext(), self.engine.begin() as conn:
             yield SQLiteLaneTransaction(conn)
 

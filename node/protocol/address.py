@@ -3,11 +3,14 @@ converts its input several ways; the callers here have already checked that they
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from eth_hash.auto import keccak
 
 _UPPER_NIBBLES = frozenset("89abcdef")
 
 
+@lru_cache(maxsize=65_536)  # the same few addresses (node, router, token, each payer) on every request
 def checksum_address(address: str) -> str:
     """0x + 40 hex digits, each letter upper-cased where the same nibble of keccak(lower hex) >= 8."""
     low = address[2:].lower()

@@ -5,72 +5,30 @@ receipt and a PAYMENT-RESPONSE whose charge is the receipt's fee."""
 
 from __future__ import annotations
 
-import base64
-import json
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 import requests
 from eth_account import Account
 from sqlalchemy import select
-from x402 import x402ClientSync
-from x402.http.clients.requests import x402HTTPAdapter
-from x402.mechanisms.evm.batch_settlement.client import BatchSettlementEvmScheme
-from x402.mechanisms.evm.signers import EthAccountSignerWithRPC
 
 from node.chain.contract_client import ContractClient
-from node.chain.x402_channels import deploy_router, ensure_channel_contracts
 from node.client.payer import Payer as LanePayer
 from node.db.models import EpochState, Loss, Receipt
-from node.devkit.local_node import OPERATOR, LocalNode
+from node.devkit.local_node import OPERATOR
 from node.payment.x402.typed import CHANNELS_ADDRESS
 from node.settlement.runtime import SettlementRuntime
 from node.settlement.service import EpochPolicy
-from tests.fixtures.paid_node import PaidNode, build_paid_node
+from tests.fixtures.paid_node import PaidNode
+from tests.fixtures.x402_node import chat, decode, payer_key, sdk_session
 from tests.payment.x402.sdk import Payer
 
 pytestmark = [pytest.mark.chain, pytest.mark.slow]
-X402_PAYER = 9  # an anvil dev key no other role of the paid node uses
-
-
-@pytest.fixture(scope="module")
-def x402_node(tiny_model: Path, tiny_adapters: object, tmp_path_factory: pytest.TempPathFactory
-              ) -> Iterator[PaidNode]:
-    data_dir = tmp_path_factory.mktemp("x402-node")
-    local = LocalNode.start_chain(data_dir, prompt_token_price=10**9, completion_token_price=2 * 10**9,
-                                  default_max_tokens=16)
-    try:
-        operator = ContractClient(local.anvil.rpc_url, local.anvil.keys[OPERATOR])
-        ensure_channel_contracts(operator)
-        router = deploy_router(operator, operator.address, local.deployment.escrow)
-        payer = Account.from_key(local.anvil.keys[X402_PAYER]).address
-        local.contracts(OPERATOR).token.mint(payer, 10**21)
-        adapter = tiny_adapters.paths["sea-r8"]  # type: ignore[attr-defined]
-        yield build_paid_node(local, tiny_model, adapter, data_dir, max_in_flight=6, x402_router=router)
-    finally:
-        local.stop()
-
-
-def _decode(header: str) -> dict:
-    return json.loads(base64.b64decode(header))
-
-
-def _sdk_session(node: PaidNode) -> requests.Session:
-    key = node.local.anvil.keys[X402_PAYER]
-    scheme = BatchSettlementEvmScheme(EthAccountSignerWithRPC(Account.from_key(key), node.local.anvil.rpc_url))
-    client = x402ClientSync().register(f"eip155:{node.local.deployment.chain_id}", scheme)
-    client.set_spend_controls({"allowed_assets": True, "max_amount_per_payment": str(10**18)})
-    session = requests.Session()
-    session.mount("http://", x402HTTPAdapter(client))
-    return session
 
 
 def test_an_unpaid_request_gets_402_with_both_schemes(x402_node: PaidNode) -> None:
     body = {"model": str(x402_node.adapter_id), "messages": [{"role": "user", "content": "sea"}], "max_tokens": 4}
     resp = requests.post(f"{x402_node.base_url}/v1/chat/completions", json=body, timeout=30)
     assert resp.status_code == 402, resp.text
-    required = _decode(resp.headers["PAYMENT-REQUIRED"])
+    required = decode(resp.headers["PAYMENT-REQUIRED"])
     assert required["x402Version"] == 2
     schemes = {a["scheme"]: a for a in required["accepts"]}
     assert set(schemes) == {"loranode-lane", "batch-settlement"}
@@ -82,7 +40,7 @@ def test_an_unpaid_request_gets_402_with_both_schemes(x402_node: PaidNode) -> No
 
 
 def test_the_sdk_pays_chat_completions_and_gets_receipts(x402_node: PaidNode) -> None:
-    session = _sdk_session(x402_node)
+    session = sdk_session(x402_node)
     charged = 0
     for prompt in ("the sea", "calm and blue"):
         body = {"model": str(x402_node.adapter_id), "messages": [{"role": "user", "content": prompt}],
@@ -90,7 +48,7 @@ def test_the_sdk_pays_chat_completions_and_gets_receipts(x402_node: PaidNode) ->
         resp = session.post(f"{x402_node.base_url}/v1/chat/completions", json=body, timeout=120)
         assert resp.status_code == 200, resp.text
         receipt = resp.json()["receipt"]
-        settle = _decode(resp.headers["PAYMENT-RESPONSE"])
+        settle = decode(resp.headers["PAYMENT-RESPONSE"])
         assert settle["success"] and settle["extra"]["chargedAmount"] == receipt["fee"]
         charged += int(receipt["fee"])
         assert settle["extra"]["channelState"]["chargedCumulativeAmount"] == str(charged)
@@ -98,29 +56,10 @@ def test_the_sdk_pays_chat_completions_and_gets_receipts(x402_node: PaidNode) ->
 
 
 
-def test_a_streamed_answer_and_a_client_that_lost_its_state_recover(x402_node: PaidNode) -> None:
-    """A streamed answer ends with our receipt (its PAYMENT-RESPONSE cannot precede the charge); the SDK's
-    next request then resynchronises through the corrective 402, as does a fresh client (state lost)."""
-    session = _sdk_session(x402_node)
-    body = {**_chat(x402_node, "the sea"), "stream": True}
-    with session.post(f"{x402_node.base_url}/v1/chat/completions", json=body, timeout=120, stream=True) as resp:
-        assert resp.status_code == 200, resp.text
-        events = [line for line in resp.iter_lines() if line.startswith(b"data: ")]
-    assert events[-1] == b"data: [DONE]" and "receipt" in json.loads(events[-2][6:])
-    for client in (session, _sdk_session(x402_node)):  # the same client, then one that lost its state
-        resp = client.post(f"{x402_node.base_url}/v1/chat/completions", json=_chat(x402_node, "blue"), timeout=120)
-        assert resp.status_code == 200, resp.text
-        assert _decode(resp.headers["PAYMENT-RESPONSE"])["extra"]["chargedAmount"] == resp.json()["receipt"]["fee"]
-
-
-def _chat(node: PaidNode, prompt: str) -> dict:
-    return {"model": str(node.adapter_id), "messages": [{"role": "user", "content": prompt}], "max_tokens": 4}
-
-
 def _required(node: PaidNode, body: dict) -> dict:
     resp = requests.post(f"{node.base_url}/v1/chat/completions", json=body, timeout=30)
     assert resp.status_code == 402
-    return _decode(resp.headers["PAYMENT-REQUIRED"])
+    return decode(resp.headers["PAYMENT-REQUIRED"])
 
 
 def _paid(node: PaidNode, body: dict, header: str) -> requests.Response:
@@ -129,10 +68,10 @@ def _paid(node: PaidNode, body: dict, header: str) -> requests.Response:
 
 
 def test_a_replayed_voucher_is_never_served_twice(x402_node: PaidNode) -> None:
-    key = payer_key(x402_node, 1)  # a channel of its own
+    key = payer_key(x402_node.local, 1)  # a channel of its own
     x402_node.local.contracts(OPERATOR).token.mint(Account.from_key(key).address, 10**21)
     payer = Payer(key, x402_node.local.anvil.rpc_url, x402_node.local.deployment.chain_id)
-    body = _chat(x402_node, "the sea")
+    body = chat(x402_node, "the sea")
     header, _ = payer.pay(_required(x402_node, body))
     first = _paid(x402_node, body, header)
     assert first.status_code == 200, first.text
@@ -140,7 +79,7 @@ def test_a_replayed_voucher_is_never_served_twice(x402_node: PaidNode) -> None:
     for _ in range(2):  # a loop of stale vouchers costs the node nothing and serves nothing
         again = _paid(x402_node, body, header)
         assert again.status_code == 402, again.text
-        corrective = _decode(again.headers["PAYMENT-REQUIRED"])
+        corrective = decode(again.headers["PAYMENT-REQUIRED"])
         assert corrective["error"] == "invalid_batch_settlement_evm_cumulative_amount_mismatch"
         offer = next(a for a in corrective["accepts"] if a["scheme"] == "batch-settlement")
         assert offer["extra"]["channelState"]["chargedCumulativeAmount"] == charged
@@ -148,19 +87,15 @@ def test_a_replayed_voucher_is_never_served_twice(x402_node: PaidNode) -> None:
 
 
 def test_a_channel_paying_someone_else_is_refused(x402_node: PaidNode) -> None:
-    payer = Payer(payer_key(x402_node, 0), x402_node.local.anvil.rpc_url, x402_node.local.deployment.chain_id)
-    body = _chat(x402_node, "blue")
+    payer = Payer(payer_key(x402_node.local, 0), x402_node.local.anvil.rpc_url, x402_node.local.deployment.chain_id)
+    body = chat(x402_node, "blue")
     required = _required(x402_node, body)
     for offer in required["accepts"]:
         offer["payTo"] = "0x" + "ee" * 20  # the client's channel pays another receiver
     header, _ = payer.pay(required)
     resp = _paid(x402_node, body, header)
     assert resp.status_code == 402
-    assert _decode(resp.headers["PAYMENT-REQUIRED"])["error"] == "invalid_batch_settlement_evm_receiver_mismatch"
-
-
-def payer_key(node: PaidNode, offset: int) -> str:
-    return node.local.anvil.keys[X402_PAYER + offset]
+    assert decode(resp.headers["PAYMENT-REQUIRED"])["error"] == "invalid_batch_settlement_evm_receiver_mismatch"
 
 
 def test_one_epoch_settles_both_schemes_and_a_contributor_claims_its_share(x402_node: PaidNode) -> None:
@@ -171,9 +106,9 @@ def test_one_epoch_settles_both_schemes_and_a_contributor_claims_its_share(x402_
     node = ops.client.address
     before_total = ops.settlement.rewards_total(node)
     fees = []
-    session = _sdk_session(x402_node)
+    session = sdk_session(x402_node)
     for prompt in ("the sea is", "blue"):
-        resp = session.post(f"{x402_node.base_url}/v1/chat/completions", json=_chat(x402_node, prompt), timeout=120)
+        resp = session.post(f"{x402_node.base_url}/v1/chat/completions", json=chat(x402_node, prompt), timeout=120)
         assert resp.status_code == 200, resp.text
         fees.append(int(resp.json()["receipt"]["fee"]))
     lane_client = LanePayer(x402_node.payer_keys[0], x402_node.base_url).openai(lane=7)
@@ -202,12 +137,12 @@ def test_a_payer_who_withdraws_after_being_served_cannot_stop_the_others_being_p
     local = x402_node.local
     ops = local.contracts(OPERATOR)
     node = ops.client.address
-    keys = [payer_key(x402_node, 2), payer_key(x402_node, 3)]
+    keys = [payer_key(x402_node.local, 2), payer_key(x402_node.local, 3)]
     served: list[dict] = []
     for key in keys:
         ops.token.mint(Account.from_key(key).address, 10**21)
         payer = Payer(key, local.anvil.rpc_url, local.deployment.chain_id)
-        body = _chat(x402_node, "calm")
+        body = chat(x402_node, "calm")
         header, payment = payer.pay(_required(x402_node, body))
         resp = _paid(x402_node, body, header)
         assert resp.status_code == 200, resp.text

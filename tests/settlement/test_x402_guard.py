@@ -11,10 +11,10 @@ from node.chain.anvil import Anvil
 from node.chain.contract_client import ContractClient
 from node.payment.service import Usage
 from node.payment.x402.channel_check import EXCEEDS_BALANCE, X402Refused
-from tests.fixtures import x402_node as fixtures
+from tests.fixtures import x402_chain_node as fixtures
 from tests.fixtures.contracts import Roles
 from tests.fixtures.indexer import drain
-from tests.fixtures.x402_node import X402Node
+from tests.fixtures.x402_chain_node import X402Node
 from tests.payment.x402 import conftest
 from tests.payment.x402.sdk import PRICE, Payer
 

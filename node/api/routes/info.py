@@ -11,6 +11,7 @@ from node.api.deps import (
     CatalogDep,
     DatabaseDep,
     EngineDep,
+    GenerationDep,
     LedgerDep,
     NodeAddress,
     PaymentsDep,
@@ -103,10 +104,11 @@ def context_quote(pricing: Pricing, max_model_len: int, max_tokens: int | None) 
 
 
 @router.get("/receipts/{receipt_id}", responses=error_responses(400, 401, 403, 404, 503))
-def receipt(db: DatabaseDep, payments: PaymentsDep, receipt_id: str = Path(..., pattern=HASH.pattern),
-            read: ReadHeader = None) -> dict[str, Any]:
+def receipt(db: DatabaseDep, payments: PaymentsDep, generation: GenerationDep,
+            receipt_id: str = Path(..., pattern=HASH.pattern), read: ReadHeader = None) -> dict[str, Any]:
     """A receipt with hashes, token counts, offsets and weights only; with an `X-Receipt-Read` signed
-    by its payer, also its text: the output (while the node keeps the response) and the evidence spans."""
+    by its payer, also its text: the output (while the node keeps the response) and the evidence spans.
+    An x402 receipt's voucher names the node's router: its channel's payer is the one who reads."""
     with db() as session:
         found = receipt_with_payer(session, receipt_id)
         if found is None:
@@ -115,8 +117,11 @@ def receipt(db: DatabaseDep, payments: PaymentsDep, receipt_id: str = Path(..., 
         body = receipt_document(row, payments.node)
         if read is None:
             return body
-        authorize_read(read, receipt_id, voucher.payer, payments.domain, payments.clock())
-        return {**body, **payer_view(row, voucher)}
+        x402 = generation.x402
+        channel_payer = x402.book.payer_of(voucher.lane) if x402 and voucher.payer.lower() == x402.router else None
+        reader = channel_payer or voucher.payer
+        authorize_read(read, receipt_id, reader, payments.domain, payments.clock())
+        return {**body, **payer_view(row, voucher), "payer": reader}
 
 
 def _prices(p: Pricing) -> dict[str, str]:

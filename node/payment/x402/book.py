@@ -8,8 +8,9 @@ charge the node makes on it, so keeping the highest one seen is always safe to c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -60,9 +61,34 @@ class ChannelBook:
                 row = session.scalars(select(X402Channel).where(X402Channel.channel_id == key)).one()
             return ChannelEntry(row.lane, row.signed_max, from_hex(row.signature) if row.signature else None)
 
-    def record_voucher(self, channel_id: bytes, max_claimable: int, signature: bytes) -> None:
-        """Keep the voucher if its ceiling is the highest seen (a checked voucher only)."""
-        with self.factory.kw["bind"].begin() as conn:  # one Core statement: no ORM session per request
-            conn.execute(update(X402Channel)
-                         .where(X402Channel.channel_id == to_hex(channel_id), X402Channel.signed_max < max_claimable)
-                         .values(signed_max=max_claimable, signature=to_hex(signature)))
+    def payer_of(self, lane: int) -> str | None:
+        """The payer of the channel that is the router's `lane` (None: no such channel): who may read the
+        text of that lane's receipts."""
+        with self.factory() as session:
+            return session.scalars(select(X402Channel.payer).where(X402Channel.lane == lane,
+                                                                    X402Channel.node == self.node)).first()
+
+    def record_voucher(self, channel_id: bytes, max_claimable: int, signature: bytes, tx: Any = None) -> None:
+        """Keep the voucher if its ceiling is the highest seen (a checked voucher only). With `tx`, the
+        hold's lane transaction (under the router's payer lock): written and committed with the hold."""
+        key, sig = to_hex(channel_id), to_hex(signature)
+        conn = getattr(tx, "conn", None)
+        if conn is not None and not isinstance(conn, Connection):  # PostgreSQL's pipelined hold: queued with it
+            conn.execute(_RECORD_PG, {"id": key, "max": max_claimable, "sig": sig})
+            return
+        params = {"k_id": key, "k_max": max_claimable, "v_max": max_claimable, "v_sig": sig}
+        if conn is not None:
+            conn.execute(_RECORD, params)
+            return
+        with self.factory.kw["bind"].begin() as own:  # one Core statement: no ORM session per request
+            own.execute(_RECORD, params)
+
+
+# built once (its compiled form is cached): a statement built per request cost more than the write
+_RECORD = (update(X402Channel)
+           .where(X402Channel.channel_id == bindparam("k_id"), X402Channel.signed_max < bindparam("k_max"))
+           .values(signed_max=bindparam("v_max"), signature=bindparam("v_sig")))
+
+
+_RECORD_PG = ("UPDATE x402_channels SET signed_max = %(max)s, signature = %(sig)s "
+              "WHERE channel_id = %(id)s AND signed_max < %(max)s")

@@ -11,9 +11,9 @@ from typing import Any, ClassVar
 
 from node.errors import BadSignature, PaymentError
 from node.payment.x402.terms import CUMULATIVE_MISMATCH, X402Terms
-from node.payment.x402.typed import ZERO_ADDRESS, channel_id, voucher_digest
+from node.payment.x402.typed import ZERO_ADDRESS, channel_id, deposit_nonce, receive_digest, voucher_digest
 from node.payment.x402.wire import Payment
-from node.protocol.eip712 import recover
+from node.protocol.eip712 import Domain, recover
 
 PREFIX = "invalid_batch_settlement_evm_"
 EXCEEDS_BALANCE = PREFIX + "cumulative_exceeds_balance"
@@ -102,11 +102,46 @@ def check_signature(payment: Payment, terms: X402Terms, channel: bytes) -> bytes
     return digest
 
 
+def check_deposit_signature(payment: Payment, terms: X402Terms) -> None:
+    """A deposit's ERC-3009 authorization recovers to its payer, before the node spends gas on it (the
+    contract checks it again; a smart-wallet payer's ERC-1271 authorization is not served)."""
+    deposit = payment.deposit
+    assert deposit is not None, "not a deposit"
+    domain = Domain(terms.chain_id, terms.token, name=terms.token_name, version=terms.token_version)
+    nonce = deposit_nonce(payment.voucher.channel_id, deposit.salt)
+    digest = receive_digest(domain, payment.config.payer, deposit.amount, deposit.valid_after, deposit.valid_before,
+                            nonce)
+    try:
+        signer = recover(digest, deposit.signature)
+    except BadSignature as exc:
+        raise X402Refused("the deposit authorization does not recover", PREFIX + "receive_authorization_signature"
+                          ) from exc
+    if signer != payment.config.payer:
+        raise X402Refused("the deposit authorization is not signed by the payer", PREFIX + "receive_authorization_"
+                          "signature", signer=signer)
+
+
+def check_min_deposit(payment: Payment, terms: X402Terms) -> None:
+    """A deposit is at least the node's announced minimum: each one costs the node a transaction's gas."""
+    deposit = payment.deposit
+    assert deposit is not None, "not a deposit"
+    if deposit.amount < terms.min_deposit:
+        raise X402Refused("the deposit is below the node's minimum (extra.minDeposit)",
+                          PREFIX + "deposit_below_min_deposit", amount=str(deposit.amount),
+                          min_deposit=str(terms.min_deposit))
+
+
 def check_payment(payment: Payment, terms: X402Terms, view: ChannelView, ceiling: int) -> CheckedPayment:
     """Everything before the hold, for a `voucher` or `deposit` payment of a request costing at most
     `ceiling`. A deposit counts its own amount as balance (it is submitted before the hold)."""
     channel = check_terms(payment, terms)
     digest = check_signature(payment, terms, channel)
+    return CheckedPayment(payment, channel, digest, check_amounts(payment, view, ceiling, channel))
+
+
+def check_amounts(payment: Payment, view: ChannelView, ceiling: int, channel: bytes) -> int:
+    """The checks against the channel's state, of a payment whose terms and signature passed (the
+    stateless half, done once per request): the accepted amount this request may be charged at most."""
     amount, ceiling_signed = payment.accepted_amount, payment.voucher.max_claimable
     if amount < ceiling:
         raise X402Refused("the accepted amount is below this request's price ceiling", PREFIX + "amount_below_price",
@@ -122,4 +157,4 @@ def check_payment(payment: Payment, terms: X402Terms, view: ChannelView, ceiling
                           spendable=str(spendable), max_claimable=str(ceiling_signed))
     if ceiling_signed <= view.total_claimed:
         raise X402Refused("the voucher is below what was claimed on chain", PREFIX + "cumulative_below_claimed")
-    return CheckedPayment(payment, channel, digest, amount)
+    return amount

@@ -34,15 +34,19 @@ from node.payment.x402.channel_check import (
     PREFIX,
     ChannelView,
     X402Refused,
-    check_payment,
+    check_amounts,
+    check_deposit_signature,
+    check_min_deposit,
     check_signature,
     check_terms,
 )
+from node.payment.x402.facilitator import Facilitator
 from node.payment.x402.terms import CUMULATIVE_MISMATCH, X402Terms
 from node.payment.x402.typed import voucher_digest as x402_voucher_digest
 from node.payment.x402.wire import Payment, decode_payment, payment_response
+from node.protocol.eip712 import sign_digest
 from node.protocol.hexstr import to_hex
-from node.protocol.voucher import Voucher, sign_voucher, voucher_digest
+from node.protocol.voucher import Voucher, voucher_digest
 
 NEVER = 2**63 - 1  # the router lane voucher's deadline (the node's own, valid until collected; fits BIGINT)
 
@@ -50,11 +54,16 @@ NEVER = 2**63 - 1  # the router lane voucher's deadline (the node's own, valid u
 class OnChain(Protocol):
     """The channel's contract state (node.chain.x402_channels.OnChainChannel)."""
 
-    balance: int
-    total_claimed: int
-    pending_withdrawal: int
-    withdraw_requested_at: int
-    refund_nonce: int
+    @property
+    def balance(self) -> int: ...
+    @property
+    def total_claimed(self) -> int: ...
+    @property
+    def pending_withdrawal(self) -> int: ...
+    @property
+    def withdraw_requested_at(self) -> int: ...
+    @property
+    def refund_nonce(self) -> int: ...
 
 
 ReadChannel = Callable[[bytes], OnChain]
@@ -74,6 +83,7 @@ class X402Voucher(CheckedVoucher):
 
     x402: X402Checked
     view: ChannelView
+    deposit_tx: str = ""  # the deposit this payment carried, submitted by the node ("" for a voucher)
 
 
 class X402Payments:
@@ -94,6 +104,7 @@ class X402Payments:
         self._deposit_lock = threading.Lock()
         self.ledger = payments.ledger
         self.router = terms.router.lower()
+        self.facilitator: Facilitator | None = None  # /x402/verify, /settle, /supported (set by the wiring)
 
     def check(self, header: str) -> X402Checked:
         payment = decode_payment(header)
@@ -108,9 +119,9 @@ class X402Payments:
         this request on top of what the channel was charged and its deposit covers it. A deposit is
         submitted on chain first (the node pays the gas), before the router's lock that every x402 hold
         takes: no other payer waits for its block. A channel with nothing in it gets no row in the books."""
-        payment = checked.payment
+        payment, deposit_tx = checked.payment, ""
         if payment.deposit is not None:
-            self._deposit(checked, max_fee)
+            deposit_tx = self._deposit(checked, max_fee)
         else:
             self._check_funded(checked)
         lane_id = self.book.lane_of(checked.channel_id, payment.config)
@@ -118,15 +129,17 @@ class X402Payments:
                                checked.digest, NEVER)
         digest = voucher_digest(lane_voucher, self.payments.domain)
         now = datetime.fromtimestamp(self.ledger.clock(), UTC)
-        with self.ledger.lanes.transaction(lock_payer=self.router, node=self.ledger.node) as tx:
-            seen = tx.hold_view(self.router, self.ledger.node, lane_id, to_hex(digest), now - self.ledger.ttl)
+        # one channel's lock and lane: channels are separate accounts, so the router's other lanes (one
+        # per payer channel) are neither read nor waited for
+        with self.ledger.lanes.transaction(lock_payer=self.router, node=self.ledger.node, lock_lane=lane_id) as tx:
+            seen = tx.lane_view(self.router, self.ledger.node, lane_id, to_hex(digest))
             view = self._accept(checked, seen, max_fee, now)
             tx.put_hold(self.router, self.ledger.node, lane_id, max_fee, to_hex(digest), now, self.ledger.instance)
-        self.book.record_voucher(checked.channel_id, payment.voucher.max_claimable, payment.voucher.signature)
-        signature = sign_voucher(self.node_key, lane_voucher, self.payments.domain)
+            self.book.record_voucher(checked.channel_id, payment.voucher.max_claimable, payment.voucher.signature, tx)
+        signature = sign_digest(self.node_key, digest)  # the digest above: hashed once
         v = lane_voucher
         signed = X402Voucher(v.payer, v.node, v.lane, v.cumulative, v.request_hash, v.deadline, signature, digest,
-                             checked, view)
+                             checked, view, deposit_tx)
         reservation = Reservation(self.router, self.ledger.node, lane_id, signed.digest_hex,
                                   lane_voucher.cumulative, max_fee, seen.lane.charged_total)
         return Hold(signed, reservation, pricing or self.payments.pricing)
@@ -141,20 +154,25 @@ class X402Payments:
             raise X402Refused("another request holds this channel: retry shortly", PREFIX + "channel_busy")
         return self._check(checked, replace(payment, deposit=None), view, max_fee)  # a deposit is on chain by now
 
-    def _deposit(self, checked: X402Checked, max_fee: int) -> None:
+    def _deposit(self, checked: X402Checked, max_fee: int) -> str:
         """Submit the payment's deposit once it would pay this request at the channel's charged total as
-        read now (outside the lock: the hold checks again under it, on the chain's state after it)."""
+        read now (outside the lock: the hold checks again under it, on the chain's state after it); its
+        transaction's hash. Below the announced minimum, or with an authorization its payer did not sign,
+        it is refused before the node spends any gas."""
         lane = self.book.find_lane(checked.channel_id)  # written down once its deposit is in
         charged = self.ledger.channel(self.router, lane).charged_total if lane is not None else 0
         self._check(checked, checked.payment, self._view(checked, charged), max_fee)
+        check_min_deposit(checked.payment, self.terms)
+        check_deposit_signature(checked.payment, self.terms)
         try:
             with self._deposit_lock:  # one at a time: each is a transaction of the node's key (one nonce each)
-                self.submit_deposit(checked.payment)
+                sent = self.submit_deposit(checked.payment)
         except ChainError as exc:  # the payer's authorization does not move its tokens (spent, expired, forged)
             reason = "deposit_simulation_failed" if "error" in exc.facts else "deposit_transaction_failed"
             raise X402Refused(f"the channel contract refused the deposit: {exc.message}", PREFIX + reason,
                               **exc.facts) from exc
         self._chain_cache.pop(checked.channel_id, None)
+        return _tx_hash(sent)
 
     def _check_funded(self, checked: X402Checked) -> None:
         """A voucher above what its channel holds is refused before the channel is written down (anyone
@@ -173,13 +191,13 @@ class X402Payments:
         short; a cumulative mismatch is answered with the corrective 402."""
         try:
             try:
-                check_payment(payment, self.terms, view, ceiling=max_fee)
+                check_amounts(payment, view, max_fee, checked.channel_id)
                 return view
             except X402Refused as exc:
                 if exc.reason != EXCEEDS_BALANCE or self.read_mirror is None:
                     raise
             view = self._live(checked, view)
-            check_payment(payment, self.terms, view, ceiling=max_fee)
+            check_amounts(payment, view, max_fee, checked.channel_id)
             return view
         except X402Refused as exc:
             if exc.reason != CUMULATIVE_MISMATCH:
@@ -245,4 +263,15 @@ class X402Payments:
         assert isinstance(voucher, X402Voucher), "not an x402 hold"
         fee = charged_total - hold.reservation.charged_before
         state = replace(voucher.view, charged=charged_total).channel_state(voucher.x402.channel_id)
-        return payment_response(self.terms.network, voucher.x402.payment.config.payer, fee, state)
+        deposit = voucher.x402.payment.deposit
+        moved = str(deposit.amount) if deposit is not None and voucher.deposit_tx else ""
+        return payment_response(self.terms.network, voucher.x402.payment.config.payer, fee, state,
+                                transaction=voucher.deposit_tx, amount=moved)
+
+
+def _tx_hash(receipt: Any) -> str:
+    """A submitted transaction's hash as 0x-hex ("" for none)."""
+    if not receipt:
+        return ""
+    value = receipt["transactionHash"]
+    return value if isinstance(value, str) else "0x" + bytes(value).hex()

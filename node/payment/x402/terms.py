@@ -26,6 +26,7 @@ class X402Terms:
     authorizer: str  # receiverAuthorizer: the node's operator key
     withdraw_delay_s: int
     max_timeout_s: int = 3600  # how long a deposit authorization may stay valid
+    min_deposit: int = 0  # announced as `extra.minDeposit` when set: no smaller deposit is sent (gas)
 
     def __post_init__(self) -> None:
         if not MIN_WITHDRAW_DELAY_S <= self.withdraw_delay_s <= MAX_WITHDRAW_DELAY_S:
@@ -43,6 +44,8 @@ class X402Terms:
         extra: dict[str, Any] = {"receiverAuthorizer": self.authorizer, "withdrawDelay": self.withdraw_delay_s,
                                  "name": self.token_name, "version": self.token_version,
                                  "assetTransferMethod": "eip3009"}
+        if self.min_deposit:
+            extra["minDeposit"] = str(self.min_deposit)
         if channel_state is not None:
             extra["channelState"] = channel_state
         if voucher_state is not None:

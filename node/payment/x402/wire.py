@@ -74,7 +74,11 @@ def decode_header(header: str) -> dict[str, Any]:
 
 def decode_payment(header: str) -> Payment:
     """A `PAYMENT-SIGNATURE` header for the batch-settlement scheme."""
-    value = decode_header(header)
+    return parse_payment(decode_header(header))
+
+
+def parse_payment(value: dict[str, Any]) -> Payment:
+    """A batch-settlement `PaymentPayload` (the header's JSON, or a facilitator request's `paymentPayload`)."""
     if value.get("x402Version") != 2:
         raise BadRequest("only x402 version 2 is served", x402Version=repr(value.get("x402Version"))[:20])
     accepted, payload = _object(value, "accepted"), _object(value, "payload")

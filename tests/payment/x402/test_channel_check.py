@@ -14,10 +14,17 @@ from x402.mechanisms.evm.batch_settlement.utils import compute_channel_id
 from x402.schemas import PaymentRequired
 
 from node.errors import BadRequest
-from node.payment.x402.channel_check import ChannelView, X402Refused, check_payment
+from node.payment.x402.channel_check import (
+    ChannelView,
+    X402Refused,
+    check_deposit_signature,
+    check_min_deposit,
+    check_payment,
+)
 from node.payment.x402.terms import CUMULATIVE_MISMATCH
-from node.payment.x402.typed import channel_id
+from node.payment.x402.typed import channel_id, deposit_nonce, receive_digest
 from node.payment.x402.wire import decode_payment
+from node.protocol.eip712 import Domain, sign_digest
 from tests.payment.x402.sdk import SdkPayer, node_terms, required_for
 
 FUNDED = ChannelView(balance=10_000)
@@ -131,3 +138,40 @@ def test_our_corrective_402_is_what_the_sdk_reads() -> None:
 def test_malformed_headers_are_bad_requests(header: str) -> None:
     with pytest.raises(BadRequest):
         decode_payment(header)
+
+
+def test_a_deposit_authorization_not_signed_by_its_payer_is_refused_before_any_gas() -> None:
+    """The SDK's own deposit passes; the same deposit with its ERC-3009 signature by another key (or not
+    a signature at all), or for another amount, is refused offline: the node sends no transaction."""
+    terms = node_terms()
+    payment = decode_payment(SdkPayer().pay(required_for(terms, 300)))
+    check_deposit_signature(payment, terms)
+    deposit = payment.deposit
+    assert deposit is not None
+    forged = sign_digest("0x" + "77" * 32, receive_digest(
+        Domain(terms.chain_id, terms.token, name=terms.token_name, version=terms.token_version),
+        payment.config.payer, deposit.amount, deposit.valid_after, deposit.valid_before,
+        deposit_nonce(payment.voucher.channel_id, deposit.salt)))
+    for bad in (replace(deposit, signature=forged), replace(deposit, signature=b"\x01" * 65),
+                replace(deposit, amount=deposit.amount * 10)):
+        with pytest.raises(X402Refused) as err:
+            check_deposit_signature(replace(payment, deposit=bad), terms)
+        assert err.value.reason == "invalid_batch_settlement_evm_receive_authorization_signature"
+
+
+def test_a_deposit_below_the_announced_minimum_is_refused_before_any_gas() -> None:
+    """Each deposit costs the node a transaction's gas: a node announcing `extra.minDeposit` refuses dust
+    deposits (a payer topping up 1 wei at a time would have it pay gas for nothing). The SDK reads the
+    announcement and deposits at least that much."""
+    terms = node_terms(min_deposit=50_000)
+    required = required_for(terms, 300)
+    offer = next(a for a in required["accepts"] if a["scheme"] == "batch-settlement")
+    assert offer["extra"]["minDeposit"] == "50000"
+    payment = decode_payment(SdkPayer().pay(required))
+    assert payment.deposit is not None and payment.deposit.amount >= 50_000
+    check_min_deposit(payment, terms)
+    dust = replace(payment, deposit=replace(payment.deposit, amount=49_999))
+    with pytest.raises(X402Refused) as err:
+        check_min_deposit(dust, terms)
+    assert err.value.reason == "invalid_batch_settlement_evm_deposit_below_min_deposit"
+    assert "minDeposit" not in node_terms().requirements(300)["extra"], "no minimum: none announced"

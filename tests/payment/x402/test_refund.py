@@ -23,9 +23,9 @@ from node.payment.x402.channel_mirror import ChannelMirror
 from node.payment.x402.refund import X402Refunds
 from node.payment.x402.terms import payment_required
 from node.payment.x402.wire import PAYMENT_SIGNATURE_HEADER, encode_header
-from tests.fixtures import x402_node as fixtures
+from tests.fixtures import x402_chain_node as fixtures
 from tests.fixtures.contracts import Roles
-from tests.fixtures.x402_node import DELAY, X402Node
+from tests.fixtures.x402_chain_node import DELAY, X402Node
 from tests.payment.x402.sdk import PRICE, Payer
 
 pytestmark = pytest.mark.chain

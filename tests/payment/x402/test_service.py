@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 from typing import Any
 
 import pytest
@@ -83,6 +84,8 @@ def test_sdk_pays_through_the_service_and_the_stored_lane_is_collectible(db_url:
     assert replay.value.reason == CUMULATIVE_MISMATCH, "a voucher buys one generation"
     assert replay.value.channel_state is not None and replay.value.channel_state["chargedCumulativeAmount"] == "1800"
 
+    entry = x402.book.entry(second.voucher.channel_id, second.config)  # written in the hold's transaction
+    assert (entry.signed_max, entry.signature) == (second.voucher.max_claimable, second.voucher.signature)
     with factory() as session:
         stored = session.get(VoucherRow, _last_hash(body))
         lane = SignedVoucher.from_row(stored) if stored is not None else None
@@ -135,3 +138,33 @@ def test_a_refund_request_is_refused_plainly_not_looped(db_url: str, x402_world:
     payload["payload"]["type"] = "refund"
     with pytest.raises(BadRequest, match="GET /x402/refund"):
         x402.check(base64.b64encode(json.dumps(payload).encode()).decode())
+
+
+def test_each_channel_holds_under_its_own_lock(postgres_url: str, x402_world: X402World, roles: Roles) -> None:
+    """PostgreSQL, several API processes: a hold locks its channel's lane, not the router (every
+    channel is a lane of it), so a request on one channel never waits for another channel's hold; two
+    on the same channel still take turns."""
+    x402, _ = _services(postgres_url, x402_world, roles)
+    token = x402_world.deployer.contract("DemoToken3009", x402_world.terms.token)
+    x402_world.deployer.transact(token.functions.mint(roles.address(roles.relayer), 10**18))
+    header_a, a = Payer(roles.payer, x402_world.rpc_url, x402_world.dep.chain_id).pay(x402_world.required())
+    header_b, _ = Payer(roles.relayer, x402_world.rpc_url, x402_world.dep.chain_id).pay(x402_world.required())
+    lane_a = x402.book.lane_of(a.voucher.channel_id, a.config)
+    holds: dict[str, Any] = {}
+
+    def hold(name: str, header: str) -> threading.Thread:
+        thread = threading.Thread(target=lambda: holds.__setitem__(name, x402.hold(x402.check(header), PRICE)))
+        thread.start()
+        return thread
+
+    with x402.ledger.lanes.transaction(lock_payer=x402.router, node=x402.ledger.node, lock_lane=lane_a):
+        other = hold("b", header_b)
+        other.join(timeout=30)
+        assert "b" in holds, "another channel's hold did not wait"
+        same = hold("a", header_a)
+        same.join(timeout=1.0)
+        assert same.is_alive() and "a" not in holds, "the same channel's hold waits for the lock"
+    same.join(timeout=30)
+    assert "a" in holds
+    for placed in holds.values():
+        x402.payments.cancel(placed)

@@ -1,0 +1,190 @@
+"""The node as the x402 facilitator of its own channels: `POST /verify`, `POST /settle`, `GET /supported`
+with the bodies the x402 facilitator interface defines (docs/x402.md, "The node as its facilitator").
+
+Verification is the scheme's facilitator rules against the chain, with no state of the node's books:
+the requirements must be this node's terms (it is the channels' receiver authorizer, so it facilitates
+no one else's), the config binds the channel id and carries those terms, the voucher recovers to the
+payer authorizer, the channel has a balance (a deposit: the payer holds the amount), and the ceiling is
+within the balance and above what was claimed. `/settle` submits deposits (gasless for the payer); the
+node claims and sweeps its channels itself, in its epochs, so claim and settle requests are refused.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from node.errors import BadRequest, ChainError
+from node.payment.x402.channel_check import (
+    PREFIX,
+    X402Refused,
+    check_deposit_signature,
+    check_min_deposit,
+    check_signature,
+    check_terms,
+)
+from node.payment.x402.terms import X402Terms
+from node.payment.x402.typed import SCHEME
+from node.payment.x402.wire import Payment, parse_payment
+
+_BALANCE_OF_ABI = [{"type": "function", "name": "balanceOf", "stateMutability": "view",
+                    "inputs": [{"name": "owner", "type": "address"}], "outputs": [{"name": "", "type": "uint256"}]}]
+
+
+class ChannelChain(Protocol):
+    """What the facilitator needs of the chain (node.chain.x402_channels.X402Chain)."""
+
+    def channel(self, channel_id: bytes) -> Any: ...
+
+    def deposit(self, payment: Payment) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Verified:
+    payment: Payment
+    channel: bytes
+    state: Any  # OnChainChannel
+
+    def snapshot(self) -> dict[str, Any]:
+        s = self.state
+        return {"channelId": "0x" + self.channel.hex(), "balance": str(s.balance), "totalClaimed": str(s.total_claimed),
+                "withdrawRequestedAt": s.withdraw_requested_at, "refundNonce": str(s.refund_nonce)}
+
+
+class Facilitator:
+    def __init__(self, terms: X402Terms, chain: ChannelChain, balance_of: Callable[[str, str], int],
+                 clock: Callable[[], float] = time.time) -> None:
+        self.terms, self.chain, self.balance_of, self.clock = terms, chain, balance_of, clock
+
+    def supported(self) -> dict[str, Any]:
+        """One kind: batch-settlement on the node's chain, with the node as receiver authorizer (and relayer)."""
+        kind = {"x402Version": 2, "scheme": SCHEME, "network": self.terms.network,
+                "extra": {"receiverAuthorizer": self.terms.authorizer}}
+        return {"kinds": [kind], "extensions": [], "signers": {"eip155:*": [self.terms.authorizer]}}
+
+    def verify(self, body: Any) -> dict[str, Any]:
+        payment = _payment(body)
+        try:
+            verified = self._verify(payment, _requirements(body))
+        except X402Refused as exc:
+            return {"isValid": False, "invalidReason": exc.reason, "invalidMessage": exc.message,
+                    "payer": payment.config.payer}
+        return {"isValid": True, "payer": payment.config.payer, "extra": verified.snapshot()}
+
+    def settle(self, body: Any) -> dict[str, Any]:
+        """A deposit goes on chain once verified; any other action is refused with the spec's code."""
+        kind = _payload(body).get("type")
+        network = self.terms.network
+        if kind not in ("deposit", "voucher", "refund", "claim", "settle"):
+            raise BadRequest("unknown batch-settlement payload type", type=repr(kind)[:40])
+        if kind != "deposit":
+            why = ("the node claims and sweeps its own channels in its epochs" if kind in ("claim", "settle")
+                   else "a voucher is charged by the node that serves the request" if kind == "voucher"
+                   else "cooperative refunds are not served by this facilitator yet")
+            return {"success": False, "errorReason": PREFIX + "unknown_settle_action", "errorMessage": why,
+                    "transaction": "", "network": network}
+        payment = _payment(body)
+        try:
+            verified = self._verify(payment, _requirements(body))
+            sent = self.chain.deposit(payment)
+            if sent is None:
+                raise X402Refused("this deposit authorization was used already", PREFIX + "deposit_payload")
+        except X402Refused as exc:
+            return {"success": False, "errorReason": exc.reason, "errorMessage": exc.message, "transaction": "",
+                    "network": network, "payer": payment.config.payer}
+        except ChainError as exc:
+            return {"success": False, "errorReason": PREFIX + "deposit_transaction_failed",
+                    "errorMessage": exc.message, "transaction": "", "network": network,
+                    "payer": payment.config.payer}
+        after = Verified(payment, verified.channel, self.chain.channel(verified.channel))
+        deposit = payment.deposit
+        assert deposit is not None
+        return {"success": True, "transaction": sent["transactionHash"].to_0x_hex(), "network": network,
+                "payer": payment.config.payer, "amount": str(deposit.amount), "asset": self.terms.token,
+                "extra": {"channelState": after.snapshot()}}
+
+    def _verify(self, payment: Payment, requirements: dict[str, Any]) -> Verified:
+        self._check_requirements(requirements)
+        channel = check_terms(payment, self.terms)
+        check_signature(payment, self.terms, channel)
+        try:
+            state = self.chain.channel(channel)
+        except ChainError as exc:
+            raise X402Refused("the channel could not be read", PREFIX + "channel_state_read_failed") from exc
+        ceiling, deposit = payment.voucher.max_claimable, payment.deposit
+        if deposit is not None:
+            self._check_deposit(payment)
+        elif state.balance == 0:
+            raise X402Refused("no channel with a balance", PREFIX + "channel_not_found")
+        if ceiling > state.balance + (deposit.amount if deposit else 0):
+            raise X402Refused("the voucher exceeds the channel's balance", PREFIX + "cumulative_exceeds_balance")
+        below = ceiling < state.total_claimed if payment.kind == "refund" else ceiling <= state.total_claimed
+        if below:
+            raise X402Refused("the voucher is below what was claimed on chain", PREFIX + "cumulative_below_claimed")
+        return Verified(payment, channel, state)
+
+    def _check_requirements(self, req: dict[str, Any]) -> None:
+        """The requirements are this node's: it authorizes claims for its own router only."""
+        raw_extra = req.get("extra")
+        extra: dict[str, Any] = raw_extra if isinstance(raw_extra, dict) else {}
+        if req.get("scheme") != SCHEME:
+            raise X402Refused("only batch-settlement is facilitated", PREFIX + "scheme")
+        if req.get("network") != self.terms.network:
+            raise X402Refused("another network", PREFIX + "network_mismatch")
+        for reason, got, want in (("token_mismatch", req.get("asset"), self.terms.token),
+                                  ("receiver_mismatch", req.get("payTo"), self.terms.router),
+                                  ("receiver_authorizer_mismatch", extra.get("receiverAuthorizer"),
+                                   self.terms.authorizer)):
+            if str(got).lower() != want.lower():
+                raise X402Refused(f"the requirements' {reason.removesuffix('_mismatch')} is not this node's",
+                                  PREFIX + reason)
+        if extra.get("withdrawDelay") != self.terms.withdraw_delay_s:
+            raise X402Refused("the requirements' withdraw delay is not this node's", PREFIX + "withdraw_delay_mismatch")
+
+    def _check_deposit(self, payment: Payment) -> None:
+        deposit = payment.deposit
+        assert deposit is not None
+        now = int(self.clock())
+        if deposit.valid_before <= now:
+            raise X402Refused("the deposit authorization has expired", PREFIX + "payload_authorization_valid_before")
+        if deposit.valid_after > now:
+            raise X402Refused("the deposit authorization is not valid yet",
+                              PREFIX + "payload_authorization_valid_after")
+        check_min_deposit(payment, self.terms)
+        check_deposit_signature(payment, self.terms)
+        if self.balance_of(payment.config.token, payment.config.payer) < deposit.amount:
+            raise X402Refused("the payer does not hold the deposit", PREFIX + "insufficient_balance")
+
+
+def _payload(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict) or not isinstance(body.get("paymentPayload"), dict):
+        raise BadRequest("the request must hold paymentPayload and paymentRequirements objects")
+    payload = body["paymentPayload"].get("payload")
+    if not isinstance(payload, dict):
+        raise BadRequest("paymentPayload.payload must be an object", field="payload")
+    return payload
+
+
+def _payment(body: Any) -> Payment:
+    _payload(body)
+    return parse_payment(body["paymentPayload"])
+
+
+def _requirements(body: Any) -> dict[str, Any]:
+    req = body.get("paymentRequirements")
+    if not isinstance(req, dict):
+        raise BadRequest("paymentRequirements must be an object", field="paymentRequirements")
+    return req
+
+
+def erc20_balance_of(client: Any) -> Callable[[str, str], int]:
+    """`balance_of(token, owner)`: one ERC-20 `balanceOf` through the node's contract client."""
+
+    def balance_of(token: str, owner: str) -> int:
+        w3 = client.w3
+        erc20 = w3.eth.contract(address=w3.to_checksum_address(token), abi=_BALANCE_OF_ABI)
+        return int(client.call(erc20.functions.balanceOf(w3.to_checksum_address(owner))))
+
+    return balance_of

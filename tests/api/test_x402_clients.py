@@ -1,0 +1,304 @@
+"""The stock x402 Python SDK against a live node, beyond a plain paid answer (docs/x402.md): a streamed
+answer's PAYMENT-RESPONSE in its last chunk, a client that lost its channel state recovering through the
+corrective 402, and the node as its own facilitator under the SDK's facilitator client."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+import requests
+from eth_account import Account
+from requests.adapters import HTTPAdapter
+from x402 import x402ClientSync
+from x402.http import FacilitatorConfig, HTTPFacilitatorClientSync
+from x402.http.clients.requests import x402HTTPAdapter
+from x402.schemas import PaymentPayload, PaymentRequirements
+
+from node.chain.receipt_read import HEADER, sign_read
+from node.client.payer import Payer as LanePayer
+from node.client.payer import verify_receipt
+from node.payment.x402.typed import CHANNELS_ADDRESS, voucher_digest
+from node.protocol.eip712 import sign_digest
+from tests.fixtures.paid_node import PaidNode
+from tests.fixtures.x402_node import chat, decode, payer_key, sdk_scheme
+from tests.payment.x402.sdk import Payer
+
+pytestmark = [pytest.mark.chain, pytest.mark.slow]
+MISMATCH = "invalid_batch_settlement_evm_cumulative_amount_mismatch"
+FORGED = "invalid_batch_settlement_evm_receive_authorization_signature"
+BUSY = "invalid_batch_settlement_evm_channel_busy"
+
+
+class _Wire(HTTPAdapter):
+    """Below the SDK's adapter: every request it puts on the wire, with the answer's status."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[bool, int, requests.Response]] = []
+
+    def send(self, request: Any, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        response = super().send(request, *args, **kwargs)
+        self.seen.append(("PAYMENT-SIGNATURE" in request.headers, response.status_code, response))
+        return response
+
+
+class _Recorded(x402HTTPAdapter, _Wire):
+    def __init__(self, client: x402ClientSync) -> None:
+        x402HTTPAdapter.__init__(self, client)
+        _Wire.__init__(self)
+
+
+def _recorded_session(node: PaidNode, offset: int) -> tuple[requests.Session, _Recorded]:
+    client = x402ClientSync().register(f"eip155:{node.local.deployment.chain_id}", sdk_scheme(node, offset))
+    client.set_spend_controls({"allowed_assets": True, "max_amount_per_payment": str(10**18)})
+    adapter = _Recorded(client)
+    session = requests.Session()
+    session.mount("http://", adapter)
+    return session, adapter
+
+
+def _required(node: PaidNode, body: dict[str, Any]) -> dict[str, Any]:
+    resp = requests.post(f"{node.base_url}/v1/chat/completions", json=body, timeout=30)
+    assert resp.status_code == 402, resp.text
+    return decode(resp.headers["PAYMENT-REQUIRED"])
+
+
+def _domain(node: PaidNode) -> Any:
+    return LanePayer(node.payer_keys[0], node.base_url).info
+
+
+def _stream(node: PaidNode, body: dict[str, Any], header: str) -> dict[str, Any]:
+    """The streamed answer's last chunk (usage, receipt, payment_response)."""
+    with requests.post(f"{node.base_url}/v1/chat/completions", json=body, headers={"PAYMENT-SIGNATURE": header},
+                       timeout=120, stream=True) as resp:
+        assert resp.status_code == 200, resp.text
+        assert "PAYMENT-RESPONSE" not in resp.headers, "a stream's headers leave before its charge"
+        events = [line for line in resp.iter_lines() if line.startswith(b"data: ")]
+    assert events[-1] == b"data: [DONE]"
+    return dict(json.loads(events[-2][6:]))
+
+
+def test_a_streamed_answer_carries_its_payment_response_in_its_last_chunk(x402_node: PaidNode) -> None:
+    """The SDK takes the last chunk's PAYMENT-RESPONSE as it takes the header: its next voucher is on the
+    node's running total at once (no corrective 402), and every answer has a receipt the node signed."""
+    info = _domain(x402_node)
+    payer = Payer(payer_key(x402_node.local, 4), x402_node.local.anvil.rpc_url, x402_node.local.deployment.chain_id)
+    body = chat(x402_node, "the sea", stream=True, max_tokens=6)
+    required = _required(x402_node, body)
+    header, payment = payer.pay(required)
+    assert payment.kind == "deposit"
+    last = _stream(x402_node, body, header)
+    receipt, settled = last["receipt"], decode(last["payment_response"])
+    assert verify_receipt(receipt, info.domain) == info.node
+    assert settled["success"] and settled["extra"]["chargedAmount"] == receipt["fee"]
+    assert settled["extra"]["channelState"]["chargedCumulativeAmount"] == receipt["chargedTotal"] == receipt["fee"]
+    assert int(receipt["fee"]) <= payment.accepted_amount, "never charged above the price"
+    assert settled["transaction"].startswith("0x") and settled["amount"] == str(payment.deposit.amount)  # type: ignore[union-attr]
+    amount = int(next(a for a in required["accepts"] if a["scheme"] == "batch-settlement")["amount"])
+    payer.answered(payment, settled, amount)
+
+    plain = chat(x402_node, "calm and blue")
+    header, payment = payer.pay(_required(x402_node, plain))
+    assert payment.kind == "voucher" and payment.voucher.max_claimable == int(receipt["chargedTotal"]) + \
+        payment.accepted_amount
+    resp = requests.post(f"{x402_node.base_url}/v1/chat/completions", json=plain,
+                         headers={"PAYMENT-SIGNATURE": header}, timeout=120)
+    assert resp.status_code == 200, resp.text  # paid at the first try
+    second = resp.json()["receipt"]
+    assert verify_receipt(second, info.domain) == info.node
+    assert int(second["chargedTotal"]) == int(receipt["fee"]) + int(second["fee"])
+    settled = decode(resp.headers["PAYMENT-RESPONSE"])
+    assert settled["transaction"] == "" and settled["amount"] == "", "a voucher moves no token"
+
+
+def test_a_stock_client_that_lost_its_channel_state_pays_again_through_the_corrective_402(x402_node: PaidNode
+                                                                                          ) -> None:
+    """The SDK's own `requests` adapter, start to end: one client pays twice (a deposit, then a voucher);
+    a new client of the same payer (its channel state lost) reads the channel from the chain, signs on a
+    stale total, gets the corrective 402, checks the node's copy of its last voucher and pays at the next
+    try; it is charged once, on the node's running total."""
+    info = _domain(x402_node)
+    url = f"{x402_node.base_url}/v1/chat/completions"
+    first, _ = _recorded_session(x402_node, 5)
+    total = 0
+    for prompt in ("the sea", "blue"):
+        resp = first.post(url, json=chat(x402_node, prompt), timeout=120)
+        assert resp.status_code == 200, resp.text
+        total += int(resp.json()["receipt"]["fee"])
+
+    fresh, wire = _recorded_session(x402_node, 5)  # the same payer key, no local state
+    resp = fresh.post(url, json=chat(x402_node, "calm"), timeout=120)
+    assert resp.status_code == 200, resp.text
+    assert [(paid, status) for paid, status, _ in wire.seen] == [(False, 402), (True, 402), (True, 200)]
+    corrective = decode(wire.seen[1][2].headers["PAYMENT-REQUIRED"])
+    offer = next(a for a in corrective["accepts"] if a["scheme"] == "batch-settlement")
+    assert corrective["error"] == MISMATCH and offer["extra"]["channelState"]["chargedCumulativeAmount"] == str(total)
+    receipt = resp.json()["receipt"]
+    assert verify_receipt(receipt, info.domain) == info.node
+    assert int(receipt["chargedTotal"]) == total + int(receipt["fee"]), "charged once, on the running total"
+    assert decode(resp.headers["PAYMENT-RESPONSE"])["extra"]["chargedAmount"] == receipt["fee"]
+
+    wire.seen.clear()  # resynchronised: the next request is paid at the first try
+    resp = fresh.post(url, json=chat(x402_node, "the sea is"), timeout=120)
+    assert resp.status_code == 200 and [s for _, s, _ in wire.seen] == [402, 200]
+
+
+def _facilitator_request(node: PaidNode, payer: Payer, body: dict[str, Any]
+                         ) -> tuple[PaymentPayload, PaymentRequirements, Any]:
+    required = _required(node, body)
+    header, payment = payer.pay(required)
+    payload = PaymentPayload.model_validate(decode(header))
+    requirements = PaymentRequirements.model_validate(payload.accepted.model_dump(by_alias=True))
+    return payload, requirements, payment
+
+
+def test_the_node_is_its_own_facilitator_under_the_sdks_facilitator_client(x402_node: PaidNode) -> None:
+    """`<node>/x402` as the facilitator URL of the SDK's HTTPFacilitatorClientSync: /supported names the
+    node as receiver authorizer, /verify checks a deposit and a voucher against the chain, /settle puts
+    the deposit on chain once (a second settle of it is refused), and what the node will not facilitate
+    (another receiver, a voucher above the deposit, a claim) is refused with the spec's codes."""
+    local = x402_node.local
+    facilitator = HTTPFacilitatorClientSync(FacilitatorConfig(url=f"{x402_node.base_url}/x402"))
+    supported = facilitator.get_supported()
+    kind = supported.kinds[0]
+    assert (kind.scheme, kind.network, kind.x402_version) == ("batch-settlement", f"eip155:{local.deployment.chain_id}",
+                                                              2)
+    node = _domain(x402_node).node
+    assert kind.extra == {"receiverAuthorizer": node} and supported.signers == {"eip155:*": [node]}
+
+    payer = Payer(payer_key(local, 6), local.anvil.rpc_url, local.deployment.chain_id)
+    payload, requirements, payment = _facilitator_request(x402_node, payer, chat(x402_node, "the sea"))
+    verified = facilitator.verify(payload, requirements)
+    assert verified.is_valid and verified.payer == payment.config.payer, verified
+    assert verified.extra and verified.extra["balance"] == "0", "nothing deposited yet"
+
+    forged = _forged_deposit(payload)  # someone else's signature on the payer's deposit: no transaction
+    assert facilitator.verify(forged, requirements).invalid_reason == FORGED
+    refused = facilitator.settle(forged, requirements)
+    assert not refused.success and refused.error_reason == FORGED
+
+    settled = facilitator.settle(payload, requirements)
+    assert settled.success and settled.transaction.startswith("0x") and settled.amount == str(payment.deposit.amount)
+    state = settled.model_dump(by_alias=True)["extra"]["channelState"]
+    assert state["balance"] == str(payment.deposit.amount)
+    assert state["channelId"] == "0x" + payment.voucher.channel_id.hex()
+    channels = local.contracts(0).client.contract("X402Channels", CHANNELS_ADDRESS)
+    assert channels.functions.channels(payment.voucher.channel_id).call()[0] == payment.deposit.amount
+    again = facilitator.settle(payload, requirements)
+    assert not again.success and again.error_reason == "invalid_batch_settlement_evm_deposit_payload"
+
+    # the SDK, told of the deposit, signs a voucher on it: valid; one above the deposit is not
+    told = {"success": True, "transaction": settled.transaction, "network": kind.network, "amount": settled.amount,
+            "extra": {"chargedAmount": "0", "channelState": {**state, "chargedCumulativeAmount": "0"}}}
+    payer.answered(payment, told, payment.accepted_amount)
+    voucher, requirements, payment = _facilitator_request(x402_node, payer, chat(x402_node, "blue"))
+    assert payment.kind == "voucher"
+    assert facilitator.verify(voucher, requirements).is_valid
+    refused = facilitator.verify(_with_ceiling(voucher, payer_key(local, 6), 10**20), requirements)
+    assert not refused.is_valid and refused.invalid_reason == "invalid_batch_settlement_evm_cumulative_exceeds_balance"
+
+    elsewhere = requirements.model_copy(update={"pay_to": "0x" + "ee" * 20})
+    refused = facilitator.verify(voucher, elsewhere)
+    assert not refused.is_valid and refused.invalid_reason == "invalid_batch_settlement_evm_receiver_mismatch"
+    claim = voucher.model_copy(update={"payload": {"type": "claim", "claims": []}})
+    refused_claim = facilitator.settle(claim, requirements)
+    assert not refused_claim.success
+    assert refused_claim.error_reason == "invalid_batch_settlement_evm_unknown_settle_action"
+
+
+def _with_ceiling(payload: PaymentPayload, key: str, ceiling: int) -> PaymentPayload:
+    """The payload's voucher re-signed by its payer for another ceiling (a payer asking for more)."""
+    raw = dict(payload.payload)
+    channel = bytes.fromhex(raw["voucher"]["channelId"][2:])
+    chain_id = int(str(payload.accepted.network).split(":")[1])
+    signature = sign_digest(key, voucher_digest(channel, ceiling, chain_id))
+    raw["voucher"] = {**raw["voucher"], "maxClaimableAmount": str(ceiling), "signature": "0x" + signature.hex()}
+    return payload.model_copy(update={"payload": raw})
+
+
+def _forged_deposit(payload: PaymentPayload) -> PaymentPayload:
+    """The payload's deposit with its ERC-3009 authorization signed by someone else than the payer."""
+    raw = json.loads(json.dumps(payload.payload))
+    auth = raw["deposit"]["authorization"]["erc3009Authorization"]
+    auth["signature"] = "0x" + sign_digest("0x" + "77" * 32, b"\x11" * 32).hex()
+    return payload.model_copy(update={"payload": raw})
+
+
+def test_an_x402_stream_the_client_hangs_up_on_is_charged_for_what_was_generated(x402_node: PaidNode) -> None:
+    """The lanes' rule for a dropped stream, on a channel: charged for what was generated before the
+    hang-up, never above the request's price; the client learns the new total from the corrective 402
+    (it never saw the last chunk) and pays on it."""
+    local = x402_node.local
+    payer = Payer(payer_key(local, 8), local.anvil.rpc_url, local.deployment.chain_id)
+    body = chat(x402_node, "the sea", stream=True, max_tokens=400, stop=["@@never@@"])
+    header, payment = payer.pay(_required(x402_node, body))
+    with requests.post(f"{x402_node.base_url}/v1/chat/completions", json=body, headers={"PAYMENT-SIGNATURE": header},
+                       timeout=60, stream=True) as resp:
+        assert resp.status_code == 200, resp.text
+        next(line for line in resp.iter_lines() if b'"content":"' in line and b'"content":""' not in line)
+    plain = chat(x402_node, "blue")
+    deadline, corrective = time.monotonic() + 10, None
+    while corrective is None or corrective["error"] == BUSY:  # the hold is released once the node notices
+        assert time.monotonic() < deadline, corrective
+        time.sleep(0.2)
+        stale, _ = payer.pay(_required(x402_node, plain))
+        resp = requests.post(f"{x402_node.base_url}/v1/chat/completions", json=plain,
+                             headers={"PAYMENT-SIGNATURE": stale}, timeout=60)
+        assert resp.status_code == 402, resp.text
+        corrective = decode(resp.headers["PAYMENT-REQUIRED"])
+    assert corrective["error"] == MISMATCH
+    offer = next(a for a in corrective["accepts"] if a["scheme"] == "batch-settlement")
+    dropped = int(offer["extra"]["channelState"]["chargedCumulativeAmount"])
+    assert 0 < dropped <= payment.accepted_amount, "charged for the tokens sent, never above the price"
+    assert payer.recover(corrective)
+    header, _ = payer.pay(_required(x402_node, plain))
+    resp = requests.post(f"{x402_node.base_url}/v1/chat/completions", json=plain,
+                         headers={"PAYMENT-SIGNATURE": header}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    receipt = resp.json()["receipt"]
+    assert int(receipt["chargedTotal"]) == dropped + int(receipt["fee"])
+
+
+def test_the_facilitator_refuses_malformed_requests_plainly(x402_node: PaidNode) -> None:
+    """Every malformed body is a 400 with the OpenAI error body (never a 5xx, never a transaction)."""
+    url = f"{x402_node.base_url}/x402"
+    good = {"x402Version": 2, "scheme": "batch-settlement"}
+    bodies: list[Any] = [b"{not json", b"[1, 2]", b"x" * 70_000, {"x402Version": 2},
+                         {"x402Version": 2, "paymentPayload": {"payload": 1}, "paymentRequirements": {}},
+                         {"x402Version": 2, "paymentPayload": {**good, "payload": {}}, "paymentRequirements": {}},
+                         {"x402Version": 2, "paymentRequirements": {},
+                          "paymentPayload": {"x402Version": 2, "accepted": {"scheme": "batch-settlement"},
+                                             "payload": {"type": "deposit", "channelConfig": {"salt": "0xzz"}}}}]
+    for body in bodies:
+        for path in ("verify", "settle"):
+            sent = {"data": body} if isinstance(body, bytes) else {"json": body}
+            resp = requests.post(f"{url}/{path}", timeout=30, headers={"Content-Type": "application/json"}, **sent)
+            assert resp.status_code == 400, (path, body, resp.text)
+            assert resp.json()["error"]["message"], resp.text
+
+
+def test_an_x402_payer_reads_the_text_of_its_own_receipts_and_no_one_else_does(x402_node: PaidNode) -> None:
+    """An x402 receipt's voucher names the router as payer; the channel's payer signs the read
+    (`X-Receipt-Read`), as a lane payer does, and anyone else is refused."""
+    info = _domain(x402_node)
+    key = payer_key(x402_node.local, 9)
+    session = requests.Session()
+    client = x402ClientSync().register(f"eip155:{x402_node.local.deployment.chain_id}", sdk_scheme(x402_node, 9))
+    client.set_spend_controls({"allowed_assets": True, "max_amount_per_payment": str(10**18)})
+    session.mount("http://", x402HTTPAdapter(client))
+    resp = session.post(f"{x402_node.base_url}/v1/chat/completions", json=chat(x402_node, "the sea"), timeout=120)
+    assert resp.status_code == 200, resp.text
+    receipt_id, text = resp.json()["receipt"]["id"], resp.json()["choices"][0]["message"]["content"]
+    url = f"{x402_node.base_url}/v1/receipts/{receipt_id}"
+    payer = Account.from_key(key).address
+    mine = requests.get(url, headers={HEADER: sign_read(key, payer, receipt_id, info.domain)}, timeout=30)
+    assert mine.status_code == 200, mine.text
+    assert mine.json()["output"] == text and mine.json()["payer"].lower() == payer.lower()
+    other = payer_key(x402_node.local, 8)
+    theirs = requests.get(url, headers={HEADER: sign_read(other, Account.from_key(other).address, receipt_id,
+                                                          info.domain)}, timeout=30)
+    assert theirs.status_code == 403, theirs.text
+    assert "output" not in requests.get(url, timeout=30).json()
