@@ -38,7 +38,7 @@ OPERATIONS = (*PAID, "GET /v1/node", "GET /v1/models", "GET /v1/models/{model}",
               "GET /v1/epochs/{node}/{epoch_id}", "GET /v1/epochs/{node}", "GET /v1/epochs/{node}/{epoch_id}/summary",
               "GET /v1/earnings/{node}/{account}", "GET /v1/adapters", "GET /health", "GET /ready", "GET /metrics",
               "POST /v1/quote/completions", "POST /v1/quote/chat/completions",
-              "GET /x402/supported", "POST /x402/verify", "POST /x402/settle")
+              "GET /x402/supported", "POST /x402/verify", "POST /x402/settle", "GET /x402/refund")
 CONSTRAINTS = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
 MAX_EXAMPLES = int(os.environ.get("LORANODE_FUZZ_EXAMPLES", "40"))
 SEED = os.environ.get("LORANODE_FUZZ_SEED")  # unset: derandomized (the same cases every run)
