@@ -25,12 +25,12 @@ from node.engine.grammar import GrammarCompiler
 from node.engine.logprob import TokenLogprob
 from node.engine.model_runner import ModelRunner
 from node.engine.output import OutputProcessor
-from node.engine.residency import AdapterAction, ControlAdapter, Residency
 from node.engine.sampling import SamplingParams, check_vocabulary
 from node.engine.scheduler import Scheduler
 from node.engine.sequence import RequestOutput, Sequence, StreamDelta
 from node.errors import AdapterError, AdapterNotFound, BadRequest, ConfigError, NodeError, Overloaded, PromptTooLong
 from node.lora.adapter import LoRATargetSpec, LoRAWeights, load_lora_adapter
+from node.lora.manager import AdapterAction, ControlAdapter, LoRAManager
 from node.lora.memory_provider import InMemoryAdapterProvider
 from node.lora.provider import AdapterProvider, AdapterSource, LoadState
 from node.models.config import ModelConfig
@@ -76,8 +76,7 @@ class LLMEngine:
         self.provider: AdapterProvider[LoRAWeights] = provider or InMemoryAdapterProvider(self.parse_adapter)
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(config.model_path))
         eos = eos_token_ids(self.model_config, self.tokenizer)
-        self.runner = runner_class(config)(config, self.model_config, self.max_model_len, self.provider,
-                                           frozenset(eos))
+        self.runner = runner_class(config)(config, self.model_config, self.max_model_len, frozenset(eos))
         if self.runner.num_blocks * config.block_size < self.max_model_len:
             self.runner.close()
             raise ConfigError("the KV cache cannot hold one max_model_len sequence",
@@ -88,7 +87,7 @@ class LLMEngine:
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_adapter_slots=self.runner.slots.num_slots)
         self.outputs = OutputProcessor(self.tokenizer, frozenset(eos), self.max_model_len)
-        self.residency = Residency(self.provider, self.runner.slots, self._post)
+        self.adapters = LoRAManager(self.provider, self.runner.slots, self.runner.copies, self._post)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, sorted(eos))
         self._inbox: list[InboxMessage] = []  # from other threads, drained at the start of each step
         self._listeners: dict[str, Listener] = {}  # stream callers: every delta
@@ -105,11 +104,11 @@ class LLMEngine:
 
     def add_adapter(self, adapter_id: str, path: str | Path) -> None:
         """Register a local PEFT folder and parse it now, so that a bad adapter fails here."""
-        self.provider.register(adapter_id, AdapterSource(uri=str(path), sha256=""))
+        self.adapters.register(adapter_id, AdapterSource(uri=str(path), sha256=""))
         self.provider.get(adapter_id)
 
     def control_adapter(self, adapter_id: str, action: AdapterAction) -> Future[None]:
-        """Pin, unpin, preload or evict an adapter (node/engine/residency.py); done once it took effect."""
+        """Pin, unpin, preload or evict an adapter (node/lora/manager.py); done once it took effect."""
         done: Future[None] = Future()
         self._post(ControlAdapter(adapter_id, action, done))
         if self._thread is None:
@@ -151,7 +150,7 @@ class LLMEngine:
             raise PromptTooLong(f"prompt of {len(ids)} tokens, max_model_len is {self.max_model_len}",
                                 num_prompt_tokens=len(ids), max_model_len=self.max_model_len)
         self.check_vocabulary(params)
-        if adapter_id is not None and self.provider.state(adapter_id) is LoadState.UNKNOWN:
+        if adapter_id is not None and self.adapters.state(adapter_id) is LoadState.UNKNOWN:
             raise AdapterNotFound(f"adapter {adapter_id} is not registered", adapter=adapter_id)
         request_id = request_id or f"req-{next(self._ids)}"
         seq = Sequence(request_id=request_id, prompt_token_ids=ids, params=params, adapter_id=adapter_id,
@@ -190,13 +189,12 @@ class LLMEngine:
                     finished.append(self.scheduler.abort(request_id))
                 case ControlAdapter():
                     running = {s.adapter_id for s in self.scheduler.running if s.adapter_id is not None}
-                    self.residency.apply(message, running)
+                    self.adapters.apply(message, running)
                 case DropAdapter(adapter_id):
                     for seq in [*self.scheduler.running, *self.scheduler.waiting]:
                         if seq.adapter_id == adapter_id:
                             finished.append(self.scheduler.abort(seq.request_id))
-                    self.provider.unregister(adapter_id)
-                    self.runner.slots.remove(adapter_id)
+                    self.adapters.drop(adapter_id)
                     self.block_manager.forget_adapter(adapter_id)
         return [s for s in finished if s is not None]
 
@@ -215,10 +213,11 @@ class LLMEngine:
         out = self.scheduler.schedule()
         finished.extend(out.failed)
         in_use = {s.adapter_id for s in self.scheduler.running if s.adapter_id is not None}
-        scheduled = []
+        scheduled, adapter_slots = [], []
         for item in out.scheduled:
             try:
-                self.runner.prepare_adapter(item.seq.adapter_id, in_use, is_first=item.seq.num_computed_tokens == 0)
+                adapter_slots.append(self.adapters.prepare(item.seq.adapter_id, in_use,
+                                                           is_first=item.seq.num_computed_tokens == 0))
                 scheduled.append(item)
             except Overloaded:  # every slot of its rank holds a running sequence's adapter: next steps
                 self.scheduler.defer(item.seq)
@@ -226,7 +225,7 @@ class LLMEngine:
                 self.scheduler.fail(item.seq, e)
                 finished.append(item.seq)
         if scheduled:
-            sampled_out = self.runner.run(scheduled, in_use)
+            sampled_out = self.runner.run(scheduled, adapter_slots)
             sampled = iter(zip(sampled_out.token_ids, sampled_out.logprobs, strict=True))
             for item in scheduled:
                 item.seq.num_computed_tokens += item.num_new_tokens
@@ -240,7 +239,7 @@ class LLMEngine:
         for seq in finished:
             self._notify(seq)
         if out.upcoming:  # after this step's outputs went out: the copies delay only the next step
-            self.runner.stage_adapters(out.upcoming)
+            self.adapters.stage(out.upcoming)
         return [s.to_output() for s in finished]
 
     @staticmethod

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Iterable
-from typing import cast
+from collections.abc import Callable
 
 import torch
 
@@ -14,10 +13,9 @@ from node.engine.sampler import Sampler, SamplerOutput, SamplingBatch
 from node.engine.scheduler import ScheduledSeq
 from node.engine.sequence import Sequence
 from node.errors import ConfigError
-from node.lora.adapter import LoRATargetSpec, LoRAWeights
+from node.lora.adapter import LoRATargetSpec
 from node.lora.copy_stream import AdapterCopyStream
 from node.lora.ops import uses_triton
-from node.lora.provider import AdapterProvider, LoadState
 from node.lora.slots import LoRASlotPools, LoRASlots
 from node.models.attention import AttentionBatch, AttentionGroup, build_group
 from node.models.config import ModelConfig
@@ -30,8 +28,8 @@ log = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int,
-                 provider: AdapterProvider[LoRAWeights], eos_token_ids: frozenset[int] = frozenset()):
-        self.config, self.model_config, self.provider = config, model_config, provider
+                 eos_token_ids: frozenset[int] = frozenset()):
+        self.config, self.model_config = config, model_config
         self.sampler = Sampler(eos_token_ids)
         self.device = torch.device(config.device)
         check_scheme(config.weight_quantization, self.device, config.torch_dtype)  # before the load
@@ -106,10 +104,11 @@ class ModelRunner:
         return max(1, min(wanted, budget // self._block_bytes()))
 
     @torch.inference_mode()
-    def run(self, scheduled: list[ScheduledSeq], adapters_in_use: Collection[str]) -> SamplerOutput:
-        """Run one step; returns the sampled token (and logprobs) of each `is_sampled` item, in
-        `scheduled` order."""
-        slot_of = {id(s.seq): self._slot(s.seq.adapter_id, adapters_in_use) for s in scheduled}
+    def run(self, scheduled: list[ScheduledSeq], adapter_slots: list[int]) -> SamplerOutput:
+        """Run one step (`adapter_slots`: the device slot of each item's adapter, -1 for none, from
+        `LoRAManager.prepare`); returns the sampled token (and logprobs) of each `is_sampled` item,
+        in `scheduled` order."""
+        slot_of = {id(s.seq): slot for s, slot in zip(scheduled, adapter_slots, strict=True)}
         self.copies.wait_for({s.seq.adapter_id for s in scheduled if s.seq.adapter_id is not None})
         # prefills (in groups of similar length) then decodes, each sorted by adapter slot: LoRA
         # segments become long runs
@@ -170,42 +169,6 @@ class ModelRunner:
         batch = AttentionBatch(slot_mapping=self._long(slot_mapping), groups=tuple(groups))
         lora = self.slots.batch(token_slots)
         return self.model(self._long(token_ids), self._long(positions), batch, self.kv_caches, lora)
-
-    def prepare_adapter(self, adapter_id: str | None, adapters_in_use: Collection[str],
-                        is_first: bool = False) -> None:
-        """Make sure the adapter is in a device slot before the step (raises AdapterError); a request's
-        `is_first` step counts a device-tier hit or miss."""
-        if is_first and adapter_id is not None:
-            if self.slots.lookup(adapter_id) is not None:
-                self.slots.num_hits += 1
-            else:
-                self.slots.num_misses += 1
-        self._slot(adapter_id, adapters_in_use)
-
-    def stage_adapters(self, adapter_ids: Iterable[str]) -> list[str]:
-        """Copy adapters already in host memory into free device slots (never evicting one), so that
-        their requests find them there when admitted. Never waits on a load; returns those copied."""
-        staged = []
-        for adapter_id in adapter_ids:
-            if not self.slots.has_free_slot(1):
-                break
-            if self.slots.lookup(adapter_id) is not None or self.provider.state(adapter_id) is not LoadState.READY:
-                continue
-            load = self.provider.prefetch(adapter_id)  # done at once on a host hit (evicted since: queued)
-            if load.done() and load.exception() is None:
-                weights = cast(LoRAWeights, load.result())
-                if self.slots.has_free_slot(weights.rank):
-                    self.slots.activate(adapter_id, weights, in_use=(), copies=self.copies)
-                    staged.append(adapter_id)
-        return staged
-
-    def _slot(self, adapter_id: str | None, adapters_in_use: Collection[str]) -> int:
-        if adapter_id is None:
-            return -1
-        slot = self.slots.lookup(adapter_id)  # on the device already: no host-tier lookup, no hit counted
-        if slot is not None:
-            return slot
-        return self.slots.activate(adapter_id, self.provider.get(adapter_id), adapters_in_use, self.copies)
 
     def _group(self, items: list[ScheduledSeq], first_token: int) -> AttentionGroup | None:
         if not items:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Collection
 
 import torch
 
@@ -23,8 +22,7 @@ from node.engine.sampler import SamplerOutput
 from node.engine.scheduler import ScheduledSeq
 from node.engine.tp_group import TensorParallelGroup
 from node.engine.tp_step import GroupInputs, StepInputs, WorkerSetup, run_step
-from node.lora.adapter import LoRATargetSpec, LoRAWeights
-from node.lora.provider import AdapterProvider
+from node.lora.adapter import LoRATargetSpec
 from node.lora.sharding import LoRAShard, ShardedLoRASlotPools
 from node.lora.slots import LoRASlotPools, LoRASlots
 from node.models.config import ModelConfig
@@ -50,14 +48,14 @@ def worker_threads(size: int) -> int:
 
 class TPModelRunner(ModelRunner):
     def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int,
-                 provider: AdapterProvider[LoRAWeights], eos_token_ids: frozenset[int] = frozenset()):
+                 eos_token_ids: frozenset[int] = frozenset()):
         size = config.tensor_parallel_size
         self.plan = ShardPlan.of(model_config, 0, size)  # refuses a model that does not split, before spawning
         self.shards = tuple(lora_shard(ShardPlan.of(model_config, rank, size)) for rank in range(size))
         self.group = TensorParallelGroup.launch(config, max_model_len, worker_threads(size))
         self._is_step_sent = False
         try:
-            super().__init__(config, self.plan.local_config(), max_model_len, provider, eos_token_ids)
+            super().__init__(config, self.plan.local_config(), max_model_len, eos_token_ids)
             pools = tuple((pool.max_rank, pool.num_slots) for pool in self.slots.pools)
             self.group.broadcast_object(WorkerSetup(rank_pools=pools, num_blocks=self.num_blocks))
         except BaseException:
@@ -77,11 +75,11 @@ class TPModelRunner(ModelRunner):
         return None  # not captured across ranks yet: decode steps run eagerly
 
     @torch.inference_mode()
-    def run(self, scheduled: list[ScheduledSeq], adapters_in_use: Collection[str]) -> SamplerOutput:
+    def run(self, scheduled: list[ScheduledSeq], adapter_slots: list[int]) -> SamplerOutput:
         self.group.check_alive()
         self._is_step_sent = False
         try:
-            out = super().run(scheduled, adapters_in_use)
+            out = super().run(scheduled, adapter_slots)
             if out.token_ids:
                 self.group.broadcast_tokens(out.token_ids)
         except RuntimeError as e:  # a collective failed: a rank died or hangs

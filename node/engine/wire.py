@@ -67,7 +67,7 @@ class PrefetchAdapter(_Message):
 
 class ControlAdapter(_Message):
     adapter_id: str
-    action: str  # node/engine/residency.py: AdapterAction
+    action: str  # node/lora/manager.py: AdapterAction
 
 
 class Shutdown(_Message):
