@@ -225,7 +225,8 @@ class LLMEngine:
                 self.scheduler.fail(item.seq, e)
                 finished.append(item.seq)
         if scheduled:
-            sampled_out = self.runner.run(scheduled, adapter_slots)
+            inputs = self.runner.prepare(scheduled, adapter_slots)
+            sampled_out = self.runner.sample(inputs, self.runner.run(inputs))
             sampled = iter(zip(sampled_out.token_ids, sampled_out.logprobs, strict=True))
             for item in scheduled:
                 item.seq.num_computed_tokens += item.num_new_tokens
