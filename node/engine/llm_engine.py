@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +25,9 @@ from node.engine.grammar import GrammarCompiler
 from node.engine.logprob import TokenLogprob
 from node.engine.model_runner import ModelRunner
 from node.engine.output import OutputProcessor
+from node.engine.sampler import SamplerOutput
 from node.engine.sampling import SamplingParams, check_vocabulary
-from node.engine.scheduler import Scheduler
+from node.engine.scheduler import ScheduledSeq, Scheduler
 from node.engine.sequence import RequestOutput, Sequence, StreamDelta
 from node.errors import AdapterError, AdapterNotFound, BadRequest, ConfigError, NodeError, Overloaded, PromptTooLong
 from node.lora.adapter import LoRATargetSpec, LoRAWeights, load_lora_adapter
@@ -212,9 +213,23 @@ class LLMEngine:
         finished = self._drain_inbox()
         out = self.scheduler.schedule()
         finished.extend(out.failed)
+        scheduled, adapter_slots = self._place_adapters(out.scheduled, finished)
+        if scheduled:
+            inputs = self.runner.prepare(scheduled, adapter_slots)
+            sampled = self.runner.sample(inputs, self.runner.run(inputs))
+            finished.extend(self._advance(scheduled, sampled))
+        for seq in finished:
+            self._notify(seq)
+        self.adapters.stage(out.upcoming)  # after this step's outputs went out: the copies delay only the next
+        return [s.to_output() for s in finished]
+
+    def _place_adapters(self, items: Iterable[ScheduledSeq], failed: list[Sequence],
+                        ) -> tuple[list[ScheduledSeq], list[int]]:
+        """The items whose adapter is in a device slot now, with their slots; the others wait for a slot
+        (deferred) or fail alone (appended to `failed`), never the batch."""
         in_use = {s.adapter_id for s in self.scheduler.running if s.adapter_id is not None}
         scheduled, adapter_slots = [], []
-        for item in out.scheduled:
+        for item in items:
             try:
                 adapter_slots.append(self.adapters.prepare(item.seq.adapter_id, in_use,
                                                            is_first=item.seq.num_computed_tokens == 0))
@@ -223,25 +238,25 @@ class LLMEngine:
                 self.scheduler.defer(item.seq)
             except AdapterError as e:  # this request alone fails, not the batch
                 self.scheduler.fail(item.seq, e)
-                finished.append(item.seq)
-        if scheduled:
-            inputs = self.runner.prepare(scheduled, adapter_slots)
-            sampled_out = self.runner.sample(inputs, self.runner.run(inputs))
-            sampled = iter(zip(sampled_out.token_ids, sampled_out.logprobs, strict=True))
-            for item in scheduled:
-                item.seq.num_computed_tokens += item.num_new_tokens
-                if item.seq.num_computed_tokens == item.seq.num_tokens:
-                    self._append(item.seq, *next(sampled))
-                    if self.outputs.check_stop(item.seq, is_streamed=item.seq.request_id in self._listeners):
-                        self.scheduler.finish(item.seq)
-                        finished.append(item.seq)
-                    elif item.seq.request_id in self._listeners:
-                        self._notify(item.seq)
-        for seq in finished:
-            self._notify(seq)
-        if out.upcoming:  # after this step's outputs went out: the copies delay only the next step
-            self.adapters.stage(out.upcoming)
-        return [s.to_output() for s in finished]
+                failed.append(item.seq)
+        return scheduled, adapter_slots
+
+    def _advance(self, scheduled: list[ScheduledSeq], sampled: SamplerOutput) -> list[Sequence]:
+        """Count the step's tokens, append the sampled ones, stream them; returns the sequences that stopped."""
+        finished = []
+        tokens = iter(zip(sampled.token_ids, sampled.logprobs, strict=True))
+        for item in scheduled:
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            if seq.num_computed_tokens < seq.num_tokens:
+                continue  # a prefill chunk: nothing sampled yet
+            self._append(seq, *next(tokens))
+            if self.outputs.check_stop(seq, is_streamed=seq.request_id in self._listeners):
+                self.scheduler.finish(seq)
+                finished.append(seq)
+            elif seq.request_id in self._listeners:
+                self._notify(seq)
+        return finished
 
     @staticmethod
     def _append(seq: Sequence, token_id: int, logprob: TokenLogprob | None) -> None:
