@@ -250,7 +250,7 @@ class CoreClient:
 
     def control_adapter(self, adapter_id: str, action: AdapterAction) -> Future[None]:
         """Sent to every core that is up; done once sent (each core applies it on its next step)."""
-        self.broadcast(wire.ControlAdapter(adapter_id, action.value))
+        self.broadcast(wire.ControlAdapter(adapter_id, action))
         done: Future[None] = Future()
         done.set_result(None)
         return done

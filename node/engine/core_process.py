@@ -38,7 +38,6 @@ from node.engine.sequence import RequestOutput
 from node.engine.stats import device_tier, engine_stats
 from node.errors import AdapterError, AdapterSourceError, BadRequest, NodeError, TensorParallelError
 from node.lora.adapter import LoRATargetSpec, LoRAWeights, load_lora_adapter
-from node.lora.manager import AdapterAction
 from node.lora.provider import AdapterSource
 from node.lora.store import AdapterStore, StoreConfig
 from node.models.config import ModelConfig
@@ -188,7 +187,7 @@ class EngineCore:
             case wire.PrefetchAdapter(adapter_id):
                 self._prefetch(adapter_id)
             case wire.ControlAdapter(adapter_id, action):
-                self.engine.control_adapter(adapter_id, AdapterAction(action))
+                self.engine.control_adapter(adapter_id, action)
             case wire.Shutdown():
                 self._stop = True
 

@@ -12,7 +12,6 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from node.engine.block_manager import BlockManager, KVCacheStats
 from node.engine.config import EngineConfig
 from node.engine.delta_stream import stream_deltas
 from node.engine.grammar import GrammarCompiler
+from node.engine.inbox import Abort, DropAdapter, InboxMessage
 from node.engine.logprob import TokenLogprob
 from node.engine.model_runner import ModelRunner
 from node.engine.output import OutputProcessor
@@ -41,21 +41,6 @@ Listener = Callable[[StreamDelta], None]
 Waiter = Callable[[RequestOutput], None]
 
 
-@dataclass(frozen=True)
-class Abort:
-    """Inbox message: end a request at the next step (it finishes with "abort")."""
-
-    request_id: str
-
-
-@dataclass(frozen=True)
-class DropAdapter:
-    """Inbox message: abort the adapter's requests, then unregister it and free its device slot."""
-
-    adapter_id: str
-
-
-InboxMessage = Sequence | Abort | DropAdapter | ControlAdapter
 
 
 def max_model_len(config: EngineConfig, model: ModelConfig) -> int:
