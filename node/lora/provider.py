@@ -9,6 +9,7 @@ background so that the scheduler never waits on a load.
 from __future__ import annotations
 
 import enum
+from collections.abc import Container
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -22,6 +23,19 @@ class LoadState(enum.Enum):
     LOADING = "loading"  # a background load is running
     READY = "ready"  # in host memory: `get` returns at once
     FAILED = "failed"  # the last load failed; `error` says why
+
+    @classmethod
+    def of(cls, adapter_id: str, *, registered: Container[str], ready: Container[str], loading: Container[str],
+           failed: Container[str]) -> LoadState:
+        """An adapter's state from where a provider keeps it: one precedence for every provider (the
+        store, the in-memory one, and the engine cores' registrations seen from the API)."""
+        if adapter_id not in registered:
+            return cls.UNKNOWN
+        if adapter_id in ready:
+            return cls.READY
+        if adapter_id in loading:
+            return cls.LOADING
+        return cls.FAILED if adapter_id in failed else cls.COLD
 
 
 @dataclass(frozen=True)
