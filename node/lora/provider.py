@@ -9,12 +9,17 @@ background so that the scheduler never waits on a load.
 from __future__ import annotations
 
 import enum
-from collections.abc import Container
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 W_co = TypeVar("W_co", covariant=True)
+
+
+class Holds(Protocol):
+    """Where a provider keeps adapter ids (a dict, a set, its host cache)."""
+
+    def __contains__(self, adapter_id: str, /) -> bool: ...
 
 
 class LoadState(enum.Enum):
@@ -25,8 +30,8 @@ class LoadState(enum.Enum):
     FAILED = "failed"  # the last load failed; `error` says why
 
     @classmethod
-    def of(cls, adapter_id: str, *, registered: Container[str], ready: Container[str], loading: Container[str],
-           failed: Container[str]) -> LoadState:
+    def of(cls, adapter_id: str, *, registered: Holds, ready: Holds, loading: Holds,
+           failed: Holds) -> LoadState:
         """An adapter's state from where a provider keeps it: one precedence for every provider (the
         store, the in-memory one, and the engine cores' registrations seen from the API)."""
         if adapter_id not in registered:
