@@ -69,11 +69,11 @@ class LLMEngine:
                               num_kv_blocks=self.runner.num_blocks, max_model_len=self.max_model_len)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
                                           enable_caching=config.prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, self.provider, max_num_seqs=config.max_num_seqs,
+        self.adapters = LoRAManager(self.provider, self.runner.slots, self.runner.copies, self._post)
+        self.scheduler = Scheduler(self.block_manager, self.adapters.loads, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_adapter_slots=self.runner.slots.num_slots)
         self.outputs = OutputProcessor(self.tokenizer, frozenset(eos), self.max_model_len)
-        self.adapters = LoRAManager(self.provider, self.runner.slots, self.runner.copies, self._post)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, sorted(eos))
         self._inbox: list[InboxMessage] = []  # from other threads, drained at the start of each step
         self._listeners: dict[str, Listener] = {}  # stream callers: every delta

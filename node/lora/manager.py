@@ -28,6 +28,7 @@ from typing import Any, cast
 from node.errors import BadRequest, Overloaded
 from node.lora.adapter import LoRAWeights
 from node.lora.copy_stream import AdapterCopyStream
+from node.lora.loads import AdapterLoads
 from node.lora.provider import AdapterProvider, AdapterSource, LoadState
 from node.lora.slots import LoRASlotPools
 
@@ -55,6 +56,7 @@ class LoRAManager:
                  post: Callable[[ControlAdapter], None]) -> None:
         """`post` hands a control action back to the step thread (when the load it waited on ends)."""
         self.provider, self.slots, self.copies, self.post = provider, slots, copies, post
+        self.loads = AdapterLoads(provider)  # in flight to host memory: what the scheduler asks
         self.pinned: set[str] = set()  # never evicted from a device slot for another adapter
 
     # --- the tiers ------------------------------------------------------------------------------
