@@ -20,7 +20,7 @@ class ModelInputs:
     decodes: list[ScheduledSeq]  # one new token each, attended as one group
     token_ids: list[int]
     positions: list[int]
-    slot_mapping: list[int]  # KV cache slot of each token
+    kv_indices: list[int]  # KV cache index of each token (block * block_size + offset)
     token_slots: list[int]  # adapter slot of each token, -1 for the base model
     adapter_ids: frozenset[str]  # the step's adapters: their copies into slots must be done first
     sample_rows: list[int]  # the flat token rows whose logits are sampled
@@ -45,7 +45,7 @@ def model_inputs(scheduled: list[ScheduledSeq], adapter_slots: list[int], block_
     decodes = sorted((s for s in scheduled if s.num_new_tokens == 1), key=lambda s: slot_of[id(s.seq)])
     token_ids: list[int] = []
     positions: list[int] = []
-    slot_mapping: list[int] = []
+    kv_indices: list[int] = []
     token_slots: list[int] = []
     sample_rows: list[int] = []
     sampled: list[Sequence] = []
@@ -55,13 +55,13 @@ def model_inputs(scheduled: list[ScheduledSeq], adapter_slots: list[int], block_
         end = start + item.num_new_tokens
         token_ids.extend(seq.token_ids[start:end])
         positions.extend(range(start, end))
-        slot_mapping.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
+        kv_indices.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
         token_slots.extend([slot_of[id(seq)]] * item.num_new_tokens)
         if item.is_sampled:
             sample_rows.append(len(token_ids) - 1)
             sampled.append(seq)
     row = {id(q): i for i, q in enumerate(sampled)}
-    return ModelInputs(prefill_groups, decodes, token_ids, positions, slot_mapping, token_slots,
+    return ModelInputs(prefill_groups, decodes, token_ids, positions, kv_indices, token_slots,
                        frozenset(s.seq.adapter_id for s in scheduled if s.seq.adapter_id is not None),
                        sample_rows, sampled, [row[id(s.seq)] for s in scheduled if s.is_sampled])
 

@@ -89,7 +89,7 @@ class ModelRunner:
             return None
         bs = self.config.block_size
         return DecodeGraphs(self.model, self.kv_caches, self.slots, max_batch=self.config.max_num_seqs,
-                            max_blocks=-(-max_model_len // bs), block_size=bs, scratch_slot=self.num_blocks * bs)
+                            max_blocks=-(-max_model_len // bs), block_size=bs, scratch_kv_index=self.num_blocks * bs)
 
     def _block_bytes(self) -> int:
         c = self.model_config
@@ -118,7 +118,7 @@ class ModelRunner:
         decodes = inputs.decodes
         if inputs.is_decode_only and self.graphs is not None and self.graphs.bucket(len(decodes)) is not None:
             context = [s.seq.num_computed_tokens + 1 for s in decodes]
-            hidden = self.graphs.run(DecodeBatch(inputs.token_ids, inputs.positions, inputs.slot_mapping,
+            hidden = self.graphs.run(DecodeBatch(inputs.token_ids, inputs.positions, inputs.kv_indices,
                                                  [s.seq.block_table for s in decodes], context, inputs.token_slots))
         else:
             hidden = self._eager(inputs)
@@ -148,7 +148,7 @@ class ModelRunner:
             if group is not None:
                 groups.append(group)
             first += sum(s.num_new_tokens for s in items)
-        batch = AttentionBatch(slot_mapping=self._long(inputs.slot_mapping), groups=tuple(groups))
+        batch = AttentionBatch(kv_indices=self._long(inputs.kv_indices), groups=tuple(groups))
         lora = self.slots.batch(inputs.token_slots)
         hidden: torch.Tensor = self.model(self._long(inputs.token_ids), self._long(inputs.positions), batch,
                                           self.kv_caches, lora)

@@ -114,7 +114,7 @@ class TPModelRunner(ModelRunner):
                                           [s.seq.num_computed_tokens + s.num_new_tokens for s in items],
                                           [list(s.seq.block_table) for s in items], first))
             first += sum(s.num_new_tokens for s in items)
-        step = StepInputs(inputs.token_ids, inputs.positions, inputs.slot_mapping, inputs.token_slots,
+        step = StepInputs(inputs.token_ids, inputs.positions, inputs.kv_indices, inputs.token_slots,
                           tuple(groups), inputs.sample_rows, self.slots.num_pending)
         self.group.broadcast_object(step)
         self._is_step_sent = True
