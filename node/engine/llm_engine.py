@@ -72,7 +72,7 @@ class LLMEngine:
         self.adapters = LoRAManager(self.provider, self.runner.slots, self.runner.copies, self._post)
         self.scheduler = Scheduler(self.block_manager, self.adapters.loads, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
-                                   max_adapter_slots=self.runner.slots.num_slots)
+                                   max_adapter_slots=self.adapters.slots.num_slots)
         self.outputs = OutputProcessor(self.tokenizer, frozenset(eos), self.max_model_len)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, sorted(eos))
         self._inbox: list[InboxMessage] = []  # from other threads, drained at the start of each step
