@@ -123,7 +123,7 @@ def decode_batch(case: Case, ctx: int, max_blocks: int) -> DecodeBatch:
     slots = sorted(i % case.adapters for i in range(case.batch)) if case.adapters else [-1] * case.batch
     tables = [list(range(i * max_blocks, (i + 1) * max_blocks)) for i in range(case.batch)]
     return DecodeBatch(token_ids=[(7 * i) % 200 for i in range(case.batch)], positions=[ctx - 1] * case.batch,
-                       slot_mapping=[t[(ctx - 1) // BLOCK] * BLOCK + (ctx - 1) % BLOCK for t in tables],
+                       kv_indices=[t[(ctx - 1) // BLOCK] * BLOCK + (ctx - 1) % BLOCK for t in tables],
                        block_tables=tables, context_lens=[ctx] * case.batch, token_slots=slots)
 
 
@@ -164,7 +164,7 @@ def run_cases(args: argparse.Namespace, cfg: ModelConfig, device: torch.device) 
     errors = check_kernels(slots, device) if uses_triton(device) else {}
     pools = LoRASlotPools([slots])
     graphs = DecodeGraphs(model, kv, pools, max_batch=args.big_batch, max_blocks=max_blocks, block_size=BLOCK,
-                          scratch_slot=num_blocks * BLOCK, use_graphs=device.type == "cuda")
+                          scratch_kv_index=num_blocks * BLOCK, use_graphs=device.type == "cuda")
     best: dict[Case, float] = {}
     for _ in range(args.rounds):  # interleaved rounds, best of each
         for case in cases:
@@ -174,7 +174,7 @@ def run_cases(args: argparse.Namespace, cfg: ModelConfig, device: torch.device) 
     if args.int8:
         quantize_weights(model, "int8")
         graphs = DecodeGraphs(model, kv, pools, max_batch=args.big_batch, max_blocks=max_blocks, block_size=BLOCK,
-                              scratch_slot=num_blocks * BLOCK, use_graphs=device.type == "cuda")
+                              scratch_kv_index=num_blocks * BLOCK, use_graphs=device.type == "cuda")
         for a in (0, 64):
             case = Case(args.batch, min(a, args.batch), int8=True)
             best[case] = time_steps(model, graphs, decode_batch(case, args.ctx, max_blocks), args.steps, device)

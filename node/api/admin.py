@@ -18,8 +18,8 @@ from node import __version__
 from node.api.deps import NodeServices, services
 from node.api.error_handlers import install_error_handlers
 from node.config import read_secret
-from node.engine.residency import AdapterAction
 from node.errors import AdminUnauthorized, BadRequest
+from node.lora.manager import AdapterAction
 
 ACTION_TIMEOUT_S = 120.0  # a preload waits for the adapter's download and its copy to the device
 

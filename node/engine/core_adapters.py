@@ -137,14 +137,9 @@ class CoreAdapters:
             return failure.error if failure is not None else None
 
     def state(self, adapter_id: str) -> LoadState:
-        with self._lock:
-            if adapter_id not in self._sources:
-                return LoadState.UNKNOWN
-            if adapter_id in self._failures:
-                return LoadState.FAILED
-            if adapter_id in self._loads:
-                return LoadState.LOADING
-            return LoadState.READY if adapter_id in self._templates else LoadState.COLD
+        with self._lock:  # loaded, loading and failed exclude each other here (prefetch, loaded)
+            return LoadState.of(adapter_id, registered=self._sources, ready=self._templates, loading=self._loads,
+                                failed=self._failures)
 
     def registrations(self) -> list[wire.RegisterAdapter]:
         with self._lock:

@@ -37,10 +37,10 @@ from node.engine.core_supervisor import CoreSupervisor
 from node.engine.delta_stream import stream_deltas
 from node.engine.grammar import GrammarCompiler
 from node.engine.llm_engine import Listener, Waiter, eos_token_ids, max_model_len
-from node.engine.residency import AdapterAction
 from node.engine.sampling import SamplingParams, check_vocabulary
 from node.engine.sequence import RequestOutput, StreamDelta
 from node.errors import BadRequest, NodeError, Overloaded, Unavailable
+from node.lora.manager import AdapterAction
 from node.lora.store_config import StoreConfig
 from node.models.config import ModelConfig
 
@@ -250,7 +250,7 @@ class CoreClient:
 
     def control_adapter(self, adapter_id: str, action: AdapterAction) -> Future[None]:
         """Sent to every core that is up; done once sent (each core applies it on its next step)."""
-        self.broadcast(wire.ControlAdapter(adapter_id, action.value))
+        self.broadcast(wire.ControlAdapter(adapter_id, action))
         done: Future[None] = Future()
         done.set_result(None)
         return done

@@ -34,7 +34,6 @@ import zmq
 from node.engine import wire
 from node.engine.config import EngineConfig
 from node.engine.llm_engine import LLMEngine
-from node.engine.residency import AdapterAction
 from node.engine.sequence import RequestOutput
 from node.engine.stats import device_tier, engine_stats
 from node.errors import AdapterError, AdapterSourceError, BadRequest, NodeError, TensorParallelError
@@ -182,13 +181,13 @@ class EngineCore:
             case wire.AbortRequest(request_id):
                 self.engine.abort(request_id)
             case wire.RegisterAdapter(adapter_id, uri, sha256, is_pinned):
-                self.engine.provider.register(adapter_id, AdapterSource(uri, sha256, is_pinned))
+                self.engine.adapters.register(adapter_id, AdapterSource(uri, sha256, is_pinned))
             case wire.RemoveAdapter(adapter_id):
                 self.engine.remove_adapter(adapter_id)
             case wire.PrefetchAdapter(adapter_id):
                 self._prefetch(adapter_id)
             case wire.ControlAdapter(adapter_id, action):
-                self.engine.control_adapter(adapter_id, AdapterAction(action))
+                self.engine.control_adapter(adapter_id, action)
             case wire.Shutdown():
                 self._stop = True
 
@@ -196,7 +195,7 @@ class EngineCore:
         """Load an adapter into host memory and answer with its chat template or its error."""
         self.num_loading += 1
         try:
-            future = self.engine.provider.prefetch(adapter_id)
+            future = self.engine.adapters.prefetch(adapter_id)
         except NodeError as e:
             self.loads.append(wire.AdapterLoaded(self.core, self.incarnation, adapter_id, None, e))
             return
@@ -208,7 +207,7 @@ class EngineCore:
         if error is None and future.exception() is not None:
             e = future.exception()
             error = e if isinstance(e, NodeError) else AdapterError(f"{type(e).__name__}: {e}", adapter=adapter_id)
-        template = self.engine.provider.chat_template(adapter_id) if error is None else None
+        template = self.engine.adapters.chat_template(adapter_id) if error is None else None
         return wire.AdapterLoaded(self.core, self.incarnation, adapter_id, template, error)
 
     def _add(self, m: wire.AddRequest) -> None:

@@ -3,7 +3,7 @@
 A decode step launches hundreds of small kernels; at batch sizes where decoding is bound by memory
 bandwidth, their launch overhead is a large share of the step. A graph captured once per bucket
 replays them in one launch. Shapes are fixed per bucket: the batch is padded up to the bucket with
-rows that write their key/value into a scratch cache slot, attend one position and use no adapter,
+rows that write their key/value at a scratch KV index, attend one position and use no adapter,
 and whose outputs are dropped. Attention reads the KV cache through a fixed [bucket, max_blocks]
 block table (`dense_decode_group`), LoRA through the gather kernels, whose shapes depend on the
 bucket alone. Graphs are captured lazily, the first time a bucket is used.
@@ -45,7 +45,7 @@ class DecodeBatch:
 
     token_ids: list[int]
     positions: list[int]
-    slot_mapping: list[int]  # cache slot of each new token
+    kv_indices: list[int]  # KV cache index of each new token
     block_tables: list[list[int]]
     context_lens: list[int]  # cached positions once this step's key is written
     token_slots: list[int]  # adapter slot per sequence, -1 for the base model
@@ -57,20 +57,20 @@ class PaddedDecode:
 
     token_ids: list[int]
     positions: list[int]
-    slot_mapping: list[int]
+    kv_indices: list[int]
     block_tables: list[list[int]]  # each padded to max_blocks
     context_lens: list[int]
     token_slots: list[int]
 
 
-def pad_decode(batch: DecodeBatch, bucket: int, max_blocks: int, scratch_slot: int) -> PaddedDecode:
+def pad_decode(batch: DecodeBatch, bucket: int, max_blocks: int, scratch_kv_index: int) -> PaddedDecode:
     """Pad to `bucket` rows: pads write the scratch slot, attend one position and use no adapter."""
     n = len(batch.token_ids)
     assert n <= bucket and all(len(t) <= max_blocks for t in batch.block_tables), (n, bucket)
     pad = bucket - n
     tables = [t + [0] * (max_blocks - len(t)) for t in batch.block_tables] + [[0] * max_blocks] * pad
     return PaddedDecode(token_ids=batch.token_ids + [0] * pad, positions=batch.positions + [0] * pad,
-                        slot_mapping=batch.slot_mapping + [scratch_slot] * pad, block_tables=tables,
+                        kv_indices=batch.kv_indices + [scratch_kv_index] * pad, block_tables=tables,
                         context_lens=batch.context_lens + [1] * pad, token_slots=batch.token_slots + [-1] * pad)
 
 
@@ -78,16 +78,16 @@ class DecodeGraphs:
     """Captures and replays the model's decode forward per (bucket, uses LoRA)."""
 
     def __init__(self, model: LlamaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                 slots: LoRASlotPools, max_batch: int, max_blocks: int, block_size: int, scratch_slot: int,
+                 slots: LoRASlotPools, max_batch: int, max_blocks: int, block_size: int, scratch_kv_index: int,
                  use_graphs: bool = True):
         self.model, self.kv_caches, self.slots, self.use_graphs = model, kv_caches, slots, use_graphs
         self.buckets = buckets_up_to(max_batch)
-        self.max_blocks, self.block_size, self.scratch_slot = max_blocks, block_size, scratch_slot
+        self.max_blocks, self.block_size, self.scratch_kv_index = max_blocks, block_size, scratch_kv_index
         device = kv_caches[0][0].device
         size = self.buckets[-1]
         self.token_ids = torch.zeros(size, dtype=torch.long, device=device)
         self.positions = torch.zeros(size, dtype=torch.long, device=device)
-        self.slot_mapping = torch.zeros(size, dtype=torch.long, device=device)
+        self.kv_indices = torch.zeros(size, dtype=torch.long, device=device)
         self.block_tables = torch.zeros(size, max_blocks, dtype=torch.long, device=device)
         self.context_lens = torch.ones(size, dtype=torch.int32, device=device)
         self.token_slots = torch.full((size,), -1, dtype=torch.int32, device=device)
@@ -102,11 +102,11 @@ class DecodeGraphs:
         n = len(batch.token_ids)
         bucket = self.bucket(n)
         assert bucket is not None, n
-        padded = pad_decode(batch, bucket, self.max_blocks, self.scratch_slot)
-        host = (torch.tensor(padded.token_ids), torch.tensor(padded.positions), torch.tensor(padded.slot_mapping),
+        padded = pad_decode(batch, bucket, self.max_blocks, self.scratch_kv_index)
+        host = (torch.tensor(padded.token_ids), torch.tensor(padded.positions), torch.tensor(padded.kv_indices),
                 torch.tensor(padded.block_tables), torch.tensor(padded.context_lens, dtype=torch.int32),
                 torch.tensor(padded.token_slots, dtype=torch.int32))
-        buffers = (self.token_ids, self.positions, self.slot_mapping, self.block_tables, self.context_lens,
+        buffers = (self.token_ids, self.positions, self.kv_indices, self.block_tables, self.context_lens,
                    self.token_slots)
         for buf, values in zip(buffers, host, strict=True):
             buf[:bucket].copy_(values, non_blocking=True)
@@ -121,7 +121,7 @@ class DecodeGraphs:
 
     def _forward(self, bucket: int, lora: LoRABatch | None) -> torch.Tensor:
         group = dense_decode_group(self.block_tables[:bucket], self.context_lens[:bucket], self.block_size)
-        batch = AttentionBatch(slot_mapping=self.slot_mapping[:bucket], groups=(group,))
+        batch = AttentionBatch(kv_indices=self.kv_indices[:bucket], groups=(group,))
         return self.model(self.token_ids[:bucket], self.positions[:bucket], batch, self.kv_caches, lora)
 
     def _static_forward(self, bucket: int, with_lora: bool) -> torch.Tensor:

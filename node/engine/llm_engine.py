@@ -10,9 +10,8 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,15 +21,17 @@ from node.engine.block_manager import BlockManager, KVCacheStats
 from node.engine.config import EngineConfig
 from node.engine.delta_stream import stream_deltas
 from node.engine.grammar import GrammarCompiler
+from node.engine.inbox import Abort, DropAdapter, InboxMessage
 from node.engine.logprob import TokenLogprob
 from node.engine.model_runner import ModelRunner
 from node.engine.output import OutputProcessor
-from node.engine.residency import AdapterAction, ControlAdapter, Residency
+from node.engine.sampler import SamplerOutput
 from node.engine.sampling import SamplingParams, check_vocabulary
-from node.engine.scheduler import Scheduler
+from node.engine.scheduler import ScheduledSeq, Scheduler
 from node.engine.sequence import RequestOutput, Sequence, StreamDelta
 from node.errors import AdapterError, AdapterNotFound, BadRequest, ConfigError, NodeError, Overloaded, PromptTooLong
 from node.lora.adapter import LoRATargetSpec, LoRAWeights, load_lora_adapter
+from node.lora.manager import AdapterAction, ControlAdapter, LoRAManager
 from node.lora.memory_provider import InMemoryAdapterProvider
 from node.lora.provider import AdapterProvider, AdapterSource, LoadState
 from node.models.config import ModelConfig
@@ -40,21 +41,6 @@ Listener = Callable[[StreamDelta], None]
 Waiter = Callable[[RequestOutput], None]
 
 
-@dataclass(frozen=True)
-class Abort:
-    """Inbox message: end a request at the next step (it finishes with "abort")."""
-
-    request_id: str
-
-
-@dataclass(frozen=True)
-class DropAdapter:
-    """Inbox message: abort the adapter's requests, then unregister it and free its device slot."""
-
-    adapter_id: str
-
-
-InboxMessage = Sequence | Abort | DropAdapter | ControlAdapter
 
 
 def max_model_len(config: EngineConfig, model: ModelConfig) -> int:
@@ -76,19 +62,18 @@ class LLMEngine:
         self.provider: AdapterProvider[LoRAWeights] = provider or InMemoryAdapterProvider(self.parse_adapter)
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(config.model_path))
         eos = eos_token_ids(self.model_config, self.tokenizer)
-        self.runner = runner_class(config)(config, self.model_config, self.max_model_len, self.provider,
-                                           frozenset(eos))
+        self.runner = runner_class(config)(config, self.model_config, self.max_model_len, frozenset(eos))
         if self.runner.num_blocks * config.block_size < self.max_model_len:
             self.runner.close()
             raise ConfigError("the KV cache cannot hold one max_model_len sequence",
                               num_kv_blocks=self.runner.num_blocks, max_model_len=self.max_model_len)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
                                           enable_caching=config.prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, self.provider, max_num_seqs=config.max_num_seqs,
+        self.adapters = LoRAManager(self.provider, self.runner.slots, self.runner.copies, self._post)
+        self.scheduler = Scheduler(self.block_manager, self.adapters.loads, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
-                                   max_adapter_slots=self.runner.slots.num_slots)
+                                   max_adapter_slots=self.adapters.slots.num_slots)
         self.outputs = OutputProcessor(self.tokenizer, frozenset(eos), self.max_model_len)
-        self.residency = Residency(self.provider, self.runner.slots, self._post)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, sorted(eos))
         self._inbox: list[InboxMessage] = []  # from other threads, drained at the start of each step
         self._listeners: dict[str, Listener] = {}  # stream callers: every delta
@@ -105,11 +90,11 @@ class LLMEngine:
 
     def add_adapter(self, adapter_id: str, path: str | Path) -> None:
         """Register a local PEFT folder and parse it now, so that a bad adapter fails here."""
-        self.provider.register(adapter_id, AdapterSource(uri=str(path), sha256=""))
+        self.adapters.register(adapter_id, AdapterSource(uri=str(path), sha256=""))
         self.provider.get(adapter_id)
 
     def control_adapter(self, adapter_id: str, action: AdapterAction) -> Future[None]:
-        """Pin, unpin, preload or evict an adapter (node/engine/residency.py); done once it took effect."""
+        """Pin, unpin, preload or evict an adapter (node/lora/manager.py); done once it took effect."""
         done: Future[None] = Future()
         self._post(ControlAdapter(adapter_id, action, done))
         if self._thread is None:
@@ -151,7 +136,7 @@ class LLMEngine:
             raise PromptTooLong(f"prompt of {len(ids)} tokens, max_model_len is {self.max_model_len}",
                                 num_prompt_tokens=len(ids), max_model_len=self.max_model_len)
         self.check_vocabulary(params)
-        if adapter_id is not None and self.provider.state(adapter_id) is LoadState.UNKNOWN:
+        if adapter_id is not None and self.adapters.state(adapter_id) is LoadState.UNKNOWN:
             raise AdapterNotFound(f"adapter {adapter_id} is not registered", adapter=adapter_id)
         request_id = request_id or f"req-{next(self._ids)}"
         seq = Sequence(request_id=request_id, prompt_token_ids=ids, params=params, adapter_id=adapter_id,
@@ -190,13 +175,12 @@ class LLMEngine:
                     finished.append(self.scheduler.abort(request_id))
                 case ControlAdapter():
                     running = {s.adapter_id for s in self.scheduler.running if s.adapter_id is not None}
-                    self.residency.apply(message, running)
+                    self.adapters.apply(message, running)
                 case DropAdapter(adapter_id):
                     for seq in [*self.scheduler.running, *self.scheduler.waiting]:
                         if seq.adapter_id == adapter_id:
                             finished.append(self.scheduler.abort(seq.request_id))
-                    self.provider.unregister(adapter_id)
-                    self.runner.slots.remove(adapter_id)
+                    self.adapters.drop(adapter_id)
                     self.block_manager.forget_adapter(adapter_id)
         return [s for s in finished if s is not None]
 
@@ -214,34 +198,50 @@ class LLMEngine:
         finished = self._drain_inbox()
         out = self.scheduler.schedule()
         finished.extend(out.failed)
+        scheduled, adapter_slots = self._place_adapters(out.scheduled, finished)
+        if scheduled:
+            inputs = self.runner.prepare(scheduled, adapter_slots)
+            sampled = self.runner.sample(inputs, self.runner.run(inputs))
+            finished.extend(self._advance(scheduled, sampled))
+        for seq in finished:
+            self._notify(seq)
+        self.adapters.stage(out.upcoming)  # after this step's outputs went out: the copies delay only the next
+        return [s.to_output() for s in finished]
+
+    def _place_adapters(self, items: Iterable[ScheduledSeq], failed: list[Sequence],
+                        ) -> tuple[list[ScheduledSeq], list[int]]:
+        """The items whose adapter is in a device slot now, with their slots; the others wait for a slot
+        (deferred) or fail alone (appended to `failed`), never the batch."""
         in_use = {s.adapter_id for s in self.scheduler.running if s.adapter_id is not None}
-        scheduled = []
-        for item in out.scheduled:
+        scheduled, adapter_slots = [], []
+        for item in items:
             try:
-                self.runner.prepare_adapter(item.seq.adapter_id, in_use, is_first=item.seq.num_computed_tokens == 0)
+                adapter_slots.append(self.adapters.prepare(item.seq.adapter_id, in_use,
+                                                           is_first=item.seq.num_computed_tokens == 0))
                 scheduled.append(item)
             except Overloaded:  # every slot of its rank holds a running sequence's adapter: next steps
                 self.scheduler.defer(item.seq)
             except AdapterError as e:  # this request alone fails, not the batch
                 self.scheduler.fail(item.seq, e)
-                finished.append(item.seq)
-        if scheduled:
-            sampled_out = self.runner.run(scheduled, in_use)
-            sampled = iter(zip(sampled_out.token_ids, sampled_out.logprobs, strict=True))
-            for item in scheduled:
-                item.seq.num_computed_tokens += item.num_new_tokens
-                if item.seq.num_computed_tokens == item.seq.num_tokens:
-                    self._append(item.seq, *next(sampled))
-                    if self.outputs.check_stop(item.seq, is_streamed=item.seq.request_id in self._listeners):
-                        self.scheduler.finish(item.seq)
-                        finished.append(item.seq)
-                    elif item.seq.request_id in self._listeners:
-                        self._notify(item.seq)
-        for seq in finished:
-            self._notify(seq)
-        if out.upcoming:  # after this step's outputs went out: the copies delay only the next step
-            self.runner.stage_adapters(out.upcoming)
-        return [s.to_output() for s in finished]
+                failed.append(item.seq)
+        return scheduled, adapter_slots
+
+    def _advance(self, scheduled: list[ScheduledSeq], sampled: SamplerOutput) -> list[Sequence]:
+        """Count the step's tokens, append the sampled ones, stream them; returns the sequences that stopped."""
+        finished = []
+        tokens = iter(zip(sampled.token_ids, sampled.logprobs, strict=True))
+        for item in scheduled:
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            if seq.num_computed_tokens < seq.num_tokens:
+                continue  # a prefill chunk: nothing sampled yet
+            self._append(seq, *next(tokens))
+            if self.outputs.check_stop(seq, is_streamed=seq.request_id in self._listeners):
+                self.scheduler.finish(seq)
+                finished.append(seq)
+            elif seq.request_id in self._listeners:
+                self._notify(seq)
+        return finished
 
     @staticmethod
     def _append(seq: Sequence, token_id: int, logprob: TokenLogprob | None) -> None:

@@ -1,23 +1,23 @@
-"""Turns a scheduled step into flat model inputs, runs the forward and samples the next tokens."""
+"""The model on its device: a step is `prepare` (flat inputs of the scheduled sequences), `run` (the
+forward) and `sample` (the next token of each sequence that reached its last one)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Iterable
-from typing import cast
+from collections.abc import Callable
 
 import torch
 
 from node.engine.config import EngineConfig
 from node.engine.cuda_graph import DecodeBatch, DecodeGraphs
+from node.engine.model_inputs import ModelInputs, model_inputs
 from node.engine.sampler import Sampler, SamplerOutput, SamplingBatch
 from node.engine.scheduler import ScheduledSeq
 from node.engine.sequence import Sequence
 from node.errors import ConfigError
-from node.lora.adapter import LoRATargetSpec, LoRAWeights
+from node.lora.adapter import LoRATargetSpec
 from node.lora.copy_stream import AdapterCopyStream
 from node.lora.ops import uses_triton
-from node.lora.provider import AdapterProvider, LoadState
 from node.lora.slots import LoRASlotPools, LoRASlots
 from node.models.attention import AttentionBatch, AttentionGroup, build_group
 from node.models.config import ModelConfig
@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int,
-                 provider: AdapterProvider[LoRAWeights], eos_token_ids: frozenset[int] = frozenset()):
-        self.config, self.model_config, self.provider = config, model_config, provider
+                 eos_token_ids: frozenset[int] = frozenset()):
+        self.config, self.model_config = config, model_config
         self.sampler = Sampler(eos_token_ids)
         self.device = torch.device(config.device)
         check_scheme(config.weight_quantization, self.device, config.torch_dtype)  # before the load
@@ -89,7 +89,7 @@ class ModelRunner:
             return None
         bs = self.config.block_size
         return DecodeGraphs(self.model, self.kv_caches, self.slots, max_batch=self.config.max_num_seqs,
-                            max_blocks=-(-max_model_len // bs), block_size=bs, scratch_slot=self.num_blocks * bs)
+                            max_blocks=-(-max_model_len // bs), block_size=bs, scratch_kv_index=self.num_blocks * bs)
 
     def _block_bytes(self) -> int:
         c = self.model_config
@@ -105,107 +105,54 @@ class ModelRunner:
             budget = self.config.max_cpu_kv_cache_bytes
         return max(1, min(wanted, budget // self._block_bytes()))
 
+    def prepare(self, scheduled: list[ScheduledSeq], adapter_slots: list[int]) -> ModelInputs:
+        """The step's flat inputs (`adapter_slots`: the device slot of each item's adapter, -1 for
+        none, from `LoRAManager.prepare`)."""
+        return model_inputs(scheduled, adapter_slots, self.config.block_size)
+
     @torch.inference_mode()
-    def run(self, scheduled: list[ScheduledSeq], adapters_in_use: Collection[str]) -> SamplerOutput:
-        """Run one step; returns the sampled token (and logprobs) of each `is_sampled` item, in
-        `scheduled` order."""
-        slot_of = {id(s.seq): self._slot(s.seq.adapter_id, adapters_in_use) for s in scheduled}
-        self.copies.wait_for({s.seq.adapter_id for s in scheduled if s.seq.adapter_id is not None})
-        # prefills (in groups of similar length) then decodes, each sorted by adapter slot: LoRA
-        # segments become long runs
-        prefill_groups = prefill_length_groups([s for s in scheduled if s.num_new_tokens > 1])
-        for group in prefill_groups:
-            group.sort(key=lambda s: slot_of[id(s.seq)])
-        prefills = [s for group in prefill_groups for s in group]
-        decodes = sorted((s for s in scheduled if s.num_new_tokens == 1), key=lambda s: slot_of[id(s.seq)])
-        ordered = prefills + decodes
-        token_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        token_slots: list[int] = []
-        bs = self.config.block_size
-        for item in ordered:
-            seq, start = item.seq, item.seq.num_computed_tokens
-            end = start + item.num_new_tokens
-            token_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            slot_mapping.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
-            token_slots.extend([slot_of[id(seq)]] * item.num_new_tokens)
-        if not prefills and self.graphs is not None and self.graphs.bucket(len(decodes)) is not None:
+    def run(self, inputs: ModelInputs) -> torch.Tensor:
+        """The forward: final hidden states [num_tokens, hidden], a CUDA graph for a decode-only step
+        that fits one."""
+        self.copies.wait_for(inputs.adapter_ids)
+        decodes = inputs.decodes
+        if inputs.is_decode_only and self.graphs is not None and self.graphs.bucket(len(decodes)) is not None:
             context = [s.seq.num_computed_tokens + 1 for s in decodes]
-            hidden = self.graphs.run(DecodeBatch(token_ids, positions, slot_mapping,
-                                                 [s.seq.block_table for s in decodes], context, token_slots))
+            hidden = self.graphs.run(DecodeBatch(inputs.token_ids, inputs.positions, inputs.kv_indices,
+                                                 [s.seq.block_table for s in decodes], context, inputs.token_slots))
         else:
-            hidden = self._eager(prefill_groups, decodes, token_ids, positions, slot_mapping, token_slots)
-        self.copies.record_use(set(slot_of.values()) - {-1})  # their slots are read until here
-        ends, sampled = [], []
-        offset = 0
-        for item in ordered:
-            offset += item.num_new_tokens
-            if item.is_sampled:
-                ends.append(offset - 1)
-                sampled.append(item)
-        if not sampled:
+            hidden = self._eager(inputs)
+        self.copies.record_use(inputs.adapter_slots)  # their slots are read until here
+        return hidden
+
+    @torch.inference_mode()
+    def sample(self, inputs: ModelInputs, hidden: torch.Tensor) -> SamplerOutput:
+        """The next token (and logprobs) of each sampled item, in the scheduler's order."""
+        if not inputs.sampled:
             return SamplerOutput([], [])
-        logits = self.model.logits(hidden[self._long(ends)])
+        seqs = inputs.sampled
+        logits = self.model.logits(hidden[self._long(inputs.sample_rows)])  # [num_sampled, vocab]
         if self.logits_observer is not None:
-            self.logits_observer([s.seq for s in sampled], logits)
-        seqs = [s.seq for s in sampled]
+            self.logits_observer(seqs, logits)
         batch = SamplingBatch([q.params for q in seqs], [q.generator for q in seqs],
                               [q.prompt_token_ids for q in seqs], [q.output_token_ids for q in seqs],
                               [q.grammar for q in seqs])
         out = self.sampler(logits, batch)
-        row = {id(q): i for i, q in enumerate(seqs)}
-        order = [row[id(s.seq)] for s in scheduled if s.is_sampled]
+        order = inputs.scheduled_order
         return SamplerOutput([out.token_ids[i] for i in order], [out.logprobs[i] for i in order])
 
-    def _eager(self, prefill_groups: list[list[ScheduledSeq]], decodes: list[ScheduledSeq], token_ids: list[int],
-               positions: list[int], slot_mapping: list[int], token_slots: list[int]) -> torch.Tensor:
+    def _eager(self, inputs: ModelInputs) -> torch.Tensor:
         groups, first = [], 0
-        for items in [*prefill_groups, decodes]:
+        for items in [*inputs.prefill_groups, inputs.decodes]:
             group = self._group(items, first)
             if group is not None:
                 groups.append(group)
             first += sum(s.num_new_tokens for s in items)
-        batch = AttentionBatch(slot_mapping=self._long(slot_mapping), groups=tuple(groups))
-        lora = self.slots.batch(token_slots)
-        return self.model(self._long(token_ids), self._long(positions), batch, self.kv_caches, lora)
-
-    def prepare_adapter(self, adapter_id: str | None, adapters_in_use: Collection[str],
-                        is_first: bool = False) -> None:
-        """Make sure the adapter is in a device slot before the step (raises AdapterError); a request's
-        `is_first` step counts a device-tier hit or miss."""
-        if is_first and adapter_id is not None:
-            if self.slots.lookup(adapter_id) is not None:
-                self.slots.num_hits += 1
-            else:
-                self.slots.num_misses += 1
-        self._slot(adapter_id, adapters_in_use)
-
-    def stage_adapters(self, adapter_ids: Iterable[str]) -> list[str]:
-        """Copy adapters already in host memory into free device slots (never evicting one), so that
-        their requests find them there when admitted. Never waits on a load; returns those copied."""
-        staged = []
-        for adapter_id in adapter_ids:
-            if not self.slots.has_free_slot(1):
-                break
-            if self.slots.lookup(adapter_id) is not None or self.provider.state(adapter_id) is not LoadState.READY:
-                continue
-            load = self.provider.prefetch(adapter_id)  # done at once on a host hit (evicted since: queued)
-            if load.done() and load.exception() is None:
-                weights = cast(LoRAWeights, load.result())
-                if self.slots.has_free_slot(weights.rank):
-                    self.slots.activate(adapter_id, weights, in_use=(), copies=self.copies)
-                    staged.append(adapter_id)
-        return staged
-
-    def _slot(self, adapter_id: str | None, adapters_in_use: Collection[str]) -> int:
-        if adapter_id is None:
-            return -1
-        slot = self.slots.lookup(adapter_id)  # on the device already: no host-tier lookup, no hit counted
-        if slot is not None:
-            return slot
-        return self.slots.activate(adapter_id, self.provider.get(adapter_id), adapters_in_use, self.copies)
+        batch = AttentionBatch(kv_indices=self._long(inputs.kv_indices), groups=tuple(groups))
+        lora = self.slots.batch(inputs.token_slots)
+        hidden: torch.Tensor = self.model(self._long(inputs.token_ids), self._long(inputs.positions), batch,
+                                          self.kv_caches, lora)
+        return hidden
 
     def _group(self, items: list[ScheduledSeq], first_token: int) -> AttentionGroup | None:
         if not items:
@@ -217,15 +164,3 @@ class ModelRunner:
     def _long(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device)
 
-
-def prefill_length_groups(prefills: list[ScheduledSeq]) -> list[list[ScheduledSeq]]:
-    """Prefills in groups of similar query length, longest first: attention pads a group to its longest
-    query, so a 64-token prefill past a cached prefix must not be padded to a 2,000-token chunk. A group
-    takes queries down to half its longest."""
-    groups: list[list[ScheduledSeq]] = []
-    for item in sorted(prefills, key=lambda s: -s.num_new_tokens):
-        if groups and 2 * item.num_new_tokens >= groups[-1][0].num_new_tokens:
-            groups[-1].append(item)
-        else:
-            groups.append([item])
-    return groups

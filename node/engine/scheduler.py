@@ -20,13 +20,12 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 
 from node.engine.block_manager import BlockManager
 from node.engine.sequence import Sequence, SequenceStatus
-from node.errors import AdapterError, NodeError
-from node.lora.provider import AdapterProvider, LoadState
+from node.errors import NodeError
+from node.lora.loads import AdapterLoads
 
 log = logging.getLogger(__name__)
 LOAD_WAIT_S = 0.01  # the longest an idle step waits on adapter loads (bounds the delay of new requests)
@@ -55,14 +54,14 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, provider: AdapterProvider[object], *, max_num_seqs: int,
+    def __init__(self, block_manager: BlockManager, adapters: AdapterLoads, *, max_num_seqs: int,
                  max_num_batched_tokens: int, max_adapter_slots: int):
-        self.blocks, self.provider = block_manager, provider
+        """`adapters`: what the scheduler asks of adapter residency (the engine's `LoRAManager.loads`)."""
+        self.blocks, self.adapters = block_manager, adapters
         self.max_num_seqs, self.max_tokens = max_num_seqs, max_num_batched_tokens
         self.max_adapters = max_adapter_slots
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self._loads: dict[str, Future[object]] = {}
         self._num_preempted = 0
 
     @property
@@ -128,22 +127,13 @@ class Scheduler:
             if len(upcoming) >= self.max_adapters:
                 break
             upcoming[seq.adapter_id] = None
-            load = self._loads.get(seq.adapter_id)
-            if load is not None and not load.done():
-                continue  # loading already: no lock taken, nothing asked of the provider
-            state = self.provider.state(seq.adapter_id)
-            if state is LoadState.READY:
-                self._loads.pop(seq.adapter_id, None)
-            elif state is LoadState.COLD or (state is LoadState.LOADING and load is None):
-                self._loads[seq.adapter_id] = self.provider.prefetch(seq.adapter_id)
+            self.adapters.start(seq.adapter_id)
         return tuple(upcoming)
 
     def _await_load(self) -> None:
         """Nothing can run until an adapter load ends: wait for one briefly rather than spin the step
         loop (a spinning loop takes the CPU and the GIL from the very loads it waits for)."""
-        pending = [f for f in self._loads.values() if not f.done()]
-        if pending:
-            wait(pending, timeout=LOAD_WAIT_S, return_when=FIRST_COMPLETED)
+        self.adapters.wait_any(LOAD_WAIT_S)
 
     def _admit(self, scheduled: list[ScheduledSeq], budget: int) -> list[Sequence]:
         failed: list[Sequence] = []
@@ -205,29 +195,10 @@ class Scheduler:
         return {h for seq in self.running for h in self.blocks.pending_hashes(seq)}
 
     def _adapter_ready(self, seq: Sequence) -> bool:
-        if seq.adapter_id is None:
-            return True
-        if self.provider.state(seq.adapter_id) is LoadState.READY:
-            self._loads.pop(seq.adapter_id, None)
-            return True
-        load = self._loads.get(seq.adapter_id)
-        if load is None or load.done():  # a load that finished but was evicted before it was used
-            self._loads[seq.adapter_id] = self.provider.prefetch(seq.adapter_id)
-        return False
+        return seq.adapter_id is None or self.adapters.is_ready(seq.adapter_id)
 
     def _adapter_error(self, seq: Sequence) -> NodeError | None:
-        if seq.adapter_id is None:
-            return None
-        state = self.provider.state(seq.adapter_id)
-        if state is LoadState.UNKNOWN:
-            return AdapterError(f"adapter {seq.adapter_id} was removed", adapter=seq.adapter_id)
-        if state is not LoadState.FAILED:
-            return None
-        future = self._loads.get(seq.adapter_id)
-        error = future.exception() if future is not None and future.done() else None
-        if isinstance(error, NodeError):
-            return error
-        return AdapterError(f"adapter {seq.adapter_id} failed to load", adapter=seq.adapter_id)
+        return None if seq.adapter_id is None else self.adapters.error(seq.adapter_id)
 
     def defer(self, seq: Sequence) -> None:
         """Send a sequence admitted this step back to the front of the queue, its blocks released:

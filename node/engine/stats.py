@@ -27,4 +27,4 @@ def engine_stats(engine: LLMEngine) -> dict[str, float]:
 
 def device_tier(engine: LLMEngine) -> dict[str, float]:
     """The adapter slots on the device, as the adapter store reports its tiers (stat -> value)."""
-    return {name: float(value) for name, value in engine.runner.slots.stats().items()}
+    return {name: float(value) for name, value in engine.adapters.slots.stats().items()}

@@ -10,21 +10,21 @@ that breaks ends the step with `TensorParallelError`; the group is then broken f
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Collection
+from collections.abc import Iterator
 
 import torch
 
 from node.engine.config import EngineConfig
 from node.engine.cuda_graph import DecodeGraphs
+from node.engine.model_inputs import ModelInputs
 from node.engine.model_runner import ModelRunner
 from node.engine.sampler import SamplerOutput
-from node.engine.scheduler import ScheduledSeq
 from node.engine.tp_group import TensorParallelGroup
 from node.engine.tp_step import GroupInputs, StepInputs, WorkerSetup, run_step
-from node.lora.adapter import LoRATargetSpec, LoRAWeights
-from node.lora.provider import AdapterProvider
+from node.lora.adapter import LoRATargetSpec
 from node.lora.sharding import LoRAShard, ShardedLoRASlotPools
 from node.lora.slots import LoRASlotPools, LoRASlots
 from node.models.config import ModelConfig
@@ -50,14 +50,14 @@ def worker_threads(size: int) -> int:
 
 class TPModelRunner(ModelRunner):
     def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int,
-                 provider: AdapterProvider[LoRAWeights], eos_token_ids: frozenset[int] = frozenset()):
+                 eos_token_ids: frozenset[int] = frozenset()):
         size = config.tensor_parallel_size
         self.plan = ShardPlan.of(model_config, 0, size)  # refuses a model that does not split, before spawning
         self.shards = tuple(lora_shard(ShardPlan.of(model_config, rank, size)) for rank in range(size))
         self.group = TensorParallelGroup.launch(config, max_model_len, worker_threads(size))
         self._is_step_sent = False
         try:
-            super().__init__(config, self.plan.local_config(), max_model_len, provider, eos_token_ids)
+            super().__init__(config, self.plan.local_config(), max_model_len, eos_token_ids)
             pools = tuple((pool.max_rank, pool.num_slots) for pool in self.slots.pools)
             self.group.broadcast_object(WorkerSetup(rank_pools=pools, num_blocks=self.num_blocks))
         except BaseException:
@@ -77,38 +77,45 @@ class TPModelRunner(ModelRunner):
         return None  # not captured across ranks yet: decode steps run eagerly
 
     @torch.inference_mode()
-    def run(self, scheduled: list[ScheduledSeq], adapters_in_use: Collection[str]) -> SamplerOutput:
+    def run(self, inputs: ModelInputs) -> torch.Tensor:
         self.group.check_alive()
         self._is_step_sent = False
-        try:
-            out = super().run(scheduled, adapters_in_use)
+        with self._collectives():
+            return super().run(inputs)
+
+    @torch.inference_mode()
+    def sample(self, inputs: ModelInputs, hidden: torch.Tensor) -> SamplerOutput:
+        """Rank 0 samples the gathered logits and broadcasts the sampled ids to the workers."""
+        with self._collectives():
+            out = super().sample(inputs, hidden)
             if out.token_ids:
                 self.group.broadcast_tokens(out.token_ids)
-        except RuntimeError as e:  # a collective failed: a rank died or hangs
-            raise self.group.failure(e) from e
-        except Exception as e:
-            if self._is_step_sent:  # the workers wait for the rest of this step: the group is out of step
-                raise self.group.desynchronized(e) from e
-            raise  # before any collective (an adapter that cannot load): the group is fine
         return out
 
-    def _eager(self, prefill_groups: list[list[ScheduledSeq]], decodes: list[ScheduledSeq], token_ids: list[int],
-               positions: list[int], slot_mapping: list[int], token_slots: list[int]) -> torch.Tensor:
+    @contextlib.contextmanager
+    def _collectives(self) -> Iterator[None]:
+        """A collective that fails (a rank died or hangs), or an error once the workers wait for the rest
+        of the step, breaks the group; one before any collective (an adapter that cannot load) does not."""
+        try:
+            yield
+        except RuntimeError as e:
+            raise self.group.failure(e) from e
+        except Exception as e:
+            if self._is_step_sent:
+                raise self.group.desynchronized(e) from e
+            raise
+
+    def _eager(self, inputs: ModelInputs) -> torch.Tensor:
         assert isinstance(self.slots, ShardedLoRASlotPools)
         groups, first = [], 0
-        for items in [*prefill_groups, decodes]:
+        for items in [*inputs.prefill_groups, inputs.decodes]:
             if items:
                 groups.append(GroupInputs([s.num_new_tokens for s in items],
                                           [s.seq.num_computed_tokens + s.num_new_tokens for s in items],
                                           [list(s.seq.block_table) for s in items], first))
             first += sum(s.num_new_tokens for s in items)
-        rows, offset = [], 0
-        for item in [s for items in prefill_groups for s in items] + decodes:
-            offset += item.num_new_tokens
-            if item.is_sampled:
-                rows.append(offset - 1)
-        step = StepInputs(token_ids, positions, slot_mapping, token_slots, tuple(groups), rows,
-                          self.slots.num_pending)
+        step = StepInputs(inputs.token_ids, inputs.positions, inputs.kv_indices, inputs.token_slots,
+                          tuple(groups), inputs.sample_rows, self.slots.num_pending)
         self.group.broadcast_object(step)
         self._is_step_sent = True
         if step.num_adapter_writes:

@@ -1,7 +1,7 @@
 """One tensor-parallel step as every rank runs it: the inputs rank 0 broadcasts, and the forward.
 
 Rank 0 schedules, picks each token's adapter slot and broadcasts a `StepInputs` (token ids,
-positions, KV slots, block tables, adapter slots, the rows to sample); every rank then runs the same
+positions, KV indices, block tables, adapter slots, the rows to sample); every rank then runs the same
 forward over its slices (`run_step`), the logits of the sampled rows are gathered on rank 0, which
 samples and broadcasts the sampled token ids, so each rank ends the step knowing them.
 """
@@ -32,7 +32,7 @@ class GroupInputs:
 class StepInputs:
     token_ids: list[int]
     positions: list[int]
-    slot_mapping: list[int]  # KV cache slot of each token
+    kv_indices: list[int]  # KV cache index of each token (block * block_size + offset)
     token_slots: list[int]  # adapter slot of each token, -1 for the base model
     groups: tuple[GroupInputs, ...]
     sample_rows: list[int]  # flat token rows whose logits are sampled
@@ -67,7 +67,7 @@ def run_step(model: LlamaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.
     """This rank's forward of the step -> final hidden states [T, hidden] (equal on every rank)."""
     groups = tuple(build_group(g.query_lens, g.context_lens, g.block_tables, g.first_token, device)
                    for g in step.groups)
-    batch = AttentionBatch(slot_mapping=_long(step.slot_mapping, device), groups=groups)
+    batch = AttentionBatch(kv_indices=_long(step.kv_indices, device), groups=groups)
     hook = ProjectionHook(slots.batch(step.token_slots), comm)
     hidden: torch.Tensor = model(_long(step.token_ids, device), _long(step.positions, device), batch, kv_caches, hook)
     return hidden

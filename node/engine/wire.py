@@ -2,7 +2,8 @@
 
 Two directions, one ZeroMQ PUSH/PULL pair each (see `core_process.py`):
 
-    API -> core   AddRequest, AbortRequest, RegisterAdapter, RemoveAdapter, PrefetchAdapter, Shutdown
+    API -> core   AddRequest, AbortRequest, RegisterAdapter, RemoveAdapter, PrefetchAdapter, ControlAdapter,
+                  Shutdown
     core -> API   Ready (once, on start), Outputs (once per engine step), AdapterLoaded (per prefetch),
                   Metrics (about once a second, also the core's heartbeat)
 
@@ -23,6 +24,7 @@ import msgspec
 from node.engine.sampling import SamplingParams
 from node.engine.sequence import RequestOutput, StreamDelta
 from node.errors import NodeError
+from node.lora.manager import AdapterAction
 
 MAX_FRAME_BYTES = 64 << 20  # a larger frame is refused by the socket itself (ZMQ_MAXMSGSIZE)
 
@@ -67,7 +69,7 @@ class PrefetchAdapter(_Message):
 
 class ControlAdapter(_Message):
     adapter_id: str
-    action: str  # node/engine/residency.py: AdapterAction
+    action: AdapterAction  # crosses as its value: "pin", "unpin", "preload" or "evict"
 
 
 class Shutdown(_Message):

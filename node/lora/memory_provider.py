@@ -70,12 +70,9 @@ class InMemoryAdapterProvider(Generic[W]):
         return future
 
     def state(self, adapter_id: str) -> LoadState:
-        with self._lock:
-            if adapter_id not in self._sources:
-                return LoadState.UNKNOWN
-            if adapter_id in self._weights:
-                return LoadState.READY
-            return LoadState.FAILED if adapter_id in self._errors else LoadState.COLD
+        with self._lock:  # loads run inline in `get`: never LOADING
+            return LoadState.of(adapter_id, registered=self._sources, ready=self._weights, loading=(),
+                                failed=self._errors)
 
     def error(self, adapter_id: str) -> Exception | None:
         with self._lock:

@@ -16,12 +16,31 @@ from typing import Protocol, TypeVar
 W_co = TypeVar("W_co", covariant=True)
 
 
+class Holds(Protocol):
+    """Where a provider keeps adapter ids (a dict, a set, its host cache)."""
+
+    def __contains__(self, adapter_id: str, /) -> bool: ...
+
+
 class LoadState(enum.Enum):
     UNKNOWN = "unknown"  # never registered with this provider
     COLD = "cold"  # registered, not in host memory
     LOADING = "loading"  # a background load is running
     READY = "ready"  # in host memory: `get` returns at once
     FAILED = "failed"  # the last load failed; `error` says why
+
+    @classmethod
+    def of(cls, adapter_id: str, *, registered: Holds, ready: Holds, loading: Holds,
+           failed: Holds) -> LoadState:
+        """An adapter's state from where a provider keeps it: one precedence for every provider (the
+        store, the in-memory one, and the engine cores' registrations seen from the API)."""
+        if adapter_id not in registered:
+            return cls.UNKNOWN
+        if adapter_id in ready:
+            return cls.READY
+        if adapter_id in loading:
+            return cls.LOADING
+        return cls.FAILED if adapter_id in failed else cls.COLD
 
 
 @dataclass(frozen=True)

@@ -173,7 +173,6 @@ class LoRASlotPools:
         self.max_rank = self.pools[-1].max_rank
         self.device = self.pools[0].ranks.device
         self.num_hits = self.num_misses = 0  # requests that found their adapter on the device, or not
-        self.pinned: set[str] = set()  # never evicted for another adapter (node/engine/residency.py)
 
     def stats(self) -> dict[str, float]:
         """The device tier's counters, as the adapter store reports its own tiers (tier -> stat)."""
@@ -211,11 +210,10 @@ class LoRASlotPools:
 
     def activate(self, adapter_id: str, weights: LoRAWeights, in_use: Collection[str],
                  copies: AdapterCopyStream | None = None) -> int:
-        """The global slot holding `adapter_id`, copying it in (evicting an idle, unpinned one) if needed."""
+        """The global slot holding `adapter_id`, copying it in (evicting an adapter not `in_use`) if needed."""
         slot = self.lookup(adapter_id)
         if slot is not None:
             return slot
-        in_use = {*in_use, *self.pinned}
         fitting = [(pool, base) for pool, base in zip(self.pools, self.bases, strict=True)
                    if pool.max_rank >= weights.rank]
         assert fitting, "the parser refuses ranks above max_lora_rank, the largest pool's rank"

@@ -141,15 +141,8 @@ class AdapterStore(Generic[W]):
 
     def state(self, adapter_id: str) -> LoadState:
         with self._lock:
-            if adapter_id not in self._registered:
-                return LoadState.UNKNOWN
-            if adapter_id in self._host:
-                return LoadState.READY
-            if adapter_id in self._inflight:
-                return LoadState.LOADING
-            if adapter_id in self._failures:
-                return LoadState.FAILED
-            return LoadState.COLD
+            return LoadState.of(adapter_id, registered=self._registered, ready=self._host, loading=self._inflight,
+                                failed=self._failures)
 
     def chat_template(self, adapter_id: str) -> str | None:
         """The adapter's own chat template as its folder had it when it was last loaded (None: it has none,

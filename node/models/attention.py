@@ -80,7 +80,7 @@ def dense_decode_group(block_tables: torch.Tensor, context_lens: torch.Tensor, b
 
 @dataclass(frozen=True)
 class AttentionBatch:
-    slot_mapping: torch.Tensor  # [num_tokens] long: cache slot (block * block_size + offset) per token
+    kv_indices: torch.Tensor  # [num_tokens] long: KV cache index (block * block_size + offset) per token
     groups: tuple[AttentionGroup, ...]
 
 
@@ -139,8 +139,8 @@ def paged_attention(
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, batch.slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, batch.slot_mapping, v)
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, batch.kv_indices, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, batch.kv_indices, v)
     out = q.new_empty((num_tokens, num_heads * head_dim))
     for group in batch.groups:
         if group.is_dense and decode_backend(q.device, k_cache.shape[1]) == "flash" and (

@@ -21,12 +21,12 @@ def test_buckets_end_at_the_batch_limit_and_batches_take_the_smallest_that_fits(
     assert bucket_for(101, buckets) is None  # larger than every graph: the step runs eagerly
 
 
-def test_padding_rows_write_the_scratch_slot_attend_one_position_and_use_no_adapter() -> None:
-    batch = DecodeBatch(token_ids=[5, 6], positions=[9, 3], slot_mapping=[41, 50], block_tables=[[2, 3], [4]],
+def test_padding_rows_write_the_scratch_kv_index_attend_one_position_and_use_no_adapter() -> None:
+    batch = DecodeBatch(token_ids=[5, 6], positions=[9, 3], kv_indices=[41, 50], block_tables=[[2, 3], [4]],
                         context_lens=[10, 4], token_slots=[1, -1])
-    padded = pad_decode(batch, bucket=4, max_blocks=3, scratch_slot=999)
+    padded = pad_decode(batch, bucket=4, max_blocks=3, scratch_kv_index=999)
     assert padded.token_ids == [5, 6, 0, 0] and padded.positions == [9, 3, 0, 0]
-    assert padded.slot_mapping == [41, 50, 999, 999]
+    assert padded.kv_indices == [41, 50, 999, 999]
     assert padded.block_tables == [[2, 3, 0], [4, 0, 0], [0, 0, 0], [0, 0, 0]]
     assert padded.context_lens == [10, 4, 1, 1] and padded.token_slots == [1, -1, -1, -1]
 
@@ -47,15 +47,15 @@ def test_the_padded_graph_forward_matches_the_eager_decode_step(tiny_model: Path
         v_cache.normal_()
     tables, context = [[0, 1, 2], [3, 4], [5]], [11, 6, 2]
     batch = DecodeBatch(token_ids=[7, 8, 9], positions=[c - 1 for c in context],
-                        slot_mapping=[t[(c - 1) // 4] * 4 + (c - 1) % 4 for t, c in zip(tables, context, strict=True)],
+                        kv_indices=[t[(c - 1) // 4] * 4 + (c - 1) % 4 for t, c in zip(tables, context, strict=True)],
                         block_tables=tables, context_lens=context, token_slots=[slot, -1, slot])
     group = build_group([1, 1, 1], context, tables, 0, torch.device("cpu"))
     with torch.inference_mode():
         eager = runner.model(torch.tensor(batch.token_ids), torch.tensor(batch.positions),
-                             AttentionBatch(torch.tensor(batch.slot_mapping), (group,)), runner.kv_caches,
+                             AttentionBatch(torch.tensor(batch.kv_indices), (group,)), runner.kv_caches,
                              runner.slots.batch(batch.token_slots))
         graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.slots, max_batch=8, max_blocks=16,
-                              block_size=4, scratch_slot=runner.num_blocks * 4, use_graphs=False)
+                              block_size=4, scratch_kv_index=runner.num_blocks * 4, use_graphs=False)
         padded = graphs.run(batch)  # bucket 4: one padding row
     assert padded.shape == eager.shape
     assert torch.allclose(padded, eager, atol=1e-5)

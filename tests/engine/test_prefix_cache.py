@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from node.engine import EngineConfig, LLMEngine, SamplingParams
-from node.engine.model_runner import prefill_length_groups
+from node.engine.model_inputs import prefill_length_groups
 from node.engine.scheduler import ScheduledSeq
 from node.engine.sequence import Sequence
 from tests.engine.reference import PeftReference

@@ -9,6 +9,7 @@ from node.engine.sampling import SamplingParams
 from node.engine.scheduler import Scheduler, SchedulerOutput
 from node.engine.sequence import Sequence, SequenceStatus
 from node.errors import AdapterFormatError
+from node.lora.loads import AdapterLoads
 from node.lora.memory_provider import InMemoryAdapterProvider
 from node.lora.provider import AdapterSource, LoadState
 
@@ -64,7 +65,7 @@ def _seq(name: str, num_prompt: int, adapter: str | None = None) -> Sequence:
 
 def _scheduler(provider: object = None, *, blocks: int = 64, block_size: int = 4, seqs: int = 8,
                tokens: int = 64, slots: int = 4) -> Scheduler:
-    return Scheduler(BlockManager(blocks, block_size), provider or _ready_provider(),  # type: ignore[arg-type]
+    return Scheduler(BlockManager(blocks, block_size), AdapterLoads(provider or _ready_provider()),  # type: ignore[arg-type]
                      max_num_seqs=seqs, max_num_batched_tokens=tokens, max_adapter_slots=slots)
 
 
@@ -216,7 +217,7 @@ def test_look_ahead_continues_through_a_preemption() -> None:
 
 
 def _caching_scheduler(blocks: int) -> Scheduler:
-    return Scheduler(BlockManager(blocks, 4, enable_caching=True), _ready_provider(),  # type: ignore[arg-type]
+    return Scheduler(BlockManager(blocks, 4, enable_caching=True), AdapterLoads(_ready_provider()),
                      max_num_seqs=8, max_num_batched_tokens=64, max_adapter_slots=4)
 
 

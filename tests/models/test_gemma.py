@@ -50,13 +50,13 @@ def test_the_padded_graph_decode_of_a_windowed_softcapped_model_matches_the_eage
         v_cache.normal_()
     tables, context = [[0, 1, 2], [3, 4], [5]], [11, 6, 2]
     batch = DecodeBatch(token_ids=[7, 8, 9], positions=[c - 1 for c in context],
-                        slot_mapping=[t[(c - 1) // 4] * 4 + (c - 1) % 4 for t, c in zip(tables, context, strict=True)],
+                        kv_indices=[t[(c - 1) // 4] * 4 + (c - 1) % 4 for t, c in zip(tables, context, strict=True)],
                         block_tables=tables, context_lens=context, token_slots=[-1, -1, -1])
     group = build_group([1, 1, 1], context, tables, 0, torch.device("cpu"))
     with torch.inference_mode():
         eager = runner.model(torch.tensor(batch.token_ids), torch.tensor(batch.positions),
-                             AttentionBatch(torch.tensor(batch.slot_mapping), (group,)), runner.kv_caches)
+                             AttentionBatch(torch.tensor(batch.kv_indices), (group,)), runner.kv_caches)
         graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.slots, max_batch=4, max_blocks=16,
-                              block_size=4, scratch_slot=runner.num_blocks * 4, use_graphs=False)
+                              block_size=4, scratch_kv_index=runner.num_blocks * 4, use_graphs=False)
         padded = graphs.run(batch)  # bucket 4: one padding row
     assert torch.allclose(padded, eager, atol=1e-5)
