@@ -17,6 +17,7 @@ import pytest
 import torch
 import triton  # noqa: F401  (the dev extra installs it: a missing triton fails, never skips)
 
+from node.models import attention
 from node.models.attention import AttentionBatch, LayerAttention, dense_decode_group, paged_attention
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
@@ -112,6 +113,32 @@ def test_soft_capping_and_sliding_window(softcap: float | None, window: int | No
 def test_half_precision_stays_close_to_float32(dtype: torch.dtype) -> None:
     _check(_ragged(4, 100, seed=7), 8, 2, head_dim=32, block_size=16, layer=LayerAttention(scale=32 ** -0.5),
            dtype=dtype)
+
+
+def test_cuda_decode_takes_flash_where_it_applies_and_our_kernel_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(attention, "flash_attn_installed", lambda: False)
+    assert [attention.decode_backend(cuda, bs) for bs in (16, 256)] == ["triton", "triton"]
+    assert attention.decode_backend(cpu, 16) == "sdpa"
+    monkeypatch.setattr(attention, "flash_attn_installed", lambda: True)
+    monkeypatch.setattr(attention, "flash_has_softcap", lambda: False)  # flash-attn before 2.6
+    assert [attention.decode_backend(cuda, bs) for bs in (16, 256, 512)] == ["triton", "flash", "flash"]
+    assert attention.decode_backend(cpu, 256) == "sdpa"
+    assert attention._dense_backend(cuda, 256, LayerAttention(scale=1.0, softcap=50.0)) == "triton"
+    assert attention._dense_backend(cuda, 256, LayerAttention(scale=1.0, window=8)) == "flash"
+
+
+@pytest.mark.parametrize("layer", [LayerAttention(scale=0.25), LayerAttention(scale=0.5, window=9, softcap=3.0)])
+def test_paged_attention_routes_dense_decode_through_our_kernel(monkeypatch: pytest.MonkeyPatch,
+                                                                layer: LayerAttention) -> None:
+    """The engine's entry point with the "triton" backend (what CUDA picks without flash-attn), on the
+    CPU through the interpreter: the same answer as the gather path."""
+    lens = [9, 40, 17]
+    expected = _reference(*_case(lens, 4, 2, 16, 16, torch.float32, torch.device("cpu")), layer)
+    monkeypatch.setattr(attention, "decode_backend", lambda device, block_size: "triton")
+    routed = _reference(*_case(lens, 4, 2, 16, 16, torch.float32, torch.device("cpu")), layer)
+    assert (routed - expected).abs().max().item() <= 1e-4
+    assert not torch.equal(routed, expected)  # a different path: float sums in another order
 
 
 @pytest.mark.gpu
