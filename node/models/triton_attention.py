@@ -39,10 +39,10 @@ NO_WINDOW = 1 << 30  # the window of a layer without one: every cached key is in
 
 @triton.jit
 def _decode_partial(q_ptr, k_ptr, v_ptr, table_ptr, ctx_ptr, acc_ptr, m_ptr, l_ptr, scale, softcap, window,
-                    tiles_per_split, block_size, stride_qb, stride_qh, stride_kb, stride_ks, stride_kh,
+                    tiles_per_split, block_size, num_splits, stride_qb, stride_qh, stride_kb, stride_ks, stride_kh,
                     stride_vb, stride_vs, stride_vh, stride_tb, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                    NUM_SPLITS: tl.constexpr, USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+                    USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx = tl.load(ctx_ptr + b)
     first_key = tl.maximum(ctx - window, 0)  # no window: window is past any context
@@ -76,19 +76,19 @@ def _decode_partial(q_ptr, k_ptr, v_ptr, table_ptr, ctx_ptr, acc_ptr, m_ptr, l_p
                     + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
         m = m_new
-    row = (b * GROUP * tl.num_programs(1) + heads) * NUM_SPLITS + split  # [B, H, S] flat
+    row = (b * GROUP * tl.num_programs(1) + heads) * num_splits + split  # [B, H, S] flat
     tl.store(m_ptr + row, m, mask=g_mask)
     tl.store(l_ptr + row, l_sum, mask=g_mask)
     tl.store(acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
-def _decode_merge(acc_ptr, m_ptr, l_ptr, out_ptr, stride_ob, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+def _decode_merge(acc_ptr, m_ptr, l_ptr, out_ptr, stride_ob, num_splits, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     b, h = tl.program_id(0), tl.program_id(1)
     offs_s, offs_d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
-    s_mask, d_mask = offs_s < NUM_SPLITS, offs_d < HEAD_DIM
-    rows = (b * tl.num_programs(1) + h) * NUM_SPLITS + offs_s
+    s_mask, d_mask = offs_s < num_splits, offs_d < HEAD_DIM
+    rows = (b * tl.num_programs(1) + h) * num_splits + offs_s
     m = tl.load(m_ptr + rows, mask=s_mask, other=float("-inf"))  # empty ranges hold -inf: weight 0
     weight = tl.exp(m - tl.max(m, axis=0))
     total = tl.sum(tl.load(l_ptr + rows, mask=s_mask, other=0.0) * weight, axis=0)
@@ -122,12 +122,12 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     block_d = triton.next_power_of_2(head_dim)
     _decode_partial[(num_seqs, num_kv_heads, splits)](
         q, k_cache, v_cache, block_tables, context_lens, acc, m, l_sum, scale, softcap or 1.0, window or NO_WINDOW,
-        triton.cdiv(tiles, splits), block_size, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+        triton.cdiv(tiles, splits), block_size, splits, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         GROUP=group, BLOCK_G=max(MIN_GROUP, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_N=BLOCK_N, NUM_SPLITS=splits, USE_SOFTCAP=softcap is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+        BLOCK_N=BLOCK_N, USE_SOFTCAP=softcap is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=8 if block_d >= 128 else 4)
     out = q.new_empty(num_seqs, num_heads * head_dim)
-    _decode_merge[(num_seqs, num_heads)](acc, m, l_sum, out, out.stride(0), HEAD_DIM=head_dim, BLOCK_D=block_d,
-                                         NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits))
+    _decode_merge[(num_seqs, num_heads)](acc, m, l_sum, out, out.stride(0), splits, HEAD_DIM=head_dim,
+                                         BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits))
     return out
