@@ -119,7 +119,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     acc = torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
     m = torch.empty(num_seqs, num_heads, splits, dtype=torch.float32, device=q.device)
     l_sum = torch.empty_like(m)
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = max(MIN_GROUP, triton.next_power_of_2(head_dim))  # `tl.dot` needs 16 along each side
     _decode_partial[(num_seqs, num_kv_heads, splits)](
         q, k_cache, v_cache, block_tables, context_lens, acc, m, l_sum, scale, softcap or 1.0, window or NO_WINDOW,
         triton.cdiv(tiles, splits), block_size, splits, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),

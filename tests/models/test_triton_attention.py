@@ -94,6 +94,11 @@ def test_any_block_size_is_read_through_the_table(block_size: int) -> None:
            layer=LayerAttention(scale=0.3))
 
 
+def test_heads_narrower_than_a_dot_tile() -> None:
+    """Head dim 8 (padded to 16 inside, the padding masked) and a single cache head for 3 query heads."""
+    _check([7, 66], 3, 1, head_dim=8, block_size=16, layer=LayerAttention(scale=8 ** -0.5))
+
+
 def test_one_sequence_split_across_many_key_ranges() -> None:
     """A lone sequence with a long context: many splits, merged (the batch-1 decode case)."""
     from node.models.triton_attention import num_splits
