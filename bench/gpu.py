@@ -10,14 +10,17 @@ It (a) checks the Triton LoRA kernels against the torch ops, (b) measures the ca
 (a large device-to-device copy, bytes read + written), (c) times decode steps through the engine's
 CUDA graphs (`node.engine.cuda_graph`) for base-only and 1, 8, 64 (batch 64) and 512 (batch 512)
 distinct adapters, each against base-only at the same batch. Bytes per step = base weights + the
-distinct adapters' weights + the KV cache read; achieved bandwidth = bytes / step time. Prints a
-table and writes bench/results/gpu.json. Without CUDA (and without --cpu-smoke) it exits with 2.
+distinct adapters' weights + the KV cache read; achieved bandwidth = bytes / step time, (d) times one
+layer of paged decode attention at batch 256 with 2,048 cached tokens each (Llama-3-8B heads, block
+16): our Triton kernel reading the cache in place against SDPA over the gathered cache. Prints the
+tables and writes bench/results/gpu.json. Without CUDA (and without --cpu-smoke) it exits with 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -31,6 +34,7 @@ from node.engine.cuda_graph import DecodeBatch, DecodeGraphs
 from node.lora.adapter import LoRATargetSpec
 from node.lora.ops import apply_lora, uses_triton
 from node.lora.slots import GROUPS, LoRASlotPools, LoRASlots
+from node.models import attention
 from node.models.config import ModelConfig
 from node.models.llama import LlamaForCausalLM
 from node.models.quant import has_int8_kernel, quantize_weights
@@ -187,6 +191,41 @@ def run_cases(args: argparse.Namespace, cfg: ModelConfig, device: torch.device) 
     return rows, errors
 
 
+def attention_row(device: torch.device, batch: int, ctx: int, cfg: ModelConfig, steps: int, rounds: int,
+                  ) -> dict:
+    """One layer's decode attention over `batch` x `ctx` cached tokens: ours (in place) vs the gather path."""
+    from node.models.triton_attention import paged_decode
+
+    heads, kv_heads, dim, blocks = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, -(-ctx // BLOCK)
+    kv = [torch.randn(batch * blocks, BLOCK, kv_heads, dim, dtype=torch.bfloat16, device=device) for _ in range(2)]
+    tables = torch.randperm(batch * blocks, device=device).view(batch, blocks)  # scattered blocks
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+    q = torch.randn(batch, heads, dim, dtype=torch.bfloat16, device=device)
+    group, scale = attention.dense_decode_group(tables, lens, BLOCK), dim ** -0.5
+
+    def gather() -> torch.Tensor:
+        kg, vg = (attention._gather(c, group).transpose(1, 2) for c in kv)  # [B, KVH, K, D]
+        out = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], kg, vg, attn_mask=group.mask,
+                                                               scale=scale, enable_gqa=True)  # [B, H, 1, D]
+        return out.flatten(1)
+
+    paths = {"gather": gather, "ours": lambda: paged_decode(q, kv[0], kv[1], tables, lens, scale)}
+    error = (paths["ours"]().float() - paths["gather"]().float()).abs().max().item()
+    best: dict[str, float] = {}
+    for _ in range(rounds):  # interleaved, best of each
+        for name, fn in paths.items():
+            fn()
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            synchronize(device)
+            best[name] = min(best.get(name, float("inf")), (time.perf_counter() - start) / steps)
+    kv_bytes = 2 * batch * ctx * kv_heads * dim * 2
+    return {"batch": batch, "ctx": ctx, "block_size": BLOCK, "kv_bytes": kv_bytes, "max_abs_error": error,
+            **{f"{name}_ms": t * 1e3 for name, t in best.items()}, "speedup": best["gather"] / best["ours"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU: checks it runs")
@@ -199,6 +238,7 @@ def main() -> None:
     parser.add_argument("--no-int8", dest="int8", action="store_false")
     args = parser.parse_args()
     if args.cpu_smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # our attention kernel in Triton's interpreter
         device, raw = torch.device("cpu"), {**TINY}
         args.batch, args.big_batch, args.steps, args.rounds, args.ctx = 8, 16, 2, 1, 20
     elif not torch.cuda.is_available():
@@ -210,11 +250,12 @@ def main() -> None:
     started = time.perf_counter()
     bandwidth = copy_bandwidth(device, 64 << 20 if args.cpu_smoke else 4 << 30)
     rows, errors = run_cases(args, cfg, device)
-    report(args, cfg, device, bandwidth, rows, errors, time.perf_counter() - started)
+    attn = attention_row(device, *((4, 40) if args.cpu_smoke else (256, 2048)), cfg, args.steps, args.rounds)
+    report(args, cfg, device, bandwidth, rows, errors, attn, time.perf_counter() - started)
 
 
 def report(args: argparse.Namespace, cfg: ModelConfig, device: torch.device, bandwidth: float, rows: list[dict],
-           errors: dict[str, float], seconds: float) -> None:
+           errors: dict[str, float], attn: dict, seconds: float) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke run: figures mean nothing)"
     print(f"device: {name}; copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); "
           f"model: Llama-3-8B shapes, {cfg.num_layers} layers, bf16; rank {RANK}; ctx {args.ctx}")
@@ -235,12 +276,18 @@ def report(args: argparse.Namespace, cfg: ModelConfig, device: torch.device, ban
               f"{r['tokens_per_s']:>9.0f} {(nbytes or 0) / 1e9:>8.2f} {(achieved or 0) / 1e12:>6.2f} "
               f"{r['fraction_of_copy_bandwidth'] or 0:>7.0%} {r['cost_vs_base']:>+9.1%} "
               f"{r['bytes_vs_base'] or 0:>+7.1%}")
+    attn["ours_fraction_of_copy_bandwidth"] = attn["kv_bytes"] / (attn["ours_ms"] / 1e3) / bandwidth
+    print(f"paged decode attention, one layer, batch {attn['batch']} x {attn['ctx']} cached tokens (block "
+          f"{attn['block_size']}): ours {attn['ours_ms']:.3f} ms ({attn['ours_fraction_of_copy_bandwidth']:.0%} of "
+          f"copy), gather + SDPA {attn['gather_ms']:.3f} ms: {attn['speedup']:.1f}x; max |ours - gather| "
+          f"{attn['max_abs_error']:.1e}")
     print(f"total {seconds:.0f} s")
     if args.cpu_smoke:
         return
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({"device": name, "copy_bandwidth_bytes_per_s": bandwidth, "layers": cfg.num_layers,
                                    "rank": RANK, "ctx": args.ctx, "kernel_check": errors, "rows": rows,
+                                   "paged_attention": attn,
                                    "seconds": seconds}, indent=2) + "\n")
     print(f"wrote {RESULTS}")
 

@@ -6,16 +6,17 @@ group gathers its sequences' KV blocks into a padded [batch, max_len] view and r
 The metadata is built once per step by the engine and reused in every layer.
 
 A dense decode group (one query per sequence, every row real, the batch in order: what a CUDA graph
-replays) has fixed shapes end to end. On CUDA, when flash-attn is installed and the block size is a
-multiple of its page size (256), it attends the paged cache in place (`flash_attn_with_kvcache`,
-no gather); otherwise SDPA over the gathered blocks.
+replays) has fixed shapes end to end. On CUDA it attends the paged cache in place: through flash-attn
+(`flash_attn_with_kvcache`) when it is installed and the block size is a multiple of its page size
+(256), else through our Triton kernel (`node.models.triton_attention`, any block size); on the CPU,
+SDPA over the gathered blocks.
 
 Per layer, two options (`LayerAttention`): a sliding window (query i sees keys i - window < j <= i,
 transformers' rule; keys that fell out of the window stay in the cache and are masked) and
 attention-logit soft-capping (scores -> cap * tanh(scores / cap), Gemma 2). SDPA has no soft-cap, so
 soft-capped layers attend through `_softcapped` (the same mask, in plain tensor ops: CUDA graphs
 capture it); flash-attn takes both as arguments (soft-capping from flash-attn 2.6; before it, those
-layers take the gather path).
+layers take the Triton kernel, which does both).
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def flash_attn_installed() -> bool:
 
 
 @cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@cache
 def flash_has_softcap() -> bool:
     """flash-attn >= 2.6 soft-caps scores itself; an older one leaves soft-capped layers to SDPA's gather path."""
     import inspect
@@ -58,10 +64,13 @@ def flash_has_softcap() -> bool:
 
 
 def decode_backend(device: torch.device, block_size: int) -> str:
-    """"flash" (flash-attn's paged KV path) where it can run, else "sdpa"."""
-    if device.type == "cuda" and flash_attn_installed() and block_size % FLASH_PAGE_SIZE == 0:
+    """How a dense decode group attends: "flash" (flash-attn's paged KV) where it can run, else
+    "triton" (our paged kernel) on CUDA, else "sdpa" (the gather path: the CPU)."""
+    if device.type != "cuda":
+        return "sdpa"
+    if flash_attn_installed() and block_size % FLASH_PAGE_SIZE == 0:
         return "flash"
-    return "sdpa"
+    return "triton" if triton_installed() else "sdpa"
 
 
 def dense_decode_group(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
@@ -129,6 +138,14 @@ def window_mask(group: AttentionGroup, window: int) -> torch.Tensor:
     return group.mask & (inside | ~group.is_real[:, :, None]).unsqueeze(1)
 
 
+def _dense_backend(device: torch.device, block_size: int, layer: LayerAttention) -> str:
+    """`decode_backend`, less flash for a soft-capped layer when flash-attn predates soft-capping."""
+    backend = decode_backend(device, block_size)
+    if backend == "flash" and layer.softcap is not None and not flash_has_softcap():
+        return "triton" if triton_installed() else "sdpa"
+    return backend
+
+
 def paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     batch: AttentionBatch, layer: LayerAttention,
@@ -143,9 +160,15 @@ def paged_attention(
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, batch.kv_indices, v)
     out = q.new_empty((num_tokens, num_heads * head_dim))
     for group in batch.groups:
-        if group.is_dense and decode_backend(q.device, k_cache.shape[1]) == "flash" and (
-                layer.softcap is None or flash_has_softcap()):
+        backend = _dense_backend(q.device, k_cache.shape[1], layer) if group.is_dense else "sdpa"
+        if backend == "flash":
             return _flash_decode(q, k_cache, v_cache, group, layer)
+        if backend == "triton":
+            from node.models.triton_attention import paged_decode  # Triton: imported where it runs
+
+            assert group.context_lens is not None
+            return paged_decode(q, k_cache, v_cache, group.block_tables, group.context_lens, layer.scale,
+                                softcap=layer.softcap, window=layer.window)
         qg = q[group.token_index].transpose(1, 2)  # [B, H, Q, D]
         kg = _gather(k_cache, group).transpose(1, 2)  # [B, KVH, K, D]
         vg = _gather(v_cache, group).transpose(1, 2)
