@@ -53,7 +53,7 @@ def _reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ta
     slots = tables.gather(1, (last // block_size)[:, None])[:, 0] * block_size + last % block_size  # [B]
     k = k_cache.flatten(0, 1)[slots]  # [B, KVH, D]
     v = v_cache.flatten(0, 1)[slots]
-    batch = AttentionBatch(slot_mapping=slots, groups=(dense_decode_group(tables, context_lens, block_size),))
+    batch = AttentionBatch(kv_indices=slots, groups=(dense_decode_group(tables, context_lens, block_size),))
     return paged_attention(q, k, v, k_cache, v_cache, batch, layer)
 
 
@@ -161,10 +161,10 @@ def test_the_engines_padded_decode_step_through_our_kernel_matches_the_gather_pa
         v_cache.normal_()
     tables, context = [[0, 1, 2], [3, 4], [5]], [11, 6, 2]
     batch = DecodeBatch(token_ids=[7, 8, 9], positions=[c - 1 for c in context],
-                        slot_mapping=[t[(c - 1) // 4] * 4 + (c - 1) % 4 for t, c in zip(tables, context, strict=True)],
+                        kv_indices=[t[(c - 1) // 4] * 4 + (c - 1) % 4 for t, c in zip(tables, context, strict=True)],
                         block_tables=tables, context_lens=context, token_slots=[-1, -1, -1])
     graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.slots, max_batch=8, max_blocks=16, block_size=4,
-                          scratch_slot=runner.num_blocks * 4, use_graphs=False)
+                          scratch_kv_index=runner.num_blocks * 4, use_graphs=False)
     with torch.inference_mode():
         gathered = graphs.run(batch).clone()  # bucket 4: one padding row
         monkeypatch.setattr(attention, "decode_backend", lambda device, block_size: "triton")
