@@ -94,6 +94,7 @@ def run_plain(model: Path, data: Path, work: Path, steps: int) -> list[tuple[int
     loader = DataLoader(TensorDataset(blocks), batch_size=BATCH, shuffle=True,
                         generator=torch.Generator().manual_seed(SEED))
     base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    base.config.use_cache = False  # as ours: no KV cache is built in training (it would copy K and V per layer)
     peft_model = get_peft_model(base, LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS,
                                                  lora_dropout=0.0, task_type="CAUSAL_LM"))
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=LR)
