@@ -77,6 +77,8 @@ def train(
     config = TrainingConfig(rank=rank, alpha=2 * rank, lr=lr, seq_len=seq_len, batch_size=batch_size,
                             grad_accum=grad_accum, max_steps=max_steps, epochs=epochs,
                             checkpoint_every=checkpoint_every, seed=seed)
+    if resume and not (out / CHECKPOINT_DIR).is_dir():
+        console.print(f"no checkpoint in {out / CHECKPOINT_DIR}: training from the start", markup=False)
     stop = threading.Event()
     try:
         with TrainingProgress(console) as progress, stop_on_ctrl_c(stop, console):
