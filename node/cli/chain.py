@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from eth_account import Account
 
-from node.chain.deploy import deploy_all, write_deployment
 from node.cli.console import console
 from node.cli.context import DevAccountOption, KeyFileOption, address, signing_key
 from node.config import load_settings
@@ -34,8 +32,11 @@ def deploy(
     dev_account: int = DevAccountOption,
 ) -> None:
     """Deploy DatasetRegistry, AdapterRegistry, PaymentEscrow and Settlement; write the addresses."""
+    from eth_account import Account
     from requests.exceptions import ConnectionError as RequestsConnectionError
     from web3 import Web3
+
+    from node.chain.deploy import deploy_all, write_deployment
 
     try:
         chain_id = Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": 10})).eth.chain_id
