@@ -12,9 +12,10 @@ on a shared machine); the best whole run's tokens/s is printed beside it, and bo
 the process (time.process_time: what the step cost, whatever else ran on the machine).
 
 Fair by construction: both sides train the same model, LoRA, sequence length, batch, accumulation and
-AdamW (ours fused, the plain one torch's default implementation) on full 256-token sequences, without
-a KV cache (`use_cache=False`), and both time the same span (fetching the step's batches, forward,
-backward, optimizer step, reading the loss).
+AdamW (ours fused, the plain one torch's default implementation) on 256-token sequences (ours may draw
+the text's shorter last one, right-padded: its pads are computed but not counted), without a KV cache
+(`use_cache=False`), and both time the same span (fetching the step's batches, forward, backward,
+optimizer step, reading the loss).
 
 Memory: each side in a fresh process, tokenizing from scratch and training 3 steps, on datasets of
 the given sizes; peak RSS of the process (ru_maxrss). Prints a table, writes bench/results/train.json.
