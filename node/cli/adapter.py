@@ -55,7 +55,7 @@ def train(
     batch_size: int = typer.Option(4, "--batch-size", min=1, help="Sequences per micro-batch."),
     grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Micro-batches per optimizer step."),
     checkpoint_every: int = typer.Option(100, "--checkpoint-every", min=0,
-                                         help="Steps between checkpoints in OUT/checkpoint (0: none)."),
+                                         help="Steps between checkpoints in OUT/checkpoint (0: only on Ctrl-C)."),
     resume: bool = typer.Option(False, "--resume", help="Go on from OUT/checkpoint (same datasets and options)."),
     seed: int = typer.Option(0, help="Seeds the LoRA init and the data order."),
     rpc_url: str = RpcOption, deployment: Path = DeploymentOption,
@@ -63,6 +63,7 @@ def train(
     """Fetch the datasets, check their registered hashes, fine-tune a LoRA on them, write its lineage.
 
     Tokenized once to a file beside OUT, packed, trained in mini-batches: memory stays flat in data size.
+    Ctrl-C ends the step in progress and checkpoints it (exit code 130); the same command with --resume goes on.
     """
     from node.lora.content_hash import base_model_id
     from node.protocol.hexstr import to_hex
