@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -10,7 +11,7 @@ import typer
 
 from node.cli.console import console
 from node.cli.context import DeploymentOption, DevAccountOption, KeyFileOption, RpcOption, chain_context, signing_key
-from node.cli.training_progress import TrainingProgress
+from node.cli.training_progress import TrainingProgress, stop_on_ctrl_c
 from node.errors import BadRequest
 from node.training import CHECKPOINT_DIR, MAX_DEFAULT_SEQ_LEN
 
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 app = typer.Typer(help="Train adapters on registered datasets and register them with their lineage.",
                   no_args_is_help=True)
 LINEAGE_FILE = "lineage.json"
+INTERRUPTED = 130  # Ctrl-C: the shell's 128 + SIGINT, apart from 2 (a user's mistake) and 1 (a failure)
 BPS = 10_000
 
 
@@ -53,7 +55,7 @@ def train(
     batch_size: int = typer.Option(4, "--batch-size", min=1, help="Sequences per micro-batch."),
     grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Micro-batches per optimizer step."),
     checkpoint_every: int = typer.Option(100, "--checkpoint-every", min=0,
-                                         help="Steps between checkpoints in OUT/checkpoint (0: none)."),
+                                         help="Steps between checkpoints in OUT/checkpoint (0: only on Ctrl-C)."),
     resume: bool = typer.Option(False, "--resume", help="Go on from OUT/checkpoint (same datasets and options)."),
     seed: int = typer.Option(0, help="Seeds the LoRA init and the data order."),
     rpc_url: str = RpcOption, deployment: Path = DeploymentOption,
@@ -61,6 +63,7 @@ def train(
     """Fetch the datasets, check their registered hashes, fine-tune a LoRA on them, write its lineage.
 
     Tokenized once to a file beside OUT, packed, trained in mini-batches: memory stays flat in data size.
+    Ctrl-C ends the step in progress and checkpoints it (exit code 130); the same command with --resume goes on.
     """
     from node.lora.content_hash import base_model_id
     from node.protocol.hexstr import to_hex
@@ -75,19 +78,33 @@ def train(
     config = TrainingConfig(rank=rank, alpha=2 * rank, lr=lr, seq_len=seq_len, batch_size=batch_size,
                             grad_accum=grad_accum, max_steps=max_steps, epochs=epochs,
                             checkpoint_every=checkpoint_every, seed=seed)
+    if resume and not (out / CHECKPOINT_DIR).is_dir():
+        console.print(f"no checkpoint in {out / CHECKPOINT_DIR}: training from the start", markup=False)
+    stop = threading.Event()
     try:
-        with TrainingProgress(console) as progress:
-            result = LoRATrainer(base, config).train(tokens, out, resume=resume, observer=progress)
-    except KeyboardInterrupt:
-        console.print(f"interrupted: run the same command with --resume to go on from {out / CHECKPOINT_DIR}",
-                      markup=False)
-        raise typer.Exit(130) from None
+        with TrainingProgress(console) as progress, stop_on_ctrl_c(stop, console):
+            result = LoRATrainer(base, config).train(tokens, out, resume=resume, observer=progress, stop=stop)
+    except KeyboardInterrupt as exc:
+        console.print(_interrupted(exc, out), markup=False)
+        raise typer.Exit(INTERRUPTED) from None
     lineage = {"baseModel": to_hex(base_id), "datasets": dataset, "weightsBps": bps}
     (out / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
     rate = result.num_tokens / result.elapsed_s if result.elapsed_s else 0.0
     console.print(f"{len(result.losses)} steps, {result.num_tokens:,} tokens at {rate:,.0f} tok/s; "
                   f"loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}; wrote {out} and {out / LINEAGE_FILE}",
                   markup=False)
+
+
+def _interrupted(exc: KeyboardInterrupt, out: Path) -> str:
+    """What a Ctrl-C left behind, and how to go on."""
+    from node.training.lora_trainer import TrainingInterrupted
+
+    resume = "run the same command with --resume to go on from it"
+    if isinstance(exc, TrainingInterrupted):
+        return f"interrupted after step {exc.step}: checkpoint written to {exc.checkpoint}; {resume}"
+    if (out / CHECKPOINT_DIR).is_dir():
+        return f"interrupted: the last checkpoint is in {out / CHECKPOINT_DIR}; {resume}"
+    return "interrupted before the first checkpoint: nothing to resume, run the command again"
 
 
 def _tokenized_datasets(base: Path, dataset: list[int], out: Path, rpc_url: str, deployment: Path) -> TokenFile:

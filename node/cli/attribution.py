@@ -18,7 +18,6 @@ from node.cli.console import console, err_console
 from node.cli.context import DeploymentOption, NodeUrlOption, RpcOption, chain_context
 from node.errors import BadRequest, ConfigError
 from node.protocol.hexstr import to_hex
-from node.protocol.receipt import response_output_text
 
 if TYPE_CHECKING:
     from node.protocol.eip712 import Domain
@@ -83,6 +82,8 @@ def load_receipt(receipt: str, node_url: str, read: str | None = None) -> tuple[
         except (OSError, ValueError) as exc:
             raise BadRequest(f"{receipt} is neither a receipt id nor a readable JSON file", reason=str(exc)) from exc
     if isinstance(data, dict) and isinstance(data.get("receipt"), dict):  # a whole response body
+        from node.protocol.receipt import response_output_text  # eth_abi and coincurve: 0.5 s to import
+
         return data["receipt"], response_output_text(data)
     if not isinstance(data, dict):
         raise BadRequest("the receipt JSON is not an object")

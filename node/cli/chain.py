@@ -5,11 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from eth_account import Account
 
-from node.chain.contract_client import ContractClient
-from node.chain.deploy import deploy_all, read_deployment, write_deployment
-from node.chain.x402_channels import deploy_x402
 from node.cli.console import console
 from node.cli.context import DevAccountOption, KeyFileOption, address, signing_key
 from node.config import load_settings
@@ -42,6 +38,12 @@ def deploy(
 ) -> None:
     """Deploy DatasetRegistry, AdapterRegistry, PaymentEscrow and Settlement (and the x402 contracts);
     write the addresses."""
+    from eth_account import Account  # the chain libraries only for the commands that use them (start-up time)
+
+    from node.chain.contract_client import ContractClient
+    from node.chain.deploy import deploy_all, write_deployment
+    from node.chain.x402_channels import deploy_x402
+
     chain_id = _chain_id(rpc_url)
     load_settings().settle_latency().check_thaw_period(thaw_period_s)  # before any gas is spent
     key = signing_key(key_file, dev_account if dev_account is not None else _dev_default(chain_id), chain_id)
@@ -72,6 +74,10 @@ def add_x402(
     """Add the x402 contracts to a deployment: the channel contract and its collector where absent, the
     node's router unless the file names one; rewrites the file. A mirror written before must start again
     (its indexer then reads the channel contract too)."""
+    from node.chain.contract_client import ContractClient
+    from node.chain.deploy import read_deployment, write_deployment
+    from node.chain.x402_channels import deploy_x402
+
     dep = read_deployment(deployment)
     if _chain_id(rpc_url) != dep.chain_id:
         raise ConfigError("the RPC's chain is not the deployment's", deployment_chain_id=dep.chain_id)

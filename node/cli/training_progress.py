@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -53,3 +57,23 @@ class TrainingProgress:
         left = (report.total_steps - report.step) * report.elapsed_s / max(done_here, 1)
         self.console.print(f"step {report.step}/{report.total_steps}  {report.tokens_per_s:,.0f} tok/s  "
                            f"loss {report.loss:.3f}  ETA {timedelta(seconds=round(left))}", markup=False)
+
+
+@contextmanager
+def stop_on_ctrl_c(stop: threading.Event, console: Console) -> Iterator[None]:
+    """The first Ctrl-C sets `stop` (the trainer ends the step in progress and checkpoints it, so no
+    work is lost and a resumed run ends as an uninterrupted one would); a second one stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread: Ctrl-C behaves as Python's default
+        return
+
+    def first(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        console.print("stopping after this step to write a checkpoint (Ctrl-C again stops now)", markup=False)
+
+    previous = signal.signal(signal.SIGINT, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

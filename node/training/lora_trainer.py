@@ -23,8 +23,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from node.errors import BadRequest
-from node.training import MAX_DEFAULT_SEQ_LEN
+from node.training import CHECKPOINT_DIR, MAX_DEFAULT_SEQ_LEN
 from node.training.checkpoint import DataPosition, TrainerState, load_checkpoint, remove_checkpoint, save_checkpoint
+from node.training.host_allocator import keep_freed_memory
 from node.training.packing import MicroBatch, PackedSequences
 from node.training.token_file import TokenFile
 
@@ -76,6 +77,21 @@ class TrainingObserver(Protocol):
     def on_step(self, report: StepReport) -> None: ...
 
 
+class StopRequest(Protocol):
+    """Set (e.g. by a Ctrl-C handler) to stop after the step in progress; `threading.Event` is one."""
+
+    def is_set(self) -> bool: ...
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """The run stopped on request after `step`, with its checkpoint written to `checkpoint`."""
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(f"stopped after step {step}; checkpoint in {checkpoint}")
+        self.step = step
+        self.checkpoint = checkpoint
+
+
 @dataclass(frozen=True)
 class TrainingResult:
     path: Path
@@ -83,6 +99,18 @@ class TrainingResult:
     losses: tuple[float, ...]  # per step of this run, first to last
     num_tokens: int  # trained on in this run
     elapsed_s: float
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What one call of `train` works on."""
+
+    model: PeftModel
+    optimizer: torch.optim.Optimizer
+    packed: PackedSequences
+    plan: TrainingPlan
+    out: Path
+    fingerprint: dict[str, Any]
 
 
 class LoRATrainer:
@@ -96,16 +124,22 @@ class LoRATrainer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, its sequence order), drawn once per epoch
 
-    def train(self, tokens: TokenFile, out: Path, *, resume: bool = False,
-              observer: TrainingObserver | None = None) -> TrainingResult:
-        """Train on `tokens`, checkpointing under `out`, and save the adapter to `out` (a PEFT folder)."""
+    def train(self, tokens: TokenFile, out: Path, *, resume: bool = False, observer: TrainingObserver | None = None,
+              stop: StopRequest | None = None) -> TrainingResult:
+        """Train on `tokens`, checkpointing under `out`, and save the adapter to `out` (a PEFT folder).
+
+        Once `stop` is set, the step in progress ends, a checkpoint of it is written and
+        TrainingInterrupted is raised: `resume=True` then goes on exactly where it stopped.
+        """
         torch.manual_seed(self.config.seed)
         self._order = None
+        if self.device.type == "cpu":
+            keep_freed_memory()  # each step reuses the last one's activation memory (host_allocator.py)
         model = self._model()
         packed = PackedSequences(tokens.tokens(), self._seq_len(model), pad_id=_pad_id(model))
         if len(packed) == 0:
             raise BadRequest("the datasets hold no text to train on", token_file=str(tokens.path))
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=self.config.lr)
+        optimizer = self._optimizer(model)
         fingerprint = self._fingerprint(tokens, packed.seq_len)
         state = load_checkpoint(model, out, fingerprint) if resume else None
         if state is not None:
@@ -115,33 +149,40 @@ class LoRATrainer:
         plan = self._plan(packed, tokens.num_tokens, state.step if state else 0)
         if state is not None and state.position != self._position(plan.start_step, packed):
             raise BadRequest("the checkpoint's data position does not match its step", step=state.step)
-        losses, num_tokens, elapsed = self._loop(model, optimizer, packed, plan, out, fingerprint, observer)
+        run = _Run(model, optimizer, packed, plan, out, fingerprint)
+        losses, num_tokens, elapsed = self._loop(run, observer, stop)
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(out))
         remove_checkpoint(out)
         return TrainingResult(out, plan, tuple(losses), num_tokens, elapsed)
 
-    def _loop(self, model: PeftModel, optimizer: torch.optim.Optimizer, packed: PackedSequences, plan: TrainingPlan,
-              out: Path, fingerprint: dict[str, Any],
-              observer: TrainingObserver | None) -> tuple[list[float], int, float]:
+    def _loop(self, run: _Run, observer: TrainingObserver | None,
+              stop: StopRequest | None) -> tuple[list[float], int, float]:
+        plan = run.plan
         if observer is not None:
             observer.on_start(plan)
-        model.train()
+        run.model.train()
         losses: list[float] = []
         num_tokens, started = 0, time.perf_counter()
         for step in range(plan.start_step, plan.total_steps):
-            batches = self._step_batches(packed, step)
-            losses.append(self._step(model, optimizer, batches))
+            batches = self._step_batches(run.packed, step)
+            losses.append(self._step(run.model, run.optimizer, batches))
             num_tokens += sum(b.num_tokens for b in batches)
             done = step + 1
             every = self.config.checkpoint_every
-            if every and done % every == 0 and done < plan.total_steps:
-                position = self._position(done, packed)
-                save_checkpoint(model, TrainerState(done, position, fingerprint, optimizer.state_dict()), out)
+            is_stopping = stop is not None and stop.is_set() and done < plan.total_steps
+            if is_stopping or (every and done % every == 0 and done < plan.total_steps):
+                self._checkpoint(run, done)
             if observer is not None:
                 observer.on_step(StepReport(done, plan.total_steps, step // plan.steps_per_epoch, losses[-1],
                                             num_tokens, time.perf_counter() - started))
+            if is_stopping:
+                raise TrainingInterrupted(done, run.out / CHECKPOINT_DIR)
         return losses, num_tokens, time.perf_counter() - started
+
+    def _checkpoint(self, run: _Run, done: int) -> None:
+        state = TrainerState(done, self._position(done, run.packed), run.fingerprint, run.optimizer.state_dict())
+        save_checkpoint(run.model, state, run.out)
 
     def _step(self, model: PeftModel, optimizer: torch.optim.Optimizer, batches: Sequence[MicroBatch]) -> float:
         """One optimizer step over `batches`; the mean loss over all of their predicted tokens."""
@@ -150,8 +191,7 @@ class LoRATrainer:
         for b in batches:
             if b.num_targets == 0:
                 continue  # only one-token sequences: nothing to predict
-            mask = None if b.attention_mask is None else b.attention_mask.to(self.device)
-            loss = model(input_ids=b.input_ids.to(self.device), attention_mask=mask,
+            loss = model(input_ids=b.input_ids.to(self.device),
                          labels=b.labels.to(self.device)).loss * (b.num_targets / num_targets)
             loss.backward()
             total += loss.detach()
@@ -185,6 +225,13 @@ class LoRATrainer:
         config = LoraConfig(r=self.config.rank, lora_alpha=self.config.alpha,
                             target_modules=list(self.config.target_modules), lora_dropout=0.0, task_type="CAUSAL_LM")
         return get_peft_model(base, config).to(self.device)
+
+    def _optimizer(self, model: PeftModel) -> torch.optim.AdamW:
+        """AdamW over the LoRA weights, as one fused kernel where torch has one (the same update as the
+        default per-tensor loop, without its ~10 small ops per weight: 0.3 ms a step instead of 1.4 on
+        bench/train.py's 56 LoRA tensors)."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.config.lr, fused=self.device.type in ("cpu", "cuda"))
 
     def _seq_len(self, model: PeftModel) -> int:
         limit = int(getattr(model.config, "max_position_embeddings", MAX_DEFAULT_SEQ_LEN))

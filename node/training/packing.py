@@ -4,6 +4,11 @@ Sequence `i` is tokens `[i * seq_len, (i + 1) * seq_len)` of the stream; the las
 (shorter), so every token is in exactly one sequence, in order. An epoch visits every sequence once in
 a permutation drawn from (seed, epoch): the order is a function of the position alone, which is what
 a checkpoint records to resume.
+
+Padding goes on the right and needs no attention mask: in a causal model a real token attends only to
+the tokens before it, all real, so its output is the same with or without the pad tokens after it,
+and the pads' own outputs have no label. Without a mask the model keeps its causal attention kernel
+(with one it builds a [batch, 1, length, length] mask and takes the masked path).
 """
 
 from __future__ import annotations
@@ -20,8 +25,7 @@ IGNORE_INDEX = -100  # labels that do not count in the loss (padding)
 @dataclass(frozen=True)
 class MicroBatch:
     input_ids: torch.Tensor  # [batch, length] int64
-    labels: torch.Tensor  # [batch, length] int64, IGNORE_INDEX where padded
-    attention_mask: torch.Tensor | None  # [batch, length], None when no row is padded
+    labels: torch.Tensor  # [batch, length] int64, IGNORE_INDEX where padded (on the right)
     num_tokens: int  # real tokens (not padding)
     num_targets: int  # tokens with a next token to predict: what the loss averages over
 
@@ -48,7 +52,7 @@ class PackedSequences:
         return np.random.default_rng([seed, epoch]).permutation(len(self))
 
     def batch(self, indices: Sequence[int] | np.ndarray) -> MicroBatch:
-        """The sequences at `indices`, right-padded to the longest of them."""
+        """The sequences at `indices`, right-padded to the longest of them (no mask needed: see above)."""
         rows = [self.sequence(int(i)) for i in indices]
         length = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.int64)  # [batch, length]
@@ -56,7 +60,5 @@ class PackedSequences:
         for row, ids in enumerate(rows):
             input_ids[row, :len(ids)] = torch.from_numpy(ids)
             labels[row, :len(ids)] = torch.from_numpy(ids)
-        is_padded = any(len(r) < length for r in rows)
-        mask = (labels != IGNORE_INDEX).to(torch.int64) if is_padded else None
         num_tokens = sum(len(r) for r in rows)
-        return MicroBatch(input_ids, labels, mask, num_tokens, num_tokens - len(rows))
+        return MicroBatch(input_ids, labels, num_tokens, num_tokens - len(rows))

@@ -9,8 +9,6 @@ import typer
 from node.cli import app
 
 
-# `adapter train` is being rewritten on the train branch (issue 18 item 3), which gives its options help:
-# drop it from here when that lands.
 def _commands(command: Any, path: str = "loranode") -> list[tuple[str, Any]]:
     """Every command under `command` (a group's `commands`), with its path."""
     found = [(path, command)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from node.engine import EngineConfig, LLMEngine, SamplingParams
 from node.errors import BadRequest
 from node.lora.content_hash import dataset_content_hash
 from node.training import CHECKPOINT_DIR
-from node.training.lora_trainer import LoRATrainer, StepReport, TrainingConfig, TrainingPlan
+from node.training.lora_trainer import LoRATrainer, StepReport, TrainingConfig, TrainingInterrupted, TrainingPlan
 from node.training.packing import PackedSequences
 from node.training.token_file import TokenFile, tokenize_datasets
 from tests.engine.reference import PeftReference
@@ -76,6 +77,56 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tiny_model:
                                                                    observer=recorder)
     assert recorder.plans[0].start_step == 2 and [r.step for r in recorder.reports] == [3, 4, 5, 6]
     assert resumed.losses == whole.losses[2:]
+    expected, got = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_right_padded_sequence_trains_as_it_would_alone_without_a_mask(tiny_model: Path) -> None:
+    """Packing pads the short last sequence on the right and passes no attention mask (packing.py):
+    its loss and its gradients are those of the sequence alone."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    packed = PackedSequences(torch.randint(3, 200, (90,)).numpy(), 64)  # sequences of 64 and 26 tokens
+    padded = packed.batch([1, 0])
+    short = torch.from_numpy(packed.sequence(1))[None]  # [1, 26]
+
+    def loss_and_grads(input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        logits = model(input_ids=input_ids).logits[0, :25]  # [25, vocab]: the short row's predictions
+        loss = torch.nn.functional.cross_entropy(logits, labels[0, 1:26])
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    alone, padded_out = loss_and_grads(short, short), loss_and_grads(padded.input_ids, padded.labels)
+    assert (padded.input_ids[0, 26:] == 0).all() and padded.num_targets == 25 + 63
+    torch.testing.assert_close(padded_out[0], alone[0])
+    for got, expected in zip(padded_out[1], alone[1], strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def test_a_stop_request_ends_the_step_checkpoints_it_and_resumes_there(tiny_model: Path, tokens: TokenFile,
+                                                                       tmp_path: Path) -> None:
+    config = TrainingConfig(**{**CONFIG.__dict__, "checkpoint_every": 0})  # only the stop writes one
+    whole = LoRATrainer(tiny_model, config, device="cpu").train(tokens, tmp_path / "whole")
+    stop = threading.Event()
+
+    class StopAtThree(Recorder):
+        def on_step(self, report: StepReport) -> None:
+            if report.step == 2:
+                stop.set()  # as Ctrl-C during step 3 does: step 3 still ends
+
+    with pytest.raises(TrainingInterrupted) as interrupted:
+        LoRATrainer(tiny_model, config, device="cpu").train(tokens, tmp_path / "cut", observer=StopAtThree(),
+                                                            stop=stop)
+    assert interrupted.value.step == 3 and interrupted.value.checkpoint == tmp_path / "cut" / CHECKPOINT_DIR
+    recorder = Recorder()
+    resumed = LoRATrainer(tiny_model, config, device="cpu").train(tokens, tmp_path / "cut", resume=True,
+                                                                  observer=recorder)
+    assert recorder.plans[0].start_step == 3 and resumed.losses == whole.losses[3:]
     expected, got = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
 

@@ -34,7 +34,6 @@ def test_a_batch_with_the_short_last_sequence_pads_it_out_of_the_loss() -> None:
     assert batch.input_ids.shape == (2, 100)
     assert torch.equal(batch.input_ids[0, :50], torch.arange(201, 251))
     assert (batch.labels[0, 50:] == IGNORE_INDEX).all() and (batch.input_ids[0, 50:] == 0).all()
-    assert batch.attention_mask is not None and batch.attention_mask.sum().item() == 150
     assert batch.num_tokens == 150 and batch.num_targets == 148
     full = packed.batch([0, 1])
-    assert full.attention_mask is None and torch.equal(full.labels, full.input_ids)
+    assert torch.equal(full.labels, full.input_ids)
