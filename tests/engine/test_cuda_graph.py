@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from node.engine import EngineConfig, LLMEngine
@@ -60,3 +61,38 @@ def test_the_padded_graph_forward_matches_the_eager_decode_step(tiny_model: Path
         padded = graphs.run(batch)  # bucket 4: one padding row
     assert padded.shape == eager.shape
     assert torch.allclose(padded, eager, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")  # the interpreter
+def test_the_graph_forward_with_rank_pools_runs_the_fused_kernels_of_the_pools_in_use(
+        tiny_model: Path, tiny_adapters: TinyAdapters, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a CUDA graph captures with LoRA, on the CPU: the static forward over the buffer of global
+    slot ids, one fused Triton launch per group and pool in use (in the interpreter: `uses_triton` is
+    forced), against the eager step's torch ops."""
+    from node.lora import ops, triton_fused
+
+    engine = LLMEngine(EngineConfig(model_path=tiny_model, max_num_seqs=8, max_model_len=64, block_size=4,
+                                    max_lora_rank=16, adapter_rank_pools=((4, 1), (8, 1), (16, 1))))
+    runner = engine.runner
+    slots = [runner.slots.activate(name, engine.parse_adapter(tiny_adapters.paths[name]), in_use=())
+             for name in ("sea-r8", "count-r4")]
+    for k_cache, v_cache in runner.kv_caches:
+        k_cache.normal_()
+        v_cache.normal_()
+    batch = DecodeBatch(token_ids=[7, 8, 9], positions=[5, 2, 0], kv_indices=[5, 6, 8],
+                        block_tables=[[1], [1, 2], [2]], context_lens=[6, 3, 1], token_slots=[slots[0], -1, slots[1]])
+    pools = runner.slots.pools_in_use(batch.token_slots)
+    assert pools == (0, 1)  # ranks 4 and 8; the rank-16 pool gets no launch
+    graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.slots, max_batch=8, max_blocks=4,
+                          block_size=4, scratch_kv_index=runner.num_blocks * 4, use_graphs=False)
+    with torch.inference_mode():
+        eager = graphs.run(batch)  # the torch ops over per-step plans
+        launches: list[int] = []  # the slot_base of each launch
+        kernel = triton_fused.lora_gather_fused
+        monkeypatch.setattr(ops, "uses_triton", lambda device: True)
+        monkeypatch.setattr(triton_fused, "lora_gather_fused", lambda *a: launches.append(a[7]) or kernel(*a))
+        bucket, _ = graphs.fill(batch)
+        static = graphs.static_forward(bucket, pools)[:3]
+    num_layers = len(runner.kv_caches)
+    assert sorted(set(launches)) == [0, 1] and len(launches) == 4 * 2 * num_layers  # slot_base of pools 0, 1
+    assert torch.allclose(static, eager, atol=1e-4), (static - eager).abs().max()
