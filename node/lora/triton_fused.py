@@ -119,8 +119,10 @@ def _ends(widths: tuple[int, ...]) -> tuple[int, int, int]:
     return tuple(ends + [ends[-1]] * (3 - len(ends)))  # type: ignore[return-value]
 
 
-def _split(widths: tuple[int, ...], programs: int, min_programs: int) -> tuple[int, int]:
-    """(n_split, cols_per_split): enough column chunks per projection for about `min_programs` programs."""
+def _split(widths: tuple[int, ...], programs: int, min_programs: int | None) -> tuple[int, int]:
+    """(n_split, cols_per_split): enough column chunks per projection for about `min_programs`
+    (default MIN_PROGRAMS) programs."""
+    min_programs = MIN_PROGRAMS if min_programs is None else min_programs
     max_cols = triton.cdiv(max(widths), BLOCK_N)
     n_split = max(1, min(max_cols, triton.cdiv(min_programs, max(1, programs))))
     cols_per_split = triton.cdiv(max_cols, n_split) * BLOCK_N
@@ -129,7 +131,7 @@ def _split(widths: tuple[int, ...], programs: int, min_programs: int) -> tuple[i
 
 def lora_gather_fused(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                       widths: tuple[int, ...], ranks: torch.Tensor, token_slots: torch.Tensor, slot_base: int = 0,
-                      min_programs: int = MIN_PROGRAMS) -> None:
+                      min_programs: int | None = None) -> None:
     """BGMV in one launch: out[t] += the delta of slot token_slots[t] - slot_base (outside this pool's
     [0, S): none); token_slots [T] int32 on x's device."""
     _check(x, out, a, b)
@@ -144,7 +146,7 @@ def lora_gather_fused(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: to
 
 def lora_segment_fused(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                        widths: tuple[int, ...], ranks: torch.Tensor, run_table: torch.Tensor, max_run_len: int,
-                       min_programs: int = MIN_PROGRAMS) -> None:
+                       min_programs: int | None = None) -> None:
     """SGMV in one launch: out[start:end] += the delta of slot s for every (s, start, end) of run_table."""
     _check(x, out, a, b)
     in_features = x.shape[1]
