@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,7 +244,7 @@ def lora_row(slots: LoRASlots, device: torch.device, batch: int, steps: int, rou
     xs = {g: torch.randn(batch, slots.a[0][g].shape[2], dtype=torch.bfloat16, device=device) for g in GROUPS}
     outs = {g: torch.zeros(batch, slots.b_group[0][g].shape[1], dtype=torch.bfloat16, device=device) for g in GROUPS}
 
-    def path(kernel, **options) -> callable:  # type: ignore[valid-type]
+    def path(kernel: Callable[..., None], **options: int) -> Callable[[], None]:
         def step() -> None:
             for layer in range(num_layers):
                 for g in GROUPS:
@@ -261,7 +262,7 @@ def lora_row(slots: LoRASlots, device: torch.device, batch: int, steps: int, rou
             "speedup": best["two_launch"] / best["fused"], "fused_default_min_programs": triton_fused.MIN_PROGRAMS}
 
 
-def _graphed(step, device: torch.device):  # type: ignore[no-untyped-def]
+def _graphed(step: Callable[[], None], device: torch.device) -> Callable[[], None]:
     """`step` replayed from a CUDA graph (compiled and warmed first), or `step` itself off CUDA."""
     if device.type != "cuda":
         return step
@@ -276,7 +277,8 @@ def _graphed(step, device: torch.device):  # type: ignore[no-untyped-def]
     return graph.replay
 
 
-def _best_times(paths: dict, device: torch.device, steps: int, rounds: int) -> dict[str, float]:
+def _best_times(paths: dict[str, Callable[[], None]], device: torch.device, steps: int, rounds: int,
+                ) -> dict[str, float]:
     """Seconds per call of each path: interleaved rounds, best of each."""
     best: dict[str, float] = {}
     for _ in range(rounds):
