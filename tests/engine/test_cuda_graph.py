@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from node.engine import EngineConfig, LLMEngine
+from node.engine import EngineConfig, LLMEngine, SamplingParams
 from node.engine.cuda_graph import DecodeBatch, DecodeGraphs, bucket_for, buckets_up_to, pad_decode
 from node.models.attention import AttentionBatch, build_group, decode_backend
 from tests.fixtures.models import TinyAdapters
@@ -96,3 +96,26 @@ def test_the_graph_forward_with_rank_pools_runs_the_fused_kernels_of_the_pools_i
     num_layers = len(runner.kv_caches)
     assert sorted(set(launches)) == [0, 1] and len(launches) == 4 * 2 * num_layers  # slot_base of pools 0, 1
     assert torch.allclose(static, eager, atol=1e-4), (static - eager).abs().max()
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_with_rank_pools_answer_as_the_cpu_engine(tiny_model: Path, tiny_adapters: TinyAdapters) -> None:
+    """CUDA: decode steps replayed from graphs captured per (bucket, rank pools in use), the fused LoRA
+    kernels inside; greedy answers of batches mixing the base model and adapters of three rank pools
+    are the CPU engine's, token for token."""
+    names = ["sea-r8", "count-r4", "food-r16", None, "count-r4", None]
+    answers = {}
+    for device in ("cpu", "cuda"):
+        engine = LLMEngine(EngineConfig(model_path=tiny_model, device=device, max_model_len=64, max_lora_rank=16,
+                                        adapter_rank_pools=((4, 1), (8, 1), (16, 1))))
+        for name in ("sea-r8", "count-r4", "food-r16"):
+            engine.add_adapter(name, tiny_adapters.paths[name])
+        params = SamplingParams(max_tokens=8, temperature=0)
+        mixed = engine.generate([[5, 6, 7, 8]] * 6, params, names)  # type: ignore[arg-type]
+        small = engine.generate([[9, 4, 2]] * 2, params, ["count-r4", None])  # the rank-4 pool alone
+        answers[device] = [o.token_ids for o in mixed + small]
+        if device == "cuda":
+            graphs = engine.runner.graphs
+            assert graphs is not None
+            assert {pools for _, pools in graphs.graphs} >= {(0, 1, 2), (0,)}, list(graphs.graphs)
+    assert answers["cpu"] == answers["cuda"]
