@@ -12,8 +12,11 @@ CUDA graphs (`node.engine.cuda_graph`) for base-only and 1, 8, 64 (batch 64) and
 distinct adapters, each against base-only at the same batch. Bytes per step = base weights + the
 distinct adapters' weights + the KV cache read; achieved bandwidth = bytes / step time, (d) times one
 layer of paged decode attention at batch 256 with 2,048 cached tokens each (Llama-3-8B heads, block
-16): our Triton kernel reading the cache in place against SDPA over the gathered cache. Prints the
-tables and writes bench/results/gpu.json. Without CUDA (and without --cpu-smoke) it exits with 2.
+16): our Triton kernel reading the cache in place against SDPA over the gathered cache, (e) times the
+LoRA of one decode step alone (batch 64, 64 distinct rank-16 adapters, every layer and group, replayed
+from a CUDA graph): today's fused kernels (one launch per group, at a few `min_programs`) against the
+two-launch shrink/expand kernels. Prints the tables and writes bench/results/gpu.json. Without CUDA
+(and without --cpu-smoke) it exits with 2.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,7 +162,8 @@ def slots_target(cfg: ModelConfig) -> LoRATargetSpec:
     return LoRATargetSpec.of(cfg.num_layers, cfg.module_shapes())
 
 
-def run_cases(args: argparse.Namespace, cfg: ModelConfig, device: torch.device) -> tuple[list[dict], dict]:
+def run_cases(args: argparse.Namespace, cfg: ModelConfig, device: torch.device,
+              ) -> tuple[list[dict], dict, dict]:
     cases = [Case(args.batch, a) for a in (0, 1, 8, 64) if a <= args.batch]
     cases += [Case(args.big_batch, 0), Case(args.big_batch, args.big_batch)]
     max_len = args.ctx + 16
@@ -166,6 +171,8 @@ def run_cases(args: argparse.Namespace, cfg: ModelConfig, device: torch.device) 
     num_blocks = args.big_batch * max_blocks
     model, kv, slots = build(cfg, max(args.big_batch, 64), num_blocks, max_len, device)
     errors = check_kernels(slots, device) if uses_triton(device) else {}
+    lora = lora_row(slots, device, args.batch, args.steps, args.rounds) if uses_triton(device) or args.cpu_smoke \
+        else {}
     pools = LoRASlotPools([slots])
     graphs = DecodeGraphs(model, kv, pools, max_batch=args.big_batch, max_blocks=max_blocks, block_size=BLOCK,
                           scratch_kv_index=num_blocks * BLOCK, use_graphs=device.type == "cuda")
@@ -188,7 +195,7 @@ def run_cases(args: argparse.Namespace, cfg: ModelConfig, device: torch.device) 
         rows.append({"batch": case.batch, "adapters": case.adapters, "int8": case.int8, "step_ms": t * 1e3,
                      "tokens_per_s": case.batch / t, "cost_vs_base": t / base - 1,
                      "bytes_per_step": nbytes.get(case)})
-    return rows, errors
+    return rows, errors, lora
 
 
 def attention_row(device: torch.device, batch: int, ctx: int, cfg: ModelConfig, steps: int, rounds: int,
@@ -226,6 +233,66 @@ def attention_row(device: torch.device, batch: int, ctx: int, cfg: ModelConfig, 
             **{f"{name}_ms": t * 1e3 for name, t in best.items()}, "speedup": best["gather"] / best["ours"]}
 
 
+def lora_row(slots: LoRASlots, device: torch.device, batch: int, steps: int, rounds: int) -> dict:
+    """The LoRA part of a decode step: `batch` tokens on `batch` distinct slots, every layer's four groups,
+    one graph per path (eager on the CPU smoke run). Bytes = the distinct adapters' weights."""
+    from node.lora import triton_fused, triton_ops
+
+    num_layers = len(slots.a)
+    ranks = slots.ranks
+    token_slots = torch.arange(batch, dtype=torch.int32, device=device) % slots.num_slots
+    xs = {g: torch.randn(batch, slots.a[0][g].shape[2], dtype=torch.bfloat16, device=device) for g in GROUPS}
+    outs = {g: torch.zeros(batch, slots.b_group[0][g].shape[1], dtype=torch.bfloat16, device=device) for g in GROUPS}
+
+    def path(kernel: Callable[..., None], **options: int) -> Callable[[], None]:
+        def step() -> None:
+            for layer in range(num_layers):
+                for g in GROUPS:
+                    kernel(xs[g], outs[g], slots.a[layer][g], slots.b_group[layer][g], slots.widths[g], ranks,
+                           token_slots, **options)
+        return _graphed(step, device)
+
+    paths = {"two_launch": path(triton_ops.lora_gather), "fused": path(triton_fused.lora_gather_fused)}
+    for min_programs in (128, 512, 1024):
+        paths[f"fused_p{min_programs}"] = path(triton_fused.lora_gather_fused, min_programs=min_programs)
+    best = _best_times(paths, device, steps, rounds)
+    nbytes = min(batch, slots.num_slots) * slots.slot_bytes
+    return {"batch": batch, "adapters": min(batch, slots.num_slots), "layers": num_layers, "lora_bytes": nbytes,
+            **{f"{name}_ms": t * 1e3 for name, t in best.items()},
+            "speedup": best["two_launch"] / best["fused"], "fused_default_min_programs": triton_fused.MIN_PROGRAMS}
+
+
+def _graphed(step: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """`step` replayed from a CUDA graph (compiled and warmed first), or `step` itself off CUDA."""
+    if device.type != "cuda":
+        return step
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def _best_times(paths: dict[str, Callable[[], None]], device: torch.device, steps: int, rounds: int,
+                ) -> dict[str, float]:
+    """Seconds per call of each path: interleaved rounds, best of each."""
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for name, fn in paths.items():
+            fn()
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            synchronize(device)
+            best[name] = min(best.get(name, float("inf")), (time.perf_counter() - start) / steps)
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU: checks it runs")
@@ -249,13 +316,13 @@ def main() -> None:
     cfg = ModelConfig.from_dict(raw)
     started = time.perf_counter()
     bandwidth = copy_bandwidth(device, 64 << 20 if args.cpu_smoke else 4 << 30)
-    rows, errors = run_cases(args, cfg, device)
+    rows, errors, lora = run_cases(args, cfg, device)
     attn = attention_row(device, *((4, 40) if args.cpu_smoke else (256, 2048)), cfg, args.steps, args.rounds)
-    report(args, cfg, device, bandwidth, rows, errors, attn, time.perf_counter() - started)
+    report(args, cfg, device, bandwidth, rows, errors, attn, lora, time.perf_counter() - started)
 
 
 def report(args: argparse.Namespace, cfg: ModelConfig, device: torch.device, bandwidth: float, rows: list[dict],
-           errors: dict[str, float], attn: dict, seconds: float) -> None:
+           errors: dict[str, float], attn: dict, lora: dict, seconds: float) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke run: figures mean nothing)"
     print(f"device: {name}; copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); "
           f"model: Llama-3-8B shapes, {cfg.num_layers} layers, bf16; rank {RANK}; ctx {args.ctx}")
@@ -281,13 +348,20 @@ def report(args: argparse.Namespace, cfg: ModelConfig, device: torch.device, ban
           f"{attn['block_size']}): ours {attn['ours_ms']:.3f} ms ({attn['ours_fraction_of_copy_bandwidth']:.0%} of "
           f"copy), gather + SDPA {attn['gather_ms']:.3f} ms: {attn['speedup']:.1f}x; max |ours - gather| "
           f"{attn['max_abs_error']:.1e}")
+    if lora:
+        lora["fused_fraction_of_copy_bandwidth"] = lora["lora_bytes"] / (lora["fused_ms"] / 1e3) / bandwidth
+        sweep = ", ".join(f"{k[:-3]} {v:.3f}" for k, v in lora.items() if k.startswith("fused_p"))
+        print(f"LoRA alone, batch {lora['batch']} x {lora['adapters']} distinct rank-{RANK} adapters, {lora['layers']} "
+              f"layers x 4 groups (graph): fused {lora['fused_ms']:.3f} ms "
+              f"({lora['fused_fraction_of_copy_bandwidth']:.0%} of copy), two launches {lora['two_launch_ms']:.3f} ms: "
+              f"{lora['speedup']:.2f}x; fused by min_programs (ms): {sweep}")
     print(f"total {seconds:.0f} s")
     if args.cpu_smoke:
         return
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({"device": name, "copy_bandwidth_bytes_per_s": bandwidth, "layers": cfg.num_layers,
                                    "rank": RANK, "ctx": args.ctx, "kernel_check": errors, "rows": rows,
-                                   "paged_attention": attn,
+                                   "paged_attention": attn, "lora_launches": lora,
                                    "seconds": seconds}, indent=2) + "\n")
     print(f"wrote {RESULTS}")
 

@@ -5,8 +5,10 @@ bandwidth, their launch overhead is a large share of the step. A graph captured 
 replays them in one launch. Shapes are fixed per bucket: the batch is padded up to the bucket with
 rows that write their key/value at a scratch KV index, attend one position and use no adapter,
 and whose outputs are dropped. Attention reads the KV cache through a fixed [bucket, max_blocks]
-block table (`dense_decode_group`), LoRA through the gather kernels, whose shapes depend on the
-bucket alone. Graphs are captured lazily, the first time a bucket is used.
+block table (`dense_decode_group`), LoRA through the fused gather kernels (one launch per group and
+rank pool), whose shapes depend on the bucket alone. A graph is captured per (bucket, rank pools the
+step's adapters live in), so a step launches LoRA kernels only for the pools it uses; graphs are
+captured lazily, the first time such a key is met.
 
 Without CUDA graphs (`use_graphs=False`: the CPU, tests) the same padded static-buffer forward runs
 eagerly, with the torch LoRA ops.
@@ -91,7 +93,7 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(size, max_blocks, dtype=torch.long, device=device)
         self.context_lens = torch.ones(size, dtype=torch.int32, device=device)
         self.token_slots = torch.full((size,), -1, dtype=torch.int32, device=device)
-        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, tuple[int, ...]], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def bucket(self, num_seqs: int) -> int | None:
         return bucket_for(num_seqs, self.buckets)
@@ -100,8 +102,20 @@ class DecodeGraphs:
     def run(self, batch: DecodeBatch) -> torch.Tensor:
         """Final hidden states [num_seqs, hidden] of the decode step (the caller checked the bucket)."""
         n = len(batch.token_ids)
-        bucket = self.bucket(n)
-        assert bucket is not None, n
+        bucket, padded = self.fill(batch)
+        if not self.use_graphs:
+            return self._forward(bucket, self.slots.batch(padded.token_slots, "gather"))[:n]
+        key = (bucket, self.slots.pools_in_use(batch.token_slots))
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(*key)
+        graph, hidden = self.graphs[key]
+        graph.replay()
+        return hidden[:n]
+
+    def fill(self, batch: DecodeBatch) -> tuple[int, PaddedDecode]:
+        """Copy the step, padded to its bucket, into the static buffers; returns (bucket, padded)."""
+        bucket = self.bucket(len(batch.token_ids))
+        assert bucket is not None, len(batch.token_ids)
         padded = pad_decode(batch, bucket, self.max_blocks, self.scratch_kv_index)
         host = (torch.tensor(padded.token_ids), torch.tensor(padded.positions), torch.tensor(padded.kv_indices),
                 torch.tensor(padded.block_tables), torch.tensor(padded.context_lens, dtype=torch.int32),
@@ -110,35 +124,28 @@ class DecodeGraphs:
                    self.token_slots)
         for buf, values in zip(buffers, host, strict=True):
             buf[:bucket].copy_(values, non_blocking=True)
-        key = (bucket, any(s >= 0 for s in batch.token_slots))
-        if not self.use_graphs:
-            return self._forward(bucket, self.slots.batch(padded.token_slots, "gather"))[:n]
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(*key)
-        graph, hidden = self.graphs[key]
-        graph.replay()
-        return hidden[:n]
+        return bucket, padded
 
     def _forward(self, bucket: int, lora: LoRABatch | None) -> torch.Tensor:
         group = dense_decode_group(self.block_tables[:bucket], self.context_lens[:bucket], self.block_size)
         batch = AttentionBatch(kv_indices=self.kv_indices[:bucket], groups=(group,))
         return self.model(self.token_ids[:bucket], self.positions[:bucket], batch, self.kv_caches, lora)
 
-    def _static_forward(self, bucket: int, with_lora: bool) -> torch.Tensor:
-        """The forward over the static buffers; with LoRA, the gather plans over the static slot buffer
-        (the Triton kernels read only `token_slots`; with several rank pools, each pool's own ids are
-        computed from it by tensor ops, inside the graph)."""
-        lora = self.slots.static_batch(self.token_slots[:bucket]) if with_lora else None
+    def static_forward(self, bucket: int, pools: tuple[int, ...]) -> torch.Tensor:
+        """The forward over the static buffers; with LoRA, the gather plans of `pools` over the static
+        slot buffer of global ids (the Triton kernels read only `token_slots`, each launch skipping the
+        ids outside its pool)."""
+        lora = self.slots.static_batch(self.token_slots[:bucket], pools) if pools else None
         return self._forward(bucket, lora)
 
-    def _capture(self, bucket: int, with_lora: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, bucket: int, pools: tuple[int, ...]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._static_forward(bucket, with_lora)  # warm-up: Triton compiles and cuBLAS picks its kernels
+            self.static_forward(bucket, pools)  # warm-up: Triton compiles and cuBLAS picks its kernels
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            hidden = self._static_forward(bucket, with_lora)
-        log.info("captured the decode graph of %d sequences (LoRA: %s)", bucket, with_lora)
+            hidden = self.static_forward(bucket, pools)
+        log.info("captured the decode graph of %d sequences (LoRA pools: %s)", bucket, pools)
         return graph, hidden

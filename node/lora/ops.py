@@ -12,8 +12,9 @@ Two forms (`LoRAPlan.form`), picked per step by `node.lora.mapping`:
     only form a CUDA graph captures (its shapes depend on the batch size alone).
   - segment (SGMV): one matmul per run of consecutive batch tokens sharing a slot, weights read in
     place. The model runner orders tokens by slot so runs are long.
-On a CUDA device, when Triton imports, both run as Triton kernels (`node.lora.triton_ops`: one launch
-per group and form, work proportional to each slot's true rank); otherwise as the torch code below.
+On a CUDA device, when Triton imports, both run as fused Triton kernels (`node.lora.triton_fused`: one
+launch per group, shrink and expand together, work proportional to each slot's true rank); otherwise
+as the torch code below. (`node.lora.triton_ops` keeps the two-launch kernels: bench/gpu.py's baseline.)
 The float32 loop `reference_delta` is the truth all of them are tested against.
 """
 
@@ -40,6 +41,7 @@ class LoRAPlan:
     token_slots: torch.Tensor  # [T] int32: every batch token's slot, -1 without an adapter (gather kernels)
     run_table: torch.Tensor  # [len(runs), 3] int32: `runs` on the device (segment kernels)
     max_run_len: int
+    slot_base: int = 0  # subtracted from `token_slots` by the kernels: a pool's first global id (graphs)
 
 
 @cache
@@ -56,12 +58,12 @@ def apply_lora(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Ten
                ranks: torch.Tensor, plan: LoRAPlan) -> None:
     """out[:, cols_g] += B[s][cols_g] @ (A[s] @ x)[g] for every plan token; x: [T, in], out: [T, sum widths]."""
     if uses_triton(x.device):
-        from node.lora import triton_ops  # imported on CUDA only: its kernels are compiled for the device
+        from node.lora import triton_fused  # imported on CUDA only: its kernels are compiled for the device
 
         if plan.form == "gather":
-            triton_ops.lora_gather(x, out, a, b, widths, ranks, plan.token_slots)
+            triton_fused.lora_gather_fused(x, out, a, b, widths, ranks, plan.token_slots, plan.slot_base)
         else:
-            triton_ops.lora_segment(x, out, a, b, widths, ranks, plan.run_table, plan.max_run_len)
+            triton_fused.lora_segment_fused(x, out, a, b, widths, ranks, plan.run_table, plan.max_run_len)
         return
     rank = b.shape[2]
     bs = list(b.split(list(widths), dim=1))  # [S, out_g, R] views

@@ -3,7 +3,7 @@
 Loading an adapter is a `copy_` into a free (or least recently used, idle) slot: no allocation, fixed
 shapes. Every slot is sized to `max_rank`; lower ranks are zero-padded, and `ranks` [num_slots] int32
 keeps each slot's true rank so that the Triton kernels skip the padding. The projections are grouped
-by their shared input (qkv, o, gate_up, down): one shrink and one expand cover a whole group, with A
+by their shared input (qkv, o, gate_up, down): one fused LoRA launch covers a whole group, with A
 stacked as [S, G * r, in] and B as [S, sum of out, r] (per-module B tensors are views into it).
 Each group's A and B is one tensor over all layers ([num_layers, S, ...]; the per-layer `a`, `b_group`
 and `b` are views of it), and the host weights have the same layout, so copying an adapter in is one
@@ -250,19 +250,21 @@ class LoRASlotPools:
                 parts.append((pool, plan))
         return LoRABatch(parts) if parts else None
 
-    def static_batch(self, token_slots: torch.Tensor) -> LoRABatch:
-        """The gather plans over a device buffer of global slot ids, as tensor ops (a CUDA graph
-        captures them: the buffer is refilled before each replay). One pool reads the buffer as is."""
+    def pools_in_use(self, token_slots: list[int]) -> tuple[int, ...]:
+        """Indices of the pools holding some token's adapter (a decode graph is captured per such set)."""
+        return tuple(i for i, (pool, base) in enumerate(zip(self.pools, self.bases, strict=True))
+                     if any(base <= s < base + pool.num_slots for s in token_slots))
+
+    def static_batch(self, token_slots: torch.Tensor, pools: tuple[int, ...] | None = None) -> LoRABatch:
+        """The gather plans over a device buffer of global slot ids, for the pools in `pools` (default:
+        all). A CUDA graph captures them: the buffer is refilled before each replay; every plan reads
+        it as is, the kernels subtracting the pool's first id and skipping ids outside the pool."""
         empty = token_slots[:0].long()
-        parts = []
-        for pool, base in zip(self.pools, self.bases, strict=True):
-            local = token_slots
-            if len(self.pools) > 1:
-                inside = (token_slots >= base) & (token_slots < base + pool.num_slots)
-                local = torch.where(inside, token_slots - base, torch.full_like(token_slots, -1))
-            parts.append((pool, LoRAPlan(tokens=empty, slots=empty, runs=(), form="gather", token_slots=local,
-                                         run_table=empty.int().reshape(0, 3), max_run_len=0)))
-        return LoRABatch(parts)
+        chosen = range(len(self.pools)) if pools is None else pools
+        return LoRABatch([(self.pools[i], LoRAPlan(tokens=empty, slots=empty, runs=(), form="gather",
+                                                   token_slots=token_slots, run_table=empty.int().reshape(0, 3),
+                                                   max_run_len=0, slot_base=self.bases[i]))
+                          for i in chosen])
 
 
 class LoRABatch:

@@ -66,18 +66,24 @@ def test_rank_pools_give_the_same_deltas_as_one_max_rank_pool() -> None:
 
 
 def test_the_static_plans_the_graphs_capture_match_the_per_step_plans(kernels: ModuleType) -> None:  # noqa: F811
-    """The CUDA graphs' plans: each pool's own ids computed from the buffer of global ids by tensor
-    ops, read by the Triton gather kernel (the only reader of `token_slots`; here interpreted)."""
-    pools = _pools((2, 2), (4, 2))
+    """The CUDA graphs' plans: every pool's launch reads the one buffer of global ids, the fused Triton
+    gather kernel (here interpreted) subtracting the pool's first id and skipping the others' ids;
+    a graph holds launches only for the pools its step's adapters live in."""
+    from node.lora import triton_fused
+
+    pools = _pools((2, 2), (4, 2), (8, 1))
     ids = [pools.activate(k, _adapter(r, i), in_use=()) for i, (k, r) in enumerate((("a", 2), ("b", 4), ("c", 3)))]
     token_slots = [ids[2], -1, ids[0], ids[1], ids[0]]
+    assert pools.pools_in_use(token_slots) == (0, 1) and pools.pools_in_use([-1, -1]) == ()
     x = torch.randn(5, 8)
     step, static = torch.zeros(5, 16), torch.zeros(5, 16)
     pools.batch(token_slots, "gather").apply(0, "qkv", x, step)  # type: ignore[union-attr]
-    for pool, plan in pools.static_batch(torch.tensor(token_slots, dtype=torch.int32)).parts:
-        kernels.lora_gather(x, static, pool.a[0]["qkv"], pool.b_group[0]["qkv"], pool.widths["qkv"], pool.ranks,
-                            plan.token_slots)
-    assert torch.allclose(step, static, atol=1e-4)
+    static_batch = pools.static_batch(torch.tensor(token_slots, dtype=torch.int32), pools.pools_in_use(token_slots))
+    assert [pool.max_rank for pool, _ in static_batch.parts] == [2, 4]
+    for pool, plan in static_batch.parts:
+        triton_fused.lora_gather_fused(x, static, pool.a[0]["qkv"], pool.b_group[0]["qkv"], pool.widths["qkv"],
+                                       pool.ranks, plan.token_slots, plan.slot_base)
+    assert torch.allclose(step, static, atol=1e-4) and static[1].abs().sum() == 0
 
 
 def test_pools_take_the_bytes_of_their_ranks() -> None:
