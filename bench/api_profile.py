@@ -1,8 +1,10 @@
 """Where the API process's Python goes per paid request: py-spy samples of the live API (engine in a
 core process of its own) under bench/api.py's HTTP load, each sample put in the first area its stack
 names from the innermost frame out (JSON, voucher check, hold, charge, receipt signing, tokenization,
-the engine's wire, SSE, HTTP, asyncio, ...), as milliseconds of GIL-holding Python per request, with
-each process's CPU seconds per request beside them (bench/cpu_meter.py).
+the engine's wire, SSE, HTTP, asyncio, ...), as milliseconds per request of the thread holding the GIL,
+with each process's CPU seconds per request beside them (bench/cpu_meter.py). On a busy box a thread
+may be descheduled while it holds the GIL (psycopg's pipeline waits with it, too), so the samples add up
+to more than the process's CPU: read them as shares of it.
 
     python bench/api_profile.py [--requests 256] [--rate 250]
 Prints a table and writes bench/results/api_profile.json (needs py-spy; run as a user that may ptrace).
@@ -132,7 +134,7 @@ def summarize(counts: collections.Counter[str], cpu: dict[str, Any], n: int, rat
 def print_table(report: dict[str, Any]) -> None:
     for mode in ("plain", "streamed"):
         r = report[mode]
-        print(f"{mode}: API process Python holding the GIL, {r['python_ms_per_request_total']:.2f} ms per request")
+        print(f"{mode}: API process holding the GIL, {r['python_ms_per_request_total']:.2f} ms per request")
         for area, ms in r["python_ms_per_request"].items():
             print(f"  {area:<52}{ms:>8.3f} ms")
         print("  CPU ms per request: " + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_ms_per_request"].items()))

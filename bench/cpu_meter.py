@@ -56,6 +56,25 @@ class CPUMeter:
                         for name in self.groups}
 
 
+def with_children(pid: int) -> Callable[[], list[int]]:
+    """`pid` and the processes it started, and theirs (an API replica and its engine cores)."""
+
+    def pids() -> list[int]:
+        found, todo = [], [pid]
+        while todo:
+            p = todo.pop()
+            found.append(p)
+            try:
+                for task in os.listdir(f"/proc/{p}/task"):
+                    with open(f"/proc/{p}/task/{task}/children") as f:
+                        todo.extend(int(c) for c in f.read().split())
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+        return found
+
+    return pids
+
+
 def postgres_backends(url: str) -> Callable[[], list[int]]:
     """The server processes serving connections to the database of `url` (what its queries cost)."""
     import psycopg
