@@ -56,14 +56,16 @@ class CPUMeter:
                         for name in self.groups}
 
 
-def with_children(pid: int) -> Callable[[], list[int]]:
-    """`pid` and the processes it started, and theirs (an API replica and its engine cores)."""
+def descendants(pid: int) -> Callable[[], list[int]]:
+    """The processes `pid` started, and theirs (an API replica's engine cores)."""
 
     def pids() -> list[int]:
-        found, todo = [], [pid]
+        found: list[int] = []
+        todo = [pid]
         while todo:
             p = todo.pop()
-            found.append(p)
+            if p != pid:
+                found.append(p)
             try:
                 for task in os.listdir(f"/proc/{p}/task"):
                     with open(f"/proc/{p}/task/{task}/children") as f:

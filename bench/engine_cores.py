@@ -6,7 +6,7 @@ thread each should come close to twice one core, less what the API process and t
 Beside tokens/s, the CPU ms per token of the cores and of this (the client's) process, the least over
 the rounds (bench/cpu_meter.py): the load of a shared box moves the wall clock, not these.
 
-    python bench/engine_cores.py [--rounds 3] [--requests 128] [--threads-per-core 1]
+    python bench/engine_cores.py [--rounds 3] [--requests 128] [--threads-per-core 1] [--wait-policies]
 runs it alone (a tiny model and 8 adapters of its own, no chain, no database) and writes
 bench/results/engine_cores.json.
 """
@@ -119,6 +119,39 @@ def one_vs_two(settings: Settings, register: Callable[[Engine], None], ids: list
             "cpu_bound_two_over_one": 2 * one / two if two else float("nan")}
 
 
+def wait_policies(settings: Settings, register: Callable[[Engine], None], ids: list[str], n: int,
+                  prompt: list[int], new: int, rounds: int) -> dict[str, dict[str, float]]:
+    """One core with torch's default threads, its OpenMP threads spinning between parallel regions
+    (OMP_WAIT_POLICY=ACTIVE) against sleeping (PASSIVE: what the supervisor gives cores), alternated:
+    best tokens/s and least CPU ms per token of each. (libgomp's default, unset, spins a while first.)"""
+    config = engine_config(settings)
+    clients: dict[str, CoreClient] = {}
+    saved = os.environ.get("OMP_WAIT_POLICY")
+    try:
+        for policy in ("ACTIVE", "PASSIVE"):
+            os.environ["OMP_WAIT_POLICY"] = policy  # read by the core process when it starts
+            clients[policy] = CoreClient(config, num_cores=1)
+            clients[policy].start()
+            register(clients[policy])
+            throughput(clients[policy], ids, 8, prompt, 4)  # warm up
+    finally:
+        os.environ["OMP_WAIT_POLICY"] = saved or "PASSIVE"
+    out = {policy: {"tokens_per_s": 0.0, "cpu_ms_per_token": float("inf")} for policy in clients}
+    try:
+        for _ in range(rounds):
+            for policy, client in clients.items():
+                meter = CPUMeter({"core": client.pids})
+                with meter:
+                    tokens_per_s, tokens = throughput(client, ids, n, prompt, new, with_tokens=True)
+                best = out[policy]
+                best["tokens_per_s"] = max(best["tokens_per_s"], tokens_per_s)
+                best["cpu_ms_per_token"] = min(best["cpu_ms_per_token"], 1000 * meter.seconds["core"] / tokens)
+    finally:
+        for client in clients.values():
+            client.shutdown()
+    return out
+
+
 def print_table(dp: dict[str, Any]) -> None:
     print(f"data parallel, {dp['threads_per_core']} torch thread(s) per core: one core "
           f"{dp['one_core_tokens_per_s']:.1f} tokens/s, two cores {dp['two_cores_tokens_per_s']:.1f} tokens/s: "
@@ -141,6 +174,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads-per-core", type=int, default=1)
+    ap.add_argument("--wait-policies", action="store_true",
+                    help="also one core (default threads) with OMP_WAIT_POLICY=ACTIVE against PASSIVE")
     args = ap.parse_args()
     load = [subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()]
     with tempfile.TemporaryDirectory() as tmp:
@@ -157,9 +192,15 @@ def main() -> None:
 
         result = one_vs_two(settings, register, list(adapters), args.requests, list(range(10, 42)), args.new_tokens,
                             args.rounds, args.threads_per_core)
+        if args.wait_policies:
+            result["wait_policies"] = wait_policies(settings, register, list(adapters), args.requests,
+                                                    list(range(10, 42)), args.new_tokens, args.rounds)
     load.append(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     result |= {"requests": args.requests, "new_tokens": args.new_tokens, "rounds": args.rounds, "uptime": load}
     print_table(result)
+    for policy, r in result.get("wait_policies", {}).items():
+        print(f"one core, OMP_WAIT_POLICY={policy}: {r['tokens_per_s']:.1f} tokens/s, "
+              f"{r['cpu_ms_per_token']:.3f} CPU ms per token")
     for line in load:
         print(f"uptime: {line}")
     out = ROOT / "bench" / "results" / "engine_cores.json"

@@ -15,10 +15,10 @@ drawn from Zipf(`--zipf`) over all adapters, for `--seconds` after `--warmup` se
 alternate for `--rounds` rounds and each keeps its best round. Per arm: completion tokens/s, requests/s,
 p50/p99 time to first token (first streamed chunk, as the client sees it), the adapter hit rate:
 1 - (adapter loads into host memory, read from each replica's /metrics) / requests served, and the CPU
-ms per completion token of each replica (its API process and engine cores), HAProxy, PostgreSQL and
+ms per completion token of each replica's API process and of its engine cores, HAProxy, PostgreSQL and
 this client (bench/cpu_meter.py: a figure the load of a shared box moves far less than tokens/s).
 
-    python bench/replicas.py [--adapters 1000] [--lanes 8] [--seconds 20] [--rounds 2]
+    python bench/replicas.py [--adapters 1000] [--lanes 32] [--seconds 20] [--rounds 2]
 Prints a table (with `uptime` beside it: the machine is shared) and writes bench/results/replicas.json.
 """
 
@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.api import _fresh_postgres  # noqa: E402
-from bench.cpu_meter import CPUMeter, postgres_backends, with_children  # noqa: E402
+from bench.cpu_meter import CPUMeter, descendants, postgres_backends  # noqa: E402
 from node.chain.anvil import free_port  # noqa: E402
 from node.client.payer import Payer  # noqa: E402
 from node.devkit import make_tiny_model, train_tiny_adapter  # noqa: E402
@@ -199,7 +199,9 @@ def measure(arm: Arm, traffic: ZipfTraffic, lanes: list[int], warmup: float, sec
             db_url: str) -> dict[str, Any]:
     asyncio.run(traffic.run(arm.balancer.url, lanes, warmup))
     loads_before = sum(host_loads(u) for u in arm.replicas)
-    groups: dict[str, Any] = {f"replica {name}": with_children(pid) for name, pid in arm.pids.items()}
+    groups: dict[str, Any] = {}
+    for name, pid in arm.pids.items():
+        groups |= {f"replica {name} API": [pid], f"replica {name} cores": descendants(pid)}
     meter = CPUMeter({**groups, "haproxy": [arm.balancer.proc.pid if arm.balancer.proc else None],
                       "postgres": postgres_backends(db_url), "client (this process)": [os.getpid()]})
     started = time.monotonic()
@@ -292,7 +294,8 @@ def main() -> None:
     ap.add_argument("--host-adapters", type=int, default=100, help="adapters each replica's host cache holds")
     ap.add_argument("--slots", type=int, default=16, help="adapter slots on each replica's device")
     ap.add_argument("--zipf", type=float, default=1.1)
-    ap.add_argument("--lanes", type=int, default=8)
+    ap.add_argument("--lanes", type=int, default=32,
+                    help="requests in flight: enough that two replicas each run a batch, not a few requests")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--warmup", type=float, default=5.0)
     ap.add_argument("--seconds", type=float, default=20.0)
