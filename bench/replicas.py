@@ -3,7 +3,8 @@ adapter-affinity hashing against round robin, for the same Zipf traffic over man
 
 Setup: anvil with the contracts, a tiny model, `--adapters` adapters (rank 8 on q and v, each its own
 weights, about 64 KiB) registered on chain, a funded dApp, PostgreSQL, and two `loranode api`
-processes (`python -m node api --port P`) on the same database, each with a host cache for
+processes (`python -m node api --port P`, each with its engine core process: `--in-process` keeps the
+engine in the API's process) on the same database, each with a host cache for
 `--host-adapters` adapters and a disk cache of its own. Three balancers in front of them at once:
 
     one      HAProxy -> replica a only              (hash on the adapter)
@@ -117,11 +118,12 @@ def host_nbytes(model: Path, folder: Path, max_rank: int) -> int:
     return load_lora_adapter(AdapterFiles.read(folder), target=target, max_rank=max_rank).nbytes
 
 
-def start_replica(node: LocalNode, model: Path, work: Path, name: str, host_bytes: int,
-                  slots: int) -> tuple[subprocess.Popen[bytes], str]:
+def start_replica(node: LocalNode, model: Path, work: Path, name: str, host_bytes: int, slots: int,
+                  engine_process: bool = True) -> tuple[subprocess.Popen[bytes], str]:
     settings = node.settings.model_copy(update={
         "model_path": model, "port": free_port(), "adapter_cache_dir": work / f"cache-{name}",
-        "max_adapter_host_bytes": host_bytes, "max_adapter_slots": slots})
+        "max_adapter_host_bytes": host_bytes, "max_adapter_slots": slots,
+        "engine_process": engine_process})
     env = {**os.environ, **settings_env(settings)}
     log = (work / f"api-{name}.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "node", "api"], env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -236,7 +238,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     try:
         urls = []
         for name in ("a", "b"):
-            proc, url = start_replica(node, model, work, name, args.host_adapters * nbytes, args.slots)
+            proc, url = start_replica(node, model, work, name, args.host_adapters * nbytes, args.slots,
+                                      not args.in_process)
             procs.append(proc)
             urls.append(url)
         servers = {n: u.removeprefix("http://") for n, u in zip(("a", "b"), urls, strict=True)}
@@ -294,6 +297,8 @@ def main() -> None:
     ap.add_argument("--host-adapters", type=int, default=100, help="adapters each replica's host cache holds")
     ap.add_argument("--slots", type=int, default=16, help="adapter slots on each replica's device")
     ap.add_argument("--zipf", type=float, default=1.1)
+    ap.add_argument("--in-process", action="store_true",
+                    help="each replica's engine in its API process (default: a core process, as loranode api)")
     ap.add_argument("--lanes", type=int, default=32,
                     help="requests in flight: enough that two replicas each run a batch, not a few requests")
     ap.add_argument("--max-tokens", type=int, default=16)
