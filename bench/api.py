@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -41,11 +42,16 @@ from typing import Any
 
 import httpx
 
+# torch's OpenMP threads sleep between parallel regions, in this process (the in-process engine) as in
+# the core processes (node/engine/core_supervisor.py): same threads, same policy (set
+# OMP_WAIT_POLICY in the environment to measure another).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import engine_cores  # noqa: E402  (bench/engine_cores.py, beside this file)
+from cpu_meter import CPUMeter, postgres_backends  # noqa: E402
 
 from node.api.wiring import engine_config, store_config  # noqa: E402
 from node.client.payer import Payer  # noqa: E402
@@ -73,7 +79,8 @@ def _fresh_postgres(url: str) -> str:
 
 def setup(work: Path, db_url: str | None, num_adapters: int) -> tuple[LocalNode, list[int], Path]:
     node = LocalNode.start_chain(work, database_url=db_url, prompt_token_price=10**9, completion_token_price=10**9,
-                                 max_num_seqs=64, max_in_flight=1024, max_adapter_slots=max(num_adapters, 1))
+                                 max_num_seqs=64, max_in_flight=1024, max_adapter_slots=max(num_adapters, 1),
+                                 index_poll_interval_s=1.0)  # as `loranode indexer` (this process is the API's)
     model = make_tiny_model(work / "model", hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4,
                             vocab_size=2000)
     text = work / "data.txt"
@@ -176,19 +183,41 @@ async def over_http(base_url: str, payer: Payer, ids: list[int], n: int, prompt:
 
 
 def over_http_from_a_client_process(node: LocalNode, key: str, ids: list[int], n: int, prompt: list[int], new: int,
-                                    lanes: int) -> tuple[float, int, float]:
-    """`over_http` run by `python bench/api.py --client SPEC`: (wall s, tokens, client CPU s)."""
+                                    lanes: int, meter: CPUMeter | None = None) -> tuple[float, int, float]:
+    """`over_http` run by `python bench/api.py --client SPEC`: (wall s, tokens, client CPU s); `meter`
+    reads the node's processes around the timed part only."""
     spec = {"base_url": node.base_url, "key": key, "ids": ids, "n": n, "prompt": prompt, "new": new, "lanes": lanes}
-    out = subprocess.run([sys.executable, __file__, "--client", json.dumps(spec)], capture_output=True, text=True,
-                         check=True, timeout=1200)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    return result["wall_s"], result["tokens"], result["cpu_s"]
+    return client_process(spec, meter)
+
+
+def client_process(spec: dict[str, Any], meter: CPUMeter | None = None) -> Any:
+    """Run `python bench/api.py --client SPEC`: it learns its lanes, says "ready", and starts on "go"
+    (so that `meter` covers the timed requests only); returns what it prints last, as JSON."""
+    proc = subprocess.Popen([sys.executable, __file__, "--client", json.dumps(spec)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        while (line := proc.stdout.readline()) and line.strip() != "ready":
+            pass
+        with meter or contextlib.nullcontext():
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            last = proc.stdout.read().strip().splitlines()[-1]
+        if proc.wait(timeout=1200) != 0:
+            raise SystemExit(f"the client process failed ({proc.returncode})")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    result = json.loads(last)
+    return (result["wall_s"], result["tokens"], result["cpu_s"]) if "wall_s" in result else result
 
 
 def client_main(spec_json: str) -> None:
     spec = json.loads(spec_json)
     payer = Payer(spec["key"], spec["base_url"], budget=10**15)
     know_lanes(payer, spec["lanes"])
+    print("ready", flush=True)
+    sys.stdin.readline()
     if spec.get("ttft"):
         times = asyncio.run(ttft_over_http(spec["base_url"], payer, spec["ids"], spec["n"], spec["prompt"],
                                            spec["new"], spec["lanes"]))
@@ -234,9 +263,7 @@ def ttft_over_http_from_a_client_process(node: LocalNode, ids: list[int], n: int
                                          new: int) -> dict[str, float]:
     spec = {"base_url": node.base_url, "key": node.anvil.keys[FIRST_USER + 2], "ids": ids, "n": n, "prompt": prompt,
             "new": new, "lanes": TTFT_CONCURRENCY, "ttft": True}
-    out = subprocess.run([sys.executable, __file__, "--client", json.dumps(spec)], capture_output=True, text=True,
-                         check=True, timeout=1200)
-    return engine_cores.percentiles(json.loads(out.stdout.strip().splitlines()[-1])["ttft_ms"])
+    return engine_cores.percentiles(client_process(spec)["ttft_ms"])
 
 
 def know_lanes(payer: Payer, lanes: int) -> None:
@@ -305,22 +332,44 @@ def durable_commit_floor(db_url: str | None, k: int) -> float:
 
 
 def best_of_rounds(node: LocalNode, engine: LLMEngine, ids: list[int], n: int, new: int, lanes: int,
-                   rounds: int) -> list[dict[str, float]]:
-    """The two arms alternated for `rounds` rounds; each row keeps its best round."""
+                   rounds: int, db_url: str | None) -> tuple[list[dict[str, float]], dict[str, dict[str, float]]]:
+    """The two arms alternated for `rounds` rounds; each row keeps its best round. Beside them, the CPU
+    ms per token of each process of each arm, the least over the rounds (the load moves it little)."""
     prompt = list(range(10, 42))  # 32 tokens
     in_process(engine, ids, 8, prompt, 4)  # warm up
     key = node.anvil.keys[FIRST_USER + 2]
     best: dict[str, dict[str, float]] = {}
+    cpu: dict[str, dict[str, float]] = {}
+    served = node.services.engine.engine if node.services is not None else None
     for _ in range(rounds):
-        wall, tokens = in_process(engine, ids, n, prompt, new)
-        runs = {"engine in-process": {"wall_s": wall, "tokens": tokens}}
-        wall, tokens, client_cpu = over_http_from_a_client_process(node, key, ids, n, prompt, new, lanes)
-        runs["HTTP + vouchers + receipts"] = {"wall_s": wall, "tokens": tokens, "client_cpu_s": client_cpu}
-        for system, run in runs.items():
+        meter = CPUMeter({"engine (this process)": [os.getpid()]})
+        with meter:
+            wall, tokens = in_process(engine, ids, n, prompt, new)
+        runs = {"engine in-process": ({"wall_s": wall, "tokens": tokens}, meter.seconds)}
+        meter = CPUMeter({"api": [os.getpid()], "engine cores": served.pids if isinstance(served, CoreClient) else [],
+                          "postgres": postgres_backends(db_url) if db_url else []})
+        wall, tokens, client_cpu = over_http_from_a_client_process(node, key, ids, n, prompt, new, lanes, meter)
+        runs["HTTP + vouchers + receipts"] = ({"wall_s": wall, "tokens": tokens, "client_cpu_s": client_cpu},
+                                              {**meter.seconds, "client": client_cpu})
+        for system, (run, seconds) in runs.items():
             run["tokens_per_s"] = run["tokens"] / run["wall_s"]
             if system not in best or run["tokens_per_s"] > best[system]["tokens_per_s"]:
                 best[system] = {"system": system, **run}  # type: ignore[dict-item]
-    return list(best.values())
+            mine = cpu.setdefault(system, {})
+            for process, s in seconds.items():
+                mine[process] = min(mine.get(process, float("inf")), 1000 * s / run["tokens"])
+    return list(best.values()), cpu
+
+
+def cpu_summary(cpu: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """CPU ms per token of each arm, and the ratio a box with no CPU to spare would show: in-process CPU
+    per token over the node's over HTTP (API + cores + PostgreSQL; the client is the dApp's machine's)."""
+    base = sum(cpu["engine in-process"].values())
+    http = cpu["HTTP + vouchers + receipts"]
+    node_side = sum(v for k, v in http.items() if k != "client")
+    return {"cpu_ms_per_token": cpu, "in_process_total": base, "http_node_total": node_side,
+            "http_node_and_client_total": node_side + http.get("client", 0.0),
+            "cpu_bound_ratio": base / node_side}
 
 
 def main() -> None:
@@ -350,7 +399,7 @@ def main() -> None:
         try:
             node.serve(model, engine_process=not args.in_process)
             engine = local_engine(node, ids)
-            rows = best_of_rounds(node, engine, ids, n, new, lanes, rounds)
+            rows, cpu = best_of_rounds(node, engine, ids, n, new, lanes, rounds, db_url)
             ttft = {"engine in-process": engine_cores.ttft(engine, ids, n, prompt, new, TTFT_CONCURRENCY),
                     "HTTP + vouchers + receipts": ttft_over_http_from_a_client_process(node, ids, n, prompt, new)}
             beside = max(in_process_beside_python(engine, ids, n, prompt, new) for _ in range(rounds))
@@ -364,7 +413,8 @@ def main() -> None:
     ratio = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
     result = {"requests": n, "new_tokens": new, "lanes": lanes, "adapters": num_adapters, "rounds": rounds,
               "database": "sqlite" if db_url is None else "postgresql", "engine_process": not args.in_process,
-              "rows": rows, "http_over_in_process": ratio, "ttft_ms": ttft, "data_parallel": cores, "payment": pay,
+              "rows": rows, "http_over_in_process": ratio, "cpu": cpu_summary(cpu), "ttft_ms": ttft,
+              "data_parallel": cores, "payment": pay,
               "gil_probe": {"busy_ms": 1.0, "every_ms": 5.0, "in_process_tokens_per_s": beside,
                             "over_in_process": beside / rows[0]["tokens_per_s"]},
               "load_average_1m": {"before": load_before[0], "after": os.getloadavg()[0]}, "cpus": os.cpu_count(),
@@ -383,6 +433,11 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"HTTP / in-process: {result['http_over_in_process']:.3f} (target >= 0.95; the API's engine in {where})")
     for system, t in result["ttft_ms"].items():
         print(f"  time to first token, {system}: p50 {t['p50']:.1f} ms, p99 {t['p99']:.1f} ms")
+    c = result["cpu"]
+    for system, per in c["cpu_ms_per_token"].items():
+        print(f"  CPU ms per token, {system}: " + ", ".join(f"{k} {v:.3f}" for k, v in per.items()))
+    print(f"CPU-bound ratio (in-process CPU per token / the node's over HTTP: API + cores + PostgreSQL): "
+          f"{c['in_process_total']:.3f} / {c['http_node_total']:.3f} = {c['cpu_bound_ratio']:.3f}")
     engine_cores.print_table(result["data_parallel"])
     probe = result["gil_probe"]
     print(f"in-process beside a thread running Python {probe['busy_ms']:.0f} ms in every {probe['every_ms']:.0f} ms: "

@@ -3,7 +3,8 @@ adapter-affinity hashing against round robin, for the same Zipf traffic over man
 
 Setup: anvil with the contracts, a tiny model, `--adapters` adapters (rank 8 on q and v, each its own
 weights, about 64 KiB) registered on chain, a funded dApp, PostgreSQL, and two `loranode api`
-processes (`python -m node api --port P`) on the same database, each with a host cache for
+processes (`python -m node api --port P`, each with its engine core process: `--in-process` keeps the
+engine in the API's process) on the same database, each with a host cache for
 `--host-adapters` adapters and a disk cache of its own. Three balancers in front of them at once:
 
     one      HAProxy -> replica a only              (hash on the adapter)
@@ -13,10 +14,12 @@ processes (`python -m node api --port P`) on the same database, each with a host
 Each arm runs `--lanes` lanes of streamed paid completions back to back, the adapter of each request
 drawn from Zipf(`--zipf`) over all adapters, for `--seconds` after `--warmup` seconds; the arms
 alternate for `--rounds` rounds and each keeps its best round. Per arm: completion tokens/s, requests/s,
-p50/p99 time to first token (first streamed chunk, as the client sees it), and the adapter hit rate:
-1 - (adapter loads into host memory, read from each replica's /metrics) / requests served.
+p50/p99 time to first token (first streamed chunk, as the client sees it), the adapter hit rate:
+1 - (adapter loads into host memory, read from each replica's /metrics) / requests served, and the CPU
+ms per completion token of each replica's API process and of its engine cores, HAProxy, PostgreSQL and
+this client (bench/cpu_meter.py: a figure the load of a shared box moves far less than tokens/s).
 
-    python bench/replicas.py [--adapters 1000] [--lanes 8] [--seconds 20] [--rounds 2]
+    python bench/replicas.py [--adapters 1000] [--lanes 32] [--seconds 20] [--rounds 2]
 Prints a table (with `uptime` beside it: the machine is shared) and writes bench/results/replicas.json.
 """
 
@@ -46,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.api import _fresh_postgres  # noqa: E402
+from bench.cpu_meter import CPUMeter, descendants, postgres_backends  # noqa: E402
 from node.chain.anvil import free_port  # noqa: E402
 from node.client.payer import Payer  # noqa: E402
 from node.devkit import make_tiny_model, train_tiny_adapter  # noqa: E402
@@ -66,6 +70,7 @@ class Arm:
     name: str
     balancer: Balancer
     replicas: list[str]  # base URLs behind it
+    pids: dict[str, int]  # each replica's API process (its engine cores are its children)
     rounds: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -113,11 +118,12 @@ def host_nbytes(model: Path, folder: Path, max_rank: int) -> int:
     return load_lora_adapter(AdapterFiles.read(folder), target=target, max_rank=max_rank).nbytes
 
 
-def start_replica(node: LocalNode, model: Path, work: Path, name: str, host_bytes: int,
-                  slots: int) -> tuple[subprocess.Popen[bytes], str]:
+def start_replica(node: LocalNode, model: Path, work: Path, name: str, host_bytes: int, slots: int,
+                  engine_process: bool = True) -> tuple[subprocess.Popen[bytes], str]:
     settings = node.settings.model_copy(update={
         "model_path": model, "port": free_port(), "adapter_cache_dir": work / f"cache-{name}",
-        "max_adapter_host_bytes": host_bytes, "max_adapter_slots": slots})
+        "max_adapter_host_bytes": host_bytes, "max_adapter_slots": slots,
+        "engine_process": engine_process})
     env = {**os.environ, **settings_env(settings)}
     log = (work / f"api-{name}.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "node", "api"], env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -191,11 +197,18 @@ def _pct(xs: list[float], q: float) -> float:
     return 1000 * xs[int(q * (len(xs) - 1))] if xs else float("nan")
 
 
-def measure(arm: Arm, traffic: ZipfTraffic, lanes: list[int], warmup: float, seconds: float) -> dict[str, Any]:
+def measure(arm: Arm, traffic: ZipfTraffic, lanes: list[int], warmup: float, seconds: float,
+            db_url: str) -> dict[str, Any]:
     asyncio.run(traffic.run(arm.balancer.url, lanes, warmup))
     loads_before = sum(host_loads(u) for u in arm.replicas)
+    groups: dict[str, Any] = {}
+    for name, pid in arm.pids.items():
+        groups |= {f"replica {name} API": [pid], f"replica {name} cores": descendants(pid)}
+    meter = CPUMeter({**groups, "haproxy": [arm.balancer.proc.pid if arm.balancer.proc else None],
+                      "postgres": postgres_backends(db_url), "client (this process)": [os.getpid()]})
     started = time.monotonic()
-    results = asyncio.run(traffic.run(arm.balancer.url, lanes, seconds))
+    with meter:
+        results = asyncio.run(traffic.run(arm.balancer.url, lanes, seconds))
     wall = time.monotonic() - started
     loads = sum(host_loads(u) for u in arm.replicas) - loads_before
     ok = [r for r in results if r[0] == 200]
@@ -204,7 +217,13 @@ def measure(arm: Arm, traffic: ZipfTraffic, lanes: list[int], warmup: float, sec
             "ttft_p50_ms": _pct([r[1] for r in ok], 0.5), "ttft_p99_ms": _pct([r[1] for r in ok], 0.99),
             "latency_p50_ms": 1000 * statistics.median([r[2] for r in ok]) if ok else float("nan"),
             "host_loads": loads, "hit_rate": 1 - loads / max(len(ok), 1),
+            "cpu_ms_per_token": {k: 1000 * v / max(sum(r[3] for r in ok), 1) for k, v in meter.seconds.items()},
             "statuses": {str(s): sum(r[0] == s for r in results) for s in sorted({r[0] for r in results})}}
+
+
+def replicas_cpu(r: dict[str, Any]) -> float:
+    """CPU ms per token of the replicas (API processes and their engine cores) in one arm's run."""
+    return sum(v for k, v in r["cpu_ms_per_token"].items() if k.startswith("replica"))
 
 
 def uptime() -> str:
@@ -219,13 +238,15 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     try:
         urls = []
         for name in ("a", "b"):
-            proc, url = start_replica(node, model, work, name, args.host_adapters * nbytes, args.slots)
+            proc, url = start_replica(node, model, work, name, args.host_adapters * nbytes, args.slots,
+                                      not args.in_process)
             procs.append(proc)
             urls.append(url)
         servers = {n: u.removeprefix("http://") for n, u in zip(("a", "b"), urls, strict=True)}
-        arms = [Arm("one", Balancer({"a": servers["a"]}, work / "lb-one").start(), urls[:1]),
-                Arm("hash", Balancer(servers, work / "lb-hash").start(), urls),
-                Arm("rr", Balancer(servers, work / "lb-rr", balance="roundrobin").start(), urls)]
+        pids = {"a": procs[0].pid, "b": procs[1].pid}
+        arms = [Arm("one", Balancer({"a": servers["a"]}, work / "lb-one").start(), urls[:1], {"a": pids["a"]}),
+                Arm("hash", Balancer(servers, work / "lb-hash").start(), urls, pids),
+                Arm("rr", Balancer(servers, work / "lb-rr", balance="roundrobin").start(), urls, pids)]
         for arm in arms:
             arm.balancer.wait_states({n: "UP" for n in arm.balancer.servers})
         payer = Payer(node.anvil.keys[FIRST_USER + 2], urls[0], budget=10**15)
@@ -234,13 +255,14 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         loads = [uptime()]
         for _ in range(args.rounds):
             for arm in arms:
-                arm.rounds.append(measure(arm, traffic, lanes, args.warmup, args.seconds))
+                arm.rounds.append(measure(arm, traffic, lanes, args.warmup, args.seconds, db_url))
             loads.append(uptime())
         best = {arm.name: max(arm.rounds, key=lambda r: r["tokens_per_s"]) for arm in arms}
         return {"config": vars(args), "adapter_bytes": nbytes, "uptime": loads, "best": best,
                 "rounds": {arm.name: arm.rounds for arm in arms},
                 "two_over_one": best["hash"]["tokens_per_s"] / best["one"]["tokens_per_s"],
-                "hash_over_rr": best["hash"]["tokens_per_s"] / best["rr"]["tokens_per_s"]}
+                "hash_over_rr": best["hash"]["tokens_per_s"] / best["rr"]["tokens_per_s"],
+                "cpu_bound_two_over_one": 2 * replicas_cpu(best["one"]) / replicas_cpu(best["hash"])}
     finally:
         for arm in arms:
             arm.balancer.stop()
@@ -260,6 +282,11 @@ def print_table(result: dict[str, Any]) -> None:
               f"{r['ttft_p99_ms']:>8.0f}ms{r['hit_rate']:>10.1%}{r['host_loads']:>7}  {r['statuses']}")
     print(f"two replicas / one: {result['two_over_one']:.2f}x tokens/s; hash / round robin: "
           f"{result['hash_over_rr']:.2f}x tokens/s")
+    for key, label in names.items():
+        cpu = result["best"][key]["cpu_ms_per_token"]
+        print(f"  CPU ms per token, {label}: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
+    print(f"  CPU-bound two replicas / one (2 x the replicas' CPU per token of one / of two): "
+          f"{result['cpu_bound_two_over_one']:.2f}x")
     for line in result["uptime"]:
         print(f"uptime: {line}")
 
@@ -270,7 +297,10 @@ def main() -> None:
     ap.add_argument("--host-adapters", type=int, default=100, help="adapters each replica's host cache holds")
     ap.add_argument("--slots", type=int, default=16, help="adapter slots on each replica's device")
     ap.add_argument("--zipf", type=float, default=1.1)
-    ap.add_argument("--lanes", type=int, default=8)
+    ap.add_argument("--in-process", action="store_true",
+                    help="each replica's engine in its API process (default: a core process, as loranode api)")
+    ap.add_argument("--lanes", type=int, default=32,
+                    help="requests in flight: enough that two replicas each run a batch, not a few requests")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--warmup", type=float, default=5.0)
     ap.add_argument("--seconds", type=float, default=20.0)

@@ -5,13 +5,13 @@ them all, each with its `index`, in one body (or one stream) and under one recei
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from node.api.structured import ChatAnswer, read_answer
 from node.engine.logprob import TokenLogprob
+from node.json_codec import dumps
 from node.payment.service import Usage
 
 Kind = Literal["completion", "chat"]
@@ -116,4 +116,4 @@ def _answer_of(choice: dict[str, Any]) -> ChatAnswer:
 
 
 def event(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + dumps(payload) + b"\n\n"

@@ -39,6 +39,7 @@ from node.api.choice import ChoiceOutput, Kind, ResponseShape, event, replay_chu
 from node.api.cold_load import Caller, ColdLoadGate, buyer_keys, caller_of, lane_caller
 from node.api.engine_client import EngineClient
 from node.api.job import CLIENT_LEFT, TIME_LIMIT, Cut, Job, Sent, as_fault, once, sampling_params
+from node.api.json_response import FastJSONResponse
 from node.api.metrics import APIMetrics
 from node.api.receipt_issuer import ReceiptIssuer
 from node.api.schemas import ChatCompletionRequest, CompletionRequest
@@ -205,7 +206,7 @@ class GenerationService:
             await asyncio.shield(asyncio.to_thread(self.payments.cancel, job.hold))
             raise
         self._observe(job, usage, time.monotonic() - started, body)
-        return JSONResponse(body, headers={"X-Charged-Total": str(total), **self._x402_headers(job.hold, total)})
+        return FastJSONResponse(body, headers={"X-Charged-Total": str(total), **self._x402_headers(job.hold, total)})
 
     async def _generate(self, job: Job, http: Request) -> tuple[list[RequestOutput], list[str]]:
         """Each choice's output and how it ended; a client that leaves, or the time limit, cuts them all
@@ -374,7 +375,7 @@ class GenerationService:
         endpoints: each refuses the other's fields)."""
         headers = {"X-Charged-Total": body["receipt"]["chargedTotal"], "X-Idempotent-Replay": "true"}
         if not req.stream:
-            return JSONResponse(body, headers=headers)
+            return FastJSONResponse(body, headers=headers)
 
         async def events() -> AsyncIterator[bytes]:
             for chunk in replay_chunks(body):

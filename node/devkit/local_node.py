@@ -48,14 +48,17 @@ class LocalNode:
     _threads: list[threading.Thread] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    index_poll_interval_s: float = 0.1  # tests want the mirror fast; `loranode indexer` polls once a second
 
     @classmethod
     def start_chain(cls, data_dir: Path, *, database_url: str | None = None, protocol_bps: int = 500,
                     node_bps: int = 1_500, challenge_period_s: int = 0, thaw_period_s: int = 3_600,
-                    x402: bool = False, **overrides: Any) -> LocalNode:
+                    x402: bool = False, index_poll_interval_s: float = 0.1, **overrides: Any) -> LocalNode:
         """Anvil, the contracts and a migrated database: everything but the engine. The engine it serves
         runs in the API's process (one process to debug, as `loranode dev`, the demo and tests want),
-        unless LORANODE_ENGINE_PROCESS says otherwise (`loranode api`'s default: core processes)."""
+        unless LORANODE_ENGINE_PROCESS says otherwise (`loranode api`'s default: core processes). The
+        indexer runs on a thread of this process, every `index_poll_interval_s` (a benchmark of the API
+        beside it wants the production interval: at 0.1 s it takes a good share of this process's GIL)."""
         data_dir.mkdir(parents=True, exist_ok=True)
         overrides.setdefault("engine_process", engine_process_from_env())
         anvil = Anvil().start()
@@ -75,7 +78,7 @@ class LocalNode:
         except BaseException:
             anvil.stop()
             raise
-        node = cls(settings=settings, anvil=anvil, deployment=dep)
+        node = cls(settings=settings, anvil=anvil, deployment=dep, index_poll_interval_s=index_poll_interval_s)
         node._spawn("miner", node._mine)
         node._spawn("indexer", node._index)
         return node
@@ -148,7 +151,7 @@ class LocalNode:
         s = self.settings
         config = IndexerConfig(chain_id=self.deployment.chain_id, confirmations=s.confirmations,
                                finality_depth=s.finality_depth, start_block=self.deployment.from_block,
-                               poll_interval_s=0.1)
+                               poll_interval_s=self.index_poll_interval_s)
         factory = session_factory(make_engine(s.resolved_database_url()))
         indexer = Indexer(config, self.anvil.rpc_url, factory, IndexedContracts.from_deployment(self.deployment))
         try:

@@ -111,6 +111,10 @@ class CoreSupervisor:
         core.is_up = False
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(Path(node.__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
+        # torch's OpenMP threads sleep between parallel regions instead of spinning (unless the operator
+        # says otherwise): a core shares its CPUs with the API process, and on a busy box a thread that
+        # spins at a barrier while its partner is descheduled burns both (docs/engine.md: measured 20x)
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         proc = subprocess.Popen([sys.executable, "-m", "node.engine.core_process", str(core.core),
                                  str(core.incarnation)], stdin=subprocess.PIPE, env=env)
         assert proc.stdin is not None

@@ -32,6 +32,7 @@ from sqlalchemy import Engine
 
 from node.db.loss import WRITTEN_OFF
 from node.errors import DatabaseUnavailable
+from node.json_codec import dumps
 from node.payment.lane import NEW_LANE, HoldView, LaneRow
 
 _WRITTEN_OFF = [r.value for r in WRITTEN_OFF]
@@ -175,8 +176,8 @@ class PipelinedLaneTransaction:
                held_since: datetime, owner: str) -> bool:
         params = {**receipt, **voucher, "receipt_signature": receipt["signature"], "charged_before": charged_before,
                   "held_since": held_since, "owner": owner,
-                  "response": Json(voucher["response"]) if voucher["response"] is not None else None,
-                  "attribution": Json(receipt["attribution"]) if receipt["attribution"] is not None else None}
+                  "response": Json(voucher["response"], dumps) if voucher["response"] is not None else None,
+                  "attribution": Json(receipt["attribution"], dumps) if receipt["attribution"] is not None else None}
         cur = self.conn.execute(_CHARGE, params)
         self.commit()  # queued behind the statement: its rowcount is known after this one sync
         return cur.rowcount == 1
