@@ -17,6 +17,8 @@ from x402.mechanisms.evm.batch_settlement.client.refund import RefundOptions, _R
 
 from node.api.error_handlers import install_error_handlers
 from node.api.routes import x402_refund
+from node.chain.contract_client import ContractClient
+from node.chain.x402_channels import X402Chain
 from node.payment.service import Usage
 from node.payment.x402.channel_check import X402Refused
 from node.payment.x402.channel_mirror import ChannelMirror
@@ -33,13 +35,20 @@ anvil, roles, x402_node = fixtures.anvil, fixtures.roles, fixtures.x402_node
 URL = "http://node.test/x402/refund"
 
 
-def _refunds(node: X402Node) -> X402Refunds:
+def _refunds(node: X402Node, chain: X402Chain | None = None) -> X402Refunds:
     mirror = ChannelMirror(node.factory, DELAY)
+    chain = chain or node.world.chain
 
     def mirrored(channel: bytes, nonce: int) -> bool:
         node.catch_up()
         return mirror.has_refund(channel, nonce)
-    return X402Refunds(node.x402, node.world.chain.channel, node.world.chain.refund, mirrored, mirror_wait_s=10)
+    return X402Refunds(node.x402, chain.channel, chain.refund, mirrored, mirror_wait_s=10)
+
+
+def _relayed(node: X402Node, roles: Roles) -> X402Chain:
+    """As the API sends refunds: from its gas key, with the node's (receiver authorizer's) signatures."""
+    return X402Chain(ContractClient(node.world.rpc_url, roles.relayer), node.world.terms.router,
+                     authorizer_key=roles.node)
 
 
 def _http(node: X402Node, refunds: X402Refunds) -> Callable[[str, dict[str, str]], _RefundResponse]:
@@ -62,15 +71,20 @@ def _required(node: X402Node, refused: X402Refused | None) -> _RefundResponse:
     return _RefundResponse(402, {"PAYMENT-REQUIRED": encode_header(required)})
 
 
-def test_the_sdk_refunds_part_then_the_rest_and_the_charge_stays_claimed(x402_node: X402Node, roles: Roles) -> None:
+@pytest.mark.parametrize("relayed", [False, True], ids=["authorizer", "gas-key"])
+def test_the_sdk_refunds_part_then_the_rest_and_the_charge_stays_claimed(x402_node: X402Node, roles: Roles,
+                                                                         relayed: bool) -> None:
     payer = Payer(roles.payer, x402_node.world.rpc_url, x402_node.world.dep.chain_id)
     first, _ = x402_node.serve(payer, Usage(20, 10))
     _, charged = x402_node.serve(payer, Usage(10, 5))
     channel, deposit, who = first.voucher.channel_id, first.deposit.amount, first.config.payer
-    fetch, start = _http(x402_node, _refunds(x402_node)), x402_node.balance_of(who)
+    refunds = _refunds(x402_node, _relayed(x402_node, roles) if relayed else None)
+    fetch, start = _http(x402_node, refunds), x402_node.balance_of(who)
 
     part = payer.scheme.refund(URL, RefundOptions(amount="5000", fetch=fetch))
     assert part.success and part.transaction and part.amount == "5000"
+    sender = x402_node.world.deployer.w3.eth.get_transaction(part.transaction)["from"]
+    assert sender == Roles.address(roles.relayer if relayed else roles.node)
     on_chain = x402_node.world.chain.channel(channel)
     assert (on_chain.total_claimed, on_chain.balance, on_chain.refund_nonce) == (charged, deposit - 5_000, 1)
     assert part.extra["channelState"]["balance"] == str(deposit - 5_000)
