@@ -12,9 +12,10 @@ import pytest
 from sqlalchemy import select
 from web3 import Web3
 
-from node.chain.tx_manager import TxState
+from node.chain.tx_manager import FeePolicy, TxManager, TxState
 from node.db.models import TxIntent
 from node.payment.service import Usage
+from node.settlement.x402_guard import X402Guard
 from tests.fixtures import x402_chain_node as fixtures
 from tests.fixtures.contracts import Roles
 from tests.fixtures.indexer import drain
@@ -79,3 +80,28 @@ def _claim_keys(node: X402Node) -> list[str]:
     """Every x402 intent of the operator key, open or not."""
     with node.factory() as session:
         return list(session.scalars(select(TxIntent.key).where(TxIntent.key.like("x402%"))))
+
+
+def test_a_stuck_guard_claim_is_bumped_at_the_next_tick_and_lands(x402_node: X402Node, roles: Roles) -> None:
+    channel, charged = _withdrawing(x402_node, roles)
+    now = [1_000.0]
+    tx = TxManager(x402_node.tx.w3, roles.node, x402_node.tx.store, FeePolicy(confirmations=1, bump_after_s=30),
+                   clock=lambda: now[0])
+    guard = X402Guard(x402_node.factory, x402_node.world.chain, tx)
+    w3 = tx.w3
+    w3.provider.make_request("evm_setAutomine", [False])
+    try:
+        assert guard().claimed, "the claim is sent"
+        (key,) = _x402_keys(x402_node)
+        assert guard().claimed == (), "nothing new while it is pending"
+        now[0] += 31  # priced out for longer than bump_after_s
+        assert guard().claimed == ()
+        stuck = tx.store.load(key)
+        assert stuck is not None and len(stuck.attempts) == 2, "the next tick re-signed it with higher fees"
+        assert stuck.attempts[1].max_fee_per_gas > stuck.attempts[0].max_fee_per_gas
+        w3.provider.make_request("evm_mine", [])
+    finally:
+        w3.provider.make_request("evm_setAutomine", [True])
+    landed = tx.poll(key)
+    assert landed.state in (TxState.MINED, TxState.FINAL) and landed.mined_hash == stuck.attempts[1].tx_hash
+    assert x402_node.world.chain.channel(channel).total_claimed == charged
