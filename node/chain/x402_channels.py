@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass, replace
 
 from eth_abi import encode
+from web3.contract.contract import ContractFunction
 from web3.types import TxReceipt
 
 from node.chain.contract_client import ContractClient
@@ -116,16 +117,30 @@ class X402Chain:
     def deposit(self, payment: Payment) -> TxReceipt | None:
         """Submits the payer's ERC-3009 deposit (the node pays the gas); None when this authorization
         was used already (the same payment sent again: its deposit is in the channel)."""
+        if self.deposit_used(payment):
+            return None
+        return self.client.transact(self._deposit_call(payment))
+
+    def deposit_used(self, payment: Payment) -> bool:
+        """Whether the token has seen this deposit's ERC-3009 authorization (it moves tokens once)."""
         d = payment.deposit
         if d is None:
             raise ChainError("not a deposit payment")
         token = self.client.w3.eth.contract(address=payment.config.token, abi=_AUTHORIZATION_STATE_ABI)
         nonce = deposit_nonce(payment.voucher.channel_id, d.salt)
-        if self.client.call(token.functions.authorizationState(payment.config.payer, nonce)):
-            return None
+        return bool(self.client.call(token.functions.authorizationState(payment.config.payer, nonce)))
+
+    def simulate_deposit(self, payment: Payment) -> None:
+        """The deposit as an eth_call (what the spec's facilitator does to verify one): ChainError with the
+        contract's error when it would revert."""
+        self.client.call(self._deposit_call(payment))
+
+    def _deposit_call(self, payment: Payment) -> ContractFunction:
+        d = payment.deposit
+        if d is None:
+            raise ChainError("not a deposit payment")
         data = encode(["uint256", "uint256", "uint256", "bytes"], [d.valid_after, d.valid_before, d.salt, d.signature])
-        fn = self.channels.functions.deposit(payment.config.as_tuple(), d.amount, ERC3009_COLLECTOR_ADDRESS, data)
-        return self.client.transact(fn)
+        return self.channels.functions.deposit(payment.config.as_tuple(), d.amount, ERC3009_COLLECTOR_ADDRESS, data)
 
     def collect(self, rows: list[ClaimRow]) -> TxReceipt:
         """The router claims `rows` and sweeps into the node's escrow account (sent by the node's key)."""

@@ -29,6 +29,7 @@ from node.payment.x402.terms import X402Terms
 from node.payment.x402.typed import SCHEME
 from node.payment.x402.wire import Payment, parse_payment
 
+SIMULATION_FAILED = PREFIX + "deposit_simulation_failed"
 _BALANCE_OF_ABI = [{"type": "function", "name": "balanceOf", "stateMutability": "view",
                     "inputs": [{"name": "owner", "type": "address"}], "outputs": [{"name": "", "type": "uint256"}]}]
 
@@ -39,6 +40,10 @@ class ChannelChain(Protocol):
     def channel(self, channel_id: bytes) -> Any: ...
 
     def deposit(self, payment: Payment) -> Any: ...
+
+    def deposit_used(self, payment: Payment) -> bool: ...
+
+    def simulate_deposit(self, payment: Payment) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -156,6 +161,14 @@ class Facilitator:
         check_deposit_signature(payment, self.terms)
         if self.balance_of(payment.config.token, payment.config.payer) < deposit.amount:
             raise X402Refused("the payer does not hold the deposit", PREFIX + "insufficient_balance")
+        # the spec's facilitator simulates the deposit: an authorization used already (this deposit sent
+        # before) or anything else the contract refuses fails there
+        if self.chain.deposit_used(payment):
+            raise X402Refused("this deposit authorization was used already", SIMULATION_FAILED)
+        try:
+            self.chain.simulate_deposit(payment)
+        except ChainError as exc:
+            raise X402Refused(f"the deposit would revert: {exc.message}", SIMULATION_FAILED) from exc
 
 
 def _payload(body: Any) -> dict[str, Any]:
