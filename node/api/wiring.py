@@ -216,7 +216,10 @@ def _x402_refunds(settings: Settings, deployment: Deployment, key: str, x402: X4
     # relayed by the gas key with the node's signatures: no operator nonce either
     chain = X402Chain(ContractClient(settings.rpc_url, gas_key(settings, key)), x402.terms.router, authorizer_key=key)
     mirror = ChannelMirror(db, settings.x402_withdraw_delay_s)
-    return X402Refunds(x402, chain.channel, chain.refund, mirror.has_refund)
+    refunds = X402Refunds(x402, chain.channel, chain.refund, mirror.has_refund)
+    if x402.facilitator is not None:  # `refund` payloads at POST /x402/settle too
+        x402.facilitator.refund = refunds.refund
+    return refunds
 
 
 def _closers(adapters: AdapterRegistrar) -> list[Callable[[], None]]:

@@ -22,9 +22,10 @@ from node.chain.x402_channels import X402Chain
 from node.payment.service import Usage
 from node.payment.x402.channel_check import X402Refused
 from node.payment.x402.channel_mirror import ChannelMirror
+from node.payment.x402.facilitator import Facilitator, erc20_balance_of
 from node.payment.x402.refund import X402Refunds
-from node.payment.x402.terms import payment_required
-from node.payment.x402.wire import PAYMENT_SIGNATURE_HEADER, encode_header
+from node.payment.x402.terms import CUMULATIVE_MISMATCH, payment_required
+from node.payment.x402.wire import PAYMENT_SIGNATURE_HEADER, decode_header, encode_header
 from tests.fixtures import x402_chain_node as fixtures
 from tests.fixtures.contracts import Roles
 from tests.fixtures.x402_chain_node import DELAY, X402Node
@@ -162,3 +163,44 @@ def test_the_sdk_refunds_through_the_nodes_route(x402_node: X402Node, roles: Rol
     out = payer.scheme.refund("http://testserver/x402/refund", RefundOptions(fetch=fetch))
     assert out.success and int(out.amount) == first.deposit.amount - charged
     assert x402_node.world.chain.channel(first.voucher.channel_id).balance == charged
+
+
+def test_a_refund_payload_settles_through_the_facilitator(x402_node: X402Node, roles: Roles) -> None:
+    """`POST /x402/settle` with the SDK's `refund` payload (what a facilitator client sends): the same
+    cooperative refund, the charge claimed and the rest returned; a refund voucher below the charge is
+    refused with the corrective reason and nothing moves."""
+    facilitator = Facilitator(x402_node.world.terms, x402_node.world.chain,
+                              erc20_balance_of(x402_node.world.chain.client))
+    facilitator.refund = _refunds(x402_node, _relayed(x402_node, roles)).refund
+    answers: list[dict[str, object]] = []
+
+    def fetch(url: str, headers: dict[str, str]) -> _RefundResponse:
+        header = headers.get(PAYMENT_SIGNATURE_HEADER)
+        if header is None:
+            return _required(x402_node, None)
+        payload = decode_header(header)
+        answers.append(facilitator.settle({"x402Version": 2, "paymentPayload": payload,
+                                           "paymentRequirements": payload["accepted"]}))
+        if answers[-1]["success"]:
+            return _RefundResponse(200, {"PAYMENT-RESPONSE": encode_header(answers[-1])})
+        return _RefundResponse(402, {"PAYMENT-REQUIRED": encode_header(payment_required(
+            URL, [x402_node.world.terms.requirements(PRICE)], str(answers[-1]["errorReason"])))})
+    payer = Payer(roles.payer, x402_node.world.rpc_url, x402_node.world.dep.chain_id)
+    first, charged = x402_node.serve(payer, Usage(20, 10))
+    key = "0x" + first.voucher.channel_id.hex()
+    state = payer.scheme._storage.get(key)
+    state.charged_cumulative_amount = "1"  # a refund voucher below the charge
+    payer.scheme._storage.set(key, state)
+    with pytest.raises(RuntimeError):
+        payer.scheme.refund(URL, RefundOptions(fetch=fetch))
+    assert answers[-1]["errorReason"] == CUMULATIVE_MISMATCH
+    assert x402_node.world.chain.channel(first.voucher.channel_id).refund_nonce == 0, "nothing moved"
+
+    state.charged_cumulative_amount = str(charged)
+    payer.scheme._storage.set(key, state)
+    before = x402_node.balance_of(first.config.payer)
+    out = payer.scheme.refund(URL, RefundOptions(fetch=fetch))
+    assert out.success and int(out.amount) == first.deposit.amount - charged
+    assert x402_node.balance_of(first.config.payer) - before == first.deposit.amount - charged, "to the wei"
+    on_chain = x402_node.world.chain.channel(first.voucher.channel_id)
+    assert on_chain.balance == on_chain.total_claimed == charged
