@@ -60,7 +60,8 @@ class X402Intents:
         return self._send(f"sweep:{claimed}:{held}", router.encode_abi("sweep", args=[]))
 
     def _send(self, what: str, data: str) -> TxRecord:
-        key = f"{PREFIX}{what.split(':')[0]}:{self.tx.sender.lower()}:{keccak(from_hex(data) + what.encode()).hex()[:32]}"
+        kind = what.split(":")[0]
+        key = f"{PREFIX}{kind}:{self.tx.sender.lower()}:{keccak(from_hex(data) + what.encode()).hex()[:32]}"
         try:
             sent = self.tx.send(key, self.router.address, data)
         except ChainError as exc:  # its gas estimate reverts: the contract's error, by name
@@ -68,9 +69,9 @@ class X402Intents:
             if not isinstance(cause, ContractLogicError) or not isinstance(cause.data, str):
                 raise
             name, args = self.chain.client.decoder.decode(cause.data)
-            raise ChainError(f"x402 {what.split(':')[0]} would revert: {name}", error=name, args=args) from exc
+            raise ChainError(f"x402 {kind} would revert: {name}", error=name, args=args) from exc
         record = self.tx.poll(sent.key)
         if record.state is TxState.FAILED:
-            raise ChainError(f"x402 {what.split(':')[0]} failed on chain", key=key, reason=record.error)
-        log.info("x402 %s: intent %s nonce %d %s", what.split(":")[0], key, record.nonce, record.state.value)
+            raise ChainError(f"x402 {kind} failed on chain", key=key, reason=record.error)
+        log.info("x402 %s: intent %s nonce %d %s", kind, key, record.nonce, record.state.value)
         return record
