@@ -13,9 +13,12 @@ from sqlalchemy import select
 from web3 import Web3
 
 from node.chain.tx_manager import FeePolicy, TxManager, TxState
-from node.db.models import TxIntent
+from node.db.models import SettlementEpoch, TxIntent
 from node.payment.service import Usage
+from node.protocol.voucher import SignedVoucher
+from node.settlement.refusal import NOT_YET
 from node.settlement.x402_guard import X402Guard
+from node.settlement.x402_sweep import X402Sweep
 from tests.fixtures import x402_chain_node as fixtures
 from tests.fixtures.contracts import Roles
 from tests.fixtures.indexer import drain
@@ -105,3 +108,28 @@ def test_a_stuck_guard_claim_is_bumped_at_the_next_tick_and_lands(x402_node: X40
     landed = tx.poll(key)
     assert landed.state in (TxState.MINED, TxState.FINAL) and landed.mined_hash == stuck.attempts[1].tx_hash
     assert x402_node.world.chain.channel(channel).total_claimed == charged
+
+
+def test_the_epochs_sweep_waits_for_its_claim_to_be_mined(x402_node: X402Node, roles: Roles) -> None:
+    """Before a settle: the claim is an intent; until it is mined the sweep answers NOT_YET (the epoch stays
+    built, its preflight would find the escrow account short), then nothing more is sent for it."""
+    payer = Payer(roles.payer, x402_node.world.rpc_url, x402_node.world.dep.chain_id)
+    first, charged = x402_node.serve(payer, Usage(20, 10))
+    lane = x402_node.x402.book.find_lane(first.voucher.channel_id)
+    router = x402_node.world.terms.router
+    voucher = SignedVoucher(router, x402_node.tx.sender, lane, charged, b"\x01" * 32, 2**63 - 1, b"\x02" * 65)
+    row = SettlementEpoch(node=x402_node.tx.sender, epoch_id=1, batch={"vouchers": [voucher.to_json()],
+                                                                        "amounts": [str(charged)]})
+    sweep = X402Sweep(x402_node.factory, x402_node.world.chain, x402_node.world.dep.settlement, x402_node.tx)
+    w3 = x402_node.tx.w3
+    w3.provider.make_request("evm_setAutomine", [False])
+    try:
+        assert sweep(row) is NOT_YET, "sent, not mined"
+        assert sweep(row) is NOT_YET and len(_x402_keys(x402_node)) == 1, "polled, not sent again"
+        w3.provider.make_request("evm_mine", [])
+        assert sweep(row) is None, "mined: the settle may go"
+    finally:
+        w3.provider.make_request("evm_setAutomine", [True])
+    assert x402_node.world.chain.channel(first.voucher.channel_id).total_claimed == charged
+    assert x402_node.escrowed() == charged, "claimed and swept into the router's escrow account"
+    assert len(_claim_keys(x402_node)) == 1, "one transaction"
