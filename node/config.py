@@ -25,6 +25,9 @@ from node.settlement.latency import SettleLatency
 DEV_CHAIN_ID = 31337
 # anvil's first development account: public knowledge, so only ever valid on the dev chain.
 DEV_OPERATOR_KEY = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
+# anvil's last development account (of the 20 our anvil starts): pays the gas of what the API sends for x402
+# payers, so none of it takes an operator nonce (docs/x402.md, "Keys")
+DEV_X402_GAS_KEY = "0xdf57089febbacf7ba0bc227dafbffa9fc08a93fdc68e1e42411a14efcf23656e"
 CONFIG_ENV = "LORANODE_CONFIG"
 
 
@@ -57,6 +60,10 @@ class Settings(BaseSettings):
     x402_withdraw_delay_s: int = Field(default=86_400, ge=900, le=2_592_000)
     # the smallest deposit the node submits (announced as extra.minDeposit; 0: none): each costs it gas
     x402_min_deposit: int = Field(default=0, ge=0)
+    # the key that pays the gas of the API's x402 transactions (deposits, refunds): never the operator key,
+    # whose nonces are the settlement worker's
+    x402_gas_key: SecretStr | None = None
+    x402_gas_key_file: Path | None = None
 
     # engine
     model_path: Path | None = None
@@ -158,6 +165,7 @@ class Settings(BaseSettings):
         key = self.resolved_operator_key()
         if self.chain_id != DEV_CHAIN_ID and key is not None and key.lower() == DEV_OPERATOR_KEY:
             raise ValueError(f"the public development key cannot be used on chain id {self.chain_id}")
+        self._check_gas_key(key)
         worst = self.settle_latency().worst_case_s
         if self.epoch_expiry_margin_s < worst or self.min_voucher_validity_s < worst:
             raise ValueError(f"epoch_expiry_margin_s ({self.epoch_expiry_margin_s:g}) and min_voucher_validity_s "
@@ -166,6 +174,20 @@ class Settings(BaseSettings):
         if self.chain_id != DEV_CHAIN_ID and self.rpc_url is None:
             raise ValueError(f"chain id {self.chain_id} needs an rpc_url (only the dev chain is started locally)")
         return self
+
+    def _check_gas_key(self, operator_key: str | None) -> None:
+        """The x402 gas key is its own account: a transaction of the API's that never mines must hold no
+        nonce of the operator's (the worker's settles come after it)."""
+        if self.x402_gas_key and self.x402_gas_key_file:
+            raise ValueError("set x402_gas_key or x402_gas_key_file, not both")
+        gas = self.resolved_x402_gas_key()
+        if gas is None:
+            return
+        if not self.is_dev and gas.lower().removeprefix("0x") == DEV_X402_GAS_KEY[2:]:
+            raise ValueError(f"the public development key cannot be used on chain id {self.chain_id}")
+        if operator_key is not None and _address(gas, "x402_gas_key") == _address(operator_key, "operator_key"):
+            raise ValueError("x402_gas_key must not be the operator key: a deposit stuck in the mempool would hold "
+                             "up the settlement worker's next settle")
 
     @model_validator(mode="after")
     def _base_name_is_no_adapter_id(self) -> Settings:
@@ -238,6 +260,14 @@ class Settings(BaseSettings):
             return self.operator_key.get_secret_value()
         return DEV_OPERATOR_KEY if self.is_dev else None
 
+    def resolved_x402_gas_key(self) -> str | None:
+        """The key paying the gas of the API's x402 transactions: from the file, the environment, or the dev default."""
+        if self.x402_gas_key_file is not None:
+            return read_secret(self.x402_gas_key_file, "x402_gas_key_file")
+        if self.x402_gas_key is not None:
+            return self.x402_gas_key.get_secret_value()
+        return DEV_X402_GAS_KEY if self.is_dev else None
+
 
 def load_settings(**overrides: Any) -> Settings:
     """Settings from the environment and LORANODE_CONFIG, with a ConfigError naming every bad value."""
@@ -256,3 +286,12 @@ def read_secret(path: Path, setting: str) -> str:
         return path.read_text().strip()
     except OSError as exc:
         raise ValueError(f"cannot read {setting} {path}: {exc}") from exc
+
+
+def _address(key: str, setting: str) -> str:
+    from eth_account import Account
+
+    try:
+        return str(Account.from_key(key).address)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{setting} is not a 32-byte hex private key") from exc

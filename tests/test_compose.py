@@ -139,6 +139,9 @@ def test_secrets_come_from_files_restarts_and_named_volumes() -> None:
         assert ":" not in env["LORANODE_DATABASE_URL"].split("@")[0].removeprefix("postgresql+psycopg://")
     assert services["postgres"]["environment"]["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password"
     assert services["api"]["environment"]["LORANODE_ADMIN_TOKEN_FILE"] == "/run/secrets/admin_token"
+    for name in ("api", "replica"):  # the API's x402 transactions: a key of their own, never the operator's
+        assert services[name]["environment"]["LORANODE_X402_GAS_KEY_FILE"] == "/run/secrets/x402_gas_key"
+        assert {s["source"] for s in services[name]["secrets"]} >= {"operator_key", "x402_gas_key"}
     admin = [p for p in services["api"]["ports"] if p["target"] == 8001]
     assert [p["host_ip"] for p in admin] == ["127.0.0.1"]  # the admin port never on a public address
     assert all(svc["restart"] == "unless-stopped" for name, svc in services.items() if name != "migrate")

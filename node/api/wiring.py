@@ -182,7 +182,7 @@ def _x402(settings: Settings, deployment: Deployment, key: str, payments: Paymen
         raise ConfigError("x402_withdraw_delay_s is too short for this node's settle latency: a payer could "
                           "withdraw what it was charged before the node claims it",
                           withdraw_delay_s=settings.x402_withdraw_delay_s, required_above_s=latency.min_thaw_period_s)
-    client = ContractClient(settings.rpc_url, key)
+    client = ContractClient(settings.rpc_url, gas_key(settings, key))  # deposits: never an operator nonce
     name, version = token_domain(client, deployment.token)
     terms = X402Terms(deployment.chain_id, deployment.token, name, version, router, payments.node,
                       settings.x402_withdraw_delay_s, min_deposit=settings.x402_min_deposit)
@@ -195,15 +195,31 @@ def _x402(settings: Settings, deployment: Deployment, key: str, payments: Paymen
     return Offer(lanes, terms), x402
 
 
+def gas_key(settings: Settings, operator_key: str) -> str:
+    """The key paying the gas of what the API sends for x402 payers: its own account, so a transaction of
+    the API's that never mines holds up none of the settlement worker's settles (docs/x402.md, "Keys")."""
+    key = settings.resolved_x402_gas_key()
+    if key is None:
+        raise ConfigError("x402 needs a gas key of its own: set LORANODE_X402_GAS_KEY_FILE (docs/x402.md)")
+    if Account.from_key(key).address == Account.from_key(operator_key).address:
+        raise ConfigError("LORANODE_X402_GAS_KEY must not be the operator key: a deposit stuck in the mempool "
+                          "would hold up every settle after it")
+    return key
+
+
 def _x402_refunds(settings: Settings, deployment: Deployment, key: str, x402: X402Payments | None,
                   db: sessionmaker[Session]) -> X402Refunds | None:
     """The cooperative refund, where the indexer mirrors the channel contract: a refunded channel stays held
     until the mirror shows the refund (node/payment/x402/refund.py)."""
     if x402 is None or not deployment.x402_channels or settings.rpc_url is None:
         return None
-    chain = X402Chain(ContractClient(settings.rpc_url, key), x402.terms.router)
+    # relayed by the gas key with the node's signatures: no operator nonce either
+    chain = X402Chain(ContractClient(settings.rpc_url, gas_key(settings, key)), x402.terms.router, authorizer_key=key)
     mirror = ChannelMirror(db, settings.x402_withdraw_delay_s)
-    return X402Refunds(x402, chain.channel, chain.refund, mirror.has_refund)
+    refunds = X402Refunds(x402, chain.channel, chain.refund, mirror.has_refund)
+    if x402.facilitator is not None:  # `refund` payloads at POST /x402/settle too
+        x402.facilitator.refund = refunds.refund
+    return refunds
 
 
 def _closers(adapters: AdapterRegistrar) -> list[Callable[[], None]]:

@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass, replace
 
 from eth_abi import encode
+from web3.contract.contract import ContractFunction
 from web3.types import TxReceipt
 
 from node.chain.contract_client import ContractClient
@@ -21,6 +22,7 @@ from node.errors import ChainError
 from node.payment.x402.refund import RefundOrder
 from node.payment.x402.typed import CHANNELS_ADDRESS, ERC3009_COLLECTOR_ADDRESS, ChannelConfig, deposit_nonce
 from node.payment.x402.wire import Payment
+from node.protocol.eip712 import sign_digest
 
 log = logging.getLogger(__name__)
 _AUTHORIZATION_STATE_ABI = [{"type": "function", "name": "authorizationState", "stateMutability": "view",
@@ -96,10 +98,13 @@ def token_domain(client: ContractClient, token: str) -> tuple[str, str]:
 
 
 class X402Chain:
-    """The canonical channel contract and (optionally) the node's router, through one client."""
+    """The canonical channel contract and (optionally) the node's router, through one client.
 
-    def __init__(self, client: ContractClient, router: str | None = None) -> None:
-        self.client = client
+    `authorizer_key` is the node's key (the channels' receiver authorizer) where the client sends from
+    another one (the API's gas key): refunds then go out relayed, with the authorizer's signatures."""
+
+    def __init__(self, client: ContractClient, router: str | None = None, authorizer_key: str | None = None) -> None:
+        self.client, self.authorizer_key = client, authorizer_key
         self.channels = client.contract("X402Channels", CHANNELS_ADDRESS)
         self.router = client.contract("X402Router", router) if router else None
 
@@ -112,16 +117,30 @@ class X402Chain:
     def deposit(self, payment: Payment) -> TxReceipt | None:
         """Submits the payer's ERC-3009 deposit (the node pays the gas); None when this authorization
         was used already (the same payment sent again: its deposit is in the channel)."""
+        if self.deposit_used(payment):
+            return None
+        return self.client.transact(self._deposit_call(payment))
+
+    def deposit_used(self, payment: Payment) -> bool:
+        """Whether the token has seen this deposit's ERC-3009 authorization (it moves tokens once)."""
         d = payment.deposit
         if d is None:
             raise ChainError("not a deposit payment")
         token = self.client.w3.eth.contract(address=payment.config.token, abi=_AUTHORIZATION_STATE_ABI)
         nonce = deposit_nonce(payment.voucher.channel_id, d.salt)
-        if self.client.call(token.functions.authorizationState(payment.config.payer, nonce)):
-            return None
+        return bool(self.client.call(token.functions.authorizationState(payment.config.payer, nonce)))
+
+    def simulate_deposit(self, payment: Payment) -> None:
+        """The deposit as an eth_call (what the spec's facilitator does to verify one): ChainError with the
+        contract's error when it would revert."""
+        self.client.call(self._deposit_call(payment))
+
+    def _deposit_call(self, payment: Payment) -> ContractFunction:
+        d = payment.deposit
+        if d is None:
+            raise ChainError("not a deposit payment")
         data = encode(["uint256", "uint256", "uint256", "bytes"], [d.valid_after, d.valid_before, d.salt, d.signature])
-        fn = self.channels.functions.deposit(payment.config.as_tuple(), d.amount, ERC3009_COLLECTOR_ADDRESS, data)
-        return self.client.transact(fn)
+        return self.channels.functions.deposit(payment.config.as_tuple(), d.amount, ERC3009_COLLECTOR_ADDRESS, data)
 
     def collect(self, rows: list[ClaimRow]) -> TxReceipt:
         """The router claims `rows` and sweeps into the node's escrow account (sent by the node's key)."""
@@ -143,11 +162,29 @@ class X402Chain:
 
     def refund(self, order: RefundOrder) -> str:
         """The node, as receiver authorizer: claim what it charged with the payer's refund voucher, then
-        refund `order.amount`, in one `multicall` (the claim first, so the refund cannot take it)."""
+        refund `order.amount`, in one `multicall` (the claim first, so the refund cannot take it). Sent by
+        the authorizer itself, or relayed by the client's key with the authorizer's signatures."""
+        if self.authorizer_key is not None:
+            return self._relayed_refund(order, self.authorizer_key)
         config = order.config.as_tuple()
         calls = [self.channels.encode_abi("refund", args=[config, order.amount])]
         if order.claim_to is not None:
             row = ClaimRow(order.config, order.voucher_ceiling, order.voucher_signature, order.claim_to)
             calls.insert(0, self.channels.encode_abi("claim", args=[[row.as_tuple()]]))
         receipt = self.client.transact(self.channels.functions.multicall(calls))
+        return str(receipt["transactionHash"].to_0x_hex())
+
+    def _relayed_refund(self, order: RefundOrder, key: str) -> str:
+        """`claimWithSignature` and `refundWithSignature` in one `multicall`, the digests as the contract
+        computes them (the refund's for the channel's current nonce)."""
+        fns, config = self.channels.functions, order.config.as_tuple()
+        channel_id = self.client.call(fns.getChannelId(config))
+        nonce = self.client.call(fns.refundNonce(channel_id))
+        refund_sig = sign_digest(key, self.client.call(fns.getRefundDigest(channel_id, nonce, order.amount)))
+        calls = [self.channels.encode_abi("refundWithSignature", args=[config, order.amount, nonce, refund_sig])]
+        if order.claim_to is not None:
+            rows = [ClaimRow(order.config, order.voucher_ceiling, order.voucher_signature, order.claim_to).as_tuple()]
+            claim_sig = sign_digest(key, self.client.call(fns.getClaimBatchDigest(rows)))
+            calls.insert(0, self.channels.encode_abi("claimWithSignature", args=[rows, claim_sig]))
+        receipt = self.client.transact(fns.multicall(calls))
         return str(receipt["transactionHash"].to_0x_hex())

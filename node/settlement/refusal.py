@@ -24,6 +24,14 @@ BY_INDEX = {
 }
 
 
+class NotYet:
+    """What `before_send` answers while its transactions are not mined: the epoch stays BUILT, tried again
+    at the next tick."""
+
+
+NOT_YET = NotYet()
+
+
 @dataclass(frozen=True)
 class LaneRefusal:
     payer: str

@@ -81,8 +81,9 @@ class SettlementRuntime:
         router = settings.x402_router or deployment.x402_router
         if router is not None:  # x402 channels are claimed into the router's escrow first
             chain = X402Chain(ContractClient(w3, key), router)
-            sweep = X402Sweep(factory, chain, deployment.settlement, tx.sender)
-            guard = (X402Guard(factory, chain, tx.sender, settings.max_mirror_lag_s)  # reads the channel mirror
+            # the sweep's and the guard's transactions are intents of `tx`, like the settles (x402_intents.py)
+            sweep = X402Sweep(factory, chain, deployment.settlement, tx)
+            guard = (X402Guard(factory, chain, tx, settings.max_mirror_lag_s)  # reads the channel mirror
                      if deployment.x402_channels else None)
         return cls(SettlementService(factory, contracts, tx, policy or epoch_policy(settings), before_send=sweep,
                                      on_tick=guard))

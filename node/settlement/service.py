@@ -52,7 +52,7 @@ from node.protocol.voucher import SignedVoucher
 from node.settlement import collection, outbox
 from node.settlement.epoch_builder import build_epoch, cumulative_of
 from node.settlement.latency import SettleLatency
-from node.settlement.refusal import LaneRefusal, refused_lane
+from node.settlement.refusal import LaneRefusal, NotYet, refused_lane
 from node.settlement.settle_call import epoch_matches, preflight, settle_calldata
 from node.settlement.split import SplitParams
 
@@ -81,7 +81,7 @@ def attempt_of(row: SettlementEpoch) -> int:
 class SettlementService:
     def __init__(self, factory: sessionmaker[Session], contracts: Contracts, tx: TxManager,
                  policy: EpochPolicy = EpochPolicy(), clock: Callable[[], float] = time.time,
-                 before_send: Callable[[SettlementEpoch], LaneRefusal | None] | None = None,
+                 before_send: Callable[[SettlementEpoch], LaneRefusal | NotYet | None] | None = None,
                  on_tick: Callable[[], object] | None = None) -> None:
         self.factory = factory
         self.before_send = before_send  # x402: sweep the router's channels first (node/settlement/x402_sweep.py)
@@ -279,6 +279,8 @@ class SettlementService:
             refused = self.before_send(row) if self.before_send is not None else None
             if refused is None:
                 return row
+            if isinstance(refused, NotYet):  # its transactions are not mined yet: sent at a later tick
+                return EpochState.BUILT
             if self._drop_lane(row.epoch_id, refused) is None:
                 return None
             with self.factory() as session:

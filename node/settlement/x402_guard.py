@@ -16,6 +16,10 @@ itself, so a stalled indexer never lets a withdrawal run out unseen.
 One `router.collect` covers every channel; if the chain refuses it, the channels are claimed one by one
 and each that still cannot be (its withdrawal already finished, a voucher that does not recover) is
 recorded and skipped: no payer's channel can stop the others being claimed.
+
+Claims are transaction-manager intents of the operator key, like the settles (node/settlement/
+x402_intents.py): a tick first polls the open ones (a stuck claim is bumped) and sends nothing new while
+one is pending.
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from node.chain.tx_manager import TxManager
 from node.chain.x402_channels import ClaimRow, X402Chain
 from node.db import queries
 from node.db.models import ChannelAccount, Lane, X402Channel
 from node.errors import ChainError
 from node.payment.x402.typed import ChannelConfig
 from node.protocol.hexstr import from_hex
+from node.settlement.x402_intents import X402Intents
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +50,21 @@ class GuardReport:
 
 
 class X402Guard:
-    def __init__(self, factory: sessionmaker[Session], chain: X402Chain, node: str,
+    def __init__(self, factory: sessionmaker[Session], chain: X402Chain, tx: TxManager,
                  max_mirror_lag_s: float = 120.0) -> None:
         assert chain.router is not None, "the guard needs the node's router"
-        self.factory, self.chain = factory, chain
-        self.router, self.node = chain.router.address.lower(), node.lower()
+        self.factory, self.chain, self.intents = factory, chain, X402Intents(chain, tx)
+        self.router, self.node = chain.router.address.lower(), tx.sender.lower()
         self.max_mirror_lag = timedelta(seconds=max_mirror_lag_s)
 
     def __call__(self) -> GuardReport:
+        if self.intents.in_flight():  # polled (bumped, re-broadcast): nothing new until it lands
+            return GuardReport()
         claims = self.due()
         if not claims:
             return GuardReport()
         try:
-            self.chain.collect([c for _, c in claims])
+            self.intents.collect([c for _, c in claims])
             log.info("claimed %d x402 channels with a pending withdrawal", len(claims))
             return GuardReport(tuple(lane for lane, _ in claims))
         except ChainError as exc:
@@ -64,7 +72,7 @@ class X402Guard:
         claimed, refused = [], {}
         for lane, claim in claims:
             try:
-                self.chain.collect([claim])
+                self.intents.collect([claim])
                 claimed.append(lane)
             except ChainError as exc:
                 log.error("x402 channel of lane %d cannot be claimed: %s", lane, exc.message)

@@ -187,8 +187,10 @@ def test_the_node_is_its_own_facilitator_under_the_sdks_facilitator_client(x402_
     assert state["channelId"] == "0x" + payment.voucher.channel_id.hex()
     channels = local.contracts(0).client.contract("X402Channels", CHANNELS_ADDRESS)
     assert channels.functions.channels(payment.voucher.channel_id).call()[0] == payment.deposit.amount
+    used = facilitator.verify(payload, requirements)  # its authorization is used: the deposit would revert
+    assert not used.is_valid and used.invalid_reason == "invalid_batch_settlement_evm_deposit_simulation_failed"
     again = facilitator.settle(payload, requirements)
-    assert not again.success and again.error_reason == "invalid_batch_settlement_evm_deposit_payload"
+    assert not again.success and again.error_reason == "invalid_batch_settlement_evm_deposit_simulation_failed"
 
     # the SDK, told of the deposit, signs a voucher on it: valid; one above the deposit is not
     told = {"success": True, "transaction": settled.transaction, "network": kind.network, "amount": settled.amount,

@@ -139,6 +139,7 @@ def test_both_schemes_settle_in_one_epoch_and_every_payee_is_paid_to_the_wei(nod
         expected.update(split_fee(fee, params, lineage))
     assert {a: v for a, v in paid.items() if v} == {a: v for a, v in expected.items() if v}
     assert sum(paid.values()) == sum(fees), "the pot pays out exactly what both schemes collected"
+    local.wait_for_mirror(final=False)  # the table's `claimed` is the indexer's mirror of the claims
     for account, amount in expected.items():
         table = httpx.get(f"{node.base_url}/v1/earnings/{me}/{account}").json()
         assert (int(table["earned"]), int(table["claimed"])) == (amount, amount), account

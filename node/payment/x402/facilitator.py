@@ -5,8 +5,9 @@ Verification is the scheme's facilitator rules against the chain, with no state 
 the requirements must be this node's terms (it is the channels' receiver authorizer, so it facilitates
 no one else's), the config binds the channel id and carries those terms, the voucher recovers to the
 payer authorizer, the channel has a balance (a deposit: the payer holds the amount), and the ceiling is
-within the balance and above what was claimed. `/settle` submits deposits (gasless for the payer); the
-node claims and sweeps its channels itself, in its epochs, so claim and settle requests are refused.
+within the balance and above what was claimed. `/settle` submits deposits (gasless for the payer) and
+serves `refund` payloads through the cooperative refund; the node claims and sweeps its channels itself,
+in its epochs, so claim and settle requests are refused.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from node.payment.x402.channel_check import (
 )
 from node.payment.x402.terms import X402Terms
 from node.payment.x402.typed import SCHEME
-from node.payment.x402.wire import Payment, parse_payment
+from node.payment.x402.wire import Payment, encode_header, parse_payment
 
+SIMULATION_FAILED = PREFIX + "deposit_simulation_failed"
 _BALANCE_OF_ABI = [{"type": "function", "name": "balanceOf", "stateMutability": "view",
                     "inputs": [{"name": "owner", "type": "address"}], "outputs": [{"name": "", "type": "uint256"}]}]
 
@@ -39,6 +41,10 @@ class ChannelChain(Protocol):
     def channel(self, channel_id: bytes) -> Any: ...
 
     def deposit(self, payment: Payment) -> Any: ...
+
+    def deposit_used(self, payment: Payment) -> bool: ...
+
+    def simulate_deposit(self, payment: Payment) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,9 @@ class Facilitator:
     def __init__(self, terms: X402Terms, chain: ChannelChain, balance_of: Callable[[str, str], int],
                  clock: Callable[[], float] = time.time) -> None:
         self.terms, self.chain, self.balance_of, self.clock = terms, chain, balance_of, clock
+        # the cooperative refund (X402Refunds.refund: a PAYMENT-SIGNATURE header -> PAYMENT-RESPONSE), set by
+        # the wiring where the node serves refunds
+        self.refund: Callable[[str], dict[str, Any]] | None = None
 
     def supported(self) -> dict[str, Any]:
         """One kind: batch-settlement on the node's chain, with the node as receiver authorizer (and relayer)."""
@@ -79,10 +88,12 @@ class Facilitator:
         network = self.terms.network
         if kind not in ("deposit", "voucher", "refund", "claim", "settle"):
             raise BadRequest("unknown batch-settlement payload type", type=repr(kind)[:40])
+        if kind == "refund" and self.refund is not None:
+            return self._refund(body)
         if kind != "deposit":
             why = ("the node claims and sweeps its own channels in its epochs" if kind in ("claim", "settle")
                    else "a voucher is charged by the node that serves the request" if kind == "voucher"
-                   else "cooperative refunds are not served by this facilitator yet")
+                   else "cooperative refunds need the channel mirror, which this node lacks")
             return {"success": False, "errorReason": PREFIX + "unknown_settle_action", "errorMessage": why,
                     "transaction": "", "network": network}
         payment = _payment(body)
@@ -104,6 +115,21 @@ class Facilitator:
         return {"success": True, "transaction": sent["transactionHash"].to_0x_hex(), "network": network,
                 "payer": payment.config.payer, "amount": str(deposit.amount), "asset": self.terms.token,
                 "extra": {"channelState": after.snapshot()}}
+
+    def _refund(self, body: Any) -> dict[str, Any]:
+        """A `refund` payload through the node's cooperative refund (node/payment/x402/refund.py, what
+        `GET /x402/refund` serves): the charge claimed with the refund voucher, the rest returned."""
+        assert self.refund is not None
+        payment = _payment(body)
+        try:
+            self._check_requirements(_requirements(body))
+            return self.refund(encode_header(body["paymentPayload"]))
+        except X402Refused as exc:
+            return {"success": False, "errorReason": exc.reason, "errorMessage": exc.message, "transaction": "",
+                    "network": self.terms.network, "payer": payment.config.payer}
+        except ChainError as exc:
+            return {"success": False, "errorReason": PREFIX + "refund_transaction_failed", "errorMessage": exc.message,
+                    "transaction": "", "network": self.terms.network, "payer": payment.config.payer}
 
     def _verify(self, payment: Payment, requirements: dict[str, Any]) -> Verified:
         self._check_requirements(requirements)
@@ -156,6 +182,14 @@ class Facilitator:
         check_deposit_signature(payment, self.terms)
         if self.balance_of(payment.config.token, payment.config.payer) < deposit.amount:
             raise X402Refused("the payer does not hold the deposit", PREFIX + "insufficient_balance")
+        # the spec's facilitator simulates the deposit: an authorization used already (this deposit sent
+        # before) or anything else the contract refuses fails there
+        if self.chain.deposit_used(payment):
+            raise X402Refused("this deposit authorization was used already", SIMULATION_FAILED)
+        try:
+            self.chain.simulate_deposit(payment)
+        except ChainError as exc:
+            raise X402Refused(f"the deposit would revert: {exc.message}", SIMULATION_FAILED) from exc
 
 
 def _payload(body: Any) -> dict[str, Any]:

@@ -17,12 +17,15 @@ from x402.mechanisms.evm.batch_settlement.client.refund import RefundOptions, _R
 
 from node.api.error_handlers import install_error_handlers
 from node.api.routes import x402_refund
+from node.chain.contract_client import ContractClient
+from node.chain.x402_channels import X402Chain
 from node.payment.service import Usage
 from node.payment.x402.channel_check import X402Refused
 from node.payment.x402.channel_mirror import ChannelMirror
+from node.payment.x402.facilitator import Facilitator, erc20_balance_of
 from node.payment.x402.refund import X402Refunds
-from node.payment.x402.terms import payment_required
-from node.payment.x402.wire import PAYMENT_SIGNATURE_HEADER, encode_header
+from node.payment.x402.terms import CUMULATIVE_MISMATCH, payment_required
+from node.payment.x402.wire import PAYMENT_SIGNATURE_HEADER, decode_header, encode_header
 from tests.fixtures import x402_chain_node as fixtures
 from tests.fixtures.contracts import Roles
 from tests.fixtures.x402_chain_node import DELAY, X402Node
@@ -33,13 +36,20 @@ anvil, roles, x402_node = fixtures.anvil, fixtures.roles, fixtures.x402_node
 URL = "http://node.test/x402/refund"
 
 
-def _refunds(node: X402Node) -> X402Refunds:
+def _refunds(node: X402Node, chain: X402Chain | None = None) -> X402Refunds:
     mirror = ChannelMirror(node.factory, DELAY)
+    chain = chain or node.world.chain
 
     def mirrored(channel: bytes, nonce: int) -> bool:
         node.catch_up()
         return mirror.has_refund(channel, nonce)
-    return X402Refunds(node.x402, node.world.chain.channel, node.world.chain.refund, mirrored, mirror_wait_s=10)
+    return X402Refunds(node.x402, chain.channel, chain.refund, mirrored, mirror_wait_s=10)
+
+
+def _relayed(node: X402Node, roles: Roles) -> X402Chain:
+    """As the API sends refunds: from its gas key, with the node's (receiver authorizer's) signatures."""
+    return X402Chain(ContractClient(node.world.rpc_url, roles.relayer), node.world.terms.router,
+                     authorizer_key=roles.node)
 
 
 def _http(node: X402Node, refunds: X402Refunds) -> Callable[[str, dict[str, str]], _RefundResponse]:
@@ -62,15 +72,20 @@ def _required(node: X402Node, refused: X402Refused | None) -> _RefundResponse:
     return _RefundResponse(402, {"PAYMENT-REQUIRED": encode_header(required)})
 
 
-def test_the_sdk_refunds_part_then_the_rest_and_the_charge_stays_claimed(x402_node: X402Node, roles: Roles) -> None:
+@pytest.mark.parametrize("relayed", [False, True], ids=["authorizer", "gas-key"])
+def test_the_sdk_refunds_part_then_the_rest_and_the_charge_stays_claimed(x402_node: X402Node, roles: Roles,
+                                                                         relayed: bool) -> None:
     payer = Payer(roles.payer, x402_node.world.rpc_url, x402_node.world.dep.chain_id)
     first, _ = x402_node.serve(payer, Usage(20, 10))
     _, charged = x402_node.serve(payer, Usage(10, 5))
     channel, deposit, who = first.voucher.channel_id, first.deposit.amount, first.config.payer
-    fetch, start = _http(x402_node, _refunds(x402_node)), x402_node.balance_of(who)
+    refunds = _refunds(x402_node, _relayed(x402_node, roles) if relayed else None)
+    fetch, start = _http(x402_node, refunds), x402_node.balance_of(who)
 
     part = payer.scheme.refund(URL, RefundOptions(amount="5000", fetch=fetch))
     assert part.success and part.transaction and part.amount == "5000"
+    sender = x402_node.world.deployer.w3.eth.get_transaction(part.transaction)["from"]
+    assert sender == Roles.address(roles.relayer if relayed else roles.node)
     on_chain = x402_node.world.chain.channel(channel)
     assert (on_chain.total_claimed, on_chain.balance, on_chain.refund_nonce) == (charged, deposit - 5_000, 1)
     assert part.extra["channelState"]["balance"] == str(deposit - 5_000)
@@ -148,3 +163,44 @@ def test_the_sdk_refunds_through_the_nodes_route(x402_node: X402Node, roles: Rol
     out = payer.scheme.refund("http://testserver/x402/refund", RefundOptions(fetch=fetch))
     assert out.success and int(out.amount) == first.deposit.amount - charged
     assert x402_node.world.chain.channel(first.voucher.channel_id).balance == charged
+
+
+def test_a_refund_payload_settles_through_the_facilitator(x402_node: X402Node, roles: Roles) -> None:
+    """`POST /x402/settle` with the SDK's `refund` payload (what a facilitator client sends): the same
+    cooperative refund, the charge claimed and the rest returned; a refund voucher below the charge is
+    refused with the corrective reason and nothing moves."""
+    facilitator = Facilitator(x402_node.world.terms, x402_node.world.chain,
+                              erc20_balance_of(x402_node.world.chain.client))
+    facilitator.refund = _refunds(x402_node, _relayed(x402_node, roles)).refund
+    answers: list[dict[str, object]] = []
+
+    def fetch(url: str, headers: dict[str, str]) -> _RefundResponse:
+        header = headers.get(PAYMENT_SIGNATURE_HEADER)
+        if header is None:
+            return _required(x402_node, None)
+        payload = decode_header(header)
+        answers.append(facilitator.settle({"x402Version": 2, "paymentPayload": payload,
+                                           "paymentRequirements": payload["accepted"]}))
+        if answers[-1]["success"]:
+            return _RefundResponse(200, {"PAYMENT-RESPONSE": encode_header(answers[-1])})
+        return _RefundResponse(402, {"PAYMENT-REQUIRED": encode_header(payment_required(
+            URL, [x402_node.world.terms.requirements(PRICE)], str(answers[-1]["errorReason"])))})
+    payer = Payer(roles.payer, x402_node.world.rpc_url, x402_node.world.dep.chain_id)
+    first, charged = x402_node.serve(payer, Usage(20, 10))
+    key = "0x" + first.voucher.channel_id.hex()
+    state = payer.scheme._storage.get(key)
+    state.charged_cumulative_amount = "1"  # a refund voucher below the charge
+    payer.scheme._storage.set(key, state)
+    with pytest.raises(RuntimeError):
+        payer.scheme.refund(URL, RefundOptions(fetch=fetch))
+    assert answers[-1]["errorReason"] == CUMULATIVE_MISMATCH
+    assert x402_node.world.chain.channel(first.voucher.channel_id).refund_nonce == 0, "nothing moved"
+
+    state.charged_cumulative_amount = str(charged)
+    payer.scheme._storage.set(key, state)
+    before = x402_node.balance_of(first.config.payer)
+    out = payer.scheme.refund(URL, RefundOptions(fetch=fetch))
+    assert out.success and int(out.amount) == first.deposit.amount - charged
+    assert x402_node.balance_of(first.config.payer) - before == first.deposit.amount - charged, "to the wei"
+    on_chain = x402_node.world.chain.channel(first.voucher.channel_id)
+    assert on_chain.balance == on_chain.total_claimed == charged
