@@ -61,9 +61,10 @@ def _an_adapter_stays_on_its_replica(cluster: Cluster, payers: list[Payer], urls
     assert sum(sum(c.values()) for c in served.values()) == len(LANES) * PER_LANE
     assert all(served.values()), f"one replica served nothing: {served}"
     # Round robin would put half of each adapter's requests on each replica (0.5). Nine lanes at once
-    # on four adapters: the replica that three of them hash to takes up to 150% of the average load
-    # (hash-balance-factor), and the rest spills over.
-    assert affinity(served) >= 0.8, served
+    # on four adapters, every lane cycling through all four: three of them hash to one replica, whose
+    # cap (150% of the mean load, hash-balance-factor) is 75% of the requests in flight, exactly its
+    # adapters' share, so it spills over whenever a burst leans to them (0.78-0.9 measured).
+    assert affinity(served) >= 0.7, served
 
 
 def _holds_name_the_replica_that_placed_them(cluster: Cluster, payer: Payer, urls: dict[str, str],
