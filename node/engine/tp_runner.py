@@ -28,8 +28,7 @@ from node.lora.adapter import LoRATargetSpec
 from node.lora.sharding import LoRAShard, ShardedLoRASlotPools
 from node.lora.slots import LoRASlotPools, LoRASlots
 from node.models.config import ModelConfig
-from node.models.llama import LlamaForCausalLM
-from node.models.parallel import ShardPlan
+from node.models.parallel import ShardPlan, VocabParallel
 from node.models.shard_loader import load_shard
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,7 @@ class TPModelRunner(ModelRunner):
             self.group.close()
             raise
 
-    def _load_model(self, max_model_len: int) -> LlamaForCausalLM:
+    def _load_model(self, max_model_len: int) -> VocabParallel:
         return load_shard(self.config.model_path, self.plan, self.config.torch_dtype, self.device, max_model_len,
                           self.group)
 

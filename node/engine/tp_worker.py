@@ -18,6 +18,7 @@ from node.lora.adapter import LoRATargetSpec, LoRAWeights
 from node.lora.slots import LoRASlotPools
 from node.models.config import ModelConfig
 from node.models.parallel import ShardPlan
+from node.models.quant import quantize_weights
 from node.models.shard_loader import load_shard
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,10 @@ class TPWorker:
         cfg = ModelConfig.from_folder(config.model_path)
         plan = ShardPlan.of(cfg, spec.rank, spec.size)
         self.model = load_shard(config.model_path, plan, config.torch_dtype, self.device, spec.max_model_len, group)
+        quantize_weights(self.model, config.weight_quantization, self.device)  # as rank 0 does its slices
         setup: WorkerSetup = group.broadcast_object(None)
         local = plan.local_config()
-        target = LoRATargetSpec.of(local.num_layers, local.module_shapes())
+        target = LoRATargetSpec.of(local.num_layers, local.module_shapes(), local.fused_modules())
         self.slots = LoRASlotPools.build(target, setup.rank_pools, config.torch_dtype, self.device)
         shape = (setup.num_blocks + 1, config.block_size, local.num_kv_heads, local.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=config.torch_dtype, device=self.device),

@@ -12,9 +12,11 @@ KV heads split across ranks; with fewer KV heads than ranks each KV head is repl
 size / num_kv_heads ranks (the ones whose query heads use it). The KV cache holds the rank's KV heads.
 
 A rank's slices are exactly the weights of a smaller model (`ShardPlan.local_config`: heads,
-intermediate size and vocabulary divided by `size`), so the layers are `node.models.llama`'s own;
-the row-parallel all-reduces run in the projection hook (`node.engine.tp_runner`), after the LoRA
-deltas of o and down were added to the partial sums.
+intermediate size and vocabulary divided by `size`), so the layers are the family's own (Llama's for
+Llama, Mistral, Qwen2, Qwen3 and Phi-3; Gemma's for Gemma 2 and 3): per-head norms, soft-caps and
+sliding windows act on whole heads, and a rank holds whole heads. Only the embedding and the LM head
+differ (`VocabParallel`); the row-parallel all-reduces run in the projection hook
+(`node.engine.tp_step`), after the LoRA deltas of o and down were added to the partial sums.
 """
 
 from __future__ import annotations
@@ -27,11 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from node.errors import ConfigError
-from node.models.attention import AttentionBatch
 from node.models.config import ModelConfig
-from node.models.llama import LlamaForCausalLM, LoRAHook
+from node.models.gemma import GemmaForCausalLM
+from node.models.llama import LlamaForCausalLM
 
-PARALLEL_TYPES = ("llama", "mistral", "qwen2")
 ROW_PARALLEL_GROUPS = ("o", "down")  # projection groups whose output is a partial sum to all-reduce
 
 
@@ -59,8 +60,6 @@ class ShardPlan:
     def of(cls, cfg: ModelConfig, rank: int, size: int) -> ShardPlan:
         """Refuses (ConfigError) a model that cannot be split `size` ways."""
         problems = []
-        if cfg.model_type not in PARALLEL_TYPES:
-            problems.append(f"model_type {cfg.model_type!r} is not one of {PARALLEL_TYPES}")
         if cfg.o_bias:
             problems.append("o_proj has a bias (each rank would add it to its partial sum)")
         if cfg.num_heads % size:
@@ -117,28 +116,22 @@ class ShardPlan:
                                    vocab_size=self.vocab_per_rank)
 
 
-class ParallelLlamaForCausalLM(LlamaForCausalLM):
-    """One rank's slices of a Llama-family model; `lora` (the projection hook) must all-reduce the
-    outputs of o and down (`ROW_PARALLEL_GROUPS`)."""
+class VocabParallel(LlamaForCausalLM):
+    """A family's model on one rank: its embedding and LM head hold the rank's 1/size of the (padded)
+    vocabulary. The family's own scaling of the embedding and soft-cap of the logits (Gemma) apply
+    after the all-reduce and after the gather, as they would on the whole."""
 
-    def __init__(self, plan: ShardPlan, dtype: torch.dtype, max_positions: int, comm: Collectives):
-        super().__init__(plan.local_config(), dtype, max_positions)
-        self.plan, self.comm = plan, comm
+    plan: ShardPlan
+    comm: Collectives
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], lora: LoRAHook | None = None,
-                ) -> torch.Tensor:
-        """input_ids, positions: [T] -> final hidden states [T, hidden], equal on every rank."""
-        assert lora is not None, "the projection hook completes the row-parallel projections"
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids: [T] -> [T, hidden], equal on every rank: each id's row from the rank that holds it."""
         start, end = self.plan.vocab_rows()
         is_mine = (input_ids >= start) & (input_ids < end)
         local_ids = torch.where(is_mine, input_ids - start, torch.zeros_like(input_ids))
-        x = F.embedding(local_ids, self.embed) * is_mine.unsqueeze(-1).to(self.embed.dtype)  # [T, hidden]
-        self.comm.all_reduce(x)
-        for layer, kv, rotary in zip(self.layers, kv_caches, self.rotary_of, strict=True):
-            x = layer(x, positions, batch, kv, self.rotaries[rotary], lora)
-        normed: torch.Tensor = self.norm(x)
-        return normed
+        x = F.embedding(local_ids, self.embed) * is_mine.unsqueeze(-1).to(self.embed.dtype)
+        self.comm.all_reduce(x)  # one rank adds its row, the others zeros: exact
+        return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> float32 logits [N, vocab] on rank 0 (gathered); [0, vocab] elsewhere."""
@@ -148,3 +141,23 @@ class ParallelLlamaForCausalLM(LlamaForCausalLM):
             return local.new_empty((0, self.plan.cfg.vocab_size))
         logits: torch.Tensor = full[:, : self.plan.cfg.vocab_size]  # [N, vocab]: the padding ids dropped
         return logits
+
+
+class ParallelLlamaForCausalLM(VocabParallel):
+    """Llama, Mistral, Qwen2, Qwen3 and Phi-3 on one rank."""
+
+
+class ParallelGemmaForCausalLM(GemmaForCausalLM, VocabParallel):
+    """Gemma 2 and 3 on one rank: Gemma's embed_tokens and logits wrap `VocabParallel`'s."""
+
+
+PARALLEL_FAMILIES: dict[str, type[VocabParallel]] = {"llama": ParallelLlamaForCausalLM,
+                                                     "gemma": ParallelGemmaForCausalLM}
+
+
+def parallel_model(plan: ShardPlan, dtype: torch.dtype, max_positions: int, comm: Collectives) -> VocabParallel:
+    """Rank `plan.rank`'s model of the family (uninitialised weights); its projection hook must
+    all-reduce the outputs of o and down (`ROW_PARALLEL_GROUPS`)."""
+    model = PARALLEL_FAMILIES[plan.cfg.family](plan.local_config(), dtype, max_positions)
+    model.plan, model.comm = plan, comm
+    return model

@@ -1,7 +1,8 @@
-"""Load one tensor-parallel rank's slices of a Hugging Face Llama-family folder.
+"""Load one tensor-parallel rank's slices of a Hugging Face folder (every family `node.models.loader` reads).
 
-Each checkpoint tensor is opened lazily (`safe_open(...).get_slice`) and only this rank's rows (or
-columns) are read from the file, so a rank never holds another rank's part of the model in memory.
+Each checkpoint tensor is opened lazily (`safe_open(...).get_slice`, over a memory map of the file) and
+only this rank's rows (or columns) are copied out of it, so a rank never holds another rank's part of
+the model in memory. Phi-3's fused q/k/v and gate/up tensors give the rank several row ranges, joined.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from safetensors import safe_open
 
 from node.errors import ModelFormatError
 from node.models.loader import _place, weight_files
-from node.models.parallel import Collectives, ParallelLlamaForCausalLM, ShardPlan
+from node.models.parallel import Collectives, ShardPlan, VocabParallel, parallel_model
 
 log = logging.getLogger(__name__)
 _Range = tuple[int, int]
@@ -22,27 +23,33 @@ _COLUMN_PARALLEL = {"q_proj": "q", "k_proj": "kv", "v_proj": "kv", "gate_proj": 
 _ROW_PARALLEL = {"o_proj": "q", "down_proj": "i"}
 
 
-def source_slice(plan: ShardPlan, name: str) -> tuple[int, _Range] | None:
-    """(dimension, [start, end)) of checkpoint tensor `name` that this rank reads; None: all of it."""
+def source_slice(plan: ShardPlan, name: str) -> tuple[int, tuple[_Range, ...]] | None:
+    """(dimension, the [start, end) ranges along it) of checkpoint tensor `name` that this rank reads,
+    in the order they are joined; None: all of it."""
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
         start, end = plan.vocab_rows()
-        return 0, (start, min(end, plan.cfg.vocab_size))
+        return 0, ((start, min(end, plan.cfg.vocab_size)),)
     module = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else ""
     ranges = {"q": plan.q_rows, "kv": plan.kv_rows, "i": plan.intermediate_rows}
     if module in _COLUMN_PARALLEL:
-        return 0, ranges[_COLUMN_PARALLEL[module]]()
+        return 0, (ranges[_COLUMN_PARALLEL[module]](),)
     if module in _ROW_PARALLEL and name.endswith(".weight"):
-        return 1, ranges[_ROW_PARALLEL[module]]()
+        return 1, (ranges[_ROW_PARALLEL[module]](),)
+    fused = dict(plan.cfg.fused_modules()).get(module)  # Phi-3: q|k|v and gate|up in one tensor
+    if fused:
+        parts = dict(q_proj="q", k_proj="kv", v_proj="kv", gate_proj="i", up_proj="i")
+        return 0, tuple((first + start, first + end) for part, first, _ in fused
+                        for start, end in (ranges[parts[part]](),))
     return None
 
 
 def load_shard(folder: str | Path, plan: ShardPlan, dtype: torch.dtype, device: torch.device,
-               max_positions: int, comm: Collectives) -> ParallelLlamaForCausalLM:
-    """This rank's `ParallelLlamaForCausalLM`, its weights read slice by slice from the safetensors."""
+               max_positions: int, comm: Collectives) -> VocabParallel:
+    """This rank's model of the family, its weights read slice by slice from the safetensors."""
     folder = Path(folder)
     local = plan.local_config()
     with torch.device(device):
-        model = ParallelLlamaForCausalLM(plan, dtype, max_positions, comm)
+        model = parallel_model(plan, dtype, max_positions, comm)
     params = dict(model.named_parameters())
     for p in params.values():
         p.data.zero_()  # the vocabulary padding rows, and o's bias on ranks other than 0, stay zero
@@ -67,11 +74,12 @@ def load_shard(folder: str | Path, plan: ShardPlan, dtype: torch.dtype, device: 
     return model.eval()
 
 
-def _read(view: object, part: tuple[int, _Range] | None) -> torch.Tensor:
+def _read(view: object, part: tuple[int, tuple[_Range, ...]] | None) -> torch.Tensor:
     if part is None:
         return view[:]  # type: ignore[index, no-any-return]
-    dim, (start, end) = part
-    return view[start:end] if dim == 0 else view[:, start:end]  # type: ignore[index, no-any-return]
+    dim, ranges = part
+    pieces = [view[start:end] if dim == 0 else view[:, start:end] for start, end in ranges]  # type: ignore[index]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
 
 
 def _copy(param: torch.Tensor, rows: _Range | None, tensor: torch.Tensor, name: str) -> None:

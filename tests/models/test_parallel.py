@@ -25,27 +25,42 @@ def _shards(folder: Path, size: int) -> list[torch.nn.Module]:
                        TensorParallelGroup(rank, size, CPU)) for rank in range(size)]
 
 
-def test_the_ranks_slices_put_back_together_are_the_checkpoint(tmp_path: Path) -> None:
-    """Qwen2 (q/k/v bias, tied embeddings) with one KV head over 2 ranks (replicated) and a vocabulary
-    of 511 (padded to 512): every weight is read exactly where it belongs."""
-    folder = make_tiny_model(tmp_path, arch="qwen2", num_kv_heads=1, vocab_size=511, tie_embeddings=True)
+SLICED = {  # a vocabulary of 511 (padded to 512 to split); one KV head over 2 ranks (replicated)
+    "qwen2-bias-tied-1kv": dict(arch="qwen2", num_kv_heads=1, vocab_size=511, tie_embeddings=True),
+    "phi3-fused": dict(arch="phi3", vocab_size=511),  # q|k|v and gate|up fused in the checkpoint
+    "gemma3-qk-norms": dict(arch="gemma3_text", num_kv_heads=1, random_norms=True),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(SLICED))
+def test_the_ranks_slices_put_back_together_are_the_checkpoint(variant: str, tmp_path: Path) -> None:
+    """Every weight is read exactly where it belongs: q/k/v and gate/up by output rows (Phi-3's from
+    its fused tensors), o and down by input columns, norms (Gemma's four, per-head q/k norms) whole."""
+    folder = make_tiny_model(tmp_path, **SLICED[variant])  # type: ignore[arg-type]
     whole = load_model(folder, torch.float32, CPU, 64)
     ranks = _shards(folder, 2)
     cfg = whole.cfg
-    q, kv, i = cfg.q_size // 2, cfg.kv_size, cfg.intermediate_size // 2
+    q, kv, i = cfg.q_size // 2, cfg.kv_size // min(2, cfg.num_kv_heads), cfg.intermediate_size // 2
     for layer, parts in zip(whole.layers, zip(*(r.layers for r in ranks), strict=True), strict=True):
         qs, ks, vs = zip(*(p.qkv_weight.split([q, kv, kv]) for p in parts), strict=True)
         assert torch.equal(torch.cat(qs), layer.qkv_weight[: cfg.q_size])
-        assert all(torch.equal(k, layer.qkv_weight[cfg.q_size: cfg.q_size + kv]) for k in ks)  # replicated
-        assert all(torch.equal(v, layer.qkv_weight[cfg.q_size + kv:]) for v in vs)
-        assert torch.equal(torch.cat([p.qkv_bias.split([q, kv, kv])[0] for p in parts]), layer.qkv_bias[: cfg.q_size])
+        for k, v in ((torch.cat(ks), torch.cat(vs)),) if cfg.num_kv_heads > 1 else zip(ks, vs, strict=True):
+            assert torch.equal(k, layer.qkv_weight[cfg.q_size: cfg.q_size + cfg.kv_size])  # split, or replicated
+            assert torch.equal(v, layer.qkv_weight[cfg.q_size + cfg.kv_size:])
+        if cfg.qkv_bias:
+            assert torch.equal(torch.cat([p.qkv_bias.split([q, kv, kv])[0] for p in parts]),
+                               layer.qkv_bias[: cfg.q_size])
         assert torch.equal(torch.cat([p.o_weight for p in parts], dim=1), layer.o_weight)
         gate_up = [p.gate_up_weight.split(i) for p in parts]
         assert torch.equal(torch.cat([g for g, _ in gate_up]), layer.gate_up_weight[: cfg.intermediate_size])
+        assert torch.equal(torch.cat([u for _, u in gate_up]), layer.gate_up_weight[cfg.intermediate_size:])
         assert torch.equal(torch.cat([p.down_weight for p in parts], dim=1), layer.down_weight)
-    embed = torch.cat([r.embed for r in ranks])  # [512, hidden]
-    assert torch.equal(embed[:511], whole.embed) and embed[511].abs().sum() == 0
-    assert all(r.lm_head is r.embed for r in ranks)
+        norms = {n: t for n, t in layer.named_parameters() if "norm" in n}
+        assert norms and all(torch.equal(dict(p.named_parameters())[n], t) for p in parts for n, t in norms.items())
+    embed = torch.cat([r.embed for r in ranks])  # [2 * ceil(vocab / 2), hidden]
+    assert torch.equal(embed[: cfg.vocab_size], whole.embed) and embed[cfg.vocab_size:].abs().sum() == 0
+    assert all(isinstance(r, type(whole)) for r in ranks)  # the family's own layers (Gemma's for Gemma)
+    assert all((r.lm_head is r.embed) == cfg.tie_embeddings for r in ranks)
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "inter", "problem"), [
