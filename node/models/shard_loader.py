@@ -1,8 +1,8 @@
 """Load one tensor-parallel rank's slices of a Hugging Face folder (every family `node.models.loader` reads).
 
-Each checkpoint tensor is opened lazily (`safe_open(...).get_slice`, over a memory map of the file) and
-only this rank's rows (or columns) are copied out of it, so a rank never holds another rank's part of
-the model in memory. Phi-3's fused q/k/v and gate/up tensors give the rank several row ranges, joined.
+Only this rank's rows (or columns) of each checkpoint tensor are read from disk (`SafetensorsParts`:
+positioned reads of their bytes, no read-ahead), so a rank neither reads nor holds another rank's part
+of the model. Phi-3's fused q/k/v and gate/up tensors give the rank several row ranges, joined.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from node.errors import ModelFormatError
 from node.models.loader import _place, weight_files
 from node.models.parallel import Collectives, ShardPlan, VocabParallel, parallel_model
+from node.models.safetensors_parts import SafetensorsParts
 
 log = logging.getLogger(__name__)
 _Range = tuple[int, int]
@@ -55,14 +55,14 @@ def load_shard(folder: str | Path, plan: ShardPlan, dtype: torch.dtype, device: 
         p.data.zero_()  # the vocabulary padding rows, and o's bias on ranks other than 0, stay zero
     loaded = dict.fromkeys(params, 0)
     for path in weight_files(folder):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+        with SafetensorsParts(path) as f:
+            for name in f.keys():  # noqa: SIM118 - not a mapping
                 target, rows = _place(local, name)
                 if target is None:
                     continue
                 if target not in params:
                     raise ModelFormatError(f"unexpected weight {name}", weight=name)
-                tensor = _read(f.get_slice(name), source_slice(plan, name))
+                tensor = f.read(name, source_slice(plan, name))
                 if target.endswith("o_bias") and plan.rank != 0:
                     loaded[target] += tensor.numel()  # added once, after the all-reduce: rank 0 holds it
                     continue
@@ -72,14 +72,6 @@ def load_shard(folder: str | Path, plan: ShardPlan, dtype: torch.dtype, device: 
     log.info("loaded rank %d/%d of %s (%d layers) from %s", plan.rank, plan.size, plan.cfg.model_type,
              plan.cfg.num_layers, folder)
     return model.eval()
-
-
-def _read(view: object, part: tuple[int, tuple[_Range, ...]] | None) -> torch.Tensor:
-    if part is None:
-        return view[:]  # type: ignore[index, no-any-return]
-    dim, ranges = part
-    pieces = [view[start:end] if dim == 0 else view[:, start:end] for start, end in ranges]  # type: ignore[index]
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
 
 
 def _copy(param: torch.Tensor, rows: _Range | None, tensor: torch.Tensor, name: str) -> None:

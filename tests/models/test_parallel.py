@@ -3,6 +3,9 @@ which models are refused before any process starts."""
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import os
 from pathlib import Path
 
 import pytest
@@ -87,3 +90,37 @@ def test_kv_heads_split_or_replicate_along_the_query_heads_that_use_them() -> No
     assert kv_rows(8, 2) == [(0, 32), (32, 64)]  # head_dim 8: 4 KV heads each
     assert kv_rows(2, 4) == [(0, 8), (0, 8), (8, 16), (8, 16)]  # query heads 0-3 use KV head 0
     assert kv_rows(1, 2) == [(0, 8), (0, 8)]
+
+
+def _cached_fraction(path: Path) -> float:
+    """The part of the file's pages in the page cache (mincore over a map of it, which reads nothing)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                              ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    size, pages = path.stat().st_size, -(-path.stat().st_size // mmap.PAGESIZE)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        vec = (ctypes.c_ubyte * pages)()
+        assert libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) == 0, ctypes.get_errno()
+        libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
+    finally:
+        os.close(fd)
+    return sum(v & 1 for v in vec) / pages
+
+
+def test_a_rank_reads_from_disk_its_part_of_the_checkpoint_and_not_the_rest(tmp_path: Path) -> None:
+    """What a rank's load brings into the page cache from a checkpoint nobody read yet: its half (rows of
+    q/k/v, gate/up and the vocabulary, columns of o and down: 8 KiB of each 16 KiB row), not the whole
+    file that a memory map's read-ahead around each slice would fetch."""
+    folder = make_tiny_model(tmp_path, hidden_size=1024, num_heads=8, num_kv_heads=8, intermediate_size=4096,
+                             vocab_size=8192)
+    path = folder / "model.safetensors"
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # written, now out of the cache
+    os.close(fd)
+    assert _cached_fraction(path) < 0.01, "this file system keeps the file in memory: nothing to measure"
+    load_shard(folder, ShardPlan.of(ModelConfig.from_folder(folder), 0, 2), torch.float32, CPU, 64,
+               TensorParallelGroup(0, 2, CPU))
+    assert 0.45 < _cached_fraction(path) < 0.6
