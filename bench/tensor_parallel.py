@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    load_before = os.getloadavg()
     folder = make_tiny_model(Path(tempfile.mkdtemp()) / "model", **SHAPE)  # type: ignore[arg-type]
     cfg = ModelConfig.from_folder(folder)
     target = LoRATargetSpec.of(cfg.num_layers, cfg.module_shapes())
@@ -150,12 +151,13 @@ def main() -> None:
         _, counted, _ = decode_steps(engines[2], args.batch, 2, [None], f"base-{r}")
         comms["base"] += counted
     report(cfg, args.batch, {"wall": best, "cpu": cpu_best}, medians, {k: per_step(v) for k, v in comms.items()},
-           gpu_model(RESULTS.parent / "gpu.json"))
+           gpu_model(RESULTS.parent / "gpu.json"), (load_before, os.getloadavg()))
     engines[2].shutdown()
 
 
 def report(cfg: ModelConfig, batch: int, times: dict[str, dict[str, float]], medians: dict[str, list[float]],
-           comms: dict[str, dict[str, dict[str, float]]], modelled: list[dict[str, Any]]) -> None:
+           comms: dict[str, dict[str, dict[str, float]]], modelled: list[dict[str, Any]],
+           load: tuple[tuple[float, ...], tuple[float, ...]]) -> None:
     lora, base = comms["lora"], comms["base"]
     per_layer = (lora["all_reduce"]["bytes"] - batch * cfg.hidden_size * 4) / cfg.num_layers  # less the embedding's
     megatron = 2 * batch * cfg.hidden_size * 4
@@ -164,6 +166,7 @@ def report(cfg: ModelConfig, batch: int, times: dict[str, dict[str, float]], med
              if k != "broadcast_object"}
     best, cpu, tp1 = times["wall"], times["cpu"], "TP=1, 1 thread"
     result: dict[str, Any] = {
+        "load_average_1_5_15_min": {"before": load[0], "after": load[1]}, "cpu_count": os.cpu_count(),
         "model": {**SHAPE, "dtype": "float32"}, "batch": batch, "tensor_parallel_size": 2, "device": "cpu (gloo)",
         "all_reduce_bytes_per_layer": per_layer, "megatron_min_bytes_per_layer": megatron,
         "ratio_to_megatron": per_layer / megatron,
@@ -178,7 +181,8 @@ def report(cfg: ModelConfig, batch: int, times: dict[str, dict[str, float]], med
                                "NVLink bandwidth as published, latency assumed", "assumptions": GPU_MODEL,
                       "rows": modelled},
     }
-    print(f"decode batch {batch}, model hidden {cfg.hidden_size} x {cfg.num_layers} layers, TP=2 on gloo (CPU)")
+    print(f"decode batch {batch}, model hidden {cfg.hidden_size} x {cfg.num_layers} layers, TP=2 on gloo (CPU); "
+          f"load average {load[0][0]:.1f} before, {load[1][0]:.1f} after, on {os.cpu_count()} cores")
     print(f"{'per decode step (LoRA batch)':44} {'calls':>7} {'bytes':>10}")
     for kind, v in lora.items():
         print(f"  {kind:42} {v['calls']:7.1f} {v['bytes']:10.0f}")
