@@ -100,6 +100,10 @@ def test_mixed_adapters_and_base_over_two_ranks_answer_as_one_rank_and_peft(
     """Llama, GQA with 2 KV heads: adapters of ranks 2, 4, 8 and 16, on all seven projections or on
     q, v and o alone, mixed with the base model in one batch."""
     _check_same_answers(tiny_model, tiny_adapters.paths, two_ranks, one_rank)
+    model = ModelConfig.from_folder(tiny_model)
+    keys, _ = two_ranks.runner.kv_caches[0]
+    assert keys.shape[2] == model.num_kv_heads // 2  # rank 0's KV cache: its KV heads
+    assert two_ranks.runner.model.layers[0].qkv_weight.shape[0] == (model.q_size + 2 * model.kv_size) // 2
     assert two_ranks.runner.group.calls["scatter_object"] > 0  # adapters reached rank 1 as scattered parts
     assert two_ranks.provider.metrics().as_dict()["disk"]["misses"] == len(tiny_adapters.paths)  # type: ignore[attr-defined]
 
