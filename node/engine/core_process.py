@@ -66,6 +66,11 @@ def output_endpoint(run_dir: str) -> str:
     return f"ipc://{run_dir}/engine.out"
 
 
+def start_error_file(run_dir: str, core: int) -> Path:
+    """Where a core that cannot start writes why (the model, its split, its settings), for the API to say."""
+    return Path(run_dir) / f"core-{core}.start-error"
+
+
 def core_engine_config(config: EngineConfig, core: int, num_cores: int) -> EngineConfig:
     """Core `core`'s engine config: with data parallelism on CUDA, its own devices (one per
     tensor-parallel rank, from cuda:core * tensor_parallel_size)."""
@@ -258,7 +263,11 @@ def main() -> None:
     logging.basicConfig(level=os.environ.get("LORANODE_LOG_LEVEL", "INFO"),
                         format=f"%(asctime)s core-{core} %(levelname)s %(name)s: %(message)s")
     Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
-    engine_core = EngineCore(spec, core, incarnation)
+    try:
+        engine_core = EngineCore(spec, core, incarnation)
+    except NodeError as e:
+        start_error_file(spec.run_dir, core).write_text(e.message)
+        raise
     try:
         engine_core.run()
     finally:

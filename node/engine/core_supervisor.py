@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import node
-from node.engine.core_process import CoreSpec
+from node.engine.core_process import CoreSpec, start_error_file
 from node.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -73,8 +73,10 @@ class CoreSupervisor:
         for core in self.cores:
             while not core.ever_ready.wait(0.1):
                 if core.proc is not None and core.proc.poll() is not None and not core.ever_ready.is_set():
+                    why = start_error_file(self.specs[core.core].run_dir, core.core)
+                    reason = why.read_text() if why.is_file() else "its log says why"
                     raise ConfigError(f"engine core {core.core} exited with {core.proc.returncode} before it "
-                                      "was ready (its log says why)", core=core.core)
+                                      f"was ready: {reason}", core=core.core)
                 if time.monotonic() > deadline:
                     raise ConfigError(f"engine core {core.core} was not ready within {timeout_s:.0f} s",
                                       core=core.core)

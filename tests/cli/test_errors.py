@@ -191,3 +191,14 @@ def test_a_process_without_its_database_says_to_create_it(command: str, deployme
                                                           tmp_path: Path) -> None:
     out = _mistake(command, env={**deployment, "LORANODE_DATA_DIR": str(tmp_path / "data")})
     assert f"no database in {tmp_path / 'data'}: run `loranode db upgrade` first" in out
+
+
+def test_api_with_a_tensor_parallel_size_the_model_does_not_split_into_says_why(
+        deployment: dict[str, str], tiny_model: Path, tmp_path: Path) -> None:
+    """`--tensor-parallel-size` reaches the engine, which refuses the split before any rank starts."""
+    env = {**deployment, "LORANODE_DATA_DIR": str(tmp_path / "data"), "LORANODE_MODEL_PATH": str(tiny_model),
+           "LORANODE_OPERATOR_KEY": "0x" + "22" * 32}
+    assert _run("db", "upgrade", env=env).exit_code == 0
+    for where in ("--in-process", "--engine-process"):
+        out = _mistake("api", where, "--tensor-parallel-size", "3", env=env)
+        assert "4 attention heads do not split 3 ways" in out, where
