@@ -35,11 +35,10 @@ def source_slice(plan: ShardPlan, name: str) -> tuple[int, tuple[_Range, ...]] |
         return 0, (ranges[_COLUMN_PARALLEL[module]](),)
     if module in _ROW_PARALLEL and name.endswith(".weight"):
         return 1, (ranges[_ROW_PARALLEL[module]](),)
-    fused = dict(plan.cfg.fused_modules()).get(module)  # Phi-3: q|k|v and gate|up in one tensor
+    fused = plan.cfg.fused_modules().get(module)  # Phi-3: q|k|v and gate|up in one tensor
     if fused:
-        parts = dict(q_proj="q", k_proj="kv", v_proj="kv", gate_proj="i", up_proj="i")
         return 0, tuple((first + start, first + end) for part, first, _ in fused
-                        for start, end in (ranges[parts[part]](),))
+                        for start, end in (ranges[_COLUMN_PARALLEL[part]](),))
     return None
 
 
