@@ -74,7 +74,8 @@ class GenerationService:
         self.spendable: Callable[[str], int] = lambda payer: payments.ledger.channel(payer, 0).spendable
 
     async def handle(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest, body: bytes,
-                     payment: str | None, http: Request, x402: str | None = None) -> JSONResponse | StreamingResponse:
+                     payment: str | None, http: Request, x402: str | None = None,
+                     read: str | None = None) -> JSONResponse | StreamingResponse:
         checked = self.payments.check(payment, body) if payment or self.offer is None else None
         x402_early = self._x402_early(x402) if checked is None else None
         adapter = self.catalog.cached(req.model) or await asyncio.to_thread(self.catalog.resolve, req.model)
@@ -92,7 +93,7 @@ class GenerationService:
         admission = self.engine.admission()
         admission.__enter__()
         try:
-            held = await asyncio.to_thread(self._hold, checked, x402_checked, max_fee, pricing, str(http.url))
+            held = await asyncio.to_thread(self._hold, checked, x402_checked, max_fee, pricing, str(http.url), read)
         except BaseException:
             admission.__exit__(None, None, None)
             raise
@@ -129,9 +130,9 @@ class GenerationService:
         raise self.offer.challenge(url, max_fee, early) from early
 
     def _hold(self, checked: CheckedVoucher | None, x402: X402Checked | None, max_fee: int, pricing: Pricing,
-              url: str) -> Hold | Replay:
+              url: str, read: str | None = None) -> Hold | Replay:
         if checked is not None:
-            return self.payments.hold(checked, max_fee, pricing)
+            return self.payments.hold(checked, max_fee, pricing, read)
         assert self.x402 is not None and self.offer is not None and x402 is not None
         try:
             return self.x402.hold(x402, max_fee, pricing)

@@ -12,7 +12,9 @@ funded payer is never refused and never signs for more than the request can cost
 over; a request that may cost more than N is refused with 402). Its HTTP clients keep a lane's
 last voucher until its request is answered, so a retry of the same bytes (the OpenAI client retries
 on connection errors, 408, 409, 429 and 5xx) sends the same voucher: a request that was served but
-whose answer was lost is replayed, not charged twice (until the voucher is settled).
+whose answer was lost is replayed, not charged twice; once that voucher is in an epoch (public, so
+the node answers 409 naming its receipt), they send it again with this payer's `X-Receipt-Read` of
+that receipt and get the stored answer all the same.
 `payer.receipt(id)` reads one of its own receipts with its text, which the node shows to nobody else.
 
 The voucher's cumulative is what the escrow lets the node collect on the lane, and the lane's charged
@@ -285,7 +287,8 @@ class Payer:
                     self.forget(lane)  # streamed or refused: ask the node next time
 
         hooks = {"request": [sign], "response": [learn]}
-        return httpx.Client(event_hooks=hooks, timeout=kwargs.pop("timeout", 120.0), **kwargs)
+        transport = SettledReplay(self, kwargs.pop("transport", None) or httpx.HTTPTransport())
+        return httpx.Client(event_hooks=hooks, timeout=kwargs.pop("timeout", 120.0), transport=transport, **kwargs)
 
     def openai(self, lane: int = 0, **kwargs: Any) -> Any:
         """The official OpenAI client, pointed at the node and paying on `lane`."""
@@ -296,6 +299,44 @@ class Payer:
 
     def close(self) -> None:
         self._http.close()
+
+
+class SettledReplay(httpx.BaseTransport):
+    """Sends paid requests through `inner`; a 409 that names the receipt of the voucher sent (it was
+    served, and is in an epoch by now: the node no longer replays it to whoever sends it) is answered by
+    sending the same request again with the payer's `X-Receipt-Read` of that receipt, which gets the
+    stored answer in the shape it was bought in."""
+
+    def __init__(self, payer: Payer, inner: httpx.BaseTransport) -> None:
+        self.payer, self.inner = payer, inner
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.inner.handle_request(request)
+        if response.status_code != 409 or "X-Payment" not in request.headers or HEADER in request.headers:
+            return response
+        response.read()
+        receipt_id = _settled_receipt(response.content)
+        if receipt_id is None:
+            return response
+        response.close()
+        headers = {**request.headers, HEADER: sign_read(self.payer.key, self.payer.address, receipt_id,
+                                                        self.payer.info.domain)}
+        again = httpx.Request(request.method, request.url, headers=headers, content=request.content,
+                              extensions=request.extensions)
+        return self.inner.handle_request(again)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _settled_receipt(body: bytes) -> str | None:
+    """The receipt a 409 names (`details.receipt_id`): its voucher was served and is in an epoch."""
+    try:
+        details = json.loads(body)["error"]["details"]
+        receipt_id = details["receipt_id"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return receipt_id if isinstance(receipt_id, str) else None
 
 
 def verify_receipt(receipt: dict[str, Any], domain: Domain) -> str:

@@ -11,13 +11,16 @@ Live node on anvil; the lossy hop is a plain HTTP relay."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 
 from node.client.payer import Payer
+from node.db.models import EpochState
+from node.settlement.runtime import SettlementRuntime
+from node.settlement.service import EpochPolicy
 from tests.fixtures.paid_node import PaidNode
 
 pytestmark = pytest.mark.chain
@@ -47,6 +50,7 @@ class LossyHop:
                 resp = httpx.request(self.command, hop.upstream + self.path, content=body, headers=headers, timeout=60)
                 if body is not None and self.path.endswith("/completions") and hop.num_lost == 0:
                     hop.num_lost += 1  # the node answered (and charged); the client never hears of it
+                    hop.lost()
                     self.close_connection = True
                     return
                 self.send_response(resp.status_code)
@@ -59,6 +63,9 @@ class LossyHop:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def lost(self) -> None:
+        """What happens between the lost answer and the client's retry (here: nothing)."""
 
     @property
     def url(self) -> str:
@@ -82,3 +89,53 @@ def test_a_retried_request_is_charged_once(paid_node: PaidNode, lossy: LossyHop,
     fee = int(out.model_extra["receipt"]["fee"])
     charged = int(Payer(paid_node.payer_keys[1], paid_node.base_url).channel(lane)["chargedTotal"])
     assert charged == fee, f"charged {charged} for one answer of fee {fee}"
+
+
+class SettlingHop(LossyHop):
+    """A LossyHop that, once the node has answered (and charged) a lost request, puts that charge in an
+    epoch before the client's retry arrives: the voucher is then public and no longer replays as it is."""
+
+    def __init__(self, upstream: str, settle: Callable[[], None]) -> None:
+        super().__init__(upstream)
+        self.settle = settle
+
+    def lost(self) -> None:
+        self.settle()
+
+
+@pytest.fixture
+def settling(paid_node: PaidNode) -> Iterator[SettlingHop]:
+    service = SettlementRuntime.from_settings(paid_node.local.settings, EpochPolicy(max_age_s=0)).service
+    service.reconcile()
+
+    def settle() -> None:
+        epoch_id = service.close_epoch()
+        assert epoch_id is not None and service.run_until_final(epoch_id, timeout_s=60) is EpochState.FINAL
+
+    hop = SettlingHop(paid_node.base_url, settle)
+    yield hop
+    hop.server.shutdown()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_a_retry_whose_voucher_was_settled_meanwhile_gets_the_answer_it_paid_for(
+        paid_node: PaidNode, settling: SettlingHop, stream: bool) -> None:
+    """The answer is lost, the charge lands in a settled epoch, the OpenAI client retries the same bytes:
+    the node names the receipt (409) instead of replaying a voucher anyone can now read on chain. The
+    SDK proves it is the payer and gets the answer it paid for, charged once."""
+    lane = 124 + stream
+    settling.num_lost = 0
+    payer = Payer(paid_node.payer_keys[1], settling.url)
+    client = payer.openai(lane=lane, max_retries=2)
+    out = client.completions.create(model=str(paid_node.adapter_id), prompt="the sea", max_tokens=4,
+                                    temperature=0, stream=stream)
+    if stream:
+        chunks = list(out)
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        receipt = chunks[-1].model_extra["receipt"]
+    else:
+        text, receipt = out.choices[0].text, out.model_extra["receipt"]
+    assert settling.num_lost == 1  # the first answer was lost, the retry answered
+    assert text and text == payer.receipt(receipt["id"])["output"]
+    charged = int(Payer(paid_node.payer_keys[1], paid_node.base_url).channel(lane)["chargedTotal"])
+    assert charged == int(receipt["fee"]), f"charged {charged} for one answer of fee {receipt['fee']}"
