@@ -103,7 +103,8 @@ class Payer:
         return self._info
 
     def channel(self, lane: int) -> dict[str, Any]:
-        read = sign_read(self.key, self.address, lane_read_id(lane), self.info.domain)  # lastVoucher: ours only
+        # lastVoucher: shown to us only, at this node only
+        read = sign_read(self.key, self.address, lane_read_id(self.info.node, lane), self.info.domain)
         data = self._get(f"/v1/channels/{self.address}/{lane}", headers={HEADER: read})
         self._learn(lane, data.get("lastVoucher"))
         self._check_lane(lane, int(data["chargedTotal"]), int(data.get("lastCumulative", 0)))
