@@ -23,8 +23,9 @@ M = TypeVar("M", bound=BaseModel)
 PaymentHeader = Annotated[str | None, Header(alias="X-Payment", description="base64url JSON of a signed voucher")]
 X402Header = Annotated[str | None, Header(alias="PAYMENT-SIGNATURE",
                                           description="x402 v2 batch-settlement payment (base64 JSON), docs/x402.md")]
-ReadHeader = Annotated[str | None, Header(alias=HEADER, description="the payer's signed EIP-712 ReceiptRead of the "
-                                          "receipt a 409 names: replays the answer of a voucher already in an epoch")]
+# the payer's signed EIP-712 ReceiptRead of the receipt a 409 names: replays the answer of a voucher
+# already in an epoch (docs/api.md; left out of the OpenAPI document, which every request would fill)
+ReadHeader = Annotated[str | None, Header(alias=HEADER, include_in_schema=False)]
 MAX_BODY_BYTES = 1 << 20
 
 
