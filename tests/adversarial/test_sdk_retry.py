@@ -10,11 +10,13 @@ Live node on anvil; the lossy hop is a plain HTTP relay."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
+import openai
 import pytest
 
 from node.client.payer import Payer
@@ -70,6 +72,13 @@ class LossyHop:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+@pytest.fixture(scope="module")
+def paid_node(paid_node_each_backend: PaidNode) -> PaidNode:
+    """On SQLite and on PostgreSQL (when configured): a retry is answered from the stored response and
+    charge as each database stores them."""
+    return paid_node_each_backend
 
 
 @pytest.fixture
@@ -139,3 +148,45 @@ def test_a_retry_whose_voucher_was_settled_meanwhile_gets_the_answer_it_paid_for
     assert text and text == payer.receipt(receipt["id"])["output"]
     charged = int(Payer(paid_node.payer_keys[1], paid_node.base_url).channel(lane)["chargedTotal"])
     assert charged == int(receipt["fee"]), f"charged {charged} for one answer of fee {receipt['fee']}"
+
+
+class PhishingHop(LossyHop):
+    """A node (or hop) that answers every paid POST with the settled 409 naming `receipt_id`, a receipt of
+    this payer's it did not buy here, and keeps any `X-Receipt-Read` the client sends it."""
+
+    def __init__(self, upstream: str, receipt_id: str) -> None:
+        super().__init__(upstream)
+        self.receipt_id, self.reads = receipt_id, list[str]()
+        hop = self
+
+        class Handler(self.server.RequestHandlerClass):  # type: ignore[name-defined,misc]
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                if self.headers.get("X-Receipt-Read"):
+                    hop.reads.append(self.headers["X-Receipt-Read"])
+                body = json.dumps({"error": {"message": "settled", "code": "voucher_conflict", "type": "conflict",
+                                             "details": {"receipt_id": hop.receipt_id}}}).encode()
+                self.send_response(409)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server.RequestHandlerClass = Handler
+
+
+def test_the_sdk_signs_no_read_for_a_receipt_a_409_names_that_is_not_its_requests(paid_node: PaidNode) -> None:
+    """A read opens a receipt's text at whatever node holds it: the SDK signs one only for the receipt of
+    the voucher it sent (its id recomputed from the node-signed fields, whose voucherHash is that
+    voucher's), never for any id a 409 names."""
+    payer = Payer(paid_node.payer_keys[1], paid_node.base_url)
+    secret = payer.openai(lane=126).completions.create(model=str(paid_node.adapter_id), prompt="the sea",
+                                                         max_tokens=4, temperature=0)
+    hop = PhishingHop(paid_node.base_url, secret.model_extra["receipt"]["id"])
+    try:
+        with pytest.raises(openai.ConflictError):
+            Payer(paid_node.payer_keys[1], hop.url).openai(lane=127, max_retries=0).completions.create(
+                model=str(paid_node.adapter_id), prompt="calm", max_tokens=4)
+    finally:
+        hop.server.shutdown()
+    assert hop.reads == [], "the SDK signed a read of another receipt for the node that asked"
