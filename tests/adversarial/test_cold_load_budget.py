@@ -46,7 +46,7 @@ def gate(node: tuple[PaidNode, list[int]]) -> Iterator[Any]:
     """The node's gate with the free callers' bucket empty and a budget of 2 unpaid cold loads a caller."""
     services = node[0].local.services
     assert services is not None
-    gate = services.generation.cold_loads
+    gate = services.generation.gate.cold_loads
     saved = (gate.free.rate_per_s, gate.free.tokens, gate.per_payer)
     gate.free.rate_per_s, gate.free.tokens, gate.per_payer = 0.0, 0.0, 2
     yield gate
