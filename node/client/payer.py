@@ -38,19 +38,12 @@ from eth_account import Account
 
 from node.chain.receipt_read import HEADER, lane_read_id, sign_read
 from node.client.refusal import check, reaching
+from node.client.settled_replay import SettledReplay
 from node.errors import NodeError, NodeRefusal, PaymentError
 from node.payment.pricing import Pricing
 from node.protocol.eip712 import Domain, recover
-from node.protocol.hexstr import to_hex
-from node.protocol.receipt import SignedReceipt, receipt_digest, recover_receipt_signer
-from node.protocol.voucher import (
-    SignedVoucher,
-    Voucher,
-    decode_payment_header,
-    request_hash,
-    sign_voucher,
-    voucher_digest,
-)
+from node.protocol.receipt import SignedReceipt, recover_receipt_signer
+from node.protocol.voucher import SignedVoucher, Voucher, request_hash, sign_voucher, voucher_digest
 
 PAID_PATHS = ("/v1/completions", "/v1/chat/completions")
 CLOCK_MARGIN_S = 60  # on top of the node's minimum validity: clock skew and the request's way there
@@ -125,6 +118,10 @@ class Payer:
         evidence spans), fetched with a freshly signed, short-lived `X-Receipt-Read`."""
         header = sign_read(self.key, self.address, receipt_id, self.info.domain)
         return self._get(f"/v1/receipts/{receipt_id}", headers={HEADER: header})
+
+    def public_receipt(self, receipt_id: str) -> dict[str, Any]:
+        """One receipt as anyone may read it from this node: its signed fields, no text."""
+        return self._get(f"/v1/receipts/{receipt_id}")
 
     def quote(self, path: str, body: bytes, lane: int) -> tuple[int, int]:
         """(the lane's charged total, what to sign on top of it for the request `body` sent to `path`): the
@@ -308,57 +305,6 @@ class Payer:
 
     def close(self) -> None:
         self._http.close()
-
-
-class SettledReplay(httpx.BaseTransport):
-    """Sends paid requests through `inner`; a 409 that names the receipt of the voucher sent (it was
-    served, and is in an epoch by now: the node no longer replays it to whoever sends it) is answered by
-    sending the same request again with the payer's `X-Receipt-Read` of that receipt, which gets the
-    stored answer in the shape it was bought in. A read opens a receipt's text wherever it is, so one is
-    signed only for this voucher's receipt: the node's public copy of it must hash to the id named and
-    name this voucher (`voucherHash`), which no receipt of another request or node does."""
-
-    def __init__(self, payer: Payer, inner: httpx.BaseTransport) -> None:
-        self.payer, self.inner = payer, inner
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        response = self.inner.handle_request(request)
-        if response.status_code != 409 or "X-Payment" not in request.headers or HEADER in request.headers:
-            return response
-        response.read()
-        receipt_id = _settled_receipt(response.content)
-        if receipt_id is None or not self._is_receipt_of(receipt_id, request.headers["X-Payment"]):
-            return response
-        response.close()
-        headers = {**request.headers, HEADER: sign_read(self.payer.key, self.payer.address, receipt_id,
-                                                        self.payer.info.domain)}
-        again = httpx.Request(request.method, request.url, headers=headers, content=request.content,
-                              extensions=request.extensions)
-        return self.inner.handle_request(again)
-
-    def _is_receipt_of(self, receipt_id: str, payment: str) -> bool:
-        """Whether the node's public receipt `receipt_id` is the receipt of the voucher in `payment`."""
-        domain = self.payer.info.domain
-        try:
-            voucher = decode_payment_header(payment).voucher
-            public = SignedReceipt.from_json(self.payer._get(f"/v1/receipts/{receipt_id}"))
-        except (NodeError, KeyError, TypeError, ValueError):
-            return False
-        return to_hex(receipt_digest(public.receipt, domain)) == receipt_id.lower() and \
-            public.receipt.voucher_hash == voucher_digest(voucher, domain)
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-def _settled_receipt(body: bytes) -> str | None:
-    """The receipt a 409 names (`details.receipt_id`): its voucher was served and is in an epoch."""
-    try:
-        details = json.loads(body)["error"]["details"]
-        receipt_id = details["receipt_id"]
-    except (ValueError, KeyError, TypeError):
-        return None
-    return receipt_id if isinstance(receipt_id, str) else None
 
 
 def verify_receipt(receipt: dict[str, Any], domain: Domain) -> str:
