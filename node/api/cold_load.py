@@ -9,10 +9,13 @@ deposit), and only `per_payer` times per `window_s` until that caller buys somet
 its count): a funded account that never buys cannot make the node fetch thousands of adapters.
 Everyone else, and a caller past its budget, shares one token bucket (`rate_per_s`, `burst`) and gets
 429 when it is empty. A quote names its payer without proving it, so a quote spends a budget of its
-own (`Caller.key` says whose: naming someone else's address cannot use up the real payer's), and all
-such quotes share a bucket of their own too (`named_rate_per_s`, `named_burst`): naming every funded
-address in turn buys no more than that (the SDK quotes the lane instead when refused, then pays).
-The counts live in each API process (with more replicas, each bounds what it fetches).
+own (`Caller.key` says whose: naming someone else's address cannot use up the real payer's). Escrow
+of one unit is enough to be a paying caller, so many funded addresses (or x402 channels) would each
+bring a budget of their own: only a proven caller that bought here within `window_s` loads on its
+budget alone; quotes and callers that have not bought share one more bucket (`named_rate_per_s`,
+`named_burst`), so naming every funded address in turn, or funding many, buys no more than that (the
+SDK quotes the lane instead when refused, then pays). The counts live in each API process (with more
+replicas, each bounds what it fetches).
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ class ColdLoadGate:
         self.free, self.named = TokenBucket(rate_per_s, burst, clock), TokenBucket(named_rate_per_s, named_burst, clock)
         self.per_payer, self.window_s, self.max_payers = per_payer, window_s, max_payers
         self._unpaid: dict[str, tuple[int, float]] = {}  # key -> (cold loads since its last purchase, since when)
+        self._bought: dict[str, float] = {}  # key -> when it last bought something
         self._lock = threading.Lock()
 
     async def admit(self, adapter: str, caller: Caller | None) -> None:
@@ -94,7 +98,8 @@ class ColdLoadGate:
         if self.provider.state(adapter) is LoadState.READY:
             return
         if caller is not None and self._budget(caller.key) and await asyncio.to_thread(caller.spendable) > 0 \
-                and (caller.is_proven or self.named.take()) and self._spend(caller.key):
+                and ((caller.is_proven and self._is_buyer(caller.key)) or self.named.take()) \
+                and self._spend(caller.key):
             return
         if not self.free.take():
             raise Overloaded("too many requests for adapters that are not loaded, from callers without escrow "
@@ -102,10 +107,22 @@ class ColdLoadGate:
                              adapter=adapter)
 
     def paid(self, *keys: str) -> None:
-        """These callers bought something: their cold loads since count for nothing."""
+        """These callers bought something: their cold loads since count for nothing, and for a window
+        they load on their own budget."""
         with self._lock:
+            now = self.clock()
+            if len(self._bought) >= self.max_payers:
+                for key in [k for k, at in self._bought.items() if now - at >= self.window_s]:
+                    del self._bought[key]
             for key in keys:
                 self._unpaid.pop(key, None)
+                if len(self._bought) < self.max_payers or key in self._bought:
+                    self._bought[key] = now
+
+    def _is_buyer(self, key: str) -> bool:
+        with self._lock:
+            at = self._bought.get(key)
+            return at is not None and self.clock() - at < self.window_s
 
     def _budget(self, key: str) -> bool:
         with self._lock:

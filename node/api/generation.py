@@ -2,7 +2,7 @@
 
 The order of checks makes every refusal cheap and leaves nothing behind: header and body (400),
 signature (401), adapter (404), a load of a chat adapter not in host memory by a caller without escrow
-beyond the free callers' bucket (429, node/api/cold_load.py), prompt size (413), capacity (429), then
+beyond the free callers' bucket (429, node/api/payment_gate.py), prompt size (413), capacity (429), then
 the voucher in flight here (409), the lane and the escrow (409, 402) which place a hold. From the hold
 on, every completion token that leaves the node is paid for or recorded as a loss:
 
@@ -36,11 +36,12 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from node.api.choice import ChoiceOutput, Kind, ResponseShape, event, replay_chunks
-from node.api.cold_load import Caller, ColdLoadGate, buyer_keys, caller_of, lane_caller
+from node.api.cold_load import Caller
 from node.api.engine_client import EngineClient
 from node.api.job import CLIENT_LEFT, TIME_LIMIT, Cut, Job, Sent, as_fault, once, sampling_params
 from node.api.json_response import FastJSONResponse
 from node.api.metrics import APIMetrics
+from node.api.payment_gate import PaymentGate
 from node.api.receipt_issuer import ReceiptIssuer
 from node.api.schemas import ChatCompletionRequest, CompletionRequest
 from node.api.structured import constraint_of, render_messages
@@ -70,16 +71,14 @@ class GenerationService:
         self.issuer, self.default_max_tokens = issuer, default_max_tokens
         self.max_generation_s = payments.max_generation_s
         self._closing: set[asyncio.Future[None]] = set()  # charges of streams read too slowly, running
-        self.cold_loads = ColdLoadGate(catalog.provider)
-        self.spendable: Callable[[str], int] = lambda payer: payments.ledger.channel(payer, 0).spendable
+        self.gate = PaymentGate(payments, catalog.provider, offer, x402)  # before the hold: node/api/payment_gate.py
 
     async def handle(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest, body: bytes,
-                     payment: str | None, http: Request, x402: str | None = None) -> JSONResponse | StreamingResponse:
-        checked = self.payments.check(payment, body) if payment or self.offer is None else None
-        x402_early = self._x402_early(x402) if checked is None else None
+                     payment: str | None, http: Request, x402: str | None = None,
+                     read: str | None = None) -> JSONResponse | StreamingResponse:
+        presented = self.gate.present(payment, body, x402)
         adapter = self.catalog.cached(req.model) or await asyncio.to_thread(self.catalog.resolve, req.model)
-        caller = caller_of(checked, x402_early, self.spendable, self.x402)
-        template = await self._chat_template(adapter, caller) if kind == "chat" else None
+        template = await self._chat_template(adapter, self.gate.caller(presented)) if kind == "chat" else None
         prompt_ids = await self._tokenize(kind, req, template)
         max_tokens, max_fee = self._ceiling(req, len(prompt_ids), adapter)
         constraint = constraint_of(req) if isinstance(req, ChatCompletionRequest) else None
@@ -88,11 +87,12 @@ class GenerationService:
         params = sampling_params(req, max_tokens, constraint.spec if constraint else None)
         self.engine.check_vocabulary(params)
         pricing = self.payments.pricing_for(adapter.is_base)
-        x402_checked = self._x402_check(x402_early, str(http.url), max_fee) if checked is None else None
+        x402_checked = self.gate.x402_payment(presented, str(http.url), max_fee)
         admission = self.engine.admission()
         admission.__enter__()
         try:
-            held = await asyncio.to_thread(self._hold, checked, x402_checked, max_fee, pricing, str(http.url))
+            held = await asyncio.to_thread(self._hold, presented.voucher, x402_checked, max_fee, pricing,
+                                           str(http.url), read)
         except BaseException:
             admission.__exit__(None, None, None)
             raise
@@ -111,27 +111,10 @@ class GenerationService:
         finally:
             admission.__exit__(None, None, None)
 
-    def _x402_early(self, header: str | None) -> X402Checked | X402Refused | None:
-        """The stateless x402 checks, before the adapter is loaded (a checked channel pays for its own
-        cold loads); a refusal is kept for the 402, which needs the request's price."""
-        if header is None or self.x402 is None:
-            return None
-        try:
-            return self.x402.check(header)
-        except X402Refused as exc:
-            return exc
-
-    def _x402_check(self, early: X402Checked | X402Refused | None, url: str, max_fee: int) -> X402Checked:
-        """A missing or refused x402 payment is the 402 that offers both schemes."""
-        assert self.offer is not None
-        if isinstance(early, X402Checked):
-            return early
-        raise self.offer.challenge(url, max_fee, early) from early
-
     def _hold(self, checked: CheckedVoucher | None, x402: X402Checked | None, max_fee: int, pricing: Pricing,
-              url: str) -> Hold | Replay:
+              url: str, read: str | None = None) -> Hold | Replay:
         if checked is not None:
-            return self.payments.hold(checked, max_fee, pricing)
+            return self.payments.hold(checked, max_fee, pricing, read)
         assert self.x402 is not None and self.offer is not None and x402 is not None
         try:
             return self.x402.hold(x402, max_fee, pricing)
@@ -150,8 +133,7 @@ class GenerationService:
         """(prompt tokens, max_tokens, max fee) of this request: exactly what `handle` would hold, so a
         voucher for `chargedTotal + max fee` covers it (POST /v1/quote/...). `payer`: who asks, if said."""
         adapter = self.catalog.cached(req.model) or await asyncio.to_thread(self.catalog.resolve, req.model)
-        caller = lane_caller(payer, self.spendable, quote=True) if payer is not None else None
-        template = await self._chat_template(adapter, caller) if kind == "chat" else None
+        template = await self._chat_template(adapter, self.gate.quote_caller(payer)) if kind == "chat" else None
         num_prompt_tokens = len(await self._tokenize(kind, req, template))
         return (num_prompt_tokens, *self._ceiling(req, num_prompt_tokens, adapter))
 
@@ -166,11 +148,11 @@ class GenerationService:
     async def _chat_template(self, adapter: ServedAdapter, caller: Caller | None) -> str | None:
         """The adapter's own chat template, once its files are fetched and verified (a load that fails
         refuses the request here, before any hold); None: the base model's template applies. A load
-        not in host memory yet waits for `cold_loads` (node/api/cold_load.py)."""
+        not in host memory yet waits for the gate's cold loads (node/api/cold_load.py)."""
         name = adapter.engine_adapter
         if name is None:
             return None
-        await self.cold_loads.admit(name, caller)
+        await self.gate.admit(name, caller)
         await asyncio.wrap_future(self.catalog.provider.prefetch(name))
         return self.catalog.provider.chat_template(name)
 
@@ -240,7 +222,7 @@ class GenerationService:
         charged = self.payments.finish(job.hold, usage,
                                        lambda fee: self.issuer.issue(digest, job.adapter, usage, fee, text),
                                        lambda receipt: shape.body(choices, usage, receipt))
-        self.cold_loads.paid(*buyer_keys(job.hold.checked))  # a purchase: its cold loads were paid for
+        self.gate.paid(job.hold.checked)  # a purchase: its cold loads were paid for
         return charged
 
     # --- streamed -----------------------------------------------------------------------------------

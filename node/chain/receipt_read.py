@@ -46,10 +46,12 @@ def sign_read(key: str, payer: str, receipt_id: str, domain: Domain, validity_s:
     return encode_header(body)
 
 
-def lane_read_id(lane: int) -> str:
-    """The id a `ReceiptRead` names to read the payer's own last voucher on `lane` (GET /v1/channels):
-    a voucher with its signature replays its stored answer to whoever also has the request's bytes."""
-    return to_hex(keccak(b"loranode lane read" + lane.to_bytes(32, "big")))
+def lane_read_id(node: str, lane: int) -> str:
+    """The id a `ReceiptRead` names to read the payer's own last voucher on `lane` at `node` (GET
+    /v1/channels): a voucher with its signature replays its stored answer to whoever also has the
+    request's bytes. The nodes of one Settlement share its EIP-712 domain, so the id names the node: a
+    read sent to one node opens nothing at another."""
+    return to_hex(keccak(b"loranode lane read" + from_hex(node) + lane.to_bytes(32, "big")))
 
 
 def decode_read(value: str) -> SignedRead:

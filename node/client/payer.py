@@ -12,7 +12,9 @@ funded payer is never refused and never signs for more than the request can cost
 over; a request that may cost more than N is refused with 402). Its HTTP clients keep a lane's
 last voucher until its request is answered, so a retry of the same bytes (the OpenAI client retries
 on connection errors, 408, 409, 429 and 5xx) sends the same voucher: a request that was served but
-whose answer was lost is replayed, not charged twice (until the voucher is settled).
+whose answer was lost is replayed, not charged twice; once that voucher is in an epoch (public, so
+the node answers 409 naming its receipt), they send it again with this payer's `X-Receipt-Read` of
+that receipt and get the stored answer all the same.
 `payer.receipt(id)` reads one of its own receipts with its text, which the node shows to nobody else.
 
 The voucher's cumulative is what the escrow lets the node collect on the lane, and the lane's charged
@@ -36,6 +38,7 @@ from eth_account import Account
 
 from node.chain.receipt_read import HEADER, lane_read_id, sign_read
 from node.client.refusal import check, reaching
+from node.client.settled_replay import SettledReplay
 from node.errors import NodeError, NodeRefusal, PaymentError
 from node.payment.pricing import Pricing
 from node.protocol.eip712 import Domain, recover
@@ -101,7 +104,8 @@ class Payer:
         return self._info
 
     def channel(self, lane: int) -> dict[str, Any]:
-        read = sign_read(self.key, self.address, lane_read_id(lane), self.info.domain)  # lastVoucher: ours only
+        # lastVoucher: shown to us only, at this node only
+        read = sign_read(self.key, self.address, lane_read_id(self.info.node, lane), self.info.domain)
         data = self._get(f"/v1/channels/{self.address}/{lane}", headers={HEADER: read})
         self._learn(lane, data.get("lastVoucher"))
         self._check_lane(lane, int(data["chargedTotal"]), int(data.get("lastCumulative", 0)))
@@ -114,6 +118,10 @@ class Payer:
         evidence spans), fetched with a freshly signed, short-lived `X-Receipt-Read`."""
         header = sign_read(self.key, self.address, receipt_id, self.info.domain)
         return self._get(f"/v1/receipts/{receipt_id}", headers={HEADER: header})
+
+    def public_receipt(self, receipt_id: str) -> dict[str, Any]:
+        """One receipt as anyone may read it from this node: its signed fields, no text."""
+        return self._get(f"/v1/receipts/{receipt_id}")
 
     def quote(self, path: str, body: bytes, lane: int) -> tuple[int, int]:
         """(the lane's charged total, what to sign on top of it for the request `body` sent to `path`): the
@@ -285,7 +293,8 @@ class Payer:
                     self.forget(lane)  # streamed or refused: ask the node next time
 
         hooks = {"request": [sign], "response": [learn]}
-        return httpx.Client(event_hooks=hooks, timeout=kwargs.pop("timeout", 120.0), **kwargs)
+        transport = SettledReplay(self, kwargs.pop("transport", None) or httpx.HTTPTransport())
+        return httpx.Client(event_hooks=hooks, timeout=kwargs.pop("timeout", 120.0), transport=transport, **kwargs)
 
     def openai(self, lane: int = 0, **kwargs: Any) -> Any:
         """The official OpenAI client, pointed at the node and paying on `lane`."""

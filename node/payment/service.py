@@ -24,6 +24,7 @@ from typing import Any
 
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
+from node.chain.receipt_read import authorize_read
 from node.db.loss import LossReason
 from node.errors import DatabaseUnavailable, VoucherConflict, VoucherExpiresTooSoon
 from node.payment.ledger import Ledger, Reservation
@@ -97,10 +98,12 @@ class PaymentService:
         return Pricing(max(a.prompt_token_price, b.prompt_token_price),
                        max(a.completion_token_price, b.completion_token_price), max(a.min_fee, b.min_fee))
 
-    def hold(self, checked: CheckedVoucher, max_fee: int, pricing: Pricing | None = None) -> Hold | Replay:
+    def hold(self, checked: CheckedVoucher, max_fee: int, pricing: Pricing | None = None,
+             read: str | None = None) -> Hold | Replay:
         """Hold `max_fee` on the lane, for a request charged at `pricing` (default: the adapters'); a voucher
         already served gets its stored response instead (an idempotent retry: the same answer, no new
-        charge). Only new vouchers need time left to run."""
+        charge), once it is in an epoch only with `read`, its payer's X-Receipt-Read of its receipt. Only
+        new vouchers need time left to run."""
         deadline, now = checked.voucher.deadline, int(self.clock())
 
         def fresh_enough() -> None:
@@ -117,7 +120,7 @@ class PaymentService:
             raise
         if isinstance(held, dict):
             self._unclaim(checked.digest_hex)
-            self._refuse_public_replay(checked)
+            self._refuse_public_replay(checked, read)
             return Replay(held)
         return Hold(checked, held, pricing or self.pricing)
 
@@ -132,12 +135,15 @@ class PaymentService:
         with self._in_flight_lock:
             self._in_flight.discard(voucher_hash)
 
-    def _refuse_public_replay(self, checked: CheckedVoucher) -> None:
+    def _refuse_public_replay(self, checked: CheckedVoucher, read: str | None) -> None:
         """A voucher in an epoch is published with its signature (the settle transaction): sent again,
-        it proves nothing of who sends it, so its stored answer is no longer replayed; the payer reads
-        it with a signed X-Receipt-Read instead."""
+        it proves nothing of who sends it, so its stored answer is replayed only with its payer's
+        X-Receipt-Read of the receipt this 409 names (401/403 for any other); the payer may also read it
+        at GET /v1/receipts/{id}."""
         settled = self.ledger.epoch_receipt(checked.digest_hex)
-        if settled is not None:
+        if settled is not None and read is not None:
+            authorize_read(read, settled[0], checked.payer, self.domain, self.clock())
+        elif settled is not None:
             raise VoucherConflict("this voucher was already used and is settled on chain: its payer reads the "
                                   "answer with GET /v1/receipts/{id} and a signed X-Receipt-Read",
                                   receipt_id=settled[0], epoch_id=settled[1])

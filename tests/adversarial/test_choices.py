@@ -23,6 +23,13 @@ pytestmark = pytest.mark.chain
 PROMPT_PRICE, COMPLETION_PRICE = 10**9, 2 * 10**9
 
 
+@pytest.fixture(scope="module")
+def paid_node(paid_node_each_backend: PaidNode) -> PaidNode:
+    """On SQLite and on PostgreSQL (when configured): n choices' holds, and a hang-up's charge committed
+    from another thread, on each database's lanes."""
+    return paid_node_each_backend
+
+
 def _fee(prompt_tokens: int, completion_tokens: int) -> int:
     return PROMPT_PRICE * prompt_tokens + COMPLETION_PRICE * completion_tokens
 

@@ -1,8 +1,8 @@
 """Cold adapter loads that nobody pays for, from callers the node counts as paying: a quote naming
 someone else's funded address, and a funded payer whose vouchers never buy anything, must not make the
 node fetch adapter after adapter; an x402 channel with a deposit is a paying caller like a lane payer.
-Live node on anvil with x402, several registered adapters that start unloaded, the free callers'
-bucket empty."""
+Live node on anvil with x402 (on PostgreSQL when configured: budgets read escrow and channel balances
+from the database), several registered adapters that start unloaded, the free callers' bucket empty."""
 
 from __future__ import annotations
 
@@ -14,15 +14,12 @@ from typing import Any
 
 import httpx
 import pytest
-from eth_account import Account
 
-from node.chain.contract_client import ContractClient
-from node.chain.x402_channels import deploy_router, ensure_channel_contracts
 from node.client.payer import Payer as LanePayer
-from node.devkit.local_node import OPERATOR, LocalNode
 from node.lora.content_hash import adapter_weights_sha256, base_model_id
 from node.lora.provider import LoadState
-from tests.fixtures.paid_node import ADAPTER_OWNER, LINEAGE_WEIGHTS, OWNER_SHARE_BPS, PaidNode, build_paid_node
+from tests.fixtures.paid_node import ADAPTER_OWNER, LINEAGE_WEIGHTS, OWNER_SHARE_BPS, PaidNode
+from tests.fixtures.x402_node import running_x402_node
 from tests.payment.x402.sdk import Payer as X402Payer
 
 pytestmark = [pytest.mark.chain, pytest.mark.slow]
@@ -34,24 +31,14 @@ NUM_COLD = 7  # 0-2 for quotes, 3-5 for vouchers, 6 for x402
 def node(tiny_model: Path, tiny_adapters: Any, tmp_path_factory: pytest.TempPathFactory
          ) -> Iterator[tuple[PaidNode, list[int]]]:
     """An x402 node with NUM_COLD more adapters (the same files, ids of their own) none of which is loaded."""
-    data_dir = tmp_path_factory.mktemp("cold-budget")
-    local = LocalNode.start_chain(data_dir, prompt_token_price=10**9, completion_token_price=2 * 10**9,
-                                  default_max_tokens=16)
-    try:
-        operator = ContractClient(local.anvil.rpc_url, local.anvil.keys[OPERATOR])
-        ensure_channel_contracts(operator)
-        router = deploy_router(operator, operator.address, local.deployment.escrow)
-        local.contracts(OPERATOR).token.mint(Account.from_key(local.anvil.keys[X402_PAYER]).address, 10**21)
-        path = tiny_adapters.paths["sea-r8"]
-        paid = build_paid_node(local, tiny_model, path, data_dir, max_in_flight=6, x402_router=router)
-        owner = local.contracts(ADAPTER_OWNER)
+    path = tiny_adapters.paths["sea-r8"]
+    with running_x402_node(tiny_model, path, tmp_path_factory.mktemp("cold-budget"), [X402_PAYER]) as paid:
+        owner = paid.local.contracts(ADAPTER_OWNER)
         cold = [owner.adapters.register(base_model_id(tiny_model), adapter_weights_sha256(path), path.as_uri(),
                                         list(paid.dataset_ids), list(LINEAGE_WEIGHTS), OWNER_SHARE_BPS)
                 for _ in range(NUM_COLD)]
-        local.wait_for_mirror()
+        paid.local.wait_for_mirror()
         yield paid, cold
-    finally:
-        local.stop()
 
 
 @pytest.fixture
@@ -59,7 +46,7 @@ def gate(node: tuple[PaidNode, list[int]]) -> Iterator[Any]:
     """The node's gate with the free callers' bucket empty and a budget of 2 unpaid cold loads a caller."""
     services = node[0].local.services
     assert services is not None
-    gate = services.generation.cold_loads
+    gate = services.generation.gate.cold_loads
     saved = (gate.free.rate_per_s, gate.free.tokens, gate.per_payer)
     gate.free.rate_per_s, gate.free.tokens, gate.per_payer = 0.0, 0.0, 2
     yield gate

@@ -1,5 +1,6 @@
 """The cold-load gate's budgets on their own clock: a funded caller's unpaid cold loads are bounded per
-window and renewed by a purchase; a table full of callers gives a newcomer the free bucket only."""
+window and renewed by a purchase; callers that have not bought share one bucket; a table full of
+callers gives a newcomer the free bucket only."""
 
 from __future__ import annotations
 
@@ -63,10 +64,26 @@ def test_a_full_table_of_callers_leaves_newcomers_the_free_bucket_until_a_window
 
 def test_quotes_naming_many_funded_payers_share_one_bucket() -> None:
     """A quote's `payer` is a name, not a proof: naming every funded address in turn (8 loads each) buys no
-    more than the named callers' bucket, while a payer proven by its voucher keeps its own budget."""
+    more than the named callers' bucket, while a payer proven by its voucher that bought keeps its own budget."""
     now = [0.0]
     gate = ColdLoadGate(Cold(), rate_per_s=0.0, burst=0, named_rate_per_s=0.0, named_burst=3,  # type: ignore[arg-type]
                         clock=lambda: now[0])
     named = sum(_admitted(gate, Caller(f"quote:0x{i:040x}", lambda: 1, is_proven=False), 8) for i in range(10))
     assert named == 3
+    gate.paid("lane:0x01")
     assert _admitted(gate, Caller("lane:0x01", lambda: 1), 8) == 8
+
+
+def test_many_funded_payers_that_never_buy_share_one_bucket() -> None:
+    """One unit of escrow makes an address a paying caller: before, each of K such addresses (a deposit
+    each, never spent) made the node fetch its 8 adapters every window, K x 8 loads for nothing. Callers
+    that have not bought here share the named callers' bucket; one that bought keeps its own budget."""
+    now = [0.0]
+    gate = ColdLoadGate(Cold(), rate_per_s=0.0, burst=0, clock=lambda: now[0])  # type: ignore[arg-type]
+    fresh = sum(_admitted(gate, Caller(f"lane:0x{i:040x}", lambda: 1), 8) for i in range(100))
+    assert fresh <= 8, f"100 funded addresses that never bought made the node fetch {fresh} adapters"
+    gate.paid("lane:0xb0")
+    assert _admitted(gate, Caller("lane:0xb0", lambda: 1), 10) == 8
+    gate.named.rate_per_s = gate.named.tokens = 0.0
+    now[0] += 600.0  # a purchase counts for one window
+    assert _admitted(gate, Caller("lane:0xb0", lambda: 1), 10) == 0

@@ -30,8 +30,8 @@ def test_callers_without_escrow_cannot_make_the_node_fetch_adapters_for_free(pai
     generation, provider = services.generation, services.catalog.provider
     name = str(paid_node.adapter_id)
     assert provider.state(name) is not LoadState.READY, "the adapter must start unloaded for this test"
-    free = generation.cold_loads
-    generation.cold_loads = ColdLoadGate(provider, rate_per_s=0.0, burst=0)  # the bucket is empty
+    free = generation.gate.cold_loads
+    generation.gate.cold_loads = ColdLoadGate(provider, rate_per_s=0.0, burst=0)  # the bucket is empty
     try:
         body, headers = _chat(paid_node.adapter_id), {"Content-Type": "application/json"}
         quote = httpx.post(f"{paid_node.base_url}/v1/quote/chat/completions", content=body, headers=headers,
@@ -54,7 +54,7 @@ def test_callers_without_escrow_cannot_make_the_node_fetch_adapters_for_free(pai
                            timeout=60)
         assert again.status_code == 200  # loaded now: quoting it costs the node nothing
     finally:
-        generation.cold_loads = free
+        generation.gate.cold_loads = free
 
 
 def test_the_free_callers_bucket_refills_at_its_rate() -> None:

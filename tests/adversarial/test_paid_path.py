@@ -21,13 +21,13 @@ from node.client.payer import Payer
 from node.db.loss import LossReason, losses
 from node.db.models import Lane
 from node.db.session import make_engine, session_factory
-from node.devkit.local_node import LocalNode, settings_env
+from node.devkit.local_node import settings_env
 from node.payment.lane_pg import PipelinedLanes
 from node.payment.lane_sqlite import SQLiteLanes
 from node.protocol.voucher import PaymentHeader, Voucher, decode_payment_header, sign_voucher, voucher_digest
 from tests.adversarial.attacker import Attacker, NodeAborts
-from tests.fixtures.database import POSTGRES_ENV, _backends
-from tests.fixtures.paid_node import PaidNode, _fresh_postgres, build_paid_node
+from tests.fixtures.database import _backends
+from tests.fixtures.paid_node import PaidNode, running_paid_node
 
 pytestmark = pytest.mark.chain
 PROMPT_PRICE, COMPLETION_PRICE = 10**9, 2 * 10**9
@@ -38,14 +38,9 @@ def paid(request: pytest.FixtureRequest, tiny_model: Path, tiny_adapters: object
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[PaidNode]:
     """A live paid node on SQLite, and one on PostgreSQL when configured."""
     data_dir = tmp_path_factory.mktemp(f"paid-path-{request.param}")
-    db_url = _fresh_postgres(os.environ[POSTGRES_ENV]) if request.param == "postgres" else None
-    local = LocalNode.start_chain(data_dir, database_url=db_url, prompt_token_price=PROMPT_PRICE,
-                                  completion_token_price=COMPLETION_PRICE, default_max_tokens=16)
-    try:
-        yield build_paid_node(local, tiny_model, tiny_adapters.paths["sea-r8"], data_dir,  # type: ignore[attr-defined]
-                              max_in_flight=6)
-    finally:
-        local.stop()
+    with running_paid_node(tiny_model, tiny_adapters.paths["sea-r8"], data_dir,  # type: ignore[attr-defined]
+                           request.param) as node:
+        yield node
 
 
 def _attacker(paid: PaidNode, i: int = 0) -> Attacker:

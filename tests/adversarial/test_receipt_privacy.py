@@ -171,9 +171,9 @@ def settled(attributed: AttributedNode) -> Iterator[Paid]:
 DISTINCT_PROMPT = "zebra quartz lantern: the sea is"
 
 
-def _post(node: AttributedNode, body: bytes, header: str) -> httpx.Response:
-    return httpx.post(f"{node.paid.base_url}/v1/completions", content=body,
-                      headers={"X-Payment": header, "Content-Type": "application/json"}, timeout=60)
+def _post(node: AttributedNode, body: bytes, header: str, read: str | None = None) -> httpx.Response:
+    headers = {"X-Payment": header, "Content-Type": "application/json"} | ({"X-Receipt-Read": read} if read else {})
+    return httpx.post(f"{node.paid.base_url}/v1/completions", content=body, headers=headers, timeout=60)
 
 
 PAID_GETS = ("/x402/refund",)
@@ -240,3 +240,19 @@ def test_a_voucher_published_on_chain_does_not_replay_its_answer(attributed: Att
     _assert_no_text(replay, settled, DISTINCT_PROMPT)
     payer = Payer(attributed.paid.payer_keys[0], attributed.paid.base_url)
     assert payer.receipt(settled.receipt["id"])["output"] == settled.text
+
+
+def test_a_published_voucher_replays_only_with_its_payers_read_of_that_receipt(attributed: AttributedNode,
+                                                                               settled: Paid) -> None:
+    """The payer whose answer was lost gets it by sending the voucher again with its X-Receipt-Read of
+    the receipt the 409 names; a stranger's read, or the payer's read of another receipt, gets no text."""
+    header, rid, key = _header_from_the_chain(attributed, settled), settled.receipt["id"], attributed.paid.payer_keys[0]
+    other = _pay(attributed, lane=26).receipt["id"]
+    for name, read, status in (("a stranger's", _read_header(attributed, STRANGER_KEY, rid), 403),
+                               ("another receipt's", _read_header(attributed, key, other), 401)):
+        resp = _post(attributed, settled.body, header, read)
+        assert resp.status_code == status, (name, resp.text)
+        _assert_no_text(resp, settled, DISTINCT_PROMPT)
+    own = _post(attributed, settled.body, header, _read_header(attributed, key, rid))
+    assert own.status_code == 200 and own.headers["X-Idempotent-Replay"] == "true"
+    assert own.json()["choices"][0]["text"] == settled.text and own.json()["receipt"]["id"] == rid

@@ -6,7 +6,9 @@ checks is its own. Live node on anvil; the liar is the relay of test_sdk_signing
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -77,6 +79,54 @@ def test_a_lanes_last_voucher_is_shown_to_its_payer_only(paid_node: PaidNode) ->
     url = f"{paid_node.base_url}/v1/channels/{owner.address}/144"
     assert "lastVoucher" not in httpx.get(url, timeout=30).json()
     stranger = Payer(paid_node.payer_keys[0], paid_node.base_url)
-    forged = sign_read(stranger.key, stranger.address, lane_read_id(144), stranger.info.domain)
+    forged = sign_read(stranger.key, stranger.address, lane_read_id(stranger.info.node, 144), stranger.info.domain)
     assert httpx.get(url, headers={HEADER: forged}, timeout=30).status_code == 403
     assert owner.channel(144)["lastVoucher"]["payer"].lower() == owner.address.lower()
+
+
+class OtherNode:
+    """Another node on the same Settlement contract (so the same EIP-712 domain), run by someone who keeps
+    the `X-Receipt-Read` a payer's SDK sends it to read its own lane there."""
+
+    def __init__(self, real: str) -> None:
+        info = {**httpx.get(f"{real}/v1/node", timeout=30).json(), "node": "0x" + "0b" * 20}
+        self.reads: list[str] = []
+        other = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                if self.path.startswith("/v1/channels/"):
+                    other.reads.append(self.headers[HEADER])
+                    body = {"chargedTotal": "0", "lastCumulative": "0", "lastVoucher": None, "quote": {"maxFee": "1"}}
+                else:
+                    body = info
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+def test_a_lane_read_sent_to_another_node_does_not_open_the_lane_here(paid_node: PaidNode) -> None:
+    """Nodes of one Settlement contract share its EIP-712 domain. The read a payer's SDK signs to check its
+    lane at another node must not show that other node's operator the payer's last voucher here (with the
+    request's bytes, which a client failing over sends to both, it replays the stored answer)."""
+    owner = Payer(paid_node.payer_keys[1], paid_node.base_url)
+    _ask(owner, paid_node, 145)
+    other = OtherNode(paid_node.base_url)
+    try:
+        Payer(paid_node.payer_keys[1], other.url).channel(145)
+    finally:
+        other.server.shutdown()
+    url = f"{paid_node.base_url}/v1/channels/{owner.address}/145"
+    resp = httpx.get(url, headers={HEADER: other.reads[0]}, timeout=30)
+    assert resp.status_code == 401 and "lastVoucher" not in resp.json(), resp.text
+    assert owner.channel(145)["lastVoucher"]["payer"].lower() == owner.address.lower()

@@ -17,7 +17,6 @@ import httpx
 import pytest
 import requests
 from eth_account import Account
-from sqlalchemy import select
 from x402 import x402ClientSync
 from x402.http.clients.requests import x402HTTPAdapter
 from x402.mechanisms.evm.batch_settlement.client import BatchSettlementEvmScheme
@@ -25,7 +24,6 @@ from x402.mechanisms.evm.signers import EthAccountSignerWithRPC
 
 from node.chain.contract_client import ContractClient
 from node.client.payer import Payer as LanePayer
-from node.db.models import EpochState, Loss, Receipt
 from node.devkit.local_node import OPERATOR, LocalNode
 from node.payment.x402.typed import CHANNELS_ADDRESS
 from node.payment.x402.wire import Payment
@@ -35,6 +33,7 @@ from node.settlement.service import EpochPolicy
 from node.settlement.split import Lineage, SplitParams, split_fee
 from tests.fixtures.paid_node import ADAPTER_OWNER, CONTRIBUTORS, LINEAGE_WEIGHTS, OWNER_SHARE_BPS, PaidNode
 from tests.fixtures.paid_node import build_paid_node as build
+from tests.fixtures.x402_node import settle_and_reconcile
 from tests.payment.x402.sdk import Payer
 
 pytestmark = [pytest.mark.chain, pytest.mark.slow]
@@ -118,16 +117,7 @@ def test_both_schemes_settle_in_one_epoch_and_every_payee_is_paid_to_the_wei(nod
     channel_id = leaver.voucher.channel_id
     assert x402.functions.channels(channel_id).call()[1] == leaver_fee, "claimed within the delay"
 
-    before = ops.settlement.rewards_total(me)
-    service.reconcile()
-    epoch_id = service.close_epoch()
-    assert epoch_id is not None and service.run_until_final(epoch_id, timeout_s=90) is EpochState.FINAL
-    with local.services.db() as db:  # type: ignore[union-attr]
-        receipts = db.scalars(select(Receipt).where(Receipt.epoch_id == epoch_id)).all()
-        assert not db.scalars(select(Loss)).all(), "no receipt of either scheme became a loss"
-    assert sorted(r.fee for r in receipts) == sorted(fees)
-    assert ops.settlement.rewards_total(me) - before == sum(fees)
-    assert ops.escrow.account(router, me).balance == 0, "the router's escrow account collected to the wei"
+    assert sorted(settle_and_reconcile(local)) == sorted(fees)
 
     paid = claim_all(ops, me, node.base_url)  # every payee, by anyone
     contributors = [local.contracts(c).client.address for c in CONTRIBUTORS]

@@ -15,6 +15,7 @@ from node.api.error_handlers import error_responses
 from node.api.generation import Kind
 from node.api.request_fields import refuse_unapplied
 from node.api.schemas import ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse
+from node.chain.receipt_read import HEADER
 from node.errors import BadRequest, RequestTooLarge
 
 router = APIRouter(prefix="/v1", tags=["inference"])
@@ -22,6 +23,9 @@ M = TypeVar("M", bound=BaseModel)
 PaymentHeader = Annotated[str | None, Header(alias="X-Payment", description="base64url JSON of a signed voucher")]
 X402Header = Annotated[str | None, Header(alias="PAYMENT-SIGNATURE",
                                           description="x402 v2 batch-settlement payment (base64 JSON), docs/x402.md")]
+# the payer's signed EIP-712 ReceiptRead of the receipt a 409 names: replays the answer of a voucher
+# already in an epoch (docs/api.md; left out of the OpenAPI document, which every request would fill)
+ReadHeader = Annotated[str | None, Header(alias=HEADER, include_in_schema=False)]
 MAX_BODY_BYTES = 1 << 20
 
 
@@ -75,7 +79,7 @@ _CHUNK = {"type": "object", "anyOf": [{"required": ["id", "object", "choices"]},
 SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [
     {"const": "[DONE]"}, {"type": "string", "contentMediaType": "application/json", "contentSchema": _CHUNK}]}}}
 # Every refusal of a paid request (see node/api/generation.py), and the streamed answer's media type.
-PAID_RESPONSES = {**error_responses(400, 401, 402, 404, 409, 413, 422, 429, 503),
+PAID_RESPONSES = {**error_responses(400, 401, 402, 403, 404, 409, 413, 422, 429, 503),
                   200: {"content": {"text/event-stream": {"schema": SSE_EVENT}},
                         "description": "the answer; server-sent events when `stream` is true"}}
 
@@ -83,17 +87,19 @@ PAID_RESPONSES = {**error_responses(400, 401, 402, 404, 409, 413, 422, 429, 503)
 @router.post("/completions", response_model=CompletionResponse, responses=PAID_RESPONSES,
              openapi_extra=_openapi(CompletionRequest))
 async def completions(request: Request, generation: GenerationDep,
-                      payment: PaymentHeader = None, x402: X402Header = None) -> JSONResponse | StreamingResponse:
+                      payment: PaymentHeader = None, x402: X402Header = None,
+                      read: ReadHeader = None) -> JSONResponse | StreamingResponse:
     req, body = await _parse(request, CompletionRequest)
-    return await generation.handle("completion", req, body, payment, request, x402)
+    return await generation.handle("completion", req, body, payment, request, x402, read)
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=PAID_RESPONSES,
              openapi_extra=_openapi(ChatCompletionRequest))
 async def chat_completions(request: Request, generation: GenerationDep,
-                           payment: PaymentHeader = None, x402: X402Header = None) -> JSONResponse | StreamingResponse:
+                           payment: PaymentHeader = None, x402: X402Header = None,
+                           read: ReadHeader = None) -> JSONResponse | StreamingResponse:
     req, body = await _parse(request, ChatCompletionRequest)
-    return await generation.handle("chat", req, body, payment, request, x402)
+    return await generation.handle("chat", req, body, payment, request, x402, read)
 
 
 QuotePayer = Annotated[str | None, Query(pattern=r"^0x[0-9a-fA-F]{40}$",

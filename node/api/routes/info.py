@@ -76,7 +76,7 @@ def channel(ledger: LedgerDep, pricing: PricingDep, engine: EngineDep, node: Nod
             read: ReadHeader = None) -> dict[str, Any]:
     """The lane's charged total (sign on top of it) and a quote that covers every request of up to
     `max_tokens` (default: any) that fits the context, so `chargedTotal + quote.maxFee` is never refused.
-    With an `X-Receipt-Read` of the payer naming `lane_read_id(lane)`, also `lastVoucher`: its own signed
+    With an `X-Receipt-Read` of the payer naming `lane_read_id(node, lane)`, also `lastVoucher`: its own signed
     voucher for `lastCumulative` (null on a new lane), how a client with no memory of the lane checks that
     it authorized the charged total it is asked to sign on top of (only to the payer: with the request's
     bytes, a voucher replays its answer)."""
@@ -87,7 +87,7 @@ def channel(ledger: LedgerDep, pricing: PricingDep, engine: EngineDep, node: Nod
            "quote": {**_prices(pricing), "promptTokens": longest_prompt, "maxTokens": longest_answer,
                      "maxFee": str(max_fee)}}
     if read is not None:
-        authorize_read(read, lane_read_id(lane), payer, payments.domain, payments.clock())
+        authorize_read(read, lane_read_id(node, lane), payer, payments.domain, payments.clock())
         out["lastVoucher"] = ch.last_voucher.to_json() if ch.last_voucher is not None else None
     return out
 

@@ -249,12 +249,18 @@ class X402Payments:
                            chain.withdraw_requested_at, chain.refund_nonce)
 
     def _chain(self, channel: bytes) -> OnChain:
+        """The channel's contract state, read at most every `channel_ttl_s`. A channel with nothing in it
+        is not kept: anyone can name as many of those as they like (a voucher signed for a fresh channel),
+        and each would stay in this process's memory for good."""
         now = time.monotonic()
         cached = self._chain_cache.get(channel)
         if cached is not None and now - cached[0] < self.channel_ttl_s:
             return cached[1]
         state = self.read_channel(channel)
-        self._chain_cache[channel] = (now, state)
+        if state.balance or state.total_claimed or state.pending_withdrawal or state.refund_nonce:
+            self._chain_cache[channel] = (now, state)
+        else:
+            self._chain_cache.pop(channel, None)
         return state
 
     def payment_response(self, hold: Hold, charged_total: int) -> dict[str, Any]:

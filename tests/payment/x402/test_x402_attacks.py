@@ -1,7 +1,9 @@
 """Attacks on the x402 path, each through the node's payment service on our channel contract (anvil) with
 the SDK as the honest payer: a header whose amounts are not ASCII decimals, strangers who sign vouchers
 for channels with nothing in them (each used to write a row of the node's books), and a payer whose
-deposit is slow to be mined (it used to hold every other x402 payer's hold until it was)."""
+deposit is slow to be mined (it used to hold every other x402 payer's hold until it was). Strangers'
+empty channels leave nothing behind, in the books or in the node's memory (its cache of chain reads
+kept every channel id ever named, a process growing without bound)."""
 
 from __future__ import annotations
 
@@ -72,6 +74,7 @@ def test_strangers_vouchers_on_empty_channels_leave_no_row_in_the_books(db_url: 
         x402.hold(x402.check(header), PRICE)
     with factory() as session:
         assert session.scalar(select(func.count()).select_from(X402Channel)) == 0
+    assert not x402._chain_cache, "each stranger's empty channel stayed in the node's memory for good"
 
 
 def test_a_deposit_waiting_to_be_mined_does_not_hold_up_other_payers(db_url: str, x402_world: X402World,
