@@ -38,6 +38,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+if "--cpu-smoke" in sys.argv:  # Triton reads it as it builds each kernel: before anything imports one
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -253,7 +256,6 @@ def main() -> None:
                         help="the engine-vs-peft row (last) runs no further round past this many seconds")
     args = parser.parse_args()
     if args.cpu_smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # our kernels in Triton's interpreter
         device, raw = torch.device("cpu"), {**TINY}
         args.batch, args.big_batch, args.steps, args.rounds, args.ctx = 4, 8, 1, 1, 20
     elif not torch.cuda.is_available():
