@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")  # the interpreter
 def test_the_cpu_smoke_run_runs_every_row(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """Every row on a tiny model (Triton in its interpreter); the smoke run stops at the first row that
     raises. fp8 is refused off a Hopper-class GPU with the reason, and says so; the GPU figures in
