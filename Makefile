@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench gpu-wheels clean
 
 setup: $(VENV)/.installed node_modules/.installed
 
@@ -43,6 +43,11 @@ lint: setup
 
 bench: setup
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# The wheels scripts/gpu_check.sh installs on a lent GPU machine (no network there): into .whl/, which
+# the device tool carries (carry=[".whl"]).
+gpu-wheels:
+	PYTHON=$(BIN)/python scripts/gpu_wheels.sh .whl
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache

@@ -91,7 +91,13 @@ def draw_adapters(num_requests: int, num_adapters: int, distribution: str, seed:
 
 
 def run_loranode(model: Path, prompts: list[list[int]], adapters: list[str | None],
-                 args: argparse.Namespace) -> float:
+                 args: argparse.Namespace) -> tuple[float, float]:
+    return loranode_rates(build_loranode(model, prompts, adapters, args), prompts, adapters)
+
+
+def build_loranode(model: Path, prompts: list[list[int]], adapters: list[str | None],
+                   args: argparse.Namespace) -> LLMEngine:
+    """An engine on `args.device` / `args.dtype` serving `adapters` (random, rank 16), warmed up."""
     config = EngineConfig(model_path=model, device=args.device, dtype=args.dtype, max_num_seqs=256,
                           max_num_batched_tokens=args.max_batched_tokens, max_lora_rank=RANK,
                           max_adapter_slots=args.slots, max_model_len=PROMPT_LEN + NEW_TOKENS)
@@ -101,8 +107,13 @@ def run_loranode(model: Path, prompts: list[list[int]], adapters: list[str | Non
     engine = LLMEngine(config, provider=provider)  # type: ignore[arg-type]
     for a in {a for a in adapters if a is not None}:
         provider.register(a, AdapterSource(uri="synthetic", sha256=""))
-    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     engine.generate(prompts[:4], SamplingParams(max_tokens=2, temperature=0), adapters[:4])  # warm-up
+    return engine
+
+
+def loranode_rates(engine: LLMEngine, prompts: list[list[int]], adapters: list[str | None]) -> tuple[float, float]:
+    """Tokens per wall second and per CPU second of one `generate` of every request at once (greedy)."""
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     clock = Clock()
     outputs = engine.generate(prompts, params, adapters)
     return clock.rates(sum(len(o.token_ids) for o in outputs))
@@ -119,11 +130,11 @@ def run_chat(model: Path, num_requests: int, caching: bool, args: argparse.Names
     return clock.rates(round(result.tokens_per_s * result.wall_s))
 
 
-def build_peft(model: Path, num_adapters: int):
+def build_peft(model: Path, num_adapters: int, device: str = "cpu", dtype: torch.dtype = torch.float32):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()
     config = LoraConfig(r=RANK, lora_alpha=RANK, target_modules=list(ALL_TARGETS), init_lora_weights=False)
     peft_model = get_peft_model(base, config, adapter_name="ad-0")
     for k in range(1, num_adapters):
@@ -133,7 +144,7 @@ def build_peft(model: Path, num_adapters: int):
 
 @torch.inference_mode()
 def run_peft(peft_model, prompts: list[list[int]], adapters: list[str | None], grouped: bool,
-             ) -> float:
+             ) -> tuple[float, float]:
     """Static batches of 32: mixed-adapter generate(adapter_names=...) or set_adapter per adapter group."""
     prompts = prompts[:len(adapters)]
     names = [a or "__base__" for a in adapters]
@@ -146,7 +157,7 @@ def run_peft(peft_model, prompts: list[list[int]], adapters: list[str | None], g
             batches.append([i])
     clock, generated = Clock(), 0
     for batch in batches:
-        ids = torch.tensor([prompts[i] for i in batch])
+        ids = torch.tensor([prompts[i] for i in batch], device=peft_model.device)
         kwargs = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
         if grouped:
             peft_model.set_adapter(names[batch[0]])
@@ -156,6 +167,32 @@ def run_peft(peft_model, prompts: list[list[int]], adapters: list[str | None], g
                                       adapter_names=[names[i] for i in batch], **kwargs)
         generated += (out.shape[1] - ids.shape[1]) * len(batch)
     return clock.rates(generated)
+
+
+def against_peft(device: str, num: int, shape: dict[str, int], rounds: int, deadline: float) -> dict[str, object]:
+    """The same requests through the engine and through transformers + peft mixed-adapter `generate`
+    (static batches of 32), both in bf16 on `device`: `num` requests, each on its own random rank-16
+    adapter, PROMPT_LEN + NEW_TOKENS tokens, greedy, on a Llama-shaped model of `shape` (vocab 8,000);
+    interleaved rounds, best of each. No round starts that would end past `deadline` (perf_counter
+    seconds) by the last round's length; the first always runs. bench/gpu.py's row."""
+    adapters: list[str | None] = [f"ad-{k}" for k in range(num)]
+    options = argparse.Namespace(device=device, dtype="bfloat16", max_batched_tokens=2048, slots=2 * num)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = make_tiny_model(Path(tmp) / "model", vocab_size=8000, initializer_range=0.02, **shape)  # type: ignore[arg-type]
+        prompts = [[(37 * i + 11 * j) % 7990 + 3 for j in range(PROMPT_LEN)] for i in range(num)]
+        engine = build_loranode(model, prompts, adapters, options)
+        peft_model = build_peft(model, num, device, torch.bfloat16)
+        best, done = {"loranode": 0.0, "peft": 0.0}, 0
+        while done < rounds:
+            begun = time.perf_counter()
+            best["loranode"] = max(best["loranode"], loranode_rates(engine, prompts, adapters)[0])
+            best["peft"] = max(best["peft"], run_peft(peft_model, prompts, adapters, grouped=False)[0])
+            done += 1
+            if time.perf_counter() + (time.perf_counter() - begun) > deadline:
+                break
+    return {"requests": num, "adapters": num, "rank": RANK, "prompt_tokens": PROMPT_LEN, "new_tokens": NEW_TOKENS,
+            "model": shape, "dtype": "bfloat16", "loranode_tokens_per_s": best["loranode"],
+            "peft_tokens_per_s": best["peft"], "speedup": best["loranode"] / best["peft"], "rounds": done}
 
 
 def main() -> None:

@@ -58,12 +58,7 @@ def apply_lora(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Ten
                ranks: torch.Tensor, plan: LoRAPlan) -> None:
     """out[:, cols_g] += B[s][cols_g] @ (A[s] @ x)[g] for every plan token; x: [T, in], out: [T, sum widths]."""
     if uses_triton(x.device):
-        from node.lora import triton_fused  # imported on CUDA only: its kernels are compiled for the device
-
-        if plan.form == "gather":
-            triton_fused.lora_gather_fused(x, out, a, b, widths, ranks, plan.token_slots, plan.slot_base)
-        else:
-            triton_fused.lora_segment_fused(x, out, a, b, widths, ranks, plan.run_table, plan.max_run_len)
+        apply_lora_triton(x, out, a, b, widths, ranks, plan)
         return
     rank = b.shape[2]
     bs = list(b.split(list(widths), dim=1))  # [S, out_g, R] views
@@ -71,6 +66,17 @@ def apply_lora(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Ten
         _segment(x, out, a, bs, plan.runs, rank)
     else:
         _gather(x, out, a, bs, plan, rank)
+
+
+def apply_lora_triton(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, widths: tuple[int, ...],
+                      ranks: torch.Tensor, plan: LoRAPlan) -> None:
+    """apply_lora through the fused Triton kernels (CUDA; on the CPU only in Triton's interpreter)."""
+    from node.lora import triton_fused  # imported on demand: its kernels are compiled for the device
+
+    if plan.form == "gather":
+        triton_fused.lora_gather_fused(x, out, a, b, widths, ranks, plan.token_slots, plan.slot_base)
+    else:
+        triton_fused.lora_segment_fused(x, out, a, b, widths, ranks, plan.run_table, plan.max_run_len)
 
 
 def _segment(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor],

@@ -11,10 +11,9 @@ import torch
 
 from node.devkit import make_tiny_model
 from node.devkit.tiny_adapter import ALL_TARGETS
-from node.engine import EngineConfig, LLMEngine
-from node.engine.cuda_graph import DecodeBatch, DecodeGraphs
 from node.models.attention import AttentionBatch, build_group
 from node.models.config import ModelConfig
+from tests.models.padded_decode import padded_decode
 from tests.models.parity import assert_matches_peft, train_adapters
 
 LOCAL_GLOBAL = ["sliding_attention", "full_attention"]
@@ -44,19 +43,11 @@ def test_the_padded_graph_decode_of_a_windowed_softcapped_model_matches_the_eage
     """The dense decode group (what a CUDA graph replays) masks the window and caps the scores as
     the eager step does."""
     model = make_tiny_model(tmp_path / "model", **(VARIANTS["gemma2-softcaps"] | {"sliding_window": 4}))  # type: ignore[arg-type]
-    runner = LLMEngine(EngineConfig(model_path=model, max_num_seqs=4, max_model_len=64, block_size=4)).runner
-    for k_cache, v_cache in runner.kv_caches:  # cached context to attend, longer than the window
-        k_cache.normal_()
-        v_cache.normal_()
-    tables, context = [[0, 1, 2], [3, 4], [5]], [11, 6, 2]
-    batch = DecodeBatch(token_ids=[7, 8, 9], positions=[c - 1 for c in context],
-                        kv_indices=[t[(c - 1) // 4] * 4 + (c - 1) % 4 for t, c in zip(tables, context, strict=True)],
-                        block_tables=tables, context_lens=context, token_slots=[-1, -1, -1])
-    group = build_group([1, 1, 1], context, tables, 0, torch.device("cpu"))
+    step = padded_decode(model)  # context longer than the window
+    batch, runner = step.batch, step.runner
+    group = build_group([1, 1, 1], batch.context_lens, batch.block_tables, 0, torch.device("cpu"))
     with torch.inference_mode():
         eager = runner.model(torch.tensor(batch.token_ids), torch.tensor(batch.positions),
                              AttentionBatch(torch.tensor(batch.kv_indices), (group,)), runner.kv_caches)
-        graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.slots, max_batch=4, max_blocks=16,
-                              block_size=4, scratch_kv_index=runner.num_blocks * 4, use_graphs=False)
-        padded = graphs.run(batch)  # bucket 4: one padding row
+        padded = step.graphs.run(batch)  # bucket 4: one padding row
     assert torch.allclose(padded, eager, atol=1e-5)

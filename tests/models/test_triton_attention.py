@@ -20,6 +20,7 @@ import triton  # noqa: F401  (the dev extra installs it: a missing triton fails,
 
 from node.models import attention
 from node.models.attention import AttentionBatch, LayerAttention, dense_decode_group, paged_attention
+from tests.models.padded_decode import padded_decode
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
@@ -151,24 +152,11 @@ def test_the_engines_padded_decode_step_through_our_kernel_matches_the_gather_pa
         tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The model stack as a CUDA graph replays it (static buffers, a padding row of context 1, block
     size 4), the kernel in the interpreter: the hidden states of the gather path."""
-    from node.engine import EngineConfig, LLMEngine
-    from node.engine.cuda_graph import DecodeBatch, DecodeGraphs
-
-    engine = LLMEngine(EngineConfig(model_path=tiny_model, max_num_seqs=8, max_model_len=64, block_size=4))
-    runner = engine.runner
-    for k_cache, v_cache in runner.kv_caches:  # cached context to attend
-        k_cache.normal_()
-        v_cache.normal_()
-    tables, context = [[0, 1, 2], [3, 4], [5]], [11, 6, 2]
-    batch = DecodeBatch(token_ids=[7, 8, 9], positions=[c - 1 for c in context],
-                        kv_indices=[t[(c - 1) // 4] * 4 + (c - 1) % 4 for t, c in zip(tables, context, strict=True)],
-                        block_tables=tables, context_lens=context, token_slots=[-1, -1, -1])
-    graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.slots, max_batch=8, max_blocks=16, block_size=4,
-                          scratch_kv_index=runner.num_blocks * 4, use_graphs=False)
+    step = padded_decode(tiny_model)
     with torch.inference_mode():
-        gathered = graphs.run(batch).clone()  # bucket 4: one padding row
+        gathered = step.graphs.run(step.batch).clone()  # bucket 4: one padding row
         monkeypatch.setattr(attention, "decode_backend", lambda device, block_size: "triton")
-        ours = graphs.run(batch)
+        ours = step.graphs.run(step.batch)
     assert (ours - gathered).abs().max().item() <= 1e-4 * max(1.0, gathered.abs().max().item())
     assert not torch.equal(ours, gathered)  # the kernel ran: its sums round differently
 
