@@ -1,0 +1,132 @@
+"""After a guardian vetoes an epoch and amends it with a corrected root, the node follows the amend: every
+payee claims the corrected amounts, and the node's next epoch builds on them (cumulative leaves), never on
+the vetoed ones. Real anvil, real contracts, the real worker, SQLite and PostgreSQL.
+
+The attack without this: a node whose root the guardian corrected keeps its own figures in its next epoch
+(its leaves are cumulative, so once that epoch unlocks the correction is undone), or a worker that cannot
+settle at all after an amend forgot epochs it had settled (nobody is paid again).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from node.db.models import EpochState
+from node.errors import ChainError
+from node.settlement.amendment import adopt_amendment
+from node.settlement.claims import claim_all
+from node.settlement.epoch_builder import cumulative_of, rewards_tree
+from node.settlement.publication import epoch_document, export_epoch, published_epoch
+from node.settlement.service import EpochPolicy
+from tests.adversarial.settlement_steps import LONG, on_chain, tick_until
+from tests.fixtures.settlement import GUARDIAN, OPERATOR, RELAYER, SettlementWorld, build_world
+
+pytestmark = pytest.mark.chain
+CHALLENGE_S = 3_600
+CORRECTION = 1_000  # what the guardian moves from the node's leaf to the first contributor's
+
+
+@pytest.fixture
+def world(fresh_anvil: object, db_url: str) -> SettlementWorld:
+    return build_world(fresh_anvil, db_url, challenge_period_s=CHALLENGE_S)  # type: ignore[arg-type]
+
+
+def _settle(world: SettlementWorld, service: object, payer: int, fee: int, epoch_id: int) -> None:
+    world.pay(payer, 0, world.adapter_ids[payer % 2], fee, validity_s=LONG)
+    tick_until(world, service, epoch_id, EpochState.FINAL)  # type: ignore[arg-type]
+
+
+def _leaves(world: SettlementWorld, epoch_id: int) -> dict[str, int]:
+    with world.factory() as session:
+        row = published_epoch(session, world.node, epoch_id)
+        assert row is not None and row.trees is not None
+        return cumulative_of(row.trees["rewards"])
+
+
+def _corrected(world: SettlementWorld, through_epoch: int) -> dict[str, int]:
+    """The guardian's correction of the node's tree at `through_epoch`: CORRECTION from node to contributor."""
+    leaves = Counter(_leaves(world, through_epoch))
+    contributor = world.lineages[world.adapter_ids[0]].datasets[0][0]
+    leaves[world.node] -= CORRECTION
+    leaves[contributor] += CORRECTION
+    return dict(leaves)
+
+
+def _write(path: Path, leaves: dict[str, int], world: SettlementWorld) -> Path:
+    path.write_text(json.dumps({"rewards": rewards_tree(leaves, world.node).to_json()}))
+    return path
+
+
+def _travel(world: SettlementWorld, seconds: int) -> None:
+    world.anvil.rpc("evm_increaseTime", seconds)
+    world.mine()
+
+
+def _amend_by_cli(world: SettlementWorld, node_epoch: int, tree_file: Path, tmp_path: Path) -> None:
+    from node.chain.deploy import write_deployment
+    from node.cli import app
+
+    deployment = write_deployment(world.deployment, tmp_path / "deployments")
+    common = ["--rpc-url", world.anvil.rpc_url, "--deployment", str(deployment), "--dev-account", str(GUARDIAN)]
+    runner = CliRunner()
+    vetoed = runner.invoke(app, ["settle", "veto", "--node", world.node, "--epoch", str(node_epoch), *common])
+    assert vetoed.exit_code == 0, vetoed.output
+    assert world.contracts(OPERATOR).settlement.first_vetoed_epoch(world.node) == node_epoch
+    amended = runner.invoke(app, ["settle", "amend", "--node", world.node, "--tree", str(tree_file), *common])
+    assert amended.exit_code == 0, amended.output
+    assert world.contracts(OPERATOR).settlement.first_vetoed_epoch(world.node) == 0
+
+
+@pytest.mark.parametrize("vetoed", [2, 3], ids=["forgets-a-later-epoch", "the-last-epoch"])
+def test_every_payee_claims_the_amended_amounts_and_the_next_epoch_builds_on_them(
+        world: SettlementWorld, vetoed: int, tmp_path: Path) -> None:
+    service = world.service(EpochPolicy(max_age_s=0))
+    for epoch_id, (payer, fee) in enumerate([(0, 3_000_001), (1, 4_000_003), (2, 5_000_007)], start=1):
+        _settle(world, service, payer, fee, epoch_id)
+    corrected = _corrected(world, 3)  # over everything the pot collected, epochs forgotten by the amend included
+    tree_file = _write(tmp_path / "corrected.json", corrected, world)
+    _amend_by_cli(world, vetoed, tree_file, tmp_path)
+
+    world.pay(0, 1, world.adapter_ids[0], 7_000_011, validity_s=LONG)
+    with pytest.raises(ChainError, match="adopt"):  # never a new epoch on the vetoed leaves
+        for _ in range(3):
+            service.tick()
+            world.mine()
+    assert on_chain(world)[0] == vetoed, "nothing settled on top of the vetoed tree"
+
+    assert adopt_amendment(world.factory, world.contracts(OPERATOR).settlement, world.node,
+                           json.loads(tree_file.read_text())) == vetoed
+    with world.factory() as session:  # what the API and `epoch export` publish for the amended epoch
+        row = published_epoch(session, world.node, vetoed)
+        assert row is not None and epoch_document(row)["rewardsRoot"] == row.rewards_root
+        assert cumulative_of(row.trees["rewards"]) == {a: v for a, v in corrected.items() if v}
+        assert published_epoch(session, world.node, vetoed + 1) is None or vetoed == 3
+
+    tick_until(world, service, vetoed + 1, EpochState.FINAL)
+    after = _leaves(world, vetoed + 1)
+    expected = Counter(corrected)
+    expected.update({a: v for a, v in world.expected_split().items()})
+    expected.subtract({a: v for a, v in _split_before_last(world).items()})
+    assert after == {a: v for a, v in expected.items() if v}, "the new epoch adds its shares to the amended leaves"
+    total = 3_000_001 + 4_000_003 + 5_000_007 + 7_000_011
+    assert on_chain(world) == (vetoed + 1, total, total)
+
+    _travel(world, CHALLENGE_S + 1)
+    export = export_epoch(world.factory, world.node, tmp_path / "latest.json")
+    paid = claim_all(world.contracts(RELAYER), world.node, export)
+    assert paid == after, "every payee is paid its cumulative amount, the correction included"
+    assert on_chain(world)[2] == 0, "nothing is left stuck in the pot"
+
+
+def _split_before_last(world: SettlementWorld) -> Counter[str]:
+    """The split of every receipt but the last (what the corrected tree already covers)."""
+    last_fee, last_adapter = world.fees.pop()
+    try:
+        return world.expected_split()
+    finally:
+        world.fees.append((last_fee, last_adapter))
