@@ -177,7 +177,8 @@ def _x402(settings: Settings, deployment: Deployment, key: str, payments: Paymen
     router = settings.x402_router or deployment.x402_router  # `loranode chain deploy --x402` writes it
     if router is None or settings.rpc_url is None:
         return Offer(lanes), None
-    latency = settings.settle_latency()
+    latency = settings.settle_latency(has_x402=True)  # an epoch with x402 lanes waits for its sweep
+    latency.check_voucher_horizon(settings.min_voucher_validity_s, settings.epoch_expiry_margin_s)
     if settings.x402_withdraw_delay_s <= latency.min_thaw_period_s:  # channels are claimed when their epoch settles
         raise ConfigError("x402_withdraw_delay_s is too short for this node's settle latency: a payer could "
                           "withdraw what it was charged before the node claims it",
