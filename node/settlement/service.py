@@ -100,13 +100,15 @@ class SettlementService:
         """One beat: advance every epoch in flight, then close a new one when due. Idempotent.
         Returns the state of the newest epoch it moved."""
         with self._lock():
-            if self.on_tick is not None:
-                self.on_tick()
-            state = self._advance()
-            if self._may_close() and self.is_due():
-                epoch_id = self._close()
-                state = state if epoch_id is None else self._step_epoch(epoch_id)
-            return state
+            try:
+                state = self._advance()
+                if self._may_close() and self.is_due():
+                    epoch_id = self._close()
+                    state = state if epoch_id is None else self._step_epoch(epoch_id)
+                return state
+            finally:  # after the epochs (a guard claim sent every tick cannot starve a sweep), even if they fail
+                if self.on_tick is not None:
+                    self.on_tick()
 
     def step(self) -> EpochState | None:
         """Advance the node's oldest unfinished epoch by one state; None when there is none."""
