@@ -3,8 +3,10 @@
 The guardian vetoes a locked epoch of a node; `amend` then replaces the node's first vetoed epoch with a
 corrected rewards root over everything the pot ever collected, forgets every later epoch and lets the node
 settle again from the amended id + 1. The amend carries the root only: the corrected tree is a file, a
-rewards tree in OpenZeppelin's `standard-v1` dump (an exported epoch's `rewards`, corrected), which the
-guardian sends with (`amend`) and the node's operator adopts (`adopt_amendment`):
+rewards tree in OpenZeppelin's `standard-v1` dump (an exported epoch's `rewards`, corrected), and
+optionally a `receipts` tree over the receipts of the vetoed and forgotten epochs (else the vetoed epoch's
+receipts root is kept), which the guardian sends with (`amend`) and the node's operator adopts
+(`adopt_amendment`):
 
 - the tree is rebuilt from its leaves (its stored hashes are never trusted), its root must be the chain's
   for the amended epoch and its leaves must add up to the pot's whole `rewardsTotal`;
@@ -29,6 +31,7 @@ from node.chain.contracts import Settlement
 from node.db.models import EpochState, Loss, Receipt, SettlementEpoch
 from node.errors import ChainError
 from node.protocol.hexstr import to_hex
+from node.protocol.receipt import LEAF_TYPES
 from node.settlement import outbox
 from node.settlement.epoch_builder import REWARD_LEAF_TYPES
 from node.settlement.merkle import MerkleTree
@@ -56,6 +59,20 @@ def corrected_tree(doc: dict[str, Any]) -> MerkleTree:
     return MerkleTree.of(leaves, REWARD_LEAF_TYPES)
 
 
+def corrected_receipts(doc: dict[str, Any]) -> MerkleTree | None:
+    """The file's receipts tree (every hash checked), None when it has none (the amend then keeps the
+    vetoed epoch's receipts root)."""
+    if doc.get("receipts") is None:
+        return None
+    try:
+        tree = MerkleTree.load(doc["receipts"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ChainError("the corrected receipts tree is not a valid standard-v1 dump", error=str(exc)) from exc
+    if tree.types != tuple(LEAF_TYPES):
+        raise ChainError("the corrected receipts tree's leaves are not receipts", encoding=list(tree.types))
+    return tree
+
+
 def tree_total(tree: MerkleTree) -> int:
     return sum(int(v[1]) for v in tree.values)
 
@@ -70,8 +87,13 @@ def amend(settlement: Settlement, node: str, doc: dict[str, Any]) -> tuple[int, 
     if tree_total(tree) != pot:
         raise ChainError("the corrected tree must pay out exactly the whole pot", node=node,
                          tree_total=str(tree_total(tree)), rewards_total=str(pot))
-    vetoed = settlement.epoch(node, epoch_id)
-    settlement.amend(node, tree.root, pot, vetoed.receipts_root, vetoed.receipt_count)
+    receipts = corrected_receipts(doc)
+    if receipts is None:
+        vetoed = settlement.epoch(node, epoch_id)
+        receipts_root, receipt_count = vetoed.receipts_root, vetoed.receipt_count
+    else:
+        receipts_root, receipt_count = receipts.root, len(receipts)
+    settlement.amend(node, tree.root, pot, receipts_root, receipt_count)
     log.info("amended epoch %d of %s: root %s over %d", epoch_id, node, to_hex(tree.root), pot)
     return epoch_id, tree.root
 
@@ -113,6 +135,9 @@ def adopt_amendment(factory: sessionmaker[Session], settlement: Settlement, node
         row.rewards_root, row.rewards_total = to_hex(tree.root), info.rewards_total
         row.receipts_root, row.receipt_count = to_hex(info.receipts_root), info.receipt_count
         row.collected_total = (row.collected_total or 0) + folded
+        receipts = corrected_receipts(doc)
+        if receipts is not None and receipts.root == info.receipts_root:
+            row.trees = {**(row.trees or {}), "receipts": receipts.to_json()}
         row.trees = {**(row.trees or {}), "rewards": tree.to_json()}
     log.warning("epoch %d of %s follows the guardian's amend: root %s", epoch_id, node, to_hex(tree.root))
     return epoch_id

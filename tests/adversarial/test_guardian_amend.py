@@ -14,14 +14,18 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 from typer.testing import CliRunner
 
-from node.db.models import EpochState
+from node.db.models import EpochState, Receipt
 from node.errors import ChainError
+from node.protocol.hexstr import from_hex
+from node.protocol.receipt import LEAF_TYPES
 from node.settlement.amendment import adopt_amendment
 from node.settlement.claims import claim_all
 from node.settlement.epoch_builder import cumulative_of, rewards_tree
-from node.settlement.publication import epoch_document, export_epoch, published_epoch
+from node.settlement.merkle import MerkleTree
+from node.settlement.publication import epoch_document, export_epoch, published_epoch, receipt_proof
 from node.settlement.service import EpochPolicy
 from tests.adversarial.settlement_steps import LONG, on_chain, tick_until
 from tests.fixtures.settlement import GUARDIAN, OPERATOR, RELAYER, SettlementWorld, build_world
@@ -57,9 +61,33 @@ def _corrected(world: SettlementWorld, through_epoch: int) -> dict[str, int]:
     return dict(leaves)
 
 
-def _write(path: Path, leaves: dict[str, int], world: SettlementWorld) -> Path:
-    path.write_text(json.dumps({"rewards": rewards_tree(leaves, world.node).to_json()}))
+def _receipts(world: SettlementWorld, epochs: range) -> dict:
+    """The guardian's receipts tree over the vetoed and forgotten epochs' receipts, from their published trees."""
+    values = []
+    with world.factory() as session:
+        for epoch_id in epochs:
+            row = published_epoch(session, world.node, epoch_id)
+            assert row is not None and row.trees is not None
+            values += [v["value"] for v in row.trees["receipts"]["values"]]
+    return MerkleTree.of(values, LEAF_TYPES).to_json()
+
+
+def _write(path: Path, leaves: dict[str, int], world: SettlementWorld, receipts: dict | None) -> Path:
+    """The guardian's file; without a receipts tree the amend keeps the vetoed epoch's receipts root."""
+    path.write_text(json.dumps({"rewards": rewards_tree(leaves, world.node).to_json(), "receipts": receipts}))
     return path
+
+
+def _every_receipt_proves_against_the_chain(world: SettlementWorld) -> None:
+    settlement = world.contracts(OPERATOR).settlement
+    with world.factory() as session:
+        receipts = session.scalars(select(Receipt).where(Receipt.epoch_id.is_not(None))).all()
+        assert len(receipts) == len(world.fees)
+        for r in receipts:
+            doc = receipt_proof(session, r.receipt_hash)
+            assert doc is not None, f"receipt of epoch {r.epoch_id} has no proof"
+            root = settlement.epoch(world.node, doc["epochId"]).receipts_root
+            assert MerkleTree.verify(root, LEAF_TYPES, doc["leaf"], [from_hex(p) for p in doc["proof"]])
 
 
 def _travel(world: SettlementWorld, seconds: int) -> None:
@@ -89,7 +117,8 @@ def test_every_payee_claims_the_amended_amounts_and_the_next_epoch_builds_on_the
     for epoch_id, (payer, fee) in enumerate([(0, 3_000_001), (1, 4_000_003), (2, 5_000_007)], start=1):
         _settle(world, service, payer, fee, epoch_id)
     corrected = _corrected(world, 3)  # over everything the pot collected, epochs forgotten by the amend included
-    tree_file = _write(tmp_path / "corrected.json", corrected, world)
+    receipts = _receipts(world, range(vetoed, 4)) if vetoed < 3 else None  # needed once an epoch is forgotten
+    tree_file = _write(tmp_path / "corrected.json", corrected, world, receipts)
     _amend_by_cli(world, vetoed, tree_file, tmp_path)
 
     world.pay(0, 1, world.adapter_ids[0], 7_000_011, validity_s=LONG)
@@ -121,6 +150,7 @@ def test_every_payee_claims_the_amended_amounts_and_the_next_epoch_builds_on_the
     paid = claim_all(world.contracts(RELAYER), world.node, export)
     assert paid == after, "every payee is paid its cumulative amount, the correction included"
     assert on_chain(world)[2] == 0, "nothing is left stuck in the pot"
+    _every_receipt_proves_against_the_chain(world)
 
 
 def _split_before_last(world: SettlementWorld) -> Counter[str]:
