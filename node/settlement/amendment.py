@@ -28,6 +28,7 @@ from sqlalchemy import delete, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.chain.contracts import Settlement
+from node.chain.tx_store import db_lock
 from node.db.models import EpochState, Loss, Receipt, SettlementEpoch
 from node.errors import ChainError
 from node.protocol.hexstr import to_hex
@@ -124,12 +125,14 @@ def adopt_amendment(factory: sessionmaker[Session], settlement: Settlement, node
         raise ChainError("this tree is not the one the chain holds for the node's latest epoch", node=node,
                          epoch_id=epoch_id, tree_root=to_hex(tree.root), on_chain_root=to_hex(info.rewards_root),
                          tree_total=str(tree_total(tree)), on_chain_total=str(info.rewards_total))
-    with factory() as session, session.begin():
+    with db_lock(factory.kw["bind"], f"epoch:{node.lower()}"), factory() as session, session.begin():  # the worker's
         row = outbox.epoch_row(session, node, epoch_id)
-        if row is None or row.state not in MINED:
+        if row is None or row.state not in (*MINED, EpochState.SUBMITTED):
             raise ChainError("this database never settled the amended epoch", node=node, epoch_id=epoch_id)
         if row.rewards_root == to_hex(tree.root):
             return epoch_id
+        if row.state is EpochState.SUBMITTED:  # it landed (the chain amended it): mined
+            row.state = EpochState.CONFIRMED
         folded = sum(_follow(session, settlement, node, epoch_id, later) for later in outbox.later(session, node,
                                                                                                    epoch_id))
         row.rewards_root, row.rewards_total = to_hex(tree.root), info.rewards_total

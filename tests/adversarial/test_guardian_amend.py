@@ -95,19 +95,34 @@ def _travel(world: SettlementWorld, seconds: int) -> None:
     world.mine()
 
 
-def _amend_by_cli(world: SettlementWorld, node_epoch: int, tree_file: Path, tmp_path: Path) -> None:
+def _cli(world: SettlementWorld, tmp_path: Path, *args: str) -> str:
     from node.chain.deploy import write_deployment
     from node.cli import app
 
-    deployment = write_deployment(world.deployment, tmp_path / "deployments")
-    common = ["--rpc-url", world.anvil.rpc_url, "--deployment", str(deployment), "--dev-account", str(GUARDIAN)]
-    runner = CliRunner()
-    vetoed = runner.invoke(app, ["settle", "veto", "--node", world.node, "--epoch", str(node_epoch), *common])
-    assert vetoed.exit_code == 0, vetoed.output
+    env = {"LORANODE_DATABASE_URL": world.db_url, "LORANODE_RPC_URL": world.anvil.rpc_url,
+           "LORANODE_OPERATOR_KEY": world.key(OPERATOR),
+           "LORANODE_DEPLOYMENT_FILE": str(write_deployment(world.deployment, tmp_path / "deployments"))}
+    result = CliRunner().invoke(app, list(args), env=env)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _amend_by_cli(world: SettlementWorld, node_epoch: int, tree_file: Path, tmp_path: Path) -> None:
+    from node.cli import app
+
+    guardian = ("--dev-account", str(GUARDIAN))
+    _cli(world, tmp_path, "settle", "veto", "--node", world.node, "--epoch", str(node_epoch), *guardian)
     assert world.contracts(OPERATOR).settlement.first_vetoed_epoch(world.node) == node_epoch
-    amended = runner.invoke(app, ["settle", "amend", "--node", world.node, "--tree", str(tree_file), *common])
-    assert amended.exit_code == 0, amended.output
+    doc = json.loads(tree_file.read_text())
+    greedy = tmp_path / "greedy.json"  # a tree above the pot is refused before any gas is spent
+    greedy.write_text(json.dumps({"rewards": rewards_tree({world.node: 10**30}, world.node).to_json()}))
+    refused = CliRunner().invoke(app, ["settle", "amend", "--node", world.node, "--tree", str(greedy), *guardian],
+                                 env={"LORANODE_RPC_URL": world.anvil.rpc_url, "LORANODE_DEPLOYMENT_FILE":
+                                      str(tmp_path / "deployments" / f"{world.deployment.chain_id}.json")})
+    assert refused.exit_code != 0 and "whole pot" in refused.output, refused.output
+    _cli(world, tmp_path, "settle", "amend", "--node", world.node, "--tree", str(tree_file), *guardian)
     assert world.contracts(OPERATOR).settlement.first_vetoed_epoch(world.node) == 0
+    assert doc["rewards"]["values"], "the same file goes to the operator"
 
 
 @pytest.mark.parametrize("vetoed", [2, 3], ids=["forgets-a-later-epoch", "the-last-epoch"])
@@ -128,8 +143,9 @@ def test_every_payee_claims_the_amended_amounts_and_the_next_epoch_builds_on_the
             world.mine()
     assert on_chain(world)[0] == vetoed, "nothing settled on top of the vetoed tree"
 
+    assert f"amend of epoch {vetoed}" in _cli(world, tmp_path, "settle", "adopt", "--tree", str(tree_file))
     assert adopt_amendment(world.factory, world.contracts(OPERATOR).settlement, world.node,
-                           json.loads(tree_file.read_text())) == vetoed
+                           json.loads(tree_file.read_text())) == vetoed, "adopting twice changes nothing"
     with world.factory() as session:  # what the API and `epoch export` publish for the amended epoch
         row = published_epoch(session, world.node, vetoed)
         assert row is not None and epoch_document(row)["rewardsRoot"] == row.rewards_root
