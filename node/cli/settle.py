@@ -122,19 +122,27 @@ def amend(node: str = typer.Option(..., "--node", callback=address, help="The ve
           tree: Path = typer.Option(..., "--tree", exists=True, dir_okay=False,
                                     help="The corrected rewards tree: JSON {\"rewards\": standard-v1 dump}, e.g. an "
                                          "exported epoch with its leaves corrected (cumulative, the whole pot)."),
+          out: Path = typer.Option(None, "--out", help="Where to write the amended epoch, the file payees claim "
+                                   "with (`claim --proofs`) and the operator adopts (default: beside --tree)."),
           rpc_url: str = RpcOption, deployment: Path = DeploymentOption, key_file: Path = KeyFileOption,
           dev_account: int = DevAccountOption) -> None:
     """Guardian: replace the node's first vetoed epoch with a corrected tree over its whole pot (checked
-    before any gas is spent); give the same file to the node's operator for `settle adopt`."""
+    before any gas is spent). Writes the amended epoch as a file: payees claim with it whether or not the
+    node's operator adopts it (`settle adopt`), and the operator adopts the same file."""
     import json
 
     from node.settlement.amendment import amend as amend_epoch
+    from node.settlement.amendment import amended_epoch_document
 
     ctx = chain_context(rpc_url, deployment)
     settlement = ctx.contracts(signing_key(key_file, dev_account, ctx.deployment.chain_id)).settlement
-    epoch_id, root = amend_epoch(settlement, node, json.loads(tree.read_text()))
+    doc = json.loads(tree.read_text())
+    epoch_id, root = amend_epoch(settlement, node, doc)
+    out = out or tree.with_name(f"{tree.stem}.epoch-{epoch_id}.json")
+    out.write_text(json.dumps(amended_epoch_document(node, epoch_id, doc)))
     console.print(f"epoch {epoch_id} of node {node} amended to root 0x{root.hex()}; claimable after the "
-                  "challenge period. The node's operator runs `loranode settle adopt --tree` with this file")
+                  f"challenge period with `loranode claim --proofs {out}`. Give that file to the node's operator "
+                  "for `loranode settle adopt --tree`")
 
 
 @settle_app.command("adopt")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from eth_utils import to_checksum_address
 from sqlalchemy import delete, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -72,6 +73,14 @@ def corrected_receipts(doc: dict[str, Any]) -> MerkleTree | None:
     if tree.types != tuple(LEAF_TYPES):
         raise ChainError("the corrected receipts tree's leaves are not receipts", encoding=list(tree.types))
     return tree
+
+
+def amended_epoch_document(node: str, epoch_id: int, doc: dict[str, Any]) -> dict[str, Any]:
+    """The amended epoch as `export_epoch` writes one: what `claim --proofs FILE` and `settle adopt` read."""
+    rewards, receipts = corrected_tree(doc), corrected_receipts(doc)
+    return {"node": to_checksum_address(node), "epochId": epoch_id, "rewardsRoot": to_hex(rewards.root),
+            "rewardsTotal": str(tree_total(rewards)), "rewards": rewards.to_json(),
+            "receipts": None if receipts is None else receipts.to_json()}
 
 
 def tree_total(tree: MerkleTree) -> int:

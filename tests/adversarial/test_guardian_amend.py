@@ -22,7 +22,7 @@ from node.errors import ChainError
 from node.protocol.hexstr import from_hex
 from node.protocol.receipt import LEAF_TYPES
 from node.settlement.amendment import adopt_amendment
-from node.settlement.claims import claim_all
+from node.settlement.claims import claim, claim_all
 from node.settlement.epoch_builder import cumulative_of, rewards_tree
 from node.settlement.merkle import MerkleTree
 from node.settlement.publication import epoch_document, export_epoch, published_epoch, receipt_proof
@@ -120,7 +120,8 @@ def _amend_by_cli(world: SettlementWorld, node_epoch: int, tree_file: Path, tmp_
                                  env={"LORANODE_RPC_URL": world.anvil.rpc_url, "LORANODE_DEPLOYMENT_FILE":
                                       str(tmp_path / "deployments" / f"{world.deployment.chain_id}.json")})
     assert refused.exit_code != 0 and "whole pot" in refused.output, refused.output
-    _cli(world, tmp_path, "settle", "amend", "--node", world.node, "--tree", str(tree_file), *guardian)
+    _cli(world, tmp_path, "settle", "amend", "--node", world.node, "--tree", str(tree_file), "--out",
+         str(tmp_path / "amended.json"), *guardian)
     assert world.contracts(OPERATOR).settlement.first_vetoed_epoch(world.node) == 0
     assert doc["rewards"]["values"], "the same file goes to the operator"
 
@@ -134,6 +135,7 @@ def test_every_payee_claims_the_amended_amounts_and_the_next_epoch_builds_on_the
     corrected = _corrected(world, 3)  # over everything the pot collected, epochs forgotten by the amend included
     receipts = _receipts(world, range(vetoed, 4)) if vetoed < 3 else None  # needed once an epoch is forgotten
     tree_file = _write(tmp_path / "corrected.json", corrected, world, receipts)
+    amended = tmp_path / "amended.json"
     _amend_by_cli(world, vetoed, tree_file, tmp_path)
 
     world.pay(0, 1, world.adapter_ids[0], 7_000_011, validity_s=LONG)
@@ -143,7 +145,12 @@ def test_every_payee_claims_the_amended_amounts_and_the_next_epoch_builds_on_the
             world.mine()
     assert on_chain(world)[0] == vetoed, "nothing settled on top of the vetoed tree"
 
-    assert f"amend of epoch {vetoed}" in _cli(world, tmp_path, "settle", "adopt", "--tree", str(tree_file))
+    _travel(world, CHALLENGE_S + 1)  # payees need not wait for the operator: the guardian's file pays them
+    contributor = world.lineages[world.adapter_ids[0]].datasets[0][0]
+    early = claim(world.contracts(RELAYER), world.node, contributor, amended)
+    assert early == corrected[contributor], "the corrected amount, from the guardian's file"
+
+    assert f"amend of epoch {vetoed}" in _cli(world, tmp_path, "settle", "adopt", "--tree", str(amended))
     assert adopt_amendment(world.factory, world.contracts(OPERATOR).settlement, world.node,
                            json.loads(tree_file.read_text())) == vetoed, "adopting twice changes nothing"
     with world.factory() as session:  # what the API and `epoch export` publish for the amended epoch
@@ -159,12 +166,13 @@ def test_every_payee_claims_the_amended_amounts_and_the_next_epoch_builds_on_the
     expected.subtract({a: v for a, v in _split_before_last(world).items()})
     assert after == {a: v for a, v in expected.items() if v}, "the new epoch adds its shares to the amended leaves"
     total = 3_000_001 + 4_000_003 + 5_000_007 + 7_000_011
-    assert on_chain(world) == (vetoed + 1, total, total)
+    assert on_chain(world) == (vetoed + 1, total, total - early)
 
     _travel(world, CHALLENGE_S + 1)
     export = export_epoch(world.factory, world.node, tmp_path / "latest.json")
     paid = claim_all(world.contracts(RELAYER), world.node, export)
-    assert paid == after, "every payee is paid its cumulative amount, the correction included"
+    owed = {**after, contributor: after[contributor] - early}
+    assert paid == owed, "every payee is paid its cumulative amount, the correction included"
     assert on_chain(world)[2] == 0, "nothing is left stuck in the pot"
     _every_receipt_proves_against_the_chain(world)
 
