@@ -134,7 +134,7 @@ class Settings(BaseSettings):
     # block_time_s are hedged. These make the worst-case settle latency (node/settlement/latency.py).
     epoch_max_age_s: float = Field(default=1_800.0, ge=0)
     epoch_max_value: int | None = Field(default=None, ge=1)
-    epoch_expiry_margin_s: float = Field(default=600.0, ge=0)
+    epoch_expiry_margin_s: float = Field(default=900.0, ge=0)  # at least settle_latency().worst_case_s
     # vouchers per settle transaction (one per lane, ~53k gas each); more lanes wait for the next epoch
     epoch_max_lanes: int = Field(default=200, ge=1, le=400)
     settlement_interval_s: float = Field(default=15.0, gt=0)
@@ -214,10 +214,12 @@ class Settings(BaseSettings):
     def is_dev(self) -> bool:
         return self.chain_id == DEV_CHAIN_ID
 
-    def settle_latency(self) -> SettleLatency:
-        """The worst-case settle latency these settings give (the one formula: node/settlement/latency.py)."""
+    def settle_latency(self, has_x402: bool | None = None) -> SettleLatency:
+        """The worst-case settle latency these settings give (the one formula: node/settlement/latency.py);
+        `has_x402` where the router comes from the deployment file rather than these settings."""
         return SettleLatency(beat_s=self.settlement_interval_s, mine_s=self.settle_max_mine_s,
-                             reorg_s=self.confirmations * self.block_time_s, max_age_s=self.epoch_max_age_s)
+                             reorg_s=self.confirmations * self.block_time_s, max_age_s=self.epoch_max_age_s,
+                             has_x402=self.x402_router is not None if has_x402 is None else has_x402)
 
     def resolved_database_url(self) -> str:
         if self.database_url and self.database_password_file is not None:

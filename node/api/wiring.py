@@ -36,6 +36,7 @@ from node.lora.content_hash import base_model_id
 from node.lora.provider import AdapterRegistrar
 from node.lora.store import AdapterStore, StoreConfig
 from node.payment.ledger import Ledger
+from node.payment.loss_spool import LossSpool
 from node.payment.pricing import Pricing
 from node.payment.service import PaymentService
 from node.payment.x402.book import ChannelBook
@@ -142,7 +143,7 @@ def _wire(settings: Settings, deployment: Deployment, key: str, config: EngineCo
     if settings.attribution_method == 2:
         attributor = Attributor(IndexStore(settings.resolved_attribution_dir(), engine.tokenizer))
     payments = PaymentService(ledger, domain, node, pricing, min_validity_s=settings.min_voucher_validity_s,
-                              base_pricing=base_pricing)
+                              base_pricing=base_pricing, loss_spool=LossSpool(settings.data_dir / "unrecorded-losses"))
     issuer = ReceiptIssuer(key, domain, attributor)
     catalog = AdapterCatalog(db, adapters, to_hex(base_model_id(config.model_path)),
                              settings.resolved_served_model_name(),
@@ -177,7 +178,8 @@ def _x402(settings: Settings, deployment: Deployment, key: str, payments: Paymen
     router = settings.x402_router or deployment.x402_router  # `loranode chain deploy --x402` writes it
     if router is None or settings.rpc_url is None:
         return Offer(lanes), None
-    latency = settings.settle_latency()
+    latency = settings.settle_latency(has_x402=True)  # an epoch with x402 lanes waits for its sweep
+    latency.check_voucher_horizon(settings.min_voucher_validity_s, settings.epoch_expiry_margin_s)
     if settings.x402_withdraw_delay_s <= latency.min_thaw_period_s:  # channels are claimed when their epoch settles
         raise ConfigError("x402_withdraw_delay_s is too short for this node's settle latency: a payer could "
                           "withdraw what it was charged before the node claims it",

@@ -232,10 +232,13 @@ class Mirror:
         insert_new(session, LINEAGE, lineage, ("adapter_id", "position"), ("adapter_id",))
 
     def _sync_outbox(self, session: Session) -> None:
-        """Move settlement epochs the chain has settled to `confirmed`, then `final`; back to
-        `submitted` when a reorg removed their `EpochSettled`."""
+        """Move settlement epochs the chain has settled with their roots to `confirmed`, then `final`; back
+        to `submitted` when a reorg removed their `EpochSettled`. The roots must match: after a guardian's
+        amend the node settles a forgotten epoch's id again, and the mirror's row for that id is the
+        forgotten epoch's until the new `EpochSettled` comes (tests/adversarial/test_guardian_amend.py)."""
         s, o = table_of(SettledEpoch), table_of(SettlementEpoch)
-        same = and_(s.c.node == o.c.node, s.c.epoch_id == o.c.epoch_id)
+        same = and_(s.c.node == o.c.node, s.c.epoch_id == o.c.epoch_id, s.c.rewards_root == o.c.rewards_root,
+                    s.c.receipts_root == o.c.receipts_root)
         now = datetime.now(UTC)
         sent = o.c.state.in_([EpochState.BUILT, EpochState.SUBMITTED])
         session.execute(update(o).where(sent, exists().where(same))

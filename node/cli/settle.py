@@ -1,5 +1,6 @@
-"""Settlement from the command line: the `worker` and `beat` processes, `claim`, and `settle losses`
-(`epoch` and `earnings`, which read the API, are in epoch.py and earnings.py)."""
+"""Settlement from the command line: the `worker` and `beat` processes, `claim`, `settle losses`, and the
+guardian's `settle veto|amend` with the operator's `settle adopt` (`epoch` and `earnings`, which read the
+API, are in epoch.py and earnings.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from node.cli.context import (
 from node.config import load_settings
 from node.errors import BadRequest
 
-settle_app = typer.Typer(help="What settlement collected, and what it could not.", no_args_is_help=True)
+settle_app = typer.Typer(help="What settlement collected and could not; the guardian's veto and amend.",
+                         no_args_is_help=True)
 
 
 def worker() -> None:
@@ -100,3 +102,65 @@ def losses(node: str = typer.Option(None, "--node", callback=address, help="Defa
         epochs = ", ".join(str(e) for e in sorted({r.recovered_epoch_id for r in recovered if r.recovered_epoch_id}))
         console.print(f"recovered {sum(r.amount for r in recovered)} in {len(recovered)} record(s) "
                       f"(collected in epoch {epochs})")
+
+
+@settle_app.command("veto")
+def veto(node: str = typer.Option(..., "--node", callback=address, help="The node whose epoch is vetoed."),
+         epoch_id: int = typer.Option(..., "--epoch", min=1, help="A still-locked epoch of that node."),
+         rpc_url: str = RpcOption, deployment: Path = DeploymentOption, key_file: Path = KeyFileOption,
+         dev_account: int = DevAccountOption) -> None:
+    """Guardian: veto a node's still-locked epoch. It and every later epoch of the node can no longer be
+    claimed against, and the node cannot settle, until the guardian amends (`settle amend`)."""
+    ctx = chain_context(rpc_url, deployment)
+    settlement = ctx.contracts(signing_key(key_file, dev_account, ctx.deployment.chain_id)).settlement
+    settlement.veto(node, epoch_id)
+    console.print(f"epoch {epoch_id} of node {node} vetoed; amend it with `loranode settle amend`")
+
+
+@settle_app.command("amend")
+def amend(node: str = typer.Option(..., "--node", callback=address, help="The vetoed node."),
+          tree: Path = typer.Option(..., "--tree", exists=True, dir_okay=False,
+                                    help="The corrected rewards tree: JSON {\"rewards\": standard-v1 dump}, e.g. an "
+                                         "exported epoch with its leaves corrected (cumulative, the whole pot)."),
+          out: Path = typer.Option(None, "--out", help="Where to write the amended epoch, the file payees claim "
+                                   "with (`claim --proofs`) and the operator adopts (default: beside --tree)."),
+          rpc_url: str = RpcOption, deployment: Path = DeploymentOption, key_file: Path = KeyFileOption,
+          dev_account: int = DevAccountOption) -> None:
+    """Guardian: replace the node's first vetoed epoch with a corrected tree over its whole pot (checked
+    before any gas is spent). Writes the amended epoch as a file: payees claim with it whether or not the
+    node's operator adopts it (`settle adopt`), and the operator adopts the same file."""
+    import json
+
+    from node.settlement.amendment import amend as amend_epoch
+    from node.settlement.amendment import amended_epoch_document
+
+    ctx = chain_context(rpc_url, deployment)
+    settlement = ctx.contracts(signing_key(key_file, dev_account, ctx.deployment.chain_id)).settlement
+    doc = json.loads(tree.read_text())
+    epoch_id, root = amend_epoch(settlement, node, doc)
+    out = out or tree.with_name(f"{tree.stem}.epoch-{epoch_id}.json")
+    out.write_text(json.dumps(amended_epoch_document(node, epoch_id, doc)))
+    console.print(f"epoch {epoch_id} of node {node} amended to root 0x{root.hex()}; claimable after the "
+                  f"challenge period with `loranode claim --proofs {out}`. Give that file to the node's operator "
+                  "for `loranode settle adopt --tree`")
+
+
+@settle_app.command("adopt")
+def adopt(tree: Path = typer.Option(..., "--tree", exists=True, dir_okay=False,
+                                     help="The guardian's corrected tree, the file `settle amend` sent."),
+          node: str = typer.Option(None, "--node", callback=address, help="Default: the operator key's node.")) -> None:
+    """Operator: follow the guardian's amend. The amended epoch publishes the corrected tree (claims and
+    `epoch export` use it), forgotten epochs fold into it, and the next epoch builds on its leaves."""
+    import json
+
+    from node.cli.processes import require_deployment
+    from node.db.session import make_engine, session_factory
+    from node.settlement.amendment import adopt_amendment
+    from node.settlement.runtime import operator_address
+
+    settings, _ = require_deployment()
+    node = node or operator_address(settings)
+    contracts = chain_context(None, None).contracts()
+    factory = session_factory(make_engine(settings.resolved_database_url()))
+    epoch_id = adopt_amendment(factory, contracts.settlement, node, json.loads(tree.read_text()))
+    console.print(f"node {node} follows the amend of epoch {epoch_id}: the next epoch builds on its leaves")

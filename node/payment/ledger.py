@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import queries
 from node.db.loss import LossReason, LossRecord, record_loss
-from node.db.models import Lane, Receipt, Voucher
+from node.db.models import Lane, Loss, Receipt, Voucher
 from node.errors import DepositNotFinal, InsufficientEscrow, VoucherConflict
 from node.payment.lane import HoldView, LaneRow, Lanes
 from node.payment.lane_pg import PipelinedLanes
@@ -208,8 +208,11 @@ class Ledger:
                 session.add(Voucher(**{**checked.columns(), "voucher_hash": res.voucher_hash, "payer": res.payer,
                                        "node": self.node, "lane": res.lane, "charged_total": res.charged_before,
                                        "response": None, "created_at": self._now()}))
-            record_loss(session, LossRecord(self.node, res.payer, res.lane, amount, reason, res.voucher_hash,
-                                            detail=detail))
+            recorded = session.scalar(select(Loss.id).where(Loss.node == self.node, Loss.epoch_id.is_(None),
+                                                            Loss.voucher_hash == res.voucher_hash).limit(1))
+            if recorded is None:  # once: a spooled write-off may be written again after a crash
+                record_loss(session, LossRecord(self.node, res.payer, res.lane, amount, reason, res.voucher_hash,
+                                                detail=detail))
 
     def release(self, res: Reservation) -> None:
         """Drop the hold (if still ours): nothing is charged. No payer lock is needed: a concurrent

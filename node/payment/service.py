@@ -28,6 +28,7 @@ from node.chain.receipt_read import authorize_read
 from node.db.loss import LossReason
 from node.errors import DatabaseUnavailable, VoucherConflict, VoucherExpiresTooSoon
 from node.payment.ledger import Ledger, Reservation
+from node.payment.loss_spool import LossSpool, UnrecordedLoss
 from node.payment.pricing import Pricing
 from node.payment.voucher_check import CheckedVoucher, check_voucher
 from node.protocol.eip712 import Domain
@@ -62,7 +63,7 @@ class Usage:
 class PaymentService:
     def __init__(self, ledger: Ledger, domain: Domain, node: str, pricing: Pricing, *,
                  min_validity_s: int = 30, clock: Callable[[], float] = time.time,
-                 base_pricing: Pricing | None = None) -> None:
+                 base_pricing: Pricing | None = None, loss_spool: LossSpool | None = None) -> None:
         self.ledger = ledger
         self.domain = domain
         self.node = node  # checksummed: the address vouchers must name
@@ -72,6 +73,11 @@ class PaymentService:
         self.clock = clock
         self._in_flight: set[str] = set()  # vouchers holding a lane in this process
         self._in_flight_lock = threading.Lock()
+        self.loss_spool = loss_spool  # write-offs the database refused, kept across restarts
+        self._spool_lock = threading.Lock()
+        spooled = loss_spool.entries() if loss_spool is not None else []
+        self._in_flight.update(e.checked.digest_hex for e in spooled)  # spent in this process's earlier life
+        self._has_unrecorded = bool(spooled)
 
     @property
     def max_generation_s(self) -> float:
@@ -112,6 +118,7 @@ class PaymentService:
                     f"the voucher expires in {deadline - now} s; this node needs at least {self.min_validity_s} s "
                     "left to settle it", deadline=deadline, now=now, min_validity_s=self.min_validity_s)
 
+        self._refuse_unrecorded(checked.digest_hex)
         self._claim(checked.digest_hex)
         try:
             held = self.ledger.reserve(checked, max_fee, before_new=fresh_enough)
@@ -123,6 +130,17 @@ class PaymentService:
             self._refuse_public_replay(checked, read)
             return Replay(held)
         return Hold(checked, held, pricing or self.pricing)
+
+    def _refuse_unrecorded(self, voucher_hash: str) -> None:
+        """Spooled write-offs go to the database first; a voucher whose write-off still waits there (this
+        process's, an earlier life's or another replica's) is spent: 409."""
+        spool = self.loss_spool
+        if spool is None or not (self._has_unrecorded or spool.holds(voucher_hash)):
+            return
+        self.flush_unrecorded()
+        if spool.holds(voucher_hash):
+            raise VoucherConflict("this voucher was already used (its write-off waits for the database)",
+                                  voucher_hash=voucher_hash)
 
     def _claim(self, voucher_hash: str) -> None:
         with self._in_flight_lock:
@@ -175,15 +193,43 @@ class PaymentService:
 
     def write_off(self, hold: Hold, usage: Usage, reason: LossReason, detail: str) -> None:
         """Tokens left the node and will not be charged: spend the voucher and record what they were worth
-        as a loss. If even that cannot be written (the database is down), the loss is logged, and the
-        voucher stays in flight here (409) for this process's life: it never buys a second generation."""
+        as a loss. If even that cannot be written (the database is down), the write-off waits in the loss
+        spool (node/payment/loss_spool.py) and the voucher stays in flight (409), in this process and in
+        its next life: it never buys a second generation, and the loss is recorded once the database is
+        back. Without a spool the voucher is refused for this process's life only."""
         amount = min(hold.pricing.fee(usage.prompt_tokens, usage.completion_tokens), hold.reservation.max_fee)
         voucher_hash = hold.checked.digest_hex
         try:
             self.ledger.write_off(hold.reservation, hold.checked, amount, reason, detail)
         except (SQLAlchemyError, DatabaseUnavailable) as exc:
-            log.error("loss of %d on voucher %s (%s) NOT recorded, the database refused it: %s", amount,
+            log.error("loss of %d on voucher %s (%s) NOT recorded yet, the database refused it: %s", amount,
                       voucher_hash, reason.value, type(exc).__name__)
+            if self.loss_spool is not None:
+                with self._spool_lock:
+                    self.loss_spool.add(UnrecordedLoss(hold.reservation, hold.checked, amount, reason, detail))
+                    self._has_unrecorded = True
             return
         self._unclaim(voucher_hash)
         log.warning("loss of %d on voucher %s: %s (%s)", amount, voucher_hash, reason.value, detail)
+
+    def flush_unrecorded(self) -> int:
+        """Write the spooled write-offs into the database (oldest first, stopping at the first it refuses);
+        their vouchers are then spent there and leave this process's in-flight set. Returns how many wait."""
+        if self.loss_spool is None:
+            return 0
+        with self._spool_lock:
+            waiting = self.loss_spool.entries()
+            for done, e in enumerate(waiting):
+                try:
+                    self.ledger.write_off(e.reservation, e.checked, e.amount, e.reason, e.detail)
+                except (SQLAlchemyError, DatabaseUnavailable) as exc:
+                    log.warning("%d spooled loss(es) wait for the database: %s", len(waiting) - done,
+                                type(exc).__name__)
+                    self._has_unrecorded = True
+                    return len(waiting) - done
+                self.loss_spool.remove(e)
+                self._unclaim(e.checked.digest_hex)
+                log.warning("loss of %d on voucher %s recorded from the spool (%s)", e.amount,
+                            e.checked.digest_hex, e.reason.value)
+            self._has_unrecorded = False
+            return 0

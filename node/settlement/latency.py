@@ -6,10 +6,16 @@ One formula, written once. A receipt's money lands on chain at the latest after
     queue_s   = mine_s + beat_s        an epoch already built (never more than one) waits for its
                                        predecessor to be mined and a tick to send it, then ours closes
     send_s    = mine_s + beat_s        ours is built; its predecessor (just sent) is mined, a tick sends ours
+    sweep_s   = 2 (mine_s + beat_s)    x402 only: before its settle, an epoch with x402 lanes waits for the
+                                       guard's claim already in flight (sent at the end of a tick), then
+                                       for its own claim and sweep, each mined and seen by a tick
+                                       (node/settlement/x402_sweep.py); 0 on a node without x402
     land_s    = mine_s + reorg_s       ours is mined, fee bumps included, and mined again after a reorg
 
-    worst_case_s = notice_s + queue_s + send_s + land_s      (from "due" to "on chain")
-    build_to_land_s = send_s + land_s                        (the voucher horizon used when building)
+    worst_case_s = notice_s + queue_s + send_s + sweep_s + land_s     (from "due" to "on chain")
+    build_to_land_s = send_s + sweep_s + land_s                       (the voucher horizon used when building)
+
+Every lane of an epoch waits for its sweep, so sweep_s counts for lane vouchers too, not only x402's.
 
 where beat_s is `settlement_interval_s`, mine_s is `settle_max_mine_s` (broadcast to mined, fee bumps
 included), and reorg_s = `confirmations` x `block_time_s` (the depth of reorg the node hedges against).
@@ -34,11 +40,17 @@ class SettleLatency:
     mine_s: float = 120.0
     reorg_s: float = 24.0
     max_age_s: float = 3_600.0
+    has_x402: bool = False
+
+    @property
+    def sweep_s(self) -> float:
+        """x402: a guard claim in flight, then the epoch's own claim and sweep, before its settle is sent."""
+        return 2 * (self.mine_s + self.beat_s) if self.has_x402 else 0.0
 
     @property
     def build_to_land_s(self) -> float:
         """From building an epoch to its settle landing: the horizon its vouchers must outlive."""
-        return (self.mine_s + self.beat_s) + (self.mine_s + self.reorg_s)
+        return (self.mine_s + self.beat_s) + self.sweep_s + (self.mine_s + self.reorg_s)
 
     @property
     def worst_case_s(self) -> float:
@@ -57,3 +69,12 @@ class SettleLatency:
                               "could withdraw what it was charged before the node collects it",
                               thaw_period_s=thaw_period_s, required_above_s=self.min_thaw_period_s,
                               epoch_max_age_s=self.max_age_s, worst_case_settle_s=self.worst_case_s)
+
+    def check_voucher_horizon(self, min_voucher_validity_s: float, expiry_margin_s: float) -> None:
+        """Refuse a voucher validity or an epoch expiry margin shorter than the worst case: an accepted
+        voucher could expire before its epoch's settle lands (the node unpaid)."""
+        if min(min_voucher_validity_s, expiry_margin_s) < self.worst_case_s:
+            raise ConfigError("min_voucher_validity_s and epoch_expiry_margin_s must be at least the worst-case "
+                              "settle latency, or an accepted voucher may expire before its epoch settles",
+                              min_voucher_validity_s=min_voucher_validity_s, epoch_expiry_margin_s=expiry_margin_s,
+                              worst_case_settle_s=self.worst_case_s, x402_sweep_s=self.sweep_s)

@@ -18,8 +18,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.models import EpochState, Receipt, SettlementEpoch, Voucher
 from node.protocol.hexstr import from_hex, to_hex
-from node.protocol.receipt import SignedReceipt, response_output_text
-from node.settlement.merkle import MerkleTree
+from node.protocol.receipt import SignedReceipt, receipt_of_row, response_output_text
+from node.settlement.merkle import MerkleTree, leaf_hash
 
 PUBLISHED = (EpochState.CONFIRMED, EpochState.FINAL)
 
@@ -56,14 +56,19 @@ def receipt_proof(session: Session, receipt_hash: str) -> dict[str, Any] | None:
     row = published_epoch(session, receipt.node, receipt.epoch_id)
     if row is None or row.trees is None:
         return None
-    index = session.scalar(select(func.count()).where(Receipt.node == receipt.node,
-                                                     Receipt.epoch_id == receipt.epoch_id,
-                                                     Receipt.id < receipt.id))
+    index = int(session.scalar(select(func.count()).where(Receipt.node == receipt.node,
+                                                         Receipt.epoch_id == receipt.epoch_id,
+                                                         Receipt.id < receipt.id)) or 0)
     tree = tree_of(row.trees["receipts"])
+    leaf = leaf_hash(tree.types, receipt_of_row(receipt).leaf())
+    if index >= len(tree) or tree.leaf(index) != leaf:  # an amended epoch: the guardian's tree, in its order
+        index = next((i for i in range(len(tree)) if tree.leaf(i) == leaf), -1)
+        if index < 0:
+            return None  # folded into an amended epoch whose receipts tree does not hold it
     return {"receiptId": receipt.receipt_hash, "node": row.node, "epochId": row.epoch_id,
             "receiptsRoot": row.receipts_root, "leafEncoding": list(tree.types),
-            "leaf": list(tree.values[int(index or 0)]), "leafHash": "0x" + tree.leaf(int(index or 0)).hex(),
-            "proof": [to_hex(p) for p in tree.proof(int(index or 0))]}
+            "leaf": list(tree.values[index]), "leafHash": "0x" + tree.leaf(index).hex(),
+            "proof": [to_hex(p) for p in tree.proof(index)]}
 
 
 def receipt_with_payer(session: Session, receipt_hash: str) -> tuple[Receipt, Voucher] | None:

@@ -33,10 +33,12 @@ THAW_PERIOD_ABI = [{"type": "function", "name": "thawPeriod", "stateMutability":
                     "outputs": [{"name": "", "type": "uint64"}]}]
 
 
-def epoch_policy(settings: Settings) -> EpochPolicy:
+def epoch_policy(settings: Settings, has_x402: bool | None = None) -> EpochPolicy:
+    latency = settings.settle_latency(has_x402)
+    latency.check_voucher_horizon(settings.min_voucher_validity_s, settings.epoch_expiry_margin_s)
     return EpochPolicy(max_age_s=settings.epoch_max_age_s, max_value=settings.epoch_max_value,
                        expiry_margin_s=settings.epoch_expiry_margin_s,
-                       land_within_s=settings.settle_latency().build_to_land_s,
+                       land_within_s=latency.build_to_land_s,
                        max_lanes=settings.epoch_max_lanes)
 
 
@@ -52,7 +54,8 @@ def check_chain_parameters(settings: Settings, deployment: Deployment) -> None:
             thaw_period_s = int(escrow.functions.thawPeriod().call())
         except (requests.ConnectionError, requests.Timeout) as exc:
             log.warning("chain unreachable at start (%s): checking the deployment file's thaw period", exc)
-    settings.settle_latency().check_thaw_period(thaw_period_s)
+    has_x402 = (settings.x402_router or deployment.x402_router) is not None
+    settings.settle_latency(has_x402).check_thaw_period(thaw_period_s)
 
 
 def operator_address(settings: Settings) -> str:
@@ -76,14 +79,15 @@ class SettlementRuntime:
         factory = session_factory(make_engine(settings.resolved_database_url()))
         tx = TxManager(w3, key, SqlTxStore(factory), FeePolicy(confirmations=settings.finality_depth))
         contracts = Contracts.connect(w3, deployment, key)
-        settings.settle_latency().check_thaw_period(contracts.escrow.thaw_period_s())  # immutable on chain
-        sweep, guard = None, None
         router = settings.x402_router or deployment.x402_router
+        settings.settle_latency(router is not None).check_thaw_period(contracts.escrow.thaw_period_s())  # immutable
+        sweep, guard = None, None
         if router is not None:  # x402 channels are claimed into the router's escrow first
             chain = X402Chain(ContractClient(w3, key), router)
             # the sweep's and the guard's transactions are intents of `tx`, like the settles (x402_intents.py)
             sweep = X402Sweep(factory, chain, deployment.settlement, tx)
             guard = (X402Guard(factory, chain, tx, settings.max_mirror_lag_s)  # reads the channel mirror
                      if deployment.x402_channels else None)
-        return cls(SettlementService(factory, contracts, tx, policy or epoch_policy(settings), before_send=sweep,
+        policy = policy or epoch_policy(settings, has_x402=router is not None)  # an x402 epoch waits for its sweep
+        return cls(SettlementService(factory, contracts, tx, policy, before_send=sweep,
                                      on_tick=guard))

@@ -50,6 +50,7 @@ from node.db.models import EpochState, SettlementEpoch
 from node.errors import ChainError
 from node.protocol.voucher import SignedVoucher
 from node.settlement import collection, outbox
+from node.settlement.amendment import ADOPT_HINT, check_follows_chain
 from node.settlement.epoch_builder import build_epoch, cumulative_of
 from node.settlement.latency import SettleLatency
 from node.settlement.refusal import LaneRefusal, NotYet, refused_lane
@@ -99,13 +100,15 @@ class SettlementService:
         """One beat: advance every epoch in flight, then close a new one when due. Idempotent.
         Returns the state of the newest epoch it moved."""
         with self._lock():
-            if self.on_tick is not None:
-                self.on_tick()
-            state = self._advance()
-            if self._may_close() and self.is_due():
-                epoch_id = self._close()
-                state = state if epoch_id is None else self._step_epoch(epoch_id)
-            return state
+            try:
+                state = self._advance()
+                if self._may_close() and self.is_due():
+                    epoch_id = self._close()
+                    state = state if epoch_id is None else self._step_epoch(epoch_id)
+                return state
+            finally:  # after the epochs (a guard claim sent every tick cannot starve a sweep), even if they fail
+                if self.on_tick is not None:
+                    self.on_tick()
 
     def step(self) -> EpochState | None:
         """Advance the node's oldest unfinished epoch by one state; None when there is none."""
@@ -183,9 +186,10 @@ class SettlementService:
             epoch_id = outbox.last_epoch_id(session, self.node) + 1
             on_chain, final = self.contracts.settlement.last_epoch(self.node), outbox.last_final_epoch_id(
                 session, self.node)
-            if not final <= on_chain < epoch_id:
-                raise ChainError("the chain's epochs do not follow this database's", node=self.node,
-                                 chain_last_epoch=on_chain, db_last_epoch=epoch_id - 1, db_last_final=final)
+            if not final <= on_chain < epoch_id:  # the chain forgot epochs we settled: a guardian's amend
+                raise ChainError(f"the chain's epochs do not follow this database's; if the guardian amended, "
+                                 f"{ADOPT_HINT}", node=self.node, chain_last_epoch=on_chain,
+                                 db_last_epoch=epoch_id - 1, db_last_final=final)
             count = outbox.open_epoch(session, self.node, epoch_id, p.max_receipt_id, self.policy.max_lanes)
             row = outbox.epoch_row(session, self.node, epoch_id)
             assert row is not None
@@ -232,6 +236,7 @@ class SettlementService:
                 log.warning("epoch %d of %s dissolved: nothing left to collect", epoch_id, self.node)
                 return None
             prev = outbox.epoch_row(session, self.node, epoch_id - 1)
+            check_follows_chain(self.contracts.settlement, self.node, prev)  # never on a vetoed tree
             previous = cumulative_of(prev.trees["rewards"]) if prev and prev.trees else {}
             previous_total = (prev.rewards_total or 0) if prev else 0
             build = build_epoch(covered, outbox.lineages(session, covered), self.params, previous, previous_total,
@@ -372,7 +377,8 @@ class SettlementService:
         if record.state is TxState.FAILED and not epoch_matches(self.contracts.settlement, self.node, row):
             return self._save(row.epoch_id, EpochState.FAILED, error=record.error)
         if not epoch_matches(self.contracts.settlement, self.node, row):
-            raise ChainError("a final settle left different roots on chain", epoch_id=row.epoch_id)
+            raise ChainError(f"a final settle left different roots on chain; if the guardian amended, {ADOPT_HINT}",
+                             epoch_id=row.epoch_id)
         return self._save(row.epoch_id, EpochState.FINAL, tx_hash=record.mined_hash)
 
     def _save(self, epoch_id: int, state: EpochState, *, tx_hash: str | None = None, nonce: int | None = None,

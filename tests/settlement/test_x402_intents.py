@@ -133,3 +133,46 @@ def test_the_epochs_sweep_waits_for_its_claim_to_be_mined(x402_node: X402Node, r
     assert x402_node.world.chain.channel(first.voucher.channel_id).total_claimed == charged
     assert x402_node.escrowed() == charged, "claimed and swept into the router's escrow account"
     assert len(_claim_keys(x402_node)) == 1, "one transaction"
+
+
+def test_a_payer_served_every_tick_cannot_starve_an_epochs_sweep(x402_node: X402Node, roles: Roles,
+                                                                 anvil: object) -> None:
+    """An attacker keeps a withdrawal pending and is served once more before every tick: each tick the guard
+    has a claim to send. Were the guard to send first, the epoch's own claim would wait behind a new one at
+    every tick and the settle (every payer's money in it) would never go. The guard runs after the epochs."""
+    from node.chain.contract_client import ContractClient
+    from node.chain.contracts import Contracts
+    from node.db.models import EpochState
+    from node.settlement.service import EpochPolicy, SettlementService
+
+    world, w3 = x402_node.world, x402_node.tx.w3
+    attacker_key = anvil.keys[9]  # type: ignore[attr-defined]
+    token = world.deployer.contract("DemoToken3009", world.dep.token)
+    world.deployer.transact(token.functions.mint(ContractClient(world.rpc_url, attacker_key).address, 10**18))
+    victim = Payer(roles.payer, world.rpc_url, world.dep.chain_id)
+    paid, charged = x402_node.serve(victim, Usage(20, 10))
+    attacker = Payer(attacker_key, world.rpc_url, world.dep.chain_id)
+    channel, _ = x402_node.serve(attacker, Usage(1, 1))
+    x402_node.payer_call(attacker_key, "initiateWithdraw", channel, 1)
+    drain(x402_node.indexer)
+    lane = x402_node.x402.book.find_lane(paid.voucher.channel_id)
+    voucher = SignedVoucher(world.terms.router, x402_node.tx.sender, lane, charged, b"\x01" * 32, 2**63 - 1,
+                            b"\x02" * 65)
+    with x402_node.factory.begin() as session:  # an epoch built with the victim's channel, waiting for its sweep
+        batch = {"vouchers": [voucher.to_json()], "amounts": [str(charged)], "attempt": 0}
+        session.add(SettlementEpoch(node=x402_node.tx.sender.lower(), epoch_id=1, state=EpochState.BUILT,
+                                    rewards_root="0x" + "11" * 32, rewards_total=charged,
+                                    receipts_root="0x" + "22" * 32, receipt_count=1, batch=batch))
+    sweep = X402Sweep(x402_node.factory, world.chain, world.dep.settlement, x402_node.tx)
+    service = SettlementService(x402_node.factory, Contracts.connect(w3, world.dep, roles.node), x402_node.tx,
+                                EpochPolicy(max_age_s=10**9), before_send=sweep, on_tick=x402_node.guard)
+    for _ in range(3):
+        w3.provider.make_request("evm_setAutomine", [False])
+        try:
+            service.tick()
+            w3.provider.make_request("evm_mine", [])
+        finally:
+            w3.provider.make_request("evm_setAutomine", [True])
+        x402_node.serve(attacker, Usage(1, 1))  # charged again, its withdrawal still pending: due again
+        drain(x402_node.indexer)
+    assert world.chain.channel(paid.voucher.channel_id).total_claimed == charged, "the epoch's own claim went out"
