@@ -40,6 +40,16 @@ def test_the_dockerfile_passes_hadolint() -> None:
     assert caught.returncode != 0 and "DL3006" in caught.stdout  # an untagged base image is caught
 
 
+def test_the_build_context_is_only_what_the_dockerfile_copies() -> None:
+    """An operator's checkout holds ./secrets, ./models, .env and .venv beside the Dockerfile: none of
+    them may reach the builder (a build would send keys and a 16 GB model as its context)."""
+    rules = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
+    assert rules[0] == "*"  # everything is left out, then what the image needs is let in
+    let_in = {rule.removeprefix("!") for rule in rules if rule.startswith("!")}
+    copies = [line.split()[1:-1] for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("COPY ")]
+    assert let_in == {source.removeprefix("./") for sources in copies for source in sources}
+
+
 def test_the_images_default_command_runs() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["loranode"]' in dockerfile and 'CMD ["--help"]' in dockerfile
