@@ -33,6 +33,8 @@ COPY contracts ./contracts
 COPY scripts ./scripts
 COPY migrations ./migrations
 COPY alembic.ini foundry.toml ./
+# the contracts compiled once, here: every process runs as uid 10001 and cannot write /app/build
+RUN python -c 'from node.chain.artifacts import load_artifacts; load_artifacts()'
 
 ENV LORANODE_DATA_DIR=/data PYTHONUNBUFFERED=1
 USER 10001

@@ -50,6 +50,17 @@ def test_the_build_context_is_only_what_the_dockerfile_copies() -> None:
     assert let_in == {source.removeprefix("./") for sources in copies for source in sources}
 
 
+def test_the_contracts_are_compiled_into_the_image_before_it_drops_root() -> None:
+    """Every process runs as uid 10001, which cannot write /app: `chain deploy` (and anything that reads
+    the contracts' ABIs) must find their compiled build in the image (a run of the built image as that
+    user failed with `permission denied: /app/build` without it)."""
+    lines = [line for line in (ROOT / "Dockerfile").read_text().splitlines() if not line.startswith("#")]
+    at = {what: next(i for i, line in enumerate(lines) if line.startswith(what))
+          for what in ("COPY contracts", "COPY scripts", "RUN python -c 'from node.chain.artifacts import", "USER ")}
+    assert at["COPY contracts"] < at["RUN python -c 'from node.chain.artifacts import"] < at["USER "]
+    assert at["COPY scripts"] < at["RUN python -c 'from node.chain.artifacts import"]  # scripts/solc.js compiles
+
+
 def test_the_images_default_command_runs() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["loranode"]' in dockerfile and 'CMD ["--help"]' in dockerfile
