@@ -1,8 +1,8 @@
 # One image for every loranode process (api, indexer, worker, beat, migrate) and the dev chain.
 # The build is chosen explicitly, with the torch the tests ran on:
 #   CPU (default):  docker build -t loranode:local .                       torch 2.13.0+cpu
-#   GPU (CUDA):     docker build -t loranode:gpu --build-arg TORCH_SPEC='torch==2.11.*' \
-#                     --build-arg TORCH_INDEX=https://pypi.org/simple .    torch 2.11 with CUDA 12
+#   GPU (CUDA):     docker build -t loranode:gpu --build-arg TORCH_SPEC='torch==2.11.0' \
+#                     --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu130 .   torch 2.11.0+cu130
 # docker-compose.gpu.yml builds the GPU image with those arguments.
 FROM python:3.11-slim
 
@@ -33,6 +33,8 @@ COPY contracts ./contracts
 COPY scripts ./scripts
 COPY migrations ./migrations
 COPY alembic.ini foundry.toml ./
+# the contracts compiled once, here: every process runs as uid 10001 and cannot write /app/build
+RUN python -c 'from node.chain.artifacts import load_artifacts; load_artifacts()'
 
 ENV LORANODE_DATA_DIR=/data PYTHONUNBUFFERED=1
 USER 10001

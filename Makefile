@@ -5,7 +5,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# The CPU wheel pinned for this project's machines; on a CUDA host: make TORCH_SPEC='torch==2.11.*'
+# The CPU wheel pinned for this project's machines (the CUDA build the GPU tests ran on is torch 2.11.0+cu130:
+# PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cu130 make TORCH_SPEC='torch==2.11.0')
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 

@@ -16,6 +16,7 @@ base and multi; the best of each counts. Writes bench/results/cost.json.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import tempfile
 import time
@@ -92,10 +93,12 @@ def measure(root: Path) -> dict[str, float]:
 
 
 def main() -> None:
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         figures = measure(Path(tmp))
     cpu = {**figures, "measured_on": f"{platform.machine()} CPU, torch {torch.__version__}, "
                                     f"{torch.get_num_threads()} threads",
+           "load_average": {"before": load_before[0], "after": os.getloadavg()[0]},
            "batch": BATCH, "new_tokens": NEW_TOKENS, "num_adapters": NUM_ADAPTERS, "rank": RANK}
     used = gpu_figures(GPU_RESULTS) or {
         "bandwidth_efficiency": 1.0, "adapter_overhead": figures["multi_adapter_overhead"],
@@ -104,7 +107,7 @@ def main() -> None:
     print(f"{'case':<8}{'best s':>10}")
     print(f"{'base':<8}{figures['base_s']:>10.3f}\n{'multi':<8}{figures['multi_s']:>10.3f}")
     print(f"CPU multi-adapter overhead: x{figures['multi_adapter_overhead']:.3f} "
-          f"({NUM_ADAPTERS} adapters, batch {BATCH})")
+          f"({NUM_ADAPTERS} adapters, batch {BATCH}; load average {cpu['load_average']})")
     print(f"the cost model uses: {used['source']}")
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

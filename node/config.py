@@ -96,7 +96,7 @@ class Settings(BaseSettings):
     engine_stall_timeout_s: float = Field(default=60.0, gt=2.0)
 
     # adapters: device slots above; host memory and disk caches in bytes
-    adapter_cache_dir: Path | None = None  # default: data_dir/adapters
+    adapter_cache_dir: Path | None = None  # default: data_dir/adapter-cache
     max_adapter_host_bytes: int = Field(default=4 << 30, ge=1)
     max_adapter_disk_bytes: int = Field(default=64 << 30, ge=1)
     # the registered sha256 is checked when an adapter enters the disk cache; true: on every load too

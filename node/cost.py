@@ -4,7 +4,9 @@ against N dedicated copies of the base model (one per customer, the alternative 
 Decoding is bound by memory bandwidth: a step reads the weights once for the whole batch, and each
 sequence's KV cache. So a step takes (weights + adapters in the batch + KV read) / bandwidth, and a
 copy's tokens/s is its batch over that, at the fraction of datasheet bandwidth a real step reaches.
-loranode's step is that time times the multi-adapter overhead per byte. Both come from measurement
+loranode's step is that time times the multi-adapter overhead per byte; its GPU holds a device slot
+for each adapter a batch can use (at most one per sequence), the others wait in host memory (their
+copies to the device, a few ms each over PCIe, are not in the model). Both come from measurement
 (bench/cost.py: from the GPU bench's base and 64-adapter steps when bench/results/gpu.json holds
 them, else a step over N adapters against the same batch on the base model on this machine's CPU).
 A dedicated copy serves only its adapter's share of the traffic, yet holds a whole GPU (or more,
@@ -102,12 +104,20 @@ def _max_batch(gpu: GPU, resident_bytes: int, w: Workload, m: ModelBytes) -> flo
 
 
 def loranode(gpu: GPU, w: Workload, m: ModelBytes, measured: Measured) -> Deployment:
-    resident = m.weights + w.num_adapters * m.adapter
-    per_gpu = _max_batch(gpu, resident, w, m)
-    num_gpus = max(1, math.ceil(w.concurrency / per_gpu))
-    batch = w.concurrency / num_gpus
-    active_adapters = min(w.num_adapters, math.ceil(batch))
-    step = _step_s(gpu, m.weights + active_adapters * m.adapter, batch, w.context_tokens, m.kv_per_token,
+    """The fewest GPUs whose memory holds the weights, a device slot for each adapter a batch can use
+    (at most one per sequence: the others wait in host memory) and the batch's KV cache."""
+    num_gpus = 1
+    while True:
+        batch = w.concurrency / num_gpus
+        num_slots = min(w.num_adapters, math.ceil(batch))
+        resident = m.weights + num_slots * m.adapter
+        if num_slots == 1 or (resident < gpu.memory_bytes * MEMORY_USE and batch <= _max_batch(gpu, resident, w, m)):
+            break
+        num_gpus += 1
+    if batch > _max_batch(gpu, resident, w, m):  # raises when the weights and one adapter alone do not fit
+        raise ConfigError(f"one sequence's KV cache does not fit one {gpu.name} beside the model",
+                          gpu=gpu.name, context_tokens=w.context_tokens)
+    step = _step_s(gpu, resident, batch, w.context_tokens, m.kv_per_token,
                    measured.bandwidth_efficiency) * measured.adapter_overhead
     tokens_s = num_gpus * batch / step
     memory = num_gpus * (resident + batch * w.context_tokens * m.kv_per_token)

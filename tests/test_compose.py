@@ -8,6 +8,7 @@ HAProxy accepts."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -152,6 +153,13 @@ def test_secrets_come_from_files_restarts_and_named_volumes() -> None:
                 assert volume["source"] in declared, (name, volume)
 
 
+# The torch the GPU tests and benches ran on, as the H200 run recorded it ("2.11.0+cu130"): exactly that
+# version from PyTorch's index for that CUDA (PyPI's wheels carry no +cu tag, and another CUDA's).
+GPU_TORCH = json.loads((ROOT / "bench" / "results" / "adapters_h200_cuda.json").read_text())["machine"]["torch"]
+_version, _cuda = GPU_TORCH.split("+")
+GPU_BUILD = {"TORCH_SPEC": f"torch=={_version}", "TORCH_INDEX": f"https://download.pytorch.org/whl/{_cuda}"}
+
+
 def test_cpu_and_gpu_builds_name_the_torch_the_tests_ran_on() -> None:
     import torch
 
@@ -161,7 +169,7 @@ def test_cpu_and_gpu_builds_name_the_torch_the_tests_ran_on() -> None:
     gpu = _services("-f", "docker-compose.yml", "-f", "docker-compose.gpu.yml", "--profile", "replicas")
     for name in ("api", "indexer", "worker", "beat", "migrate", "replica"):
         assert gpu[name]["image"] == "loranode:gpu"
-        assert gpu[name]["build"]["args"]["TORCH_SPEC"] == "torch==2.11.*"
+        assert gpu[name]["build"]["args"] == GPU_BUILD
     assert gpu["api"]["environment"]["LORANODE_DEVICE"] == "cuda"
     cpu = _services()
     assert all(cpu[n]["image"] == "loranode:local" and "args" not in cpu[n]["build"] for n in ("api", "worker"))

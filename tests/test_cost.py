@@ -36,8 +36,8 @@ def test_dedicated_copies_hold_a_gpu_each_and_one_loranode_serves_them_all() -> 
     one, many = loranode(H100, work, LLAMA, PLAIN), dedicated(H100, work, LLAMA, PLAIN)
     assert (one.num_gpus, many.num_gpus) == (1, 50)
     assert many.memory_bytes > 50 * LLAMA.weights > one.memory_bytes
-    kv = 32 * 2048 * LLAMA.kv_per_token
-    assert one.memory_bytes == LLAMA.weights + 50 * LLAMA.adapter + kv
+    kv = 32 * 2048 * LLAMA.kv_per_token  # 32 sequences use at most 32 device slots; the rest wait in host memory
+    assert one.memory_bytes == LLAMA.weights + 32 * LLAMA.adapter + kv
     assert one.usd_per_million_tokens * 10 < many.usd_per_million_tokens
     # each stream is slower on the shared GPU (a bigger batch per step), by the modeled step times
     assert one.ms_per_token > many.ms_per_token
@@ -45,6 +45,15 @@ def test_dedicated_copies_hold_a_gpu_each_and_one_loranode_serves_them_all() -> 
     assert math.isclose(slower.tokens_per_s * 2, one.tokens_per_s)
     half = Measured(0.5, 1.0, "test")  # half the datasheet bandwidth: half the tokens, twice the $
     assert math.isclose(dedicated(H100, work, LLAMA, half).usd_per_million_tokens, 2 * many.usd_per_million_tokens)
+
+
+def test_a_thousand_adapters_take_only_the_device_slots_a_batch_can_use() -> None:
+    """An operator's question: 1,000 customers' adapters (84 GB at rank 16) on one 80 GB GPU."""
+    work = _work(1000, 64, "zipf:1.1")
+    one, many = loranode(H100, work, LLAMA, PLAIN), dedicated(H100, work, LLAMA, PLAIN)
+    assert 1000 * LLAMA.adapter > H100.memory_bytes
+    assert (one.num_gpus, many.num_gpus) == (1, 1000)
+    assert one.memory_bytes == LLAMA.weights + 64 * LLAMA.adapter + 64 * 2048 * LLAMA.kv_per_token
 
 
 def test_traffic_beyond_one_gpus_kv_memory_takes_more_gpus_on_both_sides() -> None:

@@ -43,7 +43,8 @@ def cost(
     plain(f"{adapters} adapters, {concurrency:g} sequences at once ({traffic}), {context} tokens of context, "
           f"on {chosen.name} ({chosen.bandwidth_bytes_s / 1e12:.2f} TB/s, ${chosen.price_per_hour:.2f}/h)")
     plain(f"model: weights {sizes.weights / 1e9:.2f} GB, adapter (rank {rank}) {sizes.adapter / 1e6:.1f} MB, "
-          f"KV {sizes.kv_per_token} B/token")
+          f"KV {sizes.kv_per_token} B/token; loranode holds a device slot per adapter a batch can use (at most "
+          f"one per sequence), the others in host memory (their copies to the device are not in the model)")
     plain(f"measured: {figures.bandwidth_efficiency:.0%} of datasheet bandwidth per step, multi-adapter "
           f"overhead x{figures.adapter_overhead:.3f} per byte ({figures.source})")
     rows = [(name, d.num_gpus, f"{d.memory_bytes / 1e9:.1f}", f"{d.tokens_per_s:,.0f}", f"{d.ms_per_token:.1f}",

@@ -17,6 +17,7 @@ from node.chain.deploy import write_deployment
 from node.chain.tx_manager import FeePolicy, TxManager
 from node.chain.tx_store import SqlTxStore
 from node.config import load_settings
+from node.db.backlog import read_backlog
 from node.db.loss import LossReason
 from node.db.models import EpochState, SettlementEpoch
 from node.errors import ConfigError
@@ -117,6 +118,11 @@ def test_a_payer_short_of_escrow_is_a_loss_and_every_other_payer_is_collected(
     assert lost(world) == [(payer(world, 0), 0, 1_000, LossReason.ESCROW_SHORT)]
 
 
+def _failed_epochs(world: SettlementWorld) -> int:
+    with world.factory() as session:
+        return read_backlog(session, world.node).num_failed_epochs
+
+
 def test_an_epoch_the_chain_refuses_after_its_preflight_recovers_by_itself(
         settlement_world: SettlementWorld) -> None:
     world = settlement_world
@@ -138,9 +144,11 @@ def test_an_epoch_the_chain_refuses_after_its_preflight_recovers_by_itself(
     assert on_chain(world)[0] == 0
     service.tick()
     assert service.state(epoch_id) is EpochState.FAILED  # the chain refused it
+    assert _failed_epochs(world) == 1  # what loranode_settlement_failed_epochs shows the operator
     world.pay(2, 0, a, 4_000, validity_s=LONG)  # later payers are not held up either
     tick_until(world, service, epoch_id, EpochState.FINAL)
     tick_until(world, service, epoch_id + 1, EpochState.FINAL)
+    assert _failed_epochs(world) == 0
     assert on_chain(world) == (2, 6_000, 6_000)
     assert lost(world) == [(payer(world, 0), 0, 1_000, LossReason.ESCROW_SHORT)]
 

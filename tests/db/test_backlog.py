@@ -1,12 +1,16 @@
 """The backlog /metrics reports from the database follows a real epoch: receipts pending and their
 value while unsettled, the settle transaction pending and bumped while priced out, all back to zero
-once the epoch is final."""
+once the epoch is final; and the indexer's lag while it is behind the chain (a failed epoch:
+tests/adversarial/test_settlement_liveness.py)."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 
 from node.api.metric_sources import backlog_families
+from node.chain.indexer import IndexedContracts, Indexer
 from node.db.backlog import read_backlog
 from node.db.models import EpochState
 from tests.api.test_metrics import documented
@@ -48,3 +52,22 @@ def test_settlement_and_tx_figures_follow_an_epoch_to_final(sqlite_world: Settle
     assert done.num_fee_bumps >= 1
     families = {f.name + ("_total" if f.type == "counter" else "") for f in backlog_families(world.factory, world.node)}
     assert families <= set(documented()), families - set(documented())
+
+
+def test_the_indexer_lag_is_the_blocks_it_is_behind_and_its_step_age_grows(sqlite_world: SettlementWorld) -> None:
+    world = sqlite_world
+    world.sync()
+    with world.factory() as session:
+        caught_up = read_backlog(session, world.node)
+    assert caught_up.indexer_lag_blocks == 0 and caught_up.indexer_step_age_s is not None
+    world.mine(6)
+    one_block = replace(world.indexer.config, initial_range=1, min_range=1, max_range=1)  # a slow indexer
+    contracts = IndexedContracts.from_deployment(world.deployment)
+    Indexer(one_block, world.anvil.rpc_url, world.factory, contracts).run_once()
+    with world.factory() as session:
+        behind = read_backlog(session, world.node)
+    assert behind.indexer_lag_blocks == 5
+    world.sync()
+    with world.factory() as session:
+        again = read_backlog(session, world.node)
+    assert again.indexer_lag_blocks == 0 and again.indexer_step_age_s is not None
