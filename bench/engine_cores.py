@@ -99,11 +99,14 @@ def one_vs_two(settings: Settings, register: Callable[[Engine], None], ids: list
             throughput(client, ids, 8, prompt, 4)  # warm up
         best = dict.fromkeys(clients, 0.0)
         cpu: dict[int, dict[str, float]] = {size: {} for size in clients}
+        split: dict[int, list[int]] = {}  # requests each core took in the last round
         for _ in range(rounds):
             for size, client in clients.items():
                 meter = CPUMeter({"cores": client.pids, "client (this process)": [os.getpid()]})
+                routed = list(client.num_routed)
                 with meter:
                     tokens_per_s, tokens = throughput(client, ids, n, prompt, new, with_tokens=True)
+                split[size] = [now - before for now, before in zip(client.num_routed, routed, strict=True)]
                 best[size] = max(best[size], tokens_per_s)
                 for process, seconds in meter.seconds.items():
                     cpu[size][process] = min(cpu[size].get(process, float("inf")), 1000 * seconds / tokens)
@@ -114,7 +117,7 @@ def one_vs_two(settings: Settings, register: Callable[[Engine], None], ids: list
     one, two = sum(cpu[1].values()), sum(cpu[2].values())
     return {"threads_per_core": threads, "one_core_tokens_per_s": best[1], "two_cores_tokens_per_s": best[2],
             "two_over_one": best[2] / best[1], "ttft_ms": {"one core": ttfts[1], "two cores": ttfts[2]},
-            "cpu_ms_per_token": {"one core": cpu[1], "two cores": cpu[2]},
+            "cpu_ms_per_token": {"one core": cpu[1], "two cores": cpu[2]}, "two_cores_split": split[2],
             # two cores' tokens/s over one's on a box whose every CPU is busy with them and nothing else
             "cpu_bound_two_over_one": 2 * one / two if two else float("nan")}
 
@@ -155,7 +158,7 @@ def wait_policies(settings: Settings, register: Callable[[Engine], None], ids: l
 def print_table(dp: dict[str, Any]) -> None:
     print(f"data parallel, {dp['threads_per_core']} torch thread(s) per core: one core "
           f"{dp['one_core_tokens_per_s']:.1f} tokens/s, two cores {dp['two_cores_tokens_per_s']:.1f} tokens/s: "
-          f"{dp['two_over_one']:.2f}x (target >= 1.6x)")
+          f"{dp['two_over_one']:.2f}x (target >= 1.6x); requests per core in a round of two: {dp['two_cores_split']}")
     for system, t in dp["ttft_ms"].items():
         print(f"  time to first token, {system}: p50 {t['p50']:.1f} ms, p99 {t['p99']:.1f} ms")
     for system, per in dp.get("cpu_ms_per_token", {}).items():

@@ -1,7 +1,8 @@
 """The engine in other processes, with the request API of `LLMEngine` (add_request, abort, stream, generate).
 
 `CoreClient` starts `num_cores` engine cores (`core_process.py`, watched by `CoreSupervisor`), sends
-each request to one of them (`CoreRouter`: adapter affinity bounded by load) and hands the outputs
+each request to one of them (`CoreRouter`: balanced by queued tokens, kept on a core where its adapter
+is warm unless that costs more than a cold load) and hands the outputs
 back to the request's listener or waiter from one receiver thread, as the in-process engine does from
 its step thread. Adapters are registered with every core (`adapters`); a core that starts again gets
 them all again before it serves.
@@ -55,13 +56,14 @@ class _Pending:
     adapter_id: str | None
     listener: Listener | None
     waiter: Waiter | None
+    work: int  # queued tokens it counts for on its core (prompt + max_tokens)
     prefix_key: str | None = None
     num_completion_tokens: int = 0
 
 
 class CoreClient:
     def __init__(self, config: EngineConfig, num_cores: int = 1, store: StoreConfig | None = None,
-                 num_threads: int | None = None, load_factor: float = 1.25, start_timeout_s: float = 600.0,
+                 num_threads: int | None = None, start_timeout_s: float = 600.0,
                  stall_timeout_s: float = 60.0) -> None:
         self.config = config
         self.model_config = ModelConfig.from_folder(config.model_path)
@@ -75,13 +77,14 @@ class CoreClient:
         specs = [CoreSpec(core_engine_config(config, i, num_cores), self.run_dir, store, num_threads)
                  for i in range(num_cores)]
         self.supervisor = CoreSupervisor(specs, self._on_exit, stall_timeout_s)
-        self.router = CoreRouter(num_cores, load_factor)
+        self.router = CoreRouter(num_cores, warm_capacity=config.max_adapter_slots)
         for core in range(num_cores):
             self.router.set_up(core, False)
         self.adapters = CoreAdapters(self, validates_hash=store is not None,
                                      retry_after_s=store.retry_after_s if store is not None else 0.0)
         self.metrics: dict[int, wire.Metrics] = {}
         self.num_refused = 0  # malformed frames the receiver dropped
+        self.num_routed = [0] * num_cores  # requests sent to each core
         self._codec = wire.api_codec()
         self._context = zmq.Context()
         self._inbox = self._context.socket(zmq.PULL)
@@ -195,8 +198,9 @@ class CoreClient:
     def add_request(self, prompt: str | list[int], params: SamplingParams, adapter_id: str | None = None,
                     request_id: str | None = None, listener: Listener | None = None,
                     waiter: Waiter | None = None, prefix_key: str | None = None) -> str:
-        """Queue a request on a core (its adapter's home, within the load bound; the choices of one prompt,
-        given one `prefix_key`, on the core of the first, where they share its KV blocks)."""
+        """Queue a request on a core (`CoreRouter.pick`: where its adapter is warm, within the bound on queued
+        tokens; the choices of one prompt, given one `prefix_key`, on the core of the first, where they share
+        its KV blocks)."""
         ids = list(self.tokenizer(prompt).input_ids) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise BadRequest("the prompt is empty")
@@ -207,8 +211,10 @@ class CoreClient:
             sibling = next((p.core for p in self._pending.values() if prefix_key and p.prefix_key == prefix_key), None)
             core = sibling if sibling is not None else self.router.pick(adapter_id)
             incarnation = self.supervisor.cores[core].incarnation
-            self.router.acquire(core)
-            self._pending[request_id] = _Pending(core, len(ids), adapter_id, listener, waiter, prefix_key)
+            work = len(ids) + params.max_tokens
+            self.router.acquire(core, work, adapter_id)
+            self.num_routed[core] += 1
+            self._pending[request_id] = _Pending(core, len(ids), adapter_id, listener, waiter, work, prefix_key)
         try:
             self._send(core, wire.AddRequest(request_id, ids, params, adapter_id, listener is not None, incarnation,
                                              prefix_key))
@@ -234,6 +240,11 @@ class CoreClient:
     def remove_adapter(self, adapter_id: str) -> None:
         """Unregister an adapter everywhere; its requests still waiting or running finish with "abort"."""
         self.adapters.unregister(adapter_id)
+
+    def forget_warm(self, adapter_id: str) -> None:
+        """The adapter's weights are gone from every core (removed, or registered again from another source)."""
+        with self._lock:
+            self.router.forget(adapter_id)
 
     def _send(self, core: int, message: wire.ToCore) -> None:
         frame = self._codec.encode(message)
@@ -272,7 +283,7 @@ class CoreClient:
         with self._lock:
             p = self._pending.pop(request_id, None)
             if p is not None and self.router.is_up[p.core]:
-                self.router.release(p.core)
+                self.router.release(p.core, p.work)
         return p
 
     # --- outputs -----------------------------------------------------------------------------------
