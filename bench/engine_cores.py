@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import statistics
@@ -99,12 +100,25 @@ def one_vs_two(settings: Settings, register: Callable[[Engine], None], ids: list
             throughput(client, ids, 8, prompt, 4)  # warm up
         best = dict.fromkeys(clients, 0.0)
         cpu: dict[int, dict[str, float]] = {size: {} for size in clients}
+        split: dict[int, list[int]] = {}  # requests each core took in the last round
+        busy: dict[int, list[float]] = {}  # each core's CPU seconds over the wall clock, the last round
+        every: dict[int, list[float]] = {size: [] for size in clients}  # tokens/s of each round
         for _ in range(rounds):
             for size, client in clients.items():
-                meter = CPUMeter({"cores": client.pids, "client (this process)": [os.getpid()]})
+                each = {f"core {core}": functools.partial(lambda c, k: [c.pids()[k]], client, core)
+                        for core in range(size)}
+                meter = CPUMeter({"cores": client.pids, "client (this process)": [os.getpid()], **each})
+                routed = list(client.num_routed)
+                started = time.perf_counter()
                 with meter:
                     tokens_per_s, tokens = throughput(client, ids, n, prompt, new, with_tokens=True)
+                wall = time.perf_counter() - started
+                split[size] = [now - before for now, before in zip(client.num_routed, routed, strict=True)]
+                busy[size] = [round(meter.seconds[name] / wall, 2) for name in each]
+                for name in each:
+                    del meter.seconds[name]
                 best[size] = max(best[size], tokens_per_s)
+                every[size].append(round(tokens_per_s, 1))
                 for process, seconds in meter.seconds.items():
                     cpu[size][process] = min(cpu[size].get(process, float("inf")), 1000 * seconds / tokens)
         ttfts = {size: ttft(client, ids, n, prompt, new, 16) for size, client in clients.items()}
@@ -113,8 +127,11 @@ def one_vs_two(settings: Settings, register: Callable[[Engine], None], ids: list
             client.shutdown()
     one, two = sum(cpu[1].values()), sum(cpu[2].values())
     return {"threads_per_core": threads, "one_core_tokens_per_s": best[1], "two_cores_tokens_per_s": best[2],
-            "two_over_one": best[2] / best[1], "ttft_ms": {"one core": ttfts[1], "two cores": ttfts[2]},
-            "cpu_ms_per_token": {"one core": cpu[1], "two cores": cpu[2]},
+            "two_over_one": best[2] / best[1],
+            "rounds_tokens_per_s": {"one core": every[1], "two cores": every[2]},
+            "ttft_ms": {"one core": ttfts[1], "two cores": ttfts[2]},
+            "cpu_ms_per_token": {"one core": cpu[1], "two cores": cpu[2]}, "two_cores_split": split[2],
+            "cores_cpu_over_wall_clock": {"one core": busy[1], "two cores": busy[2]},
             # two cores' tokens/s over one's on a box whose every CPU is busy with them and nothing else
             "cpu_bound_two_over_one": 2 * one / two if two else float("nan")}
 
@@ -155,7 +172,9 @@ def wait_policies(settings: Settings, register: Callable[[Engine], None], ids: l
 def print_table(dp: dict[str, Any]) -> None:
     print(f"data parallel, {dp['threads_per_core']} torch thread(s) per core: one core "
           f"{dp['one_core_tokens_per_s']:.1f} tokens/s, two cores {dp['two_cores_tokens_per_s']:.1f} tokens/s: "
-          f"{dp['two_over_one']:.2f}x (target >= 1.6x)")
+          f"{dp['two_over_one']:.2f}x (target >= 1.6x); requests per core in a round of two: {dp['two_cores_split']}, "
+          f"each core's CPU over the wall clock: {dp['cores_cpu_over_wall_clock']}")
+    print(f"  tokens/s round by round: {dp['rounds_tokens_per_s']}")
     for system, t in dp["ttft_ms"].items():
         print(f"  time to first token, {system}: p50 {t['p50']:.1f} ms, p99 {t['p99']:.1f} ms")
     for system, per in dp.get("cpu_ms_per_token", {}).items():

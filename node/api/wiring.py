@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from eth_account import Account
+from prometheus_client.core import Metric
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.api.deps import NodeServices
@@ -256,7 +257,10 @@ def _register_metrics(metrics: APIMetrics, store_metrics: StoreSnapshot, client:
                       db: sessionmaker[Session], node: str) -> None:
     engine = client.engine
     if isinstance(engine, CoreClient):
-        figures, tiers = engine.engine_stats, store_metrics  # the cores report their device tier
+        def engine_sources() -> Iterator[Metric]:
+            engine.refresh_metrics()  # the cores report now: a scrape counts every request answered before it
+            yield from engine_families(engine.engine_stats)
+            yield from tier_families(store_metrics)  # the cores report their device tier
     else:
         def figures() -> dict[str, float]:
             return engine_stats(engine)
@@ -264,8 +268,11 @@ def _register_metrics(metrics: APIMetrics, store_metrics: StoreSnapshot, client:
         def tiers() -> dict[str, dict[str, float]]:
             return {**store_metrics(), "device": device_tier(engine)}
 
-    metrics.add_source(lambda: engine_families(figures))
-    metrics.add_source(lambda: tier_families(tiers))
+        def engine_sources() -> Iterator[Metric]:
+            yield from engine_families(figures)
+            yield from tier_families(tiers)
+
+    metrics.add_source(engine_sources)
     metrics.add_source(lambda: backlog_families(db, node))
     metrics.add_source(gauge("loranode_in_flight_requests", "Requests admitted and not finished",
                              lambda: float(client.in_flight)))

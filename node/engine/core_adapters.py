@@ -61,9 +61,12 @@ class CoreAdapters:
                 raise AdapterFormatError(f"registered sha256 of {adapter_id} is not 32 bytes of hex: {e}",
                                          adapter=adapter_id, sha256=source.sha256) from e
         with self._lock:
-            if self._sources.get(adapter_id) != source:
+            changed = self._sources.get(adapter_id) != source
+            if changed:
                 self._forget(adapter_id)
             self._sources[adapter_id] = source
+        if changed:
+            self.client.forget_warm(adapter_id)
         self.client.broadcast(_registration(adapter_id, source))
 
     def unregister(self, adapter_id: str) -> None:
@@ -73,6 +76,7 @@ class CoreAdapters:
             load = self._forget(adapter_id)
         if load is not None:
             load.future.cancel()
+        self.client.forget_warm(adapter_id)
         self.client.broadcast(wire.RemoveAdapter(adapter_id))
 
     def prefetch(self, adapter_id: str) -> Future[object]:

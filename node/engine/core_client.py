@@ -1,7 +1,8 @@
 """The engine in other processes, with the request API of `LLMEngine` (add_request, abort, stream, generate).
 
 `CoreClient` starts `num_cores` engine cores (`core_process.py`, watched by `CoreSupervisor`), sends
-each request to one of them (`CoreRouter`: adapter affinity bounded by load) and hands the outputs
+each request to one of them (`CoreRouter`: balanced by queued tokens, kept on a core where its adapter
+is warm unless that costs more than a cold load) and hands the outputs
 back to the request's listener or waiter from one receiver thread, as the in-process engine does from
 its step thread. Adapters are registered with every core (`adapters`); a core that starts again gets
 them all again before it serves.
@@ -49,19 +50,29 @@ MAX_QUEUED_FRAMES = 100_000  # per core, waiting for it to read them
 
 
 @dataclass
+class _Control:
+    """An adapter control sent to some cores: done when each has answered."""
+
+    future: Future[None]
+    cores: set[int]
+    error: NodeError | None = None
+
+
+@dataclass
 class _Pending:
     core: int
     num_prompt_tokens: int
     adapter_id: str | None
     listener: Listener | None
     waiter: Waiter | None
+    work: int  # queued tokens it counts for on its core (prompt + max_tokens)
     prefix_key: str | None = None
     num_completion_tokens: int = 0
 
 
 class CoreClient:
     def __init__(self, config: EngineConfig, num_cores: int = 1, store: StoreConfig | None = None,
-                 num_threads: int | None = None, load_factor: float = 1.25, start_timeout_s: float = 600.0,
+                 num_threads: int | None = None, start_timeout_s: float = 600.0,
                  stall_timeout_s: float = 60.0) -> None:
         self.config = config
         self.model_config = ModelConfig.from_folder(config.model_path)
@@ -75,13 +86,14 @@ class CoreClient:
         specs = [CoreSpec(core_engine_config(config, i, num_cores), self.run_dir, store, num_threads)
                  for i in range(num_cores)]
         self.supervisor = CoreSupervisor(specs, self._on_exit, stall_timeout_s)
-        self.router = CoreRouter(num_cores, load_factor)
+        self.router = CoreRouter(num_cores, warm_capacity=config.max_adapter_slots)
         for core in range(num_cores):
             self.router.set_up(core, False)
         self.adapters = CoreAdapters(self, validates_hash=store is not None,
                                      retry_after_s=store.retry_after_s if store is not None else 0.0)
         self.metrics: dict[int, wire.Metrics] = {}
         self.num_refused = 0  # malformed frames the receiver dropped
+        self.num_routed = [0] * num_cores  # requests sent to each core
         self._codec = wire.api_codec()
         self._context = zmq.Context()
         self._inbox = self._context.socket(zmq.PULL)
@@ -97,6 +109,8 @@ class CoreClient:
         self._send_locks = [threading.Lock() for _ in range(num_cores)]
         self._lock = threading.Lock()  # router, pending
         self._pending: dict[str, _Pending] = {}
+        self._controls: dict[int, _Control] = {}
+        self._reported = threading.Condition(self._lock)  # a core's Metrics arrived
         self._ids = itertools.count()
         self._receiver: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -126,6 +140,8 @@ class CoreClient:
                 self._send(core, wire.Shutdown())
         self.supervisor.stop()
         self._fail_pending(None, "the engine is shutting down")
+        for core in range(self.num_cores):
+            self._answer_controls(core, Unavailable("the engine is shutting down"))
         if self._receiver is not None:
             self._receiver.join(timeout=5)
         for out in self._outboxes:
@@ -137,6 +153,21 @@ class CoreClient:
     def pids(self) -> list[int | None]:
         """Each core's process id (None while it is being started again)."""
         return self.supervisor.pids()
+
+    def refresh_metrics(self, timeout_s: float = 1.0) -> None:
+        """Have every core up report its figures now, and wait (up to `timeout_s`) until each has: what a
+        scrape reads then counts every request answered before it. A core that does not answer in time
+        (a stalled step) leaves its last report."""
+        report_id = next(self._ids)
+        with self._lock:
+            up = [core for core in range(self.num_cores) if self.router.is_up[core]]
+        for core in up:
+            with contextlib.suppress(zmq.Again):
+                self._send(core, wire.ReportMetrics(report_id))
+        with self._reported:
+            self._reported.wait_for(lambda: all(
+                (core in self.metrics and self.metrics[core].report_id >= report_id) or not self.router.is_up[core]
+                for core in up), timeout_s)
 
     def store_metrics(self) -> dict[str, dict[str, float]]:
         """The adapter stores' counters (tier -> stat), summed over the cores, as last reported."""
@@ -170,6 +201,7 @@ class CoreClient:
         self.metrics.pop(core, None)
         self._fail_pending(core, f"the engine core {why} during the request")
         self.adapters.core_exited(core)
+        self._answer_controls(core, Unavailable(f"the engine core {why} before the adapter action took effect"))
 
     def _fail_pending(self, core: int | None, why: str) -> None:
         with self._lock:
@@ -195,8 +227,9 @@ class CoreClient:
     def add_request(self, prompt: str | list[int], params: SamplingParams, adapter_id: str | None = None,
                     request_id: str | None = None, listener: Listener | None = None,
                     waiter: Waiter | None = None, prefix_key: str | None = None) -> str:
-        """Queue a request on a core (its adapter's home, within the load bound; the choices of one prompt,
-        given one `prefix_key`, on the core of the first, where they share its KV blocks)."""
+        """Queue a request on a core (`CoreRouter.pick`: where its adapter is warm, within the bound on queued
+        tokens; the choices of one prompt, given one `prefix_key`, on the core of the first, where they share
+        its KV blocks)."""
         ids = list(self.tokenizer(prompt).input_ids) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise BadRequest("the prompt is empty")
@@ -207,8 +240,10 @@ class CoreClient:
             sibling = next((p.core for p in self._pending.values() if prefix_key and p.prefix_key == prefix_key), None)
             core = sibling if sibling is not None else self.router.pick(adapter_id)
             incarnation = self.supervisor.cores[core].incarnation
-            self.router.acquire(core)
-            self._pending[request_id] = _Pending(core, len(ids), adapter_id, listener, waiter, prefix_key)
+            work = len(ids) + params.max_tokens
+            self.router.acquire(core, work, adapter_id)
+            self.num_routed[core] += 1
+            self._pending[request_id] = _Pending(core, len(ids), adapter_id, listener, waiter, work, prefix_key)
         try:
             self._send(core, wire.AddRequest(request_id, ids, params, adapter_id, listener is not None, incarnation,
                                              prefix_key))
@@ -235,6 +270,11 @@ class CoreClient:
         """Unregister an adapter everywhere; its requests still waiting or running finish with "abort"."""
         self.adapters.unregister(adapter_id)
 
+    def forget_warm(self, adapter_id: str) -> None:
+        """The adapter's weights are gone from every core (removed, or registered again from another source)."""
+        with self._lock:
+            self.router.forget(adapter_id)
+
     def _send(self, core: int, message: wire.ToCore) -> None:
         frame = self._codec.encode(message)
         with self._send_locks[core]:
@@ -249,18 +289,53 @@ class CoreClient:
                 self._send(core, message)
 
     def control_adapter(self, adapter_id: str, action: AdapterAction) -> Future[None]:
-        """Sent to every core that is up; done once sent (each core applies it on its next step)."""
-        self.broadcast(wire.ControlAdapter(adapter_id, action))
+        """Pin, unpin, preload or evict on every core that is up; done once each has applied it, with the
+        first refusal if one refused (a second pin that would leave no slot for traffic), Unavailable if
+        none is up or one stopped first, Overloaded if one's queue is full."""
         done: Future[None] = Future()
-        done.set_result(None)
+        control_id = next(self._ids)
+        with self._lock:
+            up = {core for core in range(self.num_cores) if self.router.is_up[core]}
+            if not up:
+                done.set_exception(Unavailable("no engine core is running (restarting); retry shortly"))
+                return done
+            self._controls[control_id] = _Control(done, set(up))
+        for core in sorted(up):
+            try:
+                self._send(core, wire.ControlAdapter(adapter_id, action, control_id))
+            except zmq.Again:
+                self._answer_control(control_id, core, Overloaded(
+                    "the engine core is not taking requests (its queue is full); retry shortly", core=core))
         return done
 
-    def send_prefetch(self, adapter_id: str) -> int:
-        """Ask the core an adapter's requests go to first (another one up if that one is down) to load it;
-        returns that core. Unavailable if no core is up, Overloaded if its queue is full."""
+    def _answer_control(self, control_id: int, core: int, error: NodeError | None) -> None:
         with self._lock:
-            home = self.router.home(adapter_id)
-            core = home if self.router.is_up[home] else self.router.pick(adapter_id)
+            control = self._controls.get(control_id)
+            if control is None or core not in control.cores:
+                return
+            control.cores.discard(core)
+            control.error = control.error or error
+            if control.cores:
+                return
+            del self._controls[control_id]
+        if control.error is None:
+            control.future.set_result(None)
+        else:
+            control.future.set_exception(control.error)
+
+    def _answer_controls(self, core: int, error: NodeError) -> None:
+        """Every control that core had not answered: answered with `error`."""
+        with self._lock:
+            waiting = [cid for cid, control in self._controls.items() if core in control.cores]
+        for control_id in waiting:
+            self._answer_control(control_id, core, error)
+
+    def send_prefetch(self, adapter_id: str) -> int:
+        """Ask the core its next request would go to to load it; returns that core. Unavailable if no core
+        is up, Overloaded if its queue is full."""
+        with self._lock:
+            core = self.router.pick(adapter_id)
+            self.router.warmed(core, adapter_id)
         try:
             self._send(core, wire.PrefetchAdapter(adapter_id))
         except zmq.Again:
@@ -272,7 +347,7 @@ class CoreClient:
         with self._lock:
             p = self._pending.pop(request_id, None)
             if p is not None and self.router.is_up[p.core]:
-                self.router.release(p.core)
+                self.router.release(p.core, p.work)
         return p
 
     # --- outputs -----------------------------------------------------------------------------------
@@ -316,9 +391,14 @@ class CoreClient:
             case wire.AdapterLoaded(core, incarnation):
                 if self._is_current(core, incarnation):
                     self.adapters.loaded(message)
+            case wire.AdapterControlled(core, incarnation, control_id, error):
+                if self._is_current(core, incarnation):
+                    self._answer_control(control_id, core, error)
             case wire.Metrics(core, incarnation):
                 if self._is_current(core, incarnation):
-                    self.metrics[core] = message
+                    with self._reported:
+                        self.metrics[core] = message
+                        self._reported.notify_all()
 
     def _is_current(self, core: int, incarnation: int) -> bool:
         return 0 <= core < self.num_cores and self.supervisor.cores[core].incarnation == incarnation

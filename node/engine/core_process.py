@@ -38,6 +38,7 @@ from node.engine.sequence import RequestOutput
 from node.engine.stats import device_tier, engine_stats
 from node.errors import AdapterError, AdapterSourceError, BadRequest, NodeError, TensorParallelError
 from node.lora.adapter import LoRATargetSpec, LoRAWeights, load_lora_adapter
+from node.lora.manager import AdapterAction
 from node.lora.provider import AdapterSource
 from node.lora.store import AdapterStore, StoreConfig
 from node.models.config import ModelConfig
@@ -104,8 +105,11 @@ class EngineCore:
         self.outbox.connect(output_endpoint(spec.run_dir))
         self.deltas: list[object] = []
         self.finished: list[RequestOutput] = []
-        self.loads: collections.deque[wire.AdapterLoaded] = collections.deque()  # appended by store threads
-        self.num_loading = 0  # prefetches asked for and not answered yet
+        # answers to prefetches and adapter controls, appended by the threads that finish them
+        self.answers: collections.deque[wire.AdapterLoaded | wire.AdapterControlled] = collections.deque()
+        self.num_due = 0  # prefetches and controls asked for and not answered yet
+        self.report_id = 0  # the last ReportMetrics read: answered with Metrics at once
+        self.metrics_due = False
         self.num_refused = 0  # frames dropped: malformed, or messages that could not be applied
         self.live: set[str] = set()  # request ids running here
         self._parent = os.getppid()
@@ -118,14 +122,15 @@ class EngineCore:
         while not self._stop:
             busy = self.engine.has_unfinished()
             wait_ms = 0 if busy else max(0, int((next_metrics - time.monotonic()) * 1000))
-            if self.num_loading:  # a load finishes on a store thread: look for its answer often
+            if self.num_due:  # a load finishes on a store thread: look for its answer often
                 wait_ms = min(wait_ms, LOAD_POLL_MS)
             if self.inbox.poll(wait_ms):
                 self._receive_all()
             if self.engine.has_unfinished():
                 self._step()
             self._flush()
-            if time.monotonic() >= next_metrics:
+            if self.metrics_due or time.monotonic() >= next_metrics:
+                self.metrics_due = False
                 if os.getppid() != self._parent:
                     log.warning("engine core %d: the API process is gone; exiting", self.core)
                     return
@@ -145,9 +150,9 @@ class EngineCore:
 
     def _flush(self) -> None:
         """Send what the step (or a refused request) produced, as one frame; and the loads finished."""
-        while self.loads:
-            self.num_loading -= 1
-            self._send(self.loads.popleft())
+        while self.answers:
+            self.num_due -= 1
+            self._send(self.answers.popleft())
         if self.deltas or self.finished:  # the engine's callbacks hold these lists: copy, then clear
             deltas, finished = self.deltas[:], self.finished[:]
             self.deltas.clear()
@@ -191,27 +196,36 @@ class EngineCore:
                 self.engine.remove_adapter(adapter_id)
             case wire.PrefetchAdapter(adapter_id):
                 self._prefetch(adapter_id)
-            case wire.ControlAdapter(adapter_id, action):
-                self.engine.control_adapter(adapter_id, action)
+            case wire.ControlAdapter(adapter_id, action, control_id):
+                self._control(adapter_id, action, control_id)
+            case wire.ReportMetrics(report_id):
+                self.report_id, self.metrics_due = max(self.report_id, report_id), True
             case wire.Shutdown():
                 self._stop = True
 
     def _prefetch(self, adapter_id: str) -> None:
         """Load an adapter into host memory and answer with its chat template or its error."""
-        self.num_loading += 1
+        self.num_due += 1
         try:
             future = self.engine.adapters.prefetch(adapter_id)
         except NodeError as e:
-            self.loads.append(wire.AdapterLoaded(self.core, self.incarnation, adapter_id, None, e))
+            self.answers.append(wire.AdapterLoaded(self.core, self.incarnation, adapter_id, None, e))
             return
-        future.add_done_callback(lambda f: self.loads.append(self._loaded(adapter_id, f)))
+        future.add_done_callback(lambda f: self.answers.append(self._loaded(adapter_id, f)))
+
+    def _control(self, adapter_id: str, action: AdapterAction, control_id: int) -> None:
+        """Pin, unpin, preload or evict, and answer once it took effect (or with why it was refused)."""
+        self.num_due += 1
+
+        def answer(future: Future[None]) -> None:
+            error = _error_of(future, adapter_id)
+            self.answers.append(wire.AdapterControlled(self.core, self.incarnation, control_id, error))
+
+        self.engine.control_adapter(adapter_id, action).add_done_callback(answer)
 
     def _loaded(self, adapter_id: str, future: Future[object]) -> wire.AdapterLoaded:
         """The answer to a prefetch (on the store's thread: it only builds the message)."""
-        error = None if not future.cancelled() else AdapterSourceError("the load was cancelled", adapter=adapter_id)
-        if error is None and future.exception() is not None:
-            e = future.exception()
-            error = e if isinstance(e, NodeError) else AdapterError(f"{type(e).__name__}: {e}", adapter=adapter_id)
+        error = _error_of(future, adapter_id)
         template = self.engine.adapters.chat_template(adapter_id) if error is None else None
         return wire.AdapterLoaded(self.core, self.incarnation, adapter_id, template, error)
 
@@ -241,7 +255,7 @@ class EngineCore:
         tiers["device"] = device_tier(self.engine)
         scheduler = self.engine.scheduler
         self._send(wire.Metrics(self.core, self.incarnation, len(scheduler.running), len(scheduler.waiting), tiers,
-                                engine_stats(self.engine), self.num_refused))
+                                engine_stats(self.engine), self.num_refused, self.report_id))
 
     def _send(self, message: wire.FromCore) -> None:
         self.outbox.send(self.codec.encode(message), copy=False)
@@ -253,6 +267,16 @@ class EngineCore:
         self.inbox.close(linger=0)
         self.outbox.close()
         self.context.term()
+
+
+def _error_of(future: Future[object], adapter_id: str) -> NodeError | None:
+    """What a finished load or control answers: None, or its error as a NodeError (which crosses the wire)."""
+    if future.cancelled():
+        return AdapterSourceError("the load was cancelled", adapter=adapter_id)
+    e = future.exception()
+    if e is None or isinstance(e, NodeError):
+        return e
+    return AdapterError(f"{type(e).__name__}: {e}", adapter=adapter_id)
 
 
 def main() -> None:

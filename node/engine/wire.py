@@ -3,9 +3,10 @@
 Two directions, one ZeroMQ PUSH/PULL pair each (see `core_process.py`):
 
     API -> core   AddRequest, AbortRequest, RegisterAdapter, RemoveAdapter, PrefetchAdapter, ControlAdapter,
-                  Shutdown
+                  ReportMetrics, Shutdown
     core -> API   Ready (once, on start), Outputs (once per engine step), AdapterLoaded (per prefetch),
-                  Metrics (about once a second, also the core's heartbeat)
+                  AdapterControlled (per ControlAdapter, once it took effect), Metrics (about once a
+                  second, also the core's heartbeat, and at once in answer to ReportMetrics)
 
 Each frame is one msgpack message tagged with its type's name. `SamplingParams`, `StreamDelta` and
 `RequestOutput` cross as the engine's own dataclasses, field by field (msgspec encodes and decodes
@@ -70,6 +71,11 @@ class PrefetchAdapter(_Message):
 class ControlAdapter(_Message):
     adapter_id: str
     action: AdapterAction  # crosses as its value: "pin", "unpin", "preload" or "evict"
+    control_id: int = 0  # the core answers it with AdapterControlled
+
+
+class ReportMetrics(_Message):
+    report_id: int  # the core answers with Metrics carrying it (figures read after everything sent before)
 
 
 class Shutdown(_Message):
@@ -104,6 +110,15 @@ class AdapterLoaded(_Message):
     error: NodeError | None = None
 
 
+class AdapterControlled(_Message):
+    """A ControlAdapter took effect (or was refused: a second pin that would leave no slot for traffic)."""
+
+    core: int
+    incarnation: int
+    control_id: int
+    error: NodeError | None = None
+
+
 class Metrics(_Message):
     core: int
     incarnation: int
@@ -112,10 +127,12 @@ class Metrics(_Message):
     adapter_store: dict[str, dict[str, float]]  # tier -> stat -> value (AdapterStore.metrics, and "device")
     engine: dict[str, float] = {}  # node/engine/stats.py: engine_stats
     num_refused: int = 0  # frames the core refused since it started
+    report_id: int = 0  # the last ReportMetrics the core had read
 
 
-ToCore = AddRequest | AbortRequest | RegisterAdapter | RemoveAdapter | PrefetchAdapter | ControlAdapter | Shutdown
-FromCore = Ready | Outputs | AdapterLoaded | Metrics
+ToCore = (AddRequest | AbortRequest | RegisterAdapter | RemoveAdapter | PrefetchAdapter | ControlAdapter
+          | ReportMetrics | Shutdown)
+FromCore = Ready | Outputs | AdapterLoaded | AdapterControlled | Metrics
 
 
 def _error_types() -> dict[str, type[NodeError]]:

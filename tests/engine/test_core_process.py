@@ -19,7 +19,8 @@ from node.engine import EngineConfig, LLMEngine, SamplingParams, wire
 from node.engine.core_client import CoreClient
 from node.engine.core_process import input_endpoint, output_endpoint
 from node.engine.sequence import RequestOutput, StreamDelta
-from node.errors import AdapterError, AdapterNotFound, Unavailable
+from node.errors import AdapterError, AdapterNotFound, Overloaded, Unavailable
+from node.lora.manager import AdapterAction
 from node.lora.provider import LoadState
 from tests.fixtures.models import TinyAdapters
 
@@ -251,3 +252,25 @@ def test_the_cores_report_their_kv_cache_and_prefix_cache_hits(cores: CoreClient
     assert stats["prefix_cache_blocks"] > 0
     assert stats["prefix_cache_query_tokens_total"] >= stats["prefix_cache_hit_tokens_total"]
     assert stats["kv_blocks_used"] <= stats["kv_blocks"]
+
+
+def test_an_adapter_action_is_done_once_every_core_applied_it_and_a_refusal_crosses(cores: CoreClient) -> None:
+    _wait_up(cores, 2)
+    cores.control_adapter("sea-r8", AdapterAction.PIN).result(timeout=60)
+    with pytest.raises(Overloaded, match="no device slot"):  # two slots: a second pin would leave none
+        cores.control_adapter("count-r4", AdapterAction.PIN).result(timeout=60)
+    cores.control_adapter("sea-r8", AdapterAction.UNPIN).result(timeout=60)
+    cores.control_adapter("count-r4", AdapterAction.PIN).result(timeout=60)
+    cores.control_adapter("count-r4", AdapterAction.UNPIN).result(timeout=60)
+
+
+def test_a_refresh_counts_every_request_answered_before_it(cores: CoreClient) -> None:
+    def lookups() -> float:
+        cores.refresh_metrics(timeout_s=30)
+        device = cores.store_metrics()["device"]
+        return device["hits"] + device["misses"]
+
+    _wait_up(cores, 2)
+    before = lookups()
+    cores.generate(["The river runs"], GREEDY, ["food-r16"])
+    assert lookups() == before + 1  # at once, not at the cores' next report a second later

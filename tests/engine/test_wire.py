@@ -10,9 +10,10 @@ from node.lora.manager import AdapterAction
 
 
 def test_an_adapter_action_crosses_as_its_plain_string() -> None:
-    frame = wire.api_codec().encode(wire.ControlAdapter("sea-r8", AdapterAction.PIN))
-    assert msgspec.msgpack.decode(frame) == {"type": "ControlAdapter", "adapter_id": "sea-r8", "action": "pin"}
-    assert wire.core_codec().decode(frame) == wire.ControlAdapter("sea-r8", AdapterAction.PIN)
+    frame = wire.api_codec().encode(wire.ControlAdapter("sea-r8", AdapterAction.PIN, 7))
+    assert msgspec.msgpack.decode(frame) == {"type": "ControlAdapter", "adapter_id": "sea-r8", "action": "pin",
+                                             "control_id": 7}
+    assert wire.core_codec().decode(frame) == wire.ControlAdapter("sea-r8", AdapterAction.PIN, 7)
 
 
 def test_an_unknown_adapter_action_is_refused_on_the_socket() -> None:
