@@ -117,8 +117,12 @@ class CoreSupervisor:
         # says otherwise): a core shares its CPUs with the API process, and on a busy box a thread that
         # spins at a barrier while its partner is descheduled burns both (docs/engine.md: measured 20x)
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # Each core in a session of its own: where the kernel groups CPU time by session (autogroup, on by
+        # default in most distributions), cores left in the API's session would share one group's time
+        # among them and the API, so N cores got one core's CPU (docs/engine.md, bench/engine_cores.py).
+        # A core still exits once the API is gone (it watches its parent), and `stop` ends every core.
         proc = subprocess.Popen([sys.executable, "-m", "node.engine.core_process", str(core.core),
-                                 str(core.incarnation)], stdin=subprocess.PIPE, env=env)
+                                 str(core.incarnation)], stdin=subprocess.PIPE, env=env, start_new_session=True)
         assert proc.stdin is not None
         proc.stdin.write(pickle.dumps(self.specs[core.core]))
         proc.stdin.close()
