@@ -50,7 +50,7 @@ class _LoRALinearFunction(torch.autograd.Function):
             grad_x = torch.mm(grad_flat, weight).addmm_(v, lora_a)  # [tokens, in]
             grad_x = grad_x.view(*grad.shape[:-1], weight.shape[1])
         grad_a = torch.mm(v.t(), flat) if ctx.needs_input_grad[3] else None  # [rank, in]
-        grad_b = torch.mm(grad_flat.t(), u) if ctx.needs_input_grad[4] else None  # [out, rank]
+        grad_b = torch.mm(u.t(), grad_flat).t() if ctx.needs_input_grad[4] else None  # [out, rank]
         return grad_x, None, None, grad_a, grad_b, None
 
 
