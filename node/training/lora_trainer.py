@@ -28,6 +28,7 @@ from node.training.checkpoint import DataPosition, TrainerState, load_checkpoint
 from node.training.host_allocator import keep_freed_memory
 from node.training.lora_linear import route_lora_linears
 from node.training.packing import MicroBatch, PackedSequences
+from node.training.rms_norm import route_rms_norms
 from node.training.token_file import TokenFile
 
 log = logging.getLogger(__name__)
@@ -226,7 +227,8 @@ class LoRATrainer:
         config = LoraConfig(r=self.config.rank, lora_alpha=self.config.alpha,
                             target_modules=list(self.config.target_modules), lora_dropout=0.0, task_type="CAUSAL_LM")
         model = get_peft_model(base, config).to(self.device)
-        route_lora_linears(model)  # the same LoRA math in fewer passes over the activations (lora_linear.py)
+        route_lora_linears(model)  # the same math in fewer passes over the activations (lora_linear.py,
+        route_rms_norms(model)  # rms_norm.py)
         return model
 
     def _optimizer(self, model: PeftModel) -> torch.optim.AdamW:
