@@ -2,7 +2,7 @@
 
 PEFT computes `y = x W^T + (x A^T) B^T * s` as five autograd ops: the scaling multiplies and the sum adds
 whole `[tokens, out]` tensors, in the forward and again in the backward (on bench/train.py's model,
-a quarter of a step went to such passes over the MLP's 704-wide activations). Here the scaling goes
+elementwise multiplies and adds took a quarter of a step, most of them these). Here the scaling goes
 on the rank-wide `x A^T` (`[tokens, rank]`) and the LoRA product is accumulated into the base
 output by the matrix multiply itself (`addmm`, beta 1); the backward does the same for the input's
 gradient. Gradients, for `x`, `A` and `B` (`W` and the bias are frozen):
