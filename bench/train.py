@@ -32,6 +32,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -153,6 +155,7 @@ def main() -> None:
     if args.child:
         child(args.child, args.model, args.data, args.steps)
         return
+    args.load_at_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = make_tiny_model(work / "model", hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4)
@@ -163,12 +166,15 @@ def main() -> None:
     report(speed, memory, args)
 
 
-def throughput(model: Path, data: Path, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+def throughput(model: Path, data: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Per side: the best step's tokens/s and the best whole run's, over all rounds; the same per CPU
-    second (what the process itself spent: less moved by other load on a shared machine)."""
+    second (what the process itself spent: less moved by other load on a shared machine). Also each
+    round's ratio (ours / plain, the two runs of one round being the nearest in time)."""
     keys = ("best_step", "whole_run", "best_step_cpu", "whole_run_cpu")
     best = {side: dict.fromkeys(keys, 0.0) for side in ("ours", "plain")}
+    rounds: list[dict[str, float]] = []
     for r in range(args.rounds):
+        this_round = {}
         for side in (("ours", "plain") if r % 2 == 0 else ("plain", "ours")):
             steps = measure(side, model, data, args.steps, args.threads)["steps"]
             tokens = sum(t for t, _, _ in steps)
@@ -177,18 +183,22 @@ def throughput(model: Path, data: Path, args: argparse.Namespace) -> dict[str, d
                    "whole_run_cpu": tokens / sum(c for *_, c in steps)}
             for key in keys:
                 best[side][key] = max(best[side][key], got[key])
+            this_round[side] = got
             print(f"round {r + 1} {side:5s} best step {got['best_step']:8,.0f} tok/s, whole run "
                   f"{got['whole_run']:8,.0f} tok/s (per CPU s: {got['best_step_cpu']:8,.0f} and "
                   f"{got['whole_run_cpu']:8,.0f})", flush=True)
-    return best
+        rounds.append({key: this_round["ours"][key] / this_round["plain"][key] for key in keys})
+    return {**best, "rounds": rounds}
 
 
-def report(speed: dict[str, float], memory: dict[float, dict[str, float]], args: argparse.Namespace) -> None:
+def report(speed: dict[str, Any], memory: dict[float, dict[str, float]], args: argparse.Namespace) -> None:
     ratios = {k: speed["ours"][k] / speed["plain"][k] for k in speed["ours"]}
+    round_ratios = {k: [r[k] for r in speed["rounds"]] for k in ratios}
     print(f"\n{'':28s}{'node/training':>16s}{'plain loop':>16s}{'ratio':>10s}")
     for key, label in (("best_step", "tokens/s, best step"), ("whole_run", "tokens/s, best whole run"),
                        ("best_step_cpu", "tokens/CPU s, best step"), ("whole_run_cpu", "tokens/CPU s, whole run")):
-        print(f"{label:28s}{speed['ours'][key]:16,.0f}{speed['plain'][key]:16,.0f}{ratios[key]:9.2f}x")
+        print(f"{label:28s}{speed['ours'][key]:16,.0f}{speed['plain'][key]:16,.0f}{ratios[key]:9.2f}x"
+              f"   rounds: {' '.join(f'{x:.2f}' for x in round_ratios[key])}, median {median(round_ratios[key]):.2f}x")
     for size, peaks in memory.items():
         label = f"peak RSS, {size:g} MB dataset"
         print(f"{label:28s}{peaks['ours'] / 2**20:13,.0f} MB{peaks['plain'] / 2**20:13,.0f} MB")
@@ -197,10 +207,12 @@ def report(speed: dict[str, float], memory: dict[float, dict[str, float]], args:
     print(f"{f'peak growth {sizes[0]:g} -> {sizes[-1]:g} MB':28s}{growth['ours']:15.2f}x{growth['plain']:15.2f}x")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
-        "command": "python bench/train.py " + " ".join(sys.argv[1:]), "load_average": os.getloadavg(),
+        "command": "python bench/train.py " + " ".join(sys.argv[1:]),
+        "load_average": {"start": args.load_at_start, "end": os.getloadavg()},
         "threads": args.threads, "rounds": args.rounds,
         "steps": args.steps, "seq_len": SEQ_LEN, "batch_size": BATCH, "grad_accum": ACCUM, "rank": RANK,
-        "tokens_per_s": speed, "ratio": ratios,
+        "tokens_per_s": {side: speed[side] for side in ("ours", "plain")}, "ratio": ratios,
+        "round_ratios": round_ratios, "median_round_ratio": {k: median(v) for k, v in round_ratios.items()},
         "peak_rss_bytes": {f"{size:g}MB": peaks for size, peaks in memory.items()}, "peak_growth": growth,
     }, indent=2) + "\n")
     print(f"wrote {RESULTS}")

@@ -26,7 +26,9 @@ from node.errors import BadRequest
 from node.training import CHECKPOINT_DIR, MAX_DEFAULT_SEQ_LEN
 from node.training.checkpoint import DataPosition, TrainerState, load_checkpoint, remove_checkpoint, save_checkpoint
 from node.training.host_allocator import keep_freed_memory
+from node.training.lora_linear import route_lora_linears
 from node.training.packing import MicroBatch, PackedSequences
+from node.training.rms_norm import route_rms_norms
 from node.training.token_file import TokenFile
 
 log = logging.getLogger(__name__)
@@ -224,7 +226,10 @@ class LoRATrainer:
         base.config.use_cache = False
         config = LoraConfig(r=self.config.rank, lora_alpha=self.config.alpha,
                             target_modules=list(self.config.target_modules), lora_dropout=0.0, task_type="CAUSAL_LM")
-        return get_peft_model(base, config).to(self.device)
+        model = get_peft_model(base, config).to(self.device)
+        route_lora_linears(model)  # the same math in fewer passes over the activations (lora_linear.py,
+        route_rms_norms(model)  # rms_norm.py)
+        return model
 
     def _optimizer(self, model: PeftModel) -> torch.optim.AdamW:
         """AdamW over the LoRA weights, as one fused kernel where torch has one (the same update as the
