@@ -11,6 +11,7 @@ import typer
 from node.cli.node_api import plain
 from node.client.refusal import check, reaching
 from node.config import read_secret
+from node.errors import NodeRefusal
 
 AdminUrlOption = typer.Option("http://127.0.0.1:8001", "--admin-url", envvar="LORANODE_ADMIN_URL",
                               help="The node's admin port (loopback by default).")
@@ -23,7 +24,12 @@ def _act(action: str, model: str, admin_url: str, token_file: Path) -> None:
     token = read_secret(token_file, "token_file")
     url = f"{admin_url.rstrip('/')}/admin/adapters/{model}/{action}"
     with reaching(admin_url):
-        check(httpx.post(url, headers={"Authorization": f"Bearer {token}"}, timeout=150), admin_url)
+        try:
+            check(httpx.post(url, headers={"Authorization": f"Bearer {token}"}, timeout=150), admin_url)
+        except NodeRefusal as exc:
+            # the admin port serves no /v1/models: the adapter hint names the public API's route instead
+            exc.url = "<the node's API>" if exc.node_code == "adapter_not_found" else exc.url
+            raise
     plain(f"adapter {model}: {action} done")
 
 

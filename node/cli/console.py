@@ -33,7 +33,7 @@ NODE_URL_HINT = ("check --node-url (or LORANODE_NODE_URL): `loranode dev` prints
 RPC_HINT = "check --rpc-url (or LORANODE_RPC_URL): `loranode dev` prints its anvil's URL"
 # What to do next, by the node's error code (then by status): {url} is the node's.
 REFUSAL_HINTS = {
-    "adapter_not_found": "GET {url}/v1/models lists the adapters it serves (pass one as --adapter)",
+    "adapter_not_found": "GET {url}/v1/models lists the adapters it serves",
     "insufficient_escrow": "deposit for this node: `loranode escrow deposit AMOUNT --node NODE_ADDRESS` "
                            "(GET {url}/v1/node names its address)",
     "deposit_not_final": "wait for the block it names (the deposit's finality), then send it again",

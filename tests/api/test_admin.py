@@ -140,3 +140,13 @@ def test_the_cli_calls_the_admin_port_with_the_token_file(admin_node, tmp_path: 
     wrong.write_text("y" * 32)
     result = runner.invoke(app, ["adapter", "evict", str(a), "--admin-url", url, "--token-file", str(wrong)])
     assert result.exit_code != 0 and "admin" in result.output.lower()
+
+
+def test_an_unknown_adapter_through_the_cli_points_at_the_public_apis_models(admin_node) -> None:  # type: ignore[no-untyped-def]
+    _, _, url, token_file = admin_node
+    result = CliRunner().invoke(app, ["adapter", "pin", "4242", "--admin-url", url, "--token-file", str(token_file)])
+    assert result.exit_code == 2, result.output
+    assert "adapter_not_found" in result.output and "4242" in result.output
+    # the admin port has no /v1/models, and `adapter pin` has no --adapter option
+    assert f"{url}/v1/models" not in result.output and "--adapter" not in result.output
+    assert "GET <the node's API>/v1/models lists the adapters it serves" in result.output
