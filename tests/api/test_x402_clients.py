@@ -221,6 +221,31 @@ def test_a_stock_client_whose_answer_was_lost_gets_it_again_and_pays_once(x402_n
     assert int(other.json()["receipt"]["chargedTotal"]) == charged + int(other.json()["receipt"]["fee"])
 
 
+def test_a_lost_first_answer_paid_by_a_deposit_is_replayed_without_a_second_deposit(x402_node: PaidNode) -> None:
+    """The first request of a channel pays with a deposit; its answer lost, the client knows of no deposit
+    and sends a deposit again with the same voucher: the node replays the answer before submitting anything
+    (the payer's tokens stay where they are), and the next request is paid by a voucher at the first try."""
+    url = f"{x402_node.base_url}/v1/chat/completions"
+    session, wire = _recorded_session(x402_node, 1, lossy=True)
+    assert isinstance(wire, _Lossy)
+    body = chat(x402_node, "the sea")
+    lost = _lose_the_next_answer(session, wire, url, body)
+    deposited = decode(lost.headers["PAYMENT-RESPONSE"])["extra"]["channelState"]["balance"]
+    wire.seen.clear()
+    again = session.post(url, json=body, timeout=120)
+    assert [(paid, status) for paid, status, _ in wire.seen] == [(False, 402), (True, 200)], again.text
+    assert decode(wire.seen[1][2].request.headers["PAYMENT-SIGNATURE"])["payload"]["type"] == "deposit"
+    assert again.headers["X-Idempotent-Replay"] == "true" and again.json() == lost.json()
+    state = decode(again.headers["PAYMENT-RESPONSE"])["extra"]["channelState"]
+    assert state["balance"] == deposited, "no second deposit"
+    wire.seen.clear()
+    resp = session.post(url, json=chat(x402_node, "blue"), timeout=120)
+    assert [status for _, status, _ in wire.seen] == [402, 200], resp.text
+    assert decode(wire.seen[1][2].request.headers["PAYMENT-SIGNATURE"])["payload"]["type"] == "voucher"
+    assert int(resp.json()["receipt"]["chargedTotal"]) == int(lost.json()["receipt"]["fee"]) + \
+        int(resp.json()["receipt"]["fee"])
+
+
 def _facilitator_request(node: PaidNode, payer: Payer, body: dict[str, Any]
                          ) -> tuple[PaymentPayload, PaymentRequirements, Any]:
     required = _required(node, body)
