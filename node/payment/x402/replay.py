@@ -13,12 +13,13 @@ first sign of a claim on, the stored answer goes only to the payer's X-Receipt-R
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from node.db.models import Receipt
+from node.db.models import Lane, Receipt
 from node.db.models import Voucher as VoucherRow
 from node.payment.x402.channel_check import ChannelView
 from node.protocol.hexstr import to_hex
@@ -41,11 +42,17 @@ def answers(stored: dict[str, Any] | None, request: bytes) -> bool:
     return stored is not None and stored.get(REQUEST_KEY) == to_hex(request)
 
 
-def may_be_public(session: Session, view: ChannelView, router: str, node: str, lane: int) -> bool:
+def may_be_public(session: Session, view: ChannelView, router: str, node: str, lane: int,
+                  held_since: datetime) -> bool:
     """Whether the channel's vouchers may be public: the chain shows a claim, a refund (its claim) or a
-    withdrawal (the node's guard claims it), or one of the channel's receipts is in an epoch (its sweep
-    claims the channel with the highest voucher, maybe sent already)."""
+    withdrawal (the node's guard claims it); the channel is held (a refund sent and not mirrored yet holds
+    it, its claim published; or another request of the payer runs); or one of the channel's receipts is in
+    an epoch (its sweep claims the channel with the highest voucher, maybe sent already). A hold placed
+    after `held_since` is live."""
     if view.total_claimed or view.refund_nonce or view.pending_withdrawal:
+        return True
+    held = session.get(Lane, (router, node, lane))
+    if held is not None and held.reserved_voucher_hash and held.reserved_at and held.reserved_at > held_since:
         return True
     in_epoch = (select(Receipt.id).join(VoucherRow, VoucherRow.voucher_hash == Receipt.voucher_hash)
                 .where(VoucherRow.payer == router, VoucherRow.node == node, VoucherRow.lane == lane,

@@ -146,7 +146,8 @@ class X402Payments:
             if stored is None or not answers(stored, request):
                 return None
             view = self._view(checked, self.ledger.channel(self.router, lane).charged_total)
-            if may_be_public(session, view, self.router, self.ledger.node, lane):
+            now = datetime.fromtimestamp(self.ledger.clock(), UTC)
+            if may_be_public(session, view, self.router, self.ledger.node, lane, now - self.ledger.ttl):
                 self._authorize(checked, receipt_of(session, digest), read)
         response = payment_response(self.terms.network, checked.payment.config.payer, int(stored["receipt"]["fee"]),
                                     view.channel_state(checked.channel_id))
