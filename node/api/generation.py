@@ -52,11 +52,13 @@ from node.errors import NodeError, Unavailable
 from node.payment.pricing import Pricing
 from node.payment.service import Hold, PaymentService, Replay, Usage
 from node.payment.voucher_check import CheckedVoucher
+from node.payment.x402 import replay as x402_replay
 from node.payment.x402.channel_check import X402Refused
 from node.payment.x402.service import X402Checked, X402Payments, X402Voucher
 from node.payment.x402.terms import Offer
 from node.payment.x402.wire import PAYMENT_RESPONSE_HEADER, encode_header
 from node.protocol.receipt import output_text
+from node.protocol.voucher import request_hash
 
 log = logging.getLogger(__name__)
 INLINE_TOKENIZE_CHARS = 8_192  # shorter prompts are tokenized on the event loop
@@ -92,13 +94,13 @@ class GenerationService:
         admission.__enter__()
         try:
             held = await asyncio.to_thread(self._hold, presented.voucher, x402_checked, max_fee, pricing,
-                                           str(http.url), read)
+                                           str(http.url), read, body)
         except BaseException:
             admission.__exit__(None, None, None)
             raise
         if isinstance(held, Replay):
             admission.__exit__(None, None, None)
-            return self._replay(req, held.body)
+            return self._replay(req, held)
         response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{held.checked.digest.hex()[:24]}"
         job = Job(kind, req, response_id, f"{response_id}-{secrets.token_hex(6)}", int(time.time()), adapter,
                   prompt_ids, params, held)
@@ -112,12 +114,12 @@ class GenerationService:
             admission.__exit__(None, None, None)
 
     def _hold(self, checked: CheckedVoucher | None, x402: X402Checked | None, max_fee: int, pricing: Pricing,
-              url: str, read: str | None = None) -> Hold | Replay:
+              url: str, read: str | None = None, body: bytes = b"") -> Hold | Replay:
         if checked is not None:
             return self.payments.hold(checked, max_fee, pricing, read)
         assert self.x402 is not None and self.offer is not None and x402 is not None
         try:
-            return self.x402.hold(x402, max_fee, pricing)
+            return self.x402.hold_or_replay(x402, max_fee, pricing, request_hash(body), read)
         except X402Refused as exc:  # the corrective 402 carries the channel's state
             raise self.offer.challenge(url, max_fee, exc) from exc
 
@@ -219,11 +221,18 @@ class GenerationService:
     def _charge(self, job: Job, usage: Usage, choices: list[ChoiceOutput]) -> tuple[int, dict[str, Any]]:
         digest, text = job.hold.checked.digest, output_text([c.text for c in choices])
         shape = job.shape(self.engine.token_text)
-        charged = self.payments.finish(job.hold, usage,
-                                       lambda fee: self.issuer.issue(digest, job.adapter, usage, fee, text),
-                                       lambda receipt: shape.body(choices, usage, receipt))
-        self.gate.paid(job.hold.checked)  # a purchase: its cold loads were paid for
-        return charged
+        voucher = job.hold.checked
+        request = voucher.request if isinstance(voucher, X402Voucher) else None  # an x402 voucher names no body
+
+        def stored(receipt: dict[str, Any]) -> dict[str, Any]:
+            answer = shape.body(choices, usage, receipt)
+            return answer if request is None else x402_replay.kept(answer, request)
+
+        total, body = self.payments.finish(job.hold, usage,
+                                           lambda fee: self.issuer.issue(digest, job.adapter, usage, fee, text),
+                                           stored)
+        self.gate.paid(voucher)  # a purchase: its cold loads were paid for
+        return total, body if request is None else x402_replay.as_sent(body)
 
     # --- streamed -----------------------------------------------------------------------------------
     async def _sse(self, job: Job, leave: Callable[[], None]) -> AsyncIterator[bytes]:
@@ -352,10 +361,12 @@ class GenerationService:
                  "them", job.response_id, sent.usage.completion_tokens)
 
     def _replay(self, req: CompletionRequest | ChatCompletionRequest,
-                body: dict[str, Any]) -> JSONResponse | StreamingResponse:
+                replay: Replay) -> JSONResponse | StreamingResponse:
         """The stored answer again, free, in the shape it was bought in (no body is served by both
-        endpoints: each refuses the other's fields)."""
-        headers = {"X-Charged-Total": body["receipt"]["chargedTotal"], "X-Idempotent-Replay": "true"}
+        endpoints: each refuses the other's fields), with its scheme's headers (x402: PAYMENT-RESPONSE)."""
+        body = replay.body
+        headers = {"X-Charged-Total": body["receipt"]["chargedTotal"], "X-Idempotent-Replay": "true",
+                   **replay.headers}
         if not req.stream:
             return FastJSONResponse(body, headers=headers)
 

@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
@@ -52,6 +52,7 @@ class Replay:
     """The voucher was used before: here is the response it bought."""
 
     body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)  # of the scheme it was paid in (PAYMENT-RESPONSE)
 
 
 @dataclass(frozen=True)

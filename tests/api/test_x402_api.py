@@ -78,8 +78,12 @@ def test_a_replayed_voucher_is_never_served_twice(x402_node: PaidNode) -> None:
     first = _paid(x402_node, body, header)
     assert first.status_code == 200, first.text
     charged = first.json()["receipt"]["chargedTotal"]
-    for _ in range(2):  # a loop of stale vouchers costs the node nothing and serves nothing
-        again = _paid(x402_node, body, header)
+    again = _paid(x402_node, body, header)  # the same request: its stored answer, free (not generated again)
+    assert again.status_code == 200 and again.headers["X-Idempotent-Replay"] == "true", again.text
+    assert again.json() == first.json()
+    assert decode(again.headers["PAYMENT-RESPONSE"])["extra"]["channelState"]["chargedCumulativeAmount"] == charged
+    for prompt in ("the sky", "the sky"):  # another request: a loop of stale vouchers costs the node nothing
+        again = _paid(x402_node, chat(x402_node, prompt), header)
         assert again.status_code == 402, again.text
         corrective = decode(again.headers["PAYMENT-REQUIRED"])
         assert corrective["error"] == "invalid_batch_settlement_evm_cumulative_amount_mismatch"

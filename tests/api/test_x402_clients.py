@@ -1,6 +1,7 @@
 """The stock x402 Python SDK against a live node, beyond a plain paid answer (docs/x402.md): a streamed
 answer's PAYMENT-RESPONSE in its last chunk, a client that lost its channel state recovering through the
-corrective 402, and the node as its own facilitator under the SDK's facilitator client."""
+corrective 402, a client whose answer was lost getting it again without paying twice (to its payer only,
+once the channel is claimed), and the node as its own facilitator under the SDK's facilitator client."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from node.client.payer import verify_receipt
 from node.payment.x402.typed import CHANNELS_ADDRESS, voucher_digest
 from node.protocol.eip712 import sign_digest
 from tests.fixtures.paid_node import PaidNode
-from tests.fixtures.x402_node import chat, decode, payer_key, sdk_scheme
+from tests.fixtures.x402_node import chat, decode, payer_key, sdk_scheme, settle_and_reconcile
 from tests.payment.x402.sdk import Payer
 
 pytestmark = [pytest.mark.chain, pytest.mark.slow]
@@ -51,10 +52,33 @@ class _Recorded(x402HTTPAdapter, _Wire):
         _Wire.__init__(self)
 
 
-def _recorded_session(node: PaidNode, offset: int) -> tuple[requests.Session, _Recorded]:
+class _LossyWire(_Wire):
+    """A wire that loses the next paid answer once `lose` is set: the node served and charged it, the client
+    never read it (a dropped connection)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lose = False
+
+    def send(self, request: Any, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        response = super().send(request, *args, **kwargs)
+        if self.lose and response.status_code == 200 and "PAYMENT-SIGNATURE" in request.headers:
+            self.lose = False
+            raise requests.ConnectionError("the answer was lost on the way back")
+        return response
+
+
+class _Lossy(x402HTTPAdapter, _LossyWire):
+    def __init__(self, client: x402ClientSync) -> None:
+        x402HTTPAdapter.__init__(self, client)
+        _LossyWire.__init__(self)
+
+
+def _recorded_session(node: PaidNode, offset: int, lossy: bool = False
+                      ) -> tuple[requests.Session, _Recorded | _Lossy]:
     client = x402ClientSync().register(f"eip155:{node.local.deployment.chain_id}", sdk_scheme(node, offset))
     client.set_spend_controls({"allowed_assets": True, "max_amount_per_payment": str(10**18)})
-    adapter = _Recorded(client)
+    adapter = _Lossy(client) if lossy else _Recorded(client)
     session = requests.Session()
     session.mount("http://", adapter)
     return session, adapter
@@ -144,6 +168,82 @@ def test_a_stock_client_that_lost_its_channel_state_pays_again_through_the_corre
     wire.seen.clear()  # resynchronised: the next request is paid at the first try
     resp = fresh.post(url, json=chat(x402_node, "the sea is"), timeout=120)
     assert resp.status_code == 200 and [s for _, s, _ in wire.seen] == [402, 200]
+
+
+def _lose_the_next_answer(session: requests.Session, wire: _Lossy, url: str, body: dict[str, Any]
+                          ) -> requests.Response:
+    """Pay `body` through the stock client on a wire that drops the answer: the node's answer, which the client
+    never read (its PAYMENT-RESPONSE neither: the client's channel state stays where it was)."""
+    wire.lose, before = True, len(wire.seen)
+    with pytest.raises(Exception, match="lost on the way back"):
+        session.post(url, json=body, timeout=120)
+    lost = wire.seen[-1][2]
+    assert lost.status_code == 200 and len(wire.seen) == before + 2, "paid at the first try, then lost"
+    return lost
+
+
+def test_a_stock_client_whose_answer_was_lost_gets_it_again_and_pays_once(x402_node: PaidNode) -> None:
+    """The stock client sends the same payment again for a request whose answer was lost (its channel state
+    never moved: the answer's PAYMENT-RESPONSE never came). The node replays the stored answer, free, with a
+    PAYMENT-RESPONSE naming the channel's charged total, so the client's next request is paid at the first
+    try. It used to get the corrective 402 ("already used") and pay a second generation of the same request.
+    The same voucher with another body is refused as before (the corrective 402): that request is paid once,
+    on the running total."""
+    url = f"{x402_node.base_url}/v1/chat/completions"
+    session, wire = _recorded_session(x402_node, 7, lossy=True)
+    assert session.post(url, json=chat(x402_node, "the sea"), timeout=120).status_code == 200  # the deposit
+    assert isinstance(wire, _Lossy)
+    body = chat(x402_node, "calm", temperature=0.5)
+    lost = _lose_the_next_answer(session, wire, url, body)
+    charged = int(lost.json()["receipt"]["chargedTotal"])
+
+    wire.seen.clear()
+    again = session.post(url, json=body, timeout=120)
+    assert again.status_code == 200, again.text
+    assert [(paid, status) for paid, status, _ in wire.seen] == [(False, 402), (True, 200)], "paid nothing again"
+    assert again.headers["X-Idempotent-Replay"] == "true" and again.json() == lost.json()
+    state = decode(again.headers["PAYMENT-RESPONSE"])["extra"]["channelState"]
+    assert state["chargedCumulativeAmount"] == str(charged)
+
+    wire.seen.clear()  # the client took the channel's total from the replay: paid at the first try
+    resp = session.post(url, json=chat(x402_node, "the sea is"), timeout=120)
+    assert [status for _, status, _ in wire.seen] == [402, 200], resp.text
+    assert int(resp.json()["receipt"]["chargedTotal"]) == charged + int(resp.json()["receipt"]["fee"])
+    charged = int(resp.json()["receipt"]["chargedTotal"])
+
+    lost = _lose_the_next_answer(session, wire, url, chat(x402_node, "blue", temperature=0.5))
+    charged = int(lost.json()["receipt"]["chargedTotal"])
+    wire.seen.clear()  # the same price, so the same voucher, for another body: no second generation on it
+    other = session.post(url, json=chat(x402_node, "blue", temperature=0.7), timeout=120)
+    assert [(paid, status) for paid, status, _ in wire.seen] == [(False, 402), (True, 402), (True, 200)]
+    assert decode(wire.seen[1][2].headers["PAYMENT-REQUIRED"])["error"] == MISMATCH
+    assert "X-Idempotent-Replay" not in other.headers
+    assert int(other.json()["receipt"]["chargedTotal"]) == charged + int(other.json()["receipt"]["fee"])
+
+
+def test_a_lost_first_answer_paid_by_a_deposit_is_replayed_without_a_second_deposit(x402_node: PaidNode) -> None:
+    """The first request of a channel pays with a deposit; its answer lost, the client knows of no deposit
+    and sends a deposit again with the same voucher: the node replays the answer before submitting anything
+    (the payer's tokens stay where they are), and the next request is paid by a voucher at the first try."""
+    url = f"{x402_node.base_url}/v1/chat/completions"
+    session, wire = _recorded_session(x402_node, 1, lossy=True)
+    assert isinstance(wire, _Lossy)
+    body = chat(x402_node, "the sea")
+    lost = _lose_the_next_answer(session, wire, url, body)
+    deposited = decode(lost.headers["PAYMENT-RESPONSE"])["extra"]["channelState"]["balance"]
+    wire.seen.clear()
+    again = session.post(url, json=body, timeout=120)
+    assert [(paid, status) for paid, status, _ in wire.seen] == [(False, 402), (True, 200)], again.text
+    assert decode(wire.seen[1][2].request.headers["PAYMENT-SIGNATURE"])["payload"]["type"] == "deposit"
+    assert again.headers["X-Idempotent-Replay"] == "true" and again.json() == lost.json()
+    state = decode(again.headers["PAYMENT-RESPONSE"])["extra"]["channelState"]
+    assert state["balance"] == deposited, "no second deposit"
+    wire.seen.clear()
+    resp = session.post(url, json=chat(x402_node, "blue"), timeout=120)
+    assert [status for _, status, _ in wire.seen] == [402, 200], resp.text
+    assert decode(wire.seen[1][2].request.headers["PAYMENT-SIGNATURE"])["payload"]["type"] == "voucher"
+    assert int(resp.json()["receipt"]["chargedTotal"]) == int(lost.json()["receipt"]["fee"]) + \
+        int(resp.json()["receipt"]["fee"])
 
 
 def _facilitator_request(node: PaidNode, payer: Payer, body: dict[str, Any]
@@ -304,3 +404,36 @@ def test_an_x402_payer_reads_the_text_of_its_own_receipts_and_no_one_else_does(x
                                                           info.domain)}, timeout=30)
     assert theirs.status_code == 403, theirs.text
     assert "output" not in requests.get(url, timeout=30).json()
+
+
+def test_a_lost_answer_whose_voucher_the_channels_claim_published_replays_only_to_its_payer(
+        x402_node: PaidNode) -> None:
+    """The epoch's sweep claims the channel with its payer's highest voucher, in a transaction anyone reads
+    (and the corrective 402 then shows any holder of one the latest): from then on the payment sent again
+    gets a 409 naming its receipt (the stock client passes it on, paying nothing), and the stored answer
+    only with the channel payer's X-Receipt-Read of that receipt; a stranger's read gets 403, no text."""
+    info = _domain(x402_node)
+    url = f"{x402_node.base_url}/v1/chat/completions"
+    session, wire = _recorded_session(x402_node, 3, lossy=True)
+    assert session.post(url, json=chat(x402_node, "the sea"), timeout=120).status_code == 200
+    assert isinstance(wire, _Lossy)
+    body = chat(x402_node, "calm and blue")
+    lost = _lose_the_next_answer(session, wire, url, body)
+    header, receipt_id = wire.seen[-1][2].request.headers["PAYMENT-SIGNATURE"], lost.json()["receipt"]["id"]
+    settle_and_reconcile(x402_node.local)
+
+    wire.seen.clear()
+    resp = session.post(url, json=body, timeout=120)
+    assert [(paid, status) for paid, status, _ in wire.seen] == [(False, 402), (True, 409)], resp.text
+    assert receipt_id in resp.text and "X-Receipt-Read" in resp.text and "choices" not in resp.json()
+    stranger = payer_key(x402_node.local, 2)
+    for read, status in ((None, 409), (sign_read(stranger, Account.from_key(stranger).address, receipt_id,
+                                                 info.domain), 403)):
+        headers = {"PAYMENT-SIGNATURE": header, **({HEADER: read} if read else {})}
+        resp = requests.post(url, json=body, headers=headers, timeout=120)
+        assert resp.status_code == status and "choices" not in resp.json(), resp.text
+    key = payer_key(x402_node.local, 3)
+    own = requests.post(url, json=body, timeout=120, headers={
+        "PAYMENT-SIGNATURE": header, HEADER: sign_read(key, Account.from_key(key).address, receipt_id, info.domain)})
+    assert own.status_code == 200 and own.headers["X-Idempotent-Replay"] == "true", own.text
+    assert own.json() == lost.json()

@@ -9,6 +9,7 @@ and swept the channel (the router's ERC-1271 signature is the node's).
 
     check(header)              -> X402Checked: the stateless checks (terms, channel id, signature)
     hold(checked, max_fee, p)  -> a lane Hold, after the checks against the channel's books and deposit
+    hold_or_replay(...)        -> the same, or the stored answer of a voucher sent again for its request (free)
     payment_response(hold, t)  -> the PAYMENT-RESPONSE object of the charged answer
 """
 
@@ -21,12 +22,13 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from node.chain.receipt_read import authorize_read
 from node.db.models import Voucher as VoucherRow
-from node.errors import BadRequest, ChainError
+from node.errors import BadRequest, ChainError, VoucherConflict
 from node.payment.lane import HoldView
 from node.payment.ledger import Reservation
 from node.payment.pricing import Pricing
-from node.payment.service import Hold, PaymentService
+from node.payment.service import Hold, PaymentService, Replay
 from node.payment.voucher_check import CheckedVoucher
 from node.payment.x402.book import ChannelBook, ChannelEntry
 from node.payment.x402.channel_check import (
@@ -41,9 +43,10 @@ from node.payment.x402.channel_check import (
     check_terms,
 )
 from node.payment.x402.facilitator import Facilitator
+from node.payment.x402.replay import answers, as_sent, may_be_public, receipt_of
 from node.payment.x402.terms import CUMULATIVE_MISMATCH, X402Terms
 from node.payment.x402.typed import voucher_digest as x402_voucher_digest
-from node.payment.x402.wire import Payment, decode_payment, payment_response
+from node.payment.x402.wire import PAYMENT_RESPONSE_HEADER, Payment, decode_payment, encode_header, payment_response
 from node.protocol.eip712 import sign_digest
 from node.protocol.hexstr import to_hex
 from node.protocol.voucher import Voucher, voucher_digest
@@ -84,6 +87,7 @@ class X402Voucher(CheckedVoucher):
     x402: X402Checked
     view: ChannelView
     deposit_tx: str = ""  # the deposit this payment carried, submitted by the node ("" for a voucher)
+    request: bytes = b""  # keccak256 of the request body it pays for (kept with its answer: x402/replay.py)
 
 
 class X402Payments:
@@ -114,9 +118,54 @@ class X402Payments:
         channel = check_terms(payment, self.terms)
         return X402Checked(payment, channel, check_signature(payment, self.terms, channel))
 
-    def hold(self, checked: X402Checked, max_fee: int, pricing: Pricing | None = None) -> Hold:
+    def hold_or_replay(self, checked: X402Checked, max_fee: int, pricing: Pricing, request: bytes,
+                       read: str | None = None) -> Hold | Replay:
+        """`hold`, or, for a voucher it refuses as off the channel's total that bought an answer to this very
+        request (a payment sent again), `replay`: looked up only then, so paying costs no extra read."""
+        try:
+            return self.hold(checked, max_fee, pricing, request)
+        except X402Refused as exc:
+            replayed = self.replay(checked, request, read) if exc.reason == CUMULATIVE_MISMATCH else None
+            if replayed is None:
+                raise
+            return replayed
+
+    def replay(self, checked: X402Checked, request: bytes, read: str | None = None) -> Replay | None:
+        """The stored answer of the voucher sent again for the request it answered (node/payment/x402/replay.py),
+        free, with a PAYMENT-RESPONSE naming the channel's charged total; once the channel's vouchers may be
+        public, only with `read`, the channel payer's X-Receipt-Read of the receipt the 409 names. None for
+        a voucher never accepted, or accepted for another request (no second generation on one voucher:
+        the corrective 402 stands)."""
+        lane = self.book.find_lane(checked.channel_id)
+        if lane is None:
+            return None
+        digest = to_hex(self._lane_digest(lane, checked.payment.voucher.max_claimable, checked.digest))
+        with self.ledger.factory() as session:
+            row = session.get(VoucherRow, digest)
+            stored = row.response if row is not None else None
+            if stored is None or not answers(stored, request):
+                return None
+            view = self._view(checked, self.ledger.channel(self.router, lane).charged_total)
+            now = datetime.fromtimestamp(self.ledger.clock(), UTC)
+            if may_be_public(session, view, self.router, self.ledger.node, lane, now - self.ledger.ttl):
+                self._authorize(checked, receipt_of(session, digest), read)
+        response = payment_response(self.terms.network, checked.payment.config.payer, int(stored["receipt"]["fee"]),
+                                    view.channel_state(checked.channel_id))
+        return Replay(as_sent(stored), {PAYMENT_RESPONSE_HEADER: encode_header(response)})
+
+    def _authorize(self, checked: X402Checked, receipt_id: str, read: str | None) -> None:
+        """Pass with the channel payer's X-Receipt-Read of `receipt_id`; else 409 naming it (401/403 for a
+        read that is not the payer's)."""
+        if read is None:
+            raise VoucherConflict("this voucher was already used and its channel is claimed on chain: its payer "
+                                  "reads the answer with GET /v1/receipts/{id} and a signed X-Receipt-Read, or "
+                                  "sends the payment again with it", receipt_id=receipt_id)
+        authorize_read(read, receipt_id, checked.payment.config.payer, self.payments.domain, self.payments.clock())
+
+    def hold(self, checked: X402Checked, max_fee: int, pricing: Pricing | None = None, request: bytes = b"") -> Hold:
         """Hold `max_fee` on the channel's lane: refused (402, the spec's codes) unless the voucher pays
-        this request on top of what the channel was charged and its deposit covers it. A deposit is
+        this request (whose body hashes to `request`) on top of what the channel was charged and its deposit
+        covers it. A deposit is
         submitted on chain first (the node pays the gas), before the router's lock that every x402 hold
         takes: no other payer waits for its block. A channel with nothing in it gets no row in the books."""
         payment, deposit_tx = checked.payment, ""
@@ -139,7 +188,7 @@ class X402Payments:
         signature = sign_digest(self.node_key, digest)  # the digest above: hashed once
         v = lane_voucher
         signed = X402Voucher(v.payer, v.node, v.lane, v.cumulative, v.request_hash, v.deadline, signature, digest,
-                             checked, view, deposit_tx)
+                             checked, view, deposit_tx, request)
         reservation = Reservation(self.router, self.ledger.node, lane_id, signed.digest_hex,
                                   lane_voucher.cumulative, max_fee, seen.lane.charged_total)
         return Hold(signed, reservation, pricing or self.payments.pricing)
@@ -228,10 +277,15 @@ class X402Payments:
 
     def _is_spent(self, entry: ChannelEntry, channel: bytes) -> bool:
         """Whether the channel's latest voucher bought a generation (its router lane voucher is stored)."""
-        lane_voucher = Voucher(self.terms.router, self.payments.node, entry.lane, entry.signed_max,
-                               x402_voucher_digest(channel, entry.signed_max, self.terms.chain_id), NEVER)
+        digest = self._lane_digest(entry.lane, entry.signed_max,
+                                   x402_voucher_digest(channel, entry.signed_max, self.terms.chain_id))
         with self.ledger.factory() as session:
-            return session.get(VoucherRow, to_hex(voucher_digest(lane_voucher, self.payments.domain))) is not None
+            return session.get(VoucherRow, to_hex(digest)) is not None
+
+    def _lane_digest(self, lane: int, max_claimable: int, x402_digest: bytes) -> bytes:
+        """The digest of the router lane voucher the node signs for an x402 voucher: its id in the ledger."""
+        voucher = Voucher(self.terms.router, self.payments.node, lane, max_claimable, x402_digest, NEVER)
+        return voucher_digest(voucher, self.payments.domain)
 
     def unclaimed(self, checked: X402Checked) -> int:
         """What the channel could still pay: its deposit less what is being withdrawn and what the node

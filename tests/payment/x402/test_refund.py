@@ -11,6 +11,8 @@ from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
+from eth_account import Account
+from eth_utils import keccak
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from x402.mechanisms.evm.batch_settlement.client.refund import RefundOptions, _RefundResponse
@@ -18,18 +20,22 @@ from x402.mechanisms.evm.batch_settlement.client.refund import RefundOptions, _R
 from node.api.error_handlers import install_error_handlers
 from node.api.routes import x402_refund
 from node.chain.contract_client import ContractClient
+from node.chain.receipt_read import sign_read
 from node.chain.x402_channels import X402Chain
+from node.errors import NotThePayer, VoucherConflict
 from node.payment.service import Usage
 from node.payment.x402.channel_check import X402Refused
 from node.payment.x402.channel_mirror import ChannelMirror
 from node.payment.x402.facilitator import Facilitator, erc20_balance_of
 from node.payment.x402.refund import X402Refunds
+from node.payment.x402.replay import as_sent
 from node.payment.x402.terms import CUMULATIVE_MISMATCH, payment_required
 from node.payment.x402.wire import PAYMENT_SIGNATURE_HEADER, decode_header, encode_header
 from tests.fixtures import x402_chain_node as fixtures
 from tests.fixtures.contracts import Roles
 from tests.fixtures.x402_chain_node import DELAY, X402Node
 from tests.payment.x402.sdk import PRICE, Payer
+from tests.payment.x402.test_service import _serve
 
 pytestmark = pytest.mark.chain
 anvil, roles, x402_node = fixtures.anvil, fixtures.roles, fixtures.x402_node
@@ -142,6 +148,43 @@ def test_no_refund_while_a_request_holds_the_channel_and_no_request_during_a_ref
     with pytest.raises(X402Refused) as busy:  # the mirror has not shown the refund: the channel stays held
         x402_node.x402.hold(x402_node.x402.check(header), PRICE)
     assert busy.value.reason.endswith("channel_busy")
+
+
+def test_a_payment_sent_again_while_a_refund_is_not_mirrored_replays_only_to_its_payer(
+        x402_node: X402Node, roles: Roles) -> None:
+    """A refund's claim publishes the payer's refund voucher (the very voucher of its last request when
+    that request's fee was its whole price) before the mirror shows the refund: the channel stays held
+    meanwhile, and a payment sent again gets 409 naming its receipt, its stored answer only with the payer's
+    X-Receipt-Read (before the refund it was replayed free)."""
+    payer = Payer(roles.payer, x402_node.world.rpc_url, x402_node.world.dep.chain_id)
+    x402_node.serve(payer, Usage(20, 10))
+    header, payment = payer.pay(x402_node.world.required())
+    request = keccak(b"the request as sent")
+    _, body, response = _serve(x402_node.x402, header, Usage(20, 10), request)
+    payer.answered(payment, response)
+    checked = x402_node.x402.check(header)
+    free = x402_node.x402.replay(checked, request)
+    assert free is not None and free.body == as_sent(body), "not public yet: replayed free"
+    assert x402_node.x402.replay(checked, keccak(b"another request")) is None, "no answer to another body"
+
+    def never_mirrored(channel: bytes, nonce: int) -> bool:
+        return False
+    stuck = X402Refunds(x402_node.x402, x402_node.world.chain.channel, x402_node.world.chain.refund, never_mirrored,
+                        mirror_wait_s=0.1)
+    assert payer.scheme.refund(URL, RefundOptions(fetch=_http(x402_node, stuck))).success
+    with pytest.raises(VoucherConflict) as refused:
+        x402_node.x402.replay(checked, request)
+    receipt_id = refused.value.facts["receipt_id"]
+    domain = x402_node.x402.payments.domain
+    with pytest.raises(NotThePayer):
+        x402_node.x402.replay(checked, request, sign_read(roles.contributor, _address(roles.contributor), receipt_id,
+                                                          domain))
+    own = x402_node.x402.replay(checked, request, sign_read(roles.payer, _address(roles.payer), receipt_id, domain))
+    assert own is not None and own.body == as_sent(body)
+
+
+def _address(key: str) -> str:
+    return str(Account.from_key(key).address)
 
 
 def test_the_sdk_refunds_through_the_nodes_route(x402_node: X402Node, roles: Roles) -> None:

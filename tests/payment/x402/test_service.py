@@ -22,6 +22,7 @@ from node.payment.pricing import Pricing
 from node.payment.service import PaymentService, Usage
 from node.payment.x402.book import ChannelBook
 from node.payment.x402.channel_check import X402Refused
+from node.payment.x402.replay import kept
 from node.payment.x402.service import X402Payments
 from node.payment.x402.terms import CUMULATIVE_MISMATCH
 from node.protocol.eip712 import Domain
@@ -46,9 +47,11 @@ def _services(db_url: str, world: X402World, roles: Roles) -> tuple[X402Payments
     return x402, factory
 
 
-def _serve(x402: X402Payments, header: str, usage: Usage) -> tuple[int, dict[str, Any], dict[str, Any]]:
-    """One paid request: check, hold, charge `usage` with a receipt; (charged total, body, PAYMENT-RESPONSE)."""
-    hold = x402.hold(x402.check(header), PRICE)
+def _serve(x402: X402Payments, header: str, usage: Usage, request: bytes | None = None
+           ) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """One paid request: check, hold, charge `usage` with a receipt; (charged total, body, PAYMENT-RESPONSE).
+    With `request` (its body's hash), the answer is stored as the API stores it: replayable to that request."""
+    hold = x402.hold(x402.check(header), PRICE, request=request or b"")
     n = [0]
 
     def issue(fee: int) -> SignedReceipt:
@@ -57,7 +60,10 @@ def _serve(x402: X402Payments, header: str, usage: Usage) -> tuple[int, dict[str
                                usage.completion_tokens, fee, b"\xcd" * 32, 1)
         return SignedReceipt(fields, hold.checked.digest, b"\x11" * 65, x402.payments.node)
 
-    total, body = x402.payments.finish(hold, usage, issue, lambda receipt: {"receipt": receipt})
+    def stored(receipt: dict[str, Any]) -> dict[str, Any]:
+        return {"receipt": receipt} if request is None else kept({"receipt": receipt}, request)
+
+    total, body = x402.payments.finish(hold, usage, issue, stored)
     return total, body, x402.payment_response(hold, total)
 
 
