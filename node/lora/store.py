@@ -63,7 +63,7 @@ class _Registration:
 class _Job:
     adapter_id: str
     reg: _Registration
-    leased: Path | None  # the disk cache copy, held against eviction until the load ends
+    is_leased: bool  # a disk cache copy is there, held against eviction until the load ends
 
 
 @dataclass(frozen=True)
@@ -202,6 +202,7 @@ class AdapterStore(Generic[W]):
         self._fetch_pool.shutdown(wait=True, cancel_futures=True)
         self._load_pool.shutdown(wait=True, cancel_futures=True)
         self._client.close()
+        self._disk.close()
 
     def __enter__(self) -> AdapterStore[W]:
         return self
@@ -237,7 +238,7 @@ class AdapterStore(Generic[W]):
             if is_inline:
                 return future, job
             is_remote = reg.source.uri.startswith(("http://", "https://"))
-            pool = self._fetch_pool if job.leased is None and is_remote else self._load_pool
+            pool = self._fetch_pool if not job.is_leased and is_remote else self._load_pool
             pool.submit(self._run, future, job)
             return future, None
 
@@ -255,7 +256,7 @@ class AdapterStore(Generic[W]):
 
     def _load(self, job: _Job) -> tuple[W, int]:
         adapter_id, reg = job.adapter_id, job.reg
-        files, started = self._good_copy(adapter_id, reg, job.leased)
+        files, started = self._good_copy(adapter_id, reg, job.is_leased)
         try:
             template = files.chat_template
             with self._lock:
@@ -263,8 +264,9 @@ class AdapterStore(Generic[W]):
             files.check()
             weights = self._parse(files)
             size = self._nbytes(weights)
-            if not self.config.verify_every_load:
-                self._disk.remember(reg.key, files)  # its next load reads only the tensor bytes
+            if not self.config.verify_every_load:  # its next loads check nothing again
+                self._disk.vet(reg.key)  # after a restart too
+                self._disk.remember(reg.key, files)  # and read only the tensor bytes
             self._metrics.loaded("disk", time.monotonic() - started)
         finally:
             self._disk.release(reg.key)
@@ -274,12 +276,12 @@ class AdapterStore(Generic[W]):
                                   adapter=adapter_id, nbytes=size, max_bytes=self.config.max_host_bytes)
         return weights, size
 
-    def _good_copy(self, adapter_id: str, reg: _Registration, leased: Path | None,
+    def _good_copy(self, adapter_id: str, reg: _Registration, is_leased: bool,
                    ) -> tuple[AdapterFiles, float]:
         """The registered bytes, read once from a leased disk folder (the cached one if still good, else
         fetched now), and when the disk step began. The hash is checked on the very bytes returned."""
         started = time.monotonic()
-        if leased is not None:
+        if is_leased:
             files, why = self._cached_copy(reg.key, reg.digest)
             if files is not None:
                 self._metrics.count("disk", "hits")
@@ -302,13 +304,12 @@ class AdapterStore(Generic[W]):
         """A disk cache copy ready to parse, or None and why not. Verified when it entered the cache,
         it is trusted (header checked, not hashed; after its first load, not even read again: `recall`)
         unless `verify_every_load` asks to hash it again."""
-        folder = self._disk.root / key
         try:
             if not self.config.verify_every_load:
-                files = self._disk.recall(key) or AdapterFiles.open(folder)
+                files = self._disk.recall(key) or AdapterFiles.open(self._disk.root / key, self._disk.is_vetted(key))
                 files.check()
                 return files, ""
-            files = AdapterFiles.read(folder)
+            files = AdapterFiles.read(self._disk.root / key)
             actual = files.sha256()
         except (OSError, AdapterFormatError) as e:  # deleted or unreadable: as good as corrupted
             return None, str(e) or type(e).__name__
@@ -339,7 +340,7 @@ class AdapterStore(Generic[W]):
 
     def _on_cancel(self, future: Future[W], job: _Job) -> None:
         """A waiter (or `close`) cancelled a load no worker had started: forget it at once."""
-        if job.leased is not None:
+        if job.is_leased:
             self._disk.release(job.reg.key)
         self._settle(future, job)
 
