@@ -1,4 +1,4 @@
-"""PEFT LoRA folders to host-memory tensors, validated against the base model, scaling folded in.
+"""PEFT LoRA folders to host-memory tensors, validated against the base model, with their LoRA scaling.
 
 Only `adapter_config.json` and `adapter_model.safetensors` are ever read (pickled `.bin` files are
 refused). Every problem found is reported at once in one `AdapterFormatError`.
@@ -110,7 +110,7 @@ def load_lora_adapter(source: str | Path | AdapterFiles, target: LoRATargetSpec,
         return weights
     assert plan.gather is not None
     raw = _float32(files.gather(plan.gather, pin_memory).view(plan.dtype), pin_memory)  # one preadv from disk
-    stacks = {s.name: part.view(s.shape) for s, part in zip(plan.stacks, raw.split(plan.sizes), strict=True)}
+    stacks = {s.name: part.view(s.shape) for s, part in zip(plan.stacks, raw.split_with_sizes(plan.sizes), strict=True)}
     rank = plan.stacks[0].shape[1] // len(GROUPS[plan.stacks[0].name])
     a = {g: stacks[g] for g in GROUPS if g in stacks}
     # the usual adapter (one alpha / r for all): B as the file has it, scaled by the slot copy

@@ -11,8 +11,9 @@ afterwards. A fetch hashes the bytes as it writes them into a temp folder; only 
 the registered sha256 (the folder rule of `content_hash`) and parses is flushed and renamed into its
 content address. Any other is deleted, never served, counted as a source miss, and the load fails
 with AdapterIntegrityError naming both hashes. A load from the cache reads the header and gathers the
-tensors unhashed (a copy whose header broke is fetched again); `verify_every_load` hashes every load
-(a copy that no longer hashes right is fetched again).
+tensors unhashed (a copy whose header broke is fetched again); the weights are checked finite by an
+entry's first load only (it vets the entry). `verify_every_load` hashes and checks every load (a copy
+that no longer hashes right is fetched again).
 
 Failures are per adapter: the state turns FAILED with the error, other adapters are untouched, and
 a later get/prefetch (after `retry_after_s`) tries again.
