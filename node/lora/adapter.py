@@ -48,6 +48,13 @@ class LoRATargetSpec:
     def shape(self, module: str) -> tuple[int, int]:
         return self._shapes[module]
 
+    def __hash__(self) -> int:  # part of the key of every load's plan: hashed once, not per load
+        return self._hash
+
+    @cached_property
+    def _hash(self) -> int:
+        return hash((self.num_layers, self.module_shapes, self.fused))
+
 
 @dataclass(frozen=True)
 class _Stack:
@@ -75,6 +82,22 @@ class _Plan:
         """Elements of each stack, in order: the gathered buffer split into the stacks."""
         assert self.stacks is not None
         return [math.prod(s.shape) for s in self.stacks]
+
+    @cached_property
+    def views(self) -> tuple[tuple[str, tuple[int, ...], bool], ...]:
+        """Each stack's name, shape and whether it is an A stack (a group's), in the buffer's order."""
+        assert self.stacks is not None
+        return tuple((s.name, s.shape, s.name in GROUPS) for s in self.stacks)
+
+    @cached_property
+    def rank(self) -> int:
+        assert self.stacks is not None
+        return self.stacks[0].shape[1] // len(GROUPS[self.stacks[0].name])
+
+    @cached_property
+    def ranks(self) -> dict[tuple[int, str], int]:
+        """(layer, module) -> rank, shared by every load of the plan (read-only)."""
+        return dict.fromkeys(self.names, self.rank)
 
 
 MAX_CACHED_PLANS = 64
@@ -110,16 +133,15 @@ def load_lora_adapter(source: str | Path | AdapterFiles, target: LoRATargetSpec,
         return weights
     assert plan.gather is not None
     raw = _float32(files.gather(plan.gather, pin_memory).view(plan.dtype), pin_memory)  # one preadv from disk
-    stacks = {s.name: part.view(s.shape) for s, part in zip(plan.stacks, raw.split_with_sizes(plan.sizes), strict=True)}
-    rank = plan.stacks[0].shape[1] // len(GROUPS[plan.stacks[0].name])
-    a = {g: stacks[g] for g in GROUPS if g in stacks}
-    # the usual adapter (one alpha / r for all): B as the file has it, scaled by the slot copy
-    b = {m: stacks[m] if plan.b_scale is not None else scale_stack(stacks[m], m, plan.scales)
-         for m in MODULES if m in stacks}
+    a, b = {}, {}  # A stacks in GROUPS order, then B stacks in MODULES order (`_stacks`)
+    for (name, shape, is_a), part in zip(plan.views, raw.split_with_sizes(plan.sizes), strict=True):
+        (a if is_a else b)[name] = part.view(shape)
+    if plan.b_scale is None:  # per-module scalings: folded into B; else B as the file has it, scaled by the slot copy
+        b = {m: scale_stack(t, m, plan.scales) for m, t in b.items()}
     b_scale = plan.b_scale if plan.b_scale is not None else 1.0
     if not files.is_vetted:  # the bytes, not the plan; scaled, which can overflow a huge weight
-        _refuse_non_finite(files, _non_finite(stacks, rank, b_scale))
-    return LoRAWeights(rank=rank, a=a, b=b, ranks=dict.fromkeys(plan.names, rank), b_scale=b_scale)
+        _refuse_non_finite(files, _non_finite({**a, **b}, plan.rank, b_scale))
+    return LoRAWeights(rank=plan.rank, a=a, b=b, ranks=plan.ranks, b_scale=b_scale)
 
 
 def _float32(raw: torch.Tensor, pin_memory: bool) -> torch.Tensor:

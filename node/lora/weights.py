@@ -39,7 +39,7 @@ class LoRAWeights:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
+        return sum(t.nbytes for t in (*self.a.values(), *self.b.values()))
 
     @property
     def num_layers(self) -> int:
