@@ -84,7 +84,8 @@ def adapter_store(store: StoreConfig, config: EngineConfig) -> AdapterStore[LoRA
     """The tiered adapter store for this base model (parse: a validated PEFT folder)."""
     model = ModelConfig.from_folder(config.model_path)
     target = LoRATargetSpec.of(model.num_layers, model.module_shapes(), model.fused_modules())
-    parse = functools.partial(load_lora_adapter, target=target, max_rank=config.max_lora_rank)
+    parse = functools.partial(load_lora_adapter, target=target, max_rank=config.max_lora_rank,
+                              pin_memory=config.device.startswith("cuda"))  # read into what the copy reads
     return AdapterStore(store, parse, lambda w: w.nbytes)
 
 

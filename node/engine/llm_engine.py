@@ -86,7 +86,8 @@ class LLMEngine:
     # --- adapters -------------------------------------------------------------------------------
     def parse_adapter(self, folder: Path) -> LoRAWeights:
         """The `parse` function for adapter providers: a validated PEFT folder for this base model."""
-        return load_lora_adapter(folder, self.lora_target, self.config.max_lora_rank)
+        return load_lora_adapter(folder, self.lora_target, self.config.max_lora_rank,
+                                 pin_memory=self.config.device.startswith("cuda"))
 
     def add_adapter(self, adapter_id: str, path: str | Path) -> None:
         """Register a local PEFT folder and parse it now, so that a bad adapter fails here."""

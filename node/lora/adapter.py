@@ -1,4 +1,4 @@
-"""PEFT LoRA folders to host-memory tensors, validated against the base model, scaling folded in.
+"""PEFT LoRA folders to host-memory tensors, validated against the base model, with their LoRA scaling.
 
 Only `adapter_config.json` and `adapter_model.safetensors` are ever read (pickled `.bin` files are
 refused). Every problem found is reported at once in one `AdapterFormatError`.
@@ -48,6 +48,13 @@ class LoRATargetSpec:
     def shape(self, module: str) -> tuple[int, int]:
         return self._shapes[module]
 
+    def __hash__(self) -> int:  # part of the key of every load's plan: hashed once, not per load
+        return self._hash
+
+    @cached_property
+    def _hash(self) -> int:
+        return hash((self.num_layers, self.module_shapes, self.fused))
+
 
 @dataclass(frozen=True)
 class _Stack:
@@ -68,7 +75,7 @@ class _Plan:
     stacks: tuple[_Stack, ...] | None  # None: not one dtype and one rank (LoRAWeights.from_modules)
     gather: GatherPlan | None  # where the stacks' bytes come from in the file
     dtype: torch.dtype = torch.float32  # of the stacks in the file
-    b_scale: float | None = None  # one scaling for every B stack (they follow the A stacks), if there is one
+    b_scale: float | None = None  # one scaling for every B stack, if there is one (and it is not 1)
 
     @cached_property
     def sizes(self) -> list[int]:
@@ -77,10 +84,20 @@ class _Plan:
         return [math.prod(s.shape) for s in self.stacks]
 
     @cached_property
-    def num_a(self) -> int:
-        """Elements of the A stacks, which come first in the gathered buffer."""
+    def views(self) -> tuple[tuple[str, tuple[int, ...], bool], ...]:
+        """Each stack's name, shape and whether it is an A stack (a group's), in the buffer's order."""
         assert self.stacks is not None
-        return sum(size for s, size in zip(self.stacks, self.sizes, strict=True) if s.name in GROUPS)
+        return tuple((s.name, s.shape, s.name in GROUPS) for s in self.stacks)
+
+    @cached_property
+    def rank(self) -> int:
+        assert self.stacks is not None
+        return self.stacks[0].shape[1] // len(GROUPS[self.stacks[0].name])
+
+    @cached_property
+    def ranks(self) -> dict[tuple[int, str], int]:
+        """(layer, module) -> rank, shared by every load of the plan (read-only)."""
+        return dict.fromkeys(self.names, self.rank)
 
 
 MAX_CACHED_PLANS = 64
@@ -88,13 +105,16 @@ _PLANS: dict[tuple[object, ...], _Plan] = {}
 
 
 def load_lora_adapter(source: str | Path | AdapterFiles, target: LoRATargetSpec,
-                      max_rank: int) -> LoRAWeights:
+                      max_rank: int, pin_memory: bool = False) -> LoRAWeights:
     """Parse and validate a PEFT LoRA folder (or its files already read and verified by the store);
     raises AdapterFormatError naming every problem.
 
     Everything but the tensor bytes is decided by the config, the safetensors header, the file size
     and the base model, and adapters of one shape share all of them: that plan is kept (64 at most),
-    so a load is mostly joining byte ranges."""
+    so a load is mostly joining byte ranges. The bytes are checked finite unless the files say they
+    were at an earlier load of the same trusted disk cache entry (`AdapterFiles.is_vetted`).
+    `pin_memory`: the host stacks in pinned memory (for CUDA slots: the bytes are read straight into
+    the memory their non-blocking copy reads)."""
     files = source if isinstance(source, AdapterFiles) else AdapterFiles.read(source)
     key = (files.config_bytes, files.header_bytes, files.size, target, max_rank)
     plan = _PLANS.get(key)
@@ -112,18 +132,23 @@ def load_lora_adapter(source: str | Path | AdapterFiles, target: LoRATargetSpec,
         _refuse_non_finite(files, _non_finite({**weights.a, **weights.b}, weights.rank))
         return weights
     assert plan.gather is not None
-    raw = files.gather(plan.gather).view(plan.dtype).float()  # one preadv for a disk cache copy; float32
-    stacks = {s.name: part.view(s.shape) for s, part in zip(plan.stacks, raw.split(plan.sizes), strict=True)}
-    rank = plan.stacks[0].shape[1] // len(GROUPS[plan.stacks[0].name])
-    a = {g: stacks[g] for g in GROUPS if g in stacks}
-    if plan.b_scale is not None:  # the usual adapter: one alpha / r for all, one pass over the B stacks
-        raw[plan.num_a:].mul_(plan.b_scale)
-    b = {m: stacks[m] if plan.b_scale is not None else scale_stack(stacks[m], m, plan.scales)
-         for m in MODULES if m in stacks}
-    # the bytes, not the plan, checked on every load; after scaling, which can overflow a huge weight
-    if not math.isfinite(raw.sum().item()):  # one reduction over all stacks; searched only if it fails
-        _refuse_non_finite(files, _non_finite(stacks, rank))
-    return LoRAWeights(rank=rank, a=a, b=b, ranks=dict.fromkeys(plan.names, rank))
+    raw = _float32(files.gather(plan.gather, pin_memory).view(plan.dtype), pin_memory)  # one preadv from disk
+    a, b = {}, {}  # A stacks in GROUPS order, then B stacks in MODULES order (`_stacks`)
+    for (name, shape, is_a), part in zip(plan.views, raw.split_with_sizes(plan.sizes), strict=True):
+        (a if is_a else b)[name] = part.view(shape)
+    if plan.b_scale is None:  # per-module scalings: folded into B; else B as the file has it, scaled by the slot copy
+        b = {m: scale_stack(t, m, plan.scales) for m, t in b.items()}
+    b_scale = plan.b_scale if plan.b_scale is not None else 1.0
+    if not files.is_vetted:  # the bytes, not the plan; scaled, which can overflow a huge weight
+        _refuse_non_finite(files, _non_finite({**a, **b}, plan.rank, b_scale))
+    return LoRAWeights(rank=plan.rank, a=a, b=b, ranks=plan.ranks, b_scale=b_scale)
+
+
+def _float32(raw: torch.Tensor, pin_memory: bool) -> torch.Tensor:
+    """The gathered stacks as float32 (the file's own buffer if they are; pinned like it if asked)."""
+    if raw.dtype == torch.float32:
+        return raw
+    return torch.empty(raw.shape, dtype=torch.float32, pin_memory=pin_memory).copy_(raw)
 
 
 def _unfuse(modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], scales: dict[tuple[int, str], float],
@@ -140,9 +165,9 @@ def _unfuse(modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], s
     return out_modules, out_scales
 
 
-def _non_finite(stacks: dict[str, torch.Tensor], rank: int) -> list[tuple[int, str]]:
-    """(layer, module) of every NaN or Inf in the host stacks: an A stack is [layers, modules * rank, in]
-    (see GROUPS), a B stack [layers, out, rank].
+def _non_finite(stacks: dict[str, torch.Tensor], rank: int, b_scale: float = 1.0) -> list[tuple[int, str]]:
+    """(layer, module) of every NaN or Inf in the host stacks, the B stacks times `b_scale`: an A stack
+    is [layers, modules * rank, in] (see GROUPS), a B stack [layers, out, rank].
 
     A stack whose sum is finite holds no NaN or Inf (either makes the sum NaN or Inf): one reduction
     instead of a boolean tensor as big as the stack (0.06 ms for 1 MiB of weights instead of
@@ -150,6 +175,8 @@ def _non_finite(stacks: dict[str, torch.Tensor], rank: int) -> list[tuple[int, s
     or finds nothing if the sum only overflowed."""
     bad = set()
     for name, stack in stacks.items():
+        if name not in GROUPS and b_scale != 1.0:
+            stack = stack * b_scale  # as the slot will hold it
         if torch.isfinite(stack.sum()):
             continue
         rows = ~stack.isfinite().all(dim=-1)  # [layers, modules * rank] or [layers, out]

@@ -55,6 +55,13 @@ class AdapterFiles:
     weights: bytearray | None  # the whole safetensors file; None when `open`ed (read on demand)
     size: int  # bytes of the safetensors file
     head: bytes = b""  # its header's JSON bytes, when `open`ed
+    # parsed and found servable (finite weights) at an earlier load of the same disk cache entry, whose
+    # files are trusted not to change while it is cached (`again`, `DiskCache.vet`): the parser skips
+    # the finiteness check
+    is_vetted: bool = False
+    # the weights file, open: a disk cache entry's, kept open by the cache while the entry is leased
+    # (`DiskCache.recall`); `gather` reads it without looking up the path
+    fd: int | None = None
 
     @classmethod
     def read(cls, folder: str | Path) -> AdapterFiles:
@@ -70,7 +77,7 @@ class AdapterFiles:
         return cls(folder, (folder / CONFIG_FILE).read_bytes(), weights, len(weights))
 
     @classmethod
-    def open(cls, folder: str | Path) -> AdapterFiles:
+    def open(cls, folder: str | Path, is_vetted: bool = False) -> AdapterFiles:
         """The config and the safetensors header only (two small reads); `gather` reads the tensors.
 
         For copies verified before they entered the disk cache: nothing here hashes them."""
@@ -85,7 +92,7 @@ class AdapterFiles:
             os.close(fd)
         if len(head) != header_len:
             raise AdapterFormatError(f"{WEIGHTS_FILE} shrank while it was read", file=WEIGHTS_FILE)
-        return cls(folder, config_bytes, None, size, head)
+        return cls(folder, config_bytes, None, size, head, is_vetted)
 
     @cached_property
     def data(self) -> bytearray:
@@ -97,12 +104,13 @@ class AdapterFiles:
             raise AdapterFormatError(f"{WEIGHTS_FILE} changed since it was opened", file=WEIGHTS_FILE)
         return data
 
-    def again(self) -> AdapterFiles:
-        """A new handle on the same `open`ed files, with what was parsed of them (config, header, chat
-        template) but not the whole file if the parser read it: for a disk cache entry, whose files do
-        not change while it is cached, so that its next load reads only the tensor bytes."""
+    def again(self, fd: int | None = None) -> AdapterFiles:
+        """A new handle on the same `open`ed files, vetted, with what was parsed of them (config, header,
+        chat template) but not the whole file if the parser read it: for a disk cache entry whose files
+        were parsed and found servable, and do not change while it is cached, so that its next load
+        reads only the tensor bytes and checks nothing again."""
         assert self.weights is None, "only an opened copy is kept for its next load"
-        files = AdapterFiles(self.folder, self.config_bytes, None, self.size, self.head)
+        files = AdapterFiles(self.folder, self.config_bytes, None, self.size, self.head, is_vetted=True, fd=fd)
         for name in ("config", "header", "header_bytes", "chat_template"):
             if name in self.__dict__:  # computed cached_property values
                 files.__dict__[name] = self.__dict__[name]
@@ -171,11 +179,11 @@ class AdapterFiles:
             buffer, offset = bytes(self.data[entry.begin:entry.end]), 0
         return torch.frombuffer(buffer, dtype=dtype, count=count, offset=offset).view(entry.shape)
 
-    def gather(self, plan: GatherPlan) -> torch.Tensor:
+    def gather(self, plan: GatherPlan, pin_memory: bool = False) -> torch.Tensor:
         """The plan's byte ranges of the file and runs of zero bytes, concatenated into one new uint8
-        tensor [plan.nbytes]. Copied from memory if the file is there, else one `preadv` per
-        contiguous run of the file straight into place (one run for a whole adapter)."""
-        out = torch.empty(plan.nbytes, dtype=torch.uint8)
+        tensor [plan.nbytes] (in pinned memory if asked). Copied from memory if the file is there, else
+        one `preadv` per contiguous run of the file straight into place (one run for a whole adapter)."""
+        out = torch.empty(plan.nbytes, dtype=torch.uint8, pin_memory=pin_memory)
         for begin, end in plan.zeros:
             out[begin:end].zero_()
         dest = out.numpy().data  # a writable memoryview of the tensor
@@ -186,15 +194,16 @@ class AdapterFiles:
                     dest[begin:end] = source[offset:offset + end - begin]
                     offset += end - begin
             return out
-        fd = os.open(os.path.join(self.folder, WEIGHTS_FILE), os.O_RDONLY)
+        fd = self.fd if self.fd is not None else os.open(os.path.join(self.folder, WEIGHTS_FILE), os.O_RDONLY)
         try:
-            if os.fstat(fd).st_size != self.size:
+            if self.fd is None and os.fstat(fd).st_size != self.size:  # (`recall` checked a kept one)
                 raise AdapterFormatError(f"{WEIGHTS_FILE} changed since it was opened", file=WEIGHTS_FILE)
             for (offset, pieces), nbytes in zip(plan.runs, plan.run_nbytes, strict=True):
                 if os.preadv(fd, [dest[begin:end] for begin, end in pieces], offset) != nbytes:
                     raise AdapterFormatError(f"{WEIGHTS_FILE} shrank while it was read", file=WEIGHTS_FILE)
         finally:
-            os.close(fd)
+            if self.fd is None:
+                os.close(fd)
         return out
 
 

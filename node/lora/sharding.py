@@ -41,7 +41,7 @@ class LoRAShard:
         rows, cols = dict(self.out_rows), dict(self.in_cols)
         a = {g: t[:, :, cols[g][0]:cols[g][1]].clone() if g in cols else t.clone() for g, t in weights.a.items()}
         b = {m: t[:, rows[m][0]:rows[m][1]].clone() if m in rows else t.clone() for m, t in weights.b.items()}
-        return LoRAWeights(rank=weights.rank, a=a, b=b, ranks=weights.ranks)
+        return LoRAWeights(rank=weights.rank, a=a, b=b, ranks=weights.ranks, b_scale=weights.b_scale)
 
 
 class ShardedLoRASlotPools(LoRASlotPools):

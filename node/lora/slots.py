@@ -26,6 +26,8 @@ from node.lora.mapping import build_plan
 from node.lora.ops import Form, LoRAPlan, apply_lora
 
 log = logging.getLogger(__name__)
+MAX_SCALARS = 256
+_SCALARS: dict[float, torch.Tensor] = {}  # `_scalar`
 _Extent = tuple[int, int]  # (num_layers, rank) of the nonzero part a slot holds for one group or module
 
 
@@ -66,6 +68,20 @@ class LoRASlots:
                            for m, view in zip(modules, b_group[group].split(list(self.widths[group]), dim=1),
                                               strict=True)})
         self._extents: list[dict[str, _Extent]] = [{} for _ in range(num_slots)]
+        # each slot's part of every group's A [L, G * r, in] and module's B [L, out, r], all layers: views
+        # made once, so that a write is its copies and no indexing
+        self._dst: list[dict[str, torch.Tensor]] = [self._slot_views(slot) for slot in range(num_slots)]
+        self._rank_of = [0] * num_slots  # `ranks`, as written last (a write of the same rank skips it)
+        # per slot: the (A names, B names, rank, layers) of its last adapter if that one filled every part
+        # it wrote (full shapes): an adapter of the same layout then just overwrites them (`_write`)
+        self._full_layout: list[tuple[object, ...] | None] = [None] * num_slots
+
+    def _slot_views(self, slot: int) -> dict[str, torch.Tensor]:
+        views = {group: t[:, slot] for group, t in self.a_all.items()}
+        for group, modules in GROUPS.items():
+            parts = self.b_all[group][:, slot].split_with_sizes(list(self.widths[group]), dim=1)  # [L, out, r] each
+            views.update(zip(modules, parts, strict=True))
+        return views
 
     def lookup(self, adapter_id: str) -> int | None:
         """The slot of a resident adapter (now the most recently used), None if it is not on the device."""
@@ -104,32 +120,43 @@ class LoRASlots:
             self.free.append(slot)
 
     def _write(self, slot: int, weights: LoRAWeights, is_async: bool = False) -> None:
-        """Copy the host stacks in: one copy per group's A and per module's B, all layers at once
-        (`is_async`: non-blocking, each from a pinned staging copy that torch keeps until it is done)."""
+        """Copy the host stacks in: one copy per group's A and per module's B (times the adapter's
+        `b_scale`), all layers at once (`is_async`: non-blocking, from pinned memory: the host stacks
+        if they are pinned, else a staging copy that torch keeps until the copy is done)."""
         r, r_max = weights.rank, self.max_rank
         assert r <= r_max, "the parser refuses ranks above max_lora_rank"
-        self.ranks[slot] = r
-        extents = self._extents[slot]
+        if self._rank_of[slot] != r:
+            self.ranks[slot] = self._rank_of[slot] = r
+        extents, views = self._extents[slot], self._dst[slot]
+        layout = (tuple(weights.a), tuple(weights.b), r, weights.num_layers)
+        if self._full_layout[slot] == layout:  # the same parts, all of them: no clearing, no reshaping
+            for group, src in weights.a.items():
+                views[group].copy_(_staged(src, is_async), non_blocking=is_async)
+            for m, src in weights.b.items():
+                _copy_scaled(views[m], src, weights.b_scale, is_async)
+            return
+        is_full = True
         for group, modules in GROUPS.items():
             src = weights.a.get(group)  # [Lw, G * r, in]; a group absent now and before is not touched
             if src is not None or group in extents:
-                dst = self.a_all[group][:, slot]  # [L, G * r_max, in]
+                dst = views[group]  # [L, G * r_max, in]
                 if self._clear(dst, extents, group, src, r) and src is not None:
                     if src.shape != dst.shape:  # fewer layers or a lower rank: [Lw, G, r_max, in] <- [Lw, G, r, in]
+                        is_full = False
                         num_layers, d_in = src.shape[0], src.shape[2]
                         dst = dst[:num_layers].view(num_layers, len(modules), r_max, d_in)[:, :, :r]
                         src = src.view(num_layers, len(modules), r, d_in)
                     dst.copy_(_staged(src, is_async), non_blocking=is_async)
-            offset = 0
-            for m, width in zip(modules, self.widths[group], strict=True):
+            for m in modules:
                 b_src = weights.b.get(m)  # [Lw, out, r]
                 if b_src is not None or m in extents:
-                    b_dst = self.b_all[group][:, slot, offset:offset + width]  # [L, out, r_max]
+                    b_dst = views[m]  # [L, out, r_max]
                     if self._clear(b_dst, extents, m, b_src, r) and b_src is not None:
                         if b_src.shape != b_dst.shape:
+                            is_full = False
                             b_dst = b_dst[:b_src.shape[0], :, :r]
-                        b_dst.copy_(_staged(b_src, is_async), non_blocking=is_async)
-                offset += width
+                        _copy_scaled(b_dst, b_src, weights.b_scale, is_async)
+        self._full_layout[slot] = layout if is_full else None
 
     @staticmethod
     def _clear(dst: torch.Tensor, extents: dict[str, _Extent], name: str, src: torch.Tensor | None,
@@ -143,6 +170,31 @@ class LoRASlots:
         if new is not None:
             extents[name] = new
         return src is not None
+
+
+def _copy_scaled(dst: torch.Tensor, src: torch.Tensor, scale: float, is_async: bool) -> None:
+    """dst <- src * scale, the product in float32 (as the host stacks are) and then cast to the slot's
+    dtype: the same values as scaling on the host first, without a pass over the host stacks."""
+    if scale == 1.0:
+        dst.copy_(_staged(src, is_async), non_blocking=is_async)
+    elif dst.device == src.device:
+        torch.mul(src, _scalar(scale), out=dst)  # one pass: read the host stack, write the slot
+    elif dst.dtype == src.dtype:
+        dst.copy_(_staged(src, is_async), non_blocking=is_async)
+        dst.mul_(scale)  # on the device, in the copy's stream
+    else:  # a bfloat16 slot: multiply the float32 copy on the device, then cast
+        torch.mul(_staged(src, is_async).to(dst.device, non_blocking=is_async), scale, out=dst)
+
+
+def _scalar(scale: float) -> torch.Tensor:
+    """The scaling as a float32 0-dim tensor, made once per value: a product with it is the product with
+    the float (float32 either way), without wrapping the float into a tensor on every copy."""
+    t = _SCALARS.get(scale)
+    if t is None:
+        if len(_SCALARS) >= MAX_SCALARS:
+            _SCALARS.clear()
+        t = _SCALARS[scale] = torch.tensor(scale, dtype=torch.float32)
+    return t
 
 
 def _staged(src: torch.Tensor, is_async: bool) -> torch.Tensor:

@@ -11,8 +11,9 @@ afterwards. A fetch hashes the bytes as it writes them into a temp folder; only 
 the registered sha256 (the folder rule of `content_hash`) and parses is flushed and renamed into its
 content address. Any other is deleted, never served, counted as a source miss, and the load fails
 with AdapterIntegrityError naming both hashes. A load from the cache reads the header and gathers the
-tensors unhashed (a copy whose header broke is fetched again); `verify_every_load` hashes every load
-(a copy that no longer hashes right is fetched again).
+tensors unhashed (a copy whose header broke is fetched again); the weights are checked finite by an
+entry's first load only (it vets the entry). `verify_every_load` hashes and checks every load (a copy
+that no longer hashes right is fetched again).
 
 Failures are per adapter: the state turns FAILED with the error, other adapters are untouched, and
 a later get/prefetch (after `retry_after_s`) tries again.
@@ -20,6 +21,7 @@ a later get/prefetch (after `retry_after_s`) tries again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import threading
@@ -59,11 +61,15 @@ class _Registration:
         object.__setattr__(self, "key", disk_key(self.digest, self.source.uri))
 
 
-@dataclass(frozen=True)
 class _Job:
-    adapter_id: str
-    reg: _Registration
-    leased: Path | None  # the disk cache copy, held against eviction until the load ends
+    """A load in flight. `future`: what its waiters wait on; a load run inline by `get` gets one only
+    when another caller joins it (running from the start: nobody can cancel it)."""
+
+    __slots__ = ("adapter_id", "future", "is_leased", "reg")
+
+    def __init__(self, adapter_id: str, reg: _Registration, is_leased: bool, future: Future[W] | None) -> None:
+        self.adapter_id, self.reg, self.future = adapter_id, reg, future
+        self.is_leased = is_leased  # a disk cache copy is there, held against eviction until the load ends
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,7 @@ class AdapterStore(Generic[W]):
         self._lock = threading.Lock()
         self._registered: dict[str, _Registration] = {}
         self._pinned: set[str] = set()
-        self._inflight: dict[str, Future[W]] = {}
+        self._inflight: dict[str, _Job] = {}
         self._failures: dict[str, _Failure] = {}
         self._templates: dict[str, str | None] = {}  # an adapter's own chat template, read at its last load
         self._host: HostCache[W] = HostCache(config.max_host_bytes)
@@ -124,11 +130,26 @@ class AdapterStore(Generic[W]):
         """The parsed weights, from host memory at once or after a load. Raises an AdapterError.
 
         A load that nobody has started yet runs on the calling thread (it blocks anyway, and a hop
-        to a worker and back costs two wake-ups); one already running is joined.
+        to a worker and back costs two wake-ups), with no future unless another caller joins it.
+        One already running is joined.
         """
-        future, job = self._request(adapter_id, is_inline=True)
-        if job is not None:
-            self._run(future, job)
+        with self._lock:
+            reg = self._registration(adapter_id)
+            weights = self._host.get(adapter_id)
+            if weights is not None:
+                self._metrics.count("host", "hits")
+                return weights
+            job = self._inflight.get(adapter_id)
+            if job is None:
+                error = self._recent_failure(adapter_id)
+                if error is not None:
+                    raise error
+                job = self._new_job(adapter_id, reg, None)
+                future = None  # ours to run (a caller joining it meanwhile gets a future we resolve)
+            else:
+                future = self._join(job)
+        if future is None:
+            return self._complete(job)
         return future.result()
 
     def prefetch(self, adapter_id: str) -> Future[W]:
@@ -137,7 +158,7 @@ class AdapterStore(Generic[W]):
         Every caller asking for the same adapter gets the same future: cancelling it (possible only
         while queued) cancels the load for all of them, and the next request starts a new one.
         """
-        return self._request(adapter_id, is_inline=False)[0]
+        return self._request(adapter_id)
 
     def state(self, adapter_id: str) -> LoadState:
         with self._lock:
@@ -196,12 +217,13 @@ class AdapterStore(Generic[W]):
     def close(self) -> None:
         """Stop the workers and close the HTTP client; loads still queued fail with CancelledError."""
         with self._lock:
-            queued = list(self._inflight.values())
+            queued = [job.future for job in self._inflight.values() if job.future is not None]
         for future in queued:
             future.cancel()  # only those no worker has started
         self._fetch_pool.shutdown(wait=True, cancel_futures=True)
         self._load_pool.shutdown(wait=True, cancel_futures=True)
         self._client.close()
+        self._disk.close()
 
     def __enter__(self) -> AdapterStore[W]:
         return self
@@ -211,51 +233,53 @@ class AdapterStore(Generic[W]):
         self.close()
 
     # --- loading (worker threads) ----------------------------------------------------------------
-    def _request(self, adapter_id: str, is_inline: bool) -> tuple[Future[W], _Job | None]:
-        """The future for this adapter: done (host hit, recent failure), joined, or new with its job.
-
-        A new job goes to a worker pool unless the caller runs it inline: local sources and disk copies
-        to the load pool, HTTP fetches to the fetch pool.
-        """
+    def _request(self, adapter_id: str) -> Future[W]:
+        """The future for this adapter: done (host hit, recent failure), joined, or new, its job sent to
+        a worker pool: local sources and disk copies to the load pool, HTTP fetches to the fetch pool."""
         with self._lock:
             reg = self._registration(adapter_id)
             weights = self._host.get(adapter_id)
             if weights is not None:
                 self._metrics.count("host", "hits")
-                return _done(weights), None
+                return _done(weights)
             if adapter_id in self._inflight:
-                return self._inflight[adapter_id], None
-            failure = self._failures.get(adapter_id)
-            if failure is not None and time.monotonic() - failure.at < self.config.retry_after_s:
-                return _done(error=failure.error), None
-            self._failures.pop(adapter_id, None)
-            self._metrics.count("host", "misses")
+                return self._join(self._inflight[adapter_id])
+            error = self._recent_failure(adapter_id)
+            if error is not None:
+                return _done(error=error)
             future: Future[W] = Future()
-            job = _Job(adapter_id, reg, self._disk.lease(reg.key))
-            self._inflight[adapter_id] = future
-            future.add_done_callback(lambda f: self._on_cancel(f, job) if f.cancelled() else None)
-            if is_inline:
-                return future, job
+            job = self._new_job(adapter_id, reg, future)
+            future.add_done_callback(lambda f: self._on_cancel(job) if f.cancelled() else None)
             is_remote = reg.source.uri.startswith(("http://", "https://"))
-            pool = self._fetch_pool if job.leased is None and is_remote else self._load_pool
-            pool.submit(self._run, future, job)
-            return future, None
+            pool = self._fetch_pool if not job.is_leased and is_remote else self._load_pool
+            pool.submit(self._run, job)
+            return future
 
-    def _run(self, future: Future[W], job: _Job) -> None:
-        if not future.set_running_or_notify_cancel():
+    def _run(self, job: _Job) -> None:
+        assert job.future is not None
+        if not job.future.set_running_or_notify_cancel():
             return  # cancelled while queued: `_on_cancel` has cleaned up
+        with contextlib.suppress(Exception):  # a worker boundary: the error is the future's, for its waiters
+            self._complete(job)
+
+    def _complete(self, job: _Job) -> W:
+        """Run a job (its future, if it has one, running): settle it and its future, and return the
+        weights or raise the error."""
         try:
             weights, size = self._load(job)
-        except Exception as e:  # a worker boundary: the error belongs to this adapter and its waiters
-            self._settle(future, job, error=e)
-            future.set_exception(e)
-            return
-        self._settle(future, job, weights=weights, size=size)
-        future.set_result(weights)
+        except Exception as e:  # the error belongs to this adapter and its waiters
+            future = self._settle(job, error=e)
+            if future is not None:
+                future.set_exception(e)
+            raise
+        future = self._settle(job, weights=weights, size=size)
+        if future is not None:
+            future.set_result(weights)
+        return weights
 
     def _load(self, job: _Job) -> tuple[W, int]:
         adapter_id, reg = job.adapter_id, job.reg
-        files, started = self._good_copy(adapter_id, reg, job.leased)
+        files, started = self._good_copy(adapter_id, reg, job.is_leased)
         try:
             template = files.chat_template
             with self._lock:
@@ -263,8 +287,9 @@ class AdapterStore(Generic[W]):
             files.check()
             weights = self._parse(files)
             size = self._nbytes(weights)
-            if not self.config.verify_every_load:
-                self._disk.remember(reg.key, files)  # its next load reads only the tensor bytes
+            if not self.config.verify_every_load:  # its next loads check nothing again
+                self._disk.vet(reg.key)  # after a restart too
+                self._disk.remember(reg.key, files)  # and read only the tensor bytes
             self._metrics.loaded("disk", time.monotonic() - started)
         finally:
             self._disk.release(reg.key)
@@ -274,12 +299,12 @@ class AdapterStore(Generic[W]):
                                   adapter=adapter_id, nbytes=size, max_bytes=self.config.max_host_bytes)
         return weights, size
 
-    def _good_copy(self, adapter_id: str, reg: _Registration, leased: Path | None,
+    def _good_copy(self, adapter_id: str, reg: _Registration, is_leased: bool,
                    ) -> tuple[AdapterFiles, float]:
         """The registered bytes, read once from a leased disk folder (the cached one if still good, else
         fetched now), and when the disk step began. The hash is checked on the very bytes returned."""
         started = time.monotonic()
-        if leased is not None:
+        if is_leased:
             files, why = self._cached_copy(reg.key, reg.digest)
             if files is not None:
                 self._metrics.count("disk", "hits")
@@ -302,13 +327,12 @@ class AdapterStore(Generic[W]):
         """A disk cache copy ready to parse, or None and why not. Verified when it entered the cache,
         it is trusted (header checked, not hashed; after its first load, not even read again: `recall`)
         unless `verify_every_load` asks to hash it again."""
-        folder = self._disk.root / key
         try:
             if not self.config.verify_every_load:
-                files = self._disk.recall(key) or AdapterFiles.open(folder)
+                files = self._disk.recall(key) or AdapterFiles.open(self._disk.root / key, self._disk.is_vetted(key))
                 files.check()
                 return files, ""
-            files = AdapterFiles.read(folder)
+            files = AdapterFiles.read(self._disk.root / key)
             actual = files.sha256()
         except (OSError, AdapterFormatError) as e:  # deleted or unreadable: as good as corrupted
             return None, str(e) or type(e).__name__
@@ -337,17 +361,18 @@ class AdapterStore(Generic[W]):
                     time.monotonic() - started)
         return folder
 
-    def _on_cancel(self, future: Future[W], job: _Job) -> None:
+    def _on_cancel(self, job: _Job) -> None:
         """A waiter (or `close`) cancelled a load no worker had started: forget it at once."""
-        if job.leased is not None:
+        if job.is_leased:
             self._disk.release(job.reg.key)
-        self._settle(future, job)
+        self._settle(job)
 
-    def _settle(self, future: Future[W], job: _Job, weights: W | None = None, size: int = 0,
-                error: Exception | None = None) -> None:
+    def _settle(self, job: _Job, weights: W | None = None, size: int = 0,
+                error: Exception | None = None) -> Future[W] | None:
+        """Record the load's outcome; returns the future to resolve with it, if anyone waits on one."""
         with self._lock:
-            if self._inflight.get(job.adapter_id) is not future:
-                return  # unregistered or re-registered meanwhile: the result belongs to no one
+            if self._inflight.get(job.adapter_id) is not job:
+                return job.future  # unregistered or re-registered meanwhile: the result belongs to no one
             del self._inflight[job.adapter_id]
             if error is not None:
                 logger.warning("adapter %s failed to load: %s", job.adapter_id, error)
@@ -355,6 +380,7 @@ class AdapterStore(Generic[W]):
             elif weights is not None:
                 evicted = self._host.put(job.adapter_id, weights, size)
                 self._metrics.count("host", "evictions", len(evicted))
+            return job.future
 
     # --- under the lock --------------------------------------------------------------------------
     def _registration(self, adapter_id: str) -> _Registration:
@@ -362,6 +388,29 @@ class AdapterStore(Generic[W]):
         if reg is None:
             raise AdapterNotFound(f"adapter {adapter_id} is not registered", adapter=adapter_id)
         return reg
+
+    def _recent_failure(self, adapter_id: str) -> Exception | None:
+        """The error of this adapter's last load if it failed under `retry_after_s` ago (else forgotten)."""
+        failure = self._failures.get(adapter_id)
+        if failure is not None and time.monotonic() - failure.at < self.config.retry_after_s:
+            return failure.error
+        self._failures.pop(adapter_id, None)
+        return None
+
+    def _new_job(self, adapter_id: str, reg: _Registration, future: Future[W] | None) -> _Job:
+        """A load to start, in flight from now on (its disk copy, if any, leased until it ends)."""
+        self._metrics.count("host", "misses")
+        job = _Job(adapter_id, reg, self._disk.lease(reg.key), future)
+        self._inflight[adapter_id] = job
+        return job
+
+    @staticmethod
+    def _join(job: _Job) -> Future[W]:
+        """The future of a load in flight, made now (running: nobody can cancel it) for a load run inline."""
+        if job.future is None:
+            job.future = Future()
+            job.future.set_running_or_notify_cancel()
+        return job.future
 
     def _forget(self, adapter_id: str) -> None:
         reg = self._registered.pop(adapter_id, None)

@@ -18,11 +18,14 @@ MODULE_GROUP = {m: (group, g) for group, names in GROUPS.items() for g, m in enu
 
 @dataclass(frozen=True)
 class LoRAWeights:
-    """One adapter in host memory, laid out like a device slot, float32, scaling folded into B.
+    """One adapter in host memory, laid out like a device slot, float32.
 
     a[group]:  [num_layers, len(group) * rank, in]  the group's A matrices, module g at rows g * rank
-    b[module]: [num_layers, out, rank]
+    b[module]: [num_layers, out, rank]  times `b_scale` is the module's B with its LoRA scaling
     So copying an adapter into a slot is one copy per group (A) and per module (B) for all layers.
+    The usual adapter has one scaling (alpha / r) for every module: its B stacks stay as the file has
+    them and the slot copy multiplies them by `b_scale` on the way in (no pass of its own); adapters
+    with per-module scalings have them folded into B, and `b_scale` 1.
     A module of lower rank than `rank`, or with no LoRA in some layer, has zero rows/columns there;
     groups and modules with no LoRA in any layer are absent. `ranks`: (layer, module) -> rank, for the
     pairs the adapter has.
@@ -32,10 +35,11 @@ class LoRAWeights:
     a: dict[str, torch.Tensor]
     b: dict[str, torch.Tensor]
     ranks: dict[tuple[int, str], int]
+    b_scale: float = 1.0
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
+        return sum(t.nbytes for t in (*self.a.values(), *self.b.values()))
 
     @property
     def num_layers(self) -> int:
@@ -43,13 +47,20 @@ class LoRAWeights:
 
     @cached_property
     def modules(self) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
-        """(layer, module) -> (A [r, in], B [out, r]): views of the stacks, for the pairs it has."""
+        """(layer, module) -> (A [r, in], B [out, r] scaled): for the pairs it has (A a view of its
+        stack; B a view too when `b_scale` is 1)."""
         out = {}
+        b = self.scaled_b()
         for (layer, module), r in self.ranks.items():
             group, g = MODULE_GROUP[module]
-            out[(layer, module)] = (self.a[group][layer, g * self.rank:g * self.rank + r],
-                                    self.b[module][layer, :, :r])
+            out[(layer, module)] = (self.a[group][layer, g * self.rank:g * self.rank + r], b[module][layer, :, :r])
         return out
+
+    def scaled_b(self) -> dict[str, torch.Tensor]:
+        """module -> B stack [num_layers, out, rank] with its scaling (new tensors unless `b_scale` is 1)."""
+        if self.b_scale == 1.0:
+            return self.b
+        return {m: t * self.b_scale for m, t in self.b.items()}
 
     @classmethod
     def from_modules(cls, modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],

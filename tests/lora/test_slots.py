@@ -70,3 +70,37 @@ def test_a_reused_slot_holds_no_trace_of_its_previous_adapter() -> None:
     assert torch.equal(slots.a[0]["qkv"][slot, :8], torch.zeros(8, 8))  # q and k parts cleared
     assert torch.equal(slots.b[0]["q_proj"][slot], torch.zeros(8, 4))
     assert torch.equal(slots.a[0]["qkv"][slot, 10:], torch.zeros(2, 8))  # v beyond rank 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_slot_copy_applies_the_lora_scaling_as_scaling_on_the_host_did(dtype: torch.dtype) -> None:
+    """An adapter whose B stacks wait for their scaling (`b_scale`) lands in its slot with exactly the
+    values of the same adapter scaled on the host: the product in float32, then the slot's dtype."""
+    raw = _adapter(4, 1)
+    waiting = LoRAWeights(rank=raw.rank, a=raw.a, b=raw.b, ranks=raw.ranks, b_scale=0.37)
+    scaled = LoRAWeights(rank=raw.rank, a=raw.a, b={m: t * 0.37 for m, t in raw.b.items()}, ranks=raw.ranks)
+    pools = [LoRASlots(TARGET, num_slots=1, max_rank=4, dtype=dtype, device=torch.device("cpu")) for _ in range(2)]
+    pools[0].activate("waiting", waiting, in_use=())
+    pools[1].activate("scaled", scaled, in_use=())
+    assert all(torch.equal(x, y) for x, y in zip(pools[0].b_all.values(), pools[1].b_all.values(), strict=True))
+    assert any(bool(t.any()) for t in pools[0].b_all.values())
+    assert torch.equal(waiting.modules[(0, "q_proj")][1], scaled.modules[(0, "q_proj")][1])
+
+
+def test_a_slot_rewritten_by_adapters_of_one_layout_holds_exactly_the_last_one() -> None:
+    """Adapters of the slot's full shape and the same modules overwrite each other without clearing
+    (`_write`'s short way); one of another layout in between is cleared and written the long way."""
+    slots, alone = _slots(num_slots=1), _slots(num_slots=1)
+    scaled = _adapter(4, 3)
+    scaled = LoRAWeights(rank=4, a=scaled.a, b=scaled.b, ranks=scaled.ranks, b_scale=0.5)
+    for name, weights in (("a", _adapter(4, 1)), ("small", _adapter(2, 2, ("v_proj",))), ("b", _adapter(4, 4)),
+                          ("c", scaled), ("d", _adapter(4, 5))):
+        slots.remove(next(iter(slots.slot_of), ""))
+        alone.remove(next(iter(alone.slot_of), ""))
+        slots.activate(name, weights, in_use=())
+        alone._full_layout[0] = None  # the long way, always
+        alone.activate(name, weights, in_use=())
+        for mine, theirs in ((slots.a_all, alone.a_all), (slots.b_all, alone.b_all)):
+            assert all(torch.equal(mine[g], theirs[g]) for g in mine), name
+    a_q, b_q = _adapter(4, 5).modules[(0, "q_proj")]
+    assert torch.equal(slots.a[0]["qkv"][0, :4], a_q) and torch.equal(slots.b[0]["q_proj"][0], b_q)

@@ -324,3 +324,45 @@ def test_concurrent_readers_see_correct_weights_within_budget(tmp_path: Path) ->
 def test_config_rejects_nonsense(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="max_host_bytes"):
         StoreConfig(cache_dir=tmp_path, max_disk_bytes=1, max_host_bytes=0)
+
+
+@pytest.mark.parametrize("is_bad", [False, True])
+def test_a_load_run_by_get_is_joined_not_repeated_and_cannot_be_cancelled(tmp_path: Path, is_bad: bool) -> None:
+    started, go, num_parses = threading.Event(), threading.Event(), []
+
+    def slow_parse(files: AdapterFiles) -> Any:
+        num_parses.append(1)
+        started.set()
+        assert go.wait(10)
+        if is_bad:
+            raise AdapterFormatError("refused by the test")
+        return parse_adapter(files)
+
+    with _store(tmp_path, parse=slow_parse, retry_after_s=60.0) as store:
+        _add(store, tmp_path, "a")
+        results: dict[str, Any] = {}
+
+        def get(who: str) -> None:
+            try:
+                results[who] = store.get("a")
+            except AdapterFormatError as e:
+                results[who] = e
+
+        first = threading.Thread(target=get, args=("first",))
+        first.start()  # loads on its own thread
+        assert started.wait(10)
+        joined = store.prefetch("a")
+        second = threading.Thread(target=get, args=("second",))
+        second.start()
+        assert store.state("a") is LoadState.LOADING
+        assert not joined.cancel()  # its waiters cannot cancel a load that runs
+        go.set()
+        for t in (first, second):
+            t.join(10)
+        assert len(num_parses) == 1
+        if is_bad:
+            assert results["first"] is results["second"] is joined.exception()
+            assert store.state("a") is LoadState.FAILED
+        else:
+            assert results["first"] is results["second"] is joined.result(1) is store.get("a")
+            assert store.state("a") is LoadState.READY
