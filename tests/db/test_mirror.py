@@ -98,7 +98,9 @@ def test_the_outbox_follows_the_chain_to_final_and_back_on_a_reorg(db_url: str) 
         with factory() as s:
             return s.scalars(select(SettlementEpoch.state)).one()
     with factory.begin() as s:
-        s.add(SettlementEpoch(node=NODE, epoch_id=1, state=EpochState.SUBMITTED))
+        # the epoch the node sent, with the roots the chain's EpochSettled carries
+        s.add(SettlementEpoch(node=NODE, epoch_id=1, state=EpochState.SUBMITTED, rewards_root=f"0x{5:064x}",
+                              receipts_root=f"0x{6:064x}"))
     with factory.begin() as s:
         mirror.ingest(s, [settled], final_block=20)
     assert state() is EpochState.CONFIRMED
