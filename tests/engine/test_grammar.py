@@ -7,6 +7,7 @@ a reference that tries each token of the whole vocabulary on its own copy of the
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import jsonschema
 import pytest
 import torch
+import xgrammar as xgr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -104,6 +106,48 @@ def test_bounded_strings_hold_no_raw_control_characters(engine: LLMEngine) -> No
                                               for s in range(8)])
     for out in outs:
         jsonschema.validate(json.loads(out.text), schema)  # json.loads refuses a raw control character
+
+
+_SHORT_NAME = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 2}}, "required": ["name"],
+               "additionalProperties": False}
+
+
+def _surrogate_bytes_favoured(engine: LLMEngine, temperature: float, seed: int) -> SamplingParams:
+    """The single-byte tokens of ED, A0 and 80 (the surrogate U+D800) favoured by a large bias."""
+    info = xgr.TokenizerInfo.from_huggingface(engine.tokenizer, vocab_size=engine.grammars.vocab_size)
+    byte_token = {data[0]: i for i, data in reversed(list(enumerate(info.decoded_vocab))) if len(data) == 1}
+    bias = {byte_token[0xED]: 100.0, byte_token[0xA0]: 100.0, byte_token[0x80]: 100.0}
+    return SamplingParams(max_tokens=60, temperature=temperature, seed=seed, logit_bias=bias,
+                          grammar=GrammarSpec.json_schema(_SHORT_NAME))
+
+
+def test_strings_hold_only_valid_utf8_even_where_surrogate_bytes_are_favoured(engine: LLMEngine) -> None:
+    """xgrammar 0.2.9 counts the bytes of a surrogate (ED A0 80) as one character: "2" and one of them
+    passed a maxLength of 2 and decoded to 4 characters ("2" and three U+FFFD)."""
+    schema = _SHORT_NAME
+    params = [_surrogate_bytes_favoured(engine, t, s) for t in (0.0, 1.0) for s in range(3)]
+    outs = engine.generate(["The sea"] * len(params), params)
+    for out in outs:
+        assert out.finish_reason == "stop" and "\ufffd" not in out.text, out.text
+        jsonschema.validate(json.loads(out.text), schema)
+    greedy = json.loads(outs[0].text)["name"].encode()
+    assert greedy and set(greedy) <= {0xED, 0xA0, 0x80}  # the favoured bytes, where they are valid UTF-8
+
+
+def test_a_streamed_answer_holds_back_a_character_split_across_tokens(tiny_model: Path) -> None:
+    engine = LLMEngine(EngineConfig(model_path=tiny_model, max_num_seqs=2, max_model_len=256))
+    params = _surrogate_bytes_favoured(engine, 0.0, 0)
+    whole = engine.generate(["The sea"], [params])[0]
+
+    async def consume() -> list[str]:
+        return [d.text async for d in engine.stream("The sea", params)]
+
+    try:
+        texts = asyncio.run(consume())
+    finally:
+        engine.shutdown()
+    assert "".join(texts) == whole.text and len(json.loads(whole.text)["name"]) == 2
+    assert not any("\ufffd" in text for text in texts), texts  # each character whole, in one delta
 
 
 def test_json_object_and_a_cut_answer(engine: LLMEngine) -> None:
