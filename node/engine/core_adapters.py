@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from node.engine import wire
 from node.errors import AdapterFormatError, NodeError, Unavailable
 from node.lora.content_hash import sha256_from_hex
+from node.lora.manager import AdapterAction
 from node.lora.provider import AdapterSource, LoadState
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ class CoreAdapters:
         self._templates: dict[str, str | None] = {}  # loaded by some core: its own chat template
         self._failures: dict[str, _Failure] = {}
         self._loads: dict[str, _Load] = {}  # asked of a core, not answered yet
+        self._pins: set[str] = set()  # the operator's pins the cores applied: given again to a restarted core
         self._lock = threading.Lock()
 
     def register(self, adapter_id: str, source: AdapterSource) -> None:
@@ -73,6 +75,7 @@ class CoreAdapters:
         """Forget it here and in every core (its requests there finish with "abort")."""
         with self._lock:
             self._sources.pop(adapter_id, None)
+            self._pins.discard(adapter_id)
             load = self._forget(adapter_id)
         if load is not None:
             load.future.cancel()
@@ -144,6 +147,18 @@ class CoreAdapters:
         with self._lock:  # loaded, loading and failed exclude each other here (prefetch, loaded)
             return LoadState.of(adapter_id, registered=self._sources, ready=self._templates, loading=self._loads,
                                 failed=self._failures)
+
+    def controlled(self, adapter_id: str, action: AdapterAction) -> None:
+        """An operator's action every core applied: pins are kept for cores started later."""
+        with self._lock:
+            if action is AdapterAction.PIN and adapter_id in self._sources:
+                self._pins.add(adapter_id)
+            elif action in (AdapterAction.UNPIN, AdapterAction.EVICT):  # evict unpins too (LoRAManager)
+                self._pins.discard(adapter_id)
+
+    def pins(self) -> list[str]:
+        with self._lock:
+            return sorted(self._pins)
 
     def registrations(self) -> list[wire.RegisterAdapter]:
         with self._lock:

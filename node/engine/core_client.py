@@ -300,6 +300,7 @@ class CoreClient:
                 done.set_exception(Unavailable("no engine core is running (restarting); retry shortly"))
                 return done
             self._controls[control_id] = _Control(done, set(up))
+        done.add_done_callback(lambda f: f.exception() or self.adapters.controlled(adapter_id, action))
         for core in sorted(up):
             try:
                 self._send(core, wire.ControlAdapter(adapter_id, action, control_id))
@@ -409,6 +410,9 @@ class CoreClient:
         for adapter in self.adapters.registrations():  # before any request reaches it
             with contextlib.suppress(zmq.Again):
                 self._send(core, adapter)
+        for adapter_id in self.adapters.pins():  # the operator's pins, as the other cores hold them
+            with contextlib.suppress(zmq.Again):
+                self._send(core, wire.ControlAdapter(adapter_id, AdapterAction.PIN, next(self._ids)))
         with self._lock:
             if self.supervisor.ready(core, incarnation):
                 self.router.set_up(core, True)

@@ -274,3 +274,18 @@ def test_a_refresh_counts_every_request_answered_before_it(cores: CoreClient) ->
     before = lookups()
     cores.generate(["The river runs"], GREEDY, ["food-r16"])
     assert lookups() == before + 1  # at once, not at the cores' next report a second later
+
+
+def test_an_operator_pin_survives_its_cores_restarting(cores: CoreClient) -> None:
+    _wait_up(cores, 2)
+    cores.control_adapter("sea-r8", AdapterAction.PIN).result(timeout=60)
+    victims = cores.pids()
+    for pid in victims:
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+    _until(lambda: all(p not in (None, *victims) for p in cores.pids()), "the killed cores were not started again", 60)
+    _wait_up(cores, 2)
+    # the restarted cores hold the pin again: with two slots, a second pin would leave none
+    with pytest.raises(Overloaded, match="no device slot"):
+        cores.control_adapter("count-r4", AdapterAction.PIN).result(timeout=60)
+    cores.control_adapter("sea-r8", AdapterAction.UNPIN).result(timeout=60)
