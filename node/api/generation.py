@@ -49,16 +49,12 @@ from node.catalog import AdapterCatalog, ServedAdapter
 from node.db.loss import LossReason
 from node.engine.sequence import RequestOutput
 from node.errors import NodeError, Unavailable
-from node.payment.pricing import Pricing
-from node.payment.service import Hold, PaymentService, Replay, Usage
-from node.payment.voucher_check import CheckedVoucher
+from node.payment.service import PaymentService, Replay, Usage
 from node.payment.x402 import replay as x402_replay
-from node.payment.x402.channel_check import X402Refused
-from node.payment.x402.service import X402Checked, X402Payments, X402Voucher
+from node.payment.x402.service import X402Payments, X402Voucher
 from node.payment.x402.terms import Offer
-from node.payment.x402.wire import PAYMENT_RESPONSE_HEADER, encode_header
+from node.payment.x402.wire import PAYMENT_RESPONSE_HEADER
 from node.protocol.receipt import output_text
-from node.protocol.voucher import request_hash
 
 log = logging.getLogger(__name__)
 INLINE_TOKENIZE_CHARS = 8_192  # shorter prompts are tokenized on the event loop
@@ -93,7 +89,7 @@ class GenerationService:
         admission = self.engine.admission()
         admission.__enter__()
         try:
-            held = await asyncio.to_thread(self._hold, presented.voucher, x402_checked, max_fee, pricing,
+            held = await asyncio.to_thread(self.gate.hold, presented.voucher, x402_checked, max_fee, pricing,
                                            str(http.url), read, body)
         except BaseException:
             admission.__exit__(None, None, None)
@@ -112,23 +108,6 @@ class GenerationService:
             return await self._complete(job, http)
         finally:
             admission.__exit__(None, None, None)
-
-    def _hold(self, checked: CheckedVoucher | None, x402: X402Checked | None, max_fee: int, pricing: Pricing,
-              url: str, read: str | None = None, body: bytes = b"") -> Hold | Replay:
-        if checked is not None:
-            return self.payments.hold(checked, max_fee, pricing, read)
-        assert self.x402 is not None and self.offer is not None and x402 is not None
-        try:
-            return self.x402.hold_or_replay(x402, max_fee, pricing, request_hash(body), read)
-        except X402Refused as exc:  # the corrective 402 carries the channel's state
-            raise self.offer.challenge(url, max_fee, exc) from exc
-
-    def _x402_headers(self, hold: Hold, charged_total: int) -> dict[str, str]:
-        """PAYMENT-RESPONSE of an x402-paid answer (`chargedAmount`, `channelState`). A stream's headers
-        leave before its charge: its last chunk carries the same base64 value as `payment_response`."""
-        if self.x402 is None or not isinstance(hold.checked, X402Voucher):
-            return {}
-        return {PAYMENT_RESPONSE_HEADER: encode_header(self.x402.payment_response(hold, charged_total))}
 
     async def quote(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest,
                     payer: str | None = None) -> tuple[int, int, int]:
@@ -190,7 +169,8 @@ class GenerationService:
             await asyncio.shield(asyncio.to_thread(self.payments.cancel, job.hold))
             raise
         self._observe(job, usage, time.monotonic() - started, body)
-        return FastJSONResponse(body, headers={"X-Charged-Total": str(total), **self._x402_headers(job.hold, total)})
+        headers = {"X-Charged-Total": str(total), **self.gate.payment_headers(job.hold, total)}
+        return FastJSONResponse(body, headers=headers)
 
     async def _generate(self, job: Job, http: Request) -> tuple[list[RequestOutput], list[str]]:
         """Each choice's output and how it ended; a client that leaves, or the time limit, cuts them all
@@ -297,7 +277,7 @@ class GenerationService:
         self._observe(job, sent.usage, time.monotonic() - started, body)
         last = shape.chunk([shape.delta(c["index"], shape.final_delta(c), c["finish_reason"]) for c in body["choices"]])
         last.update(usage=body["usage"], receipt=body["receipt"])
-        if x402 := self._x402_headers(job.hold, int(body["receipt"]["chargedTotal"])):
+        if x402 := self.gate.payment_headers(job.hold, int(body["receipt"]["chargedTotal"])):
             last["payment_response"] = x402[PAYMENT_RESPONSE_HEADER]
         return event(last)
 

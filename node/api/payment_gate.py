@@ -1,11 +1,12 @@
-"""What a paid request proves before its hold, and what that lets it make the node do.
+"""What a paid request proves before its hold, what that lets it make the node do, and its hold.
 
 The stateless checks of either scheme run first, before the adapter is loaded: a lane voucher's
 header and signature, or an x402 payment's terms, channel and signature (no database, no chain). What
 they prove names the `Caller` whose budget a cold load spends (node/api/cold_load.py): a checked
 payer's own, everyone else's the free callers' bucket. Once the request's price is known, a request
 with no payment, or an x402 payment the stateless checks refused, gets the 402 that offers both
-schemes (an x402 refusal is kept until then: its 402 needs that price).
+schemes (an x402 refusal is kept until then: its 402 needs that price). Then `hold` takes the hold
+of whichever scheme pays, and `payment_headers` gives an x402-paid answer its PAYMENT-RESPONSE.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from dataclasses import dataclass
 
 from node.api.cold_load import Caller, ColdLoadGate, buyer_keys, caller_of, lane_caller
 from node.lora.provider import AdapterRegistrar
-from node.payment.service import PaymentService
+from node.payment.pricing import Pricing
+from node.payment.service import Hold, PaymentService, Replay
 from node.payment.voucher_check import CheckedVoucher
 from node.payment.x402.channel_check import X402Refused
-from node.payment.x402.service import X402Checked, X402Payments
+from node.payment.x402.service import X402Checked, X402Payments, X402Voucher
 from node.payment.x402.terms import Offer
+from node.payment.x402.wire import PAYMENT_RESPONSE_HEADER, encode_header
+from node.protocol.voucher import request_hash
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,25 @@ class PaymentGate:
         if isinstance(presented.x402, X402Checked):
             return presented.x402
         raise self.offer.challenge(url, max_fee, presented.x402) from presented.x402
+
+    def hold(self, checked: CheckedVoucher | None, x402: X402Checked | None, max_fee: int, pricing: Pricing,
+             url: str, read: str | None = None, body: bytes = b"") -> Hold | Replay:
+        """The hold of whichever scheme pays (or, for a payment sent again, its stored answer); an x402
+        payment off its channel's total gets the corrective 402, which carries the channel's state."""
+        if checked is not None:
+            return self.payments.hold(checked, max_fee, pricing, read)
+        assert self.x402 is not None and self.offer is not None and x402 is not None
+        try:
+            return self.x402.hold_or_replay(x402, max_fee, pricing, request_hash(body), read)
+        except X402Refused as exc:
+            raise self.offer.challenge(url, max_fee, exc) from exc
+
+    def payment_headers(self, hold: Hold, charged_total: int) -> dict[str, str]:
+        """PAYMENT-RESPONSE of an x402-paid answer (`chargedAmount`, `channelState`). A stream's headers
+        leave before its charge: its last chunk carries the same base64 value as `payment_response`."""
+        if self.x402 is None or not isinstance(hold.checked, X402Voucher):
+            return {}
+        return {PAYMENT_RESPONSE_HEADER: encode_header(self.x402.payment_response(hold, charged_total))}
 
     def paid(self, voucher: CheckedVoucher) -> None:
         """A purchase with `voucher`: its payer's cold loads were paid for."""
