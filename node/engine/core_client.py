@@ -32,6 +32,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from node.engine import wire
 from node.engine.config import EngineConfig
 from node.engine.core_adapters import CoreAdapters
+from node.engine.core_controls import CoreControls
 from node.engine.core_process import CoreSpec, core_engine_config, input_endpoint, output_endpoint
 from node.engine.core_router import CoreRouter
 from node.engine.core_supervisor import CoreSupervisor
@@ -47,15 +48,6 @@ from node.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 MAX_QUEUED_FRAMES = 100_000  # per core, waiting for it to read them
-
-
-@dataclass
-class _Control:
-    """An adapter control sent to some cores: done when each has answered."""
-
-    future: Future[None]
-    cores: set[int]
-    error: NodeError | None = None
 
 
 @dataclass
@@ -109,7 +101,7 @@ class CoreClient:
         self._send_locks = [threading.Lock() for _ in range(num_cores)]
         self._lock = threading.Lock()  # router, pending
         self._pending: dict[str, _Pending] = {}
-        self._controls: dict[int, _Control] = {}
+        self._controls = CoreControls()  # operator actions awaiting the cores' answers
         self._reported = threading.Condition(self._lock)  # a core's Metrics arrived
         self._ids = itertools.count()
         self._receiver: threading.Thread | None = None
@@ -141,7 +133,7 @@ class CoreClient:
         self.supervisor.stop()
         self._fail_pending(None, "the engine is shutting down")
         for core in range(self.num_cores):
-            self._answer_controls(core, Unavailable("the engine is shutting down"))
+            self._controls.answer_all(core, Unavailable("the engine is shutting down"))
         if self._receiver is not None:
             self._receiver.join(timeout=5)
         for out in self._outboxes:
@@ -201,7 +193,7 @@ class CoreClient:
         self.metrics.pop(core, None)
         self._fail_pending(core, f"the engine core {why} during the request")
         self.adapters.core_exited(core)
-        self._answer_controls(core, Unavailable(f"the engine core {why} before the adapter action took effect"))
+        self._controls.answer_all(core, Unavailable(f"the engine core {why} before the adapter action took effect"))
 
     def _fail_pending(self, core: int | None, why: str) -> None:
         with self._lock:
@@ -292,44 +284,21 @@ class CoreClient:
         """Pin, unpin, preload or evict on every core that is up; done once each has applied it, with the
         first refusal if one refused (a second pin that would leave no slot for traffic), Unavailable if
         none is up or one stopped first, Overloaded if one's queue is full."""
-        done: Future[None] = Future()
         control_id = next(self._ids)
-        with self._lock:
+        with self._lock:  # opened with the cores up now, so a core exiting after this answers for itself
             up = {core for core in range(self.num_cores) if self.router.is_up[core]}
-            if not up:
-                done.set_exception(Unavailable("no engine core is running (restarting); retry shortly"))
-                return done
-            self._controls[control_id] = _Control(done, set(up))
+            done = self._controls.open(control_id, up) if up else Future()
+        if not up:
+            done.set_exception(Unavailable("no engine core is running (restarting); retry shortly"))
+            return done
         done.add_done_callback(lambda f: f.exception() or self.adapters.controlled(adapter_id, action))
         for core in sorted(up):
             try:
                 self._send(core, wire.ControlAdapter(adapter_id, action, control_id))
             except zmq.Again:
-                self._answer_control(control_id, core, Overloaded(
+                self._controls.answer(control_id, core, Overloaded(
                     "the engine core is not taking requests (its queue is full); retry shortly", core=core))
         return done
-
-    def _answer_control(self, control_id: int, core: int, error: NodeError | None) -> None:
-        with self._lock:
-            control = self._controls.get(control_id)
-            if control is None or core not in control.cores:
-                return
-            control.cores.discard(core)
-            control.error = control.error or error
-            if control.cores:
-                return
-            del self._controls[control_id]
-        if control.error is None:
-            control.future.set_result(None)
-        else:
-            control.future.set_exception(control.error)
-
-    def _answer_controls(self, core: int, error: NodeError) -> None:
-        """Every control that core had not answered: answered with `error`."""
-        with self._lock:
-            waiting = [cid for cid, control in self._controls.items() if core in control.cores]
-        for control_id in waiting:
-            self._answer_control(control_id, core, error)
 
     def send_prefetch(self, adapter_id: str) -> int:
         """Ask the core its next request would go to to load it; returns that core. Unavailable if no core
@@ -394,7 +363,7 @@ class CoreClient:
                     self.adapters.loaded(message)
             case wire.AdapterControlled(core, incarnation, control_id, error):
                 if self._is_current(core, incarnation):
-                    self._answer_control(control_id, core, error)
+                    self._controls.answer(control_id, core, error)
             case wire.Metrics(core, incarnation):
                 if self._is_current(core, incarnation):
                     with self._reported:
