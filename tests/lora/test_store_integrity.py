@@ -207,7 +207,6 @@ def _open_in(folder: Path) -> list[str]:
     return [link for link in links if link.startswith(str(folder))]
 
 
-@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
 def test_an_entry_s_weights_file_stays_open_while_it_is_cached_and_is_closed_with_it(tmp_path: Path) -> None:
     with _lora_store(tmp_path, num_disk=2) as store:
         for name, seed in (("a", 0), ("b", 1), ("c", 2)):
