@@ -2,13 +2,13 @@
 
 Each asks the thing that shows the process is doing its work, not only that it runs: the indexer's
 last step that reached the chain (in the database), the settlement worker answering a ping over the
-broker, the beat's schedule file written recently. Exit 0 when healthy, non-zero (with the reason on stderr) when not.
+broker, the beat's schedule file written recently by the beat running now. Exit 0 when healthy, non-zero
+(with the reason on stderr) when not.
 """
 
 from __future__ import annotations
 
 import socket
-import time
 from datetime import UTC, datetime
 
 import typer
@@ -18,7 +18,6 @@ from node.config import load_settings
 from node.errors import Unavailable
 
 app = typer.Typer(help="Liveness checks for the node's processes (exit 0 when healthy).", no_args_is_help=True)
-BEAT_SYNC_S = 180.0  # celery beat writes its schedule file at least this often while it sends ticks
 
 
 @app.command()
@@ -60,13 +59,11 @@ def worker(timeout_s: float = typer.Option(5.0, help="How long to wait for the a
 def beat(max_age_s: float = typer.Option(None, help="Oldest acceptable schedule file "
                                                       "(default: 3 minutes plus two settlement intervals).")
          ) -> None:
-    """The beat wrote its schedule file recently (it does while it sends settlement ticks)."""
+    """The running beat wrote its schedule file recently (it does while it sends settlement ticks); a file
+    a stopped or an earlier beat left in the data dir does not count."""
+    from node.settlement.beat_liveness import BEAT_SYNC_S, check_beat
+
     settings = load_settings()
-    limit = BEAT_SYNC_S + 2 * settings.settlement_interval_s if max_age_s is None else max_age_s
-    files = list(settings.data_dir.glob("celerybeat-schedule*"))
-    if not files:
-        raise Unavailable(f"no beat schedule file in {settings.data_dir}: the beat has not started")
-    age = time.time() - max(f.stat().st_mtime for f in files)
-    if age > limit:
-        raise Unavailable(f"the beat's schedule file is {age:.0f} s old (limit {limit:.0f} s)", age_s=round(age))
+    age = check_beat(settings.data_dir, BEAT_SYNC_S + 2 * settings.settlement_interval_s
+                     if max_age_s is None else max_age_s)
     console.print(f"beat ok: schedule written {age:.1f} s ago")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from celery import Celery
 
 from node.config import Settings
+from node.settlement.beat_liveness import mark_started, schedule_path
 from node.settlement.runtime import operator_address
 
 TICK_TASK = "loranode.settlement.tick"
@@ -29,7 +30,7 @@ def make_celery(settings: Settings) -> Celery:
         task_ignore_result=True,
         broker_connection_retry_on_startup=True,
         timezone="UTC",
-        beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),
+        beat_schedule_filename=str(schedule_path(settings.data_dir)),
         beat_schedule={"settlement-tick": {"task": TICK_TASK, "schedule": settings.settlement_interval_s,
                                            "args": (operator_address(settings),),
                                            "options": {"expires": 2 * settings.settlement_interval_s}}},
@@ -74,5 +75,6 @@ def run_beat(settings: Settings, *, loglevel: str | None = None) -> None:
     """`loranode beat`: send a settlement tick for the operator's node every interval."""
     app = make_celery(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    mark_started(settings.data_dir)  # `loranode health beat` then tells this beat's schedule from an earlier one's
     declare_broker_queue(app)
     app.start(["beat", f"--loglevel={loglevel or settings.log_level}"])
