@@ -89,7 +89,7 @@ def start_engine(settings: Settings, config: EngineConfig) -> tuple[Engine, Adap
         except BaseException:
             client.shutdown()
             raise
-        return client, client.adapters, client.store_metrics
+        return client, client.adapters, client.metrics.store_metrics
     store = core_adapter_store(store_config(settings), config)
     engine = LLMEngine(config, provider=store)
     return engine, store, lambda: _tiers(store.metrics().as_dict())
@@ -259,7 +259,7 @@ def _register_metrics(metrics: APIMetrics, store_metrics: StoreSnapshot, client:
     if isinstance(engine, CoreClient):
         def engine_sources() -> Iterator[Metric]:
             engine.refresh_metrics()  # the cores report now: a scrape counts every request answered before it
-            yield from engine_families(engine.engine_stats)
+            yield from engine_families(engine.metrics.engine_stats)
             yield from tier_families(store_metrics)  # the cores report their device tier
     else:
         def figures() -> dict[str, float]:

@@ -33,6 +33,7 @@ from node.engine import wire
 from node.engine.config import EngineConfig
 from node.engine.core_adapters import CoreAdapters
 from node.engine.core_controls import CoreControls
+from node.engine.core_metrics import CoreMetrics
 from node.engine.core_process import CoreSpec, core_engine_config, input_endpoint, output_endpoint
 from node.engine.core_router import CoreRouter
 from node.engine.core_supervisor import CoreSupervisor
@@ -83,7 +84,7 @@ class CoreClient:
             self.router.set_up(core, False)
         self.adapters = CoreAdapters(self, validates_hash=store is not None,
                                      retry_after_s=store.retry_after_s if store is not None else 0.0)
-        self.metrics: dict[int, wire.Metrics] = {}
+        self.metrics = CoreMetrics()  # the cores' last reports
         self.num_refused = 0  # malformed frames the receiver dropped
         self.num_routed = [0] * num_cores  # requests sent to each core
         self._codec = wire.api_codec()
@@ -102,7 +103,6 @@ class CoreClient:
         self._lock = threading.Lock()  # router, pending
         self._pending: dict[str, _Pending] = {}
         self._controls = CoreControls()  # operator actions awaiting the cores' answers
-        self._reported = threading.Condition(self._lock)  # a core's Metrics arrived
         self._ids = itertools.count()
         self._receiver: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -148,41 +148,11 @@ class CoreClient:
 
     def refresh_metrics(self, timeout_s: float = 1.0) -> None:
         """Have every core up report its figures now, and wait (up to `timeout_s`) until each has: what a
-        scrape reads then counts every request answered before it. A core that does not answer in time
-        (a stalled step) leaves its last report."""
-        report_id = next(self._ids)
-        with self._lock:
-            up = [core for core in range(self.num_cores) if self.router.is_up[core]]
-        for core in up:
-            with contextlib.suppress(zmq.Again):
-                self._send(core, wire.ReportMetrics(report_id))
-        with self._reported:
-            self._reported.wait_for(lambda: all(
-                (core in self.metrics and self.metrics[core].report_id >= report_id) or not self.router.is_up[core]
-                for core in up), timeout_s)
-
-    def store_metrics(self) -> dict[str, dict[str, float]]:
-        """The adapter stores' counters (tier -> stat), summed over the cores, as last reported."""
-        total: dict[str, dict[str, float]] = {}
-        for report in list(self.metrics.values()):
-            for tier, stats in report.adapter_store.items():
-                into = total.setdefault(tier, {})
-                for name, value in stats.items():
-                    into[name] = into.get(name, 0.0) + value
-        return total
-
-    def engine_stats(self) -> dict[str, float]:
-        """The cores' `engine_stats`, summed, as last reported (about once a second)."""
-        total: dict[str, float] = {}
-        for report in list(self.metrics.values()):
-            for name, value in report.engine.items():
-                total[name] = total.get(name, 0.0) + value
-        return total
-
-    @property
-    def num_refused_by_cores(self) -> int:
-        """Frames the cores refused (malformed, or not applicable), as their last metrics said."""
-        return sum(report.num_refused for report in list(self.metrics.values()))
+        scrape reads then (`metrics`) counts every request answered before it. A core that does not answer
+        in time (a stalled step) leaves its last report."""
+        report_id = self.metrics.next_report_id()
+        up = self.broadcast(wire.ReportMetrics(report_id))
+        self.metrics.wait(report_id, up, lambda core: self.router.is_up[core], timeout_s)
 
     @property
     def num_up(self) -> int:
@@ -190,7 +160,7 @@ class CoreClient:
             return sum(self.router.is_up)
 
     def _on_exit(self, core: int, why: str) -> None:
-        self.metrics.pop(core, None)
+        self.metrics.forget(core)
         self._fail_pending(core, f"the engine core {why} during the request")
         self.adapters.core_exited(core)
         self._controls.answer_all(core, Unavailable(f"the engine core {why} before the adapter action took effect"))
@@ -272,13 +242,14 @@ class CoreClient:
         with self._send_locks[core]:
             self._outboxes[core].send(frame, zmq.NOBLOCK, copy=False)
 
-    def broadcast(self, message: wire.ToCore) -> None:
-        """To every core that is up (one being started again gets the adapters when it is ready)."""
+    def broadcast(self, message: wire.ToCore) -> list[int]:
+        """To every core that is up (one being started again gets the adapters when it is ready); returns them."""
         with self._lock:
             up = [core for core in range(self.num_cores) if self.router.is_up[core]]
         for core in up:
             with contextlib.suppress(zmq.Again):
                 self._send(core, message)
+        return up
 
     def control_adapter(self, adapter_id: str, action: AdapterAction) -> Future[None]:
         """Pin, unpin, preload or evict on every core that is up; done once each has applied it, with the
@@ -366,9 +337,7 @@ class CoreClient:
                     self._controls.answer(control_id, core, error)
             case wire.Metrics(core, incarnation):
                 if self._is_current(core, incarnation):
-                    with self._reported:
-                        self.metrics[core] = message
-                        self._reported.notify_all()
+                    self.metrics.received(message)
 
     def _is_current(self, core: int, incarnation: int) -> bool:
         return 0 <= core < self.num_cores and self.supervisor.cores[core].incarnation == incarnation
@@ -415,20 +384,10 @@ class CoreClient:
         self.start()
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         adapters = adapter_ids if adapter_ids is not None else [None] * len(prompts)
-        done: dict[str, RequestOutput] = {}
-        event, lock = threading.Event(), threading.Lock()
-        ids = [f"gen-{next(self._ids)}" for _ in prompts]
-
-        def collect(output: RequestOutput) -> None:
-            with lock:
-                done[output.request_id] = output
-                if len(done) == len(ids):
-                    event.set()
-
-        for rid, prompt, p, a in zip(ids, prompts, params_list, adapters, strict=True):
-            self.add_request(prompt, p, a, request_id=rid, waiter=collect)
-        event.wait()
-        return [done[rid] for rid in ids]
+        outputs: list[Future[RequestOutput]] = [Future() for _ in prompts]
+        for output, prompt, p, a in zip(outputs, prompts, params_list, adapters, strict=True):
+            self.add_request(prompt, p, a, request_id=f"gen-{next(self._ids)}", waiter=output.set_result)
+        return [output.result() for output in outputs]
 
     async def stream(self, prompt: str | list[int], params: SamplingParams | None = None,
                      adapter_id: str | None = None, request_id: str | None = None,

@@ -8,6 +8,7 @@ import contextlib
 import os
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -66,6 +67,14 @@ def test_two_cores_answer_what_the_engine_in_process_answers(cores: CoreClient, 
     here = local.generate(prompts, GREEDY, adapters)
     assert [(o.token_ids, o.text, o.finish_reason) for o in remote] == [
         (o.token_ids, o.text, o.finish_reason) for o in here]
+
+
+def test_generate_with_no_prompts_answers_at_once(cores: CoreClient) -> None:
+    answered: list[object] = []
+    caller = threading.Thread(target=lambda: answered.append(cores.generate([])), daemon=True)
+    caller.start()
+    caller.join(timeout=30)
+    assert answered == [[]]
 
 
 def test_a_stream_crosses_delta_by_delta_and_an_abort_ends_it(cores: CoreClient, local: LLMEngine) -> None:
@@ -139,7 +148,7 @@ def test_garbage_on_both_sockets_is_refused_and_both_sides_go_on(cores: CoreClie
             to_core.send(frame)
             to_api.send(frame)
         _until(lambda: cores.num_refused == len(junk), "the API did not refuse them")
-        _until(lambda: cores.num_refused_by_cores == len(junk), "the core did not refuse them")
+        _until(lambda: cores.metrics.num_refused_by_cores == len(junk), "the core did not refuse them")
     finally:
         to_core.close(linger=1000)
         to_api.close(linger=1000)
@@ -152,7 +161,7 @@ def test_garbage_on_both_sockets_is_refused_and_both_sides_go_on(cores: CoreClie
 def test_wrong_truncated_and_unknown_messages_are_refused_and_both_sides_go_on(
         cores: CoreClient, local: LLMEngine) -> None:
     pids, incarnation = cores.pids(), cores.supervisor.cores[0].incarnation
-    api_refused, core_refused = cores.num_refused, cores.num_refused_by_cores
+    api_refused, core_refused = cores.num_refused, cores.metrics.num_refused_by_cores
     codec = wire.api_codec()  # encodes any message
     add = codec.encode(wire.AddRequest("foreign-1", [5, 6, 7], LONG, None, False, incarnation))
     outputs = codec.encode(wire.Outputs(0, incarnation, [StreamDelta("nobody", [1], "x", None, 3, 1)],
@@ -177,7 +186,7 @@ def test_wrong_truncated_and_unknown_messages_are_refused_and_both_sides_go_on(
         for frame in to_api_refused + to_api_ignored:
             to_api.send(frame)
         _until(lambda: cores.num_refused == api_refused + len(to_api_refused), "the API did not refuse them")
-        _until(lambda: cores.num_refused_by_cores == core_refused + len(to_core_refused),
+        _until(lambda: cores.metrics.num_refused_by_cores == core_refused + len(to_core_refused),
                "the core did not refuse them")
         _until(lambda: bool(results), "the genuine request never ended")
     assert results[0].token_ids == expected.token_ids and results[0].finish_reason == "length"
@@ -246,7 +255,7 @@ def test_the_cores_report_their_kv_cache_and_prefix_cache_hits(cores: CoreClient
     cores.generate([prompt, prompt], GREEDY, ["sea-r8", "sea-r8"])  # one core: the second finds the first's blocks
     cores.generate([prompt], GREEDY, ["sea-r8"])
     deadline = time.monotonic() + 60
-    while (stats := cores.engine_stats()).get("prefix_cache_hit_tokens_total", 0) == 0:
+    while (stats := cores.metrics.engine_stats()).get("prefix_cache_hit_tokens_total", 0) == 0:
         assert time.monotonic() < deadline, f"no prefix-cache hit reported: {stats}"
         time.sleep(0.1)
     assert stats["prefix_cache_blocks"] > 0
@@ -267,7 +276,7 @@ def test_an_adapter_action_is_done_once_every_core_applied_it_and_a_refusal_cros
 def test_a_refresh_counts_every_request_answered_before_it(cores: CoreClient) -> None:
     def lookups() -> float:
         cores.refresh_metrics(timeout_s=30)
-        device = cores.store_metrics()["device"]
+        device = cores.metrics.store_metrics()["device"]
         return device["hits"] + device["misses"]
 
     _wait_up(cores, 2)

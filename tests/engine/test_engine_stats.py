@@ -43,11 +43,11 @@ def test_engine_core_processes_report_their_figures_to_the_api_side(tiny_model: 
         client.add_adapter("sea-r8", str(tiny_adapters.paths["sea-r8"]))
         client.generate(["the sea"], GREEDY, ["sea-r8"])
         deadline = time.monotonic() + 60  # the core reports about once a second
-        while client.store_metrics().get("device", {}).get("num_loads", 0) < 1:
+        while client.metrics.store_metrics().get("device", {}).get("num_loads", 0) < 1:
             assert time.monotonic() < deadline, "no device-tier figures came from the core"
             time.sleep(0.1)
-        assert client.engine_stats()["kv_blocks"] > 0
-        device = client.store_metrics()["device"]
+        assert client.metrics.engine_stats()["kv_blocks"] > 0
+        device = client.metrics.store_metrics()["device"]
         assert device["hits"] + device["misses"] == 1  # staged into a free slot ahead of it, or copied in
     finally:
         client.shutdown()
