@@ -22,12 +22,13 @@ COPY package.json package-lock.json ./
 RUN npm ci --no-audit --no-fund --loglevel=error \
  && ln -s /app/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil /usr/local/bin/anvil
 
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY node ./node
-# the project's own dependencies are bounded in pyproject.toml; torch is pinned by TORCH_SPEC
+# the project's libraries at the versions the tests ran (constraints.txt: scripts/constraints.py writes it);
+# torch is pinned by TORCH_SPEC (hadolint's DL3013 reads neither a constraints file nor a build argument)
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir --index-url "$TORCH_INDEX" "$TORCH_SPEC" \
- && pip install --no-cache-dir -e . "$TORCH_SPEC" --extra-index-url "$TORCH_INDEX"
+ && pip install --no-cache-dir -c constraints.txt -e . "$TORCH_SPEC" --extra-index-url "$TORCH_INDEX"
 
 COPY contracts ./contracts
 COPY scripts ./scripts

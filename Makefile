@@ -14,11 +14,12 @@ PYTEST_ARGS ?=
 
 setup: $(VENV)/.installed node_modules/.installed
 
-$(VENV)/.installed: pyproject.toml
+# the project's libraries at the versions the image installs (constraints.txt; the dev tools are not pinned)
+$(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q '$(TORCH_SPEC)'
-	$(BIN)/python -m pip install -q -e '.[dev]' '$(TORCH_SPEC)'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]' '$(TORCH_SPEC)'
 	@touch $@
 
 node_modules/.installed: package.json package-lock.json

@@ -11,10 +11,13 @@ import os
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from tests.fixtures.settlement import SettlementWorld
 
@@ -50,6 +53,21 @@ def test_the_build_context_is_only_what_the_dockerfile_copies() -> None:
     let_in = {rule.removeprefix("!") for rule in rules if rule.startswith("!")}
     copies = [line.split()[1:-1] for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("COPY ")]
     assert let_in == {source.removeprefix("./") for sources in copies for source in sources}
+
+
+def test_the_image_installs_the_libraries_at_the_versions_the_tests_ran() -> None:
+    """constraints.txt pins every library `pip install .` brings in (torch aside: TORCH_SPEC), within
+    pyproject's bounds, as installed in this venv (`make setup` installs with it too); the image installs with it."""
+    assert "pip install --no-cache-dir -c constraints.txt -e ." in (ROOT / "Dockerfile").read_text()
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    bounds = [Requirement(text) for text in project["dependencies"] if not text.startswith("torch>")]
+    outside = [str(req) for req in bounds
+               if canonicalize_name(req.name) not in pins or pins[canonicalize_name(req.name)] not in req.specifier]
+    assert not outside, f"constraints.txt has no version these allow: {outside}"
+    check = subprocess.run([sys.executable, "scripts/constraints.py", "--check"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=60)
+    assert check.returncode == 0, check.stderr
 
 
 def test_the_contracts_are_compiled_into_the_image_before_it_drops_root() -> None:
