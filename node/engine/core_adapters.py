@@ -148,8 +148,11 @@ class CoreAdapters:
             return LoadState.of(adapter_id, registered=self._sources, ready=self._templates, loading=self._loads,
                                 failed=self._failures)
 
-    def controlled(self, adapter_id: str, action: AdapterAction) -> None:
-        """An operator's action every core applied: pins are kept for cores started later."""
+    def controlled(self, adapter_id: str, action: AdapterAction, done: Future[None]) -> None:
+        """An operator's action the cores answered (`done`); once every one applied it, pins are kept for
+        cores started later."""
+        if done.cancelled() or done.exception() is not None:
+            return
         with self._lock:
             if action is AdapterAction.PIN and adapter_id in self._sources:
                 self._pins.add(adapter_id)

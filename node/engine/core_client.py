@@ -262,7 +262,7 @@ class CoreClient:
         if not up:
             done.set_exception(Unavailable("no engine core is running (restarting); retry shortly"))
             return done
-        done.add_done_callback(lambda f: f.exception() or self.adapters.controlled(adapter_id, action))
+        done.add_done_callback(lambda f: self.adapters.controlled(adapter_id, action, f))
         for core in sorted(up):
             try:
                 self._send(core, wire.ControlAdapter(adapter_id, action, control_id))

@@ -27,6 +27,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import zmq
@@ -270,7 +271,7 @@ class EngineCore:
         self.context.term()
 
 
-def _error_of(future: Future[object], adapter_id: str) -> NodeError | None:
+def _error_of(future: Future[Any], adapter_id: str) -> NodeError | None:
     """What a finished load or control answers: None, or its error as a NodeError (which crosses the wire)."""
     if future.cancelled():
         return AdapterSourceError("the load was cancelled", adapter=adapter_id)

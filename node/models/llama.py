@@ -10,6 +10,7 @@ scalings per layer (`rotary.py`). Gemma (`gemma.py`) reuses the attention and th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -44,7 +45,8 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 class DecoderLayer(nn.Module):

@@ -113,6 +113,9 @@ def _longrope(dim: int, rope: Rope, max_positions: int) -> tuple[torch.Tensor, f
 class RotaryEmbedding(torch.nn.Module):
     """Precomputed cos/sin tables indexed by absolute position."""
 
+    cos: torch.Tensor  # [P, D] buffers
+    sin: torch.Tensor
+
     def __init__(self, head_dim: int, max_positions: int, rope: Rope):
         super().__init__()
         inv, attention = inverse_frequencies(head_dim, rope, max_positions)  # [P, D/2]
