@@ -35,11 +35,11 @@ class MalformedMessage(Exception):
 
 
 class _Message(msgspec.Struct, tag=True, frozen=True, forbid_unknown_fields=True):
-    pass
+    """Each message says frozen=True again: msgspec inherits it, a type checker does not."""
 
 
 # --- API -> core --------------------------------------------------------------------------------------
-class AddRequest(_Message):
+class AddRequest(_Message, frozen=True):
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
@@ -49,48 +49,48 @@ class AddRequest(_Message):
     prefix_key: str | None = None  # the n choices of one prompt share its KV blocks (LLMEngine.add_request)
 
 
-class AbortRequest(_Message):
+class AbortRequest(_Message, frozen=True):
     request_id: str
 
 
-class RegisterAdapter(_Message):
+class RegisterAdapter(_Message, frozen=True):
     adapter_id: str
     uri: str
     sha256: str
     is_pinned: bool = False
 
 
-class RemoveAdapter(_Message):
+class RemoveAdapter(_Message, frozen=True):
     adapter_id: str
 
 
-class PrefetchAdapter(_Message):
+class PrefetchAdapter(_Message, frozen=True):
     adapter_id: str
 
 
-class ControlAdapter(_Message):
+class ControlAdapter(_Message, frozen=True):
     adapter_id: str
     action: AdapterAction  # crosses as its value: "pin", "unpin", "preload" or "evict"
     control_id: int = 0  # the core answers it with AdapterControlled
 
 
-class ReportMetrics(_Message):
+class ReportMetrics(_Message, frozen=True):
     report_id: int  # the core answers with Metrics carrying it (figures read after everything sent before)
 
 
-class Shutdown(_Message):
+class Shutdown(_Message, frozen=True):
     pass
 
 
 # --- core -> API --------------------------------------------------------------------------------------
-class Ready(_Message):
+class Ready(_Message, frozen=True):
     core: int  # its index among the data-parallel cores
     incarnation: int
     pid: int
     max_model_len: int
 
 
-class Outputs(_Message):
+class Outputs(_Message, frozen=True):
     """One engine step's results for one core: deltas of streamed requests, whole outputs of the rest."""
 
     core: int
@@ -99,7 +99,7 @@ class Outputs(_Message):
     finished: list[RequestOutput]
 
 
-class AdapterLoaded(_Message):
+class AdapterLoaded(_Message, frozen=True):
     """A core's answer to PrefetchAdapter: the adapter is in its host memory (with the chat template its
     folder has, None if none), or its load failed with `error`."""
 
@@ -110,7 +110,7 @@ class AdapterLoaded(_Message):
     error: NodeError | None = None
 
 
-class AdapterControlled(_Message):
+class AdapterControlled(_Message, frozen=True):
     """A ControlAdapter took effect (or was refused: a second pin that would leave no slot for traffic)."""
 
     core: int
@@ -119,7 +119,7 @@ class AdapterControlled(_Message):
     error: NodeError | None = None
 
 
-class Metrics(_Message):
+class Metrics(_Message, frozen=True):
     core: int
     incarnation: int
     num_running: int
@@ -158,7 +158,8 @@ def _dec_hook(kind: type, obj: Any) -> Any:
         if not (isinstance(obj, dict) and isinstance(obj.get("message"), str)):
             raise ValueError("an error must have a message")
         cls = _error_types().get(str(obj.get("kind")), NodeError)
-        facts = obj.get("facts") if isinstance(obj.get("facts"), dict) else {}
+        raw = obj.get("facts")
+        facts = dict(raw) if isinstance(raw, dict) else {}
         facts = {k: v for k, v in facts.items() if k not in ("code", "message") and isinstance(k, str)}
         return cls(obj["message"], **facts)
     raise NotImplementedError(f"{kind} does not cross the engine's wire")  # msgspec's hook protocol, as above
