@@ -195,7 +195,7 @@ def against_peft(device: str, num: int, shape: dict[str, int], rounds: int, dead
             "peft_tokens_per_s": best["peft"], "speedup": best["loranode"] / best["peft"], "rounds": done}
 
 
-def main() -> None:
+def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="64 requests, fewer systems")
@@ -215,7 +215,11 @@ def main() -> None:
                         help="add chat traffic rows (bench/prefix_cache.py's: 16 adapters, each with its own "
                              "512-token system prompt) with the prefix cache off and on")
     parser.add_argument("--out", type=Path, default=RESULTS, help="the JSON file to write")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = arguments()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
