@@ -20,7 +20,7 @@ from node.payment.x402.typed import CHANNELS_ADDRESS
 from node.settlement.runtime import SettlementRuntime
 from node.settlement.service import EpochPolicy
 from tests.fixtures.paid_node import PaidNode
-from tests.fixtures.x402_node import chat, decode, payer_key, sdk_session, settle_and_reconcile
+from tests.fixtures.x402_node import chat, decode, payer_key, payment_required, sdk_session, settle_and_reconcile
 from tests.payment.x402.sdk import Payer
 
 pytestmark = [pytest.mark.chain, pytest.mark.slow]
@@ -58,12 +58,6 @@ def test_the_sdk_pays_chat_completions_and_gets_receipts(x402_node: PaidNode) ->
 
 
 
-def _required(node: PaidNode, body: dict) -> dict:
-    resp = requests.post(f"{node.base_url}/v1/chat/completions", json=body, timeout=30)
-    assert resp.status_code == 402
-    return decode(resp.headers["PAYMENT-REQUIRED"])
-
-
 def _paid(node: PaidNode, body: dict, header: str) -> requests.Response:
     return requests.post(f"{node.base_url}/v1/chat/completions", json=body, headers={"PAYMENT-SIGNATURE": header},
                          timeout=120)
@@ -74,7 +68,7 @@ def test_a_replayed_voucher_is_never_served_twice(x402_node: PaidNode) -> None:
     x402_node.local.contracts(OPERATOR).token.mint(Account.from_key(key).address, 10**21)
     payer = Payer(key, x402_node.local.anvil.rpc_url, x402_node.local.deployment.chain_id)
     body = chat(x402_node, "the sea")
-    header, _ = payer.pay(_required(x402_node, body))
+    header, _ = payer.pay(payment_required(x402_node, body))
     first = _paid(x402_node, body, header)
     assert first.status_code == 200, first.text
     charged = first.json()["receipt"]["chargedTotal"]
@@ -95,7 +89,7 @@ def test_a_replayed_voucher_is_never_served_twice(x402_node: PaidNode) -> None:
 def test_a_channel_paying_someone_else_is_refused(x402_node: PaidNode) -> None:
     payer = Payer(payer_key(x402_node.local, 0), x402_node.local.anvil.rpc_url, x402_node.local.deployment.chain_id)
     body = chat(x402_node, "blue")
-    required = _required(x402_node, body)
+    required = payment_required(x402_node, body)
     for offer in required["accepts"]:
         offer["payTo"] = "0x" + "ee" * 20  # the client's channel pays another receiver
     header, _ = payer.pay(required)
@@ -134,7 +128,7 @@ def test_a_payer_who_withdraws_after_being_served_cannot_stop_the_others_being_p
         ops.token.mint(Account.from_key(key).address, 10**21)
         payer = Payer(key, local.anvil.rpc_url, local.deployment.chain_id)
         body = chat(x402_node, "calm")
-        header, payment = payer.pay(_required(x402_node, body))
+        header, payment = payer.pay(payment_required(x402_node, body))
         resp = _paid(x402_node, body, header)
         assert resp.status_code == 200, resp.text
         served.append({"payment": payment, "fee": int(resp.json()["receipt"]["fee"]), "key": key})
