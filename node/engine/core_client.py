@@ -319,25 +319,23 @@ class CoreClient:
     def _handle(self, message: wire.FromCore) -> None:
         if 0 <= message.core < self.num_cores:
             self.supervisor.heard(message.core, message.incarnation)
+        if isinstance(message, wire.Ready):
+            self._ready(message.core, message.incarnation, message.pid)
+            return
+        if not self._is_current(message.core, message.incarnation):
+            return  # from a core's earlier incarnation (or no core): void
         match message:
-            case wire.Ready(core, incarnation, pid, _):
-                self._ready(core, incarnation, pid)
-            case wire.Outputs(core, incarnation, deltas, finished):
-                if not self._is_current(core, incarnation):
-                    return
+            case wire.Outputs(deltas=deltas, finished=finished):
                 for delta in deltas:
                     self._on_delta(delta)
                 for output in finished:
                     self._on_finished(output)
-            case wire.AdapterLoaded(core, incarnation):
-                if self._is_current(core, incarnation):
-                    self.adapters.loaded(message)
-            case wire.AdapterControlled(core, incarnation, control_id, error):
-                if self._is_current(core, incarnation):
-                    self._controls.answer(control_id, core, error)
-            case wire.Metrics(core, incarnation):
-                if self._is_current(core, incarnation):
-                    self.metrics.received(message)
+            case wire.AdapterLoaded():
+                self.adapters.loaded(message)
+            case wire.AdapterControlled(core=core, control_id=control_id, error=error):
+                self._controls.answer(control_id, core, error)
+            case wire.Metrics():
+                self.metrics.received(message)
 
     def _is_current(self, core: int, incarnation: int) -> bool:
         return 0 <= core < self.num_cores and self.supervisor.cores[core].incarnation == incarnation
