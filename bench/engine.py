@@ -245,10 +245,7 @@ def main() -> None:
             write(args, rows)  # after every row: a long run that dies still leaves its results
 
         print(f"{'system':<24} {'adapt.':>6} {'dist':<8} {'reqs':>5} {'tokens/s':>10} {'tok/cpu-s':>10}")
-        systems = [(0, "-")] + [(n, d if n > 1 else "-") for d in distributions for n in counts
-                                if n > 1 or d == distributions[0]]
-        if args.targets_only:
-            systems = [(0, "-"), (1, "-"), (100, "uniform")]
+        systems = systems_of(args, counts, distributions)
         for _ in range(args.rounds):  # rounds interleave the systems; the summary takes each one's best
             for n, dist in [*systems, (0, "-")] if args.rounds == 1 else systems:
                 adapters = draw_adapters(num_requests, n, dist if dist != "-" else "uniform", seed=n)
@@ -269,6 +266,14 @@ def main() -> None:
                     record("peft-set-adapter", n, dist, tps, peft_requests)
     summarize(rows)
     print(f"wrote {args.out}")
+
+
+def systems_of(args: argparse.Namespace, counts: list[int], distributions: list[str]) -> list[tuple[int, str]]:
+    """(adapters, distribution) of each loranode row: base only first, one adapter once."""
+    if args.targets_only:
+        return [(0, "-"), (1, "-"), (100, "uniform")]
+    return [(0, "-")] + [(n, d if n > 1 else "-") for d in distributions for n in counts
+                         if n > 1 or d == distributions[0]]
 
 
 def write(args: argparse.Namespace, rows: list[dict[str, object]]) -> None:
