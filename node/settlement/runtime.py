@@ -86,7 +86,8 @@ class SettlementRuntime:
             chain = X402Chain(ContractClient(w3, key, fees=settings.fee_policy()), router)
             # the sweep's and the guard's transactions are intents of `tx`, like the settles (x402_intents.py)
             sweep = X402Sweep(factory, chain, deployment.settlement, tx)
-            guard = (X402Guard(factory, chain, tx, settings.max_mirror_lag_s)  # reads the channel mirror
+            guard = (X402Guard(factory, chain, tx, settings.max_mirror_lag_s,  # reads the channel mirror
+                               settings.max_mirror_lag_blocks)
                      if deployment.x402_channels else None)
         policy = policy or epoch_policy(settings, has_x402=router is not None)  # an x402 epoch waits for its sweep
         return cls(SettlementService(factory, contracts, tx, policy, before_send=sweep,
