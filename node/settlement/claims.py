@@ -52,31 +52,48 @@ class PublishedRewards:
 
 
 def load_rewards(contracts: Contracts, node: str, proof_source: str | Path) -> PublishedRewards:
-    """The newest claimable published epoch, from an API base URL (walking back past epochs still in
-    their challenge period) or an exported file; its root must be the one the chain holds."""
-    doc = _fetch(node, proof_source)
+    """The newest claimable published epoch whose root is the one the chain holds: from an exported file,
+    or from an API base URL walking back from `latest` past epochs still locked or vetoed, epochs the API
+    does not publish (one the guardian amended, until the operator adopts its tree) and published trees
+    the chain no longer holds (forgotten or replaced by an amend)."""
+    doc: dict[str, Any] | None = _fetch(node, proof_source)
+    assert doc is not None
     epoch_id = int(doc["epochId"])
-    while not contracts.settlement.is_claimable(node, epoch_id):
+    while True:
+        problem = _unclaimable(contracts, node, epoch_id, doc)
+        if problem is None:
+            assert doc is not None
+            return PublishedRewards(to_checksum_address(node), epoch_id, tree_of(doc["rewards"]))
         if not _is_url(proof_source) or epoch_id <= 1:
-            raise ChainError("the epoch is not claimable (still locked, or vetoed)", node=node, epoch_id=epoch_id)
+            raise problem
         epoch_id -= 1
         doc = _fetch(node, proof_source, epoch_id)
-    tree = tree_of(doc["rewards"])
-    on_chain = contracts.settlement.epoch(node, epoch_id).rewards_root
-    if tree.root != on_chain:
-        raise ChainError("the published rewards tree does not match the chain", node=node, epoch_id=epoch_id,
-                         published=to_hex(tree.root), on_chain=to_hex(on_chain))
-    return PublishedRewards(to_checksum_address(node), epoch_id, tree)
+
+
+def _unclaimable(contracts: Contracts, node: str, epoch_id: int, doc: dict[str, Any] | None) -> ChainError | None:
+    """Why `doc` (epoch `epoch_id` as published, None when it is not) cannot be claimed against now."""
+    if doc is None:
+        return ChainError("the node does not publish this epoch", node=node, epoch_id=epoch_id)
+    if not contracts.settlement.is_claimable(node, epoch_id):
+        return ChainError("the epoch is not claimable (still locked, or vetoed)", node=node, epoch_id=epoch_id)
+    root, on_chain = tree_of(doc["rewards"]).root, contracts.settlement.epoch(node, epoch_id).rewards_root
+    if root != on_chain:
+        return ChainError("the published rewards tree does not match the chain", node=node, epoch_id=epoch_id,
+                          published=to_hex(root), on_chain=to_hex(on_chain))
+    return None
 
 
 def _is_url(source: str | Path) -> bool:
     return isinstance(source, str) and source.startswith(("http://", "https://"))
 
 
-def _fetch(node: str, source: str | Path, epoch_id: int | None = None) -> dict[str, Any]:
+def _fetch(node: str, source: str | Path, epoch_id: int | None = None) -> dict[str, Any] | None:
+    """The published epoch (`latest` when no id), None when the API does not publish that id."""
     if _is_url(source):
         url = f"{str(source).rstrip('/')}/v1/epochs/{to_checksum_address(node)}/{epoch_id or 'latest'}"
         resp = httpx.get(url, timeout=60)
+        if resp.status_code == 404 and epoch_id is not None:
+            return None
         if resp.status_code != 200:
             raise ChainError("cannot fetch the published epoch", url=url, status=resp.status_code)
         return resp.json()  # type: ignore[no-any-return]

@@ -6,10 +6,10 @@ that epoch's tree less the one before. Its sources (a dataset's payout, an adapt
 node's or the treasury's share) are recomputed from the epoch's receipts with the same split
 (`split_shares`); were they ever to differ from the tree, the difference is shown as `unexplained`.
 Claims are cumulative per account (the chain mirror's `Claimed` events): they pay the oldest epochs
-first. An epoch the guardian's amend forgot (settled after the vetoed epoch) is never shown as earned:
-the chain pays it only through the amended epoch's corrected tree, once the operator adopts it
-(`forgottenEpochs` names them meanwhile). Everything here is public once the epoch is settled: the
-trees, the receipts' fees, adapters and weights, and the registries.
+first. An epoch the guardian's amend forgot (settled after the vetoed epoch) or replaced (the amended
+one, until the operator adopts the corrected tree) is never shown as earned: the chain pays it only
+through the corrected tree (`forgottenEpochs` names them meanwhile). Everything here is public once
+the epoch is settled: the trees, the receipts' fees, adapters and weights, and the registries.
 """
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ def earnings(session: Session, params: SplitParams, account: str, now: datetime 
     previous = claimable = 0
     for row in rows:
         on_chain, why = settled.get(row.epoch_id), overruled.get(row.epoch_id)
-        if why == FORGOTTEN:  # never claimable; the amended epoch's corrected leaves pay it
+        if on_chain is not None and on_chain.rewards_root != row.rewards_root:
+            why = FORGOTTEN  # the guardian's amend replaced this tree: the chain pays the corrected one
+        if why == FORGOTTEN:  # never claimable as we built it; the amended epoch's corrected leaves pay it
             forgotten.append(row.epoch_id)
             continue
         cumulative = cumulative_of((row.trees or {}).get("rewards")).get(who, 0)
