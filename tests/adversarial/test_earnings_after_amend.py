@@ -107,11 +107,19 @@ def test_earnings_never_show_an_epoch_the_amend_forgot(world: SettlementWorld) -
     assert to_hex(world.contracts(OPERATOR).settlement.epoch(world.node, 2).rewards_root) == to_hex(
         rewards_tree(leaves[3], world.node).root)
 
+    world.pay(0, 0, world.adapter_ids[0], 6_000_011, validity_s=LONG)  # epoch 3 again, on the amended leaves
+    tick_until(world, world.service(EpochPolicy(max_age_s=0)), 3, EpochState.FINAL)
+    _travel(world)
+    resettled = _report(world, who)
+    _assert_only_what_the_chain_pays(world, resettled)
+    assert [e["epochId"] for e in resettled["epochs"]] == [1, 2, 3] and resettled["forgottenEpochs"] == []
+    assert resettled["claimableNow"] == str(world.expected_split()[who]), "the new epoch 3 stands"
+
 
 def test_a_claim_from_the_api_walks_back_past_epochs_it_no_longer_publishes(world: SettlementWorld) -> None:
-    """Amended, not adopted yet: the API's latest epoch (3) was forgotten and the amended one (2) is not
-    published until the operator adopts it. A payee's claim stopped there with 'cannot fetch the published
-    epoch' instead of being paid what epoch 1 already owed it."""
+    """Amended, not adopted yet: the API still publishes epoch 3 (forgotten) and epoch 2's vetoed tree
+    (replaced on chain). A payee's claim walked back to epoch 2 and stopped with 'the published rewards
+    tree does not match the chain' instead of being paid what epoch 1 already owed it."""
     who, leaves = _three_epochs(world)
     world.contracts(GUARDIAN).settlement.veto(world.node, 2)
     amend(world.contracts(GUARDIAN).settlement, world.node, {"rewards": rewards_tree(leaves[3], world.node).to_json()})
