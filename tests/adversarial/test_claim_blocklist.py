@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from node.db.models import EpochState
 from node.settlement.claims import claim_all
@@ -56,3 +57,25 @@ def test_a_blocked_payee_is_reported_and_every_other_payee_is_paid(sqlite_world:
     later = claim_all(world.contracts(RELAYER), world.node, export)
     assert later.paid == {blocked: expected[blocked]} and not later.refused, "nothing was lost meanwhile"
     assert token.balance_of(world.contracts(OPERATOR).settlement.address) == 0
+
+
+def test_claim_all_from_the_cli_pays_the_others_and_names_the_blocked_payee(sqlite_world: SettlementWorld,
+                                                                          tmp_path: Path) -> None:
+    from node.chain.deploy import write_deployment
+    from node.cli import app
+
+    world = sqlite_world
+    export = _one_epoch(world, tmp_path)
+    token = world.contracts(OPERATOR).token
+    expected = world.expected_split()
+    blocked = world.lineages[world.adapter_ids[1]].owner  # an adapter owner, this time
+    block_transfers(world.anvil, token.address, blocked)
+    env = {"LORANODE_RPC_URL": world.anvil.rpc_url,
+           "LORANODE_DEPLOYMENT_FILE": str(write_deployment(world.deployment, tmp_path / "deployments"))}
+    result = CliRunner().invoke(app, ["claim", "--node", world.node, "--proofs", str(export), "--all",
+                                      "--dev-account", str(RELAYER)], env=env)
+    assert result.exit_code != 0, result.output
+    assert f"{len(expected) - 1} payee(s) paid" in result.output and blocked in result.output
+    assert token.balance_of(blocked) == 0
+    others = {a: v for a, v in expected.items() if a != blocked}
+    assert {a: token.balance_of(a) for a in others} == others, "every other payee holds exactly its share"
