@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
@@ -21,6 +21,9 @@ from pydantic_settings import (
 
 from node.errors import ConfigError
 from node.settlement.latency import SettleLatency
+
+if TYPE_CHECKING:
+    from node.chain.tx_manager import FeePolicy
 
 DEV_CHAIN_ID = 31337
 # anvil's first development account: public knowledge, so only ever valid on the dev chain.
@@ -139,6 +142,10 @@ class Settings(BaseSettings):
     epoch_max_lanes: int = Field(default=200, ge=1, le=400)
     settlement_interval_s: float = Field(default=15.0, gt=0)
     settle_max_mine_s: float = Field(default=120.0, gt=0)
+    # every transaction the node sends (settles, x402 claims and sweeps, the gas key's deposits and
+    # refunds) not mined after fee_bump_after_s is replaced with fees raised 15 %, never above this
+    max_fee_per_gas: int = Field(default=500 * 10**9, ge=1)
+    fee_bump_after_s: float = Field(default=15.0, gt=0)
     block_time_s: float = Field(default=12.0, gt=0)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -220,6 +227,13 @@ class Settings(BaseSettings):
         return SettleLatency(beat_s=self.settlement_interval_s, mine_s=self.settle_max_mine_s,
                              reorg_s=self.confirmations * self.block_time_s, max_age_s=self.epoch_max_age_s,
                              has_x402=self.x402_router is not None if has_x402 is None else has_x402)
+
+    def fee_policy(self) -> FeePolicy:
+        """How every transaction of the node is priced and replaced while it is not mined."""
+        from node.chain.tx_manager import FeePolicy  # web3 only where a transaction is sent
+
+        return FeePolicy(bump_after_s=self.fee_bump_after_s, max_fee_cap=self.max_fee_per_gas,
+                         confirmations=self.finality_depth)
 
     def resolved_database_url(self) -> str:
         if self.database_url and self.database_password_file is not None:

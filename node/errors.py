@@ -231,6 +231,14 @@ class ChainError(NodeError):
     code = "chain_error"
 
 
+class TxNotMined(ChainError):
+    """A transaction was not mined in time, fee bumps up to the configured cap included: it may still be
+    mined later (its nonce holds every later transaction of the key), so never send more behind it."""
+
+    status = 503
+    code = "tx_not_mined"
+
+
 class ReorgTooDeep(ChainError):
     code = "reorg_too_deep"
 

@@ -185,7 +185,8 @@ def _x402(settings: Settings, deployment: Deployment, key: str, payments: Paymen
         raise ConfigError("x402_withdraw_delay_s is too short for this node's settle latency: a payer could "
                           "withdraw what it was charged before the node claims it",
                           withdraw_delay_s=settings.x402_withdraw_delay_s, required_above_s=latency.min_thaw_period_s)
-    client = ContractClient(settings.rpc_url, gas_key(settings, key))  # deposits: never an operator nonce
+    client = ContractClient(settings.rpc_url, gas_key(settings, key),  # deposits: never an operator nonce
+                            fees=settings.fee_policy())
     name, version = token_domain(client, deployment.token)
     terms = X402Terms(deployment.chain_id, deployment.token, name, version, router, payments.node,
                       settings.x402_withdraw_delay_s, min_deposit=settings.x402_min_deposit)
@@ -217,7 +218,8 @@ def _x402_refunds(settings: Settings, deployment: Deployment, key: str, x402: X4
     if x402 is None or not deployment.x402_channels or settings.rpc_url is None:
         return None
     # relayed by the gas key with the node's signatures: no operator nonce either
-    chain = X402Chain(ContractClient(settings.rpc_url, gas_key(settings, key)), x402.terms.router, authorizer_key=key)
+    client = ContractClient(settings.rpc_url, gas_key(settings, key), fees=settings.fee_policy())
+    chain = X402Chain(client, x402.terms.router, authorizer_key=key)
     mirror = ChannelMirror(db, settings.x402_withdraw_delay_s)
     refunds = X402Refunds(x402, chain.channel, chain.refund, mirror.has_refund)
     if x402.facilitator is not None:  # `refund` payloads at POST /x402/settle too

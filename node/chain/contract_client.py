@@ -2,31 +2,40 @@
 
 A `ContractClient` holds a web3 connection and (for writes) one signing key. Every write builds the
 transaction (its gas estimate is where a revert shows up first), signs it locally, sends it and waits
-for the receipt; a revert raises `ChainError` whose `error` fact is the decoded custom error name and
+for the receipt, replacing it with higher fees on the same nonce while it is not mined (never above
+the fee policy's cap); a revert raises `ChainError` whose `error` fact is the decoded custom error name and
 `args` its arguments, e.g. `ChainError(error="EpochOutOfOrder", args={"expected": 2, ...})`.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from eth_abi import decode
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils import function_abi_to_4byte_selector
+from hexbytes import HexBytes
 from web3 import Web3
 from web3.contract import Contract
 from web3.contract.contract import ContractFunction
-from web3.exceptions import ContractLogicError
+from web3.exceptions import ContractLogicError, TransactionNotFound, Web3RPCError
 from web3.types import TxReceipt
 
 from node.chain.artifacts import Artifact, load_artifacts
-from node.errors import ChainError
+from node.chain.tx_manager import FeePolicy
+from node.errors import ChainError, TxNotMined
 from node.protocol.hexstr import from_hex, to_hex
 
 log = logging.getLogger(__name__)
 RECEIPT_TIMEOUT_S = 120.0
+RECEIPT_POLL_S = 0.1
+DEFAULT_BUMP_AFTER_S = 15.0  # about a block on Ethereum: a transaction priced too low is replaced this often
+# what a node answers to a replacement it will not take, or to one whose nonce an earlier attempt used
+_UNDERPRICED = ("underpriced", "fee too low", "less than block base fee", "max fee per gas less than")
+_REPLACEMENT_REFUSED = ("already known", "already imported", "nonce too low", *_UNDERPRICED)
 
 
 def web3_for(w3_or_rpc_url: Web3 | str) -> Web3:
@@ -76,8 +85,11 @@ class ContractClient:
     """A web3 connection, the build's ABIs, and optionally the key that signs every write."""
 
     def __init__(self, w3_or_rpc_url: Web3 | str, key: str | None = None,
-                 artifacts: dict[str, Artifact] | None = None) -> None:
+                 artifacts: dict[str, Artifact] | None = None, fees: FeePolicy | None = None,
+                 receipt_timeout_s: float = RECEIPT_TIMEOUT_S) -> None:
         self.w3 = web3_for(w3_or_rpc_url)
+        self.fees = fees or FeePolicy(bump_after_s=DEFAULT_BUMP_AFTER_S)
+        self.receipt_timeout_s = receipt_timeout_s
         self.artifacts = artifacts or load_artifacts()
         self.account: LocalAccount | None = Account.from_key(key) if key else None
         self.decoder = RevertDecoder(self.artifacts)
@@ -117,14 +129,58 @@ class ContractClient:
                         "chainId": self.chain_id})
         except ContractLogicError as exc:
             raise self._revert(exc, what) from exc
-        assert self.account is not None
-        signed = self.account.sign_transaction(tx)
-        tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
-        receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=RECEIPT_TIMEOUT_S)
+        if "maxFeePerGas" in tx:
+            tx["maxFeePerGas"] = min(int(tx["maxFeePerGas"]), self.fees.max_fee_cap)
+            tx["maxPriorityFeePerGas"] = min(int(tx["maxPriorityFeePerGas"]), tx["maxFeePerGas"])
+        receipt = self._mine(what, tx)
         if receipt["status"] != 1:
-            raise ChainError(f"{what}: transaction reverted", tx=tx_hash.to_0x_hex(),
+            raise ChainError(f"{what}: transaction reverted", tx=receipt["transactionHash"].to_0x_hex(),
                              block=receipt["blockNumber"])
         return receipt
+
+    def _mine(self, what: str, tx: dict[str, Any]) -> TxReceipt:
+        """Broadcasts `tx` and waits for it; while none of its attempts is mined it is signed again every
+        `fees.bump_after_s` with the same nonce and higher fees (FeePolicy.bumped, never above the cap), so
+        a fee spike never strands this key's nonce and everything queued behind it."""
+        assert self.account is not None
+        deadline = time.monotonic() + self.receipt_timeout_s
+        hashes: list[HexBytes] = []
+        while True:
+            signed = self.account.sign_transaction(tx)
+            if signed.hash not in hashes:
+                hashes.append(signed.hash)
+                self._broadcast(signed.raw_transaction, is_replacement=len(hashes) > 1)
+            receipt = self._receipt_of(hashes, min(time.monotonic() + self.fees.bump_after_s, deadline))
+            if receipt is not None:
+                return receipt
+            if time.monotonic() >= deadline:
+                raise TxNotMined(f"{what}: not mined in time", tx=hashes[-1].to_0x_hex(), nonce=tx["nonce"],
+                                 max_fee_per_gas=tx.get("maxFeePerGas"), waited_s=self.receipt_timeout_s)
+            fees = self.fees.bumped(tx["maxFeePerGas"], tx["maxPriorityFeePerGas"]) if "maxFeePerGas" in tx else None
+            if fees is not None:
+                log.info("%s: not mined yet, replacing nonce %d with max fee %d", what, tx["nonce"], fees[0])
+                tx = {**tx, "maxFeePerGas": fees[0], "maxPriorityFeePerGas": fees[1]}
+
+    def _broadcast(self, raw: HexBytes, is_replacement: bool) -> None:
+        try:
+            self.w3.eth.send_raw_transaction(raw)
+        except Web3RPCError as exc:  # an earlier attempt mined, or the node still prefers it: wait for it
+            text = str(exc).lower()
+            benign = _REPLACEMENT_REFUSED if is_replacement else _UNDERPRICED
+            if not any(m in text for m in benign):
+                raise ChainError("broadcast refused", reason=str(exc)) from exc
+            log.warning("replacement refused (%s): waiting for an earlier attempt", text[:80])
+
+    def _receipt_of(self, hashes: list[HexBytes], until: float) -> TxReceipt | None:
+        while True:
+            for tx_hash in reversed(hashes):
+                try:
+                    return self.w3.eth.get_transaction_receipt(tx_hash)
+                except TransactionNotFound:
+                    continue
+            if time.monotonic() >= until:
+                return None
+            time.sleep(RECEIPT_POLL_S)
 
     def _revert(self, exc: ContractLogicError, what: str) -> ChainError:
         data = exc.data if isinstance(exc.data, str) else None

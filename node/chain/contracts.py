@@ -209,6 +209,10 @@ class Settlement(_Binding):
     def claim_many(self, claims: Sequence[ClaimRequest]) -> TxReceipt:
         return self._send("claimMany", [c.as_abi() for c in claims])
 
+    def simulate_claim_many(self, claims: Sequence[ClaimRequest]) -> int:
+        """claimMany as an eth_call: the total it would pay, or the ChainError it would revert with."""
+        return int(self._call("claimMany", [c.as_abi() for c in claims]))
+
     def veto(self, node: str, epoch_id: int) -> TxReceipt:
         return self._send("veto", _a(node), epoch_id)
 

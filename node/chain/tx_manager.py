@@ -96,6 +96,16 @@ class FeePolicy:
         if self.bump_percent < 10:
             raise ValueError("bump_percent must be at least 10: nodes refuse smaller replacements")
 
+    def bumped(self, max_fee: int, tip: int) -> tuple[int, int] | None:
+        """The fees of a replacement: both raised by `bump_percent` (rounded up, and by at least 1 wei, so
+        a zero tip rises too), never above `max_fee_cap`; None once the cap leaves no room to rise."""
+        factor = 100 + self.bump_percent
+        new_fee = min(max(-(-max_fee * factor // 100), max_fee + 1), self.max_fee_cap)
+        new_tip = min(max(-(-tip * factor // 100), tip + 1), new_fee)
+        if new_fee <= max_fee or new_tip <= tip:
+            return None
+        return new_fee, new_tip
+
 
 @dataclass
 class TxManager:
@@ -226,13 +236,11 @@ class TxManager:
             return False
 
     def _bump(self, record: TxRecord) -> TxRecord:
-        last = record.latest
-        factor = 100 + self.policy.bump_percent
-        max_fee = min(-(-last.max_fee_per_gas * factor // 100), self.policy.max_fee_cap)
-        tip = min(-(-last.max_priority_fee_per_gas * factor // 100), max_fee)
-        if max_fee <= last.max_fee_per_gas or tip <= last.max_priority_fee_per_gas:
+        fees = self.policy.bumped(record.latest.max_fee_per_gas, record.latest.max_priority_fee_per_gas)
+        if fees is None:
             log.warning("tx %s: fee cap %d reached, waiting", record.key, self.policy.max_fee_cap)
             return record
+        max_fee, tip = fees
         attempt = self._sign(record, max_fee, tip)
         bumped = replace(record, attempts=(*record.attempts, attempt))
         self.store.save(bumped)  # durable before broadcast, like the first attempt

@@ -32,6 +32,9 @@ def _print(doc: dict[str, Any]) -> None:
     plain(f"{doc['account']} from node {doc['node']} (amounts in token base units)")
     plain(f"earned {doc['earned']}; claimed {doc['claimed']}; not claimed {doc['unclaimed']} "
           f"(claimable now {doc['claimableNow']})")
+    if doc.get("forgottenEpochs"):
+        plain(f"epochs {', '.join(map(str, doc['forgottenEpochs']))} were forgotten by a guardian's amend: "
+              "the operator must adopt the corrected tree (`loranode settle adopt`) before they show again")
     if not doc["epochs"]:
         plain("nothing earned in a settled epoch yet")
         return

@@ -20,7 +20,7 @@ from node.cli.context import (
     signing_key,
 )
 from node.config import load_settings
-from node.errors import BadRequest
+from node.errors import BadRequest, ChainError
 
 settle_app = typer.Typer(help="What settlement collected and could not; the guardian's veto and amend.",
                          no_args_is_help=True)
@@ -63,10 +63,13 @@ def claim(
     ctx = chain_context(rpc_url, deployment)
     contracts = ctx.contracts(signing_key(key_file, dev_account, ctx.deployment.chain_id))
     if all_payees:
-        paid = claim_all(contracts, node, source)
-        for who, amount in paid.items():
+        outcome = claim_all(contracts, node, source)
+        for who, amount in outcome.paid.items():
             console.print(f"{who}: {Decimal(amount) / 10**18} tokens")
-        console.print(f"{len(paid)} payee(s) paid")
+        console.print(f"{len(outcome.paid)} payee(s) paid")
+        if outcome.refused:
+            raise ChainError(f"{len(outcome.refused)} payee(s) could not be paid (the others were)",
+                             refused=outcome.refused)
         return
     who = account or contracts.client.address
     amount = claim_one(contracts, node, who, source)

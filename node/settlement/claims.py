@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from eth_utils import to_checksum_address
 
 from node.chain.contract_client import event_args
 from node.chain.contracts import ClaimRequest, Contracts
-from node.errors import ChainError
+from node.errors import ChainError, TxNotMined
 from node.protocol.hexstr import to_hex
 from node.settlement.merkle import MerkleTree
 from node.settlement.publication import tree_of
@@ -52,31 +52,48 @@ class PublishedRewards:
 
 
 def load_rewards(contracts: Contracts, node: str, proof_source: str | Path) -> PublishedRewards:
-    """The newest claimable published epoch, from an API base URL (walking back past epochs still in
-    their challenge period) or an exported file; its root must be the one the chain holds."""
-    doc = _fetch(node, proof_source)
+    """The newest claimable published epoch whose root is the one the chain holds: from an exported file,
+    or from an API base URL walking back from `latest` past epochs still locked or vetoed, epochs the API
+    does not publish (one the guardian amended, until the operator adopts its tree) and published trees
+    the chain no longer holds (forgotten or replaced by an amend)."""
+    doc: dict[str, Any] | None = _fetch(node, proof_source)
+    assert doc is not None
     epoch_id = int(doc["epochId"])
-    while not contracts.settlement.is_claimable(node, epoch_id):
+    while True:
+        problem = _unclaimable(contracts, node, epoch_id, doc)
+        if problem is None:
+            assert doc is not None
+            return PublishedRewards(to_checksum_address(node), epoch_id, tree_of(doc["rewards"]))
         if not _is_url(proof_source) or epoch_id <= 1:
-            raise ChainError("the epoch is not claimable (still locked, or vetoed)", node=node, epoch_id=epoch_id)
+            raise problem
         epoch_id -= 1
         doc = _fetch(node, proof_source, epoch_id)
-    tree = tree_of(doc["rewards"])
-    on_chain = contracts.settlement.epoch(node, epoch_id).rewards_root
-    if tree.root != on_chain:
-        raise ChainError("the published rewards tree does not match the chain", node=node, epoch_id=epoch_id,
-                         published=to_hex(tree.root), on_chain=to_hex(on_chain))
-    return PublishedRewards(to_checksum_address(node), epoch_id, tree)
+
+
+def _unclaimable(contracts: Contracts, node: str, epoch_id: int, doc: dict[str, Any] | None) -> ChainError | None:
+    """Why `doc` (epoch `epoch_id` as published, None when it is not) cannot be claimed against now."""
+    if doc is None:
+        return ChainError("the node does not publish this epoch", node=node, epoch_id=epoch_id)
+    if not contracts.settlement.is_claimable(node, epoch_id):
+        return ChainError("the epoch is not claimable (still locked, or vetoed)", node=node, epoch_id=epoch_id)
+    root, on_chain = tree_of(doc["rewards"]).root, contracts.settlement.epoch(node, epoch_id).rewards_root
+    if root != on_chain:
+        return ChainError("the published rewards tree does not match the chain", node=node, epoch_id=epoch_id,
+                          published=to_hex(root), on_chain=to_hex(on_chain))
+    return None
 
 
 def _is_url(source: str | Path) -> bool:
     return isinstance(source, str) and source.startswith(("http://", "https://"))
 
 
-def _fetch(node: str, source: str | Path, epoch_id: int | None = None) -> dict[str, Any]:
+def _fetch(node: str, source: str | Path, epoch_id: int | None = None) -> dict[str, Any] | None:
+    """The published epoch (`latest` when no id), None when the API does not publish that id."""
     if _is_url(source):
         url = f"{str(source).rstrip('/')}/v1/epochs/{to_checksum_address(node)}/{epoch_id or 'latest'}"
         resp = httpx.get(url, timeout=60)
+        if resp.status_code == 404 and epoch_id is not None:
+            return None
         if resp.status_code != 200:
             raise ChainError("cannot fetch the published epoch", url=url, status=resp.status_code)
         return resp.json()  # type: ignore[no-any-return]
@@ -101,9 +118,19 @@ def claim(contracts: Contracts, node: str, account: str, proof_source: str | Pat
     return paid
 
 
+@dataclass(frozen=True)
+class BulkClaim:
+    """What `claim_all` did: account -> amount paid, and account -> why the chain refused to pay it."""
+
+    paid: dict[str, int] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+
+
 def claim_all(contracts: Contracts, node: str, proof_source: str | Path,
-              accounts: list[str] | None = None) -> dict[str, int]:
-    """claimMany for every payee with something due (or only `accounts`); returns account -> paid."""
+              accounts: list[str] | None = None) -> BulkClaim:
+    """claimMany for every payee with something due (or only `accounts`). A payee the chain refuses to
+    pay (its token transfer reverts: a blocklisted address) is found by simulating the batch in halves,
+    reported in `refused` and left out, so it never stops the others being paid."""
     rewards = load_rewards(contracts, node, proof_source)
     wanted = None if accounts is None else {to_checksum_address(a) for a in accounts}
     requests = []
@@ -114,9 +141,49 @@ def claim_all(contracts: Contracts, node: str, proof_source: str | Path,
         amount, proof = rewards.at(i)
         if amount > contracts.settlement.claimed(node, account):
             requests.append(ClaimRequest(node, rewards.epoch_id, account, amount, tuple(proof)))
-    paid: dict[str, int] = {}
+    outcome = BulkClaim()
     for start in range(0, len(requests), MAX_CLAIMS_PER_TX):
-        receipt = contracts.settlement.claim_many(requests[start:start + MAX_CLAIMS_PER_TX])
-        for e in event_args(contracts.settlement.contract, receipt, "Claimed"):
-            paid[to_checksum_address(e["account"])] = int(e["amount"])
-    return paid
+        _claim_batch(contracts, requests[start:start + MAX_CLAIMS_PER_TX], outcome)
+    for account, reason in outcome.refused.items():
+        log.error("cannot pay %s from node %s: %s", account, node, reason)
+    return outcome
+
+
+def _claim_batch(contracts: Contracts, batch: list[ClaimRequest], outcome: BulkClaim) -> None:
+    """Sends `batch` less the claims the chain refuses on their own. A batch that still reverts (payees
+    that fail only together, or one blocked since the simulation) is sent again in halves, each simulated
+    anew, so every claim that can be paid is paid."""
+    for request, reason in _refusals(contracts, batch):
+        outcome.refused[request.account] = reason
+    batch = [c for c in batch if c.account not in outcome.refused]
+    if not batch:
+        return
+    try:
+        receipt = contracts.settlement.claim_many(batch)
+    except TxNotMined:
+        raise  # never more transactions behind a stuck one
+    except ChainError as exc:
+        if len(batch) == 1:
+            outcome.refused[batch[0].account] = exc.message
+            return
+        log.warning("claimMany of %d payees reverted (%s): sending it in halves", len(batch), exc.message)
+        mid = len(batch) // 2
+        _claim_batch(contracts, batch[:mid], outcome)
+        _claim_batch(contracts, batch[mid:], outcome)
+        return
+    for e in event_args(contracts.settlement.contract, receipt, "Claimed"):
+        outcome.paid[to_checksum_address(e["account"])] = int(e["amount"])
+
+
+def _refusals(contracts: Contracts, batch: list[ClaimRequest]) -> list[tuple[ClaimRequest, str]]:
+    """The claims of `batch` that revert on their own, found by simulating halves (no gas spent)."""
+    if not batch:
+        return []
+    try:
+        contracts.settlement.simulate_claim_many(batch)
+        return []
+    except ChainError as exc:
+        if len(batch) == 1:
+            return [(batch[0], f"{exc.message} {exc.facts.get('args', '')}".strip())]
+    mid = len(batch) // 2
+    return _refusals(contracts, batch[:mid]) + _refusals(contracts, batch[mid:])

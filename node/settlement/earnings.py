@@ -6,8 +6,10 @@ that epoch's tree less the one before. Its sources (a dataset's payout, an adapt
 node's or the treasury's share) are recomputed from the epoch's receipts with the same split
 (`split_shares`); were they ever to differ from the tree, the difference is shown as `unexplained`.
 Claims are cumulative per account (the chain mirror's `Claimed` events): they pay the oldest epochs
-first. Everything here is public once the epoch is settled: the trees, the receipts' fees, adapters
-and weights, and the registries.
+first. An epoch the guardian's amend forgot (settled after the vetoed epoch) or replaced (the amended
+one, until the operator adopts the corrected tree) is never shown as earned: the chain pays it only
+through the corrected tree (`forgottenEpochs` names them meanwhile). Everything here is public once
+the epoch is settled: the trees, the receipts' fees, adapters and weights, and the registries.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from node.settlement.publication import PUBLISHED
 from node.settlement.split import Lineage, SplitParams, split_shares
 
 MAX_DETAILED_EPOCHS = 50  # epochs whose receipts are replayed for the sources, newest first
+VETOED, FORGOTTEN = "vetoed", "forgotten"
 
 
 def earnings(session: Session, params: SplitParams, account: str, now: datetime | None = None) -> dict[str, Any]:
@@ -40,32 +43,58 @@ def earnings(session: Session, params: SplitParams, account: str, now: datetime 
     claimed = int(session.scalar(select(func.max(Claim.cumulative_amount))
                                  .where(Claim.node == node, Claim.account == who.lower())) or 0)
     settled = {r.epoch_id: r for r in session.scalars(select(SettledEpoch).where(SettledEpoch.node == node))}
+    overruled = _overruled(settled)
     epochs: list[dict[str, Any]] = []
+    forgotten: list[int] = []
     previous = claimable = 0
     for row in rows:
+        on_chain, why = settled.get(row.epoch_id), overruled.get(row.epoch_id)
+        if on_chain is not None and on_chain.rewards_root != row.rewards_root:
+            why = FORGOTTEN  # the guardian's amend replaced this tree: the chain pays the corrected one
+        if why == FORGOTTEN:  # never claimable as we built it; the amended epoch's corrected leaves pay it
+            forgotten.append(row.epoch_id)
+            continue
         cumulative = cumulative_of((row.trees or {}).get("rewards")).get(who, 0)
-        on_chain = settled.get(row.epoch_id)
-        if on_chain is not None and on_chain.vetoed_block is None and on_chain.unlock_at <= now:
+        if on_chain is not None and on_chain.vetoed_block is None and why is None and on_chain.unlock_at <= now:
             claimable = cumulative
         if cumulative > previous:
-            epochs.append(_epoch_entry(row, on_chain, previous, cumulative, claimed, now))
+            epochs.append(_epoch_entry(row, on_chain, previous, cumulative, claimed, now, why))
         previous = cumulative
     for entry in epochs[-MAX_DETAILED_EPOCHS:]:
         entry["sources"] = _sources(session, params, who, entry["epochId"], int(entry["earned"]))
     return {"node": to_checksum_address(node), "account": who, "earned": str(previous), "claimed": str(claimed),
             "unclaimed": str(max(previous - claimed, 0)), "claimableNow": str(max(claimable - claimed, 0)),
-            "bySource": _by_source(epochs), "epochs": epochs}
+            "bySource": _by_source(epochs), "epochs": epochs, "forgottenEpochs": forgotten}
+
+
+def _overruled(settled: dict[int, SettledEpoch]) -> dict[int, str]:
+    """Settled epochs the chain no longer pays against as they were settled: an earlier epoch was vetoed
+    (VETOED, until the guardian amends) or amended (FORGOTTEN: `amend` drops every later epoch) after
+    them, i.e. that earlier epoch's mirror row changed in a block after theirs was created. An epoch id
+    the node settles again after an amend has a new row, created after the amend: it stands."""
+    out: dict[int, str] = {}
+    latest_change = latest_veto = -1  # over the epochs before the one looked at
+    for epoch_id in sorted(settled):
+        row = settled[epoch_id]
+        if latest_veto > row.block_number:
+            out[epoch_id] = VETOED
+        elif latest_change > row.block_number:
+            out[epoch_id] = FORGOTTEN
+        latest_change = max(latest_change, row.updated_block)
+        if row.vetoed_block is not None:
+            latest_veto = max(latest_veto, row.updated_block)
+    return out
 
 
 def _epoch_entry(row: SettlementEpoch, on_chain: SettledEpoch | None, previous: int, cumulative: int,
-                 claimed: int, now: datetime) -> dict[str, Any]:
+                 claimed: int, now: datetime, overruled: str | None) -> dict[str, Any]:
     earned = cumulative - previous
     paid = min(max(claimed - previous, 0), earned)
     if paid == earned:
         status = "claimed"
     elif on_chain is None:
         status = "not in the chain mirror yet"
-    elif on_chain.vetoed_block is not None:
+    elif on_chain.vetoed_block is not None or overruled == VETOED:
         status = "vetoed"
     elif on_chain.unlock_at > now:
         status = f"locked until {on_chain.unlock_at.isoformat()}"

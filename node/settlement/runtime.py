@@ -18,7 +18,7 @@ from eth_account import Account
 from node.chain.contract_client import ContractClient, web3_for
 from node.chain.contracts import Contracts
 from node.chain.deploy import Deployment, read_deployment
-from node.chain.tx_manager import FeePolicy, TxManager
+from node.chain.tx_manager import TxManager
 from node.chain.tx_store import SqlTxStore
 from node.chain.x402_channels import X402Chain
 from node.config import Settings
@@ -77,16 +77,17 @@ class SettlementRuntime:
         deployment = read_deployment(settings.resolved_deployment_file())
         w3 = web3_for(settings.rpc_url)
         factory = session_factory(make_engine(settings.resolved_database_url()))
-        tx = TxManager(w3, key, SqlTxStore(factory), FeePolicy(confirmations=settings.finality_depth))
+        tx = TxManager(w3, key, SqlTxStore(factory), settings.fee_policy())
         contracts = Contracts.connect(w3, deployment, key)
         router = settings.x402_router or deployment.x402_router
         settings.settle_latency(router is not None).check_thaw_period(contracts.escrow.thaw_period_s())  # immutable
         sweep, guard = None, None
         if router is not None:  # x402 channels are claimed into the router's escrow first
-            chain = X402Chain(ContractClient(w3, key), router)
+            chain = X402Chain(ContractClient(w3, key, fees=settings.fee_policy()), router)
             # the sweep's and the guard's transactions are intents of `tx`, like the settles (x402_intents.py)
             sweep = X402Sweep(factory, chain, deployment.settlement, tx)
-            guard = (X402Guard(factory, chain, tx, settings.max_mirror_lag_s)  # reads the channel mirror
+            guard = (X402Guard(factory, chain, tx, settings.max_mirror_lag_s,  # reads the channel mirror
+                               settings.max_mirror_lag_blocks)
                      if deployment.x402_channels else None)
         policy = policy or epoch_policy(settings, has_x402=router is not None)  # an x402 epoch waits for its sweep
         return cls(SettlementService(factory, contracts, tx, policy, before_send=sweep,

@@ -9,9 +9,10 @@ signed) and sweeps the claim into the router's escrow account, where the channel
 it as usual (`X402Sweep` then finds it claimed). The delay is at least 900 s and the worker ticks every
 few seconds, so one missed tick costs nothing.
 
-The mirror is trusted only while the indexer keeps up (its cursor checked within `max_mirror_lag_s`, not
-halted): otherwise the guard reads each charged, unclaimed channel's pending withdrawal from the chain
-itself, so a stalled indexer never lets a withdrawal run out unseen.
+The mirror is trusted only while the indexer keeps up (its cursor checked within `max_mirror_lag_s`, no
+more than `max_mirror_lag_blocks` behind the head it saw, not stalled or halted): otherwise the guard
+reads each charged, unclaimed channel's pending withdrawal from the chain itself, so a stalled or
+lagging indexer never lets a withdrawal run out unseen.
 
 One `router.collect` covers every channel; if the chain refuses it, the channels are claimed one by one
 and each that still cannot be (its withdrawal already finished, a voucher that does not recover) is
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -51,11 +52,11 @@ class GuardReport:
 
 class X402Guard:
     def __init__(self, factory: sessionmaker[Session], chain: X402Chain, tx: TxManager,
-                 max_mirror_lag_s: float = 120.0) -> None:
+                 max_mirror_lag_s: float = 120.0, max_mirror_lag_blocks: int = 32) -> None:
         assert chain.router is not None, "the guard needs the node's router"
         self.factory, self.chain, self.intents = factory, chain, X402Intents(chain, tx)
         self.router, self.node = chain.router.address.lower(), tx.sender.lower()
-        self.max_mirror_lag = timedelta(seconds=max_mirror_lag_s)
+        self.max_mirror_lag_s, self.max_mirror_lag_blocks = max_mirror_lag_s, max_mirror_lag_blocks
 
     def __call__(self) -> GuardReport:
         if self.intents.in_flight():  # polled (bumped, re-broadcast): nothing new until it lands
@@ -102,10 +103,15 @@ class X402Guard:
         return due
 
     def _mirror_is_fresh(self, session: Session) -> bool:
+        """The paid path's own rule (MirrorHead.problem): reached the chain lately AND not far behind it;
+        an indexer that is alive but catching up has not seen the latest withdrawals."""
         head = queries.mirror_head(session)
-        if head is None or head.halted_reason or head.checked_at is None:
+        if head is None or head.checked_at is None:
             return False
-        return datetime.now(UTC) - head.checked_at <= self.max_mirror_lag
+        problem = head.problem(datetime.now(UTC), self.max_mirror_lag_s, self.max_mirror_lag_blocks)
+        if problem is not None:
+            log.warning("x402 guard: not trusting the channel mirror: %s", problem)
+        return problem is None
 
 
 def claim_row(ch: X402Channel, total_claimed: int) -> ClaimRow:

@@ -170,7 +170,7 @@ def test_every_payee_claims_the_amended_amounts_and_the_next_epoch_builds_on_the
 
     _travel(world, CHALLENGE_S + 1)
     export = export_epoch(world.factory, world.node, tmp_path / "latest.json")
-    paid = claim_all(world.contracts(RELAYER), world.node, export)
+    paid = claim_all(world.contracts(RELAYER), world.node, export).paid
     owed = {**after, contributor: after[contributor] - early}
     assert paid == owed, "every payee is paid its cumulative amount, the correction included"
     assert on_chain(world)[2] == 0, "nothing is left stuck in the pot"

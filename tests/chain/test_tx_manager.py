@@ -153,3 +153,21 @@ def test_a_reorged_out_transaction_is_sent_again(w3: Web3, fresh_anvil: Anvil) -
 def test_small_bumps_are_refused() -> None:
     with pytest.raises(ValueError, match="at least 10"):
         FeePolicy(bump_percent=5)
+
+
+def test_a_stuck_transaction_with_no_tip_is_still_bumped(w3: Web3, fresh_anvil: Anvil) -> None:
+    """A chain whose eth_maxPriorityFeePerGas is 0 (Arbitrum's is): 0 raised by 15 % is still 0, and a
+    settle stuck under a base-fee spike was never replaced, so nobody was paid until the fees fell."""
+    fresh_anvil.rpc("evm_setAutomine", False)
+    clock = FakeClock()
+    tm = _manager(w3, fresh_anvil, MemoryTxStore(), clock, priority_fee=0, bump_percent=50)
+    first = tm.send("settle:0", RECIPIENT, "0x", value=3)
+    fresh_anvil.rpc("anvil_setNextBlockBaseFeePerGas", hex(first.latest.max_fee_per_gas * 2))
+    fresh_anvil.rpc("evm_mine")
+    for _ in range(3):
+        clock.now += 31
+        record = tm.poll("settle:0")
+    assert len(record.attempts) == 4 and record.latest.max_fee_per_gas > first.latest.max_fee_per_gas * 2
+    fresh_anvil.rpc("anvil_mine", 2)
+    assert tm.poll("settle:0").state is TxState.FINAL
+    assert w3.eth.get_balance(RECIPIENT) == 3

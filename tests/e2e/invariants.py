@@ -181,7 +181,7 @@ def claim_everything(cluster: Cluster) -> dict[str, int]:
     c = cluster.contracts(OPERATOR)
     before = {a: c.token.balance_of(a) for a in leaves}
     claimed_before = {a: c.settlement.claimed(cluster.node, a) for a in leaves}
-    paid = claim_all(cluster.contracts(RELAYER), cluster.node, cluster.base_url)
+    paid = claim_all(cluster.contracts(RELAYER), cluster.node, cluster.base_url).paid
     for account, leaf in leaves.items():
         due = leaf - claimed_before[account]
         assert c.token.balance_of(account) - before[account] == due == paid.get(account, 0), account

@@ -77,7 +77,7 @@ def test_an_epoch_collects_every_fee_and_every_payee_claims_exactly(settlement_w
     assert claim(world.contracts(RELAYER), world.node, contributor, export) == expected[contributor]
     assert token.balance_of(contributor) - before == expected[contributor]
     balances = {a: token.balance_of(a) for a in expected}
-    paid = claim_all(world.contracts(RELAYER), world.node, export)
+    paid = claim_all(world.contracts(RELAYER), world.node, export).paid
     assert paid == {a: v for a, v in expected.items() if a != contributor}
     for account, amount in expected.items():
         due = 0 if account == contributor else amount
@@ -85,4 +85,4 @@ def test_an_epoch_collects_every_fee_and_every_payee_claims_exactly(settlement_w
     assert token.balance_of(settlement.address) == 0
     # nothing more to claim for anyone
     assert claim(world.contracts(RELAYER), world.node, contributor, export) == 0
-    assert claim_all(world.contracts(RELAYER), world.node, export) == {}
+    assert claim_all(world.contracts(RELAYER), world.node, export).paid == {}

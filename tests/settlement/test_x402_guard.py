@@ -5,10 +5,13 @@ reverts is recorded and skipped, never stopping the others (docs/x402.md)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from node.chain.anvil import Anvil
 from node.chain.contract_client import ContractClient
+from node.chain.indexer import Indexer
 from node.payment.service import Usage
 from node.payment.x402.channel_check import EXCEEDS_BALANCE, X402Refused
 from tests.fixtures import x402_chain_node as fixtures
@@ -87,3 +90,26 @@ def test_a_stale_mirror_makes_the_guard_read_the_chain(x402_node: X402Node, role
     report = x402_node.guard()
     assert len(report.claimed) == 1 and x402_node.world.chain.channel(first.voucher.channel_id).total_claimed == charged
     assert x402_node.guard.due() == [], "claimed: nothing due any more, read from the chain"
+
+
+def test_a_mirror_that_lags_behind_the_head_is_not_trusted(x402_node: X402Node, roles: Roles) -> None:
+    """The attack: the indexer is alive (it reached the chain a moment ago) but far behind the head, e.g.
+    catching up after a restart. The payer withdraws right after being served; the withdrawal is not in
+    the mirror yet, so a guard that trusted it claimed nothing, and once the delay ran out the payer took
+    the whole deposit: the node was never paid for what it served."""
+    payer = Payer(roles.payer, x402_node.world.rpc_url, x402_node.world.dep.chain_id)
+    first, charged = x402_node.serve(payer, Usage(20, 10))
+    x402_node.catch_up()
+    x402_node.world.chain.client.w3.provider.make_request("anvil_mine", [hex(100)])
+    x402_node.payer_call(roles.payer, "initiateWithdraw", first, first.deposit.amount)
+    lagging = Indexer(replace(x402_node.indexer.config, initial_range=1, max_range=1), x402_node.world.rpc_url,
+                      x402_node.factory, x402_node.indexer.contracts)
+    assert not lagging.run_once().is_caught_up  # it reached the chain now, 100 blocks behind its head
+
+    report = x402_node.guard()
+    assert len(report.claimed) == 1, "the withdrawal is read from the chain, not from the lagging mirror"
+    assert x402_node.world.chain.channel(first.voucher.channel_id).total_claimed == charged
+    x402_node.wait_out_the_delay()
+    before = x402_node.balance_of(first.config.payer)
+    x402_node.payer_call(roles.payer, "finalizeWithdraw", first)
+    assert x402_node.balance_of(first.config.payer) - before == first.deposit.amount - charged

@@ -119,7 +119,7 @@ def test_both_schemes_settle_in_one_epoch_and_every_payee_is_paid_to_the_wei(nod
 
     assert sorted(settle_and_reconcile(local)) == sorted(fees)
 
-    paid = claim_all(ops, me, node.base_url)  # every payee, by anyone
+    paid = claim_all(ops, me, node.base_url).paid  # every payee, by anyone
     contributors = [local.contracts(c).client.address for c in CONTRIBUTORS]
     lineage = Lineage(local.contracts(ADAPTER_OWNER).client.address, OWNER_SHARE_BPS,
                       tuple(zip(contributors, LINEAGE_WEIGHTS, strict=True)))
