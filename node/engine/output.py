@@ -1,4 +1,11 @@
-"""Stop conditions, detokenisation and stream deltas for finished and running sequences."""
+"""Stop conditions, detokenisation and stream deltas for finished and running sequences.
+
+An answer only ever holds whole characters. A byte-level tokenizer can spell one character over up to
+4 tokens; a stream holds back the text and the tokens (and their logprobs) of an unfinished character
+until it is whole, and an answer cut inside one (its length, or an abort) ends before it: those tokens
+are left out of its text and its count, so nobody is sent, or charged for, a U+FFFD that stands for
+bytes they never got. (A token whose text is a whole U+FFFD is treated the same way at the end.)
+"""
 
 from __future__ import annotations
 
@@ -41,10 +48,31 @@ class OutputProcessor:
                 seq.finish("stop")
                 return True
         if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            seq.text = self._decode(seq.output_token_ids)
+            self.cut(seq)
             seq.finish("length")
             return True
         return False
+
+    def cut(self, seq: Sequence) -> None:
+        """A sequence ended before its stop (its length, or aborted): its text is what its tokens spell (a
+        request neither streamed nor with stop strings is decoded at its end only), less an unfinished last
+        character, whose tokens are left out of the answer."""
+        ids = seq.output_token_ids
+        seq.text = self._decode(ids)
+        seq.num_cut_tokens = self._unfinished_tail(ids, seq.text)
+        if seq.num_cut_tokens:
+            seq.text = self._decode(ids[:-seq.num_cut_tokens])
+
+    def _unfinished_tail(self, ids: list[int], text: str) -> int:
+        """How many of the last tokens spell only the start of a character (0: the text ends whole). A
+        character takes at most 4 bytes, so at most 3 tokens; the last few tokens alone are decoded."""
+        if not text.endswith("\ufffd"):
+            return 0
+        window = ids[-8:]
+        for k in range(1, min(3, len(window)) + 1):
+            if not self._decode(window[:-k]).endswith("\ufffd"):
+                return k
+        return 0
 
     @staticmethod
     def _stop_string_at(text: str, stops: tuple[str, ...], start: int = 0) -> int | None:
@@ -54,19 +82,21 @@ class OutputProcessor:
     def delta(self, seq: Sequence) -> StreamDelta | None:
         """What the stream has not seen yet; None when there is nothing new and it is not finished."""
         sent = self._sent.setdefault(seq.request_id, _Sent())
-        text = seq.text
-        if not seq.is_finished:
-            text = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence: wait for the next token
-        new_tokens = seq.output_token_ids[sent.num_tokens:]
-        logprobs = seq.output_logprobs[sent.num_tokens:] if seq.params.logprobs is not None else None
+        text, num_tokens = seq.text, seq.num_answer_tokens
+        if not seq.is_finished and text.endswith("\ufffd"):  # an unfinished character: wait for the next token
+            num_tokens -= self._unfinished_tail(seq.output_token_ids, text)
+            text = text.rstrip("\ufffd")
+        num_tokens = max(num_tokens, sent.num_tokens)
+        new_tokens = seq.output_token_ids[sent.num_tokens:num_tokens]
+        logprobs = seq.output_logprobs[sent.num_tokens:num_tokens] if seq.params.logprobs is not None else None
         new_text = text[sent.num_chars:] if len(text) > sent.num_chars else ""
         if not new_tokens and not new_text and not seq.is_finished:
             return None
-        sent.num_tokens = len(seq.output_token_ids)
+        sent.num_tokens = num_tokens
         sent.num_chars = max(sent.num_chars, len(text))
         return StreamDelta(request_id=seq.request_id, token_ids=new_tokens, text=new_text,
                            finish_reason=seq.finish_reason, num_prompt_tokens=len(seq.prompt_token_ids),
-                           num_completion_tokens=len(seq.output_token_ids), error=seq.error, logprobs=logprobs)
+                           num_completion_tokens=num_tokens, error=seq.error, logprobs=logprobs)
 
     def forget(self, seq: Sequence) -> None:
         self._sent.pop(seq.request_id, None)

@@ -4,6 +4,7 @@ one SQLite file is never served twice at once. Real anvil, contracts, API and HT
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -236,6 +237,32 @@ def test_no_generation_outlives_its_hold_and_the_cut_answer_is_charged(paid: Pai
     usage = resp.json()["usage"]
     assert 0 < usage["completion_tokens"] < 1_000 and resp.json()["choices"][0]["finish_reason"] == "length"
     assert att.charged(lane) == int(resp.json()["receipt"]["fee"])
+
+
+def test_an_answer_cut_by_the_time_limit_without_stop_strings_holds_the_text_it_is_charged_for(
+        paid: PaidNode) -> None:
+    """Without stop strings, an answer that is not streamed is decoded only at its end; one cut short (the
+    time limit, or a client that left) came back with no text at all, charged for every token it had."""
+    att, lane = _attacker(paid), 111
+    svc = paid.local.services
+    assert svc is not None
+    saved, svc.generation.max_generation_s = getattr(svc.generation, "max_generation_s", None), 0.3
+    def body(max_tokens: int) -> bytes:
+        return json.dumps({"model": att.model, "prompt": "the sea", "max_tokens": max_tokens,
+                           "temperature": 0}).encode()
+
+    try:
+        cut = att.post(body(1_000), att.header(body(1_000), lane))
+    finally:
+        svc.generation.max_generation_s = saved
+    assert cut.status_code == 200, cut.text
+    choice, usage = cut.json()["choices"][0], cut.json()["usage"]
+    assert choice["finish_reason"] == "length" and 0 < usage["completion_tokens"] < 1_000
+    assert att.charged(lane) == int(cut.json()["receipt"]["fee"])
+    n = usage["completion_tokens"]
+    whole = att.post(body(n), att.header(body(n), lane))  # the same tokens, greedy, run to their end
+    assert whole.status_code == 200 and whole.json()["usage"]["completion_tokens"] == n
+    assert choice["text"] == whole.json()["choices"][0]["text"] != "", "the cut answer lost the text it was charged for"
 
 
 def test_no_stream_outlives_its_hold_and_the_cut_stream_is_charged(paid: PaidNode) -> None:
