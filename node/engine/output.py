@@ -4,7 +4,8 @@ An answer only ever holds whole characters. A byte-level tokenizer can spell one
 4 tokens; a stream holds back the text and the tokens (and their logprobs) of an unfinished character
 until it is whole, and an answer cut inside one (its length, or an abort) ends before it: those tokens
 are left out of its text and its count, so nobody is sent, or charged for, a U+FFFD that stands for
-bytes they never got. (A token whose text is a whole U+FFFD is treated the same way at the end.)
+bytes they never got. (A token whose text is a whole U+FFFD is treated the same way at the end.) A
+stream holds back an end of its text that a stop string begins with, too: a stop string is never sent.
 """
 
 from __future__ import annotations
@@ -64,13 +65,16 @@ class OutputProcessor:
             seq.text = self._decode(ids[:-seq.num_cut_tokens])
 
     def _unfinished_tail(self, ids: list[int], text: str) -> int:
-        """How many of the last tokens spell only the start of a character (0: the text ends whole). A
-        character takes at most 4 bytes, so at most 3 tokens; the last few tokens alone are decoded."""
+        """How many of the last tokens spell the start of a character not finished yet (the text's last
+        U+FFFD stands for it): the fewest whose removal leaves a text that the rest begins with. Bytes
+        that can never start a character (U+FFFD before more text) stay; a character takes at most 4
+        bytes, so at most 3 tokens; the last few tokens alone are decoded."""
         if not text.endswith("\ufffd"):
             return 0
         window = ids[-8:]
+        rest = self._decode(window)[:-1]
         for k in range(1, min(3, len(window)) + 1):
-            if not self._decode(window[:-k]).endswith("\ufffd"):
+            if rest.startswith(self._decode(window[:-k])):
                 return k
         return 0
 
@@ -82,10 +86,7 @@ class OutputProcessor:
     def delta(self, seq: Sequence) -> StreamDelta | None:
         """What the stream has not seen yet; None when there is nothing new and it is not finished."""
         sent = self._sent.setdefault(seq.request_id, _Sent())
-        text, num_tokens = seq.text, seq.num_answer_tokens
-        if not seq.is_finished and text.endswith("\ufffd"):  # an unfinished character: wait for the next token
-            num_tokens -= self._unfinished_tail(seq.output_token_ids, text)
-            text = text.rstrip("\ufffd")
+        text, num_tokens = self._ready(seq)
         num_tokens = max(num_tokens, sent.num_tokens)
         new_tokens = seq.output_token_ids[sent.num_tokens:num_tokens]
         logprobs = seq.output_logprobs[sent.num_tokens:num_tokens] if seq.params.logprobs is not None else None
@@ -98,5 +99,40 @@ class OutputProcessor:
                            finish_reason=seq.finish_reason, num_prompt_tokens=len(seq.prompt_token_ids),
                            num_completion_tokens=num_tokens, error=seq.error, logprobs=logprobs)
 
+    def _ready(self, seq: Sequence) -> tuple[str, int]:
+        """The text a stream may have now and how many tokens spell it: all of a finished sequence; of a
+        running one neither an unfinished character nor an end that a stop string begins with (it may
+        become one, and a stop string is never sent), each held back with its tokens."""
+        text, ids = seq.text, seq.output_token_ids
+        if seq.is_finished:
+            return text, seq.num_answer_tokens
+        num_tokens, unfinished = len(ids), self._unfinished_tail(ids, text)
+        if unfinished:
+            num_tokens, text = num_tokens - unfinished, text[:-1]
+        held = _stop_prefix(text, seq.params.stop)
+        if held:
+            text = text[:-held]
+            num_tokens = self._tokens_spelling(ids[:num_tokens], len(text))
+        return text, num_tokens
+
+    def _tokens_spelling(self, ids: list[int], num_chars: int) -> int:
+        """How many of the first of `ids` spell at most `num_chars` characters (decoded from the end: the
+        characters held back are a few)."""
+        for n in range(len(ids) - 1, -1, -1):
+            if len(self._decode(ids[:n])) <= num_chars:
+                return n
+        return 0
+
     def forget(self, seq: Sequence) -> None:
         self._sent.pop(seq.request_id, None)
+
+
+def _stop_prefix(text: str, stops: tuple[str, ...]) -> int:
+    """The length of the longest end of `text` that some stop string begins with (0: none)."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if stop.startswith(text[len(text) - n:]):
+                longest = n
+                break
+    return longest

@@ -265,6 +265,23 @@ def test_an_answer_cut_by_the_time_limit_without_stop_strings_holds_the_text_it_
     assert choice["text"] == whole.json()["choices"][0]["text"] != "", "the cut answer lost the text it was charged for"
 
 
+def test_an_answer_of_one_unfinished_character_is_charged_for_its_prompt_only(paid: PaidNode) -> None:
+    """One token, the first byte of a character (forced by logit_bias): nothing whole to send. Before, the
+    answer was U+FFFD, charged as a token."""
+    att, lane = _attacker(paid), 112
+    svc = paid.local.services
+    assert svc is not None
+    first_byte = svc.engine.engine.tokenizer.convert_tokens_to_ids("\u00e4")  # byte E4 (of 中, E4 B8 AD)
+    body = json.dumps({"model": att.model, "prompt": "the sea", "max_tokens": 1, "temperature": 0,
+                       "logit_bias": {str(first_byte): 100}}).encode()
+    resp = att.post(body, att.header(body, lane))
+    assert resp.status_code == 200, resp.text
+    answer = resp.json()
+    assert answer["choices"][0]["text"] == "" and answer["usage"]["completion_tokens"] == 0
+    fee = svc.payments.pricing.fee(answer["usage"]["prompt_tokens"], 0)
+    assert int(answer["receipt"]["fee"]) == fee == att.charged(lane)
+
+
 def test_no_stream_outlives_its_hold_and_the_cut_stream_is_charged(paid: PaidNode) -> None:
     att, lane = _attacker(paid), 108
     svc = paid.local.services

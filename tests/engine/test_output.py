@@ -39,11 +39,11 @@ def _ids(tokenizer: PreTrainedTokenizerBase, data: bytes) -> list[int]:
     return ids
 
 
-def _run(tokenizer: PreTrainedTokenizerBase, ids: list[int], max_tokens: int,
-         is_streamed: bool = True) -> tuple[list[StreamDelta], RequestOutput]:
+def _run(tokenizer: PreTrainedTokenizerBase, ids: list[int], max_tokens: int, is_streamed: bool = True,
+         stop: tuple[str, ...] = ()) -> tuple[list[StreamDelta], RequestOutput]:
     """Append `ids` one step at a time as the engine does; the stream's deltas and the output."""
     outputs = OutputProcessor(tokenizer, frozenset(), max_model_len=1_000)
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, logprobs=0)
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, logprobs=0, stop=stop)
     seq = Sequence("r", [1, 2], params, None, 0)
     deltas = []
     for token in ids:
@@ -79,6 +79,27 @@ def test_an_answer_cut_inside_a_character_ends_before_it_and_is_not_counted(
         assert "".join(d.text for d in deltas) == "a" and "\ufffd" not in "".join(d.text for d in deltas)
         assert deltas[-1].num_completion_tokens == 1
         assert sum(len(d.token_ids) for d in deltas) == 1
+
+
+def test_bytes_that_start_no_character_stay_in_the_answer_and_only_the_unfinished_one_is_left_out(
+        tokenizer: PreTrainedTokenizerBase) -> None:
+    ids = _ids(tokenizer, b"a\xd7\xd7\xd7")  # a lead byte followed by another is broken; the last is unfinished
+    deltas, out = _run(tokenizer, ids, max_tokens=4)
+    assert out.text == "a\ufffd\ufffd" and out.num_completion_tokens == 3
+    assert "".join(d.text for d in deltas) == out.text and deltas[-1].num_completion_tokens == 3
+
+
+def test_a_stop_string_is_never_streamed_even_in_part(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Before, "ab", "E", "N" went out, then the stop string's last letter ended the answer: the client
+    had text the answer does not hold."""
+    ids = _ids(tokenizer, b"abEND!")
+    deltas, out = _run(tokenizer, ids, max_tokens=10, stop=("END",))
+    assert "".join(d.text for d in deltas) == "ab" == out.text and out.finish_reason == "stop"
+    assert [d.num_completion_tokens for d in deltas] == [1, 2, 5], "held back tokens wait with their text"
+    ids = _ids(tokenizer, b"abENx")  # what looked like a stop string's start was not one
+    deltas, out = _run(tokenizer, ids, max_tokens=5, stop=("END",))
+    assert [d.text for d in deltas] == ["a", "b", "ENx"] and out.text == "abENx"
+    assert [d.token_ids for d in deltas] == [ids[:1], ids[1:2], ids[2:]]
 
 
 def test_an_aborted_answer_without_stop_strings_has_the_text_of_its_tokens(tiny_model: Path) -> None:
