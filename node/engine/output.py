@@ -16,6 +16,8 @@ from transformers import PreTrainedTokenizerBase
 
 from node.engine.sequence import Sequence, StreamDelta
 
+MAX_HELD_CHARS = 32  # the most of a stop string's start a stream holds back (a longer one may show its start)
+
 
 @dataclass
 class _Sent:
@@ -111,28 +113,34 @@ class OutputProcessor:
             num_tokens, text = num_tokens - unfinished, text[:-1]
         held = _stop_prefix(text, seq.params.stop)
         if held:
+            num_tokens -= self._tokens_ending(ids[:num_tokens], held)
             text = text[:-held]
-            num_tokens = self._tokens_spelling(ids[:num_tokens], len(text))
         return text, num_tokens
 
-    def _tokens_spelling(self, ids: list[int], num_chars: int) -> int:
-        """How many of the first of `ids` spell at most `num_chars` characters (decoded from the end: the
-        characters held back are a few)."""
-        for n in range(len(ids) - 1, -1, -1):
-            if len(self._decode(ids[:n])) <= num_chars:
-                return n
-        return 0
+    def _tokens_ending(self, ids: list[int], num_chars: int) -> int:
+        """How many of the last `ids` spell their last `num_chars` characters (a few tokens decoded)."""
+        most = min(len(ids), num_chars + 8)
+        for m in range(1, most + 1):
+            window = ids[-(m + 4):]  # a margin before: a window may start inside a character
+            if len(self._decode(window)) - len(self._decode(window[:-m])) >= num_chars:
+                return m
+        return most
 
     def forget(self, seq: Sequence) -> None:
         self._sent.pop(seq.request_id, None)
 
 
 def _stop_prefix(text: str, stops: tuple[str, ...]) -> int:
-    """The length of the longest end of `text` that some stop string begins with (0: none)."""
-    longest = 0
+    """The length of the longest end of `text`, up to MAX_HELD_CHARS, that some stop string begins with
+    (0: none). Only the places where a stop string holds the text's last character are tried."""
+    if not text:
+        return 0
+    last, longest = text[-1], 0
     for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), longest, -1):
-            if stop.startswith(text[len(text) - n:]):
-                longest = n
+        j = stop.rfind(last, 0, min(len(stop) - 1, len(text), MAX_HELD_CHARS))  # stop[j] == last
+        while j >= longest:  # the end of the text might be stop[:j + 1], longer than found so far
+            if text.endswith(stop[:j + 1]):
+                longest = j + 1
                 break
+            j = stop.rfind(last, 0, j)
     return longest

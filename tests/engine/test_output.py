@@ -6,6 +6,7 @@ with stop strings, aborted (the time limit, a client that left), came back with 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from node.engine import EngineConfig, LLMEngine, SamplingParams
 from node.engine.logprob import TokenLogprob
-from node.engine.output import OutputProcessor
+from node.engine.output import MAX_HELD_CHARS, OutputProcessor
 from node.engine.sequence import RequestOutput, Sequence, StreamDelta
 
 MIDDLE = "中".encode()  # E4 B8 AD: three tokens of a byte-level tokenizer
@@ -100,6 +101,17 @@ def test_a_stop_string_is_never_streamed_even_in_part(tokenizer: PreTrainedToken
     deltas, out = _run(tokenizer, ids, max_tokens=5, stop=("END",))
     assert [d.text for d in deltas] == ["a", "b", "ENx"] and out.text == "abENx"
     assert [d.token_ids for d in deltas] == [ids[:1], ids[1:2], ids[2:]]
+
+
+def test_a_huge_stop_string_holds_back_a_bounded_start_and_costs_a_step_little(
+        tokenizer: PreTrainedTokenizerBase) -> None:
+    """A payer's stop string of 100,000 "a"s must not make each step of everyone's batch slow."""
+    ids = _ids(tokenizer, b"a" * 200)
+    started = time.perf_counter()
+    deltas, out = _run(tokenizer, ids, max_tokens=200, stop=("a" * 100_000,))
+    assert time.perf_counter() - started < 2.0
+    before_last = "".join(d.text for d in deltas[:-1])  # sent by the step before the last (199 "a"s made)
+    assert out.text == "a" * 200 and len(before_last) == 199 - MAX_HELD_CHARS
 
 
 def test_an_aborted_answer_without_stop_strings_has_the_text_of_its_tokens(tiny_model: Path) -> None:
