@@ -5,7 +5,8 @@ An answer only ever holds whole characters. A byte-level tokenizer can spell one
 until it is whole, and an answer cut inside one (its length, or an abort) ends before it: those tokens
 are left out of its text and its count, so nobody is sent, or charged for, a U+FFFD that stands for
 bytes they never got. (A token whose text is a whole U+FFFD is treated the same way at the end.) A
-stream holds back an end of its text that a stop string begins with, too: a stop string is never sent.
+stream holds back an end of its text that a stop string begins with, too (up to MAX_HELD_CHARS of it):
+a stop string is never sent, though the start of a longer one may be.
 """
 
 from __future__ import annotations
