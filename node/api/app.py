@@ -33,15 +33,28 @@ async def prune_responses(svc: NodeServices) -> None:
         await asyncio.sleep(svc.prune_interval_s)
 
 
+async def record_spooled_losses(svc: NodeServices) -> None:
+    """Move the write-offs the database refused (node/payment/loss_spool.py) into it at start and every
+    `loss_flush_interval_s`, so a node that serves no paid request records them too. A spool it cannot
+    read is logged and tried again next time."""
+    while True:
+        try:
+            await asyncio.to_thread(svc.payments.flush_unrecorded)  # logs what still waits
+        except OSError as exc:
+            log.error("the loss spool could not be read: %s", exc)
+        await asyncio.sleep(svc.loss_flush_interval_s)
+
+
 def create_app(svc: NodeServices) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         svc.engine.engine.start()
-        pruner = asyncio.create_task(prune_responses(svc))
+        tasks = [asyncio.create_task(prune_responses(svc)), asyncio.create_task(record_spooled_losses(svc))]
         try:
             yield
         finally:
-            pruner.cancel()
+            for task in tasks:
+                task.cancel()
             for stop in svc.on_shutdown:
                 stop()
 

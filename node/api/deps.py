@@ -38,6 +38,7 @@ class NodeServices:
     max_mirror_lag_s: float = 120.0
     idempotency_window_s: float = 86_400.0  # how long a served voucher's response is kept for retries
     prune_interval_s: float = 600.0
+    loss_flush_interval_s: float = 60.0  # how often write-offs the database refused are tried again
     on_shutdown: list[Callable[[], None]] = field(default_factory=list)
     x402_refunds: X402Refunds | None = None  # the cooperative refund (GET /x402/refund), with the channel mirror
 

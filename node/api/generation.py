@@ -160,7 +160,7 @@ class GenerationService:
         try:
             finals, endings = await self._generate(job, http)
             generated = sum(f.num_completion_tokens for f in finals)
-            if generated == 0 and any(e in (CLIENT_LEFT, TIME_LIMIT) for e in endings):
+            if generated == 0 and any(f.finish_reason == "abort" for f in finals):  # cut by the client or time
                 raise Unavailable("the request was cut before it produced a token; nothing was charged")
             usage = Usage(len(job.prompt_ids), generated)
             choices = [ChoiceOutput(f.text, e, f.logprobs) for f, e in zip(finals, endings, strict=True)]

@@ -173,17 +173,24 @@ class LLMEngine:
                 case Sequence():
                     self.scheduler.add(message)
                 case Abort(request_id):
-                    finished.append(self.scheduler.abort(request_id))
+                    finished.append(self._abort(request_id))
                 case ControlAdapter():
                     running = {s.adapter_id for s in self.scheduler.running if s.adapter_id is not None}
                     self.adapters.apply(message, running)
                 case DropAdapter(adapter_id):
                     for seq in [*self.scheduler.running, *self.scheduler.waiting]:
                         if seq.adapter_id == adapter_id:
-                            finished.append(self.scheduler.abort(seq.request_id))
+                            finished.append(self._abort(seq.request_id))
                     self.adapters.drop(adapter_id)
                     self.block_manager.forget_adapter(adapter_id)
         return [s for s in finished if s is not None]
+
+    def _abort(self, request_id: str) -> Sequence | None:
+        """End a request where it stands: its answer is the text of what it generated (outputs.cut)."""
+        seq = self.scheduler.abort(request_id)
+        if seq is not None:
+            self.outputs.cut(seq)
+        return seq
 
     def kv_cache_stats(self) -> KVCacheStats:
         """The KV cache's use and the prefix cache's hits, evictions and cached blocks (a snapshot)."""

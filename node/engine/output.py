@@ -1,4 +1,13 @@
-"""Stop conditions, detokenisation and stream deltas for finished and running sequences."""
+"""Stop conditions, detokenisation and stream deltas for finished and running sequences.
+
+An answer only ever holds whole characters. A byte-level tokenizer can spell one character over up to
+4 tokens; a stream holds back the text and the tokens (and their logprobs) of an unfinished character
+until it is whole, and an answer cut inside one (its length, or an abort) ends before it: those tokens
+are left out of its text and its count, so nobody is sent, or charged for, a U+FFFD that stands for
+bytes they never got. (A token whose text is a whole U+FFFD is treated the same way at the end.) A
+stream holds back an end of its text that a stop string begins with, too (up to MAX_HELD_CHARS of it):
+a stop string is never sent, though the start of a longer one may be.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +16,8 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from node.engine.sequence import Sequence, StreamDelta
+
+MAX_HELD_CHARS = 32  # the most of a stop string's start a stream holds back (a longer one may show its start)
 
 
 @dataclass
@@ -41,10 +52,34 @@ class OutputProcessor:
                 seq.finish("stop")
                 return True
         if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            seq.text = self._decode(seq.output_token_ids)
+            self.cut(seq)
             seq.finish("length")
             return True
         return False
+
+    def cut(self, seq: Sequence) -> None:
+        """A sequence ended before its stop (its length, or aborted): its text is what its tokens spell (a
+        request neither streamed nor with stop strings is decoded at its end only), less an unfinished last
+        character, whose tokens are left out of the answer."""
+        ids = seq.output_token_ids
+        seq.text = self._decode(ids)
+        seq.num_cut_tokens = self._unfinished_tail(ids, seq.text)
+        if seq.num_cut_tokens:
+            seq.text = self._decode(ids[:-seq.num_cut_tokens])
+
+    def _unfinished_tail(self, ids: list[int], text: str) -> int:
+        """How many of the last tokens spell the start of a character not finished yet (the text's last
+        U+FFFD stands for it): the fewest whose removal leaves a text that the rest begins with. Bytes
+        that can never start a character (U+FFFD before more text) stay; a character takes at most 4
+        bytes, so at most 3 tokens; the last few tokens alone are decoded."""
+        if not text.endswith("\ufffd"):
+            return 0
+        window = ids[-8:]
+        rest = self._decode(window)[:-1]
+        for k in range(1, min(3, len(window)) + 1):
+            if rest.startswith(self._decode(window[:-k])):
+                return k
+        return 0
 
     @staticmethod
     def _stop_string_at(text: str, stops: tuple[str, ...], start: int = 0) -> int | None:
@@ -54,19 +89,59 @@ class OutputProcessor:
     def delta(self, seq: Sequence) -> StreamDelta | None:
         """What the stream has not seen yet; None when there is nothing new and it is not finished."""
         sent = self._sent.setdefault(seq.request_id, _Sent())
-        text = seq.text
-        if not seq.is_finished:
-            text = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence: wait for the next token
-        new_tokens = seq.output_token_ids[sent.num_tokens:]
-        logprobs = seq.output_logprobs[sent.num_tokens:] if seq.params.logprobs is not None else None
+        text, num_tokens = self._ready(seq)
+        num_tokens = max(num_tokens, sent.num_tokens)
+        new_tokens = seq.output_token_ids[sent.num_tokens:num_tokens]
+        logprobs = seq.output_logprobs[sent.num_tokens:num_tokens] if seq.params.logprobs is not None else None
         new_text = text[sent.num_chars:] if len(text) > sent.num_chars else ""
         if not new_tokens and not new_text and not seq.is_finished:
             return None
-        sent.num_tokens = len(seq.output_token_ids)
+        sent.num_tokens = num_tokens
         sent.num_chars = max(sent.num_chars, len(text))
         return StreamDelta(request_id=seq.request_id, token_ids=new_tokens, text=new_text,
                            finish_reason=seq.finish_reason, num_prompt_tokens=len(seq.prompt_token_ids),
-                           num_completion_tokens=len(seq.output_token_ids), error=seq.error, logprobs=logprobs)
+                           num_completion_tokens=num_tokens, error=seq.error, logprobs=logprobs)
+
+    def _ready(self, seq: Sequence) -> tuple[str, int]:
+        """The text a stream may have now and how many tokens spell it: all of a finished sequence; of a
+        running one neither an unfinished character nor an end that a stop string begins with (it may
+        become one, and a stop string is never sent), each held back with its tokens."""
+        text, ids = seq.text, seq.output_token_ids
+        if seq.is_finished:
+            return text, seq.num_answer_tokens
+        num_tokens, unfinished = len(ids), self._unfinished_tail(ids, text)
+        if unfinished:
+            num_tokens, text = num_tokens - unfinished, text[:-1]
+        held = _stop_prefix(text, seq.params.stop)
+        if held:
+            num_tokens -= self._tokens_ending(ids[:num_tokens], held)
+            text = text[:-held]
+        return text, num_tokens
+
+    def _tokens_ending(self, ids: list[int], num_chars: int) -> int:
+        """How many of the last `ids` spell their last `num_chars` characters (a few tokens decoded)."""
+        most = min(len(ids), num_chars + 8)
+        for m in range(1, most + 1):
+            window = ids[-(m + 4):]  # a margin before: a window may start inside a character
+            if len(self._decode(window)) - len(self._decode(window[:-m])) >= num_chars:
+                return m
+        return most
 
     def forget(self, seq: Sequence) -> None:
         self._sent.pop(seq.request_id, None)
+
+
+def _stop_prefix(text: str, stops: tuple[str, ...]) -> int:
+    """The length of the longest end of `text`, up to MAX_HELD_CHARS, that some stop string begins with
+    (0: none). Only the places where a stop string holds the text's last character are tried."""
+    if not text:
+        return 0
+    last, longest = text[-1], 0
+    for stop in stops:
+        j = stop.rfind(last, 0, min(len(stop) - 1, len(text), MAX_HELD_CHARS))  # stop[j] == last
+        while j >= longest:  # the end of the text might be stop[:j + 1], longer than found so far
+            if text.endswith(stop[:j + 1]):
+                longest = j + 1
+                break
+            j = stop.rfind(last, 0, j)
+    return longest

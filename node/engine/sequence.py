@@ -66,6 +66,12 @@ class Sequence:
     output_logprobs: list[TokenLogprob] = field(default_factory=list)  # when params.logprobs is set
     stop_search_from: int = 0  # stop strings are looked for from this character (see min_tokens)
     grammar: GrammarState | None = None  # where its output stands in params.grammar
+    num_cut_tokens: int = 0  # last tokens that spell an unfinished character: left out of the answer (output.py)
+
+    @property
+    def num_answer_tokens(self) -> int:
+        """The completion tokens its answer is made of: what it is charged for."""
+        return len(self.output_token_ids) - self.num_cut_tokens
 
     @property
     def token_ids(self) -> list[int]:
@@ -93,10 +99,11 @@ class Sequence:
         self.status, self.finish_reason, self.error = SequenceStatus.FINISHED, reason, error
 
     def to_output(self) -> RequestOutput:
+        n = self.num_answer_tokens
         return RequestOutput(
             request_id=self.request_id, prompt_token_ids=list(self.prompt_token_ids),
-            token_ids=list(self.output_token_ids), text=self.text, finish_reason=self.finish_reason,
-            num_prompt_tokens=len(self.prompt_token_ids), num_completion_tokens=len(self.output_token_ids),
+            token_ids=self.output_token_ids[:n], text=self.text, finish_reason=self.finish_reason,
+            num_prompt_tokens=len(self.prompt_token_ids), num_completion_tokens=n,
             adapter_id=self.adapter_id, error=self.error,
-            logprobs=list(self.output_logprobs) if self.params.logprobs is not None else None,
+            logprobs=self.output_logprobs[:n] if self.params.logprobs is not None else None,
         )

@@ -5,7 +5,8 @@ database transaction (`Ledger.write_off`). When the database refuses that transa
 written here (one fsynced JSON file) and its voucher stays in flight: this process and its next life
 on the same data folder refuse the voucher (409) until the write-off is in the database, so a restart
 never lets it take its own old hold over and buy a second generation. `PaymentService` moves the
-entries into the database at its next paid request (and at start).
+entries into the database at its next paid request, and the API at its start and every minute after
+(node/api/app.py): a node that serves nothing records them too.
 """
 
 from __future__ import annotations

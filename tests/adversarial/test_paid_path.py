@@ -4,6 +4,7 @@ one SQLite file is never served twice at once. Real anvil, contracts, API and HT
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -236,6 +237,49 @@ def test_no_generation_outlives_its_hold_and_the_cut_answer_is_charged(paid: Pai
     usage = resp.json()["usage"]
     assert 0 < usage["completion_tokens"] < 1_000 and resp.json()["choices"][0]["finish_reason"] == "length"
     assert att.charged(lane) == int(resp.json()["receipt"]["fee"])
+
+
+def test_an_answer_cut_by_the_time_limit_without_stop_strings_holds_the_text_it_is_charged_for(
+        paid: PaidNode) -> None:
+    """Without stop strings, an answer that is not streamed is decoded only at its end; one cut short (the
+    time limit, or a client that left) came back with no text at all, charged for every token it had."""
+    att, lane = _attacker(paid), 111
+    svc = paid.local.services
+    assert svc is not None
+    saved, svc.generation.max_generation_s = getattr(svc.generation, "max_generation_s", None), 0.3
+    def body(max_tokens: int) -> bytes:
+        return json.dumps({"model": att.model, "prompt": "the sea", "max_tokens": max_tokens,
+                           "temperature": 0}).encode()
+
+    try:
+        cut = att.post(body(1_000), att.header(body(1_000), lane))
+    finally:
+        svc.generation.max_generation_s = saved
+    assert cut.status_code == 200, cut.text
+    choice, usage = cut.json()["choices"][0], cut.json()["usage"]
+    assert choice["finish_reason"] == "length" and 0 < usage["completion_tokens"] < 1_000
+    assert att.charged(lane) == int(cut.json()["receipt"]["fee"])
+    n = usage["completion_tokens"]
+    whole = att.post(body(n), att.header(body(n), lane))  # the same tokens, greedy, run to their end
+    assert whole.status_code == 200 and whole.json()["usage"]["completion_tokens"] == n
+    assert choice["text"] == whole.json()["choices"][0]["text"] != "", "the cut answer lost the text it was charged for"
+
+
+def test_an_answer_of_one_unfinished_character_is_charged_for_its_prompt_only(paid: PaidNode) -> None:
+    """One token, the first byte of a character (forced by logit_bias): nothing whole to send. Before, the
+    answer was U+FFFD, charged as a token."""
+    att, lane = _attacker(paid), 112
+    svc = paid.local.services
+    assert svc is not None
+    first_byte = svc.engine.engine.tokenizer.convert_tokens_to_ids("\u00e4")  # byte E4 (of 中, E4 B8 AD)
+    body = json.dumps({"model": att.model, "prompt": "the sea", "max_tokens": 1, "temperature": 0,
+                       "logit_bias": {str(first_byte): 100}}).encode()
+    resp = att.post(body, att.header(body, lane))
+    assert resp.status_code == 200, resp.text
+    answer = resp.json()
+    assert answer["choices"][0]["text"] == "" and answer["usage"]["completion_tokens"] == 0
+    fee = svc.payments.pricing.fee(answer["usage"]["prompt_tokens"], 0)
+    assert int(answer["receipt"]["fee"]) == fee == att.charged(lane)
 
 
 def test_no_stream_outlives_its_hold_and_the_cut_stream_is_charged(paid: PaidNode) -> None:

@@ -52,8 +52,10 @@ def _model(ask: Ask, base: Any) -> None:
 
 def _max_tokens(name: str) -> Callable[[Ask, Any], None]:
     def check(ask: Ask, base: Any) -> None:
-        out = ask(**{name: 3})
-        assert out.usage.completion_tokens == 3 and out.choices[0].finish_reason == "length"
+        # 4, not 3: the tiny model's third chat token is a lone UTF-8 lead byte, an unfinished character that
+        # an answer cut right after it leaves out (and does not charge: tests/engine/test_output.py)
+        out = ask(**{name: 4})
+        assert out.usage.completion_tokens == 4 and out.choices[0].finish_reason == "length"
         assert text_of(base).startswith(text_of(out))
     return check
 

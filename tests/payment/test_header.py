@@ -69,3 +69,14 @@ def test_each_bad_field_is_refused(field: str, bad: object) -> None:
 def test_arbitrary_text_never_crashes(value: str) -> None:
     with contextlib.suppress(BadRequest):
         decode_payment_header(value)
+
+
+def test_a_field_named_twice_is_refused_whichever_comes_first() -> None:
+    """A reader that takes the first of two (not Python's: the last) would see another voucher than the one
+    the node checked and stored: a header naming a field twice is refused, by name."""
+    compact = base64.urlsafe_b64decode(_header().encode() + "==").decode()
+    twice = compact[:-1] + ',"cumulative":"1"}'
+    value = base64.urlsafe_b64encode(twice.encode()).decode().rstrip("=")
+    with pytest.raises(BadRequest, match="not base64url JSON") as err:
+        decode_payment_header(value)
+    assert "'cumulative' is named twice" in err.value.facts["reason"]

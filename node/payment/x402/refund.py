@@ -22,8 +22,9 @@ from typing import Any
 
 from eth_hash.auto import keccak
 
+from node.payment.x402.chain_reads import OnChain
 from node.payment.x402.channel_check import PREFIX, ChannelView, X402Refused, check_signature, check_terms
-from node.payment.x402.service import OnChain, X402Checked, X402Payments
+from node.payment.x402.service import X402Checked, X402Payments
 from node.payment.x402.typed import ChannelConfig
 from node.payment.x402.wire import Payment, decode_payment, payment_response
 from node.protocol.hexstr import to_hex

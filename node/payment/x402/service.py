@@ -16,11 +16,10 @@ and swept the channel (the router's ERC-1271 signature is the node's).
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 from node.chain.receipt_read import authorize_read
 from node.db.models import Voucher as VoucherRow
@@ -31,6 +30,7 @@ from node.payment.pricing import Pricing
 from node.payment.service import Hold, PaymentService, Replay
 from node.payment.voucher_check import CheckedVoucher
 from node.payment.x402.book import ChannelBook, ChannelEntry
+from node.payment.x402.chain_reads import ChannelReads, ReadChannel
 from node.payment.x402.channel_check import (
     EXCEEDS_BALANCE,
     PREFIX,
@@ -54,22 +54,6 @@ from node.protocol.voucher import Voucher, voucher_digest
 NEVER = 2**63 - 1  # the router lane voucher's deadline (the node's own, valid until collected; fits BIGINT)
 
 
-class OnChain(Protocol):
-    """The channel's contract state (node.chain.x402_channels.OnChainChannel)."""
-
-    @property
-    def balance(self) -> int: ...
-    @property
-    def total_claimed(self) -> int: ...
-    @property
-    def pending_withdrawal(self) -> int: ...
-    @property
-    def withdraw_requested_at(self) -> int: ...
-    @property
-    def refund_nonce(self) -> int: ...
-
-
-ReadChannel = Callable[[bytes], OnChain]
 SubmitDeposit = Callable[[Payment], object]
 
 
@@ -93,18 +77,18 @@ class X402Voucher(CheckedVoucher):
 class X402Payments:
     def __init__(self, payments: PaymentService, book: ChannelBook, terms: X402Terms, node_key: str,
                  read_channel: ReadChannel, submit_deposit: SubmitDeposit, channel_ttl_s: float = 2.0,
-                 read_mirror: ReadChannel | None = None) -> None:
+                 read_mirror: ReadChannel | None = None, chain_reads: ChannelReads | None = None) -> None:
         self.payments, self.book, self.terms = payments, book, terms
         self.node_key = node_key
-        self.read_channel, self.submit_deposit = read_channel, submit_deposit
+        self.submit_deposit = submit_deposit
         # The hold reads the indexer's mirror (`read_mirror`, node/payment/x402/channel_mirror.py) and the
         # chain (`read_channel`) only where the mirror's balance falls short (a deposit not indexed yet).
         # Without a mirror the chain state is read at most every `channel_ttl_s`: a withdrawal seen that
         # much later still finishes only after the delay, which the settlement worker's claim beats
-        # (node/settlement/x402_guard.py); a deposit is always read again.
+        # (node/settlement/x402_guard.py); a deposit is always read again. Strangers' channels (nothing
+        # in them) are read at a bounded rate (node/payment/x402/chain_reads.py).
         self.read_mirror = read_mirror
-        self.channel_ttl_s = channel_ttl_s
-        self._chain_cache: dict[bytes, tuple[float, OnChain]] = {}
+        self.chain_reads = chain_reads or ChannelReads(read_channel, channel_ttl_s)
         self._deposit_lock = threading.Lock()
         self.ledger = payments.ledger
         self.router = terms.router.lower()
@@ -220,7 +204,7 @@ class X402Payments:
             reason = "deposit_simulation_failed" if "error" in exc.facts else "deposit_transaction_failed"
             raise X402Refused(f"the channel contract refused the deposit: {exc.message}", PREFIX + reason,
                               **exc.facts) from exc
-        self._chain_cache.pop(checked.channel_id, None)
+        self.chain_reads.deposited(checked.channel_id)
         return _tx_hash(sent)
 
     def _check_funded(self, checked: X402Checked) -> None:
@@ -256,7 +240,8 @@ class X402Payments:
     def _live(self, checked: X402Checked, mirrored: ChannelView) -> ChannelView:
         """The chain's view (maybe up to `channel_ttl_s` old), keeping what the mirror has seen since (a
         withdrawal, a claim)."""
-        live = self._view(checked, mirrored.charged, live=True)
+        funded = bool(mirrored.balance or mirrored.total_claimed)  # paid into: never counted as a stranger's
+        live = self._view(checked, mirrored.charged, live=True, known=funded)
         return replace(live, pending_withdrawal=max(live.pending_withdrawal, mirrored.pending_withdrawal),
                        withdraw_requested_at=max(live.withdraw_requested_at, mirrored.withdraw_requested_at),
                        total_claimed=max(live.total_claimed, mirrored.total_claimed))
@@ -296,26 +281,13 @@ class X402Payments:
         view = self._view(checked, charged)
         return max(view.balance - view.pending_withdrawal - max(charged, view.total_claimed), 0)
 
-    def _view(self, checked: X402Checked, charged: int, live: bool = False) -> ChannelView:
+    def _view(self, checked: X402Checked, charged: int, live: bool = False, known: bool = False) -> ChannelView:
+        """The mirror's view, or the chain's (`live`, or without a mirror; `known`: the channel is funded)."""
         mirror = self.read_mirror
-        chain = self._chain(checked.channel_id) if live or mirror is None else mirror(checked.channel_id)
+        channel = checked.channel_id
+        chain = self.chain_reads.get(channel, known) if live or mirror is None else mirror(channel)
         return ChannelView(charged, 0, None, chain.balance, chain.total_claimed, chain.pending_withdrawal,
                            chain.withdraw_requested_at, chain.refund_nonce)
-
-    def _chain(self, channel: bytes) -> OnChain:
-        """The channel's contract state, read at most every `channel_ttl_s`. A channel with nothing in it
-        is not kept: anyone can name as many of those as they like (a voucher signed for a fresh channel),
-        and each would stay in this process's memory for good."""
-        now = time.monotonic()
-        cached = self._chain_cache.get(channel)
-        if cached is not None and now - cached[0] < self.channel_ttl_s:
-            return cached[1]
-        state = self.read_channel(channel)
-        if state.balance or state.total_claimed or state.pending_withdrawal or state.refund_nonce:
-            self._chain_cache[channel] = (now, state)
-        else:
-            self._chain_cache.pop(channel, None)
-        return state
 
     def payment_response(self, hold: Hold, charged_total: int) -> dict[str, Any]:
         """`PAYMENT-RESPONSE` after the charge: this request's charge and the channel's new state."""

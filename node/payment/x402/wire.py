@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from node.errors import BadRequest
 from node.payment.x402.typed import SCHEME, ChannelConfig
+from node.protocol.wire_header import unique_fields
 
 PAYMENT_REQUIRED_HEADER = "PAYMENT-REQUIRED"
 PAYMENT_SIGNATURE_HEADER = "PAYMENT-SIGNATURE"
@@ -64,9 +65,10 @@ def decode_header(header: str) -> dict[str, Any]:
     if len(header) > MAX_HEADER_CHARS:
         raise BadRequest("payment header too large", length=len(header))
     try:
-        value = json.loads(base64.b64decode(header.strip(), validate=True))
+        value = json.loads(base64.b64decode(header.strip(), validate=True), object_pairs_hook=unique_fields)
     except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest("payment header is not base64 of JSON", reason=type(exc).__name__) from exc
+        raise BadRequest("payment header is not base64 of JSON (each field named once)", reason=str(exc)[:200]
+                         ) from exc
     if not isinstance(value, dict):
         raise BadRequest("payment header must hold a JSON object")
     return value

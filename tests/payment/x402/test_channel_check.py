@@ -175,3 +175,12 @@ def test_a_deposit_below_the_announced_minimum_is_refused_before_any_gas() -> No
         check_min_deposit(dust, terms)
     assert err.value.reason == "invalid_batch_settlement_evm_deposit_below_min_deposit"
     assert "minDeposit" not in node_terms().requirements(300)["extra"], "no minimum: none announced"
+
+
+def test_a_payment_naming_a_field_twice_is_refused() -> None:
+    header = SdkPayer().pay(required_for(node_terms(), 300))
+    raw = base64.b64decode(header).decode()
+    twice = raw[:-1] + ',"x402Version":2}'
+    with pytest.raises(BadRequest, match="each field named once") as err:
+        decode_payment(base64.b64encode(twice.encode()).decode())
+    assert "named twice" in err.value.facts["reason"]

@@ -1,0 +1,129 @@
+"""An answer holds whole characters, and its count the tokens that spell them: a character a byte-level
+tokenizer spells over several tokens is streamed once whole (its tokens and logprobs with it), and an
+answer cut inside one ends before it. Before, the last delta sent the unfinished character as U+FFFD and
+counted its tokens: the payer was charged for bytes it never got. And an answer neither streamed nor
+with stop strings, aborted (the time limit, a client that left), came back with no text at all."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from node.engine import EngineConfig, LLMEngine, SamplingParams
+from node.engine.logprob import TokenLogprob
+from node.engine.output import MAX_HELD_CHARS, OutputProcessor
+from node.engine.sequence import RequestOutput, Sequence, StreamDelta
+
+MIDDLE = "中".encode()  # E4 B8 AD: three tokens of a byte-level tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model: Path) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def _byte_token(byte: int) -> str:
+    """How a byte-level BPE spells one byte (GPT-2's map: printable bytes as themselves, the rest from 256)."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    if byte in printable:
+        return chr(byte)
+    return chr(256 + sorted(set(range(256)) - set(printable)).index(byte))
+
+
+def _ids(tokenizer: PreTrainedTokenizerBase, data: bytes) -> list[int]:
+    """One token per byte (the tokenizer's base alphabet)."""
+    ids = [tokenizer.convert_tokens_to_ids(_byte_token(b)) for b in data]
+    assert tokenizer.decode(ids) == data.decode("utf-8", "replace")
+    return ids
+
+
+def _run(tokenizer: PreTrainedTokenizerBase, ids: list[int], max_tokens: int, is_streamed: bool = True,
+         stop: tuple[str, ...] = ()) -> tuple[list[StreamDelta], RequestOutput]:
+    """Append `ids` one step at a time as the engine does; the stream's deltas and the output."""
+    outputs = OutputProcessor(tokenizer, frozenset(), max_model_len=1_000)
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, logprobs=0, stop=stop)
+    seq = Sequence("r", [1, 2], params, None, 0)
+    deltas = []
+    for token in ids:
+        seq.append(token, TokenLogprob(token, -0.5, ()))
+        finished = outputs.check_stop(seq, is_streamed)
+        delta = outputs.delta(seq) if is_streamed or finished else None
+        if delta is not None:
+            deltas.append(delta)
+        if finished:
+            break
+    return deltas, seq.to_output()
+
+
+def test_a_character_spelled_over_tokens_is_streamed_once_whole_with_its_tokens(
+        tokenizer: PreTrainedTokenizerBase) -> None:
+    ids = _ids(tokenizer, b"a" + MIDDLE + b"b")
+    deltas, out = _run(tokenizer, ids, max_tokens=5)
+    assert [d.text for d in deltas] == ["a", "中", "b"]
+    assert [d.token_ids for d in deltas] == [ids[:1], ids[1:4], ids[4:]]
+    assert [d.num_completion_tokens for d in deltas] == [1, 4, 5]
+    assert [[lp.token_id for lp in d.logprobs or []] for d in deltas] == [d.token_ids for d in deltas]
+    assert out.text == "a中b" and out.num_completion_tokens == 5
+
+
+@pytest.mark.parametrize("is_streamed", [True, False], ids=["streamed", "whole"])
+def test_an_answer_cut_inside_a_character_ends_before_it_and_is_not_counted(
+        tokenizer: PreTrainedTokenizerBase, is_streamed: bool) -> None:
+    ids = _ids(tokenizer, b"a" + MIDDLE[:2])
+    deltas, out = _run(tokenizer, ids, max_tokens=3, is_streamed=is_streamed)
+    assert out.finish_reason == "length" and out.text == "a"
+    assert out.num_completion_tokens == 1 and out.token_ids == ids[:1] and len(out.logprobs or []) == 1
+    if is_streamed:
+        assert "".join(d.text for d in deltas) == "a" and "\ufffd" not in "".join(d.text for d in deltas)
+        assert deltas[-1].num_completion_tokens == 1
+        assert sum(len(d.token_ids) for d in deltas) == 1
+
+
+def test_bytes_that_start_no_character_stay_in_the_answer_and_only_the_unfinished_one_is_left_out(
+        tokenizer: PreTrainedTokenizerBase) -> None:
+    ids = _ids(tokenizer, b"a\xd7\xd7\xd7")  # a lead byte followed by another is broken; the last is unfinished
+    deltas, out = _run(tokenizer, ids, max_tokens=4)
+    assert out.text == "a\ufffd\ufffd" and out.num_completion_tokens == 3
+    assert "".join(d.text for d in deltas) == out.text and deltas[-1].num_completion_tokens == 3
+
+
+def test_a_stop_string_is_never_streamed_even_in_part(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Before, "ab", "E", "N" went out, then the stop string's last letter ended the answer: the client
+    had text the answer does not hold."""
+    ids = _ids(tokenizer, b"abEND!")
+    deltas, out = _run(tokenizer, ids, max_tokens=10, stop=("END",))
+    assert "".join(d.text for d in deltas) == "ab" == out.text and out.finish_reason == "stop"
+    assert [d.num_completion_tokens for d in deltas] == [1, 2, 5], "held back tokens wait with their text"
+    ids = _ids(tokenizer, b"abENx")  # what looked like a stop string's start was not one
+    deltas, out = _run(tokenizer, ids, max_tokens=5, stop=("END",))
+    assert [d.text for d in deltas] == ["a", "b", "ENx"] and out.text == "abENx"
+    assert [d.token_ids for d in deltas] == [ids[:1], ids[1:2], ids[2:]]
+
+
+def test_a_huge_stop_string_holds_back_a_bounded_start_and_costs_a_step_little(
+        tokenizer: PreTrainedTokenizerBase) -> None:
+    """A payer's stop string of 100,000 "a"s must not make each step of everyone's batch slow."""
+    ids = _ids(tokenizer, b"a" * 200)
+    started = time.perf_counter()
+    deltas, out = _run(tokenizer, ids, max_tokens=200, stop=("a" * 100_000,))
+    assert time.perf_counter() - started < 2.0
+    before_last = "".join(d.text for d in deltas[:-1])  # sent by the step before the last (199 "a"s made)
+    assert out.text == "a" * 200 and len(before_last) == 199 - MAX_HELD_CHARS
+
+
+def test_an_aborted_answer_without_stop_strings_has_the_text_of_its_tokens(tiny_model: Path) -> None:
+    engine = LLMEngine(EngineConfig(model_path=tiny_model, max_num_seqs=4, max_model_len=128))
+    done: list[RequestOutput] = []
+    engine.add_request("The river runs", SamplingParams(max_tokens=100, temperature=0, ignore_eos=True),
+                       request_id="cut", waiter=done.append)
+    for _ in range(6):
+        engine.step()
+    engine.abort("cut")
+    while not done:
+        engine.step()
+    (out,) = done
+    assert out.finish_reason == "abort" and out.num_completion_tokens >= 5
+    assert out.text == engine.tokenizer.decode(out.token_ids, skip_special_tokens=True) != ""

@@ -1,0 +1,77 @@
+"""A stranger cannot spend the node's RPC quota: vouchers for channels with nothing in them (free to sign,
+a fresh channel each time) cost the node a bounded number of chain reads, and a funded payer is served
+as before. Before, each such voucher cost one read (the mirror shows nothing, so the hold asked the
+chain) and an empty channel was never remembered: one client could make the node ask its RPC as fast as
+it could send requests, spending its quota and slowing every paid request that needed a read."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from eth_account import Account
+
+from node.db.session import make_engine, session_factory, upgrade
+from node.payment.ledger import Ledger
+from node.payment.pricing import Pricing
+from node.payment.service import Hold, PaymentService
+from node.payment.x402.book import ChannelBook
+from node.payment.x402.channel_check import EXCEEDS_BALANCE, X402Refused
+from node.payment.x402.service import X402Payments
+from node.protocol.eip712 import Domain
+from tests.payment.x402.sdk import NODE_KEY, PRICE, SdkPayer, node_terms, required_for
+
+
+@dataclass(frozen=True)
+class State:
+    balance: int = 0
+    total_claimed: int = 0
+    pending_withdrawal: int = 0
+    withdraw_requested_at: int = 0
+    refund_nonce: int = 0
+
+
+def _voucher_only(header: str) -> str:
+    """The SDK's first payment (a deposit) as a bare voucher: a valid signature on a channel left empty."""
+    value = json.loads(base64.b64decode(header))
+    value["payload"]["type"] = "voucher"
+    value["payload"].pop("deposit")
+    return base64.b64encode(json.dumps(value).encode()).decode()
+
+
+def _x402(db_url: str, chain: Any, mirror: Any) -> X402Payments:
+    upgrade(db_url)
+    factory = session_factory(make_engine(db_url))
+    terms = node_terms()
+    node = Account.from_key(NODE_KEY).address
+    payments = PaymentService(Ledger(factory, node), Domain(31337, "0x" + "5e" * 20), node, Pricing(10, 20))
+    return X402Payments(payments, ChannelBook(factory, node), terms, NODE_KEY, chain, lambda _: None,
+                        read_mirror=mirror)
+
+
+def test_a_flood_of_strangers_vouchers_costs_a_bounded_number_of_rpc_reads(db_url: str) -> None:
+    honest = _voucher_only(SdkPayer().pay(required_for(node_terms(), PRICE)))
+    reads: list[bytes] = []
+    honest_channel: list[bytes] = []
+
+    def chain(channel: bytes) -> State:  # the RPC: every channel but the honest one is empty
+        reads.append(channel)
+        return State(balance=10**6) if channel in honest_channel else State()
+
+    x402 = _x402(db_url, chain, lambda c: State(balance=10**6) if c in honest_channel else State())  # the mirror
+    honest_channel.append(x402.check(honest).channel_id)
+    started = time.monotonic()
+    for i in range(60):  # fresh keys, each signing for a channel it never funded
+        header = _voucher_only(SdkPayer(f"0x{i + 1:064x}").pay(required_for(node_terms(), PRICE)))
+        with pytest.raises(X402Refused) as refused:
+            x402.hold(x402.check(header), PRICE)
+        assert refused.value.reason == EXCEEDS_BALANCE
+    bound = 20 + 5 * (time.monotonic() - started)  # the strangers' bucket: a burst of 20, then 5 reads/s
+    assert len(reads) <= bound, f"{len(reads)} RPC reads for 60 strangers' empty channels"
+    held = x402.hold(x402.check(honest), PRICE)  # a funded payer is served as before
+    assert isinstance(held, Hold)
+    x402.payments.cancel(held)
