@@ -11,13 +11,14 @@ A buffer is handed out as a tensor over a memoryview of its block; every view of
 memoryview alive, so the memoryview dies exactly when the last tensor over the buffer does (the host
 cache evicted the adapter and nothing else holds its stacks). A weak reference to it then puts the
 block back, unless `max_free_bytes` of free blocks are kept already (a block is never handed out twice
-while in use: only a dead memoryview returns it). Free lists are appended to and popped from, atomic
-operations under the GIL: a release can run on any thread, or inside a `take` (a garbage collection).
+while in use: only a dead memoryview returns it). A release can run on any thread, or on the thread
+of a `take` in the middle of it (a garbage collection): the lock is reentrant.
 Pinned buffers (CUDA) are not pooled: torch's pinned allocator caches its blocks itself.
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Sequence
 
@@ -44,7 +45,8 @@ class HostBufferPool:
         self._free: dict[int, list[_Block]] = {}  # nbytes -> blocks no tensor views
         # blocks handed out, by the id of the weak reference to their memoryview (which the dict keeps alive)
         self._lent: dict[int, tuple[weakref.ref[memoryview], _Block]] = {}
-        self._num_free_bytes = 0  # approximate under concurrent releases (by a block or two)
+        self._num_free_bytes = 0
+        self._lock = threading.RLock()
 
     @property
     def num_free_bytes(self) -> int:
@@ -54,10 +56,12 @@ class HostBufferPool:
         """A uint8 tensor [nbytes] over a free block (a new one if none is), and for each run of `runs`
         the memoryviews of its pieces of that buffer, for `preadv` (sliced once per block and plan:
         `plan` is the object that `runs` belongs to, compared by identity)."""
-        try:
-            block = self._free.get(nbytes, []).pop()
-            self._num_free_bytes -= nbytes
-        except IndexError:
+        with self._lock:
+            free = self._free.get(nbytes)
+            block = free.pop() if free else None
+            if block is not None:
+                self._num_free_bytes -= nbytes
+        if block is None:
             block = _Block(nbytes)
         if block.plan is not plan:
             whole = memoryview(block.memory)
@@ -65,13 +69,15 @@ class HostBufferPool:
             block.plan = plan
         handed = memoryview(block.memory)
         ref = weakref.ref(handed, self._release)
-        self._lent[id(ref)] = (ref, block)
+        with self._lock:
+            self._lent[id(ref)] = (ref, block)
         return torch.frombuffer(handed, dtype=torch.uint8), block.iovecs
 
     def _release(self, ref: weakref.ref[memoryview]) -> None:
         """The last tensor over a block is gone: keep the block for the next load, within the budget."""
-        _, block = self._lent.pop(id(ref))
-        nbytes = len(block.memory)
-        if self._num_free_bytes + nbytes <= self.max_free_bytes:
-            self._num_free_bytes += nbytes
-            self._free.setdefault(nbytes, []).append(block)
+        with self._lock:
+            _, block = self._lent.pop(id(ref))
+            nbytes = len(block.memory)
+            if self._num_free_bytes + nbytes <= self.max_free_bytes:
+                self._num_free_bytes += nbytes
+                self._free.setdefault(nbytes, []).append(block)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import threading
 
 import torch
 
@@ -45,3 +46,24 @@ def test_free_blocks_are_kept_within_the_budget() -> None:
     del taken
     gc.collect()
     assert pool.num_free_bytes == 16  # one kept, two freed
+
+
+def test_loads_on_several_threads_never_share_a_buffer() -> None:
+    pool = HostBufferPool(max_free_bytes=64)
+    clashes: list[int] = []
+
+    def loads(mark: int) -> None:
+        for _ in range(500):
+            buffer, _ = pool.take(16, "plan", RUNS)
+            buffer.fill_(mark)
+            if int(buffer.sum()) != 16 * mark:
+                clashes.append(mark)
+            del buffer
+
+    threads = [threading.Thread(target=loads, args=(mark,)) for mark in range(1, 5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    gc.collect()
+    assert clashes == [] and pool.num_free_bytes == sum(16 * len(b) for b in pool._free.values()) <= 64
