@@ -78,16 +78,16 @@ class _Plan:
     b_scale: float | None = None  # one scaling for every B stack, if there is one (and it is not 1)
 
     @cached_property
-    def sizes(self) -> list[int]:
-        """Elements of each stack, in order: the gathered buffer split into the stacks."""
+    def views(self) -> tuple[tuple[str, tuple[int, ...], tuple[int, ...], int, bool], ...]:
+        """Each stack's name, shape, strides and first element in the gathered buffer (contiguous, one
+        after the other), and whether it is an A stack (a group's): one `as_strided` view each."""
         assert self.stacks is not None
-        return [math.prod(s.shape) for s in self.stacks]
-
-    @cached_property
-    def views(self) -> tuple[tuple[str, tuple[int, ...], bool], ...]:
-        """Each stack's name, shape and whether it is an A stack (a group's), in the buffer's order."""
-        assert self.stacks is not None
-        return tuple((s.name, s.shape, s.name in GROUPS) for s in self.stacks)
+        views, offset = [], 0
+        for s in self.stacks:
+            strides = tuple(math.prod(s.shape[i + 1:]) for i in range(len(s.shape)))
+            views.append((s.name, s.shape, strides, offset, s.name in GROUPS))
+            offset += math.prod(s.shape)
+        return tuple(views)
 
     @cached_property
     def rank(self) -> int:
@@ -134,8 +134,8 @@ def load_lora_adapter(source: str | Path | AdapterFiles, target: LoRATargetSpec,
     assert plan.gather is not None
     raw = _float32(files.gather(plan.gather, pin_memory).view(plan.dtype), pin_memory)  # one preadv from disk
     a, b = {}, {}  # A stacks in GROUPS order, then B stacks in MODULES order (`_stacks`)
-    for (name, shape, is_a), part in zip(plan.views, raw.split_with_sizes(plan.sizes), strict=True):
-        (a if is_a else b)[name] = part.view(shape)
+    for name, shape, strides, offset, is_a in plan.views:
+        (a if is_a else b)[name] = raw.as_strided(shape, strides, offset)
     if plan.b_scale is None:  # per-module scalings: folded into B; else B as the file has it, scaled by the slot copy
         b = {m: scale_stack(t, m, plan.scales) for m, t in b.items()}
     b_scale = plan.b_scale if plan.b_scale is not None else 1.0

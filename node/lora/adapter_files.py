@@ -28,6 +28,7 @@ import torch
 from node.errors import AdapterFormatError
 from node.lora.chat_template_file import read_chat_template
 from node.lora.content_hash import ADAPTER_FILES, adapter_files_sha256
+from node.lora.host_buffer import HostBufferPool
 
 CONFIG_FILE, WEIGHTS_FILE = ADAPTER_FILES
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -39,6 +40,7 @@ _LAYOUTS: dict[tuple[bytes, int], dict[str, TensorEntry]] = {}  # (header bytes,
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024  # buffers per preadv
 Parts = tuple[tuple[int, int] | int, ...]  # byte ranges of the file ((begin, end)) and runs of zero bytes
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+_BUFFERS = HostBufferPool()  # what `gather` reads into (not pinned), reused once the adapter read into it is gone
 
 
 class TensorEntry(NamedTuple):  # a NamedTuple: a header has a few hundred of them, built on every load
@@ -183,23 +185,27 @@ class AdapterFiles:
         """The plan's byte ranges of the file and runs of zero bytes, concatenated into one new uint8
         tensor [plan.nbytes] (in pinned memory if asked). Copied from memory if the file is there, else
         one `preadv` per contiguous run of the file straight into place (one run for a whole adapter)."""
-        out = torch.empty(plan.nbytes, dtype=torch.uint8, pin_memory=pin_memory)
+        if pin_memory:
+            out = torch.empty(plan.nbytes, dtype=torch.uint8, pin_memory=True)
+            dest = out.numpy().data  # a writable memoryview of the tensor
+            iovecs = [[dest[begin:end] for begin, end in pieces] for _, pieces in plan.runs]
+        else:  # a block loads have used before (faulted in), with its iovecs for this plan
+            out, iovecs = _BUFFERS.take(plan.nbytes, plan, plan.run_pieces)
         for begin, end in plan.zeros:
             out[begin:end].zero_()
-        dest = out.numpy().data  # a writable memoryview of the tensor
         if self.weights is not None:
             source = memoryview(self.weights)
-            for offset, pieces in plan.runs:
-                for begin, end in pieces:
-                    dest[begin:end] = source[offset:offset + end - begin]
-                    offset += end - begin
+            for (offset, _), views in zip(plan.runs, iovecs, strict=True):
+                for view in views:
+                    view[:] = source[offset:offset + len(view)]
+                    offset += len(view)
             return out
         fd = self.fd if self.fd is not None else os.open(os.path.join(self.folder, WEIGHTS_FILE), os.O_RDONLY)
         try:
             if self.fd is None and os.fstat(fd).st_size != self.size:  # (`recall` checked a kept one)
                 raise AdapterFormatError(f"{WEIGHTS_FILE} changed since it was opened", file=WEIGHTS_FILE)
-            for (offset, pieces), nbytes in zip(plan.runs, plan.run_nbytes, strict=True):
-                if os.preadv(fd, [dest[begin:end] for begin, end in pieces], offset) != nbytes:
+            for (offset, _), views, nbytes in zip(plan.runs, iovecs, plan.run_nbytes, strict=True):
+                if os.preadv(fd, views, offset) != nbytes:
                     raise AdapterFormatError(f"{WEIGHTS_FILE} shrank while it was read", file=WEIGHTS_FILE)
         finally:
             if self.fd is None:
@@ -224,6 +230,11 @@ class GatherPlan:
     def run_nbytes(self) -> tuple[int, ...]:
         """Bytes of each run."""
         return tuple(sum(end - begin for begin, end in pieces) for _, pieces in self.runs)
+
+    @cached_property
+    def run_pieces(self) -> tuple[tuple[tuple[int, int], ...], ...]:
+        """The buffer ranges of each run."""
+        return tuple(pieces for _, pieces in self.runs)
 
     @classmethod
     def of(cls, layouts: Sequence[Parts]) -> GatherPlan:

@@ -44,7 +44,7 @@ class LoRASlots:
 
     def __init__(self, target: LoRATargetSpec, num_slots: int, max_rank: int, dtype: torch.dtype,
                  device: torch.device):
-        self.num_slots, self.max_rank = num_slots, max_rank
+        self.num_slots, self.max_rank, self.num_layers = num_slots, max_rank, target.num_layers
         self.slot_bytes = self.slot_nbytes(target, max_rank, dtype)
         self.num_loads = self.num_evictions = 0  # copies in, and idle adapters pushed out for them
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # adapter id -> slot, least recent first
@@ -129,12 +129,23 @@ class LoRASlots:
             self.ranks[slot] = self._rank_of[slot] = r
         extents, views = self._extents[slot], self._dst[slot]
         layout = (tuple(weights.a), tuple(weights.b), r, weights.num_layers)
-        if self._full_layout[slot] == layout:  # the same parts, all of them: no clearing, no reshaping
-            for group, src in weights.a.items():
-                views[group].copy_(_staged(src, is_async), non_blocking=is_async)
-            for m, src in weights.b.items():
-                _copy_scaled(views[m], src, weights.b_scale, is_async)
-            return
+        if self._full_layout[slot] != layout:
+            if extents or (r, layout[3]) != (r_max, self.num_layers):
+                self._write_parts(slot, weights, layout, is_async)  # some parts to clear or reshape
+                return
+            # an empty slot (never written, or cleared) and an adapter filling every part it writes
+            extents.update(dict.fromkeys((*weights.a, *weights.b), (layout[3], r)))
+            self._full_layout[slot] = layout
+        for group, src in weights.a.items():  # the same parts, all of them: no clearing, no reshaping
+            views[group].copy_(_staged(src, is_async), non_blocking=is_async)
+        for m, src in weights.b.items():
+            _copy_scaled(views[m], src, weights.b_scale, is_async)
+
+    def _write_parts(self, slot: int, weights: LoRAWeights, layout: tuple[object, ...], is_async: bool) -> None:
+        """`_write` part by part: zero what the slot's last adapter wrote and this one does not overwrite,
+        and copy a lower rank or fewer layers into the top-left corner of each part."""
+        r, r_max = weights.rank, self.max_rank
+        extents, views = self._extents[slot], self._dst[slot]
         is_full = True
         for group, modules in GROUPS.items():
             src = weights.a.get(group)  # [Lw, G * r, in]; a group absent now and before is not touched

@@ -3,6 +3,7 @@ fast parse (joined byte ranges, kept plans) gives exactly what the per-tensor pa
 
 from __future__ import annotations
 
+import gc
 import json
 import struct
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from node.errors import AdapterFormatError
+from node.lora import adapter_files
 from node.lora.adapter import LoRATargetSpec, LoRAWeights, load_lora_adapter
 from node.lora.adapter_files import AdapterFiles
 from node.lora.content_hash import adapter_weights_sha256
@@ -107,3 +109,19 @@ def test_a_reused_slot_is_cleared_beyond_the_layers_of_its_new_adapter() -> None
     slot = slots.activate("first-layer-only", first, in_use=())
     assert torch.equal(slots.a[0]["qkv"][slot, :4], torch.full((4, 64), 2.0))
     assert not slots.a_all["qkv"][1:, slot].any() and not slots.b_all["qkv"][1:, slot].any()
+
+
+def test_a_buffer_an_earlier_load_used_holds_none_of_its_bytes_when_reused(tmp_path: Path) -> None:
+    """Loads read into buffers kept from loads before (`HostBufferPool`): the parts of the stacks the
+    file does not fill (here k_proj's rows of the qkv A stack) are zeroed, not left as they were."""
+    folder = tmp_path / "a"
+    make_adapter(folder, num_layers=2, rank=4, modules=("q_proj", "v_proj", "down_proj"))
+    expected = load_lora_adapter(folder, TARGET, max_rank=8)
+    dirty, _ = adapter_files._BUFFERS.take(expected.nbytes, None, ())
+    dirty.fill_(0xFF)  # NaN as float32
+    address = dirty.data_ptr()
+    del dirty
+    gc.collect()
+    weights = load_lora_adapter(AdapterFiles.open(folder), TARGET, max_rank=8)  # one preadv into that block
+    assert weights.a["qkv"].data_ptr() == address
+    assert torch.equal(weights.a["qkv"][:, 4:8], torch.zeros(2, 4, 64)) and _same(weights, expected)

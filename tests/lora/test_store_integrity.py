@@ -220,3 +220,21 @@ def test_an_entry_s_weights_file_stays_open_while_it_is_cached_and_is_closed_wit
         assert sorted(_open_in(tmp_path / "cache")) == sorted(
             str(_cached_weights(tmp_path, name)) for name in ("a", "c"))
     assert _open_in(tmp_path / "cache") == []  # closed with the store
+
+
+def test_a_cached_file_truncated_while_its_adapter_is_loaded_never_takes_the_process_down(tmp_path: Path) -> None:
+    """Host memory holds a copy of the bytes (never a memory map of the cached file, which would turn a
+    truncation behind the node's back into SIGBUS): the adapter in host memory is served as it was read,
+    and its next load from the disk cache finds the file cut short and fetches it again."""
+    with _lora_store(tmp_path) as store:
+        _add(store, tmp_path, "a")
+        _add(store, tmp_path, "b", seed=1)
+        before = store.get("a")  # in host memory, its weights file kept open by the disk cache
+        cached = _cached_weights(tmp_path, "a")
+        os.truncate(cached, cached.stat().st_size // 2)
+        held = store.get("a")
+        assert held is before and _finite(held) and float(held.a["qkv"].abs().sum()) > 0
+        store.get("b")  # pushes a out of host memory
+        again = store.get("a")
+        assert all(torch.equal(again.a[g], before.a[g]) for g in before.a)
+        assert store.metrics().source.hits == 3
