@@ -371,8 +371,9 @@ class AdapterStore(Generic[W]):
                 error: Exception | None = None) -> Future[W] | None:
         """Record the load's outcome; returns the future to resolve with it, if anyone waits on one."""
         with self._lock:
+            future, job.future = job.future, None  # the future's cancel callback holds the job: no cycle left
             if self._inflight.get(job.adapter_id) is not job:
-                return job.future  # unregistered or re-registered meanwhile: the result belongs to no one
+                return future  # unregistered or re-registered meanwhile: the result belongs to no one
             del self._inflight[job.adapter_id]
             if error is not None:
                 logger.warning("adapter %s failed to load: %s", job.adapter_id, error)
@@ -380,7 +381,7 @@ class AdapterStore(Generic[W]):
             elif weights is not None:
                 evicted = self._host.put(job.adapter_id, weights, size)
                 self._metrics.count("host", "evictions", len(evicted))
-            return job.future
+            return future
 
     # --- under the lock --------------------------------------------------------------------------
     def _registration(self, adapter_id: str) -> _Registration:

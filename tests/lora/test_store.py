@@ -293,6 +293,22 @@ def test_evicted_weights_are_freed(tmp_path: Path) -> None:
         assert ref() is None
 
 
+def test_weights_a_prefetch_loaded_are_freed_on_eviction_without_the_garbage_collector(tmp_path: Path) -> None:
+    """A prefetch's future must not sit in a reference cycle with its job: the evicted weights (and the
+    host buffer they view) go back at once, not at the next collection."""
+    with _store(tmp_path, num_host=1) as store:
+        _add(store, tmp_path, "a")
+        _add(store, tmp_path, "b", seed=1)
+        gc.collect()
+        gc.disable()
+        try:
+            ref = weakref.ref(next(iter(store.prefetch("a").result().values())))
+            store.prefetch("b").result()  # evicts a from host memory
+            assert ref() is None
+        finally:
+            gc.enable()
+
+
 def test_concurrent_readers_see_correct_weights_within_budget(tmp_path: Path) -> None:
     with _store(tmp_path, num_host=3, num_disk=6) as store:
         folders = {f"a{i}": _add(store, tmp_path, f"a{i}", seed=i) for i in range(10)}
