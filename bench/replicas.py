@@ -5,7 +5,15 @@ Setup: anvil with the contracts, a tiny model, `--adapters` adapters (rank 8 on 
 weights, about 64 KiB) registered on chain, a funded dApp, PostgreSQL, and two `loranode api`
 processes (`python -m node api --port P`, each with its engine core process: `--in-process` keeps the
 engine in the API's process) on the same database, each with a host cache for
-`--host-adapters` adapters and a disk cache of its own. Three balancers in front of them at once:
+`--host-adapters` adapters and a disk cache of its own.
+
+Each replica has a CPU of its own, as it would on a machine of its own (`--pinning cpu`, the default;
+bench/cpu_pin.py): its API process and engine cores are confined to one CPU and its engine core runs one
+torch thread (LORANODE_ENGINE_THREADS=1); the client, HAProxy and PostgreSQL run on any CPU. The
+one-replica arm gets the same one-CPU replica. `--pinning free` runs the replicas unconfined with torch's
+default threads (on a 2-CPU box one replica then already takes most of the box, and two replicas share
+what one had); `--pinning both` adds the one- and two-replica arms with the confinement lifted from the
+same one-thread replicas, in the same interleaved rounds. Three balancers in front of them at once:
 
     one      HAProxy -> replica a only              (hash on the adapter)
     hash     HAProxy -> replicas a and b            (hash on the adapter, bounded load: the shipped config)
@@ -14,12 +22,14 @@ engine in the API's process) on the same database, each with a host cache for
 Each arm runs `--lanes` lanes of streamed paid completions back to back, the adapter of each request
 drawn from Zipf(`--zipf`) over all adapters, for `--seconds` after `--warmup` seconds; the arms
 alternate for `--rounds` rounds and each keeps its best round. Per arm: completion tokens/s, requests/s,
-p50/p99 time to first token (first streamed chunk, as the client sees it), the adapter hit rate:
+p50/p99 time to first token (first streamed chunk, as the client sees it), the share of requests
+each replica served (HAProxy's X-Served-By), the share of a CPU each replica kept busy, the adapter hit rate:
 1 - (adapter loads into host memory, read from each replica's /metrics) / requests served, and the CPU
 ms per completion token of each replica's API process and of its engine cores, HAProxy, PostgreSQL and
 this client (bench/cpu_meter.py: a figure the load of a shared box moves far less than tokens/s).
 
-    python bench/replicas.py [--adapters 1000] [--lanes 32] [--seconds 20] [--rounds 2]
+    python bench/replicas.py [--adapters 1000] [--lanes 32] [--seconds 20] [--rounds 2] [--pinning cpu|free|both]
+                             [--baseline-config old-haproxy.cfg]   # a fourth arm: hash with that file
 Prints a table (with `uptime` beside it: the machine is shared) and writes bench/results/replicas.json.
 """
 
@@ -36,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +61,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.api import _fresh_postgres  # noqa: E402
 from bench.cpu_meter import CPUMeter, descendants, postgres_backends  # noqa: E402
+from bench.cpu_pin import one_cpu_each, pin_at_start, pin_tree, tree_cpus, usable_cpus  # noqa: E402
 from node.chain.anvil import free_port  # noqa: E402
 from node.client.payer import Payer  # noqa: E402
 from node.devkit import make_tiny_model, train_tiny_adapter  # noqa: E402
@@ -71,6 +83,7 @@ class Arm:
     balancer: Balancer
     replicas: list[str]  # base URLs behind it
     pids: dict[str, int]  # each replica's API process (its engine cores are its children)
+    cpus: dict[str, set[int]] | None = None  # each replica's CPUs during this arm; None: left as they are
     rounds: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -119,14 +132,18 @@ def host_nbytes(model: Path, folder: Path, max_rank: int) -> int:
 
 
 def start_replica(node: LocalNode, model: Path, work: Path, name: str, host_bytes: int, slots: int,
-                  engine_process: bool = True) -> tuple[subprocess.Popen[bytes], str]:
+                  engine_process: bool = True, cpus: set[int] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """A replica; with `cpus`, it and the engine cores it starts run on those CPUs, each core one thread."""
     settings = node.settings.model_copy(update={
         "model_path": model, "port": free_port(), "adapter_cache_dir": work / f"cache-{name}",
         "max_adapter_host_bytes": host_bytes, "max_adapter_slots": slots,
-        "engine_process": engine_process})
+        "engine_process": engine_process, "engine_threads": 1 if cpus else None})
     env = {**os.environ, **settings_env(settings)}
     log = (work / f"api-{name}.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "node", "api"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    # a session of its own, as a replica on a machine of its own: the kernel shares CPU time between
+    # sessions (autogroups), and this client's session is not the replica's
+    proc = subprocess.Popen([sys.executable, "-m", "node", "api"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, preexec_fn=pin_at_start(cpus) if cpus else None)
     url = f"http://127.0.0.1:{settings.port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -141,14 +158,18 @@ def start_replica(node: LocalNode, model: Path, work: Path, name: str, host_byte
     raise SystemExit(f"replica {name} was not ready")
 
 
-def host_loads(url: str) -> int:
-    """Adapters this replica loaded into host memory (misses of its host tier)."""
+def tier_misses(url: str) -> Counter[str]:
+    """Adapter lookups each tier of this replica could not answer: host misses are loads into host
+    memory (from its disk cache or the source), device misses loads into a device slot."""
+    out = Counter[str]()
     for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
         if family.name == "loranode_adapter_tier_misses":
-            for s in family.samples:
-                if s.labels == {"tier": "host"}:
-                    return int(s.value)
-    return 0
+            out.update({s.labels["tier"]: int(s.value) for s in family.samples if s.labels.get("tier")})
+    return out
+
+
+def misses(urls: list[str]) -> Counter[str]:
+    return sum((tier_misses(u) for u in urls), Counter[str]())
 
 
 class ZipfTraffic:
@@ -161,9 +182,9 @@ class ZipfTraffic:
     def pick(self) -> int:
         return self.ids[bisect.bisect(self.cum, self.rng.random() * self.cum[-1])]
 
-    async def run(self, url: str, lanes: list[int], seconds: float) -> list[tuple[int, float, float, int]]:
-        """(status, ttft_s, latency_s, completion tokens) per request."""
-        out: list[tuple[int, float, float, int]] = []
+    async def run(self, url: str, lanes: list[int], seconds: float) -> list[tuple[int, float, float, int, str]]:
+        """(status, ttft_s, latency_s, completion tokens, the replica that served it) per request."""
+        out: list[tuple[int, float, float, int, str]] = []
         deadline = time.monotonic() + seconds
         limits = httpx.Limits(max_connections=len(lanes) + 2, max_keepalive_connections=len(lanes) + 2)
         async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
@@ -185,10 +206,11 @@ class ZipfTraffic:
                         last = json.loads(line.removeprefix("data: "))
             if resp.status_code == 200 and last is not None and "receipt" in last:
                 self.payer.observe(lane, int(last["receipt"]["chargedTotal"]))
-                out.append((200, ttft, time.monotonic() - started, last["usage"]["completion_tokens"]))
+                out.append((200, ttft, time.monotonic() - started, last["usage"]["completion_tokens"],
+                            resp.headers.get("x-served-by", "")))
             else:
                 self.payer.forget(lane)
-                out.append((resp.status_code, ttft, time.monotonic() - started, 0))
+                out.append((resp.status_code, ttft, time.monotonic() - started, 0, resp.headers.get("x-served-by", "")))
                 await asyncio.sleep(0.2)
 
 
@@ -197,10 +219,23 @@ def _pct(xs: list[float], q: float) -> float:
     return 1000 * xs[int(q * (len(xs) - 1))] if xs else float("nan")
 
 
+def confine(arm: Arm) -> dict[str, list[int]]:
+    """Each replica of the arm (every thread of its API process and cores) on the arm's CPUs; what they are now."""
+    now: dict[str, list[int]] = {}
+    for name, pid in arm.pids.items():
+        if arm.cpus is not None:
+            pin_tree(pid, arm.cpus[name])
+        sets = {tuple(c) for c in tree_cpus(pid).values()}
+        assert len(sets) == 1, f"replica {name}'s processes run on different CPUs: {tree_cpus(pid)}"
+        now[name] = list(sets.pop())
+    return now
+
+
 def measure(arm: Arm, traffic: ZipfTraffic, lanes: list[int], warmup: float, seconds: float,
             db_url: str) -> dict[str, Any]:
+    cpus = confine(arm)
     asyncio.run(traffic.run(arm.balancer.url, lanes, warmup))
-    loads_before = sum(host_loads(u) for u in arm.replicas)
+    before = misses(arm.replicas)
     groups: dict[str, Any] = {}
     for name, pid in arm.pids.items():
         groups |= {f"replica {name} API": [pid], f"replica {name} cores": descendants(pid)}
@@ -210,13 +245,17 @@ def measure(arm: Arm, traffic: ZipfTraffic, lanes: list[int], warmup: float, sec
     with meter:
         results = asyncio.run(traffic.run(arm.balancer.url, lanes, seconds))
     wall = time.monotonic() - started
-    loads = sum(host_loads(u) for u in arm.replicas) - loads_before
+    loads = misses(arm.replicas) - before
     ok = [r for r in results if r[0] == 200]
-    return {"requests": len(results), "served": len(ok), "wall_s": wall,
+    busy = {n: (meter.seconds[f"replica {n} API"] + meter.seconds[f"replica {n} cores"]) / wall for n in arm.pids}
+    return {"requests": len(results), "served": len(ok), "wall_s": wall, "cpus": cpus,
+            "served_by": {n: sum(r[4] == n for r in ok) / max(len(ok), 1) for n in arm.pids},
+            "cpu_busy": busy,
             "tokens_per_s": sum(r[3] for r in ok) / wall, "requests_per_s": len(ok) / wall,
             "ttft_p50_ms": _pct([r[1] for r in ok], 0.5), "ttft_p99_ms": _pct([r[1] for r in ok], 0.99),
             "latency_p50_ms": 1000 * statistics.median([r[2] for r in ok]) if ok else float("nan"),
-            "host_loads": loads, "hit_rate": 1 - loads / max(len(ok), 1),
+            "host_loads": loads["host"], "device_loads": loads["device"],
+            "hit_rate": 1 - loads["host"] / max(len(ok), 1),
             "cpu_ms_per_token": {k: 1000 * v / max(sum(r[3] for r in ok), 1) for k, v in meter.seconds.items()},
             "statuses": {str(s): sum(r[0] == s for r in results) for s in sorted({r[0] for r in results})}}
 
@@ -230,26 +269,57 @@ def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
+LABELS = {"one": "1 replica (hash)", "hash": "2 replicas, hash on adapter", "rr": "2 replicas, round robin",
+          "one free": "1 replica, CPUs free", "hash free": "2 replicas, hash, CPUs free",
+          "hash baseline": "2 replicas, hash, --baseline-config"}
+
+
+def make_arms(own: dict[str, set[int]] | None, with_free: bool, baseline: Path | None, work: Path,
+              urls: dict[str, str], pids: dict[str, int]) -> list[Arm]:
+    """The arms over replicas a and b, each on its CPUs in `own` (None: left unconfined); `with_free`
+    adds the one- and two-replica arms with the same replicas on every CPU, `baseline` a hash arm
+    whose HAProxy runs that file in place of deploy/haproxy/haproxy.cfg."""
+    servers = {n: u.removeprefix("http://") for n, u in urls.items()}
+    one = Balancer({"a": servers["a"]}, work / "lb-one").start()
+    hashed = Balancer(servers, work / "lb-hash").start()
+    arms = [Arm("one", one, [urls["a"]], {"a": pids["a"]}, own),
+            Arm("hash", hashed, list(urls.values()), pids, own),
+            Arm("rr", Balancer(servers, work / "lb-rr", balance="roundrobin").start(), list(urls.values()), pids, own)]
+    if baseline is not None:
+        arms.append(Arm("hash baseline", Balancer(servers, work / "lb-baseline", config=baseline).start(),
+                        list(urls.values()), pids, own))
+    if with_free:
+        every = {n: set(usable_cpus()) for n in urls}
+        arms += [Arm("one free", one, [urls["a"]], {"a": pids["a"]}, every),
+                 Arm("hash free", hashed, list(urls.values()), pids, every)]
+    for arm in arms:
+        arm.balancer.wait_states({n: "UP" for n in arm.balancer.servers})
+    return arms
+
+
+def ratios(best: dict[str, dict[str, Any]]) -> dict[str, float]:
+    out = {"two_over_one": best["hash"]["tokens_per_s"] / best["one"]["tokens_per_s"],
+           "hash_over_rr": best["hash"]["tokens_per_s"] / best["rr"]["tokens_per_s"],
+           "cpu_bound_two_over_one": 2 * replicas_cpu(best["one"]) / replicas_cpu(best["hash"])}
+    if "hash free" in best:
+        out["two_over_one_free"] = best["hash free"]["tokens_per_s"] / best["one free"]["tokens_per_s"]
+    return out
+
+
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     db_url = _fresh_postgres(args.database_url)
     node, ids, model, nbytes = setup(work, db_url, args.adapters)
-    procs: list[subprocess.Popen[bytes]] = []
+    own = dict(zip(("a", "b"), one_cpu_each(2), strict=True)) if args.pinning != "free" else None
+    procs: dict[str, subprocess.Popen[bytes]] = {}
     arms: list[Arm] = []
     try:
-        urls = []
+        urls = {}
         for name in ("a", "b"):
-            proc, url = start_replica(node, model, work, name, args.host_adapters * nbytes, args.slots,
-                                      not args.in_process)
-            procs.append(proc)
-            urls.append(url)
-        servers = {n: u.removeprefix("http://") for n, u in zip(("a", "b"), urls, strict=True)}
-        pids = {"a": procs[0].pid, "b": procs[1].pid}
-        arms = [Arm("one", Balancer({"a": servers["a"]}, work / "lb-one").start(), urls[:1], {"a": pids["a"]}),
-                Arm("hash", Balancer(servers, work / "lb-hash").start(), urls, pids),
-                Arm("rr", Balancer(servers, work / "lb-rr", balance="roundrobin").start(), urls, pids)]
-        for arm in arms:
-            arm.balancer.wait_states({n: "UP" for n in arm.balancer.servers})
-        payer = Payer(node.anvil.keys[FIRST_USER + 2], urls[0], budget=10**15)
+            procs[name], urls[name] = start_replica(node, model, work, name, args.host_adapters * nbytes,
+                                                    args.slots, not args.in_process, own and own[name])
+        arms = make_arms(own, args.pinning == "both", args.baseline_config, work, urls,
+                         {n: p.pid for n, p in procs.items()})
+        payer = Payer(node.anvil.keys[FIRST_USER + 2], urls["a"], budget=10**15)
         traffic = ZipfTraffic(ids, args.zipf, payer, args.max_tokens)
         lanes = list(range(args.lanes))
         loads = [uptime()]
@@ -259,32 +329,33 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             loads.append(uptime())
         best = {arm.name: max(arm.rounds, key=lambda r: r["tokens_per_s"]) for arm in arms}
         return {"config": vars(args), "adapter_bytes": nbytes, "uptime": loads, "best": best,
-                "rounds": {arm.name: arm.rounds for arm in arms},
-                "two_over_one": best["hash"]["tokens_per_s"] / best["one"]["tokens_per_s"],
-                "hash_over_rr": best["hash"]["tokens_per_s"] / best["rr"]["tokens_per_s"],
-                "cpu_bound_two_over_one": 2 * replicas_cpu(best["one"]) / replicas_cpu(best["hash"])}
+                "rounds": {arm.name: arm.rounds for arm in arms}, **ratios(best)}
     finally:
         for arm in arms:
             arm.balancer.stop()
-        for proc in procs:
+        for proc in procs.values():
             proc.terminate()
             proc.wait(timeout=30)
         node.stop()
 
 
 def print_table(result: dict[str, Any]) -> None:
-    print(f"{'arm':<34}{'tokens/s':>10}{'req/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'hit rate':>10}"
-          f"{'loads':>7}  statuses")
-    names = {"one": "1 replica (hash)", "hash": "2 replicas, hash on adapter", "rr": "2 replicas, round robin"}
-    for key, label in names.items():
-        r = result["best"][key]
-        print(f"{label:<34}{r['tokens_per_s']:>10.1f}{r['requests_per_s']:>8.2f}{r['ttft_p50_ms']:>8.0f}ms"
-              f"{r['ttft_p99_ms']:>8.0f}ms{r['hit_rate']:>10.1%}{r['host_loads']:>7}  {r['statuses']}")
-    print(f"two replicas / one: {result['two_over_one']:.2f}x tokens/s; hash / round robin: "
-          f"{result['hash_over_rr']:.2f}x tokens/s")
-    for key, label in names.items():
-        cpu = result["best"][key]["cpu_ms_per_token"]
-        print(f"  CPU ms per token, {label}: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
+    print(f"{'arm':<30}{'tokens/s':>10}{'req/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'hit rate':>10}"
+          f"{'loads host/dev':>16}  {'served by':<16}{'CPU busy':<18}statuses")
+    for key, r in result["best"].items():
+        shares = " ".join(f"{n} {v:.0%}" for n, v in r["served_by"].items())
+        busy = " ".join(f"{n} {v:.2f}" for n, v in r["cpu_busy"].items())
+        print(f"{LABELS[key]:<30}{r['tokens_per_s']:>10.1f}{r['requests_per_s']:>8.2f}{r['ttft_p50_ms']:>8.0f}ms"
+              f"{r['ttft_p99_ms']:>8.0f}ms{r['hit_rate']:>10.1%}"
+              f"{r['host_loads']:>10}/{r['device_loads']:<5}  {shares:<16}{busy:<18}"
+              f"{r['statuses']}")
+    free = f"; CPUs free: {result['two_over_one_free']:.2f}x" if "two_over_one_free" in result else ""
+    print(f"two replicas / one: {result['two_over_one']:.2f}x tokens/s{free}; hash / round robin: "
+          f"{result['hash_over_rr']:.2f}x tokens/s (pinning: {result['config']['pinning']})")
+    for key, r in result["best"].items():
+        cpus = " ".join(f"{n} {c}" for n, c in r["cpus"].items())
+        print(f"  CPU ms per token, {LABELS[key]} ({cpus}): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_ms_per_token"].items()))
     print(f"  CPU-bound two replicas / one (2 x the replicas' CPU per token of one / of two): "
           f"{result['cpu_bound_two_over_one']:.2f}x")
     for line in result["uptime"]:
@@ -305,14 +376,20 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=5.0)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--pinning", choices=("cpu", "free", "both"), default="cpu",
+                    help="cpu: each replica on a CPU of its own, engines one thread (as on machines of their own); "
+                         "free: unconfined, torch's default threads; both: cpu, and its arms again unconfined")
+    ap.add_argument("--baseline-config", type=Path, default=None,
+                    help="also a hash arm whose HAProxy runs this file instead of the shipped haproxy.cfg")
     ap.add_argument("--database-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         result = run(args, Path(tmp))
     print_table(result)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ deploy/haproxy/compose-servers.cfg). For the tests and bench/replicas.py; needs 
         lb.states()            # {"a": "UP", "b": "DOWN"}: what the health checks say now
 
 `balance="roundrobin"` keeps everything else and sends requests round robin instead of by adapter
-(the baseline bench/replicas.py measures affinity against).
+(the baseline bench/replicas.py measures affinity against); `config=` another file in place of the
+shipped one (an earlier version, to measure a change against).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class Balancer:
     servers: dict[str, str]  # server name -> host:port of a replica
     workdir: Path
     balance: str | None = None  # None: the shipped hash on the adapter; e.g. "roundrobin"
+    config: Path = SHIPPED_CONFIG  # the defaults and frontend (another file: a config to compare against)
     port: int = field(default_factory=free_port)
     stats_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
@@ -72,7 +74,7 @@ class Balancer:
         servers = self.workdir / "servers.cfg"
         servers.write_text(servers_config(self.servers, self.stats_port, self.balance))
         env = {**os.environ, "LORANODE_BALANCER_BIND": f"127.0.0.1:{self.port}"}
-        argv = [haproxy_binary(), "-db", "-f", str(SHIPPED_CONFIG), "-f", str(servers)]
+        argv = [haproxy_binary(), "-db", "-f", str(self.config), "-f", str(servers)]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
