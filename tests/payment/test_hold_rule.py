@@ -7,15 +7,21 @@ from __future__ import annotations
 import random
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
+import node.payment.ledger as ledger_module
 from node.chain.events import ChainEvent
 from node.chain.mirror import Mirror
 from node.db.models import Lane
 from node.db.session import make_engine, session_factory, upgrade
+from node.errors import InsufficientEscrow
 from node.payment.hold_rule import HoldRequest, refusal
 from node.payment.lane_pg import PipelinedLanes
 from node.payment.lane_sqlite import SQLiteLanes
+from node.payment.ledger import Ledger
+from tests.payment.test_ledger import NODE as LEDGER_NODE
+from tests.payment.test_ledger import _setup, _voucher
 
 NODE = "0x" + "ab" * 20
 NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
@@ -86,3 +92,18 @@ def test_the_database_holds_exactly_when_the_rule_allows(db_url: str) -> None:
     # every outcome, many times: held, too late, and each of the rule's refusals
     assert set(seen) == {"held", "stale", "VoucherConflict", "InsufficientEscrow", "DepositNotFinal"}, seen
     assert min(seen.values()) >= 5, seen
+
+
+def test_a_hold_the_ledger_refuses_is_given_back(db_url: str, monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Were the two copies of the rule ever to disagree (the database held, the ledger's rule refuses),
+    the ledger raises the refusal and the hold is released: nothing stays reserved against the escrow."""
+    factory = _setup(db_url, deposit=1_000)
+    ledger = Ledger(factory, LEDGER_NODE)
+    refused = InsufficientEscrow("refused by the ledger's copy of the rule")
+    monkeypatch.setattr(ledger_module, "refusal", lambda view, request: refused)
+    with pytest.raises(InsufficientEscrow, match="ledger's copy"):
+        ledger.reserve(_voucher(0, 100), 100)
+    assert "hold rule mismatch" in caplog.text
+    with factory() as s:
+        assert [(row.reserved, row.reserved_voucher_hash) for row in s.query(Lane).all()] == [(0, None)]
