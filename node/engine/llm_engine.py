@@ -80,6 +80,7 @@ class LLMEngine:
         self._waiters: dict[str, Waiter] = {}  # generate callers: the final output only
         self._wake = threading.Condition()
         self._ids = itertools.count()
+        self.num_steps = 0  # forward passes run (a batch's tokens per step: what the step's fixed cost is shared by)
         self._thread: threading.Thread | None = None
         self._stop = False
 
@@ -208,6 +209,7 @@ class LLMEngine:
         finished.extend(out.failed)
         scheduled, adapter_slots = self._place_adapters(out.scheduled, finished)
         if scheduled:
+            self.num_steps += 1
             inputs = self.runner.prepare(scheduled, adapter_slots)
             sampled = self.runner.sample(inputs, self.runner.run(inputs))
             finished.extend(self._advance(scheduled, sampled))

@@ -22,7 +22,7 @@ def engine_stats(engine: LLMEngine) -> dict[str, float]:
             "prefix_cache_hit_tokens_total": float(cache.num_hit_tokens),
             "prefix_cache_query_tokens_total": float(cache.num_queried_tokens),
             "prefix_cache_blocks": float(cache.num_cached_blocks),
-            "prefix_cache_evictions_total": float(cache.num_evictions)}
+            "prefix_cache_evictions_total": float(cache.num_evictions), "steps_total": float(engine.num_steps)}
 
 
 def device_tier(engine: LLMEngine) -> dict[str, float]:

@@ -13,7 +13,10 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from node.payment.hold_rule import HoldRequest
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,11 @@ class LaneTransaction(Protocol):
         """The voucher's use and its lane only (escrow and the payer's totals left at 0): for a payer whose
         lanes are separate accounts, checked each against a deposit of its own (the x402 router's
         channels), so one request reads one lane however many the payer has."""
+
+    def try_hold(self, request: HoldRequest) -> tuple[HoldView, bool]:
+        """`hold_view` of the request's voucher and lane, and whether the hold was placed: only when the
+        voucher is unused and fresh and `hold_rule.refusal` finds nothing against it (PostgreSQL: decided
+        and written by one statement, committed in the same round trip; nothing may follow it)."""
 
     def put_hold(self, payer: str, node: str, lane: int, max_fee: int, voucher_hash: str, now: datetime,
                  owner: str) -> None:

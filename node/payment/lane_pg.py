@@ -1,8 +1,9 @@
-"""The ledger's two paid-path transactions on PostgreSQL, pipelined: a hold in two round trips, a
+"""The ledger's two paid-path transactions on PostgreSQL, pipelined: a hold in one round trip, a
 charge in one.
 
-    hold:    BEGIN + set_config/advisory lock + hold view   -> one trip (psycopg pipeline, one sync)
-             INSERT .. ON CONFLICT (the hold) + COMMIT       -> one trip, no WAL flush wait
+    hold:    BEGIN + set_config/advisory lock + one statement: the hold view, and the INSERT .. ON
+             CONFLICT of the hold if node/payment/hold_rule.py's rule allows it (written again in SQL
+             here) + COMMIT                                 -> one trip (one sync), no WAL flush wait
     charge:  BEGIN + one statement of data-modifying CTEs   -> one trip, then the WAL flush
              (the lane's UPDATE guarded by "the hold is still this voucher's", and the voucher and
              receipt INSERTs that run only if that UPDATE found its row) + COMMIT
@@ -33,6 +34,7 @@ from sqlalchemy import Engine
 from node.db.loss import WRITTEN_OFF
 from node.errors import DatabaseUnavailable
 from node.json_codec import dumps
+from node.payment.hold_rule import HoldRequest
 from node.payment.lane import NEW_LANE, HoldView, LaneRow
 
 _WRITTEN_OFF = [r.value for r in WRITTEN_OFF]
@@ -83,6 +85,33 @@ SET reserved = excluded.reserved, reserved_voucher_hash = excluded.reserved_vouc
     reserved_at = excluded.reserved_at, reserved_by = excluded.reserved_by, updated_at = excluded.updated_at
 """
 
+# The hold in one statement: the hold view, and the hold written only where hold_rule.refusal finds
+# nothing against it (and the voucher is unused and fresh), check for check: the lane free of another
+# live hold (or held by this voucher for this process), the voucher's order, then the escrow. The
+# ledger checks the same view in Python and raises what the rule names (both must agree).
+_TRY_HOLD = f"""
+WITH v AS ({_HOLD_VIEW}),
+held AS (
+    INSERT INTO lanes (payer, node, lane, charged_total, last_cumulative, reserved, reserved_voucher_hash,
+                       reserved_at, reserved_by, updated_at)
+    SELECT %(payer)s::varchar, %(node)s::varchar, %(lane)s, 0, 0, %(max_fee)s::numeric, %(voucher_hash)s::varchar,
+           %(now)s, %(owner)s::varchar, %(now)s
+    FROM v
+    WHERE NOT v.is_used AND %(is_fresh)s
+      AND (coalesce(v.reserved_voucher_hash, '') = '' OR v.reserved_at IS NULL OR v.reserved_at <= %(live_since)s
+           OR (v.reserved_voucher_hash = %(voucher_hash)s::varchar AND v.reserved_by = %(owner)s::varchar))
+      AND %(cumulative)s::numeric >= coalesce(v.last_cumulative, 0)
+      AND %(cumulative)s::numeric >= coalesce(v.charged_total, 0) + %(max_fee)s::numeric
+      AND greatest(coalesce(v.balance, 0) - coalesce(v.pending_deposits, 0) - coalesce(v.thawing, 0)
+                   - v.uncollected, 0) - v.other_holds >= %(max_fee)s::numeric
+    ON CONFLICT (payer, node, lane) DO UPDATE
+    SET reserved = excluded.reserved, reserved_voucher_hash = excluded.reserved_voucher_hash,
+        reserved_at = excluded.reserved_at, reserved_by = excluded.reserved_by, updated_at = excluded.updated_at
+    RETURNING 1
+)
+SELECT v.*, EXISTS (SELECT 1 FROM held) AS is_held FROM v
+"""
+
 # The charge: nothing is written unless the lane's UPDATE finds the hold still ours and the lane not
 # charged since (then the statement reports 0 rows). The receipt's foreign key to its voucher is
 # checked at the end of the statement, after both INSERTs.
@@ -118,6 +147,16 @@ WHERE payer = %(payer)s AND node = %(node)s AND lane = %(lane)s AND reserved_vou
 """
 
 
+def _hold_view(row: tuple[Any, ...]) -> HoldView:
+    (is_used, response, balance, thawing, pending, pending_until, charged_total, last_cumulative,
+     reserved_hash, reserved_at, reserved_by, uncollected, other_holds) = row
+    this = NEW_LANE if charged_total is None else LaneRow(int(charged_total), int(last_cumulative),
+                                                          reserved_hash, reserved_at, reserved_by)
+    return HoldView(is_used=is_used, response=response, lane=this, balance=int(balance or 0),
+                    thawing=int(thawing or 0), uncollected=int(uncollected), other_holds=int(other_holds),
+                    pending_deposits=int(pending or 0), pending_until_block=pending_until)
+
+
 def hold_lock_key(payer: str, node: str, lane: int | None = None) -> int:
     """The (payer, node) advisory lock's key, or with `lane` that lane's: 8 bytes of keccak, as a signed
     bigint."""
@@ -149,13 +188,17 @@ class PipelinedLaneTransaction:
                                              "voucher_hash": voucher_hash, "live_since": live_since,
                                              "written_off": _WRITTEN_OFF}).fetchone()
         assert row is not None, "the hold view has one row (a one-row anchor, left joins)"
-        (is_used, response, balance, thawing, pending, pending_until, charged_total, last_cumulative,
-         reserved_hash, reserved_at, reserved_by, uncollected, other_holds) = row
-        this = NEW_LANE if charged_total is None else LaneRow(int(charged_total), int(last_cumulative),
-                                                              reserved_hash, reserved_at, reserved_by)
-        return HoldView(is_used=is_used, response=response, lane=this, balance=int(balance or 0),
-                        thawing=int(thawing or 0), uncollected=int(uncollected), other_holds=int(other_holds),
-                        pending_deposits=int(pending or 0), pending_until_block=pending_until)
+        return _hold_view(row)
+
+    def try_hold(self, r: HoldRequest) -> tuple[HoldView, bool]:
+        cur = self.conn.execute(_TRY_HOLD, {
+            "payer": r.payer, "node": r.node, "lane": r.lane, "voucher_hash": r.voucher_hash,
+            "live_since": r.live_since, "written_off": _WRITTEN_OFF, "is_fresh": r.is_fresh,
+            "cumulative": r.cumulative, "max_fee": r.max_fee, "now": r.now, "owner": r.owner})
+        self.commit()  # queued behind the statement: the lock is held by the server alone, one sync
+        row = cur.fetchone()
+        assert row is not None, "the hold view has one row (a one-row anchor, left joins)"
+        return _hold_view(row[:-1]), bool(row[-1])
 
     def lane_view(self, payer: str, node: str, lane: int, voucher_hash: str) -> HoldView:
         row = self.conn.execute(_LANE_VIEW, {"payer": payer, "node": node, "lane": lane,

@@ -1,7 +1,7 @@
 """The ledger's lanes on SQLite: SQLAlchemy Core, one statement per step, holds serialised by a
 process-wide lock (one API process per SQLite file: `loranode dev`, the demo, the tests).
 
-    hold:    hold view (+ the payer's lane rows, summed here)  ->  INSERT .. ON CONFLICT
+    hold:    hold view (+ the payer's lane rows, summed here)  ->  hold_rule.refusal  ->  INSERT .. ON CONFLICT
     charge:  UPDATE the lane WHERE the hold is still ours  ->  INSERT voucher  ->  INSERT receipt
 
 Money columns are `Amount`, a zero-padded string on SQLite (node/db/types.py), so amounts are added
@@ -34,6 +34,7 @@ from sqlalchemy.sql import Select
 
 from node.db.loss import written_off
 from node.db.models import EscrowAccount, Lane, LaneCollection, Receipt, Voucher
+from node.payment.hold_rule import HoldRequest, refusal
 from node.payment.lane import NEW_LANE, HoldView, LaneRow
 
 LANES = cast(Table, Lane.__table__)
@@ -71,6 +72,13 @@ class SQLiteLaneTransaction:
                                                                   row.reserved_by)
         return HoldView(is_used=row.is_used, response=row.response, lane=this, balance=0, thawing=0,
                         uncollected=0, other_holds=0)
+
+    def try_hold(self, r: HoldRequest) -> tuple[HoldView, bool]:
+        view = self.hold_view(r.payer, r.node, r.lane, r.voucher_hash, r.live_since)
+        is_held = not view.is_used and r.is_fresh and refusal(view, r) is None
+        if is_held:
+            self.put_hold(r.payer, r.node, r.lane, r.max_fee, r.voucher_hash, r.now, r.owner)
+        return view, is_held
 
     def put_hold(self, payer: str, node: str, lane: int, max_fee: int, voucher_hash: str, now: datetime,
                  owner: str) -> None:

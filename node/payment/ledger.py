@@ -18,12 +18,13 @@ charged like a hang-up). A hold that is refused after tokens left the node is a 
 (`write_off`). The alternative, holds that never expire and a liveness rule for crashed processes,
 needs every process to heartbeat; a TTL needs nothing but agreeing clocks.
 
-Each step is one transaction of `Lanes` (node/payment/lane.py): on PostgreSQL a hold costs two round
-trips and a charge one (lane_pg.py), on SQLite a few Core statements (lane_sqlite.py).
+Each step is one transaction of `Lanes` (node/payment/lane.py): on PostgreSQL a hold costs one round
+trip and a charge one (lane_pg.py), on SQLite a few Core statements (lane_sqlite.py).
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections.abc import Callable
@@ -37,13 +38,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.db import queries
 from node.db.loss import LossReason, LossRecord, record_loss
 from node.db.models import Lane, Loss, Receipt, Voucher
-from node.errors import DepositNotFinal, InsufficientEscrow, VoucherConflict
-from node.payment.lane import HoldView, LaneRow, Lanes
+from node.errors import NodeError, VoucherConflict
+from node.payment.hold_rule import HoldRequest, refusal
+from node.payment.lane import Lanes
 from node.payment.lane_pg import PipelinedLanes
 from node.payment.lane_sqlite import SQLiteLanes
 from node.payment.voucher_check import CheckedVoucher
 from node.protocol.receipt import SignedReceipt
 from node.protocol.voucher import SignedVoucher
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -119,61 +123,26 @@ class Ledger:
     def reserve(self, checked: CheckedVoucher, max_fee: int,
                 before_new: Callable[[], None] | None = None) -> Reservation | dict[str, Any]:
         """Hold `max_fee` on the voucher's lane; or, for a voucher already served, its stored response.
-        `before_new` runs (and may raise) only for a voucher never seen before."""
-        v, digest = checked.voucher, checked.digest_hex
-        payer, now = v.payer.lower(), self._now()
-        with self.lanes.transaction(lock_payer=payer, node=self.node) as tx:
-            view = tx.hold_view(payer, self.node, v.lane, digest, now - self.ttl)
-            if view.is_used:
-                if view.response is not None:
-                    return view.response
-                raise VoucherConflict("this voucher was already used", voucher_hash=digest)
-            if before_new is not None:
-                before_new()
-            self._check_order(view.lane, checked, max_fee, now)
-            self._check_funds(view, max_fee)
-            tx.put_hold(payer, self.node, v.lane, max_fee, digest, now, self.instance)
-            return Reservation(payer, self.node, v.lane, digest, v.cumulative, max_fee, view.lane.charged_total)
-
-    @staticmethod
-    def _check_funds(view: HoldView, max_fee: int) -> None:
-        """Only final deposits are spent (a reorg can remove a deposit the node served against). What
-        the node charged and has not collected counts, settlement losses included until they are
-        recovered or written off (node/db/loss.py): the lane's next voucher still collects them."""
-        final = view.balance - view.pending_deposits
-        spendable = max(final - view.thawing - view.uncollected, 0) - view.other_holds
-        if spendable >= max_fee:
-            return
-        if spendable + view.pending_deposits >= max_fee:
-            raise DepositNotFinal(
-                f"the deposit is not final yet: {view.pending_deposits} of this escrow counts once the chain "
-                f"reaches block {view.pending_until_block}", spendable=spendable, max_fee=max_fee,
-                pending_deposits=str(view.pending_deposits), final_at_block=view.pending_until_block)
-        raise InsufficientEscrow("not enough escrow for this request", spendable=spendable, max_fee=max_fee,
-                                 balance=view.balance, thawing=view.thawing)
-
-    def _check_order(self, lane: LaneRow, checked: CheckedVoucher, max_fee: int, now: datetime) -> None:
-        v = checked.voucher
-        # A live hold on this lane blocks every other voucher until it ends or expires. The same voucher
-        # sent again is in flight on the process that holds it (409: one voucher, one generation), unless
-        # that process is this one's earlier life (PaymentService refuses it while it lives here): then
-        # its first request died with that process, and the retry takes the hold over.
-        held = lane.reserved_voucher_hash
-        if held and lane.reserved_at and now - lane.reserved_at < self.ttl:
-            if held != checked.digest_hex:
-                raise VoucherConflict("a request is already in flight on this lane: use another lane",
-                                      lane=v.lane, in_flight=held)
-            if lane.reserved_by != self.instance:
-                raise VoucherConflict("this voucher's request is in flight on another API process: wait for its "
-                                      "answer", lane=v.lane, in_flight_on=lane.reserved_by)
-        if v.cumulative < lane.last_cumulative:
-            raise VoucherConflict("stale voucher: cumulative is below one already accepted on this lane",
-                                  lane=v.lane, cumulative=str(v.cumulative), last_cumulative=str(lane.last_cumulative))
-        needed = lane.charged_total + max_fee
-        if v.cumulative < needed:
-            raise InsufficientEscrow("the voucher does not cover this request: sign chargedTotal + maxFee",
-                                     lane=v.lane, cumulative=str(v.cumulative), charged_total=str(lane.charged_total),
-                                     max_fee=str(max_fee), needed=str(needed))
+        `before_new` may refuse (raise) a voucher never seen before; a used one is answered all the same."""
+        v, digest, now = checked.voucher, checked.digest_hex, self._now()
+        too_late = _refusal_of(before_new)
+        request = HoldRequest(v.payer.lower(), self.node, v.lane, digest, v.cumulative, max_fee, now, now - self.ttl,
+                              self.instance, is_fresh=too_late is None)
+        with self.lanes.transaction(lock_payer=request.payer, node=self.node) as tx:
+            view, is_held = tx.try_hold(request)
+        if view.is_used:
+            if view.response is not None:
+                return view.response
+            raise VoucherConflict("this voucher was already used", voucher_hash=digest)
+        why = too_late or refusal(view, request)
+        if why is None and is_held:
+            return Reservation(request.payer, self.node, v.lane, digest, v.cumulative, max_fee,
+                               view.lane.charged_total)
+        if is_held:  # the database's copy of the rule let through what refusal() refuses: undo it, say so
+            log.error("hold rule mismatch: the database held lane %d for %s, refused here: %s", v.lane, digest, why)
+            self.release(Reservation(request.payer, self.node, v.lane, digest, v.cumulative, max_fee, 0))
+        raise why or VoucherConflict("the hold was not placed: the lane changed while it was read; retry",
+                                     lane=v.lane)
 
     def commit(self, res: Reservation, checked: CheckedVoucher, fee: int, receipt: SignedReceipt,
                response: Callable[[int], dict[str, Any]]) -> tuple[int, dict[str, Any]]:
@@ -226,3 +195,13 @@ class Ledger:
             result = session.execute(update(Voucher).where(Voucher.created_at < self._now() - older_than,
                                                            Voucher.response.is_not(None)).values(response=None))
             return result.rowcount  # type: ignore[attr-defined]
+
+
+def _refusal_of(check: Callable[[], None] | None) -> NodeError | None:
+    """What `check` raises (a refusal of a new voucher), or None."""
+    try:
+        if check is not None:
+            check()
+    except NodeError as exc:
+        return exc
+    return None
