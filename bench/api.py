@@ -80,7 +80,7 @@ def _fresh_postgres(url: str) -> str:
 def setup(work: Path, db_url: str | None, num_adapters: int) -> tuple[LocalNode, list[int], Path]:
     node = LocalNode.start_chain(work, database_url=db_url, prompt_token_price=10**9, completion_token_price=10**9,
                                  max_num_seqs=64, max_in_flight=1024, max_adapter_slots=max(num_adapters, 1),
-                                 index_poll_interval_s=1.0)  # as `loranode indexer` (this process is the API's)
+                                 indexer_process=True)  # `loranode indexer`, as deployed: not in the API's process
     model = make_tiny_model(work / "model", hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4,
                             vocab_size=2000)
     text = work / "data.txt"
@@ -398,7 +398,7 @@ def served_steps(served: LLMEngine | CoreClient | None) -> float:
     """The forward passes the API's engine has run so far (its cores', reported at once)."""
     if isinstance(served, CoreClient):
         served.refresh_metrics(timeout_s=5.0)
-        return served.engine_stats().get("steps_total", 0.0)
+        return served.metrics.engine_stats().get("steps_total", 0.0)
     return float(served.num_steps) if served is not None else 0.0
 
 

@@ -53,12 +53,14 @@ class LocalNode:
     @classmethod
     def start_chain(cls, data_dir: Path, *, database_url: str | None = None, protocol_bps: int = 500,
                     node_bps: int = 1_500, challenge_period_s: int = 0, thaw_period_s: int = 3_600,
-                    x402: bool = False, index_poll_interval_s: float = 0.1, **overrides: Any) -> LocalNode:
+                    x402: bool = False, index_poll_interval_s: float = 0.1, indexer_process: bool = False,
+                    **overrides: Any) -> LocalNode:
         """Anvil, the contracts and a migrated database: everything but the engine. The engine it serves
         runs in the API's process (one process to debug, as `loranode dev`, the demo and tests want),
         unless LORANODE_ENGINE_PROCESS says otherwise (`loranode api`'s default: core processes). The
         indexer runs on a thread of this process, every `index_poll_interval_s` (a benchmark of the API
-        beside it wants the production interval: at 0.1 s it takes a good share of this process's GIL)."""
+        beside it wants the production interval: at 0.1 s it takes a good share of this process's GIL),
+        or with `indexer_process` in `loranode indexer`, a process of its own, as a deployment runs it."""
         data_dir.mkdir(parents=True, exist_ok=True)
         overrides.setdefault("engine_process", engine_process_from_env())
         anvil = Anvil().start()
@@ -80,7 +82,12 @@ class LocalNode:
             raise
         node = cls(settings=settings, anvil=anvil, deployment=dep, index_poll_interval_s=index_poll_interval_s)
         node._spawn("miner", node._mine)
-        node._spawn("indexer", node._index)
+        if indexer_process:
+            node._procs.append(subprocess.Popen([sys.executable, "-m", "node", "indexer"],
+                                                env={**os.environ, **settings_env(settings)},
+                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        else:
+            node._spawn("indexer", node._index)
         return node
 
     def contracts(self, key_index: int) -> Contracts:
