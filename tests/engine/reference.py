@@ -9,6 +9,18 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+MAX_HELD_BACK = 3  # tokens of a character left unfinished at an answer's end: UTF-8 has 4 bytes at most
+
+
+def chosen_tokens(answer: list[int], rows: torch.Tensor) -> list[int]:
+    """Every token a greedy engine chose (the argmax of each step's logits, `rows`: [steps, vocab]).
+    The answer holds them all but those of a character left unfinished at its end, which it leaves
+    out and does not charge for (node/engine/output.py)."""
+    chosen = rows.argmax(-1).tolist()
+    assert answer == chosen[:len(answer)], "the answer is not the tokens the engine chose"
+    assert len(chosen) - len(answer) <= MAX_HELD_BACK, "more left out than one unfinished character"
+    return chosen
+
 
 class PeftReference:
     """The base model with every adapter loaded under its id; `None` means the base model."""

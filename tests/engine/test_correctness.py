@@ -10,7 +10,7 @@ import torch
 
 from node.engine import EngineConfig, LLMEngine, SamplingParams
 from node.engine.sequence import Sequence
-from tests.engine.reference import PeftReference
+from tests.engine.reference import PeftReference, chosen_tokens
 from tests.fixtures.models import TinyAdapters
 
 PROMPTS = ["The river runs past", "Seven small boats", "A node serves many adapters over one shared base",
@@ -47,12 +47,13 @@ def _run_and_record(engine: LLMEngine, prompts: list[str], adapters: list[str | 
 
 def _check(reference: PeftReference, outputs, steps, adapters: list[str | None]) -> None:
     for out, adapter in zip(outputs, adapters, strict=True):
-        full = out.prompt_token_ids + out.token_ids
+        ours = torch.stack(steps[out.request_id])  # [MAX_TOKENS, V]
+        chosen = chosen_tokens(out.token_ids, ours)
+        full = out.prompt_token_ids + chosen
         expected = reference.logits(full[:-1], adapter)[len(out.prompt_token_ids) - 1:]  # [MAX_TOKENS, V]
-        ours = torch.stack(steps[out.request_id])
         assert ours.shape == expected.shape
         assert (ours - expected).abs().max().item() < 1e-4, (adapter, out.request_id)
-        assert out.token_ids == reference.greedy(out.prompt_token_ids, MAX_TOKENS, adapter), adapter
+        assert chosen == reference.greedy(out.prompt_token_ids, MAX_TOKENS, adapter), adapter
 
 
 @pytest.mark.parametrize("adapter", [None, "sea-r8", "count-r4", "food-r16", "stars-attn-r2"])

@@ -25,7 +25,7 @@ from node.lora.provider import AdapterSource
 from node.lora.store import AdapterStore, StoreConfig
 from node.models.config import ModelConfig
 from node.protocol.hexstr import to_hex
-from tests.engine.reference import PeftReference
+from tests.engine.reference import PeftReference, chosen_tokens
 from tests.fixtures.models import TinyAdapters
 
 PROMPTS = ["The river runs past", "Seven small boats", "A node serves many adapters over one shared base",
@@ -69,7 +69,8 @@ def _check_same_answers(folder: Path, adapters: dict[str, Path], split: LLMEngin
         assert (our_logits[a.request_id] - their_logits[b.request_id]).abs().max().item() < 1e-4
     reference = PeftReference(folder, adapters)
     for out, adapter in zip(ours[: len(names) + 1], chosen, strict=False):
-        assert out.token_ids == reference.greedy(out.prompt_token_ids, GREEDY.max_tokens, adapter), adapter
+        chosen = chosen_tokens(out.token_ids, our_logits[out.request_id])
+        assert chosen == reference.greedy(out.prompt_token_ids, GREEDY.max_tokens, adapter), adapter
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from node.engine import EngineConfig, LLMEngine, SamplingParams
 from node.engine.sequence import Sequence
 from node.errors import ModelFormatError
 from node.models.config import ModelConfig
+from tests.engine.reference import chosen_tokens
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
@@ -42,10 +43,11 @@ def test_prefill_and_decode_logits_match_transformers(variant: str, tmp_path: Pa
     outs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
     reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     for out in outs:
-        full = out.prompt_token_ids + out.token_ids
+        ours = torch.stack(rows[out.request_id])  # [12, vocab]
+        full = out.prompt_token_ids + chosen_tokens(out.token_ids, ours)
         with torch.inference_mode():
             expected = reference(torch.tensor([full[:-1]])).logits[0, len(out.prompt_token_ids) - 1:]
-        assert (torch.stack(rows[out.request_id]) - expected).abs().max().item() < 1e-4, variant
+        assert (ours - expected).abs().max().item() < 1e-4, variant
 
 
 def test_unsupported_rope_types_and_options_are_refused(tmp_path: Path) -> None:
