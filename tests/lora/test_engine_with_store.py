@@ -129,7 +129,8 @@ def test_a_slow_http_load_does_not_stall_requests_for_resident_adapters(
             engine.shutdown()
         expected = engine.generate([PROMPTS[0]], GREEDY, ["slow-local"])[0]
     for rid in resident:
-        assert finished.outputs[rid].finish_reason == "length" and len(finished.outputs[rid].token_ids) == 8
+        # 8 tokens, less those of a character left unfinished at the end (left out, not charged)
+        assert finished.outputs[rid].finish_reason == "length" and 5 <= len(finished.outputs[rid].token_ids) <= 8
         assert finished.watched_state[rid] is LoadState.LOADING  # done while the download still ran
         assert finished.at[rid] < finished.at["slow"]
     slow = finished.outputs["slow"]
