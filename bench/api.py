@@ -17,7 +17,7 @@ Then the payment path alone, per request on the configured database: voucher che
 hold, and charge + receipt commit; next to it, in the same run, the floor a durable commit puts
 under any charge: one bare INSERT + COMMIT (the WAL flush) on the same database.
 
-    python bench/api.py [--quick] [--rounds 3] [--in-process] [--threads-per-core 1]
+    python bench/api.py [--quick] [--rounds 3] [--in-process] [--threads-per-core 1] [--engine-threads N]
                         [--database-url postgresql+psycopg://postgres@127.0.0.1:5432/test]
 Prints a table and writes bench/results/api.json.
 """
@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import torch
 
 # torch's OpenMP threads sleep between parallel regions, in this process (the in-process engine) as in
 # the core processes (node/engine/core_supervisor.py): same threads, same policy (set
@@ -423,6 +424,8 @@ def main() -> None:
                     help="a PostgreSQL server URL (a fresh database is made on it); 'sqlite' for SQLite")
     ap.add_argument("--in-process", action="store_true", help="the API's engine in its own process (the old way)")
     ap.add_argument("--threads-per-core", type=int, default=1, help="torch threads per core in the two-core run")
+    ap.add_argument("--engine-threads", type=int, default=None,
+                    help="torch threads of the engine in both arms of HTTP vs in-process (default: torch's)")
     ap.add_argument("--client", help=argparse.SUPPRESS)  # the HTTP client process (see over_http_from_...)
     args = ap.parse_args()
     if args.client:
@@ -438,7 +441,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         node, ids, model = setup(Path(tmp), db_url, num_adapters)
         try:
-            node.serve(model, engine_process=not args.in_process)
+            if args.engine_threads:  # the in-process engine's (this process's) and the core's alike
+                torch.set_num_threads(args.engine_threads)
+            node.serve(model, engine_process=not args.in_process, engine_threads=args.engine_threads)
             engine = local_engine(node, ids)
             rows, cpu = best_of_rounds(node, engine, ids, n, new, lanes, rounds, db_url)
             ttft = {"engine in-process": engine_cores.ttft(engine, ids, n, prompt, new, TTFT_CONCURRENCY),
@@ -454,6 +459,7 @@ def main() -> None:
     ratio = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
     result = {"requests": n, "new_tokens": new, "lanes": lanes, "adapters": num_adapters, "rounds": rounds,
               "database": "sqlite" if db_url is None else "postgresql", "engine_process": not args.in_process,
+              "engine_threads": args.engine_threads or torch.get_num_threads(),
               "rows": rows, "http_over_in_process": ratio, "cpu": cpu_summary(cpu), "ttft_ms": ttft,
               "data_parallel": cores, "payment": pay,
               "gil_probe": {"busy_ms": 1.0, "every_ms": 5.0, "in_process_tokens_per_s": beside,
