@@ -19,6 +19,7 @@ from web3.types import TxReceipt
 
 from node.chain.contract_client import ContractClient, event_args
 from node.chain.deploy import Deployment
+from node.chain.tx_manager import FeePolicy
 from node.protocol.eip712 import Domain
 from node.protocol.voucher import SignedVoucher, Voucher
 
@@ -273,8 +274,10 @@ class Contracts:
     settlement: Settlement
 
     @classmethod
-    def connect(cls, w3_or_rpc_url: Web3 | str, deployment: Deployment, key: str | None = None) -> Contracts:
-        client = ContractClient(w3_or_rpc_url, key)
+    def connect(cls, w3_or_rpc_url: Web3 | str, deployment: Deployment, key: str | None = None,
+                fees: FeePolicy | None = None) -> Contracts:
+        """`fees`: how its transactions are priced and replaced while not mined (the node's settings')."""
+        client = ContractClient(w3_or_rpc_url, key, fees=fees)
         return cls(client, deployment, Token(client, deployment.token),
                    DatasetRegistry(client, deployment.dataset_registry),
                    AdapterRegistry(client, deployment.adapter_registry),
@@ -282,4 +285,4 @@ class Contracts:
 
     def as_signer(self, key: str) -> Contracts:
         """The same deployment, writing with another key (payer, node, contributor...)."""
-        return Contracts.connect(self.client.w3, self.deployment, key)
+        return Contracts.connect(self.client.w3, self.deployment, key, self.client.fees)

@@ -22,6 +22,7 @@ from node.errors import BadRequest, ConfigError
 if TYPE_CHECKING:
     from node.chain.contracts import Contracts
     from node.chain.deploy import Deployment
+    from node.chain.tx_manager import FeePolicy
 
 KEY_ENV = "LORANODE_ACCOUNT_KEY"
 NODE_URL_ENV = "LORANODE_NODE_URL"
@@ -59,11 +60,12 @@ NodeUrlOption = typer.Option(DEFAULT_NODE_URL, "--node-url", envvar=NODE_URL_ENV
 class ChainContext:
     rpc_url: str
     deployment: Deployment
+    fees: FeePolicy | None = None  # the node's settings': a command's transaction is replaced as the node's are
 
     def contracts(self, key: str | None = None) -> Contracts:
         from node.chain.contracts import Contracts
 
-        return Contracts.connect(self.rpc_url, self.deployment, key)
+        return Contracts.connect(self.rpc_url, self.deployment, key, self.fees)
 
 
 def chain_context(rpc_url: str | None, deployment: Path | None) -> ChainContext:
@@ -75,7 +77,7 @@ def chain_context(rpc_url: str | None, deployment: Path | None) -> ChainContext:
         raise ConfigError(f"no deployment file at {path}: run `loranode chain deploy` or pass --deployment",
                           path=str(path))
     dep = read_deployment(path)
-    return ChainContext(rpc_url or settings.rpc_url or "http://127.0.0.1:8545", dep)
+    return ChainContext(rpc_url or settings.rpc_url or "http://127.0.0.1:8545", dep, settings.fee_policy())
 
 
 def signing_key(key_file: Path | None, dev_account: int | None, chain_id: int | Callable[[], int]) -> str:
