@@ -39,7 +39,8 @@ UNCHARGED = {LossReason.DELIVERED_UNCHARGED.value, LossReason.NODE_FAULT.value}
 @dataclass(frozen=True)
 class Summary:
     num_calls: int
-    num_served: int
+    num_served: int  # calls answered in full (200), a replay of a stored answer counted again
+    num_answers: int  # distinct receipts handed with complete answers: a replay is not a second answer
     num_receipts: int
     num_lanes: int
     num_final_epochs: int
@@ -171,7 +172,9 @@ def check_invariants(cluster: Cluster, log: ClientLog, *, settled: bool = True) 
         assert verify_receipt(client, domain).lower() == node
     collected = _check_lanes(cluster, lanes, db, seen, lost, settled)
     num_final = _check_rewards(cluster, [r for r, _ in db.values()], collected) if settled else 0
-    return Summary(len(outcomes), sum(o.is_served for o in outcomes), len(db), len(lanes), num_final, collected)
+    answers = {o.receipts[0]["id"] for o in outcomes if o.is_served}
+    return Summary(len(outcomes), sum(o.is_served for o in outcomes), len(answers), len(db), len(lanes), num_final,
+                   collected)
 
 
 def claim_everything(cluster: Cluster) -> dict[str, int]:

@@ -38,7 +38,7 @@ def test_paid_traffic_settles_while_it_flows_and_every_payee_claims(
         assert calls.statuses() == {200: len(calls.outcomes)}, calls.statuses()
         cluster.wait_settled()
         summary = check_invariants(cluster, calls)
-        assert summary.num_lanes == 9 and summary.num_receipts == summary.num_served >= 80
+        assert summary.num_lanes == 9 and summary.num_receipts == summary.num_answers == summary.num_served >= 80
         assert summary.num_final_epochs >= 3
         with cluster.factory() as session:
             first_final = session.scalar(select(func.min(SettlementEpoch.finalized_at)))

@@ -48,7 +48,9 @@ def test_replicas_behind_haproxy_keep_affinity_charge_once_and_survive_a_kill(
         cluster.wait_settled()
         summary = check_invariants(cluster, calls)
         log.info("replicas: %s; statuses %s", summary, calls.statuses())
-        assert summary.num_receipts == summary.num_served >= len(LANES) * (PER_LANE + 1)
+        # a voucher sent to several replicas at once may be answered twice, the second time by replaying the
+        # first answer with its receipt: two calls served, one answer, one charge
+        assert summary.num_receipts == summary.num_answers >= len(LANES) * (PER_LANE + 1)
         assert summary.num_final_epochs >= 1
 
 
