@@ -129,7 +129,8 @@ class DecodeGraphs:
     def _forward(self, bucket: int, lora: LoRABatch | None) -> torch.Tensor:
         group = dense_decode_group(self.block_tables[:bucket], self.context_lens[:bucket], self.block_size)
         batch = AttentionBatch(kv_indices=self.kv_indices[:bucket], groups=(group,))
-        return self.model(self.token_ids[:bucket], self.positions[:bucket], batch, self.kv_caches, lora)
+        hidden: torch.Tensor = self.model(self.token_ids[:bucket], self.positions[:bucket], batch, self.kv_caches, lora)
+        return hidden
 
     def static_forward(self, bucket: int, pools: tuple[int, ...]) -> torch.Tensor:
         """The forward over the static buffers; with LoRA, the gather plans of `pools` over the static

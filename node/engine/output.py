@@ -32,7 +32,9 @@ class OutputProcessor:
         self._sent: dict[str, _Sent] = {}
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        assert isinstance(text, str)  # one list of ids decodes to one text (typed str | list[str] for batches)
+        return text
 
     def check_stop(self, seq: Sequence, is_streamed: bool) -> bool:
         """After a token was appended: finish the sequence if a stop condition holds; True if it did."""

@@ -133,7 +133,8 @@ def load_lora_adapter(source: str | Path | AdapterFiles, target: LoRATargetSpec,
         return weights
     assert plan.gather is not None
     raw = _float32(files.gather(plan.gather, pin_memory).view(plan.dtype), pin_memory)  # one preadv from disk
-    a, b = {}, {}  # A stacks in GROUPS order, then B stacks in MODULES order (`_stacks`)
+    a: dict[str, torch.Tensor] = {}  # A stacks in GROUPS order, then B stacks in MODULES order (`_stacks`)
+    b: dict[str, torch.Tensor] = {}
     for name, shape, strides, offset, is_a in plan.views:
         (a if is_a else b)[name] = raw.as_strided(shape, strides, offset)
     if plan.b_scale is None:  # per-module scalings: folded into B; else B as the file has it, scaled by the slot copy

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 W_co = TypeVar("W_co", covariant=True)
 
@@ -77,8 +77,9 @@ class AdapterProvider(Protocol[W_co]):
         """The parsed weights, loading them now if needed. Raises an AdapterError subclass."""
         ...
 
-    def prefetch(self, adapter_id: str) -> Future[object]:
-        """Start loading in the background (deduplicated); the future holds the weights or the error."""
+    def prefetch(self, adapter_id: str) -> Future[Any]:
+        """Start loading in the background (deduplicated); the future holds the weights or the error.
+        (Any: a Future is invariant, so neither Future[object] nor Future[W_co] admits the store's Future[W].)"""
         ...
 
     def state(self, adapter_id: str) -> LoadState: ...

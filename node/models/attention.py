@@ -206,9 +206,9 @@ def _flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         extra["window_size"] = (layer.window - 1, 0)  # keys i - (window - 1) .. i
     if layer.softcap is not None:
         extra["softcap"] = layer.softcap  # flash-attn >= 2.6
-    out = flash_attn_with_kvcache(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=group.context_lens,
-                                  block_table=group.block_tables.to(torch.int32), softmax_scale=layer.scale,
-                                  causal=True, **extra)  # [B, 1, H, D]
+    out: torch.Tensor = flash_attn_with_kvcache(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=group.context_lens,
+                                                block_table=group.block_tables.to(torch.int32),
+                                                softmax_scale=layer.scale, causal=True, **extra)  # [B, 1, H, D]
     return out.reshape(q.shape[0], -1)
 
 

@@ -41,7 +41,8 @@ class GemmaDecoderLayer(DecoderLayer):
                 ) -> torch.Tensor:
         attn = self.attention(self.input_norm(x), positions, batch, kv, rotary, lora)
         x = x + self.post_attention_norm(attn)
-        return x + self.post_feedforward_norm(self.mlp(self.pre_feedforward_norm(x), lora))
+        out: torch.Tensor = x + self.post_feedforward_norm(self.mlp(self.pre_feedforward_norm(x), lora))
+        return out
 
 
 class GemmaForCausalLM(LlamaForCausalLM):

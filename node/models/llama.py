@@ -137,7 +137,8 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         for layer, kv, rotary in zip(self.layers, kv_caches, self.rotary_of, strict=True):
             x = layer(x, positions, batch, kv, self.rotaries[rotary], lora)
-        return self.norm(x)
+        hidden: torch.Tensor = self.norm(x)
+        return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> float32 logits [N, vocab]."""

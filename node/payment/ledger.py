@@ -30,9 +30,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import CursorResult, Engine, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import queries
@@ -194,7 +194,7 @@ class Ledger:
         with self.factory.begin() as session:
             result = session.execute(update(Voucher).where(Voucher.created_at < self._now() - older_than,
                                                            Voucher.response.is_not(None)).values(response=None))
-            return result.rowcount  # type: ignore[attr-defined]
+            return cast(CursorResult[Any], result).rowcount  # an UPDATE's result (Session.execute is typed Result)
 
 
 def _refusal_of(check: Callable[[], None] | None) -> NodeError | None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from coincurve import PrivateKey, PublicKey
-from eth_abi import encode
+from eth_abi.abi import encode
 from eth_hash.auto import keccak
 
 from node.errors import BadRequest, BadSignature
@@ -94,18 +94,19 @@ class ReceiptRead:
         check_fields(RECEIPT_READ_FIELDS, (self.receipt_id, self.payer, self.deadline))
 
 
-def _word(abi_type: str, value: Any) -> bytes:
-    """`abi.encode` of one static value (already checked by `_check`): one 32-byte word."""
-    if abi_type == "bytes32":
+def _word(value: bytes | str | int) -> bytes:
+    """`abi.encode` of one static value, already checked by `_check` against its abi type (bytes32: bytes,
+    address: str, uintN: int): one 32-byte word."""
+    if isinstance(value, bytes):  # bytes32
         return value
-    if abi_type == "address":
+    if isinstance(value, str):  # address
         return bytes(12) + bytes.fromhex(value[2:])
     return value.to_bytes(32, "big")  # uintN
 
 
 def struct_hash(typehash: bytes, fields: Fields, values: tuple[Any, ...]) -> bytes:
     """keccak256(typehash || abi.encode(values)): the EIP-712 hashStruct of a struct of static fields."""
-    return keccak(b"".join([typehash, *(_word(t, v) for (_, t), v in zip(fields, values, strict=True))]))
+    return keccak(b"".join([typehash, *(_word(v) for _, v in zip(fields, values, strict=True))]))
 
 
 def digest(domain: Domain, hashed: bytes) -> bytes:
