@@ -14,7 +14,8 @@ PYTEST_ARGS ?=
 
 setup: $(VENV)/.installed node_modules/.installed
 
-# the project's libraries at the versions the image installs (constraints.txt; the dev tools are not pinned)
+# the project's libraries at the versions the image installs (constraints.txt; of the dev tools, only the gates
+# `make lint` runs are pinned)
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
@@ -40,8 +41,11 @@ test: setup
 	 echo "PostgreSQL tests: $${pg:-off}; Redis tests: $${rd:-off}"; \
 	 LORANODE_TEST_POSTGRES_URL="$$pg" LORANODE_TEST_REDIS_URL="$$rd" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# the gates: ruff on all the code; mypy, strict, on what pyproject's [tool.mypy] names (about a minute without
+# its cache, .mypy_cache)
 lint: setup
 	$(BIN)/ruff check node tests bench scripts
+	$(BIN)/mypy
 
 bench: setup
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

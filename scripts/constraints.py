@@ -2,7 +2,9 @@
 virtualenv the tests ran in (`pip freeze`, kept to what `pip install .` needs: pyproject's dependencies and
 theirs, without the dev extras). The Dockerfile installs with `-c constraints.txt`, so the image runs the
 libraries the tests ran. torch is left out (TORCH_SPEC pins it; its CPU and CUDA builds bring their own
-dependencies), and so is triton, which a CUDA build of torch pins to its own version.
+dependencies), and so is triton, which a CUDA build of torch pins to its own version. Of the dev extras,
+the gates `make lint` runs (GATES) are pinned too, with what they bring: `make setup` installs with
+`-c constraints.txt`, so a new mypy or ruff release cannot turn the gate red on code nobody changed.
 
     .venv/bin/python scripts/constraints.py            # after changing pyproject.toml or upgrading the venv
     .venv/bin/python scripts/constraints.py --check    # exit 1 if constraints.txt is not what it would write
@@ -20,6 +22,7 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "constraints.txt"
 LEFT_OUT = {"torch", "triton"}  # TORCH_SPEC, and the triton its CUDA build pins
+GATES = ("mypy", "ruff")  # dev extras that `make lint` runs
 HEADER = ("# The versions the image installs (Dockerfile: pip install -c constraints.txt), from the venv the tests\n"
           "# ran in. Written by scripts/constraints.py: run it again after changing pyproject.toml's dependencies.\n")
 
@@ -29,10 +32,12 @@ def _needs(requirement: Requirement, extras: frozenset[str]) -> bool:
     return marker is None or any(marker.evaluate({"extra": extra}) for extra in extras or {""})
 
 
-def pins(project: str = "loranode") -> dict[str, str]:
-    """name -> installed version, for every package `pip install <project>` brings in (less LEFT_OUT)."""
-    found: dict[str, str] = {}
-    todo, seen = [(project, frozenset[str]())], set[tuple[str, frozenset[str]]]()
+def pins(project: str = "loranode", gates: tuple[str, ...] = GATES) -> dict[str, str]:
+    """name -> installed version, for every package `pip install <project>` brings in (less LEFT_OUT), and
+    for the gates and every package they bring in."""
+    found = {canonicalize_name(gate): metadata.version(gate) for gate in gates}
+    todo = [(name, frozenset[str]()) for name in (project, *gates)]
+    seen = set[tuple[str, frozenset[str]]]()
     while todo:
         name, extras = todo.pop()
         for text in metadata.distribution(name).requires or []:
