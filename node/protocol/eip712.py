@@ -94,19 +94,20 @@ class ReceiptRead:
         check_fields(RECEIPT_READ_FIELDS, (self.receipt_id, self.payer, self.deadline))
 
 
-def _word(value: bytes | str | int) -> bytes:
-    """`abi.encode` of one static value, already checked by `_check` against its abi type (bytes32: bytes,
-    address: str, uintN: int): one 32-byte word."""
-    if isinstance(value, bytes):  # bytes32
+def _word(abi_type: str, value: bytes | str | int) -> bytes:
+    """`abi.encode` of one static value (already checked by `_check`): one 32-byte word."""
+    if abi_type == "bytes32" and isinstance(value, bytes):
         return value
-    if isinstance(value, str):  # address
+    if abi_type == "address" and isinstance(value, str):
         return bytes(12) + bytes.fromhex(value[2:])
-    return value.to_bytes(32, "big")  # uintN
+    if abi_type.startswith("uint") and isinstance(value, int):
+        return value.to_bytes(32, "big")
+    raise TypeError(f"a {type(value).__name__} is no {abi_type}")  # a value `_check` never saw
 
 
 def struct_hash(typehash: bytes, fields: Fields, values: tuple[Any, ...]) -> bytes:
     """keccak256(typehash || abi.encode(values)): the EIP-712 hashStruct of a struct of static fields."""
-    return keccak(b"".join([typehash, *(_word(v) for _, v in zip(fields, values, strict=True))]))
+    return keccak(b"".join([typehash, *(_word(t, v) for (_, t), v in zip(fields, values, strict=True))]))
 
 
 def digest(domain: Domain, hashed: bytes) -> bytes:
