@@ -101,7 +101,7 @@ class EngineClient:
         return self._encode(str(text))
 
     async def compile_grammar(self, spec: GrammarSpec, param: str) -> None:
-        """Compile (or find cached) the grammar before the request is admitted: 400 naming `param` when
+        """Compile (or find cached) the grammar before the request is generated: 400 naming `param` when
         it cannot compile, or takes longer than GRAMMAR_COMPILE_TIMEOUT_S."""
         if self.engine.grammars.is_cached(spec):
             return
