@@ -195,7 +195,8 @@ def _x402(settings: Settings, deployment: Deployment, key: str, payments: Paymen
     mirror = ChannelMirror(db, settings.x402_withdraw_delay_s) if deployment.x402_channels else None
     x402 = X402Payments(payments, ChannelBook(db, payments.node), terms, key, chain.channel, chain.deposit,
                         read_mirror=mirror)
-    x402.facilitator = Facilitator(terms, chain, erc20_balance_of(client))
+    x402.facilitator = Facilitator(terms, chain, erc20_balance_of(client), reads=x402.chain_reads,
+                                   is_funded=x402.is_funded)
     return Offer(lanes, terms), x402
 
 

@@ -30,7 +30,7 @@ from node.payment.pricing import Pricing
 from node.payment.service import Hold, PaymentService, Replay
 from node.payment.voucher_check import CheckedVoucher
 from node.payment.x402.book import ChannelBook, ChannelEntry
-from node.payment.x402.chain_reads import ChannelReads, ReadChannel
+from node.payment.x402.chain_reads import ChannelReads, ReadChannel, has_anything
 from node.payment.x402.channel_check import (
     EXCEEDS_BALANCE,
     PREFIX,
@@ -280,6 +280,10 @@ class X402Payments:
         charged = self.ledger.channel(self.router, lane).charged_total if lane is not None else 0
         view = self._view(checked, charged)
         return max(view.balance - view.pending_withdrawal - max(charged, view.total_claimed), 0)
+
+    def is_funded(self, channel: bytes) -> bool:
+        """Whether the indexer's mirror shows something in `channel` (False without a mirror)."""
+        return self.read_mirror is not None and has_anything(self.read_mirror(channel))
 
     def _view(self, checked: X402Checked, charged: int, live: bool = False, known: bool = False) -> ChannelView:
         """The mirror's view, or the chain's (`live`, or without a mirror; `known`: the channel is funded)."""
