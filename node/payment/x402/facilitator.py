@@ -148,7 +148,7 @@ class Facilitator:
             raise X402Refused("the channel could not be read", PREFIX + "channel_state_read_failed") from exc
         ceiling, deposit = payment.voucher.max_claimable, payment.deposit
         if deposit is not None:
-            self._check_deposit(payment)
+            self._check_deposit(payment, channel)
         elif state.balance == 0:
             raise X402Refused("no channel with a balance", PREFIX + "channel_not_found")
         if ceiling > state.balance + (deposit.amount if deposit else 0):
@@ -176,7 +176,7 @@ class Facilitator:
         if extra.get("withdrawDelay") != self.terms.withdraw_delay_s:
             raise X402Refused("the requirements' withdraw delay is not this node's", PREFIX + "withdraw_delay_mismatch")
 
-    def _check_deposit(self, payment: Payment) -> None:
+    def _check_deposit(self, payment: Payment, channel: bytes) -> None:
         deposit = payment.deposit
         assert deposit is not None
         now = int(self.clock())
@@ -187,6 +187,9 @@ class Facilitator:
                               PREFIX + "payload_authorization_valid_after")
         check_min_deposit(payment, self.terms)
         check_deposit_signature(payment, self.terms)
+        if not self.reads.may_ask(channel):  # a key that holds nothing signs deposits for free: within the bound
+            raise X402Refused("too many deposits into new channels at once; retry shortly",
+                              PREFIX + "channel_state_read_failed")
         if self.balance_of(payment.config.token, payment.config.payer) < deposit.amount:
             raise X402Refused("the payer does not hold the deposit", PREFIX + "insufficient_balance")
         # the spec's facilitator simulates the deposit: an authorization used already (this deposit sent

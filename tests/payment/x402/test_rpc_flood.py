@@ -18,6 +18,7 @@ import pytest
 from eth_account import Account
 
 from node.db.session import make_engine, session_factory, upgrade
+from node.errors import ChainError, Overloaded
 from node.payment.ledger import Ledger
 from node.payment.pricing import Pricing
 from node.payment.service import Hold, PaymentService
@@ -112,3 +113,50 @@ def test_the_facilitators_verify_of_strangers_vouchers_costs_a_bounded_number_of
     bound = 20 + 5 * (time.monotonic() - started)  # the strangers' bucket: a burst of 20, then 5 reads/s
     assert len(chain.reads) <= bound, f"{len(chain.reads)} RPC reads for 60 strangers' empty channels"
     assert facilitator.verify(_verify_body(honest))["isValid"]  # a funded channel verifies as before
+
+
+def test_strangers_deposits_cost_a_bounded_number_of_rpc_calls_and_never_take_the_deposit_lock(db_url: str) -> None:
+    """A deposit from a key that holds no tokens (free to sign) is refused by the chain; the node asked it
+    under the lock every deposit shares (one nonce at a time), two calls each, so a flood of them kept
+    honest payers' deposits, and the requests waiting on them, queued."""
+    simulated: list[bytes] = []
+    submitted: list[bytes] = []
+
+    def simulate(payment: Any) -> None:  # the chain: the payer holds nothing, the deposit would revert
+        simulated.append(payment.voucher.channel_id)
+        raise ChainError("deposit reverted: transfer amount exceeds balance", error="0x")
+
+    def submit(payment: Any) -> None:
+        submitted.append(payment.voucher.channel_id)
+        simulate(payment)
+
+    upgrade(db_url)
+    factory = session_factory(make_engine(db_url))
+    node = Account.from_key(NODE_KEY).address
+    payments = PaymentService(Ledger(factory, node), Domain(31337, "0x" + "5e" * 20), node, Pricing(10, 20))
+    x402 = X402Payments(payments, ChannelBook(factory, node), node_terms(), NODE_KEY, lambda c: State(), submit,
+                        simulate_deposit=simulate)
+    started = time.monotonic()
+    for i in range(60):  # fresh keys, each authorizing a deposit of tokens it does not hold
+        header = SdkPayer(f"0x{i + 1:064x}").pay(required_for(node_terms(), PRICE))
+        with pytest.raises((X402Refused, Overloaded)):
+            x402.hold(x402.check(header), PRICE)
+    bound = 20 + 5 * (time.monotonic() - started)  # the strangers' bucket: a burst of 20, then 5 calls/s
+    assert len(simulated) <= bound, f"{len(simulated)} RPC calls for 60 strangers' deposits"
+    assert submitted == [], "a deposit the chain refuses took the lock every deposit shares"
+
+
+def test_the_facilitators_verify_of_strangers_deposits_costs_a_bounded_number_of_rpc_calls() -> None:
+    chain, balances = _Chain(), []
+
+    def balance_of(token: str, owner: str) -> int:  # the first call a deposit costs: the payer holds nothing
+        balances.append(owner)
+        return 0
+
+    facilitator = Facilitator(node_terms(), chain, balance_of)  # type: ignore[arg-type]
+    started = time.monotonic()
+    for i in range(60):  # fresh keys, each authorizing a deposit of tokens it does not hold
+        verified = facilitator.verify(_verify_body(SdkPayer(f"0x{i + 1:064x}").pay(required_for(node_terms(), PRICE))))
+        assert not verified["isValid"], verified
+    bound = 20 + 5 * (time.monotonic() - started)  # reads and deposit checks share the strangers' bucket
+    assert len(chain.reads) + len(balances) <= bound, f"{len(chain.reads) + len(balances)} RPC calls for 60 deposits"
