@@ -24,6 +24,7 @@ from typing import Any
 from jinja2 import TemplateError
 
 from node.api.structured import tools_prompt
+from node.api.template_render import TemplateRenderer
 from node.engine import LLMEngine, SamplingParams
 from node.engine.core_client import CoreClient
 from node.engine.grammar import TOOL_CALL_BEGIN, TOOL_CALL_END, GrammarSpec
@@ -92,16 +93,23 @@ class EngineClient:
         if tools and not (isinstance(active, str) and "tools" in active):
             messages = [{"role": "system", "content": tools_prompt(tools)}, *map(_calls_as_text, messages)]
             tools = None
+        if template is not None:  # the adapter owner's code: in worker processes, with a time limit
+            return self._encode(self.templates.render(messages, template, tools))
         try:
-            text = self.engine.tokenizer.apply_chat_template(messages, chat_template=template, tools=tools,
-                                                             tokenize=False, add_generation_prompt=True)
+            text = self.engine.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                             add_generation_prompt=True)
         except (TemplateError, OverflowError, RecursionError, TypeError, ValueError) as exc:  # the template's fault
             raise ChatTemplateError(f"the chat template refused these messages: {str(exc)[:300]}",
                                     param="messages") from exc
         return self._encode(str(text))
 
+    @functools.cached_property
+    def templates(self) -> TemplateRenderer:
+        """Where adapters' own chat templates are rendered (node/api/template_render.py)."""
+        return TemplateRenderer(str(self.engine.tokenizer.name_or_path))
+
     async def compile_grammar(self, spec: GrammarSpec, param: str) -> None:
-        """Compile (or find cached) the grammar before the request is admitted: 400 naming `param` when
+        """Compile (or find cached) the grammar before the request is generated: 400 naming `param` when
         it cannot compile, or takes longer than GRAMMAR_COMPILE_TIMEOUT_S."""
         if self.engine.grammars.is_cached(spec):
             return

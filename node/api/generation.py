@@ -3,8 +3,9 @@
 The order of checks makes every refusal cheap and leaves nothing behind: header and body (400),
 signature (401), adapter (404), a load of a chat adapter not in host memory by a caller without escrow
 beyond the free callers' bucket (429, node/api/payment_gate.py), prompt size (413), capacity (429), then
-the voucher in flight here (409), the lane and the escrow (409, 402) which place a hold. From the hold
-on, every completion token that leaves the node is paid for or recorded as a loss:
+the voucher in flight here (409), the lane and the escrow (409, 402) which place a hold, then the
+grammar of a structured answer (400, the hold released). From the hold on, every completion token that
+leaves the node is paid for or recorded as a loss:
 
     the answer is complete                    -> charged; the charge, receipt and response committed
     the client left (hung up, gave up)        -> charged for what was generated; the partial answer is
@@ -47,9 +48,10 @@ from node.api.schemas import ChatCompletionRequest, CompletionRequest
 from node.api.structured import constraint_of, render_messages
 from node.catalog import AdapterCatalog, ServedAdapter
 from node.db.loss import LossReason
+from node.engine.grammar import GrammarSpec
 from node.engine.sequence import RequestOutput
 from node.errors import NodeError, Unavailable
-from node.payment.service import PaymentService, Replay, Usage
+from node.payment.service import Hold, PaymentService, Replay, Usage
 from node.payment.x402 import replay as x402_replay
 from node.payment.x402.service import X402Payments, X402Voucher
 from node.payment.x402.terms import Offer
@@ -80,8 +82,6 @@ class GenerationService:
         prompt_ids = await self._tokenize(kind, req, template)
         max_tokens, max_fee = self._ceiling(req, len(prompt_ids), adapter)
         constraint = constraint_of(req) if isinstance(req, ChatCompletionRequest) else None
-        if constraint is not None:  # refused here, before any hold, if it cannot compile
-            await self.engine.compile_grammar(constraint.spec, constraint.param)
         params = sampling_params(req, max_tokens, constraint.spec if constraint else None)
         self.engine.check_vocabulary(params)
         pricing = self.payments.pricing_for(adapter.is_base)
@@ -91,6 +91,8 @@ class GenerationService:
         try:
             held = await asyncio.to_thread(self.gate.hold, presented.voucher, x402_checked, max_fee, pricing,
                                            str(http.url), read, body)
+            if constraint is not None and isinstance(held, Hold):
+                await self._compile(constraint.spec, constraint.param, held)
         except BaseException:
             admission.__exit__(None, None, None)
             raise
@@ -108,6 +110,16 @@ class GenerationService:
             return await self._complete(job, http)
         finally:
             admission.__exit__(None, None, None)
+
+    async def _compile(self, spec: GrammarSpec, param: str, hold: Hold) -> None:
+        """Compile the answer's grammar once the request's payment holds (a caller that cannot pay never
+        makes the node compile: a compile, once started, runs to its end); one that fails (400) or is
+        cut releases the hold, and the voucher may be sent again."""
+        try:
+            await self.engine.compile_grammar(spec, param)
+        except BaseException:
+            await asyncio.shield(asyncio.to_thread(self.payments.cancel, hold))
+            raise
 
     async def quote(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest,
                     payer: str | None = None) -> tuple[int, int, int]:

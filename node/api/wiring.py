@@ -169,7 +169,8 @@ def _wire(settings: Settings, deployment: Deployment, key: str, config: EngineCo
                         max_mirror_lag_s=settings.max_mirror_lag_s,
                         idempotency_window_s=settings.idempotency_window_s,
                         x402_refunds=refunds,
-                        on_shutdown=[engine.shutdown, *_closers(adapters), *([attributor.close] if attributor else [])])
+                        on_shutdown=[engine.shutdown, client.templates.close, *_closers(adapters),
+                                     *([attributor.close] if attributor else [])])
 
 
 def _x402(settings: Settings, deployment: Deployment, key: str, payments: PaymentService,
@@ -194,8 +195,9 @@ def _x402(settings: Settings, deployment: Deployment, key: str, payments: Paymen
     # the indexer mirrors the channel contract when the deployment names it: the hold reads that
     mirror = ChannelMirror(db, settings.x402_withdraw_delay_s) if deployment.x402_channels else None
     x402 = X402Payments(payments, ChannelBook(db, payments.node), terms, key, chain.channel, chain.deposit,
-                        read_mirror=mirror)
-    x402.facilitator = Facilitator(terms, chain, erc20_balance_of(client))
+                        read_mirror=mirror, simulate_deposit=chain.simulate_deposit)
+    x402.facilitator = Facilitator(terms, chain, erc20_balance_of(client), reads=x402.chain_reads,
+                                   is_funded=x402.is_funded)
     return Offer(lanes, terms), x402
 
 

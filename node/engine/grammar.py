@@ -36,7 +36,9 @@ from node.errors import BadRequest
 GrammarKind = Literal["json_object", "json_schema", "tool_calls"]
 MAX_SCHEMA_CHARS = 65_536  # a schema's JSON text
 MAX_SCHEMA_DEPTH = 32  # JSON containers nested in a schema (2 per object level) (compile time grows fast with depth)
-MAX_PATTERN_REPEAT = 1024  # the product of a `pattern`'s repetition counts ([a-z]{1,3000} takes 5 s to compile)
+# the product of a `pattern`'s repetition counts ([a-z]{1,3000} takes 5 s to compile), added up over every
+# pattern of a grammar (a schema's, or all its tools'): a compile cannot be stopped once started
+MAX_PATTERN_REPEAT = 1024
 MAX_CACHED_GRAMMARS = 512
 # Tool calls are written as Hermes / Qwen2 chat templates expect them:
 #   <tool_call>\n{"name": "NAME", "arguments": {...}}\n</tool_call>
@@ -156,11 +158,12 @@ class GrammarCompiler:
                 return self._compiler.compile_json_schema('{"type": "object"}', any_whitespace=False,
                                                           strict_mode=False)
             if spec.kind == "json_schema":
-                _check_size(spec.schema, "schema")
+                _check_size(spec.schema, "schema", MAX_PATTERN_REPEAT)
                 return self._compiler.compile_json_schema(spec.schema, any_whitespace=False,
                                                           strict_mode=spec.is_strict)
+            room = MAX_PATTERN_REPEAT  # shared by every tool's patterns
             for tool in spec.tools:
-                _check_size(tool.parameters, f"tool {tool.name}")
+                room -= _check_size(tool.parameters, f"tool {tool.name}", room)
             return self._compiler.compile_structural_tag(_tool_call_tag(spec))
         except (RuntimeError, ValueError, xgr.InvalidJSONError, xgr.InvalidStructuralTagError) as exc:
             raise BadRequest(f"the schema cannot be compiled: {str(exc).strip()[-300:]}") from exc
@@ -192,7 +195,9 @@ def _canonical(schema: dict[str, Any]) -> str:
     return json.dumps(schema, separators=(",", ":"))
 
 
-def _check_size(schema: str, what: str) -> None:
+def _check_size(schema: str, what: str, max_repeat: int) -> int:
+    """BadRequest unless the schema is within the bounds, its patterns' repetition counts (multiplied
+    per pattern) adding up to at most `max_repeat`; returns that sum."""
     if len(schema) > MAX_SCHEMA_CHARS:
         raise BadRequest(f"the {what} has {len(schema)} characters; at most {MAX_SCHEMA_CHARS} are compiled",
                          num_chars=len(schema), max_chars=MAX_SCHEMA_CHARS)
@@ -200,11 +205,12 @@ def _check_size(schema: str, what: str) -> None:
     if depth > MAX_SCHEMA_DEPTH:
         raise BadRequest(f"the {what} nests {depth} levels deep; at most {MAX_SCHEMA_DEPTH} are compiled",
                          depth=depth, max_depth=MAX_SCHEMA_DEPTH)
-    for pattern in patterns:
-        repeat = math.prod(int(hi or lo) for lo, hi in _REPEAT.findall(pattern))
-        if repeat > MAX_PATTERN_REPEAT:
-            raise BadRequest(f"the {what} has a pattern whose repetition counts multiply to {repeat}; at most "
-                             f"{MAX_PATTERN_REPEAT} are compiled", repeat=repeat, max_repeat=MAX_PATTERN_REPEAT)
+    repeat = sum(math.prod(int(hi or lo) for lo, hi in _REPEAT.findall(pattern)) for pattern in patterns)
+    if repeat > max_repeat:
+        raise BadRequest(f"the {what} has patterns whose repetition counts (multiplied per pattern) add up to "
+                         f"{repeat}; at most {max_repeat} more are compiled (a request's patterns share "
+                         f"{MAX_PATTERN_REPEAT})", repeat=repeat, max_repeat=max_repeat)
+    return repeat
 
 
 _REPEAT = re.compile(r"\{(\d+)(?:,(\d*))?\}")  # {n}, {n,m}, {n,}

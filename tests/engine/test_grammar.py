@@ -188,8 +188,10 @@ def _nested(levels: int) -> dict[str, Any]:
     ({"type": "string", "pattern": "(unclosed"}, "cannot be compiled"),
     (_nested(40), "levels deep"),
     ({"enum": ["x" * 70_000]}, "characters"),
-    ({"type": "string", "pattern": "[a-z]{1,3000}"}, "repetition counts multiply to 3000"),
-    ({"type": "string", "pattern": "([a-z]{1,60}){2,60}"}, "repetition counts multiply to 3600"),
+    ({"type": "string", "pattern": "[a-z]{1,3000}"}, "add up to 3000"),
+    ({"type": "string", "pattern": "([a-z]{1,60}){2,60}"}, "add up to 3600"),
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "[a-z]{1,600}"},  # each in bounds
+                                       "b": {"type": "string", "pattern": "[0-9]{1,600}"}}}, "add up to 1200"),
 ])
 def test_a_schema_that_cannot_compile_is_refused_before_the_engine_queues_it(
         engine: LLMEngine, schema: dict[str, Any], message: str) -> None:
@@ -203,3 +205,11 @@ def test_compiled_grammars_are_cached_per_schema(engine: LLMEngine) -> None:
     assert not engine.grammars.is_cached(spec)
     first = engine.grammars.compile(spec)
     assert engine.grammars.is_cached(spec) and engine.grammars.compile(spec) is first
+
+
+def test_the_tools_of_one_request_share_one_bound_on_pattern_repetition(engine: LLMEngine) -> None:
+    params = {"type": "object", "properties": {"s": {"type": "string", "pattern": "[a-z]{1,600}"}}}  # in bounds
+    spec = GrammarSpec.tool_calls([("one", params), ("two", params)], is_forced=True, is_parallel=False)
+    with pytest.raises(BadRequest, match=r"tool two .* add up to 600; at most 424 more"):
+        engine.add_request("hi", SamplingParams(grammar=spec))
+    assert not engine.has_unfinished()

@@ -13,6 +13,8 @@ every paid request that needs a read. Now:
   `burst` at once). Past it, it reads as empty without an RPC: its voucher is refused as above its
   deposit (402), and its payer retries once the mirror shows its deposit, which needs no chain read.
   A caller that knows the channel is funded (the mirror shows it) says so and is never counted.
+- a deposit into a channel not known funded is simulated (an eth_call) only as one of those calls
+  (`may_ask`): free to sign with a key that holds nothing, it must not spend the quota either.
 """
 
 from __future__ import annotations
@@ -102,10 +104,20 @@ class ChannelReads:
             self._known[channel] = (NEVER_FRESH, EMPTY)
             self._empty.pop(channel, None)
 
+    def may_ask(self, channel: bytes) -> bool:
+        """Whether the chain may be asked about `channel` now, beyond a read (a deposit into it simulated):
+        always for a channel known funded, else one of the strangers' calls, while the bucket has one."""
+        with self._lock:
+            return channel in self._known or self._take(self.clock())
+
     def _may_read_stranger(self, channel: bytes, now: float) -> bool:
         seen = self._empty.get(channel)
         if seen is not None and now - seen < self.empty_ttl_s:
             return False
+        return self._take(now)
+
+    def _take(self, now: float) -> bool:
+        """Under the lock: one call from the strangers' bucket, if it has one."""
         self._tokens = min(self.burst, self._tokens + (now - self._refilled_at) * self.reads_per_s)
         self._refilled_at = now
         if self._tokens < 1:

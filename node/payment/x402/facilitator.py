@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from node.errors import BadRequest, ChainError
+from node.payment.x402.chain_reads import ChannelReads
 from node.payment.x402.channel_check import (
     PREFIX,
     X402Refused,
@@ -61,8 +62,13 @@ class Verified:
 
 class Facilitator:
     def __init__(self, terms: X402Terms, chain: ChannelChain, balance_of: Callable[[str, str], int],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, reads: ChannelReads | None = None,
+                 is_funded: Callable[[bytes], bool] = lambda channel: False) -> None:
         self.terms, self.chain, self.balance_of, self.clock = terms, chain, balance_of, clock
+        # anyone may ask: a channel is read within the bound on strangers' reads (the paid path's, shared
+        # where the wiring gives it), never once per request, unless `is_funded` (the indexer's mirror
+        # shows a deposit) says it is no stranger's (node/payment/x402/chain_reads.py)
+        self.reads, self.is_funded = reads or ChannelReads(chain.channel), is_funded
         # the cooperative refund (X402Refunds.refund: a PAYMENT-SIGNATURE header -> PAYMENT-RESPONSE), set by
         # the wiring where the node serves refunds
         self.refund: Callable[[str], dict[str, Any]] | None = None
@@ -109,6 +115,7 @@ class Facilitator:
             return {"success": False, "errorReason": PREFIX + "deposit_transaction_failed",
                     "errorMessage": exc.message, "transaction": "", "network": network,
                     "payer": payment.config.payer}
+        self.reads.deposited(verified.channel)
         after = Verified(payment, verified.channel, self.chain.channel(verified.channel))
         deposit = payment.deposit
         assert deposit is not None
@@ -136,12 +143,12 @@ class Facilitator:
         channel = check_terms(payment, self.terms)
         check_signature(payment, self.terms, channel)
         try:
-            state = self.chain.channel(channel)
+            state = self.reads.get(channel, self.is_funded(channel))
         except ChainError as exc:
             raise X402Refused("the channel could not be read", PREFIX + "channel_state_read_failed") from exc
         ceiling, deposit = payment.voucher.max_claimable, payment.deposit
         if deposit is not None:
-            self._check_deposit(payment)
+            self._check_deposit(payment, channel)
         elif state.balance == 0:
             raise X402Refused("no channel with a balance", PREFIX + "channel_not_found")
         if ceiling > state.balance + (deposit.amount if deposit else 0):
@@ -169,7 +176,7 @@ class Facilitator:
         if extra.get("withdrawDelay") != self.terms.withdraw_delay_s:
             raise X402Refused("the requirements' withdraw delay is not this node's", PREFIX + "withdraw_delay_mismatch")
 
-    def _check_deposit(self, payment: Payment) -> None:
+    def _check_deposit(self, payment: Payment, channel: bytes) -> None:
         deposit = payment.deposit
         assert deposit is not None
         now = int(self.clock())
@@ -180,6 +187,9 @@ class Facilitator:
                               PREFIX + "payload_authorization_valid_after")
         check_min_deposit(payment, self.terms)
         check_deposit_signature(payment, self.terms)
+        if not self.reads.may_ask(channel):  # a key that holds nothing signs deposits for free: within the bound
+            raise X402Refused("too many deposits into new channels at once; retry shortly",
+                              PREFIX + "channel_state_read_failed")
         if self.balance_of(payment.config.token, payment.config.payer) < deposit.amount:
             raise X402Refused("the payer does not hold the deposit", PREFIX + "insufficient_balance")
         # the spec's facilitator simulates the deposit: an authorization used already (this deposit sent

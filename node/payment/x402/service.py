@@ -23,14 +23,14 @@ from typing import Any
 
 from node.chain.receipt_read import authorize_read
 from node.db.models import Voucher as VoucherRow
-from node.errors import BadRequest, ChainError, VoucherConflict
+from node.errors import BadRequest, ChainError, Overloaded, VoucherConflict
 from node.payment.lane import HoldView
 from node.payment.ledger import Reservation
 from node.payment.pricing import Pricing
 from node.payment.service import Hold, PaymentService, Replay
 from node.payment.voucher_check import CheckedVoucher
 from node.payment.x402.book import ChannelBook, ChannelEntry
-from node.payment.x402.chain_reads import ChannelReads, ReadChannel
+from node.payment.x402.chain_reads import ChannelReads, ReadChannel, has_anything
 from node.payment.x402.channel_check import (
     EXCEEDS_BALANCE,
     PREFIX,
@@ -55,6 +55,7 @@ NEVER = 2**63 - 1  # the router lane voucher's deadline (the node's own, valid u
 
 
 SubmitDeposit = Callable[[Payment], object]
+SimulateDeposit = Callable[[Payment], None]  # ChainError when the deposit would revert
 
 
 @dataclass(frozen=True)
@@ -77,10 +78,12 @@ class X402Voucher(CheckedVoucher):
 class X402Payments:
     def __init__(self, payments: PaymentService, book: ChannelBook, terms: X402Terms, node_key: str,
                  read_channel: ReadChannel, submit_deposit: SubmitDeposit, channel_ttl_s: float = 2.0,
-                 read_mirror: ReadChannel | None = None, chain_reads: ChannelReads | None = None) -> None:
+                 read_mirror: ReadChannel | None = None, chain_reads: ChannelReads | None = None,
+                 simulate_deposit: SimulateDeposit | None = None) -> None:
         self.payments, self.book, self.terms = payments, book, terms
         self.node_key = node_key
-        self.submit_deposit = submit_deposit
+        # a deposit is simulated (an eth_call) before the lock its submission takes; None: only submitted
+        self.submit_deposit, self.simulate_deposit = submit_deposit, simulate_deposit
         # The hold reads the indexer's mirror (`read_mirror`, node/payment/x402/channel_mirror.py) and the
         # chain (`read_channel`) only where the mirror's balance falls short (a deposit not indexed yet).
         # Without a mirror the chain state is read at most every `channel_ttl_s`: a withdrawal seen that
@@ -197,6 +200,7 @@ class X402Payments:
         self._check(checked, checked.payment, self._view(checked, charged), max_fee)
         check_min_deposit(checked.payment, self.terms)
         check_deposit_signature(checked.payment, self.terms)
+        self._simulate(checked)
         try:
             with self._deposit_lock:  # one at a time: each is a transaction of the node's key (one nonce each)
                 sent = self.submit_deposit(checked.payment)
@@ -206,6 +210,20 @@ class X402Payments:
                               **exc.facts) from exc
         self.chain_reads.deposited(checked.channel_id)
         return _tx_hash(sent)
+
+    def _simulate(self, checked: X402Checked) -> None:
+        """Ask the chain about a deposit before the lock every deposit takes (one nonce at a time): one the
+        contract refuses (a payer that holds nothing signs for free) never holds the lock, and a stranger's
+        is asked within the strangers' calls (429 beyond them)."""
+        if not self.chain_reads.may_ask(checked.channel_id):
+            raise Overloaded("too many deposits into new channels at once; retry shortly")
+        if self.simulate_deposit is None:
+            return
+        try:
+            self.simulate_deposit(checked.payment)
+        except ChainError as exc:
+            raise X402Refused(f"the channel contract refused the deposit: {exc.message}",
+                              PREFIX + "deposit_simulation_failed", **exc.facts) from exc
 
     def _check_funded(self, checked: X402Checked) -> None:
         """A voucher above what its channel holds is refused before the channel is written down (anyone
@@ -280,6 +298,10 @@ class X402Payments:
         charged = self.ledger.channel(self.router, lane).charged_total if lane is not None else 0
         view = self._view(checked, charged)
         return max(view.balance - view.pending_withdrawal - max(charged, view.total_claimed), 0)
+
+    def is_funded(self, channel: bytes) -> bool:
+        """Whether the indexer's mirror shows something in `channel` (False without a mirror)."""
+        return self.read_mirror is not None and has_anything(self.read_mirror(channel))
 
     def _view(self, checked: X402Checked, charged: int, live: bool = False, known: bool = False) -> ChannelView:
         """The mirror's view, or the chain's (`live`, or without a mirror; `known`: the channel is funded)."""
