@@ -77,7 +77,7 @@ class X402Voucher(CheckedVoucher):
 
 class X402Payments:
     def __init__(self, payments: PaymentService, book: ChannelBook, terms: X402Terms, node_key: str,
-                 read_channel: ReadChannel, submit_deposit: SubmitDeposit, channel_ttl_s: float = 2.0,
+                 read_channel: ReadChannel, submit_deposit: SubmitDeposit,
                  read_mirror: ReadChannel | None = None, chain_reads: ChannelReads | None = None,
                  simulate_deposit: SimulateDeposit | None = None) -> None:
         self.payments, self.book, self.terms = payments, book, terms
@@ -86,12 +86,12 @@ class X402Payments:
         self.submit_deposit, self.simulate_deposit = submit_deposit, simulate_deposit
         # The hold reads the indexer's mirror (`read_mirror`, node/payment/x402/channel_mirror.py) and the
         # chain (`read_channel`) only where the mirror's balance falls short (a deposit not indexed yet).
-        # Without a mirror the chain state is read at most every `channel_ttl_s`: a withdrawal seen that
+        # Without a mirror the chain state is read at most every `chain_reads.ttl_s` (2 s): a withdrawal seen that
         # much later still finishes only after the delay, which the settlement worker's claim beats
         # (node/settlement/x402_guard.py); a deposit is always read again. Strangers' channels (nothing
         # in them) are read at a bounded rate (node/payment/x402/chain_reads.py).
         self.read_mirror = read_mirror
-        self.chain_reads = chain_reads or ChannelReads(read_channel, channel_ttl_s)
+        self.chain_reads = chain_reads or ChannelReads(read_channel)
         self._deposit_lock = threading.Lock()
         self.ledger = payments.ledger
         self.router = terms.router.lower()
@@ -256,7 +256,7 @@ class X402Payments:
             raise self._corrective(checked, view, exc.message) from exc
 
     def _live(self, checked: X402Checked, mirrored: ChannelView) -> ChannelView:
-        """The chain's view (maybe up to `channel_ttl_s` old), keeping what the mirror has seen since (a
+        """The chain's view (maybe up to `chain_reads.ttl_s` old), keeping what the mirror has seen since (a
         withdrawal, a claim)."""
         funded = bool(mirrored.balance or mirrored.total_claimed)  # paid into: never counted as a stranger's
         live = self._view(checked, mirrored.charged, live=True, known=funded)
