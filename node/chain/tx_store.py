@@ -112,7 +112,9 @@ class SqlTxStore:
 
     def max_nonce(self, sender: str) -> int | None:
         with self.factory() as session:
-            return session.scalar(select(func.max(TxIntent.nonce)).where(TxIntent.sender == sender.lower()))
+            never_seen = (TxIntent.state == TxState.FAILED.value) & TxIntent.mined_hash.is_(None)
+            return session.scalar(select(func.max(TxIntent.nonce)).where(TxIntent.sender == sender.lower(),
+                                                                        ~never_seen))
 
     def writer_lock(self, sender: str) -> Any:
         return key_lock(self.engine)(sender)
