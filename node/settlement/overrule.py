@@ -10,7 +10,7 @@ nothing but that file can correct them). Meanwhile nothing is published from the
 
 from __future__ import annotations
 
-from sqlalchemy import and_, select
+from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from node.db.models import SettledEpoch, SettlementEpoch
@@ -39,13 +39,16 @@ def overruled(settled: dict[int, SettledEpoch]) -> dict[int, str]:
 
 def stale_epochs(session: Session, node: str) -> set[int]:
     """The node's epochs whose tree the chain does not hold: forgotten by an amend, or replaced by one
-    (the mirror's roots differ from ours). One cheap query when no epoch of the node was ever changed."""
+    (the mirror's roots differ from ours). One cheap query when no epoch of the node was ever changed, and
+    only the rows settled before the latest veto or amend otherwise."""
     node = node.lower()
-    changed = select(SettledEpoch.epoch_id).where(SettledEpoch.node == node,
-                                                  SettledEpoch.updated_block > SettledEpoch.block_number).limit(1)
-    if session.scalar(changed) is None:
+    last_change = session.scalar(select(func.max(SettledEpoch.updated_block)).where(
+        SettledEpoch.node == node, SettledEpoch.updated_block > SettledEpoch.block_number))
+    if last_change is None:
         return set()
-    settled = {r.epoch_id: r for r in session.scalars(select(SettledEpoch).where(SettledEpoch.node == node))}
+    # a row created at or after the last change is never overruled, nor does it overrule an earlier one
+    settled = {r.epoch_id: r for r in session.scalars(select(SettledEpoch).where(
+        SettledEpoch.node == node, SettledEpoch.block_number < last_change))}
     stale = {epoch_id for epoch_id, why in overruled(settled).items() if why == FORGOTTEN}
     replaced = select(SettlementEpoch.epoch_id).join(SettledEpoch, and_(
         SettledEpoch.node == SettlementEpoch.node, SettledEpoch.epoch_id == SettlementEpoch.epoch_id)).where(
