@@ -149,7 +149,9 @@ class TxManager:
         try:
             self._broadcast(record.latest)
         except ChainError as exc:  # the node refused it (e.g. the account cannot pay the gas): it never mines
-            self.store.save(replace(record, state=TxState.FAILED, error=f"broadcast refused: {exc.facts['reason']}"))
+            if not self._known(record.latest.tx_hash):  # unless the node has it after all
+                refused = f"broadcast refused: {exc.facts['reason']}"
+                self.store.save(replace(record, state=TxState.FAILED, error=refused))
             raise
         return record
 
