@@ -1,7 +1,8 @@
 """A transaction manager that never pays twice: durable intents, one nonce each, fee bumps, reorgs.
 
 Each transaction is an *intent* with a caller-chosen key (e.g. "settle:<node>:<epoch>"). `send`
-assigns the nonce, signs, and persists the record through the `TxStore` port BEFORE broadcasting,
+assigns the nonce, signs, and persists the record through the `TxStore` port BEFORE broadcasting (all
+under the store's writer lock, which `ContractClient`s on the same key take too),
 so a process killed at any point finds the intent again and `poll` carries it on:
 - not known to the chain (killed before broadcast, or dropped): the signed bytes are re-broadcast;
 - pending past `bump_after_s`: re-signed with the SAME nonce and fees raised by `bump_percent`
@@ -145,7 +146,11 @@ class TxManager:
             max_fee, tip = self._initial_fees()
             record = replace(record, attempts=(self._sign(record, max_fee, tip),))
             self.store.save(record)
-        log.info("tx %s: nonce %d signed, broadcasting", key, record.nonce)
+            log.info("tx %s: nonce %d signed, broadcasting", key, record.nonce)
+            self._first_broadcast(record)  # under the lock: a ContractClient on this key then counts it pending
+        return record
+
+    def _first_broadcast(self, record: TxRecord) -> None:
         try:
             self._broadcast(record.latest)
         except ChainError as exc:  # the node refused it (e.g. the account cannot pay the gas): it never mines
@@ -153,7 +158,6 @@ class TxManager:
                 refused = f"broadcast refused: {exc.facts['reason']}"
                 self.store.save(replace(record, state=TxState.FAILED, error=refused))
             raise
-        return record
 
     def _next_nonce(self) -> int:
         chain_nonce = self.w3.eth.get_transaction_count(self.account.address, "pending")

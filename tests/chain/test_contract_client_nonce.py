@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -19,8 +20,9 @@ from web3 import Web3
 
 from node.chain.anvil import Anvil
 from node.chain.contract_client import ContractClient
-from node.chain.tx_store import key_lock
-from node.db.session import make_engine
+from node.chain.tx_manager import TxManager, TxState
+from node.chain.tx_store import SqlTxStore, key_lock
+from node.db.session import make_engine, session_factory, upgrade
 
 pytestmark = pytest.mark.chain
 RECIPIENT = "0x000000000000000000000000000000000000bEEF"
@@ -80,3 +82,34 @@ def test_replicas_on_one_key_and_database_never_share_a_nonce(fresh_anvil: Anvil
     """Each client has its own database engine (as each replica has), the same database behind them."""
     clients = _clients(fresh_anvil, fresh_anvil.keys[8], lambda: key_lock(make_engine(db_url)))
     _assert_all_landed(_send_at_once(clients), clients[0].w3, clients[0].address)
+
+
+def test_a_client_and_the_transaction_manager_on_one_key_never_share_a_nonce(fresh_anvil: Anvil,
+                                                                             db_url: str) -> None:
+    """The worker's TxManager saved its intent's nonce and released the lock before broadcasting it; a
+    client on the same key and database (the worker's x402 client) taking the lock in between read the
+    same pending nonce, and the intent failed ('nonce 0 used by another transaction')."""
+    upgrade(db_url)
+    key, engine = fresh_anvil.keys[9], make_engine(db_url)
+    w3 = Web3(Web3.HTTPProvider(fresh_anvil.rpc_url))
+    manager = TxManager(w3, key, SqlTxStore(session_factory(engine)))
+    broadcast, saved = manager._broadcast, threading.Event()
+
+    def slow_broadcast(attempt: Any) -> None:
+        saved.set()
+        time.sleep(1.0)  # the client's turn comes here if the lock is free
+        broadcast(attempt)
+
+    manager._broadcast = slow_broadcast  # type: ignore[method-assign]
+    client = ContractClient(Web3(Web3.HTTPProvider(fresh_anvil.rpc_url)), key, nonce_lock=key_lock(engine))
+    base = int(w3.eth.get_block("latest")["baseFeePerGas"])  # type: ignore[typeddict-item]
+    fees = {"maxFeePerGas": 2 * base + 10**9, "maxPriorityFeePerGas": 10**9}
+    with ThreadPoolExecutor(2) as pool:
+        sent = pool.submit(manager.send, "settle:1", RECIPIENT, "0x", 1)
+        assert saved.wait(10)
+        transfer = pool.submit(client._send, "transfer",
+                               lambda tx: {**tx, "to": RECIPIENT, "value": 2, "gas": 21_000, **fees})
+        record, receipt = sent.result(), transfer.result()
+    assert manager.wait("settle:1", timeout_s=10, until=TxState.MINED).state is not TxState.FAILED
+    _assert_all_landed([receipt, {"status": 1}], w3, client.address)
+    assert record.nonce == 0
