@@ -46,13 +46,17 @@ contract PaymentEscrow is ReentrancyGuardTransient {
         settlement = settlement_;
     }
 
-    /// @notice Adds `amount` to the caller's balance for `node`.
+    /// @notice Pulls `amount` from the caller and adds what arrived to its balance for `node` (less than
+    /// `amount` with a token that takes a fee on transfers: the escrow never credits more than it holds).
     function deposit(address node, uint256 amount) external nonReentrant {
         if (amount == 0) revert ZeroAmount();
         if (node == address(0)) revert ZeroAddress();
-        accounts[msg.sender][node].balance += amount;
+        uint256 before = token.balanceOf(address(this));
         token.safeTransferFrom(msg.sender, address(this), amount);
-        emit Deposited(msg.sender, node, amount);
+        uint256 received = token.balanceOf(address(this)) - before;
+        if (received == 0) revert ZeroAmount();
+        accounts[msg.sender][node].balance += received;
+        emit Deposited(msg.sender, node, received);
     }
 
     /// @notice Sets the amount to withdraw and restarts the timer; `amount == 0` cancels the thaw.

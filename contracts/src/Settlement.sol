@@ -69,6 +69,7 @@ contract Settlement is EIP712, ReentrancyGuardTransient {
     error InvalidVoucherSignature(uint256 index, address payer);
     error ZeroCollect(uint256 index);
     error AmountExceedsVoucher(uint256 index, uint256 amount, uint256 uncollected);
+    error CollectedShort(uint256 index, uint256 amount, uint256 received);
     error RewardsTotalMismatch(uint256 expected, uint256 rewardsTotal);
     error UnknownEpoch(address node, uint64 epochId);
     error EpochLocked(address node, uint64 epochId, uint64 unlockAt);
@@ -262,7 +263,11 @@ contract Settlement is EIP712, ReentrancyGuardTransient {
         uint256 uncollected = v.cumulative > done ? v.cumulative - done : 0;
         if (amount > uncollected) revert AmountExceedsVoucher(i, amount, uncollected);
         collected[v.payer][node][v.lane] = done + amount;
+        uint256 before = token.balanceOf(address(this));
         escrow.collect(v.payer, node, amount);
+        // a token taking a fee on transfers would leave the pot short of what it now promises
+        uint256 received = token.balanceOf(address(this)) - before;
+        if (received != amount) revert CollectedShort(i, amount, received);
         emit VoucherCollected(node, v.payer, v.lane, v.cumulative, amount);
         return amount;
     }

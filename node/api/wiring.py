@@ -25,6 +25,7 @@ from node.chain.binding import IndexedContracts, mirror_binding_fault
 from node.chain.contract_client import ContractClient
 from node.chain.deploy import Deployment
 from node.chain.rpc import Rpc
+from node.chain.tx_store import key_lock
 from node.chain.x402_channels import X402Chain, token_domain
 from node.config import Settings
 from node.db.session import make_engine, session_factory
@@ -187,7 +188,7 @@ def _x402(settings: Settings, deployment: Deployment, key: str, payments: Paymen
                           "withdraw what it was charged before the node claims it",
                           withdraw_delay_s=settings.x402_withdraw_delay_s, required_above_s=latency.min_thaw_period_s)
     client = ContractClient(settings.rpc_url, gas_key(settings, key),  # deposits: never an operator nonce
-                            fees=settings.fee_policy())
+                            fees=settings.fee_policy(), nonce_lock=key_lock(db.kw["bind"]))  # replicas share it
     name, version = token_domain(client, deployment.token)
     terms = X402Terms(deployment.chain_id, deployment.token, name, version, router, payments.node,
                       settings.x402_withdraw_delay_s, min_deposit=settings.x402_min_deposit)
@@ -220,7 +221,8 @@ def _x402_refunds(settings: Settings, deployment: Deployment, key: str, x402: X4
     if x402 is None or not deployment.x402_channels or settings.rpc_url is None:
         return None
     # relayed by the gas key with the node's signatures: no operator nonce either
-    client = ContractClient(settings.rpc_url, gas_key(settings, key), fees=settings.fee_policy())
+    client = ContractClient(settings.rpc_url, gas_key(settings, key), fees=settings.fee_policy(),
+                            nonce_lock=key_lock(db.kw["bind"]))
     chain = X402Chain(client, x402.terms.router, authorizer_key=key)
     mirror = ChannelMirror(db, settings.x402_withdraw_delay_s)
     refunds = X402Refunds(x402, chain.channel, chain.refund, mirror.has_refund)

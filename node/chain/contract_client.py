@@ -3,14 +3,21 @@
 A `ContractClient` holds a web3 connection and (for writes) one signing key. Every write builds the
 transaction (its gas estimate is where a revert shows up first), signs it locally, sends it and waits
 for the receipt, replacing it with higher fees on the same nonce while it is not mined (never above
-the fee policy's cap); a revert raises `ChainError` whose `error` fact is the decoded custom error name and
-`args` its arguments, e.g. `ChainError(error="EpochOutOfOrder", args={"expected": 2, ...})`.
+the fee policy's cap). The nonce is picked and first broadcast under `nonce_lock(sender)`, held until the
+RPC's pending count shows the transaction: clients on one key in other processes (API replicas sharing
+the x402 gas key) pass a lock of their shared database (`tx_store.key_lock`) and never sign one nonce
+twice; the default lock covers the clients of this process. A revert raises `ChainError` whose `error`
+fact is the decoded custom error name and `args` its arguments,
+e.g. `ChainError(error="EpochOutOfOrder", args={"expected": 2, ...})`.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from eth_abi import decode
@@ -36,6 +43,16 @@ DEFAULT_BUMP_AFTER_S = 15.0  # about a block on Ethereum: a transaction priced t
 # what a node answers to a replacement it will not take, or to one whose nonce an earlier attempt used
 _UNDERPRICED = ("underpriced", "fee too low", "less than block base fee", "max fee per gas less than")
 _REPLACEMENT_REFUSED = ("already known", "already imported", "nonce too low", *_UNDERPRICED)
+POOL_WAIT_S = 5.0  # how long a sender waits for the RPC's pending count to show what it just broadcast
+NonceLock = Callable[[str], AbstractContextManager[Any]]
+_LOCAL_LOCKS: dict[str, threading.Lock] = {}
+_LOCAL_LOCKS_GUARD = threading.Lock()
+
+
+def local_nonce_lock(sender: str) -> threading.Lock:
+    """The lock of `sender`'s nonce shared by every client of this process."""
+    with _LOCAL_LOCKS_GUARD:
+        return _LOCAL_LOCKS.setdefault(sender.lower(), threading.Lock())
 
 
 def web3_for(w3_or_rpc_url: Web3 | str) -> Web3:
@@ -86,8 +103,9 @@ class ContractClient:
 
     def __init__(self, w3_or_rpc_url: Web3 | str, key: str | None = None,
                  artifacts: dict[str, Artifact] | None = None, fees: FeePolicy | None = None,
-                 receipt_timeout_s: float = RECEIPT_TIMEOUT_S) -> None:
+                 receipt_timeout_s: float = RECEIPT_TIMEOUT_S, nonce_lock: NonceLock = local_nonce_lock) -> None:
         self.w3 = web3_for(w3_or_rpc_url)
+        self.nonce_lock = nonce_lock
         self.fees = fees or FeePolicy(bump_after_s=DEFAULT_BUMP_AFTER_S)
         self.receipt_timeout_s = receipt_timeout_s
         self.artifacts = artifacts or load_artifacts()
@@ -124,32 +142,43 @@ class ContractClient:
 
     def _send(self, what: str, build: Any) -> TxReceipt:
         sender = self.address
-        try:
-            tx = build({"from": sender, "nonce": self.w3.eth.get_transaction_count(sender, "pending"),
-                        "chainId": self.chain_id})
-        except ContractLogicError as exc:
-            raise self._revert(exc, what) from exc
-        if "maxFeePerGas" in tx:
-            tx["maxFeePerGas"] = min(int(tx["maxFeePerGas"]), self.fees.max_fee_cap)
-            tx["maxPriorityFeePerGas"] = min(int(tx["maxPriorityFeePerGas"]), tx["maxFeePerGas"])
-        receipt = self._mine(what, tx)
+        assert self.account is not None
+        with self.nonce_lock(sender):  # pick, sign and broadcast: no other client of this key takes the nonce
+            tx = self._build(what, build, sender)
+            signed = self.account.sign_transaction(tx)
+            if self._broadcast(signed.raw_transaction, is_replacement=False):
+                self._await_pool(sender, tx["nonce"])
+        receipt = self._mine(what, tx, [signed.hash])
         if receipt["status"] != 1:
             raise ChainError(f"{what}: transaction reverted", tx=receipt["transactionHash"].to_0x_hex(),
                              block=receipt["blockNumber"])
         return receipt
 
-    def _mine(self, what: str, tx: dict[str, Any]) -> TxReceipt:
-        """Broadcasts `tx` and waits for it; while none of its attempts is mined it is signed again every
-        `fees.bump_after_s` with the same nonce and higher fees (FeePolicy.bumped, never above the cap), so
-        a fee spike never strands this key's nonce and everything queued behind it."""
+    def _build(self, what: str, build: Any, sender: str) -> dict[str, Any]:
+        try:
+            tx = dict(build({"from": sender, "nonce": self.w3.eth.get_transaction_count(sender, "pending"),
+                             "chainId": self.chain_id}))
+        except ContractLogicError as exc:
+            raise self._revert(exc, what) from exc
+        if "maxFeePerGas" in tx:
+            tx["maxFeePerGas"] = min(int(tx["maxFeePerGas"]), self.fees.max_fee_cap)
+            tx["maxPriorityFeePerGas"] = min(int(tx["maxPriorityFeePerGas"]), tx["maxFeePerGas"])
+        return tx
+
+    def _await_pool(self, sender: str, nonce: int) -> None:
+        """Until the RPC counts `nonce` as used (or POOL_WAIT_S), so the next holder of the lock picks past it."""
+        until = time.monotonic() + POOL_WAIT_S
+        while self.w3.eth.get_transaction_count(sender, "pending") <= nonce and time.monotonic() < until:
+            time.sleep(RECEIPT_POLL_S)
+
+    def _mine(self, what: str, tx: dict[str, Any], hashes: list[HexBytes]) -> TxReceipt:
+        """Waits for `tx` (its first attempt broadcast already, `hashes`); while none of its attempts is
+        mined it is signed again every `fees.bump_after_s` with the same nonce and higher fees
+        (FeePolicy.bumped, never above the cap), so a fee spike never strands this key's nonce and
+        everything queued behind it."""
         assert self.account is not None
         deadline = time.monotonic() + self.receipt_timeout_s
-        hashes: list[HexBytes] = []
         while True:
-            signed = self.account.sign_transaction(tx)
-            if signed.hash not in hashes:
-                hashes.append(signed.hash)
-                self._broadcast(signed.raw_transaction, is_replacement=len(hashes) > 1)
             receipt = self._receipt_of(hashes, min(time.monotonic() + self.fees.bump_after_s, deadline))
             if receipt is not None:
                 return receipt
@@ -157,19 +186,27 @@ class ContractClient:
                 raise TxNotMined(f"{what}: not mined in time", tx=hashes[-1].to_0x_hex(), nonce=tx["nonce"],
                                  max_fee_per_gas=tx.get("maxFeePerGas"), waited_s=self.receipt_timeout_s)
             fees = self.fees.bumped(tx["maxFeePerGas"], tx["maxPriorityFeePerGas"]) if "maxFeePerGas" in tx else None
-            if fees is not None:
-                log.info("%s: not mined yet, replacing nonce %d with max fee %d", what, tx["nonce"], fees[0])
-                tx = {**tx, "maxFeePerGas": fees[0], "maxPriorityFeePerGas": fees[1]}
+            if fees is None:
+                continue
+            log.info("%s: not mined yet, replacing nonce %d with max fee %d", what, tx["nonce"], fees[0])
+            tx = {**tx, "maxFeePerGas": fees[0], "maxPriorityFeePerGas": fees[1]}
+            signed = self.account.sign_transaction(tx)
+            if signed.hash not in hashes:
+                hashes.append(signed.hash)
+                self._broadcast(signed.raw_transaction, is_replacement=True)
 
-    def _broadcast(self, raw: HexBytes, is_replacement: bool) -> None:
+    def _broadcast(self, raw: HexBytes, is_replacement: bool) -> bool:
+        """True when the node took `raw` into its pool."""
         try:
             self.w3.eth.send_raw_transaction(raw)
+            return True
         except Web3RPCError as exc:  # an earlier attempt mined, or the node still prefers it: wait for it
             text = str(exc).lower()
             benign = _REPLACEMENT_REFUSED if is_replacement else _UNDERPRICED
             if not any(m in text for m in benign):
                 raise ChainError("broadcast refused", reason=str(exc)) from exc
             log.warning("replacement refused (%s): waiting for an earlier attempt", text[:80])
+            return False
 
     def _receipt_of(self, hashes: list[HexBytes], until: float) -> TxReceipt | None:
         while True:

@@ -1,13 +1,16 @@
 """A transaction manager that never pays twice: durable intents, one nonce each, fee bumps, reorgs.
 
 Each transaction is an *intent* with a caller-chosen key (e.g. "settle:<node>:<epoch>"). `send`
-assigns the nonce, signs, and persists the record through the `TxStore` port BEFORE broadcasting,
+assigns the nonce, signs, and persists the record through the `TxStore` port BEFORE broadcasting (all
+under the store's writer lock, which `ContractClient`s on the same key take too),
 so a process killed at any point finds the intent again and `poll` carries it on:
 - not known to the chain (killed before broadcast, or dropped): the signed bytes are re-broadcast;
 - pending past `bump_after_s`: re-signed with the SAME nonce and fees raised by `bump_percent`
   (at least the 10 % nodes require for a replacement), never above `max_fee_cap`;
 - mined: MINED, then FINAL after `confirmations` blocks; a reverted one is FAILED;
-- mined then reorged out: back to PENDING and re-broadcast (same nonce, same bytes).
+- mined then reorged out: back to PENDING and re-broadcast (same nonce, same bytes);
+- refused by the node at its first broadcast (the account cannot pay the gas, ...): FAILED at once, and
+  its nonce goes to the next intent (`TxStore.max_nonce`).
 Any of the attempts may be the one that lands; they share a nonce, so at most one ever does.
 """
 
@@ -76,7 +79,11 @@ class TxStore(Protocol):
 
     def save(self, record: TxRecord) -> None: ...
 
-    def max_nonce(self, sender: str) -> int | None: ...
+    def max_nonce(self, sender: str) -> int | None:
+        """The highest nonce of `sender`'s intents that may reach the chain or did: a FAILED intent the
+        chain never saw (no `mined_hash`: refused at broadcast, or its nonce taken by another
+        transaction, which the chain's count covers) holds none, so no later intent waits behind a gap."""
+        ...
 
     def writer_lock(self, sender: str) -> AbstractContextManager[None]:
         """Held while assigning nonces: one writer per operator key across processes."""
@@ -139,9 +146,18 @@ class TxManager:
             max_fee, tip = self._initial_fees()
             record = replace(record, attempts=(self._sign(record, max_fee, tip),))
             self.store.save(record)
-        log.info("tx %s: nonce %d signed, broadcasting", key, record.nonce)
-        self._broadcast(record.latest)
+            log.info("tx %s: nonce %d signed, broadcasting", key, record.nonce)
+            self._first_broadcast(record)  # under the lock: a ContractClient on this key then counts it pending
         return record
+
+    def _first_broadcast(self, record: TxRecord) -> None:
+        try:
+            self._broadcast(record.latest)
+        except ChainError as exc:  # the node refused it (e.g. the account cannot pay the gas): it never mines
+            if not self._known(record.latest.tx_hash):  # unless the node has it after all
+                refused = f"broadcast refused: {exc.facts['reason']}"
+                self.store.save(replace(record, state=TxState.FAILED, error=refused))
+            raise
 
     def _next_nonce(self) -> int:
         chain_nonce = self.w3.eth.get_transaction_count(self.account.address, "pending")

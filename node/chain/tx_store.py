@@ -5,15 +5,16 @@ attempt, saved (and committed) before each broadcast.
 - PostgreSQL: a session-level advisory lock on its own connection, held for the block;
 - SQLite: an exclusive `flock` on a file next to the database (every process on the machine that
   opens the same database file sees the same lock), plus a thread lock for this process.
-The settlement service uses the same lock with another name to drive one epoch at a time.
+The settlement service uses the same lock with another name to drive one epoch at a time, and
+`key_lock` gives it to `ContractClient`s (the API replicas' x402 gas key) as their nonce lock.
 """
 
 from __future__ import annotations
 
 import fcntl
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,12 @@ def db_lock(engine: Engine, name: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def key_lock(engine: Engine) -> Callable[[str], AbstractContextManager[None]]:
+    """The lock of a sender's nonces in this database: the one `SqlTxStore.writer_lock` takes, so every
+    process sending with a key (a TxManager or a ContractClient) picks its nonces one at a time."""
+    return lambda sender: db_lock(engine, f"tx-writer:{sender.lower()}")
 
 
 def _attempt_json(a: TxAttempt) -> dict[str, Any]:
@@ -105,10 +112,12 @@ class SqlTxStore:
 
     def max_nonce(self, sender: str) -> int | None:
         with self.factory() as session:
-            return session.scalar(select(func.max(TxIntent.nonce)).where(TxIntent.sender == sender.lower()))
+            never_seen = (TxIntent.state == TxState.FAILED.value) & TxIntent.mined_hash.is_(None)
+            return session.scalar(select(func.max(TxIntent.nonce)).where(TxIntent.sender == sender.lower(),
+                                                                        ~never_seen))
 
     def writer_lock(self, sender: str) -> Any:
-        return db_lock(self.engine, f"tx-writer:{sender.lower()}")
+        return key_lock(self.engine)(sender)
 
     def open_keys(self, sender: str) -> list[str]:
         """Intents not yet final or failed, oldest nonce first (what a restarted worker polls)."""

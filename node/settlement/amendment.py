@@ -9,7 +9,8 @@ receipts root is kept), which the guardian sends with (`amend`) and the node's o
 (`adopt_amendment`):
 
 - the tree is rebuilt from its leaves (its stored hashes are never trusted), its root must be the chain's
-  for the amended epoch and its leaves must add up to the pot's whole `rewardsTotal`;
+  for the amended epoch and its leaves must add up to the pot's whole `rewardsTotal`; `amend` also
+  refuses a leaf below what its account already claimed, or a claimer left out (`check_claims_kept`);
 - the amended epoch's row takes the corrected tree and roots: the API publishes it, `epoch export` writes
   it, `claim` proves against it, and the node's next epoch adds its shares to these cumulative leaves;
 - each forgotten epoch the chain had settled (its roots still in the contract's storage) is folded into
@@ -97,6 +98,7 @@ def amend(settlement: Settlement, node: str, doc: dict[str, Any]) -> tuple[int, 
     if tree_total(tree) != pot:
         raise ChainError("the corrected tree must pay out exactly the whole pot", node=node,
                          tree_total=str(tree_total(tree)), rewards_total=str(pot))
+    check_claims_kept(settlement, node, tree)
     receipts = corrected_receipts(doc)
     if receipts is None:
         vetoed = settlement.epoch(node, epoch_id)
@@ -106,6 +108,24 @@ def amend(settlement: Settlement, node: str, doc: dict[str, Any]) -> tuple[int, 
     settlement.amend(node, tree.root, pot, receipts_root, receipt_count)
     log.info("amended epoch %d of %s: root %s over %d", epoch_id, node, to_hex(tree.root), pot)
     return epoch_id, tree.root
+
+
+def check_claims_kept(settlement: Settlement, node: str, tree: MerkleTree) -> None:
+    """Refuse a corrected tree that gives an account less than it already claimed, or leaves out one
+    that claimed: `claimed` survives the amend, so the pot would pay out more than the tree's total and
+    the last payees to claim would be refused (`ExceedsEpochTotal`). Every account's claim is counted
+    once the leaves' claims add up to all the pot has paid out."""
+    claimed_by_leaves = 0
+    for account, amount in tree.values:
+        claimed = settlement.claimed(node, str(account))
+        if int(amount) < claimed:
+            raise ChainError("the corrected tree pays an account less than it already claimed", node=node,
+                             account=to_checksum_address(str(account)), leaf=str(amount), claimed=str(claimed))
+        claimed_by_leaves += claimed
+    paid_out = settlement.paid_out(node)
+    if paid_out != claimed_by_leaves:
+        raise ChainError("an account that already claimed is missing from the corrected tree", node=node,
+                         paid_out=str(paid_out), claimed_by_leaves=str(claimed_by_leaves))
 
 
 def check_follows_chain(settlement: Settlement, node: str, previous: SettlementEpoch | None) -> None:

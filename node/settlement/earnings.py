@@ -26,11 +26,11 @@ from node.db import queries
 from node.db.models import Claim, SettledEpoch, SettlementEpoch
 from node.settlement import outbox
 from node.settlement.epoch_builder import EpochReceipt, cumulative_of
+from node.settlement.overrule import FORGOTTEN, VETOED, overruled
 from node.settlement.publication import PUBLISHED
 from node.settlement.split import Lineage, SplitParams, split_shares
 
 MAX_DETAILED_EPOCHS = 50  # epochs whose receipts are replayed for the sources, newest first
-VETOED, FORGOTTEN = "vetoed", "forgotten"
 
 
 def earnings(session: Session, params: SplitParams, account: str, now: datetime | None = None) -> dict[str, Any]:
@@ -43,12 +43,12 @@ def earnings(session: Session, params: SplitParams, account: str, now: datetime 
     claimed = int(session.scalar(select(func.max(Claim.cumulative_amount))
                                  .where(Claim.node == node, Claim.account == who.lower())) or 0)
     settled = {r.epoch_id: r for r in session.scalars(select(SettledEpoch).where(SettledEpoch.node == node))}
-    overruled = _overruled(settled)
+    overruled_by = overruled(settled)
     epochs: list[dict[str, Any]] = []
     forgotten: list[int] = []
     previous = claimable = 0
     for row in rows:
-        on_chain, why = settled.get(row.epoch_id), overruled.get(row.epoch_id)
+        on_chain, why = settled.get(row.epoch_id), overruled_by.get(row.epoch_id)
         if on_chain is not None and on_chain.rewards_root != row.rewards_root:
             why = FORGOTTEN  # the guardian's amend replaced this tree: the chain pays the corrected one
         if why == FORGOTTEN:  # never claimable as we built it; the amended epoch's corrected leaves pay it
@@ -65,25 +65,6 @@ def earnings(session: Session, params: SplitParams, account: str, now: datetime 
     return {"node": to_checksum_address(node), "account": who, "earned": str(previous), "claimed": str(claimed),
             "unclaimed": str(max(previous - claimed, 0)), "claimableNow": str(max(claimable - claimed, 0)),
             "bySource": _by_source(epochs), "epochs": epochs, "forgottenEpochs": forgotten}
-
-
-def _overruled(settled: dict[int, SettledEpoch]) -> dict[int, str]:
-    """Settled epochs the chain no longer pays against as they were settled: an earlier epoch was vetoed
-    (VETOED, until the guardian amends) or amended (FORGOTTEN: `amend` drops every later epoch) after
-    them, i.e. that earlier epoch's mirror row changed in a block after theirs was created. An epoch id
-    the node settles again after an amend has a new row, created after the amend: it stands."""
-    out: dict[int, str] = {}
-    latest_change = latest_veto = -1  # over the epochs before the one looked at
-    for epoch_id in sorted(settled):
-        row = settled[epoch_id]
-        if latest_veto > row.block_number:
-            out[epoch_id] = VETOED
-        elif latest_change > row.block_number:
-            out[epoch_id] = FORGOTTEN
-        latest_change = max(latest_change, row.updated_block)
-        if row.vetoed_block is not None:
-            latest_veto = max(latest_veto, row.updated_block)
-    return out
 
 
 def _epoch_entry(row: SettlementEpoch, on_chain: SettledEpoch | None, previous: int, cumulative: int,

@@ -1,10 +1,11 @@
 """What is public: a settled epoch's trees as JSON (the API serves it, `export_epoch` writes it to
 a file), one receipt's proof in the epoch's receipts tree, and a receipt as anyone may see it.
 
-An epoch is published once its `settle` is mined (CONFIRMED or FINAL): a tree the chain does not
-hold yet would only mislead a claimant. Everything here carries hashes, token counts, offsets and
-weights only, never a payer's prompt or output text (nor method 2's span texts, which are output
-text): those go to the payer alone, through `payer_view` behind a signed read.
+An epoch is published once its `settle` is mined (CONFIRMED or FINAL), and while the chain holds its
+tree: a tree the chain does not hold yet, or no longer holds (a guardian's amend forgot or replaced it,
+node/settlement/overrule.py), would only mislead a claimant or a receipt's verifier. Everything here
+carries hashes, token counts, offsets and weights only, never a payer's prompt or output text (nor
+method 2's span texts, which are output text): those go to the payer alone, through `payer_view` behind a signed read.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from node.db.models import EpochState, Receipt, SettlementEpoch, Voucher
 from node.protocol.hexstr import from_hex, to_hex
 from node.protocol.receipt import SignedReceipt, receipt_of_row, response_output_text
 from node.settlement.merkle import MerkleTree, leaf_hash
+from node.settlement.overrule import stale_epochs
 
 PUBLISHED = (EpochState.CONFIRMED, EpochState.FINAL)
 
@@ -38,6 +40,9 @@ def published_epoch(session: Session, node: str, epoch_id: int | None = None) ->
     q = select(SettlementEpoch).where(SettlementEpoch.node == node.lower(), SettlementEpoch.state.in_(PUBLISHED))
     if epoch_id is not None:
         q = q.where(SettlementEpoch.epoch_id == epoch_id)
+    stale = stale_epochs(session, node)
+    if stale:
+        q = q.where(SettlementEpoch.epoch_id.not_in(stale))
     return session.scalars(q.order_by(SettlementEpoch.epoch_id.desc()).limit(1)).first()
 
 

@@ -19,7 +19,7 @@ from node.chain.contract_client import ContractClient, web3_for
 from node.chain.contracts import Contracts
 from node.chain.deploy import Deployment, read_deployment
 from node.chain.tx_manager import TxManager
-from node.chain.tx_store import SqlTxStore
+from node.chain.tx_store import SqlTxStore, key_lock
 from node.chain.x402_channels import X402Chain
 from node.config import Settings
 from node.db.session import make_engine, session_factory
@@ -83,7 +83,8 @@ class SettlementRuntime:
         settings.settle_latency(router is not None).check_thaw_period(contracts.escrow.thaw_period_s())  # immutable
         sweep, guard = None, None
         if router is not None:  # x402 channels are claimed into the router's escrow first
-            chain = X402Chain(ContractClient(w3, key, fees=settings.fee_policy()), router)
+            client = ContractClient(w3, key, fees=settings.fee_policy(), nonce_lock=key_lock(factory.kw["bind"]))
+            chain = X402Chain(client, router)
             # the sweep's and the guard's transactions are intents of `tx`, like the settles (x402_intents.py)
             sweep = X402Sweep(factory, chain, deployment.settlement, tx)
             guard = (X402Guard(factory, chain, tx, settings.max_mirror_lag_s,  # reads the channel mirror

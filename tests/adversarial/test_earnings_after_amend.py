@@ -13,14 +13,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
-from node.db.models import EpochState
+from node.db.models import EpochState, Receipt
 from node.protocol.hexstr import to_hex
 from node.settlement.amendment import adopt_amendment, amend
 from node.settlement.claims import claim
 from node.settlement.earnings import earnings
 from node.settlement.epoch_builder import rewards_tree
-from node.settlement.publication import published_epoch
+from node.settlement.publication import published_epoch, receipt_proof
 from node.settlement.service import EpochPolicy
 from node.settlement.split import SplitParams
 from tests.adversarial.settlement_steps import LONG, tick_until
@@ -126,3 +127,37 @@ def test_a_claim_from_the_api_walks_back_past_epochs_it_no_longer_publishes(worl
     _travel(world)
     with serve(world) as url:
         assert claim(world.contracts(RELAYER), world.node, who, url) == leaves[1][who]
+
+
+def _published(world: SettlementWorld) -> tuple[int | None, dict[int, str | None], str | None]:
+    """(the latest published epoch, each epoch's published rewards root, the proof's root of epoch 3's receipt)."""
+    with world.factory() as session:
+        latest = published_epoch(session, world.node)
+        roots = {i: getattr(published_epoch(session, world.node, i), "rewards_root", None) for i in (1, 2, 3)}
+        receipt = session.scalars(select(Receipt).where(Receipt.node == world.node.lower())
+                                  .order_by(Receipt.id.desc())).first()
+        assert receipt is not None
+        proof = receipt_proof(session, receipt.receipt_hash)
+    return (None if latest is None else latest.epoch_id), roots, (None if proof is None else proof["receiptsRoot"])
+
+
+def test_the_api_never_publishes_a_tree_the_amend_replaced_or_forgot(world: SettlementWorld) -> None:
+    """The node's outbox keeps epoch 2's vetoed tree and forgotten epoch 3 until the operator adopts (adopt
+    reads them), but what is published is only what the chain holds: `latest` was epoch 3 (a tree no
+    epoch of the chain holds), epoch 2 served the vetoed root, and epoch 3's receipts got proofs
+    against a receipts root the chain forgot."""
+    _, leaves = _three_epochs(world)
+    settlement = world.contracts(OPERATOR).settlement
+    world.contracts(GUARDIAN).settlement.veto(world.node, 2)
+    doc = {"rewards": rewards_tree(leaves[3], world.node).to_json()}
+    amend(world.contracts(GUARDIAN).settlement, world.node, doc)
+    world.mine()
+    world.sync()
+    latest, roots, proof_root = _published(world)
+    assert (latest, roots[2], roots[3], proof_root) == (1, None, None, None), "only epoch 1 is the chain's"
+    assert roots[1] == to_hex(settlement.epoch(world.node, 1).rewards_root)
+
+    adopt_amendment(world.factory, settlement, world.node, doc)
+    latest, roots, proof_root = _published(world)
+    assert latest == 2 and roots[2] == to_hex(settlement.epoch(world.node, 2).rewards_root), "the corrected tree"
+    assert roots[3] is None and proof_root is None, "epoch 3's receipts are paid by the corrected tree"

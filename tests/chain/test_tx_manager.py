@@ -32,7 +32,8 @@ class MemoryTxStore:
         self.saves += 1
 
     def max_nonce(self, sender: str) -> int | None:
-        nonces = [r.nonce for r in self.records.values() if r.sender == sender]
+        nonces = [r.nonce for r in self.records.values() if r.sender == sender
+                  and not (r.state is TxState.FAILED and r.mined_hash is None)]
         return max(nonces) if nonces else None
 
     @contextmanager

@@ -9,12 +9,14 @@ import time
 from dataclasses import replace
 
 import pytest
+from eth_account import Account
 from web3 import Web3
 
 from node.chain.anvil import Anvil
 from node.chain.tx_manager import FeePolicy, TxAttempt, TxManager, TxRecord, TxState
 from node.chain.tx_store import SqlTxStore
 from node.db.session import make_engine, session_factory, upgrade
+from node.errors import ChainError
 
 SENDER = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"
 TO = "0x000000000000000000000000000000000000bEEF"
@@ -94,3 +96,20 @@ def test_a_restarted_manager_continues_nonces_and_intents_from_sql(db_url: str, 
     fresh_anvil.rpc("anvil_mine", "0x2")
     assert {restarted.poll(k).state for k in ("pay:1", "pay:2", "pay:3")} == {TxState.FINAL}
     assert w3.eth.get_balance(TO) == 18
+
+
+def test_a_broadcast_the_node_refused_holds_no_nonce(fresh_anvil: Anvil, db_url: str) -> None:
+    """The operator's account ran dry: the settle's broadcast is refused ('insufficient funds'). Its intent
+    was saved first with nonce 0 and stayed pending, so once the account was topped up the next intent got
+    nonce 1 and sat behind a nonce gap for good: no settle ever mined again (and a restart's reconcile
+    re-sent the stale one)."""
+    w3 = Web3(Web3.HTTPProvider(fresh_anvil.rpc_url))
+    dry = Account.create()
+    tx = TxManager(w3, dry.key.hex(), _store(db_url))
+    with pytest.raises(ChainError, match="broadcast refused"):
+        tx.send("settle:1", TO, "0x")
+    assert tx.poll("settle:1").state is TxState.FAILED, "refused: it can never mine"
+    fresh_anvil.rpc("anvil_setBalance", dry.address, hex(10**18))
+    record = tx.send("settle:1:retry", TO, "0x")
+    assert record.nonce == 0
+    assert tx.wait("settle:1:retry", timeout_s=10, until=TxState.MINED).state in (TxState.MINED, TxState.FINAL)
