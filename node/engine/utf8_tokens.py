@@ -59,6 +59,15 @@ def step(state: int, data: bytes) -> int:
     return state
 
 
+def num_unfinished(data: bytes) -> int:
+    """How many of the last bytes of `data` begin a character not finished yet (0: it ends between
+    characters, or in bytes that can never become one: a continuation without its lead, a surrogate)."""
+    for n in range(1, min(3, len(data)) + 1):
+        if not 0x80 <= data[-n] <= 0xBF:  # the last byte that is no continuation: where the last character starts
+            return n if step(START, data[-n:]) not in (START, REJECT) else 0
+    return 0
+
+
 def bitmask_of(allowed: torch.Tensor) -> torch.Tensor:
     """[ceil(n / 32)] int32 bitmask (bit j of word w is token 32 * w + j) of a [n] bool tensor."""
     padded = torch.zeros(-(-len(allowed) // 32) * 32, dtype=torch.bool)
