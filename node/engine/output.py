@@ -76,7 +76,7 @@ class OutputProcessor:
         """How many of the last tokens spell the start of a character not finished yet (0: none). A
         character takes at most 4 bytes, so only the last few tokens' bytes are read."""
         spelled, sizes = b"", []
-        for token in reversed(ids[-8:]):  # a special token spells no byte
+        for token in reversed(ids[-8:]):  # 8: a special token among them spells no byte
             if len(spelled) >= 4:
                 break
             data = self.token_bytes(token)
