@@ -1,12 +1,14 @@
 """Stop conditions, detokenisation and stream deltas for finished and running sequences.
 
-An answer only ever holds whole characters. A byte-level tokenizer can spell one character over up to
-4 tokens; a stream holds back the text and the tokens (and their logprobs) of an unfinished character
-until it is whole, and an answer cut inside one (its length, or an abort) ends before it: those tokens
-are left out of its text and its count, so nobody is sent, or charged for, a U+FFFD that stands for
-bytes they never got. (A token whose text is a whole U+FFFD is treated the same way at the end.) A
-stream holds back an end of its text that a stop string begins with, too (up to MAX_HELD_CHARS of it):
-a stop string is never sent, though the start of a longer one may be.
+An answer only ever holds whole characters. A tokenizer can spell one character over up to 4 tokens
+(byte-level BPE, or sentencepiece's byte fallback: token_bytes.py); a stream holds back the text and the
+tokens (and their logprobs) of an unfinished character until it is whole, and an answer that ends inside
+one (its length, an abort, or an end-of-text or stop token right after it) ends before it: those tokens
+(and the stop token after them) are left out of its text and its count, so nobody is sent, or charged
+for, a U+FFFD that stands for bytes they never got. Bytes that can never become a character (a lead byte
+followed by another) are what the model wrote and stay. A stream holds back an end of its text that a
+stop string begins with, too (up to MAX_HELD_CHARS of it): a stop string is never sent, though the start
+of a longer one may be.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from node.engine.sequence import Sequence, StreamDelta
+from node.engine.token_bytes import TokenBytes
+from node.engine.utf8_tokens import num_unfinished
 
 MAX_HELD_CHARS = 32  # the most of a stop string's start a stream holds back (a longer one may show its start)
 
@@ -29,6 +33,7 @@ class _Sent:
 class OutputProcessor:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, eos_token_ids: frozenset[int], max_model_len: int):
         self.tokenizer, self.eos, self.max_model_len = tokenizer, eos_token_ids, max_model_len
+        self.token_bytes = TokenBytes(tokenizer)
         self._sent: dict[str, _Sent] = {}
 
     def _decode(self, ids: list[int]) -> str:
@@ -40,7 +45,7 @@ class OutputProcessor:
         """After a token was appended: finish the sequence if a stop condition holds; True if it did."""
         p, token = seq.params, seq.output_token_ids[-1]
         if (token in self.eos and not p.ignore_eos) or token in p.stop_token_ids:
-            seq.text = self._decode(seq.output_token_ids[:-1])
+            self.cut(seq, num_stop_tokens=1)
             seq.finish("stop")
             return True
         if p.stop or is_streamed:
@@ -59,27 +64,29 @@ class OutputProcessor:
             return True
         return False
 
-    def cut(self, seq: Sequence) -> None:
-        """A sequence ended before its stop (its length, or aborted): its text is what its tokens spell (a
-        request neither streamed nor with stop strings is decoded at its end only), less an unfinished last
-        character, whose tokens are left out of the answer."""
-        ids = seq.output_token_ids
-        seq.text = self._decode(ids)
-        seq.num_cut_tokens = self._unfinished_tail(ids, seq.text)
-        if seq.num_cut_tokens:
-            seq.text = self._decode(ids[:-seq.num_cut_tokens])
+    def cut(self, seq: Sequence, num_stop_tokens: int = 0) -> None:
+        """A sequence ended before a stop string (its length, an abort, or its last `num_stop_tokens`: a stop
+        token, whose text is left out): its text is what its tokens spell (a request neither streamed nor
+        with stop strings is decoded at its end only), less an unfinished last character, whose tokens
+        (and the stop token after them) are left out of the answer."""
+        ids = seq.output_token_ids[:len(seq.output_token_ids) - num_stop_tokens]
+        unfinished = self._unfinished_tail(ids)
+        seq.num_cut_tokens = unfinished + num_stop_tokens if unfinished else 0
+        seq.text = self._decode(ids[:len(ids) - unfinished])
 
-    def _unfinished_tail(self, ids: list[int], text: str) -> int:
-        """How many of the last tokens spell the start of a character not finished yet (the text's last
-        U+FFFD stands for it): the fewest whose removal leaves a text that the rest begins with. Bytes
-        that can never start a character (U+FFFD before more text) stay; a character takes at most 4
-        bytes, so at most 3 tokens; the last few tokens alone are decoded."""
-        if not text.endswith("\ufffd"):
-            return 0
-        window = ids[-8:]
-        rest = self._decode(window)[:-1]
-        for k in range(1, min(3, len(window)) + 1):
-            if rest.startswith(self._decode(window[:-k])):
+    def _unfinished_tail(self, ids: list[int]) -> int:
+        """How many of the last tokens spell the start of a character not finished yet (0: none). A
+        character takes at most 4 bytes, so only the last few tokens' bytes are read."""
+        spelled, sizes = b"", []
+        for token in reversed(ids[-8:]):  # 8: a special token among them spells no byte
+            if len(spelled) >= 4:
+                break
+            data = self.token_bytes(token)
+            spelled, sizes = data + spelled, [*sizes, len(data)]
+        num_bytes, num_covered = num_unfinished(spelled), 0
+        for k, size in enumerate(sizes, start=1):  # the fewest last tokens that hold those bytes
+            num_covered += size
+            if num_bytes and num_covered >= num_bytes:
                 return k
         return 0
 
@@ -111,9 +118,10 @@ class OutputProcessor:
         text, ids = seq.text, seq.output_token_ids
         if seq.is_finished:
             return text, seq.num_answer_tokens
-        num_tokens, unfinished = len(ids), self._unfinished_tail(ids, text)
-        if unfinished:
-            num_tokens, text = num_tokens - unfinished, text[:-1]
+        num_tokens, unfinished = len(ids), self._unfinished_tail(ids)
+        if unfinished:  # what the rest spells: a byte-fallback decoder makes a whole broken run of bytes U+FFFD
+            num_tokens -= unfinished
+            text = self._decode(ids[:num_tokens])
         held = _stop_prefix(text, seq.params.stop)
         if held:
             num_tokens -= self._tokens_ending(ids[:num_tokens], held)

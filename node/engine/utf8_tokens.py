@@ -5,7 +5,8 @@ xgrammar 0.2.9 reads a JSON string's characters as UTF-8 but takes the surrogate
 and they decode to three U+FFFD each, so "2" plus one of them passed a maxLength of 2 as 4
 characters. A grammar's sequence therefore also tracks where it stands inside a UTF-8 character
 (a state of the standard UTF-8 automaton) and keeps only the tokens whose bytes continue valid
-UTF-8 from there; the stop tokens only between characters.
+UTF-8 from there; the stop tokens only between characters. `num_unfinished` finds where an output's
+bytes stop inside a character (output.py holds those tokens back, or leaves them out of the answer).
 """
 
 from __future__ import annotations
@@ -57,6 +58,15 @@ def step(state: int, data: bytes) -> int:
         if state == REJECT:
             return REJECT
     return state
+
+
+def num_unfinished(data: bytes) -> int:
+    """How many of the last bytes of `data` begin a character not finished yet (0: it ends between
+    characters, or in bytes that can never become one: a continuation without its lead, a surrogate)."""
+    for n in range(1, min(3, len(data)) + 1):
+        if not 0x80 <= data[-n] <= 0xBF:  # the last byte that is no continuation: where the last character starts
+            return n if step(START, data[-n:]) not in (START, REJECT) else 0
+    return 0
 
 
 def bitmask_of(allowed: torch.Tensor) -> torch.Tensor:

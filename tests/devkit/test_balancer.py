@@ -24,7 +24,14 @@ class _Named(ThreadingHTTPServer):
 
 
 class _Handler(BaseHTTPRequestHandler):
+    """HTTP/1.1 with keep-alive, as the API answers: a client's next request then follows on the same
+    connection, which HAProxy reads only once it has released the previous request. (HTTP/1.0 closed
+    every connection; the next request came on a new one, perhaps on HAProxy's other thread, while the
+    first was still counted in flight on its server: under load an adapter then spilled to the other
+    replica, as hash-balance-factor sends it when its home has one request in flight and the other none.)"""
     server: _Named
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out as two writes: no 40 ms wait on the second
 
     def _answer(self) -> None:
         self.rfile.read(int(self.headers.get("content-length") or 0))

@@ -2,7 +2,11 @@
 tokenizer spells over several tokens is streamed once whole (its tokens and logprobs with it), and an
 answer cut inside one ends before it. Before, the last delta sent the unfinished character as U+FFFD and
 counted its tokens: the payer was charged for bytes it never got. And an answer neither streamed nor
-with stop strings, aborted (the time limit, a client that left), came back with no text at all."""
+with stop strings, aborted (the time limit, a client that left), came back with no text at all.
+
+Each holds for both ways of spelling a character over tokens: byte-level BPE (GPT-2, Llama 3, Qwen2) and
+sentencepiece byte fallback (Llama 2, Mistral: `<0xE4>`, whose decoder gives one U+FFFD per byte of an
+unfinished character, where byte-level gives one for all)."""
 
 from __future__ import annotations
 
@@ -16,13 +20,23 @@ from node.engine import EngineConfig, LLMEngine, SamplingParams
 from node.engine.logprob import TokenLogprob
 from node.engine.output import MAX_HELD_CHARS, OutputProcessor
 from node.engine.sequence import RequestOutput, Sequence, StreamDelta
+from tests.fixtures.tokenizers import byte_fallback_tokenizer
 
 MIDDLE = "中".encode()  # E4 B8 AD: three tokens of a byte-level tokenizer
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model: Path) -> PreTrainedTokenizerBase:
+@pytest.fixture(scope="module", params=["byte_level", "byte_fallback"])
+def tokenizer(request: pytest.FixtureRequest, tiny_model: Path) -> PreTrainedTokenizerBase:
+    if request.param == "byte_fallback":
+        return byte_fallback_tokenizer()
     return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def test_the_byte_fallback_tokenizer_spells_a_character_outside_its_vocabulary_in_bytes() -> None:
+    tokenizer = byte_fallback_tokenizer()
+    ids = tokenizer.encode("a中b", add_special_tokens=False)
+    assert tokenizer.convert_ids_to_tokens(ids) == ["\u2581a", "<0xE4>", "<0xB8>", "<0xAD>", "b"]
+    assert tokenizer.decode(ids) == "a中b" and tokenizer.decode(ids[:3]) == "a\ufffd\ufffd"
 
 
 def _byte_token(byte: int) -> str:
@@ -34,17 +48,23 @@ def _byte_token(byte: int) -> str:
 
 
 def _ids(tokenizer: PreTrainedTokenizerBase, data: bytes) -> list[int]:
-    """One token per byte (the tokenizer's base alphabet)."""
-    ids = [tokenizer.convert_tokens_to_ids(_byte_token(b)) for b in data]
-    assert tokenizer.decode(ids) == data.decode("utf-8", "replace")
+    """One token per byte: byte-level's characters, or (byte fallback) a letter's piece if there is one and
+    a `<0xHH>` token otherwise (the decoder makes a run of byte tokens U+FFFD per byte if it is broken)."""
+    vocab = tokenizer.get_vocab()
+    ids = [vocab.get(chr(b) if chr(b) in vocab and b < 0x80 else f"<0x{b:02X}>", vocab.get(_byte_token(b)))
+           for b in data]
+    assert None not in ids
+    assert tokenizer.decode(ids).rstrip("\ufffd") == data.decode("utf-8", "replace").rstrip("\ufffd")
     return ids
 
 
 def _run(tokenizer: PreTrainedTokenizerBase, ids: list[int], max_tokens: int, is_streamed: bool = True,
-         stop: tuple[str, ...] = ()) -> tuple[list[StreamDelta], RequestOutput]:
-    """Append `ids` one step at a time as the engine does; the stream's deltas and the output."""
-    outputs = OutputProcessor(tokenizer, frozenset(), max_model_len=1_000)
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, logprobs=0, stop=stop)
+         stop: tuple[str, ...] = (), stop_token_ids: tuple[int, ...] = (),
+         ) -> tuple[list[StreamDelta], RequestOutput]:
+    """Append `ids` one step at a time as the engine does (the tokenizer's EOS ends it); the stream's deltas
+    and the output."""
+    outputs = OutputProcessor(tokenizer, frozenset({tokenizer.eos_token_id}), max_model_len=1_000)
+    params = SamplingParams(max_tokens=max_tokens, logprobs=0, stop=stop, stop_token_ids=stop_token_ids)
     seq = Sequence("r", [1, 2], params, None, 0)
     deltas = []
     for token in ids:
@@ -82,12 +102,45 @@ def test_an_answer_cut_inside_a_character_ends_before_it_and_is_not_counted(
         assert sum(len(d.token_ids) for d in deltas) == 1
 
 
+@pytest.mark.parametrize("is_streamed", [True, False], ids=["streamed", "whole"])
+@pytest.mark.parametrize("ender", ["eos", "stop_token"])
+def test_an_answer_that_stops_inside_a_character_ends_before_it_and_is_not_counted(
+        tokenizer: PreTrainedTokenizerBase, is_streamed: bool, ender: str) -> None:
+    """Before, the end of text (or a stop token) right after half a character sent it as U+FFFD and
+    charged its tokens. The tokens from the unfinished character on (the stop token with them: it ends
+    nothing the payer can read) are left out, as when the answer is cut by its length."""
+    stop_token = _ids(tokenizer, b"b")[0]
+    ender_id = tokenizer.eos_token_id if ender == "eos" else stop_token
+    ids = [*_ids(tokenizer, b"a" + MIDDLE[:2]), ender_id]
+    deltas, out = _run(tokenizer, ids, max_tokens=10, is_streamed=is_streamed,
+                       stop_token_ids=(stop_token,) if ender == "stop_token" else ())
+    assert out.finish_reason == "stop" and out.text == "a"
+    assert out.num_completion_tokens == 1 and out.token_ids == ids[:1] and len(out.logprobs or []) == 1
+    assert "".join(d.text for d in deltas) == "a" and deltas[-1].num_completion_tokens == 1
+    assert sum(len(d.token_ids) for d in deltas) == 1
+
+
+def test_an_answer_that_stops_after_whole_characters_counts_its_stop_token(
+        tokenizer: PreTrainedTokenizerBase) -> None:
+    ids = [*_ids(tokenizer, b"a" + MIDDLE), tokenizer.eos_token_id]
+    deltas, out = _run(tokenizer, ids, max_tokens=10)
+    assert out.finish_reason == "stop" and out.text == "a中" == "".join(d.text for d in deltas)
+    assert out.num_completion_tokens == 5 and out.token_ids == ids and deltas[-1].num_completion_tokens == 5
+
+
 def test_bytes_that_start_no_character_stay_in_the_answer_and_only_the_unfinished_one_is_left_out(
         tokenizer: PreTrainedTokenizerBase) -> None:
     ids = _ids(tokenizer, b"a\xd7\xd7\xd7")  # a lead byte followed by another is broken; the last is unfinished
     deltas, out = _run(tokenizer, ids, max_tokens=4)
     assert out.text == "a\ufffd\ufffd" and out.num_completion_tokens == 3
     assert "".join(d.text for d in deltas) == out.text and deltas[-1].num_completion_tokens == 3
+
+
+def test_a_replacement_character_the_model_wrote_whole_is_text_and_counted(
+        tokenizer: PreTrainedTokenizerBase) -> None:
+    ids = _ids(tokenizer, b"a" + "\ufffd".encode())
+    deltas, out = _run(tokenizer, ids, max_tokens=4)
+    assert out.text == "a\ufffd" == "".join(d.text for d in deltas) and out.num_completion_tokens == 4
 
 
 def test_a_stop_string_is_never_streamed_even_in_part(tokenizer: PreTrainedTokenizerBase) -> None:
