@@ -77,7 +77,7 @@ class OutputProcessor:
     def _unfinished_tail(self, ids: list[int]) -> int:
         """How many of the last tokens spell the start of a character not finished yet (0: none). A
         character takes at most 4 bytes, so only the last few tokens' bytes are read."""
-        spelled, sizes = b"", []
+        spelled, sizes = b"", list[int]()
         for token in reversed(ids[-8:]):  # 8: a special token among them spells no byte
             if len(spelled) >= 4:
                 break

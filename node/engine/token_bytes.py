@@ -39,7 +39,7 @@ class TokenBytes:
 
     def _spell(self, token_id: int) -> bytes:
         piece = self.tokenizer.convert_ids_to_tokens(token_id)
-        if token_id in self._special or piece is None:
+        if token_id in self._special or not isinstance(piece, str):  # a str for one id; None: no such token
             return b""
         if self.is_byte_fallback:
             if piece in BYTE_OF_PIECE:
