@@ -219,11 +219,13 @@ class EngineClient:
                     self.engine.abort(request_id)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, adapter_id: str | None,
-               request_id: str, prefix_key: str | None = None) -> asyncio.Future[RequestOutput]:
+               request_id: str, prefix_key: str | None = None,
+               loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Future[RequestOutput]:
         """Queue the request; the future gets its output once it finished, failed, or was aborted (then
-        with what it had generated: see `abort`). `request_id` must be unique among requests in flight."""
+        with what it had generated: see `abort`). `request_id` must be unique among requests in flight.
+        From a thread other than the loop's, name the `loop` the future belongs to."""
         self.engine.start()
-        loop = asyncio.get_running_loop()
+        loop = loop or asyncio.get_running_loop()
         finished: asyncio.Future[RequestOutput] = loop.create_future()
 
         def on_finish(output: RequestOutput) -> None:  # on the engine thread

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -43,11 +44,13 @@ from node.api.job import CLIENT_LEFT, TIME_LIMIT, Cut, Job, Sent, as_fault, once
 from node.api.json_response import FastJSONResponse
 from node.api.metrics import APIMetrics
 from node.api.payment_gate import PaymentGate
+from node.api.queued_job import QueuedJob, held_and_queued, queue
 from node.api.receipt_issuer import ReceiptIssuer
 from node.api.schemas import ChatCompletionRequest, CompletionRequest
 from node.api.structured import constraint_of, render_messages
 from node.catalog import AdapterCatalog, ServedAdapter
 from node.db.loss import LossReason
+from node.engine import SamplingParams
 from node.engine.grammar import GrammarSpec
 from node.engine.sequence import RequestOutput
 from node.errors import NodeError, Unavailable
@@ -86,28 +89,32 @@ class GenerationService:
         self.engine.check_vocabulary(params)
         pricing = self.payments.pricing_for(adapter.is_base)
         x402_checked = self.gate.x402_payment(presented, str(http.url), max_fee)
+        hold = functools.partial(self.gate.hold, presented.voucher, x402_checked, max_fee, pricing, str(http.url),
+                                 read, body)
+        job_of = functools.partial(_job, kind, req, adapter, prompt_ids, params)
         admission = self.engine.admission()
         admission.__enter__()
         try:
-            held = await asyncio.to_thread(self.gate.hold, presented.voucher, x402_checked, max_fee, pricing,
-                                           str(http.url), read, body)
-            if constraint is not None and isinstance(held, Hold):
-                await self._compile(constraint.spec, constraint.param, held)
+            if req.stream or constraint is not None:  # a grammar is compiled once the hold stands (self._compile)
+                held = await asyncio.to_thread(hold)
+                if constraint is not None and isinstance(held, Hold):
+                    await self._compile(constraint.spec, constraint.param, held)
+                    if not req.stream:
+                        held = queue(held, job_of, self.engine, self.payments, asyncio.get_running_loop())
+            else:  # a plain request is queued on its hold's thread (node/api/queued_job.py)
+                held = await held_and_queued(hold, job_of, self.engine, self.payments)
         except BaseException:
             admission.__exit__(None, None, None)
             raise
         if isinstance(held, Replay):
             admission.__exit__(None, None, None)
             return self._replay(req, held)
-        response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{held.checked.digest.hex()[:24]}"
-        job = Job(kind, req, response_id, f"{response_id}-{secrets.token_hex(6)}", int(time.time()), adapter,
-                  prompt_ids, params, held)
-        if req.stream:
+        if isinstance(held, Hold):
             leave = once(lambda: admission.__exit__(None, None, None))
-            return StreamingResponse(self._sse(job, leave), media_type="text/event-stream",
+            return StreamingResponse(self._sse(job_of(held), leave), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
-            return await self._complete(job, http)
+            return await self._complete(held, http)
         finally:
             admission.__exit__(None, None, None)
 
@@ -166,11 +173,11 @@ class GenerationService:
         return self.engine.encode_completion(req.prompt)
 
     # --- plain --------------------------------------------------------------------------------------
-    async def _complete(self, job: Job, http: Request) -> JSONResponse:
+    async def _complete(self, queued: QueuedJob, http: Request) -> JSONResponse:
         """Nothing leaves the node before the charge commits: whatever fails first releases the hold."""
-        started = time.monotonic()
+        started, job = time.monotonic(), queued.job
         try:
-            finals, endings = await self._generate(job, http)
+            finals, endings = await self._generate(job, queued.waiting, http)
             generated = sum(f.num_completion_tokens for f in finals)
             if generated == 0 and any(f.finish_reason == "abort" for f in finals):  # cut by the client or time
                 raise Unavailable("the request was cut before it produced a token; nothing was charged")
@@ -184,17 +191,11 @@ class GenerationService:
         headers = {"X-Charged-Total": str(total), **self.gate.payment_headers(job.hold, total)}
         return FastJSONResponse(body, headers=headers)
 
-    async def _generate(self, job: Job, http: Request) -> tuple[list[RequestOutput], list[str]]:
-        """Each choice's output and how it ended; a client that leaves, or the time limit, cuts them all
-        short (the engine then reports what each had generated)."""
+    async def _generate(self, job: Job, waiting: list[asyncio.Future[RequestOutput]],
+                        http: Request) -> tuple[list[RequestOutput], list[str]]:
+        """Each queued choice's output and how it ended; a client that leaves, or the time limit, cuts them
+        all short (the engine then reports what each had generated)."""
         cut = Cut(self.engine, job.choice_ids)
-        try:
-            waiting = [self.engine.submit(job.prompt_ids, params, job.adapter.engine_adapter, request_id,
-                                          job.request_id if len(job.choice_ids) > 1 else None)
-                       for params, request_id in zip(job.choice_params, job.choice_ids, strict=True)]
-        except BaseException:
-            cut(CLIENT_LEFT)  # the choices already queued
-            raise
         timer = asyncio.get_running_loop().call_later(self.max_generation_s, cut, TIME_LIMIT)
         watcher = asyncio.ensure_future(_wait_disconnect(http))
         watcher.add_done_callback(lambda w: None if w.cancelled() or w.exception() else cut(CLIENT_LEFT))
@@ -379,6 +380,13 @@ class GenerationService:
         fee = job.hold.pricing.fee(usage.prompt_tokens, usage.completion_tokens)
         self.metrics.lost(job.adapter.model, usage.completion_tokens, min(fee, job.hold.reservation.max_fee),
                           reason.value)
+
+
+def _job(kind: Kind, req: CompletionRequest | ChatCompletionRequest, adapter: ServedAdapter, prompt_ids: list[int],
+         params: SamplingParams, held: Hold) -> Job:
+    response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{held.checked.digest.hex()[:24]}"
+    return Job(kind, req, response_id, f"{response_id}-{secrets.token_hex(6)}", int(time.time()), adapter,
+               prompt_ids, params, held)
 
 
 def _prompt_chars(req: CompletionRequest | ChatCompletionRequest) -> int:
