@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -50,7 +49,6 @@ from node.api.schemas import ChatCompletionRequest, CompletionRequest
 from node.api.structured import constraint_of, render_messages
 from node.catalog import AdapterCatalog, ServedAdapter
 from node.db.loss import LossReason
-from node.engine import SamplingParams
 from node.engine.grammar import GrammarSpec
 from node.engine.sequence import RequestOutput
 from node.errors import NodeError, Unavailable
@@ -91,7 +89,7 @@ class GenerationService:
         x402_checked = self.gate.x402_payment(presented, str(http.url), max_fee)
         hold = functools.partial(self.gate.hold, presented.voucher, x402_checked, max_fee, pricing, str(http.url),
                                  read, body)
-        job_of = functools.partial(_job, kind, req, adapter, prompt_ids, params)
+        job_of = functools.partial(Job.of, kind, req, adapter, prompt_ids, params)
         admission = self.engine.admission()
         admission.__enter__()
         try:
@@ -380,13 +378,6 @@ class GenerationService:
         fee = job.hold.pricing.fee(usage.prompt_tokens, usage.completion_tokens)
         self.metrics.lost(job.adapter.model, usage.completion_tokens, min(fee, job.hold.reservation.max_fee),
                           reason.value)
-
-
-def _job(kind: Kind, req: CompletionRequest | ChatCompletionRequest, adapter: ServedAdapter, prompt_ids: list[int],
-         params: SamplingParams, held: Hold) -> Job:
-    response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{held.checked.digest.hex()[:24]}"
-    return Job(kind, req, response_id, f"{response_id}-{secrets.token_hex(6)}", int(time.time()), adapter,
-               prompt_ids, params, held)
 
 
 def _prompt_chars(req: CompletionRequest | ChatCompletionRequest) -> int:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import secrets
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -37,6 +39,14 @@ class Job:
     prompt_ids: list[int]
     params: SamplingParams
     hold: Hold
+
+    @classmethod
+    def of(cls, kind: Kind, req: CompletionRequest | ChatCompletionRequest, adapter: ServedAdapter,
+           prompt_ids: list[int], params: SamplingParams, held: Hold) -> Job:
+        """The job of a request whose payment holds, named after its voucher."""
+        response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{held.checked.digest.hex()[:24]}"
+        return cls(kind, req, response_id, f"{response_id}-{secrets.token_hex(6)}", int(time.time()), adapter,
+                   prompt_ids, params, held)
 
     @property
     def choice_ids(self) -> list[str]:

@@ -61,6 +61,6 @@ def _is_running(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        pass  # a process of another user: running
+    except PermissionError:  # it exists, under another user
+        return True
     return True
