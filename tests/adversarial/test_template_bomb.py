@@ -9,7 +9,6 @@ Live node on anvil; the adapter is registered on chain by its owner, as anyone c
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 from pathlib import Path
 
@@ -17,27 +16,16 @@ import httpx
 import pytest
 
 from node.client.payer import Payer
-from node.lora.content_hash import adapter_weights_sha256, base_model_id
-from tests.fixtures.paid_node import ADAPTER_OWNER, LINEAGE_WEIGHTS, OWNER_SHARE_BPS, PaidNode
+from tests.fixtures.paid_node import PaidNode, register_templated
 
 pytestmark = pytest.mark.chain
 ENDLESS = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}x"
 NUM_QUOTES = 8  # more than the API's threads on a small machine
 
 
-def _register_templated(node: PaidNode, tiny_model: Path, folder: Path, template: str) -> int:
-    shutil.copytree(node.adapter_path, folder)
-    (folder / "chat_template.jinja").write_text(template)
-    owner = node.local.contracts(ADAPTER_OWNER)
-    adapter_id = owner.adapters.register(base_model_id(tiny_model), adapter_weights_sha256(folder), folder.as_uri(),
-                                         list(node.dataset_ids), list(LINEAGE_WEIGHTS), OWNER_SHARE_BPS)
-    node.local.wait_for_mirror()
-    return adapter_id
-
-
 def test_an_endless_adapter_template_cannot_stop_paid_requests(paid_node: PaidNode, tiny_model: Path,
                                                                tmp_path: Path) -> None:
-    endless = _register_templated(paid_node, tiny_model, tmp_path / "endless", ENDLESS)
+    endless = register_templated(paid_node, tiny_model, tmp_path / "endless", ENDLESS)
     quote = json.dumps({"model": str(endless), "messages": [{"role": "user", "content": "hi"}]}).encode()
     refusals: list[int] = []
 

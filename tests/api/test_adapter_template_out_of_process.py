@@ -18,9 +18,8 @@ from tests.api.test_models import (
     MESSAGES,
     _prompt_tokens,
     base_node,
-    register_templated,
 )
-from tests.fixtures.paid_node import PaidNode
+from tests.fixtures.paid_node import PaidNode, register_templated
 
 pytestmark = [pytest.mark.chain]
 

@@ -5,7 +5,6 @@ empty lineage (its settlement: tests/settlement/test_base_model_settlement.py)."
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,15 +16,12 @@ from transformers import AutoTokenizer
 from node.chain.contracts import EMPTY_LINEAGE_HASH
 from node.client.payer import Payer, verify_receipt
 from node.devkit.local_node import LocalNode
-from node.lora.content_hash import adapter_weights_sha256, base_model_id
 from tests.fixtures.database import POSTGRES_ENV
 from tests.fixtures.paid_node import (
-    ADAPTER_OWNER,
-    LINEAGE_WEIGHTS,
-    OWNER_SHARE_BPS,
     PaidNode,
     _fresh_postgres,
     build_paid_node,
+    register_templated,
 )
 
 pytestmark = [pytest.mark.chain]
@@ -52,17 +48,6 @@ def base_node(tiny_model: Path, tiny_adapters: object, tmp_path_factory: pytest.
                               base_completion_token_price=BASE_COMPLETION_PRICE, **serve)
     finally:
         local.stop()
-
-
-def register_templated(node: PaidNode, tiny_model: Path, folder: Path, template: str) -> int:
-    """Another adapter with the same weights as the node's, at `folder`, shipping its own chat template."""
-    shutil.copytree(node.adapter_path, folder)
-    (folder / "chat_template.jinja").write_text(template)
-    owner = node.local.contracts(ADAPTER_OWNER)
-    adapter_id = owner.adapters.register(base_model_id(tiny_model), adapter_weights_sha256(folder), folder.as_uri(),
-                                         list(node.dataset_ids), list(LINEAGE_WEIGHTS), OWNER_SHARE_BPS)
-    node.local.wait_for_mirror()
-    return adapter_id
 
 
 @pytest.fixture(scope="module")

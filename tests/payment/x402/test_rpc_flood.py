@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -23,21 +22,13 @@ from node.payment.ledger import Ledger
 from node.payment.pricing import Pricing
 from node.payment.service import Hold, PaymentService
 from node.payment.x402.book import ChannelBook
+from node.payment.x402.chain_reads import ChannelState
 from node.payment.x402.channel_check import EXCEEDS_BALANCE, X402Refused, check_terms
 from node.payment.x402.facilitator import Facilitator
 from node.payment.x402.service import X402Payments
 from node.payment.x402.wire import decode_payment
 from node.protocol.eip712 import Domain
 from tests.payment.x402.sdk import NODE_KEY, PRICE, SdkPayer, node_terms, required_for
-
-
-@dataclass(frozen=True)
-class State:
-    balance: int = 0
-    total_claimed: int = 0
-    pending_withdrawal: int = 0
-    withdraw_requested_at: int = 0
-    refund_nonce: int = 0
 
 
 def _voucher_only(header: str) -> str:
@@ -63,11 +54,12 @@ def test_a_flood_of_strangers_vouchers_costs_a_bounded_number_of_rpc_reads(db_ur
     reads: list[bytes] = []
     honest_channel: list[bytes] = []
 
-    def chain(channel: bytes) -> State:  # the RPC: every channel but the honest one is empty
+    def chain(channel: bytes) -> ChannelState:  # the RPC: every channel but the honest one is empty
         reads.append(channel)
-        return State(balance=10**6) if channel in honest_channel else State()
+        return ChannelState(balance=10**6) if channel in honest_channel else ChannelState()
 
-    x402 = _x402(db_url, chain, lambda c: State(balance=10**6) if c in honest_channel else State())  # the mirror
+    x402 = _x402(db_url, chain, lambda c: ChannelState(balance=10**6) if c in honest_channel  # the mirror
+                 else ChannelState())
     honest_channel.append(x402.check(honest).channel_id)
     started = time.monotonic()
     for i in range(60):  # fresh keys, each signing for a channel it never funded
@@ -94,9 +86,9 @@ class _Chain:
         self.reads: list[bytes] = []
         self.funded: list[bytes] = []
 
-    def channel(self, channel_id: bytes) -> State:
+    def channel(self, channel_id: bytes) -> ChannelState:
         self.reads.append(channel_id)
-        return State(balance=10**6) if channel_id in self.funded else State()
+        return ChannelState(balance=10**6) if channel_id in self.funded else ChannelState()
 
 
 def test_the_facilitators_verify_of_strangers_vouchers_costs_a_bounded_number_of_rpc_reads() -> None:
@@ -134,7 +126,7 @@ def test_strangers_deposits_cost_a_bounded_number_of_rpc_calls_and_never_take_th
     factory = session_factory(make_engine(db_url))
     node = Account.from_key(NODE_KEY).address
     payments = PaymentService(Ledger(factory, node), Domain(31337, "0x" + "5e" * 20), node, Pricing(10, 20))
-    x402 = X402Payments(payments, ChannelBook(factory, node), node_terms(), NODE_KEY, lambda c: State(), submit,
+    x402 = X402Payments(payments, ChannelBook(factory, node), node_terms(), NODE_KEY, lambda c: ChannelState(), submit,
                         simulate_deposit=simulate)
     started = time.monotonic()
     for i in range(60):  # fresh keys, each authorizing a deposit of tokens it does not hold
