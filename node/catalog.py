@@ -17,6 +17,7 @@ adapter would be split by the newcomer's owner share and lineage.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
@@ -125,6 +126,11 @@ class AdapterCatalog:
             return None
         self._check_fresh()  # a cache hit is no way around a stale mirror
         return hit[1]
+
+    async def resolve_async(self, model: str) -> ServedAdapter:
+        """`cached`, else `resolve` off the event loop (what a request handler calls)."""
+        hit = self.cached(model)
+        return hit if hit is not None else await asyncio.to_thread(self.resolve, model)
 
     def _lookup(self, adapter_id: int, model: str) -> ServedAdapter:
         with self.factory() as session:

@@ -96,8 +96,8 @@ class EngineClient:
         if template is not None:  # the adapter owner's code: in worker processes, with a time limit
             return self._encode(self.templates.render(messages, template, tools))
         try:
-            text = self.engine.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                                             add_generation_prompt=True)
+            text = self.engine.tokenizer.apply_chat_template(messages, tools=None if tools is None else list(tools),
+                                                             tokenize=False, add_generation_prompt=True)
         except (TemplateError, OverflowError, RecursionError, TypeError, ValueError) as exc:  # the template's fault
             raise ChatTemplateError(f"the chat template refused these messages: {str(exc)[:300]}",
                                     param="messages") from exc

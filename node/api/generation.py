@@ -78,7 +78,7 @@ class GenerationService:
                      payment: str | None, http: Request, x402: str | None = None,
                      read: str | None = None) -> JSONResponse | StreamingResponse:
         presented = self.gate.present(payment, body, x402)
-        adapter = self.catalog.cached(req.model) or await asyncio.to_thread(self.catalog.resolve, req.model)
+        adapter = await self.catalog.resolve_async(req.model)
         template = await self._chat_template(adapter, self.gate.caller(presented)) if kind == "chat" else None
         prompt_ids = await self._tokenize(kind, req, template)
         max_tokens, max_fee = self._ceiling(req, len(prompt_ids), adapter)
@@ -92,6 +92,7 @@ class GenerationService:
         job_of = functools.partial(Job.of, kind, req, adapter, prompt_ids, params)
         admission = self.engine.admission()
         admission.__enter__()
+        held: Hold | Replay | QueuedJob
         try:
             if req.stream or constraint is not None:  # a grammar is compiled once the hold stands (self._compile)
                 held = await asyncio.to_thread(hold)
@@ -130,7 +131,7 @@ class GenerationService:
                     payer: str | None = None) -> tuple[int, int, int]:
         """(prompt tokens, max_tokens, max fee) of this request: exactly what `handle` would hold, so a
         voucher for `chargedTotal + max fee` covers it (POST /v1/quote/...). `payer`: who asks, if said."""
-        adapter = self.catalog.cached(req.model) or await asyncio.to_thread(self.catalog.resolve, req.model)
+        adapter = await self.catalog.resolve_async(req.model)
         template = await self._chat_template(adapter, self.gate.quote_caller(payer)) if kind == "chat" else None
         num_prompt_tokens = len(await self._tokenize(kind, req, template))
         return (num_prompt_tokens, *self._ceiling(req, num_prompt_tokens, adapter))

@@ -70,7 +70,7 @@ class _Request(BaseModel):
 
     @property
     def stop_strings(self) -> list[str]:
-        return list(self.stop or [])  # type: ignore[arg-type]  # normalised to a list by the validator
+        return list(self.stop or [])  # normalised to a list by the validator
 
     @property
     def num_choices(self) -> int:

@@ -89,7 +89,7 @@ def dataset_spans(index: SpanIndex, ids: np.ndarray, rule: Rule, tokenizer: Toke
     starts = np.array([s for s, _ in picks], dtype=np.int64)
     ends = np.array([e for _, e in picks], dtype=np.int64)
     counts = index.counts(ids, starts, ends - starts)
-    return tuple(Span(int(s), int(e), int(c), tokenizer.decode([int(t) for t in ids[s:e]]))
+    return tuple(Span(int(s), int(e), int(c), str(tokenizer.decode([int(t) for t in ids[s:e]])))
                  for s, e, c in zip(starts, ends, counts, strict=True))
 
 

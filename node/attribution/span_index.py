@@ -45,8 +45,8 @@ def build_suffix_array(tokens: np.ndarray) -> np.ndarray:
     # token boundaries (even byte offsets for uint16) keep their relative order.
     width = tokens.dtype.itemsize
     raw = np.ascontiguousarray(tokens.astype(tokens.dtype.newbyteorder(">"))).view(np.uint8)
-    byte_suffixes = divsufsort(raw)
-    suffixes = byte_suffixes[byte_suffixes % width == 0] // width
+    byte_suffixes: np.ndarray = divsufsort(raw)  # int32 or int64 byte offsets
+    suffixes: np.ndarray = byte_suffixes[byte_suffixes % width == 0] // width
     return suffixes.astype(np.int32 if tokens.size < 2**31 else np.int64)
 
 
@@ -101,7 +101,8 @@ class SpanIndex:
         starts, lengths = starts.astype(np.int64), lengths.astype(np.int64)
         first = self._lower_bound(query, starts, lengths, strict=False)
         after = self._lower_bound(query, starts, lengths, strict=True)
-        return after - first
+        widths: np.ndarray = after - first
+        return widths
 
     # --- binary search ----------------------------------------------------------------------------
     def _lower_bound(self, query: np.ndarray, starts: np.ndarray, lengths: np.ndarray, *, strict: bool) -> np.ndarray:

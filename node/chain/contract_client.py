@@ -18,11 +18,12 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, cast
 
 from eth_abi import decode
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
+from eth_typing import ABIError, ChecksumAddress
 from eth_utils import function_abi_to_4byte_selector
 from hexbytes import HexBytes
 from web3 import Web3
@@ -69,7 +70,7 @@ class RevertDecoder:
         for art in artifacts.values():
             for item in art.abi:
                 if item.get("type") == "error":
-                    sel = function_abi_to_4byte_selector(item)
+                    sel = function_abi_to_4byte_selector(cast(ABIError, item))  # an ABI entry of type error
                     self._errors[sel] = (item["name"], [i["name"] for i in item["inputs"]],
                                          [_abi_type(i) for i in item["inputs"]])
 
@@ -88,7 +89,8 @@ class RevertDecoder:
 
 def _abi_type(item: dict[str, Any]) -> str:
     if item["type"].startswith("tuple"):
-        return "(" + ",".join(_abi_type(c) for c in item["components"]) + ")" + item["type"][5:]
+        components = ",".join(_abi_type(c) for c in item["components"])
+        return f"({components}){item['type'][5:]}"
     return str(item["type"])
 
 
@@ -114,10 +116,10 @@ class ContractClient:
         self.chain_id = int(self.w3.eth.chain_id)
 
     @property
-    def address(self) -> str:
+    def address(self) -> ChecksumAddress:
         if self.account is None:
             raise ChainError("this client has no signing key")
-        return str(self.account.address)
+        return self.account.address
 
     def contract(self, name: str, address: str) -> Contract:
         abi = list(self.artifacts[name].abi)
@@ -132,13 +134,16 @@ class ContractClient:
     def transact(self, fn: ContractFunction) -> TxReceipt:
         return self._send(fn.fn_name, lambda tx: fn.build_transaction(tx))
 
-    def deploy(self, name: str, *args: Any) -> tuple[str, TxReceipt]:
+    def deploy(self, name: str, *args: Any) -> tuple[ChecksumAddress, TxReceipt]:
         art = self.artifacts[name]
         factory = self.w3.eth.contract(abi=list(art.abi), bytecode=art.bytecode)
         receipt = self._send(f"deploy {name}", lambda tx: factory.constructor(*args).build_transaction(tx))
         address = receipt["contractAddress"]
+        if address is None:  # a mined creation always has one: an RPC that leaves it out is not answering right
+            raise ChainError(f"deploy {name}: the receipt names no contract address",
+                             tx=receipt["transactionHash"].to_0x_hex())
         log.info("deployed %s at %s (block %d)", name, address, receipt["blockNumber"])
-        return str(address), receipt
+        return address, receipt
 
     def _send(self, what: str, build: Any) -> TxReceipt:
         sender = self.address
@@ -154,7 +159,7 @@ class ContractClient:
                              block=receipt["blockNumber"])
         return receipt
 
-    def _build(self, what: str, build: Any, sender: str) -> dict[str, Any]:
+    def _build(self, what: str, build: Any, sender: ChecksumAddress) -> dict[str, Any]:
         try:
             tx = dict(build({"from": sender, "nonce": self.w3.eth.get_transaction_count(sender, "pending"),
                              "chainId": self.chain_id}))
@@ -165,7 +170,7 @@ class ContractClient:
             tx["maxPriorityFeePerGas"] = min(int(tx["maxPriorityFeePerGas"]), tx["maxFeePerGas"])
         return tx
 
-    def _await_pool(self, sender: str, nonce: int) -> None:
+    def _await_pool(self, sender: ChecksumAddress, nonce: int) -> None:
         """Until the RPC counts `nonce` as used (or POOL_WAIT_S), so the next holder of the lock picks past it."""
         until = time.monotonic() + POOL_WAIT_S
         while self.w3.eth.get_transaction_count(sender, "pending") <= nonce and time.monotonic() < until:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from eth_account import Account
+from eth_typing import HexStr
 from web3 import Web3
 from web3.exceptions import ContractLogicError, TransactionNotFound, Web3RPCError
 
@@ -173,7 +174,7 @@ class TxManager:
         return int(estimate) * (100 + self.policy.gas_margin_percent) // 100
 
     def _initial_fees(self) -> tuple[int, int]:
-        base_fee = int(self.w3.eth.get_block("latest")["baseFeePerGas"])  # type: ignore[typeddict-item]
+        base_fee = int(self.w3.eth.get_block("latest")["baseFeePerGas"])
         tip = self.policy.priority_fee if self.policy.priority_fee is not None else int(self.w3.eth.max_priority_fee)
         return min(2 * base_fee + tip, self.policy.max_fee_cap), min(tip, self.policy.max_fee_cap)
 
@@ -187,7 +188,7 @@ class TxManager:
 
     def _broadcast(self, attempt: TxAttempt) -> None:
         try:
-            self.w3.eth.send_raw_transaction(attempt.raw)
+            self.w3.eth.send_raw_transaction(HexStr(attempt.raw))
         except Web3RPCError as exc:
             text = str(exc).lower()
             if "already known" in text or "nonce too low" in text or "already imported" in text:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from typing import cast
 
 from eth_abi import encode
+from eth_typing import ChecksumAddress
 from web3.contract.contract import ContractFunction
-from web3.types import TxReceipt
+from web3.types import RPCEndpoint, TxReceipt
 
 from node.chain.contract_client import ContractClient
 from node.chain.deploy import Deployment
@@ -61,7 +63,7 @@ def ensure_channel_contracts(client: ContractClient) -> bool:
     channels, _ = client.deploy("X402Channels")
     collector, _ = client.deploy("ERC3009Collector", CHANNELS_ADDRESS)
     for target, source in ((CHANNELS_ADDRESS, channels), (ERC3009_COLLECTOR_ADDRESS, collector)):
-        answer = w3.provider.make_request("anvil_setCode", [target, w3.eth.get_code(source).to_0x_hex()])
+        answer = w3.provider.make_request(RPCEndpoint("anvil_setCode"), [target, w3.eth.get_code(source).to_0x_hex()])
         if "error" in answer:
             raise ChainError("no x402 channel contract at its canonical address, and this chain cannot set code "
                              "there: x402 payments need the reference deployment", address=target,
@@ -126,7 +128,8 @@ class X402Chain:
         d = payment.deposit
         if d is None:
             raise ChainError("not a deposit payment")
-        token = self.client.w3.eth.contract(address=payment.config.token, abi=_AUTHORIZATION_STATE_ABI)
+        token_address = cast(ChecksumAddress, payment.config.token)  # ChannelConfig checksums its addresses
+        token = self.client.w3.eth.contract(address=token_address, abi=_AUTHORIZATION_STATE_ABI)
         nonce = deposit_nonce(payment.voucher.channel_id, d.salt)
         return bool(self.client.call(token.functions.authorizationState(payment.config.payer, nonce)))
 

@@ -38,16 +38,23 @@ class _BulkKeccak:
 
     def __init__(self) -> None:
         # the raw API's own argument types: pycryptodome calls its C library through cffi when cffi is
-        # installed, else through ctypes, and each backend takes only its own
-        from Crypto.Hash.keccak import _raw_keccak_lib as lib
-        from Crypto.Util._raw_api import VoidPointer, c_size_t, c_ubyte, create_string_buffer, get_raw_buffer
+        # installed, else through ctypes, and each backend takes only its own (pycryptodome's stubs declare
+        # neither the module's private library handle nor c_ubyte, and omit create_string_buffer's size default)
+        from Crypto.Hash.keccak import _raw_keccak_lib as lib  # type: ignore[attr-defined]
+        from Crypto.Util._raw_api import (  # type: ignore[attr-defined]
+            VoidPointer,
+            c_size_t,
+            c_ubyte,
+            create_string_buffer,
+            get_raw_buffer,
+        )
 
         self._lib = lib
         state = VoidPointer()
         if lib.keccak_init(state.address_of(), c_size_t(64), c_ubyte(24)):
             raise RuntimeError("keccak_init failed")
         self._state = state.get()
-        self._out = create_string_buffer(32)
+        self._out = create_string_buffer(32)  # type: ignore[call-arg]
         self._raw = get_raw_buffer
         self._size, self._rounds = c_size_t(32), c_ubyte(1)
         self._reset, self._absorb, self._digest = lib.keccak_reset, lib.keccak_absorb, lib.keccak_digest

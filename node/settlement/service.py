@@ -255,7 +255,7 @@ class SettlementService:
     def _chain_time(self) -> int:
         """The latest block's timestamp: what the contract compares voucher deadlines with."""
         w3 = self.contracts.settlement.client.w3
-        return int(w3.eth.get_block("latest")["timestamp"])  # type: ignore[typeddict-item]
+        return int(w3.eth.get_block("latest")["timestamp"])
 
     def _submit(self, row: SettlementEpoch) -> EpochState | None:
         key = intent_key(self.node, row.epoch_id, attempt_of(row))

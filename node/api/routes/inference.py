@@ -10,9 +10,9 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from node.api.choice import Kind
 from node.api.deps import GenerationDep, LedgerDep
 from node.api.error_handlers import error_responses
-from node.api.generation import Kind
 from node.api.request_fields import refuse_unapplied
 from node.api.schemas import ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse
 from node.chain.receipt_read import HEADER

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from eth_hash.auto import keccak
+from eth_utils import to_checksum_address
 
 from node.protocol.address import checksum_address
 from node.protocol.eip712 import Domain, check_fields, digest, struct_hash, type_hash
 
 SCHEME = "batch-settlement"
-CHANNELS_ADDRESS = "0x4020074e9dF2ce1deE5A9C1b5c3f541D02a10003"  # x402BatchSettlement
-ERC3009_COLLECTOR_ADDRESS = "0x4020806089470a89826cB9fB1f4059150b550004"  # ERC3009DepositCollector
+CHANNELS_ADDRESS = to_checksum_address("0x4020074e9dF2ce1deE5A9C1b5c3f541D02a10003")  # x402BatchSettlement
+ERC3009_COLLECTOR_ADDRESS = to_checksum_address("0x4020806089470a89826cB9fB1f4059150b550004")  # ERC3009DepositCollector
 MIN_WITHDRAW_DELAY_S = 900
 MAX_WITHDRAW_DELAY_S = 2_592_000
 ZERO_ADDRESS = "0x" + "00" * 20
