@@ -87,17 +87,15 @@ class AdapterStore(Generic[W]):
         """
         state = self._state
         with state.lock:
-            reg = state.registration(adapter_id)
-            weights = state.host.get(adapter_id)
+            weights = state.host_hit(adapter_id)
             if weights is not None:
-                state.metrics.count("host", "hits")
                 return weights
             job = state.inflight.get(adapter_id)
             if job is None:
                 error = state.recent_failure(adapter_id)
                 if error is not None:
                     raise error
-                job = state.new_job(adapter_id, reg, None)
+                job = state.new_job(adapter_id, None)
                 future = None  # ours to run (a caller joining it meanwhile gets a future we resolve)
             else:
                 future = join(job)

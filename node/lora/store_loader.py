@@ -85,6 +85,15 @@ class StoreState(Generic[W]):
             raise AdapterNotFound(f"adapter {adapter_id} is not registered", adapter=adapter_id)
         return reg
 
+    def host_hit(self, adapter_id: str) -> W | None:
+        """Its weights if host memory holds them (a hit, counted), else None; AdapterNotFound if the adapter
+        is not registered. How `get` and `request` begin."""
+        self.registration(adapter_id)
+        weights = self.host.get(adapter_id)
+        if weights is not None:
+            self.metrics.count("host", "hits")
+        return weights
+
     def recent_failure(self, adapter_id: str) -> Exception | None:
         """The error of this adapter's last load if it failed under `retry_after_s` ago (else forgotten)."""
         failure = self.failures.get(adapter_id)
@@ -93,9 +102,10 @@ class StoreState(Generic[W]):
         self.failures.pop(adapter_id, None)
         return None
 
-    def new_job(self, adapter_id: str, reg: Registration, future: Future[W] | None) -> LoadJob[W]:
+    def new_job(self, adapter_id: str, future: Future[W] | None) -> LoadJob[W]:
         """A load to start, in flight from now on (its disk copy, if any, leased until it ends)."""
         self.metrics.count("host", "misses")
+        reg = self.registration(adapter_id)
         job = LoadJob(adapter_id, reg, self.disk.lease(reg.key), future)
         self.inflight[adapter_id] = job
         return job
@@ -128,10 +138,8 @@ class StoreLoader(Generic[W]):
         a worker pool: local sources and disk copies to the load pool, HTTP fetches to the fetch pool."""
         state = self._state
         with state.lock:
-            reg = state.registration(adapter_id)
-            weights = state.host.get(adapter_id)
+            weights = state.host_hit(adapter_id)
             if weights is not None:
-                state.metrics.count("host", "hits")
                 return _ready(weights)
             if adapter_id in state.inflight:
                 return join(state.inflight[adapter_id])
@@ -139,9 +147,9 @@ class StoreLoader(Generic[W]):
             if error is not None:
                 return _failed(error)
             future: Future[W] = Future()
-            job = state.new_job(adapter_id, reg, future)
+            job = state.new_job(adapter_id, future)
             future.add_done_callback(lambda f: self._on_cancel(job) if f.cancelled() else None)
-            is_remote = reg.source.uri.startswith(("http://", "https://"))
+            is_remote = job.reg.source.uri.startswith(("http://", "https://"))
             pool = self._fetch_pool if not job.is_leased and is_remote else self._load_pool
             pool.submit(self._run, job)
             return future
