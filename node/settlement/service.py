@@ -286,11 +286,8 @@ class SettlementService:
                 return row
             if isinstance(refused, NotYet):  # its transactions are not mined yet: sent at a later tick
                 return EpochState.BUILT
-            if self._drop_lane(row.epoch_id, refused) is None:
+            if (rebuilt := self._without_lane(row.epoch_id, refused)) is None:
                 return None
-            with self.factory() as session:
-                rebuilt = outbox.epoch_row(session, self.node, row.epoch_id)
-            assert rebuilt is not None
             row = rebuilt
         raise AssertionError("a batch cannot be refused more times than it has lanes")
 
@@ -306,16 +303,13 @@ class SettlementService:
             lane = refused_lane(refusal, vouchers, [int(a) for a in row.batch["amounts"]])
             if lane is None:
                 return self._refused(row, refusal)
-            if self._drop_lane(row.epoch_id, lane) is None:
+            if (rebuilt := self._without_lane(row.epoch_id, lane)) is None:
                 return None
-            with self.factory() as session:
-                rebuilt = outbox.epoch_row(session, self.node, row.epoch_id)
-            assert rebuilt is not None
             row = rebuilt
         raise AssertionError("a batch cannot be refused more times than it has lanes")
 
-    def _drop_lane(self, epoch_id: int, lane: LaneRefusal) -> EpochState | None:
-        """Record the refused lane's receipts as losses, then rebuild the epoch without them."""
+    def _without_lane(self, epoch_id: int, lane: LaneRefusal) -> SettlementEpoch | None:
+        """The refused lane's receipts become losses; the epoch rebuilt without them (None: dissolved)."""
         with self.factory() as session, session.begin():
             row = outbox.epoch_row(session, self.node, epoch_id)
             assert row is not None
@@ -323,7 +317,12 @@ class SettlementService:
                         if r.lane_key == (lane.payer, lane.lane)]
             collection.lose(session, self.node, epoch_id, receipts, lane.reason, lane.detail)
             row.state, row.batch, row.trees = EpochState.OPEN, {"attempt": attempt_of(row)}, None
-        return self._build(epoch_id)
+        if self._build(epoch_id) is None:
+            return None
+        with self.factory() as session:
+            rebuilt = outbox.epoch_row(session, self.node, epoch_id)
+        assert rebuilt is not None
+        return rebuilt
 
     def _refused(self, row: SettlementEpoch, exc: ChainError) -> EpochState:
         """The chain refuses the epoch as a whole (it may already hold it: then it is done)."""
