@@ -78,7 +78,8 @@ class Anvil:
         req = urllib.request.Request(self.rpc_url, body, {"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=2) as resp:
-                return json.loads(resp.read()).get("result")
+                answer: dict[str, object] = json.loads(resp.read())
+                return answer.get("result")
         except OSError:
             return None
 

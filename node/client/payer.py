@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -292,7 +293,7 @@ class Payer:
                 else:
                     self.forget(lane)  # streamed or refused: ask the node next time
 
-        hooks = {"request": [sign], "response": [learn]}
+        hooks: dict[str, list[Callable[[Any], None]]] = {"request": [sign], "response": [learn]}
         transport = SettledReplay(self, kwargs.pop("transport", None) or httpx.HTTPTransport())
         return httpx.Client(event_hooks=hooks, timeout=kwargs.pop("timeout", 120.0), transport=transport, **kwargs)
 
@@ -300,8 +301,10 @@ class Payer:
         """The official OpenAI client, pointed at the node and paying on `lane`."""
         from openai import OpenAI
 
-        return OpenAI(base_url=self.base_url + "/v1", api_key="unused", http_client=self.http_client(lane),
-                      **kwargs)
+        # openai 3 takes an httpx client as well as an httpx2 one (is_legacy_httpx_sync_client); its
+        # annotation names only httpx2
+        return OpenAI(base_url=self.base_url + "/v1", api_key="unused",
+                      http_client=self.http_client(lane), **kwargs)  # type: ignore[arg-type]
 
     def close(self) -> None:
         self._http.close()
