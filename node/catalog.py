@@ -183,16 +183,22 @@ class AdapterCatalog:
         return [self._status(v, final_block) for v in views]
 
     def _listing(self) -> tuple[queries.MirrorHead | None, list[queries.AdapterLineageView]]:
-        """The mirror's head and every adapter registered for this base model, read at most once per
-        `cache_ttl_s` whoever asks (GET /v1/models and /v1/adapters are free to anyone: each call read every
-        adapter, two queries each, and a few dozen of them in flight held every pooled connection)."""
+        """The mirror's head and every adapter registered for this base model. GET /v1/models and
+        /v1/adapters are free to anyone, and each call read every adapter, two queries each: a few dozen
+        in flight held every pooled connection. Now one caller at a time reads, the cursor at most every
+        `mirror_ttl_s`, and the adapters (two queries) only once the indexer has moved the mirror."""
         with self._listing_lock:
-            now = time.monotonic()
-            if self._listed is None or now - self._listed[0] >= self.cache_ttl_s:
-                with self.factory() as session:
-                    self._listed = (now, queries.mirror_head(session),
-                                    queries.adapter_lineages(session, self.base_model_id))
-            return self._listed[1], self._listed[2]
+            now, listed = time.monotonic(), self._listed
+            if listed is not None and now - listed[0] < self.mirror_ttl_s:
+                return listed[1], listed[2]
+            with self.factory() as session:
+                head = self._read_mirror(session)
+                if listed is None or _moved(listed[1], head):
+                    views = queries.adapter_lineages(session, self.base_model_id)
+                else:
+                    views = listed[2]
+            self._listed = (now, head, views)
+            return head, views
 
     def _status(self, view: queries.AdapterLineageView, final_block: int) -> AdapterStatus:
         if view.is_deprecated:
@@ -229,6 +235,14 @@ class AdapterCatalog:
         if number is None:
             raise AdapterNotFound(f"unknown model {model!r}: use a model id from GET /v1/models", model=model)
         return number
+
+
+def _moved(before: queries.MirrorHead | None, now: queries.MirrorHead | None) -> bool:
+    """The indexer wrote the mirror since `before` (the registry rows may differ)."""
+    if before is None or now is None:
+        return True
+    return (before.last_block, before.final_block, before.updated_at) != (now.last_block, now.final_block,
+                                                                           now.updated_at)
 
 
 def _adapter_number(model: str) -> int | None:

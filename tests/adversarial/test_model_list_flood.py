@@ -3,8 +3,9 @@
 Anyone may register adapters for the node's base model (gas only), and GET /v1/models and /v1/adapters
 read every one of them from the database on every call, two queries each, on the API's request threads:
 a stranger keeping a few dozen listings in flight held every pooled database connection, and the holds
-and charges of paid requests waited for one. Now a listing is read once per catalog TTL, whoever asks,
-in one query per table. Live node on anvil; the listings come from a process of their own."""
+and charges of paid requests waited for one. Now one caller at a time reads the listing, and the adapters
+(two queries, whatever their number) only once the indexer has moved the mirror. Live node on anvil; the
+listings come from a process of their own."""
 
 from __future__ import annotations
 
