@@ -24,11 +24,9 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import queries
-from node.db.models import Adapter
 from node.errors import AdapterNotFound, MirrorUnavailable
 from node.lora.provider import AdapterRegistrar, AdapterSource, LoadState
 from node.protocol.receipt import BASE_ADAPTER_ID
@@ -81,6 +79,8 @@ class AdapterCatalog:
         self._registered: set[int] = set()
         self._cache: dict[int, tuple[float, ServedAdapter]] = {}
         self._lock = threading.Lock()
+        self._listed: tuple[float, queries.MirrorHead | None, list[queries.AdapterLineageView]] | None = None
+        self._listing_lock = threading.Lock()  # one listing read at a time: the others wait for it
 
     def resolve(self, model: str) -> ServedAdapter:
         """The adapter as the mirror has it (cached for `cache_ttl_s`: lineage is immutable, and a
@@ -173,30 +173,38 @@ class AdapterCatalog:
         """Every adapter registered (final) for this base model and not deprecated, per the mirror, less
         those whose last load here failed (a file that does not match its registered hash, say); only
         `adapter_id` when given."""
-        with self.factory() as session:
-            head = queries.mirror_head(session)
-            if head is None:
-                return []
-            query = select(Adapter.adapter_id).where(Adapter.base_model == self.base_model_id,
-                                                     Adapter.deprecated_block.is_(None),
-                                                     Adapter.block_number <= head.final_block)
-            if adapter_id is not None:
-                query = query.where(Adapter.adapter_id == adapter_id)
-            ids = session.scalars(query.order_by(Adapter.adapter_id)).all()
-            views = [queries.adapter_lineage(session, i) for i in ids]
-        return [v for v in views if v is not None and self.provider.state(str(v.adapter_id)) is not LoadState.FAILED]
+        head, views = self._listing()
+        if head is None:
+            return []
+        return [v for v in views if not v.is_deprecated and v.registered_block <= head.final_block
+                and adapter_id in (None, v.adapter_id)
+                and self.provider.state(str(v.adapter_id)) is not LoadState.FAILED]
 
     def statuses(self) -> list[AdapterStatus]:
         """Every adapter registered for this base model, with what a request for it meets now: served,
         not final yet, deprecated, or refused by its last load (a sha256 mismatch, a URI that does not
         answer); one never requested is not fetched yet, so whether it loads is not known."""
-        with self.factory() as session:
-            head = queries.mirror_head(session)
-            ids = session.scalars(select(Adapter.adapter_id).where(Adapter.base_model == self.base_model_id)
-                                  .order_by(Adapter.adapter_id)).all()
-            views = [v for v in (queries.adapter_lineage(session, i) for i in ids) if v is not None]
+        head, views = self._listing()
         final_block = head.final_block if head is not None else -1
         return [self._status(v, final_block) for v in views]
+
+    def _listing(self) -> tuple[queries.MirrorHead | None, list[queries.AdapterLineageView]]:
+        """The mirror's head and every adapter registered for this base model. GET /v1/models and
+        /v1/adapters are free to anyone, and each call read every adapter, two queries each: a few dozen
+        in flight held every pooled connection. Now one caller at a time reads, the cursor at most every
+        `mirror_ttl_s`, and the adapters (two queries) only once the indexer has moved the mirror."""
+        with self._listing_lock:
+            now, listed = time.monotonic(), self._listed
+            if listed is not None and now - listed[0] < self.mirror_ttl_s:
+                return listed[1], listed[2]
+            with self.factory() as session:
+                head = self._read_mirror(session)
+                if listed is None or _moved(listed[1], head):
+                    views = queries.adapter_lineages(session, self.base_model_id)
+                else:
+                    views = listed[2]
+            self._listed = (now, head, views)
+            return head, views
 
     def _status(self, view: queries.AdapterLineageView, final_block: int) -> AdapterStatus:
         if view.is_deprecated:
@@ -233,6 +241,14 @@ class AdapterCatalog:
         if number is None:
             raise AdapterNotFound(f"unknown model {model!r}: use a model id from GET /v1/models", model=model)
         return number
+
+
+def _moved(before: queries.MirrorHead | None, now: queries.MirrorHead | None) -> bool:
+    """The indexer wrote the mirror since `before` (the registry rows may differ)."""
+    if before is None or now is None:
+        return True
+    return (before.last_block, before.final_block, before.updated_at) != (now.last_block, now.final_block,
+                                                                           now.updated_at)
 
 
 def _adapter_number(model: str) -> int | None:

@@ -44,6 +44,9 @@ class EngineClient:
         self._lock = threading.Lock()
         self._token_texts: dict[int, str] = {}
         self._compiles = ThreadPoolExecutor(GRAMMAR_COMPILE_THREADS, thread_name_prefix="grammar")
+        # long prompts are tokenized on threads of their own (as many as the loop's default executor has):
+        # anyone's, a free quote's too, queue there, never in front of other requests' database work
+        self.tokenizing = ThreadPoolExecutor(thread_name_prefix="tokenize")
 
     @property
     def max_model_len(self) -> int:

@@ -43,6 +43,7 @@ from node.api.job import CLIENT_LEFT, TIME_LIMIT, Cut, Job, Sent, as_fault, once
 from node.api.json_response import FastJSONResponse
 from node.api.metrics import APIMetrics
 from node.api.payment_gate import PaymentGate
+from node.api.payment_threads import PaymentThreads
 from node.api.queued_job import QueuedJob, held_and_queued, queue
 from node.api.receipt_issuer import ReceiptIssuer
 from node.api.schemas import ChatCompletionRequest, CompletionRequest
@@ -73,6 +74,7 @@ class GenerationService:
         self.max_generation_s = payments.max_generation_s
         self._closing: set[asyncio.Future[None]] = set()  # charges of streams read too slowly, running
         self.gate = PaymentGate(payments, catalog.provider, offer, x402)  # before the hold: node/api/payment_gate.py
+        self.threads = PaymentThreads()  # holds and charges never queue behind free work (tokenizing)
 
     async def handle(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest, body: bytes,
                      payment: str | None, http: Request, x402: str | None = None,
@@ -95,13 +97,13 @@ class GenerationService:
         held: Hold | Replay | QueuedJob
         try:
             if req.stream or constraint is not None:  # a grammar is compiled once the hold stands (self._compile)
-                held = await asyncio.to_thread(hold)
+                held = await self.threads.run(hold)
                 if constraint is not None and isinstance(held, Hold):
                     await self._compile(constraint.spec, constraint.param, held)
                     if not req.stream:
                         held = queue(held, job_of, self.engine, self.payments, asyncio.get_running_loop())
             else:  # a plain request is queued on its hold's thread (node/api/queued_job.py)
-                held = await held_and_queued(hold, job_of, self.engine, self.payments)
+                held = await held_and_queued(hold, job_of, self.engine, self.payments, self.threads.executor)
         except BaseException:
             admission.__exit__(None, None, None)
             raise
@@ -124,7 +126,7 @@ class GenerationService:
         try:
             await self.engine.compile_grammar(spec, param)
         except BaseException:
-            await asyncio.shield(asyncio.to_thread(self.payments.cancel, hold))
+            await asyncio.shield(self.threads.start(self.payments.cancel, hold))
             raise
 
     async def quote(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest,
@@ -159,10 +161,12 @@ class GenerationService:
                         template: str | None = None) -> list[int]:
         """The prompt's ids; a long prompt, or one rendered with an adapter's own chat template (untrusted
         code, however sandboxed), is tokenized off the event loop (a short one costs less than the thread
-        hop), so nobody's huge prompt or slow template stalls everyone else's requests."""
+        hop), on the tokenizing threads, so nobody's huge prompt or slow template stalls everyone else's requests
+        nor queues in front of their holds and charges."""
         if template is None and _prompt_chars(req) <= INLINE_TOKENIZE_CHARS:
             return self._prompt_ids(kind, req, template)
-        return await asyncio.to_thread(self._prompt_ids, kind, req, template)
+        return await asyncio.get_running_loop().run_in_executor(self.engine.tokenizing, self._prompt_ids, kind, req,
+                                                                template)
 
     def _prompt_ids(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest,
                     template: str | None = None) -> list[int]:
@@ -182,9 +186,9 @@ class GenerationService:
                 raise Unavailable("the request was cut before it produced a token; nothing was charged")
             usage = Usage(len(job.prompt_ids), generated)
             choices = [ChoiceOutput(f.text, e, f.logprobs) for f, e in zip(finals, endings, strict=True)]
-            total, body = await asyncio.to_thread(self._charge, job, usage, choices)
+            total, body = await self.threads.run(self._charge, job, usage, choices)
         except BaseException:
-            await asyncio.shield(asyncio.to_thread(self.payments.cancel, job.hold))
+            await asyncio.shield(self.threads.start(self.payments.cancel, job.hold))
             raise
         self._observe(job, usage, time.monotonic() - started, body)
         headers = {"X-Charged-Total": str(total), **self.gate.payment_headers(job.hold, total)}
@@ -267,14 +271,14 @@ class GenerationService:
                                        "type": "server_error"}})
         except Exception as exc:  # the node's fault, whatever it raised (a hang-up is GeneratorExit or a cancel)
             fault = as_fault(exc, job.response_id)
-            await asyncio.to_thread(self._end_unpaid, job, sent, LossReason.NODE_FAULT, fault)
+            await self.threads.run(self._end_unpaid, job, sent, LossReason.NODE_FAULT, fault)
             yield event({"error": {"message": fault.message, "code": fault.code, "type": "server_error"}})
         finally:
             if not sent.is_done:  # a fault or a hang-up: the choices still running stop now
                 for request_id in job.choice_ids:
                     self.engine.abort(request_id)
             if not sent.is_settled:  # the client hung up (or the server is stopping) mid-stream
-                await asyncio.shield(asyncio.to_thread(self._settle_hang_up, job, sent))
+                await asyncio.shield(self.threads.start(self._settle_hang_up, job, sent))
             leave()
 
     async def _last_event(self, job: Job, sent: Sent, shape: ResponseShape, started: float) -> bytes:
@@ -282,9 +286,9 @@ class GenerationService:
         receipt. A charge that cannot be committed after tokens left is a loss (raised on as the stream's
         error)."""
         try:
-            body = await asyncio.to_thread(self._charge_stream, job, sent)
+            body = await self.threads.run(self._charge_stream, job, sent)
         except NodeError as exc:
-            await asyncio.to_thread(self._end_unpaid, job, sent, LossReason.DELIVERED_UNCHARGED, exc)
+            await self.threads.run(self._end_unpaid, job, sent, LossReason.DELIVERED_UNCHARGED, exc)
             raise
         self._observe(job, sent.usage, time.monotonic() - started, body)
         last = shape.chunk([shape.delta(c["index"], shape.final_delta(c), c["finish_reason"]) for c in body["choices"]])
@@ -305,7 +309,7 @@ class GenerationService:
         for request_id in job.choice_ids:
             self.engine.abort(request_id)
         leave()  # the engine's part is over; the charge is the database's
-        task = asyncio.ensure_future(asyncio.to_thread(self._settle_hang_up, job, sent))
+        task = self.threads.start(self._settle_hang_up, job, sent)
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from node.api.engine_client import EngineClient
@@ -57,23 +58,25 @@ def queue(held: Hold, job_of: Callable[[Hold], Job], engine: EngineClient, payme
 
 
 async def held_and_queued(hold: Callable[[], Hold | Replay], job_of: Callable[[Hold], Job], engine: EngineClient,
-                          payments: PaymentService) -> QueuedJob | Replay:
-    """`hold_and_queue` on the loop's default executor (with this task's context, as `asyncio.to_thread`)."""
+                          payments: PaymentService, threads: Executor) -> QueuedJob | Replay:
+    """`hold_and_queue` on one of the paid path's `threads` (node/api/payment_threads.py), with this task's
+    context (as `asyncio.to_thread`)."""
     loop = asyncio.get_running_loop()
     context = contextvars.copy_context()
-    hop = loop.run_in_executor(None, context.run, hold_and_queue, hold, job_of, engine, payments, loop)
+    hop = loop.run_in_executor(threads, context.run, hold_and_queue, hold, job_of, engine, payments, loop)
     try:
         return await asyncio.shield(hop)
     except asyncio.CancelledError:
-        hop.add_done_callback(lambda done: _undo(done, engine, payments))
+        hop.add_done_callback(lambda done: _undo(done, engine, payments, threads))
         raise
 
 
-def _undo(done: asyncio.Future[QueuedJob | Replay], engine: EngineClient, payments: PaymentService) -> None:
+def _undo(done: asyncio.Future[QueuedJob | Replay], engine: EngineClient, payments: PaymentService,
+          threads: Executor) -> None:
     """Nobody waits for the request any more: end its choices and release its hold (no token left the node)."""
     if done.cancelled() or done.exception() is not None:
         return
     queued = done.result()
     if isinstance(queued, QueuedJob):
         Cut(engine, queued.job.choice_ids)(CLIENT_LEFT)
-        done.get_loop().run_in_executor(None, payments.cancel, queued.job.hold)  # an error is logged by asyncio
+        done.get_loop().run_in_executor(threads, payments.cancel, queued.job.hold)  # an error is logged by asyncio

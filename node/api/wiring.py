@@ -170,8 +170,8 @@ def _wire(settings: Settings, deployment: Deployment, key: str, config: EngineCo
                         max_mirror_lag_s=settings.max_mirror_lag_s,
                         idempotency_window_s=settings.idempotency_window_s,
                         x402_refunds=refunds,
-                        on_shutdown=[engine.shutdown, client.templates.close, *_closers(adapters),
-                                     *([attributor.close] if attributor else [])])
+                        on_shutdown=[generation.threads.close, engine.shutdown, client.templates.close,
+                                     *_closers(adapters), *([attributor.close] if attributor else [])])
 
 
 def _x402(settings: Settings, deployment: Deployment, key: str, payments: PaymentService,

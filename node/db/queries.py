@@ -172,6 +172,28 @@ def adapter_lineage(session: Session, adapter_id: int,
         is_final=adapter.is_final, datasets=tuple(LineageEntry(*row) for row in rows))
 
 
+def adapter_lineages(session: Session, base_model: str) -> list[AdapterLineageView]:
+    """Every adapter registered for `base_model` as the mirror's head has it, by id, in two queries
+    (whatever their number): `adapter_lineage` of each."""
+    adapters = session.scalars(select(Adapter).where(Adapter.base_model == base_model)
+                               .order_by(Adapter.adapter_id)).all()
+    rows = session.execute(
+        select(AdapterLineage.adapter_id, AdapterLineage.dataset_id, AdapterLineage.weight_bps, Dataset.payout,
+               Dataset.content_hash, Dataset.uri)
+        .join(Dataset, Dataset.dataset_id == AdapterLineage.dataset_id)
+        .join(Adapter, Adapter.adapter_id == AdapterLineage.adapter_id)
+        .where(Adapter.base_model == base_model)
+        .order_by(AdapterLineage.adapter_id, AdapterLineage.position)).all()
+    datasets: dict[int, list[LineageEntry]] = {}
+    for adapter_id, dataset_id, weight_bps, payout, content_hash, uri in rows:
+        datasets.setdefault(adapter_id, []).append(LineageEntry(dataset_id, weight_bps, payout, content_hash, uri))
+    return [AdapterLineageView(
+        adapter_id=a.adapter_id, owner=a.owner, base_model=a.base_model, weights_sha256=a.weights_sha256, uri=a.uri,
+        owner_share_bps=a.owner_share_bps, lineage_hash=a.lineage_hash, registered_block=a.block_number,
+        is_deprecated=a.deprecated_block is not None, is_final=a.is_final,
+        datasets=tuple(datasets.get(a.adapter_id, ()))) for a in adapters]
+
+
 def epoch_receipts(session: Session, node: str, epoch_id: int) -> list[Receipt]:
     """The receipts assigned to `node`'s epoch, in the order they were written."""
     q = select(Receipt).where(Receipt.node == node.lower(), Receipt.epoch_id == epoch_id).order_by(Receipt.id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 import pytest
@@ -85,7 +86,7 @@ def test_a_caller_cancelled_during_the_hop_leaves_no_hold_and_nothing_running() 
 
     async def cancelled_midway() -> None:
         request = asyncio.ensure_future(held_and_queued(slow_hold, job_of, cast(EngineClient, engine),
-                                                        cast(PaymentService, payments)))
+                                                        cast(PaymentService, payments), threads))
         await asyncio.sleep(0.05)
         request.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -96,6 +97,7 @@ def test_a_caller_cancelled_during_the_hop_leaves_no_hold_and_nothing_running() 
                 return
             await asyncio.sleep(0.01)
 
-    asyncio.run(cancelled_midway())
+    with ThreadPoolExecutor(1) as threads:
+        asyncio.run(cancelled_midway())
     assert engine.queued == ["cmpl-1-ab-0", "cmpl-1-ab-1", "cmpl-1-ab-2"]
     assert engine.aborted == engine.queued and payments.released == [HOLD]

@@ -107,10 +107,11 @@ def _forged_deposit(payload: PaymentPayload) -> PaymentPayload:
 
 
 def test_the_facilitator_refuses_malformed_requests_plainly(x402_node: PaidNode) -> None:
-    """Every malformed body is a 400 with the OpenAI error body (never a 5xx, never a transaction)."""
+    """Every malformed body is a 400 with the OpenAI error body (never a 5xx, never a transaction); one over
+    64 KiB a 413."""
     url = f"{x402_node.base_url}/x402"
     good = {"x402Version": 2, "scheme": "batch-settlement"}
-    bodies: list[Any] = [b"{not json", b"[1, 2]", b"x" * 70_000, {"x402Version": 2},
+    bodies: list[Any] = [b"{not json", b"[1, 2]", {"x402Version": 2},
                          {"x402Version": 2, "paymentPayload": {"payload": 1}, "paymentRequirements": {}},
                          {"x402Version": 2, "paymentPayload": {**good, "payload": {}}, "paymentRequirements": {}},
                          {"x402Version": 2, "paymentRequirements": {},
@@ -122,3 +123,7 @@ def test_the_facilitator_refuses_malformed_requests_plainly(x402_node: PaidNode)
             resp = requests.post(f"{url}/{path}", timeout=30, headers={"Content-Type": "application/json"}, **sent)
             assert resp.status_code == 400, (path, body, resp.text)
             assert resp.json()["error"]["message"], resp.text
+    for path in ("verify", "settle"):
+        too_large = requests.post(f"{url}/{path}", data=b"x" * 70_000, timeout=30,
+                                  headers={"Content-Type": "application/json"})
+        assert too_large.status_code == 413 and too_large.json()["error"]["code"] == "request_too_large"

@@ -13,10 +13,11 @@ from pydantic import BaseModel, ValidationError
 from node.api.choice import Kind
 from node.api.deps import GenerationDep, LedgerDep
 from node.api.error_handlers import error_responses
+from node.api.request_body import read_body
 from node.api.request_fields import refuse_unapplied
 from node.api.schemas import ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse
 from node.chain.receipt_read import HEADER
-from node.errors import BadRequest, RequestTooLarge
+from node.errors import BadRequest
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 M = TypeVar("M", bound=BaseModel)
@@ -29,22 +30,8 @@ ReadHeader = Annotated[str | None, Header(alias=HEADER, include_in_schema=False)
 MAX_BODY_BYTES = 1 << 20
 
 
-async def _read_body(request: Request) -> bytes:
-    """The body as sent, refused with 413 as soon as it passes MAX_BODY_BYTES (never read further)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise RequestTooLarge("request body too large", size=int(declared), max_size=MAX_BODY_BYTES)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise RequestTooLarge("request body too large", max_size=MAX_BODY_BYTES)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 async def _parse(request: Request, model: type[M]) -> tuple[M, bytes]:
-    body = await _read_body(request)
+    body = await read_body(request, MAX_BODY_BYTES)
     try:
         req = model.model_validate_json(body)
     except ValidationError as exc:

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 
 from node.api.deps import GenerationDep
 from node.api.error_handlers import error_responses
+from node.api.request_body import read_body
 from node.errors import BadRequest, NodeError
 from node.payment.x402.facilitator import Facilitator
 
@@ -36,9 +37,7 @@ def _facilitator(generation: GenerationDep) -> Facilitator:
 
 
 async def _body(request: Request) -> Any:
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise BadRequest("request body too large", size=len(raw), max_size=MAX_BODY_BYTES)
+    raw = await read_body(request, MAX_BODY_BYTES)  # 413 before a byte past the limit is read
     try:
         return json.loads(raw)
     except ValueError as exc:
@@ -54,14 +53,14 @@ def supported(generation: GenerationDep) -> dict[str, Any]:
     return x402.facilitator.supported()
 
 
-@router.post("/verify", responses=error_responses(400, 404), openapi_extra=_REQUEST)
+@router.post("/verify", responses=error_responses(400, 404, 413), openapi_extra=_REQUEST)
 async def verify(request: Request, generation: GenerationDep) -> dict[str, Any]:
     """`isValid` with the channel's on-chain snapshot in `extra`, or `invalidReason` (the spec's code)."""
     facilitator = _facilitator(generation)
     return await asyncio.to_thread(facilitator.verify, await _body(request))
 
 
-@router.post("/settle", responses=error_responses(400, 404), openapi_extra=_REQUEST)
+@router.post("/settle", responses=error_responses(400, 404, 413), openapi_extra=_REQUEST)
 async def settle(request: Request, generation: GenerationDep) -> dict[str, Any]:
     """A deposit submitted on chain (the node pays the gas): its transaction and the channel's new state."""
     facilitator = _facilitator(generation)
