@@ -4,7 +4,8 @@ gave up. A caller with no escrow (a fresh key signs a valid voucher for nothing)
 patterns, each within the per-pattern bound, that took seconds to compile, and was refused only after
 them (402): two such requests kept the pool busy, and a paying user's structured request meanwhile was
 refused (400, its grammar "took more than 5 s to compile"). Now a grammar is compiled only for a
-request whose payment holds, and a whole schema's patterns share one repetition bound. Live node."""
+request whose payment holds, and a whole schema's patterns share one repetition bound. Live node, on
+SQLite and on PostgreSQL (when configured): the hold is taken, and released, around the compile."""
 
 from __future__ import annotations
 
@@ -22,6 +23,12 @@ from tests.fixtures.paid_node import PaidNode
 
 pytestmark = pytest.mark.chain
 NUM_PATTERNS = 120  # each pattern within MAX_PATTERN_REPEAT; together more than 5 s of compiling on the tiny model
+
+
+@pytest.fixture(scope="module")
+def paid_node(paid_node_each_backend: PaidNode) -> PaidNode:
+    """Each database's lanes: a hold placed before the compile, released when the compile refuses."""
+    return paid_node_each_backend
 
 
 def _heavy(tag: int) -> dict[str, object]:
@@ -69,3 +76,6 @@ def test_a_schema_whose_patterns_together_repeat_too_much_is_refused_by_name(pai
     assert resp.status_code == 400, resp.text
     error = resp.json()["error"]
     assert error["param"] == "response_format.json_schema.schema" and "pattern" in error["message"], error
+    city = {"type": "object", "properties": {"city": {"enum": ["Oslo", "Lima"]}}, "required": ["city"]}
+    after = _post(paid_node, Payer(paid_node.payer_keys[0], paid_node.base_url), _chat(paid_node, city, "city"), 32)
+    assert after.status_code == 200, f"the refused compile left its hold on the lane: {after.text}"
