@@ -103,7 +103,8 @@ class Sent:
     num_prompt_tokens: int
     num_choices: int = 1
     holds_back: bool = False  # the text goes out whole in the last chunk (tool calls), not token by token
-    tokens: list[int] = field(default_factory=list)  # completion tokens generated, per choice
+    tokens: list[int] = field(default_factory=list)  # completion tokens generated and sent, per choice
+    held: list[tuple[str, int]] = field(default_factory=list)  # text generated, not sent yet, and its tokens
     parts: list[list[str]] = field(default_factory=list)  # text sent, per choice
     chars: list[int] = field(default_factory=list)  # its length
     logprobs: list[list[TokenLogprob]] = field(default_factory=list)
@@ -116,12 +117,13 @@ class Sent:
     def __post_init__(self) -> None:
         n = self.num_choices
         self.tokens, self.chars, self.parts, self.endings = [0] * n, [0] * n, [[] for _ in range(n)], [None] * n
-        self.logprobs = [[] for _ in range(n)]
+        self.logprobs, self.held = [[] for _ in range(n)], [("", 0)] * n
 
     def add(self, index: int, delta: StreamDelta) -> int:
         """Record the choice's delta; returns the length of its text before it (the delta's text offset)."""
         offset = self.chars[index]
         self.tokens[index], self.chars[index] = delta.num_completion_tokens, offset + len(delta.text)
+        self.held[index] = (delta.held_text, delta.num_held_tokens)
         if delta.text:
             self.parts[index].append(delta.text)
         self.logprobs[index].extend(delta.logprobs or [])
@@ -130,21 +132,24 @@ class Sent:
 
     @property
     def is_owed(self) -> bool:
-        """A client that leaves now pays: some text left the node, or was generated for it to take whole."""
-        return self.is_sent or (self.holds_back and any(self.tokens))
+        """A client that leaves now pays: some text left the node, or was generated for it and held back (a
+        stop string's possible start; tool calls, which go out whole)."""
+        return self.is_sent or any(n for _, n in self.held) or (self.holds_back and any(self.tokens))
 
     @property
     def usage(self) -> Usage:
-        return Usage(self.num_prompt_tokens, sum(self.tokens))
+        """The completion tokens sent and held back: what a client that leaves now is charged for."""
+        return Usage(self.num_prompt_tokens, sum(self.tokens) + sum(n for _, n in self.held))
 
     @property
     def is_done(self) -> bool:
         return all(e is not None for e in self.endings)
 
     def choices(self, asked_logprobs: bool, unfinished: str) -> list[ChoiceOutput]:
-        """Every choice as sent; one still running ends with `unfinished`."""
-        return [ChoiceOutput("".join(p), e or unfinished, lp if asked_logprobs else None)
-                for p, e, lp in zip(self.parts, self.endings, self.logprobs, strict=True)]
+        """Every choice as sent, and the text held back from it (the answer stored for a client that left:
+        the text of every token it is charged for); one still running ends with `unfinished`."""
+        return [ChoiceOutput("".join(p) + held, e or unfinished, lp if asked_logprobs else None)
+                for p, e, lp, (held, _) in zip(self.parts, self.endings, self.logprobs, self.held, strict=True)]
 
 
 def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int,

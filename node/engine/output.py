@@ -28,6 +28,7 @@ MAX_HELD_CHARS = 32  # the most of a stop string's start a stream holds back (a 
 class _Sent:
     num_tokens: int = 0
     num_chars: int = 0
+    num_held_tokens: int = 0
 
 
 class OutputProcessor:
@@ -96,37 +97,40 @@ class OutputProcessor:
         return min(found) if found else None
 
     def delta(self, seq: Sequence) -> StreamDelta | None:
-        """What the stream has not seen yet; None when there is nothing new and it is not finished."""
+        """What the stream has not seen yet, and what it is held back from seeing; None when nothing changed
+        and it is not finished."""
         sent = self._sent.setdefault(seq.request_id, _Sent())
-        text, num_tokens = self._ready(seq)
+        whole, num_whole, text, num_tokens = self._ready(seq)
         num_tokens = max(num_tokens, sent.num_tokens)
+        num_held = max(num_whole - num_tokens, 0)
         new_tokens = seq.output_token_ids[sent.num_tokens:num_tokens]
         logprobs = seq.output_logprobs[sent.num_tokens:num_tokens] if seq.params.logprobs is not None else None
         new_text = text[sent.num_chars:] if len(text) > sent.num_chars else ""
-        if not new_tokens and not new_text and not seq.is_finished:
+        if not new_tokens and not new_text and not seq.is_finished and num_held == sent.num_held_tokens:
             return None
-        sent.num_tokens = num_tokens
+        sent.num_tokens, sent.num_held_tokens = num_tokens, num_held
         sent.num_chars = max(sent.num_chars, len(text))
         return StreamDelta(request_id=seq.request_id, token_ids=new_tokens, text=new_text,
                            finish_reason=seq.finish_reason, num_prompt_tokens=len(seq.prompt_token_ids),
-                           num_completion_tokens=num_tokens, error=seq.error, logprobs=logprobs)
+                           num_completion_tokens=num_tokens, error=seq.error, logprobs=logprobs,
+                           held_text=whole[sent.num_chars:] if num_held else "", num_held_tokens=num_held)
 
-    def _ready(self, seq: Sequence) -> tuple[str, int]:
-        """The text a stream may have now and how many tokens spell it: all of a finished sequence; of a
-        running one neither an unfinished character nor an end that a stop string begins with (it may
-        become one, and a stop string is never sent), each held back with its tokens."""
+    def _ready(self, seq: Sequence) -> tuple[str, int, str, int]:
+        """The whole characters generated and how many tokens spell them, then the part of them a stream may
+        have now and its tokens: all of a finished sequence; of a running one, the whole characters less an
+        end that a stop string begins with (it may become one, and a stop string is never sent), held back
+        with its tokens. An unfinished character is in neither (its tokens are not an answer's yet)."""
         text, ids = seq.text, seq.output_token_ids
         if seq.is_finished:
-            return text, seq.num_answer_tokens
-        num_tokens, unfinished = len(ids), self._unfinished_tail(ids)
+            return text, seq.num_answer_tokens, text, seq.num_answer_tokens
+        num_whole, unfinished = len(ids), self._unfinished_tail(ids)
         if unfinished:  # what the rest spells: a byte-fallback decoder makes a whole broken run of bytes U+FFFD
-            num_tokens -= unfinished
-            text = self._decode(ids[:num_tokens])
+            num_whole -= unfinished
+            text = self._decode(ids[:num_whole])
         held = _stop_prefix(text, seq.params.stop)
-        if held:
-            num_tokens -= self._tokens_ending(ids[:num_tokens], held)
-            text = text[:-held]
-        return text, num_tokens
+        if not held:
+            return text, num_whole, text, num_whole
+        return text, num_whole, text[:-held], num_whole - self._tokens_ending(ids[:num_whole], held)
 
     def _tokens_ending(self, ids: list[int], num_chars: int) -> int:
         """How many of the last `ids` spell their last `num_chars` characters (a few tokens decoded)."""

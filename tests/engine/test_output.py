@@ -149,11 +149,28 @@ def test_a_stop_string_is_never_streamed_even_in_part(tokenizer: PreTrainedToken
     ids = _ids(tokenizer, b"abEND!")
     deltas, out = _run(tokenizer, ids, max_tokens=10, stop=("END",))
     assert "".join(d.text for d in deltas) == "ab" == out.text and out.finish_reason == "stop"
-    assert [d.num_completion_tokens for d in deltas] == [1, 2, 5], "held back tokens wait with their text"
+    assert [d.num_completion_tokens for d in deltas] == [1, 2, 2, 2, 5], "held back tokens wait with their text"
+    assert [(d.held_text, d.num_held_tokens) for d in deltas] == [("", 0), ("", 0), ("E", 1), ("EN", 2), ("", 0)]
     ids = _ids(tokenizer, b"abENx")  # what looked like a stop string's start was not one
     deltas, out = _run(tokenizer, ids, max_tokens=5, stop=("END",))
-    assert [d.text for d in deltas] == ["a", "b", "ENx"] and out.text == "abENx"
-    assert [d.token_ids for d in deltas] == [ids[:1], ids[1:2], ids[2:]]
+    assert [d.text for d in deltas] == ["a", "b", "", "", "ENx"] and out.text == "abENx"
+    assert [d.token_ids for d in deltas] == [ids[:1], ids[1:2], [], [], ids[2:]]
+
+
+def test_a_stream_says_what_it_holds_back_so_a_client_that_leaves_is_charged_for_it(
+        tokenizer: PreTrainedTokenizerBase) -> None:
+    """Each delta says the whole characters generated and not sent yet (a stop string's possible start) and
+    how many tokens spell them: sent and held back together are every token of whole characters, and an
+    unfinished character is in neither. Before, a stream whose text was all held back told nobody anything:
+    its client could hang up uncharged, and send the voucher again."""
+    ids = _ids(tokenizer, b"ab" + MIDDLE[:2])  # "b" may start the stop string; then half a character
+    deltas, _ = _run(tokenizer, ids, max_tokens=10, stop=("b\u4e2d!",))
+    assert [(d.text, d.held_text, d.num_held_tokens) for d in deltas] == [("a", "", 0), ("", "b", 1)]
+    sent = sum(len(d.token_ids) for d in deltas)
+    assert sent + deltas[-1].num_held_tokens == 2, "the unfinished character's tokens are neither sent nor held"
+    deltas, out = _run(tokenizer, _ids(tokenizer, b"bEN"), max_tokens=3, stop=("END",))  # cut by its length
+    assert [(d.text, d.held_text, d.num_held_tokens) for d in deltas] == [("b", "", 0), ("", "E", 1), ("EN", "", 0)]
+    assert out.text == "bEN" and out.num_completion_tokens == 3, "what was held goes out with the last delta"
 
 
 def test_a_huge_stop_string_holds_back_a_bounded_start_and_costs_a_step_little(

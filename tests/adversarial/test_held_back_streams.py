@@ -1,0 +1,97 @@
+"""A stream holds back the end of its text that a stop string begins with (it may become the stop string,
+which is never sent). A client that hung up while everything generated was held back had been sent
+nothing, so its hold was released: the same voucher bought the generation again, and again (free
+compute). The rule now (DESIGN: "a client that hangs up is charged for what was generated"): the engine
+tells the API, delta by delta, the whole characters it holds back and their tokens; a hang-up charges
+the tokens sent and those held back, and stores the text sent and the text held back as the answer, so
+a replay of the voucher returns, free, exactly the text of every token charged. The payer is never
+charged for a token whose text it cannot get (an unfinished character's tokens are neither charged nor
+stored, as when an answer ends inside one), and never gets what was generated for free. Live node on
+each database; the engine's steps are slowed so the hang-up lands while the text is held back."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from node.client.payer import Payer
+from tests.adversarial.attacker import Attacker
+from tests.fixtures.paid_node import PaidNode
+
+pytestmark = pytest.mark.chain
+STEP_S = 0.15  # each engine step at least this long: 20 tokens take 3 s, the client leaves after 1.2 s
+
+
+@pytest.fixture(scope="module")
+def paid_node(paid_node_each_backend: PaidNode) -> PaidNode:
+    """Each database's lanes: a hang-up's charge and its stored answer."""
+    return paid_node_each_backend
+
+
+@pytest.fixture
+def slow_engine(paid_node: PaidNode) -> Iterator[None]:
+    """The engine's step loop, each step slowed to STEP_S (a busy node)."""
+    svc = paid_node.local.services
+    assert svc is not None
+    engine = svc.engine.engine
+    real = engine.step
+
+    def step() -> object:
+        time.sleep(STEP_S)
+        return real()
+
+    engine.step = step  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del engine.step
+
+
+def _attacker(paid: PaidNode) -> Attacker:
+    return Attacker(Payer(paid.payer_keys[1], paid.base_url), paid.base_url, str(paid.adapter_id))
+
+
+def _all_a(paid: PaidNode, max_tokens: int, stop: str) -> bytes:
+    """An answer of "a"s only (logit_bias), streamed, with a stop string it keeps looking like the start of."""
+    svc = paid.local.services
+    assert svc is not None
+    a = svc.engine.engine.tokenizer.convert_tokens_to_ids("a")
+    return json.dumps({"model": str(paid.adapter_id), "prompt": "the sea", "max_tokens": max_tokens, "stream": True,
+                       "temperature": 0, "logit_bias": {str(a): 100}, "stop": [stop]}).encode()
+
+
+def _leave_after(att: Attacker, body: bytes, header: str, seconds: float) -> list[str]:
+    """Stream the answer and hang up when nothing came for `seconds`; the events read."""
+    got: list[str] = []
+    try:
+        with httpx.stream("POST", f"{att.base_url}/v1/completions", content=body,
+                          timeout=httpx.Timeout(10, read=seconds),
+                          headers={"X-Payment": header, "Content-Type": "application/json"}) as resp:
+            assert resp.status_code == 200, resp.read()
+            got.extend(line for line in resp.iter_lines() if line.startswith("data: {"))
+    except httpx.ReadTimeout:
+        return got
+    raise AssertionError(f"the whole answer came before the client could leave: {got[-1:]}")
+
+
+def test_a_hang_up_while_all_text_is_held_back_is_charged_and_the_voucher_replays_it(
+        paid_node: PaidNode, slow_engine: None) -> None:
+    att, lane = _attacker(paid_node), 180
+    body = _all_a(paid_node, max_tokens=20, stop="a" * 30 + "!")  # 20 "a"s: all of it a stop string's start
+    header = att.header(body, lane)
+    before = att.charged(lane)
+    assert _leave_after(att, body, header, seconds=8 * STEP_S) == [], "text went out: nothing was held back"
+    after = att.charged_once_settled(lane, before)
+    assert after > before, "the generation held back from a client that hung up was not charged (free compute)"
+    status, text, events = att.stream_text(body, header)  # the same voucher again
+    assert status == 200 and events, text
+    receipt = events[-1]["receipt"]
+    assert att.charged(lane) == after, "the voucher bought a second generation"
+    assert events[-1]["choices"][0]["finish_reason"] == "abort"
+    assert 0 < receipt["completionTokens"] < 20 and text == "a" * receipt["completionTokens"], (text, receipt)
+    fee = paid_node.local.services.payments.pricing.fee(receipt["promptTokens"], receipt["completionTokens"])  # type: ignore[union-attr]
+    assert int(receipt["fee"]) == fee == after - before
