@@ -39,14 +39,19 @@ class Job:
     prompt_ids: list[int]
     params: SamplingParams
     hold: Hold
+    held_at: float  # time.monotonic() when the hold was asked for: its time limits count from there
 
     @classmethod
     def of(cls, kind: Kind, req: CompletionRequest | ChatCompletionRequest, adapter: ServedAdapter,
-           prompt_ids: list[int], params: SamplingParams, held: Hold) -> Job:
+           prompt_ids: list[int], params: SamplingParams, held: Hold, held_at: float) -> Job:
         """The job of a request whose payment holds, named after its voucher."""
         response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{held.checked.digest.hex()[:24]}"
         return cls(kind, req, response_id, f"{response_id}-{secrets.token_hex(6)}", int(time.time()), adapter,
-                   prompt_ids, params, held)
+                   prompt_ids, params, held, held_at)
+
+    def time_left(self, limit_s: float) -> float:
+        """Seconds left of `limit_s` counted from the hold (a grammar's compile, up to 5 s, runs after it)."""
+        return max(limit_s - (time.monotonic() - self.held_at), 0.0)
 
     @property
     def choice_ids(self) -> list[str]:
