@@ -6,9 +6,11 @@ tokens (and their logprobs) of an unfinished character until it is whole, and an
 one (its length, an abort, or an end-of-text or stop token right after it) ends before it: those tokens
 (and the stop token after them) are left out of its text and its count, so nobody is sent, or charged
 for, a U+FFFD that stands for bytes they never got. Bytes that can never become a character (a lead byte
-followed by another) are what the model wrote and stay. A stream holds back an end of its text that a
-stop string begins with, too (up to MAX_HELD_CHARS of it): a stop string is never sent, though the start
-of a longer one may be.
+followed by another) are what the model wrote and stay; bytes that only a stop string's first byte breaks
+are the unfinished end of the answer before it, left out of its text (their tokens are counted, as the
+stop string's are). A stream holds back an end of its text that a stop string begins with, too (up to
+MAX_HELD_CHARS of it), and says what it holds back (a client that hangs up is charged for it, and gets it
+as the stored answer): a stop string is never sent, though the start of a longer one may be.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class OutputProcessor:
                 seq.stop_search_from = max(0, len(seq.text) - max(map(len, p.stop), default=1) + 1)
                 cut = None
             if cut is not None:
-                seq.text = seq.text[:cut]
+                seq.text = self._before_stop(seq, cut)
                 seq.finish("stop")
                 return True
         if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
@@ -74,6 +76,21 @@ class OutputProcessor:
         unfinished = self._unfinished_tail(ids)
         seq.num_cut_tokens = unfinished + num_stop_tokens if unfinished else 0
         seq.text = self._decode(ids[:len(ids) - unfinished])
+
+    def _before_stop(self, seq: Sequence, cut: int) -> str:
+        """The text before the stop string found at `cut`, less a character its bytes end inside: the stop
+        string's first byte made those bytes broken (U+FFFD), but they are the unfinished end of the answer,
+        left out as any answer's is (its tokens, generated before the stop string's, are still counted)."""
+        text, ids = seq.text[:cut], seq.output_token_ids
+        if not text.endswith("\ufffd"):
+            return text
+        num_before = len(ids) - self._tokens_ending(ids, len(seq.text) - cut)  # tokens before the stop string
+        unfinished = self._unfinished_tail(ids[:num_before])
+        if not unfinished:
+            return text
+        window = ids[max(num_before - unfinished - 4, 0):num_before]  # a margin: it may start inside a character
+        num_shown = len(self._decode(window)) - len(self._decode(window[:-unfinished]))  # its U+FFFDs
+        return text[:len(text) - num_shown]
 
     def _unfinished_tail(self, ids: list[int]) -> int:
         """How many of the last tokens spell the start of a character not finished yet (0: none). A
@@ -130,7 +147,12 @@ class OutputProcessor:
         held = _stop_prefix(text, seq.params.stop)
         if not held:
             return text, num_whole, text, num_whole
-        return text, num_whole, text[:-held], num_whole - self._tokens_ending(ids[:num_whole], held)
+        num_ready = num_whole - self._tokens_ending(ids[:num_whole], held)
+        unfinished = self._unfinished_tail(ids[:num_ready])  # bytes that the stop string's start broke
+        if unfinished:  # the answer ends inside that character if it is the stop string: held back too
+            num_ready -= unfinished
+            return text, num_whole, self._decode(ids[:num_ready]), num_ready
+        return text, num_whole, text[:-held], num_ready
 
     def _tokens_ending(self, ids: list[int], num_chars: int) -> int:
         """How many of the last `ids` spell their last `num_chars` characters (a few tokens decoded)."""

@@ -173,6 +173,27 @@ def test_a_stream_says_what_it_holds_back_so_a_client_that_leaves_is_charged_for
     assert out.text == "bEN" and out.num_completion_tokens == 3, "what was held goes out with the last delta"
 
 
+@pytest.mark.parametrize("is_streamed", [True, False], ids=["streamed", "whole"])
+def test_a_stop_string_right_after_half_a_character_leaves_no_replacement_character(
+        tokenizer: PreTrainedTokenizerBase, is_streamed: bool) -> None:
+    """The answer is what comes before its stop string, and its bytes end inside a character: that character
+    is left out, as when an answer ends inside one any other way. Before, the stop string's first byte made
+    the unfinished bytes broken ones, and the answer (and the stream, before the stop string was whole) had
+    a U+FFFD standing for bytes of no character the payer got. The tokens are all counted, those of the
+    stop string with them: they were generated, as every stop string's are (rule: text never shows what
+    is not a character of the answer; the count is every token generated up to the stop string's end)."""
+    ids = [*_ids(tokenizer, b"a" + MIDDLE[:2]), *_ids(tokenizer, b"bba")]
+    deltas, out = _run(tokenizer, ids, max_tokens=10, is_streamed=is_streamed, stop=("bb",))
+    assert out.finish_reason == "stop" and out.text == "a"
+    assert out.num_completion_tokens == 5 and out.token_ids == ids[:5]
+    if is_streamed:
+        assert "".join(d.text for d in deltas) == "a" and deltas[-1].num_completion_tokens == 5
+    ids = [*_ids(tokenizer, b"a" + MIDDLE[:2]), *_ids(tokenizer, b"ba")]  # not the stop string: broken bytes
+    deltas, out = _run(tokenizer, ids, max_tokens=5, stop=("bb",))
+    assert out.text.startswith("a\ufffd") and out.text.endswith("\ufffdba") and out.num_completion_tokens == 5
+    assert "".join(d.text for d in deltas) == out.text
+
+
 def test_a_huge_stop_string_holds_back_a_bounded_start_and_costs_a_step_little(
         tokenizer: PreTrainedTokenizerBase) -> None:
     """A payer's stop string of 100,000 "a"s must not make each step of everyone's batch slow."""
