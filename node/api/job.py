@@ -110,6 +110,7 @@ class Sent:
     holds_back: bool = False  # the text goes out whole in the last chunk (tool calls), not token by token
     tokens: list[int] = field(default_factory=list)  # completion tokens generated and sent, per choice
     held: list[tuple[str, int]] = field(default_factory=list)  # text generated, not sent yet, and its tokens
+    held_logprobs: list[list[TokenLogprob]] = field(default_factory=list)  # theirs
     parts: list[list[str]] = field(default_factory=list)  # text sent, per choice
     chars: list[int] = field(default_factory=list)  # its length
     logprobs: list[list[TokenLogprob]] = field(default_factory=list)
@@ -122,13 +123,14 @@ class Sent:
     def __post_init__(self) -> None:
         n = self.num_choices
         self.tokens, self.chars, self.parts, self.endings = [0] * n, [0] * n, [[] for _ in range(n)], [None] * n
-        self.logprobs, self.held = [[] for _ in range(n)], [("", 0)] * n
+        self.logprobs, self.held, self.held_logprobs = [[] for _ in range(n)], [("", 0)] * n, [[] for _ in range(n)]
 
     def add(self, index: int, delta: StreamDelta) -> int:
         """Record the choice's delta; returns the length of its text before it (the delta's text offset)."""
         offset = self.chars[index]
         self.tokens[index], self.chars[index] = delta.num_completion_tokens, offset + len(delta.text)
         self.held[index] = (delta.held_text, delta.num_held_tokens)
+        self.held_logprobs[index] = delta.held_logprobs or []
         if delta.text:
             self.parts[index].append(delta.text)
         self.logprobs[index].extend(delta.logprobs or [])
@@ -153,8 +155,9 @@ class Sent:
     def choices(self, asked_logprobs: bool, unfinished: str) -> list[ChoiceOutput]:
         """Every choice as sent, and the text held back from it (the answer stored for a client that left:
         the text of every token it is charged for); one still running ends with `unfinished`."""
-        return [ChoiceOutput("".join(p) + held, e or unfinished, lp if asked_logprobs else None)
-                for p, e, lp, (held, _) in zip(self.parts, self.endings, self.logprobs, self.held, strict=True)]
+        return [ChoiceOutput("".join(p) + held, e or unfinished, lp + held_lp if asked_logprobs else None)
+                for p, e, lp, (held, _), held_lp in zip(self.parts, self.endings, self.logprobs, self.held,
+                                                        self.held_logprobs, strict=True)]
 
 
 def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int,

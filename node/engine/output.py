@@ -121,7 +121,8 @@ class OutputProcessor:
         num_tokens = max(num_tokens, sent.num_tokens)
         num_held = max(num_whole - num_tokens, 0)
         new_tokens = seq.output_token_ids[sent.num_tokens:num_tokens]
-        logprobs = seq.output_logprobs[sent.num_tokens:num_tokens] if seq.params.logprobs is not None else None
+        asked = seq.params.logprobs is not None
+        logprobs = seq.output_logprobs[sent.num_tokens:num_tokens] if asked else None
         new_text = text[sent.num_chars:] if len(text) > sent.num_chars else ""
         if not new_tokens and not new_text and not seq.is_finished and num_held == sent.num_held_tokens:
             return None
@@ -130,7 +131,8 @@ class OutputProcessor:
         return StreamDelta(request_id=seq.request_id, token_ids=new_tokens, text=new_text,
                            finish_reason=seq.finish_reason, num_prompt_tokens=len(seq.prompt_token_ids),
                            num_completion_tokens=num_tokens, error=seq.error, logprobs=logprobs,
-                           held_text=whole[sent.num_chars:] if num_held else "", num_held_tokens=num_held)
+                           held_text=whole[sent.num_chars:] if num_held else "", num_held_tokens=num_held,
+                           held_logprobs=seq.output_logprobs[num_tokens:num_whole] if asked and num_held else None)
 
     def _ready(self, seq: Sequence) -> tuple[str, int, str, int]:
         """The whole characters generated and how many tokens spell them, then the part of them a stream may

@@ -47,6 +47,7 @@ class StreamDelta:
     # client that hangs up now is charged for beyond what it was sent (output.py); none once finished
     held_text: str = ""
     num_held_tokens: int = 0
+    held_logprobs: list[TokenLogprob] | None = None  # theirs, when the request asked
 
 
 @dataclass(eq=False)

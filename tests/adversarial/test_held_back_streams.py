@@ -95,3 +95,29 @@ def test_a_hang_up_while_all_text_is_held_back_is_charged_and_the_voucher_replay
     assert 0 < receipt["completionTokens"] < 20 and text == "a" * receipt["completionTokens"], (text, receipt)
     fee = paid_node.local.services.payments.pricing.fee(receipt["promptTokens"], receipt["completionTokens"])  # type: ignore[union-attr]
     assert int(receipt["fee"]) == fee == after - before
+
+
+def test_a_hang_up_while_the_text_of_n_choices_is_held_back_charges_each_choice_what_it_generated(
+        paid_node: PaidNode, slow_engine: None) -> None:
+    """n choices, logprobs asked: each choice's held text is stored and charged, under one receipt."""
+    att, lane = _attacker(paid_node), 181
+    body = json.loads(_all_a(paid_node, max_tokens=20, stop="a" * 30 + "!"))
+    body = json.dumps({**body, "n": 2, "logprobs": 1}).encode()
+    header = att.header(body, lane)
+    before = att.charged(lane)
+    assert _leave_after(att, body, header, seconds=8 * STEP_S) == [], "text went out: nothing was held back"
+    after = att.charged_once_settled(lane, before)
+    assert after > before, "the choices held back from a client that hung up were not charged"
+    status, _, events = att.stream_text(body, header)  # the same voucher again: the stored answer
+    assert status == 200 and att.charged(lane) == after
+    texts, tokens = ["", ""], [[], []]  # type: ignore[var-annotated]
+    for event in events:
+        for choice in event.get("choices", []):
+            texts[choice["index"]] += choice["text"] or ""
+            tokens[choice["index"]] += (choice.get("logprobs") or {}).get("tokens", [])
+    receipt = events[-1]["receipt"]
+    assert all(text and set(text) == {"a"} for text in texts), texts
+    assert [len(t) for t in tokens] == [len(text) for text in texts], "a token charged has no logprob"
+    assert receipt["completionTokens"] == sum(map(len, texts)), (texts, receipt)
+    fee = paid_node.local.services.payments.pricing.fee(receipt["promptTokens"], receipt["completionTokens"])  # type: ignore[union-attr]
+    assert int(receipt["fee"]) == fee == after - before

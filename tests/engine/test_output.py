@@ -168,6 +168,7 @@ def test_a_stream_says_what_it_holds_back_so_a_client_that_leaves_is_charged_for
     assert [(d.text, d.held_text, d.num_held_tokens) for d in deltas] == [("a", "", 0), ("", "b", 1)]
     sent = sum(len(d.token_ids) for d in deltas)
     assert sent + deltas[-1].num_held_tokens == 2, "the unfinished character's tokens are neither sent nor held"
+    assert [lp.token_id for lp in deltas[-1].held_logprobs or []] == ids[1:2], "the held token's logprob with it"
     deltas, out = _run(tokenizer, _ids(tokenizer, b"bEN"), max_tokens=3, stop=("END",))  # cut by its length
     assert [(d.text, d.held_text, d.num_held_tokens) for d in deltas] == [("b", "", 0), ("", "E", 1), ("EN", "", 0)]
     assert out.text == "bEN" and out.num_completion_tokens == 3, "what was held goes out with the last delta"
