@@ -121,3 +121,17 @@ def test_a_hang_up_while_the_text_of_n_choices_is_held_back_charges_each_choice_
     assert receipt["completionTokens"] == sum(map(len, texts)), (texts, receipt)
     fee = paid_node.local.services.payments.pricing.fee(receipt["promptTokens"], receipt["completionTokens"])  # type: ignore[union-attr]
     assert int(receipt["fee"]) == fee == after - before
+
+
+def test_max_tokens_reached_while_all_text_is_held_back_sends_and_charges_all_of_it(paid_node: PaidNode) -> None:
+    """The answer ends (its length) inside what looked like a stop string's start: that text was never the
+    stop string, and goes out with the last chunk, every token charged once."""
+    att, lane = _attacker(paid_node), 182
+    body = _all_a(paid_node, max_tokens=12, stop="a" * 30 + "!")
+    before = att.charged(lane)
+    status, text, events = att.stream_text(body, att.header(body, lane))
+    assert status == 200 and text == "a" * 12
+    assert [e["choices"][0]["text"] for e in events if e.get("choices") and e["choices"][0]["text"]] == [text]
+    receipt = events[-1]["receipt"]
+    assert events[-1]["choices"][0]["finish_reason"] == "length" and receipt["completionTokens"] == 12
+    assert att.charged(lane) - before == int(receipt["fee"])
