@@ -84,13 +84,22 @@ class OutputProcessor:
         text, ids = seq.text[:cut], seq.output_token_ids
         if not text.endswith("\ufffd"):
             return text
-        num_before = len(ids) - self._tokens_ending(ids, len(seq.text) - cut)  # tokens before the stop string
-        unfinished = self._unfinished_tail(ids[:num_before])
+        num_before = self._tokens_before(ids, len(seq.text[cut:].encode()))
+        unfinished = self._unfinished_tail(ids[:num_before]) if num_before is not None else 0
         if not unfinished:
             return text
         window = ids[max(num_before - unfinished - 4, 0):num_before]  # a margin: it may start inside a character
         num_shown = len(self._decode(window)) - len(self._decode(window[:-unfinished]))  # its U+FFFDs
         return text[:len(text) - num_shown]
+
+    def _tokens_before(self, ids: list[int], num_bytes: int) -> int | None:
+        """How many first `ids` spell all but their last `num_bytes` bytes (None: a token spells across that
+        boundary). Reads token bytes only (cached): a stop string of any length costs no decode."""
+        num_spelled, k = 0, len(ids)
+        while k > 0 and num_spelled < num_bytes:
+            k -= 1
+            num_spelled += len(self.token_bytes(ids[k]))
+        return k if num_spelled == num_bytes else None
 
     def _unfinished_tail(self, ids: list[int]) -> int:
         """How many of the last tokens spell the start of a character not finished yet (0: none). A
