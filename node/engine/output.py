@@ -86,7 +86,7 @@ class OutputProcessor:
             return text
         num_before = self._tokens_before(ids, len(seq.text[cut:].encode()))
         unfinished = self._unfinished_tail(ids[:num_before]) if num_before is not None else 0
-        if not unfinished:
+        if num_before is None or not unfinished:
             return text
         window = ids[max(num_before - unfinished - 4, 0):num_before]  # a margin: it may start inside a character
         num_shown = len(self._decode(window)) - len(self._decode(window[:-unfinished]))  # its U+FFFDs
