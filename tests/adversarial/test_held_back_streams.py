@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from node.client.payer import Payer
+from node.db.loss import losses
 from tests.adversarial.attacker import Attacker
 from tests.fixtures.paid_node import PaidNode
 
@@ -135,3 +136,43 @@ def test_max_tokens_reached_while_all_text_is_held_back_sends_and_charges_all_of
     receipt = events[-1]["receipt"]
     assert events[-1]["choices"][0]["finish_reason"] == "length" and receipt["completionTokens"] == 12
     assert att.charged(lane) - before == int(receipt["fee"])
+
+
+@pytest.fixture
+def slow_charge(paid_node: PaidNode) -> Iterator[None]:
+    """The charge's commit takes a second (a busy database): the receipt chunk comes that much after the text."""
+    svc = paid_node.local.services
+    assert svc is not None
+    real = svc.payments.finish
+
+    def finish(*args: object, **kwargs: object) -> object:
+        time.sleep(1.0)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    svc.payments.finish = finish  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del svc.payments.finish
+
+
+def test_a_hang_up_after_the_last_token_before_the_receipt_chunk_is_charged_once_for_the_whole_answer(
+        paid_node: PaidNode, slow_charge: None) -> None:
+    """The last chunk is being charged when the client leaves: the hang-up's settling must neither charge
+    a second time nor store a cut answer over the whole one, nor record a loss."""
+    svc = paid_node.local.services
+    assert svc is not None
+    att, lane = _attacker(paid_node), 183
+    body = att.body(max_tokens=8, stream=True)
+    header = att.header(body, lane)
+    before = att.charged(lane)
+    read = _leave_after(att, body, header, seconds=0.5)
+    assert read and not any("receipt" in line for line in read), read
+    after = att.charged_once_settled(lane, before, timeout_s=5)
+    status, text, events = att.stream_text(body, header)
+    receipt = events[-1]["receipt"]
+    assert status == 200 and receipt["completionTokens"] == 8 and events[-1]["choices"][0]["finish_reason"] == "length"
+    assert int(receipt["fee"]) == after - before and att.charged(lane) == after
+    assert text == "".join(json.loads(line.removeprefix("data: "))["choices"][0]["text"] for line in read)
+    with svc.db() as session:
+        assert not [x for x in losses(session, svc.payments.node, att.payer.address) if x.lane == lane]
