@@ -10,7 +10,8 @@ leaves the node is paid for or recorded as a loss:
     the answer is complete                    -> charged; the charge, receipt and response committed
     the client left (hung up, gave up)        -> charged for what was generated; the partial answer is
                                                  stored, so a replay of the voucher gets it for free
-    the time limit (the hold would expire)    -> the same, and the client gets the cut answer
+    the time limit (the hold would expire)    -> the same, and the client gets the cut answer (the limits
+                                                 count from the hold: a grammar's compile runs inside them)
     a stream read past the hold's time        -> charged for what was sent so far; nothing more is sent
     a node fault before any token left        -> the hold is released; the voucher may be sent again
     a node fault after tokens left            -> nothing charged, the voucher spent, a NODE_FAULT loss
@@ -91,7 +92,7 @@ class GenerationService:
         x402_checked = self.gate.x402_payment(presented, str(http.url), max_fee)
         hold = functools.partial(self.gate.hold, presented.voucher, x402_checked, max_fee, pricing, str(http.url),
                                  read, body)
-        job_of = functools.partial(Job.of, kind, req, adapter, prompt_ids, params)
+        job_of = functools.partial(Job.of, kind, req, adapter, prompt_ids, params, held_at=time.monotonic())
         admission = self.engine.admission()
         admission.__enter__()
         held: Hold | Replay | QueuedJob
@@ -199,7 +200,7 @@ class GenerationService:
         """Each queued choice's output and how it ended; a client that leaves, or the time limit, cuts them
         all short (the engine then reports what each had generated)."""
         cut = Cut(self.engine, job.choice_ids)
-        timer = asyncio.get_running_loop().call_later(self.max_generation_s, cut, TIME_LIMIT)
+        timer = asyncio.get_running_loop().call_later(job.time_left(self.max_generation_s), cut, TIME_LIMIT)
         watcher = asyncio.ensure_future(_wait_disconnect(http))
         watcher.add_done_callback(lambda w: None if w.cancelled() or w.exception() else cut(CLIENT_LEFT))
         try:
@@ -242,8 +243,8 @@ class GenerationService:
                                          for i in range(sent.num_choices)]))
             cut, last_at = Cut(self.engine, job.choice_ids), dict[int, float]()
             loop = asyncio.get_running_loop()
-            timer = loop.call_later(self.max_generation_s, cut, TIME_LIMIT)
-            closer = loop.call_later(self.payments.max_delivery_s, self._close, job, sent, leave)
+            timer = loop.call_later(job.time_left(self.max_generation_s), cut, TIME_LIMIT)
+            closer = loop.call_later(job.time_left(self.payments.max_delivery_s), self._close, job, sent, leave)
             deltas = self.engine.stream_choices(job.prompt_ids, job.choice_params, job.adapter.engine_adapter,
                                                 job.choice_ids)
             try:

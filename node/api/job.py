@@ -39,14 +39,19 @@ class Job:
     prompt_ids: list[int]
     params: SamplingParams
     hold: Hold
+    held_at: float  # time.monotonic() when the hold was asked for: its time limits count from there
 
     @classmethod
     def of(cls, kind: Kind, req: CompletionRequest | ChatCompletionRequest, adapter: ServedAdapter,
-           prompt_ids: list[int], params: SamplingParams, held: Hold) -> Job:
+           prompt_ids: list[int], params: SamplingParams, held: Hold, held_at: float) -> Job:
         """The job of a request whose payment holds, named after its voucher."""
         response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{held.checked.digest.hex()[:24]}"
         return cls(kind, req, response_id, f"{response_id}-{secrets.token_hex(6)}", int(time.time()), adapter,
-                   prompt_ids, params, held)
+                   prompt_ids, params, held, held_at)
+
+    def time_left(self, limit_s: float) -> float:
+        """Seconds left of `limit_s` counted from the hold (a grammar's compile, up to 5 s, runs after it)."""
+        return max(limit_s - (time.monotonic() - self.held_at), 0.0)
 
     @property
     def choice_ids(self) -> list[str]:
@@ -103,7 +108,9 @@ class Sent:
     num_prompt_tokens: int
     num_choices: int = 1
     holds_back: bool = False  # the text goes out whole in the last chunk (tool calls), not token by token
-    tokens: list[int] = field(default_factory=list)  # completion tokens generated, per choice
+    tokens: list[int] = field(default_factory=list)  # completion tokens generated and sent, per choice
+    held: list[tuple[str, int]] = field(default_factory=list)  # text generated, not sent yet, and its tokens
+    held_logprobs: list[list[TokenLogprob]] = field(default_factory=list)  # theirs
     parts: list[list[str]] = field(default_factory=list)  # text sent, per choice
     chars: list[int] = field(default_factory=list)  # its length
     logprobs: list[list[TokenLogprob]] = field(default_factory=list)
@@ -116,12 +123,14 @@ class Sent:
     def __post_init__(self) -> None:
         n = self.num_choices
         self.tokens, self.chars, self.parts, self.endings = [0] * n, [0] * n, [[] for _ in range(n)], [None] * n
-        self.logprobs = [[] for _ in range(n)]
+        self.logprobs, self.held, self.held_logprobs = [[] for _ in range(n)], [("", 0)] * n, [[] for _ in range(n)]
 
     def add(self, index: int, delta: StreamDelta) -> int:
         """Record the choice's delta; returns the length of its text before it (the delta's text offset)."""
         offset = self.chars[index]
         self.tokens[index], self.chars[index] = delta.num_completion_tokens, offset + len(delta.text)
+        self.held[index] = (delta.held_text, delta.num_held_tokens)
+        self.held_logprobs[index] = delta.held_logprobs or []
         if delta.text:
             self.parts[index].append(delta.text)
         self.logprobs[index].extend(delta.logprobs or [])
@@ -130,21 +139,25 @@ class Sent:
 
     @property
     def is_owed(self) -> bool:
-        """A client that leaves now pays: some text left the node, or was generated for it to take whole."""
-        return self.is_sent or (self.holds_back and any(self.tokens))
+        """A client that leaves now pays: some text left the node, or was generated for it and held back (a
+        stop string's possible start; tool calls, which go out whole)."""
+        return self.is_sent or any(n for _, n in self.held) or (self.holds_back and any(self.tokens))
 
     @property
     def usage(self) -> Usage:
-        return Usage(self.num_prompt_tokens, sum(self.tokens))
+        """The completion tokens sent and held back: what a client that leaves now is charged for."""
+        return Usage(self.num_prompt_tokens, sum(self.tokens) + sum(n for _, n in self.held))
 
     @property
     def is_done(self) -> bool:
         return all(e is not None for e in self.endings)
 
     def choices(self, asked_logprobs: bool, unfinished: str) -> list[ChoiceOutput]:
-        """Every choice as sent; one still running ends with `unfinished`."""
-        return [ChoiceOutput("".join(p), e or unfinished, lp if asked_logprobs else None)
-                for p, e, lp in zip(self.parts, self.endings, self.logprobs, strict=True)]
+        """Every choice as sent, and the text held back from it (the answer stored for a client that left:
+        the text of every token it is charged for); one still running ends with `unfinished`."""
+        return [ChoiceOutput("".join(p) + held, e or unfinished, lp + held_lp if asked_logprobs else None)
+                for p, e, lp, (held, _), held_lp in zip(self.parts, self.endings, self.logprobs, self.held,
+                                                        self.held_logprobs, strict=True)]
 
 
 def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int,

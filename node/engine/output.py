@@ -6,9 +6,11 @@ tokens (and their logprobs) of an unfinished character until it is whole, and an
 one (its length, an abort, or an end-of-text or stop token right after it) ends before it: those tokens
 (and the stop token after them) are left out of its text and its count, so nobody is sent, or charged
 for, a U+FFFD that stands for bytes they never got. Bytes that can never become a character (a lead byte
-followed by another) are what the model wrote and stay. A stream holds back an end of its text that a
-stop string begins with, too (up to MAX_HELD_CHARS of it): a stop string is never sent, though the start
-of a longer one may be.
+followed by another) are what the model wrote and stay; bytes that only a stop string's first byte breaks
+are the unfinished end of the answer before it, left out of its text (their tokens are counted, as the
+stop string's are). A stream holds back an end of its text that a stop string begins with, too (up to
+MAX_HELD_CHARS of it), and says what it holds back (a client that hangs up is charged for it, and gets it
+as the stored answer): a stop string is never sent, though the start of a longer one may be.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ MAX_HELD_CHARS = 32  # the most of a stop string's start a stream holds back (a 
 class _Sent:
     num_tokens: int = 0
     num_chars: int = 0
+    num_held_tokens: int = 0
 
 
 class OutputProcessor:
@@ -55,7 +58,7 @@ class OutputProcessor:
                 seq.stop_search_from = max(0, len(seq.text) - max(map(len, p.stop), default=1) + 1)
                 cut = None
             if cut is not None:
-                seq.text = seq.text[:cut]
+                seq.text = self._before_stop(seq, cut)
                 seq.finish("stop")
                 return True
         if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
@@ -73,6 +76,30 @@ class OutputProcessor:
         unfinished = self._unfinished_tail(ids)
         seq.num_cut_tokens = unfinished + num_stop_tokens if unfinished else 0
         seq.text = self._decode(ids[:len(ids) - unfinished])
+
+    def _before_stop(self, seq: Sequence, cut: int) -> str:
+        """The text before the stop string found at `cut`, less a character its bytes end inside: the stop
+        string's first byte made those bytes broken (U+FFFD), but they are the unfinished end of the answer,
+        left out as any answer's is (its tokens, generated before the stop string's, are still counted)."""
+        text, ids = seq.text[:cut], seq.output_token_ids
+        if not text.endswith("\ufffd"):
+            return text
+        num_before = self._tokens_before(ids, len(seq.text[cut:].encode()))
+        unfinished = self._unfinished_tail(ids[:num_before]) if num_before is not None else 0
+        if num_before is None or not unfinished:
+            return text
+        window = ids[max(num_before - unfinished - 4, 0):num_before]  # a margin: it may start inside a character
+        num_shown = len(self._decode(window)) - len(self._decode(window[:-unfinished]))  # its U+FFFDs
+        return text[:len(text) - num_shown]
+
+    def _tokens_before(self, ids: list[int], num_bytes: int) -> int | None:
+        """How many first `ids` spell all but their last `num_bytes` bytes (None: a token spells across that
+        boundary). Reads token bytes only (cached): a stop string of any length costs no decode."""
+        num_spelled, k = 0, len(ids)
+        while k > 0 and num_spelled < num_bytes:
+            k -= 1
+            num_spelled += len(self.token_bytes(ids[k]))
+        return k if num_spelled == num_bytes else None
 
     def _unfinished_tail(self, ids: list[int]) -> int:
         """How many of the last tokens spell the start of a character not finished yet (0: none). A
@@ -96,37 +123,47 @@ class OutputProcessor:
         return min(found) if found else None
 
     def delta(self, seq: Sequence) -> StreamDelta | None:
-        """What the stream has not seen yet; None when there is nothing new and it is not finished."""
+        """What the stream has not seen yet, and what it is held back from seeing; None when nothing changed
+        and it is not finished."""
         sent = self._sent.setdefault(seq.request_id, _Sent())
-        text, num_tokens = self._ready(seq)
+        whole, num_whole, text, num_tokens = self._ready(seq)
         num_tokens = max(num_tokens, sent.num_tokens)
+        num_held = max(num_whole - num_tokens, 0)
         new_tokens = seq.output_token_ids[sent.num_tokens:num_tokens]
-        logprobs = seq.output_logprobs[sent.num_tokens:num_tokens] if seq.params.logprobs is not None else None
+        asked = seq.params.logprobs is not None
+        logprobs = seq.output_logprobs[sent.num_tokens:num_tokens] if asked else None
         new_text = text[sent.num_chars:] if len(text) > sent.num_chars else ""
-        if not new_tokens and not new_text and not seq.is_finished:
+        if not new_tokens and not new_text and not seq.is_finished and num_held == sent.num_held_tokens:
             return None
-        sent.num_tokens = num_tokens
+        sent.num_tokens, sent.num_held_tokens = num_tokens, num_held
         sent.num_chars = max(sent.num_chars, len(text))
         return StreamDelta(request_id=seq.request_id, token_ids=new_tokens, text=new_text,
                            finish_reason=seq.finish_reason, num_prompt_tokens=len(seq.prompt_token_ids),
-                           num_completion_tokens=num_tokens, error=seq.error, logprobs=logprobs)
+                           num_completion_tokens=num_tokens, error=seq.error, logprobs=logprobs,
+                           held_text=whole[sent.num_chars:] if num_held else "", num_held_tokens=num_held,
+                           held_logprobs=seq.output_logprobs[num_tokens:num_whole] if asked and num_held else None)
 
-    def _ready(self, seq: Sequence) -> tuple[str, int]:
-        """The text a stream may have now and how many tokens spell it: all of a finished sequence; of a
-        running one neither an unfinished character nor an end that a stop string begins with (it may
-        become one, and a stop string is never sent), each held back with its tokens."""
+    def _ready(self, seq: Sequence) -> tuple[str, int, str, int]:
+        """The whole characters generated and how many tokens spell them, then the part of them a stream may
+        have now and its tokens: all of a finished sequence; of a running one, the whole characters less an
+        end that a stop string begins with (it may become one, and a stop string is never sent), held back
+        with its tokens. An unfinished character is in neither (its tokens are not an answer's yet)."""
         text, ids = seq.text, seq.output_token_ids
         if seq.is_finished:
-            return text, seq.num_answer_tokens
-        num_tokens, unfinished = len(ids), self._unfinished_tail(ids)
+            return text, seq.num_answer_tokens, text, seq.num_answer_tokens
+        num_whole, unfinished = len(ids), self._unfinished_tail(ids)
         if unfinished:  # what the rest spells: a byte-fallback decoder makes a whole broken run of bytes U+FFFD
-            num_tokens -= unfinished
-            text = self._decode(ids[:num_tokens])
+            num_whole -= unfinished
+            text = self._decode(ids[:num_whole])
         held = _stop_prefix(text, seq.params.stop)
-        if held:
-            num_tokens -= self._tokens_ending(ids[:num_tokens], held)
-            text = text[:-held]
-        return text, num_tokens
+        if not held:
+            return text, num_whole, text, num_whole
+        num_ready = num_whole - self._tokens_ending(ids[:num_whole], held)
+        unfinished = self._unfinished_tail(ids[:num_ready])  # bytes that the stop string's start broke
+        if unfinished:  # the answer ends inside that character if it is the stop string: held back too
+            num_ready -= unfinished
+            return text, num_whole, self._decode(ids[:num_ready]), num_ready
+        return text, num_whole, text[:-held], num_ready
 
     def _tokens_ending(self, ids: list[int], num_chars: int) -> int:
         """How many of the last `ids` spell their last `num_chars` characters (a few tokens decoded)."""

@@ -43,6 +43,11 @@ class StreamDelta:
     num_completion_tokens: int
     error: NodeError | None = None
     logprobs: list[TokenLogprob] | None = None  # one per new token id, when the request asked
+    # whole characters generated but not sent yet (a stop string's possible start) and their tokens: what a
+    # client that hangs up now is charged for beyond what it was sent (output.py); none once finished
+    held_text: str = ""
+    num_held_tokens: int = 0
+    held_logprobs: list[TokenLogprob] | None = None  # theirs, when the request asked
 
 
 @dataclass(eq=False)

@@ -149,11 +149,50 @@ def test_a_stop_string_is_never_streamed_even_in_part(tokenizer: PreTrainedToken
     ids = _ids(tokenizer, b"abEND!")
     deltas, out = _run(tokenizer, ids, max_tokens=10, stop=("END",))
     assert "".join(d.text for d in deltas) == "ab" == out.text and out.finish_reason == "stop"
-    assert [d.num_completion_tokens for d in deltas] == [1, 2, 5], "held back tokens wait with their text"
+    assert [d.num_completion_tokens for d in deltas] == [1, 2, 2, 2, 5], "held back tokens wait with their text"
+    assert [(d.held_text, d.num_held_tokens) for d in deltas] == [("", 0), ("", 0), ("E", 1), ("EN", 2), ("", 0)]
     ids = _ids(tokenizer, b"abENx")  # what looked like a stop string's start was not one
     deltas, out = _run(tokenizer, ids, max_tokens=5, stop=("END",))
-    assert [d.text for d in deltas] == ["a", "b", "ENx"] and out.text == "abENx"
-    assert [d.token_ids for d in deltas] == [ids[:1], ids[1:2], ids[2:]]
+    assert [d.text for d in deltas] == ["a", "b", "", "", "ENx"] and out.text == "abENx"
+    assert [d.token_ids for d in deltas] == [ids[:1], ids[1:2], [], [], ids[2:]]
+
+
+def test_a_stream_says_what_it_holds_back_so_a_client_that_leaves_is_charged_for_it(
+        tokenizer: PreTrainedTokenizerBase) -> None:
+    """Each delta says the whole characters generated and not sent yet (a stop string's possible start) and
+    how many tokens spell them: sent and held back together are every token of whole characters, and an
+    unfinished character is in neither. Before, a stream whose text was all held back told nobody anything:
+    its client could hang up uncharged, and send the voucher again."""
+    ids = _ids(tokenizer, b"ab" + MIDDLE[:2])  # "b" may start the stop string; then half a character
+    deltas, _ = _run(tokenizer, ids, max_tokens=10, stop=("b\u4e2d!",))
+    assert [(d.text, d.held_text, d.num_held_tokens) for d in deltas] == [("a", "", 0), ("", "b", 1)]
+    sent = sum(len(d.token_ids) for d in deltas)
+    assert sent + deltas[-1].num_held_tokens == 2, "the unfinished character's tokens are neither sent nor held"
+    assert [lp.token_id for lp in deltas[-1].held_logprobs or []] == ids[1:2], "the held token's logprob with it"
+    deltas, out = _run(tokenizer, _ids(tokenizer, b"bEN"), max_tokens=3, stop=("END",))  # cut by its length
+    assert [(d.text, d.held_text, d.num_held_tokens) for d in deltas] == [("b", "", 0), ("", "E", 1), ("EN", "", 0)]
+    assert out.text == "bEN" and out.num_completion_tokens == 3, "what was held goes out with the last delta"
+
+
+@pytest.mark.parametrize("is_streamed", [True, False], ids=["streamed", "whole"])
+def test_a_stop_string_right_after_half_a_character_leaves_no_replacement_character(
+        tokenizer: PreTrainedTokenizerBase, is_streamed: bool) -> None:
+    """The answer is what comes before its stop string, and its bytes end inside a character: that character
+    is left out, as when an answer ends inside one any other way. Before, the stop string's first byte made
+    the unfinished bytes broken ones, and the answer (and the stream, before the stop string was whole) had
+    a U+FFFD standing for bytes of no character the payer got. The tokens are all counted, those of the
+    stop string with them: they were generated, as every stop string's are (rule: text never shows what
+    is not a character of the answer; the count is every token generated up to the stop string's end)."""
+    ids = [*_ids(tokenizer, b"a" + MIDDLE[:2]), *_ids(tokenizer, b"bba")]
+    deltas, out = _run(tokenizer, ids, max_tokens=10, is_streamed=is_streamed, stop=("bb",))
+    assert out.finish_reason == "stop" and out.text == "a"
+    assert out.num_completion_tokens == 5 and out.token_ids == ids[:5]
+    if is_streamed:
+        assert "".join(d.text for d in deltas) == "a" and deltas[-1].num_completion_tokens == 5
+    ids = [*_ids(tokenizer, b"a" + MIDDLE[:2]), *_ids(tokenizer, b"ba")]  # not the stop string: broken bytes
+    deltas, out = _run(tokenizer, ids, max_tokens=5, stop=("bb",))
+    assert out.text.startswith("a\ufffd") and out.text.endswith("\ufffdba") and out.num_completion_tokens == 5
+    assert "".join(d.text for d in deltas) == out.text
 
 
 def test_a_huge_stop_string_holds_back_a_bounded_start_and_costs_a_step_little(
