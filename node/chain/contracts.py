@@ -17,7 +17,7 @@ from web3 import Web3
 from web3.contract.contract import ContractFunction
 from web3.types import TxReceipt
 
-from node.chain.contract_client import ContractClient, event_args
+from node.chain.contract_client import ContractClient, NonceLock, event_args, local_nonce_lock
 from node.chain.deploy import Deployment
 from node.chain.tx_manager import FeePolicy
 from node.protocol.eip712 import Domain
@@ -275,9 +275,10 @@ class Contracts:
 
     @classmethod
     def connect(cls, w3_or_rpc_url: Web3 | str, deployment: Deployment, key: str | None = None,
-                fees: FeePolicy | None = None) -> Contracts:
-        """`fees`: how its transactions are priced and replaced while not mined (the node's settings')."""
-        client = ContractClient(w3_or_rpc_url, key, fees=fees)
+                fees: FeePolicy | None = None, nonce_lock: NonceLock = local_nonce_lock) -> Contracts:
+        """`fees`: how its transactions are priced and replaced while not mined (the node's settings');
+        `nonce_lock`: whom its nonces are picked one at a time with (`tx_store.key_lock`: every process)."""
+        client = ContractClient(w3_or_rpc_url, key, fees=fees, nonce_lock=nonce_lock)
         return cls(client, deployment, Token(client, deployment.token),
                    DatasetRegistry(client, deployment.dataset_registry),
                    AdapterRegistry(client, deployment.adapter_registry),
@@ -285,4 +286,4 @@ class Contracts:
 
     def as_signer(self, key: str) -> Contracts:
         """The same deployment, writing with another key (payer, node, contributor...)."""
-        return Contracts.connect(self.client.w3, self.deployment, key, self.client.fees)
+        return Contracts.connect(self.client.w3, self.deployment, key, self.client.fees, self.client.nonce_lock)
