@@ -20,8 +20,11 @@ from web3.types import TxReceipt
 from node.chain.contract_client import ContractClient, NonceLock, event_args, local_nonce_lock
 from node.chain.deploy import Deployment
 from node.chain.tx_manager import FeePolicy
+from node.errors import ChainError
 from node.protocol.eip712 import Domain
 from node.protocol.voucher import SignedVoucher, Voucher
+
+CLAIMS_PER_BATCH = 500  # eth_calls per JSON-RPC batch (hosted RPCs take 1,000 at most)
 
 
 def _a(address: str) -> str:
@@ -244,6 +247,22 @@ class Settlement(_Binding):
 
     def paid_out(self, node: str) -> int:
         return int(self._call("paidOut", _a(node)))
+
+    def claims_of(self, node: str, accounts: Sequence[str]) -> tuple[list[int], int]:
+        """(`claimed(node, a)` for each of `accounts`, `paidOut(node)`), read at one block in JSON-RPC
+        batches of CLAIMS_PER_BATCH calls: an amend over thousands of payees costs a few requests."""
+        block = hex(self.client.w3.eth.block_number)
+        calls = [self.contract.encode_abi("claimed", [_a(node), _a(a)]) for a in accounts]
+        calls.append(self.contract.encode_abi("paidOut", [_a(node)]))
+        values: list[int] = []
+        for start in range(0, len(calls), CLAIMS_PER_BATCH):
+            batch = [("eth_call", [{"to": self.address, "data": data}, block])
+                     for data in calls[start:start + CLAIMS_PER_BATCH]]
+            for answer in self.client.w3.provider.make_batch_request(batch):  # type: ignore[arg-type]
+                if "error" in answer or answer.get("result") is None:
+                    raise ChainError("a batched read of claims failed", error=str(answer.get("error"))[:200])
+                values.append(int(answer["result"], 16))
+        return values[:-1], values[-1]
 
     def first_vetoed_epoch(self, node: str) -> int:
         return int(self._call("firstVetoedEpoch", _a(node)))

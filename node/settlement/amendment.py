@@ -116,14 +116,12 @@ def check_claims_kept(settlement: Settlement, node: str, tree: MerkleTree) -> No
     that claimed: `claimed` survives the amend, so the pot would pay out more than the tree's total and
     the last payees to claim would be refused (`ExceedsEpochTotal`). Every account's claim is counted
     once the leaves' claims add up to all the pot has paid out."""
-    claimed_by_leaves = 0
-    for account, amount in tree.values:
-        claimed = settlement.claimed(node, str(account))
+    claims, paid_out = settlement.claims_of(node, [str(account) for account, _ in tree.values])  # a few requests
+    for (account, amount), claimed in zip(tree.values, claims, strict=True):
         if int(amount) < claimed:
             raise ChainError("the corrected tree pays an account less than it already claimed", node=node,
                              account=to_checksum_address(str(account)), leaf=str(amount), claimed=str(claimed))
-        claimed_by_leaves += claimed
-    paid_out = settlement.paid_out(node)
+    claimed_by_leaves = sum(claims)
     if paid_out != claimed_by_leaves:
         raise ChainError("an account that already claimed is missing from the corrected tree", node=node,
                          paid_out=str(paid_out), claimed_by_leaves=str(claimed_by_leaves))
