@@ -159,11 +159,12 @@ def check_follows_chain(settlement: Settlement, node: str, previous: SettlementE
 def follows_chain(settlement: Settlement, node: str, previous: SettlementEpoch | None) -> bool:
     """Whether an epoch built on `previous` may still land: False while the node is vetoed or once the
     chain holds another root for `previous` (a settle sent before the veto must then be cancelled, since
-    the amend makes it valid again)."""
+    the amend makes it valid again). A `previous` the chain holds no root for (a reorg took its block: its
+    settle is re-sent first, on the same nonce order) is still followed."""
     try:
         check_follows_chain(settlement, node, previous)
-    except ChainError:
-        return False
+    except ChainError as exc:
+        return exc.facts.get("on_chain_root") == to_hex(bytes(32))
     return True
 
 
