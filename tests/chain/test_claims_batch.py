@@ -7,7 +7,9 @@ amend of a node with thousands of payees cost thousands of round trips (and a ra
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +20,7 @@ from node.chain.anvil import Anvil
 from node.chain.contracts import Contracts
 from node.chain.deploy import deploy_all
 from node.settlement.amendment import check_claims_kept
+from node.settlement.claims import claim_all
 from node.settlement.epoch_builder import rewards_tree
 
 pytestmark = pytest.mark.chain
@@ -52,3 +55,21 @@ def test_checking_the_claims_of_a_thousand_payees_takes_a_few_requests(anvil: An
     check_claims_kept(settlement, me, tree)
     assert sum(provider.requests.values()) <= 4, provider.requests  # was 1,201 eth_calls (and 2,402 eth_chainId)
 
+
+
+def test_a_relayer_reads_what_a_thousand_payees_claimed_in_a_few_requests(anvil: Anvil, tmp_path: Path) -> None:
+    """`claim_all` reads each payee's `claimed` before it builds its claims: in batches, not one by one."""
+    keys = anvil.keys
+    node = Account.from_key(keys[4]).address
+    dep = deploy_all(anvil.rpc_url, keys[0], guardian=node, treasury=node, protocol_bps=0, node_bps=0,
+                     thaw_period_s=3_600, challenge_period_s=0)
+    tree = rewards_tree({Account.create().address: 0 for _ in range(NUM_PAYEES)}, node)  # nothing due to anyone
+    Contracts.connect(anvil.rpc_url, dep, keys[4]).settlement.settle(1, [], [], tree.root, 0, bytes(32), 0)
+    exported = tmp_path / "epoch-1.json"
+    exported.write_text(json.dumps({"node": node, "epochId": 1, "rewards": tree.to_json()}))
+    provider = CountingProvider(anvil.rpc_url)
+    provider.requests = Counter()
+    relayer = Contracts.connect(Web3(provider), dep, keys[5])
+    provider.requests.clear()
+    assert claim_all(relayer, node, exported).paid == {}
+    assert sum(provider.requests.values()) <= 12, provider.requests  # was 3,606: 1,202 eth_call, 2,404 eth_chainId
