@@ -103,6 +103,8 @@ def test_a_settle_stuck_through_a_veto_and_amend_never_lands_on_the_vetoed_leave
     _amend_once_allowed(world, service, doc)
 
     _base_fee(world, GWEI)  # fees fall: whatever waited in the mempool lands now
+    if not worker_up:
+        service.reconcile()  # what a restarted worker does first
     for _ in range(3):
         world.mine()
         _tick(world, service)
