@@ -181,6 +181,14 @@ class TxManager:
         self._broadcast(attempt)
         return record
 
+    def poll_cancelled(self) -> None:
+        """Poll every open intent of this key whose latest attempt is a cancel: the caller that followed it
+        may be gone (its epoch dissolved), and its nonce must still be filled for the next ones to mine."""
+        for key in getattr(self.store, "open_keys", lambda _s: [])(self.sender):
+            record = self.store.load(key)
+            if record is not None and record.latest.is_cancel:
+                self.poll(key)
+
     def _next_nonce(self) -> int:
         chain_nonce = self.w3.eth.get_transaction_count(self.account.address, "pending")
         stored = self.store.max_nonce(self.sender)

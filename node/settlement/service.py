@@ -134,16 +134,17 @@ class SettlementService:
             return None if row is None else row.state
 
     def reconcile(self) -> None:
-        """At start: poll every open intent of the operator key but the settles, so nonces match the chain."""
-        store = self.tx.store
-        for key in getattr(store, "open_keys", lambda _s: [])(self.node):
-            if not key.startswith("settle:"):  # a settle is polled by `_follow`, after its staleness check
-                self.tx.poll(key)
+        """At start: poll every open intent of the operator key but the settles (`_follow` polls those after
+        its staleness check) and the cancels, so nonces match the chain."""
+        for key in [k for k in getattr(self.tx.store, "open_keys", lambda _s: [])(self.node) if k[:7] != "settle:"]:
+            self.tx.poll(key)
+        self.tx.poll_cancelled()
 
     def _lock(self) -> AbstractContextManager[None]:
         return db_lock(self.factory.kw["bind"], f"epoch:{self.node.lower()}")
 
     def _advance(self) -> EpochState | None:
+        self.tx.poll_cancelled()  # a cancelled settle's epoch may be gone (adopt dissolved it): fill its nonce
         self._recover()
         state = None
         with self.factory() as session:

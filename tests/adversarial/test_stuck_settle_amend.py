@@ -150,3 +150,24 @@ def test_the_guardian_cannot_amend_while_the_node_has_a_transaction_in_the_mempo
     world.mine()
     world.anvil.rpc("evm_setAutomine", True)
     assert amend(guardian, world.node, doc)[0] == 1, "amended once the node's transaction is mined"
+
+
+def test_an_operator_adopting_before_the_cancel_lands_still_settles_the_next_epoch(world: SettlementWorld) -> None:
+    """Adopt dissolves the epoch whose settle was cancelled: its no-op (priced out, so in no mempool) must
+    still be sent, or the next epoch's settle waits behind the nonce gap for ever."""
+    service = world.service(EpochPolicy(max_age_s=0), max_fee_cap=NODE_FEE_CAP)
+    leaves = Counter(_stuck_epoch_2(world, service))
+    _base_fee(world, HIGH_BASE_FEE)
+    world.contracts(GUARDIAN).settlement.veto(world.node, 1)
+    _base_fee(world, HIGH_BASE_FEE)
+    _tick(world, service)  # the worker cancels epoch 2's settle
+    contributor = world.lineages[world.adapter_ids[0]].datasets[0][0]
+    leaves.update({world.node: -CORRECTION, contributor: CORRECTION})
+    doc = {"rewards": rewards_tree(dict(leaves), world.node).to_json()}
+    _amend_once_allowed(world, service, doc)
+    assert adopt_amendment(world.factory, world.contracts(OPERATOR).settlement, world.node, doc) == 1
+    _base_fee(world, GWEI)
+    tick_until(world, service, 2, EpochState.FINAL)
+    cancelled = service.tx.store.load(intent_key(world.node, 2))
+    assert cancelled is not None and (cancelled.error or "").startswith("cancelled")
+    assert on_chain(world)[:2] == (2, 3_000_001 + 4_000_003)
