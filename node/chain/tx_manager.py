@@ -181,12 +181,13 @@ class TxManager:
         self._broadcast(attempt)
         return record
 
-    def poll_cancelled(self) -> None:
-        """Poll every open intent of this key whose latest attempt is a cancel: the caller that followed it
-        may be gone (its epoch dissolved), and its nonce must still be filled for the next ones to mine."""
+    def cancel_orphans(self, prefix: str, followed: set[str]) -> None:
+        """Cancel (`cancel`) and poll every open intent whose key starts with `prefix` that its caller no
+        longer follows (`followed`: e.g. a settle whose epoch was dissolved by an adopt): it must never
+        land, and its nonce must still be filled for the next intents to mine."""
         for key in getattr(self.store, "open_keys", lambda _s: [])(self.sender):
-            record = self.store.load(key)
-            if record is not None and record.latest.is_cancel:
+            if key.startswith(prefix) and key not in followed:
+                self.cancel(key)
                 self.poll(key)
 
     def _next_nonce(self) -> int:

@@ -134,21 +134,21 @@ class SettlementService:
             return None if row is None else row.state
 
     def reconcile(self) -> None:
-        """At start: poll every open intent of the operator key but the settles (`_follow` polls those after
-        its staleness check) and the cancels, so nonces match the chain."""
+        """At start: poll every open intent of the operator key but the settles (a tick follows those, after
+        its staleness check), so nonces match the chain."""
         for key in [k for k in getattr(self.tx.store, "open_keys", lambda _s: [])(self.node) if k[:7] != "settle:"]:
             self.tx.poll(key)
-        self.tx.poll_cancelled()
 
     def _lock(self) -> AbstractContextManager[None]:
         return db_lock(self.factory.kw["bind"], f"epoch:{self.node.lower()}")
 
     def _advance(self) -> EpochState | None:
-        self.tx.poll_cancelled()  # a cancelled settle's epoch may be gone (adopt dissolved it): fill its nonce
         self._recover()
         state = None
         with self.factory() as session:
-            ids = [row.epoch_id for row in outbox.in_flight(session, self.node)]
+            rows = outbox.in_flight(session, self.node)
+            ids, followed = [r.epoch_id for r in rows], {intent_key(self.node, r.epoch_id, attempt_of(r)) for r in rows}
+        self.tx.cancel_orphans("settle:", followed)  # an epoch adopt dissolved: its settle must never land
         for epoch_id in ids:
             state = self._step_epoch(epoch_id)
             if state is EpochState.FAILED:

@@ -152,21 +152,26 @@ def test_the_guardian_cannot_amend_while_the_node_has_a_transaction_in_the_mempo
     assert amend(guardian, world.node, doc)[0] == 1, "amended once the node's transaction is mined"
 
 
-def test_an_operator_adopting_before_the_cancel_lands_still_settles_the_next_epoch(world: SettlementWorld) -> None:
-    """Adopt dissolves the epoch whose settle was cancelled: its no-op (priced out, so in no mempool) must
-    still be sent, or the next epoch's settle waits behind the nonce gap for ever."""
+@pytest.mark.parametrize("worker_up", [True, False], ids=["worker-cancelled-it", "worker-down-until-adopt"])
+def test_an_operator_adopting_before_the_cancel_lands_still_settles_the_next_epoch(
+        world: SettlementWorld, worker_up: bool) -> None:
+    """Adopt dissolves the epoch whose settle is pending (cancelled, or not yet if the worker was down): its
+    nonce must still be filled with a no-op (it is in no mempool here: priced out), or the next epoch's
+    settle waits behind the gap for ever (and the stale settle, in some mempool, lands on the vetoed leaves)."""
     service = world.service(EpochPolicy(max_age_s=0), max_fee_cap=NODE_FEE_CAP)
     leaves = Counter(_stuck_epoch_2(world, service))
     _base_fee(world, HIGH_BASE_FEE)
     world.contracts(GUARDIAN).settlement.veto(world.node, 1)
     _base_fee(world, HIGH_BASE_FEE)
-    _tick(world, service)  # the worker cancels epoch 2's settle
+    if worker_up:
+        _tick(world, service)  # the worker cancels epoch 2's settle
     contributor = world.lineages[world.adapter_ids[0]].datasets[0][0]
     leaves.update({world.node: -CORRECTION, contributor: CORRECTION})
     doc = {"rewards": rewards_tree(dict(leaves), world.node).to_json()}
     _amend_once_allowed(world, service, doc)
     assert adopt_amendment(world.factory, world.contracts(OPERATOR).settlement, world.node, doc) == 1
     _base_fee(world, GWEI)
+    service.reconcile()
     tick_until(world, service, 2, EpochState.FINAL)
     cancelled = service.tx.store.load(intent_key(world.node, 2))
     assert cancelled is not None and (cancelled.error or "").startswith("cancelled")
