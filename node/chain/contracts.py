@@ -258,10 +258,13 @@ class Settlement(_Binding):
         for start in range(0, len(calls), CLAIMS_PER_BATCH):
             batch = [("eth_call", [{"to": self.address, "data": data}, block])
                      for data in calls[start:start + CLAIMS_PER_BATCH]]
-            for answer in self.client.w3.provider.make_batch_request(batch):  # type: ignore[arg-type]
-                if "error" in answer or answer.get("result") is None:
-                    raise ChainError("a batched read of claims failed", error=str(answer.get("error"))[:200])
-                values.append(int(answer["result"], 16))
+            answers = self.client.w3.provider.make_batch_request(batch)  # type: ignore[arg-type]
+            if not isinstance(answers, list) or len(answers) != len(batch) or any(  # in request order by id
+                    a.get("id") is None or a.get("error") or a.get("result") is None for a in answers):
+                failed = answers if isinstance(answers, dict) else next((a for a in answers if a.get("error")), {})
+                raise ChainError("the RPC refused a batched read of claims (JSON-RPC batches needed)",
+                                 error=str(failed.get("error"))[:200], num_calls=len(batch))
+            values += [int(a["result"], 16) for a in answers]
         return values[:-1], values[-1]
 
     def first_vetoed_epoch(self, node: str) -> int:

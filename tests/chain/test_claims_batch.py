@@ -19,6 +19,7 @@ from web3 import Web3
 from node.chain.anvil import Anvil
 from node.chain.contracts import Contracts
 from node.chain.deploy import deploy_all
+from node.errors import ChainError
 from node.settlement.amendment import check_claims_kept
 from node.settlement.claims import claim_all
 from node.settlement.epoch_builder import rewards_tree
@@ -73,3 +74,20 @@ def test_a_relayer_reads_what_a_thousand_payees_claimed_in_a_few_requests(anvil:
     provider.requests.clear()
     assert claim_all(relayer, node, exported).paid == {}
     assert sum(provider.requests.values()) <= 12, provider.requests  # was 3,606: 1,202 eth_call, 2,404 eth_chainId
+
+
+class BatchRefusingProvider(Web3.HTTPProvider):
+    """An RPC that refuses JSON-RPC batches as some hosted ones do: one error object for the whole batch."""
+
+    def make_batch_request(self, requests: Any) -> Any:
+        return {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "batch requests are disabled"}}
+
+
+def test_an_rpc_that_refuses_batches_is_a_chain_error_naming_it(anvil: Anvil) -> None:
+    me = Account.from_key(anvil.keys[0]).address
+    dep = deploy_all(anvil.rpc_url, anvil.keys[0], guardian=me, treasury=me, protocol_bps=0, node_bps=0,
+                     thaw_period_s=3_600, challenge_period_s=0)
+    settlement = Contracts.connect(Web3(BatchRefusingProvider(anvil.rpc_url)), dep).settlement
+    with pytest.raises(ChainError, match="batch") as refused:
+        settlement.claims_of(me, [me])
+    assert "disabled" in refused.value.facts["error"]
