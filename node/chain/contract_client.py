@@ -30,7 +30,7 @@ from web3 import Web3
 from web3.contract import Contract
 from web3.contract.contract import ContractFunction
 from web3.exceptions import ContractLogicError, TransactionNotFound, Web3RPCError
-from web3.types import TxReceipt
+from web3.types import RPCEndpoint, TxReceipt
 
 from node.chain.artifacts import Artifact, load_artifacts
 from node.chain.tx_manager import FeePolicy
@@ -59,7 +59,9 @@ def local_nonce_lock(sender: str) -> threading.Lock:
 def web3_for(w3_or_rpc_url: Web3 | str) -> Web3:
     if isinstance(w3_or_rpc_url, Web3):
         return w3_or_rpc_url
-    return Web3(Web3.HTTPProvider(w3_or_rpc_url, request_kwargs={"timeout": 30}))
+    # web3 checks the chain id before every eth_call: asked once per connection, a view is one request
+    return Web3(Web3.HTTPProvider(w3_or_rpc_url, request_kwargs={"timeout": 30}, cache_allowed_requests=True,
+                                  cacheable_requests={RPCEndpoint("eth_chainId")}))
 
 
 class RevertDecoder:

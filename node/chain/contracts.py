@@ -17,11 +17,14 @@ from web3 import Web3
 from web3.contract.contract import ContractFunction
 from web3.types import TxReceipt
 
-from node.chain.contract_client import ContractClient, event_args
+from node.chain.contract_client import ContractClient, NonceLock, event_args, local_nonce_lock
 from node.chain.deploy import Deployment
 from node.chain.tx_manager import FeePolicy
+from node.errors import ChainError
 from node.protocol.eip712 import Domain
 from node.protocol.voucher import SignedVoucher, Voucher
+
+CLAIMS_PER_BATCH = 500  # eth_calls per JSON-RPC batch (hosted RPCs take 1,000 at most)
 
 
 def _a(address: str) -> str:
@@ -245,6 +248,25 @@ class Settlement(_Binding):
     def paid_out(self, node: str) -> int:
         return int(self._call("paidOut", _a(node)))
 
+    def claims_of(self, node: str, accounts: Sequence[str]) -> tuple[list[int], int]:
+        """(`claimed(node, a)` for each of `accounts`, `paidOut(node)`), read at one block in JSON-RPC
+        batches of CLAIMS_PER_BATCH calls: an amend over thousands of payees costs a few requests."""
+        block = hex(self.client.w3.eth.block_number)
+        calls = [self.contract.encode_abi("claimed", [_a(node), _a(a)]) for a in accounts]
+        calls.append(self.contract.encode_abi("paidOut", [_a(node)]))
+        values: list[int] = []
+        for start in range(0, len(calls), CLAIMS_PER_BATCH):
+            batch = [("eth_call", [{"to": self.address, "data": data}, block])
+                     for data in calls[start:start + CLAIMS_PER_BATCH]]
+            answers = self.client.w3.provider.make_batch_request(batch)  # type: ignore[arg-type]
+            if not isinstance(answers, list) or len(answers) != len(batch) or any(  # in request order by id
+                    a.get("id") is None or a.get("error") or a.get("result") is None for a in answers):
+                failed = answers if isinstance(answers, dict) else next((a for a in answers if a.get("error")), {})
+                raise ChainError("the RPC refused a batched read of claims (JSON-RPC batches needed)",
+                                 error=str(failed.get("error"))[:200], num_calls=len(batch))
+            values += [int(a["result"], 16) for a in answers]
+        return values[:-1], values[-1]
+
     def first_vetoed_epoch(self, node: str) -> int:
         return int(self._call("firstVetoedEpoch", _a(node)))
 
@@ -275,9 +297,10 @@ class Contracts:
 
     @classmethod
     def connect(cls, w3_or_rpc_url: Web3 | str, deployment: Deployment, key: str | None = None,
-                fees: FeePolicy | None = None) -> Contracts:
-        """`fees`: how its transactions are priced and replaced while not mined (the node's settings')."""
-        client = ContractClient(w3_or_rpc_url, key, fees=fees)
+                fees: FeePolicy | None = None, nonce_lock: NonceLock = local_nonce_lock) -> Contracts:
+        """`fees`: how its transactions are priced and replaced while not mined (the node's settings');
+        `nonce_lock`: whom its nonces are picked one at a time with (`tx_store.key_lock`: every process)."""
+        client = ContractClient(w3_or_rpc_url, key, fees=fees, nonce_lock=nonce_lock)
         return cls(client, deployment, Token(client, deployment.token),
                    DatasetRegistry(client, deployment.dataset_registry),
                    AdapterRegistry(client, deployment.adapter_registry),
@@ -285,4 +308,4 @@ class Contracts:
 
     def as_signer(self, key: str) -> Contracts:
         """The same deployment, writing with another key (payer, node, contributor...)."""
-        return Contracts.connect(self.client.w3, self.deployment, key, self.client.fees)
+        return Contracts.connect(self.client.w3, self.deployment, key, self.client.fees, self.client.nonce_lock)

@@ -10,7 +10,9 @@ so a process killed at any point finds the intent again and `poll` carries it on
 - mined: MINED, then FINAL after `confirmations` blocks; a reverted one is FAILED;
 - mined then reorged out: back to PENDING and re-broadcast (same nonce, same bytes);
 - refused by the node at its first broadcast (the account cannot pay the gas, ...): FAILED at once, and
-  its nonce goes to the next intent (`TxStore.max_nonce`).
+  its nonce goes to the next intent (`TxStore.max_nonce`);
+- cancelled (`cancel`): its nonce re-signed as a no-op (0 to itself) at higher fees; once that lands the
+  intent is FAILED ("cancelled"), and every later bump or re-broadcast is of the no-op.
 Any of the attempts may be the one that lands; they share a nonce, so at most one ever does.
 """
 
@@ -51,6 +53,7 @@ class TxAttempt:
     max_priority_fee_per_gas: int
     raw: str  # the signed bytes, 0x-hex, so a restart can re-broadcast exactly what was signed
     sent_at: float  # wall-clock seconds
+    is_cancel: bool = False  # a no-op on the intent's nonce (`TxManager.cancel`), not the intent's call
 
 
 @dataclass(frozen=True)
@@ -104,11 +107,11 @@ class FeePolicy:
         if self.bump_percent < 10:
             raise ValueError("bump_percent must be at least 10: nodes refuse smaller replacements")
 
-    def bumped(self, max_fee: int, tip: int) -> tuple[int, int] | None:
+    def bumped(self, max_fee: int, tip: int, cap: int | None = None) -> tuple[int, int] | None:
         """The fees of a replacement: both raised by `bump_percent` (rounded up, and by at least 1 wei, so
-        a zero tip rises too), never above `max_fee_cap`; None once the cap leaves no room to rise."""
+        a zero tip rises too), never above `cap` (default `max_fee_cap`); None once the cap leaves no room."""
         factor = 100 + self.bump_percent
-        new_fee = min(max(-(-max_fee * factor // 100), max_fee + 1), self.max_fee_cap)
+        new_fee = min(max(-(-max_fee * factor // 100), max_fee + 1), self.max_fee_cap if cap is None else cap)
         new_tip = min(max(-(-tip * factor // 100), tip + 1), new_fee)
         if new_fee <= max_fee or new_tip <= tip:
             return None
@@ -160,6 +163,34 @@ class TxManager:
                 self.store.save(replace(record, state=TxState.FAILED, error=refused))
             raise
 
+    def cancel(self, key: str) -> TxRecord | None:
+        """Replace the pending intent `key` with a no-op on its nonce, priced one bump above its latest
+        attempt even past `max_fee_cap` (it costs 21,000 gas: the cap bounds what a call may spend, not
+        the price of keeping a stale call off the chain). A settle that must never land (its node was
+        vetoed, and the guardian's amend would make it valid again) is cancelled this way."""
+        with self.store.writer_lock(self.sender):
+            record = self.store.load(key)
+            if record is None or record.state is not TxState.PENDING or record.latest.is_cancel:
+                return record
+            fees = self.policy.bumped(record.latest.max_fee_per_gas, record.latest.max_priority_fee_per_gas,
+                                      cap=2**256 - 1)
+            assert fees is not None, "an uncapped bump always rises"
+            attempt = self._sign(record, *fees, is_cancel=True)
+            record = replace(record, attempts=(*record.attempts, attempt))
+            self.store.save(record)  # durable before broadcast, like every attempt
+        log.warning("tx %s: cancelled, nonce %d re-signed as a no-op at max fee %d", key, record.nonce, fees[0])
+        self._broadcast(attempt)
+        return record
+
+    def cancel_orphans(self, prefix: str, followed: set[str]) -> None:
+        """Cancel (`cancel`) and poll every open intent whose key starts with `prefix` that its caller no
+        longer follows (`followed`: e.g. a settle whose epoch was dissolved by an adopt): it must never
+        land, and its nonce must still be filled for the next intents to mine."""
+        for key in getattr(self.store, "open_keys", lambda _s: [])(self.sender):
+            if key.startswith(prefix) and key not in followed:
+                self.cancel(key)
+                self.poll(key)
+
     def _next_nonce(self) -> int:
         chain_nonce = self.w3.eth.get_transaction_count(self.account.address, "pending")
         stored = self.store.max_nonce(self.sender)
@@ -178,13 +209,14 @@ class TxManager:
         tip = self.policy.priority_fee if self.policy.priority_fee is not None else int(self.w3.eth.max_priority_fee)
         return min(2 * base_fee + tip, self.policy.max_fee_cap), min(tip, self.policy.max_fee_cap)
 
-    def _sign(self, record: TxRecord, max_fee: int, tip: int) -> TxAttempt:
-        tx: dict[str, Any] = {"type": 2, "chainId": self.chain_id, "nonce": record.nonce, "to": record.to,
-                              "data": record.data, "value": record.value, "gas": record.gas,
+    def _sign(self, record: TxRecord, max_fee: int, tip: int, is_cancel: bool = False) -> TxAttempt:
+        call = ({"to": self.sender, "data": "0x", "value": 0, "gas": 21_000} if is_cancel else
+                {"to": record.to, "data": record.data, "value": record.value, "gas": record.gas})
+        tx: dict[str, Any] = {"type": 2, "chainId": self.chain_id, "nonce": record.nonce, **call,
                               "maxFeePerGas": max_fee, "maxPriorityFeePerGas": tip}
         signed = self.account.sign_transaction(tx)
         return TxAttempt(tx_hash=signed.hash.to_0x_hex(), max_fee_per_gas=max_fee, max_priority_fee_per_gas=tip,
-                         raw=signed.raw_transaction.to_0x_hex(), sent_at=self.clock())
+                         raw=signed.raw_transaction.to_0x_hex(), sent_at=self.clock(), is_cancel=is_cancel)
 
     def _broadcast(self, attempt: TxAttempt) -> None:
         try:
@@ -215,6 +247,10 @@ class TxManager:
     def _advance(self, record: TxRecord) -> TxRecord:
         receipt = self._find_receipt(record)
         if receipt is not None:
+            mined_hash = receipt["transactionHash"].to_0x_hex()
+            if any(a.is_cancel and a.tx_hash.lower() == mined_hash.lower() for a in record.attempts):
+                return replace(record, state=TxState.FAILED, mined_hash=mined_hash, mined_block=receipt["blockNumber"],
+                               error=f"cancelled: a no-op took nonce {record.nonce}")
             if receipt["status"] != 1:
                 return replace(record, state=TxState.FAILED, mined_hash=receipt["transactionHash"].to_0x_hex(),
                                mined_block=receipt["blockNumber"], error="reverted on chain")
@@ -258,7 +294,7 @@ class TxManager:
             log.warning("tx %s: fee cap %d reached, waiting", record.key, self.policy.max_fee_cap)
             return record
         max_fee, tip = fees
-        attempt = self._sign(record, max_fee, tip)
+        attempt = self._sign(record, max_fee, tip, is_cancel=record.latest.is_cancel)  # a cancel stays one
         bumped = replace(record, attempts=(*record.attempts, attempt))
         self.store.save(bumped)  # durable before broadcast, like the first attempt
         log.info("tx %s: bumped to max fee %d (attempt %d)", record.key, max_fee, len(bumped.attempts))

@@ -68,13 +68,14 @@ def key_lock(engine: Engine) -> Callable[[str], AbstractContextManager[None]]:
 
 def _attempt_json(a: TxAttempt) -> dict[str, Any]:
     return {"tx_hash": a.tx_hash, "max_fee_per_gas": str(a.max_fee_per_gas),
-            "max_priority_fee_per_gas": str(a.max_priority_fee_per_gas), "raw": a.raw, "sent_at": a.sent_at}
+            "max_priority_fee_per_gas": str(a.max_priority_fee_per_gas), "raw": a.raw, "sent_at": a.sent_at,
+            **({"is_cancel": True} if a.is_cancel else {})}
 
 
 def _attempt(d: dict[str, Any]) -> TxAttempt:
     return TxAttempt(tx_hash=d["tx_hash"], max_fee_per_gas=int(d["max_fee_per_gas"]),
                      max_priority_fee_per_gas=int(d["max_priority_fee_per_gas"]), raw=d["raw"],
-                     sent_at=float(d["sent_at"]))
+                     sent_at=float(d["sent_at"]), is_cancel=bool(d.get("is_cancel", False)))
 
 
 def _record(row: TxIntent) -> TxRecord:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from node.cli.console import console
-from node.cli.context import DevAccountOption, KeyFileOption, address, signing_key
+from node.cli.context import DevAccountOption, KeyFileOption, address, cli_nonce_lock, signing_key
 from node.config import load_settings
 from node.errors import ConfigError, Unavailable
 
@@ -53,7 +53,7 @@ def deploy(
                          node_bps=node_bps, thaw_period_s=thaw_period_s, challenge_period_s=challenge_period_s,
                          token=token)
         if x402:
-            dep = deploy_x402(ContractClient(rpc_url, key), dep, node or me)
+            dep = deploy_x402(ContractClient(rpc_url, key, nonce_lock=cli_nonce_lock()), dep, node or me)
     path = write_deployment(dep, out)
     console.print(f"deployed on chain {dep.chain_id}: settlement {dep.settlement}, escrow {dep.escrow}")
     console.print(f"datasets {dep.dataset_registry}, adapters {dep.adapter_registry}, token {dep.token}")
@@ -82,7 +82,7 @@ def add_x402(
     if _chain_id(rpc_url) != dep.chain_id:
         raise ConfigError("the RPC's chain is not the deployment's", deployment_chain_id=dep.chain_id)
     key = signing_key(key_file, dev_account if dev_account is not None else _dev_default(dep.chain_id), dep.chain_id)
-    client = ContractClient(rpc_url, key)
+    client = ContractClient(rpc_url, key, nonce_lock=cli_nonce_lock())
     dep = deploy_x402(client, dep, node or client.address)
     write_deployment(dep, deployment.parent)
     console.print(f"x402: channels {dep.x402_channels}, collector {dep.x402_collector}, router {dep.x402_router}")

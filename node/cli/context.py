@@ -20,6 +20,7 @@ from node.config import DEV_CHAIN_ID, load_settings
 from node.errors import BadRequest, ConfigError
 
 if TYPE_CHECKING:
+    from node.chain.contract_client import NonceLock
     from node.chain.contracts import Contracts
     from node.chain.deploy import Deployment
     from node.chain.tx_manager import FeePolicy
@@ -61,11 +62,29 @@ class ChainContext:
     rpc_url: str
     deployment: Deployment
     fees: FeePolicy | None = None  # the node's settings': a command's transaction is replaced as the node's are
+    nonce_lock: NonceLock | None = None  # the node database's key lock where there is one (`cli_nonce_lock`)
 
     def contracts(self, key: str | None = None) -> Contracts:
         from node.chain.contracts import Contracts
 
-        return Contracts.connect(self.rpc_url, self.deployment, key, self.fees)
+        return Contracts.connect(self.rpc_url, self.deployment, key, self.fees, self.nonce_lock)
+
+
+def cli_nonce_lock() -> NonceLock:
+    """The lock a command takes to pick and broadcast a nonce: the node's database's `key_lock` when this
+    machine has the node's database (database_url set, or the embedded SQLite file exists), so a command
+    never signs the nonce the settlement worker, an API replica or another command is signing with the same
+    key; else the lock of this process only (a payee or dApp without a node)."""
+    from node.chain.contract_client import local_nonce_lock
+
+    settings = load_settings()
+    url = settings.resolved_database_url()
+    if settings.database_url is None and not (settings.data_dir / "loranode.db").exists():
+        return local_nonce_lock
+    from node.chain.tx_store import key_lock
+    from node.db.session import make_engine
+
+    return key_lock(make_engine(url, pooled=False))
 
 
 def chain_context(rpc_url: str | None, deployment: Path | None) -> ChainContext:
@@ -77,7 +96,8 @@ def chain_context(rpc_url: str | None, deployment: Path | None) -> ChainContext:
         raise ConfigError(f"no deployment file at {path}: run `loranode chain deploy` or pass --deployment",
                           path=str(path))
     dep = read_deployment(path)
-    return ChainContext(rpc_url or settings.rpc_url or "http://127.0.0.1:8545", dep, settings.fee_policy())
+    return ChainContext(rpc_url or settings.rpc_url or "http://127.0.0.1:8545", dep, settings.fee_policy(),
+                        cli_nonce_lock())
 
 
 def signing_key(key_file: Path | None, dev_account: int | None, chain_id: int | Callable[[], int]) -> str:

@@ -99,6 +99,7 @@ def amend(settlement: Settlement, node: str, doc: dict[str, Any]) -> tuple[int, 
         raise ChainError("the corrected tree must pay out exactly the whole pot", node=node,
                          tree_total=str(tree_total(tree)), rewards_total=str(pot))
     check_claims_kept(settlement, node, tree)
+    check_node_idle(settlement, node)
     receipts = corrected_receipts(doc)
     if receipts is None:
         vetoed = settlement.epoch(node, epoch_id)
@@ -115,17 +116,29 @@ def check_claims_kept(settlement: Settlement, node: str, tree: MerkleTree) -> No
     that claimed: `claimed` survives the amend, so the pot would pay out more than the tree's total and
     the last payees to claim would be refused (`ExceedsEpochTotal`). Every account's claim is counted
     once the leaves' claims add up to all the pot has paid out."""
-    claimed_by_leaves = 0
-    for account, amount in tree.values:
-        claimed = settlement.claimed(node, str(account))
+    claims, paid_out = settlement.claims_of(node, [str(account) for account, _ in tree.values])  # a few requests
+    for (account, amount), claimed in zip(tree.values, claims, strict=True):
         if int(amount) < claimed:
             raise ChainError("the corrected tree pays an account less than it already claimed", node=node,
                              account=to_checksum_address(str(account)), leaf=str(amount), claimed=str(claimed))
-        claimed_by_leaves += claimed
-    paid_out = settlement.paid_out(node)
+    claimed_by_leaves = sum(claims)
     if paid_out != claimed_by_leaves:
         raise ChainError("an account that already claimed is missing from the corrected tree", node=node,
                          paid_out=str(paid_out), claimed_by_leaves=str(claimed_by_leaves))
+
+
+def check_node_idle(settlement: Settlement, node: str) -> None:
+    """Refuse to amend while the node has a transaction in the mempool: a settle it sent before the veto
+    reverts while the node is vetoed, but the amend makes it valid again, and it would land as the next
+    epoch with leaves built on the vetoed ones. The node's worker replaces such a settle with a no-op when
+    it sees the veto (`TxManager.cancel`); the guardian amends once that is mined."""
+    w3, who = settlement.client.w3, to_checksum_address(node)
+    mined, pending = w3.eth.get_transaction_count(who, "latest"), w3.eth.get_transaction_count(who, "pending")
+    if pending > mined:
+        raise ChainError("the node has a transaction in the mempool that the amend could let land on the vetoed "
+                         "leaves: amend once it is mined (the node's worker replaces a pending settle of a vetoed "
+                         "node with a no-op; an operator without a worker runs `loranode worker` once)", node=who,
+                         pending_nonces=f"{mined}..{pending - 1}")
 
 
 def check_follows_chain(settlement: Settlement, node: str, previous: SettlementEpoch | None) -> None:
@@ -141,6 +154,18 @@ def check_follows_chain(settlement: Settlement, node: str, previous: SettlementE
     if on_chain != previous.rewards_root:
         raise ChainError(f"epoch {previous.epoch_id} was amended on chain: {ADOPT_HINT}", node=node,
                          epoch_id=previous.epoch_id, on_chain_root=on_chain, our_root=previous.rewards_root)
+
+
+def follows_chain(settlement: Settlement, node: str, previous: SettlementEpoch | None) -> bool:
+    """Whether an epoch built on `previous` may still land: False while the node is vetoed or once the
+    chain holds another root for `previous` (a settle sent before the veto must then be cancelled, since
+    the amend makes it valid again). A `previous` the chain holds no root for (a reorg took its block: its
+    settle is re-sent first, on the same nonce order) is still followed."""
+    try:
+        check_follows_chain(settlement, node, previous)
+    except ChainError as exc:
+        return exc.facts.get("on_chain_root") == to_hex(bytes(32))
+    return True
 
 
 def adopt_amendment(factory: sessionmaker[Session], settlement: Settlement, node: str, doc: dict[str, Any]) -> int:

@@ -133,13 +133,13 @@ def claim_all(contracts: Contracts, node: str, proof_source: str | Path,
     reported in `refused` and left out, so it never stops the others being paid."""
     rewards = load_rewards(contracts, node, proof_source)
     wanted = None if accounts is None else {to_checksum_address(a) for a in accounts}
+    picked = [(i, to_checksum_address(v[0])) for i, v in enumerate(rewards.tree.values)
+              if wanted is None or to_checksum_address(v[0]) in wanted]
+    claimed, _ = contracts.settlement.claims_of(node, [account for _, account in picked])  # a few requests
     requests = []
-    for i, (account, _) in enumerate(rewards.tree.values):
-        account = to_checksum_address(account)
-        if wanted is not None and account not in wanted:
-            continue
+    for (i, account), done in zip(picked, claimed, strict=True):
         amount, proof = rewards.at(i)
-        if amount > contracts.settlement.claimed(node, account):
+        if amount > done:
             requests.append(ClaimRequest(node, rewards.epoch_id, account, amount, tuple(proof)))
     outcome = BulkClaim()
     for start in range(0, len(requests), MAX_CLAIMS_PER_TX):

@@ -27,6 +27,15 @@ from node.settlement.split import BASE_LINEAGE, Lineage
 IN_FLIGHT = (EpochState.OPEN, EpochState.BUILT, EpochState.SUBMITTED, EpochState.CONFIRMED)
 
 
+def intent_key(node: str, epoch_id: int, attempt: int = 0) -> str:
+    """The TxManager intent of an epoch's settle (each rebuild of a failed epoch is a new attempt)."""
+    return f"settle:{node.lower()}:{epoch_id}" + (f":{attempt}" if attempt else "")
+
+
+def attempt_of(row: SettlementEpoch) -> int:
+    return int((row.batch or {}).get("attempt", 0))
+
+
 @dataclass(frozen=True)
 class Pending:
     """Receipts of a node not yet in any epoch."""

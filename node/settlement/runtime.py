@@ -78,7 +78,7 @@ class SettlementRuntime:
         w3 = web3_for(settings.rpc_url)
         factory = session_factory(make_engine(settings.resolved_database_url()))
         tx = TxManager(w3, key, SqlTxStore(factory), settings.fee_policy())
-        contracts = Contracts.connect(w3, deployment, key)
+        contracts = Contracts.connect(w3, deployment, key, nonce_lock=key_lock(factory.kw["bind"]))
         router = settings.x402_router or deployment.x402_router
         settings.settle_latency(router is not None).check_thaw_period(contracts.escrow.thaw_period_s())  # immutable
         sweep, guard = None, None

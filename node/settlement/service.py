@@ -50,9 +50,10 @@ from node.db.models import EpochState, SettlementEpoch
 from node.errors import ChainError
 from node.protocol.voucher import SignedVoucher
 from node.settlement import collection, outbox
-from node.settlement.amendment import ADOPT_HINT, check_follows_chain
+from node.settlement.amendment import ADOPT_HINT, check_follows_chain, follows_chain
 from node.settlement.epoch_builder import build_epoch, cumulative_of
 from node.settlement.latency import SettleLatency
+from node.settlement.outbox import attempt_of, intent_key
 from node.settlement.refusal import LaneRefusal, NotYet, refused_lane
 from node.settlement.settle_call import epoch_matches, preflight, settle_calldata
 from node.settlement.split import SplitParams
@@ -69,14 +70,6 @@ class EpochPolicy:
     expiry_margin_s: float = 120.0
     land_within_s: float = SettleLatency().build_to_land_s  # a voucher must outlive the build by this
     max_lanes: int = 200  # vouchers per settle (~53k gas each): far below a 30M-gas block
-
-
-def intent_key(node: str, epoch_id: int, attempt: int = 0) -> str:
-    return f"settle:{node.lower()}:{epoch_id}" + (f":{attempt}" if attempt else "")
-
-
-def attempt_of(row: SettlementEpoch) -> int:
-    return int((row.batch or {}).get("attempt", 0))
 
 
 class SettlementService:
@@ -141,9 +134,9 @@ class SettlementService:
             return None if row is None else row.state
 
     def reconcile(self) -> None:
-        """At start: poll every open intent of the operator key, so nonces match the chain again."""
-        store = self.tx.store
-        for key in getattr(store, "open_keys", lambda _s: [])(self.node):
+        """At start: poll every open intent of the operator key but the settles (a tick follows those, after
+        its staleness check), so nonces match the chain."""
+        for key in [k for k in getattr(self.tx.store, "open_keys", lambda _s: [])(self.node) if k[:7] != "settle:"]:
             self.tx.poll(key)
 
     def _lock(self) -> AbstractContextManager[None]:
@@ -153,7 +146,9 @@ class SettlementService:
         self._recover()
         state = None
         with self.factory() as session:
-            ids = [row.epoch_id for row in outbox.in_flight(session, self.node)]
+            rows = outbox.in_flight(session, self.node)
+            ids, followed = [r.epoch_id for r in rows], {intent_key(self.node, r.epoch_id, attempt_of(r)) for r in rows}
+        self.tx.cancel_orphans("settle:", followed)  # an epoch adopt dissolved: its settle must never land
         for epoch_id in ids:
             state = self._step_epoch(epoch_id)
             if state is EpochState.FAILED:
@@ -368,6 +363,10 @@ class SettlementService:
             with self.factory() as session:
                 final = outbox.is_final_on_mirror(session, self.node, row)
             return self._save(row.epoch_id, EpochState.FINAL if final else row.state)
+        with self.factory() as session:  # built on leaves the guardian vetoed or replaced: it must never land
+            previous = outbox.epoch_row(session, self.node, row.epoch_id - 1)
+        if not follows_chain(self.contracts.settlement, self.node, previous):
+            self.tx.cancel(key)  # before `poll` re-broadcasts it
         record = self.tx.poll(key)
         if record.state is TxState.PENDING:
             return self._save(row.epoch_id, EpochState.SUBMITTED, tx_hash=record.latest.tx_hash)
