@@ -15,7 +15,8 @@ from eth_abi import encode
 from eth_hash.auto import keccak
 from web3 import Web3
 from web3.contract.contract import ContractFunction
-from web3.types import TxReceipt
+from web3.providers import JSONBaseProvider
+from web3.types import RPCEndpoint, RPCResponse, TxReceipt
 
 from node.chain.contract_client import ContractClient, NonceLock, event_args, local_nonce_lock
 from node.chain.deploy import Deployment
@@ -256,16 +257,23 @@ class Settlement(_Binding):
         calls.append(self.contract.encode_abi("paidOut", [_a(node)]))
         values: list[int] = []
         for start in range(0, len(calls), CLAIMS_PER_BATCH):
-            batch = [("eth_call", [{"to": self.address, "data": data}, block])
+            batch = [(RPCEndpoint("eth_call"), [{"to": self.address, "data": data}, block])
                      for data in calls[start:start + CLAIMS_PER_BATCH]]
-            answers = self.client.w3.provider.make_batch_request(batch)  # type: ignore[arg-type]
+            answers = self._batching_provider().make_batch_request(batch)
             if not isinstance(answers, list) or len(answers) != len(batch) or any(  # in request order by id
                     a.get("id") is None or a.get("error") or a.get("result") is None for a in answers):
-                failed = answers if isinstance(answers, dict) else next((a for a in answers if a.get("error")), {})
+                failed: RPCResponse | dict[str, Any] = answers if isinstance(answers, dict) else next(
+                    (a for a in answers if a.get("error")), {})
                 raise ChainError("the RPC refused a batched read of claims (JSON-RPC batches needed)",
                                  error=str(failed.get("error"))[:200], num_calls=len(batch))
             values += [int(a["result"], 16) for a in answers]
         return values[:-1], values[-1]
+
+    def _batching_provider(self) -> JSONBaseProvider:
+        provider = self.client.w3.provider
+        if not isinstance(provider, JSONBaseProvider):
+            raise ChainError("the RPC provider cannot send JSON-RPC batches", provider=type(provider).__name__)
+        return provider
 
     def first_vetoed_epoch(self, node: str) -> int:
         return int(self._call("firstVetoedEpoch", _a(node)))

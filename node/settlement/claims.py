@@ -144,8 +144,8 @@ def claim_all(contracts: Contracts, node: str, proof_source: str | Path,
     outcome = BulkClaim()
     for start in range(0, len(requests), MAX_CLAIMS_PER_TX):
         _claim_batch(contracts, requests[start:start + MAX_CLAIMS_PER_TX], outcome)
-    for account, reason in outcome.refused.items():
-        log.error("cannot pay %s from node %s: %s", account, node, reason)
+    for payee, reason in outcome.refused.items():
+        log.error("cannot pay %s from node %s: %s", payee, node, reason)
     return outcome
 
 
