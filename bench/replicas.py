@@ -57,9 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import torch
 from prometheus_client.parser import text_string_to_metric_families
-from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -67,17 +65,12 @@ sys.path.insert(0, str(ROOT))
 from bench.api import _fresh_postgres  # noqa: E402
 from bench.cpu_meter import CPUMeter, descendants, postgres_backends  # noqa: E402
 from bench.cpu_pin import one_cpu_each, pin_at_start, pin_tree, tree_cpus, usable_cpus  # noqa: E402
+from bench.replicas_setup import setup  # noqa: E402
 from bench.zipf_client import Result, ZipfTraffic  # noqa: E402
 from node.chain.anvil import free_port  # noqa: E402
 from node.client.payer import Payer  # noqa: E402
-from node.devkit import make_tiny_model, train_tiny_adapter  # noqa: E402
 from node.devkit.balancer import Balancer  # noqa: E402
-from node.devkit.corpus import STYLES  # noqa: E402
 from node.devkit.local_node import FIRST_USER, LocalNode, settings_env  # noqa: E402
-from node.lora.adapter import LoRATargetSpec, load_lora_adapter  # noqa: E402
-from node.lora.adapter_files import AdapterFiles  # noqa: E402
-from node.lora.content_hash import adapter_weights_sha256, base_model_id, dataset_content_hash  # noqa: E402
-from node.models.config import ModelConfig  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "replicas.json"
 
@@ -90,51 +83,6 @@ class Arm:
     pids: dict[str, int]  # each replica's API process (its engine cores are its children)
     cpus: dict[str, set[int]] | None = None  # each replica's CPUs during this arm; None: left as they are
     rounds: list[dict[str, Any]] = field(default_factory=list)
-
-
-def make_adapters(work: Path, model: Path, n: int) -> list[Path]:
-    """One trained adapter, then `n` of its shape with weights of their own (seeded noise)."""
-    first = train_tiny_adapter(model, work / "adapter-0", [STYLES["sea"]], rank=8, steps=1,
-                               target_modules=("q_proj", "v_proj")).path
-    tensors = load_file(str(first / "adapter_model.safetensors"))
-    out = [first]
-    for i in range(1, n):
-        folder = work / f"adapter-{i}"
-        folder.mkdir()
-        gen = torch.Generator().manual_seed(i)
-        save_file({k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in tensors.items()},
-                  str(folder / "adapter_model.safetensors"))
-        (folder / "adapter_config.json").write_bytes((first / "adapter_config.json").read_bytes())
-        out.append(folder)
-    return out
-
-
-def setup(work: Path, db_url: str, n: int) -> tuple[LocalNode, list[int], Path, int]:
-    node = LocalNode.start_chain(work / "node", database_url=db_url, indexer_process=True,
-                                 prompt_token_price=10**9, completion_token_price=10**9, max_num_seqs=64,
-                                 max_in_flight=1024)
-    model = make_tiny_model(work / "model", hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4,
-                            vocab_size=2000)
-    text = work / "data.txt"
-    text.write_text(STYLES["sea"])
-    c = node.contracts(FIRST_USER)
-    ds = c.datasets.register(dataset_content_hash(text), text.as_uri(), c.client.address)
-    owner, base = node.contracts(FIRST_USER + 1), base_model_id(model)
-    folders = make_adapters(work / "adapters", model, n)
-    ids = [owner.adapters.register(base, adapter_weights_sha256(f), f.as_uri(), [ds], [10_000], 1_000)
-           for f in folders]
-    payer = node.contracts(FIRST_USER + 2)
-    payer.token.mint(payer.client.address, 10**24)
-    payer.escrow.deposit(node.contracts(0).client.address, 10**24, payer.token)
-    node.wait_for_mirror()
-    return node, ids, model, host_nbytes(model, folders[0], node.settings.max_lora_rank)
-
-
-def host_nbytes(model: Path, folder: Path, max_rank: int) -> int:
-    """What one adapter takes in a replica's host cache (parsed as the API parses it)."""
-    config = ModelConfig.from_folder(model)
-    target = LoRATargetSpec.of(config.num_layers, config.module_shapes())
-    return load_lora_adapter(AdapterFiles.read(folder), target=target, max_rank=max_rank).nbytes
 
 
 def start_replica(node: LocalNode, model: Path, work: Path, name: str, host_bytes: int, slots: int,
