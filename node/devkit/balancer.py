@@ -45,11 +45,13 @@ def servers_config(servers: dict[str, str], stats_port: int, balance: str | None
     """The backends of the shipped defaults (`name from defaults`: the bounded one and light load's)
     with these replicas in the same order, and a stats page on loopback."""
     lines: list[str] = []
-    for backend, defaults in backends:
+    for i, (backend, defaults) in enumerate(backends):
         lines.append(f"backend {backend} from {defaults}")
         if balance is not None:
             lines.append(f"    balance {balance}")
-        lines += [f"    server {name} {address} check" for name, address in servers.items()]
+        # the first backend checks each replica; the others follow its checks (one /ready per second, not two)
+        check = "check" if i == 0 else f"track {backends[0][0]}/"
+        lines += [f"    server {name} {address} {check}{name if i else ''}" for name, address in servers.items()]
         lines.append("")
     lines += ["frontend stats from replicas", f"    bind 127.0.0.1:{stats_port}", "    stats enable",
               "    stats uri /stats", "    stats refresh 1s", ""]
