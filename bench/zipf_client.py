@@ -68,7 +68,8 @@ class ZipfTraffic:
         self.top[lane] += self.step
         info = self.payer.info
         voucher = Voucher(payer=self.payer.address, node=info.node, lane=lane, cumulative=self.top[lane],
-                          request_hash=request_hash(body), deadline=int(time.time()) + VALIDITY_S)
+                          request_hash=request_hash(body),
+                          deadline=int(time.time()) + max(VALIDITY_S, info.min_validity_s + 60))
         header = SignedVoucher.of(voucher, sign_voucher(self.payer.key, voucher, info.domain)).encode()
         head = (f"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
                 f"X-Payment: {header}\r\nContent-Length: {len(body)}\r\n\r\n")
