@@ -8,7 +8,9 @@ does not move (wall-clock ratios of several processes do, on a shared 2-CPU box)
 
 Each group is a list of process ids, or a callable giving one (cores restart with new ids); a process
 that exits during the run is not counted (read it before it goes). Read from /proc/<pid>/stat (user + system
-time of every thread of the process, in clock ticks), so no dependency and no sampling.
+time of every thread of the process, in clock ticks), so no dependency and no sampling. `meter.box_seconds`
+is what every CPU of the machine spent meanwhile (/proc/stat: all but idle and iowait), so that what
+the groups do not account for (other users' processes) shows as box_seconds - sum(meter.seconds.values()).
 """
 
 from __future__ import annotations
@@ -32,11 +34,21 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / TICKS_PER_S  # utime, stime: fields 14 and 15
 
 
+def box_busy_seconds() -> float:
+    """CPU seconds every CPU of the machine spent on anything but idling since boot (/proc/stat)."""
+    with open("/proc/stat", "rb") as f:
+        ticks = [int(t) for t in f.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle, iowait; guest time is counted in user already
+    return (sum(ticks[:8]) - idle) / TICKS_PER_S
+
+
 class CPUMeter:
     def __init__(self, groups: dict[str, Pids]) -> None:
         self.groups = groups
         self.seconds: dict[str, float] = {}
+        self.box_seconds = 0.0
         self._before: dict[str, dict[int, float]] = {}
+        self._box_before = 0.0
 
     def _read(self) -> dict[str, dict[int, float]]:
         now: dict[str, dict[int, float]] = {}
@@ -47,9 +59,11 @@ class CPUMeter:
 
     def __enter__(self) -> CPUMeter:
         self._before = self._read()
+        self._box_before = box_busy_seconds()
         return self
 
     def __exit__(self, *_: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.box_seconds = box_busy_seconds() - self._box_before
         after = self._read()
         # a process started during the run (a restarted core, a new database connection) counts whole
         self.seconds = {name: sum(s - self._before[name].get(pid, 0.0) for pid, s in after[name].items())

@@ -21,12 +21,19 @@ same one-thread replicas, in the same interleaved rounds. Three balancers in fro
 
 Each arm runs `--lanes` lanes of streamed paid completions back to back, the adapter of each request
 drawn from Zipf(`--zipf`) over all adapters, for `--seconds` after `--warmup` seconds; the arms
-alternate for `--rounds` rounds and each keeps its best round. Per arm: completion tokens/s, requests/s,
-p50/p99 time to first token (first streamed chunk, as the client sees it), the share of requests
-each replica served (HAProxy's X-Served-By), the share of a CPU each replica kept busy, the adapter hit rate:
-1 - (adapter loads into host memory, read from each replica's /metrics) / requests served, and the CPU
-ms per completion token of each replica's API process and of its engine cores, HAProxy, PostgreSQL and
-this client (bench/cpu_meter.py: a figure the load of a shared box moves far less than tokens/s).
+alternate for `--rounds` rounds and each keeps its best round. The client is one asyncio loop on raw
+HTTP/1.1 keep-alive connections with every request's voucher signed before the timed part
+(bench/zipf_client.py), and the indexer runs in a process of its own, so that the replicas get the CPU.
+Per arm: completion tokens/s, requests/s, p50/p99 time to first token (first streamed event, as the
+client sees it), the share of requests each replica served (HAProxy's X-Served-By), affinity (the
+share of requests served by the replica that served their adapter most), the adapter hit rate:
+1 - (adapter loads into host memory, read from each replica's /metrics) / requests served, the CPU
+ms per completion token of each replica's API process and of its engine cores, HAProxy, PostgreSQL,
+the indexer, anvil and this client (bench/cpu_meter.py: a figure the load of a shared box moves far
+less than tokens/s), and the CPUs each of them kept busy with what the rest of the box took (other
+users' processes) and left idle: the two-over-one ratio is the replicas' CPUs ratio times their CPU per
+token ratio, and `box_ceiling_two_over_one` is what an idle box of this many CPUs allows at the CPU per
+token measured (one replica alone on a CPU; two sharing all CPUs with the client, HAProxy, PostgreSQL).
 
     python bench/replicas.py [--adapters 1000] [--lanes 32] [--seconds 20] [--rounds 2] [--pinning cpu|free|both]
                              [--baseline-config old-haproxy.cfg]   # a fourth arm: hash with that file
@@ -37,10 +44,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import bisect
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -52,9 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import torch
 from prometheus_client.parser import text_string_to_metric_families
-from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -62,19 +65,14 @@ sys.path.insert(0, str(ROOT))
 from bench.api import _fresh_postgres  # noqa: E402
 from bench.cpu_meter import CPUMeter, descendants, postgres_backends  # noqa: E402
 from bench.cpu_pin import one_cpu_each, pin_at_start, pin_tree, tree_cpus, usable_cpus  # noqa: E402
+from bench.replicas_setup import setup  # noqa: E402
+from bench.zipf_client import Result, ZipfTraffic  # noqa: E402
 from node.chain.anvil import free_port  # noqa: E402
 from node.client.payer import Payer  # noqa: E402
-from node.devkit import make_tiny_model, train_tiny_adapter  # noqa: E402
 from node.devkit.balancer import Balancer  # noqa: E402
-from node.devkit.corpus import STYLES  # noqa: E402
 from node.devkit.local_node import FIRST_USER, LocalNode, settings_env  # noqa: E402
-from node.lora.adapter import LoRATargetSpec, load_lora_adapter  # noqa: E402
-from node.lora.adapter_files import AdapterFiles  # noqa: E402
-from node.lora.content_hash import adapter_weights_sha256, base_model_id, dataset_content_hash  # noqa: E402
-from node.models.config import ModelConfig  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "replicas.json"
-PROMPTS = ("the sea is", "waves on the shore", "a ship sails", "the lighthouse keeper said")
 
 
 @dataclass
@@ -85,50 +83,6 @@ class Arm:
     pids: dict[str, int]  # each replica's API process (its engine cores are its children)
     cpus: dict[str, set[int]] | None = None  # each replica's CPUs during this arm; None: left as they are
     rounds: list[dict[str, Any]] = field(default_factory=list)
-
-
-def make_adapters(work: Path, model: Path, n: int) -> list[Path]:
-    """One trained adapter, then `n` of its shape with weights of their own (seeded noise)."""
-    first = train_tiny_adapter(model, work / "adapter-0", [STYLES["sea"]], rank=8, steps=1,
-                               target_modules=("q_proj", "v_proj")).path
-    tensors = load_file(str(first / "adapter_model.safetensors"))
-    out = [first]
-    for i in range(1, n):
-        folder = work / f"adapter-{i}"
-        folder.mkdir()
-        gen = torch.Generator().manual_seed(i)
-        save_file({k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in tensors.items()},
-                  str(folder / "adapter_model.safetensors"))
-        (folder / "adapter_config.json").write_bytes((first / "adapter_config.json").read_bytes())
-        out.append(folder)
-    return out
-
-
-def setup(work: Path, db_url: str, n: int) -> tuple[LocalNode, list[int], Path, int]:
-    node = LocalNode.start_chain(work / "node", database_url=db_url, prompt_token_price=10**9,
-                                 completion_token_price=10**9, max_num_seqs=64, max_in_flight=1024)
-    model = make_tiny_model(work / "model", hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4,
-                            vocab_size=2000)
-    text = work / "data.txt"
-    text.write_text(STYLES["sea"])
-    c = node.contracts(FIRST_USER)
-    ds = c.datasets.register(dataset_content_hash(text), text.as_uri(), c.client.address)
-    owner, base = node.contracts(FIRST_USER + 1), base_model_id(model)
-    folders = make_adapters(work / "adapters", model, n)
-    ids = [owner.adapters.register(base, adapter_weights_sha256(f), f.as_uri(), [ds], [10_000], 1_000)
-           for f in folders]
-    payer = node.contracts(FIRST_USER + 2)
-    payer.token.mint(payer.client.address, 10**24)
-    payer.escrow.deposit(node.contracts(0).client.address, 10**24, payer.token)
-    node.wait_for_mirror()
-    return node, ids, model, host_nbytes(model, folders[0], node.settings.max_lora_rank)
-
-
-def host_nbytes(model: Path, folder: Path, max_rank: int) -> int:
-    """What one adapter takes in a replica's host cache (parsed as the API parses it)."""
-    config = ModelConfig.from_folder(model)
-    target = LoRATargetSpec.of(config.num_layers, config.module_shapes())
-    return load_lora_adapter(AdapterFiles.read(folder), target=target, max_rank=max_rank).nbytes
 
 
 def start_replica(node: LocalNode, model: Path, work: Path, name: str, host_bytes: int, slots: int,
@@ -172,48 +126,6 @@ def misses(urls: list[str]) -> Counter[str]:
     return sum((tier_misses(u) for u in urls), Counter[str]())
 
 
-class ZipfTraffic:
-    def __init__(self, ids: list[int], s: float, payer: Payer, max_tokens: int) -> None:
-        weights = [1 / (k + 1) ** s for k in range(len(ids))]
-        self.cum = [sum(weights[: k + 1]) for k in range(len(weights))]
-        self.ids, self.payer, self.max_tokens = ids, payer, max_tokens
-        self.rng = random.Random(0)
-
-    def pick(self) -> int:
-        return self.ids[bisect.bisect(self.cum, self.rng.random() * self.cum[-1])]
-
-    async def run(self, url: str, lanes: list[int], seconds: float) -> list[tuple[int, float, float, int, str]]:
-        """(status, ttft_s, latency_s, completion tokens, the replica that served it) per request."""
-        out: list[tuple[int, float, float, int, str]] = []
-        deadline = time.monotonic() + seconds
-        limits = httpx.Limits(max_connections=len(lanes) + 2, max_keepalive_connections=len(lanes) + 2)
-        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
-            await asyncio.gather(*(self._lane(http, lane, deadline, out) for lane in lanes))
-        return out
-
-    async def _lane(self, http: httpx.AsyncClient, lane: int, deadline: float, out: list[Any]) -> None:
-        while time.monotonic() < deadline:
-            body = json.dumps({"model": str(self.pick()), "prompt": self.rng.choice(PROMPTS),
-                               "max_tokens": self.max_tokens, "stream": True, "stop": ["@@never@@"]}).encode()
-            header = await asyncio.to_thread(self.payer.payment_header, body, lane)
-            started, ttft, last = time.monotonic(), float("nan"), None
-            async with http.stream("POST", "/v1/completions", content=body,
-                                   headers={"X-Payment": header, "Content-Type": "application/json"}) as resp:
-                async for line in resp.aiter_lines():
-                    if line.startswith("data: {"):
-                        if ttft != ttft:
-                            ttft = time.monotonic() - started
-                        last = json.loads(line.removeprefix("data: "))
-            if resp.status_code == 200 and last is not None and "receipt" in last:
-                self.payer.observe(lane, int(last["receipt"]["chargedTotal"]))
-                out.append((200, ttft, time.monotonic() - started, last["usage"]["completion_tokens"],
-                            resp.headers.get("x-served-by", "")))
-            else:
-                self.payer.forget(lane)
-                out.append((resp.status_code, ttft, time.monotonic() - started, 0, resp.headers.get("x-served-by", "")))
-                await asyncio.sleep(0.2)
-
-
 def _pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return 1000 * xs[int(q * (len(xs) - 1))] if xs else float("nan")
@@ -232,32 +144,55 @@ def confine(arm: Arm) -> dict[str, list[int]]:
 
 
 def measure(arm: Arm, traffic: ZipfTraffic, lanes: list[int], warmup: float, seconds: float,
-            db_url: str) -> dict[str, Any]:
+            db_url: str, shared: dict[str, list[int | None]]) -> dict[str, Any]:
     cpus = confine(arm)
-    asyncio.run(traffic.run(arm.balancer.url, lanes, warmup))
+    asyncio.run(traffic.run(arm.balancer.url, traffic.presign(lanes, 0), warmup))  # signed as it goes
+    signed = traffic.presign(lanes, traffic.per_lane)
+    inline = traffic.signed_inline
     before = misses(arm.replicas)
     groups: dict[str, Any] = {}
     for name, pid in arm.pids.items():
         groups |= {f"replica {name} API": [pid], f"replica {name} cores": descendants(pid)}
     meter = CPUMeter({**groups, "haproxy": [arm.balancer.proc.pid if arm.balancer.proc else None],
-                      "postgres": postgres_backends(db_url), "client (this process)": [os.getpid()]})
+                      "postgres": postgres_backends(db_url), **shared, "client (this process)": [os.getpid()]})
     started = time.monotonic()
     with meter:
-        results = asyncio.run(traffic.run(arm.balancer.url, lanes, seconds))
+        results = asyncio.run(traffic.run(arm.balancer.url, signed, seconds))
     wall = time.monotonic() - started
+    used = {lane: traffic.per_lane - len(q) for lane, q in signed.items()}
+    traffic.per_lane = max(traffic.per_lane, int(1.5 * max(used.values())) + 10)
     loads = misses(arm.replicas) - before
     ok = [r for r in results if r[0] == 200]
+    tokens = sum(r[3] for r in ok)
     busy = {n: (meter.seconds[f"replica {n} API"] + meter.seconds[f"replica {n} cores"]) / wall for n in arm.pids}
     return {"requests": len(results), "served": len(ok), "wall_s": wall, "cpus": cpus,
             "served_by": {n: sum(r[4] == n for r in ok) / max(len(ok), 1) for n in arm.pids},
-            "cpu_busy": busy,
-            "tokens_per_s": sum(r[3] for r in ok) / wall, "requests_per_s": len(ok) / wall,
+            "affinity": affinity(ok),
+            "cpu_busy": busy, "cpus_used": cpus_used(meter, wall), "signed_in_loop": traffic.signed_inline - inline,
+            "tokens_per_s": tokens / wall, "requests_per_s": len(ok) / wall,
             "ttft_p50_ms": _pct([r[1] for r in ok], 0.5), "ttft_p99_ms": _pct([r[1] for r in ok], 0.99),
             "latency_p50_ms": 1000 * statistics.median([r[2] for r in ok]) if ok else float("nan"),
             "host_loads": loads["host"], "device_loads": loads["device"],
             "hit_rate": 1 - loads["host"] / max(len(ok), 1),
-            "cpu_ms_per_token": {k: 1000 * v / max(sum(r[3] for r in ok), 1) for k, v in meter.seconds.items()},
+            "cpu_ms_per_token": {k: 1000 * v / max(tokens, 1) for k, v in meter.seconds.items()},
             "statuses": {str(s): sum(r[0] == s for r in results) for s in sorted({r[0] for r in results})}}
+
+
+def affinity(ok: list[Result]) -> float:
+    """The share of requests served by the replica that served their adapter most (1.0: every adapter on one)."""
+    per_adapter: dict[int, Counter[str]] = {}
+    for r in ok:
+        per_adapter.setdefault(r[5], Counter())[r[4]] += 1
+    return sum(max(c.values()) for c in per_adapter.values()) / max(len(ok), 1)
+
+
+def cpus_used(meter: CPUMeter, wall: float) -> dict[str, float]:
+    """CPUs each group kept busy on average during the run (CPU seconds / wall seconds), what the rest of
+    the box took (other users' processes, steal) and what stayed idle; they add up to the box's CPUs."""
+    out = {k: v / wall for k, v in meter.seconds.items()}
+    out["other processes"] = max(meter.box_seconds / wall - sum(out.values()), 0.0)
+    out["idle"] = max((os.cpu_count() or 1) - meter.box_seconds / wall, 0.0)
+    return out
 
 
 def replicas_cpu(r: dict[str, Any]) -> float:
@@ -300,10 +235,22 @@ def make_arms(own: dict[str, set[int]] | None, with_free: bool, baseline: Path |
 def ratios(best: dict[str, dict[str, Any]]) -> dict[str, float]:
     out = {"two_over_one": best["hash"]["tokens_per_s"] / best["one"]["tokens_per_s"],
            "hash_over_rr": best["hash"]["tokens_per_s"] / best["rr"]["tokens_per_s"],
-           "cpu_bound_two_over_one": 2 * replicas_cpu(best["one"]) / replicas_cpu(best["hash"])}
+           "cpu_bound_two_over_one": 2 * replicas_cpu(best["one"]) / replicas_cpu(best["hash"]),
+           # tokens/s = CPUs the replicas got / their CPU per token: the wall-clock ratio is the product of these two
+           "replicas_cpus_two_over_one": sum(best["hash"]["cpu_busy"].values()) / sum(best["one"]["cpu_busy"].values()),
+           "cpu_per_token_one_over_two": replicas_cpu(best["one"]) / replicas_cpu(best["hash"]),
+           "box_ceiling_two_over_one": box_ceiling(best)}
     if "hash free" in best:
         out["two_over_one_free"] = best["hash free"]["tokens_per_s"] / best["one free"]["tokens_per_s"]
     return out
+
+
+def box_ceiling(best: dict[str, dict[str, Any]]) -> float:
+    """Two replicas over one on this box with nothing else running, at the CPU per token measured: one
+    replica has a CPU to itself (the client, HAProxy and PostgreSQL fit on the other), two share all
+    the box's CPUs with them: cpus x (1 / (replicas' + the rest's ms per token of two)) / (1 / one's)."""
+    shared = sum(v for k, v in best["hash"]["cpu_ms_per_token"].items() if not k.startswith("replica"))
+    return (os.cpu_count() or 1) * replicas_cpu(best["one"]) / (replicas_cpu(best["hash"]) + shared)
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -319,13 +266,16 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                                                     args.slots, not args.in_process, own and own[name])
         arms = make_arms(own, args.pinning == "both", args.baseline_config, work, urls,
                          {n: p.pid for n, p in procs.items()})
-        payer = Payer(node.anvil.keys[FIRST_USER + 2], urls["a"], budget=10**15)
+        payer = Payer(node.anvil.keys[FIRST_USER + 2], urls["a"])
         traffic = ZipfTraffic(ids, args.zipf, payer, args.max_tokens)
         lanes = list(range(args.lanes))
+        # what the replicas share besides PostgreSQL and HAProxy, in processes of their own as deployed
+        anvil = node.anvil._proc
+        shared = {"indexer": [p.pid for p in node._procs], "anvil": [anvil.pid if anvil else None]}
         loads = [uptime()]
         for _ in range(args.rounds):
             for arm in arms:
-                arm.rounds.append(measure(arm, traffic, lanes, args.warmup, args.seconds, db_url))
+                arm.rounds.append(measure(arm, traffic, lanes, args.warmup, args.seconds, db_url, shared))
             loads.append(uptime())
         best = {arm.name: max(arm.rounds, key=lambda r: r["tokens_per_s"]) for arm in arms}
         return {"config": vars(args), "adapter_bytes": nbytes, "uptime": loads, "best": best,
@@ -340,13 +290,13 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    print(f"{'arm':<30}{'tokens/s':>10}{'req/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'hit rate':>10}"
+    print(f"{'arm':<30}{'tokens/s':>10}{'req/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'hit rate':>10}{'affinity':>10}"
           f"{'loads host/dev':>16}  {'served by':<16}{'CPU busy':<18}statuses")
     for key, r in result["best"].items():
         shares = " ".join(f"{n} {v:.0%}" for n, v in r["served_by"].items())
         busy = " ".join(f"{n} {v:.2f}" for n, v in r["cpu_busy"].items())
         print(f"{LABELS[key]:<30}{r['tokens_per_s']:>10.1f}{r['requests_per_s']:>8.2f}{r['ttft_p50_ms']:>8.0f}ms"
-              f"{r['ttft_p99_ms']:>8.0f}ms{r['hit_rate']:>10.1%}"
+              f"{r['ttft_p99_ms']:>8.0f}ms{r['hit_rate']:>10.1%}{r['affinity']:>10.1%}"
               f"{r['host_loads']:>10}/{r['device_loads']:<5}  {shares:<16}{busy:<18}"
               f"{r['statuses']}")
     free = f"; CPUs free: {result['two_over_one_free']:.2f}x" if "two_over_one_free" in result else ""
@@ -356,8 +306,15 @@ def print_table(result: dict[str, Any]) -> None:
         cpus = " ".join(f"{n} {c}" for n, c in r["cpus"].items())
         print(f"  CPU ms per token, {LABELS[key]} ({cpus}): "
               + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_ms_per_token"].items()))
+    for key, r in result["best"].items():
+        print(f"  CPUs used, {LABELS[key]}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["cpus_used"].items())
+              + f" (requests signed in the timed loop: {r['signed_in_loop']})")
     print(f"  CPU-bound two replicas / one (2 x the replicas' CPU per token of one / of two): "
-          f"{result['cpu_bound_two_over_one']:.2f}x")
+          f"{result['cpu_bound_two_over_one']:.2f}x; two / one = the replicas' CPUs "
+          f"{result['replicas_cpus_two_over_one']:.2f}x x their CPU per token "
+          f"{result['cpu_per_token_one_over_two']:.2f}x;"
+          f" ceiling of this box idle (client, HAProxy, PostgreSQL on the same CPUs): "
+          f"{result['box_ceiling_two_over_one']:.2f}x")
     for line in result["uptime"]:
         print(f"uptime: {line}")
 

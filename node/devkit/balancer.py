@@ -40,13 +40,20 @@ def haproxy_binary() -> str:
     return found
 
 
-def servers_config(servers: dict[str, str], stats_port: int, balance: str | None = None) -> str:
-    """The backend of the shipped defaults with these replicas, and a stats page on loopback."""
-    lines = ["backend api from replicas"]
-    if balance is not None:
-        lines.append(f"    balance {balance}")
-    lines += [f"    server {name} {address} check" for name, address in servers.items()]
-    lines += ["", "frontend stats from replicas", f"    bind 127.0.0.1:{stats_port}", "    stats enable",
+def servers_config(servers: dict[str, str], stats_port: int, balance: str | None = None,
+                   backends: tuple[tuple[str, str], ...] = (("api", "replicas"), ("api_affine", "affine"))) -> str:
+    """The backends of the shipped defaults (`name from defaults`: the bounded one and light load's)
+    with these replicas in the same order, and a stats page on loopback."""
+    lines: list[str] = []
+    for i, (backend, defaults) in enumerate(backends):
+        lines.append(f"backend {backend} from {defaults}")
+        if balance is not None:
+            lines.append(f"    balance {balance}")
+        # the first backend checks each replica; the others follow its checks (one /ready per second, not two)
+        check = "check" if i == 0 else f"track {backends[0][0]}/"
+        lines += [f"    server {name} {address} {check}{name if i else ''}" for name, address in servers.items()]
+        lines.append("")
+    lines += ["frontend stats from replicas", f"    bind 127.0.0.1:{stats_port}", "    stats enable",
               "    stats uri /stats", "    stats refresh 1s", ""]
     return "\n".join(lines)
 
@@ -72,7 +79,10 @@ class Balancer:
     def start(self, timeout_s: float = 20.0) -> Balancer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         servers = self.workdir / "servers.cfg"
-        servers.write_text(servers_config(self.servers, self.stats_port, self.balance))
+        # a config of before the light-load backend (--baseline-config) names only `api`
+        backends = (("api", "replicas"),) + ((("api_affine", "affine"),) if "defaults affine" in self.config.read_text()
+                                              else ())
+        servers.write_text(servers_config(self.servers, self.stats_port, self.balance, backends))
         env = {**os.environ, "LORANODE_BALANCER_BIND": f"127.0.0.1:{self.port}"}
         argv = [haproxy_binary(), "-db", "-f", str(self.config), "-f", str(servers)]
         with self.log_path.open("ab") as log:

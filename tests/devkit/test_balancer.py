@@ -9,6 +9,7 @@ import json
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from node.devkit.balancer import Balancer
 class _Named(ThreadingHTTPServer):
     name = ""
     is_ready = True
+    release = threading.Event()  # a request whose prompt is "hold" is answered once this is set
+    arrived = threading.Semaphore(0)  # released once per held request that came in
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -34,7 +37,10 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # headers and body go out as two writes: no 40 ms wait on the second
 
     def _answer(self) -> None:
-        self.rfile.read(int(self.headers.get("content-length") or 0))
+        body = self.rfile.read(int(self.headers.get("content-length") or 0))
+        if b'"prompt": "hold"' in body:
+            self.server.arrived.release()
+            self.server.release.wait(30)
         status = 200 if self.path != "/ready" or self.server.is_ready else 503
         body = self.server.name.encode()
         self.send_response(status)
@@ -53,11 +59,12 @@ def servers() -> Iterator[dict[str, _Named]]:
     out = {}
     for name in ("a", "b"):
         server = _Named(("127.0.0.1", 0), _Handler)
-        server.name = name
+        server.name, server.release, server.arrived = name, threading.Event(), threading.Semaphore(0)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         out[name] = server
     yield out
     for server in out.values():
+        server.release.set()
         server.shutdown()
         server.server_close()
 
@@ -109,3 +116,52 @@ def test_zipf_traffic_over_a_thousand_adapters_splits_evenly_between_two_replica
         for k, weight in enumerate(weights, start=1):  # one at a time: where the hash puts each, no spill
             share[_post(client, str(k))] += weight / sum(weights)
     assert 0.4 <= share["a"] <= 0.6, share
+
+
+def _homes(client: httpx.Client, models: range) -> dict[str, str]:
+    """Where the hash puts each adapter, one request at a time (nothing in flight: no spill)."""
+    return {m: _post(client, m) for m in map(str, models)}
+
+
+def _held(pool: ThreadPoolExecutor, lb_url: str, models: list[str], servers: dict[str, _Named]) -> list[Future[str]]:
+    """Requests for `models` sent one after another, each held by its server (in flight) before the next."""
+    held = []
+    for model in models:
+        body = json.dumps({"model": model, "prompt": "hold"})
+        held.append(pool.submit(lambda b=body: httpx.post(f"{lb_url}/v1/completions", content=b, timeout=30).text))
+        assert any(s.arrived.acquire(timeout=0.05) for _ in range(200) for s in servers.values()), "not held"
+    return held
+
+
+def test_at_light_load_an_adapter_stays_on_its_replica(servers: dict[str, _Named], tmp_path: Path) -> None:
+    """A few requests in flight on an adapter's replica and none on the other: the next request for an
+    adapter of that replica still goes there (bounded load alone, at 125 % of the mean, sent it to the
+    idle replica as soon as its home had one request in flight: two in flight of which one at home is
+    already 100 %, above 125 % of one)."""
+    addresses = {n: f"127.0.0.1:{s.server_address[1]}" for n, s in servers.items()}
+    with Balancer(addresses, tmp_path) as lb, httpx.Client(base_url=lb.url, timeout=10) as client, \
+            ThreadPoolExecutor(8) as pool:
+        lb.wait_states({"a": "UP", "b": "UP"})
+        homes = _homes(client, range(1, 41))
+        for name, server in servers.items():
+            mine = [m for m, home in homes.items() if home == name]
+            held = _held(pool, lb.url, mine[:3], servers)  # three in flight on this replica, none on the other
+            assert {_post(client, m) for m in mine[3:8]} == {name}
+            server.release.set()
+            assert [f.result() for f in held] == [name] * 3
+            server.release.clear()
+
+
+def test_at_heavy_load_a_replica_ahead_spills_to_the_other(servers: dict[str, _Named], tmp_path: Path) -> None:
+    """Sixteen requests in flight at once, all for adapters of replica a: past the light load (4 per
+    replica in the ring), bounded load sends some of them to b."""
+    addresses = {n: f"127.0.0.1:{s.server_address[1]}" for n, s in servers.items()}
+    with Balancer(addresses, tmp_path) as lb, httpx.Client(base_url=lb.url, timeout=10) as client, \
+            ThreadPoolExecutor(20) as pool:
+        lb.wait_states({"a": "UP", "b": "UP"})
+        homes = _homes(client, range(1, 81))
+        held = _held(pool, lb.url, [m for m, home in homes.items() if home == "a"][:16], servers)
+        for server in servers.values():
+            server.release.set()
+        served = Counter(f.result() for f in held)
+    assert served["b"] >= 3 and served["a"] >= 8, served
