@@ -15,6 +15,7 @@ the epoch is settled: the trees, the receipts' fees, adapters and weights, and t
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,18 +29,31 @@ from node.settlement import outbox
 from node.settlement.epoch_builder import EpochReceipt, cumulative_of
 from node.settlement.overrule import FORGOTTEN, VETOED, overruled
 from node.settlement.publication import PUBLISHED
+from node.settlement.published_trees import WITHOUT_TREES
 from node.settlement.split import Lineage, SplitParams, split_shares
 
 MAX_DETAILED_EPOCHS = 50  # epochs whose receipts are replayed for the sources, newest first
 
 
-def earnings(session: Session, params: SplitParams, account: str, now: datetime | None = None) -> dict[str, Any]:
-    """`account`'s earnings from node `params.node`: totals, then one entry per epoch it earned in."""
+def published_rows(session: Session, node: str) -> list[SettlementEpoch]:
+    """The node's published outbox rows, oldest first, without their trees."""
+    return list(session.scalars(select(SettlementEpoch).options(*WITHOUT_TREES)
+                                .where(SettlementEpoch.node == node.lower(), SettlementEpoch.state.in_(PUBLISHED))
+                                .order_by(SettlementEpoch.epoch_id)))
+
+
+def rewards_in_row(row: SettlementEpoch) -> dict[str, int]:
+    """The cumulative amounts of the row's rewards tree, read now (the API keeps them parsed: PublishedTrees)."""
+    return cumulative_of((row.trees or {}).get("rewards"))
+
+
+def earnings(session: Session, params: SplitParams, account: str, now: datetime | None = None,
+             rewards_of: Callable[[SettlementEpoch], dict[str, int]] = rewards_in_row) -> dict[str, Any]:
+    """`account`'s earnings from node `params.node`: totals, then one entry per epoch it earned in.
+    `rewards_of` gives an epoch's cumulative amounts per checksummed account."""
     node, who = params.node.lower(), to_checksum_address(account)
     now = now or datetime.now(UTC)
-    rows = list(session.scalars(select(SettlementEpoch).where(SettlementEpoch.node == node,
-                                                               SettlementEpoch.state.in_(PUBLISHED))
-                                .order_by(SettlementEpoch.epoch_id)))
+    rows = published_rows(session, node)
     claimed = int(session.scalar(select(func.max(Claim.cumulative_amount))
                                  .where(Claim.node == node, Claim.account == who.lower())) or 0)
     settled = {r.epoch_id: r for r in session.scalars(select(SettledEpoch).where(SettledEpoch.node == node))}
@@ -54,7 +68,7 @@ def earnings(session: Session, params: SplitParams, account: str, now: datetime 
         if why == FORGOTTEN:  # never claimable as we built it; the amended epoch's corrected leaves pay it
             forgotten.append(row.epoch_id)
             continue
-        cumulative = cumulative_of((row.trees or {}).get("rewards")).get(who, 0)
+        cumulative = rewards_of(row).get(who, 0)
         if on_chain is not None and on_chain.vetoed_block is None and why is None and on_chain.unlock_at <= now:
             claimable = cumulative
         if cumulative > previous:

@@ -110,7 +110,7 @@ class PublishedTrees:
                                                 SettlementEpoch.receipts_root == receipts_root)
         with self._readers, factory() as session:
             trees = session.scalar(q)
-        return None if trees is None else ParsedTrees.of(trees)
+        return None if trees is None or not {"rewards", "receipts"} <= trees.keys() else ParsedTrees.of(trees)
 
     def _keep(self, key: TreeKey, parsed: ParsedTrees) -> None:
         if len(parsed.encoded) > self.max_bytes:

@@ -29,7 +29,7 @@ from tests.fixtures.paid_node import PaidNode
 pytestmark = [pytest.mark.chain, pytest.mark.slow]
 NUM_LEAVES = 12_000  # a busy epoch's receipts
 NUM_READING = 32
-EPOCH_ID = 900
+EPOCH_IDS = range(900, 906)  # a few of them: the listing and the earnings read every epoch
 FLOOD = """
 import asyncio, sys
 import aiohttp
@@ -44,44 +44,57 @@ async def main(urls, num):
                         print(resp.status, flush=True)
         await asyncio.gather(*(ask(i) for i in range(num)))
 
-asyncio.run(main(sys.argv[1:3], int(sys.argv[3])))
+asyncio.run(main(sys.argv[2:], int(sys.argv[1])))
 """
 
 
-def _settle_by_hand(node: PaidNode) -> tuple[str, str]:
-    """The node's receipts so far, settled in one epoch with many other leaves, as the worker would leave
-    it (FINAL, trees published). Returns the node and one receipt's id."""
-    factory = session_factory(make_engine(node.local.settings.resolved_database_url(), pooled=False))
+@pytest.fixture(scope="module")
+def settled(paid_node: PaidNode) -> tuple[float, str, str]:
+    """The node's receipts so far, settled by hand with many other leaves, as the worker would leave it
+    (FINAL, trees published), the last epoch holding them. (a paid request's time before, the node, one
+    receipt's id)."""
+    payer = Payer(paid_node.payer_keys[0], paid_node.base_url)
+    calm = _paid_seconds(paid_node, _signed(paid_node, payer, 900))
+    factory = session_factory(make_engine(paid_node.local.settings.resolved_database_url(), pooled=False))
     with transaction(factory) as session:
         receipts = list(session.scalars(select(Receipt).order_by(Receipt.id)))
         leaves = [receipt_of_row(r).leaf() for r in receipts]
         fillers = [[*leaves[0][:6], 10**12 + i, *leaves[0][7:]] for i in range(NUM_LEAVES - len(leaves))]
         tree = MerkleTree.of(leaves + fillers, LEAF_TYPES)
-        rewards = MerkleTree.of([[receipts[0].node, 1]], ("address", "uint256"))
         owner = receipts[0].node
-        session.add(SettlementEpoch(node=owner, epoch_id=EPOCH_ID, state=EpochState.FINAL,
-                                    rewards_root=to_hex(rewards.root), rewards_total=1,
-                                    receipts_root=to_hex(tree.root), receipt_count=len(tree), collected_total=1,
-                                    trees={"rewards": rewards.to_json(), "receipts": tree.to_json()},
-                                    tx_hash="0x" + "11" * 32))
+        rewards = MerkleTree.of([[owner, 1]], ("address", "uint256"))
+        trees = {"rewards": rewards.to_json(), "receipts": tree.to_json()}
+        for epoch_id in EPOCH_IDS:
+            session.add(SettlementEpoch(node=owner, epoch_id=epoch_id, state=EpochState.FINAL,
+                                        rewards_root=to_hex(rewards.root), rewards_total=1,
+                                        receipts_root=to_hex(tree.root), receipt_count=len(tree),
+                                        collected_total=1, trees=trees, tx_hash="0x" + "11" * 32))
         session.flush()
-        session.execute(update(Receipt).where(Receipt.id.in_([r.id for r in receipts])).values(epoch_id=EPOCH_ID))
-        return owner, receipts[-1].receipt_hash
+        session.execute(update(Receipt).where(Receipt.id.in_([r.id for r in receipts]))
+                        .values(epoch_id=EPOCH_IDS[-1]))
+        return calm, owner, receipts[-1].receipt_hash
 
 
-def test_a_flood_of_tree_reads_does_not_hold_up_paid_requests(paid_node: PaidNode) -> None:
-    payer = Payer(paid_node.payer_keys[0], paid_node.base_url)
-    calm = _paid_seconds(paid_node, _signed(paid_node, payer, 900))
-    owner, receipt_id = _settle_by_hand(paid_node)
-    proof_url, epoch_url = f"{paid_node.base_url}/v1/receipts/{receipt_id}/proof", \
-        f"{paid_node.base_url}/v1/epochs/{owner}/{EPOCH_ID}"
-    proof = httpx.get(proof_url, timeout=60).json()
+def _reads(node: PaidNode, owner: str, receipt_id: str, what: str) -> list[str]:
+    base = node.base_url
+    return {"proofs and trees": [f"{base}/v1/receipts/{receipt_id}/proof", f"{base}/v1/epochs/{owner}/latest"],
+            "epoch listings": [f"{base}/v1/epochs/{owner}?limit=500", f"{base}/v1/epochs/{owner}/latest/summary"],
+            "earnings": [f"{base}/v1/earnings/{owner}/{owner}"]}[what]
+
+
+@pytest.mark.parametrize("what", ["proofs and trees", "epoch listings", "earnings"])
+def test_a_flood_of_tree_reads_does_not_hold_up_paid_requests(paid_node: PaidNode, settled: tuple[float, str, str],
+                                                             what: str) -> None:
+    calm, owner, receipt_id = settled
+    proof = httpx.get(f"{paid_node.base_url}/v1/receipts/{receipt_id}/proof", timeout=60).json()
     assert MerkleTree.verify(bytes.fromhex(proof["receiptsRoot"][2:]), LEAF_TYPES, proof["leaf"],
                              [bytes.fromhex(p[2:]) for p in proof["proof"]])
-    assert len(httpx.get(epoch_url, timeout=60).json()["receipts"]["values"]) == NUM_LEAVES
-    headers = _signed(paid_node, payer, 910)
-    flood = subprocess.Popen([sys.executable, "-c", FLOOD, proof_url, epoch_url, str(NUM_READING)],
-                             stdout=subprocess.PIPE, text=True)
+    urls = _reads(paid_node, owner, receipt_id, what)
+    assert all(httpx.get(url, timeout=60).status_code == 200 for url in urls)
+    payer = Payer(paid_node.payer_keys[0], paid_node.base_url)
+    headers = _signed(paid_node, payer, 910 + 10 * ["proofs and trees", "epoch listings", "earnings"].index(what))
+    flood = subprocess.Popen([sys.executable, "-c", FLOOD, str(NUM_READING), *urls], stdout=subprocess.PIPE,
+                             text=True)
     try:
         assert flood.stdout is not None
         for _ in range(4):
@@ -90,6 +103,6 @@ def test_a_flood_of_tree_reads_does_not_hold_up_paid_requests(paid_node: PaidNod
     finally:
         flood.kill()
         flood.wait()
-    print(f"paid request alone {calm:.3f} s, during the tree reads {flooded:.3f} s")
-    assert flooded < calm + 5.0, f"a paid request took {flooded:.2f} s during a flood of tree reads " \
+    print(f"paid request alone {calm:.3f} s, during the {what} {flooded:.3f} s")
+    assert flooded < calm + 5.0, f"a paid request took {flooded:.2f} s during a flood of {what} " \
                                  f"({calm:.2f} s without)"
