@@ -21,7 +21,7 @@ from typing import Any
 
 from eth_utils import to_checksum_address
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import queries
 from node.db.models import Claim, SettledEpoch, SettlementEpoch
@@ -29,7 +29,7 @@ from node.settlement import outbox
 from node.settlement.epoch_builder import EpochReceipt, cumulative_of
 from node.settlement.overrule import FORGOTTEN, VETOED, overruled
 from node.settlement.publication import PUBLISHED
-from node.settlement.published_trees import WITHOUT_TREES
+from node.settlement.published_trees import WITHOUT_TREES, PublishedTrees
 from node.settlement.split import Lineage, SplitParams, split_shares
 
 MAX_DETAILED_EPOCHS = 50  # epochs whose receipts are replayed for the sources, newest first
@@ -79,6 +79,22 @@ def earnings(session: Session, params: SplitParams, account: str, now: datetime 
     return {"node": to_checksum_address(node), "account": who, "earned": str(previous), "claimed": str(claimed),
             "unclaimed": str(max(previous - claimed, 0)), "claimableNow": str(max(claimable - claimed, 0)),
             "bySource": _by_source(epochs), "epochs": epochs, "forgottenEpochs": forgotten}
+
+
+def earnings_from(factory: sessionmaker[Session], trees: PublishedTrees, params: SplitParams,
+                  account: str) -> dict[str, Any]:
+    """`earnings`, each epoch's rewards taken from `trees`: read before a connection is taken for the rest,
+    so that no connection waits on another reader's tree."""
+    with factory() as session:
+        rows = published_rows(session, params.node)
+    parsed = {row.id: trees.get(factory, row) for row in rows}
+
+    def rewards_of(row: SettlementEpoch) -> dict[str, int]:
+        found = parsed[row.id] if row.id in parsed else trees.get(factory, row)  # or one published since
+        return {} if found is None else found.cumulative
+
+    with factory() as session:
+        return earnings(session, params, account, rewards_of=rewards_of)
 
 
 def _epoch_entry(row: SettlementEpoch, on_chain: SettledEpoch | None, previous: int, cumulative: int,

@@ -12,9 +12,7 @@ from fastapi import APIRouter, Path, Query, Response
 from node.api.deps import DatabaseDep, SplitDep, TreesDep
 from node.api.error_handlers import error_responses
 from node.api.routes.info import ADDRESS, HASH, NotFound
-from node.db.models import SettlementEpoch
-from node.settlement.earnings import earnings as account_earnings
-from node.settlement.earnings import published_rows
+from node.settlement.earnings import earnings_from
 from node.settlement.epoch_report import MAX_LISTED, epoch_report, list_epochs
 from node.settlement.publication import epoch_json, proof_in, published_epoch, settled_receipt
 
@@ -69,16 +67,7 @@ def earnings(db: DatabaseDep, split: SplitDep, trees: TreesDep, node: str = Path
              account: str = Path(..., pattern=ADDRESS.pattern)) -> dict[str, Any]:
     """What `account` earned from `node`'s settled epochs, per epoch and per source (dataset, adapter
     owner, node, treasury), and how much of it is claimed."""
-    with db() as session:
-        rows = published_rows(session, node)
-    parsed = {row.id: trees.get(db, row) for row in rows}  # no connection held while they are read
-
-    def rewards_of(row: SettlementEpoch) -> dict[str, int]:
-        found = parsed[row.id] if row.id in parsed else trees.get(db, row)  # or one published since
-        return {} if found is None else found.cumulative
-
-    with db() as session:
-        return account_earnings(session, replace(split, node=node), account, rewards_of=rewards_of)
+    return earnings_from(db, trees, replace(split, node=node), account)
 
 
 @router.get("/receipts/{receipt_id}/proof", responses=error_responses(400, 404, 503))
