@@ -21,6 +21,7 @@ from node.payment.ledger import Ledger
 from node.payment.pricing import Pricing
 from node.payment.service import PaymentService
 from node.payment.x402.refund import X402Refunds
+from node.settlement.published_trees import PublishedTrees
 from node.settlement.split import SplitParams
 
 
@@ -41,6 +42,7 @@ class NodeServices:
     loss_flush_interval_s: float = 60.0  # how often write-offs the database refused are tried again
     on_shutdown: list[Callable[[], None]] = field(default_factory=list)
     x402_refunds: X402Refunds | None = None  # the cooperative refund (GET /x402/refund), with the channel mirror
+    trees: PublishedTrees = field(default_factory=PublishedTrees)  # settled epochs' trees, parsed once
 
 
 async def services(request: Request) -> NodeServices:
@@ -87,6 +89,10 @@ async def _metrics(svc: Annotated[NodeServices, Depends(services)]) -> APIMetric
     return svc.metrics
 
 
+async def _trees(svc: Annotated[NodeServices, Depends(services)]) -> PublishedTrees:
+    return svc.trees
+
+
 async def _split(svc: Annotated[NodeServices, Depends(services)]) -> SplitParams:
     if svc.split is None:
         raise Unavailable("this node was started without its deployment's split parameters")
@@ -104,3 +110,4 @@ EngineDep = Annotated[EngineClient, Depends(_engine)]
 GenerationDep = Annotated[GenerationService, Depends(_generation)]
 MetricsDep = Annotated[APIMetrics, Depends(_metrics)]
 SplitDep = Annotated[SplitParams, Depends(_split)]
+TreesDep = Annotated[PublishedTrees, Depends(_trees)]

@@ -23,7 +23,7 @@ from node.chain.contracts import ClaimRequest, Contracts
 from node.errors import ChainError, TxNotMined
 from node.protocol.hexstr import to_hex
 from node.settlement.merkle import MerkleTree
-from node.settlement.publication import tree_of
+from node.settlement.published_trees import tree_of
 
 log = logging.getLogger(__name__)
 MAX_CLAIMS_PER_TX = 100

@@ -15,12 +15,13 @@ the epoch is settled: the trees, the receipts' fees, adapters and weights, and t
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from eth_utils import to_checksum_address
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import queries
 from node.db.models import Claim, SettledEpoch, SettlementEpoch
@@ -28,18 +29,31 @@ from node.settlement import outbox
 from node.settlement.epoch_builder import EpochReceipt, cumulative_of
 from node.settlement.overrule import FORGOTTEN, VETOED, overruled
 from node.settlement.publication import PUBLISHED
+from node.settlement.published_trees import WITHOUT_TREES, PublishedTrees
 from node.settlement.split import Lineage, SplitParams, split_shares
 
 MAX_DETAILED_EPOCHS = 50  # epochs whose receipts are replayed for the sources, newest first
 
 
-def earnings(session: Session, params: SplitParams, account: str, now: datetime | None = None) -> dict[str, Any]:
-    """`account`'s earnings from node `params.node`: totals, then one entry per epoch it earned in."""
+def published_rows(session: Session, node: str) -> list[SettlementEpoch]:
+    """The node's published outbox rows, oldest first, without their trees."""
+    return list(session.scalars(select(SettlementEpoch).options(*WITHOUT_TREES)
+                                .where(SettlementEpoch.node == node.lower(), SettlementEpoch.state.in_(PUBLISHED))
+                                .order_by(SettlementEpoch.epoch_id)))
+
+
+def rewards_in_row(row: SettlementEpoch) -> dict[str, int]:
+    """The cumulative amounts of the row's rewards tree, read now (the API keeps them parsed: PublishedTrees)."""
+    return cumulative_of((row.trees or {}).get("rewards"))
+
+
+def earnings(session: Session, params: SplitParams, account: str, now: datetime | None = None,
+             rewards_of: Callable[[SettlementEpoch], dict[str, int]] = rewards_in_row) -> dict[str, Any]:
+    """`account`'s earnings from node `params.node`: totals, then one entry per epoch it earned in.
+    `rewards_of` gives an epoch's cumulative amounts per checksummed account."""
     node, who = params.node.lower(), to_checksum_address(account)
     now = now or datetime.now(UTC)
-    rows = list(session.scalars(select(SettlementEpoch).where(SettlementEpoch.node == node,
-                                                               SettlementEpoch.state.in_(PUBLISHED))
-                                .order_by(SettlementEpoch.epoch_id)))
+    rows = published_rows(session, node)
     claimed = int(session.scalar(select(func.max(Claim.cumulative_amount))
                                  .where(Claim.node == node, Claim.account == who.lower())) or 0)
     settled = {r.epoch_id: r for r in session.scalars(select(SettledEpoch).where(SettledEpoch.node == node))}
@@ -54,7 +68,7 @@ def earnings(session: Session, params: SplitParams, account: str, now: datetime 
         if why == FORGOTTEN:  # never claimable as we built it; the amended epoch's corrected leaves pay it
             forgotten.append(row.epoch_id)
             continue
-        cumulative = cumulative_of((row.trees or {}).get("rewards")).get(who, 0)
+        cumulative = rewards_of(row).get(who, 0)
         if on_chain is not None and on_chain.vetoed_block is None and why is None and on_chain.unlock_at <= now:
             claimable = cumulative
         if cumulative > previous:
@@ -65,6 +79,22 @@ def earnings(session: Session, params: SplitParams, account: str, now: datetime 
     return {"node": to_checksum_address(node), "account": who, "earned": str(previous), "claimed": str(claimed),
             "unclaimed": str(max(previous - claimed, 0)), "claimableNow": str(max(claimable - claimed, 0)),
             "bySource": _by_source(epochs), "epochs": epochs, "forgottenEpochs": forgotten}
+
+
+def earnings_from(factory: sessionmaker[Session], trees: PublishedTrees, params: SplitParams,
+                  account: str) -> dict[str, Any]:
+    """`earnings`, each epoch's rewards taken from `trees`: read before a connection is taken for the rest,
+    so that no connection waits on another reader's tree."""
+    with factory() as session:
+        rows = published_rows(session, params.node)
+    parsed = {row.id: trees.get(factory, row) for row in rows}
+
+    def rewards_of(row: SettlementEpoch) -> dict[str, int]:
+        found = parsed[row.id] if row.id in parsed else trees.get(factory, row)  # or one published since
+        return {} if found is None else found.cumulative
+
+    with factory() as session:
+        return earnings(session, params, account, rewards_of=rewards_of)
 
 
 def _epoch_entry(row: SettlementEpoch, on_chain: SettledEpoch | None, previous: int, cumulative: int,

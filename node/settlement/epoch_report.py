@@ -18,6 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.db.models import EpochState, Loss, SettledEpoch, SettlementEpoch
+from node.settlement.published_trees import WITHOUT_TREES
 
 SENT = (EpochState.SUBMITTED, EpochState.CONFIRMED, EpochState.FINAL)
 MAX_LISTED = 500
@@ -59,7 +60,7 @@ def _settled(session: Session, node: str, epoch_ids: list[int]) -> dict[int, Set
 
 def list_epochs(session: Session, node: str, limit: int = 50) -> list[dict[str, Any]]:
     """The node's newest `limit` epochs, newest first."""
-    q = (select(SettlementEpoch).where(SettlementEpoch.node == node.lower())
+    q = (select(SettlementEpoch).options(*WITHOUT_TREES).where(SettlementEpoch.node == node.lower())
          .order_by(SettlementEpoch.epoch_id.desc()).limit(min(limit, MAX_LISTED)))
     rows = list(session.scalars(q))
     settled = _settled(session, node, [r.epoch_id for r in rows])
@@ -68,7 +69,7 @@ def list_epochs(session: Session, node: str, limit: int = 50) -> list[dict[str, 
 
 def epoch_report(session: Session, node: str, epoch_id: int | None = None) -> dict[str, Any] | None:
     """Epoch `epoch_id` of `node` (the newest when None) with its losses; None if there is none."""
-    q = select(SettlementEpoch).where(SettlementEpoch.node == node.lower())
+    q = select(SettlementEpoch).options(*WITHOUT_TREES).where(SettlementEpoch.node == node.lower())
     if epoch_id is not None:
         q = q.where(SettlementEpoch.epoch_id == epoch_id)
     row = session.scalars(q.order_by(SettlementEpoch.epoch_id.desc()).limit(1)).first()

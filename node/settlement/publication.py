@@ -11,6 +11,7 @@ method 2's span texts, which are output text): those go to the payer alone, thro
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,59 +19,93 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.models import EpochState, Receipt, SettlementEpoch, Voucher
-from node.protocol.hexstr import from_hex, to_hex
-from node.protocol.receipt import SignedReceipt, receipt_of_row, response_output_text
-from node.settlement.merkle import MerkleTree, leaf_hash
+from node.protocol.hexstr import to_hex
+from node.protocol.receipt import LEAF_TYPES, SignedReceipt, receipt_of_row, response_output_text
+from node.settlement.merkle import leaf_hash
 from node.settlement.overrule import stale_epochs
+from node.settlement.published_trees import WITHOUT_TREES, ParsedTrees
 
 PUBLISHED = (EpochState.CONFIRMED, EpochState.FINAL)
 
 
-def epoch_document(row: SettlementEpoch) -> dict[str, Any]:
-    assert row.trees is not None
+def epoch_head(row: SettlementEpoch) -> dict[str, Any]:
+    """The epoch document less its trees."""
     return {"node": row.node, "epochId": row.epoch_id, "state": row.state.value,
             "rewardsRoot": row.rewards_root, "rewardsTotal": str(row.rewards_total),
             "receiptsRoot": row.receipts_root, "receiptCount": row.receipt_count,
-            "collected": str(row.collected_total), "txHash": row.tx_hash,
-            "rewards": row.trees["rewards"], "receipts": row.trees["receipts"]}
+            "collected": str(row.collected_total), "txHash": row.tx_hash}
 
 
-def published_epoch(session: Session, node: str, epoch_id: int | None = None) -> SettlementEpoch | None:
-    """Epoch `epoch_id` of `node` (the latest published one when None), if published."""
+def epoch_document(row: SettlementEpoch) -> dict[str, Any]:
+    assert row.trees is not None
+    return {**epoch_head(row), "rewards": row.trees["rewards"], "receipts": row.trees["receipts"]}
+
+
+def epoch_json(row: SettlementEpoch, trees: ParsedTrees) -> bytes:
+    """`epoch_document` as JSON, its trees spliced in as they were encoded once."""
+    return json.dumps(epoch_head(row), separators=(",", ":")).encode()[:-1] + b"," + trees.encoded + b"}"
+
+
+def published_epoch(session: Session, node: str, epoch_id: int | None = None, *,
+                    with_trees: bool = True) -> SettlementEpoch | None:
+    """Epoch `epoch_id` of `node` (the latest published one when None), if published; without its trees
+    and batch unless `with_trees` (PublishedTrees reads them)."""
     q = select(SettlementEpoch).where(SettlementEpoch.node == node.lower(), SettlementEpoch.state.in_(PUBLISHED))
     if epoch_id is not None:
         q = q.where(SettlementEpoch.epoch_id == epoch_id)
+    if not with_trees:
+        q = q.options(*WITHOUT_TREES)
     stale = stale_epochs(session, node)
     if stale:
         q = q.where(SettlementEpoch.epoch_id.not_in(stale))
     return session.scalars(q.order_by(SettlementEpoch.epoch_id.desc()).limit(1)).first()
 
 
-def tree_of(dump: dict[str, Any]) -> MerkleTree:
-    """A published tree as a MerkleTree, without re-hashing it (callers check the root on chain)."""
-    return MerkleTree(tuple(dump["leafEncoding"]), tuple(tuple(v["value"]) for v in dump["values"]),
-                      tuple(from_hex(h) for h in dump["tree"]),
-                      tuple(int(v["treeIndex"]) for v in dump["values"]))
+@dataclass(frozen=True)
+class SettledReceipt:
+    """A settled receipt's leaf, where it should sit in its epoch's receipts tree, and that epoch."""
+
+    receipt_hash: str
+    leaf: bytes
+    index: int  # its position among the epoch's receipts (an amended epoch's tree may order them otherwise)
+    epoch: SettlementEpoch  # without its trees
 
 
-def receipt_proof(session: Session, receipt_hash: str) -> dict[str, Any] | None:
-    """The receipt's epoch, its leaf and its proof in the receipts tree; None if unknown or unsettled."""
+def settled_receipt(session: Session, receipt_hash: str) -> SettledReceipt | None:
+    """The receipt, if it is in a published epoch; None if unknown or unsettled."""
     receipt = session.scalars(select(Receipt).where(Receipt.receipt_hash == receipt_hash.lower())).first()
     if receipt is None or receipt.epoch_id is None:
         return None
-    row = published_epoch(session, receipt.node, receipt.epoch_id)
-    if row is None or row.trees is None:
+    row = published_epoch(session, receipt.node, receipt.epoch_id, with_trees=False)
+    if row is None:
         return None
     index = int(session.scalar(select(func.count()).where(Receipt.node == receipt.node,
                                                          Receipt.epoch_id == receipt.epoch_id,
                                                          Receipt.id < receipt.id)) or 0)
-    tree = tree_of(row.trees["receipts"])
-    leaf = leaf_hash(tree.types, receipt_of_row(receipt).leaf())
-    if index >= len(tree) or tree.leaf(index) != leaf:  # an amended epoch: the guardian's tree, in its order
-        index = next((i for i in range(len(tree)) if tree.leaf(i) == leaf), -1)
+    return SettledReceipt(receipt.receipt_hash, leaf_hash(LEAF_TYPES, receipt_of_row(receipt).leaf()), index, row)
+
+
+def receipt_proof(session: Session, receipt_hash: str) -> dict[str, Any] | None:
+    """The receipt's epoch, its leaf and its proof in the receipts tree, its trees read and parsed now (the
+    API keeps them parsed, PublishedTrees); None if unknown, unsettled or not in the tree."""
+    found = settled_receipt(session, receipt_hash)
+    if found is None:
+        return None
+    trees = session.scalar(select(SettlementEpoch.trees).where(SettlementEpoch.id == found.epoch.id))
+    return None if trees is None else proof_in(found, ParsedTrees.of(trees))
+
+
+def proof_in(found: SettledReceipt, trees: ParsedTrees) -> dict[str, Any] | None:
+    """The receipt's epoch, its leaf and its proof in the receipts tree; None if the tree does not hold it
+    (folded into an amended epoch whose receipts tree does not hold it)."""
+    tree = trees.receipts
+    index = found.index
+    if index >= len(tree) or tree.leaf(index) != found.leaf:  # an amended epoch: the guardian's tree, in its order
+        index = trees.positions.get(found.leaf, -1)
         if index < 0:
-            return None  # folded into an amended epoch whose receipts tree does not hold it
-    return {"receiptId": receipt.receipt_hash, "node": row.node, "epochId": row.epoch_id,
+            return None
+    row = found.epoch
+    return {"receiptId": found.receipt_hash, "node": row.node, "epochId": row.epoch_id,
             "receiptsRoot": row.receipts_root, "leafEncoding": list(tree.types),
             "leaf": list(tree.values[index]), "leafHash": "0x" + tree.leaf(index).hex(),
             "proof": [to_hex(p) for p in tree.proof(index)]}

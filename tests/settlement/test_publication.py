@@ -22,6 +22,7 @@ from node.db.models import EpochState
 from node.protocol.receipt import LEAF_TYPES
 from node.settlement.claims import claim
 from node.settlement.merkle import MerkleTree
+from node.settlement.published_trees import PublishedTrees
 from node.settlement.service import SettlementService
 from tests.fixtures.settlement import OPERATOR, RELAYER, SettlementWorld, build_world
 
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.chain
 def serve(world: SettlementWorld) -> Iterator[str]:
     """Only the settlement routes, over the world's database, on a loopback port."""
     app = FastAPI()
-    app.state.services = SimpleNamespace(db=world.factory)
+    app.state.services = SimpleNamespace(db=world.factory, trees=PublishedTrees())
     install_error_handlers(app)
     app.include_router(epochs.router)
     port = free_port()

@@ -7,14 +7,14 @@ from dataclasses import replace
 from typing import Any
 
 from eth_utils import to_checksum_address
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Response
 
-from node.api.deps import DatabaseDep, SplitDep
+from node.api.deps import DatabaseDep, SplitDep, TreesDep
 from node.api.error_handlers import error_responses
 from node.api.routes.info import ADDRESS, HASH, NotFound
-from node.settlement.earnings import earnings as account_earnings
+from node.settlement.earnings import earnings_from
 from node.settlement.epoch_report import MAX_LISTED, epoch_report, list_epochs
-from node.settlement.publication import epoch_document, published_epoch, receipt_proof
+from node.settlement.publication import epoch_json, proof_in, published_epoch, settled_receipt
 
 router = APIRouter(prefix="/v1", tags=["settlement"])
 MAX_EPOCH_ID = 2**63  # epochs are stored as BIGINT; a larger id names no epoch
@@ -50,31 +50,33 @@ def epoch_summary(db: DatabaseDep, node: str = Path(..., pattern=ADDRESS.pattern
 
 
 @router.get("/epochs/{node}/{epoch_id}", responses=error_responses(400, 404, 503))
-def epoch(db: DatabaseDep, node: str = Path(..., pattern=ADDRESS.pattern),
+def epoch(db: DatabaseDep, trees: TreesDep, node: str = Path(..., pattern=ADDRESS.pattern),
           epoch_id: str = Path(..., pattern=EPOCH_ID, description="an epoch id, or `latest`")) -> dict[str, Any]:
     """A settled epoch of `node` with its published trees (OpenZeppelin `standard-v1` dumps)."""
     wanted = _wanted(node, epoch_id)
     with db() as session:
-        row = published_epoch(session, node, wanted)
-        if row is None:
-            raise NotFound("no such settled epoch", node=node, epoch_id=epoch_id)
-        return epoch_document(row)
+        row = published_epoch(session, node, wanted, with_trees=False)
+    parsed = None if row is None else trees.get(db, row)
+    if row is None or parsed is None:
+        raise NotFound("no such settled epoch", node=node, epoch_id=epoch_id)
+    return Response(epoch_json(row, parsed), media_type="application/json")  # type: ignore[return-value]
 
 
 @router.get("/earnings/{node}/{account}", responses=error_responses(400, 503))
-def earnings(db: DatabaseDep, split: SplitDep, node: str = Path(..., pattern=ADDRESS.pattern),
+def earnings(db: DatabaseDep, split: SplitDep, trees: TreesDep, node: str = Path(..., pattern=ADDRESS.pattern),
              account: str = Path(..., pattern=ADDRESS.pattern)) -> dict[str, Any]:
     """What `account` earned from `node`'s settled epochs, per epoch and per source (dataset, adapter
     owner, node, treasury), and how much of it is claimed."""
-    with db() as session:
-        return account_earnings(session, replace(split, node=node), account)
+    return earnings_from(db, trees, replace(split, node=node), account)
 
 
 @router.get("/receipts/{receipt_id}/proof", responses=error_responses(400, 404, 503))
-def proof(db: DatabaseDep, receipt_id: str = Path(..., pattern=HASH.pattern)) -> dict[str, Any]:
+def proof(db: DatabaseDep, trees: TreesDep, receipt_id: str = Path(..., pattern=HASH.pattern)) -> dict[str, Any]:
     """The receipt's epoch, its leaf and its proof against the epoch's receipts root."""
     with db() as session:
-        found = receipt_proof(session, receipt_id)
+        settled = settled_receipt(session, receipt_id)
+    parsed = None if settled is None else trees.get(db, settled.epoch)
+    found = None if settled is None or parsed is None else proof_in(settled, parsed)
     if found is None:
         raise NotFound("the receipt is unknown or not settled yet", receipt_id=receipt_id)
     return found
