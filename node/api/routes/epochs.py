@@ -51,15 +51,16 @@ def epoch_summary(db: DatabaseDep, node: str = Path(..., pattern=ADDRESS.pattern
 
 @router.get("/epochs/{node}/{epoch_id}", responses=error_responses(400, 404, 503))
 def epoch(db: DatabaseDep, trees: TreesDep, node: str = Path(..., pattern=ADDRESS.pattern),
-          epoch_id: str = Path(..., pattern=EPOCH_ID, description="an epoch id, or `latest`")) -> dict[str, Any]:
-    """A settled epoch of `node` with its published trees (OpenZeppelin `standard-v1` dumps)."""
+          epoch_id: str = Path(..., pattern=EPOCH_ID, description="an epoch id, or `latest`")) -> Response:
+    """A settled epoch of `node` with its published trees (OpenZeppelin `standard-v1` dumps), as JSON encoded
+    once per published epoch."""
     wanted = _wanted(node, epoch_id)
     with db() as session:
         row = published_epoch(session, node, wanted, with_trees=False)
     parsed = None if row is None else trees.get(db, row)
     if row is None or parsed is None:
         raise NotFound("no such settled epoch", node=node, epoch_id=epoch_id)
-    return Response(epoch_json(row, parsed), media_type="application/json")  # type: ignore[return-value]
+    return Response(epoch_json(row, parsed), media_type="application/json")
 
 
 @router.get("/earnings/{node}/{account}", responses=error_responses(400, 503))
