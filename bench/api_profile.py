@@ -71,21 +71,36 @@ def read_raw(path: Path) -> collections.Counter[str]:
     return counts
 
 
+class Sampled:
+    """py-spy sampling this process (the API) while the CPU meter runs: from the client's "ready" on
+    (its lanes learnt, its connections open), so the samples are of the timed requests only."""
+
+    def __init__(self, out: Path, rate: int, meter: CPUMeter) -> None:
+        self.out, self.rate, self.meter = out, rate, meter
+        self.spy: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Sampled:
+        self.spy = subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record",
+                                     "-p", str(os.getpid()), "--format", "raw", "--gil", "--nonblocking",
+                                     "--rate", str(self.rate), "-o", str(self.out)], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+        self.meter.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.meter.__exit__(None, None, None)
+        assert self.spy is not None
+        self.spy.send_signal(2)  # SIGINT: py-spy writes what it has
+        self.spy.wait(timeout=60)
+
+
 def profiled(node: Any, db_url: str, spec: dict[str, Any], out: Path,
              rate: int) -> tuple[collections.Counter[str], dict[str, Any]]:
-    """Run the client process `spec` against the node while py-spy samples this process (the API): from
-    the client's "ready" on (its lanes learnt), so the samples are of the timed requests."""
-    spy = subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record",
-                            "-p", str(os.getpid()), "--format", "raw", "--gil", "--nonblocking",
-                            "--rate", str(rate), "-o", str(out)], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+    """Run the client process `spec` against the node while py-spy samples this process (the API) over
+    the timed requests (`Sampled`)."""
     core = node.services.engine.engine
     meter = CPUMeter({"api": [os.getpid()], "cores": core.pids, "postgres": postgres_backends(db_url)})
-    try:
-        result = api.client_process(spec, meter)
-    finally:
-        spy.send_signal(2)  # SIGINT: py-spy writes what it has
-        spy.wait(timeout=60)
+    result = api.client_process(spec, Sampled(out, rate, meter))  # type: ignore[arg-type]
     client = {"cpu_s": result[2]} if isinstance(result, tuple) else {}
     return read_raw(out), {"cpu_s": meter.seconds, "client": client}
 

@@ -1,6 +1,7 @@
 """When a new voucher may hold its lane: the rule, written once in Python (`refusal`) and mirrored in
-the one statement that places a hold on PostgreSQL (lane_pg.py's `_TRY_HOLD`), so that the hold is
-decided and written in one round trip while the (payer, node) lock is held only by the server.
+the one statement that places a hold on PostgreSQL (migration 0011's `loranode_try_hold`, which
+lane_pg.py calls), so that the hold is decided and written in one round trip while the (payer, node)
+lock is held only by the server.
 
 A hold is placed only if every check passes (the voucher never used, fresh enough, the lane free of
 another live hold, the voucher's order, the escrow); the caller then checks the same view with

@@ -55,11 +55,6 @@ class LaneTransaction(Protocol):
         lanes are separate accounts, checked each against a deposit of its own (the x402 router's
         channels), so one request reads one lane however many the payer has."""
 
-    def try_hold(self, request: HoldRequest) -> tuple[HoldView, bool]:
-        """`hold_view` of the request's voucher and lane, and whether the hold was placed: only when the
-        voucher is unused and fresh and `hold_rule.refusal` finds nothing against it (PostgreSQL: decided
-        and written by one statement, committed in the same round trip; nothing may follow it)."""
-
     def put_hold(self, payer: str, node: str, lane: int, max_fee: int, voucher_hash: str, now: datetime,
                  owner: str) -> None:
         """Hold `max_fee` on the lane for `voucher_hash`, placed by API process `owner`, creating the
@@ -77,6 +72,19 @@ class LaneTransaction(Protocol):
 
 
 class Lanes(Protocol):
+    def hold(self, request: HoldRequest) -> tuple[HoldView, bool]:
+        """In a transaction of its own, under the (payer, node) lock: `hold_view` of the request's voucher
+        and lane, and whether the hold was placed: only when the voucher is unused and fresh and
+        `hold_rule.refusal` finds nothing against it (PostgreSQL: decided and written by one statement,
+        one round trip)."""
+
+    def charge(self, voucher: dict[str, Any], receipt: dict[str, Any], charged_before: int,
+               held_since: datetime, owner: str) -> bool:
+        """`LaneTransaction.charge` in a transaction of its own (PostgreSQL: one statement)."""
+
+    def drop_hold(self, payer: str, node: str, lane: int, voucher_hash: str, owner: str) -> None:
+        """`LaneTransaction.drop_hold` in a transaction of its own (PostgreSQL: one statement)."""
+
     def transaction(self, lock_payer: str | None = None, node: str = "",
                     lock_lane: int | None = None) -> AbstractContextManager[LaneTransaction]:
         """A transaction, committed when the block ends; rolled back if it raises."""

@@ -1,16 +1,19 @@
-"""The ledger's two paid-path transactions on PostgreSQL, pipelined: a hold in one round trip, a
-charge in one.
+"""The ledger's lanes on PostgreSQL: a hold in one statement, a charge in one, each its own transaction
+sent in autocommit mode (one round trip, no BEGIN or COMMIT of its own); psycopg's pipeline for the
+transactions of several statements (the x402 router's holds, its refunds).
 
-    hold:    BEGIN + set_config/advisory lock + one statement: the hold view, and the INSERT .. ON
-             CONFLICT of the hold if node/payment/hold_rule.py's rule allows it (written again in SQL
-             here) + COMMIT                                 -> one trip (one sync), no WAL flush wait
-    charge:  BEGIN + one statement of data-modifying CTEs   -> one trip, then the WAL flush
+    hold:    SELECT * FROM loranode_try_hold(..)   -> the function (migration 0011) takes the (payer,
+             node) advisory lock, then reads the hold view and writes the hold if node/payment/
+             hold_rule.py's rule allows it (written again in SQL there); its commit does not wait
+             for the WAL flush (a hold lost in a crash only means that request cannot be charged)
+    charge:  one statement of data-modifying CTEs   -> then the WAL flush
              (the lane's UPDATE guarded by "the hold is still this voucher's", and the voucher and
-             receipt INSERTs that run only if that UPDATE found its row) + COMMIT
+             receipt INSERTs that run only if that UPDATE found its row)
 
 Through SQLAlchemy the same work took 10 round trips (psycopg sends BEGIN on its own, then one per
-statement) plus about 0.1 ms of Python per statement; see docs/api.md for the figures. The SQL is
-written out here, once: SQLite runs the same steps as Core statements (lane_sqlite.py), and the
+statement) plus about 0.1 ms of Python per statement; in one pipelined transaction each (BEGIN, lock,
+statement, COMMIT) 1 round trip but 0.3-0.4 ms of psycopg's Python for the hold; see docs/api.md. The
+SQL is written out here, once: SQLite runs the same steps as Core statements (lane_sqlite.py), and the
 ledger's tests run every step on both.
 
 The connection comes from the engine's pool (its checkout ping applies). A lost connection is
@@ -85,31 +88,12 @@ SET reserved = excluded.reserved, reserved_voucher_hash = excluded.reserved_vouc
     reserved_at = excluded.reserved_at, reserved_by = excluded.reserved_by, updated_at = excluded.updated_at
 """
 
-# The hold in one statement: the hold view, and the hold written only where hold_rule.refusal finds
-# nothing against it (and the voucher is unused and fresh), check for check: the lane free of another
-# live hold (or held by this voucher for this process), the voucher's order, then the escrow. The
-# ledger checks the same view in Python and raises what the rule names (both must agree).
-_TRY_HOLD = f"""
-WITH v AS ({_HOLD_VIEW}),
-held AS (
-    INSERT INTO lanes (payer, node, lane, charged_total, last_cumulative, reserved, reserved_voucher_hash,
-                       reserved_at, reserved_by, updated_at)
-    SELECT %(payer)s::varchar, %(node)s::varchar, %(lane)s, 0, 0, %(max_fee)s::numeric, %(voucher_hash)s::varchar,
-           %(now)s, %(owner)s::varchar, %(now)s
-    FROM v
-    WHERE NOT v.is_used AND %(is_fresh)s
-      AND (coalesce(v.reserved_voucher_hash, '') = '' OR v.reserved_at IS NULL OR v.reserved_at <= %(live_since)s
-           OR (v.reserved_voucher_hash = %(voucher_hash)s::varchar AND v.reserved_by = %(owner)s::varchar))
-      AND %(cumulative)s::numeric >= coalesce(v.last_cumulative, 0)
-      AND %(cumulative)s::numeric >= coalesce(v.charged_total, 0) + %(max_fee)s::numeric
-      AND greatest(coalesce(v.balance, 0) - coalesce(v.pending_deposits, 0) - coalesce(v.thawing, 0)
-                   - v.uncollected, 0) - v.other_holds >= %(max_fee)s::numeric
-    ON CONFLICT (payer, node, lane) DO UPDATE
-    SET reserved = excluded.reserved, reserved_voucher_hash = excluded.reserved_voucher_hash,
-        reserved_at = excluded.reserved_at, reserved_by = excluded.reserved_by, updated_at = excluded.updated_at
-    RETURNING 1
-)
-SELECT v.*, EXISTS (SELECT 1 FROM held) AS is_held FROM v
+# The hold in one statement, under the (payer, node) lock: migration 0011's function, which mirrors
+# hold_rule.refusal check for check (the ledger checks the same view in Python and raises what the rule
+# names; both must agree: tests/payment/test_hold_rule.py).
+_TRY_HOLD = """
+SELECT * FROM loranode_try_hold(%(key)s, %(payer)s, %(node)s, %(lane)s, %(voucher_hash)s, %(live_since)s,
+                                %(written_off)s, %(is_fresh)s, %(cumulative)s, %(max_fee)s, %(now)s, %(owner)s)
 """
 
 # The charge: nothing is written unless the lane's UPDATE finds the hold still ours and the lane not
@@ -157,6 +141,14 @@ def _hold_view(row: tuple[Any, ...]) -> HoldView:
                     pending_deposits=int(pending or 0), pending_until_block=pending_until)
 
 
+def _charge_params(voucher: dict[str, Any], receipt: dict[str, Any], charged_before: int, held_since: datetime,
+                   owner: str) -> dict[str, Any]:
+    return {**receipt, **voucher, "receipt_signature": receipt["signature"], "charged_before": charged_before,
+            "held_since": held_since, "owner": owner,
+            "response": Json(voucher["response"], dumps) if voucher["response"] is not None else None,
+            "attribution": Json(receipt["attribution"], dumps) if receipt["attribution"] is not None else None}
+
+
 def hold_lock_key(payer: str, node: str, lane: int | None = None) -> int:
     """The (payer, node) advisory lock's key, or with `lane` that lane's: 8 bytes of keccak, as a signed
     bigint."""
@@ -190,16 +182,6 @@ class PipelinedLaneTransaction:
         assert row is not None, "the hold view has one row (a one-row anchor, left joins)"
         return _hold_view(row)
 
-    def try_hold(self, r: HoldRequest) -> tuple[HoldView, bool]:
-        cur = self.conn.execute(_TRY_HOLD, {
-            "payer": r.payer, "node": r.node, "lane": r.lane, "voucher_hash": r.voucher_hash,
-            "live_since": r.live_since, "written_off": _WRITTEN_OFF, "is_fresh": r.is_fresh,
-            "cumulative": r.cumulative, "max_fee": r.max_fee, "now": r.now, "owner": r.owner})
-        self.commit()  # queued behind the statement: the lock is held by the server alone, one sync
-        row = cur.fetchone()
-        assert row is not None, "the hold view has one row (a one-row anchor, left joins)"
-        return _hold_view(row[:-1]), bool(row[-1])
-
     def lane_view(self, payer: str, node: str, lane: int, voucher_hash: str) -> HoldView:
         row = self.conn.execute(_LANE_VIEW, {"payer": payer, "node": node, "lane": lane,
                                              "voucher_hash": voucher_hash}).fetchone()
@@ -217,11 +199,7 @@ class PipelinedLaneTransaction:
 
     def charge(self, voucher: dict[str, Any], receipt: dict[str, Any], charged_before: int,
                held_since: datetime, owner: str) -> bool:
-        params = {**receipt, **voucher, "receipt_signature": receipt["signature"], "charged_before": charged_before,
-                  "held_since": held_since, "owner": owner,
-                  "response": Json(voucher["response"], dumps) if voucher["response"] is not None else None,
-                  "attribution": Json(receipt["attribution"], dumps) if receipt["attribution"] is not None else None}
-        cur = self.conn.execute(_CHARGE, params)
+        cur = self.conn.execute(_CHARGE, _charge_params(voucher, receipt, charged_before, held_since, owner))
         self.commit()  # queued behind the statement: its rowcount is known after this one sync
         return cur.rowcount == 1
 
@@ -237,11 +215,45 @@ class PipelinedLanes:
         assert engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg"
         self.engine = engine
 
+    def hold(self, r: HoldRequest) -> tuple[HoldView, bool]:
+        with self._autocommit() as conn:
+            row = conn.execute(_TRY_HOLD, {
+                "key": hold_lock_key(r.payer, r.node), "payer": r.payer, "node": r.node, "lane": r.lane,
+                "voucher_hash": r.voucher_hash, "live_since": r.live_since, "written_off": _WRITTEN_OFF,
+                "is_fresh": r.is_fresh, "cumulative": r.cumulative, "max_fee": r.max_fee, "now": r.now,
+                "owner": r.owner}).fetchone()
+        assert row is not None, "the hold view has one row (a one-row anchor, left joins)"
+        return _hold_view(row[:-1]), bool(row[-1])
+
+    def charge(self, voucher: dict[str, Any], receipt: dict[str, Any], charged_before: int,
+               held_since: datetime, owner: str) -> bool:
+        with self._autocommit() as conn:
+            cur = conn.execute(_CHARGE, _charge_params(voucher, receipt, charged_before, held_since, owner))
+            return cur.rowcount == 1
+
+    def drop_hold(self, payer: str, node: str, lane: int, voucher_hash: str, owner: str) -> None:
+        with self._autocommit() as conn:
+            conn.execute(_DROP_HOLD, {"payer": payer, "node": node, "lane": lane, "voucher_hash": voucher_hash,
+                                      "owner": owner})
+
     @contextmanager
     def transaction(self, lock_payer: str | None = None, node: str = "",
                     lock_lane: int | None = None) -> Iterator[PipelinedLaneTransaction]:
         """A transaction; with `lock_payer`, a hold's: under the (payer, node) lock, without waiting
         for its commit's WAL flush. Commits when the block ends (if `charge` has not already)."""
+        with self._autocommit() as conn, conn.pipeline() as pipeline:
+            conn.execute("BEGIN")
+            tx = PipelinedLaneTransaction(conn, pipeline)
+            if lock_payer is not None:
+                tx.lock(lock_payer, node, lock_lane)
+            yield tx
+            if not tx.is_committed:
+                tx.commit()
+
+    @contextmanager
+    def _autocommit(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection in autocommit mode: each statement is its own transaction (a block that
+        sends BEGIN is one transaction, rolled back if the block raises)."""
         try:
             pooled = self.engine.raw_connection()
         except (psycopg.OperationalError, sqlalchemy.exc.OperationalError) as exc:  # the server is not there
@@ -250,14 +262,7 @@ class PipelinedLanes:
         conn: psycopg.Connection[Any] = pooled.driver_connection  # type: ignore[assignment]
         try:
             conn.autocommit = True
-            with conn.pipeline() as pipeline:
-                conn.execute("BEGIN")
-                tx = PipelinedLaneTransaction(conn, pipeline)
-                if lock_payer is not None:
-                    tx.lock(lock_payer, node, lock_lane)
-                yield tx
-                if not tx.is_committed:
-                    tx.commit()
+            yield conn
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             self._lost(pooled, conn, exc)
             raise DatabaseUnavailable("the node's database is not available; retry shortly",

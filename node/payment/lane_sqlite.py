@@ -112,6 +112,19 @@ class SQLiteLanes:
         self.engine = engine
         self._hold_lock = threading.Lock()
 
+    def hold(self, request: HoldRequest) -> tuple[HoldView, bool]:
+        with self.transaction(lock_payer=request.payer, node=request.node) as tx:
+            return tx.try_hold(request)
+
+    def charge(self, voucher: dict[str, Any], receipt: dict[str, Any], charged_before: int,
+               held_since: datetime, owner: str) -> bool:
+        with self.transaction() as tx:
+            return tx.charge(voucher, receipt, charged_before, held_since, owner)
+
+    def drop_hold(self, payer: str, node: str, lane: int, voucher_hash: str, owner: str) -> None:
+        with self.transaction() as tx:
+            tx.drop_hold(payer, node, lane, voucher_hash, owner)
+
     @contextmanager
     def transaction(self, lock_payer: str | None = None, node: str = "",
                     lock_lane: int | None = None) -> Iterator[SQLiteLaneTransaction]:

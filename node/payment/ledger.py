@@ -18,8 +18,8 @@ charged like a hang-up). A hold that is refused after tokens left the node is a 
 (`write_off`). The alternative, holds that never expire and a liveness rule for crashed processes,
 needs every process to heartbeat; a TTL needs nothing but agreeing clocks.
 
-Each step is one transaction of `Lanes` (node/payment/lane.py): on PostgreSQL a hold costs one round
-trip and a charge one (lane_pg.py), on SQLite a few Core statements (lane_sqlite.py).
+Each step is one transaction of `Lanes` (node/payment/lane.py): on PostgreSQL a hold is one statement
+and a charge one, a round trip each (lane_pg.py), on SQLite a few Core statements (lane_sqlite.py).
 """
 
 from __future__ import annotations
@@ -128,8 +128,7 @@ class Ledger:
         too_late = _refusal_of(before_new)
         request = HoldRequest(v.payer.lower(), self.node, v.lane, digest, v.cumulative, max_fee, now, now - self.ttl,
                               self.instance, is_fresh=too_late is None)
-        with self.lanes.transaction(lock_payer=request.payer, node=self.node) as tx:
-            view, is_held = tx.try_hold(request)
+        view, is_held = self.lanes.hold(request)
         if view.is_used:
             if view.response is not None:
                 return view.response
@@ -156,9 +155,8 @@ class Ledger:
         voucher = {**checked.columns(), "voucher_hash": res.voucher_hash, "payer": res.payer, "node": self.node,
                    "lane": res.lane, "charged_total": total, "response": body, "created_at": now}
         row = {**receipt.columns(), "voucher_hash": res.voucher_hash, "node": self.node, "created_at": now}
-        with self.lanes.transaction() as tx:
-            if not tx.charge(voucher, row, res.charged_before, now - self.max_hold, self.instance):
-                raise VoucherConflict("the lane's hold expired or was taken over; nothing was charged",
+        if not self.lanes.charge(voucher, row, res.charged_before, now - self.max_hold, self.instance):
+            raise VoucherConflict("the lane's hold expired or was taken over; nothing was charged",
                                       lane=res.lane, max_hold_s=self.max_hold.total_seconds())
         return total, body
 
@@ -186,8 +184,7 @@ class Ledger:
     def release(self, res: Reservation) -> None:
         """Drop the hold (if still ours): nothing is charged. No payer lock is needed: a concurrent
         `reserve` reads the hold either still there (and counts it) or gone."""
-        with self.lanes.transaction() as tx:
-            tx.drop_hold(res.payer, self.node, res.lane, res.voucher_hash, self.instance)
+        self.lanes.drop_hold(res.payer, self.node, res.lane, res.voucher_hash, self.instance)
 
     def forget_responses(self, older_than: timedelta) -> int:
         """Drop stored response bodies past the idempotency window (vouchers and receipts stay)."""

@@ -77,8 +77,7 @@ def test_the_database_holds_exactly_when_the_rule_allows(db_url: str) -> None:
     seen: dict[str, int] = {}
     for payer in payers:
         request = _request(payer, rng)
-        with lanes.transaction(lock_payer=payer, node=NODE) as tx:
-            view, is_held = tx.try_hold(request)
+        view, is_held = lanes.hold(request)
         why = refusal(view, request)
         allowed = not view.is_used and request.is_fresh and why is None
         assert is_held == allowed, (request, view, why)

@@ -220,3 +220,36 @@ def test_a_killed_connection_is_a_503_and_the_next_request_is_served(postgres_ur
         ledger.reserve(second, 100)  # the pooled connection died under it: nothing was held
     hold = ledger.reserve(second, 100)  # the pool was rebuilt
     assert ledger.commit(hold, second, 20, _receipt(2, 20), _body)[0] == 30
+
+
+def test_a_hold_waits_for_the_payer_lock_and_reads_what_was_committed_under_it(postgres_url: str) -> None:
+    """Another API process holds the payer's lock while it places a hold on lane 1 (900 of the 1,000 in
+    escrow): a hold on lane 0 waits for that lock, then reads the lanes as they are once it is given
+    back, so the two can never spend more than the escrow together (the lock comes before the read)."""
+    import psycopg
+
+    from node.payment.lane_pg import hold_lock_key
+
+    ledger = Ledger(_setup(postgres_url, deposit=1_000), NODE)
+    outcome: list[str] = []
+
+    def hold() -> None:
+        try:
+            ledger.reserve(_voucher(0, 300), 300)
+            outcome.append("held")
+        except InsufficientEscrow:
+            outcome.append("402")
+
+    with psycopg.connect(postgres_url.replace("postgresql+psycopg://", "postgresql://")) as other:
+        other.execute("SELECT pg_advisory_xact_lock(%s)", (hold_lock_key(PAYER.lower(), NODE.lower()),))
+        other.execute("INSERT INTO lanes (payer, node, lane, charged_total, last_cumulative, reserved, "
+                      "reserved_voucher_hash, reserved_at, reserved_by, updated_at) "
+                      "VALUES (%s, %s, 1, 0, 0, 900, %s, now(), 'other', now())",
+                      (PAYER.lower(), NODE.lower(), "0x" + "77" * 32))
+        waiting = threading.Thread(target=hold)
+        waiting.start()
+        waiting.join(timeout=1.0)
+        assert waiting.is_alive() and outcome == []  # it waits for the lock
+        other.commit()
+    waiting.join(timeout=30)
+    assert outcome == ["402"]
