@@ -287,7 +287,7 @@ class GenerationService:
                 for request_id in job.choice_ids:
                     self.engine.abort(request_id)
             if not sent.is_settled:  # the client hung up (or the server is stopping) mid-stream
-                await asyncio.shield(self.threads.start(self._settle_hang_up, job, sent, True))
+                await asyncio.shield(self.threads.start(self._settle_hang_up, job, sent, not sent.is_closed))
             leave()
             job.ticket.done()
 
