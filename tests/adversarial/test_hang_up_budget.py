@@ -20,13 +20,13 @@ from tests.fixtures.paid_node import PaidNode, _fund
 
 pytestmark = pytest.mark.chain
 COMPILE_S, BURST = 1.0, 2
-ATTACKER, MANY = 9, (10, 11, 12, 13)  # anvil dev keys no other role of the paid node uses
+ATTACKER, MANY, PLAIN = 9, (10, 11, 12, 13), 14  # anvil dev keys no other role of the paid node uses
 TOKEN = 10**18
 
 
 @pytest.fixture(scope="module")
 def node(paid_node: PaidNode) -> PaidNode:
-    for who in (ATTACKER, *MANY):
+    for who in (ATTACKER, *MANY, PLAIN):
         _fund(paid_node.local, who, 1_000 * TOKEN)
     paid_node.local.wait_for_mirror()
     return paid_node
@@ -107,3 +107,17 @@ def test_many_funded_addresses_hanging_up_share_one_budget(node: PaidNode, slow_
     assert refused and all(r.status_code == 429 for r in refused), [r.text for r in refused]
     error = refused[-1].json()["error"]
     assert error["code"] == "hang_up_budget_spent" and int(refused[-1].headers["Retry-After"]) >= 1
+
+
+def test_plain_requests_given_up_before_their_first_token_spend_the_budget_too(node: PaidNode,
+                                                                              slow_budget: None) -> None:
+    """The client of a plain structured request gives up during its compile: the hold is released, nothing
+    charged, and it is counted like a stream's hang-up (BURST of them, then 429 before any compile)."""
+    payer = Payer(node.local.anvil.keys[PLAIN], node.base_url)
+    outcomes = []
+    for lane in range(700, 705):
+        resp = _send(node, payer, _chat(node, f"p{lane}", stream=False), lane, read_s=0.3)
+        outcomes.append(None if resp is None else resp.status_code)
+        if resp is None:
+            time.sleep(COMPILE_S + 0.7)  # its compile ends, its answer is cut and its hold released
+    assert outcomes == [None] * BURST + [429] * (5 - BURST), outcomes
