@@ -5,14 +5,17 @@ them all, each with its `index`, in one body (or one stream) and under one recei
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from node.api.json_response import FastJSONResponse
 from node.api.structured import ChatAnswer, read_answer
 from node.engine.logprob import TokenLogprob
 from node.json_codec import dumps
-from node.payment.service import Usage
+from node.payment.service import Replay, Usage
 
 Kind = Literal["completion", "chat"]
 TokenText = Callable[[int], str]  # a token id -> its text (the token alone, decoded)
@@ -117,3 +120,19 @@ def _answer_of(choice: dict[str, Any]) -> ChatAnswer:
 
 def event(payload: dict[str, Any]) -> bytes:
     return b"data: " + dumps(payload) + b"\n\n"
+
+
+def replay_response(replay: Replay, stream: bool) -> JSONResponse | StreamingResponse:
+    """A stored answer again, free, in the shape it was bought in (no body is served by both endpoints:
+    each refuses the other's fields), with its scheme's headers (x402: PAYMENT-RESPONSE)."""
+    body = replay.body
+    headers = {"X-Charged-Total": body["receipt"]["chargedTotal"], "X-Idempotent-Replay": "true", **replay.headers}
+    if not stream:
+        return FastJSONResponse(body, headers=headers)
+
+    async def events() -> AsyncIterator[bytes]:
+        for chunk in replay_chunks(body):
+            yield event(chunk)
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)

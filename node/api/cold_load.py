@@ -66,6 +66,9 @@ def buyer_keys(voucher: CheckedVoucher) -> tuple[str, ...]:
 
 
 class TokenBucket:
+    """`burst` tokens, refilled at `rate_per_s`; `take` needs a whole token, `spend` runs into a debt of at
+    most `burst` (paid back by the refill), `give_back` returns a token taken."""
+
     def __init__(self, rate_per_s: float, burst: int, clock: Callable[[], float]) -> None:
         self.rate_per_s, self.burst, self.clock = rate_per_s, burst, clock
         self.tokens, self._at = float(burst), clock()
@@ -73,13 +76,62 @@ class TokenBucket:
 
     def take(self) -> bool:
         with self._lock:
-            now = self.clock()
-            self.tokens = min(float(self.burst), self.tokens + (now - self._at) * self.rate_per_s)
-            self._at = now
+            self._refill()
             if self.tokens < 1.0:
                 return False
             self.tokens -= 1.0
             return True
+
+    def spend(self) -> None:
+        with self._lock:
+            self._refill()
+            self.tokens = max(self.tokens - 1.0, -float(self.burst))
+
+    def give_back(self) -> None:
+        with self._lock:
+            self._refill()
+            self.tokens = min(self.tokens + 1.0, float(self.burst))
+
+    def level(self) -> float:
+        with self._lock:
+            self._refill()
+            return self.tokens
+
+    def wait_s(self, level: float = 1.0, max_s: float = 600.0) -> float:
+        """Seconds until the bucket holds `level` tokens (at most `max_s`)."""
+        missing = level - self.level()
+        if missing <= 0:
+            return 0.0
+        return min(missing / self.rate_per_s, max_s) if self.rate_per_s > 0 else max_s
+
+    def _refill(self) -> None:
+        now = self.clock()
+        self.tokens = min(float(self.burst), self.tokens + (now - self._at) * self.rate_per_s)
+        self._at = now
+
+
+class RecentBuyers:
+    """Who bought something here within `window_s` (at most `max_payers` remembered; stale ones make room)."""
+
+    def __init__(self, window_s: float, max_payers: int, clock: Callable[[], float]) -> None:
+        self.window_s, self.max_payers, self.clock = window_s, max_payers, clock
+        self._bought: dict[str, float] = {}  # key -> when it last bought something
+        self._lock = threading.Lock()
+
+    def paid(self, *keys: str) -> None:
+        with self._lock:
+            now = self.clock()
+            if len(self._bought) >= self.max_payers:
+                for key in [k for k, at in self._bought.items() if now - at >= self.window_s]:
+                    del self._bought[key]
+            for key in keys:
+                if len(self._bought) < self.max_payers or key in self._bought:
+                    self._bought[key] = now
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            at = self._bought.get(key)
+            return at is not None and self.clock() - at < self.window_s
 
 
 class ColdLoadGate:
@@ -90,7 +142,7 @@ class ColdLoadGate:
         self.free, self.named = TokenBucket(rate_per_s, burst, clock), TokenBucket(named_rate_per_s, named_burst, clock)
         self.per_payer, self.window_s, self.max_payers = per_payer, window_s, max_payers
         self._unpaid: dict[str, tuple[int, float]] = {}  # key -> (cold loads since its last purchase, since when)
-        self._bought: dict[str, float] = {}  # key -> when it last bought something
+        self.buyers = RecentBuyers(window_s, max_payers, clock)
         self._lock = threading.Lock()
 
     async def admit(self, adapter: str, caller: Caller | None) -> None:
@@ -98,7 +150,7 @@ class ColdLoadGate:
         if self.provider.state(adapter) is LoadState.READY:
             return
         if caller is not None and self._budget(caller.key) and await asyncio.to_thread(caller.spendable) > 0 \
-                and ((caller.is_proven and self._is_buyer(caller.key)) or self.named.take()) \
+                and ((caller.is_proven and caller.key in self.buyers) or self.named.take()) \
                 and self._spend(caller.key):
             return
         if not self.free.take():
@@ -110,19 +162,9 @@ class ColdLoadGate:
         """These callers bought something: their cold loads since count for nothing, and for a window
         they load on their own budget."""
         with self._lock:
-            now = self.clock()
-            if len(self._bought) >= self.max_payers:
-                for key in [k for k, at in self._bought.items() if now - at >= self.window_s]:
-                    del self._bought[key]
             for key in keys:
                 self._unpaid.pop(key, None)
-                if len(self._bought) < self.max_payers or key in self._bought:
-                    self._bought[key] = now
-
-    def _is_buyer(self, key: str) -> bool:
-        with self._lock:
-            at = self._bought.get(key)
-            return at is not None and self.clock() - at < self.window_s
+        self.buyers.paid(*keys)
 
     def _budget(self, key: str) -> bool:
         with self._lock:

@@ -41,12 +41,12 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 def error_response(status: int, code: str, message: str, param: str | None = None,
-                   extra: dict[str, object] | None = None) -> JSONResponse:
+                   extra: dict[str, object] | None = None, retry_after_s: int = 1) -> JSONResponse:
     body: dict[str, object] = {"message": message, "type": ERROR_TYPES.get(status, "server_error"),
                                "code": code, "param": param}
     if extra:
         body.update(extra)
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    headers = {"Retry-After": str(retry_after_s)} if status in (429, 503) else None
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
@@ -55,8 +55,10 @@ async def _node_error(_: Request, exc: Exception) -> JSONResponse:
     if exc.status >= 500:
         log.warning("request failed: %s %s", exc.code, exc.message)
     param = exc.facts.get("param")  # the request field at fault, when there is one
+    retry_after_s = exc.facts.get("retry_after_s")  # when the error says how long to wait
     return error_response(exc.status, exc.code, exc.message, param=param if isinstance(param, str) else None,
-                          extra={"details": exc.to_dict()})
+                          extra={"details": exc.to_dict()},
+                          retry_after_s=max(retry_after_s, 1) if isinstance(retry_after_s, int) else 1)
 
 
 async def _payment_challenge(_: Request, exc: Exception) -> JSONResponse:

@@ -2,7 +2,8 @@
 
 The order of checks makes every refusal cheap and leaves nothing behind: header and body (400),
 signature (401), adapter (404), a load of a chat adapter not in host memory by a caller without escrow
-beyond the free callers' bucket (429, node/api/payment_gate.py), prompt size (413), capacity (429), then
+beyond the free callers' bucket (429, node/api/payment_gate.py), prompt size (413), a payer whose hang-ups
+before a first token spent its budget (429, node/api/hang_up_budget.py), capacity (429), then
 the voucher in flight here (409), the lane and the escrow (409, 402) which place a hold, then the
 grammar of a structured answer (400, the hold released). From the hold on, every completion token that
 leaves the node is paid for or recorded as a loss:
@@ -37,7 +38,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from node.api.choice import ChoiceOutput, Kind, ResponseShape, event, replay_chunks
+from node.api.choice import ChoiceOutput, Kind, ResponseShape, event, replay_response
 from node.api.cold_load import Caller
 from node.api.engine_client import EngineClient
 from node.api.job import CLIENT_LEFT, TIME_LIMIT, Cut, Job, Sent, as_fault, once, sampling_params
@@ -90,9 +91,11 @@ class GenerationService:
         self.engine.check_vocabulary(params)
         pricing = self.payments.pricing_for(adapter.is_base)
         x402_checked = self.gate.x402_payment(presented, str(http.url), max_fee)
+        ticket = self.gate.hang_up_ticket(presented)  # 429 here for a payer whose hang-ups spent its budget
         hold = functools.partial(self.gate.hold, presented.voucher, x402_checked, max_fee, pricing, str(http.url),
                                  read, body)
-        job_of = functools.partial(Job.of, kind, req, adapter, prompt_ids, params, held_at=time.monotonic())
+        job_of = functools.partial(Job.of, kind, req, adapter, prompt_ids, params, held_at=time.monotonic(),
+                                   ticket=ticket)
         admission = self.engine.admission()
         admission.__enter__()
         held: Hold | Replay | QueuedJob
@@ -107,10 +110,12 @@ class GenerationService:
                 held = await held_and_queued(hold, job_of, self.engine, self.payments, self.threads.executor)
         except BaseException:
             admission.__exit__(None, None, None)
+            ticket.done()
             raise
         if isinstance(held, Replay):
             admission.__exit__(None, None, None)
-            return self._replay(req, held)
+            ticket.done()
+            return replay_response(held, req.stream)
         if isinstance(held, Hold):
             leave = once(lambda: admission.__exit__(None, None, None))
             return StreamingResponse(self._sse(job_of(held), leave), media_type="text/event-stream",
@@ -119,6 +124,7 @@ class GenerationService:
             return await self._complete(held, http)
         finally:
             admission.__exit__(None, None, None)
+            ticket.done()
 
     async def _compile(self, spec: GrammarSpec, param: str, hold: Hold) -> None:
         """Compile the answer's grammar once the request's payment holds (a caller that cannot pay never
@@ -184,6 +190,8 @@ class GenerationService:
             finals, endings = await self._generate(job, queued.waiting, http)
             generated = sum(f.num_completion_tokens for f in finals)
             if generated == 0 and any(f.finish_reason == "abort" for f in finals):  # cut by the client or time
+                if CLIENT_LEFT in endings:
+                    job.ticket.hung_up()  # free, yet its compile or prefill ran: the hang-up budget pays
                 raise Unavailable("the request was cut before it produced a token; nothing was charged")
             usage = Usage(len(job.prompt_ids), generated)
             choices = [ChoiceOutput(f.text, e, f.logprobs) for f, e in zip(finals, endings, strict=True)]
@@ -279,8 +287,9 @@ class GenerationService:
                 for request_id in job.choice_ids:
                     self.engine.abort(request_id)
             if not sent.is_settled:  # the client hung up (or the server is stopping) mid-stream
-                await asyncio.shield(self.threads.start(self._settle_hang_up, job, sent))
+                await asyncio.shield(self.threads.start(self._settle_hang_up, job, sent, not sent.is_closed))
             leave()
+            job.ticket.done()
 
     async def _last_event(self, job: Job, sent: Sent, shape: ResponseShape, started: float) -> bytes:
         """Charge for the stream; the last chunk carries every choice's finish reason, the usage and the
@@ -310,7 +319,7 @@ class GenerationService:
         for request_id in job.choice_ids:
             self.engine.abort(request_id)
         leave()  # the engine's part is over; the charge is the database's
-        task = self.threads.start(self._settle_hang_up, job, sent)
+        task = self.threads.start(self._settle_hang_up, job, sent, False)
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
@@ -341,11 +350,15 @@ class GenerationService:
             return False
         return True
 
-    def _settle_hang_up(self, job: Job, sent: Sent) -> None:
+    def _settle_hang_up(self, job: Job, sent: Sent, client_left: bool) -> None:
         """The client left mid-stream: charge what was generated and sent, and store it as the answer
-        (a loss if that charge cannot be committed); release the hold if nothing was sent."""
+        (a loss if that charge cannot be committed); release the hold if nothing was sent (a hang-up's
+        release spends from its payer's hang-up budget: node/api/hang_up_budget.py)."""
         with sent.lock:
+            is_free = client_left and not sent.is_settled and not sent.is_owed
             if not self._settling(job, sent, sent.is_owed):
+                if is_free:
+                    job.ticket.hung_up()
                 return
             try:
                 self._charge(job, sent.usage, sent.choices(job.params.logprobs is not None, CLIENT_LEFT))
@@ -356,23 +369,6 @@ class GenerationService:
                 return
         log.info("stream %s: ended early (the client left, or read past the hold) after %d tokens, charged for "
                  "them", job.response_id, sent.usage.completion_tokens)
-
-    def _replay(self, req: CompletionRequest | ChatCompletionRequest,
-                replay: Replay) -> JSONResponse | StreamingResponse:
-        """The stored answer again, free, in the shape it was bought in (no body is served by both
-        endpoints: each refuses the other's fields), with its scheme's headers (x402: PAYMENT-RESPONSE)."""
-        body = replay.body
-        headers = {"X-Charged-Total": body["receipt"]["chargedTotal"], "X-Idempotent-Replay": "true",
-                   **replay.headers}
-        if not req.stream:
-            return FastJSONResponse(body, headers=headers)
-
-        async def events() -> AsyncIterator[bytes]:
-            for chunk in replay_chunks(body):
-                yield event(chunk)
-            yield b"data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
     def _observe(self, job: Job, usage: Usage, seconds: float, body: dict[str, Any]) -> None:
         self.metrics.latency.labels(route=job.kind).observe(seconds)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from node.api.choice import ChoiceOutput, Kind, ResponseShape, TokenText
 from node.api.engine_client import EngineClient
+from node.api.hang_up_budget import Ticket
 from node.api.schemas import ChatCompletionRequest, CompletionRequest
 from node.catalog import ServedAdapter
 from node.engine import SamplingParams
@@ -40,14 +41,15 @@ class Job:
     params: SamplingParams
     hold: Hold
     held_at: float  # time.monotonic() when the hold was asked for: its time limits count from there
+    ticket: Ticket  # its standing with its payer's hang-up budget (node/api/hang_up_budget.py)
 
     @classmethod
     def of(cls, kind: Kind, req: CompletionRequest | ChatCompletionRequest, adapter: ServedAdapter,
-           prompt_ids: list[int], params: SamplingParams, held: Hold, held_at: float) -> Job:
+           prompt_ids: list[int], params: SamplingParams, held: Hold, held_at: float, ticket: Ticket) -> Job:
         """The job of a request whose payment holds, named after its voucher."""
         response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{held.checked.digest.hex()[:24]}"
         return cls(kind, req, response_id, f"{response_id}-{secrets.token_hex(6)}", int(time.time()), adapter,
-                   prompt_ids, params, held, held_at)
+                   prompt_ids, params, held, held_at, ticket)
 
     def time_left(self, limit_s: float) -> float:
         """Seconds left of `limit_s` counted from the hold (a grammar's compile, up to 5 s, runs after it)."""

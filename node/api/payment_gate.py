@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from node.api.cold_load import Caller, ColdLoadGate, buyer_keys, caller_of, lane_caller
+from node.api.hang_up_budget import HangUpBudget, Ticket
 from node.lora.provider import AdapterRegistrar
 from node.payment.pricing import Pricing
 from node.payment.service import Hold, PaymentService, Replay
@@ -40,6 +41,7 @@ class PaymentGate:
                  x402: X402Payments | None = None) -> None:
         self.payments, self.offer, self.x402 = payments, offer, x402  # with an offer, unpaid is a 402
         self.cold_loads = ColdLoadGate(provider)
+        self.hang_ups = HangUpBudget()
         self.spendable: Callable[[str], int] = lambda payer: payments.ledger.channel(payer, 0).spendable
 
     def present(self, payment: str | None, body: bytes, x402: str | None) -> Presented:
@@ -65,6 +67,11 @@ class PaymentGate:
     async def admit(self, adapter: str, caller: Caller | None) -> None:
         """Returns when `adapter` may be loaded for `caller`; Overloaded (429) when not now."""
         await self.cold_loads.admit(adapter, caller)
+
+    def hang_up_ticket(self, presented: Presented) -> Ticket:
+        """The request's standing with its payer's hang-up budget; 429 when its hang-ups spent it."""
+        caller = self.caller(presented)
+        return self.hang_ups.admit(caller.key if caller is not None else None)
 
     def x402_payment(self, presented: Presented, url: str, max_fee: int) -> X402Checked | None:
         """The checked x402 payment (None: a lane voucher pays); without one, the 402 offering both
@@ -96,5 +103,6 @@ class PaymentGate:
         return {PAYMENT_RESPONSE_HEADER: encode_header(self.x402.payment_response(hold, charged_total))}
 
     def paid(self, voucher: CheckedVoucher) -> None:
-        """A purchase with `voucher`: its payer's cold loads were paid for."""
+        """A purchase with `voucher`: its payer's cold loads were paid for, and it is a buyer again."""
         self.cold_loads.paid(*buyer_keys(voucher))
+        self.hang_ups.paid(*buyer_keys(voucher))

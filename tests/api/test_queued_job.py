@@ -11,6 +11,7 @@ from typing import Any, cast
 import pytest
 
 from node.api.engine_client import EngineClient
+from node.api.hang_up_budget import Ticket
 from node.api.job import Job
 from node.api.queued_job import QueuedJob, held_and_queued, hold_and_queue
 from node.api.schemas import CompletionRequest
@@ -51,7 +52,7 @@ class Payments:
 def job_of(hold: Hold, n: int = 3) -> Job:
     req = CompletionRequest.model_validate({"model": "7", "prompt": "the sea", "max_tokens": 4, "n": n})
     return Job("completion", req, "cmpl-1", "cmpl-1-ab", 0, ServedAdapter(7, "7", 0, None), [1, 2, 3],
-               SamplingParams(max_tokens=4), hold, 0.0)
+               SamplingParams(max_tokens=4), hold, 0.0, Ticket())
 
 
 def test_every_choice_is_queued_right_after_the_hold() -> None:

@@ -1,0 +1,120 @@
+"""How much free work a payer's hang-ups may cost the node.
+
+A client that hangs up before its first token is charged nothing (DESIGN: a client that hangs up is
+charged for what was generated) and its hold is released, so the same voucher pays for the next try;
+yet the node compiled its grammar (up to 5 s of one of 2 compile threads) or ran its prefill. Repeated,
+one funded key kept the compile threads busy for free. So each such release (a hang-up before the first
+token, after the hold; never a node fault, a time limit or a refusal) spends from a budget: its
+payer's own bucket (`per_payer_rate_per_s`, `per_payer_burst`) if it bought here within `window_s`
+(as the cold-load gate counts buyers, node/api/cold_load.py), else one bucket that every other payer
+shares (`rate_per_s`, `burst`), so funding many addresses that never buy buys no more.
+
+A payer with such a hang-up in the last `window_s` ("struck") takes a token from its bucket for each
+request it sends (given back unless that request too ends in a free hang-up), and gets 429
+`hang_up_budget_spent` with a Retry-After, before any compile or prefill, while the bucket is empty. A
+payer with none is admitted without a token (one hang-up now and then, a retry after a node fault, never
+meet the budget), unless its bucket is in its deepest debt (`burst` hang-ups beyond it: many addresses,
+each hanging up once). A purchase renews a payer's standing as a buyer; its bucket refills at its rate.
+The counts live in each API process.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+
+from node.api.cold_load import RecentBuyers, TokenBucket
+from node.errors import Overloaded
+
+
+class HangUpBudgetSpent(Overloaded):
+    code = "hang_up_budget_spent"
+
+
+class Ticket:
+    """One admitted request's standing with the budget: `hung_up` when it ends with no token because its
+    client left, `done` for any other ending; the first call counts."""
+
+    def __init__(self, budget: HangUpBudget | None = None, key: str = "", bucket: TokenBucket | None = None,
+                 is_reserved: bool = False) -> None:
+        self.budget, self.key, self.bucket, self.is_reserved = budget, key, bucket, is_reserved
+        self._lock, self._is_open = threading.Lock(), True
+
+    def hung_up(self) -> None:
+        if self._close() and self.budget is not None and self.bucket is not None:
+            self.budget.hung_up(self.key, self.bucket, self.is_reserved)
+
+    def done(self) -> None:
+        if self._close() and self.is_reserved and self.bucket is not None:
+            self.bucket.give_back()
+
+    def _close(self) -> bool:
+        with self._lock:
+            was_open, self._is_open = self._is_open, False
+            return was_open
+
+
+class HangUpBudget:
+    def __init__(self, *, rate_per_s: float = 1 / 30, burst: int = 8, per_payer_rate_per_s: float = 1 / 60,
+                 per_payer_burst: int = 8, window_s: float = 600.0, max_payers: int = 100_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock, self.window_s, self.max_payers = clock, window_s, max_payers
+        self.per_payer_rate_per_s, self.per_payer_burst = per_payer_rate_per_s, per_payer_burst
+        self.shared = TokenBucket(rate_per_s, burst, clock)
+        self.buyers = RecentBuyers(window_s, max_payers, clock)
+        self._own: dict[str, TokenBucket] = {}  # a buyer's key -> its bucket
+        self._struck: dict[str, float] = {}  # key -> when it last hung up before its first token
+        self._lock = threading.Lock()
+
+    def admit(self, key: str | None) -> Ticket:
+        """The request's ticket; HangUpBudgetSpent (429) when its payer's hang-ups spent its budget."""
+        if key is None:  # no payment: refused (402) before any work
+            return Ticket()
+        bucket = self._bucket(key)
+        if self._is_struck(key):
+            if bucket.take():
+                return Ticket(self, key, bucket, is_reserved=True)
+            self._refuse(bucket, 1.0)
+        if bucket.level() <= -bucket.burst:
+            self._refuse(bucket, 1.0 - bucket.burst)
+        return Ticket(self, key, bucket)
+
+    def paid(self, *keys: str) -> None:
+        self.buyers.paid(*keys)
+
+    def hung_up(self, key: str, bucket: TokenBucket, is_reserved: bool) -> None:
+        """A request of `key` ended with no token, its client gone: one token spent (its reserved one)."""
+        if not is_reserved:
+            bucket.spend()
+        with self._lock:
+            now = self.clock()
+            if len(self._struck) >= self.max_payers:
+                for old in [k for k, at in self._struck.items() if now - at >= self.window_s]:
+                    del self._struck[old]
+            self._struck[key] = now
+
+    def _bucket(self, key: str) -> TokenBucket:
+        if key not in self.buyers:
+            return self.shared
+        with self._lock:
+            bucket = self._own.get(key)
+            if bucket is None:
+                if len(self._own) >= self.max_payers:  # a full bucket is as good as a new one
+                    for full in [k for k, b in self._own.items() if b.level() >= b.burst]:
+                        del self._own[full]
+                bucket = self._own[key] = TokenBucket(self.per_payer_rate_per_s, self.per_payer_burst, self.clock)
+            return bucket
+
+    def _is_struck(self, key: str) -> bool:
+        with self._lock:
+            at = self._struck.get(key)
+            return at is not None and self.clock() - at < self.window_s
+
+    @staticmethod
+    def _refuse(bucket: TokenBucket, level: float) -> None:
+        retry_after_s = math.ceil(bucket.wait_s(level))
+        raise HangUpBudgetSpent(f"too many requests ended by a hang-up before their first token (free, yet the "
+                                f"node compiled or prefilled them); retry in {retry_after_s} s",
+                                retry_after_s=retry_after_s)

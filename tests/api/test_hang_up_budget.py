@@ -1,0 +1,81 @@
+"""The hang-up budget's rule on a clock of our own: what honest payers do never meets it, a payer that keeps
+hanging up before its first token is refused until its bucket refills, and funded addresses that never buy
+share one bucket however many there are."""
+
+from __future__ import annotations
+
+import pytest
+
+from node.api.hang_up_budget import HangUpBudget, HangUpBudgetSpent, Ticket
+
+
+def _budget(now: list[float]) -> HangUpBudget:
+    return HangUpBudget(rate_per_s=0.1, burst=4, per_payer_rate_per_s=0.05, per_payer_burst=3, window_s=600.0,
+                        clock=lambda: now[0])
+
+
+def _hang_ups(budget: HangUpBudget, key: str, n: int) -> int:
+    """How many of `n` requests of `key` were admitted, each ending in a hang-up before its first token."""
+    admitted = 0
+    for _ in range(n):
+        try:
+            ticket = budget.admit(key)
+        except HangUpBudgetSpent:
+            continue
+        admitted += 1
+        ticket.hung_up()
+        ticket.done()  # every ending calls it: after a hang-up it gives nothing back
+    return admitted
+
+
+def test_one_hang_up_now_and_then_and_node_faults_never_meet_the_budget() -> None:
+    now = [0.0]
+    budget = _budget(now)
+    for _ in range(50):  # retries after node faults (503): released, nothing spent
+        budget.admit("lane:0xa").done()
+    for _ in range(3):  # a hang-up every 10 minutes, answered requests between
+        assert _hang_ups(budget, "lane:0xa", 1) == 1
+        for _ in range(20):
+            budget.admit("lane:0xa").done()
+        now[0] += 600.0
+
+
+def test_a_payer_that_keeps_hanging_up_is_refused_with_retry_after_until_its_bucket_refills() -> None:
+    now = [0.0]
+    budget = _budget(now)
+    assert _hang_ups(budget, "lane:0xa", 20) == 4
+    with pytest.raises(HangUpBudgetSpent) as refused:
+        budget.admit("lane:0xa")
+    assert refused.value.code == "hang_up_budget_spent" and refused.value.status == 429
+    assert refused.value.facts["retry_after_s"] == 10  # the shared bucket's next token
+    now[0] += 10.0
+    assert _hang_ups(budget, "lane:0xa", 20) == 1
+    budget.admit("lane:0xb").done()  # another payer that never hung up is not held back
+
+
+def test_a_buyer_spends_its_own_bucket_and_others_spending_the_shared_one_never_refuse_it() -> None:
+    now = [0.0]
+    budget = _budget(now)
+    budget.paid("lane:0xb0")
+    assert _hang_ups(budget, "lane:0xa", 20) == 4  # the shared bucket is empty
+    assert _hang_ups(budget, "lane:0xb0", 20) == 3  # the buyer's own
+    budget.paid("lane:0xb0")  # a purchase renews its standing, not its bucket
+    assert _hang_ups(budget, "lane:0xb0", 20) == 0
+    now[0] += 20.0  # its bucket refills at its rate
+    assert _hang_ups(budget, "lane:0xb0", 20) == 1
+
+
+def test_many_funded_addresses_that_never_buy_share_one_bucket() -> None:
+    """Before, each of 100 funded addresses hung up for free as often as it liked; now all together get the
+    shared bucket's burst, then as much debt (one hang-up each of the first ones), and no more."""
+    now = [0.0]
+    budget = _budget(now)
+    free = sum(_hang_ups(budget, f"lane:0x{i:040x}", 5) for i in range(100))
+    assert free <= 2 * 4, f"100 funded addresses hung up {free} times for free"
+
+
+def test_a_request_with_no_payment_has_a_ticket_that_counts_nothing() -> None:
+    budget = _budget([0.0])
+    ticket = budget.admit(None)
+    ticket.hung_up()
+    assert isinstance(ticket, Ticket) and budget.shared.level() == 4
