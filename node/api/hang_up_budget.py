@@ -12,9 +12,13 @@ shares (`rate_per_s`, `burst`), so funding many addresses that never buy buys no
 A payer with such a hang-up in the last `window_s` ("struck") takes a token from its bucket for each
 request it sends (given back unless that request too ends in a free hang-up), and gets 429
 `hang_up_budget_spent` with a Retry-After, before any compile or prefill, while the bucket is empty. A
-payer with none is admitted without a token (one hang-up now and then, a retry after a node fault, never
-meet the budget), unless its bucket is in its deepest debt (`burst` hang-ups beyond it: many addresses,
-each hanging up once). A purchase renews a payer's standing as a buyer; its bucket refills at its rate.
+payer with none is admitted without a token: one hang-up now and then, or a retry after a node fault,
+never meets the budget, and other payers' hang-ups never refuse a payer that has not hung up (a shared
+bucket in debt refusing every new payer would let ~20 funded addresses, each hanging up once in 10
+minutes, keep every new customer out). So funded addresses that never buy get one free hang-up each per
+`window_s`, then share one bucket: free work grows with the escrow an attacker locks in many addresses
+(a deposit each), never with how often one address tries. A purchase renews a payer's standing as a
+buyer; its bucket refills at its rate.
 The counts live in each API process.
 """
 
@@ -77,8 +81,6 @@ class HangUpBudget:
             if bucket.take():
                 return Ticket(self, key, bucket, is_reserved=True)
             self._refuse(bucket, 1.0)
-        if bucket.level() <= -bucket.burst:
-            self._refuse(bucket, 1.0 - bucket.burst)
         return Ticket(self, key, bucket)
 
     def paid(self, *keys: str) -> None:

@@ -53,6 +53,12 @@ def slow_budget(node: PaidNode) -> Iterator[None]:
         gate.hang_ups = budget
 
 
+def _was_charged(payer: Payer, lane: int) -> bool:
+    """Whether the lane's request was answered and charged after all (its answer ended before the node saw
+    its client leave), so no free hang-up."""
+    return int(payer.channel(lane)["chargedTotal"]) > 0
+
+
 def _served_in(node: PaidNode, payer: Payer, tag: str, lane: int) -> float:
     """Seconds until a structured (plain) request is answered, retrying while the node is full (429)."""
     started = time.monotonic()
@@ -90,9 +96,9 @@ def test_a_payer_hanging_up_during_its_compiles_never_starves_an_honest_payer(no
 
 
 def test_many_funded_addresses_hanging_up_share_one_budget(node: PaidNode, slow_budget: None) -> None:
-    """Each of 4 funded addresses that never bought hangs up 3 times: 12 free compiles before; now no more
-    than the shared bucket's depth (its burst, then as much debt), and the rest are refused up front."""
-    admitted, refused = 0, []
+    """Each of 4 funded addresses that never bought hangs up 3 times: 12 free compiles before; now each gets
+    its first, the later ones share one bucket (BURST), and the rest are refused up front."""
+    admitted, refused, charged = 0, [], 0
     for i, who in enumerate(MANY):
         payer = Payer(node.local.anvil.keys[who], node.base_url)
         for n in range(3):
@@ -101,9 +107,11 @@ def test_many_funded_addresses_hanging_up_share_one_budget(node: PaidNode, slow_
             if resp is None:
                 admitted += 1
                 time.sleep(COMPILE_S + 0.7)  # its compile ends and its hold is released
+                charged += _was_charged(payer, lane)
             else:
                 refused.append(resp)
-    assert admitted <= 2 * BURST, f"{admitted} of 12 hang-ups made the node compile for free"
+    free = admitted - charged
+    assert free <= len(MANY) + BURST, f"{free} of 12 hang-ups made the node compile for free"
     assert refused and all(r.status_code == 429 for r in refused), [r.text for r in refused]
     error = refused[-1].json()["error"]
     assert error["code"] == "hang_up_budget_spent" and int(refused[-1].headers["Retry-After"]) >= 1
@@ -114,10 +122,12 @@ def test_plain_requests_given_up_before_their_first_token_spend_the_budget_too(n
     """The client of a plain structured request gives up during its compile: the hold is released, nothing
     charged, and it is counted like a stream's hang-up (BURST of them, then 429 before any compile)."""
     payer = Payer(node.local.anvil.keys[PLAIN], node.base_url)
-    outcomes = []
+    outcomes, expected, free = [], [], 0
     for lane in range(700, 705):
+        expected.append(429 if free >= BURST else None)
         resp = _send(node, payer, _chat(node, f"p{lane}", stream=False), lane, read_s=0.3)
         outcomes.append(None if resp is None else resp.status_code)
         if resp is None:
             time.sleep(COMPILE_S + 0.7)  # its compile ends, its answer is cut and its hold released
-    assert outcomes == [None] * BURST + [429] * (5 - BURST), outcomes
+            free += not _was_charged(payer, lane)  # on a busy box an answer may end before its client's leaving
+    assert outcomes == expected and free <= BURST, (outcomes, free)  # is seen: charged, no free hang-up

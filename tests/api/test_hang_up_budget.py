@@ -66,12 +66,24 @@ def test_a_buyer_spends_its_own_bucket_and_others_spending_the_shared_one_never_
 
 
 def test_many_funded_addresses_that_never_buy_share_one_bucket() -> None:
-    """Before, each of 100 funded addresses hung up for free as often as it liked; now all together get the
-    shared bucket's burst, then as much debt (one hang-up each of the first ones), and no more."""
+    """Before, each of 100 funded addresses hung up for free as often as it liked; now each gets its first
+    hang-up (it had none), and every later one comes from one shared bucket (4 tokens) for all of them."""
     now = [0.0]
     budget = _budget(now)
     free = sum(_hang_ups(budget, f"lane:0x{i:040x}", 5) for i in range(100))
-    assert free <= 2 * 4, f"100 funded addresses hung up {free} times for free"
+    assert free <= 100 + 4, f"100 funded addresses hung up {free} times for free"
+
+
+def test_others_hang_ups_never_refuse_a_payer_that_has_not_hung_up() -> None:
+    """Strangers running the shared bucket into its deepest debt do not keep a new customer out: a payer
+    with no hang-up of its own is admitted, whatever the bucket's level."""
+    now = [0.0]
+    budget = _budget(now)
+    for i in range(50):
+        _hang_ups(budget, f"lane:0x{i:040x}", 3)
+    assert budget.shared.level() <= -budget.shared.burst
+    for i in range(50, 60):
+        budget.admit(f"lane:0x{i:040x}").done()  # admitted: no HangUpBudgetSpent
 
 
 def test_a_request_with_no_payment_has_a_ticket_that_counts_nothing() -> None:
