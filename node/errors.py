@@ -256,6 +256,13 @@ class MirrorHalted(ChainError):
     code = "mirror_halted"
 
 
+class ChainOverruled(ChainError):
+    """The guardian vetoed the node, or amended an epoch to a root the node did not build: nothing may be
+    built on, or land on, the node's own leaves until it adopts the corrected tree."""
+
+    code = "chain_overruled"
+
+
 class ContractBuildError(ChainError):
     code = "contract_build"
 

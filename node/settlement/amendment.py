@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.chain.contracts import Settlement
 from node.chain.tx_store import db_lock
 from node.db.models import EpochState, Loss, Receipt, SettlementEpoch
-from node.errors import ChainError
+from node.errors import ChainError, ChainOverruled
 from node.protocol.hexstr import to_hex
 from node.protocol.receipt import LEAF_TYPES
 from node.settlement import outbox
@@ -146,14 +146,14 @@ def check_follows_chain(settlement: Settlement, node: str, previous: SettlementE
     vetoed, or when the chain holds another root for it (the guardian amended it)."""
     vetoed = settlement.first_vetoed_epoch(node)
     if vetoed:
-        raise ChainError("the guardian vetoed this node: nothing is settled until it amends and the operator "
-                         "adopts the corrected tree", node=node, vetoed_epoch=vetoed)
+        raise ChainOverruled("the guardian vetoed this node: nothing is settled until it amends and the operator "
+                             "adopts the corrected tree", node=node, vetoed_epoch=vetoed)
     if previous is None or previous.state not in MINED:
         return
     on_chain = to_hex(settlement.epoch(node, previous.epoch_id).rewards_root)
     if on_chain != previous.rewards_root:
-        raise ChainError(f"epoch {previous.epoch_id} was amended on chain: {ADOPT_HINT}", node=node,
-                         epoch_id=previous.epoch_id, on_chain_root=on_chain, our_root=previous.rewards_root)
+        raise ChainOverruled(f"epoch {previous.epoch_id} was amended on chain: {ADOPT_HINT}", node=node,
+                             epoch_id=previous.epoch_id, on_chain_root=on_chain, our_root=previous.rewards_root)
 
 
 def follows_chain(settlement: Settlement, node: str, previous: SettlementEpoch | None) -> bool:
@@ -163,7 +163,7 @@ def follows_chain(settlement: Settlement, node: str, previous: SettlementEpoch |
     settle is re-sent first, on the same nonce order) is still followed."""
     try:
         check_follows_chain(settlement, node, previous)
-    except ChainError as exc:
+    except ChainOverruled as exc:  # only the guardian's word: a failed read is no reason to cancel a good settle
         return exc.facts.get("on_chain_root") == to_hex(bytes(32))
     return True
 
