@@ -172,6 +172,8 @@ class TxManager:
             record = self.store.load(key)
             if record is None or record.state is not TxState.PENDING or record.latest.is_cancel:
                 return record
+            if self.w3.eth.get_transaction_count(self.account.address, "latest") > record.nonce:
+                return record  # its nonce is mined (this call or a sibling): nothing is left to keep off the chain
             fees = self.policy.bumped(record.latest.max_fee_per_gas, record.latest.max_priority_fee_per_gas,
                                       cap=2**256 - 1)
             assert fees is not None, "an uncapped bump always rises"

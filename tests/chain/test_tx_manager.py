@@ -172,3 +172,17 @@ def test_a_stuck_transaction_with_no_tip_is_still_bumped(w3: Web3, fresh_anvil: 
     fresh_anvil.rpc("anvil_mine", 2)
     assert tm.poll("settle:0").state is TxState.FINAL
     assert w3.eth.get_balance(RECIPIENT) == 3
+
+
+def test_cancelling_an_intent_whose_nonce_is_mined_signs_nothing(w3: Web3, fresh_anvil: Anvil) -> None:
+    """A worker that died after its settle was broadcast finds the intent still pending in its store though
+    the chain mined it: cancelling it (an orphan, or a stale settle) must not sign and send a no-op for a
+    nonce that is gone (it failed with "nonce too low" after a new attempt was stored and broadcast)."""
+    store = MemoryTxStore()
+    tm = _manager(w3, fresh_anvil, store)
+    sent = tm.send("settle:1", RECIPIENT, "0x", value=5)  # automine: mined, the store still says pending
+    assert store.records["settle:1"].state is TxState.PENDING
+    cancelled = tm.cancel("settle:1")
+    assert cancelled is not None and cancelled.attempts == sent.attempts
+    assert not any(a.is_cancel for a in store.records["settle:1"].attempts)
+    assert tm.poll("settle:1").state is TxState.MINED and w3.eth.get_balance(RECIPIENT) == 5
