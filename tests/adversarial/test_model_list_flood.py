@@ -9,10 +9,6 @@ listings come from a process of their own."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -20,6 +16,7 @@ import pytest
 
 from node.client.payer import Payer
 from node.lora.content_hash import adapter_weights_sha256, base_model_id
+from tests.fixtures.flood import fastest_paid_seconds, paid_seconds_during, signed_completions
 from tests.fixtures.paid_node import ADAPTER_OWNER, LINEAGE_WEIGHTS, OWNER_SHARE_BPS, PaidNode
 
 pytestmark = [pytest.mark.chain, pytest.mark.slow]
@@ -43,25 +40,6 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2])))
 """
 
 
-def _paid_seconds(node: PaidNode, headers: list[tuple[bytes, str]]) -> float:
-    best = float("inf")
-    for body, header in headers:
-        started = time.monotonic()
-        resp = httpx.post(f"{node.base_url}/v1/completions", content=body, timeout=120,
-                          headers={"X-Payment": header, "Content-Type": "application/json"})
-        best = min(best, time.monotonic() - started)
-        assert resp.status_code == 200, resp.text
-    return best
-
-
-def _signed(node: PaidNode, payer: Payer, first_lane: int) -> list[tuple[bytes, str]]:
-    out = []
-    for lane in range(first_lane, first_lane + 3):
-        body = json.dumps({"model": str(node.adapter_id), "prompt": "the sea", "max_tokens": 1}).encode()
-        out.append((body, payer.payment_header(body, lane, "/v1/completions")))
-    return out
-
-
 def test_a_flood_of_model_listings_does_not_hold_up_paid_requests(paid_node: PaidNode, tiny_model: Path) -> None:
     owner = paid_node.local.contracts(ADAPTER_OWNER)
     base, weights = base_model_id(tiny_model), adapter_weights_sha256(paid_node.adapter_path)
@@ -72,18 +50,9 @@ def test_a_flood_of_model_listings_does_not_hold_up_paid_requests(paid_node: Pai
     listed = httpx.get(f"{paid_node.base_url}/v1/models", timeout=60).json()["data"]
     assert len(listed) == NUM_ADAPTERS + 2  # the base model and the node's adapter too
     payer = Payer(paid_node.payer_keys[0], paid_node.base_url)
-    calm = _paid_seconds(paid_node, _signed(paid_node, payer, 800))
-    headers = _signed(paid_node, payer, 810)
-    flood = subprocess.Popen([sys.executable, "-c", FLOOD, paid_node.base_url, str(NUM_LISTING)],
-                             stdout=subprocess.PIPE, text=True)
-    try:
-        assert flood.stdout is not None
-        for _ in range(4):
-            assert flood.stdout.readline().strip() == "200"
-        flooded = _paid_seconds(paid_node, headers)
-    finally:
-        flood.kill()
-        flood.wait()
+    calm = fastest_paid_seconds(paid_node, signed_completions(paid_node, payer, 800))
+    headers = signed_completions(paid_node, payer, 810)
+    flooded = paid_seconds_during(paid_node, headers, [FLOOD, paid_node.base_url, str(NUM_LISTING)])
     print(f"paid request alone {calm:.3f} s, during the listings {flooded:.3f} s")
     # it shares the API's CPU with the listings (1.2 s at a load of 25 on 2 CPUs), never waits for their
     # database connections (23 s on main)

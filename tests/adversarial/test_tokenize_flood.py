@@ -20,11 +20,11 @@ import httpx
 import pytest
 
 from node.client.payer import Payer
+from tests.fixtures.flood import fastest_paid_seconds, signed_completions
 from tests.fixtures.paid_node import PaidNode
 
 pytestmark = pytest.mark.chain
 NUM_FLOODING = 256  # quotes in flight at once: a stranger's few hundred connections
-NUM_PAID = 3
 FLOOD = """
 import asyncio, json, sys
 import aiohttp
@@ -52,30 +52,10 @@ def _long_prompt(rng: random.Random, num_chars: int) -> str:
     return text[:num_chars]
 
 
-def _paid_seconds(node: PaidNode, headers: list[tuple[bytes, str]]) -> float:
-    """The fastest of the paid requests, each sent alone."""
-    best = float("inf")
-    for body, header in headers:
-        started = time.monotonic()
-        resp = httpx.post(f"{node.base_url}/v1/completions", content=body, timeout=120,
-                          headers={"X-Payment": header, "Content-Type": "application/json"})
-        best = min(best, time.monotonic() - started)
-        assert resp.status_code == 200, resp.text
-    return best
-
-
-def _signed(node: PaidNode, payer: Payer, first_lane: int) -> list[tuple[bytes, str]]:
-    out = []
-    for lane in range(first_lane, first_lane + NUM_PAID):
-        body = json.dumps({"model": str(node.adapter_id), "prompt": "the sea", "max_tokens": 1}).encode()
-        out.append((body, payer.payment_header(body, lane, "/v1/completions")))
-    return out
-
-
 def test_a_flood_of_free_long_quotes_does_not_hold_up_paid_requests(paid_node: PaidNode) -> None:
     payer = Payer(paid_node.payer_keys[0], paid_node.base_url)
-    calm = _paid_seconds(paid_node, _signed(paid_node, payer, 700))
-    headers = _signed(paid_node, payer, 710)  # signed before the flood: only the paid requests are timed
+    calm = fastest_paid_seconds(paid_node, signed_completions(paid_node, payer, 700))
+    headers = signed_completions(paid_node, payer, 710)  # signed before the flood: only paid requests are timed
     rng = random.Random(7)
     num_chars = paid_node.local.services.engine.max_prompt_chars - 8  # the longest tokenized (then refused)
     bodies = [json.dumps({"model": str(paid_node.adapter_id), "prompt": _long_prompt(rng, num_chars),
@@ -88,7 +68,7 @@ def test_a_flood_of_free_long_quotes_does_not_hold_up_paid_requests(paid_node: P
         flood.stdin.flush()
         for _ in range(3):  # the flood's first quotes answered: every connection's is queued by now
             assert flood.stdout.readline().strip() == "413"  # too many tokens for the context, once counted
-        flooded = _paid_seconds(paid_node, headers)
+        flooded = fastest_paid_seconds(paid_node, headers)
         started = time.monotonic()  # one more free quote: how long the flood's queue is
         assert httpx.post(f"{paid_node.base_url}/v1/quote/completions", content=bodies[0], timeout=120,
                           headers={"Content-Type": "application/json"}).status_code == 413

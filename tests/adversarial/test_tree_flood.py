@@ -10,9 +10,6 @@ worker leaves it; the reads come from a process of their own."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import httpx
 import pytest
 from sqlalchemy import select, update
@@ -23,7 +20,7 @@ from node.db.session import make_engine, session_factory, transaction
 from node.protocol.hexstr import to_hex
 from node.protocol.receipt import LEAF_TYPES, receipt_of_row
 from node.settlement.merkle import MerkleTree
-from tests.adversarial.test_model_list_flood import _paid_seconds, _signed
+from tests.fixtures.flood import fastest_paid_seconds, paid_seconds_during, signed_completions
 from tests.fixtures.paid_node import PaidNode
 
 pytestmark = [pytest.mark.chain, pytest.mark.slow]
@@ -54,7 +51,7 @@ def settled(paid_node: PaidNode) -> tuple[float, str, str]:
     (FINAL, trees published), the last epoch holding them. (a paid request's time before, the node, one
     receipt's id)."""
     payer = Payer(paid_node.payer_keys[0], paid_node.base_url)
-    calm = _paid_seconds(paid_node, _signed(paid_node, payer, 900))
+    calm = fastest_paid_seconds(paid_node, signed_completions(paid_node, payer, 900))
     factory = session_factory(make_engine(paid_node.local.settings.resolved_database_url(), pooled=False))
     with transaction(factory) as session:
         receipts = list(session.scalars(select(Receipt).order_by(Receipt.id)))
@@ -92,17 +89,9 @@ def test_a_flood_of_tree_reads_does_not_hold_up_paid_requests(paid_node: PaidNod
     urls = _reads(paid_node, owner, receipt_id, what)
     assert all(httpx.get(url, timeout=60).status_code == 200 for url in urls)
     payer = Payer(paid_node.payer_keys[0], paid_node.base_url)
-    headers = _signed(paid_node, payer, 910 + 10 * ["proofs and trees", "epoch listings", "earnings"].index(what))
-    flood = subprocess.Popen([sys.executable, "-c", FLOOD, str(NUM_READING), *urls], stdout=subprocess.PIPE,
-                             text=True)
-    try:
-        assert flood.stdout is not None
-        for _ in range(4):
-            assert flood.stdout.readline().strip() == "200"
-        flooded = _paid_seconds(paid_node, headers)
-    finally:
-        flood.kill()
-        flood.wait()
+    first_lane = 910 + 10 * ["proofs and trees", "epoch listings", "earnings"].index(what)
+    headers = signed_completions(paid_node, payer, first_lane)
+    flooded = paid_seconds_during(paid_node, headers, [FLOOD, str(NUM_READING), *urls])
     print(f"paid request alone {calm:.3f} s, during the {what} {flooded:.3f} s")
     assert flooded < calm + 5.0, f"a paid request took {flooded:.2f} s during a flood of {what} " \
                                  f"({calm:.2f} s without)"
