@@ -78,6 +78,7 @@ def test_a_flood_of_free_long_quotes_does_not_hold_up_paid_requests(paid_node: P
         flood.wait()
     print(f"paid request alone {calm:.3f} s, during the flood {flooded:.3f} s, a free quote then {queued:.3f} s")
     # the paid request shares the CPUs with the flood, not its queue: a fraction of the quote's wait (it was
-    # more than the whole of it, its hold and its charge each queued behind the tokenizations)
-    assert flooded < queued / 3, f"a paid request took {flooded:.2f} s during a flood of free quotes " \
+    # more than the whole of it, its hold and its charge each queued behind the tokenizations; on a quiet box
+    # the fraction is 0.2-0.35, so a third failed one run in four)
+    assert flooded < queued / 2, f"a paid request took {flooded:.2f} s during a flood of free quotes " \
                                  f"({calm:.2f} s without; a quote waited {queued:.2f} s)"
