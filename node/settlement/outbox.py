@@ -16,7 +16,7 @@ from node.attribution.rule import METHOD_EVIDENCE
 from node.chain.contracts import EMPTY_LINEAGE_HASH, lineage_hash
 from node.db import queries
 from node.db.loss import RECOVERABLE, is_settlement_loss
-from node.db.models import EpochState, Loss, Receipt, SettledEpoch, SettlementEpoch, Voucher
+from node.db.models import EpochState, EscrowAccount, Loss, Receipt, SettledEpoch, SettlementEpoch, Voucher
 from node.errors import MirrorUnavailable
 from node.protocol.hexstr import to_hex
 from node.protocol.receipt import BASE_ADAPTER_ID, receipt_of_row
@@ -108,19 +108,35 @@ def last_epoch_id(session: Session, node: str) -> int:
 
 def open_epoch(session: Session, node: str, epoch_id: int, max_receipt_id: int, max_lanes: int) -> int:
     """Insert epoch `epoch_id` (OPEN) and give it the unassigned receipts up to `max_receipt_id` of at most
-    `max_lanes` lanes, those waiting longest first: `settle` collects one voucher per lane, and a batch
-    no block can hold would stop every payee's settlement. The other lanes wait for the next epoch."""
+    `max_lanes` lanes: `settle` collects one voucher per lane, and a batch no block can hold would stop
+    every payee's settlement. The other lanes wait for the next epoch, so the lanes taken are those whose
+    money stops being collectable soonest (`collect_by`), then those waiting longest."""
     session.add(SettlementEpoch(node=node.lower(), epoch_id=epoch_id, state=EpochState.OPEN))
     session.flush()
     waiting = (Receipt.node == node.lower(), Receipt.epoch_id.is_(None), Receipt.id <= max_receipt_id, _not_lost())
-    lanes = session.execute(select(Voucher.payer, Voucher.lane)
+    lanes = session.execute(select(Voucher.payer, Voucher.lane, func.min(Voucher.deadline), func.min(Receipt.id))
                             .join(Receipt, Receipt.voucher_hash == Voucher.voucher_hash).where(*waiting)
-                            .group_by(Voucher.payer, Voucher.lane).order_by(func.min(Receipt.id))
-                            .limit(max_lanes)).all()
-    chosen = select(Voucher.voucher_hash).where(tuple_(Voucher.payer, Voucher.lane).in_([tuple(r) for r in lanes]))
+                            .group_by(Voucher.payer, Voucher.lane)).all()
+    thaw_ends = _thaw_ends(session, node)
+    urgent = sorted(lanes, key=lambda r: (collect_by(r[2], thaw_ends.get(r[0])), r[3]))[:max_lanes]
+    taken = [(payer, lane) for payer, lane, *_ in urgent]
+    chosen = select(Voucher.voucher_hash).where(tuple_(Voucher.payer, Voucher.lane).in_(taken))
     result = session.execute(update(Receipt).where(*waiting, Receipt.voucher_hash.in_(chosen))
                              .values(epoch_id=epoch_id).execution_options(synchronize_session=False))
     return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def collect_by(earliest_deadline: int, thaw_end: int | None) -> int:
+    """Until when (unix seconds) a lane's waiting receipts can all be collected: its soonest voucher
+    deadline, or the end of its payer's thaw when sooner (the payer may withdraw then)."""
+    return earliest_deadline if thaw_end is None else min(earliest_deadline, thaw_end)
+
+
+def _thaw_ends(session: Session, node: str) -> dict[str, int]:
+    """The node's payers with a thaw under way, as the mirror has them: payer -> when it ends."""
+    q = select(EscrowAccount.payer, EscrowAccount.thaw_end_at).where(
+        EscrowAccount.node == node.lower(), EscrowAccount.thawing > 0, EscrowAccount.thaw_end_at.is_not(None))
+    return {payer: int(end.timestamp()) for payer, end in session.execute(q).all() if end is not None}
 
 
 def detach(session: Session, node: str, epoch_id: int, receipt_ids: list[int] | None = None) -> None:
