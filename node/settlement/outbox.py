@@ -191,6 +191,13 @@ def recover(session: Session, node: str, epoch_id: int, receipts: list[EpochRece
                     .values(recovered_epoch_id=epoch_id).execution_options(synchronize_session=False))
 
 
+def lanes_lost(session: Session, node: str, epoch_id: int) -> int:
+    """How many lanes (payer, lane) settlement took out of epoch `epoch_id` as losses."""
+    lanes = (select(Loss.payer, Loss.lane).where(Loss.node == node.lower(), Loss.epoch_id == epoch_id)
+             .distinct().subquery())
+    return int(session.scalar(select(func.count()).select_from(lanes)) or 0)
+
+
 def recovered_in(session: Session, node: str, epoch_id: int) -> set[str]:
     """The voucher hashes of the lost receipts epoch `epoch_id` recovered (their loss is already recorded)."""
     q = select(Loss.voucher_hash).where(Loss.node == node.lower(), Loss.recovered_epoch_id == epoch_id)

@@ -60,7 +60,9 @@ from node.settlement.split import SplitParams
 
 log = logging.getLogger(__name__)
 MINED = (EpochState.CONFIRMED, EpochState.FINAL)
-MAX_ATTEMPTS = 8  # rebuilds of one failed epoch before it waits for an operator
+# rebuilds of one failed epoch before it waits for an operator, besides one per lane it lost: a settle a payer
+# made revert on chain (a withdraw sent ahead of it) is rebuilt without that lane, which is progress
+MAX_ATTEMPTS = 8
 
 
 @dataclass(frozen=True)
@@ -333,7 +335,8 @@ class SettlementService:
         epochs are dissolved and their receipts wait for the next ones."""
         with self.factory() as session:
             failed = outbox.failed(session, self.node)
-            if failed is None or attempt_of(failed) + 1 >= MAX_ATTEMPTS:
+            if failed is None or attempt_of(failed) + 1 >= MAX_ATTEMPTS + outbox.lanes_lost(session, self.node,
+                                                                                            failed.epoch_id):
                 return
             after = [(r.epoch_id, attempt_of(r)) for r in outbox.later(session, self.node, failed.epoch_id)]
         if epoch_matches(self.contracts.settlement, self.node, failed):  # it landed after all
