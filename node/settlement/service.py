@@ -60,9 +60,7 @@ from node.settlement.split import SplitParams
 
 log = logging.getLogger(__name__)
 MINED = (EpochState.CONFIRMED, EpochState.FINAL)
-# rebuilds of one failed epoch before it waits for an operator, besides one per lane it lost: a settle a payer
-# made revert on chain (a withdraw sent ahead of it) is rebuilt without that lane, which is progress
-MAX_ATTEMPTS = 8
+MAX_ATTEMPTS = 8  # rebuilds of a failed epoch before it waits for an operator, plus one per lane it lost
 
 
 @dataclass(frozen=True)
@@ -332,7 +330,8 @@ class SettlementService:
     def _recover(self) -> None:
         """A FAILED epoch is rebuilt as a new attempt (its preflight then finds the lane at fault), once
         the sends of the epochs after it are settled (mined or failed: their nonces come first); those
-        epochs are dissolved and their receipts wait for the next ones."""
+        epochs are dissolved and their receipts wait for the next ones. A rebuild that moved a lane to a loss
+        (a payer withdrew ahead of the settle) made progress: it does not use up one of the attempts."""
         with self.factory() as session:
             failed = outbox.failed(session, self.node)
             if failed is None or attempt_of(failed) + 1 >= MAX_ATTEMPTS + outbox.lanes_lost(session, self.node,
