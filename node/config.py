@@ -230,6 +230,7 @@ class Settings(BaseSettings):
         return SettleLatency(beat_s=self.settlement_interval_s, mine_s=self.settle_max_mine_s,
                              reorg_s=self.confirmations * self.block_time_s, max_age_s=self.epoch_max_age_s,
                              hold_s=self.reservation_ttl_s,
+                             mirror_lag_s=self.max_mirror_lag_s + self.max_mirror_lag_blocks * self.block_time_s,
                              has_x402=self.x402_router is not None if has_x402 is None else has_x402)
 
     def fee_policy(self) -> FeePolicy:

@@ -24,8 +24,10 @@ What follows from it, with hold_s = `reservation_ttl_s` (the API checks a vouche
 it places a hold, and charges up to a hold's life later: only then is there a receipt to settle):
 - an epoch closes while its soonest voucher still has `expiry_margin_s >= worst_case_s` to live;
 - the API accepts a voucher only with `min_voucher_validity_s >= hold_s + worst_case_s` left;
-- the escrow's `thawPeriod` must exceed `hold_s + epoch_max_age_s + worst_case_s`: a payer that thaws
-  right after its hold was placed cannot withdraw before the node has collected its charge.
+- the escrow's `thawPeriod` must exceed `mirror_lag_s + hold_s + epoch_max_age_s + worst_case_s`: a payer
+  whose thaw the mirror did not show yet (`max_mirror_lag_s` + `max_mirror_lag_blocks` x `block_time_s`, as
+  stale as the API still serves paid work on) when its hold was placed cannot withdraw before the node has
+  collected its charge.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class SettleLatency:
     max_age_s: float = 3_600.0
     has_x402: bool = False
     hold_s: float = 600.0  # from a voucher's and the escrow's checks (the hold) to its charge, at most
+    mirror_lag_s: float = 0.0  # how long a thaw on chain may go unseen by the mirror the holds read
 
     @property
     def sweep_s(self) -> float:
@@ -67,8 +70,8 @@ class SettleLatency:
     @property
     def min_thaw_period_s(self) -> float:
         """The shortest escrow thaw period under which no charge can be withdrawn before it is collected
-        (a thaw may start right after the hold that read the escrow)."""
-        return self.hold_s + self.max_age_s + self.worst_case_s
+        (a hold may read the escrow before the mirror shows a thaw started up to `mirror_lag_s` earlier)."""
+        return self.mirror_lag_s + self.hold_s + self.max_age_s + self.worst_case_s
 
     def check_thaw_period(self, thaw_period_s: int) -> None:
         """Refuse an escrow whose payers could withdraw what they were charged before it is collected."""

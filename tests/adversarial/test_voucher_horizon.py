@@ -84,10 +84,12 @@ def test_a_voucher_of_the_least_validity_the_node_accepts_pays_for_the_longest_r
 
 @pytest.mark.parametrize("router", [None, ROUTER], ids=["lanes", "x402"])
 def test_an_escrow_thawing_from_the_moment_of_a_hold_outlasts_the_settle_of_its_charge(router: str | None) -> None:
-    """The thaw period the node accepts must outlast a hold's life (the hold read the escrow before the
+    """The thaw period the node accepts must outlast the time the mirror the holds read may not show a thaw
+    (as stale as the node still serves paid work on), a hold's life (the hold read the escrow before the
     thaw), then the epoch's age, then the worst-case settle latency."""
     settings = load_settings(x402_router=router)
     latency = settings.settle_latency()
-    settled_by = settings.reservation_ttl_s + latency.max_age_s + latency.worst_case_s
+    unseen_s = settings.max_mirror_lag_s + settings.max_mirror_lag_blocks * settings.block_time_s
+    settled_by = unseen_s + settings.reservation_ttl_s + latency.max_age_s + latency.worst_case_s
     with pytest.raises(ConfigError, match="thaw period is too short"):
         latency.check_thaw_period(int(settled_by))
