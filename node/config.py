@@ -116,7 +116,7 @@ class Settings(BaseSettings):
     base_completion_token_price: int | None = Field(default=None, ge=0)
     min_fee: int = Field(default=0, ge=0)
     default_max_tokens: int = Field(default=256, ge=1)
-    min_voucher_validity_s: int = Field(default=900, ge=0)  # at least settle_latency().worst_case_s
+    min_voucher_validity_s: int = Field(default=1_800, ge=0)  # at least settle_latency().min_voucher_validity_s
     max_in_flight: int = Field(default=256, ge=1)
     metrics_max_adapters: int = Field(default=20, ge=1)  # adapters with series of their own; the rest: "other"
     # paid work stops (503, not ready) while the indexer has not reached the chain for max_mirror_lag_s, or
@@ -173,11 +173,14 @@ class Settings(BaseSettings):
         if self.chain_id != DEV_CHAIN_ID and key is not None and key.lower() == DEV_OPERATOR_KEY:
             raise ValueError(f"the public development key cannot be used on chain id {self.chain_id}")
         self._check_gas_key(key)
-        worst = self.settle_latency().worst_case_s
-        if self.epoch_expiry_margin_s < worst or self.min_voucher_validity_s < worst:
-            raise ValueError(f"epoch_expiry_margin_s ({self.epoch_expiry_margin_s:g}) and min_voucher_validity_s "
-                             f"({self.min_voucher_validity_s}) must be at least the worst-case settle latency "
-                             f"({worst:g} s), or an accepted voucher may expire before its epoch settles")
+        latency = self.settle_latency()
+        worst, least_validity = latency.worst_case_s, latency.min_voucher_validity_s
+        if self.epoch_expiry_margin_s < worst or self.min_voucher_validity_s < least_validity:
+            raise ValueError(f"epoch_expiry_margin_s ({self.epoch_expiry_margin_s:g}) must be at least the worst-case "
+                             f"settle latency ({worst:g} s) and min_voucher_validity_s ({self.min_voucher_validity_s}) "
+                             f"at least reservation_ttl_s plus it ({least_validity:g} s: a voucher is charged up to a "
+                             "hold's life after it is accepted), or an accepted voucher may expire before its epoch "
+                             "settles")
         if self.chain_id != DEV_CHAIN_ID and self.rpc_url is None:
             raise ValueError(f"chain id {self.chain_id} needs an rpc_url (only the dev chain is started locally)")
         return self
@@ -226,6 +229,8 @@ class Settings(BaseSettings):
         `has_x402` where the router comes from the deployment file rather than these settings."""
         return SettleLatency(beat_s=self.settlement_interval_s, mine_s=self.settle_max_mine_s,
                              reorg_s=self.confirmations * self.block_time_s, max_age_s=self.epoch_max_age_s,
+                             hold_s=self.reservation_ttl_s,
+                             mirror_lag_s=self.max_mirror_lag_s + self.max_mirror_lag_blocks * self.block_time_s,
                              has_x402=self.x402_router is not None if has_x402 is None else has_x402)
 
     def fee_policy(self) -> FeePolicy:

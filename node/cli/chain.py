@@ -25,7 +25,8 @@ def deploy(
     protocol_bps: int = typer.Option(500, min=0, max=10_000, help="Protocol share of each fee, in bps."),
     node_bps: int = typer.Option(1_500, min=0, max=10_000, help="Node share of each fee, in bps."),
     thaw_period_s: int = typer.Option(86_400, min=1, help="Seconds a payer waits to withdraw (longer than the "
-                                      "node's epoch max age plus its worst-case settle latency)."),
+                                      "node's mirror lag, a hold's life, its epoch max age and its worst-case "
+                                      "settle latency together)."),
     challenge_period_s: int = typer.Option(3_600, min=0, help="Seconds an epoch stays locked (vetoable)."),
     token: str = typer.Option(None, callback=address, help="ERC-20 to pay in (default: deploy the demo token)."),
     x402: bool = typer.Option(True, "--x402/--no-x402", help="Also the x402 batch-settlement contracts (the "

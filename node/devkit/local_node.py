@@ -52,7 +52,7 @@ class LocalNode:
 
     @classmethod
     def start_chain(cls, data_dir: Path, *, database_url: str | None = None, protocol_bps: int = 500,
-                    node_bps: int = 1_500, challenge_period_s: int = 0, thaw_period_s: int = 3_600,
+                    node_bps: int = 1_500, challenge_period_s: int = 0, thaw_period_s: int = 7_200,
                     x402: bool = False, index_poll_interval_s: float = 0.1, indexer_process: bool = False,
                     **overrides: Any) -> LocalNode:
         """Anvil, the contracts and a migrated database: everything but the engine. The engine it serves

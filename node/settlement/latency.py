@@ -20,11 +20,14 @@ Every lane of an epoch waits for its sweep, so sweep_s counts for lane vouchers 
 where beat_s is `settlement_interval_s`, mine_s is `settle_max_mine_s` (broadcast to mined, fee bumps
 included), and reorg_s = `confirmations` x `block_time_s` (the depth of reorg the node hedges against).
 
-What follows from it:
+What follows from it, with hold_s = `reservation_ttl_s` (the API checks a voucher and the escrow when
+it places a hold, and charges up to a hold's life later: only then is there a receipt to settle):
 - an epoch closes while its soonest voucher still has `expiry_margin_s >= worst_case_s` to live;
-- the API accepts a voucher only with `min_voucher_validity_s >= worst_case_s` left;
-- the escrow's `thawPeriod` must exceed `epoch_max_age_s + worst_case_s`: a payer that thaws right
-  after being charged cannot withdraw before the node has collected.
+- the API accepts a voucher only with `min_voucher_validity_s >= hold_s + worst_case_s` left;
+- the escrow's `thawPeriod` must exceed `mirror_lag_s + hold_s + epoch_max_age_s + worst_case_s`: a payer
+  whose thaw the mirror did not show yet (`max_mirror_lag_s` + `max_mirror_lag_blocks` x `block_time_s`, as
+  stale as the API still serves paid work on) when its hold was placed cannot withdraw before the node has
+  collected its charge.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ class SettleLatency:
     reorg_s: float = 24.0
     max_age_s: float = 3_600.0
     has_x402: bool = False
+    hold_s: float = 600.0  # from a voucher's and the escrow's checks (the hold) to its charge, at most
+    mirror_lag_s: float = 0.0  # how long a thaw on chain may go unseen by the mirror the holds read
 
     @property
     def sweep_s(self) -> float:
@@ -58,9 +63,15 @@ class SettleLatency:
         return self.beat_s + (self.mine_s + self.beat_s) + self.build_to_land_s
 
     @property
+    def min_voucher_validity_s(self) -> float:
+        """The least time a new voucher needs left: its request's hold, then the worst case from its charge."""
+        return self.hold_s + self.worst_case_s
+
+    @property
     def min_thaw_period_s(self) -> float:
-        """The shortest escrow thaw period under which no charge can be withdrawn before it is collected."""
-        return self.max_age_s + self.worst_case_s
+        """The shortest escrow thaw period under which no charge can be withdrawn before it is collected
+        (a hold may read the escrow before the mirror shows a thaw started up to `mirror_lag_s` earlier)."""
+        return self.mirror_lag_s + self.hold_s + self.max_age_s + self.worst_case_s
 
     def check_thaw_period(self, thaw_period_s: int) -> None:
         """Refuse an escrow whose payers could withdraw what they were charged before it is collected."""
@@ -71,10 +82,12 @@ class SettleLatency:
                               epoch_max_age_s=self.max_age_s, worst_case_settle_s=self.worst_case_s)
 
     def check_voucher_horizon(self, min_voucher_validity_s: float, expiry_margin_s: float) -> None:
-        """Refuse a voucher validity or an epoch expiry margin shorter than the worst case: an accepted
-        voucher could expire before its epoch's settle lands (the node unpaid)."""
-        if min(min_voucher_validity_s, expiry_margin_s) < self.worst_case_s:
-            raise ConfigError("min_voucher_validity_s and epoch_expiry_margin_s must be at least the worst-case "
-                              "settle latency, or an accepted voucher may expire before its epoch settles",
+        """Refuse a voucher validity shorter than a hold's life plus the worst case, or an epoch expiry
+        margin shorter than the worst case: an accepted voucher could expire before its epoch's settle
+        lands (the node unpaid)."""
+        if min_voucher_validity_s < self.min_voucher_validity_s or expiry_margin_s < self.worst_case_s:
+            raise ConfigError("min_voucher_validity_s must be at least reservation_ttl_s plus the worst-case settle "
+                              "latency, and epoch_expiry_margin_s at least the worst-case settle latency, or an "
+                              "accepted voucher may expire before its epoch settles",
                               min_voucher_validity_s=min_voucher_validity_s, epoch_expiry_margin_s=expiry_margin_s,
-                              worst_case_settle_s=self.worst_case_s, x402_sweep_s=self.sweep_s)
+                              worst_case_settle_s=self.worst_case_s, hold_s=self.hold_s, x402_sweep_s=self.sweep_s)

@@ -159,20 +159,20 @@ def test_settings_refuse_a_voucher_validity_shorter_than_the_settle_latency() ->
     with pytest.raises(ConfigError, match="worst-case settle latency"):
         load_settings(settle_max_mine_s=600)  # slower mining needs longer vouchers
     latency = load_settings().settle_latency()
-    assert load_settings().min_voucher_validity_s >= latency.worst_case_s
+    assert load_settings().min_voucher_validity_s >= latency.worst_case_s + load_settings().reservation_ttl_s
 
 
 def test_an_x402_node_needs_vouchers_that_outlive_its_sweep() -> None:
     """An epoch with x402 lanes is sent only after the guard's claim in flight and its own claim and sweep
     are mined, each seen by a tick: every voucher of that epoch (lane payers' too) waits for them."""
     router = "0x" + "11" * 20
-    lanes_only = load_settings(min_voucher_validity_s=600, epoch_expiry_margin_s=600)  # 429 s worst case
+    lanes_only = load_settings(min_voucher_validity_s=1_100, epoch_expiry_margin_s=600)  # 600 s hold + 429 s
     with pytest.raises(ConfigError, match="worst-case settle latency"):
-        load_settings(min_voucher_validity_s=600, epoch_expiry_margin_s=600, x402_router=router)
+        load_settings(min_voucher_validity_s=1_100, epoch_expiry_margin_s=600, x402_router=router)
     stage = lanes_only.settlement_interval_s + lanes_only.settle_max_mine_s
     x402 = load_settings(x402_router=router).settle_latency()
     assert x402.build_to_land_s == lanes_only.settle_latency().build_to_land_s + 2 * stage
-    assert x402.worst_case_s <= load_settings(x402_router=router).min_voucher_validity_s
+    assert x402.min_voucher_validity_s <= load_settings(x402_router=router).min_voucher_validity_s
 
 
 def test_the_worker_and_the_api_refuse_a_chain_whose_thaw_period_is_too_short(
