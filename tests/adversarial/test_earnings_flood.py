@@ -24,10 +24,10 @@ from node.db import queries
 from node.db.models import EpochState, Receipt, SettlementEpoch, Voucher
 from node.db.session import make_engine, session_factory, transaction
 from node.protocol.hexstr import to_hex
-from node.protocol.receipt import LEAF_TYPES, receipt_of_row
+from node.protocol.receipt import BASE_ADAPTER_ID, LEAF_TYPES, receipt_of_row
 from node.settlement.epoch_builder import rewards_tree
 from node.settlement.merkle import MerkleTree
-from node.settlement.split import Lineage, SplitParams, split_fee
+from node.settlement.split import BASE_LINEAGE, Lineage, SplitParams, split_fee
 from tests.fixtures.flood import fastest_paid_seconds, paid_seconds_during, signed_completions
 from tests.fixtures.paid_node import PaidNode
 
@@ -61,14 +61,16 @@ def _split(paid_node: PaidNode) -> SplitParams:
 
 
 def _copies(receipt: Receipt, voucher: Voucher, epoch_id: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """NUM_RECEIPTS copies of a served receipt and its voucher under fresh hashes, in epoch `epoch_id`."""
+    """NUM_RECEIPTS copies of a served receipt and its voucher under fresh hashes, in epoch `epoch_id`; the
+    last one of the base model alone (adapter 0: the treasury's and the node's)."""
     vouchers, receipts = [], []
-    for _ in range(NUM_RECEIPTS):
+    for i in range(NUM_RECEIPTS):
         voucher_hash = "0x" + secrets.token_hex(32)
         vouchers.append({c.key: getattr(voucher, c.key) for c in Voucher.__table__.columns} | {
             "voucher_hash": voucher_hash, "response": None})
         receipts.append({c.key: getattr(receipt, c.key) for c in Receipt.__table__.columns if c.key != "id"} | {
-            "receipt_hash": "0x" + secrets.token_hex(32), "voucher_hash": voucher_hash, "epoch_id": epoch_id})
+            "receipt_hash": "0x" + secrets.token_hex(32), "voucher_hash": voucher_hash, "epoch_id": epoch_id,
+            "adapter_id": BASE_ADAPTER_ID if i == NUM_RECEIPTS - 1 else receipt.adapter_id})
     return vouchers, receipts
 
 
@@ -96,7 +98,8 @@ def history(paid_node: PaidNode) -> tuple[float, dict[str, int]]:
         view = queries.adapter_lineage(session, receipt.adapter_id, at_block=receipt.registry_block)
         assert voucher is not None and view is not None
         lineage = Lineage(view.owner, view.owner_share_bps, tuple((d.payout, d.weight_bps) for d in view.datasets))
-        per_epoch = Counter({a: NUM_RECEIPTS * v for a, v in split_fee(receipt.fee, params, lineage).items()})
+        adapter = Counter({a: (NUM_RECEIPTS - 1) * v for a, v in split_fee(receipt.fee, params, lineage).items()})
+        per_epoch = adapter + split_fee(receipt.fee, params, BASE_LINEAGE)  # `+` keeps only positive amounts
         receipts = MerkleTree.of([receipt_of_row(receipt).leaf()], LEAF_TYPES)
         cumulative: Counter[str] = Counter()
         for epoch_id in range(FIRST_EPOCH, FIRST_EPOCH + NUM_EPOCHS):
