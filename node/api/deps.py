@@ -21,6 +21,7 @@ from node.payment.ledger import Ledger
 from node.payment.pricing import Pricing
 from node.payment.service import PaymentService
 from node.payment.x402.refund import X402Refunds
+from node.settlement.epoch_sources import EpochSources
 from node.settlement.published_trees import PublishedTrees
 from node.settlement.split import SplitParams
 
@@ -43,6 +44,7 @@ class NodeServices:
     on_shutdown: list[Callable[[], None]] = field(default_factory=list)
     x402_refunds: X402Refunds | None = None  # the cooperative refund (GET /x402/refund), with the channel mirror
     trees: PublishedTrees = field(default_factory=PublishedTrees)  # settled epochs' trees, parsed once
+    sources: EpochSources = field(default_factory=EpochSources)  # settled epochs' earnings per source, split once
 
 
 async def services(request: Request) -> NodeServices:
@@ -93,6 +95,10 @@ async def _trees(svc: Annotated[NodeServices, Depends(services)]) -> PublishedTr
     return svc.trees
 
 
+async def _sources(svc: Annotated[NodeServices, Depends(services)]) -> EpochSources:
+    return svc.sources
+
+
 async def _split(svc: Annotated[NodeServices, Depends(services)]) -> SplitParams:
     if svc.split is None:
         raise Unavailable("this node was started without its deployment's split parameters")
@@ -111,3 +117,4 @@ GenerationDep = Annotated[GenerationService, Depends(_generation)]
 MetricsDep = Annotated[APIMetrics, Depends(_metrics)]
 SplitDep = Annotated[SplitParams, Depends(_split)]
 TreesDep = Annotated[PublishedTrees, Depends(_trees)]
+SourcesDep = Annotated[EpochSources, Depends(_sources)]

@@ -1,17 +1,22 @@
 """The families /metrics reads at scrape time: the engine's own figures (in this process or summed
 over its core processes), the adapter tiers from the device down to the source, and the backlog the
-database holds (settlement, indexer, transaction manager)."""
+database holds (settlement, indexer, transaction manager). The backlog grows with the node's history
+(every receipt, every transaction sent) and /metrics is free to anyone: it is read at most once per
+`BacklogReader.max_age_s`, whoever scrapes, and a scrape that finds a read under way gets the last one."""
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.db.backlog import read_backlog
+from node.db.backlog import Backlog, read_backlog
 
 log = logging.getLogger(__name__)
 Figures = Callable[[], dict[str, float]]
@@ -48,13 +53,46 @@ def tier_families(read: Tiers) -> Iterator[Metric]:
         yield family
 
 
-def backlog_families(db: sessionmaker[Session], node: str) -> Iterator[Metric]:
-    """Nothing when the database does not answer: /ready says so, and a scrape must not fail for it."""
-    try:
-        with db() as session:
-            b = read_backlog(session, node)
-    except SQLAlchemyError as e:
-        log.warning("metrics: the database did not answer (%s)", type(e).__name__)
+@dataclass
+class BacklogReader:
+    """The node's backlog as the database says, read at most once per `max_age_s`: a scrape that finds a
+    read under way answers with the last one (only the first scrapes ever wait for one). None when the
+    database did not answer: /ready says so, and a scrape must not fail for it."""
+
+    db: sessionmaker[Session]
+    node: str
+    max_age_s: float = 10.0
+    _reading: threading.Lock = field(default_factory=threading.Lock)
+    _last: tuple[float, Backlog | None] | None = None  # (read at, monotonic; what it read)
+
+    def __call__(self) -> Backlog | None:
+        last = self._last
+        if last is not None and time.monotonic() - last[0] < self.max_age_s:
+            return last[1]
+        if not self._reading.acquire(blocking=last is None):
+            assert last is not None
+            return last[1]
+        try:
+            last = self._last  # read by another scrape while this one waited
+            if last is None or time.monotonic() - last[0] >= self.max_age_s:
+                last = self._last = (time.monotonic(), self._read())
+            return last[1]
+        finally:
+            self._reading.release()
+
+    def _read(self) -> Backlog | None:
+        try:
+            with self.db() as session:
+                return read_backlog(session, self.node)
+        except SQLAlchemyError as e:
+            log.warning("metrics: the database did not answer (%s)", type(e).__name__)
+            return None
+
+
+def backlog_families(read: Callable[[], Backlog | None]) -> Iterator[Metric]:
+    """The backlog's figures; nothing when the database did not answer."""
+    b = read()
+    if b is None:
         return
     yield GaugeMetricFamily("loranode_settlement_epoch_lag", "Epochs with receipts that are not final yet",
                             value=b.num_unsettled_epochs)

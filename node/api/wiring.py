@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.api.deps import NodeServices
 from node.api.engine_client import EngineClient
 from node.api.generation import GenerationService
-from node.api.metric_sources import backlog_families, engine_families, gauge, tier_families
+from node.api.metric_sources import BacklogReader, backlog_families, engine_families, gauge, tier_families
 from node.api.metrics import APIMetrics
 from node.api.receipt_issuer import ReceiptIssuer, dataset_refs
 from node.api.sqlite_lock import SQLiteLock
@@ -279,6 +279,7 @@ def _register_metrics(metrics: APIMetrics, store_metrics: StoreSnapshot, client:
             yield from tier_families(tiers)
 
     metrics.add_source(engine_sources)
-    metrics.add_source(lambda: backlog_families(db, node))
+    backlog = BacklogReader(db, node)
+    metrics.add_source(lambda: backlog_families(backlog))
     metrics.add_source(gauge("loranode_in_flight_requests", "Requests admitted and not finished",
                              lambda: float(client.in_flight)))

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from node.api.metric_sources import backlog_families
+from node.api.metric_sources import BacklogReader, backlog_families
 from node.chain.indexer import IndexedContracts, Indexer
 from node.db.backlog import read_backlog
 from node.db.models import EpochState
@@ -50,7 +50,8 @@ def test_settlement_and_tx_figures_follow_an_epoch_to_final(sqlite_world: Settle
     assert (done.num_pending_receipts, done.unsettled_value, done.num_unsettled_epochs, done.num_pending_txs) == (
         0, 0, 0, 0)
     assert done.num_fee_bumps >= 1
-    families = {f.name + ("_total" if f.type == "counter" else "") for f in backlog_families(world.factory, world.node)}
+    read = BacklogReader(world.factory, world.node)
+    families = {f.name + ("_total" if f.type == "counter" else "") for f in backlog_families(read)}
     assert families <= set(documented()), families - set(documented())
 
 

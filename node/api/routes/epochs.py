@@ -9,7 +9,7 @@ from typing import Any
 from eth_utils import to_checksum_address
 from fastapi import APIRouter, Path, Query, Response
 
-from node.api.deps import DatabaseDep, SplitDep, TreesDep
+from node.api.deps import DatabaseDep, SourcesDep, SplitDep, TreesDep
 from node.api.error_handlers import error_responses
 from node.api.routes.info import ADDRESS, HASH, NotFound
 from node.settlement.earnings import earnings_from
@@ -64,11 +64,12 @@ def epoch(db: DatabaseDep, trees: TreesDep, node: str = Path(..., pattern=ADDRES
 
 
 @router.get("/earnings/{node}/{account}", responses=error_responses(400, 503))
-def earnings(db: DatabaseDep, split: SplitDep, trees: TreesDep, node: str = Path(..., pattern=ADDRESS.pattern),
+def earnings(db: DatabaseDep, split: SplitDep, trees: TreesDep, sources: SourcesDep,
+             node: str = Path(..., pattern=ADDRESS.pattern),
              account: str = Path(..., pattern=ADDRESS.pattern)) -> dict[str, Any]:
     """What `account` earned from `node`'s settled epochs, per epoch and per source (dataset, adapter
     owner, node, treasury), and how much of it is claimed."""
-    return earnings_from(db, trees, replace(split, node=node), account)
+    return earnings_from(db, trees, sources, replace(split, node=node), account)
 
 
 @router.get("/receipts/{receipt_id}/proof", responses=error_responses(400, 404, 503))
