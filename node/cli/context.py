@@ -65,9 +65,10 @@ class ChainContext:
     nonce_lock: NonceLock | None = None  # the node database's key lock where there is one (`cli_nonce_lock`)
 
     def contracts(self, key: str | None = None) -> Contracts:
+        from node.chain.contract_client import local_nonce_lock
         from node.chain.contracts import Contracts
 
-        return Contracts.connect(self.rpc_url, self.deployment, key, self.fees, self.nonce_lock)
+        return Contracts.connect(self.rpc_url, self.deployment, key, self.fees, self.nonce_lock or local_nonce_lock)
 
 
 def cli_nonce_lock() -> NonceLock:
