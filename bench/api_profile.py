@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 import api  # noqa: E402  (bench/api.py)
+import api_client  # noqa: E402  (bench/api_client.py)
 from cpu_meter import CPUMeter, postgres_backends  # noqa: E402
 
 from node.devkit.local_node import FIRST_USER  # noqa: E402
@@ -100,7 +101,7 @@ def profiled(node: Any, db_url: str, spec: dict[str, Any], out: Path,
     the timed requests (`Sampled`)."""
     core = node.services.engine.engine
     meter = CPUMeter({"api": [os.getpid()], "cores": core.pids, "postgres": postgres_backends(db_url)})
-    result = api.client_process(spec, Sampled(out, rate, meter))  # type: ignore[arg-type]
+    result = api_client.client_process(spec, Sampled(out, rate, meter))  # type: ignore[arg-type]
     client = {"cpu_s": result[2]} if isinstance(result, tuple) else {}
     return read_raw(out), {"cpu_s": meter.seconds, "client": client}
 

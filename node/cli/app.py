@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 import typer
+from typer._click.core import Context  # what TyperGroup.invoke takes: typer's own copy of click's Context
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
@@ -38,7 +39,7 @@ class _Group(TyperGroup):
     printer) and exit code 2 (the command cannot be done as given) or 1 (it failed); `--debug` adds
     the traceback. Click's own usage errors, exits and aborts pass through."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Context) -> Any:
         try:
             return super().invoke(ctx)
         except (TyperException, typer.Exit, typer.Abort, click.ClickException, click.exceptions.Exit):

@@ -49,12 +49,13 @@ def deploy(
     load_settings().settle_latency().check_thaw_period(thaw_period_s)  # before any gas is spent
     key = signing_key(key_file, dev_account if dev_account is not None else _dev_default(chain_id), chain_id)
     me = Account.from_key(key).address
+    nonce_lock = cli_nonce_lock() if x402 else None  # the node's database answers before any gas is spent
     with console.status("deploying (the first run compiles the contracts, about a minute)..."):
         dep = deploy_all(rpc_url, key, guardian=guardian or me, treasury=treasury or me, protocol_bps=protocol_bps,
                          node_bps=node_bps, thaw_period_s=thaw_period_s, challenge_period_s=challenge_period_s,
                          token=token)
-        if x402:
-            dep = deploy_x402(ContractClient(rpc_url, key, nonce_lock=cli_nonce_lock()), dep, node or me)
+        if nonce_lock is not None:
+            dep = deploy_x402(ContractClient(rpc_url, key, nonce_lock=nonce_lock), dep, node or me)
     path = write_deployment(dep, out)
     console.print(f"deployed on chain {dep.chain_id}: settlement {dep.settlement}, escrow {dep.escrow}")
     console.print(f"datasets {dep.dataset_registry}, adapters {dep.adapter_registry}, token {dep.token}")

@@ -65,16 +65,18 @@ class ChainContext:
     nonce_lock: NonceLock | None = None  # the node database's key lock where there is one (`cli_nonce_lock`)
 
     def contracts(self, key: str | None = None) -> Contracts:
+        from node.chain.contract_client import local_nonce_lock
         from node.chain.contracts import Contracts
 
-        return Contracts.connect(self.rpc_url, self.deployment, key, self.fees, self.nonce_lock)
+        return Contracts.connect(self.rpc_url, self.deployment, key, self.fees, self.nonce_lock or local_nonce_lock)
 
 
 def cli_nonce_lock() -> NonceLock:
     """The lock a command takes to pick and broadcast a nonce: the node's database's `key_lock` when this
     machine has the node's database (database_url set, or the embedded SQLite file exists), so a command
     never signs the nonce the settlement worker, an API replica or another command is signing with the same
-    key; else the lock of this process only (a payee or dApp without a node)."""
+    key; else the lock of this process only (a payee or dApp without a node). A database that does not
+    answer stops the command here (sqlalchemy's OperationalError: the console's one line), before any gas."""
     from node.chain.contract_client import local_nonce_lock
 
     settings = load_settings()
@@ -84,7 +86,10 @@ def cli_nonce_lock() -> NonceLock:
     from node.chain.tx_store import key_lock
     from node.db.session import make_engine
 
-    return key_lock(make_engine(url, pooled=False))
+    engine = make_engine(url, pooled=False)
+    with engine.connect():  # a command sends several transactions: it stops before the first, not halfway
+        pass
+    return key_lock(engine)
 
 
 def chain_context(rpc_url: str | None, deployment: Path | None) -> ChainContext:

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from node.cli.console import console
 from node.errors import ModelFormatError
 
+if TYPE_CHECKING:  # torch and transformers load only in the command that uses them (start-up time)
+    from node.devkit.tiny_model import Arch
+
 app = typer.Typer(help="Base models: their registry id, and a tiny one for trying things out.", no_args_is_help=True)
+CLI_ARCHS: dict[str, Arch] = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}  # what make-tiny offers
 
 
 @app.command("id")
@@ -35,7 +40,7 @@ def make_tiny(folder: Path = typer.Argument(..., help="Where to write the model.
     from node.lora.content_hash import base_model_id
     from node.protocol.hexstr import to_hex
 
-    if arch not in ("llama", "mistral", "qwen2"):
+    if arch not in CLI_ARCHS:
         raise typer.BadParameter("arch must be llama, mistral or qwen2", param_hint="--arch")
-    path = make_tiny_model(folder, arch=arch, seed=seed)
+    path = make_tiny_model(folder, arch=CLI_ARCHS[arch], seed=seed)
     console.print(f"wrote {path} (base model id {to_hex(base_model_id(path))})")

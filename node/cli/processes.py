@@ -5,18 +5,22 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from node.cli.console import console
-from node.config import load_settings
+from node.config import Settings, load_settings
 from node.errors import ConfigError
+
+if TYPE_CHECKING:  # the chain libraries load only in the commands that use them (start-up time)
+    from node.chain.deploy import Deployment
 
 db_app = typer.Typer(help="The node's database.", no_args_is_help=True)
 
 
-def require_deployment():  # type: ignore[no-untyped-def]
+def require_deployment() -> tuple[Settings, Deployment]:
+    """The node's settings and its deployment, once both the deployment file and the database exist."""
     from node.chain.deploy import read_deployment
 
     settings = load_settings()
@@ -91,7 +95,8 @@ async def _serve(servers: list[Any]) -> None:
 
 def indexer() -> None:
     """Follow the chain and keep the database mirror of registries, escrow and settlements."""
-    from node.chain.indexer import IndexedContracts, Indexer, IndexerConfig
+    from node.chain.binding import IndexedContracts
+    from node.chain.indexer import Indexer, IndexerConfig
     from node.db.session import make_engine, session_factory
 
     settings, dep = require_deployment()

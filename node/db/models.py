@@ -284,7 +284,7 @@ class SettlementEpoch(Base):
     receipt_count: Mapped[int | None] = mapped_column(BigInteger)
     collected_total: Mapped[int | None] = mapped_column(Amount())
     trees: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    # the settle call's vouchers and amounts, fixed before any broadcast (see node/settlement/service.py)
+    # the settle call's vouchers and amounts, fixed before any broadcast (see node/settlement/build_step.py)
     batch: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     tx_hash: Mapped[str | None] = mapped_column(Hash32())
     nonce: Mapped[int | None] = mapped_column(BigInteger)

@@ -23,10 +23,11 @@ from node.api.app import create_app
 from node.api.deps import NodeServices
 from node.api.wiring import build_services
 from node.chain.anvil import Anvil, free_port
+from node.chain.binding import IndexedContracts
 from node.chain.contract_client import ContractClient
 from node.chain.contracts import Contracts
 from node.chain.deploy import Deployment, deploy_all, write_deployment
-from node.chain.indexer import IndexedContracts, Indexer, IndexerConfig
+from node.chain.indexer import Indexer, IndexerConfig
 from node.chain.x402_channels import deploy_x402
 from node.config import Settings, load_settings
 from node.db.session import make_engine, session_factory, upgrade
@@ -131,7 +132,7 @@ class LocalNode:
         from node.db import queries
 
         factory = session_factory(make_engine(self.settings.resolved_database_url(), pooled=False))
-        target = int(self.anvil.rpc("eth_blockNumber"), 16)  # type: ignore[arg-type]
+        target = int(str(self.anvil.rpc("eth_blockNumber")), 16)  # a hex quantity
         if final:
             self.anvil.rpc("anvil_mine", hex(self.settings.finality_depth))
         deadline = time.monotonic() + timeout_s

@@ -62,7 +62,7 @@ def train_tiny_adapter(
         optimizer.zero_grad()
         losses.append(float(loss.detach()))
     out = Path(out_folder)
-    model.save_pretrained(out)
+    model.save_pretrained(str(out))
     return TrainedAdapter(path=out, losses=tuple(losses))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +32,8 @@ from transformers.utils import logging as hf_logging
 from node.devkit.corpus import STYLES, TEXT
 
 Arch = Literal["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"]
-_CLASSES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
+# each family's config class takes its own keyword fields (the base class declares none of them)
+_CLASSES: dict[str, tuple[Callable[..., PretrainedConfig], type[PreTrainedModel]]] = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),

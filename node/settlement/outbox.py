@@ -1,12 +1,14 @@
 """The settlement outbox in the database: what is waiting, opening an epoch, and its inputs.
 
-Every function takes a Session (the caller owns the transaction) and returns plain values.
+Every function takes a Session (the caller owns the transaction) and returns plain values; an epoch's
+intent keys are read from the TxManager's store.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import ColumnElement, delete, exists, func, select, tuple_, update
 from sqlalchemy.orm import Session
@@ -14,6 +16,7 @@ from sqlalchemy.orm import Session
 from node.attribution.evidence import stated_weights
 from node.attribution.rule import METHOD_EVIDENCE
 from node.chain.contracts import EMPTY_LINEAGE_HASH, lineage_hash
+from node.chain.tx_manager import TxStore
 from node.db import queries
 from node.db.loss import RECOVERABLE, is_settlement_loss
 from node.db.models import EpochState, EscrowAccount, Loss, Receipt, SettledEpoch, SettlementEpoch, Voucher
@@ -24,6 +27,7 @@ from node.protocol.voucher import SignedVoucher
 from node.settlement.epoch_builder import EpochReceipt
 from node.settlement.split import BASE_LINEAGE, Lineage
 
+log = logging.getLogger(__name__)
 IN_FLIGHT = (EpochState.OPEN, EpochState.BUILT, EpochState.SUBMITTED, EpochState.CONFIRMED)
 
 
@@ -34,6 +38,41 @@ def intent_key(node: str, epoch_id: int, attempt: int = 0) -> str:
 
 def attempt_of(row: SettlementEpoch) -> int:
     return int((row.batch or {}).get("attempt", 0))
+
+
+def fresh_attempt(store: TxStore, node: str, epoch_id: int, attempt: int) -> int:
+    """The first attempt number from `attempt` whose intent key no earlier send has used."""
+    while store.load(intent_key(node, epoch_id, attempt)) is not None:
+        attempt += 1
+    return attempt
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A state an epoch moves to, with what its send left: the settle's hash and nonce, or its error."""
+
+    state: EpochState
+    tx_hash: str | None = None
+    nonce: int | None = None
+    error: str | None = None
+
+
+STAMPS = {EpochState.SUBMITTED: "submitted_at", EpochState.CONFIRMED: "confirmed_at",
+          EpochState.FINAL: "finalized_at"}
+
+
+def record(session: Session, node: str, epoch_id: int, to: Transition) -> None:
+    """Move the epoch to `to.state`, stamping the first time it reached it; facts it does not carry stay."""
+    row = epoch_row(session, node, epoch_id)
+    assert row is not None
+    if row.state != to.state:
+        log.info("epoch %d of %s: %s -> %s", epoch_id, node, row.state.value, to.state.value)
+    if to.state in STAMPS and getattr(row, STAMPS[to.state]) is None:
+        setattr(row, STAMPS[to.state], datetime.now(UTC))
+    row.state = to.state
+    row.tx_hash = to.tx_hash or row.tx_hash
+    row.nonce = row.nonce if to.nonce is None else to.nonce
+    row.error = to.error or row.error
 
 
 @dataclass(frozen=True)

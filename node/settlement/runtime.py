@@ -24,7 +24,8 @@ from node.chain.x402_channels import X402Chain
 from node.config import Settings
 from node.db.session import make_engine, session_factory
 from node.errors import ConfigError
-from node.settlement.service import EpochPolicy, SettlementService
+from node.settlement.policy import EpochPolicy
+from node.settlement.service import SettlementService
 from node.settlement.x402_guard import X402Guard
 from node.settlement.x402_sweep import X402Sweep
 

@@ -32,7 +32,7 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError, TypeError):
         return False  # not glibc (macOS, musl without mallopt): its allocator decides
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    done = mallopt(M_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    done: bool = mallopt(M_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     if not done:
         log.debug("mallopt refused the thresholds; training goes on with the allocator's defaults")
     return done

@@ -21,6 +21,7 @@ unchanged.
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -54,10 +55,15 @@ class _LoRALinearFunction(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None
 
 
+# torch leaves `Function.apply` unannotated: it takes `forward`'s arguments after `ctx`
+_apply: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, float], torch.Tensor] = \
+    _LoRALinearFunction.apply
+
+
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
     """`x W^T + b + scaling * (x A^T) B^T` over the last dimension of `x`; gradients for x, A and B only."""
-    return _LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling)
+    return _apply(x, weight, bias, lora_a, lora_b, scaling)
 
 
 def route_lora_linears(model: nn.Module) -> int:
@@ -65,9 +71,14 @@ def route_lora_linears(model: nn.Module) -> int:
     routed = 0
     for module in model.modules():
         if isinstance(module, PeftLoRALinear) and _adapter(module) is not None:
-            module.forward = types.MethodType(_forward, module)
+            _route(module)
             routed += 1
     return routed
+
+
+def _route(module: nn.Module) -> None:
+    """`module.forward` becomes `_forward` (an nn.Module's forward is an attribute an instance may set)."""
+    module.forward = types.MethodType(_forward, module)
 
 
 def _adapter(layer: PeftLoRALinear) -> str | None:
@@ -89,6 +100,11 @@ def _forward(self: PeftLoRALinear, x: torch.Tensor, *args: Any, **kwargs: Any) -
     name = None if args or kwargs or self.disable_adapters or self.merged else _adapter(self)
     if name is None or not x.dtype == self.base_layer.weight.dtype == self.lora_A[name].weight.dtype:
         return PeftLoRALinear.forward(self, x, *args, **kwargs)
-    base = self.base_layer
-    return lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                       self.scaling[name])
+    base, lora_a, lora_b = (_linear(m) for m in (self.base_layer, self.lora_A[name], self.lora_B[name]))
+    return lora_linear(x, base.weight, base.bias, lora_a.weight, lora_b.weight, self.scaling[name])
+
+
+def _linear(module: nn.Module) -> nn.Linear:
+    """A plain layer's base and adapter matrices are `nn.Linear`s (`_adapter` checked them)."""
+    assert isinstance(module, nn.Linear), type(module)
+    return module

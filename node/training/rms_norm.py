@@ -15,7 +15,8 @@ routed only where its forward is, bytecode for bytecode, Llama's and its weight 
 from __future__ import annotations
 
 import types
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -37,9 +38,22 @@ class _FrozenRMSNormFunction(torch.autograd.Function):
         return weighted.mul_(rstd).addcmul_(x, coef, value=-1.0), None, None
 
 
+# torch leaves `Function.apply` unannotated: it takes `forward`'s arguments after `ctx`
+_apply: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = _FrozenRMSNormFunction.apply
+
+
+class _RMSNorm(Protocol):
+    """What the Llama formula's RMSNorm holds (Llama's, and every family's copy of it)."""
+
+    weight: nn.Parameter
+    variance_epsilon: float
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
 def frozen_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`weight * x / sqrt(mean(x^2) + eps)` over the last dimension; a gradient for `x` only."""
-    return _FrozenRMSNormFunction.apply(x, weight, eps)
+    return _apply(x, weight, eps)
 
 
 def route_rms_norms(model: nn.Module) -> int:
@@ -61,7 +75,7 @@ def _compiled(code: types.CodeType) -> tuple[object, ...]:
     return code.co_code, code.co_names, code.co_consts
 
 
-def _forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _forward(self: _RMSNorm, x: torch.Tensor) -> torch.Tensor:
     if not x.dtype == self.weight.dtype == torch.float32 or self.weight.requires_grad:
         return type(self).forward(self, x)
     return frozen_rms_norm(x, self.weight, self.variance_epsilon)

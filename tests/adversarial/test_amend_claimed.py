@@ -19,8 +19,8 @@ from node.errors import ChainError
 from node.settlement.amendment import amend
 from node.settlement.claims import claim_all
 from node.settlement.epoch_builder import cumulative_of, rewards_tree
+from node.settlement.policy import EpochPolicy
 from node.settlement.publication import export_epoch, published_epoch
-from node.settlement.service import EpochPolicy
 from tests.adversarial.settlement_steps import LONG, tick_until
 from tests.fixtures.settlement import GUARDIAN, OPERATOR, RELAYER, SettlementWorld, build_world
 

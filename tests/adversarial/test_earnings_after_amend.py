@@ -21,8 +21,8 @@ from node.settlement.amendment import adopt_amendment, amend
 from node.settlement.claims import claim
 from node.settlement.earnings import earnings
 from node.settlement.epoch_builder import rewards_tree
+from node.settlement.policy import EpochPolicy
 from node.settlement.publication import published_epoch, receipt_proof
-from node.settlement.service import EpochPolicy
 from node.settlement.split import SplitParams
 from tests.adversarial.settlement_steps import LONG, tick_until
 from tests.fixtures.settlement import (

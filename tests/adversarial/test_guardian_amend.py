@@ -25,8 +25,8 @@ from node.settlement.amendment import adopt_amendment
 from node.settlement.claims import claim, claim_all
 from node.settlement.epoch_builder import cumulative_of, rewards_tree
 from node.settlement.merkle import MerkleTree
+from node.settlement.policy import EpochPolicy
 from node.settlement.publication import epoch_document, export_epoch, published_epoch, receipt_proof
-from node.settlement.service import EpochPolicy
 from tests.adversarial.settlement_steps import LONG, on_chain, tick_until
 from tests.fixtures.settlement import GUARDIAN, OPERATOR, RELAYER, SettlementWorld, build_world
 

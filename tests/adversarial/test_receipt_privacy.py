@@ -23,8 +23,8 @@ from eth_account.messages import encode_typed_data
 from node.client.payer import Payer
 from node.db.models import EpochState
 from node.protocol.voucher import PaymentHeader, request_hash
+from node.settlement.policy import EpochPolicy
 from node.settlement.runtime import SettlementRuntime
-from node.settlement.service import EpochPolicy
 from tests.attribution import test_paid_attribution
 from tests.attribution.test_paid_attribution import AttributedNode
 

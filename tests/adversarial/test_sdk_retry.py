@@ -21,8 +21,8 @@ import pytest
 
 from node.client.payer import Payer
 from node.db.models import EpochState
+from node.settlement.policy import EpochPolicy
 from node.settlement.runtime import SettlementRuntime
-from node.settlement.service import EpochPolicy
 from tests.fixtures.paid_node import PaidNode
 
 pytestmark = pytest.mark.chain

@@ -16,7 +16,9 @@ import pytest
 
 from node.db.loss import LossReason
 from node.db.models import EpochState
-from node.settlement.service import MAX_ATTEMPTS, EpochPolicy, SettlementService
+from node.settlement.policy import EpochPolicy
+from node.settlement.recovery import MAX_ATTEMPTS
+from node.settlement.service import SettlementService
 from tests.adversarial.settlement_steps import LONG, lost, tick_until
 from tests.fixtures.settlement import FINALITY_DEPTH, OPERATOR, PAYERS, TOKEN, SettlementWorld, address, fund
 

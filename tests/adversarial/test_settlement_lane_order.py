@@ -18,7 +18,8 @@ import pytest
 
 from node.db.models import EpochState
 from node.settlement.latency import SettleLatency
-from node.settlement.service import EpochPolicy, SettlementService
+from node.settlement.policy import EpochPolicy
+from node.settlement.service import SettlementService
 from tests.adversarial.settlement_steps import LONG, lost, on_chain
 from tests.fixtures.settlement import PAYERS, TOKEN, SettlementWorld
 

@@ -22,8 +22,9 @@ from node.db.loss import LossReason
 from node.db.models import EpochState, SettlementEpoch
 from node.errors import ConfigError
 from node.settlement.epoch_builder import cumulative_of
+from node.settlement.policy import EpochPolicy
 from node.settlement.runtime import SettlementRuntime
-from node.settlement.service import EpochPolicy, SettlementService
+from node.settlement.service import SettlementService
 from tests.adversarial.settlement_steps import LONG, empty_escrow, leaves_total, lost, on_chain, payer, tick_until
 from tests.fixtures.settlement import OPERATOR, PAYERS, SettlementWorld
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from node.db.models import EpochState
-from node.settlement.service import EpochPolicy
+from node.settlement.policy import EpochPolicy
 from tests.fixtures.settlement import OPERATOR, PAYERS, SettlementWorld
 
 pytestmark = [pytest.mark.chain, pytest.mark.slow]

@@ -14,7 +14,7 @@ from sqlalchemy import update
 from node.db.loss import LossReason
 from node.db.models import EpochState, Receipt, SettlementEpoch, Voucher
 from node.settlement.epoch_builder import cumulative_of
-from node.settlement.service import EpochPolicy
+from node.settlement.policy import EpochPolicy
 from tests.adversarial.settlement_steps import (
     LONG,
     empty_escrow,

@@ -20,8 +20,9 @@ from node.errors import ChainError
 from node.settlement.amendment import adopt_amendment, amend
 from node.settlement.epoch_builder import cumulative_of, rewards_tree
 from node.settlement.outbox import intent_key
+from node.settlement.policy import EpochPolicy
 from node.settlement.publication import published_epoch
-from node.settlement.service import EpochPolicy, SettlementService
+from node.settlement.service import SettlementService
 from tests.adversarial.settlement_steps import LONG, on_chain, tick_until
 from tests.fixtures.settlement import GUARDIAN, OPERATOR, SettlementWorld, build_world
 

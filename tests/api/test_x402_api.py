@@ -17,8 +17,8 @@ from node.client.payer import Payer as LanePayer
 from node.db.models import EpochState, Loss
 from node.devkit.local_node import OPERATOR
 from node.payment.x402.typed import CHANNELS_ADDRESS
+from node.settlement.policy import EpochPolicy
 from node.settlement.runtime import SettlementRuntime
-from node.settlement.service import EpochPolicy
 from tests.fixtures.paid_node import PaidNode
 from tests.fixtures.x402_node import chat, decode, payer_key, payment_required, sdk_session, settle_and_reconcile
 from tests.payment.x402.sdk import Payer

@@ -22,8 +22,8 @@ from node.db.session import make_engine, session_factory
 from node.lora.content_hash import adapter_weights_sha256, base_model_id
 from node.protocol.hexstr import to_hex
 from node.settlement.claims import claim
+from node.settlement.policy import EpochPolicy
 from node.settlement.runtime import SettlementRuntime
-from node.settlement.service import EpochPolicy
 from node.settlement.split import Lineage, SplitParams, split_fee
 from tests.fixtures.paid_node import ADAPTER_OWNER, CONTRIBUTORS, LINEAGE_WEIGHTS, OWNER_SHARE_BPS, PaidNode
 

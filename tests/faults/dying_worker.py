@@ -1,6 +1,6 @@
 """`python -m tests.faults.dying_worker POINT`: `loranode worker`, which SIGKILLs itself at POINT.
 
-The points are the gaps between the settlement outbox's durable steps (node/settlement/service.py):
+The points are the gaps between the settlement outbox's durable steps (node/settlement/service.py and its steps):
 
     opened     the epoch row and its receipts are committed (OPEN), nothing built
     built      lanes, split and trees committed (BUILT), nothing signed
@@ -22,6 +22,7 @@ from typing import Any
 
 from node.chain.tx_manager import TxManager
 from node.db.models import EpochState
+from node.settlement.build_step import BuildStep
 from node.settlement.service import SettlementService
 
 
@@ -54,7 +55,7 @@ def _saved(state: EpochState) -> Callable[..., bool]:
 
 POINTS: dict[str, Callable[[], None]] = {
     "opened": lambda: _after(SettlementService, "_close", lambda epoch_id: epoch_id is not None),
-    "built": lambda: _after(SettlementService, "_build"),
+    "built": lambda: _after(BuildStep, "build"),
     "signed": lambda: _before(TxManager, "_broadcast"),
     "broadcast": lambda: _after(TxManager, "_broadcast"),
     "submitted": lambda: _after(SettlementService, "_save", _saved(EpochState.SUBMITTED)),

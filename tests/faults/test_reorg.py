@@ -10,7 +10,7 @@ from hexbytes import HexBytes
 from sqlalchemy import select
 
 from node.db.models import EpochState, TxIntent
-from node.settlement.service import intent_key
+from node.settlement.outbox import intent_key
 from tests.e2e.cluster import OPERATOR, Cluster
 from tests.e2e.traffic import ClientLog
 from tests.faults.steps import settled_and_whole, traffic

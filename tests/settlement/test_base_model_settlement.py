@@ -13,8 +13,8 @@ from eth_utils import to_checksum_address
 from node.client.payer import Payer
 from node.db.models import EpochState
 from node.settlement.claims import claim, load_rewards
+from node.settlement.policy import EpochPolicy
 from node.settlement.runtime import SettlementRuntime
-from node.settlement.service import EpochPolicy
 from tests.api.test_models import BASE_COMPLETION_PRICE, BASE_PROMPT_PRICE, base_node
 from tests.fixtures.paid_node import PaidNode
 

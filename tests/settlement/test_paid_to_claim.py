@@ -13,8 +13,8 @@ from node.db.models import EpochState
 from node.protocol.receipt import LEAF_TYPES
 from node.settlement.claims import claim
 from node.settlement.merkle import MerkleTree
+from node.settlement.policy import EpochPolicy
 from node.settlement.runtime import SettlementRuntime
-from node.settlement.service import EpochPolicy
 from node.settlement.split import Lineage, SplitParams, split_fee
 from tests.fixtures.paid_node import ADAPTER_OWNER, CONTRIBUTORS, LINEAGE_WEIGHTS, OWNER_SHARE_BPS, PAYERS, PaidNode
 

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from node.db.models import EpochState
-from node.settlement.service import EpochPolicy
+from node.settlement.policy import EpochPolicy
 from tests.fixtures.settlement import SettlementWorld
 
 pytestmark = pytest.mark.chain

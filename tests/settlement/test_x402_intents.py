@@ -143,7 +143,8 @@ def test_a_payer_served_every_tick_cannot_starve_an_epochs_sweep(x402_node: X402
     from node.chain.contract_client import ContractClient
     from node.chain.contracts import Contracts
     from node.db.models import EpochState
-    from node.settlement.service import EpochPolicy, SettlementService
+    from node.settlement.policy import EpochPolicy
+    from node.settlement.service import SettlementService
 
     world, w3 = x402_node.world, x402_node.tx.w3
     attacker_key = anvil.keys[9]  # type: ignore[attr-defined]

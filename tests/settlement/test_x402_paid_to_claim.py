@@ -28,8 +28,8 @@ from node.devkit.local_node import OPERATOR, LocalNode
 from node.payment.x402.typed import CHANNELS_ADDRESS
 from node.payment.x402.wire import Payment
 from node.settlement.claims import claim_all
+from node.settlement.policy import EpochPolicy
 from node.settlement.runtime import SettlementRuntime
-from node.settlement.service import EpochPolicy
 from node.settlement.split import Lineage, SplitParams, split_fee
 from tests.fixtures.paid_node import ADAPTER_OWNER, CONTRIBUTORS, LINEAGE_WEIGHTS, OWNER_SHARE_BPS, PaidNode
 from tests.fixtures.paid_node import build_paid_node as build

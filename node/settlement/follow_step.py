@@ -1,0 +1,50 @@
+"""SUBMITTED -> CONFIRMED -> FINAL: a sent `settle` is followed until it is final or failed.
+
+The TxManager polls it (fee bumps and re-broadcasts after a crash or a reorg happen there; a reorg sends
+a mined settle back to SUBMITTED). A settle built on leaves the guardian vetoed or replaced is cancelled
+before it can land. A `settle` the chain already holds with the same roots counts as success.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.chain.contracts import Settlement
+from node.chain.tx_manager import TxManager, TxState
+from node.db.models import EpochState, SettlementEpoch
+from node.errors import ChainError
+from node.settlement import outbox
+from node.settlement.amendment import ADOPT_HINT, follows_chain
+from node.settlement.outbox import Transition, attempt_of, intent_key
+from node.settlement.settle_call import epoch_matches
+
+
+class FollowStep:
+    def __init__(self, factory: sessionmaker[Session], settlement: Settlement, tx: TxManager) -> None:
+        self.factory = factory
+        self.settlement = settlement
+        self.tx = tx
+        self.node = tx.sender
+
+    def follow(self, row: SettlementEpoch) -> Transition:
+        """What the epoch's settle is now, to record."""
+        key = intent_key(self.node, row.epoch_id, attempt_of(row))
+        if self.tx.store.load(key) is None:  # confirmed without a send of ours (found on chain)
+            with self.factory() as session:
+                final = outbox.is_final_on_mirror(session, self.node, row)
+            return Transition(EpochState.FINAL if final else row.state)
+        with self.factory() as session:  # built on leaves the guardian vetoed or replaced: it must never land
+            previous = outbox.epoch_row(session, self.node, row.epoch_id - 1)
+        if not follows_chain(self.settlement, self.node, previous):
+            self.tx.cancel(key)  # before `poll` re-broadcasts it
+        record = self.tx.poll(key)
+        if record.state is TxState.PENDING:
+            return Transition(EpochState.SUBMITTED, tx_hash=record.latest.tx_hash)
+        if record.state is TxState.MINED:
+            return Transition(EpochState.CONFIRMED, tx_hash=record.mined_hash)
+        if record.state is TxState.FAILED and not epoch_matches(self.settlement, self.node, row):
+            return Transition(EpochState.FAILED, error=record.error)
+        if not epoch_matches(self.settlement, self.node, row):
+            raise ChainError(f"a final settle left different roots on chain; if the guardian amended, {ADOPT_HINT}",
+                             epoch_id=row.epoch_id)
+        return Transition(EpochState.FINAL, tx_hash=record.mined_hash)

@@ -1,0 +1,62 @@
+"""FAILED -> OPEN: a failed epoch is rebuilt as a new attempt, no operator needed.
+
+The rebuild waits until the sends of the epochs after it are settled (mined or failed: their nonces come
+first); those epochs are dissolved and their receipts wait for the next ones. The new attempt's preflight
+then finds the lane at fault. After `MAX_ATTEMPTS` rebuilds, plus one per lane a rebuild moved to a loss
+(a payer that withdrew ahead of the settle: that rebuild made progress), the epoch waits for an operator.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.chain.contracts import Settlement
+from node.chain.tx_manager import TxManager, TxState
+from node.db.models import EpochState
+from node.errors import ChainError
+from node.settlement import outbox
+from node.settlement.outbox import attempt_of, fresh_attempt, intent_key
+from node.settlement.settle_call import epoch_matches
+
+log = logging.getLogger(__name__)
+MAX_ATTEMPTS = 8  # rebuilds of a failed epoch before it waits for an operator, plus one per lane it lost
+
+
+class Recovery:
+    def __init__(self, factory: sessionmaker[Session], settlement: Settlement, tx: TxManager) -> None:
+        self.factory = factory
+        self.settlement = settlement
+        self.tx = tx
+        self.node = tx.sender
+
+    def recover(self) -> int | None:
+        """Reopen the failed epoch as a new attempt when it may be. Its id when the chain holds it after
+        all (the caller records it CONFIRMED); None otherwise."""
+        with self.factory() as session:
+            failed = outbox.failed(session, self.node)
+            if failed is None or attempt_of(failed) + 1 >= MAX_ATTEMPTS + outbox.lanes_lost(session, self.node,
+                                                                                            failed.epoch_id):
+                return None
+            after = [(r.epoch_id, attempt_of(r)) for r in outbox.later(session, self.node, failed.epoch_id)]
+        if epoch_matches(self.settlement, self.node, failed):  # it landed after all
+            return failed.epoch_id
+        if self.settlement.last_epoch(self.node) >= failed.epoch_id:  # never forget what landed
+            raise ChainError("the chain holds an epoch this database marks failed", node=self.node,
+                             epoch_id=failed.epoch_id)
+        for epoch_id, attempt in after:
+            key = intent_key(self.node, epoch_id, attempt)
+            if self.tx.store.load(key) is not None and self.tx.poll(key).state is TxState.PENDING:
+                return None
+        with self.factory() as session, session.begin():
+            row = outbox.epoch_row(session, self.node, failed.epoch_id)
+            assert row is not None
+            for epoch_id, _ in reversed(after):
+                outbox.dissolve(session, self.node, epoch_id)
+            attempt = fresh_attempt(self.tx.store, self.node, row.epoch_id, attempt_of(row) + 1)
+            row.state, row.batch, row.trees = EpochState.OPEN, {"attempt": attempt}, None
+            row.tx_hash = row.nonce = row.submitted_at = row.confirmed_at = None
+        log.warning("epoch %d of %s failed: rebuilding it (attempt %d), %d later epoch(s) dissolved",
+                    failed.epoch_id, self.node, attempt, len(after))
+        return None
