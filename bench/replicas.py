@@ -36,7 +36,8 @@ token ratio, and `box_ceiling_two_over_one` is what an idle box of this many CPU
 token measured (one replica alone on a CPU; two sharing all CPUs with the client, HAProxy, PostgreSQL).
 
     python bench/replicas.py [--adapters 1000] [--lanes 32] [--seconds 20] [--rounds 2] [--pinning cpu|free|both]
-                             [--baseline-config old-haproxy.cfg]   # a fourth arm: hash with that file
+                             [--baseline-config old-haproxy.cfg]   # hash (and rr) again with that file
+                             [--arms rr]                           # only some arms (the ratios need all three)
 Prints a table (with `uptime` beside it: the machine is shared) and writes bench/results/replicas.json.
 """
 
@@ -155,6 +156,7 @@ def measure(arm: Arm, traffic: ZipfTraffic, lanes: list[int], warmup: float, sec
         groups |= {f"replica {name} API": [pid], f"replica {name} cores": descendants(pid)}
     meter = CPUMeter({**groups, "haproxy": [arm.balancer.proc.pid if arm.balancer.proc else None],
                       "postgres": postgres_backends(db_url), **shared, "client (this process)": [os.getpid()]})
+    failed = len(traffic.failures)
     started = time.monotonic()
     with meter:
         results = asyncio.run(traffic.run(arm.balancer.url, signed, seconds))
@@ -175,7 +177,8 @@ def measure(arm: Arm, traffic: ZipfTraffic, lanes: list[int], warmup: float, sec
             "host_loads": loads["host"], "device_loads": loads["device"],
             "hit_rate": 1 - loads["host"] / max(len(ok), 1),
             "cpu_ms_per_token": {k: 1000 * v / max(tokens, 1) for k, v in meter.seconds.items()},
-            "statuses": {str(s): sum(r[0] == s for r in results) for s in sorted({r[0] for r in results})}}
+            "statuses": {str(s): sum(r[0] == s for r in results) for s in sorted({r[0] for r in results})},
+            "failures": traffic.failures[failed:]}
 
 
 def affinity(ok: list[Result]) -> float:
@@ -206,14 +209,14 @@ def uptime() -> str:
 
 LABELS = {"one": "1 replica (hash)", "hash": "2 replicas, hash on adapter", "rr": "2 replicas, round robin",
           "one free": "1 replica, CPUs free", "hash free": "2 replicas, hash, CPUs free",
-          "hash baseline": "2 replicas, hash, --baseline-config"}
+          "hash baseline": "2 replicas, hash, --baseline-config", "rr baseline": "2 replicas, rr, --baseline-config"}
 
 
 def make_arms(own: dict[str, set[int]] | None, with_free: bool, baseline: Path | None, work: Path,
-              urls: dict[str, str], pids: dict[str, int]) -> list[Arm]:
+              urls: dict[str, str], pids: dict[str, int], names: set[str]) -> list[Arm]:
     """The arms over replicas a and b, each on its CPUs in `own` (None: left unconfined); `with_free`
-    adds the one- and two-replica arms with the same replicas on every CPU, `baseline` a hash arm
-    whose HAProxy runs that file in place of deploy/haproxy/haproxy.cfg."""
+    adds the one- and two-replica arms with the same replicas on every CPU, `baseline` a hash and a round
+    robin arm whose HAProxy runs that file in place of deploy/haproxy/haproxy.cfg; only the arms in `names`."""
     servers = {n: u.removeprefix("http://") for n, u in urls.items()}
     one = Balancer({"a": servers["a"]}, work / "lb-one").start()
     hashed = Balancer(servers, work / "lb-hash").start()
@@ -223,16 +226,24 @@ def make_arms(own: dict[str, set[int]] | None, with_free: bool, baseline: Path |
     if baseline is not None:
         arms.append(Arm("hash baseline", Balancer(servers, work / "lb-baseline", config=baseline).start(),
                         list(urls.values()), pids, own))
+        arms.append(Arm("rr baseline", Balancer(servers, work / "lb-rr-baseline", balance="roundrobin",
+                                                config=baseline).start(), list(urls.values()), pids, own))
     if with_free:
         every = {n: set(usable_cpus()) for n in urls}
         arms += [Arm("one free", one, [urls["a"]], {"a": pids["a"]}, every),
                  Arm("hash free", hashed, list(urls.values()), pids, every)]
+    for arm in arms:
+        if arm.name.split()[0] not in names:
+            arm.balancer.stop()
+    arms = [arm for arm in arms if arm.name.split()[0] in names]
     for arm in arms:
         arm.balancer.wait_states({n: "UP" for n in arm.balancer.servers})
     return arms
 
 
 def ratios(best: dict[str, dict[str, Any]]) -> dict[str, float]:
+    if not {"one", "hash", "rr"} <= best.keys():  # --arms left one out
+        return {}
     out = {"two_over_one": best["hash"]["tokens_per_s"] / best["one"]["tokens_per_s"],
            "hash_over_rr": best["hash"]["tokens_per_s"] / best["rr"]["tokens_per_s"],
            "cpu_bound_two_over_one": 2 * replicas_cpu(best["one"]) / replicas_cpu(best["hash"]),
@@ -265,7 +276,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             procs[name], urls[name] = start_replica(node, model, work, name, args.host_adapters * nbytes,
                                                     args.slots, not args.in_process, own and own[name])
         arms = make_arms(own, args.pinning == "both", args.baseline_config, work, urls,
-                         {n: p.pid for n, p in procs.items()})
+                         {n: p.pid for n, p in procs.items()}, set(args.arms.split(",")))
         payer = Payer(node.anvil.keys[FIRST_USER + 2], urls["a"])
         traffic = ZipfTraffic(ids, args.zipf, payer, args.max_tokens)
         lanes = list(range(args.lanes))
@@ -299,6 +310,11 @@ def print_table(result: dict[str, Any]) -> None:
               f"{r['ttft_p99_ms']:>8.0f}ms{r['hit_rate']:>10.1%}{r['affinity']:>10.1%}"
               f"{r['host_loads']:>10}/{r['device_loads']:<5}  {shares:<16}{busy:<18}"
               f"{r['statuses']}")
+    for key, r in result["best"].items():
+        for failure in r["failures"]:
+            print(f"  failed, {LABELS[key]}: {failure}")
+    if "two_over_one" not in result:
+        return
     free = f"; CPUs free: {result['two_over_one_free']:.2f}x" if "two_over_one_free" in result else ""
     print(f"two replicas / one: {result['two_over_one']:.2f}x tokens/s{free}; hash / round robin: "
           f"{result['hash_over_rr']:.2f}x tokens/s (pinning: {result['config']['pinning']})")
@@ -315,8 +331,13 @@ def print_table(result: dict[str, Any]) -> None:
           f"{result['cpu_per_token_one_over_two']:.2f}x;"
           f" ceiling of this box idle (client, HAProxy, PostgreSQL on the same CPUs): "
           f"{result['box_ceiling_two_over_one']:.2f}x")
-    for line in result["uptime"]:
-        print(f"uptime: {line}")
+
+
+def keep_logs(work: Path, to: Path) -> None:
+    for log in [*work.glob("api-*.log"), *work.glob("lb-*/haproxy.log")]:
+        target = to / log.relative_to(work)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(log.read_bytes())
 
 
 def main() -> None:
@@ -337,13 +358,22 @@ def main() -> None:
                     help="cpu: each replica on a CPU of its own, engines one thread (as on machines of their own); "
                          "free: unconfined, torch's default threads; both: cpu, and its arms again unconfined")
     ap.add_argument("--baseline-config", type=Path, default=None,
-                    help="also a hash arm whose HAProxy runs this file instead of the shipped haproxy.cfg")
+                    help="also a hash and a round robin arm whose HAProxy runs this file instead of the shipped one")
+    ap.add_argument("--arms", default="one,hash,rr",
+                    help="which arms to run, comma-separated (e.g. rr: round robin alone; the ratios need all three)")
+    ap.add_argument("--keep", type=Path, default=None, help="keep the replicas' and HAProxy's logs in this folder")
     ap.add_argument("--database-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        result = run(args, Path(tmp))
+        try:
+            result = run(args, Path(tmp))
+        finally:
+            if args.keep is not None:
+                keep_logs(Path(tmp), args.keep)
     print_table(result)
+    for line in result["uptime"]:
+        print(f"uptime: {line}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"wrote {args.out}")

@@ -52,7 +52,7 @@ def setup(work: Path, db_url: str, n: int) -> tuple[LocalNode, list[int], Path, 
     payer = node.contracts(FIRST_USER + 2)
     payer.token.mint(payer.client.address, 10**24)
     payer.escrow.deposit(node.contracts(0).client.address, 10**24, payer.token)
-    node.wait_for_mirror()
+    node.wait_for_mirror(timeout_s=300)  # a thousand registrations to index, on a shared box
     return node, ids, model, host_nbytes(model, folders[0], node.settings.max_lora_rank)
 
 

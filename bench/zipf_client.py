@@ -13,6 +13,8 @@ ends is never sent (the next round signs above it).
     signed = traffic.presign(lanes=range(32), per_lane=100)
     results = asyncio.run(traffic.run("http://127.0.0.1:8080", signed, seconds=20))
     # [(status, ttft_s, latency_s, completion tokens, replica that served it, adapter)], traffic.signed_inline
+    # status 599: the connection broke before an answer came; 598: a 200 stream that ended without its
+    # receipt; traffic.failures says what each of them saw
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class ZipfTraffic:
         self.rng = random.Random(0)
         self.top: dict[int, int] = {}  # lane -> the highest cumulative signed there
         self.signed_inline = 0  # requests of a lane that ran out of presigned ones (signed in the loop)
+        self.failures: list[str] = []  # what each request that got no receipt saw (an exception, an error event)
         self.per_lane = 80  # how many to presign per lane (bench/replicas.py raises it to what a round used)
         self.step = max(payer.quote("/v1/completions", self._body(ids[0], p), 0)[1] for p in PROMPTS)
 
@@ -98,16 +101,22 @@ class ZipfTraffic:
             try:
                 conn = conn or await asyncio.open_connection(where.hostname, where.port)
                 status, ttft, served_by, text, keep = await _exchange(*conn, request, started)
-            except (OSError, asyncio.IncompleteReadError, ValueError):
+            except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
                 status, ttft, served_by, text, keep = 599, float("nan"), "", b"", False
+                self.failures.append(f"lane {lane}: {type(exc).__name__}: {exc}"[:300])
             last = _last_event(text) if status == 200 else None
-            tokens = last["usage"]["completion_tokens"] if last is not None and "receipt" in last else 0
-            out.append((status if tokens or status != 200 else 598, ttft, time.monotonic() - started, tokens,
+            # answered: the last event carries the receipt (of no completion token when the model's first
+            # token ended the text: charged for the prompt, an answer all the same)
+            is_answered = last is not None and "receipt" in last
+            tokens = last["usage"]["completion_tokens"] if last is not None and is_answered else 0
+            if status == 200 and not is_answered:
+                self.failures.append(f"lane {lane}: 200 from {served_by}, no receipt: {text[-300:]!r}")
+            out.append((status if is_answered or status != 200 else 598, ttft, time.monotonic() - started, tokens,
                         served_by, signed.adapter))
             if not keep and conn is not None:
                 conn[1].close()
                 conn = None
-            if not tokens:
+            if not is_answered:
                 await asyncio.sleep(0.2)
         if conn is not None:
             conn[1].close()

@@ -109,6 +109,11 @@ class Settings(BaseSettings):
     # by its served name (default: the model folder's name), at the base prices (default: the same)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    # how long an idle HTTP/1.1 connection is kept open for the client's next request: longer than any proxy
+    # in front keeps one idle (HAProxy's `timeout http-keep-alive` 60 s in deploy/haproxy; nginx's and cloud
+    # balancers' 60 s), so the proxy always closes first and never sends a request on a connection the
+    # API is closing (it would die unanswered)
+    keep_alive_s: int = Field(default=75, ge=1)
     served_model_name: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[^\s]+$")
     prompt_token_price: int = Field(default=10**12, ge=0)
     completion_token_price: int = Field(default=2 * 10**12, ge=0)

@@ -4,7 +4,7 @@ the GPU override; an operator can trust it: every service has a health check (`/
 the `dev` profile and `migrate` waits for it there, secrets come from files, long-running services
 restart, state lives in named volumes, and the CPU and GPU builds name the torch the tests ran on.
 Every loranode command it runs exists in the CLI, and the balancer's HAProxy configuration is one
-HAProxy accepts."""
+HAProxy accepts, which keeps no connection to an API for the API to close under a request."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import yaml
 from typer.main import get_command
 
 from node.cli import app
+from node.config import Settings
 from node.devkit.balancer import haproxy_binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,6 +74,21 @@ def test_the_replicas_profile_puts_haproxy_with_the_shipped_config_in_front_of_e
     check = subprocess.run([haproxy_binary(), "-c", *[a for f in files for a in ("-f", str(f))]],
                            capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_the_balancer_keeps_no_connection_to_an_api_and_each_api_outlasts_its_keep_alive() -> None:
+    """A proxy must close an idle connection before the server behind it does (a request it sends on one
+    the server is closing dies unanswered): the balancer closes its connection to an API after each
+    answer, and every API keeps a client's idle connection longer than the balancer keeps one."""
+    services = yaml.safe_load(_config("--profile", "replicas", "config").stdout)["services"]
+    shipped = (ROOT / "deploy" / "haproxy" / "haproxy.cfg").read_text()
+    assert re.search(r"^\s*option http-server-close$", shipped, re.MULTILINE)
+    balancer_keep_alive = re.search(r"^\s*timeout http-keep-alive (\d+)s$", shipped, re.MULTILINE)
+    assert balancer_keep_alive is not None
+    for name in ("api", "replica"):
+        env = services[name]["environment"]
+        keep_alive_s = int(env.get("LORANODE_KEEP_ALIVE_S", Settings.model_fields["keep_alive_s"].default))
+        assert keep_alive_s > int(balancer_keep_alive.group(1)), name
 
 
 def test_a_broken_compose_file_is_caught(tmp_path: Path) -> None:

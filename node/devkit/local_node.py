@@ -101,7 +101,7 @@ class LocalNode:
         self.settings = settings
         self.services = build_services(settings, self.deployment)
         config = uvicorn.Config(create_app(self.services), host="127.0.0.1", port=settings.port,
-                                log_level="warning", lifespan="on")
+                                log_level="warning", lifespan="on", timeout_keep_alive=settings.keep_alive_s)
         self._server = uvicorn.Server(config)
         self._spawn("api", self._server.run)
         deadline = time.monotonic() + 60
