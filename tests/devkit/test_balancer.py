@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +23,7 @@ from node.devkit.balancer import Balancer
 class _Named(ThreadingHTTPServer):
     name = ""
     is_ready = True
+    ready_after_s = 0.0  # how long /ready takes to answer (a replica busy with a batch)
     release = threading.Event()  # a request whose prompt is "hold" is answered once this is set
     arrived = threading.Semaphore(0)  # released once per held request that came in
 
@@ -41,6 +43,8 @@ class _Handler(BaseHTTPRequestHandler):
         if b'"prompt": "hold"' in body:
             self.server.arrived.release()
             self.server.release.wait(30)
+        if self.path == "/ready":
+            time.sleep(self.server.ready_after_s)
         status = 200 if self.path != "/ready" or self.server.is_ready else 503
         body = self.server.name.encode()
         self.send_response(status)
@@ -94,6 +98,20 @@ def test_an_adapter_sticks_to_one_replica_and_an_unready_one_leaves_the_ring(ser
         servers["b"].is_ready = True
         lb.wait_states({"b": "UP"})
         assert {m: _post(client, m) for m in homes} == homes  # back where they were (consistent hashing)
+
+
+def test_a_replica_that_answers_ready_slowly_stays_in_the_ring(servers: dict[str, _Named], tmp_path: Path) -> None:
+    addresses = {n: f"127.0.0.1:{s.server_address[1]}" for n, s in servers.items()}
+    with Balancer(addresses, tmp_path) as lb, httpx.Client(base_url=lb.url, timeout=10) as client:
+        lb.wait_states({"a": "UP", "b": "UP"})
+        servers["b"].ready_after_s = 2.0  # busy, not gone: twice the check interval
+        seen = set()
+        deadline = time.monotonic() + 8  # four checks or more
+        while time.monotonic() < deadline:
+            seen.add(lb.states()["b"])
+            time.sleep(0.5)
+        assert seen == {"UP"}
+        assert {_post(client, m) for m in map(str, range(1, 41))} == {"a", "b"}
 
 
 def test_round_robin_is_the_same_config_but_the_balance(servers: dict[str, _Named], tmp_path: Path) -> None:
