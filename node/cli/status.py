@@ -14,8 +14,10 @@ STATUS_METRICS = ("loranode_adapter_tier_", "loranode_receipts_total", "loranode
 
 
 def status(node_url: str = NodeUrlOption) -> None:
-    """Ask a running node's API what it serves and how it is doing: each registered adapter's real state
-    (serving, not final yet, deprecated, or cannot load and why)."""
+    """What a running node serves and how it is doing, from its API.
+
+    Each registered adapter's real state (serving, not final yet, deprecated, or cannot load and why),
+    the node's readiness and its backlog."""
     info = get_json(node_url, "/v1/node")
     ready = _ready(node_url)
     adapters = get_json(node_url, "/v1/adapters")["data"]
