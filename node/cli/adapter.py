@@ -60,7 +60,9 @@ def train(
     seed: int = typer.Option(0, help="Seeds the LoRA init and the data order."),
     rpc_url: str = RpcOption, deployment: Path = DeploymentOption,
 ) -> None:
-    """Fetch the datasets, check their registered hashes, fine-tune a LoRA on them, write its lineage.
+    """Fine-tune a LoRA on registered datasets, checked against their hashes.
+
+    Writes a PEFT folder (OUT) and its lineage.json for `adapter register`.
 
     Tokenized once to a file beside OUT, packed, trained in mini-batches: memory stays flat in data size.
     Ctrl-C ends the step in progress and checkpoints it (exit code 130); the same command with --resume goes on.
@@ -134,7 +136,7 @@ def register(
     rpc_url: str = RpcOption, deployment: Path = DeploymentOption, key_file: Path = KeyFileOption,
     dev_account: int = DevAccountOption,
 ) -> None:
-    """Register the adapter: base model, weights sha256 (adapter hash rule), URI, lineage, owner share."""
+    """Register an adapter folder: base model, weights hash, URI, lineage, owner share."""
     from node.lora.content_hash import adapter_weights_sha256, sha256_from_hex
     from node.protocol.hexstr import to_hex
 

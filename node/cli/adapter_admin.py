@@ -34,7 +34,7 @@ def _act(action: str, model: str, admin_url: str, token_file: Path) -> None:
 
 
 def pin(model: str = ModelArgument, admin_url: str = AdminUrlOption, token_file: Path = TokenFileOption) -> None:
-    """Keep an adapter loaded (host memory, disk and its device slot) whatever the traffic."""
+    """Keep an adapter loaded (device slot, host memory, disk) whatever the traffic."""
     _act("pin", model, admin_url, token_file)
 
 
@@ -44,7 +44,7 @@ def unpin(model: str = ModelArgument, admin_url: str = AdminUrlOption, token_fil
 
 
 def preload(model: str = ModelArgument, admin_url: str = AdminUrlOption, token_file: Path = TokenFileOption) -> None:
-    """Load an adapter onto the device now, so that its next request does not wait for it."""
+    """Load an adapter onto the device now, so its next request does not wait."""
     _act("preload", model, admin_url, token_file)
 
 

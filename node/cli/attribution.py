@@ -103,9 +103,11 @@ def verify(
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Where datasets and their indexes are kept."),
     rpc_url: str = RpcOption, deployment: Path = DeploymentOption,
 ) -> None:
-    """Recompute the receipt's evidence and weights from the registered datasets; exit 0 if its
-    method and lineageHash are what the node should have signed, 1 if not. Without the output text
-    (the payer's: --key-file or --output-file) it checks the signature, the hashes and the lineage."""
+    """Check what a receipt says about its datasets (exit 0 if true, 1 if not).
+
+    Recomputes the receipt's evidence and weights from the registered datasets: its method and
+    lineageHash must be what the node should have signed. Without the output text (the payer's:
+    --key-file or --output-file) it checks the signature, the hashes and the lineage."""
     from transformers import AutoTokenizer
 
     from node.attribution.index_store import IndexStore

@@ -37,8 +37,10 @@ def deploy(
     key_file: Path = KeyFileOption,
     dev_account: int = DevAccountOption,
 ) -> None:
-    """Deploy DatasetRegistry, AdapterRegistry, PaymentEscrow and Settlement (and the x402 contracts);
-    write the addresses."""
+    """Deploy the loranode contracts and write their addresses to a deployment file.
+
+    DatasetRegistry, AdapterRegistry, PaymentEscrow and Settlement, and the x402 contracts unless
+    --no-x402."""
     from eth_account import Account  # the chain libraries only for the commands that use them (start-up time)
 
     from node.chain.contract_client import ContractClient
@@ -73,9 +75,11 @@ def add_x402(
     key_file: Path = KeyFileOption,
     dev_account: int = DevAccountOption,
 ) -> None:
-    """Add the x402 contracts to a deployment: the channel contract and its collector where absent, the
-    node's router unless the file names one; rewrites the file. A mirror written before must start again
-    (its indexer then reads the channel contract too)."""
+    """Add the x402 contracts to a deployment file that lacks them.
+
+    The channel contract and its collector where absent, the node's router unless the file names one;
+    rewrites the file. A mirror written before must start again (its indexer then reads the channel
+    contract too)."""
     from node.chain.contract_client import ContractClient
     from node.chain.deploy import read_deployment, write_deployment
     from node.chain.x402_channels import deploy_x402

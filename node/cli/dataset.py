@@ -29,7 +29,7 @@ def register(
     rpc_url: str = RpcOption, deployment: Path = DeploymentOption, key_file: Path = KeyFileOption,
     dev_account: int = DevAccountOption,
 ) -> None:
-    """Hash the dataset (sha256; folders by the folder rule) and register it with its URI and payout."""
+    """Hash a dataset file or folder and register it with its URI and payout address."""
     from eth_account import Account
 
     from node.lora.content_hash import dataset_content_hash

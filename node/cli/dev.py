@@ -35,7 +35,7 @@ def dev(demo: bool = typer.Option(False, "--demo", help="Run the scripted demo e
         epoch_max_age_s: float = typer.Option(60.0, "--epoch-max-age", min=0,
                                               help="Close an epoch once its oldest receipt is this many seconds old.")
         ) -> None:
-    """Start anvil, deploy, index, and serve a tiny model locally (Ctrl-C stops everything)."""
+    """Start anvil, deploy, index and serve a tiny model locally (Ctrl-C stops it all)."""
     from node.devkit.demo import run_demo
 
     folder = data_dir or Path(tempfile.mkdtemp(prefix="loranode-dev-"))

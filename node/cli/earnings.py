@@ -18,8 +18,10 @@ ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 def earnings(address: str = typer.Argument(..., callback=checked_address,
                                           help="The payee: a dataset's payout address, an adapter owner..."),
              node_url: str = NodeUrlOption, node: str = NodeAddressOption, as_json: bool = JsonOption) -> None:
-    """What ADDRESS earned from the node's settled epochs: per source (dataset, adapter owner share),
-    per epoch, and how much is claimed, claimable now, or still locked."""
+    """What ADDRESS earned from the node's settled epochs, and what it can claim now.
+
+    Per source (dataset, adapter owner share) and per epoch, and how much is claimed, claimable now,
+    or still locked."""
     node = node_address(node_url, node)
     doc = get_json(node_url, f"/v1/earnings/{node}/{address}")
     if as_json:

@@ -28,7 +28,7 @@ DONE = ("final", "failed")
 @app.command("list")
 def list_epochs(node_url: str = NodeUrlOption, node: str = NodeAddressOption, as_json: bool = JsonOption,
                 limit: int = typer.Option(20, "--limit", min=1, max=500, help="How many, newest first.")) -> None:
-    """The node's newest epochs: state, receipts, what was collected, the rewards total and the settle tx."""
+    """The node's newest epochs: state, receipts, collected, rewards and settle tx."""
     node = node_address(node_url, node)
     doc = get_json(node_url, f"/v1/epochs/{node}", {"limit": limit})
     if as_json:
@@ -48,7 +48,7 @@ def show(epoch_id: str = typer.Argument("latest", help="An epoch id, or `latest`
          node: str = NodeAddressOption, as_json: bool = JsonOption,
          wait: float = typer.Option(0, "--wait", min=0, help="Wait up to this many seconds for the epoch to "
                                     "exist and be final (or failed).")) -> None:
-    """One epoch: state, receipt count, totals, settle tx, roots, and what settlement could not collect."""
+    """One epoch: state, totals, roots, settle tx and what could not be collected."""
     if epoch_id != "latest" and not epoch_id.isdigit():
         raise BadRequest(f"not an epoch id: {epoch_id!r} (a number, or `latest`)")
     node = node_address(node_url, node)
@@ -99,7 +99,7 @@ def export(out: Path = typer.Option(..., "--out", help="The JSON file to write (
                                         "default: this machine's node database."),
            node: str = NodeAddressOption,
            epoch_id: int = typer.Option(None, "--epoch", min=1, help="Default: the latest published.")) -> None:
-    """Write a published epoch (rewards and receipts trees) as JSON, for claims without the API."""
+    """Write a published epoch's trees as JSON, for claims without the API."""
     if node_url is not None:
         node = node_address(node_url, node)
         doc = get_json(node_url, f"/v1/epochs/{node}/{epoch_id or 'latest'}")

@@ -23,7 +23,9 @@ app = typer.Typer(help="Liveness checks for the node's processes (exit 0 when he
 @app.command()
 def indexer(max_age_s: float = typer.Option(None, help="Oldest acceptable step (default LORANODE_MAX_MIRROR_LAG_S).")
             ) -> None:
-    """The indexer reached the chain within max-age-s (the API refuses paid work past the same age)."""
+    """The indexer reached the chain within --max-age-s.
+
+    The API refuses paid work past the same age."""
     from node.db import queries
     from node.db.session import make_engine, session_factory
 
@@ -59,8 +61,10 @@ def worker(timeout_s: float = typer.Option(5.0, help="How long to wait for the a
 def beat(max_age_s: float = typer.Option(None, help="Oldest acceptable schedule file "
                                                       "(default: 3 minutes plus two settlement intervals).")
          ) -> None:
-    """The running beat wrote its schedule file recently (it does while it sends settlement ticks); a file
-    a stopped or an earlier beat left in the data dir does not count."""
+    """The running beat wrote its schedule file recently.
+
+    It does while it sends settlement ticks; a file a stopped or an earlier beat left in the data dir
+    does not count."""
     from node.settlement.beat_liveness import BEAT_SYNC_S, check_beat
 
     settings = load_settings()

@@ -20,7 +20,7 @@ CLI_ARCHS: dict[str, Arch] = {"llama": "llama", "mistral": "mistral", "qwen2": "
 @app.command("id")
 def model_id(folder: Path = typer.Argument(..., help="A Hugging Face model folder (config.json + safetensors)."),
              ) -> None:
-    """Print the base model id adapters register against (sha256 folder rule over config and weights)."""
+    """Print the base model id adapters register against (the folder hash rule)."""
     from node.lora.content_hash import base_model_id, base_model_names
     from node.protocol.hexstr import to_hex
 
@@ -35,7 +35,7 @@ def model_id(folder: Path = typer.Argument(..., help="A Hugging Face model folde
 def make_tiny(folder: Path = typer.Argument(..., help="Where to write the model."),
               arch: str = typer.Option("llama", help="llama, mistral or qwen2."),
               seed: int = typer.Option(0, help="Random seed of the weights.")) -> None:
-    """Write a tiny random Llama-family model with a trained tokenizer (for the demo and tests)."""
+    """Write a tiny random Llama-family model with a trained tokenizer (demo, tests)."""
     from node.devkit import make_tiny_model
     from node.lora.content_hash import base_model_id
     from node.protocol.hexstr import to_hex

@@ -45,7 +45,9 @@ def api(host: str = typer.Option(None, help="Bind address (default LORANODE_HOST
         tensor_parallel_size: int = typer.Option(None, "--tensor-parallel-size", min=1,
                                                  help="Devices each engine splits the model across (default "
                                                       "LORANODE_TENSOR_PARALLEL_SIZE, 1).")) -> None:
-    """Serve the paid OpenAI-compatible API; its engine runs in it, or in core processes it starts and restarts."""
+    """Serve the paid OpenAI-compatible API, with its engine in core processes.
+
+    It starts the engine cores and restarts one that dies; --in-process keeps the engine in the API."""
     import uvicorn
 
     from node.api.app import create_app
@@ -94,7 +96,7 @@ async def _serve(servers: list[Any]) -> None:
 
 
 def indexer() -> None:
-    """Follow the chain and keep the database mirror of registries, escrow and settlements."""
+    """Mirror the chain's registries, escrow and settlements into the database."""
     from node.chain.binding import IndexedContracts
     from node.chain.indexer import Indexer, IndexerConfig
     from node.db.session import make_engine, session_factory

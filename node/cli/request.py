@@ -26,7 +26,10 @@ def request(
     chat: bool = typer.Option(False, "--chat", help="Use /v1/chat/completions."),
     key_file: Path = KeyFileOption, dev_account: int = DevAccountOption,
 ) -> None:
-    """Sign a voucher for the request, send it with the OpenAI client, print the answer and the receipt."""
+    """Send one paid request with the OpenAI client; print the answer and its receipt.
+
+    Signs a voucher for the exact body (from --key-file, LORANODE_ACCOUNT_KEY or --dev-account) and
+    checks the receipt the node signs."""
     from node.client.payer import Payer
 
     adapter = adapter or model

@@ -27,7 +27,7 @@ settle_app = typer.Typer(help="What settlement collected and could not; the guar
 
 
 def worker() -> None:
-    """Run the Celery settlement worker: close epochs, build trees, send and confirm `settle`."""
+    """Run the settlement worker: close epochs, build trees, send and confirm `settle`."""
     from node.cli.processes import require_deployment
     from node.settlement.celery_app import run_worker
 
@@ -36,7 +36,7 @@ def worker() -> None:
 
 
 def beat() -> None:
-    """Run the Celery beat that ticks the settlement worker every settlement_interval_s."""
+    """Tick the settlement worker every settlement_interval_s (Celery beat)."""
     from node.cli.processes import require_deployment
     from node.settlement.celery_app import run_beat
 
@@ -53,7 +53,7 @@ def claim(
     rpc_url: str = RpcOption, deployment: Path = DeploymentOption, key_file: Path = KeyFileOption,
     dev_account: int = DevAccountOption,
 ) -> None:
-    """Claim a payee's cumulative rewards with its Merkle proof (the signer pays the gas)."""
+    """Claim a payee's cumulative rewards with its Merkle proof (the signer pays gas)."""
     from node.settlement.claims import claim as claim_one
     from node.settlement.claims import claim_all
 
@@ -79,8 +79,10 @@ def claim(
 @settle_app.command("losses")
 def losses(node: str = typer.Option(None, "--node", callback=address, help="Default: the operator key's node."),
            payer: str = typer.Option(None, "--payer", callback=address, help="Only this payer's losses.")) -> None:
-    """Every loss still lost (served but not collected), per payer, with its lane, epoch, reason and
-    amount; then what later epochs recovered with the lane's next valid voucher."""
+    """What the node served but could not collect, per payer, with the reason.
+
+    Every loss still lost, with its lane, epoch, reason and amount; then what later epochs recovered
+    with the lane's next valid voucher."""
     from node.db.loss import losses as all_losses
     from node.db.session import make_engine, session_factory
     from node.settlement.runtime import operator_address
@@ -112,8 +114,10 @@ def veto(node: str = typer.Option(..., "--node", callback=address, help="The nod
          epoch_id: int = typer.Option(..., "--epoch", min=1, help="A still-locked epoch of that node."),
          rpc_url: str = RpcOption, deployment: Path = DeploymentOption, key_file: Path = KeyFileOption,
          dev_account: int = DevAccountOption) -> None:
-    """Guardian: veto a node's still-locked epoch. It and every later epoch of the node can no longer be
-    claimed against, and the node cannot settle, until the guardian amends (`settle amend`)."""
+    """Guardian: veto a node's still-locked epoch, and with it every later one.
+
+    They can no longer be claimed against, and the node cannot settle, until the guardian amends
+    (`settle amend`)."""
     ctx = chain_context(rpc_url, deployment)
     settlement = ctx.contracts(signing_key(key_file, dev_account, ctx.deployment.chain_id)).settlement
     settlement.veto(node, epoch_id)
@@ -129,9 +133,11 @@ def amend(node: str = typer.Option(..., "--node", callback=address, help="The ve
                                    "with (`claim --proofs`) and the operator adopts (default: beside --tree)."),
           rpc_url: str = RpcOption, deployment: Path = DeploymentOption, key_file: Path = KeyFileOption,
           dev_account: int = DevAccountOption) -> None:
-    """Guardian: replace the node's first vetoed epoch with a corrected tree over its whole pot (checked
-    before any gas is spent). Writes the amended epoch as a file: payees claim with it whether or not the
-    node's operator adopts it (`settle adopt`), and the operator adopts the same file."""
+    """Guardian: replace a node's first vetoed epoch with a corrected tree.
+
+    The tree covers the node's whole pot and is checked before any gas is spent. Writes the amended
+    epoch as a file: payees claim with it whether or not the node's operator adopts it (`settle adopt`),
+    and the operator adopts the same file."""
     import json
 
     from node.settlement.amendment import amend as amend_epoch
@@ -152,8 +158,10 @@ def amend(node: str = typer.Option(..., "--node", callback=address, help="The ve
 def adopt(tree: Path = typer.Option(..., "--tree", exists=True, dir_okay=False,
                                      help="The guardian's corrected tree, the file `settle amend` sent."),
           node: str = typer.Option(None, "--node", callback=address, help="Default: the operator key's node.")) -> None:
-    """Operator: follow the guardian's amend. The amended epoch publishes the corrected tree (claims and
-    `epoch export` use it), forgotten epochs fold into it, and the next epoch builds on its leaves."""
+    """Operator: follow the guardian's amend and publish its corrected tree.
+
+    Claims and `epoch export` use the corrected tree, forgotten epochs fold into it, and the next epoch
+    builds on its leaves."""
     import json
 
     from node.cli.processes import require_deployment

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
 
 from node.errors import BadRequest
 from node.training import CHECKPOINT_DIR, MAX_DEFAULT_SEQ_LEN
@@ -222,11 +224,14 @@ class LoRATrainer:
         return TrainingPlan(num_tokens, len(packed), packed.seq_len, steps_per_epoch, total, min(start_step, total))
 
     def _model(self) -> PeftModel:
+        hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar: the trainer reports its own progress
         base = AutoModelForCausalLM.from_pretrained(self.base_folder, dtype=torch.float32)
         base.config.use_cache = False
         config = LoraConfig(r=self.config.rank, lora_alpha=self.config.alpha,
                             target_modules=list(self.config.target_modules), lora_dropout=0.0, task_type="CAUSAL_LM")
-        model = get_peft_model(base, config).to(self.device)
+        with warnings.catch_warnings():  # peft reads a property transformers 5 deprecates: nothing a user can act on
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            model = get_peft_model(base, config).to(self.device)
         route_lora_linears(model)  # the same math in fewer passes over the activations (lora_linear.py,
         route_rms_norms(model)  # rms_norm.py)
         return model

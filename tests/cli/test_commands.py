@@ -156,7 +156,12 @@ def test_request_and_status_against_a_live_node(paid_node: PaidNode, tmp_path: P
     assert code == 2 and "404" in out
     code, out = _run({}, "status", "--node-url", paid_node.base_url)
     assert code == 0 and "serving 1 of 1 registered adapter(s)" in out, out
-    assert "loranode_settlement_pending_receipts" in out and 'loranode_adapter_tier_hits_total{tier="device"}' in out
+    # the adapter tiers as a table with a row a tier (they were 20 lines of raw metrics), the load on one line
+    tiers = {cells[0]: cells[1:] for cells in map(str.split, out.splitlines())
+             if cells[:1] in (["device"], ["host"], ["disk"], ["source"])}
+    assert len(tiers) == 4 and all(len(row) == 5 for row in tiers.values()), out
+    assert ["adapter", "tier", "hits", "misses", "loads", "evictions", "bytes"] in map(str.split, out.splitlines())
+    assert "pending settlement " in out and "receipts " in out
     assert any(line.split()[:2] == [str(paid_node.adapter_id), "serving"] for line in out.splitlines() if line.strip())
     code, out = _run({}, "status", "--node-url", "http://127.0.0.1:1")
     assert code == 2 and "no node answers" in out

@@ -202,3 +202,24 @@ def test_api_with_a_tensor_parallel_size_the_model_does_not_split_into_says_why(
     for where in ("--in-process", "--engine-process"):
         out = _mistake("api", where, "--tensor-parallel-size", "3", env=env)
         assert "4 attention heads do not split 3 ways" in out, where
+
+
+@pytest.mark.parametrize(("args", "message", "where"), [
+    (("dataset", "register"), "Missing argument 'path'.", "node dataset register"),
+    (("no-such-command",), "No such command 'no-such-command'.", "node"),
+    (("adapter", "show", "one"), "Invalid value for 'adapter_id'", "node adapter show"),
+    (("--no-such-option",), "No such option: --no-such-option", "node"),
+    (("escrow", "show", "--no-such-option"), "No such option: --no-such-option", "node escrow show"),
+], ids=lambda a: " ".join(a) if isinstance(a, tuple) else "")
+def test_a_usage_mistake_is_one_line_with_the_help_to_read(args: tuple[str, ...], message: str, where: str) -> None:
+    # Click's own usage errors used to print a usage line, a "Try ..." line and a boxed message
+    done = _cli(*args)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 2, done.stderr
+    assert lines[0].startswith(f"error (usage): {message}")
+    assert lines[1].startswith("hint: `") and lines[1].endswith(f"{where} --help` shows its usage")  # `loranode ...`
+
+
+def test_a_group_run_bare_still_shows_its_help() -> None:
+    done = _cli("adapter")
+    assert "adapter [OPTIONS] COMMAND [ARGS]" in done.stdout and "train" in done.stdout and not done.stderr

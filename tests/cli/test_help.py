@@ -29,3 +29,13 @@ def test_every_option_of_every_command_has_help() -> None:
 def test_every_command_has_help() -> None:
     root = typer.main.get_command(app)
     assert not [path for path, command in _commands(root) if not (command.help or command.short_help or "").strip()]
+
+
+def test_every_command_says_what_it_does_in_one_line() -> None:
+    # the first paragraph is what `loranode --help` and each group's --help list: one line of at most 80
+    # characters (status, earnings, chain deploy, the settle commands and others used to wrap over two or three)
+    root = typer.main.get_command(app)
+    long = [f"{path}: {summary!r}" for path, command in _commands(root)
+            for summary in [(command.help or "").strip().split("\n\n")[0]]
+            if "\n" in summary or len(summary) > 80]
+    assert not long, "summaries over one line: " + "; ".join(long)
