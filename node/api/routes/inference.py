@@ -4,6 +4,7 @@ request body for either (POST /v1/quote/completions, /v1/quote/chat/completions)
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Header, Query, Request
@@ -13,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from node.api.choice import Kind
 from node.api.deps import GenerationDep, LedgerDep
 from node.api.error_handlers import error_responses
+from node.api.paid_route import PaidRoute
 from node.api.request_body import read_body
 from node.api.request_fields import refuse_unapplied
 from node.api.schemas import ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse
@@ -71,8 +73,18 @@ PAID_RESPONSES = {**error_responses(400, 401, 402, 403, 404, 409, 413, 422, 429,
                         "description": "the answer; server-sent events when `stream` is true"}}
 
 
-@router.post("/completions", response_model=CompletionResponse, responses=PAID_RESPONSES,
-             openapi_extra=_openapi(CompletionRequest))
+def _paid(path: str, response_model: type[BaseModel],
+          request_model: type[BaseModel]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """`@router.post` for a paid endpoint: documented alike, served by node/api/paid_route.py."""
+    def add(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+        router.add_api_route(path, endpoint, methods=["POST"], response_model=response_model,
+                             responses=PAID_RESPONSES, openapi_extra=_openapi(request_model),
+                             route_class_override=PaidRoute)
+        return endpoint
+    return add
+
+
+@_paid("/completions", CompletionResponse, CompletionRequest)
 async def completions(request: Request, generation: GenerationDep,
                       payment: PaymentHeader = None, x402: X402Header = None,
                       read: ReadHeader = None) -> JSONResponse | StreamingResponse:
@@ -80,8 +92,7 @@ async def completions(request: Request, generation: GenerationDep,
     return await generation.handle("completion", req, body, payment, request, x402, read)
 
 
-@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=PAID_RESPONSES,
-             openapi_extra=_openapi(ChatCompletionRequest))
+@_paid("/chat/completions", ChatCompletionResponse, ChatCompletionRequest)
 async def chat_completions(request: Request, generation: GenerationDep,
                            payment: PaymentHeader = None, x402: X402Header = None,
                            read: ReadHeader = None) -> JSONResponse | StreamingResponse:
