@@ -49,6 +49,7 @@ from node.api.payment_threads import PaymentThreads
 from node.api.queued_job import QueuedJob, held_and_queued, queue
 from node.api.receipt_issuer import ReceiptIssuer
 from node.api.schemas import ChatCompletionRequest, CompletionRequest
+from node.api.shared_budget import SharedCounts
 from node.api.structured import constraint_of, render_messages
 from node.catalog import AdapterCatalog, ServedAdapter
 from node.db.loss import LossReason
@@ -69,13 +70,13 @@ INLINE_TOKENIZE_CHARS = 8_192  # shorter prompts are tokenized on the event loop
 class GenerationService:
     def __init__(self, engine: EngineClient, payments: PaymentService, issuer: ReceiptIssuer, catalog: AdapterCatalog,
                  metrics: APIMetrics, default_max_tokens: int = 256, offer: Offer | None = None,
-                 x402: X402Payments | None = None) -> None:
+                 x402: X402Payments | None = None, shared: SharedCounts | None = None) -> None:
         self.engine, self.payments, self.catalog, self.metrics = engine, payments, catalog, metrics
         self.offer, self.x402 = offer, x402  # with an offer, an unpaid request gets a 402 naming both schemes
         self.issuer, self.default_max_tokens = issuer, default_max_tokens
         self.max_generation_s = payments.max_generation_s
         self._closing: set[asyncio.Future[None]] = set()  # charges of streams read too slowly, running
-        self.gate = PaymentGate(payments, catalog.provider, offer, x402)  # before the hold: node/api/payment_gate.py
+        self.gate = PaymentGate(payments, catalog.provider, offer, x402, shared)  # before the hold: payment_gate.py
         self.threads = PaymentThreads()  # holds and charges never queue behind free work (tokenizing)
 
     async def handle(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest, body: bytes,
@@ -91,7 +92,7 @@ class GenerationService:
         self.engine.check_vocabulary(params)
         pricing = self.payments.pricing_for(adapter.is_base)
         x402_checked = self.gate.x402_payment(presented, str(http.url), max_fee)
-        ticket = self.gate.hang_up_ticket(presented)  # 429 here for a payer whose hang-ups spent its budget
+        ticket = await self.gate.hang_up_ticket(presented, req.stream or constraint is not None)  # 429: hang-ups
         hold = functools.partial(self.gate.hold, presented.voucher, x402_checked, max_fee, pricing, str(http.url),
                                  read, body)
         job_of = functools.partial(Job.of, kind, req, adapter, prompt_ids, params, held_at=time.monotonic(),
@@ -106,6 +107,7 @@ class GenerationService:
                     await self._compile(constraint.spec, constraint.param, held)
                     if not req.stream:
                         held = queue(held, job_of, self.engine, self.payments, asyncio.get_running_loop())
+                        ticket.unreserve()  # compiled: its prefill's hang-up counts when it happens
             else:  # a plain request is queued on its hold's thread (node/api/queued_job.py)
                 held = await held_and_queued(hold, job_of, self.engine, self.payments, self.threads.executor)
         except BaseException:
@@ -243,7 +245,7 @@ class GenerationService:
     async def _sse(self, job: Job, leave: Callable[[], None]) -> AsyncIterator[bytes]:
         """The streamed answer; `leave` gives its place among the requests in flight back (once)."""
         started = time.monotonic()
-        sent = Sent(len(job.prompt_ids), job.request.num_choices, holds_back=job.calls_tools)
+        sent = Sent(len(job.prompt_ids), job.request.num_choices, holds_back=job.calls_tools, ticket=job.ticket)
         shape = job.shape(self.engine.token_text)
         try:
             if job.kind == "chat":

@@ -14,8 +14,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from node.api.cold_load import Caller, ColdLoadGate, buyer_keys, caller_of, lane_caller
-from node.api.hang_up_budget import HangUpBudget, Ticket
+from node.api.cold_load import Caller, ColdLoadGate, ColdLoads, buyer_keys, caller_of, lane_caller
+from node.api.hang_up_budget import HangUpBudget, HangUps, Ticket, admitted
+from node.api.shared_budget import SharedColdLoadGate, SharedCounts, SharedHangUpBudget
 from node.lora.provider import AdapterRegistrar
 from node.payment.pricing import Pricing
 from node.payment.service import Hold, PaymentService, Replay
@@ -38,10 +39,14 @@ class Presented:
 
 class PaymentGate:
     def __init__(self, payments: PaymentService, provider: AdapterRegistrar, offer: Offer | None = None,
-                 x402: X402Payments | None = None) -> None:
+                 x402: X402Payments | None = None, shared: SharedCounts | None = None) -> None:
         self.payments, self.offer, self.x402 = payments, offer, x402  # with an offer, unpaid is a 402
-        self.cold_loads = ColdLoadGate(provider)
-        self.hang_ups = HangUpBudget()
+        # the budgets' counts: the replicas' in Redis (node/api/shared_budget.py), else this process's
+        self.cold_loads: ColdLoads = ColdLoadGate(provider)
+        self.hang_ups: HangUps = HangUpBudget()
+        if shared is not None:
+            self.cold_loads = SharedColdLoadGate(provider, shared, ColdLoadGate(provider))
+            self.hang_ups = SharedHangUpBudget(shared, HangUpBudget())
         self.spendable: Callable[[str], int] = lambda payer: payments.ledger.channel(payer, 0).spendable
 
     def present(self, payment: str | None, body: bytes, x402: str | None) -> Presented:
@@ -68,10 +73,11 @@ class PaymentGate:
         """Returns when `adapter` may be loaded for `caller`; Overloaded (429) when not now."""
         await self.cold_loads.admit(adapter, caller)
 
-    def hang_up_ticket(self, presented: Presented) -> Ticket:
-        """The request's standing with its payer's hang-up budget; 429 when its hang-ups spent it."""
+    async def hang_up_ticket(self, presented: Presented, reserve: bool) -> Ticket:
+        """The request's standing with its payer's hang-up budget, once its payer has room for it (`reserve`:
+        its free work runs until its first token); 429 when its hang-ups spent it."""
         caller = self.caller(presented)
-        return self.hang_ups.admit(caller.key if caller is not None else None)
+        return await admitted(self.hang_ups, caller.key if caller is not None else None, reserve)
 
     def x402_payment(self, presented: Presented, url: str, max_fee: int) -> X402Checked | None:
         """The checked x402 payment (None: a lane voucher pays); without one, the 402 offering both

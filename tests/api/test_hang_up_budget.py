@@ -22,6 +22,7 @@ def _hang_ups(budget: HangUpBudget, key: str, n: int) -> int:
             ticket = budget.admit(key)
         except HangUpBudgetSpent:
             continue
+        assert ticket is not None, "nothing of its own in flight: admitted or refused, never kept waiting"
         admitted += 1
         ticket.hung_up()
         ticket.done()  # every ending calls it: after a hang-up it gives nothing back
@@ -83,7 +84,9 @@ def test_others_hang_ups_never_refuse_a_payer_that_has_not_hung_up() -> None:
         _hang_ups(budget, f"lane:0x{i:040x}", 3)
     assert budget.shared.level() <= -budget.shared.burst
     for i in range(50, 60):
-        budget.admit(f"lane:0x{i:040x}").done()  # admitted: no HangUpBudgetSpent
+        ticket = budget.admit(f"lane:0x{i:040x}")  # admitted (its unreserved place): no HangUpBudgetSpent
+        assert ticket is not None
+        ticket.done()
 
 
 def test_a_request_with_no_payment_has_a_ticket_that_counts_nothing() -> None:
@@ -91,3 +94,18 @@ def test_a_request_with_no_payment_has_a_ticket_that_counts_nothing() -> None:
     ticket = budget.admit(None)
     ticket.hung_up()
     assert isinstance(ticket, Ticket) and budget.shared.level() == 4
+
+
+def test_a_burst_hung_up_before_any_first_token_is_bounded_by_the_budget() -> None:
+    """A funded payer fires 10 requests at once and hangs up on all before their first token: before, none
+    had hung up yet when each was admitted, so all 10 ran for free. Now each reserves a token of the bucket
+    at admission (or its one unreserved place): the 4 tokens and 1 place, the rest not admitted now."""
+    now = [0.0]
+    budget = _budget(now)
+    tickets = [budget.admit("lane:0xa") for _ in range(10)]  # None: wait for room (not refused, not running)
+    admitted = [t for t in tickets if t is not None]
+    for ticket in admitted:
+        ticket.hung_up()
+    with pytest.raises(HangUpBudgetSpent):  # struck, its bucket empty: the ones waiting are refused now
+        budget.admit("lane:0xa")
+    assert len(admitted) <= 4 + 1, f"{len(admitted)} requests of one burst hung up for free"
