@@ -32,6 +32,10 @@ PLACE_TTL_S = 300.0
 
 BUCKET = """
 local now = tonumber(ARGV[1])
+local function within(key, window)  -- the key's time (a purchase, a hang-up) is within the window
+  local at = tonumber(redis.call('GET', key) or '')
+  return at ~= nil and now - at < window
+end
 local function level(key, rate, burst)
   local b = redis.call('HMGET', key, 'tokens', 'at')
   if not b[1] then return burst end
@@ -48,10 +52,10 @@ end
 # max unreserved, reserve, ticket name. Returns {reserved (-1 refused, 3 wait), retry after ms, is own}
 HANG_UP_ADMIT = BUCKET + f"""
 local window = tonumber(ARGV[6])
-local is_own = redis.call('EXISTS', KEYS[5])
+local is_own = 0
 local bucket, rate, burst = KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-if is_own == 1 then bucket, rate, burst = KEYS[2], tonumber(ARGV[4]), tonumber(ARGV[5]) end
-local is_struck = redis.call('EXISTS', KEYS[3]) == 1
+if within(KEYS[5], window) then is_own, bucket, rate, burst = 1, KEYS[2], tonumber(ARGV[4]), tonumber(ARGV[5]) end
+local is_struck = within(KEYS[3], window)
 if ARGV[8] == '0' and not is_struck then return {{0, 0, is_own}} end
 local tokens = level(bucket, rate, burst)
 if tokens >= 1 then store(bucket, tokens - 1, rate, burst, window) return {{1, 0, is_own}} end
@@ -104,7 +108,7 @@ local window = tonumber(ARGV[2])
 if ARGV[4] == '1' then
   local n, since = unpaid(window)
   if n < tonumber(ARGV[3]) then
-    local ok = ARGV[5] == '1' and redis.call('EXISTS', KEYS[2]) == 1
+    local ok = ARGV[5] == '1' and within(KEYS[2], window)
     if not ok then
       local t = level(KEYS[3], tonumber(ARGV[6]), tonumber(ARGV[7]))
       if t >= 1 then store(KEYS[3], t - 1, tonumber(ARGV[6]), tonumber(ARGV[7]), window) ok = true end
