@@ -10,7 +10,7 @@ import pytest
 
 from node.api.cold_load import Caller, ColdLoadGate
 from node.api.hang_up_budget import HangUpBudget, HangUpBudgetSpent, HangUps, Ticket, admitted
-from node.api.shared_budget import SharedColdLoadGate, SharedCounts, SharedHangUpBudget
+from node.api.shared_budget import SharedColdLoadGate, SharedCounts, SharedHangUpBudget, shared_counts
 from node.errors import Overloaded
 from node.lora.provider import LoadState
 
@@ -76,6 +76,16 @@ def test_a_funded_caller_spreading_its_cold_loads_over_two_replicas_gets_one_rep
     assert fresh == 3, f"two replicas fetched {fresh} adapters for callers that never bought"
 
 
+def test_a_buyers_unpaid_cold_loads_on_two_replicas_are_one_budget_and_a_purchase_on_either_renews_it(
+        redis_url: str) -> None:
+    replicas = [_cold_load_replica(redis_url), _cold_load_replica(redis_url)]
+    buyer = Caller("lane:0xb0", lambda: 1)
+    replicas[0].paid("lane:0xb0")
+    assert _cold_loads(replicas, buyer, 10) == 3
+    replicas[1].paid("lane:0xb0")
+    assert _cold_loads(replicas, buyer, 10) == 3
+
+
 def test_a_burst_spread_over_two_replicas_and_hung_up_before_any_first_token_is_bounded_by_one_budget(
         redis_url: str) -> None:
     replicas = [_hang_up_replica(redis_url), _hang_up_replica(redis_url)]
@@ -116,3 +126,10 @@ def test_with_redis_down_each_replica_serves_honest_payers_and_bounds_hang_ups_o
     assert _hang_ups([replica], "lane:0xd", 20) == 4
     gate = _cold_load_replica(NOBODY)
     assert _cold_loads([gate], Caller("lane:0xe", lambda: 1), 8) == 3
+
+
+def test_a_node_whose_broker_is_redis_shares_its_counts_there_and_an_embedded_node_keeps_them_in_its_process(
+        redis_url: str) -> None:
+    counts = shared_counts(redis_url, "0xABC")
+    assert counts is not None and counts.prefix == "loranode:budget:0xabc:"
+    assert shared_counts("sqla+sqlite:///data/broker.db", "0xABC") is None
