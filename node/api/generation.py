@@ -3,7 +3,8 @@
 The order of checks makes every refusal cheap and leaves nothing behind: header and body (400),
 signature (401), adapter (404), a load of a chat adapter not in host memory by a caller without escrow
 beyond the free callers' bucket (429, node/api/payment_gate.py), prompt size (413), a payer whose hang-ups
-before a first token spent its budget (429, node/api/hang_up_budget.py), capacity (429), then
+before a first token spent its budget (429; a stream or structured request waits while its payer's
+requests before their first token hold its whole budget: node/api/hang_up_budget.py), capacity (429), then
 the voucher in flight here (409), the lane and the escrow (409, 402) which place a hold, then the
 grammar of a structured answer (400, the hold released). From the hold on, every completion token that
 leaves the node is paid for or recorded as a loss:
