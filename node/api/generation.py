@@ -3,8 +3,7 @@
 The order of checks makes every refusal cheap and leaves nothing behind: header and body (400),
 signature (401), adapter (404), a load of a chat adapter not in host memory by a caller without escrow
 beyond the free callers' bucket (429, node/api/payment_gate.py), prompt size (413), a payer whose hang-ups
-before a first token spent its budget (429; a stream or structured request waits while its payer's
-requests before their first token hold its whole budget: node/api/hang_up_budget.py), capacity (429), then
+before a first token spent its budget (429, node/api/hang_up_budget.py), capacity (429), then
 the voucher in flight here (409), the lane and the escrow (409, 402) which place a hold, then the
 grammar of a structured answer (400, the hold released). From the hold on, every completion token that
 leaves the node is paid for or recorded as a loss:
@@ -93,7 +92,7 @@ class GenerationService:
         self.engine.check_vocabulary(params)
         pricing = self.payments.pricing_for(adapter.is_base)
         x402_checked = self.gate.x402_payment(presented, str(http.url), max_fee)
-        ticket = await self.gate.hang_up_ticket(presented, req.stream or constraint is not None)  # 429: hang-ups
+        ticket = self.gate.hang_up_ticket(presented)  # 429 here for a payer whose hang-ups spent its budget
         hold = functools.partial(self.gate.hold, presented.voucher, x402_checked, max_fee, pricing, str(http.url),
                                  read, body)
         job_of = functools.partial(Job.of, kind, req, adapter, prompt_ids, params, held_at=time.monotonic(),
@@ -108,7 +107,6 @@ class GenerationService:
                     await self._compile(constraint.spec, constraint.param, held)
                     if not req.stream:
                         held = queue(held, job_of, self.engine, self.payments, asyncio.get_running_loop())
-                        ticket.unreserve()  # compiled: its prefill's hang-up counts when it happens
             else:  # a plain request is queued on its hold's thread (node/api/queued_job.py)
                 held = await held_and_queued(hold, job_of, self.engine, self.payments, self.threads.executor)
         except BaseException:
@@ -246,7 +244,7 @@ class GenerationService:
     async def _sse(self, job: Job, leave: Callable[[], None]) -> AsyncIterator[bytes]:
         """The streamed answer; `leave` gives its place among the requests in flight back (once)."""
         started = time.monotonic()
-        sent = Sent(len(job.prompt_ids), job.request.num_choices, holds_back=job.calls_tools, ticket=job.ticket)
+        sent = Sent(len(job.prompt_ids), job.request.num_choices, holds_back=job.calls_tools)
         shape = job.shape(self.engine.token_text)
         try:
             if job.kind == "chat":

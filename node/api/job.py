@@ -121,7 +121,6 @@ class Sent:
     is_settled: bool = False
     is_closed: bool = False  # the hold's time ran out while it was being read: nothing more is added or sent
     lock: threading.Lock = field(default_factory=threading.Lock)
-    ticket: Ticket = field(default_factory=Ticket)  # its first token ends its free work (hang-up budget)
 
     def __post_init__(self) -> None:
         n = self.num_choices
@@ -138,8 +137,6 @@ class Sent:
             self.parts[index].append(delta.text)
         self.logprobs[index].extend(delta.logprobs or [])
         self.is_sent = self.is_sent or (not self.holds_back and bool(delta.text or delta.logprobs))
-        if delta.num_completion_tokens:  # a hang-up from now on is charged: its reservation returns
-            self.ticket.first_token()
         return offset
 
     @property

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from node.api.cold_load import Caller, ColdLoadGate, ColdLoads, buyer_keys, caller_of, lane_caller
-from node.api.hang_up_budget import HangUpBudget, HangUps, Ticket, admitted
+from node.api.hang_up_budget import HangUpBudget, HangUps, Ticket
 from node.api.shared_budget import SharedColdLoadGate, SharedCounts, SharedHangUpBudget
 from node.lora.provider import AdapterRegistrar
 from node.payment.pricing import Pricing
@@ -73,11 +73,10 @@ class PaymentGate:
         """Returns when `adapter` may be loaded for `caller`; Overloaded (429) when not now."""
         await self.cold_loads.admit(adapter, caller)
 
-    async def hang_up_ticket(self, presented: Presented, reserve: bool) -> Ticket:
-        """The request's standing with its payer's hang-up budget, once its payer has room for it (`reserve`:
-        its free work runs until its first token); 429 when its hang-ups spent it."""
+    def hang_up_ticket(self, presented: Presented) -> Ticket:
+        """The request's standing with its payer's hang-up budget; 429 when its hang-ups spent it."""
         caller = self.caller(presented)
-        return await admitted(self.hang_ups, caller.key if caller is not None else None, reserve)
+        return self.hang_ups.admit(caller.key if caller is not None else None)
 
     def x402_payment(self, presented: Presented, url: str, max_fee: int) -> X402Checked | None:
         """The checked x402 payment (None: a lane voucher pays); without one, the 402 offering both

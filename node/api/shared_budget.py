@@ -2,7 +2,8 @@
 the same PostgreSQL and Redis): counted per process, N replicas gave a payer N times the free hang-ups
 and cold loads of one. Here every count lives in Redis under the node's prefix, with the rules of
 node/api/hang_up_budget.py and node/api/cold_load.py, each decision one Lua script (one round trip):
-a paid request's admission is one, and a stream's first token (or end) one more where it reserved a token.
+a paid request's admission is one (none other for a payer that has not hung up), and its end one more
+where it took a token (a payer that hung up) or hung up before its first token.
 A purchase marks its payer a buyer once per `PAID_REFRESH_S` at most.
 
 Redis down or slower than `TIMEOUT_S`: each replica counts on its own (the per-process budgets, the same
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,12 +23,11 @@ from typing import Any
 import redis
 
 from node.api.cold_load import Caller, ColdLoadGate, cold_refusal
-from node.api.hang_up_budget import HangUpBudget, Reserved, Ticket, refusal
+from node.api.hang_up_budget import HangUpBudget, Ticket, refusal
 from node.lora.provider import AdapterRegistrar, LoadState
 
 log = logging.getLogger(__name__)
 TIMEOUT_S, RETRY_S, PAID_REFRESH_S = 0.25, 5.0, 5.0
-PLACE_TTL_S = 300.0
 
 BUCKET = """
 local now = tonumber(ARGV[1])
@@ -48,38 +47,29 @@ local function store(key, tokens, rate, burst, window)
   redis.call('EXPIRE', key, math.max(1, math.ceil(ttl)))
 end
 """
-# KEYS: shared bucket, own bucket, struck, places, buyer; ARGV: now, rate, burst, own rate, own burst, window,
-# max unreserved, reserve, ticket name. Returns {reserved (-1 refused, 3 wait), retry after ms, is own}
-HANG_UP_ADMIT = BUCKET + f"""
+# KEYS: shared bucket, own bucket, struck, buyer; ARGV: now, rate, burst, own rate, own burst, window.
+# Returns {took a token (-1 refused), retry after ms, is own}
+HANG_UP_ADMIT = BUCKET + """
 local window = tonumber(ARGV[6])
 local is_own = 0
 local bucket, rate, burst = KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-if within(KEYS[5], window) then is_own, bucket, rate, burst = 1, KEYS[2], tonumber(ARGV[4]), tonumber(ARGV[5]) end
-local is_struck = within(KEYS[3], window)
-if ARGV[8] == '0' and not is_struck then return {{0, 0, is_own}} end
+if within(KEYS[4], window) then is_own, bucket, rate, burst = 1, KEYS[2], tonumber(ARGV[4]), tonumber(ARGV[5]) end
+if not within(KEYS[3], window) then return {0, 0, is_own} end
 local tokens = level(bucket, rate, burst)
-if tokens >= 1 then store(bucket, tokens - 1, rate, burst, window) return {{1, 0, is_own}} end
-if is_struck then
-  local wait = 600
-  if rate > 0 then wait = math.min((1 - tokens) / rate, 600) end
-  return {{-1, math.ceil(wait * 1000), is_own}}
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
-if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[7]) then return {{3, 0, is_own}} end
-redis.call('ZADD', KEYS[4], now + {PLACE_TTL_S}, ARGV[9])
-redis.call('EXPIRE', KEYS[4], {int(PLACE_TTL_S)})
-return {{2, 0, is_own}}
+if tokens >= 1 then store(bucket, tokens - 1, rate, burst, window) return {1, 0, is_own} end
+local wait = 600
+if rate > 0 then wait = math.min((1 - tokens) / rate, 600) end
+return {-1, math.ceil(wait * 1000), is_own}
 """
-# KEYS: its bucket, places, struck; ARGV: now, rate, burst, window, reserved, ticket name, is a hang-up
+# KEYS: its bucket, struck; ARGV: now, rate, burst, window, took a token, is a hang-up
 HANG_UP_END = BUCKET + """
 local rate, burst, window = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-if ARGV[5] == '2' then redis.call('ZREM', KEYS[2], ARGV[6]) end
-if ARGV[7] == '0' then
+if ARGV[6] == '0' then
   if ARGV[5] == '1' then store(KEYS[1], math.min(level(KEYS[1], rate, burst) + 1, burst), rate, burst, window) end
   return 1
 end
 if ARGV[5] ~= '1' then store(KEYS[1], math.max(level(KEYS[1], rate, burst) - 1, -burst), rate, burst, window) end
-redis.call('SET', KEYS[3], ARGV[1], 'EX', math.ceil(window))
+redis.call('SET', KEYS[2], ARGV[1], 'EX', math.ceil(window))
 return 1
 """
 # KEYS: buyer marks; ARGV: now, window
@@ -183,38 +173,34 @@ class SharedHangUpBudget:
         self._shared = (bucket.rate_per_s, bucket.burst)
         self._own = (local.per_payer_rate_per_s, local.per_payer_burst)
 
-    def admit(self, key: str | None, reserve: bool = True) -> Ticket | None:
+    def admit(self, key: str | None) -> Ticket:
         if key is None:
             return Ticket()
-        name = secrets.token_hex(8)
         answer = self.counts.run("hang_up_admit", ["hang_up:shared", f"hang_up:own:{key}", f"hang_up:struck:{key}",
-                                                   f"hang_up:places:{key}", f"buyer:{key}"],
-                                 [*self._shared, *self._own, self.local.window_s, self.local.max_unreserved,
-                                  int(reserve), name])
+                                                   f"buyer:{key}"], [*self._shared, *self._own, self.local.window_s])
         if answer is None:
-            return self.local.admit(key, reserve)
-        reserved, retry_after_ms, is_own = (int(v) for v in answer)
-        if reserved < 0:
+            return self.local.admit(key)
+        took, retry_after_ms, is_own = (int(v) for v in answer)
+        if took < 0:
             raise refusal(retry_after_ms / 1000)
-        return None if reserved == 3 else Ticket(self, key, Reserved(reserved), bool(is_own), name)
+        return Ticket(self, key, is_reserved=bool(took), is_own=bool(is_own))
 
-    def release(self, ticket: Ticket, reserved: Reserved) -> None:
-        self._end(ticket, reserved, is_hang_up=False)  # Redis down: a token back by refill, a place by its TTL
+    def give_back(self, ticket: Ticket) -> None:
+        self._end(ticket, is_hang_up=False)  # Redis down: the token comes back by the refill
 
     def spend(self, ticket: Ticket) -> None:
-        if not self._end(ticket, ticket.reserved, is_hang_up=True):
+        if not self._end(ticket, is_hang_up=True):
             self.local.spend(ticket)
 
     def paid(self, *keys: str) -> None:
         self.local.paid(*keys)
         self.counts.paid(keys, self.local.window_s)
 
-    def _end(self, ticket: Ticket, reserved: Reserved, is_hang_up: bool) -> bool:
+    def _end(self, ticket: Ticket, is_hang_up: bool) -> bool:
         bucket, (rate, burst) = ((f"hang_up:own:{ticket.key}", self._own) if ticket.is_own
                                  else ("hang_up:shared", self._shared))
-        return self.counts.run("hang_up_end", [bucket, f"hang_up:places:{ticket.key}", f"hang_up:struck:{ticket.key}"],
-                               [rate, burst, self.local.window_s, int(reserved), ticket.name,
-                                int(is_hang_up)]) is not None
+        return self.counts.run("hang_up_end", [bucket, f"hang_up:struck:{ticket.key}"],
+                               [rate, burst, self.local.window_s, int(ticket.is_reserved), int(is_hang_up)]) is not None
 
 
 class SharedColdLoadGate:

@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from node.api.cold_load import Caller, ColdLoadGate
-from node.api.hang_up_budget import HangUpBudget, HangUpBudgetSpent, HangUps, Ticket, admitted
+from node.api.hang_up_budget import HangUpBudget, HangUpBudgetSpent, HangUps
 from node.api.shared_budget import SharedColdLoadGate, SharedCounts, SharedHangUpBudget, shared_counts
 from node.errors import Overloaded
 from node.lora.provider import LoadState
@@ -46,7 +46,6 @@ def _hang_ups(replicas: list[HangUps], key: str, n: int) -> int:
             ticket = replicas[i % len(replicas)].admit(key)
         except HangUpBudgetSpent:
             continue
-        assert ticket is not None, "nothing of its own in flight: admitted or refused, never kept waiting"
         admitted += 1
         ticket.hung_up()
     return admitted
@@ -86,43 +85,21 @@ def test_a_buyers_unpaid_cold_loads_on_two_replicas_are_one_budget_and_a_purchas
     assert _cold_loads(replicas, buyer, 10) == 3
 
 
-def test_a_burst_spread_over_two_replicas_and_hung_up_before_any_first_token_is_bounded_by_one_budget(
-        redis_url: str) -> None:
+def test_an_honest_payers_64_parallel_lanes_on_two_replicas_are_all_admitted_at_once(redis_url: str) -> None:
+    """64 streams of one payer that has not hung up, none at its first token yet: all admitted (no 429, no
+    wait), and all answered leave the budget whole (its 4 tokens)."""
     replicas = [_hang_up_replica(redis_url), _hang_up_replica(redis_url)]
-    tickets = [replicas[i % 2].admit("lane:0xa") for i in range(10)]
-    running = [t for t in tickets if t is not None]
-    for ticket in running:
-        ticket.hung_up()
-    with pytest.raises(HangUpBudgetSpent):
-        replicas[1].admit("lane:0xa")
-    assert len(running) == 4 + 1, f"{len(running)} requests of one burst ran for free"
-
-
-def test_an_honest_payers_parallel_lanes_on_two_replicas_wait_for_room_and_are_never_refused(redis_url: str) -> None:
-    """12 streams at once, each getting its first token: 5 run at once (4 tokens, 1 place), each first token
-    lets one more in; none is refused, and the bucket is whole again after them."""
-    replicas = [_hang_up_replica(redis_url), _hang_up_replica(redis_url)]
-
-    async def lane(i: int) -> Ticket:
-        ticket = await admitted(replicas[i % 2], "lane:0xb")
-        await asyncio.sleep(0.05)  # its prefill
-        ticket.first_token()
-        return ticket
-
-    async def all_lanes() -> list[Ticket]:
-        return list(await asyncio.gather(*(lane(i) for i in range(12))))
-
-    assert len(asyncio.run(all_lanes())) == 12
-    assert _hang_ups(replicas, "lane:0xb", 20) == 4  # its first hang-up and the bucket's 4 tokens
+    tickets = [replicas[i % 2].admit("lane:0xb") for i in range(64)]
+    for ticket in tickets:
+        ticket.done()
+    assert _hang_ups(replicas, "lane:0xb", 20) == 4
 
 
 def test_with_redis_down_each_replica_serves_honest_payers_and_bounds_hang_ups_on_its_own() -> None:
     """Fails safe for money and for payers alike: the budget of one process each, as before they were shared."""
     replica = _hang_up_replica(NOBODY)
     for _ in range(20):
-        ticket = replica.admit("lane:0xc")
-        assert ticket is not None
-        ticket.done()
+        replica.admit("lane:0xc").done()
     assert _hang_ups([replica], "lane:0xd", 20) == 4
     gate = _cold_load_replica(NOBODY)
     assert _cold_loads([gate], Caller("lane:0xe", lambda: 1), 8) == 3
