@@ -6,7 +6,8 @@ with each process's CPU seconds per request beside them (bench/cpu_meter.py). On
 may be descheduled while it holds the GIL (psycopg's pipeline waits with it, too), so the samples add up
 to more than the process's CPU: read them as shares of it.
 
-    python bench/api_profile.py [--requests 256] [--rate 250]
+    python bench/api_profile.py [--requests 256] [--rate 250] [--redis-url redis://127.0.0.1:6379/15]
+(--redis-url: the free-work budgets count in that Redis, as replicas sharing one do)
 Prints a table and writes bench/results/api_profile.json (needs py-spy; run as a user that may ptrace).
 """
 
@@ -42,6 +43,7 @@ AREAS: list[tuple[str, tuple[str, ...]]] = [
     ("hold (database)", ("reserve (node/payment/ledger.py", "hold (node/payment/service.py")),
     ("charge + receipt commit (database)", ("commit (node/payment/ledger.py", "finish (node/payment/service.py")),
     ("database driver", ("psycopg", "sqlalchemy", "lane_pg.py")),
+    ("free-work budgets (and their Redis)", ("hang_up_budget.py", "shared_budget.py", "cold_load.py", "redis/")),
     ("tokenization", ("tokenizers", "transformers/", "encode_completion", "_tokenize")),
     ("engine wire (ZeroMQ, msgspec)", ("core_client.py", "wire.py", "zmq/", "delta_stream.py")),
     ("SSE chunks", ("choice.py", "_sse (node/api/generation.py")),
@@ -112,14 +114,16 @@ def main() -> None:
     ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     ap.add_argument("--database-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
     ap.add_argument("--raw-dir", type=Path, help="keep py-spy's raw stacks here (plain.txt, streamed.txt)")
+    ap.add_argument("--redis-url", help="the budgets' counts in this Redis (node/api/shared_budget.py)")
     args = ap.parse_args()
     db_url = api._fresh_postgres(args.database_url)
     prompt, new, lanes = list(range(10, 42)), 32, min(args.requests, 128)
-    report: dict[str, Any] = {"requests": args.requests, "new_tokens": new, "lanes": lanes, "rate": args.rate}
+    report: dict[str, Any] = {"requests": args.requests, "new_tokens": new, "lanes": lanes, "rate": args.rate,
+                              "budget_counts": "redis" if args.redis_url else "process"}
     with tempfile.TemporaryDirectory() as tmp:
         node, ids, model = api.setup(Path(tmp), db_url, 4)
         try:
-            node.serve(model, engine_process=True)
+            node.serve(model, engine_process=True, **({"broker_url": args.redis_url} if args.redis_url else {}))
             key = node.anvil.keys[FIRST_USER + 2]
             base = {"base_url": node.base_url, "key": key, "ids": ids, "prompt": prompt, "new": new, "lanes": lanes}
             api.over_http_from_a_client_process(node, key, ids, 32, prompt, 4, lanes)  # warm up

@@ -14,8 +14,9 @@ of one unit is enough to be a paying caller, so many funded addresses (or x402 c
 bring a budget of their own: only a proven caller that bought here within `window_s` loads on its
 budget alone; quotes and callers that have not bought share one more bucket (`named_rate_per_s`,
 `named_burst`), so naming every funded address in turn, or funding many, buys no more than that (the
-SDK quotes the lane instead when refused, then pays). The counts live in each API process (with more
-replicas, each bounds what it fetches).
+SDK quotes the lane instead when refused, then pays). The counts here live in the API process: the
+embedded node's one process, or a replica whose Redis is down. Replicas that share a Redis share them
+(node/api/shared_budget.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from node.errors import Overloaded
 from node.lora.provider import AdapterRegistrar, LoadState
@@ -63,6 +65,18 @@ def buyer_keys(voucher: CheckedVoucher) -> tuple[str, ...]:
     if isinstance(voucher, X402Voucher):
         return (f"x402:0x{voucher.x402.channel_id.hex()}",)
     return (f"lane:{voucher.payer.lower()}", f"quote:{voucher.payer.lower()}")
+
+
+class ColdLoads(Protocol):
+    """The cold-load gate: the counts of this process, or those all replicas share."""
+
+    async def admit(self, adapter: str, caller: Caller | None) -> None: ...
+    def paid(self, *keys: str) -> None: ...
+
+
+def cold_refusal(adapter: str) -> Overloaded:
+    return Overloaded("too many requests for adapters that are not loaded, from callers without escrow at this "
+                      "node or past their loads without a purchase; retry shortly, or buy", adapter=adapter)
 
 
 class TokenBucket:
@@ -154,9 +168,7 @@ class ColdLoadGate:
                 and self._spend(caller.key):
             return
         if not self.free.take():
-            raise Overloaded("too many requests for adapters that are not loaded, from callers without escrow "
-                             "at this node or past their loads without a purchase; retry shortly, or buy",
-                             adapter=adapter)
+            raise cold_refusal(adapter)
 
     def paid(self, *keys: str) -> None:
         """These callers bought something: their cold loads since count for nothing, and for a window

@@ -49,6 +49,7 @@ from node.api.payment_threads import PaymentThreads
 from node.api.queued_job import QueuedJob, held_and_queued, queue
 from node.api.receipt_issuer import ReceiptIssuer
 from node.api.schemas import ChatCompletionRequest, CompletionRequest
+from node.api.shared_budget import SharedCounts
 from node.api.structured import constraint_of, render_messages
 from node.catalog import AdapterCatalog, ServedAdapter
 from node.db.loss import LossReason
@@ -69,13 +70,13 @@ INLINE_TOKENIZE_CHARS = 8_192  # shorter prompts are tokenized on the event loop
 class GenerationService:
     def __init__(self, engine: EngineClient, payments: PaymentService, issuer: ReceiptIssuer, catalog: AdapterCatalog,
                  metrics: APIMetrics, default_max_tokens: int = 256, offer: Offer | None = None,
-                 x402: X402Payments | None = None) -> None:
+                 x402: X402Payments | None = None, shared: SharedCounts | None = None) -> None:
         self.engine, self.payments, self.catalog, self.metrics = engine, payments, catalog, metrics
         self.offer, self.x402 = offer, x402  # with an offer, an unpaid request gets a 402 naming both schemes
         self.issuer, self.default_max_tokens = issuer, default_max_tokens
         self.max_generation_s = payments.max_generation_s
         self._closing: set[asyncio.Future[None]] = set()  # charges of streams read too slowly, running
-        self.gate = PaymentGate(payments, catalog.provider, offer, x402)  # before the hold: node/api/payment_gate.py
+        self.gate = PaymentGate(payments, catalog.provider, offer, x402, shared)  # before the hold: payment_gate.py
         self.threads = PaymentThreads()  # holds and charges never queue behind free work (tokenizing)
 
     async def handle(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest, body: bytes,

@@ -19,7 +19,15 @@ minutes, keep every new customer out). So funded addresses that never buy get on
 `window_s`, then share one bucket: free work grows with the escrow an attacker locks in many addresses
 (a deposit each), never with how often one address tries. A purchase renews a payer's standing as a
 buyer; its bucket refills at its rate.
-The counts live in each API process.
+
+A funded payer's parallel burst sent before its first recorded hang-up is admitted whole, and may hang
+up before any first token for free: it is bounded by its escrow (each request holds its max fee) and
+by the node's in-flight limit, once per `window_s` per address (its first hang-up strikes it). Counting
+a request's hang-up before it happens would throttle an honest payer's parallel lanes (a dApp with 64
+streams queued for their first tokens), and an honest payer's lanes must never be throttled.
+
+The counts here live in the API process: the embedded node's one process, or a replica whose Redis is
+down. Replicas that share a Redis share them (node/api/shared_budget.py).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from node.api.cold_load import RecentBuyers, TokenBucket
 from node.errors import Overloaded
@@ -37,27 +46,43 @@ class HangUpBudgetSpent(Overloaded):
     code = "hang_up_budget_spent"
 
 
+class HangUps(Protocol):
+    """A hang-up budget: the counts of this process, or those all replicas share."""
+
+    def admit(self, key: str | None) -> Ticket: ...
+    def give_back(self, ticket: Ticket) -> None: ...
+    def spend(self, ticket: Ticket) -> None: ...
+    def paid(self, *keys: str) -> None: ...
+
+
 class Ticket:
     """One admitted request's standing with the budget: `hung_up` when it ends with no token because its
-    client left, `done` for any other ending; the first call counts."""
+    client left, `done` for any other ending; the first call counts. `is_reserved`: it took a token (its
+    payer is struck), `is_own`: of its payer's own bucket (a buyer's)."""
 
-    def __init__(self, budget: HangUpBudget | None = None, key: str = "", bucket: TokenBucket | None = None,
-                 is_reserved: bool = False) -> None:
-        self.budget, self.key, self.bucket, self.is_reserved = budget, key, bucket, is_reserved
+    def __init__(self, budget: HangUps | None = None, key: str = "", is_reserved: bool = False,
+                 is_own: bool = False) -> None:
+        self.budget, self.key, self.is_reserved, self.is_own = budget, key, is_reserved, is_own
         self._lock, self._is_open = threading.Lock(), True
 
     def hung_up(self) -> None:
-        if self._close() and self.budget is not None and self.bucket is not None:
-            self.budget.hung_up(self.key, self.bucket, self.is_reserved)
+        if self._close() and self.budget is not None:
+            self.budget.spend(self)
 
     def done(self) -> None:
-        if self._close() and self.is_reserved and self.bucket is not None:
-            self.bucket.give_back()
+        if self._close() and self.is_reserved and self.budget is not None:
+            self.budget.give_back(self)
 
     def _close(self) -> bool:
         with self._lock:
             was_open, self._is_open = self._is_open, False
             return was_open
+
+
+def refusal(wait_s: float) -> HangUpBudgetSpent:
+    retry_after_s = max(math.ceil(wait_s), 1)
+    return HangUpBudgetSpent(f"too many requests ended by a hang-up before their first token (free, yet the node "
+                             f"compiled or prefilled them); retry in {retry_after_s} s", retry_after_s=retry_after_s)
 
 
 class HangUpBudget:
@@ -76,29 +101,34 @@ class HangUpBudget:
         """The request's ticket; HangUpBudgetSpent (429) when its payer's hang-ups spent its budget."""
         if key is None:  # no payment: refused (402) before any work
             return Ticket()
-        bucket = self._bucket(key)
-        if self._is_struck(key):
-            if bucket.take():
-                return Ticket(self, key, bucket, is_reserved=True)
-            self._refuse(bucket, 1.0)
-        return Ticket(self, key, bucket)
+        is_own = key in self.buyers
+        if not self._is_struck(key):
+            return Ticket(self, key, is_own=is_own)
+        bucket = self._bucket(key, is_own)
+        if not bucket.take():
+            raise refusal(bucket.wait_s(1.0))
+        return Ticket(self, key, is_reserved=True, is_own=is_own)
 
     def paid(self, *keys: str) -> None:
         self.buyers.paid(*keys)
 
-    def hung_up(self, key: str, bucket: TokenBucket, is_reserved: bool) -> None:
-        """A request of `key` ended with no token, its client gone: one token spent (its reserved one)."""
-        if not is_reserved:
-            bucket.spend()
+    def give_back(self, ticket: Ticket) -> None:
+        """A request that took a token ended otherwise than by a free hang-up: its token returns."""
+        self._bucket(ticket.key, ticket.is_own).give_back()
+
+    def spend(self, ticket: Ticket) -> None:
+        """The request ended with no token, its client gone: one token spent (its reserved one), its payer struck."""
+        if not ticket.is_reserved:
+            self._bucket(ticket.key, ticket.is_own).spend()
         with self._lock:
             now = self.clock()
             if len(self._struck) >= self.max_payers:
                 for old in [k for k, at in self._struck.items() if now - at >= self.window_s]:
                     del self._struck[old]
-            self._struck[key] = now
+            self._struck[ticket.key] = now
 
-    def _bucket(self, key: str) -> TokenBucket:
-        if key not in self.buyers:
+    def _bucket(self, key: str, is_own: bool) -> TokenBucket:
+        if not is_own:
             return self.shared
         with self._lock:
             bucket = self._own.get(key)
@@ -113,10 +143,3 @@ class HangUpBudget:
         with self._lock:
             at = self._struck.get(key)
             return at is not None and self.clock() - at < self.window_s
-
-    @staticmethod
-    def _refuse(bucket: TokenBucket, level: float) -> None:
-        retry_after_s = math.ceil(bucket.wait_s(level))
-        raise HangUpBudgetSpent(f"too many requests ended by a hang-up before their first token (free, yet the "
-                                f"node compiled or prefilled them); retry in {retry_after_s} s",
-                                retry_after_s=retry_after_s)

@@ -14,8 +14,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from node.api.cold_load import Caller, ColdLoadGate, buyer_keys, caller_of, lane_caller
-from node.api.hang_up_budget import HangUpBudget, Ticket
+from node.api.cold_load import Caller, ColdLoadGate, ColdLoads, buyer_keys, caller_of, lane_caller
+from node.api.hang_up_budget import HangUpBudget, HangUps, Ticket
+from node.api.shared_budget import SharedColdLoadGate, SharedCounts, SharedHangUpBudget
 from node.lora.provider import AdapterRegistrar
 from node.payment.pricing import Pricing
 from node.payment.service import Hold, PaymentService, Replay
@@ -38,10 +39,14 @@ class Presented:
 
 class PaymentGate:
     def __init__(self, payments: PaymentService, provider: AdapterRegistrar, offer: Offer | None = None,
-                 x402: X402Payments | None = None) -> None:
+                 x402: X402Payments | None = None, shared: SharedCounts | None = None) -> None:
         self.payments, self.offer, self.x402 = payments, offer, x402  # with an offer, unpaid is a 402
-        self.cold_loads = ColdLoadGate(provider)
-        self.hang_ups = HangUpBudget()
+        # the budgets' counts: the replicas' in Redis (node/api/shared_budget.py), else this process's
+        self.cold_loads: ColdLoads = ColdLoadGate(provider)
+        self.hang_ups: HangUps = HangUpBudget()
+        if shared is not None:
+            self.cold_loads = SharedColdLoadGate(provider, shared, ColdLoadGate(provider))
+            self.hang_ups = SharedHangUpBudget(shared, HangUpBudget())
         self.spendable: Callable[[str], int] = lambda payer: payments.ledger.channel(payer, 0).spendable
 
     def present(self, payment: str | None, body: bytes, x402: str | None) -> Presented:

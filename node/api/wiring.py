@@ -17,6 +17,7 @@ from node.api.generation import GenerationService
 from node.api.metric_sources import BacklogReader, backlog_families, engine_families, gauge, tier_families
 from node.api.metrics import APIMetrics
 from node.api.receipt_issuer import ReceiptIssuer, dataset_refs
+from node.api.shared_budget import shared_counts
 from node.api.sqlite_lock import SQLiteLock
 from node.attribution.attributor import Attributor
 from node.attribution.index_store import IndexStore
@@ -160,7 +161,7 @@ def _wire(settings: Settings, deployment: Deployment, key: str, config: EngineCo
     offer, x402 = _x402(settings, deployment, key, payments, db)
     refunds = _x402_refunds(settings, deployment, key, x402, db)
     generation = GenerationService(client, payments, issuer, catalog, metrics, settings.default_max_tokens,
-                                   offer=offer, x402=x402)
+                                   offer=offer, x402=x402, shared=shared_counts(settings.resolved_broker_url(), node))
     _register_metrics(metrics, store_metrics, client, db, node)
     log.info("api for node %s on chain %d, base model %s", node, deployment.chain_id, catalog.base_model_id)
     return NodeServices(engine=client, payments=payments, catalog=catalog, db=db, metrics=metrics,
