@@ -134,6 +134,9 @@ def test_plain_requests_given_up_before_their_first_token_spend_the_budget_too(n
     """The client of a plain structured request gives up during its compile: the hold is released, nothing
     charged, and it is counted like a stream's hang-up (BURST of them, then 429 before any compile)."""
     payer = Payer(node.local.anvil.keys[PLAIN], node.base_url)
+    # a buyer from the start: its own bucket all along (a first purchase in the middle, an answer that ended
+    # before its client's leaving was seen, would give it a fresh bucket and BURST more free hang-ups)
+    _served_in(node, payer, "p-buyer", 699)
     outcomes, expected, free = [], [], 0
     for lane in range(700, 705):
         expected.append(429 if free >= BURST else None)
