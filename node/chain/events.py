@@ -164,7 +164,16 @@ def _normalise(value: Any, typ: str) -> Any:
         return value.lower()
     if typ.startswith("bytes"):
         return to_hex(bytes(value))
+    if typ == "string":
+        return str(value).replace("\x00", "\ufffd")  # as `mirror_text`
     return value
+
+
+def mirror_text(raw: bytes) -> str:
+    """An event's string as the mirror stores it: bytes that are not UTF-8, and NUL, become U+FFFD.
+    The registries take any bytes for a uri, and PostgreSQL text refuses NUL: stored as it was, one
+    stranger's registration would stop the indexer (and with it every paid request) for good."""
+    return raw.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
 
 
 def decode_data(types: Sequence[str], data: bytes) -> list[Any]:
@@ -184,7 +193,7 @@ def decode_data(types: Sequence[str], data: bytes) -> list[Any]:
             out.append(to_hex(word))
         elif t == "string":
             start, size = _dynamic(data, word, 1)
-            out.append(data[start:start + size].decode("utf-8", errors="replace"))
+            out.append(mirror_text(data[start:start + size]))
         elif t.endswith("[]"):
             start, size = _dynamic(data, word, 32)
             out.append(tuple(int.from_bytes(data[start + 32 * j:start + 32 * j + 32]) for j in range(size)))

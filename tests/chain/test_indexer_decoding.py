@@ -61,3 +61,10 @@ def test_a_length_past_the_data_is_refused() -> None:
     data[63] = 200  # claims 200 bytes, has 32
     with pytest.raises(ValueError, match="past the data"):
         decode_data(["string"], bytes(data))
+
+
+def test_a_string_is_stored_without_nul_and_with_bytes_that_are_not_utf8_replaced() -> None:
+    """PostgreSQL text refuses NUL (tests/adversarial/test_registry_poison.py); one rule on both databases."""
+    raw = b"ipfs://\x00a\xffb"
+    data = encode(["bytes", "address"], [raw, "0x" + "11" * 20])  # a string's encoding, with any bytes
+    assert decode_data(["string", "address"], data) == ["ipfs://\ufffda\ufffdb", "0x" + "11" * 20]
