@@ -52,14 +52,15 @@ class BuildStep:
             check_follows_chain(self.settlement, self.node, prev)  # never on a vetoed tree
             previous = cumulative_of(prev.trees["rewards"]) if prev and prev.trees else {}
             previous_total = (prev.rewards_total or 0) if prev else 0
-            build = build_epoch(covered, outbox.lineages(session, covered), self.params, previous, previous_total,
-                                valid_until)
+            lineages, payouts = outbox.payees(session, covered)
+            build = build_epoch(covered, lineages, self.params, previous, previous_total, valid_until)
             row.rewards_root, row.rewards_total = "0x" + build.rewards.root.hex(), build.rewards_total
             row.receipts_root, row.receipt_count = "0x" + build.receipts.root.hex(), build.receipt_count
             row.collected_total = build.collected
             row.trees = {"rewards": build.rewards.to_json(), "receipts": build.receipts.to_json()}
             row.batch = {"vouchers": [c.voucher.to_json() for c in build.lanes],
-                         "amounts": [str(c.amount) for c in build.lanes], "attempt": attempt_of(row)}
+                         "amounts": [str(c.amount) for c in build.lanes], "attempt": attempt_of(row),
+                         "payouts": payouts}
             row.state, row.built_at = EpochState.BUILT, datetime.now(UTC)
         log.info("epoch %d built: %d lanes, collected %d, rewards total %d", epoch_id, len(build.lanes),
                  build.collected, build.rewards_total)

@@ -47,13 +47,23 @@ def receipt_groups(session: Session, node: str, epoch_id: int) -> Counter[Group]
     return groups
 
 
+def built_payouts(session: Session, node: str, epoch_id: int) -> dict[int, str]:
+    """The dataset payouts epoch `epoch_id` was built with (dataset id -> address; empty for an epoch built
+    before they were kept): a dataset's owner may have moved its payout since."""
+    batch = session.scalar(select(SettlementEpoch.batch).where(SettlementEpoch.node == node.lower(),
+                                                               SettlementEpoch.epoch_id == epoch_id))
+    return {int(k): v for k, v in (batch or {}).get("payouts", {}).items()}
+
+
 def epoch_sources(session: Session, params: SplitParams, epoch_id: int) -> Sources:
-    """Every payee's amounts per source in epoch `epoch_id` of node `params.node`."""
+    """Every payee's amounts per source in epoch `epoch_id` of node `params.node`, each dataset's share paid
+    to the payout the epoch was built with."""
     out: dict[str, Counter[str]] = {}
     views: dict[tuple[int, int], tuple[Lineage, queries.AdapterLineageView | None]] = {}
+    payouts = built_payouts(session, params.node, epoch_id)
     for (adapter_id, block, weights, fee), count in receipt_groups(session, params.node, epoch_id).items():
         if (adapter_id, block) not in views:
-            views[(adapter_id, block)] = _lineage(session, adapter_id, block)
+            views[(adapter_id, block)] = _lineage(session, adapter_id, block, payouts)
         lineage, view = views[(adapter_id, block)]
         if weights is not None:
             lineage = lineage.with_weights(weights)
@@ -64,14 +74,16 @@ def epoch_sources(session: Session, params: SplitParams, epoch_id: int) -> Sourc
     return {payee: dict(by_label) for payee, by_label in out.items()}
 
 
-def _lineage(session: Session, adapter_id: int, block: int) -> tuple[Lineage, queries.AdapterLineageView | None]:
+def _lineage(session: Session, adapter_id: int, block: int,
+             payouts: dict[int, str]) -> tuple[Lineage, queries.AdapterLineageView | None]:
     if adapter_id == BASE_ADAPTER_ID:
         return BASE_LINEAGE, None
     view = queries.adapter_lineage(session, adapter_id, at_block=block)
     if view is None:
         raise MirrorUnavailable("the mirror lacks an adapter a receipt names", adapter_id=adapter_id,
                                 registry_block=block)
-    return Lineage(view.owner, view.owner_share_bps, tuple((d.payout, d.weight_bps) for d in view.datasets)), view
+    return Lineage(view.owner, view.owner_share_bps,
+                   tuple((payouts.get(d.dataset_id, d.payout), d.weight_bps) for d in view.datasets)), view
 
 
 def _label(role: str, position: int | None, view: queries.AdapterLineageView | None) -> str:

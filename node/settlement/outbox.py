@@ -248,18 +248,21 @@ def _epoch_receipt(r: Receipt, v: Voucher) -> EpochReceipt:
     return EpochReceipt(r.id, receipt_of_row(r), SignedVoucher.from_row(v), weights, v.charged_total)
 
 
-def lineages(session: Session, receipts: list[EpochReceipt]) -> dict[int, Lineage]:
-    """Each adapter's payees as the mirror has them (lineage is immutable once registered); the base
-    model's (adapter id 0) are nobody's but the treasury's and the node's."""
+def payees(session: Session, receipts: list[EpochReceipt]) -> tuple[dict[int, Lineage], dict[str, str]]:
+    """Each adapter's payees as the mirror has them (lineage is immutable once registered, a dataset's
+    payout is not: its owner may move it); the base model's (adapter id 0) are nobody's but the
+    treasury's and the node's. Also the payout of each of their datasets (dataset id as a string ->
+    address), which the epoch keeps: its earnings are explained with them (node/settlement/epoch_sources.py)."""
     out: dict[int, Lineage] = {}
+    payouts: dict[str, str] = {}
     for r in receipts:
         if r.adapter_id == BASE_ADAPTER_ID:
             out[r.adapter_id] = BASE_LINEAGE
         elif r.adapter_id not in out:
-            view = lineage_view(session, r)
-            out[r.adapter_id] = Lineage(view.owner, view.owner_share_bps,
-                                        tuple((d.payout, d.weight_bps) for d in view.datasets))
-    return out
+            view = lineage_view(session, r)  # one payout per dataset in the epoch, read once
+            out[r.adapter_id] = Lineage(view.owner, view.owner_share_bps, tuple(
+                (payouts.setdefault(str(d.dataset_id), d.payout), d.weight_bps) for d in view.datasets))
+    return out, payouts
 
 
 def misattributed(session: Session, receipts: list[EpochReceipt]) -> list[EpochReceipt]:
