@@ -53,7 +53,7 @@ def test_the_indexer_keeps_running_past_such_a_registration(world: ChainWorld, d
     try:
         world.register_dataset(1, "ipfs://after")
         world.mine(20)
-        for _ in range(200):
+        for _ in range(600):  # a minute at least, on a loaded box
             with factory() as s:
                 if s.scalar(select(Dataset.uri).where(Dataset.dataset_id == 2)) is not None:
                     break
