@@ -4,7 +4,8 @@ The proof comes from a published epoch: the node's API (`GET /v1/epochs/{node}/l
 newest one past its challenge period) or a JSON file written by `export_epoch`. The tree is never
 trusted: its root must equal the root the chain holds for that epoch, each proof is checked against
 it before sending, and the contract checks it again. Both functions return what was paid; an account
-with nothing due is not sent a transaction (the contract would revert).
+with nothing due is not sent a transaction (the contract would revert), and one that another claim paid
+meanwhile (a third party's, ahead of ours) is paid: `claim` answers 0 rather than an error.
 """
 
 from __future__ import annotations
@@ -112,7 +113,13 @@ def claim(contracts: Contracts, node: str, account: str, proof_source: str | Pat
     cumulative, proof = entry
     if cumulative <= contracts.settlement.claimed(node, account):
         return 0
-    receipt = contracts.settlement.claim(node, rewards.epoch_id, account, cumulative, proof)
+    try:
+        receipt = contracts.settlement.claim(node, rewards.epoch_id, account, cumulative, proof)
+    except ChainError:
+        if cumulative <= contracts.settlement.claimed(node, account):  # anyone may claim for anyone: one did first
+            log.info("%s was paid up to %d from node %s by another claim meanwhile", account, cumulative, node)
+            return 0
+        raise
     paid = sum(int(e["amount"]) for e in event_args(contracts.settlement.contract, receipt, "Claimed"))
     log.info("claimed %d for %s from node %s epoch %d", paid, account, node, rewards.epoch_id)
     return paid
