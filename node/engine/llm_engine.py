@@ -239,19 +239,33 @@ class LLMEngine:
     def _advance(self, scheduled: list[ScheduledSeq], sampled: SamplerOutput) -> list[Sequence]:
         """Count the step's tokens, append the sampled ones, stream them; returns the sequences that stopped."""
         finished = []
-        tokens = iter(zip(sampled.token_ids, sampled.logprobs, strict=True))
+        rows = iter(enumerate(zip(sampled.token_ids, sampled.logprobs, strict=True)))
         for item in scheduled:
             seq = item.seq
             seq.num_computed_tokens += item.num_new_tokens
             if seq.num_computed_tokens < seq.num_tokens:
                 continue  # a prefill chunk: nothing sampled yet
-            self._append(seq, *next(tokens))
+            row, (token_id, logprob) = next(rows)
+            if row in sampled.dead_ends:
+                self._end_at_dead_end(seq)
+                finished.append(seq)
+                continue
+            self._append(seq, token_id, logprob)
             if self.outputs.check_stop(seq, is_streamed=seq.request_id in self._listeners):
                 self.scheduler.finish(seq)
                 finished.append(seq)
             elif seq.request_id in self._listeners:
                 self._notify(seq)
         return finished
+
+    def _end_at_dead_end(self, seq: Sequence) -> None:
+        """Its grammar allows no next token (a schema this node's JSON rules cannot satisfy): the answer ends
+        before it, cut as one at its length is (its tokens counted and charged); the batch goes on."""
+        log.warning("request %s: its grammar allows no token after %d; its answer ends there", seq.request_id,
+                    len(seq.output_token_ids))
+        self.outputs.cut(seq)
+        seq.finish("length")
+        self.scheduler.finish(seq)
 
     @staticmethod
     def _append(seq: Sequence, token_id: int, logprob: TokenLogprob | None) -> None:

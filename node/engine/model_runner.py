@@ -139,7 +139,8 @@ class ModelRunner:
                               [q.grammar for q in seqs])
         out = self.sampler(logits, batch)
         order = inputs.scheduled_order
-        return SamplerOutput([out.token_ids[i] for i in order], [out.logprobs[i] for i in order])
+        return SamplerOutput([out.token_ids[i] for i in order], [out.logprobs[i] for i in order],
+                             frozenset(k for k, i in enumerate(order) if i in out.dead_ends))
 
     def _eager(self, inputs: ModelInputs) -> torch.Tensor:
         groups, first = [], 0

@@ -3,7 +3,10 @@
     adjust (penalties, logit_bias, min_tokens) -> mask (allowed tokens) -> temperature, top-k, top-p
     -> draw -> logprobs (of the adjusted, masked distribution)
 
-Every stage leaves rows that do not use it untouched, so a batch mixes any requests.
+Every stage leaves rows that do not use it untouched, so a batch mixes any requests. A row whose
+grammar allows no token at all (a dead end: a schema this node's JSON and UTF-8 rules cannot satisfy,
+e.g. a `pattern` that asks for a raw control character) is drawn from nothing: it is reported in
+`dead_ends` and its token is none (the engine ends that answer); it must never make the batch fail.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class SamplingBatch:
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[TokenLogprob | None]  # None for a row that asked for none
+    dead_ends: frozenset[int] = frozenset()  # rows whose grammar allowed no token: their token means nothing
 
 
 class Sampler:
@@ -46,18 +50,20 @@ class Sampler:
         raw = logits[rows].clone() if rows else None
         logits = adjust_logits(logits, batch.params, batch.prompt_token_ids, batch.output_token_ids,
                                self.eos_token_ids)
-        if raw is not None:
-            _mask_grammars(logits, raw, rows, batch.grammars)
+        dead_ends = _mask_grammars(logits, raw, rows, batch.grammars) if raw is not None else []
+        if dead_ends:  # nothing to draw from: all -inf would be NaN probabilities, and multinomial raises
+            logits[dead_ends] = 0.0
         token_ids = sample(logits, batch.params, batch.generators)
-        return SamplerOutput(token_ids, token_logprobs(logits, token_ids, batch.params))
+        return SamplerOutput(token_ids, token_logprobs(logits, token_ids, batch.params), frozenset(dead_ends))
 
 
 def _mask_grammars(logits: torch.Tensor, raw: torch.Tensor, rows: list[int],
-                   grammars: Sequence[GrammarState | None]) -> None:
+                   grammars: Sequence[GrammarState | None]) -> list[int]:
     """In place: each of `rows` of the adjusted logits [N, vocab] keeps only the tokens its grammar allows.
     A row left with none (min_tokens or a -100 bias hid every token the grammar allows, e.g. the end of a
     complete answer) takes its raw logits (`raw`: [len(rows), vocab], before adjustments) under the
-    grammar's mask instead: the grammar, which the answer must match, wins over the adjustments."""
+    grammar's mask instead: the grammar, which the answer must match, wins over the adjustments. Returns
+    the rows whose grammar allows no token at all (their dead ends)."""
     bitmask = torch.full((len(rows), -(-logits.shape[-1] // 32)), -1, dtype=torch.int32)
     for j, i in enumerate(rows):
         grammar = grammars[i]
@@ -69,3 +75,4 @@ def _mask_grammars(logits: torch.Tensor, raw: torch.Tensor, rows: list[int],
         apply_token_bitmask(raw, bitmask, list(range(len(rows))))
         for j in dead:
             logits[rows[j]] = raw[j]
+    return [rows[j] for j in dead if torch.isinf(logits[rows[j]]).all()]
