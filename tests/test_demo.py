@@ -8,6 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from node.cli import app
+from node.devkit.demo import NEXT
+from tests.test_readme_path import readme_blocks
 
 pytestmark = [pytest.mark.chain, pytest.mark.slow]
 
@@ -28,3 +30,10 @@ def test_the_demo_loop_reconciles_to_the_wei(tmp_path: Path) -> None:
 def test_dev_refuses_unknown_options() -> None:
     result = CliRunner().invoke(app, ["dev", "--demo", "--fast"])
     assert result.exit_code == 2 and "No such option" in result.output
+
+
+def test_the_demo_ends_with_the_readme_lines_that_keep_a_node_running() -> None:
+    """A newcomer after `make demo` has no `loranode` on the PATH: the next step it prints is README's
+    shell 1, activation included, as written."""
+    for line in readme_blocks()["shell 1"]:
+        assert f"`{line}`" in NEXT, line

@@ -117,6 +117,9 @@ def test_the_readme_by_hand_path_works_pasted_line_by_line(folder: Path, dev_nod
     assert "state:         final" in shown and "receipts:      1" in shown
     assert re.search(r"^\s+1\s+final\s+\d+\s+0\s+claimable\s+dataset 1 \d+$", earnings[0], re.M), earnings[0]
     assert re.search(r"^\s+1\s+final\s+(\d+)\s+\1\s+claimed\s+dataset 1 \d+$", earnings[-1], re.M), earnings[-1]
+    claimed = re.search(r"^\s+1\s+final\s+(\d+)\s+\1\s+claimed", earnings[-1], re.M)
+    claim = next(out for cmd, out, _, _ in steps if cmd.startswith("loranode claim"))
+    assert claimed and f"{CONTRIBUTOR} received {claimed.group(1)} (" in claim, claim  # the units earnings shows
     owner = steps[-1][1]
     assert "adapter 1 owner" in owner, owner
     if os.environ.get("LORANODE_TRANSCRIPT"):

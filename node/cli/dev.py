@@ -77,13 +77,15 @@ def _serve_forever(folder: Path, port: int, epoch_max_age_s: float) -> None:
             console.print(f"[bold red]paid work is refused[/]: {escape(fault)}")
         node.start_settlement(folder / "logs", epoch_max_age_s=epoch_max_age_s, settlement_interval_s=DEV_BEAT_S)
         address = node.contracts(OPERATOR).client.address
-        env = write_env_file(node, url, model, address)
+        values = dev_env(node, url, model, address)
+        env = write_env_file(values)
         console.print(f"anvil {node.anvil.rpc_url}; API {url}; node {address}; "
                       f"settlement worker and beat logs in {folder / 'logs'}")
-        console.print(f"in another shell: `. {env}` (it sets LORANODE_RPC_URL, LORANODE_DEPLOYMENT_FILE, "
-                      "NODE_URL, NODE and BASE_MODEL)")
-        console.print(f"export LORANODE_RPC_URL={node.anvil.rpc_url} "
-                      f"LORANODE_DEPLOYMENT_FILE={node.settings.deployment_file} {NODE_URL_ENV}={url}")
+        console.print(f"in another shell: `. {env}`, or paste the line below (it sets "
+                      f"{', '.join(values)})", markup=False)
+        # the same variables as the file: README's lines use $NODE and $BASE_MODEL too
+        console.print("export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in values.items()), markup=False,
+                      soft_wrap=True)
         console.print(f"base model {model}: register datasets and adapters with --dev-account N (N >= 3), "
                       "deposit with `loranode escrow deposit ... --mint`, then `loranode request`. Ctrl-C stops.",
                       markup=False)
@@ -95,11 +97,15 @@ def _serve_forever(folder: Path, port: int, epoch_max_age_s: float) -> None:
         ENV_FILE.unlink(missing_ok=True)
 
 
-def write_env_file(node: LocalNode, url: str, model: Path, address: str) -> Path:
-    """The shell variables another shell needs to use this dev node, in .loranode/dev.env."""
+def dev_env(node: LocalNode, url: str, model: Path, address: str) -> dict[str, str]:
+    """The shell variables another shell needs to use this dev node."""
+    return {"LORANODE_RPC_URL": node.anvil.rpc_url, "LORANODE_DEPLOYMENT_FILE": str(node.settings.deployment_file),
+            NODE_URL_ENV: url, "NODE_URL": url, "NODE": address, "BASE_MODEL": str(model)}
+
+
+def write_env_file(values: dict[str, str]) -> Path:
+    """`values` as shell exports, in .loranode/dev.env."""
     ENV_FILE.parent.mkdir(parents=True, exist_ok=True)
-    values = {"LORANODE_RPC_URL": node.anvil.rpc_url, "LORANODE_DEPLOYMENT_FILE": node.settings.deployment_file,
-              NODE_URL_ENV: url, "NODE_URL": url, "NODE": address, "BASE_MODEL": model}
     ENV_FILE.write_text("# written by `loranode dev`; removed when it stops\n"
-                        + "".join(f"export {k}={shlex.quote(str(v))}\n" for k, v in values.items()))
+                        + "".join(f"export {k}={shlex.quote(v)}\n" for k, v in values.items()))
     return ENV_FILE

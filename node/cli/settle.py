@@ -65,7 +65,7 @@ def claim(
     if all_payees:
         outcome = claim_all(contracts, node, source)
         for who, amount in outcome.paid.items():
-            console.print(f"{who}: {Decimal(amount) / 10**18} tokens")
+            console.print(f"{who}: {_amount(amount)}")
         console.print(f"{len(outcome.paid)} payee(s) paid")
         if outcome.refused:
             raise ChainError(f"{len(outcome.refused)} payee(s) could not be paid (the others were)",
@@ -73,7 +73,12 @@ def claim(
         return
     who = account or contracts.client.address
     amount = claim_one(contracts, node, who, source)
-    console.print(f"{who} received {Decimal(amount) / 10**18} tokens" if amount else f"nothing due to {who}")
+    console.print(f"{who} received {_amount(amount)}" if amount else f"nothing due to {who}")
+
+
+def _amount(amount: int) -> str:
+    """In base units first, as `earnings` and `epoch` print them, then in tokens."""
+    return f"{amount} ({Decimal(amount) / 10**18} tokens)"
 
 
 @settle_app.command("losses")

@@ -15,7 +15,8 @@ on connection errors, 408, 409, 429 and 5xx) sends the same voucher: a request t
 whose answer was lost is replayed, not charged twice; once that voucher is in an epoch (public, so
 the node answers 409 naming its receipt), they send it again with this payer's `X-Receipt-Read` of
 that receipt and get the stored answer all the same.
-`payer.receipt(id)` reads one of its own receipts with its text, which the node shows to nobody else.
+`payer.receipt(id)` reads one of its own receipts with its text, which the node shows to nobody else;
+`payer.receipts(lane)` lists a lane's receipts, newest first, each with the charged total after it.
 
 The voucher's cumulative is what the escrow lets the node collect on the lane, and the lane's charged
 total and last voucher come from the node: a `Payer` remembers the most it signed on each lane and
@@ -113,6 +114,13 @@ class Payer:
         with self._lock:
             self._charged[lane] = int(data["chargedTotal"])
         return data
+
+    def receipts(self, lane: int, *, limit: int = 50, before: int | None = None) -> dict[str, Any]:
+        """This payer's receipts on `lane`, newest first (GET /v1/channels/{payer}/{lane}/receipts): each
+        with the lane's charged total after it; `next` is the `before` of the next page (None: the last)."""
+        read = sign_read(self.key, self.address, lane_read_id(self.info.node, lane), self.info.domain)
+        query = f"?limit={limit}" + (f"&before={before}" if before is not None else "")
+        return self._get(f"/v1/channels/{self.address}/{lane}/receipts{query}", headers={HEADER: read})
 
     def receipt(self, receipt_id: str) -> dict[str, Any]:
         """One of this payer's receipts with its text (the output while the node keeps it, and the

@@ -205,6 +205,12 @@ def show_receipt(result: DemoResult, say: Say) -> None:
     Console(soft_wrap=True).print_json(json.dumps({"receipt": receipt, "proof": proof}))
 
 
+# README.md's "Try it by hand", shell 1: `make demo` never put `loranode` on the shell's PATH
+NEXT = ("Next: `. .venv/bin/activate` then `loranode dev --port 8000 --epoch-max-age 5` keeps a node running "
+        "(README.md, \"Try it by hand\", says what to do in a second shell); README.md has the guides for "
+        "contributors, adapter owners, operators and dApps.")
+
+
 def run_demo(data_dir: Path, say: Say, num_per_lane: int = 12) -> bool:
     """The whole loop from an empty data folder; True when the chain and the receipts agree."""
     started = time.monotonic()
@@ -221,8 +227,7 @@ def run_demo(data_dir: Path, say: Say, num_per_lane: int = 12) -> bool:
         paid = settle_and_claim(result, data_dir / "logs", say)
         ok = report(result, paid, say)
         show_receipt(result, say)
-        say(f"done in {time.monotonic() - started:.0f}s. Next: `loranode dev` keeps a node running; "
-            "README.md has the guides for contributors, adapter owners, operators and dApps.")
+        say(f"done in {time.monotonic() - started:.0f}s. {NEXT}")
         return ok
     finally:
         node.stop()

@@ -118,6 +118,17 @@ def receipt_with_payer(session: Session, receipt_hash: str) -> tuple[Receipt, Vo
     return None if found is None else (found[0], found[1])
 
 
+def lane_receipts(session: Session, payer: str, node: str, lane: int, limit: int,
+                  before: int | None = None) -> list[tuple[Receipt, Voucher]]:
+    """The receipts of `payer`'s lane at `node`, newest first, each with its voucher; `before`: only
+    those older than the receipt with that row id (a page's cursor)."""
+    q = (select(Receipt, Voucher).join(Voucher, Voucher.voucher_hash == Receipt.voucher_hash)
+         .where(Voucher.payer == payer, Voucher.node == node, Voucher.lane == lane))
+    if before is not None:
+        q = q.where(Receipt.id < before)
+    return [(r, v) for r, v in session.execute(q.order_by(Receipt.id.desc()).limit(limit))]
+
+
 def receipt_document(row: Receipt, node: str) -> dict[str, Any]:
     """A receipt as anyone may see it: its signed fields and signature, its epoch, and its attribution
     with the spans' offsets and counts but not their text."""

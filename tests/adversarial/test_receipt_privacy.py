@@ -177,6 +177,7 @@ def _post(node: AttributedNode, body: bytes, header: str, read: str | None = Non
 
 
 PAID_GETS = ("/x402/refund",)
+PAYER_GETS = ("/receipts",)  # a lane's receipts: its payer's signed read, else 401
 
 
 def _public_urls(node: AttributedNode, paid: Paid) -> list[str]:
@@ -210,7 +211,7 @@ def test_no_public_endpoint_returns_a_paid_output_or_its_prompt(attributed: Attr
     for url in urls:
         resp = httpx.get(url)
         # the x402 refund is a GET that takes a payment: unpaid, its 402 (404 on a node without x402)
-        expected = (402, 404) if url.endswith(PAID_GETS) else (200,)
+        expected = (402, 404) if url.endswith(PAID_GETS) else (401,) if url.endswith(PAYER_GETS) else (200,)
         assert resp.status_code in expected, (url, resp.text[:300])
         _assert_no_text(resp, settled, DISTINCT_PROMPT)
     epoch = httpx.get(f"{attributed.paid.base_url}/v1/epochs/{settled.receipt['node']}/latest").json()

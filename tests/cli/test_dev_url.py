@@ -1,5 +1,6 @@
 """`loranode dev` serves where `loranode request` looks: on the default URL when its port is free, and
-in every case on the URL of the `export LORANODE_NODE_URL=...` line it prints."""
+in every case on the URL of the `export LORANODE_NODE_URL=...` line it prints; that line sets every
+variable README's second shell uses, as `.loranode/dev.env` does."""
 
 from __future__ import annotations
 
@@ -62,6 +63,16 @@ def test_dev_serves_on_the_url_request_uses_by_default(dev_exports: tuple[dict[s
     if default_free:
         assert exports["LORANODE_NODE_URL"] == DEFAULT_NODE_URL
     assert exports["LORANODE_NODE_URL"].startswith("http://127.0.0.1:")
+
+
+def test_the_export_line_sets_what_the_readme_lines_use(dev_exports: tuple[dict[str, str], bool]) -> None:
+    exports = dev_exports[0]
+    assert set(exports) == {"LORANODE_RPC_URL", "LORANODE_DEPLOYMENT_FILE", "LORANODE_NODE_URL", "NODE_URL", "NODE",
+                            "BASE_MODEL"}
+    assert exports["NODE_URL"] == exports["LORANODE_NODE_URL"]
+    assert exports["NODE"].startswith("0x") and len(exports["NODE"]) == 42
+    assert (Path(exports["BASE_MODEL"]) / "config.json").is_file()
+    assert Path(exports["LORANODE_DEPLOYMENT_FILE"]).is_file()
 
 
 def test_request_finds_dev_through_its_export_line(dev_exports: tuple[dict[str, str], bool], tmp_path: Path) -> None:

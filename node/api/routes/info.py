@@ -21,13 +21,14 @@ from node.api.deps import (
 from node.api.error_handlers import error_responses
 from node.api.schemas import MAX_CHOICES
 from node.chain.receipt_read import HEADER, authorize_read, lane_read_id
-from node.errors import NodeError
+from node.errors import NodeError, ReadUnauthorized
 from node.payment.pricing import Pricing
-from node.settlement.publication import payer_view, receipt_document, receipt_with_payer
+from node.settlement.publication import lane_receipts, payer_view, receipt_document, receipt_with_payer
 
 router = APIRouter(prefix="/v1", tags=["info"])
 ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 HASH = re.compile(r"^0x[0-9a-fA-F]{64}$")
+MAX_RECEIPTS_PAGE = 100
 ReadHeader = Annotated[str | None, Header(alias=HEADER, description="base64url JSON of the payer's signed "
                                           "EIP-712 ReceiptRead: required to see the receipt's text")]
 
@@ -90,6 +91,29 @@ def channel(ledger: LedgerDep, pricing: PricingDep, engine: EngineDep, node: Nod
         authorize_read(read, lane_read_id(node, lane), payer, payments.domain, payments.clock())
         out["lastVoucher"] = ch.last_voucher.to_json() if ch.last_voucher is not None else None
     return out
+
+
+@router.get("/channels/{payer}/{lane}/receipts", responses=error_responses(400, 401, 403, 503))
+def channel_receipts(db: DatabaseDep, payments: PaymentsDep, node: NodeAddress,
+                     payer: str = Path(..., pattern=ADDRESS.pattern), lane: int = Path(..., ge=0, lt=2**32),
+                     limit: int = Query(50, ge=1, le=MAX_RECEIPTS_PAGE),
+                     before: int | None = Query(None, ge=1, description="the previous page's `next`"),
+                     read: ReadHeader = None) -> dict[str, Any]:
+    """The payer's receipts on the lane, newest first, to the payer only (an `X-Receipt-Read` naming
+    `lane_read_id(node, lane)`, as for `lastVoucher`): each receipt as `GET /v1/receipts/{id}` shows it
+    to anyone, with the lane's `chargedTotal` after it and the voucher's `cumulative`, so an app
+    reconciles what it was charged, request by request, without having kept its answers. `next`: the
+    `before` of the next page, null on the last. The text stays at `GET /v1/receipts/{id}`."""
+    if read is None:
+        raise ReadUnauthorized(f"a lane's receipts are its payer's: send {HEADER}, a ReceiptRead of "
+                               "lane_read_id(node, lane) signed by the payer", lane=lane)
+    authorize_read(read, lane_read_id(node, lane), payer, payments.domain, payments.clock())
+    with db() as session:
+        rows = lane_receipts(session, payer, node, lane, limit + 1, before)
+        page = [{**receipt_document(r, node), "chargedTotal": str(v.charged_total), "cumulative": str(v.cumulative)}
+                for r, v in rows[:limit]]
+        after = rows[limit - 1][0].id if len(rows) > limit else None
+    return {"payer": payer, "node": node, "lane": lane, "receipts": page, "next": after}
 
 
 def context_quote(pricing: Pricing, max_model_len: int, max_tokens: int | None) -> tuple[int, int, int]:
