@@ -9,6 +9,12 @@ An escrow row (and an x402 channel row) also carries its deposits that are not f
 may spend only what is final (docs/indexer.md): a reorg above the finalized block can remove a deposit,
 never a debit the mirror has not counted yet. They are summed from the raw events above the finalized
 block whenever an escrow row is written, rolled back or finalized.
+
+An escrow row also carries what was thawing as of the finalized block, less what the payer withdrew
+since (`final_thawing`): a reorg above the finalized block can drop a thaw's cancel and bring back a
+thaw that ended long ago, so the hold counts the larger of it and `thawing` (a thaw started above the
+finalized block counts at once). It is replayed from the raw events of the rows that started, cancelled
+or withdrew a thaw above the finalized block (`thawing` for the others), at the same moments.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ TABLES: dict[str, Table] = {
     "channel": table_of(ChannelAccount),
 }
 DEPOSITS = {"escrow": "Deposited", "channel": "ChannelDeposited"}  # rows whose deposits count once final
+THAWS = ("ThawStarted", "Withdrawn")  # the escrow events that set what is thawing (a reorg can undo them)
 INT_KEYS = frozenset({"dataset_id", "adapter_id", "lane", "epoch_id"})
 CHUNK = 500
 RAW = table_of(RawEvent)
@@ -89,6 +96,7 @@ class Mirror:
         current = self._load(session, need)
         states = {e: replay(current.get(e), evs) for e, evs in by_entity.items()}
         self._set_pending(session, states, final_block)
+        self._set_final_thawing(session, states, final_block)
         self._save(session, states, final_block)
         self._sync_outbox(session)
         return len(fresh)
@@ -107,6 +115,7 @@ class Mirror:
                 remaining[r["entity"]].append(self._event(r))
         states = {e: replay(None, evs) for e, evs in remaining.items()}
         self._set_pending(session, states, final_block)
+        self._set_final_thawing(session, states, final_block)
         self._save(session, states, final_block)
         session.execute(delete(ChainBlock).where(ChainBlock.chain_id == self.chain_id,
                                                  ChainBlock.number > to_block))
@@ -118,6 +127,7 @@ class Mirror:
     def finalize(self, session: Session, final_block: int) -> None:
         """Mark rows at or below `final_block` final and forget block hashes below it."""
         self._finalize_pending(session, final_block)
+        self._finalize_thawing(session, final_block)
         session.execute(update(RAW).where(RAW.c.is_final.is_(False), RAW.c.chain_id == self.chain_id,
                                           RAW.c.block_number <= final_block).values(is_final=True))
         for table in TABLES.values():
@@ -169,6 +179,50 @@ class Mirror:
             for entity, block, args in session.execute(q):
                 total, last = out.get(entity, (0, block))
                 out[entity] = (total + args_from_json(event, args)["amount"], max(last, block))
+        return out
+
+    # --- thaws as of the finalized block ---------------------------------------------------------
+
+    def _set_final_thawing(self, session: Session, states: dict[str, Row | None], final_block: int) -> None:
+        rows = [e for e, row in states.items() if row is not None and kind_of(e) == "escrow"]
+        final = self._final_thawing(session, rows, final_block)
+        for e in rows:
+            row = states[e]
+            assert row is not None
+            row["final_thawing"] = final.get(e, row["thawing"])
+
+    def _finalize_thawing(self, session: Session, final_block: int) -> None:
+        """Give the escrow rows with a thaw event above the last finalized block (the raw events not
+        marked final yet) their `final_thawing` as of `final_block`."""
+        entities = list(session.scalars(select(RAW.c.entity).where(
+            RAW.c.chain_id == self.chain_id, RAW.c.is_final.is_(False), RAW.c.event.in_(THAWS)).distinct()))
+        final = self._final_thawing(session, entities, final_block)
+        table = TABLES["escrow"]
+        for e in entities:
+            payer, node = _pk(e)
+            session.execute(update(table).where(table.c.payer == payer, table.c.node == node)
+                            .values(final_thawing=final.get(e, table.c.thawing)))
+
+    def _final_thawing(self, session: Session, entities: Sequence[str], final_block: int) -> dict[str, int]:
+        """{entity: what it was thawing as of `final_block`, less what it withdrew above it} for the escrow
+        `entities` with a thaw started, cancelled or withdrawn above `final_block` (replayed from their raw
+        events); the others are left out (their `thawing` is all a reorg can bring back)."""
+        moved: list[str] = []
+        for chunk in _chunks(entities):
+            moved += session.scalars(select(RAW.c.entity).where(
+                RAW.c.chain_id == self.chain_id, RAW.c.event.in_(THAWS), RAW.c.block_number > final_block,
+                RAW.c.entity.in_(chunk)).distinct())
+        events: dict[str, list[ChainEvent]] = defaultdict(list)
+        for chunk in _chunks(moved):
+            q = (select(RAW).where(RAW.c.chain_id == self.chain_id, RAW.c.entity.in_(chunk))
+                 .order_by(RAW.c.block_number, RAW.c.log_index))
+            for r in session.execute(q).mappings():
+                events[r["entity"]].append(self._event(r))
+        out: dict[str, int] = {}
+        for e, evs in events.items():
+            final = replay(None, [ev for ev in evs if ev.block_number <= final_block])
+            withdrawn = sum(ev.args["amount"] for ev in evs if ev.name == "Withdrawn" and ev.block_number > final_block)
+            out[e] = max((final["thawing"] if final else 0) - withdrawn, 0)
         return out
 
     # --- rows ----------------------------------------------------------------------------------

@@ -91,6 +91,9 @@ class EscrowAccount(ChainRow, Base):
     # latest of them is finality_depth deep (None: nothing pending)
     pending_deposits: Mapped[int] = mapped_column(Amount(), nullable=False, default=0)
     pending_until_block: Mapped[int | None] = mapped_column(BigInteger)
+    # what was thawing as of the last final block, less what was withdrawn since: a reorg can bring back
+    # a thaw cancelled (or lowered) above it, so the hold counts the larger of this and `thawing`
+    final_thawing: Mapped[int] = mapped_column(Amount(), nullable=False, default=0)
 
 
 class ChannelAccount(ChainRow, Base):
