@@ -1,9 +1,10 @@
 """final_thawing: escrow accounts carry what was thawing as of the last final block (less what was
-withdrawn since), and the hold counts the larger of it and `thawing` (node/payment/hold_rule.py)
+withdrawn since) and when it ends; the hold counts the larger of it and `thawing` (node/payment/
+hold_rule.py), settlement's lane order the sooner end (node/settlement/outbox.py)
 
 A thaw cancelled in a block that was not final yet freed its escrow at once: a reorg that dropped the
 cancel brought back a thaw that had ended, and the payer withdrew what the node had served against it
-(tests/adversarial/test_thaw_cancel_reorg.py). Rows take `thawing` here (exact for every final row;
+(tests/adversarial/test_thaw_cancel_reorg.py). Rows take `thawing` and `thaw_end_at` here (exact for every final row;
 the indexer replays the others' at its next finalized block). `loranode_try_hold` is created again with
 the rule (its result has one more column, so it is dropped first).
 
@@ -20,7 +21,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from alembic import op
 
-from node.db.types import Amount
+from node.db.types import Amount, UTCDateTime
 
 revision: str = "0012"
 down_revision: str | None = "0011"
@@ -104,7 +105,8 @@ def upgrade() -> None:
     with op.batch_alter_table("escrow_accounts", schema=None) as batch_op:
         batch_op.add_column(sa.Column("final_thawing", Amount(precision=78, scale=0), nullable=False,
                                       server_default="0"))
-    op.execute("UPDATE escrow_accounts SET final_thawing = thawing")
+        batch_op.add_column(sa.Column("final_thaw_end_at", UTCDateTime(timezone=True), nullable=True))
+    op.execute("UPDATE escrow_accounts SET final_thawing = thawing, final_thaw_end_at = thaw_end_at")
     if op.get_bind().dialect.name == "postgresql":
         op.execute(DROP_TRY_HOLD)
         op.execute(TRY_HOLD)
@@ -115,6 +117,7 @@ def downgrade() -> None:
         op.execute(DROP_TRY_HOLD)
         op.execute(_previous_try_hold())
     with op.batch_alter_table("escrow_accounts", schema=None) as batch_op:
+        batch_op.drop_column("final_thaw_end_at")
         batch_op.drop_column("final_thawing")
 
 

@@ -11,10 +11,12 @@ never a debit the mirror has not counted yet. They are summed from the raw event
 block whenever an escrow row is written, rolled back or finalized.
 
 An escrow row also carries what was thawing as of the finalized block, less what the payer withdrew
-since (`final_thawing`): a reorg above the finalized block can drop a thaw's cancel and bring back a
-thaw that ended long ago, so the hold counts the larger of it and `thawing` (a thaw started above the
-finalized block counts at once). It is replayed from the raw events of the rows that started, cancelled
-or withdrew a thaw above the finalized block (`thawing` for the others), at the same moments.
+since (`final_thawing`), and when that thaw ends (`final_thaw_end_at`): a reorg above the finalized
+block can drop a thaw's cancel (or restart) and bring back a thaw that ends sooner, so the hold counts
+the larger of `final_thawing` and `thawing` (a thaw started above the finalized block counts at once),
+and settlement the sooner end. They are replayed from the raw events of the rows that started,
+cancelled or withdrew a thaw above the finalized block (`thawing`, `thaw_end_at` for the others), at
+the same moments.
 """
 
 from __future__ import annotations
@@ -189,24 +191,27 @@ class Mirror:
         for e in rows:
             row = states[e]
             assert row is not None
-            row["final_thawing"] = final.get(e, row["thawing"])
+            row["final_thawing"], row["final_thaw_end_at"] = final.get(e, (row["thawing"], row["thaw_end_at"]))
 
     def _finalize_thawing(self, session: Session, final_block: int) -> None:
         """Give the escrow rows with a thaw event above the last finalized block (the raw events not
-        marked final yet) their `final_thawing` as of `final_block`."""
+        marked final yet) their `final_thawing` and `final_thaw_end_at` as of `final_block`."""
         entities = list(session.scalars(select(RAW.c.entity).where(
             RAW.c.chain_id == self.chain_id, RAW.c.is_final.is_(False), RAW.c.event.in_(THAWS)).distinct()))
         final = self._final_thawing(session, entities, final_block)
         table = TABLES["escrow"]
         for e in entities:
             payer, node = _pk(e)
+            thawing, end_at = final.get(e, (table.c.thawing, table.c.thaw_end_at))
             session.execute(update(table).where(table.c.payer == payer, table.c.node == node)
-                            .values(final_thawing=final.get(e, table.c.thawing)))
+                            .values(final_thawing=thawing, final_thaw_end_at=end_at))
 
-    def _final_thawing(self, session: Session, entities: Sequence[str], final_block: int) -> dict[str, int]:
-        """{entity: what it was thawing as of `final_block`, less what it withdrew above it} for the escrow
-        `entities` with a thaw started, cancelled or withdrawn above `final_block` (replayed from their raw
-        events); the others are left out (their `thawing` is all a reorg can bring back)."""
+    def _final_thawing(self, session: Session, entities: Sequence[str],
+                       final_block: int) -> dict[str, tuple[int, datetime | None]]:
+        """{entity: (what it was thawing as of `final_block` less what it withdrew above it, that thaw's
+        end)} for the escrow `entities` with a thaw started, cancelled or withdrawn above `final_block`
+        (replayed from their raw events); the others are left out (their `thawing` is all a reorg can
+        bring back)."""
         moved: list[str] = []
         for chunk in _chunks(entities):
             moved += session.scalars(select(RAW.c.entity).where(
@@ -218,11 +223,12 @@ class Mirror:
                  .order_by(RAW.c.block_number, RAW.c.log_index))
             for r in session.execute(q).mappings():
                 events[r["entity"]].append(self._event(r))
-        out: dict[str, int] = {}
+        out: dict[str, tuple[int, datetime | None]] = {}
         for e, evs in events.items():
-            final = replay(None, [ev for ev in evs if ev.block_number <= final_block])
+            final = replay(None, [ev for ev in evs if ev.block_number <= final_block]) or {"thawing": 0}
             withdrawn = sum(ev.args["amount"] for ev in evs if ev.name == "Withdrawn" and ev.block_number > final_block)
-            out[e] = max((final["thawing"] if final else 0) - withdrawn, 0)
+            thawing = max(final["thawing"] - withdrawn, 0)
+            out[e] = (thawing, final.get("thaw_end_at") if thawing else None)
         return out
 
     # --- rows ----------------------------------------------------------------------------------
