@@ -1,10 +1,12 @@
 """final_thawing: escrow accounts carry what was thawing as of the last final block (less what was
 withdrawn since) and when it ends; the hold counts the larger of it and `thawing` (node/payment/
-hold_rule.py), settlement's lane order the sooner end (node/settlement/outbox.py)
+hold_rule.py), settlement's lane order the sooner end (node/settlement/outbox.py); x402 channels the
+same of their pending withdrawal (`final_pending_withdrawal`, `final_withdraw_ready_at`)
 
 A thaw cancelled in a block that was not final yet freed its escrow at once: a reorg that dropped the
 cancel brought back a thaw that had ended, and the payer withdrew what the node had served against it
-(tests/adversarial/test_thaw_cancel_reorg.py). Rows take `thawing` and `thaw_end_at` here (exact for every final row;
+(tests/adversarial/test_thaw_cancel_reorg.py; a channel's withdrawal lowered, the same:
+tests/settlement/test_x402_guard.py). Rows take their current values here (exact for every final row;
 the indexer replays the others' at its next finalized block). `loranode_try_hold` is created again with
 the rule (its result has one more column, so it is dropped first).
 
@@ -107,6 +109,12 @@ def upgrade() -> None:
                                       server_default="0"))
         batch_op.add_column(sa.Column("final_thaw_end_at", UTCDateTime(timezone=True), nullable=True))
     op.execute("UPDATE escrow_accounts SET final_thawing = thawing, final_thaw_end_at = thaw_end_at")
+    with op.batch_alter_table("channel_accounts", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("final_pending_withdrawal", Amount(precision=78, scale=0), nullable=False,
+                                      server_default="0"))
+        batch_op.add_column(sa.Column("final_withdraw_ready_at", UTCDateTime(timezone=True), nullable=True))
+    op.execute("UPDATE channel_accounts SET final_pending_withdrawal = pending_withdrawal, "
+               "final_withdraw_ready_at = withdraw_ready_at")
     if op.get_bind().dialect.name == "postgresql":
         op.execute(DROP_TRY_HOLD)
         op.execute(TRY_HOLD)
@@ -116,6 +124,9 @@ def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.execute(DROP_TRY_HOLD)
         op.execute(_previous_try_hold())
+    with op.batch_alter_table("channel_accounts", schema=None) as batch_op:
+        batch_op.drop_column("final_withdraw_ready_at")
+        batch_op.drop_column("final_pending_withdrawal")
     with op.batch_alter_table("escrow_accounts", schema=None) as batch_op:
         batch_op.drop_column("final_thaw_end_at")
         batch_op.drop_column("final_thawing")
