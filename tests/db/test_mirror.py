@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.chain.events import ChainEvent
 from node.chain.mirror import Mirror
-from node.db.models import Adapter, AdapterLineage, Dataset, EscrowAccount, RawEvent
+from node.db.models import Adapter, AdapterLineage, ChannelAccount, Dataset, EscrowAccount, RawEvent
 from node.db.session import make_engine, session_factory, upgrade
 
 NODE = "0x" + "bb" * 20
@@ -153,3 +153,33 @@ def test_an_escrow_row_keeps_its_thaw_as_of_the_final_block_until_a_cancel_is_fi
     assert ingest(8, thaw(9, 300), thaw(10, 0)) == (800, 0, 0, None)
     assert ingest(9) == (800, 0, 300, 9)  # the thaw is final, its cancel is not
     assert ingest(10) == (800, 0, 0, None)
+
+
+def test_a_channel_keeps_its_pending_withdrawal_as_of_the_final_block_until_a_lowering_is_final(db_url: str) -> None:
+    """The same for an x402 channel: a withdrawal lowered above the final block, less what was refunded or
+    withdrawn since."""
+    factory, mirror = _db(db_url), Mirror(31337)
+    txs = iter(range(1, 100))
+    channel = f"0x{7:064x}"
+
+    def ev(block: int, name: str, **args: Any) -> ChainEvent:
+        return ChainEvent(31337, block, f"0x{block:064x}", f"0x{next(txs):064x}", 0, "0x" + "02" * 20, name,
+                          {"channelId": channel, **args})
+
+    def ingest(final: int, *events: ChainEvent) -> tuple[int, int, int]:
+        with factory.begin() as s:
+            mirror.ingest(s, events, final_block=final)
+            mirror.finalize(s, final)
+        with factory() as s:
+            row = s.get(ChannelAccount, channel)
+            assert row is not None
+            return row.balance, row.pending_withdrawal, row.final_pending_withdrawal
+
+    def withdraw(block: int, amount: int) -> ChainEvent:
+        return ev(block, "ChannelWithdrawInitiated", amount=amount, readyAt=1_900_000_000)
+
+    assert ingest(2, ev(1, "ChannelDeposited", payer="0x" + "0c" * 20, amount=1_000, balance=1_000),
+                  withdraw(2, 500)) == (1_000, 500, 500)
+    assert ingest(2, withdraw(3, 1)) == (1_000, 1, 500)  # lowered, not final
+    assert ingest(2, ev(4, "ChannelRefunded", amount=300, nextNonce=1)) == (700, 0, 200)  # refunded: gone for good
+    assert ingest(4) == (700, 0, 0)
