@@ -9,6 +9,15 @@ An escrow row (and an x402 channel row) also carries its deposits that are not f
 may spend only what is final (docs/indexer.md): a reorg above the finalized block can remove a deposit,
 never a debit the mirror has not counted yet. They are summed from the raw events above the finalized
 block whenever an escrow row is written, rolled back or finalized.
+
+Both also carry what the payer had set aside to leave with as of the finalized block (an escrow's thaw,
+a channel's pending withdrawal), less what it was paid out since, and when that ends (`final_thawing`,
+`final_thaw_end_at`; `final_pending_withdrawal`, `final_withdraw_ready_at`): a reorg above the finalized
+block can drop a cancel, a lowering or a restart and bring back an amount set aside that ends sooner, so
+the holds count the larger of it and the mirror's (one set aside above the finalized block counts at
+once), and settlement the sooner end. They are replayed from the raw events of the rows that set,
+lowered or paid out such an amount above the finalized block (the mirror's own for the others), at the
+same moments.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -49,6 +59,25 @@ TABLES: dict[str, Table] = {
     "channel": table_of(ChannelAccount),
 }
 DEPOSITS = {"escrow": "Deposited", "channel": "ChannelDeposited"}  # rows whose deposits count once final
+
+
+@dataclass(frozen=True)
+class SetAside:
+    """What a payer sets aside to leave with, in one kind of row: the `amount` column and its `end`'s, the
+    events that set or lower it (a reorg can undo them) and those that pay part of it out."""
+
+    amount: str
+    end: str
+    events: tuple[str, ...]
+    payouts: tuple[str, ...]
+
+
+SET_ASIDE = {
+    "escrow": SetAside("thawing", "thaw_end_at", ("ThawStarted", "Withdrawn"), ("Withdrawn",)),
+    "channel": SetAside("pending_withdrawal", "withdraw_ready_at",
+                        ("ChannelWithdrawInitiated", "ChannelWithdrawn", "ChannelRefunded"),
+                        ("ChannelWithdrawn", "ChannelRefunded")),
+}
 INT_KEYS = frozenset({"dataset_id", "adapter_id", "lane", "epoch_id"})
 CHUNK = 500
 RAW = table_of(RawEvent)
@@ -89,6 +118,7 @@ class Mirror:
         current = self._load(session, need)
         states = {e: replay(current.get(e), evs) for e, evs in by_entity.items()}
         self._set_pending(session, states, final_block)
+        self._set_final_set_aside(session, states, final_block)
         self._save(session, states, final_block)
         self._sync_outbox(session)
         return len(fresh)
@@ -107,6 +137,7 @@ class Mirror:
                 remaining[r["entity"]].append(self._event(r))
         states = {e: replay(None, evs) for e, evs in remaining.items()}
         self._set_pending(session, states, final_block)
+        self._set_final_set_aside(session, states, final_block)
         self._save(session, states, final_block)
         session.execute(delete(ChainBlock).where(ChainBlock.chain_id == self.chain_id,
                                                  ChainBlock.number > to_block))
@@ -118,6 +149,7 @@ class Mirror:
     def finalize(self, session: Session, final_block: int) -> None:
         """Mark rows at or below `final_block` final and forget block hashes below it."""
         self._finalize_pending(session, final_block)
+        self._finalize_set_aside(session, final_block)
         session.execute(update(RAW).where(RAW.c.is_final.is_(False), RAW.c.chain_id == self.chain_id,
                                           RAW.c.block_number <= final_block).values(is_final=True))
         for table in TABLES.values():
@@ -169,6 +201,58 @@ class Mirror:
             for entity, block, args in session.execute(q):
                 total, last = out.get(entity, (0, block))
                 out[entity] = (total + args_from_json(event, args)["amount"], max(last, block))
+        return out
+
+    # --- what is set aside to leave with, as of the finalized block --------------------------------
+
+    def _set_final_set_aside(self, session: Session, states: dict[str, Row | None], final_block: int) -> None:
+        for kind, aside in SET_ASIDE.items():
+            rows = [e for e, row in states.items() if row is not None and kind_of(e) == kind]
+            final = self._final_set_aside(session, kind, rows, final_block)
+            for e in rows:
+                row = states[e]
+                assert row is not None
+                row["final_" + aside.amount], row["final_" + aside.end] = final.get(
+                    e, (row[aside.amount], row[aside.end]))
+
+    def _finalize_set_aside(self, session: Session, final_block: int) -> None:
+        """Give the rows with such an event above the last finalized block (raw events not marked final
+        yet) their amount set aside and its end as of `final_block`."""
+        for kind, aside in SET_ASIDE.items():
+            table, keys = TABLES[kind], _keys(kind)
+            entities = list(session.scalars(select(RAW.c.entity).where(
+                RAW.c.chain_id == self.chain_id, RAW.c.is_final.is_(False), RAW.c.event.in_(aside.events))
+                .distinct()))
+            final = self._final_set_aside(session, kind, entities, final_block)
+            for e in entities:
+                amount, end = final.get(e, (table.c[aside.amount], table.c[aside.end]))
+                where = [table.c[k] == v for k, v in zip(keys, _pk(e), strict=True)]
+                session.execute(update(table).where(*where).values(
+                    {"final_" + aside.amount: amount, "final_" + aside.end: end}))
+
+    def _final_set_aside(self, session: Session, kind: str, entities: Sequence[str],
+                         final_block: int) -> dict[str, tuple[int, datetime | None]]:
+        """{entity: (what it had set aside as of `final_block` less what was paid out above it, its end)}
+        for those `entities` with an event that sets, lowers or pays it out above `final_block` (replayed
+        from their raw events); the others are left out (the mirror's amount is all a reorg can bring back)."""
+        aside = SET_ASIDE[kind]
+        moved: list[str] = []
+        for chunk in _chunks(entities):
+            moved += session.scalars(select(RAW.c.entity).where(
+                RAW.c.chain_id == self.chain_id, RAW.c.event.in_(aside.events), RAW.c.block_number > final_block,
+                RAW.c.entity.in_(chunk)).distinct())
+        events: dict[str, list[ChainEvent]] = defaultdict(list)
+        for chunk in _chunks(moved):
+            q = (select(RAW).where(RAW.c.chain_id == self.chain_id, RAW.c.entity.in_(chunk))
+                 .order_by(RAW.c.block_number, RAW.c.log_index))
+            for r in session.execute(q).mappings():
+                events[r["entity"]].append(self._event(r))
+        out: dict[str, tuple[int, datetime | None]] = {}
+        for e, evs in events.items():
+            final = replay(None, [ev for ev in evs if ev.block_number <= final_block]) or {aside.amount: 0}
+            paid = sum(ev.args["amount"] for ev in evs if ev.name in aside.payouts and ev.block_number > final_block)
+            amount = max(final[aside.amount] - paid, 0)
+            out[e] = (amount, final.get(aside.end) if amount else None)
         return out
 
     # --- rows ----------------------------------------------------------------------------------

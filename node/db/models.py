@@ -91,6 +91,11 @@ class EscrowAccount(ChainRow, Base):
     # latest of them is finality_depth deep (None: nothing pending)
     pending_deposits: Mapped[int] = mapped_column(Amount(), nullable=False, default=0)
     pending_until_block: Mapped[int | None] = mapped_column(BigInteger)
+    # what was thawing as of the last final block, less what was withdrawn since, and when that thaw ends:
+    # a reorg can bring back a thaw cancelled, lowered or restarted above it, so the hold counts the larger
+    # of this and `thawing`, and settlement the sooner of the two ends
+    final_thawing: Mapped[int] = mapped_column(Amount(), nullable=False, default=0)
+    final_thaw_end_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class ChannelAccount(ChainRow, Base):
@@ -113,6 +118,10 @@ class ChannelAccount(ChainRow, Base):
     # deposits in `balance` not final yet, and the head at which the latest is finality_depth deep
     pending_deposits: Mapped[int] = mapped_column(Amount(), nullable=False, default=0)
     pending_until_block: Mapped[int | None] = mapped_column(BigInteger)
+    # the pending withdrawal as of the last final block, less what was withdrawn or refunded since, and when
+    # it is ready: a reorg can bring back one lowered or restarted above it (the hold counts the larger)
+    final_pending_withdrawal: Mapped[int] = mapped_column(Amount(), nullable=False, default=0)
+    final_withdraw_ready_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class LaneCollection(ChainRow, Base):

@@ -3,7 +3,8 @@ values (frozen dataclasses, ints for money); none calls the chain.
 
 The escrow and lane figures read the mirror at the indexer's confirmation depth (`is_final` says
 whether a row is past the finality depth too); settlement pays only from `is_final` rows. What a payer
-may spend counts only deposits that are final (`Escrow.spendable`); debits count at once.
+may spend counts only deposits that are final, and a thaw cancelled only as of the last final block
+(`Escrow.spendable`); debits and thaws started count at once.
 """
 
 from __future__ import annotations
@@ -56,12 +57,15 @@ class Escrow:
     is_final: bool
     pending_deposits: int = 0  # in `balance`, not final yet
     pending_until_block: int | None = None  # the chain head at which they all are
+    final_thawing: int = 0  # thawing as of the last final block, less withdrawn since
 
     @property
     def spendable(self) -> int:
         """What the payer may spend: final deposits, less withdrawals, collections and thawing seen at
-        the confirmation depth, less what the node charged and the chain has not collected."""
-        return max(self.balance - self.pending_deposits - self.thawing - self.uncollected, 0)
+        the confirmation depth (or as of the last final block, when more: a reorg can drop a cancel),
+        less what the node charged and the chain has not collected."""
+        thawing = max(self.thawing, self.final_thawing)
+        return max(self.balance - self.pending_deposits - thawing - self.uncollected, 0)
 
 
 @dataclass(frozen=True)
@@ -142,12 +146,13 @@ def escrow(session: Session, payer: str, node: str) -> Escrow:
     if acct is None:
         return Escrow(payer, node, 0, 0, None, uncollected, None, False)
     return Escrow(payer, node, acct.balance, acct.thawing, acct.thaw_end_at, uncollected,
-                  acct.updated_block, acct.is_final, acct.pending_deposits, acct.pending_until_block)
+                  acct.updated_block, acct.is_final, acct.pending_deposits, acct.pending_until_block,
+                  acct.final_thawing)
 
 
 def spendable_escrow(session: Session, payer: str, node: str) -> int:
-    """balance - deposits not final yet - thawing - (charged on all lanes but not yet collected),
-    never below zero."""
+    """balance - deposits not final yet - thawing (as of the last final block when more) - (charged on
+    all lanes but not yet collected), never below zero."""
     return escrow(session, payer, node).spendable
 
 

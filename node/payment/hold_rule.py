@@ -1,5 +1,5 @@
 """When a new voucher may hold its lane: the rule, written once in Python (`refusal`) and mirrored in
-the one statement that places a hold on PostgreSQL (migration 0011's `loranode_try_hold`, which
+the one statement that places a hold on PostgreSQL (migration 0012's `loranode_try_hold`, which
 lane_pg.py calls), so that the hold is decided and written in one round trip while the (payer, node)
 lock is held only by the server.
 
@@ -63,11 +63,14 @@ def order_refusal(lane: LaneRow, r: HoldRequest) -> NodeError | None:
 
 
 def funds_refusal(view: HoldView, max_fee: int) -> NodeError | None:
-    """Only final deposits are spent (a reorg can remove a deposit the node served against). What
-    the node charged and has not collected counts, settlement losses included until they are
-    recovered or written off (node/db/loss.py): the lane's next voucher still collects them."""
+    """Only final deposits are spent, and a thaw is cancelled (or lowered) only as of the last final
+    block: a reorg can remove a deposit the node served against, or a cancel and bring back a thaw that
+    ended long ago. A thaw started since counts at once. What the node charged and has not collected
+    counts, settlement losses included until they are recovered or written off (node/db/loss.py): the
+    lane's next voucher still collects them."""
     final = view.balance - view.pending_deposits
-    spendable = max(final - view.thawing - view.uncollected, 0) - view.other_holds
+    thawing = max(view.thawing, view.final_thawing)
+    spendable = max(final - thawing - view.uncollected, 0) - view.other_holds
     if spendable >= max_fee:
         return None
     if spendable + view.pending_deposits >= max_fee:
@@ -75,5 +78,10 @@ def funds_refusal(view: HoldView, max_fee: int) -> NodeError | None:
             f"the deposit is not final yet: {view.pending_deposits} of this escrow counts once the chain "
             f"reaches block {view.pending_until_block}", spendable=spendable, max_fee=max_fee,
             pending_deposits=str(view.pending_deposits), final_at_block=view.pending_until_block)
+    if thawing > view.thawing:
+        return InsufficientEscrow(
+            "not enough escrow for this request: a thaw was cancelled or lowered in a block that is not final "
+            "yet, and the escrow it frees counts once that block is final", spendable=spendable,
+            max_fee=max_fee, balance=view.balance, thawing=view.thawing, thawing_until_final=thawing)
     return InsufficientEscrow("not enough escrow for this request", spendable=spendable, max_fee=max_fee,
                               balance=view.balance, thawing=view.thawing)

@@ -44,6 +44,7 @@ class HoldView:
     other_holds: int  # the live holds on the other lanes
     pending_deposits: int = 0  # deposits in `balance` that are not final yet: not spendable
     pending_until_block: int | None = None  # the chain head at which they are
+    final_thawing: int = 0  # thawing as of the last final block, less withdrawn since: counted when above `thawing`
 
 
 class LaneTransaction(Protocol):

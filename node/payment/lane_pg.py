@@ -2,7 +2,7 @@
 sent in autocommit mode (one round trip, no BEGIN or COMMIT of its own); psycopg's pipeline for the
 transactions of several statements (the x402 router's holds, its refunds).
 
-    hold:    SELECT * FROM loranode_try_hold(..)   -> the function (migration 0011) takes the (payer,
+    hold:    SELECT * FROM loranode_try_hold(..)   -> the function (migration 0012) takes the (payer,
              node) advisory lock, then reads the hold view and writes the hold if node/payment/
              hold_rule.py's rule allows it (written again in SQL there); its commit does not wait
              for the WAL flush (a hold lost in a crash only means that request cannot be charged)
@@ -47,7 +47,7 @@ _LOCK = "SELECT set_config('synchronous_commit', 'off', true), pg_advisory_xact_
 _HOLD_VIEW = """
 SELECT EXISTS (SELECT 1 FROM vouchers WHERE voucher_hash = %(voucher_hash)s) AS is_used,
        (SELECT response FROM vouchers WHERE voucher_hash = %(voucher_hash)s) AS response,
-       e.balance, e.thawing, e.pending_deposits, e.pending_until_block,
+       e.balance, e.thawing, e.pending_deposits, e.pending_until_block, e.final_thawing,
        l.charged_total, l.last_cumulative, l.reserved_voucher_hash, l.reserved_at, l.reserved_by,
        t.uncollected, t.other_holds
 FROM (SELECT 1) AS anchor
@@ -88,7 +88,7 @@ SET reserved = excluded.reserved, reserved_voucher_hash = excluded.reserved_vouc
     reserved_at = excluded.reserved_at, reserved_by = excluded.reserved_by, updated_at = excluded.updated_at
 """
 
-# The hold in one statement, under the (payer, node) lock: migration 0011's function, which mirrors
+# The hold in one statement, under the (payer, node) lock: migration 0012's function, which mirrors
 # hold_rule.refusal check for check (the ledger checks the same view in Python and raises what the rule
 # names; both must agree: tests/payment/test_hold_rule.py).
 _TRY_HOLD = """
@@ -132,13 +132,14 @@ WHERE payer = %(payer)s AND node = %(node)s AND lane = %(lane)s AND reserved_vou
 
 
 def _hold_view(row: tuple[Any, ...]) -> HoldView:
-    (is_used, response, balance, thawing, pending, pending_until, charged_total, last_cumulative,
+    (is_used, response, balance, thawing, pending, pending_until, final_thawing, charged_total, last_cumulative,
      reserved_hash, reserved_at, reserved_by, uncollected, other_holds) = row
     this = NEW_LANE if charged_total is None else LaneRow(int(charged_total), int(last_cumulative),
                                                           reserved_hash, reserved_at, reserved_by)
     return HoldView(is_used=is_used, response=response, lane=this, balance=int(balance or 0),
                     thawing=int(thawing or 0), uncollected=int(uncollected), other_holds=int(other_holds),
-                    pending_deposits=int(pending or 0), pending_until_block=pending_until)
+                    pending_deposits=int(pending or 0), pending_until_block=pending_until,
+                    final_thawing=int(final_thawing or 0))
 
 
 def _charge_params(voucher: dict[str, Any], receipt: dict[str, Any], charged_before: int, held_since: datetime,

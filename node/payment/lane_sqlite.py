@@ -62,7 +62,8 @@ class SQLiteLaneTransaction:
                                                                   row.reserved_by)
         return HoldView(is_used=row.is_used, response=row.response, lane=this, balance=row.balance or 0,
                         thawing=row.thawing or 0, uncollected=uncollected, other_holds=other_holds,
-                        pending_deposits=row.pending_deposits or 0, pending_until_block=row.pending_until_block)
+                        pending_deposits=row.pending_deposits or 0, pending_until_block=row.pending_until_block,
+                        final_thawing=row.final_thawing or 0)
 
     def lane_view(self, payer: str, node: str, lane: int, voucher_hash: str) -> HoldView:
         row = self.conn.execute(_HOLD_VIEW, {"payer": payer, "node": node, "lane": lane,
@@ -144,6 +145,7 @@ def _hold_view() -> Select[Any]:
                    select(VOUCHERS.c.response).where(VOUCHERS.c.voucher_hash == voucher_hash)
                    .scalar_subquery().label("response"),
                    ESCROW.c.balance, ESCROW.c.thawing, ESCROW.c.pending_deposits, ESCROW.c.pending_until_block,
+                   ESCROW.c.final_thawing,
                    this.c.charged_total, this.c.last_cumulative,
                    this.c.reserved_voucher_hash, this.c.reserved_at, this.c.reserved_by)
             .select_from(anchor.outerjoin(ESCROW, and_(ESCROW.c.payer == payer, ESCROW.c.node == node))

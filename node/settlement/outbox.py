@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import ColumnElement, delete, exists, func, select, tuple_, update
+from sqlalchemy import ColumnElement, delete, exists, func, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from node.attribution.evidence import stated_weights
@@ -172,10 +172,17 @@ def collect_by(earliest_deadline: int, thaw_end: int | None) -> int:
 
 
 def _thaw_ends(session: Session, node: str) -> dict[str, int]:
-    """The node's payers with a thaw under way, as the mirror has them: payer -> when it ends."""
-    q = select(EscrowAccount.payer, EscrowAccount.thaw_end_at).where(
-        EscrowAccount.node == node.lower(), EscrowAccount.thawing > 0, EscrowAccount.thaw_end_at.is_not(None))
-    return {payer: int(end.timestamp()) for payer, end in session.execute(q).all() if end is not None}
+    """The node's payers with a thaw under way, as the mirror has them or as of the last final block
+    (a reorg can drop a cancel or a restart above it): payer -> the sooner end."""
+    a = EscrowAccount
+    q = select(a.payer, a.thawing, a.thaw_end_at, a.final_thawing, a.final_thaw_end_at).where(
+        a.node == node.lower(), or_(a.thawing > 0, a.final_thawing > 0))
+    ends: dict[str, int] = {}
+    for payer, thawing, end_at, final_thawing, final_end_at in session.execute(q).all():
+        under_way = [end for amount, end in ((thawing, end_at), (final_thawing, final_end_at)) if amount and end]
+        if under_way:
+            ends[payer] = int(min(under_way).timestamp())
+    return ends
 
 
 def detach(session: Session, node: str, epoch_id: int, receipt_ids: list[int] | None = None) -> None:

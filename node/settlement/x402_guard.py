@@ -84,7 +84,9 @@ class X402Guard:
         """(lane, claim) of each channel with a pending withdrawal that the node charged beyond its claim."""
         lanes = and_(Lane.payer == self.router, Lane.node == self.node, Lane.lane == X402Channel.lane)
         claimed = func.coalesce(ChannelAccount.total_claimed, 0)
-        q = (select(X402Channel, Lane.charged_total, ChannelAccount.pending_withdrawal)
+        # a pending withdrawal as of the last final block counts too (a reorg can bring it back)
+        q = (select(X402Channel, Lane.charged_total, ChannelAccount.pending_withdrawal,
+                    ChannelAccount.final_pending_withdrawal)
              .join(Lane, lanes)
              .outerjoin(ChannelAccount, ChannelAccount.channel_id == X402Channel.channel_id)
              .where(X402Channel.node == self.node, Lane.charged_total > claimed)
@@ -93,10 +95,10 @@ class X402Guard:
             fresh = self._mirror_is_fresh(session)
             rows = session.execute(q).all()
         if fresh:
-            return [(ch.lane, claim_row(ch, int(charged))) for ch, charged, pending in rows if pending]
+            return [(ch.lane, claim_row(ch, int(charged))) for ch, charged, pending, final in rows if pending or final]
         log.warning("the channel mirror is stale: reading %d charged channels' withdrawals from the chain", len(rows))
         due = []
-        for ch, charged, _ in rows:
+        for ch, charged, *_ in rows:
             state = self.chain.channel(from_hex(ch.channel_id))
             if state.pending_withdrawal and int(charged) > state.total_claimed:
                 due.append((ch.lane, claim_row(ch, int(charged))))

@@ -21,7 +21,7 @@ from node.settlement.latency import SettleLatency
 from node.settlement.policy import EpochPolicy
 from node.settlement.service import SettlementService
 from tests.adversarial.settlement_steps import LONG, lost, on_chain
-from tests.fixtures.settlement import PAYERS, TOKEN, SettlementWorld
+from tests.fixtures.settlement import FINALITY_DEPTH, PAYERS, TOKEN, SettlementWorld
 
 pytestmark = pytest.mark.chain
 FEE = 1_000
@@ -74,6 +74,38 @@ def test_the_lane_of_a_thawing_payer_is_collected_before_its_thaw_ends(settlemen
     service = world.service(POLICY)
     settle_next(world, service)
     world.anvil.rpc("evm_increaseTime", world.contracts(PAYERS[1]).escrow.thaw_period_s() + 1)
+    world.mine()
+    escrow.withdraw(world.node)
+    world.mine()
+    world.sync()
+    settle_next(world, service)
+    assert lost(world) == []
+    assert on_chain(world)[1:] == (5 * FEE, 5 * FEE)
+
+
+def test_a_thaw_cancel_not_final_yet_does_not_move_the_thawing_payers_lane_back(
+        settlement_world: SettlementWorld) -> None:
+    """The same payer cancels its thaw before the epoch closes, in a block a reorg then drops: the epoch
+    must still have taken its lane by the thaw's end as of the last final block."""
+    world = settlement_world
+    pay_behind_two_older_lanes(world, validity_s=LONG)
+    escrow = world.contracts(PAYERS[1]).escrow
+    escrow.thaw(world.node, 1_000 * TOKEN)
+    world.mine(FINALITY_DEPTH)
+    world.sync()  # the thaw is final
+    cancel_block = int(escrow.thaw(world.node, 0)["blockNumber"])
+    world.sync()  # the cancel is mirrored, not final
+    service = world.service(POLICY)
+    epoch_id = service.close_epoch()  # takes its two lanes now
+    world.anvil.rpc("anvil_reorg", world.w3.eth.block_number - cancel_block + 1, [])  # drops the cancel
+    world.sync()
+    assert epoch_id is not None
+    for _ in range(30):
+        if service.step() is None and service.state(epoch_id) in (EpochState.FINAL, None):
+            break
+        world.mine()
+        world.sync()
+    world.anvil.rpc("evm_increaseTime", escrow.thaw_period_s() + 1)
     world.mine()
     escrow.withdraw(world.node)
     world.mine()

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.chain.events import ChainEvent
 from node.chain.mirror import Mirror
-from node.db.models import Adapter, AdapterLineage, Dataset, EscrowAccount, RawEvent
+from node.db.models import Adapter, AdapterLineage, ChannelAccount, Dataset, EscrowAccount, RawEvent
 from node.db.session import make_engine, session_factory, upgrade
 
 NODE = "0x" + "bb" * 20
@@ -111,3 +111,75 @@ def test_the_outbox_follows_the_chain_to_final_and_back_on_a_reorg(db_url: str) 
         mirror.ingest(s, [settled], final_block=20)
         mirror.finalize(s, 30)
     assert state() is EpochState.FINAL
+
+
+def test_an_escrow_row_keeps_its_thaw_as_of_the_final_block_until_a_cancel_is_final(db_url: str) -> None:
+    """`final_thawing` and its end: what a reorg above the final block could bring back of a thaw (the hold
+    counts the larger of it and `thawing`, settlement the sooner end); a thaw started, a withdrawal or a final
+    cancel leave nothing to bring back."""
+    factory, mirror = _db(db_url), Mirror(31337)
+    txs = iter(range(1, 100))
+    payer = "0x" + "0c" * 20
+
+    def ev(block: int, name: str, **args: int) -> ChainEvent:
+        return ChainEvent(31337, block, f"0x{block:064x}", f"0x{next(txs):064x}", 0, "0x" + "01" * 20, name,
+                          {"payer": payer, "node": NODE, **args})
+
+    def thaw(block: int, amount: int) -> ChainEvent:  # ends at 1_900_000_000 + its block
+        return ev(block, "ThawStarted", amount=amount, thawEndAt=1_900_000_000 + block if amount else 0)
+
+    def ingest(final: int, *events: ChainEvent) -> tuple[int, int, int, int | None]:
+        with factory.begin() as s:
+            mirror.ingest(s, events, final_block=final)
+            mirror.finalize(s, final)
+        with factory() as s:
+            row = s.get(EscrowAccount, (payer, NODE))
+            assert row is not None
+            end = row.final_thaw_end_at and int(row.final_thaw_end_at.timestamp()) - 1_900_000_000
+            return row.balance, row.thawing, row.final_thawing, end
+
+    assert ingest(2, ev(1, "Deposited", amount=1_000), thaw(2, 600)) == (1_000, 600, 600, 2)
+    assert ingest(3, thaw(5, 0)) == (1_000, 0, 600, 2)  # cancelled in block 5, not final
+    assert ingest(4) == (1_000, 0, 600, 2)
+    with factory.begin() as s:
+        mirror.rollback(s, to_block=4, final_block=4)  # the cancel is reorged out
+    assert ingest(4) == (1_000, 600, 600, 2)
+    assert ingest(4, thaw(5, 600)) == (1_000, 600, 600, 2)  # restarted (ends at 5), not final
+    assert ingest(4, thaw(6, 0)) == (1_000, 0, 600, 2)
+    assert ingest(6) == (1_000, 0, 0, None)  # the cancel is final
+    assert ingest(6, thaw(7, 200)) == (1_000, 200, 0, None)  # a thaw started counts at once (`thawing`)
+    assert ingest(7) == (1_000, 200, 200, 7)
+    assert ingest(7, ev(8, "Withdrawn", amount=200)) == (800, 0, 0, None)  # withdrawn: nothing to bring back
+    assert ingest(8, thaw(9, 300), thaw(10, 0)) == (800, 0, 0, None)
+    assert ingest(9) == (800, 0, 300, 9)  # the thaw is final, its cancel is not
+    assert ingest(10) == (800, 0, 0, None)
+
+
+def test_a_channel_keeps_its_pending_withdrawal_as_of_the_final_block_until_a_lowering_is_final(db_url: str) -> None:
+    """The same for an x402 channel: a withdrawal lowered above the final block, less what was refunded or
+    withdrawn since."""
+    factory, mirror = _db(db_url), Mirror(31337)
+    txs = iter(range(1, 100))
+    channel = f"0x{7:064x}"
+
+    def ev(block: int, name: str, **args: Any) -> ChainEvent:
+        return ChainEvent(31337, block, f"0x{block:064x}", f"0x{next(txs):064x}", 0, "0x" + "02" * 20, name,
+                          {"channelId": channel, **args})
+
+    def ingest(final: int, *events: ChainEvent) -> tuple[int, int, int]:
+        with factory.begin() as s:
+            mirror.ingest(s, events, final_block=final)
+            mirror.finalize(s, final)
+        with factory() as s:
+            row = s.get(ChannelAccount, channel)
+            assert row is not None
+            return row.balance, row.pending_withdrawal, row.final_pending_withdrawal
+
+    def withdraw(block: int, amount: int) -> ChainEvent:
+        return ev(block, "ChannelWithdrawInitiated", amount=amount, readyAt=1_900_000_000)
+
+    assert ingest(2, ev(1, "ChannelDeposited", payer="0x" + "0c" * 20, amount=1_000, balance=1_000),
+                  withdraw(2, 500)) == (1_000, 500, 500)
+    assert ingest(2, withdraw(3, 1)) == (1_000, 1, 500)  # lowered, not final
+    assert ingest(2, ev(4, "ChannelRefunded", amount=300, nextNonce=1)) == (700, 0, 200)  # refunded: gone for good
+    assert ingest(4) == (700, 0, 0)

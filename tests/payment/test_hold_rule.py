@@ -29,15 +29,23 @@ TTL = timedelta(seconds=600)
 OWNERS = ("api-a", "api-b")
 
 
+def _event(block: int, tx: int, name: str, **args: object) -> ChainEvent:
+    return ChainEvent(31337, block, "0x" + f"{block:064x}", "0x" + f"{tx:064x}", 0, "0x" + "03" * 20, name,
+                      {"node": NODE, **args})
+
+
 def _deposits(factory: sessionmaker[Session], payers: list[str], rng: random.Random) -> None:
-    """Each payer a final deposit, some a second one not final yet (block 9 while block 1 is final)."""
+    """Each payer a final deposit, some a second one not final yet (block 9 while block 1 is final); some
+    a thaw: final, cancelled or lowered in block 9 (not final), or started in block 9."""
     events = []
     for i, payer in enumerate(payers):
         for block, amount in ((1, rng.choice((0, 50, 300, 1_000))), (9, rng.choice((0, 0, 200)))):
             if amount:
-                events.append(ChainEvent(31337, block, "0x" + f"{block:064x}", "0x" + f"{i * 16 + block:064x}", 0,
-                                         "0x" + "03" * 20, "Deposited", {"payer": payer, "node": NODE,
-                                                                         "amount": amount}))
+                events.append(_event(block, i * 16 + block, "Deposited", payer=payer, amount=amount))
+        thaws = rng.choice(((), ((1, 40),), ((1, 250), (9, 0)), ((1, 250), (9, 30)), ((9, 40),)))
+        for block, amount in thaws:
+            events.append(_event(block, i * 16 + block + 2, "ThawStarted", payer=payer, amount=amount,
+                                 thawEndAt=block * 100 if amount else 0))
     with factory.begin() as s:
         Mirror(31337).ingest(s, events, final_block=1)
 
@@ -87,9 +95,12 @@ def test_the_database_holds_exactly_when_the_rule_allows(db_url: str) -> None:
                 request.voucher_hash, request.owner, request.max_fee) and row.reserved_at == NOW
         assert placed == allowed
         kind = "held" if allowed else "stale" if not request.is_fresh else type(why).__name__
+        if why is not None and "not final" in str(why) and "thaw" in str(why):
+            kind = "ThawCancelNotFinal"
         seen[kind] = seen.get(kind, 0) + 1
     # every outcome, many times: held, too late, and each of the rule's refusals
-    assert set(seen) == {"held", "stale", "VoucherConflict", "InsufficientEscrow", "DepositNotFinal"}, seen
+    assert set(seen) == {"held", "stale", "VoucherConflict", "InsufficientEscrow", "DepositNotFinal",
+                         "ThawCancelNotFinal"}, seen
     assert min(seen.values()) >= 5, seen
 
 

@@ -113,3 +113,33 @@ def test_a_mirror_that_lags_behind_the_head_is_not_trusted(x402_node: X402Node, 
     before = x402_node.balance_of(first.config.payer)
     x402_node.payer_call(roles.payer, "finalizeWithdraw", first)
     assert x402_node.balance_of(first.config.payer) - before == first.deposit.amount - charged
+
+
+def test_a_withdrawal_lowered_in_a_block_a_reorg_drops_never_takes_what_was_charged(x402_node: X402Node,
+                                                                                    roles: Roles) -> None:
+    """The channel's withdrawal of everything left has waited out its delay (final); the payer lowers it to
+    1 in a block not final yet, is served against the money that frees, then a reorg drops the lowering
+    and the payer finalizes the whole withdrawal before the worker's next tick: the node must still claim
+    every fee it charged. A withdrawal counts as lowered only as of the last final block."""
+    payer = Payer(roles.payer, x402_node.world.rpc_url, x402_node.world.dep.chain_id)
+    first, charged = x402_node.serve(payer, Usage(20, 10))
+    x402_node.payer_call(roles.payer, "initiateWithdraw", first, first.deposit.amount - charged)
+    drain(x402_node.indexer)
+    assert len(x402_node.guard().claimed) == 1  # the charge so far is claimed
+    x402_node.wait_out_the_delay()
+    w3 = x402_node.world.chain.client.w3
+    w3.provider.make_request("anvil_mine", [hex(x402_node.indexer.config.finality_depth)])
+    drain(x402_node.indexer)  # the withdrawal is final and ready
+    x402_node.payer_call(roles.payer, "initiateWithdraw", first, 1)
+    lowered = w3.eth.block_number
+    drain(x402_node.indexer)
+    try:
+        _, charged = x402_node.serve(payer, Usage(10, 5))
+    except X402Refused as refused:
+        assert refused.reason == EXCEEDS_BALANCE
+    w3.provider.make_request("anvil_reorg", [w3.eth.block_number - lowered + 1, []])  # drops the lowering
+    drain(x402_node.indexer)
+    x402_node.payer_call(roles.payer, "finalizeWithdraw", first)
+    drain(x402_node.indexer)
+    x402_node.guard()  # the worker's next tick
+    assert x402_node.world.chain.channel(first.voucher.channel_id).total_claimed == charged

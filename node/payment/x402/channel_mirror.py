@@ -1,6 +1,8 @@
 """A channel's contract state as the indexer mirrored it (`channel_accounts`, docs/x402.md): what the hold
 reads, one indexed primary-key read, no RPC call.
 
+A withdrawal counts as lowered only as of the last final block (a reorg can drop the lowering and
+bring back one that is ready): the larger of the mirror's pending withdrawal and the final block's.
 The mirror lags the chain by the indexer's confirmations and poll. Either way that lag is safe: a
 withdrawal the mirror has not seen yet can only take what stays unclaimed when its delay ends, and the
 settlement worker claims every charged channel with a pending withdrawal long before that
@@ -44,11 +46,14 @@ class ChannelMirror:
         with self.factory() as session:
             row = session.execute(select(
                 ChannelAccount.balance, ChannelAccount.total_claimed, ChannelAccount.pending_withdrawal,
-                ChannelAccount.withdraw_ready_at, ChannelAccount.refund_nonce,
+                ChannelAccount.withdraw_ready_at, ChannelAccount.refund_nonce, ChannelAccount.final_pending_withdrawal,
+                ChannelAccount.final_withdraw_ready_at,
             ).where(ChannelAccount.channel_id == to_hex(channel_id))).first()
         if row is None:
             return EMPTY
-        balance, claimed, pending, ready_at, nonce = row
+        balance, claimed, pending, ready_at, nonce, final_pending, final_ready_at = row
+        if final_pending > pending:
+            pending, ready_at = final_pending, final_ready_at
         requested = int(ready_at.timestamp()) - self.withdraw_delay_s if ready_at is not None else 0
         return MirroredChannel(int(balance), int(claimed), int(pending), requested, int(nonce))
 
