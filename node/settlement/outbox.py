@@ -7,6 +7,7 @@ intent keys are read from the TxManager's store.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -77,13 +78,14 @@ def record(session: Session, node: str, epoch_id: int, to: Transition) -> None:
 
 @dataclass(frozen=True)
 class Pending:
-    """Receipts of a node not yet in any epoch."""
+    """Receipts of a node not yet in any epoch (of the lanes worth their gas)."""
 
     num_receipts: int
     total_fee: int
     max_receipt_id: int | None
     oldest_at: datetime | None
     earliest_deadline: int | None  # unix seconds: the soonest-expiring voucher among them
+    num_lanes: int = 0
 
 
 def _not_lost() -> ColumnElement[bool]:
@@ -93,15 +95,21 @@ def _not_lost() -> ColumnElement[bool]:
                            Loss.epoch_id.is_not(None))
 
 
-def pending(session: Session, node: str) -> Pending:
-    q = (select(Receipt.id, Receipt.fee, Receipt.created_at, Voucher.deadline)
+def pending(session: Session, node: str, min_lane_fee: int = 0) -> Pending:
+    """The receipts waiting for an epoch, of the lanes whose waiting fees reach `min_lane_fee` (the gas
+    their voucher costs the settle: a lane below it waits, `docs/settlement.md`)."""
+    q = (select(Receipt.id, Receipt.fee, Receipt.created_at, Voucher.deadline, Voucher.payer, Voucher.lane)
          .join(Voucher, Voucher.voucher_hash == Receipt.voucher_hash)
          .where(Receipt.node == node.lower(), Receipt.epoch_id.is_(None), _not_lost()))
     rows = session.execute(q).all()
+    fees: Counter[tuple[str, int]] = Counter()
+    for r in rows:
+        fees[(r.payer, r.lane)] += int(r.fee)
+    rows = [r for r in rows if fees[(r.payer, r.lane)] >= min_lane_fee]
     if not rows:
         return Pending(0, 0, None, None, None)
     return Pending(len(rows), sum(r.fee for r in rows), max(r.id for r in rows), min(r.created_at for r in rows),
-                   min(r.deadline for r in rows))
+                   min(r.deadline for r in rows), len({(r.payer, r.lane) for r in rows}))
 
 
 def unfinished(session: Session, node: str) -> SettlementEpoch | None:
@@ -145,19 +153,24 @@ def last_epoch_id(session: Session, node: str) -> int:
     return int(session.scalar(q) or 0)
 
 
-def open_epoch(session: Session, node: str, epoch_id: int, max_receipt_id: int, max_lanes: int) -> int:
+def open_epoch(session: Session, node: str, epoch_id: int, max_receipt_id: int, max_lanes: int,
+               min_lane_fee: int = 0) -> int:
     """Insert epoch `epoch_id` (OPEN) and give it the unassigned receipts up to `max_receipt_id` of at most
     `max_lanes` lanes: `settle` collects one voucher per lane, and a batch no block can hold would stop
     every payee's settlement. The other lanes wait for the next epoch, so the lanes taken are those whose
-    money stops being collectable soonest (`collect_by`), then those waiting longest."""
+    money stops being collectable soonest (`collect_by`), then those waiting longest. A lane whose waiting
+    fees are below `min_lane_fee` (less than its voucher's gas) is not taken: it waits, and takes no
+    place from a lane that pays for itself."""
     session.add(SettlementEpoch(node=node.lower(), epoch_id=epoch_id, state=EpochState.OPEN))
     session.flush()
     waiting = (Receipt.node == node.lower(), Receipt.epoch_id.is_(None), Receipt.id <= max_receipt_id, _not_lost())
-    lanes = session.execute(select(Voucher.payer, Voucher.lane, func.min(Voucher.deadline), func.min(Receipt.id))
+    lanes = session.execute(select(Voucher.payer, Voucher.lane, func.min(Voucher.deadline), func.min(Receipt.id),
+                                   func.sum(Receipt.fee))
                             .join(Receipt, Receipt.voucher_hash == Voucher.voucher_hash).where(*waiting)
                             .group_by(Voucher.payer, Voucher.lane)).all()
     thaw_ends = _thaw_ends(session, node)
-    urgent = sorted(lanes, key=lambda r: (collect_by(r[2], thaw_ends.get(r[0])), r[3]))[:max_lanes]
+    worth = [r for r in lanes if int(r[4]) >= min_lane_fee]
+    urgent = sorted(worth, key=lambda r: (collect_by(r[2], thaw_ends.get(r[0])), r[3]))[:max_lanes]
     taken = [(payer, lane) for payer, lane, *_ in urgent]
     chosen = select(Voucher.voucher_hash).where(tuple_(Voucher.payer, Voucher.lane).in_(taken))
     result = session.execute(update(Receipt).where(*waiting, Receipt.voucher_hash.in_(chosen))
