@@ -17,27 +17,13 @@ import pytest
 from node.db.models import EpochState
 from node.settlement import outbox
 from node.settlement.policy import EpochPolicy
-from tests.adversarial.settlement_steps import LONG, lost, payer, tick_until
+from tests.adversarial.settlement_steps import LONG, lost, payer, settles, tick_until
 from tests.fixtures.settlement import OPERATOR, SettlementWorld
 
 pytestmark = [pytest.mark.chain, pytest.mark.slow]
 DUST_LANES = 40
 HONEST_FEE = 10**15  # a request's fee at the default prices: some 1,000 tokens of 10**12
 ETH = 10**18
-
-
-def settled_gas(world: SettlementWorld, first_block: int) -> list[tuple[int, int, int]]:
-    """(gas used, wei paid, vouchers) of every settle mined since `first_block`."""
-    settlement = world.contracts(OPERATOR).settlement
-    out = []
-    for number in range(first_block, world.w3.eth.block_number + 1):
-        for tx in world.w3.eth.get_block(number, full_transactions=True)["transactions"]:
-            if tx["to"] == settlement.address:
-                receipt = world.w3.eth.get_transaction_receipt(tx["hash"])
-                _, args = settlement.contract.decode_function_input(tx["input"])
-                out.append((receipt["gasUsed"], receipt["gasUsed"] * receipt["effectiveGasPrice"],
-                            len(args["vouchers"])))
-    return out
 
 
 def test_dust_lanes_cost_the_node_no_gas_and_hold_up_no_honest_lane(settlement_world: SettlementWorld) -> None:
@@ -50,10 +36,10 @@ def test_dust_lanes_cost_the_node_no_gas_and_hold_up_no_honest_lane(settlement_w
     first_block = world.w3.eth.block_number + 1
     tick_until(world, service, 1, EpochState.FINAL)
     settlement = world.contracts(OPERATOR).settlement
-    settles = settled_gas(world, first_block)
-    for gas, _, vouchers in settles:
+    sent = settles(world, first_block)
+    for gas, _, vouchers, _ in sent:
         print(f"settle of {vouchers} voucher(s): {gas} gas")
-    spent = sum(wei for _, wei, _ in settles)  # at 1 token per ETH, wei of gas are token units
+    spent = sum(wei for _, wei, _, _ in sent)  # at 1 token per ETH, wei of gas are token units
     collected = settlement.rewards_total(world.node)
     print(f"node paid {spent} wei of gas, collected {collected}")
     assert spent <= collected, f"the node paid {spent} in gas to collect {collected}"
@@ -65,4 +51,4 @@ def test_dust_lanes_cost_the_node_no_gas_and_hold_up_no_honest_lane(settlement_w
     world.pay(0, 0, a, HONEST_FEE)  # dust lane 0 grows worth its gas: collected, its first wei included
     tick_until(world, service, 2, EpochState.FINAL)
     assert settlement.collected(payer(world, 0), world.node, 0) == HONEST_FEE + 1
-    assert sum(wei for _, wei, _ in settled_gas(world, first_block)) <= settlement.rewards_total(world.node)
+    assert sum(wei for _, wei, _, _ in settles(world, first_block)) <= settlement.rewards_total(world.node)
