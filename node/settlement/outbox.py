@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -155,14 +156,15 @@ def last_epoch_id(session: Session, node: str) -> int:
 
 
 def open_epoch(session: Session, node: str, epoch_id: int, max_receipt_id: int, max_lanes: int,
-               min_lane_fee: int = 0, may_withdraw_by: int | None = None) -> int:
+               min_lane_fee: int = 0, may_withdraw_by: int | None = None, settle_fee: int = 0) -> int:
     """Insert epoch `epoch_id` (OPEN) and give it the unassigned receipts up to `max_receipt_id` of at most
     `max_lanes` lanes: `settle` collects one voucher per lane, and a batch no block can hold would stop
     every payee's settlement. The other lanes wait for the next epoch, so the lanes taken are those whose
     money stops being collectable soonest (`collect_by`), then those waiting longest. A lane whose waiting
     fees are below `min_lane_fee` (less than its voucher's gas) is not taken: it waits, and takes no
     place from a lane that pays for itself. A payer whose thaw ends by `may_withdraw_by` (the settle's
-    landing) may withdraw ahead of the settle and revert it: its lanes are settled alone (`at_risk_first`)."""
+    landing) may withdraw ahead of the settle and revert it: its lanes are settled alone (`at_risk_first`),
+    when they pay for a settle of their own (`settle_fee` + `min_lane_fee` a lane). None taken: 0."""
     session.add(SettlementEpoch(node=node.lower(), epoch_id=epoch_id, state=EpochState.OPEN))
     session.flush()
     waiting = (Receipt.node == node.lower(), Receipt.epoch_id.is_(None), Receipt.id <= max_receipt_id, _not_lost())
@@ -174,7 +176,7 @@ def open_epoch(session: Session, node: str, epoch_id: int, max_receipt_id: int, 
     worth = [r for r in lanes if int(r[4]) >= min_lane_fee]
     urgent = sorted(worth, key=lambda r: (collect_by(r[2], thaw_ends.get(r[0])), r[3]))
     if may_withdraw_by is not None:
-        urgent = at_risk_first(urgent, thaw_ends, may_withdraw_by)
+        urgent = at_risk_first(urgent, thaw_ends, may_withdraw_by, lambda n: settle_fee + n * min_lane_fee)
     taken = [(payer, lane) for payer, lane, *_ in urgent[:max_lanes]]
     chosen = select(Voucher.voucher_hash).where(tuple_(Voucher.payer, Voucher.lane).in_(taken))
     result = session.execute(update(Receipt).where(*waiting, Receipt.voucher_hash.in_(chosen))
@@ -182,18 +184,27 @@ def open_epoch(session: Session, node: str, epoch_id: int, max_receipt_id: int, 
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
-def at_risk_first(lanes: list[Any], thaw_ends: dict[str, int], may_withdraw_by: int) -> list[Any]:
-    """Of `lanes` (payer first, most urgent first): the most urgent payer's lanes alone when its thaw ends
-    by `may_withdraw_by`, else the lanes of every payer whose thaw does not. A payer that can withdraw
-    before the settle lands passes its preflight and may still withdraw ahead of it with a higher tip,
-    reverting the whole settle: alone, it costs the node one settle of its own lanes (~250k gas), never
-    the gas of every honest lane in a batch, and never holds an honest lane in a reverted settle."""
+def at_risk_first(lanes: list[Any], thaw_ends: dict[str, int], may_withdraw_by: int,
+                  settle_cost: Callable[[int], int] = lambda _n: 0) -> list[Any]:
+    """Of `lanes` (payer, lane, ..., fee; most urgent first): the most urgent payer's lanes alone when its
+    thaw ends by `may_withdraw_by`, else the lanes of every payer whose thaw does not. A payer that can
+    withdraw before the settle lands passes its preflight and may still withdraw ahead of it with a higher
+    tip, reverting the whole settle: alone, it costs the node one settle of its own lanes (~74k gas when it
+    reverts), never the gas of every honest lane in a batch, and never holds an honest lane in a reverted
+    settle. Such a payer whose lanes' fees do not pay for a settle of their own (`settle_cost` of its
+    number of lanes) is left out: it waits like a dust lane."""
     def at_risk(payer: str) -> bool:
         return thaw_ends.get(payer, may_withdraw_by + 1) <= may_withdraw_by
 
-    if lanes and at_risk(lanes[0][0]):
-        return [r for r in lanes if r[0] == lanes[0][0]]
-    return [r for r in lanes if not at_risk(r[0])]
+    fees: Counter[str] = Counter()
+    num_lanes: Counter[str] = Counter()
+    for r in lanes:
+        fees[r[0]] += int(r[-1])
+        num_lanes[r[0]] += 1
+    alone = [r for r in lanes if not at_risk(r[0]) or fees[r[0]] >= settle_cost(num_lanes[r[0]])]
+    if alone and at_risk(alone[0][0]):
+        return [r for r in alone if r[0] == alone[0][0]]
+    return [r for r in alone if not at_risk(r[0])]
 
 
 def collect_by(earliest_deadline: int, thaw_end: int | None) -> int:

@@ -167,10 +167,10 @@ class SettlementService:
                 r.state not in (EpochState.OPEN, EpochState.BUILT) for r in rows)
 
     def _close(self) -> int | None:
-        min_lane_fee = self.gas_floor().lane
+        floor = self.gas_floor()
         may_withdraw_by = self.builder.chain_time() + int(self.policy.land_within_s)  # when the settle lands
         with self.factory() as session, session.begin():
-            p = outbox.pending(session, self.node, min_lane_fee)
+            p = outbox.pending(session, self.node, floor.lane)
             if p.max_receipt_id is None:
                 return None
             epoch_id = outbox.last_epoch_id(session, self.node) + 1
@@ -181,7 +181,10 @@ class SettlementService:
                                  f"{ADOPT_HINT}", node=self.node, chain_last_epoch=on_chain,
                                  db_last_epoch=epoch_id - 1, db_last_final=final)
             count = outbox.open_epoch(session, self.node, epoch_id, p.max_receipt_id, self.policy.max_lanes,
-                                      min_lane_fee, may_withdraw_by)
+                                      floor.lane, may_withdraw_by, floor.base)
+            if count == 0:  # only payers who may withdraw first, worth less than a settle of their own
+                outbox.dissolve(session, self.node, epoch_id)
+                return None
             row = outbox.epoch_row(session, self.node, epoch_id)
             assert row is not None
             row.batch = {"attempt": fresh_attempt(self.tx.store, self.node, epoch_id, 0)}
