@@ -145,6 +145,10 @@ class Settings(BaseSettings):
     epoch_expiry_margin_s: float = Field(default=900.0, ge=0)  # at least settle_latency().worst_case_s
     # vouchers per settle transaction (one per lane, ~53k gas each); more lanes wait for the next epoch
     epoch_max_lanes: int = Field(default=200, ge=1, le=400)
+    # token units one ETH is worth: with it, a lane is settled only once its fees pay for its voucher's gas
+    # at the chain's gas price, and an epoch only once they pay for the settle's (docs/settlement.md);
+    # unset, the node settles every lane whatever its gas costs
+    token_per_eth: int | None = Field(default=None, ge=1)
     settlement_interval_s: float = Field(default=15.0, gt=0)
     settle_max_mine_s: float = Field(default=120.0, gt=0)
     # every transaction the node sends (settles, x402 claims and sweeps, the gas key's deposits and

@@ -7,8 +7,11 @@ intent keys are read from the TxManager's store.
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import ColumnElement, delete, exists, func, or_, select, tuple_, update
 from sqlalchemy.orm import Session
@@ -77,13 +80,14 @@ def record(session: Session, node: str, epoch_id: int, to: Transition) -> None:
 
 @dataclass(frozen=True)
 class Pending:
-    """Receipts of a node not yet in any epoch."""
+    """Receipts of a node not yet in any epoch (of the lanes worth their gas)."""
 
     num_receipts: int
     total_fee: int
     max_receipt_id: int | None
     oldest_at: datetime | None
     earliest_deadline: int | None  # unix seconds: the soonest-expiring voucher among them
+    num_lanes: int = 0
 
 
 def _not_lost() -> ColumnElement[bool]:
@@ -93,15 +97,21 @@ def _not_lost() -> ColumnElement[bool]:
                            Loss.epoch_id.is_not(None))
 
 
-def pending(session: Session, node: str) -> Pending:
-    q = (select(Receipt.id, Receipt.fee, Receipt.created_at, Voucher.deadline)
+def pending(session: Session, node: str, min_lane_fee: int = 0) -> Pending:
+    """The receipts waiting for an epoch, of the lanes whose waiting fees reach `min_lane_fee` (the gas
+    their voucher costs the settle: a lane below it waits, `docs/settlement.md`)."""
+    q = (select(Receipt.id, Receipt.fee, Receipt.created_at, Voucher.deadline, Voucher.payer, Voucher.lane)
          .join(Voucher, Voucher.voucher_hash == Receipt.voucher_hash)
          .where(Receipt.node == node.lower(), Receipt.epoch_id.is_(None), _not_lost()))
     rows = session.execute(q).all()
+    fees: Counter[tuple[str, int]] = Counter()
+    for r in rows:
+        fees[(r.payer, r.lane)] += int(r.fee)
+    rows = [r for r in rows if fees[(r.payer, r.lane)] >= min_lane_fee]
     if not rows:
         return Pending(0, 0, None, None, None)
     return Pending(len(rows), sum(r.fee for r in rows), max(r.id for r in rows), min(r.created_at for r in rows),
-                   min(r.deadline for r in rows))
+                   min(r.deadline for r in rows), len({(r.payer, r.lane) for r in rows}))
 
 
 def unfinished(session: Session, node: str) -> SettlementEpoch | None:
@@ -145,24 +155,56 @@ def last_epoch_id(session: Session, node: str) -> int:
     return int(session.scalar(q) or 0)
 
 
-def open_epoch(session: Session, node: str, epoch_id: int, max_receipt_id: int, max_lanes: int) -> int:
+def open_epoch(session: Session, node: str, epoch_id: int, max_receipt_id: int, max_lanes: int,
+               min_lane_fee: int = 0, may_withdraw_by: int | None = None, settle_fee: int = 0) -> int:
     """Insert epoch `epoch_id` (OPEN) and give it the unassigned receipts up to `max_receipt_id` of at most
     `max_lanes` lanes: `settle` collects one voucher per lane, and a batch no block can hold would stop
     every payee's settlement. The other lanes wait for the next epoch, so the lanes taken are those whose
-    money stops being collectable soonest (`collect_by`), then those waiting longest."""
+    money stops being collectable soonest (`collect_by`), then those waiting longest. A lane whose waiting
+    fees are below `min_lane_fee` (less than its voucher's gas) is not taken: it waits, and takes no
+    place from a lane that pays for itself. A payer whose thaw ends by `may_withdraw_by` (the settle's
+    landing) may withdraw ahead of the settle and revert it: its lanes are settled alone (`at_risk_first`),
+    when they pay for a settle of their own (`settle_fee` + `min_lane_fee` a lane). None taken: 0."""
     session.add(SettlementEpoch(node=node.lower(), epoch_id=epoch_id, state=EpochState.OPEN))
     session.flush()
     waiting = (Receipt.node == node.lower(), Receipt.epoch_id.is_(None), Receipt.id <= max_receipt_id, _not_lost())
-    lanes = session.execute(select(Voucher.payer, Voucher.lane, func.min(Voucher.deadline), func.min(Receipt.id))
+    lanes = session.execute(select(Voucher.payer, Voucher.lane, func.min(Voucher.deadline), func.min(Receipt.id),
+                                   func.sum(Receipt.fee))
                             .join(Receipt, Receipt.voucher_hash == Voucher.voucher_hash).where(*waiting)
                             .group_by(Voucher.payer, Voucher.lane)).all()
     thaw_ends = _thaw_ends(session, node)
-    urgent = sorted(lanes, key=lambda r: (collect_by(r[2], thaw_ends.get(r[0])), r[3]))[:max_lanes]
-    taken = [(payer, lane) for payer, lane, *_ in urgent]
+    worth = [r for r in lanes if int(r[4]) >= min_lane_fee]
+    urgent = sorted(worth, key=lambda r: (collect_by(r[2], thaw_ends.get(r[0])), r[3]))
+    if may_withdraw_by is not None:
+        urgent = at_risk_first(urgent, thaw_ends, may_withdraw_by, lambda n: settle_fee + n * min_lane_fee)
+    taken = [(payer, lane) for payer, lane, *_ in urgent[:max_lanes]]
     chosen = select(Voucher.voucher_hash).where(tuple_(Voucher.payer, Voucher.lane).in_(taken))
     result = session.execute(update(Receipt).where(*waiting, Receipt.voucher_hash.in_(chosen))
                              .values(epoch_id=epoch_id).execution_options(synchronize_session=False))
     return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def at_risk_first(lanes: list[Any], thaw_ends: dict[str, int], may_withdraw_by: int,
+                  settle_cost: Callable[[int], int] = lambda _n: 0) -> list[Any]:
+    """Of `lanes` (payer, lane, ..., fee; most urgent first): the most urgent payer's lanes alone when its
+    thaw ends by `may_withdraw_by`, else the lanes of every payer whose thaw does not. A payer that can
+    withdraw before the settle lands passes its preflight and may still withdraw ahead of it with a higher
+    tip, reverting the whole settle: alone, it costs the node one settle of its own lanes (~74k gas when it
+    reverts), never the gas of every honest lane in a batch, and never holds an honest lane in a reverted
+    settle. Such a payer whose lanes' fees do not pay for a settle of their own (`settle_cost` of its
+    number of lanes) is left out: it waits like a dust lane."""
+    def at_risk(payer: str) -> bool:
+        return thaw_ends.get(payer, may_withdraw_by + 1) <= may_withdraw_by
+
+    fees: Counter[str] = Counter()
+    num_lanes: Counter[str] = Counter()
+    for r in lanes:
+        fees[r[0]] += int(r[-1])
+        num_lanes[r[0]] += 1
+    alone = [r for r in lanes if not at_risk(r[0]) or fees[r[0]] >= settle_cost(num_lanes[r[0]])]
+    if alone and at_risk(alone[0][0]):
+        return [r for r in alone if r[0] == alone[0][0]]
+    return [r for r in alone if not at_risk(r[0])]
 
 
 def collect_by(earliest_deadline: int, thaw_end: int | None) -> int:

@@ -37,10 +37,13 @@ THAW_PERIOD_ABI = [{"type": "function", "name": "thawPeriod", "stateMutability":
 def epoch_policy(settings: Settings, has_x402: bool | None = None) -> EpochPolicy:
     latency = settings.settle_latency(has_x402)
     latency.check_voucher_horizon(settings.min_voucher_validity_s, settings.epoch_expiry_margin_s)
+    if settings.token_per_eth is None and not settings.is_dev:
+        log.warning("token_per_eth is not set: every lane is settled whatever its gas costs (about 53k gas a "
+                    "lane, whatever its fees): set it so lanes of dust requests wait until they pay for it")
     return EpochPolicy(max_age_s=settings.epoch_max_age_s, max_value=settings.epoch_max_value,
                        expiry_margin_s=settings.epoch_expiry_margin_s,
                        land_within_s=latency.build_to_land_s,
-                       max_lanes=settings.epoch_max_lanes)
+                       max_lanes=settings.epoch_max_lanes, token_per_eth=settings.token_per_eth)
 
 
 def check_chain_parameters(settings: Settings, deployment: Deployment) -> None:

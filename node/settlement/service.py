@@ -50,7 +50,7 @@ from node.settlement.amendment import ADOPT_HINT
 from node.settlement.build_step import BuildStep
 from node.settlement.follow_step import FollowStep
 from node.settlement.outbox import Transition, attempt_of, fresh_attempt, intent_key
-from node.settlement.policy import EpochPolicy
+from node.settlement.policy import EpochPolicy, GasFloor
 from node.settlement.recovery import Recovery
 from node.settlement.split import SplitParams
 from node.settlement.submit_step import BeforeSend, Outcome, SubmitStep
@@ -148,9 +148,16 @@ class SettlementService:
 
     # --- closing ------------------------------------------------------------------------------------
     def is_due(self) -> bool:
+        floor = self.gas_floor()
         with self.factory() as session:
-            pending = outbox.pending(session, self.node)
-        return self.policy.is_due(pending, self.clock())
+            pending = outbox.pending(session, self.node, floor.lane)
+        return self.policy.is_due(pending, self.clock(), floor)
+
+    def gas_floor(self) -> GasFloor:
+        """What a lane's voucher and a settle cost in gas now, in token units (zero unless `token_per_eth`)."""
+        if self.policy.token_per_eth is None:
+            return GasFloor()
+        return self.policy.gas_floor(int(self.contracts.settlement.client.w3.eth.gas_price))
 
     def _may_close(self) -> bool:
         """No epoch failed (it is recovered first) and none is still unsent (OPEN or BUILT)."""
@@ -160,8 +167,10 @@ class SettlementService:
                 r.state not in (EpochState.OPEN, EpochState.BUILT) for r in rows)
 
     def _close(self) -> int | None:
+        floor = self.gas_floor()
+        may_withdraw_by = self.builder.chain_time() + int(self.policy.land_within_s)  # when the settle lands
         with self.factory() as session, session.begin():
-            p = outbox.pending(session, self.node)
+            p = outbox.pending(session, self.node, floor.lane)
             if p.max_receipt_id is None:
                 return None
             epoch_id = outbox.last_epoch_id(session, self.node) + 1
@@ -171,7 +180,11 @@ class SettlementService:
                 raise ChainError(f"the chain's epochs do not follow this database's; if the guardian amended, "
                                  f"{ADOPT_HINT}", node=self.node, chain_last_epoch=on_chain,
                                  db_last_epoch=epoch_id - 1, db_last_final=final)
-            count = outbox.open_epoch(session, self.node, epoch_id, p.max_receipt_id, self.policy.max_lanes)
+            count = outbox.open_epoch(session, self.node, epoch_id, p.max_receipt_id, self.policy.max_lanes,
+                                      floor.lane, may_withdraw_by, floor.base)
+            if count == 0:  # only payers who may withdraw first, worth less than a settle of their own
+                outbox.dissolve(session, self.node, epoch_id)
+                return None
             row = outbox.epoch_row(session, self.node, epoch_id)
             assert row is not None
             row.batch = {"attempt": fresh_attempt(self.tx.store, self.node, epoch_id, 0)}

@@ -31,6 +31,20 @@ def on_chain(world: SettlementWorld) -> tuple[int, int, int]:
             c.token.balance_of(c.settlement.address))
 
 
+def settles(world: SettlementWorld, first_block: int) -> list[tuple[int, int, int, bool]]:
+    """(gas used, wei paid for it, vouchers, reverted) of every settle mined since `first_block`."""
+    settlement = world.contracts(OPERATOR).settlement
+    out = []
+    for number in range(first_block, world.w3.eth.block_number + 1):
+        for tx in world.w3.eth.get_block(number, full_transactions=True)["transactions"]:
+            if tx["to"] == settlement.address:
+                receipt = world.w3.eth.get_transaction_receipt(tx["hash"])
+                _, args = settlement.contract.decode_function_input(tx["input"])
+                out.append((receipt["gasUsed"], receipt["gasUsed"] * receipt["effectiveGasPrice"],
+                            len(args["vouchers"]), receipt["status"] == 0))
+    return out
+
+
 def lost(world: SettlementWorld) -> list[tuple[str, int, int, LossReason]]:
     with world.factory() as session:
         return [(r.payer, r.lane, r.amount, r.reason) for r in losses(session, world.node)]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 
 import pytest
 
 from node.db.models import EpochState
-from node.settlement.policy import EpochPolicy
+from node.settlement.outbox import Pending
+from node.settlement.policy import LANE_GAS, SETTLE_BASE_GAS, EpochPolicy, GasFloor
 from tests.fixtures.settlement import SettlementWorld
 
 pytestmark = pytest.mark.chain
@@ -45,3 +47,14 @@ def test_an_epoch_closes_by_age_value_or_voucher_expiry(sqlite_world: Settlement
         world.mine()
     assert by_age.state(1) is EpochState.FINAL
     assert by_age.tick() is EpochState.BUILT and by_age.state(2) is EpochState.BUILT
+
+
+def test_a_lane_counts_once_its_fees_pay_for_its_gas_and_an_epoch_once_they_pay_for_the_settle() -> None:
+    policy = EpochPolicy(max_age_s=0, token_per_eth=2 * 10**18)  # a token unit is worth half a wei
+    floor = policy.gas_floor(10**9)
+    assert (floor.lane, floor.base) == (2 * LANE_GAS * 10**9, 2 * SETTLE_BASE_GAS * 10**9)
+    assert EpochPolicy().gas_floor(10**9) == GasFloor()  # no rate: every lane counts
+    now = time.time()
+    short = floor.base + 3 * floor.lane - 1
+    assert not policy.is_due(Pending(3, short, 3, datetime.fromtimestamp(now - 10, UTC), 10**10, 3), now, floor)
+    assert policy.is_due(Pending(3, short + 1, 3, datetime.fromtimestamp(now - 10, UTC), 10**10, 3), now, floor)

@@ -4,9 +4,10 @@ The payer sends a `refund` payment: its channel config, a voucher whose ceiling 
 charged (`maxClaimableAmount == chargedCumulativeAmount`: it buys nothing) and optionally an amount. The
 node, as the channel's receiver authorizer, claims what it charged with that very voucher and returns the
 rest (or the amount asked, if less) in one transaction (`multicall(claim, refund)`): a refund can never
-take a charge. No request is served on the channel meanwhile: a hold of nothing is placed on its lane
-first, and dropped only once the indexer's mirror shows the refund, so no hold reads a balance that the
-refund already returned.
+take a charge. The node pays that transaction's gas, so a partial refund is at least the node's minimum
+deposit (like a deposit it sends): 1-wei refunds, one after another, cannot drain its gas key.
+No request is served on the channel meanwhile: a hold of nothing is placed on its lane first, and dropped
+only once the indexer's mirror shows the refund, so no hold reads a balance that the refund already returned.
 
     X402Refunds.refund(header) -> the PAYMENT-RESPONSE object (success, transaction, amount, channelState)
 """
@@ -32,6 +33,7 @@ from node.protocol.hexstr import to_hex
 log = logging.getLogger(__name__)
 NO_BALANCE = PREFIX + "refund_no_balance"
 NOT_A_REFUND = PREFIX + "refund_payload"
+BELOW_MIN_DEPOSIT = PREFIX + "refund_below_min_deposit"
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,10 @@ class X402Refunds:
         if amount <= 0:
             raise X402Refused("the channel has nothing left to refund", NO_BALANCE, balance=str(state.balance),
                               charged=str(charged))
+        if amount < min(available, self.x402.terms.min_deposit):  # the node pays each refund's gas
+            raise X402Refused("a partial refund is at least the node's minimum deposit (extra.minDeposit): ask "
+                              "for that much, or for everything", BELOW_MIN_DEPOSIT, amount=str(amount),
+                              min_deposit=str(self.x402.terms.min_deposit))
         v = payment.voucher
         order = RefundOrder(payment.config, v.max_claimable, v.signature,
                             charged if charged > state.total_claimed else None, amount)

@@ -7,7 +7,9 @@ hands its headers to the node's service (the route is the API's; docs/x402.md)."
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -27,7 +29,7 @@ from node.payment.service import Usage
 from node.payment.x402.channel_check import X402Refused
 from node.payment.x402.channel_mirror import ChannelMirror
 from node.payment.x402.facilitator import Facilitator, erc20_balance_of
-from node.payment.x402.refund import X402Refunds
+from node.payment.x402.refund import BELOW_MIN_DEPOSIT, X402Refunds
 from node.payment.x402.replay import as_sent
 from node.payment.x402.terms import CUMULATIVE_MISMATCH, payment_required
 from node.payment.x402.wire import PAYMENT_SIGNATURE_HEADER, decode_header, encode_header
@@ -247,3 +249,31 @@ def test_a_refund_payload_settles_through_the_facilitator(x402_node: X402Node, r
     assert x402_node.balance_of(first.config.payer) - before == first.deposit.amount - charged, "to the wei"
     on_chain = x402_node.world.chain.channel(first.voucher.channel_id)
     assert on_chain.balance == on_chain.total_claimed == charged
+
+
+def test_refunds_of_a_wei_each_cannot_make_the_node_pay_a_transaction_each(x402_node: X402Node,
+                                                                          roles: Roles) -> None:
+    payer = Payer(roles.payer, x402_node.world.rpc_url, x402_node.world.dep.chain_id)
+    first, charged = x402_node.serve(payer, Usage(20, 10))
+    x402_node.x402.terms = replace(x402_node.x402.terms, min_deposit=1_000)  # what a deposit's gas is worth
+    refunds, w3 = _refunds(x402_node), x402_node.world.deployer.w3
+    fetch, node = _http(x402_node, refunds), Roles.address(roles.node)
+    refused, answer = [], refunds.refund
+
+    def refund(header: str) -> dict[str, object]:
+        try:
+            return answer(header)
+        except X402Refused as exc:
+            refused.append(exc.reason)
+            raise
+    refunds.refund = refund  # type: ignore[method-assign]
+    sent, paid = w3.eth.get_transaction_count(node), []
+    for _ in range(3):
+        with contextlib.suppress(RuntimeError):  # the SDK gives up on the node's refusal
+            paid.append(w3.eth.get_transaction_receipt(
+                payer.scheme.refund(URL, RefundOptions(amount="1", fetch=fetch)).transaction)["gasUsed"])
+    assert not paid, f"the node paid {paid} gas to return 1 wei each time"
+    assert w3.eth.get_transaction_count(node) == sent
+    assert set(refused) == {BELOW_MIN_DEPOSIT}
+    rest = payer.scheme.refund(URL, RefundOptions(fetch=fetch))  # everything: always
+    assert rest.success and int(rest.amount) == first.deposit.amount - charged
