@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.chain.events import ChainEvent
 from node.chain.mirror import Mirror
 from node.db import queries
+from node.db.loss import LossReason, LossRecord, record_loss
 from node.db.models import Lane, Receipt, SettlementEpoch, Voucher
 from node.db.queries import Escrow, adapter_lineage, epoch_receipts, payer_lanes, spendable_escrow
 from node.db.session import make_engine, session_factory, upgrade
@@ -51,6 +52,28 @@ def test_spendable_escrow_subtracts_thawing_and_uncollected_charges(db_url: str)
         assert [(la.lane, la.collected, la.uncollected) for la in lanes] == [(0, 2 * ETH, 0), (1, 0, ETH)]
         assert {la.node for la in payer_lanes(s, PAYER)} == {NODE}
         assert spendable_escrow(s, OTHER, NODE) == 0
+
+
+def test_uncollected_is_each_lane_s_charge_less_its_collection_and_write_off_never_below_zero(db_url: str) -> None:
+    factory, mirror = _db(db_url), Mirror(31337)
+    payer = PAYER.lower()
+    with factory.begin() as s:
+        s.add_all([Lane(payer=payer, node=NODE, lane=lane, charged_total=5 * ETH, last_cumulative=5 * ETH)
+                   for lane in range(4)] + [Lane(payer=payer, node=OTHER, lane=0, charged_total=ETH)])
+        mirror.ingest(s, [_ev(1, "VoucherCollected", node=NODE, payer=payer, lane=1, cumulative=2 * ETH,
+                              amount=2 * ETH),
+                          _ev(2, "VoucherCollected", node=NODE, payer=payer, lane=2, cumulative=4 * ETH,
+                              amount=4 * ETH)], final_block=2)
+        for lane, amount, reason, epoch in ((2, 3 * ETH, LossReason.SETTLE_REFUSED, 1),  # written off: below 0
+                                            (3, ETH, LossReason.LINEAGE_MISMATCH, 1),  # written off
+                                            (3, ETH, LossReason.ESCROW_SHORT, 1),  # still owed
+                                            (0, ETH, LossReason.SETTLE_REFUSED, None)):  # the API's: still owed
+            record_loss(s, LossRecord(NODE, payer, lane, amount, reason, epoch_id=epoch))
+    with factory() as s:
+        expected = 5 * ETH + 3 * ETH + 0 + 4 * ETH
+        assert queries.uncollected(s, PAYER, NODE) == expected
+        assert sum(lane.uncollected for lane in payer_lanes(s, PAYER, NODE)) == expected
+        assert queries.uncollected(s, OTHER, NODE) == 0
 
 
 def test_deposits_are_spendable_only_once_final_and_debits_count_at_once(db_url: str) -> None:
