@@ -66,15 +66,37 @@ class PublishedTrees:
     """The parsed trees of published epochs, least recently used first, within `max_bytes` of JSON."""
 
     max_bytes: int = 256 << 20
+    max_amounts: int = 1_000_000  # (account, cumulative amount) pairs of rewards trees, kept apart
     _cache: FlightCache[TreeKey, ParsedTrees | None] = field(init=False)
+    _rewards: FlightCache[TreeKey, dict[str, int]] = field(init=False)
 
     def __post_init__(self) -> None:
         self._cache = FlightCache(self.max_bytes, lambda parsed: len(parsed.encoded) if parsed else 0, MAX_LOADING)
+        self._rewards = FlightCache(self.max_amounts, len, MAX_LOADING)
+
+    def cumulative(self, factory: sessionmaker[Session], row: SettlementEpoch) -> dict[str, int]:
+        """The cumulative amounts of outbox row `row`'s rewards tree per checksummed account ({} if the row has
+        none or has changed since). Kept apart from the parsed trees, a few dozen bytes an account where the
+        trees take a few hundred a receipt: the earnings read every published epoch's, and read none again
+        however far the history outgrows `max_bytes`."""
+        return self._rewards.get(key_of(row), lambda key: _read_rewards(factory, key))
 
     def get(self, factory: sessionmaker[Session], row: SettlementEpoch) -> ParsedTrees | None:
         """The trees of outbox row `row` (read without them, WITHOUT_TREES); None if the row has none or
         has changed since (ask again)."""
         return self._cache.get(key_of(row), lambda key: _read(factory, key))
+
+
+def _read_rewards(factory: sessionmaker[Session], key: TreeKey) -> tuple[dict[str, int], bool]:
+    """(the cumulative amounts of the rewards tree of the row under `key`, whether to keep them): the
+    rewards tree alone is read; nothing is kept if the row has none or other roots now."""
+    row_id, rewards_root, receipts_root = key
+    q = select(SettlementEpoch.trees["rewards"]).where(
+        SettlementEpoch.id == row_id, SettlementEpoch.rewards_root == rewards_root,
+        SettlementEpoch.receipts_root == receipts_root)
+    with factory() as session:
+        dump = session.scalar(q)
+    return (cumulative_of(dump), True) if dump else ({}, False)
 
 
 def _read(factory: sessionmaker[Session], key: TreeKey) -> tuple[ParsedTrees | None, bool]:
