@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import event, insert, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.chain.events import ChainEvent
 from node.chain.mirror import Mirror
 from node.db import queries
 from node.db.loss import LossReason, LossRecord, record_loss
-from node.db.models import Lane, Receipt, SettlementEpoch, Voucher
+from node.db.models import Lane, Loss, Receipt, SettlementEpoch, Voucher
 from node.db.queries import Escrow, adapter_lineage, epoch_receipts, payer_lanes, spendable_escrow
 from node.db.session import make_engine, session_factory, upgrade
+from node.settlement.epoch_report import losses_of
 
 PAYER, NODE, OTHER = "0x" + "aA" * 20, "0x" + "bb" * 20, "0x" + "cc" * 20
 H = "0x" + "ee" * 32
@@ -144,3 +146,28 @@ def test_epoch_receipts_are_the_epochs_own_in_write_order(db_url: str) -> None:
         got = epoch_receipts(s, NODE.upper().replace("0X", "0x"), 1)
     assert [r.fee for r in got] == [10**20, 10**20 + 2]
     assert all(r.epoch_id == 1 and r.created_at.tzinfo is not None for r in got)
+
+
+def test_an_epoch_s_losses_are_read_by_index_on_postgresql(postgres_url: str) -> None:
+    """epoch_report.losses_of (the free GET /v1/epochs/{node}/{id}) reads one epoch's losses and the losses it
+    recovered by the (node, epoch_id) and (node, recovered_epoch_id) indexes, not by scanning the node's."""
+    factory = _db(postgres_url)
+    statements: list[tuple[str, Any]] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+        statements.append((statement, params))
+    with factory.begin() as s:
+        s.execute(insert(Loss), [{"node": NODE, "payer": PAYER.lower(), "lane": i % 50, "amount": 1,
+                                  "epoch_id": i // 50, "reason": LossReason.ESCROW_SHORT.value,
+                                  "recovered_epoch_id": i // 50 + 1} for i in range(20_000)])
+        s.execute(text("ANALYZE losses"))
+    with factory() as s:
+        engine = s.get_bind()
+        event.listen(engine, "before_cursor_execute", seen)
+        report = losses_of(s, NODE, 7)
+        event.remove(engine, "before_cursor_execute", seen)
+        assert report["byReason"][0]["count"] == 50 and report["recoveredHere"]["count"] == 50
+        plans = ["\n".join(s.connection().exec_driver_sql("EXPLAIN " + statement, params).scalars())
+                 for statement, params in statements]
+    assert len(plans) == 2
+    assert "ix_losses_node_epoch_id" in plans[0] and "ix_losses_node_recovered_epoch_id" in plans[1], plans
