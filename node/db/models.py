@@ -363,7 +363,9 @@ class Loss(Base):
     could not be committed after tokens left the node, or a lane that settlement had to drop."""
 
     __tablename__ = "losses"
-    __table_args__ = (Index(None, "node", "payer"),)
+    # a lane's write-offs (queries.uncollected), an epoch's losses and recoveries (epoch_report.losses_of)
+    __table_args__ = (Index(None, "node", "payer", "lane"), Index(None, "node", "epoch_id"),
+                      Index(None, "node", "recovered_epoch_id"))
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     node: Mapped[str] = mapped_column(Address(), nullable=False)

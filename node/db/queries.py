@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from node.db.loss import written_off
+from node.db.loss import is_written_off, written_off
 from node.db.models import (
     Adapter,
     AdapterLineage,
@@ -24,6 +24,7 @@ from node.db.models import (
     IndexerCursor,
     Lane,
     LaneCollection,
+    Loss,
     Receipt,
 )
 
@@ -138,14 +139,36 @@ def payer_lanes(session: Session, payer: str, node: str | None = None) -> list[L
             for r in rows]
 
 
-def escrow(session: Session, payer: str, node: str) -> Escrow:
-    """The (payer, node) escrow account as mirrored, with the node's uncollected charges."""
+def uncollected(session: Session, payer: str, node: str) -> int:
+    """`LaneState.uncollected` summed over the payer's lanes with `node`. On PostgreSQL one sum in the database
+    (an index range per table, no row leaves it), so that what it costs a caller does not grow with the lanes
+    a payer opens at will (a free read asks it: GET /v1/channels); SQLite keeps amounts as strings
+    (node/db/types.py), so there they are summed here."""
+    payer, node = payer.lower(), node.lower()
+    if session.get_bind().dialect.name == "sqlite":
+        return sum(lane.uncollected for lane in payer_lanes(session, payer, node))
+    # per lane, its collection and its write-offs looked up by key: a plan that cannot turn into a scan of
+    # one table per row of the other, whatever the planner's statistics say of freshly written lanes
+    collected = (select(LaneCollection.collected).where(LaneCollection.payer == Lane.payer,
+                                                        LaneCollection.node == Lane.node,
+                                                        LaneCollection.lane == Lane.lane).scalar_subquery())
+    lost = (select(func.sum(Loss.amount)).where(Loss.node == Lane.node, Loss.payer == Lane.payer,
+                                                Loss.lane == Lane.lane, is_written_off()).scalar_subquery())
+    owed = Lane.charged_total - func.coalesce(collected, 0) - func.coalesce(lost, 0)
+    q = select(func.coalesce(func.sum(func.greatest(owed, 0)), 0)).where(Lane.payer == payer, Lane.node == node)
+    return int(session.scalar(q) or 0)
+
+
+def escrow(session: Session, payer: str, node: str, uncollected_total: int | None = None) -> Escrow:
+    """The (payer, node) escrow account as mirrored, with the node's uncollected charges (`uncollected`,
+    read now unless given)."""
     payer, node = payer.lower(), node.lower()
     acct = session.get(EscrowAccount, (payer, node))
-    uncollected = sum(lane.uncollected for lane in payer_lanes(session, payer, node))
+    if uncollected_total is None:
+        uncollected_total = uncollected(session, payer, node)
     if acct is None:
-        return Escrow(payer, node, 0, 0, None, uncollected, None, False)
-    return Escrow(payer, node, acct.balance, acct.thawing, acct.thaw_end_at, uncollected,
+        return Escrow(payer, node, 0, 0, None, uncollected_total, None, False)
+    return Escrow(payer, node, acct.balance, acct.thawing, acct.thaw_end_at, uncollected_total,
                   acct.updated_block, acct.is_final, acct.pending_deposits, acct.pending_until_block,
                   acct.final_thawing)
 

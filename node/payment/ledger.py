@@ -39,6 +39,7 @@ from node.db import queries
 from node.db.loss import LossReason, LossRecord, record_loss
 from node.db.models import Lane, Loss, Receipt, Voucher
 from node.errors import NodeError, VoucherConflict
+from node.flight_cache import FlightCache
 from node.payment.hold_rule import HoldRequest, refusal
 from node.payment.lane import Lanes
 from node.payment.lane_pg import PipelinedLanes
@@ -48,6 +49,7 @@ from node.protocol.receipt import SignedReceipt
 from node.protocol.voucher import SignedVoucher
 
 log = logging.getLogger(__name__)
+MAX_SUMMING = 4  # payers' uncollected totals summed at once for `channel`, each on a pooled connection
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class Ledger:
         # a hold may be charged this long after it was placed (never past the TTL on any process's clock)
         self.max_hold = self.ttl - timedelta(seconds=min(max_clock_skew_s, reservation_ttl_s / 10))
         self.clock = clock
+        self._uncollected: FlightCache[str, int] = FlightCache(0, lambda _: 1, MAX_SUMMING)
         engine = self._engine()
         self.lanes: Lanes = SQLiteLanes(engine) if engine.dialect.name == "sqlite" else PipelinedLanes(engine)
 
@@ -110,14 +113,24 @@ class Ledger:
             return row.receipt_hash, row.epoch_id
 
     def channel(self, payer: str, lane: int) -> Channel:
+        """The lane by key and the payer's spendable escrow. The escrow less what the payer's lanes leave
+        uncollected is one sum over all of them (queries.uncollected), and anyone may ask (GET /v1/channels,
+        the budgets' `spendable`): concurrent askers about one payer share one sum (taken on a connection of
+        its own, at most MAX_SUMMING at once), so a flood about a payer with many lanes costs one sum at a time,
+        not one per ask. A sharer may see a sum begun before it asked; a hold counts every lane again."""
         payer = payer.lower()
+        owed = self._uncollected.get(payer, self._uncollected_of)
         with self.factory() as session:
             row = session.get(Lane, (payer, self.node, lane))
-            spendable = queries.spendable_escrow(session, payer, self.node)
+            spendable = queries.escrow(session, payer, self.node, owed).spendable
             voucher = session.get(Voucher, row.last_voucher_hash) if row and row.last_voucher_hash else None
         charged, last = (row.charged_total, row.last_cumulative) if row else (0, 0)
         return Channel(payer, self.node, lane, charged, last, spendable,
                        SignedVoucher.from_row(voucher) if voucher is not None else None)
+
+    def _uncollected_of(self, payer: str) -> tuple[int, bool]:
+        with self.factory() as session:
+            return queries.uncollected(session, payer, self.node), False  # shared while read, never kept
 
     # --- writes -----------------------------------------------------------------------------------
     def reserve(self, checked: CheckedVoucher, max_fee: int,

@@ -59,15 +59,15 @@ def earnings(session: Session, params: SplitParams, account: str, now: datetime 
 
 def earnings_from(factory: sessionmaker[Session], trees: PublishedTrees, sources: EpochSources, params: SplitParams,
                   account: str) -> dict[str, Any]:
-    """`earnings`, each epoch's rewards taken from `trees` and its sources from `sources`: both read before or
-    after the connection taken for the rest, so that no connection waits on another reader's tree or replay."""
+    """`earnings`, each epoch's rewards taken from `trees` (their cumulative amounts, kept apart from the parsed
+    trees) and its sources from `sources`: both read before or after the connection taken for the rest, so
+    that no connection waits on another reader's tree or replay."""
     with factory() as session:
         rows = published_rows(session, params.node)
-    parsed = {row.id: trees.get(factory, row) for row in rows}
+    cumulative = {row.id: trees.cumulative(factory, row) for row in rows}
 
     def rewards_of(row: SettlementEpoch) -> dict[str, int]:
-        found = parsed[row.id] if row.id in parsed else trees.get(factory, row)  # or one published since
-        return {} if found is None else found.cumulative
+        return cumulative[row.id] if row.id in cumulative else trees.cumulative(factory, row)  # or one published since
 
     with factory() as session:
         report, explained = _earned(session, params, account, None, rewards_of)

@@ -6,17 +6,15 @@ receipts. The node's operator and the treasury earn in every epoch, so that was 
 on every call. An epoch's receipts never change under a given outbox row and roots (an amend the operator
 adopts folds receipts in and writes new roots: node/settlement/amendment.py), so, as for the published
 trees (node/settlement/published_trees.py), the key (split, row id, rewards root, receipts root) names
-one answer forever. Concurrent askers of one epoch wait for one replay (single flight), at most
-MAX_LOADING epochs are replayed at once, each on a connection of its own, and the answers are kept least
-recently used first within `max_entries` (payee, source) amounts. Receipts of one adapter, lineage and fee
+one answer forever. Concurrent askers of one epoch wait for one replay (single flight: node/flight_cache.py),
+at most MAX_LOADING epochs are replayed at once, each on a connection of its own, and the answers are kept
+least recently used first within `max_entries` (payee, source) amounts. Receipts of one adapter, lineage and fee
 split alike, so each such group is split once and multiplied: exact, floors and all.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import Counter, OrderedDict
-from concurrent.futures import Future
+from collections import Counter
 from dataclasses import dataclass, field
 
 from sqlalchemy import select
@@ -27,6 +25,7 @@ from node.attribution.rule import METHOD_EVIDENCE
 from node.db import queries
 from node.db.models import Receipt, SettlementEpoch
 from node.errors import MirrorUnavailable
+from node.flight_cache import FlightCache
 from node.protocol.receipt import BASE_ADAPTER_ID
 from node.settlement.split import BASE_LINEAGE, Lineage, SplitParams, split_shares
 
@@ -101,60 +100,28 @@ class EpochSources:
     """`epoch_sources` of published epochs, least recently used first, within `max_entries` amounts."""
 
     max_entries: int = 500_000
-    _entries: OrderedDict[SourcesKey, Sources] = field(default_factory=OrderedDict)
-    _loading: dict[SourcesKey, Future[Sources]] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _readers: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(MAX_LOADING))
-    _num_entries: int = 0
+    _cache: FlightCache[SourcesKey, Sources] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._cache = FlightCache(self.max_entries, _num_amounts, MAX_LOADING)
 
     def get(self, factory: sessionmaker[Session], params: SplitParams, row: SettlementEpoch) -> Sources:
         """The sources of outbox row `row` (read without its trees) of node `params.node`."""
         key = (params, row.id, row.rewards_root, row.receipts_root)
-        with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                return self._entries[key]
-            pending, leader = self._loading.get(key), key not in self._loading
-            if pending is None:
-                pending = self._loading[key] = Future()
-        if not leader:
-            return pending.result()
-        try:
-            sources, unchanged = self._read(factory, key, row.epoch_id)
-        except BaseException as exc:
-            self._done(key)
-            pending.set_exception(exc)
-            raise
-        if unchanged:
-            self._keep(key, sources)
-        self._done(key)
-        pending.set_result(sources)
-        return sources
+        return self._cache.get(key, lambda key: _read(factory, key, row.epoch_id))
 
-    def _read(self, factory: sessionmaker[Session], key: SourcesKey, epoch_id: int) -> tuple[Sources, bool]:
-        """(the epoch's sources, whether its row still had the key's roots after they were read: an adopted
-        amend commits the receipts it folds in with the new roots)."""
-        params, row_id, rewards_root, receipts_root = key
-        with self._readers, factory() as session:
-            sources = epoch_sources(session, params, epoch_id)
-            unchanged = session.scalar(select(SettlementEpoch.id).where(
-                SettlementEpoch.id == row_id, SettlementEpoch.rewards_root == rewards_root,
-                SettlementEpoch.receipts_root == receipts_root)) is not None
-        return sources, unchanged
 
-    def _done(self, key: SourcesKey) -> None:
-        with self._lock:
-            del self._loading[key]
+def _read(factory: sessionmaker[Session], key: SourcesKey, epoch_id: int) -> tuple[Sources, bool]:
+    """(the epoch's sources, whether its row still had the key's roots after they were read: an adopted
+    amend commits the receipts it folds in with the new roots)."""
+    params, row_id, rewards_root, receipts_root = key
+    with factory() as session:
+        sources = epoch_sources(session, params, epoch_id)
+        unchanged = session.scalar(select(SettlementEpoch.id).where(
+            SettlementEpoch.id == row_id, SettlementEpoch.rewards_root == rewards_root,
+            SettlementEpoch.receipts_root == receipts_root)) is not None
+    return sources, unchanged
 
-    def _keep(self, key: SourcesKey, sources: Sources) -> None:
-        size = sum(len(by_label) for by_label in sources.values())
-        if size > self.max_entries:
-            return
-        with self._lock:
-            if key in self._entries:
-                return
-            self._entries[key] = sources
-            self._num_entries += size
-            while self._num_entries > self.max_entries:
-                _, dropped = self._entries.popitem(last=False)
-                self._num_entries -= sum(len(by_label) for by_label in dropped.values())
+
+def _num_amounts(sources: Sources) -> int:
+    return sum(len(by_label) for by_label in sources.values())

@@ -6,17 +6,14 @@ under a given outbox row and roots: an amend the operator adopts writes new root
 amendment.py), so the key (row id, rewards root, receipts root) names one tree forever and a changed row
 is read again. Which epochs may be published at all (node/settlement/overrule.py) is still asked of the
 database on every call, before the trees are looked up here: the cache only spares reading and parsing
-them. Concurrent readers of one epoch wait for one read (single flight), at most MAX_LOADING epochs are
-read at once, each on a connection of its own taken only for that read, and the parsed trees are kept
-least recently used first within `max_bytes` of their JSON.
+them. Concurrent readers of one epoch wait for one read (single flight: node/flight_cache.py), at
+most MAX_LOADING epochs are read at once, each on a connection of its own taken only for that read, and the
+parsed trees are kept least recently used first within `max_bytes` of their JSON.
 """
 
 from __future__ import annotations
 
 import json
-import threading
-from collections import OrderedDict
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, defer, sessionmaker
 
 from node.db.models import SettlementEpoch
+from node.flight_cache import FlightCache
 from node.protocol.hexstr import from_hex
 from node.settlement.epoch_builder import cumulative_of
 from node.settlement.merkle import MerkleTree
@@ -68,58 +66,46 @@ class PublishedTrees:
     """The parsed trees of published epochs, least recently used first, within `max_bytes` of JSON."""
 
     max_bytes: int = 256 << 20
-    _entries: OrderedDict[TreeKey, ParsedTrees] = field(default_factory=OrderedDict)
-    _loading: dict[TreeKey, Future[ParsedTrees | None]] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _readers: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(MAX_LOADING))
-    _num_bytes: int = 0
+    max_amounts: int = 1_000_000  # (account, cumulative amount) pairs of rewards trees, kept apart
+    _cache: FlightCache[TreeKey, ParsedTrees | None] = field(init=False)
+    _rewards: FlightCache[TreeKey, dict[str, int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._cache = FlightCache(self.max_bytes, lambda parsed: len(parsed.encoded) if parsed else 0, MAX_LOADING)
+        self._rewards = FlightCache(self.max_amounts, len, MAX_LOADING)
+
+    def cumulative(self, factory: sessionmaker[Session], row: SettlementEpoch) -> dict[str, int]:
+        """The cumulative amounts of outbox row `row`'s rewards tree per checksummed account ({} if the row has
+        none or has changed since). Kept apart from the parsed trees, a few dozen bytes an account where the
+        trees take a few hundred a receipt: the earnings read every published epoch's, and read none again
+        however far the history outgrows `max_bytes`."""
+        return self._rewards.get(key_of(row), lambda key: _read_rewards(factory, key))
 
     def get(self, factory: sessionmaker[Session], row: SettlementEpoch) -> ParsedTrees | None:
         """The trees of outbox row `row` (read without them, WITHOUT_TREES); None if the row has none or
         has changed since (ask again)."""
-        key = key_of(row)
-        with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                return self._entries[key]
-            pending, leader = self._loading.get(key), key not in self._loading
-            if pending is None:
-                pending = self._loading[key] = Future()
-        if not leader:
-            return pending.result()
-        try:
-            parsed = self._read(factory, key)
-        except BaseException as exc:
-            self._done(key)
-            pending.set_exception(exc)
-            raise
-        if parsed is not None:
-            self._keep(key, parsed)
-        self._done(key)
-        pending.set_result(parsed)
-        return parsed
+        return self._cache.get(key_of(row), lambda key: _read(factory, key))
 
-    def _done(self, key: TreeKey) -> None:
-        with self._lock:
-            del self._loading[key]
 
-    def _read(self, factory: sessionmaker[Session], key: TreeKey) -> ParsedTrees | None:
-        row_id, rewards_root, receipts_root = key
-        q = select(SettlementEpoch.trees).where(SettlementEpoch.id == row_id,
-                                                SettlementEpoch.rewards_root == rewards_root,
-                                                SettlementEpoch.receipts_root == receipts_root)
-        with self._readers, factory() as session:
-            trees = session.scalar(q)
-        return None if trees is None or not {"rewards", "receipts"} <= trees.keys() else ParsedTrees.of(trees)
+def _read_rewards(factory: sessionmaker[Session], key: TreeKey) -> tuple[dict[str, int], bool]:
+    """(the cumulative amounts of the rewards tree of the row under `key`, whether to keep them): the
+    rewards tree alone is read; nothing is kept if the row has none or other roots now."""
+    row_id, rewards_root, receipts_root = key
+    q = select(SettlementEpoch.trees["rewards"]).where(
+        SettlementEpoch.id == row_id, SettlementEpoch.rewards_root == rewards_root,
+        SettlementEpoch.receipts_root == receipts_root)
+    with factory() as session:
+        dump = session.scalar(q)
+    return (cumulative_of(dump), True) if dump else ({}, False)
 
-    def _keep(self, key: TreeKey, parsed: ParsedTrees) -> None:
-        if len(parsed.encoded) > self.max_bytes:
-            return
-        with self._lock:
-            if key in self._entries:
-                return
-            self._entries[key] = parsed
-            self._num_bytes += len(parsed.encoded)
-            while self._num_bytes > self.max_bytes:
-                _, dropped = self._entries.popitem(last=False)
-                self._num_bytes -= len(dropped.encoded)
+
+def _read(factory: sessionmaker[Session], key: TreeKey) -> tuple[ParsedTrees | None, bool]:
+    """(the trees of the row under `key`, whether to keep them): None if the row has none or other roots now."""
+    row_id, rewards_root, receipts_root = key
+    q = select(SettlementEpoch.trees).where(SettlementEpoch.id == row_id, SettlementEpoch.rewards_root == rewards_root,
+                                            SettlementEpoch.receipts_root == receipts_root)
+    with factory() as session:
+        trees = session.scalar(q)
+    if trees is None or not {"rewards", "receipts"} <= trees.keys():
+        return None, False
+    return ParsedTrees.of(trees), True

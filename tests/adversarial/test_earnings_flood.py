@@ -28,7 +28,7 @@ from node.protocol.receipt import BASE_ADAPTER_ID, LEAF_TYPES, receipt_of_row
 from node.settlement.epoch_builder import rewards_tree
 from node.settlement.merkle import MerkleTree
 from node.settlement.split import BASE_LINEAGE, Lineage, SplitParams, split_fee
-from tests.fixtures.flood import fastest_paid_seconds, paid_seconds_during, signed_completions
+from tests.fixtures.flood import fastest_paid_seconds, paid_seconds_during_gets, signed_completions
 from tests.fixtures.paid_node import PaidNode
 
 pytestmark = [pytest.mark.chain, pytest.mark.slow]
@@ -36,22 +36,6 @@ NUM_EPOCHS = 60  # more than the 50 whose sources are shown
 NUM_RECEIPTS = 300  # per epoch
 FIRST_EPOCH = 1_000
 NUM_ASKING = 32
-FLOOD = """
-import asyncio, sys
-import aiohttp
-
-async def main(urls, num):
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=num)) as session:
-        async def ask(i):
-            while True:
-                async with session.get(urls[i % len(urls)]) as resp:
-                    await resp.read()
-                    if i < 2:
-                        print(resp.status, flush=True)
-        await asyncio.gather(*(ask(i) for i in range(num)))
-
-asyncio.run(main(sys.argv[2:], int(sys.argv[1])))
-"""
 
 
 def _split(paid_node: PaidNode) -> SplitParams:
@@ -138,7 +122,7 @@ def test_a_flood_of_earnings_does_not_hold_up_paid_requests(paid_node: PaidNode,
     params = _split(paid_node)
     urls = [f"{paid_node.base_url}/v1/earnings/{params.node}/{who}" for who in (params.node, params.treasury)]
     headers = signed_completions(paid_node, Payer(paid_node.payer_keys[0], paid_node.base_url), 1_010)
-    flooded = paid_seconds_during(paid_node, headers, [FLOOD, str(NUM_ASKING), *urls])
+    flooded = paid_seconds_during_gets(paid_node, headers, urls, NUM_ASKING)
     print(f"paid request alone {calm:.3f} s, during the earnings {flooded:.3f} s")
     assert flooded < calm + 5.0, f"a paid request took {flooded:.2f} s during a flood of earnings " \
                                  f"({calm:.2f} s without)"

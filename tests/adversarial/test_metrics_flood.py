@@ -19,29 +19,13 @@ from sqlalchemy import insert
 from node.client.payer import Payer
 from node.db.models import TxIntent
 from node.db.session import make_engine, session_factory, transaction
-from tests.fixtures.flood import fastest_paid_seconds, paid_seconds_during, signed_completions
+from tests.fixtures.flood import fastest_paid_seconds, paid_seconds_during_gets, signed_completions
 from tests.fixtures.paid_node import PaidNode
 
 pytestmark = [pytest.mark.chain, pytest.mark.slow]
 NUM_INTENTS = 6_000  # transactions the node sent over its life: settles, sweeps, refunds
 RAW_BYTES = 16_000  # a settle's signed transaction with its vouchers
 NUM_SCRAPING = 32
-FLOOD = """
-import asyncio, sys
-import aiohttp
-
-async def main(url, num):
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=num)) as session:
-        async def ask(i):
-            while True:
-                async with session.get(url) as resp:
-                    await resp.read()
-                    if i < 2:
-                        print(resp.status, flush=True)
-        await asyncio.gather(*(ask(i) for i in range(num)))
-
-asyncio.run(main(sys.argv[1], int(sys.argv[2])))
-"""
 
 
 def _mined(node: str, nonce: int) -> dict[str, Any]:
@@ -68,7 +52,7 @@ def test_a_flood_of_metrics_scrapes_does_not_hold_up_paid_requests(paid_node: Pa
     assert bumps and float(bumps[0].split()[1]) >= NUM_INTENTS, "every intent's fee bump is counted"
 
     headers = signed_completions(paid_node, payer, 1_110)
-    flooded = paid_seconds_during(paid_node, headers, [FLOOD, f"{paid_node.base_url}/metrics", str(NUM_SCRAPING)])
+    flooded = paid_seconds_during_gets(paid_node, headers, [f"{paid_node.base_url}/metrics"], NUM_SCRAPING)
     print(f"paid request alone {calm:.3f} s, during the scrapes {flooded:.3f} s")
     assert flooded < calm + 5.0, f"a paid request took {flooded:.2f} s during a flood of metrics scrapes " \
                                  f"({calm:.2f} s without)"

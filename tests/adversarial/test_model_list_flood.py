@@ -16,28 +16,12 @@ import pytest
 
 from node.client.payer import Payer
 from node.lora.content_hash import adapter_weights_sha256, base_model_id
-from tests.fixtures.flood import fastest_paid_seconds, paid_seconds_during, signed_completions
+from tests.fixtures.flood import fastest_paid_seconds, paid_seconds_during_gets, signed_completions
 from tests.fixtures.paid_node import ADAPTER_OWNER, LINEAGE_WEIGHTS, OWNER_SHARE_BPS, PaidNode
 
 pytestmark = [pytest.mark.chain, pytest.mark.slow]
 NUM_ADAPTERS = 300
 NUM_LISTING = 48
-FLOOD = """
-import asyncio, sys
-import aiohttp
-
-async def main(base, num):
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=num)) as session:
-        async def ask(i):
-            while True:
-                async with session.get(base + ("/v1/models" if i % 2 else "/v1/adapters")) as resp:
-                    await resp.read()
-                    if i < 2:
-                        print(resp.status, flush=True)
-        await asyncio.gather(*(ask(i) for i in range(num)))
-
-asyncio.run(main(sys.argv[1], int(sys.argv[2])))
-"""
 
 
 def test_a_flood_of_model_listings_does_not_hold_up_paid_requests(paid_node: PaidNode, tiny_model: Path) -> None:
@@ -52,7 +36,8 @@ def test_a_flood_of_model_listings_does_not_hold_up_paid_requests(paid_node: Pai
     payer = Payer(paid_node.payer_keys[0], paid_node.base_url)
     calm = fastest_paid_seconds(paid_node, signed_completions(paid_node, payer, 800))
     headers = signed_completions(paid_node, payer, 810)
-    flooded = paid_seconds_during(paid_node, headers, [FLOOD, paid_node.base_url, str(NUM_LISTING)])
+    listings = [f"{paid_node.base_url}/v1/{what}" for what in ("adapters", "models")]
+    flooded = paid_seconds_during_gets(paid_node, headers, listings, NUM_LISTING)
     print(f"paid request alone {calm:.3f} s, during the listings {flooded:.3f} s")
     # it shares the API's CPU with the listings (1.2 s at a load of 25 on 2 CPUs), never waits for their
     # database connections (23 s on main)

@@ -20,29 +20,13 @@ from node.db.session import make_engine, session_factory, transaction
 from node.protocol.hexstr import to_hex
 from node.protocol.receipt import LEAF_TYPES, receipt_of_row
 from node.settlement.merkle import MerkleTree
-from tests.fixtures.flood import fastest_paid_seconds, paid_seconds_during, signed_completions
+from tests.fixtures.flood import fastest_paid_seconds, paid_seconds_during_gets, signed_completions
 from tests.fixtures.paid_node import PaidNode
 
 pytestmark = [pytest.mark.chain, pytest.mark.slow]
 NUM_LEAVES = 12_000  # a busy epoch's receipts
 NUM_READING = 32
 EPOCH_IDS = range(900, 906)  # a few of them: the listing and the earnings read every epoch
-FLOOD = """
-import asyncio, sys
-import aiohttp
-
-async def main(urls, num):
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=num)) as session:
-        async def ask(i):
-            while True:
-                async with session.get(urls[i % len(urls)]) as resp:
-                    await resp.read()
-                    if i < 2:
-                        print(resp.status, flush=True)
-        await asyncio.gather(*(ask(i) for i in range(num)))
-
-asyncio.run(main(sys.argv[2:], int(sys.argv[1])))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +75,7 @@ def test_a_flood_of_tree_reads_does_not_hold_up_paid_requests(paid_node: PaidNod
     payer = Payer(paid_node.payer_keys[0], paid_node.base_url)
     first_lane = 910 + 10 * ["proofs and trees", "epoch listings", "earnings"].index(what)
     headers = signed_completions(paid_node, payer, first_lane)
-    flooded = paid_seconds_during(paid_node, headers, [FLOOD, str(NUM_READING), *urls])
+    flooded = paid_seconds_during_gets(paid_node, headers, urls, NUM_READING)
     print(f"paid request alone {calm:.3f} s, during the {what} {flooded:.3f} s")
     assert flooded < calm + 5.0, f"a paid request took {flooded:.2f} s during a flood of {what} " \
                                  f"({calm:.2f} s without)"

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import event, insert, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.chain.events import ChainEvent
 from node.chain.mirror import Mirror
 from node.db import queries
-from node.db.models import Lane, Receipt, SettlementEpoch, Voucher
+from node.db.loss import LossReason, LossRecord, record_loss
+from node.db.models import Lane, Loss, Receipt, SettlementEpoch, Voucher
 from node.db.queries import Escrow, adapter_lineage, epoch_receipts, payer_lanes, spendable_escrow
 from node.db.session import make_engine, session_factory, upgrade
+from node.settlement.epoch_report import losses_of
 
 PAYER, NODE, OTHER = "0x" + "aA" * 20, "0x" + "bb" * 20, "0x" + "cc" * 20
 H = "0x" + "ee" * 32
@@ -51,6 +54,28 @@ def test_spendable_escrow_subtracts_thawing_and_uncollected_charges(db_url: str)
         assert [(la.lane, la.collected, la.uncollected) for la in lanes] == [(0, 2 * ETH, 0), (1, 0, ETH)]
         assert {la.node for la in payer_lanes(s, PAYER)} == {NODE}
         assert spendable_escrow(s, OTHER, NODE) == 0
+
+
+def test_uncollected_is_each_lane_s_charge_less_its_collection_and_write_off_never_below_zero(db_url: str) -> None:
+    factory, mirror = _db(db_url), Mirror(31337)
+    payer = PAYER.lower()
+    with factory.begin() as s:
+        s.add_all([Lane(payer=payer, node=NODE, lane=lane, charged_total=5 * ETH, last_cumulative=5 * ETH)
+                   for lane in range(4)] + [Lane(payer=payer, node=OTHER, lane=0, charged_total=ETH)])
+        mirror.ingest(s, [_ev(1, "VoucherCollected", node=NODE, payer=payer, lane=1, cumulative=2 * ETH,
+                              amount=2 * ETH),
+                          _ev(2, "VoucherCollected", node=NODE, payer=payer, lane=2, cumulative=4 * ETH,
+                              amount=4 * ETH)], final_block=2)
+        for lane, amount, reason, epoch in ((2, 3 * ETH, LossReason.SETTLE_REFUSED, 1),  # written off: below 0
+                                            (3, ETH, LossReason.LINEAGE_MISMATCH, 1),  # written off
+                                            (3, ETH, LossReason.ESCROW_SHORT, 1),  # still owed
+                                            (0, ETH, LossReason.SETTLE_REFUSED, None)):  # the API's: still owed
+            record_loss(s, LossRecord(NODE, payer, lane, amount, reason, epoch_id=epoch))
+    with factory() as s:
+        expected = 5 * ETH + 3 * ETH + 0 + 4 * ETH
+        assert queries.uncollected(s, PAYER, NODE) == expected
+        assert sum(lane.uncollected for lane in payer_lanes(s, PAYER, NODE)) == expected
+        assert queries.uncollected(s, OTHER, NODE) == 0
 
 
 def test_deposits_are_spendable_only_once_final_and_debits_count_at_once(db_url: str) -> None:
@@ -121,3 +146,28 @@ def test_epoch_receipts_are_the_epochs_own_in_write_order(db_url: str) -> None:
         got = epoch_receipts(s, NODE.upper().replace("0X", "0x"), 1)
     assert [r.fee for r in got] == [10**20, 10**20 + 2]
     assert all(r.epoch_id == 1 and r.created_at.tzinfo is not None for r in got)
+
+
+def test_an_epoch_s_losses_are_read_by_index_on_postgresql(postgres_url: str) -> None:
+    """epoch_report.losses_of (the free GET /v1/epochs/{node}/{id}) reads one epoch's losses and the losses it
+    recovered by the (node, epoch_id) and (node, recovered_epoch_id) indexes, not by scanning the node's."""
+    factory = _db(postgres_url)
+    statements: list[tuple[str, Any]] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+        statements.append((statement, params))
+    with factory.begin() as s:
+        s.execute(insert(Loss), [{"node": NODE, "payer": PAYER.lower(), "lane": i % 50, "amount": 1,
+                                  "epoch_id": i // 50, "reason": LossReason.ESCROW_SHORT.value,
+                                  "recovered_epoch_id": i // 50 + 1} for i in range(20_000)])
+        s.execute(text("ANALYZE losses"))
+    with factory() as s:
+        engine = s.get_bind()
+        event.listen(engine, "before_cursor_execute", seen)
+        report = losses_of(s, NODE, 7)
+        event.remove(engine, "before_cursor_execute", seen)
+        assert report["byReason"][0]["count"] == 50 and report["recoveredHere"]["count"] == 50
+        plans = ["\n".join(s.connection().exec_driver_sql("EXPLAIN " + statement, params).scalars())
+                 for statement, params in statements]
+    assert len(plans) == 2
+    assert "ix_losses_node_epoch_id" in plans[0] and "ix_losses_node_recovered_epoch_id" in plans[1], plans

@@ -13,8 +13,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.db.models import EpochState, SettlementEpoch
 from node.db.session import make_engine, session_factory, transaction, upgrade
 from node.protocol.hexstr import to_hex
+from node.settlement.earnings import earnings_from
+from node.settlement.epoch_sources import EpochSources
 from node.settlement.merkle import MerkleTree
 from node.settlement.published_trees import PublishedTrees
+from node.settlement.split import SplitParams
 
 NODE = "0x" + "ab" * 20
 NUM_READERS = 16
@@ -98,3 +101,18 @@ def test_the_cache_keeps_within_its_bytes(db_url: str) -> None:
     assert counting.num_opened == 4, "the two newest stayed"
     cache.get(counting, rows[0])  # type: ignore[arg-type]
     assert counting.num_opened == 5, "the oldest was dropped"
+
+
+def test_earnings_past_the_tree_budget_read_each_epoch_s_rewards_once(db_url: str) -> None:
+    """The earnings read every published epoch's rewards: once the history outgrew the parsed trees' budget,
+    every call read and parsed every epoch's whole trees again."""
+    factory = _epochs(db_url, 4)
+    one = PublishedTrees().get(factory, _row(factory, 1))
+    assert one is not None
+    counting, trees, sources = CountingFactory(factory), PublishedTrees(max_bytes=len(one.encoded)), EpochSources()
+    params = SplitParams(treasury="0x" + "cd" * 20, node=NODE, protocol_bps=100, node_bps=200)
+    first = earnings_from(counting, trees, sources, params, NODE)  # type: ignore[arg-type]
+    opened = counting.num_opened
+    assert earnings_from(counting, trees, sources, params, NODE) == first  # type: ignore[arg-type]
+    assert counting.num_opened - opened == 2, "the rows and the claims: no epoch read again"
+    assert first["earned"] == "1" and [e["epochId"] for e in first["epochs"]] == [1]
