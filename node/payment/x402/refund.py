@@ -8,6 +8,12 @@ take a charge. No request is served on the channel meanwhile: a hold of nothing 
 first, and dropped only once the indexer's mirror shows the refund, so no hold reads a balance that the
 refund already returned.
 
+The refund voucher is the same bytes at a given charged total and the amount is not signed, so a refund
+sent again (or anyone's ask of 1 unit, once a claim published that voucher) would be another transaction
+from the node's gas key. At a charged total that an earlier refund used (sent, mirrored or not), only
+the whole rest of a partial refund is returned, once (`refund_amount_invalid`): a partial refund needs a
+request charged first, and a payer's whole balance always comes back.
+
     X402Refunds.refund(header) -> the PAYMENT-RESPONSE object (success, transaction, amount, channelState)
 """
 
@@ -22,6 +28,7 @@ from typing import Any
 
 from eth_hash.auto import keccak
 
+from node.payment.x402.book import RefundMark
 from node.payment.x402.chain_reads import OnChain
 from node.payment.x402.channel_check import PREFIX, ChannelView, X402Refused, check_signature, check_terms
 from node.payment.x402.service import X402Checked, X402Payments
@@ -32,6 +39,7 @@ from node.protocol.hexstr import to_hex
 log = logging.getLogger(__name__)
 NO_BALANCE = PREFIX + "refund_no_balance"
 NOT_A_REFUND = PREFIX + "refund_payload"
+REFUND_AMOUNT_INVALID = PREFIX + "refund_amount_invalid"
 
 
 @dataclass(frozen=True)
@@ -66,8 +74,8 @@ class X402Refunds:
         lane, charged, hold_id = self._hold(checked)
         tx_hash, mirrored = None, False
         try:
-            order, state = self._order(payment, channel, charged)
-            tx_hash = self.submit(order)
+            order, state, last = self._order(payment, channel, charged)
+            tx_hash = self._send(channel, order, last)
             log.info("x402 refund of %d on lane %d: %s", order.amount, lane, tx_hash)
             mirrored = self._wait_mirrored(channel, state.refund_nonce + 1)
         finally:
@@ -97,7 +105,10 @@ class X402Refunds:
             tx.put_hold(x402.router, ledger.node, lane, 0, hold_id, now, ledger.instance)
         return lane, row.charged_total, hold_id
 
-    def _order(self, payment: Payment, channel: bytes, charged: int) -> tuple[RefundOrder, OnChain]:
+    def _order(self, payment: Payment, channel: bytes, charged: int
+               ) -> tuple[RefundOrder, OnChain, RefundMark | None]:
+        """What to send, once the rule allows it: kept as the channel's latest refund before it is sent
+        (and the latest one before it)."""
         state = self.read_live(channel)
         claim_to = max(state.total_claimed, charged)
         available = state.balance - claim_to
@@ -105,10 +116,26 @@ class X402Refunds:
         if amount <= 0:
             raise X402Refused("the channel has nothing left to refund", NO_BALANCE, balance=str(state.balance),
                               charged=str(charged))
+        last = self.x402.book.refund_mark(channel)
+        if last is not None and last.total == charged and not (last.was_partial and amount == available):
+            raise X402Refused("an earlier refund used this refund voucher (the channel's charged total): at it "
+                              "only the whole rest of a partial refund is returned; a partial refund needs a "
+                              "request charged first", REFUND_AMOUNT_INVALID, charged=str(charged),
+                              available=str(available), amount=str(amount))
+        self.x402.book.record_refund(channel, RefundMark(charged, amount < available))
         v = payment.voucher
         order = RefundOrder(payment.config, v.max_claimable, v.signature,
                             charged if charged > state.total_claimed else None, amount)
-        return order, state
+        return order, state, last
+
+    def _send(self, channel: bytes, order: RefundOrder, last: RefundMark | None) -> str:
+        """The refund's transaction; one that failed (reverted, or never sent) leaves the latest refund as
+        it was: the payer's refund sent again is not one that "used" its voucher."""
+        try:
+            return self.submit(order)
+        except BaseException:
+            self.x402.book.record_refund(channel, last)
+            raise
 
     def _wait_mirrored(self, channel: bytes, nonce: int) -> bool:
         deadline = time.monotonic() + self.mirror_wait_s
