@@ -94,7 +94,7 @@ class X402Refunds:
         lane = x402.book.lane_of(channel, payment.config)
         hold_id = to_hex(keccak(b"x402 refund" + channel + payment.voucher.signature))
         now = datetime.fromtimestamp(ledger.clock(), UTC)
-        with ledger.lanes.transaction(lock_payer=x402.router, node=ledger.node) as tx:
+        with ledger.lanes.transaction(lock_payer=x402.router, node=ledger.node, lock_lane=lane) as tx:  # as a hold
             seen = tx.hold_view(x402.router, ledger.node, lane, hold_id, now - ledger.ttl)
             row = seen.lane
             if row.reserved_voucher_hash and row.reserved_at and now - row.reserved_at < ledger.ttl:

@@ -7,7 +7,10 @@ hands its headers to the node's service (the route is the API's; docs/x402.md)."
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 from types import SimpleNamespace
 
 import pytest
@@ -32,6 +35,7 @@ from node.payment.x402.refund import X402Refunds
 from node.payment.x402.replay import as_sent
 from node.payment.x402.terms import CUMULATIVE_MISMATCH, payment_required
 from node.payment.x402.wire import PAYMENT_SIGNATURE_HEADER, decode_header, encode_header
+from node.protocol.hexstr import to_hex
 from tests.fixtures import x402_chain_node as fixtures
 from tests.fixtures.contracts import Roles
 from tests.fixtures.x402_chain_node import DELAY, X402Node
@@ -320,3 +324,39 @@ def test_a_refund_whose_transaction_reverts_leaves_its_voucher_unused(x402_node:
     assert x402_node.world.chain.channel(first.voucher.channel_id).refund_nonce == 0, "nothing refunded"
     out = payer.scheme.refund(URL, RefundOptions(fetch=_http(x402_node, _refunds(x402_node))))
     assert out.success and x402_node.balance_of(who) - start == deposit - charged
+
+
+def test_a_refund_waits_for_a_request_placing_its_hold_on_the_channel_and_then_finds_it_held(
+        x402_node: X402Node, roles: Roles) -> None:
+    """A request's hold takes its channel's lane lock; a refund placed its hold under the router's lock, so
+    on PostgreSQL both read the lane free at once and both went ahead: the refund returned the balance the
+    request was being served on."""
+    payer = Payer(roles.payer, x402_node.world.rpc_url, x402_node.world.dep.chain_id)
+    first, _ = x402_node.serve(payer, Usage(20, 10))
+    x402, refunds, outcomes = x402_node.x402, _refunds(x402_node), []
+
+    def fetch(url: str, headers: dict[str, str]) -> _RefundResponse:
+        if PAYMENT_SIGNATURE_HEADER in headers:
+            try:
+                settled = refunds.refund(headers[PAYMENT_SIGNATURE_HEADER])
+            except X402Refused as refused:
+                outcomes.append(refused.reason)
+                return _required(x402_node, refused)
+            outcomes.append(f"refunded {settled['amount']}")
+            return _RefundResponse(200, {"PAYMENT-RESPONSE": encode_header(settled)})
+        return _required(x402_node, None)
+
+    def refund() -> None:
+        with contextlib.suppress(RuntimeError):
+            payer.scheme.refund(URL, RefundOptions(fetch=fetch))
+    ledger, lane = x402.ledger, x402.book.lane_of(first.voucher.channel_id, first.config)
+    request = threading.Thread(target=refund)
+    with ledger.lanes.transaction(lock_payer=x402.router, node=ledger.node, lock_lane=lane) as tx:  # as x402.hold
+        tx.lane_view(x402.router, ledger.node, lane, to_hex(keccak(b"a request")))
+        request.start()
+        request.join(timeout=3)  # a refund that does not wait for the lane's lock is done by now
+        tx.put_hold(x402.router, ledger.node, lane, PRICE, to_hex(keccak(b"a request")),
+                    datetime.fromtimestamp(ledger.clock(), UTC), ledger.instance)
+    request.join()
+    assert outcomes and all(o.endswith("channel_busy") for o in outcomes), outcomes
+    assert x402_node.world.chain.channel(first.voucher.channel_id).refund_nonce == 0, "nothing refunded"
