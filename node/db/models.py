@@ -396,3 +396,7 @@ class X402Channel(Base):
     signed_max: Mapped[int] = mapped_column(Amount(), nullable=False, default=0)
     signature: Mapped[str | None] = mapped_column(String(132))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utc_now)
+    # the charged total at the channel's latest cooperative refund (its voucher's ceiling: the refund
+    # voucher is the same bytes at that total) and whether that refund left a balance (a partial one)
+    refund_total: Mapped[int | None] = mapped_column(Amount())
+    refund_was_partial: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)

@@ -26,6 +26,15 @@ class ChannelEntry:
     signature: bytes | None
 
 
+@dataclass(frozen=True)
+class RefundMark:
+    """The channel's latest cooperative refund: the charged total it was asked at (its voucher's ceiling)
+    and whether it left a balance."""
+
+    total: int
+    was_partial: bool
+
+
 class ChannelBook:
     def __init__(self, factory: sessionmaker[Session], node: str) -> None:
         self.factory = factory
@@ -67,6 +76,21 @@ class ChannelBook:
         with self.factory() as session:
             return session.scalars(select(X402Channel.payer).where(X402Channel.lane == lane,
                                                                     X402Channel.node == self.node)).first()
+
+    def refund_mark(self, channel_id: bytes) -> RefundMark | None:
+        with self.factory() as session:
+            row = session.execute(select(X402Channel.refund_total, X402Channel.refund_was_partial)
+                                  .where(X402Channel.channel_id == to_hex(channel_id))).first()
+        return None if row is None or row.refund_total is None else RefundMark(row.refund_total,
+                                                                               row.refund_was_partial)
+
+    def record_refund(self, channel_id: bytes, mark: RefundMark | None) -> None:
+        """Keep the refund the node is about to send as the channel's latest (before it is sent: a refund
+        pending counts as one), or put back the one before it (None: none)."""
+        total, was_partial = (None, False) if mark is None else (mark.total, mark.was_partial)
+        with self.factory.kw["bind"].begin() as conn:
+            conn.execute(update(X402Channel).where(X402Channel.channel_id == to_hex(channel_id))
+                         .values(refund_total=total, refund_was_partial=was_partial))
 
     def record_voucher(self, channel_id: bytes, max_claimable: int, signature: bytes, tx: Any = None) -> None:
         """Keep the voucher if its ceiling is the highest seen (a checked voucher only). With `tx`, the

@@ -9,6 +9,12 @@ deposit (like a deposit it sends): 1-wei refunds, one after another, cannot drai
 No request is served on the channel meanwhile: a hold of nothing is placed on its lane first, and dropped
 only once the indexer's mirror shows the refund, so no hold reads a balance that the refund already returned.
 
+The refund voucher is the same bytes at a given charged total and the amount is not signed, so a refund
+sent again (or anyone's ask of 1 unit, once a claim published that voucher) would be another transaction
+from the node's gas key. At a charged total that an earlier refund used (sent, mirrored or not), only
+the whole rest of a partial refund is returned, once (`refund_amount_invalid`): a partial refund needs a
+request charged first, and a payer's whole balance always comes back.
+
     X402Refunds.refund(header) -> the PAYMENT-RESPONSE object (success, transaction, amount, channelState)
 """
 
@@ -23,6 +29,7 @@ from typing import Any
 
 from eth_hash.auto import keccak
 
+from node.payment.x402.book import RefundMark
 from node.payment.x402.chain_reads import OnChain
 from node.payment.x402.channel_check import PREFIX, ChannelView, X402Refused, check_signature, check_terms
 from node.payment.x402.service import X402Checked, X402Payments
@@ -34,6 +41,7 @@ log = logging.getLogger(__name__)
 NO_BALANCE = PREFIX + "refund_no_balance"
 NOT_A_REFUND = PREFIX + "refund_payload"
 BELOW_MIN_DEPOSIT = PREFIX + "refund_below_min_deposit"
+REFUND_AMOUNT_INVALID = PREFIX + "refund_amount_invalid"
 
 
 @dataclass(frozen=True)
@@ -68,8 +76,8 @@ class X402Refunds:
         lane, charged, hold_id = self._hold(checked)
         tx_hash, mirrored = None, False
         try:
-            order, state = self._order(payment, channel, charged)
-            tx_hash = self.submit(order)
+            order, state, last = self._order(payment, channel, charged)
+            tx_hash = self._send(channel, order, last)
             log.info("x402 refund of %d on lane %d: %s", order.amount, lane, tx_hash)
             mirrored = self._wait_mirrored(channel, state.refund_nonce + 1)
         finally:
@@ -88,7 +96,7 @@ class X402Refunds:
         lane = x402.book.lane_of(channel, payment.config)
         hold_id = to_hex(keccak(b"x402 refund" + channel + payment.voucher.signature))
         now = datetime.fromtimestamp(ledger.clock(), UTC)
-        with ledger.lanes.transaction(lock_payer=x402.router, node=ledger.node) as tx:
+        with ledger.lanes.transaction(lock_payer=x402.router, node=ledger.node, lock_lane=lane) as tx:  # as a hold
             seen = tx.hold_view(x402.router, ledger.node, lane, hold_id, now - ledger.ttl)
             row = seen.lane
             if row.reserved_voucher_hash and row.reserved_at and now - row.reserved_at < ledger.ttl:
@@ -99,7 +107,10 @@ class X402Refunds:
             tx.put_hold(x402.router, ledger.node, lane, 0, hold_id, now, ledger.instance)
         return lane, row.charged_total, hold_id
 
-    def _order(self, payment: Payment, channel: bytes, charged: int) -> tuple[RefundOrder, OnChain]:
+    def _order(self, payment: Payment, channel: bytes, charged: int
+               ) -> tuple[RefundOrder, OnChain, RefundMark | None]:
+        """What to send, once the rule allows it: kept as the channel's latest refund before it is sent
+        (and the latest one before it)."""
         state = self.read_live(channel)
         claim_to = max(state.total_claimed, charged)
         available = state.balance - claim_to
@@ -111,10 +122,26 @@ class X402Refunds:
             raise X402Refused("a partial refund is at least the node's minimum deposit (extra.minDeposit): ask "
                               "for that much, or for everything", BELOW_MIN_DEPOSIT, amount=str(amount),
                               min_deposit=str(self.x402.terms.min_deposit))
+        last = self.x402.book.refund_mark(channel)
+        if last is not None and last.total == charged and not (last.was_partial and amount == available):
+            raise X402Refused("an earlier refund used this refund voucher (the channel's charged total): at it "
+                              "only the whole rest of a partial refund is returned; a partial refund needs a "
+                              "request charged first", REFUND_AMOUNT_INVALID, charged=str(charged),
+                              available=str(available), amount=str(amount))
+        self.x402.book.record_refund(channel, RefundMark(charged, amount < available))
         v = payment.voucher
         order = RefundOrder(payment.config, v.max_claimable, v.signature,
                             charged if charged > state.total_claimed else None, amount)
-        return order, state
+        return order, state, last
+
+    def _send(self, channel: bytes, order: RefundOrder, last: RefundMark | None) -> str:
+        """The refund's transaction; one that failed (reverted, or never sent) leaves the latest refund as
+        it was: the payer's refund sent again is not one that "used" its voucher."""
+        try:
+            return self.submit(order)
+        except BaseException:
+            self.x402.book.record_refund(channel, last)
+            raise
 
     def _wait_mirrored(self, channel: bytes, nonce: int) -> bool:
         deadline = time.monotonic() + self.mirror_wait_s

@@ -8,8 +8,10 @@ hands its headers to the node's service (the route is the API's; docs/x402.md)."
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import UTC, datetime
 from types import SimpleNamespace
 
 import pytest
@@ -18,13 +20,14 @@ from eth_utils import keccak
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from x402.mechanisms.evm.batch_settlement.client.refund import RefundOptions, _RefundResponse
+from x402.mechanisms.evm.batch_settlement.errors import ERR_REFUND_AMOUNT_INVALID
 
 from node.api.error_handlers import install_error_handlers
 from node.api.routes import x402_refund
 from node.chain.contract_client import ContractClient
 from node.chain.receipt_read import sign_read
 from node.chain.x402_channels import X402Chain
-from node.errors import NotThePayer, VoucherConflict
+from node.errors import ChainError, NotThePayer, VoucherConflict
 from node.payment.service import Usage
 from node.payment.x402.channel_check import X402Refused
 from node.payment.x402.channel_mirror import ChannelMirror
@@ -33,6 +36,7 @@ from node.payment.x402.refund import BELOW_MIN_DEPOSIT, X402Refunds
 from node.payment.x402.replay import as_sent
 from node.payment.x402.terms import CUMULATIVE_MISMATCH, payment_required
 from node.payment.x402.wire import PAYMENT_SIGNATURE_HEADER, decode_header, encode_header
+from node.protocol.hexstr import to_hex
 from tests.fixtures import x402_chain_node as fixtures
 from tests.fixtures.contracts import Roles
 from tests.fixtures.x402_chain_node import DELAY, X402Node
@@ -277,3 +281,111 @@ def test_refunds_of_a_wei_each_cannot_make_the_node_pay_a_transaction_each(x402_
     assert set(refused) == {BELOW_MIN_DEPOSIT}
     rest = payer.scheme.refund(URL, RefundOptions(fetch=fetch))  # everything: always
     assert rest.success and int(rest.amount) == first.deposit.amount - charged
+
+
+def test_a_refund_sent_again_or_asked_in_units_by_a_stranger_costs_the_node_no_more_transactions(
+        x402_node: X402Node, roles: Roles) -> None:
+    """The refund voucher is (channel, charged total) and the `amount` is unsigned: whoever holds the payer's
+    refund header (or the voucher, once a claim published it) could ask for it again, or for 1 unit at a
+    time, each a transaction from the node's gas key. At a voucher total an earlier refund used, only the
+    whole balance is refunded; the payer still gets all of it back, in one more transaction."""
+    payer = Payer(roles.payer, x402_node.world.rpc_url, x402_node.world.dep.chain_id)
+    first, charged = x402_node.serve(payer, Usage(20, 10))
+    channel, deposit, who = first.voucher.channel_id, first.deposit.amount, first.config.payer
+    refunds = _refunds(x402_node, _relayed(x402_node, roles))
+    sent: list[str] = []
+
+    def fetch(url: str, headers: dict[str, str]) -> _RefundResponse:
+        if PAYMENT_SIGNATURE_HEADER in headers:
+            sent.append(headers[PAYMENT_SIGNATURE_HEADER])
+        return _http(x402_node, refunds)(url, headers)
+    gas_key = Roles.address(roles.relayer)
+    w3, start = x402_node.world.deployer.w3, x402_node.balance_of(who)
+    txs_before = w3.eth.get_transaction_count(gas_key)
+    assert payer.scheme.refund(URL, RefundOptions(amount="1000", fetch=fetch)).success
+    header = sent[-1]
+    as_stranger = decode_header(header)
+    as_stranger["payload"]["amount"] = "1"
+    outcomes = []
+    for ask in [header] * 3 + [encode_header(as_stranger)] * 3:
+        try:
+            outcomes.append(f"refunded {refunds.refund(ask)['amount']}")
+        except X402Refused as refused:
+            outcomes.append(refused.reason)
+    assert outcomes == [ERR_REFUND_AMOUNT_INVALID] * 6, "a used refund voucher refunds only the whole balance"
+    assert w3.eth.get_transaction_count(gas_key) - txs_before == 1, "one transaction: the payer's refund"
+    assert x402_node.world.chain.channel(channel).balance == deposit - 1_000
+
+    rest = payer.scheme.refund(URL, RefundOptions(fetch=fetch))
+    assert rest.success and int(rest.amount) == deposit - 1_000 - charged
+    assert x402_node.balance_of(who) - start == deposit - charged, "the payer got everything else, to the wei"
+    with pytest.raises(X402Refused) as drained:
+        refunds.refund(header)
+    assert drained.value.reason.endswith("refund_no_balance")
+    assert w3.eth.get_transaction_count(gas_key) - txs_before == 2, "the payer's two refunds, nothing else"
+
+
+def test_a_second_partial_refund_at_one_charged_total_waits_for_a_charge_and_the_rest_never_waits(
+        x402_node: X402Node, roles: Roles) -> None:
+    payer = Payer(roles.payer, x402_node.world.rpc_url, x402_node.world.dep.chain_id)
+    first, _ = x402_node.serve(payer, Usage(20, 10))
+    who, deposit = first.config.payer, first.deposit.amount
+    fetch, start = _http(x402_node, _refunds(x402_node)), x402_node.balance_of(who)
+    assert payer.scheme.refund(URL, RefundOptions(amount="1000", fetch=fetch)).success
+    with pytest.raises(RuntimeError, match=ERR_REFUND_AMOUNT_INVALID):
+        payer.scheme.refund(URL, RefundOptions(amount="1000", fetch=fetch))
+    _, charged = x402_node.serve(payer, Usage(10, 5))  # a new charge: a new refund voucher
+    assert payer.scheme.refund(URL, RefundOptions(amount="1000", fetch=fetch)).success
+    rest = payer.scheme.refund(URL, RefundOptions(fetch=fetch))
+    assert rest.success and int(rest.amount) == deposit - 2_000 - charged
+    assert x402_node.balance_of(who) - start == deposit - charged, "the payer got everything else, to the wei"
+
+
+def test_a_refund_whose_transaction_reverts_leaves_its_voucher_unused(x402_node: X402Node, roles: Roles) -> None:
+    payer = Payer(roles.payer, x402_node.world.rpc_url, x402_node.world.dep.chain_id)
+    first, charged = x402_node.serve(payer, Usage(20, 10))
+    who, deposit = first.config.payer, first.deposit.amount
+    not_the_authorizer = X402Chain(ContractClient(x402_node.world.rpc_url, roles.relayer), x402_node.world.terms.router,
+                                   authorizer_key=roles.contributor)  # its signatures: the contract reverts
+    start = x402_node.balance_of(who)
+    with pytest.raises(ChainError, match="InvalidAuthorizerSignature"):
+        payer.scheme.refund(URL, RefundOptions(fetch=_http(x402_node, _refunds(x402_node, not_the_authorizer))))
+    assert x402_node.world.chain.channel(first.voucher.channel_id).refund_nonce == 0, "nothing refunded"
+    out = payer.scheme.refund(URL, RefundOptions(fetch=_http(x402_node, _refunds(x402_node))))
+    assert out.success and x402_node.balance_of(who) - start == deposit - charged
+
+
+def test_a_refund_waits_for_a_request_placing_its_hold_on_the_channel_and_then_finds_it_held(
+        x402_node: X402Node, roles: Roles) -> None:
+    """A request's hold takes its channel's lane lock; a refund placed its hold under the router's lock, so
+    on PostgreSQL both read the lane free at once and both went ahead: the refund returned the balance the
+    request was being served on."""
+    payer = Payer(roles.payer, x402_node.world.rpc_url, x402_node.world.dep.chain_id)
+    first, _ = x402_node.serve(payer, Usage(20, 10))
+    x402, refunds, outcomes = x402_node.x402, _refunds(x402_node), []
+
+    def fetch(url: str, headers: dict[str, str]) -> _RefundResponse:
+        if PAYMENT_SIGNATURE_HEADER in headers:
+            try:
+                settled = refunds.refund(headers[PAYMENT_SIGNATURE_HEADER])
+            except X402Refused as refused:
+                outcomes.append(refused.reason)
+                return _required(x402_node, refused)
+            outcomes.append(f"refunded {settled['amount']}")
+            return _RefundResponse(200, {"PAYMENT-RESPONSE": encode_header(settled)})
+        return _required(x402_node, None)
+
+    def refund() -> None:
+        with contextlib.suppress(RuntimeError):
+            payer.scheme.refund(URL, RefundOptions(fetch=fetch))
+    ledger, lane = x402.ledger, x402.book.lane_of(first.voucher.channel_id, first.config)
+    request = threading.Thread(target=refund)
+    with ledger.lanes.transaction(lock_payer=x402.router, node=ledger.node, lock_lane=lane) as tx:  # as x402.hold
+        tx.lane_view(x402.router, ledger.node, lane, to_hex(keccak(b"a request")))
+        request.start()
+        request.join(timeout=3)  # a refund that does not wait for the lane's lock is done by now
+        tx.put_hold(x402.router, ledger.node, lane, PRICE, to_hex(keccak(b"a request")),
+                    datetime.fromtimestamp(ledger.clock(), UTC), ledger.instance)
+    request.join()
+    assert outcomes and all(o.endswith("channel_busy") for o in outcomes), outcomes
+    assert x402_node.world.chain.channel(first.voucher.channel_id).refund_nonce == 0, "nothing refunded"
