@@ -19,7 +19,7 @@ from node.db.models import EpochState
 from node.settlement.policy import EpochPolicy
 from node.settlement.recovery import MAX_ATTEMPTS
 from node.settlement.service import SettlementService
-from tests.adversarial.settlement_steps import LONG, lost, tick_until
+from tests.adversarial.settlement_steps import LONG, lost, tick_until, withdraw_ahead_of_the_settle
 from tests.fixtures.settlement import FINALITY_DEPTH, OPERATOR, PAYERS, TOKEN, SettlementWorld, address, fund
 
 pytestmark = [pytest.mark.chain, pytest.mark.slow]
@@ -34,14 +34,7 @@ def front_run_the_next_settle(world: SettlementWorld, service: SettlementService
         if service.state(epoch_id) is EpochState.BUILT:
             break
         service.tick()
-    world.anvil.rpc("evm_setAutomine", False)
-    assert service.tick() is EpochState.SUBMITTED  # the preflight passed: the attacker's escrow is still there
-    escrow = world.contracts(attacker).escrow
-    world.w3.eth.send_transaction({"from": escrow.client.address, "to": escrow.address, "gas": 200_000,
-                                   "data": escrow.contract.encode_abi("withdraw", args=[world.node]),
-                                   "maxPriorityFeePerGas": 500 * 10**9, "maxFeePerGas": 1_000 * 10**9})
-    world.mine()
-    world.anvil.rpc("evm_setAutomine", True)
+    withdraw_ahead_of_the_settle(world, service, attacker)
     service.tick()
     assert service.state(epoch_id) is EpochState.FAILED  # the settle reverted on chain
 
