@@ -1,5 +1,5 @@
 """Steps and views the settlement attack tests share: tick an epoch to a state, read the chain, the
-losses and the published leaves, and empty a payer's escrow on chain time."""
+losses and the published leaves, empty a payer's escrow on chain time, and withdraw it ahead of a settle."""
 
 from __future__ import annotations
 
@@ -66,3 +66,16 @@ def empty_escrow(world: SettlementWorld, index: int) -> None:
     escrow.thaw(world.node, 1_000 * TOKEN)
     world.anvil.rpc("evm_increaseTime", 3_601)
     world.mine()
+
+
+def withdraw_ahead_of_the_settle(world: SettlementWorld, service: SettlementService, key: int) -> None:
+    """The node sends a built epoch's settle, whose preflight passes (the escrow of anvil account `key`
+    still holds its money), and that account withdraws ahead of it with a higher tip, in the same block."""
+    world.anvil.rpc("evm_setAutomine", False)
+    assert service.tick() is EpochState.SUBMITTED  # the preflight passed: the escrow is still there
+    escrow = world.contracts(key).escrow
+    world.w3.eth.send_transaction({"from": escrow.client.address, "to": escrow.address, "gas": 200_000,
+                                   "data": escrow.contract.encode_abi("withdraw", args=[world.node]),
+                                   "maxPriorityFeePerGas": 500 * 10**9, "maxFeePerGas": 1_000 * 10**9})
+    world.mine()
+    world.anvil.rpc("evm_setAutomine", True)

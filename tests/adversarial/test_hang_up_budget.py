@@ -12,11 +12,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from node.api.hang_up_budget import HangUpBudget
 from node.client.payer import Payer
-from node.engine.grammar import GrammarSpec
 from tests.adversarial.test_stream_hang_up_before_start import _chat, _send
 from tests.fixtures.paid_node import PaidNode, _fund
+from tests.fixtures.slow_compile import slow_compiles, wait_ended
 
 pytestmark = pytest.mark.chain
 COMPILE_S, BURST = 1.0, 2
@@ -35,34 +34,8 @@ def node(paid_node: PaidNode) -> PaidNode:
 @pytest.fixture
 def slow_budget(node: PaidNode) -> Iterator[None]:
     """Every compile takes COMPILE_S longer; the budget: BURST hang-ups, shared and per buyer, no refill."""
-    svc = node.local.services
-    assert svc is not None
-    grammars, gate = svc.engine.engine.grammars, svc.generation.gate
-    real, budget = grammars._compile, getattr(gate, "hang_ups", None)
-
-    def compile_slowly(spec: GrammarSpec) -> object:
-        time.sleep(COMPILE_S)
-        return real(spec)
-
-    grammars._compile = compile_slowly  # type: ignore[method-assign]
-    gate.hang_ups = HangUpBudget(rate_per_s=0.0, burst=BURST, per_payer_rate_per_s=0.0, per_payer_burst=BURST)
-    try:
+    with slow_compiles(node, COMPILE_S, BURST):
         yield
-    finally:
-        del grammars._compile
-        gate.hang_ups = budget
-
-
-def _wait_ended(node: PaidNode) -> None:
-    """Until the node has no request in flight: the one given up has ended and its hang-up is counted (a
-    fixed sleep raced the count on a busy box, and the next request was let in as if none had happened)."""
-    svc = node.local.services
-    assert svc is not None
-    deadline = time.monotonic() + 30
-    time.sleep(0.1)
-    while svc.engine.in_flight and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not svc.engine.in_flight, "a request given up never ended"
 
 
 def _was_charged(payer: Payer, lane: int) -> bool:
@@ -118,7 +91,7 @@ def test_many_funded_addresses_hanging_up_share_one_budget(node: PaidNode, slow_
             resp = _send(node, payer, _chat(node, f"m{lane}"), lane, read_s=0.3)
             if resp is None:
                 admitted += 1
-                _wait_ended(node)  # its compile ends and its hold is released
+                wait_ended(node)  # its compile ends and its hold is released
                 charged += _was_charged(payer, lane)
             else:
                 refused.append(resp)
@@ -143,6 +116,6 @@ def test_plain_requests_given_up_before_their_first_token_spend_the_budget_too(n
         resp = _send(node, payer, _chat(node, f"p{lane}", stream=False), lane, read_s=0.3)
         outcomes.append(None if resp is None else resp.status_code)
         if resp is None:
-            _wait_ended(node)  # its compile ends, its answer is cut and its hold released
+            wait_ended(node)  # its compile ends, its answer is cut and its hold released
             free += not _was_charged(payer, lane)  # on a busy box an answer may end before its client's leaving
     assert outcomes == expected and free <= BURST, (outcomes, free)  # is seen: charged, no free hang-up

@@ -25,7 +25,16 @@ from node.settlement.epoch_builder import cumulative_of
 from node.settlement.policy import EpochPolicy
 from node.settlement.runtime import SettlementRuntime
 from node.settlement.service import SettlementService
-from tests.adversarial.settlement_steps import LONG, empty_escrow, leaves_total, lost, on_chain, payer, tick_until
+from tests.adversarial.settlement_steps import (
+    LONG,
+    empty_escrow,
+    leaves_total,
+    lost,
+    on_chain,
+    payer,
+    tick_until,
+    withdraw_ahead_of_the_settle,
+)
 from tests.fixtures.settlement import OPERATOR, PAYERS, SettlementWorld
 
 pytestmark = pytest.mark.chain
@@ -134,14 +143,7 @@ def test_an_epoch_the_chain_refuses_after_its_preflight_recovers_by_itself(
     service = world.service(EpochPolicy(max_age_s=0))
     epoch_id = service.close_epoch()
     assert service.tick() is EpochState.BUILT
-    world.anvil.rpc("evm_setAutomine", False)
-    assert service.tick() is EpochState.SUBMITTED  # the preflight passed: the escrow is still there
-    escrow = world.contracts(PAYERS[0]).escrow  # the payer front-runs the settle with a higher tip
-    world.w3.eth.send_transaction({"from": escrow.client.address, "to": escrow.address, "gas": 200_000,
-                                   "data": escrow.contract.encode_abi("withdraw", args=[world.node]),
-                                   "maxPriorityFeePerGas": 500 * 10**9, "maxFeePerGas": 1_000 * 10**9})
-    world.mine()
-    world.anvil.rpc("evm_setAutomine", True)
+    withdraw_ahead_of_the_settle(world, service, PAYERS[0])  # the payer front-runs the settle
     assert on_chain(world)[0] == 0
     service.tick()
     assert service.state(epoch_id) is EpochState.FAILED  # the chain refused it

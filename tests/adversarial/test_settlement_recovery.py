@@ -23,6 +23,7 @@ from tests.adversarial.settlement_steps import (
     on_chain,
     payer,
     tick_until,
+    withdraw_ahead_of_the_settle,
 )
 from tests.fixtures.settlement import PAYERS, TOKEN, SettlementWorld
 
@@ -107,14 +108,7 @@ def test_a_recovery_the_chain_refuses_after_its_preflight_is_rebuilt_and_each_re
     second = service.close_epoch()
     assert service.tick() is EpochState.BUILT
     assert lost(world) == []  # the lost 1_000 is in the epoch: recovered, for now
-    world.anvil.rpc("evm_setAutomine", False)
-    assert service.tick() is EpochState.SUBMITTED  # the preflight passed: the escrow is still there
-    escrow = world.contracts(PAYERS[0]).escrow  # the payer front-runs the settle with a higher tip
-    world.w3.eth.send_transaction({"from": escrow.client.address, "to": escrow.address, "gas": 200_000,
-                                   "data": escrow.contract.encode_abi("withdraw", args=[world.node]),
-                                   "maxPriorityFeePerGas": 500 * 10**9, "maxFeePerGas": 1_000 * 10**9})
-    world.mine()
-    world.anvil.rpc("evm_setAutomine", True)
+    withdraw_ahead_of_the_settle(world, service, PAYERS[0])  # the payer front-runs the settle
     service.tick()
     assert service.state(second) is EpochState.FAILED
     tick_until(world, service, second, EpochState.FINAL)

@@ -5,16 +5,14 @@ compile slowed so the hang-up lands during it; a budget of BURST hang-ups that n
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import requests
 
-from node.api.hang_up_budget import HangUpBudget
-from node.engine.grammar import GrammarSpec
 from tests.fixtures.paid_node import PaidNode
+from tests.fixtures.slow_compile import slow_compiles, wait_ended
 from tests.fixtures.x402_node import chat, decode, payer_key, payment_required
 from tests.payment.x402.sdk import Payer
 
@@ -24,22 +22,9 @@ COMPILE_S, BURST = 1.0, 2
 
 @pytest.fixture
 def slow_budget(x402_node: PaidNode) -> Iterator[None]:
-    svc = x402_node.local.services
-    assert svc is not None
-    grammars, gate = svc.engine.engine.grammars, svc.generation.gate
-    real, budget = grammars._compile, gate.hang_ups
-
-    def compile_slowly(spec: GrammarSpec) -> object:
-        time.sleep(COMPILE_S)
-        return real(spec)
-
-    grammars._compile = compile_slowly  # type: ignore[method-assign]
-    gate.hang_ups = HangUpBudget(rate_per_s=0.0, burst=BURST, per_payer_rate_per_s=0.0, per_payer_burst=BURST)
-    try:
+    """Every compile takes COMPILE_S longer; the budget: BURST hang-ups, shared and per buyer, no refill."""
+    with slow_compiles(x402_node, COMPILE_S, BURST):
         yield
-    finally:
-        del grammars._compile
-        gate.hang_ups = budget
 
 
 def _structured(node: PaidNode, tag: str) -> dict[str, Any]:
@@ -56,17 +41,6 @@ def _send(node: PaidNode, body: dict[str, Any], header: str, read_s: float) -> r
                              headers={"PAYMENT-SIGNATURE": header})
     except requests.exceptions.ReadTimeout:
         return None
-
-
-def _wait_ended(node: PaidNode) -> None:
-    """Until nothing is in flight: the request given up has ended and its hang-up is counted."""
-    svc = node.local.services
-    assert svc is not None
-    deadline = time.monotonic() + 30
-    time.sleep(0.1)
-    while svc.engine.in_flight and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not svc.engine.in_flight, "a request given up never ended"
 
 
 def test_an_x402_channel_hanging_up_during_its_compiles_spends_its_budget_then_is_refused(
@@ -89,7 +63,7 @@ def test_an_x402_channel_hanging_up_during_its_compiles_spends_its_budget_then_i
         resp = _send(x402_node, body, header, read_s=0.3)
         outcomes.append(None if resp is None else resp.status_code)
         if resp is None:
-            _wait_ended(x402_node)  # its compile ends, its hold is released and its hang-up counted
+            wait_ended(x402_node)  # its compile ends, its hold is released and its hang-up counted
         else:
             refused.append(resp)
     assert outcomes == [None] * BURST + [429, 429], outcomes
