@@ -68,14 +68,19 @@ def empty_escrow(world: SettlementWorld, index: int) -> None:
     world.mine()
 
 
+def withdraw_with_a_high_tip(world: SettlementWorld, key: int) -> None:
+    """Anvil account `key` withdraws its escrow with a tip far above a settle's (mined first in its block)."""
+    escrow = world.contracts(key).escrow
+    world.w3.eth.send_transaction({"from": escrow.client.address, "to": escrow.address, "gas": 200_000,
+                                   "data": escrow.contract.encode_abi("withdraw", args=[world.node]),
+                                   "maxPriorityFeePerGas": 500 * 10**9, "maxFeePerGas": 1_000 * 10**9})
+
+
 def withdraw_ahead_of_the_settle(world: SettlementWorld, service: SettlementService, key: int) -> None:
     """The node sends a built epoch's settle, whose preflight passes (the escrow of anvil account `key`
     still holds its money), and that account withdraws ahead of it with a higher tip, in the same block."""
     world.anvil.rpc("evm_setAutomine", False)
     assert service.tick() is EpochState.SUBMITTED  # the preflight passed: the escrow is still there
-    escrow = world.contracts(key).escrow
-    world.w3.eth.send_transaction({"from": escrow.client.address, "to": escrow.address, "gas": 200_000,
-                                   "data": escrow.contract.encode_abi("withdraw", args=[world.node]),
-                                   "maxPriorityFeePerGas": 500 * 10**9, "maxFeePerGas": 1_000 * 10**9})
+    withdraw_with_a_high_tip(world, key)
     world.mine()
     world.anvil.rpc("evm_setAutomine", True)

@@ -25,7 +25,7 @@ from node.db.models import EpochState, SettlementEpoch
 from node.settlement.policy import LANE_GAS, SETTLE_BASE_GAS, EpochPolicy
 from node.settlement.recovery import MAX_ATTEMPTS
 from node.settlement.settle_call import signed_vouchers
-from tests.adversarial.settlement_steps import LONG, lost, settles
+from tests.adversarial.settlement_steps import LONG, lost, settles, withdraw_with_a_high_tip
 from tests.fixtures.settlement import FINALITY_DEPTH, OPERATOR, PAYERS, TOKEN, SettlementWorld, address, fund
 
 pytestmark = [pytest.mark.chain, pytest.mark.slow]
@@ -41,14 +41,6 @@ def sent_payers(world: SettlementWorld) -> set[str]:
     with world.factory() as session:
         rows = session.scalars(select(SettlementEpoch).where(SettlementEpoch.state == EpochState.SUBMITTED))
         return {v.payer.lower() for row in rows for v in signed_vouchers(row.batch or {"vouchers": []})}
-
-
-def withdraw_ahead(world: SettlementWorld, attacker: int) -> None:
-    """`attacker` withdraws its escrow with a tip far above the settle's (mined first in the next block)."""
-    escrow = world.contracts(attacker).escrow
-    world.w3.eth.send_transaction({"from": escrow.client.address, "to": escrow.address, "gas": 200_000,
-                                   "data": escrow.contract.encode_abi("withdraw", args=[world.node]),
-                                   "maxPriorityFeePerGas": 500 * 10**9, "maxFeePerGas": 1_000 * 10**9})
 
 
 def front_run(world: SettlementWorld, attackers: tuple[int, ...], honest_lanes: int) -> list[tuple[int, int, bool]]:
@@ -78,7 +70,7 @@ def front_run(world: SettlementWorld, attackers: tuple[int, ...], honest_lanes: 
         in_batch = sent_payers(world)
         ahead = next((k for k in attackers if k not in withdrawn and payer_of(world, k) in in_batch), None)
         if ahead is not None:
-            withdraw_ahead(world, ahead)
+            withdraw_with_a_high_tip(world, ahead)
             withdrawn.append(ahead)
         world.mine()
         world.anvil.rpc("evm_setAutomine", True)
