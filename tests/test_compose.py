@@ -208,7 +208,8 @@ def test_make_setups_docker_compose_exits_nonzero_on_a_file_it_refuses(tmp_path:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("LORANODE_", "COMPOSE_"))}
     refused = subprocess.run([str(venv / "bin" / "docker-compose"), "config", "-q"], cwd=ROOT, env=clean,
                              capture_output=True, text=True, timeout=60)
-    assert refused.returncode != 0 and "LORANODE_CHAIN_ID" in refused.stderr, refused
+    # compose names one required variable left unset, whichever it meets first (not always the same one)
+    assert refused.returncode != 0 and "required variable LORANODE_" in refused.stderr, refused
     accepted = subprocess.run([str(venv / "bin" / "docker-compose"), "--env-file", "deploy/dev.env", "config", "-q"],
                               cwd=ROOT, env=clean, capture_output=True, text=True, timeout=60)
     assert accepted.returncode == 0, accepted.stderr
