@@ -9,10 +9,11 @@ only for other paid requests' database work, which the requests in flight bound.
 There are `PAYMENT_THREADS` of them, not the default executor's cpu + 4: a charge spends most of its time
 waiting for its commit's WAL flush, not on a CPU, and PostgreSQL flushes the commits waiting together
 at once. With 6 threads (a 2-CPU box) the 64 answers one engine step finishes were charged 6 at a time,
-one flush after another: the burst's last charge started 54, 121 and 67 ms after the engine's last output
-reached the API, against 32, 1 and 18 ms with 16 (`bench/api_timeline.py --rounds 3`: bench/api.py's burst
-of 128, the two alternated in one process, load 13-14). The API's CPU per request is not lowered (nor
-clearly raised: bench/results/README.md, session 12).
+one flush after another: the burst's last charge started 142, 8 and 157 ms after the engine's last output
+reached the API, against 45, 56 and 60 ms with 16; and a burst's holds wait for threads too: from a
+request's arrival to its place in the engine's queue, p50 239, 184 and 135 ms against 175, 97 and 109
+(bench/api.py's burst of 128, the two alternated in one process, load average 16-23; the API's CPU per
+request, 5.7-11.4 ms against 7.7-11.0, and the wall clock did not tell them apart at that load).
 """
 
 from __future__ import annotations
