@@ -155,14 +155,15 @@ def over_http_from_a_client_process(node: LocalNode, key: str, ids: list[int], n
                                     lanes: int, meter: CPUMeter | None = None) -> tuple[float, int, float]:
     """`over_http` run by `python bench/api_client.py SPEC`: (wall s, tokens, client CPU s); `meter`
     reads the node's processes around the timed part only."""
-    spec = {"base_url": node.base_url, "key": key, "ids": ids, "n": n, "prompt": prompt, "new": new, "lanes": lanes}
+    spec = {"base_url": node.base_url, "key": key, "ids": ids, "n": n, "prompt": prompt, "new": new, "lanes": lanes,
+            "keep_alive_s": node.settings.keep_alive_s}
     return client_process(spec, meter)
 
 
 def ttft_over_http_from_a_client_process(node: LocalNode, ids: list[int], n: int, prompt: list[int],
                                          new: int) -> dict[str, float]:
     spec = {"base_url": node.base_url, "key": node.anvil.keys[FIRST_USER + 2], "ids": ids, "n": n, "prompt": prompt,
-            "new": new, "lanes": TTFT_CONCURRENCY, "ttft": True}
+            "new": new, "lanes": TTFT_CONCURRENCY, "ttft": True, "keep_alive_s": node.settings.keep_alive_s}
     return engine_cores.percentiles(client_process(spec)["ttft_ms"])
 
 

@@ -56,11 +56,13 @@ async def over_http(client: aiohttp.ClientSession, payer: Payer, ids: list[int],
     return time.perf_counter() - t, tokens
 
 
-def lane_client(base_url: str, lanes: int) -> aiohttp.ClientSession:
+def lane_client(base_url: str, lanes: int, keep_alive_s: float) -> aiohttp.ClientSession:
     """One keep-alive connection per lane. aiohttp (C parsers), not httpx (pure Python, ~5 ms of CPU per
     request here): this client shares the node's 2 CPUs, where a dApp's runs on a machine of its own
-    (its CPU per token is reported beside the node's: `client`)."""
-    connector = aiohttp.TCPConnector(limit=lanes, keepalive_timeout=600)
+    (its CPU per token is reported beside the node's: `client`). An idle connection is let go a second
+    before the API's keep-alive (`keep_alive_s`, LORANODE_KEEP_ALIVE_S) would close it, as a well-behaved
+    client does: never a request sent on a connection the API is closing."""
+    connector = aiohttp.TCPConnector(limit=lanes, keepalive_timeout=max(keep_alive_s - 1, 1))
     return aiohttp.ClientSession(base_url, connector=connector, timeout=aiohttp.ClientTimeout(total=600))
 
 
@@ -105,7 +107,7 @@ def client_main(spec_json: str) -> None:
         print("ready", flush=True)
         sys.stdin.readline()
         times = asyncio.run(ttft_over_http(spec["base_url"], payer, spec["ids"], spec["n"], spec["prompt"],
-                                           spec["new"], spec["lanes"]))
+                                           spec["new"], spec["lanes"], spec["keep_alive_s"]))
         print(json.dumps({"ttft_ms": times}))
         return
     print(json.dumps(asyncio.run(timed_client(spec, payer))))
@@ -113,7 +115,7 @@ def client_main(spec_json: str) -> None:
 
 async def timed_client(spec: dict[str, Any], payer: Payer) -> dict[str, float]:
     """Open the lanes' connections, say "ready", wait for "go", then send the timed requests."""
-    async with lane_client(spec["base_url"], spec["lanes"]) as client:
+    async with lane_client(spec["base_url"], spec["lanes"], spec["keep_alive_s"]) as client:
         await open_connections(client, spec["lanes"])
         print("ready", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
@@ -124,7 +126,7 @@ async def timed_client(spec: dict[str, Any], payer: Payer) -> dict[str, float]:
 
 
 async def ttft_over_http(base_url: str, payer: Payer, ids: list[int], n: int, prompt: list[int], new: int,
-                         lanes: int) -> list[float]:
+                         lanes: int, keep_alive_s: float) -> list[float]:
     """Time to the first text chunk (ms) of `n` paid streamed requests, `lanes` in flight."""
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(n):
@@ -149,7 +151,7 @@ async def ttft_over_http(base_url: str, payer: Payer, ids: list[int], n: int, pr
                         payer.observe(lane, int(json.loads(line[6:])["receipt"]["chargedTotal"]))
             times.append(((first or time.perf_counter()) - started) * 1000)
 
-    async with lane_client(base_url, lanes) as client:
+    async with lane_client(base_url, lanes, keep_alive_s) as client:
         await open_connections(client, lanes)
         await asyncio.gather(*(lane_worker(lane, client) for lane in range(lanes)))
     return times

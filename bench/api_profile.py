@@ -125,7 +125,8 @@ def main() -> None:
         try:
             node.serve(model, engine_process=True, **({"broker_url": args.redis_url} if args.redis_url else {}))
             key = node.anvil.keys[FIRST_USER + 2]
-            base = {"base_url": node.base_url, "key": key, "ids": ids, "prompt": prompt, "new": new, "lanes": lanes}
+            base = {"base_url": node.base_url, "key": key, "ids": ids, "prompt": prompt, "new": new, "lanes": lanes,
+                    "keep_alive_s": node.settings.keep_alive_s}
             api.over_http_from_a_client_process(node, key, ids, 32, prompt, 4, lanes)  # warm up
             for mode, extra in (("plain", {}), ("streamed", {"ttft": True, "lanes": 16})):
                 spec = {**base, "n": args.requests, **extra}

@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     # balancers' 60 s), so the proxy always closes first and never sends a request on a connection the
     # API is closing (it would die unanswered)
     keep_alive_s: int = Field(default=75, ge=1)
+    # uvicorn's access log, a line per request: off by default (its CPU is taken from the engine cores on
+    # a box they share; deploy/haproxy's balancer logs each request it passes on); true: on, at INFO
+    access_log: bool = False
     served_model_name: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[^\s]+$")
     prompt_token_price: int = Field(default=10**12, ge=0)
     completion_token_price: int = Field(default=2 * 10**12, ge=0)

@@ -63,7 +63,8 @@ def api(host: str = typer.Option(None, help="Bind address (default LORANODE_HOST
         raise ConfigError("the admin port must not be the public API's port", port=settings.port)
     services = build_services(settings, dep)
     public = uvicorn.Server(uvicorn.Config(create_app(services), host=settings.host, port=settings.port,
-                                           log_level="info", timeout_keep_alive=settings.keep_alive_s))
+                                           log_level="info", timeout_keep_alive=settings.keep_alive_s,
+                                           access_log=settings.access_log))
     servers = [public]
     if settings.admin_token_file is not None:  # the operator's endpoints, on their own port only
         from node.api.admin import create_admin_app, read_admin_token
