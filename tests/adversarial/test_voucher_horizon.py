@@ -9,7 +9,9 @@ contracts, real database, the node's default settings.
 
 from __future__ import annotations
 
+import math
 import os
+import time
 
 import pytest
 from eth_hash.auto import keccak
@@ -93,3 +95,54 @@ def test_an_escrow_thawing_from_the_moment_of_a_hold_outlasts_the_settle_of_its_
     settled_by = unseen_s + settings.reservation_ttl_s + latency.max_age_s + latency.worst_case_s
     with pytest.raises(ConfigError, match="thaw period is too short"):
         latency.check_thaw_period(int(settled_by))
+
+
+def _next_block_at(world: SettlementWorld, timestamp: int) -> None:
+    world.anvil.rpc("evm_setNextBlockTimestamp", timestamp)
+    world.mine()
+
+
+def test_a_voucher_of_the_least_validity_outlives_the_time_its_epoch_takes_to_build(
+        settlement_world: SettlementWorld) -> None:
+    """The chain's clock runs while the node builds an epoch (the rewards tree holds every payee ever paid: 200k
+    of them took 10 s to build and write on the dev box). A voucher with exactly the least validity the node
+    accepts, its epoch built at the last moment the horizon allows, must still be collected when the build's
+    own time, then the worst-case wait to send and to land, have passed."""
+    world = settlement_world
+    loose = load_settings()
+    least = loose.settle_latency()
+    settings = load_settings(min_voucher_validity_s=math.ceil(least.min_voucher_validity_s),
+                             epoch_expiry_margin_s=least.worst_case_s)  # the tightest the node accepts
+    latency = settings.settle_latency()
+    ledger = Ledger(world.factory, world.node, reservation_ttl_s=settings.reservation_ttl_s)
+    payments = PaymentService(ledger, world.domain, world.node, Pricing(1, 0),
+                              min_validity_s=settings.min_voucher_validity_s, clock=lambda: _chain_time(world))
+    hold = _hold_the_least_valid_voucher(world, payments, settings)
+    deadline = hold.checked.deadline
+    _next_block_at(world, _chain_time(world) + int(payments.max_delivery_s))
+    _charge(world, payments, hold)
+    building_at = deadline - int(latency.build_to_land_s)  # the epoch built as late as the horizon allows
+    _next_block_at(world, building_at)
+    service = world.service(epoch_policy(settings))
+    started = time.monotonic()
+    epoch_id = service.close_epoch()
+    assert epoch_id is not None
+    service.tick()  # builds it
+    built_in_s = math.ceil(time.monotonic() - started)  # what the chain's clock ran meanwhile
+    assert service.state(epoch_id) is EpochState.BUILT and lost(world) == []
+    # then the worst case: its predecessor mined and a tick to send it, and the settle mined late, reorged, mined again
+    sent_at = building_at + built_in_s + int(latency.mine_s + latency.beat_s + latency.sweep_s)
+    _next_block_at(world, sent_at)
+    world.anvil.rpc("evm_setAutomine", False)
+    try:
+        service.tick()
+        assert service.state(epoch_id) is EpochState.SUBMITTED
+        _next_block_at(world, sent_at + int(latency.mine_s + latency.reorg_s))
+    finally:
+        world.anvil.rpc("evm_setAutomine", True)
+    for _ in range(10):
+        service.tick()
+        world.mine()
+        world.sync()
+    assert lost(world) == []
+    assert service.state(epoch_id) is EpochState.FINAL and on_chain(world)[1] == FEE
