@@ -154,6 +154,9 @@ class Settings(BaseSettings):
     token_per_eth: int | None = Field(default=None, ge=1)
     settlement_interval_s: float = Field(default=15.0, gt=0)
     settle_max_mine_s: float = Field(default=120.0, gt=0)
+    # how long building an epoch (its cumulative rewards tree: every payee ever paid) may take; counted in
+    # the voucher horizon. A build that takes longer is redone with the horizon it measured (a warning)
+    epoch_build_allowance_s: float = Field(default=30.0, ge=0)
     # every transaction the node sends (settles, x402 claims and sweeps, the gas key's deposits and
     # refunds) not mined after fee_bump_after_s is replaced with fees raised 15 %, never above this
     max_fee_per_gas: int = Field(default=500 * 10**9, ge=1)
@@ -240,6 +243,7 @@ class Settings(BaseSettings):
         """The worst-case settle latency these settings give (the one formula: node/settlement/latency.py);
         `has_x402` where the router comes from the deployment file rather than these settings."""
         return SettleLatency(beat_s=self.settlement_interval_s, mine_s=self.settle_max_mine_s,
+                             build_s=self.epoch_build_allowance_s,
                              reorg_s=self.confirmations * self.block_time_s, max_age_s=self.epoch_max_age_s,
                              hold_s=self.reservation_ttl_s,
                              mirror_lag_s=self.max_mirror_lag_s + self.max_mirror_lag_blocks * self.block_time_s,

@@ -3,6 +3,10 @@
 One formula, written once. A receipt's money lands on chain at the latest after
 
     notice_s  = beat_s                 a tick sees its epoch due at most one beat late
+    build_s   = build_allowance_s      the build itself: its rewards tree holds every payee ever paid (200k
+                                       payees: 11.4 s to read, add, build and dump, dev box at load 4);
+                                       the chain's clock runs meanwhile. A build that overruns it is redone
+                                       with the horizon it measured (node/settlement/build_step.py)
     queue_s   = mine_s + beat_s        an epoch already built (never more than one) waits for its
                                        predecessor to be mined and a tick to send it, then ours closes
     send_s    = mine_s + beat_s        ours is built; its predecessor (just sent) is mined, a tick sends ours
@@ -12,13 +16,14 @@ One formula, written once. A receipt's money lands on chain at the latest after
                                        (node/settlement/x402_sweep.py); 0 on a node without x402
     land_s    = mine_s + reorg_s       ours is mined, fee bumps included, and mined again after a reorg
 
-    worst_case_s = notice_s + queue_s + send_s + sweep_s + land_s     (from "due" to "on chain")
-    build_to_land_s = send_s + sweep_s + land_s                       (the voucher horizon used when building)
+    worst_case_s = notice_s + queue_s + build_s + send_s + sweep_s + land_s     (from "due" to "on chain")
+    build_to_land_s = build_s + send_s + sweep_s + land_s           (the voucher horizon, from the build's start)
 
 Every lane of an epoch waits for its sweep, so sweep_s counts for lane vouchers too, not only x402's.
 
-where beat_s is `settlement_interval_s`, mine_s is `settle_max_mine_s` (broadcast to mined, fee bumps
-included), and reorg_s = `confirmations` x `block_time_s` (the depth of reorg the node hedges against).
+where beat_s is `settlement_interval_s`, build_allowance_s is `epoch_build_allowance_s`, mine_s is
+`settle_max_mine_s` (broadcast to mined, fee bumps included), and reorg_s = `confirmations` x
+`block_time_s` (the depth of reorg the node hedges against).
 
 What follows from it, with hold_s = `reservation_ttl_s` (the API checks a voucher and the escrow when
 it places a hold, and charges up to a hold's life later: only then is there a receipt to settle):
@@ -44,6 +49,7 @@ class SettleLatency:
     reorg_s: float = 24.0
     max_age_s: float = 3_600.0
     has_x402: bool = False
+    build_s: float = 30.0  # building and writing an epoch, at most (`epoch_build_allowance_s`)
     hold_s: float = 600.0  # from a voucher's and the escrow's checks (the hold) to its charge, at most
     mirror_lag_s: float = 0.0  # how long a thaw on chain may go unseen by the mirror the holds read
 
@@ -54,8 +60,9 @@ class SettleLatency:
 
     @property
     def build_to_land_s(self) -> float:
-        """From building an epoch to its settle landing: the horizon its vouchers must outlive."""
-        return (self.mine_s + self.beat_s) + self.sweep_s + (self.mine_s + self.reorg_s)
+        """From the start of an epoch's build to its settle landing: the horizon its vouchers must outlive
+        (the build's own time included: the chain's clock runs while it builds)."""
+        return self.build_s + (self.mine_s + self.beat_s) + self.sweep_s + (self.mine_s + self.reorg_s)
 
     @property
     def worst_case_s(self) -> float:
@@ -90,4 +97,5 @@ class SettleLatency:
                               "latency, and epoch_expiry_margin_s at least the worst-case settle latency, or an "
                               "accepted voucher may expire before its epoch settles",
                               min_voucher_validity_s=min_voucher_validity_s, epoch_expiry_margin_s=expiry_margin_s,
-                              worst_case_settle_s=self.worst_case_s, hold_s=self.hold_s, x402_sweep_s=self.sweep_s)
+                              worst_case_settle_s=self.worst_case_s, hold_s=self.hold_s, x402_sweep_s=self.sweep_s,
+                              build_s=self.build_s)

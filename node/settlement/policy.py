@@ -2,7 +2,8 @@
 
 An epoch closes when there are receipts not in any epoch and the oldest is `max_age_s` old, or they add
 up to `max_value`, or the soonest-expiring voucher among them expires within `expiry_margin_s`. A voucher
-counts only if it is still valid `land_within_s` after the build (chain time).
+counts only if it is still valid `land_within_s` after the build starts (chain time), the build's own
+time (`build_s`) included.
 
 The node pays a settle's gas in ETH and collects fees in the token. With the token's worth in ETH set
 (`token_per_eth`), only lanes whose waiting fees cover their own voucher's gas at the chain's gas price
@@ -41,7 +42,8 @@ class EpochPolicy:
     max_age_s: float = 3_600.0
     max_value: int | None = None
     expiry_margin_s: float = 120.0
-    land_within_s: float = SettleLatency().build_to_land_s  # a voucher must outlive the build by this
+    land_within_s: float = SettleLatency().build_to_land_s  # a voucher must outlive the build's start by this
+    build_s: float = SettleLatency().build_s  # the part of it the build itself may take
     max_lanes: int = 200  # vouchers per settle (~53k gas each): far below a 30M-gas block
     token_per_eth: int | None = None  # token units one ETH is worth; None: every lane is worth its gas
 

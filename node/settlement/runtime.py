@@ -42,7 +42,7 @@ def epoch_policy(settings: Settings, has_x402: bool | None = None) -> EpochPolic
                     "lane, whatever its fees): set it so lanes of dust requests wait until they pay for it")
     return EpochPolicy(max_age_s=settings.epoch_max_age_s, max_value=settings.epoch_max_value,
                        expiry_margin_s=settings.epoch_expiry_margin_s,
-                       land_within_s=latency.build_to_land_s,
+                       land_within_s=latency.build_to_land_s, build_s=latency.build_s,
                        max_lanes=settings.epoch_max_lanes, token_per_eth=settings.token_per_eth)
 
 

@@ -74,7 +74,8 @@ class SettlementService:
         dep = contracts.deployment
         self.params = SplitParams(dep.treasury, self.node, dep.protocol_bps, dep.node_bps)
         settlement = contracts.settlement
-        self.builder = BuildStep(factory, settlement, self.node, self.params, policy.land_within_s)
+        self.builder = BuildStep(factory, settlement, self.node, self.params, policy.land_within_s,
+                                 policy.build_s)
         self.submitter = SubmitStep(settlement, tx, self.builder, before_send)
         self.follower = FollowStep(factory, settlement, tx)
         self.recovery = Recovery(factory, settlement, tx)

@@ -9,12 +9,16 @@ contracts, real database, the node's default settings.
 
 from __future__ import annotations
 
+import math
 import os
+import time
+from collections.abc import Callable
 
 import pytest
 from eth_hash.auto import keccak
 
 from node.config import Settings, load_settings
+from node.db.loss import LossReason
 from node.db.models import EpochState
 from node.errors import ConfigError
 from node.payment.ledger import Ledger
@@ -23,8 +27,10 @@ from node.payment.service import Hold, PaymentService, Usage
 from node.payment.voucher_check import check_voucher
 from node.protocol.receipt import Receipt, SignedReceipt, adapter_id_bytes
 from node.protocol.voucher import SignedVoucher, Voucher, request_hash, sign_voucher
+from node.settlement.latency import SettleLatency
 from node.settlement.runtime import epoch_policy
-from tests.adversarial.settlement_steps import lost, on_chain, tick_until
+from node.settlement.service import SettlementService
+from tests.adversarial.settlement_steps import LONG, lost, on_chain, payer, settles, tick_until
 from tests.fixtures.settlement import OPERATOR, PAYERS, SettlementWorld, address
 
 pytestmark = pytest.mark.chain
@@ -93,3 +99,92 @@ def test_an_escrow_thawing_from_the_moment_of_a_hold_outlasts_the_settle_of_its_
     settled_by = unseen_s + settings.reservation_ttl_s + latency.max_age_s + latency.worst_case_s
     with pytest.raises(ConfigError, match="thaw period is too short"):
         latency.check_thaw_period(int(settled_by))
+
+
+
+def _next_block_at(world: SettlementWorld, timestamp: int) -> None:
+    world.anvil.rpc("evm_setNextBlockTimestamp", timestamp)
+    world.mine()
+
+
+def _tightest_settings(**overrides: float) -> Settings:
+    """The least voucher validity and expiry margin the node accepts."""
+    least = load_settings(**overrides).settle_latency()  # type: ignore[arg-type]
+    return load_settings(min_voucher_validity_s=math.ceil(least.min_voucher_validity_s),  # type: ignore[arg-type]
+                         epoch_expiry_margin_s=least.worst_case_s, **overrides)
+
+
+def _built_at_the_last_moment(world: SettlementWorld, settings: Settings,
+                              others: Callable[[], object] = lambda: None) -> tuple[SettlementService, int, int]:
+    """A voucher of the least validity held, charged at the end of the hold, and its epoch (with what `others`
+    pays) built as late as the horizon allows: (service, epoch id, chain time when the build is done, counting
+    the build's wall time, since the chain's clock runs while the node builds)."""
+    ledger = Ledger(world.factory, world.node, reservation_ttl_s=settings.reservation_ttl_s)
+    payments = PaymentService(ledger, world.domain, world.node, Pricing(1, 0),
+                              min_validity_s=settings.min_voucher_validity_s, clock=lambda: _chain_time(world))
+    hold = _hold_the_least_valid_voucher(world, payments, settings)
+    _next_block_at(world, _chain_time(world) + int(payments.max_delivery_s))
+    _charge(world, payments, hold)
+    others()
+    building_at = hold.checked.deadline - int(settings.settle_latency().build_to_land_s)
+    _next_block_at(world, building_at)
+    service = world.service(epoch_policy(settings))
+    started = time.monotonic()
+    epoch_id = service.close_epoch()
+    assert epoch_id is not None
+    service.tick()  # builds it
+    assert service.state(epoch_id) is EpochState.BUILT
+    return service, epoch_id, building_at + math.ceil(time.monotonic() - started)
+
+
+def _sent_and_landed_in_the_worst_case(world: SettlementWorld, service: SettlementService, epoch_id: int,
+                                       latency: SettleLatency, built_at: int) -> None:
+    """Its predecessor mined and a tick to send it, then the settle mined late, reorged and mined again."""
+    sent_at = built_at + int(latency.mine_s + latency.beat_s + latency.sweep_s)
+    _next_block_at(world, sent_at)
+    world.anvil.rpc("evm_setAutomine", False)
+    try:
+        service.tick()
+        assert service.state(epoch_id) is EpochState.SUBMITTED
+        _next_block_at(world, sent_at + int(latency.mine_s + latency.reorg_s))
+    finally:
+        world.anvil.rpc("evm_setAutomine", True)
+    for _ in range(10):
+        service.tick()
+        world.mine()
+        world.sync()
+
+
+def test_a_voucher_of_the_least_validity_outlives_the_time_its_epoch_takes_to_build(
+        settlement_world: SettlementWorld) -> None:
+    """The chain's clock runs while the node builds an epoch (the rewards tree holds every payee ever paid: 200k
+    of them took 10 s to build and write on the dev box). A voucher with exactly the least validity the node
+    accepts, its epoch built at the last moment the horizon allows, must still be collected when the build's
+    own time, then the worst-case wait to send and to land, have passed."""
+    world, settings = settlement_world, _tightest_settings()
+    first_block = world.w3.eth.block_number
+    service, epoch_id, built_at = _built_at_the_last_moment(world, settings)
+    assert lost(world) == []
+    _sent_and_landed_in_the_worst_case(world, service, epoch_id, settings.settle_latency(), built_at)
+    assert lost(world) == []
+    assert service.state(epoch_id) is EpochState.FINAL and on_chain(world)[1] == FEE
+    assert [reverted for *_, reverted in settles(world, first_block)] == [False]
+
+
+def test_a_build_longer_than_its_allowance_is_redone_so_its_settle_never_reverts_for_the_others(
+        settlement_world: SettlementWorld) -> None:
+    """A node whose build outgrew `epoch_build_allowance_s` (0 here: any build does) builds the epoch again
+    with the time it took in the horizon. The voucher that expires before the settle can land is a loss at
+    the build, not a settle reverting on chain at it, failing the epoch, its gas and every other payer's
+    collection held up until a rebuild."""
+    world, settings = settlement_world, _tightest_settings(epoch_build_allowance_s=0)
+    first_block = world.w3.eth.block_number
+
+    def honest() -> None:
+        world.pay(1, 0, world.adapter_ids[0], FEE, validity_s=LONG)
+
+    service, epoch_id, built_at = _built_at_the_last_moment(world, settings, honest)
+    assert lost(world) == [(payer(world, 0), 0, FEE, LossReason.VOUCHER_EXPIRED)]
+    _sent_and_landed_in_the_worst_case(world, service, epoch_id, settings.settle_latency(), built_at)
+    assert [reverted for *_, reverted in settles(world, first_block)] == [False]
+    assert service.state(epoch_id) is EpochState.FINAL and on_chain(world)[1] == FEE
