@@ -25,6 +25,7 @@ from node.db.models import EpochState, Receipt, SettlementEpoch, Voucher
 from node.db.session import make_engine, session_factory, transaction
 from node.protocol.hexstr import to_hex
 from node.protocol.receipt import BASE_ADAPTER_ID, LEAF_TYPES, receipt_of_row
+from node.settlement.earnings import MAX_PAGE
 from node.settlement.epoch_builder import rewards_tree
 from node.settlement.merkle import MerkleTree
 from node.settlement.split import BASE_LINEAGE, Lineage, SplitParams, split_fee
@@ -32,7 +33,7 @@ from tests.fixtures.flood import fastest_paid_seconds, paid_seconds_during_gets,
 from tests.fixtures.paid_node import PaidNode
 
 pytestmark = [pytest.mark.chain, pytest.mark.slow]
-NUM_EPOCHS = 60  # more than the 50 whose sources are shown
+NUM_EPOCHS = 60  # more than one page (MAX_PAGE)
 NUM_RECEIPTS = 300  # per epoch
 FIRST_EPOCH = 1_000
 NUM_ASKING = 32
@@ -108,10 +109,10 @@ def test_every_epoch_s_earning_is_explained_to_the_wei(paid_node: PaidNode, hist
     for account in (_split(paid_node).node, _split(paid_node).treasury):
         doc = _earnings(paid_node, account)
         assert doc["earned"] == str(earned[account.lower()])
-        assert len(doc["epochs"]) == NUM_EPOCHS
-        explained = [e for e in doc["epochs"] if e["sources"] is not None]
-        assert len(explained) == 50, "the newest 50 epochs are explained"
-        for entry in explained:
+        assert [e["epochId"] for e in doc["epochs"]] == list(range(FIRST_EPOCH + NUM_EPOCHS - MAX_PAGE,
+                                                                   FIRST_EPOCH + NUM_EPOCHS)), "the newest page"
+        assert doc["next"] == FIRST_EPOCH + NUM_EPOCHS - MAX_PAGE
+        for entry in doc["epochs"]:
             assert sum(int(s["amount"]) for s in entry["sources"]) == int(entry["earned"])
             assert "unexplained" not in {s["source"] for s in entry["sources"]}
 
