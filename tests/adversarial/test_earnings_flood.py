@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from eth_utils import to_checksum_address
 from sqlalchemy import insert, select
 
 from node.client.payer import Payer
@@ -125,5 +126,50 @@ def test_a_flood_of_earnings_does_not_hold_up_paid_requests(paid_node: PaidNode,
     headers = signed_completions(paid_node, Payer(paid_node.payer_keys[0], paid_node.base_url), 1_010)
     flooded = paid_seconds_during_gets(paid_node, headers, urls, NUM_ASKING)
     print(f"paid request alone {calm:.3f} s, during the earnings {flooded:.3f} s")
+    assert flooded < calm + 5.0, f"a paid request took {flooded:.2f} s during a flood of earnings " \
+                                 f"({calm:.2f} s without)"
+
+
+LONG_HISTORY = 3_000  # more published epochs, their rewards trees alone (no receipt: nothing to replay)
+
+
+def _answer_bytes(node: PaidNode, account: str) -> int:
+    resp = httpx.get(f"{node.base_url}/v1/earnings/{_split(node).node}/{account}", timeout=600)
+    assert resp.status_code == 200, resp.text
+    return len(resp.content)
+
+
+def test_a_long_history_costs_a_call_for_the_treasury_s_earnings_no_more(paid_node: PaidNode,
+                                                                          history: tuple[float, dict[str, int]]
+                                                                          ) -> None:
+    """The node and the treasury earn in every epoch: each call for theirs read and answered every epoch,
+    so strangers asking for them made the node serve its whole history each time, longer every epoch."""
+    calm, earned = history
+    params = _split(paid_node)
+    short = {who: _answer_bytes(paid_node, who) for who in (params.node, params.treasury)}
+    factory = session_factory(make_engine(paid_node.local.settings.resolved_database_url(), pooled=False))
+    with transaction(factory) as session:
+        latest = session.scalars(select(SettlementEpoch).where(
+            SettlementEpoch.epoch_id == FIRST_EPOCH + NUM_EPOCHS - 1)).one()
+        receipts = latest.trees["receipts"]
+        step = Counter({to_checksum_address(a): 1 for a in (params.node, params.treasury)})
+        cumulative = Counter({to_checksum_address(a): v for a, v in earned.items()})
+        rows = []
+        for epoch_id in range(FIRST_EPOCH + NUM_EPOCHS, FIRST_EPOCH + NUM_EPOCHS + LONG_HISTORY):
+            cumulative.update(step)
+            rewards = rewards_tree(dict(cumulative), latest.node)
+            rows.append({"node": latest.node, "epoch_id": epoch_id, "state": EpochState.FINAL,
+                         "rewards_root": to_hex(rewards.root), "rewards_total": sum(cumulative.values()),
+                         "receipts_root": latest.receipts_root, "receipt_count": 0, "collected_total": 0,
+                         "trees": {"rewards": rewards.to_json(), "receipts": receipts}, "tx_hash": latest.tx_hash})
+        session.execute(insert(SettlementEpoch), rows)
+    long = {who: _answer_bytes(paid_node, who) for who in (params.node, params.treasury)}  # (reads the new trees)
+    print(f"answer bytes with {NUM_EPOCHS} epochs {short}, with {NUM_EPOCHS + LONG_HISTORY} {long}")
+    for who in long:
+        assert long[who] < 2 * short[who], f"the answer grew from {short[who]} to {long[who]} bytes with the history"
+    urls = [f"{paid_node.base_url}/v1/earnings/{params.node}/{who}" for who in (params.node, params.treasury)]
+    headers = signed_completions(paid_node, Payer(paid_node.payer_keys[0], paid_node.base_url), 1_020)
+    flooded = paid_seconds_during_gets(paid_node, headers, urls, NUM_ASKING)
+    print(f"{NUM_EPOCHS + LONG_HISTORY} epochs: paid request alone {calm:.3f} s, during the earnings {flooded:.3f} s")
     assert flooded < calm + 5.0, f"a paid request took {flooded:.2f} s during a flood of earnings " \
                                  f"({calm:.2f} s without)"
