@@ -11,6 +11,7 @@ leaves them; the reads come from a process of their own."""
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections import Counter
@@ -20,7 +21,9 @@ import httpx
 import pytest
 from eth_utils import to_checksum_address
 from sqlalchemy import insert, select
+from typer.testing import CliRunner
 
+from node.cli import app
 from node.client.payer import Payer
 from node.db import queries
 from node.db.models import EpochState, Receipt, SettlementEpoch, Voucher
@@ -144,12 +147,11 @@ def _answer_bytes(node: PaidNode, account: str) -> int:
     return len(resp.content)
 
 
-def test_a_long_history_costs_a_call_for_the_treasury_s_earnings_no_more(paid_node: PaidNode,
-                                                                          history: tuple[float, dict[str, int]]
-                                                                          ) -> None:
-    """The node and the treasury earn in every epoch: each call for theirs read and answered every epoch,
-    so strangers asking for them made the node serve its whole history each time, longer every epoch."""
-    calm, earned = history
+@pytest.fixture(scope="module")
+def long_history(paid_node: PaidNode, history: tuple[float, dict[str, int]]) -> dict[str, int]:
+    """LONG_HISTORY published epochs after `history`'s, the node and the treasury earning 1 in each; the size
+    of the answer for each before them."""
+    _, earned = history
     params = _split(paid_node)
     short = {who: _answer_bytes(paid_node, who) for who in (params.node, params.treasury)}
     factory = session_factory(make_engine(paid_node.local.settings.resolved_database_url(), pooled=False))
@@ -168,6 +170,16 @@ def test_a_long_history_costs_a_call_for_the_treasury_s_earnings_no_more(paid_no
                          "receipts_root": latest.receipts_root, "receipt_count": 0, "collected_total": 0,
                          "trees": {"rewards": rewards.to_json(), "receipts": receipts}, "tx_hash": latest.tx_hash})
         session.execute(insert(SettlementEpoch), rows)
+    return short
+
+
+def test_a_long_history_costs_a_call_for_the_treasury_s_earnings_no_more(paid_node: PaidNode,
+                                                                          history: tuple[float, dict[str, int]],
+                                                                          long_history: dict[str, int]) -> None:
+    """The node and the treasury earn in every epoch: each call for theirs read and answered every epoch,
+    so strangers asking for them made the node serve its whole history each time, longer every epoch."""
+    calm, _ = history
+    params, short = _split(paid_node), long_history
     long = {who: _answer_bytes(paid_node, who) for who in (params.node, params.treasury)}  # (reads the new trees)
     print(f"answer bytes with {NUM_EPOCHS} epochs {short}, with {NUM_EPOCHS + LONG_HISTORY} {long}")
     for who in long:
@@ -178,3 +190,23 @@ def test_a_long_history_costs_a_call_for_the_treasury_s_earnings_no_more(paid_no
     print(f"{NUM_EPOCHS + LONG_HISTORY} epochs: paid request alone {calm:.3f} s, during the earnings {flooded:.3f} s")
     assert flooded < calm + 5.0, f"a paid request took {flooded:.2f} s during a flood of earnings " \
                                  f"({calm:.2f} s without)"
+
+
+def test_loranode_earnings_shows_a_page_and_the_command_for_the_one_before(paid_node: PaidNode,
+                                                                           long_history: dict[str, int]) -> None:
+    """The CLI prints the newest page and how to ask for the earlier ones."""
+    treasury, url = _split(paid_node).treasury, paid_node.base_url
+    newest = FIRST_EPOCH + NUM_EPOCHS + LONG_HISTORY - 1
+    env = {"LORANODE_DATA_DIR": None, "LORANODE_DATABASE_URL": None}
+    first = CliRunner().invoke(app, ["earnings", treasury, "--node-url", url], env=env)
+    assert first.exit_code == 0 and _epoch_line(newest).search(first.output), first.output
+    hint = f"earlier epochs: loranode earnings {to_checksum_address(treasury)} --before {newest - MAX_PAGE + 1}"
+    assert hint in first.output and "by source, in these epochs:" in first.output, first.output
+    second = CliRunner().invoke(app, ["earnings", treasury, "--node-url", url, "--before", str(newest - MAX_PAGE + 1)],
+                                env=env)
+    assert second.exit_code == 0 and _epoch_line(newest - MAX_PAGE).search(second.output), second.output
+    assert not _epoch_line(newest - MAX_PAGE + 1).search(second.output), second.output
+
+
+def _epoch_line(epoch_id: int) -> re.Pattern[str]:
+    return re.compile(rf"^\s*{epoch_id}\s+final\s+1\s+0\s", re.M)
