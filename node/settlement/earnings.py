@@ -1,5 +1,5 @@
 """What one address earned from a node, per epoch and per source, and how much of it is claimed
-(`GET /v1/earnings/{node}/{account}`, `loranode earnings ADDRESS`).
+(`GET /v1/earnings/{node}/{account}?limit=&before=`, `loranode earnings ADDRESS`).
 
 The published rewards trees are the truth: an epoch's earning is the account's cumulative amount in
 that epoch's tree less the one before. Its sources (a dataset's payout, an adapter's owner share, the
@@ -11,35 +11,55 @@ guardian's amend forgot (settled after the vetoed epoch) or replaced (the amende
 operator adopts the corrected tree) is never shown as earned: the chain pays it only through the
 corrected tree (`forgottenEpochs` names them meanwhile). Everything here is public once the epoch is
 settled: the trees, the receipts' fees, adapters and weights, and the registries.
+
+The answer is paged: one call looks at the `limit` newest published epochs before `before` (and the one
+before them, for the first one's earning), never the whole history. The node and the treasury earn in every
+epoch, so an answer that listed every epoch cost every call more as the node grew older. The totals come
+from one tree each: `earned` is the account's cumulative amount in the newest published tree, `claimableNow`
+its amount in the newest tree the chain pays now, less what it claimed.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from eth_utils import to_checksum_address
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.models import Claim, SettledEpoch, SettlementEpoch
 from node.settlement.epoch_builder import cumulative_of
 from node.settlement.epoch_sources import EpochSources, Sources, epoch_sources
-from node.settlement.overrule import FORGOTTEN, VETOED, overruled
+from node.settlement.overrule import VETOED, overruled, stale_epochs
 from node.settlement.publication import PUBLISHED
 from node.settlement.published_trees import WITHOUT_TREES, PublishedTrees
 from node.settlement.split import SplitParams
 
-MAX_DETAILED_EPOCHS = 50  # epochs whose receipts are replayed for the sources, newest first
+MAX_PAGE = 50  # published epochs one call looks at (`limit`'s default and most), each explained by its sources
 
 
-def published_rows(session: Session, node: str) -> list[SettlementEpoch]:
-    """The node's published outbox rows, oldest first, without their trees."""
-    return list(session.scalars(select(SettlementEpoch).options(*WITHOUT_TREES)
-                                .where(SettlementEpoch.node == node.lower(), SettlementEpoch.state.in_(PUBLISHED))
-                                .order_by(SettlementEpoch.epoch_id)))
+@dataclass(frozen=True)
+class Page:
+    """What one call reads of the node's published epochs, without their trees: the page's rows oldest
+    first, the row before them (None at the start of the history), the newest row and the newest the
+    chain pays now (the totals), the page's mirror rows and the claims."""
+
+    rows: list[SettlementEpoch]
+    before_page: SettlementEpoch | None
+    newest: SettlementEpoch | None
+    claimable: SettlementEpoch | None
+    settled: dict[int, SettledEpoch]
+    overruled: dict[int, str]
+    forgotten: list[int]
+    claimed: int
+
+    def trees_read(self) -> list[SettlementEpoch]:
+        """The rows whose rewards the answer reads: never more than the page's and three others."""
+        return [r for r in (*self.rows, self.before_page, self.newest, self.claimable) if r is not None]
 
 
 def rewards_in_row(row: SettlementEpoch) -> dict[str, int]:
@@ -49,71 +69,108 @@ def rewards_in_row(row: SettlementEpoch) -> dict[str, int]:
 
 def earnings(session: Session, params: SplitParams, account: str, now: datetime | None = None,
              rewards_of: Callable[[SettlementEpoch], dict[str, int]] = rewards_in_row,
-             sources_of: Callable[[SettlementEpoch], Sources] | None = None) -> dict[str, Any]:
-    """`account`'s earnings from node `params.node`: totals, then one entry per epoch it earned in.
-    `rewards_of` gives an epoch's cumulative amounts per checksummed account, `sources_of` every payee's
-    amounts per source in an epoch (`epoch_sources`, replayed now, by default)."""
-    report, explained = _earned(session, params, account, now, rewards_of)
-    return _explain(report, explained, sources_of or (lambda row: epoch_sources(session, params, row.epoch_id)))
+             sources_of: Callable[[SettlementEpoch], Sources] | None = None, limit: int = MAX_PAGE,
+             before: int | None = None) -> dict[str, Any]:
+    """`account`'s earnings from node `params.node`: totals, then one entry per epoch it earned in among the
+    `limit` newest published epochs before `before`, oldest first, and `next` (the `before` of the next page,
+    None on the last). `rewards_of` gives an epoch's cumulative amounts per checksummed account, `sources_of`
+    every payee's amounts per source in an epoch (`epoch_sources`, replayed now, by default)."""
+    now = now or datetime.now(UTC)
+    page = read_page(session, params.node, account, now, limit, before)
+    report = _report(page, params.node, account, now, rewards_of)
+    return _explain(report, page, sources_of or (lambda row: epoch_sources(session, params, row.epoch_id)))
 
 
 def earnings_from(factory: sessionmaker[Session], trees: PublishedTrees, sources: EpochSources, params: SplitParams,
-                  account: str) -> dict[str, Any]:
+                  account: str, limit: int = MAX_PAGE, before: int | None = None) -> dict[str, Any]:
     """`earnings`, each epoch's rewards taken from `trees` (their cumulative amounts, kept apart from the parsed
-    trees) and its sources from `sources`: both read before or after the connection taken for the rest, so
-    that no connection waits on another reader's tree or replay."""
+    trees) and its sources from `sources`: both read after the connection taken for the rows, so that no
+    connection waits on another reader's tree or replay."""
+    now = datetime.now(UTC)
     with factory() as session:
-        rows = published_rows(session, params.node)
-    cumulative = {row.id: trees.cumulative(factory, row) for row in rows}
-
-    def rewards_of(row: SettlementEpoch) -> dict[str, int]:
-        return cumulative[row.id] if row.id in cumulative else trees.cumulative(factory, row)  # or one published since
-
-    with factory() as session:
-        report, explained = _earned(session, params, account, None, rewards_of)
-    return _explain(report, explained, lambda row: sources.get(factory, params, row))
+        page = read_page(session, params.node, account, now, limit, before)
+    cumulative = {row.id: trees.cumulative(factory, row) for row in page.trees_read()}
+    report = _report(page, params.node, account, now, lambda row: cumulative[row.id])
+    return _explain(report, page, lambda row: sources.get(factory, params, row))
 
 
-def _earned(session: Session, params: SplitParams, account: str, now: datetime | None,
-            rewards_of: Callable[[SettlementEpoch], dict[str, int]]) -> tuple[dict[str, Any], list[SettlementEpoch]]:
-    """`earnings` without the sources, and the rows of the newest MAX_DETAILED_EPOCHS epochs earned in."""
-    node, who = params.node.lower(), to_checksum_address(account)
-    now = now or datetime.now(UTC)
-    rows = published_rows(session, node)
+def read_page(session: Session, node: str, account: str, now: datetime, limit: int, before: int | None) -> Page:
+    """The rows of one page of `account`'s earnings from `node` (see `Page`): a handful of indexed queries,
+    none of which returns more than the page's rows, whatever the history's length."""
+    node = node.lower()
+    forgotten = sorted(stale_epochs(session, node))
+    published = (select(SettlementEpoch).options(*WITHOUT_TREES)
+                 .where(SettlementEpoch.node == node, SettlementEpoch.state.in_(PUBLISHED),
+                        SettlementEpoch.epoch_id.not_in(forgotten))
+                 .order_by(SettlementEpoch.epoch_id.desc()))
+    newest = session.scalars(published.limit(1)).first()
+    in_page = published if before is None else published.where(SettlementEpoch.epoch_id < before)
+    rows = list(session.scalars(in_page.limit(limit + 1)))[::-1]
+    before_page = rows.pop(0) if len(rows) > limit else None
+    settled: dict[int, SettledEpoch] = {}
+    latest_change = latest_veto = -1
+    if rows:
+        first, last = rows[0].epoch_id, rows[-1].epoch_id
+        settled = {r.epoch_id: r for r in session.scalars(select(SettledEpoch).where(
+            SettledEpoch.node == node, SettledEpoch.epoch_id.between(first, last)))}
+        earlier = select(func.max(SettledEpoch.updated_block)).where(SettledEpoch.node == node,
+                                                                      SettledEpoch.epoch_id < first)
+        latest_change = session.scalar(earlier) or -1
+        latest_veto = session.scalar(earlier.where(SettledEpoch.vetoed_block.is_not(None))) or -1
     claimed = int(session.scalar(select(func.max(Claim.cumulative_amount))
-                                 .where(Claim.node == node, Claim.account == who.lower())) or 0)
-    settled = {r.epoch_id: r for r in session.scalars(select(SettledEpoch).where(SettledEpoch.node == node))}
-    overruled_by = overruled(settled)
+                                 .where(Claim.node == node, Claim.account == account.lower())) or 0)
+    return Page(rows, before_page, newest, _newest_paid(session, node, now), settled,
+                overruled(settled, latest_change, latest_veto), forgotten, claimed)
+
+
+def _newest_paid(session: Session, node: str, now: datetime) -> SettlementEpoch | None:
+    """The newest published epoch the chain pays now: settled with our tree, unlocked, not vetoed and not
+    behind a veto or amend of an earlier epoch (`overruled`: no earlier epoch's mirror row changed after
+    it was created)."""
+    earlier_change = func.max(SettledEpoch.updated_block).over(order_by=SettledEpoch.epoch_id, rows=(None, -1))
+    mirror = select(SettledEpoch.epoch_id, SettledEpoch.rewards_root, SettledEpoch.block_number,
+                    SettledEpoch.vetoed_block, SettledEpoch.unlock_at,
+                    earlier_change.label("earlier_change")).where(SettledEpoch.node == node).subquery()
+    q = (select(SettlementEpoch).options(*WITHOUT_TREES)
+         .join(mirror, mirror.c.epoch_id == SettlementEpoch.epoch_id)
+         .where(SettlementEpoch.node == node, SettlementEpoch.state.in_(PUBLISHED),
+                SettlementEpoch.rewards_root == mirror.c.rewards_root, mirror.c.vetoed_block.is_(None),
+                mirror.c.unlock_at <= now,
+                or_(mirror.c.earlier_change.is_(None), mirror.c.earlier_change <= mirror.c.block_number))
+         .order_by(SettlementEpoch.epoch_id.desc()).limit(1))
+    return session.scalars(q).first()
+
+
+def _report(page: Page, node: str, account: str, now: datetime,
+            rewards_of: Callable[[SettlementEpoch], dict[str, int]]) -> dict[str, Any]:
+    """`earnings` without the sources."""
+    who = to_checksum_address(account)
+
+    def amount_in(row: SettlementEpoch | None) -> int:
+        return 0 if row is None else rewards_of(row).get(who, 0)
+
+    earned, claimable = amount_in(page.newest), amount_in(page.claimable)
     epochs: list[dict[str, Any]] = []
-    earned_in: list[SettlementEpoch] = []
-    forgotten: list[int] = []
-    previous = claimable = 0
-    for row in rows:
-        on_chain, why = settled.get(row.epoch_id), overruled_by.get(row.epoch_id)
-        if on_chain is not None and on_chain.rewards_root != row.rewards_root:
-            why = FORGOTTEN  # the guardian's amend replaced this tree: the chain pays the corrected one
-        if why == FORGOTTEN:  # never claimable as we built it; the amended epoch's corrected leaves pay it
-            forgotten.append(row.epoch_id)
-            continue
-        cumulative = rewards_of(row).get(who, 0)
-        if on_chain is not None and on_chain.vetoed_block is None and why is None and on_chain.unlock_at <= now:
-            claimable = cumulative
+    previous = amount_in(page.before_page)
+    for row in page.rows:
+        cumulative = amount_in(row)
         if cumulative > previous:
-            epochs.append(_epoch_entry(row, on_chain, previous, cumulative, claimed, now, why))
-            earned_in.append(row)
+            epochs.append(_epoch_entry(row, page.settled.get(row.epoch_id), previous, cumulative, page.claimed, now,
+                                       page.overruled.get(row.epoch_id)))
         previous = cumulative
-    return {"node": to_checksum_address(node), "account": who, "earned": str(previous), "claimed": str(claimed),
-            "unclaimed": str(max(previous - claimed, 0)), "claimableNow": str(max(claimable - claimed, 0)),
-            "bySource": [], "epochs": epochs, "forgottenEpochs": forgotten}, earned_in[-MAX_DETAILED_EPOCHS:]
+    more = page.before_page is not None and amount_in(page.before_page) > 0  # nothing earned before a 0
+    claimed = page.claimed
+    return {"node": to_checksum_address(node), "account": who, "earned": str(earned), "claimed": str(claimed),
+            "unclaimed": str(max(earned - claimed, 0)), "claimableNow": str(max(claimable - claimed, 0)),
+            "bySource": [], "epochs": epochs, "forgottenEpochs": page.forgotten,
+            "next": page.rows[0].epoch_id if more else None}
 
 
-def _explain(report: dict[str, Any], rows: list[SettlementEpoch],
-             sources_of: Callable[[SettlementEpoch], Sources]) -> dict[str, Any]:
-    """`report` with the sources of its epochs of `rows` (the newest) and their sum per source."""
-    entries = report["epochs"][len(report["epochs"]) - len(rows):]
-    for entry, row in zip(entries, rows, strict=True):
-        assert entry["epochId"] == row.epoch_id
-        by_source = Counter(sources_of(row).get(report["account"].lower(), {}))
+def _explain(report: dict[str, Any], page: Page, sources_of: Callable[[SettlementEpoch], Sources]) -> dict[str, Any]:
+    """`report` with the sources of each of its epochs and their sum per source."""
+    rows = {row.epoch_id: row for row in page.rows}
+    for entry in report["epochs"]:
+        by_source = Counter(sources_of(rows[entry["epochId"]]).get(report["account"].lower(), {}))
         unexplained = int(entry["earned"]) - sum(by_source.values())
         if unexplained:
             by_source["unexplained"] += unexplained

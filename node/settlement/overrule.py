@@ -18,13 +18,13 @@ from node.db.models import SettledEpoch, SettlementEpoch
 VETOED, FORGOTTEN = "vetoed", "forgotten"
 
 
-def overruled(settled: dict[int, SettledEpoch]) -> dict[int, str]:
+def overruled(settled: dict[int, SettledEpoch], latest_change: int = -1, latest_veto: int = -1) -> dict[int, str]:
     """Settled epochs the chain no longer pays against as they were settled: an earlier epoch was vetoed
     (VETOED) or amended (FORGOTTEN) after them, i.e. that earlier epoch's mirror row changed in a block
     after theirs was created. An epoch id the node settles again after an amend has a new row, created
-    after the amend: it stands."""
+    after the amend: it stands. `settled` may be a run of epochs: `latest_change` and `latest_veto` are then
+    the latest block in which a mirror row of an epoch before them changed, and was vetoed (-1: none)."""
     out: dict[int, str] = {}
-    latest_change = latest_veto = -1  # over the epochs before the one looked at
     for epoch_id in sorted(settled):
         row = settled[epoch_id]
         if latest_veto > row.block_number:

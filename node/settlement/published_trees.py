@@ -77,8 +77,8 @@ class PublishedTrees:
     def cumulative(self, factory: sessionmaker[Session], row: SettlementEpoch) -> dict[str, int]:
         """The cumulative amounts of outbox row `row`'s rewards tree per checksummed account ({} if the row has
         none or has changed since). Kept apart from the parsed trees, a few dozen bytes an account where the
-        trees take a few hundred a receipt: the earnings read every published epoch's, and read none again
-        however far the history outgrows `max_bytes`."""
+        trees take a few hundred a receipt: the earnings read those of their page's epochs and of their totals'
+        trees, and read none again however far the history outgrows `max_bytes`."""
         return self._rewards.get(key_of(row), lambda key: _read_rewards(factory, key))
 
     def get(self, factory: sessionmaker[Session], row: SettlementEpoch) -> ParsedTrees | None:

@@ -46,11 +46,11 @@ def world(fresh_anvil: object, db_url: str) -> SettlementWorld:
     return build_world(fresh_anvil, db_url, challenge_period_s=CHALLENGE_S)  # type: ignore[arg-type]
 
 
-def _report(world: SettlementWorld, account: str) -> dict[str, Any]:
+def _report(world: SettlementWorld, account: str, limit: int = 50) -> dict[str, Any]:
     params = SplitParams(world.deployment.treasury, world.node, PROTOCOL_BPS, NODE_BPS)
     now = datetime.fromtimestamp(world.w3.eth.get_block("latest")["timestamp"], UTC)  # type: ignore[typeddict-item]
     with world.factory() as session:
-        return earnings(session, params, account, now=now)
+        return earnings(session, params, account, now=now, limit=limit)
 
 
 def _assert_only_what_the_chain_pays(world: SettlementWorld, report: dict[str, Any]) -> None:
@@ -88,6 +88,9 @@ def test_earnings_never_show_an_epoch_the_amend_forgot(world: SettlementWorld) -
     vetoed = _report(world, who)
     _assert_only_what_the_chain_pays(world, vetoed)
     assert vetoed["claimableNow"] == str(leaves[1][who]), "only epoch 1 pays while the node is vetoed"
+    last_page = _report(world, who, limit=1)  # epoch 3 alone: the veto of epoch 2 is on no page of its
+    assert [(e["epochId"], e["status"]) for e in last_page["epochs"]] == [(3, "vetoed")] and last_page["next"] == 3
+    assert last_page["claimableNow"] == vetoed["claimableNow"]
 
     doc = {"rewards": rewards_tree(leaves[3], world.node).to_json()}  # the guardian keeps every amount
     amend(world.contracts(GUARDIAN).settlement, world.node, doc)

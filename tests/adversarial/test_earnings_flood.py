@@ -11,20 +11,26 @@ leaves them; the reads come from a process of their own."""
 
 from __future__ import annotations
 
+import re
 import secrets
+import time
 from collections import Counter
 from typing import Any
 
 import httpx
 import pytest
+from eth_utils import to_checksum_address
 from sqlalchemy import insert, select
+from typer.testing import CliRunner
 
+from node.cli import app
 from node.client.payer import Payer
 from node.db import queries
 from node.db.models import EpochState, Receipt, SettlementEpoch, Voucher
 from node.db.session import make_engine, session_factory, transaction
 from node.protocol.hexstr import to_hex
 from node.protocol.receipt import BASE_ADAPTER_ID, LEAF_TYPES, receipt_of_row
+from node.settlement.earnings import MAX_PAGE
 from node.settlement.epoch_builder import rewards_tree
 from node.settlement.merkle import MerkleTree
 from node.settlement.split import BASE_LINEAGE, Lineage, SplitParams, split_fee
@@ -32,7 +38,7 @@ from tests.fixtures.flood import fastest_paid_seconds, paid_seconds_during_gets,
 from tests.fixtures.paid_node import PaidNode
 
 pytestmark = [pytest.mark.chain, pytest.mark.slow]
-NUM_EPOCHS = 60  # more than the 50 whose sources are shown
+NUM_EPOCHS = 60  # more than one page (MAX_PAGE)
 NUM_RECEIPTS = 300  # per epoch
 FIRST_EPOCH = 1_000
 NUM_ASKING = 32
@@ -108,10 +114,10 @@ def test_every_epoch_s_earning_is_explained_to_the_wei(paid_node: PaidNode, hist
     for account in (_split(paid_node).node, _split(paid_node).treasury):
         doc = _earnings(paid_node, account)
         assert doc["earned"] == str(earned[account.lower()])
-        assert len(doc["epochs"]) == NUM_EPOCHS
-        explained = [e for e in doc["epochs"] if e["sources"] is not None]
-        assert len(explained) == 50, "the newest 50 epochs are explained"
-        for entry in explained:
+        assert [e["epochId"] for e in doc["epochs"]] == list(range(FIRST_EPOCH + NUM_EPOCHS - MAX_PAGE,
+                                                                   FIRST_EPOCH + NUM_EPOCHS)), "the newest page"
+        assert doc["next"] == FIRST_EPOCH + NUM_EPOCHS - MAX_PAGE
+        for entry in doc["epochs"]:
             assert sum(int(s["amount"]) for s in entry["sources"]) == int(entry["earned"])
             assert "unexplained" not in {s["source"] for s in entry["sources"]}
 
@@ -126,3 +132,81 @@ def test_a_flood_of_earnings_does_not_hold_up_paid_requests(paid_node: PaidNode,
     print(f"paid request alone {calm:.3f} s, during the earnings {flooded:.3f} s")
     assert flooded < calm + 5.0, f"a paid request took {flooded:.2f} s during a flood of earnings " \
                                  f"({calm:.2f} s without)"
+
+
+LONG_HISTORY = 3_000  # more published epochs, their rewards trees alone (no receipt: nothing to replay)
+
+
+def _answer_bytes(node: PaidNode, account: str) -> int:
+    """The size of the answer, asked twice (the second, printed, with every tree already read)."""
+    for _ in range(2):
+        started = time.monotonic()
+        resp = httpx.get(f"{node.base_url}/v1/earnings/{_split(node).node}/{account}", timeout=600)
+        assert resp.status_code == 200, resp.text
+    print(f"{len(resp.content)} bytes in {time.monotonic() - started:.3f} s")
+    return len(resp.content)
+
+
+@pytest.fixture(scope="module")
+def long_history(paid_node: PaidNode, history: tuple[float, dict[str, int]]) -> dict[str, int]:
+    """LONG_HISTORY published epochs after `history`'s, the node and the treasury earning 1 in each; the size
+    of the answer for each before them."""
+    _, earned = history
+    params = _split(paid_node)
+    short = {who: _answer_bytes(paid_node, who) for who in (params.node, params.treasury)}
+    factory = session_factory(make_engine(paid_node.local.settings.resolved_database_url(), pooled=False))
+    with transaction(factory) as session:
+        latest = session.scalars(select(SettlementEpoch).where(
+            SettlementEpoch.epoch_id == FIRST_EPOCH + NUM_EPOCHS - 1)).one()
+        receipts = latest.trees["receipts"]
+        step = Counter({to_checksum_address(a): 1 for a in (params.node, params.treasury)})
+        cumulative = Counter({to_checksum_address(a): v for a, v in earned.items()})
+        rows = []
+        for epoch_id in range(FIRST_EPOCH + NUM_EPOCHS, FIRST_EPOCH + NUM_EPOCHS + LONG_HISTORY):
+            cumulative.update(step)
+            rewards = rewards_tree(dict(cumulative), latest.node)
+            rows.append({"node": latest.node, "epoch_id": epoch_id, "state": EpochState.FINAL,
+                         "rewards_root": to_hex(rewards.root), "rewards_total": sum(cumulative.values()),
+                         "receipts_root": latest.receipts_root, "receipt_count": 0, "collected_total": 0,
+                         "trees": {"rewards": rewards.to_json(), "receipts": receipts}, "tx_hash": latest.tx_hash})
+        session.execute(insert(SettlementEpoch), rows)
+    return short
+
+
+def test_a_long_history_costs_a_call_for_the_treasury_s_earnings_no_more(paid_node: PaidNode,
+                                                                          history: tuple[float, dict[str, int]],
+                                                                          long_history: dict[str, int]) -> None:
+    """The node and the treasury earn in every epoch: each call for theirs read and answered every epoch,
+    so strangers asking for them made the node serve its whole history each time, longer every epoch."""
+    calm, _ = history
+    params, short = _split(paid_node), long_history
+    long = {who: _answer_bytes(paid_node, who) for who in (params.node, params.treasury)}  # (reads the new trees)
+    print(f"answer bytes with {NUM_EPOCHS} epochs {short}, with {NUM_EPOCHS + LONG_HISTORY} {long}")
+    for who in long:
+        assert long[who] < 2 * short[who], f"the answer grew from {short[who]} to {long[who]} bytes with the history"
+    urls = [f"{paid_node.base_url}/v1/earnings/{params.node}/{who}" for who in (params.node, params.treasury)]
+    headers = signed_completions(paid_node, Payer(paid_node.payer_keys[0], paid_node.base_url), 1_020)
+    flooded = paid_seconds_during_gets(paid_node, headers, urls, NUM_ASKING)
+    print(f"{NUM_EPOCHS + LONG_HISTORY} epochs: paid request alone {calm:.3f} s, during the earnings {flooded:.3f} s")
+    assert flooded < calm + 5.0, f"a paid request took {flooded:.2f} s during a flood of earnings " \
+                                 f"({calm:.2f} s without)"
+
+
+def test_loranode_earnings_shows_a_page_and_the_command_for_the_one_before(paid_node: PaidNode,
+                                                                           long_history: dict[str, int]) -> None:
+    """The CLI prints the newest page and how to ask for the earlier ones."""
+    treasury, url = _split(paid_node).treasury, paid_node.base_url
+    newest = FIRST_EPOCH + NUM_EPOCHS + LONG_HISTORY - 1
+    env = {"LORANODE_DATA_DIR": None, "LORANODE_DATABASE_URL": None}
+    first = CliRunner().invoke(app, ["earnings", treasury, "--node-url", url], env=env)
+    assert first.exit_code == 0 and _epoch_line(newest).search(first.output), first.output
+    hint = f"earlier epochs: loranode earnings {to_checksum_address(treasury)} --before {newest - MAX_PAGE + 1}"
+    assert hint in first.output and "by source, in these epochs:" in first.output, first.output
+    second = CliRunner().invoke(app, ["earnings", treasury, "--node-url", url, "--before", str(newest - MAX_PAGE + 1)],
+                                env=env)
+    assert second.exit_code == 0 and _epoch_line(newest - MAX_PAGE).search(second.output), second.output
+    assert not _epoch_line(newest - MAX_PAGE + 1).search(second.output), second.output
+
+
+def _epoch_line(epoch_id: int) -> re.Pattern[str]:
+    return re.compile(rf"^\s*{epoch_id}\s+final\s+1\s+0\s", re.M)

@@ -114,5 +114,5 @@ def test_earnings_past_the_tree_budget_read_each_epoch_s_rewards_once(db_url: st
     first = earnings_from(counting, trees, sources, params, NODE)  # type: ignore[arg-type]
     opened = counting.num_opened
     assert earnings_from(counting, trees, sources, params, NODE) == first  # type: ignore[arg-type]
-    assert counting.num_opened - opened == 2, "the rows and the claims: no epoch read again"
+    assert counting.num_opened - opened == 1, "the page's rows and the claims: no epoch read again"
     assert first["earned"] == "1" and [e["epochId"] for e in first["epochs"]] == [1]

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Path, Query, Response
 from node.api.deps import DatabaseDep, SourcesDep, SplitDep, TreesDep
 from node.api.error_handlers import error_responses
 from node.api.routes.info import ADDRESS, HASH, NotFound
-from node.settlement.earnings import earnings_from
+from node.settlement.earnings import MAX_PAGE, earnings_from
 from node.settlement.epoch_report import MAX_LISTED, epoch_report, list_epochs
 from node.settlement.publication import epoch_json, proof_in, published_epoch, settled_receipt
 
@@ -66,10 +66,14 @@ def epoch(db: DatabaseDep, trees: TreesDep, node: str = Path(..., pattern=ADDRES
 @router.get("/earnings/{node}/{account}", responses=error_responses(400, 503))
 def earnings(db: DatabaseDep, split: SplitDep, trees: TreesDep, sources: SourcesDep,
              node: str = Path(..., pattern=ADDRESS.pattern),
-             account: str = Path(..., pattern=ADDRESS.pattern)) -> dict[str, Any]:
-    """What `account` earned from `node`'s settled epochs, per epoch and per source (dataset, adapter
-    owner, node, treasury), and how much of it is claimed."""
-    return earnings_from(db, trees, sources, replace(split, node=node), account)
+             account: str = Path(..., pattern=ADDRESS.pattern),
+             limit: int = Query(MAX_PAGE, ge=1, le=MAX_PAGE, description="published epochs looked at"),
+             before: int | None = Query(None, ge=0, lt=MAX_EPOCH_ID, description="the previous page's `next`")
+             ) -> dict[str, Any]:
+    """What `account` earned from `node`'s settled epochs: in total, how much of it is claimed and claimable,
+    and per epoch and per source (dataset, adapter owner, node, treasury) among the `limit` newest published
+    epochs before `before`, oldest first; `next` is the `before` of the next page (`null` on the last)."""
+    return earnings_from(db, trees, sources, replace(split, node=node), account, limit, before)
 
 
 @router.get("/receipts/{receipt_id}/proof", responses=error_responses(400, 404, 503))
