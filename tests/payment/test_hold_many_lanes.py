@@ -10,8 +10,13 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 
-from node.db.session import upgrade
-from node.payment.lane_pg import _HOLD_VIEW, _TRY_HOLD, _WRITTEN_OFF, hold_lock_key
+from node.db import queries
+from node.db.loss import LossReason, LossRecord, record_loss
+from node.db.models import Lane, LaneCollection, Loss
+from node.db.session import make_engine, session_factory, upgrade
+from node.payment.lane import NEW_LANE
+from node.payment.lane_pg import _HOLD_VIEW, _TRY_HOLD, _WRITTEN_OFF, PipelinedLanes, hold_lock_key
+from node.payment.lane_sqlite import SQLiteLanes
 from tests.fixtures.database import _psycopg_dsn
 
 PAYER = "0x" + "cd" * 20
@@ -75,3 +80,50 @@ def test_a_hold_reads_the_payers_lanes_by_key_on_unanalyzed_tables(postgres_url:
     # each of the payer's lanes, its collection and its write-offs read once (the old plan: 1,133,250 rows)
     assert function_read <= 4 * LANES, function_read
     assert view_read <= 4 * LANES, view_read
+
+
+def test_the_hold_view_sums_a_payers_lanes_exactly(db_url: str) -> None:
+    """The payer's totals summed in the database (on SQLite by exact functions over its amount strings)
+    are what the lanes say, to the wei: amounts far above 2**63, collections, a charge collected past
+    (never below zero), write-offs counted but not the losses still owed or already recovered, and only
+    the live holds of the payer's other lanes."""
+    upgrade(db_url)
+    factory = session_factory(make_engine(db_url))
+    big = 10**76
+    live, expired = NOW - timedelta(seconds=5), NOW - timedelta(seconds=900)
+    lanes = [  # lane, charged, collected, written off, (reserved, reserved_at)
+        (0, 3 * big + 7, big, 0, (big + 1, live)),  # the lane asking: its own hold is not another's
+        (1, 2 * big + 5, None, big, (5 * big, live)),
+        (2, big, 2 * big, 0, (9, expired)),
+        (3, 7, 3, 1, None),
+        (4, 0, None, 0, (11, live)),
+    ]
+    with factory.begin() as s:
+        for lane, charged, collected, _, hold in lanes:
+            s.add(Lane(payer=PAYER, node=NODE, lane=lane, charged_total=charged, last_cumulative=charged,
+                       reserved=hold[0] if hold else 0, reserved_voucher_hash=f"0x{lane + 1:064x}" if hold else None,
+                       reserved_at=hold[1] if hold else None, reserved_by="api-a" if hold else None, updated_at=NOW))
+            if collected is not None:
+                s.add(LaneCollection(payer=PAYER, node=NODE, lane=lane, collected=collected, last_cumulative=collected,
+                                     is_final=True, block_number=1, updated_block=1))
+        s.flush()
+        for lane, _, _, lost, _ in lanes:
+            if lost:
+                record_loss(s, LossRecord(NODE, PAYER, lane, lost, LossReason.SETTLE_REFUSED, epoch_id=1))
+            for reason, recovered in ((LossReason.ESCROW_SHORT, None), (LossReason.SETTLE_REFUSED, 2)):
+                s.add(Loss(node=NODE, payer=PAYER, lane=lane, amount=big, reason=reason.value, epoch_id=1,
+                           recovered_epoch_id=recovered))
+            record_loss(s, LossRecord(NODE, PAYER, lane, big, LossReason.DELIVERED_UNCHARGED))
+        # another payer's lane counts for nothing
+        s.add(Lane(payer="0x" + "ee" * 20, node=NODE, lane=0, charged_total=big, last_cumulative=big, reserved=big,
+                   reserved_voucher_hash="0x" + "99" * 32, reserved_at=live, reserved_by="api-a", updated_at=NOW))
+    expected_uncollected = (3 * big + 7 - big) + (2 * big + 5 - big) + 0 + (7 - 3 - 1) + 0
+    engine = factory.kw["bind"]
+    backend = SQLiteLanes(engine) if engine.dialect.name == "sqlite" else PipelinedLanes(engine)
+    with backend.transaction() as tx:
+        view = tx.hold_view(PAYER, NODE, 0, "0x" + "11" * 32, NOW - timedelta(seconds=600))
+        empty = tx.hold_view("0x" + "01" * 20, NODE, 0, "0x" + "11" * 32, NOW - timedelta(seconds=600))
+    assert (view.uncollected, view.other_holds) == (expected_uncollected, 5 * big + 11)
+    assert (empty.uncollected, empty.other_holds, empty.lane) == (0, 0, NEW_LANE)
+    with factory() as s:
+        assert queries.uncollected(s, PAYER, NODE) == expected_uncollected
