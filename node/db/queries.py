@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from node.db.loss import is_written_off, written_off
@@ -148,12 +148,14 @@ def uncollected(session: Session, payer: str, node: str) -> int:
     if session.get_bind().dialect.name == "sqlite":
         return sum(lane.uncollected for lane in payer_lanes(session, payer, node))
     # per lane, its collection and its write-offs looked up by key: a plan that cannot turn into a scan of
-    # one table per row of the other, whatever the planner's statistics say of freshly written lanes
+    # one table per row of the other, whatever the planner's statistics say of freshly written lanes. The
+    # write-off's conditions are in the sum, not the WHERE: with no statistics the planner took the
+    # (node, recovered_epoch_id) index for them and read the node's losses once per lane.
     collected = (select(LaneCollection.collected).where(LaneCollection.payer == Lane.payer,
                                                         LaneCollection.node == Lane.node,
                                                         LaneCollection.lane == Lane.lane).scalar_subquery())
-    lost = (select(func.sum(Loss.amount)).where(Loss.node == Lane.node, Loss.payer == Lane.payer,
-                                                Loss.lane == Lane.lane, is_written_off()).scalar_subquery())
+    lost = (select(func.sum(case((is_written_off(), Loss.amount))))
+            .where(Loss.node == Lane.node, Loss.payer == Lane.payer, Loss.lane == Lane.lane).scalar_subquery())
     owed = Lane.charged_total - func.coalesce(collected, 0) - func.coalesce(lost, 0)
     q = select(func.coalesce(func.sum(func.greatest(owed, 0)), 0)).where(Lane.payer == payer, Lane.node == node)
     return int(session.scalar(q) or 0)

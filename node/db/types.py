@@ -1,8 +1,9 @@
 """Column types that keep chain values exact and normalised on both SQLite and PostgreSQL.
 
 `Amount` is `Numeric(78, 0)` on PostgreSQL. SQLite's NUMERIC affinity turns integers above 2**63 into
-floats, so there it is a 78-digit zero-padded string: equality and ordering still work in SQL, sums
-are done in Python (`queries.py`). Both read back as `int`.
+floats, so there it is a 78-digit zero-padded string: equality and ordering still work in SQL; SQLite's own
+sum() would turn them into floats, so sums are done in Python (`queries.py`), or in SQL by the exact
+functions `sqlite_amount_functions` adds to each SQLite connection. Both read back as `int`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,46 @@ class Amount(TypeDecorator[int]):
 
     def process_result_value(self, value: Any, dialect: Dialect) -> int | None:
         return None if value is None else int(value)
+
+
+def _padded(value: int) -> str:
+    return f"{value:0{AMOUNT_DIGITS}d}"
+
+
+class _AmountSum:
+    """SQL `amount_sum(x)`: the exact sum of amounts (NULLs skipped), as an amount; NULL over no rows (the
+    sqlite3 module answers NULL for an aggregate that saw none)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def step(self, value: str | int | None) -> None:
+        if value is not None:
+            self.total += int(value)
+
+    def finalize(self) -> str:
+        return _padded(self.total)
+
+
+class _OwedSum:
+    """SQL `owed_sum(charged, collected, written_off)`: the sum over rows of max(charged - collected -
+    written_off, 0), NULLs counted as 0, as an amount (a lane's uncollected charge, summed over lanes);
+    NULL over no rows."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def step(self, charged: str | int | None, collected: str | int | None, lost: str | int | None) -> None:
+        self.total += max(int(charged or 0) - int(collected or 0) - int(lost or 0), 0)
+
+    def finalize(self) -> str:
+        return _padded(self.total)
+
+
+def sqlite_amount_functions(dbapi_conn: Any) -> None:
+    """Exact sums of `Amount` strings in SQL on a sqlite3 connection (Python ints: no float, no overflow)."""
+    dbapi_conn.create_aggregate("amount_sum", 1, _AmountSum)
+    dbapi_conn.create_aggregate("owed_sum", 3, _OwedSum)
 
 
 class _HexString(TypeDecorator[str]):

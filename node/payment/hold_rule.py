@@ -1,5 +1,5 @@
 """When a new voucher may hold its lane: the rule, written once in Python (`refusal`) and mirrored in
-the one statement that places a hold on PostgreSQL (migration 0012's `loranode_try_hold`, which
+the one statement that places a hold on PostgreSQL (migration 0015's `loranode_try_hold`, which
 lane_pg.py calls), so that the hold is decided and written in one round trip while the (payer, node)
 lock is held only by the server.
 

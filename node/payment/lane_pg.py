@@ -2,7 +2,7 @@
 sent in autocommit mode (one round trip, no BEGIN or COMMIT of its own); psycopg's pipeline for the
 transactions of several statements (the x402 router's holds, its refunds).
 
-    hold:    SELECT * FROM loranode_try_hold(..)   -> the function (migration 0012) takes the (payer,
+    hold:    SELECT * FROM loranode_try_hold(..)   -> the function (migration 0015) takes the (payer,
              node) advisory lock, then reads the hold view and writes the hold if node/payment/
              hold_rule.py's rule allows it (written again in SQL there); its commit does not wait
              for the WAL flush (a hold lost in a crash only means that request cannot be charged)
@@ -54,19 +54,21 @@ FROM (SELECT 1) AS anchor
 LEFT JOIN escrow_accounts e ON e.payer = %(payer)s AND e.node = %(node)s
 LEFT JOIN lanes l ON l.payer = %(payer)s AND l.node = %(node)s AND l.lane = %(lane)s
 CROSS JOIN (
-    SELECT coalesce(sum(greatest(x.charged_total - coalesce(c.collected, 0) - coalesce(w.amount, 0), 0)), 0)
-               AS uncollected,
+    -- per lane, its collection and its write-offs (node/db/loss.py: WRITTEN_OFF) read by key
+    -- alone (the write-off's conditions are in the sum, not the WHERE: on tables with no statistics yet the
+    -- planner took an index on (node, recovered_epoch_id) and filtered the node's losses once per lane)
+    SELECT coalesce(sum(greatest(
+               x.charged_total
+               - coalesce((SELECT c.collected FROM lane_collections c
+                           WHERE c.payer = x.payer AND c.node = x.node AND c.lane = x.lane), 0)
+               - coalesce((SELECT sum(CASE WHEN s.epoch_id IS NOT NULL AND s.recovered_epoch_id IS NULL
+                                                AND s.reason = ANY(%(written_off)s) THEN s.amount END)
+                           FROM losses s WHERE s.node = x.node AND s.payer = x.payer AND s.lane = x.lane),
+                          0), 0)), 0) AS uncollected,
            coalesce(sum(CASE WHEN x.lane <> %(lane)s AND x.reserved_voucher_hash IS NOT NULL
                                   AND x.reserved_at > %(live_since)s
                              THEN x.reserved ELSE 0 END), 0) AS other_holds
     FROM lanes x
-    LEFT JOIN lane_collections c ON c.payer = x.payer AND c.node = x.node AND c.lane = x.lane
-    LEFT JOIN (  -- settlement losses that can never be collected (node/db/loss.py: WRITTEN_OFF)
-        SELECT lane, sum(amount) AS amount FROM losses
-        WHERE payer = %(payer)s AND node = %(node)s AND epoch_id IS NOT NULL AND recovered_epoch_id IS NULL
-          AND reason = ANY(%(written_off)s)
-        GROUP BY lane
-    ) AS w ON w.lane = x.lane
     WHERE x.payer = %(payer)s AND x.node = %(node)s
 ) AS t
 """
@@ -88,7 +90,7 @@ SET reserved = excluded.reserved, reserved_voucher_hash = excluded.reserved_vouc
     reserved_at = excluded.reserved_at, reserved_by = excluded.reserved_by, updated_at = excluded.updated_at
 """
 
-# The hold in one statement, under the (payer, node) lock: migration 0012's function, which mirrors
+# The hold in one statement, under the (payer, node) lock: migration 0015's function, which mirrors
 # hold_rule.refusal check for check (the ledger checks the same view in Python and raises what the rule
 # names; both must agree: tests/payment/test_hold_rule.py).
 _TRY_HOLD = """

@@ -1,11 +1,13 @@
 """The ledger's lanes on SQLite: SQLAlchemy Core, one statement per step, holds serialised by a
 process-wide lock (one API process per SQLite file: `loranode dev`, the demo, the tests).
 
-    hold:    hold view (+ the payer's lane rows, summed here)  ->  hold_rule.refusal  ->  INSERT .. ON CONFLICT
+    hold:    hold view (the payer's totals summed in it)  ->  hold_rule.refusal  ->  INSERT .. ON CONFLICT
     charge:  UPDATE the lane WHERE the hold is still ours  ->  INSERT voucher  ->  INSERT receipt
 
-Money columns are `Amount`, a zero-padded string on SQLite (node/db/types.py), so amounts are added
-up in Python, never in SQL. PostgreSQL runs the same steps as written-out SQL in lane_pg.py.
+Money columns are `Amount`, a zero-padded string on SQLite (node/db/types.py), which SQLite's own
+sum() would turn into floats: the hold view sums them with the exact `amount_sum` and `owed_sum`
+that make_engine adds to every SQLite connection, so no lane row leaves the database. PostgreSQL runs
+the same steps as written-out SQL in lane_pg.py.
 """
 
 from __future__ import annotations
@@ -23,17 +25,21 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
+    case,
     exists,
+    func,
     insert,
     literal_column,
     select,
+    true,
     update,
 )
 from sqlalchemy.dialects import sqlite
-from sqlalchemy.sql import Select
+from sqlalchemy.sql import Select, Subquery
 
-from node.db.loss import written_off
-from node.db.models import EscrowAccount, Lane, LaneCollection, Receipt, Voucher
+from node.db.loss import is_written_off
+from node.db.models import EscrowAccount, Lane, LaneCollection, Loss, Receipt, Voucher
+from node.db.types import Amount
 from node.payment.hold_rule import HoldRequest, refusal
 from node.payment.lane import NEW_LANE, HoldView, LaneRow
 
@@ -49,24 +55,19 @@ class SQLiteLaneTransaction:
         self.conn = conn
 
     def hold_view(self, payer: str, node: str, lane: int, voucher_hash: str, live_since: datetime) -> HoldView:
-        params = {"payer": payer, "node": node, "lane": lane, "voucher_hash": voucher_hash}
-        row = self.conn.execute(_HOLD_VIEW, params).one()
-        uncollected, other_holds = 0, 0
-        lost = written_off(self.conn, payer, node)  # never collectible: no longer owed from the escrow
-        for r in self.conn.execute(_LANE_ROWS, params):
-            uncollected += max(r.charged_total - (r.collected or 0) - lost.get(r.lane, 0), 0)
-            if r.lane != lane and r.reserved_voucher_hash and r.reserved_at and r.reserved_at > live_since:
-                other_holds += r.reserved
+        row = self.conn.execute(_HOLD_VIEW, {"payer": payer, "node": node, "lane": lane, "voucher_hash": voucher_hash,
+                                             "live_since": live_since}).one()
         this = NEW_LANE if row.charged_total is None else LaneRow(row.charged_total, row.last_cumulative,
                                                                   row.reserved_voucher_hash, row.reserved_at,
                                                                   row.reserved_by)
         return HoldView(is_used=row.is_used, response=row.response, lane=this, balance=row.balance or 0,
-                        thawing=row.thawing or 0, uncollected=uncollected, other_holds=other_holds,
+                        thawing=row.thawing or 0, uncollected=row.uncollected or 0,
+                        other_holds=row.other_holds or 0,
                         pending_deposits=row.pending_deposits or 0, pending_until_block=row.pending_until_block,
                         final_thawing=row.final_thawing or 0)
 
     def lane_view(self, payer: str, node: str, lane: int, voucher_hash: str) -> HoldView:
-        row = self.conn.execute(_HOLD_VIEW, {"payer": payer, "node": node, "lane": lane,
+        row = self.conn.execute(_LANE_VIEW, {"payer": payer, "node": node, "lane": lane,
                                              "voucher_hash": voucher_hash}).one()
         this = NEW_LANE if row.charged_total is None else LaneRow(row.charged_total, row.last_cumulative,
                                                                   row.reserved_voucher_hash, row.reserved_at,
@@ -136,12 +137,13 @@ class SQLiteLanes:
 
 
 # --- the statements, built once (named parameters; SQLAlchemy caches their compiled form) ----------
-def _hold_view() -> Select[Any]:
-    """One row, left-joined from a one-row anchor: the voucher's use, the escrow account, this lane."""
+def _lane_view(totals: Subquery | None = None) -> Select[Any]:
+    """One row, left-joined from a one-row anchor: the voucher's use, the escrow account, this lane (and
+    `totals`' one row)."""
     payer, node, voucher_hash = (bindparam(name, type_=String) for name in ("payer", "node", "voucher_hash"))
     anchor = select(literal_column("1").label("one")).subquery("anchor")
     this = LANES.alias("this_lane")
-    return (select(exists().where(VOUCHERS.c.voucher_hash == voucher_hash).label("is_used"),
+    view = (select(exists().where(VOUCHERS.c.voucher_hash == voucher_hash).label("is_used"),
                    select(VOUCHERS.c.response).where(VOUCHERS.c.voucher_hash == voucher_hash)
                    .scalar_subquery().label("response"),
                    ESCROW.c.balance, ESCROW.c.thawing, ESCROW.c.pending_deposits, ESCROW.c.pending_until_block,
@@ -151,6 +153,28 @@ def _hold_view() -> Select[Any]:
             .select_from(anchor.outerjoin(ESCROW, and_(ESCROW.c.payer == payer, ESCROW.c.node == node))
                          .outerjoin(this, and_(this.c.payer == payer, this.c.node == node,
                                                this.c.lane == bindparam("lane")))))
+    if totals is None:
+        return view
+    return view.add_columns(*totals.c).join(totals, true())
+
+
+def _hold_view() -> Select[Any]:
+    """The lane view and the payer's totals over its lanes, summed in SQL: what they owe (each lane's
+    charge less its collection and its write-offs, looked up by key) and the live holds on its other
+    lanes (hold_rule.funds_refusal)."""
+    x = LANES.alias("x")
+    collected = (select(COLLECTIONS.c.collected)
+                 .where(COLLECTIONS.c.payer == x.c.payer, COLLECTIONS.c.node == x.c.node,
+                        COLLECTIONS.c.lane == x.c.lane).scalar_subquery())
+    lost = (select(func.amount_sum(case((is_written_off(), Loss.amount))))  # never collectible (node/db/loss.py)
+            .where(Loss.node == x.c.node, Loss.payer == x.c.payer, Loss.lane == x.c.lane).scalar_subquery())
+    other_hold = case((and_(x.c.lane != bindparam("lane"), x.c.reserved_voucher_hash.is_not(None),
+                            x.c.reserved_at > bindparam("live_since", type_=x.c.reserved_at.type)), x.c.reserved))
+    totals = (select(func.owed_sum(x.c.charged_total, collected, lost, type_=Amount()).label("uncollected"),
+                     func.amount_sum(other_hold, type_=Amount()).label("other_holds"))
+              .where(x.c.payer == bindparam("payer", type_=String), x.c.node == bindparam("node", type_=String))
+              .subquery("totals"))
+    return _lane_view(totals)
 
 
 def _put_hold() -> Any:
@@ -166,13 +190,8 @@ def _lane_key() -> Any:
                 LANES.c.reserved_by == bindparam("k_owner"))
 
 
+_LANE_VIEW = _lane_view()
 _HOLD_VIEW = _hold_view()
-_LANE_ROWS = (select(LANES.c.lane, LANES.c.charged_total, LANES.c.reserved, LANES.c.reserved_voucher_hash,
-                     LANES.c.reserved_at, COLLECTIONS.c.collected)
-              .select_from(LANES.outerjoin(COLLECTIONS, and_(COLLECTIONS.c.payer == LANES.c.payer,
-                                                             COLLECTIONS.c.node == LANES.c.node,
-                                                             COLLECTIONS.c.lane == LANES.c.lane)))
-              .where(LANES.c.payer == bindparam("payer"), LANES.c.node == bindparam("node")))
 _PUT_HOLD = _put_hold()
 _CHARGE = (update(LANES).where(_lane_key(), LANES.c.charged_total == bindparam("k_before"),
                                LANES.c.reserved_at > bindparam("k_held_since", type_=LANES.c.reserved_at.type))

@@ -15,6 +15,9 @@ from node.db.models import Lane, Loss, Receipt, SettlementEpoch, Voucher
 from node.db.queries import Escrow, adapter_lineage, epoch_receipts, payer_lanes, spendable_escrow
 from node.db.session import make_engine, session_factory, upgrade
 from node.settlement.epoch_report import losses_of
+from tests.payment.test_hold_many_lanes import LANES, TABLES, _payer_with_many_lanes
+from tests.payment.test_hold_many_lanes import NODE as MANY_NODE
+from tests.payment.test_hold_many_lanes import PAYER as MANY_PAYER
 
 PAYER, NODE, OTHER = "0x" + "aA" * 20, "0x" + "bb" * 20, "0x" + "cc" * 20
 H = "0x" + "ee" * 32
@@ -171,3 +174,17 @@ def test_an_epoch_s_losses_are_read_by_index_on_postgresql(postgres_url: str) ->
                  for statement, params in statements]
     assert len(plans) == 2
     assert "ix_losses_node_epoch_id" in plans[0] and "ix_losses_node_recovered_epoch_id" in plans[1], plans
+
+
+def test_a_payers_uncollected_total_reads_its_lanes_by_key_on_unanalyzed_tables(postgres_url: str) -> None:
+    """queries.uncollected (the free GET /v1/channels) on a payer with many lanes and tables with no statistics
+    yet: each lane, its collection and its write-offs read once (it read the node's losses once per lane, by
+    the (node, recovered_epoch_id) index, when the write-off's conditions were in the WHERE)."""
+    factory = _db(postgres_url)
+    _payer_with_many_lanes(postgres_url.replace("postgresql+psycopg://", "postgresql://", 1))
+    with factory() as s:
+        assert queries.uncollected(s, MANY_PAYER, MANY_NODE) == 40 * LANES
+        read = s.execute(text("SELECT sum(coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)) "
+                              "FROM pg_stat_xact_user_tables WHERE relname = ANY(:tables)"),
+                         {"tables": list(TABLES)}).scalar_one()
+    assert read <= 4 * LANES, read
