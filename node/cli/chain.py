@@ -1,4 +1,4 @@
-"""`loranode chain deploy`: the contracts, once per chain."""
+"""`loranode chain deploy`: the contracts, once per chain; `loranode chain fund`: test tokens on the dev chain."""
 
 from __future__ import annotations
 
@@ -7,8 +7,17 @@ from pathlib import Path
 import typer
 
 from node.cli.console import console
-from node.cli.context import DevAccountOption, KeyFileOption, address, cli_nonce_lock, signing_key
-from node.config import load_settings
+from node.cli.context import (
+    DeploymentOption,
+    DevAccountOption,
+    KeyFileOption,
+    RpcOption,
+    address,
+    chain_context,
+    cli_nonce_lock,
+    signing_key,
+)
+from node.config import DEV_CHAIN_ID, load_settings
 from node.errors import ConfigError, Unavailable
 
 app = typer.Typer(help="Deploy and inspect the loranode contracts.", no_args_is_help=True)
@@ -92,6 +101,51 @@ def add_x402(
     dep = deploy_x402(client, dep, node or client.address)
     write_deployment(dep, deployment.parent)
     console.print(f"x402: channels {dep.x402_channels}, collector {dep.x402_collector}, router {dep.x402_router}")
+
+
+FAUCET_ACCOUNT = 2  # the dev treasury signs the demo token's mints: never the operator's (the worker's) nonces
+
+
+@app.command()
+def fund(
+    to: str = typer.Argument(..., callback=address, help="The address to fund (an agent's own)."),
+    tokens: str = typer.Option("10", "--tokens", help="Demo tokens to mint to it (whole tokens, decimals allowed)."),
+    eth: str = typer.Option("0", "--eth", help="Gas money to give it, in ETH (an x402 agent needs none: the node "
+                            "sends its deposit)."),
+    rpc_url: str = RpcOption,
+    deployment: Path = DeploymentOption,
+) -> None:
+    """Mint demo tokens (and give ETH) to an address, on the dev chain only.
+
+    For an agent's own key against `loranode dev` (docs/x402.md, "By hand"); any other chain is refused
+    before anything is sent."""
+    from decimal import Decimal, InvalidOperation
+
+    from eth_utils import to_checksum_address
+    from web3.types import RPCEndpoint
+
+    to = to_checksum_address(to)
+    chain_id = _chain_id(rpc_url or load_settings().rpc_url or "http://127.0.0.1:8545")  # before any file is read
+    if chain_id != DEV_CHAIN_ID:
+        raise ConfigError(f"`loranode chain fund` mints test tokens on the dev chain (id {DEV_CHAIN_ID}) only, "
+                          f"not on chain id {chain_id}", chain_id=chain_id)
+    ctx = chain_context(rpc_url, deployment)
+    try:
+        amounts = Decimal(tokens), Decimal(eth)
+    except InvalidOperation as exc:
+        raise ConfigError("--tokens and --eth take numbers", tokens=tokens, eth=eth) from exc
+    c = ctx.contracts(signing_key(None, FAUCET_ACCOUNT, chain_id))
+    decimals = int(c.token._call("decimals"))
+    value, wei = int(amounts[0] * 10**decimals), int(amounts[1] * 10**18)
+    if value < 0 or wei < 0:
+        raise ConfigError("--tokens and --eth must not be negative", tokens=tokens, eth=eth)
+    if value:
+        c.token.mint(to, value)
+    if wei:
+        c.client.w3.provider.make_request(RPCEndpoint("anvil_setBalance"),
+                                          [to, hex(c.client.w3.eth.get_balance(to) + wei)])
+    console.print(f"{to}: {Decimal(c.token.balance_of(to)) / 10**decimals:f} tokens ({c.token.address}), "
+                  f"{Decimal(c.client.w3.eth.get_balance(to)) / 10**18:f} ETH on chain {chain_id}")
 
 
 def _chain_id(rpc_url: str) -> int:

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 ENV_FILE = Path(".loranode") / "dev.env"
 DEV_BEAT_S = 1.0  # the settlement beat on the dev node: epochs settle seconds after they close
+AGENT_ACCOUNT = 8  # the dev account `loranode dev` funds for an x402 agent (docs/x402.md, "By hand")
+AGENT_TOKENS = 100
 
 
 def dev(demo: bool = typer.Option(False, "--demo", help="Run the scripted demo end to end, then exit."),
@@ -68,15 +70,18 @@ def _serve_forever(folder: Path, port: int, epoch_max_age_s: float) -> None:
         raise KeyboardInterrupt  # SIGTERM stops everything as Ctrl-C does
 
     signal.signal(signal.SIGTERM, stop)
-    node = LocalNode.start_chain(folder)
+    node = LocalNode.start_chain(folder, x402=True)  # the channel contracts and the node's router, as `make demo`
     try:
+        operator = node.contracts(OPERATOR)  # its nonces, before the worker signs with the same key
+        agent = node.contracts(AGENT_ACCOUNT).client.address
+        operator.token.mint(agent, AGENT_TOKENS * 10 ** int(operator.token._call("decimals")))
         model = make_tiny_model(folder / "base-model")
         url = node.serve(model, **({"port": chosen} if (chosen := _port_or_free(port)) else {}))
         fault = node.services.catalog.binding_fault if node.services else None
         if fault:  # an old --data-dir: its mirror is of the anvil that ran last time
             console.print(f"[bold red]paid work is refused[/]: {escape(fault)}")
         node.start_settlement(folder / "logs", epoch_max_age_s=epoch_max_age_s, settlement_interval_s=DEV_BEAT_S)
-        address = node.contracts(OPERATOR).client.address
+        address = operator.client.address
         values = dev_env(node, url, model, address)
         env = write_env_file(values)
         console.print(f"anvil {node.anvil.rpc_url}; API {url}; node {address}; "
@@ -86,6 +91,12 @@ def _serve_forever(folder: Path, port: int, epoch_max_age_s: float) -> None:
         # the same variables as the file: README's lines use $NODE and $BASE_MODEL too
         console.print("export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in values.items()), markup=False,
                       soft_wrap=True)
+        dep = node.deployment
+        console.print(f"x402: batch-settlement on eip155:{dep.chain_id}, token {dep.token}, channels "
+                      f"{dep.x402_channels}, router {dep.x402_router} (an unpaid request's 402 lists the terms); "
+                      f"an agent may pay as dev account {AGENT_ACCOUNT} ({agent}, {AGENT_TOKENS} tokens, key "
+                      f"{node.anvil.keys[AGENT_ACCOUNT]}) or fund its own address with `loranode chain fund "
+                      "ADDRESS` (docs/x402.md, \"By hand\")", markup=False, soft_wrap=True)
         console.print(f"base model {model}: register datasets and adapters with --dev-account N (N >= 3), "
                       "deposit with `loranode escrow deposit ... --mint`, then `loranode request`. Ctrl-C stops.",
                       markup=False)
