@@ -138,6 +138,16 @@ def test_dev_prints_the_x402_terms_and_a_funded_agent_key(dev_exports: tuple[dic
     assert token.balance_of(_dev_address(8)) == 100 * 10 ** int(token._call("decimals"))
 
 
+def test_fund_gives_tokens_and_gas_money_on_the_dev_chain(dev_exports: tuple[dict[str, str], bool]) -> None:
+    exports, agent = dev_exports[0], Account.create().address
+    result = CliRunner().invoke(app, ["chain", "fund", agent, "--tokens", "2.5", "--eth", "0.5"], env=exports)
+    assert result.exit_code == 0, result.output
+    assert f"{agent}: 2.5 tokens" in result.output and "0.5 ETH on chain 31337" in result.output, result.output
+    token = Contracts.connect(exports["LORANODE_RPC_URL"], read_deployment(Path(exports["LORANODE_DEPLOYMENT_FILE"])),
+                              None).token
+    assert token.balance_of(agent) == 25 * 10 ** (int(token._call("decimals")) - 1)
+
+
 def _dev_address(index: int) -> str:
     from node.chain.anvil import DEV_MNEMONIC
 
