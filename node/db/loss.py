@@ -54,10 +54,11 @@ class LossRecord:
 
 
 def record_loss(session: Session, loss: LossRecord) -> None:
-    """Add `loss` to the caller's transaction."""
+    """Add `loss` to the caller's transaction, all of it: a loss recorded as already recovered stays so."""
+    assert loss.recovered_epoch_id is None or loss.epoch_id is not None, "only a settlement loss is recovered"
     session.add(Loss(node=loss.node.lower(), payer=loss.payer.lower(), lane=loss.lane, amount=loss.amount,
                      reason=loss.reason.value, voucher_hash=loss.voucher_hash, epoch_id=loss.epoch_id,
-                     detail=loss.detail))
+                     detail=loss.detail, recovered_epoch_id=loss.recovered_epoch_id))
 
 
 def losses(session: Session, node: str, payer: str | None = None,

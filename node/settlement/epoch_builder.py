@@ -126,6 +126,9 @@ def rewards_tree(cumulative: Mapping[str, int], node: str) -> MerkleTree:
 
 def build_epoch(receipts: Sequence[EpochReceipt], lineages: Mapping[int, Lineage], params: SplitParams,
                 previous: Mapping[str, int], previous_total: int, valid_until: int = 0) -> EpochBuild:
+    """The epoch over `receipts` on top of `previous` (the last epoch's cumulative amounts keyed by
+    checksummed address, as `cumulative_of` reads them: a key in another case would be a second leaf
+    for the same payee)."""
     if not receipts:
         raise ValueError("an epoch needs at least one receipt")
     lanes = lane_charges(receipts, valid_until)
@@ -140,7 +143,7 @@ def build_epoch(receipts: Sequence[EpochReceipt], lineages: Mapping[int, Lineage
                 payees[key] = lineages[r.adapter_id].with_weights(r.weights_bps)
         keys.append((r.fee, key))
     shares = split_receipts(keys, payees, params)
-    cumulative: Counter[str] = Counter({to_checksum_address(a): v for a, v in previous.items()})
+    cumulative: Counter[str] = Counter(previous)  # checksummed already (`cumulative_of`): not hashed again
     for account, amount in shares.items():
         cumulative[to_checksum_address(account)] += amount
     rewards_total = previous_total + collected

@@ -97,9 +97,12 @@ def _not_lost() -> ColumnElement[bool]:
                            Loss.epoch_id.is_not(None))
 
 
-def pending(session: Session, node: str, min_lane_fee: int = 0) -> Pending:
+def pending(session: Session, node: str, min_lane_fee: int = 0, max_lanes: int | None = None,
+            may_withdraw_by: int | None = None, settle_fee: int = 0) -> Pending:
     """The receipts waiting for an epoch, of the lanes whose waiting fees reach `min_lane_fee` (the gas
-    their voucher costs the settle: a lane below it waits, `docs/settlement.md`)."""
+    their voucher costs the settle: a lane below it waits, `docs/settlement.md`). Given `max_lanes`, only
+    those of the lanes an epoch opened now would take (`epoch_lanes`, same arguments): what `is_due`
+    judges is then the epoch `open_epoch` opens."""
     q = (select(Receipt.id, Receipt.fee, Receipt.created_at, Voucher.deadline, Voucher.payer, Voucher.lane)
          .join(Voucher, Voucher.voucher_hash == Receipt.voucher_hash)
          .where(Receipt.node == node.lower(), Receipt.epoch_id.is_(None), _not_lost()))
@@ -108,6 +111,10 @@ def pending(session: Session, node: str, min_lane_fee: int = 0) -> Pending:
     for r in rows:
         fees[(r.payer, r.lane)] += int(r.fee)
     rows = [r for r in rows if fees[(r.payer, r.lane)] >= min_lane_fee]
+    if rows and max_lanes is not None:
+        taken = set(epoch_lanes(session, node, max(r.id for r in rows), max_lanes, min_lane_fee, may_withdraw_by,
+                                settle_fee))
+        rows = [r for r in rows if (r.payer, r.lane) in taken]
     if not rows:
         return Pending(0, 0, None, None, None)
     return Pending(len(rows), sum(r.fee for r in rows), max(r.id for r in rows), min(r.created_at for r in rows),
@@ -164,9 +171,24 @@ def open_epoch(session: Session, node: str, epoch_id: int, max_receipt_id: int, 
     fees are below `min_lane_fee` (less than its voucher's gas) is not taken: it waits, and takes no
     place from a lane that pays for itself. A payer whose thaw ends by `may_withdraw_by` (the settle's
     landing) may withdraw ahead of the settle and revert it: its lanes are settled alone (`at_risk_first`),
-    when they pay for a settle of their own (`settle_fee` + `min_lane_fee` a lane). None taken: 0."""
+    when they pay for a settle of their own (`settle_fee` + `min_lane_fee` a lane). The lanes taken pay for
+    the settle together, or none is taken (`epoch_lanes`). None taken: 0."""
     session.add(SettlementEpoch(node=node.lower(), epoch_id=epoch_id, state=EpochState.OPEN))
     session.flush()
+    taken = epoch_lanes(session, node, max_receipt_id, max_lanes, min_lane_fee, may_withdraw_by, settle_fee)
+    waiting = (Receipt.node == node.lower(), Receipt.epoch_id.is_(None), Receipt.id <= max_receipt_id, _not_lost())
+    chosen = select(Voucher.voucher_hash).where(tuple_(Voucher.payer, Voucher.lane).in_(taken))
+    result = session.execute(update(Receipt).where(*waiting, Receipt.voucher_hash.in_(chosen))
+                             .values(epoch_id=epoch_id).execution_options(synchronize_session=False))
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def epoch_lanes(session: Session, node: str, max_receipt_id: int, max_lanes: int, min_lane_fee: int = 0,
+                may_withdraw_by: int | None = None, settle_fee: int = 0) -> list[tuple[str, int]]:
+    """The lanes (payer, lane) an epoch opened now takes (`open_epoch`); none when their fees do not pay for
+    the settle (`settle_fee` + `min_lane_fee` a lane). When the most urgent `max_lanes` do not, the
+    `max_lanes` richest do if any lanes can: lanes just worth their own gas, due first, never hold up
+    a lane that pays for the settle."""
     waiting = (Receipt.node == node.lower(), Receipt.epoch_id.is_(None), Receipt.id <= max_receipt_id, _not_lost())
     lanes = session.execute(select(Voucher.payer, Voucher.lane, func.min(Voucher.deadline), func.min(Receipt.id),
                                    func.sum(Receipt.fee))
@@ -177,11 +199,15 @@ def open_epoch(session: Session, node: str, epoch_id: int, max_receipt_id: int, 
     urgent = sorted(worth, key=lambda r: (collect_by(r[2], thaw_ends.get(r[0])), r[3]))
     if may_withdraw_by is not None:
         urgent = at_risk_first(urgent, thaw_ends, may_withdraw_by, lambda n: settle_fee + n * min_lane_fee)
-    taken = [(payer, lane) for payer, lane, *_ in urgent[:max_lanes]]
-    chosen = select(Voucher.voucher_hash).where(tuple_(Voucher.payer, Voucher.lane).in_(taken))
-    result = session.execute(update(Receipt).where(*waiting, Receipt.voucher_hash.in_(chosen))
-                             .values(epoch_id=epoch_id).execution_options(synchronize_session=False))
-    return int(result.rowcount)  # type: ignore[attr-defined]
+
+    def pays(rows: list[Any]) -> bool:
+        return sum(int(r[4]) for r in rows) >= settle_fee + min_lane_fee * len(rows)
+
+    taken = urgent[:max_lanes]
+    if not pays(taken):
+        taken = sorted(urgent, key=lambda r: (-int(r[4]), r[3]))[:max_lanes]
+        taken = taken if pays(taken) else []
+    return [(payer, lane) for payer, lane, *_ in taken]
 
 
 def at_risk_first(lanes: list[Any], thaw_ends: dict[str, int], may_withdraw_by: int,

@@ -151,8 +151,16 @@ class SettlementService:
     def is_due(self) -> bool:
         floor = self.gas_floor()
         with self.factory() as session:
-            pending = outbox.pending(session, self.node, floor.lane)
+            if floor == GasFloor():  # every lane is worth its gas: the epoch pays for itself
+                pending = outbox.pending(session, self.node)
+            else:  # judged on the lanes the epoch would take (those of payers that may withdraw first may wait)
+                pending = outbox.pending(session, self.node, floor.lane, self.policy.max_lanes,
+                                         self._may_withdraw_by(), floor.base)
         return self.policy.is_due(pending, self.clock(), floor)
+
+    def _may_withdraw_by(self) -> int:
+        """When a settle sent now lands (chain time): a payer whose thaw ends by then may withdraw first."""
+        return self.builder.chain_time() + int(self.policy.land_within_s)
 
     def gas_floor(self) -> GasFloor:
         """What a lane's voucher and a settle cost in gas now, in token units (zero unless `token_per_eth`)."""
@@ -169,7 +177,7 @@ class SettlementService:
 
     def _close(self) -> int | None:
         floor = self.gas_floor()
-        may_withdraw_by = self.builder.chain_time() + int(self.policy.land_within_s)  # when the settle lands
+        may_withdraw_by = self._may_withdraw_by()
         with self.factory() as session, session.begin():
             p = outbox.pending(session, self.node, floor.lane)
             if p.max_receipt_id is None:

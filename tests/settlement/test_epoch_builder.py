@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from eth_utils import to_checksum_address
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -90,3 +91,19 @@ def test_rewards_total_equals_collected_and_leaves_add_up(items: list[tuple[int,
     assert sum(v for _, v in build.rewards.values) == build.rewards_total
     for c in build.lanes:  # the voucher always covers what the lane collects
         assert c.voucher.cumulative >= c.amount > 0
+
+
+def test_a_build_on_any_stored_tree_keeps_one_leaf_per_payee() -> None:
+    """`build_epoch` no longer checksums the previous amounts: `cumulative_of` gives them checksummed,
+    whatever case the stored tree wrote (ours, or a guardian's corrected tree in lower case), so a payee
+    of the new epoch adds to its old leaf instead of getting a second one."""
+    first = build_epoch([receipt(1, 0, 0, 1_000, 1_000)], LINEAGES, PARAMS, {}, 0)
+    lower = MerkleTree.of([[a.lower(), v] for a, v in first.cumulative.items()], REWARD_LEAF_TYPES)
+    for stored in (first.rewards, lower):
+        previous = cumulative_of(stored.to_json())
+        assert all(a == to_checksum_address(a) for a in previous)
+        second = build_epoch([receipt(2, 0, 0, 500, 1_500)], LINEAGES, PARAMS, previous, first.rewards_total)
+        accounts = [a for a, _ in second.rewards.values]
+        assert len({a.lower() for a in accounts}) == len(accounts) == len(first.cumulative)
+        assert sum(v for _, v in second.rewards.values) == second.rewards_total == 1_500
+        assert all(second.cumulative[a] > v for a, v in previous.items())  # every payee of lineage 1 earned again

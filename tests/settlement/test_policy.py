@@ -8,8 +8,10 @@ from datetime import UTC, datetime
 import pytest
 
 from node.db.models import EpochState
+from node.settlement import outbox
 from node.settlement.outbox import Pending
 from node.settlement.policy import LANE_GAS, SETTLE_BASE_GAS, EpochPolicy, GasFloor
+from tests.adversarial.settlement_steps import LONG, empty_escrow
 from tests.fixtures.settlement import SettlementWorld
 
 pytestmark = pytest.mark.chain
@@ -58,3 +60,48 @@ def test_a_lane_counts_once_its_fees_pay_for_its_gas_and_an_epoch_once_they_pay_
     short = floor.base + 3 * floor.lane - 1
     assert not policy.is_due(Pending(3, short, 3, datetime.fromtimestamp(now - 10, UTC), 10**10, 3), now, floor)
     assert policy.is_due(Pending(3, short + 1, 3, datetime.fromtimestamp(now - 10, UTC), 10**10, 3), now, floor)
+
+
+def test_an_epoch_is_due_only_when_the_lanes_it_would_take_pay_for_the_settle(sqlite_world: SettlementWorld) -> None:
+    """A payer whose thaw ends before the settle lands is settled alone or waits (`at_risk_first`): its
+    fees must not make the epoch due when the lanes the epoch then takes do not pay for the settle's gas
+    (the old `is_due` counted them, and an epoch opened collecting less than its settle costs)."""
+    world = sqlite_world
+    a, _ = world.adapter_ids
+    service = world.service(EpochPolicy(max_age_s=0, token_per_eth=10**18))  # 1 token unit = 1 wei
+    floor = service.gas_floor()
+    two_lanes = floor.base + 2 * floor.lane
+    fee = two_lanes * 11 // 20  # each lane alone is below a settle of its own (base + lane), both above it
+    assert floor.lane <= fee < floor.base + floor.lane <= 2 * fee
+    world.pay(0, 0, a, fee, validity_s=LONG)
+    world.pay(1, 0, a, fee, validity_s=LONG)
+    empty_escrow(world, 1)  # payer 1 may withdraw before any settle lands: its lane waits, too small alone
+    world.sync()
+    assert not service.is_due()
+    assert service.tick() is None and service.state(1) is None  # no epoch that collects less than it costs
+    world.pay(0, 0, a, fee, validity_s=LONG)  # the honest lane now pays for a settle of its own
+    assert service.is_due()
+    assert service.tick() is EpochState.BUILT
+    with world.factory() as session:
+        row = outbox.epoch_row(session, world.node, 1)
+        assert row is not None and row.collected_total == 2 * fee  # payer 0's lane alone
+
+
+def test_lanes_due_first_that_do_not_pay_for_the_settle_never_hold_up_one_that_does(
+        sqlite_world: SettlementWorld) -> None:
+    """With `max_lanes` lanes due first (their vouchers expire soonest), each just worth its own gas, the
+    epoch would collect less than its settle costs: the richest lanes are taken instead, the honest one
+    among them (before, the epoch opened with the small lanes alone, at a loss to the node)."""
+    world = sqlite_world
+    a, _ = world.adapter_ids
+    service = world.service(EpochPolicy(max_age_s=0, max_lanes=2, token_per_eth=10**18))
+    floor = service.gas_floor()
+    small = floor.lane * 11 // 10
+    for lane in range(2):
+        world.pay(0, lane, a, small, validity_s=LONG // 2)  # due first
+    world.pay(1, 0, a, 2 * (floor.base + 2 * floor.lane), validity_s=LONG)
+    assert service.is_due()
+    assert service.tick() is EpochState.BUILT
+    with world.factory() as session:
+        row = outbox.epoch_row(session, world.node, 1)
+        assert row is not None and row.collected_total == small + 2 * (floor.base + 2 * floor.lane)
