@@ -4,7 +4,8 @@ and cold loads of one. Here every count lives in Redis under the node's prefix, 
 node/api/hang_up_budget.py and node/api/cold_load.py, each decision one Lua script (one round trip):
 a paid request's admission is one (none other for a payer that has not hung up), and its end one more
 where it took a token (a payer that hung up) or hung up before its first token.
-A purchase marks its payer a buyer once per `PAID_REFRESH_S` at most.
+A purchase marks its payer a buyer once per `PAID_REFRESH_S` at most, and at once after a cold load on its
+own budget on this replica (the purchase that pays for it renews the budget).
 
 Redis down or slower than `TIMEOUT_S`: each replica counts on its own (the per-process budgets, the same
 rules) for `RETRY_S`, then tries Redis again. Honest payers are served as on an embedded node; free work
@@ -155,6 +156,12 @@ class SharedCounts:
         if due:
             self.run("paid", [f"buyer:{k}" for k in due], [window_s])
 
+    def unmark(self, key: str) -> None:
+        """The key spent its own cold-load budget here: its next purchase here is written at once (left to
+        the 5 s refresh, a payer trying adapters in turn, one purchase each, ran out of loads: 429)."""
+        with self._lock:
+            self._marked.pop(key, None)
+
 
 def shared_counts(broker_url: str, node: str) -> SharedCounts | None:
     """The node's shared counts where its broker is Redis (production); None: the embedded node's one process."""
@@ -228,6 +235,8 @@ class SharedColdLoadGate:
             return await gate.admit(adapter, caller)
         if not answer:
             raise cold_refusal(adapter)
+        if answer == 1:
+            self.counts.unmark(key)
 
     def paid(self, *keys: str) -> None:
         self.local.paid(*keys)

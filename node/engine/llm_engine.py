@@ -226,8 +226,9 @@ class LLMEngine:
         scheduled, adapter_slots = [], []
         for item in items:
             try:
-                adapter_slots.append(self.adapters.prepare(item.seq.adapter_id, in_use,
-                                                           is_first=item.seq.num_computed_tokens == 0))
+                seq = item.seq
+                adapter_slots.append(self.adapters.prepare(seq.adapter_id, in_use, is_first=not seq.is_placed))
+                seq.is_placed = True  # a cached prefix or a prompt in chunks: one request, one use
                 scheduled.append(item)
             except Overloaded:  # every slot of its rank holds a running sequence's adapter: next steps
                 self.scheduler.defer(item.seq)

@@ -68,6 +68,7 @@ class Sequence:
     generator: torch.Generator | None = None
     text: str = ""  # completion text so far (stop strings cut)
     num_preemptions: int = 0
+    is_placed: bool = False  # its adapter had a device slot for one of its steps (so the next is not its first)
     output_logprobs: list[TokenLogprob] = field(default_factory=list)  # when params.logprobs is set
     stop_search_from: int = 0  # stop strings are looked for from this character (see min_tokens)
     grammar: GrammarState | None = None  # where its output stands in params.grammar

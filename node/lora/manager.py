@@ -58,6 +58,8 @@ class LoRAManager:
         self.provider, self.slots, self.copies, self.post = provider, slots, copies, post
         self.loads = AdapterLoads(provider)  # in flight to host memory: what the scheduler asks
         self.pinned: set[str] = set()  # never evicted from a device slot for another adapter
+        # the store's count of requests per adapter in host memory (`AdapterStore.use`): device hits too
+        self._use: Callable[[str], None] = getattr(provider, "use", lambda _: None)
 
     # --- the tiers ------------------------------------------------------------------------------
     def register(self, adapter_id: str, source: AdapterSource) -> None:
@@ -92,7 +94,7 @@ class LoRAManager:
     def prepare(self, adapter_id: str | None, in_use: Collection[str], is_first: bool = False) -> int:
         """Make sure the adapter is in a device slot before the step; returns the slot. Raises
         Overloaded (every slot of its rank holds a running sequence's adapter) or an AdapterError. A
-        request's `is_first` step counts a device-tier hit or miss."""
+        request's `is_first` step counts a device-tier hit or miss, and a use of its host copy."""
         if adapter_id is None:
             return BASE_MODEL_SLOT
         slot = self.slots.lookup(adapter_id)  # on the device already: no host-tier lookup
@@ -101,9 +103,11 @@ class LoRAManager:
                 self.slots.num_hits += 1
             else:
                 self.slots.num_misses += 1
-        if slot is not None:
-            return slot
-        return self._activate(adapter_id, self.provider.get(adapter_id), in_use, self.copies)
+        if slot is None:
+            slot = self._activate(adapter_id, self.provider.get(adapter_id), in_use, self.copies)
+        if is_first:
+            self._use(adapter_id)
+        return slot
 
     def stage(self, adapter_ids: Iterable[str]) -> list[str]:
         """Copy adapters already in host memory into free device slots (never evicting one), so that

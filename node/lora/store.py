@@ -130,6 +130,12 @@ class AdapterStore(Generic[W]):
             failure = self._state.failures.get(adapter_id)
             return failure.error if failure is not None else None
 
+    def use(self, adapter_id: str) -> None:
+        """A request used this adapter (its weights from here or from a device slot): the second one keeps
+        it in host memory ahead of adapters asked for once (`HostCache`). Never loads."""
+        with self._state.lock:
+            self._state.host.use(adapter_id)
+
     def pin(self, adapter_id: str) -> Future[W]:
         """Keep an adapter in host memory and on disk whatever the traffic; loads it now."""
         with self._state.lock:

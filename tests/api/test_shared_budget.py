@@ -85,6 +85,18 @@ def test_a_buyers_unpaid_cold_loads_on_two_replicas_are_one_budget_and_a_purchas
     assert _cold_loads(replicas, buyer, 10) == 3
 
 
+def test_a_buyer_that_buys_again_on_the_same_replica_within_seconds_has_its_cold_loads_renewed(
+        redis_url: str) -> None:
+    """A payer trying adapters in turn, one purchase each, on one replica: each purchase renews its
+    budget there, as on an embedded node, however soon it follows the last (before, only the first
+    purchase in 5 s reached Redis, and the payer's next loads fell to the free bucket: 429)."""
+    replica = _cold_load_replica(redis_url)
+    buyer = Caller("lane:0xb1", lambda: 1)
+    for _ in range(3):
+        replica.paid("lane:0xb1")
+        assert _cold_loads([replica], buyer, 4) == 3
+
+
 def test_an_honest_payers_64_parallel_lanes_on_two_replicas_are_all_admitted_at_once(redis_url: str) -> None:
     """64 streams of one payer that has not hung up, none at its first token yet: all admitted (no 429, no
     wait), and all answered leave the budget whole (its 4 tokens)."""

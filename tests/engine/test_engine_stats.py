@@ -35,6 +35,18 @@ def test_the_device_tier_counts_hits_misses_loads_and_evictions(tiny_model: Path
     assert stats["kv_blocks"] > 0 and stats["kv_blocks_used"] == 0 and stats["num_running"] == 0
 
 
+def test_a_request_that_starts_on_a_cached_prefix_counts_once_as_a_device_hit(tiny_model: Path,
+                                                                              tiny_adapters: TinyAdapters) -> None:
+    engine = LLMEngine(_config(tiny_model, slots=1))
+    engine.add_adapter("sea-r8", tiny_adapters.paths["sea-r8"])
+    prompt = " ".join(["the sea is wide and deep"] * 12)  # many full KV blocks: the second request skips them
+    for _ in range(2):
+        engine.generate([prompt], GREEDY, ["sea-r8"])
+    assert engine.kv_cache_stats().num_hit_tokens > 0
+    tier = device_tier(engine)
+    assert (tier["hits"], tier["misses"]) == (1, 1)  # a request is one use of its adapter, cached prefix or not
+
+
 def test_engine_core_processes_report_their_figures_to_the_api_side(tiny_model: Path,
                                                                      tiny_adapters: TinyAdapters) -> None:
     client = CoreClient(_config(tiny_model, slots=2), num_cores=1, num_threads=1)

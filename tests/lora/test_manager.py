@@ -10,12 +10,17 @@ import pytest
 import torch
 
 from node.errors import AdapterNotFound, BadRequest, Overloaded
-from node.lora.adapter import LoRAWeights
+from node.lora.adapter import LoRATargetSpec, LoRAWeights, load_lora_adapter
+from node.lora.adapter_files import AdapterFiles
+from node.lora.content_hash import adapter_weights_sha256
 from node.lora.copy_stream import AdapterCopyStream
 from node.lora.manager import AdapterAction, ControlAdapter, LoRAManager
 from node.lora.memory_provider import InMemoryAdapterProvider
 from node.lora.provider import AdapterSource, LoadState
 from node.lora.slots import LoRASlotPools
+from node.lora.store import AdapterStore, StoreConfig
+from node.protocol.hexstr import to_hex
+from tests.fixtures.adapters import make_adapter
 from tests.lora.test_slots import TARGET, _adapter
 
 CPU = torch.device("cpu")
@@ -81,3 +86,34 @@ def test_stage_copies_only_into_free_slots_and_drop_forgets_every_tier() -> None
     assert manager.state("a") is LoadState.UNKNOWN and manager.stage(["b"]) == ["b"]
     with pytest.raises(AdapterNotFound):
         manager.prepare("a", in_use=())
+
+
+def test_a_stream_of_one_shot_adapters_never_pushes_a_hot_adapter_out_of_host_memory(tmp_path: Path) -> None:
+    """A payer (a cheap request each) or a stranger (chat quotes) cycling through adapters that nobody
+    asks for twice must not make the adapter that honest payers keep using wait a cold load again."""
+    shapes = {m: (64, 64) for m in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    target = LoRATargetSpec.of(2, {**shapes, "gate_proj": (64, 128), "up_proj": (64, 128), "down_proj": (128, 64)})
+    parses: list[AdapterFiles] = []
+
+    def parse(files: AdapterFiles) -> LoRAWeights:
+        parses.append(files)
+        return load_lora_adapter(files, target=target, max_rank=4)
+
+    names = ["hot", *(f"once{i}" for i in range(12))]
+    for seed, name in enumerate(names):
+        make_adapter(tmp_path / "src" / name, seed=seed)
+    one = load_lora_adapter(tmp_path / "src" / "hot", target=target, max_rank=4).nbytes
+    config = StoreConfig(cache_dir=tmp_path / "cache", max_host_bytes=4 * one, max_disk_bytes=1 << 26)
+    with AdapterStore(config, parse, lambda w: w.nbytes) as store:
+        for name in names:
+            folder = tmp_path / "src" / name
+            store.register(name, AdapterSource(str(folder), to_hex(adapter_weights_sha256(folder))))
+        slots = LoRASlotPools.build(target, ((4, 2),), torch.float32, CPU)
+        manager = LoRAManager(store, slots, AdapterCopyStream(CPU), post=lambda m: manager.apply(m, ()))
+        for _ in range(5):  # honest payers' requests, served from its device slot
+            manager.prepare("hot", in_use=(), is_first=True)
+        for name in names[1:]:  # one request each, every slot and host entry they can take
+            manager.prepare(name, in_use=(), is_first=True)
+        num_loads = len(parses)
+        manager.prepare("hot", in_use=(), is_first=True)
+    assert len(parses) == num_loads == len(names)  # its next request found it in host memory: no second load

@@ -31,6 +31,23 @@ def test_host_cache_order_budget_and_pins() -> None:
     assert cache.unpin("d") == ["d"] and cache.nbytes == 25
 
 
+def test_host_cache_keeps_adapters_used_twice_ahead_of_a_scan_of_one_shots() -> None:
+    cache: HostCache[str] = HostCache(max_bytes=40)
+    for key in ("hot", "warm"):
+        cache.put(key, key.upper(), 10)
+        cache.use(key)
+    cache.use("hot")  # a second request: protected
+    evicted = [k for i in range(20) for k in cache.put(f"once{i}", "X", 10)]
+    assert "hot" in cache and "warm" in evicted  # one use is no protection: the scan takes it in turn
+    for key in ("a", "b", "c"):  # protected past their share (80%): the least recently used is on probation
+        cache.put(key, key.upper(), 10)
+        cache.use(key)
+        cache.use(key)
+    assert cache.keys()[-3:] == ["a", "b", "c"] and cache.keys()[0] == "hot"
+    cache.use("hot")  # one more request protects it again
+    assert cache.keys()[-1] == "hot"
+
+
 def _entry(root: Path, seed: int) -> tuple[Path, str]:
     temp = root / f"t{seed}"
     digest = make_adapter(temp, seed=seed)
