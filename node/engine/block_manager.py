@@ -3,8 +3,8 @@
 Pure Python, no torch: block ids index the cache tensors the model runner owns.
 
 With prefix caching, a full block whose keys and values are computed is registered under its content
-address (`block_hash`: the adapter and every token up to its end). A new sequence starts on the
-registered blocks of its longest cached prefix (read only: a sequence writes only past its cached
+address (`block_hash`: the adapter, the request's cache salt and every token up to its end). A new
+sequence starts on the registered blocks of its longest cached prefix (read only: a sequence writes only past its cached
 blocks), so its prefill skips them. A block nobody references any more keeps its content and stays
 registered, in an LRU of evictable blocks; blocks are taken from the empty ones first, then from the
 least recently freed cached ones. A partial block is never registered, so never shared.
@@ -95,7 +95,8 @@ class BlockManager:
         if not self.enable_caching:
             return 0
         wanted = (seq.num_tokens - 1) // self.block_size
-        extend_chain(seq.block_hashes, seq.adapter_id, seq.token_ids, self.block_size, wanted)
+        extend_chain(seq.block_hashes, seq.adapter_id, seq.params.cache_salt, seq.token_ids, self.block_size,
+                     wanted)
         for h in seq.block_hashes[:wanted]:
             block = self.by_hash.get(h)
             if block is None:
@@ -117,7 +118,8 @@ class BlockManager:
         n = 0  # the scheduler asks every step for a window of waiting requests: a tight loop
         while n < wanted:
             if n == len(hashes):
-                extend_chain(hashes, seq.adapter_id, seq.token_ids, self.block_size, n + 1)
+                extend_chain(hashes, seq.adapter_id, seq.params.cache_salt, seq.token_ids, self.block_size,
+                             n + 1)
             if hashes[n] not in by_hash:
                 return n
             n += 1
@@ -145,7 +147,8 @@ class BlockManager:
         num_full = seq.num_computed_tokens // self.block_size
         if num_full <= seq.num_committed_blocks:
             return
-        extend_chain(seq.block_hashes, seq.adapter_id, seq.token_ids, self.block_size, num_full)
+        extend_chain(seq.block_hashes, seq.adapter_id, seq.params.cache_salt, seq.token_ids, self.block_size,
+                     num_full)
         for i in range(seq.num_committed_blocks, num_full):
             block, h = seq.block_table[i], seq.block_hashes[i]
             if self.hash_of[block] is None and h not in self.by_hash:

@@ -21,6 +21,7 @@ MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-MAX_PENALTY, MAX_
 REPETITION_PENALTY_RANGE = (0.01, 10.0)  # logits divided by 0.01 stay finite in float32
 MAX_LOGIT_BIAS = 100.0  # each bias lies in [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS] (OpenAI's range)
 MAX_LOGPROBS = 20  # the most alternatives a token's logprobs may list
+MAX_CACHE_SALT_LENGTH = 256  # characters of a cache salt (a secret of 128 bits is 22 in base64)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class SamplingParams:
     min_tokens: int = 0  # EOS and stop_token_ids are masked until the output has this many tokens
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob and the k most likely
     grammar: GrammarSpec | None = None  # the output must match it (JSON, a JSON schema, tool calls)
+    # not a sampling setting: mixed into the prefix cache's chain root (block_hash.py), so the request
+    # shares cached blocks only with requests of its adapter and the same salt; None: the adapter's shared chain
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -53,6 +57,8 @@ class SamplingParams:
             raise BadRequest("temperature must be >= 0", temperature=self.temperature)
         if not 0 < self.top_p <= 1:
             raise BadRequest("top_p must be in (0, 1]", top_p=self.top_p)
+        if self.cache_salt is not None and not 1 <= len(self.cache_salt) <= MAX_CACHE_SALT_LENGTH:
+            raise BadRequest(f"cache_salt must have 1 to {MAX_CACHE_SALT_LENGTH} characters", param="cache_salt")
         self._check_adjustments()
 
     def _check_adjustments(self) -> None:

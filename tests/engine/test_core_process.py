@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -298,3 +299,20 @@ def test_an_operator_pin_survives_its_cores_restarting(cores: CoreClient) -> Non
     with pytest.raises(Overloaded, match="no device slot"):
         cores.control_adapter("count-r4", AdapterAction.PIN).result(timeout=60)
     cores.control_adapter("sea-r8", AdapterAction.UNPIN).result(timeout=60)
+
+
+def test_a_cache_salt_crosses_to_the_core_and_keeps_its_blocks_to_requests_under_it(cores: CoreClient) -> None:
+    def hits_of(salt: str | None) -> float:
+        before = hit_tokens()
+        cores.generate([prompt], dataclasses.replace(GREEDY, cache_salt=salt), ["count-r4"])
+        return hit_tokens() - before
+
+    def hit_tokens() -> float:
+        cores.refresh_metrics(timeout_s=30)
+        return cores.metrics.engine_stats()["prefix_cache_hit_tokens_total"]
+
+    _wait_up(cores, 2)
+    prompt = "The lamplighter climbs the tower stair and counts each step aloud until the lantern room"
+    assert hits_of("alice-secret") == 0
+    assert hits_of("mallory-secret") == 0 and hits_of(None) == 0  # another salt, or none: nothing shared
+    assert hits_of("alice-secret") > 0

@@ -5,6 +5,7 @@ prompt skipped, and never one adapter's keys and values read under another."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,10 @@ import torch
 
 from node.engine import EngineConfig, LLMEngine, SamplingParams
 from node.engine.model_inputs import prefill_length_groups
+from node.engine.sampling import MAX_CACHE_SALT_LENGTH
 from node.engine.scheduler import ScheduledSeq
 from node.engine.sequence import Sequence
+from node.errors import BadRequest
 from tests.engine.reference import PeftReference, chosen_tokens
 from tests.fixtures.models import TinyAdapters
 
@@ -164,3 +167,36 @@ def test_prefills_past_a_cached_prefix_are_not_padded_to_a_long_chunk() -> None:
 
     groups = prefill_length_groups([item("hit", 64), item("chunk", 2000), item("cold", 1200), item("tail", 40)])
     assert [[s.seq.request_id for s in g] for g in groups] == [["chunk", "cold"], ["hit", "tail"]]
+
+
+def test_requests_share_cached_blocks_only_under_the_same_cache_salt(
+        tiny_model: Path, tiny_adapters: TinyAdapters) -> None:
+    """A payer who could see (from the time to a first token) that a block of a guessed prompt is cached
+    learns another's prompt; a salt keeps a payer's blocks to requests sent under it."""
+    engine = _engine(tiny_model, tiny_adapters, True)
+    prompt = _prompts(engine)[1]
+    full_blocks = (len(prompt) - 1) // 4
+    tables: dict[str, list[int]] = {}
+    engine.runner.logits_observer = lambda seqs, _: [tables.setdefault(s.request_id, list(s.block_table))
+                                                     for s in seqs]
+    hits: dict[str, int] = {}
+    for rid, salt in [("alice", "alice-secret"), ("mallory", "mallory-secret"), ("unsalted", None),
+                      ("alice-again", "alice-secret"), ("unsalted-again", None)]:
+        before = engine.kv_cache_stats().num_hit_tokens
+        engine.add_request(prompt, dataclasses.replace(GREEDY, cache_salt=salt), "sea-r8", request_id=rid)
+        while engine.has_unfinished():
+            engine.step()
+        hits[rid] = engine.kv_cache_stats().num_hit_tokens - before
+    cached = full_blocks * 4
+    assert hits == {"alice": 0, "mallory": 0, "unsalted": 0, "alice-again": cached, "unsalted-again": cached}
+    assert tables["alice-again"][:full_blocks] == tables["alice"][:full_blocks]
+    for other in ("mallory", "unsalted"):
+        assert not set(tables[other][:full_blocks]) & set(tables["alice"][:full_blocks])
+    salted = engine.generate([prompt], dataclasses.replace(GREEDY, cache_salt="alice-secret"), ["sea-r8"])
+    assert salted[0].token_ids == engine.generate([prompt], GREEDY, ["sea-r8"])[0].token_ids  # same answer
+
+
+@pytest.mark.parametrize("salt", ["", "x" * (MAX_CACHE_SALT_LENGTH + 1)], ids=["empty", "too-long"])
+def test_a_cache_salt_out_of_bounds_is_refused(salt: str) -> None:
+    with pytest.raises(BadRequest, match="cache_salt"):
+        SamplingParams(cache_salt=salt)
