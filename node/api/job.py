@@ -170,7 +170,7 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: 
         seed=req.seed, stop=tuple(req.stop_strings), repetition_penalty=req.repetition_penalty or 1.0,
         frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
         logit_bias=tuple(req.bias.items()), min_tokens=req.min_tokens or 0, logprobs=req.num_logprobs,
-        grammar=grammar)
+        grammar=grammar, cache_salt=req.cache_salt)
 
 
 def _raise_if_failed(delta: Finished) -> None:

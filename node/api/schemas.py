@@ -12,7 +12,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from node.engine.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENALTY, REPETITION_PENALTY_RANGE
+from node.engine.sampling import (
+    MAX_CACHE_SALT_LENGTH,
+    MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    MAX_PENALTY,
+    REPETITION_PENALTY_RANGE,
+)
 
 MAX_STOP_STRINGS = 8
 MAX_CHOICES = 16  # n: the most choices one request may ask for (all of them paid for)
@@ -49,6 +55,8 @@ class _Request(BaseModel):
     logit_bias: dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = Field(
         default=None, max_length=MAX_LOGIT_BIAS_ENTRIES, description="token id (decimal string) -> bias")
     min_tokens: int | None = Field(default=None, ge=0)
+    # as vLLM names it: only requests with the same salt (and model) share prefix-cache blocks (docs/security.md)
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT_LENGTH)
     # labels: accepted, they change nothing in the answer (a random `user` adds entropy to the body)
     user: str | None = None
     safety_identifier: str | None = None

@@ -10,12 +10,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from openai.types import completion_create_params
 from openai.types.chat import completion_create_params as chat_create_params
 
 from node.client.payer import Payer
+from node.engine.sampling import MAX_CACHE_SALT_LENGTH
 from tests.fixtures.paid_node import PaidNode
 
 pytestmark = pytest.mark.chain
@@ -306,3 +308,42 @@ def test_a_field_this_node_does_not_apply_is_accepted_when_its_value_asks_for_no
     base = walker.ask()
     for name, value in INERT[kind].items():
         assert text_of(walker.ask(extra_body={name: value})) == text_of(base), name
+
+
+def _prefix_cache_hit_tokens(node: PaidNode) -> float:
+    metrics = httpx.get(f"{node.base_url}/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith("loranode_engine_prefix_cache_hit_tokens_total"))
+
+
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+def test_a_cache_salt_keeps_a_payers_cached_prompt_to_requests_under_it(paid_node: PaidNode, kind: str) -> None:
+    """vLLM's `cache_salt`, in the official client's extra_body: a request under another salt (or none)
+    finds nothing of a salted prompt cached, so its time to a first token tells nothing of it; one under
+    the same salt does. It changes nothing in the answer, the quote or the fee."""
+    walker = Walker(paid_node, kind, 76 if kind == "chat" else 77)
+    text = f"The {kind} lamplighter climbs the tower stair and counts each step aloud until the lantern room"
+    prompt = {"messages": [{"role": "user", "content": text}]} if kind == "chat" else {"prompt": text}
+
+    def hits_of(salt: str | None) -> tuple[float, Any]:
+        before = _prefix_cache_hit_tokens(paid_node)
+        out = walker.ask(**prompt, extra_body={} if salt is None else {"cache_salt": salt})
+        return _prefix_cache_hit_tokens(paid_node) - before, out
+
+    first, base = hits_of("alice-secret")
+    assert first == 0
+    for other in ("mallory-secret", None):
+        hits, out = hits_of(other)
+        assert hits == 0 and text_of(out) == text_of(base), other
+    hits, out = hits_of("alice-secret")
+    assert hits > 0 and text_of(out) == text_of(base) and out.usage == base.usage
+    path = "chat/completions" if kind == "chat" else "completions"
+    body = {"model": walker.model, "max_tokens": 8, **prompt}
+    quotes = [httpx.post(f"{paid_node.base_url}/v1/quote/{path}", json=body | salt).json()
+              for salt in ({}, {"cache_salt": "alice-secret"})]
+    assert quotes[0] == quotes[1] and int(quotes[0]["maxFee"]) > 0
+    for bad in ("", "x" * (MAX_CACHE_SALT_LENGTH + 1)):
+        before = walker.charged()
+        with pytest.raises(openai.BadRequestError) as err:
+            walker.ask(extra_body={"cache_salt": bad})
+        assert err.value.param == "cache_salt" and walker.charged() == before
