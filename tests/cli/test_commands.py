@@ -130,6 +130,7 @@ def test_escrow_deposit_thaw_withdraw(deployed: tuple[Anvil, dict[str, str]]) ->
     assert code == 0 and "balance 2.5" in out, out
     code, out = _run(env, "escrow", "thaw", "1", "--node", node, "--dev-account", "6")
     assert code == 0 and "thawing 1" in out, out
+    assert re.search(r"thaw ends at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\)", out), out  # ISO 8601 UTC, as every time
     deployed[0].rpc("evm_increaseTime", THAW_PERIOD_S)
     deployed[0].rpc("evm_mine")
     code, out = _run(env, "escrow", "withdraw", "--node", node, "--dev-account", "6")
