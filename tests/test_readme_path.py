@@ -71,7 +71,10 @@ def dev_node(folder: Path) -> Iterator[tuple[str, list[str]]]:
             assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "loranode dev did not start in time:\n" + log.read_text()
             time.sleep(0.5)
-        time.sleep(0.5)  # the rest of its banner
+        while "Ctrl-C stops." not in log.read_text():  # the rest of its banner: its last line
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "loranode dev printed no banner in time:\n" + log.read_text()
+            time.sleep(0.2)
         yield "\n".join(lines), log.read_text().splitlines()
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # as Ctrl-C: dev stops anvil, the worker and the beat
@@ -122,6 +125,8 @@ def test_the_readme_by_hand_path_works_pasted_line_by_line(folder: Path, dev_nod
     assert claimed and f"{CONTRIBUTOR} received {claimed.group(1)} (" in claim, claim  # the units earnings shows
     owner = steps[-1][1]
     assert "adapter 1 owner" in owner, owner
+    banner = dev_node[1]  # what README says shell 1 prints: the x402 terms next to the node's address
+    assert any(ln.startswith("x402: batch-settlement on eip155:31337") for ln in banner), banner
     if os.environ.get("LORANODE_TRANSCRIPT"):
         write_transcript(Path(os.environ["LORANODE_TRANSCRIPT"]), dev_node, steps, seconds)
 

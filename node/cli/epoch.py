@@ -17,6 +17,7 @@ from node.cli.node_api import (
     node_address,
     plain,
     print_table,
+    utc_time,
 )
 from node.config import load_settings
 from node.errors import BadRequest, ChainError, ConfigError, NodeRefusal
@@ -40,7 +41,7 @@ def list_epochs(node_url: str = NodeUrlOption, node: str = NodeAddressOption, as
     plain(f"epochs of node {doc['node']} (amounts in token base units)")
     print_table(("epoch", "state", "receipts", "collected", "rewards total", "settle tx", "opened"),
                 [(e["epochId"], e["state"], e["receiptCount"], e["collected"], e["rewardsTotal"], e["txHash"],
-                  e["openedAt"][:19]) for e in doc["epochs"]])
+                  utc_time(e["openedAt"])) for e in doc["epochs"]])
 
 
 @app.command()
@@ -74,12 +75,13 @@ def _fetch(node_url: str, node: str, epoch_id: str, wait_s: float) -> dict[str, 
 
 def _print_epoch(doc: dict[str, Any]) -> None:
     chain = doc.get("onChain") or {}
-    unlock = "-" if not chain else ("vetoed" if chain["vetoed"] else f"claimable from {chain['unlockAt'][:19]}")
+    unlock = "-" if not chain else ("vetoed" if chain["vetoed"] else f"claimable from {utc_time(chain['unlockAt'])}")
     for name, value in (("node", doc["node"]), ("epoch", doc["epochId"]), ("state", doc["state"]),
                         ("receipts", doc["receiptCount"]), ("collected", doc["collected"]),
                         ("rewards total", doc["rewardsTotal"]), ("rewards root", doc["rewardsRoot"]),
                         ("receipts root", doc["receiptsRoot"]), ("settle tx", doc["txHash"]),
-                        ("claims", unlock), ("opened", doc["openedAt"]), ("final", doc["finalizedAt"])):
+                        ("claims", unlock), ("opened", utc_time(doc["openedAt"])),
+                        ("final", utc_time(doc["finalizedAt"]))):
         plain(f"{name + ':':15}{'-' if value is None else value}")
     losses = doc["losses"]
     if not losses["byReason"]:

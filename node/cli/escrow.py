@@ -17,6 +17,7 @@ from node.cli.context import (
     chain_context,
     signing_key,
 )
+from node.cli.node_api import utc_time
 from node.errors import BadRequest
 
 app = typer.Typer(help="Deposit to a node's escrow, thaw, withdraw, and see balances.", no_args_is_help=True)
@@ -109,4 +110,4 @@ def _print_account(c, node: str, decimals: int, payer: str | None = None) -> Non
     acct = c.escrow.account(who, node)
     unit = Decimal(10) ** decimals
     console.print(f"escrow of {who} for node {node}: balance {Decimal(acct.balance) / unit} "
-                  f"(thawing {Decimal(acct.thawing) / unit}, thaw ends at {acct.thaw_end_at or '-'})")
+                  f"(thawing {Decimal(acct.thawing) / unit}, thaw ends at {utc_time(acct.thaw_end_at)})")

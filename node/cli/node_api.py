@@ -4,6 +4,7 @@ any machine, and a plain table for their output."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -13,7 +14,8 @@ from node.cli.console import console
 from node.cli.context import NodeUrlOption, address
 from node.client.refusal import check, reaching
 
-__all__ = ["JsonOption", "NodeAddressOption", "NodeUrlOption", "get_json", "node_address", "plain", "print_table"]
+__all__ = ["JsonOption", "NodeAddressOption", "NodeUrlOption", "get_json", "node_address", "plain", "print_table",
+           "utc_time"]
 NodeAddressOption = typer.Option(None, "--node", callback=address,
                                  help="The node's operator address (default: the one at --node-url).")
 JsonOption = typer.Option(False, "--json", help="Print the node's JSON answer instead of a table.")
@@ -48,3 +50,13 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
 
 def plain(text: str) -> None:
     console.print(text, markup=False, highlight=False)
+
+
+def utc_time(when: str | int | None) -> str:
+    """A time as the CLI shows every time: ISO 8601 in UTC to the second, `2026-12-06T09:50:01Z`; `-` for
+    none. `when` is an API time (ISO 8601; without an offset it is UTC, as the node stores `*_at`) or
+    the chain's unix seconds (0: none)."""
+    if not when:
+        return "-"
+    at = datetime.fromtimestamp(when, UTC) if isinstance(when, int) else datetime.fromisoformat(when)
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

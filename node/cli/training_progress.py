@@ -44,9 +44,8 @@ class TrainingProgress:
         self.every = max(1, (plan.total_steps - plan.start_step) // 10)
         self.start_step = plan.start_step
         resumed = f", resumed at step {plan.start_step}" if plan.start_step else ""
-        self.console.print(f"training on {plan.num_tokens:,} tokens: {plan.num_sequences:,} sequences of "
-                           f"{plan.seq_len} tokens, {plan.total_steps:,} steps ({plan.steps_per_epoch:,} per "
-                           f"epoch){resumed}", markup=False)
+        self.console.print(f"training on {plan.num_tokens:,} tokens: {plan.packing()}, {plan.total_steps:,} steps "
+                           f"({plan.steps_per_epoch:,} per epoch){resumed}", markup=False)
 
     def on_step(self, report: StepReport) -> None:
         self.progress.update(self.task, completed=report.step, rate=f"{report.tokens_per_s:,.0f}",

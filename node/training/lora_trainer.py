@@ -61,6 +61,19 @@ class TrainingPlan:
     total_steps: int
     start_step: int  # > 0 when resumed
 
+    @property
+    def last_len(self) -> int:
+        """The last sequence's tokens: what is left after the full ones (node/training/packing.py)."""
+        return self.num_tokens - (self.num_sequences - 1) * self.seq_len
+
+    def packing(self) -> str:
+        """The sequences as trained: "1 sequence of 34 tokens (--seq-len 2048)", "3 sequences of 100 tokens",
+        "3 sequences of 100 tokens (the last 50)"; a batch is padded only to its longest sequence."""
+        if self.num_sequences == 1:
+            return f"1 sequence of {self.num_tokens:,} tokens (--seq-len {self.seq_len})"
+        last = "" if self.last_len == self.seq_len else f" (the last {self.last_len:,})"
+        return f"{self.num_sequences:,} sequences of {self.seq_len:,} tokens{last}"
+
 
 @dataclass(frozen=True)
 class StepReport:

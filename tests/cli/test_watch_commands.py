@@ -6,6 +6,7 @@ what is claimed; and each adapter's real state."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from node.cli import app
+from node.cli.node_api import utc_time
 from node.client.payer import Payer
 from node.db.loss import LossReason, LossRecord, record_loss
 from node.db.models import EpochState
@@ -30,6 +32,7 @@ from tests.fixtures.paid_node import ADAPTER_OWNER, CONTRIBUTORS, LINEAGE_WEIGHT
 pytestmark = pytest.mark.chain
 runner = CliRunner()
 STRANGER_PAYER = "0x" + "ab" * 20
+UTC_TIME = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"  # ISO 8601 UTC, as the CLI shows every time
 
 
 def _run(*args: str) -> tuple[int, str]:
@@ -76,6 +79,10 @@ def test_epoch_list_and_show_say_what_the_chain_holds(paid_node: PaidNode, settl
     assert shown["losses"] == {"byReason": [], "recoveredHere": {"count": 0, "amount": "0"}}
     code, out = _run("epoch", "show", "latest", "--node-url", url)
     assert code == 0 and "state:         final" in out and f"rewards root:  {shown['rewardsRoot']}" in out
+    times = dict(re.findall(r"^(claims|opened|final): +(?:claimable from )?(.*)$", out, re.M))
+    assert set(times) == {"claims", "opened", "final"} and all(re.fullmatch(UTC_TIME, t) for t in times.values()), out
+    assert times["opened"] == utc_time(shown["openedAt"]) and times["final"] == utc_time(shown["finalizedAt"])
+    assert re.fullmatch(UTC_TIME, row[-1]) and row[-1] == times["opened"], row  # `epoch list` shows it the same
     code, out = _run("epoch", "show", "7", "--node-url", url)
     assert code == 2 and "no such epoch" in out
 
