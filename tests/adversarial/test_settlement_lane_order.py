@@ -49,6 +49,20 @@ def pay_behind_two_older_lanes(world: SettlementWorld, validity_s: int) -> None:
     world.pay(1, 0, a, 3 * FEE, validity_s=validity_s)
 
 
+def withdraw_at_thaw_end_then_settle(world: SettlementWorld, service: SettlementService, key: int) -> None:
+    """Anvil account `key` withdraws as soon as its thaw ends, then the next epoch settles: nothing was
+    lost, each payee lane paid its 5 fees (the epoch before took the thawing payer's lane in time)."""
+    escrow = world.contracts(key).escrow
+    world.anvil.rpc("evm_increaseTime", escrow.thaw_period_s() + 1)
+    world.mine()
+    escrow.withdraw(world.node)
+    world.mine()
+    world.sync()
+    settle_next(world, service)
+    assert lost(world) == []
+    assert on_chain(world)[1:] == (5 * FEE, 5 * FEE)
+
+
 def test_the_lane_whose_voucher_expires_first_is_in_the_epoch_its_expiry_made_due(
         settlement_world: SettlementWorld) -> None:
     world = settlement_world
@@ -73,14 +87,7 @@ def test_the_lane_of_a_thawing_payer_is_collected_before_its_thaw_ends(settlemen
     world.sync()
     service = world.service(POLICY)
     settle_next(world, service)
-    world.anvil.rpc("evm_increaseTime", world.contracts(PAYERS[1]).escrow.thaw_period_s() + 1)
-    world.mine()
-    escrow.withdraw(world.node)
-    world.mine()
-    world.sync()
-    settle_next(world, service)
-    assert lost(world) == []
-    assert on_chain(world)[1:] == (5 * FEE, 5 * FEE)
+    withdraw_at_thaw_end_then_settle(world, service, PAYERS[1])
 
 
 def test_a_thaw_cancel_not_final_yet_does_not_move_the_thawing_payers_lane_back(
@@ -105,11 +112,4 @@ def test_a_thaw_cancel_not_final_yet_does_not_move_the_thawing_payers_lane_back(
             break
         world.mine()
         world.sync()
-    world.anvil.rpc("evm_increaseTime", escrow.thaw_period_s() + 1)
-    world.mine()
-    escrow.withdraw(world.node)
-    world.mine()
-    world.sync()
-    settle_next(world, service)
-    assert lost(world) == []
-    assert on_chain(world)[1:] == (5 * FEE, 5 * FEE)
+    withdraw_at_thaw_end_then_settle(world, service, PAYERS[1])
