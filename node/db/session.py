@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, NullPool, PoolProxiedConnection
@@ -54,6 +55,19 @@ def _ping_idle_connections(engine: Engine) -> None:
     @event.listens_for(engine, "checkin")
     def _checked_in(_dbapi_conn: Any, record: ConnectionPoolEntry) -> None:
         record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "handle_error")
+    def _server_gone(ctx: ExceptionContext) -> None:
+        # psycopg can meet the server's "terminating connection" while still sending the statement: its
+        # error then has no SQLSTATE ("sending query failed: ...; another command is already in
+        # progress") and the dialect does not call it a disconnect, so the pool kept the dead
+        # connection for the next request. An OperationalError without a server SQLSTATE, or with a
+        # connection-exception / operator-intervention one (08, 57P), is one.
+        orig = ctx.original_exception
+        state = getattr(orig, "sqlstate", None)
+        if (isinstance(orig, dialect.loaded_dbapi.OperationalError)
+                and (state is None or str(state).startswith(("08", "57P")))):
+            ctx.is_disconnect = True
 
     @event.listens_for(engine, "checkout")
     def _checked_out(dbapi_conn: Any, record: ConnectionPoolEntry, _proxy: PoolProxiedConnection) -> None:
