@@ -39,16 +39,14 @@ from node.db.models import (
     Adapter,
     AdapterLineage,
     ChainBlock,
-    ChannelAccount,
     Claim,
     Dataset,
     EpochState,
-    EscrowAccount,
-    LaneCollection,
     RawEvent,
     SettledEpoch,
     SettlementEpoch,
 )
+from node.db.payment_models import ChannelAccount, EscrowAccount, LaneCollection
 from node.db.upsert import insert_new, upsert
 
 log = logging.getLogger(__name__)

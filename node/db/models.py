@@ -5,6 +5,9 @@
 - the node's own records, written by the API and the settlement worker: lanes, vouchers, receipts,
   the settlement outbox and the transaction manager's intents.
 
+The payers' escrow and x402 channel accounts, lane collections and x402 channels are in
+`node.db.payment_models`; importing this module registers them on `Base.metadata` too.
+
 Addresses are lower-case 0x-hex (42), hashes 0x-hex (66), amounts `Amount` (uint256 as int).
 A database mirrors one chain; raw events still carry the chain id in their key.
 """
@@ -30,6 +33,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
+from node.db import payment_models  # noqa: F401  (its tables belong to Base.metadata)
 from node.db.base import Base, BigId, ChainRow
 from node.db.types import Address, Amount, Hash32, UTCDateTime, utc_now
 
@@ -72,68 +76,6 @@ class AdapterLineage(Base):
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.dataset_id"), nullable=False, index=True)
     weight_bps: Mapped[int] = mapped_column(Integer, nullable=False)
     block_number: Mapped[int] = mapped_column(BigInteger, nullable=False)
-
-
-class EscrowAccount(ChainRow, Base):
-    """PaymentEscrow's account of one (payer, node), as of `updated_block`."""
-
-    __tablename__ = "escrow_accounts"
-
-    payer: Mapped[str] = mapped_column(Address(), primary_key=True)
-    node: Mapped[str] = mapped_column(Address(), primary_key=True)
-    balance: Mapped[int] = mapped_column(Amount(), nullable=False)
-    thawing: Mapped[int] = mapped_column(Amount(), nullable=False)
-    thaw_end_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    deposited: Mapped[int] = mapped_column(Amount(), nullable=False)
-    withdrawn: Mapped[int] = mapped_column(Amount(), nullable=False)
-    collected: Mapped[int] = mapped_column(Amount(), nullable=False)
-    # deposits in `balance` not final yet (a payer may not spend them), and the chain head at which the
-    # latest of them is finality_depth deep (None: nothing pending)
-    pending_deposits: Mapped[int] = mapped_column(Amount(), nullable=False, default=0)
-    pending_until_block: Mapped[int | None] = mapped_column(BigInteger)
-    # what was thawing as of the last final block, less what was withdrawn since, and when that thaw ends:
-    # a reorg can bring back a thaw cancelled, lowered or restarted above it, so the hold counts the larger
-    # of this and `thawing`, and settlement the sooner of the two ends
-    final_thawing: Mapped[int] = mapped_column(Amount(), nullable=False, default=0)
-    final_thaw_end_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-
-
-class ChannelAccount(ChainRow, Base):
-    """One x402 batch-settlement channel of the channel contract (`channels`, `pendingWithdrawals`,
-    `refundNonce` on chain), as of `updated_block` (docs/x402.md, "The channel mirror")."""
-
-    __tablename__ = "channel_accounts"
-
-    channel_id: Mapped[str] = mapped_column(Hash32(), primary_key=True)
-    payer: Mapped[str] = mapped_column(Address(), nullable=False)
-    receiver: Mapped[str | None] = mapped_column(Address())  # from ChannelCreated or the first claim
-    balance: Mapped[int] = mapped_column(Amount(), nullable=False)
-    total_claimed: Mapped[int] = mapped_column(Amount(), nullable=False)
-    deposited: Mapped[int] = mapped_column(Amount(), nullable=False)
-    refunded: Mapped[int] = mapped_column(Amount(), nullable=False)
-    withdrawn: Mapped[int] = mapped_column(Amount(), nullable=False)
-    pending_withdrawal: Mapped[int] = mapped_column(Amount(), nullable=False)
-    withdraw_ready_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    refund_nonce: Mapped[int] = mapped_column(BigInteger, nullable=False)
-    # deposits in `balance` not final yet, and the head at which the latest is finality_depth deep
-    pending_deposits: Mapped[int] = mapped_column(Amount(), nullable=False, default=0)
-    pending_until_block: Mapped[int | None] = mapped_column(BigInteger)
-    # the pending withdrawal as of the last final block, less what was withdrawn or refunded since, and when
-    # it is ready: a reorg can bring back one lowered or restarted above it (the hold counts the larger)
-    final_pending_withdrawal: Mapped[int] = mapped_column(Amount(), nullable=False, default=0)
-    final_withdraw_ready_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-
-
-class LaneCollection(ChainRow, Base):
-    """What Settlement has collected on one lane (`collected[payer][node][lane]` on chain)."""
-
-    __tablename__ = "lane_collections"
-
-    payer: Mapped[str] = mapped_column(Address(), primary_key=True)
-    node: Mapped[str] = mapped_column(Address(), primary_key=True)
-    lane: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    collected: Mapped[int] = mapped_column(Amount(), nullable=False)
-    last_cumulative: Mapped[int] = mapped_column(Amount(), nullable=False)
 
 
 class SettledEpoch(ChainRow, Base):
@@ -379,24 +321,3 @@ class Loss(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utc_now)
     # the epoch that collected this receipt later, with its lane's next valid voucher (no longer lost)
     recovered_epoch_id: Mapped[int | None] = mapped_column(BigInteger)
-
-
-class X402Channel(Base):
-    """An x402 batch-settlement channel paying this node (docs/x402.md): its id is also its lane of the
-    node's router (`vouchers.payer` = the router), and the latest voucher its payer signed, which is
-    what the router claims with."""
-
-    __tablename__ = "x402_channels"
-
-    lane: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    channel_id: Mapped[str] = mapped_column(Hash32(), nullable=False, unique=True)
-    node: Mapped[str] = mapped_column(Address(), nullable=False)
-    payer: Mapped[str] = mapped_column(Address(), nullable=False)
-    config: Mapped[dict[str, Any]] = mapped_column(JSON(), nullable=False)
-    signed_max: Mapped[int] = mapped_column(Amount(), nullable=False, default=0)
-    signature: Mapped[str | None] = mapped_column(String(132))
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utc_now)
-    # the charged total at the channel's latest cooperative refund (its voucher's ceiling: the refund
-    # voucher is the same bytes at that total) and whether that refund left a balance (a partial one)
-    refund_total: Mapped[int | None] = mapped_column(Amount())
-    refund_was_partial: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)

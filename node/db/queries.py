@@ -16,17 +16,8 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from node.db.loss import is_written_off, written_off
-from node.db.models import (
-    Adapter,
-    AdapterLineage,
-    Dataset,
-    EscrowAccount,
-    IndexerCursor,
-    Lane,
-    LaneCollection,
-    Loss,
-    Receipt,
-)
+from node.db.models import Adapter, AdapterLineage, Dataset, IndexerCursor, Lane, Loss, Receipt
+from node.db.payment_models import EscrowAccount, LaneCollection
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,8 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.sql import Select, Subquery
 
 from node.db.loss import is_written_off
-from node.db.models import EscrowAccount, Lane, LaneCollection, Loss, Receipt, Voucher
+from node.db.models import Lane, Loss, Receipt, Voucher
+from node.db.payment_models import EscrowAccount, LaneCollection
 from node.db.types import Amount
 from node.payment.hold_rule import HoldRequest, refusal
 from node.payment.lane import NEW_LANE, HoldView, LaneRow

@@ -22,7 +22,8 @@ from node.chain.contracts import EMPTY_LINEAGE_HASH, lineage_hash
 from node.chain.tx_manager import TxStore
 from node.db import queries
 from node.db.loss import RECOVERABLE, is_settlement_loss
-from node.db.models import EpochState, EscrowAccount, Loss, Receipt, SettledEpoch, SettlementEpoch, Voucher
+from node.db.models import EpochState, Loss, Receipt, SettledEpoch, SettlementEpoch, Voucher
+from node.db.payment_models import EscrowAccount
 from node.errors import MirrorUnavailable
 from node.protocol.hexstr import to_hex
 from node.protocol.receipt import BASE_ADAPTER_ID, receipt_of_row

@@ -35,7 +35,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.chain.tx_manager import TxManager
 from node.chain.x402_channels import ClaimRow, X402Chain
 from node.db import queries
-from node.db.models import ChannelAccount, Lane, X402Channel
+from node.db.models import Lane
+from node.db.payment_models import ChannelAccount, X402Channel
 from node.errors import ChainError
 from node.payment.x402.typed import ChannelConfig
 from node.protocol.hexstr import from_hex

@@ -24,7 +24,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.chain.tx_manager import TxManager, TxRecord
 from node.chain.x402_channels import ClaimRow, X402Chain
 from node.db.loss import LossReason
-from node.db.models import SettlementEpoch, X402Channel
+from node.db.models import SettlementEpoch
+from node.db.payment_models import X402Channel
 from node.errors import ChainError
 from node.protocol.hexstr import from_hex
 from node.protocol.voucher import SignedVoucher

@@ -20,7 +20,8 @@ from sqlalchemy import insert
 
 from node.client.payer import Payer
 from node.db.loss import LossReason
-from node.db.models import EscrowAccount, Lane, LaneCollection, Loss
+from node.db.models import Lane, Loss
+from node.db.payment_models import EscrowAccount, LaneCollection
 from node.db.session import make_engine, session_factory, transaction
 from tests.fixtures.flood import fastest_paid_seconds, paid_seconds_during_gets, signed_completions
 from tests.fixtures.paid_node import PaidNode

@@ -15,7 +15,7 @@ from node.chain.contract_client import ContractClient
 from node.chain.events import ChainEvent
 from node.chain.projection import replay
 from node.chain.x402_channels import ClaimRow, X402Chain, deploy_router, ensure_channel_contracts, token_domain
-from node.db.models import ChannelAccount
+from node.db.payment_models import ChannelAccount
 from node.payment.x402.terms import X402Terms, payment_required
 from node.payment.x402.typed import CHANNELS_ADDRESS
 from node.payment.x402.wire import Payment

@@ -9,7 +9,8 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Engine, bindparam, inspect, text
 from sqlalchemy.orm import Session
 
-from node.db.models import Base, EscrowAccount
+from node.db.models import Base
+from node.db.payment_models import EscrowAccount
 from node.db.session import downgrade, make_engine, upgrade
 from node.db.types import Amount, UTCDateTime
 

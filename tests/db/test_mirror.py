@@ -10,7 +10,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.chain.events import ChainEvent
 from node.chain.mirror import Mirror
-from node.db.models import Adapter, AdapterLineage, ChannelAccount, Dataset, EscrowAccount, RawEvent
+from node.db.models import Adapter, AdapterLineage, Dataset, RawEvent
+from node.db.payment_models import ChannelAccount, EscrowAccount
 from node.db.session import make_engine, session_factory, upgrade
 
 NODE = "0x" + "bb" * 20

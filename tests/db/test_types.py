@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import StatementError
 
-from node.db.models import EscrowAccount
+from node.db.payment_models import EscrowAccount
 from node.db.session import make_engine, session_factory, upgrade
 
 PAYER = "0x" + "Ab" * 20

@@ -12,7 +12,8 @@ import psycopg
 
 from node.db import queries
 from node.db.loss import LossReason, LossRecord, record_loss
-from node.db.models import Lane, LaneCollection, Loss
+from node.db.models import Lane, Loss
+from node.db.payment_models import LaneCollection
 from node.db.session import make_engine, session_factory, upgrade
 from node.payment.lane import NEW_LANE
 from node.payment.lane_pg import _HOLD_VIEW, _TRY_HOLD, _WRITTEN_OFF, PipelinedLanes, hold_lock_key

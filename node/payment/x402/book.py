@@ -14,7 +14,7 @@ from sqlalchemy import Connection, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.db.models import X402Channel
+from node.db.payment_models import X402Channel
 from node.payment.x402.typed import ChannelConfig
 from node.protocol.hexstr import from_hex, to_hex
 

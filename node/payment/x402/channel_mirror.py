@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.db.models import ChannelAccount
+from node.db.payment_models import ChannelAccount
 from node.protocol.hexstr import to_hex
 
 

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import func, select
 from web3.exceptions import Web3RPCError
 
-from node.db.models import X402Channel
+from node.db.payment_models import X402Channel
 from node.errors import BadRequest, ChainError
 from node.payment.service import Usage
 from node.payment.x402.channel_check import X402Refused
