@@ -34,6 +34,11 @@ def settle_next(world: SettlementWorld, service: SettlementService) -> None:
     """Close an epoch now and step it (and nothing else) until it is final."""
     epoch_id = service.close_epoch()
     assert epoch_id is not None
+    step_until_final(world, service, epoch_id)
+
+
+def step_until_final(world: SettlementWorld, service: SettlementService, epoch_id: int) -> None:
+    """Step the service (mining a block between steps) until it has nothing to do and `epoch_id` is final."""
     for _ in range(30):
         if service.step() is None and service.state(epoch_id) in (EpochState.FINAL, None):
             return
@@ -107,9 +112,5 @@ def test_a_thaw_cancel_not_final_yet_does_not_move_the_thawing_payers_lane_back(
     world.anvil.rpc("anvil_reorg", world.w3.eth.block_number - cancel_block + 1, [])  # drops the cancel
     world.sync()
     assert epoch_id is not None
-    for _ in range(30):
-        if service.step() is None and service.state(epoch_id) in (EpochState.FINAL, None):
-            break
-        world.mine()
-        world.sync()
+    step_until_final(world, service, epoch_id)
     withdraw_at_thaw_end_then_settle(world, service, PAYERS[1])
