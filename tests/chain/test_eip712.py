@@ -1,4 +1,4 @@
-"""EIP-712 vouchers and receipts: the same digest as eth-account, and only canonical signatures."""
+"""EIP-712 vouchers, receipts and receipt reads: the same digest as eth-account, and only canonical signatures."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ from hypothesis import strategies as st
 
 from node.errors import BadRequest, BadSignature
 from node.protocol.address import checksum_address
-from node.protocol.eip712 import SECP256K1_N, Domain
+from node.protocol.eip712 import (
+    SECP256K1_N,
+    Domain,
+    ReceiptRead,
+    receipt_read_digest,
+    receipt_read_typed_data,
+    recover_receipt_read_signer,
+    sign_receipt_read,
+)
 from node.protocol.receipt import Receipt, receipt_digest, receipt_typed_data, recover_receipt_signer, sign_receipt
 from node.protocol.voucher import Voucher, recover_voucher_signer, sign_voucher, voucher_digest, voucher_typed_data
 
@@ -44,6 +52,17 @@ def test_receipt_digest_and_signature_match_eth_account(receipt: Receipt) -> Non
     signed = Account.sign_typed_data(KEY, full_message=receipt_typed_data(receipt, DOMAIN))
     assert receipt_digest(receipt, DOMAIN) == signed.message_hash
     assert recover_receipt_signer(receipt, DOMAIN, sign_receipt(KEY, receipt, DOMAIN)) == ADDRESS
+
+
+@settings(max_examples=25, deadline=None)
+@given(hashes, st.integers(0, 2**64 - 1))
+def test_receipt_read_digest_and_signature_match_eth_account(receipt_id: bytes, deadline: int) -> None:
+    """The X-Receipt-Read a payer's wallet signs from `receipt_read_typed_data` is what the node checks."""
+    read = ReceiptRead(receipt_id, ADDRESS, deadline)
+    signed = Account.sign_typed_data(KEY, full_message=receipt_read_typed_data(read, DOMAIN))
+    assert receipt_read_digest(read, DOMAIN) == signed.message_hash
+    assert sign_receipt_read(KEY, read, DOMAIN) == signed.signature
+    assert recover_receipt_read_signer(read, DOMAIN, bytes(signed.signature)) == ADDRESS
 
 
 @settings(max_examples=25, deadline=None)
