@@ -7,7 +7,7 @@ indexer applies new events to the stored row, a rollback replays what is left af
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -165,5 +165,3 @@ def replay(row: Row | None, events: Iterable[ChainEvent]) -> Row | None:
         row = apply(row, ev)
     return row
 
-
-Applier = Callable[[Row | None, ChainEvent], Row | None]

@@ -148,10 +148,6 @@ class GrammarCompiler:
         masks = self._json_masks if spec.kind in ("json_object", "json_schema") else self._utf8.masks
         return GrammarState(xgr.GrammarMatcher(self.compile(spec)), masks, self._utf8)
 
-    def allocate_bitmask(self, num_rows: int) -> torch.Tensor:
-        """[num_rows, ceil(vocab / 32)] int32, every token allowed."""
-        return xgr.allocate_token_bitmask(num_rows, self.vocab_size)
-
     def _compile(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
         try:
             if spec.kind == "json_object":
