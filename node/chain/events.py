@@ -188,7 +188,7 @@ def decode_data(types: Sequence[str], data: bytes) -> list[Any]:
         if len(word) != 32:
             raise ValueError(f"data too short for {t} at word {i}")
         if t == "address":
-            out.append("0x" + word[12:].hex())
+            out.append(to_hex(word[12:]))
         elif t == "bytes32":
             out.append(to_hex(word))
         elif t == "string":

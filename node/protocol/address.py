@@ -7,6 +7,8 @@ from functools import lru_cache
 
 from eth_hash.auto import keccak
 
+from node.protocol.hexstr import to_hex
+
 _UPPER_NIBBLES = frozenset("89abcdef")
 
 
@@ -20,4 +22,4 @@ def checksum_address(address: str) -> str:
 
 def checksum_from_bytes(address: bytes) -> str:
     """The checksummed form of a 20-byte address."""
-    return checksum_address("0x" + address.hex())
+    return checksum_address(to_hex(address))

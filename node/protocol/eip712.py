@@ -25,6 +25,7 @@ from eth_hash.auto import keccak
 
 from node.errors import BadRequest, BadSignature
 from node.protocol.address import checksum_from_bytes
+from node.protocol.hexstr import to_hex
 
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
@@ -118,7 +119,7 @@ def digest(domain: Domain, hashed: bytes) -> bytes:
 def typed_data(primary: str, fields: Fields, values: tuple[Any, ...], domain: Domain) -> dict[str, Any]:
     """The struct as a wallet-ready EIP-712 JSON dict (eth_signTypedData_v4)."""
     def jsonable(v: Any) -> Any:
-        return "0x" + v.hex() if isinstance(v, bytes) else v
+        return to_hex(v) if isinstance(v, bytes) else v
 
     return {
         "types": {"EIP712Domain": [{"name": n, "type": t} for n, t in DOMAIN_FIELDS],

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from node.protocol.hexstr import to_hex
 from node.training.dataset_stream import PIECE_CHARS, TextPiece, stream_verified
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ def _write_dataset(tokenizer: PreTrainedTokenizerBase, path: Path, expected: byt
                                                 batch_chars):
         ids.astype(dtype).tofile(out)  # type: ignore[arg-type]
         num_chars, num_tokens, num_documents = num_chars + chars, num_tokens + len(ids), num_documents + documents
-    return DatasetTokens("0x" + expected.hex(), num_chars, num_tokens, num_documents)
+    return DatasetTokens(to_hex(expected), num_chars, num_tokens, num_documents)
 
 
 def _token_batches(tokenizer: PreTrainedTokenizerBase, pieces: Iterator[TextPiece],
