@@ -87,8 +87,9 @@ class SettlementService:
         with self._lock():
             try:
                 state = self._advance()
-                if self._may_close() and self.is_due():
-                    epoch_id = self._close()
+                floor = self.gas_floor() if self._may_close() else None  # the chain's gas price, asked once a tick
+                if floor is not None and self.is_due(floor):
+                    epoch_id = self._close(floor)
                     state = state if epoch_id is None else self._step_epoch(epoch_id)
                 return state
             finally:  # after the epochs (a guard claim sent every tick cannot starve a sweep), even if they fail
@@ -148,8 +149,9 @@ class SettlementService:
         return state
 
     # --- closing ------------------------------------------------------------------------------------
-    def is_due(self) -> bool:
-        floor = self.gas_floor()
+    def is_due(self, floor: GasFloor | None = None) -> bool:
+        """Whether an epoch should close now, at `floor` (the gas price now when not given)."""
+        floor = self.gas_floor() if floor is None else floor
         with self.factory() as session:
             if floor == GasFloor():  # every lane is worth its gas: the epoch pays for itself
                 pending = outbox.pending(session, self.node)
@@ -175,8 +177,9 @@ class SettlementService:
             return outbox.failed(session, self.node) is None and all(
                 r.state not in (EpochState.OPEN, EpochState.BUILT) for r in rows)
 
-    def _close(self) -> int | None:
-        floor = self.gas_floor()
+    def _close(self, floor: GasFloor | None = None) -> int | None:
+        """Open the next epoch with the lanes worth their gas at `floor` (the gas price now when not given)."""
+        floor = self.gas_floor() if floor is None else floor
         may_withdraw_by = self._may_withdraw_by()
         with self.factory() as session, session.begin():
             p = outbox.pending(session, self.node, floor.lane)
