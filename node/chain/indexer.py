@@ -3,7 +3,8 @@
 Each step reads one block range `[cursor + 1, to]` (at most `head - confirmations`):
 - headers: the first block's (its parent must be the cursor's hash), the last one's, and every
   block above the finalized one (their hashes are stored to find a fork point later);
-- logs by address and topics, in a range that grows on success and shrinks on provider errors;
+- logs by address and topics, in a range that grows on success and shrinks on provider errors, asked
+  with the range's last header in one request (a lagging node's empty answer is not 'no events');
 - one database transaction: raw events, derived rows, block hashes, the cursor, finality marks.
 A hash mismatch rolls back every derived row above the fork point in one transaction, then the
 next step re-scans; a fork at or below the finalized block halts with ReorgTooDeep.
@@ -260,6 +261,13 @@ class Indexer:
             to = min(to, start + self.range - 1)
             try:
                 logs = self.rpc.logs(start, to, addresses, self._topics)
+            except RpcBehind as e:  # the node that answered lags: asked again (another may answer), same range
+                attempt += 1
+                if attempt >= self.config.max_attempts:
+                    raise
+                log.info("getLogs %d..%d answered by a node behind (%s); asking again", start, to, e.code)
+                self._sleep(min(self.config.backoff_s * 2 ** (attempt - 1), self.config.max_backoff_s))
+                continue
             except RpcTransient as e:
                 attempt += 1
                 width = to - start + 1

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from node.errors import RangeTooLarge, RpcError, RpcTimeout, RpcUnreachable
+from node.errors import RangeTooLarge, RpcBehind, RpcError, RpcTimeout, RpcUnreachable
 
 # Provider wordings for "this eth_getLogs range is too big" (Alchemy, Infura, QuickNode, Ankr, geth...).
 _RANGE_TOO_LARGE = re.compile(
@@ -107,9 +107,15 @@ class Rpc:
 
     def logs(self, from_block: int, to_block: int, addresses: Sequence[str],
              topics: Sequence[str]) -> list[dict[str, Any]]:
+        """The logs of `[from_block, to_block]`, asked in one request with the header of `to_block`: a node of
+        a load-balanced RPC that is behind answers eth_getLogs with no logs for the blocks it lacks, as if
+        they had none; one that lacks `to_block` is behind (RpcBehind), and its answer is not used."""
         flt = {"fromBlock": hex(from_block), "toBlock": hex(to_block), "address": list(addresses),
                "topics": [list(topics)]}
-        return list(self.call("eth_getLogs", flt))
+        last, logs = self.batch([("eth_getBlockByNumber", [hex(to_block), False]), ("eth_getLogs", [flt])])
+        if last is None:
+            raise RpcBehind("the node that answered eth_getLogs lacks the range's last block", to_block=to_block)
+        return list(logs)
 
 
 def _rpc_error(method: str, err: dict[str, Any]) -> Exception:

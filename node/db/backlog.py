@@ -29,7 +29,7 @@ def read_backlog(session: Session, node: str) -> Backlog:
     epochs = {EpochState(state): n for state, n in session.execute(
         select(SettlementEpoch.state, func.count()).where(unsettled).group_by(SettlementEpoch.state)).all()}
     pending = session.execute(
-        select(func.count(), func.coalesce(func.sum(Receipt.fee), 0),
+        select(func.count(), func.amount_total(Receipt.fee),
                func.count(func.distinct(func.coalesce(Receipt.epoch_id, -1))))
         .outerjoin(SettlementEpoch, and_(SettlementEpoch.node == Receipt.node,
                                          SettlementEpoch.epoch_id == Receipt.epoch_id))
@@ -46,6 +46,6 @@ def read_backlog(session: Session, node: str) -> Backlog:
     num_attempts = func.json_array_length(TxIntent.attempts)  # counted in the database: a settle's carry its vouchers
     bumps = session.scalar(select(func.coalesce(func.sum(num_attempts - 1), 0)).where(mine, num_attempts > 1)) or 0
     return Backlog(num_unsettled_epochs=int(pending[2]), num_failed_epochs=epochs.get(EpochState.FAILED, 0),
-                   num_pending_receipts=int(pending[0]), unsettled_value=int(pending[1]),
+                   num_pending_receipts=int(pending[0]), unsettled_value=int(pending[1] or 0),
                    indexer_lag_blocks=lag, indexer_step_age_s=age, num_pending_txs=int(num_pending_txs),
                    num_fee_bumps=int(bumps))

@@ -3,7 +3,8 @@
 `Amount` is `Numeric(78, 0)` on PostgreSQL. SQLite's NUMERIC affinity turns integers above 2**63 into
 floats, so there it is a 78-digit zero-padded string: equality and ordering still work in SQL; SQLite's own
 sum() would turn them into floats, so sums are done in Python (`queries.py`), or in SQL by the exact
-functions `sqlite_amount_functions` adds to each SQLite connection. Both read back as `int`.
+functions `sqlite_amount_functions` adds to each SQLite connection. Both read back as `int`. A sum of
+amounts in SQL is `func.amount_total(column)`: sum() on PostgreSQL, `amount_sum` on SQLite.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import DateTime, Dialect, Numeric, String
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import GenericFunction
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 AMOUNT_DIGITS = 78
@@ -40,6 +44,25 @@ class Amount(TypeDecorator[int]):
 
     def process_result_value(self, value: Any, dialect: Dialect) -> int | None:
         return None if value is None else int(value)
+
+
+class amount_total(GenericFunction[int]):  # lower case: it is called as func.amount_total
+    """SQL `amount_total(x)`: the exact sum of an `Amount` column over rows, NULL over none. SQLite's own
+    sum() raises "integer overflow" past 2**63 - 1 and turns floats when one amount is larger."""
+
+    type = Amount()
+    name = "amount_total"
+    inherit_cache = True
+
+
+@compiles(amount_total)
+def _amount_total(element: amount_total, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"sum({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(amount_total, "sqlite")
+def _amount_total_sqlite(element: amount_total, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"amount_sum({compiler.process(element.clauses, **kw)})"
 
 
 def _padded(value: int) -> str:

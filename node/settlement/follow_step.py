@@ -2,7 +2,8 @@
 
 The TxManager polls it (fee bumps and re-broadcasts after a crash or a reorg happen there; a reorg sends
 a mined settle back to SUBMITTED). A settle built on leaves the guardian vetoed or replaced is cancelled
-before it can land. A `settle` the chain already holds with the same roots counts as success.
+before it can land. A `settle` the chain already holds with the same roots counts as success, final once
+the indexer sees it final when its intent was given up (a receipt an RPC node hid is no proof of depth).
 """
 
 from __future__ import annotations
@@ -47,4 +48,8 @@ class FollowStep:
         if not epoch_matches(self.settlement, self.node, row):
             raise ChainError(f"a final settle left different roots on chain; if the guardian amended, {ADOPT_HINT}",
                              epoch_id=row.epoch_id)
+        if record.state is TxState.FAILED:  # given up (its receipt not found), yet the chain holds our roots:
+            with self.factory() as session:  # final only once the indexer sees it final (a reorg may drop it)
+                final = outbox.is_final_on_mirror(session, self.node, row)
+            return Transition(EpochState.FINAL if final else EpochState.CONFIRMED)
         return Transition(EpochState.FINAL, tx_hash=record.mined_hash)

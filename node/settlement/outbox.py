@@ -104,22 +104,21 @@ def pending(session: Session, node: str, min_lane_fee: int = 0, max_lanes: int |
     their voucher costs the settle: a lane below it waits, `docs/settlement.md`). Given `max_lanes`, only
     those of the lanes an epoch opened now would take (`epoch_lanes`, same arguments): what `is_due`
     judges is then the epoch `open_epoch` opens."""
-    q = (select(Receipt.id, Receipt.fee, Receipt.created_at, Voucher.deadline, Voucher.payer, Voucher.lane)
-         .join(Voucher, Voucher.voucher_hash == Receipt.voucher_hash)
-         .where(Receipt.node == node.lower(), Receipt.epoch_id.is_(None), _not_lost()))
-    rows = session.execute(q).all()
-    fees: Counter[tuple[str, int]] = Counter()
-    for r in rows:
-        fees[(r.payer, r.lane)] += int(r.fee)
-    rows = [r for r in rows if fees[(r.payer, r.lane)] >= min_lane_fee]
-    if rows and max_lanes is not None:
-        taken = set(epoch_lanes(session, node, max(r.id for r in rows), max_lanes, min_lane_fee, may_withdraw_by,
-                                settle_fee))
-        rows = [r for r in rows if (r.payer, r.lane) in taken]
-    if not rows:
+    lanes = session.execute(
+        select(Voucher.payer, Voucher.lane, func.count(), func.amount_total(Receipt.fee), func.max(Receipt.id),
+               func.min(Receipt.created_at), func.min(Voucher.deadline))
+        .join(Voucher, Voucher.voucher_hash == Receipt.voucher_hash)
+        .where(Receipt.node == node.lower(), Receipt.epoch_id.is_(None), _not_lost())
+        .group_by(Voucher.payer, Voucher.lane)).all()  # one row a lane, summed in SQL: never a row a receipt
+    worth = [r for r in lanes if int(r[3]) >= min_lane_fee]
+    if worth and max_lanes is not None:
+        taken = set(epoch_lanes(session, node, max(int(r[4]) for r in worth), max_lanes, min_lane_fee,
+                                may_withdraw_by, settle_fee))
+        worth = [r for r in worth if (r[0], r[1]) in taken]
+    if not worth:
         return Pending(0, 0, None, None, None)
-    return Pending(len(rows), sum(r.fee for r in rows), max(r.id for r in rows), min(r.created_at for r in rows),
-                   min(r.deadline for r in rows), len({(r.payer, r.lane) for r in rows}))
+    return Pending(sum(int(r[2]) for r in worth), sum(int(r[3]) for r in worth), max(int(r[4]) for r in worth),
+                   min(r[5] for r in worth), min(int(r[6]) for r in worth), len(worth))
 
 
 def unfinished(session: Session, node: str) -> SettlementEpoch | None:
@@ -192,7 +191,7 @@ def epoch_lanes(session: Session, node: str, max_receipt_id: int, max_lanes: int
     a lane that pays for the settle."""
     waiting = (Receipt.node == node.lower(), Receipt.epoch_id.is_(None), Receipt.id <= max_receipt_id, _not_lost())
     lanes = session.execute(select(Voucher.payer, Voucher.lane, func.min(Voucher.deadline), func.min(Receipt.id),
-                                   func.sum(Receipt.fee))
+                                   func.amount_total(Receipt.fee))
                             .join(Receipt, Receipt.voucher_hash == Voucher.voucher_hash).where(*waiting)
                             .group_by(Voucher.payer, Voucher.lane)).all()
     thaw_ends = _thaw_ends(session, node)

@@ -10,6 +10,8 @@ The node pays a settle's gas in ETH and collects fees in the token. With the tok
 count (`GasFloor.lane`): a lane below it waits, nothing lost (vouchers are cumulative: the lane's next
 voucher covers it too), until it is worth collecting; and an epoch closes only once what it would collect
 also covers the settle's own gas (`GasFloor.base`), so the node never pays more gas than it collects.
+The worker asks the gas price once a tick, and checks it again before an epoch's first send: an epoch the
+price has risen past since it closed is dissolved and waits (node/settlement/service.py).
 """
 
 from __future__ import annotations

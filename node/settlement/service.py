@@ -5,7 +5,9 @@ Each node's epochs move through the outbox, and every step is persisted before t
     OPEN       receipts up to a cutoff are assigned to the epoch (one transaction)
     BUILT      per lane, the best voucher still valid when the settle lands and what it covers, the
                lane's earlier lost receipts included (recovered); what no such voucher covers is a
-               recorded loss; the rewards and receipts trees and their roots
+               recorded loss; the rewards and receipts trees and their roots. With `token_per_eth` set,
+               a built epoch whose collection no longer pays for its settle's gas at the price of the
+               tick that would send it is dissolved instead (its receipts wait for a lower price)
     SUBMITTED  the `settle` was simulated (a lane that would revert, e.g. an escrow short of funds,
                becomes a recorded loss and the batch is rebuilt without it) and its intent is in the
                TxManager's store (saved before its broadcast); fee bumps and re-broadcasts after a crash
@@ -43,7 +45,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.chain.contracts import Contracts
 from node.chain.tx_manager import TxManager
 from node.chain.tx_store import db_lock
-from node.db.models import EpochState
+from node.db.models import EpochState, SettlementEpoch
 from node.errors import ChainError
 from node.settlement import outbox
 from node.settlement.amendment import ADOPT_HINT
@@ -86,10 +88,11 @@ class SettlementService:
         Returns the state of the newest epoch it moved."""
         with self._lock():
             try:
-                state = self._advance()
-                if self._may_close() and self.is_due():
-                    epoch_id = self._close()
-                    state = state if epoch_id is None else self._step_epoch(epoch_id)
+                floor = self.gas_floor()  # the chain's gas price, asked once a tick
+                state = self._advance(floor)
+                if self._may_close() and self.is_due(floor):
+                    epoch_id = self._close(floor)
+                    state = state if epoch_id is None else self._step_epoch(epoch_id, floor)
                 return state
             finally:  # after the epochs (a guard claim sent every tick cannot starve a sweep), even if they fail
                 if self.on_tick is not None:
@@ -134,7 +137,7 @@ class SettlementService:
     def _lock(self) -> AbstractContextManager[None]:
         return db_lock(self.factory.kw["bind"], f"epoch:{self.node.lower()}")
 
-    def _advance(self) -> EpochState | None:
+    def _advance(self, floor: GasFloor) -> EpochState | None:
         self._recover()
         state = None
         with self.factory() as session:
@@ -142,14 +145,15 @@ class SettlementService:
             ids, followed = [r.epoch_id for r in rows], {intent_key(self.node, r.epoch_id, attempt_of(r)) for r in rows}
         self.tx.cancel_orphans("settle:", followed)  # an epoch adopt dissolved: its settle must never land
         for epoch_id in ids:
-            state = self._step_epoch(epoch_id)
+            state = self._step_epoch(epoch_id, floor)
             if state is EpochState.FAILED:
                 break
         return state
 
     # --- closing ------------------------------------------------------------------------------------
-    def is_due(self) -> bool:
-        floor = self.gas_floor()
+    def is_due(self, floor: GasFloor | None = None) -> bool:
+        """Whether an epoch should close now, at `floor` (the gas price now when not given)."""
+        floor = self.gas_floor() if floor is None else floor
         with self.factory() as session:
             if floor == GasFloor():  # every lane is worth its gas: the epoch pays for itself
                 pending = outbox.pending(session, self.node)
@@ -175,8 +179,9 @@ class SettlementService:
             return outbox.failed(session, self.node) is None and all(
                 r.state not in (EpochState.OPEN, EpochState.BUILT) for r in rows)
 
-    def _close(self) -> int | None:
-        floor = self.gas_floor()
+    def _close(self, floor: GasFloor | None = None) -> int | None:
+        """Open the next epoch with the lanes worth their gas at `floor` (the gas price now when not given)."""
+        floor = self.gas_floor() if floor is None else floor
         may_withdraw_by = self._may_withdraw_by()
         with self.factory() as session, session.begin():
             p = outbox.pending(session, self.node, floor.lane)
@@ -201,8 +206,9 @@ class SettlementService:
         return epoch_id
 
     # --- the state machine --------------------------------------------------------------------------
-    def _step_epoch(self, epoch_id: int) -> EpochState | None:
-        """Advance one epoch by one state; a BUILT epoch is sent only once every earlier one is mined."""
+    def _step_epoch(self, epoch_id: int, floor: GasFloor | None = None) -> EpochState | None:
+        """Advance one epoch by one state; a BUILT epoch is sent only once every earlier one is mined, and
+        only while what it collects pays for its settle at `floor` (the gas price now when not given)."""
         with self.factory() as session:
             row = outbox.epoch_row(session, self.node, epoch_id)
             earlier = [r.state for r in outbox.in_flight(session, self.node) if r.epoch_id < epoch_id]
@@ -213,10 +219,32 @@ class SettlementService:
         if row.state is EpochState.OPEN:
             return self.builder.build(epoch_id)
         if row.state is EpochState.BUILT:
-            return self._record(epoch_id, self.submitter.submit(row)) if all(s in MINED for s in earlier) else row.state
+            if not all(s in MINED for s in earlier):
+                return row.state
+            if self._priced_out(row, floor):
+                return None
+            return self._record(epoch_id, self.submitter.submit(row))
         if row.state in (EpochState.SUBMITTED, EpochState.CONFIRMED):
             return self._record(epoch_id, self.follower.follow(row))
         return row.state
+
+    def _priced_out(self, row: SettlementEpoch, floor: GasFloor | None) -> bool:
+        """Dissolve the built, never sent epoch `row` when what it collects no longer pays for its settle's gas
+        at `floor` (the price rose since it closed): its receipts wait, nothing lost (vouchers are
+        cumulative), and close again once the price lets them. True when dissolved."""
+        if self.policy.token_per_eth is None or self.tx.store.load(intent_key(self.node, row.epoch_id,
+                                                                              attempt_of(row))) is not None:
+            return False
+        floor = self.gas_floor() if floor is None else floor
+        num_lanes = len((row.batch or {}).get("vouchers", []))
+        if (row.collected_total or 0) >= floor.base + floor.lane * num_lanes:
+            return False
+        with self.factory() as session, session.begin():
+            outbox.dissolve(session, self.node, row.epoch_id)
+        log.warning("epoch %d of %s dissolved before its send: it collects %d, its settle now costs %d in gas "
+                    "(token units); its receipts wait for a lower gas price", row.epoch_id, self.node,
+                    row.collected_total or 0, floor.base + floor.lane * num_lanes)
+        return True
 
     def _recover(self) -> None:
         landed = self.recovery.recover()

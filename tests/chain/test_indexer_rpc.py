@@ -62,3 +62,23 @@ def test_rpc_failures_are_retried_with_smaller_ranges_and_lose_nothing(
     got, want = mirror_dump(factory), mirror_dump(ref_factory)
     assert {k: v for k, v in got.items() if k != "chain_blocks"} == {
         k: v for k, v in want.items() if k != "chain_blocks"}
+
+
+def test_a_log_query_answered_by_a_lagging_node_loses_no_event(
+        world: ChainWorld, db_url: str, flaky_rpc: type[FlakyRpc], tmp_path: Path) -> None:
+    """A load-balanced RPC whose nodes are not all at the head: a node behind answers eth_getLogs with no
+    logs for the blocks it lacks (as if they had none), while the headers come from a node that has them.
+    The indexer moved its cursor past those blocks and never read their events again: a payer's thaw
+    missed this way let the node serve against money the payer was about to withdraw. The log query now
+    carries the range's last header in the same request: a node that lacks it is behind, and is asked again."""
+    _activity(world)
+    world.thaw(3, 4, 5 * TOKEN)
+    world.mine(2)
+    reference, ref_factory = make_indexer(world, f"sqlite:///{tmp_path / 'reference.db'}")
+    drain(reference)
+
+    proxy = flaky_rpc(world.chain.rpc_url, behind_every=2, behind_by=1_000).start()
+    indexer, factory = make_indexer(world, db_url, rpc=Rpc(proxy.url), initial_range=4_096, backoff_s=0.0)
+    drain(indexer)
+    assert proxy.counts["behind"] > 0
+    assert mirror_dump(factory) == mirror_dump(ref_factory)
