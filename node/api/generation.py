@@ -14,7 +14,8 @@ leaves the node is paid for or recorded as a loss:
     the time limit (the hold would expire)    -> the same, and the client gets the cut answer (the limits
                                                  count from the hold: a grammar's compile runs inside them)
     a stream read past the hold's time        -> charged for what was sent so far; nothing more is sent
-    a node fault before any token left        -> the hold is released; the voucher may be sent again
+    a node fault (or the time limit) before   -> the hold is released; the voucher may be sent again
+      any token left
     a node fault after tokens left            -> nothing charged, the voucher spent, a NODE_FAULT loss
     the charge fails after tokens left        -> the voucher spent, a DELIVERED_UNCHARGED loss
 
@@ -295,7 +296,9 @@ class GenerationService:
     async def _last_event(self, job: Job, sent: Sent, shape: ResponseShape, started: float) -> bytes:
         """Charge for the stream; the last chunk carries every choice's finish reason, the usage and the
         receipt. A charge that cannot be committed after tokens left is a loss (raised on as the stream's
-        error)."""
+        error). One the time limit cut before a token is charged nothing, as unstreamed (raised as a fault)."""
+        if sent.is_cut and not sent.is_owed:
+            raise Unavailable("the request was cut before it produced a token; nothing was charged")
         try:
             body = await self.threads.run(self._charge_stream, job, sent)
         except NodeError as exc:
