@@ -65,7 +65,7 @@ from node.payment.x402.wire import PAYMENT_RESPONSE_HEADER
 from node.protocol.receipt import output_text
 
 log = logging.getLogger(__name__)
-INLINE_TOKENIZE_CHARS = 8_192  # shorter prompts are tokenized on the event loop
+INLINE_TOKENIZE_CHARS = 8_192  # shorter prompts are rendered and tokenized on the event loop (num_render_chars)
 
 
 class GenerationService:
@@ -168,11 +168,12 @@ class GenerationService:
 
     async def _tokenize(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest,
                         template: str | None = None) -> list[int]:
-        """The prompt's ids; a long prompt, or one rendered with an adapter's own chat template (untrusted
-        code, however sandboxed), is tokenized off the event loop (a short one costs less than the thread
-        hop), on the tokenizing threads, so nobody's huge prompt or slow template stalls everyone else's requests
-        nor queues in front of their holds and charges."""
-        if template is None and _prompt_chars(req) <= INLINE_TOKENIZE_CHARS:
+        """The prompt's ids; a long prompt (its text, or its many chat messages: `num_render_chars`), or one
+        rendered with an adapter's own chat template (untrusted code, however sandboxed), is rendered and
+        tokenized off the event loop (a short one costs less than the thread hop), on the tokenizing threads,
+        so nobody's huge prompt or slow template stalls everyone else's requests nor queues in front of their
+        holds and charges."""
+        if template is None and req.num_render_chars <= INLINE_TOKENIZE_CHARS:
             return self._prompt_ids(kind, req, template)
         return await asyncio.get_running_loop().run_in_executor(self.engine.tokenizing, self._prompt_ids, kind, req,
                                                                 template)
@@ -384,12 +385,6 @@ class GenerationService:
         fee = job.hold.pricing.fee(usage.prompt_tokens, usage.completion_tokens)
         self.metrics.lost(job.adapter.model, usage.completion_tokens, min(fee, job.hold.reservation.max_fee),
                           reason.value)
-
-
-def _prompt_chars(req: CompletionRequest | ChatCompletionRequest) -> int:
-    if isinstance(req, ChatCompletionRequest):
-        return sum(len(m.text()) for m in req.messages)
-    return len(req.prompt)
 
 
 async def _wait_disconnect(http: Request) -> None:
