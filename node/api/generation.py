@@ -51,7 +51,7 @@ from node.api.queued_job import QueuedJob, held_and_queued, queue
 from node.api.receipt_issuer import ReceiptIssuer
 from node.api.schemas import ChatCompletionRequest, CompletionRequest
 from node.api.shared_budget import SharedCounts
-from node.api.structured import constraint_of, render_messages
+from node.api.structured import checked_constraint, render_messages
 from node.catalog import AdapterCatalog, ServedAdapter
 from node.db.loss import LossReason
 from node.engine.grammar import GrammarSpec
@@ -88,7 +88,8 @@ class GenerationService:
         template = await self._chat_template(adapter, self.gate.caller(presented)) if kind == "chat" else None
         prompt_ids = await self._tokenize(kind, req, template)
         max_tokens, max_fee = self._ceiling(req, len(prompt_ids), adapter)
-        constraint = constraint_of(req) if isinstance(req, ChatCompletionRequest) else None
+        constraint = await checked_constraint(req, self.engine.tokenizing) \
+            if isinstance(req, ChatCompletionRequest) else None
         params = sampling_params(req, max_tokens, constraint.spec if constraint else None)
         self.engine.check_vocabulary(params)
         pricing = self.payments.pricing_for(adapter.is_base)
