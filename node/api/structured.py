@@ -125,8 +125,8 @@ def read_answer(text: str, calls_tools: bool, id_prefix: str) -> ChatAnswer:
     for match in _CALL.finditer(text):
         try:
             call = json.loads(match.group(1), strict=False)  # a raw control character in a string: escaped below
-        except json.JSONDecodeError:
-            continue  # the grammar makes this unreachable for a finished call
+        except (ValueError, RecursionError):  # the grammar leaves only nesting or an integer too big to read
+            continue
         calls.append({"id": f"call_{id_prefix}_{len(calls)}", "type": "function",
                       "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}})
     content = _CALL.sub("", text).strip() if calls else text
@@ -151,10 +151,13 @@ def render_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 
 
 def _arguments(text: str) -> Any:
+    """The JSON of an earlier tool call's arguments; 400 for text that is not JSON, nests deeper than the
+    interpreter recurses (node/api/app.py) or writes an integer longer than it converts."""
     try:
         return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BadRequest("an assistant tool call's arguments are not JSON", param="messages") from exc
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise BadRequest("an assistant tool call's arguments are not JSON this node reads", param="messages",
+                         reason=str(exc)[:200]) from exc
 
 
 def tools_prompt(tools: list[dict[str, Any]]) -> str:
