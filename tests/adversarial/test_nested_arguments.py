@@ -10,6 +10,7 @@ recursion limit its stacks hold (node/api/app.py) and the parse refuses both by 
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 
@@ -53,3 +54,18 @@ def test_arguments_the_node_cannot_read_are_a_400_quoted_or_paid(paid_node: Paid
 
 def test_the_api_keeps_a_recursion_limit_its_stacks_hold(paid_node: PaidNode) -> None:
     assert sys.getrecursionlimit() == MAX_RECURSION_DEPTH  # the serving process's (py_ecc set 100,000)
+
+
+def test_x402_bodies_and_headers_nested_past_the_limit_are_a_400(x402_node: PaidNode) -> None:
+    """The x402 facilitator's bodies (64 KiB, no key) and PAYMENT-SIGNATURE (16,384 characters) may nest
+    deeper than MAX_RECURSION_DEPTH: a 400, as any text that is not their JSON."""
+    nested = b"[" * 60_000
+    for path in ("/x402/verify", "/x402/settle"):
+        resp = httpx.post(f"{x402_node.base_url}{path}", content=nested, timeout=60,
+                          headers={"Content-Type": "application/json"})
+        assert resp.status_code == 400, resp.text
+    header = base64.b64encode(b"[" * 12_000).decode()
+    body = json.dumps({"model": str(x402_node.adapter_id), "prompt": "the sea", "max_tokens": 2}).encode()
+    resp = httpx.post(f"{x402_node.base_url}/v1/completions", content=body, timeout=60,
+                      headers={"PAYMENT-SIGNATURE": header, "Content-Type": "application/json"})
+    assert resp.status_code == 400, resp.text
