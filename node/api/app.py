@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -17,6 +18,11 @@ from node.api.error_handlers import install_error_handlers
 from node.api.routes import epochs, inference, info, models, ops, x402, x402_refund
 
 log = logging.getLogger(__name__)
+# py_ecc (imported by eth-keys) raises the interpreter's recursion limit to 100,000 on import, so a JSON text
+# nested that deep (a chat tool call's arguments, free to send in a quote) overflowed the C stack and killed
+# the process instead of raising RecursionError. Far above what any request or library here needs (the
+# signatures are coincurve's), far below what a thread's 8 MiB stack holds (about 70,000 JSON levels).
+MAX_RECURSION_DEPTH = 10_000
 
 
 async def prune_responses(svc: NodeServices) -> None:
@@ -46,6 +52,7 @@ async def record_spooled_losses(svc: NodeServices) -> None:
 
 
 def create_app(svc: NodeServices) -> FastAPI:
+    sys.setrecursionlimit(MAX_RECURSION_DEPTH)  # every import that could raise it is done by now
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         svc.engine.engine.start()

@@ -14,7 +14,8 @@ leaves the node is paid for or recorded as a loss:
     the time limit (the hold would expire)    -> the same, and the client gets the cut answer (the limits
                                                  count from the hold: a grammar's compile runs inside them)
     a stream read past the hold's time        -> charged for what was sent so far; nothing more is sent
-    a node fault before any token left        -> the hold is released; the voucher may be sent again
+    a node fault (or the time limit) before   -> the hold is released; the voucher may be sent again
+      any token left
     a node fault after tokens left            -> nothing charged, the voucher spent, a NODE_FAULT loss
     the charge fails after tokens left        -> the voucher spent, a DELIVERED_UNCHARGED loss
 
@@ -50,7 +51,7 @@ from node.api.queued_job import QueuedJob, held_and_queued, queue
 from node.api.receipt_issuer import ReceiptIssuer
 from node.api.schemas import ChatCompletionRequest, CompletionRequest
 from node.api.shared_budget import SharedCounts
-from node.api.structured import constraint_of, render_messages
+from node.api.structured import checked_constraint, render_messages
 from node.catalog import AdapterCatalog, ServedAdapter
 from node.db.loss import LossReason
 from node.engine.grammar import GrammarSpec
@@ -64,7 +65,7 @@ from node.payment.x402.wire import PAYMENT_RESPONSE_HEADER
 from node.protocol.receipt import output_text
 
 log = logging.getLogger(__name__)
-INLINE_TOKENIZE_CHARS = 8_192  # shorter prompts are tokenized on the event loop
+INLINE_TOKENIZE_CHARS = 8_192  # shorter prompts are rendered and tokenized on the event loop (num_render_chars)
 
 
 class GenerationService:
@@ -87,7 +88,8 @@ class GenerationService:
         template = await self._chat_template(adapter, self.gate.caller(presented)) if kind == "chat" else None
         prompt_ids = await self._tokenize(kind, req, template)
         max_tokens, max_fee = self._ceiling(req, len(prompt_ids), adapter)
-        constraint = constraint_of(req) if isinstance(req, ChatCompletionRequest) else None
+        constraint = await checked_constraint(req, self.engine.tokenizing) \
+            if isinstance(req, ChatCompletionRequest) else None
         params = sampling_params(req, max_tokens, constraint.spec if constraint else None)
         self.engine.check_vocabulary(params)
         pricing = self.payments.pricing_for(adapter.is_base)
@@ -167,11 +169,12 @@ class GenerationService:
 
     async def _tokenize(self, kind: Kind, req: CompletionRequest | ChatCompletionRequest,
                         template: str | None = None) -> list[int]:
-        """The prompt's ids; a long prompt, or one rendered with an adapter's own chat template (untrusted
-        code, however sandboxed), is tokenized off the event loop (a short one costs less than the thread
-        hop), on the tokenizing threads, so nobody's huge prompt or slow template stalls everyone else's requests
-        nor queues in front of their holds and charges."""
-        if template is None and _prompt_chars(req) <= INLINE_TOKENIZE_CHARS:
+        """The prompt's ids; a long prompt (its text, or its many chat messages: `num_render_chars`), or one
+        rendered with an adapter's own chat template (untrusted code, however sandboxed), is rendered and
+        tokenized off the event loop (a short one costs less than the thread hop), on the tokenizing threads,
+        so nobody's huge prompt or slow template stalls everyone else's requests nor queues in front of their
+        holds and charges."""
+        if template is None and req.num_render_chars <= INLINE_TOKENIZE_CHARS:
             return self._prompt_ids(kind, req, template)
         return await asyncio.get_running_loop().run_in_executor(self.engine.tokenizing, self._prompt_ids, kind, req,
                                                                 template)
@@ -295,7 +298,9 @@ class GenerationService:
     async def _last_event(self, job: Job, sent: Sent, shape: ResponseShape, started: float) -> bytes:
         """Charge for the stream; the last chunk carries every choice's finish reason, the usage and the
         receipt. A charge that cannot be committed after tokens left is a loss (raised on as the stream's
-        error)."""
+        error). One the time limit cut before a token is charged nothing, as unstreamed (raised as a fault)."""
+        if sent.is_cut and not sent.is_owed:
+            raise Unavailable("the request was cut before it produced a token; nothing was charged")
         try:
             body = await self.threads.run(self._charge_stream, job, sent)
         except NodeError as exc:
@@ -381,12 +386,6 @@ class GenerationService:
         fee = job.hold.pricing.fee(usage.prompt_tokens, usage.completion_tokens)
         self.metrics.lost(job.adapter.model, usage.completion_tokens, min(fee, job.hold.reservation.max_fee),
                           reason.value)
-
-
-def _prompt_chars(req: CompletionRequest | ChatCompletionRequest) -> int:
-    if isinstance(req, ChatCompletionRequest):
-        return sum(len(m.text()) for m in req.messages)
-    return len(req.prompt)
 
 
 async def _wait_disconnect(http: Request) -> None:

@@ -120,6 +120,7 @@ class Sent:
     is_sent: bool = False  # some text (or logprobs) left the node (never, before the end, when it holds back)
     is_settled: bool = False
     is_closed: bool = False  # the hold's time ran out while it was being read: nothing more is added or sent
+    is_cut: bool = False  # a choice was cut short (aborted; raised before `add` unless the node's time limit cut it)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -133,6 +134,7 @@ class Sent:
         self.tokens[index], self.chars[index] = delta.num_completion_tokens, offset + len(delta.text)
         self.held[index] = (delta.held_text, delta.num_held_tokens)
         self.held_logprobs[index] = delta.held_logprobs or []
+        self.is_cut = self.is_cut or delta.finish_reason == "abort"
         if delta.text:
             self.parts[index].append(delta.text)
         self.logprobs[index].extend(delta.logprobs or [])

@@ -105,6 +105,11 @@ class CompletionRequest(_Request):
     def num_logprobs(self) -> int | None:
         return self.logprobs
 
+    @property
+    def num_render_chars(self) -> int:
+        """The prompt's characters (or token ids): what tokenizing it costs."""
+        return len(self.prompt)
+
     @field_validator("prompt")
     @classmethod
     def _not_empty(cls, v: str | list[int]) -> str | list[int]:
@@ -220,6 +225,7 @@ class NamedToolChoice(BaseModel):
 
 
 MAX_TOOLS = 128
+RENDERED_ITEM_CHARS = 64  # a chat message, tool call or tool counts as this many characters to render
 
 
 class ChatCompletionRequest(_Request):
@@ -266,6 +272,14 @@ class ChatCompletionRequest(_Request):
     @property
     def completion_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def num_render_chars(self) -> int:
+        """What the chat template has to render, in characters: the messages' text, and RENDERED_ITEM_CHARS
+        for each message, tool call and tool (a template's work grows with them, text or not)."""
+        calls = sum(len(m.tool_calls or []) for m in self.messages if isinstance(m, AssistantTurn))
+        num_items = len(self.messages) + calls + len(self.tools or [])
+        return sum(len(m.text()) for m in self.messages) + RENDERED_ITEM_CHARS * num_items
 
 
 class Usage(BaseModel):

@@ -12,8 +12,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +30,7 @@ from node.api.schemas import (
     SchemaFormat,
     ToolMessage,
 )
-from node.engine.grammar import TOOL_CALL_BEGIN, TOOL_CALL_END, GrammarSpec
+from node.engine.grammar import MAX_SCHEMA_CHARS, TOOL_CALL_BEGIN, TOOL_CALL_END, GrammarSpec
 from node.errors import BadRequest
 
 _CALL = re.compile(re.escape(TOOL_CALL_BEGIN.strip()) + r"\s*(\{.*?\})\s*" + re.escape(TOOL_CALL_END.strip()),
@@ -67,7 +69,22 @@ def constraint_of(req: ChatCompletionRequest) -> Constraint | None:
                       param)
 
 
+async def checked_constraint(req: ChatCompletionRequest, threads: Executor) -> Constraint | None:
+    """`constraint_of` on `threads` when it has a schema to check (jsonschema's check takes about 0.2 ms per
+    subschema: seconds for a body's worth, never on the event loop), else at once."""
+    fmt = req.response_format
+    if not req.calls_tools and (fmt is None or fmt.type != "json_schema"):
+        return constraint_of(req)
+    return await asyncio.get_running_loop().run_in_executor(threads, constraint_of, req)
+
+
 def _check_schema(schema: dict[str, Any], param: str) -> None:
+    """BadRequest naming `param` for a schema too long to compile (as GrammarSpec writes it), then for one
+    that is not a JSON schema."""
+    num_chars = len(json.dumps(schema, separators=(",", ":")))
+    if num_chars > MAX_SCHEMA_CHARS:
+        raise BadRequest(f"{param} has {num_chars} characters; at most {MAX_SCHEMA_CHARS} are compiled",
+                         param=param, num_chars=num_chars, max_chars=MAX_SCHEMA_CHARS)
     try:
         validator_for(schema).check_schema(schema)
     except SchemaError as exc:
@@ -108,8 +125,8 @@ def read_answer(text: str, calls_tools: bool, id_prefix: str) -> ChatAnswer:
     for match in _CALL.finditer(text):
         try:
             call = json.loads(match.group(1), strict=False)  # a raw control character in a string: escaped below
-        except json.JSONDecodeError:
-            continue  # the grammar makes this unreachable for a finished call
+        except (ValueError, RecursionError):  # the grammar leaves only nesting or an integer too big to read
+            continue
         calls.append({"id": f"call_{id_prefix}_{len(calls)}", "type": "function",
                       "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}})
     content = _CALL.sub("", text).strip() if calls else text
@@ -134,10 +151,13 @@ def render_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 
 
 def _arguments(text: str) -> Any:
+    """The JSON of an earlier tool call's arguments; 400 for text that is not JSON, nests deeper than the
+    interpreter recurses (node/api/app.py) or writes an integer longer than it converts."""
     try:
         return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BadRequest("an assistant tool call's arguments are not JSON", param="messages") from exc
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise BadRequest("an assistant tool call's arguments are not JSON this node reads", param="messages",
+                         reason=str(exc)[:200]) from exc
 
 
 def tools_prompt(tools: list[dict[str, Any]]) -> str:

@@ -40,7 +40,7 @@ async def _body(request: Request) -> Any:
     raw = await read_body(request, MAX_BODY_BYTES)  # 413 before a byte past the limit is read
     try:
         return json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # nested deeper than the API recurses (node/api/app.py)
         raise BadRequest("the body must be JSON: {x402Version, paymentPayload, paymentRequirements}") from exc
 
 

@@ -66,7 +66,7 @@ def decode_header(header: str) -> dict[str, Any]:
         raise BadRequest("payment header too large", length=len(header))
     try:
         value = json.loads(base64.b64decode(header.strip(), validate=True), object_pairs_hook=unique_fields)
-    except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError) as exc:  # nested past node/api/app.py's
         raise BadRequest("payment header is not base64 of JSON (each field named once)", reason=str(exc)[:200]
                          ) from exc
     if not isinstance(value, dict):
