@@ -192,7 +192,8 @@ def _x402(settings: Settings, deployment: Deployment, key: str, payments: Paymen
                             fees=settings.fee_policy(), nonce_lock=key_lock(db.kw["bind"]))  # replicas share it
     name, version = token_domain(client, deployment.token)
     terms = X402Terms(deployment.chain_id, deployment.token, name, version, router, payments.node,
-                      settings.x402_withdraw_delay_s, min_deposit=settings.x402_min_deposit)
+                      settings.x402_withdraw_delay_s, min_deposit=settings.x402_min_deposit,
+                      unfinal_credit=settings.x402_unfinal_credit)
     chain = X402Chain(client, router)
     # the indexer mirrors the channel contract when the deployment names it: the hold reads that
     mirror = ChannelMirror(db, settings.x402_withdraw_delay_s) if deployment.x402_channels else None

@@ -30,7 +30,7 @@ from node.payment.pricing import Pricing
 from node.payment.service import Hold, PaymentService, Replay
 from node.payment.voucher_check import CheckedVoucher
 from node.payment.x402.book import ChannelBook, ChannelEntry
-from node.payment.x402.chain_reads import ChannelReads, ReadChannel, has_anything
+from node.payment.x402.chain_reads import ChannelReads, OnChain, ReadChannel, ReadMirror, has_anything
 from node.payment.x402.channel_check import (
     EXCEEDS_BALANCE,
     PREFIX,
@@ -78,7 +78,7 @@ class X402Voucher(CheckedVoucher):
 class X402Payments:
     def __init__(self, payments: PaymentService, book: ChannelBook, terms: X402Terms, node_key: str,
                  read_channel: ReadChannel, submit_deposit: SubmitDeposit,
-                 read_mirror: ReadChannel | None = None, chain_reads: ChannelReads | None = None,
+                 read_mirror: ReadMirror | None = None, chain_reads: ChannelReads | None = None,
                  simulate_deposit: SimulateDeposit | None = None) -> None:
         self.payments, self.book, self.terms = payments, book, terms
         self.node_key = node_key
@@ -262,7 +262,8 @@ class X402Payments:
         live = self._view(checked, mirrored.charged, live=True, known=funded)
         return replace(live, pending_withdrawal=max(live.pending_withdrawal, mirrored.pending_withdrawal),
                        withdraw_requested_at=max(live.withdraw_requested_at, mirrored.withdraw_requested_at),
-                       total_claimed=max(live.total_claimed, mirrored.total_claimed))
+                       total_claimed=max(live.total_claimed, mirrored.total_claimed),
+                       final_balance=mirrored.final_balance)  # a deposit the mirror has not seen is not final
 
     def corrective(self, checked: X402Checked, charged: int, message: str) -> X402Refused:
         """The corrective 402 of a channel charged `charged` (for a refund voucher off the charged total)."""
@@ -305,11 +306,15 @@ class X402Payments:
 
     def _view(self, checked: X402Checked, charged: int, live: bool = False, known: bool = False) -> ChannelView:
         """The mirror's view, or the chain's (`live`, or without a mirror; `known`: the channel is funded)."""
-        mirror = self.read_mirror
-        channel = checked.channel_id
-        chain = self.chain_reads.get(channel, known) if live or mirror is None else mirror(channel)
+        mirror, channel = self.read_mirror, checked.channel_id
+        if live or mirror is None:
+            chain: OnChain = self.chain_reads.get(channel, known)
+            final = None
+        else:
+            mirrored = mirror(channel)
+            chain, final = mirrored, mirrored.balance - mirrored.pending_deposits
         return ChannelView(charged, 0, None, chain.balance, chain.total_claimed, chain.pending_withdrawal,
-                           chain.withdraw_requested_at, chain.refund_nonce)
+                           chain.withdraw_requested_at, chain.refund_nonce, final, self.terms.unfinal_credit)
 
     def payment_response(self, hold: Hold, charged_total: int) -> dict[str, Any]:
         """`PAYMENT-RESPONSE` after the charge: this request's charge and the channel's new state."""
