@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from node.chain.receipt_read import authorize_read
+from node.chain.tx_store import db_lock
 from node.db.models import Voucher as VoucherRow
 from node.errors import BadRequest, ChainError, Overloaded, VoucherConflict
 from node.payment.lane import HoldView
@@ -202,7 +203,11 @@ class X402Payments:
         check_deposit_signature(checked.payment, self.terms)
         self._simulate(checked)
         try:
-            with self._deposit_lock:  # one at a time: each is a transaction of the node's key (one nonce each)
+            # one at a time: each is a transaction of the node's key (one nonce each); and one per channel in
+            # the database until mined, so another replica sent the same payment finds its authorization
+            # used and submits nothing (else it reverts, the node's gas for nothing)
+            shared = db_lock(self.ledger.factory.kw["bind"], "x402-deposit:" + to_hex(checked.channel_id))
+            with self._deposit_lock, shared:
                 sent = self.submit_deposit(checked.payment)
         except ChainError as exc:  # the payer's authorization does not move its tokens (spent, expired, forged)
             reason = "deposit_simulation_failed" if "error" in exc.facts else "deposit_transaction_failed"
