@@ -200,7 +200,7 @@ def _x402(settings: Settings, deployment: Deployment, key: str, payments: Paymen
     x402 = X402Payments(payments, ChannelBook(db, payments.node), terms, key, chain.channel, chain.deposit,
                         read_mirror=mirror, simulate_deposit=chain.simulate_deposit)
     x402.facilitator = Facilitator(terms, chain, erc20_balance_of(client), reads=x402.chain_reads,
-                                   is_funded=x402.is_funded)
+                                   is_funded=x402.is_funded, submit_deposit=x402.submit_deposit_once)
     return Offer(lanes, terms), x402
 
 

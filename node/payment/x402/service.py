@@ -203,18 +203,22 @@ class X402Payments:
         check_deposit_signature(checked.payment, self.terms)
         self._simulate(checked)
         try:
-            # one at a time: each is a transaction of the node's key (one nonce each); and one per channel in
-            # the database until mined, so another replica sent the same payment finds its authorization
-            # used and submits nothing (else it reverts, the node's gas for nothing)
-            shared = db_lock(self.ledger.factory.kw["bind"], "x402-deposit:" + to_hex(checked.channel_id))
-            with self._deposit_lock, shared:
-                sent = self.submit_deposit(checked.payment)
+            sent = self.submit_deposit_once(checked.payment)
         except ChainError as exc:  # the payer's authorization does not move its tokens (spent, expired, forged)
             reason = "deposit_simulation_failed" if "error" in exc.facts else "deposit_transaction_failed"
             raise X402Refused(f"the channel contract refused the deposit: {exc.message}", PREFIX + reason,
                               **exc.facts) from exc
         self.chain_reads.deposited(checked.channel_id)
         return _tx_hash(sent)
+
+    def submit_deposit_once(self, payment: Payment) -> object:
+        """Submit `payment`'s deposit (None: its authorization was used, the deposit is in): one at a time
+        in this process (each is a transaction of the node's key, one nonce each), and one per channel in
+        the database until mined, so another replica (or the facilitator's /settle) sent the same payment
+        finds its authorization used and submits nothing (else it reverted: the node's gas for nothing)."""
+        shared = db_lock(self.ledger.factory.kw["bind"], "x402-deposit:" + to_hex(payment.voucher.channel_id))
+        with self._deposit_lock, shared:
+            return self.submit_deposit(payment)
 
     def _simulate(self, checked: X402Checked) -> None:
         """Ask the chain about a deposit before the lock every deposit takes (one nonce at a time): one the
