@@ -3,10 +3,14 @@ withdrawal can finish (docs/x402.md, "A payer who withdraws right after being se
 
 `finalizeWithdraw` pays the payer `min(pending, balance - totalClaimed)` once `withdrawDelay` has passed,
 so whatever the node charged and has not claimed by then is gone. The indexer mirrors the channel's
-`WithdrawInitiated` (`channel_accounts.pending_withdrawal`); this guard claims every such channel up to
-what the node charged on it (its router lane's `charged_total`, within the highest voucher its payer
-signed) and sweeps the claim into the router's escrow account, where the channel's next epoch collects
-it as usual (`X402Sweep` then finds it claimed). The delay is at least 900 s and the worker ticks every
+`WithdrawInitiated` (`channel_accounts.pending_withdrawal`); this guard claims each such channel whose
+withdrawal could take part of what the node charged (a charge above `balance - pending`) up to that charge
+(its router lane's `charged_total`, within the highest voucher its payer signed) and sweeps the claim
+into the router's escrow account, where the channel's next epoch collects it as usual (`X402Sweep` then
+finds it claimed). A withdrawal that leaves the charge waits for that epoch's batched claim; with
+`token_per_eth`, a charge worth less than its claim's gas is not claimed (the node would pay more than
+it collects: a dust charge and an `initiateWithdraw` made it send a 153,016-gas claim every time).
+The delay is at least 900 s and the worker ticks every
 few seconds, so one missed tick costs nothing.
 
 The mirror is trusted only while the indexer keeps up (its cursor checked within `max_mirror_lag_s`, no
