@@ -10,8 +10,7 @@ into the router's escrow account, where the channel's next epoch collects it as 
 finds it claimed). A withdrawal that leaves the charge waits for that epoch's batched claim; with
 `token_per_eth`, a charge worth less than its claim's gas is not claimed (the node would pay more than
 it collects: a dust charge and an `initiateWithdraw` made it send a 153,016-gas claim every time).
-The delay is at least 900 s and the worker ticks every
-few seconds, so one missed tick costs nothing.
+The delay is at least 900 s and the worker ticks every few seconds, so one missed tick costs nothing.
 
 The mirror is trusted only while the indexer keeps up (its cursor checked within `max_mirror_lag_s`, no
 more than `max_mirror_lag_blocks` behind the head it saw, not stalled or halted): otherwise the guard
