@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     x402_withdraw_delay_s: int = Field(default=86_400, ge=900, le=2_592_000)
     # the smallest deposit the node submits (announced as extra.minDeposit; 0: none): each costs it gas
     x402_min_deposit: int = Field(default=0, ge=0)
+    # per channel, what may be charged against deposits not final yet beyond one request's price: the most a
+    # reorg deeper than the node's confirmations that removes a deposit costs it, per channel (docs/x402.md)
+    x402_unfinal_credit: int = Field(default=10**17, ge=0)
     # the key that pays the gas of the API's x402 transactions (deposits, refunds): never the operator key,
     # whose nonces are the settlement worker's
     x402_gas_key: SecretStr | None = None

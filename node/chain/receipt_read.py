@@ -54,6 +54,12 @@ def lane_read_id(node: str, lane: int) -> str:
     return to_hex(keccak(b"loranode lane read" + from_hex(node) + lane.to_bytes(32, "big")))
 
 
+def channel_read_id(node: str, channel_id: str) -> str:
+    """The id a `ReceiptRead` names to list the receipts of x402 channel `channel_id` (0x bytes32) at `node`
+    (GET /v1/x402/channels/{channelId}/receipts), signed by the channel's payer."""
+    return to_hex(keccak(b"loranode x402 channel read" + from_hex(node) + from_hex(channel_id)))
+
+
 def decode_read(value: str) -> SignedRead:
     """The header's ReceiptRead and signature; ReadUnauthorized naming what is malformed."""
     if len(value) > MAX_HEADER_BYTES:

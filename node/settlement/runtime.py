@@ -92,7 +92,7 @@ class SettlementRuntime:
             # the sweep's and the guard's transactions are intents of `tx`, like the settles (x402_intents.py)
             sweep = X402Sweep(factory, chain, deployment.settlement, tx)
             guard = (X402Guard(factory, chain, tx, settings.max_mirror_lag_s,  # reads the channel mirror
-                               settings.max_mirror_lag_blocks)
+                               settings.max_mirror_lag_blocks, token_per_eth=settings.token_per_eth)
                      if deployment.x402_channels else None)
         policy = policy or epoch_policy(settings, has_x402=router is not None)  # an x402 epoch waits for its sweep
         return cls(SettlementService(factory, contracts, tx, policy, before_send=sweep,

@@ -177,7 +177,7 @@ def _post(node: AttributedNode, body: bytes, header: str, read: str | None = Non
 
 
 PAID_GETS = ("/x402/refund",)
-PAYER_GETS = ("/receipts",)  # a lane's receipts: its payer's signed read, else 401
+PAYER_GETS = ("/receipts",)  # a lane's or an x402 channel's receipts: its payer's signed read, else 401
 
 
 def _public_urls(node: AttributedNode, paid: Paid) -> list[str]:
@@ -186,7 +186,7 @@ def _public_urls(node: AttributedNode, paid: Paid) -> list[str]:
     info = httpx.get(f"{base}/v1/node").json()
     payer = Account.from_key(node.paid.payer_keys[0]).address
     values = {"receipt_id": paid.receipt["id"], "node": info["node"], "payer": payer, "lane": "25",
-              "account": payer}
+              "account": payer, "channel_id": "0x" + "ab" * 32}
     urls = []
     for path, ops in httpx.get(f"{base}/openapi.json").json()["paths"].items():
         if "get" not in ops:

@@ -16,7 +16,7 @@ from requests.adapters import HTTPAdapter
 from x402 import x402ClientSync
 from x402.http.clients.requests import x402HTTPAdapter
 
-from node.chain.receipt_read import HEADER, sign_read
+from node.chain.receipt_read import HEADER, channel_read_id, sign_read
 from node.client.payer import Payer as LanePayer
 from node.client.payer import verify_receipt
 from tests.fixtures.paid_node import PaidNode
@@ -292,6 +292,47 @@ def test_an_x402_payer_reads_the_text_of_its_own_receipts_and_no_one_else_does(x
                                                           info.domain)}, timeout=30)
     assert theirs.status_code == 403, theirs.text
     assert "output" not in requests.get(url, timeout=30).json()
+
+
+def test_an_x402_payer_lists_its_channels_receipts_and_no_one_else_does(x402_node: PaidNode) -> None:
+    """What an agent expects after paying: its receipts, newest first, each with the channel's charged total
+    after it, by the channel id its PAYMENT-RESPONSE named (before: lanes only; the channel is a lane of the
+    router, whose receipts nobody could list). Only the channel's payer reads them."""
+    info = _domain(x402_node)
+    key = payer_key(x402_node.local, 6)
+    session = requests.Session()
+    client = x402ClientSync().register(f"eip155:{x402_node.local.deployment.chain_id}", sdk_scheme(x402_node, 6))
+    client.set_spend_controls({"allowed_assets": True, "max_amount_per_payment": str(10**18)})
+    session.mount("http://", x402HTTPAdapter(client))
+    paid = []
+    for words in ("the sea", "the hill"):
+        resp = session.post(f"{x402_node.base_url}/v1/chat/completions", json=chat(x402_node, words), timeout=120)
+        assert resp.status_code == 200, resp.text
+        paid.append((resp.json()["receipt"], decode(resp.headers["PAYMENT-RESPONSE"])["extra"]["channelState"]))
+    channel = paid[0][1]["channelId"]
+    url = f"{x402_node.base_url}/v1/x402/channels/{channel}/receipts"
+    payer = Account.from_key(key).address
+    mine = requests.get(url, headers={HEADER: sign_read(key, payer, channel_read_id(info.node, channel), info.domain)},
+                        timeout=30)
+    assert mine.status_code == 200, mine.text
+    listed = mine.json()["receipts"]
+    assert [r["id"] for r in listed] == [paid[1][0]["id"], paid[0][0]["id"]], "newest first"
+    assert [r["chargedTotal"] for r in listed] == [paid[1][1]["chargedCumulativeAmount"],
+                                                   paid[0][1]["chargedCumulativeAmount"]]
+    assert mine.json()["next"] is None and "output" not in listed[0]
+    page = requests.get(url + "?limit=1", headers={HEADER: sign_read(key, payer, channel_read_id(info.node, channel),
+                                                                     info.domain)}, timeout=30).json()
+    assert [r["id"] for r in page["receipts"]] == [paid[1][0]["id"]] and page["next"] is not None
+    other = payer_key(x402_node.local, 8)
+    theirs = requests.get(url, headers={HEADER: sign_read(other, Account.from_key(other).address,
+                                                          channel_read_id(info.node, channel), info.domain)},
+                          timeout=30)
+    assert theirs.status_code == 403, theirs.text
+    assert requests.get(url, timeout=30).status_code == 401
+    unknown = "0x" + "ab" * 32
+    read = sign_read(key, payer, channel_read_id(info.node, unknown), info.domain)
+    assert requests.get(f"{x402_node.base_url}/v1/x402/channels/{unknown}/receipts", headers={HEADER: read},
+                        timeout=30).status_code == 404
 
 
 def test_a_lost_answer_whose_voucher_the_channels_claim_published_replays_only_to_its_payer(

@@ -34,6 +34,7 @@ pytestmark = pytest.mark.chain
 PAID = ("POST /v1/completions", "POST /v1/chat/completions")
 OPERATIONS = (*PAID, "GET /v1/node", "GET /v1/models", "GET /v1/models/{model}", "GET /v1/quote",
               "GET /v1/channels/{payer}/{lane}", "GET /v1/channels/{payer}/{lane}/receipts",
+              "GET /v1/x402/channels/{channel_id}/receipts",
               "GET /v1/receipts/{receipt_id}", "GET /v1/receipts/{receipt_id}/proof",
               "GET /v1/epochs/{node}/{epoch_id}", "GET /v1/epochs/{node}", "GET /v1/epochs/{node}/{epoch_id}/summary",
               "GET /v1/earnings/{node}/{account}", "GET /v1/adapters", "GET /health", "GET /ready", "GET /metrics",

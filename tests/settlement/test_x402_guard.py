@@ -8,12 +8,15 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from sqlalchemy import and_, select
 
 from node.chain.anvil import Anvil
 from node.chain.contract_client import ContractClient
 from node.chain.indexer import Indexer
+from node.db.models import Lane, X402Channel
 from node.payment.service import Usage
 from node.payment.x402.channel_check import EXCEEDS_BALANCE, X402Refused
+from node.settlement.x402_guard import claim_row
 from tests.fixtures import x402_chain_node as fixtures
 from tests.fixtures.contracts import Roles
 from tests.fixtures.indexer import drain
@@ -125,7 +128,7 @@ def test_a_withdrawal_lowered_in_a_block_a_reorg_drops_never_takes_what_was_char
     first, charged = x402_node.serve(payer, Usage(20, 10))
     x402_node.payer_call(roles.payer, "initiateWithdraw", first, first.deposit.amount - charged)
     drain(x402_node.indexer)
-    assert len(x402_node.guard().claimed) == 1  # the charge so far is claimed
+    assert x402_node.guard().claimed == ()  # the withdrawal leaves the charge in the channel: claimed at its epoch
     x402_node.wait_out_the_delay()
     w3 = x402_node.world.chain.client.w3
     w3.provider.make_request("anvil_mine", [hex(x402_node.indexer.config.finality_depth)])
@@ -142,4 +145,13 @@ def test_a_withdrawal_lowered_in_a_block_a_reorg_drops_never_takes_what_was_char
     x402_node.payer_call(roles.payer, "finalizeWithdraw", first)
     drain(x402_node.indexer)
     x402_node.guard()  # the worker's next tick
+    _epoch_claim(x402_node)
     assert x402_node.world.chain.channel(first.voucher.channel_id).total_claimed == charged
+
+
+def _epoch_claim(node: X402Node) -> None:
+    """What each channel's epoch does before its settle (X402Sweep): claim it up to what the node charged."""
+    lanes = and_(Lane.payer == node.guard.router, Lane.lane == X402Channel.lane)
+    with node.factory() as session:
+        rows = session.execute(select(X402Channel, Lane.charged_total).join(Lane, lanes)).all()
+    node.guard.intents.collect([claim_row(ch, int(charged)) for ch, charged in rows])

@@ -20,9 +20,10 @@ from node.api.deps import (
 )
 from node.api.error_handlers import error_responses
 from node.api.schemas import MAX_CHOICES
-from node.chain.receipt_read import HEADER, authorize_read, lane_read_id
+from node.chain.receipt_read import HEADER, authorize_read, channel_read_id, lane_read_id
 from node.errors import NodeError, ReadUnauthorized
 from node.payment.pricing import Pricing
+from node.protocol.hexstr import from_hex
 from node.settlement.publication import lane_receipts, payer_view, receipt_document, receipt_with_payer
 
 router = APIRouter(prefix="/v1", tags=["info"])
@@ -114,6 +115,33 @@ def channel_receipts(db: DatabaseDep, payments: PaymentsDep, node: NodeAddress,
                 for r, v in rows[:limit]]
         after = rows[limit - 1][0].id if len(rows) > limit else None
     return {"payer": payer, "node": node, "lane": lane, "receipts": page, "next": after}
+
+
+@router.get("/x402/channels/{channel_id}/receipts", responses=error_responses(400, 401, 403, 404, 503))
+def x402_channel_receipts(db: DatabaseDep, payments: PaymentsDep, generation: GenerationDep, node: NodeAddress,
+                          channel_id: str = Path(..., pattern=HASH.pattern),
+                          limit: int = Query(50, ge=1, le=MAX_RECEIPTS_PAGE),
+                          before: int | None = Query(None, ge=1, description="the previous page's `next`"),
+                          read: ReadHeader = None) -> dict[str, Any]:
+    """An x402 channel's receipts, newest first, to the channel's payer only (an `X-Receipt-Read` naming
+    `channel_read_id(node, channelId)`): as the lane listing above, each with the channel's
+    `chargedTotal` after it and the voucher's `cumulative` (its `maxClaimableAmount`). An x402 receipt's
+    voucher is the node's router lane voucher: the channel is that lane, its payer the one who reads."""
+    if read is None:
+        raise ReadUnauthorized(f"a channel's receipts are its payer's: send {HEADER}, a ReceiptRead of "
+                               "channel_read_id(node, channelId) signed by the channel's payer", channel_id=channel_id)
+    x402 = generation.x402
+    lane = x402.book.find_lane(from_hex(channel_id)) if x402 is not None else None
+    payer = x402.book.payer_of(lane) if x402 is not None and lane is not None else None
+    if x402 is None or lane is None or payer is None:
+        raise NotFound(f"no x402 channel {channel_id} at this node", channel_id=channel_id)
+    authorize_read(read, channel_read_id(node, channel_id), payer, payments.domain, payments.clock())
+    with db() as session:
+        rows = lane_receipts(session, x402.router, payments.node.lower(), lane, limit + 1, before)
+        page = [{**receipt_document(r, node), "chargedTotal": str(v.charged_total), "cumulative": str(v.cumulative)}
+                for r, v in rows[:limit]]
+        after = rows[limit - 1][0].id if len(rows) > limit else None
+    return {"channelId": channel_id.lower(), "payer": payer, "node": node, "receipts": page, "next": after}
 
 
 def context_quote(pricing: Pricing, max_model_len: int, max_tokens: int | None) -> tuple[int, int, int]:

@@ -45,6 +45,16 @@ class OnChain(Protocol):
 ReadChannel = Callable[[bytes], OnChain]
 
 
+class Mirrored(OnChain, Protocol):
+    """A channel as the indexer mirrored it: its deposits not final yet are part of `balance`."""
+
+    @property
+    def pending_deposits(self) -> int: ...
+
+
+ReadMirror = Callable[[bytes], Mirrored]
+
+
 @dataclass(frozen=True)
 class ChannelState:
     balance: int = 0
@@ -52,6 +62,7 @@ class ChannelState:
     pending_withdrawal: int = 0
     withdraw_requested_at: int = 0
     refund_nonce: int = 0
+    pending_deposits: int = 0
 
 
 EMPTY = ChannelState()

@@ -17,6 +17,7 @@ from node.protocol.eip712 import Domain, recover
 
 PREFIX = "invalid_batch_settlement_evm_"
 EXCEEDS_BALANCE = PREFIX + "cumulative_exceeds_balance"
+NOT_FINAL = PREFIX + "deposit_not_final"  # ours: the deposit covers it once final (docs/x402.md)
 
 
 class X402Refused(PaymentError):
@@ -45,6 +46,8 @@ class ChannelView:
     pending_withdrawal: int = 0
     withdraw_requested_at: int = 0
     refund_nonce: int = 0
+    final_balance: int | None = None  # what a reorg cannot remove (the mirror's); None: not known, all counts
+    unfinal_credit: int = 0  # what the node serves against deposits not final yet (X402Terms.unfinal_credit)
 
     def channel_state(self, channel: bytes) -> dict[str, Any]:
         return {"channelId": "0x" + channel.hex(), "balance": str(self.balance),
@@ -157,4 +160,18 @@ def check_amounts(payment: Payment, view: ChannelView, ceiling: int, channel: by
                           spendable=str(spendable), max_claimable=str(ceiling_signed))
     if ceiling_signed <= view.total_claimed:
         raise X402Refused("the voucher is below what was claimed on chain", PREFIX + "cumulative_below_claimed")
+    check_final(view, ceiling)
     return amount
+
+
+def check_final(view: ChannelView, ceiling: int) -> None:
+    """A reorg can remove a deposit that is not final yet: what the node has charged, and may charge for
+    this request, stays within the channel's final balance plus its credit on deposits not final yet (at
+    least one request's price: a deposit pays the request that carries it at once)."""
+    if view.final_balance is None:
+        return
+    counted = view.final_balance + max(view.unfinal_credit, ceiling) - view.pending_withdrawal
+    if view.charged + ceiling > counted:
+        raise X402Refused("the channel's deposit is not final yet: retry once the chain has finalized it",
+                          NOT_FINAL, final_balance=str(view.final_balance), charged=str(view.charged),
+                          unfinal_credit=str(view.unfinal_credit))

@@ -30,6 +30,7 @@ class MirroredChannel:
     pending_withdrawal: int
     withdraw_requested_at: int  # unix seconds; 0: none pending
     refund_nonce: int
+    pending_deposits: int = 0  # in `balance`, not final yet (a reorg can remove them)
 
 
 EMPTY = MirroredChannel(0, 0, 0, 0, 0)
@@ -47,15 +48,15 @@ class ChannelMirror:
             row = session.execute(select(
                 ChannelAccount.balance, ChannelAccount.total_claimed, ChannelAccount.pending_withdrawal,
                 ChannelAccount.withdraw_ready_at, ChannelAccount.refund_nonce, ChannelAccount.final_pending_withdrawal,
-                ChannelAccount.final_withdraw_ready_at,
+                ChannelAccount.final_withdraw_ready_at, ChannelAccount.pending_deposits,
             ).where(ChannelAccount.channel_id == to_hex(channel_id))).first()
         if row is None:
             return EMPTY
-        balance, claimed, pending, ready_at, nonce, final_pending, final_ready_at = row
+        balance, claimed, pending, ready_at, nonce, final_pending, final_ready_at, not_final = row
         if final_pending > pending:
             pending, ready_at = final_pending, final_ready_at
         requested = int(ready_at.timestamp()) - self.withdraw_delay_s if ready_at is not None else 0
-        return MirroredChannel(int(balance), int(claimed), int(pending), requested, int(nonce))
+        return MirroredChannel(int(balance), int(claimed), int(pending), requested, int(nonce), int(not_final))
 
     def has_refund(self, channel_id: bytes, nonce: int) -> bool:
         """Whether the mirror has seen the channel's refund number `nonce` (its `refundNonce` reached it)."""

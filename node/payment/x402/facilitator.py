@@ -63,8 +63,12 @@ class Verified:
 class Facilitator:
     def __init__(self, terms: X402Terms, chain: ChannelChain, balance_of: Callable[[str, str], int],
                  clock: Callable[[], float] = time.time, reads: ChannelReads | None = None,
-                 is_funded: Callable[[bytes], bool] = lambda channel: False) -> None:
+                 is_funded: Callable[[bytes], bool] = lambda channel: False,
+                 submit_deposit: Callable[[Payment], Any] | None = None) -> None:
         self.terms, self.chain, self.balance_of, self.clock = terms, chain, balance_of, clock
+        # the paid path's submission where the wiring gives it (X402Payments.submit_deposit_once: one per
+        # channel across replicas until mined), so the same deposit sent twice at once is sent once
+        self.submit_deposit = submit_deposit
         # anyone may ask: a channel is read within the bound on strangers' reads (the paid path's, shared
         # where the wiring gives it), never once per request, unless `is_funded` (the indexer's mirror
         # shows a deposit) says it is no stranger's (node/payment/x402/chain_reads.py)
@@ -105,7 +109,7 @@ class Facilitator:
         payment = _payment(body)
         try:
             verified = self._verify(payment, _requirements(body))
-            sent = self.chain.deposit(payment)
+            sent = (self.submit_deposit or self.chain.deposit)(payment)
             if sent is None:
                 raise X402Refused("this deposit authorization was used already", PREFIX + "deposit_payload")
         except X402Refused as exc:

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from node.chain.receipt_read import authorize_read
+from node.chain.tx_store import db_lock
 from node.db.models import Voucher as VoucherRow
 from node.errors import BadRequest, ChainError, Overloaded, VoucherConflict
 from node.payment.lane import HoldView
@@ -30,7 +31,7 @@ from node.payment.pricing import Pricing
 from node.payment.service import Hold, PaymentService, Replay
 from node.payment.voucher_check import CheckedVoucher
 from node.payment.x402.book import ChannelBook, ChannelEntry
-from node.payment.x402.chain_reads import ChannelReads, ReadChannel, has_anything
+from node.payment.x402.chain_reads import ChannelReads, OnChain, ReadChannel, ReadMirror, has_anything
 from node.payment.x402.channel_check import (
     EXCEEDS_BALANCE,
     PREFIX,
@@ -78,7 +79,7 @@ class X402Voucher(CheckedVoucher):
 class X402Payments:
     def __init__(self, payments: PaymentService, book: ChannelBook, terms: X402Terms, node_key: str,
                  read_channel: ReadChannel, submit_deposit: SubmitDeposit,
-                 read_mirror: ReadChannel | None = None, chain_reads: ChannelReads | None = None,
+                 read_mirror: ReadMirror | None = None, chain_reads: ChannelReads | None = None,
                  simulate_deposit: SimulateDeposit | None = None) -> None:
         self.payments, self.book, self.terms = payments, book, terms
         self.node_key = node_key
@@ -202,14 +203,22 @@ class X402Payments:
         check_deposit_signature(checked.payment, self.terms)
         self._simulate(checked)
         try:
-            with self._deposit_lock:  # one at a time: each is a transaction of the node's key (one nonce each)
-                sent = self.submit_deposit(checked.payment)
+            sent = self.submit_deposit_once(checked.payment)
         except ChainError as exc:  # the payer's authorization does not move its tokens (spent, expired, forged)
             reason = "deposit_simulation_failed" if "error" in exc.facts else "deposit_transaction_failed"
             raise X402Refused(f"the channel contract refused the deposit: {exc.message}", PREFIX + reason,
                               **exc.facts) from exc
         self.chain_reads.deposited(checked.channel_id)
         return _tx_hash(sent)
+
+    def submit_deposit_once(self, payment: Payment) -> object:
+        """Submit `payment`'s deposit (None: its authorization was used, the deposit is in): one at a time
+        in this process (each is a transaction of the node's key, one nonce each), and one per channel in
+        the database until mined, so another replica (or the facilitator's /settle) sent the same payment
+        finds its authorization used and submits nothing (else it reverted: the node's gas for nothing)."""
+        shared = db_lock(self.ledger.factory.kw["bind"], "x402-deposit:" + to_hex(payment.voucher.channel_id))
+        with self._deposit_lock, shared:
+            return self.submit_deposit(payment)
 
     def _simulate(self, checked: X402Checked) -> None:
         """Ask the chain about a deposit before the lock every deposit takes (one nonce at a time): one the
@@ -262,7 +271,8 @@ class X402Payments:
         live = self._view(checked, mirrored.charged, live=True, known=funded)
         return replace(live, pending_withdrawal=max(live.pending_withdrawal, mirrored.pending_withdrawal),
                        withdraw_requested_at=max(live.withdraw_requested_at, mirrored.withdraw_requested_at),
-                       total_claimed=max(live.total_claimed, mirrored.total_claimed))
+                       total_claimed=max(live.total_claimed, mirrored.total_claimed),
+                       final_balance=mirrored.final_balance)  # a deposit the mirror has not seen is not final
 
     def corrective(self, checked: X402Checked, charged: int, message: str) -> X402Refused:
         """The corrective 402 of a channel charged `charged` (for a refund voucher off the charged total)."""
@@ -305,11 +315,15 @@ class X402Payments:
 
     def _view(self, checked: X402Checked, charged: int, live: bool = False, known: bool = False) -> ChannelView:
         """The mirror's view, or the chain's (`live`, or without a mirror; `known`: the channel is funded)."""
-        mirror = self.read_mirror
-        channel = checked.channel_id
-        chain = self.chain_reads.get(channel, known) if live or mirror is None else mirror(channel)
+        mirror, channel = self.read_mirror, checked.channel_id
+        if live or mirror is None:
+            chain: OnChain = self.chain_reads.get(channel, known)
+            final = None
+        else:
+            mirrored = mirror(channel)
+            chain, final = mirrored, mirrored.balance - mirrored.pending_deposits
         return ChannelView(charged, 0, None, chain.balance, chain.total_claimed, chain.pending_withdrawal,
-                           chain.withdraw_requested_at, chain.refund_nonce)
+                           chain.withdraw_requested_at, chain.refund_nonce, final, self.terms.unfinal_credit)
 
     def payment_response(self, hold: Hold, charged_total: int) -> dict[str, Any]:
         """`PAYMENT-RESPONSE` after the charge: this request's charge and the channel's new state."""

@@ -27,6 +27,9 @@ class X402Terms:
     withdraw_delay_s: int
     max_timeout_s: int = 3600  # how long a deposit authorization may stay valid
     min_deposit: int = 0  # announced as `extra.minDeposit` when set: no smaller deposit is sent (gas)
+    # per channel, what may be charged against deposits not final yet beyond one request's price (a reorg can
+    # remove them): the node's loss to a deep reorg is at most this per channel (docs/x402.md)
+    unfinal_credit: int = 10**17
 
     def __post_init__(self) -> None:
         if not MIN_WITHDRAW_DELAY_S <= self.withdraw_delay_s <= MAX_WITHDRAW_DELAY_S:

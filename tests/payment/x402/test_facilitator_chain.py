@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from node.payment.x402.facilitator import Facilitator, erc20_balance_of
 from tests.fixtures.contracts import Roles
 from tests.payment.x402.conftest import X402World
 from tests.payment.x402.sdk import Payer
+from tests.payment.x402.test_service import _services
 
 pytestmark = pytest.mark.chain
 SIMULATION_FAILED = "invalid_batch_settlement_evm_deposit_simulation_failed"
@@ -37,3 +39,32 @@ def test_verify_refuses_a_deposit_authorization_used_already(x402_world: X402Wor
     again = facilitator.settle(body)
     assert not again["success"] and again["errorReason"] == SIMULATION_FAILED
     assert x402_world.chain.channel(payment.voucher.channel_id).balance == payment.deposit.amount, "deposited once"
+
+
+def test_the_same_deposit_settled_on_two_replicas_at_once_is_sent_once(db_url: str, x402_world: X402World,
+                                                                       roles: Roles) -> None:
+    """`POST /x402/settle` of one deposit on two replicas at once (a chain that mines every 2 s): both
+    passed the simulation before the first was mined, both were sent, the second reverted (the node's gas
+    for nothing). Each replica's facilitator now submits through the paid path's lock (one per channel in
+    the database until mined): the second finds the authorization used and sends nothing."""
+    replicas = [Facilitator(x402_world.terms, x402_world.chain, erc20_balance_of(x402_world.chain.client),
+                            submit_deposit=_services(db_url, x402_world, roles)[0].submit_deposit_once)
+                for _ in range(2)]
+    header, payment = Payer(roles.payer, x402_world.rpc_url, x402_world.dep.chain_id).pay(x402_world.required())
+    w3, node = x402_world.chain.client.w3, x402_world.chain.client.address
+    sent_before = w3.eth.get_transaction_count(node)
+    answers: list[dict[str, Any]] = []
+    w3.provider.make_request("evm_setAutomine", [False])
+    w3.provider.make_request("evm_setIntervalMining", [2])
+    try:
+        threads = [threading.Thread(target=lambda f=f: answers.append(f.settle(_body(header)))) for f in replicas]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        w3.provider.make_request("evm_setIntervalMining", [0])
+        w3.provider.make_request("evm_setAutomine", [True])
+    assert w3.eth.get_transaction_count(node) - sent_before == 1, answers
+    assert sorted(a["success"] for a in answers) == [False, True], answers
+    assert x402_world.chain.channel(payment.voucher.channel_id).balance == payment.deposit.amount

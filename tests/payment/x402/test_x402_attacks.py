@@ -199,6 +199,42 @@ def test_the_same_deposit_sent_many_times_at_once_costs_the_node_one_transaction
     assert "held" in outcomes and all(o == "held" or o.startswith("X402Refused") for o in outcomes), outcomes
 
 
+def test_the_same_deposit_sent_to_two_replicas_at_once_costs_the_node_one_transaction(
+        db_url: str, x402_world: X402World, roles: Roles) -> None:
+    """Replicas share the database, not the process lock that sends one deposit at a time: the same
+    PAYMENT-SIGNATURE sent to two of them at once was submitted by both before the first was mined, and the
+    second reverted (its authorization used), a transaction the node paid for nothing, as many as there are
+    replicas, for each deposit an attacker signs. The deposit's submission is now locked per channel in the
+    database until it is mined, so the second replica finds it used and submits nothing."""
+    replicas = [_services(db_url, x402_world, roles)[0] for _ in range(2)]
+    header, _ = Payer(roles.payer, x402_world.rpc_url, x402_world.dep.chain_id).pay(x402_world.required())
+    w3 = x402_world.chain.client.w3
+    node = x402_world.chain.client.address
+    sent_before = w3.eth.get_transaction_count(node)
+    outcomes: list[str] = []
+
+    def pay(x402: Any) -> None:
+        try:
+            x402.payments.cancel(x402.hold(x402.check(header), PRICE))
+            outcomes.append("held")
+        except (X402Refused, ChainError, Web3RPCError) as exc:  # what each copy got, read below
+            outcomes.append(f"{type(exc).__name__}: {exc}")
+
+    w3.provider.make_request("evm_setAutomine", [False])
+    w3.provider.make_request("evm_setIntervalMining", [2])
+    try:
+        copies = [threading.Thread(target=pay, args=(x402,)) for x402 in replicas]
+        for t in copies:
+            t.start()
+        for t in copies:
+            t.join(timeout=60)
+    finally:
+        w3.provider.make_request("evm_setIntervalMining", [0])
+        w3.provider.make_request("evm_setAutomine", [True])
+    assert w3.eth.get_transaction_count(node) - sent_before == 1, outcomes
+    assert "held" in outcomes and all(o == "held" or o.startswith("X402Refused") for o in outcomes), outcomes
+
+
 @pytest.mark.parametrize(("field", "value"), [("amount", str(2**128)), ("validBefore", "9" * 78)],
                          ids=["deposit above uint128", "validBefore above uint256"])
 def test_a_deposit_whose_numbers_the_contract_cannot_take_is_a_bad_request(
