@@ -13,7 +13,8 @@ from sqlalchemy import and_, select
 from node.chain.anvil import Anvil
 from node.chain.contract_client import ContractClient
 from node.chain.indexer import Indexer
-from node.db.models import Lane, X402Channel
+from node.db.models import Lane
+from node.db.payment_models import X402Channel
 from node.payment.service import Usage
 from node.payment.x402.channel_check import EXCEEDS_BALANCE, X402Refused
 from node.settlement.x402_guard import claim_row
