@@ -8,13 +8,23 @@ by the gas key as the API sends them."""
 
 from __future__ import annotations
 
-import pytest
-from x402.mechanisms.evm.batch_settlement.client.refund import RefundOptions
+import base64
+import json
+from types import SimpleNamespace
 
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from x402.mechanisms.evm.batch_settlement.client.refund import RefundOptions, _RefundResponse
+
+from node.api.error_handlers import install_error_handlers
+from node.api.routes import x402_refund
 from node.payment.service import Usage
 from node.payment.x402.channel_check import X402Refused
+from node.payment.x402.facilitator import Facilitator, erc20_balance_of
 from node.payment.x402.gas_cover import GAS_NOT_COVERED, REFUND_GAS, GasCover
 from node.payment.x402.refund import X402Refunds
+from node.payment.x402.wire import decode_header, payment_response
 from tests.fixtures import x402_chain_node as fixtures
 from tests.fixtures.contracts import Roles
 from tests.fixtures.x402_chain_node import X402Node
@@ -113,3 +123,65 @@ def test_an_honest_agent_with_many_requests_gets_its_gasless_refunds_part_then_t
     assert _tokens(spent) <= charged, f"the node spent {spent} gas ({_tokens(spent)} units), charged {charged}"
     print(f"honest: charged {charged}, node gas {spent} ({_tokens(spent)} units at {GAS_PRICE} wei/gas, "
           f"{TOKEN_PER_ETH} units/ETH)")
+
+
+def test_a_deposit_through_the_facilitator_alone_then_a_gasless_refund_is_refused_until_charged(
+        x402_node: X402Node, roles: Roles) -> None:
+    """`POST /x402/settle` submits a deposit with no request at all (the node's gas), and a refund at a
+    charged total of 0 returned it all (a fresh channel, a new salt, each time): the facilitator's deposits
+    are counted against the channel like the paid path's."""
+    facilitator = Facilitator(x402_node.world.terms, x402_node.world.chain,
+                              erc20_balance_of(x402_node.world.chain.client),
+                              submit_deposit=x402_node.x402.submit_deposit_once)
+    payer = Payer(roles.payer, x402_node.world.rpc_url, x402_node.world.dep.chain_id)
+    w3, refused = x402_node.world.deployer.w3, []
+    refunds = _gas_refunds(x402_node, roles, refused)
+    start, fetch = w3.eth.block_number, _http(x402_node, refunds)
+    header, payment = payer.pay(x402_node.world.required())
+    payload = json.loads(base64.b64decode(header))
+    settled = facilitator.settle({"x402Version": 2, "paymentPayload": payload,
+                                  "paymentRequirements": payload["accepted"]})
+    assert settled["success"], settled
+    channel = payment.voucher.channel_id
+    assert x402_node.x402.book.node_gas(channel) == _node_gas(x402_node, roles, start) > 0
+    state = {**settled["extra"]["channelState"], "chargedCumulativeAmount": "0"}  # as a resource server tells it
+    payer.answered(payment, payment_response(x402_node.world.terms.network, payment.config.payer, 0, state,
+                                             transaction=settled["transaction"], amount=settled["amount"]), 0)
+    with pytest.raises(RuntimeError, match="402"):
+        payer.scheme.refund(URL, RefundOptions(fetch=fetch))
+    assert x402_node.world.chain.channel(channel).refund_nonce == 0, "nothing refunded"
+    assert refused and {r.reason for r in refused} == {GAS_NOT_COVERED}
+    assert int(refused[-1].facts["charged"]) == 0
+
+    refunds.gas = None  # no token_per_eth: as before, the deposit comes back gasless, no request ever paid
+    out = payer.scheme.refund(URL, RefundOptions(fetch=fetch))
+    assert out.success and int(out.amount) == payment.deposit.amount
+
+
+def test_the_route_tells_the_payer_how_much_more_and_its_own_way_out(x402_node: X402Node, roles: Roles) -> None:
+    """`GET /x402/refund` as the SDK calls it: the refusal's 402 names the reason in PAYMENT-REQUIRED and
+    the figures in `error.details`."""
+    app = FastAPI()
+    app.state.services = SimpleNamespace(x402_refunds=_gas_refunds(x402_node, roles, []))
+    install_error_handlers(app)
+    app.include_router(x402_refund.router)
+    http = TestClient(app)
+    payer = Payer(roles.payer, x402_node.world.rpc_url, x402_node.world.dep.chain_id)
+    _, charged = x402_node.serve(payer, CHEAPEST)
+    answers = []
+
+    def fetch(url: str, headers: dict[str, str]) -> _RefundResponse:
+        resp = http.get("/x402/refund", headers=headers)
+        answers.append(resp)
+        return _RefundResponse(resp.status_code, dict(resp.headers))
+    with pytest.raises(RuntimeError, match="402"):
+        payer.scheme.refund("http://testserver/x402/refund", RefundOptions(fetch=fetch))
+    refused = answers[-1]
+    assert refused.status_code == 402
+    assert decode_header(refused.headers["PAYMENT-REQUIRED"])["error"] == GAS_NOT_COVERED
+    error = refused.json()["error"]
+    details = error["details"]
+    assert details["reason"] == GAS_NOT_COVERED and int(details["charged"]) == charged
+    assert int(details["short_by"]) == int(details["gas_cost"]) - charged > 0
+    assert details["withdraw_delay_s"] == x402_node.world.terms.withdraw_delay_s
+    assert "initiateWithdraw" in error["message"] and details["short_by"] in error["message"]
