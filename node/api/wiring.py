@@ -45,6 +45,7 @@ from node.payment.service import PaymentService
 from node.payment.x402.book import ChannelBook
 from node.payment.x402.channel_mirror import ChannelMirror
 from node.payment.x402.facilitator import Facilitator, erc20_balance_of
+from node.payment.x402.gas_cover import GasCover
 from node.payment.x402.refund import X402Refunds
 from node.payment.x402.service import X402Payments
 from node.payment.x402.terms import LaneTerms, Offer, X402Terms
@@ -227,10 +228,21 @@ def _x402_refunds(settings: Settings, deployment: Deployment, key: str, x402: X4
                             nonce_lock=key_lock(db.kw["bind"]))
     chain = X402Chain(client, x402.terms.router, authorizer_key=key)
     mirror = ChannelMirror(db, settings.x402_withdraw_delay_s)
-    refunds = X402Refunds(x402, chain.channel, chain.refund, mirror.has_refund)
+    refunds = X402Refunds(x402, chain.channel, chain.refund, mirror.has_refund, gas=_refund_gas(settings, client))
     if x402.facilitator is not None:  # `refund` payloads at POST /x402/settle too
         x402.facilitator.refund = refunds.refund
     return refunds
+
+
+def _refund_gas(settings: Settings, client: ContractClient) -> GasCover | None:
+    """The rule that the channel's fees pay the node's gas on it before a gasless refund (x402/gas_cover.py),
+    with the token's worth in ETH; without it, a warning (once, at start): refunds are granted whatever."""
+    if settings.token_per_eth is None:
+        log.warning("token_per_eth is not set: x402 refunds are granted whatever gas the node spent on the channel "
+                    "(a payer looping deposit, one cheap request, refund costs the node ~212k gas a cycle; "
+                    "docs/x402.md)")
+        return None
+    return GasCover(settings.token_per_eth, lambda: int(client.w3.eth.gas_price))
 
 
 def _closers(adapters: AdapterRegistrar) -> list[Callable[[], None]]:

@@ -101,3 +101,6 @@ class X402Channel(Base):
     # voucher is the same bytes at that total) and whether that refund left a balance (a partial one)
     refund_total: Mapped[int | None] = mapped_column(Amount())
     refund_was_partial: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    # gas the node spent on the channel's gasless transactions: its deposits (as mined) and its refunds (at
+    # REFUND_GAS each): what the channel's fees must cover before a gasless refund (x402/gas_cover.py)
+    node_gas: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)

@@ -47,4 +47,5 @@ def _challenge(refunds: X402Refunds, url: str, refused: X402Refused | None) -> P
     reason = refused.reason if refused is not None else None
     required = payment_required(url, [refunds.x402.terms.requirements(0, **states)], reason)
     message = refused.message if refused is not None else "send a batch-settlement refund payment (PAYMENT-SIGNATURE)"
-    return PaymentChallenge(message, required, reason=reason)
+    facts = {k: v for k, v in refused.facts.items() if k != "reason"} if refused is not None else {}
+    return PaymentChallenge(message, required, reason=reason, **facts)  # e.g. what more a refund needs charged

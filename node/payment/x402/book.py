@@ -92,6 +92,22 @@ class ChannelBook:
             conn.execute(update(X402Channel).where(X402Channel.channel_id == to_hex(channel_id))
                          .values(refund_total=total, refund_was_partial=was_partial))
 
+    def node_gas(self, channel_id: bytes) -> int:
+        """Gas the node spent on the channel's gasless transactions so far (0: none, or no such row)."""
+        with self.factory() as session:
+            gas = session.scalar(select(X402Channel.node_gas).where(X402Channel.channel_id == to_hex(channel_id)))
+        return int(gas or 0)
+
+    def add_gas(self, channel_id: bytes, config: ChannelConfig, gas: int) -> None:
+        """Count `gas` the node spent on a transaction of the channel's (a deposit, a refund), the channel
+        written down first if it is not yet (its deposit is in: no stranger's empty channel)."""
+        if gas <= 0:
+            return
+        self.lane_of(channel_id, config)
+        with self.factory.kw["bind"].begin() as conn:
+            conn.execute(update(X402Channel).where(X402Channel.channel_id == to_hex(channel_id))
+                         .values(node_gas=X402Channel.node_gas + gas))
+
     def record_voucher(self, channel_id: bytes, max_claimable: int, signature: bytes, tx: Any = None) -> None:
         """Keep the voucher if its ceiling is the highest seen (a checked voucher only). With `tx`, the
         hold's lane transaction (under the router's payer lock): written and committed with the hold."""

@@ -5,7 +5,9 @@ charged (`maxClaimableAmount == chargedCumulativeAmount`: it buys nothing) and o
 node, as the channel's receiver authorizer, claims what it charged with that very voucher and returns the
 rest (or the amount asked, if less) in one transaction (`multicall(claim, refund)`): a refund can never
 take a charge. The node pays that transaction's gas, so a partial refund is at least the node's minimum
-deposit (like a deposit it sends): 1-wei refunds, one after another, cannot drain its gas key.
+deposit (like a deposit it sends): 1-wei refunds, one after another, cannot drain its gas key; and with
+`token_per_eth` a refund is granted only once the channel's fees cover the node's gas on it, its deposits
+and this refund (node/payment/x402/gas_cover.py).
 No request is served on the channel meanwhile: a hold of nothing is placed on its lane first, and dropped
 only once the indexer's mirror shows the refund, so no hold reads a balance that the refund already returned.
 
@@ -32,6 +34,7 @@ from eth_hash.auto import keccak
 from node.payment.x402.book import RefundMark
 from node.payment.x402.chain_reads import OnChain
 from node.payment.x402.channel_check import PREFIX, ChannelView, X402Refused, check_signature, check_terms
+from node.payment.x402.gas_cover import REFUND_GAS, GasCover
 from node.payment.x402.service import X402Checked, X402Payments
 from node.payment.x402.typed import ChannelConfig
 from node.payment.x402.wire import Payment, decode_payment, payment_response
@@ -62,9 +65,11 @@ IsMirrored = Callable[[bytes, int], bool]  # (channel, refund nonce): the mirror
 
 class X402Refunds:
     def __init__(self, x402: X402Payments, read_live: Callable[[bytes], OnChain], submit: SubmitRefund,
-                 is_mirrored: IsMirrored, mirror_wait_s: float = 30.0, poll_s: float = 0.2) -> None:
+                 is_mirrored: IsMirrored, mirror_wait_s: float = 30.0, poll_s: float = 0.2,
+                 gas: GasCover | None = None) -> None:
         self.x402, self.read_live, self.submit, self.is_mirrored = x402, read_live, submit, is_mirrored
         self.mirror_wait_s, self.poll_s = mirror_wait_s, poll_s
+        self.gas = gas  # None (no `token_per_eth`): refunds are granted whatever the node's gas on the channel
 
     def refund(self, header: str) -> dict[str, Any]:
         payment = decode_payment(header)
@@ -128,6 +133,8 @@ class X402Refunds:
                               "only the whole rest of a partial refund is returned; a partial refund needs a "
                               "request charged first", REFUND_AMOUNT_INVALID, charged=str(charged),
                               available=str(available), amount=str(amount))
+        if self.gas is not None:  # the channel's fees pay for the node's gas on it (x402/gas_cover.py)
+            self.gas.check_refund(charged, self.x402.book.node_gas(channel), self.x402.terms.withdraw_delay_s)
         self.x402.book.record_refund(channel, RefundMark(charged, amount < available))
         v = payment.voucher
         order = RefundOrder(payment.config, v.max_claimable, v.signature,
@@ -138,10 +145,12 @@ class X402Refunds:
         """The refund's transaction; one that failed (reverted, or never sent) leaves the latest refund as
         it was: the payer's refund sent again is not one that "used" its voucher."""
         try:
-            return self.submit(order)
+            sent = self.submit(order)
         except BaseException:
             self.x402.book.record_refund(channel, last)
             raise
+        self.x402.book.add_gas(channel, order.config, REFUND_GAS)
+        return sent
 
     def _wait_mirrored(self, channel: bytes, nonce: int) -> bool:
         deadline = time.monotonic() + self.mirror_wait_s

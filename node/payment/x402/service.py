@@ -218,7 +218,9 @@ class X402Payments:
         finds its authorization used and submits nothing (else it reverted: the node's gas for nothing)."""
         shared = db_lock(self.ledger.factory.kw["bind"], "x402-deposit:" + to_hex(payment.voucher.channel_id))
         with self._deposit_lock, shared:
-            return self.submit_deposit(payment)
+            sent = self.submit_deposit(payment)
+        self.book.add_gas(payment.voucher.channel_id, payment.config, _gas_used(sent))  # the channel's fees pay it
+        return sent
 
     def _simulate(self, checked: X402Checked) -> None:
         """Ask the chain about a deposit before the lock every deposit takes (one nonce at a time): one the
@@ -335,6 +337,11 @@ class X402Payments:
         moved = str(deposit.amount) if deposit is not None and voucher.deposit_tx else ""
         return payment_response(self.terms.network, voucher.x402.payment.config.payer, fee, state,
                                 transaction=voucher.deposit_tx, amount=moved)
+
+
+def _gas_used(receipt: Any) -> int:
+    """A mined transaction's gas (0 for none: nothing sent)."""
+    return int(receipt["gasUsed"]) if receipt else 0
 
 
 def _tx_hash(receipt: Any) -> str:
