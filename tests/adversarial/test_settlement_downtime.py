@@ -72,3 +72,43 @@ def test_a_day_of_receipts_is_collected_in_as_few_settles_as_the_cap_allows(sett
     assert not any(reverted for *_, reverted in sent)
     # the honest lanes in ceil(6 / CAP) settles, and the payer that may withdraw first in one of its own
     assert sorted(n for _, _, n, _ in sent) == [2, 3, 3], f"settles of {[n for _, _, n, _ in sent]} vouchers"
+
+
+def test_a_settle_left_in_the_pool_that_reverts_after_the_day_stops_nothing(settlement_world: SettlementWorld) -> None:
+    """The worker sent an epoch and went down before it was mined; it lands a day later, when one of its
+    vouchers has expired, and reverts. On restart the epoch is rebuilt without that lane (a loss), and
+    the lanes that waited meanwhile are collected."""
+    world = settlement_world
+    world.pay(0, 0, world.adapter_ids[0], FEE, validity_s=600)
+    world.pay(0, 1, world.adapter_ids[0], FEE, validity_s=2 * DAY)
+    service = world.service(EpochPolicy(max_age_s=0, max_lanes=CAP))
+    world.anvil.rpc("evm_setAutomine", False)
+    try:
+        assert service.tick() is EpochState.BUILT
+        assert service.tick() is EpochState.SUBMITTED  # in the pool; the worker goes down
+        for lane in range(2, 6):  # the API went on taking payments
+            world.pay(1, lane, world.adapter_ids[1], FEE, validity_s=2 * DAY)
+        world.anvil.rpc("evm_increaseTime", DAY)
+        first_block = world.w3.eth.block_number + 1
+        world.mine()  # the settle lands a day late: lane 0's voucher has expired
+    finally:
+        world.anvil.rpc("evm_setAutomine", True)
+    assert [reverted for *_, reverted in settles(world, first_block)] == [True], "the late settle reverted"
+    world.sync()
+
+    service = world.service(EpochPolicy(max_age_s=0, max_lanes=CAP))
+    for _ in range(60):
+        service.tick()
+        world.mine()
+        world.sync()
+        with world.factory() as session:
+            done = (outbox.pending(session, world.node).num_receipts == 0
+                    and all(r.state is EpochState.FINAL for r in outbox.in_flight(session, world.node)))
+        if done:
+            break
+    assert done, "the worker did not get through the day's receipts"
+    settlement = world.contracts(OPERATOR).settlement
+    for account, lane in [(PAYERS[0], 1)] + [(PAYERS[1], lane) for lane in range(2, 6)]:
+        assert settlement.collected(address(world.key(account)), world.node, lane) == FEE, (account, lane)
+    assert [(p, lane, reason) for p, lane, _, reason in lost(world)] == [
+        (address(world.key(PAYERS[0])).lower(), 0, LossReason.VOUCHER_EXPIRED)]
