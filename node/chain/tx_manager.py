@@ -10,6 +10,8 @@ so a process killed at any point finds the intent again and `poll` carries it on
   its gas at the intent's worth to its caller when it names one (`max_cost_wei`: a settle's collection);
 - mined: MINED, then FINAL after `confirmations` blocks; a reverted one is FAILED;
 - mined then reorged out: back to PENDING and re-broadcast (same nonce, same bytes);
+- its nonce used but no attempt's receipt found: FAILED ("used by another transaction") once that nonce is
+  `confirmations` blocks deep; until then it waits (an RPC node behind the head hides receipts);
 - refused by the node at its first broadcast (the account cannot pay the gas, ...): FAILED at once, and
   its nonce goes to the next intent (`TxStore.max_nonce`);
 - cancelled (`cancel`): its nonce re-signed as a no-op (0 to itself) at higher fees; once that lands the
@@ -279,9 +281,11 @@ class TxManager:
             self._broadcast(record.latest)
             return record
         if self.w3.eth.get_transaction_count(self.account.address, "latest") > record.nonce:
-            if self._find_receipt(record) is None:  # not mined between the two reads: the nonce went elsewhere
-                return replace(record, state=TxState.FAILED, error=f"nonce {record.nonce} used by another transaction")
-            return self._advance(record, cap)
+            if self._find_receipt(record) is not None:  # mined between the two reads
+                return self._advance(record, cap)
+            if not self._used_deep(record.nonce):  # a receipt a lagging node hides yet: asked again next poll
+                return record
+            return replace(record, state=TxState.FAILED, error=f"nonce {record.nonce} used by another transaction")
         if not self._known(record.latest.tx_hash):
             self._broadcast(record.latest)
         if self.clock() - record.latest.sent_at >= self.policy.bump_after_s:
@@ -295,6 +299,16 @@ class TxManager:
             except TransactionNotFound:
                 continue
         return None
+
+    def _used_deep(self, nonce: int) -> bool:
+        """Whether the account's `nonce` was used at least `confirmations` blocks ago (a node that cannot
+        answer for that block: not yet). Until then a receipt none of the intent's attempts shows may be
+        one an RPC node behind the head hides: the intent is not given up."""
+        try:
+            block = self.w3.eth.block_number - self.policy.confirmations + 1
+            return block >= 0 and self.w3.eth.get_transaction_count(self.account.address, block) > nonce
+        except Web3RPCError:
+            return False
 
     def _known(self, tx_hash: str) -> bool:
         try:
