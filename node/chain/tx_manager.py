@@ -6,9 +6,12 @@ under the store's writer lock, which `ContractClient`s on the same key take too)
 so a process killed at any point finds the intent again and `poll` carries it on:
 - not known to the chain (killed before broadcast, or dropped): the signed bytes are re-broadcast;
 - pending past `bump_after_s`: re-signed with the SAME nonce and fees raised by `bump_percent`
-  (at least the 10 % nodes require for a replacement), never above `max_fee_cap`;
+  (at least the 10 % nodes require for a replacement), never above `max_fee_cap`, nor above what prices
+  its gas at the intent's worth to its caller when it names one (`max_cost_wei`: a settle's collection);
 - mined: MINED, then FINAL after `confirmations` blocks; a reverted one is FAILED;
 - mined then reorged out: back to PENDING and re-broadcast (same nonce, same bytes);
+- its nonce used but no attempt's receipt found: FAILED ("used by another transaction") once that nonce is
+  `confirmations` blocks deep; until then it waits (an RPC node behind the head hides receipts);
 - refused by the node at its first broadcast (the account cannot pay the gas, ...): FAILED at once, and
   its nonce goes to the next intent (`TxStore.max_nonce`);
 - cancelled (`cancel`): its nonce re-signed as a no-op (0 to itself) at higher fees; once that lands the
@@ -135,8 +138,10 @@ class TxManager:
         return str(self.account.address)
 
     # --- sending ----------------------------------------------------------------------------------
-    def send(self, key: str, to: str, data: str, value: int = 0, gas: int | None = None) -> TxRecord:
-        """Create and broadcast the intent `key`, or return it as it stands if it exists already."""
+    def send(self, key: str, to: str, data: str, value: int = 0, gas: int | None = None,
+             max_cost_wei: int | None = None) -> TxRecord:
+        """Create and broadcast the intent `key`, or return it as it stands if it exists already. With
+        `max_cost_wei`, its max fee never prices the gas it uses past that (`fee_cap`)."""
         existing = self.store.load(key)
         if existing is not None:
             return existing
@@ -147,7 +152,7 @@ class TxManager:
             gas = gas or self._estimate_gas(to, data, value)
             record = TxRecord(key=key, sender=self.sender, nonce=self._next_nonce(), to=Web3.to_checksum_address(to),
                               data=data, value=value, gas=gas)
-            max_fee, tip = self._initial_fees()
+            max_fee, tip = self._initial_fees(self.fee_cap(record, max_cost_wei))
             record = replace(record, attempts=(self._sign(record, max_fee, tip),))
             self.store.save(record)
             log.info("tx %s: nonce %d signed, broadcasting", key, record.nonce)
@@ -206,10 +211,19 @@ class TxManager:
             raise ChainError("the transaction would revert", to=to, reason=str(exc)) from exc
         return int(estimate) * (100 + self.policy.gas_margin_percent) // 100
 
-    def _initial_fees(self) -> tuple[int, int]:
+    def _initial_fees(self, cap: int) -> tuple[int, int]:
         base_fee = int(self.w3.eth.get_block("latest")["baseFeePerGas"])
         tip = self.policy.priority_fee if self.policy.priority_fee is not None else int(self.w3.eth.max_priority_fee)
-        return min(2 * base_fee + tip, self.policy.max_fee_cap), min(tip, self.policy.max_fee_cap)
+        return min(2 * base_fee + tip, cap), min(tip, cap)
+
+    def fee_cap(self, record: TxRecord, max_cost_wei: int | None) -> int:
+        """The highest max fee per gas of the intent's attempts: `max_fee_cap`, and with `max_cost_wei` (what
+        the call is worth to its caller) no more than prices the gas it uses (its estimate, without the
+        margin: `record.gas` less `gas_margin_percent`) at that."""
+        if max_cost_wei is None or (record.attempts and record.latest.is_cancel):  # a no-op: `cancel` prices it
+            return self.policy.max_fee_cap
+        used = max(1, -(-record.gas * 100 // (100 + self.policy.gas_margin_percent)))  # rounded up
+        return min(self.policy.max_fee_cap, max_cost_wei // used)
 
     def _sign(self, record: TxRecord, max_fee: int, tip: int, is_cancel: bool = False) -> TxAttempt:
         call = ({"to": self.sender, "data": "0x", "value": 0, "gas": 21_000} if is_cancel else
@@ -234,19 +248,20 @@ class TxManager:
             raise ChainError("broadcast refused", tx_hash=attempt.tx_hash, reason=str(exc)) from exc
 
     # --- following --------------------------------------------------------------------------------
-    def poll(self, key: str) -> TxRecord:
-        """Advance the intent one step (confirm, bump, re-broadcast); returns the saved record."""
+    def poll(self, key: str, max_cost_wei: int | None = None) -> TxRecord:
+        """Advance the intent one step (confirm, bump, re-broadcast); returns the saved record. With
+        `max_cost_wei`, a bump never prices the gas it uses past that (`fee_cap`): the intent waits instead."""
         record = self.store.load(key)
         if record is None:
             raise ChainError("unknown transaction intent", key=key)
         if record.state in (TxState.FINAL, TxState.FAILED):
             return record
-        updated = self._advance(record)
+        updated = self._advance(record, self.fee_cap(record, max_cost_wei))
         if updated != record:
             self.store.save(updated)
         return updated
 
-    def _advance(self, record: TxRecord) -> TxRecord:
+    def _advance(self, record: TxRecord, cap: int) -> TxRecord:
         receipt = self._find_receipt(record)
         if receipt is not None:
             mined_hash = receipt["transactionHash"].to_0x_hex()
@@ -266,13 +281,15 @@ class TxManager:
             self._broadcast(record.latest)
             return record
         if self.w3.eth.get_transaction_count(self.account.address, "latest") > record.nonce:
-            if self._find_receipt(record) is None:  # not mined between the two reads: the nonce went elsewhere
-                return replace(record, state=TxState.FAILED, error=f"nonce {record.nonce} used by another transaction")
-            return self._advance(record)
+            if self._find_receipt(record) is not None:  # mined between the two reads
+                return self._advance(record, cap)
+            if not self._used_deep(record.nonce):  # a receipt a lagging node hides yet: asked again next poll
+                return record
+            return replace(record, state=TxState.FAILED, error=f"nonce {record.nonce} used by another transaction")
         if not self._known(record.latest.tx_hash):
             self._broadcast(record.latest)
         if self.clock() - record.latest.sent_at >= self.policy.bump_after_s:
-            return self._bump(record)
+            return self._bump(record, cap)
         return record
 
     def _find_receipt(self, record: TxRecord) -> Any:
@@ -283,6 +300,16 @@ class TxManager:
                 continue
         return None
 
+    def _used_deep(self, nonce: int) -> bool:
+        """Whether the account's `nonce` was used at least `confirmations` blocks ago (a node that cannot
+        answer for that block: not yet). Until then a receipt none of the intent's attempts shows may be
+        one an RPC node behind the head hides: the intent is not given up."""
+        try:
+            block = self.w3.eth.block_number - self.policy.confirmations + 1
+            return block >= 0 and self.w3.eth.get_transaction_count(self.account.address, block) > nonce
+        except Web3RPCError:
+            return False
+
     def _known(self, tx_hash: str) -> bool:
         try:
             self.w3.eth.get_transaction(tx_hash)  # type: ignore[arg-type]
@@ -290,10 +317,10 @@ class TxManager:
         except TransactionNotFound:
             return False
 
-    def _bump(self, record: TxRecord) -> TxRecord:
-        fees = self.policy.bumped(record.latest.max_fee_per_gas, record.latest.max_priority_fee_per_gas)
+    def _bump(self, record: TxRecord, cap: int) -> TxRecord:
+        fees = self.policy.bumped(record.latest.max_fee_per_gas, record.latest.max_priority_fee_per_gas, cap)
         if fees is None:
-            log.warning("tx %s: fee cap %d reached, waiting", record.key, self.policy.max_fee_cap)
+            log.warning("tx %s: fee cap %d reached, waiting", record.key, cap)
             return record
         max_fee, tip = fees
         attempt = self._sign(record, max_fee, tip, is_cancel=record.latest.is_cancel)  # a cancel stays one

@@ -1,9 +1,11 @@
 """SUBMITTED -> CONFIRMED -> FINAL: a sent `settle` is followed until it is final or failed.
 
 The TxManager polls it (fee bumps and re-broadcasts after a crash or a reorg happen there; a reorg sends
-a mined settle back to SUBMITTED). A settle built on leaves the guardian vetoed or replaced is cancelled
-before it can land. A `settle` the chain already holds with the same roots counts as success, final once
-the indexer sees it final when its intent was given up (a receipt an RPC node hid is no proof of depth).
+a mined settle back to SUBMITTED); its bumps stop at what the epoch collects (`budget`, with
+`token_per_eth` set), past which it waits in the pool for the price to fall. A settle built on leaves
+the guardian vetoed or replaced is cancelled before it can land. A `settle` the chain already holds with
+the same roots counts as success, final once the indexer sees it final when its intent was given up (a
+receipt an RPC node hid is no proof of depth).
 """
 
 from __future__ import annotations
@@ -18,14 +20,17 @@ from node.settlement import outbox
 from node.settlement.amendment import ADOPT_HINT, follows_chain
 from node.settlement.outbox import Transition, attempt_of, intent_key
 from node.settlement.settle_call import epoch_matches
+from node.settlement.submit_step import GasBudget
 
 
 class FollowStep:
-    def __init__(self, factory: sessionmaker[Session], settlement: Settlement, tx: TxManager) -> None:
+    def __init__(self, factory: sessionmaker[Session], settlement: Settlement, tx: TxManager,
+                 budget: GasBudget = lambda _c: None) -> None:
         self.factory = factory
         self.settlement = settlement
         self.tx = tx
         self.node = tx.sender
+        self.budget = budget  # fee bumps stop at what the epoch collects: past that the settle waits
 
     def follow(self, row: SettlementEpoch) -> Transition:
         """What the epoch's settle is now, to record."""
@@ -38,7 +43,7 @@ class FollowStep:
             previous = outbox.epoch_row(session, self.node, row.epoch_id - 1)
         if not follows_chain(self.settlement, self.node, previous):
             self.tx.cancel(key)  # before `poll` re-broadcasts it
-        record = self.tx.poll(key)
+        record = self.tx.poll(key, self.budget(row.collected_total or 0))
         if record.state is TxState.PENDING:
             return Transition(EpochState.SUBMITTED, tx_hash=record.latest.tx_hash)
         if record.state is TxState.MINED:

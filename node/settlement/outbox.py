@@ -188,12 +188,18 @@ def epoch_lanes(session: Session, node: str, max_receipt_id: int, max_lanes: int
     """The lanes (payer, lane) an epoch opened now takes (`open_epoch`); none when their fees do not pay for
     the settle (`settle_fee` + `min_lane_fee` a lane). When the most urgent `max_lanes` do not, the
     `max_lanes` richest do if any lanes can: lanes just worth their own gas, due first, never hold up
-    a lane that pays for the settle."""
+    a lane that pays for the settle. A lane no voucher of which is valid when the settle lands
+    (`may_withdraw_by`: every one expired, e.g. while the worker was down) takes no place: it rides along
+    with whatever is taken, its receipts recorded as lost by the build (their deadlines, the soonest,
+    once put them first and left the settle short of live lanes)."""
     waiting = (Receipt.node == node.lower(), Receipt.epoch_id.is_(None), Receipt.id <= max_receipt_id, _not_lost())
-    lanes = session.execute(select(Voucher.payer, Voucher.lane, func.min(Voucher.deadline), func.min(Receipt.id),
-                                   func.amount_total(Receipt.fee))
-                            .join(Receipt, Receipt.voucher_hash == Voucher.voucher_hash).where(*waiting)
-                            .group_by(Voucher.payer, Voucher.lane)).all()
+    rows = session.execute(select(Voucher.payer, Voucher.lane, func.min(Voucher.deadline), func.min(Receipt.id),
+                                  func.max(Voucher.deadline), func.amount_total(Receipt.fee))
+                           .join(Receipt, Receipt.voucher_hash == Voucher.voucher_hash).where(*waiting)
+                           .group_by(Voucher.payer, Voucher.lane)).all()
+    expired = [may_withdraw_by is not None and int(r[4]) < may_withdraw_by for r in rows]
+    dead = [(r[0], r[1]) for r, gone in zip(rows, expired, strict=True) if gone]
+    lanes = [(*r[:4], r[5]) for r, gone in zip(rows, expired, strict=True) if not gone]  # payer lane deadline id fee
     thaw_ends = _thaw_ends(session, node)
     worth = [r for r in lanes if int(r[4]) >= min_lane_fee]
     urgent = sorted(worth, key=lambda r: (collect_by(r[2], thaw_ends.get(r[0])), r[3]))
@@ -207,7 +213,7 @@ def epoch_lanes(session: Session, node: str, max_receipt_id: int, max_lanes: int
     if not pays(taken):
         taken = sorted(urgent, key=lambda r: (-int(r[4]), r[3]))[:max_lanes]
         taken = taken if pays(taken) else []
-    return [(payer, lane) for payer, lane, *_ in taken]
+    return [(payer, lane) for payer, lane, *_ in taken] + dead
 
 
 def at_risk_first(lanes: list[Any], thaw_ends: dict[str, int], may_withdraw_by: int,

@@ -11,7 +11,8 @@ count (`GasFloor.lane`): a lane below it waits, nothing lost (vouchers are cumul
 voucher covers it too), until it is worth collecting; and an epoch closes only once what it would collect
 also covers the settle's own gas (`GasFloor.base`), so the node never pays more gas than it collects.
 The worker asks the gas price once a tick, and checks it again before an epoch's first send: an epoch the
-price has risen past since it closed is dissolved and waits (node/settlement/service.py).
+price has risen past since it closed is dissolved and waits (node/settlement/service.py). Once sent, its
+settle's fee bumps stop at what the epoch collects (`gas_budget_wei`): past that it waits for the price.
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ class EpochPolicy:
             return GasFloor()
         per_gas = gas_price_wei * self.token_per_eth
         return GasFloor(lane=-(-LANE_GAS * per_gas // ETH), base=-(-SETTLE_BASE_GAS * per_gas // ETH))
+
+    def gas_budget_wei(self, collected: int) -> int | None:
+        """The most wei of gas a settle collecting `collected` token units may cost (None: no bound but the
+        TxManager's `max_fee_cap`, as without `token_per_eth` the token's worth in ETH is unknown)."""
+        return None if self.token_per_eth is None else collected * ETH // self.token_per_eth
 
     def is_due(self, pending: Pending, now: float, floor: GasFloor = GasFloor()) -> bool:
         """Whether the receipts waiting (`pending`: of the lanes worth their gas) should be closed into an

@@ -19,17 +19,20 @@ from node.errors import ChainError
 from node.settlement import outbox
 from node.settlement.outbox import attempt_of, fresh_attempt, intent_key
 from node.settlement.settle_call import epoch_matches
+from node.settlement.submit_step import GasBudget
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 8  # rebuilds of a failed epoch before it waits for an operator, plus one per lane it lost
 
 
 class Recovery:
-    def __init__(self, factory: sessionmaker[Session], settlement: Settlement, tx: TxManager) -> None:
+    def __init__(self, factory: sessionmaker[Session], settlement: Settlement, tx: TxManager,
+                 budget: GasBudget = lambda _c: None) -> None:
         self.factory = factory
         self.settlement = settlement
         self.tx = tx
         self.node = tx.sender
+        self.budget = budget  # a later epoch's settle polled here is bumped no further than it collects
 
     def recover(self) -> int | None:
         """Reopen the failed epoch as a new attempt when it may be. Its id when the chain holds it after
@@ -39,20 +42,21 @@ class Recovery:
             if failed is None or attempt_of(failed) + 1 >= MAX_ATTEMPTS + outbox.lanes_lost(session, self.node,
                                                                                             failed.epoch_id):
                 return None
-            after = [(r.epoch_id, attempt_of(r)) for r in outbox.later(session, self.node, failed.epoch_id)]
+            after = [(r.epoch_id, attempt_of(r), self.budget(r.collected_total or 0))
+                     for r in outbox.later(session, self.node, failed.epoch_id)]
         if epoch_matches(self.settlement, self.node, failed):  # it landed after all
             return failed.epoch_id
         if self.settlement.last_epoch(self.node) >= failed.epoch_id:  # never forget what landed
             raise ChainError("the chain holds an epoch this database marks failed", node=self.node,
                              epoch_id=failed.epoch_id)
-        for epoch_id, attempt in after:
+        for epoch_id, attempt, budget in after:
             key = intent_key(self.node, epoch_id, attempt)
-            if self.tx.store.load(key) is not None and self.tx.poll(key).state is TxState.PENDING:
+            if self.tx.store.load(key) is not None and self.tx.poll(key, budget).state is TxState.PENDING:
                 return None
         with self.factory() as session, session.begin():
             row = outbox.epoch_row(session, self.node, failed.epoch_id)
             assert row is not None
-            for epoch_id, _ in reversed(after):
+            for epoch_id, _, _ in reversed(after):
                 outbox.dissolve(session, self.node, epoch_id)
             attempt = fresh_attempt(self.tx.store, self.node, row.epoch_id, attempt_of(row) + 1)
             row.state, row.batch, row.trees = EpochState.OPEN, {"attempt": attempt}, None

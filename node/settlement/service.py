@@ -11,7 +11,8 @@ Each node's epochs move through the outbox, and every step is persisted before t
     SUBMITTED  the `settle` was simulated (a lane that would revert, e.g. an escrow short of funds,
                becomes a recorded loss and the batch is rebuilt without it) and its intent is in the
                TxManager's store (saved before its broadcast); fee bumps and re-broadcasts after a crash
-               or a reorg happen there
+               or a reorg happen there, the fees never pricing its gas past what the epoch collects
+               (with `token_per_eth` set: it waits in the pool for the price to fall instead)
     CONFIRMED  mined (a reorg sends it back to SUBMITTED: the TxManager re-broadcasts it)
     FINAL      `finality_depth` blocks deep and the chain holds our roots for this epoch
     FAILED     the chain refused it after its preflight; the next tick rebuilds it (a new attempt) and
@@ -78,9 +79,9 @@ class SettlementService:
         settlement = contracts.settlement
         self.builder = BuildStep(factory, settlement, self.node, self.params, policy.land_within_s,
                                  policy.build_s)
-        self.submitter = SubmitStep(settlement, tx, self.builder, before_send)
-        self.follower = FollowStep(factory, settlement, tx)
-        self.recovery = Recovery(factory, settlement, tx)
+        self.submitter = SubmitStep(settlement, tx, self.builder, before_send, policy.gas_budget_wei)
+        self.follower = FollowStep(factory, settlement, tx, policy.gas_budget_wei)
+        self.recovery = Recovery(factory, settlement, tx, policy.gas_budget_wei)
 
     # --- the loop -----------------------------------------------------------------------------------
     def tick(self) -> EpochState | None:

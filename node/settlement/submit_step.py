@@ -25,17 +25,19 @@ from node.settlement.settle_call import epoch_matches, preflight, settle_calldat
 
 log = logging.getLogger(__name__)
 BeforeSend = Callable[[SettlementEpoch], LaneRefusal | NotYet | None]
+GasBudget = Callable[[int], int | None]  # an epoch's collection -> the most wei its settle's gas may cost
 Outcome = Transition | EpochState | None  # a state to record, or the state it is in (None: dissolved)
 
 
 class SubmitStep:
     def __init__(self, settlement: Settlement, tx: TxManager, builder: BuildStep,
-                 before_send: BeforeSend | None = None) -> None:
+                 before_send: BeforeSend | None = None, budget: GasBudget = lambda _c: None) -> None:
         self.settlement = settlement
         self.tx = tx
         self.node = tx.sender
         self.builder = builder
         self.before_send = before_send
+        self.budget = budget  # the settle's fees never price its gas past what the epoch collects
 
     def submit(self, row: SettlementEpoch) -> Outcome:
         key = intent_key(self.node, row.epoch_id, attempt_of(row))
@@ -51,7 +53,8 @@ class SubmitStep:
                 return checked
             row = checked
             try:
-                record = self.tx.send(key, self.settlement.address, settle_calldata(self.settlement, row))
+                record = self.tx.send(key, self.settlement.address, settle_calldata(self.settlement, row),
+                                      max_cost_wei=self.budget(row.collected_total or 0))
             except (ChainError, ContractLogicError) as exc:  # the chain moved since the preflight
                 return self.refused(row, exc if isinstance(exc, ChainError) else ChainError(str(exc)))
         return Transition(EpochState.SUBMITTED, tx_hash=record.latest.tx_hash, nonce=record.nonce)

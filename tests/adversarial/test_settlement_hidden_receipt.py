@@ -16,9 +16,10 @@ import pytest
 from web3 import Web3
 
 from node.chain.contracts import Contracts
-from node.chain.tx_manager import FeePolicy, TxManager
+from node.chain.tx_manager import FeePolicy, TxManager, TxState
 from node.chain.tx_store import SqlTxStore
 from node.db.models import EpochState
+from node.settlement.outbox import intent_key
 from node.settlement.policy import EpochPolicy
 from node.settlement.service import SettlementService
 from tests.adversarial.settlement_steps import LONG, payer, tick_until
@@ -30,7 +31,9 @@ FEE = 10**15
 
 
 def _given_up(world: SettlementWorld, proxy: FlakyRpc) -> tuple[SettlementService, int]:
-    """A service whose epoch 1 settle is mined while the RPC hid its receipt for one tick; the settle's block."""
+    """A service whose epoch 1 settle is mined, and given up while the RPC hid its receipt for one tick with
+    the settle two blocks deep (the TxManager waits that long: tests/chain/test_tx_hidden_receipt.py);
+    the settle's block."""
     w3 = Web3(Web3.HTTPProvider(proxy.url))
     key = world.key(OPERATOR)
     tx = TxManager(w3, key, SqlTxStore(world.factory), FeePolicy(confirmations=2))
@@ -42,12 +45,14 @@ def _given_up(world: SettlementWorld, proxy: FlakyRpc) -> tuple[SettlementServic
     assert service.tick() is EpochState.SUBMITTED  # anvil mines it at once
     settle_block = world.w3.eth.block_number
     assert settle_block > before
+    world.mine()  # the settle is `confirmations` deep: a receipt still hidden now gives the intent up
 
     proxy.hides_transactions = True  # the node that answers receipts lags
     state = service.tick()
     proxy.hides_transactions = False
     assert proxy.counts["hidden"] > 0
-    assert state is not EpochState.FINAL, "one block deep, seen through a node that hides its receipt"
+    assert tx.store.load(intent_key(tx.sender, 1)).state is TxState.FAILED  # type: ignore[union-attr]
+    assert state is not EpochState.FINAL, "two blocks deep, seen through a node that hides its receipt"
     return service, settle_block
 
 

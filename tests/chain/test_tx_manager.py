@@ -151,6 +151,22 @@ def test_a_reorged_out_transaction_is_sent_again(w3: Web3, fresh_anvil: Anvil) -
     assert w3.eth.get_balance(RECIPIENT) == 9
 
 
+def test_bumps_stop_at_what_the_intent_is_worth(w3: Web3, fresh_anvil: Anvil) -> None:
+    """With `max_cost_wei`, no attempt's max fee prices the gas the call uses (its estimate) past it."""
+    fresh_anvil.rpc("evm_setAutomine", False)
+    clock = FakeClock()
+    tm = _manager(w3, fresh_anvil, MemoryTxStore(), clock, priority_fee=1)
+    worth = 21_000 * 5 * 10**9  # a transfer's gas at 5 gwei
+    sent = tm.send("worth", RECIPIENT, "0x", value=1, max_cost_wei=worth)
+    fresh_anvil.rpc("anvil_setNextBlockBaseFeePerGas", hex(50 * 10**9))  # ten times what it is worth
+    fresh_anvil.rpc("evm_mine")
+    for _ in range(40):
+        clock.now += 31
+        record = tm.poll("worth", max_cost_wei=worth)
+    assert max(a.max_fee_per_gas for a in record.attempts) * 21_000 <= worth
+    assert record.state is TxState.PENDING and sent.gas > 21_000  # the margin is not counted as gas it uses
+
+
 def test_small_bumps_are_refused() -> None:
     with pytest.raises(ValueError, match="at least 10"):
         FeePolicy(bump_percent=5)
