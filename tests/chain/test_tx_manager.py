@@ -131,7 +131,9 @@ def test_killed_before_broadcast_is_rebroadcast_on_poll(w3: Web3, fresh_anvil: A
     record = replace(record, attempts=(tm._sign(record, 10**10, 10**9),))
     store.save(record)
     restarted = _manager(w3, fresh_anvil, store)
-    restarted.poll("settle:9")  # re-broadcasts; anvil mines it at once
+    restarted.poll("settle:9")  # re-broadcasts
+    # anvil's automine answers the send before the block is in (it can lag under load): wait for it
+    w3.eth.wait_for_transaction_receipt(record.latest.tx_hash, timeout=30)  # type: ignore[arg-type]
     assert restarted.poll("settle:9").state in (TxState.MINED, TxState.FINAL)
     assert w3.eth.get_balance(RECIPIENT) == 5
 
