@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from node.engine.detokenize import IncrementalText
 from node.engine.grammar import GrammarState
 from node.engine.logprob import TokenLogprob
 from node.engine.sampling import SamplingParams
@@ -73,6 +74,7 @@ class Sequence:
     stop_search_from: int = 0  # stop strings are looked for from this character (see min_tokens)
     grammar: GrammarState | None = None  # where its output stands in params.grammar
     num_cut_tokens: int = 0  # last tokens that spell an unfinished character: left out of the answer (output.py)
+    detok: IncrementalText = field(default_factory=IncrementalText)  # its text, decoded a window per step
 
     @property
     def num_answer_tokens(self) -> int:
