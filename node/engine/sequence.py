@@ -9,6 +9,7 @@ import torch
 
 from node.engine.grammar import GrammarState
 from node.engine.logprob import TokenLogprob
+from node.engine.penalty import TokenCounts
 from node.engine.sampling import SamplingParams
 from node.errors import NodeError
 
@@ -73,6 +74,10 @@ class Sequence:
     stop_search_from: int = 0  # stop strings are looked for from this character (see min_tokens)
     grammar: GrammarState | None = None  # where its output stands in params.grammar
     num_cut_tokens: int = 0  # last tokens that spell an unfinished character: left out of the answer (output.py)
+    counts: TokenCounts = field(init=False)  # its history's token counts, for its penalties (penalty.py)
+
+    def __post_init__(self) -> None:
+        self.counts = TokenCounts(self.prompt_token_ids, self.output_token_ids)
 
     @property
     def num_answer_tokens(self) -> int:
