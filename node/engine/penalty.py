@@ -112,14 +112,16 @@ def _frequency_presence(logits: torch.Tensor, rows: list[int], params: list[Samp
 
 
 def _bias(logits: torch.Tensor, params: list[SamplingParams]) -> None:
-    entries = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias]
-    if not entries:
+    rows = [i for i, p in enumerate(params) if p.logit_bias]
+    if not rows:
         return
-    rows, cols, values = zip(*entries, strict=True)
-    assert max(cols) < logits.shape[-1], "logit_bias ids are checked against the vocabulary on admission"
+    ids, biases = zip(*(params[i].bias_tensors for i in rows), strict=True)  # laid out once per request
+    cols = torch.cat(ids)  # [E]: every row's entries, row after row
+    assert int(cols.max()) < logits.shape[-1], "logit_bias ids are checked against the vocabulary on admission"
+    row_of = torch.repeat_interleave(torch.tensor(rows), torch.tensor([len(t) for t in ids]))  # [E]
     device = logits.device
-    logits.index_put_((torch.tensor(rows, device=device), torch.tensor(cols, device=device)),
-                      torch.tensor(values, dtype=logits.dtype, device=device), accumulate=True)
+    logits.index_put_((row_of.to(device), cols.to(device)), torch.cat(biases).to(device, logits.dtype),
+                      accumulate=True)
 
 
 def _min_tokens(logits: torch.Tensor, params: list[SamplingParams], outputs: Sequence[Sequence[int]],

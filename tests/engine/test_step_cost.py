@@ -78,3 +78,25 @@ def test_a_slice_of_the_tokens_is_that_of_the_whole_history() -> None:
     for start in range(6):
         for end in range(start, 6):
             assert seq.tokens(start, end) == seq.token_ids[start:end], (start, end)
+
+
+def _bias_step_memory(num_entries: int) -> int:
+    """Peak bytes of Python objects a step's adjustments allocate for 16 rows of `num_entries` logit_bias
+    entries each (the requests' params are the ones of every step before)."""
+    params = [SamplingParams(logit_bias={t: 1.5 for t in range(num_entries)})] * 16
+    logits, histories = torch.zeros(16, 2048), [[1]] * 16
+    penalty.adjust_logits(logits, params, histories, histories, frozenset())  # the first step
+    tracemalloc.start()
+    try:
+        adjusted = penalty.adjust_logits(logits, params, histories, histories, frozenset())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert adjusted[:, :num_entries].eq(1.5).all() and adjusted[:, num_entries:].eq(0).all()
+    return peak
+
+
+def test_a_long_logit_bias_is_laid_out_once_not_every_step() -> None:
+    # 1,024 entries (the most a request may send) cost a step no more Python objects than one entry does:
+    # laid out again each step, 16 rows of them took 16,384 tuples and their numbers (over 1 MB) every token
+    assert _bias_step_memory(1024) < _bias_step_memory(1) + 16_000
