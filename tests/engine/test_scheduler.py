@@ -276,3 +276,23 @@ def test_without_the_cache_admission_is_first_come_first_served() -> None:
     for name, n in (("a", 8), ("b", 8), ("c", 2)):
         sched.add(_seq(name, n))
     assert [s.seq.request_id for s in sched.schedule().scheduled] == ["a", "b"]
+
+
+def test_a_prefill_that_cannot_fit_waits_rather_than_being_computed_again_and_again() -> None:
+    # an older sequence keeps growing into the free blocks; a newer 40-token prompt that was admitted on the
+    # blocks of its first chunk alone was preempted at its next chunk, admitted again, preempted again: its
+    # prefill computed over and over (269 tokens in 60 steps), work nobody pays for
+    sched = _scheduler(blocks=20, block_size=4, tokens=8)
+    old = _seq("old", 8)
+    sched.add(old)
+    for _ in range(3):
+        _run(sched.schedule())
+    new = _seq("new", 40)
+    sched.add(new)
+    computed = 0
+    for _ in range(60):
+        out = sched.schedule()
+        computed += sum(s.num_new_tokens for s in out.scheduled if s.seq is new)
+        _run(out)
+    assert len(old.output_token_ids) == 63  # the older sequence never stopped
+    assert computed <= 2 * len(new.prompt_token_ids), (computed, new.num_preemptions)
