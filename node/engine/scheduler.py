@@ -139,6 +139,8 @@ class Scheduler:
 
     def _admit(self, scheduled: list[ScheduledSeq], budget: int) -> list[Sequence]:
         failed: list[Sequence] = []
+        if budget == 0 or len(self.running) >= self.max_num_seqs:
+            return failed  # nothing can be admitted: ordering the queue (prefix lookups) would be wasted
         active = {s.adapter_id for s in self.running if s.adapter_id is not None}
         computing = self._computing() if self.waiting and self.blocks.enable_caching else set()
         for seq in self._admission_order():
