@@ -26,7 +26,8 @@ from node.engine.sampling import SamplingParams
 
 class TokenCounts:
     """One sequence's history as [vocab] tensors, kept up to date a step at a time: which tokens its
-    prompt holds (counted once) and how often each occurs in its output (`output` only ever grows)."""
+    prompt holds (counted once) and how often each occurs in its output (`output` only ever grows). Made on
+    the logits' device at its first penalised step (5 bytes a vocabulary entry), freed with the sequence."""
 
     def __init__(self, prompt: Sequence[int], output: Sequence[int]) -> None:
         self.prompt, self.output = prompt, output
