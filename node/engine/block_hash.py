@@ -46,9 +46,9 @@ def block_hash(parent: BlockHash, token_ids: list[int]) -> BlockHash:
 
 
 def extend_chain(hashes: list[BlockHash], adapter_id: str | None, cache_salt: str | None, token_ids: list[int],
-                 block_size: int, num_blocks: int) -> None:
-    """Append to `hashes` (the chain of the first len(hashes) blocks of `token_ids`) up to `num_blocks`
-    full blocks."""
-    for i in range(len(hashes), num_blocks):
+                 block_size: int) -> None:
+    """Append to `hashes` the chain of the full blocks of `token_ids`: the tokens after the blocks `hashes`
+    holds (a sequence's history is never copied whole to hash its next block)."""
+    for i in range(len(token_ids) // block_size):
         parent = hashes[-1] if hashes else chain_root(adapter_id, cache_salt)
         hashes.append(block_hash(parent, token_ids[i * block_size:(i + 1) * block_size]))

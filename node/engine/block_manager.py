@@ -95,8 +95,7 @@ class BlockManager:
         if not self.enable_caching:
             return 0
         wanted = (seq.num_tokens - 1) // self.block_size
-        extend_chain(seq.block_hashes, seq.adapter_id, seq.params.cache_salt, seq.token_ids, self.block_size,
-                     wanted)
+        self._hash_blocks(seq, wanted)
         for h in seq.block_hashes[:wanted]:
             block = self.by_hash.get(h)
             if block is None:
@@ -118,12 +117,18 @@ class BlockManager:
         n = 0  # the scheduler asks every step for a window of waiting requests: a tight loop
         while n < wanted:
             if n == len(hashes):
-                extend_chain(hashes, seq.adapter_id, seq.params.cache_salt, seq.token_ids, self.block_size,
-                             n + 1)
+                self._hash_blocks(seq, n + 1)
             if hashes[n] not in by_hash:
                 return n
             n += 1
         return wanted
+
+    def _hash_blocks(self, seq: Sequence, num_blocks: int) -> None:
+        """Extend `seq.block_hashes` to its first `num_blocks` full blocks (reading only their tokens)."""
+        first, size = len(seq.block_hashes), self.block_size
+        if num_blocks > first:
+            extend_chain(seq.block_hashes, seq.adapter_id, seq.params.cache_salt,
+                         seq.tokens(first * size, num_blocks * size), size)
 
     def count_lookup(self, num_queried_tokens: int, num_hit_tokens: int) -> None:
         """Count an admitted sequence's lookup (the scheduler calls it once the sequence runs)."""
@@ -147,8 +152,7 @@ class BlockManager:
         num_full = seq.num_computed_tokens // self.block_size
         if num_full <= seq.num_committed_blocks:
             return
-        extend_chain(seq.block_hashes, seq.adapter_id, seq.params.cache_salt, seq.token_ids, self.block_size,
-                     num_full)
+        self._hash_blocks(seq, num_full)
         for i in range(seq.num_committed_blocks, num_full):
             block, h = seq.block_table[i], seq.block_hashes[i]
             if self.hash_of[block] is None and h not in self.by_hash:

@@ -53,7 +53,7 @@ def model_inputs(scheduled: list[ScheduledSeq], adapter_slots: list[int], block_
     for item in [s for group in prefill_groups for s in group] + decodes:
         seq, start = item.seq, item.seq.num_computed_tokens
         end = start + item.num_new_tokens
-        token_ids.extend(seq.token_ids[start:end])
+        token_ids.extend(seq.tokens(start, end))
         positions.extend(range(start, end))
         kv_indices.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
         token_slots.extend([slot_of[id(seq)]] * item.num_new_tokens)

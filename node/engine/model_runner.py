@@ -136,7 +136,7 @@ class ModelRunner:
             self.logits_observer(seqs, logits)
         batch = SamplingBatch([q.params for q in seqs], [q.generator for q in seqs],
                               [q.prompt_token_ids for q in seqs], [q.output_token_ids for q in seqs],
-                              [q.grammar for q in seqs])
+                              [q.grammar for q in seqs], [q.counts for q in seqs])
         out = self.sampler(logits, batch)
         order = inputs.scheduled_order
         return SamplerOutput([out.token_ids[i] for i in order], [out.logprobs[i] for i in order],

@@ -18,7 +18,7 @@ import torch
 
 from node.engine.grammar import GrammarState
 from node.engine.logprob import TokenLogprob, token_logprobs
-from node.engine.penalty import adjust_logits
+from node.engine.penalty import TokenCounts, adjust_logits
 from node.engine.sampling import SamplingParams, apply_token_bitmask, sample
 
 
@@ -31,6 +31,7 @@ class SamplingBatch:
     prompt_token_ids: Sequence[Sequence[int]]
     output_token_ids: Sequence[Sequence[int]]
     grammars: Sequence[GrammarState | None] = ()  # empty: no row has one
+    counts: Sequence[TokenCounts] = ()  # each row's history counts, kept across steps; empty: counted afresh
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class Sampler:
         rows = [i for i, g in enumerate(batch.grammars) if g is not None]
         raw = logits[rows].clone() if rows else None
         logits = adjust_logits(logits, batch.params, batch.prompt_token_ids, batch.output_token_ids,
-                               self.eos_token_ids)
+                               self.eos_token_ids, batch.counts)
         dead_ends = _mask_grammars(logits, raw, rows, batch.grammars) if raw is not None else []
         if dead_ends:  # nothing to draw from: all -inf would be NaN probabilities, and multinomial raises
             logits[dead_ends] = 0.0

@@ -7,6 +7,7 @@ top-k, top-p and the draw.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -83,6 +84,13 @@ class SamplingParams:
         """Whether any adjustment of the logits applies to this request (else its row is left alone)."""
         return bool(self.repetition_penalty != 1.0 or self.frequency_penalty or self.presence_penalty
                     or self.logit_bias or self.min_tokens)
+
+    @functools.cached_property
+    def bias_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """logit_bias as (token ids [E] long, biases [E] float32) on the CPU, laid out once per request: each
+        step adds them to its row with no work per entry in Python."""
+        ids = torch.tensor([t for t, _ in self.logit_bias], dtype=torch.long)
+        return ids, torch.tensor([b for _, b in self.logit_bias], dtype=torch.float32)
 
     @property
     def is_greedy(self) -> bool:

@@ -5,7 +5,9 @@ prefill not yet done), preempting the most recent running sequences (recompute: 
 freed and they re-enter the waiting queue at the front) when the cache runs out of blocks. Then it
 admits waiting sequences, FCFS (with the prefix cache: the oldest first, then those whose prompt starts
 on cached blocks, then the rest; see `_admission_order`), skipping (never blocking on) those whose
-adapter is not loaded yet or would exceed the distinct-adapter cap of the device slots. An admitted
+adapter is not loaded yet or would exceed the distinct-adapter cap of the device slots, and only once the
+free blocks hold its whole remaining prefill (admitted on its first chunk's alone, it was preempted at the
+next while an older sequence grew, admitted again, and its prompt computed over and over). An admitted
 sequence starts on the cached blocks of its prefix (the block manager's prefix cache); one whose next
 block a running sequence is computing (the n choices of one prompt, or two requests with one system
 prompt) waits a step and takes that block from the cache instead. Last, it looks ahead in the waiting
@@ -137,6 +139,8 @@ class Scheduler:
 
     def _admit(self, scheduled: list[ScheduledSeq], budget: int) -> list[Sequence]:
         failed: list[Sequence] = []
+        if budget == 0 or len(self.running) >= self.max_num_seqs:
+            return failed  # nothing can be admitted: ordering the queue (prefix lookups) would be wasted
         active = {s.adapter_id for s in self.running if s.adapter_id is not None}
         computing = self._computing() if self.waiting and self.blocks.enable_caching else set()
         for seq in self._admission_order():
@@ -159,7 +163,7 @@ class Scheduler:
                 self.blocks.release(seq)
                 continue  # a running sequence computes its next block (n choices, say): hit it next step
             n = min(seq.num_pending, budget)
-            if not self.blocks.can_grow(seq, n):
+            if not self.blocks.can_grow(seq, seq.num_pending):  # its whole prefill, not this step's chunk alone
                 self.blocks.release(seq)  # the cached blocks it took
                 break  # FCFS on memory: do not let later, smaller requests starve this one
             self.waiting.remove(seq)

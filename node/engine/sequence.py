@@ -10,6 +10,7 @@ import torch
 from node.engine.detokenize import IncrementalText
 from node.engine.grammar import GrammarState
 from node.engine.logprob import TokenLogprob
+from node.engine.penalty import TokenCounts
 from node.engine.sampling import SamplingParams
 from node.errors import NodeError
 
@@ -75,6 +76,10 @@ class Sequence:
     grammar: GrammarState | None = None  # where its output stands in params.grammar
     num_cut_tokens: int = 0  # last tokens that spell an unfinished character: left out of the answer (output.py)
     detok: IncrementalText = field(default_factory=IncrementalText)  # its text, decoded a window per step
+    counts: TokenCounts = field(init=False)  # its history's token counts, for its penalties (penalty.py)
+
+    def __post_init__(self) -> None:
+        self.counts = TokenCounts(self.prompt_token_ids, self.output_token_ids)
 
     @property
     def num_answer_tokens(self) -> int:
@@ -84,6 +89,15 @@ class Sequence:
     @property
     def token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        """token_ids[start:end] without copying the rest of the history (a decode step reads one token)."""
+        num_prompt = len(self.prompt_token_ids)
+        if end <= num_prompt:
+            return self.prompt_token_ids[start:end]
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt:end - num_prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - num_prompt]
 
     @property
     def num_tokens(self) -> int:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from node.engine.logprob import LOGPROB_FLOOR
-from node.engine.penalty import adjust_logits
+from node.engine.penalty import TokenCounts, adjust_logits
 from node.engine.sampler import Sampler, SamplingBatch
 from node.engine.sampling import SamplingParams, sample
 from node.errors import BadRequest
@@ -122,3 +122,23 @@ def test_out_of_range_adjustments_are_refused_naming_the_field(bad: dict[str, ob
     with pytest.raises(BadRequest) as err:
         SamplingParams(max_tokens=16, **bad)  # type: ignore[arg-type]
     assert err.value.facts["param"] == next(iter(bad))
+
+
+def test_counts_kept_across_steps_give_the_reference_at_every_step() -> None:
+    # the engine keeps each sequence's counts from step to step (penalty.TokenCounts): a step counts only the
+    # tokens appended since the last, and the answer must be the one counted afresh from the whole history
+    rng = random.Random(7)
+    params = [SamplingParams(max_tokens=40, repetition_penalty=1.4, frequency_penalty=0.6, presence_penalty=-0.3),
+              SamplingParams(max_tokens=40, repetition_penalty=0.7),
+              SamplingParams(max_tokens=40, frequency_penalty=1.1)]
+    prompts: list[list[int]] = [[rng.randrange(VOCAB) for _ in range(9)] for _ in params]
+    outputs: list[list[int]] = [[] for _ in params]
+    kept = [TokenCounts(prompt, output) for prompt, output in zip(prompts, outputs, strict=True)]
+    for step in range(12):
+        logits = torch.randn(len(params), VOCAB, generator=torch.Generator().manual_seed(step)) * 3
+        got = adjust_logits(logits, params, prompts, outputs, EOS, kept)
+        for i, p in enumerate(params):
+            want = reference_row(logits[i].tolist(), p, prompts[i], outputs[i])
+            assert got[i].tolist() == pytest.approx(want, rel=1e-5, abs=1e-4), (step, i)
+        for output in outputs:  # one token a step, two now and then: the counts take whatever was appended
+            output.extend(rng.randrange(VOCAB) for _ in range(1 + (step % 5 == 4)))

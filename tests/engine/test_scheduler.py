@@ -276,3 +276,53 @@ def test_without_the_cache_admission_is_first_come_first_served() -> None:
     for name, n in (("a", 8), ("b", 8), ("c", 2)):
         sched.add(_seq(name, n))
     assert [s.seq.request_id for s in sched.schedule().scheduled] == ["a", "b"]
+
+
+def test_a_prefill_that_cannot_fit_waits_rather_than_being_computed_again_and_again() -> None:
+    # an older sequence keeps growing into the free blocks; a newer 40-token prompt that was admitted on the
+    # blocks of its first chunk alone was preempted at its next chunk, admitted again, preempted again: its
+    # prefill computed over and over (269 tokens in 60 steps), work nobody pays for
+    sched = _scheduler(blocks=20, block_size=4, tokens=8)
+    old = _seq("old", 8)
+    sched.add(old)
+    for _ in range(3):
+        _run(sched.schedule())
+    new = _seq("new", 40)
+    sched.add(new)
+    computed = 0
+    for _ in range(60):
+        out = sched.schedule()
+        computed += sum(s.num_new_tokens for s in out.scheduled if s.seq is new)
+        _run(out)
+    assert len(old.output_token_ids) == 63  # the older sequence never stopped
+    assert computed <= 2 * len(new.prompt_token_ids), (computed, new.num_preemptions)
+
+
+def test_a_full_batch_looks_up_no_waiting_prompt_in_the_prefix_cache() -> None:
+    # every sequence slot taken: nothing can be admitted, yet each step walked the cached prefix of each request
+    # in the admission window (max_num_seqs of them) to order the queue: a walk over each one's prompt blocks
+    blocks = BlockManager(400, 4, enable_caching=True)
+    sched = Scheduler(blocks, AdapterLoads(_ready_provider()), max_num_seqs=2, max_num_batched_tokens=256,
+                      max_adapter_slots=4)
+    prompt = list(range(100, 180))
+    for name in ("a", "b"):
+        sched.add(Sequence(request_id=name, prompt_token_ids=prompt, params=SamplingParams(), adapter_id=None,
+                           arrival=next(_arrivals)))
+    while len(sched.running) < 2:  # b waits a step for a's blocks, then starts on them
+        _run(sched.schedule())
+    for i in range(20):
+        sched.add(Sequence(request_id=f"w{i}", prompt_token_ids=[*prompt, i], params=SamplingParams(),
+                           adapter_id=None, arrival=next(_arrivals)))
+    looked_up = [0]
+    num_cached_blocks = blocks.num_cached_blocks
+
+    def counting(seq: Sequence) -> int:
+        looked_up[0] += 1
+        return num_cached_blocks(seq)
+
+    blocks.num_cached_blocks = counting  # type: ignore[method-assign]
+    for _ in range(5):
+        out = sched.schedule()
+        assert {s.seq.request_id for s in out.scheduled} == {"a", "b"}
+        _run(out)
+    assert looked_up[0] == 0
