@@ -187,12 +187,16 @@ class Ledger:
         """Spend the voucher without a charge and record `amount` as lost, in one transaction: tokens
         left the node and will never be paid (a node fault, or a charge that could not be committed).
         The hold goes (if still ours); the voucher is stored without a response, so it never buys
-        another generation (a retry is 409)."""
+        another generation (a retry is 409). A voucher that was charged after all (its COMMIT went through,
+        the connection dropped before this process read the answer) keeps its charge and receipt: no loss."""
         with self.factory.begin() as session:
             session.execute(update(Lane).where(Lane.payer == res.payer, Lane.node == self.node, Lane.lane == res.lane,
                                                Lane.reserved_voucher_hash == res.voucher_hash,
                                                Lane.reserved_by == self.instance)
                             .values(reserved=0, reserved_voucher_hash=None, reserved_at=None, reserved_by=None))
+            if session.scalar(select(Receipt.receipt_hash).where(Receipt.voucher_hash == res.voucher_hash)) is not None:
+                log.warning("write-off of voucher %s skipped: it was charged", res.voucher_hash)
+                return
             if session.get(Voucher, res.voucher_hash) is None:
                 session.add(Voucher(**{**checked.columns(), "voucher_hash": res.voucher_hash, "payer": res.payer,
                                        "node": self.node, "lane": res.lane, "charged_total": res.charged_before,
