@@ -26,15 +26,15 @@ class SharedClock:
     """`local` (seconds since the epoch) plus its difference to `reference`, the shared server's clock."""
 
     def __init__(self, local: Callable[[], float], reference: Callable[[], float], name: str,
-                 resolution_s: float | None = None) -> None:
-        self.local, self.reference, self.name = local, reference, name
+                 resolution_s: float | None = None, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.local, self.reference, self.name, self.monotonic = local, reference, name, monotonic
         self.resolution_s = resolution_s  # the difference rounded to a multiple of this (None: as read)
         self.offset = 0.0
-        self._due = 0.0  # time.monotonic() of the next read of the reference
+        self._due = monotonic()  # monotonic() of the next read of the reference
         self._lock = threading.Lock()
 
     def __call__(self) -> float:
-        if time.monotonic() >= self._due and self._lock.acquire(blocking=False):
+        if self.monotonic() >= self._due and self._lock.acquire(blocking=False):
             try:  # one thread reads; the others go on with the last difference meanwhile
                 self._measure()
             finally:
@@ -46,14 +46,14 @@ class SharedClock:
         try:
             shared = self.reference()
         except Exception as exc:  # the server is not there: the last difference until it is
-            self._due = time.monotonic() + RETRY_S
+            self._due = self.monotonic() + RETRY_S
             log.warning("could not read the %s's clock (%s): this replica keeps a difference of %+.3f s to it",
                         self.name, type(exc).__name__, self.offset)
             return
         after = self.local()
         offset = shared - (before + after) / 2
         self.offset = offset if self.resolution_s is None else round(offset / self.resolution_s) * self.resolution_s
-        self._due = time.monotonic() + REFRESH_S
+        self._due = self.monotonic() + REFRESH_S
         if abs(self.offset) > WARN_S:
             log.warning("this replica's clock is %+.1f s off the %s's: timing by the %s's", -self.offset, self.name,
                         self.name)
