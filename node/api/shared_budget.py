@@ -7,6 +7,10 @@ where it took a token (a payer that hung up) or hung up before its first token.
 A purchase marks its payer a buyer once per `PAID_REFRESH_S` at most, and at once after a cold load on its
 own budget on this replica (the purchase that pays for it renews the budget).
 
+Every count is timed by Redis's clock (node/shared_clock.py: the replica's own plus the difference, read
+every minute): stamped by a replica running ahead and read by one behind, a bucket refilled the difference's
+worth of tokens on each read, so a payer alternating two replicas a minute apart hung up without end.
+
 Redis down or slower than `TIMEOUT_S`: each replica counts on its own (the per-process budgets, the same
 rules) for `RETRY_S`, then tries Redis again. Honest payers are served as on an embedded node; free work
 is bounded as it was before the counts were shared (N replicas, N budgets), never unbounded.
@@ -26,9 +30,13 @@ import redis
 from node.api.cold_load import Caller, ColdLoadGate, cold_refusal
 from node.api.hang_up_budget import HangUpBudget, Ticket, refusal
 from node.lora.provider import AdapterRegistrar, LoadState
+from node.shared_clock import SharedClock
 
 log = logging.getLogger(__name__)
 TIMEOUT_S, RETRY_S, PAID_REFRESH_S = 0.25, 5.0, 5.0
+# the replicas' difference to Redis's clock in 1/16 s: a time stays exact through the scripts' tostring (%.14g:
+# 4 decimals on 10 digits of seconds), so a refill of whole seconds gives whole tokens (0.0001 s less: 429)
+CLOCK_RESOLUTION_S = 1 / 16
 
 BUCKET = """
 local now = tonumber(ARGV[1])
@@ -123,13 +131,17 @@ class SharedCounts:
 
     def __init__(self, url: str, prefix: str, clock: Callable[[], float] = time.time) -> None:
         self.client = redis.Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
-        self.prefix, self.clock = prefix, clock  # the wall clock: the replicas' clocks agree on it
+        self.prefix, self.clock = prefix, SharedClock(clock, self._redis_time, "Redis", CLOCK_RESOLUTION_S)
         self._scripts = {name: self.client.register_script(source) for name, source in (
             ("hang_up_admit", HANG_UP_ADMIT), ("hang_up_end", HANG_UP_END), ("paid", PAID),
             ("cold_room", COLD_ROOM), ("cold_admit", COLD_ADMIT))}
         self._down_until = 0.0
         self._marked: dict[str, float] = {}  # buyer key -> when this process last marked it
         self._lock = threading.Lock()
+
+    def _redis_time(self) -> float:
+        seconds, micros = self.client.time()
+        return seconds + micros / 1e6
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)

@@ -16,7 +16,9 @@ refuses a hold older than `max_hold` (the TTL less `max_clock_skew_s`, the most 
 clocks may differ), and the API ends every generation before that (GenerationService's time limit,
 charged like a hang-up). A hold that is refused after tokens left the node is a recorded loss
 (`write_off`). The alternative, holds that never expire and a liveness rule for crashed processes,
-needs every process to heartbeat; a TTL needs nothing but agreeing clocks.
+needs every process to heartbeat; a TTL needs nothing but agreeing clocks: on PostgreSQL every API process
+times its holds and charges by the database's clock (node/shared_clock.py: its own plus the difference, read
+every minute), so replicas whose own clocks drift apart still agree on every hold's age. (SQLite: one process.)
 
 Each step is one transaction of `Lanes` (node/payment/lane.py): on PostgreSQL a hold is one statement
 and a charge one, a round trip each (lane_pg.py), on SQLite a few Core statements (lane_sqlite.py).
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Engine, select, update
+from sqlalchemy import CursorResult, Engine, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import queries
@@ -47,6 +49,7 @@ from node.payment.lane_sqlite import SQLiteLanes
 from node.payment.voucher_check import CheckedVoucher
 from node.protocol.receipt import SignedReceipt
 from node.protocol.voucher import SignedVoucher
+from node.shared_clock import SharedClock
 
 log = logging.getLogger(__name__)
 MAX_SUMMING = 4  # payers' uncollected totals summed at once for `channel`, each on a pooled connection
@@ -84,13 +87,19 @@ class Ledger:
         self.ttl = timedelta(seconds=reservation_ttl_s)
         # a hold may be charged this long after it was placed (never past the TTL on any process's clock)
         self.max_hold = self.ttl - timedelta(seconds=min(max_clock_skew_s, reservation_ttl_s / 10))
-        self.clock = clock
         self._uncollected: FlightCache[str, int] = FlightCache(0, lambda _: 1, MAX_SUMMING)
         engine = self._engine()
         self.lanes: Lanes = SQLiteLanes(engine) if engine.dialect.name == "sqlite" else PipelinedLanes(engine)
+        # the clock holds are stamped and aged by: the database's where replicas share it
+        self.clock: Callable[[], float] = (clock if engine.dialect.name == "sqlite"
+                                           else SharedClock(clock, self._database_time, "database"))
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)
+
+    def _database_time(self) -> float:
+        with self._engine().connect() as conn:
+            return float(conn.execute(text("SELECT extract(epoch FROM clock_timestamp())")).scalar_one())
 
     def _engine(self) -> Engine:
         bind = self.factory.kw["bind"]
@@ -178,12 +187,16 @@ class Ledger:
         """Spend the voucher without a charge and record `amount` as lost, in one transaction: tokens
         left the node and will never be paid (a node fault, or a charge that could not be committed).
         The hold goes (if still ours); the voucher is stored without a response, so it never buys
-        another generation (a retry is 409)."""
+        another generation (a retry is 409). A voucher that was charged after all (its COMMIT went through,
+        the connection dropped before this process read the answer) keeps its charge and receipt: no loss."""
         with self.factory.begin() as session:
             session.execute(update(Lane).where(Lane.payer == res.payer, Lane.node == self.node, Lane.lane == res.lane,
                                                Lane.reserved_voucher_hash == res.voucher_hash,
                                                Lane.reserved_by == self.instance)
                             .values(reserved=0, reserved_voucher_hash=None, reserved_at=None, reserved_by=None))
+            if session.scalar(select(Receipt.receipt_hash).where(Receipt.voucher_hash == res.voucher_hash)) is not None:
+                log.warning("write-off of voucher %s skipped: it was charged", res.voucher_hash)
+                return
             if session.get(Voucher, res.voucher_hash) is None:
                 session.add(Voucher(**{**checked.columns(), "voucher_hash": res.voucher_hash, "payer": res.payer,
                                        "node": self.node, "lane": res.lane, "charged_total": res.charged_before,

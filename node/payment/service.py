@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,7 +62,7 @@ class Usage:
 
 class PaymentService:
     def __init__(self, ledger: Ledger, domain: Domain, node: str, pricing: Pricing, *,
-                 min_validity_s: int = 30, clock: Callable[[], float] = time.time,
+                 min_validity_s: int = 30, clock: Callable[[], float] | None = None,
                  base_pricing: Pricing | None = None, loss_spool: LossSpool | None = None) -> None:
         self.ledger = ledger
         self.domain = domain
@@ -71,7 +70,9 @@ class PaymentService:
         self.pricing = pricing  # a request to an adapter
         self.base_pricing = base_pricing or pricing  # a request to the base model alone
         self.min_validity_s = min_validity_s
-        self.clock = clock
+        # a voucher's time left is judged on the ledger's clock (the database's where replicas share one): a
+        # replica whose own clock runs behind does not accept a voucher the others call too close to expiry
+        self.clock = clock or ledger.clock
         self._in_flight: set[str] = set()  # vouchers holding a lane in this process
         self._in_flight_lock = threading.Lock()
         self.loss_spool = loss_spool  # write-offs the database refused, kept across restarts

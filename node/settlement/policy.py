@@ -62,13 +62,17 @@ class EpochPolicy:
         TxManager's `max_fee_cap`, as without `token_per_eth` the token's worth in ETH is unknown)."""
         return None if self.token_per_eth is None else collected * ETH // self.token_per_eth
 
-    def is_due(self, pending: Pending, now: float, floor: GasFloor = GasFloor()) -> bool:
+    def is_due(self, pending: Pending, now: float, floor: GasFloor = GasFloor(),
+               chain_now: float | None = None) -> bool:
         """Whether the receipts waiting (`pending`: of the lanes worth their gas) should be closed into an
-        epoch at `now` (unix seconds): never before they pay for the settle's gas."""
+        epoch at `now` (unix seconds): never before they pay for the settle's gas. A deadline is the chain's
+        time: judged by `chain_now` (the latest block's) where it is ahead of `now` (a worker's clock that runs
+        behind the chain's would keep an epoch open past its vouchers' expiry)."""
         if pending.num_receipts == 0 or pending.oldest_at is None or pending.earliest_deadline is None:
             return False
         if not floor.covers(pending):
             return False
         age = now - pending.oldest_at.astimezone(UTC).timestamp()
         by_value = self.max_value is not None and pending.total_fee >= self.max_value
-        return age >= self.max_age_s or by_value or pending.earliest_deadline <= now + self.expiry_margin_s
+        expires_by = max(now, chain_now if chain_now is not None else now) + self.expiry_margin_s
+        return age >= self.max_age_s or by_value or pending.earliest_deadline <= expires_by

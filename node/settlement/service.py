@@ -161,7 +161,7 @@ class SettlementService:
             else:  # judged on the lanes the epoch would take (those of payers that may withdraw first may wait)
                 pending = outbox.pending(session, self.node, floor.lane, self.policy.max_lanes,
                                          self._may_withdraw_by(), floor.base)
-        return self.policy.is_due(pending, self.clock(), floor)
+        return self.policy.is_due(pending, self.clock(), floor, chain_now=self.builder.chain_time())
 
     def _may_withdraw_by(self) -> int:
         """When a settle sent now lands (chain time): a payer whose thaw ends by then may withdraw first."""

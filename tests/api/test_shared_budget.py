@@ -122,3 +122,18 @@ def test_a_node_whose_broker_is_redis_shares_its_counts_there_and_an_embedded_no
     counts = shared_counts(redis_url, "0xABC")
     assert counts is not None and counts.prefix == "loranode:budget:0xabc:"
     assert shared_counts("sqla+sqlite:///data/broker.db", "0xABC") is None
+
+
+def test_a_payer_alternating_between_replicas_whose_clocks_differ_gets_one_replicas_budget(redis_url: str) -> None:
+    """Each replica stamped the shared bucket with its own clock: the one 60 s ahead refilled 60 s of tokens
+    every time it read a stamp of the other (0.1/s: the whole burst), so a payer alternating the two hung up
+    without end. Both now count on Redis's clock."""
+    now = [1_700_000_000.0]
+
+    def replica(skew_s: float) -> HangUps:
+        local = HangUpBudget(rate_per_s=0.1, burst=4, per_payer_rate_per_s=0.05, per_payer_burst=3, window_s=600.0,
+                             clock=lambda: now[0] + skew_s)
+        return SharedHangUpBudget(SharedCounts(redis_url, "loranode:budget:0xnode:", clock=lambda: now[0] + skew_s),
+                                  local)
+
+    assert _hang_ups([replica(0.0), replica(60.0)], "lane:0xf", 40) == 4

@@ -105,3 +105,17 @@ def test_lanes_due_first_that_do_not_pay_for_the_settle_never_hold_up_one_that_d
     with world.factory() as session:
         row = outbox.epoch_row(session, world.node, 1)
         assert row is not None and row.collected_total == small + 2 * (floor.base + 2 * floor.lane)
+
+
+def test_a_worker_whose_clock_runs_behind_the_chains_closes_the_epoch_before_a_voucher_expires(
+        sqlite_world: SettlementWorld) -> None:
+    """The contract compares a voucher's deadline with the block's timestamp: a worker whose own clock ran
+    10 minutes behind the chain's read 700 s left on a voucher the chain gives 100 s (within the 120 s margin),
+    kept the epoch open, and the voucher expired before it was settled (the node's loss)."""
+    world = sqlite_world
+    a, _ = world.adapter_ids
+    world.anvil.rpc("evm_increaseTime", 600)  # the chain's clock: 600 s ahead of the worker's
+    world.mine()
+    world.pay(0, 0, a, 1_000, validity_s=100)
+    service = world.service(EpochPolicy(max_age_s=3_600, expiry_margin_s=120), clock=Clock())
+    assert service.is_due()

@@ -1,0 +1,52 @@
+"""A replica's clock set by the shared server's (node/shared_clock.py): read once a minute, followed
+when the replica's own clock is stepped, and the last difference kept while the server cannot be read."""
+
+from __future__ import annotations
+
+from node.shared_clock import REFRESH_S, RETRY_S, SharedClock
+
+
+class Server:
+    def __init__(self, now: float) -> None:
+        self.now, self.is_up, self.reads = now, True, 0
+
+    def __call__(self) -> float:
+        if not self.is_up:
+            raise ConnectionError("the server is not there")
+        self.reads += 1
+        return self.now
+
+
+def test_a_replica_runs_on_the_shared_clock_and_follows_a_step_of_its_own_within_a_refresh() -> None:
+    own, server, mono = [1_000.0], Server(1_090.0), [0.0]
+    clock = SharedClock(lambda: own[0], server, "server", monotonic=lambda: mono[0])
+    assert clock() == 1_090.0 and server.reads == 1
+    own[0] += 30
+    server.now += 30
+    mono[0] += 30
+    assert clock() == 1_120.0 and server.reads == 1  # between reads: its own clock plus the difference
+    own[0] -= 50  # NTP steps this replica's clock back
+    mono[0] += REFRESH_S
+    assert clock() == 1_120.0 and server.reads == 2
+
+
+def test_while_the_server_cannot_be_read_the_last_difference_holds_and_none_at_first() -> None:
+    own, server, mono = [1_000.0], Server(1_090.0), [0.0]
+    server.is_up = False
+    clock = SharedClock(lambda: own[0], server, "server", monotonic=lambda: mono[0])
+    assert clock() == 1_000.0  # never read: the replica's own clock
+    server.is_up = True
+    mono[0] += RETRY_S
+    assert clock() == 1_090.0
+    server.is_up = False
+    own[0] += 10
+    mono[0] += REFRESH_S
+    assert clock() == 1_100.0  # the read failed: the last difference
+    server.is_up, server.now = True, 2_000.0
+    mono[0] += RETRY_S
+    assert clock() == 2_000.0
+
+
+def test_a_difference_in_steps_of_the_resolution() -> None:
+    clock = SharedClock(lambda: 0.0, lambda: 12.34, "server", resolution_s=1 / 16)
+    assert clock() == 12.3125
