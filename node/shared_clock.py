@@ -26,8 +26,12 @@ class SharedClock:
     """`local` (seconds since the epoch) plus its difference to `reference`, the shared server's clock."""
 
     def __init__(self, local: Callable[[], float], reference: Callable[[], float], name: str,
-                 resolution_s: float | None = None, monotonic: Callable[[], float] = time.monotonic) -> None:
+                 resolution_s: float | None = None, monotonic: Callable[[], float] = time.monotonic,
+                 background: bool = False) -> None:
         self.local, self.reference, self.name, self.monotonic = local, reference, name, monotonic
+        # read the reference on a thread of its own (the caller goes on with the last difference): for a
+        # reference with no bounded timeout (a database connection), as the caller may be the event loop
+        self.background = background
         self.resolution_s = resolution_s  # the difference rounded to a multiple of this (None: as read)
         self.offset = 0.0
         self._due = monotonic()  # monotonic() of the next read of the reference
@@ -35,11 +39,23 @@ class SharedClock:
 
     def __call__(self) -> float:
         if self.monotonic() >= self._due and self._lock.acquire(blocking=False):
-            try:  # one thread reads; the others go on with the last difference meanwhile
-                self._measure()
-            finally:
-                self._lock.release()
+            # one thread reads; the others go on with the last difference meanwhile
+            if self.background:
+                threading.Thread(target=self._measure_and_release, name=f"{self.name} clock", daemon=True).start()
+            else:
+                self._measure_and_release()
         return self.local() + self.offset
+
+    def measure(self) -> None:
+        """Read the reference now, in this thread (a replica's start, a test)."""
+        with self._lock:
+            self._measure()
+
+    def _measure_and_release(self) -> None:
+        try:
+            self._measure()
+        finally:
+            self._lock.release()
 
     def _measure(self) -> None:
         before = self.local()

@@ -50,3 +50,31 @@ def test_while_the_server_cannot_be_read_the_last_difference_holds_and_none_at_f
 def test_a_difference_in_steps_of_the_resolution() -> None:
     clock = SharedClock(lambda: 0.0, lambda: 12.34, "server", resolution_s=1 / 16)
     assert clock() == 12.3125
+
+
+def test_a_background_clock_never_waits_on_a_read_that_hangs() -> None:
+    """The ledger's clock is read by the API's event loop: a database that stopped answering (a partition: no
+    timeout but TCP's) must not hold it. The read runs on a thread; the caller goes on with the last difference."""
+    import threading
+
+    release, started = threading.Event(), threading.Event()
+
+    def hanging() -> float:
+        started.set()
+        release.wait(10)
+        return 2_000.0
+
+    mono = [0.0]
+    clock = SharedClock(lambda: 1_000.0, lambda: 1_090.0, "database", monotonic=lambda: mono[0], background=True)
+    clock.measure()  # at start, in the caller's thread
+    clock.reference = hanging
+    mono[0] += REFRESH_S
+    assert clock() == 1_090.0  # the read hangs on its thread; the last difference meanwhile
+    assert started.wait(5)
+    assert clock() == 1_090.0
+    release.set()
+    for _ in range(500):  # the read ends: the new difference
+        if clock() == 2_000.0:
+            break
+        threading.Event().wait(0.01)
+    assert clock() == 2_000.0

@@ -91,8 +91,11 @@ class Ledger:
         engine = self._engine()
         self.lanes: Lanes = SQLiteLanes(engine) if engine.dialect.name == "sqlite" else PipelinedLanes(engine)
         # the clock holds are stamped and aged by: the database's where replicas share it
-        self.clock: Callable[[], float] = (clock if engine.dialect.name == "sqlite"
-                                           else SharedClock(clock, self._database_time, "database"))
+        self.clock: Callable[[], float] = clock
+        if engine.dialect.name != "sqlite":  # read once here, then on a thread of its own: a request never
+            shared = SharedClock(clock, self._database_time, "database", background=True)  # waits on it
+            shared.measure()
+            self.clock = shared
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)

@@ -8,6 +8,7 @@ import pytest
 
 from node.errors import InsufficientEscrow, VoucherConflict
 from node.payment.ledger import Ledger
+from node.shared_clock import SharedClock
 from tests.payment.test_ledger import NODE, PAYER, Clock, _body, _receipt, _setup, _voucher
 
 SKEW_S = 90.0
@@ -19,8 +20,8 @@ def _replicas(postgres_url: str, deposit: int) -> tuple[Ledger, Ledger, Clock]:
     clock = Clock()
     behind = Ledger(factory, NODE, reservation_ttl_s=TTL_S, clock=clock, instance="a:8000")
     ahead = Ledger(factory, NODE, reservation_ttl_s=TTL_S, clock=lambda: clock() + SKEW_S, instance="b:8000")
-    for replica in (behind, ahead):  # both have served already, each reading the database's clock then: the
-        replica.clock()  # fake clock's steps below are time passing on both
+    for replica in (behind, ahead):  # each read the database's clock when made (node/payment/ledger.py): the
+        assert isinstance(replica.clock, SharedClock)  # fake clock's steps below are time passing on both
     return behind, ahead, clock
 
 
