@@ -170,9 +170,11 @@ class TxManager:
 
     def cancel(self, key: str) -> TxRecord | None:
         """Replace the pending intent `key` with a no-op on its nonce, priced one bump above its latest
-        attempt even past `max_fee_cap` (it costs 21,000 gas: the cap bounds what a call may spend, not
-        the price of keeping a stale call off the chain). A settle that must never land (its node was
-        vetoed, and the guardian's amend would make it valid again) is cancelled this way."""
+        attempt and at least for the base fee of the moment, even past `max_fee_cap` (it costs 21,000 gas:
+        the cap bounds what a call may spend, not the price of keeping a stale call off the chain, or of
+        freeing the nonces behind it). A settle that must never land (its node was vetoed, and the
+        guardian's amend would make it valid again), or one waiting at its cap with a claim behind it
+        (`stuck_at_cap`), is cancelled this way."""
         with self.store.writer_lock(self.sender):
             record = self.store.load(key)
             if record is None or record.state is not TxState.PENDING or record.latest.is_cancel:
@@ -182,12 +184,36 @@ class TxManager:
             fees = self.policy.bumped(record.latest.max_fee_per_gas, record.latest.max_priority_fee_per_gas,
                                       cap=2**256 - 1)
             assert fees is not None, "an uncapped bump always rises"
+            now = self._initial_fees(2**256 - 1)  # lands now, even in a spike the intent was priced out by
+            fees = (max(fees[0], now[0]), max(fees[1], now[1]))
             attempt = self._sign(record, *fees, is_cancel=True)
             record = replace(record, attempts=(*record.attempts, attempt))
             self.store.save(record)  # durable before broadcast, like every attempt
         log.warning("tx %s: cancelled, nonce %d re-signed as a no-op at max fee %d", key, record.nonce, fees[0])
         self._broadcast(attempt)
         return record
+
+    def stuck_at_cap(self, key: str, max_cost_wei: int | None) -> bool:
+        """Whether the pending intent `key` waits at its fee cap (`fee_cap`: no bump left) below the latest
+        block's base fee: it cannot land until the price falls, and holds every later nonce behind it."""
+        record = self.store.load(key)
+        if record is None or record.state is not TxState.PENDING or record.latest.is_cancel:
+            return False
+        latest = record.latest
+        if self.policy.bumped(latest.max_fee_per_gas, latest.max_priority_fee_per_gas,
+                              self.fee_cap(record, max_cost_wei)) is not None:
+            return False
+        return latest.max_fee_per_gas < int(self.w3.eth.get_block("latest")["baseFeePerGas"])
+
+    def waiting_behind(self, key: str, prefix: str) -> list[str]:
+        """The pending intents whose key starts with `prefix` that have a higher nonce than intent `key`'s:
+        they cannot land before it does."""
+        record = self.store.load(key)
+        if record is None:
+            return []
+        later = (self.store.load(k) for k in getattr(self.store, "open_keys", lambda _s: [])(self.sender)
+                 if k.startswith(prefix))
+        return [r.key for r in later if r is not None and r.state is TxState.PENDING and r.nonce > record.nonce]
 
     def cancel_orphans(self, prefix: str, followed: set[str]) -> None:
         """Cancel (`cancel`) and poll every open intent whose key starts with `prefix` that its caller no

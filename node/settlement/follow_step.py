@@ -2,13 +2,16 @@
 
 The TxManager polls it (fee bumps and re-broadcasts after a crash or a reorg happen there; a reorg sends
 a mined settle back to SUBMITTED); its bumps stop at what the epoch collects (`budget`, with
-`token_per_eth` set), past which it waits in the pool for the price to fall. A settle built on leaves
+`token_per_eth` set), past which it waits in the pool for the price to fall (unless a guard claim waits
+behind its nonce: `_free_claims`). A settle built on leaves
 the guardian vetoed or replaced is cancelled before it can land. A `settle` the chain already holds with
 the same roots counts as success, final once the indexer sees it final when its intent was given up (a
 receipt an RPC node hid is no proof of depth).
 """
 
 from __future__ import annotations
+
+import logging
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -21,6 +24,10 @@ from node.settlement.amendment import ADOPT_HINT, follows_chain
 from node.settlement.outbox import Transition, attempt_of, intent_key
 from node.settlement.settle_call import epoch_matches
 from node.settlement.submit_step import GasBudget
+from node.settlement.x402_intents import PREFIX
+
+log = logging.getLogger(__name__)
+CLAIM_PREFIX = f"{PREFIX}collect:"  # the guard's claims (and an epoch's own, sent only once the one before it is mined)
 
 
 class FollowStep:
@@ -43,8 +50,10 @@ class FollowStep:
             previous = outbox.epoch_row(session, self.node, row.epoch_id - 1)
         if not follows_chain(self.settlement, self.node, previous):
             self.tx.cancel(key)  # before `poll` re-broadcasts it
-        record = self.tx.poll(key, self.budget(row.collected_total or 0))
+        budget = self.budget(row.collected_total or 0)
+        record = self.tx.poll(key, budget)
         if record.state is TxState.PENDING:
+            self._free_claims(key, row.epoch_id, budget)
             return Transition(EpochState.SUBMITTED, tx_hash=record.latest.tx_hash)
         if record.state is TxState.MINED:
             return Transition(EpochState.CONFIRMED, tx_hash=record.mined_hash)
@@ -58,3 +67,14 @@ class FollowStep:
                 final = outbox.is_final_on_mirror(session, self.node, row)
             return Transition(EpochState.FINAL if final else EpochState.CONFIRMED)
         return Transition(EpochState.FINAL, tx_hash=record.mined_hash)
+
+    def _free_claims(self, key: str, epoch_id: int, budget: int | None) -> None:
+        """A settle waiting at its cap (the price outran what its epoch collects) holds the guard's claims
+        behind its nonce; a claim must land before its payer's withdrawal finishes, so the settle's nonce
+        goes to a no-op (21,000 gas) and the queue moves. The epoch then fails and is rebuilt (recovery.py),
+        dissolved while the price stays above what it collects: its receipts wait, nothing lost."""
+        claims = self.tx.waiting_behind(key, CLAIM_PREFIX)
+        if claims and self.tx.stuck_at_cap(key, budget):
+            log.warning("epoch %d: its settle waits at its fee cap with %d x402 claim(s) behind its nonce: "
+                        "cancelling it so they land (the epoch is rebuilt later)", epoch_id, len(claims))
+            self.tx.cancel(key)
