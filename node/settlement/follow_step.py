@@ -73,6 +73,8 @@ class FollowStep:
         behind its nonce; a claim must land before its payer's withdrawal finishes, so the settle's nonce
         goes to a no-op (21,000 gas) and the queue moves. The epoch then fails and is rebuilt (recovery.py),
         dissolved while the price stays above what it collects: its receipts wait, nothing lost."""
+        if budget is None:  # capped only by `max_fee_cap`, as the claims are: a cancel would not free them
+            return
         claims = self.tx.waiting_behind(key, CLAIM_PREFIX)
         if claims and self.tx.stuck_at_cap(key, budget):
             log.warning("epoch %d: its settle waits at its fee cap with %d x402 claim(s) behind its nonce: "
