@@ -96,6 +96,10 @@ class TxStore(Protocol):
         """Held while assigning nonces: one writer per operator key across processes."""
         ...
 
+    def open_keys(self, sender: str) -> list[str]:
+        """`sender`'s intents not yet final or failed, oldest nonce first."""
+        ...
+
 
 @dataclass(frozen=True)
 class FeePolicy:
@@ -211,7 +215,7 @@ class TxManager:
         record = self.store.load(key)
         if record is None:
             return []
-        later = (self.store.load(k) for k in getattr(self.store, "open_keys", lambda _s: [])(self.sender)
+        later = (self.store.load(k) for k in self.store.open_keys(self.sender)
                  if k.startswith(prefix))
         return [r.key for r in later if r is not None and r.state is TxState.PENDING and r.nonce > record.nonce]
 
@@ -219,7 +223,7 @@ class TxManager:
         """Cancel (`cancel`) and poll every open intent whose key starts with `prefix` that its caller no
         longer follows (`followed`: e.g. a settle whose epoch was dissolved by an adopt): it must never
         land, and its nonce must still be filled for the next intents to mine."""
-        for key in getattr(self.store, "open_keys", lambda _s: [])(self.sender):
+        for key in self.store.open_keys(self.sender):
             if key.startswith(prefix) and key not in followed:
                 self.cancel(key)
                 self.poll(key)

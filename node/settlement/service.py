@@ -132,7 +132,7 @@ class SettlementService:
     def reconcile(self) -> None:
         """At start: poll every open intent of the operator key but the settles (a tick follows those, after
         its staleness check), so nonces match the chain."""
-        for key in [k for k in getattr(self.tx.store, "open_keys", lambda _s: [])(self.node) if k[:7] != "settle:"]:
+        for key in [k for k in self.tx.store.open_keys(self.node) if k[:7] != "settle:"]:
             self.tx.poll(key)
 
     def _lock(self) -> AbstractContextManager[None]:

@@ -39,7 +39,7 @@ class X402Intents:
     def in_flight(self) -> bool:
         """Polls every open x402 intent of the operator key (bumping a stuck one, re-broadcasting a lost
         one); True while one is still pending."""
-        keys = [k for k in getattr(self.tx.store, "open_keys", lambda _s: [])(self.tx.sender) if k.startswith(PREFIX)]
+        keys = [k for k in self.tx.store.open_keys(self.tx.sender) if k.startswith(PREFIX)]
         return any(self.tx.poll(key).state is TxState.PENDING for key in keys)
 
     def collect(self, rows: list[ClaimRow]) -> TxRecord:

@@ -41,6 +41,10 @@ class MemoryTxStore:
         with self._lock:
             yield
 
+    def open_keys(self, sender: str) -> list[str]:
+        open_ = [r for r in self.records.values() if r.sender == sender and r.state in (TxState.PENDING, TxState.MINED)]
+        return [r.key for r in sorted(open_, key=lambda r: r.nonce)]
+
 
 class FakeClock:
     def __init__(self) -> None:
