@@ -17,7 +17,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from node.api.schemas import ErrorResponse
 from node.errors import NodeError
 from node.payment.x402.terms import PaymentChallenge
-from node.payment.x402.wire import PAYMENT_REQUIRED_HEADER, encode_header
+from node.payment.x402.wire import PAYMENT_REQUIRED_HEADER, PAYMENT_RESPONSE_HEADER, encode_header
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,10 @@ async def _payment_challenge(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, PaymentChallenge)
     body = {"message": exc.message, "type": ERROR_TYPES[402], "code": exc.code, "param": None,
             "details": exc.to_dict(), "x402": exc.required}
-    return JSONResponse({"error": body}, status_code=exc.status,
-                        headers={PAYMENT_REQUIRED_HEADER: encode_header(exc.required)})
+    headers = {PAYMENT_REQUIRED_HEADER: encode_header(exc.required)}
+    if exc.response is not None:
+        headers[PAYMENT_RESPONSE_HEADER] = encode_header(exc.response)
+    return JSONResponse({"error": body}, status_code=exc.status, headers=headers)
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:

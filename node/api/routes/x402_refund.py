@@ -14,6 +14,7 @@ from node.api.deps import NodeServices, services
 from node.api.error_handlers import error_responses
 from node.api.routes.info import NotFound
 from node.payment.x402.channel_check import X402Refused
+from node.payment.x402.gas_cover import GAS_NOT_COVERED
 from node.payment.x402.refund import X402Refunds
 from node.payment.x402.terms import PaymentChallenge, payment_required
 from node.payment.x402.wire import PAYMENT_RESPONSE_HEADER, encode_header
@@ -48,4 +49,9 @@ def _challenge(refunds: X402Refunds, url: str, refused: X402Refused | None) -> P
     required = payment_required(url, [refunds.x402.terms.requirements(0, **states)], reason)
     message = refused.message if refused is not None else "send a batch-settlement refund payment (PAYMENT-SIGNATURE)"
     facts = {k: v for k, v in refused.facts.items() if k != "reason"} if refused is not None else {}
-    return PaymentChallenge(message, required, reason=reason, **facts)  # e.g. what more a refund needs charged
+    # a refusal asking again cannot change is final to the SDK with a failed PAYMENT-RESPONSE: its `refund()`
+    # then raises with our reason and message (how much more to be charged, or withdraw yourself), where it
+    # asked again and raised "server returned 402" alone
+    response = {"success": False, "errorReason": reason, "errorMessage": message, "transaction": "",
+                "network": refunds.x402.terms.network} if reason == GAS_NOT_COVERED else None
+    return PaymentChallenge(message, required, response=response, reason=reason, **facts)

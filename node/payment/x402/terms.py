@@ -89,9 +89,11 @@ class PaymentChallenge(PaymentError):
 
     code = "payment_required"
 
-    def __init__(self, message: str, required: dict[str, Any], **facts: Any) -> None:
+    def __init__(self, message: str, required: dict[str, Any], *, response: dict[str, Any] | None = None,
+                 **facts: Any) -> None:
         super().__init__(message, **facts)
         self.required = required
+        self.response = response  # a failed settlement's PAYMENT-RESPONSE, sent with the 402 when set
 
 
 @dataclass(frozen=True)
