@@ -71,5 +71,5 @@ class SharedClock:
         self.offset = offset if self.resolution_s is None else round(offset / self.resolution_s) * self.resolution_s
         self._due = self.monotonic() + REFRESH_S
         if abs(self.offset) > WARN_S:
-            log.warning("this replica's clock is %+.1f s off the %s's: timing by the %s's", -self.offset, self.name,
-                        self.name)
+            log.warning("this replica's clock is %+.1f s off the %s's: timing by the %s's; fix its NTP (the x402 "
+                        "facilitator's authorization windows read this clock)", -self.offset, self.name, self.name)

@@ -239,8 +239,8 @@ def _refund_gas(settings: Settings, client: ContractClient) -> GasCover | None:
     with the token's worth in ETH; without it, a warning (once, at start): refunds are granted whatever."""
     if settings.token_per_eth is None:
         log.warning("token_per_eth is not set: x402 refunds are granted whatever gas the node spent on the channel "
-                    "(a payer looping deposit, one cheap request, refund costs the node ~212k gas a cycle; "
-                    "docs/x402.md)")
+                    "(a payer looping deposit, one cheap request, refund costs the node ~212k gas a cycle): set "
+                    "LORANODE_TOKEN_PER_ETH, token units one ETH is worth (docs/x402.md)")
         return None
     return GasCover(settings.token_per_eth, lambda: int(client.w3.eth.gas_price))
 
