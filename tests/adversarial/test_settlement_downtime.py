@@ -17,6 +17,7 @@ from node.db.loss import LossReason
 from node.db.models import EpochState
 from node.settlement import outbox
 from node.settlement.policy import EpochPolicy
+from node.settlement.service import SettlementService
 from tests.adversarial.settlement_steps import lost, settles
 from tests.fixtures.settlement import OPERATOR, PAYERS, TOKEN, SettlementWorld, address, fund
 
@@ -51,16 +52,7 @@ def test_a_day_of_receipts_is_collected_in_as_few_settles_as_the_cap_allows(sett
 
     first_block = world.w3.eth.block_number + 1
     service = world.service(EpochPolicy(max_age_s=0, max_lanes=CAP))  # the worker restarts
-    for _ in range(60):
-        service.tick()  # never raises
-        world.mine()
-        world.sync()
-        with world.factory() as session:
-            done = (outbox.pending(session, world.node).num_receipts == 0
-                    and all(r.state is EpochState.FINAL for r in outbox.in_flight(session, world.node)))
-        if done:
-            break
-    assert done, "the worker did not get through the day's receipts"
+    _tick_until_every_receipt_is_final(world, service)
 
     settlement = world.contracts(OPERATOR).settlement
     for account, lane in [*HONEST, (THAWED, 0), (THAWED, 1)]:
@@ -97,18 +89,22 @@ def test_a_settle_left_in_the_pool_that_reverts_after_the_day_stops_nothing(sett
     world.sync()
 
     service = world.service(EpochPolicy(max_age_s=0, max_lanes=CAP))
-    for _ in range(60):
-        service.tick()
-        world.mine()
-        world.sync()
-        with world.factory() as session:
-            done = (outbox.pending(session, world.node).num_receipts == 0
-                    and all(r.state is EpochState.FINAL for r in outbox.in_flight(session, world.node)))
-        if done:
-            break
-    assert done, "the worker did not get through the day's receipts"
+    _tick_until_every_receipt_is_final(world, service)
     settlement = world.contracts(OPERATOR).settlement
     for account, lane in [(PAYERS[0], 1)] + [(PAYERS[1], lane) for lane in range(2, 6)]:
         assert settlement.collected(address(world.key(account)), world.node, lane) == FEE, (account, lane)
     assert [(p, lane, reason) for p, lane, _, reason in lost(world)] == [
         (address(world.key(PAYERS[0])).lower(), 0, LossReason.VOUCHER_EXPIRED)]
+
+
+def _tick_until_every_receipt_is_final(world: SettlementWorld, service: SettlementService) -> None:
+    """Tick (never raising), mine and index until no receipt waits and every epoch is final."""
+    for _ in range(60):
+        service.tick()
+        world.mine()
+        world.sync()
+        with world.factory() as session:
+            if (outbox.pending(session, world.node).num_receipts == 0
+                    and all(r.state is EpochState.FINAL for r in outbox.in_flight(session, world.node))):
+                return
+    raise AssertionError("the worker did not get through the day's receipts")
