@@ -75,7 +75,8 @@ def _setup(anvil: Anvil, db_url: str) -> tuple[PaymentService, X402Payments, X40
         Mirror(dep.chain_id).ingest(s, [event], final_block=1)  # the lane payer's escrow, final
     payments = PaymentService(Ledger(factory, node), Domain(dep.chain_id, dep.settlement), node, PRICING)
     chain = X402Chain(ContractClient(anvil.rpc_url, node_key), router)
-    x402 = X402Payments(payments, ChannelBook(factory, node), terms, node_key, chain.channel, chain.deposit)
+    x402 = X402Payments(payments, ChannelBook(factory, node), terms, node_key, chain.channel, chain.deposit,
+                        chain_now=chain.now)
     return payments, x402, terms, payer_key
 
 

@@ -199,7 +199,7 @@ def _x402(settings: Settings, deployment: Deployment, key: str, payments: Paymen
     # the indexer mirrors the channel contract when the deployment names it: the hold reads that
     mirror = ChannelMirror(db, settings.x402_withdraw_delay_s) if deployment.x402_channels else None
     x402 = X402Payments(payments, ChannelBook(db, payments.node), terms, key, chain.channel, chain.deposit,
-                        read_mirror=mirror, simulate_deposit=chain.simulate_deposit)
+                        chain_now=chain.now, read_mirror=mirror, simulate_deposit=chain.simulate_deposit)
     x402.facilitator = Facilitator(terms, chain, erc20_balance_of(client), reads=x402.chain_reads,
                                    is_funded=x402.is_funded, submit_deposit=x402.submit_deposit_once)
     return Offer(lanes, terms), x402

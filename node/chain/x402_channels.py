@@ -110,6 +110,10 @@ class X402Chain:
         self.channels = client.contract("X402Channels", CHANNELS_ADDRESS)
         self.router = client.contract("X402Router", router) if router else None
 
+    def now(self) -> int:
+        """The chain's time: the latest block's timestamp (what the token judges an authorization by)."""
+        return int(self.client.w3.eth.get_block("latest")["timestamp"])
+
     def channel(self, channel_id: bytes) -> OnChainChannel:
         fns = self.channels.functions
         balance, claimed = self.client.call(fns.channels(channel_id))

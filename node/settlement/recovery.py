@@ -2,8 +2,11 @@
 
 The rebuild waits until the sends of the epochs after it are settled (mined or failed: their nonces come
 first); those epochs are dissolved and their receipts wait for the next ones. The new attempt's preflight
-then finds the lane at fault. After `MAX_ATTEMPTS` rebuilds, plus one per lane a rebuild moved to a loss
+then finds the lane at fault. After `MAX_ATTEMPTS` refusals, plus one per lane a rebuild moved to a loss
 (a payer that withdrew ahead of the settle: that rebuild made progress), the epoch waits for an operator.
+An attempt the node cancelled itself (a no-op took its nonce: a settle waiting at its fee cap with the
+guard's claim behind it, or one built on vetoed leaves) is no refusal of the epoch by the chain and does not
+count: a gas spike that comes back with a withdrawing payer each time must not stop settlement.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import logging
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.chain.contracts import Settlement
-from node.chain.tx_manager import TxManager, TxState
+from node.chain.tx_manager import TxManager, TxRecord, TxState, TxStore
 from node.db.models import EpochState
 from node.errors import ChainError
 from node.settlement import outbox
@@ -39,8 +42,8 @@ class Recovery:
         all (the caller records it CONFIRMED); None otherwise."""
         with self.factory() as session:
             failed = outbox.failed(session, self.node)
-            if failed is None or attempt_of(failed) + 1 >= MAX_ATTEMPTS + outbox.lanes_lost(session, self.node,
-                                                                                            failed.epoch_id):
+            if failed is None or refusals(self.tx.store, self.node, failed.epoch_id, attempt_of(failed)) >= (
+                    MAX_ATTEMPTS + outbox.lanes_lost(session, self.node, failed.epoch_id)):
                 return None
             after = [(r.epoch_id, attempt_of(r), self.budget(r.collected_total or 0))
                      for r in outbox.later(session, self.node, failed.epoch_id)]
@@ -64,3 +67,14 @@ class Recovery:
         log.warning("epoch %d of %s failed: rebuilding it (attempt %d), %d later epoch(s) dissolved",
                     failed.epoch_id, self.node, attempt, len(after))
         return None
+
+
+def refusals(store: TxStore, node: str, epoch_id: int, attempt: int) -> int:
+    """How many of attempts 0..`attempt` of the epoch failed by the chain's doing: all but those a no-op of
+    the node's took the nonce of (an attempt refused before it was sent has no record and counts)."""
+    return attempt + 1 - sum(_cancelled(store.load(intent_key(node, epoch_id, a))) for a in range(attempt + 1))
+
+
+def _cancelled(record: TxRecord | None) -> bool:
+    return record is not None and record.state is TxState.FAILED and record.mined_hash is not None and any(
+        a.is_cancel and a.tx_hash.lower() == record.mined_hash.lower() for a in record.attempts)

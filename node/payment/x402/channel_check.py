@@ -18,6 +18,9 @@ from node.protocol.eip712 import Domain, recover
 PREFIX = "invalid_batch_settlement_evm_"
 EXCEEDS_BALANCE = PREFIX + "cumulative_exceeds_balance"
 NOT_FINAL = PREFIX + "deposit_not_final"  # ours: the deposit covers it once final (docs/x402.md)
+# how long a deposit authorization must stay valid past the chain's latest block: the deposit lands in a
+# later block (a few blocks' time, a busy pool), and the token refuses it once `validBefore` is reached
+DEPOSIT_LEAD_S = 60
 
 
 class X402Refused(PaymentError):
@@ -175,3 +178,20 @@ def check_final(view: ChannelView, ceiling: int) -> None:
         raise X402Refused("the channel's deposit is not final yet: retry once the chain has finalized it",
                           NOT_FINAL, final_balance=str(view.final_balance), charged=str(view.charged),
                           unfinal_credit=str(view.unfinal_credit))
+
+
+def check_deposit_window(payment: Payment, chain_now: int) -> None:
+    """A deposit's ERC-3009 authorization is valid when its transaction lands, judged by the chain's time
+    (`chain_now`: the latest block's timestamp, as the token judges it), before the node spends gas on it:
+    valid from before the latest block, and still valid `DEPOSIT_LEAD_S` past it (a deposit that expires
+    before it lands reverts at the node's gas, and its payer, whose tokens never moved, may sign the next)."""
+    deposit = payment.deposit
+    assert deposit is not None, "not a deposit"
+    if deposit.valid_before <= chain_now + DEPOSIT_LEAD_S:
+        raise X402Refused(f"the deposit authorization expires before its deposit can land: validBefore must be "
+                          f"more than {DEPOSIT_LEAD_S} s past the chain's time", PREFIX + "payload_authorization_"
+                          "valid_before", valid_before=deposit.valid_before, chain_time=chain_now)
+    if deposit.valid_after >= chain_now:
+        raise X402Refused("the deposit authorization is not valid yet by the chain's time",
+                          PREFIX + "payload_authorization_valid_after", valid_after=deposit.valid_after,
+                          chain_time=chain_now)

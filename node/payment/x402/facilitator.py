@@ -12,7 +12,6 @@ in its epochs, so claim and settle requests are refused.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -23,6 +22,7 @@ from node.payment.x402.channel_check import (
     PREFIX,
     X402Refused,
     check_deposit_signature,
+    check_deposit_window,
     check_min_deposit,
     check_signature,
     check_terms,
@@ -47,6 +47,8 @@ class ChannelChain(Protocol):
 
     def simulate_deposit(self, payment: Payment) -> None: ...
 
+    def now(self) -> int: ...  # the latest block's timestamp
+
 
 @dataclass(frozen=True)
 class Verified:
@@ -62,10 +64,10 @@ class Verified:
 
 class Facilitator:
     def __init__(self, terms: X402Terms, chain: ChannelChain, balance_of: Callable[[str, str], int],
-                 clock: Callable[[], float] = time.time, reads: ChannelReads | None = None,
+                 reads: ChannelReads | None = None,
                  is_funded: Callable[[bytes], bool] = lambda channel: False,
                  submit_deposit: Callable[[Payment], Any] | None = None) -> None:
-        self.terms, self.chain, self.balance_of, self.clock = terms, chain, balance_of, clock
+        self.terms, self.chain, self.balance_of = terms, chain, balance_of
         # the paid path's submission where the wiring gives it (X402Payments.submit_deposit_once: one per
         # channel across replicas until mined), so the same deposit sent twice at once is sent once
         self.submit_deposit = submit_deposit
@@ -183,17 +185,12 @@ class Facilitator:
     def _check_deposit(self, payment: Payment, channel: bytes) -> None:
         deposit = payment.deposit
         assert deposit is not None
-        now = int(self.clock())
-        if deposit.valid_before <= now:
-            raise X402Refused("the deposit authorization has expired", PREFIX + "payload_authorization_valid_before")
-        if deposit.valid_after > now:
-            raise X402Refused("the deposit authorization is not valid yet",
-                              PREFIX + "payload_authorization_valid_after")
         check_min_deposit(payment, self.terms)
         check_deposit_signature(payment, self.terms)
         if not self.reads.may_ask(channel):  # a key that holds nothing signs deposits for free: within the bound
             raise X402Refused("too many deposits into new channels at once; retry shortly",
                               PREFIX + "channel_state_read_failed")
+        check_deposit_window(payment, self.chain.now())  # the chain's time, as the token judges it
         if self.balance_of(payment.config.token, payment.config.payer) < deposit.amount:
             raise X402Refused("the payer does not hold the deposit", PREFIX + "insufficient_balance")
         # the spec's facilitator simulates the deposit: an authorization used already (this deposit sent

@@ -39,6 +39,7 @@ from node.payment.x402.channel_check import (
     X402Refused,
     check_amounts,
     check_deposit_signature,
+    check_deposit_window,
     check_min_deposit,
     check_signature,
     check_terms,
@@ -78,11 +79,11 @@ class X402Voucher(CheckedVoucher):
 
 class X402Payments:
     def __init__(self, payments: PaymentService, book: ChannelBook, terms: X402Terms, node_key: str,
-                 read_channel: ReadChannel, submit_deposit: SubmitDeposit,
-                 read_mirror: ReadMirror | None = None, chain_reads: ChannelReads | None = None,
-                 simulate_deposit: SimulateDeposit | None = None) -> None:
+                 read_channel: ReadChannel, submit_deposit: SubmitDeposit, *, chain_now: Callable[[], int],
+                 read_mirror: ReadMirror | None = None, simulate_deposit: SimulateDeposit | None = None) -> None:
         self.payments, self.book, self.terms = payments, book, terms
         self.node_key = node_key
+        self.chain_now = chain_now  # the latest block's timestamp: a deposit's authorization is judged by it
         # a deposit is simulated (an eth_call) before the lock its submission takes; None: only submitted
         self.submit_deposit, self.simulate_deposit = submit_deposit, simulate_deposit
         # The hold reads the indexer's mirror (`read_mirror`, node/payment/x402/channel_mirror.py) and the
@@ -92,7 +93,7 @@ class X402Payments:
         # (node/settlement/x402_guard.py); a deposit is always read again. Strangers' channels (nothing
         # in them) are read at a bounded rate (node/payment/x402/chain_reads.py).
         self.read_mirror = read_mirror
-        self.chain_reads = chain_reads or ChannelReads(read_channel)
+        self.chain_reads = ChannelReads(read_channel)
         self._deposit_lock = threading.Lock()
         self.ledger = payments.ledger
         self.router = terms.router.lower()
@@ -228,6 +229,7 @@ class X402Payments:
         is asked within the strangers' calls (429 beyond them)."""
         if not self.chain_reads.may_ask(checked.channel_id):
             raise Overloaded("too many deposits into new channels at once; retry shortly")
+        check_deposit_window(checked.payment, self.chain_now())  # one that expires before it lands: no gas
         if self.simulate_deposit is None:
             return
         try:

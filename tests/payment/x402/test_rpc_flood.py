@@ -39,6 +39,10 @@ def _voucher_only(header: str) -> str:
     return base64.b64encode(json.dumps(value).encode()).decode()
 
 
+def _chain_now() -> int:  # the chain's time, as a chain in step with this machine's clock would tell it
+    return int(time.time())
+
+
 def _x402(db_url: str, chain: Any, mirror: Any) -> X402Payments:
     upgrade(db_url)
     factory = session_factory(make_engine(db_url))
@@ -46,7 +50,7 @@ def _x402(db_url: str, chain: Any, mirror: Any) -> X402Payments:
     node = Account.from_key(NODE_KEY).address
     payments = PaymentService(Ledger(factory, node), Domain(31337, "0x" + "5e" * 20), node, Pricing(10, 20))
     return X402Payments(payments, ChannelBook(factory, node), terms, NODE_KEY, chain, lambda _: None,
-                        read_mirror=mirror)
+                        chain_now=_chain_now, read_mirror=mirror)
 
 
 def test_a_flood_of_strangers_vouchers_costs_a_bounded_number_of_rpc_reads(db_url: str) -> None:
@@ -85,6 +89,9 @@ class _Chain:
     def __init__(self) -> None:
         self.reads: list[bytes] = []
         self.funded: list[bytes] = []
+
+    def now(self) -> int:
+        return _chain_now()
 
     def channel(self, channel_id: bytes) -> ChannelState:
         self.reads.append(channel_id)
@@ -127,7 +134,7 @@ def test_strangers_deposits_cost_a_bounded_number_of_rpc_calls_and_never_take_th
     node = Account.from_key(NODE_KEY).address
     payments = PaymentService(Ledger(factory, node), Domain(31337, "0x" + "5e" * 20), node, Pricing(10, 20))
     x402 = X402Payments(payments, ChannelBook(factory, node), node_terms(), NODE_KEY, lambda c: ChannelState(), submit,
-                        simulate_deposit=simulate)
+                        chain_now=_chain_now, simulate_deposit=simulate)
     started = time.monotonic()
     for i in range(60):  # fresh keys, each authorizing a deposit of tokens it does not hold
         header = SdkPayer(f"0x{i + 1:064x}").pay(required_for(node_terms(), PRICE))

@@ -43,7 +43,7 @@ def _services(db_url: str, world: X402World, roles: Roles) -> tuple[X402Payments
     node = world.terms.authorizer
     payments = PaymentService(Ledger(factory, node), Domain(world.dep.chain_id, world.dep.settlement), node, PRICING)
     x402 = X402Payments(payments, ChannelBook(factory, node), world.terms, roles.node, world.chain.channel,
-                        world.chain.deposit)
+                        world.chain.deposit, chain_now=world.chain.now)
     return x402, factory
 
 
