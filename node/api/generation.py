@@ -298,8 +298,9 @@ class GenerationService:
     async def _last_event(self, job: Job, sent: Sent, shape: ResponseShape, started: float) -> bytes:
         """Charge for the stream; the last chunk carries every choice's finish reason, the usage and the
         receipt. A charge that cannot be committed after tokens left is a loss (raised on as the stream's
-        error). One the time limit cut before a token is charged nothing, as unstreamed (raised as a fault)."""
-        if sent.is_cut and not sent.is_owed:
+        error). One the time limit cut before a token is charged nothing, as unstreamed (raised as a fault); one
+        cut after tokens that spelled no text (special tokens) is charged them, as unstreamed."""
+        if sent.is_cut and not sent.is_owed and not any(sent.tokens):
             raise Unavailable("the request was cut before it produced a token; nothing was charged")
         try:
             body = await self.threads.run(self._charge_stream, job, sent)

@@ -82,3 +82,27 @@ def test_a_stream_cut_before_a_token_is_charged_nothing_and_its_voucher_buys_the
     assert status == 200 and text != "", events
     assert int(events[-1]["receipt"]["fee"]) == att.charged(lane) > 0
     assert events[-1]["receipt"]["completionTokens"] == 20 * n
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tokens_that_spell_no_text_cut_by_the_time_limit_are_charged(paid_node: PaidNode, stream: bool) -> None:
+    """Tokens generated but spelling no text (a special token, which the detokenizer skips) are tokens all
+    the same: a request the time limit cuts after them is charged them, streamed as unstreamed. The stream's
+    end asked only whether text had left the node, so it released the hold (nothing charged, the voucher
+    good again): one voucher bought the engine's time up to the limit, again and again, for nothing."""
+    att, lane = _attacker(paid_node), 3_120 + int(stream)
+    body = json.dumps({"model": att.model, "prompt": "the sea", "max_tokens": 500, "stream": stream,
+                       "temperature": 0, "logit_bias": {"1": 100}}).encode()  # <s>: decoded to ""
+    header = att.header(body, lane)
+    with busy_engine(paid_node, limit_s=1.5, step_delay_s=0.1):
+        if stream:
+            status, text, events = att.stream_text(body, header)
+            assert status == 200 and text == "", events
+            receipt = events[-1].get("receipt")
+            assert receipt is not None, f"tokens generated, nothing charged: {events[-1]}"
+        else:
+            response = att.post(body, header)
+            assert response.status_code == 200, response.text
+            receipt = response.json()["receipt"]
+    assert 0 < receipt["completionTokens"] < 500
+    assert int(receipt["fee"]) == att.charged(lane) > 0
