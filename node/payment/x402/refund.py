@@ -84,6 +84,8 @@ class X402Refunds:
             order, state, last = self._order(payment, channel, charged)
             tx_hash = self._send(channel, order, last)
             log.info("x402 refund of %d on lane %d: %s", order.amount, lane, tx_hash)
+            # counted once its hash is known: a count that fails then keeps the hold until mirrored (its TTL)
+            self.x402.book.add_gas(channel, order.config, REFUND_GAS)
             mirrored = self._wait_mirrored(channel, state.refund_nonce + 1)
         finally:
             if tx_hash is None or mirrored:  # else the hold runs out by itself (its TTL)
@@ -145,12 +147,10 @@ class X402Refunds:
         """The refund's transaction; one that failed (reverted, or never sent) leaves the latest refund as
         it was: the payer's refund sent again is not one that "used" its voucher."""
         try:
-            sent = self.submit(order)
+            return self.submit(order)
         except BaseException:
             self.x402.book.record_refund(channel, last)
             raise
-        self.x402.book.add_gas(channel, order.config, REFUND_GAS)
-        return sent
 
     def _wait_mirrored(self, channel: bytes, nonce: int) -> bool:
         deadline = time.monotonic() + self.mirror_wait_s

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from sqlalchemy.exc import OperationalError
 from x402.mechanisms.evm.batch_settlement.client.refund import RefundOptions, _RefundResponse
 
 from node.api.error_handlers import install_error_handlers
@@ -28,7 +29,7 @@ from node.payment.x402.wire import decode_header, payment_response
 from tests.fixtures import x402_chain_node as fixtures
 from tests.fixtures.contracts import Roles
 from tests.fixtures.x402_chain_node import X402Node
-from tests.payment.x402.sdk import Payer
+from tests.payment.x402.sdk import PRICE, Payer
 from tests.payment.x402.test_refund import URL, _http, _refunds, _relayed
 
 pytestmark = pytest.mark.chain
@@ -188,3 +189,28 @@ def test_the_route_tells_the_payer_how_much_more_and_its_own_way_out(x402_node: 
     assert int(details["short_by"]) == int(details["gas_cost"]) - charged > 0
     assert details["withdraw_delay_s"] == x402_node.world.terms.withdraw_delay_s
     assert "initiateWithdraw" in error["message"] and details["short_by"] in error["message"]
+
+
+def test_a_refund_sent_whose_gas_count_fails_keeps_its_channel_held_until_mirrored(
+        x402_node: X402Node, roles: Roles, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counting the refund's gas is a write after its transaction is mined: a database that fails that write
+    (then answers again) must not free the channel before the mirror shows the refund, or a request is held
+    on a balance the refund already returned (served on tokens that left the channel). Before, the failed
+    count left the refund without its transaction's hash, and the refund dropped its hold at once."""
+    payer = Payer(roles.payer, x402_node.world.rpc_url, x402_node.world.dep.chain_id)
+    x402_node.serve(payer, Usage(20, 10))
+    header, payment = payer.pay(x402_node.world.required())
+
+    def fails_once(*_: object) -> None:
+        monkeypatch.undo()
+        raise OperationalError("UPDATE x402_channels SET node_gas", {}, ConnectionError("server closed the connection"))
+    monkeypatch.setattr(x402_node.x402.book, "add_gas", fails_once)
+    stuck = X402Refunds(x402_node.x402, x402_node.world.chain.channel, x402_node.world.chain.refund,
+                        lambda channel, nonce: False, mirror_wait_s=0.1)
+    with pytest.raises(OperationalError):
+        payer.scheme.refund(URL, RefundOptions(fetch=_http(x402_node, stuck)))
+    channel = payment.voucher.channel_id
+    assert x402_node.world.chain.channel(channel).refund_nonce == 1, "the refund went out"
+    with pytest.raises(X402Refused) as busy:  # not mirrored yet: the channel stays held (its TTL)
+        x402_node.x402.hold(x402_node.x402.check(header), PRICE)
+    assert busy.value.reason.endswith("channel_busy")
