@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from requests import RequestException
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from node.api.schemas import ErrorResponse
@@ -88,8 +89,16 @@ async def _database_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(503, "database_unavailable", "the node's database is not available; retry shortly")
 
 
+async def _chain_rpc_error(_: Request, exc: Exception) -> JSONResponse:
+    """The chain's RPC did not answer a read or a send made on the request's path (web3's HTTP provider: an
+    x402 deposit's simulation, the chain's time): 503 with a Retry-After, as for the database, not a 500."""
+    log.warning("chain RPC unavailable: %s", type(exc).__name__)
+    return error_response(503, "chain_unavailable", "the node's chain RPC is not answering; retry shortly")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(NodeError, _node_error)
+    app.add_exception_handler(RequestException, _chain_rpc_error)
     app.add_exception_handler(PaymentChallenge, _payment_challenge)
     app.add_exception_handler(OperationalError, _database_error)
     app.add_exception_handler(InterfaceError, _database_error)
