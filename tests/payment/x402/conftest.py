@@ -3,11 +3,13 @@ contracts at their canonical addresses, the node's router and a funded payer."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from web3 import Web3
 
 from node.chain.anvil import Anvil
 from node.chain.contract_client import ContractClient
@@ -62,3 +64,19 @@ def x402_world(anvil: Anvil, roles: Roles) -> X402World:
     deployer.transact(deployer.contract("DemoToken3009", token).functions.mint(roles.address(roles.payer), 10**18))
     terms = X402Terms(dep.chain_id, token, name, version, router, node, 86_400)
     return X402World(terms, X402Chain(ContractClient(anvil.rpc_url, roles.node), router), deployer, dep, anvil.rpc_url)
+
+
+def at_once_between_blocks(w3: Web3, calls: list[Callable[[], object]]) -> None:
+    """Run `calls` on threads at once while the chain mines a block every 2 s, not one per transaction: each
+    passes its checks before the first deposit is mined (two replicas, or copies of one request)."""
+    w3.provider.make_request("evm_setAutomine", [False])
+    w3.provider.make_request("evm_setIntervalMining", [2])
+    try:
+        threads = [threading.Thread(target=call) for call in calls]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        w3.provider.make_request("evm_setIntervalMining", [0])
+        w3.provider.make_request("evm_setAutomine", [True])

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 from typing import Any
 
 import pytest
 
 from node.payment.x402.facilitator import Facilitator, erc20_balance_of
 from tests.fixtures.contracts import Roles
-from tests.payment.x402.conftest import X402World
+from tests.payment.x402.conftest import X402World, at_once_between_blocks
 from tests.payment.x402.sdk import Payer
 from tests.payment.x402.test_service import _services
 
@@ -54,17 +53,7 @@ def test_the_same_deposit_settled_on_two_replicas_at_once_is_sent_once(db_url: s
     w3, node = x402_world.chain.client.w3, x402_world.chain.client.address
     sent_before = w3.eth.get_transaction_count(node)
     answers: list[dict[str, Any]] = []
-    w3.provider.make_request("evm_setAutomine", [False])
-    w3.provider.make_request("evm_setIntervalMining", [2])
-    try:
-        threads = [threading.Thread(target=lambda f=f: answers.append(f.settle(_body(header)))) for f in replicas]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
-    finally:
-        w3.provider.make_request("evm_setIntervalMining", [0])
-        w3.provider.make_request("evm_setAutomine", [True])
+    at_once_between_blocks(w3, [lambda f=f: answers.append(f.settle(_body(header))) for f in replicas])
     assert w3.eth.get_transaction_count(node) - sent_before == 1, answers
     assert sorted(a["success"] for a in answers) == [False, True], answers
     assert x402_world.chain.channel(payment.voucher.channel_id).balance == payment.deposit.amount

@@ -23,7 +23,7 @@ from node.payment.service import Usage
 from node.payment.x402.channel_check import X402Refused
 from node.payment.x402.wire import decode_payment
 from tests.fixtures.contracts import Roles
-from tests.payment.x402.conftest import X402World
+from tests.payment.x402.conftest import X402World, at_once_between_blocks
 from tests.payment.x402.sdk import PRICE, Payer, SdkPayer, node_terms, required_for
 from tests.payment.x402.test_service import _serve, _services
 
@@ -176,25 +176,7 @@ def test_the_same_deposit_sent_many_times_at_once_costs_the_node_one_transaction
     node = x402_world.chain.client.address
     sent_before = w3.eth.get_transaction_count(node)
     outcomes: list[str] = []
-
-    def pay() -> None:
-        try:
-            x402.payments.cancel(x402.hold(x402.check(header), PRICE))
-            outcomes.append("held")
-        except (X402Refused, ChainError, Web3RPCError) as exc:  # what each copy got, read below
-            outcomes.append(f"{type(exc).__name__}: {exc}")
-
-    w3.provider.make_request("evm_setAutomine", [False])
-    w3.provider.make_request("evm_setIntervalMining", [2])
-    try:
-        copies = [threading.Thread(target=pay) for _ in range(4)]
-        for t in copies:
-            t.start()
-        for t in copies:
-            t.join(timeout=60)
-    finally:
-        w3.provider.make_request("evm_setIntervalMining", [0])
-        w3.provider.make_request("evm_setAutomine", [True])
+    at_once_between_blocks(w3, [lambda: _hold_and_cancel(x402, header, outcomes) for _ in range(4)])
     assert w3.eth.get_transaction_count(node) - sent_before == 1, outcomes
     assert "held" in outcomes and all(o == "held" or o.startswith("X402Refused") for o in outcomes), outcomes
 
@@ -212,25 +194,7 @@ def test_the_same_deposit_sent_to_two_replicas_at_once_costs_the_node_one_transa
     node = x402_world.chain.client.address
     sent_before = w3.eth.get_transaction_count(node)
     outcomes: list[str] = []
-
-    def pay(x402: Any) -> None:
-        try:
-            x402.payments.cancel(x402.hold(x402.check(header), PRICE))
-            outcomes.append("held")
-        except (X402Refused, ChainError, Web3RPCError) as exc:  # what each copy got, read below
-            outcomes.append(f"{type(exc).__name__}: {exc}")
-
-    w3.provider.make_request("evm_setAutomine", [False])
-    w3.provider.make_request("evm_setIntervalMining", [2])
-    try:
-        copies = [threading.Thread(target=pay, args=(x402,)) for x402 in replicas]
-        for t in copies:
-            t.start()
-        for t in copies:
-            t.join(timeout=60)
-    finally:
-        w3.provider.make_request("evm_setIntervalMining", [0])
-        w3.provider.make_request("evm_setAutomine", [True])
+    at_once_between_blocks(w3, [lambda x402=x402: _hold_and_cancel(x402, header, outcomes) for x402 in replicas])
     assert w3.eth.get_transaction_count(node) - sent_before == 1, outcomes
     assert "held" in outcomes and all(o == "held" or o.startswith("X402Refused") for o in outcomes), outcomes
 
@@ -261,3 +225,13 @@ def test_a_deposit_the_chain_refuses_is_the_payers_402_not_a_node_fault(db_url: 
         x402.hold(x402.check(header), PRICE)
     assert refused.value.reason == "invalid_batch_settlement_evm_deposit_simulation_failed"
     assert refused.value.status == 402 and "reverted" in refused.value.message
+
+
+def _hold_and_cancel(x402: Any, header: str, outcomes: list[str]) -> None:
+    """Check and hold `header` (its deposit submitted when needed), then let the hold go; what it got goes
+    into `outcomes` ("held", or the error)."""
+    try:
+        x402.payments.cancel(x402.hold(x402.check(header), PRICE))
+        outcomes.append("held")
+    except (X402Refused, ChainError, Web3RPCError) as exc:  # what each copy got, read by the test
+        outcomes.append(f"{type(exc).__name__}: {exc}")
