@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from node.engine import EngineConfig, LLMEngine, SamplingParams
-from node.engine.logprob import TokenLogprob
 from node.engine.output import OutputProcessor
 from node.engine.sequence import Sequence, StreamDelta
 from node.engine.token_bytes import byte_level_alphabet
 from tests.engine.reference_output import ReferenceOutputProcessor
+from tests.engine.test_output import step_through
 from tests.fixtures.tokenizers import byte_fallback_tokenizer
 
 MAX_WINDOW = 64  # the most tokens one decode may be given (a window, never the whole answer)
@@ -59,16 +59,7 @@ def _run(outputs: Processor, ids: list[int], is_streamed: bool, stop: tuple[str,
     max_tokens = max_tokens or len(ids)
     params = SamplingParams(max_tokens=max_tokens, logprobs=0, stop=stop, min_tokens=min(min_tokens, max_tokens))
     seq = Sequence("r", [1, 2], params, None, 0)
-    deltas = []
-    for token in ids:
-        seq.append(token, TokenLogprob(token, -0.5, ()))
-        finished = outputs.check_stop(seq, is_streamed)
-        delta = outputs.delta(seq) if is_streamed or finished else None
-        if delta is not None:
-            deltas.append(delta)
-        if finished:
-            break
-    return deltas, seq
+    return step_through(outputs, seq, ids, is_streamed), seq
 
 
 @pytest.mark.parametrize("is_streamed", [True, False], ids=["streamed", "whole"])

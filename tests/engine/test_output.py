@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -66,6 +67,12 @@ def _run(tokenizer: PreTrainedTokenizerBase, ids: list[int], max_tokens: int, is
     outputs = OutputProcessor(tokenizer, frozenset({tokenizer.eos_token_id}), max_model_len=1_000)
     params = SamplingParams(max_tokens=max_tokens, logprobs=0, stop=stop, stop_token_ids=stop_token_ids)
     seq = Sequence("r", [1, 2], params, None, 0)
+    return step_through(outputs, seq, ids, is_streamed), seq.to_output()
+
+
+def step_through(outputs: Any, seq: Sequence, ids: list[int], is_streamed: bool) -> list[StreamDelta]:
+    """Append `ids` to `seq` one step at a time as the engine does, until `outputs` (an OutputProcessor, or
+    one with its check_stop/delta) finishes it; the stream's deltas (the whole answer's alone unstreamed)."""
     deltas = []
     for token in ids:
         seq.append(token, TokenLogprob(token, -0.5, ()))
@@ -75,7 +82,7 @@ def _run(tokenizer: PreTrainedTokenizerBase, ids: list[int], max_tokens: int, is
             deltas.append(delta)
         if finished:
             break
-    return deltas, seq.to_output()
+    return deltas
 
 
 def test_a_character_spelled_over_tokens_is_streamed_once_whole_with_its_tokens(
